@@ -1,0 +1,29 @@
+"""splice: model merging and continual adaptation for PyTorch / Hugging Face models."""
+
+from splice.errors import (
+    CheckpointError,
+    IncompatibleModelsError,
+    OutputExistsError,
+    RecipeError,
+    SpliceError,
+)
+from splice.merge.recipe import Recipe, load_recipe, merge
+from splice.merge.soup import GreedySoupReport, greedy_soup, soup
+from splice.tensors.checkpoint import Checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "GreedySoupReport",
+    "IncompatibleModelsError",
+    "OutputExistsError",
+    "Recipe",
+    "RecipeError",
+    "SpliceError",
+    "greedy_soup",
+    "load_recipe",
+    "merge",
+    "soup",
+]

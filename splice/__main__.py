@@ -1,0 +1,3 @@
+from splice.cli.app import main
+
+main()

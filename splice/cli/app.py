@@ -1,0 +1,152 @@
+"""`splice` command line: each command parses, makes one library call, and renders the result."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from splice.cli import render
+from splice.errors import SpliceError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="splice: merge, fuse, patch and port Hugging Face models, streamed tensor by tensor.")
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no tables.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log every tensor as it is merged.")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output model directory (must not exist, or use --force).")]
+Device = Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N.")]
+Dtype = Annotated[Optional[str], typer.Option(help="Output dtype: float32, bfloat16 or float16 (default: as input).")]
+ShardSize = Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB, 500MB.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr, force=True)
+
+
+def show(renderable, quiet: bool = False) -> None:
+    if not quiet:
+        render.console.print(renderable)
+
+
+@app.command()
+def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec URL.")]) -> None:
+    """Shards, tensor and parameter counts, dtypes and LayerNorm modules of a model."""
+    from splice.tensors.summary import summarize
+
+    summary = summarize(model)
+    show(render.table(f"{summary.location} ({summary.architecture or 'unknown architecture'})",
+                      ["tensors", "parameters", "size", "shards"],
+                      [[summary.tensors, f"{summary.parameters:,}", render.human_bytes(summary.nbytes),
+                        len(summary.shards)]]))
+    show(render.table("shards", ["file", "tensors", "size"],
+                      [[s.file, s.tensors, render.human_bytes(s.nbytes)] for s in summary.shards]))
+    show(render.table("dtypes", ["dtype", "parameters"], [[d, f"{n:,}"] for d, n in summary.dtypes.items()]))
+    show(render.table(f"LayerNorm modules ({len(summary.norm_modules)})", ["module", "size", "bias"],
+                      [[m.name, m.size, "yes" if m.has_bias else "no"] for m in summary.norm_modules]))
+
+
+def _parse_weights(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise SpliceError(f"--weights {text!r}: give comma-separated numbers, e.g. 0.5,0.3,0.2") from None
+
+
+@app.command()
+def soup(
+    models: Annotated[list[str], typer.Argument(help="Model directories or fsspec URLs.")],
+    out: Out,
+    weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights, one per model.")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy soup (needs --eval).")] = False,
+    eval_fn: Annotated[Optional[str], typer.Option("--eval", help="MODULE:FUNCTION scoring a state dict.")] = None,
+    strict: Annotated[bool, typer.Option(help="Greedy: keep an ingredient only if the score rises.")] = False,
+    device: Device = "auto",
+    dtype: Dtype = None,
+    shard_size: ShardSize = "2GB",
+    force: Force = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Uniform, weighted or greedy model soup, streamed tensor by tensor."""
+    import splice
+    from splice.tensors.writer import parse_size
+
+    setup_logging(verbose)
+    progress = render.RichProgress(quiet)
+    size = parse_size(shard_size)
+    if greedy or eval_fn:
+        if not (greedy and eval_fn):
+            raise SpliceError("a greedy soup needs both --greedy and --eval MODULE:FUNCTION")
+        if weights:
+            raise SpliceError("--weights does not apply to a greedy soup")
+        report = splice.greedy_soup(models, out, eval_fn, strict=strict, device=device, dtype=dtype,
+                                    shard_size=size, force=force, progress=progress)
+        show(render.table(f"greedy soup -> {report.out}", ["ingredient", "held-out score", "soup score", "kept"],
+                          [[s.model, f"{s.score:.4f}", "" if s.soup_score is None else f"{s.soup_score:.4f}",
+                            "yes" if s.kept else "no"] for s in report.steps]), quiet)
+        show(f"greedy soup kept {len(report.kept)} of {len(report.steps)}; held-out score {report.soup_score:.4f} "
+             f"(best ingredient {report.best_ingredient.score:.4f})", quiet)
+        return
+    report = splice.soup(models, out, weights=_parse_weights(weights), device=device, dtype=dtype,
+                         shard_size=size, force=force, progress=progress)
+    show(render.stream_report_table("soup", report), quiet)
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="splice recipe or mergekit config (YAML).")],
+    out: Out,
+    device: Device = "auto",
+    shard_size: ShardSize = "2GB",
+    force: Force = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Merge by a YAML recipe (task_arithmetic, ties, dare_ties, slerp, ... ; mergekit configs work as they are)."""
+    import splice
+    from splice.tensors.writer import parse_size
+
+    setup_logging(verbose)
+    report = splice.merge(recipe, out, device=device, shard_size=parse_size(shard_size), force=force,
+                          progress=render.RichProgress(quiet))
+    show(render.stream_report_table(f"merge ({recipe})", report), quiet)
+
+
+@app.command()
+def demo(
+    keep: Annotated[Optional[Path], typer.Option(help="Keep the workspace in this directory.")] = None,
+) -> None:
+    """End to end on tiny models it builds: train ingredients on digits, soup them, compare."""
+    from splice.cli.demo import run_demo
+
+    run_demo(keep)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except SpliceError as exc:
+        render.error_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        render.error_console.print("interrupted; nothing was published")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise

@@ -1,0 +1,77 @@
+"""rich output for the CLI: the progress bar and report tables."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+console = Console()
+error_console = Console(stderr=True)
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+class RichProgress:
+    """Tensors and bytes done, rate and ETA, on stderr; silent when quiet."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._bar: Progress | None = None
+        self._task = None
+        self._items = 0
+        self._total_items = 0
+
+    def start(self, description: str, total_items: int, total_bytes: int) -> None:
+        if self.quiet:
+            return
+        self._items, self._total_items = 0, total_items
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(),
+            TextColumn("{task.fields[items]}/{task.fields[total_items]} tensors"),
+            DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=error_console, transient=False,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=max(total_bytes, 1), items=0, total_items=total_items)
+
+    def advance(self, items: int, nbytes: int) -> None:
+        if self._bar is None:
+            return
+        self._items += items
+        self._bar.update(self._task, advance=nbytes, items=self._items)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
+    out = Table(title=title, title_justify="left")
+    for column in columns:
+        out.add_column(column, overflow="fold")
+    for row in rows:
+        out.add_row(*(str(cell) for cell in row))
+    return out
+
+
+def stream_report_table(title: str, report) -> Table:
+    return table(title, ["output", "tensors", "read", "written", "shards", "device", "seconds"], [[
+        report.out, report.tensors, human_bytes(report.bytes_read), human_bytes(report.bytes_written),
+        len(report.shard_files), report.device, f"{report.seconds:.2f}",
+    ]])

@@ -1,0 +1,21 @@
+"""Errors a user can cause. Each carries a one-line message that says what is wrong and what to do."""
+
+
+class SpliceError(Exception):
+    """Base for every user-facing error; the CLI prints its message on one line and exits 2."""
+
+
+class CheckpointError(SpliceError):
+    """A model directory or weights file is missing, unreadable or corrupt."""
+
+
+class IncompatibleModelsError(SpliceError):
+    """Inputs to one merge disagree on tensor names, shapes or dtypes."""
+
+
+class RecipeError(SpliceError):
+    """A merge recipe names an unknown method or parameter, or is malformed."""
+
+
+class OutputExistsError(SpliceError):
+    """The output directory exists and --force was not given."""

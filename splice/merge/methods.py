@@ -1,0 +1,81 @@
+"""The catalogue of merge methods (mergekit's registry) and checks of a method's inputs and parameters."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from splice.errors import RecipeError
+
+
+@lru_cache(maxsize=None)
+def mergekit_method(name: str):
+    from mergekit import merge_methods
+
+    try:
+        return merge_methods.get(name)
+    except (KeyError, ValueError, RuntimeError):
+        raise RecipeError(f"unknown merge method {name!r}; known: {', '.join(method_names())}") from None
+
+
+@lru_cache(maxsize=None)
+def method_names() -> tuple[str, ...]:
+    from mergekit import merge_methods
+
+    return tuple(sorted(m.spec.name for m in merge_methods.registered_methods()))
+
+
+@dataclass(frozen=True)
+class ParameterRule:
+    name: str
+    value_type: Any
+    scope: str  # "shared" | "input" | "non_base"
+    required: bool
+    default: Any
+
+
+@dataclass(frozen=True)
+class MethodRules:
+    name: str
+    parameters: dict[str, ParameterRule]
+    base: str  # "required" | "optional" | "ignored" | "forbidden"
+    min_inputs: int
+    max_inputs: int | None
+
+
+@lru_cache(maxsize=None)
+def method_rules(name: str) -> MethodRules:
+    from mergekit.merge_methods.base import MISSING
+
+    spec = mergekit_method(name).spec
+    parameters = {
+        p.name: ParameterRule(p.name, p.value_type, p.scope.value, p.default is MISSING,
+                              None if p.default is MISSING else p.default)
+        for p in spec.parameters
+    }
+    contract = spec.contract
+    return MethodRules(name, parameters, contract.base.value, contract.min_inputs, contract.max_inputs)
+
+
+def coerce_parameter(method: str, rule: ParameterRule, value: Any) -> Any:
+    """Check one resolved value against the parameter's declared type."""
+    expected = rule.value_type
+    optional = typing.get_origin(expected) is typing.Union and type(None) in typing.get_args(expected)
+    if optional:
+        if value is None:
+            return None
+        expected = next(a for a in typing.get_args(expected) if a is not type(None))
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected in (float, int):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return expected(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise RecipeError(f"{method}: parameter {rule.name!r} must be {expected.__name__}, got {value!r}")

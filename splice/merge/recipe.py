@@ -1,0 +1,250 @@
+"""Merge recipes: YAML validated with pydantic; a mergekit config is accepted as it is.
+
+```yaml
+merge_method: ties
+base_model: ./base
+models:
+  - model: ./math
+    parameters: {weight: 0.5, density: [0.3, 0.7]}   # a list is a gradient across layers
+  - model: ./code
+    parameters:
+      density: [{filter: mlp, value: 0.5}, {value: 0.8}]  # first filter that is a substring of the tensor name
+parameters: {lambda: 1.0}
+dtype: bfloat16
+```
+Per-model parameters take precedence over global ones, as in mergekit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from splice.errors import RecipeError
+from splice.merge.kernels import method_kernel
+from splice.merge.methods import coerce_parameter, method_rules
+from splice.progress import Progress
+from splice.tensors.device import parse_dtype
+from splice.tensors.stream import StreamReport, open_all, plan_same_name, run_stream
+from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
+
+Scalar = Union[bool, int, float, str]
+
+
+class Conditional(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[Scalar, list[Scalar]]
+
+
+Setting = Union[Scalar, list[Scalar], list[Conditional], Conditional]
+
+
+class InputModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, Setting] = {}
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    models: list[InputModel]
+    base_model: str | None = None
+    parameters: dict[str, Setting] = {}
+    dtype: str | None = None
+    out_dtype: str | None = None
+    # Accepted for mergekit compatibility; splice always copies the base model's tokenizer.
+    tokenizer_source: str | None = None
+    name: str | None = None
+
+    def inputs(self) -> tuple[list[str], int | None]:
+        """Input model locations in order (the base appended if not listed) and the base's index.
+
+        A method that ignores the base (linear, passthrough) merges only the listed models.
+        """
+        locations = []
+        for entry in self.models:
+            if entry.model not in locations:
+                locations.append(entry.model)
+        if self.base_model is None or method_rules(self.merge_method).base == "ignored":
+            return locations, None
+        if self.base_model not in locations:
+            locations.append(self.base_model)
+        return locations, locations.index(self.base_model)
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("list[", "dict[", "union[")))
+    hint = " (splice merges whole models: slices and modules are not supported)" if where.split(".")[0] in (
+        "slices", "modules") else ""
+    more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{source}: {where or 'recipe'}: {first['msg']}{hint}{more}"
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    return parse_recipe(data, str(path))
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with merge_method and models")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_one_line(exc, source)) from None
+    validate_recipe(recipe, source)
+    return recipe
+
+
+def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
+    """Method, parameter names, required values, base and input counts: all checked before any I/O."""
+    rules = method_rules(recipe.merge_method)
+    method = recipe.merge_method
+    known = ", ".join(rules.parameters) or "none"
+    for owner, settings in [("parameters", recipe.parameters)] + [
+            (f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(recipe.models)]:
+        for name in settings:
+            if name not in rules.parameters:
+                raise RecipeError(f"{source}: {owner}: unknown parameter {name!r} for {method} (known: {known})")
+    if not recipe.models:
+        raise RecipeError(f"{source}: models is empty; list the models to merge")
+    locations, base_index = recipe.inputs()
+    if rules.base == "required" and base_index is None:
+        raise RecipeError(f"{source}: {method} needs base_model")
+    if rules.base == "forbidden" and base_index is not None:
+        raise RecipeError(f"{source}: {method} takes no base_model")
+    counted = len(locations)
+    if counted < rules.min_inputs or (rules.max_inputs is not None and counted > rules.max_inputs):
+        wanted = (f"exactly {rules.min_inputs}" if rules.max_inputs == rules.min_inputs
+                  else f"at least {rules.min_inputs}" + (f" and at most {rules.max_inputs}" if rules.max_inputs else ""))
+        raise RecipeError(f"{source}: {method} takes {wanted} models, got {counted}")
+    for rule in rules.parameters.values():
+        if not rule.required:
+            continue
+        if rule.scope == "shared":
+            if rule.name not in recipe.parameters:
+                raise RecipeError(f"{source}: {method} needs parameter {rule.name!r} under parameters")
+            continue
+        for entry in recipe.models:
+            if rule.scope == "non_base" and entry.model == recipe.base_model:
+                continue
+            if rule.name not in entry.parameters and rule.name not in recipe.parameters:
+                raise RecipeError(f"{source}: {method} needs parameter {rule.name!r} for model {entry.model}")
+    for field in ("dtype", "out_dtype"):
+        try:
+            parse_dtype(getattr(recipe, field))
+        except Exception as exc:
+            raise RecipeError(f"{source}: {field}: {exc}") from None
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def layer_positions(names: Sequence[str]):
+    """Tensor name -> t in [0, 1]: its layer's relative depth (t = 0 outside layers, as in mergekit)."""
+    indices = [int(m.group(1)) for m in map(_LAYER_INDEX.search, names) if m]
+    count = max(indices) + 1 if indices else 0
+
+    def position(name: str) -> float:
+        match = _LAYER_INDEX.search(name)
+        if not match:
+            return 0.0
+        return int(match.group(1)) / (count - 1) if count > 1 else 1.0
+
+    return position
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """A scalar, a gradient interpolated at t, or the first conditional whose filter is in the name."""
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(s, Conditional) for s in setting):
+            for condition in setting:
+                if condition.filter in (None, "*") or condition.filter in tensor_name:
+                    return evaluate_setting(condition.value, tensor_name, t)
+            return None
+        if all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in setting):
+            scaled = t * (len(setting) - 1)
+            low = int(scaled)
+            high = min(len(setting) - 1, low + 1)
+            fraction = scaled - low
+            return (1 - fraction) * setting[low] + fraction * setting[high]
+        return setting[int(t * (len(setting) - 1))]
+    return setting
+
+
+class ParameterResolver:
+    """Resolves every parameter of a method for one output tensor, per input where the method says so."""
+
+    def __init__(self, recipe: Recipe, tensor_names: Sequence[str]):
+        self.recipe = recipe
+        self.rules = method_rules(recipe.merge_method)
+        self.locations, self.base_index = recipe.inputs()
+        self.position = layer_positions(tensor_names)
+        self.per_model = {m.model: m.parameters for m in recipe.models}
+
+    def _value(self, rule, tensor_name: str, t: float, model: str | None) -> Any:
+        for source in ((self.per_model.get(model, {}) if model else {}), self.recipe.parameters):
+            if rule.name in source:
+                value = evaluate_setting(source[rule.name], tensor_name, t)
+                if value is not None:
+                    return coerce_parameter(self.recipe.merge_method, rule, value)
+        if rule.required:
+            raise RecipeError(f"{self.recipe.merge_method}: no value of {rule.name!r} applies to tensor "
+                              f"{tensor_name} for {model or 'the merge'}")
+        return rule.default
+
+    def __call__(self, tensor_name: str) -> dict[str, Any]:
+        t = self.position(tensor_name)
+        resolved: dict[str, Any] = {}
+        for rule in self.rules.parameters.values():
+            if rule.scope == "shared":
+                resolved[rule.name] = self._value(rule, tensor_name, t, None)
+                continue
+            resolved[rule.name] = {
+                i: self._value(rule, tensor_name, t, location)
+                for i, location in enumerate(self.locations)
+                if not (rule.scope == "non_base" and i == self.base_index)
+            }
+        return resolved
+
+
+def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, device: str = "auto",
+          shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
+          storage_options: dict | None = None, read_ahead: int = 2, prefer_own_kernels: bool = True
+          ) -> StreamReport:
+    """Run a recipe (a Recipe, or the path of a YAML file) and write the merged model to `out`."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    ensure_output_free(out, force)
+    out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
+    locations, base_index = recipe.inputs()
+    checkpoints = open_all(locations, storage_options)
+    plan = plan_same_name(checkpoints, out_dtype)
+    resolver = ParameterResolver(recipe, [item.output.name for item in plan])
+    for item in plan:  # every tensor's parameters resolve before anything is written
+        resolver(item.output.name)
+    kernel = method_kernel(recipe.merge_method, resolver, base_index, prefer_own=prefer_own_kernels)
+    side_source = checkpoints[base_index] if base_index is not None else checkpoints[0]
+    return run_stream(plan, kernel, out, side_files_from=side_source, device=device, shard_size=shard_size,
+                      force=force, progress=progress, out_dtype=out_dtype,
+                      metadata={"splice_merge_method": recipe.merge_method},
+                      description=f"{recipe.merge_method} merge")

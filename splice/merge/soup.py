@@ -1,0 +1,163 @@
+"""Model soups (Wortsman et al., 2022): uniform, weighted and greedy, on the streaming spine."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from splice.errors import SpliceError
+from splice.merge.kernels import weighted_average
+from splice.progress import NoProgress, Progress
+from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.device import compute_dtype_for, parse_dtype, resolve_device
+from splice.tensors.stream import (
+    StreamReport,
+    check_same_tensors,
+    open_all,
+    plan_same_name,
+    read_model,
+    run_stream,
+)
+from splice.tensors.writer import (
+    DEFAULT_SHARD_SIZE,
+    copy_side_files,
+    ensure_output_free,
+    staged_output,
+    write_state_dict,
+)
+from splice.workflows.evaluate import Scorer, load_callable, score_state
+
+
+def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0] * count
+    weights = [float(w) for w in weights]
+    if len(weights) != count:
+        raise SpliceError(f"got {len(weights)} weights for {count} models; give one weight per model")
+    if not all(torch.isfinite(torch.tensor(w)) for w in weights):
+        raise SpliceError(f"weights must be finite numbers, got {weights}")
+    if sum(weights) == 0:
+        raise SpliceError(f"weights {weights} sum to zero; a weighted soup needs a non-zero sum")
+    return weights
+
+
+def soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, weights: Sequence[float] | None = None,
+         device: str = "auto", dtype: str | torch.dtype | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
+         force: bool = False, progress: Progress | None = None, storage_options: dict | None = None,
+         read_ahead_depth: int = 2) -> StreamReport:
+    """Uniform (no weights) or weighted soup: sum_i w_i theta_i / sum_i w_i, streamed tensor by tensor."""
+    weights = check_weights(weights, len(models))
+    out_dtype = parse_dtype(dtype)
+    ensure_output_free(out, force)
+    checkpoints = open_all([str(m) for m in models], storage_options)
+    plan = plan_same_name(checkpoints, out_dtype)
+    kind = "uniform" if len(set(weights)) == 1 else "weighted"
+    return run_stream(plan, weighted_average(weights), out, side_files_from=checkpoints[0], device=device,
+                      shard_size=shard_size, force=force, progress=progress, out_dtype=out_dtype,
+                      read_ahead_depth=read_ahead_depth, metadata={"splice_merge_method": f"{kind} soup"},
+                      description=f"{kind} soup")
+
+
+@dataclass
+class GreedyStep:
+    model: str
+    score: float  # the ingredient's own held-out score
+    soup_score: float | None  # the candidate soup's score when this ingredient was tried (None: the first)
+    kept: bool
+
+
+@dataclass
+class GreedySoupReport:
+    out: Path
+    steps: list[GreedyStep]
+    soup_score: float
+    seconds: float
+    shard_files: list[str] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[str]:
+        return [s.model for s in self.steps if s.kept]
+
+    @property
+    def best_ingredient(self) -> GreedyStep:
+        return max(self.steps, key=lambda s: s.score)
+
+
+def _read_floats(checkpoint: Checkpoint, device: torch.device) -> dict[str, torch.Tensor]:
+    """A whole model with float tensors in their working precision on `device`."""
+    state = {}
+    for name, tensor in read_model(checkpoint):
+        if tensor.dtype.is_floating_point:
+            tensor = tensor.to(device=device, dtype=compute_dtype_for(tensor.dtype))
+        state[name] = tensor
+    return state
+
+
+def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, evaluate: Scorer | str, *,
+                strict: bool = False, device: str = "auto", dtype: str | torch.dtype | None = None,
+                shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
+                storage_options: dict | None = None) -> GreedySoupReport:
+    """Greedy soup: ingredients sorted by held-out score; each is kept only if the soup's score does not
+    drop (`strict=True`: only if it rises, as the authors' code does).
+
+    Memory holds the running soup and the candidate; each ingredient is read tensor by tensor.
+    `evaluate(state_dict)` or `evaluate(state_dict, model_dir)` returns the held-out score.
+    """
+    started = time.perf_counter()
+    scorer = load_callable(evaluate) if isinstance(evaluate, str) else evaluate
+    ensure_output_free(out, force)
+    out_dtype = parse_dtype(dtype)
+    torch_device = resolve_device(device)
+    progress = progress or NoProgress()
+    locations = [str(m) for m in models]
+    checkpoints = open_all(locations, storage_options)
+    check_same_tensors(checkpoints)
+    total_bytes = sum(c.total_bytes for c in checkpoints)
+
+    progress.start("greedy soup: scoring ingredients", 2 * len(checkpoints) - 1, 2 * total_bytes)
+    scores = []
+    for checkpoint in checkpoints:
+        scores.append(score_state(scorer, _read_floats(checkpoint, torch_device), checkpoint.location))
+        progress.advance(1, checkpoint.total_bytes)
+    order = sorted(range(len(checkpoints)), key=lambda i: -scores[i])
+
+    first = order[0]
+    soup_state = _read_floats(checkpoints[first], torch_device)
+    best = scores[first]
+    steps = [GreedyStep(locations[first], scores[first], None, True)]
+    kept = 1
+    for index in order[1:]:
+        ingredient = checkpoints[index]
+        candidate = {}
+        for name, tensor in read_model(ingredient):
+            current = soup_state[name]
+            if not current.is_floating_point():
+                candidate[name] = current
+                continue
+            tensor = tensor.to(device=torch_device, dtype=current.dtype)
+            candidate[name] = current * (kept / (kept + 1)) + tensor * (1 / (kept + 1))
+        candidate_score = score_state(scorer, candidate, checkpoints[first].location)
+        accept = candidate_score > best if strict else candidate_score >= best
+        steps.append(GreedyStep(locations[index], scores[index], candidate_score, accept))
+        if accept:
+            soup_state, best, kept = candidate, candidate_score, kept + 1
+        del candidate
+        progress.advance(1, ingredient.total_bytes)
+    progress.finish()
+
+    stored = checkpoints[first].tensors
+    final = {
+        name: tensor.to(dtype=(out_dtype or stored[name].dtype) if tensor.is_floating_point() else tensor.dtype)
+        .to("cpu")
+        for name, tensor in soup_state.items()
+    }
+    with staged_output(out, force) as staging:
+        write_state_dict(staging, final, shard_size, {"splice_merge_method": "greedy soup"})
+        copy_side_files(checkpoints[first], staging, out_dtype)
+    shard_files = sorted(p.name for p in Path(out).glob("*.safetensors"))
+    return GreedySoupReport(Path(out), steps, best, time.perf_counter() - started, shard_files)

@@ -1,0 +1,344 @@
+"""Open a Hugging Face model directory, locally or at any fsspec URL, and read it tensor by tensor.
+
+safetensors headers are parsed and validated up front; tensor bytes are read on demand with one
+ranged read each (pread locally, a range request remotely), so no file is ever read whole.
+`pytorch_model*.bin` checkpoints go through `torch.load(weights_only=True, mmap=True)`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from splice.errors import CheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+
+# safetensors itself refuses headers above 100 MB; a larger one is a corrupt or hostile file.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_TO_SAFETENSORS = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def dtype_itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one stored tensor lives. `start`/`end` are absolute byte offsets in `shard`."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    shard: str
+    start: int = 0
+    end: int = 0
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_itemsize(self.dtype)
+
+
+def split_location(location: str, storage_options: dict[str, Any] | None = None):
+    """(filesystem, root path) for a local path or an fsspec URL."""
+    fs, root = fsspec.core.url_to_fs(str(location), **(storage_options or {}))
+    return fs, root.rstrip("/") or root
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root}/{name}"
+
+
+class Checkpoint:
+    """A model's tensors, indexed by name in storage order (shard by shard, by offset within a shard)."""
+
+    def __init__(self, location: str, fs, root: str, tensors: dict[str, TensorInfo], shards: list[str],
+                 pickled: dict[str, torch.Tensor] | None = None):
+        self.location = location
+        self.fs = fs
+        self.root = root
+        self.tensors = tensors
+        self.shards = shards
+        self._pickled = pickled
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Checkpoint:
+        location = str(location)
+        try:
+            fs, root = split_location(location, storage_options)
+        except (ImportError, ValueError) as exc:
+            raise CheckpointError(f"cannot open {location}: {exc}") from exc
+        if not fs.exists(root):
+            raise CheckpointError(f"model not found: {location}")
+        if not fs.isdir(root):
+            raise CheckpointError(f"{location} is a file; give the model directory that holds it")
+        present = {os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
+        if SAFETENSORS_INDEX in present:
+            return cls._open_sharded_safetensors(location, fs, root)
+        if SAFETENSORS_SINGLE in present:
+            shard = _join(root, SAFETENSORS_SINGLE)
+            tensors = read_safetensors_header(fs, shard, location)
+            return cls(location, fs, root, tensors, [SAFETENSORS_SINGLE])
+        if PICKLE_INDEX in present or PICKLE_SINGLE in present:
+            return cls._open_pickled(location, fs, root, present)
+        raise CheckpointError(
+            f"no weights in {location}: expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {PICKLE_SINGLE}"
+        )
+
+    @classmethod
+    def _open_sharded_safetensors(cls, location: str, fs, root: str) -> Checkpoint:
+        weight_map = _read_weight_map(fs, _join(root, SAFETENSORS_INDEX), location)
+        shards = sorted(set(weight_map.values()))
+        tensors: dict[str, TensorInfo] = {}
+        for shard in shards:
+            if not fs.exists(_join(root, shard)):
+                raise CheckpointError(f"{location}: shard {shard} named in {SAFETENSORS_INDEX} is missing")
+            found = read_safetensors_header(fs, _join(root, shard), location, shard_name=shard)
+            for name, info in found.items():
+                if weight_map.get(name) != shard:
+                    raise CheckpointError(
+                        f"{location}: tensor {name} is in {shard} but {SAFETENSORS_INDEX} says "
+                        f"{weight_map.get(name, 'nothing about it')}"
+                    )
+                tensors[name] = info
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointError(
+                f"{location}: {len(missing)} tensors listed in {SAFETENSORS_INDEX} are in no shard, "
+                f"e.g. {missing[0]} (expected in {weight_map[missing[0]]})"
+            )
+        return cls(location, fs, root, tensors, shards)
+
+    @classmethod
+    def _open_pickled(cls, location: str, fs, root: str, present: set[str]) -> Checkpoint:
+        if PICKLE_INDEX in present:
+            shards = sorted(set(_read_weight_map(fs, _join(root, PICKLE_INDEX), location).values()))
+        else:
+            shards = [PICKLE_SINGLE]
+        pickled: dict[str, torch.Tensor] = {}
+        tensors: dict[str, TensorInfo] = {}
+        for shard in shards:
+            state = _load_pickled_shard(fs, _join(root, shard), location, shard)
+            for name, tensor in state.items():
+                tensors[name] = TensorInfo(name, tensor.dtype, tuple(tensor.shape), shard)
+                pickled[name] = tensor
+        return cls(location, fs, root, tensors, shards, pickled=pickled)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor's value on the CPU, in its stored dtype."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.location}: no tensor named {name}")
+        if self._pickled is not None:
+            return self._pickled[name]
+        raw = torch.empty(info.end - info.start, dtype=torch.uint8)
+        if info.end > info.start:
+            if self.is_local:
+                self._pread_into(info, raw)
+            else:
+                data = self.fs.cat_file(_join(self.root, info.shard), start=info.start, end=info.end)
+                if len(data) != len(raw):
+                    raise CheckpointError(f"{self.location}/{info.shard}: short read for tensor {name}")
+                raw.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def _pread_into(self, info: TensorInfo, raw: torch.Tensor) -> None:
+        fd = self._fd(info.shard)
+        view = memoryview(raw.numpy())
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], info.start + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.location}/{info.shard}: file ends inside tensor {info.name}")
+            done += got
+
+    def _fd(self, shard: str) -> int:
+        with self._lock:
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = os.open(_join(self.root, shard), os.O_RDONLY)
+                self._fds[shard] = fd
+            return fd
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, read one by one (for engines that need a whole model)."""
+        return {name: self.read(name) for name in self.tensors}
+
+    # -- side files ----------------------------------------------------------------------------
+
+    def files(self) -> list[str]:
+        return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False))
+
+    def read_file(self, name: str) -> bytes:
+        return self.fs.cat_file(_join(self.root, name))
+
+    def config(self) -> dict[str, Any] | None:
+        if "config.json" not in self.files():
+            return None
+        return json.loads(self.read_file("config.json"))
+
+    # -- summary -------------------------------------------------------------------------------
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(info.numel for info in self.tensors.values())
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.location!r}, {len(self.tensors)} tensors in {len(self.shards)} shards)"
+
+
+def _read_weight_map(fs, path: str, location: str) -> dict[str, str]:
+    try:
+        weight_map = json.loads(fs.cat_file(path))["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{location}: {os.path.basename(path)} is not a valid index ({exc})") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{location}: {os.path.basename(path)} has a malformed weight_map")
+    for shard in set(weight_map.values()):
+        if "/" in shard or shard.startswith("."):
+            raise CheckpointError(f"{location}: index names shard {shard!r} outside the model directory")
+    return weight_map
+
+
+def _load_pickled_shard(fs, path: str, location: str, shard: str) -> dict[str, torch.Tensor]:
+    try:
+        if isinstance(fs, LocalFileSystem):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            state = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+        raise CheckpointError(f"{location}/{shard}: cannot load ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{location}/{shard}: is not a state dict of tensors")
+    return state
+
+
+def read_safetensors_header(fs, path: str, location: str, shard_name: str = SAFETENSORS_SINGLE
+                            ) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header: bounded size, known dtypes, offsets in the file, no overlaps."""
+    where = f"{location}/{shard_name}"
+    size = fs.size(path)
+    if size < 8:
+        raise CheckpointError(f"{where}: truncated file ({size} bytes, not even a header length)")
+    (header_len,) = struct.unpack("<Q", fs.cat_file(path, start=0, end=8))
+    if header_len > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{where}: header claims {header_len} bytes, over the {MAX_HEADER_BYTES} limit")
+    if 8 + header_len > size:
+        raise CheckpointError(f"{where}: truncated file (header runs past the end of the file)")
+    try:
+        header = json.loads(fs.cat_file(path, start=8, end=8 + header_len))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: header is not a JSON object")
+    data_start = 8 + header_len
+    tensors: list[TensorInfo] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        tensors.append(_tensor_info_from_header(where, name, entry, data_start, size, shard_name))
+    tensors.sort(key=lambda t: (t.start, t.end))
+    previous: TensorInfo | None = None
+    for info in tensors:
+        if previous is not None and info.start < previous.end:
+            raise CheckpointError(f"{where}: tensors {previous.name} and {info.name} overlap")
+        previous = info
+    return {info.name: info for info in tensors}
+
+
+def _tensor_info_from_header(where: str, name: str, entry: Any, data_start: int, size: int,
+                             shard_name: str) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: tensor {name}: header entry is not an object")
+    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+    if dtype is None:
+        raise CheckpointError(f"{where}: tensor {name}: unknown dtype {entry.get('dtype')!r}")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise CheckpointError(f"{where}: tensor {name}: bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: tensor {name}: bad data_offsets {offsets!r}")
+    info = TensorInfo(name, dtype, tuple(shape), shard_name, data_start + offsets[0], data_start + offsets[1])
+    if info.end - info.start != info.nbytes:
+        raise CheckpointError(
+            f"{where}: tensor {name}: offsets span {info.end - info.start} bytes but shape {shape} "
+            f"of {entry['dtype']} needs {info.nbytes}"
+        )
+    if info.end > size:
+        raise CheckpointError(
+            f"{where}: tensor {name}: data runs past the end of the file ({info.end} > {size} bytes); "
+            "the file is truncated or corrupt"
+        )
+    return info

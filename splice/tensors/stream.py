@@ -1,0 +1,205 @@
+"""The executor every streamed engine runs on.
+
+Output tensors are produced in the storage order of the first input (so each input shard is read
+front to back, once). A background thread reads the inputs of the next output tensors while the
+current one is computed; the queue between them bounds memory to `read_ahead` tensor groups.
+Float inputs are moved to the compute device in fp32, the kernel runs there, and the result is cast
+to the output dtype and handed to the writer.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from splice.errors import IncompatibleModelsError, SpliceError
+from splice.progress import NoProgress, Progress
+from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.device import compute_dtype_for, dtype_name, resolve_device
+from splice.tensors.writer import (
+    DEFAULT_SHARD_SIZE,
+    OutputTensor,
+    ShardedWriter,
+    copy_side_files,
+    ensure_output_free,
+    staged_output,
+)
+
+Kernel = Callable[[str, list[torch.Tensor]], torch.Tensor]
+"""(output tensor name, input tensors on the compute device in fp32) -> merged tensor."""
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    """One output tensor and the stored tensors it is computed from."""
+
+    output: OutputTensor
+    sources: tuple[tuple[Checkpoint, str], ...]
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(ckpt.tensors[name].nbytes for ckpt, name in self.sources)
+
+
+@dataclass
+class StreamReport:
+    out: Path
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    shard_files: list[str]
+    device: str
+    seconds: float
+    side_files: list[str] = field(default_factory=list)
+
+
+def check_same_tensors(checkpoints: Sequence[Checkpoint], limit: int = 5) -> None:
+    """All inputs must hold the same tensor names with the same shapes and dtypes."""
+    reference = checkpoints[0]
+    problems: list[str] = []
+    for other in checkpoints[1:]:
+        missing = [n for n in reference.tensors if n not in other.tensors]
+        extra = [n for n in other.tensors if n not in reference.tensors]
+        problems += [f"{n} is in {reference.location} but not in {other.location}" for n in missing]
+        problems += [f"{n} is in {other.location} but not in {reference.location}" for n in extra]
+        for name, info in reference.tensors.items():
+            theirs = other.tensors.get(name)
+            if theirs is None:
+                continue
+            if theirs.shape != info.shape:
+                problems.append(f"{name} has shape {list(info.shape)} in {reference.location} "
+                                f"but {list(theirs.shape)} in {other.location}")
+            elif theirs.dtype != info.dtype:
+                problems.append(f"{name} is {dtype_name(info.dtype)} in {reference.location} "
+                                f"but {dtype_name(theirs.dtype)} in {other.location}")
+    if problems:
+        shown = "; ".join(problems[:limit])
+        more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+        raise IncompatibleModelsError(f"models do not match tensor for tensor: {shown}{more}")
+
+
+def plan_same_name(checkpoints: Sequence[Checkpoint], out_dtype: torch.dtype | None) -> list[StreamItem]:
+    """Output tensor i from input tensors of the same name, in the first input's storage order."""
+    check_same_tensors(checkpoints)
+    items = []
+    for name, info in checkpoints[0].tensors.items():
+        dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
+        items.append(StreamItem(OutputTensor(name, dtype, info.shape), tuple((c, name) for c in checkpoints)))
+    return items
+
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+Sources = Sequence[tuple[Checkpoint, str]]
+
+
+def read_ahead(groups: Sequence[Sources], depth: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Yield (group position, its tensors), reading up to `depth` groups in advance on a background thread."""
+    slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def offer(value) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for position, group in enumerate(groups):
+                tensors = [ckpt.read(name) for ckpt, name in group]
+                if not offer((position, tensors)):
+                    return
+            offer(_DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            offer(_Failure(exc))
+
+    thread = threading.Thread(target=produce, name="splice-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            value = slots.get()
+            if value is _DONE:
+                return
+            if isinstance(value, _Failure):
+                raise value.error
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
+def compute_one(item: StreamItem, tensors: list[torch.Tensor], kernel: Kernel, device: torch.device
+                ) -> torch.Tensor:
+    out = item.output
+    if not all(t.dtype.is_floating_point for t in tensors):
+        # Integer/bool buffers (position ids, masks) are not merged: they must agree and are copied.
+        first = tensors[0]
+        if any(t.dtype != first.dtype or not torch.equal(t, first) for t in tensors[1:]):
+            raise IncompatibleModelsError(f"non-float tensor {out.name} differs between inputs; cannot merge it")
+        return first.to(out.dtype)
+    working = compute_dtype_for(tensors[0].dtype)
+    moved = [t.to(device=device, dtype=working) for t in tensors]
+    result = kernel(out.name, moved)
+    return result.to(dtype=out.dtype).to("cpu")
+
+
+def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, side_files_from: Checkpoint,
+               device: str | torch.device = "auto", shard_size: int = DEFAULT_SHARD_SIZE, read_ahead_depth: int = 2,
+               force: bool = False, progress: Progress | None = None, metadata: dict[str, str] | None = None,
+               description: str = "merging", out_dtype: torch.dtype | None = None) -> StreamReport:
+    """Compute every planned output tensor and publish the model directory at `out`."""
+    progress = progress or NoProgress()
+    torch_device = resolve_device(device)
+    ensure_output_free(out, force)
+    started = time.perf_counter()
+    total_in = sum(item.input_bytes for item in plan)
+    with staged_output(out, force) as staging:
+        writer = ShardedWriter(staging, [item.output for item in plan], shard_size, metadata)
+        progress.start(description, len(plan), total_in)
+        try:
+            with torch.inference_mode():
+                for position, tensors in read_ahead([item.sources for item in plan], read_ahead_depth):
+                    item = plan[position]
+                    writer.write(item.output.name, compute_one(item, tensors, kernel, torch_device))
+                    progress.advance(1, item.input_bytes)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            progress.finish()
+        side = copy_side_files(side_files_from, staging, out_dtype)
+    return StreamReport(
+        out=Path(out), tensors=len(plan), bytes_read=total_in, bytes_written=writer.total_bytes,
+        shard_files=writer.file_names, device=str(torch_device), seconds=time.perf_counter() - started,
+        side_files=side,
+    )
+
+
+def read_model(checkpoint: Checkpoint, depth: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of one model, in storage order, read ahead on a background thread."""
+    names = list(checkpoint.tensors)
+    for position, (tensor,) in read_ahead([((checkpoint, name),) for name in names], depth):
+        yield names[position], tensor
+
+
+def open_all(locations: Sequence[str], storage_options: dict | None = None) -> list[Checkpoint]:
+    if not locations:
+        raise SpliceError("no models given")
+    return [Checkpoint.open(loc, storage_options) for loc in locations]

@@ -1,0 +1,251 @@
+"""Write a model directory: byte-bounded safetensors shards, the index, and the base model's side files.
+
+The shard layout is planned before the first tensor arrives (every output's name, dtype and shape is
+known), so each shard's header is written first and tensor bytes are appended as they are computed:
+nothing is buffered beyond the tensor in hand. Everything goes into a hidden sibling directory that is
+renamed into place at the end, so an interrupted run leaves nothing that looks like a finished model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+import torch
+
+from splice.errors import OutputExistsError, SpliceError
+from splice.tensors.checkpoint import (
+    DTYPE_TO_SAFETENSORS,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    Checkpoint,
+    dtype_itemsize,
+)
+from splice.tensors.device import dtype_name
+
+DEFAULT_SHARD_SIZE = 2 * 1000**3
+
+# Files copied from the base model so the output loads like it (config first, then tokenizer/processor).
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+               "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "K": 1000, "M": 1000**2, "G": 1000**3}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500MB', '1.5GiB' or a byte count."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        unit = match.group(2).upper() if match else None
+        if not match or unit not in _SIZE_UNITS:
+            raise SpliceError(f"cannot read size {text!r}: write it like 2GB, 500MB or 1GiB")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise SpliceError(f"size must be positive, got {text!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * dtype_itemsize(self.dtype)
+
+
+def plan_shards(outputs: list[OutputTensor], shard_size: int) -> list[list[OutputTensor]]:
+    """Greedy split in output order; a tensor larger than the bound gets a shard of its own."""
+    shards: list[list[OutputTensor]] = [[]]
+    used = 0
+    for out in outputs:
+        if shards[-1] and used + out.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(out)
+        used += out.nbytes
+    return shards
+
+
+def _shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return [SAFETENSORS_SINGLE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _header_bytes(tensors: list[OutputTensor], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for out in tensors:
+        header[out.name] = {
+            "dtype": DTYPE_TO_SAFETENSORS[out.dtype],
+            "shape": list(out.shape),
+            "data_offsets": [offset, offset + out.nbytes],
+        }
+        offset += out.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class ShardedWriter:
+    """Appends tensors, in the planned order, into shards whose headers were written up front."""
+
+    def __init__(self, directory: Path, outputs: list[OutputTensor], shard_size: int = DEFAULT_SHARD_SIZE,
+                 metadata: Mapping[str, str] | None = None):
+        self.directory = Path(directory)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards = plan_shards(outputs, shard_size)
+        self.file_names = _shard_file_names(len(self.shards))
+        self._order = [(shard_index, out) for shard_index, shard in enumerate(self.shards) for out in shard]
+        self._next = 0
+        self._file = None
+        self._file_index = -1
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(out.nbytes for _, out in self._order)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order):
+            raise SpliceError(f"writer got tensor {name} after every planned tensor was written")
+        shard_index, planned = self._order[self._next]
+        if name != planned.name:
+            raise SpliceError(f"writer expected tensor {planned.name} next, got {name}")
+        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise SpliceError(
+                f"tensor {name}: computed {tuple(tensor.shape)} {dtype_name(tensor.dtype)}, "
+                f"planned {planned.shape} {dtype_name(planned.dtype)}"
+            )
+        if shard_index != self._file_index:
+            self._open_shard(shard_index)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if data.numel():
+            self._file.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def _open_shard(self, shard_index: int) -> None:
+        self._close_file()
+        self._file_index = shard_index
+        self._file = open(self.directory / self.file_names[shard_index], "wb")
+        self._file.write(_header_bytes(self.shards[shard_index], self.metadata))
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Finish the last shard and write the index; every planned tensor must have arrived."""
+        self._close_file()
+        if self._next != len(self._order):
+            missing = self._order[self._next][1].name
+            raise SpliceError(f"output incomplete: tensor {missing} and {len(self._order) - self._next - 1} more "
+                              "were never written")
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": self.total_bytes, **self.metadata},
+                "weight_map": {out.name: self.file_names[i] for i, out in self._order},
+            }
+            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        self._close_file()
+
+
+def write_state_dict(directory: Path, state: Mapping[str, torch.Tensor], shard_size: int = DEFAULT_SHARD_SIZE,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """For engines that hold a whole model: the same shard layout as a streamed merge."""
+    outputs = [OutputTensor(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
+    writer = ShardedWriter(directory, outputs, shard_size, metadata)
+    for name, tensor in state.items():
+        writer.write(name, tensor)
+    writer.close()
+
+
+def copy_side_files(source: Checkpoint, directory: Path, out_dtype: torch.dtype | None = None) -> list[str]:
+    """Copy config, generation config and tokenizer/processor files from the base model."""
+    present = set(source.files())
+    copied = []
+    for name in SIDE_FILES:
+        if name not in present:
+            continue
+        data = source.read_file(name)
+        if name == "config.json" and out_dtype is not None:
+            config = json.loads(data)
+            for key in ("dtype", "torch_dtype"):
+                if key in config:
+                    config[key] = dtype_name(out_dtype)
+            data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        (directory / name).write_bytes(data)
+        copied.append(name)
+    return copied
+
+
+def _check_output_location(out: Path) -> None:
+    if "://" in str(out):
+        raise SpliceError(f"--out must be a local directory, got {out}; write locally, then copy")
+
+
+def ensure_output_free(out: str | os.PathLike, force: bool) -> Path:
+    """Refuse an existing output before any work starts (unless force)."""
+    _check_output_location(Path(out))
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} already exists: choose another --out or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a directory; remove it first")
+    return out
+
+
+@contextlib.contextmanager
+def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a hidden sibling directory; rename it to `out` on success, delete it on any failure."""
+    out = ensure_output_free(out, force).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.splice-partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        if not force:  # appeared while we worked
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OutputExistsError(f"output {out} appeared while merging; nothing was replaced")
+        retired = out.parent / f".{out.name}.splice-replaced-{uuid.uuid4().hex[:8]}"
+        out.rename(retired)
+        staging.rename(out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(out)

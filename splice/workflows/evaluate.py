@@ -1,0 +1,63 @@
+"""Evaluation hooks: load a user's `MODULE:FUNCTION` scorer and call it on a candidate model."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from splice.errors import SpliceError
+
+Scorer = Callable[..., float]
+"""score(state_dict) or score(state_dict, model_dir) -> held-out score, higher is better."""
+
+
+def load_callable(reference: str) -> Callable:
+    """'package.module:function' or 'path/to/file.py:function'."""
+    module_name, sep, attribute = reference.rpartition(":")
+    if not sep or not module_name or not attribute:
+        raise SpliceError(f"--eval {reference!r}: write it as MODULE:FUNCTION (or path/to/file.py:FUNCTION)")
+    try:
+        if module_name.endswith(".py") or Path(module_name).is_file():
+            path = Path(module_name)
+            if not path.is_file():
+                raise SpliceError(f"--eval {reference!r}: file {path} not found")
+            spec = importlib.util.spec_from_file_location(f"splice_user_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpliceError(f"--eval {reference!r}: cannot import {module_name} ({exc})") from exc
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise SpliceError(f"--eval {reference!r}: {module_name} has no function {attribute}")
+    return function
+
+
+def _takes_two_arguments(function: Callable) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in parameters)
+
+
+def score_state(scorer: Scorer, state: Mapping[str, torch.Tensor], model_dir: str) -> float:
+    with torch.no_grad():
+        value = scorer(state, model_dir) if _takes_two_arguments(scorer) else scorer(state)
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise SpliceError(f"the evaluation function returned {value!r}, not a number") from None
+    if math.isnan(score):
+        raise SpliceError("the evaluation function returned NaN")
+    return score
