@@ -1,0 +1,122 @@
+"""`splice merge` against mergekit: mergekit-yaml itself on Llama; its per-tensor API on BERT and ViT."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import model_class
+from helpers import load_dir
+from mergekit.merge_methods.api import merge_tensors
+
+import splice
+from splice.merge.recipe import ParameterResolver, parse_recipe
+
+MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")
+
+
+def recipe_for(method: str, dirs: list[Path]) -> dict:
+    base, first, second = (str(d.absolute()) for d in dirs)
+    if method == "linear":
+        return {"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": base, "parameters": {"weight": 0.2}},
+            {"model": first, "parameters": {"weight": [0.3, 0.6]}},  # a gradient across layers
+            {"model": second, "parameters": {"weight": [{"filter": "mlp", "value": 0.9}, {"value": 0.4}]}},
+        ]}
+    return {
+        "merge_method": method, "base_model": base, "dtype": "float32",
+        "models": [
+            {"model": first, "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": second, "parameters": {"weight": [0.2, 0.5], "density": [0.3, 0.8]}},
+        ],
+        "parameters": {"lambda": 0.9},
+    }
+
+
+def write_recipe(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_mergekit(recipe: Path, out: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([str(MERGEKIT_YAML), str(recipe), str(out), "--lazy-unpickle"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_equals_mergekit_yaml_on_llama(method, make_models, tmp_path):
+    dirs = make_models("llama", 3, sharded=True)
+    recipe = write_recipe(tmp_path, recipe_for(method, dirs))
+    run_mergekit(recipe, tmp_path / "mergekit")
+    splice.merge(recipe, tmp_path / "splice", device="cpu")
+    theirs, ours = load_dir(tmp_path / "mergekit"), load_dir(tmp_path / "splice")
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+    base = load_dir(dirs[0])
+    assert any(not torch.equal(ours[n], base[n]) for n in base)  # the merge did something
+
+
+def per_tensor_reference(recipe_data: dict, dirs: list[Path]) -> dict[str, torch.Tensor]:
+    """mergekit's own per-tensor API over every tensor, with splice's parameter resolution."""
+    recipe = parse_recipe(recipe_data)
+    locations, base_index = recipe.inputs()
+    states = [load_dir(Path(p)) for p in locations]
+    resolver = ParameterResolver(recipe, list(states[0]))
+    return {
+        name: merge_tensors([s[name] for s in states], recipe.merge_method, parameters=resolver(name),
+                            ids=list(range(len(states))), base_index=base_index, name=name)
+        for name in states[0]
+    }
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+@pytest.mark.parametrize("arch", ["bert", "vit"])
+def test_same_recipes_on_bert_and_vit(arch, method, make_models, tmp_path):
+    dirs = make_models(arch, 3)
+    data = recipe_for(method, dirs)
+    splice.merge(write_recipe(tmp_path, data), tmp_path / "splice", device="cpu")
+    ours = load_dir(tmp_path / "splice")
+    expected = per_tensor_reference(data, dirs)
+    assert list(ours) == list(load_dir(dirs[0]))  # nothing dropped (mergekit keeps 8 of a ViT's 40)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-6, msg=name)
+    _, info = model_class(arch).from_pretrained(tmp_path / "splice", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("slerp", {"parameters": {"t": [0.1, 0.7]}}),
+    ("breadcrumbs", {"parameters": {"lambda": 1.0}}),
+    ("model_stock", {}),
+])
+def test_methods_run_through_mergekit_kernels(method, extra, make_models, tmp_path):
+    count = 3 if method != "slerp" else 2
+    dirs = make_models("bert", 4 if method == "model_stock" else count)
+    base = str(dirs[0].absolute())
+    models = [{"model": str(d.absolute()), "parameters": {"weight": 0.5, "density": 0.7}} for d in dirs[1:]]
+    if method in ("slerp", "model_stock"):
+        models = [{"model": str(d.absolute())} for d in dirs]
+    data = {"merge_method": method, "base_model": base, "models": models, **extra}
+    splice.merge(write_recipe(tmp_path, data), tmp_path / "out", device="cpu")
+    ours = load_dir(tmp_path / "out")
+    for name, tensor in per_tensor_reference(data, dirs).items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_own_ties_kernel_equals_mergekit_kernel(make_models, tmp_path):
+    dirs = make_models("llama", 3)
+    path = write_recipe(tmp_path, recipe_for("ties", dirs))
+    splice.merge(path, tmp_path / "own", device="cpu")
+    splice.merge(path, tmp_path / "mk", device="cpu", prefer_own_kernels=False)
+    own, theirs = load_dir(tmp_path / "own"), load_dir(tmp_path / "mk")
+    for name in theirs:
+        torch.testing.assert_close(own[name], theirs[name], rtol=0, atol=1e-6, msg=name)

@@ -1,0 +1,104 @@
+"""Soups against an independent in-memory computation, and reloaded by transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, example_inputs, model_class
+from helpers import load_dir
+
+import splice
+
+
+def reference_soup(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    coefficients = [w / sum(weights) for w in weights]
+    out = {}
+    for name in states[0]:
+        merged = states[0][name] * coefficients[0]
+        for state, c in zip(states[1:], coefficients[1:]):
+            merged = merged + state[name] * c
+        out[name] = merged
+    return out
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_uniform_soup_is_exact_and_reloads(arch, sharded, make_models, tmp_path):
+    dirs = make_models(arch, 3, sharded=sharded)
+    report = splice.soup(dirs, tmp_path / "soup", device="cpu", shard_size=6000 if sharded else 2 * 10**9)
+    states = [load_dir(d) for d in dirs]
+    expected = reference_soup(states, [1, 1, 1])
+    written = load_dir(tmp_path / "soup")
+    assert list(written) == list(states[0])  # every tensor, in the input's storage order
+    for name, tensor in expected.items():
+        assert torch.equal(written[name], tensor), name
+    assert (len(report.shard_files) > 1) == sharded
+
+    cls = model_class(arch)
+    reloaded, info = cls.from_pretrained(tmp_path / "soup", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    # the soup built in memory from the loaded modules' own state dicts (names as transformers has them)
+    in_memory_states = [cls.from_pretrained(d).state_dict() for d in dirs]
+    in_memory = cls(reloaded.config)
+    in_memory.load_state_dict(reference_soup(in_memory_states, [1, 1, 1]))
+    reloaded.eval(), in_memory.eval()
+    with torch.no_grad():
+        got = reloaded(**example_inputs(arch)).logits
+        want = in_memory(**example_inputs(arch)).logits
+    assert torch.equal(got, want)
+
+
+def test_weighted_soup_and_output_dtype(make_models, tmp_path):
+    dirs = make_models("llama", 3)
+    splice.soup(dirs, tmp_path / "w", weights=[0.5, 0.3, 0.2], device="cpu", dtype="bfloat16")
+    expected = reference_soup([load_dir(d) for d in dirs], [0.5, 0.3, 0.2])
+    written = load_dir(tmp_path / "w")
+    for name, tensor in expected.items():
+        assert written[name].dtype == torch.bfloat16
+        assert torch.equal(written[name], tensor.to(torch.bfloat16)), name
+    reloaded = model_class("llama").from_pretrained(tmp_path / "w")
+    assert reloaded.config.dtype == torch.bfloat16
+
+
+def test_gpt2_tied_head_survives(make_models, tmp_path):
+    dirs = make_models("gpt2", 2)
+    splice.soup(dirs, tmp_path / "g", device="cpu")
+    model = model_class("gpt2").from_pretrained(tmp_path / "g")
+    assert "lm_head.weight" not in load_dir(tmp_path / "g")  # stored once, as transformers stores it
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_side_files_come_from_the_first_model(make_models, tmp_path):
+    dirs = make_models("gpt2", 2)
+    report = splice.soup(dirs, tmp_path / "s", device="cpu")
+    assert set(report.side_files) == {"config.json", "generation_config.json"}
+    assert (tmp_path / "s" / "config.json").read_text() == (dirs[0] / "config.json").read_text()
+
+
+def test_greedy_soup_follows_the_algorithm(make_models, tmp_path):
+    """A scorer with a known optimum: closeness to a target. Check every accept/reject decision."""
+    dirs = make_models("llama", 5)
+    states = [load_dir(d) for d in dirs]
+    target = {n: t + 0.01 for n, t in reference_soup(states[1:4], [1, 1, 1]).items()}
+
+    def score(state):
+        return -sum(float(((state[n].float() - target[n]) ** 2).sum()) for n in target)
+
+    report = splice.greedy_soup(dirs, tmp_path / "greedy", score, device="cpu")
+
+    scores = [score(s) for s in states]
+    order = sorted(range(5), key=lambda i: -scores[i])
+    soup, kept, best, decisions = dict(states[order[0]]), 1, scores[order[0]], [True]
+    for i in order[1:]:
+        candidate = {n: soup[n] * (kept / (kept + 1)) + states[i][n] * (1 / (kept + 1)) for n in soup}
+        accepted = score(candidate) >= best
+        decisions.append(accepted)
+        if accepted:
+            soup, kept, best = candidate, kept + 1, score(candidate)
+    assert [s.model for s in report.steps] == [str(dirs[i]) for i in order]
+    assert [s.kept for s in report.steps] == decisions
+    assert report.soup_score == pytest.approx(best, rel=1e-6)
+    assert report.soup_score >= max(scores)
+    written = load_dir(tmp_path / "greedy")
+    for name in soup:
+        torch.testing.assert_close(written[name], soup[name], rtol=0, atol=1e-7)
