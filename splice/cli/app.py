@@ -25,8 +25,8 @@ Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("splice").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def show(renderable, quiet: bool = False) -> None:

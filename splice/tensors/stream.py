@@ -9,6 +9,7 @@ to the output dtype and handed to the writer.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -30,6 +31,8 @@ from splice.tensors.writer import (
     ensure_output_free,
     staged_output,
 )
+
+log = logging.getLogger("splice.stream")
 
 Kernel = Callable[[str, list[torch.Tensor]], torch.Tensor]
 """(output tensor name, input tensors on the compute device in fp32) -> merged tensor."""
@@ -189,8 +192,11 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, s
             with torch.inference_mode():
                 for position, tensors in read_ahead([item.sources for item in plan], read_ahead_depth):
                     item = plan[position]
+                    tick = time.perf_counter()
                     writer.write(item.output.name, compute_one(item, tensors, kernel, torch_device))
                     progress.advance(1, item.input_bytes)
+                    log.debug("%s %s %s from %d inputs in %.1f ms", item.output.name, list(item.output.shape),
+                              dtype_name(item.output.dtype), len(tensors), 1000 * (time.perf_counter() - tick))
             writer.close()
         except BaseException:
             writer.abort()

@@ -207,7 +207,7 @@ def fine_tunes(count: int, seed: int = 0) -> list[FineTune]:
 
 
 def prepare_ingredients(workdir: str | os.PathLike, count: int, seed: int = 0, *, pretrain_steps: int = 300,
-                        finetune_steps: int = 150, pretrain_lr: float = 3e-3,
+                        finetune_steps: int = 100, pretrain_lr: float = 3e-3,
                         splits: DigitsSplits | None = None) -> tuple[Path, list[Path], DigitsSplits]:
     """Pretrain a base model, then fine-tune `count` ingredients from it; all saved under `workdir`.
 
