@@ -106,6 +106,7 @@ def merge(
     out: Out,
     device: Device = "auto",
     shard_size: ShardSize = "2GB",
+    seed: Annotated[Optional[int], typer.Option(help="Seed for random methods (dare_ties, della, ...).")] = None,
     force: Force = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -116,7 +117,7 @@ def merge(
 
     setup_logging(verbose)
     report = splice.merge(recipe, out, device=device, shard_size=parse_size(shard_size), force=force,
-                          progress=render.RichProgress(quiet))
+                          progress=render.RichProgress(quiet), seed=seed)
     show(render.stream_report_table(f"merge ({recipe})", report), quiet)
 
 

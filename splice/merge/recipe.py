@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -229,9 +230,12 @@ class ParameterResolver:
 
 def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, device: str = "auto",
           shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
-          storage_options: dict | None = None, read_ahead: int = 2, prefer_own_kernels: bool = True
-          ) -> StreamReport:
-    """Run a recipe (a Recipe, or the path of a YAML file) and write the merged model to `out`."""
+          storage_options: dict | None = None, read_ahead: int = 2, prefer_own_kernels: bool = True,
+          seed: int | None = None) -> StreamReport:
+    """Run a recipe (a Recipe, or the path of a YAML file) and write the merged model to `out`.
+
+    `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della).
+    """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     ensure_output_free(out, force)
@@ -244,6 +248,8 @@ def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, device:
         resolver(item.output.name)
     kernel = method_kernel(recipe.merge_method, resolver, base_index, prefer_own=prefer_own_kernels)
     side_source = checkpoints[base_index] if base_index is not None else checkpoints[0]
+    if seed is not None:
+        torch.manual_seed(seed)
     return run_stream(plan, kernel, out, side_files_from=side_source, device=device, shard_size=shard_size,
                       force=force, progress=progress, out_dtype=out_dtype,
                       metadata={"splice_merge_method": recipe.merge_method},
