@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import model_class
-from helpers import load_dir
 from mergekit.merge_methods.api import merge_tensors
 
 import splice
 from splice.merge.recipe import ParameterResolver, parse_recipe
+
+from conftest import model_class
+from helpers import load_dir
 
 MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")
 

@@ -20,10 +20,11 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from conftest import perturbed, save, tiny_model
 from safetensors.torch import load_file
 
 import splice
+
+from conftest import perturbed, save, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "splice-models"
@@ -71,7 +72,8 @@ def families(tmp_path_factory) -> dict[str, list[Path]]:
     built = {}
     for family, (arch, sharded) in FAMILIES.items():
         base = tiny_model(arch, 0)
-        dirs = [save(base, root / f"{family}-0", sharded), save(perturbed(base, 1), root / f"{family}-1", sharded)]
+        dirs = [save(base, root / f"{family}-0", sharded),
+                save(perturbed(base, 1), root / f"{family}-1", sharded)]
         if sharded:
             assert (dirs[0] / "model.safetensors.index.json").exists()
             assert len(list(dirs[0].glob("*.safetensors"))) > 1
@@ -174,8 +176,8 @@ class RequestLog:
     entries: list[Request] = field(default_factory=list)
 
     def __call__(self, environ, start_response):
-        entry = Request(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""),
-                        environ.get("HTTP_RANGE"))
+        entry = Request(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
+                        environ.get("QUERY_STRING", ""), environ.get("HTTP_RANGE"))
 
         def recording_start_response(status, headers, exc_info=None):
             entry.status = int(status.split()[0])
@@ -232,11 +234,13 @@ def s3(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
-        for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3", "FSSPEC_S3_ENDPOINT_URL"):
+        for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3",
+                    "FSSPEC_S3_ENDPOINT_URL"):
             mp.delenv(key, raising=False)
 
         server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        starter = threading.Thread(target=server.start, daemon=True)  # start() would wait forever on a failed bind
+        # start() would wait forever if the bind failed: give it a deadline instead
+        starter = threading.Thread(target=server.start, daemon=True)
         starter.start()
         starter.join(timeout=30)
         if starter.is_alive() or server._server is None:
@@ -254,7 +258,7 @@ def s3(tmp_path_factory):
 
 
 def check_ranged_reads(log: RequestLog, model_dirs: list[Path]) -> None:
-    """No safetensors object fetched whole; each GET is one header or one tensor; total <= the files' sizes."""
+    """No safetensors object fetched whole; each GET is one header or one tensor; total <= files' sizes."""
     gets = [e for e in log.entries if e.method == "GET" and e.path.endswith(".safetensors")]
     assert gets, "no safetensors object was read over S3"
     total_file_bytes = 0
@@ -272,8 +276,8 @@ def check_ranged_reads(log: RequestLog, model_dirs: list[Path]) -> None:
                 first, last = (int(x) for x in request.range.removeprefix("bytes=").split("-"))
                 assert request.status == 206, request
                 assert request.length == last - first + 1, request
-                assert request.length <= bound, f"{request} is larger than any header or tensor of {shard.name}"
-                assert (first, last + 1) in allowed, f"{request} is neither a header nor a tensor of {shard.name}"
+                assert request.length <= bound, f"{request}: larger than any header or tensor of {shard.name}"
+                assert (first, last + 1) in allowed, f"{request}: not a header nor a tensor of {shard.name}"
             ranges = [r.range for r in requests]
             assert len(ranges) == len(set(ranges)), f"{model_dir.name}/{shard.name}: a range was read twice"
     assert sum(e.length for e in gets) <= total_file_bytes
@@ -324,8 +328,8 @@ def test_cli_soup_from_s3_with_fsspec_endpoint_variable(s3, families, local_soup
     s3.log.clear()
 
     result = subprocess.run([sys.executable, "-m", "splice", "soup", *urls, "--out", str(tmp_path / "out"),
-                             "--device", "cpu", "--quiet"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)
+                             "--device", "cpu", "--quiet"], check=False, cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
 
     assert result.returncode == 0, result.stderr
     assert_same_output(tmp_path / "out", local_soups["bert"])
@@ -352,7 +356,7 @@ def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
     from splice.cli.app import main
 
     handlers, level = logging.root.handlers[:], logging.root.level
-    monkeypatch.setattr(sys, "argv", ["splice", *args])
+    monkeypatch.setattr(sys, "argv", ["splice", *map(str, args)])
     capsys.readouterr()
     try:
         main()
@@ -399,8 +403,19 @@ def test_cli_unreachable_s3_endpoint_is_a_one_line_error(fresh_s3fs, tmp_path, c
 
 @pytest.mark.parametrize("out", ["s3://bucket/out", "memory://out"])
 def test_remote_output_is_refused_before_any_work(out, families, tmp_path, monkeypatch):
-    """--out must be a local directory: a URL is refused, and nothing is created under the working directory."""
+    """--out must be a local directory: a URL is refused, and nothing is created in the working directory."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(splice.SpliceError, match="local directory"):
         splice.soup(families["bert"], out, device="cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_remote_output_is_refused(families, tmp_path, monkeypatch, capsys):
+    """The CLI parses --out as a path (s3://b/out becomes s3:/b/out); it must still be refused as a URL."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["soup", *families["bert"], "--out", "s3://bucket/out", "--device", "cpu", "--quiet"],
+                           monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error:") and "local directory" in lines[0], err
     assert list(tmp_path.iterdir()) == []

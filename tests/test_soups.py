@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, example_inputs, model_class
-from helpers import load_dir
 
 import splice
+
+from conftest import ARCHITECTURES, example_inputs, model_class
+from helpers import load_dir
 
 
 def reference_soup(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from splice.cli import render
 from splice.errors import SpliceError
@@ -19,7 +20,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log every tensor as it is merged.")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output model directory (must not exist, or use --force).")]
 Device = Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N.")]
-Dtype = Annotated[Optional[str], typer.Option(help="Output dtype: float32, bfloat16 or float16 (default: as input).")]
+Dtype = Annotated[str | None, typer.Option(help="Output dtype: float32, bfloat16 or float16 (default: as input).")]
 ShardSize = Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB, 500MB.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
 
@@ -51,7 +52,7 @@ def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec
                       [[m.name, m.size, "yes" if m.has_bias else "no"] for m in summary.norm_modules]))
 
 
-def _parse_weights(text: Optional[str]) -> Optional[list[float]]:
+def _parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
     try:
@@ -64,9 +65,9 @@ def _parse_weights(text: Optional[str]) -> Optional[list[float]]:
 def soup(
     models: Annotated[list[str], typer.Argument(help="Model directories or fsspec URLs.")],
     out: Out,
-    weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights, one per model.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Comma-separated weights, one per model.")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy soup (needs --eval).")] = False,
-    eval_fn: Annotated[Optional[str], typer.Option("--eval", help="MODULE:FUNCTION scoring a state dict.")] = None,
+    eval_fn: Annotated[str | None, typer.Option("--eval", help="MODULE:FUNCTION scoring a state dict.")] = None,
     strict: Annotated[bool, typer.Option(help="Greedy: keep an ingredient only if the score rises.")] = False,
     device: Device = "auto",
     dtype: Dtype = None,
@@ -106,7 +107,7 @@ def merge(
     out: Out,
     device: Device = "auto",
     shard_size: ShardSize = "2GB",
-    seed: Annotated[Optional[int], typer.Option(help="Seed for random methods (dare_ties, della, ...).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for random methods (dare_ties, della, ...).")] = None,
     force: Force = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -123,7 +124,7 @@ def merge(
 
 @app.command()
 def demo(
-    keep: Annotated[Optional[Path], typer.Option(help="Keep the workspace in this directory.")] = None,
+    keep: Annotated[Path | None, typer.Option(help="Keep the workspace in this directory.")] = None,
 ) -> None:
     """End to end on tiny models it builds: train ingredients on digits, soup them, compare."""
     from splice.cli.demo import run_demo
@@ -135,7 +136,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except SpliceError as exc:
-        render.error_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        render.error_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         render.error_console.print("interrupted; nothing was published")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from splice.errors import RecipeError
 
 
-@lru_cache(maxsize=None)
+@cache
 def mergekit_method(name: str):
     from mergekit import merge_methods
 
@@ -20,7 +20,7 @@ def mergekit_method(name: str):
         raise RecipeError(f"unknown merge method {name!r}; known: {', '.join(method_names())}") from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def method_names() -> tuple[str, ...]:
     from mergekit import merge_methods
 
@@ -45,7 +45,7 @@ class MethodRules:
     max_inputs: int | None
 
 
-@lru_cache(maxsize=None)
+@cache
 def method_rules(name: str) -> MethodRules:
     from mergekit.merge_methods.base import MISSING
 

@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 import yaml
@@ -35,16 +35,16 @@ from splice.tensors.device import parse_dtype
 from splice.tensors.stream import StreamReport, open_all, plan_same_name, run_stream
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 class Conditional(BaseModel):
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
-    value: Union[Scalar, list[Scalar]]
+    value: Scalar | list[Scalar]
 
 
-Setting = Union[Scalar, list[Scalar], list[Conditional], Conditional]
+Setting = Scalar | list[Scalar] | list[Conditional] | Conditional
 
 
 class InputModel(BaseModel):
@@ -114,7 +114,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
     """Method, parameter names, required values, base and input counts: all checked before any I/O."""
-    rules = method_rules(recipe.merge_method)
+    try:
+        rules = method_rules(recipe.merge_method)
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
     method = recipe.merge_method
     known = ", ".join(rules.parameters) or "none"
     for owner, settings in [("parameters", recipe.parameters)] + [
@@ -131,8 +134,9 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
         raise RecipeError(f"{source}: {method} takes no base_model")
     counted = len(locations)
     if counted < rules.min_inputs or (rules.max_inputs is not None and counted > rules.max_inputs):
+        at_most = f" and at most {rules.max_inputs}" if rules.max_inputs else ""
         wanted = (f"exactly {rules.min_inputs}" if rules.max_inputs == rules.min_inputs
-                  else f"at least {rules.min_inputs}" + (f" and at most {rules.max_inputs}" if rules.max_inputs else ""))
+                  else f"at least {rules.min_inputs}{at_most}")
         raise RecipeError(f"{source}: {method} takes {wanted} models, got {counted}")
     for rule in rules.parameters.values():
         if not rule.required:

@@ -20,7 +20,7 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from splice.errors import CheckpointError
+from splice.errors import CheckpointError, SpliceError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -104,6 +104,15 @@ class Checkpoint:
     def open(cls, location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Checkpoint:
         location = str(location)
         try:
+            return cls._open(location, storage_options)
+        except SpliceError:
+            raise
+        except Exception as exc:  # fsspec backends raise their own types: botocore, aiohttp, OSError, ...
+            raise CheckpointError(f"cannot read {location}: {_first_line(exc)}") from exc
+
+    @classmethod
+    def _open(cls, location: str, storage_options: dict[str, Any] | None) -> Checkpoint:
+        try:
             fs, root = split_location(location, storage_options)
         except (ImportError, ValueError) as exc:
             raise CheckpointError(f"cannot open {location}: {exc}") from exc
@@ -184,7 +193,11 @@ class Checkpoint:
             if self.is_local:
                 self._pread_into(info, raw)
             else:
-                data = self.fs.cat_file(_join(self.root, info.shard), start=info.start, end=info.end)
+                try:
+                    data = self.fs.cat_file(_join(self.root, info.shard), start=info.start, end=info.end)
+                except Exception as exc:  # the backend's own error type
+                    raise CheckpointError(f"{self.location}/{info.shard}: cannot read tensor {name}: "
+                                          f"{_first_line(exc)}") from exc
                 if len(data) != len(raw):
                     raise CheckpointError(f"{self.location}/{info.shard}: short read for tensor {name}")
                 raw.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
@@ -255,6 +268,11 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.location!r}, {len(self.tensors)} tensors in {len(self.shards)} shards)"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _read_weight_map(fs, path: str, location: str) -> dict[str, str]:

@@ -211,14 +211,17 @@ def copy_side_files(source: Checkpoint, directory: Path, out_dtype: torch.dtype 
     return copied
 
 
-def _check_output_location(out: Path) -> None:
-    if "://" in str(out):
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://b/x, or s3:/b/x once pathlib has collapsed "//"
+
+
+def _check_output_location(out: str | os.PathLike) -> None:
+    if _URL.match(os.fspath(out)):
         raise SpliceError(f"--out must be a local directory, got {out}; write locally, then copy")
 
 
 def ensure_output_free(out: str | os.PathLike, force: bool) -> Path:
     """Refuse an existing output before any work starts (unless force)."""
-    _check_output_location(Path(out))
+    _check_output_location(out)
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"output {out} already exists: choose another --out or pass --force to replace it")

@@ -17,12 +17,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.utils import logging as hf_logging
 
 from splice.errors import SpliceError
+from splice.tensors.checkpoint import Checkpoint
 
 IMAGE_SIZE = 8
 NUM_LABELS = 10
@@ -169,8 +169,8 @@ def make_scorer(x: torch.Tensor, y: torch.Tensor, model_dir: str | os.PathLike) 
     """
     model = load_model(model_dir)
     names = checkpoint_names(model)
-    with safe_open(_single_file(model_dir), "pt") as stored:
-        if set(stored.keys()) != set(names):
+    with Checkpoint.open(model_dir) as stored:
+        if set(stored.tensors) != set(names):
             raise SpliceError(f"{model_dir}: tensor names differ from the ones transformers would save")
 
     def score(state: StateDict) -> float:
@@ -207,7 +207,7 @@ def fine_tunes(count: int, seed: int = 0) -> list[FineTune]:
 
 
 def prepare_ingredients(workdir: str | os.PathLike, count: int, seed: int = 0, *, pretrain_steps: int = 300,
-                        finetune_steps: int = 100, pretrain_lr: float = 3e-3,
+                        finetune_steps: int = 75, pretrain_lr: float = 3e-3,
                         splits: DigitsSplits | None = None) -> tuple[Path, list[Path], DigitsSplits]:
     """Pretrain a base model, then fine-tune `count` ingredients from it; all saved under `workdir`.
 
@@ -230,13 +230,6 @@ def prepare_ingredients(workdir: str | os.PathLike, count: int, seed: int = 0, *
             model.save_pretrained(directory)
             ingredient_dirs.append(directory)
     return base_dir, ingredient_dirs, splits
-
-
-def _single_file(model_dir: str | os.PathLike) -> Path:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if len(files) != 1:
-        raise SpliceError(f"{model_dir}: expected one .safetensors file, found {len(files)}")
-    return files[0]
 
 
 @contextlib.contextmanager
