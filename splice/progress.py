@@ -6,7 +6,7 @@ from typing import Protocol
 
 
 class Progress(Protocol):
-    def start(self, description: str, total_items: int, total_bytes: int) -> None: ...
+    def start(self, description: str, total_items: int, total_bytes: int, unit: str = "tensors") -> None: ...
 
     def advance(self, items: int, nbytes: int) -> None: ...
 
@@ -14,7 +14,7 @@ class Progress(Protocol):
 
 
 class NoProgress:
-    def start(self, description: str, total_items: int, total_bytes: int) -> None:
+    def start(self, description: str, total_items: int, total_bytes: int, unit: str = "tensors") -> None:
         pass
 
     def advance(self, items: int, nbytes: int) -> None:

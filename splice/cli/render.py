@@ -36,13 +36,13 @@ class RichProgress:
         self._items = 0
         self._total_items = 0
 
-    def start(self, description: str, total_items: int, total_bytes: int) -> None:
+    def start(self, description: str, total_items: int, total_bytes: int, unit: str = "tensors") -> None:
         if self.quiet:
             return
         self._items, self._total_items = 0, total_items
         self._bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(),
-            TextColumn("{task.fields[items]}/{task.fields[total_items]} tensors"),
+            TextColumn("{task.fields[items]}/{task.fields[total_items]} " + unit),
             DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
             console=error_console, transient=False,
         )

@@ -119,7 +119,7 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
     check_same_tensors(checkpoints)
     total_bytes = sum(c.total_bytes for c in checkpoints)
 
-    progress.start("greedy soup: scoring ingredients", 2 * len(checkpoints) - 1, 2 * total_bytes)
+    progress.start("greedy soup", 2 * len(checkpoints) - 1, 2 * total_bytes, unit="models read")
     scores = []
     for checkpoint in checkpoints:
         scores.append(score_state(scorer, _read_floats(checkpoint, torch_device), checkpoint.location))
