@@ -554,11 +554,11 @@ def test_exception_while_reading_leaves_nothing(models, tmp_path, monkeypatch):
     original = Checkpoint.read
     calls = []
 
-    def failing_read(self, name):
+    def failing_read(self, name, rows=None):
         calls.append(name)
         if len(calls) == 5:
             raise CheckpointError(f"{self.location}: simulated failure reading {name}")
-        return original(self, name)
+        return original(self, name, rows)
 
     monkeypatch.setattr(Checkpoint, "read", failing_read)
     out = output_path(tmp_path)

@@ -49,6 +49,17 @@ def test_uniform_soup_is_exact_and_reloads(arch, sharded, make_models, tmp_path)
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("chunk_bytes", [64, 1000])
+def test_soup_in_row_blocks_is_identical(chunk_bytes, make_models, tmp_path):
+    """Large tensors go through an elementwise kernel in blocks of rows; the result must not change."""
+    dirs = make_models("gpt2", 3, sharded=True)
+    splice.soup(dirs, tmp_path / "whole", device="cpu")
+    splice.soup(dirs, tmp_path / "blocks", device="cpu", chunk_bytes=chunk_bytes, shard_size=5000)
+    whole, blocks = load_dir(tmp_path / "whole"), load_dir(tmp_path / "blocks")
+    assert list(whole) == list(blocks)
+    assert all(torch.equal(whole[n], blocks[n]) for n in whole)
+
+
 def test_weighted_soup_and_output_dtype(make_models, tmp_path):
     dirs = make_models("llama", 3)
     splice.soup(dirs, tmp_path / "w", weights=[0.5, 0.3, 0.2], device="cpu", dtype="bfloat16")
@@ -136,3 +147,15 @@ def test_real_pretrained_minilm_where_mergekit_crashes(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(input_ids=ids).last_hidden_state,
                            in_memory.eval()(input_ids=ids).last_hidden_state)
+
+
+def test_work_units_split_large_tensors_into_row_blocks(make_models):
+    from splice.tensors.stream import open_all, plan_same_name, work_units
+
+    checkpoints = open_all([str(d) for d in make_models("gpt2", 2)])
+    plan = plan_same_name(checkpoints, None)
+    units = work_units(plan, chunked=True, chunk_bytes=256)
+    wte = [u.rows for u in units if u.item.output.name == "transformer.wte.weight"]
+    assert wte == [(r, min(r + 4, 64)) for r in range(0, 64, 4)]  # 256 bytes = 4 rows of 16 fp32
+    assert all(u.rows is None for u in units if len(u.item.output.shape) == 1)  # biases stay whole
+    assert len(work_units(plan, chunked=False, chunk_bytes=256)) == len(plan)

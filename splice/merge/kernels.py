@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from splice.errors import RecipeError
-from splice.tensors.stream import Kernel
+from splice.tensors.stream import Kernel, elementwise
 
 TensorParameters = Callable[[str], dict[str, Any]]
 """Tensor name -> resolved method parameters (shared values, and per-input values keyed by input index)."""
@@ -26,6 +26,7 @@ def weighted_average(weights: Sequence[float]) -> Kernel:
         raise RecipeError(f"weights {list(weights)} sum to zero; a weighted average needs a non-zero sum")
     coefficients = [float(w) / total for w in weights]
 
+    @elementwise
     def kernel(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         merged = tensors[0] * coefficients[0]
         for tensor, coefficient in zip(tensors[1:], coefficients[1:]):

@@ -16,6 +16,7 @@ from splice.progress import NoProgress, Progress
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import compute_dtype_for, parse_dtype, resolve_device
 from splice.tensors.stream import (
+    CHUNK_BYTES,
     StreamReport,
     check_same_tensors,
     open_all,
@@ -49,8 +50,11 @@ def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
 def soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, weights: Sequence[float] | None = None,
          device: str = "auto", dtype: str | torch.dtype | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
          force: bool = False, progress: Progress | None = None, storage_options: dict | None = None,
-         read_ahead_depth: int = 2) -> StreamReport:
-    """Uniform (no weights) or weighted soup: sum_i w_i theta_i / sum_i w_i, streamed tensor by tensor."""
+         read_ahead_depth: int = 2, chunk_bytes: int = CHUNK_BYTES) -> StreamReport:
+    """Uniform (no weights) or weighted soup: sum_i w_i theta_i / sum_i w_i, streamed tensor by tensor.
+
+    Tensors larger than `chunk_bytes` are merged in blocks of rows, so memory stays flat.
+    """
     weights = check_weights(weights, len(models))
     out_dtype = parse_dtype(dtype)
     ensure_output_free(out, force)
@@ -59,7 +63,7 @@ def soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, weights
     kind = "uniform" if len(set(weights)) == 1 else "weighted"
     return run_stream(plan, weighted_average(weights), out, side_files_from=checkpoints[0], device=device,
                       shard_size=shard_size, force=force, progress=progress, out_dtype=out_dtype,
-                      read_ahead_depth=read_ahead_depth, metadata={"splice_merge_method": f"{kind} soup"},
+                      read_ahead_depth=read_ahead_depth, chunk_bytes=chunk_bytes, metadata={"splice_merge_method": f"{kind} soup"},
                       description=f"{kind} soup")
 
 

@@ -181,34 +181,40 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor's value on the CPU, in its stored dtype."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor's value on the CPU, in its stored dtype; `rows=(a, b)` reads only rows a..b-1 of dim 0."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.location}: no tensor named {name}")
         if self._pickled is not None:
-            return self._pickled[name]
-        raw = torch.empty(info.end - info.start, dtype=torch.uint8)
-        if info.end > info.start:
+            tensor = self._pickled[name]
+            return tensor if rows is None else tensor[rows[0]:rows[1]]
+        shape, start, end = info.shape, info.start, info.end
+        if rows is not None:
+            row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+            shape = (rows[1] - rows[0], *info.shape[1:])
+            start, end = info.start + rows[0] * row_bytes, info.start + rows[1] * row_bytes
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        if end > start:
             if self.is_local:
-                self._pread_into(info, raw)
+                self._pread_into(info, raw, start)
             else:
                 try:
-                    data = self.fs.cat_file(_join(self.root, info.shard), start=info.start, end=info.end)
+                    data = self.fs.cat_file(_join(self.root, info.shard), start=start, end=end)
                 except Exception as exc:  # the backend's own error type
                     raise CheckpointError(f"{self.location}/{info.shard}: cannot read tensor {name}: "
                                           f"{_first_line(exc)}") from exc
                 if len(data) != len(raw):
                     raise CheckpointError(f"{self.location}/{info.shard}: short read for tensor {name}")
                 raw.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        return raw.view(info.dtype).reshape(info.shape)
+        return raw.view(info.dtype).reshape(shape)
 
-    def _pread_into(self, info: TensorInfo, raw: torch.Tensor) -> None:
+    def _pread_into(self, info: TensorInfo, raw: torch.Tensor, start: int) -> None:
         fd = self._fd(info.shard)
         view = memoryview(raw.numpy())
         done = 0
         while done < len(view):
-            got = os.preadv(fd, [view[done:]], info.start + done)
+            got = os.preadv(fd, [view[done:]], start + done)
             if got <= 0:
                 raise CheckpointError(f"{self.location}/{info.shard}: file ends inside tensor {info.name}")
             done += got

@@ -118,10 +118,22 @@ class _Failure:
         self.error = error
 
 
-Sources = Sequence[tuple[Checkpoint, str]]
+Rows = tuple[int, int] | None
+Reads = Sequence[tuple[Checkpoint, str, Rows]]
+"""What one step reads: (checkpoint, tensor name, rows of dim 0 or None for all) per input."""
+
+# An elementwise kernel sees tensors above this size in blocks of rows, so memory does not grow with the
+# largest tensor (an embedding matrix is often the largest by far).
+CHUNK_BYTES = 16 * 1024 * 1024
 
 
-def read_ahead(groups: Sequence[Sources], depth: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
+def elementwise(kernel: Kernel) -> Kernel:
+    """Mark a kernel whose output rows depend only on the same input rows: the stream may feed it row blocks."""
+    kernel.elementwise = True  # type: ignore[attr-defined]
+    return kernel
+
+
+def read_ahead(groups: Sequence[Reads], depth: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
     """Yield (group position, its tensors), reading up to `depth` groups in advance on a background thread."""
     slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
@@ -138,7 +150,7 @@ def read_ahead(groups: Sequence[Sources], depth: int) -> Iterator[tuple[int, lis
     def produce() -> None:
         try:
             for position, group in enumerate(groups):
-                tensors = [ckpt.read(name) for ckpt, name in group]
+                tensors = [ckpt.read(name, rows) for ckpt, name, rows in group]
                 if not offer((position, tensors)):
                     return
             offer(_DONE)
@@ -175,10 +187,48 @@ def compute_one(item: StreamItem, tensors: list[torch.Tensor], kernel: Kernel, d
     return result.to(dtype=out.dtype).to("cpu")
 
 
+@dataclass(frozen=True)
+class WorkUnit:
+    """One kernel call: a whole output tensor, or a block of its rows."""
+
+    item: StreamItem
+    rows: Rows = None
+
+    @property
+    def reads(self) -> Reads:
+        return [(ckpt, name, self.rows) for ckpt, name in self.item.sources]
+
+    @property
+    def input_bytes(self) -> int:
+        if self.rows is None:
+            return self.item.input_bytes
+        rows = self.item.output.shape[0]
+        return self.item.input_bytes * (self.rows[1] - self.rows[0]) // rows
+
+    @property
+    def completes_item(self) -> bool:
+        return self.rows is None or self.rows[1] == self.item.output.shape[0]
+
+
+def work_units(plan: Sequence[StreamItem], chunked: bool, chunk_bytes: int = CHUNK_BYTES) -> list[WorkUnit]:
+    units = []
+    for item in plan:
+        biggest = max(ckpt.tensors[name].nbytes for ckpt, name in item.sources)
+        shape = item.output.shape
+        floating = all(ckpt.tensors[name].dtype.is_floating_point for ckpt, name in item.sources)
+        if not (chunked and floating and shape and shape[0] > 1 and biggest > chunk_bytes):
+            units.append(WorkUnit(item))
+            continue
+        step = max(1, chunk_bytes // (biggest // shape[0]))
+        units += [WorkUnit(item, (row, min(row + step, shape[0]))) for row in range(0, shape[0], step)]
+    return units
+
+
 def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, side_files_from: Checkpoint,
                device: str | torch.device = "auto", shard_size: int = DEFAULT_SHARD_SIZE, read_ahead_depth: int = 2,
                force: bool = False, progress: Progress | None = None, metadata: dict[str, str] | None = None,
-               description: str = "merging", out_dtype: torch.dtype | None = None) -> StreamReport:
+               description: str = "merging", out_dtype: torch.dtype | None = None,
+               chunk_bytes: int = CHUNK_BYTES) -> StreamReport:
     """Compute every planned output tensor and publish the model directory at `out`."""
     progress = progress or NoProgress()
     torch_device = resolve_device(device)
@@ -187,16 +237,18 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, s
     total_in = sum(item.input_bytes for item in plan)
     with staged_output(out, force) as staging:
         writer = ShardedWriter(staging, [item.output for item in plan], shard_size, metadata)
+        units = work_units(plan, getattr(kernel, "elementwise", False), chunk_bytes)
         progress.start(description, len(plan), total_in)
         try:
             with torch.inference_mode():
-                for position, tensors in read_ahead([item.sources for item in plan], read_ahead_depth):
-                    item = plan[position]
+                for position, tensors in read_ahead([unit.reads for unit in units], read_ahead_depth):
+                    unit = units[position]
+                    item = unit.item
                     tick = time.perf_counter()
                     writer.write(item.output.name, compute_one(item, tensors, kernel, torch_device))
-                    progress.advance(1, item.input_bytes)
-                    log.debug("%s %s %s from %d inputs in %.1f ms", item.output.name, list(item.output.shape),
-                              dtype_name(item.output.dtype), len(tensors), 1000 * (time.perf_counter() - tick))
+                    progress.advance(int(unit.completes_item), unit.input_bytes)
+                    log.debug("%s %s rows %s from %d inputs in %.1f ms", item.output.name, list(item.output.shape),
+                              unit.rows or "all", len(tensors), 1000 * (time.perf_counter() - tick))
             writer.close()
         except BaseException:
             writer.abort()
@@ -214,7 +266,7 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, s
 def read_model(checkpoint: Checkpoint, depth: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of one model, in storage order, read ahead on a background thread."""
     names = list(checkpoint.tensors)
-    for position, (tensor,) in read_ahead([((checkpoint, name),) for name in names], depth):
+    for position, (tensor,) in read_ahead([((checkpoint, name, None),) for name in names], depth):
         yield names[position], tensor
 
 

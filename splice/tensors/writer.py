@@ -128,6 +128,7 @@ class ShardedWriter:
         self.file_names = _shard_file_names(len(self.shards))
         self._order = [(shard_index, out) for shard_index, shard in enumerate(self.shards) for out in shard]
         self._next = 0
+        self._rows_done = 0  # of the tensor in progress, when it arrives in row blocks
         self._file = None
         self._file_index = -1
 
@@ -136,12 +137,17 @@ class ShardedWriter:
         return sum(out.nbytes for _, out in self._order)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append a whole tensor, or its next block of rows (dim 0) when an elementwise merge is chunked."""
         if self._next >= len(self._order):
             raise SpliceError(f"writer got tensor {name} after every planned tensor was written")
         shard_index, planned = self._order[self._next]
         if name != planned.name:
             raise SpliceError(f"writer expected tensor {planned.name} next, got {name}")
-        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+        whole = self._rows_done == 0 and tuple(tensor.shape) == planned.shape
+        rows = tensor.shape[0] if planned.shape and tensor.dim() == len(planned.shape) else -1
+        fits = whole or (rows >= 0 and tuple(tensor.shape[1:]) == planned.shape[1:]
+                         and self._rows_done + rows <= planned.shape[0])
+        if not fits or tensor.dtype != planned.dtype:
             raise SpliceError(
                 f"tensor {name}: computed {tuple(tensor.shape)} {dtype_name(tensor.dtype)}, "
                 f"planned {planned.shape} {dtype_name(planned.dtype)}"
@@ -151,7 +157,13 @@ class ShardedWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if data.numel():
             self._file.write(memoryview(data.numpy()))
-        self._next += 1
+        if whole:
+            self._next += 1
+            return
+        self._rows_done += rows
+        if self._rows_done == planned.shape[0]:
+            self._next += 1
+            self._rows_done = 0
 
     def _open_shard(self, shard_index: int) -> None:
         self._close_file()
