@@ -63,8 +63,8 @@ def soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, weights
     kind = "uniform" if len(set(weights)) == 1 else "weighted"
     return run_stream(plan, weighted_average(weights), out, side_files_from=checkpoints[0], device=device,
                       shard_size=shard_size, force=force, progress=progress, out_dtype=out_dtype,
-                      read_ahead_depth=read_ahead_depth, chunk_bytes=chunk_bytes, metadata={"splice_merge_method": f"{kind} soup"},
-                      description=f"{kind} soup")
+                      read_ahead_depth=read_ahead_depth, chunk_bytes=chunk_bytes,
+                      metadata={"splice_merge_method": f"{kind} soup"}, description=f"{kind} soup")
 
 
 @dataclass
