@@ -135,3 +135,14 @@ def test_random_methods_are_reproducible_with_a_seed(make_models, tmp_path):
     expected = per_tensor_reference(data, dirs)
     for name, tensor in expected.items():
         torch.testing.assert_close(first[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_row_blocks_do_not_change_results(method, make_models, tmp_path):
+    """linear and task_arithmetic run in row blocks when tensors are large; ties needs whole tensors."""
+    dirs = make_models("llama", 3)
+    path = write_recipe(tmp_path, recipe_for(method, dirs))
+    splice.merge(path, tmp_path / "whole", device="cpu")
+    splice.merge(path, tmp_path / "blocks", device="cpu", chunk_bytes=128)
+    whole, blocks = load_dir(tmp_path / "whole"), load_dir(tmp_path / "blocks")
+    assert all(torch.equal(whole[n], blocks[n]) for n in whole)

@@ -109,6 +109,9 @@ def _linear(name: str, tensors: list[torch.Tensor], params: Mapping[str, Any], b
     return merged
 
 
+# Methods whose output entry depends only on the same entry of each input (no per-tensor statistics).
+ELEMENTWISE_METHODS = frozenset({"linear", "task_arithmetic"})
+
 OWN_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "linear": _linear,
     "task_arithmetic": lambda n, t, p, b: _task_arithmetic_family(n, t, p, b, trim=False, sign_consensus=False),
@@ -125,7 +128,7 @@ def method_kernel(method: str, parameters_for: TensorParameters, base_index: int
         def own(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
             return implementation(name, tensors, parameters_for(name), base_index)
 
-        return own
+        return elementwise(own) if method in ELEMENTWISE_METHODS else own
 
     from mergekit.merge_methods.api import merge_tensors
 

@@ -32,7 +32,7 @@ from splice.merge.kernels import method_kernel
 from splice.merge.methods import coerce_parameter, method_rules
 from splice.progress import Progress
 from splice.tensors.device import parse_dtype
-from splice.tensors.stream import StreamReport, open_all, plan_same_name, run_stream
+from splice.tensors.stream import CHUNK_BYTES, StreamReport, open_all, plan_same_name, run_stream
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
 
 Scalar = bool | int | float | str
@@ -235,7 +235,7 @@ class ParameterResolver:
 def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, device: str = "auto",
           shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
           storage_options: dict | None = None, read_ahead: int = 2, prefer_own_kernels: bool = True,
-          seed: int | None = None) -> StreamReport:
+          seed: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> StreamReport:
     """Run a recipe (a Recipe, or the path of a YAML file) and write the merged model to `out`.
 
     `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della).
@@ -255,6 +255,7 @@ def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, device:
     if seed is not None:
         torch.manual_seed(seed)
     return run_stream(plan, kernel, out, side_files_from=side_source, device=device, shard_size=shard_size,
+                      chunk_bytes=chunk_bytes,
                       force=force, progress=progress, out_dtype=out_dtype,
                       metadata={"splice_merge_method": recipe.merge_method},
                       description=f"{recipe.merge_method} merge")
