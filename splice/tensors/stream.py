@@ -124,7 +124,7 @@ Reads = Sequence[tuple[Checkpoint, str, Rows]]
 
 # An elementwise kernel sees tensors above this size in blocks of rows, so memory does not grow with the
 # largest tensor (an embedding matrix is often the largest by far).
-CHUNK_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def elementwise(kernel: Kernel) -> Kernel:
