@@ -64,3 +64,12 @@ def test_layer_positions():
     bert = layer_positions(["bert.encoder.layer.0.x", "bert.encoder.layer.1.x"])
     assert bert("bert.encoder.layer.1.x") == 1.0
     assert layer_positions(["transformer.h.0.attn", "transformer.h.2.attn"])("transformer.h.1.attn") == 0.5
+
+
+def test_ties_at_the_threshold_keep_the_lowest_indices():
+    from splice.merge.kernels import top_magnitude_mask
+
+    delta = torch.tensor([0.5, -1.0, 1.0, 2.0, -1.0, 1.0])
+    assert top_magnitude_mask(delta, 0.5).tolist() == [False, True, True, True, False, False]
+    assert top_magnitude_mask(delta, 1.0) is None
+    assert not top_magnitude_mask(delta, 0.0).any()

@@ -146,3 +146,19 @@ def test_row_blocks_do_not_change_results(method, make_models, tmp_path):
     splice.merge(path, tmp_path / "blocks", device="cpu", chunk_bytes=128)
     whole, blocks = load_dir(tmp_path / "whole"), load_dir(tmp_path / "blocks")
     assert all(torch.equal(whole[n], blocks[n]) for n in whole)
+
+
+@pytest.mark.parametrize("options", [{"rescale": True}, {"normalize": False, "lambda": 1.3}, {"int8_mask": True}])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_own_kernels_match_mergekit_across_options(method, options, make_models, tmp_path):
+    dirs = make_models("llama", 4)
+    base, *tuned = (str(d.absolute()) for d in dirs)
+    data = {"merge_method": method, "base_model": base, "parameters": options, "models": [
+        {"model": m, "parameters": {"weight": w, "density": d}} for m, w, d in zip(tuned, [0.7, 0.4, 1.1],
+                                                                                   [0.2, 0.55, 0.9])]}
+    path = write_recipe(tmp_path, data)
+    splice.merge(path, tmp_path / "own", device="cpu")
+    splice.merge(path, tmp_path / "mk", device="cpu", prefer_own_kernels=False)
+    own, theirs = load_dir(tmp_path / "own"), load_dir(tmp_path / "mk")
+    for name in theirs:
+        torch.testing.assert_close(own[name], theirs[name], rtol=0, atol=1e-6, msg=name)

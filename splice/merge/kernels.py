@@ -36,61 +36,76 @@ def weighted_average(weights: Sequence[float]) -> Kernel:
     return kernel
 
 
-def keep_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the k = max(1, int(density * n)) largest-magnitude entries.
+def top_magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    """Where the k = max(1, int(density * n)) largest-magnitude entries are (None: keep everything).
 
-    The k-th largest magnitude is found with kthvalue (linear time) instead of a full sort; only when
-    magnitudes tie at the threshold does it fall back to topk so that exactly k entries survive.
+    The k-th largest magnitude is found with kthvalue (linear time) instead of a full sort. Entries equal
+    to it are kept lowest index first until exactly k survive (mergekit's argsort breaks such ties in an
+    unspecified order; on large fp32 tensors equal magnitudes at the threshold are common).
     """
     if density >= 1:
-        return delta
+        return None
     count = delta.numel()
     if density <= 0 or count == 0:
-        return torch.zeros_like(delta)
+        return torch.zeros_like(delta, dtype=torch.bool)
     k = max(1, int(density * count))
     magnitudes = delta.abs().reshape(-1)
     threshold = magnitudes.kthvalue(count - k + 1).values
-    keep = magnitudes >= threshold
-    if int(keep.sum()) != k:
-        keep = torch.zeros_like(keep)
-        keep[magnitudes.topk(k).indices] = True
-    return delta * keep.view_as(delta)
+    keep = magnitudes > threshold
+    missing = k - int(keep.sum())
+    if missing:
+        keep[(magnitudes == threshold).nonzero().squeeze(1)[:missing]] = True
+    return keep.view_as(delta)
 
 
-def _rescale_l1(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    before, after = original.abs().sum(), kept.abs().sum()
-    if before < eps or after < eps:
-        return kept
-    return kept * (before / after)
+def keep_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """A copy of `delta` with all but its top-magnitude entries zeroed (see top_magnitude_mask)."""
+    keep = top_magnitude_mask(delta, density)
+    return delta if keep is None else delta * keep
+
+
+def _trim_in_place(delta: torch.Tensor, density: float, rescale: bool, eps: float = 1e-7) -> None:
+    keep = top_magnitude_mask(delta, density)
+    if keep is None:
+        return
+    before = delta.abs().sum() if rescale else None
+    delta.mul_(keep)
+    if rescale:
+        after = delta.abs().sum()
+        if before >= eps and after >= eps:
+            delta.mul_(before / after)
 
 
 def _task_arithmetic_family(name: str, tensors: list[torch.Tensor], params: Mapping[str, Any], base_index: int,
                             trim: bool, sign_consensus: bool) -> torch.Tensor:
+    """base + lambda * (weighted deltas, optionally trimmed by magnitude and filtered by sign consensus),
+    normalised by the weights that contributed. One delta at a time, in place, to keep passes and memory low."""
     base = tensors[base_index]
     others = [i for i in range(len(tensors)) if i != base_index]
     if not others:
         return base
+    weights = [params["weight"][i] for i in others]
     deltas = []
-    for i in others:
+    for i, weight in zip(others, weights):
         delta = tensors[i] - base
         if trim:
-            trimmed = keep_top_magnitude(delta, params["density"][i])
-            delta = _rescale_l1(delta, trimmed) if params["rescale"] else trimmed
+            _trim_in_place(delta, params["density"][i], params["rescale"])
+        delta.mul_(weight)
         deltas.append(delta)
-    stacked = torch.stack(deltas)
-    weights = torch.tensor([params["weight"][i] for i in others], dtype=stacked.dtype, device=stacked.device)
-    weights = weights.reshape((-1,) + (1,) * base.dim())
-    stacked.mul_(weights)
     if sign_consensus:
-        majority = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
-        agrees = stacked.sign() == majority
-        merged = (stacked * agrees).sum(dim=0)
-        divisor = (weights * agrees).sum(dim=0)
+        positive = sum(deltas) >= 0  # the elected sign: that of the summed weighted deltas
+        merged = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for delta, weight in zip(deltas, weights):
+            agrees = torch.where(positive, delta > 0, delta < 0)
+            merged += delta * agrees
+            divisor.add_(agrees, alpha=weight)
         divisor[divisor == 0] = 1
     else:
-        merged = stacked.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        merged = sum(deltas[1:], deltas[0])
+        divisor = torch.tensor(weights, dtype=base.dtype, device=base.device).sum()
+        if divisor.abs() < 1e-8:
+            divisor.fill_(1)
     if params["normalize"]:
         merged /= divisor
     if params["lambda"] != 1:
