@@ -9,7 +9,6 @@ stderr. Either way the output directory does not exist afterwards and no hidden
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -29,7 +28,6 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import splice
-from splice.cli.app import main as cli_main
 from splice.errors import (
     CheckpointError,
     IncompatibleModelsError,
@@ -40,6 +38,7 @@ from splice.errors import (
 from splice.tensors.checkpoint import Checkpoint
 
 from conftest import perturbed, save, tiny_model
+from helpers import run_cli
 
 OUT_NAME = "merged"
 
@@ -56,23 +55,6 @@ def assert_nothing_written(out: Path) -> None:
     if out.parent.exists():
         leftovers = sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
         assert leftovers == [], f"hidden leftovers next to {out}: {leftovers}"
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """`splice ARGS` in this process through the real entry point: (exit code, stdout, stderr)."""
-    handlers, level = logging.root.handlers[:], logging.root.level
-    monkeypatch.setattr(sys, "argv", ["splice", *map(str, args)])
-    capsys.readouterr()
-    try:
-        cli_main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        logging.root.handlers[:] = handlers
-        logging.root.setLevel(level)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str, needles: list[str]) -> str:
