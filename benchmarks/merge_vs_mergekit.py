@@ -868,6 +868,8 @@ def main(argv: list[str] | None = None) -> int:
     path = workdir / f"results-{args.device}.json"
     path.write_text(json.dumps(results, indent=2, default=str))
     print(f"results: {path}")
+    if len(sources) > 1:
+        print("WARNING: splice's sources changed during the timed runs; its figures above mix versions.")
     return 0 if all(v.get("ok") or v.get("ok_up_to_tie_breaks") for v in verification.values()) else 1
 
 
