@@ -672,8 +672,8 @@ def print_report(
         "other load: the most CPU cores other processes used, on average, during any timed run of "
         "the case (from /proc/stat); above ~0.2 the machine was shared and the times are inflated.\n"
         "wall - start-up: median wall less the median wall of the tool's start-up baseline "
-        "(splice --help, mergekit-yaml --help, import torch for the I/O floor): an estimate of the merge "
-        "itself."
+        "(splice --help, mergekit-yaml --help, import torch for the I/O floor): a rough estimate of the "
+        "merge itself (start-up varies by about 0.5 s between runs)."
     )
 
     targets = Table(title="targets")
@@ -688,7 +688,8 @@ def print_report(
             "[green]yes[/]" if met else "[red]no[/]",
             "-" if ratio.get("net_value") is None else f"{ratio['net_value']:.2f}",
         )
-    console.print(targets)
+    if ratios:
+        console.print(targets)
 
     for label, result in verification.items():
         if "error" in result:
