@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import re
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,12 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import splice
-from splice.cli.app import main as cli_main
 from splice.errors import CheckpointError, SpliceError
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.writer import OutputTensor, parse_size, plan_shards, write_state_dict
 
 from conftest import model_class, perturbed, save, tiny_model
+from helpers import run_cli
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -65,22 +63,6 @@ def storage_order(directory: Path) -> list[str]:
         _, entries = header(shard)
         names += sorted((k for k in entries if k != "__metadata__"), key=lambda k: entries[k]["data_offsets"])
     return names
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    handlers, level = logging.root.handlers[:], logging.root.level
-    monkeypatch.setattr(sys, "argv", ["splice", *map(str, args)])
-    capsys.readouterr()
-    try:
-        cli_main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        logging.root.handlers[:] = handlers
-        logging.root.setLevel(level)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- models --------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 import splice
 
 from conftest import perturbed, save, tiny_model
+from helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "splice-models"
@@ -347,27 +348,6 @@ def fresh_s3fs(s3, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     yield monkeypatch
     s3fs.S3FileSystem.clear_instance_cache()
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """`splice ARGS` in this process, through the real entry point: (exit code, stdout, stderr)."""
-    import logging
-
-    from splice.cli.app import main
-
-    handlers, level = logging.root.handlers[:], logging.root.level
-    monkeypatch.setattr(sys, "argv", ["splice", *map(str, args)])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        logging.root.handlers[:] = handlers
-        logging.root.setLevel(level)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_soup_from_s3_with_botocore_endpoint_variable(fresh_s3fs, s3, families, local_soups, tmp_path,
