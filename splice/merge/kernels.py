@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from splice.errors import RecipeError
+from splice.errors import SpliceError
 from splice.tensors.stream import Kernel, elementwise
 
 TensorParameters = Callable[[str], dict[str, Any]]
@@ -23,7 +23,7 @@ def weighted_average(weights: Sequence[float]) -> Kernel:
     """sum_i (w_i / sum w) * x_i, multiplied then added in input order, so it is reproducible exactly."""
     total = float(sum(weights))
     if total == 0:
-        raise RecipeError(f"weights {list(weights)} sum to zero; a weighted average needs a non-zero sum")
+        raise SpliceError(f"weights {list(weights)} sum to zero; a weighted average needs a non-zero sum")
     coefficients = [float(w) / total for w in weights]
 
     @elementwise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -40,10 +41,8 @@ def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     weights = [float(w) for w in weights]
     if len(weights) != count:
         raise SpliceError(f"got {len(weights)} weights for {count} models; give one weight per model")
-    if not all(torch.isfinite(torch.tensor(w)) for w in weights):
+    if not all(math.isfinite(w) for w in weights):
         raise SpliceError(f"weights must be finite numbers, got {weights}")
-    if sum(weights) == 0:
-        raise SpliceError(f"weights {weights} sum to zero; a weighted soup needs a non-zero sum")
     return weights
 
 
@@ -56,12 +55,13 @@ def soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, weights
     Tensors larger than `chunk_bytes` are merged in blocks of rows, so memory stays flat.
     """
     weights = check_weights(weights, len(models))
+    kernel = weighted_average(weights)
     out_dtype = parse_dtype(dtype)
     ensure_output_free(out, force)
     checkpoints = open_all([str(m) for m in models], storage_options)
     plan = plan_same_name(checkpoints, out_dtype)
     kind = "uniform" if len(set(weights)) == 1 else "weighted"
-    return run_stream(plan, weighted_average(weights), out, side_files_from=checkpoints[0], device=device,
+    return run_stream(plan, kernel, out, side_files_from=checkpoints[0], device=device,
                       shard_size=shard_size, force=force, progress=progress, out_dtype=out_dtype,
                       read_ahead_depth=read_ahead_depth, chunk_bytes=chunk_bytes,
                       metadata={"splice_merge_method": f"{kind} soup"}, description=f"{kind} soup")
