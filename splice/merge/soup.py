@@ -36,6 +36,8 @@ from splice.workflows.evaluate import Scorer, load_callable, score_state
 
 
 def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    if count == 0:
+        raise SpliceError("no models given")
     if weights is None:
         return [1.0] * count
     weights = [float(w) for w in weights]
