@@ -321,7 +321,7 @@ def without_endpoint_variables(environ) -> dict[str, str]:
 
 
 def test_cli_soup_from_s3_with_fsspec_endpoint_variable(s3, families, local_soups, tmp_path):
-    """The CLI has no storage-options flag; fsspec's FSSPEC_S3_ENDPOINT_URL points it at a custom endpoint."""
+    """fsspec's FSSPEC_S3_ENDPOINT_URL points the CLI at a custom endpoint without any flag."""
     prefix = uuid.uuid4().hex[:8]
     urls = [s3.upload(d, prefix) for d in families["bert"]]
     env = without_endpoint_variables(os.environ)
@@ -364,6 +364,22 @@ def test_cli_soup_from_s3_with_botocore_endpoint_variable(fresh_s3fs, s3, famili
     assert code == 0, err
     assert_same_output(tmp_path / "out", local_soups["bert"])
     check_ranged_reads(s3.log, families["bert"])
+
+
+def test_cli_soup_from_s3_with_storage_options_flag(fresh_s3fs, s3, families, local_soups, tmp_path, capsys):
+    """--storage-options hands fsspec its keyword arguments as JSON (no environment variables set)."""
+    prefix = uuid.uuid4().hex[:8]
+    urls = [s3.upload(d, prefix) for d in families["bert"]]
+    for key, value in s3.env.items():
+        fresh_s3fs.setenv(key, value)
+    options = json.dumps({"endpoint_url": s3.endpoint})
+    code, _, err = run_cli(["soup", *urls, "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet",
+                            "--storage-options", options], fresh_s3fs, capsys)
+    assert code == 0, err
+    assert_same_output(tmp_path / "out", local_soups["bert"])
+    code, out, err = run_cli(["inspect", urls[0], "--storage-options", options], fresh_s3fs, capsys)
+    assert code == 0, err
+    assert "bert.encoder.layer.0.output.LayerNorm" in out
 
 
 def test_cli_unreachable_s3_endpoint_is_a_one_line_error(fresh_s3fs, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -23,6 +24,20 @@ Device = Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda o
 Dtype = Annotated[str | None, typer.Option(help="Output dtype: float32, bfloat16 or float16 (default: as input).")]
 ShardSize = Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB, 500MB.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
+StorageOptions = Annotated[str | None, typer.Option(
+    "--storage-options", help='JSON passed to fsspec for remote models, e.g. \'{"anon": true}\'.')]
+
+
+def _parse_storage_options(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except ValueError as exc:
+        raise SpliceError(f"--storage-options is not valid JSON ({exc})") from None
+    if not isinstance(options, dict):
+        raise SpliceError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return options
 
 
 def setup_logging(verbose: bool) -> None:
@@ -36,11 +51,12 @@ def show(renderable, quiet: bool = False) -> None:
 
 
 @app.command()
-def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec URL.")]) -> None:
+def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec URL.")],
+            storage_options: StorageOptions = None) -> None:
     """Shards, tensor and parameter counts, dtypes and LayerNorm modules of a model."""
     from splice.tensors.summary import summarize
 
-    summary = summarize(model)
+    summary = summarize(model, _parse_storage_options(storage_options))
     show(render.table(f"{summary.location} ({summary.architecture or 'unknown architecture'})",
                       ["tensors", "parameters", "size", "shards"],
                       [[summary.tensors, f"{summary.parameters:,}", render.human_bytes(summary.nbytes),
@@ -72,6 +88,7 @@ def soup(
     device: Device = "auto",
     dtype: Dtype = None,
     shard_size: ShardSize = "2GB",
+    storage_options: StorageOptions = None,
     force: Force = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -83,13 +100,14 @@ def soup(
     setup_logging(verbose)
     progress = render.RichProgress(quiet)
     size = parse_size(shard_size)
+    remote = _parse_storage_options(storage_options)
     if greedy or eval_fn:
         if not (greedy and eval_fn):
             raise SpliceError("a greedy soup needs both --greedy and --eval MODULE:FUNCTION")
         if weights:
             raise SpliceError("--weights does not apply to a greedy soup")
         report = splice.greedy_soup(models, out, eval_fn, strict=strict, device=device, dtype=dtype,
-                                    shard_size=size, force=force, progress=progress)
+                                    shard_size=size, force=force, progress=progress, storage_options=remote)
         show(render.table(f"greedy soup -> {report.out}", ["ingredient", "held-out score", "soup score", "kept"],
                           [[s.model, f"{s.score:.4f}", "" if s.soup_score is None else f"{s.soup_score:.4f}",
                             "yes" if s.kept else "no"] for s in report.steps]), quiet)
@@ -97,7 +115,7 @@ def soup(
              f"(best ingredient {report.best_ingredient.score:.4f})", quiet)
         return
     report = splice.soup(models, out, weights=_parse_weights(weights), device=device, dtype=dtype,
-                         shard_size=size, force=force, progress=progress)
+                         shard_size=size, force=force, progress=progress, storage_options=remote)
     show(render.stream_report_table("soup", report), quiet)
 
 
@@ -108,6 +126,7 @@ def merge(
     device: Device = "auto",
     shard_size: ShardSize = "2GB",
     seed: Annotated[int | None, typer.Option(help="Seed for random methods (dare_ties, della, ...).")] = None,
+    storage_options: StorageOptions = None,
     force: Force = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -118,7 +137,8 @@ def merge(
 
     setup_logging(verbose)
     report = splice.merge(recipe, out, device=device, shard_size=parse_size(shard_size), force=force,
-                          progress=render.RichProgress(quiet), seed=seed)
+                          progress=render.RichProgress(quiet), seed=seed,
+                          storage_options=_parse_storage_options(storage_options))
     show(render.stream_report_table(f"merge ({recipe})", report), quiet)
 
 
