@@ -187,6 +187,44 @@ def compute_one(item: StreamItem, tensors: list[torch.Tensor], kernel: Kernel, d
     return result.to(dtype=out.dtype).to("cpu")
 
 
+class WriteBehind:
+    """Hands computed tensors to the writer on a background thread, so writing one tensor overlaps
+    computing the next; at most `depth` results wait in between."""
+
+    _STOP = None
+
+    def __init__(self, writer: ShardedWriter, depth: int = 2):
+        self.writer = writer
+        self.pending: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, name="splice-write-behind", daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while (job := self.pending.get()) is not self._STOP:
+            if self.error is None:
+                try:
+                    self.writer.write(*job)
+                except BaseException as exc:  # re-raised on the caller's thread
+                    self.error = exc
+
+    def submit(self, name: str, tensor: torch.Tensor, rows: Rows = None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.pending.put((name, tensor, rows))
+
+    def finish(self) -> None:
+        """Wait until everything submitted is written; raise what the writer raised."""
+        self.stop()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.pending.put(self._STOP)
+            self.thread.join()
+
+
 @dataclass(frozen=True)
 class WorkUnit:
     """One kernel call: a whole output tensor, or a block of its rows."""
@@ -239,18 +277,21 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, s
         writer = ShardedWriter(staging, [item.output for item in plan], shard_size, metadata)
         units = work_units(plan, getattr(kernel, "elementwise", False), chunk_bytes)
         progress.start(description, len(plan), total_in)
+        behind = WriteBehind(writer, depth=read_ahead_depth)
         try:
             with torch.inference_mode():
                 for position, tensors in read_ahead([unit.reads for unit in units], read_ahead_depth):
                     unit = units[position]
                     item = unit.item
                     tick = time.perf_counter()
-                    writer.write(item.output.name, compute_one(item, tensors, kernel, torch_device))
+                    behind.submit(item.output.name, compute_one(item, tensors, kernel, torch_device), unit.rows)
                     progress.advance(int(unit.completes_item), unit.input_bytes)
                     log.debug("%s %s rows %s from %d inputs in %.1f ms", item.output.name, list(item.output.shape),
                               unit.rows or "all", len(tensors), 1000 * (time.perf_counter() - tick))
+            behind.finish()
             writer.close()
         except BaseException:
+            behind.stop()
             writer.abort()
             raise
         finally:

@@ -128,7 +128,7 @@ class ShardedWriter:
         self.file_names = _shard_file_names(len(self.shards))
         self._order = [(shard_index, out) for shard_index, shard in enumerate(self.shards) for out in shard]
         self._next = 0
-        self._rows_done = 0  # of the tensor in progress, when it arrives in row blocks
+        self._rows_done = 0  # rows of the tensor in progress written so far, when it arrives in blocks
         self._file = None
         self._file_index = -1
 
@@ -136,34 +136,31 @@ class ShardedWriter:
     def total_bytes(self) -> int:
         return sum(out.nbytes for _, out in self._order)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append a whole tensor, or its next block of rows (dim 0) when an elementwise merge is chunked."""
+    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Append a whole tensor, or rows a..b-1 of it (`rows=(a, b)`, in order) when a merge is chunked."""
         if self._next >= len(self._order):
             raise SpliceError(f"writer got tensor {name} after every planned tensor was written")
         shard_index, planned = self._order[self._next]
         if name != planned.name:
             raise SpliceError(f"writer expected tensor {planned.name} next, got {name}")
-        whole = self._rows_done == 0 and tuple(tensor.shape) == planned.shape
-        rows = tensor.shape[0] if planned.shape and tensor.dim() == len(planned.shape) else -1
-        fits = whole or (rows >= 0 and tuple(tensor.shape[1:]) == planned.shape[1:]
-                         and self._rows_done + rows <= planned.shape[0])
-        if not fits or tensor.dtype != planned.dtype:
+        start, stop = rows if rows is not None else (0, planned.shape[0] if planned.shape else None)
+        expected = planned.shape if rows is None else (stop - start, *planned.shape[1:])
+        if rows is not None and (start != self._rows_done or stop > planned.shape[0]):
+            raise SpliceError(f"tensor {name}: rows {start}..{stop} arrived after row {self._rows_done} "
+                              f"of {planned.shape[0]}")
+        if tuple(tensor.shape) != expected or tensor.dtype != planned.dtype:
             raise SpliceError(
                 f"tensor {name}: computed {tuple(tensor.shape)} {dtype_name(tensor.dtype)}, "
-                f"planned {planned.shape} {dtype_name(planned.dtype)}"
+                f"planned {expected} {dtype_name(planned.dtype)}"
             )
         if shard_index != self._file_index:
             self._open_shard(shard_index)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if data.numel():
             self._file.write(memoryview(data.numpy()))
-        if whole:
+        self._rows_done = 0 if rows is None or stop == planned.shape[0] else stop
+        if self._rows_done == 0:
             self._next += 1
-            return
-        self._rows_done += rows
-        if self._rows_done == planned.shape[0]:
-            self._next += 1
-            self._rows_done = 0
 
     def _open_shard(self, shard_index: int) -> None:
         self._close_file()
