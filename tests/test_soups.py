@@ -159,3 +159,4 @@ def test_work_units_split_large_tensors_into_row_blocks(make_models):
     assert wte == [(r, min(r + 4, 64)) for r in range(0, 64, 4)]  # 256 bytes = 4 rows of 16 fp32
     assert all(u.rows is None for u in units if len(u.item.output.shape) == 1)  # biases stay whole
     assert len(work_units(plan, chunked=False, chunk_bytes=256)) == len(plan)
+    assert sum(u.input_bytes for u in units) == sum(item.input_bytes for item in plan)  # progress ends at 100%

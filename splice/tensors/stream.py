@@ -240,8 +240,8 @@ class WorkUnit:
     def input_bytes(self) -> int:
         if self.rows is None:
             return self.item.input_bytes
-        rows = self.item.output.shape[0]
-        return self.item.input_bytes * (self.rows[1] - self.rows[0]) // rows
+        rows, (start, stop) = self.item.output.shape[0], self.rows
+        return sum(ckpt.tensors[name].nbytes // rows * (stop - start) for ckpt, name in self.item.sources)
 
     @property
     def completes_item(self) -> bool:
