@@ -143,10 +143,9 @@ class ShardedWriter:
         shard_index, planned = self._order[self._next]
         if name != planned.name:
             raise SpliceError(f"writer expected tensor {planned.name} next, got {name}")
-        start, stop = rows if rows is not None else (0, planned.shape[0] if planned.shape else None)
-        expected = planned.shape if rows is None else (stop - start, *planned.shape[1:])
-        if rows is not None and (start != self._rows_done or stop > planned.shape[0]):
-            raise SpliceError(f"tensor {name}: rows {start}..{stop} arrived after row {self._rows_done} "
+        expected = planned.shape if rows is None else (rows[1] - rows[0], *planned.shape[1:])
+        if rows is not None and (rows[0] != self._rows_done or rows[1] > planned.shape[0]):
+            raise SpliceError(f"tensor {name}: rows {rows[0]}..{rows[1]} arrived after row {self._rows_done} "
                               f"of {planned.shape[0]}")
         if tuple(tensor.shape) != expected or tensor.dtype != planned.dtype:
             raise SpliceError(
@@ -158,8 +157,9 @@ class ShardedWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if data.numel():
             self._file.write(memoryview(data.numpy()))
-        self._rows_done = 0 if rows is None or stop == planned.shape[0] else stop
-        if self._rows_done == 0:
+        finished = rows is None or rows[1] == planned.shape[0]
+        self._rows_done = 0 if finished else rows[1]
+        if finished:
             self._next += 1
 
     def _open_shard(self, shard_index: int) -> None:
