@@ -1,5 +1,6 @@
 """splice: model merging and continual adaptation for PyTorch / Hugging Face models."""
 
+from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta, fingerprint_base
 from splice.errors import (
     CheckpointError,
     IncompatibleModelsError,
@@ -19,9 +20,14 @@ __all__ = [
     "GreedySoupReport",
     "IncompatibleModelsError",
     "OutputExistsError",
+    "Patch",
+    "PatchError",
+    "PatchKind",
+    "PatchMeta",
     "Recipe",
     "RecipeError",
     "SpliceError",
+    "fingerprint_base",
     "greedy_soup",
     "load_recipe",
     "merge",

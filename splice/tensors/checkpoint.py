@@ -101,17 +101,20 @@ class Checkpoint:
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Checkpoint:
+    def open(cls, location: str | os.PathLike, storage_options: dict[str, Any] | None = None,
+             weights_file: str | None = None) -> Checkpoint:
+        """A model directory; `weights_file` names one safetensors file in it instead (a patch's tensors)."""
         location = str(location)
         try:
-            return cls._open(location, storage_options)
+            return cls._open(location, storage_options, weights_file)
         except SpliceError:
             raise
         except Exception as exc:  # fsspec backends raise their own types: botocore, aiohttp, OSError, ...
             raise CheckpointError(f"cannot read {location}: {_first_line(exc)}") from exc
 
     @classmethod
-    def _open(cls, location: str, storage_options: dict[str, Any] | None) -> Checkpoint:
+    def _open(cls, location: str, storage_options: dict[str, Any] | None, weights_file: str | None = None
+              ) -> Checkpoint:
         try:
             fs, root = split_location(location, storage_options)
         except (ImportError, ValueError) as exc:
@@ -121,6 +124,11 @@ class Checkpoint:
         if not fs.isdir(root):
             raise CheckpointError(f"{location} is a file; give the model directory that holds it")
         present = {os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
+        if weights_file is not None:
+            if weights_file not in present:
+                raise CheckpointError(f"{location}: {weights_file} is missing")
+            tensors = read_safetensors_header(fs, _join(root, weights_file), location, shard_name=weights_file)
+            return cls(location, fs, root, tensors, [weights_file])
         if SAFETENSORS_INDEX in present:
             return cls._open_sharded_safetensors(location, fs, root)
         if SAFETENSORS_SINGLE in present:

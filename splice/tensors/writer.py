@@ -121,11 +121,12 @@ class ShardedWriter:
     """Appends tensors, in the planned order, into shards whose headers were written up front."""
 
     def __init__(self, directory: Path, outputs: list[OutputTensor], shard_size: int = DEFAULT_SHARD_SIZE,
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, single_file: str | None = None):
+        """`single_file`: write everything into one file of that name (no shard bound, no index)."""
         self.directory = Path(directory)
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.shards = plan_shards(outputs, shard_size)
-        self.file_names = _shard_file_names(len(self.shards))
+        self.shards = [list(outputs)] if single_file else plan_shards(outputs, shard_size)
+        self.file_names = [single_file] if single_file else _shard_file_names(len(self.shards))
         self._order = [(shard_index, out) for shard_index, shard in enumerate(self.shards) for out in shard]
         self._next = 0
         self._rows_done = 0  # rows of the tensor in progress written so far, when it arrives in blocks
@@ -192,10 +193,10 @@ class ShardedWriter:
 
 
 def write_state_dict(directory: Path, state: Mapping[str, torch.Tensor], shard_size: int = DEFAULT_SHARD_SIZE,
-                     metadata: Mapping[str, str] | None = None) -> None:
+                     metadata: Mapping[str, str] | None = None, single_file: str | None = None) -> None:
     """For engines that hold a whole model: the same shard layout as a streamed merge."""
     outputs = [OutputTensor(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
-    writer = ShardedWriter(directory, outputs, shard_size, metadata)
+    writer = ShardedWriter(directory, outputs, shard_size, metadata, single_file)
     for name, tensor in state.items():
         writer.write(name, tensor)
     writer.close()

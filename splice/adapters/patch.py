@@ -1,0 +1,182 @@
+"""Patch: named tensors plus a PatchMeta manifest; on disk a directory of `patch.json` + `tensors.safetensors`.
+
+A patch records a fingerprint of every base tensor it touches (name, shape, dtype, sha256 of the bytes)
+so that applying it to another base can be refused with a precise account of what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from splice.errors import CheckpointError, SpliceError
+from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.device import dtype_name
+from splice.tensors.writer import staged_output, write_state_dict
+
+MANIFEST = "patch.json"
+TENSORS = "tensors.safetensors"
+FORMAT_VERSION = 1
+
+
+class PatchError(SpliceError):
+    """A patch directory is missing, malformed, or does not fit the base it is applied to."""
+
+
+class PatchKind(str, Enum):
+    layernorm = "layernorm"
+    lora = "lora"
+    mask = "mask"
+    delta = "delta"
+
+
+class TensorFingerprint(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    sha256: str
+    norm: float  # L2 norm, to say by how much a drifted base differs
+
+
+class BaseFingerprint(BaseModel):
+    """The base tensors a patch touches, and one digest over all of them."""
+
+    model_config = ConfigDict(extra="forbid")
+    tensors: list[TensorFingerprint]
+    digest: str
+
+    @classmethod
+    def of(cls, entries: Iterable[TensorFingerprint]) -> BaseFingerprint:
+        ordered = sorted(entries, key=lambda e: e.name)
+        summary = hashlib.sha256()
+        for entry in ordered:
+            summary.update(f"{entry.name}\0{list(entry.shape)}\0{entry.dtype}\0{entry.sha256}\n".encode())
+        return cls(tensors=ordered, digest=f"sha256:{summary.hexdigest()}")
+
+
+class PatchMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = FORMAT_VERSION
+    kind: PatchKind
+    targets: list[str]
+    base: BaseFingerprint
+    lineage: list[str] = []
+    metrics: dict[str, float] = {}
+    description: str = ""
+    tags: list[str] = []
+    settings: dict[str, Any] = {}  # kind-specific: LoRA rank/alpha/rslora, mask density, ...
+    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def fingerprint_base(base: Checkpoint, names: Iterable[str]) -> BaseFingerprint:
+    """Fingerprint the named tensors of a base model, read one by one through the spine."""
+    entries = []
+    for name in names:
+        info = base.tensors.get(name)
+        if info is None:
+            raise PatchError(f"{base.location}: the patch targets {name}, which this base does not have")
+        tensor = base.read(name)
+        entries.append(TensorFingerprint(name=name, shape=info.shape, dtype=dtype_name(info.dtype),
+                                         sha256=tensor_sha256(tensor), norm=float(tensor.double().norm())))
+    return BaseFingerprint.of(entries)
+
+
+@dataclass(frozen=True)
+class BaseMismatch:
+    name: str
+    reason: str  # "missing", "shape", "dtype" or "values"
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.detail}"
+
+
+def compare_base(expected: BaseFingerprint, base: Checkpoint) -> list[BaseMismatch]:
+    """How `base` differs from the base a patch was made on; empty when it is the same base."""
+    mismatches = []
+    for entry in expected.tensors:
+        info = base.tensors.get(entry.name)
+        if info is None:
+            mismatches.append(BaseMismatch(entry.name, "missing", "not in this base"))
+            continue
+        if tuple(info.shape) != tuple(entry.shape):
+            mismatches.append(BaseMismatch(entry.name, "shape", f"shape {list(info.shape)}, patch made on "
+                                                                f"{list(entry.shape)}"))
+            continue
+        if dtype_name(info.dtype) != entry.dtype:
+            mismatches.append(BaseMismatch(entry.name, "dtype", f"{dtype_name(info.dtype)}, patch made on "
+                                                                f"{entry.dtype}"))
+            continue
+        tensor = base.read(entry.name)
+        if tensor_sha256(tensor) != entry.sha256:
+            norm = float(tensor.double().norm())
+            change = f" ({(norm - entry.norm) / entry.norm:+.2%})" if entry.norm else ""
+            mismatches.append(BaseMismatch(entry.name, "values", f"values differ: L2 norm {norm:.6g}, "
+                                                                 f"{entry.norm:.6g} when the patch was made{change}"))
+    return mismatches
+
+
+class Patch:
+    """Named tensors and their manifest."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], meta: PatchMeta):
+        self.tensors = dict(tensors)
+        self.meta = meta
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    def save(self, directory: str | os.PathLike, force: bool = False) -> Path:
+        """Write `patch.json` and `tensors.safetensors`, published atomically."""
+        with staged_output(directory, force) as staging:
+            write_state_dict(staging, self.tensors, metadata={"splice_patch_kind": self.meta.kind.value},
+                             single_file=TENSORS)
+            (staging / MANIFEST).write_text(self.meta.model_dump_json(indent=2) + "\n")
+        return Path(directory)
+
+    @classmethod
+    def load(cls, location: str | os.PathLike, storage_options: dict | None = None) -> Patch:
+        """A patch directory, locally or at any fsspec URL (tensors read through the spine's checked reader)."""
+        try:
+            stored = Checkpoint.open(location, storage_options, weights_file=TENSORS)
+        except CheckpointError as exc:
+            raise PatchError(f"not a splice patch: {exc}") from None
+        if MANIFEST not in stored.files():
+            raise PatchError(f"not a splice patch: {location} has no {MANIFEST}")
+        try:
+            meta = PatchMeta.model_validate(json.loads(stored.read_file(MANIFEST)))
+        except (ValueError, ValidationError) as exc:
+            first = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
+            where = ".".join(str(p) for p in first["loc"])
+            raise PatchError(f"{location}/{MANIFEST}: {where or 'manifest'}: {first['msg']}") from None
+        if meta.format_version > FORMAT_VERSION:
+            raise PatchError(f"{location}: patch format {meta.format_version} is newer than this splice "
+                             f"({FORMAT_VERSION}); upgrade splice")
+        return cls(stored.state_dict(), meta)
+
+    def check_base(self, base: Checkpoint, allow_drift: bool = False) -> list[BaseMismatch]:
+        """Refuse a base the patch was not made for (unless allow_drift); returns the differences."""
+        mismatches = compare_base(self.meta.base, base)
+        if mismatches and not allow_drift:
+            shown = "; ".join(str(m) for m in mismatches[:3])
+            more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+            raise PatchError(f"{base.location} is not the base this {self.meta.kind.value} patch was made for: "
+                             f"{shown}{more}; pass --allow-base-drift to apply it anyway")
+        return mismatches
