@@ -30,3 +30,12 @@ def find_norm_modules(checkpoint: Checkpoint) -> list[NormModule]:
             has_bias = f"{module}.bias" in checkpoint.tensors or f"{module}.beta" in checkpoint.tensors
             found.append(NormModule(module, info.shape[0], has_bias))
     return found
+
+
+def norm_tensor_names(checkpoint: Checkpoint) -> list[str]:
+    """The stored weight and bias tensors of every normalisation module."""
+    names = []
+    for module in find_norm_modules(checkpoint):
+        names += [f"{module.name}.{leaf}" for leaf in ("weight", "gamma", "bias", "beta")
+                  if f"{module.name}.{leaf}" in checkpoint.tensors]
+    return names
