@@ -67,3 +67,25 @@ def test_wrong_base_is_refused_before_anything_is_written(pair, tmp_path):
     assert not (tmp_path / "out").exists()
     apply_patches([patch], other, tmp_path / "out", device="cpu", allow_base_drift=True)
     assert torch.equal(load_dir(tmp_path / "out")["model.norm.weight"], load_dir(tuned_dir)["model.norm.weight"])
+
+
+def test_cli_extract_then_apply_and_a_refused_base(pair, tmp_path, monkeypatch, capsys):
+    from helpers import run_cli
+
+    base_dir, tuned_dir = pair
+    code, out, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "layernorm",
+                              "--out", tmp_path / "ln"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "layernorm patch" in out
+    code, _, err = run_cli(["patch", "apply", tmp_path / "ln", "--base", base_dir, "--out", tmp_path / "out",
+                            "--device", "cpu", "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    assert torch.equal(load_dir(tmp_path / "out")["model.norm.weight"], load_dir(tuned_dir)["model.norm.weight"])
+
+    code, _, err = run_cli(["patch", "apply", tmp_path / "ln", "--base", tuned_dir, "--out", tmp_path / "wrong",
+                            "--device", "cpu"], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error:") and "not the base" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "wrong").exists()
+    code, _, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "nonsense",
+                            "--out", tmp_path / "x"], monkeypatch, capsys)
+    assert code == 2 and "unknown patch kind 'nonsense'" in err

@@ -14,7 +14,10 @@ def extract_patch(base: str | os.PathLike, tuned: str | os.PathLike, kind: Patch
                   storage_options: dict | None = None, description: str = "") -> Patch:
     """layernorm: the tuned model's LayerNorm/RMSNorm weights and biases (absolute values, replacing the
     base's); delta: tuned - base for every float tensor that changed."""
-    kind = PatchKind(kind)
+    try:
+        kind = PatchKind(kind)
+    except ValueError:
+        raise PatchError(f"unknown patch kind {kind!r}; use one of {', '.join(k.value for k in PatchKind)}") from None
     base_ckpt = Checkpoint.open(base, storage_options)
     tuned_ckpt = Checkpoint.open(tuned, storage_options)
     check_same_tensors([base_ckpt, tuned_ckpt])

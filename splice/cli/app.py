@@ -12,10 +12,13 @@ import typer
 from rich.markup import escape
 
 from splice.cli import render
+from splice.cli.patch import patch_app
 from splice.errors import SpliceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="splice: merge, fuse, patch and port Hugging Face models, streamed tensor by tensor.")
+
+app.add_typer(patch_app, name="patch")
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no tables.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log every tensor as it is merged.")]
