@@ -18,11 +18,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
-from transformers.core_model_loading import revert_weight_conversion
 from transformers.utils import logging as hf_logging
 
 from splice.errors import SpliceError
 from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.names import stored_to_module_names
 
 IMAGE_SIZE = 8
 NUM_LABELS = 10
@@ -118,20 +118,8 @@ def train(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor, *,
 
 
 def checkpoint_names(model: ViTForImageClassification) -> dict[str, str]:
-    """Map from the tensor names `save_pretrained` writes to the names in `model.state_dict()`.
-
-    transformers 5 renames ViT modules at load time and reverts the renaming when saving: the file holds
-    `vit.encoder.layer.0.attention.attention.query.weight`, the module `vit.layers.0.attention.q_proj.weight`.
-    splice reads files, so its state dicts carry the on-disk names. The map comes from running transformers'
-    own save-time reversal on one distinct marker per tensor.
-    """
-    names = list(model.state_dict())
-    markers = {name: torch.tensor(float(i)) for i, name in enumerate(names)}
-    reverted = revert_weight_conversion(model, markers)
-    mapping = {disk: names[int(marker.item())] for disk, marker in reverted.items()}
-    if sorted(mapping.values()) != sorted(names):
-        raise SpliceError("transformers' save-time conversion of this model is not a one-to-one renaming")
-    return mapping
+    """Map from the tensor names `save_pretrained` writes to the names in `model.state_dict()`."""
+    return stored_to_module_names(model)
 
 
 def load_state(model: ViTForImageClassification, state: StateDict,
