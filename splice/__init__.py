@@ -1,5 +1,8 @@
 """splice: model merging and continual adaptation for PyTorch / Hugging Face models."""
 
+from splice.adapters.apply import apply_patches
+from splice.adapters.extract import extract_patch
+from splice.adapters.live import PatchHandle, apply_patch
 from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta, fingerprint_base
 from splice.errors import (
     CheckpointError,
@@ -26,7 +29,11 @@ __all__ = [
     "PatchMeta",
     "Recipe",
     "RecipeError",
+    "PatchHandle",
     "SpliceError",
+    "apply_patch",
+    "apply_patches",
+    "extract_patch",
     "fingerprint_base",
     "greedy_soup",
     "load_recipe",
