@@ -36,6 +36,14 @@ def composition_plan(patches: Sequence[Patch]) -> dict[str, list[tuple[PatchKind
     return plan
 
 
+def patched_value(value: torch.Tensor, steps: list[tuple[PatchKind, torch.Tensor]]) -> torch.Tensor:
+    """A base tensor after its patch steps: replacements take the patch's value, deltas add."""
+    for kind, tensor in steps:
+        tensor = tensor.to(device=value.device, dtype=value.dtype)
+        value = tensor if kind in REPLACING else value + tensor
+    return value
+
+
 def apply_patches(patches: Sequence[Patch | str | os.PathLike], base: str | os.PathLike, out: str | os.PathLike, *,
                   allow_base_drift: bool = False, device: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
                   force: bool = False, progress: Progress | None = None, storage_options: dict | None = None
@@ -59,11 +67,7 @@ def apply_patches(patches: Sequence[Patch | str | os.PathLike], base: str | os.P
                 raise PatchError(f"patch tensor {name} has shape {list(tensor.shape)}, base has {list(info.shape)}")
 
     def patched(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        result = tensors[0]
-        for kind, tensor in plan.get(name, ()):
-            tensor = tensor.to(device=result.device, dtype=result.dtype)
-            result = tensor if kind in REPLACING else result + tensor
-        return result
+        return patched_value(tensors[0], plan.get(name, []))
 
     items = [StreamItem(OutputTensor(name, info.dtype, info.shape), ((base_ckpt, name),))
              for name, info in base_ckpt.tensors.items()]

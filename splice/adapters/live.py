@@ -6,9 +6,8 @@ import os
 
 import torch
 
-from splice.adapters.apply import REPLACING, composition_plan
-from splice.adapters.patch import Patch, PatchError, TensorFingerprint, tensor_sha256
-from splice.tensors.device import dtype_name
+from splice.adapters.apply import composition_plan, patched_value
+from splice.adapters.patch import Patch, PatchError, compare_fingerprint, refuse_drift
 from splice.tensors.names import stored_to_module_names
 
 
@@ -33,24 +32,6 @@ class PatchHandle:
         self.remove()
 
 
-def _live_mismatches(expected: list[TensorFingerprint], state: dict[str, torch.Tensor], names: dict[str, str]
-                     ) -> list[str]:
-    problems = []
-    for entry in expected:
-        tensor = state.get(names.get(entry.name, entry.name))
-        if tensor is None:
-            problems.append(f"{entry.name}: not in this model")
-        elif tuple(tensor.shape) != tuple(entry.shape) or dtype_name(tensor.dtype) != entry.dtype:
-            problems.append(f"{entry.name}: {list(tensor.shape)} {dtype_name(tensor.dtype)}, patch made on "
-                            f"{list(entry.shape)} {entry.dtype}")
-        elif tensor_sha256(tensor) != entry.sha256:
-            norm = float(tensor.detach().double().norm())
-            change = f" ({(norm - entry.norm) / entry.norm:+.2%})" if entry.norm else ""
-            problems.append(f"{entry.name}: values differ: L2 norm {norm:.6g}, {entry.norm:.6g} when the patch "
-                            f"was made{change}")
-    return problems
-
-
 def apply_patch(model: torch.nn.Module, patch: Patch | str | os.PathLike, allow_base_drift: bool = False
                 ) -> PatchHandle:
     """Patch a loaded model in place (deltas add, LayerNorm patches replace), after checking that it is the
@@ -58,11 +39,14 @@ def apply_patch(model: torch.nn.Module, patch: Patch | str | os.PathLike, allow_
     patch = patch if isinstance(patch, Patch) else Patch.load(patch)
     names = stored_to_module_names(model)
     state = model.state_dict(keep_vars=True)
-    problems = _live_mismatches(patch.meta.base.tensors, state, names)
-    if problems and not allow_base_drift:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise PatchError(f"this model is not the base this {patch.meta.kind.value} patch was made for: "
-                         f"{'; '.join(problems[:3])}{more}; pass allow_base_drift=True to apply it anyway")
+
+    def live(name: str):
+        tensor = state.get(names.get(name, name))
+        return None if tensor is None else (tuple(tensor.shape), tensor.dtype, lambda: tensor)
+
+    if not allow_base_drift:
+        refuse_drift(compare_fingerprint(patch.meta.base, live), "this model", patch.meta.kind,
+                     "allow_base_drift=True")
     plan = composition_plan([patch])
     missing = [name for name in plan if names.get(name, name) not in state]
     if missing:
@@ -73,10 +57,5 @@ def apply_patch(model: torch.nn.Module, patch: Patch | str | os.PathLike, allow_
         for stored, steps in plan.items():
             target = state[names.get(stored, stored)]
             originals[names.get(stored, stored)] = target.detach().clone()
-            for kind, tensor in steps:
-                tensor = tensor.to(device=target.device, dtype=target.dtype)
-                if kind in REPLACING:
-                    target.copy_(tensor)
-                else:
-                    target.add_(tensor)
+            target.copy_(patched_value(target.detach(), steps))
     return PatchHandle(model, originals)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -107,29 +107,54 @@ class BaseMismatch:
         return f"{self.name}: {self.detail}"
 
 
-def compare_base(expected: BaseFingerprint, base: Checkpoint) -> list[BaseMismatch]:
-    """How `base` differs from the base a patch was made on; empty when it is the same base."""
+TensorSource = Callable[[str], "tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]] | None"]
+"""name -> (shape, dtype, a reader of its values), or None when there is no such tensor."""
+
+
+def compare_fingerprint(expected: BaseFingerprint, source: TensorSource) -> list[BaseMismatch]:
+    """How the tensors `source` gives differ from the base a patch was made on; empty when it is that base."""
     mismatches = []
     for entry in expected.tensors:
-        info = base.tensors.get(entry.name)
-        if info is None:
+        found = source(entry.name)
+        if found is None:
             mismatches.append(BaseMismatch(entry.name, "missing", "not in this base"))
             continue
-        if tuple(info.shape) != tuple(entry.shape):
-            mismatches.append(BaseMismatch(entry.name, "shape", f"shape {list(info.shape)}, patch made on "
+        shape, dtype, read = found
+        if tuple(shape) != tuple(entry.shape):
+            mismatches.append(BaseMismatch(entry.name, "shape", f"shape {list(shape)}, patch made on "
                                                                 f"{list(entry.shape)}"))
             continue
-        if dtype_name(info.dtype) != entry.dtype:
-            mismatches.append(BaseMismatch(entry.name, "dtype", f"{dtype_name(info.dtype)}, patch made on "
+        if dtype_name(dtype) != entry.dtype:
+            mismatches.append(BaseMismatch(entry.name, "dtype", f"{dtype_name(dtype)}, patch made on "
                                                                 f"{entry.dtype}"))
             continue
-        tensor = base.read(entry.name)
+        tensor = read()
         if tensor_sha256(tensor) != entry.sha256:
-            norm = float(tensor.double().norm())
+            norm = float(tensor.detach().double().norm())
             change = f" ({(norm - entry.norm) / entry.norm:+.2%})" if entry.norm else ""
             mismatches.append(BaseMismatch(entry.name, "values", f"values differ: L2 norm {norm:.6g}, "
                                                                  f"{entry.norm:.6g} when the patch was made{change}"))
     return mismatches
+
+
+def compare_base(expected: BaseFingerprint, base: Checkpoint) -> list[BaseMismatch]:
+    """How a stored base differs from the base a patch was made on."""
+
+    def stored(name: str):
+        info = base.tensors.get(name)
+        return None if info is None else (info.shape, info.dtype, lambda: base.read(name))
+
+    return compare_fingerprint(expected, stored)
+
+
+def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: PatchKind, override: str) -> None:
+    """One-line refusal naming the first differences, when there are any."""
+    if not mismatches:
+        return
+    shown = "; ".join(str(m) for m in mismatches[:3])
+    more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+    raise PatchError(f"{what} is not the base this {kind.value} patch was made for: {shown}{more}; "
+                     f"pass {override} to apply it anyway")
 
 
 class Patch:
@@ -174,9 +199,6 @@ class Patch:
     def check_base(self, base: Checkpoint, allow_drift: bool = False) -> list[BaseMismatch]:
         """Refuse a base the patch was not made for (unless allow_drift); returns the differences."""
         mismatches = compare_base(self.meta.base, base)
-        if mismatches and not allow_drift:
-            shown = "; ".join(str(m) for m in mismatches[:3])
-            more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
-            raise PatchError(f"{base.location} is not the base this {self.meta.kind.value} patch was made for: "
-                             f"{shown}{more}; pass --allow-base-drift to apply it anyway")
+        if not allow_drift:
+            refuse_drift(mismatches, base.location, self.meta.kind, "--allow-base-drift")
         return mismatches
