@@ -9,8 +9,13 @@ from mergekit.config import ConditionalParameter
 from mergekit.config import evaluate_setting as mergekit_evaluate_setting
 from mergekit.sparsify import magnitude
 
-from splice.merge.kernels import keep_top_magnitude
+from splice.merge.kernels import top_magnitude_mask
 from splice.merge.recipe import Conditional, evaluate_setting, layer_positions
+
+
+def keep_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    keep = top_magnitude_mask(delta, density)
+    return delta if keep is None else delta * keep
 
 
 @settings(max_examples=60, deadline=None)
@@ -67,8 +72,6 @@ def test_layer_positions():
 
 
 def test_ties_at_the_threshold_keep_the_lowest_indices():
-    from splice.merge.kernels import top_magnitude_mask
-
     delta = torch.tensor([0.5, -1.0, 1.0, 2.0, -1.0, 1.0])
     assert top_magnitude_mask(delta, 0.5).tolist() == [False, True, True, True, False, False]
     assert top_magnitude_mask(delta, 1.0) is None

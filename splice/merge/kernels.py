@@ -58,12 +58,6 @@ def top_magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | No
     return keep.view_as(delta)
 
 
-def keep_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """A copy of `delta` with all but its top-magnitude entries zeroed (see top_magnitude_mask)."""
-    keep = top_magnitude_mask(delta, density)
-    return delta if keep is None else delta * keep
-
-
 def _trim_in_place(delta: torch.Tensor, density: float, rescale: bool, eps: float = 1e-7) -> None:
     keep = top_magnitude_mask(delta, density)
     if keep is None:
