@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -12,6 +11,17 @@ import typer
 from rich.markup import escape
 
 from splice.cli import render
+from splice.cli.options import (
+    Device,
+    Dtype,
+    Force,
+    Out,
+    Quiet,
+    ShardSize,
+    StorageOptions,
+    Verbose,
+    parse_storage_options,
+)
 from splice.cli.patch import patch_app
 from splice.errors import SpliceError
 
@@ -19,29 +29,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="splice: merge, fuse, patch and port Hugging Face models, streamed tensor by tensor.")
 
 app.add_typer(patch_app, name="patch")
-
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no tables.")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log every tensor as it is merged.")]
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output model directory (must not exist, or use --force).")]
-Device = Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N.")]
-Dtype = Annotated[str | None, typer.Option(help="Output dtype: float32, bfloat16 or float16 (default: as input).")]
-ShardSize = Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB, 500MB.")]
-Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
-StorageOptions = Annotated[str | None, typer.Option(
-    "--storage-options", help='JSON passed to fsspec for remote models, e.g. \'{"anon": true}\'.')]
-
-
-def _parse_storage_options(text: str | None) -> dict | None:
-    if text is None:
-        return None
-    try:
-        options = json.loads(text)
-    except ValueError as exc:
-        raise SpliceError(f"--storage-options is not valid JSON ({exc})") from None
-    if not isinstance(options, dict):
-        raise SpliceError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
-    return options
-
 
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
@@ -59,7 +46,7 @@ def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec
     """Shards, tensor and parameter counts, dtypes and LayerNorm modules of a model."""
     from splice.tensors.summary import summarize
 
-    summary = summarize(model, _parse_storage_options(storage_options))
+    summary = summarize(model, parse_storage_options(storage_options))
     show(render.table(f"{summary.location} ({summary.architecture or 'unknown architecture'})",
                       ["tensors", "parameters", "size", "shards"],
                       [[summary.tensors, f"{summary.parameters:,}", render.human_bytes(summary.nbytes),
@@ -103,7 +90,7 @@ def soup(
     setup_logging(verbose)
     progress = render.RichProgress(quiet)
     size = parse_size(shard_size)
-    remote = _parse_storage_options(storage_options)
+    remote = parse_storage_options(storage_options)
     if greedy or eval_fn:
         if not (greedy and eval_fn):
             raise SpliceError("a greedy soup needs both --greedy and --eval MODULE:FUNCTION")
@@ -141,7 +128,7 @@ def merge(
     setup_logging(verbose)
     report = splice.merge(recipe, out, device=device, shard_size=parse_size(shard_size), force=force,
                           progress=render.RichProgress(quiet), seed=seed,
-                          storage_options=_parse_storage_options(storage_options))
+                          storage_options=parse_storage_options(storage_options))
     show(render.stream_report_table(f"merge ({recipe})", report), quiet)
 
 

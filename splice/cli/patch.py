@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
+from splice.cli.options import Device, Force, Out, Quiet
 
 patch_app = typer.Typer(no_args_is_help=True, help="Extract patches from fine-tunes and apply them to base models.")
 
@@ -19,8 +20,8 @@ def extract(
     kind: Annotated[str, typer.Option("--kind", help="layernorm or delta (lora and mask are coming).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Patch directory to write.")],
     description: Annotated[str, typer.Option(help="Free text stored in patch.json.")] = "",
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Extract a patch: the tuned model's LayerNorm parameters, or its whole delta from the base."""
     from splice.adapters.extract import extract_patch
@@ -40,12 +41,12 @@ def extract(
 def apply(
     patches: Annotated[list[str], typer.Argument(help="Patch directories, applied in order.")],
     base: Annotated[str, typer.Option("--base", help="The base model to patch.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output model directory.")],
+    out: Out,
     allow_base_drift: Annotated[bool, typer.Option("--allow-base-drift",
                                                    help="Apply even if the base differs from the patch's.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    device: Device = "auto",
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Apply patches to a base model, streamed; deltas add, LayerNorm patches replace."""
     from splice.adapters.apply import apply_patches
