@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from splice.adapters.apply import composition_plan, patched_value
-from splice.adapters.patch import Patch, PatchError, compare_fingerprint, refuse_drift
+from splice.adapters.apply import PatchSource, load_patch
+from splice.adapters.patch import compare_fingerprint, refuse_drift
+from splice.adapters.steps import check_plan_shapes, composition_plan, patched_value
 from splice.tensors.names import stored_to_module_names
 
 
@@ -32,11 +31,10 @@ class PatchHandle:
         self.remove()
 
 
-def apply_patch(model: torch.nn.Module, patch: Patch | str | os.PathLike, allow_base_drift: bool = False
-                ) -> PatchHandle:
+def apply_patch(model: torch.nn.Module, patch: PatchSource, allow_base_drift: bool = False) -> PatchHandle:
     """Patch a loaded model in place (deltas add, LayerNorm patches replace), after checking that it is the
     base the patch was made for. Patch tensor names are the stored ones; transformers' renamings are mapped."""
-    patch = patch if isinstance(patch, Patch) else Patch.load(patch)
+    patch = load_patch(patch, base=model)
     names = stored_to_module_names(model)
     state = model.state_dict(keep_vars=True)
 
@@ -44,18 +42,16 @@ def apply_patch(model: torch.nn.Module, patch: Patch | str | os.PathLike, allow_
         tensor = state.get(names.get(name, name))
         return None if tensor is None else (tuple(tensor.shape), tensor.dtype, lambda: tensor)
 
-    if not allow_base_drift:
+    if not allow_base_drift and patch.meta.base is not None:
         refuse_drift(compare_fingerprint(patch.meta.base, live), "this model", patch.meta.kind,
                      "allow_base_drift=True")
     plan = composition_plan([patch])
-    missing = [name for name in plan if names.get(name, name) not in state]
-    if missing:
-        raise PatchError(f"the model has no parameter for {missing[0]}" + (
-            f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    check_plan_shapes(plan, lambda name: tuple(state[names.get(name, name)].shape)
+                      if names.get(name, name) in state else None, "the model")
     originals = {}
     with torch.no_grad():
         for stored, steps in plan.items():
             target = state[names.get(stored, stored)]
             originals[names.get(stored, stored)] = target.detach().clone()
-            target.copy_(patched_value(target.detach(), steps))
+            target.copy_(patched_value(target.detach().float(), steps))
     return PatchHandle(model, originals)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ class PatchMeta(BaseModel):
     format_version: int = FORMAT_VERSION
     kind: PatchKind
     targets: list[str]
-    base: BaseFingerprint
+    base: BaseFingerprint | None  # None: made elsewhere (a PEFT adapter) with no record of its base
     lineage: list[str] = []
     metrics: dict[str, float] = {}
     description: str = ""
@@ -157,16 +158,41 @@ def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: PatchKind, ove
                      f"pass {override} to apply it anyway")
 
 
+class StoredTensors(Mapping[str, torch.Tensor]):
+    """A stored patch's tensors, each read when it is looked up (ranged reads, locally or remotely)."""
+
+    def __init__(self, stored: Checkpoint):
+        self.stored = stored
+        self.shapes = {name: info.shape for name, info in stored.tensors.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.stored.tensors:
+            raise KeyError(name)
+        return self.stored.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stored.tensors)
+
+    def __len__(self) -> int:
+        return len(self.stored.tensors)
+
+
 class Patch:
-    """Named tensors and their manifest."""
+    """Named tensors and their manifest. `tensors` may be read lazily (a stored patch reads each on lookup)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], meta: PatchMeta):
-        self.tensors = dict(tensors)
+        self.tensors = tensors if hasattr(tensors, "shapes") else dict(tensors)
         self.meta = meta
 
     @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape, without reading any values."""
+        known = getattr(self.tensors, "shapes", None)
+        return dict(known) if known is not None else {n: tuple(t.shape) for n, t in self.tensors.items()}
+
+    @property
     def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
+        return sum(prod(shape) for shape in self.shapes.values())
 
     def save(self, directory: str | os.PathLike, force: bool = False) -> Path:
         """Write `patch.json` and `tensors.safetensors`, published atomically."""
@@ -194,10 +220,13 @@ class Patch:
         if meta.format_version > FORMAT_VERSION:
             raise PatchError(f"{location}: patch format {meta.format_version} is newer than this splice "
                              f"({FORMAT_VERSION}); upgrade splice")
-        return cls(stored.state_dict(), meta)
+        return cls(StoredTensors(stored), meta)
 
     def check_base(self, base: Checkpoint, allow_drift: bool = False) -> list[BaseMismatch]:
-        """Refuse a base the patch was not made for (unless allow_drift); returns the differences."""
+        """Refuse a base the patch was not made for (unless allow_drift); returns the differences.
+        A patch without a base record (imported from PEFT) is checked by shape only, where it is applied."""
+        if self.meta.base is None:
+            return []
         mismatches = compare_base(self.meta.base, base)
         if not allow_drift:
             refuse_drift(mismatches, base.location, self.meta.kind, "--allow-base-drift")

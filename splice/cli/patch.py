@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Device, Force, Out, Quiet
+from splice.cli.options import Device, Force, Out, Quiet, StorageOptions, parse_storage_options
 
 patch_app = typer.Typer(no_args_is_help=True, help="Extract patches from fine-tunes and apply them to base models.")
 
@@ -17,24 +17,40 @@ patch_app = typer.Typer(no_args_is_help=True, help="Extract patches from fine-tu
 def extract(
     base: Annotated[str, typer.Option("--base", help="The model the fine-tune started from.")],
     tuned: Annotated[str, typer.Option("--tuned", help="The fine-tuned model.")],
-    kind: Annotated[str, typer.Option("--kind", help="layernorm or delta (lora and mask are coming).")],
+    kind: Annotated[str, typer.Option("--kind", help="layernorm, lora, mask or delta.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Patch directory to write.")],
+    rank: Annotated[int | None, typer.Option(help="lora: rank of every matrix (the most, with --energy).")] = None,
+    energy: Annotated[float | None, typer.Option(
+        help="lora: per matrix, the smallest rank keeping this share of the delta's energy, e.g. 0.9.")] = None,
+    rslora: Annotated[bool, typer.Option("--rslora", help="lora: scale by alpha/sqrt(rank) (rank-stabilised).")
+                      ] = False,
+    density: Annotated[float | None, typer.Option(help="mask: share of entries kept, e.g. 0.01.")] = None,
+    mask_scope: Annotated[str, typer.Option("--mask-scope", help="mask: top-k per 'tensor' or over the whole 'model'.")
+                          ] = "tensor",
+    mask_values: Annotated[bool, typer.Option("--mask-values/--mask-only",
+                                              help="mask: store the selected delta values (a sparse delta), "
+                                                   "or the mask alone.")] = True,
     description: Annotated[str, typer.Option(help="Free text stored in patch.json.")] = "",
+    device: Device = "auto",
+    storage_options: StorageOptions = None,
     force: Force = False,
     quiet: Quiet = False,
 ) -> None:
-    """Extract a patch: the tuned model's LayerNorm parameters, or its whole delta from the base."""
+    """Extract a patch from a fine-tune: its LayerNorm parameters, a low-rank (LoRA) or sparse (mask)
+    approximation of its delta, or the whole delta."""
     from splice.adapters.extract import extract_patch
     from splice.tensors.writer import ensure_output_free
 
     ensure_output_free(out, force)
-    patch = extract_patch(base, tuned, kind, description=description)
+    patch = extract_patch(base, tuned, kind, parse_storage_options(storage_options), description, rank=rank,
+                          energy=energy, rslora=rslora, density=density, mask_scope=mask_scope,
+                          mask_values=mask_values, device=device)
     patch.save(out, force=force)
     if not quiet:
         render.console.print(render.table(f"{patch.meta.kind.value} patch -> {out}",
                                           ["tensors", "parameters", "targets", "base digest"],
                                           [[len(patch.tensors), f"{patch.num_parameters:,}", len(patch.meta.targets),
-                                            patch.meta.base.digest[:19]]]))
+                                            patch.meta.base.digest[:19] if patch.meta.base else "none"]]))
 
 
 @patch_app.command("apply")
@@ -45,13 +61,15 @@ def apply(
     allow_base_drift: Annotated[bool, typer.Option("--allow-base-drift",
                                                    help="Apply even if the base differs from the patch's.")] = False,
     device: Device = "auto",
+    storage_options: StorageOptions = None,
     force: Force = False,
     quiet: Quiet = False,
 ) -> None:
-    """Apply patches to a base model, streamed; deltas add, LayerNorm patches replace."""
+    """Apply patches (splice patch or PEFT adapter directories) to a base model, streamed; deltas, LoRA and
+    sparse deltas add, masks multiply, LayerNorm patches replace."""
     from splice.adapters.apply import apply_patches
 
     report = apply_patches(patches, base, out, allow_base_drift=allow_base_drift, device=device, force=force,
-                           progress=render.RichProgress(quiet))
+                           progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
     if not quiet:
         render.console.print(render.stream_report_table("patched model", report))
