@@ -1,0 +1,137 @@
+"""Sparse masks and sparse deltas: built from a fine-tune's delta, stored bit-packed, applied per tensor.
+
+A mask patch holds, for each tensor it touches, `<name>.mask` (one bit per entry, packed eight to a
+byte, entry 8i+j in bit j of byte i) and, for a sparse delta, `<name>.values` (the selected delta
+entries in fp32, in index order). Applied, a sparse delta adds its values where the mask is set; a
+mask alone prunes: entries outside it become zero.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import torch
+
+from splice.adapters.extract import Extracted, deltas
+from splice.adapters.patch import Patch, PatchError
+from splice.adapters.steps import Effect, Step
+from splice.merge.kernels import top_magnitude_mask
+from splice.tensors.checkpoint import Checkpoint
+
+MASK_SUFFIX = ".mask"
+VALUES_SUFFIX = ".values"
+SCOPES = ("tensor", "model")
+_BIT_WEIGHTS = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as uint8 bytes, eight entries per byte (flattened, zero-padded)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
+    return (padded * _BIT_WEIGHTS.to(padded.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The boolean tensor of `shape` that `pack_mask` packed."""
+    count = prod(shape)
+    if packed.numel() != -(-count // 8):
+        raise PatchError(f"a packed mask of {packed.numel()} bytes cannot hold {count} entries of shape {list(shape)}")
+    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
+    return bits.reshape(-1)[:count].reshape(shape)
+
+
+def _sparse_entry(name: str, mask: torch.Tensor, delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    entry = {name + MASK_SUFFIX: pack_mask(mask).cpu()}
+    if delta is not None:
+        entry[name + VALUES_SUFFIX] = delta.reshape(-1)[mask.reshape(-1)].float().cpu()
+    return entry
+
+
+def _nonzero_top_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """The k = max(1, int(density * n)) largest |delta| entries, never an unchanged (zero) one."""
+    keep = top_magnitude_mask(delta, density)
+    keep = torch.ones_like(delta, dtype=torch.bool) if keep is None else keep
+    return keep & delta.ne(0)
+
+
+def _global_threshold(base: Checkpoint, tuned: Checkpoint, count: int, device) -> tuple[float, int]:
+    """(t, ties): the model-wide top `count` |delta| entries are those above t plus the first `ties` equal
+    to t in storage order. One pass; holds at most `count` magnitudes plus one tensor."""
+    best = torch.empty(0, device=device)
+    for _, delta in deltas(base, tuned, device):
+        magnitudes = delta.abs().reshape(-1)
+        magnitudes = magnitudes[magnitudes.ne(0)]
+        pool = torch.cat([best, magnitudes])
+        best = pool if pool.numel() <= count else pool.topk(count, sorted=False).values
+    if best.numel() == 0:
+        return 0.0, 0
+    threshold = float(best.min())
+    return threshold, int(best.eq(threshold).sum())
+
+
+def extract_mask(base: Checkpoint, tuned: Checkpoint, density: float | None, scope: str = "tensor",
+                 values: bool = True, device: torch.device | None = None) -> Extracted:
+    """Keep the `density` share of entries with the largest |tuned - base|: per tensor (`scope="tensor"`,
+    k of each changed tensor) or over the whole model (`scope="model"`, k of all float entries, LT-SFT style).
+    Ties at the threshold are kept lowest index (then storage order) first, so the result is deterministic."""
+    if density is None or not 0 < density <= 1:
+        raise PatchError("a mask patch needs --density in (0, 1], e.g. 0.01 to keep 1% of the entries")
+    if scope not in SCOPES:
+        raise PatchError(f"--mask-scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    kept: dict[str, int] = {}
+    if scope == "model":
+        total = sum(info.numel for info in base.tensors.values() if info.dtype.is_floating_point)
+        threshold, ties = _global_threshold(base, tuned, max(1, int(density * total)), device)
+    for name, delta in deltas(base, tuned, device):
+        if scope == "tensor":
+            mask = _nonzero_top_mask(delta, density)
+        else:
+            magnitudes = delta.abs()
+            mask = magnitudes.gt(threshold)
+            at_threshold = magnitudes.eq(threshold).reshape(-1).nonzero().squeeze(1)
+            if ties and threshold > 0 and at_threshold.numel():
+                taken = at_threshold[:ties]
+                mask.view(-1)[taken] = True
+                ties -= taken.numel()
+        if not mask.any():
+            continue
+        tensors.update(_sparse_entry(name, mask, delta if values else None))
+        shapes[name] = list(delta.shape)
+        kept[name] = int(mask.sum())
+    if not tensors:
+        raise PatchError(f"{tuned.location} is identical to {base.location}: the mask would be empty")
+    settings = {"density": density, "scope": scope, "values": values, "shapes": shapes, "kept": kept}
+    return Extracted(tensors, list(shapes), sorted(shapes), settings)
+
+
+def mask_steps(patch: Patch) -> dict[str, Step]:
+    """A sparse delta adds its values where its mask is set; a bare mask zeroes everything outside it."""
+    shapes = patch.meta.settings.get("shapes")
+    if not isinstance(shapes, dict):
+        raise PatchError("this mask patch's settings have no tensor shapes; it was not written by splice")
+    present = set(patch.shapes)
+    steps = {}
+    for name, shape in shapes.items():
+        shape = tuple(shape)
+        if name + MASK_SUFFIX not in present:
+            raise PatchError(f"the mask patch lists {name} but holds no {name + MASK_SUFFIX}")
+        if name + VALUES_SUFFIX in present:
+            steps[name] = Step(Effect.add, shape, lambda value, name=name, shape=shape: _add_sparse(patch, name, shape,
+                                                                                                    value))
+        else:
+            steps[name] = Step(Effect.multiply, shape, lambda value, name=name, shape=shape: value * unpack_mask(
+                patch.tensors[name + MASK_SUFFIX].to(value.device), shape).to(value.dtype))
+    return steps
+
+
+def _add_sparse(patch: Patch, name: str, shape: tuple[int, ...], value: torch.Tensor) -> torch.Tensor:
+    mask = unpack_mask(patch.tensors[name + MASK_SUFFIX].to(value.device), shape).reshape(-1)
+    selected = patch.tensors[name + VALUES_SUFFIX].to(device=value.device, dtype=value.dtype)
+    if selected.numel() != int(mask.sum()):
+        raise PatchError(f"{name}: the mask selects {int(mask.sum())} entries but the patch holds "
+                         f"{selected.numel()} values")
+    result = value.reshape(-1).clone()
+    result[mask] += selected
+    return result.reshape(value.shape)
