@@ -33,7 +33,8 @@ def load_patch(patch: PatchSource, storage_options: dict | None = None,
 def apply_patches(patches: Sequence[PatchSource], base: str | os.PathLike, out: str | os.PathLike, *,
                   allow_base_drift: bool = False, device: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
                   force: bool = False, progress: Progress | None = None, storage_options: dict | None = None,
-                  metadata: dict[str, str] | None = None) -> StreamReport:
+                  metadata: dict[str, str] | None = None, extra_files: dict[str, bytes] | None = None
+                  ) -> StreamReport:
     """Write `base` with every patch applied in order: deltas, LoRA products and sparse deltas add, masks
     multiply, LayerNorm patches replace. Every patch's base fingerprint is checked and every overlap
     resolved before the first tensor is written; patch tensors are read as their base tensor streams by."""
@@ -54,4 +55,5 @@ def apply_patches(patches: Sequence[PatchSource], base: str | os.PathLike, out: 
     items = [StreamItem(OutputTensor(name, info.dtype, info.shape), ((base_ckpt, name),))
              for name, info in base_ckpt.tensors.items()]
     return run_stream(items, patched, out, side_files_from=base_ckpt, device=device, shard_size=shard_size,
-                      force=force, progress=progress, description="applying patches", metadata=metadata)
+                      force=force, progress=progress, description="applying patches", metadata=metadata,
+                      extra_files=extra_files)

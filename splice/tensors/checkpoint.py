@@ -315,10 +315,8 @@ def _load_pickled_shard(fs, path: str, location: str, shard: str) -> dict[str, t
     return state
 
 
-def read_safetensors_header(fs, path: str, location: str, shard_name: str = SAFETENSORS_SINGLE
-                            ) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header: bounded size, known dtypes, offsets in the file, no overlaps."""
-    where = f"{location}/{shard_name}"
+def _read_header_json(fs, path: str, where: str) -> tuple[dict, int, int]:
+    """(header object, offset where tensor data starts, file size), the length bounded before any read."""
     size = fs.size(path)
     if size < 8:
         raise CheckpointError(f"{where}: truncated file ({size} bytes, not even a header length)")
@@ -333,7 +331,23 @@ def read_safetensors_header(fs, path: str, location: str, shard_name: str = SAFE
         raise CheckpointError(f"{where}: header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: header is not a JSON object")
-    data_start = 8 + header_len
+    return header, 8 + header_len, size
+
+
+def read_safetensors_metadata(fs, path: str, location: str, shard_name: str = SAFETENSORS_SINGLE) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors file (empty when it has none)."""
+    header, _, _ = _read_header_json(fs, path, f"{location}/{shard_name}")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{location}/{shard_name}: __metadata__ is not a JSON object")
+    return {str(key): str(value) for key, value in metadata.items()}
+
+
+def read_safetensors_header(fs, path: str, location: str, shard_name: str = SAFETENSORS_SINGLE
+                            ) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header: bounded size, known dtypes, offsets in the file, no overlaps."""
+    where = f"{location}/{shard_name}"
+    header, data_start, size = _read_header_json(fs, path, where)
     tensors: list[TensorInfo] = []
     for name, entry in header.items():
         if name == "__metadata__":

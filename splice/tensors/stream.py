@@ -266,8 +266,9 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, s
                device: str | torch.device = "auto", shard_size: int = DEFAULT_SHARD_SIZE, read_ahead_depth: int = 2,
                force: bool = False, progress: Progress | None = None, metadata: dict[str, str] | None = None,
                description: str = "merging", out_dtype: torch.dtype | None = None,
-               chunk_bytes: int = CHUNK_BYTES) -> StreamReport:
-    """Compute every planned output tensor and publish the model directory at `out`."""
+               chunk_bytes: int = CHUNK_BYTES, extra_files: dict[str, bytes] | None = None) -> StreamReport:
+    """Compute every planned output tensor and publish the model directory at `out`, with `extra_files`
+    (name -> content) written beside the weights before it is published."""
     progress = progress or NoProgress()
     torch_device = resolve_device(device)
     ensure_output_free(out, force)
@@ -297,6 +298,9 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, s
         finally:
             progress.finish()
         side = copy_side_files(side_files_from, staging, out_dtype)
+        for name, content in (extra_files or {}).items():
+            (staging / name).write_bytes(content)
+            side.append(name)
     return StreamReport(
         out=Path(out), tensors=len(plan), bytes_read=total_in, bytes_written=writer.total_bytes,
         shard_files=writer.file_names, device=str(torch_device), seconds=time.perf_counter() - started,

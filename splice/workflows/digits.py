@@ -146,7 +146,7 @@ def accuracy(model: ViTForImageClassification | StateDict, x: torch.Tensor, y: t
 
 
 def load_model(model_dir: str | os.PathLike) -> ViTForImageClassification:
-    with _quiet_transformers():
+    with quiet_transformers():
         return ViTForImageClassification.from_pretrained(model_dir).eval()
 
 
@@ -207,7 +207,7 @@ def prepare_ingredients(workdir: str | os.PathLike, count: int, seed: int = 0, *
     train(model, *splits.pretrain, lr=pretrain_lr, steps=pretrain_steps, seed=seed)
     base_dir = workdir / "base"
     base_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(base_dir)
         ingredient_dirs = []
         for index, recipe in enumerate(fine_tunes(count, seed)):
@@ -221,7 +221,7 @@ def prepare_ingredients(workdir: str | os.PathLike, count: int, seed: int = 0, *
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """No per-call progress bars from transformers (they would interleave with splice's own output)."""
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
