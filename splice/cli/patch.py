@@ -46,6 +46,12 @@ def extract(
                           energy=energy, rslora=rslora, density=density, mask_scope=mask_scope,
                           mask_values=mask_values, device=device)
     patch.save(out, force=force)
+    left_out = patch.meta.settings.get("left_out") or {}
+    if left_out:
+        render.error_console.print(
+            f"warning: {len(left_out)} changed tensors are not matrices and are not in the LoRA patch "
+            f"(e.g. {next(iter(left_out))}); carry them with a delta or layernorm patch", highlight=False,
+            soft_wrap=True)
     if not quiet:
         render.console.print(render.table(f"{patch.meta.kind.value} patch -> {out}",
                                           ["tensors", "parameters", "targets", "base digest"],
@@ -73,3 +79,27 @@ def apply(
                            progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
     if not quiet:
         render.console.print(render.stream_report_table("patched model", report))
+
+
+@patch_app.command("export")
+def export(
+    patch: Annotated[str, typer.Argument(help="The patch directory (or PEFT adapter) to export.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write.")],
+    peft: Annotated[bool, typer.Option("--peft", help="Write a PEFT adapter: LoRA patches as LORA, LayerNorm "
+                                                      "patches as LN_TUNING.")] = False,
+    base: Annotated[str | None, typer.Option(
+        "--base", help="The base model, for transformers' module names (default: the one the patch was "
+                       "extracted from).")] = None,
+    storage_options: StorageOptions = None,
+    force: Force = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write a patch in another library's format (PEFT)."""
+    from splice.adapters.peft_interop import export_peft
+    from splice.errors import SpliceError
+
+    if not peft:
+        raise SpliceError("choose the format to export to: --peft (a PEFT adapter; LoRA and LayerNorm patches)")
+    written = export_peft(patch, out, base=base, force=force, storage_options=parse_storage_options(storage_options))
+    if not quiet:
+        render.console.print(f"PEFT adapter -> {written}")

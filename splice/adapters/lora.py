@@ -1,0 +1,198 @@
+"""LoRA patches: low-rank factors per matrix, extracted from a fine-tune's deltas by truncated SVD.
+
+Storage (names are the base's stored tensor names, in its stored layout): for a base tensor
+`<module>.weight` of stored shape [rows, cols] a patch holds `<module>.lora_A` [r, cols] and
+`<module>.lora_B` [rows, r]; the change is `scale * lora_B @ lora_A`, scale = alpha / r, or alpha / sqrt(r)
+with rsLoRA. GPT-2's Conv1D stores [in, out]: in splice's format that is simply the stored layout (only PEFT
+import/export transposes). A patch imported from PEFT may also carry whole tensors that replace the base's
+(PEFT's `modules_to_save` and trained biases), stored under their own names and listed in `replaced`.
+
+`PatchMeta.settings` of a LoRA patch:
+    rslora          bool, scale = alpha / sqrt(r) instead of alpha / r
+    rank            {module: r}
+    alpha           {module: alpha}; extraction sets alpha = r, so the standard scale is 1 and rsLoRA's sqrt(r)
+    replaced        [tensor names] applied as replacements (PEFT imports only)
+extraction adds:
+    requested       {"rank": R or None, "energy": E or None}
+    captured_energy {module: share of the delta's squared Frobenius norm the factors keep}
+    relative_error  {module: ||delta - scale B A||_F / ||delta||_F}
+    left_out        {tensor: why}: changed tensors LoRA cannot carry (biases, norms, convolutions);
+                    a delta or layernorm patch carries them
+    svd             {module: "full" or "randomized"}
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from splice.adapters.extract import Extracted, deltas
+from splice.adapters.patch import Patch, PatchError
+from splice.adapters.steps import Effect, Step
+from splice.tensors.checkpoint import Checkpoint
+
+SUFFIX_A = ".lora_A"
+SUFFIX_B = ".lora_B"
+
+# Randomized SVD for matrices whose smaller side exceeds this, when the kept rank is at most a
+# RANDOMIZED_FRACTION of it; otherwise a full SVD (exact, and fast enough for small matrices).
+RANDOMIZED_MIN_DIM = 1024
+RANDOMIZED_FRACTION = 0.25
+OVERSAMPLE = 10
+POWER_ITERATIONS = 4
+ENERGY_START_RANK = 32  # randomized energy mode: first guess, doubled until the share is reached
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def lora_modules(patch: Patch) -> list[str]:
+    """The modules a LoRA patch holds factors for, in storage order."""
+    shapes = patch.shapes
+    modules = [name[: -len(SUFFIX_A)] for name in shapes if name.endswith(SUFFIX_A)]
+    for name in shapes:
+        if name.endswith(SUFFIX_B) and name[: -len(SUFFIX_B)] + SUFFIX_A not in shapes:
+            raise PatchError(f"LoRA patch has {name} but no {name[: -len(SUFFIX_B)] + SUFFIX_A}")
+    return modules
+
+
+def module_scale(patch: Patch, module: str) -> float:
+    """alpha / r (or alpha / sqrt(r)) of one module, checked against its factors' shapes."""
+    settings = patch.meta.settings
+    shape_a, shape_b = patch.shapes[module + SUFFIX_A], patch.shapes.get(module + SUFFIX_B)
+    if shape_b is None:
+        raise PatchError(f"LoRA patch has {module}{SUFFIX_A} but no {module}{SUFFIX_B}")
+    if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != shape_b[1]:
+        raise PatchError(f"LoRA patch: {module} has factors of shapes {list(shape_b)} and {list(shape_a)}, "
+                         f"which do not multiply")
+    rank = settings.get("rank", {}).get(module, shape_a[0])
+    if rank != shape_a[0]:
+        raise PatchError(f"LoRA patch: {module} records rank {rank} but its factors have rank {shape_a[0]}")
+    alpha = settings.get("alpha", {}).get(module)
+    if alpha is None:
+        raise PatchError(f"LoRA patch: no alpha recorded for {module} in patch.json settings")
+    return lora_scale(float(alpha), rank, bool(settings.get("rslora", False)))
+
+
+def lora_steps(patch: Patch) -> dict[str, Step]:
+    """`<module>.weight` -> add scale * B @ A (factors read when the step runs); replaced tensors -> replace.
+    A tensor both replaced and LoRA-adapted (PEFT saves embedding layers whole next to their LoRA factors)
+    becomes the stored value plus the product: a replacement."""
+    steps: dict[str, Step] = {}
+    shapes = patch.shapes
+    replaced = list(patch.meta.settings.get("replaced", []))
+    for name in replaced:
+        if name not in shapes:
+            raise PatchError(f"LoRA patch lists {name} as replaced but holds no such tensor")
+    for module in lora_modules(patch):
+        scale = module_scale(patch, module)
+        rows, cols = shapes[module + SUFFIX_B][0], shapes[module + SUFFIX_A][1]
+        start = f"{module}.weight" if f"{module}.weight" in replaced else None
+
+        def compute(value: torch.Tensor, module: str = module, scale: float = scale, start: str | None = start
+                    ) -> torch.Tensor:
+            if start is not None:
+                value = patch.tensors[start].to(device=value.device, dtype=value.dtype)
+            a = patch.tensors[module + SUFFIX_A].to(device=value.device, dtype=value.dtype)
+            b = patch.tensors[module + SUFFIX_B].to(device=value.device, dtype=value.dtype)
+            return value + scale * (b @ a)
+
+        if start is not None and tuple(shapes[start]) != (rows, cols):
+            raise PatchError(f"LoRA patch: {start} is {list(shapes[start])} but its factors make {[rows, cols]}")
+        steps[f"{module}.weight"] = Step(Effect.replace if start else Effect.add, (rows, cols), compute)
+    for name in replaced:
+        if name not in steps:
+            steps[name] = Step(Effect.replace, tuple(shapes[name]),
+                               lambda value, name=name: patch.tensors[name].to(device=value.device, dtype=value.dtype))
+    return steps
+
+
+# -- extraction --------------------------------------------------------------------------------------
+
+
+def _keep_for_energy(squares: torch.Tensor, total: float, energy: float, cap: int) -> int:
+    """Smallest k <= cap whose leading squared singular values reach `energy` of `total` (cap if none does)."""
+    reached = torch.nonzero(torch.cumsum(squares.double(), 0) >= energy * total)
+    return min(int(reached[0]) + 1, cap) if len(reached) else min(cap, len(squares))
+
+
+def check_request(rank: int | None, energy: float | None) -> None:
+    if rank is None and energy is None:
+        raise PatchError("a LoRA patch needs --rank R, --energy E, or both (rank then caps the energy rank)")
+    if rank is not None and rank < 1:
+        raise PatchError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise PatchError(f"--energy must be in (0, 1], e.g. 0.9; got {energy}")
+
+
+def truncated_svd(delta: torch.Tensor, rank: int | None, energy: float | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """(U [rows, k], S [k], Vh [k, cols], method): the leading k singular triplets of a 2-D fp32 matrix, k set
+    by `rank` (capped at min(rows, cols)) or by `energy` (the smallest rank keeping that share of
+    ||delta||_F^2, with `rank` as a cap). Large matrices with a small kept rank use a randomized SVD; the
+    squared Frobenius norm is known exactly, so the captured share is exact for the factors returned."""
+    check_request(rank, energy)
+    small = min(delta.shape)
+    cap = small if rank is None else min(rank, small)
+    total = float(delta.double().square().sum())
+    randomized_limit = int(small * RANDOMIZED_FRACTION)
+    if small > RANDOMIZED_MIN_DIM and (energy is not None or cap <= randomized_limit):
+        guess = cap if energy is None else min(cap, ENERGY_START_RANK)
+        while guess <= randomized_limit:
+            q = min(guess + OVERSAMPLE, small)
+            u, s, v = torch.svd_lowrank(delta, q=q, niter=POWER_ITERATIONS)
+            keep = guess if energy is None else _keep_for_energy(s.square(), total, energy, guess)
+            reached = energy is None or float(s[:keep].double().square().sum()) >= energy * total
+            if reached or keep >= cap:
+                return u[:, :keep], s[:keep], v[:, :keep].T, "randomized"
+            guess = min(guess * 2, cap)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    keep = cap if energy is None else _keep_for_energy(s.square(), total, energy, cap)
+    return u[:, :keep], s[:keep], vh[:keep], "full"
+
+
+def _why_not_lora(name: str, delta: torch.Tensor) -> str | None:
+    if delta.dim() != 2:
+        return f"{delta.dim()}-D"
+    if not name.endswith(".weight"):
+        return "not a module weight"
+    return None
+
+
+def extract_lora(base: Checkpoint, tuned: Checkpoint, rank: int | None = None, energy: float | None = None,
+                 rslora: bool = False, device: torch.device | None = None) -> Extracted:
+    """A LoRA patch of every changed matrix (`<module>.weight`, 2-D, embeddings and heads included): a
+    truncated SVD of tuned - base with singular values split evenly between the factors (B = U sqrt(S/scale),
+    A = sqrt(S/scale) Vh), alpha = rank. Changed tensors that are not matrices are listed in `left_out`."""
+    check_request(rank, energy)
+    tensors: dict[str, torch.Tensor] = {}
+    settings: dict = {"rslora": rslora, "rank": {}, "alpha": {}, "requested": {"rank": rank, "energy": energy},
+                      "captured_energy": {}, "relative_error": {}, "svd": {}, "left_out": {}}
+    for name, delta in deltas(base, tuned, device):
+        why = _why_not_lora(name, delta)
+        if why is not None:
+            settings["left_out"][name] = why
+            continue
+        module = name[: -len(".weight")]
+        u, s, vh, method = truncated_svd(delta, rank, energy)
+        keep = len(s)
+        scale = lora_scale(float(keep), keep, rslora)
+        root = (s / scale).sqrt()
+        tensors[module + SUFFIX_A] = (root[:, None] * vh).contiguous().cpu()
+        tensors[module + SUFFIX_B] = (u * root[None, :]).contiguous().cpu()
+        total = float(delta.double().square().sum())
+        captured = min(float(s.double().square().sum()) / total, 1.0)
+        settings["rank"][module] = keep
+        settings["alpha"][module] = keep
+        settings["captured_energy"][module] = captured
+        settings["relative_error"][module] = math.sqrt(max(1.0 - captured, 0.0))
+        settings["svd"][module] = method
+    if not tensors:
+        left = len(settings["left_out"])
+        raise PatchError(f"{tuned.location}: no changed matrix to factor" +
+                         (f" ({left} changed tensors are not matrices); try --kind delta" if left else
+                          f"; it is identical to {base.location}"))
+    modules = list(settings["rank"])
+    return Extracted(tensors, [f"{m}.weight" for m in modules], modules, settings)
