@@ -57,7 +57,29 @@ def test_delta_patch_on_a_live_model_and_a_refused_base(tmp_path):
     handle = apply_patch(live, patch)
     for (name, ours), theirs in zip(live.state_dict().items(), tuned.state_dict().values()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6, msg=name)
-    with pytest.raises(PatchError, match="not the base"):
-        apply_patch(live, patch)  # already patched: no longer the base
+    with pytest.raises(PatchError, match="already applied"):
+        apply_patch(live, patch)
     handle.remove()
+    assert same_state(live, cls.from_pretrained(base_dir))
+
+
+def test_stacked_patches_are_checked_against_the_unpatched_base_and_come_off_in_reverse(tmp_path):
+    base = tiny_model("bert", 0)  # fresh BERT LayerNorms are ones and zeros whatever the seed
+    base_dir = save(base, tmp_path / "base", sharded=False)
+    tuned_dir = save(perturbed(base, 2), tmp_path / "tuned", sharded=False)
+    layernorm = extract_patch(base_dir, tuned_dir, "layernorm")
+    delta = extract_patch(base_dir, tuned_dir, "delta")
+    cls = model_class("bert")
+    other = cls.from_pretrained(save(tiny_model("bert", 7), tmp_path / "other", sharded=False))
+    with pytest.raises(PatchError, match=r"not the base this layernorm patch was made for: \d+ other tensors differ"):
+        apply_patch(other, layernorm)  # its own tensors match; the rest of the model does not
+    live = cls.from_pretrained(base_dir)
+    first = apply_patch(live, layernorm)
+    half = type(delta)({name: tensor / 2 for name, tensor in delta.tensors.items() if name not in layernorm.tensors},
+                       delta.meta.model_copy(update={"description": "half"}))
+    second = apply_patch(live, half)  # checked against the base under the LayerNorm patch, so accepted
+    with pytest.raises(PatchError, match="reverse order"):
+        first.remove()
+    second.remove()
+    first.remove()
     assert same_state(live, cls.from_pretrained(base_dir))

@@ -5,24 +5,47 @@ from __future__ import annotations
 import torch
 
 from splice.adapters.apply import PatchSource, load_patch
-from splice.adapters.patch import compare_fingerprint, refuse_drift
+from splice.adapters.patch import PatchError, compare_fingerprint, refuse_drift
 from splice.adapters.steps import check_plan_shapes, composition_plan, patched_value
 from splice.tensors.names import stored_to_module_names
 
+APPLIED_ATTRIBUTE = "_splice_applied_patches"  # on the model: the handles of the patches it carries, in order
+
+
+def applied_handles(model: torch.nn.Module) -> list[PatchHandle]:
+    return model.__dict__.setdefault(APPLIED_ATTRIBUTE, [])
+
+
+def unpatched_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Module name -> value before any applied patch changed it (the base a later patch is checked against)."""
+    values: dict[str, torch.Tensor] = {}
+    for handle in reversed(applied_handles(model)):
+        values.update(handle._originals)
+    return values
+
 
 class PatchHandle:
-    """What `apply_patch` changed; `remove()` (or leaving a `with` block) restores the original values."""
+    """What `apply_patch` changed; `remove()` (or leaving a `with` block) restores the values it found.
+    Patches stacked on one model come off in reverse order."""
 
-    def __init__(self, model: torch.nn.Module, originals: dict[str, torch.Tensor]):
+    def __init__(self, model: torch.nn.Module, originals: dict[str, torch.Tensor], identity: str = ""):
         self.model = model
         self._originals = originals
+        self.identity = identity  # the patch's manifest, to refuse applying one patch twice
+        applied_handles(model).append(self)
 
     def remove(self) -> None:
+        applied = applied_handles(self.model)
+        if self not in applied:
+            return
+        if applied[-1] is not self:
+            raise PatchError("remove the patches applied after this one first (patches come off in reverse order)")
         state = self.model.state_dict(keep_vars=True)
         with torch.no_grad():
             for name, original in self._originals.items():
                 state[name].copy_(original)
         self._originals = {}
+        applied.pop()
 
     def __enter__(self) -> PatchHandle:
         return self
@@ -38,9 +61,15 @@ def apply_patch(model: torch.nn.Module, patch: PatchSource, allow_base_drift: bo
     names = stored_to_module_names(model)
     state = model.state_dict(keep_vars=True)
 
+    identity = patch.meta.model_dump_json()
+    if any(handle.identity == identity for handle in applied_handles(model)):
+        raise PatchError("this patch is already applied to this model; remove it first or apply another")
+    unpatched = unpatched_values(model)
+
     def live(name: str):
-        tensor = state.get(names.get(name, name))
-        return None if tensor is None else (tuple(tensor.shape), tensor.dtype, lambda: tensor)
+        module_name = names.get(name, name)
+        tensor = unpatched.get(module_name, state.get(module_name))
+        return None if tensor is None else (tuple(tensor.shape), tensor.dtype, lambda sample=False: tensor)
 
     if not allow_base_drift and patch.meta.base is not None:
         refuse_drift(compare_fingerprint(patch.meta.base, live), "this model", patch.meta.kind,
@@ -54,4 +83,4 @@ def apply_patch(model: torch.nn.Module, patch: PatchSource, allow_base_drift: bo
             target = state[names.get(stored, stored)]
             originals[names.get(stored, stored)] = target.detach().clone()
             target.copy_(patched_value(target.detach().float(), steps))
-    return PatchHandle(model, originals)
+    return PatchHandle(model, originals, identity)

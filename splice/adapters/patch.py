@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splice.errors import CheckpointError, SpliceError
-from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.checkpoint import Checkpoint, dtype_itemsize
 from splice.tensors.device import dtype_name
 from splice.tensors.writer import staged_output, write_state_dict
 
@@ -51,19 +51,25 @@ class TensorFingerprint(BaseModel):
 
 
 class BaseFingerprint(BaseModel):
-    """The base tensors a patch touches, and one digest over all of them."""
+    """The base tensors a patch touches (hashed whole), the base's other float tensors (`context`: shape,
+    dtype and the first 64 KiB hashed, so a patch whose own tensors happen to match, e.g. LayerNorms
+    still at their initial values, is not taken for one made on another base), and one digest over all."""
 
     model_config = ConfigDict(extra="forbid")
     tensors: list[TensorFingerprint]
+    context: dict[str, str] = {}
     digest: str
 
     @classmethod
-    def of(cls, entries: Iterable[TensorFingerprint]) -> BaseFingerprint:
+    def of(cls, entries: Iterable[TensorFingerprint], context: Mapping[str, str] | None = None) -> BaseFingerprint:
         ordered = sorted(entries, key=lambda e: e.name)
+        context = dict(sorted((context or {}).items()))
         summary = hashlib.sha256()
         for entry in ordered:
             summary.update(f"{entry.name}\0{list(entry.shape)}\0{entry.dtype}\0{entry.sha256}\n".encode())
-        return cls(tensors=ordered, digest=f"sha256:{summary.hexdigest()}")
+        for name, sampled in context.items():
+            summary.update(f"context\0{name}\0{sampled}\n".encode())
+        return cls(tensors=ordered, context=context, digest=f"sha256:{summary.hexdigest()}")
 
 
 class PatchMeta(BaseModel):
@@ -85,9 +91,36 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(data)).hexdigest()
 
 
+CONTEXT_SAMPLE_BYTES = 64 * 1024
+
+
+def sample_sha256(prefix: torch.Tensor, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> str:
+    """sha256 of a tensor's shape, dtype and first CONTEXT_SAMPLE_BYTES bytes; `prefix` is the tensor or
+    its leading rows (both hash the same)."""
+    data = prefix.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)[:CONTEXT_SAMPLE_BYTES]
+    summary = hashlib.sha256(f"{list(shape)}\0{dtype_name(dtype)}\0".encode())
+    summary.update(memoryview(data.numpy()))
+    return summary.hexdigest()
+
+
+def _sample_rows(shape: tuple[int, ...], itemsize: int) -> tuple[int, int] | None:
+    """Leading rows of a stored tensor that cover CONTEXT_SAMPLE_BYTES (None: read it whole)."""
+    if not shape or shape[0] == 0:
+        return None
+    row_bytes = max(1, itemsize * prod(shape[1:]))
+    return (0, min(shape[0], -(-CONTEXT_SAMPLE_BYTES // row_bytes)))
+
+
+def _read_stored(base: Checkpoint, name: str, sample: bool = False) -> torch.Tensor:
+    info = base.tensors[name]
+    return base.read(name, rows=_sample_rows(info.shape, dtype_itemsize(info.dtype)) if sample else None)
+
+
 def fingerprint_base(base: Checkpoint, names: Iterable[str]) -> BaseFingerprint:
-    """Fingerprint the named tensors of a base model, read one by one through the spine."""
+    """Fingerprint the named tensors of a base model (hashed whole) and its other float tensors (sampled),
+    read one by one through the spine."""
     entries = []
+    names = list(names)
     for name in names:
         info = base.tensors.get(name)
         if info is None:
@@ -95,7 +128,10 @@ def fingerprint_base(base: Checkpoint, names: Iterable[str]) -> BaseFingerprint:
         tensor = base.read(name)
         entries.append(TensorFingerprint(name=name, shape=info.shape, dtype=dtype_name(info.dtype),
                                          sha256=tensor_sha256(tensor), norm=float(tensor.double().norm())))
-    return BaseFingerprint.of(entries)
+    touched = set(names)
+    context = {name: sample_sha256(_read_stored(base, name, sample=True), info.shape, info.dtype)
+               for name, info in base.tensors.items() if name not in touched and info.dtype.is_floating_point}
+    return BaseFingerprint.of(entries, context)
 
 
 @dataclass(frozen=True)
@@ -108,8 +144,9 @@ class BaseMismatch:
         return f"{self.name}: {self.detail}"
 
 
-TensorSource = Callable[[str], "tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]] | None"]
-"""name -> (shape, dtype, a reader of its values), or None when there is no such tensor."""
+TensorSource = Callable[[str], "tuple[tuple[int, ...], torch.dtype, Callable[..., torch.Tensor]] | None"]
+"""name -> (shape, dtype, read), or None when there is no such tensor. `read()` gives the values;
+`read(sample=True)` may stop after the leading bytes a context sample needs."""
 
 
 def compare_fingerprint(expected: BaseFingerprint, source: TensorSource) -> list[BaseMismatch]:
@@ -135,6 +172,14 @@ def compare_fingerprint(expected: BaseFingerprint, source: TensorSource) -> list
             change = f" ({(norm - entry.norm) / entry.norm:+.2%})" if entry.norm else ""
             mismatches.append(BaseMismatch(entry.name, "values", f"values differ: L2 norm {norm:.6g}, "
                                                                  f"{entry.norm:.6g} when the patch was made{change}"))
+    for name, sampled in expected.context.items():
+        found = source(name)
+        if found is None:
+            mismatches.append(BaseMismatch(name, "missing", "not in this base"))
+            continue
+        shape, dtype, read = found
+        if sample_sha256(read(sample=True), shape, dtype) != sampled:
+            mismatches.append(BaseMismatch(name, "context", f"differs (shape {list(shape)}, {dtype_name(dtype)})"))
     return mismatches
 
 
@@ -143,18 +188,25 @@ def compare_base(expected: BaseFingerprint, base: Checkpoint) -> list[BaseMismat
 
     def stored(name: str):
         info = base.tensors.get(name)
-        return None if info is None else (info.shape, info.dtype, lambda: base.read(name))
+        return None if info is None else (info.shape, info.dtype,
+                                          lambda sample=False: _read_stored(base, name, sample))
 
     return compare_fingerprint(expected, stored)
 
 
 def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: PatchKind, override: str) -> None:
-    """One-line refusal naming the first differences, when there are any."""
+    """One-line refusal naming the first differences, when there are any: the patch's own tensors first,
+    then how many of the base's other tensors differ."""
     if not mismatches:
         return
-    shown = "; ".join(str(m) for m in mismatches[:3])
-    more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
-    raise PatchError(f"{what} is not the base this {kind.value} patch was made for: {shown}{more}; "
+    own = [m for m in mismatches if m.reason != "context"]
+    context = [m for m in mismatches if m.reason == "context"]
+    parts = [str(m) for m in own[:3]]
+    if len(own) > 3:
+        parts.append(f"{len(own) - 3} more of the tensors it changes differ")
+    if context:
+        parts.append(f"{len(context)} other tensors differ, e.g. {context[0].name}")
+    raise PatchError(f"{what} is not the base this {kind.value} patch was made for: {'; '.join(parts)}; "
                      f"pass {override} to apply it anyway")
 
 
