@@ -19,6 +19,12 @@ def test_demo_runs_and_cleans_up(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "uniform soup of 4" in done.stdout and "greedy soup of" in done.stdout
     assert "Nothing was left behind" in done.stdout
+    assert "digits-ln@1" in done.stdout and "digits-lora@1" in done.stdout and "verified" in done.stdout
+    text = " ".join(done.stdout.split())  # rich wraps long lines
+    difference = float(text.split("differ from the fine-tune's by at most ")[1].split()[0])
+    assert difference < 1e-4
+    assert "Deploying onto a different base (a soup ingredient) was refused, and nothing was written" in text
+    assert "not the base this layernorm patch was made for" in text
     # importing transformers' models makes torch create its shared compile cache (torchinductor_<user>) in
     # TMPDIR; that is torch's, reused by every torch program, not something the demo wrote
     left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]

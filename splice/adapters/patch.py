@@ -201,9 +201,9 @@ def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: PatchKind, ove
         return
     own = [m for m in mismatches if m.reason != "context"]
     context = [m for m in mismatches if m.reason == "context"]
-    parts = [str(m) for m in own[:3]]
-    if len(own) > 3:
-        parts.append(f"{len(own) - 3} more of the tensors it changes differ")
+    parts = [str(m) for m in own[:2]]
+    if len(own) > 2:
+        parts.append(f"{len(own) - 2} more of the tensors it changes differ")
     if context:
         parts.append(f"{len(context)} other tensors differ, e.g. {context[0].name}")
     raise PatchError(f"{what} is not the base this {kind.value} patch was made for: {'; '.join(parts)}; "

@@ -11,6 +11,8 @@ import typer
 from rich.markup import escape
 
 from splice.cli import render
+from splice.cli.deploy import DEPLOYED_COLUMNS, deploy_command
+from splice.cli.fuse import fuse_command
 from splice.cli.options import (
     Device,
     Dtype,
@@ -23,12 +25,16 @@ from splice.cli.options import (
     parse_storage_options,
 )
 from splice.cli.patch import patch_app
+from splice.cli.registry import registry_app
 from splice.errors import SpliceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="splice: merge, fuse, patch and port Hugging Face models, streamed tensor by tensor.")
 
 app.add_typer(patch_app, name="patch")
+app.add_typer(registry_app, name="registry")
+app.command("deploy")(deploy_command)
+app.command("fuse")(fuse_command)
 
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
@@ -56,6 +62,12 @@ def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec
     show(render.table("dtypes", ["dtype", "parameters"], [[d, f"{n:,}"] for d, n in summary.dtypes.items()]))
     show(render.table(f"LayerNorm modules ({len(summary.norm_modules)})", ["module", "size", "bias"],
                       [[m.name, m.size, "yes" if m.has_bias else "no"] for m in summary.norm_modules]))
+    from splice.workflows.deploy import deployed_summary, read_deployment_record
+
+    record = read_deployment_record(model, parse_storage_options(storage_options))
+    if record is not None:
+        show(render.table(f"deployed patches (from {record.registry}, {record.deployed_at:%Y-%m-%d %H:%M} UTC)",
+                          DEPLOYED_COLUMNS, deployed_summary(record)))
 
 
 def _parse_weights(text: str | None) -> list[float] | None:

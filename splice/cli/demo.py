@@ -17,21 +17,29 @@ def run_demo(keep: Path | None = None) -> None:
     except ImportError as exc:
         raise SpliceError(f"splice demo needs scikit-learn for its data ({exc}): pip install 'splice[demo]'") from None
     from splice.tensors.summary import summarize
+    from splice.workflows.digits import load_digits_splits
+    from splice.workflows.patch_study import run_patch_study
 
     console = render.console
     console.rule("[bold]splice demo: model soups")
     console.print(f"Pretraining a tiny ViT on part of scikit-learn's digits, then fine-tuning {INGREDIENTS} "
                   "copies of it with different learning rates, seeds and augmentations...")
+
+    def run(workspace: Path):
+        results = run_soup_study(workspace, INGREDIENTS, progress=render.RichProgress())
+        outputs = results["outputs"]
+        patches = run_patch_study(workspace / "patches", Path(outputs["base"]), Path(outputs["ingredients"][0]),
+                                  load_digits_splits(results["seed"]), progress=render.RichProgress())
+        return results, summarize(outputs["uniform_soup"]), patches
+
     if keep is not None:
         if keep.exists() and any(keep.iterdir()):
             raise SpliceError(f"--keep {keep} exists and is not empty; give a new directory")
         keep.mkdir(parents=True, exist_ok=True)
-        results = run_soup_study(keep, INGREDIENTS, progress=render.RichProgress())
-        summary = summarize(results["outputs"]["uniform_soup"])
+        results, summary, patches = run(keep)
     else:
         with tempfile.TemporaryDirectory(prefix="splice-demo-") as workspace:
-            results = run_soup_study(Path(workspace), INGREDIENTS, progress=render.RichProgress())
-            summary = summarize(results["outputs"]["uniform_soup"])
+            results, summary, patches = run(Path(workspace))
 
     console.print(render.table("what a soup holds (splice inspect)", ["architecture", "tensors", "parameters",
                                                                       "LayerNorm modules", "size"],
@@ -43,8 +51,34 @@ def run_demo(keep: Path | None = None) -> None:
     console.print(f"Greedy soup kept {greedy['kept']} of {INGREDIENTS} ingredients: held-out {greedy['val']:.2%} "
                   f"vs the best ingredient's {best['val']:.2%}; test {greedy['test']:.2%} vs {best['test']:.2%}.")
     console.print(f"Uniform soup: held-out {uniform['val']:.2%}, test {uniform['test']:.2%}.")
-    console.print(f"Took {results['seconds']['total']:.1f} s.")
+    show_patch_study(patches)
+    console.print(f"Took {results['seconds']['total'] + patches['seconds']:.1f} s.")
     if keep is None:
         console.print("Nothing was left behind: the workspace was a temporary directory and is gone.")
     else:
-        console.print(f"Wrote to {keep}: base/, {INGREDIENTS} ingredient-*/ directories, uniform-soup/, greedy-soup/.")
+        console.print(f"Wrote to {keep}: base/, {INGREDIENTS} ingredient-*/ directories, uniform-soup/, greedy-soup/, "
+                      "patches/ (the LoRA + LayerNorm fine-tune, registry/, deployed/).")
+
+
+def show_patch_study(patches: dict) -> None:
+    from splice.cli.deploy import DEPLOYED_COLUMNS
+    from splice.workflows.deploy import deployed_summary
+
+    console = render.console
+    console.rule("[bold]splice demo: patches, the registry and deployment")
+    console.print("Fine-tuned only rank-4 LoRA updates of the attention query/value weights and the LayerNorms, "
+                  "then extracted both patches and pushed them to a registry (alias prod):")
+    console.print(render.table("registry", ["version", "kind", "parameters", "content digest"],
+                               [[p["ref"], p["kind"], f"{p['parameters']:,}", p["digest"][:23]]
+                                for p in patches["patches"]]))
+    record = patches["record"]
+    console.print(render.table("splice deploy digits-ln@prod digits-lora@prod --base base/", DEPLOYED_COLUMNS,
+                               deployed_summary(record)))
+    accuracy = patches["accuracy"]
+    console.print(f"Test accuracy: base {accuracy['base']:.2%}, LoRA + LayerNorm fine-tune "
+                  f"{accuracy['fine-tune']:.2%}, deployed {accuracy['deployed']:.2%}; the deployed model's logits "
+                  f"differ from the fine-tune's by at most {patches['max_logit_difference']:.1e} on the "
+                  f"{patches['probe_count']} test digits.")
+    verdict = "and nothing was written" if not patches["wrote_refused_output"] else "BUT an output was written"
+    console.print(f"Deploying onto a different base (a soup ingredient) was refused, {verdict}:")
+    console.print(f"  error: {patches['refusal']}", highlight=False, soft_wrap=True)

@@ -327,8 +327,8 @@ def _read_header_json(fs, path: str, where: str) -> tuple[dict, int, int]:
         raise CheckpointError(f"{where}: truncated file (header runs past the end of the file)")
     try:
         header = json.loads(fs.cat_file(path, start=8, end=8 + header_len))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: header is not valid JSON ({exc})") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise CheckpointError(f"{where}: header is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: header is not a JSON object")
     return header, 8 + header_len, size
@@ -352,6 +352,8 @@ def read_safetensors_header(fs, path: str, location: str, shard_name: str = SAFE
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        if not name.isprintable():  # names go into one-line error messages and file listings
+            raise CheckpointError(f"{where}: tensor name {name[:80]!r} has control characters")
         tensors.append(_tensor_info_from_header(where, name, entry, data_start, size, shard_name))
     tensors.sort(key=lambda t: (t.start, t.end))
     previous: TensorInfo | None = None
@@ -366,14 +368,15 @@ def _tensor_info_from_header(where: str, name: str, entry: Any, data_start: int,
                              shard_name: str) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: tensor {name}: header entry is not an object")
-    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+    code = entry.get("dtype")
+    dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
         raise CheckpointError(f"{where}: tensor {name}: unknown dtype {entry.get('dtype')!r}")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**63 for d in shape)):
         raise CheckpointError(f"{where}: tensor {name}: bad shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
         raise CheckpointError(f"{where}: tensor {name}: bad data_offsets {offsets!r}")
     info = TensorInfo(name, dtype, tuple(shape), shard_name, data_start + offsets[0], data_start + offsets[1])

@@ -1,0 +1,41 @@
+"""`splice deploy REF... --base B --out DIR`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from splice.cli import render
+from splice.cli.options import Device, Force, Out, Quiet, ShardSize, StorageOptions, parse_storage_options
+
+DEPLOYED_COLUMNS = ["ref", "version", "kind", "digest", "base check"]
+
+
+def deploy_command(
+    refs: Annotated[list[str], typer.Argument(help="Registry refs (name, name@3, name@prod, name@sha256:...), "
+                                                    "applied in order.")],
+    base: Annotated[str, typer.Option("--base", help="The base model to deploy onto.")],
+    out: Out,
+    registry: Annotated[str | None, typer.Option("--registry", envvar="SPLICE_REGISTRY",
+                                                 help="Registry URL (default ~/.cache/splice/registry).")] = None,
+    allow_base_drift: Annotated[bool, typer.Option("--allow-base-drift",
+                                                   help="Deploy even if the base differs from the patches'.")] = False,
+    device: Device = "auto",
+    shard_size: ShardSize = "2GB",
+    storage_options: StorageOptions = None,
+    force: Force = False,
+    quiet: Quiet = False,
+) -> None:
+    """Resolve patch refs in the registry, check them against the base, apply them streamed, and record
+    which versions the deployed model carries (in its weights' metadata and deployment.json)."""
+    from splice.tensors.writer import parse_size
+    from splice.workflows.deploy import deploy, deployed_summary
+
+    record, report = deploy(refs, base, out, registry=registry, allow_base_drift=allow_base_drift, device=device,
+                            shard_size=parse_size(shard_size), force=force, progress=render.RichProgress(quiet),
+                            storage_options=parse_storage_options(storage_options))
+    if not quiet:
+        render.console.print(render.table(f"deployed onto {base} -> {out}", DEPLOYED_COLUMNS,
+                                          deployed_summary(record)))
+        render.console.print(render.stream_report_table("deployed model", report))

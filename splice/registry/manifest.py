@@ -1,0 +1,143 @@
+"""The registry's file formats (pydantic): the registry marker, version manifests, tombstones, alias moves.
+
+A version manifest is immutable: it names its patch and version number, carries the patch's PatchMeta and
+a table of its tensors (each the sha256 of its raw little-endian C-order bytes, which names its blob), and a
+content digest over the canonical JSON of the meta (less its creation time) and the tensor table, so the
+same patch pushed twice has the same content digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from math import prod
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from splice.adapters.patch import PatchMeta
+from splice.registry.refs import RegistryError
+
+REGISTRY_FORMAT = "splice-registry"
+REGISTRY_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 1
+HEX64 = r"^[0-9a-f]{64}$"
+DIGEST = r"^sha256:[0-9a-f]{64}$"
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class RegistryInfo(BaseModel):
+    """`registry.json` at the registry's root: marks a location as a registry and says how it is laid out."""
+
+    model_config = ConfigDict(extra="allow")
+    format: str = REGISTRY_FORMAT
+    format_version: int = REGISTRY_FORMAT_VERSION
+    hash: str = "sha256"
+    created: datetime = Field(default_factory=now)
+    exclusive_create: str = ""  # how versions are created exclusively here: "link", "lock", "if-none-match"
+
+
+class TensorEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    digest: str = Field(pattern=HEX64)  # sha256 of the raw bytes, as splice.adapters.patch.tensor_sha256 gives it
+    dtype: str  # safetensors dtype code: F32, BF16, I64, BOOL, ...
+    shape: tuple[int, ...]
+    nbytes: int = Field(ge=0)
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+class PushStats(BaseModel):
+    """What one push moved: blobs written anew vs found already stored (content-addressed)."""
+
+    blobs_written: int = 0
+    bytes_written: int = 0
+    blobs_reused: int = 0
+    bytes_reused: int = 0
+    seconds: float = 0.0
+
+
+def content_digest(meta: PatchMeta, tensors: dict[str, TensorEntry]) -> str:
+    """sha256 over the canonical JSON of the meta (without `created`) and the tensor table."""
+    body = {
+        "meta": meta.model_dump(mode="json", exclude={"created"}),
+        "tensors": {name: entry.model_dump(mode="json") for name, entry in tensors.items()},
+    }
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class VersionManifest(BaseModel):
+    """`patches/<name>/versions/<n>.json`: one immutable version of a patch."""
+
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = MANIFEST_FORMAT_VERSION
+    name: str
+    version: int = Field(ge=1)
+    digest: str = Field(pattern=DIGEST)
+    meta: PatchMeta
+    tensors: dict[str, TensorEntry]
+    pushed_at: datetime = Field(default_factory=now)
+    message: str = ""
+    _push_stats: PushStats | None = PrivateAttr(default=None)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(entry.nbytes for entry in self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(entry.numel for entry in self.tensors.values())
+
+    @property
+    def push_stats(self) -> PushStats | None:
+        """For a manifest returned by `Registry.push`: the blob bytes that push wrote and reused."""
+        return self._push_stats
+
+    def computed_digest(self) -> str:
+        return content_digest(self.meta, self.tensors)
+
+    def to_json(self) -> bytes:
+        return (self.model_dump_json(indent=2) + "\n").encode()
+
+
+class Tombstone(BaseModel):
+    """`patches/<name>/removed/<n>.json`: version n was removed; its number is never handed out again."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+    digest: str = ""
+    removed_at: datetime = Field(default_factory=now)
+
+
+class AliasRecord(BaseModel):
+    """`patches/<name>/aliases/<alias>/<generation>.json`: one move of an alias; the highest generation is current."""
+
+    model_config = ConfigDict(extra="forbid")
+    alias: str
+    generation: int = Field(ge=1)
+    version: int = Field(ge=1)
+    digest: str = Field(pattern=DIGEST)
+    moved_at: datetime = Field(default_factory=now)
+
+
+def parse_model(cls: type[BaseModel], data: bytes, where: str) -> Any:
+    """A registry file parsed and validated; a one-line RegistryError naming the file otherwise."""
+    try:
+        return cls.model_validate(json.loads(data))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        at = ".".join(str(p) for p in first["loc"]) or "file"
+        raise RegistryError(f"{where} is corrupt: {at}: {first['msg']}") from None
+    except (ValueError, RecursionError) as exc:
+        raise RegistryError(f"{where} is corrupt: not valid JSON ({str(exc).splitlines()[0][:80]})") from None
