@@ -1,0 +1,67 @@
+"""`splice fuse MODEL_A MODEL_B [MODEL_C...] --out DIR --data MODULE:FUNCTION`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from splice.cli import render
+from splice.cli.options import Device, Force, Out, Quiet, ShardSize, StorageOptions, parse_storage_options
+
+LAYER_COLUMNS = ["model", "layer", "maps", "mean transport cost", "min permutation closeness", "cross-head mass",
+                 "head-split mass"]
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def layer_rows(report) -> list[list[object]]:
+    return [[report.models[layer.model], layer.layer, layer.maps, _number(layer.cost),
+             _number(layer.permutation_closeness), _number(layer.cross_head_mass), _number(layer.head_split_mass)]
+            for layer in report.layers]
+
+
+def fuse_command(
+    models: Annotated[list[str], typer.Argument(help="Two or more model directories or fsspec URLs of one "
+                                                     "architecture and depth (widths may differ).")],
+    out: Out,
+    data: Annotated[str | None, typer.Option(
+        help="MODULE:FUNCTION or file.py:FUNCTION returning a batch of model inputs (dict of tensors) for "
+             "activation alignment; a function taking an argument gets the anchor's directory.")] = None,
+    align: Annotated[str, typer.Option(help="activations or weights: what neurons are compared by.")] = "activations",
+    solver: Annotated[str, typer.Option(help="emd (exact, hard maps) or sinkhorn (soft, with --reg).")] = "emd",
+    reg: Annotated[float, typer.Option(help="Sinkhorn entropic regularisation on max-normalised costs.")] = 0.08,
+    anchor: Annotated[int, typer.Option(help="Index of the model whose width, order and config are kept.")] = 0,
+    samples: Annotated[int, typer.Option(help="Inputs from --data used for activations.")] = 200,
+    tokens: Annotated[int, typer.Option(help="Token positions sampled per neuron (bounds memory and time).")] = 4096,
+    residual: Annotated[str, typer.Option(
+        help="Maps at residual adds: average, skip, branch or identity.")] = "average",
+    qk: Annotated[str, typer.Option(help="separate or shared transport maps for queries and keys.")] = "separate",
+    device: Device = "auto",
+    shard_size: ShardSize = "2GB",
+    storage_options: StorageOptions = None,
+    force: Force = False,
+    quiet: Quiet = False,
+) -> None:
+    """Fuse transformers with optimal transport (Imfeld et al., ICLR 2024) into the anchor's shape; the
+    per-layer report is printed and saved as fusion_report.json beside the model."""
+    import splice
+    from splice.merge.fusion import REPORT_FILE
+    from splice.tensors.writer import parse_size
+
+    report = splice.fuse(models, out, data=data, align=align, solver=solver, reg=reg, anchor=anchor,
+                         samples=samples, tokens=tokens, residual=residual, qk=qk, device=device,
+                         shard_size=parse_size(shard_size), force=force, progress=render.RichProgress(quiet),
+                         storage_options=parse_storage_options(storage_options))
+    if quiet:
+        return
+    method = f"{report.align}, {report.solver}" + (f" reg {report.reg:g}" if report.reg is not None else "")
+    render.console.print(render.table(f"fusion maps per layer ({method}, residual {report.residual}, "
+                                      f"Q/K {report.qk})", LAYER_COLUMNS, layer_rows(report)))
+    widths = report.widths[report.anchor]
+    render.console.print(
+        f"fused {len(report.models)} models into {report.models[report.anchor]} ({report.architecture}, hidden "
+        f"{widths['hidden']}, {widths['heads']} heads) -> {report.out} in {report.seconds:.1f}s on {report.device}; "
+        f"report: {report.out / REPORT_FILE}", highlight=False, soft_wrap=True)

@@ -1,0 +1,198 @@
+"""Activations for activation-based alignment: the same inputs through each live model, forward hooks on the
+modules the description names (a hook on a Linear sees its pre-activation output), and the same sampled
+tokens kept from every model so that neuron i of one model and neuron j of another are points with the same
+coordinates.
+
+Live models are built from their config and loaded from the stored tensors; module names come from
+`splice.tensors.names.stored_to_module_names` (transformers 5 renames modules at load time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from splice.errors import SpliceError
+from splice.tensors.names import stored_to_module_names
+
+BATCH_SIZE = 32
+
+DataSource = str | Callable[..., Any] | Mapping[str, Any] | torch.Tensor
+
+
+@dataclass
+class Inputs:
+    """A batch of model inputs: keyword tensors (or one positional tensor) with `count` samples on dim 0."""
+
+    batch: dict[str, Any] | torch.Tensor
+    count: int
+
+    def chunks(self, size: int, device: torch.device) -> Iterator[tuple[dict[str, Any] | torch.Tensor,
+                                                                      torch.Tensor | None]]:
+        """(inputs, attention mask or None) for consecutive slices of `size` samples, on `device`."""
+        for start in range(0, self.count, size):
+            stop = min(start + size, self.count)
+            if isinstance(self.batch, torch.Tensor):
+                yield self.batch[start:stop].to(device), None
+                continue
+            part = {key: value[start:stop].to(device) if isinstance(value, torch.Tensor) else value
+                    for key, value in self.batch.items()}
+            mask = part.get("attention_mask")
+            yield part, mask if isinstance(mask, torch.Tensor) else None
+
+
+def load_inputs(data: DataSource, samples: int, anchor_location: str) -> Inputs:
+    """The first `samples` inputs of `data`: a batch (a mapping of tensors, or a tensor), a function returning
+    one, or 'MODULE:FUNCTION' / 'file.py:FUNCTION' naming such a function. A function that takes an argument
+    gets the anchor model's location (to load its tokenizer or processor)."""
+    if samples < 1:
+        raise SpliceError(f"--samples must be at least 1, got {samples}")
+    if isinstance(data, str):
+        from splice.workflows.evaluate import load_callable
+
+        try:
+            data = load_callable(data)
+        except SpliceError as exc:
+            raise SpliceError(str(exc).replace("--eval", "--data", 1)) from None
+    if callable(data) and not isinstance(data, (torch.Tensor, Mapping)):
+        function = data
+        try:
+            data = function(anchor_location) if _takes_argument(function) else function()
+        except SpliceError:
+            raise
+        except Exception as exc:  # the user's code: report it in one line
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise SpliceError(f"--data function {getattr(function, '__name__', function)!r} failed: "
+                              f"{type(exc).__name__}: {detail}") from exc
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0 or len(data) == 0:
+            raise SpliceError("--data returned an empty tensor; return a batch of model inputs")
+        count = min(samples, len(data))
+        return Inputs(data[:count], count)
+    if isinstance(data, Mapping):
+        tensors = {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}
+        lengths = {len(value) for value in tensors.values() if value.dim() > 0}
+        if not tensors or len(lengths) != 1 or 0 in lengths:
+            raise SpliceError("--data must return model inputs with one batch size on dim 0, e.g. "
+                              "{'input_ids': LongTensor[N, T], 'attention_mask': ...} or {'pixel_values': ...}")
+        count = min(samples, lengths.pop())
+        return Inputs({key: value[:count] if isinstance(value, torch.Tensor) else value
+                       for key, value in data.items()}, count)
+    raise SpliceError(f"--data returned {type(data).__name__}; return a dict of input tensors or a tensor")
+
+
+def _takes_argument(function: Callable) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) and
+               p.default is p.empty for p in parameters)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def build_model(class_name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                device: torch.device, location: str) -> torch.nn.Module:
+    """A transformers model of `class_name` from a config dict, loaded with `state` (stored names), in fp32."""
+    import transformers
+
+    settings = dict(config)
+    model_type = settings.pop("model_type")
+    with quiet_transformers():
+        hf_config = transformers.AutoConfig.for_model(model_type, **settings)
+        model = getattr(transformers, class_name)(hf_config)
+    names = stored_to_module_names(model)
+    loaded = {}
+    for name, tensor in state.items():
+        if name in names:
+            loaded[names[name]] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+    result = model.load_state_dict(loaded, strict=False)
+    shared = {tensor.data_ptr() for key, tensor in model.state_dict().items() if key in loaded}
+    untied = [key for key in result.missing_keys if model.state_dict()[key].data_ptr() not in shared]
+    if result.unexpected_keys or untied:
+        problem = untied[0] if untied else result.unexpected_keys[0]
+        raise SpliceError(f"{location}: cannot load its tensors into {class_name} to collect activations "
+                          f"({problem} does not fit)")
+    return model.to(device=device, dtype=torch.float32).eval()
+
+
+def module_paths(model: torch.nn.Module, stored_modules: set[str]) -> dict[str, str]:
+    """{stored module name: live module path} for modules owning a stored `<module>.weight`."""
+    names = stored_to_module_names(model)
+    paths = {}
+    for stored in stored_modules:
+        live = names.get(f"{stored}.weight")
+        if live is None:
+            raise SpliceError(f"no live module holds the stored tensor {stored}.weight")
+        paths[stored] = live.removesuffix(".weight")
+    return paths
+
+
+def _token_rows(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A module output as [tokens, features]: conv maps [B, C, H, W] become tokens, one vector per sample is
+    one token, and padding (attention mask 0) is dropped where the sequence lengths agree."""
+    if output.dim() == 4:
+        output = output.flatten(2).transpose(1, 2)
+    elif output.dim() == 2:
+        output = output[:, None]
+    if mask is not None and output.dim() == 3 and output.shape[:2] == mask.shape:
+        return output[mask.bool()]
+    return output.reshape(-1, output.shape[-1])
+
+
+@torch.no_grad()
+def collect(model: torch.nn.Module, stored_modules: set[str], inputs: Inputs, tokens: int,
+            device: torch.device) -> dict[str, torch.Tensor]:
+    """{stored module name: activations [tokens, features]} over `inputs`, at most about `tokens` rows each.
+
+    Each batch keeps a seeded random subset of its rows whose size depends only on the batch and the number
+    of rows, so every model keeps the same tokens."""
+    paths = module_paths(model, stored_modules)
+    collected: dict[str, list[torch.Tensor]] = {stored: [] for stored in stored_modules}
+    state: dict[str, Any] = {"mask": None, "batch": 0, "quota": 0}
+
+    def hook_for(stored: str):
+        def hook(_module, _inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            rows = _token_rows(output.detach().to(torch.float32), state["mask"])
+            if len(rows) > state["quota"]:
+                generator = torch.Generator().manual_seed(1_000_003 * state["batch"] + len(rows))
+                keep = torch.randperm(len(rows), generator=generator)[:state["quota"]].sort().values
+                rows = rows[keep.to(rows.device)]
+            collected[stored].append(rows)
+
+        return hook
+
+    handles = [model.get_submodule(path).register_forward_hook(hook_for(stored)) for stored, path in paths.items()]
+    try:
+        for index, (batch, mask) in enumerate(inputs.chunks(BATCH_SIZE, device)):
+            size = len(batch) if isinstance(batch, torch.Tensor) else len(next(
+                value for value in batch.values() if isinstance(value, torch.Tensor)))
+            state.update(mask=mask, batch=index, quota=math.ceil(tokens * size / inputs.count))
+            try:
+                model(batch) if isinstance(batch, torch.Tensor) else model(**batch)
+            except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+                raise SpliceError(f"the --data inputs do not run through {type(model).__name__}: "
+                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {stored: torch.cat(parts) for stored, parts in collected.items() if parts}

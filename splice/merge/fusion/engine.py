@@ -1,0 +1,537 @@
+"""Optimal-transport fusion of transformers (Imfeld et al., ICLR 2024), one generic engine over the
+declarative descriptions in `architectures.py`.
+
+For each model other than the anchor, the engine walks the description in data-flow order and keeps one
+transport map per space: a `Linear` aligns its input with the map of its input space, solves a map for its
+output space (from activations or from its input-aligned weights) and aligns its outputs with it; LayerNorms
+and embedding tables are transported by the map of their space; residual adds combine maps by the residual
+policy. The aligned models and the anchor are then averaged with weights 1/N (for N > 2 this is the
+authors' average of the N-1 pairwise fusions). Models of other widths are aligned into the anchor's width,
+so the output always has the anchor's shapes and config.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splice.errors import IncompatibleModelsError, SpliceError
+from splice.merge.fusion import transport
+from splice.merge.fusion.activations import DataSource, Inputs, build_model, collect, load_inputs
+from splice.merge.fusion.architectures import (
+    ARCHITECTURES,
+    STREAM,
+    Architecture,
+    Linear,
+    Norm,
+    Residual,
+    Step,
+    Table,
+    is_copied,
+    required_names,
+    steps,
+    supported,
+    tensor_names,
+)
+from splice.merge.fusion.report import FusionReport, MapStat
+from splice.progress import NoProgress, Progress
+from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.device import compute_dtype_for, resolve_device
+from splice.tensors.stream import open_all, read_model
+from splice.tensors.writer import (
+    DEFAULT_SHARD_SIZE,
+    copy_side_files,
+    ensure_output_free,
+    staged_output,
+    write_state_dict,
+)
+
+ALIGNMENTS = ("activations", "weights")
+QK_POLICIES = ("separate", "shared")
+DEFAULT_TOKENS = 4096
+
+
+@dataclass
+class ModelPlan:
+    """One input model as the description sees it."""
+
+    location: str
+    checkpoint: Checkpoint
+    config: dict[str, Any]
+    arch: Architecture
+    class_name: str
+    steps: list[Step]
+    widths: dict[str, int]  # space -> number of neurons
+    heads: int
+    copied: list[str]  # stored tensors taken from the anchor as they are (buffers, integer tensors)
+
+
+# -- planning: every check that can fail happens here, before any tensor is read ----------------------------------
+
+def _shape_of_linear(node: Linear, shapes: dict[str, tuple[int, ...]], where: str) -> tuple[int, ...]:
+    shape = shapes[node.weight]
+    if len(shape) < 2:
+        raise SpliceError(f"{where}: {node.weight} has shape {shape}; a linear layer's weight has 2 or more dims")
+    if node.conv1d:
+        shape = (shape[1], shape[0], *shape[2:])
+    if node.part is not None:
+        k, n = node.part
+        if shape[0] % n:
+            raise SpliceError(f"{where}: {node.weight} has {shape[0]} outputs, not divisible into {n} blocks")
+        shape = (shape[0] // n, *shape[1:])
+    bias = shapes.get(node.bias)
+    if bias is not None and bias != ((shape[0] * (node.part[1] if node.part else 1)),):
+        raise SpliceError(f"{where}: {node.bias} has shape {bias}, which does not fit {node.weight}")
+    return shape
+
+
+def _plan_widths(plan_steps: list[Step], shapes: dict[str, tuple[int, ...]], where: str) -> dict[str, int]:
+    widths: dict[str, int] = {}
+
+    def need(space: str, size: int, tensor: str) -> None:
+        if space not in widths:
+            raise SpliceError(f"{where}: the fusion description uses space {space} before defining it")
+        if widths[space] != size:
+            raise SpliceError(f"{where}: {tensor} has {size} features where {widths[space]} are expected; "
+                              "the checkpoint does not match its config")
+
+    for step in plan_steps:
+        node = step.node
+        if isinstance(node, Linear):
+            shape = _shape_of_linear(node, shapes, where)
+            if node.inp is not None:
+                need(step.space(node.inp), shape[1], node.weight)
+            if node.out is not None:
+                widths[step.space(node.out)] = shape[0]
+        elif isinstance(node, Table):
+            width = shapes[node.tensor][-1]
+            if node.source is None:
+                need(step.space(node.space), width, node.tensor)
+            else:
+                widths[step.space(node.space)] = width
+        elif isinstance(node, Norm):
+            for name in (node.weight, node.bias):
+                if name in shapes:
+                    need(step.space(node.space), shapes[name][0], name)
+        elif isinstance(node, Residual):
+            sizes = {widths[step.space(name)] for name in node.inputs}
+            if len(sizes) != 1:
+                raise SpliceError(f"{where}: {step.scope}: residual inputs {node.inputs} have widths {sizes}")
+            widths[step.space(node.out)] = sizes.pop()
+    return widths
+
+
+def _plan_model(checkpoint: Checkpoint) -> ModelPlan:
+    location = checkpoint.location
+    config = checkpoint.config()
+    if config is None:
+        raise SpliceError(f"{location}: no config.json; fusion needs the model's config")
+    arch = ARCHITECTURES.get(config.get("model_type"))
+    if arch is None:
+        raise SpliceError(f"{location}: fuse does not support model_type {config.get('model_type')!r}; "
+                          f"supported: {supported()}")
+    present = set(checkpoint.tensors)
+    declared = config.get("architectures") or []
+    if declared:
+        class_name = declared[0]
+        if class_name not in arch.classes:
+            raise SpliceError(f"{location}: fuse does not support {class_name}; supported: {supported()}")
+    else:  # no class recorded: the backbone prefix of the stored names decides
+        first = next(node for node in arch.embeddings if required_names(node))
+        candidates = [cls for cls, base in arch.classes.items()
+                      if {name.format(base=base) for name in required_names(first)} <= present]
+        if not candidates:
+            raise SpliceError(f"{location}: not a {arch.name} checkpoint fuse can read; supported: {supported()}")
+        class_name = candidates[0]
+    layers = config.get(arch.layers_key)
+    heads = config.get(arch.heads_key)
+    if not isinstance(layers, int) or not isinstance(heads, int) or layers < 1 or heads < 1:
+        raise SpliceError(f"{location}: config.json lacks {arch.layers_key} or {arch.heads_key}")
+    plan_steps = steps(arch, arch.classes[class_name], layers, present)
+    covered: set[str] = set()
+    for step in plan_steps:
+        missing = sorted(required_names(step.node) - present)
+        if missing:
+            raise SpliceError(f"{location}: tensor {missing[0]} is missing; this is not a standard {class_name} "
+                              f"checkpoint with {layers} layers")
+        covered |= tensor_names(step.node) & present
+    copied = []
+    for name in sorted(present - covered):
+        if is_copied(arch, name) or not checkpoint.tensors[name].dtype.is_floating_point:
+            copied.append(name)
+        else:
+            raise SpliceError(f"{location}: fuse does not know where tensor {name} sits in a {class_name}; "
+                              "only the standard layout is supported")
+    shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
+    widths = _plan_widths(plan_steps, shapes, location)
+    for step in plan_steps:
+        node = step.node
+        if isinstance(node, Linear) and node.heads and widths[step.space(node.out)] % heads:
+            raise SpliceError(f"{location}: {node.weight}: {widths[step.space(node.out)]} outputs do not split "
+                              f"into {heads} heads")
+    return ModelPlan(location, checkpoint, config, arch, class_name, plan_steps, widths, heads, copied)
+
+
+def _check_compatible(plans: list[ModelPlan]) -> None:
+    first = plans[0]
+    for other in plans[1:]:
+        pair = f"{first.location} and {other.location}"
+        if other.class_name != first.class_name:
+            raise IncompatibleModelsError(f"{pair} are different architectures ({first.class_name} vs "
+                                          f"{other.class_name}); fusion needs one architecture")
+        arch = first.arch
+        depth_a, depth_b = first.config[arch.layers_key], other.config[arch.layers_key]
+        if depth_a != depth_b:
+            raise IncompatibleModelsError(f"{pair} have different depths ({depth_a} vs {depth_b} layers); fusion "
+                                          "pairs layers one to one, so the depths must agree")
+        for key in arch.must_match:
+            value_a, value_b = first.config.get(key), other.config.get(key)
+            if value_a != value_b:
+                if key == "vocab_size":
+                    raise IncompatibleModelsError(f"{pair} have different vocabularies ({value_a} vs {value_b} "
+                                                  "tokens); fusion needs the same tokenizer")
+                raise IncompatibleModelsError(f"{pair} disagree on config {key} ({value_a!r} vs {value_b!r}); "
+                                              "only widths may differ between fused models")
+        if [s.id for s in other.steps] != [s.id for s in first.steps]:
+            extra = sorted({s.id for s in first.steps} ^ {s.id for s in other.steps})
+            raise IncompatibleModelsError(f"{pair} have different parts ({extra[0]} is in only one of them)")
+        shape_a = {name: info.shape for name, info in first.checkpoint.tensors.items()}
+        shape_b = {name: info.shape for name, info in other.checkpoint.tensors.items()}
+        for step in first.steps:
+            _check_fixed_dims(step.node, shape_a, shape_b, pair)
+
+
+def _check_fixed_dims(node, shape_a: dict[str, tuple[int, ...]], shape_b: dict[str, tuple[int, ...]],
+                      pair: str) -> None:
+    """Axes that no transport map re-orders must agree: class count, vocabulary, positions, kernels."""
+    if isinstance(node, Linear):
+        a, b = _shape_of_linear(node, shape_a, pair), _shape_of_linear(node, shape_b, pair)
+        if node.out is None and a[0] != b[0]:
+            raise IncompatibleModelsError(f"{pair} disagree on {node.weight}: {a[0]} vs {b[0]} outputs "
+                                          "(a different number of labels?)")
+        if node.inp is None and a[1:] != b[1:]:
+            raise IncompatibleModelsError(f"{pair} disagree on the input of {node.weight}: {a[1:]} vs {b[1:]}")
+        if (node.bias in shape_a) != (node.bias in shape_b):
+            raise IncompatibleModelsError(f"{pair}: only one of them has {node.bias}")
+    elif isinstance(node, Table):
+        if shape_a[node.tensor][:-1] != shape_b[node.tensor][:-1]:
+            raise IncompatibleModelsError(f"{pair} disagree on {node.tensor}: {shape_a[node.tensor]} vs "
+                                          f"{shape_b[node.tensor]}")
+    elif isinstance(node, Norm) and (node.bias in shape_a) != (node.bias in shape_b):
+        raise IncompatibleModelsError(f"{pair}: only one of them has {node.bias}")
+
+
+def plan(models: Sequence[str | os.PathLike], storage_options: dict | None = None) -> list[ModelPlan]:
+    """Open and check the models: supported architecture, same depth, vocabulary and config but for widths."""
+    plans = [_plan_model(checkpoint) for checkpoint in open_all([str(m) for m in models], storage_options)]
+    _check_compatible(plans)
+    return plans
+
+
+# -- aligning one model onto the anchor -----------------------------------------------------------------------------
+
+def _read_linear(state: dict[str, torch.Tensor], node: Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, in, *kernel], bias [out] or None) through the node's layout."""
+    weight = state[node.weight]
+    if node.conv1d:
+        weight = weight.transpose(0, 1)
+    bias = state.get(node.bias)
+    if node.part is not None:
+        k, n = node.part
+        weight = weight.chunk(n)[k]
+        bias = bias.chunk(n)[k] if bias is not None else None
+    return weight, bias
+
+
+def _align_inputs(weight: torch.Tensor, in_map: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("oi...,ij->oj...", weight, in_map.to(weight.dtype))
+
+
+def _align_outputs(tensor: torch.Tensor, out_map: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ij,i...->j...", out_map.to(tensor.dtype), tensor)
+
+
+@dataclass
+class FusionOptions:
+    align: str = "activations"
+    solver: str = "emd"
+    reg: float = 0.08
+    residual: str = "average"
+    qk: str = "separate"
+
+
+class _PairAligner:
+    """Aligns one model onto the anchor: returns its tensors in the anchor's shapes, and the map statistics."""
+
+    def __init__(self, index: int, model: ModelPlan, anchor: ModelPlan, state_m: dict[str, torch.Tensor],
+                 state_a: dict[str, torch.Tensor], feats_m: dict[str, torch.Tensor] | None,
+                 feats_a: dict[str, torch.Tensor] | None, options: FusionOptions):
+        self.index, self.model, self.anchor = index, model, anchor
+        self.state_m, self.state_a = state_m, state_a
+        self.feats_m, self.feats_a = feats_m, feats_a
+        self.options = options
+        self.maps: dict[str, torch.Tensor] = {}
+        self.out: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor | None] | None]] = {}
+        self.stats: list[MapStat] = []
+        self.partners = {(step.scope, step.node.role): step for step in anchor.steps
+                         if isinstance(step.node, Linear) and step.node.role}
+
+    def run(self) -> tuple[dict[str, torch.Tensor], list[MapStat]]:
+        for step in self.model.steps:
+            node = step.node
+            if isinstance(node, Linear):
+                self._linear(step, node)
+            elif isinstance(node, Table):
+                self._table(step, node)
+            elif isinstance(node, Norm):
+                out_map = transport.output_map(self.maps[step.space(node.space)])
+                for name in (node.weight, node.bias):
+                    if name in self.state_m:
+                        self.out[name] = _align_outputs(self.state_m[name], out_map)
+            elif isinstance(node, Residual):
+                coupling = transport.combine(self.options.residual, [self.maps[step.space(n)] for n in node.inputs])
+                self.maps[step.space(node.out)] = coupling
+                self._record(step.scope, node.out, "residual", coupling)
+        return self.out, self.stats
+
+    # points describing each neuron: activations over the sampled tokens, or (input-aligned) weights
+    def _linear_points(self, step: Step, node: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.options.align == "activations":
+            return self._activation_points(node.module, node.part)
+        weight_m, _ = _read_linear(self.state_m, node)
+        weight_a, _ = _read_linear(self.state_a, node)
+        if node.inp is not None:
+            weight_m = _align_inputs(weight_m, transport.input_map(self.maps[step.space(node.inp)]))
+        return transport.unit_rows(weight_m.flatten(1)), transport.unit_rows(weight_a.flatten(1))
+
+    def _activation_points(self, module: str, part: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        points = []
+        for feats in (self.feats_m, self.feats_a):
+            acts = feats[module]
+            if part is not None:
+                acts = acts.chunk(part[1], dim=1)[part[0]]
+            points.append(transport.standardize(acts).T)
+        return points[0], points[1]
+
+    def _solve(self, scope: str, space: str, points_m: torch.Tensor, points_a: torch.Tensor,
+               heads: bool) -> torch.Tensor:
+        cost = transport.ground_cost(points_m, points_a)
+        coupling = transport.solve(cost, self.options.solver, self.options.reg)
+        self._record(scope, space, "ot", coupling, cost, heads)
+        return coupling
+
+    def _record(self, scope: str, space: str, kind: str, coupling: torch.Tensor, cost: torch.Tensor | None = None,
+                heads: bool = False) -> None:
+        cross = split = None
+        if heads:
+            cross, split = transport.head_mass(coupling, self.model.heads, self.anchor.heads)
+        self.stats.append(MapStat(
+            self.index, scope, space, kind, tuple(coupling.shape), transport.permutation_closeness(coupling),
+            None if cost is None else transport.transport_cost(coupling, cost), cross, split))
+
+    def _linear(self, step: Step, node: Linear) -> None:
+        weight, bias = _read_linear(self.state_m, node)
+        if node.inp is not None:
+            weight = _align_inputs(weight, transport.input_map(self.maps[step.space(node.inp)]))
+        if node.out is not None:
+            space = step.space(node.out)
+            if space not in self.maps:
+                self.maps[space] = self._map_for(step, node)
+            out_map = transport.output_map(self.maps[space])
+            weight = _align_outputs(weight, out_map)
+            bias = _align_outputs(bias, out_map) if bias is not None else None
+        self._put_linear(node, weight, bias)
+
+    def _map_for(self, step: Step, node: Linear) -> torch.Tensor:
+        partner = self.partners.get((step.scope, "k")) if node.role == "q" else None
+        if self.options.qk == "shared" and partner is not None:
+            q_m, q_a = self._linear_points(step, node)
+            k_m, k_a = self._linear_points(partner, partner.node)
+            coupling = self._solve(step.scope, "qk", torch.cat([q_m, k_m], 1), torch.cat([q_a, k_a], 1), True)
+            self.maps[partner.space(partner.node.out)] = coupling
+            return coupling
+        points_m, points_a = self._linear_points(step, node)
+        return self._solve(step.scope, node.out, points_m, points_a, node.heads)
+
+    def _put_linear(self, node: Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if node.part is not None:
+            k, n = node.part
+            blocks = self.pending.setdefault(node.weight, [None] * n)
+            blocks[k] = (weight, bias)
+            if any(block is None for block in blocks):
+                return
+            weight = torch.cat([block[0] for block in blocks])
+            bias = torch.cat([block[1] for block in blocks]) if bias is not None else None
+            del self.pending[node.weight]
+        if node.conv1d:
+            weight = weight.transpose(0, 1)
+        self.out[node.weight] = weight.contiguous()
+        if bias is not None:
+            self.out[node.bias] = bias
+
+    def _table(self, step: Step, node: Table) -> None:
+        table = self.state_m[node.tensor]
+        rows = table.reshape(-1, table.shape[-1])
+        space = step.space(node.space)
+        if node.source is not None:
+            if node.source == "activations" and self.options.align == "activations":
+                points_m, points_a = self._activation_points(node.module, None)
+            else:
+                table_a = self.state_a[node.tensor]
+                rows_a = table_a.reshape(-1, table_a.shape[-1])
+                if self.options.align == "activations":  # the columns are the activations (the authors' choice)
+                    points_m, points_a = transport.standardize(rows).T, transport.standardize(rows_a).T
+                else:
+                    points_m, points_a = transport.unit_rows(rows.T), transport.unit_rows(rows_a.T)
+            self.maps[space] = self._solve(step.scope, node.space, points_m, points_a, False)
+        aligned = rows @ transport.output_map(self.maps[space]).to(rows.dtype)
+        self.out[node.tensor] = aligned.reshape(self.state_a[node.tensor].shape)
+
+
+# -- the whole fusion -----------------------------------------------------------------------------------------------
+
+def _read_state(checkpoint: Checkpoint, device: torch.device) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, tensor in read_model(checkpoint):
+        if tensor.dtype.is_floating_point:
+            tensor = tensor.to(device=device, dtype=compute_dtype_for(tensor.dtype))
+        state[name] = tensor
+    return state
+
+
+def _hooked_modules(model: ModelPlan, align: str) -> set[str]:
+    if align != "activations":
+        return set()
+    modules = set()
+    for step in model.steps:
+        node = step.node
+        if isinstance(node, Linear) and node.out is not None:
+            modules.add(node.module)
+        elif isinstance(node, Table) and node.source == "activations":
+            modules.add(node.module)
+    return modules
+
+
+def _activations(model: ModelPlan, state: dict[str, torch.Tensor], inputs: Inputs | None, tokens: int,
+                 device: torch.device, modules: set[str]) -> dict[str, torch.Tensor] | None:
+    if inputs is None:
+        return None
+    live = build_model(model.class_name, model.config, state, device, model.location)
+    try:
+        return collect(live, modules, inputs, tokens, device)
+    finally:
+        del live
+
+
+def _check_options(options: FusionOptions, count: int, anchor: int, tokens: int) -> None:
+    if count < 2:
+        raise SpliceError(f"fusion needs at least two models, got {count}")
+    if not 0 <= anchor < count:
+        raise SpliceError(f"--anchor {anchor} is not a model index: give 0..{count - 1}")
+    if options.align not in ALIGNMENTS:
+        raise SpliceError(f"unknown alignment {options.align!r}: use one of {', '.join(ALIGNMENTS)}")
+    if options.solver not in transport.SOLVERS:
+        raise SpliceError(f"unknown solver {options.solver!r}: use one of {', '.join(transport.SOLVERS)}")
+    if options.solver == "sinkhorn" and not options.reg > 0:
+        raise SpliceError(f"--reg must be positive for Sinkhorn, got {options.reg}")
+    if options.residual not in transport.RESIDUAL_POLICIES:
+        raise SpliceError(f"unknown residual policy {options.residual!r}: use one of "
+                          f"{', '.join(transport.RESIDUAL_POLICIES)}")
+    if options.qk not in QK_POLICIES:
+        raise SpliceError(f"unknown Q/K policy {options.qk!r}: use one of {', '.join(QK_POLICIES)}")
+    if tokens < 1:
+        raise SpliceError(f"tokens must be at least 1, got {tokens}")
+
+
+def _model_widths(model: ModelPlan) -> dict[str, int]:
+    widths = {"hidden": model.widths[STREAM], "heads": model.heads}
+    mlp = model.widths.get("layer 0/mlp")
+    if mlp is not None:
+        widths["intermediate"] = mlp
+    return widths
+
+
+def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, data: DataSource | None = None,
+         align: str = "activations", solver: str = "emd", reg: float = 0.08, anchor: int = 0, samples: int = 200,
+         residual: str = "average", qk: str = "separate", tokens: int = DEFAULT_TOKENS, device: str = "auto",
+         shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
+         storage_options: dict | None = None) -> FusionReport:
+    """Fuse transformers with optimal transport (Imfeld et al., ICLR 2024) into the anchor's shape.
+
+    models: two or more model directories (or fsspec URLs) of one supported architecture and depth
+      (ViTModel, ViTForImageClassification, BertModel, BertForSequenceClassification, GPT2Model,
+      GPT2LMHeadModel); their widths (hidden size, MLP size, heads) may differ: the output has the anchor's.
+    data: inputs for activation alignment: a dict of input tensors (or one tensor), a function returning
+      one (given the anchor's location if it takes an argument), or 'MODULE:FUNCTION' / 'file.py:FUNCTION'.
+      The first `samples` inputs are used, and about `tokens` token positions of them per neuron.
+    align: "activations" (neurons compared by their standardised activations) or "weights" (by their
+      unit-normalised, input-aligned incoming weights; no data needed).
+    solver: "emd" (exact, hard maps) or "sinkhorn" (entropic with `reg`, log-domain below 0.05).
+    residual: how maps combine where streams add: "average" (default), "skip", "branch" or "identity".
+    qk: "separate" maps for queries and keys, or one "shared" map from both.
+    The fused model is written with the anchor's config and side files, and `fusion_report.json` beside it.
+    """
+    started = time.perf_counter()
+    options = FusionOptions(align, solver, float(reg), residual, qk)
+    _check_options(options, len(models), anchor, tokens)
+    ensure_output_free(out, force)
+    plans = plan(models, storage_options)
+    base = plans[anchor]
+    if residual == "identity" and any(p.widths[STREAM] != base.widths[STREAM] for p in plans):
+        raise SpliceError("--residual identity needs models of the same hidden size")
+    inputs = None
+    if align == "activations":
+        if data is None:
+            raise SpliceError("activation alignment needs --data MODULE:FUNCTION returning a batch of inputs, "
+                              "or use --align weights")
+        inputs = load_inputs(data, samples, base.location)
+    torch_device = resolve_device(device)
+    progress = progress or NoProgress()
+    progress.start("fusion", len(plans), sum(p.checkpoint.total_bytes for p in plans), unit="models")
+
+    modules = _hooked_modules(base, align)
+    with torch.no_grad():
+        state_a = _read_state(base.checkpoint, torch_device)
+        feats_a = _activations(base, state_a, inputs, tokens, torch_device, modules)
+        progress.advance(1, base.checkpoint.total_bytes)
+        total = {name: tensor.clone() for name, tensor in state_a.items() if name not in base.copied}
+        stats: list[MapStat] = []
+        for index, model in enumerate(plans):
+            if index == anchor:
+                continue
+            state_m = _read_state(model.checkpoint, torch_device)
+            feats_m = _activations(model, state_m, inputs, tokens, torch_device, modules)
+            aligned, model_stats = _PairAligner(index, model, base, state_m, state_a, feats_m, feats_a,
+                                                options).run()
+            for name in total:
+                total[name] += aligned[name]
+            stats.extend(model_stats)
+            del state_m, feats_m, aligned
+            progress.advance(1, model.checkpoint.total_bytes)
+        fused = {}
+        for name, info in base.checkpoint.tensors.items():
+            if name in total:
+                fused[name] = (total[name] / len(plans)).to(dtype=info.dtype, device="cpu")
+            else:
+                fused[name] = state_a[name].to(dtype=info.dtype, device="cpu")
+    progress.finish()
+
+    report = FusionReport(
+        out=Path(out), architecture=base.class_name, models=[p.location for p in plans], anchor=anchor,
+        align=align, solver=solver, reg=options.reg if solver == "sinkhorn" else None, residual=residual, qk=qk,
+        samples=inputs.count if inputs else 0,
+        tokens=max(len(acts) for acts in feats_a.values()) if feats_a else 0,
+        widths=[_model_widths(p) for p in plans], device=str(torch_device), maps=stats)
+    with staged_output(out, force) as staging:
+        write_state_dict(staging, fused, shard_size, {"splice_merge_method": "ot fusion"})
+        copy_side_files(base.checkpoint, staging)
+        report.seconds = time.perf_counter() - started
+        report.save(staging)
+    return report

@@ -1,0 +1,85 @@
+"""The fusion report: per transport map and per layer, saved as `fusion_report.json` beside the fused model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPORT_FILE = "fusion_report.json"
+
+
+@dataclass(frozen=True)
+class MapStat:
+    """One transport map of one model onto the anchor."""
+
+    model: int  # index of the aligned model in the inputs
+    layer: str  # "embeddings", "layer 3", "head"
+    space: str  # "q", "mlp", "stream", ...
+    kind: str  # "ot": solved here; "residual": combined from other maps by the residual policy
+    width: tuple[int, int]  # (the model's neurons, the anchor's)
+    permutation_closeness: float  # 1: a hard assignment (a permutation between equal widths)
+    cost: float | None = None  # <T, M>, M divided by its max; None for combined maps
+    cross_head_mass: float | None = None  # head-structured spaces: mass moved to another head index
+    head_split_mass: float | None = None  # head-structured spaces: mass not following its head's main match
+
+
+@dataclass(frozen=True)
+class LayerStat:
+    """The maps of one layer of one model, summarised."""
+
+    model: int
+    layer: str
+    maps: int
+    cost: float  # mean transport cost of the solved maps
+    permutation_closeness: float  # lowest closeness among the layer's maps
+    cross_head_mass: float | None  # mean over the layer's head-structured maps
+    head_split_mass: float | None
+
+
+@dataclass
+class FusionReport:
+    out: Path
+    architecture: str
+    models: list[str]
+    anchor: int
+    align: str
+    solver: str
+    reg: float | None
+    residual: str
+    qk: str
+    samples: int  # inputs used for activations (0 for weight-based alignment)
+    tokens: int  # activation rows per neuron (0 for weight-based alignment)
+    widths: list[dict[str, int]]  # per model: hidden size, intermediate size, heads as stored
+    device: str
+    seconds: float = 0.0
+    maps: list[MapStat] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[LayerStat]:
+        groups: dict[tuple[int, str], list[MapStat]] = {}
+        for stat in self.maps:
+            groups.setdefault((stat.model, stat.layer), []).append(stat)
+        out = []
+        for (model, layer), stats in groups.items():
+            solved = [s for s in stats if s.cost is not None]
+            heads = [s for s in stats if s.cross_head_mass is not None]
+            out.append(LayerStat(
+                model, layer, len(stats),
+                sum(s.cost for s in solved) / len(solved) if solved else 0.0,
+                min(s.permutation_closeness for s in stats),
+                sum(s.cross_head_mass for s in heads) / len(heads) if heads else None,
+                sum(s.head_split_mass for s in heads) / len(heads) if heads else None,
+            ))
+        return out
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data["layers"] = [asdict(layer) for layer in self.layers]
+        return data
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / REPORT_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path

@@ -1,0 +1,149 @@
+"""Ground costs, optimal transport (POT) and what is measured on the maps, all on torch tensors.
+
+A map between a model's space (n_m neurons) and the anchor's (n_a neurons) is kept as the *coupling* T
+[n_m, n_a] that the solver returns: non-negative, uniform marginals 1/n_m and 1/n_a, total mass 1.
+Two normalisations of it are applied to weights:
+- `output_map`: columns sum to 1. Outgoing weights, biases, LayerNorm parameters and embedding columns of
+  anchor neuron j become the T-weighted *average* of the matched neurons: `W_al = output_map.T @ W`.
+- `input_map`: rows sum to 1. The next layer's incoming weights *sum* the contributions of the neurons
+  merged into j: `W_in = W @ input_map`.
+With equal widths both equal n * T (the authors' `T / (1/n)`), a permutation matrix when T is one. With
+unequal widths the authors' code uses the row-normalised form for both; averaging outputs and summing inputs
+is what keeps the function when k identical neurons are merged into one (see docs of `engine.fuse`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from splice.errors import SpliceError
+
+SOLVERS = ("emd", "sinkhorn")
+LOG_DOMAIN_BELOW = 0.05  # Sinkhorn's plain iterations stall (or under-flow) for smaller reg on max-normalised costs
+EPS_STD = 1e-9
+
+
+def standardize(acts: torch.Tensor) -> torch.Tensor:
+    """Per-neuron standardisation over samples: acts [samples, neurons] -> (acts - mean) / (std + 1e-9)."""
+    acts = acts.to(torch.float64)
+    return (acts - acts.mean(0)) / (acts.std(0, unbiased=False) + EPS_STD)
+
+
+def unit_rows(points: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (the weight-based cost's normalisation)."""
+    points = points.to(torch.float64)
+    return points / points.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def ground_cost(points_m: torch.Tensor, points_a: torch.Tensor) -> torch.Tensor:
+    """Euclidean (not squared) distances between the neurons as points [n, coords], divided by their max."""
+    if points_m.shape[1] != points_a.shape[1]:
+        raise SpliceError(f"cannot compare neurons described by {points_m.shape[1]} and {points_a.shape[1]} "
+                          "coordinates")
+    cost = torch.cdist(points_m.to(torch.float64), points_a.to(torch.float64))
+    top = cost.max()
+    return cost / top if top > 0 else cost
+
+
+def solve(cost: torch.Tensor, solver: str = "emd", reg: float = 0.08) -> torch.Tensor:
+    """Coupling [n_m, n_a] with uniform marginals: exact (network simplex) or entropic (Sinkhorn with `reg`,
+    log-domain below reg 0.05). Runs where `cost` lives (POT's torch backend; EMD itself runs on the CPU)."""
+    import ot
+
+    n_m, n_a = cost.shape
+    mu = torch.full((n_m,), 1.0 / n_m, dtype=torch.float64, device=cost.device)
+    nu = torch.full((n_a,), 1.0 / n_a, dtype=torch.float64, device=cost.device)
+    if solver == "emd":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plan = ot.emd(mu, nu, cost, numItermax=10_000_000)
+        for warning in caught:  # "numItermax reached before optimality" must not pass silently
+            if "numItermax" in str(warning.message):
+                raise SpliceError(f"exact OT did not converge on a {n_m}x{n_a} cost; try --solver sinkhorn")
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    elif solver == "sinkhorn":
+        method = "sinkhorn_log" if reg < LOG_DOMAIN_BELOW else "sinkhorn"
+        plan = ot.sinkhorn(mu, nu, cost, reg, method=method, numItermax=5000, stopThr=1e-9, warn=False)
+        if not torch.isfinite(plan).all() and method == "sinkhorn":
+            plan = ot.sinkhorn(mu, nu, cost, reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-9,
+                               warn=False)
+        if not torch.isfinite(plan).all() or plan.sum() <= 0:
+            raise SpliceError(f"Sinkhorn failed with reg {reg} on a {n_m}x{n_a} cost; use a larger --reg or "
+                              "--solver emd")
+    else:
+        raise SpliceError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
+    plan = plan.to(torch.float64)
+    return plan / plan.sum()
+
+
+def identity_coupling(n: int, device: torch.device) -> torch.Tensor:
+    return torch.eye(n, dtype=torch.float64, device=device) / n
+
+
+def output_map(coupling: torch.Tensor) -> torch.Tensor:
+    """Columns sum to 1: W_al = output_map.T @ W averages the neurons matched to each anchor neuron."""
+    return coupling / coupling.sum(0, keepdim=True).clamp_min(1e-300)
+
+
+def input_map(coupling: torch.Tensor) -> torch.Tensor:
+    """Rows sum to 1: W @ input_map sums, per anchor neuron, the inputs coming from the neurons merged into it."""
+    return coupling / coupling.sum(1, keepdim=True).clamp_min(1e-300)
+
+
+# -- residual policies (Imfeld et al. `resid_policy`): how maps combine where streams are added -----------------
+
+RESIDUAL_POLICIES = ("average", "skip", "branch", "identity")
+
+
+def combine(policy: str, couplings: list[torch.Tensor]) -> torch.Tensor:
+    """`average` (the authors' `mean`): the mean of the maps; `skip` (`only_resid`): the skip stream's map;
+    `branch` (`no_resid`): the last branch's map; `identity` (`resid_as_identity`): no re-ordering."""
+    if policy == "average":
+        return sum(couplings) / len(couplings)
+    if policy == "skip":
+        return couplings[0]
+    if policy == "branch":
+        return couplings[-1]
+    if policy == "identity":
+        n_m, n_a = couplings[0].shape
+        if n_m != n_a:
+            raise SpliceError("--residual identity needs models of the same width")
+        return identity_coupling(n_a, couplings[0].device)
+    raise SpliceError(f"unknown residual policy {policy!r}: use one of {', '.join(RESIDUAL_POLICIES)}")
+
+
+# -- what the report measures ------------------------------------------------------------------------------------
+
+def transport_cost(coupling: torch.Tensor, cost: torch.Tensor) -> float:
+    """<T, M> with T of total mass 1 and M max-normalised: 0 when every neuron has an exact match."""
+    return float((coupling * cost).sum())
+
+
+def permutation_closeness(coupling: torch.Tensor) -> float:
+    """The share of mass each neuron of the wider side sends to its single best partner: 1 for a permutation
+    (or, between unequal widths, a hard many-to-one assignment); 1/n for the uniform map."""
+    n_m, n_a = coupling.shape
+    top = coupling.max(1).values if n_m >= n_a else coupling.max(0).values
+    return float(top.sum() / coupling.sum())
+
+
+def head_mass(coupling: torch.Tensor, heads_m: int, heads_a: int) -> tuple[float, float]:
+    """(cross-head mass, head-split mass) of a map between head-structured spaces.
+
+    cross-head: the share of mass that moves a neuron of head h to a neuron of a head with another index.
+    head-split: the share that does not follow its source head's main destination head, i.e. what breaks
+    heads apart (0 when whole heads are permuted, however far)."""
+    n_m, n_a = coupling.shape
+    size_m, size_a = n_m // heads_m, n_a // heads_a
+    blocks = coupling.reshape(heads_m, size_m, heads_a, size_a).sum((1, 3))  # [heads_m, heads_a]
+    total = blocks.sum()
+    if heads_m == heads_a:
+        cross = float((total - blocks.diagonal().sum()) / total)
+    else:  # head indices of different head counts: compare relative positions
+        owner_m = torch.arange(heads_m, device=blocks.device)[:, None] * heads_a // heads_m
+        owner_a = torch.arange(heads_a, device=blocks.device)[None, :]
+        cross = float(blocks[owner_m != owner_a].sum() / total)
+    split = float((total - blocks.max(1).values.sum()) / total)
+    return cross, split
