@@ -97,7 +97,7 @@ def lora_steps(patch: Patch) -> dict[str, Step]:
                 value = patch.tensors[start].to(device=value.device, dtype=value.dtype)
             a = patch.tensors[module + SUFFIX_A].to(device=value.device, dtype=value.dtype)
             b = patch.tensors[module + SUFFIX_B].to(device=value.device, dtype=value.dtype)
-            return value + scale * (b @ a)
+            return torch.addmm(value, b, a, alpha=scale)  # one allocation, not three
 
         if start is not None and tuple(shapes[start]) != (rows, cols):
             raise PatchError(f"LoRA patch: {start} is {list(shapes[start])} but its factors make {[rows, cols]}")
