@@ -170,3 +170,20 @@ def test_cli_extracts_and_applies_a_mask_patch(pair, tmp_path, monkeypatch, caps
     code, _, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "mask",
                             "--out", tmp_path / "bad"], monkeypatch, capsys)
     assert code == 2 and err.startswith("error: a mask patch needs --density") and not (tmp_path / "bad").exists()
+
+
+def test_settings_are_described_in_one_line(pair):
+    from splice.adapters.patch import describe_settings
+
+    base_dir, tuned_dir = pair
+    mask = extract_patch(base_dir, tuned_dir, "mask", density=0.05, device="cpu")
+    kept = mask.meta.settings["kept"]
+    assert describe_settings(mask.meta) == (f"density 0.05 per tensor, sparse delta; {sum(kept.values()):,} entries "
+                                            f"kept in {len(kept)} tensors")
+    lora = extract_patch(base_dir, tuned_dir, "lora", rank=2, device="cpu")
+    errors = lora.meta.settings["relative_error"]
+    worst = max(errors, key=errors.get)
+    left = len(lora.meta.settings["left_out"])
+    assert describe_settings(lora.meta) == (f"rank 2 on {len(errors)} matrices; rsLoRA no; relative error of the "
+                                            f"delta at most {errors[worst]:.2g} ({worst}); {left} changed tensors "
+                                            f"left out (not matrices)")

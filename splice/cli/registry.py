@@ -121,11 +121,15 @@ def ls(
 @registry_app.command("show")
 def show(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOptions = None) -> None:
     """Everything about one version: kind, base fingerprint, size, lineage, metrics, aliases and their history."""
+    from splice.adapters.patch import describe_settings
+
     opened = _open(registry, storage_options)
     manifest = opened.resolve(ref)
     meta = manifest.meta
     aliases = opened.aliases(manifest.name)
-    base = (f"{meta.base.digest} ({len(meta.base.tensors)} base tensors touched)" if meta.base else "none")
+    base = (f"{meta.base.digest} ({len(meta.base.tensors)} base tensors touched, {len(meta.base.context)} others "
+            f"sampled)" if meta.base else "none (made elsewhere, e.g. PEFT: checked by shape only)")
+    targets = ", ".join(meta.targets[:4]) + (f", ... ({len(meta.targets)} in all)" if len(meta.targets) > 4 else "")
     rows = [
         ["version", manifest.ref],
         ["digest", manifest.digest],
@@ -134,12 +138,12 @@ def show(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOpti
         ["size", f"{manifest.nbytes:,} bytes ({render.human_bytes(manifest.nbytes)})"],
         ["parameters", f"{manifest.num_parameters:,}"],
         ["tensors", len(manifest.tensors)],
-        ["targets", ", ".join(meta.targets)],
+        ["targets", targets],
         ["lineage", ", ".join(meta.lineage) or "none"],
         ["metrics", ", ".join(f"{k}={v:.6g}" for k, v in meta.metrics.items()) or "none"],
         ["tags", ", ".join(meta.tags) or "none"],
         ["description", meta.description or ""],
-        ["settings", ", ".join(f"{k}={v}" for k, v in meta.settings.items()) or "none"],
+        ["settings", describe_settings(meta)],
         ["created", _when(meta.created)],
         ["pushed", _when(manifest.pushed_at)],
         ["message", manifest.message],
