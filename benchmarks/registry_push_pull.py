@@ -5,8 +5,9 @@ vectors of 1024 (4 KB each), ~203 MB in one `tensors.safetensors`. Measured, loc
 server (in-process ThreadedMotoServer on 127.0.0.1, through s3fs):
 
   plain push    fs.put(patch/tensors.safetensors, DEST/tensors.safetensors)
-  splice push   Registry.push(name, patch_dir): read every tensor, sha256 it, write the blobs not stored yet,
-                then the manifest (a fresh registry each round, so every blob is new)
+  splice push   Registry.push(name, patch_dir): read every tensor, sha256 it, write the blobs (and, in format 2,
+                the packs of small tensors) not stored yet, then the manifest (a fresh registry each round, so
+                every blob is new)
   push again    the same push once more: every blob is found stored, 0 new blob bytes
   plain pull    fs.get(DEST/tensors.safetensors, local file)
   splice pull   Registry.pull(ref, out): every blob fetched, hash-checked, written into tensors.safetensors

@@ -1,9 +1,25 @@
 """The registry's file formats (pydantic): the registry marker, version manifests, tombstones, alias moves.
 
 A version manifest is immutable: it names its patch and version number, carries the patch's PatchMeta and
-a table of its tensors (each the sha256 of its raw little-endian C-order bytes, which names its blob), and a
-content digest over the canonical JSON of the meta (less its creation time) and the tensor table, so the
-same patch pushed twice has the same content digest.
+a table of its tensors, and a content digest over the canonical JSON of the meta (less its creation time)
+and the tensor table's *content* fields, so the same patch pushed twice has the same content digest
+wherever its bytes happen to be stored.
+
+A tensor entry (`TensorEntry`) records the tensor's own sha256 (of its raw little-endian C-order bytes),
+dtype, shape and byte size, and where its bytes are:
+
+- format 1 and large tensors: `{"digest", "dtype", "shape", "nbytes"}` -- the tensor is a blob of its own,
+  `blobs/sha256/<digest[:2]>/<digest>`;
+- format 2, small tensors: also `"blob"` (the sha256 of a *pack* blob: the raw bytes of several small
+  tensors concatenated) and `"offset"` -- the tensor is bytes offset..offset+nbytes of that pack.
+
+Either way every tensor read is checked against its own sha256, so a damaged pack is attributed to the
+tensors (and versions) whose bytes it breaks. `blob` and `offset` are not part of the content digest, so a
+format-1 manifest's digest is computed exactly as before.
+
+Registry formats: 1 (every tensor its own blob) and 2 (small tensors packed). Format-2 code reads and
+writes format-1 registries (writing them as format 1: no packs, so older splice can still read them);
+`init` creates format 2; a format-1 splice refuses a format-2 registry with "upgrade splice".
 """
 
 from __future__ import annotations
@@ -14,14 +30,14 @@ from datetime import datetime, timezone
 from math import prod
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_serializer, model_validator
 
 from splice.adapters.patch import PatchMeta
 from splice.registry.refs import RegistryError
 
 REGISTRY_FORMAT = "splice-registry"
-REGISTRY_FORMAT_VERSION = 1
-MANIFEST_FORMAT_VERSION = 1
+REGISTRY_FORMAT_VERSION = 2  # 2: small tensors packed into shared blobs (1: one blob per tensor)
+MANIFEST_FORMAT_VERSION = 2  # 2: entries may name a pack blob and an offset
 HEX64 = r"^[0-9a-f]{64}$"
 DIGEST = r"^sha256:[0-9a-f]{64}$"
 
@@ -47,14 +63,44 @@ class TensorEntry(BaseModel):
     dtype: str  # safetensors dtype code: F32, BF16, I64, BOOL, ...
     shape: tuple[int, ...]
     nbytes: int = Field(ge=0)
+    blob: str | None = Field(default=None, pattern=HEX64)  # a pack holding the bytes; None: a blob of its own
+    offset: int = Field(default=0, ge=0)  # where its bytes start in the pack
+
+    @model_validator(mode="after")
+    def _own_blob_starts_at_zero(self) -> TensorEntry:
+        if self.blob is None and self.offset:
+            raise ValueError("an offset needs a pack blob")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler):
+        data = handler(self)
+        if self.blob is None:  # a blob of its own: written exactly as format 1 wrote it
+            data.pop("blob", None)
+            data.pop("offset", None)
+        return data
 
     @property
     def numel(self) -> int:
         return prod(self.shape)
 
+    @property
+    def blob_digest(self) -> str:
+        """The sha256 naming the blob that holds this tensor's bytes."""
+        return self.blob or self.digest
+
+    @property
+    def packed(self) -> bool:
+        return self.blob is not None
+
+    def content(self) -> dict:
+        """What the content digest covers: the tensor, not where it is stored."""
+        return {"digest": self.digest, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
+
 
 class PushStats(BaseModel):
-    """What one push moved: blobs written anew vs found already stored (content-addressed)."""
+    """What one push moved: blobs (a large tensor's own blob, or a pack of small tensors) written anew vs
+    found already stored (content-addressed)."""
 
     blobs_written: int = 0
     bytes_written: int = 0
@@ -64,10 +110,11 @@ class PushStats(BaseModel):
 
 
 def content_digest(meta: PatchMeta, tensors: dict[str, TensorEntry]) -> str:
-    """sha256 over the canonical JSON of the meta (without `created`) and the tensor table."""
+    """sha256 over the canonical JSON of the meta (without `created`) and the tensor table (without storage
+    locations: a tensor in a pack has the same digest as one in a blob of its own)."""
     body = {
         "meta": meta.model_dump(mode="json", exclude={"created"}),
-        "tensors": {name: entry.model_dump(mode="json") for name, entry in tensors.items()},
+        "tensors": {name: entry.content() for name, entry in tensors.items()},
     }
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,20 +1,37 @@
 """A versioned patch registry on any fsspec location: content-addressed blobs, immutable version manifests,
 aliases moved by compare-and-swap.
 
-Layout under the registry's root::
+Layout under the registry's root (registry format 2; see splice.registry.manifest for the file formats)::
 
     registry.json                                   format marker (written once, by `init`)
-    blobs/sha256/<2 hex>/<64 hex>                   one blob per tensor: its raw bytes, named by their sha256
+    blobs/sha256/<2 hex>/<64 hex>                   immutable blobs, named by the sha256 of their bytes:
+                                                      - a large tensor's raw bytes (one blob per tensor), or
+                                                      - a pack: the raw bytes of small tensors, concatenated
     patches/<name>/versions/<n>.json                immutable manifests, created exclusively (numbers never reused)
     patches/<name>/removed/<n>.json                 tombstones: version n was removed; n is never handed out again
     patches/<name>/aliases/<alias>/<generation>.json  alias moves; the highest generation is the alias's value
     tmp/                                            local temp files (renamed or linked into place; swept by gc)
+
+Tensors of at least `PACK_BELOW` bytes (1 MiB) get a blob of their own, so they are deduplicated tensor by
+tensor across every version and name. Smaller ones (LayerNorm vectors, biases, masks) are packed, in
+manifest order, into pack blobs of at most `PACK_BYTES`: a push of hundreds of small tensors costs a handful
+of requests, not hundreds, and a pull reads each pack with one (range) request. The manifest records each
+packed tensor's pack and offset next to its own sha256, so every tensor read is still verified on its own,
+a partial load reads only the byte ranges it needs, and a damaged pack is attributed to the tensors (and
+versions) it breaks. Packs are deduplicated whole: pushing the same small tensors again finds the same
+pack. Format-1 registries (every tensor its own blob) are read and written as before, without packs.
 
 Every write is atomic: a blob or manifest is either absent or complete. A push writes its blobs first and its
 manifest last, so a push that dies leaves no visible version, only unreachable blobs that `gc` removes after a
 grace period. Version manifests and alias moves are created with an exclusive create (a hard link locally, an
 in-process lock for memory://, a conditional put `If-None-Match: *` on S3); a filesystem that offers none of
 these is refused for writing rather than risk handing out a version number twice.
+
+Speed: locally, tensors are read from the patch file in `IO_CHUNK` pieces into reused per-thread buffers,
+hashed and written in the same pass (a blob's temp file is written while its name is being computed), on a
+few threads (hashlib releases the GIL); a pull writes each verified piece straight to its offset in the
+output file. Remote stores get one existence check (HEAD) and one PUT per blob or pack, a few at a time,
+and reads of several small ranges batched into one `cat_ranges`.
 """
 
 from __future__ import annotations
@@ -29,17 +46,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from math import prod
 from pathlib import Path
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from splice.adapters.patch import MANIFEST, TENSORS, Patch, PatchMeta
+from splice.adapters.patch import MANIFEST, TENSORS, Patch, PatchMeta, StoredTensors
 from splice.errors import SpliceError
 from splice.registry.manifest import (
+    MANIFEST_FORMAT_VERSION,
     REGISTRY_FORMAT,
     REGISTRY_FORMAT_VERSION,
     AliasRecord,
@@ -53,15 +72,16 @@ from splice.registry.manifest import (
     parse_model,
 )
 from splice.registry.refs import Ref, RegistryError, check_alias, check_name, parse_ref
-from splice.tensors.checkpoint import DTYPE_TO_SAFETENSORS, SAFETENSORS_DTYPES, split_location
+from splice.tensors.checkpoint import DTYPE_TO_SAFETENSORS, SAFETENSORS_DTYPES, Checkpoint, split_location
 
 ENV_VAR = "SPLICE_REGISTRY"
 DEFAULT_LOCATION = "~/.cache/splice/registry"
 REGISTRY_FILE = "registry.json"
-SMALL_BLOB = 1 << 20  # blobs below this travel in batches to remote registries
-BATCH_BYTES = 8 << 20  # at most this many bytes of small blobs in one batch
-IO_CHUNK = 1 << 20  # local reads and writes go in pieces of this size
-IN_FLIGHT_BYTES = 256 << 20  # a pull holds at most this much fetched-but-unwritten data (or one tensor)
+PACK_BELOW = 1 << 20  # format 2: tensors smaller than this are packed into shared blobs
+PACK_BYTES = 32 << 20  # at most this many bytes of small tensors in one pack
+SMALL_READ = 1 << 20  # remote reads smaller than this travel in batches (one cat_ranges)
+BATCH_BYTES = 8 << 20  # at most this many bytes of small reads in one batch
+IO_CHUNK = 1 << 20  # local reads and writes go in pieces of this size (much faster here than huge ones)
 _MEMORY_LOCK = threading.Lock()
 
 
@@ -135,6 +155,25 @@ def _mtime(info: Mapping) -> float | None:
     return None
 
 
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill `view` from `fd` at `offset` in IO_CHUNK pieces; the bytes read (fewer at the end of the file)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:done + IO_CHUNK]], offset + done)
+        if got <= 0:
+            break
+        done += got
+    return done
+
+
+def _write_all(fd: int, view: memoryview, offset: int | None = None) -> None:
+    """Write `view` to `fd` (at `offset` with pwrite, else at the file position) in IO_CHUNK pieces."""
+    done = 0
+    while done < len(view):
+        piece = view[done:done + IO_CHUNK]
+        done += os.write(fd, piece) if offset is None else os.pwrite(fd, piece, offset + done)
+
+
 # -- storage backends ----------------------------------------------------------------------------
 
 
@@ -153,22 +192,20 @@ class _Backend:
     def read(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
 
-    def read_blobs(self, items: Sequence[tuple[str, int]]) -> list[bytes | BaseException]:
-        """Blob bytes for (rel, expected size) pairs, each read no further than one byte past its size."""
-        out: list[bytes | BaseException | None] = [None] * len(items)
-        empty = [i for i, (_, size) in enumerate(items) if size == 0]  # a range read of nothing is an error on S3
-        for i, size in zip(empty, self.sizes([items[i][0] for i in empty])):
-            out[i] = FileNotFoundError(items[i][0]) if size is None else b"\0" * min(size, 1)
-        rest = [i for i, (_, size) in enumerate(items) if size > 0]
+    def read_ranges(self, items: Sequence[tuple[str, int, int]]) -> list[bytes | bytearray | BaseException]:
+        """Bytes start..end of each (rel, start, end), fewer where the blob ends sooner; the backend's exception
+        (FileNotFoundError for a missing blob) in place of a range that cannot be read. Empty ranges read nothing."""
+        out: list[bytes | bytearray | BaseException] = [b""] * len(items)
+        rest = [i for i, (_, start, end) in enumerate(items) if end > start]
         if len(rest) == 1:
-            rel, size = items[rest[0]]
+            rel, start, end = items[rest[0]]
             try:
-                out[rest[0]] = self.fs.cat_file(self.path(rel), start=0, end=size + 1)
+                out[rest[0]] = self.fs.cat_file(self.path(rel), start=start, end=end)
             except Exception as exc:  # the backend's own type; the caller names the blob
                 out[rest[0]] = exc
         elif rest:
-            found = self.fs.cat_ranges([self.path(items[i][0]) for i in rest], [0] * len(rest),
-                                       [items[i][1] + 1 for i in rest], on_error="return")
+            found = self.fs.cat_ranges([self.path(items[i][0]) for i in rest], [items[i][1] for i in rest],
+                                       [items[i][2] for i in rest], on_error="return")
             for i, data in zip(rest, found):
                 out[i] = data
         return out
@@ -208,7 +245,7 @@ class _Backend:
             return []
         return [os.path.basename(str(e).rstrip("/")) for e in entries]
 
-    def put_many(self, blobs: dict[str, bytes | memoryview]) -> None:
+    def put_many(self, blobs: dict[str, bytes | bytearray | memoryview]) -> None:
         """Overwriting writes of content-addressed blobs (each a single atomic put)."""
         if len(blobs) == 1:
             ((rel, data),) = blobs.items()
@@ -282,41 +319,61 @@ class _LocalBackend(_Backend):
         os.makedirs(tmp, exist_ok=True)
         return os.path.join(tmp, f"{uuid.uuid4().hex}.tmp")
 
-    def _write_tmp(self, data: bytes | memoryview, sync: bool = False) -> str:
-        tmp = self._tmp()
-        view = memoryview(data).cast("B")
-        with open(tmp, "wb", buffering=0) as handle:
-            for start in range(0, len(view), IO_CHUNK):  # moderate writes: much faster than one huge one here
-                handle.write(view[start:start + IO_CHUNK])
+    def _write_tmp(self, data: bytes | bytearray | memoryview, sync: bool = False) -> str:
+        tmp, fd = self.new_temp()
+        try:
+            _write_all(fd, memoryview(data).cast("B"))
             if sync:
-                handle.flush()
-                os.fsync(handle.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         return tmp
 
     def read(self, rel: str) -> bytes:
         with open(self.path(rel), "rb") as handle:
             return handle.read()
 
-    def read_blobs(self, items: Sequence[tuple[str, int]]) -> list[bytes | BaseException]:
-        out: list[bytes | BaseException] = []
-        for rel, size in items:
+    def read_ranges(self, items: Sequence[tuple[str, int, int]]) -> list[bytes | bytearray | BaseException]:
+        out: list[bytes | bytearray | BaseException] = []
+        for rel, start, end in items:
+            if end <= start:
+                out.append(b"")
+                continue
             try:
-                with open(self.path(rel), "rb", buffering=0) as handle:
-                    actual = os.fstat(handle.fileno()).st_size
-                    if actual != size:  # never read a blob of the wrong size (it could be huge)
-                        out.append(bytearray(min(actual, size + 1)))
-                        continue
-                    buf = bytearray(size)
-                    view, done = memoryview(buf), 0
-                    while done < size:
-                        got = handle.readinto(view[done:done + IO_CHUNK])
-                        if not got:
-                            break
-                        done += got
-                    out.append(buf if done == size else buf[:done])
+                fd = os.open(self.path(rel), os.O_RDONLY)
             except FileNotFoundError as exc:
                 out.append(exc)
+                continue
+            try:
+                buf = bytearray(end - start)
+                done = _pread_into(fd, memoryview(buf), start)
+                if done < len(buf):
+                    del buf[done:]
+                out.append(buf)
+            finally:
+                os.close(fd)
         return out
+
+    def new_temp(self) -> tuple[str, int]:
+        """(path, fd) of a new temp file under <root>/tmp, open for writing."""
+        tmp = self._tmp()
+        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def publish(self, tmp: str, rel: str, size: int) -> bool:
+        """Rename a complete temp file into place as blob `rel`, unless a blob of that size is there already
+        (then the temp is dropped and the blob made young again, for gc's grace). True if it was written."""
+        final = self.path(rel)
+        try:
+            if os.stat(final).st_size == size:
+                os.unlink(tmp)
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(final)
+                return False
+        except FileNotFoundError:
+            pass
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.replace(tmp, final)  # atomic: readers see no blob or the whole blob
+        return True
 
     def sizes(self, rels: Sequence[str]) -> list[int | None]:
         sizes = []
@@ -333,7 +390,7 @@ class _LocalBackend(_Backend):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def put_many(self, blobs: dict[str, bytes | memoryview]) -> None:
+    def put_many(self, blobs: dict[str, bytes | bytearray | memoryview]) -> None:
         for rel, data in blobs.items():
             tmp = self._write_tmp(data)
             final = self.path(rel)
@@ -416,6 +473,7 @@ class BlobProblem:
     problem: str  # "missing", "corrupt" or "wrong size"
     detail: str
     versions: list[str] = field(default_factory=list)  # the versions it breaks, as NAME@N
+    tensors: list[str] = field(default_factory=list)  # in a damaged pack: the tensors it breaks, "NAME of REF"
 
 
 @dataclass
@@ -468,20 +526,9 @@ def _tensor_from(buf: bytes | bytearray, entry: TensorEntry) -> torch.Tensor:
     return torch.frombuffer(writable, dtype=torch.uint8).view(dtype).reshape(entry.shape)
 
 
-def _write_in_pieces(writer, name: str, tensor: torch.Tensor) -> None:
-    """Hand a large tensor to the writer in blocks of rows of about IO_CHUNK bytes (faster than one huge write)."""
-    row_bytes = tensor[0].numel() * tensor.element_size() if tensor.dim() and tensor.shape[0] else 0
-    if tensor.dim() < 2 or row_bytes == 0 or tensor.numel() * tensor.element_size() <= IO_CHUNK:
-        writer.write(name, tensor)
-        return
-    step = max(1, IO_CHUNK // row_bytes)
-    for start in range(0, tensor.shape[0], step):
-        stop = min(start + step, tensor.shape[0])
-        writer.write(name, tensor[start:stop], rows=(start, stop))
-
-
 class RegistryTensors(Mapping[str, torch.Tensor]):
-    """A version's tensors, each read from its blob when looked up and checked against its sha256."""
+    """A version's tensors, each read from its blob (or its range of a pack) when looked up and checked
+    against its sha256."""
 
     def __init__(self, registry: Registry, manifest: VersionManifest):
         self.registry = registry
@@ -502,29 +549,181 @@ class RegistryTensors(Mapping[str, torch.Tensor]):
         return len(self.manifest.tensors)
 
 
-# -- the registry ----------------------------------------------------------------------------------
+# -- moving tensor bytes ---------------------------------------------------------------------------
 
 
-def _jobs(entries: Sequence[tuple[str, int]], batch: bool) -> list[list[int]]:
-    """Indices grouped into jobs: one per large item; consecutive small ones batched when `batch`."""
-    jobs: list[list[int]] = []
-    current: list[int] = []
-    current_bytes = 0
-    for index, (_, nbytes) in enumerate(entries):
-        if not batch or nbytes >= SMALL_BLOB:
-            if current:
-                jobs.append(current)
-                current, current_bytes = [], 0
-            jobs.append([index])
+_BUFFERS = threading.local()
+
+
+def _piece_buffer() -> memoryview:
+    """This thread's reusable IO_CHUNK buffer (fresh allocations fault their pages in slowly)."""
+    view = getattr(_BUFFERS, "view", None)
+    if view is None:
+        view = _BUFFERS.view = memoryview(bytearray(IO_CHUNK))
+    return view
+
+
+@dataclass
+class _Item:
+    """One tensor of a patch being pushed: its bytes are `data`, or `nbytes` at `start` in the file `fd`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    data: memoryview | None = None
+    fd: int | None = None
+    start: int = 0
+
+
+class _Source:
+    """A patch's tensors as raw bytes, without a copy where possible: a local patch file is read in
+    IO_CHUNK pieces into a reused per-thread buffer; any other tensor is viewed in place."""
+
+    def __init__(self, patch: Patch):
+        self.tensors = patch.tensors
+        self.infos = None
+        stored = getattr(patch.tensors, "stored", None)
+        if (isinstance(patch.tensors, StoredTensors) and isinstance(stored, Checkpoint) and stored.is_local
+                and getattr(stored, "_pickled", None) is None):
+            self.infos, self.root = stored.tensors, stored.root
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def sizes(self, names: Sequence[str]) -> list[int]:
+        """Each tensor's byte size, without reading it (an fp32 estimate where the source cannot say)."""
+        if self.infos is not None:
+            return [self.infos[n].nbytes for n in names]
+        if isinstance(self.tensors, RegistryTensors):
+            return [self.tensors.manifest.tensors[n].nbytes for n in names]
+        shapes = getattr(self.tensors, "shapes", None)
+        if shapes is not None:
+            return [4 * prod(shapes[n]) for n in names]
+        return [t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+                for t in (self.tensors[n] for n in names)]
+
+    def open(self, name: str) -> _Item:
+        if self.infos is not None:
+            info = self.infos[name]
+            with self._lock:
+                fd = self._fds.get(info.shard)
+                if fd is None:
+                    fd = self._fds[info.shard] = os.open(os.path.join(self.root, info.shard), os.O_RDONLY)
+            return _Item(name, DTYPE_TO_SAFETENSORS[info.dtype], tuple(info.shape), info.nbytes, fd=fd,
+                         start=info.start)
+        tensor = self.tensors[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise RegistryError(f"patch tensor {name} is a {type(tensor).__name__}, not a tensor")
+        code = DTYPE_TO_SAFETENSORS.get(tensor.dtype)
+        if code is None:
+            raise RegistryError(f"patch tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
+        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        return _Item(name, code, tuple(tensor.shape), data.nbytes, data=data)
+
+    def pieces(self, item: _Item) -> Iterator[memoryview]:
+        """The tensor's bytes in IO_CHUNK pieces; a piece is valid until the next one is asked for."""
+        if item.data is not None:
+            for start in range(0, item.nbytes, IO_CHUNK):
+                yield item.data[start:start + IO_CHUNK]
+            return
+        buf = _piece_buffer()
+        done = 0
+        while done < item.nbytes:
+            got = os.preadv(item.fd, [buf[:min(IO_CHUNK, item.nbytes - done)]], item.start + done)
+            if got <= 0:
+                raise RegistryError(f"patch file ends inside tensor {item.name}")
+            yield buf[:got]
+            done += got
+
+    def read_all(self, item: _Item) -> bytearray | memoryview:
+        """The tensor's bytes in one buffer (for a remote put)."""
+        if item.data is not None:
+            return item.data
+        buf = bytearray(item.nbytes)
+        if _pread_into(item.fd, memoryview(buf), item.start) != item.nbytes:
+            raise RegistryError(f"patch file ends inside tensor {item.name}")
+        return buf
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+@dataclass
+class _Read:
+    """One read of a blob: bytes start..end, covering the tensors (index, name, entry) stored there."""
+
+    rel: str
+    start: int
+    end: int
+    members: list[tuple[int, str, TensorEntry]]
+
+    @property
+    def own(self) -> bool:
+        """A blob of one tensor's own (read one byte past its end, to notice a blob that is too long)."""
+        return len(self.members) == 1 and not self.members[0][2].packed
+
+
+def _plan_reads(items: Sequence[tuple[str, TensorEntry]]) -> list[_Read]:
+    """One read per large tensor's blob; one per pack, spanning just the ranges of it that are needed.
+    Empty tensors need no read at all."""
+    reads: list[_Read] = []
+    packs: dict[str, _Read] = {}
+    for index, (name, entry) in enumerate(items):
+        if entry.nbytes == 0:
             continue
-        if current and (current_bytes + nbytes > BATCH_BYTES or len(current) >= 256):
+        if not entry.packed:
+            reads.append(_Read(blob_rel(entry.digest), 0, entry.nbytes + 1, [(index, name, entry)]))
+            continue
+        read = packs.get(entry.blob)
+        end = entry.offset + entry.nbytes
+        if read is None:
+            read = packs[entry.blob] = _Read(blob_rel(entry.blob), entry.offset, end, [])
+            reads.append(read)
+        read.start, read.end = min(read.start, entry.offset), max(read.end, end)
+        read.members.append((index, name, entry))
+    # a pack read spans from its first to its last needed byte: split it where a gap of unneeded bytes is big
+    out: list[_Read] = []
+    for read in reads:
+        if read.own or len(read.members) == 1:
+            out.append(read)
+            continue
+        members = sorted(read.members, key=lambda m: m[2].offset)
+        current = _Read(read.rel, members[0][2].offset, members[0][2].offset, [])
+        for member in members:
+            entry = member[2]
+            if current.members and entry.offset - current.end > SMALL_READ:
+                out.append(current)
+                current = _Read(read.rel, entry.offset, entry.offset, [])
+            current.end = max(current.end, entry.offset + entry.nbytes)
+            current.members.append(member)
+        out.append(current)
+    return out
+
+
+def _batches(reads: list[_Read], batch: bool) -> list[list[_Read]]:
+    """Reads grouped into jobs: each large one alone; consecutive small ones together when `batch`."""
+    jobs: list[list[_Read]] = []
+    current: list[_Read] = []
+    current_bytes = 0
+    for read in reads:
+        size = read.end - read.start
+        if not batch or size >= SMALL_READ:
+            jobs.append([read])
+            continue
+        if current and (current_bytes + size > BATCH_BYTES or len(current) >= 256):
             jobs.append(current)
             current, current_bytes = [], 0
-        current.append(index)
-        current_bytes += nbytes
+        current.append(read)
+        current_bytes += size
     if current:
         jobs.append(current)
     return jobs
+
+
+# -- the registry ----------------------------------------------------------------------------------
 
 
 class Registry:
@@ -535,6 +734,8 @@ class Registry:
         self.url = url
         self._backend = backend
         self.info = info
+        # format 1 registries stay format 1 (every tensor its own blob), so an older splice can still read them
+        self.pack_below = PACK_BELOW if info.format_version >= 2 else 0
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -633,6 +834,9 @@ class Registry:
         manifest: VersionManifest = self._read_json(VersionManifest, rel)
         if manifest.name != name or manifest.version != version:
             raise RegistryError(f"{self._where(rel)} is corrupt: it describes {manifest.ref}")
+        if manifest.format_version > MANIFEST_FORMAT_VERSION:
+            raise RegistryError(f"{self._where(rel)} has manifest format {manifest.format_version}, newer than "
+                                f"this splice ({MANIFEST_FORMAT_VERSION}); upgrade splice")
         if manifest.computed_digest() != manifest.digest:
             raise RegistryError(f"{self._where(rel)} is corrupt: its content does not match its digest "
                                 f"{manifest.digest}")
@@ -782,10 +986,11 @@ class Registry:
         table, stats = self._store_tensors(loaded)
         digest = content_digest(meta, table)
         pushed_at = now()
+        manifest_format = MANIFEST_FORMAT_VERSION if any(e.packed for e in table.values()) else 1
 
         def body(version: int) -> bytes:
-            return VersionManifest(name=name, version=version, digest=digest, meta=meta, tensors=table,
-                                   pushed_at=pushed_at, message=message).to_json()
+            return VersionManifest(format_version=manifest_format, name=name, version=version, digest=digest,
+                                   meta=meta, tensors=table, pushed_at=pushed_at, message=message).to_json()
 
         version = self._create_version(name, body)
         manifest = VersionManifest.model_validate_json(body(version))
@@ -823,61 +1028,143 @@ class Registry:
         return loaded, meta
 
     def _store_tensors(self, patch: Patch) -> tuple[dict[str, TensorEntry], PushStats]:
-        """Hash every tensor and write the blobs not yet stored, overlapping reads, hashing and writes."""
+        """Hash every tensor and write the blobs and packs not yet stored, on a few threads. Locally a large
+        tensor is hashed and written to its temp file in the same pass over its bytes."""
         names = list(patch.tensors)
-        shapes = patch.shapes
-        estimates = [(n, 4 * int(torch.Size(shapes[n]).numel())) for n in names]
-        remote = not isinstance(self._backend, _LocalBackend)
-        jobs = _jobs(estimates, batch=remote)
+        source = _Source(patch)
+        local = isinstance(self._backend, _LocalBackend)
+        jobs: list[tuple[str, list[int]]] = []  # ("pack", indices) or ("own", indices)
+        pack: list[int] = []
+        pack_bytes = 0
+        own: list[int] = []
+        own_bytes = 0
+        for index, size in enumerate(source.sizes(names)):
+            if size < self.pack_below:
+                if pack and pack_bytes + size > PACK_BYTES:
+                    jobs.append(("pack", pack))
+                    pack, pack_bytes = [], 0
+                pack.append(index)
+                pack_bytes += size
+            elif local or size >= SMALL_READ:
+                jobs.append(("own", [index]))
+            else:  # format 1 on a remote store: small blobs of their own, checked and put in batches
+                if own and (own_bytes + size > BATCH_BYTES or len(own) >= 256):
+                    jobs.append(("own", own))
+                    own, own_bytes = [], 0
+                own.append(index)
+                own_bytes += size
+        jobs += [("pack", pack)] if pack else []
+        jobs += [("own", own)] if own else []
         lock = threading.Lock()
         stats = PushStats()
+        seen_stored = threading.Event()  # a blob was already stored: hash before writing from then on
 
-        def run(job: list[int]) -> list[TensorEntry]:
-            items = []
-            for index in job:
-                name = names[index]
-                tensor = patch.tensors[name]
-                if not isinstance(tensor, torch.Tensor):
-                    raise RegistryError(f"patch tensor {name} is a {type(tensor).__name__}, not a tensor")
-                code = DTYPE_TO_SAFETENSORS.get(tensor.dtype)
-                if code is None:
-                    raise RegistryError(f"patch tensor {name} has dtype {tensor.dtype}, which safetensors cannot "
-                                        "store")
-                data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-                digest = hashlib.sha256(data).hexdigest()
-                items.append((TensorEntry(digest=digest, dtype=code, shape=tuple(tensor.shape),
-                                          nbytes=data.nbytes), data))
-            rels = [blob_rel(entry.digest) for entry, _ in items]
-            sizes = self._backend.sizes(rels)
-            missing: dict[str, memoryview] = {}
-            reused = 0
-            for rel, size, (entry, data) in zip(rels, sizes, items):
-                if size == entry.nbytes:
-                    reused += entry.nbytes
-                    if isinstance(self._backend, _LocalBackend):
+        def count(written: int, written_bytes: int, reused: int, reused_bytes: int) -> None:
+            with lock:
+                stats.blobs_written += written
+                stats.bytes_written += written_bytes
+                stats.blobs_reused += reused
+                stats.bytes_reused += reused_bytes
+
+        def put(blobs: list[tuple[str, int, bytes | bytearray | memoryview]]) -> None:
+            """Write the (rel, size, bytes) blobs not already stored at that size."""
+            sizes = self._backend.sizes([rel for rel, _, _ in blobs])
+            missing: dict[str, bytes | bytearray | memoryview] = {}
+            reused = reused_bytes = 0
+            for (rel, size, data), stored in zip(blobs, sizes):
+                if stored == size:
+                    reused += 1
+                    reused_bytes += size
+                    if local:
                         self._backend.touch(rel)  # a reused orphan is young again: gc's grace protects it
                 elif rel not in missing:
                     missing[rel] = data  # absent, or the wrong size (a damaged blob: write it again)
             self._backend.put_many(missing)
-            with lock:
-                stats.blobs_written += len(missing)
-                stats.bytes_written += sum(d.nbytes for d in missing.values())
-                stats.blobs_reused += len(items) - len(missing)
-                stats.bytes_reused += reused
-            return [entry for entry, _ in items]
+            count(len(missing), sum(len(memoryview(d).cast("B")) for d in missing.values()), reused, reused_bytes)
 
-        workers = 16 if remote else max(2, min(8, (os.cpu_count() or 2) + 1))
-        entries: dict[str, TensorEntry] = {}
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splice-push") as pool:
-            futures = [(job, pool.submit(run, job)) for job in jobs]
+        def stream_local(item: _Item) -> TensorEntry:
+            """Hash a large tensor while writing it to a temp file, then rename it into place (or drop it if
+            the blob is stored); once a blob turned out stored, hash first and write only what is missing."""
+            backend: _LocalBackend = self._backend  # type: ignore[assignment]
+            digest = None
+            if seen_stored.is_set():
+                hasher = hashlib.sha256()
+                for piece in source.pieces(item):
+                    hasher.update(piece)
+                digest = hasher.hexdigest()
+                if backend.sizes([blob_rel(digest)])[0] == item.nbytes:
+                    backend.touch(blob_rel(digest))
+                    count(0, 0, 1, item.nbytes)
+                    return TensorEntry(digest=digest, dtype=item.dtype, shape=item.shape, nbytes=item.nbytes)
+            tmp, fd = backend.new_temp()
             try:
-                for job, future in futures:
-                    for index, entry in zip(job, future.result()):
-                        entries[names[index]] = entry
+                try:
+                    hasher = hashlib.sha256()
+                    for piece in source.pieces(item):
+                        hasher.update(piece)
+                        _write_all(fd, piece)
+                finally:
+                    os.close(fd)
+                if digest is not None and hasher.hexdigest() != digest:
+                    raise RegistryError(f"patch tensor {item.name} changed while it was being pushed")
+                digest = hasher.hexdigest()
+                written = backend.publish(tmp, blob_rel(digest), item.nbytes)
             except BaseException:
-                for _, future in futures:
-                    future.cancel()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
                 raise
+            if written:
+                count(1, item.nbytes, 0, 0)
+            else:
+                seen_stored.set()
+                count(0, 0, 1, item.nbytes)
+            return TensorEntry(digest=digest, dtype=item.dtype, shape=item.shape, nbytes=item.nbytes)
+
+        def run_own(job: list[int]) -> list[TensorEntry]:
+            items = [source.open(names[i]) for i in job]
+            if local and len(items) == 1 and items[0].data is None:
+                return [stream_local(items[0])]
+            blobs, entries = [], []
+            for item in items:
+                data = source.read_all(item)
+                digest = hashlib.sha256(data).hexdigest()
+                entries.append(TensorEntry(digest=digest, dtype=item.dtype, shape=item.shape, nbytes=item.nbytes))
+                blobs.append((blob_rel(digest), item.nbytes, data))
+            put(blobs)
+            return entries
+
+        def run_pack(job: list[int]) -> list[TensorEntry]:
+            buf = bytearray()
+            members = []
+            for index in job:
+                item = source.open(names[index])
+                hasher = hashlib.sha256()
+                offset = len(buf)
+                for piece in source.pieces(item):
+                    hasher.update(piece)
+                    buf += piece
+                members.append((item, hasher.hexdigest(), offset))
+            blob = hashlib.sha256(buf).hexdigest()
+            put([(blob_rel(blob), len(buf), buf)])
+            return [TensorEntry(digest=digest, dtype=item.dtype, shape=item.shape, nbytes=item.nbytes,
+                                blob=None if digest == blob else blob, offset=0 if digest == blob else offset)
+                    for item, digest, offset in members]
+
+        workers = 16 if not local else max(2, min(4, (os.cpu_count() or 2) + 1))
+        entries: dict[str, TensorEntry] = {}
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splice-push") as pool:
+                futures = [(job, pool.submit(run_pack if kind == "pack" else run_own, job)) for kind, job in jobs]
+                try:
+                    for job, future in futures:
+                        for index, entry in zip(job, future.result()):
+                            entries[names[index]] = entry
+                except BaseException:
+                    for _, future in futures:
+                        future.cancel()
+                    raise
+        finally:
+            source.close()
         return {name: entries[name] for name in names}, stats
 
     def _create_version(self, name: str, body: Callable[[int], bytes]) -> int:
@@ -895,58 +1182,103 @@ class Registry:
 
     # -- reading tensors ---------------------------------------------------------------------------
 
-    def _read_verified(self, items: Sequence[tuple[str, TensorEntry]], ref: str) -> list[bytes | bytearray]:
-        """The bytes of each (tensor name, entry), hash-checked; a RegistryError naming the blob otherwise."""
-        results = self._backend.read_blobs([(blob_rel(entry.digest), entry.nbytes) for _, entry in items])
+    def _tensor_where(self, read: _Read, name: str, entry: TensorEntry, ref: str) -> str:
+        where = f"blob {self._where(read.rel)} (tensor {name} of {ref}"
+        if entry.packed:
+            where += f", bytes {entry.offset}..{entry.offset + entry.nbytes} of the pack"
+        return where + ")"
+
+    def _checked(self, read: _Read, data: bytes | bytearray | BaseException, ref: str
+                 ) -> list[tuple[int, str, TensorEntry, memoryview]]:
+        """Each member of a read with its bytes, hash-checked; a RegistryError naming the blob and tensor."""
         out = []
-        for (name, entry), data in zip(items, results):
-            rel = blob_rel(entry.digest)
-            where = f"blob {self._where(rel)} (tensor {name} of {ref})"
+        for index, name, entry in read.members:
+            where = self._tensor_where(read, name, entry, ref)
             if isinstance(data, FileNotFoundError):
                 raise RegistryError(f"{where} is missing; run `splice registry verify`")
             if isinstance(data, BaseException):
                 raise RegistryError(f"{where}: cannot read it: {_first_line(data)}") from data
-            if len(data) != entry.nbytes:
+            view = memoryview(data)[entry.offset - read.start:entry.offset - read.start + entry.nbytes]
+            if read.own and len(data) != entry.nbytes:
                 raise RegistryError(f"{where} is corrupt: {len(data)}{'+' if len(data) > entry.nbytes else ''} "
                                     f"bytes, expected {entry.nbytes}; run `splice registry verify`")
-            actual = hashlib.sha256(data).hexdigest()
+            if len(view) != entry.nbytes:
+                raise RegistryError(f"{where} is corrupt: the pack ends {entry.nbytes - len(view)} bytes before "
+                                    "the tensor does; run `splice registry verify`")
+            actual = hashlib.sha256(view).hexdigest()
             if actual != entry.digest:
-                raise RegistryError(f"{where} is corrupt: its bytes hash to {actual[:12]}..., not its name; "
+                what = "its name" if read.own else "the tensor's sha256"
+                raise RegistryError(f"{where} is corrupt: its bytes hash to {actual[:12]}..., not {what}; "
                                     "run `splice registry verify`")
-            out.append(data)
+            out.append((index, name, entry, view))
         return out
 
-    def _stream(self, manifest: VersionManifest) -> Iterator[tuple[str, TensorEntry, bytes | bytearray]]:
-        """Every tensor's verified bytes in manifest order, fetched ahead on threads within a byte budget."""
+    def _read_verified(self, items: Sequence[tuple[str, TensorEntry]], ref: str) -> list[bytes | bytearray]:
+        """The bytes of each (tensor name, entry), hash-checked, reading only the byte ranges they occupy."""
+        reads = _plan_reads(items)
+        results = self._backend.read_ranges([(r.rel, r.start, r.end) for r in reads])
+        out: list[bytes | bytearray] = [b""] * len(items)
+        for read, data in zip(reads, results):
+            for index, _, _, view in self._checked(read, data, ref):
+                out[index] = data if read.own else bytearray(view)
+        return out
+
+    def _stream_own_local(self, read: _Read, ref: str, out_fd: int, out_offset: int) -> None:
+        """A large blob copied to `out_fd` at `out_offset` in pieces, hashed on the way; a RegistryError
+        (and partly written bytes, which the caller discards) if it is not what the manifest says."""
+        _, name, entry = read.members[0]
+        where = self._tensor_where(read, name, entry, ref)
+        try:
+            fd = os.open(self._backend.path(read.rel), os.O_RDONLY)
+        except FileNotFoundError:
+            raise RegistryError(f"{where} is missing; run `splice registry verify`") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != entry.nbytes:
+                raise RegistryError(f"{where} is corrupt: {size} bytes, expected {entry.nbytes}; run "
+                                    "`splice registry verify`")
+            buf = _piece_buffer()
+            hasher = hashlib.sha256()
+            done = 0
+            while done < entry.nbytes:
+                got = os.preadv(fd, [buf[:min(IO_CHUNK, entry.nbytes - done)]], done)
+                if got <= 0:
+                    raise RegistryError(f"{where} is corrupt: it ends at byte {done}, expected {entry.nbytes}")
+                hasher.update(buf[:got])
+                _write_all(out_fd, buf[:got], out_offset + done)
+                done += got
+        finally:
+            os.close(fd)
+        actual = hasher.hexdigest()
+        if actual != entry.digest:
+            raise RegistryError(f"{where} is corrupt: its bytes hash to {actual[:12]}..., not its name; "
+                                "run `splice registry verify`")
+
+    def _fetch_into(self, manifest: VersionManifest, out_fd: int, offsets: list[int]) -> None:
+        """Every tensor of a version, hash-checked, written into `out_fd` at its offset, on a few threads."""
         items = list(manifest.tensors.items())
-        remote = not isinstance(self._backend, _LocalBackend)
-        jobs = _jobs([(name, entry.nbytes) for name, entry in items], batch=remote)
-        workers = 16 if remote else 3
+        local = isinstance(self._backend, _LocalBackend)
+        jobs = _batches(_plan_reads(items), batch=not local)
 
-        def fetch(job: list[int]) -> list[bytes | bytearray]:
-            return self._read_verified([items[i] for i in job], manifest.ref)
+        def run(job: list[_Read]) -> None:
+            if local and len(job) == 1 and job[0].own and job[0].end - job[0].start > IO_CHUNK:
+                self._stream_own_local(job[0], manifest.ref, out_fd, offsets[job[0].members[0][0]])
+                return
+            results = self._backend.read_ranges([(r.rel, r.start, r.end) for r in job])
+            for read, data in zip(job, results):
+                for index, _, _, view in self._checked(read, data, manifest.ref):
+                    _write_all(out_fd, view, offsets[index])
 
-        pending: list[tuple[list[int], int, Future]] = []
-        in_flight = 0
-        next_job = 0
+        workers = 16 if not local else max(2, min(4, (os.cpu_count() or 2) + 1))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splice-pull") as pool:
+            futures = [pool.submit(run, job) for job in jobs]
             try:
-                while next_job < len(jobs) or pending:
-                    while next_job < len(jobs):
-                        size = sum(items[i][1].nbytes for i in jobs[next_job])
-                        if pending and (in_flight + size > IN_FLIGHT_BYTES or len(pending) >= 4 * workers):
-                            break
-                        pending.append((jobs[next_job], size, pool.submit(fetch, jobs[next_job])))
-                        in_flight += size
-                        next_job += 1
-                    job, size, future = pending.pop(0)
-                    for index, data in zip(job, future.result()):
-                        name, entry = items[index]
-                        yield name, entry, data
-                    in_flight -= size
-            finally:
-                for _, _, future in pending:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
                     future.cancel()
+                raise
 
     @_storage_errors
     def load(self, ref: str | Ref) -> Patch:
@@ -956,24 +1288,29 @@ class Registry:
 
     @_storage_errors
     def pull(self, ref: str | Ref, out: str | os.PathLike, force: bool = False) -> Path:
-        """Write the version a reference names as a splice patch directory (patch.json + tensors.safetensors),
-        streamed blob by blob, each hash-checked before it is written; nothing appears at `out` unless all are."""
-        from splice.tensors.writer import OutputTensor, ShardedWriter, ensure_output_free, staged_output
+        """Write the version a reference names as a splice patch directory (patch.json + tensors.safetensors,
+        byte for byte what `Patch.save` writes), every tensor hash-checked before the directory appears at
+        `out`; nothing appears there unless all of them are right."""
+        from splice.tensors.writer import OutputTensor, _header_bytes, ensure_output_free, staged_output
 
         ensure_output_free(out, force)
         manifest = self.resolve(ref)
         outputs = [OutputTensor(name, SAFETENSORS_DTYPES[entry.dtype], tuple(entry.shape))
                    for name, entry in manifest.tensors.items()]
+        header = _header_bytes(outputs, {"format": "pt", "splice_patch_kind": manifest.meta.kind.value})
+        offsets = []
+        position = len(header)
+        for entry in manifest.tensors.values():
+            offsets.append(position)
+            position += entry.nbytes
         with staged_output(out, force) as staging:
-            writer = ShardedWriter(staging, outputs, metadata={"splice_patch_kind": manifest.meta.kind.value},
-                                   single_file=TENSORS)
+            fd = os.open(staging / TENSORS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                for name, entry, data in self._stream(manifest):
-                    _write_in_pieces(writer, name, _tensor_from(data, entry))
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+                _write_all(fd, memoryview(header), 0)
+                os.ftruncate(fd, position)
+                self._fetch_into(manifest, fd, offsets)
+            finally:
+                os.close(fd)
             (staging / MANIFEST).write_text(manifest.meta.model_dump_json(indent=2) + "\n")
         return Path(out)
 
@@ -1017,7 +1354,7 @@ class Registry:
             for version in stored & _numbers(self._backend.listdir(f"patches/{name}/removed")):
                 self._backend.delete(_version_rel(name, version))
                 report.stale_versions_removed += 1
-        live = {entry.digest for m in self._live_manifests() for entry in m.tensors.values()}
+        live = {entry.blob_digest for m in self._live_manifests() for entry in m.tensors.values()}
         cutoff = time.time() - grace_seconds
         for rel, size, mtime in self._backend.walk("blobs"):
             digest = rel.rsplit("/", 1)[-1]
@@ -1037,47 +1374,87 @@ class Registry:
                 report.temps_removed += 1
         return report
 
+    def _hash_blob(self, rel: str) -> tuple[str, int]:
+        """(sha256, size) of a stored blob, read in pieces locally; FileNotFoundError if it is gone."""
+        if isinstance(self._backend, _LocalBackend):
+            fd = os.open(self._backend.path(rel), os.O_RDONLY)
+            try:
+                buf = _piece_buffer()
+                hasher = hashlib.sha256()
+                done = 0
+                while True:
+                    got = os.preadv(fd, [buf], done)
+                    if got <= 0:
+                        break
+                    hasher.update(buf[:got])
+                    done += got
+                return hasher.hexdigest(), done
+            finally:
+                os.close(fd)
+        data = self._backend.read(rel)
+        return hashlib.sha256(data).hexdigest(), len(data)
+
     @_storage_errors
     def verify(self) -> VerifyReport:
-        """Re-hash every blob and check every live version's manifest and blobs; changes nothing."""
+        """Re-hash every blob and check every live version's manifest and blobs; changes nothing. A damaged
+        pack is reported with the tensors in it whose bytes no longer match, and the versions they break."""
         report = VerifyReport()
         manifests = self._live_manifests(report.bad_manifests)
         report.versions_checked = len(manifests) + len(report.bad_manifests)
-        users: dict[str, list[str]] = {}
-        sizes: dict[str, int] = {}
+        users: dict[str, list[tuple[str, str, TensorEntry]]] = {}  # blob digest -> (ref, tensor, entry)
         for manifest in manifests:
-            for entry in manifest.tensors.values():
-                refs = users.setdefault(entry.digest, [])
-                if manifest.ref not in refs:
-                    refs.append(manifest.ref)
-                sizes[entry.digest] = entry.nbytes
+            for name, entry in manifest.tensors.items():
+                users.setdefault(entry.blob_digest, []).append((manifest.ref, name, entry))
         stored = {}
         for rel, size, _ in self._backend.walk("blobs"):
             digest = rel.rsplit("/", 1)[-1]
             if rel == blob_rel(digest):
                 stored[digest] = size
+
+        def versions_of(found: list[tuple[str, str, TensorEntry]]) -> list[str]:
+            return list(dict.fromkeys(ref for ref, _, _ in found))
+
         for digest, size in sorted(stored.items()):
             rel = blob_rel(digest)
-            (data,) = self._backend.read_blobs([(rel, size)])
-            if isinstance(data, BaseException):
-                problem = BlobProblem(digest, self._where(rel), "missing", _first_line(data))
-            else:
-                report.blobs_checked += 1
-                report.bytes_checked += len(data)
-                actual = hashlib.sha256(data).hexdigest()
-                if actual == digest and sizes.get(digest, size) == size:
-                    continue
-                if actual != digest:
-                    problem = BlobProblem(digest, self._where(rel), "corrupt",
-                                          f"its bytes hash to {actual[:12]}..., not its name")
-                else:
-                    problem = BlobProblem(digest, self._where(rel), "wrong size",
-                                          f"{size} bytes, manifests say {sizes[digest]}")
-            problem.versions = users.get(digest, [])
-            report.problems.append(problem)
+            using = users.get(digest, [])
+            try:
+                actual, size = self._hash_blob(rel)
+            except FileNotFoundError as exc:
+                report.problems.append(BlobProblem(digest, self._where(rel), "missing", _first_line(exc),
+                                                   versions_of(using)))
+                continue
+            report.blobs_checked += 1
+            report.bytes_checked += size
+            wrong_size = [u for u in using if not u[2].packed and u[2].nbytes != size]
+            if actual == digest and not wrong_size:
+                continue
+            if actual == digest:
+                report.problems.append(BlobProblem(digest, self._where(rel), "wrong size",
+                                                   f"{size} bytes, manifests say {wrong_size[0][2].nbytes}",
+                                                   versions_of(wrong_size)))
+                continue
+            # which tensors does the damage reach? a blob of its own: all of its users; a pack: those
+            # whose byte range no longer hashes to their sha256
+            damaged = [u for u in using if not u[2].packed]
+            packed = [u for u in using if u[2].packed and u[2].nbytes]
+            ranges = self._backend.read_ranges([(rel, e.offset, e.offset + e.nbytes) for _, _, e in packed])
+            for user, data in zip(packed, ranges):
+                entry = user[2]
+                if (isinstance(data, BaseException) or len(data) != entry.nbytes
+                        or hashlib.sha256(data).hexdigest() != entry.digest):
+                    damaged.append(user)
+            detail = f"its bytes hash to {actual[:12]}..., not its name"
+            tensors = [f"{name} of {ref}" for ref, name, entry in damaged if entry.packed]
+            if tensors:
+                shown = ", ".join(tensors[:4]) + (f" and {len(tensors) - 4} more" if len(tensors) > 4 else "")
+                detail += f"; damaged tensors: {shown}"
+            elif using and not damaged:
+                detail += "; every tensor in it still checks out"
+            report.problems.append(BlobProblem(digest, self._where(rel), "corrupt", detail, versions_of(damaged),
+                                               tensors))
         for digest in sorted(set(users) - set(stored)):
             report.problems.append(BlobProblem(digest, self._where(blob_rel(digest)), "missing",
-                                               "no such blob", users[digest]))
+                                               "no such blob", versions_of(users[digest])))
         return report
 
     # -- diff --------------------------------------------------------------------------------------
