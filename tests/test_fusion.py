@@ -217,7 +217,8 @@ def test_three_models_average_with_equal_weights(tmp_path):
     assert {m.model for m in report.maps} == {0, 1} and report.anchor == 2
 
 
-@pytest.mark.parametrize("qk,residual", [("shared", "average"), ("separate", "skip"), ("separate", "branch")])
+@pytest.mark.parametrize("qk,residual", [("shared", "average"), ("separate", "skip"), ("separate", "branch"),
+                                         ("joint", "weighted_scalar")])
 def test_qk_and_residual_policies_recover_a_permutation(tmp_path, qk, residual):
     original = tiny_model("gpt2", 0).eval()
     a = save(original, tmp_path / "a", False)
@@ -226,7 +227,70 @@ def test_qk_and_residual_policies_recover_a_permutation(tmp_path, qk, residual):
                          device="cpu")
     assert torch.allclose(logits(load("gpt2", tmp_path / "fused"), "gpt2"), logits(original, "gpt2"), atol=ATOL)
     spaces = {m.space for m in report.maps}
-    assert ("qk" in spaces) == (qk == "shared") and ("q" in spaces) == (qk == "separate")
+    assert ("qk" in spaces) == (qk != "separate") and ("q" in spaces) == (qk == "separate")
+    if qk == "joint":  # one map over the 2 x 16 query and key neurons, whole heads moved
+        joint = [m for m in report.maps if m.space == "qk"]
+        assert {m.width for m in joint} == {(32, 32)} and all(m.head_split_mass == pytest.approx(0) for m in joint)
+    weighted = [m.skip_weight for m in report.maps if m.skip_weight is not None]
+    assert (len(weighted) == 1 + 2 * 2) == residual.startswith("weighted")  # embeddings + 2 adds per block
+    assert all(0 < weight < 1 for weight in weighted)
+
+
+@pytest.mark.parametrize("arch,align,residual", [("bert", "activations", "weighted_matrix"),
+                                                 ("vit", "weights", "weighted_matrix")])
+def test_weighted_residual_policies_recover_a_permutation(tmp_path, arch, align, residual):
+    """The maps of a permuted copy agree at every add, so any per-neuron convex combination of them is the same
+    permutation. With weight alignment, the data only measures the anchor's streams."""
+    original = tiny_model(arch, 0).eval()
+    a = save(original, tmp_path / "a", False)
+    b = save(permuted_copy(original, arch, seed=2), tmp_path / "b", False)
+    report = splice.fuse([a, b], tmp_path / "fused", data=fusion_data(arch), align=align, residual=residual,
+                         device="cpu")
+    assert torch.allclose(logits(load(arch, tmp_path / "fused"), arch), logits(original, arch), atol=ATOL)
+    assert all(m.permutation_closeness == pytest.approx(1.0) for m in report.maps)
+    assert report.residual == residual and report.samples == 60
+    assert all(0 < m.skip_weight < 1 for m in report.maps if m.kind == "residual")
+
+
+def test_residual_weights_match_an_independent_computation():
+    from splice.merge.fusion.transport import combine, stream_magnitudes
+
+    generator = torch.Generator().manual_seed(0)
+    n = 5
+    perm_a, perm_b = torch.eye(n)[torch.randperm(n, generator=generator)], torch.eye(n)
+    soft = torch.rand(n, n, generator=generator, dtype=torch.float64)
+    for _ in range(50):  # Sinkhorn-balance to uniform marginals: a soft coupling
+        soft = soft / soft.sum(1, keepdim=True) / n
+        soft = soft / soft.sum(0, keepdim=True) / n
+    skip_acts = torch.randn(40, n, generator=generator, dtype=torch.float64) * torch.arange(1.0, n + 1)
+    branch_acts = torch.randn(40, n, generator=generator, dtype=torch.float64) * 0.5
+    skip_acts[:, 2] = 0.0  # a silent neuron in one stream
+    for skip, branch in [(perm_a.double() / n, soft), (perm_a.double() / n, perm_b.double() / n)]:
+        magnitudes = [stream_magnitudes(skip_acts), stream_magnitudes(branch_acts)]
+        # weighted_scalar: each map times the mean |activation| of its stream, the two normalised to sum to 1
+        s_skip = sum(abs(float(x)) for x in skip_acts.flatten()) / skip_acts.numel()
+        s_branch = sum(abs(float(x)) for x in branch_acts.flatten()) / branch_acts.numel()
+        expected = (s_skip * skip + s_branch * branch) / (s_skip + s_branch)
+        assert torch.allclose(combine("weighted_scalar", [skip, branch], magnitudes), expected, atol=1e-12)
+        # weighted_matrix: T = T_skip D_s + T_branch D_b, D diagonal per anchor neuron, D_s + D_b = I
+        d_skip = torch.zeros(n, n, dtype=torch.float64)
+        d_branch = torch.zeros(n, n, dtype=torch.float64)
+        for j in range(n):
+            m_s = sum(abs(float(skip_acts[t, j])) for t in range(40)) / 40
+            m_b = sum(abs(float(branch_acts[t, j])) for t in range(40)) / 40
+            d_skip[j, j], d_branch[j, j] = m_s / (m_s + m_b), m_b / (m_s + m_b)
+        combined = combine("weighted_matrix", [skip, branch], magnitudes)
+        assert torch.allclose(combined, skip @ d_skip + branch @ d_branch, atol=1e-12)
+        assert torch.allclose(combined.sum(0), torch.full((n,), 1.0 / n, dtype=torch.float64))  # anchor marginal
+        assert torch.allclose(combined[:, 2] * n, branch[:, 2] * n)  # silent skip neuron: the branch's map
+    # equal maps: every weighting gives back the same map
+    same = perm_a.double() / n
+    for policy in ("weighted_scalar", "weighted_matrix"):
+        assert torch.equal(combine(policy, [same, same], magnitudes), same)
+    # both streams silent at a neuron: equal weights there
+    zeros = torch.zeros(3, n, dtype=torch.float64)
+    halves = combine("weighted_matrix", [perm_a.double() / n, soft], [stream_magnitudes(zeros)] * 2)
+    assert torch.allclose(halves, (perm_a.double() / n + soft) / 2)
 
 
 @pytest.mark.parametrize("arch", ["vit", "bert", "gpt2"])
@@ -362,6 +426,12 @@ def test_bad_options_are_refused(tmp_path):
     wide = save(widened_copy(tiny_model("vit", 0), "vit"), tmp_path / "wide", False)
     with pytest.raises(SpliceError, match="same hidden size"):
         splice.fuse([a, wide], tmp_path / "out", align="weights", residual="identity")
+    with pytest.raises(SpliceError, match="weighted_matrix weighs the maps by the streams' activations: give --data"):
+        splice.fuse([a, a], tmp_path / "out", align="weights", residual="weighted_matrix")
+    with pytest.raises(SpliceError, match="unknown residual policy 'weighted'"):
+        splice.fuse([a, a], tmp_path / "out", align="weights", residual="weighted")
+    with pytest.raises(SpliceError, match="unknown Q/K policy"):
+        splice.fuse([a, a], tmp_path / "out", align="weights", qk="together")
     assert not (tmp_path / "out").exists()
 
 
@@ -380,12 +450,19 @@ def test_cli_fuse_prints_the_report_and_saves_it(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     saved = json.loads((tmp_path / "fused" / REPORT_FILE).read_text())
     assert saved["samples"] == 30 and saved["align"] == "activations"
+    timings = saved["timings"]
+    assert set(timings) == {"read", "activations", "ot", "transport", "write", "total"}
+    assert all(value >= 0 for value in timings.values()) and timings["activations"] > 0 and timings["ot"] > 0
+    assert sum(value for key, value in timings.items() if key != "total") <= timings["total"] + 1e-3
+    assert saved["notes"] == []  # on the CPU nothing to say about where EMD ran
     assert torch.allclose(logits(load("bert", tmp_path / "fused"), "bert"), logits(original, "bert"), atol=ATOL)
 
     code, out, err = run_cli(["fuse", a, b, "--out", tmp_path / "fused2", "--align", "weights", "--solver",
                               "sinkhorn", "--reg", "0.05", "--anchor", "1"], monkeypatch, capsys)
     assert code == 0, err
     assert "fusion maps per layer" in out and "layer 1" in out and "fusion_report.json" in out
+    assert re.search(r"\(read [\d.]+s, activations 0\.0s, OT [\d.]+s, transport [\d.]+s, write [\d.]+s\)",
+                     " ".join(out.split()))
 
 
 def test_cli_fuse_errors_are_one_line(tmp_path, monkeypatch, capsys):

@@ -37,8 +37,12 @@ def fuse_command(
     samples: Annotated[int, typer.Option(help="Inputs from --data used for activations.")] = 200,
     tokens: Annotated[int, typer.Option(help="Token positions sampled per neuron (bounds memory and time).")] = 4096,
     residual: Annotated[str, typer.Option(
-        help="Maps at residual adds: average, skip, branch or identity.")] = "average",
-    qk: Annotated[str, typer.Option(help="separate or shared transport maps for queries and keys.")] = "separate",
+        help="Maps at residual adds: average, skip, branch, identity, or weighted by the anchor's mean |activation| "
+             "of each stream: weighted_scalar (per stream) or weighted_matrix (per stream and neuron; both need "
+             "--data).")] = "average",
+    qk: Annotated[str, typer.Option(
+        help="Queries and keys: separate maps, one shared map from both, or joint ([W_Q; W_K] fused as one "
+             "layer).")] = "separate",
     device: Device = "auto",
     shard_size: ShardSize = "2GB",
     storage_options: StorageOptions = None,
@@ -61,7 +65,10 @@ def fuse_command(
     render.console.print(render.table(f"fusion maps per layer ({method}, residual {report.residual}, "
                                       f"Q/K {report.qk})", LAYER_COLUMNS, layer_rows(report)))
     widths = report.widths[report.anchor]
+    phases = report.timing_summary()
     render.console.print(
         f"fused {len(report.models)} models into {report.models[report.anchor]} ({report.architecture}, hidden "
-        f"{widths['hidden']}, {widths['heads']} heads) -> {report.out} in {report.seconds:.1f}s on {report.device}; "
-        f"report: {report.out / REPORT_FILE}", highlight=False, soft_wrap=True)
+        f"{widths['hidden']}, {widths['heads']} heads) -> {report.out} in {report.seconds:.1f}s on {report.device}"
+        f"{f' ({phases})' if phases else ''}; report: {report.out / REPORT_FILE}", highlight=False, soft_wrap=True)
+    for note in report.notes:
+        render.console.print(f"note: {note}", highlight=False, soft_wrap=True)

@@ -35,16 +35,35 @@ class Inputs:
 
     def chunks(self, size: int, device: torch.device) -> Iterator[tuple[dict[str, Any] | torch.Tensor,
                                                                       torch.Tensor | None]]:
-        """(inputs, attention mask or None) for consecutive slices of `size` samples, on `device`."""
+        """(inputs, attention mask or None) for consecutive slices of `size` samples, on `device`.
+
+        Trailing positions that are padding in every sample of a slice are cut off (from every input laid out
+        [samples, positions, ...] like the mask): the model's outputs at the real tokens are the same, and the
+        padded rows are dropped from the activations anyway."""
         for start in range(0, self.count, size):
             stop = min(start + size, self.count)
             if isinstance(self.batch, torch.Tensor):
                 yield self.batch[start:stop].to(device), None
                 continue
-            part = {key: value[start:stop].to(device) if isinstance(value, torch.Tensor) else value
+            part = {key: value[start:stop] if isinstance(value, torch.Tensor) else value
                     for key, value in self.batch.items()}
             mask = part.get("attention_mask")
-            yield part, mask if isinstance(mask, torch.Tensor) else None
+            if not isinstance(mask, torch.Tensor):
+                yield {key: _to(value, device) for key, value in part.items()}, None
+                continue
+            if mask.dim() == 2:
+                used = torch.nonzero(mask.bool().any(0))
+                length = int(used[-1]) + 1 if len(used) else 1
+                if length < mask.shape[1]:
+                    shape = mask.shape
+                    part = {key: value[:, :length] if isinstance(value, torch.Tensor) and value.shape[:2] == shape
+                            else value for key, value in part.items()}
+            part = {key: _to(value, device) for key, value in part.items()}
+            yield part, part["attention_mask"]
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def load_inputs(data: DataSource, samples: int, anchor_location: str) -> Inputs:
@@ -153,23 +172,34 @@ def _token_rows(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     elif output.dim() == 2:
         output = output[:, None]
     if mask is not None and output.dim() == 3 and output.shape[:2] == mask.shape:
-        return output[mask.bool()]
+        return output.reshape(-1, output.shape[-1]).index_select(0, torch.nonzero(mask.reshape(-1)).squeeze(1))
     return output.reshape(-1, output.shape[-1])
+
+
+def input_key(module: str) -> str:
+    """The key under which `collect` returns the activations entering `module` (its first input)."""
+    return f"{module}@input"
 
 
 @torch.no_grad()
 def collect(model: torch.nn.Module, stored_modules: set[str], inputs: Inputs, tokens: int,
-            device: torch.device) -> dict[str, torch.Tensor]:
-    """{stored module name: activations [tokens, features]} over `inputs`, at most about `tokens` rows each.
+            device: torch.device, inputs_of: set[str] | frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """{stored module name: activations [tokens, features]} over `inputs`, at most about `tokens` rows each;
+    for the modules in `inputs_of` also what enters them, under `input_key(module)`. One forward pass per
+    batch serves every hook.
 
     Each batch keeps a seeded random subset of its rows whose size depends only on the batch and the number
     of rows, so every model keeps the same tokens."""
-    paths = module_paths(model, stored_modules)
-    collected: dict[str, list[torch.Tensor]] = {stored: [] for stored in stored_modules}
+    paths = module_paths(model, set(stored_modules) | set(inputs_of))
+    keys = [(stored, stored, False) for stored in stored_modules]
+    keys += [(input_key(stored), stored, True) for stored in inputs_of]
+    collected: dict[str, list[torch.Tensor]] = {key: [] for key, _, _ in keys}
     state: dict[str, Any] = {"mask": None, "batch": 0, "quota": 0}
 
-    def hook_for(stored: str):
-        def hook(_module, _inputs, output):
+    def hook_for(key: str, entering: bool):
+        def hook(_module, args, kwargs, output):
+            if entering:
+                output = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
             if isinstance(output, (tuple, list)):
                 output = output[0]
             rows = _token_rows(output.detach().to(torch.float32), state["mask"])
@@ -177,11 +207,12 @@ def collect(model: torch.nn.Module, stored_modules: set[str], inputs: Inputs, to
                 generator = torch.Generator().manual_seed(1_000_003 * state["batch"] + len(rows))
                 keep = torch.randperm(len(rows), generator=generator)[:state["quota"]].sort().values
                 rows = rows[keep.to(rows.device)]
-            collected[stored].append(rows)
+            collected[key].append(rows)
 
         return hook
 
-    handles = [model.get_submodule(path).register_forward_hook(hook_for(stored)) for stored, path in paths.items()]
+    handles = [model.get_submodule(paths[stored]).register_forward_hook(hook_for(key, entering), with_kwargs=True)
+               for key, stored, entering in keys]
     try:
         for index, (batch, mask) in enumerate(inputs.chunks(BATCH_SIZE, device)):
             size = len(batch) if isinstance(batch, torch.Tensor) else len(next(
@@ -195,4 +226,4 @@ def collect(model: torch.nn.Module, stored_modules: set[str], inputs: Inputs, to
     finally:
         for handle in handles:
             handle.remove()
-    return {stored: torch.cat(parts) for stored, parts in collected.items() if parts}
+    return {key: torch.cat(parts) for key, parts in collected.items() if parts}

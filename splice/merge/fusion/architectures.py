@@ -16,7 +16,11 @@ Node kinds
   alignment (token embeddings) and from its columns in weight alignment; with None it is aligned by the
   map `space` already has.
 - `Norm`: LayerNorm weight and bias, transported by the map of `space`; the map passes through.
-- `Residual`: `out` gets the residual policy applied to the maps of `inputs` (first: the skip stream).
+- `Residual`: `out` gets the residual policy applied to the maps of `inputs` (first: the skip stream). The
+  activation-weighted policies also need each input stream's values at the add: `taps` names, per input, a
+  module whose *input* is that stream (the skip stream of a block: the module that first reads it); None
+  takes the activations of the node that defined the space (a Linear's output, an embedding's output, a
+  "columns" table's rows).
 
 Space names are local to their section (embeddings, each block, the head) except `stream`, the residual
 stream, which flows from the embeddings through every block into the head.
@@ -86,6 +90,7 @@ class Norm:
 class Residual:
     out: str
     inputs: tuple[str, ...]  # (skip, branch, ...): the policy's skip map is the first
+    taps: tuple[str | None, ...] = ()  # per input: module whose input holds that stream (None: its defining node)
 
     @property
     def key(self) -> str:
@@ -137,6 +142,8 @@ def _fill(node: Node, **values: object) -> Node:
         return replace(node, tensor=sub(node.tensor))
     if isinstance(node, Norm):
         return replace(node, module=sub(node.module))
+    if isinstance(node, Residual) and node.taps:
+        return replace(node, taps=tuple(None if tap is None else sub(tap) for tap in node.taps))
     return node
 
 
@@ -177,11 +184,11 @@ VIT = Architecture(
         Norm("norm1", _VIT_LAYER + "layernorm_before", STREAM),
         *_attention_block(_VIT_LAYER, ("attention.attention.query", "attention.attention.key",
                                        "attention.attention.value", "attention.output.dense")),
-        Residual(STREAM, (STREAM, "o")),
+        Residual(STREAM, (STREAM, "o"), taps=(_VIT_LAYER + "layernorm_before", None)),
         Norm("norm2", _VIT_LAYER + "layernorm_after", STREAM),
         Linear("fc1", _VIT_LAYER + "intermediate.dense", STREAM, "mlp"),
         Linear("fc2", _VIT_LAYER + "output.dense", "mlp", "fc2"),
-        Residual(STREAM, (STREAM, "fc2")),
+        Residual(STREAM, (STREAM, "fc2"), taps=(_VIT_LAYER + "layernorm_after", None)),
     ),
     head=(
         Norm("norm", "{base}layernorm", STREAM),
@@ -210,11 +217,11 @@ BERT = Architecture(
     block=(
         *_attention_block(_BERT_LAYER, ("attention.self.query", "attention.self.key", "attention.self.value",
                                         "attention.output.dense")),
-        Residual(STREAM, (STREAM, "o")),
+        Residual(STREAM, (STREAM, "o"), taps=(_BERT_LAYER + "attention.self.query", None)),
         Norm("norm1", _BERT_LAYER + "attention.output.LayerNorm", STREAM),
         Linear("fc1", _BERT_LAYER + "intermediate.dense", STREAM, "mlp"),
         Linear("fc2", _BERT_LAYER + "output.dense", "mlp", "fc2"),
-        Residual(STREAM, (STREAM, "fc2")),
+        Residual(STREAM, (STREAM, "fc2"), taps=(_BERT_LAYER + "intermediate.dense", None)),
         Norm("norm2", _BERT_LAYER + "output.LayerNorm", STREAM),
     ),
     head=(
@@ -245,11 +252,11 @@ GPT2 = Architecture(
         Norm("norm1", _GPT2_LAYER + "ln_1", STREAM),
         *_attention_block(_GPT2_LAYER, ("attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj"),
                           ({**_CONV, "part": (0, 3)}, {**_CONV, "part": (1, 3)}, {**_CONV, "part": (2, 3)}, _CONV)),
-        Residual(STREAM, (STREAM, "o")),
+        Residual(STREAM, (STREAM, "o"), taps=(_GPT2_LAYER + "ln_1", None)),
         Norm("norm2", _GPT2_LAYER + "ln_2", STREAM),
         Linear("fc1", _GPT2_LAYER + "mlp.c_fc", STREAM, "mlp", **_CONV),
         Linear("fc2", _GPT2_LAYER + "mlp.c_proj", "mlp", "fc2", **_CONV),
-        Residual(STREAM, (STREAM, "fc2")),
+        Residual(STREAM, (STREAM, "fc2"), taps=(_GPT2_LAYER + "ln_2", None)),
     ),
     head=(
         Norm("norm", "{base}ln_f", STREAM),

@@ -12,9 +12,10 @@ so the output always has the anchor's shapes and config.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 
 from splice.errors import IncompatibleModelsError, SpliceError
 from splice.merge.fusion import transport
-from splice.merge.fusion.activations import DataSource, Inputs, build_model, collect, load_inputs
+from splice.merge.fusion.activations import DataSource, Inputs, build_model, collect, input_key, load_inputs
 from splice.merge.fusion.architectures import (
     ARCHITECTURES,
     STREAM,
@@ -53,8 +54,33 @@ from splice.tensors.writer import (
 )
 
 ALIGNMENTS = ("activations", "weights")
-QK_POLICIES = ("separate", "shared")
+QK_POLICIES = ("separate", "shared", "joint")
 DEFAULT_TOKENS = 4096
+TIMED = ("read", "activations", "ot", "transport", "write")  # the report's `timings`, besides "total"
+EMD_ON_CPU = ("exact OT (POT's network simplex) runs on the CPU: costs are built on {device}, copied to the CPU "
+              "for each EMD solve and the map copied back")
+
+
+class _Clock:
+    """Wall time per phase; synchronises the GPU at the edges so queued kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = dict.fromkeys(TIMED, 0.0)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        self._sync()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[phase] += time.perf_counter() - started
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 @dataclass
@@ -266,20 +292,80 @@ class FusionOptions:
     qk: str = "separate"
 
 
+# -- where the activation-weighted residual policies read each stream -------------------------------------------
+
+@dataclass(frozen=True)
+class _Source:
+    """One stream's values at a residual add: a module's output ("output"), what enters a module ("input"),
+    or the rows of an embedding table ("rows")."""
+
+    kind: str
+    name: str
+    part: tuple[int, int] | None = None
+
+
+def _stream_sources(model: ModelPlan) -> dict[str, list[_Source]]:
+    """{residual step id: one source per input stream}, from the description's taps and defining nodes."""
+    definers: dict[str, _Source | None] = {}
+    sources: dict[str, list[_Source]] = {}
+    for step in model.steps:
+        node = step.node
+        if isinstance(node, Linear) and node.out is not None:
+            definers[step.space(node.out)] = _Source("output", node.module, node.part)
+        elif isinstance(node, Table) and node.source is not None:
+            definers[step.space(node.space)] = (_Source("output", node.module) if node.source == "activations"
+                                                else _Source("rows", node.tensor))
+        elif isinstance(node, Residual):
+            found = []
+            for position, name in enumerate(node.inputs):
+                tap = node.taps[position] if position < len(node.taps) else None
+                source = _Source("input", tap) if tap is not None else definers.get(step.space(name))
+                if source is None:
+                    raise SpliceError(f"{model.location}: the {model.arch.name} description gives no activations "
+                                      f"for stream {name!r} at {step.id}; use another --residual policy")
+                found.append(source)
+            sources[step.id] = found
+            definers[step.space(node.out)] = None
+    return sources
+
+
+def _stream_magnitudes(sources: dict[str, list[_Source]], feats: dict[str, torch.Tensor],
+                       state: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """{residual step id: per input stream, its mean |activation| per neuron} in the anchor."""
+    out = {}
+    for step_id, found in sources.items():
+        magnitudes = []
+        for source in found:
+            if source.kind == "rows":
+                table = state[source.name]
+                acts = table.reshape(-1, table.shape[-1])
+            else:
+                acts = feats[source.name if source.kind == "output" else input_key(source.name)]
+                if source.part is not None:
+                    acts = acts.chunk(source.part[1], dim=1)[source.part[0]]
+            magnitudes.append(transport.stream_magnitudes(acts))
+        out[step_id] = magnitudes
+    return out
+
+
 class _PairAligner:
     """Aligns one model onto the anchor: returns its tensors in the anchor's shapes, and the map statistics."""
 
     def __init__(self, index: int, model: ModelPlan, anchor: ModelPlan, state_m: dict[str, torch.Tensor],
                  state_a: dict[str, torch.Tensor], feats_m: dict[str, torch.Tensor] | None,
-                 feats_a: dict[str, torch.Tensor] | None, options: FusionOptions):
+                 feats_a: dict[str, torch.Tensor] | None, options: FusionOptions,
+                 magnitudes: dict[str, list[torch.Tensor]] | None = None, clock: _Clock | None = None):
         self.index, self.model, self.anchor = index, model, anchor
         self.state_m, self.state_a = state_m, state_a
         self.feats_m, self.feats_a = feats_m, feats_a
         self.options = options
+        self.magnitudes = magnitudes or {}
+        self.clock = clock or _Clock(torch.device("cpu"))
         self.maps: dict[str, torch.Tensor] = {}
         self.out: dict[str, torch.Tensor] = {}
         self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor | None] | None]] = {}
         self.stats: list[MapStat] = []
+        self.joint: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.partners = {(step.scope, step.node.role): step for step in anchor.steps
                          if isinstance(step.node, Linear) and step.node.role}
 
@@ -296,9 +382,14 @@ class _PairAligner:
                     if name in self.state_m:
                         self.out[name] = _align_outputs(self.state_m[name], out_map)
             elif isinstance(node, Residual):
-                coupling = transport.combine(self.options.residual, [self.maps[step.space(n)] for n in node.inputs])
+                magnitudes = self.magnitudes.get(step.id)
+                coupling = transport.combine(self.options.residual, [self.maps[step.space(n)] for n in node.inputs],
+                                             magnitudes)
                 self.maps[step.space(node.out)] = coupling
-                self._record(step.scope, node.out, "residual", coupling)
+                skip = None
+                if magnitudes is not None and self.options.residual in transport.WEIGHTED_POLICIES:
+                    skip = float(transport.residual_weights(self.options.residual, magnitudes)[0].mean())
+                self._record(step.scope, node.out, "residual", coupling, skip_weight=skip)
         return self.out, self.stats
 
     # points describing each neuron: activations over the sampled tokens, or (input-aligned) weights
@@ -321,44 +412,82 @@ class _PairAligner:
         return points[0], points[1]
 
     def _solve(self, scope: str, space: str, points_m: torch.Tensor, points_a: torch.Tensor,
-               heads: bool) -> torch.Tensor:
+               heads: int) -> torch.Tensor:
         cost = transport.ground_cost(points_m, points_a)
         coupling = transport.solve(cost, self.options.solver, self.options.reg)
         self._record(scope, space, "ot", coupling, cost, heads)
         return coupling
 
     def _record(self, scope: str, space: str, kind: str, coupling: torch.Tensor, cost: torch.Tensor | None = None,
-                heads: bool = False) -> None:
+                heads: int = 0, skip_weight: float | None = None) -> None:
+        """`heads`: how many head blocks the map's spaces hold per model (0: not head-structured)."""
         cross = split = None
         if heads:
-            cross, split = transport.head_mass(coupling, self.model.heads, self.anchor.heads)
+            cross, split = transport.head_mass(coupling, heads * self.model.heads, heads * self.anchor.heads)
         self.stats.append(MapStat(
             self.index, scope, space, kind, tuple(coupling.shape), transport.permutation_closeness(coupling),
-            None if cost is None else transport.transport_cost(coupling, cost), cross, split))
+            None if cost is None else transport.transport_cost(coupling, cost), cross, split, skip_weight))
 
     def _linear(self, step: Step, node: Linear) -> None:
-        weight, bias = _read_linear(self.state_m, node)
-        if node.inp is not None:
-            weight = _align_inputs(weight, transport.input_map(self.maps[step.space(node.inp)]))
+        if step.id in self.joint:  # aligned with its Q/K partner (`--qk joint`)
+            self._put_linear(node, *self.joint.pop(step.id))
+            return
+        weight, bias = self._input_aligned(step, node)
         if node.out is not None:
             space = step.space(node.out)
+            partner = self._qk_partner(step, node)
+            if self.options.qk == "joint" and partner is not None:
+                self._joint_qk(step, node, weight, bias, partner)
+                return
             if space not in self.maps:
-                self.maps[space] = self._map_for(step, node)
+                with self.clock.timed("ot"):
+                    self.maps[space] = self._map_for(step, node, partner)
             out_map = transport.output_map(self.maps[space])
             weight = _align_outputs(weight, out_map)
             bias = _align_outputs(bias, out_map) if bias is not None else None
         self._put_linear(node, weight, bias)
 
-    def _map_for(self, step: Step, node: Linear) -> torch.Tensor:
-        partner = self.partners.get((step.scope, "k")) if node.role == "q" else None
+    def _input_aligned(self, step: Step, node: Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = _read_linear(self.state_m, node)
+        if node.inp is not None:
+            weight = _align_inputs(weight, transport.input_map(self.maps[step.space(node.inp)]))
+        return weight, bias
+
+    def _qk_partner(self, step: Step, node: Linear) -> Step | None:
+        """The key projection of a query projection (and the other way round) in the same scope."""
+        other = {"q": "k", "k": "q"}.get(node.role or "")
+        return self.partners.get((step.scope, other)) if other else None
+
+    def _map_for(self, step: Step, node: Linear, partner: Step | None) -> torch.Tensor:
         if self.options.qk == "shared" and partner is not None:
             q_m, q_a = self._linear_points(step, node)
             k_m, k_a = self._linear_points(partner, partner.node)
-            coupling = self._solve(step.scope, "qk", torch.cat([q_m, k_m], 1), torch.cat([q_a, k_a], 1), True)
+            coupling = self._solve(step.scope, "qk", torch.cat([q_m, k_m], 1), torch.cat([q_a, k_a], 1),
+                                   int(node.heads))
             self.maps[partner.space(partner.node.out)] = coupling
             return coupling
         points_m, points_a = self._linear_points(step, node)
-        return self._solve(step.scope, node.out, points_m, points_a, node.heads)
+        return self._solve(step.scope, node.out, points_m, points_a, int(node.heads))
+
+    def _joint_qk(self, step: Step, node: Linear, weight: torch.Tensor, bias: torch.Tensor | None,
+                  partner: Step) -> None:
+        """`--qk joint` (the authors' `joint`): [W_Q; W_K] fused as one layer, one map over the query and the key
+        neurons together ([2 n_m, 2 n_a]); the partner's aligned half is kept until its node comes."""
+        other_weight, other_bias = self._input_aligned(partner, partner.node)
+        with self.clock.timed("ot"):
+            own_m, own_a = self._linear_points(step, node)
+            other_m, other_a = self._linear_points(partner, partner.node)
+            coupling = self._solve(step.scope, "qk", torch.cat([own_m, other_m]), torch.cat([own_a, other_a]),
+                                   2 * int(node.heads))
+        out_map = transport.output_map(coupling)
+        n_a = own_a.shape[0]
+        stacked = _align_outputs(torch.cat([weight, other_weight]), out_map)
+        biases = None
+        if bias is not None and other_bias is not None:  # the described models have both biases or neither
+            biases = _align_outputs(torch.cat([bias, other_bias]), out_map)
+        self.maps[step.space(node.out)] = self.maps[partner.space(partner.node.out)] = coupling
+        self.joint[partner.id] = (stacked[n_a:], None if biases is None else biases[n_a:])
+        self._put_linear(node, stacked[:n_a], None if biases is None else biases[:n_a])
 
     def _put_linear(self, node: Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         if node.part is not None:
@@ -381,16 +510,17 @@ class _PairAligner:
         rows = table.reshape(-1, table.shape[-1])
         space = step.space(node.space)
         if node.source is not None:
-            if node.source == "activations" and self.options.align == "activations":
-                points_m, points_a = self._activation_points(node.module, None)
-            else:
-                table_a = self.state_a[node.tensor]
-                rows_a = table_a.reshape(-1, table_a.shape[-1])
-                if self.options.align == "activations":  # the columns are the activations (the authors' choice)
-                    points_m, points_a = transport.standardize(rows).T, transport.standardize(rows_a).T
+            with self.clock.timed("ot"):
+                if node.source == "activations" and self.options.align == "activations":
+                    points_m, points_a = self._activation_points(node.module, None)
                 else:
-                    points_m, points_a = transport.unit_rows(rows.T), transport.unit_rows(rows_a.T)
-            self.maps[space] = self._solve(step.scope, node.space, points_m, points_a, False)
+                    table_a = self.state_a[node.tensor]
+                    rows_a = table_a.reshape(-1, table_a.shape[-1])
+                    if self.options.align == "activations":  # the columns are the activations (the authors')
+                        points_m, points_a = transport.standardize(rows).T, transport.standardize(rows_a).T
+                    else:
+                        points_m, points_a = transport.unit_rows(rows.T), transport.unit_rows(rows_a.T)
+                self.maps[space] = self._solve(step.scope, node.space, points_m, points_a, 0)
         aligned = rows @ transport.output_map(self.maps[space]).to(rows.dtype)
         self.out[node.tensor] = aligned.reshape(self.state_a[node.tensor].shape)
 
@@ -407,6 +537,7 @@ def _read_state(checkpoint: Checkpoint, device: torch.device) -> dict[str, torch
 
 
 def _hooked_modules(model: ModelPlan, align: str) -> set[str]:
+    """Modules whose outputs the activation alignment compares (none for weight alignment)."""
     if align != "activations":
         return set()
     modules = set()
@@ -420,17 +551,18 @@ def _hooked_modules(model: ModelPlan, align: str) -> set[str]:
 
 
 def _activations(model: ModelPlan, state: dict[str, torch.Tensor], inputs: Inputs | None, tokens: int,
-                 device: torch.device, modules: set[str]) -> dict[str, torch.Tensor] | None:
-    if inputs is None:
+                 device: torch.device, modules: set[str],
+                 inputs_of: set[str] | frozenset[str] = frozenset()) -> dict[str, torch.Tensor] | None:
+    if inputs is None or not (modules or inputs_of):
         return None
     live = build_model(model.class_name, model.config, state, device, model.location)
     try:
-        return collect(live, modules, inputs, tokens, device)
+        return collect(live, modules, inputs, tokens, device, inputs_of)
     finally:
         del live
 
 
-def _check_options(options: FusionOptions, count: int, anchor: int, tokens: int) -> None:
+def _check_options(options: FusionOptions, count: int, anchor: int, tokens: int, has_data: bool) -> None:
     if count < 2:
         raise SpliceError(f"fusion needs at least two models, got {count}")
     if not 0 <= anchor < count:
@@ -444,6 +576,9 @@ def _check_options(options: FusionOptions, count: int, anchor: int, tokens: int)
     if options.residual not in transport.RESIDUAL_POLICIES:
         raise SpliceError(f"unknown residual policy {options.residual!r}: use one of "
                           f"{', '.join(transport.RESIDUAL_POLICIES)}")
+    if options.residual in transport.WEIGHTED_POLICIES and options.align == "weights" and not has_data:
+        raise SpliceError(f"--residual {options.residual} weighs the maps by the streams' activations: give --data "
+                          "(with --align weights only the anchor is run, to measure them)")
     if options.qk not in QK_POLICIES:
         raise SpliceError(f"unknown Q/K policy {options.qk!r}: use one of {', '.join(QK_POLICIES)}")
     if tokens < 1:
@@ -474,64 +609,92 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, data: D
     align: "activations" (neurons compared by their standardised activations) or "weights" (by their
       unit-normalised, input-aligned incoming weights; no data needed).
     solver: "emd" (exact, hard maps) or "sinkhorn" (entropic with `reg`, log-domain below 0.05).
-    residual: how maps combine where streams add: "average" (default), "skip", "branch" or "identity".
-    qk: "separate" maps for queries and keys, or one "shared" map from both.
-    The fused model is written with the anchor's config and side files, and `fusion_report.json` beside it.
+    residual: how maps combine where streams add: "average" (default), "skip", "branch", "identity", or
+      weighted by each stream's mean |activation| in the anchor at that add: "weighted_scalar" (one weight per
+      stream) or "weighted_matrix" (one per stream and neuron). The weighted policies need `data`; with
+      align="weights" only the anchor is run on it, to measure its streams.
+    qk: "separate" maps for queries and keys, one "shared" map from both, or "joint": [W_Q; W_K] fused as one
+      layer (one map over the query and key neurons together).
+    The fused model is written with the anchor's config and side files, and `fusion_report.json` beside it;
+    the report's `timings` splits the wall time into reading, activations, OT (points, costs, solves),
+    transport (aligning and averaging weights) and writing.
     """
     started = time.perf_counter()
     options = FusionOptions(align, solver, float(reg), residual, qk)
-    _check_options(options, len(models), anchor, tokens)
+    _check_options(options, len(models), anchor, tokens, data is not None)
     ensure_output_free(out, force)
     plans = plan(models, storage_options)
     base = plans[anchor]
     if residual == "identity" and any(p.widths[STREAM] != base.widths[STREAM] for p in plans):
         raise SpliceError("--residual identity needs models of the same hidden size")
+    weighted = residual in transport.WEIGHTED_POLICIES
+    sources = _stream_sources(base) if weighted else {}
     inputs = None
-    if align == "activations":
+    if align == "activations" or weighted:
         if data is None:
             raise SpliceError("activation alignment needs --data MODULE:FUNCTION returning a batch of inputs, "
                               "or use --align weights")
         inputs = load_inputs(data, samples, base.location)
     torch_device = resolve_device(device)
+    clock = _Clock(torch_device)
     progress = progress or NoProgress()
     progress.start("fusion", len(plans), sum(p.checkpoint.total_bytes for p in plans), unit="models")
 
-    modules = _hooked_modules(base, align)
+    modules = _hooked_modules(base, align)  # compared between the models
+    streams = {source.name for found in sources.values() for source in found if source.kind == "output"}
+    entering = {source.name for found in sources.values() for source in found if source.kind == "input"}
     with torch.no_grad():
-        state_a = _read_state(base.checkpoint, torch_device)
-        feats_a = _activations(base, state_a, inputs, tokens, torch_device, modules)
+        with clock.timed("read"):
+            state_a = _read_state(base.checkpoint, torch_device)
+        with clock.timed("activations"):
+            feats_a = _activations(base, state_a, inputs, tokens, torch_device, modules | streams, entering)
+            magnitudes = _stream_magnitudes(sources, feats_a or {}, state_a) if weighted else None
         progress.advance(1, base.checkpoint.total_bytes)
-        total = {name: tensor.clone() for name, tensor in state_a.items() if name not in base.copied}
+        with clock.timed("transport"):
+            total = {name: tensor.clone() for name, tensor in state_a.items() if name not in base.copied}
         stats: list[MapStat] = []
         for index, model in enumerate(plans):
             if index == anchor:
                 continue
-            state_m = _read_state(model.checkpoint, torch_device)
-            feats_m = _activations(model, state_m, inputs, tokens, torch_device, modules)
-            aligned, model_stats = _PairAligner(index, model, base, state_m, state_a, feats_m, feats_a,
-                                                options).run()
-            for name in total:
-                total[name] += aligned[name]
+            with clock.timed("read"):
+                state_m = _read_state(model.checkpoint, torch_device)
+            with clock.timed("activations"):
+                feats_m = _activations(model, state_m, inputs if align == "activations" else None, tokens,
+                                       torch_device, modules)
+            solving = clock.seconds["ot"]
+            with clock.timed("transport"):  # the aligner charges its solves to "ot": taken out below
+                aligned, model_stats = _PairAligner(index, model, base, state_m, state_a, feats_m, feats_a,
+                                                    options, magnitudes, clock).run()
+                for name in total:
+                    total[name] += aligned[name]
+            clock.seconds["transport"] -= clock.seconds["ot"] - solving
             stats.extend(model_stats)
             del state_m, feats_m, aligned
             progress.advance(1, model.checkpoint.total_bytes)
-        fused = {}
-        for name, info in base.checkpoint.tensors.items():
-            if name in total:
-                fused[name] = (total[name] / len(plans)).to(dtype=info.dtype, device="cpu")
-            else:
-                fused[name] = state_a[name].to(dtype=info.dtype, device="cpu")
+        with clock.timed("transport"):
+            fused = {}
+            for name, info in base.checkpoint.tensors.items():
+                if name in total:
+                    fused[name] = (total[name] / len(plans)).to(dtype=info.dtype, device="cpu")
+                else:
+                    fused[name] = state_a[name].to(dtype=info.dtype, device="cpu")
     progress.finish()
 
+    notes = []
+    if torch_device.type != "cpu" and solver == "emd" and stats:
+        notes.append(EMD_ON_CPU.format(device=torch_device))
     report = FusionReport(
         out=Path(out), architecture=base.class_name, models=[p.location for p in plans], anchor=anchor,
         align=align, solver=solver, reg=options.reg if solver == "sinkhorn" else None, residual=residual, qk=qk,
         samples=inputs.count if inputs else 0,
         tokens=max(len(acts) for acts in feats_a.values()) if feats_a else 0,
-        widths=[_model_widths(p) for p in plans], device=str(torch_device), maps=stats)
+        widths=[_model_widths(p) for p in plans], device=str(torch_device), maps=stats, notes=notes)
     with staged_output(out, force) as staging:
-        write_state_dict(staging, fused, shard_size, {"splice_merge_method": "ot fusion"})
-        copy_side_files(base.checkpoint, staging)
+        with clock.timed("write"):
+            write_state_dict(staging, fused, shard_size, {"splice_merge_method": "ot fusion"})
+            copy_side_files(base.checkpoint, staging)
         report.seconds = time.perf_counter() - started
+        report.timings = {**{phase: round(clock.seconds[phase], 4) for phase in TIMED},
+                          "total": round(report.seconds, 4)}
         report.save(staging)
     return report

@@ -22,6 +22,7 @@ class MapStat:
     cost: float | None = None  # <T, M>, M divided by its max; None for combined maps
     cross_head_mass: float | None = None  # head-structured spaces: mass moved to another head index
     head_split_mass: float | None = None  # head-structured spaces: mass not following its head's main match
+    skip_weight: float | None = None  # weighted residual policies: the skip map's weight, mean over anchor neurons
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,16 @@ class FusionReport:
     device: str
     seconds: float = 0.0
     maps: list[MapStat] = field(default_factory=list)
+    # wall seconds per phase: read (checkpoints into memory), activations (forward passes with hooks), ot
+    # (neuron points, cost matrices and solves), transport (aligning and averaging the weights), write, total
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. where the solver really ran
+
+    def timing_summary(self) -> str:
+        """'activations 3.1s, OT 5.2s, ...' for the phases that were timed ('' if none)."""
+        labels = {"read": "read", "activations": "activations", "ot": "OT", "transport": "transport",
+                  "write": "write"}
+        return ", ".join(f"{label} {self.timings[key]:.1f}s" for key, label in labels.items() if key in self.timings)
 
     @property
     def layers(self) -> list[LayerStat]:

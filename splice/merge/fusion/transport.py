@@ -27,8 +27,9 @@ EPS_STD = 1e-9
 
 def standardize(acts: torch.Tensor) -> torch.Tensor:
     """Per-neuron standardisation over samples: acts [samples, neurons] -> (acts - mean) / (std + 1e-9)."""
-    acts = acts.to(torch.float64)
-    return (acts - acts.mean(0)) / (acts.std(0, unbiased=False) + EPS_STD)
+    acts = acts.to(torch.float64, copy=True)
+    std, mean = torch.std_mean(acts, 0, correction=0)
+    return acts.sub_(mean).div_(std.add_(EPS_STD))
 
 
 def unit_rows(points: torch.Tensor) -> torch.Tensor:
@@ -94,12 +95,37 @@ def input_map(coupling: torch.Tensor) -> torch.Tensor:
 
 # -- residual policies (Imfeld et al. `resid_policy`): how maps combine where streams are added -----------------
 
-RESIDUAL_POLICIES = ("average", "skip", "branch", "identity")
+RESIDUAL_POLICIES = ("average", "skip", "branch", "identity", "weighted_scalar", "weighted_matrix")
+WEIGHTED_POLICIES = ("weighted_scalar", "weighted_matrix")
 
 
-def combine(policy: str, couplings: list[torch.Tensor]) -> torch.Tensor:
+def stream_magnitudes(acts: torch.Tensor) -> torch.Tensor:
+    """Mean |activation| per neuron over the sampled tokens: acts [tokens, neurons] -> [neurons]."""
+    return acts.to(torch.float64).abs().mean(0)
+
+
+def residual_weights(policy: str, magnitudes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per input stream, the weight of its map for each anchor neuron ([n_a] each; they sum to 1 per neuron).
+
+    `weighted_scalar`: one number per stream, its mean |activation| over tokens and neurons, normalised to
+    sum to 1 over the streams. `weighted_matrix`: the same per neuron (the diagonals of D_skip, D_branch).
+    Where every stream is silent the streams weigh equally."""
+    if policy == "weighted_scalar":
+        magnitudes = [m.mean().expand_as(m) for m in magnitudes]
+    stacked = torch.stack([m.to(torch.float64) for m in magnitudes])  # [streams, n_a]
+    total = stacked.sum(0, keepdim=True)
+    even = torch.full_like(stacked, 1.0 / len(magnitudes))
+    weights = torch.where(total > 0, stacked / total.clamp_min(1e-300), even)
+    return list(weights)
+
+
+def combine(policy: str, couplings: list[torch.Tensor],
+            magnitudes: list[torch.Tensor] | None = None) -> torch.Tensor:
     """`average` (the authors' `mean`): the mean of the maps; `skip` (`only_resid`): the skip stream's map;
-    `branch` (`no_resid`): the last branch's map; `identity` (`resid_as_identity`): no re-ordering."""
+    `branch` (`no_resid`): the last branch's map; `identity` (`resid_as_identity`): no re-ordering;
+    `weighted_scalar` / `weighted_matrix`: T = sum_k T_k D_k with the weights of `residual_weights`, from
+    `magnitudes`, each stream's mean |activation| per anchor neuron (`stream_magnitudes`). Column sums (the
+    anchor's marginal) are kept: each column is a convex combination of the maps' columns."""
     if policy == "average":
         return sum(couplings) / len(couplings)
     if policy == "skip":
@@ -111,6 +137,11 @@ def combine(policy: str, couplings: list[torch.Tensor]) -> torch.Tensor:
         if n_m != n_a:
             raise SpliceError("--residual identity needs models of the same width")
         return identity_coupling(n_a, couplings[0].device)
+    if policy in WEIGHTED_POLICIES:
+        if magnitudes is None or len(magnitudes) != len(couplings):
+            raise SpliceError(f"--residual {policy} needs the activations of every stream added")
+        weights = residual_weights(policy, magnitudes)
+        return sum(coupling * weight.to(coupling)[None, :] for coupling, weight in zip(couplings, weights))
     raise SpliceError(f"unknown residual policy {policy!r}: use one of {', '.join(RESIDUAL_POLICIES)}")
 
 
