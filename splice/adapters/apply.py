@@ -33,17 +33,18 @@ def load_patch(patch: PatchSource, storage_options: dict | None = None,
 def apply_patches(patches: Sequence[PatchSource], base: str | os.PathLike, out: str | os.PathLike, *,
                   allow_base_drift: bool = False, device: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
                   force: bool = False, progress: Progress | None = None, storage_options: dict | None = None,
-                  metadata: dict[str, str] | None = None, extra_files: dict[str, bytes] | None = None
-                  ) -> StreamReport:
+                  metadata: dict[str, str] | None = None, extra_files: dict[str, bytes] | None = None,
+                  check_bases: bool = True) -> StreamReport:
     """Write `base` with every patch applied in order: deltas, LoRA products and sparse deltas add, masks
     multiply, LayerNorm patches replace. Every patch's base fingerprint is checked and every overlap
-    resolved before the first tensor is written; patch tensors are read as their base tensor streams by."""
+    resolved before the first tensor is written; patch tensors are read as their base tensor streams by.
+    `check_bases=False` skips the fingerprint checks (for a caller that has just made them)."""
     ensure_output_free(out, force)
     if not patches:
         raise PatchError("no patches given")
     base_ckpt = Checkpoint.open(base, storage_options)
     loaded = [load_patch(p, storage_options, base=base_ckpt) for p in patches]
-    for patch in loaded:
+    for patch in loaded if check_bases else ():
         patch.check_base(base_ckpt, allow_drift=allow_base_drift)
     plan = composition_plan(loaded)
     check_plan_shapes(plan, lambda name: base_ckpt.tensors[name].shape if name in base_ckpt.tensors else None,

@@ -82,5 +82,5 @@ def apply_patch(model: torch.nn.Module, patch: PatchSource, allow_base_drift: bo
         for stored, steps in plan.items():
             target = state[names.get(stored, stored)]
             originals[names.get(stored, stored)] = target.detach().clone()
-            target.copy_(patched_value(target.detach().float(), steps))
+            target.copy_(patched_value(target.detach().float().clone(), steps))  # steps may work in place
     return PatchHandle(model, originals, identity)

@@ -94,10 +94,10 @@ def lora_steps(patch: Patch) -> dict[str, Step]:
         def compute(value: torch.Tensor, module: str = module, scale: float = scale, start: str | None = start
                     ) -> torch.Tensor:
             if start is not None:
-                value = patch.tensors[start].to(device=value.device, dtype=value.dtype)
+                value = patch.tensors[start].to(device=value.device, dtype=value.dtype, copy=True)
             a = patch.tensors[module + SUFFIX_A].to(device=value.device, dtype=value.dtype)
             b = patch.tensors[module + SUFFIX_B].to(device=value.device, dtype=value.dtype)
-            return torch.addmm(value, b, a, alpha=scale)  # one allocation, not three
+            return value.addmm_(b, a, alpha=scale)  # in place: no new tensor of the weight's size
 
         if start is not None and tuple(shapes[start]) != (rows, cols):
             raise PatchError(f"LoRA patch: {start} is {list(shapes[start])} but its factors make {[rows, cols]}")

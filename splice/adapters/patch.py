@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -149,38 +150,41 @@ TensorSource = Callable[[str], "tuple[tuple[int, ...], torch.dtype, Callable[...
 `read(sample=True)` may stop after the leading bytes a context sample needs."""
 
 
+def _compare_tensor(entry: TensorFingerprint, source: TensorSource) -> BaseMismatch | None:
+    found = source(entry.name)
+    if found is None:
+        return BaseMismatch(entry.name, "missing", "not in this base")
+    shape, dtype, read = found
+    if tuple(shape) != tuple(entry.shape):
+        return BaseMismatch(entry.name, "shape", f"shape {list(shape)}, patch made on {list(entry.shape)}")
+    if dtype_name(dtype) != entry.dtype:
+        return BaseMismatch(entry.name, "dtype", f"{dtype_name(dtype)}, patch made on {entry.dtype}")
+    tensor = read()
+    if tensor_sha256(tensor) == entry.sha256:
+        return None
+    norm = float(tensor.detach().double().norm())
+    change = f" ({(norm - entry.norm) / entry.norm:+.2%})" if entry.norm else ""
+    return BaseMismatch(entry.name, "values", f"values differ: L2 norm {norm:.6g}, {entry.norm:.6g} when the "
+                                              f"patch was made{change}")
+
+
+def _compare_context(name: str, sampled: str, source: TensorSource) -> BaseMismatch | None:
+    found = source(name)
+    if found is None:
+        return BaseMismatch(name, "missing", "not in this base")
+    shape, dtype, read = found
+    if sample_sha256(read(sample=True), shape, dtype) != sampled:
+        return BaseMismatch(name, "context", f"differs (shape {list(shape)}, {dtype_name(dtype)})")
+    return None
+
+
 def compare_fingerprint(expected: BaseFingerprint, source: TensorSource) -> list[BaseMismatch]:
-    """How the tensors `source` gives differ from the base a patch was made on; empty when it is that base."""
-    mismatches = []
-    for entry in expected.tensors:
-        found = source(entry.name)
-        if found is None:
-            mismatches.append(BaseMismatch(entry.name, "missing", "not in this base"))
-            continue
-        shape, dtype, read = found
-        if tuple(shape) != tuple(entry.shape):
-            mismatches.append(BaseMismatch(entry.name, "shape", f"shape {list(shape)}, patch made on "
-                                                                f"{list(entry.shape)}"))
-            continue
-        if dtype_name(dtype) != entry.dtype:
-            mismatches.append(BaseMismatch(entry.name, "dtype", f"{dtype_name(dtype)}, patch made on "
-                                                                f"{entry.dtype}"))
-            continue
-        tensor = read()
-        if tensor_sha256(tensor) != entry.sha256:
-            norm = float(tensor.detach().double().norm())
-            change = f" ({(norm - entry.norm) / entry.norm:+.2%})" if entry.norm else ""
-            mismatches.append(BaseMismatch(entry.name, "values", f"values differ: L2 norm {norm:.6g}, "
-                                                                 f"{entry.norm:.6g} when the patch was made{change}"))
-    for name, sampled in expected.context.items():
-        found = source(name)
-        if found is None:
-            mismatches.append(BaseMismatch(name, "missing", "not in this base"))
-            continue
-        shape, dtype, read = found
-        if sample_sha256(read(sample=True), shape, dtype) != sampled:
-            mismatches.append(BaseMismatch(name, "context", f"differs (shape {list(shape)}, {dtype_name(dtype)})"))
-    return mismatches
+    """How the tensors `source` gives differ from the base a patch was made on; empty when it is that base.
+    Tensors are read and hashed on a few threads (reads and sha256 release the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        own = pool.map(lambda entry: _compare_tensor(entry, source), expected.tensors)
+        context = pool.map(lambda item: _compare_context(*item, source), expected.context.items())
+        return [m for m in (*own, *context) if m is not None]
 
 
 def compare_base(expected: BaseFingerprint, base: Checkpoint) -> list[BaseMismatch]:

@@ -26,7 +26,8 @@ class Effect(str, Enum):
 class Step:
     effect: Effect
     shape: tuple[int, ...]  # the shape of the base tensor this step was made for
-    compute: Callable[[torch.Tensor], torch.Tensor]  # current value (fp32, on the compute device) -> new value
+    # current value (fp32, on the compute device) -> new value; may update the value it is given in place
+    compute: Callable[[torch.Tensor], torch.Tensor]
 
 
 def _replace(patch: Patch) -> dict[str, Step]:

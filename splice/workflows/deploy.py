@@ -82,7 +82,7 @@ def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike,
         patches.append(patch)
     record = DeploymentRecord(registry=store.url, base=str(base), patches=deployed)
     text = record.model_dump_json()
-    report = apply_patches(patches, base, out, allow_base_drift=True, device=device, shard_size=shard_size,
+    report = apply_patches(patches, base, out, check_bases=False, device=device, shard_size=shard_size,
                            force=force, progress=progress, storage_options=storage_options,
                            metadata={RECORD_METADATA_KEY: text},
                            extra_files={RECORD_FILE: (record.model_dump_json(indent=2) + "\n").encode()})
