@@ -7,6 +7,7 @@ attention and MLP matrix of every layer. Measured, each run in its own subproces
   copy-shards     cp -r A OUT                                    (the floor: the bytes must be written anyway)
   splice-deploy   splice deploy bench-ln@prod bench-lora@prod --base A --out OUT --quiet
   deploy-call     python: time only the splice.workflows.deploy.deploy(...) call (no interpreter/import start-up)
+  deploy-ln-call  the same for the LayerNorm patch alone (untouched tensors are copied inside the kernel)
   import-only     python -c 'import splice.workflows.deploy, splice.cli.app' (start-up alone)
   io-floor        python: every tensor read with safetensors' safe_open and written with save_file, shard by
                   shard (bytes through user space, as any tool that looks at the values must move them);
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = build_models(workdir / "models")[0]
     registry_dir = workdir / "deploy-registry"
     refs = build_patches(base_dir, registry_dir)
-    outs = {name: workdir / f"deploy-out-{name}" for name in ("copy", "cli", "call", "floor")}
+    outs = {name: workdir / f"deploy-out-{name}" for name in ("copy", "cli", "call", "ln", "floor")}
     call_report = workdir / "logs" / "timed_inside.json"
     splice_cli = str(Path(sys.executable).with_name("splice"))
     cases = [
@@ -147,12 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         Case("deploy-call", [sys.executable, str(workdir / "deploy_call.py"), ",".join(refs), str(base_dir),
                              str(outs["call"]), str(registry_dir), str(call_report)], outs["call"],
              "deploy() timed inside Python"),
+        Case("deploy-ln-call", [sys.executable, str(workdir / "deploy_call.py"), refs[0], str(base_dir),
+                                str(outs["ln"]), str(registry_dir), str(call_report)], outs["ln"],
+             "deploy() of the LayerNorm patch alone, timed inside Python"),
         Case("import-only", [sys.executable, "-c", "import splice.workflows.deploy, splice.cli.app"], None,
              "interpreter + imports"),
         Case("io-floor", [sys.executable, str(workdir / "io_floor_copy.py"), str(base_dir), str(outs["floor"]),
                           str(call_report)], outs["floor"], "safe_open reads + save_file writes, timed inside Python"),
     ]
-    timed_inside = {"deploy-call", "io-floor"}
+    timed_inside = {"deploy-call", "deploy-ln-call", "io-floor"}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     walls: dict[str, list[float]] = {case.name: [] for case in cases}
     inside: dict[str, list[float]] = {name: [] for name in timed_inside}
@@ -176,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         ("splice deploy (CLI) minus start-up / copy", (median["splice-deploy"] - median["import-only"]) / copy),
         ("deploy() call / copy", median_inside["deploy-call"] / copy),
         ("deploy() call / io-floor (safe_open + save_file)", median_inside["deploy-call"] / median_inside["io-floor"]),
+        ("deploy() of the LayerNorm patch alone / copy", median_inside["deploy-ln-call"] / copy),
     ]
     print(f"\nmedians of {args.repeats}: copy {copy:.2f} s, splice deploy {median['splice-deploy']:.2f} s, "
           f"start-up {median['import-only']:.2f} s, deploy() {median_inside['deploy-call']:.2f} s, "

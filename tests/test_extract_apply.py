@@ -89,3 +89,37 @@ def test_cli_extract_then_apply_and_a_refused_base(pair, tmp_path, monkeypatch, 
     code, _, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "nonsense",
                             "--out", tmp_path / "x"], monkeypatch, capsys)
     assert code == 2 and "unknown patch kind 'nonsense'" in err
+
+
+def test_untouched_tensors_are_copied_in_the_kernel_locally_and_through_memory_remotely(pair, tmp_path,
+                                                                                        monkeypatch):
+    import os
+
+    import fsspec
+
+    from splice.tensors.checkpoint import Checkpoint
+
+    base_dir, tuned_dir = pair
+    patch = extract_patch(base_dir, tuned_dir, "layernorm")
+    untouched = [name for name in Checkpoint.open(base_dir).tensors if name not in patch.tensors]
+    copies = []
+    real_copy = os.copy_file_range
+
+    def counting_copy(*args):
+        copies.append(args[2])
+        return real_copy(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", counting_copy)
+    apply_patches([patch], base_dir, tmp_path / "local", device="cpu")
+    assert sum(copies) == sum(Checkpoint.open(base_dir).tensors[name].nbytes for name in untouched)
+
+    remote = fsspec.filesystem("memory")
+    for path in base_dir.iterdir():
+        remote.pipe(f"/deploy-base/{path.name}", path.read_bytes())
+    copies.clear()
+    apply_patches([patch], "memory://deploy-base", tmp_path / "remote", device="cpu")
+    assert copies == []
+    local, through_memory, base = load_dir(tmp_path / "local"), load_dir(tmp_path / "remote"), load_dir(base_dir)
+    for name in base:
+        expected = patch.tensors[name] if name in patch.tensors else base[name]
+        assert torch.equal(local[name], expected) and torch.equal(through_memory[name], expected), name

@@ -55,6 +55,7 @@ def apply_patches(patches: Sequence[PatchSource], base: str | os.PathLike, out: 
 
     items = [StreamItem(OutputTensor(name, info.dtype, info.shape), ((base_ckpt, name),))
              for name, info in base_ckpt.tensors.items()]
+    untouched = [name for name in base_ckpt.tensors if name not in plan]
     return run_stream(items, patched, out, side_files_from=base_ckpt, device=device, shard_size=shard_size,
                       force=force, progress=progress, description="applying patches", metadata=metadata,
-                      extra_files=extra_files)
+                      extra_files=extra_files, verbatim=untouched)

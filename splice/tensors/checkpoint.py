@@ -189,6 +189,14 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
+    def local_byte_range(self, name: str) -> tuple[int, int, int] | None:
+        """(open file descriptor, start, end) of a tensor's bytes in a local safetensors shard, for
+        in-kernel copies; None when the checkpoint is remote or pickled."""
+        if self._pickled is not None or not self.is_local:
+            return None
+        info = self.tensors[name]
+        return self._fd(info.shard), info.start, info.end
+
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor's value on the CPU, in its stored dtype; `rows=(a, b)` reads only rows a..b-1 of dim 0."""
         info = self.tensors.get(name)

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,14 +204,21 @@ class WriteBehind:
         while (job := self.pending.get()) is not self._STOP:
             if self.error is None:
                 try:
-                    self.writer.write(*job)
+                    action, arguments = job
+                    action(*arguments)
                 except BaseException as exc:  # re-raised on the caller's thread
                     self.error = exc
 
     def submit(self, name: str, tensor: torch.Tensor, rows: Rows = None) -> None:
         if self.error is not None:
             raise self.error
-        self.pending.put((name, tensor, rows))
+        self.pending.put((self.writer.write, (name, tensor, rows)))
+
+    def submit_copy(self, name: str, source: Checkpoint) -> None:
+        """Queue a tensor to be written as `source` stores it, without reading it here."""
+        if self.error is not None:
+            raise self.error
+        self.pending.put((self.writer.copy_stored, (name, source)))
 
     def finish(self) -> None:
         """Wait until everything submitted is written; raise what the writer raised."""
@@ -231,10 +238,11 @@ class WorkUnit:
 
     item: StreamItem
     rows: Rows = None
+    verbatim: bool = False  # copied as stored by the writer: nothing to read or compute
 
     @property
     def reads(self) -> Reads:
-        return [(ckpt, name, self.rows) for ckpt, name in self.item.sources]
+        return [] if self.verbatim else [(ckpt, name, self.rows) for ckpt, name in self.item.sources]
 
     @property
     def input_bytes(self) -> int:
@@ -248,9 +256,13 @@ class WorkUnit:
         return self.rows is None or self.rows[1] == self.item.output.shape[0]
 
 
-def work_units(plan: Sequence[StreamItem], chunked: bool, chunk_bytes: int = CHUNK_BYTES) -> list[WorkUnit]:
+def work_units(plan: Sequence[StreamItem], chunked: bool, chunk_bytes: int = CHUNK_BYTES,
+               verbatim: Collection[str] = ()) -> list[WorkUnit]:
     units = []
     for item in plan:
+        if item.output.name in verbatim:
+            units.append(WorkUnit(item, verbatim=True))
+            continue
         biggest = max(ckpt.tensors[name].nbytes for ckpt, name in item.sources)
         shape = item.output.shape
         floating = all(ckpt.tensors[name].dtype.is_floating_point for ckpt, name in item.sources)
@@ -266,9 +278,12 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, s
                device: str | torch.device = "auto", shard_size: int = DEFAULT_SHARD_SIZE, read_ahead_depth: int = 2,
                force: bool = False, progress: Progress | None = None, metadata: dict[str, str] | None = None,
                description: str = "merging", out_dtype: torch.dtype | None = None,
-               chunk_bytes: int = CHUNK_BYTES, extra_files: dict[str, bytes] | None = None) -> StreamReport:
+               chunk_bytes: int = CHUNK_BYTES, extra_files: dict[str, bytes] | None = None,
+               verbatim: Collection[str] = ()) -> StreamReport:
     """Compute every planned output tensor and publish the model directory at `out`, with `extra_files`
-    (name -> content) written beside the weights before it is published."""
+    (name -> content) written beside the weights before it is published. Tensors named in `verbatim` are
+    not computed: the writer copies them as their first source stores them (inside the kernel when both
+    sides are local files)."""
     progress = progress or NoProgress()
     torch_device = resolve_device(device)
     ensure_output_free(out, force)
@@ -276,7 +291,7 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, s
     total_in = sum(item.input_bytes for item in plan)
     with staged_output(out, force) as staging:
         writer = ShardedWriter(staging, [item.output for item in plan], shard_size, metadata)
-        units = work_units(plan, getattr(kernel, "elementwise", False), chunk_bytes)
+        units = work_units(plan, getattr(kernel, "elementwise", False), chunk_bytes, set(verbatim))
         progress.start(description, len(plan), total_in)
         behind = WriteBehind(writer, depth=read_ahead_depth)
         try:
@@ -284,6 +299,10 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, s
                 for position, tensors in read_ahead([unit.reads for unit in units], read_ahead_depth):
                     unit = units[position]
                     item = unit.item
+                    if unit.verbatim:
+                        behind.submit_copy(item.output.name, item.sources[0][0])
+                        progress.advance(1, unit.item.input_bytes)
+                        continue
                     tick = time.perf_counter()
                     behind.submit(item.output.name, compute_one(item, tensors, kernel, torch_device), unit.rows)
                     progress.advance(int(unit.completes_item), unit.input_bytes)

@@ -163,6 +163,37 @@ class ShardedWriter:
         if finished:
             self._next += 1
 
+    def copy_stored(self, name: str, source: Checkpoint) -> None:
+        """Append a tensor byte for byte as `source` stores it: copied inside the kernel
+        (`os.copy_file_range`) when both files are local, else read and written."""
+        info = source.tensors[name]
+        shard_index, planned = self._order[self._next] if self._next < len(self._order) else (None, None)
+        where = source.local_byte_range(name)
+        if (where is None or planned is None or planned.name != name or info.dtype != planned.dtype
+                or info.shape != planned.shape or not hasattr(os, "copy_file_range")):
+            self.write(name, source.read(name))
+            return
+        if shard_index != self._file_index:
+            self._open_shard(shard_index)
+        fd, start, end = where
+        self._file.flush()
+        position = self._file.tell()
+        done = 0
+        while done < end - start:
+            try:
+                copied = os.copy_file_range(fd, self._file.fileno(), end - start - done, start + done,
+                                            position + done)
+            except OSError:  # e.g. across filesystems on older kernels: the bytes go through user space
+                if done:
+                    raise
+                self.write(name, source.read(name))
+                return
+            if copied <= 0:
+                raise SpliceError(f"{source.location}: file ends inside tensor {name}")
+            done += copied
+        self._file.seek(position + done)
+        self._next += 1
+
     def _open_shard(self, shard_index: int) -> None:
         self._close_file()
         self._file_index = shard_index
