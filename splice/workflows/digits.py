@@ -102,7 +102,7 @@ def train(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor, *,
     losses: list[float] = []
     model.train()
     order = torch.empty(0, dtype=torch.int64)
-    with _one_thread():
+    with one_thread():
         for _ in range(steps):
             if len(order) < batch_size:
                 order = torch.cat([order, torch.randperm(len(y), generator=generator)])
@@ -141,7 +141,7 @@ def accuracy(model: ViTForImageClassification | StateDict, x: torch.Tensor, y: t
             raise SpliceError("accuracy of a state dict needs model_dir, a saved model to load it into")
         model = load_state(load_model(model_dir), model)
     model.eval()
-    with _one_thread():
+    with one_thread():
         return (model(pixel_values=x).logits.argmax(-1) == y).float().mean().item()
 
 
@@ -233,7 +233,7 @@ def quiet_transformers() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Run torch on one thread: these matrices are too small to gain from more, and on a busy machine
     extra intra-op threads made training steps 10x slower."""
     threads = torch.get_num_threads()
