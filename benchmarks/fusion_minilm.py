@@ -13,6 +13,8 @@ Measured, each run in its own subprocess through the wall-time / peak-RSS wrappe
   emd            splice fuse A B_perturbed --data benchmarks/fusion_minilm.py:sentences --solver emd
   sinkhorn-0.08  the same with --solver sinkhorn --reg 0.08
   emd-exact      splice fuse A B_permuted ... --solver emd  (the sanity case: must give back A)
+  emd-coherent   the perturbed case with --residual stream --heads whole --qk shared (one stream map, whole
+                 heads: 12 x 12 within-head solves per Q/K and V space)
 
 The phases (reading, activations, OT, weight transport, writing) come from the run's fusion_report.json.
 Afterwards the outputs are checked on 64 held-out sentences: the sentence embeddings (mean-pooled, L2-normalised,
@@ -274,7 +276,9 @@ def build_cases(workdir: Path, dirs: dict[str, Path], device: str) -> list[Case]
     cases = []
     for name, model, solver in [("emd", "perturbed", ["--solver", "emd"]),
                                 ("sinkhorn-0.08", "perturbed", ["--solver", "sinkhorn", "--reg", "0.08"]),
-                                ("emd-exact", "permuted", ["--solver", "emd"])]:
+                                ("emd-exact", "permuted", ["--solver", "emd"]),
+                                ("emd-coherent", "perturbed", ["--solver", "emd", "--residual", "stream",
+                                                               "--heads", "whole", "--qk", "shared"])]:
         out = workdir / "out" / name
         cases.append(Case(name, [splice_bin, "fuse", anchor, str(dirs[model]), "--out", str(out), *solver, *common],
                           out, f"A + {model} copy, {' '.join(solver)}"))

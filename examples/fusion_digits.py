@@ -3,8 +3,9 @@
 
 For each seed pair: both parents, plain weight averaging (vanilla fusion), OT fusion with activation alignment
 (200 training images) and with weight alignment, each with EMD and with Sinkhorn (reg chosen on held-out
-accuracy from 0.02 ... 0.2), scored one-shot and after a short fine-tune (10% of the parents' steps, same
-optimizer settings). Then a 2x wider parent fused into the narrow anchor (heterogeneous fusion).
+accuracy from 0.02 ... 0.2), and beyond the paper activation alignment with one map for the residual stream and
+whole heads (`--residual stream --heads whole --qk shared`), scored one-shot and after a short fine-tune (10% of
+the parents' steps, same optimizer settings). Then a 2x wider parent fused into the narrow anchor (heterogeneous fusion).
 
     python examples/fusion_digits.py [--pairs 3] [--quick] [--workdir DIR]
 
@@ -56,6 +57,10 @@ def show(results: dict, console: Console) -> None:
                   f"OT acts Sinkhorn + fine-tune above both parents in "
                   f"{claims['ot_acts_sinkhorn_ft_above_both_parents']}/{pairs} "
                   f"(EMD + fine-tune: {claims['ot_acts_emd_ft_above_both_parents']}/{pairs})")
+    if "ot_coherent_above_paper_one_shot_emd" in claims:
+        console.print(f"stream map + whole heads (EMD) one-shot above the paper's EMD maps in "
+                      f"{claims['ot_coherent_above_paper_one_shot_emd']}/{pairs} pairs; + fine-tune above both "
+                      f"parents in {claims['ot_coherent_emd_ft_above_both_parents']}/{pairs}")
     console.print(f"took {results['seconds']:.0f} s")
 
 

@@ -252,6 +252,74 @@ def test_weighted_residual_policies_recover_a_permutation(tmp_path, arch, align,
     assert all(0 < m.skip_weight < 1 for m in report.maps if m.kind == "residual")
 
 
+def aligned_alone(arch: str, fused_dir: Path, anchor_dir: Path):
+    """The second model as aligned, before averaging: fusion of two is (anchor + aligned) / 2."""
+    fused, anchor = load(arch, fused_dir), load(arch, anchor_dir).state_dict()
+    fused.load_state_dict({name: 2 * tensor - anchor[name] for name, tensor in fused.state_dict().items()})
+    return fused.eval()
+
+
+@pytest.mark.parametrize("arch", ["vit", "bert", "gpt2"])
+def test_stream_and_whole_head_maps_keep_an_independent_models_function(tmp_path, arch):
+    """Two independently initialised models: with one stream map, whole heads and a shared Q/K map every EMD map
+    is a permutation consistent with the data flow, so the aligned second model computes exactly what it did;
+    the paper's default maps (averaged at residual adds, heads mixed) do not keep it."""
+    model_a, model_b = tiny_model(arch, 0).eval(), tiny_model(arch, 1).eval()
+    a, b = save(model_a, tmp_path / "a", False), save(model_b, tmp_path / "b", False)
+    report = splice.fuse([a, b], tmp_path / "coherent", data=fusion_data(arch), residual="stream", heads="whole",
+                         qk="shared", device="cpu")
+    assert torch.allclose(logits(aligned_alone(arch, tmp_path / "coherent", a), arch), logits(model_b, arch),
+                          atol=ATOL)
+    assert all(m.permutation_closeness == pytest.approx(1.0) for m in report.maps)
+    heads = [m for m in report.maps if m.cross_head_mass is not None]
+    assert {m.space for m in heads} == {"qk", "v"} and all(m.head_split_mass == pytest.approx(0) for m in heads)
+    assert [m.layer for m in report.maps if m.space == "stream" and m.kind == "ot"] == ["all layers"]
+    assert report.heads == "whole" and json.loads((tmp_path / "coherent" / REPORT_FILE).read_text())["heads"] == "whole"
+    splice.fuse([a, b], tmp_path / "paper", data=fusion_data(arch), device="cpu")
+    paper = logits(aligned_alone(arch, tmp_path / "paper", a), arch)
+    assert not torch.allclose(paper, logits(model_b, arch), atol=1e-3)
+
+
+@pytest.mark.parametrize("arch,qk", [("vit", "separate"), ("gpt2", "shared"), ("bert", "separate")])
+def test_stream_and_whole_head_maps_recover_a_permutation(tmp_path, arch, qk):
+    original = tiny_model(arch, 0).eval()
+    a = save(original, tmp_path / "a", False)
+    b = save(permuted_copy(original, arch, seed=4), tmp_path / "b", False)
+    report = splice.fuse([a, b], tmp_path / "fused", data=fusion_data(arch), residual="stream", heads="whole",
+                         qk=qk, device="cpu")
+    assert torch.allclose(logits(load(arch, tmp_path / "fused"), arch), logits(original, arch), atol=ATOL)
+    assert any(m.cross_head_mass > 0 for m in report.maps if m.cross_head_mass is not None)
+
+
+def test_whole_head_maps_are_the_best_head_structured_permutation():
+    """Against brute force: over every assignment of heads and of dimensions within each head, the least
+    summed cost of the Q/K and V parts is what the maps of `head_couplings` pay."""
+    import itertools
+
+    from splice.merge.fusion.transport import head_couplings
+
+    generator = torch.Generator().manual_seed(5)
+    heads, size = 3, 2
+    costs = [torch.rand(heads * size, heads * size, generator=generator, dtype=torch.float64) for _ in range(2)]
+    costs = [cost / cost.max() for cost in costs]
+
+    def within(cost: torch.Tensor, h: int, g: int) -> float:
+        block = cost[h * size:(h + 1) * size, g * size:(g + 1) * size]
+        return min(sum(float(block[i, p[i]]) for i in range(size)) for p in itertools.permutations(range(size)))
+
+    best = min(sum(within(cost, h, order[h]) for cost in costs for h in range(heads))
+               for order in itertools.permutations(range(heads)))
+    couplings, head_map = head_couplings(costs, heads, heads, "emd")
+    paid = sum(float((coupling * cost).sum()) for coupling, cost in zip(couplings, costs))
+    assert paid * heads * size == pytest.approx(best, abs=1e-12)
+    n = heads * size
+    for coupling in couplings:
+        assert torch.allclose(coupling.sum(0), torch.full((n,), 1 / n, dtype=torch.float64))
+        assert torch.allclose(coupling.sum(1), torch.full((n,), 1 / n, dtype=torch.float64))
+        assert int((coupling > 0).sum()) == n
+    assert int((head_map > 0).sum()) == heads
+
+
 def test_residual_weights_match_an_independent_computation():
     from splice.merge.fusion.transport import combine, stream_magnitudes
 
@@ -432,6 +500,12 @@ def test_bad_options_are_refused(tmp_path):
         splice.fuse([a, a], tmp_path / "out", align="weights", residual="weighted")
     with pytest.raises(SpliceError, match="unknown Q/K policy"):
         splice.fuse([a, a], tmp_path / "out", align="weights", qk="together")
+    with pytest.raises(SpliceError, match="unknown head policy 'split'"):
+        splice.fuse([a, a], tmp_path / "out", align="weights", heads="split")
+    with pytest.raises(SpliceError, match="--qk joint .* splits heads"):
+        splice.fuse([a, a], tmp_path / "out", align="weights", heads="whole", qk="joint")
+    with pytest.raises(SpliceError, match="--residual stream .* use --align activations"):
+        splice.fuse([a, a], tmp_path / "out", align="weights", residual="stream")
     assert not (tmp_path / "out").exists()
 
 

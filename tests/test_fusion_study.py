@@ -64,7 +64,7 @@ def test_every_method_is_reported_one_shot_and_fine_tuned(study):
 def test_best_sinkhorn_reg_is_the_best_on_held_out_data(study):
     results, _ = study
     pair = results["pairs"][0]
-    for align in ("acts", "weights"):
+    for align in ("acts", "weights", "coherent"):
         grid = pair["sinkhorn_grid"][align]
         assert [item["reg"] for item in grid] == list(TINY.regs)
         best = max(grid, key=lambda item: (item["val"], -item["val_loss"]))
@@ -156,3 +156,15 @@ def test_aligned_model_alone_of_a_self_fusion_is_the_model(study, tmp_path):
     fusion_study.fuse([parent, parent], tmp_path / "self", data={"pixel_values": data.train.x[:50]}, device="cpu")
     alone = fusion_study.aligned_alone(tmp_path / "self", parent, data)
     assert alone == {"val": one_shot["parent_b"]["val"], "test": one_shot["parent_b"]["test"]}
+
+
+def test_coherent_emd_alignment_keeps_the_second_parent_whole(study):
+    """One stream map and whole heads with EMD: the aligned parent B alone scores what parent B scores, where the
+    paper's default maps leave it at another accuracy."""
+    results, _ = study
+    one_shot = results["pairs"][0]["one_shot"]
+    parent_b = {split: one_shot["parent_b"][split] for split in ("val", "test")}
+    assert one_shot["ot_coherent_emd"]["aligned_model_alone"] == parent_b
+    assert one_shot["ot_coherent_emd"]["mean_permutation_closeness"] == pytest.approx(1.0)
+    report = json.loads((Path(one_shot["ot_coherent_emd"]["dir"]) / "fusion_report.json").read_text())
+    assert (report["residual"], report["heads"], report["qk"]) == ("stream", "whole", "shared")

@@ -39,10 +39,15 @@ def fuse_command(
     residual: Annotated[str, typer.Option(
         help="Maps at residual adds: average, skip, branch, identity, or weighted by the anchor's mean |activation| "
              "of each stream: weighted_scalar (per stream) or weighted_matrix (per stream and neuron; both need "
-             "--data).")] = "average",
+             "--data), or stream: one map for the whole residual stream from its activations (beyond the "
+             "paper).")] = "average",
     qk: Annotated[str, typer.Option(
         help="Queries and keys: separate maps, one shared map from both, or joint ([W_Q; W_K] fused as one "
              "layer).")] = "separate",
+    heads: Annotated[str, typer.Option(
+        help="mixed: neurons may move between attention heads (the paper); whole: heads are matched as units "
+             "(beyond the paper; with --residual stream --qk shared --solver emd the aligned model keeps its "
+             "function exactly).")] = "mixed",
     device: Device = "auto",
     shard_size: ShardSize = "2GB",
     storage_options: StorageOptions = None,
@@ -56,14 +61,15 @@ def fuse_command(
     from splice.tensors.writer import parse_size
 
     report = splice.fuse(models, out, data=data, align=align, solver=solver, reg=reg, anchor=anchor,
-                         samples=samples, tokens=tokens, residual=residual, qk=qk, device=device,
+                         samples=samples, tokens=tokens, residual=residual, qk=qk, heads=heads,
+                         device=device,
                          shard_size=parse_size(shard_size), force=force, progress=render.RichProgress(quiet),
                          storage_options=parse_storage_options(storage_options))
     if quiet:
         return
     method = f"{report.align}, {report.solver}" + (f" reg {report.reg:g}" if report.reg is not None else "")
     render.console.print(render.table(f"fusion maps per layer ({method}, residual {report.residual}, "
-                                      f"Q/K {report.qk})", LAYER_COLUMNS, layer_rows(report)))
+                                      f"Q/K {report.qk}, heads {report.heads})", LAYER_COLUMNS, layer_rows(report)))
     widths = report.widths[report.anchor]
     phases = report.timing_summary()
     render.console.print(

@@ -27,12 +27,16 @@ from splice.merge.soup import soup
 from splice.workflows import digits
 
 SINKHORN_REGS = (0.02, 0.04, 0.06, 0.08, 0.12, 0.2)
-ALIGNMENTS = ("acts", "weights")  # method-key spelling of fuse's align="activations" / "weights"
+# Method-key spelling of fuse's align="activations" / "weights"; "coherent" is activation alignment with one map for
+# the residual stream and whole heads (residual="stream", heads="whole", qk="shared"; beyond the paper), whose EMD
+# maps keep the second model's function exactly.
+ALIGNMENTS = ("acts", "weights", "coherent")
+COHERENT = {"residual": "stream", "heads": "whole", "qk": "shared"}
 
 # Method keys, in table order. "<key>_ft" is the same model after the short fine-tune.
 PARENTS = ("parent_a", "parent_b")
 METHODS = ("parent_a", "parent_b", "vanilla", "ot_acts_emd", "ot_acts_sinkhorn", "ot_weights_emd",
-           "ot_weights_sinkhorn")
+           "ot_weights_sinkhorn", "ot_coherent_emd", "ot_coherent_sinkhorn")
 LABELS = {
     "parent_a": "parent A (anchor)",
     "parent_b": "parent B",
@@ -41,6 +45,8 @@ LABELS = {
     "ot_acts_sinkhorn": "OT acts, Sinkhorn (reg on val)",
     "ot_weights_emd": "OT weights, EMD",
     "ot_weights_sinkhorn": "OT weights, Sinkhorn (reg on val)",
+    "ot_coherent_emd": "OT acts, stream map + whole heads, EMD",
+    "ot_coherent_sinkhorn": "OT acts, stream map + whole heads, Sinkhorn (reg on val)",
     "hetero_emd": "wide -> narrow, OT acts EMD",
     "hetero_sinkhorn": "wide -> narrow, OT acts Sinkhorn (reg on val)",
 }
@@ -176,8 +182,10 @@ def _fuse_scored(models: list[Path], out_dir: Path, splits: Data, log: Callable[
 def _fuse_methods(models: list[Path], directory: Path, prefix: str, data: Data, config: StudyConfig,
                   align: str, log: Callable[[str], None]) -> tuple[dict, dict, list[dict]]:
     """(EMD result, best Sinkhorn result, the Sinkhorn grid) for one alignment."""
-    options = {"align": "activations" if align == "acts" else "weights"}
-    if align == "acts":
+    options = {"align": "weights" if align == "weights" else "activations"}
+    if align == "coherent":
+        options |= COHERENT
+    if align != "weights":
         options |= {"data": {"pixel_values": data.train.x[:config.samples]}, "samples": config.samples}
     emd = _fuse_scored(models, directory / f"{prefix}-emd", data, log, {**options, "solver": "emd"})
     grid = [_fuse_scored(models, directory / f"{prefix}-sinkhorn-{reg:g}", data, log,
@@ -340,6 +348,11 @@ def summarize(pairs: list[dict], config: StudyConfig) -> dict:
             min(p["one_shot"]["ot_acts_emd"]["test"], p["one_shot"]["ot_acts_sinkhorn"]["test"])
             > p["one_shot"]["vanilla"]["test"] for p in pairs),
     }
+    if "ot_coherent_emd" in pairs[0]["one_shot"]:
+        claims["ot_coherent_emd_ft_above_both_parents"] = sum(
+            p["finetuned"]["ot_coherent_emd"]["test"] > b for p, b in zip(pairs, best_parent))
+        claims["ot_coherent_above_paper_one_shot_emd"] = sum(
+            p["one_shot"]["ot_coherent_emd"]["test"] > p["one_shot"]["ot_acts_emd"]["test"] for p in pairs)
     return {"methods": summary, "sinkhorn_grid": grid, "aligned_model_alone": alone, "ablations": ablations,
             "control": control, "claims": claims}
 
@@ -419,7 +432,7 @@ def grid_table(results: dict) -> Table:
         else:
             emd = [p["one_shot"][f"ot_{align}_emd"] for p in pairs]
             chosen = [p["best_reg"][align] for p in pairs]
-            label = "activations" if align == "acts" else "weights"
+            label = {"acts": "activations", "coherent": "acts, stream map + whole heads"}.get(align, align)
         val, test = (100 * statistics.fmean(e[split] for e in emd) for split in ("val", "test"))
         cells = [f"{val:.1f} / {test:.1f}"]
         for row in rows:

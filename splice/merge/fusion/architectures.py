@@ -43,7 +43,7 @@ class Linear:
     inp: str | None
     out: str | None
     heads: bool = False  # `out` is split into attention heads (for the report's cross-head mass)
-    role: str | None = None  # "q" or "k": what the Q/K policy shares
+    role: str | None = None  # "q", "k" or "v": what the Q/K policy shares and whole-head maps move together
     conv1d: bool = False  # stored as [in, out] (GPT-2 Conv1D)
     part: tuple[int, int] | None = None  # (k, n): the k-th of n equal row blocks of a fused weight
     optional: bool = False
@@ -155,7 +155,7 @@ def _attention_block(layer: str, modules: tuple[str, str, str, str],
     return (
         Linear("q", layer + q, STREAM, "q", heads=True, role="q", **layouts[0]),
         Linear("k", layer + k, STREAM, "k", heads=True, role="k", **layouts[1]),
-        Linear("v", layer + v, STREAM, "v", heads=True, **layouts[2]),
+        Linear("v", layer + v, STREAM, "v", heads=True, role="v", **layouts[2]),
         Linear("o", layer + o, "v", "o", **layouts[3]),
     )
 

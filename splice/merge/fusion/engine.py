@@ -55,6 +55,7 @@ from splice.tensors.writer import (
 
 ALIGNMENTS = ("activations", "weights")
 QK_POLICIES = ("separate", "shared", "joint")
+HEAD_POLICIES = ("mixed", "whole")
 DEFAULT_TOKENS = 4096
 TIMED = ("read", "activations", "ot", "transport", "write")  # the report's `timings`, besides "total"
 EMD_ON_CPU = ("exact OT (POT's network simplex) runs on the CPU: costs are built on {device}, copied to the CPU "
@@ -290,6 +291,7 @@ class FusionOptions:
     reg: float = 0.08
     residual: str = "average"
     qk: str = "separate"
+    heads: str = "mixed"
 
 
 # -- where the activation-weighted residual policies read each stream -------------------------------------------
@@ -327,6 +329,18 @@ def _stream_sources(model: ModelPlan) -> dict[str, list[_Source]]:
             sources[step.id] = found
             definers[step.space(node.out)] = None
     return sources
+
+
+def _stream_taps(model: ModelPlan) -> list[str]:
+    """Modules whose input is the residual stream (the skip input of every add that has one), in order."""
+    return list(dict.fromkeys(step.node.taps[0] for step in model.steps
+                              if isinstance(step.node, Residual) and step.node.taps and step.node.taps[0]))
+
+
+def _stream_writers(model: ModelPlan) -> set[str]:
+    """The spaces added into the residual stream (embeddings, attention outputs, MLP outputs)."""
+    return {step.space(name) for step in model.steps if isinstance(step.node, Residual)
+            for name in step.node.inputs if name != STREAM}
 
 
 def _stream_magnitudes(sources: dict[str, list[_Source]], feats: dict[str, torch.Tensor],
@@ -368,8 +382,12 @@ class _PairAligner:
         self.joint: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.partners = {(step.scope, step.node.role): step for step in anchor.steps
                          if isinstance(step.node, Linear) and step.node.role}
+        self.writers = _stream_writers(model) if options.residual == "stream" else set()
 
     def run(self) -> tuple[dict[str, torch.Tensor], list[MapStat]]:
+        if self.options.residual == "stream":
+            with self.clock.timed("ot"):
+                self.maps[STREAM] = self._stream_map()
         for step in self.model.steps:
             node = step.node
             if isinstance(node, Linear):
@@ -391,6 +409,14 @@ class _PairAligner:
                     skip = float(transport.residual_weights(self.options.residual, magnitudes)[0].mean())
                 self._record(step.scope, node.out, "residual", coupling, skip_weight=skip)
         return self.out, self.stats
+
+    def _stream_map(self) -> torch.Tensor:
+        """`--residual stream`: one map for the residual stream, its neurons compared by their standardised
+        values wherever the stream enters a block, all depths side by side."""
+        taps = _stream_taps(self.anchor)
+        points = [torch.cat([transport.standardize(feats[input_key(tap)]).T for tap in taps], 1)
+                  for feats in (self.feats_m, self.feats_a)]
+        return self._solve("all layers", STREAM, points[0], points[1], 0)
 
     # points describing each neuron: activations over the sampled tokens, or (input-aligned) weights
     def _linear_points(self, step: Step, node: Linear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,9 +465,14 @@ class _PairAligner:
             if self.options.qk == "joint" and partner is not None:
                 self._joint_qk(step, node, weight, bias, partner)
                 return
-            if space not in self.maps:
+            if space in self.writers:
+                self.maps[space] = self.maps[STREAM]
+            elif space not in self.maps:
                 with self.clock.timed("ot"):
-                    self.maps[space] = self._map_for(step, node, partner)
+                    if self.options.heads == "whole" and node.heads:
+                        self._whole_head_maps(step)
+                    else:
+                        self.maps[space] = self._map_for(step, node, partner)
             out_map = transport.output_map(self.maps[space])
             weight = _align_outputs(weight, out_map)
             bias = _align_outputs(bias, out_map) if bias is not None else None
@@ -468,6 +499,28 @@ class _PairAligner:
             return coupling
         points_m, points_a = self._linear_points(step, node)
         return self._solve(step.scope, node.out, points_m, points_a, int(node.heads))
+
+    def _whole_head_maps(self, step: Step) -> None:
+        """`--heads whole`: the Q, K and V maps of one attention block from one head assignment (heads move as
+        units, so every head keeps its queries, keys and values together); within a head Q and K share a
+        map with `--qk shared`."""
+        block = [self.partners.get((step.scope, role)) for role in ("q", "k", "v")]
+        if any(member is None for member in block):
+            raise SpliceError(f"{self.model.location}: {step.scope} has no query, key and value projections to "
+                              "move whole heads with; use --heads mixed")
+        points = [self._linear_points(member, member.node) for member in block]
+        if self.options.qk == "shared":
+            groups = [("qk", block[:2], torch.cat([points[0][0], points[1][0]], 1),
+                       torch.cat([points[0][1], points[1][1]], 1)), ("v", block[2:], *points[2])]
+        else:
+            groups = [(member.node.out, [member], *pair) for member, pair in zip(block, points)]
+        costs = [transport.ground_cost(points_m, points_a) for _, _, points_m, points_a in groups]
+        couplings, _ = transport.head_couplings(costs, self.model.heads, self.anchor.heads, self.options.solver,
+                                                self.options.reg)
+        for (name, members, _, _), coupling, cost in zip(groups, couplings, costs):
+            for member in members:
+                self.maps[member.space(member.node.out)] = coupling
+            self._record(step.scope, name, "ot", coupling, cost, 1)
 
     def _joint_qk(self, step: Step, node: Linear, weight: torch.Tensor, bias: torch.Tensor | None,
                   partner: Step) -> None:
@@ -509,7 +562,9 @@ class _PairAligner:
         table = self.state_m[node.tensor]
         rows = table.reshape(-1, table.shape[-1])
         space = step.space(node.space)
-        if node.source is not None:
+        if space in self.writers:
+            self.maps[space] = self.maps[STREAM]
+        elif node.source is not None:
             with self.clock.timed("ot"):
                 if node.source == "activations" and self.options.align == "activations":
                     points_m, points_a = self._activation_points(node.module, None)
@@ -579,8 +634,15 @@ def _check_options(options: FusionOptions, count: int, anchor: int, tokens: int,
     if options.residual in transport.WEIGHTED_POLICIES and options.align == "weights" and not has_data:
         raise SpliceError(f"--residual {options.residual} weighs the maps by the streams' activations: give --data "
                           "(with --align weights only the anchor is run, to measure them)")
+    if options.residual == "stream" and options.align != "activations":
+        raise SpliceError("--residual stream compares the residual stream's activations: use --align activations")
     if options.qk not in QK_POLICIES:
         raise SpliceError(f"unknown Q/K policy {options.qk!r}: use one of {', '.join(QK_POLICIES)}")
+    if options.heads not in HEAD_POLICIES:
+        raise SpliceError(f"unknown head policy {options.heads!r}: use one of {', '.join(HEAD_POLICIES)}")
+    if options.heads == "whole" and options.qk == "joint":
+        raise SpliceError("--qk joint maps query and key neurons onto each other, which splits heads: use --qk "
+                          "shared or separate with --heads whole")
     if tokens < 1:
         raise SpliceError(f"tokens must be at least 1, got {tokens}")
 
@@ -595,7 +657,8 @@ def _model_widths(model: ModelPlan) -> dict[str, int]:
 
 def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, data: DataSource | None = None,
          align: str = "activations", solver: str = "emd", reg: float = 0.08, anchor: int = 0, samples: int = 200,
-         residual: str = "average", qk: str = "separate", tokens: int = DEFAULT_TOKENS, device: str = "auto",
+         residual: str = "average", qk: str = "separate", heads: str = "mixed", tokens: int = DEFAULT_TOKENS,
+         device: str = "auto",
          shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
          storage_options: dict | None = None) -> FusionReport:
     """Fuse transformers with optimal transport (Imfeld et al., ICLR 2024) into the anchor's shape.
@@ -612,15 +675,22 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, data: D
     residual: how maps combine where streams add: "average" (default), "skip", "branch", "identity", or
       weighted by each stream's mean |activation| in the anchor at that add: "weighted_scalar" (one weight per
       stream) or "weighted_matrix" (one per stream and neuron). The weighted policies need `data`; with
-      align="weights" only the anchor is run on it, to measure its streams.
+      align="weights" only the anchor is run on it, to measure its streams. Beyond the paper, "stream": one
+      map for the whole residual stream, from its activations wherever it enters a block, that every
+      embedding, attention output and MLP output written into the stream is aligned with (activations only).
     qk: "separate" maps for queries and keys, one "shared" map from both, or "joint": [W_Q; W_K] fused as one
       layer (one map over the query and key neurons together).
+    heads: "mixed" (the paper's cross-head alignment: any neuron may move to any head) or "whole" (beyond
+      the paper: heads are matched as units, from the summed costs of their Q/K and V within-head maps, so a
+      head keeps its queries, keys and values together). With residual="stream", heads="whole", qk="shared"
+      and solver="emd" between equal widths every map is a permutation consistent with the data flow: the
+      aligned model computes exactly what it computed before alignment.
     The fused model is written with the anchor's config and side files, and `fusion_report.json` beside it;
     the report's `timings` splits the wall time into reading, activations, OT (points, costs, solves),
     transport (aligning and averaging weights) and writing.
     """
     started = time.perf_counter()
-    options = FusionOptions(align, solver, float(reg), residual, qk)
+    options = FusionOptions(align, solver, float(reg), residual, qk, heads)
     _check_options(options, len(models), anchor, tokens, data is not None)
     ensure_output_free(out, force)
     plans = plan(models, storage_options)
@@ -643,11 +713,13 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, data: D
     modules = _hooked_modules(base, align)  # compared between the models
     streams = {source.name for found in sources.values() for source in found if source.kind == "output"}
     entering = {source.name for found in sources.values() for source in found if source.kind == "input"}
+    stream_taps = set(_stream_taps(base)) if residual == "stream" else set()
     with torch.no_grad():
         with clock.timed("read"):
             state_a = _read_state(base.checkpoint, torch_device)
         with clock.timed("activations"):
-            feats_a = _activations(base, state_a, inputs, tokens, torch_device, modules | streams, entering)
+            feats_a = _activations(base, state_a, inputs, tokens, torch_device, modules | streams,
+                                   entering | stream_taps)
             magnitudes = _stream_magnitudes(sources, feats_a or {}, state_a) if weighted else None
         progress.advance(1, base.checkpoint.total_bytes)
         with clock.timed("transport"):
@@ -660,7 +732,7 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, data: D
                 state_m = _read_state(model.checkpoint, torch_device)
             with clock.timed("activations"):
                 feats_m = _activations(model, state_m, inputs if align == "activations" else None, tokens,
-                                       torch_device, modules)
+                                       torch_device, modules, stream_taps)
             solving = clock.seconds["ot"]
             with clock.timed("transport"):  # the aligner charges its solves to "ot": taken out below
                 aligned, model_stats = _PairAligner(index, model, base, state_m, state_a, feats_m, feats_a,
@@ -686,6 +758,7 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, data: D
     report = FusionReport(
         out=Path(out), architecture=base.class_name, models=[p.location for p in plans], anchor=anchor,
         align=align, solver=solver, reg=options.reg if solver == "sinkhorn" else None, residual=residual, qk=qk,
+        heads=heads,
         samples=inputs.count if inputs else 0,
         tokens=max(len(acts) for acts in feats_a.values()) if feats_a else 0,
         widths=[_model_widths(p) for p in plans], device=str(torch_device), maps=stats, notes=notes)

@@ -49,6 +49,7 @@ class FusionReport:
     reg: float | None
     residual: str
     qk: str
+    heads: str  # "mixed" (neurons may change heads) or "whole" (heads matched as units)
     samples: int  # inputs used for activations (0 for weight-based alignment)
     tokens: int  # activation rows per neuron (0 for weight-based alignment)
     widths: list[dict[str, int]]  # per model: hidden size, intermediate size, heads as stored

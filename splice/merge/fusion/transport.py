@@ -93,9 +93,42 @@ def input_map(coupling: torch.Tensor) -> torch.Tensor:
     return coupling / coupling.sum(1, keepdim=True).clamp_min(1e-300)
 
 
+def head_couplings(costs: list[torch.Tensor], heads_m: int, heads_a: int, solver: str = "emd",
+                   reg: float = 0.08) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Maps that move attention heads whole (`--heads whole`): one coupling per head-structured space.
+
+    `costs`: one max-normalised cost [n_m, n_a] per space of one attention block (e.g. Q/K and V). For every
+    pair of heads (h, g) each space gets a within-head map solved on its block of the cost, and the pair costs
+    the sum of those maps' transport costs; a head coupling H [heads_m, heads_a] is solved on that (normalised
+    by its max). Each space's coupling is then sum over (h, g) of H[h, g] times the within-head map of (h, g)
+    placed in block (h, g): uniform marginals, a permutation that never splits a head when both solves are
+    exact and the heads and widths match. Returns (couplings, H)."""
+    n_m, n_a = costs[0].shape
+    size_m, size_a = n_m // heads_m, n_a // heads_a
+    inner = [[[None] * heads_a for _ in range(heads_m)] for _ in costs]
+    pair_cost = torch.zeros(heads_m, heads_a, dtype=torch.float64, device=costs[0].device)
+    for h in range(heads_m):
+        for g in range(heads_a):
+            for k, cost in enumerate(costs):
+                block = cost[h * size_m:(h + 1) * size_m, g * size_a:(g + 1) * size_a]
+                coupling = solve(block, solver, reg)
+                inner[k][h][g] = coupling
+                pair_cost[h, g] += transport_cost(coupling, block)
+    top = pair_cost.max()
+    heads = solve(pair_cost / top if top > 0 else pair_cost, solver, reg)
+    couplings = []
+    for k in range(len(costs)):
+        full = torch.zeros(n_m, n_a, dtype=torch.float64, device=costs[0].device)
+        for h in range(heads_m):
+            for g in range(heads_a):
+                full[h * size_m:(h + 1) * size_m, g * size_a:(g + 1) * size_a] = heads[h, g] * inner[k][h][g]
+        couplings.append(full)
+    return couplings, heads
+
+
 # -- residual policies (Imfeld et al. `resid_policy`): how maps combine where streams are added -----------------
 
-RESIDUAL_POLICIES = ("average", "skip", "branch", "identity", "weighted_scalar", "weighted_matrix")
+RESIDUAL_POLICIES = ("average", "skip", "branch", "identity", "weighted_scalar", "weighted_matrix", "stream")
 WEIGHTED_POLICIES = ("weighted_scalar", "weighted_matrix")
 
 
@@ -128,7 +161,7 @@ def combine(policy: str, couplings: list[torch.Tensor],
     anchor's marginal) are kept: each column is a convex combination of the maps' columns."""
     if policy == "average":
         return sum(couplings) / len(couplings)
-    if policy == "skip":
+    if policy in ("skip", "stream"):  # with `stream` every input already carries the stream's one map
         return couplings[0]
     if policy == "branch":
         return couplings[-1]
