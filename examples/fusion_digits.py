@@ -5,7 +5,8 @@ For each seed pair: both parents, plain weight averaging (vanilla fusion), OT fu
 (200 training images) and with weight alignment, each with EMD and with Sinkhorn (reg chosen on held-out
 accuracy from 0.02 ... 0.2), and beyond the paper activation alignment with one map for the residual stream and
 whole heads (`--residual stream --heads whole --qk shared`), scored one-shot and after a short fine-tune (10% of
-the parents' steps, same optimizer settings). Then a 2x wider parent fused into the narrow anchor (heterogeneous fusion).
+the parents' steps, same optimizer settings). Then a 2x wider parent fused into the narrow anchor
+(heterogeneous fusion).
 
     python examples/fusion_digits.py [--pairs 3] [--quick] [--workdir DIR]
 
