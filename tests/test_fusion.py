@@ -46,6 +46,8 @@ AXES = {
         (r".*mlp\.fc2\.bias", ("res",)),
         (r"classifier\.weight", ("", "res<")),
         (r"classifier\.bias", ("",)),
+        (r"pooler\.dense\.weight", ("pool", "res<")),
+        (r"pooler\.dense\.bias", ("pool",)),
     ],
     "bert": [
         (r".*embeddings\.\w+_embeddings\.weight", ("", "res")),
@@ -205,6 +207,25 @@ def test_permuted_copy_is_recovered_exactly(tmp_path, arch, align):
     assert saved["architecture"] == type(original).__name__ and len(saved["maps"]) == len(report.maps)
     assert {layer["layer"] for layer in saved["layers"]} == {"embeddings", "layer 0", "layer 1", "head"} - (
         {"head"} if arch != "bert" else set())
+
+
+BACKBONES = {"vit": transformers.ViTModel, "bert": transformers.BertModel, "gpt2": transformers.GPT2Model}
+
+
+@pytest.mark.parametrize("arch", ["vit", "bert", "gpt2"])
+def test_bare_backbones_recover_a_permutation(tmp_path, arch):
+    """ViTModel, BertModel (both with their pooler) and GPT2Model: checkpoints without a task head or prefix."""
+    backbone = BACKBONES[arch]
+    torch.manual_seed(0)
+    original = backbone(tiny_model(arch, 0).config).eval()
+    a, b = save(original, tmp_path / "a", False), save(permuted_copy(original, arch, seed=5), tmp_path / "b", False)
+    splice.fuse([a, b], tmp_path / "fused", data=fusion_data(arch), device="cpu")
+    fused = backbone.from_pretrained(tmp_path / "fused").eval()
+    with torch.no_grad():
+        want, got = original(**example_inputs(arch)), fused(**example_inputs(arch))
+    assert torch.allclose(got.last_hidden_state, want.last_hidden_state, atol=ATOL)
+    if arch != "gpt2":
+        assert torch.allclose(got.pooler_output, want.pooler_output, atol=ATOL)
 
 
 def test_three_models_average_with_equal_weights(tmp_path):
