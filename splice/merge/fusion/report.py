@@ -32,7 +32,7 @@ class LayerStat:
     model: int
     layer: str
     maps: int
-    cost: float  # mean transport cost of the solved maps
+    cost: float | None  # mean transport cost of the solved maps (None: the layer's maps were all combined)
     permutation_closeness: float  # lowest closeness among the layer's maps
     cross_head_mass: float | None  # mean over the layer's head-structured maps
     head_split_mass: float | None
@@ -78,7 +78,7 @@ class FusionReport:
             heads = [s for s in stats if s.cross_head_mass is not None]
             out.append(LayerStat(
                 model, layer, len(stats),
-                sum(s.cost for s in solved) / len(solved) if solved else 0.0,
+                sum(s.cost for s in solved) / len(solved) if solved else None,
                 min(s.permutation_closeness for s in stats),
                 sum(s.cross_head_mass for s in heads) / len(heads) if heads else None,
                 sum(s.head_split_mass for s in heads) / len(heads) if heads else None,
