@@ -13,7 +13,7 @@ import transformers
 from safetensors.torch import load_file
 
 from splice.workflows import fusion_study
-from splice.workflows.fusion_study import METHODS, StudyConfig, run_fusion_study
+from splice.workflows.fusion_study import HETERO_METHODS, METHODS, StudyConfig, run_fusion_study
 
 TINY = StudyConfig(hidden=16, intermediate=32, heads=2, layers=1, steps=40, samples=50, regs=(0.04, 0.2))
 
@@ -48,12 +48,12 @@ def test_every_method_is_reported_one_shot_and_fine_tuned(study):
     hetero = pair["hetero"]
     for stage in ("one_shot", "finetuned"):
         assert set(pair[stage]) == set(METHODS)
-        assert set(hetero[stage]) == {"hetero_emd", "hetero_sinkhorn"}
+        assert set(hetero[stage]) == set(HETERO_METHODS)
         for scores in [*pair[stage].values(), *hetero[stage].values()]:
             assert 0.0 <= scores["val"] <= 1.0 and 0.0 <= scores["test"] <= 1.0
     methods = results["summary"]["methods"]
-    assert set(methods) == {*METHODS, "hetero_emd", "hetero_sinkhorn", "wide_parent"}
-    for name in (*METHODS, "hetero_emd", "hetero_sinkhorn"):
+    assert set(methods) == {*METHODS, *HETERO_METHODS, "wide_parent"}
+    for name in (*METHODS, *HETERO_METHODS):
         for stage, source in (("one_shot", pair), ("finetuned", pair)):
             values = source[stage][name] if name in source[stage] else hetero[stage][name]
             assert methods[name][stage]["test"] == {"mean": values["test"], "std": 0.0, "values": [values["test"]]}

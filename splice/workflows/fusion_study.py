@@ -37,6 +37,7 @@ COHERENT = {"residual": "stream", "heads": "whole", "qk": "shared"}
 PARENTS = ("parent_a", "parent_b")
 METHODS = ("parent_a", "parent_b", "vanilla", "ot_acts_emd", "ot_acts_sinkhorn", "ot_weights_emd",
            "ot_weights_sinkhorn", "ot_coherent_emd", "ot_coherent_sinkhorn")
+HETERO_METHODS = ("hetero_emd", "hetero_sinkhorn", "hetero_coherent_emd")  # a wide parent into the narrow anchor
 LABELS = {
     "parent_a": "parent A (anchor)",
     "parent_b": "parent B",
@@ -49,6 +50,7 @@ LABELS = {
     "ot_coherent_sinkhorn": "OT acts, stream map + whole heads, Sinkhorn (reg on val)",
     "hetero_emd": "wide -> narrow, OT acts EMD",
     "hetero_sinkhorn": "wide -> narrow, OT acts Sinkhorn (reg on val)",
+    "hetero_coherent_emd": "wide -> narrow, OT acts, stream map + whole heads, EMD",
 }
 
 
@@ -283,6 +285,11 @@ def run_hetero(directory: Path, anchor: Path, seeds: dict[str, int], config: Stu
         f"held-out {scores['wide']['val']:.2%}, test {scores['wide']['test']:.2%}")
     emd, best, grid = _fuse_methods([anchor, wide], directory, "hetero", data, config, "acts", log)
     one_shot = {"hetero_emd": emd, "hetero_sinkhorn": best}
+    if "coherent" in config.alignments:
+        options = {"align": "activations", "data": {"pixel_values": data.train.x[:config.samples]},
+                   "samples": config.samples, "solver": "emd", **COHERENT}
+        one_shot["hetero_coherent_emd"] = _fuse_scored([anchor, wide], directory / "hetero-coherent-emd", data, log,
+                                                       options)
     tuned = {name: evaluate(finetune(config, data, Path(item["dir"]), directory / f"{name}+ft", seeds["finetune"]),
                             data) for name, item in one_shot.items()}
     return {"parents": scores, "one_shot": one_shot, "finetuned": tuned, "sinkhorn_grid": grid,
@@ -400,7 +407,7 @@ def study_table(results: dict) -> Table:
                    "held-out one-shot"):
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
     methods = summary["methods"]
-    for name in (*METHODS, "wide_parent", "hetero_emd", "hetero_sinkhorn"):
+    for name in (*METHODS, "wide_parent", *HETERO_METHODS):
         if name not in methods:
             continue
         if name == "hetero_emd" or name == "vanilla":
