@@ -14,14 +14,14 @@ import torch
 from splice.errors import SpliceError
 from splice.merge.kernels import weighted_average
 from splice.progress import NoProgress, Progress
-from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.device import compute_dtype_for, parse_dtype, resolve_device
+from splice.tensors.device import parse_dtype, resolve_device
 from splice.tensors.stream import (
     CHUNK_BYTES,
     StreamReport,
     check_same_tensors,
     open_all,
     plan_same_name,
+    read_floats,
     read_model,
     run_stream,
 )
@@ -94,16 +94,6 @@ class GreedySoupReport:
         return max(self.steps, key=lambda s: s.score)
 
 
-def _read_floats(checkpoint: Checkpoint, device: torch.device) -> dict[str, torch.Tensor]:
-    """A whole model with float tensors in their working precision on `device`."""
-    state = {}
-    for name, tensor in read_model(checkpoint):
-        if tensor.dtype.is_floating_point:
-            tensor = tensor.to(device=device, dtype=compute_dtype_for(tensor.dtype))
-        state[name] = tensor
-    return state
-
-
 def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, evaluate: Scorer | str, *,
                 strict: bool = False, device: str = "auto", dtype: str | torch.dtype | None = None,
                 shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
@@ -128,12 +118,12 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
     progress.start("greedy soup", 2 * len(checkpoints) - 1, 2 * total_bytes, unit="models read")
     scores = []
     for checkpoint in checkpoints:
-        scores.append(score_state(scorer, _read_floats(checkpoint, torch_device), checkpoint.location))
+        scores.append(score_state(scorer, read_floats(checkpoint, torch_device), checkpoint.location))
         progress.advance(1, checkpoint.total_bytes)
     order = sorted(range(len(checkpoints)), key=lambda i: -scores[i])
 
     first = order[0]
-    soup_state = _read_floats(checkpoints[first], torch_device)
+    soup_state = read_floats(checkpoints[first], torch_device)
     best = scores[first]
     steps = [GreedyStep(locations[first], scores[first], None, True)]
     kept = 1

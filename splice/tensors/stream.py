@@ -334,6 +334,16 @@ def read_model(checkpoint: Checkpoint, depth: int = 2) -> Iterator[tuple[str, to
         yield names[position], tensor
 
 
+def read_floats(checkpoint: Checkpoint, device: torch.device) -> dict[str, torch.Tensor]:
+    """A whole model with float tensors in their working precision on `device` (engines that need it all)."""
+    state = {}
+    for name, tensor in read_model(checkpoint):
+        if tensor.dtype.is_floating_point:
+            tensor = tensor.to(device=device, dtype=compute_dtype_for(tensor.dtype))
+        state[name] = tensor
+    return state
+
+
 def open_all(locations: Sequence[str], storage_options: dict | None = None) -> list[Checkpoint]:
     if not locations:
         raise SpliceError("no models given")

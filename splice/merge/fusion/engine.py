@@ -43,8 +43,8 @@ from splice.merge.fusion.architectures import (
 from splice.merge.fusion.report import FusionReport, MapStat
 from splice.progress import NoProgress, Progress
 from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.device import compute_dtype_for, resolve_device
-from splice.tensors.stream import open_all, read_model
+from splice.tensors.device import resolve_device
+from splice.tensors.stream import open_all, read_floats
 from splice.tensors.writer import (
     DEFAULT_SHARD_SIZE,
     copy_side_files,
@@ -582,15 +582,6 @@ class _PairAligner:
 
 # -- the whole fusion -----------------------------------------------------------------------------------------------
 
-def _read_state(checkpoint: Checkpoint, device: torch.device) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, tensor in read_model(checkpoint):
-        if tensor.dtype.is_floating_point:
-            tensor = tensor.to(device=device, dtype=compute_dtype_for(tensor.dtype))
-        state[name] = tensor
-    return state
-
-
 def _hooked_modules(model: ModelPlan, align: str) -> set[str]:
     """Modules whose outputs the activation alignment compares (none for weight alignment)."""
     if align != "activations":
@@ -716,7 +707,7 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, data: D
     stream_taps = set(_stream_taps(base)) if residual == "stream" else set()
     with torch.no_grad():
         with clock.timed("read"):
-            state_a = _read_state(base.checkpoint, torch_device)
+            state_a = read_floats(base.checkpoint, torch_device)
         with clock.timed("activations"):
             feats_a = _activations(base, state_a, inputs, tokens, torch_device, modules | streams,
                                    entering | stream_taps)
@@ -729,7 +720,7 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, data: D
             if index == anchor:
                 continue
             with clock.timed("read"):
-                state_m = _read_state(model.checkpoint, torch_device)
+                state_m = read_floats(model.checkpoint, torch_device)
             with clock.timed("activations"):
                 feats_m = _activations(model, state_m, inputs if align == "activations" else None, tokens,
                                        torch_device, modules, stream_taps)
