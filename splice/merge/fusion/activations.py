@@ -116,7 +116,9 @@ def _takes_argument(function: Callable) -> bool:
 
 
 @contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
+def transformers_errors_only() -> Iterator[None]:
+    """Only errors from transformers' logger (building a model from a stored config warns about keys that do not
+    concern the user). Not `digits.quiet_transformers`, which silences progress bars."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -134,7 +136,7 @@ def build_model(class_name: str, config: Mapping[str, Any], state: Mapping[str, 
 
     settings = dict(config)
     model_type = settings.pop("model_type")
-    with quiet_transformers():
+    with transformers_errors_only():
         hf_config = transformers.AutoConfig.for_model(model_type, **settings)
         model = getattr(transformers, class_name)(hf_config)
     names = stored_to_module_names(model)

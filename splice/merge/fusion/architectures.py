@@ -36,8 +36,22 @@ from dataclasses import dataclass, replace
 STREAM = "stream"
 
 
+class _ModuleTensors:
+    """A module's stored tensors: `<module>.weight` and, when stored, `<module>.bias`."""
+
+    module: str
+
+    @property
+    def weight(self) -> str:
+        return f"{self.module}.weight"
+
+    @property
+    def bias(self) -> str:
+        return f"{self.module}.bias"
+
+
 @dataclass(frozen=True)
-class Linear:
+class Linear(_ModuleTensors):
     key: str
     module: str  # on-disk module name; its tensors are module + ".weight" and (optionally) module + ".bias"
     inp: str | None
@@ -47,14 +61,6 @@ class Linear:
     conv1d: bool = False  # stored as [in, out] (GPT-2 Conv1D)
     part: tuple[int, int] | None = None  # (k, n): the k-th of n equal row blocks of a fused weight
     optional: bool = False
-
-    @property
-    def weight(self) -> str:
-        return f"{self.module}.weight"
-
-    @property
-    def bias(self) -> str:
-        return f"{self.module}.bias"
 
 
 @dataclass(frozen=True)
@@ -71,19 +77,11 @@ class Table:
 
 
 @dataclass(frozen=True)
-class Norm:
+class Norm(_ModuleTensors):
     key: str
     module: str
     space: str
     optional: bool = False
-
-    @property
-    def weight(self) -> str:
-        return f"{self.module}.weight"
-
-    @property
-    def bias(self) -> str:
-        return f"{self.module}.bias"
 
 
 @dataclass(frozen=True)
