@@ -582,16 +582,18 @@ class _PairAligner:
 
 # -- the whole fusion -----------------------------------------------------------------------------------------------
 
-def _hooked_modules(model: ModelPlan, align: str) -> set[str]:
-    """Modules whose outputs the activation alignment compares (none for weight alignment)."""
+def _hooked_modules(model: ModelPlan, align: str, residual: str) -> set[str]:
+    """Modules whose outputs the activation alignment compares (none for weight alignment). With `--residual
+    stream` the modules writing into the stream take the stream's map and are not compared."""
     if align != "activations":
         return set()
+    writers = _stream_writers(model) if residual == "stream" else set()
     modules = set()
     for step in model.steps:
         node = step.node
-        if isinstance(node, Linear) and node.out is not None:
+        if isinstance(node, Linear) and node.out is not None and step.space(node.out) not in writers:
             modules.add(node.module)
-        elif isinstance(node, Table) and node.source == "activations":
+        elif isinstance(node, Table) and node.source == "activations" and step.space(node.space) not in writers:
             modules.add(node.module)
     return modules
 
@@ -701,7 +703,7 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, data: D
     progress = progress or NoProgress()
     progress.start("fusion", len(plans), sum(p.checkpoint.total_bytes for p in plans), unit="models")
 
-    modules = _hooked_modules(base, align)  # compared between the models
+    modules = _hooked_modules(base, align, residual)  # compared between the models
     streams = {source.name for found in sources.values() for source in found if source.kind == "output"}
     entering = {source.name for found in sources.values() for source in found if source.kind == "input"}
     stream_taps = set(_stream_taps(base)) if residual == "stream" else set()
