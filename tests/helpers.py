@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -40,3 +44,39 @@ def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
         logging.root.setLevel(level)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@contextlib.contextmanager
+def moto_s3_server(home: Path, bucket: str, middleware: Callable) -> Iterator[tuple[str, dict[str, str], object]]:
+    """moto's S3 server on 127.0.0.1 with one bucket: yields (endpoint, the AWS environment it set, the
+    `middleware(app)` every request passes through). Skips the test if s3fs, boto3 or moto are missing or
+    the server cannot start."""
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+           # no stray profile or config from the machine: only what this sets
+           "AWS_CONFIG_FILE": str(home / "config"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"),
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3", "FSSPEC_S3_ENDPOINT_URL"):
+            mp.delenv(key, raising=False)
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        # start() would wait forever if the bind failed: give it a deadline instead
+        starter = threading.Thread(target=server.start, daemon=True)
+        starter.start()
+        starter.join(timeout=30)
+        if starter.is_alive() or server._server is None:
+            pytest.skip("moto's S3 server could not start on 127.0.0.1")
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        wrapped = middleware(server._server.app)
+        server._server.app = wrapped  # werkzeug's server looks the app up on every request
+        try:
+            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+            yield endpoint, env, wrapped
+        finally:
+            server.stop()

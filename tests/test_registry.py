@@ -41,7 +41,7 @@ from splice.registry.store import blob_rel
 from splice.tensors.checkpoint import Checkpoint
 
 from conftest import perturbed, save, tiny_model
-from helpers import run_cli
+from helpers import moto_s3_server, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "splice-registry"
@@ -114,33 +114,8 @@ class S3Server:
 
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
-    pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    home = tmp_path_factory.mktemp("aws-home")
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_CONFIG_FILE": str(home / "config"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"), "AWS_EC2_METADATA_DISABLED": "true"}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3", "FSSPEC_S3_ENDPOINT_URL"):
-            mp.delenv(key, raising=False)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        starter = threading.Thread(target=server.start, daemon=True)
-        starter.start()
-        starter.join(timeout=30)
-        if starter.is_alive() or server._server is None:
-            pytest.skip("moto's S3 server could not start on 127.0.0.1")
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        log = RequestLog(server._server.app)
-        server._server.app = log
-        try:
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-            yield S3Server(endpoint, env, log)
-        finally:
-            server.stop()
+    with moto_s3_server(tmp_path_factory.mktemp("aws-home"), BUCKET, RequestLog) as (endpoint, env, log):
+        yield S3Server(endpoint, env, log)
 
 
 @dataclass

@@ -12,7 +12,6 @@ import os
 import struct
 import subprocess
 import sys
-import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from safetensors.torch import load_file
 import splice
 
 from conftest import perturbed, save, tiny_model
-from helpers import run_cli
+from helpers import moto_s3_server, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "splice-models"
@@ -217,45 +216,9 @@ class S3:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    pytest.importorskip("s3fs")
     boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    home = tmp_path_factory.mktemp("aws-home")
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-        # No stray profile or config from the machine: only what this test sets.
-        "AWS_CONFIG_FILE": str(home / "config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3",
-                    "FSSPEC_S3_ENDPOINT_URL"):
-            mp.delenv(key, raising=False)
-
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        # start() would wait forever if the bind failed: give it a deadline instead
-        starter = threading.Thread(target=server.start, daemon=True)
-        starter.start()
-        starter.join(timeout=30)
-        if starter.is_alive() or server._server is None:
-            pytest.skip("moto's S3 server could not start on 127.0.0.1")
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        log = RequestLog(server._server.app)
-        server._server.app = log  # werkzeug's server looks the app up on every request
-        try:
-            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-            client.create_bucket(Bucket=BUCKET)
-            yield S3(endpoint, client, log, env)
-        finally:
-            server.stop()
+    with moto_s3_server(tmp_path_factory.mktemp("aws-home"), BUCKET, RequestLog) as (endpoint, env, log):
+        yield S3(endpoint, boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1"), log, env)
 
 
 def check_ranged_reads(log: RequestLog, model_dirs: list[Path]) -> None:
