@@ -67,8 +67,9 @@ def build_patches(base_dir: Path, registry_dir: Path) -> list[str]:
     """Push a LayerNorm patch and a rank-16 LoRA patch made for `base_dir` to a fresh registry."""
     import torch
 
-    from splice.adapters.layernorm import norm_tensor_names
-    from splice.adapters.patch import Patch, PatchMeta, fingerprint_base
+    from splice.adapters.fingerprint import fingerprint_base
+    from splice.adapters.patch import Patch, PatchMeta
+    from splice.arch.norms import norm_tensor_names
     from splice.registry.store import Registry
     from splice.tensors.checkpoint import Checkpoint
 

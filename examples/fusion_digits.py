@@ -22,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-
-from splice.workflows.fusion_study import (
+from fusion_study import (
     QUICK,
     StudyConfig,
     diagnostics_table,
@@ -33,6 +31,7 @@ from splice.workflows.fusion_study import (
     run_fusion_study,
     study_table,
 )
+from rich.console import Console
 
 OUT_DIR = Path(__file__).resolve().parent / "_out"
 

@@ -2,8 +2,9 @@
 
 from splice.adapters.apply import apply_patches
 from splice.adapters.extract import extract_patch
+from splice.adapters.fingerprint import fingerprint_base
 from splice.adapters.live import PatchHandle, apply_patch
-from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta, fingerprint_base
+from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta
 from splice.adapters.peft_interop import export_peft
 from splice.errors import (
     CheckpointError,

@@ -19,3 +19,7 @@ class RecipeError(SpliceError):
 
 class OutputExistsError(SpliceError):
     """The output directory exists and --force was not given."""
+
+
+class PatchError(SpliceError):
+    """A patch directory is missing, malformed, or does not fit the base it is applied to."""

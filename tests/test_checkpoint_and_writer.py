@@ -440,7 +440,7 @@ EXPECTED_NORMS = {
 @pytest.mark.parametrize("layout, arch", [("bert", "bert"), ("gpt2", "gpt2"), ("llama-sharded", "llama")])
 def test_inspect(layout, arch, saved, monkeypatch, capsys):
     from splice.cli import render
-    from splice.tensors.summary import summarize
+    from splice.workflows.inspect import summarize
 
     monkeypatch.setattr(render.console, "width", 240)  # no folding of long module names in the table
     code, out, err = run_cli(["inspect", saved[layout]], monkeypatch, capsys)

@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 
 from splice.adapters.extract import extract_patch
-from splice.adapters.patch import Patch, PatchError, PatchMeta, fingerprint_base
+from splice.adapters.fingerprint import fingerprint_base
+from splice.adapters.patch import Patch, PatchError, PatchMeta
 from splice.errors import SpliceError
 from splice.registry.store import Registry
 from splice.tensors.checkpoint import Checkpoint

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import splice
-from splice.workflows import digits
+from splice.demo import digits
 
 pytest.importorskip("sklearn")
 

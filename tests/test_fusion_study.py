@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fusion_study
 import pytest
 import torch
 import transformers
+from fusion_study import HETERO_METHODS, METHODS, StudyConfig, run_fusion_study
 from safetensors.torch import load_file
-
-from splice.workflows import fusion_study
-from splice.workflows.fusion_study import HETERO_METHODS, METHODS, StudyConfig, run_fusion_study
 
 TINY = StudyConfig(hidden=16, intermediate=32, heads=2, layers=1, steps=40, samples=50, regs=(0.04, 0.2))
 

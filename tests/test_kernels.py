@@ -9,8 +9,8 @@ from mergekit.config import ConditionalParameter
 from mergekit.config import evaluate_setting as mergekit_evaluate_setting
 from mergekit.sparsify import magnitude
 
-from splice.merge.kernels import top_magnitude_mask
 from splice.merge.recipe import Conditional, evaluate_setting, layer_positions
+from splice.sparsify import top_magnitude_mask
 
 
 def keep_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:

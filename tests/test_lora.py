@@ -10,8 +10,8 @@ import torch
 
 from splice.adapters.apply import apply_patches
 from splice.adapters.extract import extract_patch
+from splice.adapters.kinds.lora import truncated_svd
 from splice.adapters.live import apply_patch
-from splice.adapters.lora import truncated_svd
 from splice.adapters.patch import Patch, PatchError
 
 from conftest import example_inputs, model_class, save, tiny_model

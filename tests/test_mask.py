@@ -8,7 +8,7 @@ import torch
 
 from splice.adapters.apply import apply_patches
 from splice.adapters.extract import extract_patch
-from splice.adapters.mask import pack_mask, unpack_mask
+from splice.adapters.kinds.mask import pack_mask, unpack_mask
 from splice.adapters.patch import Patch, PatchError
 from splice.tensors.checkpoint import Checkpoint
 

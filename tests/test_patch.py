@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from splice.adapters.patch import MANIFEST, TENSORS, Patch, PatchError, PatchKind, PatchMeta, fingerprint_base
+from splice.adapters.fingerprint import fingerprint_base
+from splice.adapters.patch import MANIFEST, TENSORS, Patch, PatchError, PatchKind, PatchMeta
 from splice.errors import OutputExistsError
 from splice.tensors.checkpoint import Checkpoint
 

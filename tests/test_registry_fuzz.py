@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from splice.errors import CheckpointError
 from splice.registry.refs import MAX_NAME_LENGTH, Ref, RefError, check_alias, check_name, parse_ref
-from splice.tensors.checkpoint import SAFETENSORS_DTYPES, Checkpoint, read_safetensors_header
+from splice.tensors.checkpoint import Checkpoint, read_safetensors_header
+from splice.tensors.safetensors import SAFETENSORS_DTYPES
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")

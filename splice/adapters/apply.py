@@ -7,27 +7,13 @@ from collections.abc import Sequence
 
 import torch
 
-from splice.adapters.patch import Patch, PatchError
-from splice.adapters.steps import check_plan_shapes, composition_plan, patched_value
+from splice.adapters.compose import check_plan_shapes, composition_plan, patched_value
+from splice.adapters.patch import PatchError
+from splice.adapters.sources import PatchSource, load_patch
 from splice.progress import Progress
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.stream import StreamItem, StreamReport, run_stream
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, OutputTensor, ensure_output_free
-
-PatchSource = Patch | str | os.PathLike
-
-
-def load_patch(patch: PatchSource, storage_options: dict | None = None,
-               base: Checkpoint | torch.nn.Module | None = None) -> Patch:
-    """A Patch as given, or loaded from a splice patch directory or a PEFT adapter directory. `base` (the
-    stored or live model it will be applied to) lets a PEFT adapter's module names be mapped to stored names."""
-    if isinstance(patch, Patch):
-        return patch
-    from splice.adapters.peft_interop import is_peft_adapter, load_peft_adapter
-
-    if is_peft_adapter(patch, storage_options):
-        return load_peft_adapter(patch, storage_options, base=base)
-    return Patch.load(patch, storage_options)
 
 
 def apply_patches(patches: Sequence[PatchSource], base: str | os.PathLike, out: str | os.PathLike, *,

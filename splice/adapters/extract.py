@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from splice.adapters.layernorm import norm_tensor_names
-from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta, fingerprint_base
+from splice.adapters.fingerprint import fingerprint_base
+from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta
+from splice.arch.norms import norm_tensor_names
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
 from splice.tensors.stream import check_same_tensors, read_ahead
@@ -72,12 +73,12 @@ def extract_patch(base: str | os.PathLike, tuned: str | os.PathLike, kind: Patch
     elif kind is PatchKind.delta:
         found = _delta(base_ckpt, tuned_ckpt)
     elif kind is PatchKind.lora:
-        from splice.adapters.lora import extract_lora
+        from splice.adapters.kinds.lora import extract_lora
 
         found = extract_lora(base_ckpt, tuned_ckpt, rank=rank, energy=energy, rslora=rslora,
                              device=resolve_device(device))
     else:
-        from splice.adapters.mask import extract_mask
+        from splice.adapters.kinds.mask import extract_mask
 
         found = extract_mask(base_ckpt, tuned_ckpt, density=density, scope=mask_scope, values=mask_values,
                              device=resolve_device(device))

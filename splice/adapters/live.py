@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from splice.adapters.apply import PatchSource, load_patch
-from splice.adapters.patch import PatchError, compare_fingerprint, refuse_drift
-from splice.adapters.steps import check_plan_shapes, composition_plan, patched_value
-from splice.tensors.names import stored_to_module_names
+from splice.adapters.compose import check_plan_shapes, composition_plan, patched_value
+from splice.adapters.fingerprint import compare_fingerprint, refuse_drift
+from splice.adapters.patch import PatchError
+from splice.adapters.sources import PatchSource, load_patch
+from splice.arch.names import stored_to_module_names
 
 APPLIED_ATTRIBUTE = "_splice_applied_patches"  # on the model: the handles of the patches it carries, in order
 
@@ -72,7 +73,7 @@ def apply_patch(model: torch.nn.Module, patch: PatchSource, allow_base_drift: bo
         return None if tensor is None else (tuple(tensor.shape), tensor.dtype, lambda sample=False: tensor)
 
     if not allow_base_drift and patch.meta.base is not None:
-        refuse_drift(compare_fingerprint(patch.meta.base, live), "this model", patch.meta.kind,
+        refuse_drift(compare_fingerprint(patch.meta.base, live), "this model", patch.meta.kind.value,
                      "allow_base_drift=True")
     plan = composition_plan([patch])
     check_plan_shapes(plan, lambda name: tuple(state[names.get(name, name)].shape)

@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
-from splice.adapters.lora import SUFFIX_A, SUFFIX_B, lora_modules, module_scale
+from splice.adapters.kinds.lora import SUFFIX_A, SUFFIX_B, lora_modules, module_scale
 from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta
+from splice.arch.names import stored_to_module_names
 from splice.errors import CheckpointError, SpliceError
 from splice.tensors.checkpoint import Checkpoint, split_location
-from splice.tensors.names import stored_to_module_names
 from splice.tensors.writer import ensure_output_free, staged_output, write_state_dict
 
 PEFT_CONFIG = "adapter_config.json"
@@ -360,7 +360,7 @@ def export_peft(patch: Patch | str | os.PathLike, out: str | os.PathLike,
     gives transformers' module names and types. Everything is checked before anything is written."""
     ensure_output_free(out, force)
     if not isinstance(patch, Patch):
-        from splice.adapters.apply import load_patch
+        from splice.adapters.sources import load_patch
 
         patch = load_patch(patch, storage_options)
     if patch.meta.kind not in (PatchKind.lora, PatchKind.layernorm):

@@ -50,7 +50,7 @@ def show(renderable, quiet: bool = False) -> None:
 def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec URL.")],
             storage_options: StorageOptions = None) -> None:
     """Shards, tensor and parameter counts, dtypes and LayerNorm modules of a model."""
-    from splice.tensors.summary import summarize
+    from splice.workflows.inspect import summarize
 
     summary = summarize(model, parse_storage_options(storage_options))
     show(render.table(f"{summary.location} ({summary.architecture or 'unknown architecture'})",

@@ -13,12 +13,12 @@ INGREDIENTS = 4
 
 def run_demo(keep: Path | None = None) -> None:
     try:
-        from splice.workflows.soup_study import best_ingredient, run_soup_study, soup_study_table
+        from splice.demo.soups import best_ingredient, run_soup_study, soup_study_table
     except ImportError as exc:
         raise SpliceError(f"splice demo needs scikit-learn for its data ({exc}): pip install 'splice[demo]'") from None
-    from splice.tensors.summary import summarize
-    from splice.workflows.digits import load_digits_splits
-    from splice.workflows.patch_study import run_patch_study
+    from splice.demo.digits import load_digits_splits
+    from splice.demo.patches import run_patch_study
+    from splice.workflows.inspect import summarize
 
     console = render.console
     console.rule("[bold]splice demo: model soups")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from splice.errors import SpliceError
+from splice.hooks import Scorer, load_callable, score_state
 from splice.merge.kernels import weighted_average
 from splice.progress import NoProgress, Progress
 from splice.tensors.device import parse_dtype, resolve_device
@@ -32,7 +33,6 @@ from splice.tensors.writer import (
     staged_output,
     write_state_dict,
 )
-from splice.workflows.evaluate import Scorer, load_callable, score_state
 
 
 def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:

@@ -72,7 +72,8 @@ from splice.registry.manifest import (
     parse_model,
 )
 from splice.registry.refs import Ref, RegistryError, check_alias, check_name, parse_ref
-from splice.tensors.checkpoint import DTYPE_TO_SAFETENSORS, SAFETENSORS_DTYPES, Checkpoint, split_location
+from splice.tensors.checkpoint import Checkpoint, split_location
+from splice.tensors.safetensors import DTYPE_TO_SAFETENSORS, SAFETENSORS_DTYPES
 
 ENV_VAR = "SPLICE_REGISTRY"
 DEFAULT_LOCATION = "~/.cache/splice/registry"
@@ -1005,9 +1006,9 @@ class Registry:
 
     @staticmethod
     def _prepare(patch: Patch | str | os.PathLike, base: str | os.PathLike | None) -> tuple[Patch, PatchMeta]:
-        from splice.adapters.apply import load_patch
-        from splice.adapters.patch import fingerprint_base
-        from splice.adapters.steps import patch_steps
+        from splice.adapters.compose import patch_steps
+        from splice.adapters.fingerprint import fingerprint_base
+        from splice.adapters.sources import load_patch
         from splice.tensors.checkpoint import Checkpoint
 
         checkpoint = Checkpoint.open(base) if base is not None else None
@@ -1291,13 +1292,14 @@ class Registry:
         """Write the version a reference names as a splice patch directory (patch.json + tensors.safetensors,
         byte for byte what `Patch.save` writes), every tensor hash-checked before the directory appears at
         `out`; nothing appears there unless all of them are right."""
-        from splice.tensors.writer import OutputTensor, _header_bytes, ensure_output_free, staged_output
+        from splice.tensors.safetensors import OutputTensor, header_bytes
+        from splice.tensors.writer import ensure_output_free, staged_output
 
         ensure_output_free(out, force)
         manifest = self.resolve(ref)
         outputs = [OutputTensor(name, SAFETENSORS_DTYPES[entry.dtype], tuple(entry.shape))
                    for name, entry in manifest.tensors.items()]
-        header = _header_bytes(outputs, {"format": "pt", "splice_patch_kind": manifest.meta.kind.value})
+        header = header_bytes(outputs, {"format": "pt", "splice_patch_kind": manifest.meta.kind.value})
         offsets = []
         position = len(header)
         for entry in manifest.tensors.values():

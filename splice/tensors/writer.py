@@ -15,21 +15,14 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from math import prod
 from pathlib import Path
 
 import torch
 
 from splice.errors import OutputExistsError, SpliceError
-from splice.tensors.checkpoint import (
-    DTYPE_TO_SAFETENSORS,
-    SAFETENSORS_INDEX,
-    SAFETENSORS_SINGLE,
-    Checkpoint,
-    dtype_itemsize,
-)
+from splice.tensors.checkpoint import SAFETENSORS_INDEX, Checkpoint
 from splice.tensors.device import dtype_name
+from splice.tensors.safetensors import SAFETENSORS_SINGLE, OutputTensor, header_bytes
 
 DEFAULT_SHARD_SIZE = 2 * 1000**3
 
@@ -72,15 +65,6 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-@dataclass(frozen=True)
-class OutputTensor:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return prod(self.shape) * dtype_itemsize(self.dtype)
 
 
 def plan_shards(outputs: list[OutputTensor], shard_size: int) -> list[list[OutputTensor]]:
@@ -102,19 +86,6 @@ def _shard_file_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def _header_bytes(tensors: list[OutputTensor], metadata: Mapping[str, str]) -> bytes:
-    header: dict[str, object] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for out in tensors:
-        header[out.name] = {
-            "dtype": DTYPE_TO_SAFETENSORS[out.dtype],
-            "shape": list(out.shape),
-            "data_offsets": [offset, offset + out.nbytes],
-        }
-        offset += out.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-    return len(raw).to_bytes(8, "little") + raw
 
 
 class ShardedWriter:
@@ -198,7 +169,7 @@ class ShardedWriter:
         self._close_file()
         self._file_index = shard_index
         self._file = open(self.directory / self.file_names[shard_index], "wb")
-        self._file.write(_header_bytes(self.shards[shard_index], self.metadata))
+        self._file.write(header_bytes(self.shards[shard_index], self.metadata))
 
     def _close_file(self) -> None:
         if self._file is not None:

@@ -20,7 +20,8 @@ from splice.adapters.live import PatchHandle, apply_patch
 from splice.adapters.patch import PatchError
 from splice.progress import Progress
 from splice.registry.store import Registry
-from splice.tensors.checkpoint import Checkpoint, read_safetensors_metadata
+from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.safetensors import read_safetensors_metadata
 from splice.tensors.stream import StreamReport
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
 from splice.version import __version__

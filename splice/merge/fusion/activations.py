@@ -4,7 +4,7 @@ tokens kept from every model so that neuron i of one model and neuron j of anoth
 coordinates.
 
 Live models are built from their config and loaded from the stored tensors; module names come from
-`splice.tensors.names.stored_to_module_names` (transformers 5 renames modules at load time).
+`splice.arch.names.stored_to_module_names` (transformers 5 renames modules at load time).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from splice.arch.names import stored_to_module_names
 from splice.errors import SpliceError
-from splice.tensors.names import stored_to_module_names
 
 BATCH_SIZE = 32
 
@@ -73,7 +73,7 @@ def load_inputs(data: DataSource, samples: int, anchor_location: str) -> Inputs:
     if samples < 1:
         raise SpliceError(f"--samples must be at least 1, got {samples}")
     if isinstance(data, str):
-        from splice.workflows.evaluate import load_callable
+        from splice.hooks import load_callable
 
         try:
             data = load_callable(data)

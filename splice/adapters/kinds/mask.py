@@ -12,10 +12,10 @@ from math import prod
 
 import torch
 
+from splice.adapters.compose import Effect, Step
 from splice.adapters.extract import Extracted, deltas
 from splice.adapters.patch import Patch, PatchError
-from splice.adapters.steps import Effect, Step
-from splice.merge.kernels import top_magnitude_mask
+from splice.sparsify import top_magnitude_mask
 from splice.tensors.checkpoint import Checkpoint
 
 MASK_SUFFIX = ".mask"

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
+from splice.arch.names import stored_to_module_names
 from splice.errors import SpliceError
 from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.names import stored_to_module_names
 
 IMAGE_SIZE = 8
 NUM_LABELS = 10

@@ -48,10 +48,10 @@ def patch_steps(patch: Patch) -> dict[str, Step]:
     if kind is PatchKind.delta:
         return _add(patch)
     if kind is PatchKind.lora:
-        from splice.adapters.lora import lora_steps
+        from splice.adapters.kinds.lora import lora_steps
 
         return lora_steps(patch)
-    from splice.adapters.mask import mask_steps
+    from splice.adapters.kinds.mask import mask_steps
 
     return mask_steps(patch)
 

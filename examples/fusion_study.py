@@ -3,7 +3,7 @@ ICLR 2024): pairs of small ViTs trained from different seeds, fused by plain wei
 transport (EMD, and Sinkhorn with its regularisation chosen on held-out data), each scored one-shot and after
 a short fine-tune; plus a 2x wider parent fused into a narrower anchor. Used by `examples/fusion_digits.py`.
 
-Data: scikit-learn's digits split as in `splice.workflows.digits` (seed 0); the fusion study trains on the
+Data: scikit-learn's digits split as in `splice.demo.digits` (seed 0); the fusion study trains on the
 union of its pretrain and finetune parts (1258 images), chooses on its held-out part (270) and reports on its
 test part (269). Everything is seeded and runs torch on one thread, so a rerun repeats every number.
 """
@@ -22,9 +22,9 @@ from rich import box
 from rich.table import Table
 from transformers import ViTConfig, ViTForImageClassification
 
+from splice.demo import digits
 from splice.merge.fusion import fuse
 from splice.merge.soup import soup
-from splice.workflows import digits
 
 SINKHORN_REGS = (0.02, 0.04, 0.06, 0.08, 0.12, 0.2)
 # Method-key spelling of fuse's align="activations" / "weights"; "coherent" is activation alignment with one map for

@@ -27,9 +27,9 @@ import math
 
 import torch
 
+from splice.adapters.compose import Effect, Step
 from splice.adapters.extract import Extracted, deltas
 from splice.adapters.patch import Patch, PatchError
-from splice.adapters.steps import Effect, Step
 from splice.tensors.checkpoint import Checkpoint
 
 SUFFIX_A = ".lora_A"

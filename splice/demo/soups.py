@@ -9,9 +9,9 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
+from splice.demo import digits
 from splice.merge.soup import greedy_soup, soup
 from splice.progress import Progress
-from splice.workflows import digits
 
 
 def scores(model_dir: Path, splits: digits.DigitsSplits) -> dict[str, float]:

@@ -6,7 +6,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
-from splice.adapters.layernorm import NormModule, find_norm_modules
+from splice.arch.norms import NormModule, find_norm_modules
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import dtype_name
 

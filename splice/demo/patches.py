@@ -11,9 +11,9 @@ from torch.nn.utils import parametrize
 
 from splice.adapters.extract import extract_patch
 from splice.adapters.patch import PatchError
+from splice.demo import digits
 from splice.progress import Progress
 from splice.registry.store import Registry
-from splice.workflows import digits
 from splice.workflows.deploy import deploy
 
 LORA_TARGETS = ("q_proj", "v_proj")  # attention query and value projections, as LoRA's authors chose

@@ -1,0 +1,177 @@
+"""Base fingerprints: what a patch records of the base it was made on, and the comparison that refuses
+a wrong base with a precise account of what differs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from math import prod
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from splice.errors import PatchError
+from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.device import dtype_name
+from splice.tensors.safetensors import dtype_itemsize
+
+
+class TensorFingerprint(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    sha256: str
+    norm: float  # L2 norm, to say by how much a drifted base differs
+
+
+class BaseFingerprint(BaseModel):
+    """The base tensors a patch touches (hashed whole), the base's other float tensors (`context`: shape,
+    dtype and the first 64 KiB hashed, so a patch whose own tensors happen to match, e.g. LayerNorms
+    still at their initial values, is not taken for one made on another base), and one digest over all."""
+
+    model_config = ConfigDict(extra="forbid")
+    tensors: list[TensorFingerprint]
+    context: dict[str, str] = {}
+    digest: str
+
+    @classmethod
+    def of(cls, entries: Iterable[TensorFingerprint], context: Mapping[str, str] | None = None) -> BaseFingerprint:
+        ordered = sorted(entries, key=lambda e: e.name)
+        context = dict(sorted((context or {}).items()))
+        summary = hashlib.sha256()
+        for entry in ordered:
+            summary.update(f"{entry.name}\0{list(entry.shape)}\0{entry.dtype}\0{entry.sha256}\n".encode())
+        for name, sampled in context.items():
+            summary.update(f"context\0{name}\0{sampled}\n".encode())
+        return cls(tensors=ordered, context=context, digest=f"sha256:{summary.hexdigest()}")
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+CONTEXT_SAMPLE_BYTES = 64 * 1024
+
+
+def sample_sha256(prefix: torch.Tensor, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> str:
+    """sha256 of a tensor's shape, dtype and first CONTEXT_SAMPLE_BYTES bytes; `prefix` is the tensor or
+    its leading rows (both hash the same)."""
+    data = prefix.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)[:CONTEXT_SAMPLE_BYTES]
+    summary = hashlib.sha256(f"{list(shape)}\0{dtype_name(dtype)}\0".encode())
+    summary.update(memoryview(data.numpy()))
+    return summary.hexdigest()
+
+
+def _sample_rows(shape: tuple[int, ...], itemsize: int) -> tuple[int, int] | None:
+    """Leading rows of a stored tensor that cover CONTEXT_SAMPLE_BYTES (None: read it whole)."""
+    if not shape or shape[0] == 0:
+        return None
+    row_bytes = max(1, itemsize * prod(shape[1:]))
+    return (0, min(shape[0], -(-CONTEXT_SAMPLE_BYTES // row_bytes)))
+
+
+def _read_stored(base: Checkpoint, name: str, sample: bool = False) -> torch.Tensor:
+    info = base.tensors[name]
+    return base.read(name, rows=_sample_rows(info.shape, dtype_itemsize(info.dtype)) if sample else None)
+
+
+def fingerprint_base(base: Checkpoint, names: Iterable[str]) -> BaseFingerprint:
+    """Fingerprint the named tensors of a base model (hashed whole) and its other float tensors (sampled),
+    read one by one through the spine."""
+    entries = []
+    names = list(names)
+    for name in names:
+        info = base.tensors.get(name)
+        if info is None:
+            raise PatchError(f"{base.location}: the patch targets {name}, which this base does not have")
+        tensor = base.read(name)
+        entries.append(TensorFingerprint(name=name, shape=info.shape, dtype=dtype_name(info.dtype),
+                                         sha256=tensor_sha256(tensor), norm=float(tensor.double().norm())))
+    touched = set(names)
+    context = {name: sample_sha256(_read_stored(base, name, sample=True), info.shape, info.dtype)
+               for name, info in base.tensors.items() if name not in touched and info.dtype.is_floating_point}
+    return BaseFingerprint.of(entries, context)
+
+
+@dataclass(frozen=True)
+class BaseMismatch:
+    name: str
+    reason: str  # "missing", "shape", "dtype" or "values"
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.detail}"
+
+
+TensorSource = Callable[[str], "tuple[tuple[int, ...], torch.dtype, Callable[..., torch.Tensor]] | None"]
+"""name -> (shape, dtype, read), or None when there is no such tensor. `read()` gives the values;
+`read(sample=True)` may stop after the leading bytes a context sample needs."""
+
+
+def _compare_tensor(entry: TensorFingerprint, source: TensorSource) -> BaseMismatch | None:
+    found = source(entry.name)
+    if found is None:
+        return BaseMismatch(entry.name, "missing", "not in this base")
+    shape, dtype, read = found
+    if tuple(shape) != tuple(entry.shape):
+        return BaseMismatch(entry.name, "shape", f"shape {list(shape)}, patch made on {list(entry.shape)}")
+    if dtype_name(dtype) != entry.dtype:
+        return BaseMismatch(entry.name, "dtype", f"{dtype_name(dtype)}, patch made on {entry.dtype}")
+    tensor = read()
+    if tensor_sha256(tensor) == entry.sha256:
+        return None
+    norm = float(tensor.detach().double().norm())
+    change = f" ({(norm - entry.norm) / entry.norm:+.2%})" if entry.norm else ""
+    return BaseMismatch(entry.name, "values", f"values differ: L2 norm {norm:.6g}, {entry.norm:.6g} when the "
+                                              f"patch was made{change}")
+
+
+def _compare_context(name: str, sampled: str, source: TensorSource) -> BaseMismatch | None:
+    found = source(name)
+    if found is None:
+        return BaseMismatch(name, "missing", "not in this base")
+    shape, dtype, read = found
+    if sample_sha256(read(sample=True), shape, dtype) != sampled:
+        return BaseMismatch(name, "context", f"differs (shape {list(shape)}, {dtype_name(dtype)})")
+    return None
+
+
+def compare_fingerprint(expected: BaseFingerprint, source: TensorSource) -> list[BaseMismatch]:
+    """How the tensors `source` gives differ from the base a patch was made on; empty when it is that base.
+    Tensors are read and hashed on a few threads (reads and sha256 release the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        own = pool.map(lambda entry: _compare_tensor(entry, source), expected.tensors)
+        context = pool.map(lambda item: _compare_context(*item, source), expected.context.items())
+        return [m for m in (*own, *context) if m is not None]
+
+
+def compare_base(expected: BaseFingerprint, base: Checkpoint) -> list[BaseMismatch]:
+    """How a stored base differs from the base a patch was made on."""
+
+    def stored(name: str):
+        info = base.tensors.get(name)
+        return None if info is None else (info.shape, info.dtype,
+                                          lambda sample=False: _read_stored(base, name, sample))
+
+    return compare_fingerprint(expected, stored)
+
+
+def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: str, override: str) -> None:
+    """One-line refusal naming the first differences, when there are any: the patch's own tensors first,
+    then how many of the base's other tensors differ."""
+    if not mismatches:
+        return
+    own = [m for m in mismatches if m.reason != "context"]
+    context = [m for m in mismatches if m.reason == "context"]
+    parts = [str(m) for m in own[:2]]
+    if len(own) > 2:
+        parts.append(f"{len(own) - 2} more of the tensors it changes differ")
+    if context:
+        parts.append(f"{len(context)} other tensors differ, e.g. {context[0].name}")
+    raise PatchError(f"{what} is not the base this {kind} patch was made for: {'; '.join(parts)}; "
+                     f"pass {override} to apply it anyway")
