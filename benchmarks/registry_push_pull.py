@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from splice.adapters.patch import BaseFingerprint, Patch, PatchKind, PatchMeta  # noqa: E402
+from splice.adapters.meta import BaseFingerprint  # noqa: E402
+from splice.adapters.patch import Patch, PatchKind, PatchMeta  # noqa: E402
 from splice.registry import Registry  # noqa: E402
 
 MATRICES, MATRIX = 48, (1024, 1024)

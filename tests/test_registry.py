@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 
 import splice
 from splice.adapters.fingerprint import TensorFingerprint, fingerprint_base, tensor_sha256
-from splice.adapters.patch import BaseFingerprint, Patch, PatchError, PatchKind, PatchMeta
+from splice.adapters.meta import BaseFingerprint
+from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta
 from splice.registry import AliasConflict, RefError, Registry, RegistryError, store
 from splice.registry.store import blob_rel
 from splice.tensors.checkpoint import Checkpoint

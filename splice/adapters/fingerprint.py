@@ -5,49 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import prod
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
+from splice.adapters.meta import BaseFingerprint, TensorFingerprint
 from splice.errors import PatchError
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import dtype_name
 from splice.tensors.safetensors import dtype_itemsize
-
-
-class TensorFingerprint(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    sha256: str
-    norm: float  # L2 norm, to say by how much a drifted base differs
-
-
-class BaseFingerprint(BaseModel):
-    """The base tensors a patch touches (hashed whole), the base's other float tensors (`context`: shape,
-    dtype and the first 64 KiB hashed, so a patch whose own tensors happen to match, e.g. LayerNorms
-    still at their initial values, is not taken for one made on another base), and one digest over all."""
-
-    model_config = ConfigDict(extra="forbid")
-    tensors: list[TensorFingerprint]
-    context: dict[str, str] = {}
-    digest: str
-
-    @classmethod
-    def of(cls, entries: Iterable[TensorFingerprint], context: Mapping[str, str] | None = None) -> BaseFingerprint:
-        ordered = sorted(entries, key=lambda e: e.name)
-        context = dict(sorted((context or {}).items()))
-        summary = hashlib.sha256()
-        for entry in ordered:
-            summary.update(f"{entry.name}\0{list(entry.shape)}\0{entry.dtype}\0{entry.sha256}\n".encode())
-        for name, sampled in context.items():
-            summary.update(f"context\0{name}\0{sampled}\n".encode())
-        return cls(tensors=ordered, context=context, digest=f"sha256:{summary.hexdigest()}")
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:

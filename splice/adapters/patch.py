@@ -9,48 +9,23 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
-from enum import Enum
 from math import prod
 from pathlib import Path
-from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from splice.adapters.fingerprint import BaseFingerprint, BaseMismatch, compare_base, refuse_drift
+from splice.adapters.fingerprint import BaseMismatch, compare_base, refuse_drift
+from splice.adapters.meta import FORMAT_VERSION, PatchKind, PatchMeta
 from splice.errors import CheckpointError, PatchError
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.writer import staged_output, write_state_dict
 
 MANIFEST = "patch.json"
 TENSORS = "tensors.safetensors"
-FORMAT_VERSION = 1
 
 
 
-
-class PatchKind(str, Enum):
-    layernorm = "layernorm"
-    lora = "lora"
-    mask = "mask"
-    delta = "delta"
-
-
-
-
-class PatchMeta(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    format_version: int = FORMAT_VERSION
-    kind: PatchKind
-    targets: list[str]
-    base: BaseFingerprint | None  # None: made elsewhere (a PEFT adapter) with no record of its base
-    lineage: list[str] = []
-    metrics: dict[str, float] = {}
-    description: str = ""
-    tags: list[str] = []
-    settings: dict[str, Any] = {}  # kind-specific: LoRA rank/alpha/rslora, mask density, ...
-    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_serializer, model_validator
 
-from splice.adapters.patch import PatchMeta
+from splice.adapters.meta import PatchMeta
 from splice.registry.refs import RegistryError
 
 REGISTRY_FORMAT = "splice-registry"

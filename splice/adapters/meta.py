@@ -1,0 +1,68 @@
+"""What a patch says about itself, as plain data: its kind, its targets and the fingerprint of its base.
+Free of torch, so the registry's byte-moving commands and manifests use it without loading tensors."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = 1
+
+
+class TensorFingerprint(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    sha256: str
+    norm: float  # L2 norm, to say by how much a drifted base differs
+
+
+class BaseFingerprint(BaseModel):
+    """The base tensors a patch touches (hashed whole), the base's other float tensors (`context`: shape,
+    dtype and the first 64 KiB hashed, so a patch whose own tensors happen to match, e.g. LayerNorms
+    still at their initial values, is not taken for one made on another base), and one digest over all."""
+
+    model_config = ConfigDict(extra="forbid")
+    tensors: list[TensorFingerprint]
+    context: dict[str, str] = {}
+    digest: str
+
+    @classmethod
+    def of(cls, entries: Iterable[TensorFingerprint], context: Mapping[str, str] | None = None) -> BaseFingerprint:
+        ordered = sorted(entries, key=lambda e: e.name)
+        context = dict(sorted((context or {}).items()))
+        summary = hashlib.sha256()
+        for entry in ordered:
+            summary.update(f"{entry.name}\0{list(entry.shape)}\0{entry.dtype}\0{entry.sha256}\n".encode())
+        for name, sampled in context.items():
+            summary.update(f"context\0{name}\0{sampled}\n".encode())
+        return cls(tensors=ordered, context=context, digest=f"sha256:{summary.hexdigest()}")
+
+
+class PatchKind(str, Enum):
+    layernorm = "layernorm"
+    lora = "lora"
+    mask = "mask"
+    delta = "delta"
+
+
+
+
+class PatchMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = FORMAT_VERSION
+    kind: PatchKind
+    targets: list[str]
+    base: BaseFingerprint | None  # None: made elsewhere (a PEFT adapter) with no record of its base
+    lineage: list[str] = []
+    metrics: dict[str, float] = {}
+    description: str = ""
+    tags: list[str] = []
+    settings: dict[str, Any] = {}  # kind-specific: LoRA rank/alpha/rslora, mask density, ...
+    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
