@@ -19,7 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from splice.demo.soups import best_ingredient, run_soup_study, soup_study_table
+from splice.cli.demo import soup_study_table
+from splice.demo.soups import best_ingredient, run_soup_study
 
 JSON_OUT = Path(__file__).resolve().parent / "_out" / "soups_digits.json"
 

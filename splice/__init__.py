@@ -1,54 +1,74 @@
-"""splice: model merging and continual adaptation for PyTorch / Hugging Face models."""
+"""splice: model merging and continual adaptation for PyTorch / Hugging Face models.
 
-from splice.adapters.apply import apply_patches
-from splice.adapters.extract import extract_patch
-from splice.adapters.fingerprint import fingerprint_base
-from splice.adapters.live import PatchHandle, apply_patch
-from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta
-from splice.adapters.peft_interop import export_peft
-from splice.errors import (
-    CheckpointError,
-    IncompatibleModelsError,
-    OutputExistsError,
-    RecipeError,
-    SpliceError,
-)
-from splice.merge.fusion import fuse
-from splice.merge.recipe import Recipe, load_recipe, merge
-from splice.merge.soup import GreedySoupReport, greedy_soup, soup
-from splice.registry.store import Registry
-from splice.tensors.checkpoint import Checkpoint
+The public API is resolved on first use: `import splice` imports neither torch nor transformers, so the
+command line and the registry's byte-moving commands start fast; `splice.soup` imports the soup engine
+(and torch) the first time it is looked up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
 from splice.version import __version__
-from splice.workflows.deploy import DeploymentRecord, apply_ref, deploy, read_deployment_record
 
-__all__ = [
-    "Checkpoint",
-    "CheckpointError",
-    "DeploymentRecord",
-    "GreedySoupReport",
-    "IncompatibleModelsError",
-    "OutputExistsError",
-    "Patch",
-    "PatchError",
-    "PatchKind",
-    "PatchMeta",
-    "Recipe",
-    "RecipeError",
-    "Registry",
-    "PatchHandle",
-    "SpliceError",
-    "__version__",
-    "apply_patch",
-    "apply_patches",
-    "apply_ref",
-    "deploy",
-    "export_peft",
-    "extract_patch",
-    "fingerprint_base",
-    "fuse",
-    "greedy_soup",
-    "load_recipe",
-    "merge",
-    "read_deployment_record",
-    "soup",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "Checkpoint": "splice.tensors.checkpoint",
+    "CheckpointError": "splice.errors",
+    "DeploymentRecord": "splice.workflows.deploy",
+    "GreedySoupReport": "splice.merge.soup",
+    "IncompatibleModelsError": "splice.errors",
+    "OutputExistsError": "splice.errors",
+    "Patch": "splice.adapters.patch",
+    "PatchError": "splice.errors",
+    "PatchHandle": "splice.adapters.live",
+    "PatchKind": "splice.adapters.meta",
+    "PatchMeta": "splice.adapters.meta",
+    "Recipe": "splice.merge.recipe",
+    "RecipeError": "splice.errors",
+    "Registry": "splice.registry.store",
+    "SpliceError": "splice.errors",
+    "apply_patch": "splice.adapters.live",
+    "apply_patches": "splice.adapters.apply",
+    "apply_ref": "splice.workflows.deploy",
+    "deploy": "splice.workflows.deploy",
+    "export_peft": "splice.adapters.peft_interop",
+    "extract_patch": "splice.adapters.extract",
+    "fingerprint_base": "splice.adapters.fingerprint",
+    "fuse": "splice.merge.fusion",
+    "greedy_soup": "splice.merge.soup",
+    "load_recipe": "splice.merge.recipe",
+    "merge": "splice.merge.recipe",
+    "read_deployment_record": "splice.workflows.deploy",
+    "soup": "splice.merge.soup",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'splice' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+class _SpliceModule(types.ModuleType):
+    """`splice.merge` is the merge function, as it always was, though a subpackage has that name too: the
+    import system's binding of the subpackage onto this module is not kept for names the API exports."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _SpliceModule

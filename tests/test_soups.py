@@ -160,3 +160,30 @@ def test_work_units_split_large_tensors_into_row_blocks(make_models):
     assert all(u.rows is None for u in units if len(u.item.output.shape) == 1)  # biases stay whole
     assert len(work_units(plan, chunked=False, chunk_bytes=256)) == len(plan)
     assert sum(u.input_bytes for u in units) == sum(item.input_bytes for item in plan)  # progress ends at 100%
+
+
+class RecordingProgress:
+    def __init__(self):
+        self.started, self.items, self.nbytes, self.finished = None, 0, 0, False
+
+    def start(self, description, total_items, total_bytes, unit="tensors"):
+        self.started = (total_items, total_bytes)
+
+    def advance(self, items, nbytes):
+        self.items += items
+        self.nbytes += nbytes
+
+    def finish(self):
+        self.finished = True
+
+
+def test_greedy_soup_progress_ends_at_its_totals(make_models, tmp_path):
+    dirs = make_models("bert", 3)
+    progress = RecordingProgress()
+    splice.greedy_soup(dirs, tmp_path / "greedy", lambda state: 0.0, device="cpu", progress=progress)
+    model_bytes = sum(f.stat().st_size for d in dirs for f in d.glob("*.safetensors"))
+    total_items, total_bytes = progress.started
+    assert total_items == 2 * 3 - 1
+    assert (progress.items, progress.nbytes) == (total_items, total_bytes)
+    assert model_bytes - 3 * 10_000 < total_bytes / 2 <= model_bytes  # every ingredient read twice
+    assert progress.finished

@@ -9,9 +9,10 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
+from typer._click.exceptions import ClickException, UsageError
 
 from splice.cli import render
-from splice.cli.deploy import DEPLOYED_COLUMNS, deploy_command
+from splice.cli.deploy import deploy_command
 from splice.cli.fuse import fuse_command
 from splice.cli.options import (
     Device,
@@ -28,8 +29,25 @@ from splice.cli.patch import patch_app
 from splice.cli.registry import registry_app
 from splice.errors import SpliceError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="splice: merge, fuse, patch and port Hugging Face models, streamed tensor by tensor.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from splice.version import __version__
+
+        print(f"splice {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                                help="Print splice's version and exit.")] = False) -> None:
+    """splice: merge, fuse, patch and port Hugging Face models, streamed tensor by tensor."""
 
 app.add_typer(patch_app, name="patch")
 app.add_typer(registry_app, name="registry")
@@ -49,25 +67,12 @@ def show(renderable, quiet: bool = False) -> None:
 @app.command()
 def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec URL.")],
             storage_options: StorageOptions = None) -> None:
-    """Shards, tensor and parameter counts, dtypes and LayerNorm modules of a model."""
+    """Shards, tensor and parameter counts, dtypes and LayerNorm modules of a model, and the patch versions
+    it carries if splice deploy wrote it."""
     from splice.workflows.inspect import summarize
 
-    summary = summarize(model, parse_storage_options(storage_options))
-    show(render.table(f"{summary.location} ({summary.architecture or 'unknown architecture'})",
-                      ["tensors", "parameters", "size", "shards"],
-                      [[summary.tensors, f"{summary.parameters:,}", render.human_bytes(summary.nbytes),
-                        len(summary.shards)]]))
-    show(render.table("shards", ["file", "tensors", "size"],
-                      [[s.file, s.tensors, render.human_bytes(s.nbytes)] for s in summary.shards]))
-    show(render.table("dtypes", ["dtype", "parameters"], [[d, f"{n:,}"] for d, n in summary.dtypes.items()]))
-    show(render.table(f"LayerNorm modules ({len(summary.norm_modules)})", ["module", "size", "bias"],
-                      [[m.name, m.size, "yes" if m.has_bias else "no"] for m in summary.norm_modules]))
-    from splice.workflows.deploy import deployed_summary, read_deployment_record
-
-    record = read_deployment_record(model, parse_storage_options(storage_options))
-    if record is not None:
-        show(render.table(f"deployed patches (from {record.registry}, {record.deployed_at:%Y-%m-%d %H:%M} UTC)",
-                          DEPLOYED_COLUMNS, deployed_summary(record)))
+    for renderable in render.model_summary_tables(summarize(model, parse_storage_options(storage_options))):
+        show(renderable)
 
 
 def _parse_weights(text: str | None) -> list[float] | None:
@@ -96,29 +101,19 @@ def soup(
     verbose: Verbose = False,
 ) -> None:
     """Uniform, weighted or greedy model soup, streamed tensor by tensor."""
-    import splice
+    from splice.merge.soup import GreedySoupReport, soup_or_greedy
     from splice.tensors.writer import parse_size
 
     setup_logging(verbose)
-    progress = render.RichProgress(quiet)
-    size = parse_size(shard_size)
-    remote = parse_storage_options(storage_options)
-    if greedy or eval_fn:
-        if not (greedy and eval_fn):
-            raise SpliceError("a greedy soup needs both --greedy and --eval MODULE:FUNCTION")
-        if weights:
-            raise SpliceError("--weights does not apply to a greedy soup")
-        report = splice.greedy_soup(models, out, eval_fn, strict=strict, device=device, dtype=dtype,
-                                    shard_size=size, force=force, progress=progress, storage_options=remote)
-        show(render.table(f"greedy soup -> {report.out}", ["ingredient", "held-out score", "soup score", "kept"],
-                          [[s.model, f"{s.score:.4f}", "" if s.soup_score is None else f"{s.soup_score:.4f}",
-                            "yes" if s.kept else "no"] for s in report.steps]), quiet)
+    report = soup_or_greedy(models, out, weights=_parse_weights(weights), greedy=greedy, evaluate=eval_fn,
+                            strict=strict, device=device, dtype=dtype, shard_size=parse_size(shard_size), force=force,
+                            progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
+    if isinstance(report, GreedySoupReport):
+        show(render.greedy_soup_table(report), quiet)
         show(f"greedy soup kept {len(report.kept)} of {len(report.steps)}; held-out score {report.soup_score:.4f} "
              f"(best ingredient {report.best_ingredient.score:.4f})", quiet)
-        return
-    report = splice.soup(models, out, weights=_parse_weights(weights), device=device, dtype=dtype,
-                         shard_size=size, force=force, progress=progress, storage_options=remote)
-    show(render.stream_report_table("soup", report), quiet)
+    else:
+        show(render.stream_report_table("soup", report), quiet)
 
 
 @app.command()
@@ -154,23 +149,36 @@ def demo(
     run_demo(keep)
 
 
-def main() -> None:
-    try:
-        app(standalone_mode=False)
-    except SpliceError as exc:
-        render.error_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        render.error_console.print("interrupted; nothing was published")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors
-        import click
+def _usage_error_line(exc: UsageError) -> str:
+    """click's message (with its "did you mean"), and where the command's help is, on one line."""
+    message = " ".join(exc.format_message().split())
+    group = exc.ctx.command if exc.ctx is not None else None
+    if message == "Missing command." and hasattr(group, "list_commands"):
+        message = f"missing command: give one of {', '.join(group.list_commands(exc.ctx))}"
+    where = exc.ctx.command_path if exc.ctx is not None else "splice"
+    return f"{message} (see '{where} --help')"
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+
+def _print_error(message: str) -> None:
+    render.error_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    """The `splice` entry point: usage errors and splice's own errors are one line on stderr with exit 2,
+    Ctrl-C says nothing was published and exits 130, anything else is a bug and keeps its traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except SpliceError as exc:
+        _print_error(str(exc))
+        sys.exit(2)
+    except UsageError as exc:
+        _print_error(_usage_error_line(exc))
+        sys.exit(exc.exit_code)
+    except ClickException as exc:
+        _print_error(" ".join(exc.format_message().split()))
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        code = INTERRUPTED
+    if code == INTERRUPTED:  # typer turns a KeyboardInterrupt into this exit code instead of raising
+        render.error_console.print("interrupted; nothing was published")
+    sys.exit(code if isinstance(code, int) else 0)

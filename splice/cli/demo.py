@@ -5,6 +5,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from rich import box
+from rich.table import Table
+
 from splice.cli import render
 from splice.errors import SpliceError
 
@@ -13,7 +16,7 @@ INGREDIENTS = 4
 
 def run_demo(keep: Path | None = None) -> None:
     try:
-        from splice.demo.soups import best_ingredient, run_soup_study, soup_study_table
+        from splice.demo.soups import best_ingredient, run_soup_study
     except ImportError as exc:
         raise SpliceError(f"splice demo needs scikit-learn for its data ({exc}): pip install 'splice[demo]'") from None
     from splice.demo.digits import load_digits_splits
@@ -61,9 +64,6 @@ def run_demo(keep: Path | None = None) -> None:
 
 
 def show_patch_study(patches: dict) -> None:
-    from splice.cli.deploy import DEPLOYED_COLUMNS
-    from splice.workflows.deploy import deployed_summary
-
     console = render.console
     console.rule("[bold]splice demo: patches, the registry and deployment")
     console.print("Fine-tuned only rank-4 LoRA updates of the attention query/value weights and the LayerNorms, "
@@ -72,8 +72,7 @@ def show_patch_study(patches: dict) -> None:
                                [[p["ref"], p["kind"], f"{p['parameters']:,}", p["digest"][:23]]
                                 for p in patches["patches"]]))
     record = patches["record"]
-    console.print(render.table("splice deploy digits-ln@prod digits-lora@prod --base base/", DEPLOYED_COLUMNS,
-                               deployed_summary(record)))
+    console.print(render.deployment_table("splice deploy digits-ln@prod digits-lora@prod --base base/", record))
     accuracy = patches["accuracy"]
     console.print(f"Test accuracy: base {accuracy['base']:.2%}, LoRA + LayerNorm fine-tune "
                   f"{accuracy['fine-tune']:.2%}, deployed {accuracy['deployed']:.2%}; the deployed model's logits "
@@ -82,3 +81,22 @@ def show_patch_study(patches: dict) -> None:
     verdict = "and nothing was written" if not patches["wrote_refused_output"] else "BUT an output was written"
     console.print(f"Deploying onto a different base (a soup ingredient) was refused, {verdict}:")
     console.print(f"  error: {patches['refusal']}", highlight=False, soft_wrap=True)
+
+
+def soup_study_table(results: dict) -> Table:
+    table = Table(title=f"model soups on digits (seed {results['seed']})", box=box.SIMPLE_HEAD)
+    for column in ("model", "lr", "noise", "shift", "held-out", "test", "greedy"):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+    pct = "{:.2%}".format
+    base = results["base"]
+    table.add_row("base (shared init)", "", "", "", pct(base["val"]), pct(base["test"]), "", style="dim")
+    for index, item in enumerate(results["ingredients"]):
+        table.add_row(f"ingredient {index:02d}", f"{item['lr']:g}", f"{item['noise']:g}", str(item["shift"]),
+                      pct(item["val"]), pct(item["test"]), "kept" if item["in_greedy_soup"] else "")
+    table.add_section()
+    uniform, greedy = results["uniform_soup"], results["greedy_soup"]
+    table.add_row(f"uniform soup of {len(results['ingredients'])}", "", "", "", pct(uniform["val"]),
+                  pct(uniform["test"]), "", style="bold")
+    table.add_row(f"greedy soup of {greedy['kept']}", "", "", "", pct(greedy["val"]), pct(greedy["test"]), "",
+                  style="bold")
+    return table

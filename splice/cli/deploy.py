@@ -9,8 +9,6 @@ import typer
 from splice.cli import render
 from splice.cli.options import Device, Force, Out, Quiet, ShardSize, StorageOptions, parse_storage_options
 
-DEPLOYED_COLUMNS = ["ref", "version", "kind", "digest", "base check"]
-
 
 def deploy_command(
     refs: Annotated[list[str], typer.Argument(help="Registry refs (name, name@3, name@prod, name@sha256:...), "
@@ -30,12 +28,11 @@ def deploy_command(
     """Resolve patch refs in the registry, check them against the base, apply them streamed, and record
     which versions the deployed model carries (in its weights' metadata and deployment.json)."""
     from splice.tensors.writer import parse_size
-    from splice.workflows.deploy import deploy, deployed_summary
+    from splice.workflows.deploy import deploy
 
     record, report = deploy(refs, base, out, registry=registry, allow_base_drift=allow_base_drift, device=device,
                             shard_size=parse_size(shard_size), force=force, progress=render.RichProgress(quiet),
                             storage_options=parse_storage_options(storage_options))
     if not quiet:
-        render.console.print(render.table(f"deployed onto {base} -> {out}", DEPLOYED_COLUMNS,
-                                          deployed_summary(record)))
+        render.console.print(render.deployment_table(f"deployed onto {base} -> {out}", record))
         render.console.print(render.stream_report_table("deployed model", report))

@@ -10,7 +10,7 @@ import typer
 from splice.cli import render
 from splice.cli.options import Force, Quiet, StorageOptions, parse_storage_options
 
-registry_app = typer.Typer(no_args_is_help=True,
+registry_app = typer.Typer(
                            help="A versioned patch registry on any fsspec location (local by default).")
 
 RegistryURL = Annotated[str | None, typer.Option(

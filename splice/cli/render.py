@@ -75,3 +75,34 @@ def stream_report_table(title: str, report) -> Table:
         report.out, report.tensors, human_bytes(report.bytes_read), human_bytes(report.bytes_written),
         len(report.shard_files), report.device, f"{report.seconds:.2f}",
     ]])
+
+
+def greedy_soup_table(report) -> Table:
+    return table(f"greedy soup -> {report.out}", ["ingredient", "held-out score", "soup score", "kept"],
+                 [[s.model, f"{s.score:.4f}", "" if s.soup_score is None else f"{s.soup_score:.4f}",
+                   "yes" if s.kept else "no"] for s in report.steps])
+
+
+def deployment_table(title: str, record) -> Table:
+    """What a deployment carries: one row per patch version."""
+    return table(title, ["ref", "version", "kind", "digest", "base check"],
+                 [[p.ref, f"{p.name}@{p.version}", p.kind, p.digest[:19], p.base_check] for p in record.patches])
+
+
+def model_summary_tables(summary) -> list[Table]:
+    """What `splice inspect` shows of a ModelSummary."""
+    tables = [
+        table(f"{summary.location} ({summary.architecture or 'unknown architecture'})",
+              ["tensors", "parameters", "size", "shards"],
+              [[summary.tensors, f"{summary.parameters:,}", human_bytes(summary.nbytes), len(summary.shards)]]),
+        table("shards", ["file", "tensors", "size"],
+              [[s.file, s.tensors, human_bytes(s.nbytes)] for s in summary.shards]),
+        table("dtypes", ["dtype", "parameters"], [[d, f"{n:,}"] for d, n in summary.dtypes.items()]),
+        table(f"LayerNorm modules ({len(summary.norm_modules)})", ["module", "size", "bias"],
+              [[m.name, m.size, "yes" if m.has_bias else "no"] for m in summary.norm_modules]),
+    ]
+    record = summary.deployment
+    if record is not None:
+        tables.append(deployment_table(f"deployed patches (from {record.registry}, "
+                                       f"{record.deployed_at:%Y-%m-%d %H:%M} UTC)", record))
+    return tables

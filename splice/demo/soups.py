@@ -6,9 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rich import box
-from rich.table import Table
-
 from splice.demo import digits
 from splice.merge.soup import greedy_soup, soup
 from splice.progress import Progress
@@ -48,23 +45,6 @@ def run_soup_study(workdir: Path, count: int, seed: int = 0, progress: Progress 
     }
 
 
-def soup_study_table(results: dict) -> Table:
-    table = Table(title=f"model soups on digits (seed {results['seed']})", box=box.SIMPLE_HEAD)
-    for column in ("model", "lr", "noise", "shift", "held-out", "test", "greedy"):
-        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
-    pct = "{:.2%}".format
-    base = results["base"]
-    table.add_row("base (shared init)", "", "", "", pct(base["val"]), pct(base["test"]), "", style="dim")
-    for index, item in enumerate(results["ingredients"]):
-        table.add_row(f"ingredient {index:02d}", f"{item['lr']:g}", f"{item['noise']:g}", str(item["shift"]),
-                      pct(item["val"]), pct(item["test"]), "kept" if item["in_greedy_soup"] else "")
-    table.add_section()
-    uniform, greedy = results["uniform_soup"], results["greedy_soup"]
-    table.add_row(f"uniform soup of {len(results['ingredients'])}", "", "", "", pct(uniform["val"]),
-                  pct(uniform["test"]), "", style="bold")
-    table.add_row(f"greedy soup of {greedy['kept']}", "", "", "", pct(greedy["val"]), pct(greedy["test"]), "",
-                  style="bold")
-    return table
 
 
 def best_ingredient(results: dict) -> dict:

@@ -113,19 +113,30 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
     locations = [str(m) for m in models]
     checkpoints = open_all(locations, storage_options)
     check_same_tensors(checkpoints)
-    total_bytes = sum(c.total_bytes for c in checkpoints)
-
-    progress.start("greedy soup", 2 * len(checkpoints) - 1, 2 * total_bytes, unit="models read")
+    # every ingredient is read once to be scored and once more to join (or not) the soup
+    progress.start("greedy soup", 2 * len(checkpoints) - 1, 2 * sum(c.total_bytes for c in checkpoints),
+                   unit="models read")
     scores = []
     for checkpoint in checkpoints:
         scores.append(score_state(scorer, read_floats(checkpoint, torch_device), checkpoint.location))
         progress.advance(1, checkpoint.total_bytes)
-    order = sorted(range(len(checkpoints)), key=lambda i: -scores[i])
+    steps, soup_state, best, anchor = _select_greedily(locations, checkpoints, scores, scorer, strict, torch_device,
+                                                       progress)
+    progress.finish()
+    shard_files = _write_soup(soup_state, checkpoints[anchor], out, out_dtype, shard_size, force)
+    return GreedySoupReport(Path(out), steps, best, time.perf_counter() - started, shard_files)
 
-    first = order[0]
-    soup_state = read_floats(checkpoints[first], torch_device)
-    best = scores[first]
-    steps = [GreedyStep(locations[first], scores[first], None, True)]
+
+def _select_greedily(locations: list[str], checkpoints: list, scores: list[float], scorer: Scorer, strict: bool,
+                     torch_device: torch.device, progress: Progress) -> tuple[list[GreedyStep], dict, float, int]:
+    """Best ingredient first; each next one joins the running average if the soup's score does not drop.
+    Returns the steps, the soup's state, its score and the index of the first (best) ingredient."""
+    order = sorted(range(len(checkpoints)), key=lambda i: -scores[i])
+    first = checkpoints[order[0]]
+    soup_state = read_floats(first, torch_device)
+    progress.advance(0, first.total_bytes)
+    best = scores[order[0]]
+    steps = [GreedyStep(locations[order[0]], best, None, True)]
     kept = 1
     for index in order[1:]:
         ingredient = checkpoints[index]
@@ -137,16 +148,20 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
                 continue
             tensor = tensor.to(device=torch_device, dtype=current.dtype)
             candidate[name] = current * (kept / (kept + 1)) + tensor * (1 / (kept + 1))
-        candidate_score = score_state(scorer, candidate, checkpoints[first].location)
+        candidate_score = score_state(scorer, candidate, first.location)
         accept = candidate_score > best if strict else candidate_score >= best
         steps.append(GreedyStep(locations[index], scores[index], candidate_score, accept))
         if accept:
             soup_state, best, kept = candidate, candidate_score, kept + 1
         del candidate
         progress.advance(1, ingredient.total_bytes)
-    progress.finish()
+    return steps, soup_state, best, order[0]
 
-    stored = checkpoints[first].tensors
+
+def _write_soup(soup_state: dict[str, torch.Tensor], anchor, out: str | os.PathLike, out_dtype: torch.dtype | None,
+                shard_size: int, force: bool) -> list[str]:
+    """The greedy soup in the anchor's stored dtypes (or `out_dtype`), with the anchor's side files."""
+    stored = anchor.tensors
     final = {
         name: tensor.to(dtype=(out_dtype or stored[name].dtype) if tensor.is_floating_point() else tensor.dtype)
         .to("cpu")
@@ -154,6 +169,21 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
     }
     with staged_output(out, force) as staging:
         write_state_dict(staging, final, shard_size, {"splice_merge_method": "greedy soup"})
-        copy_side_files(checkpoints[first], staging, out_dtype)
-    shard_files = sorted(p.name for p in Path(out).glob("*.safetensors"))
-    return GreedySoupReport(Path(out), steps, best, time.perf_counter() - started, shard_files)
+        copy_side_files(anchor, staging, out_dtype)
+    return sorted(p.name for p in Path(out).glob("*.safetensors"))
+
+
+def soup_or_greedy(models: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                   weights: Sequence[float] | None = None, greedy: bool = False, evaluate: Scorer | str | None = None,
+                   strict: bool = False, **options) -> StreamReport | GreedySoupReport:
+    """What `splice soup` runs: a greedy soup when `greedy` (which needs `evaluate`), else a uniform or
+    weighted one. `options` are the ones both take (device, dtype, shard_size, force, progress, ...)."""
+    if greedy or evaluate is not None:
+        if not (greedy and evaluate is not None):
+            raise SpliceError("a greedy soup needs both --greedy and --eval MODULE:FUNCTION")
+        if weights is not None:
+            raise SpliceError("--weights does not apply to a greedy soup")
+        return greedy_soup(models, out, evaluate, strict=strict, **options)
+    if strict:
+        raise SpliceError("--strict applies only to a greedy soup (--greedy --eval MODULE:FUNCTION)")
+    return soup(models, out, weights=weights, **options)

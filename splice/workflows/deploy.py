@@ -107,9 +107,3 @@ def apply_ref(model: torch.nn.Module, ref: str, *, registry: Registry | str | No
               allow_base_drift: bool = False, storage_options: dict | None = None) -> PatchHandle:
     """Load a registry ref and patch a live model in place; the handle's `remove()` takes it off again."""
     return apply_patch(model, _open_registry(registry, storage_options).load(ref), allow_base_drift=allow_base_drift)
-
-
-def deployed_summary(record: DeploymentRecord) -> list[list[str]]:
-    """Rows for a table of what a deployment carries."""
-    return [[p.ref, f"{p.name}@{p.version}", p.kind, p.digest[:19], p.base_check] for p in record.patches]
-

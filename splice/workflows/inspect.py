@@ -1,4 +1,5 @@
-"""What a stored model holds: shards, tensors, parameters, dtypes and normalisation modules."""
+"""What `splice inspect` reports: shards, tensors, parameters, dtypes, normalisation modules, and the patch
+versions a deployed model carries."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from splice.arch.norms import NormModule, find_norm_modules
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import dtype_name
+from splice.workflows.deploy import DeploymentRecord, read_deployment_record
 
 
 @dataclass
@@ -28,6 +30,7 @@ class ModelSummary:
     nbytes: int
     dtypes: dict[str, int]  # dtype -> parameter count
     norm_modules: list[NormModule]
+    deployment: DeploymentRecord | None = None  # set when splice deploy wrote this model
 
 
 def summarize(location: str | os.PathLike, storage_options: dict | None = None) -> ModelSummary:
@@ -44,4 +47,5 @@ def summarize(location: str | os.PathLike, storage_options: dict | None = None) 
         location=str(location), architecture=architectures[0] if architectures else None,
         shards=list(per_shard.values()), tensors=len(checkpoint.tensors), parameters=checkpoint.num_parameters,
         nbytes=checkpoint.total_bytes, dtypes=dict(dtypes), norm_modules=find_norm_modules(checkpoint),
+        deployment=read_deployment_record(location, storage_options),
     )

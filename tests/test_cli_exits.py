@@ -1,0 +1,125 @@
+"""The front door's exits, through a real `splice` process against the installed typer: usage errors are one
+line and exit 2, help and --version exit 0, Ctrl-C says nothing was published and exits 130."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import splice
+
+SPLICE = [sys.executable, "-m", "splice"]
+ENV = {**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1]), "COLUMNS": "200"}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SPLICE, *args], capture_output=True, text=True, timeout=120, env=ENV)
+
+
+@pytest.mark.parametrize("args, needles", [
+    ([], ["missing command", "soup", "registry", "--help"]),
+    (["soup", "a", "b"], ["Missing option '--out'", "splice soup --help"]),
+    (["soupp"], ["No such command 'soupp'", "Did you mean 'soup'?"]),
+    (["registry"], ["missing command", "push", "pull"]),
+    (["patch", "extract", "--bogus"], ["No such option: --bogus"]),
+    (["soup", "a", "--out", "x", "--devic", "cpu"], ["--devic", "--device"]),
+], ids=["nothing", "missing_out", "typo", "registry_alone", "unknown_option", "option_typo"])
+def test_usage_errors_are_one_line_and_exit_2(args, needles):
+    result = run(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_exits_0(flag):
+    result = run(flag)
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout and "soup" in result.stdout and result.stderr == ""
+    sub = run("soup", flag)
+    assert sub.returncode == 0 and "--weights" in sub.stdout
+
+
+def test_version():
+    result = run("--version")
+    assert (result.returncode, result.stdout.strip(), result.stderr) == (0, f"splice {splice.__version__}", "")
+
+
+# Reads slowed down, and a marker once the first tensor has been read, so the signal lands mid-run.
+SLOW_CLI = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from splice.tensors.checkpoint import Checkpoint
+
+    marker = Path(sys.argv[1])
+    read = Checkpoint.read
+
+    def slow_read(self, *args, **kwargs):
+        marker.touch()
+        time.sleep(0.05)
+        return read(self, *args, **kwargs)
+
+    Checkpoint.read = slow_read
+    sys.argv = ["splice", *sys.argv[2:]]
+    from splice.cli.app import main
+    main()
+""")
+
+
+def interrupted(tmp_path: Path, args: list[str], out: Path) -> subprocess.CompletedProcess:
+    script, marker = tmp_path / "slow_cli.py", tmp_path / "started"
+    script.write_text(SLOW_CLI)
+    process = subprocess.Popen([sys.executable, str(script), str(marker), *map(str, args)], env=ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not marker.exists():
+            assert process.poll() is None, f"ended before it could be interrupted: {process.communicate()}"
+            assert time.monotonic() < deadline, "never started reading"
+            time.sleep(0.02)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")] == []
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def test_ctrl_c_during_merge_exits_130_and_publishes_nothing(make_models, tmp_path):
+    base, first, second = make_models("bert", 3)
+    recipe = tmp_path / "ta.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(base), "models": [
+        {"model": str(first), "parameters": {"weight": 0.5}}, {"model": str(second), "parameters": {"weight": 0.5}}]}))
+    out = tmp_path / "outputs" / "merged"
+    out.parent.mkdir()
+    result = interrupted(tmp_path, ["merge", recipe, "--out", out, "--device", "cpu", "--quiet"], out)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "interrupted; nothing was published"
+    assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_during_patch_extract_exits_130(make_models, tmp_path):
+    base, tuned = make_models("bert", 2)
+    out = tmp_path / "outputs" / "patch"
+    out.parent.mkdir()
+    result = interrupted(tmp_path, ["patch", "extract", "--base", base, "--tuned", tuned, "--kind", "lora",
+                                    "--rank", "2", "--out", out, "--device", "cpu"], out)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "interrupted; nothing was published"
+    assert "Traceback" not in result.stderr
