@@ -23,3 +23,9 @@ class OutputExistsError(SpliceError):
 
 class PatchError(SpliceError):
     """A patch directory is missing, malformed, or does not fit the base it is applied to."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

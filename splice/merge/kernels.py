@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from splice.errors import SpliceError
+from splice.errors import SpliceError, first_line
 from splice.sparsify import top_magnitude_mask
 from splice.tensors.stream import Kernel, elementwise
 
@@ -127,7 +127,10 @@ def method_kernel(method: str, parameters_for: TensorParameters, base_index: int
     mergekit_impl = mergekit_method(method)
 
     def through_mergekit(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return merge_tensors(tensors, mergekit_impl, parameters=parameters_for(name), ids=list(range(len(tensors))),
-                             base_index=base_index, name=name)
+        try:
+            return merge_tensors(tensors, mergekit_impl, parameters=parameters_for(name),
+                                 ids=list(range(len(tensors))), base_index=base_index, name=name)
+        except Exception as exc:  # mergekit raises many types; the user needs the method and the tensor
+            raise SpliceError(f"{method} failed on tensor {name}: {first_line(exc)}") from exc
 
     return through_mergekit

@@ -79,3 +79,25 @@ def coerce_parameter(method: str, rule: ParameterRule, value: Any) -> Any:
     else:
         return value
     raise RecipeError(f"{method}: parameter {rule.name!r} must be {expected.__name__}, got {value!r}")
+
+
+def _della_window(method: str, parameters: dict[str, Any], tensor: str) -> None:
+    """della prunes with probabilities in density +/- epsilon, which must stay inside (0, 1)."""
+    epsilons = parameters.get("epsilon") or {}
+    for index, density in (parameters.get("density") or {}).items():
+        epsilon = epsilons.get(index)
+        if epsilon is not None and 0 < density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+            raise RecipeError(f"{method}: density {density:g} +/- epsilon {epsilon:g} must stay inside (0, 1) "
+                              f"(input {index}, tensor {tensor}); lower epsilon below "
+                              f"{min(density, 1 - density):g}")
+
+
+RANGE_CHECKS = {"della": _della_window, "della_linear": _della_window}
+
+
+def check_ranges(method: str, parameters: dict[str, Any], tensor: str) -> None:
+    """Value ranges a method's kernel would otherwise refuse mid-merge, checked for one tensor's resolved
+    parameters before anything is read."""
+    check = RANGE_CHECKS.get(method)
+    if check is not None:
+        check(method, parameters, tensor)

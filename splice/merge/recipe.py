@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from splice.errors import RecipeError
 from splice.merge.kernels import method_kernel
-from splice.merge.methods import coerce_parameter, method_rules
+from splice.merge.methods import check_ranges, coerce_parameter, method_rules
 from splice.progress import Progress
 from splice.tensors.device import parse_dtype
 from splice.tensors.stream import CHUNK_BYTES, StreamReport, open_all, plan_same_name, run_stream
@@ -61,9 +61,14 @@ class Recipe(BaseModel):
     parameters: dict[str, Setting] = {}
     dtype: str | None = None
     out_dtype: str | None = None
-    # Accepted for mergekit compatibility; splice always copies the base model's tokenizer.
+    # mergekit's key; splice writes the tokenizer of the model it copies side files from, so only that is allowed
     tokenizer_source: str | None = None
     name: str | None = None
+
+    def side_files_source(self) -> str:
+        """The input whose config and tokenizer the output gets: the base, or the first model without one."""
+        locations, base_index = self.inputs()
+        return locations[base_index if base_index is not None else 0]
 
     def inputs(self) -> tuple[list[str], int | None]:
         """Input model locations in order (the base appended if not listed) and the base's index.
@@ -81,13 +86,31 @@ class Recipe(BaseModel):
         return locations, locations.index(self.base_model)
 
 
+# mergekit config keys splice does not implement yet, refused with what to do instead of a schema error
+NOT_SUPPORTED = {
+    "slices": "splice merges whole models; slices are not supported yet: list the models under models:",
+    "modules": "splice merges whole models; modules are not supported yet: list the models under models:",
+    "tokenizer": "building a tokenizer is not supported yet; splice writes the base model's tokenizer "
+                 "(remove tokenizer:, or write tokenizer_source: base)",
+    "chat_template": "chat_template is not supported yet; splice copies the base model's chat template",
+}
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading `1e-5` as a number, as mergekit does (YAML 1.1 wants `1.0e-5`)."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def _one_line(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("list[", "dict[", "union[")))
-    hint = " (splice merges whole models: slices and modules are not supported)" if where.split(".")[0] in (
-        "slices", "modules") else ""
     more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{source}: {where or 'recipe'}: {first['msg']}{hint}{more}"
+    return f"{source}: {where or 'recipe'}: {first['msg']}{more}"
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -95,7 +118,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     return parse_recipe(data, str(path))
@@ -104,6 +127,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with merge_method and models")
+    for key, why in NOT_SUPPORTED.items():
+        if key in data:
+            raise RecipeError(f"{source}: {key}: {why}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -150,6 +176,9 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
                 continue
             if rule.name not in entry.parameters and rule.name not in recipe.parameters:
                 raise RecipeError(f"{source}: {method} needs parameter {rule.name!r} for model {entry.model}")
+    if recipe.tokenizer_source not in (None, "base", recipe.side_files_source()):
+        raise RecipeError(f"{source}: tokenizer_source: {recipe.tokenizer_source!r} is not supported yet; splice "
+                          f"writes the tokenizer of {recipe.side_files_source()} (tokenizer_source: base)")
     for field in ("dtype", "out_dtype"):
         try:
             parse_dtype(getattr(recipe, field))
@@ -248,10 +277,10 @@ def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, device:
     checkpoints = open_all(locations, storage_options)
     plan = plan_same_name(checkpoints, out_dtype)
     resolver = ParameterResolver(recipe, [item.output.name for item in plan])
-    for item in plan:  # every tensor's parameters resolve before anything is written
-        resolver(item.output.name)
+    for item in plan:  # every tensor's parameters resolve, and are checked, before any tensor is read
+        check_ranges(recipe.merge_method, resolver(item.output.name), item.output.name)
     kernel = method_kernel(recipe.merge_method, resolver, base_index, prefer_own=prefer_own_kernels)
-    side_source = checkpoints[base_index] if base_index is not None else checkpoints[0]
+    side_source = checkpoints[locations.index(recipe.side_files_source())]
     if seed is not None:
         torch.manual_seed(seed)
     return run_stream(plan, kernel, out, side_files_from=side_source, device=device, shard_size=shard_size,

@@ -17,7 +17,7 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from splice.errors import CheckpointError, SpliceError
+from splice.errors import CheckpointError, SpliceError, first_line
 from splice.tensors.safetensors import (
     SAFETENSORS_SINGLE,
     TensorInfo,
@@ -66,7 +66,7 @@ class Checkpoint:
         except SpliceError:
             raise
         except Exception as exc:  # fsspec backends raise their own types: botocore, aiohttp, OSError, ...
-            raise CheckpointError(f"cannot read {location}: {_first_line(exc)}") from exc
+            raise CheckpointError(f"cannot read {location}: {first_line(exc)}") from exc
 
     @classmethod
     def _open(cls, location: str, storage_options: dict[str, Any] | None, weights_file: str | None = None
@@ -175,7 +175,7 @@ class Checkpoint:
                     data = self.fs.cat_file(_join(self.root, info.shard), start=start, end=end)
                 except Exception as exc:  # the backend's own error type
                     raise CheckpointError(f"{self.location}/{info.shard}: cannot read tensor {name}: "
-                                          f"{_first_line(exc)}") from exc
+                                          f"{first_line(exc)}") from exc
                 if len(data) != len(raw):
                     raise CheckpointError(f"{self.location}/{info.shard}: short read for tensor {name}")
                 raw.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
@@ -246,11 +246,6 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.location!r}, {len(self.tensors)} tensors in {len(self.shards)} shards)"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _read_weight_map(fs, path: str, location: str) -> dict[str, str]:

@@ -1,0 +1,116 @@
+"""Recipes: what splice does not implement is refused, never ignored; the most specific error comes first;
+numbers read as mergekit reads them; ranges and kernel failures are one-line errors before anything is written."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+import splice
+from splice.errors import RecipeError, SpliceError
+from splice.merge.recipe import load_recipe
+from splice.tensors.checkpoint import Checkpoint
+
+from helpers import load_dir, run_cli
+
+
+def write(tmp_path: Path, recipe: dict | str) -> Path:
+    path = tmp_path / "recipe.yml"
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    return path
+
+
+def task_arithmetic(dirs: list[Path], **extra) -> dict:
+    base, first, second = map(str, dirs)
+    return {"merge_method": "task_arithmetic", "base_model": base, **extra,
+            "models": [{"model": first, "parameters": {"weight": 0.5}}, {"model": second, "parameters": {"weight": 0.5}}]}
+
+
+def assert_refused(path: Path, out: Path, needles: list[str], absent: list[str] = ()) -> str:
+    with pytest.raises(RecipeError) as caught:
+        splice.merge(path, out, device="cpu")
+    message = str(caught.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message
+    for needle in absent:
+        assert needle not in message
+    assert not out.exists()
+    return message
+
+
+@pytest.mark.parametrize("source", ["union", "/some/other/model"])
+def test_tokenizer_source_splice_does_not_implement_is_refused(source, make_models, tmp_path):
+    dirs = make_models("gpt2", 3)
+    path = write(tmp_path, task_arithmetic(dirs, tokenizer_source=source))
+    assert_refused(path, tmp_path / "out", ["tokenizer_source", source, "not supported", str(dirs[0])])
+
+
+@pytest.mark.parametrize("source", ["base", "BASE_DIR"])
+def test_tokenizer_source_base_is_what_splice_writes(source, make_models, tmp_path):
+    dirs = make_models("gpt2", 3)
+    path = write(tmp_path, task_arithmetic(dirs, tokenizer_source=str(dirs[0]) if source == "BASE_DIR" else source))
+    splice.merge(path, tmp_path / "out", device="cpu")
+    assert load_dir(tmp_path / "out").keys() == load_dir(dirs[0]).keys()
+
+
+def test_slices_say_slices_are_not_supported_first(make_models, tmp_path):
+    base, first, _ = map(str, make_models("llama", 3))
+    path = write(tmp_path, {"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5}, "slices": [
+        {"sources": [{"model": base, "layer_range": [0, 2]}, {"model": first, "layer_range": [0, 2]}]}]})
+    assert_refused(path, tmp_path / "out", ["slices", "not supported yet"], absent=["Field required", "more)"])
+
+
+@pytest.mark.parametrize("key", ["modules", "tokenizer", "chat_template"])
+def test_other_mergekit_keys_splice_lacks_are_named(key, make_models, tmp_path):
+    path = write(tmp_path, task_arithmetic(make_models("gpt2", 3), **{key: {"x": 1}}))
+    assert_refused(path, tmp_path / "out", [f"{key}:", "not supported"], absent=["Extra inputs"])
+
+
+def test_scientific_notation_is_a_number(make_models, tmp_path):
+    base, first, second = map(str, make_models("bert", 3))
+    path = write(tmp_path, textwrap.dedent(f"""
+        merge_method: della
+        base_model: {base}
+        models:
+          - model: {first}
+            parameters: {{weight: 5e-1, density: 0.5, epsilon: 1e-2}}
+          - model: {second}
+            parameters: {{weight: 0.5, density: 0.5, epsilon: 1.5E-2}}
+        parameters: {{lambda: 1e0}}
+        name: "1e-5"
+    """))
+    recipe = load_recipe(path)
+    first_parameters, second_parameters = (m.parameters for m in recipe.models)
+    assert first_parameters == {"weight": 0.5, "density": 0.5, "epsilon": 0.01}
+    assert second_parameters["epsilon"] == 0.015 and recipe.parameters == {"lambda": 1.0}
+    assert recipe.name == "1e-5"  # a quoted string stays a string
+
+
+def test_della_epsilon_range_is_checked_before_any_tensor_is_read(make_models, tmp_path, monkeypatch):
+    base, first, second = map(str, make_models("bert", 3))
+    path = write(tmp_path, {"merge_method": "della", "base_model": base, "models": [
+        {"model": first, "parameters": {"weight": 0.5, "density": 0.3, "epsilon": 0.1}},
+        {"model": second, "parameters": {"weight": 0.5, "density": [0.3, 0.8], "epsilon": 0.25}}]})
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a tensor was read")
+
+    monkeypatch.setattr(Checkpoint, "read", no_reads)
+    message = assert_refused(path, tmp_path / "out", ["della", "epsilon 0.25", "(0, 1)", "lower epsilon"])
+    assert "input 1" in message
+
+
+def test_a_mergekit_kernel_failure_is_one_line_naming_method_and_tensor(make_models, tmp_path, monkeypatch, capsys):
+    base, first, second = map(str, make_models("vit", 3))
+    path = write(tmp_path, {"merge_method": "della", "base_model": base, "models": [
+        {"model": m, "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}} for m in (first, second)]})
+    out = tmp_path / "out"
+    with pytest.raises(SpliceError, match=r"^della failed on tensor vit\.embeddings\.cls_token: "):
+        splice.merge(path, out, device="cpu")
+    assert not out.exists()
+    code, _, err = run_cli(["merge", path, "--out", out, "--device", "cpu", "--quiet"], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "della failed on tensor" in err
