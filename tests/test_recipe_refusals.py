@@ -26,7 +26,7 @@ def write(tmp_path: Path, recipe: dict | str) -> Path:
 def task_arithmetic(dirs: list[Path], **extra) -> dict:
     base, first, second = map(str, dirs)
     return {"merge_method": "task_arithmetic", "base_model": base, **extra,
-            "models": [{"model": first, "parameters": {"weight": 0.5}}, {"model": second, "parameters": {"weight": 0.5}}]}
+            "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (first, second)]}
 
 
 def assert_refused(path: Path, out: Path, needles: list[str], absent: list[str] = ()) -> str:
