@@ -17,6 +17,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/splice demo
 
 test: $(VENV)/.installed
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(VENV)/.installed

