@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from splice.errors import SpliceError
@@ -49,7 +49,7 @@ class FusionOptions:
     device: "auto", "cpu", "cuda" or "cuda:N"; shard_size: bytes per output shard; force: replace `out`.
     """
 
-    data: DataSource | None = None
+    data: DataSource | None = field(default=None, repr=False)  # a batch may be large
     align: str = "activations"
     solver: str = "emd"
     reg: float = 0.08
@@ -91,7 +91,7 @@ class FusionOptions:
     @classmethod
     def of(cls, options: FusionOptions | None, keywords: Mapping[str, Any]) -> FusionOptions:
         """`options` (or the defaults) with `keywords` put in; an unknown keyword is an error."""
-        names = [field.name for field in fields(cls)]
+        names = [option.name for option in fields(cls)]
         unknown = sorted(set(keywords) - set(names))
         if unknown:
             raise SpliceError(f"fuse got an unknown option {unknown[0]!r}: the options are {', '.join(names)}")
