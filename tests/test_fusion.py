@@ -18,7 +18,7 @@ import transformers
 
 import splice
 from splice.errors import IncompatibleModelsError, SpliceError
-from splice.merge.fusion import REPORT_FILE, FusionReport
+from splice.merge.fusion import REPORT_FILE, FusionOptions, FusionReport
 
 from conftest import example_inputs, model_class, save, tiny_model
 from helpers import load_dir, run_cli
@@ -458,6 +458,71 @@ def test_sinkhorn_soft_maps_and_small_reg(tmp_path):
     assert soft.reg == 0.5 and hard.reg is None
     for out in ("soft", "sharp", "hard"):
         assert torch.isfinite(logits(load("vit", tmp_path / out), "vit")).all()
+
+
+# -- options and progress ---------------------------------------------------------------------------------------
+
+class RecordingProgress:
+    """Every phase a Progress object is told about: description, totals, what was advanced, whether finished."""
+
+    def __init__(self):
+        self.phases: list[dict] = []
+
+    def start(self, description, total_items, total_bytes, unit="tensors"):
+        assert not self.phases or self.phases[-1]["finished"], "a phase started inside another"
+        self.phases.append({"description": description, "unit": unit, "total_items": total_items,
+                            "total_bytes": total_bytes, "items": 0, "bytes": 0, "finished": False})
+
+    def advance(self, items, nbytes):
+        assert not self.phases[-1]["finished"]
+        self.phases[-1]["items"] += items
+        self.phases[-1]["bytes"] += nbytes
+
+    def finish(self):
+        self.phases[-1]["finished"] = True
+
+
+@pytest.mark.parametrize("residual", ["average", "stream"])
+def test_progress_sees_the_activation_and_transport_phases_through(tmp_path, residual):
+    original = tiny_model("bert", 0).eval()
+    a, b = save(original, tmp_path / "a", False), save(permuted_copy(original, "bert", seed=1), tmp_path / "b", False)
+    progress = RecordingProgress()
+    report = splice.fuse([a, b], tmp_path / "fused", data=fusion_data("bert", count=70), residual=residual,
+                         device="cpu", progress=progress)
+    assert [(phase["description"], phase["unit"]) for phase in progress.phases] == [
+        (f"activations {a}", "batches"), (f"activations {b}", "batches"), (f"transport maps {b}", "maps")]
+    for phase in progress.phases:
+        assert phase["finished"] and phase["items"] == phase["total_items"] > 0
+        assert phase["bytes"] == phase["total_bytes"] > 0
+    assert progress.phases[0]["total_items"] == 3  # 70 samples in batches of 32
+    maps = progress.phases[-1]["total_items"]
+    if residual == "average":  # every space's map is solved or combined, each once
+        assert maps == len(report.maps)
+    else:  # the stream map, then the spaces written into the stream take it without a solve of their own
+        assert maps > len(report.maps)
+
+
+def test_options_whole_or_as_keywords_fuse_the_same(tmp_path):
+    original = tiny_model("vit", 0).eval()
+    a, b = save(original, tmp_path / "a", False), save(tiny_model("vit", 1), tmp_path / "b", False)
+    options = FusionOptions(align="weights", solver="sinkhorn", reg=0.1, device="cpu")
+    whole = splice.fuse([a, b], tmp_path / "whole", options)
+    loose = splice.fuse([a, b], tmp_path / "loose", align="weights", solver="sinkhorn", reg=0.1, device="cpu")
+    overridden = splice.fuse([a, b], tmp_path / "overridden", options, reg=0.5)
+    assert load_dir(tmp_path / "whole").keys() == load_dir(tmp_path / "loose").keys()
+    assert all(torch.equal(load_dir(tmp_path / "whole")[name], tensor)
+               for name, tensor in load_dir(tmp_path / "loose").items())
+    assert whole.maps == loose.maps and overridden.reg == 0.5 and options.reg == 0.1
+    with pytest.raises(SpliceError, match="unknown option 'solvr'"):
+        splice.fuse([a, b], tmp_path / "out", options, solvr="emd")
+    with pytest.raises(SpliceError, match="unknown solver"):
+        FusionOptions(align="weights", solver="greedy")
+    with pytest.raises(SpliceError, match="needs --data"):
+        FusionOptions()
+    with pytest.raises(SpliceError, match="--samples must be at least 1"):
+        FusionOptions(data=fusion_data("vit"), samples=0)
+    assert FusionOptions(align="weights", samples=0).samples == 0  # unused without data, as before
+    assert not (tmp_path / "out").exists()
 
 
 # -- refused before any work ------------------------------------------------------------------------------------

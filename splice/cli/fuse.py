@@ -57,16 +57,21 @@ def fuse_command(
     """Fuse transformers with optimal transport (Imfeld et al., ICLR 2024) into the anchor's shape; the
     per-layer report is printed and saved as fusion_report.json beside the model."""
     import splice
-    from splice.merge.fusion import REPORT_FILE
+    from splice.merge.fusion import FusionOptions
     from splice.tensors.writer import parse_size
 
-    report = splice.fuse(models, out, data=data, align=align, solver=solver, reg=reg, anchor=anchor,
-                         samples=samples, tokens=tokens, residual=residual, qk=qk, heads=heads,
-                         device=device,
-                         shard_size=parse_size(shard_size), force=force, progress=render.RichProgress(quiet),
+    options = FusionOptions(data=data, align=align, solver=solver, reg=reg, anchor=anchor, samples=samples,
+                            tokens=tokens, residual=residual, qk=qk, heads=heads, device=device,
+                            shard_size=parse_size(shard_size), force=force)
+    report = splice.fuse(models, out, options, progress=render.RichProgress(quiet),
                          storage_options=parse_storage_options(storage_options))
-    if quiet:
-        return
+    if not quiet:
+        _print_report(report)
+
+
+def _print_report(report) -> None:
+    from splice.merge.fusion import REPORT_FILE
+
     method = f"{report.align}, {report.solver}" + (f" reg {report.reg:g}" if report.reg is not None else "")
     render.console.print(render.table(f"fusion maps per layer ({method}, residual {report.residual}, "
                                       f"Q/K {report.qk}, heads {report.heads})", LAYER_COLUMNS, layer_rows(report)))

@@ -20,6 +20,7 @@ import torch
 
 from splice.arch.names import stored_to_module_names
 from splice.errors import SpliceError
+from splice.progress import NoProgress, Progress
 
 BATCH_SIZE = 32
 
@@ -32,6 +33,15 @@ class Inputs:
 
     batch: dict[str, Any] | torch.Tensor
     count: int
+
+    def batches(self, size: int) -> int:
+        """How many slices `chunks(size, ...)` yields."""
+        return math.ceil(self.count / size)
+
+    def nbytes(self, start: int = 0, stop: int | None = None) -> int:
+        """Bytes of the input tensors of samples start..stop (all of them by default)."""
+        values = [self.batch] if isinstance(self.batch, torch.Tensor) else self.batch.values()
+        return sum(value[start:stop].nbytes for value in values if isinstance(value, torch.Tensor) and value.dim())
 
     def chunks(self, size: int, device: torch.device) -> Iterator[tuple[dict[str, Any] | torch.Tensor,
                                                                       torch.Tensor | None]]:
@@ -69,9 +79,8 @@ def _to(value: Any, device: torch.device) -> Any:
 def load_inputs(data: DataSource, samples: int, anchor_location: str) -> Inputs:
     """The first `samples` inputs of `data`: a batch (a mapping of tensors, or a tensor), a function returning
     one, or 'MODULE:FUNCTION' / 'file.py:FUNCTION' naming such a function. A function that takes an argument
-    gets the anchor model's location (to load its tokenizer or processor)."""
-    if samples < 1:
-        raise SpliceError(f"--samples must be at least 1, got {samples}")
+    gets the anchor model's location (to load its tokenizer or processor). `samples` >= 1 (`FusionOptions`
+    checks it)."""
     if isinstance(data, str):
         from splice.hooks import load_callable
 
@@ -185,13 +194,15 @@ def input_key(module: str) -> str:
 
 @torch.no_grad()
 def collect(model: torch.nn.Module, stored_modules: set[str], inputs: Inputs, tokens: int,
-            device: torch.device, inputs_of: set[str] | frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+            device: torch.device, inputs_of: set[str] | frozenset[str] = frozenset(),
+            progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """{stored module name: activations [tokens, features]} over `inputs`, at most about `tokens` rows each;
     for the modules in `inputs_of` also what enters them, under `input_key(module)`. One forward pass per
-    batch serves every hook.
+    batch serves every hook; `progress` advances by one batch (and its inputs' bytes) after each.
 
     Each batch keeps a seeded random subset of its rows whose size depends only on the batch and the number
     of rows, so every model keeps the same tokens."""
+    progress = progress or NoProgress()
     paths = module_paths(model, set(stored_modules) | set(inputs_of))
     keys = [(stored, stored, False) for stored in stored_modules]
     keys += [(input_key(stored), stored, True) for stored in inputs_of]
@@ -225,6 +236,7 @@ def collect(model: torch.nn.Module, stored_modules: set[str], inputs: Inputs, to
             except (TypeError, ValueError, RuntimeError, IndexError) as exc:
                 raise SpliceError(f"the --data inputs do not run through {type(model).__name__}: "
                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            progress.advance(1, inputs.nbytes(index * BATCH_SIZE, index * BATCH_SIZE + size))
     finally:
         for handle in handles:
             handle.remove()

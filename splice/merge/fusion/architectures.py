@@ -2,8 +2,9 @@
 
 A description is a little program over *spaces*: named sets of neurons (the residual stream, the query
 neurons of one block, the MLP's hidden units, ...). Each node says which stored tensors it owns and how
-they sit between spaces; the generic engine (`engine.py`) walks the nodes in order, computes one transport
-map per space and carries the maps through the model. Nothing in the engine knows any architecture.
+they sit between spaces; the generic engine (`plan.py`, `align.py`) walks the nodes in order, computes one transport
+map per space and carries the maps through the model. Nothing in the engine knows any architecture: a walker
+asks each node (`visit`, `defines`, `origin`, ...) instead of switching on its kind.
 
 Node kinds
 - `Linear`: a weight `[out, in, *kernel]` (read through its layout: GPT-2's Conv1D stores `[in, out]`, and
@@ -36,7 +37,77 @@ from dataclasses import dataclass, replace
 STREAM = "stream"
 
 
-class _ModuleTensors:
+@dataclass(frozen=True)
+class Source:
+    """Where one space's values can be read: a module's output ("output"), what enters a module ("input"),
+    or the rows of an embedding table ("rows"); `part` picks a row block of a fused weight's output."""
+
+    kind: str
+    name: str
+    part: tuple[int, int] | None = None
+
+
+class NodeWalker:
+    """Something that walks a description: a node calls the method of its kind (those not overridden do
+    nothing), so walkers never switch on node types."""
+
+    def linear(self, step: Step, node: Linear) -> None:
+        pass
+
+    def table(self, step: Step, node: Table) -> None:
+        pass
+
+    def norm(self, step: Step, node: Norm) -> None:
+        pass
+
+    def residual(self, step: Step, node: Residual) -> None:
+        pass
+
+
+class _Node:
+    """What every node answers; the kinds override what concerns them."""
+
+    optional = False
+    role: str | None = None  # see Linear
+    part: tuple[int, int] | None = None  # see Linear
+    taps: tuple[str | None, ...] = ()  # see Residual
+
+    @property
+    def tensors(self) -> set[str]:
+        """Stored tensors the node may own (a bias is owned when present)."""
+        return set()
+
+    @property
+    def required(self) -> set[str]:
+        """Stored tensors the node cannot do without."""
+        return set()
+
+    @property
+    def defines(self) -> str | None:
+        """The space whose map this node makes (None: it only uses maps)."""
+        return None
+
+    @property
+    def origin(self) -> Source | None:
+        """Where the values of the space this node defines are read (for activations and stream weights)."""
+        return None
+
+    @property
+    def head_space(self) -> str | None:
+        """The space split into attention heads, if the node defines one."""
+        return None
+
+    @property
+    def adds(self) -> tuple[str, ...]:
+        """The spaces a residual add combines (skip stream first); () for every other node."""
+        return ()
+
+    def fill(self, **values: object) -> _Node:
+        """The node with its name templates (`{base}`, `{i}`) filled in."""
+        return self
+
+
+class _ModuleTensors(_Node):
     """A module's stored tensors: `<module>.weight` and, when stored, `<module>.bias`."""
 
     module: str
@@ -48,6 +119,17 @@ class _ModuleTensors:
     @property
     def bias(self) -> str:
         return f"{self.module}.bias"
+
+    @property
+    def tensors(self) -> set[str]:
+        return {self.weight, self.bias}
+
+    @property
+    def required(self) -> set[str]:
+        return {self.weight}
+
+    def fill(self, **values: object) -> _Node:
+        return replace(self, module=self.module.format(**values))
 
 
 @dataclass(frozen=True)
@@ -62,9 +144,24 @@ class Linear(_ModuleTensors):
     part: tuple[int, int] | None = None  # (k, n): the k-th of n equal row blocks of a fused weight
     optional: bool = False
 
+    @property
+    def defines(self) -> str | None:
+        return self.out
+
+    @property
+    def origin(self) -> Source | None:
+        return None if self.out is None else Source("output", self.module, self.part)
+
+    @property
+    def head_space(self) -> str | None:
+        return self.out if self.heads else None
+
+    def visit(self, walker: NodeWalker, step: Step) -> None:
+        walker.linear(step, self)
+
 
 @dataclass(frozen=True)
-class Table:
+class Table(_Node):
     key: str
     tensor: str
     space: str
@@ -75,6 +172,30 @@ class Table:
     def module(self) -> str:
         return self.tensor.removesuffix(".weight")
 
+    @property
+    def tensors(self) -> set[str]:
+        return {self.tensor}
+
+    @property
+    def required(self) -> set[str]:
+        return {self.tensor}
+
+    @property
+    def defines(self) -> str | None:
+        return None if self.source is None else self.space
+
+    @property
+    def origin(self) -> Source | None:
+        if self.source is None:
+            return None
+        return Source("output", self.module) if self.source == "activations" else Source("rows", self.tensor)
+
+    def fill(self, **values: object) -> _Node:
+        return replace(self, tensor=self.tensor.format(**values))
+
+    def visit(self, walker: NodeWalker, step: Step) -> None:
+        walker.table(step, self)
+
 
 @dataclass(frozen=True)
 class Norm(_ModuleTensors):
@@ -83,9 +204,12 @@ class Norm(_ModuleTensors):
     space: str
     optional: bool = False
 
+    def visit(self, walker: NodeWalker, step: Step) -> None:
+        walker.norm(step, self)
+
 
 @dataclass(frozen=True)
-class Residual:
+class Residual(_Node):
     out: str
     inputs: tuple[str, ...]  # (skip, branch, ...): the policy's skip map is the first
     taps: tuple[str | None, ...] = ()  # per input: module whose input holds that stream (None: its defining node)
@@ -93,6 +217,22 @@ class Residual:
     @property
     def key(self) -> str:
         return f"residual:{self.out}"
+
+    @property
+    def defines(self) -> str | None:
+        return self.out
+
+    @property
+    def adds(self) -> tuple[str, ...]:
+        return self.inputs
+
+    def fill(self, **values: object) -> _Node:
+        if not self.taps:
+            return self
+        return replace(self, taps=tuple(None if tap is None else tap.format(**values) for tap in self.taps))
+
+    def visit(self, walker: NodeWalker, step: Step) -> None:
+        walker.residual(step, self)
 
 
 Node = Linear | Table | Norm | Residual
@@ -128,21 +268,6 @@ class Step:
     @property
     def id(self) -> str:
         return f"{self.scope}/{self.node.key}"
-
-
-def _fill(node: Node, **values: object) -> Node:
-    def sub(text: str) -> str:
-        return text.format(**values)
-
-    if isinstance(node, Linear):
-        return replace(node, module=sub(node.module))
-    if isinstance(node, Table):
-        return replace(node, tensor=sub(node.tensor))
-    if isinstance(node, Norm):
-        return replace(node, module=sub(node.module))
-    if isinstance(node, Residual) and node.taps:
-        return replace(node, taps=tuple(None if tap is None else sub(tap) for tap in node.taps))
-    return node
 
 
 def _attention_block(layer: str, modules: tuple[str, str, str, str],
@@ -279,28 +404,11 @@ def steps(arch: Architecture, base: str, layers: int, present: set[str]) -> list
     sections.append(("head", arch.head, None))
     for scope, nodes, index in sections:
         for node in nodes:
-            filled = _fill(node, base=base, i=index)
-            if getattr(filled, "optional", False) and not (tensor_names(filled) & present):
+            filled = node.fill(base=base, i=index)
+            if filled.optional and not (filled.tensors & present):
                 continue
             out.append(Step(scope, filled))
     return out
-
-
-def tensor_names(node: Node) -> set[str]:
-    """Stored tensors a node may own (a bias is owned when present)."""
-    if isinstance(node, (Linear, Norm)):
-        return {node.weight, node.bias}
-    if isinstance(node, Table):
-        return {node.tensor}
-    return set()
-
-
-def required_names(node: Node) -> set[str]:
-    if isinstance(node, (Linear, Norm)):
-        return {node.weight}
-    if isinstance(node, Table):
-        return {node.tensor}
-    return set()
 
 
 def is_copied(arch: Architecture, name: str) -> bool:
