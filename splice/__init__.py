@@ -18,6 +18,7 @@ _EXPORTS = {
     "Checkpoint": "splice.tensors.checkpoint",
     "CheckpointError": "splice.errors",
     "DeploymentRecord": "splice.workflows.deploy",
+    "FusionOptions": "splice.merge.fusion",
     "GreedySoupReport": "splice.merge.soup",
     "IncompatibleModelsError": "splice.errors",
     "OutputExistsError": "splice.errors",
