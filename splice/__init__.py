@@ -1,11 +1,11 @@
 """splice: model merging and continual adaptation for PyTorch / Hugging Face models."""
 
 from splice.adapters.apply import apply_patches
+from splice.adapters.export import export_peft
 from splice.adapters.extract import extract_patch
 from splice.adapters.fingerprint import fingerprint_base
 from splice.adapters.live import PatchHandle, apply_patch
 from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta
-from splice.adapters.peft_interop import export_peft
 from splice.errors import (
     CheckpointError,
     IncompatibleModelsError,

@@ -95,7 +95,7 @@ def export(
     quiet: Quiet = False,
 ) -> None:
     """Write a patch in another library's format (PEFT)."""
-    from splice.adapters.peft_interop import export_peft
+    from splice.adapters.export import export_peft
     from splice.errors import SpliceError
 
     if not peft:
