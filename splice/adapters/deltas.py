@@ -21,6 +21,7 @@ class Extracted:
     touched: list[str]  # base tensors the patch changes (fingerprinted)
     targets: list[str]  # what a user reads as "the targets": modules or tensors
     settings: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what a user should know the patch leaves out
 
 
 def deltas(base: Checkpoint, tuned: Checkpoint, device: torch.device | None = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from splice.adapters.fingerprint import fingerprint_base
@@ -50,14 +50,16 @@ def kind_options(kind: PatchKind, options: Any = None, keywords: dict[str, Any] 
     return options
 
 
-def extract_patch(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKind | str,
-                  storage_options: dict | None = None, description: str = "", *, options: Any = None,
-                  device: str = "auto", progress: Progress | None = None, **keywords: Any) -> Patch:
-    """layernorm: the tuned model's LayerNorm/RMSNorm weights and biases (absolute values, replacing the
-    base's); delta: tuned - base for every float tensor that changed; lora (`LoraOptions`): a truncated SVD
-    of each changed matrix's delta (`rank`, or the smallest rank keeping `energy` of it); mask (`MaskOptions`):
-    the top `density` share of |delta| per tensor or over the whole model (`mask_scope`), with the selected
-    values unless `mask_values` is False. Options come as the kind's options object or as those keywords."""
+@dataclass(frozen=True)
+class Extraction:
+    patch: Patch
+    warnings: list[str]  # what a user should know the patch leaves out (changed tensors a LoRA cannot carry)
+
+
+def extraction(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKind | str,
+               storage_options: dict | None = None, description: str = "", *, options: Any = None,
+               device: str = "auto", progress: Progress | None = None, **keywords: Any) -> Extraction:
+    """`extract_patch`, with the warnings about what the patch leaves out."""
     kind = parse_kind(kind)
     chosen = kind_options(kind, options, keywords)
     base_ckpt = Checkpoint.open(base, storage_options)
@@ -66,14 +68,25 @@ def extract_patch(base: str | os.PathLike, tuned: str | os.PathLike, kind: Patch
     found = KINDS[kind].extract(base_ckpt, tuned_ckpt, chosen, device, progress)
     meta = PatchMeta(kind=kind, targets=found.targets, base=fingerprint_base(base_ckpt, found.touched, progress),
                      lineage=[str(base), str(tuned)], description=description, settings=found.settings)
-    return Patch(found.tensors, meta)
+    return Extraction(Patch(found.tensors, meta), found.warnings)
+
+
+def extract_patch(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKind | str,
+                  storage_options: dict | None = None, description: str = "", **arguments: Any) -> Patch:
+    """layernorm: the tuned model's LayerNorm/RMSNorm weights and biases (absolute values, replacing the
+    base's); delta: tuned - base for every float tensor that changed; lora (`options=LoraOptions(...)`): a
+    truncated SVD of each changed matrix's delta (`rank`, or the smallest rank keeping `energy` of it); mask
+    (`options=MaskOptions(...)`): the top `density` share of |delta| per tensor or over the whole model
+    (`mask_scope`), with the selected values unless `mask_values` is False. The options may also come as
+    those keywords. Further keywords: `device` ("auto", "cpu", "cuda"), `progress` (a `splice.progress.Progress`)."""
+    return extraction(base, tuned, kind, storage_options, description, **arguments).patch
 
 
 def extract_patch_to(out: str | os.PathLike, base: str | os.PathLike, tuned: str | os.PathLike,
-                     kind: PatchKind | str, *, force: bool = False, **arguments: Any) -> Patch:
-    """`extract_patch(base, tuned, kind, **arguments)` saved as a patch directory at `out`, which is refused
+                     kind: PatchKind | str, *, force: bool = False, **arguments: Any) -> Extraction:
+    """`extraction(base, tuned, kind, **arguments)` saved as a patch directory at `out`, which is refused
     (unless `force`) before anything is read."""
     ensure_output_free(out, force)
-    patch = extract_patch(base, tuned, kind, **arguments)
-    patch.save(out, force=force)
-    return patch
+    extracted = extraction(base, tuned, kind, **arguments)
+    extracted.patch.save(out, force=force)
+    return extracted

@@ -23,7 +23,6 @@ extraction adds:
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +36,6 @@ from splice.errors import PatchError
 from splice.progress import Progress
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
-
-log = logging.getLogger("splice.adapters")
 
 SUFFIX_A = ".lora_A"
 SUFFIX_B = ".lora_B"
@@ -217,11 +214,10 @@ def extract_lora(base: Checkpoint, tuned: Checkpoint, options: LoraOptions, devi
         raise PatchError(f"{tuned.location}: no changed matrix to factor" +
                          (f" ({len(left_out)} changed tensors are not matrices); try --kind delta" if left_out else
                           f"; it is identical to {base.location}"))
-    if left_out:
-        log.warning("warning: %d changed tensors are not matrices and are not in the LoRA patch (e.g. %s); carry "
-                    "them with a delta or layernorm patch", len(left_out), next(iter(left_out)))
+    warnings = [f"{len(left_out)} changed tensors are not matrices and are not in the LoRA patch (e.g. "
+                f"{next(iter(left_out))}); carry them with a delta or layernorm patch"] if left_out else []
     modules = list(settings["rank"])
-    return Extracted(tensors, [f"{m}.weight" for m in modules], modules, settings)
+    return Extracted(tensors, [f"{m}.weight" for m in modules], modules, settings, warnings)
 
 
 def describe_lora(settings: dict[str, Any]) -> str:
