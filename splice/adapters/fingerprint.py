@@ -166,9 +166,11 @@ def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: str, override:
     missing = [m.name for m in own if m.reason == "missing"]
     reshaped = [m for m in own if m.reason == "shape"]
     if missing or reshaped:
-        unfit = [f"it lacks {len(missing)} of the tensors the patch changes ({_first_names(missing)})"] * bool(missing)
-        unfit += [f"{len(reshaped)} of the tensors the patch changes have another shape, e.g. {reshaped[0]}"
-                  ] * bool(reshaped)
+        unfit = []
+        if missing:
+            unfit.append(f"it lacks {len(missing)} of the tensors the patch changes ({_first_names(missing)})")
+        if reshaped:
+            unfit.append(f"{len(reshaped)} of the tensors the patch changes have another shape, e.g. {reshaped[0]}")
         raise PatchError(f"{what} is not the base this {kind} patch was made for: {'; '.join(unfit)}; apply it "
                          f"to a base that has them")
     parts = [str(m) for m in own[:2]]
