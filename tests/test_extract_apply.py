@@ -194,10 +194,10 @@ def test_extraction_reports_progress_for_every_pass(pair, kind, keywords, compar
 
 def test_cli_extract_shows_progress_and_refuses_an_existing_output_before_reading(pair, tmp_path, monkeypatch,
                                                                                  capsys):
-    from helpers import run_cli
-
     from splice.adapters.extract import extract_patch_to
     from splice.errors import OutputExistsError
+
+    from helpers import run_cli
 
     base_dir, tuned_dir = pair
     code, _, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "delta",

@@ -124,7 +124,9 @@ def test_a_drift_refusal_counts_only_the_tensors_the_patch_changes(base_dir, tmp
 
     def source(name):
         info = stored.tensors.get(name)
-        return None if name in gone or info is None else (info.shape, info.dtype, lambda sample=False: stored.read(name))
+        if name in gone or info is None:
+            return None
+        return info.shape, info.dtype, lambda sample=False: stored.read(name)
 
     mismatches = compare_fingerprint(patch.meta.base, source)
     assert [m.name for m in mismatches if m.own] == ["bert.embeddings.LayerNorm.weight"]
