@@ -170,3 +170,14 @@ def test_a_base_without_the_tensors_the_patch_changes_is_told_so_not_offered_the
     with pytest.raises(PatchError, match=r"it lacks 3 of the tensors the patch changes") as caught:
         apply_patch(model_class("gpt2").from_pretrained(other_dir), patch)
     assert "allow_base_drift" not in str(caught.value)
+
+
+def test_every_patch_kind_has_one_row_in_the_kinds_table():
+    from dataclasses import fields
+
+    from splice.adapters.kinds import KINDS
+
+    assert set(KINDS) == set(PatchKind)
+    for spec in KINDS.values():
+        names = {f.name for f in fields(spec.options)} if spec.options else set()
+        assert set(spec.keywords.values()) == names  # every option reachable by its keyword
