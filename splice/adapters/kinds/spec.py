@@ -11,7 +11,7 @@ from splice.adapters.steps import PatchContents, Step
 from splice.progress import Progress
 from splice.tensors.checkpoint import Checkpoint
 
-Extractor = Callable[[Checkpoint, Checkpoint, Any, str, "Progress | None"], Extracted]
+Extractor = Callable[[Checkpoint, Checkpoint, Any, str, Progress | None], Extracted]
 """(base, tuned, the kind's options or None, device ("auto", "cpu", "cuda"), progress) -> what the patch holds."""
 
 
