@@ -123,3 +123,89 @@ def test_untouched_tensors_are_copied_in_the_kernel_locally_and_through_memory_r
     for name in base:
         expected = patch.tensors[name] if name in patch.tensors else base[name]
         assert torch.equal(local[name], expected) and torch.equal(through_memory[name], expected), name
+
+
+@pytest.mark.parametrize(("kind", "keywords", "option", "owner"), [
+    ("layernorm", {"rank": 2}, "rank", "lora"),
+    ("delta", {"density": 0.1}, "density", "mask"),
+    ("lora", {"rank": 2, "mask_scope": "model"}, "mask_scope", "mask"),
+    ("mask", {"density": 0.1, "rslora": True}, "rslora", "lora"),
+])
+def test_an_option_of_another_kind_is_refused_naming_it(pair, kind, keywords, option, owner):
+    base_dir, tuned_dir = pair
+    with pytest.raises(PatchError) as caught:
+        extract_patch(base_dir, tuned_dir, kind, device="cpu", **keywords)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{option} is an option of {owner} patches, not of a {kind}")
+
+
+def test_the_kind_options_come_as_an_object_or_as_keywords(pair, tmp_path):
+    from splice.adapters.kinds.lora import LoraOptions
+    from splice.adapters.kinds.mask import MaskOptions
+
+    base_dir, tuned_dir = pair
+    loose = extract_patch(base_dir, tuned_dir, "lora", rank=2, device="cpu")
+    given = extract_patch(base_dir, tuned_dir, "lora", options=LoraOptions(rank=2), device="cpu")
+    assert given.meta.settings == loose.meta.settings
+    assert all(torch.equal(given.tensors[name], loose.tensors[name]) for name in loose.tensors)
+    # what the CLI passes when a user leaves an option out: every kind's defaults, which change nothing
+    defaults = {"rank": None, "energy": None, "rslora": False, "density": None, "mask_scope": "tensor",
+                "mask_values": True}
+    assert extract_patch(base_dir, tuned_dir, "layernorm", **defaults).meta.targets
+    for call, needle in [(dict(kind="lora", options=MaskOptions(density=0.1)), "takes LoraOptions, not MaskOptions"),
+                         (dict(kind="lora", options=LoraOptions(rank=2), rank=3), "not both"),
+                         (dict(kind="delta", options=LoraOptions(rank=2)), "takes no options"),
+                         (dict(kind="lora", rnak=2), "no option 'rnak'")]:
+        with pytest.raises(PatchError, match=needle) as caught:
+            extract_patch(base_dir, tuned_dir, device="cpu", **call)
+        assert "\n" not in str(caught.value)
+
+
+class RecordingProgress:
+    def __init__(self):
+        self.phases: list[dict] = []
+
+    def start(self, description, total_items, total_bytes, unit="tensors"):
+        assert not self.phases or self.phases[-1]["finished"], "a phase started before the last one finished"
+        self.phases.append({"description": description, "total": (total_items, total_bytes), "done": [0, 0],
+                            "finished": False})
+
+    def advance(self, items, nbytes):
+        self.phases[-1]["done"][0] += items
+        self.phases[-1]["done"][1] += nbytes
+
+    def finish(self):
+        self.phases[-1]["finished"] = True
+
+
+@pytest.mark.parametrize(("kind", "keywords", "comparisons"), [
+    ("layernorm", {}, 0), ("delta", {}, 1), ("lora", {"rank": 2}, 1), ("mask", {"density": 0.1}, 1),
+    ("mask", {"density": 0.1, "mask_scope": "model"}, 2),
+])
+def test_extraction_reports_progress_for_every_pass(pair, kind, keywords, comparisons):
+    base_dir, tuned_dir = pair
+    progress = RecordingProgress()
+    extract_patch(base_dir, tuned_dir, kind, device="cpu", progress=progress, **keywords)
+    assert [p["description"] for p in progress.phases] == (["comparing the fine-tune with its base"] * comparisons +
+                                                           ["fingerprinting the base"])
+    for phase in progress.phases:
+        assert phase["finished"] and tuple(phase["done"]) == phase["total"] and phase["total"][0] > 0
+
+
+def test_cli_extract_shows_progress_and_refuses_an_existing_output_before_reading(pair, tmp_path, monkeypatch,
+                                                                                 capsys):
+    from splice.adapters.extract import extract_patch_to
+    from splice.errors import OutputExistsError
+
+    from helpers import run_cli
+
+    base_dir, tuned_dir = pair
+    code, _, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "delta",
+                            "--out", tmp_path / "d"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "comparing the fine-tune with its base" in err and "fingerprinting the base" in err
+    with pytest.raises(OutputExistsError):
+        extract_patch_to(tmp_path / "d", tmp_path / "no-such-base", tuned_dir, "delta")
+    extracted = extract_patch_to(tmp_path / "d", base_dir, tuned_dir, "lora", force=True, rank=2, device="cpu")
+    assert Patch.load(tmp_path / "d").meta.kind.value == "lora"
+    assert extracted.warnings and "delta or layernorm patch" in extracted.warnings[0]

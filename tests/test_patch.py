@@ -106,3 +106,78 @@ def test_a_damaged_patch_is_a_one_line_error(damage, needle, base_dir, tmp_path)
     with pytest.raises(PatchError) as caught:
         Patch.load(tmp_path / "p")
     assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def _drifted(base_dir, tmp_path, change) -> Checkpoint:
+    drifted = tiny_model("bert", 0)
+    with torch.no_grad():
+        change(drifted)
+    return Checkpoint.open(save(drifted, tmp_path / "drifted", sharded=False))
+
+
+def test_a_drift_refusal_counts_only_the_tensors_the_patch_changes(base_dir, tmp_path):
+    from splice.adapters.fingerprint import compare_fingerprint, refuse_drift
+
+    patch = make_patch(base_dir)
+    stored = _drifted(base_dir, tmp_path, lambda model: model.bert.embeddings.LayerNorm.weight.mul_(1.1))
+    gone = [name for name in stored.tensors if name not in NORMS][:4]  # base tensors the patch does not change
+
+    def source(name):
+        info = stored.tensors.get(name)
+        if name in gone or info is None:
+            return None
+        return info.shape, info.dtype, lambda sample=False: stored.read(name)
+
+    mismatches = compare_fingerprint(patch.meta.base, source)
+    assert [m.name for m in mismatches if m.own] == ["bert.embeddings.LayerNorm.weight"]
+    with pytest.raises(PatchError) as caught:
+        refuse_drift(mismatches, "the base", "layernorm", "--allow-base-drift")
+    message = str(caught.value)
+    assert "more of the tensors it changes" not in message and "4 other tensors differ" in message
+    assert "\n" not in message and "--allow-base-drift" in message
+
+
+def test_a_norm_that_does_not_move_is_said_so_not_shown_as_zero_percent(base_dir, tmp_path):
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    fingerprint = fingerprint_base(Checkpoint.open(base_dir), [name])
+    patch = Patch({name: torch.zeros(16, 16)}, PatchMeta(kind=PatchKind.delta, targets=[name], base=fingerprint))
+    # the rows of the matrix in reverse order: other values, the same norm
+    stored = _drifted(base_dir, tmp_path, lambda model: model.bert.encoder.layer[0].attention.self.query.weight.copy_(
+        model.bert.encoder.layer[0].attention.self.query.weight.flip(0)))
+    with pytest.raises(PatchError) as caught:
+        patch.check_base(stored)
+    message = str(caught.value)
+    assert f"{name}: values differ" in message and "(norm unchanged to 4 digits)" in message
+    assert "0.00%" not in message and "--allow-base-drift" in message
+
+
+def test_a_base_without_the_tensors_the_patch_changes_is_told_so_not_offered_the_override(base_dir, tmp_path):
+    from splice.adapters.apply import apply_patches
+    from splice.adapters.live import apply_patch
+
+    from conftest import model_class
+
+    patch = make_patch(base_dir)
+    other_dir = save(perturbed(tiny_model("gpt2", 0), 1), tmp_path / "gpt2", sharded=False)
+    with pytest.raises(PatchError) as caught:
+        patch.check_base(Checkpoint.open(other_dir))
+    message = str(caught.value)
+    assert "\n" not in message and "is not the base this layernorm patch was made for" in message
+    assert f"it lacks 3 of the tensors the patch changes ({', '.join(sorted(NORMS))})" in message
+    assert "allow-base-drift" not in message and "other tensors differ" not in message
+    with pytest.raises(PatchError, match="has no tensor"):  # the override would not have helped
+        apply_patches([patch], other_dir, tmp_path / "out", device="cpu", allow_base_drift=True)
+    with pytest.raises(PatchError, match=r"it lacks 3 of the tensors the patch changes") as caught:
+        apply_patch(model_class("gpt2").from_pretrained(other_dir), patch)
+    assert "allow_base_drift" not in str(caught.value)
+
+
+def test_every_patch_kind_has_one_row_in_the_kinds_table():
+    from dataclasses import fields
+
+    from splice.adapters.kinds import KINDS
+
+    assert set(KINDS) == set(PatchKind)
+    for spec in KINDS.values():
+        names = {f.name for f in fields(spec.options)} if spec.options else set()
+        assert set(spec.keywords.values()) == names  # every option reachable by its keyword

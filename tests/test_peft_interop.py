@@ -14,10 +14,11 @@ from safetensors.torch import load_file, save_file
 from test_lora import low_rank_fine_tune
 
 from splice.adapters.apply import apply_patches
+from splice.adapters.export import export_peft
 from splice.adapters.extract import extract_patch
 from splice.adapters.live import apply_patch
 from splice.adapters.patch import Patch, PatchError, PatchKind
-from splice.adapters.peft_interop import export_peft, load_peft_adapter
+from splice.adapters.peft.read import load_peft_adapter
 from splice.adapters.sources import load_patch
 from splice.tensors.checkpoint import Checkpoint
 

@@ -1,59 +1,24 @@
 """What a patch does to each base tensor it touches, and how several patches compose.
 
-Every patch kind turns into steps, one per base tensor: a step says how it composes (`replace`,
-`add`, `multiply`) and computes the new value from the current one. Patch tensors are read only
-when a step runs, so a streamed apply never holds a whole patch in memory.
+Every patch kind turns into steps (`splice.adapters.steps`), one per base tensor; here the steps of several
+patches become one plan per base tensor, with the overlaps that do not compose refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
-from splice.adapters.patch import Patch, PatchError, PatchKind
-
-
-class Effect(str, Enum):
-    replace = "replace"  # the patch's value wins: composes with nothing else on the same tensor
-    add = "add"  # value + something (delta, LoRA product, sparse delta)
-    multiply = "multiply"  # value * something (a bare mask)
-
-
-@dataclass(frozen=True)
-class Step:
-    effect: Effect
-    shape: tuple[int, ...]  # the shape of the base tensor this step was made for
-    # current value (fp32, on the compute device) -> new value; may update the value it is given in place
-    compute: Callable[[torch.Tensor], torch.Tensor]
-
-
-def _replace(patch: Patch) -> dict[str, Step]:
-    return {name: Step(Effect.replace, patch.shapes[name], lambda value, name=name: patch.tensors[name].to(value))
-            for name in patch.tensors}
-
-
-def _add(patch: Patch) -> dict[str, Step]:
-    return {name: Step(Effect.add, patch.shapes[name], lambda value, name=name: value + patch.tensors[name].to(value))
-            for name in patch.tensors}
+from splice.adapters.kinds import KINDS
+from splice.adapters.patch import Patch
+from splice.adapters.steps import Effect, Step
+from splice.errors import PatchError
 
 
 def patch_steps(patch: Patch) -> dict[str, Step]:
     """Base tensor name -> the step this patch applies to it."""
-    kind = patch.meta.kind
-    if kind is PatchKind.layernorm:
-        return _replace(patch)
-    if kind is PatchKind.delta:
-        return _add(patch)
-    if kind is PatchKind.lora:
-        from splice.adapters.kinds.lora import lora_steps
-
-        return lora_steps(patch)
-    from splice.adapters.kinds.mask import mask_steps
-
-    return mask_steps(patch)
+    return KINDS[patch.meta.kind].steps(patch)
 
 
 def composition_plan(patches: Sequence[Patch]) -> dict[str, list[Step]]:

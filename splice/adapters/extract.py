@@ -3,85 +3,90 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
-
 from splice.adapters.fingerprint import fingerprint_base
-from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta
-from splice.arch.norms import norm_tensor_names
+from splice.adapters.kinds import KINDS, parse_kind
+from splice.adapters.meta import PatchKind, PatchMeta
+from splice.adapters.patch import Patch
+from splice.errors import PatchError
+from splice.progress import Progress
 from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.device import resolve_device
-from splice.tensors.stream import check_same_tensors, read_ahead
+from splice.tensors.stream import check_same_tensors
+from splice.tensors.writer import ensure_output_free
 
 
-@dataclass
-class Extracted:
-    """What one kind's extractor found: the patch tensors, the base tensors they change, their settings."""
-
-    tensors: dict[str, torch.Tensor]
-    touched: list[str]  # base tensors the patch changes (fingerprinted)
-    targets: list[str]  # what a user reads as "the targets": modules or tensors
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-def deltas(base: Checkpoint, tuned: Checkpoint, device: torch.device | None = None
-           ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tuned - base in fp32) for every float tensor that changed, in storage order, read ahead."""
-    names = [name for name, info in base.tensors.items() if info.dtype.is_floating_point]
-    reads = [((base, name, None), (tuned, name, None)) for name in names]
-    for position, (before, after) in read_ahead(reads, depth=2):
-        delta = after.to(device=device, dtype=torch.float32) - before.to(device=device, dtype=torch.float32)
-        if delta.any():
-            yield names[position], delta
+def _keyword_owners() -> dict[str, tuple[PatchKind, str, Any]]:
+    """Every kind's loose keyword -> (its kind, the options field it fills, that field's default)."""
+    owners = {}
+    for kind, spec in KINDS.items():
+        defaults = {f.name: f.default for f in fields(spec.options)} if spec.options else {}
+        owners.update({keyword: (kind, name, defaults[name]) for keyword, name in spec.keywords.items()})
+    return owners
 
 
-def _layernorm(base: Checkpoint, tuned: Checkpoint) -> Extracted:
-    names = norm_tensor_names(tuned)
-    if not names:
-        raise PatchError(f"{tuned.location}: no LayerNorm or RMSNorm modules found; try --kind delta")
-    return Extracted({name: tuned.read(name) for name in names}, names, sorted({n.rpartition(".")[0] for n in names}))
+def kind_options(kind: PatchKind, options: Any = None, keywords: dict[str, Any] | None = None) -> Any:
+    """The kind's options object: `options` as given, or built (and checked) from loose keywords. A keyword
+    another kind takes, set to anything but its default, is refused: it would have no effect."""
+    spec, owners, given = KINDS[kind], _keyword_owners(), {}
+    for keyword, value in (keywords or {}).items():
+        if keyword not in owners:
+            raise PatchError(f"extract_patch has no option {keyword!r}; the options are {', '.join(owners)}")
+        owner, name, default = owners[keyword]
+        if value == default:
+            continue
+        if owner is not kind:
+            raise PatchError(f"{keyword} is an option of {owner.value} patches, not of a {kind.value} patch; "
+                             f"leave it out")
+        given[name] = value
+    if options is None:
+        return spec.options(**given) if spec.options else None
+    if spec.options is None or not isinstance(options, spec.options):
+        wanted = spec.options.__name__ if spec.options else "no options"
+        raise PatchError(f"a {kind.value} patch takes {wanted}, not {type(options).__name__}")
+    if given:
+        raise PatchError(f"give the {kind.value} options as {type(options).__name__} or as keywords, not both")
+    return options
 
 
-def _delta(base: Checkpoint, tuned: Checkpoint) -> Extracted:
-    tensors = {name: delta.cpu() for name, delta in deltas(base, tuned)}
-    if not tensors:
-        raise PatchError(f"{tuned.location} is identical to {base.location}: the delta would be empty")
-    return Extracted(tensors, list(tensors), sorted(tensors))
+@dataclass(frozen=True)
+class Extraction:
+    patch: Patch
+    warnings: list[str]  # what a user should know the patch leaves out (changed tensors a LoRA cannot carry)
 
 
-def extract_patch(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKind | str,
-                  storage_options: dict | None = None, description: str = "", *, rank: int | None = None,
-                  energy: float | None = None, rslora: bool = False, density: float | None = None,
-                  mask_scope: str = "tensor", mask_values: bool = True, device: str = "auto") -> Patch:
-    """layernorm: the tuned model's LayerNorm/RMSNorm weights and biases (absolute values, replacing the
-    base's); delta: tuned - base for every float tensor that changed; lora: a truncated SVD of each changed
-    matrix's delta (`rank`, or the smallest rank keeping `energy` of it); mask: the top `density` share of
-    |delta| per tensor or over the whole model (`mask_scope`), with the selected values unless `mask_values`
-    is False."""
-    try:
-        kind = PatchKind(kind)
-    except ValueError:
-        raise PatchError(f"unknown patch kind {kind!r}; use one of {', '.join(k.value for k in PatchKind)}") from None
+def extraction(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKind | str,
+               storage_options: dict | None = None, description: str = "", *, options: Any = None,
+               device: str = "auto", progress: Progress | None = None, **keywords: Any) -> Extraction:
+    """`extract_patch`, with the warnings about what the patch leaves out."""
+    kind = parse_kind(kind)
+    chosen = kind_options(kind, options, keywords)
     base_ckpt = Checkpoint.open(base, storage_options)
     tuned_ckpt = Checkpoint.open(tuned, storage_options)
     check_same_tensors([base_ckpt, tuned_ckpt])
-    if kind is PatchKind.layernorm:
-        found = _layernorm(base_ckpt, tuned_ckpt)
-    elif kind is PatchKind.delta:
-        found = _delta(base_ckpt, tuned_ckpt)
-    elif kind is PatchKind.lora:
-        from splice.adapters.kinds.lora import extract_lora
-
-        found = extract_lora(base_ckpt, tuned_ckpt, rank=rank, energy=energy, rslora=rslora,
-                             device=resolve_device(device))
-    else:
-        from splice.adapters.kinds.mask import extract_mask
-
-        found = extract_mask(base_ckpt, tuned_ckpt, density=density, scope=mask_scope, values=mask_values,
-                             device=resolve_device(device))
-    meta = PatchMeta(kind=kind, targets=found.targets, base=fingerprint_base(base_ckpt, found.touched),
+    found = KINDS[kind].extract(base_ckpt, tuned_ckpt, chosen, device, progress)
+    meta = PatchMeta(kind=kind, targets=found.targets, base=fingerprint_base(base_ckpt, found.touched, progress),
                      lineage=[str(base), str(tuned)], description=description, settings=found.settings)
-    return Patch(found.tensors, meta)
+    return Extraction(Patch(found.tensors, meta), found.warnings)
+
+
+def extract_patch(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKind | str,
+                  storage_options: dict | None = None, description: str = "", **arguments: Any) -> Patch:
+    """layernorm: the tuned model's LayerNorm/RMSNorm weights and biases (absolute values, replacing the
+    base's); delta: tuned - base for every float tensor that changed; lora (`options=LoraOptions(...)`): a
+    truncated SVD of each changed matrix's delta (`rank`, or the smallest rank keeping `energy` of it); mask
+    (`options=MaskOptions(...)`): the top `density` share of |delta| per tensor or over the whole model
+    (`mask_scope`), with the selected values unless `mask_values` is False. The options may also come as
+    those keywords. Further keywords: `device` ("auto", "cpu", "cuda"), `progress` (a `splice.progress.Progress`)."""
+    return extraction(base, tuned, kind, storage_options, description, **arguments).patch
+
+
+def extract_patch_to(out: str | os.PathLike, base: str | os.PathLike, tuned: str | os.PathLike,
+                     kind: PatchKind | str, *, force: bool = False, **arguments: Any) -> Extraction:
+    """`extraction(base, tuned, kind, **arguments)` saved as a patch directory at `out`, which is refused
+    (unless `force`) before anything is read."""
+    ensure_output_free(out, force)
+    extracted = extraction(base, tuned, kind, **arguments)
+    extracted.patch.save(out, force=force)
+    return extracted

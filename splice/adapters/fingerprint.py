@@ -14,6 +14,7 @@ import torch
 
 from splice.adapters.meta import BaseFingerprint, TensorFingerprint
 from splice.errors import PatchError
+from splice.progress import NoProgress, Progress
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import dtype_name
 from splice.tensors.safetensors import dtype_itemsize
@@ -49,29 +50,42 @@ def _read_stored(base: Checkpoint, name: str, sample: bool = False) -> torch.Ten
     return base.read(name, rows=_sample_rows(info.shape, dtype_itemsize(info.dtype)) if sample else None)
 
 
-def fingerprint_base(base: Checkpoint, names: Iterable[str]) -> BaseFingerprint:
+def fingerprint_base(base: Checkpoint, names: Iterable[str], progress: Progress | None = None) -> BaseFingerprint:
     """Fingerprint the named tensors of a base model (hashed whole) and its other float tensors (sampled),
     read one by one through the spine."""
-    entries = []
+    progress = progress or NoProgress()
     names = list(names)
-    for name in names:
-        info = base.tensors.get(name)
-        if info is None:
-            raise PatchError(f"{base.location}: the patch targets {name}, which this base does not have")
-        tensor = base.read(name)
-        entries.append(TensorFingerprint(name=name, shape=info.shape, dtype=dtype_name(info.dtype),
-                                         sha256=tensor_sha256(tensor), norm=float(tensor.double().norm())))
     touched = set(names)
-    context = {name: sample_sha256(_read_stored(base, name, sample=True), info.shape, info.dtype)
-               for name, info in base.tensors.items() if name not in touched and info.dtype.is_floating_point}
+    missing = [name for name in names if name not in base.tensors]
+    if missing:
+        raise PatchError(f"{base.location}: the patch targets {missing[0]}, which this base does not have")
+    others = [name for name, info in base.tensors.items() if name not in touched and info.dtype.is_floating_point]
+    progress.start("fingerprinting the base", len(names) + len(others),
+                   sum(base.tensors[name].nbytes for name in names) +
+                   sum(min(base.tensors[name].nbytes, CONTEXT_SAMPLE_BYTES) for name in others))
+    try:
+        entries = []
+        for name in names:
+            info, tensor = base.tensors[name], base.read(name)
+            entries.append(TensorFingerprint(name=name, shape=info.shape, dtype=dtype_name(info.dtype),
+                                             sha256=tensor_sha256(tensor), norm=float(tensor.double().norm())))
+            progress.advance(1, info.nbytes)
+        context = {}
+        for name in others:
+            info = base.tensors[name]
+            context[name] = sample_sha256(_read_stored(base, name, sample=True), info.shape, info.dtype)
+            progress.advance(1, min(info.nbytes, CONTEXT_SAMPLE_BYTES))
+    finally:
+        progress.finish()
     return BaseFingerprint.of(entries, context)
 
 
 @dataclass(frozen=True)
 class BaseMismatch:
     name: str
-    reason: str  # "missing", "shape", "dtype" or "values"
+    reason: str  # "missing", "shape", "dtype", "values" or "context"
     detail: str
+    own: bool = True  # one of the tensors the patch changes (else one of the base's other tensors)
 
     def __str__(self) -> str:
         return f"{self.name}: {self.detail}"
@@ -95,18 +109,25 @@ def _compare_tensor(entry: TensorFingerprint, source: TensorSource) -> BaseMisma
     if tensor_sha256(tensor) == entry.sha256:
         return None
     norm = float(tensor.detach().double().norm())
-    change = f" ({(norm - entry.norm) / entry.norm:+.2%})" if entry.norm else ""
     return BaseMismatch(entry.name, "values", f"values differ: L2 norm {norm:.6g}, {entry.norm:.6g} when the "
-                                              f"patch was made{change}")
+                                              f"patch was made{_norm_change(norm, entry.norm)}")
+
+
+def _norm_change(norm: float, recorded: float) -> str:
+    """By how much the norm moved, as a percentage; a change that rounds to zero says so in words."""
+    if not recorded:
+        return ""
+    change = f"{(norm - recorded) / recorded:+.2%}"
+    return " (norm unchanged to 4 digits)" if change in ("+0.00%", "-0.00%") else f" ({change})"
 
 
 def _compare_context(name: str, sampled: str, source: TensorSource) -> BaseMismatch | None:
     found = source(name)
     if found is None:
-        return BaseMismatch(name, "missing", "not in this base")
+        return BaseMismatch(name, "missing", "not in this base", own=False)
     shape, dtype, read = found
     if sample_sha256(read(sample=True), shape, dtype) != sampled:
-        return BaseMismatch(name, "context", f"differs (shape {list(shape)}, {dtype_name(dtype)})")
+        return BaseMismatch(name, "context", f"differs (shape {list(shape)}, {dtype_name(dtype)})", own=False)
     return None
 
 
@@ -130,13 +151,28 @@ def compare_base(expected: BaseFingerprint, base: Checkpoint) -> list[BaseMismat
     return compare_fingerprint(expected, stored)
 
 
+def _first_names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: str, override: str) -> None:
     """One-line refusal naming the first differences, when there are any: the patch's own tensors first,
-    then how many of the base's other tensors differ."""
+    then how many of the base's other tensors differ. `override` is suggested only where it would work: a
+    base without the tensors the patch changes (or with them in other shapes) cannot take the patch at all."""
     if not mismatches:
         return
-    own = [m for m in mismatches if m.reason != "context"]
-    context = [m for m in mismatches if m.reason == "context"]
+    own = [m for m in mismatches if m.own]
+    context = [m for m in mismatches if not m.own]
+    missing = [m.name for m in own if m.reason == "missing"]
+    reshaped = [m for m in own if m.reason == "shape"]
+    if missing or reshaped:
+        unfit = []
+        if missing:
+            unfit.append(f"it lacks {len(missing)} of the tensors the patch changes ({_first_names(missing)})")
+        if reshaped:
+            unfit.append(f"{len(reshaped)} of the tensors the patch changes have another shape, e.g. {reshaped[0]}")
+        raise PatchError(f"{what} is not the base this {kind} patch was made for: {'; '.join(unfit)}; apply it "
+                         f"to a base that has them")
     parts = [str(m) for m in own[:2]]
     if len(own) > 2:
         parts.append(f"{len(own) - 2} more of the tensors it changes differ")

@@ -16,7 +16,9 @@ import torch
 from pydantic import ValidationError
 
 from splice.adapters.fingerprint import BaseMismatch, compare_base, refuse_drift
-from splice.adapters.meta import FORMAT_VERSION, PatchKind, PatchMeta
+from splice.adapters.kinds import KINDS
+from splice.adapters.meta import FORMAT_VERSION, PatchMeta
+from splice.adapters.meta import PatchKind as PatchKind  # re-exported: callers import it with Patch
 from splice.errors import CheckpointError, PatchError
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.writer import staged_output, write_state_dict
@@ -107,23 +109,4 @@ class Patch:
 
 def describe_settings(meta: PatchMeta) -> str:
     """The kind-specific settings of a patch in one readable line (per-module tables summarised)."""
-    settings = meta.settings
-    if meta.kind is PatchKind.lora and isinstance(settings.get("rank"), dict):
-        ranks = sorted(set(settings["rank"].values()))
-        rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-        parts = [f"rank {rank} on {len(settings['rank'])} matrices",
-                 f"rsLoRA {'yes' if settings.get('rslora') else 'no'}"]
-        errors = settings.get("relative_error") or {}
-        if errors:
-            worst = max(errors, key=errors.get)
-            parts.append(f"relative error of the delta at most {errors[worst]:.2g} ({worst})")
-        if settings.get("left_out"):
-            parts.append(f"{len(settings['left_out'])} changed tensors left out (not matrices)")
-        return "; ".join(parts)
-    if meta.kind is PatchKind.mask and "density" in settings:
-        kept = settings.get("kept") or {}
-        return (f"density {settings['density']:g} per {settings.get('scope', 'tensor')}, "
-                f"{'sparse delta' if settings.get('values') else 'mask only'}; "
-                f"{sum(kept.values()):,} entries kept in {len(kept)} tensors")
-    return ", ".join(f"{key}={value}" if not isinstance(value, dict | list) else f"{key}: {len(value)} entries"
-                     for key, value in settings.items()) or "none"
+    return KINDS[meta.kind].describe(meta.settings)

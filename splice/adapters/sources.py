@@ -7,6 +7,7 @@ import os
 import torch
 
 from splice.adapters.patch import Patch
+from splice.adapters.peft.read import is_peft_adapter, load_peft_adapter
 from splice.tensors.checkpoint import Checkpoint
 
 PatchSource = Patch | str | os.PathLike
@@ -18,8 +19,6 @@ def load_patch(patch: PatchSource, storage_options: dict | None = None,
     stored or live model it will be applied to) lets a PEFT adapter's module names be mapped to stored names."""
     if isinstance(patch, Patch):
         return patch
-    from splice.adapters.peft_interop import is_peft_adapter, load_peft_adapter
-
     if is_peft_adapter(patch, storage_options):
         return load_peft_adapter(patch, storage_options, base=base)
     return Patch.load(patch, storage_options)

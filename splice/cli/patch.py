@@ -38,20 +38,15 @@ def extract(
 ) -> None:
     """Extract a patch from a fine-tune: its LayerNorm parameters, a low-rank (LoRA) or sparse (mask)
     approximation of its delta, or the whole delta."""
-    from splice.adapters.extract import extract_patch
-    from splice.tensors.writer import ensure_output_free
+    from splice.adapters.extract import extract_patch_to
 
-    ensure_output_free(out, force)
-    patch = extract_patch(base, tuned, kind, parse_storage_options(storage_options), description, rank=rank,
-                          energy=energy, rslora=rslora, density=density, mask_scope=mask_scope,
-                          mask_values=mask_values, device=device)
-    patch.save(out, force=force)
-    left_out = patch.meta.settings.get("left_out") or {}
-    if left_out:
-        render.error_console.print(
-            f"warning: {len(left_out)} changed tensors are not matrices and are not in the LoRA patch "
-            f"(e.g. {next(iter(left_out))}); carry them with a delta or layernorm patch", highlight=False,
-            soft_wrap=True)
+    extracted = extract_patch_to(out, base, tuned, kind, force=force, description=description, rank=rank,
+                                 energy=energy, rslora=rslora, density=density, mask_scope=mask_scope,
+                                 mask_values=mask_values, device=device, progress=render.RichProgress(quiet),
+                                 storage_options=parse_storage_options(storage_options))
+    for warning in extracted.warnings:
+        render.error_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+    patch = extracted.patch
     if not quiet:
         render.console.print(render.table(f"{patch.meta.kind.value} patch -> {out}",
                                           ["tensors", "parameters", "targets", "base digest"],
@@ -95,7 +90,7 @@ def export(
     quiet: Quiet = False,
 ) -> None:
     """Write a patch in another library's format (PEFT)."""
-    from splice.adapters.peft_interop import export_peft
+    from splice.adapters.export import export_peft
     from splice.errors import SpliceError
 
     if not peft:

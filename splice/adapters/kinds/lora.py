@@ -24,13 +24,18 @@ extraction adds:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from splice.adapters.compose import Effect, Step
-from splice.adapters.extract import Extracted, deltas
-from splice.adapters.patch import Patch, PatchError
+from splice.adapters.deltas import Extracted, deltas
+from splice.adapters.kinds.spec import KindSpec, describe_plain
+from splice.adapters.steps import Effect, PatchContents, Step
+from splice.errors import PatchError
+from splice.progress import Progress
 from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.device import resolve_device
 
 SUFFIX_A = ".lora_A"
 SUFFIX_B = ".lora_B"
@@ -48,7 +53,7 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def lora_modules(patch: Patch) -> list[str]:
+def lora_modules(patch: PatchContents) -> list[str]:
     """The modules a LoRA patch holds factors for, in storage order."""
     shapes = patch.shapes
     modules = [name[: -len(SUFFIX_A)] for name in shapes if name.endswith(SUFFIX_A)]
@@ -58,7 +63,7 @@ def lora_modules(patch: Patch) -> list[str]:
     return modules
 
 
-def module_scale(patch: Patch, module: str) -> float:
+def module_scale(patch: PatchContents, module: str) -> float:
     """alpha / r (or alpha / sqrt(r)) of one module, checked against its factors' shapes."""
     settings = patch.meta.settings
     shape_a, shape_b = patch.shapes[module + SUFFIX_A], patch.shapes.get(module + SUFFIX_B)
@@ -76,7 +81,7 @@ def module_scale(patch: Patch, module: str) -> float:
     return lora_scale(float(alpha), rank, bool(settings.get("rslora", False)))
 
 
-def lora_steps(patch: Patch) -> dict[str, Step]:
+def lora_steps(patch: PatchContents) -> dict[str, Step]:
     """`<module>.weight` -> add scale * B @ A (factors read when the step runs); replaced tensors -> replace.
     A tensor both replaced and LoRA-adapted (PEFT saves embedding layers whole next to their LoRA factors)
     becomes the stored value plus the product: a replacement."""
@@ -127,6 +132,19 @@ def check_request(rank: int | None, energy: float | None) -> None:
         raise PatchError(f"--energy must be in (0, 1], e.g. 0.9; got {energy}")
 
 
+@dataclass(frozen=True)
+class LoraOptions:
+    """`rank` of every matrix, or per matrix the smallest rank keeping `energy` of its delta (`rank` then caps
+    it); `rslora` scales by alpha / sqrt(rank)."""
+
+    rank: int | None = None
+    energy: float | None = None
+    rslora: bool = False
+
+    def __post_init__(self) -> None:
+        check_request(self.rank, self.energy)
+
+
 def truncated_svd(delta: torch.Tensor, rank: int | None, energy: float | None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """(U [rows, k], S [k], Vh [k, cols], method): the leading k singular triplets of a 2-D fp32 matrix, k set
@@ -161,38 +179,62 @@ def _why_not_lora(name: str, delta: torch.Tensor) -> str | None:
     return None
 
 
-def extract_lora(base: Checkpoint, tuned: Checkpoint, rank: int | None = None, energy: float | None = None,
-                 rslora: bool = False, device: torch.device | None = None) -> Extracted:
+def _factor(delta: torch.Tensor, options: LoraOptions) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(A, B, what the settings record of this matrix): singular values split evenly between the factors
+    (B = U sqrt(S/scale), A = sqrt(S/scale) Vh), alpha = rank."""
+    u, s, vh, method = truncated_svd(delta, options.rank, options.energy)
+    keep = len(s)
+    root = (s / lora_scale(float(keep), keep, options.rslora)).sqrt()
+    total = float(delta.double().square().sum())
+    captured = min(float(s.double().square().sum()) / total, 1.0)
+    recorded = {"rank": keep, "alpha": keep, "captured_energy": captured,
+                "relative_error": math.sqrt(max(1.0 - captured, 0.0)), "svd": method}
+    return (root[:, None] * vh).contiguous().cpu(), (u * root[None, :]).contiguous().cpu(), recorded
+
+
+def extract_lora(base: Checkpoint, tuned: Checkpoint, options: LoraOptions, device: str = "auto",
+                 progress: Progress | None = None) -> Extracted:
     """A LoRA patch of every changed matrix (`<module>.weight`, 2-D, embeddings and heads included): a
-    truncated SVD of tuned - base with singular values split evenly between the factors (B = U sqrt(S/scale),
-    A = sqrt(S/scale) Vh), alpha = rank. Changed tensors that are not matrices are listed in `left_out`."""
-    check_request(rank, energy)
+    truncated SVD of tuned - base. Changed tensors that are not matrices are listed in `left_out`, and said so."""
     tensors: dict[str, torch.Tensor] = {}
-    settings: dict = {"rslora": rslora, "rank": {}, "alpha": {}, "requested": {"rank": rank, "energy": energy},
+    settings: dict = {"rslora": options.rslora, "rank": {}, "alpha": {},
+                      "requested": {"rank": options.rank, "energy": options.energy},
                       "captured_energy": {}, "relative_error": {}, "svd": {}, "left_out": {}}
-    for name, delta in deltas(base, tuned, device):
+    for name, delta in deltas(base, tuned, resolve_device(device), progress):
         why = _why_not_lora(name, delta)
         if why is not None:
             settings["left_out"][name] = why
             continue
         module = name[: -len(".weight")]
-        u, s, vh, method = truncated_svd(delta, rank, energy)
-        keep = len(s)
-        scale = lora_scale(float(keep), keep, rslora)
-        root = (s / scale).sqrt()
-        tensors[module + SUFFIX_A] = (root[:, None] * vh).contiguous().cpu()
-        tensors[module + SUFFIX_B] = (u * root[None, :]).contiguous().cpu()
-        total = float(delta.double().square().sum())
-        captured = min(float(s.double().square().sum()) / total, 1.0)
-        settings["rank"][module] = keep
-        settings["alpha"][module] = keep
-        settings["captured_energy"][module] = captured
-        settings["relative_error"][module] = math.sqrt(max(1.0 - captured, 0.0))
-        settings["svd"][module] = method
+        tensors[module + SUFFIX_A], tensors[module + SUFFIX_B], recorded = _factor(delta, options)
+        for key, value in recorded.items():
+            settings[key][module] = value
+    left_out = settings["left_out"]
     if not tensors:
-        left = len(settings["left_out"])
         raise PatchError(f"{tuned.location}: no changed matrix to factor" +
-                         (f" ({left} changed tensors are not matrices); try --kind delta" if left else
+                         (f" ({len(left_out)} changed tensors are not matrices); try --kind delta" if left_out else
                           f"; it is identical to {base.location}"))
+    warnings = [f"{len(left_out)} changed tensors are not matrices and are not in the LoRA patch (e.g. "
+                f"{next(iter(left_out))}); carry them with a delta or layernorm patch"] if left_out else []
     modules = list(settings["rank"])
-    return Extracted(tensors, [f"{m}.weight" for m in modules], modules, settings)
+    return Extracted(tensors, [f"{m}.weight" for m in modules], modules, settings, warnings)
+
+
+def describe_lora(settings: dict[str, Any]) -> str:
+    """Rank(s), rsLoRA, the worst relative error and what was left out, in one line."""
+    if not isinstance(settings.get("rank"), dict):
+        return describe_plain(settings)
+    ranks = sorted(set(settings["rank"].values()))
+    rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    parts = [f"rank {rank} on {len(settings['rank'])} matrices", f"rsLoRA {'yes' if settings.get('rslora') else 'no'}"]
+    errors = settings.get("relative_error") or {}
+    if errors:
+        worst = max(errors, key=errors.get)
+        parts.append(f"relative error of the delta at most {errors[worst]:.2g} ({worst})")
+    if settings.get("left_out"):
+        parts.append(f"{len(settings['left_out'])} changed tensors left out (not matrices)")
+    return "; ".join(parts)
+
+
+SPEC = KindSpec(extract=extract_lora, steps=lora_steps, describe=describe_lora, options=LoraOptions,
+                keywords={"rank": "rank", "energy": "energy", "rslora": "rslora"})

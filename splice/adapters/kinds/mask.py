@@ -8,20 +8,41 @@ mask alone prunes: entries outside it become zero.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import prod
+from typing import Any
 
 import torch
 
-from splice.adapters.compose import Effect, Step
-from splice.adapters.extract import Extracted, deltas
-from splice.adapters.patch import Patch, PatchError
+from splice.adapters.deltas import Extracted, deltas
+from splice.adapters.kinds.spec import KindSpec, describe_plain
+from splice.adapters.steps import Effect, PatchContents, Step
+from splice.errors import PatchError
+from splice.progress import Progress
 from splice.sparsify import top_magnitude_mask
 from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.device import resolve_device
 
 MASK_SUFFIX = ".mask"
 VALUES_SUFFIX = ".values"
 SCOPES = ("tensor", "model")
 _BIT_WEIGHTS = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """Keep the `density` share of entries per tensor or over the whole model (`scope`), with the selected
+    delta values (a sparse delta) unless `values` is False (a mask alone)."""
+
+    density: float | None = None
+    scope: str = "tensor"
+    values: bool = True
+
+    def __post_init__(self) -> None:
+        if self.density is None or not 0 < self.density <= 1:
+            raise PatchError("a mask patch needs --density in (0, 1], e.g. 0.01 to keep 1% of the entries")
+        if self.scope not in SCOPES:
+            raise PatchError(f"--mask-scope must be one of {', '.join(SCOPES)}, not {self.scope!r}")
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -54,11 +75,12 @@ def _nonzero_top_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return keep & delta.ne(0)
 
 
-def _global_threshold(base: Checkpoint, tuned: Checkpoint, count: int, device) -> tuple[float, int]:
+def _global_threshold(base: Checkpoint, tuned: Checkpoint, count: int, device, progress: Progress | None
+                      ) -> tuple[float, int]:
     """(t, ties): the model-wide top `count` |delta| entries are those above t plus the first `ties` equal
     to t in storage order. One pass; holds at most `count` magnitudes plus one tensor."""
     best = torch.empty(0, device=device)
-    for _, delta in deltas(base, tuned, device):
+    for _, delta in deltas(base, tuned, device, progress):
         magnitudes = delta.abs().reshape(-1)
         magnitudes = magnitudes[magnitudes.ne(0)]
         pool = torch.cat([best, magnitudes])
@@ -69,22 +91,20 @@ def _global_threshold(base: Checkpoint, tuned: Checkpoint, count: int, device) -
     return threshold, int(best.eq(threshold).sum())
 
 
-def extract_mask(base: Checkpoint, tuned: Checkpoint, density: float | None, scope: str = "tensor",
-                 values: bool = True, device: torch.device | None = None) -> Extracted:
+def extract_mask(base: Checkpoint, tuned: Checkpoint, options: MaskOptions, device: str = "auto",
+                 progress: Progress | None = None) -> Extracted:
     """Keep the `density` share of entries with the largest |tuned - base|: per tensor (`scope="tensor"`,
     k of each changed tensor) or over the whole model (`scope="model"`, k of all float entries, LT-SFT style).
     Ties at the threshold are kept lowest index (then storage order) first, so the result is deterministic."""
-    if density is None or not 0 < density <= 1:
-        raise PatchError("a mask patch needs --density in (0, 1], e.g. 0.01 to keep 1% of the entries")
-    if scope not in SCOPES:
-        raise PatchError(f"--mask-scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    density, scope, values = options.density, options.scope, options.values
+    device = resolve_device(device)
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     kept: dict[str, int] = {}
     if scope == "model":
         total = sum(info.numel for info in base.tensors.values() if info.dtype.is_floating_point)
-        threshold, ties = _global_threshold(base, tuned, max(1, int(density * total)), device)
-    for name, delta in deltas(base, tuned, device):
+        threshold, ties = _global_threshold(base, tuned, max(1, int(density * total)), device, progress)
+    for name, delta in deltas(base, tuned, device, progress):
         if scope == "tensor":
             mask = _nonzero_top_mask(delta, density)
         else:
@@ -106,7 +126,7 @@ def extract_mask(base: Checkpoint, tuned: Checkpoint, density: float | None, sco
     return Extracted(tensors, list(shapes), sorted(shapes), settings)
 
 
-def mask_steps(patch: Patch) -> dict[str, Step]:
+def mask_steps(patch: PatchContents) -> dict[str, Step]:
     """A sparse delta adds its values where its mask is set; a bare mask zeroes everything outside it."""
     shapes = patch.meta.settings.get("shapes")
     if not isinstance(shapes, dict):
@@ -126,7 +146,7 @@ def mask_steps(patch: Patch) -> dict[str, Step]:
     return steps
 
 
-def _add_sparse(patch: Patch, name: str, shape: tuple[int, ...], value: torch.Tensor) -> torch.Tensor:
+def _add_sparse(patch: PatchContents, name: str, shape: tuple[int, ...], value: torch.Tensor) -> torch.Tensor:
     mask = unpack_mask(patch.tensors[name + MASK_SUFFIX].to(value.device), shape).reshape(-1)
     selected = patch.tensors[name + VALUES_SUFFIX].to(device=value.device, dtype=value.dtype)
     if selected.numel() != int(mask.sum()):
@@ -135,3 +155,17 @@ def _add_sparse(patch: Patch, name: str, shape: tuple[int, ...], value: torch.Te
     result = value.reshape(-1).clone()
     result[mask] += selected
     return result.reshape(value.shape)
+
+
+def describe_mask(settings: dict[str, Any]) -> str:
+    """Density and scope, sparse delta or mask, and how many entries were kept where, in one line."""
+    if "density" not in settings:
+        return describe_plain(settings)
+    kept = settings.get("kept") or {}
+    return (f"density {settings['density']:g} per {settings.get('scope', 'tensor')}, "
+            f"{'sparse delta' if settings.get('values') else 'mask only'}; "
+            f"{sum(kept.values()):,} entries kept in {len(kept)} tensors")
+
+
+SPEC = KindSpec(extract=extract_mask, steps=mask_steps, describe=describe_mask, options=MaskOptions,
+                keywords={"density": "density", "mask_scope": "scope", "mask_values": "values"})

@@ -1,0 +1,1 @@
+"""PEFT adapters: read into patches (read.py), patches written as adapters (write.py), the names (names.py)."""

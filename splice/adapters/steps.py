@@ -1,0 +1,52 @@
+"""Steps: what a patch does to one base tensor, and how it composes with other patches' steps there.
+
+A step says how it composes (`replace`, `add`, `multiply`) and computes the new value from the current
+one. Patch tensors are read only when a step runs, so a streamed apply never holds a whole patch in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+import torch
+
+from splice.adapters.meta import PatchMeta
+
+
+class Effect(str, Enum):
+    replace = "replace"  # the patch's value wins: composes with nothing else on the same tensor
+    add = "add"  # value + something (delta, LoRA product, sparse delta)
+    multiply = "multiply"  # value * something (a bare mask)
+
+
+@dataclass(frozen=True)
+class Step:
+    effect: Effect
+    shape: tuple[int, ...]  # the shape of the base tensor this step was made for
+    # current value (fp32, on the compute device) -> new value; may update the value it is given in place
+    compute: Callable[[torch.Tensor], torch.Tensor]
+
+
+class PatchContents(Protocol):
+    """What a kind's steps read of a patch (a `Patch` is one); kinds sit below `patch.py`, so they name this."""
+
+    tensors: Mapping[str, torch.Tensor]
+    meta: PatchMeta
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+
+def replace_steps(patch: PatchContents) -> dict[str, Step]:
+    """Every patch tensor replaces the base tensor of its name."""
+    return {name: Step(Effect.replace, patch.shapes[name], lambda value, name=name: patch.tensors[name].to(value))
+            for name in patch.tensors}
+
+
+def add_steps(patch: PatchContents) -> dict[str, Step]:
+    """Every patch tensor is added to the base tensor of its name."""
+    return {name: Step(Effect.add, patch.shapes[name], lambda value, name=name: value + patch.tensors[name].to(value))
+            for name in patch.tensors}
