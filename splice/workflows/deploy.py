@@ -74,7 +74,9 @@ def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike,
         if patch.meta.base is None:
             check = "not recorded"
         elif mismatches:
-            check = f"drift allowed: {len(mismatches)} tensors differ"
+            own = sum(m.own for m in mismatches)
+            check = (f"drift allowed: {own} of the tensors it changes and {len(mismatches) - own} other base "
+                     f"tensors differ")
         else:
             check = "verified"
         deployed.append(DeployedPatch(ref=ref, name=version.name, version=version.version, digest=version.digest,
