@@ -75,3 +75,9 @@ def stream_report_table(title: str, report) -> Table:
         report.out, report.tensors, human_bytes(report.bytes_read), human_bytes(report.bytes_written),
         len(report.shard_files), report.device, f"{report.seconds:.2f}",
     ]])
+
+
+def show(renderable, quiet: bool = False) -> None:
+    """Print a table or a line, unless --quiet."""
+    if not quiet:
+        console.print(renderable)

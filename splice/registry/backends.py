@@ -14,7 +14,7 @@ import hashlib
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 
 from fsspec.implementations.local import LocalFileSystem
@@ -165,13 +165,17 @@ class Backend:
                 sizes.append(info.get("size"))
         return sizes
 
-    def listdir(self, rel: str) -> list[str]:
+    def _listed(self, rel: str, lister: Callable):
+        """`lister(path)` of `rel` past fsspec's listing cache (others write here too); None if it is absent."""
         path = self.path(rel)
         self.fs.invalidate_cache(path)
         try:
-            entries = self.fs.ls(path, detail=False)
+            return lister(path)
         except FileNotFoundError:
-            return []
+            return None
+
+    def listdir(self, rel: str) -> list[str]:
+        entries = self._listed(rel, lambda path: self.fs.ls(path, detail=False)) or []
         return [os.path.basename(str(e).rstrip("/")) for e in entries]
 
     def put_many(self, blobs: dict[str, Bytes]) -> None:
@@ -210,12 +214,7 @@ class Backend:
 
     def walk(self, rel: str) -> list[tuple[str, int, float | None]]:
         """(rel path, size, modification time) of every file under `rel`."""
-        path = self.path(rel)
-        self.fs.invalidate_cache(path)
-        try:
-            found = self.fs.find(path, detail=True)
-        except FileNotFoundError:
-            return []
+        found = self._listed(rel, lambda path: self.fs.find(path, detail=True)) or {}
         prefix = self.root.rstrip("/") + "/"
         out = []
         for name, info in found.items():

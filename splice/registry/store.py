@@ -87,7 +87,11 @@ class VersionDetails:
     @property
     def pointing(self) -> list[str]:
         """The aliases pointing at this version."""
-        return [a for a, r in self.aliases.items() if r.version == self.manifest.version]
+        return _pointing(self.aliases, self.manifest.version)
+
+
+def _pointing(aliases: dict[str, AliasRecord], version: int) -> list[str]:
+    return [a for a, r in aliases.items() if r.version == version]
 
 
 class Registry:
@@ -281,6 +285,13 @@ class Registry:
         return rows
 
     @storage_errors
+    def listing(self, name: str) -> list[tuple[VersionManifest, list[str]]]:
+        """What `registry ls NAME` shows: the live versions of a name, oldest first, each with the aliases
+        pointing at it."""
+        aliases = self.aliases(name)
+        return [(m, _pointing(aliases, m.version)) for m in self.versions(name)]
+
+    @storage_errors
     def details(self, ref: str | Ref) -> VersionDetails:
         """What `registry show` shows: the version a reference names, its name's aliases and their moves."""
         manifest = self.resolve(ref)
@@ -360,10 +371,7 @@ class Registry:
         first and the manifest last, so a push that dies leaves no visible version. A patch without a base
         record needs `base` (the model it was made on) to fingerprint it. (A PEFT adapter directory is
         published with splice.workflows.publish.publish_patch.)"""
-        self._require_writable()
-        check_name(name)
-        if alias is not None:
-            check_alias(alias)
+        self.check_push(name, alias)
         started = time.perf_counter()
         loaded, meta = self._prepare(patch, base)
         table, stats = TensorPusher(self._backend, self.pack_below).push(loaded)
@@ -385,6 +393,13 @@ class Registry:
             except RegistryError as exc:
                 raise RegistryError(f"pushed {manifest.ref}, but did not move alias {alias}: {exc}") from None
         return manifest
+
+    def check_push(self, name: str, alias: str | None = None) -> None:
+        """Refuse a push before any work: a registry that cannot create versions exclusively, a bad name or alias."""
+        self._require_writable()
+        check_name(name)
+        if alias is not None:
+            check_alias(alias)
 
     @staticmethod
     def _prepare(patch: Patch | str | os.PathLike, base: str | os.PathLike | None) -> tuple[Patch, PatchMeta]:
@@ -472,6 +487,12 @@ class Registry:
                              (tombstone.model_dump_json(indent=2) + "\n").encode())
         self._backend.delete(version_rel(manifest.name, manifest.version))
         return manifest
+
+    @storage_errors
+    def remove_version(self, ref: str | Ref) -> VersionDetails:
+        """`remove`, returning the removed version with its name's aliases (`pointing`: those left on it)."""
+        manifest = self.remove(ref)
+        return VersionDetails(manifest, self.aliases(manifest.name), {})
 
     def _live_manifests(self, report_bad: list[str] | None = None) -> list[VersionManifest]:
         manifests = []
