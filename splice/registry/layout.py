@@ -36,7 +36,7 @@ def blob_rel(digest: str) -> str:
     return f"blobs/sha256/{digest[:2]}/{digest}"
 
 
-def is_blob_rel(rel: str) -> str | None:
+def blob_digest_of(rel: str) -> str | None:
     """The digest a blob path names, or None for a file under blobs/ that is not a blob."""
     digest = rel.rsplit("/", 1)[-1]
     return digest if rel == blob_rel(digest) else None

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from splice.registry.backends import Backend
-from splice.registry.layout import blob_rel, is_blob_rel, located, numbers, removed_dir, version_rel, versions_dir
+from splice.registry.layout import blob_digest_of, blob_rel, located, numbers, removed_dir, version_rel, versions_dir
 from splice.registry.manifest import TensorEntry, VersionManifest
 from splice.registry.refs import first_line
 from splice.registry.transfer import BlobReader, tensor_from
@@ -90,7 +90,7 @@ def gc(backend: Backend, names: list[str], live_manifests: Callable[[], list[Ver
     live = {entry.blob_digest for m in live_manifests() for entry in m.tensors.values()}
     cutoff = time.time() - grace_seconds
     for rel, size, mtime in backend.walk("blobs"):
-        digest = is_blob_rel(rel)
+        digest = blob_digest_of(rel)
         if digest is None:
             continue  # not a blob name: not ours to remove
         if digest in live:
@@ -173,7 +173,7 @@ def verify(backend: Backend, url: str, manifests: list[VersionManifest], bad_man
     for manifest in manifests:
         for name, entry in manifest.tensors.items():
             users.setdefault(entry.blob_digest, []).append((manifest.ref, name, entry))
-    stored = {digest for digest in (is_blob_rel(rel) for rel, _, _ in backend.walk("blobs")) if digest}
+    stored = {digest for digest in (blob_digest_of(rel) for rel, _, _ in backend.walk("blobs")) if digest}
     for digest in sorted(stored):
         _check_blob(backend, url, digest, users.get(digest, []), report)
     for digest in sorted(set(users) - stored):
