@@ -30,7 +30,7 @@ from splice.adapters.fingerprint import TensorFingerprint, fingerprint_base, ten
 from splice.adapters.meta import BaseFingerprint
 from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta
 from splice.registry import AliasConflict, RefError, Registry, RegistryError, store
-from splice.registry.store import blob_rel
+from splice.registry.layout import blob_rel
 from splice.tensors.checkpoint import Checkpoint
 
 from conftest import perturbed, save, tiny_model

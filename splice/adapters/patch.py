@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from itertools import accumulate
 from math import prod
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from pydantic import ValidationError
@@ -21,10 +23,28 @@ from splice.adapters.meta import FORMAT_VERSION, PatchMeta
 from splice.adapters.meta import PatchKind as PatchKind  # re-exported: callers import it with Patch
 from splice.errors import CheckpointError, PatchError
 from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.writer import staged_output, write_state_dict
+from splice.tensors.safetensors import OutputTensor, header_bytes
+from splice.tensors.writer import staged_output
 
 MANIFEST = "patch.json"
 TENSORS = "tensors.safetensors"
+
+
+def write_patch_dir(directory: str | os.PathLike, meta: PatchMeta, tensors: Sequence[OutputTensor],
+                    fill: Callable[[BinaryIO, list[int]], None], force: bool = False) -> Path:
+    """The patch directory format, once: `tensors.safetensors` (a header for `tensors` in this order, tagged
+    with the patch kind, then their bytes, which `fill(file, offsets)` writes, each at its offset) and
+    `patch.json`, published atomically. `Patch.save` and `Registry.pull` both write patches through here."""
+    header = header_bytes(tensors, {"format": "pt", "splice_patch_kind": meta.kind.value})
+    ends = list(accumulate((t.nbytes for t in tensors), initial=len(header)))
+    with staged_output(directory, force) as staging:
+        with open(staging / TENSORS, "xb") as handle:
+            handle.write(header)
+            handle.truncate(ends[-1])
+            handle.flush()
+            fill(handle, ends[:-1])
+        (staging / MANIFEST).write_text(meta.model_dump_json(indent=2) + "\n")
+    return Path(directory)
 
 
 
@@ -70,11 +90,14 @@ class Patch:
 
     def save(self, directory: str | os.PathLike, force: bool = False) -> Path:
         """Write `patch.json` and `tensors.safetensors`, published atomically."""
-        with staged_output(directory, force) as staging:
-            write_state_dict(staging, self.tensors, metadata={"splice_patch_kind": self.meta.kind.value},
-                             single_file=TENSORS)
-            (staging / MANIFEST).write_text(self.meta.model_dump_json(indent=2) + "\n")
-        return Path(directory)
+        specs = [OutputTensor(name, t.dtype, tuple(t.shape)) for name, t in self.tensors.items()]
+
+        def fill(handle: BinaryIO, offsets: list[int]) -> None:
+            for tensor, offset in zip(self.tensors.values(), offsets):
+                handle.seek(offset)
+                handle.write(memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+        return write_patch_dir(directory, self.meta, specs, fill, force)
 
     @classmethod
     def load(cls, location: str | os.PathLike, storage_options: dict | None = None) -> Patch:

@@ -59,11 +59,6 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("splice").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def show(renderable, quiet: bool = False) -> None:
-    if not quiet:
-        render.console.print(renderable)
-
-
 @app.command()
 def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec URL.")],
             storage_options: StorageOptions = None) -> None:
@@ -72,7 +67,7 @@ def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec
     from splice.workflows.inspect import summarize
 
     for renderable in render.model_summary_tables(summarize(model, parse_storage_options(storage_options))):
-        show(renderable)
+        render.show(renderable)
 
 
 def _parse_weights(text: str | None) -> list[float] | None:
@@ -109,11 +104,11 @@ def soup(
                             strict=strict, device=device, dtype=dtype, shard_size=parse_size(shard_size), force=force,
                             progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
     if isinstance(report, GreedySoupReport):
-        show(render.greedy_soup_table(report), quiet)
-        show(f"greedy soup kept {len(report.kept)} of {len(report.steps)}; held-out score {report.soup_score:.4f} "
+        render.show(render.greedy_soup_table(report), quiet)
+        render.show(f"greedy soup kept {len(report.kept)} of {len(report.steps)}; held-out score {report.soup_score:.4f} "
              f"(best ingredient {report.best_ingredient.score:.4f})", quiet)
     else:
-        show(render.stream_report_table("soup", report), quiet)
+        render.show(render.stream_report_table("soup", report), quiet)
 
 
 @app.command()
@@ -136,7 +131,7 @@ def merge(
     report = splice.merge(recipe, out, device=device, shard_size=parse_size(shard_size), force=force,
                           progress=render.RichProgress(quiet), seed=seed,
                           storage_options=parse_storage_options(storage_options))
-    show(render.stream_report_table(f"merge ({recipe})", report), quiet)
+    render.show(render.stream_report_table(f"merge ({recipe})", report), quiet)
 
 
 @app.command()

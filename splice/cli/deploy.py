@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Device, Force, Out, Quiet, ShardSize, StorageOptions, parse_storage_options
+from splice.cli.options import Device, Force, Out, Quiet, RegistryURL, ShardSize, StorageOptions, parse_storage_options
 
 
 def deploy_command(
@@ -15,8 +15,7 @@ def deploy_command(
                                                     "applied in order.")],
     base: Annotated[str, typer.Option("--base", help="The base model to deploy onto.")],
     out: Out,
-    registry: Annotated[str | None, typer.Option("--registry", envvar="SPLICE_REGISTRY",
-                                                 help="Registry URL (default ~/.cache/splice/registry).")] = None,
+    registry: RegistryURL = None,
     allow_base_drift: Annotated[bool, typer.Option("--allow-base-drift",
                                                    help="Deploy even if the base differs from the patches'.")] = False,
     device: Device = "auto",

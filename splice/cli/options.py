@@ -31,3 +31,6 @@ def parse_storage_options(text: str | None) -> dict | None:
     if not isinstance(options, dict):
         raise SpliceError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
     return options
+RegistryURL = Annotated[str | None, typer.Option(
+    "--registry", envvar="SPLICE_REGISTRY",
+    help="Registry location: a directory or fsspec URL (default: $SPLICE_REGISTRY, else ~/.cache/splice/registry).")]

@@ -1,4 +1,5 @@
-"""`splice registry init|push|pull|ls|show|tag|diff|rm|gc|verify`."""
+"""`splice registry init|push|pull|ls|show|tag|diff|rm|gc|verify`: each parses, makes one library call on the
+opened registry, and renders. The commands that only move bytes import neither torch nor transformers."""
 
 from __future__ import annotations
 
@@ -8,26 +9,20 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Force, Quiet, StorageOptions, parse_storage_options
+from splice.cli.options import Force, Quiet, RegistryURL, StorageOptions, parse_storage_options
+from splice.cli.render import show as _print
 
 registry_app = typer.Typer(
                            help="A versioned patch registry on any fsspec location (local by default).")
 
-RegistryURL = Annotated[str | None, typer.Option(
-    "--registry", envvar="SPLICE_REGISTRY",
-    help="Registry location: a directory or fsspec URL (default: $SPLICE_REGISTRY, else ~/.cache/splice/registry).")]
-RefArg = Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@ALIAS or NAME@sha256:DIGEST.")]
+RefArg = Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@ALIAS or NAME@sha256:DIGEST (or a short "
+                                            "digest, as `ls` prints it).")]
 
 
 def _open(registry: str | None, storage_options: str | None):
     from splice.registry import Registry
 
     return Registry.open(registry, parse_storage_options(storage_options))
-
-
-def _show(renderable, quiet: bool = False) -> None:
-    if not quiet:
-        render.console.print(renderable)
 
 
 def _short(digest: str) -> str:
@@ -48,8 +43,8 @@ def init(registry: RegistryURL = None, storage_options: StorageOptions = None, q
     from splice.registry import Registry
 
     opened = Registry.init(registry, parse_storage_options(storage_options))
-    _show(f"registry at {opened.url} (format {opened.info.format_version}, versions created exclusively by "
-          f"{opened.info.exclusive_create or 'unknown'})", quiet)
+    _print(f"registry at {opened.url} (format {opened.info.format_version}, versions created exclusively by "
+           f"{opened.info.exclusive_create or 'unknown'})", quiet)
 
 
 @registry_app.command("push")
@@ -66,13 +61,16 @@ def push(
     quiet: Quiet = False,
 ) -> None:
     """Store a patch as the next version of NAME."""
-    manifest = _open(registry, storage_options).push(name, patch_dir, alias=alias, message=message, base=base)
+    from splice.workflows.publish import publish_patch
+
+    manifest = publish_patch(_open(registry, storage_options), name, patch_dir, alias=alias, message=message,
+                             base=base)
     stats = manifest.push_stats
-    _show(f"pushed {manifest.ref} ({manifest.digest})", quiet)
-    _show(render.table("", ["kind", "tensors", "size", "new blob bytes", "reused blob bytes", "alias"],
-                       [[manifest.meta.kind.value, len(manifest.tensors), render.human_bytes(manifest.nbytes),
-                         f"{stats.bytes_written:,}" if stats else "", f"{stats.bytes_reused:,}" if stats else "",
-                         alias or ""]]), quiet)
+    _print(f"pushed {manifest.ref} ({manifest.digest})", quiet)
+    _print(render.table("", ["kind", "tensors", "size", "new blob bytes", "reused blob bytes", "alias"],
+                        [[manifest.meta.kind.value, len(manifest.tensors), render.human_bytes(manifest.nbytes),
+                          f"{stats.bytes_written:,}" if stats else "", f"{stats.bytes_reused:,}" if stats else "",
+                          alias or ""]]), quiet)
 
 
 @registry_app.command("pull")
@@ -85,10 +83,24 @@ def pull(
     quiet: Quiet = False,
 ) -> None:
     """Write a version as a splice patch directory, every blob hash-checked."""
-    opened = _open(registry, storage_options)
-    manifest = opened.resolve(ref)
-    opened.pull(manifest.ref, out, force=force)
-    _show(f"pulled {manifest.ref} ({manifest.digest}) -> {out}", quiet)
+    manifest = _open(registry, storage_options).pull_version(ref, out, force=force)
+    _print(f"pulled {manifest.ref} ({manifest.digest}) -> {out}", quiet)
+
+
+def _names_table(opened) -> object:
+    rows = [[s.name, "" if s.latest is None else s.latest, s.versions,
+             ", ".join(f"{a}={r.version}" for a, r in s.aliases.items())] for s in opened.summary()]
+    return render.table(f"registry {opened.url}", ["name", "latest", "versions", "aliases"], rows)
+
+
+def _versions_table(opened, name: str) -> object:
+    rows = []
+    for manifest, pointing in opened.listing(name):
+        rows.append([manifest.version, _short(manifest.digest), manifest.meta.kind.value, len(manifest.tensors),
+                     render.human_bytes(manifest.nbytes), _when(manifest.pushed_at), ", ".join(pointing),
+                     manifest.message])
+    return render.table(f"{name} in {opened.url}", ["version", "digest", "kind", "tensors", "size", "pushed",
+                                                     "aliases", "message"], rows)
 
 
 @registry_app.command("ls")
@@ -99,38 +111,17 @@ def ls(
 ) -> None:
     """Patch names with their latest version and aliases, or the versions of one name."""
     opened = _open(registry, storage_options)
-    if name is None:
-        rows = []
-        for each in opened.names():
-            latest = opened.latest_version(each)
-            aliases = opened.aliases(each)
-            rows.append([each, "" if latest is None else latest, len(opened.versions(each)) if latest else 0,
-                         ", ".join(f"{a}={r.version}" for a, r in aliases.items())])
-        _show(render.table(f"registry {opened.url}", ["name", "latest", "versions", "aliases"], rows))
-        return
-    aliases = opened.aliases(name)
-    rows = []
-    for manifest in opened.versions(name):
-        pointing = ", ".join(a for a, r in aliases.items() if r.version == manifest.version)
-        rows.append([manifest.version, _short(manifest.digest), manifest.meta.kind.value, len(manifest.tensors),
-                     render.human_bytes(manifest.nbytes), _when(manifest.pushed_at), pointing, manifest.message])
-    _show(render.table(f"{name} in {opened.url}", ["version", "digest", "kind", "tensors", "size", "pushed",
-                                                    "aliases", "message"], rows))
+    _print(_names_table(opened) if name is None else _versions_table(opened, name))
 
 
-@registry_app.command("show")
-def show(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOptions = None) -> None:
-    """Everything about one version: kind, base fingerprint, size, lineage, metrics, aliases and their history."""
+def _version_rows(details) -> list[list[object]]:
     from splice.adapters.patch import describe_settings
 
-    opened = _open(registry, storage_options)
-    manifest = opened.resolve(ref)
-    meta = manifest.meta
-    aliases = opened.aliases(manifest.name)
+    manifest, meta = details.manifest, details.manifest.meta
     base = (f"{meta.base.digest} ({len(meta.base.tensors)} base tensors touched, {len(meta.base.context)} others "
             f"sampled)" if meta.base else "none (made elsewhere, e.g. PEFT: checked by shape only)")
     targets = ", ".join(meta.targets[:4]) + (f", ... ({len(meta.targets)} in all)" if len(meta.targets) > 4 else "")
-    rows = [
+    return [
         ["version", manifest.ref],
         ["digest", manifest.digest],
         ["kind", meta.kind.value],
@@ -147,18 +138,21 @@ def show(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOpti
         ["created", _when(meta.created)],
         ["pushed", _when(manifest.pushed_at)],
         ["message", manifest.message],
-        ["aliases", ", ".join(a for a, r in aliases.items() if r.version == manifest.version) or "none"],
+        ["aliases", ", ".join(details.pointing) or "none"],
     ]
-    _show(render.table(f"{manifest.ref}", ["field", "value"], rows))
-    history = []
-    for alias in aliases:
-        records = opened.alias_history(manifest.name, alias)
-        for record in records:
-            history.append([alias, record.generation, record.version, _when(record.moved_at),
-                            "current" if record is records[-1] else ""])
+
+
+@registry_app.command("show")
+def show(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOptions = None) -> None:
+    """Everything about one version: kind, base fingerprint, size, lineage, metrics, aliases and their history."""
+    details = _open(registry, storage_options).details(ref)
+    _print(render.table(f"{details.manifest.ref}", ["field", "value"], _version_rows(details)))
+    history = [[alias, record.generation, record.version, _when(record.moved_at),
+                "current" if record is records[-1] else ""]
+               for alias, records in details.history.items() for record in records]
     if history:
-        _show(render.table(f"aliases of {manifest.name} (history)", ["alias", "generation", "version", "moved",
-                                                                     ""], history))
+        _print(render.table(f"aliases of {details.manifest.name} (history)",
+                            ["alias", "generation", "version", "moved", ""], history))
 
 
 @registry_app.command("tag")
@@ -172,11 +166,9 @@ def tag(
     """Point an alias at a version (compare-and-swap: a concurrent move makes this fail, not vanish)."""
     from splice.registry import check_alias
 
-    check_alias(alias)
-    opened = _open(registry, storage_options)
-    manifest = opened.resolve(ref)
-    record = opened.tag(manifest.name, alias, manifest.version)
-    _show(f"alias {alias} of {manifest.name} -> version {record.version} (generation {record.generation})", quiet)
+    check_alias(alias)  # a bad alias is refused before the registry is opened
+    manifest, record = _open(registry, storage_options).tag_ref(ref, alias)
+    _print(f"alias {alias} of {manifest.name} -> version {record.version} (generation {record.generation})", quiet)
 
 
 @registry_app.command("diff")
@@ -185,27 +177,25 @@ def diff(ref_a: RefArg, ref_b: RefArg, registry: RegistryURL = None, storage_opt
     """Compare two versions tensor by tensor."""
     report = _open(registry, storage_options).diff(ref_a, ref_b)
     if report.identical:
-        _show(f"{report.a} and {report.b} are identical ({report.digest_a})")
+        _print(f"{report.a} and {report.b} are identical ({report.digest_a})")
         return
     rows = [[t.name, t.status, "" if t.shape_a is None else list(t.shape_a),
              "" if t.shape_b is None else list(t.shape_b), _number(t.max_abs_diff), _number(t.relative_l2)]
             for t in report.tensors]
-    _show(render.table(f"{report.a} -> {report.b}", ["tensor", "status", f"shape {report.a}", f"shape {report.b}",
-                                                     "max |diff|", "relative L2"], rows))
+    _print(render.table(f"{report.a} -> {report.b}", ["tensor", "status", f"shape {report.a}", f"shape {report.b}",
+                                                      "max |diff|", "relative L2"], rows))
     counts = {s: sum(t.status == s for t in report.tensors) for s in ("added", "removed", "changed", "unchanged")}
     meta = f"; meta differs in {', '.join(report.meta_changes)}" if report.meta_changes else ""
-    _show(", ".join(f"{n} {s}" for s, n in counts.items()) + meta)
+    _print(", ".join(f"{n} {s}" for s, n in counts.items()) + meta)
 
 
 @registry_app.command("rm")
 def rm(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOptions = None, quiet: Quiet = False
        ) -> None:
     """Remove a version (its number is never reused; `gc` frees its blobs)."""
-    opened = _open(registry, storage_options)
-    manifest = opened.remove(ref)
-    stale = [a for a, r in opened.aliases(manifest.name).items() if r.version == manifest.version]
-    note = f"; aliases still pointing at it: {', '.join(stale)}" if stale else ""
-    _show(f"removed {manifest.ref} ({manifest.digest}){note}", quiet)
+    removed = _open(registry, storage_options).remove_version(ref)
+    note = f"; aliases still pointing at it: {', '.join(removed.pointing)}" if removed.pointing else ""
+    _print(f"removed {removed.manifest.ref} ({removed.manifest.digest}){note}", quiet)
 
 
 @registry_app.command("gc")
@@ -218,10 +208,10 @@ def gc(
 ) -> None:
     """Remove blobs no live version uses, and stale temp files, older than the grace period."""
     report = _open(registry, storage_options).gc(grace_seconds=grace)
-    _show(render.table("gc", ["blobs removed", "bytes freed", "temp files removed", "blobs in use",
-                              "unused but young"],
-                       [[report.blobs_removed, f"{report.bytes_freed:,}", report.temps_removed,
-                         report.blobs_kept_live, report.blobs_kept_young]]), quiet)
+    _print(render.table("gc", ["blobs removed", "bytes freed", "temp files removed", "blobs in use",
+                               "unused but young"],
+                        [[report.blobs_removed, f"{report.bytes_freed:,}", report.temps_removed,
+                          report.blobs_kept_live, report.blobs_kept_young]]), quiet)
 
 
 @registry_app.command("verify")
@@ -229,10 +219,10 @@ def verify(registry: RegistryURL = None, storage_options: StorageOptions = None)
     """Re-hash every blob and check every version's blobs; exit 1 if anything is corrupt or missing."""
     report = _open(registry, storage_options).verify()
     if report.ok:
-        _show(f"ok: {report.blobs_checked} blobs ({report.bytes_checked:,} bytes) and {report.versions_checked} "
-              "versions verified")
+        _print(f"ok: {report.blobs_checked} blobs ({report.bytes_checked:,} bytes) and {report.versions_checked} "
+               "versions verified")
         return
     rows = [[p.problem, p.path, p.detail, ", ".join(p.versions) or "none"] for p in report.problems]
     rows += [["bad manifest", line, "", ""] for line in report.bad_manifests]
-    _show(render.table("registry verify: problems", ["problem", "blob", "detail", "versions broken"], rows))
+    _print(render.table("registry verify: problems", ["problem", "blob", "detail", "versions broken"], rows))
     raise SystemExit(1)  # not typer.Exit: main() runs click with standalone_mode=False, which swallows its code

@@ -106,3 +106,9 @@ def model_summary_tables(summary) -> list[Table]:
         tables.append(deployment_table(f"deployed patches (from {record.registry}, "
                                        f"{record.deployed_at:%Y-%m-%d %H:%M} UTC)", record))
     return tables
+
+
+def show(renderable, quiet: bool = False) -> None:
+    """Print a table or a line, unless --quiet."""
+    if not quiet:
+        console.print(renderable)

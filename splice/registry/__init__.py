@@ -1,22 +1,18 @@
 """The patch registry: content-addressed blobs, immutable version manifests, aliases moved by compare-and-swap."""
 
+from splice.registry.layout import default_location
+from splice.registry.maintenance import BlobProblem, DiffReport, GcReport, TensorDiff, VerifyReport
 from splice.registry.manifest import AliasRecord, PushStats, TensorEntry, VersionManifest
 from splice.registry.refs import Ref, RefError, RegistryError, check_alias, check_name, parse_ref
-from splice.registry.store import (
-    AliasConflict,
-    DiffReport,
-    GcReport,
-    Registry,
-    TensorDiff,
-    VerifyReport,
-    default_location,
-)
+from splice.registry.store import AliasConflict, NameSummary, Registry, VersionDetails
 
 __all__ = [
     "AliasConflict",
     "AliasRecord",
+    "BlobProblem",
     "DiffReport",
     "GcReport",
+    "NameSummary",
     "PushStats",
     "Ref",
     "RefError",
@@ -25,6 +21,7 @@ __all__ = [
     "TensorDiff",
     "TensorEntry",
     "VerifyReport",
+    "VersionDetails",
     "VersionManifest",
     "check_alias",
     "check_name",

@@ -1,4 +1,4 @@
-"""Registry references: `name`, `name@3`, `name@prod`, `name@sha256:<64 hex>`.
+"""Registry references: `name`, `name@3`, `name@prod`, `name@sha256:<64 hex>` (or a short `name@sha256:<8-32 hex>`).
 
 Names and aliases become path components in the registry's storage, so they are checked against an
 allow-list (`[a-z0-9][a-z0-9._-]*`, at most 100 characters) before anything touches a filesystem:
@@ -20,7 +20,8 @@ RESERVED_ALIASES = frozenset({"sha256"})
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _VERSION = re.compile(r"[1-9][0-9]{0,17}")
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# the whole digest, or a short one (a prefix, as `registry ls` prints it); 33 to 63 digits read as a cut-off digest
+_DIGEST = re.compile(r"sha256:(?:[0-9a-f]{64}|[0-9a-f]{8,32})")
 
 
 class RegistryError(SpliceError):
@@ -29,6 +30,12 @@ class RegistryError(SpliceError):
 
 class RefError(RegistryError):
     """A name, alias or reference does not follow the registry's rules."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (at most 200 characters), for a one-line RegistryError that wraps it."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _shown(text: str) -> str:
@@ -58,7 +65,8 @@ def check_alias(alias: str) -> str:
 
 def check_digest(digest: str) -> str:
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise RefError(f"digest {_shown(digest)} is not allowed: write sha256: followed by 64 lowercase hex digits")
+        raise RefError(f"digest {_shown(digest)} is not allowed: write sha256: followed by 64 lowercase hex digits, "
+                       "or the first 8 to 32 of them (a short digest, as `splice registry ls` prints it)")
     return digest
 
 

@@ -1,0 +1,220 @@
+"""Keeping a registry healthy: `gc` (free what no live version uses), `verify` (re-hash everything) and `diff`
+(two versions tensor by tensor), with their reports. `Registry.gc/verify/diff` call into this module."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from splice.registry.backends import Backend
+from splice.registry.layout import blob_digest_of, blob_rel, located, numbers, removed_dir, version_rel, versions_dir
+from splice.registry.manifest import TensorEntry, VersionManifest
+from splice.registry.refs import first_line
+from splice.registry.transfer import BlobReader, tensor_from
+
+
+@dataclass
+class GcReport:
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    temps_removed: int = 0
+    stale_versions_removed: int = 0  # manifests of removed versions left behind by an interrupted rm
+    blobs_kept_live: int = 0
+    blobs_kept_young: int = 0  # unreachable, but younger than the grace period (a push may be in flight)
+
+
+@dataclass
+class BlobProblem:
+    digest: str
+    path: str
+    problem: str  # "missing", "corrupt" or "wrong size"
+    detail: str
+    versions: list[str] = field(default_factory=list)  # the versions it breaks, as NAME@N
+    tensors: list[str] = field(default_factory=list)  # in a damaged pack: the tensors it breaks, "NAME of REF"
+
+
+@dataclass
+class VerifyReport:
+    blobs_checked: int = 0
+    bytes_checked: int = 0
+    versions_checked: int = 0
+    problems: list[BlobProblem] = field(default_factory=list)
+    bad_manifests: list[str] = field(default_factory=list)  # one line each
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.bad_manifests
+
+
+@dataclass
+class TensorDiff:
+    name: str
+    status: str  # "added", "removed", "changed", "unchanged"
+    shape_a: tuple[int, ...] | None = None
+    shape_b: tuple[int, ...] | None = None
+    dtype_a: str | None = None
+    dtype_b: str | None = None
+    max_abs_diff: float | None = None
+    relative_l2: float | None = None  # ||b - a|| / ||a||
+
+
+@dataclass
+class DiffReport:
+    a: str
+    b: str
+    digest_a: str
+    digest_b: str
+    meta_changes: list[str]  # PatchMeta fields that differ (creation time aside)
+    tensors: list[TensorDiff]
+
+    @property
+    def identical(self) -> bool:
+        return self.digest_a == self.digest_b
+
+
+# -- gc ------------------------------------------------------------------------------------------
+
+
+def gc(backend: Backend, names: list[str], live_manifests: Callable[[], list[VersionManifest]],
+       grace_seconds: float) -> GcReport:
+    """Remove the manifests an interrupted `rm` left, then blobs no live version uses and stale temp files,
+    when older than `grace_seconds` (so a push in flight, whose blobs come before its manifest, is left alone)."""
+    report = GcReport()
+    for name in names:
+        stored = numbers(backend.listdir(versions_dir(name)))
+        for version in stored & numbers(backend.listdir(removed_dir(name))):
+            backend.delete(version_rel(name, version))
+            report.stale_versions_removed += 1
+    live = {entry.blob_digest for m in live_manifests() for entry in m.tensors.values()}
+    cutoff = time.time() - grace_seconds
+    for rel, size, mtime in backend.walk("blobs"):
+        digest = blob_digest_of(rel)
+        if digest is None:
+            continue  # not a blob name: not ours to remove
+        if digest in live:
+            report.blobs_kept_live += 1
+        elif grace_seconds > 0 and (mtime is None or mtime > cutoff):
+            report.blobs_kept_young += 1
+        else:
+            backend.delete(rel)
+            report.blobs_removed += 1
+            report.bytes_freed += size
+    for rel, _, mtime in backend.walk("tmp"):
+        if grace_seconds <= 0 or (mtime is not None and mtime <= cutoff):
+            backend.delete(rel)
+            report.temps_removed += 1
+    return report
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+
+Use = tuple[str, str, TensorEntry]  # (version ref, tensor name, its entry)
+
+
+def _versions_of(found: list[Use]) -> list[str]:
+    return list(dict.fromkeys(ref for ref, _, _ in found))
+
+
+def _damaged(backend: Backend, rel: str, using: list[Use]) -> list[Use]:
+    """Which tensors does the damage to a blob reach? a blob of its own: all of its users; a pack: those
+    whose byte range no longer hashes to their sha256."""
+    damaged = [u for u in using if not u[2].packed]
+    packed = [u for u in using if u[2].packed and u[2].nbytes]
+    ranges = backend.read_ranges([(rel, e.offset, e.offset + e.nbytes) for _, _, e in packed])
+    for user, data in zip(packed, ranges):
+        entry = user[2]
+        if (isinstance(data, BaseException) or len(data) != entry.nbytes
+                or hashlib.sha256(data).hexdigest() != entry.digest):
+            damaged.append(user)
+    return damaged
+
+
+def _corrupt(backend: Backend, url: str, digest: str, actual: str, using: list[Use]) -> BlobProblem:
+    rel = blob_rel(digest)
+    damaged = _damaged(backend, rel, using)
+    detail = f"its bytes hash to {actual[:12]}..., not its name"
+    tensors = [f"{name} of {ref}" for ref, name, entry in damaged if entry.packed]
+    if tensors:
+        shown = ", ".join(tensors[:4]) + (f" and {len(tensors) - 4} more" if len(tensors) > 4 else "")
+        detail += f"; damaged tensors: {shown}"
+    elif using and not damaged:
+        detail += "; every tensor in it still checks out"
+    return BlobProblem(digest, located(url, rel), "corrupt", detail, _versions_of(damaged), tensors)
+
+
+def _check_blob(backend: Backend, url: str, digest: str, using: list[Use], report: VerifyReport) -> None:
+    rel = blob_rel(digest)
+    try:
+        actual, size = backend.hash_blob(rel)
+    except FileNotFoundError as exc:
+        report.problems.append(BlobProblem(digest, located(url, rel), "missing", first_line(exc),
+                                           _versions_of(using)))
+        return
+    report.blobs_checked += 1
+    report.bytes_checked += size
+    wrong_size = [u for u in using if not u[2].packed and u[2].nbytes != size]
+    if actual != digest:
+        report.problems.append(_corrupt(backend, url, digest, actual, using))
+    elif wrong_size:
+        report.problems.append(BlobProblem(digest, located(url, rel), "wrong size",
+                                           f"{size} bytes, manifests say {wrong_size[0][2].nbytes}",
+                                           _versions_of(wrong_size)))
+
+
+def verify(backend: Backend, url: str, manifests: list[VersionManifest], bad_manifests: list[str]) -> VerifyReport:
+    """Re-hash every blob and check every live version's blobs; changes nothing. A damaged pack is reported
+    with the tensors in it whose bytes no longer match, and the versions they break."""
+    report = VerifyReport(bad_manifests=bad_manifests)
+    report.versions_checked = len(manifests) + len(bad_manifests)
+    users: dict[str, list[Use]] = {}  # blob digest -> its users
+    for manifest in manifests:
+        for name, entry in manifest.tensors.items():
+            users.setdefault(entry.blob_digest, []).append((manifest.ref, name, entry))
+    stored = {digest for digest in (blob_digest_of(rel) for rel, _, _ in backend.walk("blobs")) if digest}
+    for digest in sorted(stored):
+        _check_blob(backend, url, digest, users.get(digest, []), report)
+    for digest in sorted(set(users) - stored):
+        report.problems.append(BlobProblem(digest, located(url, blob_rel(digest)), "missing", "no such blob",
+                                           _versions_of(users[digest])))
+    return report
+
+
+# -- diff ----------------------------------------------------------------------------------------
+
+
+def _compare_values(reader: BlobReader, a: VersionManifest, b: VersionManifest, out: TensorDiff) -> None:
+    """max |b - a| and ||b - a|| / ||a|| of a changed tensor of one shape in both versions."""
+    ea, eb = a.tensors[out.name], b.tensors[out.name]
+    (da,) = reader.read_verified([(out.name, ea)], a.ref)
+    (db,) = reader.read_verified([(out.name, eb)], b.ref)
+    ta, tb = tensor_from(da, ea).double(), tensor_from(db, eb).double()
+    delta = tb - ta
+    if delta.numel():
+        out.max_abs_diff = float(delta.abs().max())
+        norm_a, norm_d = float(ta.norm()), float(delta.norm())
+        out.relative_l2 = norm_d / norm_a if norm_a else (0.0 if norm_d == 0 else float("inf"))
+
+
+def diff(reader: BlobReader, a: VersionManifest, b: VersionManifest) -> DiffReport:
+    """Tensor by tensor: added, removed, changed (max |b - a| and ||b - a|| / ||a||) or unchanged."""
+    meta_a = a.meta.model_dump(mode="json", exclude={"created"})
+    meta_b = b.meta.model_dump(mode="json", exclude={"created"})
+    meta_changes = sorted(k for k in meta_a.keys() | meta_b.keys() if meta_a.get(k) != meta_b.get(k))
+    out = []
+    for name in list(a.tensors) + [n for n in b.tensors if n not in a.tensors]:
+        ea, eb = a.tensors.get(name), b.tensors.get(name)
+        entry = TensorDiff(name, "unchanged", ea.shape if ea else None, eb.shape if eb else None,
+                           ea.dtype if ea else None, eb.dtype if eb else None)
+        if ea is None:
+            entry.status = "added"
+        elif eb is None:
+            entry.status = "removed"
+        elif ea.digest != eb.digest:
+            entry.status = "changed"
+            if ea.shape == eb.shape:
+                _compare_values(reader, a, b, entry)
+        out.append(entry)
+    return DiffReport(a.ref, b.ref, a.digest, b.digest, meta_changes, out)

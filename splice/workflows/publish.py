@@ -1,0 +1,25 @@
+"""Turn what a user has into a pushed registry version: a splice patch directory, a Patch, or a PEFT adapter
+directory with the base model it was trained on (which maps its module names to stored tensor names and
+gives the base fingerprint that the adapter itself does not record)."""
+
+from __future__ import annotations
+
+import os
+
+from splice.adapters.sources import PatchSource, load_patch
+from splice.registry.manifest import VersionManifest
+from splice.registry.store import Registry
+from splice.tensors.checkpoint import Checkpoint
+
+
+def publish_patch(registry: Registry, name: str, source: PatchSource, *, alias: str | None = None,
+                  message: str = "", base: str | os.PathLike | None = None) -> VersionManifest:
+    """Push `source` as the next version of `name`. A patch without a record of its base (a PEFT adapter)
+    needs `base`, which the registry fingerprints; a patch with one is checked against `base` when given."""
+    registry.check_push(name, alias)
+    if base is None:
+        patch = load_patch(source)
+    else:
+        with Checkpoint.open(base) as checkpoint:
+            patch = load_patch(source, base=checkpoint)
+    return registry.push(name, patch, alias=alias, message=message, base=base)
