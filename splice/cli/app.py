@@ -105,8 +105,8 @@ def soup(
                             progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
     if isinstance(report, GreedySoupReport):
         render.show(render.greedy_soup_table(report), quiet)
-        render.show(f"greedy soup kept {len(report.kept)} of {len(report.steps)}; held-out score {report.soup_score:.4f} "
-             f"(best ingredient {report.best_ingredient.score:.4f})", quiet)
+        render.show(f"greedy soup kept {len(report.kept)} of {len(report.steps)}; held-out score "
+                    f"{report.soup_score:.4f} (best ingredient {report.best_ingredient.score:.4f})", quiet)
     else:
         render.show(render.stream_report_table("soup", report), quiet)
 
