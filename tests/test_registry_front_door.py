@@ -86,18 +86,13 @@ def test_a_peft_adapter_is_published_with_its_base_fingerprinted(registry, tmp_p
 
 
 MOVE_BYTES = textwrap.dedent("""
-    import sys, types
-    # splice/__init__.py resolves the whole public API; what is checked here is the registry's own imports
-    package = types.ModuleType("splice")
-    package.__path__ = [sys.argv[1] + "/splice"]
-    sys.modules["splice"] = package
-    import splice.registry
-    from splice.cli.registry import registry_app
+    import sys
+    from splice.cli.app import app  # the real entry point's app, with the real lazy splice package
     url = sys.argv[2]
     for args in (["init"], ["ls"], ["ls", "task"], ["tag", "task@1", "prod"], ["diff", "task@1", "task@1"],
                  ["verify"], ["gc", "--grace", "0"], ["rm", "task@2"]):
         try:
-            registry_app([*args, "--registry", url], standalone_mode=False)
+            app(["registry", *args, "--registry", url], standalone_mode=False)
         except SystemExit as exc:
             assert not exc.code, (args, exc.code)
     heavy = sorted(m for m in ("torch", "transformers", "safetensors") if m in sys.modules)
@@ -113,3 +108,14 @@ def test_registry_commands_that_only_move_bytes_import_no_torch(registry, tmp_pa
     assert done.returncode == 0, done.stderr
     assert "heavy: []" in done.stdout, done.stdout
     assert "removed task@2" in done.stdout and "alias prod of task -> version 1" in done.stdout
+
+
+def test_splice_registry_ls_and_help_import_no_torch(registry, tmp_path):
+    registry.push("task", make_patch(0))
+    for args in (["--help"], ["registry", "ls", "--registry", str(registry.url)]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "splice", *args], capture_output=True,
+                              text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+        assert "splice.cli.app" in imported
+        assert not imported & {"torch", "transformers", "safetensors", "numpy"}, args
