@@ -9,7 +9,8 @@ from mergekit.config import ConditionalParameter
 from mergekit.config import evaluate_setting as mergekit_evaluate_setting
 from mergekit.sparsify import magnitude
 
-from splice.merge.recipe import Conditional, evaluate_setting, layer_positions
+from splice.arch.layers import layer_positions
+from splice.merge.recipe import Conditional, evaluate_setting
 from splice.sparsify import top_magnitude_mask
 
 

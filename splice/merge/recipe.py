@@ -27,6 +27,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from splice.arch.layers import layer_positions
 from splice.errors import RecipeError
 from splice.merge.kernels import method_kernel
 from splice.merge.methods import check_ranges, coerce_parameter, method_rules
@@ -186,21 +187,6 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
             raise RecipeError(f"{source}: {field}: {exc}") from None
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-
-
-def layer_positions(names: Sequence[str]):
-    """Tensor name -> t in [0, 1]: its layer's relative depth (t = 0 outside layers, as in mergekit)."""
-    indices = [int(m.group(1)) for m in map(_LAYER_INDEX.search, names) if m]
-    count = max(indices) + 1 if indices else 0
-
-    def position(name: str) -> float:
-        match = _LAYER_INDEX.search(name)
-        if not match:
-            return 0.0
-        return int(match.group(1)) / (count - 1) if count > 1 else 1.0
-
-    return position
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
