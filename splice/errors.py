@@ -26,6 +26,7 @@ class PatchError(SpliceError):
 
 
 def first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line (its type name when it has none), for one-line errors."""
+    """An exception's message cut to its first line and 200 characters (its type name when it has none), for a
+    one-line error that wraps it."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -19,9 +19,9 @@ from datetime import datetime
 
 from fsspec.implementations.local import LocalFileSystem
 
-from splice.errors import SpliceError
+from splice.errors import SpliceError, first_line
 from splice.registry.layout import IO_CHUNK
-from splice.registry.refs import RegistryError, first_line
+from splice.registry.refs import RegistryError
 
 _MEMORY_LOCK = threading.Lock()
 _STORAGE_MODULES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs", "requests"}

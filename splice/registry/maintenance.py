@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from splice.errors import first_line
 from splice.registry.backends import Backend
 from splice.registry.layout import blob_digest_of, blob_rel, located, numbers, removed_dir, version_rel, versions_dir
 from splice.registry.manifest import TensorEntry, VersionManifest
-from splice.registry.refs import first_line
 from splice.registry.transfer import BlobReader, tensor_from
 
 

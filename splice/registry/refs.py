@@ -32,12 +32,6 @@ class RefError(RegistryError):
     """A name, alias or reference does not follow the registry's rules."""
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's first line (at most 200 characters), for a one-line RegistryError that wraps it."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def _shown(text: str) -> str:
     shown = repr(text)
     return shown if len(shown) <= 60 else shown[:57] + "...'"

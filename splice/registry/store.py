@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import fsspec
 
-from splice.errors import SpliceError
+from splice.errors import SpliceError, first_line
 from splice.registry import maintenance
 from splice.registry.backends import Backend, backend_for, storage_errors
 from splice.registry.layout import (
@@ -53,13 +53,11 @@ from splice.registry.manifest import (
     now,
     parse_model,
 )
-from splice.registry.refs import Ref, RegistryError, check_alias, check_name, first_line, parse_ref
+from splice.registry.refs import Ref, RegistryError, check_alias, check_name, parse_ref
 from splice.registry.transfer import BlobReader, RegistryTensors, TensorPusher
 
 if TYPE_CHECKING:
     from splice.adapters.patch import Patch, PatchMeta
-
-
 
 
 class AliasConflict(RegistryError):

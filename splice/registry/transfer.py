@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING
 
+from splice.errors import first_line
 from splice.registry.backends import Backend, pread_into, read_pieces, write_all
 from splice.registry.layout import BATCH_BYTES, BATCH_COUNT, IO_CHUNK, PACK_BYTES, SMALL_READ, blob_rel, located
 from splice.registry.manifest import PushStats, TensorEntry, VersionManifest
-from splice.registry.refs import RegistryError, first_line
+from splice.registry.refs import RegistryError
 
 if TYPE_CHECKING:
     import torch

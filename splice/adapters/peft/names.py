@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splice.arch.names import stored_to_module_names
-from splice.errors import PatchError
+from splice.errors import PatchError, first_line
 from splice.tensors.checkpoint import Checkpoint
 
 PEFT_CONFIG = "adapter_config.json"
@@ -102,8 +102,7 @@ def base_names(base: Checkpoint | torch.nn.Module, strict: bool = False) -> Base
     except Exception as exc:  # any architecture transformers cannot build here
         if strict:
             raise PatchError(f"{base.location}: cannot build the model to learn its module names "
-                             f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
-                             ) from None
+                             f"({first_line(exc)})") from None
         return BaseNames({name: name for name in shapes}, shapes, read=base.read, where=str(base.location))
     kinds, params = _describe_modules(model)
     live_to_stored = {live: stored for stored, live in mapping.items() if stored in shapes}

@@ -24,7 +24,7 @@ from splice.adapters.kinds.lora import SUFFIX_A, SUFFIX_B
 from splice.adapters.meta import PatchKind, PatchMeta
 from splice.adapters.patch import Patch
 from splice.adapters.peft.names import PEFT_CONFIG, PEFT_PICKLE, PEFT_WEIGHTS, PREFIX, BaseNames, base_names
-from splice.errors import CheckpointError, PatchError
+from splice.errors import CheckpointError, PatchError, first_line
 from splice.tensors.checkpoint import Checkpoint, split_location
 
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -58,8 +58,8 @@ def _read_pickled_tensors(location: str, fs, root: str) -> dict[str, torch.Tenso
     try:  # never unpickle anything but tensors
         state = torch.load(io.BytesIO(fs.cat_file(f"{root}/{PEFT_PICKLE}")), map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PatchError(f"{location}/{PEFT_PICKLE}: refused or unreadable as plain tensors ({first})") from None
+        raise PatchError(f"{location}/{PEFT_PICKLE}: refused or unreadable as plain tensors ({first_line(exc)})"
+                         ) from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise PatchError(f"{location}/{PEFT_PICKLE} is not a state dict of tensors")
     return state
