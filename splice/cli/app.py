@@ -139,9 +139,9 @@ def demo(
     keep: Annotated[Path | None, typer.Option(help="Keep the workspace in this directory.")] = None,
 ) -> None:
     """End to end on tiny models it builds: train ingredients on digits, soup them, compare."""
-    from splice.cli.demo import run_demo
+    from splice.cli.demo import show_demo
 
-    run_demo(keep)
+    show_demo(keep)
 
 
 def _usage_error_line(exc: UsageError) -> str:

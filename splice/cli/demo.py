@@ -2,48 +2,25 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from rich import box
 from rich.table import Table
 
 from splice.cli import render
-from splice.errors import SpliceError
-
-INGREDIENTS = 4
 
 
-def run_demo(keep: Path | None = None) -> None:
-    try:
-        from splice.demo.soups import best_ingredient, run_soup_study
-    except ImportError as exc:
-        raise SpliceError(f"splice demo needs scikit-learn for its data ({exc}): pip install 'splice[demo]'") from None
-    from splice.demo.digits import load_digits_splits
-    from splice.demo.patches import run_patch_study
-    from splice.workflows.inspect import summarize
+def show_demo(keep: Path | None = None) -> None:
+    """Run the demo (splice.demo.run) and show what it found."""
+    from splice.demo.run import INGREDIENTS, run_demo
+    from splice.demo.soups import best_ingredient
 
     console = render.console
     console.rule("[bold]splice demo: model soups")
     console.print(f"Pretraining a tiny ViT on part of scikit-learn's digits, then fine-tuning {INGREDIENTS} "
                   "copies of it with different learning rates, seeds and augmentations...")
-
-    def run(workspace: Path):
-        results = run_soup_study(workspace, INGREDIENTS, progress=render.RichProgress())
-        outputs = results["outputs"]
-        patches = run_patch_study(workspace / "patches", Path(outputs["base"]), Path(outputs["ingredients"][0]),
-                                  load_digits_splits(results["seed"]), progress=render.RichProgress())
-        return results, summarize(outputs["uniform_soup"]), patches
-
-    if keep is not None:
-        if keep.exists() and any(keep.iterdir()):
-            raise SpliceError(f"--keep {keep} exists and is not empty; give a new directory")
-        keep.mkdir(parents=True, exist_ok=True)
-        results, summary, patches = run(keep)
-    else:
-        with tempfile.TemporaryDirectory(prefix="splice-demo-") as workspace:
-            results, summary, patches = run(Path(workspace))
-
+    demo = run_demo(keep, progress=render.RichProgress)
+    summary, results = demo.soup_summary, demo.soups
     console.print(render.table("what a soup holds (splice inspect)", ["architecture", "tensors", "parameters",
                                                                       "LayerNorm modules", "size"],
                                [[summary.architecture, summary.tensors, f"{summary.parameters:,}",
@@ -54,9 +31,9 @@ def run_demo(keep: Path | None = None) -> None:
     console.print(f"Greedy soup kept {greedy['kept']} of {INGREDIENTS} ingredients: held-out {greedy['val']:.2%} "
                   f"vs the best ingredient's {best['val']:.2%}; test {greedy['test']:.2%} vs {best['test']:.2%}.")
     console.print(f"Uniform soup: held-out {uniform['val']:.2%}, test {uniform['test']:.2%}.")
-    show_patch_study(patches)
-    console.print(f"Took {results['seconds']['total'] + patches['seconds']:.1f} s.")
-    if keep is None:
+    show_patch_study(demo.patches)
+    console.print(f"Took {demo.seconds:.1f} s.")
+    if demo.kept_in is None:
         console.print("Nothing was left behind: the workspace was a temporary directory and is gone.")
     else:
         console.print(f"Wrote to {keep}: base/, {INGREDIENTS} ingredient-*/ directories, uniform-soup/, greedy-soup/, "
