@@ -10,7 +10,7 @@ import typer
 from splice.cli import render
 from splice.cli.options import Device, Force, Out, Quiet, StorageOptions, parse_storage_options
 
-patch_app = typer.Typer( help="Extract patches from fine-tunes and apply them to base models.")
+patch_app = typer.Typer(help="Extract patches from fine-tunes and apply them to base models.")
 
 
 @patch_app.command("extract")
