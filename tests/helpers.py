@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ def load_dir(directory: Path) -> dict[str, torch.Tensor]:
 def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
     """`splice ARGS` in this process through the real entry point: (exit code, stdout, stderr)."""
     handlers, level = logging.root.handlers[:], logging.root.level
+    sigint = signal.getsignal(signal.SIGINT)  # main() ignores Ctrl-C once a command is done
     monkeypatch.setattr(sys, "argv", ["splice", *map(str, args)])
     capsys.readouterr()
     try:
@@ -42,6 +44,7 @@ def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
     finally:
         logging.root.handlers[:] = handlers
         logging.root.setLevel(level)
+        signal.signal(signal.SIGINT, sigint)
     out, err = capsys.readouterr()
     return code, out, err
 

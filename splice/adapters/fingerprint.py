@@ -118,7 +118,7 @@ def _norm_change(norm: float, recorded: float) -> str:
     if not recorded:
         return ""
     change = f"{(norm - recorded) / recorded:+.2%}"
-    return " (norm unchanged to 4 digits)" if change in ("+0.00%", "-0.00%") else f" ({change})"
+    return " (the same norm, other values)" if change in ("+0.00%", "-0.00%") else f" ({change})"
 
 
 def _compare_context(name: str, sampled: str, source: TensorSource) -> BaseMismatch | None:
@@ -177,6 +177,7 @@ def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: str, override:
     if len(own) > 2:
         parts.append(f"{len(own) - 2} more of the tensors it changes differ")
     if context:
-        parts.append(f"{len(context)} other tensors differ, e.g. {context[0].name}")
+        others = "1 other tensor differs" if len(context) == 1 else f"{len(context)} other tensors differ"
+        parts.append(f"{others}, e.g. {context[0].name}")
     raise PatchError(f"{what} is not the base this {kind} patch was made for: {'; '.join(parts)}; "
                      f"pass {override} to apply it anyway")

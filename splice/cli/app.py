@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -83,7 +84,8 @@ def _parse_weights(text: str | None) -> list[float] | None:
 def soup(
     models: Annotated[list[str], typer.Argument(help="Model directories or fsspec URLs.")],
     out: Out,
-    weights: Annotated[str | None, typer.Option(help="Comma-separated weights, one per model.")] = None,
+    weights: Annotated[str | None, typer.Option(
+        help="Comma-separated weights, one per model (normalised to sum to 1).")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy soup (needs --eval).")] = False,
     eval_fn: Annotated[str | None, typer.Option("--eval", help="MODULE:FUNCTION scoring a state dict.")] = None,
     strict: Annotated[bool, typer.Option(help="Greedy: keep an ingredient only if the score rises.")] = False,
@@ -155,6 +157,7 @@ def _usage_error_line(exc: UsageError) -> str:
 
 
 def _print_error(message: str) -> None:
+    render.stop_progress()
     render.error_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
@@ -163,6 +166,8 @@ def main() -> None:
     Ctrl-C says nothing was published and exits 130, anything else is a bug and keeps its traceback."""
     try:
         code = app(standalone_mode=False)
+        if code != INTERRUPTED:  # done and published: a Ctrl-C while the interpreter shuts down changes nothing
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     except SpliceError as exc:
         _print_error(str(exc))
         sys.exit(2)
@@ -175,5 +180,6 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):
         code = INTERRUPTED
     if code == INTERRUPTED:  # typer turns a KeyboardInterrupt into this exit code instead of raising
+        render.stop_progress()
         render.error_console.print("interrupted; nothing was published")
     sys.exit(code if isinstance(code, int) else 0)

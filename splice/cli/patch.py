@@ -49,7 +49,7 @@ def extract(
     patch = extracted.patch
     if not quiet:
         render.console.print(render.table(f"{patch.meta.kind.value} patch -> {out}",
-                                          ["tensors", "parameters", "targets", "base digest"],
+                                          ["tensors", "parameters", "targets", "base fingerprint"],
                                           [[len(patch.tensors), f"{patch.num_parameters:,}", len(patch.meta.targets),
                                             patch.meta.base.digest[:19] if patch.meta.base else "none"]]))
 

@@ -219,8 +219,8 @@ def verify(registry: RegistryURL = None, storage_options: StorageOptions = None)
     """Re-hash every blob and check every version's blobs; exit 1 if anything is corrupt or missing."""
     report = _open(registry, storage_options).verify()
     if report.ok:
-        _print(f"ok: {report.blobs_checked} blobs ({report.bytes_checked:,} bytes) and {report.versions_checked} "
-               "versions verified")
+        versions = f"{report.versions_checked} version{'s' if report.versions_checked != 1 else ''}"
+        _print(f"ok: {report.blobs_checked} blobs ({report.bytes_checked:,} bytes) and {versions} verified")
         return
     rows = [[p.problem, p.path, p.detail, ", ".join(p.versions) or "none"] for p in report.problems]
     rows += [["bad manifest", line, "", ""] for line in report.bad_manifests]

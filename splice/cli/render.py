@@ -26,6 +26,15 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
+_ACTIVE_BARS: list[Progress] = []  # bars still drawing: an error or Ctrl-C mid-run stops them first
+
+
+def stop_progress() -> None:
+    """Stop every bar still drawing, so the line printed next is the last one on the screen."""
+    while _ACTIVE_BARS:
+        _ACTIVE_BARS.pop().stop()
+
+
 class RichProgress:
     """Tensors and bytes done, rate and ETA, on stderr; silent when quiet."""
 
@@ -47,6 +56,7 @@ class RichProgress:
             console=error_console, transient=False,
         )
         self._bar.start()
+        _ACTIVE_BARS.append(self._bar)
         self._task = self._bar.add_task(description, total=max(total_bytes, 1), items=0, total_items=total_items)
 
     def advance(self, items: int, nbytes: int) -> None:
@@ -58,6 +68,8 @@ class RichProgress:
     def finish(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+            if self._bar in _ACTIVE_BARS:
+                _ACTIVE_BARS.remove(self._bar)
             self._bar = None
 
 
