@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -231,9 +231,26 @@ def _check_output_location(out: str | os.PathLike) -> None:
         raise SpliceError(f"--out must be a local directory, got {out}; write locally, then copy")
 
 
-def ensure_output_free(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse an existing output before any work starts (unless force)."""
+def refuse_overlap(out: str | os.PathLike, protected: Sequence[str | os.PathLike], what: str = "an input") -> None:
+    """Refuse an output directory that is, contains or sits inside one of `protected` (the inputs of a
+    command, a registry): replacing it would delete them. Remote locations cannot overlap a local --out."""
+    target = Path(out).absolute().resolve()
+    for location in protected:
+        if _URL.match(os.fspath(location)):
+            continue
+        kept = Path(location).absolute().resolve()
+        if target == kept or kept.is_relative_to(target) or target.is_relative_to(kept):
+            relation = "is" if target == kept else "contains" if kept.is_relative_to(target) else "is inside"
+            raise SpliceError(f"--out {out} {relation} {what} ({location}); writing there would destroy it: "
+                              f"choose an --out outside it")
+
+
+def ensure_output_free(out: str | os.PathLike, force: bool, protected: Sequence[str | os.PathLike] = (),
+                       what: str = "an input") -> Path:
+    """Refuse an existing output before any work starts (unless force), and an output that overlaps one of
+    `protected` (with or without force)."""
     _check_output_location(out)
+    refuse_overlap(out, protected, what)
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"output {out} already exists: choose another --out or pass --force to replace it")
