@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from splice.adapters.compose import check_plan_shapes, composition_plan, patched_value
-from splice.adapters.patch import PatchError
+from splice.adapters.patch import Patch, PatchError
 from splice.adapters.sources import PatchSource, load_patch
 from splice.progress import Progress
 from splice.tensors.checkpoint import Checkpoint
@@ -25,7 +25,7 @@ def apply_patches(patches: Sequence[PatchSource], base: str | os.PathLike, out: 
     multiply, LayerNorm patches replace. Every patch's base fingerprint is checked and every overlap
     resolved before the first tensor is written; patch tensors are read as their base tensor streams by.
     `check_bases=False` skips the fingerprint checks (for a caller that has just made them)."""
-    ensure_output_free(out, force)
+    ensure_output_free(out, force, protected=[base, *(p for p in patches if not isinstance(p, Patch))])
     if not patches:
         raise PatchError("no patches given")
     base_ckpt = Checkpoint.open(base, storage_options)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from splice.adapters.peft.write import ExportBase, write_peft_adapter
 from splice.adapters.sources import PatchSource, load_patch
+from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.writer import ensure_output_free
 
 
@@ -15,5 +16,9 @@ def export_peft(patch: PatchSource, out: str | os.PathLike, base: ExportBase | N
     """Write a LoRA patch as a PEFT LoRA adapter, a LayerNorm patch as a PEFT LN_TUNING adapter, in `out`
     (adapter_config.json + adapter_model.safetensors). `base` (default: the base the patch was extracted from)
     gives transformers' module names and types. Everything is checked before anything is written."""
-    ensure_output_free(out, force)
-    return write_peft_adapter(load_patch(patch, storage_options), out, base, force, storage_options)
+    loaded = load_patch(patch, storage_options)
+    given_base = base.location if isinstance(base, Checkpoint) else base
+    sources = [patch, given_base, loaded.meta.lineage[0] if len(loaded.meta.lineage) >= 2 else None]
+    ensure_output_free(out, force, protected=[s for s in sources if isinstance(s, (str, os.PathLike))],
+                       what="the patch or its base")
+    return write_peft_adapter(loaded, out, base, force, storage_options)

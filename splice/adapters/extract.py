@@ -86,7 +86,7 @@ def extract_patch_to(out: str | os.PathLike, base: str | os.PathLike, tuned: str
                      kind: PatchKind | str, *, force: bool = False, **arguments: Any) -> Extraction:
     """`extraction(base, tuned, kind, **arguments)` saved as a patch directory at `out`, which is refused
     (unless `force`) before anything is read."""
-    ensure_output_free(out, force)
+    ensure_output_free(out, force, protected=[base, tuned])
     extracted = extraction(base, tuned, kind, **arguments)
     extracted.patch.save(out, force=force)
     return extracted

@@ -31,13 +31,15 @@ TENSORS = "tensors.safetensors"
 
 
 def write_patch_dir(directory: str | os.PathLike, meta: PatchMeta, tensors: Sequence[OutputTensor],
-                    fill: Callable[[BinaryIO, list[int]], None], force: bool = False) -> Path:
+                    fill: Callable[[BinaryIO, list[int]], None], force: bool = False,
+                    protected: Sequence[str | os.PathLike] = ()) -> Path:
     """The patch directory format, once: `tensors.safetensors` (a header for `tensors` in this order, tagged
     with the patch kind, then their bytes, which `fill(file, offsets)` writes, each at its offset) and
-    `patch.json`, published atomically. `Patch.save` and `Registry.pull` both write patches through here."""
+    `patch.json`, published atomically. `Patch.save` and `Registry.pull` both write patches through here;
+    a `directory` that is, contains or sits inside one of `protected` is refused."""
     header = header_bytes(tensors, {"format": "pt", "splice_patch_kind": meta.kind.value})
     ends = list(accumulate((t.nbytes for t in tensors), initial=len(header)))
-    with staged_output(directory, force) as staging:
+    with staged_output(directory, force, protected, "the patch's source") as staging:
         with open(staging / TENSORS, "xb") as handle:
             handle.write(header)
             handle.truncate(ends[-1])
@@ -97,7 +99,8 @@ class Patch:
                 handle.seek(offset)
                 handle.write(memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
 
-        return write_patch_dir(directory, self.meta, specs, fill, force)
+        source = [self.tensors.stored.location] if isinstance(self.tensors, StoredTensors) else []
+        return write_patch_dir(directory, self.meta, specs, fill, force, protected=source)
 
     @classmethod
     def load(cls, location: str | os.PathLike, storage_options: dict | None = None) -> Patch:

@@ -255,11 +255,12 @@ def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, device:
 
     `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della).
     """
+    recipe_file = [] if isinstance(recipe, Recipe) else [recipe]
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    ensure_output_free(out, force)
-    out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
     locations, base_index = recipe.inputs()
+    ensure_output_free(out, force, protected=[*locations, *recipe_file])
+    out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
     checkpoints = open_all(locations, storage_options)
     plan = plan_same_name(checkpoints, out_dtype)
     resolver = ParameterResolver(recipe, [item.output.name for item in plan])

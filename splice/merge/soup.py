@@ -59,7 +59,7 @@ def soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, weights
     weights = check_weights(weights, len(models))
     kernel = weighted_average(weights)
     out_dtype = parse_dtype(dtype)
-    ensure_output_free(out, force)
+    ensure_output_free(out, force, protected=models)
     checkpoints = open_all([str(m) for m in models], storage_options)
     plan = plan_same_name(checkpoints, out_dtype)
     kind = "uniform" if len(set(weights)) == 1 else "weighted"
@@ -106,7 +106,7 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
     """
     started = time.perf_counter()
     scorer = load_callable(evaluate) if isinstance(evaluate, str) else evaluate
-    ensure_output_free(out, force)
+    ensure_output_free(out, force, protected=models)
     out_dtype = parse_dtype(dtype)
     torch_device = resolve_device(device)
     progress = progress or NoProgress()

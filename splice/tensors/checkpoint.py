@@ -7,9 +7,11 @@ ranged read each (pread locally, a range request remotely), so no file is ever r
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import stat
 import threading
 from typing import Any
 
@@ -27,6 +29,8 @@ from splice.tensors.safetensors import (
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
+# config, tokenizer and manifest files are small; one larger than this is corrupt or hostile (e.g. /dev/zero)
+MAX_FILE_BYTES = 256 * 1024 * 1024
 
 
 
@@ -208,8 +212,19 @@ class Checkpoint:
     def files(self) -> list[str]:
         return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False))
 
-    def read_file(self, name: str) -> bytes:
-        return self.fs.cat_file(_join(self.root, name))
+    def read_file(self, name: str, limit: int = MAX_FILE_BYTES, follow_links: bool = True) -> bytes:
+        """A small file of the model directory (config, tokenizer, manifest): a regular file of at most
+        `limit` bytes, else CheckpointError. `follow_links=False` refuses a symbolic link too."""
+        where = f"{self.location}/{name}"
+        if self.is_local:
+            return _read_local_file(_join(self.root, name), limit, follow_links, where)
+        info = self.fs.info(_join(self.root, name))
+        if info.get("type") != "file" or (info.get("islink") and not follow_links):
+            raise CheckpointError(f"{where} is not a regular file")
+        data = self.fs.cat_file(_join(self.root, name), start=0, end=limit + 1)
+        if len(data) > limit:
+            raise CheckpointError(f"{where} is over {limit} bytes, too large for a model's side file")
+        return data
 
     def config(self) -> dict[str, Any] | None:
         if "config.json" not in self.files():
@@ -246,6 +261,34 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.location!r}, {len(self.tensors)} tensors in {len(self.shards)} shards)"
+
+
+def _read_local_file(path: str, limit: int, follow_links: bool, where: str) -> bytes:
+    """At most `limit` bytes of a regular file, opened without blocking (a FIFO) and, unless `follow_links`,
+    without following a symbolic link."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(f"{where} is a symbolic link; side files must be regular files") from None
+        raise CheckpointError(f"cannot read {where}: {first_line(exc)}") from None
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise CheckpointError(f"{where} is not a regular file")
+        chunks, size = [], 0 if found.st_size <= limit else limit + 1
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise CheckpointError(f"{where} is over {limit} bytes, too large for a model's side file")
+    return b"".join(chunks)
 
 
 def _read_weight_map(fs, path: str, location: str) -> dict[str, str]:

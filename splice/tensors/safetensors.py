@@ -89,6 +89,19 @@ def header_bytes(tensors: Sequence[OutputTensor], metadata: Mapping[str, str]) -
     return len(raw).to_bytes(8, "little") + raw
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json.loads would silently keep the last)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(repr(key) for key, _ in pairs if key in seen or seen.add(key)))
+    return found
+
+
 def _read_header_json(fs, path: str, where: str) -> tuple[dict, int, int]:
     """(header object, offset where tensor data starts, file size), the length bounded before any read."""
     size = fs.size(path)
@@ -100,7 +113,10 @@ def _read_header_json(fs, path: str, where: str) -> tuple[dict, int, int]:
     if 8 + header_len > size:
         raise CheckpointError(f"{where}: truncated file (header runs past the end of the file)")
     try:
-        header = json.loads(fs.cat_file(path, start=8, end=8 + header_len))
+        header = json.loads(fs.cat_file(path, start=8, end=8 + header_len), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{where}: header names {str(exc)[:80]} twice; the file is corrupt or crafted "
+                              "(readers would disagree on which entry counts)") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise CheckpointError(f"{where}: header is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(header, dict):

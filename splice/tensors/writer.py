@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,10 +20,13 @@ from pathlib import Path
 
 import torch
 
-from splice.errors import OutputExistsError, SpliceError
+from splice.errors import CheckpointError, OutputExistsError, SpliceError
 from splice.tensors.checkpoint import SAFETENSORS_INDEX, Checkpoint
 from splice.tensors.device import dtype_name
+from splice.tensors.partials import OwnedPartial, remove_stale_partials
 from splice.tensors.safetensors import SAFETENSORS_SINGLE, OutputTensor, header_bytes
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 2 * 1000**3
 
@@ -205,13 +209,19 @@ def write_state_dict(directory: Path, state: Mapping[str, torch.Tensor], shard_s
 
 
 def copy_side_files(source: Checkpoint, directory: Path, out_dtype: torch.dtype | None = None) -> list[str]:
-    """Copy config, generation config and tokenizer/processor files from the base model."""
+    """Copy config, generation config and tokenizer/processor files from the base model. Only regular files
+    of bounded size are copied; a symbolic link (which could carry any file into the output), a device or
+    an oversized file is skipped with a warning."""
     present = set(source.files())
     copied = []
     for name in SIDE_FILES:
         if name not in present:
             continue
-        data = source.read_file(name)
+        try:
+            data = source.read_file(name, follow_links=False)
+        except CheckpointError as exc:
+            log.warning("not copying %s into the output: %s", name, exc)
+            continue
         if name == "config.json" and out_dtype is not None:
             config = json.loads(data)
             for key in ("dtype", "torch_dtype"):
@@ -236,9 +246,12 @@ def refuse_overlap(out: str | os.PathLike, protected: Sequence[str | os.PathLike
     command, a registry): replacing it would delete them. Remote locations cannot overlap a local --out."""
     target = Path(out).absolute().resolve()
     for location in protected:
-        if _URL.match(os.fspath(location)):
+        text = os.fspath(location)
+        if text.startswith("file://"):  # a local registry or model given as a URL
+            text = text[len("file://"):]
+        elif _URL.match(text):
             continue
-        kept = Path(location).absolute().resolve()
+        kept = Path(text).absolute().resolve()
         if target == kept or kept.is_relative_to(target) or target.is_relative_to(kept):
             relation = "is" if target == kept else "contains" if kept.is_relative_to(target) else "is inside"
             raise SpliceError(f"--out {out} {relation} {what} ({location}); writing there would destroy it: "
@@ -260,24 +273,32 @@ def ensure_output_free(out: str | os.PathLike, force: bool, protected: Sequence[
 
 
 @contextlib.contextmanager
-def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a hidden sibling directory; rename it to `out` on success, delete it on any failure."""
-    out = ensure_output_free(out, force).absolute()
+def staged_output(out: str | os.PathLike, force: bool = False, protected: Sequence[str | os.PathLike] = (),
+                  what: str = "an input") -> Iterator[Path]:
+    """Yield a hidden sibling directory owned by this process; rename it to `out` on success, delete it on
+    any failure. Partials of `out` left by dead processes are removed first; `protected` as for
+    `ensure_output_free`."""
+    out = ensure_output_free(out, force, protected, what).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.splice-partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    remove_stale_partials(out)
+    partial = OwnedPartial(out)
     try:
-        yield staging
+        yield partial.path
+        partial.release()
+        _publish(partial.path, out, force)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        partial.discard()
         raise
-    if out.exists():
-        if not force:  # appeared while we worked
-            shutil.rmtree(staging, ignore_errors=True)
-            raise OutputExistsError(f"output {out} appeared while merging; nothing was replaced")
-        retired = out.parent / f".{out.name}.splice-replaced-{uuid.uuid4().hex[:8]}"
-        out.rename(retired)
+    partial.close()
+
+
+def _publish(staging: Path, out: Path, force: bool) -> None:
+    if not out.exists():
         staging.rename(out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(out)
+        return
+    if not force:  # appeared while we worked
+        raise OutputExistsError(f"output {out} appeared while merging; nothing was replaced")
+    retired = out.parent / f".{out.name}.splice-replaced-{uuid.uuid4().hex[:8]}"
+    out.rename(retired)
+    staging.rename(out)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -63,8 +63,8 @@ def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike,
     Every ref is resolved and every patch checked against the base before anything is written."""
     if not refs:
         raise PatchError("no patch refs given")
-    ensure_output_free(out, force)
     store = _open_registry(registry, storage_options)
+    ensure_output_free(out, force, protected=[base, store.url], what="the base or the registry")
     base_ckpt = Checkpoint.open(base, storage_options)
     deployed, patches = [], []
     for ref in refs:

@@ -53,7 +53,7 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, options: F
     started = time.perf_counter()
     options = FusionOptions.of(options, keywords)
     options.check_models(len(models))
-    ensure_output_free(out, options.force)
+    ensure_output_free(out, options.force, protected=models)
     plans = plan(models, storage_options)
     base = plans[options.anchor]
     if options.residual == "identity" and any(p.widths[STREAM] != base.widths[STREAM] for p in plans):
