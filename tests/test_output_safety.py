@@ -107,12 +107,14 @@ def test_no_command_writes_over_its_inputs_or_the_registry(place, force, monkeyp
     assert code == 0, out + err
 
 
-def test_saving_a_patch_over_its_own_source_is_refused(place):
-    patch = splice.Patch.load(place / "q" / "delta")
-    before = snapshot(place / "q")
+def test_a_loaded_patch_is_not_written_over_its_own_source(place):
+    patch = splice.Patch.load(place / "q" / "delta")  # its tensors are read from q/delta when used
+    before = snapshot(place)
     with pytest.raises(splice.SpliceError, match="the patch's source"):
         patch.save(place / "q", force=True)
-    assert snapshot(place / "q") == before
+    with pytest.raises(splice.SpliceError, match="contains an input"):
+        splice.apply_patches([patch], place / "p" / "a", place / "q", force=True, device="cpu")
+    assert snapshot(place) == before
 
 
 # -- item 9: partial outputs of killed runs are removed by the next run; a live run's are not --------------
@@ -214,6 +216,13 @@ def test_a_failed_run_leaves_no_partial_and_no_lock_file(make_models, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
     splice.soup(models, out, device="cpu")
     assert not any(p.name.startswith(".splice") for p in out.iterdir())
+    # replacing an output: the old one becomes a partial of this run (a kill while deleting it leaves it to
+    # the next run's cleaning), then goes
+    (out / "old-only.txt").write_text("from the replaced output\n")
+    splice.soup(models, out, device="cpu", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("merged") or p.name.startswith(".")) \
+        == ["merged"]
+    assert not (out / "old-only.txt").exists() and not (out / OWNER).exists()
 
 
 # -- item 10: side files are bounded regular files of the model directory ---------------------------------

@@ -25,7 +25,8 @@ def apply_patches(patches: Sequence[PatchSource], base: str | os.PathLike, out: 
     multiply, LayerNorm patches replace. Every patch's base fingerprint is checked and every overlap
     resolved before the first tensor is written; patch tensors are read as their base tensor streams by.
     `check_bases=False` skips the fingerprint checks (for a caller that has just made them)."""
-    ensure_output_free(out, force, protected=[base, *(p for p in patches if not isinstance(p, Patch))])
+    sources = [p.stored_at if isinstance(p, Patch) else p for p in patches]
+    ensure_output_free(out, force, protected=[base, *(s for s in sources if s is not None)])
     if not patches:
         raise PatchError("no patches given")
     base_ckpt = Checkpoint.open(base, storage_options)

@@ -90,6 +90,11 @@ class Patch:
     def num_parameters(self) -> int:
         return sum(prod(shape) for shape in self.shapes.values())
 
+    @property
+    def stored_at(self) -> str | None:
+        """Where the tensors are read from when they are read lazily from a stored patch (else None)."""
+        return self.tensors.stored.location if isinstance(self.tensors, StoredTensors) else None
+
     def save(self, directory: str | os.PathLike, force: bool = False) -> Path:
         """Write `patch.json` and `tensors.safetensors`, published atomically."""
         specs = [OutputTensor(name, t.dtype, tuple(t.shape)) for name, t in self.tensors.items()]
@@ -99,8 +104,8 @@ class Patch:
                 handle.seek(offset)
                 handle.write(memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
 
-        source = [self.tensors.stored.location] if isinstance(self.tensors, StoredTensors) else []
-        return write_patch_dir(directory, self.meta, specs, fill, force, protected=source)
+        return write_patch_dir(directory, self.meta, specs, fill, force,
+                               protected=[self.stored_at] if self.stored_at else [])
 
     @classmethod
     def load(cls, location: str | os.PathLike, storage_options: dict | None = None) -> Patch:

@@ -85,17 +85,35 @@ def remove_stale_partials(out: Path) -> list[Path]:
 
 
 class OwnedPartial:
-    """A new partial directory for `out`, locked by this process until `release` (or `discard`)."""
+    """A new partial directory for `out`, locked by this process until `release` (or `discard`).
+    `adopt`: an existing directory (the output being replaced) becomes the partial instead, so that a run
+    killed while deleting it leaves it to the next run's cleaning too."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, adopt: Path | None = None):
         self.path = out.parent / f"{partial_prefix(out)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.path.mkdir()
+        home = adopt or self.path
+        if adopt is None:
+            self.path.mkdir()
         # locked under another name, then renamed: a cleaner never sees an owner file that is not yet locked
-        fresh = self.path / f"{OWNER}.new"
+        fresh = home / f"{OWNER}.new"
         self._fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         os.write(self._fd, f"{os.getpid()}\n".encode())
-        os.rename(fresh, self.path / OWNER)
+        os.rename(fresh, home / OWNER)
+        if adopt is not None:
+            try:
+                adopt.rename(self.path)
+            except BaseException:
+                self.path = adopt
+                self.restore(adopt)
+                raise
+
+    def restore(self, out: Path) -> None:
+        """Put an adopted directory back where it was, as it was."""
+        self.release()
+        if self.path != out:
+            self.path.rename(out)
+        self.close()
 
     def release(self) -> None:
         """Take the lock file out (the directory becomes the output); the live pid keeps it ours meanwhile.

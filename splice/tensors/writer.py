@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -298,7 +296,10 @@ def _publish(staging: Path, out: Path, force: bool) -> None:
         return
     if not force:  # appeared while we worked
         raise OutputExistsError(f"output {out} appeared while merging; nothing was replaced")
-    retired = out.parent / f".{out.name}.splice-replaced-{uuid.uuid4().hex[:8]}"
-    out.rename(retired)
-    staging.rename(out)
-    shutil.rmtree(retired, ignore_errors=True)
+    retired = OwnedPartial(out, adopt=out)
+    try:
+        staging.rename(out)
+    except BaseException:
+        retired.restore(out)
+        raise
+    retired.discard()
