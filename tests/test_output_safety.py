@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -194,6 +196,50 @@ def test_next_run_removes_partials_of_killed_runs_and_keeps_a_live_ones(make_mod
     # once the live run is dead too, the next run clears its partial as well
     splice.soup(models, out, device="cpu", force=True)
     assert partials(out) == {} and legacy.is_dir()
+
+
+KILL_ROUNDS, RUNS_PER_ROUND = 2, 3
+FAST_SOUP = KILLED_SCRIPT.replace("time.sleep(0.3)", "time.sleep(0.04)")
+
+
+def test_random_kills_into_one_output_publish_nothing_broken_and_leave_nothing(make_models, tmp_path):
+    """Rounds of soups racing into one --out, each SIGKILLed at a random point (before, while or after it
+    streams and publishes): the output is always absent or a whole model, and the next run leaves no partial."""
+    models = make_models("bert", 2)
+    out = tmp_path / "outputs" / "merged"
+    script = tmp_path / "fast_soup.py"
+    script.write_text(FAST_SOUP)
+    chance = random.Random(10)
+    kills = published = orphans = 0
+    for round_index in range(KILL_ROUNDS):
+        runs = [subprocess.Popen([sys.executable, str(script), *models, str(out), str(tmp_path / f"m{round_index}")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 env={**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1])})
+                for _ in range(RUNS_PER_ROUND)]
+        try:
+            wait_started(runs[0], tmp_path / f"m{round_index}")
+            for run in runs:
+                time.sleep(chance.uniform(0, 0.8))
+                run.send_signal(signal.SIGKILL)
+                kills += run.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            for run in runs:
+                if run.poll() is None:
+                    run.kill()
+                run.wait()
+                run.stderr.close()
+        if out.exists():  # a run that finished before its kill published a whole model, nothing less
+            published += 1
+            assert Checkpoint.open(out).tensors.keys() == Checkpoint.open(models[0]).tensors.keys()
+            assert set(load_dir(out)) and not (out / OWNER).exists()
+        orphans += len(list(out.parent.glob(f".{out.name}{PARTIAL}*")))
+        splice.soup(models, out, device="cpu", force=True)
+        assert partials(out) == {}, f"round {round_index}: partials of killed runs are left"
+        assert [p.name for p in out.parent.iterdir()] == [out.name]
+        shutil.rmtree(out)  # the next round races into a fresh --out
+    assert kills >= 1 and orphans >= 1  # killed runs did leave partials, and the next runs removed them all
+    print(f"kill rounds {KILL_ROUNDS}, runs {KILL_ROUNDS * RUNS_PER_ROUND}, SIGKILLs {kills}, partials of killed "
+          f"runs removed {orphans}, outputs published before a kill {published}, broken outputs 0, partials left 0")
 
 
 def test_a_failed_run_leaves_no_partial_and_no_lock_file(make_models, tmp_path):
