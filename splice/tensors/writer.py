@@ -245,8 +245,8 @@ def refuse_overlap(out: str | os.PathLike, protected: Sequence[str | os.PathLike
     target = Path(out).absolute().resolve()
     for location in protected:
         text = os.fspath(location)
-        if text.startswith("file://"):  # a local registry or model given as a URL
-            text = text[len("file://"):]
+        if text.startswith("file:"):  # a local registry or model given as a URL (file:///x, or file:/x)
+            text = "/" + text[len("file:"):].lstrip("/")
         elif _URL.match(text):
             continue
         kept = Path(text).absolute().resolve()
