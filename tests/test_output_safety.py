@@ -198,6 +198,34 @@ def test_next_run_removes_partials_of_killed_runs_and_keeps_a_live_ones(make_mod
     assert partials(out) == {} and legacy.is_dir()
 
 
+def dead_runs_partial(out: Path) -> Path:
+    """What a SIGKILLed run leaves (a partial with some bytes and an owner file nobody holds locked), named
+    with a pid that is alive now (this test's): only the lock can tell it is dead."""
+    partial = out.parent / f".{out.name}{PARTIAL}{os.getpid()}-feedbeef"
+    partial.mkdir(parents=True)
+    (partial / OWNER).write_text("1\n")
+    (partial / "model.safetensors").write_bytes(b"\0" * 4096)
+    return partial
+
+
+@pytest.mark.parametrize("command", ["deploy", "registry pull", "patch extract", "greedy soup"])
+def test_every_writer_clears_the_partials_of_dead_runs(place, command, monkeypatch, capsys):
+    p, r, out = place / "p", place / "r" / "registry", place / "outputs" / "x"
+    stale = dead_runs_partial(out)
+    args = {
+        "deploy": ["deploy", "task@1", "--base", p / "a", "--registry", r, "--device", "cpu"],
+        "registry pull": ["registry", "pull", "task@1", "--registry", r],
+        "patch extract": ["patch", "extract", "--base", p / "a", "--tuned", p / "b", "--kind", "layernorm",
+                          "--device", "cpu"],
+        "greedy soup": ["soup", p / "a", p / "b", "--greedy", "--eval", f"{place / 'score.py'}:score",
+                        "--device", "cpu"],
+    }[command]
+    code, said, err = run_cli([*args, "--out", out], monkeypatch, capsys)
+    assert code == 0, said + err
+    assert not stale.exists() and out.is_dir() and not (out / OWNER).exists()
+    assert [path.name for path in out.parent.iterdir()] == ["x"]
+
+
 KILL_ROUNDS, RUNS_PER_ROUND = 2, 3
 FAST_SOUP = KILLED_SCRIPT.replace("time.sleep(0.3)", "time.sleep(0.04)")
 
