@@ -107,6 +107,28 @@ def test_a_model_that_already_holds_inf_still_merges(tmp_path, monkeypatch, caps
     assert bias[0] == -math.inf and torch.isfinite(bias[1:]).all()
 
 
+def apply_is_refused(patch: Path, base: Path, out: Path, words, monkeypatch, capsys) -> None:
+    """`splice patch apply PATCH --base BASE --out OUT` exits 2 with one line naming `words`; nothing at OUT."""
+    code, _, err = run_cli(["patch", "apply", patch, "--base", base, "--out", out, "--device", "cpu", "--quiet"],
+                           monkeypatch, capsys)
+    assert refused(code, err, *words), err
+    assert not out.exists()
+
+
+def test_finite_values_whose_sum_overflows_still_merge(tmp_path):
+    """The stream's check sums a tensor first; finite entries whose sum is beyond float32 are not taken for Inf:
+    here each input's classifier.bias sums to 2e38, the merged one's to 4e38, every entry finite."""
+    models = []
+    for seed in (0, 1):
+        model = tiny_model("bert", seed)
+        with torch.no_grad():
+            model.classifier.bias.zero_()[seed] = 2e38
+        models.append(save(model, tmp_path / f"m{seed}", sharded=False))
+    recipe = write_recipe(tmp_path / "r.yaml", tuple(models), weights=(1.0, 1.0), parameters={"normalize": False})
+    merge(recipe, tmp_path / "out", device="cpu")
+    assert torch.equal(load_dir(tmp_path / "out")["classifier.bias"], torch.tensor([2e38, 2e38, 0.0]))
+
+
 # --- PEFT adapter configs -------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -141,10 +163,7 @@ def set_config(adapter_dir: Path, text: str) -> None:
 def test_a_bad_peft_config_value_is_refused_in_one_line(tmp_path, adapter, monkeypatch, capsys, change, words):
     adapter_dir, base_dir = adapter
     set_config(adapter_dir, change)
-    code, _, err = run_cli(["patch", "apply", adapter_dir, "--base", base_dir, "--out", tmp_path / "out",
-                            "--device", "cpu", "--quiet"], monkeypatch, capsys)
-    assert refused(code, err, *words), err
-    assert not (tmp_path / "out").exists()
+    apply_is_refused(adapter_dir, base_dir, tmp_path / "out", words, monkeypatch, capsys)
 
 
 def test_a_good_peft_config_still_reads(tmp_path, adapter):
@@ -156,6 +175,18 @@ def test_a_good_peft_config_still_reads(tmp_path, adapter):
     apply_patches([adapter_dir], base_dir, tmp_path / "out", device="cpu")
     assert torch.isfinite(torch.cat([t.flatten() for t in load_dir(tmp_path / "out").values()
                                      if t.dtype.is_floating_point])).all()
+
+
+def test_lora_factors_that_overflow_in_place_are_refused(tmp_path, adapter):
+    """The LoRA kernel adds B @ A into the base tensor in place: the check reads the inputs again, so the base
+    (finite on disk) is not taken for an input that already held Inf."""
+    adapter_dir, base_dir = adapter
+    weights = adapter_dir / "adapter_model.safetensors"
+    save_file({name: t * 1e20 if "query" in name else t for name, t in load_file(weights).items()}, weights)
+    with pytest.raises(NonFiniteOutputError, match=r"output tensor \S*query\.weight would hold NaN/Inf") as caught:
+        apply_patches([adapter_dir], base_dir, tmp_path / "out", device="cpu")
+    assert len(str(caught.value).splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 # --- patch.json (PatchMeta) ------------------------------------------------------------------------------------
@@ -196,10 +227,7 @@ def test_a_bad_patch_json_value_is_refused(tmp_path, lora_patch, monkeypatch, ca
     with pytest.raises(PatchError) as caught:
         load_patch(patch_dir)
     assert len(str(caught.value).splitlines()) == 1 and all(w in str(caught.value) for w in words), caught.value
-    code, _, err = run_cli(["patch", "apply", patch_dir, "--base", base_dir, "--out", tmp_path / "out",
-                            "--device", "cpu", "--quiet"], monkeypatch, capsys)
-    assert refused(code, err, *words), err
-    assert not (tmp_path / "out").exists()
+    apply_is_refused(patch_dir, base_dir, tmp_path / "out", words, monkeypatch, capsys)
 
 
 def test_a_patch_json_nested_past_the_parser_is_refused(tmp_path, lora_patch):
@@ -231,10 +259,7 @@ def test_a_bad_mask_setting_is_refused(tmp_path, two_models, monkeypatch, capsys
     assert code == 0, err
     load_patch(tmp_path / "mask")  # as written, it reads
     edit_manifest(tmp_path / "mask", edit)
-    code, _, err = run_cli(["patch", "apply", tmp_path / "mask", "--base", base, "--out", tmp_path / "out",
-                            "--device", "cpu", "--quiet"], monkeypatch, capsys)
-    assert refused(code, err, *words), err
-    assert not (tmp_path / "out").exists()
+    apply_is_refused(tmp_path / "mask", base, tmp_path / "out", words, monkeypatch, capsys)
 
 
 # --- deployment records in safetensors metadata --------------------------------------------------------------

@@ -178,7 +178,7 @@ def read_ahead(groups: Sequence[Reads], depth: int) -> Iterator[tuple[int, list[
 
 
 def compute_one(item: StreamItem, tensors: list[torch.Tensor], kernel: Kernel, device: torch.device,
-                reread: Callable[[], list[torch.Tensor]] | None = None) -> torch.Tensor:
+                reread: Callable[[], list[torch.Tensor]]) -> torch.Tensor:
     """The kernel's output for one work unit, in the output dtype, refused if it holds NaN/Inf where the inputs
     (read again by `reread`, as a kernel may change its inputs in place) held none."""
     out = item.output
@@ -191,15 +191,22 @@ def compute_one(item: StreamItem, tensors: list[torch.Tensor], kernel: Kernel, d
     working = compute_dtype_for(tensors[0].dtype)
     moved = [t.to(device=device, dtype=working) for t in tensors]
     result = kernel(out.name, moved).to(dtype=out.dtype)
-    refuse_new_non_finite(out.name, result, reread or (lambda: tensors))
+    refuse_new_non_finite(out.name, result, reread)
     return result.to("cpu")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry of a float tensor is finite. A sum is finite only if every entry is, and summing is
+    ~10x cheaper than `torch.isfinite(t).all()`, which runs only when the sum is not (finite entries whose sum
+    overflows)."""
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
 def refuse_new_non_finite(name: str, output: torch.Tensor, inputs: Callable[[], Sequence[torch.Tensor]]) -> None:
     """Refuse an output tensor (in its output dtype, on the compute device) holding NaN/Inf where its inputs held
     none: a bad weight or scale, or a value too large for the output dtype. Inputs that already hold NaN/Inf (a
-    mask) pass. `inputs` is called only when the output is not finite, so a finite merge pays one pass."""
-    if bool(torch.isfinite(output).all()) or not all(bool(torch.isfinite(t).all()) for t in inputs()):
+    mask) pass. `inputs` is called only when the output is not finite, so a finite merge pays one summation."""
+    if all_finite(output) or not all(all_finite(t) for t in inputs()):
         return
     raise NonFiniteOutputError(f"output tensor {name} would hold NaN/Inf ({dtype_name(output.dtype)}) although its "
                                f"inputs are finite; nothing was written: check the weights and parameters (a value "
