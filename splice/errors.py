@@ -25,6 +25,10 @@ class PatchError(SpliceError):
     """A patch directory is missing, malformed, or does not fit the base it is applied to."""
 
 
+class NonFiniteOutputError(SpliceError):
+    """A merge or patch would write NaN/Inf into a tensor whose inputs were finite."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line and 200 characters (its type name when it has none), for a
     one-line error that wraps it."""

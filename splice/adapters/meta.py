@@ -7,9 +7,11 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+
+from splice.values import Bounded, FiniteFloat, Float32, PositiveInt, one_line
 
 FORMAT_VERSION = 1
 
@@ -52,6 +54,27 @@ class PatchKind(str, Enum):
     delta = "delta"
 
 
+class LoraSettings(BaseModel):
+    """The entries of a LoRA patch's settings that its application reads, strictly typed ("false" is not a
+    bool); other entries are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+    rslora: StrictBool = False
+    rank: dict[str, PositiveInt] = {}
+    alpha: dict[str, Float32] = {}
+    replaced: list[str] = []
+
+
+class MaskSettings(BaseModel):
+    """The entries of a mask patch's settings that its application and description read, strictly typed."""
+
+    model_config = ConfigDict(extra="allow")
+    shapes: dict[str, list[Annotated[StrictInt, Field(ge=0)]]] | None = None
+    values: StrictBool = False
+    density: FiniteFloat | None = None
+
+
+KIND_SETTINGS: dict[PatchKind, type[BaseModel]] = {PatchKind.lora: LoraSettings, PatchKind.mask: MaskSettings}
 
 
 class PatchMeta(BaseModel):
@@ -61,8 +84,19 @@ class PatchMeta(BaseModel):
     targets: list[str]
     base: BaseFingerprint | None  # None: made elsewhere (a PEFT adapter) with no record of its base
     lineage: list[str] = []
-    metrics: dict[str, float] = {}
+    metrics: dict[str, FiniteFloat] = {}
     description: str = ""
     tags: list[str] = []
-    settings: dict[str, Any] = {}  # kind-specific: LoRA rank/alpha/rslora, mask density, ...
+    # kind-specific: LoRA rank/alpha/rslora, mask density, ...; finite numbers, nested at most MAX_DEPTH deep
+    settings: dict[str, Annotated[Any, Bounded]] = {}
     created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> PatchMeta:
+        typed = KIND_SETTINGS.get(self.kind)
+        if typed is not None:
+            try:
+                typed.model_validate(self.settings)
+            except ValidationError as exc:
+                raise ValueError(f"settings.{one_line(exc, self.kind.value)}") from None
+        return self

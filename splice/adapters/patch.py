@@ -6,7 +6,6 @@ so that applying it to another base can be refused with a precise account of wha
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import accumulate
@@ -25,6 +24,7 @@ from splice.errors import CheckpointError, PatchError
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.safetensors import OutputTensor, header_bytes
 from splice.tensors.writer import staged_output
+from splice.values import parse_json
 
 MANIFEST = "patch.json"
 TENSORS = "tensors.safetensors"
@@ -117,7 +117,7 @@ class Patch:
         if MANIFEST not in stored.files():
             raise PatchError(f"not a splice patch: {location} has no {MANIFEST}")
         try:
-            meta = PatchMeta.model_validate(json.loads(stored.read_file(MANIFEST)))
+            meta = PatchMeta.model_validate(parse_json(stored.read_file(MANIFEST)))
         except (ValueError, ValidationError) as exc:
             first = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
             where = ".".join(str(p) for p in first["loc"])

@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import yaml
@@ -35,6 +35,7 @@ from splice.progress import Progress
 from splice.tensors.device import parse_dtype
 from splice.tensors.stream import CHUNK_BYTES, StreamReport, open_all, plan_same_name, run_stream
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
+from splice.values import Bounded, one_line
 
 Scalar = bool | int | float | str
 
@@ -45,7 +46,8 @@ class Conditional(BaseModel):
     value: Scalar | list[Scalar]
 
 
-Setting = Scalar | list[Scalar] | list[Conditional] | Conditional
+# every float finite: YAML's .nan / .inf are refused
+Setting = Annotated[Scalar | list[Scalar] | list[Conditional] | Conditional, Bounded]
 
 
 class InputModel(BaseModel):
@@ -107,13 +109,6 @@ _RecipeLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _one_line(error: ValidationError, source: str) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("list[", "dict[", "union[")))
-    more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{source}: {where or 'recipe'}: {first['msg']}{more}"
-
-
 def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
     if not path.is_file():
@@ -134,7 +129,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_one_line(exc, source)) from None
+        raise RecipeError(f"{source}: {one_line(exc, 'recipe')}") from None
     validate_recipe(recipe, source)
     return recipe
 

@@ -15,11 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from splice.errors import IncompatibleModelsError, SpliceError
+from splice.errors import IncompatibleModelsError, NonFiniteOutputError, SpliceError
 from splice.progress import NoProgress, Progress
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import compute_dtype_for, dtype_name, resolve_device
@@ -133,6 +134,10 @@ def elementwise(kernel: Kernel) -> Kernel:
     return kernel
 
 
+def read_all(reads: Reads) -> list[torch.Tensor]:
+    return [ckpt.read(name, rows) for ckpt, name, rows in reads]
+
+
 def read_ahead(groups: Sequence[Reads], depth: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
     """Yield (group position, its tensors), reading up to `depth` groups in advance on a background thread."""
     slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
@@ -150,7 +155,7 @@ def read_ahead(groups: Sequence[Reads], depth: int) -> Iterator[tuple[int, list[
     def produce() -> None:
         try:
             for position, group in enumerate(groups):
-                tensors = [ckpt.read(name, rows) for ckpt, name, rows in group]
+                tensors = read_all(group)
                 if not offer((position, tensors)):
                     return
             offer(_DONE)
@@ -172,8 +177,10 @@ def read_ahead(groups: Sequence[Reads], depth: int) -> Iterator[tuple[int, list[
         thread.join()
 
 
-def compute_one(item: StreamItem, tensors: list[torch.Tensor], kernel: Kernel, device: torch.device
-                ) -> torch.Tensor:
+def compute_one(item: StreamItem, tensors: list[torch.Tensor], kernel: Kernel, device: torch.device,
+                reread: Callable[[], list[torch.Tensor]]) -> torch.Tensor:
+    """The kernel's output for one work unit, in the output dtype, refused if it holds NaN/Inf where the inputs
+    (read again by `reread`, as a kernel may change its inputs in place) held none."""
     out = item.output
     if not all(t.dtype.is_floating_point for t in tensors):
         # Integer/bool buffers (position ids, masks) are not merged: they must agree and are copied.
@@ -183,8 +190,27 @@ def compute_one(item: StreamItem, tensors: list[torch.Tensor], kernel: Kernel, d
         return first.to(out.dtype)
     working = compute_dtype_for(tensors[0].dtype)
     moved = [t.to(device=device, dtype=working) for t in tensors]
-    result = kernel(out.name, moved)
-    return result.to(dtype=out.dtype).to("cpu")
+    result = kernel(out.name, moved).to(dtype=out.dtype)
+    refuse_new_non_finite(out.name, result, reread)
+    return result.to("cpu")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry of a float tensor is finite. A sum is finite only if every entry is, and summing is
+    ~10x cheaper than `torch.isfinite(t).all()`, which runs only when the sum is not (finite entries whose sum
+    overflows)."""
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
+
+
+def refuse_new_non_finite(name: str, output: torch.Tensor, inputs: Callable[[], Sequence[torch.Tensor]]) -> None:
+    """Refuse an output tensor (in its output dtype, on the compute device) holding NaN/Inf where its inputs held
+    none: a bad weight or scale, or a value too large for the output dtype. Inputs that already hold NaN/Inf (a
+    mask) pass. `inputs` is called only when the output is not finite, so a finite merge pays one summation."""
+    if all_finite(output) or not all(all_finite(t) for t in inputs()):
+        return
+    raise NonFiniteOutputError(f"output tensor {name} would hold NaN/Inf ({dtype_name(output.dtype)}) although its "
+                               f"inputs are finite; nothing was written: check the weights and parameters (a value "
+                               f"too large for {dtype_name(output.dtype)}?)")
 
 
 class WriteBehind:
@@ -304,7 +330,8 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, s
                         progress.advance(1, unit.item.input_bytes)
                         continue
                     tick = time.perf_counter()
-                    behind.submit(item.output.name, compute_one(item, tensors, kernel, torch_device), unit.rows)
+                    again = partial(read_all, unit.reads)
+                    behind.submit(item.output.name, compute_one(item, tensors, kernel, torch_device, again), unit.rows)
                     progress.advance(int(unit.completes_item), unit.input_bytes)
                     log.debug("%s %s rows %s from %d inputs in %.1f ms", item.output.name, list(item.output.shape),
                               unit.rows or "all", len(tensors), 1000 * (time.perf_counter() - tick))

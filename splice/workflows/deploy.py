@@ -7,23 +7,24 @@ say exactly what it carries, even when only its weight files were copied on.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splice.adapters.apply import apply_patches
 from splice.adapters.live import PatchHandle, apply_patch
 from splice.adapters.patch import PatchError
+from splice.errors import CheckpointError
 from splice.progress import Progress
 from splice.registry.store import Registry
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.safetensors import read_safetensors_metadata
 from splice.tensors.stream import StreamReport
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
+from splice.values import one_line, parse_json
 from splice.version import __version__
 
 RECORD_FILE = "deployment.json"
@@ -102,7 +103,15 @@ def read_deployment_record(model: str | os.PathLike, storage_options: dict | Non
         return None
     metadata = read_safetensors_metadata(stored.fs, f"{stored.root}/{first_shard}", str(model), first_shard)
     text = metadata.get(RECORD_METADATA_KEY)
-    return None if text is None else DeploymentRecord.model_validate(json.loads(text))
+    if text is None:
+        return None
+    try:
+        return DeploymentRecord.model_validate(parse_json(text))
+    except ValidationError as exc:
+        raise CheckpointError(f"{model}: its deployment record is not valid ({one_line(exc, 'record')}); "
+                              f"deploy it again") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{model}: its deployment record is not valid JSON ({exc}); deploy it again") from None
 
 
 def apply_ref(model: torch.nn.Module, ref: str, *, registry: Registry | str | None = None,

@@ -12,13 +12,13 @@ the patch has `meta.base = None`.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 from splice.adapters.kinds.lora import SUFFIX_A, SUFFIX_B
 from splice.adapters.meta import PatchKind, PatchMeta
@@ -26,6 +26,7 @@ from splice.adapters.patch import Patch
 from splice.adapters.peft.names import PEFT_CONFIG, PEFT_PICKLE, PEFT_WEIGHTS, PREFIX, BaseNames, base_names
 from splice.errors import CheckpointError, PatchError, first_line
 from splice.tensors.checkpoint import Checkpoint, split_location
+from splice.values import Float32, PositiveInt, one_line, parse_json
 
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 # config entries whose effect is not a change of the base's weights splice can make (truthy = refused)
@@ -34,6 +35,19 @@ _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "lora_bias", "target_parameters
                 "alora_invocation_tokens": "aLoRA", "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA",
                 "megatron_config": "Megatron"}
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+class LoraConfigValues(BaseModel):
+    """The entries of a LoRA adapter_config.json that splice reads, strictly typed and finite (a scale a
+    float32 computation can hold); the others are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+    r: PositiveInt | None = None
+    lora_alpha: Float32 = 8
+    use_rslora: StrictBool = False
+    fan_in_fan_out: StrictBool = False
+    rank_pattern: dict[str, PositiveInt] | None = None
+    alpha_pattern: dict[str, Float32] | None = None
 
 
 def is_peft_adapter(location: str | os.PathLike, storage_options: dict | None = None) -> bool:
@@ -46,7 +60,7 @@ def is_peft_adapter(location: str | os.PathLike, storage_options: dict | None = 
 
 def _read_config(location: str, fs, root: str) -> dict[str, Any]:
     try:
-        config = json.loads(fs.cat_file(f"{root}/{PEFT_CONFIG}"))
+        config = parse_json(fs.cat_file(f"{root}/{PEFT_CONFIG}"))
     except ValueError as exc:
         raise PatchError(f"{location}/{PEFT_CONFIG} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
@@ -109,6 +123,10 @@ def _check_adapter(location: str, config: dict[str, Any], state: dict[str, torch
         raise PatchError(f"{location}: the PEFT adapter holds no tensors")
     if peft_type != "LORA":
         return peft_type
+    try:
+        LoraConfigValues.model_validate(config)
+    except ValidationError as exc:
+        raise PatchError(f"{location}/{PEFT_CONFIG}: {one_line(exc, 'config')}") from None
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise PatchError(f"{location}: PEFT {what} adapters are not supported; merge it with peft "
