@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
+from test_registry import make_patch
 
 from splice.registry import Registry, RegistryError, backends, maintenance
 from splice.registry.layout import blob_rel
@@ -31,7 +31,6 @@ from splice.registry.manifest import TensorEntry, VersionManifest, content_diges
 from splice.registry.store import Registry as StoreRegistry
 
 from helpers import moto_s3_server, run_cli
-from test_registry import make_patch
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "splice-faults"
@@ -407,48 +406,50 @@ def _count(key: str, n: int = 1) -> None:
     FIGURES[key] = FIGURES.get(key, 0) + n
 
 
+PUSHERS, GCS, ROUNDS = 3, 2, 2
+
+
 @pytest.mark.parametrize("grace", [0, 3600])
 @pytest.mark.parametrize("clients", ["long-lived", "fresh"])
 def test_concurrent_pushers_and_gcs_publish_no_broken_version(place, grace, clients):
-    """Rounds of 4 pushers pushing the same content (so they reuse each other's blobs, made unreachable by an
-    rm each round) while 2 gcs run; every push that reports a success must read back whole."""
+    """Rounds of pushers pushing the same content (so they reuse each other's blobs, and blobs an rm made
+    unreachable the round before) while gcs run; every push that reports a success must read back whole."""
     url, options = place
     Registry.init(url, options)
-    keep = [opened(url, options) for _ in range(6)]
+    keep = [opened(url, options) for _ in range(PUSHERS + GCS)]
     client = (lambda i: keep[i]) if clients == "long-lived" else (lambda i: opened(url, options))
     patches = [make_patch(20 + i) for i in range(2)]
     published, failed, broken = [], [], []
-    deadline = time.monotonic() + 20
-    for round_ in range(3):
-        patch = patches[round_ % 2]
+    deadline = time.monotonic() + 30
+    for round_ in range(ROUNDS):
+        done: list[VersionManifest] = []
 
-        def push(i: int) -> None:
+        def push(i: int, patch=patches[round_ % 2], done=done) -> None:
             try:
-                manifest = client(i).push("x", patch)
+                done.append(client(i).push("x", patch))
             except RegistryError as exc:
                 failed.append(str(exc))
-                return
-            published.append(manifest)
-            if not intact(opened(url, options), manifest):
-                broken.append(manifest.ref)
 
         def collect(i: int) -> None:
-            for _ in range(3):
+            for _ in range(2):
                 client(i).gc(grace_seconds=grace)
 
-        workers = [threading.Thread(target=push, args=(i,)) for i in range(4)]
-        workers += [threading.Thread(target=collect, args=(i,)) for i in (4, 5)]
+        workers = [threading.Thread(target=push, args=(i,)) for i in range(PUSHERS)]
+        workers += [threading.Thread(target=collect, args=(PUSHERS + i,)) for i in range(GCS)]
         for w in workers:
             w.start()
         for w in workers:
             w.join(max(1.0, deadline - time.monotonic()))
         assert not any(w.is_alive() for w in workers), "a pusher or gc hung"
-        check = opened(url, options)
-        for manifest in check.versions("x") if check.latest_version("x") else []:
-            check.remove(manifest.ref)  # unreachable blobs for the next round to reuse
+        check = opened(url, options)  # a client of its own: what anyone reading the registry now sees
+        broken += [m.ref for m in done if not intact(check, m)]
+        published += done
         assert check.verify().ok, check.verify()
+        for manifest in done:
+            check.remove(manifest.ref)  # unreachable blobs for the next round to reuse
         _count("rounds")
-        _count("pushers", 4)
+        _count("pushers", PUSHERS)
+        _count("gcs", GCS)
     assert all("withdrawn: push again" in line for line in failed), failed
     assert broken == [], broken
     _count("published", len(published))
@@ -456,6 +457,7 @@ def test_concurrent_pushers_and_gcs_publish_no_broken_version(place, grace, clie
     print(f"\nfault figures so far: {FIGURES}, broken versions published: {len(broken)}")
 
 
+KILL_ROUNDS = 3
 KILLED_PUSH = textwrap.dedent("""
     import json, sys
     from splice.registry import Registry
@@ -476,7 +478,7 @@ def test_sigkilled_pushers_leave_no_broken_version(place, tmp_path, request):
     patch_dirs = [str(make_patch(30 + i, big=3).save(tmp_path / f"p{i}")) for i in range(2)]
     rng = random.Random(10)
     kills = 0
-    for round_ in range(4):
+    for round_ in range(KILL_ROUNDS):
         procs = [subprocess.Popen([sys.executable, "-c", KILLED_PUSH, url, json.dumps(options), patch_dirs[i % 2]],
                                   stdout=subprocess.PIPE, text=True, env=env) for i in range(3)]
         for proc in procs:
@@ -494,6 +496,6 @@ def test_sigkilled_pushers_leave_no_broken_version(place, tmp_path, request):
         assert check.verify().ok
     assert kills > 0
     _count("kills", kills)
-    _count("kill rounds", 4)
+    _count("kill rounds", KILL_ROUNDS)
     print(f"\nfault figures so far: {FIGURES}")
     assert math.isfinite(registry.gc().bytes_freed)

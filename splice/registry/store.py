@@ -7,6 +7,20 @@ grace period. Version manifests and alias moves are created with an exclusive cr
 in-process lock for memory://, a conditional put `If-None-Match: *` on S3); a filesystem that offers none of
 these is refused for writing rather than risk handing out a version number twice.
 
+gc and push (the protocol that keeps a reused blob from vanishing under a push, on every backend):
+
+1. A push writes or reuses its blobs. It reuses a stored blob only after checking its bytes (Backend.holds), and
+   makes a reused one young again where the store allows it cheaply (gc's grace then protects it).
+2. It creates its manifest exclusively, then waits for every gc whose lease (`gc/<uuid>.json`) it sees, until
+   each is finished or found dead (a dead process's on this machine, or older than an hour).
+3. Then it checks that every blob the manifest names is stored (asking the store, past any listing cache). If
+   one is gone, a gc removed it between steps 1 and 2: the version is withdrawn (tombstoned) and the push fails.
+4. A gc creates its lease before it lists the live manifests and removes it when it is done. A gc that starts
+   after step 2 therefore lists the new manifest and keeps its blobs; one that started before is waited for.
+
+Every listing and existence check the registry relies on asks the store itself, never fsspec's listing cache
+(a long-lived process would otherwise miss what other processes wrote or removed).
+
 How tensor bytes move (packs, verified reads) is splice.registry.transfer; gc, verify and diff are
 splice.registry.maintenance. Importing this module imports neither torch nor transformers.
 """
