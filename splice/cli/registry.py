@@ -87,20 +87,23 @@ def pull(
     _print(f"pulled {manifest.ref} ({manifest.digest}) -> {out}", quiet)
 
 
-def _names_table(opened) -> object:
+def _names_table(opened) -> tuple[object, list[str]]:
+    summary = opened.summary()
     rows = [[s.name, "" if s.latest is None else s.latest, s.versions,
-             ", ".join(f"{a}={r.version}" for a, r in s.aliases.items())] for s in opened.summary()]
-    return render.table(f"registry {opened.url}", ["name", "latest", "versions", "aliases"], rows)
+             ", ".join(f"{a}={r.version}" for a, r in s.aliases.items())] for s in summary]
+    problems = [line for s in summary for line in s.problems]
+    return render.table(f"registry {opened.url}", ["name", "latest", "versions", "aliases"], rows), problems
 
 
-def _versions_table(opened, name: str) -> object:
+def _versions_table(opened, name: str) -> tuple[object, list[str]]:
     rows = []
-    for manifest, pointing in opened.listing(name):
+    listed, problems = opened.listing(name)
+    for manifest, pointing in listed:
         rows.append([manifest.version, _short(manifest.digest), manifest.meta.kind.value, len(manifest.tensors),
                      render.human_bytes(manifest.nbytes), _when(manifest.pushed_at), ", ".join(pointing),
                      manifest.message])
     return render.table(f"{name} in {opened.url}", ["version", "digest", "kind", "tensors", "size", "pushed",
-                                                     "aliases", "message"], rows)
+                                                     "aliases", "message"], rows), problems
 
 
 @registry_app.command("ls")
@@ -111,7 +114,10 @@ def ls(
 ) -> None:
     """Patch names with their latest version and aliases, or the versions of one name."""
     opened = _open(registry, storage_options)
-    _print(_names_table(opened) if name is None else _versions_table(opened, name))
+    table, problems = _names_table(opened) if name is None else _versions_table(opened, name)
+    _print(table)
+    for line in problems:
+        _print(f"problem: {line}")
 
 
 def _version_rows(details) -> list[list[object]]:
@@ -159,6 +165,8 @@ def show(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOpti
 def tag(
     ref: RefArg,
     alias: Annotated[str, typer.Argument(help="Alias to point at REF's version, e.g. prod or task-3.")],
+    force: Annotated[bool, typer.Option("--force", help="Move an alias whose current file is damaged (repairs it).")
+                     ] = False,
     registry: RegistryURL = None,
     storage_options: StorageOptions = None,
     quiet: Quiet = False,
@@ -167,7 +175,7 @@ def tag(
     from splice.registry import check_alias
 
     check_alias(alias)  # a bad alias is refused before the registry is opened
-    manifest, record = _open(registry, storage_options).tag_ref(ref, alias)
+    manifest, record = _open(registry, storage_options).tag_ref(ref, alias, force=force)
     _print(f"alias {alias} of {manifest.name} -> version {record.version} (generation {record.generation})", quiet)
 
 
@@ -195,7 +203,7 @@ def rm(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOption
     """Remove a version (its number is never reused; `gc` frees its blobs)."""
     removed = _open(registry, storage_options).remove_version(ref)
     note = f"; aliases still pointing at it: {', '.join(removed.pointing)}" if removed.pointing else ""
-    _print(f"removed {removed.manifest.ref} ({removed.manifest.digest}){note}", quiet)
+    _print(f"removed {removed.ref} ({removed.digest}){note}", quiet)
 
 
 @registry_app.command("gc")
@@ -212,17 +220,34 @@ def gc(
                                "unused but young"],
                         [[report.blobs_removed, f"{report.bytes_freed:,}", report.temps_removed,
                           report.blobs_kept_live, report.blobs_kept_young]]), quiet)
+    for line in report.bad_manifests:
+        _print(f"kept every blob named by a version whose manifest does not validate: {line}")
 
 
 @registry_app.command("verify")
-def verify(registry: RegistryURL = None, storage_options: StorageOptions = None) -> None:
-    """Re-hash every blob and check every version's blobs; exit 1 if anything is corrupt or missing."""
-    report = _open(registry, storage_options).verify()
+def verify(
+    repair: Annotated[bool, typer.Option("--repair", help="Write damaged or missing blobs again, from --from.")
+                      ] = False,
+    source: Annotated[str | None, typer.Option(
+        "--from", help="With --repair: a patch directory holding the damaged tensors (e.g. the one pushed).")] = None,
+    registry: RegistryURL = None,
+    storage_options: StorageOptions = None,
+) -> None:
+    """Re-hash every blob and check every version's blobs and every alias; exit 1 if anything is wrong."""
+    from splice.registry import RegistryError
+
+    if repair != (source is not None):
+        raise RegistryError("--repair and --from go together: `splice registry verify --repair --from PATCH_DIR` "
+                            "writes damaged blobs again from that patch")
+    report = _open(registry, storage_options).verify(repair_from=source)
+    for path in report.repaired:
+        _print(f"repaired {path}")
     if report.ok:
         versions = f"{report.versions_checked} version{'s' if report.versions_checked != 1 else ''}"
         _print(f"ok: {report.blobs_checked} blobs ({report.bytes_checked:,} bytes) and {versions} verified")
         return
     rows = [[p.problem, p.path, p.detail, ", ".join(p.versions) or "none"] for p in report.problems]
     rows += [["bad manifest", line, "", ""] for line in report.bad_manifests]
+    rows += [["bad alias", line, "", ""] for line in report.bad_aliases]
     _print(render.table("registry verify: problems", ["problem", "blob", "detail", "versions broken"], rows))
     raise SystemExit(1)  # not typer.Exit: main() runs click with standalone_mode=False, which swallows its code

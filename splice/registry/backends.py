@@ -13,6 +13,7 @@ import functools
 import hashlib
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -20,7 +21,7 @@ from datetime import datetime
 from fsspec.implementations.local import LocalFileSystem
 
 from splice.errors import SpliceError, first_line
-from splice.registry.layout import IO_CHUNK
+from splice.registry.layout import IO_CHUNK, blob_digest_of, located, temp_name
 from splice.registry.refs import RegistryError
 
 _MEMORY_LOCK = threading.Lock()
@@ -118,6 +119,7 @@ class Backend:
         return f"{self.root}/{rel}"
 
     def read(self, rel: str) -> bytes:
+        self.fs.invalidate_cache(self.path(rel))
         return self.fs.cat_file(self.path(rel))
 
     def read_ranges(self, items: Sequence[tuple[str, int, int]]) -> list[bytes | bytearray | BaseException]:
@@ -138,9 +140,12 @@ class Backend:
                 out[i] = data
         return out
 
-    def sizes(self, rels: Sequence[str]) -> list[int | None]:
-        """Each blob's size, None where it does not exist."""
+    def infos(self, rels: Sequence[str]) -> list[dict | None]:
+        """Each file's info, asked of the store past fsspec's listing cache (others write here too); None where
+        it does not exist."""
         paths = [self.path(rel) for rel in rels]
+        for p in paths:
+            self.fs.invalidate_cache(p)
         if getattr(self.fs, "async_impl", False) and len(paths) > 1:
             from fsspec.asyn import sync
 
@@ -155,15 +160,38 @@ class Backend:
                     infos.append(self.fs.info(p))
                 except FileNotFoundError as exc:
                     infos.append(exc)
-        sizes = []
+        out: list[dict | None] = []
         for info in infos:
             if isinstance(info, FileNotFoundError):
-                sizes.append(None)
+                out.append(None)
             elif isinstance(info, BaseException):
                 raise info
             else:
-                sizes.append(info.get("size"))
-        return sizes
+                out.append(info)
+        return out
+
+    def sizes(self, rels: Sequence[str]) -> list[int | None]:
+        """Each blob's size, None where it does not exist (never from a cached listing)."""
+        return [None if info is None else info.get("size") for info in self.infos(rels)]
+
+    def holds(self, blobs: Sequence[tuple[str, int, Bytes | None]]) -> list[bool]:
+        """For each (blob rel, size, its bytes or None): is that blob stored with exactly those bytes? Same-size
+        damage is caught: by the store's MD5 ETag of a single-part object where the bytes are at hand, else by
+        reading the stored blob and hashing it against its name."""
+        found = []
+        for (rel, size, data), info in zip(blobs, self.infos([rel for rel, _, _ in blobs])):
+            if info is None or info.get("size") != size:
+                found.append(False)
+                continue
+            etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+            if data is not None and len(etag) == 32 and all(c in "0123456789abcdef" for c in etag):
+                found.append(hashlib.md5(data, usedforsecurity=False).hexdigest() == etag)
+                continue
+            try:
+                found.append(self.hash_blob(rel) == (blob_digest_of(rel), size))
+            except FileNotFoundError:
+                found.append(False)
+        return found
 
     def _listed(self, rel: str, lister: Callable):
         """`lister(path)` of `rel` past fsspec's listing cache (others write here too); None if it is absent."""
@@ -225,6 +253,7 @@ class Backend:
         return out
 
     def is_empty(self) -> bool:
+        self.fs.invalidate_cache(self.root)
         try:
             return not self.fs.exists(self.root) or not self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
@@ -250,6 +279,18 @@ class MemoryBackend(Backend):
 class S3Backend(Backend):
     exclusive = "if-none-match"
 
+    touch_after = 60.0  # a reused blob younger than this is left as it is (gc's grace still covers it)
+
+    def touch(self, rel: str) -> None:
+        """Copy an object older than `touch_after` onto itself with new metadata: its LastModified is now, so
+        gc's grace protects it again. (Correctness does not rest on this: see Registry._settle.)"""
+        (info,) = self.infos([rel])
+        mtime = None if info is None else _mtime(info)
+        if mtime is None or time.time() - mtime < self.touch_after:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.setxattr(self.path(rel), copy_kwargs={}, splice_reused=f"{time.time():.3f}")
+
     def create(self, rel: str, data: bytes) -> bool:
         try:
             self.fs.pipe_file(self.path(rel), data, mode="create")  # PutObject with If-None-Match: *
@@ -269,11 +310,22 @@ class LocalBackend(Backend):
     def workers(self) -> int:  # hashing local bytes is CPU-bound: a few threads (hashlib releases the GIL)
         return max(2, min(4, (os.cpu_count() or 2) + 1))
 
+    def inside(self, rel: str) -> str:
+        """The path of `rel`, refused if any part of it below the root is a symbolic link: the registry never
+        follows a link out of itself (gc deletes what it finds, and writes land where links point)."""
+        path = self.root
+        for part in rel.split("/"):
+            path = os.path.join(path, part)
+            if os.path.islink(path):
+                raise RegistryError(f"{located(self.root, rel)}: {path} is a symbolic link (to {os.readlink(path)}); "
+                                    "the registry never follows a link out of itself: replace it with a directory")
+        return path
+
     def new_temp(self) -> tuple[str, int]:
         """(path, fd) of a new temp file under <root>/tmp, open for writing."""
-        tmp_dir = os.path.join(self.root, "tmp")
+        tmp_dir = self.inside("tmp")
         os.makedirs(tmp_dir, exist_ok=True)
-        tmp = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.tmp")
+        tmp = os.path.join(tmp_dir, temp_name())
         return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
     def _write_tmp(self, data: Bytes, sync: bool = False) -> str:
@@ -287,14 +339,14 @@ class LocalBackend(Backend):
         return tmp
 
     def _replace(self, tmp: str, rel: str) -> None:
-        final = self.path(rel)
+        final = self.inside(rel)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.replace(tmp, final)  # atomic: readers see no blob or the whole blob
 
     def publish(self, tmp: str, rel: str, size: int) -> bool:
-        """Rename a complete temp file into place as blob `rel`, unless a blob of that size is there already
+        """Rename a complete temp file into place as blob `rel`, unless that blob is there with the right bytes
         (then the temp is dropped and the blob made young again, for gc's grace). True if it was written."""
-        if self.sizes([rel])[0] == size:
+        if self.holds([(rel, size, None)])[0]:
             os.unlink(tmp)
             self.touch(rel)
             return False
@@ -330,6 +382,17 @@ class LocalBackend(Backend):
                 os.close(fd)
         return out
 
+    def holds(self, blobs: Sequence[tuple[str, int, Bytes | None]]) -> list[bool]:
+        """Stored with exactly these bytes? A blob of the right size is re-hashed (reading is cheaper than the
+        write it saves, and same-size damage in place must not be reused)."""
+        found = []
+        for (rel, size, _), stored in zip(blobs, self.sizes([rel for rel, _, _ in blobs])):
+            try:
+                found.append(stored == size and self.hash_blob(rel) == (blob_digest_of(rel), size))
+            except FileNotFoundError:
+                found.append(False)
+        return found
+
     def sizes(self, rels: Sequence[str]) -> list[int | None]:
         sizes = []
         for rel in rels:
@@ -356,14 +419,20 @@ class LocalBackend(Backend):
                 raise
 
     def create(self, rel: str, data: bytes) -> bool:
+        final = self.inside(rel)
         tmp = self._write_tmp(data, sync=True)
-        final = self.path(rel)
         try:
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.link(tmp, final)  # fails if `final` exists; publishes complete content atomically
             return True
         except FileExistsError:
             return False
+        except FileNotFoundError:
+            if os.path.exists(tmp):
+                raise
+            raise RegistryError(f"{located(self.root, rel)} was not created: its temp file {tmp} was removed "
+                                "before it could be linked into place (a `splice registry gc` on another machine "
+                                "sharing this disk?); nothing changed: run it again") from None
         except OSError as exc:
             raise RegistryError(f"{self.root}: this filesystem cannot hard-link ({first_line(exc)}), which the "
                                 "registry needs to create versions exclusively; use a local disk") from exc
@@ -384,11 +453,11 @@ class LocalBackend(Backend):
 
     def walk(self, rel: str) -> list[tuple[str, int, float | None]]:
         out = []
-        for directory, _, files in os.walk(self.path(rel)):
+        for directory, _, files in os.walk(self.inside(rel)):
             for name in files:
                 full = os.path.join(directory, name)
                 try:
-                    stat = os.stat(full)
+                    stat = os.lstat(full)
                 except FileNotFoundError:
                     continue
                 out.append((os.path.relpath(full, self.root).replace(os.sep, "/"), stat.st_size, stat.st_mtime))

@@ -9,12 +9,20 @@ Layout (registry format 2; see splice.registry.manifest for the file formats)::
     patches/<name>/versions/<n>.json                immutable manifests, created exclusively (numbers never reused)
     patches/<name>/removed/<n>.json                 tombstones: version n was removed; n is never handed out again
     patches/<name>/aliases/<alias>/<generation>.json  alias moves; the highest generation is the alias's value
-    tmp/                                            local temp files (renamed or linked into place; swept by gc)
+    tmp/<host>.<pid>.<uuid>.tmp                     local temp files (renamed or linked into place); gc removes those
+                                                      of dead processes on its host at once, others after the grace
+    gc/<uuid>.json                                  leases: a gc in progress (see splice.registry.store, "gc and push")
+
+The registry never follows a symbolic link out of itself: a link where one of these directories should be is
+refused, not followed.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
+import uuid
 
 ENV_VAR = "SPLICE_REGISTRY"
 DEFAULT_LOCATION = "~/.cache/splice/registry"
@@ -25,6 +33,37 @@ SMALL_READ = 1 << 20  # remote reads smaller than this travel in batches (one ca
 BATCH_BYTES = 8 << 20  # at most this many bytes of small reads in one batch
 BATCH_COUNT = 256  # at most this many small reads or puts in one batch
 IO_CHUNK = 1 << 20  # local reads and writes go in pieces of this size (much faster here than huge ones)
+
+
+GC_DIR = "gc"
+_TEMP = re.compile(r"(?P<host>[A-Za-z0-9_-]{1,64})\.(?P<pid>[0-9]{1,10})\.[0-9a-f]{32}\.tmp")
+
+
+def this_host() -> str:
+    """This machine's name as temp files carry it (letters, digits, '-' and '_' only)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
+
+
+def temp_name() -> str:
+    """A new temp file's name: the host and process writing it, so gc can tell a dead writer's leftovers."""
+    return f"{this_host()}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+
+
+def temp_writer(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that wrote a temp file, or None for a name that does not say (older splice)."""
+    found = _TEMP.fullmatch(name)
+    return (found["host"], int(found["pid"])) if found else None
+
+
+def process_alive(pid: int) -> bool:
+    """Is a process with this id running on this machine?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def default_location() -> str:

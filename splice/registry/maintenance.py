@@ -3,16 +3,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
+import os
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from splice.errors import first_line
 from splice.registry.backends import Backend
-from splice.registry.layout import blob_digest_of, blob_rel, located, numbers, removed_dir, version_rel, versions_dir
-from splice.registry.manifest import TensorEntry, VersionManifest
+from splice.registry.layout import (
+    GC_DIR,
+    blob_digest_of,
+    blob_rel,
+    located,
+    numbers,
+    process_alive,
+    removed_dir,
+    temp_writer,
+    this_host,
+    version_rel,
+    versions_dir,
+)
+from splice.registry.manifest import GcLease, TensorEntry, VersionManifest, parse_model
+from splice.registry.refs import RegistryError
 from splice.registry.transfer import BlobReader, tensor_from
+
+LEASE_STALE = 3600.0  # a gc lease older than this is a dead gc's (a push stops waiting for it)
+LEASE_POLL = 0.05  # how often a push looks again whether the gcs it waits for are done
 
 
 @dataclass
@@ -23,6 +43,7 @@ class GcReport:
     stale_versions_removed: int = 0  # manifests of removed versions left behind by an interrupted rm
     blobs_kept_live: int = 0
     blobs_kept_young: int = 0  # unreachable, but younger than the grace period (a push may be in flight)
+    bad_manifests: list[str] = field(default_factory=list)  # live versions whose manifest does not validate
 
 
 @dataclass
@@ -42,10 +63,12 @@ class VerifyReport:
     versions_checked: int = 0
     problems: list[BlobProblem] = field(default_factory=list)
     bad_manifests: list[str] = field(default_factory=list)  # one line each
+    bad_aliases: list[str] = field(default_factory=list)  # one line each
+    repaired: list[str] = field(default_factory=list)  # blobs `verify(repair_from=...)` wrote again
 
     @property
     def ok(self) -> bool:
-        return not self.problems and not self.bad_manifests
+        return not self.problems and not self.bad_manifests and not self.bad_aliases
 
 
 @dataclass
@@ -77,34 +100,104 @@ class DiffReport:
 # -- gc ------------------------------------------------------------------------------------------
 
 
-def gc(backend: Backend, names: list[str], live_manifests: Callable[[], list[VersionManifest]],
-       grace_seconds: float) -> GcReport:
+def check_grace(grace_seconds: float) -> float:
+    if not isinstance(grace_seconds, (int, float)) or not math.isfinite(grace_seconds) or grace_seconds < 0:
+        raise RegistryError(f"gc grace {grace_seconds!r} is not allowed: give a number of seconds, 0 or more "
+                            "(0 removes every unused blob now, even one a push in flight has just written)")
+    return float(grace_seconds)
+
+
+# -- gc and push: leases --------------------------------------------------------------------------
+
+
+def _lease_stale(lease: GcLease | None, now: float) -> bool:
+    """A lease nobody holds: unreadable, a dead process's on this machine, or older than LEASE_STALE."""
+    if lease is None or now - lease.started > LEASE_STALE:
+        return True
+    return lease.host == this_host() and not process_alive(lease.pid)
+
+
+def _leases(backend: Backend) -> dict[str, GcLease | None]:
+    found: dict[str, GcLease | None] = {}
+    for entry in backend.listdir(GC_DIR):
+        rel = f"{GC_DIR}/{entry}"
+        try:
+            found[rel] = parse_model(GcLease, backend.read(rel), rel)
+        except FileNotFoundError:
+            continue  # that gc just finished
+        except RegistryError:
+            found[rel] = None
+    return found
+
+
+@contextlib.contextmanager
+def gc_lease(backend: Backend) -> Iterator[None]:
+    """Announce a gc (gc/<uuid>.json) for as long as it runs; stale leases of dead gcs are removed."""
+    rel = f"{GC_DIR}/{uuid.uuid4().hex}.json"
+    lease = GcLease(host=this_host(), pid=os.getpid(), started=time.time())
+    backend.create(rel, (lease.model_dump_json() + "\n").encode())
+    try:
+        yield
+    finally:
+        backend.delete(rel)
+    now = time.time()
+    for other, held in _leases(backend).items():
+        if _lease_stale(held, now):
+            backend.delete(other)
+
+
+def wait_for_gcs(backend: Backend) -> None:
+    """Wait until every gc running now has finished (or is found dead). A gc that starts later lists the
+    manifests after its lease exists, so it sees every version created before this call."""
+    waiting = {rel for rel, lease in _leases(backend).items() if not _lease_stale(lease, time.time())}
+    while waiting:
+        time.sleep(LEASE_POLL)
+        current = _leases(backend)
+        waiting = {rel for rel in waiting if rel in current and not _lease_stale(current[rel], time.time())}
+
+
+# -- gc ------------------------------------------------------------------------------------------
+
+
+def _temp_removable(rel: str, mtime: float | None, cutoff: float, grace_seconds: float) -> bool:
+    """Older than the grace (any age at grace 0), except that a temp file a live process on this machine is
+    writing is in flight: grace 0 leaves it alone (a non-zero grace removes it once it is older)."""
+    old = mtime is not None and mtime <= cutoff
+    if grace_seconds > 0:
+        return old
+    writer = temp_writer(rel.rsplit("/", 1)[-1])
+    return writer is None or writer[0] != this_host() or not process_alive(writer[1])
+
+
+def gc(backend: Backend, names: list[str], live_digests: Callable[[], set[str]], grace_seconds: float) -> GcReport:
     """Remove the manifests an interrupted `rm` left, then blobs no live version uses and stale temp files,
-    when older than `grace_seconds` (so a push in flight, whose blobs come before its manifest, is left alone)."""
+    when older than `grace_seconds` (so a push in flight, whose blobs come before its manifest, is left alone).
+    `live_digests`: every blob digest a live version may use. Runs under a lease (see `wait_for_gcs`)."""
     report = GcReport()
-    for name in names:
-        stored = numbers(backend.listdir(versions_dir(name)))
-        for version in stored & numbers(backend.listdir(removed_dir(name))):
-            backend.delete(version_rel(name, version))
-            report.stale_versions_removed += 1
-    live = {entry.blob_digest for m in live_manifests() for entry in m.tensors.values()}
-    cutoff = time.time() - grace_seconds
-    for rel, size, mtime in backend.walk("blobs"):
-        digest = blob_digest_of(rel)
-        if digest is None:
-            continue  # not a blob name: not ours to remove
-        if digest in live:
-            report.blobs_kept_live += 1
-        elif grace_seconds > 0 and (mtime is None or mtime > cutoff):
-            report.blobs_kept_young += 1
-        else:
-            backend.delete(rel)
-            report.blobs_removed += 1
-            report.bytes_freed += size
-    for rel, _, mtime in backend.walk("tmp"):
-        if grace_seconds <= 0 or (mtime is not None and mtime <= cutoff):
-            backend.delete(rel)
-            report.temps_removed += 1
+    with gc_lease(backend):
+        for name in names:
+            stored = numbers(backend.listdir(versions_dir(name)))
+            for version in stored & numbers(backend.listdir(removed_dir(name))):
+                backend.delete(version_rel(name, version))
+                report.stale_versions_removed += 1
+        live = live_digests()
+        cutoff = time.time() - grace_seconds
+        for rel, size, mtime in backend.walk("blobs"):
+            digest = blob_digest_of(rel)
+            if digest is None:
+                continue  # not a blob name: not ours to remove
+            if digest in live:
+                report.blobs_kept_live += 1
+            elif grace_seconds > 0 and (mtime is None or mtime > cutoff):
+                report.blobs_kept_young += 1
+            else:
+                backend.delete(rel)
+                report.blobs_removed += 1
+                report.bytes_freed += size
+        for rel, _, mtime in backend.walk("tmp"):
+            if _temp_removable(rel, mtime, cutoff, grace_seconds):
+                backend.delete(rel)
+                report.temps_removed += 1
     return report
 
 
@@ -180,6 +273,43 @@ def verify(backend: Backend, url: str, manifests: list[VersionManifest], bad_man
         report.problems.append(BlobProblem(digest, located(url, blob_rel(digest)), "missing", "no such blob",
                                            _versions_of(users[digest])))
     return report
+
+
+# -- repair --------------------------------------------------------------------------------------
+
+
+def _rebuilt(digest: str, entries: list[TensorEntry], source: dict[str, bytes]) -> bytes | None:
+    """Blob `digest` rebuilt from a patch's tensor bytes (sha256 -> bytes): a tensor's own blob, or a pack
+    laid out again from its members' offsets; None unless the result hashes to `digest`."""
+    own = [e for e in entries if not e.packed]
+    if own:
+        data = source.get(own[0].digest)
+    else:
+        buf = bytearray(max((e.offset + e.nbytes for e in entries), default=0))
+        for entry in entries:
+            piece = source.get(entry.digest)
+            if piece is None:
+                return None
+            buf[entry.offset:entry.offset + entry.nbytes] = piece
+        data = bytes(buf)
+    return data if data is not None and hashlib.sha256(data).hexdigest() == digest else None
+
+
+def repair(backend: Backend, manifests: list[VersionManifest], report: VerifyReport,
+           source: dict[str, bytes]) -> list[str]:
+    """Write again every damaged or missing blob a live version uses whose bytes `source` (sha256 -> a
+    patch's tensor bytes) can rebuild; the blobs written, as their locations."""
+    users: dict[str, list[TensorEntry]] = {}
+    for manifest in manifests:
+        for entry in manifest.tensors.values():
+            users.setdefault(entry.blob_digest, []).append(entry)
+    repaired = []
+    for problem in report.problems:
+        data = _rebuilt(problem.digest, users.get(problem.digest, []), source)
+        if data is not None:
+            backend.put_many({blob_rel(problem.digest): data})
+            repaired.append(problem.path)
+    return repaired
 
 
 # -- diff ----------------------------------------------------------------------------------------

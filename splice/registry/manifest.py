@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import datetime, timezone
 from math import prod
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_serializer, model_validator
 
@@ -39,6 +40,12 @@ REGISTRY_FORMAT = "splice-registry"
 REGISTRY_FORMAT_VERSION = 2  # 2: small tensors packed into shared blobs (1: one blob per tensor)
 MANIFEST_FORMAT_VERSION = 2  # 2: entries may name a pack blob and an offset
 HEX64 = r"^[0-9a-f]{64}$"
+# safetensors dtype codes this splice reads, with their item sizes (the same codes as splice.tensors.safetensors,
+# which imports torch; tests/test_registry_faults.py checks the two agree)
+DTYPE_ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                   "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_TENSOR_BYTES = 1 << 40  # 1 TiB: a manifest naming a bigger tensor is corrupt, not a patch
+MAX_DIMS = 64
 DIGEST = r"^sha256:[0-9a-f]{64}$"
 
 
@@ -61,8 +68,8 @@ class TensorEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     digest: str = Field(pattern=HEX64)  # sha256 of the raw bytes, as splice.adapters.patch.tensor_sha256 gives it
     dtype: str  # safetensors dtype code: F32, BF16, I64, BOOL, ...
-    shape: tuple[int, ...]
-    nbytes: int = Field(ge=0)
+    shape: tuple[Annotated[int, Field(ge=0, le=MAX_TENSOR_BYTES)], ...] = Field(max_length=MAX_DIMS)
+    nbytes: int = Field(ge=0, le=MAX_TENSOR_BYTES)
     blob: str | None = Field(default=None, pattern=HEX64)  # a pack holding the bytes; None: a blob of its own
     offset: int = Field(default=0, ge=0)  # where its bytes start in the pack
 
@@ -70,6 +77,15 @@ class TensorEntry(BaseModel):
     def _own_blob_starts_at_zero(self) -> TensorEntry:
         if self.blob is None and self.offset:
             raise ValueError("an offset needs a pack blob")
+        itemsize = DTYPE_ITEMSIZES.get(self.dtype)
+        if itemsize is None:
+            from splice.version import __version__
+
+            raise ValueError(f"dtype {self.dtype!r} is not one splice {__version__} knows "
+                             f"({', '.join(DTYPE_ITEMSIZES)}): it needs a newer splice; upgrade splice")
+        if prod(self.shape) * itemsize != self.nbytes:
+            raise ValueError(f"shape {list(self.shape)} of {self.dtype} is {prod(self.shape) * itemsize} bytes, "
+                             f"not nbytes {self.nbytes}")
         return self
 
     @model_serializer(mode="wrap")
@@ -167,6 +183,15 @@ class Tombstone(BaseModel):
     removed_at: datetime = Field(default_factory=now)
 
 
+class GcLease(BaseModel):
+    """`gc/<uuid>.json`: a gc is running (a push waits for the ones it sees before checking its blobs)."""
+
+    model_config = ConfigDict(extra="allow")
+    host: str
+    pid: int
+    started: float  # time.time() when it began
+
+
 class AliasRecord(BaseModel):
     """`patches/<name>/aliases/<alias>/<generation>.json`: one move of an alias; the highest generation is current."""
 
@@ -176,6 +201,26 @@ class AliasRecord(BaseModel):
     version: int = Field(ge=1)
     digest: str = Field(pattern=DIGEST)
     moved_at: datetime = Field(default_factory=now)
+
+
+def non_finite(value: Any, at: str = "") -> str | None:
+    """Where a NaN or infinite number sits in nested JSON-like data (dotted), or None if every number is finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return at or "value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = non_finite(item, f"{at}.{key}" if at else str(key))
+        if found:
+            return found
+    return None
+
+
+def check_finite(data: Any, what: str) -> None:
+    """A one-line RegistryError if `data` holds a NaN or infinite number (JSON cannot carry one faithfully)."""
+    at = non_finite(data)
+    if at is not None:
+        raise RegistryError(f"{what} has a non-finite number at {at}: the registry stores finite numbers only; "
+                            "fix the value (or drop it) and push again")
 
 
 def parse_model(cls: type[BaseModel], data: bytes, where: str) -> Any:

@@ -7,6 +7,20 @@ grace period. Version manifests and alias moves are created with an exclusive cr
 in-process lock for memory://, a conditional put `If-None-Match: *` on S3); a filesystem that offers none of
 these is refused for writing rather than risk handing out a version number twice.
 
+gc and push (the protocol that keeps a reused blob from vanishing under a push, on every backend):
+
+1. A push writes or reuses its blobs. It reuses a stored blob only after checking its bytes (Backend.holds), and
+   makes a reused one young again where the store allows it cheaply (gc's grace then protects it).
+2. It creates its manifest exclusively, then waits for every gc whose lease (`gc/<uuid>.json`) it sees, until
+   each is finished or found dead (a dead process's on this machine, or older than an hour).
+3. Then it checks that every blob the manifest names is stored (asking the store, past any listing cache). If
+   one is gone, a gc removed it between steps 1 and 2: the version is withdrawn (tombstoned) and the push fails.
+4. A gc creates its lease before it lists the live manifests and removes it when it is done. A gc that starts
+   after step 2 therefore lists the new manifest and keeps its blobs; one that started before is waited for.
+
+Every listing and existence check the registry relies on asks the store itself, never fsspec's listing cache
+(a long-lived process would otherwise miss what other processes wrote or removed).
+
 How tensor bytes move (packs, verified reads) is splice.registry.transfer; gc, verify and diff are
 splice.registry.maintenance. Importing this module imports neither torch nor transformers.
 """
@@ -16,9 +30,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +47,7 @@ from splice.registry.layout import (
     REGISTRY_FILE,
     alias_rel,
     aliases_dir,
+    blob_rel,
     default_location,
     located,
     numbers,
@@ -49,12 +65,30 @@ from splice.registry.manifest import (
     RegistryInfo,
     Tombstone,
     VersionManifest,
+    check_finite,
     content_digest,
     now,
     parse_model,
 )
 from splice.registry.refs import Ref, RegistryError, check_alias, check_name, parse_ref
 from splice.registry.transfer import BlobReader, RegistryTensors, TensorPusher
+
+
+def _source_bytes(patch: Patch | str | os.PathLike) -> dict[str, bytes]:
+    """sha256 -> raw bytes of every tensor of a patch (what `verify(repair_from=...)` can write again)."""
+    import hashlib
+
+    from splice.adapters.patch import Patch
+    from splice.registry.transfer import TensorSource
+
+    loaded = patch if isinstance(patch, Patch) else Patch.load(patch)
+    source = TensorSource(loaded)
+    found = {}
+    for name in loaded.tensors:
+        data = bytes(source.read_all(source.open(name)))
+        found[hashlib.sha256(data).hexdigest()] = data
+    return found
+
 
 if TYPE_CHECKING:
     from splice.adapters.patch import Patch, PatchMeta
@@ -66,12 +100,23 @@ class AliasConflict(RegistryError):
 
 @dataclass
 class NameSummary:
-    """One row of `registry ls`: a name, its latest live version, how many are live, its aliases."""
+    """One row of `registry ls`: a name, its latest live version, how many are live, its aliases (and a line
+    for each alias whose file does not validate)."""
 
     name: str
     latest: int | None
     versions: int
     aliases: dict[str, AliasRecord]
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RemovedVersion:
+    """What `registry rm` removed: the version, its content digest, the aliases left pointing at it."""
+
+    ref: str
+    digest: str
+    pointing: list[str]
 
 
 @dataclass
@@ -279,15 +324,27 @@ class Registry:
         rows = []
         for name in self.names():
             live, _ = self._version_numbers(name)
-            rows.append(NameSummary(name, max(live) if live else None, len(live), self.aliases(name)))
+            rows.append(NameSummary(name, max(live) if live else None, len(live), *self.aliases_checked(name)))
         return rows
 
     @storage_errors
-    def listing(self, name: str) -> list[tuple[VersionManifest, list[str]]]:
+    def listing(self, name: str) -> tuple[list[tuple[VersionManifest, list[str]]], list[str]]:
         """What `registry ls NAME` shows: the live versions of a name, oldest first, each with the aliases
-        pointing at it."""
-        aliases = self.aliases(name)
-        return [(m, _pointing(aliases, m.version)) for m in self.versions(name)]
+        pointing at it; and a line for each version or alias of the name whose file does not validate."""
+        check_name(name)
+        live, _ = self._require_name(name)
+        aliases, problems = self.aliases_checked(name)
+        rows = []
+        for version in sorted(live):
+            try:
+                manifest = self._read_manifest(name, version)
+            except FileNotFoundError:
+                continue  # removed since the listing
+            except RegistryError as exc:
+                problems.append(f"{name}@{version}: {exc}")
+                continue
+            rows.append((manifest, _pointing(aliases, version)))
+        return rows, problems
 
     @storage_errors
     def details(self, ref: str | Ref) -> VersionDetails:
@@ -305,18 +362,35 @@ class Registry:
         generations = self._alias_generations(name, alias)
         if not generations:
             return None
-        return self._read_json(AliasRecord, alias_rel(name, alias, max(generations)))
+        rel = alias_rel(name, alias, max(generations))
+        record: AliasRecord = self._read_json(AliasRecord, rel)
+        if record.alias != alias or record.generation != max(generations):
+            raise RegistryError(f"{located(self.url, rel)} is corrupt: it describes generation {record.generation} "
+                                f"of alias {record.alias}")
+        return record
 
     @storage_errors
     def aliases(self, name: str) -> dict[str, AliasRecord]:
-        """alias -> its current value."""
+        """alias -> its current value (an alias whose file does not validate is left out: see `aliases_checked`)."""
+        return self.aliases_checked(name)[0]
+
+    @storage_errors
+    def aliases_checked(self, name: str) -> tuple[dict[str, AliasRecord], list[str]]:
+        """(alias -> its current value, a line for each alias whose current file does not validate)."""
         check_name(name)
-        found = {}
+        found, problems = {}, []
         for alias in sorted(self._backend.listdir(aliases_dir(name))):
-            record = self._alias_current(name, alias)
+            try:
+                record = self._alias_current(name, alias)
+            except FileNotFoundError:
+                continue
+            except RegistryError as exc:
+                problems.append(f"alias {alias} of {name}: {exc}; repair it with `splice registry tag "
+                                f"{name}@VERSION {alias} --force`")
+                continue
             if record is not None:
                 found[alias] = record
-        return found
+        return found, problems
 
     @storage_errors
     def alias_history(self, name: str, alias: str) -> list[AliasRecord]:
@@ -327,16 +401,24 @@ class Registry:
                 for g in sorted(self._alias_generations(name, alias))]
 
     @storage_errors
-    def tag(self, name: str, alias: str, version: int, *, expect_generation: int | None = None) -> AliasRecord:
+    def tag(self, name: str, alias: str, version: int, *, expect_generation: int | None = None,
+            force: bool = False) -> AliasRecord:
         """Point `alias` at `version` by compare-and-swap: read generation g, exclusively create g+1.
         `expect_generation`: the generation the caller last saw (0: the alias does not exist yet); a move
-        from any other generation, or one that loses a race, raises AliasConflict."""
+        from any other generation, or one that loses a race, raises AliasConflict. `force`: move an alias
+        whose current file does not validate (the new generation repairs it; the damaged one stays as history)."""
         self._require_writable()
         check_name(name)
         check_alias(alias)
         manifest = self._version(name, int(version))
-        current = self._alias_current(name, alias)
-        generation = current.generation if current else 0
+        try:
+            current = self._alias_current(name, alias)
+        except RegistryError as exc:
+            if not force:
+                raise RegistryError(f"{exc}; `splice registry tag {name}@{manifest.version} {alias} --force` "
+                                    "(tag(..., force=True)) writes a new move over it") from None
+            current = None
+        generation = current.generation if current else max(self._alias_generations(name, alias), default=0)
         if expect_generation is not None and expect_generation != generation:
             raise self._conflict(name, alias, current)
         if expect_generation is not None:
@@ -349,11 +431,11 @@ class Registry:
         return record
 
     @storage_errors
-    def tag_ref(self, ref: str | Ref, alias: str) -> tuple[VersionManifest, AliasRecord]:
+    def tag_ref(self, ref: str | Ref, alias: str, force: bool = False) -> tuple[VersionManifest, AliasRecord]:
         """Point `alias` at the version a reference names; (that version, the alias's new record)."""
         check_alias(alias)
         manifest = self.resolve(ref)
-        return manifest, self.tag(manifest.name, alias, manifest.version)
+        return manifest, self.tag(manifest.name, alias, manifest.version, force=force)
 
     @staticmethod
     def _conflict(name: str, alias: str, current: AliasRecord | None) -> AliasConflict:
@@ -372,6 +454,7 @@ class Registry:
         self.check_push(name, alias)
         started = time.perf_counter()
         loaded, meta = self._prepare(patch, base)
+        check_finite(meta.model_dump(mode="python"), "the patch's patch.json")
         table, stats = TensorPusher(self._backend, self.pack_below).push(loaded)
         digest = content_digest(meta, table)
         pushed_at = now()
@@ -381,8 +464,10 @@ class Registry:
             return VersionManifest(format_version=manifest_format, name=name, version=version, digest=digest,
                                    meta=meta, tensors=table, pushed_at=pushed_at, message=message).to_json()
 
+        parse_model(VersionManifest, body(1), f"the manifest of this push of {name}")  # before the version exists
         version = self._create_version(name, body)
         manifest = VersionManifest.model_validate_json(body(version))
+        self._settle(manifest)
         stats.seconds = time.perf_counter() - started
         manifest._push_stats = stats
         if alias is not None:
@@ -425,6 +510,28 @@ class Registry:
                 checkpoint.close()
         return loaded, meta
 
+    def _settle(self, manifest: VersionManifest) -> None:
+        """After a version's manifest is created: wait for the gcs running now, then check that every blob it
+        names is stored; if one is gone (a gc removed it in the meantime), withdraw the version and fail.
+        A gc that starts after the wait lists the manifests after its lease exists, so it keeps these blobs."""
+        maintenance.wait_for_gcs(self._backend)
+        digests = sorted({entry.blob_digest for entry in manifest.tensors.values()})
+        sizes = dict(zip(digests, self._backend.sizes([blob_rel(d) for d in digests])))
+        missing = [d for d in digests if sizes[d] is None]
+        if missing:
+            self._withdraw(manifest.name, manifest.version, manifest.digest)
+            raise RegistryError(f"push of {manifest.ref} failed: blob {located(self.url, blob_rel(missing[0]))} "
+                                f"{'and ' + str(len(missing) - 1) + ' more ' if len(missing) > 1 else ''}was "
+                                "removed by a concurrent `splice registry gc` before the version was complete; "
+                                f"{manifest.ref} was withdrawn: push again")
+
+    def _withdraw(self, name: str, version: int, digest: str) -> None:
+        """Remove a version: a tombstone first (from then on it is removed, whatever happens next), then its
+        manifest. Its number is never handed out again."""
+        tombstone = Tombstone(version=version, digest=digest)
+        self._backend.create(removed_rel(name, version), (tombstone.model_dump_json(indent=2) + "\n").encode())
+        self._backend.delete(version_rel(name, version))
+
     def _create_version(self, name: str, body: Callable[[int], bytes]) -> int:
         """Exclusively create the next version's manifest; on a conflict take the next number and retry."""
         floor = 0
@@ -463,7 +570,7 @@ class Registry:
         from splice.tensors.safetensors import SAFETENSORS_DTYPES, OutputTensor
         from splice.tensors.writer import ensure_output_free
 
-        ensure_output_free(out, force)
+        ensure_output_free(out, force, protected=self._local_root(), what="the registry")
         manifest = self.resolve(ref)
         specs = [OutputTensor(name, SAFETENSORS_DTYPES[entry.dtype], tuple(entry.shape))
                  for name, entry in manifest.tensors.items()]
@@ -471,55 +578,110 @@ class Registry:
                         lambda handle, offsets: self._reader.fetch_into(manifest, handle.fileno(), offsets), force)
         return manifest
 
+    def _local_root(self) -> list[str]:
+        """The registry's own directory, where it is one on this machine (an --out must not overlap it)."""
+        return [self._backend.root] if self._backend.streams_files else []
+
     # -- removal and maintenance -----------------------------------------------------------------
 
     @storage_errors
-    def remove(self, ref: str | Ref) -> VersionManifest:
+    def remove(self, ref: str | Ref) -> VersionManifest | None:
         """Remove the version a reference names; its number is never handed out again. Its blobs stay until
-        `gc` finds no other version uses them."""
+        `gc` finds no other version uses them. A version whose manifest does not validate can be removed by
+        number (`name@N`); then None is returned."""
         self._require_writable()
-        manifest = self.resolve(ref)
-        tombstone = Tombstone(version=manifest.version, digest=manifest.digest)
-        # The tombstone first: from then on the version is removed, whatever happens to its manifest.
-        self._backend.create(removed_rel(manifest.name, manifest.version),
-                             (tombstone.model_dump_json(indent=2) + "\n").encode())
-        self._backend.delete(version_rel(manifest.name, manifest.version))
+        parsed = ref if isinstance(ref, Ref) else parse_ref(ref)
+        try:
+            manifest = self.resolve(parsed)
+        except RegistryError:
+            if parsed.version is None or not self._unreadable(parsed.name, parsed.version):
+                raise
+            self._withdraw(parsed.name, parsed.version, "")
+            return None
+        self._withdraw(manifest.name, manifest.version, manifest.digest)
         return manifest
 
-    @storage_errors
-    def remove_version(self, ref: str | Ref) -> VersionDetails:
-        """`remove`, returning the removed version with its name's aliases (`pointing`: those left on it)."""
-        manifest = self.remove(ref)
-        return VersionDetails(manifest, self.aliases(manifest.name), {})
+    def _unreadable(self, name: str, version: int) -> bool:
+        """Is name@version a live version whose manifest is there but does not validate?"""
+        live, _ = self._version_numbers(name)
+        return version in live and self._backend.sizes([version_rel(name, version)])[0] is not None
 
-    def _live_manifests(self, report_bad: list[str] | None = None) -> list[VersionManifest]:
+    @storage_errors
+    def remove_version(self, ref: str | Ref) -> RemovedVersion:
+        """`remove`, saying what was removed and which of its name's aliases are left pointing at it."""
+        parsed = ref if isinstance(ref, Ref) else parse_ref(ref)
+        manifest = self.remove(parsed)
+        if manifest is None:
+            return RemovedVersion(f"{parsed.name}@{parsed.version}", "a manifest that did not validate",
+                                  _pointing(self.aliases_checked(parsed.name)[0], parsed.version or 0))
+        return RemovedVersion(manifest.ref, manifest.digest,
+                              _pointing(self.aliases_checked(manifest.name)[0], manifest.version))
+
+    def _live_manifests(self, bad: list[str], keep: set[str] | None = None) -> list[VersionManifest]:
+        """Every live version's manifest; one that does not validate goes to `bad` (one line), and every blob
+        digest its raw text names to `keep` (gc frees none of them)."""
         manifests = []
         for name in self.names():
             live, _ = self._version_numbers(name)
             for version in sorted(live):
                 try:
                     manifests.append(self._read_manifest(name, version))
+                except FileNotFoundError:
+                    continue  # removed since the listing
                 except RegistryError as exc:
-                    if report_bad is None:
-                        raise RegistryError(f"{exc}; gc stops rather than free blobs this version may "
-                                            "need") from None
-                    report_bad.append(str(exc))
+                    bad.append(str(exc))
+                    if keep is not None:
+                        keep |= self._digests_named(name, version)
         return manifests
+
+    def _digests_named(self, name: str, version: int) -> set[str]:
+        try:
+            raw = self._backend.read(version_rel(name, version))
+        except FileNotFoundError:
+            return set()
+        return set(re.findall(r"[0-9a-f]{64}", raw.decode("utf-8", "replace")))
 
     @storage_errors
     def gc(self, grace_seconds: float = 3600) -> GcReport:
         """Remove blobs no live version uses, and stale temp files, when older than `grace_seconds`
-        (so a push in flight, whose blobs are written before its manifest, is left alone)."""
+        (so a push in flight, whose blobs are written before its manifest, is left alone). A live version whose
+        manifest does not validate keeps every blob its text names, and is listed in the report."""
         self._require_writable()
-        return maintenance.gc(self._backend, self.names(), self._live_manifests, grace_seconds)
+        grace = maintenance.check_grace(grace_seconds)
+        bad: list[str] = []
+
+        def live_digests() -> set[str]:
+            keep: set[str] = set()
+            manifests = self._live_manifests(bad, keep)
+            return keep | {entry.blob_digest for m in manifests for entry in m.tensors.values()}
+
+        report = maintenance.gc(self._backend, self.names(), live_digests, grace)
+        report.bad_manifests = bad
+        return report
 
     @storage_errors
-    def verify(self) -> VerifyReport:
-        """Re-hash every blob and check every live version's manifest and blobs; changes nothing. A damaged
-        pack is reported with the tensors in it whose bytes no longer match, and the versions they break."""
+    def verify(self, repair_from: Patch | str | os.PathLike | None = None) -> VerifyReport:
+        """Re-hash every blob, check every live version's manifest and blobs and every alias; changes nothing,
+        unless `repair_from` (a patch: a Patch or a patch directory, e.g. the one a damaged version was pushed
+        from) is given: then every damaged or missing blob whose bytes that patch holds is written again, and
+        the registry verified once more. A damaged pack is reported with the tensors in it whose bytes no
+        longer match, and the versions they break."""
+        report = self._verify_once()
+        if repair_from is None or report.ok:
+            return report
+        self._require_writable()
+        repaired = maintenance.repair(self._backend, self._live_manifests([]), report, _source_bytes(repair_from))
+        again = self._verify_once()
+        again.repaired = repaired
+        return again
+
+    def _verify_once(self) -> VerifyReport:
         bad: list[str] = []
         manifests = self._live_manifests(bad)
-        return maintenance.verify(self._backend, self.url, manifests, bad)
+        report = maintenance.verify(self._backend, self.url, manifests, bad)
+        for name in self.names():
+            report.bad_aliases += self.aliases_checked(name)[1]
+        return report
 
     @storage_errors
     def diff(self, ref_a: str | Ref, ref_b: str | Ref) -> DiffReport:

@@ -5,6 +5,8 @@ every version and name); smaller ones are packed, in manifest order, into pack b
 push of hundreds of small tensors costs a handful of requests. Locally a large tensor is read from the patch file
 in IO_CHUNK pieces into a reused per-thread buffer, hashed and written to its temp file in the same pass, on a few
 threads (hashlib releases the GIL). Remote stores get one existence check and one PUT per blob or pack.
+A blob already stored is reused only if its bytes are right (its MD5 ETag, or a re-hash; see Backend.holds),
+so same-size damage is written over.
 
 Pull: one read per large blob, one per pack spanning just the needed ranges (remote small reads batched into one
 `cat_ranges`); every tensor's bytes are checked against its sha256 before they are used, and a pull writes each
@@ -401,17 +403,17 @@ class TensorPusher:
             self.stats.bytes_reused += reused_bytes
 
     def _put(self, blobs: list[tuple[str, int, bytes | bytearray | memoryview]]) -> None:
-        """Write the (rel, size, bytes) blobs not already stored at that size."""
-        sizes = self.backend.sizes([rel for rel, _, _ in blobs])
+        """Write the (rel, size, bytes) blobs not already stored with exactly those bytes."""
+        held = self.backend.holds(blobs)
         missing: dict[str, bytes | bytearray | memoryview] = {}
         reused = reused_bytes = 0
-        for (rel, size, data), stored in zip(blobs, sizes):
-            if stored == size:
+        for (rel, size, data), stored in zip(blobs, held):
+            if stored:
                 reused += 1
                 reused_bytes += size
                 self.backend.touch(rel)  # a reused orphan is young again: gc's grace protects it
             elif rel not in missing:
-                missing[rel] = data  # absent, or the wrong size (a damaged blob: write it again)
+                missing[rel] = data  # absent or damaged: write it (again)
         self.backend.put_many(missing)
         self._count(len(missing), sum(len(memoryview(d).cast("B")) for d in missing.values()), reused, reused_bytes)
 
@@ -454,7 +456,7 @@ class TensorPusher:
         digest = None
         if self._seen_stored.is_set():
             digest = self._hash(item)
-            if self.backend.sizes([blob_rel(digest)])[0] == item.nbytes:
+            if self.backend.holds([(blob_rel(digest), item.nbytes, None)])[0]:
                 self.backend.touch(blob_rel(digest))
                 self._count(0, 0, 1, item.nbytes)
                 return item.entry(digest)
