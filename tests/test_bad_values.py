@@ -272,3 +272,27 @@ def test_a_bad_deployment_record_is_refused_in_one_line(tmp_path, monkeypatch, c
     save_file(load_file(weights), weights, metadata={"format": "pt", "splice_deployment": record})
     code, _, err = run_cli(["inspect", model_dir], monkeypatch, capsys)
     assert refused(code, err, "deployment record"), err
+
+
+def big_values(tmp_path: Path, seeds=(0, 1)) -> list[Path]:
+    """Two fp32 BERTs whose classifier weights are about 1e5: finite, but beyond float16's 65504."""
+    base = tiny_model("bert", 0)
+    dirs = []
+    for seed in seeds:
+        model = perturbed(base, seed + 1)
+        with torch.no_grad():
+            model.classifier.weight.fill_(1e5)
+        dirs.append(save(model, tmp_path / f"big-{seed}", sharded=False))
+    return dirs
+
+
+def test_a_greedy_soup_that_would_write_inf_is_refused(tmp_path):
+    from splice.merge.soup import greedy_soup
+
+    dirs = big_values(tmp_path)
+    with pytest.raises(NonFiniteOutputError, match=r"classifier\.weight") as caught:
+        greedy_soup(dirs, tmp_path / "out", lambda state: 0.0, device="cpu", dtype="float16")
+    assert len(str(caught.value).splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    greedy_soup(dirs, tmp_path / "fp32", lambda state: 0.0, device="cpu")  # the same soup in fp32 is fine
+    assert torch.isfinite(load_dir(tmp_path / "fp32")["classifier.weight"]).all()

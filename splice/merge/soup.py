@@ -24,6 +24,7 @@ from splice.tensors.stream import (
     plan_same_name,
     read_floats,
     read_model,
+    refuse_new_non_finite_state,
     run_stream,
 )
 from splice.tensors.writer import (
@@ -123,7 +124,7 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
     steps, soup_state, best, anchor = _select_greedily(locations, checkpoints, scores, scorer, strict, torch_device,
                                                        progress)
     progress.finish()
-    shard_files = _write_soup(soup_state, checkpoints[anchor], out, out_dtype, shard_size, force)
+    shard_files = _write_soup(soup_state, checkpoints, anchor, out, out_dtype, shard_size, force)
     return GreedySoupReport(Path(out), steps, best, time.perf_counter() - started, shard_files)
 
 
@@ -158,15 +159,18 @@ def _select_greedily(locations: list[str], checkpoints: list, scores: list[float
     return steps, soup_state, best, order[0]
 
 
-def _write_soup(soup_state: dict[str, torch.Tensor], anchor, out: str | os.PathLike, out_dtype: torch.dtype | None,
-                shard_size: int, force: bool) -> list[str]:
-    """The greedy soup in the anchor's stored dtypes (or `out_dtype`), with the anchor's side files."""
+def _write_soup(soup_state: dict[str, torch.Tensor], checkpoints: list, anchor_index: int, out: str | os.PathLike,
+                out_dtype: torch.dtype | None, shard_size: int, force: bool) -> list[str]:
+    """The greedy soup in the anchor's stored dtypes (or `out_dtype`), with the anchor's side files; refused
+    if a tensor would hold NaN/Inf where the ingredients hold none."""
+    anchor = checkpoints[anchor_index]
     stored = anchor.tensors
     final = {
         name: tensor.to(dtype=(out_dtype or stored[name].dtype) if tensor.is_floating_point() else tensor.dtype)
         .to("cpu")
         for name, tensor in soup_state.items()
     }
+    refuse_new_non_finite_state(final, checkpoints)
     with staged_output(out, force) as staging:
         write_state_dict(staging, final, shard_size, {"splice_merge_method": "greedy soup"})
         copy_side_files(anchor, staging, out_dtype)

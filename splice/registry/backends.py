@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import random
 import threading
 import time
 import uuid
@@ -291,12 +292,29 @@ class S3Backend(Backend):
         with contextlib.suppress(FileNotFoundError):
             self.fs.setxattr(self.path(rel), copy_kwargs={}, splice_reused=f"{time.time():.3f}")
 
+    conflict_retries = 8  # S3 answers 409 ConditionalRequestConflict while another conditional put of the key runs
+
     def create(self, rel: str, data: bytes) -> bool:
-        try:
-            self.fs.pipe_file(self.path(rel), data, mode="create")  # PutObject with If-None-Match: *
-        except FileExistsError:  # HTTP 412: the key exists
-            return False
-        return True
+        for attempt in range(self.conflict_retries + 1):
+            try:
+                self.fs.pipe_file(self.path(rel), data, mode="create")  # PutObject with If-None-Match: *
+            except FileExistsError:  # HTTP 412: the key exists
+                return False
+            except OSError as exc:
+                if not _conditional_conflict(exc) or attempt == self.conflict_retries:
+                    raise
+                time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))  # the other put settles: then 412 or ours
+            else:
+                return True
+        return False  # not reached: the last attempt returns or raises
+
+
+def _conditional_conflict(exc: OSError) -> bool:
+    """S3's 409 for two conditional writes of one key at once: retry, and the loser then sees 412."""
+    cause = exc.__cause__
+    response = getattr(cause, "response", None) or {}
+    code = response.get("Error", {}).get("Code")
+    return code == "ConditionalRequestConflict" or "ConditionalRequestConflict" in str(exc)
 
 
 class LocalBackend(Backend):

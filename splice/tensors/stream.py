@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -211,6 +211,15 @@ def refuse_new_non_finite(name: str, output: torch.Tensor, inputs: Callable[[], 
     raise NonFiniteOutputError(f"output tensor {name} would hold NaN/Inf ({dtype_name(output.dtype)}) although its "
                                f"inputs are finite; nothing was written: check the weights and parameters (a value "
                                f"too large for {dtype_name(output.dtype)}?)")
+
+
+def refuse_new_non_finite_state(state: Mapping[str, torch.Tensor], sources: Sequence[Checkpoint]) -> None:
+    """`refuse_new_non_finite` for an engine that writes a whole model at once (greedy soup, fusion): each
+    float output tensor against the tensors of that name in `sources`, read only if the output is not finite."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            refuse_new_non_finite(name, tensor, lambda name=name: [c.read(name) for c in sources if name in c])
+
 
 
 class WriteBehind:

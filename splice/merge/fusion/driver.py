@@ -28,7 +28,7 @@ from splice.merge.fusion.streams import hooked_modules, stream_magnitudes, strea
 from splice.merge.fusion.timing import Clock
 from splice.progress import NoProgress, Progress
 from splice.tensors.device import resolve_device
-from splice.tensors.stream import read_floats
+from splice.tensors.stream import read_floats, refuse_new_non_finite_state
 from splice.tensors.writer import copy_side_files, ensure_output_free, staged_output, write_state_dict
 
 EMD_ON_CPU = ("exact OT (POT's network simplex) runs on the CPU: costs are built on {device}, copied to the CPU "
@@ -64,6 +64,7 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, options: F
     with torch.no_grad():
         fused, stats, tokens = _fuse_tensors(plans, sources, inputs, options, clock, progress or NoProgress())
     report = _report(out, plans, options, inputs, tokens, clock.device, stats)
+    refuse_new_non_finite_state(fused, [p.checkpoint for p in plans])
     with staged_output(out, options.force) as staging:
         with clock.timed("write"):
             write_state_dict(staging, fused, options.shard_size, {"splice_merge_method": "ot fusion"})
