@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -83,3 +84,13 @@ def moto_s3_server(home: Path, bucket: str, middleware: Callable) -> Iterator[tu
             yield endpoint, env, wrapped
         finally:
             server.stop()
+
+
+def wait_for_marker(process, marker: Path, seconds: float = 90) -> None:
+    """Wait until a subprocess has touched `marker` (it is mid-run, ready for a signal); fail if it ends first
+    or never gets there."""
+    deadline = time.monotonic() + seconds
+    while not marker.exists():
+        assert process.poll() is None, f"the run ended before it could be signalled: {process.communicate()}"
+        assert time.monotonic() < deadline, f"the run never touched {marker.name}"
+        time.sleep(0.02)

@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from splice.errors import (
 from splice.tensors.checkpoint import Checkpoint
 
 from conftest import perturbed, save, tiny_model
-from helpers import run_cli
+from helpers import run_cli, wait_for_marker
 
 OUT_NAME = "merged"
 
@@ -631,11 +630,7 @@ def test_killed_merge_publishes_nothing(models, tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env={**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1])})
     try:
-        deadline = time.monotonic() + 90
-        while not marker.exists():
-            assert process.poll() is None, f"merge ended before it could be killed: {process.stderr.read()}"
-            assert time.monotonic() < deadline, "merge never started writing"
-            time.sleep(0.05)
+        wait_for_marker(process, marker)
         partial = [p for p in out.parent.iterdir() if p.name.startswith(f".{OUT_NAME}.splice-partial-")]
         assert len(partial) == 1 and partial[0].is_dir()
         process.send_signal(signal.SIGKILL)

@@ -16,6 +16,8 @@ import yaml
 
 import splice
 
+from helpers import wait_for_marker
+
 SPLICE = [sys.executable, "-m", "splice"]
 ENV = {**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1]), "COLUMNS": "200"}
 
@@ -84,11 +86,7 @@ def interrupted(tmp_path: Path, args: list[str], out: Path) -> subprocess.Comple
     process = subprocess.Popen([sys.executable, str(script), str(marker), *map(str, args)], env=ENV, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 90
-        while not marker.exists():
-            assert process.poll() is None, f"ended before it could be interrupted: {process.communicate()}"
-            assert time.monotonic() < deadline, "never started reading"
-            time.sleep(0.02)
+        wait_for_marker(process, marker)
         time.sleep(0.2)
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=60)

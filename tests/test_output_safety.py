@@ -28,7 +28,7 @@ from splice.registry.store import Registry
 from splice.tensors.checkpoint import MAX_FILE_BYTES, Checkpoint
 from splice.tensors.partials import OWNER, PARTIAL
 
-from helpers import load_dir, run_cli
+from helpers import load_dir, run_cli, wait_for_marker
 
 # -- item 4: an --out that is, contains or sits inside an input or the registry ----------------------------
 
@@ -135,14 +135,6 @@ def start_slow_soup(models: list[str], out: Path, tmp_path: Path, tag: str) -> t
     return process, marker
 
 
-def wait_started(process: subprocess.Popen, marker: Path) -> None:
-    deadline = time.monotonic() + 90
-    while not marker.exists():
-        assert process.poll() is None, f"merge ended before it was started: {process.stderr.read()}"
-        assert time.monotonic() < deadline, "merge never started writing"
-        time.sleep(0.05)
-
-
 def partials(out: Path) -> dict[int, Path]:
     """The partial directories of `out` this splice names (pid-hex), by the pid in their names."""
     prefix = f".{out.name}{PARTIAL}"
@@ -157,10 +149,10 @@ def test_next_run_removes_partials_of_killed_runs_and_keeps_a_live_ones(make_mod
     killed, killed_marker = start_slow_soup(models, out, tmp_path, "killed")
     live = None
     try:
-        wait_started(killed, killed_marker)
+        wait_for_marker(killed, killed_marker)
         (killed_partial,) = out.parent.glob(f".{out.name}{PARTIAL}*")
         live, live_marker = start_slow_soup(models, out, tmp_path, "live")
-        wait_started(live, live_marker)
+        wait_for_marker(live, live_marker)
         (live_partial,) = set(out.parent.glob(f".{out.name}{PARTIAL}*")) - {killed_partial}
         killed.send_signal(signal.SIGKILL)  # after the live run started: it is the next run that must clean
         assert killed.wait(timeout=30) == -signal.SIGKILL
@@ -245,7 +237,7 @@ def test_random_kills_into_one_output_publish_nothing_broken_and_leave_nothing(m
                                  env={**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1])})
                 for _ in range(RUNS_PER_ROUND)]
         try:
-            wait_started(runs[0], tmp_path / f"m{round_index}")
+            wait_for_marker(runs[0], tmp_path / f"m{round_index}")
             for run in runs:
                 time.sleep(chance.uniform(0, 0.8))
                 run.send_signal(signal.SIGKILL)
