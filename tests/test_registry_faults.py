@@ -165,6 +165,46 @@ def test_a_dead_gc_lease_does_not_hold_pushes(tmp_path):
     assert not Path(url, "gc", "dead.json").exists()  # gc removes a dead gc's lease
 
 
+
+def test_a_long_gc_keeps_its_lease_alive_and_a_lease_without_heartbeat_goes_stale(tmp_path, monkeypatch):
+    """A gc that runs longer than LEASE_STALE must not look dead to a waiting push (it would let the push settle
+    while the gc still deletes the blobs it reuses): its lease is refreshed while it runs."""
+    monkeypatch.setattr(maintenance, "LEASE_REFRESH", 0.05)
+    monkeypatch.setattr(maintenance, "LEASE_STALE", 0.3)
+    registry = Registry.init(str(tmp_path / "registry"))
+    backend = registry._backend
+    with maintenance.gc_lease(backend):  # a gc running for 4 x LEASE_STALE
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            (lease,) = maintenance._leases(backend).values()
+            assert not maintenance._lease_stale(lease, time.time()), lease
+            time.sleep(0.05)
+        assert lease.refreshed is not None and lease.refreshed > lease.started
+    far = {"host": "another-machine", "pid": 1, "started": time.time() - 1.0}  # no heartbeat, silent for 1 s
+    Path(tmp_path / "registry" / "gc" / "silent.json").write_text(json.dumps(far))
+    (silent,) = maintenance._leases(backend).values()
+    assert maintenance._lease_stale(silent, time.time())
+    began = time.monotonic()
+    registry.push("x", make_patch(6))  # does not wait for it
+    assert time.monotonic() - began < 5
+
+
+def test_gc_stops_at_a_manifest_it_cannot_read_at_all(tmp_path, monkeypatch, capsys):
+    url = str(tmp_path / "registry")
+    registry = Registry.init(url)
+    registry.push("x", make_patch(12))
+    registry.push("y", make_patch(13))
+    blobs = sorted(p for p in Path(url, "blobs").rglob("*") if p.is_file())
+    Path(url, "patches/x/versions/1.json").write_bytes(b"\x00\xff truncated")
+    with pytest.raises(RegistryError, match=r"x@1: its manifest is unreadable.*nothing was removed"):
+        registry.gc(grace_seconds=0)
+    assert sorted(p for p in Path(url, "blobs").rglob("*") if p.is_file()) == blobs  # x's blobs are all there
+    code, out, err = run_cli(["registry", "rm", "x@1", "--registry", url], monkeypatch, capsys)
+    assert code == 0, out + err
+    assert registry.gc(grace_seconds=0).blobs_removed > 0
+    assert registry.verify().ok
+
+
 # -- 3: same-size damage in place is not reused; verify --repair --from --------------------------------
 
 

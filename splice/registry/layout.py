@@ -55,17 +55,6 @@ def temp_writer(name: str) -> tuple[str, int] | None:
     return (found["host"], int(found["pid"])) if found else None
 
 
-def process_alive(pid: int) -> bool:
-    """Is a process with this id running on this machine?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def default_location() -> str:
     """$SPLICE_REGISTRY, or ~/.cache/splice/registry."""
     return os.environ.get(ENV_VAR) or os.path.expanduser(DEFAULT_LOCATION)

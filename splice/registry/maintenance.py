@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +21,6 @@ from splice.registry.layout import (
     blob_rel,
     located,
     numbers,
-    process_alive,
     removed_dir,
     temp_writer,
     this_host,
@@ -30,9 +30,11 @@ from splice.registry.layout import (
 from splice.registry.manifest import GcLease, TensorEntry, VersionManifest, parse_model
 from splice.registry.refs import RegistryError
 from splice.registry.transfer import BlobReader, tensor_from
+from splice.tensors.partials import process_alive
 
-LEASE_STALE = 3600.0  # a gc lease older than this is a dead gc's (a push stops waiting for it)
-LEASE_POLL = 0.05  # how often a push looks again whether the gcs it waits for are done
+LEASE_REFRESH = 30.0  # a running gc rewrites its lease this often (its heartbeat)
+LEASE_STALE = 600.0  # a lease not refreshed for this long is a dead gc's (a push stops waiting for it)
+LEASE_POLL = (0.05, 1.0)  # a waiting push looks again after the first, backing off to the second (seconds)
 
 
 @dataclass
@@ -112,7 +114,7 @@ def check_grace(grace_seconds: float) -> float:
 
 def _lease_stale(lease: GcLease | None, now: float) -> bool:
     """A lease nobody holds: unreadable, a dead process's on this machine, or older than LEASE_STALE."""
-    if lease is None or now - lease.started > LEASE_STALE:
+    if lease is None or now - lease.alive_at > LEASE_STALE:
         return True
     return lease.host == this_host() and not process_alive(lease.pid)
 
@@ -136,9 +138,14 @@ def gc_lease(backend: Backend) -> Iterator[None]:
     rel = f"{GC_DIR}/{uuid.uuid4().hex}.json"
     lease = GcLease(host=this_host(), pid=os.getpid(), started=time.time())
     backend.create(rel, (lease.model_dump_json() + "\n").encode())
+    done = threading.Event()
+    heartbeat = threading.Thread(target=_refresh_lease, args=(backend, rel, lease, done), daemon=True)
+    heartbeat.start()
     try:
         yield
     finally:
+        done.set()
+        heartbeat.join()
         backend.delete(rel)
     now = time.time()
     for other, held in _leases(backend).items():
@@ -146,12 +153,23 @@ def gc_lease(backend: Backend) -> Iterator[None]:
             backend.delete(other)
 
 
+def _refresh_lease(backend: Backend, rel: str, lease: GcLease, done: threading.Event) -> None:
+    """Rewrite the lease every LEASE_REFRESH seconds while the gc runs, so a long gc never looks dead to a
+    waiting push. A failed rewrite is tried again at the next beat (the lease goes stale only after many)."""
+    while not done.wait(LEASE_REFRESH):
+        beat = lease.model_copy(update={"refreshed": time.time()})
+        with contextlib.suppress(Exception):
+            backend.put_many({rel: (beat.model_dump_json() + "\n").encode()})
+
+
 def wait_for_gcs(backend: Backend) -> None:
     """Wait until every gc running now has finished (or is found dead). A gc that starts later lists the
     manifests after its lease exists, so it sees every version created before this call."""
     waiting = {rel for rel, lease in _leases(backend).items() if not _lease_stale(lease, time.time())}
+    pause, longest = LEASE_POLL
     while waiting:
-        time.sleep(LEASE_POLL)
+        time.sleep(pause)
+        pause = min(longest, pause * 2)
         current = _leases(backend)
         waiting = {rel for rel in waiting if rel in current and not _lease_stale(current[rel], time.time())}
 

@@ -190,6 +190,11 @@ class GcLease(BaseModel):
     host: str
     pid: int
     started: float  # time.time() when it began
+    refreshed: float | None = None  # time.time() of its last heartbeat (None: written by a gc without one)
+
+    @property
+    def alive_at(self) -> float:
+        return self.refreshed if self.refreshed is not None else self.started
 
 
 class AliasRecord(BaseModel):

@@ -28,6 +28,7 @@ splice.registry.maintenance. Importing this module imports neither torch nor tra
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -635,11 +636,22 @@ class Registry:
         return manifests
 
     def _digests_named(self, name: str, version: int) -> set[str]:
+        """The blob digests a manifest that does not validate still names; gc stops at one it cannot read at
+        all (not JSON, or naming no blob), since it cannot tell which blobs that version needs."""
         try:
             raw = self._backend.read(version_rel(name, version))
         except FileNotFoundError:
             return set()
-        return set(re.findall(r"[0-9a-f]{64}", raw.decode("utf-8", "replace")))
+        try:
+            json.loads(raw)
+        except ValueError:
+            raw = b""
+        named = set(re.findall(r"[0-9a-f]{64}", raw.decode("utf-8", "replace")))
+        if not named:
+            raise RegistryError(f"{name}@{version}: its manifest is unreadable, so gc cannot tell which blobs it "
+                                f"uses; nothing was removed: restore it, or `splice registry rm {name}@{version}`, "
+                                f"then gc again")
+        return named
 
     @storage_errors
     def gc(self, grace_seconds: float = 3600) -> GcReport:

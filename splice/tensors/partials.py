@@ -32,7 +32,8 @@ def partial_prefix(out: Path) -> str:
     return f".{out.name}{PARTIAL}"
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Is a process with this id running on this machine?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,7 +53,7 @@ def _dead_owner(partial: Path) -> Iterator[bool]:
     try:
         fd = os.open(partial / OWNER, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        yield not _pid_alive(int(match.group(1)))
+        yield not process_alive(int(match.group(1)))
         return
     except OSError:
         yield False
