@@ -24,7 +24,7 @@ from splice.errors import CheckpointError, PatchError
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.safetensors import OutputTensor, header_bytes
 from splice.tensors.writer import staged_output
-from splice.values import parse_json
+from splice.values import one_line, parse_json
 
 MANIFEST = "patch.json"
 TENSORS = "tensors.safetensors"
@@ -118,10 +118,10 @@ class Patch:
             raise PatchError(f"not a splice patch: {location} has no {MANIFEST}")
         try:
             meta = PatchMeta.model_validate(parse_json(stored.read_file(MANIFEST)))
-        except (ValueError, ValidationError) as exc:
-            first = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
-            where = ".".join(str(p) for p in first["loc"])
-            raise PatchError(f"{location}/{MANIFEST}: {where or 'manifest'}: {first['msg']}") from None
+        except ValidationError as exc:
+            raise PatchError(f"{location}/{MANIFEST}: {one_line(exc, 'manifest')}") from None
+        except ValueError as exc:  # not JSON
+            raise PatchError(f"{location}/{MANIFEST}: manifest: {exc}") from None
         if meta.format_version > FORMAT_VERSION:
             raise PatchError(f"{location}: patch format {meta.format_version} is newer than this splice "
                              f"({FORMAT_VERSION}); upgrade splice")

@@ -33,7 +33,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -336,16 +336,23 @@ class Registry:
         live, _ = self._require_name(name)
         aliases, problems = self.aliases_checked(name)
         rows = []
+        for version, manifest in self._read_live(name, live):
+            if isinstance(manifest, RegistryError):
+                problems.append(f"{name}@{version}: {manifest}")
+            else:
+                rows.append((manifest, _pointing(aliases, version)))
+        return rows, problems
+
+    def _read_live(self, name: str, live: set[int]) -> Iterator[tuple[int, VersionManifest | RegistryError]]:
+        """(version, its manifest, or the error saying why it does not validate) for each live version, oldest
+        first; a version removed since `live` was listed is left out."""
         for version in sorted(live):
             try:
-                manifest = self._read_manifest(name, version)
+                yield version, self._read_manifest(name, version)
             except FileNotFoundError:
-                continue  # removed since the listing
-            except RegistryError as exc:
-                problems.append(f"{name}@{version}: {exc}")
                 continue
-            rows.append((manifest, _pointing(aliases, version)))
-        return rows, problems
+            except RegistryError as exc:
+                yield version, exc
 
     @storage_errors
     def details(self, ref: str | Ref) -> VersionDetails:
@@ -465,9 +472,10 @@ class Registry:
             return VersionManifest(format_version=manifest_format, name=name, version=version, digest=digest,
                                    meta=meta, tensors=table, pushed_at=pushed_at, message=message).to_json()
 
-        parse_model(VersionManifest, body(1), f"the manifest of this push of {name}")  # before the version exists
+        # validated before the version exists; only the version number, which cannot make it invalid, is added
+        checked = parse_model(VersionManifest, body(1), f"the manifest of this push of {name}")
         version = self._create_version(name, body)
-        manifest = VersionManifest.model_validate_json(body(version))
+        manifest = checked.model_copy(update={"version": version})
         self._settle(manifest)
         stats.seconds = time.perf_counter() - started
         manifest._push_stats = stats
@@ -623,16 +631,13 @@ class Registry:
         digest its raw text names to `keep` (gc frees none of them)."""
         manifests = []
         for name in self.names():
-            live, _ = self._version_numbers(name)
-            for version in sorted(live):
-                try:
-                    manifests.append(self._read_manifest(name, version))
-                except FileNotFoundError:
-                    continue  # removed since the listing
-                except RegistryError as exc:
-                    bad.append(str(exc))
-                    if keep is not None:
-                        keep |= self._digests_named(name, version)
+            for version, manifest in self._read_live(name, self._version_numbers(name)[0]):
+                if not isinstance(manifest, RegistryError):
+                    manifests.append(manifest)
+                    continue
+                bad.append(str(manifest))
+                if keep is not None:
+                    keep |= self._digests_named(name, version)
         return manifests
 
     def _digests_named(self, name: str, version: int) -> set[str]:
