@@ -50,31 +50,54 @@ def _read_stored(base: Checkpoint, name: str, sample: bool = False) -> torch.Ten
     return base.read(name, rows=_sample_rows(info.shape, dtype_itemsize(info.dtype)) if sample else None)
 
 
+def fingerprint_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> TensorFingerprint:
+    """A base tensor the patch touches, hashed whole (`dtype`: as stored)."""
+    return TensorFingerprint(name=name, shape=tuple(tensor.shape), dtype=dtype_name(dtype),
+                             sha256=tensor_sha256(tensor), norm=float(tensor.detach().double().norm()))
+
+
+def context_names(base: Checkpoint, touched: Iterable[str]) -> list[str]:
+    """The base's float tensors a fingerprint samples: every one the patch does not touch."""
+    touched = set(touched)
+    return [name for name, info in base.tensors.items() if name not in touched and info.dtype.is_floating_point]
+
+
+def sample_context(base: Checkpoint, names: Iterable[str], progress: Progress) -> dict[str, str]:
+    """name -> sample hash of each named tensor (its leading CONTEXT_SAMPLE_BYTES), read one by one."""
+    context = {}
+    for name in names:
+        info = base.tensors[name]
+        context[name] = sample_sha256(_read_stored(base, name, sample=True), info.shape, info.dtype)
+        progress.advance(1, min(info.nbytes, CONTEXT_SAMPLE_BYTES))
+    return context
+
+
+def context_bytes(base: Checkpoint, names: Iterable[str]) -> int:
+    return sum(min(base.tensors[name].nbytes, CONTEXT_SAMPLE_BYTES) for name in names)
+
+
+def refuse_missing(base: Checkpoint, names: Iterable[str]) -> None:
+    missing = [name for name in names if name not in base.tensors]
+    if missing:
+        raise PatchError(f"{base.location}: the patch targets {missing[0]}, which this base does not have")
+
+
 def fingerprint_base(base: Checkpoint, names: Iterable[str], progress: Progress | None = None) -> BaseFingerprint:
     """Fingerprint the named tensors of a base model (hashed whole) and its other float tensors (sampled),
     read one by one through the spine."""
     progress = progress or NoProgress()
     names = list(names)
-    touched = set(names)
-    missing = [name for name in names if name not in base.tensors]
-    if missing:
-        raise PatchError(f"{base.location}: the patch targets {missing[0]}, which this base does not have")
-    others = [name for name, info in base.tensors.items() if name not in touched and info.dtype.is_floating_point]
+    refuse_missing(base, names)
+    others = context_names(base, names)
     progress.start("fingerprinting the base", len(names) + len(others),
-                   sum(base.tensors[name].nbytes for name in names) +
-                   sum(min(base.tensors[name].nbytes, CONTEXT_SAMPLE_BYTES) for name in others))
+                   sum(base.tensors[name].nbytes for name in names) + context_bytes(base, others))
     try:
         entries = []
         for name in names:
-            info, tensor = base.tensors[name], base.read(name)
-            entries.append(TensorFingerprint(name=name, shape=info.shape, dtype=dtype_name(info.dtype),
-                                             sha256=tensor_sha256(tensor), norm=float(tensor.double().norm())))
-            progress.advance(1, info.nbytes)
-        context = {}
-        for name in others:
             info = base.tensors[name]
-            context[name] = sample_sha256(_read_stored(base, name, sample=True), info.shape, info.dtype)
-            progress.advance(1, min(info.nbytes, CONTEXT_SAMPLE_BYTES))
+            entries.append(fingerprint_tensor(name, base.read(name), info.dtype))
+            progress.advance(1, info.nbytes)
+        context = sample_context(base, others, progress)
     finally:
         progress.finish()
     return BaseFingerprint.of(entries, context)
@@ -151,11 +174,11 @@ def compare_base(expected: BaseFingerprint, base: Checkpoint) -> list[BaseMismat
     return compare_fingerprint(expected, stored)
 
 
-def _first_names(names: list[str], shown: int = 3) -> str:
+def first_names(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: str, override: str) -> None:
+def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: str, override: str | None) -> None:
     """One-line refusal naming the first differences, when there are any: the patch's own tensors first,
     then how many of the base's other tensors differ. `override` is suggested only where it would work: a
     base without the tensors the patch changes (or with them in other shapes) cannot take the patch at all."""
@@ -168,7 +191,7 @@ def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: str, override:
     if missing or reshaped:
         unfit = []
         if missing:
-            unfit.append(f"it lacks {len(missing)} of the tensors the patch changes ({_first_names(missing)})")
+            unfit.append(f"it lacks {len(missing)} of the tensors the patch changes ({first_names(missing)})")
         if reshaped:
             unfit.append(f"{len(reshaped)} of the tensors the patch changes have another shape, e.g. {reshaped[0]}")
         raise PatchError(f"{what} is not the base this {kind} patch was made for: {'; '.join(unfit)}; apply it "
@@ -179,5 +202,5 @@ def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: str, override:
     if context:
         others = "1 other tensor differs" if len(context) == 1 else f"{len(context)} other tensors differ"
         parts.append(f"{others}, e.g. {context[0].name}")
-    raise PatchError(f"{what} is not the base this {kind} patch was made for: {'; '.join(parts)}; "
-                     f"pass {override} to apply it anyway")
+    remedy = f"pass {override} to apply it anyway" if override else "give the base it was made on"
+    raise PatchError(f"{what} is not the base this {kind} patch was made for: {'; '.join(parts)}; {remedy}")

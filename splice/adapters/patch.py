@@ -32,11 +32,13 @@ TENSORS = "tensors.safetensors"
 
 def write_patch_dir(directory: str | os.PathLike, meta: PatchMeta, tensors: Sequence[OutputTensor],
                     fill: Callable[[BinaryIO, list[int]], None], force: bool = False,
-                    protected: Sequence[str | os.PathLike] = ()) -> Path:
+                    protected: Sequence[str | os.PathLike] = (), extra_files: Mapping[str, bytes] | None = None
+                    ) -> Path:
     """The patch directory format, once: `tensors.safetensors` (a header for `tensors` in this order, tagged
     with the patch kind, then their bytes, which `fill(file, offsets)` writes, each at its offset) and
     `patch.json`, published atomically. `Patch.save` and `Registry.pull` both write patches through here;
-    a `directory` that is, contains or sits inside one of `protected` is refused."""
+    a `directory` that is, contains or sits inside one of `protected` is refused. `extra_files`: more files
+    published with it (a report)."""
     header = header_bytes(tensors, {"format": "pt", "splice_patch_kind": meta.kind.value})
     ends = list(accumulate((t.nbytes for t in tensors), initial=len(header)))
     with staged_output(directory, force, protected, "the patch's source") as staging:
@@ -46,6 +48,8 @@ def write_patch_dir(directory: str | os.PathLike, meta: PatchMeta, tensors: Sequ
             handle.flush()
             fill(handle, ends[:-1])
         (staging / MANIFEST).write_text(meta.model_dump_json(indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            (staging / name).write_bytes(data)
     return Path(directory)
 
 
@@ -95,8 +99,9 @@ class Patch:
         """Where the tensors are read from when they are read lazily from a stored patch (else None)."""
         return self.tensors.stored.location if isinstance(self.tensors, StoredTensors) else None
 
-    def save(self, directory: str | os.PathLike, force: bool = False) -> Path:
-        """Write `patch.json` and `tensors.safetensors`, published atomically."""
+    def save(self, directory: str | os.PathLike, force: bool = False,
+             extra_files: Mapping[str, bytes] | None = None) -> Path:
+        """Write `patch.json` and `tensors.safetensors` (and `extra_files`), published atomically."""
         specs = [OutputTensor(name, t.dtype, tuple(t.shape)) for name, t in self.tensors.items()]
 
         def fill(handle: BinaryIO, offsets: list[int]) -> None:
@@ -105,7 +110,7 @@ class Patch:
                 handle.write(memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
 
         return write_patch_dir(directory, self.meta, specs, fill, force,
-                               protected=[self.stored_at] if self.stored_at else [])
+                               protected=[self.stored_at] if self.stored_at else [], extra_files=extra_files)
 
     @classmethod
     def load(cls, location: str | os.PathLike, storage_options: dict | None = None) -> Patch:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from splice.adapters.deltas import Extracted, deltas
-from splice.adapters.kinds.spec import KindSpec, describe_plain
+from splice.adapters.kinds.spec import KindSpec, describe_plain, scale_tensors
 from splice.adapters.steps import add_steps
 from splice.errors import PatchError
 from splice.progress import Progress
@@ -18,4 +18,5 @@ def extract_delta(base: Checkpoint, tuned: Checkpoint, options: None = None,
     return Extracted(tensors, list(tensors), sorted(tensors))
 
 
-SPEC = KindSpec(extract=extract_delta, steps=add_steps, describe=describe_plain)
+SPEC = KindSpec(extract=extract_delta, steps=add_steps, describe=describe_plain,
+                rescale=lambda patch, scale: scale_tensors(patch, scale, set(patch.tensors)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from splice.adapters.deltas import Extracted
-from splice.adapters.kinds.spec import KindSpec, describe_plain
+from splice.adapters.kinds.spec import KindSpec, describe_plain, keep_as_is
 from splice.adapters.steps import replace_steps
 from splice.arch.norms import norm_tensor_names
 from splice.errors import PatchError
@@ -19,4 +19,4 @@ def extract_layernorm(base: Checkpoint, tuned: Checkpoint, options: None = None,
     return Extracted({name: tuned.read(name) for name in names}, names, sorted({n.rpartition(".")[0] for n in names}))
 
 
-SPEC = KindSpec(extract=extract_layernorm, steps=replace_steps, describe=describe_plain)
+SPEC = KindSpec(extract=extract_layernorm, steps=replace_steps, describe=describe_plain, rescale=keep_as_is)

@@ -236,5 +236,13 @@ def describe_lora(settings: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-SPEC = KindSpec(extract=extract_lora, steps=lora_steps, describe=describe_lora, options=LoraOptions,
+def rescale_lora(patch: PatchContents, scale: float) -> tuple[Any, dict[str, Any]]:
+    """The same factors with every alpha times `scale` (so the product is `scale` times as large)."""
+    settings = dict(patch.meta.settings)
+    settings["alpha"] = {module: float(alpha) * scale for module, alpha in settings.get("alpha", {}).items()}
+    return patch.tensors, settings
+
+
+SPEC = KindSpec(extract=extract_lora, steps=lora_steps, describe=describe_lora, rescale=rescale_lora,
+                options=LoraOptions,
                 keywords={"rank": "rank", "energy": "energy", "rslora": "rslora"})

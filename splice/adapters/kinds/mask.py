@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from splice.adapters.deltas import Extracted, deltas
-from splice.adapters.kinds.spec import KindSpec, describe_plain
+from splice.adapters.kinds.spec import KindSpec, describe_plain, scale_tensors
 from splice.adapters.steps import Effect, PatchContents, Step
 from splice.errors import PatchError
 from splice.progress import Progress
@@ -167,5 +167,11 @@ def describe_mask(settings: dict[str, Any]) -> str:
             f"{sum(kept.values()):,} entries kept in {len(kept)} tensors")
 
 
-SPEC = KindSpec(extract=extract_mask, steps=mask_steps, describe=describe_mask, options=MaskOptions,
+def rescale_mask(patch: PatchContents, scale: float):
+    """A sparse delta's values scaled; its mask bits kept (a bare mask has no change to scale: porting refuses it)."""
+    return scale_tensors(patch, scale, {name for name in patch.shapes if name.endswith(VALUES_SUFFIX)})
+
+
+SPEC = KindSpec(extract=extract_mask, steps=mask_steps, describe=describe_mask, rescale=rescale_mask,
+                options=MaskOptions,
                 keywords={"density": "density", "mask_scope": "scope", "mask_values": "values"})

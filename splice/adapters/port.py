@@ -1,0 +1,258 @@
+"""PortLLM: a patch made on an old base carried onto an evolved base, training-free (Khan et al., ICLR 2025).
+
+For every base tensor the patch changes, the new value is `W' + scale * U`, U the change the patch makes on its
+own base: a LoRA product, a dense or sparse delta as stored; for a patch that replaces tensors whole (LayerNorm
+patches, PEFT's `modules_to_save`) U = stored - W, which needs the old base's values. The ported patch is a
+patch of the same kind, re-fingerprinted against the new base; writing a ported model applies that patch, so
+`port --out` and `port --as-patch` then `patch apply` give the same bytes. The drift report is measured in one
+streamed pass over the patched tensors before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from splice.adapters.apply import apply_patches
+from splice.adapters.compose import patch_steps
+from splice.adapters.drift import DriftReport, TensorDrift
+from splice.adapters.fingerprint import (
+    compare_base,
+    context_bytes,
+    context_names,
+    fingerprint_tensor,
+    first_names,
+    refuse_drift,
+    sample_context,
+    tensor_sha256,
+)
+from splice.adapters.kinds import KINDS
+from splice.adapters.kinds.spec import MappedTensors
+from splice.adapters.meta import BaseFingerprint, PatchMeta
+from splice.adapters.patch import Patch
+from splice.adapters.sources import PatchSource, load_patch
+from splice.adapters.steps import Effect, Step
+from splice.errors import PatchError
+from splice.progress import NoProgress, Progress
+from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.device import resolve_device
+from splice.tensors.stream import StreamReport, read_ahead
+from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
+
+
+@dataclass
+class Ported:
+    """A ported patch (in memory; its unchanged tensors still read from the source) and its drift report."""
+
+    patch: Patch
+    drift: DriftReport
+    stream: StreamReport | None = None  # when a ported model was written (`out`)
+    written: Path | None = None  # when the ported patch was written (`as_patch`)
+
+
+def port_patch(patch: PatchSource, to: str | os.PathLike, *, out: str | os.PathLike | None = None,
+               as_patch: str | os.PathLike | None = None, old_base: str | os.PathLike | None = None,
+               scale: float = 1.0, source: str | None = None, device: str = "auto",
+               shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
+               storage_options: dict | None = None, extra_files: Mapping[str, bytes] | None = None) -> Ported:
+    """Port `patch` onto the evolved base `to`: measure the drift, build the ported patch, and write the ported
+    model to `out` and/or the ported patch to `as_patch` (each with the report's JSON and PNG inside).
+    `old_base`: the base the patch was made on, verified against its fingerprint; it is needed for patches that
+    replace tensors whole, and gives the drift report the base's change itself (else only norms are known).
+    `source` names the patch in the lineage (default: where it was read from)."""
+    scale = _checked_scale(scale)
+    sources = [s for s in (patch if not isinstance(patch, Patch) else patch.stored_at,) if s is not None]
+    protected = [to, *([old_base] if old_base else []), *sources]
+    for target in (out, as_patch):
+        if target is not None:
+            ensure_output_free(target, force, protected=protected, what="a base or the patch")
+    if out is not None and as_patch is not None and Path(out).resolve() == Path(as_patch).resolve():
+        raise PatchError("--out and --as-patch name the same directory; give each its own")
+    new = Checkpoint.open(to, storage_options)
+    old = Checkpoint.open(old_base, storage_options) if old_base is not None else None
+    loaded = load_patch(patch, storage_options, base=new)
+    steps = patch_steps(loaded)
+    _refuse_unportable(loaded, steps, new, old, str(to))
+    if old is not None and loaded.meta.base is not None:
+        refuse_drift(compare_base(loaded.meta.base.model_copy(update={"tensors": []}), old), str(old_base),
+                     loaded.meta.kind.value, None)
+    measured = _measure(loaded, steps, new, old, scale, device, progress or NoProgress())
+    label = source or str(patch.stored_at if isinstance(patch, Patch) else patch)
+    drift = _report(loaded, measured, label, new, old, scale)
+    ported = _ported_patch(loaded, new, measured, drift, scale, progress or NoProgress())
+    files = {**drift.files(), **(extra_files or {})}
+    result = Ported(ported, drift)
+    if as_patch is not None:
+        result.written = ported.save(as_patch, force=force, extra_files=files)
+    if out is not None:
+        result.stream = apply_patches([ported], to, out, check_bases=False, device=device, shard_size=shard_size,
+                                      force=force, progress=progress, storage_options=storage_options,
+                                      extra_files=files)
+    return result
+
+
+def _checked_scale(scale: float) -> float:
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise PatchError(f"--scale must be a number, not {scale!r}") from None
+    if not math.isfinite(scale) or scale == 0:
+        raise PatchError(f"--scale must be a finite number other than 0, not {scale}")
+    return scale
+
+
+def _refuse_unportable(patch: Patch, steps: dict[str, Step], new: Checkpoint, old: Checkpoint | None,
+                       where: str) -> None:
+    """Before any tensor is read: the new base has every tensor the patch changes, in its shape; a bare mask
+    (which prunes, and holds no change) is not ported; replacements need the old base."""
+    kind = patch.meta.kind.value
+    pruning = [name for name, step in steps.items() if step.effect is Effect.multiply]
+    if pruning:
+        raise PatchError(f"this {kind} patch only prunes ({first_names(pruning)}): it holds no change to carry over; "
+                         f"apply it to the new base with `splice patch apply`")
+    missing = [name for name in steps if name not in new.tensors]
+    if missing and len(missing) == len(steps):
+        raise PatchError(f"{where} has none of the {len(steps)} tensors the {kind} patch changes "
+                         f"({first_names(missing)}): a patch is ported only onto an evolved version of its own "
+                         f"architecture")
+    if missing:
+        raise PatchError(f"{where} lacks {len(missing)} of the tensors the {kind} patch changes "
+                         f"({first_names(missing)}); port it onto a base that has them")
+    reshaped = [f"{name} {list(new.tensors[name].shape)} (patch: {list(step.shape)})"
+                for name, step in steps.items() if tuple(new.tensors[name].shape) != step.shape]
+    if reshaped:
+        raise PatchError(f"{where} reshaped {len(reshaped)} of the tensors the {kind} patch changes: "
+                         f"{first_names(reshaped, 2)}; a patch cannot be ported across a change of shape")
+    replaced = [name for name, step in steps.items() if step.effect is Effect.replace]
+    if replaced and old is None:
+        what = "is a LayerNorm patch: it stores the values it sets" if kind == "layernorm" else \
+            f"replaces {len(replaced)} tensors whole ({first_names(replaced, 2)})"
+        raise PatchError(f"this patch {what}, not a change; give the base it was made on (--from OLD_BASE) so "
+                         f"its change can be ported")
+    if old is not None:
+        unlike = [name for name, step in steps.items()
+                  if name not in old.tensors or tuple(old.tensors[name].shape) != step.shape]
+        if unlike:
+            raise PatchError(f"{old.location} (--from) lacks or reshaped {len(unlike)} of the tensors the patch "
+                             f"changes ({first_names(unlike)}): it is not the base the patch was made on")
+
+
+@dataclass
+class _Measured:
+    drifts: list[TensorDrift]
+    fingerprints: list  # TensorFingerprint of each patched tensor of the new base
+    replaced: dict[str, torch.Tensor]  # new stored values of the tensors the patch replaces whole
+
+
+def _update(step: Step, old_value: torch.Tensor | None, shape: tuple[int, ...], device: torch.device
+            ) -> torch.Tensor:
+    """The change a step makes on its own base, in fp32."""
+    if step.effect is Effect.add:
+        return step.compute(torch.zeros(shape, dtype=torch.float32, device=device))
+    return step.compute(old_value.clone()) - old_value
+
+
+def _measure(patch: Patch, steps: dict[str, Step], new: Checkpoint, old: Checkpoint | None, scale: float,
+             device: str, progress: Progress) -> _Measured:
+    """One streamed pass over the patched tensors: the drift figures, the new base's fingerprint entries, the
+    ported values of replaced tensors; the old base's own tensors are checked against the patch's fingerprint."""
+    compute = resolve_device(device)
+    names = list(steps)
+    recorded = {t.name: t for t in patch.meta.base.tensors} if patch.meta.base else {}
+    reads = [((new, name, None),) + (((old, name, None),) if old is not None else ()) for name in names]
+    progress.start("measuring the base's drift", len(names), sum(
+        new.tensors[n].nbytes + (old.tensors[n].nbytes if old is not None else 0) for n in names))
+    result = _Measured([], [], {})
+    try:
+        for position, tensors in read_ahead(reads, depth=2):
+            name, step = names[position], steps[names[position]]
+            stored_new, stored_old = tensors[0], tensors[1] if old is not None else None
+            if stored_old is not None and name in recorded and tensor_sha256(stored_old) != recorded[name].sha256:
+                raise PatchError(f"{old.location} (--from) is not the base this patch was made on: {name} differs; "
+                                 f"give the base it was made on")
+            entry = fingerprint_tensor(name, stored_new, new.tensors[name].dtype)
+            result.fingerprints.append(entry)
+            value_new = stored_new.to(device=compute, dtype=torch.float32)
+            value_old = None if stored_old is None else stored_old.to(device=compute, dtype=torch.float32)
+            update = _update(step, value_old, step.shape, compute)
+            result.drifts.append(_tensor_drift(name, entry, recorded.get(name), value_new, value_old, update))
+            if step.effect is Effect.replace:
+                result.replaced[name] = _replaced_value(patch, name, value_new, value_old, scale, stored_new.dtype)
+            progress.advance(1, new.tensors[name].nbytes + (old.tensors[name].nbytes if old is not None else 0))
+    finally:
+        progress.finish()
+    return result
+
+
+def _tensor_drift(name: str, entry, recorded, new: torch.Tensor, old: torch.Tensor | None, update: torch.Tensor
+                  ) -> TensorDrift:
+    update_norm = float(update.double().norm())
+    if old is None:
+        old_norm = recorded.norm if recorded is not None else float(new.double().norm())
+        changed = None if recorded is None else entry.sha256 != recorded.sha256
+        return TensorDrift(name, old_norm, entry.norm, update_norm, changed=changed)
+    change = (new - old).double()
+    return TensorDrift(name, float(old.double().norm()), entry.norm, update_norm, float(change.norm()),
+                       float((change * update.double()).sum()), bool(change.any()))
+
+
+def _replaced_value(patch: Patch, name: str, new: torch.Tensor, old: torch.Tensor, scale: float,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The value a replaced tensor takes on the new base: W' + scale * (stored - W), exactly the stored value
+    where the base did not move and scale is 1 (so porting onto the patch's own base equals applying it)."""
+    stored = patch.tensors[name]
+    if scale == 1 and torch.equal(new, old):
+        return stored
+    ported = new + scale * (stored.to(device=new.device, dtype=torch.float32) - old)
+    return ported.to(device="cpu", dtype=stored.dtype if stored.dtype.is_floating_point else dtype)
+
+
+def _report(patch: Patch, measured: _Measured, label: str, new: Checkpoint, old: Checkpoint | None,
+            scale: float) -> DriftReport:
+    notes = []
+    if patch.meta.kind.value == "layernorm":
+        notes.append("a LayerNorm patch stores absolute values: it was ported as the change it made on its own "
+                     "base (patch - old base), added to the new base's values")
+    elif measured.replaced:
+        notes.append(f"{len(measured.replaced)} tensors the patch replaces whole were ported as their change on "
+                     f"the old base")
+    if patch.meta.base is None and old is None:
+        notes.append("the patch records no base (a PEFT adapter): give --from OLD_BASE to measure the drift")
+    return DriftReport(patch=label, kind=patch.meta.kind.value, new_base=new.location, new_digest="",
+                       old_base=old.location if old is not None else None,
+                       old_digest=patch.meta.base.digest if patch.meta.base else None, scale=scale,
+                       tensors=measured.drifts, notes=notes)
+
+
+def _ported_patch(patch: Patch, new: Checkpoint, measured: _Measured, drift: DriftReport, scale: float,
+                  progress: Progress) -> Patch:
+    """The same kind of patch for the new base: rescaled by the kind, replaced tensors recomputed, fingerprinted
+    against the new base (its patched tensors from the measuring pass, its other tensors sampled now)."""
+    if scale != 1:
+        tensors, settings = KINDS[patch.meta.kind].rescale(patch, scale)
+    else:
+        tensors, settings = patch.tensors, dict(patch.meta.settings)
+    if measured.replaced:
+        tensors = MappedTensors(tensors, patch.shapes, lambda name, _: measured.replaced[name], set(measured.replaced))
+    fingerprint = _new_fingerprint(new, measured, progress)
+    drift.new_digest = fingerprint.digest
+    lineage = [*patch.meta.lineage, f"ported from {drift.patch} (base digest {drift.old_digest or 'not recorded'}) "
+               f"onto base digest {fingerprint.digest}" + (f", scale {scale:g}" if scale != 1 else "")]
+    meta = PatchMeta(kind=patch.meta.kind, targets=patch.meta.targets, base=fingerprint, lineage=lineage,
+                     description=patch.meta.description, tags=patch.meta.tags, settings=settings)
+    return Patch(tensors, meta)
+
+
+def _new_fingerprint(new: Checkpoint, measured: _Measured, progress: Progress) -> BaseFingerprint:
+    """The new base's fingerprint: the patched tensors' entries from the measuring pass, the others sampled."""
+    others = context_names(new, (entry.name for entry in measured.fingerprints))
+    progress.start("fingerprinting the new base", len(others), context_bytes(new, others))
+    try:
+        return BaseFingerprint.of(measured.fingerprints, sample_context(new, others, progress))
+    finally:
+        progress.finish()
