@@ -18,6 +18,7 @@ _EXPORTS = {
     "Checkpoint": "splice.tensors.checkpoint",
     "CheckpointError": "splice.errors",
     "DeploymentRecord": "splice.workflows.deploy",
+    "DriftReport": "splice.adapters.drift",
     "FusionOptions": "splice.merge.fusion",
     "GreedySoupReport": "splice.merge.soup",
     "LoraOptions": "splice.adapters.kinds.lora",
@@ -44,6 +45,8 @@ _EXPORTS = {
     "greedy_soup": "splice.merge.soup",
     "load_recipe": "splice.merge.recipe",
     "merge": "splice.merge.recipe",
+    "port": "splice.workflows.port",
+    "port_patch": "splice.adapters.port",
     "read_deployment_record": "splice.workflows.deploy",
     "soup": "splice.merge.soup",
 }

@@ -95,7 +95,9 @@ class DriftReport:
 
     @property
     def base_change_at_least(self) -> float:
-        return max((t.base_change_at_least for t in self.tensors), default=0.0)
+        """A lower bound of `base_change` from norms alone (each |‖W'‖ - ‖W‖| <= ‖W' - W‖)."""
+        return _ratio(_root_sum(abs(t.new_norm - t.old_norm) for t in self.tensors),
+                      _root_sum(t.old_norm for t in self.tensors))
 
     @property
     def cosine(self) -> float | None:
@@ -117,10 +119,10 @@ class DriftReport:
 
     def summary(self) -> dict:
         """The figures a registry keeps of this port (no per-tensor table)."""
-        return {"verdict": self.verdict, "reason": self.reason, "base_change": self.base_change,
-                "base_change_at_least": self.base_change_at_least, "cosine": self.cosine,
-                "update_to_change": self.update_to_change, "tensors": len(self.tensors),
-                "changed_tensors": sum(t.changed is not False for t in self.tensors), "scale": self.scale}
+        return _finite({"verdict": self.verdict, "reason": self.reason, "base_change": self.base_change,
+                        "base_change_at_least": self.base_change_at_least, "cosine": self.cosine,
+                        "update_to_change": self.update_to_change, "tensors": len(self.tensors),
+                        "changed_tensors": sum(t.changed is not False for t in self.tensors), "scale": self.scale})
 
     def as_dict(self) -> dict:
         return {"patch": self.patch, "kind": self.kind, "old_base": self.old_base, "old_digest": self.old_digest,
@@ -205,7 +207,7 @@ def judge(report: DriftReport) -> tuple[str, str]:
                                   "how far the base moved")
         least = report.base_change_at_least
         if least > LARGE_CHANGE:
-            return "check before deploying", (f"the base moved at least {least:.1%} in one of {where} (norms only): "
+            return "check before deploying", (f"the base moved at least {least:.1%} in {where} (norms only): "
                                               "evaluate the ported model before deploying it")
         return "unmeasured", (f"norms moved by at most {least:.1%}, but the change itself is unknown; give the old "
                               "base (--from OLD_BASE) to measure it")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from splice.adapters.compose import check_plan_shapes, composition_plan, patched_value
 from splice.adapters.fingerprint import compare_fingerprint, refuse_drift
-from splice.adapters.patch import PatchError
+from splice.adapters.patch import Patch, PatchError
 from splice.adapters.sources import PatchSource, load_patch
 from splice.arch.names import stored_to_module_names
+from splice.tensors.checkpoint import Checkpoint
 
 APPLIED_ATTRIBUTE = "_splice_applied_patches"  # on the model: the handles of the patches it carries, in order
 
@@ -85,3 +88,14 @@ def apply_patch(model: torch.nn.Module, patch: PatchSource, allow_base_drift: bo
             originals[names.get(stored, stored)] = target.detach().clone()
             target.copy_(patched_value(target.detach().float().clone(), steps))  # steps may work in place
     return PatchHandle(model, originals, identity)
+
+
+def patched_state(base: Checkpoint, patches: Sequence[Patch]) -> dict[str, torch.Tensor]:
+    """A stored base's tensors (stored names) with patches applied in memory, in the base's dtypes: what an
+    evaluation hook scores when no patched model was written."""
+    state = base.state_dict()
+    plan = composition_plan(list(patches))
+    check_plan_shapes(plan, lambda name: tuple(state[name].shape) if name in state else None, base.location)
+    for name, steps in plan.items():
+        state[name] = patched_value(state[name].float().clone(), steps).to(state[name].dtype)
+    return state

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,20 +59,40 @@ def port_patch(patch: PatchSource, to: str | os.PathLike, *, out: str | os.PathL
                as_patch: str | os.PathLike | None = None, old_base: str | os.PathLike | None = None,
                scale: float = 1.0, source: str | None = None, device: str = "auto",
                shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
-               storage_options: dict | None = None, extra_files: Mapping[str, bytes] | None = None) -> Ported:
+               storage_options: dict | None = None) -> Ported:
     """Port `patch` onto the evolved base `to`: measure the drift, build the ported patch, and write the ported
     model to `out` and/or the ported patch to `as_patch` (each with the report's JSON and PNG inside).
     `old_base`: the base the patch was made on, verified against its fingerprint; it is needed for patches that
     replace tensors whole, and gives the drift report the base's change itself (else only norms are known).
     `source` names the patch in the lineage (default: where it was read from)."""
-    scale = _checked_scale(scale)
-    sources = [s for s in (patch if not isinstance(patch, Patch) else patch.stored_at,) if s is not None]
-    protected = [to, *([old_base] if old_base else []), *sources]
+    check_port_outputs(patch, to, old_base, out, as_patch, force)
+    ported = prepare_port(patch, to, old_base=old_base, scale=scale, source=source, device=device,
+                          progress=progress, storage_options=storage_options)
+    return write_ported(ported, to, out=out, as_patch=as_patch, device=device, shard_size=shard_size, force=force,
+                        progress=progress, storage_options=storage_options)
+
+
+def check_port_outputs(patch: PatchSource, to: str | os.PathLike, old_base: str | os.PathLike | None,
+                       out: str | os.PathLike | None, as_patch: str | os.PathLike | None, force: bool,
+                       also_protected: Sequence[str | os.PathLike] = ()) -> None:
+    """Before any work: each output is free (or `force`) and is none of the inputs (nor `also_protected`, e.g. the
+    registry the patch came from), and they are not the same directory."""
+    stored = patch.stored_at if isinstance(patch, Patch) else patch
+    protected = [p for p in (to, old_base, stored, *also_protected) if p is not None]
     for target in (out, as_patch):
         if target is not None:
             ensure_output_free(target, force, protected=protected, what="a base or the patch")
     if out is not None and as_patch is not None and Path(out).resolve() == Path(as_patch).resolve():
         raise PatchError("--out and --as-patch name the same directory; give each its own")
+
+
+def prepare_port(patch: PatchSource, to: str | os.PathLike, *, old_base: str | os.PathLike | None = None,
+                 scale: float = 1.0, source: str | None = None, device: str = "auto",
+                 progress: Progress | None = None, storage_options: dict | None = None) -> Ported:
+    """The ported patch and its drift report, nothing written: every refusal (another architecture, a missing
+    or reshaped tensor, a wrong old base, a bare mask) happens here."""
+    scale = _checked_scale(scale)
+    progress = progress or NoProgress()
     new = Checkpoint.open(to, storage_options)
     old = Checkpoint.open(old_base, storage_options) if old_base is not None else None
     loaded = load_patch(patch, storage_options, base=new)
@@ -81,19 +101,26 @@ def port_patch(patch: PatchSource, to: str | os.PathLike, *, out: str | os.PathL
     if old is not None and loaded.meta.base is not None:
         refuse_drift(compare_base(loaded.meta.base.model_copy(update={"tensors": []}), old), str(old_base),
                      loaded.meta.kind.value, None)
-    measured = _measure(loaded, steps, new, old, scale, device, progress or NoProgress())
+    measured = _measure(loaded, steps, new, old, scale, device, progress)
     label = source or str(patch.stored_at if isinstance(patch, Patch) else patch)
     drift = _report(loaded, measured, label, new, old, scale)
-    ported = _ported_patch(loaded, new, measured, drift, scale, progress or NoProgress())
-    files = {**drift.files(), **(extra_files or {})}
-    result = Ported(ported, drift)
+    return Ported(_ported_patch(loaded, new, measured, drift, scale, progress), drift)
+
+
+def write_ported(ported: Ported, to: str | os.PathLike, *, out: str | os.PathLike | None = None,
+                 as_patch: str | os.PathLike | None = None, device: str = "auto",
+                 shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
+                 storage_options: dict | None = None) -> Ported:
+    """Write the ported patch (`as_patch`) and/or the new base with it applied (`out`), each published atomically
+    with the drift report's port_report.json and port_report.png inside."""
+    files = ported.drift.files() if out is not None or as_patch is not None else {}
     if as_patch is not None:
-        result.written = ported.save(as_patch, force=force, extra_files=files)
+        ported.written = ported.patch.save(as_patch, force=force, extra_files=files)
     if out is not None:
-        result.stream = apply_patches([ported], to, out, check_bases=False, device=device, shard_size=shard_size,
-                                      force=force, progress=progress, storage_options=storage_options,
-                                      extra_files=files)
-    return result
+        ported.stream = apply_patches([ported.patch], to, out, check_bases=False, device=device,
+                                      shard_size=shard_size, force=force, progress=progress,
+                                      storage_options=storage_options, extra_files=files)
+    return ported
 
 
 def _checked_scale(scale: float) -> float:

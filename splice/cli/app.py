@@ -27,6 +27,7 @@ from splice.cli.options import (
     parse_storage_options,
 )
 from splice.cli.patch import patch_app
+from splice.cli.port import port_command
 from splice.cli.registry import registry_app
 from splice.errors import SpliceError
 
@@ -54,6 +55,7 @@ app.add_typer(patch_app, name="patch")
 app.add_typer(registry_app, name="registry")
 app.command("deploy")(deploy_command)
 app.command("fuse")(fuse_command)
+app.command("port")(port_command)
 
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)

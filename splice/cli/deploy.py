@@ -7,7 +7,17 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Device, Force, Out, Quiet, RegistryURL, ShardSize, StorageOptions, parse_storage_options
+from splice.cli.options import (
+    Device,
+    Force,
+    OldBase,
+    Out,
+    Quiet,
+    RegistryURL,
+    ShardSize,
+    StorageOptions,
+    parse_storage_options,
+)
 
 
 def deploy_command(
@@ -18,6 +28,9 @@ def deploy_command(
     registry: RegistryURL = None,
     allow_base_drift: Annotated[bool, typer.Option("--allow-base-drift",
                                                    help="Deploy even if the base differs from the patches'.")] = False,
+    port: Annotated[bool, typer.Option("--port", help="Port each patch onto the base first (PortLLM), with a "
+                                                      "drift report beside the output.")] = False,
+    old_base: OldBase = None,
     device: Device = "auto",
     shard_size: ShardSize = "2GB",
     storage_options: StorageOptions = None,
@@ -29,9 +42,11 @@ def deploy_command(
     from splice.tensors.writer import parse_size
     from splice.workflows.deploy import deploy
 
-    record, report = deploy(refs, base, out, registry=registry, allow_base_drift=allow_base_drift, device=device,
+    record, report = deploy(refs, base, out, registry=registry, allow_base_drift=allow_base_drift, port=port,
+                            old_base=old_base, device=device,
                             shard_size=parse_size(shard_size), force=force, progress=render.RichProgress(quiet),
                             storage_options=parse_storage_options(storage_options))
+    render.warn(record.warnings)
     if not quiet:
         render.console.print(render.deployment_table(f"deployed onto {base} -> {out}", record))
         render.console.print(render.stream_report_table("deployed model", report))

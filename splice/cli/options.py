@@ -20,6 +20,10 @@ Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists
 StorageOptions = Annotated[str | None, typer.Option(
     "--storage-options", help='JSON passed to fsspec for remote models, e.g. \'{"anon": true}\'.')]
 
+OldBase = Annotated[str | None, typer.Option(
+    "--from", help="The base the patch was made on (verified against its fingerprint): the drift report then "
+                   "measures the base's change itself; needed for LayerNorm patches.")]
+
 
 def parse_storage_options(text: str | None) -> dict | None:
     if text is None:

@@ -150,7 +150,8 @@ def _version_rows(details) -> list[list[object]]:
 
 @registry_app.command("show")
 def show(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOptions = None) -> None:
-    """Everything about one version: kind, base fingerprint, size, lineage, metrics, aliases and their history."""
+    """Everything about one version: kind, base fingerprint, size, lineage, metrics, aliases and their history,
+    and every base the name's versions were deployed or ported onto (with drift figures and scores)."""
     details = _open(registry, storage_options).details(ref)
     _print(render.table(f"{details.manifest.ref}", ["field", "value"], _version_rows(details)))
     history = [[alias, record.generation, record.version, _when(record.moved_at),
@@ -159,6 +160,9 @@ def show(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOpti
     if history:
         _print(render.table(f"aliases of {details.manifest.name} (history)",
                             ["alias", "generation", "version", "moved", ""], history))
+    if details.health:
+        _print(render.health_table(details.manifest.name, details.health))
+    render.warn(details.health_problems)
 
 
 @registry_app.command("tag")

@@ -124,3 +124,49 @@ def show(renderable, quiet: bool = False) -> None:
     """Print a table or a line, unless --quiet."""
     if not quiet:
         console.print(renderable)
+
+
+def warn(warnings) -> None:
+    for warning in warnings:
+        error_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+
+
+def _percent(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "from 0" if value == float("inf") else f"{value:.2%}"
+
+
+def _figure(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def drift_tables(drift) -> list[Table]:
+    """A port's drift report: the bases and the verdict, then one row per patched tensor."""
+    summary = table(f"port of {drift.patch} ({drift.kind} patch)", ["", "value"], [
+        ["old base", f"{drift.old_base or 'not given'} ({(drift.old_digest or 'no record')[:19]})"],
+        ["new base", f"{drift.new_base} ({drift.new_digest[:19]})"],
+        ["base change", _percent(drift.base_change) if drift.measured
+         else f"at least {_percent(drift.base_change_at_least)} (norms only)"],
+        ["cosine (base change, patch update)", _figure(drift.cosine, "+.3f")],
+        ["patch update / base change", _figure(drift.update_to_change, ".3g")],
+        ["scale", f"{drift.scale:g}"], ["verdict", f"{drift.verdict}: {drift.reason}"],
+        *(["note", note] for note in drift.notes)])
+    rows = [[t.name, _percent(t.base_change) if t.change_norm is not None else f">= {_percent(t.base_change_at_least)}",
+             _figure(t.cosine, "+.3f"), _figure(t.update_to_change, ".3g"),
+             {True: "yes", False: "no", None: "?"}[t.changed]] for t in drift.tensors]
+    return [summary, table(f"per patched tensor ({len(rows)})",
+                           ["tensor", "base change", "cosine", "update/change", "changed"], rows)]
+
+
+def health_table(name: str, records) -> Table:
+    """Every base a name's versions were deployed or ported onto, oldest first."""
+    rows = []
+    for r in records:
+        check = r.base_check + (f" -> {r.ported_to}" if r.ported_to else "")
+        drift = f"{_percent(r.drift.base_change)}, cos {_figure(r.drift.cosine, '+.2f')}" if r.drift else "-"
+        score = "-" if r.score_after is None else \
+            f"{_figure(r.score_before, '.4g')} -> {_figure(r.score_after, '.4g')}"
+        rows.append([r.recorded_at.strftime("%m-%d %H:%M"), r.version, r.base, check, drift, score])
+    return table(f"health of {name}: every deployment and port", ["when", "version", "onto", "check",
+                                                                  "base drift", "score"], rows)

@@ -43,6 +43,7 @@ import fsspec
 from splice.errors import SpliceError, first_line
 from splice.registry import maintenance
 from splice.registry.backends import Backend, backend_for, storage_errors
+from splice.registry.health import HealthRecord, read_records, write_record
 from splice.registry.layout import (
     PACK_BELOW,
     REGISTRY_FILE,
@@ -127,6 +128,8 @@ class VersionDetails:
     manifest: VersionManifest
     aliases: dict[str, AliasRecord]
     history: dict[str, list[AliasRecord]]
+    health: list[HealthRecord] = field(default_factory=list)  # every deployment and port of the name's versions
+    health_problems: list[str] = field(default_factory=list)  # records that do not validate
 
     @property
     def pointing(self) -> list[str]:
@@ -359,7 +362,21 @@ class Registry:
         """What `registry show` shows: the version a reference names, its name's aliases and their moves."""
         manifest = self.resolve(ref)
         aliases = self.aliases(manifest.name)
-        return VersionDetails(manifest, aliases, {a: self.alias_history(manifest.name, a) for a in aliases})
+        health, problems = read_records(self._backend, self.url, manifest.name)
+        return VersionDetails(manifest, aliases, {a: self.alias_history(manifest.name, a) for a in aliases},
+                              health, problems)
+
+    @storage_errors
+    def record_health(self, record: HealthRecord, name: str) -> None:
+        """Keep a deployment or port of `name@record.version` in the name's health history."""
+        self._require_writable()
+        self._version(check_name(name), record.version)
+        write_record(self._backend, name, record)
+
+    @storage_errors
+    def health(self, name: str) -> tuple[list[HealthRecord], list[str]]:
+        """Every deployment and port recorded for a name's versions, oldest first (and unreadable records)."""
+        return read_records(self._backend, self.url, check_name(name))
 
     # -- aliases -----------------------------------------------------------------------------------
 

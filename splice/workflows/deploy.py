@@ -12,13 +12,15 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from splice.adapters.apply import apply_patches
 from splice.adapters.live import PatchHandle, apply_patch
-from splice.adapters.patch import PatchError
+from splice.adapters.patch import Patch, PatchError
+from splice.adapters.port import Ported, prepare_port
 from splice.errors import CheckpointError
 from splice.progress import Progress
+from splice.registry.health import HealthRecord
 from splice.registry.store import Registry
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.safetensors import read_safetensors_metadata
@@ -26,6 +28,7 @@ from splice.tensors.stream import StreamReport
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
 from splice.values import one_line, parse_json
 from splice.version import __version__
+from splice.workflows.port import record_health, record_port
 
 RECORD_FILE = "deployment.json"
 RECORD_METADATA_KEY = "splice_deployment"
@@ -50,6 +53,16 @@ class DeploymentRecord(BaseModel):
     patches: list[DeployedPatch]
     deployed_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     splice_version: str = __version__
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What went wrong after the model was written (a health record the registry did not take)."""
+        return self._warnings
+
+    @warnings.setter
+    def warnings(self, value: list[str]) -> None:
+        self._warnings = value
 
 
 def _open_registry(registry: Registry | str | None, storage_options: dict | None) -> Registry:
@@ -57,40 +70,77 @@ def _open_registry(registry: Registry | str | None, storage_options: dict | None
 
 
 def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike, *,
-           registry: Registry | str | None = None, allow_base_drift: bool = False, device: str = "auto",
-           shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
-           storage_options: dict | None = None) -> tuple[DeploymentRecord, StreamReport]:
+           registry: Registry | str | None = None, allow_base_drift: bool = False, port: bool = False,
+           old_base: str | os.PathLike | None = None, device: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
+           force: bool = False, progress: Progress | None = None, storage_options: dict | None = None
+           ) -> tuple[DeploymentRecord, StreamReport]:
     """Apply registry patches (in the order given) to `base` and write the result to `out` with its record.
-    Every ref is resolved and every patch checked against the base before anything is written."""
+    Every ref is resolved and every patch checked against the base before anything is written. `port`: each
+    patch is first ported onto `base` (PortLLM; `old_base`, the base the patches were made on, gives the drift
+    report the base's change itself), with each drift report beside the output. Every deployment is kept in
+    the patch's health history (`registry show NAME`)."""
     if not refs:
         raise PatchError("no patch refs given")
     store = _open_registry(registry, storage_options)
-    ensure_output_free(out, force, protected=[base, store.url], what="the base or the registry")
+    ensure_output_free(out, force, protected=[p for p in (base, old_base, store.url) if p is not None],
+                       what="a base or the registry")
     base_ckpt = Checkpoint.open(base, storage_options)
-    deployed, patches = [], []
+    deployed, patches, ports, files = [], [], [], {}
     for ref in refs:
         version = store.resolve(ref)
-        patch = store.load(f"{version.name}@{version.version}")
-        mismatches = patch.check_base(base_ckpt, allow_drift=allow_base_drift)
-        if patch.meta.base is None:
-            check = "not recorded"
-        elif mismatches:
-            own = sum(m.own for m in mismatches)
-            check = (f"drift allowed: {own} of the tensors it changes and {len(mismatches) - own} other base "
-                     f"tensors differ")
+        patch = store.load(version.ref)
+        if port:
+            ported = prepare_port(patch, base, old_base=old_base, source=version.ref, device=device,
+                                  progress=progress, storage_options=storage_options)
+            check, patch = f"ported: {ported.drift.verdict}", ported.patch
+            ports.append(ported)
+            files.update({_numbered(name, len(ports), len(refs)): data for name, data in ported.drift.files().items()})
         else:
-            check = "verified"
+            check = _base_check(patch, base_ckpt, allow_base_drift)
         deployed.append(DeployedPatch(ref=ref, name=version.name, version=version.version, digest=version.digest,
                                       kind=patch.meta.kind.value, base_check=check,
                                       base_digest=patch.meta.base.digest if patch.meta.base else None))
         patches.append(patch)
     record = DeploymentRecord(registry=store.url, base=str(base), patches=deployed)
-    text = record.model_dump_json()
     report = apply_patches(patches, base, out, check_bases=False, device=device, shard_size=shard_size,
                            force=force, progress=progress, storage_options=storage_options,
-                           metadata={RECORD_METADATA_KEY: text},
-                           extra_files={RECORD_FILE: (record.model_dump_json(indent=2) + "\n").encode()})
+                           metadata={RECORD_METADATA_KEY: record.model_dump_json()},
+                           extra_files={RECORD_FILE: (record.model_dump_json(indent=2) + "\n").encode(), **files})
+    record.warnings = _record_deployments(store, record, ports, str(out))
     return record, report
+
+
+def _numbered(name: str, index: int, count: int) -> str:
+    """port_report.json, or port_report-2.json for the second of several patches."""
+    if count == 1:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}-{index}{dot}{ext}"
+
+
+def _base_check(patch: Patch, base: Checkpoint, allow_base_drift: bool) -> str:
+    mismatches = patch.check_base(base, allow_drift=allow_base_drift)
+    if patch.meta.base is None:
+        return "not recorded"
+    if mismatches:
+        own = sum(m.own for m in mismatches)
+        return f"drift allowed: {own} of the tensors it changes and {len(mismatches) - own} other base tensors differ"
+    return "verified"
+
+
+def _record_deployments(store: Registry, record: DeploymentRecord, ports: list[Ported], output: str) -> list[str]:
+    """Each deployed version's health record (a port's with its drift figures); warnings where one failed."""
+    warnings, ported = [], iter(ports)
+    for patch in record.patches:
+        if patch.base_check.startswith("ported"):
+            source = store.resolve(f"{patch.name}@{patch.version}")
+            warnings += record_port(store, source, next(ported), record.base, None, output)
+            continue
+        health = HealthRecord(event="deploy", version=patch.version, digest=patch.digest, base=record.base,
+                              base_digest=patch.base_digest if patch.base_check == "verified" else None,
+                              base_check=patch.base_check, output=output)
+        warnings += record_health(store, patch.name, health)
+    return warnings
 
 
 def read_deployment_record(model: str | os.PathLike, storage_options: dict | None = None

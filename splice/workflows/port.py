@@ -1,0 +1,131 @@
+"""`splice port`: a patch from a directory, a PEFT adapter or the registry, ported onto an evolved base; the ported
+patch written, applied or pushed; scores before and after (with an evaluation hook); the port kept in the
+source version's health history."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splice.adapters.live import patched_state
+from splice.adapters.patch import Patch
+from splice.adapters.port import Ported, check_port_outputs, prepare_port, write_ported
+from splice.adapters.sources import PatchSource, load_patch
+from splice.errors import SpliceError
+from splice.hooks import load_callable, score_state
+from splice.progress import Progress
+from splice.registry.health import DriftSummary, HealthRecord
+from splice.registry.manifest import VersionManifest
+from splice.registry.refs import RegistryError
+from splice.registry.store import Registry
+from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.writer import DEFAULT_SHARD_SIZE
+
+
+@dataclass
+class PortOutcome:
+    ported: Ported  # the ported patch, its drift report, what was written
+    source: VersionManifest | None = None  # the registry version ported (None: a patch directory or adapter)
+    pushed: VersionManifest | None = None
+    score_before: float | None = None  # the patch on its own base
+    score_after: float | None = None  # the ported patch on the new base
+    report_files: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def drift(self):
+        return self.ported.drift
+
+
+def is_registry_ref(patch: PatchSource) -> bool:
+    """A string that names no directory or URL is a registry ref (name, name@3, name@prod, name@sha256:...)."""
+    return isinstance(patch, str) and "://" not in patch and not Path(patch).exists()
+
+
+def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | None = None, *,
+         as_patch: str | os.PathLike | None = None, push: str | None = None, alias: str | None = None,
+         message: str = "", old_base: str | os.PathLike | None = None, scale: float = 1.0,
+         registry: Registry | str | None = None, evaluate: str | Callable | None = None,
+         report_dir: str | os.PathLike | None = None, device: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
+         force: bool = False, progress: Progress | None = None, storage_options: dict | None = None) -> PortOutcome:
+    """Port a patch (a directory, a PEFT adapter, or a registry ref) onto the evolved base `to`; write the ported
+    model (`out`), the ported patch (`as_patch`), and/or push it as the next version of `push`. Nothing is
+    written before the drift report is measured and every input checked. A registry version's port is kept in
+    its health history (`registry show NAME`), with the scores `evaluate` gave before and after porting."""
+    if out is None and as_patch is None and push is None:
+        raise SpliceError("say where the port goes: --out DIR (the ported model), --as-patch DIR (the ported "
+                          "patch) or --push NAME (the ported patch as a registry version)")
+    store = _registry(registry, storage_options) if push is not None or is_registry_ref(patch) else None
+    if push is not None:
+        store.check_push(push, alias)
+    source, loaded, label = _source(patch, store, to, storage_options)
+    scorer = load_callable(evaluate) if isinstance(evaluate, str) else evaluate
+    check_port_outputs(loaded, to, old_base, out, as_patch, force, also_protected=[store.url] if store else [])
+    ported = prepare_port(loaded, to, old_base=old_base, scale=scale, source=label, device=device,
+                          progress=progress, storage_options=storage_options)
+    outcome = PortOutcome(ported, source)
+    if scorer is not None:
+        _score(outcome, scorer, loaded, to, old_base, storage_options)
+    write_ported(ported, to, out=out, as_patch=as_patch, device=device, shard_size=shard_size, force=force,
+                 progress=progress, storage_options=storage_options)
+    if report_dir is not None:
+        outcome.report_files = ported.drift.save(report_dir)
+    if push is not None:
+        outcome.pushed = store.push(push, ported.patch, alias=alias,
+                                    message=message or ported.patch.meta.lineage[-1])
+    if source is not None:
+        outcome.warnings += record_port(store, source, ported, str(to), outcome, out or as_patch)
+    return outcome
+
+
+def _registry(registry: Registry | str | None, storage_options: dict | None) -> Registry:
+    return registry if isinstance(registry, Registry) else Registry.open(registry, storage_options)
+
+
+def _source(patch: PatchSource, store: Registry | None, to: str | os.PathLike, storage_options: dict | None
+            ) -> tuple[VersionManifest | None, Patch, str]:
+    """(the registry version, or None; the loaded patch; how the lineage names it)."""
+    if is_registry_ref(patch):
+        version = store.resolve(patch)
+        return version, store.load(version.ref), version.ref
+    with Checkpoint.open(to, storage_options) as base:
+        loaded = load_patch(patch, storage_options, base=base)
+    return None, loaded, str(patch.stored_at if isinstance(patch, Patch) else patch)
+
+
+def _score(outcome: PortOutcome, scorer: Callable, patch: Patch, to: str | os.PathLike,
+           old_base: str | os.PathLike | None, storage_options: dict | None) -> None:
+    """The evaluation before porting (the patch on its own base, when it is given) and after (the ported patch
+    on the new base), each on a model built in memory; recorded in the ported patch's metrics."""
+    if old_base is not None:
+        with Checkpoint.open(old_base, storage_options) as old:
+            outcome.score_before = score_state(scorer, patched_state(old, [patch]), str(old_base))
+        outcome.ported.patch.meta.metrics["score_before_port"] = outcome.score_before
+    with Checkpoint.open(to, storage_options) as new:
+        outcome.score_after = score_state(scorer, patched_state(new, [outcome.ported.patch]), str(to))
+    outcome.ported.patch.meta.metrics["score_after_port"] = outcome.score_after
+
+
+def record_port(store: Registry, source: VersionManifest, ported: Ported, base: str, outcome: PortOutcome | None,
+                output: str | os.PathLike | None) -> list[str]:
+    """Keep the port in the source version's health history; a warning (not a failure: the port itself is
+    done) when the registry cannot take the record."""
+    drift = ported.drift
+    record = HealthRecord(event="port", version=source.version, digest=source.digest, base=base,
+                          base_digest=drift.new_digest, base_check=f"ported: {drift.verdict}",
+                          drift=DriftSummary.model_validate(drift.summary()),
+                          score_before=outcome.score_before if outcome else None,
+                          score_after=outcome.score_after if outcome else None,
+                          ported_to=outcome.pushed.ref if outcome and outcome.pushed else None,
+                          output=str(output) if output is not None else None)
+    return record_health(store, source.name, record)
+
+
+def record_health(store: Registry, name: str, record: HealthRecord) -> list[str]:
+    try:
+        store.record_health(record, name)
+    except (RegistryError, OSError) as exc:
+        return [f"the registry did not take the health record of {name}@{record.version}: {exc}"]
+    return []
