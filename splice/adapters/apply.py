@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ from splice.tensors.writer import DEFAULT_SHARD_SIZE, OutputTensor, ensure_outpu
 def apply_patches(patches: Sequence[PatchSource], base: str | os.PathLike, out: str | os.PathLike, *,
                   allow_base_drift: bool = False, device: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
                   force: bool = False, progress: Progress | None = None, storage_options: dict | None = None,
-                  metadata: dict[str, str] | None = None, extra_files: dict[str, bytes] | None = None,
+                  metadata: dict[str, str] | None = None, extra_files: Mapping[str, bytes] | None = None,
                   check_bases: bool = True) -> StreamReport:
     """Write `base` with every patch applied in order: deltas, LoRA products and sparse deltas add, masks
     multiply, LayerNorm patches replace. Every patch's base fingerprint is checked and every overlap

@@ -77,6 +77,7 @@ class DriftReport:
     notes: list[str] = field(default_factory=list)  # what a user should know about how it was ported
     verdict: str = ""
     reason: str = ""
+    _files: dict[str, bytes] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.verdict:
@@ -133,8 +134,10 @@ class DriftReport:
         return (json.dumps(_finite(self.as_dict()), indent=2, allow_nan=False) + "\n").encode()
 
     def files(self) -> dict[str, bytes]:
-        """The report as the files written beside the output: port_report.json and port_report.png."""
-        return {REPORT_JSON: self.json_bytes(), REPORT_PNG: png_bytes(self._draw, size=(10.0, 5.5))}
+        """The report as the files written beside the output: port_report.json and port_report.png (drawn once)."""
+        if self._files is None:
+            self._files = {REPORT_JSON: self.json_bytes(), REPORT_PNG: png_bytes(self._draw, size=(10.0, 5.5))}
+        return self._files
 
     def save(self, directory: str | Path) -> list[Path]:
         directory = Path(directory)
@@ -146,28 +149,33 @@ class DriftReport:
         return written
 
     def _draw(self, figure) -> None:
+        """Per patched tensor: the base change (and the patch update) in % of ||W||, and the cosine. Drawn as
+        line collections (one artist per series), which stays fast for models with hundreds of tensors."""
         names = [t.name for t in self.tensors]
-        positions = range(len(names))
+        positions = list(range(len(names)))
         change_axes, cosine_axes = figure.subplots(2, 1, sharex=True)
         if self.measured:
-            change_axes.bar(positions, [_shown(100 * t.base_change) for t in self.tensors], color="tab:blue",
-                            label="base change ||W'-W|| / ||W||")
-            change_axes.plot(positions, [100 * t.update_norm / t.old_norm if t.old_norm else 0 for t in self.tensors],
-                             "o", color="tab:orange", markersize=3, label="patch update ||U|| / ||W||")
-            cosine_axes.bar(positions, [t.cosine or 0.0 for t in self.tensors], color="tab:green")
+            change_axes.vlines(positions, 0, [_shown(100 * t.base_change) for t in self.tensors], color="tab:blue",
+                               linewidth=3, label="base change ||W'-W|| / ||W||")
+            change_axes.plot(positions, [100 * t.update_norm / t.old_norm if t.old_norm else math.nan
+                                         for t in self.tensors], ".", color="tab:orange",
+                             label="patch update ||U|| / ||W||")
+            cosine_axes.vlines(positions, 0, [t.cosine or 0.0 for t in self.tensors], color="tab:green", linewidth=3)
             cosine_axes.set_ylim(-1, 1)
         else:
-            change_axes.bar(positions, [_shown(100 * t.base_change_at_least) for t in self.tensors], color="tab:blue",
-                            label="base change, at least (norms only)")
+            change_axes.vlines(positions, 0, [_shown(100 * t.base_change_at_least) for t in self.tensors],
+                               color="tab:blue", linewidth=3, label="base change, at least (norms only)")
             cosine_axes.text(0.5, 0.5, "direction unknown: give the old base (--from) to measure it",
                              ha="center", va="center", transform=cosine_axes.transAxes)
+        change_axes.set_ylim(bottom=0)
         change_axes.set_ylabel("% of ||W||")
         change_axes.legend(loc="upper right", fontsize="small")
-        change_axes.set_title(f"{self.patch} -> {self.new_base}: {self.verdict}", fontsize="medium")
+        change_axes.set_title(f"{_short(self.patch, 50)} -> {_short(self.new_base, 50)}: {self.verdict}",
+                              fontsize="medium")
         cosine_axes.set_ylabel("cos(W'-W, U)")
         cosine_axes.axhline(0, color="black", linewidth=0.5)
-        step = max(1, len(names) // 40)
-        cosine_axes.set_xticks(list(positions)[::step], [_short(n) for n in names[::step]], rotation=90,
+        step = max(1, -(-len(names) // 24))
+        cosine_axes.set_xticks(positions[::step], [_short(n) for n in names[::step]], rotation=90,
                                fontsize="x-small")
 
 

@@ -50,10 +50,15 @@ def _read_stored(base: Checkpoint, name: str, sample: bool = False) -> torch.Ten
     return base.read(name, rows=_sample_rows(info.shape, dtype_itemsize(info.dtype)) if sample else None)
 
 
+def l2_norm(tensor: torch.Tensor) -> float:
+    """The L2 norm accumulated in fp64 (fp32 accumulation loses digits on large tensors), without an fp64 copy."""
+    return float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64))
+
+
 def fingerprint_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> TensorFingerprint:
     """A base tensor the patch touches, hashed whole (`dtype`: as stored)."""
     return TensorFingerprint(name=name, shape=tuple(tensor.shape), dtype=dtype_name(dtype),
-                             sha256=tensor_sha256(tensor), norm=float(tensor.detach().double().norm()))
+                             sha256=tensor_sha256(tensor), norm=l2_norm(tensor))
 
 
 def context_names(base: Checkpoint, touched: Iterable[str]) -> list[str]:
@@ -131,7 +136,7 @@ def _compare_tensor(entry: TensorFingerprint, source: TensorSource) -> BaseMisma
     tensor = read()
     if tensor_sha256(tensor) == entry.sha256:
         return None
-    norm = float(tensor.detach().double().norm())
+    norm = l2_norm(tensor)
     return BaseMismatch(entry.name, "values", f"values differ: L2 norm {norm:.6g}, {entry.norm:.6g} when the "
                                               f"patch was made{_norm_change(norm, entry.norm)}")
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from splice.adapters.fingerprint import (
     context_names,
     fingerprint_tensor,
     first_names,
+    l2_norm,
     refuse_drift,
     sample_context,
     tensor_sha256,
@@ -111,16 +113,36 @@ def write_ported(ported: Ported, to: str | os.PathLike, *, out: str | os.PathLik
                  as_patch: str | os.PathLike | None = None, device: str = "auto",
                  shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
                  storage_options: dict | None = None) -> Ported:
-    """Write the ported patch (`as_patch`) and/or the new base with it applied (`out`), each published atomically
-    with the drift report's port_report.json and port_report.png inside."""
-    files = ported.drift.files() if out is not None or as_patch is not None else {}
-    if as_patch is not None:
-        ported.written = ported.patch.save(as_patch, force=force, extra_files=files)
-    if out is not None:
-        ported.stream = apply_patches([ported.patch], to, out, check_bases=False, device=device,
-                                      shard_size=shard_size, force=force, progress=progress,
-                                      storage_options=storage_options, extra_files=files)
+    """Write the new base with the ported patch applied (`out`) and/or the ported patch (`as_patch`), each
+    published atomically with the drift report's port_report.json and port_report.png inside. The report is
+    drawn on a thread while the model streams (the files are written last)."""
+    if out is None and as_patch is None:
+        return ported
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="splice-port-report") as pool:
+        files = PendingFiles(pool.submit(ported.drift.files))
+        if out is not None:
+            ported.stream = apply_patches([ported.patch], to, out, check_bases=False, device=device,
+                                          shard_size=shard_size, force=force, progress=progress,
+                                          storage_options=storage_options, extra_files=files)
+        if as_patch is not None:
+            ported.written = ported.patch.save(as_patch, force=force, extra_files=files)
     return ported
+
+
+class PendingFiles(Mapping[str, bytes]):
+    """Files being made on another thread: looking at them waits for them."""
+
+    def __init__(self, future: Future):
+        self.future = future
+
+    def __getitem__(self, name: str) -> bytes:
+        return self.future.result()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.future.result())
+
+    def __len__(self) -> int:
+        return len(self.future.result())
 
 
 def _checked_scale(scale: float) -> float:
@@ -218,14 +240,22 @@ def _measure(patch: Patch, steps: dict[str, Step], new: Checkpoint, old: Checkpo
 
 def _tensor_drift(name: str, entry, recorded, new: torch.Tensor, old: torch.Tensor | None, update: torch.Tensor
                   ) -> TensorDrift:
-    update_norm = float(update.double().norm())
+    """The figures of one tensor, reduced in fp64 from fp32 tensors. ||W|| comes from the patch's fingerprint
+    where the old base's bytes were just checked against it."""
+    update_norm = l2_norm(update)
     if old is None:
-        old_norm = recorded.norm if recorded is not None else float(new.double().norm())
+        old_norm = recorded.norm if recorded is not None else entry.norm
         changed = None if recorded is None else entry.sha256 != recorded.sha256
         return TensorDrift(name, old_norm, entry.norm, update_norm, changed=changed)
-    change = (new - old).double()
-    return TensorDrift(name, float(old.double().norm()), entry.norm, update_norm, float(change.norm()),
-                       float((change * update.double()).sum()), bool(change.any()))
+    change = new - old
+    change_norm = l2_norm(change)
+    return TensorDrift(name, recorded.norm if recorded is not None else l2_norm(old), entry.norm, update_norm,
+                       change_norm, _dot(change, update), change_norm > 0)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> with products and sum in fp64 (the cosine of nearly orthogonal changes needs the digits)."""
+    return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
 
 
 def _replaced_value(patch: Patch, name: str, new: torch.Tensor, old: torch.Tensor, scale: float,

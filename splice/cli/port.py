@@ -31,6 +31,8 @@ def port_command(
     push: Annotated[str | None, typer.Option("--push", help="Push the ported patch as the next version of "
                                                             "this registry name.")] = None,
     alias: Annotated[str | None, typer.Option("--alias", help="With --push: point this alias at it.")] = None,
+    message: Annotated[str, typer.Option("--message", "-m", help="With --push: the version's message (default: "
+                                                                 "its lineage line).")] = "",
     old_base: OldBase = None,
     scale: Annotated[float, typer.Option("--scale", help="Multiply the patch's update by this.")] = 1.0,
     evaluate: Annotated[str | None, typer.Option(
@@ -51,8 +53,8 @@ def port_command(
     from splice.tensors.writer import parse_size
     from splice.workflows.port import port
 
-    outcome = port(patch, to, out, as_patch=as_patch, push=push, alias=alias, old_base=old_base, scale=scale,
-                   registry=registry, evaluate=evaluate, report_dir=report, device=device,
+    outcome = port(patch, to, out, as_patch=as_patch, push=push, alias=alias, message=message, old_base=old_base,
+                   scale=scale, registry=registry, evaluate=evaluate, report_dir=report, device=device,
                    shard_size=parse_size(shard_size), force=force, progress=render.RichProgress(quiet),
                    storage_options=parse_storage_options(storage_options))
     render.warn(outcome.warnings)

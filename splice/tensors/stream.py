@@ -313,7 +313,7 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, s
                device: str | torch.device = "auto", shard_size: int = DEFAULT_SHARD_SIZE, read_ahead_depth: int = 2,
                force: bool = False, progress: Progress | None = None, metadata: dict[str, str] | None = None,
                description: str = "merging", out_dtype: torch.dtype | None = None,
-               chunk_bytes: int = CHUNK_BYTES, extra_files: dict[str, bytes] | None = None,
+               chunk_bytes: int = CHUNK_BYTES, extra_files: Mapping[str, bytes] | None = None,
                verbatim: Collection[str] = ()) -> StreamReport:
     """Compute every planned output tensor and publish the model directory at `out`, with `extra_files`
     (name -> content) written beside the weights before it is published. Tensors named in `verbatim` are
