@@ -41,12 +41,28 @@ TARGET = 1.2
 HALF = {"num_hidden_layers": MODEL_SPEC["num_hidden_layers"] // 2, "vocab_size": MODEL_SPEC["vocab_size"] // 2}
 TIMED_INSIDE = ("io-floor", "patch-apply", "port", "port-no-old", "patch-apply-half", "port-half")
 CHECKED = ("port", "port-no-old", "port-half")
+PHASES = {  # the child's phase keys, in call order; "a.b" is part of "a"
+    "load": "load the patch",
+    "check": "base fingerprint check (sha256 of NEW's patched tensors)",
+    "stream": "stream: read, add, write",
+    "measure": "measure pass: read NEW (+ OLD), hash, drift figures",
+    "measure.sha_old": "sha256 of OLD's tensors (verifies --from)",
+    "measure.fingerprint_new": "fingerprint of NEW's tensors (sha256 + fp64 norm)",
+    "measure.update": "the update U = B @ A, materialized (zeros + B @ A)",
+    "measure.drift": "drift figures (fp64 copies: norms, dot)",
+    "context": "context fingerprint of NEW (sampled)",
+    "report": "drift report files (JSON + PNG via matplotlib)",
+    "write": "write pass: apply_patches(ported, NEW, out)",
+    "write.stream": "stream: read, add, write",
+    "rest": "rest (open checkpoints, checks, ported patch)",
+}
 
 # One child for both splice calls. Phases are timed by wrapping splice's own functions (names looked up at
 # call time in the modules that call them), so the library is measured as a user gets it.
 SPLICE_CALL = r"""
 import json, sys, time
 import splice.adapters.apply as apply_module
+import splice.adapters.drift as drift_module
 import splice.adapters.patch as patch_module
 import splice.adapters.port as port_module
 mode, patch, new, out, old, report = sys.argv[1:7]
@@ -62,18 +78,26 @@ def timed(module, attribute, phase):
             phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - tick
     setattr(module, attribute, wrapper)
 
-timed(port_module, "_measure", "measure pass (read NEW+OLD, hash, drift)")
-timed(port_module, "_new_fingerprint", "context fingerprint of NEW")
-timed(port_module, "compare_base", "base check (fingerprint compare)")
-timed(patch_module, "compare_base", "base check (fingerprint compare)")
-timed(port_module, "apply_patches", "write pass (apply_patches)")
-timed(apply_module, "run_stream", "stream (read, add, write)")
+timed(port_module, "load_patch", "load")
+timed(port_module, "compare_base", "check")
+timed(patch_module, "compare_base", "check")
+timed(port_module, "_measure", "measure")
+timed(port_module, "tensor_sha256", "measure.sha_old")
+timed(port_module, "fingerprint_tensor", "measure.fingerprint_new")
+timed(port_module, "_update", "measure.update")
+timed(port_module, "_tensor_drift", "measure.drift")
+timed(port_module, "_new_fingerprint", "context")
+timed(drift_module.DriftReport, "files", "report")
+timed(port_module, "apply_patches", "write")
+timed(apply_module, "run_stream", "write.stream" if mode == "port" else "stream")
 started = time.perf_counter()
 if mode == "apply":
     apply_module.apply_patches([patch], new, out, allow_base_drift=True, device="cpu", force=True)
 else:
     port_module.port_patch(patch, new, out=out, old_base=None if old == "-" else old, device="cpu", force=True)
-json.dump({"seconds": time.perf_counter() - started, "phases": phases}, open(report, "w"))
+seconds = time.perf_counter() - started
+phases["rest"] = seconds - sum(value for key, value in phases.items() if "." not in key)
+json.dump({"seconds": seconds, "phases": phases}, open(report, "w"))
 """
 
 
@@ -244,8 +268,8 @@ def summarize(runs: list[dict], repeats: int) -> tuple[dict, dict]:
             row["inside_s"] = statistics.median(run["inside_s"] for run in mine)
         anon = [run["peak_anon_mb"] for run in mine if run["peak_anon_mb"] is not None]
         row["peak_anon_mb"] = statistics.median(anon) if anon else None
-        row["phases"] = {phase: statistics.median(run["phases"].get(phase, 0.0) for run in mine)
-                         for phase in mine[0]["phases"]}
+        row["phases"] = {key: statistics.median(run["phases"].get(key, 0.0) for run in mine)
+                         for key in PHASES if key in mine[0]["phases"]}
         cases[name] = row
     at = {(run["case"], run["round"]): run for run in runs}
     ratios = {}
@@ -270,9 +294,11 @@ def print_report(cases: dict, ratios: dict, errors: dict[str, float], repeats: i
         print(f"  {label:<48} {ratio['median']:5.2f}x  [{rounds}]{verdict}")
     print("\nphases inside the call (medians, s)")
     for name in ("patch-apply", "port", "port-no-old"):
-        inside = cases[name]["inside_s"]
-        parts = ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in cases[name]["phases"].items())
-        print(f"  {name:<12} {inside:.2f} = {parts}")
+        print(f"  {name}: {cases[name]['inside_s']:.2f} s inside the call")
+        for key, label in PHASES.items():
+            if key in cases[name]["phases"]:
+                indent = "    of which " if "." in key else ""
+                print(f"    {indent + label:<68} {cases[name]['phases'][key]:5.2f}")
     for name, worst in errors.items():
         print(f"  {name} output vs NEW + B @ A: max |diff| {worst:.2e}; untouched tensors equal NEW's")
 
