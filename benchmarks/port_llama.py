@@ -46,13 +46,13 @@ PHASES = {  # the child's phase keys, in call order; "a.b" is part of "a"
     "check": "base fingerprint check (sha256 of NEW's patched tensors)",
     "stream": "stream: read, add, write",
     "measure": "measure pass: read NEW (+ OLD), hash, drift figures",
-    "measure.sha_old": "sha256 of OLD's tensors (verifies --from)",
-    "measure.fingerprint_new": "fingerprint of NEW's tensors (sha256 + fp64 norm)",
+    "measure.sha": "sha256 of NEW's and OLD's tensors (worker threads, overlapping the figures)",
+    "measure.norm": "fp64-accumulated norms (NEW's fingerprint, the change, the update)",
     "measure.update": "the update U = B @ A, materialized (zeros + B @ A)",
-    "measure.drift": "drift figures (fp64 copies: norms, dot)",
+    "measure.drift": "drift figures (norms, dot; includes the norms above)",
     "context": "context fingerprint of NEW (sampled)",
-    "report": "drift report files (JSON + PNG via matplotlib)",
     "write": "write pass: apply_patches(ported, NEW, out)",
+    "write.report": "drift report files (JSON + PNG via matplotlib, on a thread during the write)",
     "write.stream": "stream: read, add, write",
     "rest": "rest (open checkpoints, checks, ported patch)",
 }
@@ -82,12 +82,12 @@ timed(port_module, "load_patch", "load")
 timed(port_module, "compare_base", "check")
 timed(patch_module, "compare_base", "check")
 timed(port_module, "_measure", "measure")
-timed(port_module, "tensor_sha256", "measure.sha_old")
-timed(port_module, "fingerprint_tensor", "measure.fingerprint_new")
+timed(port_module, "tensor_sha256", "measure.sha")
+timed(port_module, "l2_norm", "measure.norm")
 timed(port_module, "_update", "measure.update")
 timed(port_module, "_tensor_drift", "measure.drift")
 timed(port_module, "_new_fingerprint", "context")
-timed(drift_module.DriftReport, "files", "report")
+timed(drift_module.DriftReport, "files", "write.report")
 timed(port_module, "apply_patches", "write")
 timed(apply_module, "run_stream", "write.stream" if mode == "port" else "stream")
 started = time.perf_counter()

@@ -7,11 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 
-def png_bytes(draw: Callable[[Any], None], size: tuple[float, float] = (9.0, 5.0)) -> bytes:
-    """`draw(figure)` onto a new matplotlib figure, rendered as PNG bytes (no window, no global state kept)."""
+def png_bytes(draw: Callable[[Any], None], size: tuple[float, float] = (9.0, 5.0), layout: str | None = "tight"
+              ) -> bytes:
+    """`draw(figure)` onto a new matplotlib figure, rendered as PNG bytes (no window, no global state kept).
+    `layout`: matplotlib's layout engine ("tight" by default; None for figures that place their own margins)."""
     from matplotlib.figure import Figure  # a bare Figure needs no pyplot backend
 
-    figure = Figure(figsize=size, dpi=110, layout="constrained")
+    figure = Figure(figsize=size, dpi=110, layout=layout)
     draw(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

@@ -91,8 +91,9 @@ def test_drift_figures_equal_an_independent_computation(tmp_path):
     for entry in drift.tensors:
         change, u = (new[entry.name] - old[entry.name]).double(), update[entry.name].double()
         assert entry.base_change == pytest.approx(float(change.norm() / old[entry.name].double().norm()), rel=1e-9)
-        # a cosine near 0 has few significant digits in any precision: compared absolutely, on its [-1, 1] scale
-        assert entry.cosine == pytest.approx(float((change * u).sum() / (change.norm() * u.norm())), abs=1e-9)
+        # products are summed per row in fp32 (then in fp64): compared absolutely on the cosine's [-1, 1] scale,
+        # at fp32's resolution (a cosine near 0 has few significant digits in any precision)
+        assert entry.cosine == pytest.approx(float((change * u).sum() / (change.norm() * u.norm())), abs=1e-7)
         assert entry.update_to_change == pytest.approx(float(u.norm() / change.norm()), rel=1e-9)
     total_change = math.sqrt(sum(float((new[n] - old[n]).double().norm()) ** 2 for n in update))
     total_old = math.sqrt(sum(float(old[n].double().norm()) ** 2 for n in update))

@@ -136,7 +136,7 @@ class DriftReport:
     def files(self) -> dict[str, bytes]:
         """The report as the files written beside the output: port_report.json and port_report.png (drawn once)."""
         if self._files is None:
-            self._files = {REPORT_JSON: self.json_bytes(), REPORT_PNG: png_bytes(self._draw, size=(10.0, 5.5))}
+            self._files = {REPORT_JSON: self.json_bytes(), REPORT_PNG: png_bytes(self._draw, size=(10.0, 5.5), layout=None)}
         return self._files
 
     def save(self, directory: str | Path) -> list[Path]:
@@ -153,6 +153,7 @@ class DriftReport:
         line collections (one artist per series), which stays fast for models with hundreds of tensors."""
         names = [t.name for t in self.tensors]
         positions = list(range(len(names)))
+        figure.subplots_adjust(left=0.08, right=0.98, top=0.93, bottom=0.42, hspace=0.12)  # room for tensor names
         change_axes, cosine_axes = figure.subplots(2, 1, sharex=True)
         if self.measured:
             change_axes.vlines(positions, 0, [_shown(100 * t.base_change) for t in self.tensors], color="tab:blue",

@@ -26,7 +26,6 @@ from splice.adapters.fingerprint import (
     compare_base,
     context_bytes,
     context_names,
-    fingerprint_tensor,
     first_names,
     l2_norm,
     refuse_drift,
@@ -35,14 +34,14 @@ from splice.adapters.fingerprint import (
 )
 from splice.adapters.kinds import KINDS
 from splice.adapters.kinds.spec import MappedTensors
-from splice.adapters.meta import BaseFingerprint, PatchMeta
+from splice.adapters.meta import BaseFingerprint, PatchMeta, TensorFingerprint
 from splice.adapters.patch import Patch
 from splice.adapters.sources import PatchSource, load_patch
 from splice.adapters.steps import Effect, Step
 from splice.errors import PatchError
 from splice.progress import NoProgress, Progress
 from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.device import resolve_device
+from splice.tensors.device import dtype_name, resolve_device
 from splice.tensors.stream import StreamReport, read_ahead
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
 
@@ -209,33 +208,44 @@ def _update(step: Step, old_value: torch.Tensor | None, shape: tuple[int, ...], 
 def _measure(patch: Patch, steps: dict[str, Step], new: Checkpoint, old: Checkpoint | None, scale: float,
              device: str, progress: Progress) -> _Measured:
     """One streamed pass over the patched tensors: the drift figures, the new base's fingerprint entries, the
-    ported values of replaced tensors; the old base's own tensors are checked against the patch's fingerprint."""
-    compute = resolve_device(device)
+    ported values of replaced tensors; the old base's own tensors are checked against the patch's fingerprint.
+    Hashing runs on worker threads (sha256 releases the GIL) while the figures are computed."""
     names = list(steps)
     recorded = {t.name: t for t in patch.meta.base.tensors} if patch.meta.base else {}
     reads = [((new, name, None),) + (((old, name, None),) if old is not None else ()) for name in names]
-    progress.start("measuring the base's drift", len(names), sum(
-        new.tensors[n].nbytes + (old.tensors[n].nbytes if old is not None else 0) for n in names))
+    sizes = [new.tensors[n].nbytes + (old.tensors[n].nbytes if old is not None else 0) for n in names]
+    progress.start("measuring the base's drift", len(names), sum(sizes))
     result = _Measured([], [], {})
     try:
-        for position, tensors in read_ahead(reads, depth=2):
-            name, step = names[position], steps[names[position]]
-            stored_new, stored_old = tensors[0], tensors[1] if old is not None else None
-            if stored_old is not None and name in recorded and tensor_sha256(stored_old) != recorded[name].sha256:
-                raise PatchError(f"{old.location} (--from) is not the base this patch was made on: {name} differs; "
-                                 f"give the base it was made on")
-            entry = fingerprint_tensor(name, stored_new, new.tensors[name].dtype)
-            result.fingerprints.append(entry)
-            value_new = stored_new.to(device=compute, dtype=torch.float32)
-            value_old = None if stored_old is None else stored_old.to(device=compute, dtype=torch.float32)
-            update = _update(step, value_old, step.shape, compute)
-            result.drifts.append(_tensor_drift(name, entry, recorded.get(name), value_new, value_old, update))
-            if step.effect is Effect.replace:
-                result.replaced[name] = _replaced_value(patch, name, value_new, value_old, scale, stored_new.dtype)
-            progress.advance(1, new.tensors[name].nbytes + (old.tensors[name].nbytes if old is not None else 0))
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="splice-port-hash") as hashing:
+            for position, tensors in read_ahead(reads, depth=2):
+                name = names[position]
+                _measure_one(patch, name, steps[name], tensors, recorded.get(name), new, old, scale,
+                             resolve_device(device), hashing, result)
+                progress.advance(1, sizes[position])
     finally:
         progress.finish()
     return result
+
+
+def _measure_one(patch: Patch, name: str, step: Step, tensors: list[torch.Tensor], recorded, new: Checkpoint,
+                 old: Checkpoint | None, scale: float, compute: torch.device, hashing: ThreadPoolExecutor,
+                 result: _Measured) -> None:
+    stored_new, stored_old = tensors[0], tensors[1] if old is not None else None
+    new_hash = hashing.submit(tensor_sha256, stored_new)
+    old_hash = hashing.submit(tensor_sha256, stored_old) if stored_old is not None and recorded else None
+    value_new = stored_new.to(device=compute, dtype=torch.float32)
+    value_old = None if stored_old is None else stored_old.to(device=compute, dtype=torch.float32)
+    update = _update(step, value_old, step.shape, compute)
+    if old_hash is not None and old_hash.result() != recorded.sha256:
+        raise PatchError(f"{old.location} (--from) is not the base this patch was made on: {name} differs; "
+                         f"give the base it was made on")
+    entry = TensorFingerprint(name=name, shape=tuple(stored_new.shape), dtype=dtype_name(new.tensors[name].dtype),
+                              sha256=new_hash.result(), norm=l2_norm(value_new))
+    result.fingerprints.append(entry)
+    result.drifts.append(_tensor_drift(name, entry, recorded, value_new, value_old, update))
+    if step.effect is Effect.replace:
+        result.replaced[name] = _replaced_value(patch, name, value_new, value_old, scale, stored_new.dtype)
 
 
 def _tensor_drift(name: str, entry, recorded, new: torch.Tensor, old: torch.Tensor | None, update: torch.Tensor
@@ -254,8 +264,12 @@ def _tensor_drift(name: str, entry, recorded, new: torch.Tensor, old: torch.Tens
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> with products and sum in fp64 (the cosine of nearly orthogonal changes needs the digits)."""
-    return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
+    """<a, b>: per row in fp32, the rows summed in fp64 (the cosine of nearly orthogonal changes needs the
+    digits; an fp64 copy of both would cost three times as much)."""
+    if a.dim() < 2:
+        return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
+    rows = a.shape[0]
+    return float(torch.linalg.vecdot(a.reshape(rows, -1), b.reshape(rows, -1), dim=-1).double().sum())
 
 
 def _replaced_value(patch: Patch, name: str, new: torch.Tensor, old: torch.Tensor, scale: float,
