@@ -276,3 +276,13 @@ def test_bad_uses_are_one_line_errors():
         bank.set_key(0, torch.ones(3))
     with pytest.raises(SpliceError, match="nonzero"):
         bank.set_key(0, torch.zeros(16))
+
+
+def test_a_norm_computing_otherwise_is_refused():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # scales by (1 + weight)
+
+    model = tiny_model("llama", 0)
+    model.model.norm = GemmaRMSNorm(16)
+    with pytest.raises(SpliceError, match=r"model\.norm \(GemmaRMSNorm\) does not compute as"):
+        LayerNormBank(model)
+    assert not any(type(module).__name__ == "BankedNorm" for module in model.modules())  # nothing half-wrapped

@@ -127,16 +127,17 @@ def check_numerics(name: str, norm: BankedNorm) -> None:
 
 
 def wrap_norms(model: torch.nn.Module, route: _Route) -> dict[str, BankedNorm]:
-    """Replace every LayerNorm / RMSNorm of `model` in place; module name -> its BankedNorm."""
+    """Replace every LayerNorm / RMSNorm of `model` in place (all checked before any is replaced); module name ->
+    its BankedNorm."""
     banked = {}
-    for name, module in list(model.named_modules()):
+    for name, module in model.named_modules():
         kind = norm_kind(module)
-        if kind is None:
-            continue
-        norm = BankedNorm(module, kind, NormSlots(has_bias=kind == LAYERNORM and module.bias is not None), route)
-        check_numerics(name, norm)
+        if kind is not None:
+            slots = NormSlots(has_bias=kind == LAYERNORM and module.bias is not None)
+            banked[name] = BankedNorm(module, kind, slots, route)
+            check_numerics(name, banked[name])
+    for name, norm in banked.items():
         model.set_submodule(name, norm)
-        banked[name] = norm
     if not banked:
         already = any(isinstance(module, BankedNorm) for module in model.modules())
         raise SpliceError(f"{type(model).__name__}: " + ("its norms are already banked; wrap the model once" if already
