@@ -24,6 +24,7 @@ _EXPORTS = {
     "LoraOptions": "splice.adapters.kinds.lora",
     "MaskOptions": "splice.adapters.kinds.mask",
     "IncompatibleModelsError": "splice.errors",
+    "LayerNormBank": "splice.adapters.bank",
     "OutputExistsError": "splice.errors",
     "Patch": "splice.adapters.patch",
     "PatchError": "splice.errors",
