@@ -222,6 +222,16 @@ class LayerNormBank(torch.nn.Module):
         task = self._task(task)
         return [parameter for norm in self._norms for parameter in norm.slots.slot(task).values()]
 
+    @property
+    def tensor_names(self) -> list[str]:
+        """Stored names of every banked gamma and beta (the tensors a slot holds)."""
+        return list(self._stored)
+
+    def slot_parameters(self, task: int) -> dict[str, torch.nn.Parameter]:
+        """Stored tensor name -> the trainable Parameter of that norm's gamma or beta in one slot."""
+        task = self._task(task)
+        return {name: self._norms[index].slots.slot(task)[leaf] for name, (index, leaf) in self._stored.items()}
+
     def freeze_backbone(self) -> LayerNormBank:
         """Freeze every parameter of the model (its head too: unfreeze it yourself); the bank slots train."""
         self.model.requires_grad_(False)

@@ -136,7 +136,8 @@ class DriftReport:
     def files(self) -> dict[str, bytes]:
         """The report as the files written beside the output: port_report.json and port_report.png (drawn once)."""
         if self._files is None:
-            self._files = {REPORT_JSON: self.json_bytes(), REPORT_PNG: png_bytes(self._draw, size=(10.0, 5.5), layout=None)}
+            self._files = {REPORT_JSON: self.json_bytes(),
+                           REPORT_PNG: png_bytes(self._draw, size=(10.0, 5.5), layout=None)}
         return self._files
 
     def save(self, directory: str | Path) -> list[Path]:

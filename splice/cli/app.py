@@ -13,6 +13,7 @@ from rich.markup import escape
 from typer._click.exceptions import ClickException, UsageError
 
 from splice.cli import render
+from splice.cli.continual import continual_app
 from splice.cli.deploy import deploy_command
 from splice.cli.fuse import fuse_command
 from splice.cli.options import (
@@ -53,6 +54,7 @@ def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, call
 
 app.add_typer(patch_app, name="patch")
 app.add_typer(registry_app, name="registry")
+app.add_typer(continual_app, name="continual")
 app.command("deploy")(deploy_command)
 app.command("fuse")(fuse_command)
 app.command("port")(port_command)

@@ -170,3 +170,31 @@ def health_table(name: str, records) -> Table:
         rows.append([r.recorded_at.strftime("%m-%d %H:%M"), r.version, r.base, check, drift, score])
     return table(f"health of {name}: every deployment and port", ["when", "version", "onto", "check",
                                                                   "base drift", "score"], rows)
+
+
+def continual_tables(report) -> list[Table]:
+    """The accuracy matrix (rows: after each task) and the pipeline's metrics."""
+    header = ["after", *report.tasks, "average", "task id"]
+    rows = [[task, *(f"{a:.3f}" for a in row), *([""] * (len(report.tasks) - len(row))),
+             f"{report.average_accuracy[i]:.3f}", f"{report.task_id_accuracy[i]:.3f}"]
+            for i, (task, row) in enumerate(zip(report.tasks, report.accuracy))]
+    metrics = [["final average accuracy", f"{report.final_average_accuracy:.4f}"],
+               ["  with oracle task ids", f"{report.oracle_final_average_accuracy:.4f}"],
+               ["average incremental accuracy", f"{report.average_incremental_accuracy:.4f}"],
+               ["forgetting", f"{report.forgetting:.4f}"], ["backward transfer", f"{report.backward_transfer:+.4f}"],
+               ["task-identification accuracy", f"{report.task_id_accuracy[-1]:.4f}"],
+               ["stored per task", f"{report.parameters_per_task:,} LayerNorm + {report.key_size} key + "
+                                   f"{report.head_parameters:,} head parameters"],
+               ["tasks resumed from the registry", report.resumed_tasks]]
+    return [table(f"{report.name}: accuracy after each task", header, rows),
+            table(f"{report.name} ({report.protocol})", ["metric", "value"], metrics)]
+
+
+def prediction_table(result, loaded) -> Table:
+    counts = {}
+    for task in result.tasks.tolist():
+        counts[task] = counts.get(task, 0) + 1
+    rows = [[f"task-{t}", loaded.refs[t], n] for t, n in sorted(counts.items())]
+    title = f"{len(result.classes)} inputs routed" + (f"; accuracy {result.accuracy:.4f}"
+                                                      if result.accuracy is not None else "")
+    return table(title, ["slot", "version", "inputs"], rows)

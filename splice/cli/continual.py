@@ -1,0 +1,58 @@
+"""`splice continual run|predict`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from splice.cli import render
+from splice.cli.options import Quiet, RegistryURL, StorageOptions, parse_storage_options
+
+continual_app = typer.Typer(help="Continual learning with task-keyed LayerNorm banks (De Min et al. 2023).")
+
+
+@continual_app.command("run")
+def run(
+    pipeline: Annotated[Path, typer.Argument(help="The pipeline file (YAML): base, name, tasks, training settings.")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue after the tasks already in the registry.")
+                      ] = False,
+    report: Annotated[Path | None, typer.Option("--report", help="Directory for continual_report.json and the "
+                                                                 "PNG plots (default: continual-NAME).")] = None,
+    registry: RegistryURL = None,
+    storage_options: StorageOptions = None,
+    quiet: Quiet = False,
+) -> None:
+    """Per task: its key, its LayerNorm slot trained, the head rectified, every seen task evaluated, pushed as a
+    new version with alias task-<i>. A rerun with --resume continues after the last task in the registry."""
+    from splice.workflows.continual.pipeline import load_pipeline
+    from splice.workflows.continual.run import run_pipeline
+
+    loaded = load_pipeline(pipeline)
+    result = run_pipeline(loaded, resume=resume, registry=registry, report_dir=report or f"continual-{loaded.name}",
+                          progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
+    if not quiet:
+        for table in render.continual_tables(result):
+            render.console.print(table)
+        render.console.print(f"report -> {report or f'continual-{loaded.name}'}", highlight=False)
+
+
+@continual_app.command("predict")
+def predict(
+    bank: Annotated[str, typer.Option("--bank", help="A task version of a pipeline (name@task-3; name: the "
+                                                     "latest); its bank holds every task up to it.")],
+    base: Annotated[str, typer.Option("--base", help="The pipeline's base model.")],
+    data: Annotated[str, typer.Option("--data", help="MODULE:FUNCTION returning a batch (dict of tensors; "
+                                                     "labels optional).")],
+    registry: RegistryURL = None,
+    storage_options: StorageOptions = None,
+) -> None:
+    """Predict with routing: each input's LayerNorm slot is chosen by its key."""
+    from splice.hooks import load_callable
+    from splice.workflows.continual.predict import load_bank
+    from splice.workflows.continual.predict import predict as routed
+
+    loaded = load_bank(bank, base, registry, parse_storage_options(storage_options))
+    result = routed(loaded, load_callable(data)())
+    render.console.print(render.prediction_table(result, loaded))

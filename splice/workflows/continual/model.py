@@ -1,0 +1,52 @@
+"""The pipeline's model: loaded from its directory as the class its config names, and its classification head."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from splice.arch.names import stored_to_module_names
+from splice.errors import SpliceError
+
+HEAD_MODULES = ("classifier", "score")  # transformers' sequence/image classification heads
+
+
+def load_model(base: str | os.PathLike) -> torch.nn.Module:
+    """The model class its config.json names (e.g. ViTForImageClassification), in eval mode."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(base)
+    names = config.architectures or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    if model_class is None:
+        raise SpliceError(f"{base}: config.json names no transformers model class (architectures: {names})")
+    model = model_class.from_pretrained(base)
+    return model.eval()
+
+
+def classification_head(model: torch.nn.Module) -> list[str]:
+    """Stored names of the classification head's tensors (shared by every task, trained with each)."""
+    module_names = {module: stored for stored, module in stored_to_module_names(model).items()}
+    for head in HEAD_MODULES:
+        found = [stored for module, stored in module_names.items() if module.startswith(f"{head}.")]
+        if found:
+            return sorted(found)
+    raise SpliceError(f"{type(model).__name__} has no classification head ({' or '.join(HEAD_MODULES)}); a "
+                      f"continual pipeline needs a ...ForImageClassification or ...ForSequenceClassification model")
+
+
+def head_parameters(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Parameter]:
+    parameters = dict(model.named_parameters())
+    mapping = stored_to_module_names(model)
+    return [parameters[mapping[name]] for name in names]
+
+
+def head_state_of(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().cpu().clone() for name, parameter in zip(names, head_parameters(model, names))}
+
+
+def load_head(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, parameter in zip(values, head_parameters(model, list(values))):
+            parameter.copy_(values[name])

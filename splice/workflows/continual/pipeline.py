@@ -1,0 +1,107 @@
+"""The continual-learning pipeline file (`splice continual run PIPELINE.yaml`), validated before any training.
+
+```yaml
+base: path/to/model              # a Hugging Face model directory with a classification (or LM) head
+registry: memory://cl            # optional: else --registry / SPLICE_REGISTRY
+name: digits-cl                  # registry name: one version per task, alias task-<i>
+protocol: class-incremental      # or task-incremental (classes may repeat across tasks)
+tasks:
+  - name: digits-0-1
+    data: examples/continual_digits.py:task_0     # MODULE:FUNCTION -> {"train": {...}, "test": {...}}
+  - {name: digits-2-3, data: examples/continual_digits.py:task_1}
+norms: all                       # or a list of substrings of the norm modules' stored names
+epochs: 5                        # LayerNorm training epochs per task
+lr: 0.005
+head_lr: 0.001                   # classifier rectification (second stage)
+rectify: true
+batch_size: 32
+seed: 0
+fisher: null                     # or {fraction: 0.1, granularity: entries|modules}
+```
+A data function returns `{"train": batch, "test": batch}`, each batch a dict of model inputs (tensors with the
+sample on dimension 0) plus `labels` (int64 class ids, global across tasks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+from splice.errors import SpliceError
+from splice.values import FiniteFloat, one_line
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class FisherSubset(BaseModel):
+    """Tune only the top `fraction` of LayerNorm entries (or whole modules) by diagonal empirical Fisher."""
+
+    model_config = ConfigDict(extra="forbid")
+    fraction: FiniteFloat = Field(gt=0, le=1)
+    granularity: Literal["entries", "modules"] = "entries"
+    random: bool = False  # the control: a random subset of the same size
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN)
+    data: str  # MODULE:FUNCTION or path/to/file.py:FUNCTION
+
+
+class Pipeline(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base: str
+    name: str = Field(pattern=NAME_PATTERN)
+    registry: str | None = None
+    protocol: Literal["class-incremental", "task-incremental"] = "class-incremental"
+    tasks: list[TaskSpec] = Field(min_length=1)
+    norms: Literal["all"] | list[str] = "all"
+    epochs: StrictInt = Field(default=5, ge=1)
+    lr: FiniteFloat = Field(default=5e-3, gt=0)
+    head_lr: FiniteFloat = Field(default=1e-3, gt=0)
+    rectify: bool = True
+    rectify_epochs: StrictInt | None = Field(default=None, ge=1)  # default: epochs
+    batch_size: StrictInt = Field(default=32, ge=1)
+    seed: StrictInt = 0
+    fisher: FisherSubset | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        seen = set()
+        for task in tasks:
+            if task.name in seen:
+                raise ValueError(f"two tasks are named {task.name}")
+            seen.add(task.name)
+        return tasks
+
+    def digest(self) -> str:
+        """What identifies the pipeline's results: everything but where they are stored."""
+        identity = self.model_dump(mode="json", exclude={"registry"})
+        return "sha256:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """A pipeline file parsed and validated; a one-line error naming the file and the bad entry."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpliceError(f"{path}: no such pipeline file") from None
+    except yaml.YAMLError as exc:
+        raise SpliceError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SpliceError(f"{path}: a pipeline is a mapping (base, name, tasks, ...)")
+    try:
+        pipeline = Pipeline.model_validate(data)
+    except ValidationError as exc:
+        raise SpliceError(f"{path}: {one_line(exc, 'pipeline')}") from None
+    base = Path(pipeline.base)
+    if "://" not in pipeline.base and not base.is_absolute():  # relative to the pipeline file
+        pipeline = pipeline.model_copy(update={"base": str((path.parent / base).resolve())})
+    return pipeline

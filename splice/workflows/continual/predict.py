@@ -1,0 +1,77 @@
+"""A continual pipeline's bank back from the registry, and routed predictions with it.
+
+Each task's version is read lazily (its slot's few tensors: one ranged read of its pack, not a download of the
+version or of anything else); the head comes from the last task's version.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from splice.adapters.bank import LayerNormBank
+from splice.errors import SpliceError
+from splice.registry.store import Registry
+from splice.workflows.continual.data import Batch, batches, check_batch
+from splice.workflows.continual.model import load_head, load_model
+from splice.workflows.continual.train import inputs_of, masked_logits
+
+
+@dataclass
+class LoadedBank:
+    bank: LayerNormBank
+    refs: list[str]  # the version of each task, in task order
+    classes: list[list[int]]  # each task's classes
+
+
+def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None = None,
+              storage_options: dict | None = None) -> LoadedBank:
+    """The bank of every task up to the one `ref` names (`name@task-3`, or `name`: the latest task), on `base`."""
+    store = registry if isinstance(registry, Registry) else Registry.open(registry, storage_options)
+    last = store.load(ref)
+    settings = last.meta.settings
+    if "pipeline" not in settings or "task" not in settings:
+        raise SpliceError(f"{ref} is not a task of a continual pipeline (no pipeline/task in its settings)")
+    name = store.resolve(ref).name
+    aliases = store.aliases(name)
+    bank = LayerNormBank(load_model(base))
+    refs, classes = [], []
+    for task in range(int(settings["task"]) + 1):
+        alias = aliases.get(f"task-{task}")
+        if alias is None:
+            raise SpliceError(f"{name} has no alias task-{task}: the bank of {ref} is incomplete")
+        patch = store.load(f"{name}@{alias.version}") if task != settings["task"] else last
+        if patch.meta.settings.get("pipeline") != settings["pipeline"]:
+            raise SpliceError(f"{name}@task-{task} belongs to another pipeline than {ref}")
+        slot = bank.add_task(key=torch.tensor(patch.meta.settings["key"], dtype=torch.float32))
+        bank.load_slot(slot, {n: patch.tensors[n] for n in patch.meta.settings["slot"]})
+        refs.append(f"{name}@{alias.version}")
+        classes.append(list(patch.meta.settings["classes"]))
+    load_head(bank.model, {n: last.tensors[n] for n in settings["head"]})
+    return LoadedBank(bank, refs, classes)
+
+
+@dataclass
+class Predictions:
+    classes: torch.Tensor  # [N] predicted class ids
+    tasks: torch.Tensor  # [N] selected task slots
+    accuracy: float | None  # when the batch has labels
+
+
+@torch.no_grad()
+def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64) -> Predictions:
+    """Routed predictions (each input's slot chosen by its key) over the classes of every task in the bank."""
+    batch = check_batch(batch, "the data", labels=False)
+    every = sorted({c for task in loaded.classes for c in task})
+    loaded.bank.model.eval()
+    predicted, selected = [], []
+    for part in batches(batch, batch_size):
+        inputs = inputs_of(part)
+        ids = loaded.bank.route(**inputs)
+        predicted.append(masked_logits(loaded.bank(task_ids=ids, **inputs).logits, every).argmax(-1))
+        selected.append(ids)
+    classes, tasks = torch.cat(predicted), torch.cat(selected)
+    labels = batch.get("labels")
+    return Predictions(classes, tasks, None if labels is None else float((classes == labels).float().mean()))

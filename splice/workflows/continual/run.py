@@ -1,0 +1,186 @@
+"""`splice continual run PIPELINE.yaml [--resume]`: per task a key and a LayerNorm slot, every seen task evaluated,
+the task pushed to the registry (slot, key, head, metrics) as a new version with alias `task-<i>`.
+
+A task counts as done when its version reached the registry; it is evaluated before it is pushed, so each version
+carries its row of the accuracy matrix and a rerun with `--resume` rebuilds the bank, the head and the matrix from
+the registry and continues with the next task. Every task seeds its own random generators from the pipeline's
+seed and its index, so a resumed run ends with the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from splice.adapters.bank import LayerNormBank
+from splice.adapters.fingerprint import fingerprint_base
+from splice.adapters.meta import PatchKind, PatchMeta
+from splice.adapters.patch import Patch
+from splice.errors import SpliceError
+from splice.progress import NoProgress, Progress
+from splice.registry.store import Registry
+from splice.tensors.checkpoint import Checkpoint
+from splice.workflows.continual.data import TaskData, check_protocol, load_task
+from splice.workflows.continual.model import (
+    classification_head,
+    head_parameters,
+    head_state_of,
+    load_head,
+    load_model,
+)
+from splice.workflows.continual.pipeline import Pipeline, load_pipeline
+from splice.workflows.continual.report import ContinualReport
+from splice.workflows.continual.train import Evaluation, Schedule, evaluate, rectify_head, task_key, train_slot
+
+
+def alias_of(task: int) -> str:
+    return f"task-{task}"
+
+
+@dataclass
+class RunState:
+    """What the pipeline has done so far: rebuilt from the registry on --resume."""
+
+    matrix: list[list[float]] = field(default_factory=list)
+    oracle: list[list[float]] = field(default_factory=list)
+    task_id: list[float] = field(default_factory=list)
+    losses: list[dict[str, float]] = field(default_factory=list)
+    resumed: int = 0  # tasks taken from the registry rather than trained here
+
+
+def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False,
+                 registry: Registry | str | None = None, report_dir: str | os.PathLike | None = None,
+                 progress: Progress | None = None, storage_options: dict | None = None) -> ContinualReport:
+    """Run (or resume) a continual pipeline; returns its report (also written to `report_dir` as JSON + PNGs).
+    Bad pipelines (unknown keys, a task without data, overlapping classes under class-incremental, a registry
+    holding another pipeline under the name) are refused before any training."""
+    pipeline = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
+    progress = progress or NoProgress()
+    # the pipeline's registry is created when nothing is there yet (init opens an existing one)
+    store = registry if isinstance(registry, Registry) else Registry.init(registry or pipeline.registry,
+                                                                           storage_options)
+    tasks = [load_task(spec.name, spec.data) for spec in pipeline.tasks]
+    bank, head_names = _bank(pipeline)
+    check_protocol(tasks, pipeline.protocol, bank.model.config.num_labels)
+    tuned = tuned_norms(bank, pipeline.norms)
+    done = _finished_tasks(store, pipeline, resume)
+    state = RunState()
+    for index in range(len(tasks)):
+        if index < len(done):
+            _restore(store, done[index], bank, head_names, state)
+        else:
+            _run_task(pipeline, store, bank, head_names, tuned, tasks, index, state, progress)
+    head_size = sum(p.numel() for p in head_parameters(bank.model, head_names))
+    report = ContinualReport.of(pipeline, tasks, state, bank, head_size)
+    if report_dir is not None:
+        report.save(report_dir)
+    return report
+
+
+def _bank(pipeline: Pipeline) -> tuple[LayerNormBank, list[str]]:
+    model = load_model(pipeline.base)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    bank = LayerNormBank(model)
+    return bank, classification_head(model)
+
+
+def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> list[str]:
+    """Refs (in task order) of this pipeline's finished tasks; refuses another pipeline under the name, and
+    finished tasks without --resume."""
+    if store.latest_version(pipeline.name) is None:
+        return []
+    digest = pipeline.digest()
+    versions = {m.version: m for m in store.versions(pipeline.name)}
+    other = [m for m in versions.values() if m.meta.settings.get("pipeline") != digest]
+    if other:
+        raise SpliceError(f"registry name {pipeline.name} already holds another pipeline's results "
+                          f"({other[0].ref}); give this pipeline another name, or remove them")
+    aliases, done = store.aliases(pipeline.name), []
+    while alias_of(len(done)) in aliases and aliases[alias_of(len(done))].version in versions:
+        done.append(versions[aliases[alias_of(len(done))].version].ref)
+    if done and not resume:
+        raise SpliceError(f"registry name {pipeline.name} already holds tasks 0..{len(done) - 1} of this pipeline; "
+                          f"pass --resume to continue after them")
+    return done
+
+
+def _restore(store: Registry, ref: str, bank: LayerNormBank, head_names: list[str], state: RunState) -> None:
+    """A finished task back from the registry: its slot and key, the head as it was after it, its matrix row."""
+    patch = store.load(ref)
+    settings, metrics = patch.meta.settings, patch.meta.metrics
+    slot = bank.add_task(key=torch.tensor(settings["key"], dtype=torch.float32))
+    bank.load_slot(slot, {name: patch.tensors[name] for name in settings["slot"]})
+    load_head(bank.model, {name: patch.tensors[name] for name in head_names})
+    state.matrix.append([metrics[f"accuracy.{j}"] for j in range(slot + 1)])
+    state.oracle.append([metrics[f"oracle_accuracy.{j}"] for j in range(slot + 1)])
+    state.task_id.append(metrics["task_id_accuracy"])
+    state.losses.append({k: v for k, v in metrics.items() if k.startswith("loss.")})
+    state.resumed += 1
+
+
+def _schedule(pipeline: Pipeline) -> Schedule:
+    return Schedule(pipeline.epochs, pipeline.lr, pipeline.head_lr, pipeline.rectify_epochs or pipeline.epochs,
+                    pipeline.batch_size)
+
+
+def tuned_norms(bank: LayerNormBank, norms: str | list[str]) -> list[str]:
+    """Stored names of the gamma/beta tensors the pipeline tunes: every norm's, or those whose name contains one of
+    the given substrings (each must match some norm)."""
+    names = sorted(bank.tensor_names)
+    if norms == "all":
+        return names
+    for pattern in norms:
+        if not any(pattern in name for name in names):
+            raise SpliceError(f"norms: {pattern!r} matches no norm of the model (they are named like {names[0]})")
+    return [name for name in names if any(pattern in name for pattern in norms)]
+
+
+def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_names: list[str], tuned: list[str],
+              tasks: list[TaskData], index: int, state: RunState, progress: Progress) -> None:
+    task, schedule = tasks[index], _schedule(pipeline)
+    seed = pipeline.seed * 100_003 + index  # per task: a resumed run draws exactly what an uninterrupted one did
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    label = f"task {index + 1}/{len(tasks)} {task.name}"
+    key = task_key(bank, task, schedule.batch_size)
+    slot = bank.add_task(key=key)
+    head = head_parameters(bank.model, head_names)
+    parameters = bank.slot_parameters(slot)
+    losses = {"loss.layernorm": train_slot(bank, slot, [parameters[n] for n in tuned], head, task, schedule,
+                                           generator, progress, label)}
+    if pipeline.rectify:
+        losses["loss.head"] = rectify_head(bank, head, task, schedule, generator, progress, label)
+    for parameter in head:
+        parameter.requires_grad_(False)
+    result = evaluate(bank, tasks[: index + 1], pipeline.protocol, schedule.batch_size)
+    state.matrix.append(result.accuracy)
+    state.oracle.append(result.oracle_accuracy)
+    state.task_id.append(result.task_id_accuracy)
+    state.losses.append(losses)
+    patch = _task_patch(pipeline, bank, head_names, tuned, task, slot, key, result, losses)
+    store.push(pipeline.name, patch, alias=alias_of(index), message=f"{pipeline.name}: {label}")
+
+
+def _task_patch(pipeline: Pipeline, bank: LayerNormBank, head_names: list[str], tuned: list[str], task: TaskData,
+                slot: int, key: torch.Tensor, result: Evaluation, losses: dict[str, float]) -> Patch:
+    """The task as a LayerNorm patch: its slot's gamma/beta and the head after it (stored names), applicable with
+    `splice patch apply`; the key, classes and pipeline in its settings, its matrix row in its metrics."""
+    every = bank.slot_state(slot)
+    slot_state = {name: every[name].detach().cpu().clone() for name in tuned}
+    head_state = head_state_of(bank.model, head_names)
+    metrics = {**{f"accuracy.{j}": a for j, a in enumerate(result.accuracy)},
+               **{f"oracle_accuracy.{j}": a for j, a in enumerate(result.oracle_accuracy)},
+               "task_id_accuracy": result.task_id_accuracy, **losses}
+    with Checkpoint.open(pipeline.base) as base:
+        fingerprint = fingerprint_base(base, [*slot_state, *head_names])
+    modules = sorted({name.rpartition(".")[0] for name in [*slot_state, *head_names]})
+    meta = PatchMeta(kind=PatchKind.layernorm, targets=modules,
+                     base=fingerprint, lineage=[f"continual pipeline {pipeline.name}, task {slot}: {task.name}"],
+                     metrics=metrics, tags=["continual", alias_of(slot)],
+                     settings={"pipeline": pipeline.digest(), "task": slot, "task_name": task.name,
+                               "key": [float(v) for v in key.tolist()], "classes": task.classes,
+                               "slot": sorted(slot_state), "head": head_names, "protocol": pipeline.protocol})
+    return Patch({**slot_state, **head_state}, meta)

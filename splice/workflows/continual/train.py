@@ -1,0 +1,142 @@
+"""One task of a continual pipeline on a LayerNormBank: its key, its LayerNorm slot, the classifier rectification,
+and the evaluation of every task seen so far (De Min et al., two-stage variant)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from splice.adapters.bank import LayerNormBank
+from splice.progress import NoProgress, Progress
+from splice.workflows.continual.data import Batch, TaskData, batches
+
+GradMasks = dict[int, torch.Tensor]  # id(parameter) -> 0/1 mask of the entries that train
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int
+    lr: float
+    head_lr: float
+    rectify_epochs: int
+    batch_size: int
+
+
+def inputs_of(batch: Batch) -> Batch:
+    return {key: value for key, value in batch.items() if key != "labels"}
+
+
+def masked_logits(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """Logits of every class outside `classes` set to -inf."""
+    allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    allowed[list(classes)] = True
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+@torch.no_grad()
+def task_key(bank: LayerNormBank, data: TaskData, batch_size: int) -> torch.Tensor:
+    """The closed-form key: the normalised mean of the frozen model's normalised features on the training data."""
+    features = torch.cat([bank.features(**inputs_of(b)) for b in batches(data.train, batch_size)])
+    return bank.closed_form_key(features)
+
+
+def _epochs(parameters: list[torch.nn.Parameter], lr: float, epochs: int, data: TaskData, schedule: Schedule,
+            generator: torch.Generator, loss_of: Callable[[Batch], torch.Tensor], progress: Progress,
+            label: str, masks: GradMasks | None = None) -> float:
+    """Adam (a new optimiser, constant lr) over `epochs` of shuffled minibatches; the last epoch's mean loss."""
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=0.0)
+    count = next(iter(data.train.values())).shape[0]
+    mean = float("nan")
+    for epoch in range(epochs):
+        progress.start(f"{label} epoch {epoch + 1}/{epochs}", count, 0, unit="samples")
+        total, seen = 0.0, 0
+        try:
+            for batch in batches(data.train, schedule.batch_size, generator):
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_of(batch)
+                loss.backward()
+                for parameter in parameters if masks else ():
+                    if parameter.grad is not None and id(parameter) in masks:
+                        parameter.grad.mul_(masks[id(parameter)])
+                optimizer.step()
+                size = batch["labels"].shape[0]
+                total, seen = total + float(loss.detach()) * size, seen + size
+                progress.advance(size, 0)
+        finally:
+            progress.finish()
+        mean = total / seen
+    return mean
+
+
+def train_slot(bank: LayerNormBank, slot: int, tuned: list[torch.nn.Parameter], head: list[torch.nn.Parameter],
+               data: TaskData, schedule: Schedule, generator: torch.Generator, progress: Progress | None = None,
+               label: str = "", masks: GradMasks | None = None) -> float:
+    """The slot's tuned gamma/beta (`tuned`: all of them or the pipeline's choice) and the head, trained with the
+    oracle slot and logits masked to the task's classes."""
+    parameters = [*tuned, *head]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+
+    def loss_of(batch: Batch) -> torch.Tensor:
+        ids = torch.full((batch["labels"].shape[0],), slot, dtype=torch.long)
+        logits = bank(task_ids=ids, **inputs_of(batch)).logits
+        return torch.nn.functional.cross_entropy(masked_logits(logits, data.classes), batch["labels"])
+
+    bank.model.train()
+    try:
+        return _epochs(parameters, schedule.lr, schedule.epochs, data, schedule, generator, loss_of,
+                       progress or NoProgress(), f"{label} LayerNorm", masks)
+    finally:
+        bank.model.eval()
+        for parameter in tuned:
+            parameter.requires_grad_(False)
+
+
+def rectify_head(bank: LayerNormBank, head: list[torch.nn.Parameter], data: TaskData, schedule: Schedule,
+                 generator: torch.Generator, progress: Progress | None = None, label: str = "") -> float:
+    """Second stage: only the head trains, on features made with the inference-time selection (so it learns to
+    live with mis-selected slots); logits masked to the task's classes."""
+    def loss_of(batch: Batch) -> torch.Tensor:
+        inputs = inputs_of(batch)
+        with torch.no_grad():
+            ids = bank.route(**inputs)
+        logits = bank(task_ids=ids, **inputs).logits
+        return torch.nn.functional.cross_entropy(masked_logits(logits, data.classes), batch["labels"])
+
+    for parameter in head:
+        parameter.requires_grad_(True)
+    return _epochs(head, schedule.head_lr, schedule.rectify_epochs, data, schedule, generator, loss_of,
+                   progress or NoProgress(), f"{label} head")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: list[float]  # per seen task, routed by the keys
+    oracle_accuracy: list[float]  # per seen task, with its own slot
+    task_id_accuracy: float  # share of all seen tasks' test inputs routed to their own slot
+
+
+@torch.no_grad()
+def evaluate(bank: LayerNormBank, seen: list[TaskData], protocol: str, batch_size: int) -> Evaluation:
+    """Accuracy on every seen task's test set: class-incremental over all classes seen so far, task-incremental
+    over the task's own classes; with routed slots and with oracle slots."""
+    bank.model.eval()
+    every_class = sorted({c for task in seen for c in task.classes})
+    routed, oracle, right, total = [], [], 0, 0
+    for index, task in enumerate(seen):
+        classes = every_class if protocol == "class-incremental" else task.classes
+        hits = oracle_hits = 0
+        for batch in batches(task.test, batch_size):
+            inputs, labels = inputs_of(batch), batch["labels"]
+            ids = bank.route(**inputs)
+            hits += int((masked_logits(bank(task_ids=ids, **inputs).logits, classes).argmax(-1) == labels).sum())
+            own = torch.full_like(ids, index)
+            oracle_hits += int((masked_logits(bank(task_ids=own, **inputs).logits, classes).argmax(-1)
+                                == labels).sum())
+            right, total = right + int((ids == index).sum()), total + labels.shape[0]
+        count = task.test["labels"].shape[0]
+        routed.append(hits / count)
+        oracle.append(oracle_hits / count)
+    return Evaluation(routed, oracle, right / total)

@@ -1,0 +1,205 @@
+"""The continual pipeline: metrics against hand computations, bad pipelines refused before training, a 3-task run
+into a memory:// registry, and a killed run resumed to the same numbers as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+from continual_tasks import TASKS, _split, task, unlabelled_batch
+
+from splice.arch.names import stored_to_module_names
+from splice.errors import SpliceError
+from splice.registry.store import Registry
+from splice.workflows.continual import metrics
+from splice.workflows.continual.pipeline import load_pipeline
+from splice.workflows.continual.predict import load_bank, predict
+from splice.workflows.continual.run import run_pipeline
+
+from helpers import run_cli, wait_for_marker
+
+HERE = Path(__file__).resolve().parent
+TASK_FILE = HERE / "continual_tasks.py"
+MATRIX = [[0.9], [0.6, 0.8], [0.5, 0.7, 0.95]]
+
+
+def test_metrics_on_a_hand_made_accuracy_matrix():
+    # by hand: A = [0.9, 0.7, 0.7167]; forgetting: task 0 best 0.9 -> 0.5 (0.4), task 1 best 0.8 -> 0.7 (0.1)
+    summary = metrics.summarize(MATRIX)
+    assert summary.average_accuracies == pytest.approx([0.9, 0.7, (0.5 + 0.7 + 0.95) / 3])
+    assert summary.final_average_accuracy == pytest.approx(2.15 / 3)
+    assert summary.average_incremental_accuracy == pytest.approx((0.9 + 0.7 + 2.15 / 3) / 3)
+    assert summary.forgetting == pytest.approx((0.4 + 0.1) / 2)
+    assert summary.backward_transfer == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
+    # forgetting takes the best earlier accuracy, not the first: task 0 peaks after task 1 here
+    assert metrics.forgetting([[0.5], [0.8, 0.6], [0.4, 0.6, 0.9]]) == pytest.approx((0.4 + 0.0) / 2)
+    assert metrics.forgetting([[0.7]]) == 0.0 and metrics.backward_transfer([[0.7]]) == 0.0
+    with pytest.raises(ValueError, match="row 1 of the accuracy matrix has 1 entries"):
+        metrics.summarize([[0.5], [0.5]])
+
+
+def tiny_vit(directory: Path, labels: int = 2 * TASKS) -> Path:
+    """A tiny ViT 'pretrained' (80 full-batch steps) on images drawn apart from the tasks' own, saved with a fresh
+    head of `labels` classes: its CLS features separate the tasks and their classes, as a real pretrained
+    backbone's do for the domain it was trained on."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=2 * TASKS)
+    model = transformers.ViTForImageClassification(config)
+    splits = [_split(t, 32, 900 + t) for t in range(TASKS)]
+    images, family = torch.cat([s["pixel_values"] for s in splits]), torch.cat([s["labels"] for s in splits])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(80):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(pixel_values=images).logits, family).backward()
+        optimizer.step()
+    config.num_labels = labels
+    fresh = transformers.ViTForImageClassification(config)
+    fresh.vit.load_state_dict(model.vit.state_dict())
+    fresh.save_pretrained(directory)
+    return directory
+
+
+def pipeline_file(tmp_path: Path, base: Path, registry: str, name: str = "cl", **overrides) -> Path:
+    spec = {"base": str(base), "name": name, "registry": registry, "epochs": 3, "lr": 0.05, "head_lr": 0.05,
+            "batch_size": 8, "seed": 0,
+            "tasks": [{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(TASKS)]} | overrides
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path):
+    base = tiny_vit(tmp_path / "vit")
+    # task-incremental: scored within each task's classes (class-incremental scoring of a head this small is
+    # dominated by how the tasks' logits compare, which the method leaves uncalibrated; the resume test runs it)
+    report = run_pipeline(pipeline_file(tmp_path, base, "memory://continual-test/registry",
+                                        protocol="task-incremental"), report_dir=tmp_path / "report")
+    store = Registry.open("memory://continual-test/registry")
+    try:
+        assert [v.version for v in store.versions("cl")] == [1, 2, 3]
+        assert sorted(store.aliases("cl")) == ["task-0", "task-1", "task-2"]
+        assert [len(row) for row in report.accuracy] == [1, 2, 3]
+        assert report.task_id_accuracy[-1] > 0.75, report.task_id_accuracy  # chance: 1/3
+        assert report.final_average_accuracy == pytest.approx(sum(report.accuracy[-1]) / 3)
+        assert report.final_average_accuracy > 0.8, report.accuracy
+        stored = json.loads((tmp_path / "report" / "continual_report.json").read_text())
+        assert stored["accuracy"] == report.accuracy
+        for png in ("accuracy_matrix.png", "average_accuracy.png"):
+            assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+        version = store.load("cl@task-1")
+        assert version.meta.metrics["accuracy.0"] == report.accuracy[1][0]
+        assert len(version.meta.settings["key"]) == 32 and version.meta.settings["classes"] == [2, 3]
+        loaded = load_bank("cl@task-2", base, store)
+        result = predict(loaded, {**unlabelled_batch(), "labels": torch.cat([task(i)["test"]["labels"]
+                                                                            for i in range(TASKS)])})
+        truth = torch.arange(TASKS).repeat_interleave(12)
+        assert float((result.tasks == truth).float().mean()) == pytest.approx(report.task_id_accuracy[-1])
+        # independently of the bank: task t's LayerNorm values and the last head on a plain model, by stored name
+        last = store.load("cl@task-2")
+        for slot in range(TASKS):
+            model = transformers.ViTForImageClassification.from_pretrained(base).eval()
+            module_of = stored_to_module_names(model)
+            values = {**{n: last.tensors[n] for n in last.meta.settings["head"]},
+                      **{n: store.load(f"cl@task-{slot}").tensors[n] for n in last.meta.settings["slot"]}}
+            model.load_state_dict({module_of[n]: v for n, v in values.items()}, strict=False)
+            chosen = result.tasks == slot
+            with torch.no_grad():
+                logits = model(pixel_values=unlabelled_batch()["pixel_values"][chosen]).logits
+            assert torch.equal(logits.argmax(-1), result.classes[chosen])
+    finally:
+        Registry.open("memory://continual-test/registry")._backend.fs.rm("/continual-test", recursive=True)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"epochz": 3}, "epochz: Extra inputs are not permitted"),
+    ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:empty"}]},
+     "task t1"),
+    ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:overlapping"}]},
+     "tasks t0 and t1 both have class 0"),
+    ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:nothing_here"}]}, "has no function nothing_here"),
+    ({"norms": ["layernorm_before", "no_such_norm"]}, "norms: 'no_such_norm' matches no norm of the model"),
+])
+def test_bad_pipelines_are_refused_before_any_training(tmp_path, overrides, message):
+    base = tiny_vit(tmp_path / "vit")
+    registry = tmp_path / "registry"
+    Registry.init(registry)
+    path = pipeline_file(tmp_path, base, str(registry), **overrides)
+    with pytest.raises(SpliceError) as caught:
+        run_pipeline(path)
+    assert message in str(caught.value) and len(str(caught.value).splitlines()) == 1
+    assert Registry.open(registry).names() == []
+
+
+def test_another_pipeline_under_the_same_name_is_refused(tmp_path):
+    base = tiny_vit(tmp_path / "vit")
+    registry = tmp_path / "registry"
+    Registry.init(registry)
+    run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False,
+                               tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]))
+    with pytest.raises(SpliceError, match="already holds another pipeline's results"):
+        run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=2,
+                                   tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]))
+    with pytest.raises(SpliceError, match="pass --resume"):
+        run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False,
+                                   tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]))
+
+
+def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    base = tiny_vit(tmp_path / "vit")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for registry in (whole, parts):
+        Registry.init(registry)
+    uninterrupted = run_pipeline(pipeline_file(tmp_path, base, str(whole)))
+    path = pipeline_file(tmp_path, base, str(parts))
+    marker = parts / "patches" / "cl" / "aliases" / "task-1" / "1.json"  # task 1 reached the registry
+    process = subprocess.Popen([sys.executable, "-m", "splice", "continual", "run", str(path), "-q",
+                                "--report", str(tmp_path / "never")], env={**os.environ, "PYTHONPATH": str(HERE)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_marker(process, marker)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    finished = len(Registry.open(parts).aliases("cl"))
+    assert finished in (2, 3) and not (tmp_path / "never").exists()
+    code, out, err = run_cli(["continual", "run", path, "--resume", "--report", tmp_path / "resumed"],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    resumed = json.loads((tmp_path / "resumed" / "continual_report.json").read_text())
+    assert resumed["resumed_tasks"] == finished and resumed["accuracy"] == uninterrupted.accuracy
+    assert resumed["task_id_accuracy"] == uninterrupted.task_id_accuracy
+    assert resumed["losses"] == uninterrupted.losses
+    final = Registry.open(parts).load("cl@task-2").tensors
+    expected = Registry.open(whole).load("cl@task-2").tensors
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
+
+
+def test_relative_paths_in_a_pipeline_file_are_relative_to_it(tmp_path):
+    tiny_vit(tmp_path / "vit")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"base": "vit", "name": "cl", "tasks": [
+        {"name": "t0", "data": f"{TASK_FILE}:task_0"}]}))
+    assert load_pipeline(tmp_path / "p.yaml").base == str(tmp_path / "vit")
+
+
+def test_a_chosen_subset_of_norms_is_all_that_trains_and_is_stored(tmp_path):
+    base = tiny_vit(tmp_path / "vit")
+    registry = tmp_path / "registry"
+    run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False, norms=["layernorm_after"],
+                               tasks=[{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(2)]))
+    store = Registry.open(registry)
+    pretrained = transformers.ViTForImageClassification.from_pretrained(base).state_dict()
+    stored = stored_to_module_names(transformers.ViTForImageClassification.from_pretrained(base))
+    for alias in ("cl@task-0", "cl@task-1"):
+        patch = store.load(alias)
+        slot = patch.meta.settings["slot"]
+        assert slot == sorted(n for n in stored if ".layernorm_after." in n) and len(slot) == 4
+        assert all(not torch.equal(patch.tensors[n], pretrained[stored[n]]) for n in slot)
