@@ -39,7 +39,7 @@ from pathlib import Path
 import peft
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import splice
 
@@ -307,22 +307,6 @@ def base_change(old_dir: Path, new_dir: Path) -> float:
     return math.sqrt(num / den)
 
 
-def have_splice_port() -> bool:
-    return "port" in getattr(splice, "__all__", ())
-
-
-def placeholder_port(adapter_dir: Path, new_base: Path, out_dir: Path) -> None:
-    """PLACEHOLDER until splice.port lands: theta_new + (alpha/r) B A, in memory, written as one shard."""
-    tensors = stored(new_base)
-    for name, delta in lora_deltas(adapter_dir).items():
-        tensors[name] = (tensors[name].double() + delta).to(tensors[name].dtype)
-    out_dir.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "model.safetensors", metadata={"format": "pt"})
-    for extra in ("config.json", "generation_config.json"):
-        if (new_base / extra).exists():
-            shutil.copy(new_base / extra, out_dir / extra)
-
-
 def jsonable(value):
     """The drift report as plain JSON, whatever object splice returns it as."""
     if hasattr(value, "as_dict"):
@@ -337,9 +321,6 @@ def jsonable(value):
 
 
 def port_job(adapter_dir: Path, new_base: Path, old_base: Path, out_dir: Path) -> dict:
-    if not have_splice_port():
-        placeholder_port(adapter_dir, new_base, out_dir)
-        return {"porter": "placeholder (theta_new + (alpha/r) B A, in this script)", "drift": None}
     result = splice.port(str(adapter_dir), to=str(new_base), out=str(out_dir), old_base=str(old_base), scale=1.0,
                          force=True)
     return {"porter": "splice.port", "drift": jsonable(getattr(result, "drift", None))}
@@ -354,8 +335,7 @@ def measured(job_name: str, *args) -> dict:
     """Runs in a child process: resets the peak-RSS mark (Linux clear_refs 5) after the imports, then runs one job
     and reports its wall time, the child's peak RSS and that peak above the RSS the job started at."""
     torch.set_num_threads(1)
-    if have_splice_port():
-        _ = splice.port  # the lazy import of the porting engine is not the job's cost
+    _ = splice.port  # the lazy import of the porting engine is not the job's cost
     job = {"port": port_job, "lora": train_lora}[job_name]
     Path("/proc/self/clear_refs").write_text("5")
     start_kb = proc_status_kb("VmRSS")
@@ -450,7 +430,7 @@ def run_study(out: Path, cfg: Config) -> dict:
     results = {
         "config": asdict(cfg), "python": sys.version.split()[0], "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__,
-        "porter": "splice.port" if have_splice_port() else "placeholder (theta_new + (alpha/r) B A, in this script)",
+        "porter": "splice.port",
         "data": {"stdlib": sysconfig.get_paths()["stdlib"],
                  "modules": {name: len(files) for name, files in parts.items()},
                  "bytes_used": {name: len(text) for name, text in texts.items()},
@@ -489,15 +469,12 @@ def table(results: dict) -> str:
 
 
 def drift_table(results: dict) -> str:
-    """splice's drift report of each port (None when the placeholder ported)."""
+    """splice's drift report of each port."""
     lines = ["| task | base | splice: base change | cos(change, update) | update / change | verdict |",
              "|---|---|---:|---:|---:|---|"]
     for name, task in results["tasks"].items():
         for base, row in task["rounds"].items():
             drift = row["drift_report"]
-            if drift is None:
-                lines.append(f"| {name} | {base} | - | - | - | (placeholder: no drift report) |")
-                continue
             lines.append(f"| {name} | {base} | {drift['base_change']:.4f} | {drift['cosine']:.4f} "
                          f"| {drift['update_to_change']:.4f} | {drift['verdict']}: {drift['reason']} |")
     return "\n".join(lines)

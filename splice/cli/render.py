@@ -7,12 +7,14 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 error_console = Console(stderr=True)
@@ -35,6 +37,17 @@ def stop_progress() -> None:
         _ACTIVE_BARS.pop().stop()
 
 
+class ItemRateColumn(ProgressColumn):
+    """Items per second (samples/s while training), blank until rich has a rate."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} {self.unit}/s" if task.speed else "")
+
+
 class RichProgress:
     """Tensors and bytes done, rate and ETA, on stderr; silent when quiet."""
 
@@ -44,26 +57,31 @@ class RichProgress:
         self._task = None
         self._items = 0
         self._total_items = 0
+        self._by_items = False
 
     def start(self, description: str, total_items: int, total_bytes: int, unit: str = "tensors") -> None:
+        """A bar over bytes (with size and rate columns), or over items when there are no bytes to count (training
+        epochs: samples, with their rate)."""
         if self.quiet:
             return
         self._items, self._total_items = 0, total_items
+        self._by_items = total_bytes == 0
+        sizes = (ItemRateColumn(unit),) if self._by_items else (DownloadColumn(), TransferSpeedColumn())
         self._bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(),
-            TextColumn("{task.fields[items]}/{task.fields[total_items]} " + unit),
-            DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=error_console, transient=False,
+            TextColumn("{task.fields[items]}/{task.fields[total_items]} " + unit), *sizes,
+            TimeElapsedColumn(), TimeRemainingColumn(), console=error_console, transient=False,
         )
         self._bar.start()
         _ACTIVE_BARS.append(self._bar)
-        self._task = self._bar.add_task(description, total=max(total_bytes, 1), items=0, total_items=total_items)
+        total = total_items if self._by_items else total_bytes
+        self._task = self._bar.add_task(description, total=max(total, 1), items=0, total_items=total_items)
 
     def advance(self, items: int, nbytes: int) -> None:
         if self._bar is None:
             return
         self._items += items
-        self._bar.update(self._task, advance=nbytes, items=self._items)
+        self._bar.update(self._task, advance=items if self._by_items else nbytes, items=self._items)
 
     def finish(self) -> None:
         if self._bar is not None:

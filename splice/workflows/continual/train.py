@@ -50,7 +50,8 @@ def _epochs(parameters: list[torch.nn.Parameter], lr: float, epochs: int, data: 
     count = next(iter(data.train.values())).shape[0]
     mean = float("nan")
     for epoch in range(epochs):
-        progress.start(f"{label} epoch {epoch + 1}/{epochs}", count, 0, unit="samples")
+        loss_so_far = "" if epoch == 0 else f" (loss {mean:.4f})"
+        progress.start(f"{label} epoch {epoch + 1}/{epochs}{loss_so_far}", count, 0, unit="samples")
         total, seen = 0.0, 0
         try:
             for batch in batches(data.train, schedule.batch_size, generator):
