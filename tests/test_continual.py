@@ -77,7 +77,7 @@ def pipeline_file(tmp_path: Path, base: Path, registry: str, name: str = "cl", *
     return path
 
 
-def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path):
+def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path, monkeypatch, capsys):
     base = tiny_vit(tmp_path / "vit")
     # task-incremental: scored within each task's classes (class-incremental scoring of a head this small is
     # dominated by how the tasks' logits compare, which the method leaves uncalibrated; the resume test runs it)
@@ -115,6 +115,13 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
             with torch.no_grad():
                 logits = model(pixel_values=unlabelled_batch()["pixel_values"][chosen]).logits
             assert torch.equal(logits.argmax(-1), result.classes[chosen])
+        code, _, err = run_cli(["continual", "predict", "--bank", "cl@task-2", "--base", base, "--data",
+                                f"{TASK_FILE}:unlabelled_batch", "--registry", "memory://continual-test/registry",
+                                "--out", tmp_path / "predictions.json"], monkeypatch, capsys)
+        written = json.loads((tmp_path / "predictions.json").read_text())
+        assert code == 0, err
+        assert written["tasks"] == result.tasks.tolist() and written["classes"] == result.classes.tolist()
+        assert written["accuracy"] is None and len(written["bank"]) == TASKS
     finally:
         Registry.open("memory://continual-test/registry")._backend.fs.rm("/continual-test", recursive=True)
 
@@ -203,3 +210,19 @@ def test_a_chosen_subset_of_norms_is_all_that_trains_and_is_stored(tmp_path):
         slot = patch.meta.settings["slot"]
         assert slot == sorted(n for n in stored if ".layernorm_after." in n) and len(slot) == 4
         assert all(not torch.equal(patch.tensors[n], pretrained[stored[n]]) for n in slot)
+
+
+def test_a_trained_key_converges_to_the_closed_form_optimum(tmp_path):
+    from splice.adapters.bank import LayerNormBank
+    from splice.workflows.continual.data import load_task
+    from splice.workflows.continual.train import Schedule, task_features, task_key
+
+    bank = LayerNormBank(transformers.ViTForImageClassification.from_pretrained(tiny_vit(tmp_path / "vit")).eval())
+    data = load_task("t0", f"{TASK_FILE}:task_0")
+    schedule = Schedule(epochs=1, lr=0.1, head_lr=0.1, rectify_epochs=1, batch_size=8)
+    closed = task_key(bank, data, schedule, torch.Generator().manual_seed(0))
+    trained = task_key(bank, data, schedule, torch.Generator().manual_seed(0), trained=True, epochs=60, lr=0.05)
+    features = torch.nn.functional.normalize(task_features(bank, data, 8), dim=-1)
+    score = {name: float((features @ (k / k.norm())).mean()) for name, k in (("closed", closed), ("trained", trained))}
+    assert score["trained"] <= score["closed"] + 1e-6  # the closed form is the maximum
+    assert float(torch.nn.functional.cosine_similarity(closed, trained, dim=0)) > 0.99, score

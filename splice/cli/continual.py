@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -45,6 +46,8 @@ def predict(
     base: Annotated[str, typer.Option("--base", help="The pipeline's base model.")],
     data: Annotated[str, typer.Option("--data", help="MODULE:FUNCTION returning a batch (dict of tensors; "
                                                      "labels optional).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write each input's class and task slot "
+                                                                 "(and the accuracy, with labels) as JSON.")] = None,
     registry: RegistryURL = None,
     storage_options: StorageOptions = None,
 ) -> None:
@@ -55,4 +58,6 @@ def predict(
 
     loaded = load_bank(bank, base, registry, parse_storage_options(storage_options))
     result = routed(loaded, load_callable(data)())
+    if out is not None:
+        out.write_text(json.dumps({"bank": loaded.refs, **result.as_dict()}, indent=2) + "\n")
     render.console.print(render.prediction_table(result, loaded))

@@ -16,7 +16,7 @@ head_lr: 0.001                   # classifier rectification (second stage)
 rectify: true
 batch_size: 32
 seed: 0
-fisher: null                     # or {fraction: 0.1, granularity: entries|modules}
+keys: closed-form                # or trained: key_epochs of -mean cos(f, k) with Adam from an orthogonal start
 ```
 A data function returns `{"train": batch, "test": batch}`, each batch a dict of model inputs (tensors with the
 sample on dimension 0) plus `labels` (int64 class ids, global across tasks).
@@ -36,15 +36,6 @@ from splice.errors import SpliceError
 from splice.values import FiniteFloat, one_line
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-
-
-class FisherSubset(BaseModel):
-    """Tune only the top `fraction` of LayerNorm entries (or whole modules) by diagonal empirical Fisher."""
-
-    model_config = ConfigDict(extra="forbid")
-    fraction: FiniteFloat = Field(gt=0, le=1)
-    granularity: Literal["entries", "modules"] = "entries"
-    random: bool = False  # the control: a random subset of the same size
 
 
 class TaskSpec(BaseModel):
@@ -68,7 +59,9 @@ class Pipeline(BaseModel):
     rectify_epochs: StrictInt | None = Field(default=None, ge=1)  # default: epochs
     batch_size: StrictInt = Field(default=32, ge=1)
     seed: StrictInt = 0
-    fisher: FisherSubset | None = None
+    keys: Literal["closed-form", "trained"] = "closed-form"
+    key_epochs: StrictInt = Field(default=5, ge=1)  # trained keys: epochs of -mean cos(f, k), Adam
+    key_lr: FiniteFloat = Field(default=1e-2, gt=0)
 
     @field_validator("tasks")
     @classmethod

@@ -59,6 +59,9 @@ class Predictions:
     tasks: torch.Tensor  # [N] selected task slots
     accuracy: float | None  # when the batch has labels
 
+    def as_dict(self) -> dict:
+        return {"classes": self.classes.tolist(), "tasks": self.tasks.tolist(), "accuracy": self.accuracy}
+
 
 @torch.no_grad()
 def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64) -> Predictions:

@@ -145,7 +145,8 @@ def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_nam
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     label = f"task {index + 1}/{len(tasks)} {task.name}"
-    key = task_key(bank, task, schedule.batch_size)
+    key = task_key(bank, task, schedule, generator, trained=pipeline.keys == "trained", epochs=pipeline.key_epochs,
+                   lr=pipeline.key_lr)
     slot = bank.add_task(key=key)
     head = head_parameters(bank.model, head_names)
     parameters = bank.slot_parameters(slot)

@@ -36,10 +36,31 @@ def masked_logits(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def task_key(bank: LayerNormBank, data: TaskData, batch_size: int) -> torch.Tensor:
-    """The closed-form key: the normalised mean of the frozen model's normalised features on the training data."""
-    features = torch.cat([bank.features(**inputs_of(b)) for b in batches(data.train, batch_size)])
-    return bank.closed_form_key(features)
+def task_features(bank: LayerNormBank, data: TaskData, batch_size: int) -> torch.Tensor:
+    """The frozen model's routing features of the task's training inputs."""
+    return torch.cat([bank.features(**inputs_of(b)) for b in batches(data.train, batch_size)])
+
+
+def task_key(bank: LayerNormBank, data: TaskData, schedule: Schedule, generator: torch.Generator,
+             trained: bool = False, epochs: int = 5, lr: float = 1e-2) -> torch.Tensor:
+    """The key in closed form (the normalised mean of the normalised features: the optimum of -mean cos(f, k)), or
+    trained as the reference code does: Adam on -mean cos(f, k) over minibatches, from a random start orthogonal
+    to the keys already in the bank."""
+    features = task_features(bank, data, schedule.batch_size)
+    if not trained:
+        return bank.closed_form_key(features)
+    start = torch.randn(features.shape[1], generator=generator)
+    for other in bank.keys[bank.has_key]:
+        start -= (start @ other) * other  # keys are unit vectors
+    key = torch.nn.Parameter(start / start.norm())
+    optimizer = torch.optim.Adam([key], lr=lr)
+    for _ in range(epochs):
+        for index in torch.randperm(features.shape[0], generator=generator).split(schedule.batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            loss = -torch.nn.functional.cosine_similarity(features[index], key[None, :], dim=-1).mean()
+            loss.backward()
+            optimizer.step()
+    return key.detach()
 
 
 def _epochs(parameters: list[torch.nn.Parameter], lr: float, epochs: int, data: TaskData, schedule: Schedule,
