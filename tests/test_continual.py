@@ -4,6 +4,7 @@ into a memory:// registry, and a killed run resumed to the same numbers as an un
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +16,9 @@ import torch
 import transformers
 import yaml
 from continual_tasks import TASKS, _split, task, unlabelled_batch
+from safetensors.torch import load_file
 
+from splice.adapters.apply import apply_patches
 from splice.arch.names import stored_to_module_names
 from splice.errors import SpliceError
 from splice.registry.store import Registry
@@ -226,3 +229,75 @@ def test_a_trained_key_converges_to_the_closed_form_optimum(tmp_path):
     score = {name: float((features @ (k / k.norm())).mean()) for name, k in (("closed", closed), ("trained", trained))}
     assert score["trained"] <= score["closed"] + 1e-6  # the closed form is the maximum
     assert float(torch.nn.functional.cosine_similarity(closed, trained, dim=0)) > 0.99, score
+
+
+def test_fisher_diagonal_equals_per_sample_gradients_of_a_plain_model(tmp_path):
+    from splice.adapters.bank import LayerNormBank
+    from splice.workflows.continual.data import load_task
+    from splice.workflows.continual.fisher import fisher_diagonal
+
+    base = tiny_vit(tmp_path / "vit")
+    bank = LayerNormBank(transformers.ViTForImageClassification.from_pretrained(base).eval())
+    slot = bank.add_task()
+    data = load_task("t1", f"{TASK_FILE}:task_1")
+    fisher = fisher_diagonal(bank, slot, bank.slot_parameters(slot), data)
+    plain = transformers.ViTForImageClassification.from_pretrained(base).eval()
+    module_of = stored_to_module_names(plain)
+    parameters = dict(plain.named_parameters())
+    expected = {name: torch.zeros_like(parameters[module_of[name]]) for name in fisher}
+    images, labels = data.train["pixel_values"], data.train["labels"]
+    for image, label in zip(images, labels):  # -log p(y|x) over the task's classes 2 and 3 only
+        logits = plain(pixel_values=image[None]).logits[:, [2, 3]]
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, (label - 2)[None]),
+                                    [parameters[module_of[n]] for n in fisher])
+        for name, grad in zip(fisher, grads):
+            expected[name] += grad ** 2 / len(labels)
+    for name in fisher:
+        torch.testing.assert_close(fisher[name], expected[name], rtol=1e-4, atol=1e-10, msg=name)
+
+
+def test_fisher_subsets_keep_the_top_share_or_whole_modules_or_a_random_share():
+    from splice.workflows.continual.fisher import subset_masks
+    from splice.workflows.continual.pipeline import FisherSubset
+
+    fisher = {"a.ln.weight": torch.tensor([5.0, 1.0, 0.0, 9.0]), "a.ln.bias": torch.tensor([2.0, 0.5, 0.1, 0.2]),
+              "b.ln.weight": torch.tensor([3.0, 3.0, 3.0, 3.0]), "b.ln.bias": torch.tensor([3.0, 3.0, 3.0, 3.0])}
+    top = subset_masks(fisher, FisherSubset(fraction=0.25), torch.Generator().manual_seed(0))
+    assert [sorted(torch.cat(list(fisher.values()))[torch.cat(list(top.values()))].tolist())] == [[3.0, 3.0, 5.0, 9.0]]
+    assert sum(int(m.sum()) for m in top.values()) == 4
+    modules = subset_masks(fisher, FisherSubset(fraction=0.5, granularity="modules"), torch.Generator())
+    assert modules["b.ln.weight"].all() and modules["b.ln.bias"].all()  # summed 24 beats 17.8
+    assert not modules["a.ln.weight"].any()
+    drawn = subset_masks(fisher, FisherSubset(fraction=0.25, random=True), torch.Generator().manual_seed(1))
+    assert sum(int(m.sum()) for m in drawn.values()) == 4
+    again = subset_masks(fisher, FisherSubset(fraction=0.25, random=True), torch.Generator().manual_seed(1))
+    assert all(torch.equal(drawn[n], again[n]) for n in drawn)
+
+
+def test_a_fisher_pipeline_stores_sparse_deltas_over_the_pretrained_norms(tmp_path):
+    from splice.adapters.meta import PatchKind
+    from splice.workflows.continual.stored import pretrained_values, task_values
+
+    base = tiny_vit(tmp_path / "vit")
+    registry = tmp_path / "registry"
+    report = run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=2, fisher={"fraction": 0.1},
+                                        tasks=[{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(2)]))
+    store = Registry.open(registry)
+    patch = store.load("cl@task-1")
+    total = sum(v.numel() for v in pretrained_values(base, patch.meta.settings["slot"]).values())
+    assert patch.meta.kind is PatchKind.mask
+    every = [n for n in stored_to_module_names(transformers.ViTForImageClassification.from_pretrained(base))
+             if "layernorm" in n]
+    kept = sum(patch.meta.settings["kept"][n] for n in patch.meta.settings["slot"])
+    assert kept == math.ceil(0.1 * sum(pretrained_values(base, every)[n].numel() for n in every))
+    assert report.parameters_per_task == [kept_of(store.load("cl@task-0")), kept] and kept < total
+    values = task_values(patch, pretrained := pretrained_values(base, [*every, *patch.meta.settings["head"]]))
+    changed = sum(int((values[n] != pretrained[n]).sum()) for n in patch.meta.settings["slot"])
+    assert 0 < changed <= kept
+    apply_patches([store.load("cl@task-1")], base, tmp_path / "applied")  # splice patch apply of the version
+    applied = load_file(tmp_path / "applied" / "model.safetensors")
+    assert all(torch.equal(applied[n], values[n]) for n in values)
+
+
+def kept_of(patch) -> int:
+    return sum(patch.meta.settings["kept"][n] for n in patch.meta.settings["slot"])

@@ -193,11 +193,14 @@ class LayerNormBank(torch.nn.Module):
             raise SpliceError(f"no task slot {task}: the bank has {self.num_tasks} (0..{self.num_tasks - 1})")
         return task
 
-    def add_task(self, key: torch.Tensor | None = None, init_from: int | None = None) -> int:
-        """A new slot; its gamma/beta copied from slot `init_from` (default: the last slot, or the pretrained
-        norms for the first task); returns its index."""
+    def add_task(self, key: torch.Tensor | None = None, init_from: int | str | None = None) -> int:
+        """A new slot; its gamma/beta copied from slot `init_from` ("pretrained": the pretrained norms; default:
+        the last slot, or the pretrained norms for the first task); returns its index."""
         task = self.num_tasks
-        source = self._task(init_from) if init_from is not None else (task - 1 if task else None)
+        if init_from == "pretrained":
+            source = None
+        else:
+            source = self._task(init_from) if init_from is not None else (task - 1 if task else None)
         for norm in self._norms:
             values = norm.slots.slot(source) if source is not None else {"weight": norm.weight, "bias": norm.bias}
             norm.slots.add(values["weight"], values.get("bias"))

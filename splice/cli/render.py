@@ -201,8 +201,8 @@ def continual_tables(report) -> list[Table]:
                ["average incremental accuracy", f"{report.average_incremental_accuracy:.4f}"],
                ["forgetting", f"{report.forgetting:.4f}"], ["backward transfer", f"{report.backward_transfer:+.4f}"],
                ["task-identification accuracy", f"{report.task_id_accuracy[-1]:.4f}"],
-               ["stored per task", f"{report.parameters_per_task:,} LayerNorm + {report.key_size} key + "
-                                   f"{report.head_parameters:,} head parameters"],
+               ["stored per task", f"{max(report.parameters_per_task):,} LayerNorm entries at most + "
+                                   f"{report.key_size} key + {report.head_parameters:,} head parameters"],
                ["tasks resumed from the registry", report.resumed_tasks]]
     return [table(f"{report.name}: accuracy after each task", header, rows),
             table(f"{report.name} ({report.protocol})", ["metric", "value"], metrics)]

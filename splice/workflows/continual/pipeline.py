@@ -17,6 +17,7 @@ rectify: true
 batch_size: 32
 seed: 0
 keys: closed-form                # or trained: key_epochs of -mean cos(f, k) with Adam from an orthogonal start
+fisher: null                     # or {fraction: 0.1, granularity: entries|modules, random: false}
 ```
 A data function returns `{"train": batch, "test": batch}`, each batch a dict of model inputs (tensors with the
 sample on dimension 0) plus `labels` (int64 class ids, global across tasks).
@@ -36,6 +37,18 @@ from splice.errors import SpliceError
 from splice.values import FiniteFloat, one_line
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class FisherSubset(BaseModel):
+    """Tune only the top `fraction` of the LayerNorm entries (or whole norm modules) by diagonal empirical Fisher
+    information on the task's training data (ValizadehAslani and Liang 2024); `random`: a random subset of the same
+    size, the control. Each slot then starts from the pretrained norms and is stored as a sparse delta (a mask
+    patch) over them."""
+
+    model_config = ConfigDict(extra="forbid")
+    fraction: FiniteFloat = Field(gt=0, le=1)
+    granularity: Literal["entries", "modules"] = "entries"
+    random: bool = False
 
 
 class TaskSpec(BaseModel):
@@ -62,6 +75,7 @@ class Pipeline(BaseModel):
     keys: Literal["closed-form", "trained"] = "closed-form"
     key_epochs: StrictInt = Field(default=5, ge=1)  # trained keys: epochs of -mean cos(f, k), Adam
     key_lr: FiniteFloat = Field(default=1e-2, gt=0)
+    fisher: FisherSubset | None = None
 
     @field_validator("tasks")
     @classmethod

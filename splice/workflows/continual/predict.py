@@ -15,7 +15,9 @@ from splice.adapters.bank import LayerNormBank
 from splice.errors import SpliceError
 from splice.registry.store import Registry
 from splice.workflows.continual.data import Batch, batches, check_batch
-from splice.workflows.continual.model import load_head, load_model
+from splice.workflows.continual.model import load_model
+from splice.workflows.continual.run import restore_task
+from splice.workflows.continual.stored import pretrained_values
 from splice.workflows.continual.train import inputs_of, masked_logits
 
 
@@ -37,6 +39,7 @@ def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None
     name = store.resolve(ref).name
     aliases = store.aliases(name)
     bank = LayerNormBank(load_model(base))
+    pretrained = pretrained_values(base, [*bank.tensor_names, *settings["head"]])
     refs, classes = [], []
     for task in range(int(settings["task"]) + 1):
         alias = aliases.get(f"task-{task}")
@@ -45,11 +48,10 @@ def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None
         patch = store.load(f"{name}@{alias.version}") if task != settings["task"] else last
         if patch.meta.settings.get("pipeline") != settings["pipeline"]:
             raise SpliceError(f"{name}@task-{task} belongs to another pipeline than {ref}")
-        slot = bank.add_task(key=torch.tensor(patch.meta.settings["key"], dtype=torch.float32))
-        bank.load_slot(slot, {n: patch.tensors[n] for n in patch.meta.settings["slot"]})
+        restore_task(bank, patch, pretrained)
         refs.append(f"{name}@{alias.version}")
         classes.append(list(patch.meta.settings["classes"]))
-    load_head(bank.model, {n: last.tensors[n] for n in settings["head"]})
+    # restore_task loaded each task's head in turn: the last one, `ref`'s, is the bank's
     return LoadedBank(bank, refs, classes)
 
 

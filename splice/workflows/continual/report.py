@@ -31,7 +31,7 @@ class ContinualReport:
     backward_transfer: float
     average_accuracy: list[float]  # A_i after each task
     oracle_final_average_accuracy: float
-    parameters_per_task: int  # LayerNorm entries stored per task (the slot)
+    parameters_per_task: list[int]  # LayerNorm entries each task's version stores (a Fisher subset stores fewer)
     key_size: int
     head_parameters: int  # the shared head, stored with every task
     losses: list[dict[str, float]]
@@ -40,11 +40,10 @@ class ContinualReport:
     @classmethod
     def of(cls, pipeline, tasks, state, bank, head_parameters: int) -> ContinualReport:
         summary, oracle = summarize(state.matrix), summarize(state.oracle)
-        slot = bank.slot_state(0) if bank.num_tasks else {}
         return cls(pipeline.name, pipeline.digest(), pipeline.protocol, [t.name for t in tasks], state.matrix,
                    state.oracle, state.task_id, summary.final_average_accuracy, summary.average_incremental_accuracy,
                    summary.forgetting, summary.backward_transfer, summary.average_accuracies,
-                   oracle.final_average_accuracy, sum(v.numel() for v in slot.values()), int(bank.keys.shape[-1]),
+                   oracle.final_average_accuracy, state.stored, int(bank.keys.shape[-1]),
                    head_parameters, state.losses, state.resumed)
 
     def files(self) -> dict[str, bytes]:

@@ -15,14 +15,12 @@ from dataclasses import dataclass, field
 import torch
 
 from splice.adapters.bank import LayerNormBank
-from splice.adapters.fingerprint import fingerprint_base
-from splice.adapters.meta import PatchKind, PatchMeta
 from splice.adapters.patch import Patch
 from splice.errors import SpliceError
 from splice.progress import NoProgress, Progress
 from splice.registry.store import Registry
-from splice.tensors.checkpoint import Checkpoint
 from splice.workflows.continual.data import TaskData, check_protocol, load_task
+from splice.workflows.continual.fisher import fisher_diagonal, subset_masks
 from splice.workflows.continual.model import (
     classification_head,
     head_parameters,
@@ -32,7 +30,8 @@ from splice.workflows.continual.model import (
 )
 from splice.workflows.continual.pipeline import Pipeline, load_pipeline
 from splice.workflows.continual.report import ContinualReport
-from splice.workflows.continual.train import Evaluation, Schedule, evaluate, rectify_head, task_key, train_slot
+from splice.workflows.continual.stored import Values, pretrained_values, stored_entries, task_patch, task_values
+from splice.workflows.continual.train import Schedule, evaluate, rectify_head, task_key, train_slot
 
 
 def alias_of(task: int) -> str:
@@ -47,6 +46,7 @@ class RunState:
     oracle: list[list[float]] = field(default_factory=list)
     task_id: list[float] = field(default_factory=list)
     losses: list[dict[str, float]] = field(default_factory=list)
+    stored: list[int] = field(default_factory=list)  # LayerNorm entries each task's version holds
     resumed: int = 0  # tasks taken from the registry rather than trained here
 
 
@@ -65,13 +65,14 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     bank, head_names = _bank(pipeline)
     check_protocol(tasks, pipeline.protocol, bank.model.config.num_labels)
     tuned = tuned_norms(bank, pipeline.norms)
+    pretrained = pretrained_values(pipeline.base, [*bank.tensor_names, *head_names])
     done = _finished_tasks(store, pipeline, resume)
     state = RunState()
     for index in range(len(tasks)):
         if index < len(done):
-            _restore(store, done[index], bank, head_names, state)
+            _restore(store, done[index], bank, pretrained, state)
         else:
-            _run_task(pipeline, store, bank, head_names, tuned, tasks, index, state, progress)
+            _run_task(pipeline, store, bank, head_names, tuned, pretrained, tasks, index, state, progress)
     head_size = sum(p.numel() for p in head_parameters(bank.model, head_names))
     report = ContinualReport.of(pipeline, tasks, state, bank, head_size)
     if report_dir is not None:
@@ -107,18 +108,28 @@ def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> list[s
     return done
 
 
-def _restore(store: Registry, ref: str, bank: LayerNormBank, head_names: list[str], state: RunState) -> None:
+def _restore(store: Registry, ref: str, bank: LayerNormBank, pretrained: Values, state: RunState) -> None:
     """A finished task back from the registry: its slot and key, the head as it was after it, its matrix row."""
     patch = store.load(ref)
     settings, metrics = patch.meta.settings, patch.meta.metrics
-    slot = bank.add_task(key=torch.tensor(settings["key"], dtype=torch.float32))
-    bank.load_slot(slot, {name: patch.tensors[name] for name in settings["slot"]})
-    load_head(bank.model, {name: patch.tensors[name] for name in head_names})
+    restore_task(bank, patch, pretrained)
+    slot = int(settings["task"])
     state.matrix.append([metrics[f"accuracy.{j}"] for j in range(slot + 1)])
     state.oracle.append([metrics[f"oracle_accuracy.{j}"] for j in range(slot + 1)])
     state.task_id.append(metrics["task_id_accuracy"])
     state.losses.append({k: v for k, v in metrics.items() if k.startswith("loss.")})
+    state.stored.append(stored_entries(patch))
     state.resumed += 1
+
+
+def restore_task(bank: LayerNormBank, patch: Patch, pretrained: Values) -> int:
+    """A new slot (from the pretrained norms) holding a stored task's values, its key set, the head loaded."""
+    values = task_values(patch, pretrained)
+    settings = patch.meta.settings
+    slot = bank.add_task(key=torch.tensor(settings["key"], dtype=torch.float32), init_from="pretrained")
+    bank.load_slot(slot, {name: values[name] for name in settings["slot"]})
+    load_head(bank.model, {name: values[name] for name in settings["head"]})
+    return slot
 
 
 def _schedule(pipeline: Pipeline) -> Schedule:
@@ -139,7 +150,7 @@ def tuned_norms(bank: LayerNormBank, norms: str | list[str]) -> list[str]:
 
 
 def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_names: list[str], tuned: list[str],
-              tasks: list[TaskData], index: int, state: RunState, progress: Progress) -> None:
+              pretrained: Values, tasks: list[TaskData], index: int, state: RunState, progress: Progress) -> None:
     task, schedule = tasks[index], _schedule(pipeline)
     seed = pipeline.seed * 100_003 + index  # per task: a resumed run draws exactly what an uninterrupted one did
     torch.manual_seed(seed)
@@ -147,41 +158,47 @@ def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_nam
     label = f"task {index + 1}/{len(tasks)} {task.name}"
     key = task_key(bank, task, schedule, generator, trained=pipeline.keys == "trained", epochs=pipeline.key_epochs,
                    lr=pipeline.key_lr)
-    slot = bank.add_task(key=key)
+    slot = bank.add_task(key=key, init_from="pretrained" if pipeline.fisher else None)
     head = head_parameters(bank.model, head_names)
-    parameters = bank.slot_parameters(slot)
-    losses = {"loss.layernorm": train_slot(bank, slot, [parameters[n] for n in tuned], head, task, schedule,
-                                           generator, progress, label)}
+    parameters = {name: bank.slot_parameters(slot)[name] for name in tuned}
+    masks = None
+    if pipeline.fisher is not None:
+        masks = subset_masks(fisher_diagonal(bank, slot, parameters, task), pipeline.fisher, generator)
+    losses = {"loss.layernorm": train_slot(bank, slot, list(parameters.values()), head, task, schedule, generator,
+                                           progress, label, _grad_masks(parameters, masks))}
     if pipeline.rectify:
         losses["loss.head"] = rectify_head(bank, head, task, schedule, generator, progress, label)
     for parameter in head:
         parameter.requires_grad_(False)
+    every = bank.slot_state(slot)
+    patch = task_patch(pipeline.base, {n: every[n].cpu() for n in tuned}, head_state_of(bank.model, head_names),
+                       pretrained, masks, _settings(pipeline, task, slot, key),
+                       f"continual pipeline {pipeline.name}, task {slot}: {task.name}")
+    values = task_values(patch, pretrained)  # go on from the task exactly as stored (what --resume reads back)
+    bank.load_slot(slot, {name: values[name] for name in patch.meta.settings["slot"]})
+    load_head(bank.model, {name: values[name] for name in head_names})
     result = evaluate(bank, tasks[: index + 1], pipeline.protocol, schedule.batch_size)
     state.matrix.append(result.accuracy)
     state.oracle.append(result.oracle_accuracy)
     state.task_id.append(result.task_id_accuracy)
     state.losses.append(losses)
-    patch = _task_patch(pipeline, bank, head_names, tuned, task, slot, key, result, losses)
+    state.stored.append(stored_entries(patch))
+    patch.meta.metrics = {**{f"accuracy.{j}": a for j, a in enumerate(result.accuracy)},
+                          **{f"oracle_accuracy.{j}": a for j, a in enumerate(result.oracle_accuracy)},
+                          "task_id_accuracy": result.task_id_accuracy, **losses}
     store.push(pipeline.name, patch, alias=alias_of(index), message=f"{pipeline.name}: {label}")
 
 
-def _task_patch(pipeline: Pipeline, bank: LayerNormBank, head_names: list[str], tuned: list[str], task: TaskData,
-                slot: int, key: torch.Tensor, result: Evaluation, losses: dict[str, float]) -> Patch:
-    """The task as a LayerNorm patch: its slot's gamma/beta and the head after it (stored names), applicable with
-    `splice patch apply`; the key, classes and pipeline in its settings, its matrix row in its metrics."""
-    every = bank.slot_state(slot)
-    slot_state = {name: every[name].detach().cpu().clone() for name in tuned}
-    head_state = head_state_of(bank.model, head_names)
-    metrics = {**{f"accuracy.{j}": a for j, a in enumerate(result.accuracy)},
-               **{f"oracle_accuracy.{j}": a for j, a in enumerate(result.oracle_accuracy)},
-               "task_id_accuracy": result.task_id_accuracy, **losses}
-    with Checkpoint.open(pipeline.base) as base:
-        fingerprint = fingerprint_base(base, [*slot_state, *head_names])
-    modules = sorted({name.rpartition(".")[0] for name in [*slot_state, *head_names]})
-    meta = PatchMeta(kind=PatchKind.layernorm, targets=modules,
-                     base=fingerprint, lineage=[f"continual pipeline {pipeline.name}, task {slot}: {task.name}"],
-                     metrics=metrics, tags=["continual", alias_of(slot)],
-                     settings={"pipeline": pipeline.digest(), "task": slot, "task_name": task.name,
-                               "key": [float(v) for v in key.tolist()], "classes": task.classes,
-                               "slot": sorted(slot_state), "head": head_names, "protocol": pipeline.protocol})
-    return Patch({**slot_state, **head_state}, meta)
+def _grad_masks(parameters: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor] | None):
+    if masks is None:
+        return None
+    return {id(parameter): masks[name].to(parameter.dtype) for name, parameter in parameters.items()}
+
+
+def _settings(pipeline: Pipeline, task: TaskData, slot: int, key: torch.Tensor) -> dict:
+    """What a task's version says about itself (beside the slot and head names the patch adds)."""
+    settings = {"pipeline": pipeline.digest(), "task": slot, "task_name": task.name,
+                "key": [float(v) for v in key.tolist()], "classes": task.classes, "protocol": pipeline.protocol}
+    if pipeline.fisher is not None:
+        settings["fisher"] = pipeline.fisher.model_dump(mode="json")
+    return settings
