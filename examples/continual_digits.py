@@ -205,7 +205,7 @@ def pipeline_file(out: Path, base: Path, name: str, rectify: bool, config: Confi
 
 def keyed_rows(out: Path, base: Path, config: Config) -> tuple[dict[str, dict], dict[str, dict]]:
     """The two-stage and one-stage banks through run_pipeline; their rows (and oracle rows) and their reports."""
-    rows, reports = {}, {}
+    rows, oracles, reports = {}, {}, {}
     for name, rectify in (("keyed-two-stage", True), ("keyed-one-stage", False)):
         with quiet_transformers():
             report = run_pipeline(pipeline_file(out, base, name, rectify, config), report_dir=out / name)
@@ -213,9 +213,9 @@ def keyed_rows(out: Path, base: Path, config: Config) -> tuple[dict[str, dict], 
         stored = report.parameters_per_task + report.key_size
         rows[name] = row(report.accuracy, report.task_id_accuracy[-1], stored, report.head_parameters,
                          source=f"{name}/continual_report.json")
-        rows[f"oracle-{name[6:]}"] = row(report.oracle_accuracy, 1.0, stored, report.head_parameters,
-                                         source=f"{name}/continual_report.json (oracle_accuracy)")
-    return rows, reports
+        oracles[f"oracle-{name[6:]}"] = row(report.oracle_accuracy, 1.0, stored, report.head_parameters,
+                                            source=f"{name}/continual_report.json (oracle_accuracy)")
+    return rows | oracles, reports
 
 
 def row(matrix: list[list[float]], task_id: float | None, stored: int, head: int, **extra) -> dict:
