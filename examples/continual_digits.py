@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shutil
 import sys
 import time
@@ -54,7 +55,7 @@ from splice.workflows.continual.train import (
     train_slot,
 )
 
-SEED = 0
+SEED_VARIABLE = "CONTINUAL_DIGITS_SEED"  # --seed: read by the data hooks too (the pipeline loads them by path)
 TASKS = 5
 CLASSES_PER_TASK = 2
 PRETRAIN_FRACTION = 0.4  # of all 1797 images: the backbone's pretraining set, disjoint from every task's data
@@ -84,19 +85,27 @@ QUICK = Config(pretrain_steps=150, pretrain_lr=2e-3, epochs=2, lr=1e-2, head_lr=
 # ---------------------------------------------------------------------------------------------------------------
 # data: the pretraining split and the 5 tasks (also the pipeline's MODULE:FUNCTION hooks)
 
+def study_seed() -> int:
+    return int(os.environ.get(SEED_VARIABLE, "0"))
+
+
 def class_order() -> list[int]:
-    return torch.randperm(10, generator=torch.Generator().manual_seed(SEED)).tolist()
+    return torch.randperm(10, generator=torch.Generator().manual_seed(study_seed())).tolist()
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _digits_of(study_seed())
 
 
 @functools.cache
-def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _digits_of(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pretrain x, pretrain y, continual x, continual y): a seeded shuffle of all images cut in two."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
     y = torch.tensor(digits.target, dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(SEED))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     cut = round(PRETRAIN_FRACTION * len(y))
     return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
 
@@ -169,13 +178,14 @@ def pretrain_backbone(directory: Path, config: Config) -> dict:
     """A ViT trained on the pretraining split (all 10 classes, 1-pixel shifts and noise), saved with a fresh,
     untrained 10-class head (seed 1) in `directory`."""
     x, y = pretrain_split()
-    torch.manual_seed(SEED)
+    seed = study_seed()
+    torch.manual_seed(seed)
     model = transformers.ViTForImageClassification(backbone_config())
-    losses = digits_train(model, x, y, lr=config.pretrain_lr, steps=config.pretrain_steps, seed=SEED,
+    losses = digits_train(model, x, y, lr=config.pretrain_lr, steps=config.pretrain_steps, seed=seed,
                             noise=0.05, shift=1)
     with torch.no_grad():
         train_accuracy = float((model(pixel_values=x).logits.argmax(-1) == y).float().mean())
-    torch.manual_seed(SEED + 1)
+    torch.manual_seed(seed + 1)
     fresh = transformers.ViTForImageClassification(backbone_config())
     fresh.vit.load_state_dict(model.vit.state_dict())
     with quiet_transformers():
@@ -197,7 +207,7 @@ def pipeline_file(out: Path, base: Path, name: str, rectify: bool, config: Confi
     spec = {"base": str(base), "name": name, "registry": str(out / "registry"), "protocol": "class-incremental",
             "tasks": [{"name": task_name(i), "data": f"{here}:task_{i}"} for i in range(TASKS)],
             "norms": "all", "epochs": config.epochs, "lr": config.lr, "head_lr": config.head_lr,
-            "rectify": rectify, "batch_size": config.batch_size, "seed": SEED}
+            "rectify": rectify, "batch_size": config.batch_size, "seed": study_seed()}
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -216,6 +226,11 @@ def keyed_rows(out: Path, base: Path, config: Config) -> tuple[dict[str, dict], 
         oracles[f"oracle-{name[6:]}"] = row(report.oracle_accuracy, 1.0, stored, report.head_parameters,
                                             source=f"{name}/continual_report.json (oracle_accuracy)")
     return rows | oracles, reports
+
+
+def task_seed(index: int) -> int:
+    """Task `index`'s seed, as run_pipeline draws it."""
+    return study_seed() * 100_003 + index
 
 
 def row(matrix: list[list[float]], task_id: float | None, stored: int, head: int, **extra) -> dict:
@@ -261,8 +276,8 @@ def sequential_finetune(base: Path, tasks: list[TaskData], config: Config) -> di
     parameters = list(model.parameters())
     matrix = []
     for index, task in enumerate(tasks):
-        torch.manual_seed(SEED * 100_003 + index)
-        generator = torch.Generator().manual_seed(SEED * 100_003 + index)
+        torch.manual_seed(task_seed(index))
+        generator = torch.Generator().manual_seed(task_seed(index))
 
         def loss_of(batch: Batch, classes: list[int] = task.classes) -> torch.Tensor:
             logits = model(pixel_values=batch["pixel_values"]).logits
@@ -285,8 +300,8 @@ def sequential_layernorm(base: Path, tasks: list[TaskData], config: Config) -> d
     schedule = Schedule(config.epochs, config.lr, config.head_lr, config.epochs, config.batch_size)
     matrix = []
     for index, task in enumerate(tasks):
-        torch.manual_seed(SEED * 100_003 + index)
-        train_slot(bank, slot, tuned, head, task, schedule, torch.Generator().manual_seed(SEED * 100_003 + index))
+        torch.manual_seed(task_seed(index))
+        train_slot(bank, slot, tuned, head, task, schedule, torch.Generator().manual_seed(task_seed(index)))
 
         def logits_of(batch: Batch) -> torch.Tensor:
             ids = torch.zeros(batch["labels"].shape[0], dtype=torch.long)
@@ -302,13 +317,13 @@ def joint(base: Path, tasks: list[TaskData], config: Config) -> dict:
     """All weights trained on the union of every task's training data, over all 10 classes."""
     model = load_backbone(base)
     union = {key: torch.cat([task.train[key] for task in tasks]) for key in ("pixel_values", "labels")}
-    torch.manual_seed(SEED)
+    torch.manual_seed(study_seed())
 
     def loss_of(batch: Batch) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
 
     fit(model, list(model.parameters()), loss_of, union, config.epochs, config.finetune_lr, config.batch_size,
-        torch.Generator().manual_seed(SEED))
+        torch.Generator().manual_seed(study_seed()))
     final = accuracies(lambda b: model(pixel_values=b["pixel_values"]).logits, tasks, config.batch_size)
     # one model for every task: its matrix is the final row (forgetting and BWT 0 by construction)
     matrix = [final[: i + 1] for i in range(len(tasks))]
@@ -354,24 +369,42 @@ def subset_masks(scores: list[torch.Tensor], fraction: float, generator: torch.G
     return list(mask.split([s.numel() for s in scores]))
 
 
-def fisher_bank(base: Path, tasks: list[TaskData], config: Config, fraction: float, random: bool) -> dict:
-    """The two-stage keyed bank with each task's slot trained only on a p% subset of its LN entries."""
+@dataclass(frozen=True)
+class BankVariant:
+    """How keyed_bank trains each task's slot: all entries or a p% subset (by Fisher, or at random), and whether
+    the LN stage trains a throwaway copy of the head (the reference code's --unbiased fake_head)."""
+
+    fraction: float | None = None  # None: every LN entry trains
+    random: bool = False
+    throwaway_head: bool = False
+
+
+def keyed_bank(base: Path, tasks: list[TaskData], config: Config, variant: BankVariant) -> dict:
+    """The two-stage keyed bank from the library's pieces (task_key, train_slot, rectify_head, evaluate), seeded as
+    run_pipeline seeds it: BankVariant() reproduces the pipeline's two-stage run."""
     bank = LayerNormBank(load_backbone(base)).freeze_backbone()
     head = head_parameters(bank.model, classification_head(bank.model))
     schedule = Schedule(config.epochs, config.lr, config.head_lr, config.epochs, config.batch_size)
     matrix, task_ids, changed, kept = [], [], [], 0
     for index, task in enumerate(tasks):
-        seed = SEED * 100_003 + index
-        torch.manual_seed(seed)
+        torch.manual_seed(task_seed(index))
         slot = bank.add_task(key=task_key(bank, task, config.batch_size))
         tuned = list(bank.slot_parameters(slot).values())
-        scores = fisher_diagonal(bank, slot, tuned, task)
-        masks = subset_masks(scores, fraction, torch.Generator().manual_seed(seed) if random else None)
-        kept = int(sum(m.sum() for m in masks))
+        masks = None
+        if variant.fraction is not None:
+            scores = fisher_diagonal(bank, slot, tuned, task)
+            chosen = subset_masks(scores, variant.fraction,
+                                  torch.Generator().manual_seed(task_seed(index)) if variant.random else None)
+            kept = int(sum(m.sum() for m in chosen))
+            masks = {id(p): m.view_as(p) for p, m in zip(tuned, chosen)}
         before = [p.detach().clone() for p in tuned]
-        generator = torch.Generator().manual_seed(seed)
-        train_slot(bank, slot, tuned, head, task, schedule, generator,
-                   masks={id(p): m.view_as(p) for p, m in zip(tuned, masks)})
+        head_before = [p.detach().clone() for p in head]
+        generator = torch.Generator().manual_seed(task_seed(index))
+        train_slot(bank, slot, tuned, head, task, schedule, generator, masks=masks)
+        if variant.throwaway_head:
+            with torch.no_grad():
+                for parameter, value in zip(head, head_before):
+                    parameter.copy_(value)
         rectify_head(bank, head, task, schedule, generator)
         for parameter in head:
             parameter.requires_grad_(False)
@@ -379,9 +412,10 @@ def fisher_bank(base: Path, tasks: list[TaskData], config: Config, fraction: flo
         result = evaluate(bank, tasks[: index + 1], "class-incremental", config.batch_size)
         matrix.append(result.accuracy)
         task_ids.append(result.task_id_accuracy)
+    entries = sum(p.numel() for p in bank.slot_parameters(0).values())
+    kept = kept if variant.fraction is not None else entries
     return row(matrix, task_ids[-1], kept + bank.feature_dim, sum(p.numel() for p in head),
-               entries_kept=kept, entries_changed_per_task=changed,
-               ln_entries=sum(p.numel() for p in bank.slot_parameters(0).values()), task_id_per_step=task_ids)
+               entries_kept=kept, entries_changed_per_task=changed, ln_entries=entries, task_id_per_step=task_ids)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,16 +436,22 @@ def run_study(out: Path, config: Config) -> dict:
                          ("joint", joint)):
         rows[name] = method(base, tasks, config)
         seconds[name] = time.perf_counter() - started - sum(seconds.values())
-    for fraction in FISHER_FRACTIONS:
-        for random in (False, True):
-            name = f"{'random' if random else 'fisher'}-{round(100 * fraction)}%"
-            rows[name] = fisher_bank(base, tasks, config, fraction, random)
-            seconds[name] = time.perf_counter() - started - sum(seconds.values())
+    variants = {f"{'random' if random else 'fisher'}-{round(100 * fraction)}%": BankVariant(fraction, random)
+                for fraction in FISHER_FRACTIONS for random in (False, True)}
+    variants["two-stage-throwaway-head"] = BankVariant(throwaway_head=True)
+    for name, variant in variants.items():
+        rows[name] = keyed_bank(base, tasks, config, variant)
+        seconds[name] = time.perf_counter() - started - sum(seconds.values())
+    # the same two-stage bank built here from the library's pieces: equal to the pipeline's run, or a bug
+    rebuilt = keyed_bank(base, tasks, config, BankVariant())
+    checks = {"rebuilt_two_stage_accuracy": rebuilt["accuracy"],
+              "rebuilt_equals_pipeline": rebuilt["accuracy"] == rows["keyed-two-stage"]["accuracy"]}
+    seconds["rebuilt-two-stage"] = time.perf_counter() - started - sum(seconds.values())
     seconds["total"] = time.perf_counter() - started
-    return {"config": asdict(config), "seed": SEED, "class_order": class_order(),
+    return {"config": asdict(config), "seed": study_seed(), "class_order": class_order(),
             "tasks": [{"name": t.name, "classes": t.classes, "train": t.train["labels"].shape[0],
                        "test": t.test["labels"].shape[0]} for t in tasks],
-            "backbone": backbone, "methods": rows, "pipeline_reports": reports, "seconds": seconds,
+            "backbone": backbone, "methods": rows, "checks": checks, "pipeline_reports": reports, "seconds": seconds,
             "torch": torch.__version__}
 
 
@@ -464,13 +504,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the backbone, registry and reports")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (fewer steps and epochs)")
+    parser.add_argument("--seed", type=int, default=0, help="class order, splits and training (default 0)")
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
+    threads, previous = torch.get_num_threads(), os.environ.get(SEED_VARIABLE)
     torch.set_num_threads(1)
+    os.environ[SEED_VARIABLE] = str(args.seed)
     try:
         results = run_study(args.out, QUICK if args.quick else FULL)
     finally:
         torch.set_num_threads(threads)
+        if previous is None:
+            os.environ.pop(SEED_VARIABLE)
+        else:
+            os.environ[SEED_VARIABLE] = previous
     results["quick"] = args.quick
     (args.out / JSON_NAME).write_text(json.dumps(results, indent=2) + "\n")
     (args.out / PNG_NAME).write_bytes(png_bytes(draw(results), size=(12.0, 5.0)))

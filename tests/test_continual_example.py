@@ -9,7 +9,8 @@ import continual_digits
 import pytest
 
 METHODS = ["keyed-two-stage", "keyed-one-stage", "oracle-two-stage", "oracle-one-stage", "sequential-finetune",
-           "sequential-layernorm", "joint", "fisher-10%", "random-10%", "fisher-30%", "random-30%"]
+           "sequential-layernorm", "joint", "fisher-10%", "random-10%", "fisher-30%", "random-30%",
+           "two-stage-throwaway-head"]
 RATES = ["final_average_accuracy", "forgetting", "task_id_accuracy", "average_incremental_accuracy"]
 
 
@@ -50,6 +51,9 @@ def test_the_pipeline_rows_are_the_pipeline_reports_numbers(study):
         assert oracle["final_average_accuracy"] == report["oracle_final_average_accuracy"]
         assert oracle["accuracy"] == report["oracle_accuracy"]
     assert (out / "registry").is_dir()
+    # the example's own two-stage bank (library pieces, pipeline seeding) reproduces the pipeline's run exactly
+    assert results["checks"]["rebuilt_equals_pipeline"]
+    assert results["checks"]["rebuilt_two_stage_accuracy"] == results["methods"]["keyed-two-stage"]["accuracy"]
 
 
 def test_fisher_subsets_train_only_their_entries(study):
