@@ -14,8 +14,10 @@ train or test split), saved with a fresh 10-class head. Methods:
 7. Fisher subsets (ValizadehAslani and Liang): per task the top p% LN entries by diagonal empirical Fisher, trained
    with gradient masking, against a random p% subset (the pipeline has no `fisher:` option yet: built here from
    the library's pieces)
+8. beyond the list: the two-stage bank with a throwaway head in the LN stage (the reference code's --unbiased);
+   and a check that the two-stage bank built here from the library's pieces equals the pipeline's run
 
-    python examples/continual_digits.py --out DIR [--quick]
+    python examples/continual_digits.py --out DIR [--quick] [--seed 0]
 
 Writes DIR/continual_digits.json (every number), DIR/continual_digits.png, and prints a table.
 """
