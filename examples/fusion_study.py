@@ -22,6 +22,7 @@ from rich import box
 from rich.table import Table
 from transformers import ViTConfig, ViTForImageClassification
 
+from splice.arch.quiet import quiet_transformers
 from splice.demo import digits
 from splice.merge.fusion import fuse
 from splice.merge.soup import soup
@@ -127,7 +128,7 @@ def train_parent(config: StudyConfig, data: Data, seed: int, out_dir: Path, wide
         model = ViTForImageClassification(config.vit_config(wide))
     digits.train(model, *data.train, lr=config.wide_lr if wide else config.lr, steps=config.steps, seed=seed,
                  batch_size=config.batch_size, weight_decay=config.weight_decay)
-    with digits.quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(out_dir)
     return out_dir
 
@@ -138,7 +139,7 @@ def finetune(config: StudyConfig, data: Data, model_dir: Path, out_dir: Path, se
     model = digits.load_model(model_dir)
     digits.train(model, *data.train, lr=config.lr, steps=config.finetune_steps, seed=seed,
                  batch_size=config.batch_size, weight_decay=config.weight_decay)
-    with digits.quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(out_dir)
     return out_dir
 
@@ -264,7 +265,7 @@ def run_control(anchor: Path, directory: Path, seed: int, reg: float, config: St
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ViTForImageClassification(config.vit_config())
-    with digits.quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(untrained)
     options = {"align": "activations", "data": {"pixel_values": data.train.x[:config.samples]},
                "samples": config.samples}

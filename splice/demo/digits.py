@@ -18,9 +18,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
-from transformers.utils import logging as hf_logging
 
 from splice.arch.names import stored_to_module_names
+from splice.arch.quiet import quiet_transformers
 from splice.errors import SpliceError
 from splice.tensors.checkpoint import Checkpoint
 
@@ -218,18 +218,6 @@ def prepare_ingredients(workdir: str | os.PathLike, count: int, seed: int = 0, *
             model.save_pretrained(directory)
             ingredient_dirs.append(directory)
     return base_dir, ingredient_dirs, splits
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No per-call progress bars from transformers (they would interleave with splice's own output)."""
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

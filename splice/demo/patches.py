@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from splice.adapters.extract import extract_patch
 from splice.adapters.patch import PatchError
+from splice.arch.quiet import quiet_transformers
 from splice.demo import digits
 from splice.progress import Progress
 from splice.registry.store import Registry
@@ -49,7 +50,7 @@ def lora_layernorm_finetune(base_dir: Path, out_dir: Path, splits: digits.Digits
     digits.train(model, *splits.finetune, lr=lr, steps=steps, seed=seed, weight_decay=0.0)
     for module in targets:
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-    with digits.quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(out_dir)
     return out_dir
 

@@ -127,7 +127,7 @@ def _takes_argument(function: Callable) -> bool:
 @contextlib.contextmanager
 def transformers_errors_only() -> Iterator[None]:
     """Only errors from transformers' logger (building a model from a stored config warns about keys that do not
-    concern the user). Not `digits.quiet_transformers`, which silences progress bars."""
+    concern the user). Not `splice.arch.quiet.quiet_transformers`, which silences progress bars."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()

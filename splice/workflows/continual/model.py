@@ -7,6 +7,7 @@ import os
 import torch
 
 from splice.arch.names import stored_to_module_names
+from splice.arch.quiet import quiet_transformers
 from splice.errors import SpliceError
 
 HEAD_MODULES = ("classifier", "score")  # transformers' sequence/image classification heads
@@ -21,7 +22,8 @@ def load_model(base: str | os.PathLike) -> torch.nn.Module:
     model_class = getattr(transformers, names[0], None) if names else None
     if model_class is None:
         raise SpliceError(f"{base}: config.json names no transformers model class (architectures: {names})")
-    model = model_class.from_pretrained(base)
+    with quiet_transformers():
+        model = model_class.from_pretrained(base)
     return model.eval()
 
 
