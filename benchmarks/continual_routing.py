@@ -3,7 +3,7 @@ per-task overhead (push + evaluation) next to its training time.
 
 Part 1 (routing), in this process, eval mode, no grad, one torch thread (default; `--threads`): a ViT built from a
 config (hidden 384, 6 layers, 6 heads, MLP 1536, image 32, patch 4: 65 tokens; 21.7 M parameters), a batch of 64
-random images. Cases, interleaved in every round after one warm-up call each:
+random images. Cases, interleaved in every round (the order rotated each round) after one warm-up call each:
 
   plain           the unwrapped model's forward
   2x plain        two forwards of the unwrapped model (the floor: the method needs two passes)
@@ -11,6 +11,10 @@ random images. Cases, interleaved in every round after one warm-up call each:
   features T      bank.features(...)            (the first pass, pretrained norms)
   select T        bank.select(features)         (the key similarity)
   second T        bank(task_ids=mixed, ...)     (the second pass, ids 0..T-1 cycling through the batch)
+
+then the routing work alone (median of 30 calls): every norm's per-sample gather and the key similarity for
+1, 10, 100 and 1000 tasks, and one norm as banked vs pretrained; and a CPU profile of one routed and one 2x plain
+call.
 
 Ratios (routed / 2x plain) are taken within each round, then the median over rounds. The machine's other load
 (busy cores not ours) is read from /proc/stat around every call, as merge_vs_mergekit.py does.
@@ -42,6 +46,7 @@ from merge_vs_mergekit import cpu_busy_seconds, machine_info  # noqa: E402
 DEFAULT_WORKDIR = HERE / "_work"
 TARGET = 1.1
 TASK_COUNTS = (1, 10, 100)
+MICRO_TASKS = 1000  # also in the routing-ops microbenchmark only
 VIT = {"image_size": 32, "patch_size": 4, "num_channels": 3, "hidden_size": 384, "num_hidden_layers": 6,
        "num_attention_heads": 6, "intermediate_size": 1536, "num_labels": 100}
 BATCH = 64
@@ -140,16 +145,17 @@ def timed_call(function) -> tuple[float, float | None]:
     return seconds, other
 
 
-def routing_cases(pixels) -> tuple[dict, dict]:
-    """Case name -> zero-argument call; bank size -> the number of distinct tasks its routing selects."""
+def routing_cases(pixels) -> tuple[dict, dict, dict]:
+    """Case name -> zero-argument call; bank size -> the number of distinct tasks its routing selects; bank size
+    -> the bank."""
     import torch
 
     plain = build_vit()
     cases = {"plain": lambda: plain(pixel_values=pixels),
              "2x plain": lambda: (plain(pixel_values=pixels), plain(pixel_values=pixels))}
-    mixed = {}
+    mixed, banks = {}, {}
     for tasks in TASK_COUNTS:
-        bank = build_bank(tasks)
+        bank = banks[tasks] = build_bank(tasks)
         features = bank.features(pixel_values=pixels)
         ids = torch.arange(BATCH) % tasks
         mixed[tasks] = int(bank.select(features).unique().numel())
@@ -157,7 +163,38 @@ def routing_cases(pixels) -> tuple[dict, dict]:
         cases[f"features {tasks}"] = lambda b=bank: b.features(pixel_values=pixels)
         cases[f"select {tasks}"] = lambda b=bank, f=features: b.select(f)
         cases[f"second {tasks}"] = lambda b=bank, i=ids: b(task_ids=i, pixel_values=pixels)
-    return cases, mixed
+    return cases, mixed, banks
+
+
+def median_ms(call, repeats: int = 30) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
+
+
+def routing_ops(banks: dict) -> dict:
+    """The routing work of one batch alone (median of 30 calls, ms): the per-sample gather of every norm's slots
+    (what the second pass adds per norm), the key similarity, and one norm as banked (normalise, then * w[ids] +
+    b[ids]) vs the pretrained module, on a [B, tokens, d] activation."""
+    import torch
+
+    dim, tokens = VIT["hidden_size"], (VIT["image_size"] // VIT["patch_size"]) ** 2 + 1
+    features = torch.randn(BATCH, dim, generator=torch.Generator().manual_seed(3))
+    rows = {}
+    for tasks, bank in banks.items():
+        ids = torch.arange(BATCH) % tasks
+        rows[tasks] = {"gather_all_norms_ms": median_ms(lambda b=bank, i=ids: [
+                           n.slots.gathered(i, (BATCH, 1, dim)) for n in b._norms]),
+                       "select_ms": median_ms(lambda b=bank: b.select(features)), "norms": len(bank._norms)}
+    norm = banks[TASK_COUNTS[0]]._norms[0]
+    x = torch.randn(BATCH, tokens, dim)
+    weight, bias = norm.slots.gathered(torch.zeros(BATCH, dtype=torch.long), (BATCH, 1, dim))
+    return {"per_tasks": rows, "one_norm_pretrained_ms": median_ms(lambda: norm.original(x)),
+            "one_norm_banked_ms": median_ms(lambda: norm.affine(norm.normalise(x), weight, bias))}
 
 
 def check_routed(pixels) -> float:
@@ -176,7 +213,7 @@ def run_routing(repeats: int) -> dict:
 
     pixels = torch.randn(BATCH, 3, VIT["image_size"], VIT["image_size"], generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        cases, mixed = routing_cases(pixels)
+        cases, mixed, banks = routing_cases(pixels)
         for call in cases.values():  # warm-up
             call()
         rounds = []
@@ -187,7 +224,8 @@ def run_routing(repeats: int) -> dict:
             print(f"  round {round_index + 1}/{repeats}: plain {measured['plain'][0] * 1e3:.0f} ms, routed 100 "
                   f"{measured['routed 100'][0] * 1e3:.0f} ms", flush=True)
         worst = check_routed(pixels)
-    return {"rounds": rounds, "distinct_selected": mixed, "batched_vs_single_max_abs": worst,
+        ops = routing_ops({**banks, MICRO_TASKS: build_bank(MICRO_TASKS)})
+    return {"rounds": rounds, "routing_ops": ops, "distinct_selected": mixed, "batched_vs_single_max_abs": worst,
             "profile": {"routed 100": profile_call(cases["routed 100"]), "2x plain": profile_call(cases["2x plain"])}}
 
 
@@ -235,6 +273,13 @@ def print_routing(summary: dict, result: dict) -> None:
         print(f"{name:<36} {ratio['median']:6.3f} [{ratio['min']:.3f}-{ratio['max']:.3f}]")
     print(f"distinct tasks selected in the batch: {result['distinct_selected']}; batched vs one-by-one max |diff| "
           f"{result['batched_vs_single_max_abs']:.2e}")
+    ops = result["routing_ops"]
+    print("\nrouting work alone per batch (median of 30 calls, ms):")
+    print(f"{'tasks':>6} {'gather, all norms':>18} {'select':>8}")
+    for tasks, row in ops["per_tasks"].items():
+        print(f"{tasks:>6} {row['gather_all_norms_ms']:18.3f} {row['select_ms']:8.3f}")
+    print(f"one norm on [{BATCH}, tokens, d]: pretrained {ops['one_norm_pretrained_ms']:.3f} ms, banked "
+          f"{ops['one_norm_banked_ms']:.3f} ms")
     for case, rows in result["profile"].items():
         print(f"\nprofile of one {case} call (operator, calls, self CPU ms):")
         for row in rows:
