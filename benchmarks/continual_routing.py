@@ -2,7 +2,7 @@
 per-task overhead (push + evaluation) next to its training time.
 
 Part 1 (routing), in this process, eval mode, no grad, one torch thread (default; `--threads`): a ViT built from a
-config (hidden 384, 6 layers, 6 heads, MLP 1536, image 32, patch 4: 65 tokens; 21.7 M parameters), a batch of 64
+config (hidden 384, 6 layers, 6 heads, MLP 1536, image 32, patch 4: 65 tokens; 10.7 M parameters), a batch of 64
 random images. Cases, interleaved in every round (the order rotated each round) after one warm-up call each:
 
   plain           the unwrapped model's forward
@@ -19,9 +19,10 @@ call.
 Ratios (routed / 2x plain) are taken within each round, then the median over rounds. The machine's other load
 (busy cores not ours) is read from /proc/stat around every call, as merge_vs_mergekit.py does.
 
-Part 2 (pipeline): `run_pipeline` on a small ViT (hidden 128, 4 layers, image 16, patch 4, 1 channel) with 4
-synthetic class-incremental tasks (each lights its own quarter of the image, striped by class) into a local
-directory registry, `--pipeline-repeats` fresh runs. Per task, timed by wrapping the functions `run.py` calls:
+Part 2 (pipeline): `run_pipeline` on a small ViT (hidden 128, 4 layers, image 16, patch 4, 1 channel; 0.54 M
+parameters, random weights: the timings, not the accuracies, are the point) with 4 synthetic class-incremental
+tasks (each lights its own quarter of the image, striped by class) into a local directory registry,
+`--pipeline-repeats` fresh runs. Per task, timed by wrapping the functions `run.py` calls:
 key, LayerNorm training, rectification, evaluation, patch building (fingerprint), push.
 
 Not run in CI. Usage: PYTHONPATH=. .venv/bin/python benchmarks/continual_routing.py [--repeats 7]
