@@ -18,16 +18,16 @@ Scorer = Callable[..., float]
 """score(state_dict) or score(state_dict, model_dir) -> held-out score, higher is better."""
 
 
-def load_callable(reference: str) -> Callable:
-    """'package.module:function' or 'path/to/file.py:function'."""
+def load_callable(reference: str, option: str = "--eval") -> Callable:
+    """'package.module:function' or 'path/to/file.py:function'; `option` names it in errors (--eval, --data, ...)."""
     module_name, sep, attribute = reference.rpartition(":")
     if not sep or not module_name or not attribute:
-        raise SpliceError(f"--eval {reference!r}: write it as MODULE:FUNCTION (or path/to/file.py:FUNCTION)")
+        raise SpliceError(f"{option} {reference!r}: write it as MODULE:FUNCTION (or path/to/file.py:FUNCTION)")
     try:
         if module_name.endswith(".py") or Path(module_name).is_file():
             path = Path(module_name)
             if not path.is_file():
-                raise SpliceError(f"--eval {reference!r}: file {path} not found")
+                raise SpliceError(f"{option} {reference!r}: file {path} not found")
             spec = importlib.util.spec_from_file_location(f"splice_user_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module
@@ -35,10 +35,10 @@ def load_callable(reference: str) -> Callable:
         else:
             module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SpliceError(f"--eval {reference!r}: cannot import {module_name} ({exc})") from exc
+        raise SpliceError(f"{option} {reference!r}: cannot import {module_name} ({exc})") from exc
     function = getattr(module, attribute, None)
     if not callable(function):
-        raise SpliceError(f"--eval {reference!r}: {module_name} has no function {attribute}")
+        raise SpliceError(f"{option} {reference!r}: {module_name} has no function {attribute}")
     return function
 
 

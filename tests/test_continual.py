@@ -137,16 +137,17 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
      "tasks t0 and t1 both have class 0"),
     ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:nothing_here"}]}, "has no function nothing_here"),
     ({"norms": ["layernorm_before", "no_such_norm"]}, "norms: 'no_such_norm' matches no norm of the model"),
+    ({"base": "no-such-model"}, "no-such-model: not a model directory with a config.json"),
 ])
 def test_bad_pipelines_are_refused_before_any_training(tmp_path, overrides, message):
     base = tiny_vit(tmp_path / "vit")
     registry = tmp_path / "registry"
-    Registry.init(registry)
-    path = pipeline_file(tmp_path, base, str(registry), **overrides)
+    others = {key: value for key, value in overrides.items() if key != "base"}
+    path = pipeline_file(tmp_path, overrides.get("base", base), str(registry), **others)
     with pytest.raises(SpliceError) as caught:
-        run_pipeline(path)
+        run_pipeline(path, report_dir=tmp_path / "report")
     assert message in str(caught.value) and len(str(caught.value).splitlines()) == 1
-    assert Registry.open(registry).names() == []
+    assert not registry.exists() and not (tmp_path / "report").exists()  # nothing made, not even the registry
 
 
 def test_another_pipeline_under_the_same_name_is_refused(tmp_path):
@@ -195,9 +196,59 @@ def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, m
 
 def test_relative_paths_in_a_pipeline_file_are_relative_to_it(tmp_path):
     tiny_vit(tmp_path / "vit")
+    (tmp_path / "continual_tasks.py").write_text(TASK_FILE.read_text())
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"base": "vit", "name": "cl", "tasks": [
-        {"name": "t0", "data": f"{TASK_FILE}:task_0"}]}))
-    assert load_pipeline(tmp_path / "p.yaml").base == str(tmp_path / "vit")
+        {"name": "t0", "data": "continual_tasks.py:task_0"}, {"name": "t1", "data": "continual_tasks:task_1"}]}))
+    pipeline = load_pipeline(tmp_path / "p.yaml")
+    assert pipeline.base == str(tmp_path / "vit")
+    assert [t.data for t in pipeline.tasks] == [f"{tmp_path / 'continual_tasks.py'}:task_0", "continual_tasks:task_1"]
+
+
+def test_a_pipeline_grown_by_a_task_resumes_after_the_tasks_it_had(tmp_path):
+    base = tiny_vit(tmp_path / "vit")
+    registry = tmp_path / "registry"
+    settings = {"epochs": 1, "rectify": False}
+    tasks = [{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(TASKS)]
+    run_pipeline(pipeline_file(tmp_path, base, str(registry), tasks=tasks[:2], **settings))
+    grown = run_pipeline(pipeline_file(tmp_path, base, str(registry), tasks=tasks, **settings), resume=True)
+    assert grown.resumed_tasks == 2 and len(grown.accuracy) == 3
+    assert [v.version for v in Registry.open(registry).versions("cl")] == [1, 2, 3]
+
+
+def test_a_task_pushed_but_not_aliased_is_taken_up_on_resume(tmp_path, monkeypatch):
+    base = tiny_vit(tmp_path / "vit")
+    registry = tmp_path / "registry"
+    path = pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False)
+    tag = Registry.tag
+
+    def interrupted(self, name, alias, version, **kwargs):
+        if alias == "task-1":
+            raise KeyboardInterrupt  # Ctrl-C after task 1's version was created, before its alias
+        return tag(self, name, alias, version, **kwargs)
+
+    monkeypatch.setattr(Registry, "tag", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(path)
+    monkeypatch.setattr(Registry, "tag", tag)
+    assert sorted(Registry.open(registry).aliases("cl")) == ["task-0"]
+    resumed = run_pipeline(path, resume=True)
+    store = Registry.open(registry)
+    assert resumed.resumed_tasks == 2 and [v.version for v in store.versions("cl")] == [1, 2, 3]
+    assert {alias: record.version for alias, record in store.aliases("cl").items()} == \
+        {"task-0": 1, "task-1": 2, "task-2": 3}
+
+
+def test_predict_refuses_a_base_the_bank_was_not_trained_on(tmp_path):
+    base = tiny_vit(tmp_path / "vit")
+    registry = tmp_path / "registry"
+    run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False,
+                               tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]))
+    other = transformers.ViTForImageClassification.from_pretrained(base)
+    with torch.no_grad():
+        other.vit.layernorm.weight.add_(0.5)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SpliceError, match="is not the base this layernorm patch was made for"):
+        load_bank("cl@task-0", tmp_path / "other", registry)
 
 
 def test_a_chosen_subset_of_norms_is_all_that_trains_and_is_stored(tmp_path):

@@ -255,3 +255,21 @@ def test_port_from_the_registry_pushes_records_health_and_scores(tmp_path, monke
 
 def store_drift(ported_dir: Path) -> float:
     return json.loads((ported_dir / "port_report.json").read_text())["base_change"]
+
+
+def test_report_directories_and_deploy_options_are_checked_before_any_work(tmp_path):
+    v1, tuned, v2 = lineage_setup(tmp_path, "llama", sharded=False)
+    extract_patch_to(tmp_path / "lora", v1, tuned, "lora", rank=2)
+    (tmp_path / "a-file").write_text("")
+    for report, message in ((tmp_path / "a-file", "--report"), (v2, "--report"), (v1, "--report")):
+        with pytest.raises(SpliceError, match=message) as caught:
+            splice.port(str(tmp_path / "lora"), v2, tmp_path / "out", old_base=v1, report_dir=report)
+        assert len(str(caught.value).splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in v2.iterdir()) == sorted(p.name for p in v1.iterdir())  # no report in a base
+    registry = tmp_path / "registry"
+    Registry.init(registry).push("lo", tmp_path / "lora")
+    with pytest.raises(PatchError, match="--from .* is for --port"):
+        splice.deploy(["lo"], v2, tmp_path / "dep", registry=registry, old_base=v1)
+    with pytest.raises(PatchError, match="choose one"):
+        splice.deploy(["lo"], v2, tmp_path / "dep", registry=registry, port=True, allow_base_drift=True)
+    assert not (tmp_path / "dep").exists() and Registry.open(registry).health("lo") == ([], [])

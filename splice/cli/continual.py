@@ -21,7 +21,9 @@ def run(
                       ] = False,
     report: Annotated[Path | None, typer.Option("--report", help="Directory for continual_report.json and the "
                                                                  "PNG plots (default: continual-NAME).")] = None,
-    registry: RegistryURL = None,
+    registry: Annotated[str | None, typer.Option(
+        "--registry", help="The registry (default: the pipeline file's registry:, else $SPLICE_REGISTRY, else "
+                           "~/.cache/splice/registry).")] = None,
     storage_options: StorageOptions = None,
     quiet: Quiet = False,
 ) -> None:
@@ -52,12 +54,15 @@ def predict(
     storage_options: StorageOptions = None,
 ) -> None:
     """Predict with routing: each input's LayerNorm slot is chosen by its key."""
+    from splice.errors import SpliceError
     from splice.hooks import load_callable
     from splice.workflows.continual.predict import load_bank
     from splice.workflows.continual.predict import predict as routed
 
+    if out is not None and not out.parent.is_dir():
+        raise SpliceError(f"--out {out}: its directory {out.parent} does not exist")
     loaded = load_bank(bank, base, registry, parse_storage_options(storage_options))
-    result = routed(loaded, load_callable(data)())
+    result = routed(loaded, load_callable(data, option="--data")())
     if out is not None:
         out.write_text(json.dumps({"bank": loaded.refs, **result.as_dict()}, indent=2) + "\n")
     render.console.print(render.prediction_table(result, loaded))

@@ -721,3 +721,8 @@ class Registry:
     def diff(self, ref_a: str | Ref, ref_b: str | Ref) -> DiffReport:
         """Tensor by tensor: added, removed, changed (max |b - a| and ||b - a|| / ||a||) or unchanged."""
         return maintenance.diff(self._reader, self.resolve(ref_a), self.resolve(ref_b))
+
+
+def open_registry(registry: Registry | str | os.PathLike | None, storage_options: dict | None = None) -> Registry:
+    """A Registry as given, or opened from its location (default: $SPLICE_REGISTRY or ~/.cache/splice/registry)."""
+    return registry if isinstance(registry, Registry) else Registry.open(registry, storage_options)

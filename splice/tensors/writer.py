@@ -239,7 +239,8 @@ def _check_output_location(out: str | os.PathLike) -> None:
         raise SpliceError(f"--out must be a local directory, got {out}; write locally, then copy")
 
 
-def refuse_overlap(out: str | os.PathLike, protected: Sequence[str | os.PathLike], what: str = "an input") -> None:
+def refuse_overlap(out: str | os.PathLike, protected: Sequence[str | os.PathLike], what: str = "an input",
+                   option: str = "--out") -> None:
     """Refuse an output directory that is, contains or sits inside one of `protected` (the inputs of a
     command, a registry): replacing it would delete them. Remote locations cannot overlap a local --out."""
     target = Path(out).absolute().resolve()
@@ -252,8 +253,8 @@ def refuse_overlap(out: str | os.PathLike, protected: Sequence[str | os.PathLike
         kept = Path(text).absolute().resolve()
         if target == kept or kept.is_relative_to(target) or target.is_relative_to(kept):
             relation = "is" if target == kept else "contains" if kept.is_relative_to(target) else "is inside"
-            raise SpliceError(f"--out {out} {relation} {what} ({location}); writing there would destroy it: "
-                              f"choose an --out outside it")
+            raise SpliceError(f"{option} {out} {relation} {what} ({location}); writing there would destroy it: "
+                              f"choose an {option} outside it")
 
 
 def ensure_output_free(out: str | os.PathLike, force: bool, protected: Sequence[str | os.PathLike] = (),
@@ -303,3 +304,12 @@ def _publish(staging: Path, out: Path, force: bool) -> None:
         retired.restore(out)
         raise
     retired.discard()
+
+
+def check_report_dir(directory: str | os.PathLike, protected: Sequence[str | os.PathLike]) -> None:
+    """Before any work: a directory that reports may be written into (it may exist, as a directory) that is none
+    of the inputs and does not contain or sit inside one."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"--report {directory}: a file is there; give a directory")
+    refuse_overlap(directory, protected, "an input", option="--report")

@@ -21,7 +21,7 @@ from splice.adapters.port import Ported, prepare_port
 from splice.errors import CheckpointError
 from splice.progress import Progress
 from splice.registry.health import HealthRecord
-from splice.registry.store import Registry
+from splice.registry.store import Registry, open_registry
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.safetensors import read_safetensors_metadata
 from splice.tensors.stream import StreamReport
@@ -65,10 +65,6 @@ class DeploymentRecord(BaseModel):
         self._warnings = value
 
 
-def _open_registry(registry: Registry | str | None, storage_options: dict | None) -> Registry:
-    return registry if isinstance(registry, Registry) else Registry.open(registry, storage_options)
-
-
 def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike, *,
            registry: Registry | str | None = None, allow_base_drift: bool = False, port: bool = False,
            old_base: str | os.PathLike | None = None, device: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
@@ -81,7 +77,12 @@ def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike,
     the patch's health history (`registry show NAME`)."""
     if not refs:
         raise PatchError("no patch refs given")
-    store = _open_registry(registry, storage_options)
+    if old_base is not None and not port:
+        raise PatchError("--from (the base the patches were made on) is for --port; add --port to port them")
+    if port and allow_base_drift:
+        raise PatchError("--port carries the patches onto the base; --allow-base-drift applies them unchanged: "
+                         "choose one")
+    store = open_registry(registry, storage_options)
     ensure_output_free(out, force, protected=[p for p in (base, old_base, store.url) if p is not None],
                        what="a base or the registry")
     base_ckpt = Checkpoint.open(base, storage_options)
@@ -167,4 +168,4 @@ def read_deployment_record(model: str | os.PathLike, storage_options: dict | Non
 def apply_ref(model: torch.nn.Module, ref: str, *, registry: Registry | str | None = None,
               allow_base_drift: bool = False, storage_options: dict | None = None) -> PatchHandle:
     """Load a registry ref and patch a live model in place; the handle's `remove()` takes it off again."""
-    return apply_patch(model, _open_registry(registry, storage_options).load(ref), allow_base_drift=allow_base_drift)
+    return apply_patch(model, open_registry(registry, storage_options).load(ref), allow_base_drift=allow_base_drift)

@@ -19,9 +19,9 @@ from splice.progress import Progress
 from splice.registry.health import DriftSummary, HealthRecord
 from splice.registry.manifest import VersionManifest
 from splice.registry.refs import RegistryError
-from splice.registry.store import Registry
+from splice.registry.store import Registry, open_registry
 from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.writer import DEFAULT_SHARD_SIZE
+from splice.tensors.writer import DEFAULT_SHARD_SIZE, check_report_dir
 
 
 @dataclass
@@ -57,12 +57,15 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
     if out is None and as_patch is None and push is None:
         raise SpliceError("say where the port goes: --out DIR (the ported model), --as-patch DIR (the ported "
                           "patch) or --push NAME (the ported patch as a registry version)")
-    store = _registry(registry, storage_options) if push is not None or is_registry_ref(patch) else None
+    store = open_registry(registry, storage_options) if push is not None or is_registry_ref(patch) else None
     if push is not None:
         store.check_push(push, alias)
     source, loaded, label = _source(patch, store, to, storage_options)
     scorer = load_callable(evaluate) if isinstance(evaluate, str) else evaluate
     check_port_outputs(loaded, to, old_base, out, as_patch, force, also_protected=[store.url] if store else [])
+    if report_dir is not None:
+        inputs = (to, old_base, None if is_registry_ref(patch) else patch, store.url if store else None)
+        check_report_dir(report_dir, [p for p in inputs if p is not None])
     ported = prepare_port(loaded, to, old_base=old_base, scale=scale, source=label, device=device,
                           progress=progress, storage_options=storage_options)
     outcome = PortOutcome(ported, source)
@@ -78,10 +81,6 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
     if source is not None:
         outcome.warnings += record_port(store, source, ported, str(to), outcome, out or as_patch)
     return outcome
-
-
-def _registry(registry: Registry | str | None, storage_options: dict | None) -> Registry:
-    return registry if isinstance(registry, Registry) else Registry.open(registry, storage_options)
 
 
 def _source(patch: PatchSource, store: Registry | None, to: str | os.PathLike, storage_options: dict | None
@@ -124,6 +123,8 @@ def record_port(store: Registry, source: VersionManifest, ported: Ported, base: 
 
 
 def record_health(store: Registry, name: str, record: HealthRecord) -> list[str]:
+    if "://" not in record.base:  # a local base as an absolute path: a relative one means nothing to another user
+        record = record.model_copy(update={"base": str(Path(record.base).resolve())})
     try:
         store.record_health(record, name)
     except (RegistryError, OSError) as exc:

@@ -43,7 +43,7 @@ def check_batch(batch: object, where: str, labels: bool = True) -> Batch:
 
 
 def load_task(name: str, hook: str) -> TaskData:
-    data = load_callable(hook)()
+    data = load_callable(hook, option=f"task {name}: data")()
     where = f"task {name} ({hook})"
     if not isinstance(data, Mapping) or not {"train", "test"} <= set(data):
         raise SpliceError(f"{where}: the data function must return {{'train': batch, 'test': batch}}")

@@ -8,7 +8,7 @@ import torch
 
 from splice.arch.names import stored_to_module_names
 from splice.arch.quiet import quiet_transformers
-from splice.errors import SpliceError
+from splice.errors import SpliceError, first_line
 
 HEAD_MODULES = ("classifier", "score")  # transformers' sequence/image classification heads
 
@@ -17,7 +17,10 @@ def load_model(base: str | os.PathLike) -> torch.nn.Module:
     """The model class its config.json names (e.g. ViTForImageClassification), in eval mode."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(base)
+    try:
+        config = transformers.AutoConfig.from_pretrained(base, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SpliceError(f"base {base}: not a model directory with a config.json ({first_line(exc)})") from None
     names = config.architectures or []
     model_class = getattr(transformers, names[0], None) if names else None
     if model_class is None:

@@ -87,9 +87,12 @@ class Pipeline(BaseModel):
             seen.add(task.name)
         return tasks
 
-    def digest(self) -> str:
-        """What identifies the pipeline's results: everything but where they are stored."""
-        identity = self.model_dump(mode="json", exclude={"registry"})
+    def digest(self, tasks: int | None = None) -> str:
+        """What identifies the results of the first `tasks` tasks (default: all): the settings and those tasks'
+        names, not where the base, the data or the registry are (the base is checked by its fingerprint), so a
+        pipeline may grow by tasks and its files may move."""
+        identity = self.model_dump(mode="json", exclude={"registry", "base", "tasks"})
+        identity["tasks"] = [task.name for task in self.tasks[:tasks]]
         return "sha256:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -108,7 +111,21 @@ def load_pipeline(path: str | Path) -> Pipeline:
         pipeline = Pipeline.model_validate(data)
     except ValidationError as exc:
         raise SpliceError(f"{path}: {one_line(exc, 'pipeline')}") from None
-    base = Path(pipeline.base)
-    if "://" not in pipeline.base and not base.is_absolute():  # relative to the pipeline file
-        pipeline = pipeline.model_copy(update={"base": str((path.parent / base).resolve())})
-    return pipeline
+    return pipeline.model_copy(update={
+        "base": _beside(path, pipeline.base),
+        "tasks": [task.model_copy(update={"data": _hook_beside(path, task.data)}) for task in pipeline.tasks]})
+
+
+def _beside(pipeline_file: Path, location: str) -> str:
+    """A relative local path, relative to the pipeline file (URLs and absolute paths as they are)."""
+    if "://" in location or Path(location).is_absolute():
+        return location
+    return str((pipeline_file.parent / location).resolve())
+
+
+def _hook_beside(pipeline_file: Path, hook: str) -> str:
+    """path/to/file.py:FUNCTION relative to the pipeline file; MODULE:FUNCTION as it is."""
+    module, sep, function = hook.rpartition(":")
+    if sep and module.endswith(".py"):
+        return f"{_beside(pipeline_file, module)}:{function}"
+    return hook

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from splice.adapters.bank import LayerNormBank
-from splice.errors import SpliceError
-from splice.registry.store import Registry
+from splice.errors import SpliceError, first_line
+from splice.registry.store import Registry, open_registry
+from splice.tensors.checkpoint import Checkpoint
 from splice.workflows.continual.data import Batch, batches, check_batch
 from splice.workflows.continual.model import load_model
 from splice.workflows.continual.run import restore_task
@@ -31,13 +32,15 @@ class LoadedBank:
 def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None = None,
               storage_options: dict | None = None) -> LoadedBank:
     """The bank of every task up to the one `ref` names (`name@task-3`, or `name`: the latest task), on `base`."""
-    store = registry if isinstance(registry, Registry) else Registry.open(registry, storage_options)
+    store = open_registry(registry, storage_options)
     last = store.load(ref)
     settings = last.meta.settings
     if "pipeline" not in settings or "task" not in settings:
         raise SpliceError(f"{ref} is not a task of a continual pipeline (no pipeline/task in its settings)")
     name = store.resolve(ref).name
     aliases = store.aliases(name)
+    with Checkpoint.open(base, storage_options) as checkpoint:  # the bank's base, or a one-line refusal
+        last.check_base(checkpoint)
     bank = LayerNormBank(load_model(base))
     pretrained = pretrained_values(base, [*bank.tensor_names, *settings["head"]])
     refs, classes = [], []
@@ -46,7 +49,7 @@ def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None
         if alias is None:
             raise SpliceError(f"{name} has no alias task-{task}: the bank of {ref} is incomplete")
         patch = store.load(f"{name}@{alias.version}") if task != settings["task"] else last
-        if patch.meta.settings.get("pipeline") != settings["pipeline"]:
+        if patch.meta.settings.get("pipeline_settings") != settings.get("pipeline_settings"):
             raise SpliceError(f"{name}@task-{task} belongs to another pipeline than {ref}")
         restore_task(bank, patch, pretrained)
         refs.append(f"{name}@{alias.version}")
@@ -74,9 +77,13 @@ def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64) -> Predictio
     predicted, selected = [], []
     for part in batches(batch, batch_size):
         inputs = inputs_of(part)
-        ids = loaded.bank.route(**inputs)
-        predicted.append(masked_logits(loaded.bank(task_ids=ids, **inputs).logits, every).argmax(-1))
+        try:
+            ids = loaded.bank.route(**inputs)
+            logits = loaded.bank(task_ids=ids, **inputs).logits
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise SpliceError(f"the model cannot take these inputs ({first_line(exc)})") from None
+        predicted.append(masked_logits(logits, every).argmax(-1))
         selected.append(ids)
     classes, tasks = torch.cat(predicted), torch.cat(selected)
     labels = batch.get("labels")
-    return Predictions(classes, tasks, None if labels is None else float((classes == labels).float().mean()))
+    return Predictions(classes, tasks, None if labels is None else float((classes == labels).double().mean()))

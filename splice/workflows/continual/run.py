@@ -19,6 +19,8 @@ from splice.adapters.patch import Patch
 from splice.errors import SpliceError
 from splice.progress import NoProgress, Progress
 from splice.registry.store import Registry
+from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.writer import check_report_dir
 from splice.workflows.continual.data import TaskData, check_protocol, load_task
 from splice.workflows.continual.fisher import fisher_diagonal, subset_masks
 from splice.workflows.continual.model import (
@@ -58,19 +60,21 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     holding another pipeline under the name) are refused before any training."""
     pipeline = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
     progress = progress or NoProgress()
-    # the pipeline's registry is created when nothing is there yet (init opens an existing one)
-    store = registry if isinstance(registry, Registry) else Registry.init(registry or pipeline.registry,
-                                                                           storage_options)
+    location = registry if isinstance(registry, Registry) else registry or pipeline.registry  # the call's, the file's
+    if report_dir is not None:
+        check_report_dir(report_dir, [p for p in (pipeline.base, getattr(location, "url", location)) if p])
     tasks = [load_task(spec.name, spec.data) for spec in pipeline.tasks]
     bank, head_names = _bank(pipeline)
     check_protocol(tasks, pipeline.protocol, bank.model.config.num_labels)
     tuned = tuned_norms(bank, pipeline.norms)
     pretrained = pretrained_values(pipeline.base, [*bank.tensor_names, *head_names])
+    # the registry is created (when nothing is there yet) only once the pipeline has passed every check
+    store = location if isinstance(location, Registry) else Registry.init(location, storage_options)
     done = _finished_tasks(store, pipeline, resume)
     state = RunState()
     for index in range(len(tasks)):
         if index < len(done):
-            _restore(store, done[index], bank, pretrained, state)
+            _restore(store, done[index], pipeline.base, bank, pretrained, state)
         else:
             _run_task(pipeline, store, bank, head_names, tuned, pretrained, tasks, index, state, progress)
     head_size = sum(p.numel() for p in head_parameters(bank.model, head_names))
@@ -89,29 +93,39 @@ def _bank(pipeline: Pipeline) -> tuple[LayerNormBank, list[str]]:
 
 
 def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> list[str]:
-    """Refs (in task order) of this pipeline's finished tasks; refuses another pipeline under the name, and
-    finished tasks without --resume."""
+    """Refs (in task order) of this pipeline's finished tasks. Task i's version records the digest of the
+    pipeline's first i + 1 tasks, so a pipeline that grew by tasks resumes after them; a version that does not
+    match is another pipeline's, refused. A task pushed but not yet aliased (a run stopped in between) is taken
+    up: its alias is set now."""
     if store.latest_version(pipeline.name) is None:
         return []
-    digest = pipeline.digest()
     versions = {m.version: m for m in store.versions(pipeline.name)}
-    other = [m for m in versions.values() if m.meta.settings.get("pipeline") != digest]
+    other = [m for m in versions.values()
+             if m.meta.settings.get("pipeline") != pipeline.digest(int(m.meta.settings.get("task", -1)) + 1)]
     if other:
         raise SpliceError(f"registry name {pipeline.name} already holds another pipeline's results "
                           f"({other[0].ref}); give this pipeline another name, or remove them")
     aliases, done = store.aliases(pipeline.name), []
-    while alias_of(len(done)) in aliases and aliases[alias_of(len(done))].version in versions:
-        done.append(versions[aliases[alias_of(len(done))].version].ref)
+    while len(done) < len(pipeline.tasks):
+        alias = aliases.get(alias_of(len(done)))
+        if alias is None or alias.version not in versions:
+            pushed = [m for m in versions.values() if m.meta.settings.get("task") == len(done)]
+            if not pushed or not resume:
+                break
+            alias = store.tag(pipeline.name, alias_of(len(done)), max(m.version for m in pushed))
+        done.append(versions[alias.version].ref)
     if done and not resume:
         raise SpliceError(f"registry name {pipeline.name} already holds tasks 0..{len(done) - 1} of this pipeline; "
                           f"pass --resume to continue after them")
     return done
 
 
-def _restore(store: Registry, ref: str, bank: LayerNormBank, pretrained: Values, state: RunState) -> None:
+def _restore(store: Registry, ref: str, base: str, bank: LayerNormBank, pretrained: Values, state: RunState) -> None:
     """A finished task back from the registry: its slot and key, the head as it was after it, its matrix row."""
     patch = store.load(ref)
     settings, metrics = patch.meta.settings, patch.meta.metrics
+    with Checkpoint.open(base) as checkpoint:  # the pipeline's base moved or changed: refused, not mixed
+        patch.check_base(checkpoint)
     restore_task(bank, patch, pretrained)
     slot = int(settings["task"])
     state.matrix.append([metrics[f"accuracy.{j}"] for j in range(slot + 1)])
@@ -197,8 +211,9 @@ def _grad_masks(parameters: dict[str, torch.nn.Parameter], masks: dict[str, torc
 
 def _settings(pipeline: Pipeline, task: TaskData, slot: int, key: torch.Tensor) -> dict:
     """What a task's version says about itself (beside the slot and head names the patch adds)."""
-    settings = {"pipeline": pipeline.digest(), "task": slot, "task_name": task.name,
-                "key": [float(v) for v in key.tolist()], "classes": task.classes, "protocol": pipeline.protocol}
+    settings = {"pipeline": pipeline.digest(slot + 1), "pipeline_settings": pipeline.digest(0), "task": slot,
+                "task_name": task.name, "key": [float(v) for v in key.tolist()], "classes": task.classes,
+                "protocol": pipeline.protocol}
     if pipeline.fisher is not None:
         settings["fisher"] = pipeline.fisher.model_dump(mode="json")
     return settings
