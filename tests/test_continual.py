@@ -101,7 +101,13 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
         version = store.load("cl@task-1")
         assert version.meta.metrics["accuracy.0"] == report.accuracy[1][0]
         assert len(version.meta.settings["key"]) == 32 and version.meta.settings["classes"] == [2, 3]
-        loaded = load_bank("cl@task-2", base, store)
+        reads = []
+        batch_reads = type(store._backend).read_ranges
+        with pytest.MonkeyPatch.context() as patcher:
+            patcher.setattr(type(store._backend), "read_ranges",
+                            lambda self, items: reads.append(len(items)) or batch_reads(self, items))
+            loaded = load_bank("cl@task-2", base, store)
+        assert reads == [1] * TASKS  # one batch of one ranged read (its pack) per task's version
         result = predict(loaded, {**unlabelled_batch(), "labels": torch.cat([task(i)["test"]["labels"]
                                                                             for i in range(TASKS)])})
         truth = torch.arange(TASKS).repeat_interleave(12)

@@ -60,11 +60,14 @@ class NormSlots(torch.nn.Module):
         return found
 
     def gathered(self, ids: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each sample's weight and bias, [B, d] gathered from the [T, d] bank, viewed as `shape`."""
-        weight = torch.stack(tuple(self.weights)).index_select(0, ids).view(shape)
+        """Each sample's weight and bias, [B, d], viewed as `shape`: only the slots the batch uses are stacked, so
+        the cost follows the tasks in the batch, not the tasks in the bank."""
+        used, position = torch.unique(ids, return_inverse=True)
+        used = used.tolist()
+        weight = torch.stack([self.weights[t] for t in used]).index_select(0, position).view(shape)
         if self.biases is None:
             return weight, None
-        return weight, torch.stack(tuple(self.biases)).index_select(0, ids).view(shape)
+        return weight, torch.stack([self.biases[t] for t in used]).index_select(0, position).view(shape)
 
 
 class BankedNorm(torch.nn.Module):

@@ -99,6 +99,11 @@ class Patch:
         """Where the tensors are read from when they are read lazily from a stored patch (else None)."""
         return self.tensors.stored.location if isinstance(self.tensors, StoredTensors) else None
 
+    def in_memory(self) -> Patch:
+        """The same patch with every tensor read now (together, where the store can: one ranged read per pack)."""
+        read_all = getattr(self.tensors, "read_all", None)
+        return Patch(read_all() if read_all else {name: self.tensors[name] for name in self.tensors}, self.meta)
+
     def save(self, directory: str | os.PathLike, force: bool = False,
              extra_files: Mapping[str, bytes] | None = None) -> Path:
         """Write `patch.json` and `tensors.safetensors` (and `extra_files`), published atomically."""

@@ -257,6 +257,12 @@ class RegistryTensors(Mapping):
     def __len__(self) -> int:
         return len(self.manifest.tensors)
 
+    def read_all(self) -> dict[str, torch.Tensor]:
+        """Every tensor at once, in one batch of ranged reads (one per pack or large blob), each hash-checked."""
+        items = list(self.manifest.tensors.items())
+        buffers = self.reader.read_verified(items, self.manifest.ref)
+        return {name: tensor_from(buf, entry) for (name, entry), buf in zip(items, buffers)}
+
 
 # -- pushing -------------------------------------------------------------------------------------
 

@@ -137,8 +137,9 @@ def _restore(store: Registry, ref: str, base: str, bank: LayerNormBank, pretrain
 
 
 def restore_task(bank: LayerNormBank, patch: Patch, pretrained: Values) -> int:
-    """A new slot (from the pretrained norms) holding a stored task's values, its key set, the head loaded."""
-    values = task_values(patch, pretrained)
+    """A new slot (from the pretrained norms) holding a stored task's values, its key set, the head loaded. The
+    patch's tensors are read together (from a registry: one ranged read per pack, not one per tensor)."""
+    values = task_values(patch.in_memory(), pretrained)
     settings = patch.meta.settings
     slot = bank.add_task(key=torch.tensor(settings["key"], dtype=torch.float32), init_from="pretrained")
     bank.load_slot(slot, {name: values[name] for name in settings["slot"]})
