@@ -61,7 +61,7 @@ PHASES = {  # phase -> (module attribute wrapped in splice.workflows.continual.r
     "train": ("train_slot", "LayerNorm slot + head training"),
     "rectify": ("rectify_head", "classifier rectification (routed)"),
     "evaluate": ("evaluate", "evaluation of every seen task (routed + oracle)"),
-    "patch": ("_task_patch", "task patch built (base fingerprint)"),
+    "patch": ("task_patch", "task patch built (base fingerprint)"),
     "push": (None, "Registry.push into the local registry"),
 }
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Quiet, RegistryURL, StorageOptions, parse_storage_options
+from splice.cli.options import Device, Quiet, RegistryURL, StorageOptions, parse_storage_options
 
 continual_app = typer.Typer(help="Continual learning with task-keyed LayerNorm banks (De Min et al. 2023).")
 
@@ -51,6 +51,7 @@ def predict(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write each input's class and task slot "
                                                                  "(and the accuracy, with labels) as JSON.")] = None,
     registry: RegistryURL = None,
+    device: Device = "auto",
     storage_options: StorageOptions = None,
 ) -> None:
     """Predict with routing: each input's LayerNorm slot is chosen by its key."""
@@ -61,7 +62,7 @@ def predict(
 
     if out is not None and not out.parent.is_dir():
         raise SpliceError(f"--out {out}: its directory {out.parent} does not exist")
-    loaded = load_bank(bank, base, registry, parse_storage_options(storage_options))
+    loaded = load_bank(bank, base, registry, parse_storage_options(storage_options), device=device)
     result = routed(loaded, load_callable(data, option="--data")())
     if out is not None:
         out.write_text(json.dumps({"bank": loaded.refs, **result.as_dict()}, indent=2) + "\n")

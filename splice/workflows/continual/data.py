@@ -72,10 +72,11 @@ def check_protocol(tasks: list[TaskData], protocol: str, num_labels: int) -> Non
             owner[cls] = task.name
 
 
-def batches(batch: Batch, size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
-    """Minibatches of `size`, shuffled by `generator` (in order without one)."""
+def batches(batch: Batch, size: int, generator: torch.Generator | None = None,
+            device: torch.device | None = None) -> Iterator[Batch]:
+    """Minibatches of `size`, shuffled by `generator` (in order without one), on `device` (the model's)."""
     count = next(iter(batch.values())).shape[0]
     order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
     for start in range(0, count, size):
         index = order[start:start + size]
-        yield {key: value[index] for key, value in batch.items()}
+        yield {key: value[index].to(device) if device is not None else value[index] for key, value in batch.items()}

@@ -25,7 +25,7 @@ def fisher_diagonal(bank: LayerNormBank, slot: int, tuned: dict[str, torch.nn.Pa
     bank.model.eval()
     count = 0
     try:
-        for sample in batches(data.train, 1):
+        for sample in batches(data.train, 1, device=bank.keys.device):
             logits = bank(task_ids=torch.full((1,), slot, dtype=torch.long), **inputs_of(sample)).logits
             loss = torch.nn.functional.cross_entropy(masked_logits(logits, data.classes), sample["labels"])
             for square, grad in zip(squares, torch.autograd.grad(loss, parameters)):

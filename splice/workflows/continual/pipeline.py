@@ -18,6 +18,7 @@ batch_size: 32
 seed: 0
 keys: closed-form                # or trained: key_epochs of -mean cos(f, k) with Adam from an orthogonal start
 fisher: null                     # or {fraction: 0.1, granularity: entries|modules, random: false}
+device: auto                     # where training and evaluation run: auto (cuda when there is one), cpu, cuda
 ```
 A data function returns `{"train": batch, "test": batch}`, each batch a dict of model inputs (tensors with the
 sample on dimension 0) plus `labels` (int64 class ids, global across tasks).
@@ -76,6 +77,7 @@ class Pipeline(BaseModel):
     key_epochs: StrictInt = Field(default=5, ge=1)  # trained keys: epochs of -mean cos(f, k), Adam
     key_lr: FiniteFloat = Field(default=1e-2, gt=0)
     fisher: FisherSubset | None = None
+    device: str = "auto"  # auto (cuda when there is a GPU), cpu, cuda, cuda:N
 
     @field_validator("tasks")
     @classmethod
@@ -91,7 +93,7 @@ class Pipeline(BaseModel):
         """What identifies the results of the first `tasks` tasks (default: all): the settings and those tasks'
         names, not where the base, the data or the registry are (the base is checked by its fingerprint), so a
         pipeline may grow by tasks and its files may move."""
-        identity = self.model_dump(mode="json", exclude={"registry", "base", "tasks"})
+        identity = self.model_dump(mode="json", exclude={"registry", "base", "tasks", "device"})
         identity["tasks"] = [task.name for task in self.tasks[:tasks]]
         return "sha256:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

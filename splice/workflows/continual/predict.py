@@ -15,6 +15,7 @@ from splice.adapters.bank import LayerNormBank
 from splice.errors import SpliceError, first_line
 from splice.registry.store import Registry, open_registry
 from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.device import resolve_device
 from splice.workflows.continual.data import Batch, batches, check_batch
 from splice.workflows.continual.model import load_model
 from splice.workflows.continual.run import restore_task
@@ -30,7 +31,7 @@ class LoadedBank:
 
 
 def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None = None,
-              storage_options: dict | None = None) -> LoadedBank:
+              storage_options: dict | None = None, device: str = "auto") -> LoadedBank:
     """The bank of every task up to the one `ref` names (`name@task-3`, or `name`: the latest task), on `base`."""
     store = open_registry(registry, storage_options)
     last = store.load(ref)
@@ -41,7 +42,7 @@ def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None
     aliases = store.aliases(name)
     with Checkpoint.open(base, storage_options) as checkpoint:  # the bank's base, or a one-line refusal
         last.check_base(checkpoint)
-    bank = LayerNormBank(load_model(base))
+    bank = LayerNormBank(load_model(base).to(resolve_device(device)))
     pretrained = pretrained_values(base, [*bank.tensor_names, *settings["head"]])
     refs, classes = [], []
     for task in range(int(settings["task"]) + 1):
@@ -75,7 +76,7 @@ def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64) -> Predictio
     every = sorted({c for task in loaded.classes for c in task})
     loaded.bank.model.eval()
     predicted, selected = [], []
-    for part in batches(batch, batch_size):
+    for part in batches(batch, batch_size, device=loaded.bank.keys.device):
         inputs = inputs_of(part)
         try:
             ids = loaded.bank.route(**inputs)

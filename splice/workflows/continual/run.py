@@ -20,6 +20,7 @@ from splice.errors import SpliceError
 from splice.progress import NoProgress, Progress
 from splice.registry.store import Registry
 from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.device import resolve_device
 from splice.tensors.writer import check_report_dir
 from splice.workflows.continual.data import TaskData, check_protocol, load_task
 from splice.workflows.continual.fisher import fisher_diagonal, subset_masks
@@ -85,7 +86,7 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
 
 
 def _bank(pipeline: Pipeline) -> tuple[LayerNormBank, list[str]]:
-    model = load_model(pipeline.base)
+    model = load_model(pipeline.base).to(resolve_device(pipeline.device))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     bank = LayerNormBank(model)

@@ -38,7 +38,7 @@ def masked_logits(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
 @torch.no_grad()
 def task_features(bank: LayerNormBank, data: TaskData, batch_size: int) -> torch.Tensor:
     """The frozen model's routing features of the task's training inputs."""
-    return torch.cat([bank.features(**inputs_of(b)) for b in batches(data.train, batch_size)])
+    return torch.cat([bank.features(**inputs_of(b)) for b in batches(data.train, batch_size, device=bank.keys.device)])
 
 
 def task_key(bank: LayerNormBank, data: TaskData, schedule: Schedule, generator: torch.Generator,
@@ -49,7 +49,7 @@ def task_key(bank: LayerNormBank, data: TaskData, schedule: Schedule, generator:
     features = task_features(bank, data, schedule.batch_size)
     if not trained:
         return bank.closed_form_key(features)
-    start = torch.randn(features.shape[1], generator=generator)
+    start = torch.randn(features.shape[1], generator=generator).to(features.device)
     for other in bank.keys[bank.has_key]:
         start -= (start @ other) * other  # keys are unit vectors
     key = torch.nn.Parameter(start / start.norm())
@@ -75,7 +75,7 @@ def _epochs(parameters: list[torch.nn.Parameter], lr: float, epochs: int, data: 
         progress.start(f"{label} epoch {epoch + 1}/{epochs}{loss_so_far}", count, 0, unit="samples")
         total, seen = 0.0, 0
         try:
-            for batch in batches(data.train, schedule.batch_size, generator):
+            for batch in batches(data.train, schedule.batch_size, generator, device=parameters[0].device):
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_of(batch)
                 loss.backward()
@@ -150,7 +150,7 @@ def evaluate(bank: LayerNormBank, seen: list[TaskData], protocol: str, batch_siz
     for index, task in enumerate(seen):
         classes = every_class if protocol == "class-incremental" else task.classes
         hits = oracle_hits = 0
-        for batch in batches(task.test, batch_size):
+        for batch in batches(task.test, batch_size, device=bank.keys.device):
             inputs, labels = inputs_of(batch), batch["labels"]
             ids = bank.route(**inputs)
             hits += int((masked_logits(bank(task_ids=ids, **inputs).logits, classes).argmax(-1) == labels).sum())
