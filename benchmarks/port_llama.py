@@ -51,8 +51,9 @@ PHASES = {  # the child's phase keys, in call order; "a.b" is part of "a"
     "measure.update": "the update U = B @ A, materialized (zeros + B @ A)",
     "measure.drift": "drift figures (norms, dot; includes the norms above)",
     "context": "context fingerprint of NEW (sampled)",
+    "report": "drift report files (JSON + PNG via matplotlib, drawn before the write)",
     "write": "write pass: apply_patches(ported, NEW, out)",
-    "write.report": "drift report files (JSON + PNG via matplotlib, on a thread during the write)",
+
     "write.stream": "stream: read, add, write",
     "rest": "rest (open checkpoints, checks, ported patch)",
 }
@@ -87,7 +88,7 @@ timed(port_module, "l2_norm", "measure.norm")
 timed(port_module, "_update", "measure.update")
 timed(port_module, "_tensor_drift", "measure.drift")
 timed(port_module, "_new_fingerprint", "context")
-timed(drift_module.DriftReport, "files", "write.report")
+timed(drift_module.DriftReport, "files", "report")
 timed(port_module, "apply_patches", "write")
 timed(apply_module, "run_stream", "write.stream" if mode == "port" else "stream")
 started = time.perf_counter()
