@@ -55,10 +55,12 @@ def l2_norm(tensor: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64))
 
 
-def fingerprint_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> TensorFingerprint:
-    """A base tensor the patch touches, hashed whole (`dtype`: as stored)."""
+def fingerprint_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype, sha256: str | None = None
+                       ) -> TensorFingerprint:
+    """A base tensor the patch touches, hashed whole (`dtype`: as stored; `sha256`: its hash, when a caller has
+    already computed it, e.g. on a worker thread)."""
     return TensorFingerprint(name=name, shape=tuple(tensor.shape), dtype=dtype_name(dtype),
-                             sha256=tensor_sha256(tensor), norm=l2_norm(tensor))
+                             sha256=sha256 or tensor_sha256(tensor), norm=l2_norm(tensor))
 
 
 def context_names(base: Checkpoint, touched: Iterable[str]) -> list[str]:

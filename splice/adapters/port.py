@@ -26,6 +26,7 @@ from splice.adapters.fingerprint import (
     compare_base,
     context_bytes,
     context_names,
+    fingerprint_tensor,
     first_names,
     l2_norm,
     refuse_drift,
@@ -34,14 +35,14 @@ from splice.adapters.fingerprint import (
 )
 from splice.adapters.kinds import KINDS
 from splice.adapters.kinds.spec import MappedTensors
-from splice.adapters.meta import BaseFingerprint, PatchMeta, TensorFingerprint
+from splice.adapters.meta import BaseFingerprint, PatchMeta
 from splice.adapters.patch import Patch
 from splice.adapters.sources import PatchSource, load_patch
 from splice.adapters.steps import Effect, Step
 from splice.errors import PatchError
 from splice.progress import NoProgress, Progress
 from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.device import dtype_name, resolve_device
+from splice.tensors.device import resolve_device
 from splice.tensors.stream import StreamReport, read_ahead
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
 
@@ -200,11 +201,12 @@ def _measure(patch: Patch, steps: dict[str, Step], new: Checkpoint, old: Checkpo
     progress.start("measuring the base's drift", len(names), sum(sizes))
     result = _Measured([], [], {})
     try:
+        compute = resolve_device(device)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="splice-port-hash") as hashing:
             for position, tensors in read_ahead(reads, depth=2):
                 name = names[position]
-                _measure_one(patch, name, steps[name], tensors, recorded.get(name), new, old, scale,
-                             resolve_device(device), hashing, result)
+                _measure_one(patch, name, steps[name], tensors, recorded.get(name), new, old, scale, compute,
+                             hashing, result)
                 progress.advance(1, sizes[position])
     finally:
         progress.finish()
@@ -223,8 +225,7 @@ def _measure_one(patch: Patch, name: str, step: Step, tensors: list[torch.Tensor
     if old_hash is not None and old_hash.result() != recorded.sha256:
         raise PatchError(f"{old.location} (--from) is not the base this patch was made on: {name} differs; "
                          f"give the base it was made on")
-    entry = TensorFingerprint(name=name, shape=tuple(stored_new.shape), dtype=dtype_name(new.tensors[name].dtype),
-                              sha256=new_hash.result(), norm=l2_norm(value_new))
+    entry = fingerprint_tensor(name, stored_new, new.tensors[name].dtype, sha256=new_hash.result())
     result.fingerprints.append(entry)
     result.drifts.append(_tensor_drift(name, entry, recorded, value_new, value_old, update))
     if step.effect is Effect.replace:

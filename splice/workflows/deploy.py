@@ -21,6 +21,7 @@ from splice.adapters.port import Ported, prepare_port
 from splice.errors import CheckpointError
 from splice.progress import Progress
 from splice.registry.health import HealthRecord
+from splice.registry.manifest import VersionManifest
 from splice.registry.store import Registry, open_registry
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.safetensors import read_safetensors_metadata
@@ -86,18 +87,18 @@ def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike,
     ensure_output_free(out, force, protected=[p for p in (base, old_base, store.url) if p is not None],
                        what="a base or the registry")
     base_ckpt = Checkpoint.open(base, storage_options)
-    deployed, patches, ports, files = [], [], [], {}
-    for ref in refs:
+    deployed, patches, sources, files = [], [], [], {}
+    for index, ref in enumerate(refs):
         version = store.resolve(ref)
-        patch = store.load(version.ref)
+        patch, ported = store.load(version.ref), None
         if port:
             ported = prepare_port(patch, base, old_base=old_base, source=version.ref, device=device,
                                   progress=progress, storage_options=storage_options)
             check, patch = f"ported: {ported.drift.verdict}", ported.patch
-            ports.append(ported)
-            files.update({_numbered(name, len(ports), len(refs)): data for name, data in ported.drift.files().items()})
+            files.update({_numbered(name, index + 1, len(refs)): data for name, data in ported.drift.files().items()})
         else:
             check = _base_check(patch, base_ckpt, allow_base_drift)
+        sources.append((version, ported))
         deployed.append(DeployedPatch(ref=ref, name=version.name, version=version.version, digest=version.digest,
                                       kind=patch.meta.kind.value, base_check=check,
                                       base_digest=patch.meta.base.digest if patch.meta.base else None))
@@ -107,7 +108,7 @@ def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike,
                            force=force, progress=progress, storage_options=storage_options,
                            metadata={RECORD_METADATA_KEY: record.model_dump_json()},
                            extra_files={RECORD_FILE: (record.model_dump_json(indent=2) + "\n").encode(), **files})
-    record.warnings = _record_deployments(store, record, ports, str(out))
+    record.warnings = _record_deployments(store, record, sources, str(out))
     return record, report
 
 
@@ -129,13 +130,13 @@ def _base_check(patch: Patch, base: Checkpoint, allow_base_drift: bool) -> str:
     return "verified"
 
 
-def _record_deployments(store: Registry, record: DeploymentRecord, ports: list[Ported], output: str) -> list[str]:
+def _record_deployments(store: Registry, record: DeploymentRecord,
+                        sources: list[tuple[VersionManifest, Ported | None]], output: str) -> list[str]:
     """Each deployed version's health record (a port's with its drift figures); warnings where one failed."""
-    warnings, ported = [], iter(ports)
-    for patch in record.patches:
-        if patch.base_check.startswith("ported"):
-            source = store.resolve(f"{patch.name}@{patch.version}")
-            warnings += record_port(store, source, next(ported), record.base, None, output)
+    warnings = []
+    for patch, (version, ported) in zip(record.patches, sources):
+        if ported is not None:
+            warnings += record_port(store, version, ported, record.base, None, output)
             continue
         health = HealthRecord(event="deploy", version=patch.version, digest=patch.digest, base=record.base,
                               base_digest=patch.base_digest if patch.base_check == "verified" else None,

@@ -143,6 +143,7 @@ def restore_task(bank: LayerNormBank, patch: Patch, pretrained: Values) -> int:
     values = task_values(patch.in_memory(), pretrained)
     settings = patch.meta.settings
     slot = bank.add_task(key=torch.tensor(settings["key"], dtype=torch.float32), init_from="pretrained")
+    bank.slots.requires_grad_(False)  # restored slots are values, not trained here
     bank.load_slot(slot, {name: values[name] for name in settings["slot"]})
     load_head(bank.model, {name: values[name] for name in settings["head"]})
     return slot
@@ -175,6 +176,7 @@ def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_nam
     key = task_key(bank, task, schedule, generator, trained=pipeline.keys == "trained", epochs=pipeline.key_epochs,
                    lr=pipeline.key_lr)
     slot = bank.add_task(key=key, init_from="pretrained" if pipeline.fisher else None)
+    bank.slots.requires_grad_(False)  # train_slot turns on the tuned entries; no other slot takes gradients
     head = head_parameters(bank.model, head_names)
     parameters = {name: bank.slot_parameters(slot)[name] for name in tuned}
     masks = None
