@@ -42,6 +42,20 @@ def overlapping():
     return task(0)
 
 
+def negative_label():
+    """Task 1 with one training label -1 (not a class id)."""
+    data = task(1)
+    data["train"]["labels"][0] = -1
+    return data
+
+
+def three_channels():
+    """Task 1 whose test images have three channels (the model takes one): the model cannot take them."""
+    data = task(1)
+    data["test"]["pixel_values"] = data["test"]["pixel_values"].repeat(1, 3, 1, 1)
+    return data
+
+
 def empty():
     return {"train": {"pixel_values": torch.zeros(0, 1, 8, 8), "labels": torch.zeros(0, dtype=torch.long)},
             "test": task(0)["test"]}

@@ -89,7 +89,7 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
     store = Registry.open("memory://continual-test/registry")
     try:
         assert [v.version for v in store.versions("cl")] == [1, 2, 3]
-        assert sorted(store.aliases("cl")) == ["task-0", "task-1", "task-2"]
+        assert sorted(store.aliases("cl")) == ["task-1", "task-2", "task-3"]
         assert [len(row) for row in report.accuracy] == [1, 2, 3]
         assert report.task_id_accuracy[-1] > 0.75, report.task_id_accuracy  # chance: 1/3
         assert report.final_average_accuracy == pytest.approx(sum(report.accuracy[-1]) / 3)
@@ -98,7 +98,7 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
         assert stored["accuracy"] == report.accuracy
         for png in ("accuracy_matrix.png", "average_accuracy.png"):
             assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
-        version = store.load("cl@task-1")
+        version = store.load("cl@task-2")
         assert version.meta.metrics["accuracy.0"] == report.accuracy[1][0]
         assert len(version.meta.settings["key"]) == 32 and version.meta.settings["classes"] == [2, 3]
         reads = []
@@ -106,25 +106,25 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
         with pytest.MonkeyPatch.context() as patcher:
             patcher.setattr(type(store._backend), "read_ranges",
                             lambda self, items: reads.append(len(items)) or batch_reads(self, items))
-            loaded = load_bank("cl@task-2", base, store)
+            loaded = load_bank("cl@task-3", base, store)
         assert reads == [1] * TASKS  # one batch of one ranged read (its pack) per task's version
         result = predict(loaded, {**unlabelled_batch(), "labels": torch.cat([task(i)["test"]["labels"]
                                                                             for i in range(TASKS)])})
         truth = torch.arange(TASKS).repeat_interleave(12)
         assert float((result.tasks == truth).float().mean()) == pytest.approx(report.task_id_accuracy[-1])
         # independently of the bank: task t's LayerNorm values and the last head on a plain model, by stored name
-        last = store.load("cl@task-2")
+        last = store.load("cl@task-3")
         for slot in range(TASKS):
             model = transformers.ViTForImageClassification.from_pretrained(base).eval()
             module_of = stored_to_module_names(model)
             values = {**{n: last.tensors[n] for n in last.meta.settings["head"]},
-                      **{n: store.load(f"cl@task-{slot}").tensors[n] for n in last.meta.settings["slot"]}}
+                      **{n: store.load(f"cl@task-{slot + 1}").tensors[n] for n in last.meta.settings["slot"]}}
             model.load_state_dict({module_of[n]: v for n, v in values.items()}, strict=False)
             chosen = result.tasks == slot
             with torch.no_grad():
                 logits = model(pixel_values=unlabelled_batch()["pixel_values"][chosen]).logits
             assert torch.equal(logits.argmax(-1), result.classes[chosen])
-        code, _, err = run_cli(["continual", "predict", "--bank", "cl@task-2", "--base", base, "--data",
+        code, _, err = run_cli(["continual", "predict", "--bank", "cl@task-3", "--base", base, "--data",
                                 f"{TASK_FILE}:unlabelled_batch", "--registry", "memory://continual-test/registry",
                                 "--out", tmp_path / "predictions.json"], monkeypatch, capsys)
         written = json.loads((tmp_path / "predictions.json").read_text())
@@ -144,6 +144,16 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
     ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:nothing_here"}]}, "has no function nothing_here"),
     ({"norms": ["layernorm_before", "no_such_norm"]}, "norms: 'no_such_norm' matches no norm of the model"),
     ({"base": "no-such-model"}, "no-such-model: not a model directory with a config.json"),
+    ({"seed": 2 ** 63}, "seed: Value error, 9223372036854775808 is out of range"),
+    ({"seed": 2 ** 62}, "give a seed between -92230953439944 and 92230953439944"),  # x 100003 overflows
+    ({"head_lr": 1e38}, "head_lr: Input should be less than or equal to 1"),
+    ({"name": "CL"}, "registry name 'CL' is not allowed: use lowercase letters"),
+    ({"norms": []}, "norms: Value error, an empty list tunes no norm (only the head would train)"),
+    ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:negative_label"}]},
+     "task t1: label -1 does not fit the model's head of 6 labels"),
+    # found by a dry pass of one batch per task before task 0 trains, not after it was pushed
+    ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:three_channels"}]},
+     "task t1 test: the model cannot take these inputs (Make sure that the channel dimension"),
 ])
 def test_bad_pipelines_are_refused_before_any_training(tmp_path, overrides, message):
     base = tiny_vit(tmp_path / "vit")
@@ -177,7 +187,7 @@ def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, m
         Registry.init(registry)
     uninterrupted = run_pipeline(pipeline_file(tmp_path, base, str(whole)))
     path = pipeline_file(tmp_path, base, str(parts))
-    marker = parts / "patches" / "cl" / "aliases" / "task-1" / "1.json"  # task 1 reached the registry
+    marker = parts / "patches" / "cl" / "aliases" / "task-2" / "1.json"  # task 2 reached the registry
     process = subprocess.Popen([sys.executable, "-m", "splice", "continual", "run", str(path), "-q",
                                 "--report", str(tmp_path / "never")], env={**os.environ, "PYTHONPATH": str(HERE)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -195,8 +205,8 @@ def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, m
     assert resumed["resumed_tasks"] == finished and resumed["accuracy"] == uninterrupted.accuracy
     assert resumed["task_id_accuracy"] == uninterrupted.task_id_accuracy
     assert resumed["losses"] == uninterrupted.losses
-    final = Registry.open(parts).load("cl@task-2").tensors
-    expected = Registry.open(whole).load("cl@task-2").tensors
+    final = Registry.open(parts).load("cl@task-3").tensors
+    expected = Registry.open(whole).load("cl@task-3").tensors
     assert all(torch.equal(final[name], expected[name]) for name in expected)
 
 
@@ -228,20 +238,20 @@ def test_a_task_pushed_but_not_aliased_is_taken_up_on_resume(tmp_path, monkeypat
     tag = Registry.tag
 
     def interrupted(self, name, alias, version, **kwargs):
-        if alias == "task-1":
-            raise KeyboardInterrupt  # Ctrl-C after task 1's version was created, before its alias
+        if alias == "task-2":
+            raise KeyboardInterrupt  # Ctrl-C after task 2's version was created, before its alias
         return tag(self, name, alias, version, **kwargs)
 
     monkeypatch.setattr(Registry, "tag", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(path)
     monkeypatch.setattr(Registry, "tag", tag)
-    assert sorted(Registry.open(registry).aliases("cl")) == ["task-0"]
+    assert sorted(Registry.open(registry).aliases("cl")) == ["task-1"]
     resumed = run_pipeline(path, resume=True)
     store = Registry.open(registry)
     assert resumed.resumed_tasks == 2 and [v.version for v in store.versions("cl")] == [1, 2, 3]
     assert {alias: record.version for alias, record in store.aliases("cl").items()} == \
-        {"task-0": 1, "task-1": 2, "task-2": 3}
+        {"task-1": 1, "task-2": 2, "task-3": 3}
 
 
 def test_predict_refuses_a_base_the_bank_was_not_trained_on(tmp_path):
@@ -254,7 +264,7 @@ def test_predict_refuses_a_base_the_bank_was_not_trained_on(tmp_path):
         other.vit.layernorm.weight.add_(0.5)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(SpliceError, match="is not the base this layernorm patch was made for"):
-        load_bank("cl@task-0", tmp_path / "other", registry)
+        load_bank("cl@task-1", tmp_path / "other", registry)
 
 
 def test_a_chosen_subset_of_norms_is_all_that_trains_and_is_stored(tmp_path):
@@ -265,7 +275,7 @@ def test_a_chosen_subset_of_norms_is_all_that_trains_and_is_stored(tmp_path):
     store = Registry.open(registry)
     pretrained = transformers.ViTForImageClassification.from_pretrained(base).state_dict()
     stored = stored_to_module_names(transformers.ViTForImageClassification.from_pretrained(base))
-    for alias in ("cl@task-0", "cl@task-1"):
+    for alias in ("cl@task-1", "cl@task-2"):
         patch = store.load(alias)
         slot = patch.meta.settings["slot"]
         assert slot == sorted(n for n in stored if ".layernorm_after." in n) and len(slot) == 4
@@ -340,18 +350,18 @@ def test_a_fisher_pipeline_stores_sparse_deltas_over_the_pretrained_norms(tmp_pa
     report = run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=2, fisher={"fraction": 0.1},
                                         tasks=[{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(2)]))
     store = Registry.open(registry)
-    patch = store.load("cl@task-1")
+    patch = store.load("cl@task-2")
     total = sum(v.numel() for v in pretrained_values(base, patch.meta.settings["slot"]).values())
     assert patch.meta.kind is PatchKind.mask
     every = [n for n in stored_to_module_names(transformers.ViTForImageClassification.from_pretrained(base))
              if "layernorm" in n]
     kept = sum(patch.meta.settings["kept"][n] for n in patch.meta.settings["slot"])
     assert kept == math.ceil(0.1 * sum(pretrained_values(base, every)[n].numel() for n in every))
-    assert report.parameters_per_task == [kept_of(store.load("cl@task-0")), kept] and kept < total
+    assert report.parameters_per_task == [kept_of(store.load("cl@task-1")), kept] and kept < total
     values = task_values(patch, pretrained := pretrained_values(base, [*every, *patch.meta.settings["head"]]))
     changed = sum(int((values[n] != pretrained[n]).sum()) for n in patch.meta.settings["slot"])
     assert 0 < changed <= kept
-    apply_patches([store.load("cl@task-1")], base, tmp_path / "applied")  # splice patch apply of the version
+    apply_patches([store.load("cl@task-2")], base, tmp_path / "applied")  # splice patch apply of the version
     applied = load_file(tmp_path / "applied" / "model.safetensors")
     assert all(torch.equal(applied[n], values[n]) for n in values)
 

@@ -17,6 +17,7 @@ from splice.cli.continual import continual_app
 from splice.cli.deploy import deploy_command
 from splice.cli.fuse import fuse_command
 from splice.cli.options import (
+    INTERRUPTED,
     Device,
     Dtype,
     Force,
@@ -31,8 +32,6 @@ from splice.cli.patch import patch_app
 from splice.cli.port import port_command
 from splice.cli.registry import registry_app
 from splice.errors import SpliceError
-
-INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from splice.cli import render
-from splice.cli.options import Device, Quiet, RegistryURL, StorageOptions, parse_storage_options
+from splice.cli.options import INTERRUPTED, Device, Quiet, RegistryURL, StorageOptions, parse_storage_options
 
 continual_app = typer.Typer(help="Continual learning with task-keyed LayerNorm banks (De Min et al. 2023).")
 
@@ -28,13 +29,20 @@ def run(
     quiet: Quiet = False,
 ) -> None:
     """Per task: its key, its LayerNorm slot trained, the head rectified, every seen task evaluated, pushed as a
-    new version with alias task-<i>. A rerun with --resume continues after the last task in the registry."""
+    new version with alias task-<i> (task-1 is the first). A rerun with --resume continues after the last task in
+    the registry."""
     from splice.workflows.continual.pipeline import load_pipeline
-    from splice.workflows.continual.run import run_pipeline
+    from splice.workflows.continual.run import TasksKept, run_pipeline
 
     loaded = load_pipeline(pipeline)
-    result = run_pipeline(loaded, resume=resume, registry=registry, report_dir=report or f"continual-{loaded.name}",
-                          progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
+    try:
+        result = run_pipeline(loaded, resume=resume, registry=registry,
+                              report_dir=report or f"continual-{loaded.name}", progress=render.RichProgress(quiet),
+                              storage_options=parse_storage_options(storage_options))
+    except TasksKept as exc:  # not "nothing was published": say what the registry keeps
+        render.stop_progress()
+        render.error_console.print(f"interrupted; {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(INTERRUPTED)
     if not quiet:
         for table in render.continual_tables(result):
             render.console.print(table)
@@ -43,8 +51,8 @@ def run(
 
 @continual_app.command("predict")
 def predict(
-    bank: Annotated[str, typer.Option("--bank", help="A task version of a pipeline (name@task-3; name: the "
-                                                     "latest); its bank holds every task up to it.")],
+    bank: Annotated[str, typer.Option("--bank", help="A task version of a pipeline (name@task-3: tasks 1 to 3; "
+                                                     "name: the latest); its bank holds every task up to it.")],
     base: Annotated[str, typer.Option("--base", help="The pipeline's base model.")],
     data: Annotated[str, typer.Option("--data", help="MODULE:FUNCTION returning a batch (dict of tensors; "
                                                      "labels optional).")],
@@ -53,6 +61,7 @@ def predict(
     registry: RegistryURL = None,
     device: Device = "auto",
     storage_options: StorageOptions = None,
+    quiet: Quiet = False,
 ) -> None:
     """Predict with routing: each input's LayerNorm slot is chosen by its key."""
     from splice.errors import SpliceError
@@ -62,8 +71,10 @@ def predict(
 
     if out is not None and not out.parent.is_dir():
         raise SpliceError(f"--out {out}: its directory {out.parent} does not exist")
-    loaded = load_bank(bank, base, registry, parse_storage_options(storage_options), device=device)
-    result = routed(loaded, load_callable(data, option="--data")())
+    progress = render.RichProgress(quiet)
+    loaded = load_bank(bank, base, registry, parse_storage_options(storage_options), device=device, progress=progress)
+    result = routed(loaded, load_callable(data, option="--data")(), progress=progress)
     if out is not None:
         out.write_text(json.dumps({"bank": loaded.refs, **result.as_dict()}, indent=2) + "\n")
-    render.console.print(render.prediction_table(result, loaded))
+    if not quiet:
+        render.console.print(render.prediction_table(result, loaded))

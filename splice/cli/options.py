@@ -10,6 +10,8 @@ import typer
 
 from splice.errors import SpliceError
 
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no tables.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log every tensor as it is merged.")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output model directory (must not exist, or use --force).")]

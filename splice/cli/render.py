@@ -212,7 +212,8 @@ def prediction_table(result, loaded) -> Table:
     counts = {}
     for task in result.tasks.tolist():
         counts[task] = counts.get(task, 0) + 1
-    rows = [[f"task-{t}", loaded.refs[t], n] for t, n in sorted(counts.items())]
+    names = loaded.aliases or [f"task-{t + 1}" for t in range(len(loaded.refs))]
+    rows = [[names[t], loaded.refs[t], n] for t, n in sorted(counts.items())]
     title = f"{len(result.classes)} inputs routed" + (f"; accuracy {result.accuracy:.4f}"
                                                       if result.accuracy is not None else "")
-    return table(title, ["slot", "version", "inputs"], rows)
+    return table(title, ["task", "version", "inputs"], rows)

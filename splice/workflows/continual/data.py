@@ -58,9 +58,10 @@ def load_task(name: str, hook: str) -> TaskData:
 def check_protocol(tasks: list[TaskData], protocol: str, num_labels: int) -> None:
     """Class-incremental tasks have disjoint classes; every class fits the model's head."""
     for task in tasks:
-        if task.classes[0] < 0 or task.classes[-1] >= num_labels:
-            raise SpliceError(f"task {task.name}: class {task.classes[-1]} does not fit the model's head of "
-                              f"{num_labels} labels (classes are 0..{num_labels - 1})")
+        outside = [c for c in task.classes if not 0 <= c < num_labels]
+        if outside:
+            raise SpliceError(f"task {task.name}: label {outside[0]} does not fit the model's head of "
+                              f"{num_labels} labels (labels are class ids 0..{num_labels - 1})")
     if protocol != "class-incremental":
         return
     owner: dict[int, str] = {}

@@ -3,19 +3,19 @@
 ```yaml
 base: path/to/model              # a Hugging Face model directory with a classification (or LM) head
 registry: memory://cl            # optional: else --registry / SPLICE_REGISTRY
-name: digits-cl                  # registry name: one version per task, alias task-<i>
+name: digits-cl                  # registry name: one version per task, aliases task-1 .. task-T
 protocol: class-incremental      # or task-incremental (classes may repeat across tasks)
 tasks:
   - name: digits-0-1
     data: examples/continual_digits.py:task_0     # MODULE:FUNCTION -> {"train": {...}, "test": {...}}
   - {name: digits-2-3, data: examples/continual_digits.py:task_1}
-norms: all                       # or a list of substrings of the norm modules' stored names
+norms: all                       # or a (non-empty) list of substrings of the norm modules' stored names
 epochs: 5                        # LayerNorm training epochs per task
-lr: 0.005
+lr: 0.005                        # Adam learning rates: 0 < lr <= 1
 head_lr: 0.001                   # classifier rectification (second stage)
 rectify: true
 batch_size: 32
-seed: 0
+seed: 0                          # task i seeds torch with seed * 100003 + i (a 64-bit integer)
 keys: closed-form                # or trained: key_epochs of -mean cos(f, k) with Adam from an orthogonal start
 fisher: null                     # or {fraction: 0.1, granularity: entries|modules, random: false}
 device: auto                     # where training and evaluation run: auto (cuda when there is one), cpu, cuda
@@ -29,15 +29,24 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator
 
 from splice.errors import SpliceError
+from splice.registry.refs import check_name
 from splice.values import FiniteFloat, one_line
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SEED_STRIDE = 100_003  # task i of a pipeline seeds its generators with seed * SEED_STRIDE + i
+INT64 = (-(2 ** 63), 2 ** 63 - 1)
+LearningRate = Annotated[FiniteFloat, Field(gt=0, le=1)]  # Adam moves each entry by about lr per step
+
+
+def task_seed(seed: int, index: int) -> int:
+    """The seed of task `index`: a resumed run draws exactly what an uninterrupted one did."""
+    return seed * SEED_STRIDE + index
 
 
 class FisherSubset(BaseModel):
@@ -61,23 +70,49 @@ class TaskSpec(BaseModel):
 class Pipeline(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base: str
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str  # a registry name (lowercase), checked below
     registry: str | None = None
     protocol: Literal["class-incremental", "task-incremental"] = "class-incremental"
     tasks: list[TaskSpec] = Field(min_length=1)
     norms: Literal["all"] | list[str] = "all"
     epochs: StrictInt = Field(default=5, ge=1)
-    lr: FiniteFloat = Field(default=5e-3, gt=0)
-    head_lr: FiniteFloat = Field(default=1e-3, gt=0)
+    lr: LearningRate = 5e-3
+    head_lr: LearningRate = 1e-3
     rectify: bool = True
     rectify_epochs: StrictInt | None = Field(default=None, ge=1)  # default: epochs
     batch_size: StrictInt = Field(default=32, ge=1)
     seed: StrictInt = 0
     keys: Literal["closed-form", "trained"] = "closed-form"
     key_epochs: StrictInt = Field(default=5, ge=1)  # trained keys: epochs of -mean cos(f, k), Adam
-    key_lr: FiniteFloat = Field(default=1e-2, gt=0)
+    key_lr: LearningRate = 1e-2
     fisher: FisherSubset | None = None
     device: str = "auto"  # auto (cuda when there is a GPU), cpu, cuda, cuda:N
+
+    @field_validator("name")
+    @classmethod
+    def _registry_name(cls, name: str) -> str:
+        try:
+            return check_name(name, "registry name")
+        except SpliceError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("norms")
+    @classmethod
+    def _some_norms(cls, norms: str | list[str]) -> str | list[str]:
+        if norms == []:
+            raise ValueError("an empty list tunes no norm (only the head would train); give all, or substrings of "
+                             "the names of the norms to tune")
+        return norms
+
+    @field_validator("seed")
+    @classmethod
+    def _seeds_fit(cls, seed: int, info: ValidationInfo) -> int:
+        count = len(info.data.get("tasks") or [None])
+        if task_seed(seed, 0) < INT64[0] or task_seed(seed, count - 1) > INT64[1]:
+            limit = (INT64[1] - count) // SEED_STRIDE
+            raise ValueError(f"{seed} is out of range: task i seeds torch with seed x {SEED_STRIDE} + i, a 64-bit "
+                             f"integer; give a seed between -{limit} and {limit}")
+        return seed
 
     @field_validator("tasks")
     @classmethod

@@ -12,15 +12,17 @@ from dataclasses import dataclass
 import torch
 
 from splice.adapters.bank import LayerNormBank
-from splice.errors import SpliceError, first_line
+from splice.errors import SpliceError
+from splice.progress import NoProgress, Progress
 from splice.registry.store import Registry, open_registry
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
+from splice.workflows.continual.aliases import alias_of, check_aliased_task, uses_legacy_aliases
 from splice.workflows.continual.data import Batch, batches, check_batch
 from splice.workflows.continual.model import load_model
 from splice.workflows.continual.run import restore_task
 from splice.workflows.continual.stored import pretrained_values
-from splice.workflows.continual.train import inputs_of, masked_logits
+from splice.workflows.continual.train import inputs_of, masked_logits, model_inputs
 
 
 @dataclass
@@ -28,35 +30,51 @@ class LoadedBank:
     bank: LayerNormBank
     refs: list[str]  # the version of each task, in task order
     classes: list[list[int]]  # each task's classes
+    aliases: list[str] | None = None  # each task's alias (task-1 .., or task-0 .. in an older registry)
 
 
 def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None = None,
-              storage_options: dict | None = None, device: str = "auto") -> LoadedBank:
-    """The bank of every task up to the one `ref` names (`name@task-3`, or `name`: the latest task), on `base`."""
+              storage_options: dict | None = None, device: str = "auto",
+              progress: Progress | None = None) -> LoadedBank:
+    """The bank of every task up to the one `ref` names (`name@task-3`: tasks 1 to 3, or `name`: the latest task),
+    on `base`. Each earlier task's alias must point at that task's version."""
     store = open_registry(registry, storage_options)
+    progress = progress or NoProgress()
     last = store.load(ref)
     settings = last.meta.settings
     if "pipeline" not in settings or "task" not in settings:
         raise SpliceError(f"{ref} is not a task of a continual pipeline (no pipeline/task in its settings)")
     name = store.resolve(ref).name
     aliases = store.aliases(name)
+    legacy = uses_legacy_aliases(aliases)
     with Checkpoint.open(base, storage_options) as checkpoint:  # the bank's base, or a one-line refusal
         last.check_base(checkpoint)
+    progress.start("loading the base model", 1, 0, unit="models")
     bank = LayerNormBank(load_model(base).to(resolve_device(device)))
     pretrained = pretrained_values(base, [*bank.tensor_names, *settings["head"]])
-    refs, classes = [], []
-    for task in range(int(settings["task"]) + 1):
-        alias = aliases.get(f"task-{task}")
+    progress.advance(1, 0)
+    progress.finish()
+    count = int(settings["task"]) + 1
+    progress.start(f"loading the slots of {name}", count, 0, unit="tasks")
+    refs, classes, names = [], [], []
+    for task in range(count):
+        alias_name = alias_of(task, legacy)
+        alias = aliases.get(alias_name)
         if alias is None:
-            raise SpliceError(f"{name} has no alias task-{task}: the bank of {ref} is incomplete")
+            raise SpliceError(f"{name} has no alias {alias_name}: the bank of {ref} is incomplete")
         patch = store.load(f"{name}@{alias.version}") if task != settings["task"] else last
         if patch.meta.settings.get("pipeline_settings") != settings.get("pipeline_settings"):
-            raise SpliceError(f"{name}@task-{task} belongs to another pipeline than {ref}")
+            raise SpliceError(f"{name}@{alias_name} belongs to another pipeline than {ref}")
+        if task != settings["task"]:
+            check_aliased_task(store, name, alias_name, alias.version, patch.meta.settings, task)
         restore_task(bank, patch, pretrained)
         refs.append(f"{name}@{alias.version}")
         classes.append(list(patch.meta.settings["classes"]))
+        names.append(alias_name)
+        progress.advance(1, 0)
+    progress.finish()
     # restore_task loaded each task's head in turn: the last one, `ref`'s, is the bank's
-    return LoadedBank(bank, refs, classes)
+    return LoadedBank(bank, refs, classes, names)
 
 
 @dataclass
@@ -70,21 +88,24 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64) -> Predictions:
+def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64, progress: Progress | None = None
+            ) -> Predictions:
     """Routed predictions (each input's slot chosen by its key) over the classes of every task in the bank."""
     batch = check_batch(batch, "the data", labels=False)
     every = sorted({c for task in loaded.classes for c in task})
     loaded.bank.model.eval()
+    progress = progress or NoProgress()
+    progress.start("routing and predicting", next(iter(batch.values())).shape[0], 0, unit="inputs")
     predicted, selected = [], []
     for part in batches(batch, batch_size, device=loaded.bank.keys.device):
         inputs = inputs_of(part)
-        try:
+        with model_inputs("the data"):
             ids = loaded.bank.route(**inputs)
             logits = loaded.bank(task_ids=ids, **inputs).logits
-        except (ValueError, RuntimeError, TypeError) as exc:
-            raise SpliceError(f"the model cannot take these inputs ({first_line(exc)})") from None
         predicted.append(masked_logits(logits, every).argmax(-1))
         selected.append(ids)
+        progress.advance(ids.shape[0], 0)
+    progress.finish()
     classes, tasks = torch.cat(predicted), torch.cat(selected)
     labels = batch.get("labels")
     return Predictions(classes, tasks, None if labels is None else float((classes == labels).double().mean()))

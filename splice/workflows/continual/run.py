@@ -1,5 +1,6 @@
 """`splice continual run PIPELINE.yaml [--resume]`: per task a key and a LayerNorm slot, every seen task evaluated,
-the task pushed to the registry (slot, key, head, metrics) as a new version with alias `task-<i>`.
+the task pushed to the registry (slot, key, head, metrics) as a new version with alias `task-<i>` (1-based: task-1
+is the first task, as the progress counts them; see splice.workflows.continual.aliases for older registries).
 
 A task counts as done when its version reached the registry; it is evaluated before it is pushed, so each version
 carries its row of the accuracy matrix and a rerun with `--resume` rebuilds the bank, the head and the matrix from
@@ -22,6 +23,7 @@ from splice.registry.store import Registry
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
 from splice.tensors.writer import check_report_dir
+from splice.workflows.continual.aliases import alias_of, check_aliased_task, uses_legacy_aliases
 from splice.workflows.continual.data import TaskData, check_protocol, load_task
 from splice.workflows.continual.fisher import fisher_diagonal, subset_masks
 from splice.workflows.continual.model import (
@@ -31,14 +33,14 @@ from splice.workflows.continual.model import (
     load_head,
     load_model,
 )
-from splice.workflows.continual.pipeline import Pipeline, load_pipeline
+from splice.workflows.continual.pipeline import Pipeline, load_pipeline, task_seed
 from splice.workflows.continual.report import ContinualReport
 from splice.workflows.continual.stored import Values, pretrained_values, stored_entries, task_patch, task_values
-from splice.workflows.continual.train import Schedule, evaluate, rectify_head, task_key, train_slot
+from splice.workflows.continual.train import Schedule, dry_run, evaluate, rectify_head, task_key, train_slot
 
 
-def alias_of(task: int) -> str:
-    return f"task-{task}"
+class TasksKept(KeyboardInterrupt):
+    """Ctrl-C once some tasks reached the registry: the message says which are kept and how to go on."""
 
 
 @dataclass
@@ -51,14 +53,17 @@ class RunState:
     losses: list[dict[str, float]] = field(default_factory=list)
     stored: list[int] = field(default_factory=list)  # LayerNorm entries each task's version holds
     resumed: int = 0  # tasks taken from the registry rather than trained here
+    kept: int = 0  # tasks in the registry (resumed or pushed by this run)
+    legacy_aliases: bool = False  # the registry numbers its tasks' aliases from task-0
 
 
 def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False,
                  registry: Registry | str | None = None, report_dir: str | os.PathLike | None = None,
                  progress: Progress | None = None, storage_options: dict | None = None) -> ContinualReport:
     """Run (or resume) a continual pipeline; returns its report (also written to `report_dir` as JSON + PNGs).
-    Bad pipelines (unknown keys, a task without data, overlapping classes under class-incremental, a registry
-    holding another pipeline under the name) are refused before any training."""
+    Bad pipelines (unknown keys, a task without data, overlapping classes under class-incremental, inputs the model
+    cannot take, a registry holding another pipeline under the name) are refused before any training. Ctrl-C once
+    tasks are in the registry raises TasksKept (a KeyboardInterrupt) saying which."""
     pipeline = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
     progress = progress or NoProgress()
     location = registry if isinstance(registry, Registry) else registry or pipeline.registry  # the call's, the file's
@@ -68,16 +73,28 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     bank, head_names = _bank(pipeline)
     check_protocol(tasks, pipeline.protocol, bank.model.config.num_labels)
     tuned = tuned_norms(bank, pipeline.norms)
+    dry_run(bank, tasks, pipeline.batch_size)
     pretrained = pretrained_values(pipeline.base, [*bank.tensor_names, *head_names])
     # the registry is created (when nothing is there yet) only once the pipeline has passed every check
     store = location if isinstance(location, Registry) else Registry.init(location, storage_options)
-    done = _finished_tasks(store, pipeline, resume)
-    state = RunState()
-    for index in range(len(tasks)):
-        if index < len(done):
-            _restore(store, done[index], pipeline.base, bank, pretrained, state)
-        else:
+    state = RunState(legacy_aliases=uses_legacy_aliases(store.aliases(pipeline.name))
+                     if store.latest_version(pipeline.name) is not None else False)
+    done = _finished_tasks(store, pipeline, resume, state.legacy_aliases)
+    state.kept = len(done)
+    try:
+        if done:
+            progress.start(f"restoring {len(done)} task(s) from the registry", len(done), 0, unit="tasks")
+            for ref in done:
+                _restore(store, ref, pipeline.base, bank, pretrained, state)
+                progress.advance(1, 0)
+            progress.finish()
+        for index in range(len(done), len(tasks)):
             _run_task(pipeline, store, bank, head_names, tuned, pretrained, tasks, index, state, progress)
+            state.kept = index + 1
+    except KeyboardInterrupt as exc:
+        if not state.kept:
+            raise
+        raise TasksKept(_kept(pipeline, state)) from exc
     head_size = sum(p.numel() for p in head_parameters(bank.model, head_names))
     report = ContinualReport.of(pipeline, tasks, state, bank, head_size)
     if report_dir is not None:
@@ -93,11 +110,19 @@ def _bank(pipeline: Pipeline) -> tuple[LayerNormBank, list[str]]:
     return bank, classification_head(model)
 
 
-def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> list[str]:
+def _kept(pipeline: Pipeline, state: RunState) -> str:
+    last = alias_of(state.kept - 1, state.legacy_aliases)
+    kept = "task 1 is" if state.kept == 1 else f"tasks 1-{state.kept} are"
+    return (f"{kept} kept in the registry ({pipeline.name}@{alias_of(0, state.legacy_aliases)}"
+            f"{'' if state.kept == 1 else f' .. {pipeline.name}@{last}'}); run it again with --resume (resume=True) "
+            f"to go on with task {state.kept + 1} of {len(pipeline.tasks)}")
+
+
+def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool, legacy: bool) -> list[str]:
     """Refs (in task order) of this pipeline's finished tasks. Task i's version records the digest of the
     pipeline's first i + 1 tasks, so a pipeline that grew by tasks resumes after them; a version that does not
     match is another pipeline's, refused. A task pushed but not yet aliased (a run stopped in between) is taken
-    up: its alias is set now."""
+    up: its alias is set now. An alias moved onto another task's version is refused, naming it."""
     if store.latest_version(pipeline.name) is None:
         return []
     versions = {m.version: m for m in store.versions(pipeline.name)}
@@ -108,15 +133,18 @@ def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> list[s
                           f"({other[0].ref}); give this pipeline another name, or remove them")
     aliases, done = store.aliases(pipeline.name), []
     while len(done) < len(pipeline.tasks):
-        alias = aliases.get(alias_of(len(done)))
+        index = len(done)
+        alias = aliases.get(alias_of(index, legacy))
         if alias is None or alias.version not in versions:
-            pushed = [m for m in versions.values() if m.meta.settings.get("task") == len(done)]
+            pushed = [m for m in versions.values() if m.meta.settings.get("task") == index]
             if not pushed or not resume:
                 break
-            alias = store.tag(pipeline.name, alias_of(len(done)), max(m.version for m in pushed))
+            alias = store.tag(pipeline.name, alias_of(index, legacy), max(m.version for m in pushed))
+        check_aliased_task(store, pipeline.name, alias.alias, alias.version, versions[alias.version].meta.settings,
+                           index)
         done.append(versions[alias.version].ref)
     if done and not resume:
-        raise SpliceError(f"registry name {pipeline.name} already holds tasks 0..{len(done) - 1} of this pipeline; "
+        raise SpliceError(f"registry name {pipeline.name} already holds tasks 1..{len(done)} of this pipeline; "
                           f"pass --resume to continue after them")
     return done
 
@@ -169,7 +197,7 @@ def tuned_norms(bank: LayerNormBank, norms: str | list[str]) -> list[str]:
 def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_names: list[str], tuned: list[str],
               pretrained: Values, tasks: list[TaskData], index: int, state: RunState, progress: Progress) -> None:
     task, schedule = tasks[index], _schedule(pipeline)
-    seed = pipeline.seed * 100_003 + index  # per task: a resumed run draws exactly what an uninterrupted one did
+    seed = task_seed(pipeline.seed, index)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     label = f"task {index + 1}/{len(tasks)} {task.name}"
@@ -191,11 +219,11 @@ def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_nam
     every = bank.slot_state(slot)
     patch = task_patch(pipeline.base, {n: every[n].cpu() for n in tuned}, head_state_of(bank.model, head_names),
                        pretrained, masks, _settings(pipeline, task, slot, key),
-                       f"continual pipeline {pipeline.name}, task {slot}: {task.name}")
+                       f"continual pipeline {pipeline.name}, task {slot + 1}: {task.name}")
     values = task_values(patch, pretrained)  # go on from the task exactly as stored (what --resume reads back)
     bank.load_slot(slot, {name: values[name] for name in patch.meta.settings["slot"]})
     load_head(bank.model, {name: values[name] for name in head_names})
-    result = evaluate(bank, tasks[: index + 1], pipeline.protocol, schedule.batch_size)
+    result = evaluate(bank, tasks[: index + 1], pipeline.protocol, schedule.batch_size, progress, label)
     state.matrix.append(result.accuracy)
     state.oracle.append(result.oracle_accuracy)
     state.task_id.append(result.task_id_accuracy)
@@ -204,7 +232,11 @@ def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_nam
     patch.meta.metrics = {**{f"accuracy.{j}": a for j, a in enumerate(result.accuracy)},
                           **{f"oracle_accuracy.{j}": a for j, a in enumerate(result.oracle_accuracy)},
                           "task_id_accuracy": result.task_id_accuracy, **losses}
-    store.push(pipeline.name, patch, alias=alias_of(index), message=f"{pipeline.name}: {label}")
+    alias = alias_of(index, state.legacy_aliases)
+    progress.start(f"{label} pushing to the registry as {pipeline.name}@{alias}", 1, 0, unit="versions")
+    store.push(pipeline.name, patch, alias=alias, message=f"{pipeline.name}: {label}")
+    progress.advance(1, 0)
+    progress.finish()
 
 
 def _grad_masks(parameters: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor] | None):

@@ -3,12 +3,15 @@ and the evaluation of every task seen so far (De Min et al., two-stage variant).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from splice.adapters.bank import LayerNormBank
+from splice.adapters.bank import LayerNormBank, eval_mode
+from splice.errors import SpliceError, first_line
 from splice.progress import NoProgress, Progress
 from splice.workflows.continual.data import Batch, TaskData, batches
 
@@ -26,6 +29,27 @@ class Schedule:
 
 def inputs_of(batch: Batch) -> Batch:
     return {key: value for key, value in batch.items() if key != "labels"}
+
+
+@contextmanager
+def model_inputs(where: str) -> Iterator[None]:
+    """What a model raises on inputs it cannot take, as one line naming where the inputs came from."""
+    try:
+        yield
+    except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as exc:
+        raise SpliceError(f"{where}: the model cannot take these inputs ({first_line(exc)})") from None
+
+
+@torch.no_grad()
+def dry_run(bank: LayerNormBank, tasks: Sequence[TaskData], batch_size: int) -> None:
+    """One batch of every task's training and test inputs through the model (routing features and logits) before
+    anything is trained, so inputs it cannot take are refused now rather than after earlier tasks were pushed."""
+    for task in tasks:
+        for split, batch in (("train", task.train), ("test", task.test)):
+            inputs = inputs_of(next(batches(batch, batch_size, device=bank.keys.device)))
+            with model_inputs(f"task {task.name} {split}"), eval_mode(bank.model):
+                bank.features(**inputs)
+                bank.model(**inputs)
 
 
 def masked_logits(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
@@ -89,6 +113,8 @@ def _epochs(parameters: list[torch.nn.Parameter], lr: float, epochs: int, data: 
         finally:
             progress.finish()
         mean = total / seen
+        if not math.isfinite(mean):
+            raise SpliceError(f"{label}: the loss became {mean} in epoch {epoch + 1}; lower the learning rate")
     return mean
 
 
@@ -141,12 +167,16 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(bank: LayerNormBank, seen: list[TaskData], protocol: str, batch_size: int) -> Evaluation:
+def evaluate(bank: LayerNormBank, seen: list[TaskData], protocol: str, batch_size: int,
+             progress: Progress | None = None, label: str = "") -> Evaluation:
     """Accuracy on every seen task's test set: class-incremental over all classes seen so far, task-incremental
     over the task's own classes; with routed slots and with oracle slots."""
     bank.model.eval()
     every_class = sorted({c for task in seen for c in task.classes})
     routed, oracle, right, total = [], [], 0, 0
+    progress = progress or NoProgress()
+    progress.start(f"{label} evaluating {len(seen)} task(s)", sum(t.test["labels"].shape[0] for t in seen), 0,
+                   unit="samples")
     for index, task in enumerate(seen):
         classes = every_class if protocol == "class-incremental" else task.classes
         hits = oracle_hits = 0
@@ -158,7 +188,9 @@ def evaluate(bank: LayerNormBank, seen: list[TaskData], protocol: str, batch_siz
             oracle_hits += int((masked_logits(bank(task_ids=own, **inputs).logits, classes).argmax(-1)
                                 == labels).sum())
             right, total = right + int((ids == index).sum()), total + labels.shape[0]
+            progress.advance(labels.shape[0], 0)
         count = task.test["labels"].shape[0]
         routed.append(hits / count)
         oracle.append(oracle_hits / count)
+    progress.finish()
     return Evaluation(routed, oracle, right / total)
