@@ -12,8 +12,8 @@ train or test split), saved with a fresh 10-class head. Methods:
 5. sequential LN tuning without keys (one set of LN parameters + the head, trained task after task)
 6. joint training on every task's training data (all weights; the upper bound)
 7. Fisher subsets (ValizadehAslani and Liang): per task the top p% LN entries by diagonal empirical Fisher, trained
-   with gradient masking, against a random p% subset (the pipeline has no `fisher:` option yet: built here from
-   the library's pieces)
+   with gradient masking, against a random p% subset (built here from the library's pieces: each slot warm-starts
+   from the previous task's, where the pipeline's `fisher:` option starts from the pretrained norms)
 8. beyond the list: the two-stage bank with a throwaway head in the LN stage (the reference code's --unbiased);
    and a check that the two-stage bank built here from the library's pieces equals the pipeline's run
 

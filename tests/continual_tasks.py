@@ -63,3 +63,10 @@ def empty():
 
 def unlabelled_batch():
     return {"pixel_values": torch.cat([task(i)["test"]["pixel_values"] for i in range(TASKS)])}
+
+
+def overflowing():
+    """Task 1 with training images so large the model's activations overflow float32: the loss is not finite."""
+    data = task(1)
+    data["train"]["pixel_values"] = data["train"]["pixel_values"] * 1e38
+    return data

@@ -154,6 +154,8 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
     # found by a dry pass of one batch per task before task 0 trains, not after it was pushed
     ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:three_channels"}]},
      "task t1 test: the model cannot take these inputs (Make sure that the channel dimension"),
+    ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:overflowing"}]},
+     "task t1 train: the model's routing features on these inputs are not finite (inf or nan)"),
 ])
 def test_bad_pipelines_are_refused_before_any_training(tmp_path, overrides, message):
     base = tiny_vit(tmp_path / "vit")

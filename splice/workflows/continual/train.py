@@ -3,7 +3,6 @@ and the evaluation of every task seen so far (De Min et al., two-stage variant).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,13 +42,18 @@ def model_inputs(where: str) -> Iterator[None]:
 @torch.no_grad()
 def dry_run(bank: LayerNormBank, tasks: Sequence[TaskData], batch_size: int) -> None:
     """One batch of every task's training and test inputs through the model (routing features and logits) before
-    anything is trained, so inputs it cannot take are refused now rather than after earlier tasks were pushed."""
+    anything is trained, so inputs it cannot take, or on which it computes inf or nan, are refused now rather than
+    after earlier tasks were pushed."""
     for task in tasks:
         for split, batch in (("train", task.train), ("test", task.test)):
             inputs = inputs_of(next(batches(batch, batch_size, device=bank.keys.device)))
-            with model_inputs(f"task {task.name} {split}"), eval_mode(bank.model):
-                bank.features(**inputs)
-                bank.model(**inputs)
+            where = f"task {task.name} {split}"
+            with model_inputs(where), eval_mode(bank.model):
+                outputs = {"routing features": bank.features(**inputs), "logits": bank.model(**inputs).logits}
+            for what, values in outputs.items():
+                if not bool(torch.isfinite(values).all()):
+                    raise SpliceError(f"{where}: the model's {what} on these inputs are not finite (inf or nan); "
+                                      "check the inputs' values and scale")
 
 
 def masked_logits(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
@@ -113,8 +117,6 @@ def _epochs(parameters: list[torch.nn.Parameter], lr: float, epochs: int, data: 
         finally:
             progress.finish()
         mean = total / seen
-        if not math.isfinite(mean):
-            raise SpliceError(f"{label}: the loss became {mean} in epoch {epoch + 1}; lower the learning rate")
     return mean
 
 
