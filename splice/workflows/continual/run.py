@@ -77,10 +77,8 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     pretrained = pretrained_values(pipeline.base, [*bank.tensor_names, *head_names])
     # the registry is created (when nothing is there yet) only once the pipeline has passed every check
     store = location if isinstance(location, Registry) else Registry.init(location, storage_options)
-    state = RunState(legacy_aliases=uses_legacy_aliases(store.aliases(pipeline.name))
-                     if store.latest_version(pipeline.name) is not None else False)
-    done = _finished_tasks(store, pipeline, resume, state.legacy_aliases)
-    state.kept = len(done)
+    done, legacy = _finished_tasks(store, pipeline, resume)
+    state = RunState(kept=len(done), legacy_aliases=legacy)
     try:
         if done:
             progress.start(f"restoring {len(done)} task(s) from the registry", len(done), 0, unit="tasks")
@@ -118,13 +116,14 @@ def _kept(pipeline: Pipeline, state: RunState) -> str:
             f"to go on with task {state.kept + 1} of {len(pipeline.tasks)}")
 
 
-def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool, legacy: bool) -> list[str]:
-    """Refs (in task order) of this pipeline's finished tasks. Task i's version records the digest of the
+def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> tuple[list[str], bool]:
+    """Refs (in task order) of this pipeline's finished tasks, and whether the registry numbers their aliases from
+    task-0 (written before the 1-based numbering). Task i's version records the digest of the
     pipeline's first i + 1 tasks, so a pipeline that grew by tasks resumes after them; a version that does not
     match is another pipeline's, refused. A task pushed but not yet aliased (a run stopped in between) is taken
     up: its alias is set now. An alias moved onto another task's version is refused, naming it."""
     if store.latest_version(pipeline.name) is None:
-        return []
+        return [], False
     versions = {m.version: m for m in store.versions(pipeline.name)}
     other = [m for m in versions.values()
              if m.meta.settings.get("pipeline") != pipeline.digest(int(m.meta.settings.get("task", -1)) + 1)]
@@ -132,6 +131,7 @@ def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool, legacy: b
         raise SpliceError(f"registry name {pipeline.name} already holds another pipeline's results "
                           f"({other[0].ref}); give this pipeline another name, or remove them")
     aliases, done = store.aliases(pipeline.name), []
+    legacy = uses_legacy_aliases(aliases)
     while len(done) < len(pipeline.tasks):
         index = len(done)
         alias = aliases.get(alias_of(index, legacy))
@@ -146,7 +146,7 @@ def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool, legacy: b
     if done and not resume:
         raise SpliceError(f"registry name {pipeline.name} already holds tasks 1..{len(done)} of this pipeline; "
                           f"pass --resume to continue after them")
-    return done
+    return done, legacy
 
 
 def _restore(store: Registry, ref: str, base: str, bank: LayerNormBank, pretrained: Values, state: RunState) -> None:
