@@ -168,6 +168,16 @@ def test_bad_pipelines_are_refused_before_any_training(tmp_path, overrides, mess
     assert not registry.exists() and not (tmp_path / "report").exists()  # nothing made, not even the registry
 
 
+def test_inputs_the_model_cannot_take_are_one_error_line_before_the_registry_is_made(tmp_path, monkeypatch, capsys):
+    registry = tmp_path / "registry"
+    path = pipeline_file(tmp_path, tiny_vit(tmp_path / "vit"), str(registry), tasks=[
+        {"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:three_channels"}])
+    code, out, err = run_cli(["continual", "run", path, "--report", tmp_path / "report"], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err  # was a traceback after task t0 was pushed
+    assert err.startswith("error: task t1 test: the model cannot take these inputs (Make sure that the channel")
+    assert not registry.exists() and not (tmp_path / "report").exists()
+
+
 def test_another_pipeline_under_the_same_name_is_refused(tmp_path):
     base = tiny_vit(tmp_path / "vit")
     registry = tmp_path / "registry"

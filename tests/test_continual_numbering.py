@@ -56,7 +56,7 @@ def test_tasks_are_numbered_from_1_in_the_progress_the_aliases_and_predict(tmp_p
     code, out, err = run_cli(["continual", "predict", "--bank", "cl@task-3", "--base", base, "--data",
                               f"{TASK_FILE}:unlabelled_batch", "--registry", registry], monkeypatch, capsys)
     assert code == 0, err
-    assert "loading the base model" in err and "1/1 models" in err
+    assert "checking and loading the base model" in err and "1/1 models" in err
     assert "loading the slots of cl" in err and "3/3 tasks" in err
     assert "routing and predicting" in err and f"{TASKS * 12}/{TASKS * 12} inputs" in err
     routed = predict(load_bank("cl@task-3", base, registry), unlabelled_batch())

@@ -47,9 +47,9 @@ def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None
     name = store.resolve(ref).name
     aliases = store.aliases(name)
     legacy = uses_legacy_aliases(aliases)
+    progress.start("checking and loading the base model", 1, 0, unit="models")
     with Checkpoint.open(base, storage_options) as checkpoint:  # the bank's base, or a one-line refusal
         last.check_base(checkpoint)
-    progress.start("loading the base model", 1, 0, unit="models")
     bank = LayerNormBank(load_model(base).to(resolve_device(device)))
     pretrained = pretrained_values(base, [*bank.tensor_names, *settings["head"]])
     progress.advance(1, 0)
