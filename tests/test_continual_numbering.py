@@ -120,6 +120,11 @@ def test_an_alias_moved_onto_another_tasks_version_is_named_not_used(tmp_path, b
         with pytest.raises(SpliceError) as caught:
             load_bank(ref, base, registry)
         assert str(caught.value) == message
+    Registry.open(registry).tag("cl", "task-3", 2)  # and task 3's onto task 2's: not a bank of tasks 1-2
+    with pytest.raises(SpliceError, match=r"^alias task-3 of cl points to cl@2, which holds task 2 \(t1\), not task 3; "
+                                          r"move it back with `splice registry tag cl@3 task-3`$"):
+        load_bank("cl@task-3", base, registry)
+    Registry.open(registry).tag("cl", "task-3", 3)
     code, _, err = run_cli(["continual", "run", path, "--resume"], monkeypatch, capsys)  # before: a traceback
     assert code == 2 and err.strip() == f"error: {message}"
     code, _, err = run_cli(["registry", "tag", "cl@2", "task-2", "--registry", registry], monkeypatch, capsys)

@@ -4,6 +4,7 @@ keep their aliases, are read as they are, and a resumed run goes on in their num
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from splice.errors import SpliceError
@@ -15,6 +16,15 @@ LEGACY_FIRST = "task-0"  # only a registry of the old 0-based numbering has it
 def alias_of(index: int, legacy: bool = False) -> str:
     """The alias of the task at 0-based `index` (the `task` its version's settings record)."""
     return f"task-{index if legacy else index + 1}"
+
+
+def index_named(alias: str | None, legacy: bool = False) -> int | None:
+    """The 0-based task index a task alias names (`task-3`: 2, or 3 in a registry of the old numbering); None for
+    any other alias."""
+    found = re.fullmatch(r"task-(\d+)", alias or "")
+    if found is None:
+        return None
+    return int(found.group(1)) - (0 if legacy else 1)
 
 
 def uses_legacy_aliases(aliases: Mapping[str, object]) -> bool:

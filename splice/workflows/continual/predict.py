@@ -14,10 +14,11 @@ import torch
 from splice.adapters.bank import LayerNormBank
 from splice.errors import SpliceError
 from splice.progress import NoProgress, Progress
+from splice.registry.refs import parse_ref
 from splice.registry.store import Registry, open_registry
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
-from splice.workflows.continual.aliases import alias_of, check_aliased_task, uses_legacy_aliases
+from splice.workflows.continual.aliases import alias_of, check_aliased_task, index_named, uses_legacy_aliases
 from splice.workflows.continual.data import Batch, batches, check_batch
 from splice.workflows.continual.model import load_model
 from splice.workflows.continual.run import restore_task
@@ -44,9 +45,12 @@ def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None
     settings = last.meta.settings
     if "pipeline" not in settings or "task" not in settings:
         raise SpliceError(f"{ref} is not a task of a continual pipeline (no pipeline/task in its settings)")
-    name = store.resolve(ref).name
-    aliases = store.aliases(name)
+    resolved = store.resolve(ref)
+    name, aliases = resolved.name, store.aliases(resolved.name)
     legacy = uses_legacy_aliases(aliases)
+    named = parse_ref(ref).alias
+    if index_named(named, legacy) is not None:  # name@task-3 must be task 3, not a task its alias was moved onto
+        check_aliased_task(store, name, named, resolved.version, settings, index_named(named, legacy))
     progress.start("checking and loading the base model", 1, 0, unit="models")
     with Checkpoint.open(base, storage_options) as checkpoint:  # the bank's base, or a one-line refusal
         last.check_base(checkpoint)
@@ -68,7 +72,7 @@ def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None
         if task != settings["task"]:
             check_aliased_task(store, name, alias_name, alias.version, patch.meta.settings, task)
         restore_task(bank, patch, pretrained)
-        refs.append(f"{name}@{alias.version}")
+        refs.append(f"{name}@{alias.version if task != settings['task'] else resolved.version}")
         classes.append(list(patch.meta.settings["classes"]))
         names.append(alias_name)
         progress.advance(1, 0)
