@@ -30,7 +30,7 @@ from splice.cli.options import (
 from splice.cli.patch import patch_app
 from splice.cli.port import port_command
 from splice.cli.registry import registry_app
-from splice.errors import SpliceError
+from splice.errors import HookError, SpliceError, hook_traceback
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
@@ -166,12 +166,19 @@ def _print_error(message: str) -> None:
 
 
 def main() -> None:
-    """The `splice` entry point: usage errors and splice's own errors are one line on stderr with exit 2,
-    Ctrl-C says nothing was published and exits 130, anything else is a bug and keeps its traceback."""
+    """The `splice` entry point: usage errors and splice's own errors are one line on stderr with exit 2 (a user's
+    hook that raised: its traceback first, then that line), Ctrl-C says nothing was published and exits 130,
+    anything else is a bug and keeps its traceback."""
     try:
         code = app(standalone_mode=False)
         if code != INTERRUPTED:  # done and published: a Ctrl-C while the interpreter shuts down changes nothing
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except HookError as exc:
+        render.stop_progress()
+        sys.stderr.write(hook_traceback(exc))
+        sys.stderr.flush()
+        _print_error(str(exc))
+        sys.exit(2)
     except SpliceError as exc:
         _print_error(str(exc))
         sys.exit(2)
