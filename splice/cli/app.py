@@ -111,6 +111,7 @@ def soup(
                             progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
     if isinstance(report, GreedySoupReport):
         render.show(render.greedy_soup_table(report), quiet)
+        render.notes(report.notes, quiet)
         render.show(f"greedy soup kept {len(report.kept)} of {len(report.steps)}; held-out score "
                     f"{report.soup_score:.4f} (best ingredient {report.best_ingredient.score:.4f})", quiet)
     else:

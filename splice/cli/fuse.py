@@ -81,5 +81,4 @@ def _print_report(report) -> None:
         f"fused {len(report.models)} models into {report.models[report.anchor]} ({report.architecture}, hidden "
         f"{widths['hidden']}, {widths['heads']} heads) -> {report.out} in {report.seconds:.1f}s on {report.device}"
         f"{f' ({phases})' if phases else ''}; report: {report.out / REPORT_FILE}", highlight=False, soft_wrap=True)
-    for note in report.notes:
-        render.console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    render.notes(report.notes)

@@ -110,7 +110,7 @@ def stream_report_table(title: str, report) -> Table:
 def greedy_soup_table(report) -> Table:
     return table(f"greedy soup -> {report.out}", ["ingredient", "held-out score", "soup score", "kept"],
                  [[s.model, f"{s.score:.4f}", "" if s.soup_score is None else f"{s.soup_score:.4f}",
-                   "yes" if s.kept else "no"] for s in report.steps])
+                   ("yes (tie)" if s.tie else "yes") if s.kept else "no"] for s in report.steps])
 
 
 def deployment_table(title: str, record) -> Table:
@@ -142,6 +142,13 @@ def show(renderable, quiet: bool = False) -> None:
     """Print a table or a line, unless --quiet."""
     if not quiet:
         console.print(renderable)
+
+
+def notes(lines, quiet: bool = False) -> None:
+    """`note: ...` lines under a table: what a reader of the table should know."""
+    if not quiet:
+        for line in lines:
+            console.print(f"note: {line}", highlight=False, soft_wrap=True)
 
 
 def warn(warnings) -> None:
