@@ -20,6 +20,7 @@ from splice.cli.options import (
     Device,
     Dtype,
     Force,
+    Json,
     Out,
     Quiet,
     ShardSize,
@@ -66,12 +67,16 @@ def setup_logging(verbose: bool) -> None:
 
 @app.command()
 def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec URL.")],
-            storage_options: StorageOptions = None) -> None:
+            storage_options: StorageOptions = None, as_json: Json = False) -> None:
     """Shards, tensor and parameter counts, dtypes and LayerNorm modules of a model, and the patch versions
     it carries if splice deploy wrote it."""
     from splice.workflows.inspect import summarize
 
-    for renderable in render.model_summary_tables(summarize(model, parse_storage_options(storage_options))):
+    summary = summarize(model, parse_storage_options(storage_options))
+    if as_json:
+        render.print_json(summary)
+        return
+    for renderable in render.model_summary_tables(summary):
         render.show(renderable)
 
 
@@ -100,6 +105,7 @@ def soup(
     force: Force = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
+    as_json: Json = False,
 ) -> None:
     """Uniform, weighted or greedy model soup, streamed tensor by tensor."""
     from splice.merge.soup import GreedySoupReport, soup_or_greedy
@@ -109,6 +115,9 @@ def soup(
     report = soup_or_greedy(models, out, weights=_parse_weights(weights), greedy=greedy, evaluate=eval_fn,
                             strict=strict, device=device, dtype=dtype, shard_size=parse_size(shard_size), force=force,
                             progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
+    if as_json:
+        render.print_json(report)
+        return
     if isinstance(report, GreedySoupReport):
         render.show(render.greedy_soup_table(report), quiet)
         render.notes(report.notes, quiet)
@@ -129,6 +138,7 @@ def merge(
     force: Force = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
+    as_json: Json = False,
 ) -> None:
     """Merge by a YAML recipe (task_arithmetic, ties, dare_ties, slerp, ... ; mergekit configs work as they are)."""
     import splice
@@ -138,6 +148,9 @@ def merge(
     report = splice.merge(recipe, out, device=device, shard_size=parse_size(shard_size), force=force,
                           progress=render.RichProgress(quiet), seed=seed,
                           storage_options=parse_storage_options(storage_options))
+    if as_json:
+        render.print_json(report)
+        return
     render.show(render.stream_report_table(f"merge ({recipe})", report), quiet)
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Device, Quiet, RegistryURL, StorageOptions, parse_storage_options
+from splice.cli.options import Device, Json, Quiet, RegistryURL, StorageOptions, parse_storage_options
 
 continual_app = typer.Typer(help="Continual learning with task-keyed LayerNorm banks (De Min et al. 2023).")
 
@@ -26,6 +26,7 @@ def run(
                            "~/.cache/splice/registry).")] = None,
     storage_options: StorageOptions = None,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Per task: its key, its LayerNorm slot trained, the head rectified, every seen task evaluated, pushed as a
     new version with alias task-<i>. A rerun with --resume continues after the last task in the registry."""
@@ -35,7 +36,9 @@ def run(
     loaded = load_pipeline(pipeline)
     result = run_pipeline(loaded, resume=resume, registry=registry, report_dir=report or f"continual-{loaded.name}",
                           progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
-    if not quiet:
+    if as_json:
+        render.print_json(result)
+    elif not quiet:
         for table in render.continual_tables(result):
             render.console.print(table)
         render.console.print(f"report -> {report or f'continual-{loaded.name}'}", highlight=False)
@@ -53,6 +56,7 @@ def predict(
     registry: RegistryURL = None,
     device: Device = "auto",
     storage_options: StorageOptions = None,
+    as_json: Json = False,
 ) -> None:
     """Predict with routing: each input's LayerNorm slot is chosen by its key."""
     from splice.errors import SpliceError
@@ -66,4 +70,7 @@ def predict(
     result = routed(loaded, load_callable(data, option="--data")())
     if out is not None:
         out.write_text(json.dumps({"bank": loaded.refs, **result.as_dict()}, indent=2) + "\n")
+    if as_json:
+        render.print_json({"bank": loaded.refs, **result.as_dict()})
+        return
     render.console.print(render.prediction_table(result, loaded))

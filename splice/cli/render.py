@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import enum
+import json
+import math
+import sys
+from pathlib import PurePath
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -136,6 +144,50 @@ def model_summary_tables(summary) -> list[Table]:
         tables.append(deployment_table(f"deployed patches (from {record.registry}, "
                                        f"{record.deployed_at:%Y-%m-%d %H:%M} UTC)", record))
     return tables
+
+
+def jsonable(value):
+    """A library result as plain JSON values: an object's own `as_dict()`, a pydantic model's dump, a dataclass's
+    fields and public properties; paths and times as strings, tensors as lists, a number that is not finite as
+    null (as the reports splice writes have it)."""
+    if hasattr(value, "as_dict") and callable(value.as_dict):
+        return jsonable(value.as_dict())
+    if hasattr(value, "model_dump"):  # a pydantic model
+        return {**value.model_dump(mode="json"), **_properties(value)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name[0] != "_"}
+        return {**fields, **_properties(value)}
+    if isinstance(value, dict):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return jsonable(value.value)
+    if hasattr(value, "tolist"):  # a tensor or an array
+        return jsonable(value.tolist())
+    raise TypeError(f"no JSON form for {type(value).__name__}")
+
+
+def _properties(value) -> dict:
+    """The public properties a result class defines (a manifest's size, a report's verdict), as JSON values."""
+    own = [cls for cls in type(value).__mro__ if cls.__module__.startswith("splice.")]
+    return {name: jsonable(getattr(value, name)) for cls in reversed(own)
+            for name, member in vars(cls).items() if isinstance(member, property) and name[0] != "_"}
+
+
+def print_json(result) -> None:
+    """`--json`: the result as one JSON document on stdout, nothing else there."""
+    stop_progress()
+    sys.stdout.write(json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
 
 
 def show(renderable, quiet: bool = False) -> None:
