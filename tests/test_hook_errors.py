@@ -114,3 +114,16 @@ def test_a_missing_module_is_still_one_line(make_models, tmp_path):
     assert result.returncode == 2
     assert result.stderr == ("error: --eval 'no_such_module_here:score': cannot import no_such_module_here "
                              "(No module named 'no_such_module_here')\n")
+
+
+def test_a_pipeline_data_hook_that_raises(tmp_path):
+    base = save(tiny_model("vit", 0), tmp_path / "vit", False)
+    hook = tmp_path / "my_data.py"
+    hook.write_text(FAILING_HOOK)
+    pipeline = tmp_path / "cl.yaml"
+    pipeline.write_text(f"base: {base}\nname: cl\nregistry: {tmp_path / 'registry'}\n"
+                        "tasks:\n  - {name: t0, data: my_data.py:batch}\n")
+    result = run("continual", "run", pipeline, "--report", tmp_path / "report")
+    assert_user_traceback_then_one_error(
+        result, hook, f"error: task t0: data {hook}:batch raised ValueError: held-out set is empty (0)")
+    assert not (tmp_path / "registry").exists() and not (tmp_path / "report").exists()
