@@ -65,7 +65,8 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    """The public API and __version__ (not the modules this file imports, nor subpackages once loaded)."""
+    return list(__all__)
 
 
 class _SpliceModule(types.ModuleType):

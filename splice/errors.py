@@ -1,5 +1,7 @@
 """Errors a user can cause. Each carries a one-line message that says what is wrong and what to do."""
 
+import traceback
+
 
 class SpliceError(Exception):
     """Base for every user-facing error; the CLI prints its message on one line and exits 2."""
@@ -25,6 +27,11 @@ class PatchError(SpliceError):
     """A patch directory is missing, malformed, or does not fit the base it is applied to."""
 
 
+class HookError(SpliceError):
+    """A user's own function (an --eval scorer, a --data function, a pipeline's data hook) raised; the exception
+    it raised is the cause (`__cause__`), whose traceback the CLI prints before the one-line error."""
+
+
 class NonFiniteOutputError(SpliceError):
     """A merge or patch would write NaN/Inf into a tensor whose inputs were finite."""
 
@@ -34,3 +41,17 @@ def first_line(exc: BaseException) -> str:
     one-line error that wraps it."""
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def hook_traceback(error: HookError) -> str:
+    """The traceback of what a user's hook raised, from the user's own code down (the frames of splice's wrapper
+    and of Python's import machinery left out)."""
+    cause = error.__cause__
+    if cause is None:
+        return ""
+    frames = cause.__traceback__.tb_next if cause.__traceback__ is not None else None  # the wrapper's frame
+    while frames is not None and frames.tb_next is not None and (
+            frames.tb_frame.f_code.co_filename.startswith("<frozen importlib")
+            or frames.tb_frame.f_globals.get("__name__", "").startswith("importlib")):
+        frames = frames.tb_next
+    return "".join(traceback.format_exception(type(cause), cause, frames))

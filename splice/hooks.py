@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -12,17 +13,33 @@ from pathlib import Path
 
 import torch
 
-from splice.errors import SpliceError
+from splice.errors import HookError, SpliceError, first_line
 
 Scorer = Callable[..., float]
 """score(state_dict) or score(state_dict, model_dir) -> held-out score, higher is better."""
 
 
+def user_hook(function: Callable, label: str) -> Callable:
+    """`function` (the user's own code) with anything it raises turned into a HookError naming it by `label`, the
+    original exception (and its traceback) kept as the cause."""
+
+    @functools.wraps(function)
+    def called(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except Exception as exc:
+            raise HookError(f"{label} raised {type(exc).__name__}: {first_line(exc)}") from exc
+
+    return called
+
+
 def load_callable(reference: str, option: str = "--eval") -> Callable:
-    """'package.module:function' or 'path/to/file.py:function'; `option` names it in errors (--eval, --data, ...)."""
+    """'package.module:function' or 'path/to/file.py:function'; `option` names it in errors (--eval, --data, ...).
+    What the function (or its module, while it loads) raises comes out as a HookError naming it."""
     module_name, sep, attribute = reference.rpartition(":")
     if not sep or not module_name or not attribute:
         raise SpliceError(f"{option} {reference!r}: write it as MODULE:FUNCTION (or path/to/file.py:FUNCTION)")
+    label = f"{option} {reference}"
     try:
         if module_name.endswith(".py") or Path(module_name).is_file():
             path = Path(module_name)
@@ -31,15 +48,17 @@ def load_callable(reference: str, option: str = "--eval") -> Callable:
             spec = importlib.util.spec_from_file_location(f"splice_user_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
+            user_hook(spec.loader.exec_module, f"{label} (loading {path})")(module)
         else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
+            if importlib.util.find_spec(module_name) is None:
+                raise ModuleNotFoundError(f"No module named {module_name!r}")
+            module = user_hook(importlib.import_module, f"{label} (importing {module_name})")(module_name)
+    except ImportError as exc:  # the module itself is missing; what its own code raises is a HookError
         raise SpliceError(f"{option} {reference!r}: cannot import {module_name} ({exc})") from exc
     function = getattr(module, attribute, None)
     if not callable(function):
         raise SpliceError(f"{option} {reference!r}: {module_name} has no function {attribute}")
-    return function
+    return user_hook(function, label)
 
 
 def _takes_two_arguments(function: Callable) -> bool:

@@ -1,13 +1,18 @@
-"""Values read from files (recipes, PEFT configs, patch.json): the pydantic types every file format uses so
-that numbers are finite and of the type they mean ("false" is not a bool, "8" is not a number), free-form data
-is nested only so deep, and a validation error reads as one line. Free of torch."""
+"""Values read from files (recipes, pipelines, PEFT configs, patch.json): the pydantic types every file format uses
+so that numbers are finite and of the type they mean ("false" is not a bool, "8" is not a number), free-form data
+is nested only so deep, YAML files read with the line of each key, and a validation error reads as one line.
+Free of torch."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
-from typing import Annotated, Any
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple
 
+import yaml
 from pydantic import AfterValidator, BaseModel, Field, StrictInt, ValidationError
 
 MAX_DEPTH = 16  # free-form data (a patch's settings) nested deeper than this is refused
@@ -59,6 +64,70 @@ def one_line(error: ValidationError, whole: str) -> str:
                      if not str(p).startswith(("list[", "dict[", "union[", "function-", "tuple[")))
     more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{where or whole}: {first['msg']}{more}"
+
+
+def unknown_key(error: ValidationError, known: Collection[str], source: str,
+                key_lines: Mapping[str, int] | None = None) -> str | None:
+    """`source:LINE: unknown key 'nmae' (did you mean 'name'?)` for a mistyped top-level key (the first one), else
+    None. The missing field a typo leaves behind is not counted as another error."""
+    problems = error.errors()
+    extra = next((p for p in problems if p["type"] == "extra_forbidden" and len(p["loc"]) == 1), None)
+    if extra is None:
+        return None
+    key = str(extra["loc"][0])
+    near = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean {near[0]!r}?" if near else f"the keys are {', '.join(known)}"
+    others = [p for p in problems if p is not extra and not (p["type"] == "missing" and list(p["loc"]) == near)]
+    line = (key_lines or {}).get(key)
+    more = f" (+{len(others)} more)" if others else ""
+    return f"{source}{f':{line}' if line else ''}: unknown key {key!r} ({hint}){more}"
+
+
+class YamlDocument(NamedTuple):
+    data: Any
+    key_lines: dict[str, int]  # each top-level key -> the line it is on (1-based)
+
+
+def read_yaml(path: str | Path, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> YamlDocument:
+    """A YAML file parsed by `loader` (a safe loader), with the line of each top-level key; a file that cannot be
+    read as YAML is a ValueError of one line, `path:LINE:COLUMN: not valid YAML: what (where it began)`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        parser = loader(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+        line, column = text.count("\n", 0, exc.position) + 1, exc.position - text.rfind("\n", 0, exc.position)
+        raise ValueError(f"{path}:{line}:{column}: not valid YAML: {exc.reason} (#x{exc.character:04x})") from None
+    try:
+        node = parser.get_single_node()
+        data = None if node is None else parser.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        raise ValueError(_yaml_error_line(path, exc)) from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid YAML (nested too deeply to parse)") from None
+    finally:
+        parser.dispose()
+    key_lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                key_lines.setdefault(str(key.value), key.start_mark.line + 1)
+    return YamlDocument(data, key_lines)
+
+
+def _yaml_error_line(path: str | Path, error: yaml.MarkedYAMLError) -> str:
+    mark = error.problem_mark or error.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    what = " ".join((error.problem or error.context or "unreadable").split())
+    began = error.context_mark if error.problem and error.context else None
+    if began is not None and mark is not None and (began.line, began.column) == (mark.line, mark.column):
+        began = None
+    context = f" ({' '.join(error.context.split())} at {began.line + 1}:{began.column + 1})" if began else ""
+    return f"{where}: not valid YAML: {what}{context}"
 
 
 def parse_json(text: str | bytes) -> Any:

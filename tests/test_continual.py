@@ -136,7 +136,7 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"epochz": 3}, "epochz: Extra inputs are not permitted"),
+    ({"epochz": 3}, "unknown key 'epochz' (did you mean 'epochs'?)"),
     ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:empty"}]},
      "task t1"),
     ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:overlapping"}]},

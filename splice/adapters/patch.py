@@ -99,6 +99,11 @@ class Patch:
         """Where the tensors are read from when they are read lazily from a stored patch (else None)."""
         return self.tensors.stored.location if isinstance(self.tensors, StoredTensors) else None
 
+    def as_dict(self) -> dict:
+        """What the patch is, without its values: the manifest, each tensor's shape, the parameter count."""
+        return {"meta": self.meta.model_dump(mode="json"), "shapes": {n: list(s) for n, s in self.shapes.items()},
+                "parameters": self.num_parameters}
+
     def in_memory(self) -> Patch:
         """The same patch with every tensor read now (together, where the store can: one ranged read per pack)."""
         read_all = getattr(self.tensors, "read_all", None)

@@ -21,6 +21,7 @@ from splice.cli.options import (
     Device,
     Dtype,
     Force,
+    Json,
     Out,
     Quiet,
     ShardSize,
@@ -31,7 +32,7 @@ from splice.cli.options import (
 from splice.cli.patch import patch_app
 from splice.cli.port import port_command
 from splice.cli.registry import registry_app
-from splice.errors import SpliceError
+from splice.errors import HookError, SpliceError, hook_traceback
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -65,12 +66,16 @@ def setup_logging(verbose: bool) -> None:
 
 @app.command()
 def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec URL.")],
-            storage_options: StorageOptions = None) -> None:
+            storage_options: StorageOptions = None, as_json: Json = False) -> None:
     """Shards, tensor and parameter counts, dtypes and LayerNorm modules of a model, and the patch versions
     it carries if splice deploy wrote it."""
     from splice.workflows.inspect import summarize
 
-    for renderable in render.model_summary_tables(summarize(model, parse_storage_options(storage_options))):
+    summary = summarize(model, parse_storage_options(storage_options))
+    if as_json:
+        render.print_json(summary)
+        return
+    for renderable in render.model_summary_tables(summary):
         render.show(renderable)
 
 
@@ -99,6 +104,7 @@ def soup(
     force: Force = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
+    as_json: Json = False,
 ) -> None:
     """Uniform, weighted or greedy model soup, streamed tensor by tensor."""
     from splice.merge.soup import GreedySoupReport, soup_or_greedy
@@ -108,8 +114,12 @@ def soup(
     report = soup_or_greedy(models, out, weights=_parse_weights(weights), greedy=greedy, evaluate=eval_fn,
                             strict=strict, device=device, dtype=dtype, shard_size=parse_size(shard_size), force=force,
                             progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
+    if as_json:
+        render.print_json(report)
+        return
     if isinstance(report, GreedySoupReport):
         render.show(render.greedy_soup_table(report), quiet)
+        render.notes(report.notes, quiet)
         render.show(f"greedy soup kept {len(report.kept)} of {len(report.steps)}; held-out score "
                     f"{report.soup_score:.4f} (best ingredient {report.best_ingredient.score:.4f})", quiet)
     else:
@@ -127,6 +137,7 @@ def merge(
     force: Force = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
+    as_json: Json = False,
 ) -> None:
     """Merge by a YAML recipe (task_arithmetic, ties, dare_ties, slerp, ... ; mergekit configs work as they are)."""
     import splice
@@ -136,6 +147,9 @@ def merge(
     report = splice.merge(recipe, out, device=device, shard_size=parse_size(shard_size), force=force,
                           progress=render.RichProgress(quiet), seed=seed,
                           storage_options=parse_storage_options(storage_options))
+    if as_json:
+        render.print_json(report)
+        return
     render.show(render.stream_report_table(f"merge ({recipe})", report), quiet)
 
 
@@ -165,12 +179,19 @@ def _print_error(message: str) -> None:
 
 
 def main() -> None:
-    """The `splice` entry point: usage errors and splice's own errors are one line on stderr with exit 2,
-    Ctrl-C says nothing was published and exits 130, anything else is a bug and keeps its traceback."""
+    """The `splice` entry point: usage errors and splice's own errors are one line on stderr with exit 2 (a user's
+    hook that raised: its traceback first, then that line), Ctrl-C says nothing was published and exits 130,
+    anything else is a bug and keeps its traceback."""
     try:
         code = app(standalone_mode=False)
         if code != INTERRUPTED:  # done and published: a Ctrl-C while the interpreter shuts down changes nothing
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except HookError as exc:
+        render.stop_progress()
+        sys.stderr.write(hook_traceback(exc))
+        sys.stderr.flush()
+        _print_error(str(exc))
+        sys.exit(2)
     except SpliceError as exc:
         _print_error(str(exc))
         sys.exit(2)

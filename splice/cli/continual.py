@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import INTERRUPTED, Device, Quiet, RegistryURL, StorageOptions, parse_storage_options
+from splice.cli.options import INTERRUPTED, Device, Json, Quiet, RegistryURL, StorageOptions, parse_storage_options
 
 continual_app = typer.Typer(help="Continual learning with task-keyed LayerNorm banks (De Min et al. 2023).")
 
@@ -27,6 +27,7 @@ def run(
                            "~/.cache/splice/registry).")] = None,
     storage_options: StorageOptions = None,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Per task: its key, its LayerNorm slot trained, the head rectified, every seen task evaluated, pushed as a
     new version with alias task-<i> (task-1 is the first). A rerun with --resume continues after the last task in
@@ -43,7 +44,9 @@ def run(
         render.stop_progress()
         render.error_console.print(f"interrupted; {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(INTERRUPTED)
-    if not quiet:
+    if as_json:
+        render.print_json(result)
+    elif not quiet:
         for table in render.continual_tables(result):
             render.console.print(table)
         render.console.print(f"report -> {report or f'continual-{loaded.name}'}", highlight=False)
@@ -62,6 +65,7 @@ def predict(
     device: Device = "auto",
     storage_options: StorageOptions = None,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Predict with routing: each input's LayerNorm slot is chosen by its key."""
     from splice.errors import SpliceError
@@ -76,5 +80,7 @@ def predict(
     result = routed(loaded, load_callable(data, option="--data")(), progress=progress)
     if out is not None:
         out.write_text(json.dumps({"bank": loaded.refs, **result.as_dict()}, indent=2) + "\n")
-    if not quiet:
+    if as_json:
+        render.print_json({"bank": loaded.refs, **result.as_dict()})
+    elif not quiet:
         render.console.print(render.prediction_table(result, loaded))

@@ -10,6 +10,7 @@ from splice.cli import render
 from splice.cli.options import (
     Device,
     Force,
+    Json,
     OldBase,
     Out,
     Quiet,
@@ -36,6 +37,7 @@ def deploy_command(
     storage_options: StorageOptions = None,
     force: Force = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Resolve patch refs in the registry, check them against the base, apply them streamed, and record
     which versions the deployed model carries (in its weights' metadata and deployment.json)."""
@@ -47,6 +49,8 @@ def deploy_command(
                             shard_size=parse_size(shard_size), force=force, progress=render.RichProgress(quiet),
                             storage_options=parse_storage_options(storage_options))
     render.warn(record.warnings)
-    if not quiet:
+    if as_json:
+        render.print_json({"deployment": record, "stream": report})
+    elif not quiet:
         render.console.print(render.deployment_table(f"deployed onto {base} -> {out}", record))
         render.console.print(render.stream_report_table("deployed model", report))

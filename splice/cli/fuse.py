@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Device, Force, Out, Quiet, ShardSize, StorageOptions, parse_storage_options
+from splice.cli.options import Device, Force, Json, Out, Quiet, ShardSize, StorageOptions, parse_storage_options
 
 LAYER_COLUMNS = ["model", "layer", "maps", "mean transport cost", "min permutation closeness", "cross-head mass",
                  "head-split mass"]
@@ -53,6 +53,7 @@ def fuse_command(
     storage_options: StorageOptions = None,
     force: Force = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Fuse transformers with optimal transport (Imfeld et al., ICLR 2024) into the anchor's shape; the
     per-layer report is printed and saved as fusion_report.json beside the model."""
@@ -65,7 +66,9 @@ def fuse_command(
                             shard_size=parse_size(shard_size), force=force)
     report = splice.fuse(models, out, options, progress=render.RichProgress(quiet),
                          storage_options=parse_storage_options(storage_options))
-    if not quiet:
+    if as_json:
+        render.print_json(report)
+    elif not quiet:
         _print_report(report)
 
 
@@ -81,5 +84,4 @@ def _print_report(report) -> None:
         f"fused {len(report.models)} models into {report.models[report.anchor]} ({report.architecture}, hidden "
         f"{widths['hidden']}, {widths['heads']} heads) -> {report.out} in {report.seconds:.1f}s on {report.device}"
         f"{f' ({phases})' if phases else ''}; report: {report.out / REPORT_FILE}", highlight=False, soft_wrap=True)
-    for note in report.notes:
-        render.console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    render.notes(report.notes)

@@ -19,6 +19,8 @@ Device = Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda o
 Dtype = Annotated[str | None, typer.Option(help="Output dtype: float32, bfloat16 or float16 (default: as input).")]
 ShardSize = Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB, 500MB.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout, instead of "
+                                                   "the tables (progress and warnings stay on stderr).")]
 StorageOptions = Annotated[str | None, typer.Option(
     "--storage-options", help='JSON passed to fsspec for remote models, e.g. \'{"anon": true}\'.')]
 

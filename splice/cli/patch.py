@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Device, Force, Out, Quiet, StorageOptions, parse_storage_options
+from splice.cli.options import Device, Force, Json, Out, Quiet, StorageOptions, parse_storage_options
 
 patch_app = typer.Typer(help="Extract patches from fine-tunes and apply them to base models.")
 
@@ -35,6 +35,7 @@ def extract(
     storage_options: StorageOptions = None,
     force: Force = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Extract a patch from a fine-tune: its LayerNorm parameters, a low-rank (LoRA) or sparse (mask)
     approximation of its delta, or the whole delta."""
@@ -47,7 +48,9 @@ def extract(
     for warning in extracted.warnings:
         render.error_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
     patch = extracted.patch
-    if not quiet:
+    if as_json:
+        render.print_json({"out": out, **render.jsonable(extracted)})
+    elif not quiet:
         render.console.print(render.table(f"{patch.meta.kind.value} patch -> {out}",
                                           ["tensors", "parameters", "targets", "base fingerprint"],
                                           [[len(patch.tensors), f"{patch.num_parameters:,}", len(patch.meta.targets),
@@ -65,6 +68,7 @@ def apply(
     storage_options: StorageOptions = None,
     force: Force = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Apply patches (splice patch or PEFT adapter directories) to a base model, streamed; deltas, LoRA and
     sparse deltas add, masks multiply, LayerNorm patches replace."""
@@ -72,7 +76,9 @@ def apply(
 
     report = apply_patches(patches, base, out, allow_base_drift=allow_base_drift, device=device, force=force,
                            progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
-    if not quiet:
+    if as_json:
+        render.print_json(report)
+    elif not quiet:
         render.console.print(render.stream_report_table("patched model", report))
 
 

@@ -11,6 +11,7 @@ from splice.cli import render
 from splice.cli.options import (
     Device,
     Force,
+    Json,
     OldBase,
     Quiet,
     RegistryURL,
@@ -46,6 +47,7 @@ def port_command(
     storage_options: StorageOptions = None,
     force: Force = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Port a patch made on an old base onto an evolved base, training-free (PortLLM): the patch's update is
     added to the new base's tensors. A drift report (table, port_report.json and .png beside the output) says
@@ -58,6 +60,9 @@ def port_command(
                    shard_size=parse_size(shard_size), force=force, progress=render.RichProgress(quiet),
                    storage_options=parse_storage_options(storage_options))
     render.warn(outcome.warnings)
+    if as_json:
+        render.print_json(outcome)
+        return
     if quiet:
         return
     for table in render.drift_tables(outcome.drift):

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Force, Quiet, RegistryURL, StorageOptions, parse_storage_options
+from splice.cli.options import Force, Json, Quiet, RegistryURL, StorageOptions, parse_storage_options
 from splice.cli.render import show as _print
 
 registry_app = typer.Typer(
@@ -59,12 +59,16 @@ def push(
     registry: RegistryURL = None,
     storage_options: StorageOptions = None,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Store a patch as the next version of NAME."""
     from splice.workflows.publish import publish_patch
 
     manifest = publish_patch(_open(registry, storage_options), name, patch_dir, alias=alias, message=message,
                              base=base)
+    if as_json:
+        render.print_json(manifest)
+        return
     stats = manifest.push_stats
     _print(f"pushed {manifest.ref} ({manifest.digest})", quiet)
     _print(render.table("", ["kind", "tensors", "size", "new blob bytes", "reused blob bytes", "alias"],
@@ -106,14 +110,27 @@ def _versions_table(opened, name: str) -> tuple[object, list[str]]:
                                                      "aliases", "message"], rows), problems
 
 
+def _listing_json(opened, name: str | None) -> dict:
+    """`ls --json`: every name's summary, or one name's versions (each manifest with the aliases pointing at it)."""
+    if name is None:
+        return {"registry": opened.url, "names": opened.summary()}
+    listed, problems = opened.listing(name)
+    return {"registry": opened.url, "name": name, "problems": problems,
+            "versions": [{**render.jsonable(manifest), "aliases": pointing} for manifest, pointing in listed]}
+
+
 @registry_app.command("ls")
 def ls(
     name: Annotated[str | None, typer.Argument(help="List this name's versions instead of all names.")] = None,
     registry: RegistryURL = None,
     storage_options: StorageOptions = None,
+    as_json: Json = False,
 ) -> None:
     """Patch names with their latest version and aliases, or the versions of one name."""
     opened = _open(registry, storage_options)
+    if as_json:
+        render.print_json(_listing_json(opened, name))
+        return
     table, problems = _names_table(opened) if name is None else _versions_table(opened, name)
     _print(table)
     for line in problems:
@@ -149,10 +166,14 @@ def _version_rows(details) -> list[list[object]]:
 
 
 @registry_app.command("show")
-def show(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOptions = None) -> None:
+def show(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOptions = None, as_json: Json = False
+         ) -> None:
     """Everything about one version: kind, base fingerprint, size, lineage, metrics, aliases and their history,
     and every base the name's versions were deployed or ported onto (with drift figures and scores)."""
     details = _open(registry, storage_options).details(ref)
+    if as_json:
+        render.print_json(details)
+        return
     _print(render.table(f"{details.manifest.ref}", ["field", "value"], _version_rows(details)))
     history = [[alias, record.generation, record.version, _when(record.moved_at),
                 "current" if record is records[-1] else ""]
@@ -184,10 +205,13 @@ def tag(
 
 
 @registry_app.command("diff")
-def diff(ref_a: RefArg, ref_b: RefArg, registry: RegistryURL = None, storage_options: StorageOptions = None
-         ) -> None:
+def diff(ref_a: RefArg, ref_b: RefArg, registry: RegistryURL = None, storage_options: StorageOptions = None,
+         as_json: Json = False) -> None:
     """Compare two versions tensor by tensor."""
     report = _open(registry, storage_options).diff(ref_a, ref_b)
+    if as_json:
+        render.print_json(report)
+        return
     if report.identical:
         _print(f"{report.a} and {report.b} are identical ({report.digest_a})")
         return
@@ -217,9 +241,13 @@ def gc(
     registry: RegistryURL = None,
     storage_options: StorageOptions = None,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Remove blobs no live version uses, and stale temp files, older than the grace period."""
     report = _open(registry, storage_options).gc(grace_seconds=grace)
+    if as_json:
+        render.print_json(report)
+        return
     _print(render.table("gc", ["blobs removed", "bytes freed", "temp files removed", "blobs in use",
                                "unused but young"],
                         [[report.blobs_removed, f"{report.bytes_freed:,}", report.temps_removed,
@@ -236,6 +264,7 @@ def verify(
         "--from", help="With --repair: a patch directory holding the damaged tensors (e.g. the one pushed).")] = None,
     registry: RegistryURL = None,
     storage_options: StorageOptions = None,
+    as_json: Json = False,
 ) -> None:
     """Re-hash every blob and check every version's blobs and every alias; exit 1 if anything is wrong."""
     from splice.registry import RegistryError
@@ -244,6 +273,11 @@ def verify(
         raise RegistryError("--repair and --from go together: `splice registry verify --repair --from PATCH_DIR` "
                             "writes damaged blobs again from that patch")
     report = _open(registry, storage_options).verify(repair_from=source)
+    if as_json:
+        render.print_json(report)
+        if not report.ok:
+            raise SystemExit(1)
+        return
     for path in report.repaired:
         _print(f"repaired {path}")
     if report.ok:

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import enum
+import json
+import math
+import sys
+from pathlib import PurePath
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -110,7 +118,7 @@ def stream_report_table(title: str, report) -> Table:
 def greedy_soup_table(report) -> Table:
     return table(f"greedy soup -> {report.out}", ["ingredient", "held-out score", "soup score", "kept"],
                  [[s.model, f"{s.score:.4f}", "" if s.soup_score is None else f"{s.soup_score:.4f}",
-                   "yes" if s.kept else "no"] for s in report.steps])
+                   ("yes (tie)" if s.tie else "yes") if s.kept else "no"] for s in report.steps])
 
 
 def deployment_table(title: str, record) -> Table:
@@ -138,10 +146,61 @@ def model_summary_tables(summary) -> list[Table]:
     return tables
 
 
+def jsonable(value):
+    """A library result as plain JSON values: an object's own `as_dict()`, a pydantic model's dump, a dataclass's
+    fields and public properties; paths and times as strings, tensors as lists, a number that is not finite as
+    null (as the reports splice writes have it)."""
+    if hasattr(value, "as_dict") and callable(value.as_dict):
+        return jsonable(value.as_dict())
+    if hasattr(value, "model_dump"):  # a pydantic model
+        return {**value.model_dump(mode="json"), **_properties(value)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name[0] != "_"}
+        return {**fields, **_properties(value)}
+    if isinstance(value, dict):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return jsonable(value.value)
+    if hasattr(value, "tolist"):  # a tensor or an array
+        return jsonable(value.tolist())
+    raise TypeError(f"no JSON form for {type(value).__name__}")
+
+
+def _properties(value) -> dict:
+    """The public properties a result class defines (a manifest's size, a report's verdict), as JSON values."""
+    own = [cls for cls in type(value).__mro__ if cls.__module__.startswith("splice.")]
+    return {name: jsonable(getattr(value, name)) for cls in reversed(own)
+            for name, member in vars(cls).items() if isinstance(member, property) and name[0] != "_"}
+
+
+def print_json(result) -> None:
+    """`--json`: the result as one JSON document on stdout, nothing else there."""
+    stop_progress()
+    sys.stdout.write(json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
 def show(renderable, quiet: bool = False) -> None:
     """Print a table or a line, unless --quiet."""
     if not quiet:
         console.print(renderable)
+
+
+def notes(lines, quiet: bool = False) -> None:
+    """`note: ...` lines under a table: what a reader of the table should know."""
+    if not quiet:
+        for line in lines:
+            console.print(f"note: {line}", highlight=False, soft_wrap=True)
 
 
 def warn(warnings) -> None:

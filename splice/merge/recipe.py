@@ -35,7 +35,7 @@ from splice.progress import Progress
 from splice.tensors.device import parse_dtype
 from splice.tensors.stream import CHUNK_BYTES, StreamReport, open_all, plan_same_name, run_stream
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
-from splice.values import Bounded, one_line
+from splice.values import Bounded, one_line, read_yaml, unknown_key
 
 Scalar = bool | int | float | str
 
@@ -114,13 +114,14 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_RecipeLoader)  # noqa: S506 (a safe loader)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    return parse_recipe(data, str(path))
+        document = read_yaml(path, _RecipeLoader)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    return parse_recipe(document.data, str(path), document.key_lines)
 
 
-def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+def parse_recipe(data: Any, source: str = "recipe", key_lines: dict[str, int] | None = None) -> Recipe:
+    """A recipe validated; `key_lines` (each top-level key's line in the file) places a mistyped key."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with merge_method and models")
     for key, why in NOT_SUPPORTED.items():
@@ -129,7 +130,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"{source}: {one_line(exc, 'recipe')}") from None
+        mistyped = unknown_key(exc, Recipe.model_fields, source, key_lines)
+        raise RecipeError(mistyped or f"{source}: {one_line(exc, 'recipe')}") from None
     validate_recipe(recipe, source)
     return recipe
 

@@ -76,6 +76,7 @@ class GreedyStep:
     score: float  # the ingredient's own held-out score
     soup_score: float | None  # the candidate soup's score when this ingredient was tried (None: the first)
     kept: bool
+    tie: bool = False  # kept though the soup's score did not rise (the default rule keeps ties; --strict does not)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class GreedySoupReport:
     soup_score: float
     seconds: float
     shard_files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # ingredients kept on a tie: the evaluation may have saturated
 
     @property
     def kept(self) -> list[str]:
@@ -125,7 +127,15 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
                                                        progress)
     progress.finish()
     shard_files = _write_soup(soup_state, checkpoints, anchor, out, out_dtype, shard_size, force)
-    return GreedySoupReport(Path(out), steps, best, time.perf_counter() - started, shard_files)
+    return GreedySoupReport(Path(out), steps, best, time.perf_counter() - started, shard_files, _tie_notes(steps))
+
+
+def _tie_notes(steps: list[GreedyStep]) -> list[str]:
+    """A line for each ingredient kept though the score did not rise: once the evaluation saturates, a tie keeps
+    anything, even an untrained base."""
+    return [f"{s.model} was kept on a tie: the soup's score stayed {s.soup_score:.4f} (its own score "
+            f"{s.score:.4f}); a saturated evaluation keeps any ingredient, even an untrained base; --strict keeps "
+            f"only ingredients that raise the score" for s in steps if s.tie]
 
 
 def _select_greedily(locations: list[str], checkpoints: list, scores: list[float], scorer: Scorer, strict: bool,
@@ -151,7 +161,8 @@ def _select_greedily(locations: list[str], checkpoints: list, scores: list[float
             candidate[name] = current * (kept / (kept + 1)) + tensor * (1 / (kept + 1))
         candidate_score = score_state(scorer, candidate, first.location)
         accept = candidate_score > best if strict else candidate_score >= best
-        steps.append(GreedyStep(locations[index], scores[index], candidate_score, accept))
+        steps.append(GreedyStep(locations[index], scores[index], candidate_score, accept,
+                                tie=accept and candidate_score == best))
         if accept:
             soup_state, best, kept = candidate, candidate_score, kept + 1
         del candidate

@@ -20,6 +20,7 @@ import torch
 
 from splice.arch.names import stored_to_module_names
 from splice.errors import SpliceError
+from splice.hooks import load_callable, user_hook
 from splice.progress import NoProgress, Progress
 
 BATCH_SIZE = 32
@@ -82,22 +83,12 @@ def load_inputs(data: DataSource, samples: int, anchor_location: str) -> Inputs:
     gets the anchor model's location (to load its tokenizer or processor). `samples` >= 1 (`FusionOptions`
     checks it)."""
     if isinstance(data, str):
-        from splice.hooks import load_callable
-
-        try:
-            data = load_callable(data)
-        except SpliceError as exc:
-            raise SpliceError(str(exc).replace("--eval", "--data", 1)) from None
+        data = load_callable(data, option="--data")
+    elif callable(data) and not isinstance(data, (torch.Tensor, Mapping)):
+        data = user_hook(data, f"--data function {getattr(data, '__name__', data)!r}")
     if callable(data) and not isinstance(data, (torch.Tensor, Mapping)):
         function = data
-        try:
-            data = function(anchor_location) if _takes_argument(function) else function()
-        except SpliceError:
-            raise
-        except Exception as exc:  # the user's code: report it in one line
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise SpliceError(f"--data function {getattr(function, '__name__', function)!r} failed: "
-                              f"{type(exc).__name__}: {detail}") from exc
+        data = function(anchor_location) if _takes_argument(function) else function()
     if isinstance(data, torch.Tensor):
         if data.dim() == 0 or len(data) == 0:
             raise SpliceError("--data returned an empty tensor; return a batch of model inputs")

@@ -31,12 +31,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator
 
 from splice.errors import SpliceError
 from splice.registry.refs import check_name
-from splice.values import FiniteFloat, one_line
+from splice.values import FiniteFloat, one_line, read_yaml, unknown_key
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SEED_STRIDE = 100_003  # task i of a pipeline seeds its generators with seed * SEED_STRIDE + i
@@ -137,17 +136,18 @@ def load_pipeline(path: str | Path) -> Pipeline:
     """A pipeline file parsed and validated; a one-line error naming the file and the bad entry."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data, key_lines = read_yaml(path)
     except FileNotFoundError:
         raise SpliceError(f"{path}: no such pipeline file") from None
-    except yaml.YAMLError as exc:
-        raise SpliceError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except ValueError as exc:
+        raise SpliceError(str(exc)) from None
     if not isinstance(data, dict):
         raise SpliceError(f"{path}: a pipeline is a mapping (base, name, tasks, ...)")
     try:
         pipeline = Pipeline.model_validate(data)
     except ValidationError as exc:
-        raise SpliceError(f"{path}: {one_line(exc, 'pipeline')}") from None
+        mistyped = unknown_key(exc, Pipeline.model_fields, str(path), key_lines)
+        raise SpliceError(mistyped or f"{path}: {one_line(exc, 'pipeline')}") from None
     return pipeline.model_copy(update={
         "base": _beside(path, pipeline.base),
         "tasks": [task.model_copy(update={"data": _hook_beside(path, task.data)}) for task in pipeline.tasks]})
