@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +24,8 @@ def run(
         "--registry", help="The registry (default: the pipeline file's registry:, else $SPLICE_REGISTRY, else "
                            "~/.cache/splice/registry).")] = None,
     storage_options: StorageOptions = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the report's files in --report if they exist."
+                                        )] = False,
     quiet: Quiet = False,
 ) -> None:
     """Per task: its key, its LayerNorm slot trained, the head rectified, every seen task evaluated, pushed as a
@@ -34,7 +35,8 @@ def run(
 
     loaded = load_pipeline(pipeline)
     result = run_pipeline(loaded, resume=resume, registry=registry, report_dir=report or f"continual-{loaded.name}",
-                          progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
+                          progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options),
+                          force=force)
     if not quiet:
         for table in render.continual_tables(result):
             render.console.print(table)
@@ -49,21 +51,16 @@ def predict(
     data: Annotated[str, typer.Option("--data", help="MODULE:FUNCTION returning a batch (dict of tensors; "
                                                      "labels optional).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write each input's class and task slot "
-                                                                 "(and the accuracy, with labels) as JSON.")] = None,
+                                                                 "(and the accuracy, with labels) as JSON; never an "
+                                                                 "input or the registry.")] = None,
     registry: RegistryURL = None,
     device: Device = "auto",
     storage_options: StorageOptions = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Predict with routing: each input's LayerNorm slot is chosen by its key."""
-    from splice.errors import SpliceError
-    from splice.hooks import load_callable
-    from splice.workflows.continual.predict import load_bank
-    from splice.workflows.continual.predict import predict as routed
+    from splice.workflows.continual.predict import predict_into
 
-    if out is not None and not out.parent.is_dir():
-        raise SpliceError(f"--out {out}: its directory {out.parent} does not exist")
-    loaded = load_bank(bank, base, registry, parse_storage_options(storage_options), device=device)
-    result = routed(loaded, load_callable(data, option="--data")())
-    if out is not None:
-        out.write_text(json.dumps({"bank": loaded.refs, **result.as_dict()}, indent=2) + "\n")
+    loaded, result = predict_into(bank, base, data, out, force=force, registry=registry,
+                                  storage_options=parse_storage_options(storage_options), device=device)
     render.console.print(render.prediction_table(result, loaded))
