@@ -4,7 +4,10 @@ or inside the registry, --force to replace, a directory refused in one line, pub
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,10 @@ from test_output_safety import snapshot
 from test_port import lineage_setup
 
 from splice.adapters.extract import extract_patch_to
+from splice.errors import OutputExistsError
 from splice.registry.store import Registry
 from splice.tensors.partials import PARTIAL
+from splice.tensors.writer import write_output_file
 from splice.workflows.continual.run import run_pipeline
 
 from helpers import run_cli
@@ -48,8 +53,12 @@ def one_error_line(code: int, err: str) -> str:
 @pytest.mark.parametrize("force", [False, True])
 def test_predict_out_never_replaces_an_input_or_the_registry(trained, force, monkeypatch, capsys):
     root, base, registry, hook = trained
+    linked = root / "elsewhere" / "predictions.json"  # a link to an input is that input
+    linked.parent.mkdir(exist_ok=True)
+    if not linked.is_symlink():
+        linked.symlink_to(base / "config.json")
     targets = [base / "config.json", registry / "patches" / "cl" / "versions" / "1.json",
-               registry / "registry.json", hook]
+               registry / "registry.json", hook, linked]
     before = snapshot(root)
     for target in targets:
         code, _, err = run_cli([*predict_args(base, registry, hook, target), *(["--force"] if force else [])],
@@ -130,3 +139,19 @@ def test_continual_report_files_are_refused_before_any_work_unless_force(tmp_pat
     assert json.loads((report / "continual_report.json").read_text())["tasks"] == ["t0"]
     shutil.rmtree(report)
     assert not list(tmp_path.rglob(f"*{PARTIAL}*"))
+
+
+def test_a_partial_file_of_a_dead_writer_is_removed_and_a_live_ones_kept(tmp_path):
+    out = tmp_path / "predictions.json"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".{out.name}{PARTIAL}{int(dead.stdout)}-0badc0de"
+    live = tmp_path / f".{out.name}{PARTIAL}{os.getpid()}-0badc0de"
+    for partial in (stale, live):
+        partial.write_bytes(b"half")
+    write_output_file(out, b"whole\n")
+    assert out.read_bytes() == b"whole\n" and not stale.exists() and live.read_bytes() == b"half"
+    with pytest.raises(OutputExistsError, match="already exists"):
+        write_output_file(out, b"again\n")
+    write_output_file(out, b"again\n", force=True)
+    assert out.read_bytes() == b"again\n" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [out.name, live.name])

@@ -182,6 +182,8 @@ def test_relative_paths_are_recorded_absolute(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     ported = splice.Patch.load(work / "ported")
     assert ported.meta.lineage[-1].startswith(f"ported from {work / 'patch'} (base digest ")
+    report = json.loads((work / "ported" / "port_report.json").read_text())
+    assert (report["patch"], report["new_base"], report["old_base"]) == (str(work / "patch"), str(v2), str(v1))
     Registry.init(tmp_path / "registry").push("chat", work / "ported")
     code, _, err = run_cli(["deploy", "chat@1", "--base", "../v2", "--out", "deployed", "--registry", "../registry",
                             "-q"], monkeypatch, capsys)

@@ -283,8 +283,8 @@ def _report(patch: Patch, measured: _Measured, label: str, new: Checkpoint, old:
                      f"the old base")
     if patch.meta.base is None and old is None:
         notes.append("the patch records no base (a PEFT adapter): give --from OLD_BASE to measure the drift")
-    return DriftReport(patch=label, kind=patch.meta.kind.value, new_base=new.location, new_digest="",
-                       old_base=old.location if old is not None else None,
+    return DriftReport(patch=label, kind=patch.meta.kind.value, new_base=recorded_location(new.location),
+                       new_digest="", old_base=recorded_location(old.location) if old is not None else None,
                        old_digest=patch.meta.base.digest if patch.meta.base else None, scale=scale,
                        tensors=measured.drifts, notes=notes)
 
