@@ -61,6 +61,12 @@ def load_callable(reference: str, option: str = "--eval") -> Callable:
     return user_hook(function, label)
 
 
+def hook_file(function: Callable) -> str | None:
+    """The file a hook's module was loaded from (an output must never replace it), if it has one."""
+    module = sys.modules.get(getattr(function, "__module__", None) or "")
+    return getattr(module, "__file__", None)
+
+
 def _takes_two_arguments(function: Callable) -> bool:
     try:
         parameters = inspect.signature(function).parameters.values()
@@ -70,13 +76,21 @@ def _takes_two_arguments(function: Callable) -> bool:
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in parameters)
 
 
-def score_state(scorer: Scorer, state: Mapping[str, torch.Tensor], model_dir: str) -> float:
+def hook_name(hook: str | Callable, option: str = "--eval") -> str:
+    """How errors name a hook: the option and MODULE:FUNCTION as the user gave it, or a function's name."""
+    return f"{option} {hook}" if isinstance(hook, str) else f"{option} {getattr(hook, '__qualname__', repr(hook))}"
+
+
+def score_state(scorer: Scorer, state: Mapping[str, torch.Tensor], model_dir: str, hook: str = "--eval") -> float:
+    """The score `scorer` gives a candidate, refused (naming the `hook` and the value) unless a finite number:
+    every caller scores before it writes, so a bad score stops a command before anything is written."""
     with torch.no_grad():
         value = scorer(state, model_dir) if _takes_two_arguments(scorer) else scorer(state)
     try:
         score = float(value)
     except (TypeError, ValueError):
-        raise SpliceError(f"the evaluation function returned {value!r}, not a number") from None
-    if math.isnan(score):
-        raise SpliceError("the evaluation function returned NaN")
+        raise SpliceError(f"{hook} returned {value!r}, not a number; nothing was written") from None
+    if not math.isfinite(score):
+        raise SpliceError(f"{hook} returned {score} for {model_dir}: a score must be a finite number; "
+                          f"nothing was written")
     return score

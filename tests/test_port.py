@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import splice
+from splice.adapters.drift import percent
 from splice.adapters.extract import extract_patch_to
 from splice.adapters.patch import Patch
 from splice.errors import PatchError, SpliceError
@@ -98,7 +99,7 @@ def test_drift_figures_equal_an_independent_computation(tmp_path):
     total_change = math.sqrt(sum(float((new[n] - old[n]).double().norm()) ** 2 for n in update))
     total_old = math.sqrt(sum(float(old[n].double().norm()) ** 2 for n in update))
     assert drift.base_change == pytest.approx(total_change / total_old, rel=1e-9)
-    assert drift.verdict == "expected to transfer" and f"{drift.base_change:.1%}" in drift.reason
+    assert drift.verdict == "expected to transfer" and f"moved {percent(drift.base_change)} in" in drift.reason
     # without the old base: only the norms the fingerprint recorded, a lower bound of the change
     unmeasured = splice.port_patch(tmp_path / "patch", v2, as_patch=tmp_path / "ported2").drift
     assert unmeasured.base_change is None and unmeasured.verdict == "unmeasured"

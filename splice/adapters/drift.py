@@ -16,40 +16,51 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from splice.plots import png_bytes
 
 REPORT_JSON = "port_report.json"
 REPORT_PNG = "port_report.png"
+REPORT_FILES = (REPORT_JSON, REPORT_PNG)
 LARGE_CHANGE = 0.25  # base change above this: beyond what the residual argument covers
 ALIGNED = 0.5  # |cosine| above this: the base itself moved along (or against) the patch's update
+MAX_PLOT_ROWS = 64  # a plot panel with more tensors than this draws one row per layer
 
 
 @dataclass(frozen=True)
 class TensorDrift:
     name: str
-    old_norm: float  # ||W|| (from the patch's fingerprint when the old base is not given)
+    old_norm: float | None  # ||W|| (from the patch's fingerprint when the old base is not given; None: unknown)
     new_norm: float  # ||W'||
     update_norm: float  # ||U||, the patch's update on its own base (before --scale)
     change_norm: float | None = None  # ||W' - W||; None: the old base's values are unknown
     dot: float | None = None  # <W' - W, U>
     changed: bool | None = None  # W' differs from W (None: unknown)
+    shape: tuple[int, ...] = ()  # the tensor's shape (the plot draws matrices and vectors apart)
 
     @property
     def base_change(self) -> float | None:
         return None if self.change_norm is None else _ratio(self.change_norm, self.old_norm)
 
     @property
-    def base_change_at_least(self) -> float:
-        return _ratio(abs(self.new_norm - self.old_norm), self.old_norm)
+    def base_change_at_least(self) -> float | None:
+        """None when nothing records ||W|| (a PEFT adapter without --from)."""
+        return None if self.old_norm is None else _ratio(abs(self.new_norm - self.old_norm), self.old_norm)
 
     @property
     def cosine(self) -> float | None:
         if self.dot is None or not self.change_norm or not self.update_norm:
             return None
-        return self.dot / (self.change_norm * self.update_norm)
+        return _clamped(self.dot / (self.change_norm * self.update_norm))
+
+    @property
+    def update_share(self) -> float | None:
+        """||U|| / ||W|| (||W'|| when ||W|| is unknown): how large the patch's update is against the tensor."""
+        norm = self.new_norm if self.old_norm is None else self.old_norm
+        return _ratio(self.update_norm, norm)
 
     @property
     def update_to_change(self) -> float | None:
@@ -62,6 +73,18 @@ class TensorDrift:
 
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else (0.0 if not numerator else math.inf)
+
+
+def _clamped(cosine: float) -> float:
+    """A cosine from rounded sums can leave [-1, 1] by an ulp or two (1.0000000053): held to its range."""
+    return max(-1.0, min(1.0, cosine))
+
+
+def percent(value: float | None) -> str:
+    """A ratio as the report's table and its verdict both print it."""
+    if value is None:
+        return "unknown"
+    return "from 0" if value == math.inf else f"{value:.2%}"
 
 
 @dataclass
@@ -95,8 +118,11 @@ class DriftReport:
         return _ratio(_root_sum(t.change_norm for t in self.tensors), _root_sum(t.old_norm for t in self.tensors))
 
     @property
-    def base_change_at_least(self) -> float:
-        """A lower bound of `base_change` from norms alone (each |‖W'‖ - ‖W‖| <= ‖W' - W‖)."""
+    def base_change_at_least(self) -> float | None:
+        """A lower bound of `base_change` from norms alone (each |‖W'‖ - ‖W‖| <= ‖W' - W‖); None when no record
+        of the old base's norms exists (a PEFT adapter without --from)."""
+        if any(t.old_norm is None for t in self.tensors):
+            return None
         return _ratio(_root_sum(abs(t.new_norm - t.old_norm) for t in self.tensors),
                       _root_sum(t.old_norm for t in self.tensors))
 
@@ -105,7 +131,7 @@ class DriftReport:
         if not self.measured:
             return None
         change, update = _root_sum(t.change_norm for t in self.tensors), _root_sum(t.update_norm for t in self.tensors)
-        return sum(t.dot for t in self.tensors) / (change * update) if change and update else None
+        return _clamped(sum(t.dot for t in self.tensors) / (change * update)) if change and update else None
 
     @property
     def update_to_change(self) -> float | None:
@@ -137,48 +163,110 @@ class DriftReport:
         """The report as the files written beside the output: port_report.json and port_report.png (drawn once)."""
         if self._files is None:
             self._files = {REPORT_JSON: self.json_bytes(),
-                           REPORT_PNG: png_bytes(self._draw, size=(10.0, 5.5), layout=None)}
+                           REPORT_PNG: png_bytes(self._draw, size=self._figure_size(), layout="constrained")}
         return self._files
 
-    def save(self, directory: str | Path) -> list[Path]:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name, data in self.files().items():
-            (directory / name).write_bytes(data)
-            written.append(directory / name)
-        return written
+    def save(self, directory: str | Path, force: bool = False) -> list[Path]:
+        """port_report.json and port_report.png into `directory`, by the output rule (`force` replaces them)."""
+        from splice.tensors.writer import write_report_files  # torch: kept out of `registry show`'s imports
+
+        return write_report_files(directory, self.files(), force)
+
+    @property
+    def update_share(self) -> float | None:
+        """||U|| / ||W|| over the patched tensors together (||W'|| where ||W|| is unknown)."""
+        norms = [t.new_norm if t.old_norm is None else t.old_norm for t in self.tensors]
+        return _ratio(_root_sum(t.update_norm for t in self.tensors), _root_sum(norms))
+
+    def _panels(self) -> list[tuple[str, list]]:
+        """The plot's panels: matrices and vectors apart (a bias's ||U||/||W|| can be 1000x a matrix's), each a
+        row per tensor, or per layer (the tensors' figures together) when a panel would hold too many rows."""
+        panels = []
+        for title, part in (("matrices", [t for t in self.tensors if len(t.shape) >= 2]),
+                            ("vectors (biases, norms, scales)", [t for t in self.tensors if len(t.shape) < 2])):
+            if len(part) > MAX_PLOT_ROWS:
+                layers: dict[str, list[TensorDrift]] = {}
+                for t in part:
+                    layers.setdefault(_layer_of(t.name), []).append(t)
+                rows = [(f"{layer} ({len(ts)} tensors)", replace(self, tensors=ts, verdict="-", _files=None))
+                        for layer, ts in layers.items()]
+                title += f", per layer ({len(part)} tensors)"
+            else:
+                rows = [(_short(t.name, 48), t) for t in part]
+            if rows:
+                panels.append((title, rows))
+        return panels
+
+    def _figure_size(self) -> tuple[float, float]:
+        panels = self._panels()
+        return 11.0, 1.6 + 0.9 * len(panels) + 0.16 * sum(len(rows) for _, rows in panels)
 
     def _draw(self, figure) -> None:
-        """Per patched tensor: the base change (and the patch update) in % of ||W||, and the cosine. Drawn as
-        line collections (one artist per series), which stays fast for models with hundreds of tensors."""
-        names = [t.name for t in self.tensors]
-        positions = list(range(len(names)))
-        figure.subplots_adjust(left=0.08, right=0.98, top=0.93, bottom=0.42, hspace=0.12)  # room for tensor names
-        change_axes, cosine_axes = figure.subplots(2, 1, sharex=True)
+        """Per patched tensor (or layer), as horizontal bars so that every name can be read: the base change
+        and the patch update in % of ||W|| on a log scale with the 25% threshold, and the cosine with +-0.5."""
+        panels = self._panels()
+        grid = figure.add_gridspec(len(panels), 2, width_ratios=[3, 1.4],
+                                   height_ratios=[len(rows) + 2 for _, rows in panels])
+        figure.suptitle(f"{_short(self.patch, 50)} -> {_short(self.new_base, 50)}: {self.verdict}",
+                        fontsize="medium")
+        for index, (title, rows) in enumerate(panels):
+            change_axes = figure.add_subplot(grid[index, 0])
+            cosine_axes = figure.add_subplot(grid[index, 1], sharey=change_axes)
+            self._draw_panel(title, rows, change_axes, cosine_axes, legend=index == 0)
+
+    def _draw_panel(self, title: str, rows: list, change_axes, cosine_axes, legend: bool) -> None:
+        positions = list(range(len(rows)))
+        figures = [item for _, item in rows]
+        change = [item.base_change if self.measured else item.base_change_at_least for item in figures]
+        update = [item.update_share for item in figures]
+        shown = [100 * v for v in (*change, *update) if v is not None and 0 < v < math.inf]
+        low = 10 ** math.floor(math.log10(min(shown) / 2)) if shown else 1e-3
+        change_label = "base change ||W'-W|| / ||W||" if self.measured else "base change, at least (norms only)"
+        change_axes.hlines(positions, low, [_shown(100 * v) if v else math.nan for v in change], color="tab:blue",
+                           linewidth=4, label=change_label)
+        known = all(t.old_norm is not None for t in self.tensors)
+        change_axes.plot([_shown(100 * v) if v else math.nan for v in update], positions, "o", color="tab:orange",
+                         markersize=3.5, label="patch update ||U|| / ||W||" if known else "patch update ||U|| / ||W'||")
+        for position, ratios in enumerate(zip(change, update)):
+            if math.inf in ratios:  # a base tensor that was all zeros: no ratio to draw
+                change_axes.text(low, position, " ||W|| = 0: no ratio", va="center", fontsize=6)
+        change_axes.axvline(100 * LARGE_CHANGE, color="tab:red", linestyle="--", linewidth=1,
+                            label=f"{LARGE_CHANGE:.0%} change: check before deploying")
+        change_axes.set_xscale("log")
+        change_axes.set_xlim(left=low)
+        change_axes.set_yticks(positions, [label for label, _ in rows], fontsize=7)
+        change_axes.set_ylim(len(rows) - 0.5, -0.5)
+        change_axes.set_xlabel("% of ||W|| (log scale)", fontsize="small")
+        change_axes.set_title(title, fontsize="small", loc="left")
+        change_axes.grid(axis="x", which="major", linewidth=0.3)
+        if not any(v is not None for v in change):
+            change_axes.text(0.99, 0.5, "base change unknown:\ngive the old base (--from)", ha="right",
+                             va="center", fontsize="small", transform=change_axes.transAxes, bbox=_NOTE_BOX)
+        if legend:
+            change_axes.legend(loc="lower left", bbox_to_anchor=(0, 1.06), ncol=3, fontsize="x-small",
+                               frameon=False)
+        cosine_axes.tick_params(axis="y", labelleft=False)
+        cosine_axes.set_xlim(-1, 1)
+        cosine_axes.axvline(0, color="black", linewidth=0.5)
+        for bound in (-ALIGNED, ALIGNED):
+            cosine_axes.axvline(bound, color="tab:red", linestyle="--", linewidth=1)
+        cosine_axes.set_xlabel(f"cos(W'-W, U); |cos| > {ALIGNED} aligned", fontsize="small")
         if self.measured:
-            change_axes.vlines(positions, 0, [_shown(100 * t.base_change) for t in self.tensors], color="tab:blue",
-                               linewidth=3, label="base change ||W'-W|| / ||W||")
-            change_axes.plot(positions, [100 * t.update_norm / t.old_norm if t.old_norm else math.nan
-                                         for t in self.tensors], ".", color="tab:orange",
-                             label="patch update ||U|| / ||W||")
-            cosine_axes.vlines(positions, 0, [t.cosine or 0.0 for t in self.tensors], color="tab:green", linewidth=3)
-            cosine_axes.set_ylim(-1, 1)
+            cosines = [item.cosine or 0.0 for item in figures]
+            cosine_axes.hlines(positions, 0, cosines, color="tab:green", linewidth=4)
+            cosine_axes.plot(cosines, positions, "|", color="tab:green", markersize=6)  # seen when near 0
         else:
-            change_axes.vlines(positions, 0, [_shown(100 * t.base_change_at_least) for t in self.tensors],
-                               color="tab:blue", linewidth=3, label="base change, at least (norms only)")
-            cosine_axes.text(0.5, 0.5, "direction unknown: give the old base (--from) to measure it",
-                             ha="center", va="center", transform=cosine_axes.transAxes)
-        change_axes.set_ylim(bottom=0)
-        change_axes.set_ylabel("% of ||W||")
-        change_axes.legend(loc="upper right", fontsize="small")
-        change_axes.set_title(f"{_short(self.patch, 50)} -> {_short(self.new_base, 50)}: {self.verdict}",
-                              fontsize="medium")
-        cosine_axes.set_ylabel("cos(W'-W, U)")
-        cosine_axes.axhline(0, color="black", linewidth=0.5)
-        step = max(1, -(-len(names) // 24))
-        cosine_axes.set_xticks(positions[::step], [_short(n) for n in names[::step]], rotation=90,
-                               fontsize="x-small")
+            cosine_axes.text(0.5, 0.5, "direction unknown:\ngive the old base (--from)", ha="center",
+                             va="center", fontsize="small", transform=cosine_axes.transAxes, bbox=_NOTE_BOX)
+
+
+_NOTE_BOX = {"facecolor": "white", "edgecolor": "0.7", "boxstyle": "round"}
+
+
+def _layer_of(name: str) -> str:
+    """The group a tensor is plotted in when there are too many: its layer number, else its module's path."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return f"layer {match.group(1)}" if match else name.rsplit(".", 2)[0]
 
 
 def _shown(value: float) -> float:
@@ -212,17 +300,17 @@ def judge(report: DriftReport) -> tuple[str, str]:
     if report.unchanged:
         return "unchanged", f"the new base has the same values in {where}: porting equals applying the patch"
     if not report.measured:
-        if report.old_digest is None:
+        least = report.base_change_at_least
+        if report.old_digest is None or least is None:
             return "unmeasured", ("no record of the base the patch was made on; give it (--from OLD_BASE) to measure "
                                   "how far the base moved")
-        least = report.base_change_at_least
         if least > LARGE_CHANGE:
-            return "check before deploying", (f"the base moved at least {least:.1%} in {where} (norms only): "
+            return "check before deploying", (f"the base moved at least {percent(least)} in {where} (norms only): "
                                               "evaluate the ported model before deploying it")
-        return "unmeasured", (f"norms moved by at most {least:.1%}, but the change itself is unknown; give the old "
-                              "base (--from OLD_BASE) to measure it")
+        return "unmeasured", (f"the base moved at least {percent(least)} in {where} (norms only), maybe more: give "
+                              "the old base (--from OLD_BASE) to measure the change itself")
     change, cosine, ratio = report.base_change, report.cosine or 0.0, report.update_to_change
-    moved = f"base moved {change:.1%} in {where}"
+    moved = f"base moved {percent(change)} in {where}"
     relation = f"patch update {ratio:.2g}x that change" if ratio is not None else "no patch update"
     if change > LARGE_CHANGE:
         return "check before deploying", (f"{moved}, beyond what PortLLM's residual argument covers; evaluate the "

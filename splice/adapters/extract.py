@@ -12,7 +12,7 @@ from splice.adapters.meta import PatchKind, PatchMeta
 from splice.adapters.patch import Patch
 from splice.errors import PatchError
 from splice.progress import Progress
-from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.checkpoint import Checkpoint, recorded_location
 from splice.tensors.stream import check_same_tensors
 from splice.tensors.writer import ensure_output_free
 
@@ -67,7 +67,8 @@ def extraction(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKin
     check_same_tensors([base_ckpt, tuned_ckpt])
     found = KINDS[kind].extract(base_ckpt, tuned_ckpt, chosen, device, progress)
     meta = PatchMeta(kind=kind, targets=found.targets, base=fingerprint_base(base_ckpt, found.touched, progress),
-                     lineage=[str(base), str(tuned)], description=description, settings=found.settings)
+                     lineage=[recorded_location(base), recorded_location(tuned)], description=description,
+                     settings=found.settings)
     return Extraction(Patch(found.tensors, meta), found.warnings)
 
 

@@ -41,9 +41,9 @@ from splice.adapters.sources import PatchSource, load_patch
 from splice.adapters.steps import Effect, Step
 from splice.errors import PatchError
 from splice.progress import NoProgress, Progress
-from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.checkpoint import Checkpoint, recorded_location
 from splice.tensors.device import resolve_device
-from splice.tensors.stream import StreamReport, read_ahead
+from splice.tensors.stream import StreamReport, all_finite, read_ahead
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
 
 
@@ -104,7 +104,7 @@ def prepare_port(patch: PatchSource, to: str | os.PathLike, *, old_base: str | o
         refuse_drift(compare_base(loaded.meta.base.model_copy(update={"tensors": []}), old), str(old_base),
                      loaded.meta.kind.value, None)
     measured = _measure(loaded, steps, new, old, scale, device, progress)
-    label = source or str(patch.stored_at if isinstance(patch, Patch) else patch)
+    label = source or recorded_location(patch.stored_at if isinstance(patch, Patch) else patch)
     drift = _report(loaded, measured, label, new, old, scale)
     return Ported(_ported_patch(loaded, new, measured, drift, scale, progress), drift)
 
@@ -217,6 +217,10 @@ def _measure_one(patch: Patch, name: str, step: Step, tensors: list[torch.Tensor
                  old: Checkpoint | None, scale: float, compute: torch.device, hashing: ThreadPoolExecutor,
                  result: _Measured) -> None:
     stored_new, stored_old = tensors[0], tensors[1] if old is not None else None
+    for base, stored in ((new, stored_new), (old, stored_old)):
+        if stored is not None and stored.is_floating_point() and not all_finite(stored):
+            raise PatchError(f"{base.location} holds NaN/Inf in {name}, a tensor the patch changes: the port would "
+                             f"write them; repair that base (or port onto another) first")
     new_hash = hashing.submit(tensor_sha256, stored_new)
     old_hash = hashing.submit(tensor_sha256, stored_old) if stored_old is not None and recorded else None
     value_new = stored_new.to(device=compute, dtype=torch.float32)
@@ -238,13 +242,14 @@ def _tensor_drift(name: str, entry, recorded, new: torch.Tensor, old: torch.Tens
     where the old base's bytes were just checked against it."""
     update_norm = l2_norm(update)
     if old is None:
-        old_norm = recorded.norm if recorded is not None else entry.norm
-        changed = None if recorded is None else entry.sha256 != recorded.sha256
-        return TensorDrift(name, old_norm, entry.norm, update_norm, changed=changed)
+        if recorded is None:  # nothing says what ||W|| was (a PEFT adapter): unknown, not ||W'||
+            return TensorDrift(name, None, entry.norm, update_norm, shape=tuple(new.shape))
+        return TensorDrift(name, recorded.norm, entry.norm, update_norm, changed=entry.sha256 != recorded.sha256,
+                           shape=tuple(new.shape))
     change = new - old
     change_norm = l2_norm(change)
     return TensorDrift(name, recorded.norm if recorded is not None else l2_norm(old), entry.norm, update_norm,
-                       change_norm, _dot(change, update), change_norm > 0)
+                       change_norm, _dot(change, update), change_norm > 0, tuple(new.shape))
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -278,8 +283,8 @@ def _report(patch: Patch, measured: _Measured, label: str, new: Checkpoint, old:
                      f"the old base")
     if patch.meta.base is None and old is None:
         notes.append("the patch records no base (a PEFT adapter): give --from OLD_BASE to measure the drift")
-    return DriftReport(patch=label, kind=patch.meta.kind.value, new_base=new.location, new_digest="",
-                       old_base=old.location if old is not None else None,
+    return DriftReport(patch=label, kind=patch.meta.kind.value, new_base=recorded_location(new.location),
+                       new_digest="", old_base=recorded_location(old.location) if old is not None else None,
                        old_digest=patch.meta.base.digest if patch.meta.base else None, scale=scale,
                        tensors=measured.drifts, notes=notes)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +25,8 @@ def run(
         "--registry", help="The registry (default: the pipeline file's registry:, else $SPLICE_REGISTRY, else "
                            "~/.cache/splice/registry).")] = None,
     storage_options: StorageOptions = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the report's files in --report if they exist."
+                                        )] = False,
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
@@ -39,7 +40,7 @@ def run(
     try:
         result = run_pipeline(loaded, resume=resume, registry=registry,
                               report_dir=report or f"continual-{loaded.name}", progress=render.RichProgress(quiet),
-                              storage_options=parse_storage_options(storage_options))
+                              storage_options=parse_storage_options(storage_options), force=force)
     except TasksKept as exc:  # not "nothing was published": say what the registry keeps
         render.stop_progress()
         render.error_console.print(f"interrupted; {exc}", highlight=False, markup=False, soft_wrap=True)
@@ -60,26 +61,21 @@ def predict(
     data: Annotated[str, typer.Option("--data", help="MODULE:FUNCTION returning a batch (dict of tensors; "
                                                      "labels optional).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write each input's class and task slot "
-                                                                 "(and the accuracy, with labels) as JSON.")] = None,
+                                                                 "(and the accuracy, with labels) as JSON; never an "
+                                                                 "input or the registry.")] = None,
     registry: RegistryURL = None,
     device: Device = "auto",
     storage_options: StorageOptions = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
     """Predict with routing: each input's LayerNorm slot is chosen by its key."""
-    from splice.errors import SpliceError
-    from splice.hooks import load_callable
-    from splice.workflows.continual.predict import load_bank
-    from splice.workflows.continual.predict import predict as routed
+    from splice.workflows.continual.predict import predict_into
 
-    if out is not None and not out.parent.is_dir():
-        raise SpliceError(f"--out {out}: its directory {out.parent} does not exist")
-    progress = render.RichProgress(quiet)
-    loaded = load_bank(bank, base, registry, parse_storage_options(storage_options), device=device, progress=progress)
-    result = routed(loaded, load_callable(data, option="--data")(), progress=progress)
-    if out is not None:
-        out.write_text(json.dumps({"bank": loaded.refs, **result.as_dict()}, indent=2) + "\n")
+    loaded, result = predict_into(bank, base, data, out, force=force, registry=registry,
+                                  storage_options=parse_storage_options(storage_options), device=device,
+                                  progress=render.RichProgress(quiet))
     if as_json:
         render.print_json({"bank": loaded.refs, **result.as_dict()})
     elif not quiet:

@@ -40,7 +40,7 @@ def port_command(
         "--eval", help="MODULE:FUNCTION scoring a state dict: run on the old base with the patch (with --from) "
                        "and on the new base with the ported patch.")] = None,
     report: Annotated[Path | None, typer.Option("--report", help="Also write port_report.json and .png into "
-                                                                 "this directory.")] = None,
+                                                                 "this directory (--force replaces them).")] = None,
     registry: RegistryURL = None,
     device: Device = "auto",
     shard_size: ShardSize = "2GB",

@@ -208,10 +208,10 @@ def warn(warnings) -> None:
         error_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
 
 
-def _percent(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return "from 0" if value == float("inf") else f"{value:.2%}"
+def _percent(value: float | None, missing: str = "-") -> str:
+    from splice.adapters.drift import percent  # one format for the drift tables and the drift verdict
+
+    return missing if value is None else percent(value)
 
 
 def _figure(value: float | None, spec: str = ".3f") -> str:
@@ -224,12 +224,14 @@ def drift_tables(drift) -> list[Table]:
         ["old base", f"{drift.old_base or 'not given'} ({(drift.old_digest or 'no record')[:19]})"],
         ["new base", f"{drift.new_base} ({drift.new_digest[:19]})"],
         ["base change", _percent(drift.base_change) if drift.measured
+         else "unknown (no record of the old base: give --from OLD_BASE)" if drift.base_change_at_least is None
          else f"at least {_percent(drift.base_change_at_least)} (norms only)"],
         ["cosine (base change, patch update)", _figure(drift.cosine, "+.3f")],
         ["patch update / base change", _figure(drift.update_to_change, ".3g")],
         ["scale", f"{drift.scale:g}"], ["verdict", f"{drift.verdict}: {drift.reason}"],
         *(["note", note] for note in drift.notes)])
-    rows = [[t.name, _percent(t.base_change) if t.change_norm is not None else f">= {_percent(t.base_change_at_least)}",
+    rows = [[t.name, _percent(t.base_change) if t.change_norm is not None else "unknown"
+             if t.base_change_at_least is None else f">= {_percent(t.base_change_at_least)}",
              _figure(t.cosine, "+.3f"), _figure(t.update_to_change, ".3g"),
              {True: "yes", False: "no", None: "?"}[t.changed]] for t in drift.tensors]
     return [summary, table(f"per patched tensor ({len(rows)})",

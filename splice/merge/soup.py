@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from splice.errors import SpliceError
-from splice.hooks import Scorer, load_callable, score_state
+from splice.hooks import Scorer, hook_name, load_callable, score_state
 from splice.merge.kernels import weighted_average
 from splice.progress import NoProgress, Progress
 from splice.tensors.device import parse_dtype, resolve_device
@@ -109,6 +109,7 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
     """
     started = time.perf_counter()
     scorer = load_callable(evaluate) if isinstance(evaluate, str) else evaluate
+    hook = hook_name(evaluate)
     ensure_output_free(out, force, protected=models)
     out_dtype = parse_dtype(dtype)
     torch_device = resolve_device(device)
@@ -121,10 +122,10 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
                    unit="models read")
     scores = []
     for checkpoint in checkpoints:
-        scores.append(score_state(scorer, read_floats(checkpoint, torch_device), checkpoint.location))
+        scores.append(score_state(scorer, read_floats(checkpoint, torch_device), checkpoint.location, hook))
         progress.advance(1, checkpoint.total_bytes)
-    steps, soup_state, best, anchor = _select_greedily(locations, checkpoints, scores, scorer, strict, torch_device,
-                                                       progress)
+    steps, soup_state, best, anchor = _select_greedily(locations, checkpoints, scores, scorer, hook, strict,
+                                                       torch_device, progress)
     progress.finish()
     shard_files = _write_soup(soup_state, checkpoints, anchor, out, out_dtype, shard_size, force)
     return GreedySoupReport(Path(out), steps, best, time.perf_counter() - started, shard_files, _tie_notes(steps))
@@ -138,8 +139,9 @@ def _tie_notes(steps: list[GreedyStep]) -> list[str]:
             f"only ingredients that raise the score" for s in steps if s.tie]
 
 
-def _select_greedily(locations: list[str], checkpoints: list, scores: list[float], scorer: Scorer, strict: bool,
-                     torch_device: torch.device, progress: Progress) -> tuple[list[GreedyStep], dict, float, int]:
+def _select_greedily(locations: list[str], checkpoints: list, scores: list[float], scorer: Scorer, hook: str,
+                     strict: bool, torch_device: torch.device, progress: Progress
+                     ) -> tuple[list[GreedyStep], dict, float, int]:
     """Best ingredient first; each next one joins the running average if the soup's score does not drop.
     Returns the steps, the soup's state, its score and the index of the first (best) ingredient."""
     order = sorted(range(len(checkpoints)), key=lambda i: -scores[i])
@@ -159,7 +161,7 @@ def _select_greedily(locations: list[str], checkpoints: list, scores: list[float
                 continue
             tensor = tensor.to(device=torch_device, dtype=current.dtype)
             candidate[name] = current * (kept / (kept + 1)) + tensor * (1 / (kept + 1))
-        candidate_score = score_state(scorer, candidate, first.location)
+        candidate_score = score_state(scorer, candidate, first.location, hook)
         accept = candidate_score > best if strict else candidate_score >= best
         steps.append(GreedyStep(locations[index], scores[index], candidate_score, accept,
                                 tie=accept and candidate_score == best))

@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import threading
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -32,6 +33,13 @@ PICKLE_SINGLE = "pytorch_model.bin"
 # config, tokenizer and manifest files are small; one larger than this is corrupt or hostile (e.g. /dev/zero)
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
+
+
+def recorded_location(location: str | os.PathLike) -> str:
+    """A location as a record keeps it (lineage, deployment and health records): a URL as given, a local path
+    absolute, since a relative one (`../base`) means nothing to another user or working directory."""
+    text = str(location)
+    return text if "://" in text else str(Path(text).resolve())
 
 
 def split_location(location: str, storage_options: dict[str, Any] | None = None):

@@ -71,11 +71,20 @@ def _dead_owner(partial: Path) -> Iterator[bool]:
 
 
 def remove_stale_partials(out: Path) -> list[Path]:
-    """Remove the partial directories of `out` that no live process owns; returns them."""
+    """Remove the partials (directories, or files of a single-file output) of `out` that no live process owns;
+    returns them."""
     prefix, removed = partial_prefix(out), []
     with contextlib.suppress(FileNotFoundError):
         for entry in out.parent.iterdir():
-            if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
+            if not entry.name.startswith(prefix) or entry.is_symlink():
+                continue
+            if entry.is_file():  # a single file's partial (write_output_file): only its pid says whose it is
+                match = _OWNED.fullmatch(entry.name[len(prefix):])
+                if match and not process_alive(int(match.group(1))):
+                    entry.unlink(missing_ok=True)
+                    removed.append(entry)
+                continue
+            if not entry.is_dir():
                 continue
             with _dead_owner(entry) as dead:
                 if dead:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from splice.errors import CheckpointError, OutputExistsError, SpliceError
 from splice.tensors.checkpoint import SAFETENSORS_INDEX, Checkpoint
 from splice.tensors.device import dtype_name
-from splice.tensors.partials import OwnedPartial, remove_stale_partials
+from splice.tensors.partials import OwnedPartial, partial_prefix, remove_stale_partials
 from splice.tensors.safetensors import SAFETENSORS_SINGLE, OutputTensor, header_bytes
 
 log = logging.getLogger(__name__)
@@ -234,9 +235,9 @@ def copy_side_files(source: Checkpoint, directory: Path, out_dtype: torch.dtype 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://b/x, or s3:/b/x once pathlib has collapsed "//"
 
 
-def _check_output_location(out: str | os.PathLike) -> None:
+def _check_output_location(out: str | os.PathLike, option: str = "--out", kind: str = "directory") -> None:
     if _URL.match(os.fspath(out)):
-        raise SpliceError(f"--out must be a local directory, got {out}; write locally, then copy")
+        raise SpliceError(f"{option} must be a local {kind}, got {out}; write locally, then copy")
 
 
 def refuse_overlap(out: str | os.PathLike, protected: Sequence[str | os.PathLike], what: str = "an input",
@@ -306,10 +307,62 @@ def _publish(staging: Path, out: Path, force: bool) -> None:
     retired.discard()
 
 
-def check_report_dir(directory: str | os.PathLike, protected: Sequence[str | os.PathLike]) -> None:
+def ensure_output_file_free(path: str | os.PathLike, force: bool, protected: Sequence[str | os.PathLike] = (),
+                            what: str = "an input", option: str = "--out") -> Path:
+    """A file output (predictions, a report's JSON or PNG), before any work: refused when it is or sits inside one
+    of `protected` (with or without force), when a directory is there, and when it exists and not `force`."""
+    _check_output_location(path, option, "file")
+    refuse_overlap(path, protected, what, option)
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{option} {path} is a directory: give a file name")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{option} {path} already exists: choose another or pass --force to replace it")
+    return path
+
+
+def write_output_file(path: str | os.PathLike, data: bytes, force: bool = False,
+                      protected: Sequence[str | os.PathLike] = (), what: str = "an input", option: str = "--out"
+                      ) -> Path:
+    """The output rule for one file: checked as by `ensure_output_file_free`, written to a hidden partial name
+    beside it, flushed, then published in one step: linked into place (refused if a file appeared meanwhile) or,
+    with `force`, renamed over the old one. Readers see the old file or the whole new one, never a part."""
+    path = ensure_output_file_free(path, force, protected, what, option).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
+    partial = path.parent / f"{partial_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(partial, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if force:
+            os.replace(partial, path)
+        else:
+            try:
+                os.link(partial, path)
+            except FileExistsError:
+                raise OutputExistsError(f"{option} {path} appeared while writing; nothing was replaced") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def check_report_dir(directory: str | os.PathLike, protected: Sequence[str | os.PathLike],
+                     names: Sequence[str] = (), force: bool = False) -> None:
     """Before any work: a directory that reports may be written into (it may exist, as a directory) that is none
-    of the inputs and does not contain or sit inside one."""
+    of the inputs and does not contain or sit inside one, where none of the report's files `names` exists
+    (unless `force`)."""
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"--report {directory}: a file is there; give a directory")
     refuse_overlap(directory, protected, "an input", option="--report")
+    for name in names:
+        ensure_output_file_free(path / name, force, option="--report")
+
+
+def write_report_files(directory: str | os.PathLike, files: Mapping[str, bytes], force: bool = False,
+                       protected: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """A report's files (name -> content) into `directory`, each by `write_output_file`."""
+    check_report_dir(directory, protected, list(files), force)
+    return [write_output_file(Path(directory) / name, data, force, option="--report") for name, data in files.items()]

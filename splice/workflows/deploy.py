@@ -23,7 +23,7 @@ from splice.progress import Progress
 from splice.registry.health import HealthRecord
 from splice.registry.manifest import VersionManifest
 from splice.registry.store import Registry, open_registry
-from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.checkpoint import Checkpoint, recorded_location
 from splice.tensors.safetensors import read_safetensors_metadata
 from splice.tensors.stream import StreamReport
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
@@ -103,7 +103,7 @@ def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike,
                                       kind=patch.meta.kind.value, base_check=check,
                                       base_digest=patch.meta.base.digest if patch.meta.base else None))
         patches.append(patch)
-    record = DeploymentRecord(registry=store.url, base=str(base), patches=deployed)
+    record = DeploymentRecord(registry=recorded_location(store.url), base=recorded_location(base), patches=deployed)
     report = apply_patches(patches, base, out, check_bases=False, device=device, shard_size=shard_size,
                            force=force, progress=progress, storage_options=storage_options,
                            metadata={RECORD_METADATA_KEY: record.model_dump_json()},

@@ -9,18 +9,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splice.adapters.drift import REPORT_FILES
 from splice.adapters.live import patched_state
 from splice.adapters.patch import Patch
 from splice.adapters.port import Ported, check_port_outputs, prepare_port, write_ported
 from splice.adapters.sources import PatchSource, load_patch
 from splice.errors import SpliceError
-from splice.hooks import load_callable, score_state
+from splice.hooks import hook_name, load_callable, score_state
 from splice.progress import Progress
 from splice.registry.health import DriftSummary, HealthRecord
 from splice.registry.manifest import VersionManifest
 from splice.registry.refs import RegistryError
 from splice.registry.store import Registry, open_registry
-from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.checkpoint import Checkpoint, recorded_location
 from splice.tensors.writer import DEFAULT_SHARD_SIZE, check_report_dir
 
 
@@ -65,16 +66,16 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
     check_port_outputs(loaded, to, old_base, out, as_patch, force, also_protected=[store.url] if store else [])
     if report_dir is not None:
         inputs = (to, old_base, None if is_registry_ref(patch) else patch, store.url if store else None)
-        check_report_dir(report_dir, [p for p in inputs if p is not None])
+        check_report_dir(report_dir, [p for p in inputs if p is not None], REPORT_FILES, force)
     ported = prepare_port(loaded, to, old_base=old_base, scale=scale, source=label, device=device,
                           progress=progress, storage_options=storage_options)
     outcome = PortOutcome(ported, source)
     if scorer is not None:
-        _score(outcome, scorer, loaded, to, old_base, storage_options)
+        _score(outcome, scorer, hook_name(evaluate), loaded, to, old_base, storage_options)
     write_ported(ported, to, out=out, as_patch=as_patch, device=device, shard_size=shard_size, force=force,
                  progress=progress, storage_options=storage_options)
     if report_dir is not None:
-        outcome.report_files = ported.drift.save(report_dir)
+        outcome.report_files = ported.drift.save(report_dir, force)
     if push is not None:
         outcome.pushed = store.push(push, ported.patch, alias=alias,
                                     message=message or ported.patch.meta.lineage[-1])
@@ -91,19 +92,19 @@ def _source(patch: PatchSource, store: Registry | None, to: str | os.PathLike, s
         return version, store.load(version.ref), version.ref
     with Checkpoint.open(to, storage_options) as base:
         loaded = load_patch(patch, storage_options, base=base)
-    return None, loaded, str(patch.stored_at if isinstance(patch, Patch) else patch)
+    return None, loaded, recorded_location(patch.stored_at if isinstance(patch, Patch) else patch)
 
 
-def _score(outcome: PortOutcome, scorer: Callable, patch: Patch, to: str | os.PathLike,
+def _score(outcome: PortOutcome, scorer: Callable, hook: str, patch: Patch, to: str | os.PathLike,
            old_base: str | os.PathLike | None, storage_options: dict | None) -> None:
     """The evaluation before porting (the patch on its own base, when it is given) and after (the ported patch
     on the new base), each on a model built in memory; recorded in the ported patch's metrics."""
     if old_base is not None:
         with Checkpoint.open(old_base, storage_options) as old:
-            outcome.score_before = score_state(scorer, patched_state(old, [patch]), str(old_base))
+            outcome.score_before = score_state(scorer, patched_state(old, [patch]), str(old_base), hook)
         outcome.ported.patch.meta.metrics["score_before_port"] = outcome.score_before
     with Checkpoint.open(to, storage_options) as new:
-        outcome.score_after = score_state(scorer, patched_state(new, [outcome.ported.patch]), str(to))
+        outcome.score_after = score_state(scorer, patched_state(new, [outcome.ported.patch]), str(to), hook)
     outcome.ported.patch.meta.metrics["score_after_port"] = outcome.score_after
 
 
@@ -123,8 +124,8 @@ def record_port(store: Registry, source: VersionManifest, ported: Ported, base: 
 
 
 def record_health(store: Registry, name: str, record: HealthRecord) -> list[str]:
-    if "://" not in record.base:  # a local base as an absolute path: a relative one means nothing to another user
-        record = record.model_copy(update={"base": str(Path(record.base).resolve())})
+    record = record.model_copy(update={"base": recorded_location(record.base),
+                                       "output": record.output and recorded_location(record.output)})
     try:
         store.record_health(record, name)
     except (RegistryError, OSError) as exc:

@@ -25,7 +25,7 @@ from splice.adapters.meta import PatchKind, PatchMeta
 from splice.adapters.patch import Patch
 from splice.adapters.peft.names import PEFT_CONFIG, PEFT_PICKLE, PEFT_WEIGHTS, PREFIX, BaseNames, base_names
 from splice.errors import CheckpointError, PatchError, first_line
-from splice.tensors.checkpoint import Checkpoint, split_location
+from splice.tensors.checkpoint import Checkpoint, recorded_location, split_location
 from splice.values import Float32, PositiveInt, one_line, parse_json
 
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -271,7 +271,7 @@ def load_peft_adapter(location: str | os.PathLike, storage_options: dict | None 
         tensors[stored] = tensor
         replaced.append(stored)
     settings: dict[str, Any] = {"source": "peft", "peft_type": peft_type}
-    lineage = [p for p in (config.get("base_model_name_or_path"), location) if p]
+    lineage = [p for p in (config.get("base_model_name_or_path"), recorded_location(location)) if p]
     if peft_type == "LN_TUNING":
         modules = sorted({name.rpartition(".")[0] for name in tensors})
         meta = PatchMeta(kind=PatchKind.layernorm, targets=modules, base=None, lineage=lineage, settings=settings)

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from splice.tensors.writer import write_output_file
+
 REPORT_FILE = "fusion_report.json"
 
 
@@ -92,6 +94,5 @@ class FusionReport:
         return data
 
     def save(self, directory: Path) -> Path:
-        path = Path(directory) / REPORT_FILE
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
+        return write_output_file(Path(directory) / REPORT_FILE,
+                                 (json.dumps(self.to_json(), indent=2) + "\n").encode())

@@ -6,6 +6,7 @@ version or of anything else); the head comes from the last task's version.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -13,11 +14,13 @@ import torch
 
 from splice.adapters.bank import LayerNormBank
 from splice.errors import SpliceError
+from splice.hooks import hook_file, load_callable
 from splice.progress import NoProgress, Progress
 from splice.registry.refs import parse_ref
 from splice.registry.store import Registry, open_registry
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
+from splice.tensors.writer import ensure_output_file_free, write_output_file
 from splice.workflows.continual.aliases import alias_of, check_aliased_task, index_named, uses_legacy_aliases
 from splice.workflows.continual.data import Batch, batches, check_batch
 from splice.workflows.continual.model import load_model
@@ -113,3 +116,22 @@ def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64, progress: Pr
     classes, tasks = torch.cat(predicted), torch.cat(selected)
     labels = batch.get("labels")
     return Predictions(classes, tasks, None if labels is None else float((classes == labels).double().mean()))
+
+
+def predict_into(ref: str, base: str | os.PathLike, data: str, out: str | os.PathLike | None = None, *,
+                 force: bool = False, registry: Registry | str | None = None, storage_options: dict | None = None,
+                 device: str = "auto", progress: Progress | None = None) -> tuple[LoadedBank, Predictions]:
+    """`splice continual predict`: the bank of `ref` on `base`, routed predictions for the batch the `data` hook
+    (MODULE:FUNCTION) returns, and with `out` those predictions as JSON. `out` follows the output rule, checked
+    before any work: never the base, the registry or the hook's own file, `force` to replace, published whole."""
+    store = open_registry(registry, storage_options)
+    hook = load_callable(data, option="--data")
+    protected = [p for p in (base, store.url, hook_file(hook)) if p is not None]
+    if out is not None:
+        ensure_output_file_free(out, force, protected, what="an input or the registry")
+    loaded = load_bank(ref, base, store, storage_options, device=device, progress=progress)
+    result = predict(loaded, hook(), progress=progress)
+    if out is not None:
+        data_bytes = (json.dumps({"bank": loaded.refs, **result.as_dict()}, indent=2) + "\n").encode()
+        write_output_file(out, data_bytes, force, protected, what="an input or the registry")
+    return loaded, result

@@ -9,11 +9,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splice.plots import png_bytes
+from splice.tensors.writer import write_report_files
 from splice.workflows.continual.metrics import summarize
 
 REPORT_JSON = "continual_report.json"
 MATRIX_PNG = "accuracy_matrix.png"
 CURVE_PNG = "average_accuracy.png"
+REPORT_FILES = (REPORT_JSON, MATRIX_PNG, CURVE_PNG)
 
 
 @dataclass
@@ -51,12 +53,9 @@ class ContinualReport:
                 MATRIX_PNG: png_bytes(self._draw_matrix, size=(6.5, 5.5)),
                 CURVE_PNG: png_bytes(self._draw_curve, size=(6.5, 4.0))}
 
-    def save(self, directory: str | os.PathLike) -> list[Path]:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, data in self.files().items():
-            (directory / name).write_bytes(data)
-        return [directory / name for name in self.files()]
+    def save(self, directory: str | os.PathLike, force: bool = False) -> list[Path]:
+        """The JSON and the PNGs into `directory`, by the output rule (`force` replaces them)."""
+        return write_report_files(directory, self.files(), force)
 
     def _draw_matrix(self, figure) -> None:
         import numpy as np

@@ -34,7 +34,7 @@ from splice.workflows.continual.model import (
     load_model,
 )
 from splice.workflows.continual.pipeline import Pipeline, load_pipeline, task_seed
-from splice.workflows.continual.report import ContinualReport
+from splice.workflows.continual.report import REPORT_FILES, ContinualReport
 from splice.workflows.continual.stored import Values, pretrained_values, stored_entries, task_patch, task_values
 from splice.workflows.continual.train import Schedule, dry_run, evaluate, rectify_head, task_key, train_slot
 
@@ -59,8 +59,10 @@ class RunState:
 
 def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False,
                  registry: Registry | str | None = None, report_dir: str | os.PathLike | None = None,
-                 progress: Progress | None = None, storage_options: dict | None = None) -> ContinualReport:
-    """Run (or resume) a continual pipeline; returns its report (also written to `report_dir` as JSON + PNGs).
+                 progress: Progress | None = None, storage_options: dict | None = None, force: bool = False
+                 ) -> ContinualReport:
+    """Run (or resume) a continual pipeline; returns its report (also written to `report_dir` as JSON + PNGs;
+    files of an earlier report there are refused before any work unless `force`).
     Bad pipelines (unknown keys, a task without data, overlapping classes under class-incremental, inputs the model
     cannot take, a registry holding another pipeline under the name) are refused before any training. Ctrl-C once
     tasks are in the registry raises TasksKept (a KeyboardInterrupt) saying which."""
@@ -68,7 +70,8 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     progress = progress or NoProgress()
     location = registry if isinstance(registry, Registry) else registry or pipeline.registry  # the call's, the file's
     if report_dir is not None:
-        check_report_dir(report_dir, [p for p in (pipeline.base, getattr(location, "url", location)) if p])
+        check_report_dir(report_dir, [p for p in (pipeline.base, getattr(location, "url", location)) if p],
+                         REPORT_FILES, force)
     tasks = [load_task(spec.name, spec.data) for spec in pipeline.tasks]
     bank, head_names = _bank(pipeline)
     check_protocol(tasks, pipeline.protocol, bank.model.config.num_labels)
@@ -96,7 +99,7 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     head_size = sum(p.numel() for p in head_parameters(bank.model, head_names))
     report = ContinualReport.of(pipeline, tasks, state, bank, head_size)
     if report_dir is not None:
-        report.save(report_dir)
+        report.save(report_dir, force)
     return report
 
 
