@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
 
 
 def predict_args(base: Path, registry: Path, hook: Path, out: Path) -> list:
-    return ["continual", "predict", "--bank", "cl@task-0", "--base", base, "--data", f"{hook}:batch",
+    return ["continual", "predict", "--bank", "cl@task-1", "--base", base, "--data", f"{hook}:batch",
             "--registry", registry, "--device", "cpu", "--out", out]
 
 
