@@ -2,8 +2,9 @@
 
 LoRA adapters (`peft_type` LORA: r / lora_alpha, rank_pattern / alpha_pattern, use_rslora, fan_in_fan_out,
 LoRA on Linear, Conv1D and Embedding modules, plus `modules_to_save` and trained biases, which replace the
-base's tensors) and LayerNorm-tuning adapters (LN_TUNING: whole copies of the tuned modules, which replace
-them). What cannot be expressed as a change of the base's weights (DoRA, LoRA biases, aLoRA, trainable
+base's tensors: the trained copy, never peft's untrained `original_module` one; two trained copies of one
+tensor that differ are refused) and LayerNorm-tuning adapters (LN_TUNING: whole copies of the tuned modules,
+which replace them). What cannot be expressed as a change of the base's weights (DoRA, LoRA biases, aLoRA, trainable
 tokens, LoRA on convolutions, other PEFT types) is refused in one line. Without a base, names are kept as
 they are and only shapes are checked where the patch is applied. PEFT adapters carry no base fingerprint:
 the patch has `meta.base = None`.
@@ -106,7 +107,7 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
 
 def _whole_tensor_name(tokens: list[str]) -> str:
     """A non-LoRA key (modules_to_save, a trained bias) as the live parameter it replaces."""
-    tokens = [t for t in tokens if t not in ("base_layer", "original_module")]
+    tokens = [t for t in tokens if t != "base_layer"]
     if "modules_to_save" in tokens:
         at = tokens.index("modules_to_save")
         tokens = tokens[:at] + tokens[at + (1 if at == len(tokens) - 2 else 2):]
@@ -143,6 +144,7 @@ def _split_keys(location: str, peft_type: str, state: dict[str, torch.Tensor]
     """(live module -> its LoRA factors by part name, live parameter -> a whole tensor replacing it)."""
     lora: dict[str, dict[str, torch.Tensor]] = {}
     whole: dict[str, torch.Tensor] = {}
+    read_from: dict[str, str] = {}  # live parameter -> the key its whole tensor came from
     for key, tensor in state.items():
         tokens = key.removeprefix(PREFIX).split(".")
         if "lora_magnitude_vector" in tokens:
@@ -158,9 +160,20 @@ def _split_keys(location: str, peft_type: str, state: dict[str, torch.Tensor]
             whole[".".join(tokens[:at] + tokens[-1:])] = tensor
         elif any(t.startswith(("trainable_tokens", "lora_", "ln_tuning")) for t in tokens):
             raise PatchError(f"{location}: adapter tensor {key} is of a kind splice does not read")
-        else:
-            whole[_whole_tensor_name(tokens)] = tensor
+        elif "original_module" not in tokens:  # that is peft's untrained copy of a modules_to_save module
+            _add_whole(location, whole, read_from, _whole_tensor_name(tokens), key, tensor)
     return lora, whole
+
+
+def _add_whole(location: str, whole: dict[str, torch.Tensor], read_from: dict[str, str], live: str, key: str,
+               tensor: torch.Tensor) -> None:
+    """One trained copy of `live`; peft saves a modules_to_save bias twice under bias="all" or "lora_only"
+    (`<m>.bias` and `<m>.modules_to_save.bias`), which must agree."""
+    if live in whole and not torch.equal(whole[live], tensor):
+        raise PatchError(f"{location}: {read_from[live]} and {key} are two different trained values of {live}; "
+                         f"keep one of them in the adapter (or merge it with peft and extract a delta patch)")
+    whole.setdefault(live, tensor)
+    read_from.setdefault(live, key)
 
 
 @dataclass
