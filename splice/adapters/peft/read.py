@@ -27,7 +27,7 @@ from splice.adapters.patch import Patch
 from splice.adapters.peft.names import PEFT_CONFIG, PEFT_PICKLE, PEFT_WEIGHTS, PREFIX, BaseNames, base_names
 from splice.errors import CheckpointError, PatchError, first_line
 from splice.tensors.checkpoint import Checkpoint, split_location
-from splice.values import Float32, PositiveInt, one_line, parse_json
+from splice.values import Float32, PositiveInt, one_line, parse_json, printable
 
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 # config entries whose effect is not a change of the base's weights splice can make (truthy = refused)
@@ -77,6 +77,9 @@ def _read_pickled_tensors(location: str, fs, root: str) -> dict[str, torch.Tenso
                          ) from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise PatchError(f"{location}/{PEFT_PICKLE} is not a state dict of tensors")
+    for key in state:  # as safetensors headers are checked: names go into one-line errors
+        if not isinstance(key, str) or not key.isprintable():
+            raise PatchError(f"{location}/{PEFT_PICKLE}: tensor name {repr(key)[:80]} is not a printable string")
     return state
 
 
@@ -118,8 +121,8 @@ def _check_adapter(location: str, config: dict[str, Any], state: dict[str, torch
     """The adapter's peft_type, once it is one splice reads."""
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", "LN_TUNING"):
-        raise PatchError(f"{location}: PEFT {peft_type or 'untyped'} adapters are not supported; splice reads "
-                         f"LORA and LN_TUNING adapters")
+        raise PatchError(f"{location}: PEFT {printable(peft_type or 'untyped')} adapters are not supported; "
+                         f"splice reads LORA and LN_TUNING adapters")
     if not state:
         raise PatchError(f"{location}: the PEFT adapter holds no tensors")
     if peft_type != "LORA":
@@ -134,7 +137,7 @@ def _check_adapter(location: str, config: dict[str, Any], state: dict[str, torch
                              f"(merge_and_unload) and extract a delta patch from the result")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise PatchError(f"{location}: a {init} adapter needs peft's modified base; save it with peft's "
+        raise PatchError(f"{location}: a {printable(init)} adapter needs peft's modified base; save it with peft's "
                          f"path_initial_model_for_weight_conversion to get a plain LoRA adapter")
     return peft_type
 

@@ -1,6 +1,7 @@
 """PEFT LoRA adapters trained with `bias` and `modules_to_save`: peft saves a saved module's bias under several
 keys (the trained copy twice, its untrained `original_module` copy once); splice reads the trained one, through
-every path that reads adapters (patch apply, live apply, port), equal to peft's own merge_and_unload."""
+every path that reads adapters (patch apply, live apply, port), equal to peft's own merge_and_unload. What the
+adapter's files hold stays on one line of an error."""
 
 from __future__ import annotations
 
@@ -128,3 +129,17 @@ def test_real_minilm_with_its_pooler_saved_and_every_bias_trained(tmp_path):
     states_close(out, expected)
     shipped = load_dir(base_dir)
     assert not torch.equal(out["pooler.dense.bias"], shipped["pooler.dense.bias"])
+
+
+def test_a_pickled_adapter_key_with_a_line_break_is_refused_in_one_line(tmp_path):
+    base = tiny_model("llama", 0)
+    base_dir = save(base, tmp_path / "base", sharded=False)
+    quietly(get_peft_model, copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "adapter", safe_serialization=False)
+    weights = tmp_path / "adapter" / "adapter_model.bin"
+    state = torch.load(weights, weights_only=True)
+    state["base_model.model.lm_head\nsecond line.weight"] = torch.zeros(64, 16)
+    torch.save(state, weights)
+    with pytest.raises(PatchError, match=r"tensor name 'base_model\.model\.lm_head\\nsecond line") as caught:
+        apply_patches([tmp_path / "adapter"], base_dir, tmp_path / "out", device="cpu")
+    assert one_line(caught) and not (tmp_path / "out").exists()
