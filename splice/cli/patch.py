@@ -46,11 +46,13 @@ def extract(
                                  storage_options=parse_storage_options(storage_options))
     for warning in extracted.warnings:
         render.error_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
-    patch = extracted.patch
+    patch, size = extracted.patch, extracted.patch.size
+    bits = ["mask bits"] if size.mask_bits else []
     if not quiet:
         render.console.print(render.table(f"{patch.meta.kind.value} patch -> {out}",
-                                          ["tensors", "parameters", "targets", "base fingerprint"],
-                                          [[len(patch.tensors), f"{patch.num_parameters:,}", len(patch.meta.targets),
+                                          ["tensors", "parameters", *bits, "targets", "base fingerprint"],
+                                          [[len(patch.tensors), f"{size.values:,}",
+                                            *([f"{size.mask_bits:,}"] if bits else []), len(patch.meta.targets),
                                             patch.meta.base.digest[:19] if patch.meta.base else "none"]]))
 
 
