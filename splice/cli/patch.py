@@ -30,6 +30,9 @@ def extract(
     mask_values: Annotated[bool, typer.Option("--mask-values/--mask-only",
                                               help="mask: store the selected delta values (a sparse delta), "
                                                    "or the mask alone.")] = True,
+    include: Annotated[list[str] | None, typer.Option(
+        "--include", metavar="PATTERN", help="layernorm: also carry the changed tensors this glob names (repeatable; "
+                                             "the changed classification head is carried without it).")] = None,
     description: Annotated[str, typer.Option(help="Free text stored in patch.json.")] = "",
     device: Device = "auto",
     storage_options: StorageOptions = None,
@@ -42,7 +45,8 @@ def extract(
 
     extracted = extract_patch_to(out, base, tuned, kind, force=force, description=description, rank=rank,
                                  energy=energy, rslora=rslora, density=density, mask_scope=mask_scope,
-                                 mask_values=mask_values, device=device, progress=render.RichProgress(quiet),
+                                 mask_values=mask_values, include=tuple(include or ()), device=device,
+                                 progress=render.RichProgress(quiet),
                                  storage_options=parse_storage_options(storage_options))
     for warning in extracted.warnings:
         render.error_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
