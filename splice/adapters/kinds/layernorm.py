@@ -32,7 +32,7 @@ class LayerNormOptions:
     include: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.include, str) or not all(isinstance(p, str) and p for p in self.include):
+        if not isinstance(self.include, list | tuple) or not all(isinstance(p, str) and p for p in self.include):
             raise PatchError(f"include takes a list of tensor name patterns, e.g. ['*.pooler.*'], not "
                              f"{self.include!r}")
         object.__setattr__(self, "include", tuple(self.include))
@@ -58,15 +58,16 @@ def extract_layernorm(base: Checkpoint, tuned: Checkpoint, options: LayerNormOpt
     norms = norm_tensor_names(tuned)
     if not norms:
         raise PatchError(f"{tuned.location}: no LayerNorm or RMSNorm modules found; try --kind delta")
-    head = set(stored_head(tuned))
-    named = _named(tuned, options.include)
+    head, named, carried = set(stored_head(tuned)), _named(tuned, options.include), set(norms)
     settings: dict = {"head": [], "included": [], "left_out": {}}
     for name, _ in deltas(base, tuned, resolve_device(device), progress):
+        if name in carried:
+            continue
         if name in head:
             settings["head"].append(name)
         elif name in named:
             settings["included"].append(name)
-        elif name not in norms:
+        else:
             settings["left_out"][name] = "neither a norm nor the classification head"
     settings["head"].sort()
     settings["included"].sort()

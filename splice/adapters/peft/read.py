@@ -170,8 +170,8 @@ def _split_keys(location: str, peft_type: str, state: dict[str, torch.Tensor]
 
 def _add_whole(location: str, whole: dict[str, torch.Tensor], read_from: dict[str, str], live: str, key: str,
                tensor: torch.Tensor) -> None:
-    """One trained copy of `live`; peft saves a modules_to_save bias twice under bias="all" or "lora_only"
-    (`<m>.bias` and `<m>.modules_to_save.bias`), which must agree."""
+    """One trained copy of `live`; with bias="all" peft saves a modules_to_save module's bias twice (`<m>.bias`
+    and `<m>.modules_to_save.bias`), and the two must agree."""
     if live in whole and not torch.equal(whole[live], tensor):
         raise PatchError(f"{location}: {read_from[live]} and {key} are two different trained values of {live}; "
                          f"keep one of them in the adapter (or merge it with peft and extract a delta patch)")
