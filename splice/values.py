@@ -56,14 +56,20 @@ Finite = AfterValidator(finite)
 Bounded = AfterValidator(bounded)
 
 
+def printable(text: object) -> str:
+    """`text` with every character that is not printable (a line break, an escape) written as its Python
+    escape, so that what a file holds stays on one line of an error message."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def one_line(error: ValidationError, whole: str) -> str:
     """The first error of a pydantic validation as `where: what (+n more)`, pydantic's type tags left out
-    (`whole` is where, when the error is the whole document's)."""
+    (`whole` is where, when the error is the whole document's); keys read from the file are escaped."""
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]
                      if not str(p).startswith(("list[", "dict[", "union[", "function-", "tuple[")))
     more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{where or whole}: {first['msg']}{more}"
+    return printable(f"{where or whole}: {first['msg']}{more}")
 
 
 def unknown_key(error: ValidationError, known: Collection[str], source: str,

@@ -159,6 +159,12 @@ def set_config(adapter_dir: Path, text: str) -> None:
     ('{"rank_pattern": ["query"]}', ("rank_pattern",)),
     ('{"rank_pattern": {"query": "4"}}', ("rank_pattern",)),
     ('{"alpha_pattern": {"query": Infinity}}', ("alpha_pattern", "finite")),
+    # strings from the file with a line break in them stay on the error's one line (issue 16 item 10)
+    ('{"rank_pattern": {"query\\nvalue": 0}}', ("rank_pattern", "query\\nvalue")),
+    ('{"alpha_pattern": {"que\\r\\nry": "x"}}', ("alpha_pattern", "que\\r\\nry")),
+    ('{"rank_pattern": {"(\\n": 2}}', ("rank_pattern", "regular expression")),
+    ('{"peft_type": "IA3\\nLORA"}', ("IA3\\nLORA", "not supported")),
+    ('{"init_lora_weights": "pissa\\nniter_4"}', ("pissa\\nniter_4",)),
 ])
 def test_a_bad_peft_config_value_is_refused_in_one_line(tmp_path, adapter, monkeypatch, capsys, change, words):
     adapter_dir, base_dir = adapter

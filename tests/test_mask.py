@@ -187,3 +187,32 @@ def test_settings_are_described_in_one_line(pair):
     assert describe_settings(lora.meta) == (f"rank 2 on {len(errors)} matrices; rsLoRA no; relative error of the "
                                             f"delta at most {errors[worst]:.2g} ({worst}); {left} changed tensors "
                                             f"left out (not matrices)")
+
+
+@pytest.mark.parametrize("values", [True, False], ids=["sparse-delta", "mask-only"])
+def test_a_mask_patch_counts_the_values_it_holds_and_its_mask_bits_apart(pair, tmp_path, monkeypatch, capsys,
+                                                                        values):
+    """Issue 16 item 17: a 1% mask patch reported its packed mask bytes as parameters (3,066,373 on MiniLM for
+    227,076 values). Counted independently: per tensor the top max(1, int(0.01 n)) entries of every changed
+    tensor (every entry of the perturbed fine-tune changed), one mask bit per entry of those tensors."""
+    base_dir, tuned_dir = pair
+    expected = float_deltas(base_dir, tuned_dir)
+    held = sum(max(1, int(0.01 * delta.size)) for delta in expected.values()) if values else 0
+    bits = sum(delta.size for delta in expected.values())
+    code, out, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "mask",
+                              "--density", "0.01", "--mask-values" if values else "--mask-only",
+                              "--out", tmp_path / "m", "--device", "cpu"], monkeypatch, capsys)
+    assert code == 0, err
+    patch = Patch.load(tmp_path / "m")
+    assert (patch.num_parameters, patch.size.mask_bits) == (held, bits)
+    flat = " ".join(out.split())
+    assert f"│ {held:,} │ {bits:,} │" in flat, out
+
+    monkeypatch.setenv("SPLICE_REGISTRY", str(tmp_path / "registry"))
+    for args in (["registry", "init"], ["registry", "push", "sparse", tmp_path / "m"]):
+        code, _, err = run_cli(args, monkeypatch, capsys)
+        assert code == 0, err
+    code, out, err = run_cli(["registry", "show", "sparse@1"], monkeypatch, capsys)
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert f"│ parameters │ {held:,} │" in flat and f"│ mask bits │ {bits:,} │" in flat, out

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from splice.adapters.fingerprint import first_names
 from splice.progress import NoProgress, Progress
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.stream import read_ahead
@@ -42,3 +43,12 @@ def deltas(base: Checkpoint, tuned: Checkpoint, device: torch.device | None = No
             progress.advance(1, base.tensors[name].nbytes + tuned.tensors[name].nbytes)
     finally:
         progress.finish()
+
+
+def left_out_warnings(left_out: dict[str, str], patch: str, because: str, remedy: str) -> list[str]:
+    """The one line that says which changed tensors a `patch` leaves out, why, and how to carry them; none if
+    none."""
+    if not left_out:
+        return []
+    return [f"{len(left_out)} changed tensors are not in the {patch}, {because} ({first_names(list(left_out))}); "
+            f"{remedy}"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import accumulate
-from math import prod
 from pathlib import Path
 from typing import BinaryIO
 
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 
 from splice.adapters.fingerprint import BaseMismatch, compare_base, refuse_drift
 from splice.adapters.kinds import KINDS
+from splice.adapters.kinds.spec import PatchSize
 from splice.adapters.meta import FORMAT_VERSION, PatchMeta
 from splice.adapters.meta import PatchKind as PatchKind  # re-exported: callers import it with Patch
 from splice.errors import CheckpointError, PatchError
@@ -91,8 +91,14 @@ class Patch:
         return dict(known) if known is not None else {n: tuple(t.shape) for n, t in self.tensors.items()}
 
     @property
+    def size(self) -> PatchSize:
+        """The values the patch holds, and a mask patch's mask bits apart."""
+        return KINDS[self.meta.kind].size(self.shapes, self.meta.settings)
+
+    @property
     def num_parameters(self) -> int:
-        return sum(prod(shape) for shape in self.shapes.values())
+        """The values the patch holds (a mask patch's packed mask bits are not parameters)."""
+        return self.size.values
 
     @property
     def stored_at(self) -> str | None:

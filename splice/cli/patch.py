@@ -30,6 +30,9 @@ def extract(
     mask_values: Annotated[bool, typer.Option("--mask-values/--mask-only",
                                               help="mask: store the selected delta values (a sparse delta), "
                                                    "or the mask alone.")] = True,
+    include: Annotated[list[str] | None, typer.Option(
+        "--include", metavar="PATTERN", help="layernorm: also carry the changed tensors this glob names (repeatable; "
+                                             "the changed classification head is carried without it).")] = None,
     description: Annotated[str, typer.Option(help="Free text stored in patch.json.")] = "",
     device: Device = "auto",
     storage_options: StorageOptions = None,
@@ -43,17 +46,20 @@ def extract(
 
     extracted = extract_patch_to(out, base, tuned, kind, force=force, description=description, rank=rank,
                                  energy=energy, rslora=rslora, density=density, mask_scope=mask_scope,
-                                 mask_values=mask_values, device=device, progress=render.RichProgress(quiet),
+                                 mask_values=mask_values, include=tuple(include or ()), device=device,
+                                 progress=render.RichProgress(quiet),
                                  storage_options=parse_storage_options(storage_options))
     for warning in extracted.warnings:
         render.error_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
-    patch = extracted.patch
+    patch, size = extracted.patch, extracted.patch.size
+    bits = ["mask bits"] if size.mask_bits else []
     if as_json:
         render.print_json({"out": out, **render.jsonable(extracted)})
     elif not quiet:
         render.console.print(render.table(f"{patch.meta.kind.value} patch -> {out}",
-                                          ["tensors", "parameters", "targets", "base fingerprint"],
-                                          [[len(patch.tensors), f"{patch.num_parameters:,}", len(patch.meta.targets),
+                                          ["tensors", "parameters", *bits, "targets", "base fingerprint"],
+                                          [[len(patch.tensors), f"{size.values:,}",
+                                            *([f"{size.mask_bits:,}"] if bits else []), len(patch.meta.targets),
                                             patch.meta.base.digest[:19] if patch.meta.base else "none"]]))
 
 

@@ -140,7 +140,7 @@ def ls(
 def _version_rows(details) -> list[list[object]]:
     from splice.adapters.patch import describe_settings
 
-    manifest, meta = details.manifest, details.manifest.meta
+    manifest, meta, size = details.manifest, details.manifest.meta, details.manifest.size
     base = (f"{meta.base.digest} ({len(meta.base.tensors)} base tensors touched, {len(meta.base.context)} others "
             f"sampled)" if meta.base else "none (made elsewhere, e.g. PEFT: checked by shape only)")
     targets = ", ".join(meta.targets[:4]) + (f", ... ({len(meta.targets)} in all)" if len(meta.targets) > 4 else "")
@@ -150,7 +150,8 @@ def _version_rows(details) -> list[list[object]]:
         ["kind", meta.kind.value],
         ["base fingerprint", base],
         ["size", f"{manifest.nbytes:,} bytes ({render.human_bytes(manifest.nbytes)})"],
-        ["parameters", f"{manifest.num_parameters:,}"],
+        ["parameters", f"{size.values:,}"],
+        *([["mask bits", f"{size.mask_bits:,}"]] if size.mask_bits else []),
         ["tensors", len(manifest.tensors)],
         ["targets", targets],
         ["lineage", ", ".join(meta.lineage) or "none"],

@@ -159,8 +159,17 @@ class VersionManifest(BaseModel):
         return sum(entry.nbytes for entry in self.tensors.values())
 
     @property
+    def size(self):
+        """The values the version holds, and a mask patch's mask bits apart (`splice.adapters.kinds.spec.PatchSize`)."""
+        from splice.adapters.kinds import kind_spec  # loads torch: only what shows sizes pays for it
+
+        return kind_spec(self.meta.kind).size({name: entry.shape for name, entry in self.tensors.items()},
+                                              self.meta.settings)
+
+    @property
     def num_parameters(self) -> int:
-        return sum(entry.numel for entry in self.tensors.values())
+        """The values the version holds (a mask patch's packed mask bits are not parameters)."""
+        return self.size.values
 
     @property
     def push_stats(self) -> PushStats | None:

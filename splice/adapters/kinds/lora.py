@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from splice.adapters.deltas import Extracted, deltas
+from splice.adapters.deltas import Extracted, deltas, left_out_warnings
 from splice.adapters.kinds.spec import KindSpec, describe_plain
 from splice.adapters.steps import Effect, PatchContents, Step
 from splice.errors import PatchError
@@ -214,8 +214,8 @@ def extract_lora(base: Checkpoint, tuned: Checkpoint, options: LoraOptions, devi
         raise PatchError(f"{tuned.location}: no changed matrix to factor" +
                          (f" ({len(left_out)} changed tensors are not matrices); try --kind delta" if left_out else
                           f"; it is identical to {base.location}"))
-    warnings = [f"{len(left_out)} changed tensors are not matrices and are not in the LoRA patch (e.g. "
-                f"{next(iter(left_out))}); carry them with a delta or layernorm patch"] if left_out else []
+    warnings = left_out_warnings(left_out, "LoRA patch", "not being matrices",
+                                 "carry them with a delta or layernorm patch")
     modules = list(settings["rank"])
     return Extracted(tensors, [f"{m}.weight" for m in modules], modules, settings, warnings)
 

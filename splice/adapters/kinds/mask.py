@@ -8,6 +8,7 @@ mask alone prunes: entries outside it become zero.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from splice.adapters.deltas import Extracted, deltas
-from splice.adapters.kinds.spec import KindSpec, describe_plain, scale_tensors
+from splice.adapters.kinds.spec import KindSpec, PatchSize, describe_plain, scale_tensors
 from splice.adapters.steps import Effect, PatchContents, Step
 from splice.errors import PatchError
 from splice.progress import Progress
@@ -167,11 +168,21 @@ def describe_mask(settings: dict[str, Any]) -> str:
             f"{sum(kept.values()):,} entries kept in {len(kept)} tensors")
 
 
+def mask_size(shapes: Mapping[str, Sequence[int]], settings: dict[str, Any]) -> PatchSize:
+    """The selected values a sparse delta holds (none for a bare mask), and one mask bit per entry of each tensor
+    it covers (its shape from the settings)."""
+    covered = settings.get("shapes") if isinstance(settings.get("shapes"), dict) else {}
+    bits = sum(prod(shape) for name, shape in covered.items()
+               if name + MASK_SUFFIX in shapes and isinstance(shape, list | tuple)
+               and all(isinstance(n, int) for n in shape))
+    return PatchSize(sum(prod(shape) for name, shape in shapes.items() if not name.endswith(MASK_SUFFIX)), bits)
+
+
 def rescale_mask(patch: PatchContents, scale: float):
     """A sparse delta's values scaled; its mask bits kept (a bare mask has no change to scale: porting refuses it)."""
     return scale_tensors(patch, scale, {name for name in patch.shapes if name.endswith(VALUES_SUFFIX)})
 
 
 SPEC = KindSpec(extract=extract_mask, steps=mask_steps, describe=describe_mask, rescale=rescale_mask,
-                options=MaskOptions,
+                options=MaskOptions, size=mask_size,
                 keywords={"density": "density", "mask_scope": "scope", "mask_values": "values"})

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from math import prod
 from typing import Any
 
 import torch
@@ -22,12 +23,28 @@ Extractor = Callable[[Checkpoint, Checkpoint, Any, str, Progress | None], Extrac
 
 
 @dataclass(frozen=True)
+class PatchSize:
+    """What a patch holds: `values`, the numbers it stores (factors, deltas, norm values, a sparse delta's selected
+    entries), and `mask_bits`, the entries its bit masks cover (one bit each, packed eight to a byte)."""
+
+    values: int
+    mask_bits: int = 0
+
+
+def count_values(shapes: Mapping[str, Sequence[int]], settings: dict[str, Any]) -> PatchSize:
+    """Every stored tensor's entries are values."""
+    return PatchSize(sum(prod(shape) for shape in shapes.values()))
+
+
+@dataclass(frozen=True)
 class KindSpec:
     extract: Extractor
     steps: Callable[[PatchContents], dict[str, Step]]  # base tensor name -> the step the patch applies to it
     describe: Callable[[dict[str, Any]], str]  # the kind's settings in one readable line
     rescale: Rescaler  # what porting with --scale keeps of the patch
     options: type | None = None  # the kind's options (a dataclass), None when it takes none
+    # (stored tensor shapes, settings) -> what the patch holds
+    size: Callable[[Mapping[str, Sequence[int]], dict[str, Any]], PatchSize] = count_values
     # extract_patch's loose keywords that fill the options: keyword -> options field
     keywords: Mapping[str, str] = field(default_factory=dict)
 

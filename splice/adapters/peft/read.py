@@ -2,8 +2,9 @@
 
 LoRA adapters (`peft_type` LORA: r / lora_alpha, rank_pattern / alpha_pattern, use_rslora, fan_in_fan_out,
 LoRA on Linear, Conv1D and Embedding modules, plus `modules_to_save` and trained biases, which replace the
-base's tensors) and LayerNorm-tuning adapters (LN_TUNING: whole copies of the tuned modules, which replace
-them). What cannot be expressed as a change of the base's weights (DoRA, LoRA biases, aLoRA, trainable
+base's tensors: the trained copy, never peft's untrained `original_module` one; two trained copies of one
+tensor that differ are refused) and LayerNorm-tuning adapters (LN_TUNING: whole copies of the tuned modules,
+which replace them). What cannot be expressed as a change of the base's weights (DoRA, LoRA biases, aLoRA, trainable
 tokens, LoRA on convolutions, other PEFT types) is refused in one line. Without a base, names are kept as
 they are and only shapes are checked where the patch is applied. PEFT adapters carry no base fingerprint:
 the patch has `meta.base = None`.
@@ -26,7 +27,7 @@ from splice.adapters.patch import Patch
 from splice.adapters.peft.names import PEFT_CONFIG, PEFT_PICKLE, PEFT_WEIGHTS, PREFIX, BaseNames, base_names
 from splice.errors import CheckpointError, PatchError, first_line
 from splice.tensors.checkpoint import Checkpoint, recorded_location, split_location
-from splice.values import Float32, PositiveInt, one_line, parse_json
+from splice.values import Float32, PositiveInt, one_line, parse_json, printable
 
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 # config entries whose effect is not a change of the base's weights splice can make (truthy = refused)
@@ -76,6 +77,9 @@ def _read_pickled_tensors(location: str, fs, root: str) -> dict[str, torch.Tenso
                          ) from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise PatchError(f"{location}/{PEFT_PICKLE} is not a state dict of tensors")
+    for key in state:  # as safetensors headers are checked: names go into one-line errors
+        if not isinstance(key, str) or not key.isprintable():
+            raise PatchError(f"{location}/{PEFT_PICKLE}: tensor name {repr(key)[:80]} is not a printable string")
     return state
 
 
@@ -106,7 +110,7 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
 
 def _whole_tensor_name(tokens: list[str]) -> str:
     """A non-LoRA key (modules_to_save, a trained bias) as the live parameter it replaces."""
-    tokens = [t for t in tokens if t not in ("base_layer", "original_module")]
+    tokens = [t for t in tokens if t != "base_layer"]
     if "modules_to_save" in tokens:
         at = tokens.index("modules_to_save")
         tokens = tokens[:at] + tokens[at + (1 if at == len(tokens) - 2 else 2):]
@@ -117,8 +121,8 @@ def _check_adapter(location: str, config: dict[str, Any], state: dict[str, torch
     """The adapter's peft_type, once it is one splice reads."""
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", "LN_TUNING"):
-        raise PatchError(f"{location}: PEFT {peft_type or 'untyped'} adapters are not supported; splice reads "
-                         f"LORA and LN_TUNING adapters")
+        raise PatchError(f"{location}: PEFT {printable(peft_type or 'untyped')} adapters are not supported; "
+                         f"splice reads LORA and LN_TUNING adapters")
     if not state:
         raise PatchError(f"{location}: the PEFT adapter holds no tensors")
     if peft_type != "LORA":
@@ -133,7 +137,7 @@ def _check_adapter(location: str, config: dict[str, Any], state: dict[str, torch
                              f"(merge_and_unload) and extract a delta patch from the result")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise PatchError(f"{location}: a {init} adapter needs peft's modified base; save it with peft's "
+        raise PatchError(f"{location}: a {printable(init)} adapter needs peft's modified base; save it with peft's "
                          f"path_initial_model_for_weight_conversion to get a plain LoRA adapter")
     return peft_type
 
@@ -143,6 +147,7 @@ def _split_keys(location: str, peft_type: str, state: dict[str, torch.Tensor]
     """(live module -> its LoRA factors by part name, live parameter -> a whole tensor replacing it)."""
     lora: dict[str, dict[str, torch.Tensor]] = {}
     whole: dict[str, torch.Tensor] = {}
+    read_from: dict[str, str] = {}  # live parameter -> the key its whole tensor came from
     for key, tensor in state.items():
         tokens = key.removeprefix(PREFIX).split(".")
         if "lora_magnitude_vector" in tokens:
@@ -158,9 +163,20 @@ def _split_keys(location: str, peft_type: str, state: dict[str, torch.Tensor]
             whole[".".join(tokens[:at] + tokens[-1:])] = tensor
         elif any(t.startswith(("trainable_tokens", "lora_", "ln_tuning")) for t in tokens):
             raise PatchError(f"{location}: adapter tensor {key} is of a kind splice does not read")
-        else:
-            whole[_whole_tensor_name(tokens)] = tensor
+        elif "original_module" not in tokens:  # that is peft's untrained copy of a modules_to_save module
+            _add_whole(location, whole, read_from, _whole_tensor_name(tokens), key, tensor)
     return lora, whole
+
+
+def _add_whole(location: str, whole: dict[str, torch.Tensor], read_from: dict[str, str], live: str, key: str,
+               tensor: torch.Tensor) -> None:
+    """One trained copy of `live`; with bias="all" peft saves a modules_to_save module's bias twice (`<m>.bias`
+    and `<m>.modules_to_save.bias`), and the two must agree."""
+    if live in whole and not torch.equal(whole[live], tensor):
+        raise PatchError(f"{location}: {read_from[live]} and {key} are two different trained values of {live}; "
+                         f"keep one of them in the adapter (or merge it with peft and extract a delta patch)")
+    whole.setdefault(live, tensor)
+    read_from.setdefault(live, key)
 
 
 @dataclass

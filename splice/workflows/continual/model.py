@@ -6,11 +6,10 @@ import os
 
 import torch
 
+from splice.arch.heads import head_tensor_names
 from splice.arch.names import stored_to_module_names
 from splice.arch.quiet import quiet_transformers
 from splice.errors import SpliceError, first_line
-
-HEAD_MODULES = ("classifier", "score")  # transformers' sequence/image classification heads
 
 
 def load_model(base: str | os.PathLike) -> torch.nn.Module:
@@ -32,13 +31,11 @@ def load_model(base: str | os.PathLike) -> torch.nn.Module:
 
 def classification_head(model: torch.nn.Module) -> list[str]:
     """Stored names of the classification head's tensors (shared by every task, trained with each)."""
-    module_names = {module: stored for stored, module in stored_to_module_names(model).items()}
-    for head in HEAD_MODULES:
-        found = [stored for module, stored in module_names.items() if module.startswith(f"{head}.")]
-        if found:
-            return sorted(found)
-    raise SpliceError(f"{type(model).__name__} has no classification head ({' or '.join(HEAD_MODULES)}); a "
-                      f"continual pipeline needs a ...ForImageClassification or ...ForSequenceClassification model")
+    found = head_tensor_names(stored_to_module_names(model), type(model).__name__)
+    if found:
+        return sorted(found)
+    raise SpliceError(f"{type(model).__name__} has no classification head; a continual pipeline needs a "
+                      f"...ForImageClassification or ...ForSequenceClassification model")
 
 
 def head_parameters(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Parameter]:
