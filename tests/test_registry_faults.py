@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from test_registry import make_patch
 
-from splice.registry import Registry, RegistryError, backends, maintenance
+from splice.registry import Registry, RegistryError, backends, leases
 from splice.registry.layout import blob_rel
 from splice.registry.manifest import TensorEntry, VersionManifest, content_digest
 from splice.registry.store import Registry as StoreRegistry
@@ -123,9 +123,9 @@ def test_a_gc_between_a_reusing_push_and_its_manifest_fails_the_push_not_the_reg
 
     create = StoreRegistry._create_version
 
-    def gc_first(self, name, body):
+    def gc_first(self, name, body, *claim):
         collector.gc(grace_seconds=0)
-        return create(self, name, body)
+        return create(self, name, body, *claim)
 
     pusher._create_version = gc_first.__get__(pusher)
     with pytest.raises(RegistryError, match="removed by a concurrent `splice registry gc`.*withdrawn: push again"):
@@ -140,7 +140,7 @@ def test_a_push_waits_for_a_gc_in_flight_before_it_checks_its_blobs(tmp_path):
     url = str(tmp_path / "registry")
     registry = Registry.init(url)
     backend = registry._backend
-    with maintenance.gc_lease(backend):  # a gc is running
+    with leases.gc_lease(backend, url):  # a gc is running
         done = threading.Event()
         worker = threading.Thread(target=lambda: (registry.push("x", make_patch(4)), done.set()))
         worker.start()
@@ -167,23 +167,23 @@ def test_a_dead_gc_lease_does_not_hold_pushes(tmp_path):
 
 
 def test_a_long_gc_keeps_its_lease_alive_and_a_lease_without_heartbeat_goes_stale(tmp_path, monkeypatch):
-    """A gc that runs longer than LEASE_STALE must not look dead to a waiting push (it would let the push settle
+    """A gc that runs longer than LEASE_TTL must not look dead to a waiting push (it would let the push settle
     while the gc still deletes the blobs it reuses): its lease is refreshed while it runs."""
-    monkeypatch.setattr(maintenance, "LEASE_REFRESH", 0.05)
-    monkeypatch.setattr(maintenance, "LEASE_STALE", 0.3)
+    monkeypatch.setattr(leases, "LEASE_REFRESH", 0.05)
+    monkeypatch.setattr(leases, "LEASE_TTL", 0.3)
     registry = Registry.init(str(tmp_path / "registry"))
     backend = registry._backend
-    with maintenance.gc_lease(backend):  # a gc running for 4 x LEASE_STALE
+    with leases.gc_lease(backend, registry.url):  # a gc running for 4 x LEASE_TTL
         deadline = time.monotonic() + 1.2
         while time.monotonic() < deadline:
-            (lease,) = maintenance._leases(backend).values()
-            assert not maintenance._lease_stale(lease, time.time()), lease
+            (lease,) = leases.leases(backend, registry.url).values()
+            assert leases.held(lease, time.time()), lease
             time.sleep(0.05)
         assert lease.refreshed is not None and lease.refreshed > lease.started
     far = {"host": "another-machine", "pid": 1, "started": time.time() - 1.0}  # no heartbeat, silent for 1 s
     Path(tmp_path / "registry" / "gc" / "silent.json").write_text(json.dumps(far))
-    (silent,) = maintenance._leases(backend).values()
-    assert maintenance._lease_stale(silent, time.time())
+    (silent,) = leases.leases(backend, registry.url).values()
+    assert not leases.held(silent, time.time())
     began = time.monotonic()
     registry.push("x", make_patch(6))  # does not wait for it
     assert time.monotonic() - began < 5

@@ -56,15 +56,21 @@ def push(
     base: Annotated[str | None, typer.Option(
         "--base", help="The model the patch was made on (needed for a PEFT adapter, which records no base).")
                     ] = None,
+    wait: Annotated[float, typer.Option(
+        "--wait", help="The most seconds to wait for running `registry gc`s before giving up (0 to 3600).")] = 300,
     registry: RegistryURL = None,
     storage_options: StorageOptions = None,
     quiet: Quiet = False,
 ) -> None:
-    """Store a patch as the next version of NAME."""
+    """Store a patch as the next version of NAME (published only once its blobs are confirmed)."""
+    from splice.errors import Interrupted
     from splice.workflows.publish import publish_patch
 
-    manifest = publish_patch(_open(registry, storage_options), name, patch_dir, alias=alias, message=message,
-                             base=base)
+    try:
+        manifest = publish_patch(_open(registry, storage_options), name, patch_dir, alias=alias, message=message,
+                                 base=base, wait=wait)
+    except Interrupted as exc:
+        render.interrupted(str(exc))
     stats = manifest.push_stats
     _print(f"pushed {manifest.ref} ({manifest.digest})", quiet)
     _print(render.table("", ["kind", "tensors", "size", "new blob bytes", "reused blob bytes", "alias"],
@@ -226,6 +232,10 @@ def gc(
                           report.blobs_kept_live, report.blobs_kept_young]]), quiet)
     for line in report.bad_manifests:
         _print(f"kept every blob named by a version whose manifest does not validate: {line}")
+    for line in report.pending_withdrawn + report.leases_removed:
+        _print(line, quiet)
+    for line in report.pending_kept:
+        _print(f"kept: {line}", quiet)
 
 
 @registry_app.command("verify")
@@ -246,6 +256,8 @@ def verify(
     report = _open(registry, storage_options).verify(repair_from=source)
     for path in report.repaired:
         _print(f"repaired {path}")
+    for line in report.pending:
+        _print(f"note: {line}")
     if report.ok:
         versions = f"{report.versions_checked} version{'s' if report.versions_checked != 1 else ''}"
         _print(f"ok: {report.blobs_checked} blobs ({report.bytes_checked:,} bytes) and {versions} verified")

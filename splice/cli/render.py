@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -136,6 +139,13 @@ def model_summary_tables(summary) -> list[Table]:
         tables.append(deployment_table(f"deployed patches (from {record.registry}, "
                                        f"{record.deployed_at:%Y-%m-%d %H:%M} UTC)", record))
     return tables
+
+
+def interrupted(kept: str) -> NoReturn:
+    """Ctrl-C after part of the work was kept: say what, and exit 130 as an interrupted command does."""
+    stop_progress()
+    error_console.print(f"interrupted; {escape(kept)}", highlight=False, soft_wrap=True)
+    raise SystemExit(130)
 
 
 def show(renderable, quiet: bool = False) -> None:

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import os
 import random
+import shutil
 import threading
 import time
 import uuid
@@ -235,6 +236,13 @@ class Backend:
     def delete(self, rel: str) -> None:
         try:
             self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def remove_entry(self, rel: str) -> None:
+        """Remove whatever is at `rel`, a file or a directory (a directory where a small file should be)."""
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
         except FileNotFoundError:
             pass
 
@@ -464,6 +472,13 @@ class LocalBackend(Backend):
     def delete(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(rel))
+
+    def remove_entry(self, rel: str) -> None:
+        path = self.inside(rel)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            self.delete(rel)
 
     def touch(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -183,20 +183,6 @@ class Tombstone(BaseModel):
     removed_at: datetime = Field(default_factory=now)
 
 
-class GcLease(BaseModel):
-    """`gc/<uuid>.json`: a gc is running (a push waits for the ones it sees before checking its blobs)."""
-
-    model_config = ConfigDict(extra="allow")
-    host: str
-    pid: int
-    started: float  # time.time() when it began
-    refreshed: float | None = None  # time.time() of its last heartbeat (None: written by a gc without one)
-
-    @property
-    def alive_at(self) -> float:
-        return self.refreshed if self.refreshed is not None else self.started
-
-
 class AliasRecord(BaseModel):
     """`patches/<name>/aliases/<alias>/<generation>.json`: one move of an alias; the highest generation is current."""
 
