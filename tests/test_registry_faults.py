@@ -573,3 +573,54 @@ def test_an_s3_conditional_write_conflict_is_retried_until_the_key_settles(then_
     with pytest.raises(OSError, match="ConditionalRequestConflict"):
         S3Backend(stuck, "bucket/reg").create("patches/x/versions/1.json", b"{}")
     assert stuck.puts == S3Backend.conflict_retries + 1
+
+
+# -- issue 16, item 8: what gc and show read from files ----------------------------------------------------
+
+
+def test_gc_on_a_manifest_nested_too_deep_is_one_line_and_removes_nothing(tmp_path, monkeypatch, capsys):
+    from splice.cli import render
+
+    url = str(tmp_path / "registry")
+    registry = Registry.init(url)
+    registry.push("x", make_patch(40))
+    blobs = sorted(p for p in Path(url, "blobs").rglob("*") if p.is_file())
+    deep = '{"a":' * 100_000 + "1" + "}" * 100_000
+    Path(url, "patches/x/versions/1.json").write_text(deep)
+    monkeypatch.setattr(render.console, "width", 400)
+    corrupt = f"{url}/patches/x/versions/1.json is corrupt: not valid JSON"
+    for args, expected, says in ((["registry", "gc", "--grace", "0"], 2, "x@1: its manifest is unreadable"),
+                                 (["registry", "show", "x@1"], 2, corrupt), (["registry", "verify"], 1, corrupt),
+                                 (["registry", "ls", "x"], 0, f"problem: x@1: {corrupt}")):
+        code, out, err = run_cli([*args, "--registry", url], monkeypatch, capsys)
+        assert "Traceback" not in err and "Recursion" not in out + err, (args, err)
+        assert code == expected and says in out + err, (args, code, out, err)
+        if code == 2:
+            assert len(err.strip().splitlines()) == 1 and out == "", err
+    assert sorted(p for p in Path(url, "blobs").rglob("*") if p.is_file()) == blobs  # gc removed nothing
+
+
+def test_show_survives_a_directory_among_health_records_and_prints_what_files_say_as_plain_text(
+        tmp_path, monkeypatch, capsys):
+    from splice.cli import render
+    from splice.registry.health import HealthRecord
+
+    url = str(tmp_path / "registry")
+    registry = Registry.init(url)
+    pushed = registry.push("x", make_patch(41), message="[bold]msg[/bold] \x1b[31mred")
+    hostile = "[bold red]PWNED[/] \x1b[2J\x1b]0;title\x07 [link=file:///etc/passwd]x[/link]"
+    registry.record_health(HealthRecord(event="deploy", version=1, digest=pushed.digest, base=hostile,
+                                        base_check="verified"), "x")
+    Path(url, "patches/x/health/x.json").mkdir()  # a directory named like a record
+    monkeypatch.setattr(render.console, "width", 400)
+    code, out, err = run_cli(["registry", "show", "x@1", "--registry", url], monkeypatch, capsys)
+    assert code == 0, err
+    shown = "".join(out.split())
+    assert "\x1b" not in out + err and "\x07" not in out + err
+    assert "[boldred]PWNED[/]" in shown and "\\x1b[2J\\x1b]0;title\\x07" in shown, out
+    assert "[link=file:///etc/passwd]x[/link]" in shown
+    assert "[bold]msg[/bold]\\x1b[31mred" in shown
+    (warning,) = err.strip().splitlines()
+    assert warning.startswith("warning: ") and "x.json is not a readable file" in warning, err
+    code, out, _ = run_cli(["registry", "ls", "x", "--registry", url], monkeypatch, capsys)
+    assert code == 0 and "[bold]msg[/bold]\\x1b[31mred" in "".join(out.split())

@@ -184,6 +184,16 @@ def test_an_interrupted_push_publishes_nothing_broken_and_says_what_is_true(patc
     code, err = _interrupt(url, patch, step, sig, gc, tmp_path)
     said = err.strip().splitlines()[-1] if err.strip() else ""
     listed = _ls_versions(url)
+    # what ls, verify, deploy and gc say afterwards
+    c_ls, out_ls, _ = run_cli(["registry", "ls", "x", "--registry", url], monkeypatch, capsys)
+    c_verify, out_verify, err_verify = run_cli(["registry", "verify", "--registry", url], monkeypatch, capsys)
+    c_deploy, _, err_deploy = run_cli(["deploy", "x", "--base", base, "--out", tmp_path / "deployed",
+                                       "--registry", url], monkeypatch, capsys)
+    c_gc, out_gc, err_gc = run_cli(["registry", "gc", "--registry", url], monkeypatch, capsys)
+    FIGURES.append({"step": step, "signal": sig.name, "gc": gc, "exit": code, "said": said, "listed": listed,
+                    "verify": c_verify, "deploy": c_deploy, "deploy_says": err_deploy.strip()[-160:],
+                    "gc_says": [line for line in out_gc.splitlines() if "withdrew" in line]})
+    print("\nFIGURE " + json.dumps(FIGURES[-1]))
 
     # what the push said is true
     if sig == signal.SIGINT:
@@ -199,12 +209,7 @@ def test_an_interrupted_push_publishes_nothing_broken_and_says_what_is_true(patc
     if step != "moving alias":
         assert listed == [], (step, sig, gc, listed)  # never confirmed, so never published
 
-    # what ls, verify, deploy and gc say afterwards is true
-    c_ls, out_ls, _ = run_cli(["registry", "ls", "x", "--registry", url], monkeypatch, capsys)
-    c_verify, out_verify, err_verify = run_cli(["registry", "verify", "--registry", url], monkeypatch, capsys)
-    c_deploy, _, err_deploy = run_cli(["deploy", "x", "--base", base, "--out", tmp_path / "deployed",
-                                       "--registry", url], monkeypatch, capsys)
-    c_gc, out_gc, err_gc = run_cli(["registry", "gc", "--registry", url], monkeypatch, capsys)
+    # and so is what the others say
     assert c_ls == 0 and c_gc == 0, (out_ls, err_gc)
     assert c_verify == 0, out_verify + err_verify  # every listed version's blobs are there
     if listed:
@@ -220,7 +225,76 @@ def test_an_interrupted_push_publishes_nothing_broken_and_says_what_is_true(patc
     taken = {int(p.stem) for d in ("versions", "removed") for p in Path(url, "patches", "x", d).glob("*.json")}
     again = Registry.open(url).push("x", patch)  # numbers never repeat; the push after it works
     assert again.version == max(taken) + 1 and Registry.open(url).verify().ok
-    FIGURES.append({"step": step, "signal": sig.name, "gc": gc, "exit": code, "said": said, "listed": listed,
-                    "verify": c_verify, "deploy": c_deploy, "gc_says": [line for line in out_gc.splitlines()
-                                                                        if "withdrew" in line]})
-    print("\nFIGURE " + json.dumps(FIGURES[-1]))
+
+
+# A `continual run` killed (SIGKILL) once task 1's version has its manifest, after a gc removed its blobs.
+KILLED_RUN = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+    from splice.registry import store
+
+    create = store.Registry._create_version
+
+    def create_then_die(self, name, body, *rest):
+        version = create(self, name, body, *rest)
+        if version == 2:  # task 1's push: a gc removes its blobs, then the run is killed
+            manifest = json.loads(Path(self.url, "patches", name, "versions", f"{version}.json").read_text())
+            for entry in manifest["tensors"].values():
+                digest = entry.get("blob") or entry["digest"]
+                Path(self.url, "blobs", "sha256", digest[:2], digest).unlink(missing_ok=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return version
+
+    store.Registry._create_version = create_then_die
+    sys.argv = ["splice", *sys.argv[1:]]
+    from splice.cli.app import main
+    main()
+""")
+
+
+def test_continual_resume_reruns_a_task_whose_push_never_published(tmp_path):
+    from test_continual import pipeline_file, tiny_vit
+
+    from splice.workflows.continual.run import run_pipeline
+
+    base = tiny_vit(tmp_path / "vit")
+    registry = tmp_path / "registry"
+    Registry.init(registry)
+    path = pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False)
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, "continual", "run", str(path), "-q"], env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    store = Registry.open(registry)
+    assert [v.version for v in store.versions("cl")] == [1]  # task 1's version was never published
+    resumed = run_pipeline(path, resume=True)  # before: version 2 was listed, and every resume failed on its blobs
+    store = Registry.open(registry)
+    assert resumed.resumed_tasks == 1 and len(resumed.accuracy) == 3
+    assert [v.version for v in store.versions("cl")] == [1, 3, 4]  # task 1 ran again; 2 is never reused
+    assert {a: r.version for a, r in store.aliases("cl").items()} == {"task-0": 1, "task-1": 3, "task-2": 4}
+    assert store.verify().ok
+    assert [line.split(":")[0] for line in store.gc().pending_withdrawn] == ["withdrew cl@2"]
+
+
+def test_a_registry_written_before_pending_markers_reads_as_published(tmp_path, monkeypatch, capsys):
+    """tests/data/registry_before_pending was written by the splice before this change (old@1 aliased prod,
+    old@2, old@3 removed): it has no pending markers, and every version in it is published."""
+    import shutil
+
+    url = str(tmp_path / "registry")
+    shutil.copytree(Path(__file__).parent / "data" / "registry_before_pending", url)
+    store = Registry.open(url)
+    assert [m.version for m in store.versions("old")] == [1, 2]
+    assert store.resolve("old@prod").version == 1 and store.resolve("old").version == 2
+    for version in (1, 2):
+        patch = store.load(f"old@{version}")
+        assert all(patch.tensors[name] is not None for name in patch.tensors)  # every tensor reads, hash-checked
+    assert store.verify().ok and store.verify().pending == []
+    report = store.gc(grace_seconds=0)  # frees old@3's blobs only
+    assert report.pending_withdrawn == [] and report.blobs_kept_live == 2 and store.verify().ok
+    assert [m.version for m in store.versions("old")] == [1, 2]
+    code, out, _ = run_cli(["registry", "ls", "old", "--registry", url], monkeypatch, capsys)
+    assert code == 0 and "problem" not in out
+    from test_registry import make_patch
+
+    assert store.push("old", make_patch(53)).version == 4  # after the removed 3: numbers never repeat
+    assert [m.version for m in Registry.open(url).versions("old")] == [1, 2, 4]

@@ -190,21 +190,44 @@ def tag(
 
 
 @registry_app.command("diff")
-def diff(ref_a: RefArg, ref_b: RefArg, registry: RegistryURL = None, storage_options: StorageOptions = None
-         ) -> None:
-    """Compare two versions tensor by tensor."""
-    report = _open(registry, storage_options).diff(ref_a, ref_b)
+def diff(
+    ref_a: RefArg,
+    ref_b: RefArg,
+    factors: Annotated[bool, typer.Option(
+        "--factors", help="Two LoRA versions: also compare their factors tensor by tensor (shapes, values).")
+                       ] = False,
+    registry: RegistryURL = None,
+    storage_options: StorageOptions = None,
+) -> None:
+    """Compare two versions tensor by tensor; two LoRA versions by their effective updates (scale * B @ A) per
+    base tensor."""
+    report = _open(registry, storage_options).diff(ref_a, ref_b, factors=factors)
     if report.identical:
         _print(f"{report.a} and {report.b} are identical ({report.digest_a})")
         return
-    rows = [[t.name, t.status, "" if t.shape_a is None else list(t.shape_a),
-             "" if t.shape_b is None else list(t.shape_b), _number(t.max_abs_diff), _number(t.relative_l2)]
-            for t in report.tensors]
-    _print(render.table(f"{report.a} -> {report.b}", ["tensor", "status", f"shape {report.a}", f"shape {report.b}",
-                                                      "max |diff|", "relative L2"], rows))
-    counts = {s: sum(t.status == s for t in report.tensors) for s in ("added", "removed", "changed", "unchanged")}
+    if report.updates is not None:
+        _print(render.table(f"{report.a} -> {report.b}: effective updates U = scale * B @ A per base tensor",
+                            ["tensor", "status", "rank", "||U_a||", "||U_b||", "||U_b - U_a|| / ||U_a||", "cosine"],
+                            [[u.name, u.status, f"{_rank(u.rank_a)} -> {_rank(u.rank_b)}", _number(u.norm_a),
+                              _number(u.norm_b), _number(u.relative),
+                              "" if u.cosine is None else f"{u.cosine:+.4f}"] for u in report.updates]))
+    if report.tensors:
+        rows = [[t.name, t.status, "" if t.shape_a is None else list(t.shape_a),
+                 "" if t.shape_b is None else list(t.shape_b), _number(t.max_abs_diff), _number(t.relative_l2)]
+                for t in report.tensors]
+        title = f"{report.a} -> {report.b}" + (" (tensors other than LoRA factors)" if report.updates is not None
+                                               and not factors else "")
+        _print(render.table(title, ["tensor", "status", f"shape {report.a}", f"shape {report.b}", "max |diff|",
+                                    "relative L2"], rows))
+    listed = report.updates if report.updates is not None else report.tensors
+    counts = {s: sum(t.status == s for t in listed) for s in ("added", "removed", "changed", "unchanged")}
     meta = f"; meta differs in {', '.join(report.meta_changes)}" if report.meta_changes else ""
-    _print(", ".join(f"{n} {s}" for s, n in counts.items()) + meta)
+    what = "updates: " if report.updates is not None else ""
+    _print(what + ", ".join(f"{n} {s}" for s, n in counts.items()) + meta)
+
+
+def _rank(rank: int | None) -> str:
+    return "-" if rank is None else str(rank)
 
 
 @registry_app.command("rm")

@@ -124,6 +124,16 @@ class Backend:
         self.fs.invalidate_cache(self.path(rel))
         return self.fs.cat_file(self.path(rel))
 
+    def read_small(self, rel: str, url: str) -> bytes:
+        """A small registry file (a lease, a record): FileNotFoundError if it is gone, a one-line RegistryError
+        naming it if anything else stands there (a directory, an unreadable file)."""
+        try:
+            return self.read(rel)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise RegistryError(f"{located(url, rel)} is not a readable file ({first_line(exc)})") from None
+
     def read_ranges(self, items: Sequence[tuple[str, int, int]]) -> list[bytes | bytearray | BaseException]:
         """Bytes start..end of each (rel, start, end), fewer where the blob ends sooner; the backend's exception
         (FileNotFoundError for a missing blob) in place of a range that cannot be read. Empty ranges read nothing."""

@@ -21,7 +21,6 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from splice.errors import first_line
 from splice.registry.backends import Backend
 from splice.registry.layout import GC_DIR, located, this_host
 from splice.registry.manifest import parse_model
@@ -84,13 +83,7 @@ class PendingPush(Claim):
 def read_claim(backend: Backend, cls: type[Claim], rel: str, url: str) -> Claim:
     """A claim file, validated; a one-line RegistryError for one that does not validate (or is not a file).
     FileNotFoundError when it is gone (its holder finished)."""
-    try:
-        raw = backend.read(rel)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:  # a directory where a claim should be, unreadable, ...
-        raise RegistryError(f"{located(url, rel)} is not a readable file ({first_line(exc)})") from None
-    return parse_model(cls, raw, located(url, rel))
+    return parse_model(cls, backend.read_small(rel, url), located(url, rel))
 
 
 def leases(backend: Backend, url: str) -> dict[str, GcLease | str]:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from splice.adapters.meta import PatchKind
 from splice.errors import first_line
 from splice.registry.backends import Backend
 from splice.registry.layout import (
@@ -91,7 +92,8 @@ class DiffReport:
     digest_a: str
     digest_b: str
     meta_changes: list[str]  # PatchMeta fields that differ (creation time aside)
-    tensors: list[TensorDiff]
+    tensors: list[TensorDiff]  # of two LoRA versions: without their factors, unless asked for
+    updates: list | None = None  # of two LoRA versions: splice.registry.update_diff.UpdateDiff per base tensor
 
     @property
     def identical(self) -> bool:
@@ -339,13 +341,25 @@ def _compare_values(reader: BlobReader, a: VersionManifest, b: VersionManifest, 
         out.relative_l2 = norm_d / norm_a if norm_a else (0.0 if norm_d == 0 else float("inf"))
 
 
-def diff(reader: BlobReader, a: VersionManifest, b: VersionManifest) -> DiffReport:
-    """Tensor by tensor: added, removed, changed (max |b - a| and ||b - a|| / ||a||) or unchanged."""
+def diff(reader: BlobReader, a: VersionManifest, b: VersionManifest, factors: bool = False) -> DiffReport:
+    """Tensor by tensor: added, removed, changed (max |b - a| and ||b - a|| / ||a||) or unchanged. Two LoRA
+    versions are compared by their effective updates per base tensor (`updates`); their factors are compared
+    tensor by tensor only with `factors`."""
     meta_a = a.meta.model_dump(mode="json", exclude={"created"})
     meta_b = b.meta.model_dump(mode="json", exclude={"created"})
     meta_changes = sorted(k for k in meta_a.keys() | meta_b.keys() if meta_a.get(k) != meta_b.get(k))
+    updates, skip = None, set()
+    if a.meta.kind == b.meta.kind == PatchKind.lora and a.digest != b.digest:
+        from splice.adapters.patch import Patch
+        from splice.registry.transfer import RegistryTensors
+        from splice.registry.update_diff import diff_updates, factor_names
+
+        patch_a = Patch(RegistryTensors(reader, a), a.meta.model_copy(deep=True))
+        patch_b = Patch(RegistryTensors(reader, b), b.meta.model_copy(deep=True))
+        updates = diff_updates(patch_a, patch_b)
+        skip = set() if factors else factor_names(patch_a) | factor_names(patch_b)
     out = []
-    for name in list(a.tensors) + [n for n in b.tensors if n not in a.tensors]:
+    for name in [n for n in list(a.tensors) + [n for n in b.tensors if n not in a.tensors] if n not in skip]:
         ea, eb = a.tensors.get(name), b.tensors.get(name)
         entry = TensorDiff(name, "unchanged", ea.shape if ea else None, eb.shape if eb else None,
                            ea.dtype if ea else None, eb.dtype if eb else None)
@@ -358,4 +372,4 @@ def diff(reader: BlobReader, a: VersionManifest, b: VersionManifest) -> DiffRepo
             if ea.shape == eb.shape:
                 _compare_values(reader, a, b, entry)
         out.append(entry)
-    return DiffReport(a.ref, b.ref, a.digest, b.digest, meta_changes, out)
+    return DiffReport(a.ref, b.ref, a.digest, b.digest, meta_changes, out, updates)

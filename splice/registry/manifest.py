@@ -214,13 +214,23 @@ def check_finite(data: Any, what: str) -> None:
                             "fix the value (or drop it) and push again")
 
 
+def load_json(data: bytes | str, where: str) -> Any:
+    """A registry file's JSON; a one-line RegistryError naming the file for anything else (nested too deep to
+    parse included)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise RegistryError(f"{where} is corrupt: not valid JSON ({str(exc).splitlines()[0][:80]})") from None
+
+
 def parse_model(cls: type[BaseModel], data: bytes, where: str) -> Any:
     """A registry file parsed and validated; a one-line RegistryError naming the file otherwise."""
+    loaded = load_json(data, where)
     try:
-        return cls.model_validate(json.loads(data))
+        return cls.model_validate(loaded)
     except ValidationError as exc:
         first = exc.errors()[0]
         at = ".".join(str(p) for p in first["loc"]) or "file"
         raise RegistryError(f"{where} is corrupt: {at}: {first['msg']}") from None
-    except (ValueError, RecursionError) as exc:
-        raise RegistryError(f"{where} is corrupt: not valid JSON ({str(exc).splitlines()[0][:80]})") from None
+    except RecursionError:
+        raise RegistryError(f"{where} is corrupt: nested too deep") from None

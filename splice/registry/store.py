@@ -39,7 +39,6 @@ splice.registry.maintenance. Importing this module imports neither torch nor tra
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -82,6 +81,7 @@ from splice.registry.manifest import (
     VersionManifest,
     check_finite,
     content_digest,
+    load_json,
     now,
     parse_model,
 )
@@ -528,16 +528,15 @@ class Registry:
 
         # validated before the version exists; only the version number, which cannot make it invalid, is added
         checked = parse_model(VersionManifest, body(1), f"the manifest of this push of {name}")
-        claim = pending_claim(wait)
-        version = self._create_version(name, body, claim)
-        manifest = checked.model_copy(update={"version": version})
+        claim, claimed = pending_claim(wait), []
         try:
+            manifest = checked.model_copy(update={"version": self._create_version(name, body, claim, claimed)})
             self._settle(manifest, claim, wait)
-        except RegistryError as exc:
-            withdraw(self._backend, name, version, digest)
-            raise RegistryError(f"{exc}; {manifest.ref} was withdrawn: push again") from None
-        except BaseException:  # Ctrl-C (or anything else) before the version is published: it never is
-            withdraw(self._backend, name, version, digest)
+        except BaseException as exc:  # Ctrl-C (or anything else) before the version is published: it never is
+            for version in claimed:
+                withdraw(self._backend, name, version, digest)
+            if claimed and isinstance(exc, RegistryError):
+                raise RegistryError(f"{exc}; {name}@{claimed[0]} was withdrawn: push again") from None
             raise
         stats.seconds = time.perf_counter() - started
         manifest._push_stats = stats
@@ -615,9 +614,11 @@ class Registry:
             raise RegistryError(f"push of {manifest.ref} failed: a `splice registry gc` withdrew it as an "
                                 "interrupted push before it was published")
 
-    def _create_version(self, name: str, body: Callable[[int], bytes], claim: PendingPush) -> int:
-        """Take the next version number by exclusively creating its pending marker, then create its manifest;
-        on a conflict take the next number and retry. A number once claimed is never handed out again."""
+    def _create_version(self, name: str, body: Callable[[int], bytes], claim: PendingPush, claimed: list[int]
+                        ) -> int:
+        """Take the next version number by exclusively creating its pending marker (added to `claimed` at once,
+        for the caller to withdraw on any failure), then create its manifest; on a conflict take the next number
+        and retry. A number once claimed is never handed out again."""
         marker = (claim.model_dump_json() + "\n").encode()
         floor = 0
         for attempt in range(1000):
@@ -625,13 +626,11 @@ class Registry:
             version = max(max(stored | pending | removed, default=0), floor) + 1
             floor = version  # taken by this attempt or someone else: never tried again, even if a listing lags
             if self._backend.create(pending_rel(name, version), marker):
-                try:
-                    if self._backend.create(version_rel(name, version), body(version)):
-                        return version
-                except BaseException:
-                    withdraw(self._backend, name, version, "")
-                    raise
+                claimed.append(version)
+                if self._backend.create(version_rel(name, version), body(version)):
+                    return version
                 # a splice from before pending markers created this manifest (it writes none): leave it published
+                claimed.remove(version)
                 self._backend.delete(pending_rel(name, version))
             time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
         raise RegistryError(f"could not take a version number for {name} after 1000 attempts; too many concurrent "
@@ -734,8 +733,8 @@ class Registry:
         except FileNotFoundError:
             return set()
         try:
-            json.loads(raw)
-        except ValueError:
+            load_json(raw, version_rel(name, version))
+        except RegistryError:
             raw = b""
         named = set(re.findall(r"[0-9a-f]{64}", raw.decode("utf-8", "replace")))
         if not named:
@@ -788,9 +787,10 @@ class Registry:
         return report
 
     @storage_errors
-    def diff(self, ref_a: str | Ref, ref_b: str | Ref) -> DiffReport:
-        """Tensor by tensor: added, removed, changed (max |b - a| and ||b - a|| / ||a||) or unchanged."""
-        return maintenance.diff(self._reader, self.resolve(ref_a), self.resolve(ref_b))
+    def diff(self, ref_a: str | Ref, ref_b: str | Ref, factors: bool = False) -> DiffReport:
+        """Tensor by tensor: added, removed, changed (max |b - a| and ||b - a|| / ||a||) or unchanged; two LoRA
+        versions by their effective updates per base tensor (their factors too with `factors`)."""
+        return maintenance.diff(self._reader, self.resolve(ref_a), self.resolve(ref_b), factors)
 
 
 def open_registry(registry: Registry | str | os.PathLike | None, storage_options: dict | None = None) -> Registry:
