@@ -298,3 +298,26 @@ def test_a_registry_written_before_pending_markers_reads_as_published(tmp_path, 
 
     assert store.push("old", make_patch(53)).version == 4  # after the removed 3: numbers never repeat
     assert [m.version for m in Registry.open(url).versions("old")] == [1, 2, 4]
+
+
+def test_continual_resume_reruns_a_task_whose_version_lost_its_blobs(tmp_path):
+    """A version published with blobs that later went missing (as the push before this change could leave one):
+    --resume does not build on it; that task runs again."""
+    from test_continual import TASK_FILE, pipeline_file, tiny_vit
+
+    from splice.workflows.continual.run import run_pipeline
+
+    base = tiny_vit(tmp_path / "vit")
+    registry = tmp_path / "registry"
+    store = Registry.init(registry)
+    tasks = [{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(2)]
+    path = pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False, tasks=tasks)
+    run_pipeline(path)
+    first, second = store.versions("cl")
+    kept = {e.blob_digest for e in first.tensors.values()}
+    for digest in {e.blob_digest for e in second.tensors.values()} - kept:  # task 1's own blobs
+        Path(registry, "blobs", "sha256", digest[:2], digest).unlink()
+    assert store.missing_blobs(second) and not store.missing_blobs(first)
+    resumed = run_pipeline(path, resume=True)  # before: every resume failed reading cl@2's blobs
+    assert resumed.resumed_tasks == 1 and len(resumed.accuracy) == 2
+    assert Registry.open(registry).resolve("cl@task-1").version == 3

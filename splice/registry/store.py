@@ -599,9 +599,7 @@ class Registry:
         in the meantime), a gc's lease is still held after `wait`, or the push outlived its marker's expiry.
         A gc that starts after the wait lists the manifests after its lease exists, so it keeps these blobs."""
         wait_for_gcs(self._backend, self.url, wait)
-        digests = sorted({entry.blob_digest for entry in manifest.tensors.values()})
-        sizes = dict(zip(digests, self._backend.sizes([blob_rel(d) for d in digests])))
-        missing = [d for d in digests if sizes[d] is None]
+        missing = self.missing_blobs(manifest)
         if missing:
             raise RegistryError(f"push of {manifest.ref} failed: blob {located(self.url, blob_rel(missing[0]))} "
                                 f"{'and ' + str(len(missing) - 1) + ' more ' if len(missing) > 1 else ''}was "
@@ -613,6 +611,12 @@ class Registry:
         if self._backend.sizes([removed_rel(manifest.name, manifest.version)])[0] is not None:
             raise RegistryError(f"push of {manifest.ref} failed: a `splice registry gc` withdrew it as an "
                                 "interrupted push before it was published")
+
+    @storage_errors
+    def missing_blobs(self, manifest: VersionManifest) -> list[str]:
+        """The digests of the blobs a version names that are not stored (asking the store itself)."""
+        digests = sorted({entry.blob_digest for entry in manifest.tensors.values()})
+        return [d for d, size in zip(digests, self._backend.sizes([blob_rel(d) for d in digests])) if size is None]
 
     def _create_version(self, name: str, body: Callable[[int], bytes], claim: PendingPush, claimed: list[int]
                         ) -> int:
