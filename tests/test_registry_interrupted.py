@@ -220,6 +220,10 @@ def test_an_interrupted_push_publishes_nothing_broken_and_says_what_is_true(patc
     else:
         assert c_deploy == 2 and len(err_deploy.strip().splitlines()) == 1, err_deploy
         assert not (tmp_path / "deployed").exists()
+    if sig == signal.SIGKILL and step in STEPS[1:4]:  # killed with its version pending: reported, not listed
+        pending = "x@2 is not published: its push is over (process"
+        assert pending in " ".join(out_verify.split()) and pending in " ".join(out_ls.split()), out_verify
+        assert "withdrew x@2: its push is over" in " ".join(out_gc.split()), out_gc
     assert _ls_versions(url) == listed
     assert not list(Path(url, "patches", "x", "pending").glob("*")), "gc withdraws a push that is over"
     taken = {int(p.stem) for d in ("versions", "removed") for p in Path(url, "patches", "x", d).glob("*.json")}
