@@ -36,6 +36,11 @@ class NonFiniteOutputError(SpliceError):
     """A merge or patch would write NaN/Inf into a tensor whose inputs were finite."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after part of the work was kept: the message says what is kept (the CLI prints it instead of
+    "nothing was published")."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line and 200 characters (its type name when it has none), for a
     one-line error that wraps it."""

@@ -1005,3 +1005,63 @@ def test_cli_against_s3_with_storage_options(s3_server, tmp_path, monkeypatch, c
 def test_blob_digest_is_sha256_of_raw_bytes():
     tensor = torch.arange(10, dtype=torch.float32)
     assert tensor_sha256(tensor) == hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+
+
+def _independent_updates(patch_dir: Path) -> dict[str, torch.Tensor]:
+    """scale * B @ A per base tensor, from the patch files read with safetensors and json (not splice)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(patch_dir / "tensors.safetensors")
+    settings = json.loads((patch_dir / "patch.json").read_text())["settings"]
+    updates = {}
+    for name in tensors:
+        if name.endswith(".lora_A"):
+            module = name[: -len(".lora_A")]
+            a, b = tensors[name].double(), tensors[module + ".lora_B"].double()
+            rank = a.shape[0]
+            scale = settings["alpha"][module] / (rank ** 0.5 if settings.get("rslora") else rank)
+            updates[module + ".weight"] = scale * b @ a
+            updates[module + ".weight"].rank = rank
+    return updates
+
+
+def test_diff_of_two_lora_versions_compares_their_effective_updates(make_models, tmp_path, monkeypatch, capsys):
+    from splice.adapters.extract import extract_patch
+    from splice.cli import render
+
+    base, first, second = make_models("bert", 3)
+    url = str(tmp_path / "registry")
+    store = Registry.init(url)
+    dirs = [extract_patch(base, tuned, "lora", rank=rank).save(tmp_path / f"lora{rank}")
+            for tuned, rank in ((first, 2), (second, 4))]
+    for patch_dir in dirs:
+        store.push("l", patch_dir)
+    ua, ub = (_independent_updates(Path(d)) for d in dirs)
+    report = store.diff("l@1", "l@2")
+    assert [u.name for u in report.updates] == list(ua) and list(ua) == list(ub)
+    for update in report.updates:
+        a, b = ua[update.name], ub[update.name]
+        assert (update.status, update.rank_a, update.rank_b) == ("changed", a.rank, b.rank)
+        assert update.norm_a == pytest.approx(float(a.norm()), rel=1e-12)
+        assert update.norm_b == pytest.approx(float(b.norm()), rel=1e-12)
+        assert update.relative == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-10)
+        cosine = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+        assert update.cosine == pytest.approx(cosine, rel=1e-10, abs=1e-12)
+    assert not any(t.name.endswith((".lora_A", ".lora_B")) for t in report.tensors)
+    itself = store.diff("l@1", "l@1")
+    assert itself.identical
+
+    monkeypatch.setattr(render.console, "width", 250)
+    code, out, err = run_cli(["registry", "diff", "l@1", "l@2", "--registry", url], monkeypatch, capsys)
+    assert code == 0, err
+    assert "lora_A" not in out and "lora_B" not in out
+    assert f"updates: 0 added, 0 removed, {len(ua)} changed, 0 unchanged" in out
+    lines = out.splitlines()
+    for update in report.updates:  # one row per base tensor, every number column filled
+        (row,) = [line for line in lines if f" {update.name} " in line]
+        assert f"{update.relative:.4g}" in row and f"{update.cosine:+.4f}" in row, row
+        assert f"{update.rank_a} -> {update.rank_b}" in row, row
+    assert len(lines) < len(ua) + 12
+    code, out, err = run_cli(["registry", "diff", "l@1", "l@2", "--factors", "--registry", url], monkeypatch,
+                             capsys)
+    assert code == 0 and "lora_A" in out and "lora_B" in out

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from test_registry import make_patch
 
-from splice.registry import Registry, RegistryError, backends, maintenance
+from splice.registry import Registry, RegistryError, backends, leases
 from splice.registry.layout import blob_rel
 from splice.registry.manifest import TensorEntry, VersionManifest, content_digest
 from splice.registry.store import Registry as StoreRegistry
@@ -123,9 +123,9 @@ def test_a_gc_between_a_reusing_push_and_its_manifest_fails_the_push_not_the_reg
 
     create = StoreRegistry._create_version
 
-    def gc_first(self, name, body):
+    def gc_first(self, name, body, *claim):
         collector.gc(grace_seconds=0)
-        return create(self, name, body)
+        return create(self, name, body, *claim)
 
     pusher._create_version = gc_first.__get__(pusher)
     with pytest.raises(RegistryError, match="removed by a concurrent `splice registry gc`.*withdrawn: push again"):
@@ -140,7 +140,7 @@ def test_a_push_waits_for_a_gc_in_flight_before_it_checks_its_blobs(tmp_path):
     url = str(tmp_path / "registry")
     registry = Registry.init(url)
     backend = registry._backend
-    with maintenance.gc_lease(backend):  # a gc is running
+    with leases.gc_lease(backend, url):  # a gc is running
         done = threading.Event()
         worker = threading.Thread(target=lambda: (registry.push("x", make_patch(4)), done.set()))
         worker.start()
@@ -167,23 +167,23 @@ def test_a_dead_gc_lease_does_not_hold_pushes(tmp_path):
 
 
 def test_a_long_gc_keeps_its_lease_alive_and_a_lease_without_heartbeat_goes_stale(tmp_path, monkeypatch):
-    """A gc that runs longer than LEASE_STALE must not look dead to a waiting push (it would let the push settle
+    """A gc that runs longer than LEASE_TTL must not look dead to a waiting push (it would let the push settle
     while the gc still deletes the blobs it reuses): its lease is refreshed while it runs."""
-    monkeypatch.setattr(maintenance, "LEASE_REFRESH", 0.05)
-    monkeypatch.setattr(maintenance, "LEASE_STALE", 0.3)
+    monkeypatch.setattr(leases, "LEASE_REFRESH", 0.05)
+    monkeypatch.setattr(leases, "LEASE_TTL", 0.3)
     registry = Registry.init(str(tmp_path / "registry"))
     backend = registry._backend
-    with maintenance.gc_lease(backend):  # a gc running for 4 x LEASE_STALE
+    with leases.gc_lease(backend, registry.url):  # a gc running for 4 x LEASE_TTL
         deadline = time.monotonic() + 1.2
         while time.monotonic() < deadline:
-            (lease,) = maintenance._leases(backend).values()
-            assert not maintenance._lease_stale(lease, time.time()), lease
+            (lease,) = leases.leases(backend, registry.url).values()
+            assert leases.held(lease, time.time()), lease
             time.sleep(0.05)
         assert lease.refreshed is not None and lease.refreshed > lease.started
     far = {"host": "another-machine", "pid": 1, "started": time.time() - 1.0}  # no heartbeat, silent for 1 s
     Path(tmp_path / "registry" / "gc" / "silent.json").write_text(json.dumps(far))
-    (silent,) = maintenance._leases(backend).values()
-    assert maintenance._lease_stale(silent, time.time())
+    (silent,) = leases.leases(backend, registry.url).values()
+    assert not leases.held(silent, time.time())
     began = time.monotonic()
     registry.push("x", make_patch(6))  # does not wait for it
     assert time.monotonic() - began < 5
@@ -573,3 +573,54 @@ def test_an_s3_conditional_write_conflict_is_retried_until_the_key_settles(then_
     with pytest.raises(OSError, match="ConditionalRequestConflict"):
         S3Backend(stuck, "bucket/reg").create("patches/x/versions/1.json", b"{}")
     assert stuck.puts == S3Backend.conflict_retries + 1
+
+
+# -- issue 16, item 8: what gc and show read from files ----------------------------------------------------
+
+
+def test_gc_on_a_manifest_nested_too_deep_is_one_line_and_removes_nothing(tmp_path, monkeypatch, capsys):
+    from splice.cli import render
+
+    url = str(tmp_path / "registry")
+    registry = Registry.init(url)
+    registry.push("x", make_patch(40))
+    blobs = sorted(p for p in Path(url, "blobs").rglob("*") if p.is_file())
+    deep = '{"a":' * 100_000 + "1" + "}" * 100_000
+    Path(url, "patches/x/versions/1.json").write_text(deep)
+    monkeypatch.setattr(render.console, "width", 400)
+    corrupt = f"{url}/patches/x/versions/1.json is corrupt: not valid JSON"
+    for args, expected, says in ((["registry", "gc", "--grace", "0"], 2, "x@1: its manifest is unreadable"),
+                                 (["registry", "show", "x@1"], 2, corrupt), (["registry", "verify"], 1, corrupt),
+                                 (["registry", "ls", "x"], 0, f"problem: x@1: {corrupt}")):
+        code, out, err = run_cli([*args, "--registry", url], monkeypatch, capsys)
+        assert "Traceback" not in err and "Recursion" not in out + err, (args, err)
+        assert code == expected and says in out + err, (args, code, out, err)
+        if code == 2:
+            assert len(err.strip().splitlines()) == 1 and out == "", err
+    assert sorted(p for p in Path(url, "blobs").rglob("*") if p.is_file()) == blobs  # gc removed nothing
+
+
+def test_show_survives_a_directory_among_health_records_and_prints_what_files_say_as_plain_text(
+        tmp_path, monkeypatch, capsys):
+    from splice.cli import render
+    from splice.registry.health import HealthRecord
+
+    url = str(tmp_path / "registry")
+    registry = Registry.init(url)
+    pushed = registry.push("x", make_patch(41), message="[bold]msg[/bold] \x1b[31mred")
+    hostile = "[bold red]PWNED[/] \x1b[2J\x1b]0;title\x07 [link=file:///etc/passwd]x[/link]"
+    registry.record_health(HealthRecord(event="deploy", version=1, digest=pushed.digest, base=hostile,
+                                        base_check="verified"), "x")
+    Path(url, "patches/x/health/x.json").mkdir()  # a directory named like a record
+    monkeypatch.setattr(render.console, "width", 400)
+    code, out, err = run_cli(["registry", "show", "x@1", "--registry", url], monkeypatch, capsys)
+    assert code == 0, err
+    shown = "".join(out.split())
+    assert "\x1b" not in out + err and "\x07" not in out + err
+    assert "[boldred]PWNED[/]" in shown and "\\x1b[2J\\x1b]0;title\\x07" in shown, out
+    assert "[link=file:///etc/passwd]x[/link]" in shown
+    assert "[bold]msg[/bold]\\x1b[31mred" in shown
+    (warning,) = err.strip().splitlines()
+    assert warning.startswith("warning: ") and "x.json is not a readable file" in warning, err
+    code, out, _ = run_cli(["registry", "ls", "x", "--registry", url], monkeypatch, capsys)
+    assert code == 0 and "[bold]msg[/bold]\\x1b[31mred" in "".join(out.split())

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from typer._click.exceptions import ClickException, UsageError
 
 from splice.cli import render
@@ -175,7 +174,7 @@ def _usage_error_line(exc: UsageError) -> str:
 
 def _print_error(message: str) -> None:
     render.stop_progress()
-    render.error_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    render.error_console.print(f"[red]error:[/red] {render.plain(message)}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -56,16 +56,22 @@ def push(
     base: Annotated[str | None, typer.Option(
         "--base", help="The model the patch was made on (needed for a PEFT adapter, which records no base).")
                     ] = None,
+    wait: Annotated[float, typer.Option(
+        "--wait", help="The most seconds to wait for running `registry gc`s before giving up (0 to 3600).")] = 300,
     registry: RegistryURL = None,
     storage_options: StorageOptions = None,
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
-    """Store a patch as the next version of NAME."""
+    """Store a patch as the next version of NAME (published only once its blobs are confirmed)."""
+    from splice.errors import Interrupted
     from splice.workflows.publish import publish_patch
 
-    manifest = publish_patch(_open(registry, storage_options), name, patch_dir, alias=alias, message=message,
-                             base=base)
+    try:
+        manifest = publish_patch(_open(registry, storage_options), name, patch_dir, alias=alias, message=message,
+                                 base=base, wait=wait)
+    except Interrupted as exc:
+        render.interrupted(str(exc))
     if as_json:
         render.print_json(manifest)
         return
@@ -206,24 +212,48 @@ def tag(
 
 
 @registry_app.command("diff")
-def diff(ref_a: RefArg, ref_b: RefArg, registry: RegistryURL = None, storage_options: StorageOptions = None,
-         as_json: Json = False) -> None:
-    """Compare two versions tensor by tensor."""
-    report = _open(registry, storage_options).diff(ref_a, ref_b)
+def diff(
+    ref_a: RefArg,
+    ref_b: RefArg,
+    factors: Annotated[bool, typer.Option(
+        "--factors", help="Two LoRA versions: also compare their factors tensor by tensor (shapes, values).")
+                       ] = False,
+    registry: RegistryURL = None,
+    storage_options: StorageOptions = None,
+    as_json: Json = False,
+) -> None:
+    """Compare two versions tensor by tensor; two LoRA versions by their effective updates (scale * B @ A) per
+    base tensor."""
+    report = _open(registry, storage_options).diff(ref_a, ref_b, factors=factors)
     if as_json:
         render.print_json(report)
         return
     if report.identical:
         _print(f"{report.a} and {report.b} are identical ({report.digest_a})")
         return
-    rows = [[t.name, t.status, "" if t.shape_a is None else list(t.shape_a),
-             "" if t.shape_b is None else list(t.shape_b), _number(t.max_abs_diff), _number(t.relative_l2)]
-            for t in report.tensors]
-    _print(render.table(f"{report.a} -> {report.b}", ["tensor", "status", f"shape {report.a}", f"shape {report.b}",
-                                                      "max |diff|", "relative L2"], rows))
-    counts = {s: sum(t.status == s for t in report.tensors) for s in ("added", "removed", "changed", "unchanged")}
+    if report.updates is not None:
+        _print(render.table(f"{report.a} -> {report.b}: effective updates U = scale * B @ A per base tensor",
+                            ["tensor", "status", "rank", "||U_a||", "||U_b||", "||U_b - U_a|| / ||U_a||", "cosine"],
+                            [[u.name, u.status, f"{_rank(u.rank_a)} -> {_rank(u.rank_b)}", _number(u.norm_a),
+                              _number(u.norm_b), _number(u.relative),
+                              "" if u.cosine is None else f"{u.cosine:+.4f}"] for u in report.updates]))
+    if report.tensors:
+        rows = [[t.name, t.status, "" if t.shape_a is None else list(t.shape_a),
+                 "" if t.shape_b is None else list(t.shape_b), _number(t.max_abs_diff), _number(t.relative_l2)]
+                for t in report.tensors]
+        title = f"{report.a} -> {report.b}" + (" (tensors other than LoRA factors)" if report.updates is not None
+                                               and not factors else "")
+        _print(render.table(title, ["tensor", "status", f"shape {report.a}", f"shape {report.b}", "max |diff|",
+                                    "relative L2"], rows))
+    listed = report.updates if report.updates is not None else report.tensors
+    counts = {s: sum(t.status == s for t in listed) for s in ("added", "removed", "changed", "unchanged")}
     meta = f"; meta differs in {', '.join(report.meta_changes)}" if report.meta_changes else ""
-    _print(", ".join(f"{n} {s}" for s, n in counts.items()) + meta)
+    what = "updates: " if report.updates is not None else ""
+    _print(what + ", ".join(f"{n} {s}" for s, n in counts.items()) + meta)
+
+
+def _rank(rank: int | None) -> str:
+    return "-" if rank is None else str(rank)
 
 
 @registry_app.command("rm")
@@ -255,6 +285,10 @@ def gc(
                           report.blobs_kept_live, report.blobs_kept_young]]), quiet)
     for line in report.bad_manifests:
         _print(f"kept every blob named by a version whose manifest does not validate: {line}")
+    for line in report.pending_withdrawn + report.leases_removed:
+        _print(line, quiet)
+    for line in report.pending_kept:
+        _print(f"kept: {line}", quiet)
 
 
 @registry_app.command("verify")
@@ -281,6 +315,8 @@ def verify(
         return
     for path in report.repaired:
         _print(f"repaired {path}")
+    for line in report.pending:
+        _print(f"note: {line}")
     if report.ok:
         versions = f"{report.versions_checked} version{'s' if report.versions_checked != 1 else ''}"
         _print(f"ok: {report.blobs_checked} blobs ({report.bytes_checked:,} bytes) and {versions} verified")

@@ -1,4 +1,6 @@
-"""rich output for the CLI: the progress bar and report tables."""
+"""rich output for the CLI: the progress bar and report tables. Every string shown is plain text: rich markup
+in it is escaped and control characters (a terminal's escape sequences) are shown as `\\xNN`, since much of it
+is read from files (manifests, health records, messages) that anyone could have written."""
 
 from __future__ import annotations
 
@@ -7,10 +9,13 @@ import datetime
 import enum
 import json
 import math
+import re
 import sys
 from pathlib import PurePath
+from typing import NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -26,6 +31,14 @@ from rich.text import Text
 
 console = Console()
 error_console = Console(stderr=True)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(value: object) -> str:
+    """`value` as text that prints as itself: markup escaped, control characters written as \\xNN."""
+    return escape(_CONTROL.sub(lambda found: f"\\x{ord(found[0]):02x}", str(value)))
 
 
 def human_bytes(count: float) -> str:
@@ -100,11 +113,11 @@ class RichProgress:
 
 
 def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
-    out = Table(title=title, title_justify="left")
+    out = Table(title=plain(title), title_justify="left")
     for column in columns:
-        out.add_column(column, overflow="fold")
+        out.add_column(plain(column), overflow="fold")
     for row in rows:
-        out.add_row(*(str(cell) for cell in row))
+        out.add_row(*(plain(cell) for cell in row))
     return out
 
 
@@ -190,10 +203,17 @@ def print_json(result) -> None:
     sys.stdout.flush()
 
 
+def interrupted(kept: str) -> NoReturn:
+    """Ctrl-C after part of the work was kept: say what, and exit 130 as an interrupted command does."""
+    stop_progress()
+    error_console.print(f"interrupted; {plain(kept)}", highlight=False, soft_wrap=True)
+    raise SystemExit(130)
+
+
 def show(renderable, quiet: bool = False) -> None:
     """Print a table or a line, unless --quiet."""
     if not quiet:
-        console.print(renderable)
+        console.print(plain(renderable) if isinstance(renderable, str) else renderable)
 
 
 def notes(lines, quiet: bool = False) -> None:
@@ -205,7 +225,7 @@ def notes(lines, quiet: bool = False) -> None:
 
 def warn(warnings) -> None:
     for warning in warnings:
-        error_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+        error_console.print(f"warning: {plain(warning)}", highlight=False, soft_wrap=True)
 
 
 def _percent(value: float | None, missing: str = "-") -> str:

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import os
 import random
+import shutil
 import threading
 import time
 import uuid
@@ -122,6 +123,16 @@ class Backend:
     def read(self, rel: str) -> bytes:
         self.fs.invalidate_cache(self.path(rel))
         return self.fs.cat_file(self.path(rel))
+
+    def read_small(self, rel: str, url: str) -> bytes:
+        """A small registry file (a lease, a record): FileNotFoundError if it is gone, a one-line RegistryError
+        naming it if anything else stands there (a directory, an unreadable file)."""
+        try:
+            return self.read(rel)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise RegistryError(f"{located(url, rel)} is not a readable file ({first_line(exc)})") from None
 
     def read_ranges(self, items: Sequence[tuple[str, int, int]]) -> list[bytes | bytearray | BaseException]:
         """Bytes start..end of each (rel, start, end), fewer where the blob ends sooner; the backend's exception
@@ -235,6 +246,13 @@ class Backend:
     def delete(self, rel: str) -> None:
         try:
             self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def remove_entry(self, rel: str) -> None:
+        """Remove whatever is at `rel`, a file or a directory (a directory where a small file should be)."""
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
         except FileNotFoundError:
             pass
 
@@ -464,6 +482,13 @@ class LocalBackend(Backend):
     def delete(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(rel))
+
+    def remove_entry(self, rel: str) -> None:
+        path = self.inside(rel)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            self.delete(rel)
 
     def touch(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -74,7 +74,7 @@ def read_records(backend: Backend, url: str, name: str) -> tuple[list[HealthReco
             continue
         rel = f"{health_dir(name)}/{entry}"
         try:
-            records.append(parse_model(HealthRecord, backend.read(rel), located(url, rel)))
+            records.append(parse_model(HealthRecord, backend.read_small(rel, url), located(url, rel)))
         except FileNotFoundError:
             continue
         except RegistryError as exc:

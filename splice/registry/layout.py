@@ -8,6 +8,9 @@ Layout (registry format 2; see splice.registry.manifest for the file formats)::
                                                       - a pack: the raw bytes of small tensors, concatenated
     patches/<name>/versions/<n>.json                immutable manifests, created exclusively (numbers never reused)
     patches/<name>/removed/<n>.json                 tombstones: version n was removed; n is never handed out again
+    patches/<name>/pending/<n>.json                 version n is not published yet: created before its manifest,
+                                                      removed once its blobs are confirmed (absent: published,
+                                                      as every version written before pending markers existed)
     patches/<name>/aliases/<alias>/<generation>.json  alias moves; the highest generation is the alias's value
     tmp/<host>.<pid>.<uuid>.tmp                     local temp files (renamed or linked into place); gc removes those
                                                       of dead processes on its host at once, others after the grace
@@ -80,6 +83,14 @@ def removed_dir(name: str) -> str:
 
 def aliases_dir(name: str, alias: str | None = None) -> str:
     return f"patches/{name}/aliases" if alias is None else f"patches/{name}/aliases/{alias}"
+
+
+def pending_dir(name: str) -> str:
+    return f"patches/{name}/pending"
+
+
+def pending_rel(name: str, version: int) -> str:
+    return f"{pending_dir(name)}/{version}.json"
 
 
 def version_rel(name: str, version: int) -> str:

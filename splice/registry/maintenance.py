@@ -3,38 +3,34 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import os
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from splice.adapters.meta import PatchKind
 from splice.errors import first_line
 from splice.registry.backends import Backend
 from splice.registry.layout import (
-    GC_DIR,
     blob_digest_of,
     blob_rel,
     located,
     numbers,
+    pending_dir,
+    pending_rel,
     removed_dir,
+    removed_rel,
     temp_writer,
     this_host,
     version_rel,
     versions_dir,
 )
-from splice.registry.manifest import GcLease, TensorEntry, VersionManifest, parse_model
+from splice.registry.leases import PendingPush, gc_lease, pending_over, read_claim
+from splice.registry.manifest import TensorEntry, Tombstone, VersionManifest
 from splice.registry.refs import RegistryError
 from splice.registry.transfer import BlobReader, tensor_from
 from splice.tensors.partials import process_alive
-
-LEASE_REFRESH = 30.0  # a running gc rewrites its lease this often (its heartbeat)
-LEASE_STALE = 600.0  # a lease not refreshed for this long is a dead gc's (a push stops waiting for it)
-LEASE_POLL = (0.05, 1.0)  # a waiting push looks again after the first, backing off to the second (seconds)
 
 
 @dataclass
@@ -46,6 +42,9 @@ class GcReport:
     blobs_kept_live: int = 0
     blobs_kept_young: int = 0  # unreachable, but younger than the grace period (a push may be in flight)
     bad_manifests: list[str] = field(default_factory=list)  # live versions whose manifest does not validate
+    pending_withdrawn: list[str] = field(default_factory=list)  # unpublished versions whose push is over
+    pending_kept: list[str] = field(default_factory=list)  # unpublished versions whose push may still publish
+    leases_removed: list[str] = field(default_factory=list)  # gc leases expired or not valid
 
 
 @dataclass
@@ -67,6 +66,7 @@ class VerifyReport:
     bad_manifests: list[str] = field(default_factory=list)  # one line each
     bad_aliases: list[str] = field(default_factory=list)  # one line each
     repaired: list[str] = field(default_factory=list)  # blobs `verify(repair_from=...)` wrote again
+    pending: list[str] = field(default_factory=list)  # unpublished versions (a push in flight or interrupted)
 
     @property
     def ok(self) -> bool:
@@ -92,7 +92,8 @@ class DiffReport:
     digest_a: str
     digest_b: str
     meta_changes: list[str]  # PatchMeta fields that differ (creation time aside)
-    tensors: list[TensorDiff]
+    tensors: list[TensorDiff]  # of two LoRA versions: without their factors, unless asked for
+    updates: list | None = None  # of two LoRA versions: splice.registry.update_diff.UpdateDiff per base tensor
 
     @property
     def identical(self) -> bool:
@@ -109,69 +110,51 @@ def check_grace(grace_seconds: float) -> float:
     return float(grace_seconds)
 
 
-# -- gc and push: leases --------------------------------------------------------------------------
+# -- versions not published: withdrawal, pending pushes ------------------------------------------------
 
 
-def _lease_stale(lease: GcLease | None, now: float) -> bool:
-    """A lease nobody holds: unreadable, a dead process's on this machine, or older than LEASE_STALE."""
-    if lease is None or now - lease.alive_at > LEASE_STALE:
-        return True
-    return lease.host == this_host() and not process_alive(lease.pid)
+def withdraw(backend: Backend, name: str, version: int, digest: str) -> None:
+    """Remove a version: a tombstone first (from then on it is removed, whatever happens next; its number is never
+    handed out again), then its manifest, then its pending marker (removed last: a version whose marker is gone
+    and that has no tombstone reads as published)."""
+    tombstone = Tombstone(version=version, digest=digest)
+    backend.create(removed_rel(name, version), (tombstone.model_dump_json(indent=2) + "\n").encode())
+    backend.delete(version_rel(name, version))
+    backend.delete(pending_rel(name, version))
 
 
-def _leases(backend: Backend) -> dict[str, GcLease | None]:
-    found: dict[str, GcLease | None] = {}
-    for entry in backend.listdir(GC_DIR):
-        rel = f"{GC_DIR}/{entry}"
+@dataclass
+class PendingVersion:
+    """A version whose push has not confirmed its blobs: not published, listed by nothing but gc and verify."""
+
+    name: str
+    version: int
+    over: str | None  # why its push is over (gc withdraws it); None while it may still publish
+    holder: str = ""  # "host H, pid P, since T" where the marker says
+
+    @property
+    def line(self) -> str:
+        ref = f"{self.name}@{self.version}"
+        if self.over is None:
+            return f"{ref} is not published yet: its push is in flight ({self.holder})"
+        return f"{ref} is not published: its push is over ({self.over}); `splice registry gc` withdraws it"
+
+
+def pending_versions(backend: Backend, url: str, name: str) -> list[PendingVersion]:
+    """The versions of `name` whose pending marker is still there, oldest first."""
+    now, found = time.time(), []
+    for version in sorted(numbers(backend.listdir(pending_dir(name)))):
         try:
-            found[rel] = parse_model(GcLease, backend.read(rel), rel)
+            claim = read_claim(backend, PendingPush, pending_rel(name, version), url)
         except FileNotFoundError:
-            continue  # that gc just finished
-        except RegistryError:
-            found[rel] = None
+            continue  # published (or withdrawn) just now
+        except RegistryError as exc:
+            found.append(PendingVersion(name, version, str(exc)))
+            continue
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(claim.started))
+        found.append(PendingVersion(name, version, pending_over(claim, now),
+                                    f"host {claim.host}, pid {claim.pid}, since {since} UTC"))
     return found
-
-
-@contextlib.contextmanager
-def gc_lease(backend: Backend) -> Iterator[None]:
-    """Announce a gc (gc/<uuid>.json) for as long as it runs; stale leases of dead gcs are removed."""
-    rel = f"{GC_DIR}/{uuid.uuid4().hex}.json"
-    lease = GcLease(host=this_host(), pid=os.getpid(), started=time.time())
-    backend.create(rel, (lease.model_dump_json() + "\n").encode())
-    done = threading.Event()
-    heartbeat = threading.Thread(target=_refresh_lease, args=(backend, rel, lease, done), daemon=True)
-    heartbeat.start()
-    try:
-        yield
-    finally:
-        done.set()
-        heartbeat.join()
-        backend.delete(rel)
-    now = time.time()
-    for other, held in _leases(backend).items():
-        if _lease_stale(held, now):
-            backend.delete(other)
-
-
-def _refresh_lease(backend: Backend, rel: str, lease: GcLease, done: threading.Event) -> None:
-    """Rewrite the lease every LEASE_REFRESH seconds while the gc runs, so a long gc never looks dead to a
-    waiting push. A failed rewrite is tried again at the next beat (the lease goes stale only after many)."""
-    while not done.wait(LEASE_REFRESH):
-        beat = lease.model_copy(update={"refreshed": time.time()})
-        with contextlib.suppress(Exception):
-            backend.put_many({rel: (beat.model_dump_json() + "\n").encode()})
-
-
-def wait_for_gcs(backend: Backend) -> None:
-    """Wait until every gc running now has finished (or is found dead). A gc that starts later lists the
-    manifests after its lease exists, so it sees every version created before this call."""
-    waiting = {rel for rel, lease in _leases(backend).items() if not _lease_stale(lease, time.time())}
-    pause, longest = LEASE_POLL
-    while waiting:
-        time.sleep(pause)
-        pause = min(longest, pause * 2)
-        current = _leases(backend)
-        waiting = {rel for rel in waiting if rel in current and not _lease_stale(current[rel], time.time())}
 
 
 # -- gc ------------------------------------------------------------------------------------------
@@ -187,17 +170,28 @@ def _temp_removable(rel: str, mtime: float | None, cutoff: float, grace_seconds:
     return writer is None or writer[0] != this_host() or not process_alive(writer[1])
 
 
-def gc(backend: Backend, names: list[str], live_digests: Callable[[], set[str]], grace_seconds: float) -> GcReport:
-    """Remove the manifests an interrupted `rm` left, then blobs no live version uses and stale temp files,
-    when older than `grace_seconds` (so a push in flight, whose blobs come before its manifest, is left alone).
-    `live_digests`: every blob digest a live version may use. Runs under a lease (see `wait_for_gcs`)."""
+def gc(backend: Backend, url: str, names: list[str], live_digests: Callable[[], set[str]],
+       grace_seconds: float) -> GcReport:
+    """Withdraw the unpublished versions whose push is over, remove the manifests an interrupted `rm` left, then
+    blobs no live version uses and stale temp files, when older than `grace_seconds` (so a push in flight, whose
+    blobs come before its manifest, is left alone). `live_digests`: every blob digest a live or pending version
+    may use. Runs under a lease (see splice.registry.leases.wait_for_gcs)."""
     report = GcReport()
-    with gc_lease(backend):
+    with gc_lease(backend, url) as leases_removed:
         for name in names:
-            stored = numbers(backend.listdir(versions_dir(name)))
-            for version in stored & numbers(backend.listdir(removed_dir(name))):
+            for pending in pending_versions(backend, url, name):
+                if pending.over is None:
+                    report.pending_kept.append(pending.line)
+                    continue
+                withdraw(backend, name, pending.version, "")
+                report.pending_withdrawn.append(f"withdrew {name}@{pending.version}: its push is over "
+                                                f"({pending.over})")
+            removed = numbers(backend.listdir(removed_dir(name)))
+            for version in numbers(backend.listdir(versions_dir(name))) & removed:
                 backend.delete(version_rel(name, version))
                 report.stale_versions_removed += 1
+            for version in numbers(backend.listdir(pending_dir(name))) & removed:
+                backend.delete(pending_rel(name, version))  # a withdrawal that stopped half-way
         live = live_digests()
         cutoff = time.time() - grace_seconds
         for rel, size, mtime in backend.walk("blobs"):
@@ -216,6 +210,7 @@ def gc(backend: Backend, names: list[str], live_digests: Callable[[], set[str]],
             if _temp_removable(rel, mtime, cutoff, grace_seconds):
                 backend.delete(rel)
                 report.temps_removed += 1
+    report.leases_removed = leases_removed
     return report
 
 
@@ -346,13 +341,25 @@ def _compare_values(reader: BlobReader, a: VersionManifest, b: VersionManifest, 
         out.relative_l2 = norm_d / norm_a if norm_a else (0.0 if norm_d == 0 else float("inf"))
 
 
-def diff(reader: BlobReader, a: VersionManifest, b: VersionManifest) -> DiffReport:
-    """Tensor by tensor: added, removed, changed (max |b - a| and ||b - a|| / ||a||) or unchanged."""
+def diff(reader: BlobReader, a: VersionManifest, b: VersionManifest, factors: bool = False) -> DiffReport:
+    """Tensor by tensor: added, removed, changed (max |b - a| and ||b - a|| / ||a||) or unchanged. Two LoRA
+    versions are compared by their effective updates per base tensor (`updates`); their factors are compared
+    tensor by tensor only with `factors`."""
     meta_a = a.meta.model_dump(mode="json", exclude={"created"})
     meta_b = b.meta.model_dump(mode="json", exclude={"created"})
     meta_changes = sorted(k for k in meta_a.keys() | meta_b.keys() if meta_a.get(k) != meta_b.get(k))
+    updates, skip = None, set()
+    if a.meta.kind == b.meta.kind == PatchKind.lora and a.digest != b.digest:
+        from splice.adapters.patch import Patch
+        from splice.registry.transfer import RegistryTensors
+        from splice.registry.update_diff import diff_updates, factor_names
+
+        patch_a = Patch(RegistryTensors(reader, a), a.meta.model_copy(deep=True))
+        patch_b = Patch(RegistryTensors(reader, b), b.meta.model_copy(deep=True))
+        updates = diff_updates(patch_a, patch_b)
+        skip = set() if factors else factor_names(patch_a) | factor_names(patch_b)
     out = []
-    for name in list(a.tensors) + [n for n in b.tensors if n not in a.tensors]:
+    for name in [n for n in list(a.tensors) + [n for n in b.tensors if n not in a.tensors] if n not in skip]:
         ea, eb = a.tensors.get(name), b.tensors.get(name)
         entry = TensorDiff(name, "unchanged", ea.shape if ea else None, eb.shape if eb else None,
                            ea.dtype if ea else None, eb.dtype if eb else None)
@@ -365,4 +372,4 @@ def diff(reader: BlobReader, a: VersionManifest, b: VersionManifest) -> DiffRepo
             if ea.shape == eb.shape:
                 _compare_values(reader, a, b, entry)
         out.append(entry)
-    return DiffReport(a.ref, b.ref, a.digest, b.digest, meta_changes, out)
+    return DiffReport(a.ref, b.ref, a.digest, b.digest, meta_changes, out, updates)

@@ -192,20 +192,6 @@ class Tombstone(BaseModel):
     removed_at: datetime = Field(default_factory=now)
 
 
-class GcLease(BaseModel):
-    """`gc/<uuid>.json`: a gc is running (a push waits for the ones it sees before checking its blobs)."""
-
-    model_config = ConfigDict(extra="allow")
-    host: str
-    pid: int
-    started: float  # time.time() when it began
-    refreshed: float | None = None  # time.time() of its last heartbeat (None: written by a gc without one)
-
-    @property
-    def alive_at(self) -> float:
-        return self.refreshed if self.refreshed is not None else self.started
-
-
 class AliasRecord(BaseModel):
     """`patches/<name>/aliases/<alias>/<generation>.json`: one move of an alias; the highest generation is current."""
 
@@ -237,13 +223,23 @@ def check_finite(data: Any, what: str) -> None:
                             "fix the value (or drop it) and push again")
 
 
+def load_json(data: bytes | str, where: str) -> Any:
+    """A registry file's JSON; a one-line RegistryError naming the file for anything else (nested too deep to
+    parse included)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise RegistryError(f"{where} is corrupt: not valid JSON ({str(exc).splitlines()[0][:80]})") from None
+
+
 def parse_model(cls: type[BaseModel], data: bytes, where: str) -> Any:
     """A registry file parsed and validated; a one-line RegistryError naming the file otherwise."""
+    loaded = load_json(data, where)
     try:
-        return cls.model_validate(json.loads(data))
+        return cls.model_validate(loaded)
     except ValidationError as exc:
         first = exc.errors()[0]
         at = ".".join(str(p) for p in first["loc"]) or "file"
         raise RegistryError(f"{where} is corrupt: {at}: {first['msg']}") from None
-    except (ValueError, RecursionError) as exc:
-        raise RegistryError(f"{where} is corrupt: not valid JSON ({str(exc).splitlines()[0][:80]})") from None
+    except RecursionError:
+        raise RegistryError(f"{where} is corrupt: nested too deep") from None

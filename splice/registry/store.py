@@ -1,9 +1,11 @@
 """The `Registry`: versioned patches on any fsspec location: content-addressed blobs, immutable version
 manifests, aliases moved by compare-and-swap (see splice.registry.layout for where each lives).
 
-Every write is atomic: a blob or manifest is either absent or complete. A push writes its blobs first and its
-manifest last, so a push that dies leaves no visible version, only unreachable blobs that `gc` removes after a
-grace period. Version manifests and alias moves are created with an exclusive create (a hard link locally, an
+Every write is atomic: a blob or manifest is either absent or complete. A push writes its blobs first, then a
+pending marker and its manifest, and publishes the version by removing the marker once its blobs are confirmed,
+so a push that dies at any step leaves no published version: only unreachable blobs, and at most a pending
+version that no listing, resolution, pull or deploy sees and that `gc` withdraws once its push is over.
+Version manifests and alias moves are created with an exclusive create (a hard link locally, an
 in-process lock for memory://, a conditional put `If-None-Match: *` on S3); a filesystem that offers none of
 these is refused for writing rather than risk handing out a version number twice.
 
@@ -11,12 +13,21 @@ gc and push (the protocol that keeps a reused blob from vanishing under a push, 
 
 1. A push writes or reuses its blobs. It reuses a stored blob only after checking its bytes (Backend.holds), and
    makes a reused one young again where the store allows it cheaply (gc's grace then protects it).
-2. It creates its manifest exclusively, then waits for every gc whose lease (`gc/<uuid>.json`) it sees, until
-   each is finished or found dead (a dead process's on this machine, or older than an hour).
-3. Then it checks that every blob the manifest names is stored (asking the store, past any listing cache). If
-   one is gone, a gc removed it between steps 1 and 2: the version is withdrawn (tombstoned) and the push fails.
-4. A gc creates its lease before it lists the live manifests and removes it when it is done. A gc that starts
-   after step 2 therefore lists the new manifest and keeps its blobs; one that started before is waited for.
+2. It takes the next version number by exclusively creating its pending marker (`pending/<n>.json`: host, pid,
+   expiry), then creates its manifest; the version is not published while the marker exists.
+3. It waits for every gc whose lease (`gc/<uuid>.json`) it sees, until each is finished or over (its expiry, at
+   most LEASE_TTL after its gc's last heartbeat, has passed; or its process on this machine is gone), for at
+   most `wait` seconds (then the push fails, naming the lease).
+4. Then it checks that every blob the manifest names is stored (asking the store, past any listing cache). If
+   one is gone, a gc removed it between steps 1 and 3. Only if all are there does it remove its pending marker:
+   the version is published. Any failure or Ctrl-C before that withdraws the version (tombstone, manifest,
+   marker, in that order); a SIGKILL leaves it pending, and gc withdraws it once its push is over.
+5. A gc creates its lease before it lists the manifests (live and pending) and removes it when it is done. A gc
+   that starts after step 2 therefore keeps the new version's blobs; one that started before is waited for.
+
+Readers list a name's manifests, then its pending markers, then its tombstones: a manifest seen is either still
+pending when the markers are listed, or already published or tombstoned. A registry written before pending
+markers existed has none, so every version in it reads as published.
 
 Every listing and existence check the registry relies on asks the store itself, never fsspec's listing cache
 (a long-lived process would otherwise miss what other processes wrote or removed).
@@ -28,7 +39,6 @@ splice.registry.maintenance. Importing this module imports neither torch nor tra
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -40,7 +50,7 @@ from typing import TYPE_CHECKING
 
 import fsspec
 
-from splice.errors import SpliceError, first_line
+from splice.errors import Interrupted, SpliceError, first_line
 from splice.registry import maintenance
 from splice.registry.backends import Backend, backend_for, storage_errors
 from splice.registry.health import HealthRecord, read_records, write_record
@@ -53,22 +63,25 @@ from splice.registry.layout import (
     default_location,
     located,
     numbers,
+    pending_dir,
+    pending_rel,
     removed_dir,
     removed_rel,
     version_rel,
     versions_dir,
 )
-from splice.registry.maintenance import DiffReport, GcReport, VerifyReport
+from splice.registry.leases import DEFAULT_WAIT, PUBLISH_MARGIN, PendingPush, check_wait, pending_claim, wait_for_gcs
+from splice.registry.maintenance import DiffReport, GcReport, VerifyReport, pending_versions, withdraw
 from splice.registry.manifest import (
     MANIFEST_FORMAT_VERSION,
     REGISTRY_FORMAT,
     REGISTRY_FORMAT_VERSION,
     AliasRecord,
     RegistryInfo,
-    Tombstone,
     VersionManifest,
     check_finite,
     content_digest,
+    load_json,
     now,
     parse_model,
 )
@@ -239,11 +252,18 @@ class Registry:
             raise RegistryError(f"{where} is corrupt: its content does not match its digest {manifest.digest}")
         return manifest
 
-    def _version_numbers(self, name: str) -> tuple[set[int], set[int]]:
-        """(live versions, removed versions) of a name."""
-        removed = numbers(self._backend.listdir(removed_dir(name)))
+    def _numbers(self, name: str) -> tuple[set[int], set[int], set[int]]:
+        """(versions with a manifest, pending versions, removed versions) of a name, listed in that order (see
+        the module docstring: a version published or withdrawn meanwhile is never taken for a live one)."""
         stored = numbers(self._backend.listdir(versions_dir(name)))
-        return stored - removed, removed
+        pending = numbers(self._backend.listdir(pending_dir(name)))
+        removed = numbers(self._backend.listdir(removed_dir(name)))
+        return stored, pending, removed
+
+    def _version_numbers(self, name: str) -> tuple[set[int], set[int]]:
+        """(live versions, removed versions) of a name; a pending version is neither."""
+        stored, pending, removed = self._numbers(name)
+        return stored - pending - removed, removed
 
     def _require_name(self, name: str) -> tuple[set[int], set[int]]:
         live, removed = self._version_numbers(name)
@@ -256,13 +276,27 @@ class Registry:
         return f"latest is {max(numbers)}" if numbers else "every version was removed"
 
     def _version(self, name: str, version: int) -> VersionManifest:
-        if self._backend.sizes([removed_rel(name, version)])[0] is not None:
-            raise RegistryError(f"{name}@{version} was removed; its number is not reused")
+        """A published version's manifest (read before its pending marker and tombstone are looked for)."""
+        manifest: VersionManifest | RegistryError | None
         try:
-            return self._read_manifest(name, version)
+            manifest = self._read_manifest(name, version)
         except FileNotFoundError:
+            manifest = None
+        except RegistryError as exc:
+            manifest = exc
+        pending, removed = self._backend.sizes([pending_rel(name, version), removed_rel(name, version)])
+        if removed is not None:
+            raise RegistryError(f"{name}@{version} was removed; its number is not reused")
+        if pending is not None:
+            raise RegistryError(f"{name}@{version} is not published: its push has not confirmed its blobs (a push "
+                                "in flight, or one that was interrupted; `splice registry gc` withdraws it once "
+                                "that push is over)")
+        if isinstance(manifest, RegistryError):
+            raise manifest
+        if manifest is None:
             live, _ = self._require_name(name)
-            raise RegistryError(f"{name} has no version {version} ({self._span(live)})") from None
+            raise RegistryError(f"{name} has no version {version} ({self._span(live)})")
+        return manifest
 
     def _by_digest(self, name: str, live: set[int], digest: str) -> VersionManifest:
         """The newest version whose content digest is `digest` or starts with it (a short digest as `ls`
@@ -338,6 +372,7 @@ class Registry:
         check_name(name)
         live, _ = self._require_name(name)
         aliases, problems = self.aliases_checked(name)
+        problems += [p.line for p in pending_versions(self._backend, self.url, name)]
         rows = []
         for version, manifest in self._read_live(name, live):
             if isinstance(manifest, RegistryError):
@@ -471,12 +506,14 @@ class Registry:
 
     @storage_errors
     def push(self, name: str, patch: Patch | str | os.PathLike, *, alias: str | None = None, message: str = "",
-             base: str | os.PathLike | None = None) -> VersionManifest:
+             base: str | os.PathLike | None = None, wait: float = DEFAULT_WAIT) -> VersionManifest:
         """Store a patch (a Patch or a splice patch directory) as the next version of `name`. Blobs are written
-        first and the manifest last, so a push that dies leaves no visible version. A patch without a base
-        record needs `base` (the model it was made on) to fingerprint it. (A PEFT adapter directory is
-        published with splice.workflows.publish.publish_patch.)"""
-        self.check_push(name, alias)
+        first, then the version's pending marker and manifest; the version is published only once its blobs are
+        confirmed, so a push that fails, is interrupted or dies publishes nothing. A patch without a base
+        record needs `base` (the model it was made on) to fingerprint it. `wait`: the most seconds to wait for
+        running gcs (then the push fails, naming the gc's lease). (A PEFT adapter directory is published with
+        splice.workflows.publish.publish_patch.)"""
+        self.check_push(name, alias, wait)
         started = time.perf_counter()
         loaded, meta = self._prepare(patch, base)
         check_finite(meta.model_dump(mode="python"), "the patch's patch.json")
@@ -491,24 +528,44 @@ class Registry:
 
         # validated before the version exists; only the version number, which cannot make it invalid, is added
         checked = parse_model(VersionManifest, body(1), f"the manifest of this push of {name}")
-        version = self._create_version(name, body)
-        manifest = checked.model_copy(update={"version": version})
-        self._settle(manifest)
+        claim, claimed = pending_claim(wait), []
+        try:
+            manifest = checked.model_copy(update={"version": self._create_version(name, body, claim, claimed)})
+            self._settle(manifest, claim, wait)
+        except BaseException as exc:  # Ctrl-C (or anything else) before the version is published: it never is
+            for version in claimed:
+                withdraw(self._backend, name, version, digest)
+            if claimed and isinstance(exc, RegistryError):
+                raise RegistryError(f"{exc}; {name}@{claimed[0]} was withdrawn: push again") from None
+            raise
         stats.seconds = time.perf_counter() - started
         manifest._push_stats = stats
         if alias is not None:
-            try:
-                self.tag(name, alias, version)
-            except RegistryError as exc:
-                raise RegistryError(f"pushed {manifest.ref}, but did not move alias {alias}: {exc}") from None
+            self._move_pushed_alias(manifest, alias)
         return manifest
 
-    def check_push(self, name: str, alias: str | None = None) -> None:
-        """Refuse a push before any work: a registry that cannot create versions exclusively, a bad name or alias."""
+    def _move_pushed_alias(self, manifest: VersionManifest, alias: str) -> None:
+        """Point `alias` at a version just published; a failure or Ctrl-C says the version is kept."""
+        try:
+            self.tag(manifest.name, alias, manifest.version)
+        except RegistryError as exc:
+            raise RegistryError(f"pushed {manifest.ref}, but did not move alias {alias}: {exc}") from None
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                current = self._alias_current(manifest.name, alias)
+                if current is not None and current.version == manifest.version:
+                    raise Interrupted(f"{manifest.ref} was published and alias {alias} moved to it") from None
+            raise Interrupted(f"{manifest.ref} was published, but alias {alias} was not moved: `splice registry "
+                              f"tag {manifest.ref} {alias}` moves it") from None
+
+    def check_push(self, name: str, alias: str | None = None, wait: float = DEFAULT_WAIT) -> None:
+        """Refuse a push before any work: a registry that cannot create versions exclusively, a bad name, alias
+        or wait."""
         self._require_writable()
         check_name(name)
         if alias is not None:
             check_alias(alias)
+        check_wait(wait)
 
     @staticmethod
     def _prepare(patch: Patch | str | os.PathLike, base: str | os.PathLike | None) -> tuple[Patch, PatchMeta]:
@@ -536,37 +593,49 @@ class Registry:
                 checkpoint.close()
         return loaded, meta
 
-    def _settle(self, manifest: VersionManifest) -> None:
-        """After a version's manifest is created: wait for the gcs running now, then check that every blob it
-        names is stored; if one is gone (a gc removed it in the meantime), withdraw the version and fail.
+    def _settle(self, manifest: VersionManifest, claim: PendingPush, wait: float) -> None:
+        """After a version's manifest is created: wait for the gcs running now, check that every blob it names is
+        stored, then publish it (remove its pending marker). A RegistryError if a blob is gone (a gc removed it
+        in the meantime), a gc's lease is still held after `wait`, or the push outlived its marker's expiry.
         A gc that starts after the wait lists the manifests after its lease exists, so it keeps these blobs."""
-        maintenance.wait_for_gcs(self._backend)
-        digests = sorted({entry.blob_digest for entry in manifest.tensors.values()})
-        sizes = dict(zip(digests, self._backend.sizes([blob_rel(d) for d in digests])))
-        missing = [d for d in digests if sizes[d] is None]
+        wait_for_gcs(self._backend, self.url, wait)
+        missing = self.missing_blobs(manifest)
         if missing:
-            self._withdraw(manifest.name, manifest.version, manifest.digest)
             raise RegistryError(f"push of {manifest.ref} failed: blob {located(self.url, blob_rel(missing[0]))} "
                                 f"{'and ' + str(len(missing) - 1) + ' more ' if len(missing) > 1 else ''}was "
-                                "removed by a concurrent `splice registry gc` before the version was complete; "
-                                f"{manifest.ref} was withdrawn: push again")
+                                "removed by a concurrent `splice registry gc` before the version was complete")
+        if time.time() > claim.expiry() - PUBLISH_MARGIN:
+            raise RegistryError(f"push of {manifest.ref} took longer than its pending marker allows (a gc may "
+                                "take it for an interrupted push)")
+        self._backend.delete(pending_rel(manifest.name, manifest.version))  # published
+        if self._backend.sizes([removed_rel(manifest.name, manifest.version)])[0] is not None:
+            raise RegistryError(f"push of {manifest.ref} failed: a `splice registry gc` withdrew it as an "
+                                "interrupted push before it was published")
 
-    def _withdraw(self, name: str, version: int, digest: str) -> None:
-        """Remove a version: a tombstone first (from then on it is removed, whatever happens next), then its
-        manifest. Its number is never handed out again."""
-        tombstone = Tombstone(version=version, digest=digest)
-        self._backend.create(removed_rel(name, version), (tombstone.model_dump_json(indent=2) + "\n").encode())
-        self._backend.delete(version_rel(name, version))
+    @storage_errors
+    def missing_blobs(self, manifest: VersionManifest) -> list[str]:
+        """The digests of the blobs a version names that are not stored (asking the store itself)."""
+        digests = sorted({entry.blob_digest for entry in manifest.tensors.values()})
+        return [d for d, size in zip(digests, self._backend.sizes([blob_rel(d) for d in digests])) if size is None]
 
-    def _create_version(self, name: str, body: Callable[[int], bytes]) -> int:
-        """Exclusively create the next version's manifest; on a conflict take the next number and retry."""
+    def _create_version(self, name: str, body: Callable[[int], bytes], claim: PendingPush, claimed: list[int]
+                        ) -> int:
+        """Take the next version number by exclusively creating its pending marker (added to `claimed` at once,
+        for the caller to withdraw on any failure), then create its manifest; on a conflict take the next number
+        and retry. A number once claimed is never handed out again."""
+        marker = (claim.model_dump_json() + "\n").encode()
         floor = 0
         for attempt in range(1000):
-            live, removed = self._version_numbers(name)
-            version = max(max(live | removed, default=0), floor) + 1
-            if self._backend.create(version_rel(name, version), body(version)):
-                return version
-            floor = version  # someone else took it: never try it again, even if a listing lags
+            stored, pending, removed = self._numbers(name)
+            version = max(max(stored | pending | removed, default=0), floor) + 1
+            floor = version  # taken by this attempt or someone else: never tried again, even if a listing lags
+            if self._backend.create(pending_rel(name, version), marker):
+                claimed.append(version)
+                if self._backend.create(version_rel(name, version), body(version)):
+                    return version
+                # a splice from before pending markers created this manifest (it writes none): leave it published
+                claimed.remove(version)
+                self._backend.delete(pending_rel(name, version))
             time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
         raise RegistryError(f"could not take a version number for {name} after 1000 attempts; too many concurrent "
                             "pushes")
@@ -622,9 +691,9 @@ class Registry:
         except RegistryError:
             if parsed.version is None or not self._unreadable(parsed.name, parsed.version):
                 raise
-            self._withdraw(parsed.name, parsed.version, "")
+            withdraw(self._backend, parsed.name, parsed.version, "")
             return None
-        self._withdraw(manifest.name, manifest.version, manifest.digest)
+        withdraw(self._backend, manifest.name, manifest.version, manifest.digest)
         return manifest
 
     def _unreadable(self, name: str, version: int) -> bool:
@@ -643,12 +712,15 @@ class Registry:
         return RemovedVersion(manifest.ref, manifest.digest,
                               _pointing(self.aliases_checked(manifest.name)[0], manifest.version))
 
-    def _live_manifests(self, bad: list[str], keep: set[str] | None = None) -> list[VersionManifest]:
-        """Every live version's manifest; one that does not validate goes to `bad` (one line), and every blob
-        digest its raw text names to `keep` (gc frees none of them)."""
+    def _live_manifests(self, bad: list[str], keep: set[str] | None = None, pending: bool = False
+                        ) -> list[VersionManifest]:
+        """Every live version's manifest (and every pending one's, with `pending`); one that does not validate
+        goes to `bad` (one line), and every blob digest its raw text names to `keep` (gc frees none of them)."""
         manifests = []
         for name in self.names():
-            for version, manifest in self._read_live(name, self._version_numbers(name)[0]):
+            stored, waiting, removed = self._numbers(name)
+            versions = stored - removed - (set() if pending else waiting)
+            for version, manifest in self._read_live(name, versions):
                 if not isinstance(manifest, RegistryError):
                     manifests.append(manifest)
                     continue
@@ -665,8 +737,8 @@ class Registry:
         except FileNotFoundError:
             return set()
         try:
-            json.loads(raw)
-        except ValueError:
+            load_json(raw, version_rel(name, version))
+        except RegistryError:
             raw = b""
         named = set(re.findall(r"[0-9a-f]{64}", raw.decode("utf-8", "replace")))
         if not named:
@@ -684,12 +756,12 @@ class Registry:
         grace = maintenance.check_grace(grace_seconds)
         bad: list[str] = []
 
-        def live_digests() -> set[str]:
+        def live_digests() -> set[str]:  # a pending version's push may still publish it: its blobs are kept too
             keep: set[str] = set()
-            manifests = self._live_manifests(bad, keep)
+            manifests = self._live_manifests(bad, keep, pending=True)
             return keep | {entry.blob_digest for m in manifests for entry in m.tensors.values()}
 
-        report = maintenance.gc(self._backend, self.names(), live_digests, grace)
+        report = maintenance.gc(self._backend, self.url, self.names(), live_digests, grace)
         report.bad_manifests = bad
         return report
 
@@ -715,12 +787,14 @@ class Registry:
         report = maintenance.verify(self._backend, self.url, manifests, bad)
         for name in self.names():
             report.bad_aliases += self.aliases_checked(name)[1]
+            report.pending += [p.line for p in pending_versions(self._backend, self.url, name)]
         return report
 
     @storage_errors
-    def diff(self, ref_a: str | Ref, ref_b: str | Ref) -> DiffReport:
-        """Tensor by tensor: added, removed, changed (max |b - a| and ||b - a|| / ||a||) or unchanged."""
-        return maintenance.diff(self._reader, self.resolve(ref_a), self.resolve(ref_b))
+    def diff(self, ref_a: str | Ref, ref_b: str | Ref, factors: bool = False) -> DiffReport:
+        """Tensor by tensor: added, removed, changed (max |b - a| and ||b - a|| / ||a||) or unchanged; two LoRA
+        versions by their effective updates per base tensor (their factors too with `factors`)."""
+        return maintenance.diff(self._reader, self.resolve(ref_a), self.resolve(ref_b), factors)
 
 
 def open_registry(registry: Registry | str | os.PathLike | None, storage_options: dict | None = None) -> Registry:

@@ -124,10 +124,11 @@ def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> tuple[
     task-0 (written before the 1-based numbering). Task i's version records the digest of the
     pipeline's first i + 1 tasks, so a pipeline that grew by tasks resumes after them; a version that does not
     match is another pipeline's, refused. A task pushed but not yet aliased (a run stopped in between) is taken
-    up: its alias is set now. An alias moved onto another task's version is refused, naming it."""
+    up: its alias is set now. An alias moved onto another task's version is refused, naming it. A version whose
+    blobs are missing is not taken up: its task runs again."""
     if store.latest_version(pipeline.name) is None:
         return [], False
-    versions = {m.version: m for m in store.versions(pipeline.name)}
+    versions = {m.version: m for m in store.versions(pipeline.name) if not store.missing_blobs(m)}
     other = [m for m in versions.values()
              if m.meta.settings.get("pipeline") != pipeline.digest(int(m.meta.settings.get("task", -1)) + 1)]
     if other:

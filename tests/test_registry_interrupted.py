@@ -1,0 +1,327 @@
+"""Pushes interrupted by real signals (SIGINT, SIGKILL) at each step of the push protocol, with and without a
+concurrent `registry gc --grace 0` (issue 16, item 3): whatever the push printed must be true, and what
+`registry ls/verify/gc/deploy` say afterwards must be true: no broken version is ever listed, a version is
+published only once its blobs are confirmed, and version numbers never repeat."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import splice
+from splice.adapters.extract import extract_patch
+from splice.registry import Registry
+from splice.registry.layout import this_host
+
+from helpers import run_cli, wait_for_marker
+
+ENV = {**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1]), "COLUMNS": "250"}
+
+# `splice ARGV...` that stops at one step of the push protocol (touching a marker) until it is signalled.
+PUSH = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from splice.registry import store, transfer
+
+    marker, step = Path(sys.argv[1]), sys.argv[2]
+    waiter = store if hasattr(store, "wait_for_gcs") else store.maintenance  # where the wait for gcs lives
+
+    def hold():
+        marker.touch()
+        time.sleep(300)
+
+    def wrap(owner, attr, first=False, then=True):
+        original = getattr(owner, attr)
+
+        def wrapped(*args, **kwargs):
+            if first:
+                hold() if then else marker.touch()
+            out = original(*args, **kwargs)
+            if not first:
+                hold()
+            return out
+        setattr(owner, attr, wrapped)
+
+    if step == "blobs written":
+        wrap(transfer.TensorPusher, "push")  # every blob stored, no version number taken yet
+    elif step == "manifest created":
+        wrap(store.Registry, "_create_version")
+    elif step == "waiting for gc":
+        wrap(waiter, "wait_for_gcs", first=True, then=False)  # a gc's lease is held: the push waits in there
+    elif step == "checking blobs":
+        wrap(waiter, "wait_for_gcs")  # the wait is over; the blobs are checked next
+    elif step == "moving alias":
+        wrap(store.Registry, "tag", first=True)
+    sys.argv = ["splice", *sys.argv[3:]]
+    from splice.cli.app import main
+    main()
+""")
+
+# `splice registry gc --grace 0 ...` that stops once it has listed the versions, until a `go` file appears.
+SLOW_GC = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from splice.registry import maintenance
+
+    listed, go = Path(sys.argv[1]), Path(sys.argv[2])
+    gc = maintenance.gc
+
+    def slow_gc(*args):
+        args = list(args)
+        at = next(i for i, a in enumerate(args) if callable(a))
+        live = args[at]
+
+        def listed_then_wait():
+            found = live()
+            listed.touch()
+            deadline = time.monotonic() + 120
+            while not go.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return found
+        args[at] = listed_then_wait
+        return gc(*args)
+
+    maintenance.gc = slow_gc
+    sys.argv = ["splice", *sys.argv[3:]]
+    from splice.cli.app import main
+    main()
+""")
+
+STEPS = ["blobs written", "manifest created", "waiting for gc", "checking blobs", "moving alias"]
+FIGURES: list[dict] = []
+
+
+@pytest.fixture(scope="module")
+def patch_and_base(tmp_path_factory):
+    from conftest import perturbed, save, tiny_model
+
+    root = tmp_path_factory.mktemp("interrupted")
+    model = tiny_model("bert", 0)
+    base = save(model, root / "base", False)
+    tuned = save(perturbed(model, 1), root / "tuned", False)
+    patch = extract_patch(base, tuned, "delta").save(root / "patch")
+    return Path(patch), base
+
+
+def _start(script: str, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, out, err
+
+
+def _hold_a_lease(url: str) -> Path:
+    """A gc lease held by this (live) process, so a push waits for it."""
+    lease = Path(url, "gc", "held-by-the-test.json")
+    lease.parent.mkdir(exist_ok=True)
+    now = time.time()
+    lease.write_text(json.dumps({"host": this_host(), "pid": os.getpid(), "started": now, "expires": now + 300}))
+    return lease
+
+
+def _interrupt(url: str, patch: Path, step: str, sig: signal.Signals, gc: bool, tmp: Path) -> tuple[int, str]:
+    """Run the push, stop it at `step` and send `sig`; with `gc`, a `registry gc --grace 0` races it: one that
+    listed the versions before the push created its manifest and removes blobs while it stands at the step (up to
+    waiting for gc), or one run start to finish while it stands there (after the wait)."""
+    marker, listed, go = tmp / f"{step}.at", tmp / f"{step}.listed", tmp / f"{step}.go"
+    collector = lease = None
+    early_gc = gc and STEPS.index(step) <= STEPS.index("waiting for gc")
+    if early_gc:
+        collector = _start(SLOW_GC, listed, go, "registry", "gc", "--grace", "0", "--registry", url, "-q")
+        wait_for_marker(collector, listed)
+    elif step == "waiting for gc":
+        lease = _hold_a_lease(url)
+    pusher = _start(PUSH, marker, step, "registry", "push", "x", patch, "--alias", "prod", "--registry", url)
+    wait_for_marker(pusher, marker)
+    time.sleep(0.2)
+    if early_gc and step != "waiting for gc":
+        go.touch()  # the gc removes what it listed as unused (the blobs this push reuses) while the push stands
+        assert _finish(collector)[0] == 0
+    elif gc and not early_gc:
+        assert subprocess.run([sys.executable, "-m", "splice", "registry", "gc", "--grace", "0", "--registry", url,
+                               "-q"], env=ENV, capture_output=True, timeout=120).returncode == 0
+    pusher.send_signal(sig)
+    code, _, err = _finish(pusher)
+    if early_gc and step == "waiting for gc":
+        go.touch()  # the gc the push was waiting for removes the blobs after the push is gone
+        assert _finish(collector)[0] == 0
+    if lease is not None:
+        lease.unlink()
+    return code, err
+
+
+def _ls_versions(url: str) -> list[int]:
+    return [m.version for m in Registry.open(url).versions("x")]
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["no-gc", "gc-grace-0"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("step", STEPS)
+def test_an_interrupted_push_publishes_nothing_broken_and_says_what_is_true(patch_and_base, tmp_path, monkeypatch,
+                                                                            capsys, step, sig, gc):
+    patch, base = patch_and_base
+    url = str(tmp_path / "registry")
+    registry = Registry.init(url)
+    registry.push("x", patch)
+    registry.remove("x@1")  # its blobs are unused now: the push below reuses them, a gc at grace 0 removes them
+
+    code, err = _interrupt(url, patch, step, sig, gc, tmp_path)
+    said = err.strip().splitlines()[-1] if err.strip() else ""
+    listed = _ls_versions(url)
+    # what ls, verify, deploy and gc say afterwards
+    c_ls, out_ls, _ = run_cli(["registry", "ls", "x", "--registry", url], monkeypatch, capsys)
+    c_verify, out_verify, err_verify = run_cli(["registry", "verify", "--registry", url], monkeypatch, capsys)
+    c_deploy, _, err_deploy = run_cli(["deploy", "x", "--base", base, "--out", tmp_path / "deployed",
+                                       "--registry", url], monkeypatch, capsys)
+    c_gc, out_gc, err_gc = run_cli(["registry", "gc", "--registry", url], monkeypatch, capsys)
+    FIGURES.append({"step": step, "signal": sig.name, "gc": gc, "exit": code, "said": said, "listed": listed,
+                    "verify": c_verify, "deploy": c_deploy, "deploy_says": err_deploy.strip()[-160:],
+                    "gc_says": [line for line in out_gc.splitlines() if "withdrew" in line]})
+    print("\nFIGURE " + json.dumps(FIGURES[-1]))
+
+    # what the push said is true
+    if sig == signal.SIGINT:
+        assert code == 130, err
+        assert "Traceback" not in err, err
+        if said == "interrupted; nothing was published":
+            assert listed == [], (step, listed)
+        else:
+            assert step == "moving alias" and "x@2 was published" in said, said
+            assert listed == [2]
+    else:
+        assert code == -signal.SIGKILL
+    if step != "moving alias":
+        assert listed == [], (step, sig, gc, listed)  # never confirmed, so never published
+
+    # and so is what the others say
+    assert c_ls == 0 and c_gc == 0, (out_ls, err_gc)
+    assert c_verify == 0, out_verify + err_verify  # every listed version's blobs are there
+    if listed:
+        assert c_deploy == 0, err_deploy
+        prod = Registry.open(url).aliases("x").get("prod")
+        assert (prod is None) == ("not moved" in said or sig == signal.SIGKILL), said
+        assert prod is None or prod.version == 2
+    else:
+        assert c_deploy == 2 and len(err_deploy.strip().splitlines()) == 1, err_deploy
+        assert not (tmp_path / "deployed").exists()
+    if sig == signal.SIGKILL and step in STEPS[1:4]:  # killed with its version pending: reported, not listed
+        pending = "x@2 is not published: its push is over (process"
+        assert pending in " ".join(out_verify.split()) and pending in " ".join(out_ls.split()), out_verify
+        assert "withdrew x@2: its push is over" in " ".join(out_gc.split()), out_gc
+    assert _ls_versions(url) == listed
+    assert not list(Path(url, "patches", "x", "pending").glob("*")), "gc withdraws a push that is over"
+    taken = {int(p.stem) for d in ("versions", "removed") for p in Path(url, "patches", "x", d).glob("*.json")}
+    again = Registry.open(url).push("x", patch)  # numbers never repeat; the push after it works
+    assert again.version == max(taken) + 1 and Registry.open(url).verify().ok
+
+
+# A `continual run` killed (SIGKILL) once task 1's version has its manifest, after a gc removed its blobs.
+KILLED_RUN = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+    from splice.registry import store
+
+    create = store.Registry._create_version
+
+    def create_then_die(self, name, body, *rest):
+        version = create(self, name, body, *rest)
+        if version == 2:  # task 1's push: a gc removes its blobs, then the run is killed
+            manifest = json.loads(Path(self.url, "patches", name, "versions", f"{version}.json").read_text())
+            for entry in manifest["tensors"].values():
+                digest = entry.get("blob") or entry["digest"]
+                Path(self.url, "blobs", "sha256", digest[:2], digest).unlink(missing_ok=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return version
+
+    store.Registry._create_version = create_then_die
+    sys.argv = ["splice", *sys.argv[1:]]
+    from splice.cli.app import main
+    main()
+""")
+
+
+def test_continual_resume_reruns_a_task_whose_push_never_published(tmp_path):
+    from test_continual import pipeline_file, tiny_vit
+
+    from splice.workflows.continual.run import run_pipeline
+
+    base = tiny_vit(tmp_path / "vit")
+    registry = tmp_path / "registry"
+    Registry.init(registry)
+    path = pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False)
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, "continual", "run", str(path), "-q"], env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    store = Registry.open(registry)
+    assert [v.version for v in store.versions("cl")] == [1]  # task 1's version was never published
+    resumed = run_pipeline(path, resume=True)  # before: version 2 was listed, and every resume failed on its blobs
+    store = Registry.open(registry)
+    assert resumed.resumed_tasks == 1 and len(resumed.accuracy) == 3
+    assert [v.version for v in store.versions("cl")] == [1, 3, 4]  # task 1 ran again; 2 is never reused
+    assert {a: r.version for a, r in store.aliases("cl").items()} == {"task-0": 1, "task-1": 3, "task-2": 4}
+    assert store.verify().ok
+    assert [line.split(":")[0] for line in store.gc().pending_withdrawn] == ["withdrew cl@2"]
+
+
+def test_a_registry_written_before_pending_markers_reads_as_published(tmp_path, monkeypatch, capsys):
+    """tests/data/registry_before_pending was written by the splice before this change (old@1 aliased prod,
+    old@2, old@3 removed): it has no pending markers, and every version in it is published."""
+    import shutil
+
+    url = str(tmp_path / "registry")
+    shutil.copytree(Path(__file__).parent / "data" / "registry_before_pending", url)
+    store = Registry.open(url)
+    assert [m.version for m in store.versions("old")] == [1, 2]
+    assert store.resolve("old@prod").version == 1 and store.resolve("old").version == 2
+    for version in (1, 2):
+        patch = store.load(f"old@{version}")
+        assert all(patch.tensors[name] is not None for name in patch.tensors)  # every tensor reads, hash-checked
+    assert store.verify().ok and store.verify().pending == []
+    report = store.gc(grace_seconds=0)  # frees old@3's blobs only
+    assert report.pending_withdrawn == [] and report.blobs_kept_live == 2 and store.verify().ok
+    assert [m.version for m in store.versions("old")] == [1, 2]
+    code, out, _ = run_cli(["registry", "ls", "old", "--registry", url], monkeypatch, capsys)
+    assert code == 0 and "problem" not in out
+    from test_registry import make_patch
+
+    assert store.push("old", make_patch(53)).version == 4  # after the removed 3: numbers never repeat
+    assert [m.version for m in Registry.open(url).versions("old")] == [1, 2, 4]
+
+
+def test_continual_resume_reruns_a_task_whose_version_lost_its_blobs(tmp_path):
+    """A version published with blobs that later went missing (as the push before this change could leave one):
+    --resume does not build on it; that task runs again."""
+    from test_continual import TASK_FILE, pipeline_file, tiny_vit
+
+    from splice.workflows.continual.run import run_pipeline
+
+    base = tiny_vit(tmp_path / "vit")
+    registry = tmp_path / "registry"
+    store = Registry.init(registry)
+    tasks = [{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(2)]
+    path = pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False, tasks=tasks)
+    run_pipeline(path)
+    first, second = store.versions("cl")
+    kept = {e.blob_digest for e in first.tensors.values()}
+    for digest in {e.blob_digest for e in second.tensors.values()} - kept:  # task 1's own blobs
+        Path(registry, "blobs", "sha256", digest[:2], digest).unlink()
+    assert store.missing_blobs(second) and not store.missing_blobs(first)
+    resumed = run_pipeline(path, resume=True)  # before: every resume failed reading cl@2's blobs
+    assert resumed.resumed_tasks == 1 and len(resumed.accuracy) == 2
+    assert Registry.open(registry).resolve("cl@task-1").version == 3
