@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from splice.cli import render
-from splice.cli.options import INTERRUPTED, Device, Json, Quiet, RegistryURL, StorageOptions, parse_storage_options
+from splice.cli.options import Device, Json, Quiet, RegistryURL, StorageOptions, parse_storage_options
 
 continual_app = typer.Typer(help="Continual learning with task-keyed LayerNorm banks (De Min et al. 2023).")
 
@@ -33,18 +32,17 @@ def run(
     """Per task: its key, its LayerNorm slot trained, the head rectified, every seen task evaluated, pushed as a
     new version with alias task-<i> (task-1 is the first). A rerun with --resume continues after the last task in
     the registry."""
+    from splice.errors import Interrupted
     from splice.workflows.continual.pipeline import load_pipeline
-    from splice.workflows.continual.run import TasksKept, run_pipeline
+    from splice.workflows.continual.run import run_pipeline
 
     loaded = load_pipeline(pipeline)
     try:
         result = run_pipeline(loaded, resume=resume, registry=registry,
                               report_dir=report or f"continual-{loaded.name}", progress=render.RichProgress(quiet),
                               storage_options=parse_storage_options(storage_options), force=force)
-    except TasksKept as exc:  # not "nothing was published": say what the registry keeps
-        render.stop_progress()
-        render.error_console.print(f"interrupted; {exc}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(INTERRUPTED)
+    except Interrupted as exc:  # not "nothing was published": say what the registry keeps
+        render.interrupted(str(exc))
     if as_json:
         render.print_json(result)
     elif not quiet:

@@ -17,7 +17,7 @@ import torch
 
 from splice.adapters.bank import LayerNormBank
 from splice.adapters.patch import Patch
-from splice.errors import SpliceError
+from splice.errors import Interrupted, SpliceError
 from splice.progress import NoProgress, Progress
 from splice.registry.store import Registry
 from splice.tensors.checkpoint import Checkpoint
@@ -37,10 +37,6 @@ from splice.workflows.continual.pipeline import Pipeline, load_pipeline, task_se
 from splice.workflows.continual.report import REPORT_FILES, ContinualReport
 from splice.workflows.continual.stored import Values, pretrained_values, stored_entries, task_patch, task_values
 from splice.workflows.continual.train import Schedule, dry_run, evaluate, rectify_head, task_key, train_slot
-
-
-class TasksKept(KeyboardInterrupt):
-    """Ctrl-C once some tasks reached the registry: the message says which are kept and how to go on."""
 
 
 @dataclass
@@ -65,7 +61,7 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     files of an earlier report there are refused before any work unless `force`).
     Bad pipelines (unknown keys, a task without data, overlapping classes under class-incremental, inputs the model
     cannot take, a registry holding another pipeline under the name) are refused before any training. Ctrl-C once
-    tasks are in the registry raises TasksKept (a KeyboardInterrupt) saying which."""
+    tasks are in the registry raises Interrupted (a KeyboardInterrupt) saying which."""
     pipeline = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
     progress = progress or NoProgress()
     location = registry if isinstance(registry, Registry) else registry or pipeline.registry  # the call's, the file's
@@ -95,7 +91,7 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     except KeyboardInterrupt as exc:
         if not state.kept:
             raise
-        raise TasksKept(_kept(pipeline, state)) from exc
+        raise Interrupted(_kept(pipeline, state)) from exc
     head_size = sum(p.numel() for p in head_parameters(bank.model, head_names))
     report = ContinualReport.of(pipeline, tasks, state, bank, head_size)
     if report_dir is not None:
