@@ -16,6 +16,8 @@ train or test split), saved with a fresh 10-class head. Methods:
    the library's pieces)
 8. beyond the list: the two-stage bank with a throwaway head in the LN stage (the reference code's --unbiased);
    and a check that the two-stage bank built here from the library's pieces equals the pipeline's run
+9. the two-stage pipeline with `inference: routed-classes` (logits restricted to the routed slot's task's classes),
+   with `align:` (SLCA's classifier alignment from per-class feature statistics stored with each task), and both
 
     python examples/continual_digits.py --out DIR [--quick] [--seed 0]
 
@@ -43,6 +45,7 @@ from splice.adapters.bank import LayerNormBank
 from splice.arch.quiet import quiet_transformers
 from splice.demo.digits import train as digits_train
 from splice.plots import png_bytes
+from splice.registry.store import Registry
 from splice.workflows.continual.data import Batch, TaskData, batches
 from splice.workflows.continual.fisher import fisher_diagonal, subset_masks
 from splice.workflows.continual.metrics import summarize
@@ -206,30 +209,48 @@ def load_backbone(directory: Path) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 # 1-3: the keyed banks through the pipeline
 
-def pipeline_file(out: Path, base: Path, name: str, rectify: bool, config: Config) -> Path:
+# the pipeline variants: name -> (rectify, inference, align); every option spelled out, whatever the defaults are
+ALIGN = {"samples": 256, "epochs": 5, "lr": 1e-2}
+PIPELINES = {"keyed-two-stage": (True, "all-classes", None), "keyed-one-stage": (False, "all-classes", None),
+             "keyed-routed-classes": (True, "routed-classes", None), "keyed-aligned": (True, "all-classes", ALIGN),
+             "keyed-aligned-routed": (True, "routed-classes", ALIGN)}
+
+
+def pipeline_file(out: Path, base: Path, name: str, rectify: bool, config: Config, inference: str = "all-classes",
+                  align: dict | None = None) -> Path:
     here = Path(__file__).resolve()
     spec = {"base": str(base), "name": name, "registry": str(out / "registry"), "protocol": "class-incremental",
             "tasks": [{"name": task_name(i), "data": f"{here}:task_{i}"} for i in range(TASKS)],
             "norms": "all", "epochs": config.epochs, "lr": config.lr, "head_lr": config.head_lr,
-            "rectify": rectify, "batch_size": config.batch_size, "seed": study_seed()}
+            "rectify": rectify, "batch_size": config.batch_size, "seed": study_seed(), "inference": inference,
+            "align": align}
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
 def keyed_rows(out: Path, base: Path, config: Config) -> tuple[dict[str, dict], dict[str, dict]]:
-    """The two-stage and one-stage banks through run_pipeline; their rows (and oracle rows) and their reports."""
+    """The PIPELINES through run_pipeline; their rows (and oracle rows) and their reports."""
     rows, oracles, reports = {}, {}, {}
-    for name, rectify in (("keyed-two-stage", True), ("keyed-one-stage", False)):
+    for name, (rectify, inference, align) in PIPELINES.items():
         with quiet_transformers():
-            report = run_pipeline(pipeline_file(out, base, name, rectify, config), report_dir=out / name)
+            report = run_pipeline(pipeline_file(out, base, name, rectify, config, inference, align),
+                                  report_dir=out / name)
         reports[name] = asdict(report)
         stored = max(report.parameters_per_task) + report.key_size  # every task stores its whole slot here
+        extra = {"statistics_values_per_task": statistics_values(out, name)} if align else {}
         rows[name] = row(report.accuracy, report.task_id_accuracy[-1], stored, report.head_parameters,
-                         source=f"{name}/continual_report.json")
+                         source=f"{name}/continual_report.json", **extra)
         oracles[f"oracle-{name[6:]}"] = row(report.oracle_accuracy, 1.0, stored, report.head_parameters,
                                             source=f"{name}/continual_report.json (oracle_accuracy)")
     return rows | oracles, reports
+
+
+def statistics_values(out: Path, name: str) -> int:
+    """Values of the class statistics (means and covariances) an aligned pipeline's task versions keep, at most."""
+    store = Registry.open(out / "registry")
+    return max(sum(len(s["mean"]) + len(s["covariance"]) ** 2 for s in
+                   store.load(f"{name}@task-{i}").meta.settings["class_statistics"].values()) for i in range(TASKS))
 
 
 def task_seed(index: int) -> int:
@@ -242,7 +263,8 @@ def row(matrix: list[list[float]], task_id: float | None, stored: int, head: int
     return {"final_average_accuracy": summary.final_average_accuracy, "forgetting": summary.forgetting,
             "backward_transfer": summary.backward_transfer,
             "average_incremental_accuracy": summary.average_incremental_accuracy,
-            "task_id_accuracy": task_id, "parameters_per_task": stored, "head_parameters": head,
+            "last_task_accuracy": matrix[-1][-1], "task_id_accuracy": task_id, "parameters_per_task": stored,
+            "head_parameters": head,
             "accuracy": matrix, **extra}
 
 
@@ -332,7 +354,7 @@ def joint(base: Path, tasks: list[TaskData], config: Config) -> dict:
     # one model for every task: its matrix is the final row (forgetting and BWT 0 by construction)
     matrix = [final[: i + 1] for i in range(len(tasks))]
     summary = {"final_average_accuracy": sum(final) / len(final), "forgetting": 0.0, "backward_transfer": 0.0,
-               "average_incremental_accuracy": None, "task_id_accuracy": None,
+               "average_incremental_accuracy": None, "last_task_accuracy": final[-1], "task_id_accuracy": None,
                "parameters_per_task": sum(p.numel() for p in model.parameters()), "head_parameters": 0,
                "accuracy": matrix[-1:], "note": "trained once on all tasks' data (not continual)"}
     return summary
@@ -438,10 +460,11 @@ def table(results: dict) -> str:
             return "-"
         return f"{100 * value:.1f}" if pct else f"{value:,}"
 
-    lines = ["| method | final avg acc % | forgetting (pts) | task-id acc % | params stored per task | shared head |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| method | final avg acc % | last task % | forgetting (pts) | task-id acc % | params stored per task "
+             "| shared head |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results["methods"].items():
-        lines.append(f"| {name} | {cell(r['final_average_accuracy'])} | {cell(r['forgetting'])} | "
+        lines.append(f"| {name} | {cell(r['final_average_accuracy'])} | {cell(r['last_task_accuracy'])} | "
+                     f"{cell(r['forgetting'])} | "
                      f"{cell(r['task_id_accuracy'])} | {cell(r['parameters_per_task'], False)} | "
                      f"{cell(r['head_parameters'], False)} |")
     return "\n".join(lines)

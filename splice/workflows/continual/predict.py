@@ -20,7 +20,7 @@ from splice.workflows.continual.data import Batch, batches, check_batch
 from splice.workflows.continual.model import load_model
 from splice.workflows.continual.run import restore_task
 from splice.workflows.continual.stored import pretrained_values
-from splice.workflows.continual.train import inputs_of, masked_logits
+from splice.workflows.continual.train import inputs_of, masked_logits, routed_logits
 
 
 @dataclass
@@ -28,6 +28,7 @@ class LoadedBank:
     bank: LayerNormBank
     refs: list[str]  # the version of each task, in task order
     classes: list[list[int]]  # each task's classes
+    inference: str = "all-classes"  # the pipeline's: over every task's classes, or the routed task's (routed-classes)
 
 
 def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None = None,
@@ -56,7 +57,7 @@ def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None
         refs.append(f"{name}@{alias.version}")
         classes.append(list(patch.meta.settings["classes"]))
     # restore_task loaded each task's head in turn: the last one, `ref`'s, is the bank's
-    return LoadedBank(bank, refs, classes)
+    return LoadedBank(bank, refs, classes, settings.get("inference", "all-classes"))
 
 
 @dataclass
@@ -71,7 +72,8 @@ class Predictions:
 
 @torch.no_grad()
 def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64) -> Predictions:
-    """Routed predictions (each input's slot chosen by its key) over the classes of every task in the bank."""
+    """Routed predictions (each input's slot chosen by its key) over the classes of every task in the bank, or,
+    for a pipeline with `inference: routed-classes`, over the classes of each input's routed task."""
     batch = check_batch(batch, "the data", labels=False)
     every = sorted({c for task in loaded.classes for c in task})
     loaded.bank.model.eval()
@@ -83,7 +85,11 @@ def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64) -> Predictio
             logits = loaded.bank(task_ids=ids, **inputs).logits
         except (ValueError, RuntimeError, TypeError) as exc:
             raise SpliceError(f"the model cannot take these inputs ({first_line(exc)})") from None
-        predicted.append(masked_logits(logits, every).argmax(-1))
+        if loaded.inference == "routed-classes":
+            logits = routed_logits(logits, ids, loaded.classes)
+        else:
+            logits = masked_logits(logits, every)
+        predicted.append(logits.argmax(-1))
         selected.append(ids)
     classes, tasks = torch.cat(predicted), torch.cat(selected)
     labels = batch.get("labels")

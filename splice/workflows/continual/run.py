@@ -22,6 +22,7 @@ from splice.registry.store import Registry
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
 from splice.tensors.writer import check_report_dir
+from splice.workflows.continual import align
 from splice.workflows.continual.data import TaskData, check_protocol, load_task
 from splice.workflows.continual.fisher import fisher_diagonal, subset_masks
 from splice.workflows.continual.model import (
@@ -34,7 +35,7 @@ from splice.workflows.continual.model import (
 from splice.workflows.continual.pipeline import Pipeline, load_pipeline
 from splice.workflows.continual.report import ContinualReport
 from splice.workflows.continual.stored import Values, pretrained_values, stored_entries, task_patch, task_values
-from splice.workflows.continual.train import Schedule, evaluate, rectify_head, task_key, train_slot
+from splice.workflows.continual.train import Schedule, align_head, evaluate, rectify_head, task_key, train_slot
 
 
 def alias_of(task: int) -> str:
@@ -51,6 +52,7 @@ class RunState:
     losses: list[dict[str, float]] = field(default_factory=list)
     stored: list[int] = field(default_factory=list)  # LayerNorm entries each task's version holds
     resumed: int = 0  # tasks taken from the registry rather than trained here
+    statistics: dict[int, align.ClassStatistics] = field(default_factory=dict)  # per class, for `align:`
 
 
 def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False,
@@ -68,6 +70,8 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     bank, head_names = _bank(pipeline)
     check_protocol(tasks, pipeline.protocol, bank.model.config.num_labels)
     tuned = tuned_norms(bank, pipeline.norms)
+    if pipeline.align is not None:
+        align.check_alignable(bank, head_names, tasks[0])
     pretrained = pretrained_values(pipeline.base, [*bank.tensor_names, *head_names])
     # the registry is created (when nothing is there yet) only once the pipeline has passed every check
     store = location if isinstance(location, Registry) else Registry.init(location, storage_options)
@@ -134,6 +138,7 @@ def _restore(store: Registry, ref: str, base: str, bank: LayerNormBank, pretrain
     state.task_id.append(metrics["task_id_accuracy"])
     state.losses.append({k: v for k, v in metrics.items() if k.startswith("loss.")})
     state.stored.append(stored_entries(patch))
+    state.statistics.update(align.decode(settings))
     state.resumed += 1
 
 
@@ -189,13 +194,19 @@ def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_nam
     for parameter in head:
         parameter.requires_grad_(False)
     every = bank.slot_state(slot)
-    patch = task_patch(pipeline.base, {n: every[n].cpu() for n in tuned}, head_state_of(bank.model, head_names),
-                       pretrained, masks, _settings(pipeline, task, slot, key),
-                       f"continual pipeline {pipeline.name}, task {slot}: {task.name}")
+
+    def stored(settings: dict) -> Patch:
+        return task_patch(pipeline.base, {n: every[n].cpu() for n in tuned}, head_state_of(bank.model, head_names),
+                          pretrained, masks, settings, f"continual pipeline {pipeline.name}, task {slot}: {task.name}")
+
+    patch = stored(_settings(pipeline, task, slot, key))
+    if pipeline.align is not None:
+        patch = stored(_aligned(pipeline, bank, head_names, patch, pretrained, task, schedule, generator, state,
+                                losses, progress, label))
     values = task_values(patch, pretrained)  # go on from the task exactly as stored (what --resume reads back)
     bank.load_slot(slot, {name: values[name] for name in patch.meta.settings["slot"]})
     load_head(bank.model, {name: values[name] for name in head_names})
-    result = evaluate(bank, tasks[: index + 1], pipeline.protocol, schedule.batch_size)
+    result = evaluate(bank, tasks[: index + 1], pipeline.protocol, schedule.batch_size, pipeline.inference)
     state.matrix.append(result.accuracy)
     state.oracle.append(result.oracle_accuracy)
     state.task_id.append(result.task_id_accuracy)
@@ -220,4 +231,28 @@ def _settings(pipeline: Pipeline, task: TaskData, slot: int, key: torch.Tensor) 
                 "protocol": pipeline.protocol}
     if pipeline.fisher is not None:
         settings["fisher"] = pipeline.fisher.model_dump(mode="json")
+    if pipeline.inference != "all-classes":
+        settings["inference"] = pipeline.inference
+    return settings
+
+
+def _aligned(pipeline: Pipeline, bank: LayerNormBank, head_names: list[str], patch: Patch, pretrained: Values,
+             task: TaskData, schedule: Schedule, generator: torch.Generator, state: RunState,
+             losses: dict[str, float], progress: Progress, label: str) -> dict:
+    """Classifier alignment after the task: its classes' feature statistics (with its slot as stored), then the
+    head re-trained on draws from every seen class's; the settings of the task's version, with its statistics."""
+    slot = int(patch.meta.settings["task"])
+    values = task_values(patch, pretrained)
+    bank.load_slot(slot, {name: values[name] for name in patch.meta.settings["slot"]})
+    module = align.head_module(bank.model, head_names)
+    features = align.head_features(bank, module, slot, task.train, schedule.batch_size)
+    settings = {**patch.meta.settings, align.SETTINGS_KEY: align.encode(align.class_statistics(
+        features, task.train["labels"]))}
+    state.statistics.update(align.decode(settings))  # as a resumed run reads them back
+    sampled, labels = align.sample_features(state.statistics, pipeline.align.samples, generator)
+    head = head_parameters(bank.model, head_names)
+    losses["loss.alignment"] = align_head(module, head, sampled, labels, pipeline.align.lr, pipeline.align.epochs,
+                                          schedule, generator, progress, label)
+    for parameter in head:
+        parameter.requires_grad_(False)
     return settings

@@ -1,0 +1,113 @@
+"""Classifier alignment from per-class feature statistics (SLCA, Zhang et al. 2023): each task keeps the mean and
+covariance of the features its classes give the head (made with the task's own slot), in its version's settings;
+after each task the head is re-trained on features drawn from a Gaussian per seen class, so the rows of every
+class, old and new, are fitted together without any old data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from splice.adapters.bank import LayerNormBank, eval_mode
+from splice.arch.names import stored_to_module_names
+from splice.errors import SpliceError
+from splice.workflows.continual.data import TaskData, batches
+from splice.workflows.continual.train import inputs_of
+
+SETTINGS_KEY = "class_statistics"
+
+
+@dataclass(frozen=True)
+class ClassStatistics:
+    count: int
+    mean: torch.Tensor  # [D] float64
+    covariance: torch.Tensor  # [D, D] float64, unbiased (n - 1); zeros for a class of one sample
+
+
+def head_module(model: torch.nn.Module, head_names: list[str]) -> torch.nn.Module:
+    """The module holding the head's tensors (a Linear for ViT and BERT classification heads)."""
+    modules = {stored_to_module_names(model)[name].rpartition(".")[0] for name in head_names}
+    if len(modules) != 1:
+        raise SpliceError(f"classifier alignment needs a head that is one linear layer; this one spans "
+                          f"{', '.join(sorted(modules))}")
+    return model.get_submodule(modules.pop())
+
+
+@contextmanager
+def _captured(head: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """What `head` is called with, collected while the block runs."""
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def head_features(bank: LayerNormBank, head: torch.nn.Module, slot: int, inputs: dict[str, torch.Tensor],
+                  batch_size: int) -> torch.Tensor:
+    """[N, D] what the head takes for each input, run with slot `slot` (eval mode)."""
+    with _captured(head) as captured, eval_mode(bank.model):
+        for part in batches(inputs, batch_size, device=bank.keys.device):
+            ids = torch.full((next(iter(part.values())).shape[0],), slot, dtype=torch.long)
+            bank(task_ids=ids, **inputs_of(part))
+    return torch.cat(captured)
+
+
+@torch.no_grad()
+def check_alignable(bank: LayerNormBank, head_names: list[str], task: TaskData) -> None:
+    """Refuse, before anything is trained, a model whose head is not a linear layer taking one feature vector per
+    input (a decoder's score layer takes every token's): one pass of two inputs with the pretrained norms."""
+    head = head_module(bank.model, head_names)
+    if not isinstance(head, torch.nn.Linear):
+        raise SpliceError(f"classifier alignment needs a linear head; {type(bank.model).__name__}'s is "
+                          f"{type(head).__name__}: remove align: from the pipeline")
+    sample = {name: value[:2].to(bank.keys.device) for name, value in inputs_of(task.train).items()}
+    with _captured(head) as captured, eval_mode(bank.model):
+        bank.model(**sample)
+    shape = list(captured[0].shape) if captured else []
+    if len(shape) != 2:
+        raise SpliceError(f"classifier alignment needs a head fed one feature vector per input; "
+                          f"{type(bank.model).__name__}'s head takes {shape}: remove align: from the pipeline")
+
+
+def class_statistics(features: torch.Tensor, labels: torch.Tensor) -> dict[int, ClassStatistics]:
+    """Per class: sample count, mean and unbiased covariance of its features (in float64)."""
+    found = {}
+    for cls in sorted(int(c) for c in labels.unique()):
+        x = features[labels.to(features.device) == cls].double().cpu()
+        covariance = torch.cov(x.T) if x.shape[0] > 1 else torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        found[cls] = ClassStatistics(x.shape[0], x.mean(dim=0), covariance.reshape(x.shape[1], x.shape[1]))
+    return found
+
+
+def encode(statistics: dict[int, ClassStatistics]) -> dict:
+    """The statistics as a task version keeps them in its settings (JSON floats: float64 exactly)."""
+    return {str(cls): {"count": s.count, "mean": s.mean.tolist(), "covariance": s.covariance.tolist()}
+            for cls, s in statistics.items()}
+
+
+def decode(settings: dict) -> dict[int, ClassStatistics]:
+    """A task version's statistics back from its settings ({} when it has none)."""
+    return {int(cls): ClassStatistics(int(s["count"]), torch.tensor(s["mean"], dtype=torch.float64),
+                                      torch.tensor(s["covariance"], dtype=torch.float64))
+            for cls, s in settings.get(SETTINGS_KEY, {}).items()}
+
+
+def sample_features(statistics: dict[int, ClassStatistics], per_class: int,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_class` draws from N(mean, covariance) of every class (classes in order), float32, and their labels.
+    The covariance's square root comes from its eigendecomposition (negative rounding noise clamped to 0), so a
+    singular covariance (fewer samples than dimensions) needs no added ridge."""
+    features, labels = [], []
+    for cls, stats in sorted(statistics.items()):
+        values, vectors = torch.linalg.eigh(stats.covariance)
+        root = vectors * values.clamp(min=0).sqrt()
+        noise = torch.randn(per_class, stats.mean.shape[0], generator=generator, dtype=torch.float64)
+        features.append((stats.mean + noise @ root.T).float())
+        labels.append(torch.full((per_class,), cls, dtype=torch.long))
+    return torch.cat(features), torch.cat(labels)
