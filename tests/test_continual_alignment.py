@@ -16,6 +16,7 @@ from test_continual import TASK_FILE, kill_once_task_1_is_pushed, pipeline_file,
 
 from splice.arch.names import stored_to_module_names
 from splice.errors import SpliceError
+from splice.hooks import load_callable
 from splice.registry.store import Registry
 from splice.workflows.continual.pipeline import Pipeline
 from splice.workflows.continual.predict import load_bank, predict
@@ -27,9 +28,10 @@ from helpers import run_cli
 ALIGN = {"samples": 32, "epochs": 2, "lr": 0.05}
 
 
-def plain_model_with(base, store, name: str, slot: int, head_from: str) -> torch.nn.Module:
-    """A plain ViT (no bank) holding task `slot`'s stored LayerNorm values and the head of version `head_from`."""
-    model = transformers.ViTForImageClassification.from_pretrained(base).eval()
+def plain_model_with(base, store, name: str, slot: int, head_from: str,
+                     model_class=transformers.ViTForImageClassification) -> torch.nn.Module:
+    """A plain model (no bank) holding task `slot`'s stored LayerNorm values and the head of version `head_from`."""
+    model = model_class.from_pretrained(base).eval()
     module_of = stored_to_module_names(model)
     task_version, head_version = store.load(f"{name}@task-{slot}"), store.load(head_from)
     every = [*task_version.meta.settings["slot"], *head_version.meta.settings["head"]]
@@ -141,26 +143,57 @@ def _task(index):
     generator = torch.Generator().manual_seed(index)
     split = lambda n: {"input_ids": torch.randint(1, 50, (n, 6), generator=generator),
                        "labels": torch.arange(n) % 2 + 2 * index}
-    return {"train": split(8), "test": split(4)}
+    return {"train": split(10), "test": split(4)}
 
 def task_0():
     return _task(0)
+
+def task_1():
+    return _task(1)
 '''
 
 
-def test_alignment_is_refused_before_anything_is_made_for_a_head_fed_every_token(tmp_path):
-    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, num_labels=4,
-                                     pad_token_id=0)
-    transformers.GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "gpt2")
+def token_pipeline(tmp_path, model, **settings):
+    model.save_pretrained(tmp_path / "model")
     (tmp_path / "token_tasks.py").write_text(TOKEN_TASKS)
     path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump({"base": "gpt2", "name": "cl", "registry": str(tmp_path / "registry"),
-                                    "align": {}, "tasks": [{"name": "t0", "data": "token_tasks.py:task_0"}]}))
+    path.write_text(yaml.safe_dump({"base": "model", "name": "cl", "registry": str(tmp_path / "registry"),
+                                    "epochs": 1, "batch_size": 4, "align": ALIGN, **settings,
+                                    "tasks": [{"name": f"t{i}", "data": f"token_tasks.py:task_{i}"}
+                                              for i in range(2)]}))
+    return path
+
+
+def test_a_decoders_head_is_aligned_on_the_last_tokens_features(tmp_path):
+    # GPT-2's score layer takes every token's hidden state; the model keeps the last non-padding token's logits
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, num_labels=4,
+                                     pad_token_id=0)
+    torch.manual_seed(0)
+    run_pipeline(token_pipeline(tmp_path, transformers.GPT2ForSequenceClassification(config)))
+    store = Registry.open(tmp_path / "registry")
+    for slot in range(2):
+        version = store.load(f"cl@task-{slot}")
+        model = plain_model_with(tmp_path / "model", store, "cl", slot, f"cl@task-{slot}",
+                                 transformers.GPT2ForSequenceClassification)
+        train = load_callable(f"{tmp_path / 'token_tasks.py'}:task_{slot}", option="test")()["train"]
+        with torch.no_grad():  # no padding in these inputs: the last token's final hidden state
+            features = model.transformer(input_ids=train["input_ids"]).last_hidden_state[:, -1].double().numpy()
+        for cls, statistics in version.meta.settings["class_statistics"].items():
+            x = features[train["labels"].numpy() == int(cls)]
+            np.testing.assert_allclose(statistics["mean"], x.mean(axis=0), rtol=0, atol=2e-6)
+            np.testing.assert_allclose(statistics["covariance"], np.cov(x, rowvar=False, ddof=1), rtol=0, atol=2e-6)
+
+
+def test_alignment_is_refused_before_anything_is_made_for_a_head_of_two_layers(tmp_path):
+    config = transformers.RobertaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                        intermediate_size=16, vocab_size=50, max_position_embeddings=16,
+                                        num_labels=4, pad_token_id=0)
+    path = token_pipeline(tmp_path, transformers.RobertaForSequenceClassification(config))
     with pytest.raises(SpliceError) as caught:
         run_pipeline(path, report_dir=tmp_path / "report")
     message = str(caught.value)
-    assert "classifier alignment needs a head fed one feature vector per input" in message, message
-    assert len(message.splitlines()) == 1
+    assert "classifier alignment needs a head that is one linear layer" in message, message
+    assert "set align: null" in message and len(message.splitlines()) == 1
     assert not (tmp_path / "registry").exists() and not (tmp_path / "report").exists()
 
 

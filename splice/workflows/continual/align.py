@@ -32,47 +32,72 @@ def head_module(model: torch.nn.Module, head_names: list[str]) -> torch.nn.Modul
     modules = {stored_to_module_names(model)[name].rpartition(".")[0] for name in head_names}
     if len(modules) != 1:
         raise SpliceError(f"classifier alignment needs a head that is one linear layer; this one spans "
-                          f"{', '.join(sorted(modules))}")
+                          f"{', '.join(sorted(modules))}: set align: null in the pipeline")
     return model.get_submodule(modules.pop())
 
 
 @contextmanager
-def _captured(head: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """What `head` is called with, collected while the block runs."""
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+def _captured(head: torch.nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """What `head` takes and gives, collected while the block runs."""
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = head.register_forward_hook(lambda module, args, output: captured.append((args[0].detach(), output)))
     try:
         yield captured
     finally:
         handle.remove()
 
 
+def _per_input(taken: torch.Tensor, given: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+    """[B, D] the feature vector behind each input's logits. A head fed one vector per input took it; a decoder's
+    score layer takes every token's and the model keeps one token's logits (the last one not padding): that
+    token is found as the one whose head output is exactly the model's logits. None when none is."""
+    if taken.dim() == 2:
+        return taken
+    if taken.dim() != 3 or given.shape[:2] != taken.shape[:2] or logits.dim() != 2:
+        return None
+    same = (given == logits[:, None, :]).all(dim=-1)  # [B, T]
+    if not bool(same.any(dim=-1).all()):
+        return None
+    last = (same.long() * torch.arange(1, same.shape[1] + 1, device=same.device)).argmax(dim=-1)
+    return taken[torch.arange(taken.shape[0], device=taken.device), last]
+
+
+def _features_of(bank: LayerNormBank, head: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                 ids: torch.Tensor | None) -> torch.Tensor | None:
+    """One forward pass (slots `ids`; None: the pretrained norms) and the head's feature vector per input."""
+    with _captured(head) as captured, eval_mode(bank.model):
+        logits = (bank(task_ids=ids, **inputs) if ids is not None else bank.model(**inputs)).logits
+    if len(captured) != 1:
+        return None
+    return _per_input(*captured[0], logits)
+
+
 @torch.no_grad()
 def head_features(bank: LayerNormBank, head: torch.nn.Module, slot: int, inputs: dict[str, torch.Tensor],
                   batch_size: int) -> torch.Tensor:
-    """[N, D] what the head takes for each input, run with slot `slot` (eval mode)."""
-    with _captured(head) as captured, eval_mode(bank.model):
-        for part in batches(inputs, batch_size, device=bank.keys.device):
-            ids = torch.full((next(iter(part.values())).shape[0],), slot, dtype=torch.long)
-            bank(task_ids=ids, **inputs_of(part))
-    return torch.cat(captured)
+    """[N, D] the feature vector the head turns into each input's logits, run with slot `slot` (eval mode)."""
+    found = []
+    for part in batches(inputs, batch_size, device=bank.keys.device):
+        ids = torch.full((next(iter(part.values())).shape[0],), slot, dtype=torch.long)
+        features = _features_of(bank, head, inputs_of(part), ids)
+        if features is None:  # check_alignable refused such a model before anything was trained
+            raise SpliceError("classifier alignment: the head's inputs no longer match the model's logits")
+        found.append(features)
+    return torch.cat(found)
 
 
 @torch.no_grad()
 def check_alignable(bank: LayerNormBank, head_names: list[str], task: TaskData) -> None:
-    """Refuse, before anything is trained, a model whose head is not a linear layer taking one feature vector per
-    input (a decoder's score layer takes every token's): one pass of two inputs with the pretrained norms."""
+    """Refuse, before anything is trained, a model whose head is not one linear layer giving each input's logits
+    from one feature vector: one pass of two inputs with the pretrained norms."""
     head = head_module(bank.model, head_names)
     if not isinstance(head, torch.nn.Linear):
         raise SpliceError(f"classifier alignment needs a linear head; {type(bank.model).__name__}'s is "
-                          f"{type(head).__name__}: remove align: from the pipeline")
+                          f"{type(head).__name__}: set align: null in the pipeline")
     sample = {name: value[:2].to(bank.keys.device) for name, value in inputs_of(task.train).items()}
-    with _captured(head) as captured, eval_mode(bank.model):
-        bank.model(**sample)
-    shape = list(captured[0].shape) if captured else []
-    if len(shape) != 2:
-        raise SpliceError(f"classifier alignment needs a head fed one feature vector per input; "
-                          f"{type(bank.model).__name__}'s head takes {shape}: remove align: from the pipeline")
+    if _features_of(bank, head, sample, None) is None:
+        raise SpliceError(f"classifier alignment needs the logits to come from one feature vector per input; "
+                          f"{type(bank.model).__name__}'s do not: set align: null in the pipeline")
 
 
 def class_statistics(features: torch.Tensor, labels: torch.Tensor) -> dict[int, ClassStatistics]:
