@@ -95,3 +95,15 @@ def test_the_new_inference_and_alignment_variants_are_what_they_say(study):
     for name in ("keyed-aligned", "keyed-aligned-routed"):
         assert all("loss.alignment" in losses for losses in reports[name]["losses"]), name
         assert results["methods"][name]["statistics_values_per_task"] == 2 * (64 + 64 * 64)  # 2 classes, 64-d
+
+
+def test_the_groups_split_is_the_four_fixed_tasks(monkeypatch):
+    monkeypatch.setenv(continual_digits.SPLIT_VARIABLE, "groups")
+    pretrain_x, _ = continual_digits.pretrain_split()
+    seen = {tuple(image.flatten().tolist()) for image in pretrain_x}
+    assert continual_digits.task_count() == 4
+    for index, classes in enumerate([[0, 3, 6], [1, 4, 7], [2, 5], [8, 9]]):
+        data = continual_digits.task_data(index)
+        assert sorted(set(data["train"]["labels"].tolist())) == sorted(set(data["test"]["labels"].tolist())) == classes
+        assert not any(tuple(i.flatten().tolist()) in seen for i in data["test"]["pixel_values"])
+    assert continual_digits.task_name(2) == "digits-2-5"

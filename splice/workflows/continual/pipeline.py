@@ -19,7 +19,7 @@ seed: 0
 keys: closed-form                # or trained: key_epochs of -mean cos(f, k) with Adam from an orthogonal start
 fisher: null                     # or {fraction: 0.1, granularity: entries|modules, random: false}
 inference: all-classes           # or routed-classes: logits restricted to the routed slot's task classes
-align: null                      # or {samples: 256, epochs: 5, lr: 0.01}: classifier alignment after each task
+align: {samples: 256, epochs: 5, lr: 0.01}   # classifier alignment after each task (the default); null: off
 device: auto                     # where training and evaluation run: auto (cuda when there is one), cpu, cuda
 ```
 A data function returns `{"train": batch, "test": batch}`, each batch a dict of model inputs (tensors with the
@@ -91,7 +91,7 @@ class Pipeline(BaseModel):
     key_lr: FiniteFloat = Field(default=1e-2, gt=0)
     fisher: FisherSubset | None = None
     inference: Literal["all-classes", "routed-classes"] = "all-classes"
-    align: ClassifierAlignment | None = None
+    align: ClassifierAlignment | None = Field(default_factory=ClassifierAlignment)  # null: off
     device: str = "auto"  # auto (cuda when there is a GPU), cpu, cuda, cuda:N
 
     @field_validator("tasks")
