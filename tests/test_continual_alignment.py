@@ -205,3 +205,26 @@ def test_a_pipeline_spelling_out_the_earlier_behaviour_keeps_its_digest():
     assert Pipeline(**spec, inference="all-classes", align=None).digest() == before
     assert Pipeline(**spec, inference="routed-classes").digest() != before
     assert Pipeline(**spec, align={}).digest() != before
+
+
+def test_draws_follow_each_tasks_class_statistics_even_singular_ones():
+    from splice.workflows.continual.align import ClassStatistics, class_statistics, sample_features
+
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.randn(4, 2, generator=generator, dtype=torch.float64)
+    singular = basis @ basis.T  # rank 2 of 4: what fewer samples than dimensions give
+    full = torch.diag(torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64))
+    mean = torch.tensor([1.0, -2.0, 0.5, 4.0], dtype=torch.float64)
+    # task-incremental: class 1 in both tasks, drawn from each task's statistics
+    statistics = [{1: ClassStatistics(10, mean, singular), 0: ClassStatistics(10, -mean, full)},
+                  {1: ClassStatistics(10, 2 * mean, full)}]
+    features, labels = sample_features(statistics, 40_000, torch.Generator().manual_seed(1))
+    assert labels.tolist() == [0] * 40_000 + [1] * 80_000  # by class, then task
+    assert features.dtype == torch.float32
+    for part, (expected_mean, expected_covariance) in zip(features.split(40_000), [(-mean, full), (mean, singular),
+                                                                                  (2 * mean, full)]):
+        drawn = class_statistics(part, torch.zeros(40_000, dtype=torch.long))[0]
+        torch.testing.assert_close(drawn.mean, expected_mean, atol=0.05, rtol=0)
+        torch.testing.assert_close(drawn.covariance, expected_covariance, atol=0.1, rtol=0.05)
+    again, _ = sample_features(statistics, 40_000, torch.Generator().manual_seed(1))
+    assert torch.equal(features, again)

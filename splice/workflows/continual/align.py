@@ -123,13 +123,16 @@ def decode(settings: dict) -> dict[int, ClassStatistics]:
             for cls, s in settings.get(SETTINGS_KEY, {}).items()}
 
 
-def sample_features(statistics: dict[int, ClassStatistics], per_class: int,
+def sample_features(statistics: list[dict[int, ClassStatistics]], per_class: int,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_class` draws from N(mean, covariance) of every class (classes in order), float32, and their labels.
-    The covariance's square root comes from its eigendecomposition (negative rounding noise clamped to 0), so a
-    singular covariance (fewer samples than dimensions) needs no added ridge."""
+    """`per_class` draws from N(mean, covariance) of every class of every task (by class, then task: a class two
+    tasks share, task-incremental, is drawn from each), float32, and their labels. The covariance's square root
+    comes from its eigendecomposition (negative rounding noise clamped to 0), so a singular covariance (fewer
+    samples than dimensions) needs no added ridge."""
     features, labels = [], []
-    for cls, stats in sorted(statistics.items()):
+    every = sorted(((cls, index, stats) for index, task in enumerate(statistics) for cls, stats in task.items()),
+                   key=lambda found: found[:2])
+    for cls, _, stats in every:
         values, vectors = torch.linalg.eigh(stats.covariance)
         root = vectors * values.clamp(min=0).sqrt()
         noise = torch.randn(per_class, stats.mean.shape[0], generator=generator, dtype=torch.float64)

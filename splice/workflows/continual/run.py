@@ -52,7 +52,7 @@ class RunState:
     losses: list[dict[str, float]] = field(default_factory=list)
     stored: list[int] = field(default_factory=list)  # LayerNorm entries each task's version holds
     resumed: int = 0  # tasks taken from the registry rather than trained here
-    statistics: dict[int, align.ClassStatistics] = field(default_factory=dict)  # per class, for `align:`
+    statistics: list[dict[int, align.ClassStatistics]] = field(default_factory=list)  # per task, for `align:`
 
 
 def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False,
@@ -138,7 +138,7 @@ def _restore(store: Registry, ref: str, base: str, bank: LayerNormBank, pretrain
     state.task_id.append(metrics["task_id_accuracy"])
     state.losses.append({k: v for k, v in metrics.items() if k.startswith("loss.")})
     state.stored.append(stored_entries(patch))
-    state.statistics.update(align.decode(settings))
+    state.statistics.append(align.decode(settings))
     state.resumed += 1
 
 
@@ -248,7 +248,7 @@ def _aligned(pipeline: Pipeline, bank: LayerNormBank, head_names: list[str], pat
     features = align.head_features(bank, module, slot, task.train, schedule.batch_size)
     settings = {**patch.meta.settings, align.SETTINGS_KEY: align.encode(align.class_statistics(
         features, task.train["labels"]))}
-    state.statistics.update(align.decode(settings))  # as a resumed run reads them back
+    state.statistics.append(align.decode(settings))  # as a resumed run reads them back
     sampled, labels = align.sample_features(state.statistics, pipeline.align.samples, generator)
     head = head_parameters(bank.model, head_names)
     losses["loss.alignment"] = align_head(module, head, sampled, labels, pipeline.align.lr, pipeline.align.epochs,
