@@ -1,6 +1,7 @@
 """Continual learning with task-keyed LayerNorm banks (De Min et al.) on scikit-learn's digits, against baselines.
 
-A class-incremental split of the 8x8 digits into 5 tasks of 2 classes (class order shuffled with seed 0), on a
+A class-incremental split of the 8x8 digits into 5 tasks of 2 classes (class order shuffled with seed 0; or, with
+--split groups, the 4 tasks {0,3,6} {1,4,7} {2,5} {8,9}), on a
 small ViT pretrained here on a disjoint 40% of the digits (all 10 classes; none of those images is in any task's
 train or test split), saved with a fresh 10-class head. Methods:
 
@@ -16,8 +17,10 @@ train or test split), saved with a fresh 10-class head. Methods:
    from the previous task's, where the pipeline's `fisher:` option starts from the pretrained norms)
 8. beyond the list: the two-stage bank with a throwaway head in the LN stage (the reference code's --unbiased);
    and a check that the two-stage bank built here from the library's pieces equals the pipeline's run
+9. the two-stage pipeline with `inference: routed-classes` (logits restricted to the routed slot's task's classes),
+   with `align:` (SLCA's classifier alignment from per-class feature statistics stored with each task), and both
 
-    python examples/continual_digits.py --out DIR [--quick] [--seed 0]
+    python examples/continual_digits.py --out DIR [--quick] [--seed 0] [--split pairs|groups] [--layers 2]
 
 Writes DIR/continual_digits.json (every number), DIR/continual_digits.png, and prints a table.
 """
@@ -25,6 +28,7 @@ Writes DIR/continual_digits.json (every number), DIR/continual_digits.png, and p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -43,6 +47,7 @@ from splice.adapters.bank import LayerNormBank
 from splice.arch.quiet import quiet_transformers
 from splice.demo.digits import train as digits_train
 from splice.plots import png_bytes
+from splice.registry.store import Registry
 from splice.workflows.continual.data import Batch, TaskData, batches
 from splice.workflows.continual.fisher import fisher_diagonal, subset_masks
 from splice.workflows.continual.metrics import summarize
@@ -60,8 +65,10 @@ from splice.workflows.continual.train import (
 )
 
 SEED_VARIABLE = "CONTINUAL_DIGITS_SEED"  # --seed: read by the data hooks too (the pipeline loads them by path)
-TASKS = 5
+SPLIT_VARIABLE = "CONTINUAL_DIGITS_SPLIT"  # --split: likewise
+TASKS = 5  # of the default split, `pairs`
 CLASSES_PER_TASK = 2
+GROUPS = [[0, 3, 6], [1, 4, 7], [2, 5], [8, 9]]  # the `groups` split: 4 tasks, fixed classes (issue 16's)
 PRETRAIN_FRACTION = 0.4  # of all 1797 images: the backbone's pretraining set, disjoint from every task's data
 TRAIN_FRACTION = 0.7  # of each task's images (the rest is its test set)
 FISHER_FRACTIONS = (0.1, 0.3)
@@ -78,6 +85,7 @@ class Config:
     head_lr: float  # the rectification stage
     finetune_lr: float  # full fine-tuning (sequential and joint)
     batch_size: int
+    layers: int = 2  # the backbone's transformer layers (--layers)
 
 
 FULL = Config(pretrain_steps=1500, pretrain_lr=2e-3, epochs=10, lr=1e-2, head_lr=1e-3, finetune_lr=1e-3,
@@ -93,8 +101,23 @@ def study_seed() -> int:
     return int(os.environ.get(SEED_VARIABLE, "0"))
 
 
+def study_split() -> str:
+    return os.environ.get(SPLIT_VARIABLE, "pairs")
+
+
 def class_order() -> list[int]:
     return torch.randperm(10, generator=torch.Generator().manual_seed(study_seed())).tolist()
+
+
+def task_count() -> int:
+    return TASKS if study_split() == "pairs" else len(GROUPS)
+
+
+def task_classes(index: int) -> list[int]:
+    """Task `index`'s classes: `pairs`, 2 per task in the seeded class order; `groups`, GROUPS[index]."""
+    if study_split() == "pairs":
+        return class_order()[CLASSES_PER_TASK * index: CLASSES_PER_TASK * (index + 1)]
+    return GROUPS[index]
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,9 +143,9 @@ def pretrain_split() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def task_data(index: int) -> dict[str, Batch]:
-    """Task `index`: the continual images of its 2 classes, split per class 70/30 into train and test."""
+    """Task `index`: the continual images of its classes, split per class 70/30 into train and test."""
     _, _, x, y = _digits()
-    classes = class_order()[CLASSES_PER_TASK * index: CLASSES_PER_TASK * (index + 1)]
+    classes = task_classes(index)
     train, test = [], []
     for cls in classes:
         members = (y == cls).nonzero().flatten()
@@ -157,13 +180,12 @@ def task_4() -> dict[str, Batch]:
 
 
 def task_name(index: int) -> str:
-    classes = class_order()[CLASSES_PER_TASK * index: CLASSES_PER_TASK * (index + 1)]
-    return "digits-" + "-".join(str(c) for c in classes)
+    return "digits-" + "-".join(str(c) for c in task_classes(index))
 
 
 def all_tasks() -> list[TaskData]:
     tasks = []
-    for index in range(TASKS):
+    for index in range(task_count()):
         data = task_data(index)
         tasks.append(TaskData(task_name(index), data["train"], data["test"],
                               sorted(int(c) for c in data["train"]["labels"].unique())))
@@ -173,8 +195,8 @@ def all_tasks() -> list[TaskData]:
 # ---------------------------------------------------------------------------------------------------------------
 # the backbone
 
-def backbone_config() -> transformers.ViTConfig:
-    return transformers.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=2,
+def backbone_config(layers: int = 2) -> transformers.ViTConfig:
+    return transformers.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=layers,
                                   num_attention_heads=4, intermediate_size=128, num_labels=10)
 
 
@@ -184,13 +206,13 @@ def pretrain_backbone(directory: Path, config: Config) -> dict:
     x, y = pretrain_split()
     seed = study_seed()
     torch.manual_seed(seed)
-    model = transformers.ViTForImageClassification(backbone_config())
+    model = transformers.ViTForImageClassification(backbone_config(config.layers))
     losses = digits_train(model, x, y, lr=config.pretrain_lr, steps=config.pretrain_steps, seed=seed,
                             noise=0.05, shift=1)
     with torch.no_grad():
         train_accuracy = float((model(pixel_values=x).logits.argmax(-1) == y).float().mean())
     torch.manual_seed(seed + 1)
-    fresh = transformers.ViTForImageClassification(backbone_config())
+    fresh = transformers.ViTForImageClassification(backbone_config(config.layers))
     fresh.vit.load_state_dict(model.vit.state_dict())
     with quiet_transformers():
         fresh.save_pretrained(directory)
@@ -206,30 +228,48 @@ def load_backbone(directory: Path) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 # 1-3: the keyed banks through the pipeline
 
-def pipeline_file(out: Path, base: Path, name: str, rectify: bool, config: Config) -> Path:
+# the pipeline variants: name -> (rectify, inference, align); every option spelled out, whatever the defaults are
+ALIGN = {"samples": 256, "epochs": 5, "lr": 1e-2}
+PIPELINES = {"keyed-two-stage": (True, "all-classes", None), "keyed-one-stage": (False, "all-classes", None),
+             "keyed-routed-classes": (True, "routed-classes", None), "keyed-aligned": (True, "all-classes", ALIGN),
+             "keyed-aligned-routed": (True, "routed-classes", ALIGN)}
+
+
+def pipeline_file(out: Path, base: Path, name: str, rectify: bool, config: Config, inference: str = "all-classes",
+                  align: dict | None = None) -> Path:
     here = Path(__file__).resolve()
     spec = {"base": str(base), "name": name, "registry": str(out / "registry"), "protocol": "class-incremental",
-            "tasks": [{"name": task_name(i), "data": f"{here}:task_{i}"} for i in range(TASKS)],
+            "tasks": [{"name": task_name(i), "data": f"{here}:task_{i}"} for i in range(task_count())],
             "norms": "all", "epochs": config.epochs, "lr": config.lr, "head_lr": config.head_lr,
-            "rectify": rectify, "batch_size": config.batch_size, "seed": study_seed()}
+            "rectify": rectify, "batch_size": config.batch_size, "seed": study_seed(), "inference": inference,
+            "align": align}
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
 def keyed_rows(out: Path, base: Path, config: Config) -> tuple[dict[str, dict], dict[str, dict]]:
-    """The two-stage and one-stage banks through run_pipeline; their rows (and oracle rows) and their reports."""
+    """The PIPELINES through run_pipeline; their rows (and oracle rows) and their reports."""
     rows, oracles, reports = {}, {}, {}
-    for name, rectify in (("keyed-two-stage", True), ("keyed-one-stage", False)):
+    for name, (rectify, inference, align) in PIPELINES.items():
         with quiet_transformers():
-            report = run_pipeline(pipeline_file(out, base, name, rectify, config), report_dir=out / name)
+            report = run_pipeline(pipeline_file(out, base, name, rectify, config, inference, align),
+                                  report_dir=out / name)
         reports[name] = asdict(report)
         stored = max(report.parameters_per_task) + report.key_size  # every task stores its whole slot here
+        extra = {"statistics_values_per_task": statistics_values(out, name)} if align else {}
         rows[name] = row(report.accuracy, report.task_id_accuracy[-1], stored, report.head_parameters,
-                         source=f"{name}/continual_report.json")
+                         source=f"{name}/continual_report.json", **extra)
         oracles[f"oracle-{name[6:]}"] = row(report.oracle_accuracy, 1.0, stored, report.head_parameters,
                                             source=f"{name}/continual_report.json (oracle_accuracy)")
     return rows | oracles, reports
+
+
+def statistics_values(out: Path, name: str) -> int:
+    """Values of the class statistics (means and covariances) an aligned pipeline's task versions keep, at most."""
+    store = Registry.open(out / "registry")
+    kept = [store.load(f"{name}@task-{i + 1}").meta.settings["class_statistics"] for i in range(task_count())]
+    return max(sum(len(s["mean"]) + len(s["covariance"]) ** 2 for s in statistics.values()) for statistics in kept)
 
 
 def task_seed(index: int) -> int:
@@ -242,7 +282,8 @@ def row(matrix: list[list[float]], task_id: float | None, stored: int, head: int
     return {"final_average_accuracy": summary.final_average_accuracy, "forgetting": summary.forgetting,
             "backward_transfer": summary.backward_transfer,
             "average_incremental_accuracy": summary.average_incremental_accuracy,
-            "task_id_accuracy": task_id, "parameters_per_task": stored, "head_parameters": head,
+            "last_task_accuracy": matrix[-1][-1], "task_id_accuracy": task_id, "parameters_per_task": stored,
+            "head_parameters": head,
             "accuracy": matrix, **extra}
 
 
@@ -332,7 +373,7 @@ def joint(base: Path, tasks: list[TaskData], config: Config) -> dict:
     # one model for every task: its matrix is the final row (forgetting and BWT 0 by construction)
     matrix = [final[: i + 1] for i in range(len(tasks))]
     summary = {"final_average_accuracy": sum(final) / len(final), "forgetting": 0.0, "backward_transfer": 0.0,
-               "average_incremental_accuracy": None, "task_id_accuracy": None,
+               "average_incremental_accuracy": None, "last_task_accuracy": final[-1], "task_id_accuracy": None,
                "parameters_per_task": sum(p.numel() for p in model.parameters()), "head_parameters": 0,
                "accuracy": matrix[-1:], "note": "trained once on all tasks' data (not continual)"}
     return summary
@@ -425,7 +466,7 @@ def run_study(out: Path, config: Config) -> dict:
               "rebuilt_equals_pipeline": rebuilt["accuracy"] == rows["keyed-two-stage"]["accuracy"]}
     seconds["rebuilt-two-stage"] = time.perf_counter() - started - sum(seconds.values())
     seconds["total"] = time.perf_counter() - started
-    return {"config": asdict(config), "seed": study_seed(), "class_order": class_order(),
+    return {"config": asdict(config), "seed": study_seed(), "split": study_split(), "class_order": class_order(),
             "tasks": [{"name": t.name, "classes": t.classes, "train": t.train["labels"].shape[0],
                        "test": t.test["labels"].shape[0]} for t in tasks],
             "backbone": backbone, "methods": rows, "checks": checks, "pipeline_reports": reports, "seconds": seconds,
@@ -438,10 +479,11 @@ def table(results: dict) -> str:
             return "-"
         return f"{100 * value:.1f}" if pct else f"{value:,}"
 
-    lines = ["| method | final avg acc % | forgetting (pts) | task-id acc % | params stored per task | shared head |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| method | final avg acc % | last task % | forgetting (pts) | task-id acc % | params stored per task "
+             "| shared head |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results["methods"].items():
-        lines.append(f"| {name} | {cell(r['final_average_accuracy'])} | {cell(r['forgetting'])} | "
+        lines.append(f"| {name} | {cell(r['final_average_accuracy'])} | {cell(r['last_task_accuracy'])} | "
+                     f"{cell(r['forgetting'])} | "
                      f"{cell(r['task_id_accuracy'])} | {cell(r['parameters_per_task'], False)} | "
                      f"{cell(r['head_parameters'], False)} |")
     return "\n".join(lines)
@@ -458,7 +500,7 @@ def draw(results: dict) -> Callable:
         bars.set_yticks(range(len(names)), names, fontsize="small")
         bars.invert_yaxis()
         bars.set_xlim(0, 1)
-        bars.set_xlabel("final average accuracy (5 tasks, all seen classes)")
+        bars.set_xlabel(f"final average accuracy ({task_count()} tasks, all seen classes)")
         for i, v in enumerate(values):
             bars.text(v + 0.01, i, f"{v:.2f}", va="center", fontsize="x-small")
         matrix = results["methods"]["keyed-two-stage"]["accuracy"]
@@ -482,18 +524,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True, help="directory for the backbone, registry and reports")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (fewer steps and epochs)")
     parser.add_argument("--seed", type=int, default=0, help="class order, splits and training (default 0)")
+    parser.add_argument("--split", choices=["pairs", "groups"], default="pairs",
+                        help="pairs: 5 tasks of 2 classes in the seeded order; groups: {0,3,6} {1,4,7} {2,5} {8,9}")
+    parser.add_argument("--layers", type=int, default=2, help="the backbone's transformer layers (default 2)")
     args = parser.parse_args(argv)
-    threads, previous = torch.get_num_threads(), os.environ.get(SEED_VARIABLE)
+    variables = {SEED_VARIABLE: str(args.seed), SPLIT_VARIABLE: args.split}
+    threads, previous = torch.get_num_threads(), {name: os.environ.get(name) for name in variables}
     torch.set_num_threads(1)
-    os.environ[SEED_VARIABLE] = str(args.seed)
+    os.environ.update(variables)
     try:
-        results = run_study(args.out, QUICK if args.quick else FULL)
+        config = QUICK if args.quick else FULL
+        results = run_study(args.out, dataclasses.replace(config, layers=args.layers))
     finally:
         torch.set_num_threads(threads)
-        if previous is None:
-            os.environ.pop(SEED_VARIABLE)
-        else:
-            os.environ[SEED_VARIABLE] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
     results["quick"] = args.quick
     (args.out / JSON_NAME).write_text(json.dumps(results, indent=2) + "\n")
     (args.out / PNG_NAME).write_bytes(png_bytes(draw(results), size=(12.0, 5.0)))

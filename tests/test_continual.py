@@ -192,6 +192,19 @@ def test_another_pipeline_under_the_same_name_is_refused(tmp_path):
                                    tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]))
 
 
+def kill_once_the_second_task_is_pushed(path: Path, registry: Path, report: Path) -> None:
+    """`splice continual run PATH` in a subprocess, SIGKILLed once task 2's alias reached the registry."""
+    marker = registry / "patches" / "cl" / "aliases" / "task-2" / "1.json"
+    process = subprocess.Popen([sys.executable, "-m", "splice", "continual", "run", str(path), "-q",
+                                "--report", str(report)], env={**os.environ, "PYTHONPATH": str(HERE)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_marker(process, marker)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+
+
 def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     base = tiny_vit(tmp_path / "vit")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -199,15 +212,7 @@ def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, m
         Registry.init(registry)
     uninterrupted = run_pipeline(pipeline_file(tmp_path, base, str(whole)))
     path = pipeline_file(tmp_path, base, str(parts))
-    marker = parts / "patches" / "cl" / "aliases" / "task-2" / "1.json"  # task 2 reached the registry
-    process = subprocess.Popen([sys.executable, "-m", "splice", "continual", "run", str(path), "-q",
-                                "--report", str(tmp_path / "never")], env={**os.environ, "PYTHONPATH": str(HERE)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for_marker(process, marker)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(timeout=60)
+    kill_once_the_second_task_is_pushed(path, parts, tmp_path / "never")
     finished = len(Registry.open(parts).aliases("cl"))
     assert finished in (2, 3) and not (tmp_path / "never").exists()
     code, out, err = run_cli(["continual", "run", path, "--resume", "--report", tmp_path / "resumed"],

@@ -8,10 +8,12 @@ import json
 import continual_digits
 import pytest
 
-METHODS = ["keyed-two-stage", "keyed-one-stage", "oracle-two-stage", "oracle-one-stage", "sequential-finetune",
-           "sequential-layernorm", "joint", "fisher-10%", "random-10%", "fisher-30%", "random-30%",
-           "two-stage-throwaway-head"]
-RATES = ["final_average_accuracy", "forgetting", "task_id_accuracy", "average_incremental_accuracy"]
+PIPELINES = ["keyed-two-stage", "keyed-one-stage", "keyed-routed-classes", "keyed-aligned", "keyed-aligned-routed"]
+METHODS = [*PIPELINES, "oracle-two-stage", "oracle-one-stage", "oracle-routed-classes", "oracle-aligned",
+           "oracle-aligned-routed", "sequential-finetune", "sequential-layernorm", "joint", "fisher-10%", "random-10%",
+           "fisher-30%", "random-30%", "two-stage-throwaway-head"]
+RATES = ["final_average_accuracy", "forgetting", "task_id_accuracy", "average_incremental_accuracy",
+         "last_task_accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,9 @@ def test_every_method_has_a_row_with_rates_in_0_1(study):
     for name, row in results["methods"].items():
         for rate in RATES:
             value = row[rate]
-            assert value is None or 0.0 <= value <= 1.0, (name, rate, value)
+            # a row whose head is re-fitted to every seen class after each task may end above an earlier best
+            low = -1.0 if rate == "forgetting" and "aligned" in name else 0.0
+            assert value is None or low <= value <= 1.0, (name, rate, value)
         assert row["final_average_accuracy"] is not None
         assert all(0.0 <= a <= 1.0 for r in row["accuracy"] for a in r), name
         assert row["parameters_per_task"] > 0
@@ -39,7 +43,7 @@ def test_every_method_has_a_row_with_rates_in_0_1(study):
 
 def test_the_pipeline_rows_are_the_pipeline_reports_numbers(study):
     results, out = study
-    for name in ("keyed-two-stage", "keyed-one-stage"):
+    for name in PIPELINES:
         report = json.loads((out / name / "continual_report.json").read_text())
         assert report == results["pipeline_reports"][name]
         row, oracle = results["methods"][name], results["methods"][f"oracle-{name[6:]}"]
@@ -50,6 +54,7 @@ def test_the_pipeline_rows_are_the_pipeline_reports_numbers(study):
         assert row["parameters_per_task"] == max(report["parameters_per_task"]) + report["key_size"]
         assert oracle["final_average_accuracy"] == report["oracle_final_average_accuracy"]
         assert oracle["accuracy"] == report["oracle_accuracy"]
+        assert row["last_task_accuracy"] == report["accuracy"][-1][-1]
     assert (out / "registry").is_dir()
     # the example's own two-stage bank (library pieces, pipeline seeding) reproduces the pipeline's run exactly
     assert results["checks"]["rebuilt_equals_pipeline"]
@@ -74,3 +79,31 @@ def test_the_tasks_are_disjoint_from_the_pretraining_images():
         assert not any(tuple(i.flatten().tolist()) in seen for i in images)  # digits holds no duplicate images
         classes += sorted(set(data["train"]["labels"].tolist()))
     assert sorted(classes) == list(range(10))
+
+
+def test_the_new_inference_and_alignment_variants_are_what_they_say(study):
+    results, out = study
+    reports = results["pipeline_reports"]
+    # the same keys, slots and routing: alignment and the inference rule change only the head and the scoring
+    for name in PIPELINES[2:]:
+        assert reports[name]["task_id_accuracy"] == reports["keyed-two-stage"]["task_id_accuracy"], name
+    # routed-classes changes only the scoring: the two-stage run's versions, scored within the routed task
+    assert reports["keyed-routed-classes"]["losses"] == reports["keyed-two-stage"]["losses"]
+    # with its own slot and only its task's classes: routed-classes' oracle is the within-task accuracy
+    assert results["methods"]["oracle-routed-classes"]["accuracy"][-1] == \
+        results["checks"]["within_task_oracle_accuracy"]
+    for name in ("keyed-aligned", "keyed-aligned-routed"):
+        assert all("loss.alignment" in losses for losses in reports[name]["losses"]), name
+        assert results["methods"][name]["statistics_values_per_task"] == 2 * (64 + 64 * 64)  # 2 classes, 64-d
+
+
+def test_the_groups_split_is_the_four_fixed_tasks(monkeypatch):
+    monkeypatch.setenv(continual_digits.SPLIT_VARIABLE, "groups")
+    pretrain_x, _ = continual_digits.pretrain_split()
+    seen = {tuple(image.flatten().tolist()) for image in pretrain_x}
+    assert continual_digits.task_count() == 4
+    for index, classes in enumerate([[0, 3, 6], [1, 4, 7], [2, 5], [8, 9]]):
+        data = continual_digits.task_data(index)
+        assert sorted(set(data["train"]["labels"].tolist())) == sorted(set(data["test"]["labels"].tolist())) == classes
+        assert not any(tuple(i.flatten().tolist()) in seen for i in data["test"]["pixel_values"])
+    assert continual_digits.task_name(2) == "digits-2-5"

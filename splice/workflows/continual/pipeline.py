@@ -18,6 +18,8 @@ batch_size: 32
 seed: 0                          # task i seeds torch with seed * 100003 + i (a 64-bit integer)
 keys: closed-form                # or trained: key_epochs of -mean cos(f, k) with Adam from an orthogonal start
 fisher: null                     # or {fraction: 0.1, granularity: entries|modules, random: false}
+inference: all-classes           # or routed-classes: logits restricted to the routed slot's task classes
+align: {samples: 256, epochs: 5, lr: 0.01}   # classifier alignment after each task (the default); null: off
 device: auto                     # where training and evaluation run: auto (cuda when there is one), cpu, cuda
 ```
 A data function returns `{"train": batch, "test": batch}`, each batch a dict of model inputs (tensors with the
@@ -31,7 +33,16 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from splice.errors import SpliceError
 from splice.registry.refs import check_name
@@ -60,6 +71,17 @@ class FisherSubset(BaseModel):
     random: bool = False
 
 
+class ClassifierAlignment(BaseModel):
+    """After each task, the head re-trained on features sampled from a Gaussian per seen class (SLCA's classifier
+    alignment, Zhang et al. 2023): each task stores the mean and covariance of the features its classes give the
+    head (with the task's own slot), so no old data is kept. `samples` per class, Adam at `lr` for `epochs`."""
+
+    model_config = ConfigDict(extra="forbid")
+    samples: StrictInt = Field(default=256, ge=1)
+    epochs: StrictInt = Field(default=5, ge=1)
+    lr: FiniteFloat = Field(default=1e-2, gt=0, le=10)
+
+
 class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN)
@@ -85,6 +107,8 @@ class Pipeline(BaseModel):
     key_epochs: StrictInt = Field(default=5, ge=1)  # trained keys: epochs of -mean cos(f, k), Adam
     key_lr: LearningRate = 1e-2
     fisher: FisherSubset | None = None
+    inference: Literal["all-classes", "routed-classes"] = "all-classes"
+    align: ClassifierAlignment | None = Field(default_factory=ClassifierAlignment)  # null: off
     device: str = "auto"  # auto (cuda when there is a GPU), cpu, cuda, cuda:N
 
     @field_validator("name")
@@ -123,12 +147,22 @@ class Pipeline(BaseModel):
             seen.add(task.name)
         return tasks
 
+    @model_validator(mode="after")
+    def _routed_classes_need_class_incremental(self) -> Pipeline:
+        if self.inference == "routed-classes" and self.protocol != "class-incremental":
+            raise ValueError("inference: routed-classes is for class-incremental pipelines (task-incremental "
+                             "already scores each task within its own classes)")
+        return self
+
     def digest(self, tasks: int | None = None) -> str:
         """What identifies the results of the first `tasks` tasks (default: all): the settings and those tasks'
         names, not where the base, the data or the registry are (the base is checked by its fingerprint), so a
         pipeline may grow by tasks and its files may move."""
         identity = self.model_dump(mode="json", exclude={"registry", "base", "tasks", "device"})
         identity["tasks"] = [task.name for task in self.tasks[:tasks]]
+        for option, before in (("inference", "all-classes"), ("align", None)):  # results made before they existed
+            if identity[option] == before:
+                del identity[option]
         return "sha256:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

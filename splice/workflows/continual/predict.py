@@ -26,7 +26,7 @@ from splice.workflows.continual.data import Batch, batches, check_batch
 from splice.workflows.continual.model import load_model
 from splice.workflows.continual.run import restore_task
 from splice.workflows.continual.stored import pretrained_values
-from splice.workflows.continual.train import inputs_of, masked_logits, model_inputs
+from splice.workflows.continual.train import inputs_of, masked_logits, model_inputs, routed_logits
 
 
 @dataclass
@@ -35,6 +35,7 @@ class LoadedBank:
     refs: list[str]  # the version of each task, in task order
     classes: list[list[int]]  # each task's classes
     aliases: list[str] | None = None  # each task's alias (task-1 .., or task-0 .. in an older registry)
+    inference: str = "all-classes"  # the pipeline's: over every task's classes, or the routed task's (routed-classes)
 
 
 def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None = None,
@@ -81,7 +82,7 @@ def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None
         progress.advance(1, 0)
     progress.finish()
     # restore_task loaded each task's head in turn: the last one, `ref`'s, is the bank's
-    return LoadedBank(bank, refs, classes, names)
+    return LoadedBank(bank, refs, classes, names, settings.get("inference", "all-classes"))
 
 
 @dataclass
@@ -97,7 +98,8 @@ class Predictions:
 @torch.no_grad()
 def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64, progress: Progress | None = None
             ) -> Predictions:
-    """Routed predictions (each input's slot chosen by its key) over the classes of every task in the bank."""
+    """Routed predictions (each input's slot chosen by its key) over the classes of every task in the bank, or,
+    for a pipeline with `inference: routed-classes`, over the classes of each input's routed task."""
     batch = check_batch(batch, "the data", labels=False)
     every = sorted({c for task in loaded.classes for c in task})
     loaded.bank.model.eval()
@@ -109,7 +111,11 @@ def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64, progress: Pr
         with model_inputs("the data"):
             ids = loaded.bank.route(**inputs)
             logits = loaded.bank(task_ids=ids, **inputs).logits
-        predicted.append(masked_logits(logits, every).argmax(-1))
+        if loaded.inference == "routed-classes":
+            logits = routed_logits(logits, ids, loaded.classes)
+        else:
+            logits = masked_logits(logits, every)
+        predicted.append(logits.argmax(-1))
         selected.append(ids)
         progress.advance(ids.shape[0], 0)
     progress.finish()

@@ -23,6 +23,7 @@ from splice.registry.store import Registry
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
 from splice.tensors.writer import check_report_dir
+from splice.workflows.continual import align
 from splice.workflows.continual.aliases import alias_of, check_aliased_task, uses_legacy_aliases
 from splice.workflows.continual.data import TaskData, check_protocol, load_task
 from splice.workflows.continual.fisher import fisher_diagonal, subset_masks
@@ -36,7 +37,15 @@ from splice.workflows.continual.model import (
 from splice.workflows.continual.pipeline import Pipeline, load_pipeline, task_seed
 from splice.workflows.continual.report import REPORT_FILES, ContinualReport
 from splice.workflows.continual.stored import Values, pretrained_values, stored_entries, task_patch, task_values
-from splice.workflows.continual.train import Schedule, dry_run, evaluate, rectify_head, task_key, train_slot
+from splice.workflows.continual.train import (
+    Schedule,
+    align_head,
+    dry_run,
+    evaluate,
+    rectify_head,
+    task_key,
+    train_slot,
+)
 
 
 @dataclass
@@ -51,6 +60,7 @@ class RunState:
     resumed: int = 0  # tasks taken from the registry rather than trained here
     kept: int = 0  # tasks in the registry (resumed or pushed by this run)
     legacy_aliases: bool = False  # the registry numbers its tasks' aliases from task-0
+    statistics: list[dict[int, align.ClassStatistics]] = field(default_factory=list)  # per task, for `align:`
 
 
 def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False,
@@ -73,6 +83,8 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     check_protocol(tasks, pipeline.protocol, bank.model.config.num_labels)
     tuned = tuned_norms(bank, pipeline.norms)
     dry_run(bank, tasks, pipeline.batch_size)
+    if pipeline.align is not None:
+        align.check_alignable(bank, head_names, tasks[0])
     pretrained = pretrained_values(pipeline.base, [*bank.tensor_names, *head_names])
     # the registry is created (when nothing is there yet) only once the pipeline has passed every check
     store = location if isinstance(location, Registry) else Registry.init(location, storage_options)
@@ -162,6 +174,7 @@ def _restore(store: Registry, ref: str, base: str, bank: LayerNormBank, pretrain
     state.task_id.append(metrics["task_id_accuracy"])
     state.losses.append({k: v for k, v in metrics.items() if k.startswith("loss.")})
     state.stored.append(stored_entries(patch))
+    state.statistics.append(align.decode(settings))
     state.resumed += 1
 
 
@@ -217,13 +230,21 @@ def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_nam
     for parameter in head:
         parameter.requires_grad_(False)
     every = bank.slot_state(slot)
-    patch = task_patch(pipeline.base, {n: every[n].cpu() for n in tuned}, head_state_of(bank.model, head_names),
-                       pretrained, masks, _settings(pipeline, task, slot, key),
-                       f"continual pipeline {pipeline.name}, task {slot + 1}: {task.name}")
+
+    def stored(settings: dict) -> Patch:
+        return task_patch(pipeline.base, {n: every[n].cpu() for n in tuned}, head_state_of(bank.model, head_names),
+                          pretrained, masks, settings,
+                          f"continual pipeline {pipeline.name}, task {slot + 1}: {task.name}")
+
+    patch = stored(_settings(pipeline, task, slot, key))
+    if pipeline.align is not None:
+        patch = stored(_aligned(pipeline, bank, head_names, patch, pretrained, task, schedule, generator, state,
+                                losses, progress, label))
     values = task_values(patch, pretrained)  # go on from the task exactly as stored (what --resume reads back)
     bank.load_slot(slot, {name: values[name] for name in patch.meta.settings["slot"]})
     load_head(bank.model, {name: values[name] for name in head_names})
-    result = evaluate(bank, tasks[: index + 1], pipeline.protocol, schedule.batch_size, progress, label)
+    result = evaluate(bank, tasks[: index + 1], pipeline.protocol, schedule.batch_size, progress, label,
+                      pipeline.inference)
     state.matrix.append(result.accuracy)
     state.oracle.append(result.oracle_accuracy)
     state.task_id.append(result.task_id_accuracy)
@@ -252,4 +273,28 @@ def _settings(pipeline: Pipeline, task: TaskData, slot: int, key: torch.Tensor) 
                 "protocol": pipeline.protocol}
     if pipeline.fisher is not None:
         settings["fisher"] = pipeline.fisher.model_dump(mode="json")
+    if pipeline.inference != "all-classes":
+        settings["inference"] = pipeline.inference
+    return settings
+
+
+def _aligned(pipeline: Pipeline, bank: LayerNormBank, head_names: list[str], patch: Patch, pretrained: Values,
+             task: TaskData, schedule: Schedule, generator: torch.Generator, state: RunState,
+             losses: dict[str, float], progress: Progress, label: str) -> dict:
+    """Classifier alignment after the task: its classes' feature statistics (with its slot as stored), then the
+    head re-trained on draws from every seen class's; the settings of the task's version, with its statistics."""
+    slot = int(patch.meta.settings["task"])
+    values = task_values(patch, pretrained)
+    bank.load_slot(slot, {name: values[name] for name in patch.meta.settings["slot"]})
+    module = align.head_module(bank.model, head_names)
+    features = align.head_features(bank, module, slot, task.train, schedule.batch_size)
+    settings = {**patch.meta.settings, align.SETTINGS_KEY: align.encode(align.class_statistics(
+        features, task.train["labels"]))}
+    state.statistics.append(align.decode(settings))  # as a resumed run reads them back
+    sampled, labels = align.sample_features(state.statistics, pipeline.align.samples, generator)
+    head = head_parameters(bank.model, head_names)
+    losses["loss.alignment"] = align_head(module, head, sampled, labels, pipeline.align.lr, pipeline.align.epochs,
+                                          schedule, generator, progress, label)
+    for parameter in head:
+        parameter.requires_grad_(False)
     return settings

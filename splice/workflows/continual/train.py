@@ -63,6 +63,14 @@ def masked_logits(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     return logits.masked_fill(~allowed, float("-inf"))
 
 
+def routed_logits(logits: torch.Tensor, ids: torch.Tensor, task_classes: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Each sample's logits outside the classes of its routed task (`ids`: one slot per sample) set to -inf."""
+    allowed = torch.zeros(len(task_classes), logits.shape[-1], dtype=torch.bool, device=logits.device)
+    for task, classes in enumerate(task_classes):
+        allowed[task, list(classes)] = True
+    return logits.masked_fill(~allowed[ids.to(logits.device)], float("-inf"))
+
+
 @torch.no_grad()
 def task_features(bank: LayerNormBank, data: TaskData, batch_size: int) -> torch.Tensor:
     """The frozen model's routing features of the task's training inputs."""
@@ -161,6 +169,24 @@ def rectify_head(bank: LayerNormBank, head: list[torch.nn.Parameter], data: Task
                    progress or NoProgress(), f"{label} head")
 
 
+def align_head(head_module: torch.nn.Module, head: list[torch.nn.Parameter], features: torch.Tensor,
+               labels: torch.Tensor, lr: float, epochs: int, schedule: Schedule, generator: torch.Generator,
+               progress: Progress | None = None, label: str = "") -> float:
+    """Classifier alignment: only the head trains, on `features` (drawn from every seen class's statistics) with
+    logits over every class among `labels`."""
+    classes = sorted(int(c) for c in labels.unique())
+    data = TaskData("alignment", {"features": features, "labels": labels}, {}, classes)
+
+    def loss_of(batch: Batch) -> torch.Tensor:
+        logits = head_module(batch["features"].to(head[0].dtype))
+        return torch.nn.functional.cross_entropy(masked_logits(logits, classes), batch["labels"])
+
+    for parameter in head:
+        parameter.requires_grad_(True)
+    return _epochs(head, lr, epochs, data, schedule, generator, loss_of, progress or NoProgress(),
+                   f"{label} alignment")
+
+
 @dataclass(frozen=True)
 class Evaluation:
     accuracy: list[float]  # per seen task, routed by the keys
@@ -170,11 +196,13 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(bank: LayerNormBank, seen: list[TaskData], protocol: str, batch_size: int,
-             progress: Progress | None = None, label: str = "") -> Evaluation:
-    """Accuracy on every seen task's test set: class-incremental over all classes seen so far, task-incremental
-    over the task's own classes; with routed slots and with oracle slots."""
+             progress: Progress | None = None, label: str = "", inference: str = "all-classes") -> Evaluation:
+    """Accuracy on every seen task's test set: class-incremental over all classes seen so far (`routed-classes`:
+    over the classes of each input's slot's task), task-incremental over the task's own classes; with routed
+    slots and with oracle slots."""
     bank.model.eval()
     every_class = sorted({c for task in seen for c in task.classes})
+    task_classes = [task.classes for task in seen] if inference == "routed-classes" else None
     routed, oracle, right, total = [], [], 0, 0
     progress = progress or NoProgress()
     progress.start(f"{label} evaluating {len(seen)} task(s)", sum(t.test["labels"].shape[0] for t in seen), 0,
@@ -185,10 +213,9 @@ def evaluate(bank: LayerNormBank, seen: list[TaskData], protocol: str, batch_siz
         for batch in batches(task.test, batch_size, device=bank.keys.device):
             inputs, labels = inputs_of(batch), batch["labels"]
             ids = bank.route(**inputs)
-            hits += int((masked_logits(bank(task_ids=ids, **inputs).logits, classes).argmax(-1) == labels).sum())
             own = torch.full_like(ids, index)
-            oracle_hits += int((masked_logits(bank(task_ids=own, **inputs).logits, classes).argmax(-1)
-                                == labels).sum())
+            hits += _correct(bank, inputs, labels, ids, classes, task_classes)
+            oracle_hits += _correct(bank, inputs, labels, own, classes, task_classes)
             right, total = right + int((ids == index).sum()), total + labels.shape[0]
             progress.advance(labels.shape[0], 0)
         count = task.test["labels"].shape[0]
@@ -196,3 +223,12 @@ def evaluate(bank: LayerNormBank, seen: list[TaskData], protocol: str, batch_siz
         oracle.append(oracle_hits / count)
     progress.finish()
     return Evaluation(routed, oracle, right / total)
+
+
+def _correct(bank: LayerNormBank, inputs: Batch, labels: torch.Tensor, slots: torch.Tensor, classes: list[int],
+             task_classes: list[list[int]] | None) -> int:
+    """How many inputs the bank classifies right with `slots`: over `classes`, or (`task_classes` given: the
+    routed-classes inference) over the classes of each input's slot's task."""
+    logits = bank(task_ids=slots, **inputs).logits
+    logits = routed_logits(logits, slots, task_classes) if task_classes is not None else masked_logits(logits, classes)
+    return int((logits.argmax(-1) == labels).sum())
