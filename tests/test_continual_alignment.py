@@ -208,6 +208,22 @@ def test_a_pipeline_spelling_out_the_earlier_behaviour_keeps_its_digest():
     assert Pipeline(**spec, align={}).digest() != before
 
 
+def test_results_made_without_alignment_say_how_to_go_on_with_them(tmp_path):
+    """A registry of a pipeline run without alignment (as every run was before it became the default), resumed
+    with a file that does not mention align: refused before any training, saying to add `align: null`."""
+    base = tiny_vit(tmp_path / "vit")
+    registry = tmp_path / "registry"
+    first = [{"name": "t0", "data": f"{TASK_FILE}:task_0"}]
+    run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False, align=None, tasks=first))
+    grown = pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False)
+    assert "align" not in yaml.safe_load(grown.read_text())
+    with pytest.raises(SpliceError, match=r"made without classifier alignment \(cl@1\).*add `align: null`"):
+        run_pipeline(grown, resume=True)
+    assert [m.version for m in Registry.open(registry).versions("cl")] == [1]
+    spelled = pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False, align=None)
+    assert run_pipeline(spelled, resume=True).resumed_tasks == 1
+
+
 def test_draws_follow_each_tasks_class_statistics_even_singular_ones():
     from splice.workflows.continual.align import ClassStatistics, class_statistics, sample_features
 

@@ -127,6 +127,12 @@ def _kept(pipeline: Pipeline, state: RunState) -> str:
             f"to go on with task {state.kept + 1} of {len(pipeline.tasks)}")
 
 
+def _other_pipelines(versions, pipeline: Pipeline) -> list:
+    """The versions whose recorded pipeline digest is not `pipeline`'s for the tasks up to theirs."""
+    return [m for m in versions
+            if m.meta.settings.get("pipeline") != pipeline.digest(int(m.meta.settings.get("task", -1)) + 1)]
+
+
 def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> tuple[list[str], bool]:
     """Refs (in task order) of this pipeline's finished tasks, and whether the registry numbers their aliases from
     task-0 (written before the 1-based numbering). Task i's version records the digest of the
@@ -137,8 +143,12 @@ def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> tuple[
     if store.latest_version(pipeline.name) is None:
         return [], False
     versions = {m.version: m for m in store.versions(pipeline.name) if not store.missing_blobs(m)}
-    other = [m for m in versions.values()
-             if m.meta.settings.get("pipeline") != pipeline.digest(int(m.meta.settings.get("task", -1)) + 1)]
+    other = _other_pipelines(versions.values(), pipeline)
+    unaligned = pipeline.model_copy(update={"align": None})
+    if other and pipeline.align is not None and not _other_pipelines(other, unaligned):
+        raise SpliceError(f"registry name {pipeline.name} holds this pipeline's results made without classifier "
+                          f"alignment ({other[0].ref}), from before align: became the default; add `align: null` to "
+                          "the pipeline file to go on with them, or give this pipeline another name")
     if other:
         raise SpliceError(f"registry name {pipeline.name} already holds another pipeline's results "
                           f"({other[0].ref}); give this pipeline another name, or remove them")
