@@ -274,7 +274,7 @@ def test_continual_resume_reruns_a_task_whose_push_never_published(tmp_path):
     store = Registry.open(registry)
     assert resumed.resumed_tasks == 1 and len(resumed.accuracy) == 3
     assert [v.version for v in store.versions("cl")] == [1, 3, 4]  # task 1 ran again; 2 is never reused
-    assert {a: r.version for a, r in store.aliases("cl").items()} == {"task-0": 1, "task-1": 3, "task-2": 4}
+    assert {a: r.version for a, r in store.aliases("cl").items()} == {"task-1": 1, "task-2": 3, "task-3": 4}
     assert store.verify().ok
     assert [line.split(":")[0] for line in store.gc().pending_withdrawn] == ["withdrew cl@2"]
 
@@ -324,4 +324,4 @@ def test_continual_resume_reruns_a_task_whose_version_lost_its_blobs(tmp_path):
     assert store.missing_blobs(second) and not store.missing_blobs(first)
     resumed = run_pipeline(path, resume=True)  # before: every resume failed reading cl@2's blobs
     assert resumed.resumed_tasks == 1 and len(resumed.accuracy) == 2
-    assert Registry.open(registry).resolve("cl@task-1").version == 3
+    assert Registry.open(registry).resolve("cl@task-2").version == 3  # task 2 (1-based aliases)
