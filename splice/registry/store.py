@@ -284,7 +284,9 @@ class Registry:
             manifest = None
         except RegistryError as exc:
             manifest = exc
-        pending, removed = self._backend.sizes([pending_rel(name, version), removed_rel(name, version)])
+        # asked one after the other: a store answers a batch in any order (see the module docstring for why)
+        pending = self._backend.sizes([pending_rel(name, version)])[0]
+        removed = self._backend.sizes([removed_rel(name, version)])[0]
         if removed is not None:
             raise RegistryError(f"{name}@{version} was removed; its number is not reused")
         if pending is not None:
