@@ -353,3 +353,23 @@ def test_resolving_a_version_asks_for_its_pending_marker_before_its_tombstone(tm
     backend.sizes = any_order
     with pytest.raises(RegistryError, match="not published|was removed"):
         registry.resolve("x@1")
+
+
+def test_ls_name_reports_the_pending_version_of_a_name_with_nothing_published(tmp_path, monkeypatch, capsys):
+    """A name's first push killed with its version pending: `registry ls` lists the name (0 versions); `ls NAME`
+    said "no patch named x ... `splice registry ls` lists them" and hid the pending version it reports for
+    every other name."""
+    from test_registry import make_patch
+
+    from splice.registry.layout import pending_rel
+
+    url = str(tmp_path / "registry")
+    registry = Registry.init(url)
+    registry.push("x", make_patch(72))
+    marker = {"host": "another-machine", "pid": 4242, "started": 1.0, "expires": 2.0}
+    assert registry._backend.create(pending_rel("x", 1), json.dumps(marker).encode())  # as a killed push left it
+    code, out, err = run_cli(["registry", "ls", "--registry", url], monkeypatch, capsys)
+    assert code == 0 and "x" in out, err
+    code, out, err = run_cli(["registry", "ls", "x", "--registry", url], monkeypatch, capsys)
+    assert code == 0, err
+    assert "x@1 is not published: its push is over" in " ".join((out + err).split()), out + err
