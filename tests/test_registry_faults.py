@@ -624,3 +624,20 @@ def test_show_survives_a_directory_among_health_records_and_prints_what_files_sa
     assert warning.startswith("warning: ") and "x.json is not a readable file" in warning, err
     code, out, _ = run_cli(["registry", "ls", "x", "--registry", url], monkeypatch, capsys)
     assert code == 0 and "[bold]msg[/bold]\\x1b[31mred" in "".join(out.split())
+
+
+def test_gc_withdraws_a_version_whose_pending_marker_is_a_directory(tmp_path, monkeypatch, capsys):
+    """`ls NAME` says gc withdraws a version whose pending marker cannot be read; a directory standing where the
+    marker should be made every gc fail instead (the marker was unlinked as a file)."""
+    url = str(tmp_path / "registry")
+    registry = Registry.init(url)
+    registry.push("x", make_patch(43))
+    Path(url, "patches/x/pending/2.json").mkdir(parents=True)
+    code, out, err = run_cli(["registry", "ls", "x", "--registry", url], monkeypatch, capsys)
+    assert code == 0 and "`spliceregistrygc`withdrawsit" in "".join((out + err).split()), out + err
+    code, out, err = run_cli(["registry", "gc", "--grace", "0", "--registry", url], monkeypatch, capsys)
+    assert code == 0, err
+    assert not Path(url, "patches/x/pending/2.json").exists() and Path(url, "patches/x/removed/2.json").is_file()
+    assert Registry.open(url).push("x", make_patch(44)).version == 3  # 2 is never handed out again
+    code, out, err = run_cli(["registry", "gc", "--grace", "0", "--registry", url], monkeypatch, capsys)
+    assert code == 0, err

@@ -324,4 +324,52 @@ def test_continual_resume_reruns_a_task_whose_version_lost_its_blobs(tmp_path):
     assert store.missing_blobs(second) and not store.missing_blobs(first)
     resumed = run_pipeline(path, resume=True)  # before: every resume failed reading cl@2's blobs
     assert resumed.resumed_tasks == 1 and len(resumed.accuracy) == 2
-    assert Registry.open(registry).resolve("cl@task-2").version == 3
+    assert Registry.open(registry).resolve("cl@task-2").version == 3  # task 2 (1-based aliases)
+
+
+def test_resolving_a_version_asks_for_its_pending_marker_before_its_tombstone(tmp_path):
+    """A store may answer one batch of requests in any order (S3's are sent at once). A gc withdraws a pending
+    version by tombstone, manifest, then marker; a reader that saw no tombstone and then no marker took the
+    withdrawn version for a published one."""
+    from test_registry import make_patch
+
+    from splice.registry import RegistryError, maintenance
+    from splice.registry.layout import pending_rel
+
+    registry = Registry.init(tmp_path / "registry")
+    registry.push("x", make_patch(71))
+    backend = registry._backend
+    marker = {"host": "another-machine", "pid": 4242, "started": 1.0, "expires": 2.0}
+    assert backend.create(pending_rel("x", 1), json.dumps(marker).encode())  # x@1 as a push that was killed
+    real = backend.sizes
+
+    def any_order(rels):  # the batch answered last request first, with a gc's withdrawal landing in between
+        if len(rels) < 2:
+            return real(rels)
+        last = real(rels[-1:])
+        maintenance.withdraw(backend, "x", 1, "")
+        return real(rels[:-1]) + last
+
+    backend.sizes = any_order
+    with pytest.raises(RegistryError, match="not published|was removed"):
+        registry.resolve("x@1")
+
+
+def test_ls_name_reports_the_pending_version_of_a_name_with_nothing_published(tmp_path, monkeypatch, capsys):
+    """A name's first push killed with its version pending: `registry ls` lists the name (0 versions); `ls NAME`
+    said "no patch named x ... `splice registry ls` lists them" and hid the pending version it reports for
+    every other name."""
+    from test_registry import make_patch
+
+    from splice.registry.layout import pending_rel
+
+    url = str(tmp_path / "registry")
+    registry = Registry.init(url)
+    registry.push("x", make_patch(72))
+    marker = {"host": "another-machine", "pid": 4242, "started": 1.0, "expires": 2.0}
+    assert registry._backend.create(pending_rel("x", 1), json.dumps(marker).encode())  # as a killed push left it
+    code, out, err = run_cli(["registry", "ls", "--registry", url], monkeypatch, capsys)
+    assert code == 0 and "x" in out, err
+    code, out, err = run_cli(["registry", "ls", "x", "--registry", url], monkeypatch, capsys)
+    assert code == 0, err
+    assert "x@1 is not published: its push is over" in " ".join((out + err).split()), out + err

@@ -122,3 +122,32 @@ def test_a_running_gc_writes_an_expiry_within_the_bound(tmp_path):
         assert lease.host == this_host() and lease.expires is not None
         assert 0 < lease.expires - time.time() <= leases.LEASE_TTL <= leases.LEASE_LONGEST
         assert leases.held(lease, time.time())
+
+
+def test_a_gc_whose_clock_is_a_little_behind_never_withdraws_a_push_waiting_its_longest(tmp_path, monkeypatch):
+    """A push with --wait 3600 writes a pending marker exactly as long as a marker may claim; a gc on a machine
+    whose clock is 2 s behind took it for one that claims too long and withdrew the push in flight."""
+    from splice.registry import maintenance, store
+
+    url = str(tmp_path / "registry")
+    registry = Registry.init(url)
+    real_time = time.time
+    wait = store.wait_for_gcs
+
+    class Behind:  # the gc's machine: its clock 2 s behind the pusher's
+        strftime, gmtime = time.strftime, time.gmtime
+
+        @staticmethod
+        def time():
+            return real_time() - 2.0
+
+    def gc_from_a_machine_behind(*args):
+        with monkeypatch.context() as patched:
+            patched.setattr(maintenance, "time", Behind)
+            report = Registry.open(url).gc(grace_seconds=0)
+        assert report.pending_withdrawn == [] and len(report.pending_kept) == 1, report
+        wait(*args)
+
+    monkeypatch.setattr(store, "wait_for_gcs", gc_from_a_machine_behind)
+    pushed = registry.push("x", make_patch(61), wait=leases.LONGEST_WAIT)
+    assert pushed.version == 1 and [m.version for m in Registry.open(url).versions("x")] == [1]

@@ -36,6 +36,7 @@ DEFAULT_WAIT = 300.0  # how long a push waits for running gcs before it gives up
 LONGEST_WAIT = 3600.0  # the most --wait allows
 SETTLE_MARGIN = 600.0  # a pending marker's expiry: the push's wait plus this (checking its blobs after the wait)
 PUBLISH_MARGIN = 60.0  # a push publishes only while this much of its pending marker's time is left
+CLOCK_SLACK = 300.0  # a pending marker may claim this much beyond the longest push, for a reader's clock behind
 
 Pid = Annotated[int, Field(strict=True, ge=1, le=2**31 - 1)]
 
@@ -179,4 +180,4 @@ def pending_over(claim: PendingPush | str, now: float) -> str | None:
     """Why a pending marker's push is over (its version can be withdrawn), or None while it may still publish."""
     if isinstance(claim, str):
         return claim
-    return claim.over(now, LONGEST_WAIT + SETTLE_MARGIN)
+    return claim.over(now, LONGEST_WAIT + SETTLE_MARGIN + CLOCK_SLACK)

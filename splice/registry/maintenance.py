@@ -120,7 +120,7 @@ def withdraw(backend: Backend, name: str, version: int, digest: str) -> None:
     tombstone = Tombstone(version=version, digest=digest)
     backend.create(removed_rel(name, version), (tombstone.model_dump_json(indent=2) + "\n").encode())
     backend.delete(version_rel(name, version))
-    backend.delete(pending_rel(name, version))
+    backend.remove_entry(pending_rel(name, version))  # even a directory standing where the marker should be
 
 
 @dataclass
@@ -191,7 +191,7 @@ def gc(backend: Backend, url: str, names: list[str], live_digests: Callable[[], 
                 backend.delete(version_rel(name, version))
                 report.stale_versions_removed += 1
             for version in numbers(backend.listdir(pending_dir(name))) & removed:
-                backend.delete(pending_rel(name, version))  # a withdrawal that stopped half-way
+                backend.remove_entry(pending_rel(name, version))  # a withdrawal that stopped half-way
         live = live_digests()
         cutoff = time.time() - grace_seconds
         for rel, size, mtime in backend.walk("blobs"):

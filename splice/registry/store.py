@@ -284,7 +284,9 @@ class Registry:
             manifest = None
         except RegistryError as exc:
             manifest = exc
-        pending, removed = self._backend.sizes([pending_rel(name, version), removed_rel(name, version)])
+        # asked one after the other: a store answers a batch in any order (see the module docstring for why)
+        pending = self._backend.sizes([pending_rel(name, version)])[0]
+        removed = self._backend.sizes([removed_rel(name, version)])[0]
         if removed is not None:
             raise RegistryError(f"{name}@{version} was removed; its number is not reused")
         if pending is not None:
@@ -370,9 +372,10 @@ class Registry:
         """What `registry ls NAME` shows: the live versions of a name, oldest first, each with the aliases
         pointing at it; and a line for each version or alias of the name whose file does not validate."""
         check_name(name)
-        live, _ = self._require_name(name)
+        pending = [p.line for p in pending_versions(self._backend, self.url, name)]
+        live = self._version_numbers(name)[0] if pending else self._require_name(name)[0]
         aliases, problems = self.aliases_checked(name)
-        problems += [p.line for p in pending_versions(self._backend, self.url, name)]
+        problems += pending
         rows = []
         for version, manifest in self._read_live(name, live):
             if isinstance(manifest, RegistryError):
