@@ -373,3 +373,94 @@ def test_ls_name_reports_the_pending_version_of_a_name_with_nothing_published(tm
     code, out, err = run_cli(["registry", "ls", "x", "--registry", url], monkeypatch, capsys)
     assert code == 0, err
     assert "x@1 is not published: its push is over" in " ".join((out + err).split()), out + err
+
+
+def test_a_gc_that_takes_a_live_push_for_over_never_withdraws_what_the_push_reports_published(tmp_path):
+    """A gc judged a live push over (a clock far ahead, or a pid namespace it cannot see into) and goes to withdraw
+    its version, racing the push that is publishing it. Both sides settle the outcome by creating one decision
+    file exclusively: whoever is second follows the first, so a version is never reported published and then
+    withdrawn (before: push removed its marker and saw no tombstone, then the gc's tombstone removed it)."""
+    from test_registry import make_patch
+
+    from splice.registry import maintenance, store
+
+    registry = Registry.init(tmp_path / "registry")
+    backend = registry._backend
+    real_delete = type(backend).delete
+    gc_said, raced = [], []
+
+    def marker_deleted_then_gc(self, rel):  # the push decided and removes its marker; the gc's withdrawal lands
+        real_delete(self, rel)
+        if "/pending/" in rel and not raced:
+            raced.append(rel)
+            gc_said.append(maintenance.withdraw_pending(backend, registry.url, "x", 1, ""))
+
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(type(backend), "delete", marker_deleted_then_gc)
+        pushed = registry.push("x", make_patch(81))
+    assert pushed.version == 1 and gc_said == [False]  # the gc followed the push's decision
+    store_now = Registry.open(tmp_path / "registry")
+    assert [m.version for m in store_now.versions("x")] == [1] and store_now.verify().ok
+    assert store_now.load("x@1").tensors  # every blob there
+
+    real_decide = store.decide
+
+    def gc_first(backend_, url, name, version, outcome):  # the gc decides first: the push must not publish
+        maintenance.withdraw_pending(backend_, url, name, version, "")
+        return real_decide(backend_, url, name, version, outcome)
+
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(store, "decide", gc_first)
+        with pytest.raises(splice.registry.RegistryError, match="withdrew it.*x@2 was withdrawn: push again"):
+            registry.push("x", make_patch(82))
+    store_now = Registry.open(tmp_path / "registry")
+    assert [m.version for m in store_now.versions("x")] == [1] and store_now.verify().ok
+    assert store_now.push("x", make_patch(83)).version == 3  # 2 is never handed out again
+
+
+def test_a_push_stopped_after_it_decided_to_publish_is_published_and_says_so(tmp_path):
+    """Ctrl-C between the decision to publish and the marker's removal: the version is complete, so it is
+    published and the message says so; a SIGKILL there leaves the marker, and gc completes the publication."""
+    from test_registry import make_patch
+
+    from splice.errors import Interrupted
+    from splice.registry import maintenance
+    from splice.registry.layout import pending_rel
+    from splice.registry.leases import PendingPush
+
+    registry = Registry.init(tmp_path / "registry")
+    backend = registry._backend
+    real_delete = type(backend).delete
+
+    interrupts = [KeyboardInterrupt]
+
+    def interrupted_at_the_marker(self, rel):  # one Ctrl-C, as the push removes its marker
+        if "/pending/" in rel and interrupts:
+            raise interrupts.pop()
+        real_delete(self, rel)
+
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(type(backend), "delete", interrupted_at_the_marker)
+        with pytest.raises(Interrupted, match=r"x@1 was published, but alias prod was not moved: "
+                                              r"`splice registry tag x@1 prod` moves it"):
+            registry.push("x", make_patch(84), alias="prod")
+    assert [m.version for m in Registry.open(tmp_path / "registry").versions("x")] == [1]
+
+    # a push killed right after deciding: its marker names a process that is gone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim = PendingPush(host=this_host(), pid=int(dead.stdout), started=time.time(), expires=time.time() + 60)
+    kept = []
+    with pytest.MonkeyPatch.context() as patcher:  # as if killed before the marker went: it stays
+        patcher.setattr(type(backend), "delete", lambda self, rel: kept.append(rel) if "/pending/" in rel and not kept
+                        else real_delete(self, rel))
+        registry.push("x", make_patch(85))
+    assert kept == [pending_rel("x", 2)]
+    backend.remove_entry(pending_rel("x", 2))
+    assert backend.create(pending_rel("x", 2), claim.model_dump_json().encode())
+    assert [m.version for m in Registry.open(tmp_path / "registry").versions("x")] == [1]  # pending: not listed
+    assert maintenance.decide(backend, registry.url, "x", 2, "withdrawn") == "published"  # decided before
+    report = Registry.open(tmp_path / "registry").gc(grace_seconds=0)
+    assert report.pending_withdrawn == [] and report.pending_completed[0].startswith("published x@2")
+    store_now = Registry.open(tmp_path / "registry")
+    assert [m.version for m in store_now.versions("x")] == [1, 2] and store_now.verify().ok
+    assert store_now.load("x@2").tensors

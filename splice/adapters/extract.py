@@ -75,7 +75,8 @@ def extraction(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKin
 def extract_patch(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKind | str,
                   storage_options: dict | None = None, description: str = "", **arguments: Any) -> Patch:
     """layernorm: the tuned model's LayerNorm/RMSNorm weights and biases (absolute values, replacing the
-    base's); delta: tuned - base for every float tensor that changed; lora (`options=LoraOptions(...)`): a
+    base's), with the classification head when it changed and the changed tensors matching `include` (glob
+    patterns); what else changed is named in the warnings; delta: tuned - base for every float tensor that changed; lora (`options=LoraOptions(...)`): a
     truncated SVD of each changed matrix's delta (`rank`, or the smallest rank keeping `energy` of it); mask
     (`options=MaskOptions(...)`): the top `density` share of |delta| per tensor or over the whole model
     (`mask_scope`), with the selected values unless `mask_values` is False. The options may also come as

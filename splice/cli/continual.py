@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Device, Json, Quiet, RegistryURL, StorageOptions, parse_storage_options
+from splice.cli.options import Device, Force, Json, Quiet, RegistryURL, StorageOptions, parse_storage_options
 
 continual_app = typer.Typer(help="Continual learning with task-keyed LayerNorm banks (De Min et al. 2023).")
 
@@ -64,7 +64,7 @@ def predict(
     registry: RegistryURL = None,
     device: Device = "auto",
     storage_options: StorageOptions = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    force: Force = False,
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:

@@ -285,7 +285,7 @@ def gc(
                           report.blobs_kept_live, report.blobs_kept_young]]), quiet)
     for line in report.bad_manifests:
         _print(f"kept every blob named by a version whose manifest does not validate: {line}")
-    for line in report.pending_withdrawn + report.leases_removed:
+    for line in report.pending_withdrawn + report.pending_completed + report.leases_removed:
         _print(line, quiet)
     for line in report.pending_kept:
         _print(f"kept: {line}", quiet)

@@ -93,6 +93,10 @@ def pending_rel(name: str, version: int) -> str:
     return f"{pending_dir(name)}/{version}.json"
 
 
+def decision_rel(name: str, version: int) -> str:
+    return f"patches/{name}/decided/{version}.json"
+
+
 def version_rel(name: str, version: int) -> str:
     return f"{versions_dir(name)}/{version}.json"
 

@@ -15,6 +15,7 @@ from splice.registry.backends import Backend
 from splice.registry.layout import (
     blob_digest_of,
     blob_rel,
+    decision_rel,
     located,
     numbers,
     pending_dir,
@@ -27,7 +28,7 @@ from splice.registry.layout import (
     versions_dir,
 )
 from splice.registry.leases import PendingPush, gc_lease, pending_over, read_claim
-from splice.registry.manifest import TensorEntry, Tombstone, VersionManifest
+from splice.registry.manifest import Decision, TensorEntry, Tombstone, VersionManifest, parse_model
 from splice.registry.refs import RegistryError
 from splice.registry.transfer import BlobReader, tensor_from
 from splice.tensors.partials import process_alive
@@ -43,6 +44,7 @@ class GcReport:
     blobs_kept_young: int = 0  # unreachable, but younger than the grace period (a push may be in flight)
     bad_manifests: list[str] = field(default_factory=list)  # live versions whose manifest does not validate
     pending_withdrawn: list[str] = field(default_factory=list)  # unpublished versions whose push is over
+    pending_completed: list[str] = field(default_factory=list)  # pushes killed after they decided to publish
     pending_kept: list[str] = field(default_factory=list)  # unpublished versions whose push may still publish
     leases_removed: list[str] = field(default_factory=list)  # gc leases expired or not valid
 
@@ -123,6 +125,30 @@ def withdraw(backend: Backend, name: str, version: int, digest: str) -> None:
     backend.remove_entry(pending_rel(name, version))  # even a directory standing where the marker should be
 
 
+def decide(backend: Backend, url: str, name: str, version: int, outcome: str) -> str:
+    """Settle what becomes of pending version `version`: its push (publishing) and any gc or the push itself
+    (withdrawing) race to create one decision file exclusively; the first wins and everyone reads the winner's
+    outcome, so a push never reports a version published that a gc withdraws. The file read back, not this call's
+    create, says who won (an S3 put retried after a timeout answers 412 to its own first write). A decision file
+    that cannot be read counts as withdrawn: nothing is published unless it plainly says so."""
+    rel = decision_rel(name, version)
+    backend.create(rel, (Decision(outcome=outcome).model_dump_json() + "\n").encode())
+    try:
+        return parse_model(Decision, backend.read_small(rel, url), located(url, rel)).outcome
+    except (FileNotFoundError, RegistryError):
+        return "withdrawn"
+
+
+def withdraw_pending(backend: Backend, url: str, name: str, version: int, digest: str) -> bool:
+    """Withdraw a version that is not published yet, unless its push already decided to publish it: then finish
+    that (remove its pending marker) and return False."""
+    if decide(backend, url, name, version, "withdrawn") == "published":
+        backend.remove_entry(pending_rel(name, version))
+        return False
+    withdraw(backend, name, version, digest)
+    return True
+
+
 @dataclass
 class PendingVersion:
     """A version whose push has not confirmed its blobs: not published, listed by nothing but gc and verify."""
@@ -183,9 +209,12 @@ def gc(backend: Backend, url: str, names: list[str], live_digests: Callable[[], 
                 if pending.over is None:
                     report.pending_kept.append(pending.line)
                     continue
-                withdraw(backend, name, pending.version, "")
-                report.pending_withdrawn.append(f"withdrew {name}@{pending.version}: its push is over "
-                                                f"({pending.over})")
+                if withdraw_pending(backend, url, name, pending.version, ""):
+                    report.pending_withdrawn.append(f"withdrew {name}@{pending.version}: its push is over "
+                                                    f"({pending.over})")
+                else:
+                    report.pending_completed.append(f"published {name}@{pending.version}: its push had confirmed its "
+                                                    "blobs and decided to publish it before it stopped")
             removed = numbers(backend.listdir(removed_dir(name)))
             for version in numbers(backend.listdir(versions_dir(name))) & removed:
                 backend.delete(version_rel(name, version))

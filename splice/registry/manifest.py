@@ -29,7 +29,7 @@ import json
 import math
 from datetime import datetime, timezone
 from math import prod
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_serializer, model_validator
 
@@ -190,6 +190,15 @@ class Tombstone(BaseModel):
     version: int = Field(ge=1)
     digest: str = ""
     removed_at: datetime = Field(default_factory=now)
+
+
+class Decision(BaseModel):
+    """`patches/<name>/decided/<n>.json`: what became of pending version n, published or withdrawn. Created
+    exclusively by whichever comes first, its push (publishing) or a gc (withdrawing): one outcome, never two."""
+
+    model_config = ConfigDict(extra="forbid")
+    outcome: Literal["published", "withdrawn"]
+    decided_at: datetime = Field(default_factory=now)
 
 
 class AliasRecord(BaseModel):

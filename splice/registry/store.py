@@ -71,7 +71,15 @@ from splice.registry.layout import (
     versions_dir,
 )
 from splice.registry.leases import DEFAULT_WAIT, PUBLISH_MARGIN, PendingPush, check_wait, pending_claim, wait_for_gcs
-from splice.registry.maintenance import DiffReport, GcReport, VerifyReport, pending_versions, withdraw
+from splice.registry.maintenance import (
+    DiffReport,
+    GcReport,
+    VerifyReport,
+    decide,
+    pending_versions,
+    withdraw,
+    withdraw_pending,
+)
 from splice.registry.manifest import (
     MANIFEST_FORMAT_VERSION,
     REGISTRY_FORMAT,
@@ -536,8 +544,15 @@ class Registry:
             manifest = checked.model_copy(update={"version": self._create_version(name, body, claim, claimed)})
             self._settle(manifest, claim, wait)
         except BaseException as exc:  # Ctrl-C (or anything else) before the version is published: it never is
-            for version in claimed:
-                withdraw(self._backend, name, version, digest)
+            published = [v for v in claimed if not withdraw_pending(self._backend, self.url, name, v, digest)]
+            if published:  # stopped after it decided to publish: the version is complete, and published
+                ref = f"{name}@{published[0]}"
+                kept = f"{ref} was published"
+                if isinstance(exc, KeyboardInterrupt):
+                    unmoved = ("" if alias is None
+                               else f", but alias {alias} was not moved: `splice registry tag {ref} {alias}` moves it")
+                    raise Interrupted(kept + unmoved) from None
+                raise RegistryError(f"{kept}, but the push then failed ({first_line(exc)})") from None
             if claimed and isinstance(exc, RegistryError):
                 raise RegistryError(f"{exc}; {name}@{claimed[0]} was withdrawn: push again") from None
             raise
@@ -610,10 +625,10 @@ class Registry:
         if time.time() > claim.expiry() - PUBLISH_MARGIN:
             raise RegistryError(f"push of {manifest.ref} took longer than its pending marker allows (a gc may "
                                 "take it for an interrupted push)")
-        self._backend.delete(pending_rel(manifest.name, manifest.version))  # published
-        if self._backend.sizes([removed_rel(manifest.name, manifest.version)])[0] is not None:
+        if decide(self._backend, self.url, manifest.name, manifest.version, "published") != "published":
             raise RegistryError(f"push of {manifest.ref} failed: a `splice registry gc` withdrew it as an "
                                 "interrupted push before it was published")
+        self._backend.delete(pending_rel(manifest.name, manifest.version))  # published
 
     @storage_errors
     def missing_blobs(self, manifest: VersionManifest) -> list[str]:

@@ -103,7 +103,8 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     except KeyboardInterrupt as exc:
         if not state.kept:
             raise
-        raise Interrupted(_kept(pipeline, state)) from exc
+        pushed = f"{exc}; " if isinstance(exc, Interrupted) else ""  # a task's version published, not aliased
+        raise Interrupted(pushed + _kept(pipeline, state)) from exc
     head_size = sum(p.numel() for p in head_parameters(bank.model, head_names))
     report = ContinualReport.of(pipeline, tasks, state, bank, head_size)
     if report_dir is not None:
