@@ -464,3 +464,25 @@ def test_a_push_stopped_after_it_decided_to_publish_is_published_and_says_so(tmp
     store_now = Registry.open(tmp_path / "registry")
     assert [m.version for m in store_now.versions("x")] == [1, 2] and store_now.verify().ok
     assert store_now.load("x@2").tensors
+
+
+def test_a_manifest_put_retried_after_it_was_applied_is_taken_for_this_pushs_own(tmp_path):
+    """S3: a conditional put that timed out but was applied, retried, answers 412 to its own first write. The push
+    must see its own manifest there, not an older splice's: before, it dropped its pending marker (publishing that
+    version without the blob check) and pushed again as the next number."""
+    from test_registry import make_patch
+
+    registry = Registry.init(tmp_path / "registry")
+    backend = registry._backend
+    real_create = type(backend).create
+
+    def applied_then_412(self, rel, data):
+        created = real_create(self, rel, data)
+        return created and "/versions/" not in rel  # the manifest is written, but the retry says it existed
+
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(type(backend), "create", applied_then_412)
+        pushed = registry.push("x", make_patch(86))
+    store_now = Registry.open(tmp_path / "registry")
+    assert pushed.version == 1 and [m.version for m in store_now.versions("x")] == [1]
+    assert store_now.verify().ok and store_now.verify().pending == []

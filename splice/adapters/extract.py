@@ -76,11 +76,12 @@ def extract_patch(base: str | os.PathLike, tuned: str | os.PathLike, kind: Patch
                   storage_options: dict | None = None, description: str = "", **arguments: Any) -> Patch:
     """layernorm: the tuned model's LayerNorm/RMSNorm weights and biases (absolute values, replacing the
     base's), with the classification head when it changed and the changed tensors matching `include` (glob
-    patterns); what else changed is named in the warnings; delta: tuned - base for every float tensor that changed; lora (`options=LoraOptions(...)`): a
-    truncated SVD of each changed matrix's delta (`rank`, or the smallest rank keeping `energy` of it); mask
-    (`options=MaskOptions(...)`): the top `density` share of |delta| per tensor or over the whole model
-    (`mask_scope`), with the selected values unless `mask_values` is False. The options may also come as
-    those keywords. Further keywords: `device` ("auto", "cpu", "cuda"), `progress` (a `splice.progress.Progress`)."""
+    patterns); what else changed is named in the warnings; delta: tuned - base for every float tensor that
+    changed; lora (`options=LoraOptions(...)`): a truncated SVD of each changed matrix's delta (`rank`, or the
+    smallest rank keeping `energy` of it); mask (`options=MaskOptions(...)`): the top `density` share of |delta|
+    per tensor or over the whole model (`mask_scope`), with the selected values unless `mask_values` is False.
+    The options may also come as those keywords. Further keywords: `device` ("auto", "cpu", "cuda"), `progress`
+    (a `splice.progress.Progress`)."""
     return extraction(base, tuned, kind, storage_options, description, **arguments).patch
 
 

@@ -649,7 +649,9 @@ class Registry:
             floor = version  # taken by this attempt or someone else: never tried again, even if a listing lags
             if self._backend.create(pending_rel(name, version), marker):
                 claimed.append(version)
-                if self._backend.create(version_rel(name, version), body(version)):
+                manifest = body(version)
+                created = self._backend.create(version_rel(name, version), manifest)
+                if created or self._own_manifest(name, version, manifest):
                     return version
                 # a splice from before pending markers created this manifest (it writes none): leave it published
                 claimed.remove(version)
@@ -657,6 +659,14 @@ class Registry:
             time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
         raise RegistryError(f"could not take a version number for {name} after 1000 attempts; too many concurrent "
                             "pushes")
+
+    def _own_manifest(self, name: str, version: int, manifest: bytes) -> bool:
+        """Whether the manifest that stood in the way is this push's own: an S3 put that timed out but was
+        applied, retried, answers 412 to its own first write."""
+        try:
+            return self._backend.read(version_rel(name, version)) == manifest
+        except OSError:
+            return False
 
     # -- reading tensors ---------------------------------------------------------------------------
 
