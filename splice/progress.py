@@ -22,3 +22,21 @@ class NoProgress:
 
     def finish(self) -> None:
         pass
+
+
+# What this process has published (an output path, a registry version or alias), for the one message an
+# interrupted command prints: a Ctrl-C that lands after a publication (while a table is printed, say) must not
+# say that nothing was published.
+_published: list[str] = []
+
+
+def note_published(what: str) -> None:
+    _published.append(what)
+
+
+def published() -> list[str]:
+    return list(_published)
+
+
+def forget_published() -> None:
+    _published.clear()

@@ -121,3 +121,57 @@ def test_ctrl_c_during_patch_extract_exits_130(make_models, tmp_path):
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "interrupted; nothing was published"
     assert "Traceback" not in result.stderr
+
+
+# A marker as the first table is drawn (the command's library call has returned), then a pause for the signal.
+AT_THE_TABLE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from splice.cli import render
+
+    marker = Path(sys.argv[1])
+    table = render.table
+
+    def slow_table(*args, **kwargs):
+        marker.touch()
+        time.sleep(30)
+        return table(*args, **kwargs)
+
+    render.table = slow_table
+    sys.argv = ["splice", *sys.argv[2:]]
+    from splice.cli.app import main
+    main()
+""")
+
+
+def test_ctrl_c_after_the_output_was_published_says_so(make_models, tmp_path):
+    """A Ctrl-C while the result table is drawn lands after the output or the registry version exists: the
+    message names what was published instead of saying nothing was."""
+    from test_registry import make_patch
+
+    from splice.registry import Registry
+
+    first, second = make_models("bert", 2)
+    out = tmp_path / "soup"
+    registry = tmp_path / "registry"
+    Registry.init(registry)
+    make_patch(61).save(tmp_path / "patch")
+    script, marker = tmp_path / "at_the_table.py", tmp_path / "drawing"
+    script.write_text(AT_THE_TABLE)
+    commands = {f"{out.absolute()} was published": ["soup", first, second, "--out", out, "--device", "cpu"],
+                "x@1 was published": ["registry", "push", "x", tmp_path / "patch", "--registry", registry]}
+    for said, args in commands.items():
+        marker.unlink(missing_ok=True)
+        process = subprocess.Popen([sys.executable, str(script), str(marker), *map(str, args)], env=ENV, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for_marker(process, marker)
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert process.returncode == 130, stderr
+        assert stderr.strip().splitlines()[-1] == f"interrupted after {said}", stderr
+    assert (out / "config.json").exists() and Registry.open(registry).resolve("x@1").version == 1

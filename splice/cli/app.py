@@ -32,6 +32,7 @@ from splice.cli.patch import patch_app
 from splice.cli.port import port_command
 from splice.cli.registry import registry_app
 from splice.errors import HookError, SpliceError, hook_traceback
+from splice.progress import forget_published, published
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -179,8 +180,10 @@ def _print_error(message: str) -> None:
 
 def main() -> None:
     """The `splice` entry point: usage errors and splice's own errors are one line on stderr with exit 2 (a user's
-    hook that raised: its traceback first, then that line), Ctrl-C says nothing was published and exits 130,
+    hook that raised: its traceback first, then that line), Ctrl-C says what was published (nothing, unless it
+    came after an output or a version was published) and exits 130,
     anything else is a bug and keeps its traceback."""
+    forget_published()
     try:
         code = app(standalone_mode=False)
         if code != INTERRUPTED:  # done and published: a Ctrl-C while the interpreter shuts down changes nothing
@@ -204,5 +207,8 @@ def main() -> None:
         code = INTERRUPTED
     if code == INTERRUPTED:  # typer turns a KeyboardInterrupt into this exit code instead of raising
         render.stop_progress()
-        render.error_console.print("interrupted; nothing was published")
+        done = published()
+        said = (f"interrupted after {', '.join(done)} {'was' if len(done) == 1 else 'were'} published" if done
+                else "interrupted; nothing was published")
+        render.error_console.print(said, highlight=False, markup=False, soft_wrap=True)
     sys.exit(code if isinstance(code, int) else 0)

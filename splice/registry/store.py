@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 import fsspec
 
 from splice.errors import Interrupted, SpliceError, first_line
+from splice.progress import note_published
 from splice.registry import maintenance
 from splice.registry.backends import Backend, backend_for, storage_errors
 from splice.registry.health import HealthRecord, read_records, write_record
@@ -499,6 +500,7 @@ class Registry:
         if not self._backend.create(alias_rel(name, alias, record.generation),
                                     (record.model_dump_json(indent=2) + "\n").encode()):
             raise self._conflict(name, alias, self._alias_current(name, alias))
+        note_published(f"alias {name}@{alias} -> {manifest.ref}")
         return record
 
     @storage_errors
@@ -629,6 +631,7 @@ class Registry:
             raise RegistryError(f"push of {manifest.ref} failed: a `splice registry gc` withdrew it as an "
                                 "interrupted push before it was published")
         self._backend.delete(pending_rel(manifest.name, manifest.version))  # published
+        note_published(manifest.ref)
 
     @storage_errors
     def missing_blobs(self, manifest: VersionManifest) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from splice.errors import CheckpointError, OutputExistsError, SpliceError
+from splice.progress import note_published
 from splice.tensors.checkpoint import SAFETENSORS_INDEX, Checkpoint
 from splice.tensors.device import dtype_name
 from splice.tensors.partials import OwnedPartial, partial_prefix, remove_stale_partials
@@ -295,6 +296,7 @@ def staged_output(out: str | os.PathLike, force: bool = False, protected: Sequen
 def _publish(staging: Path, out: Path, force: bool) -> None:
     if not out.exists():
         staging.rename(out)
+        note_published(str(out))
         return
     if not force:  # appeared while we worked
         raise OutputExistsError(f"output {out} appeared while merging; nothing was replaced")
@@ -304,6 +306,7 @@ def _publish(staging: Path, out: Path, force: bool) -> None:
     except BaseException:
         retired.restore(out)
         raise
+    note_published(str(out))
     retired.discard()
 
 
@@ -343,6 +346,7 @@ def write_output_file(path: str | os.PathLike, data: bytes, force: bool = False,
                 os.link(partial, path)
             except FileExistsError:
                 raise OutputExistsError(f"{option} {path} appeared while writing; nothing was replaced") from None
+        note_published(str(path))
     finally:
         partial.unlink(missing_ok=True)
     return path
