@@ -50,7 +50,13 @@ def load_callable(reference: str, option: str = "--eval") -> Callable:
             sys.modules[spec.name] = module
             user_hook(spec.loader.exec_module, f"{label} (loading {path})")(module)
         else:
-            if importlib.util.find_spec(module_name) is None:
+            try:
+                found = importlib.util.find_spec(module_name) is not None
+            except ImportError:
+                raise
+            except Exception:  # a parent package's own code raised: importing it below names the hook
+                found = True
+            if not found:
                 raise ModuleNotFoundError(f"No module named {module_name!r}")
             module = user_hook(importlib.import_module, f"{label} (importing {module_name})")(module_name)
     except ImportError as exc:  # the module itself is missing; what its own code raises is a HookError

@@ -108,6 +108,26 @@ def test_a_hook_module_that_fails_while_loading(make_models, tmp_path):
     assert "importlib" not in result.stderr
 
 
+def test_a_hook_whose_package_fails_while_loading(make_models, tmp_path):
+    """MODULE:FUNCTION inside a package whose __init__ raises (found while looking the module up): the user's
+    traceback and one error line, as for a module that raises itself (before: splice's own traceback)."""
+    dirs = make_models("llama", 2)
+    package = tmp_path / "hooks_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("SETTING = {}['missing']\n")
+    (package / "scores.py").write_text("def score(state):\n    return 1.0\n")
+    result = subprocess.run([*SPLICE, "soup", *map(str, dirs), "--out", str(tmp_path / "soup"), "--greedy",
+                             "--eval", "hooks_pkg.scores:score"], capture_output=True, text=True, timeout=180,
+                            env={**ENV, "PYTHONPATH": f"{ENV['PYTHONPATH']}{os.pathsep}{tmp_path}"})
+    assert result.returncode == 2
+    lines = result.stderr.rstrip("\n").splitlines()
+    assert lines[0] == "Traceback (most recent call last):", result.stderr
+    assert f'File "{package / "__init__.py"}", line 1' in result.stderr
+    assert lines[-1] == ("error: --eval hooks_pkg.scores:score (importing hooks_pkg.scores) raised KeyError: "
+                         "'missing'")
+    assert not (tmp_path / "soup").exists()
+
+
 def test_a_missing_module_is_still_one_line(make_models, tmp_path):
     dirs = make_models("llama", 2)
     result = run("soup", *dirs, "--out", tmp_path / "soup", "--greedy", "--eval", "no_such_module_here:score")
