@@ -162,3 +162,25 @@ def test_ctrl_c_after_a_task_was_pushed_says_which_tasks_are_kept(tmp_path, base
     assert code == 0, err
     assert json_report(tmp_path / "report")["resumed_tasks"] >= kept
     assert sorted(Registry.open(registry).aliases("cl")) == ["task-1", "task-2", "task-3"]
+
+
+def test_ctrl_c_right_after_a_tasks_push_returned_counts_that_task_as_kept(tmp_path, base):
+    """The Ctrl-C lands once task 1's push (version and alias) returned, before the run counted the task: the
+    message still says task 1 is kept (before: a plain interruption, which the CLI reported as nothing kept)."""
+    from splice.errors import Interrupted
+
+    registry = Registry.init(tmp_path / "registry")
+    real_push = Registry.push
+
+    def push_then_ctrl_c(self, *args, **kwargs):
+        real_push(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    path = pipeline_file(tmp_path, base, str(tmp_path / "registry"), epochs=1, rectify=False, align=None)
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(Registry, "push", push_then_ctrl_c)
+        with pytest.raises(Interrupted) as raised:
+            run_pipeline(path, registry=registry)
+    assert str(raised.value) == ("task 1 is kept in the registry (cl@task-1); run it again with --resume "
+                                 "(resume=True) to go on with task 2 of 3")
+    assert sorted(registry.aliases("cl")) == ["task-1"]

@@ -101,10 +101,10 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
             _run_task(pipeline, store, bank, head_names, tuned, pretrained, tasks, index, state, progress)
             state.kept = index + 1
     except KeyboardInterrupt as exc:
+        state.kept = max(state.kept, _aliased_tasks(store, pipeline, state.legacy_aliases))
         if not state.kept:
             raise
-        pushed = f"{exc}; " if isinstance(exc, Interrupted) else ""  # a task's version published, not aliased
-        raise Interrupted(pushed + _kept(pipeline, state)) from exc
+        raise Interrupted(_kept(pipeline, state)) from exc
     head_size = sum(p.numel() for p in head_parameters(bank.model, head_names))
     report = ContinualReport.of(pipeline, tasks, state, bank, head_size)
     if report_dir is not None:
@@ -118,6 +118,20 @@ def _bank(pipeline: Pipeline) -> tuple[LayerNormBank, list[str]]:
         parameter.requires_grad_(False)
     bank = LayerNormBank(model)
     return bank, classification_head(model)
+
+
+def _aliased_tasks(store: Registry, pipeline: Pipeline, legacy: bool) -> int:
+    """How many of the pipeline's tasks, in order, the registry holds under their aliases now: a Ctrl-C can land
+    after a task's push finished and before this run counted it (a task pushed but not aliased is taken up by
+    --resume all the same)."""
+    try:
+        aliases = store.aliases(pipeline.name)
+    except (SpliceError, OSError):
+        return 0
+    count = 0
+    while count < len(pipeline.tasks) and alias_of(count, legacy) in aliases:
+        count += 1
+    return count
 
 
 def _kept(pipeline: Pipeline, state: RunState) -> str:
