@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Protocol
 
 
@@ -24,10 +25,10 @@ class NoProgress:
         pass
 
 
-# What this process has published (an output path, a registry version or alias), for the one message an
+# What this process has published lately (an output path, a registry version or alias), for the one message an
 # interrupted command prints: a Ctrl-C that lands after a publication (while a table is printed, say) must not
-# say that nothing was published.
-_published: list[str] = []
+# say that nothing was published. Bounded: a long-lived Python process publishes without end.
+_published: deque[str] = deque(maxlen=8)
 
 
 def note_published(what: str) -> None:
