@@ -11,6 +11,8 @@ import transformers
 
 ARCHITECTURES = ("bert", "vit", "gpt2", "llama")
 
+pytest_plugins = ["strict_skips"]
+
 
 def tiny_model(arch: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)

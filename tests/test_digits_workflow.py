@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import splice
 from splice.demo import digits
-
-pytest.importorskip("sklearn")
 
 
 def test_splits_partition_the_dataset_and_repeat_for_a_seed():
