@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+from typing import TYPE_CHECKING
 
 from splice.version import __version__
 
@@ -53,6 +54,35 @@ _EXPORTS = {
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:  # the same names for type checkers and IDEs (tests/test_cli_json.py keeps it equal to _EXPORTS)
+    from splice.adapters.apply import apply_patches
+    from splice.adapters.bank import LayerNormBank
+    from splice.adapters.drift import DriftReport
+    from splice.adapters.export import export_peft
+    from splice.adapters.extract import extract_patch
+    from splice.adapters.fingerprint import fingerprint_base
+    from splice.adapters.kinds.lora import LoraOptions
+    from splice.adapters.kinds.mask import MaskOptions
+    from splice.adapters.live import PatchHandle, apply_patch
+    from splice.adapters.meta import PatchKind, PatchMeta
+    from splice.adapters.patch import Patch
+    from splice.adapters.port import port_patch
+    from splice.errors import (
+        CheckpointError,
+        IncompatibleModelsError,
+        OutputExistsError,
+        PatchError,
+        RecipeError,
+        SpliceError,
+    )
+    from splice.merge.fusion import FusionOptions, fuse
+    from splice.merge.recipe import Recipe, load_recipe, merge
+    from splice.merge.soup import GreedySoupReport, greedy_soup, soup
+    from splice.registry.store import Registry
+    from splice.tensors.checkpoint import Checkpoint
+    from splice.workflows.deploy import DeploymentRecord, apply_ref, deploy, read_deployment_record
+    from splice.workflows.port import port
 
 
 def __getattr__(name: str):

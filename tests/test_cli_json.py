@@ -203,6 +203,24 @@ def test_continual_run_and_predict(tmp_path):
     assert torch.equal(torch.tensor(predicted["tasks"]), result.tasks)
 
 
+def test_the_type_checking_imports_mirror_the_lazy_exports():
+    """What type checkers and IDEs see (`if TYPE_CHECKING:` imports) is what `splice.NAME` resolves to at run time."""
+    import ast
+    import importlib
+
+    tree = ast.parse(Path(splice.__file__).read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") ==
+                 "TYPE_CHECKING")
+    mirrored = {alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    assert mirrored == splice._EXPORTS
+    for name, module in mirrored.items():  # each names the object the lazy lookup returns
+        assert getattr(splice, name) is getattr(importlib.import_module(module), name)
+    bare = subprocess.run([sys.executable, "-c", "import sys, splice; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, timeout=60, env=ENV)
+    assert bare.stdout.strip() == "False", bare.stderr  # importing splice still loads no torch
+
+
 def test_dir_lists_only_the_api():
     assert dir(splice) == sorted(splice.__all__)
     assert "sys" not in dir(splice) and "types" not in dir(splice) and "__version__" in dir(splice)
