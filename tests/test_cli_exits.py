@@ -80,23 +80,31 @@ SLOW_CLI = textwrap.dedent("""
 """)
 
 
-def interrupted(tmp_path: Path, args: list[str], out: Path) -> subprocess.CompletedProcess:
-    script, marker = tmp_path / "slow_cli.py", tmp_path / "started"
-    script.write_text(SLOW_CLI)
+def ctrl_c_at_marker(script: Path, source: str, args: list, pause: float = 0.0) -> subprocess.CompletedProcess:
+    """`source` (a splice entry that touches the marker file it is given at the moment of interest) run as
+    `script ARGS`; SIGINT once the marker exists (after `pause`), then its exit code and output."""
+    script.write_text(source)
+    marker = script.with_suffix(".marker")
+    marker.unlink(missing_ok=True)
     process = subprocess.Popen([sys.executable, str(script), str(marker), *map(str, args)], env=ENV, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for_marker(process, marker)
-        time.sleep(0.2)
+        time.sleep(pause)
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def interrupted(tmp_path: Path, args: list[str], out: Path) -> subprocess.CompletedProcess:
+    result = ctrl_c_at_marker(tmp_path / "slow_cli.py", SLOW_CLI, args, pause=0.2)
     assert not out.exists()
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")] == []
-    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+    return result
 
 
 def test_ctrl_c_during_merge_exits_130_and_publishes_nothing(make_models, tmp_path):
@@ -156,22 +164,10 @@ def test_ctrl_c_after_the_output_was_published_says_so(make_models, tmp_path):
     registry = tmp_path / "registry"
     Registry.init(registry)
     make_patch(61).save(tmp_path / "patch")
-    script, marker = tmp_path / "at_the_table.py", tmp_path / "drawing"
-    script.write_text(AT_THE_TABLE)
     commands = {f"{out.absolute()} was published": ["soup", first, second, "--out", out, "--device", "cpu"],
                 "x@1 was published": ["registry", "push", "x", tmp_path / "patch", "--registry", registry]}
     for said, args in commands.items():
-        marker.unlink(missing_ok=True)
-        process = subprocess.Popen([sys.executable, str(script), str(marker), *map(str, args)], env=ENV, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            wait_for_marker(process, marker)
-            process.send_signal(signal.SIGINT)
-            _, stderr = process.communicate(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        assert process.returncode == 130, stderr
-        assert stderr.strip().splitlines()[-1] == f"interrupted after {said}", stderr
+        result = ctrl_c_at_marker(tmp_path / "at_the_table.py", AT_THE_TABLE, args)
+        assert result.returncode == 130, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == f"interrupted after {said}", result.stderr
     assert (out / "config.json").exists() and Registry.open(registry).resolve("x@1").version == 1
