@@ -19,9 +19,12 @@ gc and push (the protocol that keeps a reused blob from vanishing under a push, 
    most LEASE_TTL after its gc's last heartbeat, has passed; or its process on this machine is gone), for at
    most `wait` seconds (then the push fails, naming the lease).
 4. Then it checks that every blob the manifest names is stored (asking the store, past any listing cache). If
-   one is gone, a gc removed it between steps 1 and 3. Only if all are there does it remove its pending marker:
-   the version is published. Any failure or Ctrl-C before that withdraws the version (tombstone, manifest,
-   marker, in that order); a SIGKILL leaves it pending, and gc withdraws it once its push is over.
+   one is gone, a gc removed it between steps 1 and 3. Only if all are there does it decide to publish, by
+   exclusively creating the version's decision file (`decided/<n>.json`), which a gc withdrawing the version
+   races to create too: whoever is second follows the first. Then it removes its pending marker: the version is
+   published. Any failure or Ctrl-C before the decision withdraws the version (tombstone, manifest, marker, in
+   that order); a SIGKILL leaves it pending, and gc withdraws it once its push is over, or completes it if its
+   push had decided to publish.
 5. A gc creates its lease before it lists the manifests (live and pending) and removes it when it is done. A gc
    that starts after step 2 therefore keeps the new version's blobs; one that started before is waited for.
 
@@ -551,9 +554,7 @@ class Registry:
                 ref = f"{name}@{published[0]}"
                 kept = f"{ref} was published"
                 if isinstance(exc, KeyboardInterrupt):
-                    unmoved = ("" if alias is None
-                               else f", but alias {alias} was not moved: `splice registry tag {ref} {alias}` moves it")
-                    raise Interrupted(kept + unmoved) from None
+                    raise Interrupted(kept if alias is None else _alias_not_moved(ref, alias)) from None
                 raise RegistryError(f"{kept}, but the push then failed ({first_line(exc)})") from None
             if claimed and isinstance(exc, RegistryError):
                 raise RegistryError(f"{exc}; {name}@{claimed[0]} was withdrawn: push again") from None
@@ -575,8 +576,7 @@ class Registry:
                 current = self._alias_current(manifest.name, alias)
                 if current is not None and current.version == manifest.version:
                     raise Interrupted(f"{manifest.ref} was published and alias {alias} moved to it") from None
-            raise Interrupted(f"{manifest.ref} was published, but alias {alias} was not moved: `splice registry "
-                              f"tag {manifest.ref} {alias}` moves it") from None
+            raise Interrupted(_alias_not_moved(manifest.ref, alias)) from None
 
     def check_push(self, name: str, alias: str | None = None, wait: float = DEFAULT_WAIT) -> None:
         """Refuse a push before any work: a registry that cannot create versions exclusively, a bad name, alias
@@ -615,8 +615,9 @@ class Registry:
 
     def _settle(self, manifest: VersionManifest, claim: PendingPush, wait: float) -> None:
         """After a version's manifest is created: wait for the gcs running now, check that every blob it names is
-        stored, then publish it (remove its pending marker). A RegistryError if a blob is gone (a gc removed it
-        in the meantime), a gc's lease is still held after `wait`, or the push outlived its marker's expiry.
+        stored, decide to publish it (see `maintenance.decide`), then remove its pending marker. A RegistryError if
+        a blob is gone (a gc removed it in the meantime), a gc's lease is still held after `wait`, the push outlived
+        its marker's expiry, or a gc decided first to withdraw it.
         A gc that starts after the wait lists the manifests after its lease exists, so it keeps these blobs."""
         wait_for_gcs(self._backend, self.url, wait)
         missing = self.missing_blobs(manifest)
@@ -831,3 +832,8 @@ class Registry:
 def open_registry(registry: Registry | str | os.PathLike | None, storage_options: dict | None = None) -> Registry:
     """A Registry as given, or opened from its location (default: $SPLICE_REGISTRY or ~/.cache/splice/registry)."""
     return registry if isinstance(registry, Registry) else Registry.open(registry, storage_options)
+
+
+def _alias_not_moved(ref: str, alias: str) -> str:
+    """What a Ctrl-C after `ref` was published, before its alias moved, leaves to the user."""
+    return f"{ref} was published, but alias {alias} was not moved: `splice registry tag {ref} {alias}` moves it"
