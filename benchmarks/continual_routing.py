@@ -123,7 +123,7 @@ def build_bank(tasks: int, seed: int = 0):
     """A bank over a fresh copy of the seed's ViT: `tasks` slots of random gamma/beta and random unit keys."""
     import torch
 
-    from splice.adapters.bank import LayerNormBank
+    from splice.continual.bank import LayerNormBank
 
     bank = LayerNormBank(build_vit(seed)).eval()
     generator = torch.Generator().manual_seed(1000 + tasks)

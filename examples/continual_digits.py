@@ -43,18 +43,13 @@ import torch
 import transformers
 import yaml
 
-from splice.adapters.bank import LayerNormBank
 from splice.arch.quiet import quiet_transformers
-from splice.demo.digits import train as digits_train
-from splice.plots import png_bytes
-from splice.registry.store import Registry
-from splice.workflows.continual.data import Batch, TaskData, batches
-from splice.workflows.continual.fisher import fisher_diagonal, subset_masks
-from splice.workflows.continual.metrics import summarize
-from splice.workflows.continual.model import classification_head, head_parameters, load_model
-from splice.workflows.continual.pipeline import FisherSubset
-from splice.workflows.continual.run import run_pipeline
-from splice.workflows.continual.train import (
+from splice.continual.bank import LayerNormBank
+from splice.continual.data import Batch, TaskData, batches
+from splice.continual.fisher import fisher_diagonal, subset_masks
+from splice.continual.metrics import summarize
+from splice.continual.model import classification_head, head_parameters, load_model
+from splice.continual.train import (
     Schedule,
     evaluate,
     inputs_of,
@@ -63,6 +58,11 @@ from splice.workflows.continual.train import (
     task_key,
     train_slot,
 )
+from splice.demo.digits import train as digits_train
+from splice.plots import png_bytes
+from splice.registry.store import Registry
+from splice.workflows.continual.pipeline import FisherSubset
+from splice.workflows.continual.run import run_pipeline
 
 SEED_VARIABLE = "CONTINUAL_DIGITS_SEED"  # --seed: read by the data hooks too (the pipeline loads them by path)
 SPLIT_VARIABLE = "CONTINUAL_DIGITS_SPLIT"  # --split: likewise

@@ -25,7 +25,7 @@ _EXPORTS = {
     "LoraOptions": "splice.adapters.kinds.lora",
     "MaskOptions": "splice.adapters.kinds.mask",
     "IncompatibleModelsError": "splice.errors",
-    "LayerNormBank": "splice.adapters.bank",
+    "LayerNormBank": "splice.continual.bank",
     "OutputExistsError": "splice.errors",
     "Patch": "splice.adapters.patch",
     "PatchError": "splice.errors",
@@ -57,7 +57,6 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:  # the same names for type checkers and IDEs (tests/test_cli_json.py keeps it equal to _EXPORTS)
     from splice.adapters.apply import apply_patches
-    from splice.adapters.bank import LayerNormBank
     from splice.adapters.drift import DriftReport
     from splice.adapters.export import export_peft
     from splice.adapters.extract import extract_patch
@@ -68,6 +67,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs (tests/test_cli_j
     from splice.adapters.meta import PatchKind, PatchMeta
     from splice.adapters.patch import Patch
     from splice.adapters.port import port_patch
+    from splice.continual.bank import LayerNormBank
     from splice.errors import (
         CheckpointError,
         IncompatibleModelsError,

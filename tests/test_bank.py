@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import splice
-from splice.adapters.bank import LayerNormBank
 from splice.adapters.extract import extract_patch
 from splice.adapters.live import apply_patch
 from splice.arch.names import stored_to_module_names
 from splice.arch.pooling import pool
+from splice.continual.bank import LayerNormBank
 from splice.errors import SpliceError
 
 from conftest import ARCHITECTURES, example_inputs, model_class, perturbed, save, tiny_model

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from splice.adapters.apply import apply_patches
 from splice.arch.names import stored_to_module_names
+from splice.continual import metrics
 from splice.errors import SpliceError
 from splice.registry.store import Registry
-from splice.workflows.continual import metrics
 from splice.workflows.continual.pipeline import load_pipeline
 from splice.workflows.continual.predict import load_bank, predict
 from splice.workflows.continual.run import run_pipeline
@@ -310,9 +310,9 @@ def test_a_chosen_subset_of_norms_is_all_that_trains_and_is_stored(tmp_path):
 
 
 def test_a_trained_key_converges_to_the_closed_form_optimum(tmp_path):
-    from splice.adapters.bank import LayerNormBank
-    from splice.workflows.continual.data import load_task
-    from splice.workflows.continual.train import Schedule, task_features, task_key
+    from splice.continual.bank import LayerNormBank
+    from splice.continual.data import load_task
+    from splice.continual.train import Schedule, task_features, task_key
 
     bank = LayerNormBank(transformers.ViTForImageClassification.from_pretrained(tiny_vit(tmp_path / "vit")).eval())
     data = load_task("t0", f"{TASK_FILE}:task_0")
@@ -326,9 +326,9 @@ def test_a_trained_key_converges_to_the_closed_form_optimum(tmp_path):
 
 
 def test_fisher_diagonal_equals_per_sample_gradients_of_a_plain_model(tmp_path):
-    from splice.adapters.bank import LayerNormBank
-    from splice.workflows.continual.data import load_task
-    from splice.workflows.continual.fisher import fisher_diagonal
+    from splice.continual.bank import LayerNormBank
+    from splice.continual.data import load_task
+    from splice.continual.fisher import fisher_diagonal
 
     base = tiny_vit(tmp_path / "vit")
     bank = LayerNormBank(transformers.ViTForImageClassification.from_pretrained(base).eval())
@@ -351,7 +351,7 @@ def test_fisher_diagonal_equals_per_sample_gradients_of_a_plain_model(tmp_path):
 
 
 def test_fisher_subsets_keep_the_top_share_or_whole_modules_or_a_random_share():
-    from splice.workflows.continual.fisher import subset_masks
+    from splice.continual.fisher import subset_masks
     from splice.workflows.continual.pipeline import FisherSubset
 
     fisher = {"a.ln.weight": torch.tensor([5.0, 1.0, 0.0, 9.0]), "a.ln.bias": torch.tensor([2.0, 0.5, 0.1, 0.2]),

@@ -225,7 +225,7 @@ def test_results_made_without_alignment_say_how_to_go_on_with_them(tmp_path):
 
 
 def test_draws_follow_each_tasks_class_statistics_even_singular_ones():
-    from splice.workflows.continual.align import ClassStatistics, class_statistics, sample_features
+    from splice.continual.align import ClassStatistics, class_statistics, sample_features
 
     generator = torch.Generator().manual_seed(0)
     basis = torch.randn(4, 2, generator=generator, dtype=torch.float64)

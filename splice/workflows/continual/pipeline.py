@@ -44,6 +44,7 @@ from pydantic import (
     model_validator,
 )
 
+from splice.continual.fisher import FisherSubset
 from splice.errors import SpliceError
 from splice.registry.refs import check_name
 from splice.values import FiniteFloat, one_line, read_yaml, unknown_key
@@ -57,18 +58,6 @@ LearningRate = Annotated[FiniteFloat, Field(gt=0, le=1)]  # Adam moves each entr
 def task_seed(seed: int, index: int) -> int:
     """The seed of task `index`: a resumed run draws exactly what an uninterrupted one did."""
     return seed * SEED_STRIDE + index
-
-
-class FisherSubset(BaseModel):
-    """Tune only the top `fraction` of the LayerNorm entries (or whole norm modules) by diagonal empirical Fisher
-    information on the task's training data (ValizadehAslani and Liang 2024); `random`: a random subset of the same
-    size, the control. Each slot then starts from the pretrained norms and is stored as a sparse delta (a mask
-    patch) over them."""
-
-    model_config = ConfigDict(extra="forbid")
-    fraction: FiniteFloat = Field(gt=0, le=1)
-    granularity: Literal["entries", "modules"] = "entries"
-    random: bool = False
 
 
 class ClassifierAlignment(BaseModel):

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from splice.adapters.bank import LayerNormBank
+from splice.continual.bank import LayerNormBank
+from splice.continual.data import Batch, batches, check_batch
+from splice.continual.model import load_model
+from splice.continual.train import inputs_of, masked_logits, model_inputs, routed_logits
 from splice.errors import SpliceError
 from splice.hooks import hook_file, load_callable
 from splice.progress import NoProgress, Progress
@@ -22,11 +25,8 @@ from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
 from splice.tensors.writer import ensure_output_file_free, write_output_file
 from splice.workflows.continual.aliases import alias_of, check_aliased_task, index_named, uses_legacy_aliases
-from splice.workflows.continual.data import Batch, batches, check_batch
-from splice.workflows.continual.model import load_model
 from splice.workflows.continual.run import restore_task
 from splice.workflows.continual.stored import pretrained_values
-from splice.workflows.continual.train import inputs_of, masked_logits, model_inputs, routed_logits
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The pipeline's report: the accuracy matrix and the metrics of splice.workflows.continual.metrics, as JSON and
+"""The pipeline's report: the accuracy matrix and the metrics of splice.continual.metrics, as JSON and
 PNG plots (the matrix as a heatmap, average accuracy after each task)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from splice.continual.metrics import summarize
 from splice.plots import png_bytes
 from splice.tensors.writer import write_report_files
-from splice.workflows.continual.metrics import summarize
 
 REPORT_JSON = "continual_report.json"
 MATRIX_PNG = "accuracy_matrix.png"

@@ -15,29 +15,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from splice.adapters.bank import LayerNormBank
 from splice.adapters.patch import Patch
-from splice.errors import Interrupted, SpliceError
-from splice.progress import NoProgress, Progress
-from splice.registry.store import Registry
-from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.device import resolve_device
-from splice.tensors.writer import check_report_dir
-from splice.workflows.continual import align
-from splice.workflows.continual.aliases import alias_of, check_aliased_task, uses_legacy_aliases
-from splice.workflows.continual.data import TaskData, check_protocol, load_task
-from splice.workflows.continual.fisher import fisher_diagonal, subset_masks
-from splice.workflows.continual.model import (
+from splice.continual import align
+from splice.continual.bank import LayerNormBank
+from splice.continual.data import TaskData, check_protocol, load_task
+from splice.continual.fisher import fisher_diagonal, subset_masks
+from splice.continual.model import (
     classification_head,
     head_parameters,
     head_state_of,
     load_head,
     load_model,
 )
-from splice.workflows.continual.pipeline import Pipeline, load_pipeline, task_seed
-from splice.workflows.continual.report import REPORT_FILES, ContinualReport
-from splice.workflows.continual.stored import Values, pretrained_values, stored_entries, task_patch, task_values
-from splice.workflows.continual.train import (
+from splice.continual.train import (
     Schedule,
     align_head,
     dry_run,
@@ -46,6 +36,16 @@ from splice.workflows.continual.train import (
     task_key,
     train_slot,
 )
+from splice.errors import Interrupted, SpliceError
+from splice.progress import NoProgress, Progress
+from splice.registry.store import Registry
+from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.device import resolve_device
+from splice.tensors.writer import check_report_dir
+from splice.workflows.continual.aliases import alias_of, check_aliased_task, uses_legacy_aliases
+from splice.workflows.continual.pipeline import Pipeline, load_pipeline, task_seed
+from splice.workflows.continual.report import REPORT_FILES, ContinualReport
+from splice.workflows.continual.stored import Values, pretrained_values, stored_entries, task_patch, task_values
 
 
 @dataclass

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from splice.adapters.bank import LayerNormBank, eval_mode
+from splice.continual.bank import LayerNormBank, eval_mode
+from splice.continual.data import Batch, TaskData, batches
 from splice.errors import SpliceError, first_line
 from splice.progress import NoProgress, Progress
-from splice.workflows.continual.data import Batch, TaskData, batches
 
 GradMasks = dict[int, torch.Tensor]  # id(parameter) -> 0/1 mask of the entries that train
 

@@ -5,13 +5,27 @@ them as 0/1 gradient masks."""
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from splice.adapters.bank import LayerNormBank
-from splice.workflows.continual.data import TaskData, batches
-from splice.workflows.continual.pipeline import FisherSubset
-from splice.workflows.continual.train import inputs_of, masked_logits
+from splice.continual.bank import LayerNormBank
+from splice.continual.data import TaskData, batches
+from splice.continual.train import inputs_of, masked_logits
+from splice.values import FiniteFloat
+
+
+class FisherSubset(BaseModel):
+    """Tune only the top `fraction` of the LayerNorm entries (or whole norm modules) by diagonal empirical Fisher
+    information on the task's training data (ValizadehAslani and Liang 2024); `random`: a random subset of the same
+    size, the control. Each slot then starts from the pretrained norms and is stored as a sparse delta (a mask
+    patch) over them."""
+
+    model_config = ConfigDict(extra="forbid")
+    fraction: FiniteFloat = Field(gt=0, le=1)
+    granularity: Literal["entries", "modules"] = "entries"
+    random: bool = False
 
 
 def fisher_diagonal(bank: LayerNormBank, slot: int, tuned: dict[str, torch.nn.Parameter], data: TaskData

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from splice.adapters.bank import LayerNormBank, eval_mode
 from splice.arch.names import stored_to_module_names
+from splice.continual.bank import LayerNormBank, eval_mode
+from splice.continual.data import TaskData, batches
+from splice.continual.train import inputs_of
 from splice.errors import SpliceError
-from splice.workflows.continual.data import TaskData, batches
-from splice.workflows.continual.train import inputs_of
 
 SETTINGS_KEY = "class_statistics"
 
