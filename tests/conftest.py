@@ -33,6 +33,9 @@ def tiny_model(arch: str, seed: int) -> torch.nn.Module:
         config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
         return transformers.LlamaForCausalLM(config)
+    if arch == "t5":  # not in ARCHITECTURES: an encoder-decoder whose norms are T5LayerNorm (RMS) modules
+        config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_heads=2)
+        return transformers.T5ForConditionalGeneration(config)
     raise ValueError(arch)
 
 

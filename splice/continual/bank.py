@@ -10,27 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from splice.arch.names import stored_to_module_names
+from splice.arch.norms import loaded_norm_modules
 from splice.arch.pooling import pool
 from splice.errors import SpliceError
 
-LAYERNORM = "layernorm"
-RMSNORM = "rmsnorm"
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-
-def norm_kind(module: torch.nn.Module) -> str | None:
-    """LAYERNORM, RMSNORM (any class named *RMSNorm, computed as Llama's), or None for other modules and for
-    norms without a 1-D weight (nothing to tune)."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
-        return None
-    if isinstance(module, torch.nn.LayerNorm):
-        return LAYERNORM
-    return RMSNORM if type(module).__name__.endswith("RMSNorm") else None
+LAYERNORM = "layernorm"  # x - mean, over the root mean square
+RMSNORM = "rmsnorm"  # x over the root mean square (Llama, T5)
 
 
 class _Route:
@@ -50,6 +44,8 @@ class NormSlots(torch.nn.Module):
     def add(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weights.append(torch.nn.Parameter(weight.detach().clone()))
         if self.biases is not None:
+            if bias is None:
+                raise SpliceError("this norm's slots have a bias: give one")
             self.biases.append(torch.nn.Parameter(bias.detach().clone()))
 
     def slot(self, task: int) -> dict[str, torch.nn.Parameter]:
@@ -62,8 +58,8 @@ class NormSlots(torch.nn.Module):
     def gathered(self, ids: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each sample's weight and bias, [B, d], viewed as `shape`: only the slots the batch uses are stacked, so
         the cost follows the tasks in the batch, not the tasks in the bank."""
-        used, position = torch.unique(ids, return_inverse=True)
-        used = used.tolist()
+        unique, position = torch.unique(ids, return_inverse=True)
+        used: list[int] = unique.tolist()
         weight = torch.stack([self.weights[t] for t in used]).index_select(0, position).view(shape)
         if self.biases is None:
             return weight, None
@@ -71,26 +67,30 @@ class NormSlots(torch.nn.Module):
 
 
 class BankedNorm(torch.nn.Module):
-    """A norm that applies each sample's slot: normalise without affine, then `* w[ids] (+ b[ids])`.
+    """A norm that applies each sample's slot: normalise without affine (as `kind` says), then `* w[ids] (+ b[ids])`.
     With no ids set (the pretrained pass) it is the original module."""
+
+    # not submodules: the original's parameters are registered as this module's own, the slots belong to the bank
+    original: torch.nn.Module
+    slots: NormSlots
+    route: _Route
 
     def __init__(self, original: torch.nn.Module, kind: str, slots: NormSlots, route: _Route):
         super().__init__()
         self.kind = kind
-        self.weight = original.weight  # the same Parameters: the model's state dict keeps its names
-        self.bias = getattr(original, "bias", None) if kind == LAYERNORM else None
+        self.weight = _parameter(original, "weight")  # the same Parameters: the model's state dict keeps its names
+        self.bias = _parameter(original, "bias")
         eps = getattr(original, "variance_epsilon", getattr(original, "eps", None))
-        self.eps = eps
-        self.normalized_shape = tuple(getattr(original, "normalized_shape", self.weight.shape))
-        # not submodules: the original's parameters are registered above, the slots belong to the bank
+        self.eps: float | None = None if eps is None else float(eps)
+        self.normalized_shape = tuple(getattr(original, "normalized_shape", None) or self.weight.shape)
         self.__dict__["original"] = original
         self.__dict__["slots"] = slots
         self.__dict__["route"] = route
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == LAYERNORM:
-            return F.layer_norm(x, self.normalized_shape, None, None, self.eps)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        if self.kind == LAYERNORM:
+            return F.layer_norm(x, self.normalized_shape, None, None, eps)
         hidden = x.to(torch.float32)
         hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
         return hidden.to(x.dtype)
@@ -113,39 +113,50 @@ class BankedNorm(torch.nn.Module):
         return f"{self.kind}, {tuple(self.weight.shape)}, eps={self.eps}, slots={len(self.slots.weights)}"
 
 
-def check_numerics(name: str, norm: BankedNorm) -> None:
-    """Refuse a norm whose module computes differently from the banked formula (a slot equal to its pretrained
-    values must reproduce it), e.g. an RMSNorm that scales by (1 + weight)."""
+def _parameter(module: torch.nn.Module, leaf: str) -> Any:
+    """`module`'s Parameter `leaf`, or None (a norm without a bias)."""
+    found = getattr(module, leaf, None)
+    return found if isinstance(found, torch.nn.Parameter) else None
+
+
+def computes_as_banked(norm: BankedNorm) -> bool:
+    """Whether the banked formula, with a slot equal to the norm's pretrained values, reproduces its module on an
+    input with a clear mean (so a LayerNorm and an RMSNorm tell apart)."""
     weight = norm.weight.detach()
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn((2, 3, weight.shape[0]), generator=generator).to(weight.device, weight.dtype)
+    x = (torch.randn((2, 3, weight.shape[0]), generator=generator) + 1).to(weight.device, weight.dtype)
     bias = None if norm.bias is None else norm.bias.detach()
     with torch.no_grad():
         expected = norm.original(x)
         got = norm.affine(norm.normalise(x), weight, bias)
     tolerance = 1e-5 if weight.dtype in (torch.float32, torch.float64) else 1e-2
-    if expected.shape != got.shape or not torch.allclose(expected.float(), got.float(), atol=tolerance, rtol=0):
-        raise SpliceError(f"{name} ({type(norm.original).__name__}) does not compute as a LayerNorm or a "
-                          f"Llama-style RMSNorm; LayerNormBank cannot bank it")
+    return expected.shape == got.shape and torch.allclose(expected.float(), got.float(), atol=tolerance, rtol=0)
+
+
+def banked_norm(name: str, module: torch.nn.Module, route: _Route) -> BankedNorm:
+    """`module` (a norm by splice.arch.norms) as a BankedNorm computing as it does: as a LayerNorm or as a Llama-style
+    RMSNorm, whichever reproduces it; a norm computing otherwise (e.g. an RMSNorm that scales by (1 + weight)) is
+    refused."""
+    slots = NormSlots(has_bias=_parameter(module, "bias") is not None)
+    for kind in (LAYERNORM, RMSNORM):
+        norm = BankedNorm(module, kind, slots, route)
+        if computes_as_banked(norm):
+            return norm
+    raise SpliceError(f"{name} ({type(module).__name__}) does not compute as a LayerNorm or a "
+                      f"Llama-style RMSNorm; LayerNormBank cannot bank it")
 
 
 def wrap_norms(model: torch.nn.Module, route: _Route) -> dict[str, BankedNorm]:
-    """Replace every LayerNorm / RMSNorm of `model` in place (all checked before any is replaced); module name ->
-    its BankedNorm."""
-    banked = {}
-    for name, module in model.named_modules():
-        kind = norm_kind(module)
-        if kind is not None:
-            slots = NormSlots(has_bias=kind == LAYERNORM and module.bias is not None)
-            banked[name] = BankedNorm(module, kind, slots, route)
-            check_numerics(name, banked[name])
-    for name, norm in banked.items():
+    """Replace every norm of `model` (splice.arch.norms: the norms a LayerNorm patch holds) in place, all checked
+    before any is replaced; module name -> its BankedNorm."""
+    if any(isinstance(module, BankedNorm) for module in model.modules()):
+        raise SpliceError(f"{type(model).__name__}: its norms are already banked; wrap the model once")
+    norms = {name: banked_norm(name, model.get_submodule(name), route) for name in loaded_norm_modules(model)}
+    if not norms:
+        raise SpliceError(f"{type(model).__name__}: no LayerNorm or RMSNorm modules with a weight found")
+    for name, norm in norms.items():
         model.set_submodule(name, norm)
-    if not banked:
-        already = any(isinstance(module, BankedNorm) for module in model.modules())
-        raise SpliceError(f"{type(model).__name__}: " + ("its norms are already banked; wrap the model once" if already
-                          else "no LayerNorm or RMSNorm modules with a weight found"))
-    return banked
+    return norms
 
 
 @contextmanager
@@ -161,12 +172,16 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 
 class LayerNormBank(torch.nn.Module):
-    """Wraps a loaded HF model (ViT, BERT, GPT-2, Llama, in place): every LayerNorm / RMSNorm gets per-task
+    """Wraps a loaded HF model (ViT, BERT, GPT-2, Llama, T5, in place): every LayerNorm / RMSNorm gets per-task
     gamma/beta banks [T, d]; the pretrained norms are never modified (kept for the routing pass).
 
     `bank.to(device)` moves the model and the slots together (the slots are the bank's, not the model's)."""
 
-    def __init__(self, model: torch.nn.Module):
+    model: PreTrainedModel
+    keys: torch.Tensor  # [T, D] each task's key, unit norm (zeros until set)
+    has_key: torch.Tensor  # [T] bool
+
+    def __init__(self, model: PreTrainedModel):
         super().__init__()
         stored = {module: name for name, module in stored_to_module_names(model).items()}
         self._route = _Route()
@@ -202,6 +217,8 @@ class LayerNormBank(torch.nn.Module):
         task = self.num_tasks
         if init_from == "pretrained":
             source = None
+        elif isinstance(init_from, str):
+            raise SpliceError(f"`init_from` takes a slot index or 'pretrained', not {init_from!r}")
         else:
             source = self._task(init_from) if init_from is not None else (task - 1 if task else None)
         for norm in self._norms:
