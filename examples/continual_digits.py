@@ -51,6 +51,7 @@ from splice.continual.metrics import summarize
 from splice.continual.model import classification_head, head_parameters, load_model
 from splice.continual.train import (
     Schedule,
+    Training,
     evaluate,
     inputs_of,
     masked_logits,
@@ -58,6 +59,7 @@ from splice.continual.train import (
     task_key,
     train_slot,
 )
+from splice.demo.digits import Augmentation
 from splice.demo.digits import train as digits_train
 from splice.plots import png_bytes
 from splice.registry.store import Registry
@@ -207,8 +209,8 @@ def pretrain_backbone(directory: Path, config: Config) -> dict:
     seed = study_seed()
     torch.manual_seed(seed)
     model = transformers.ViTForImageClassification(backbone_config(config.layers))
-    losses = digits_train(model, x, y, lr=config.pretrain_lr, steps=config.pretrain_steps, seed=seed,
-                            noise=0.05, shift=1)
+    losses = digits_train(model, (x, y), lr=config.pretrain_lr, steps=config.pretrain_steps, seed=seed,
+                          augmentation=Augmentation(noise=0.05, shift=1))
     with torch.no_grad():
         train_accuracy = float((model(pixel_values=x).logits.argmax(-1) == y).float().mean())
     torch.manual_seed(seed + 1)
@@ -346,7 +348,7 @@ def sequential_layernorm(base: Path, tasks: list[TaskData], config: Config) -> d
     matrix = []
     for index, task in enumerate(tasks):
         torch.manual_seed(task_seed(index))
-        train_slot(bank, slot, tuned, head, task, schedule, torch.Generator().manual_seed(task_seed(index)))
+        train_slot(bank, slot, tuned, head, task, Training(schedule, torch.Generator().manual_seed(task_seed(index))))
 
         def logits_of(batch: Batch) -> torch.Tensor:
             ids = torch.zeros(batch["labels"].shape[0], dtype=torch.long)
@@ -413,13 +415,13 @@ def keyed_bank(base: Path, tasks: list[TaskData], config: Config, variant: BankV
             masks = {id(named[name]): mask.to(named[name].dtype) for name, mask in chosen.items()}
         before = [p.detach().clone() for p in tuned]
         head_before = [p.detach().clone() for p in head]
-        generator = torch.Generator().manual_seed(task_seed(index))
-        train_slot(bank, slot, tuned, head, task, schedule, generator, masks=masks)
+        training = Training(schedule, torch.Generator().manual_seed(task_seed(index)))
+        train_slot(bank, slot, tuned, head, task, training, masks=masks)
         if variant.throwaway_head:
             with torch.no_grad():
                 for parameter, value in zip(head, head_before):
                     parameter.copy_(value)
-        rectify_head(bank, head, task, schedule, generator)
+        rectify_head(bank, head, task, training)
         for parameter in head:
             parameter.requires_grad_(False)
         changed.append(int(sum((p.detach() != b).sum() for p, b in zip(tuned, before))))

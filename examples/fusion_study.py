@@ -126,7 +126,7 @@ def train_parent(config: StudyConfig, data: Data, seed: int, out_dir: Path, wide
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ViTForImageClassification(config.vit_config(wide))
-    digits.train(model, *data.train, lr=config.wide_lr if wide else config.lr, steps=config.steps, seed=seed,
+    digits.train(model, data.train, lr=config.wide_lr if wide else config.lr, steps=config.steps, seed=seed,
                  batch_size=config.batch_size, weight_decay=config.weight_decay)
     with quiet_transformers():
         model.save_pretrained(out_dir)
@@ -137,7 +137,7 @@ def finetune(config: StudyConfig, data: Data, model_dir: Path, out_dir: Path, se
     """The short fine-tune: `config.finetune_steps` steps with the parents' optimizer settings (AdamW, the same
     peak learning rate, cosine decay over the fine-tune, batch size, weight decay) on the training split."""
     model = digits.load_model(model_dir)
-    digits.train(model, *data.train, lr=config.lr, steps=config.finetune_steps, seed=seed,
+    digits.train(model, data.train, lr=config.lr, steps=config.finetune_steps, seed=seed,
                  batch_size=config.batch_size, weight_decay=config.weight_decay)
     with quiet_transformers():
         model.save_pretrained(out_dir)

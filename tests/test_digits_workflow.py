@@ -46,19 +46,20 @@ def test_training_lowers_loss_raises_accuracy_and_repeats():
     splits = digits.load_digits_splits()
     model = digits.new_model(seed=0)
     before = digits.accuracy(model, *splits.val)
-    losses = digits.train(model, *splits.pretrain, lr=3e-3, steps=100, seed=0)
+    losses = digits.train(model, splits.pretrain, lr=3e-3, steps=100, seed=0)
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     assert digits.accuracy(model, *splits.val) > before + 0.3
 
-    first = digits.train(digits.new_model(seed=0), *splits.pretrain, lr=3e-3, steps=5, seed=7, noise=0.1, shift=1)
-    second = digits.train(digits.new_model(seed=0), *splits.pretrain, lr=3e-3, steps=5, seed=7, noise=0.1, shift=1)
+    augmented = digits.Augmentation(noise=0.1, shift=1)
+    first = digits.train(digits.new_model(seed=0), splits.pretrain, lr=3e-3, steps=5, seed=7, augmentation=augmented)
+    second = digits.train(digits.new_model(seed=0), splits.pretrain, lr=3e-3, steps=5, seed=7, augmentation=augmented)
     assert first == second
 
 
 def test_scorer_on_the_saved_state_dict_equals_accuracy_of_the_loaded_model(tmp_path):
     splits = digits.load_digits_splits()
     model = digits.new_model(seed=0)
-    digits.train(model, *splits.pretrain, lr=3e-3, steps=20)
+    digits.train(model, splits.pretrain, lr=3e-3, steps=20)
     model.save_pretrained(tmp_path / "trained")
     digits.new_model(seed=1).save_pretrained(tmp_path / "untrained")
 

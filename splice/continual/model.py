@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,9 +12,12 @@ from splice.arch.names import stored_to_module_names
 from splice.arch.quiet import quiet_transformers
 from splice.errors import SpliceError, first_line
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def load_model(base: str | os.PathLike) -> torch.nn.Module:
-    """The model class its config.json names (e.g. ViTForImageClassification), in eval mode."""
+
+def load_model(base: str | os.PathLike, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """The model class its config.json names (e.g. ViTForImageClassification), on `device`, in eval mode."""
     import transformers
 
     try:
@@ -26,7 +30,7 @@ def load_model(base: str | os.PathLike) -> torch.nn.Module:
         raise SpliceError(f"{base}: config.json names no transformers model class (architectures: {names})")
     with quiet_transformers():
         model = model_class.from_pretrained(base)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def classification_head(model: torch.nn.Module) -> list[str]:

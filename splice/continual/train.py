@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,17 @@ class Schedule:
     head_lr: float
     rectify_epochs: int
     batch_size: int
+
+
+@dataclass(frozen=True)
+class Training:
+    """What every training stage of one task shares: its schedule, its random generator (minibatch order), where
+    progress goes and the label its progress lines start with."""
+
+    schedule: Schedule
+    generator: torch.Generator
+    progress: Progress = field(default_factory=NoProgress)
+    label: str = ""
 
 
 def inputs_of(batch: Batch) -> Batch:
@@ -99,24 +110,24 @@ def task_key(bank: LayerNormBank, data: TaskData, schedule: Schedule, generator:
     return key.detach()
 
 
-def _epochs(parameters: list[torch.nn.Parameter], lr: float, epochs: int, data: TaskData, schedule: Schedule,
-            generator: torch.Generator, loss_of: Callable[[Batch], torch.Tensor], progress: Progress,
-            label: str, masks: GradMasks | None = None) -> float:
+def _epochs(parameters: list[torch.nn.Parameter], loss_of: Callable[[Batch], torch.Tensor], data: TaskData,
+            training: Training, lr: float, epochs: int, stage: str, masks: GradMasks | None = None) -> float:
     """Adam (a new optimiser, constant lr) over `epochs` of shuffled minibatches; the last epoch's mean loss."""
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=0.0)
     count = next(iter(data.train.values())).shape[0]
-    mean = float("nan")
+    progress, mean = training.progress, float("nan")
     for epoch in range(epochs):
         loss_so_far = "" if epoch == 0 else f" (loss {mean:.4f})"
-        progress.start(f"{label} epoch {epoch + 1}/{epochs}{loss_so_far}", count, 0, unit="samples")
+        progress.start(f"{training.label} {stage} epoch {epoch + 1}/{epochs}{loss_so_far}", count, 0, unit="samples")
         total, seen = 0.0, 0
         try:
-            for batch in batches(data.train, schedule.batch_size, generator, device=parameters[0].device):
+            for batch in batches(data.train, training.schedule.batch_size, training.generator,
+                                 device=parameters[0].device):
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_of(batch)
                 loss.backward()
-                for parameter in parameters if masks else ():
-                    if parameter.grad is not None and id(parameter) in masks:
+                for parameter in parameters:
+                    if masks and parameter.grad is not None and id(parameter) in masks:
                         parameter.grad.mul_(masks[id(parameter)])
                 optimizer.step()
                 size = batch["labels"].shape[0]
@@ -129,8 +140,7 @@ def _epochs(parameters: list[torch.nn.Parameter], lr: float, epochs: int, data: 
 
 
 def train_slot(bank: LayerNormBank, slot: int, tuned: list[torch.nn.Parameter], head: list[torch.nn.Parameter],
-               data: TaskData, schedule: Schedule, generator: torch.Generator, progress: Progress | None = None,
-               label: str = "", masks: GradMasks | None = None) -> float:
+               data: TaskData, training: Training, masks: GradMasks | None = None) -> float:
     """The slot's tuned gamma/beta (`tuned`: all of them or the pipeline's choice) and the head, trained with the
     oracle slot and logits masked to the task's classes."""
     parameters = [*tuned, *head]
@@ -144,16 +154,15 @@ def train_slot(bank: LayerNormBank, slot: int, tuned: list[torch.nn.Parameter], 
 
     bank.model.train()
     try:
-        return _epochs(parameters, schedule.lr, schedule.epochs, data, schedule, generator, loss_of,
-                       progress or NoProgress(), f"{label} LayerNorm", masks)
+        schedule = training.schedule
+        return _epochs(parameters, loss_of, data, training, schedule.lr, schedule.epochs, "LayerNorm", masks)
     finally:
         bank.model.eval()
         for parameter in tuned:
             parameter.requires_grad_(False)
 
 
-def rectify_head(bank: LayerNormBank, head: list[torch.nn.Parameter], data: TaskData, schedule: Schedule,
-                 generator: torch.Generator, progress: Progress | None = None, label: str = "") -> float:
+def rectify_head(bank: LayerNormBank, head: list[torch.nn.Parameter], data: TaskData, training: Training) -> float:
     """Second stage: only the head trains, on features made with the inference-time selection (so it learns to
     live with mis-selected slots); logits masked to the task's classes."""
     def loss_of(batch: Batch) -> torch.Tensor:
@@ -165,13 +174,12 @@ def rectify_head(bank: LayerNormBank, head: list[torch.nn.Parameter], data: Task
 
     for parameter in head:
         parameter.requires_grad_(True)
-    return _epochs(head, schedule.head_lr, schedule.rectify_epochs, data, schedule, generator, loss_of,
-                   progress or NoProgress(), f"{label} head")
+    schedule = training.schedule
+    return _epochs(head, loss_of, data, training, schedule.head_lr, schedule.rectify_epochs, "head")
 
 
 def align_head(head_module: torch.nn.Module, head: list[torch.nn.Parameter], features: torch.Tensor,
-               labels: torch.Tensor, lr: float, epochs: int, schedule: Schedule, generator: torch.Generator,
-               progress: Progress | None = None, label: str = "") -> float:
+               labels: torch.Tensor, lr: float, epochs: int, training: Training) -> float:
     """Classifier alignment: only the head trains, on `features` (drawn from every seen class's statistics) with
     logits over every class among `labels`."""
     classes = sorted(int(c) for c in labels.unique())
@@ -183,8 +191,7 @@ def align_head(head_module: torch.nn.Module, head: list[torch.nn.Parameter], fea
 
     for parameter in head:
         parameter.requires_grad_(True)
-    return _epochs(head, lr, epochs, data, schedule, generator, loss_of, progress or NoProgress(),
-                   f"{label} alignment")
+    return _epochs(head, loss_of, data, training, lr, epochs, "alignment")
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,10 @@ def load_digits_splits(seed: int = 0) -> DigitsSplits:
 
 
 def model_config() -> ViTConfig:
-    return ViTConfig(image_size=IMAGE_SIZE, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=4, intermediate_size=64, num_labels=NUM_LABELS)
+    config = ViTConfig(image_size=IMAGE_SIZE, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64)
+    config.num_labels = NUM_LABELS
+    return config
 
 
 def new_model(seed: int = 0) -> ViTForImageClassification:
@@ -73,6 +75,14 @@ def new_model(seed: int = 0) -> ViTForImageClassification:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ViTForImageClassification(model_config())
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random translation by up to `shift` pixels (zero fill) and Gaussian pixel noise of std `noise`."""
+
+    noise: float = 0.0
+    shift: int = 0
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, noise: float = 0.0, shift: int = 0) -> torch.Tensor:
@@ -89,13 +99,15 @@ def augment(x: torch.Tensor, generator: torch.Generator, noise: float = 0.0, shi
     return x
 
 
-def train(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor, *, lr: float, steps: int,
-          seed: int = 0, batch_size: int = 64, noise: float = 0.0, shift: int = 0,
+def train(model: ViTForImageClassification, data: tuple[torch.Tensor, torch.Tensor], *, lr: float, steps: int,
+          seed: int = 0, batch_size: int = 64, augmentation: Augmentation = Augmentation(),
           weight_decay: float = 0.01) -> list[float]:
-    """AdamW with cosine decay for `steps` minibatches (reshuffled each epoch); returns each step's loss.
+    """AdamW with cosine decay for `steps` minibatches of `data` (images, labels: a Split), reshuffled each epoch,
+    each augmented as `augmentation` says; returns each step's loss.
 
     All randomness (order, augmentation) comes from a generator seeded with `seed`, so a run repeats exactly.
     """
+    x, y = data
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -107,7 +119,8 @@ def train(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor, *,
             if len(order) < batch_size:
                 order = torch.cat([order, torch.randperm(len(y), generator=generator)])
             batch, order = order[:batch_size], order[batch_size:]
-            loss = model(pixel_values=augment(x[batch], generator, noise, shift), labels=y[batch]).loss
+            images = augment(x[batch], generator, augmentation.noise, augmentation.shift)
+            loss = model(pixel_values=images, labels=y[batch]).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -177,6 +190,10 @@ class FineTune:
     shift: int = 0
 
     @property
+    def augmentation(self) -> Augmentation:
+        return Augmentation(self.noise, self.shift)
+
+    @property
     def name(self) -> str:
         return f"lr{self.lr:g}-noise{self.noise:g}-shift{self.shift}-seed{self.seed}"
 
@@ -204,7 +221,7 @@ def prepare_ingredients(workdir: str | os.PathLike, count: int, seed: int = 0, *
     workdir = Path(workdir)
     splits = splits or load_digits_splits(seed)
     model = new_model(seed)
-    train(model, *splits.pretrain, lr=pretrain_lr, steps=pretrain_steps, seed=seed)
+    train(model, splits.pretrain, lr=pretrain_lr, steps=pretrain_steps, seed=seed)
     base_dir = workdir / "base"
     base_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with quiet_transformers():
@@ -212,8 +229,8 @@ def prepare_ingredients(workdir: str | os.PathLike, count: int, seed: int = 0, *
         ingredient_dirs = []
         for index, recipe in enumerate(fine_tunes(count, seed)):
             model.load_state_dict(base_state)
-            train(model, *splits.finetune, lr=recipe.lr, steps=finetune_steps, seed=recipe.seed,
-                  noise=recipe.noise, shift=recipe.shift)
+            train(model, splits.finetune, lr=recipe.lr, steps=finetune_steps, seed=recipe.seed,
+                  augmentation=recipe.augmentation)
             directory = workdir / f"ingredient-{index:02d}-{recipe.name}"
             model.save_pretrained(directory)
             ingredient_dirs.append(directory)

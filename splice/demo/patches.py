@@ -47,7 +47,7 @@ def lora_layernorm_finetune(base_dir: Path, out_dir: Path, splits: digits.Digits
     for module in model.modules():
         if isinstance(module, torch.nn.LayerNorm):
             module.requires_grad_(True)
-    digits.train(model, *splits.finetune, lr=lr, steps=steps, seed=seed, weight_decay=0.0)
+    digits.train(model, splits.finetune, lr=lr, steps=steps, seed=seed, weight_decay=0.0)
     for module in targets:
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     with quiet_transformers():

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -155,7 +156,7 @@ class Pipeline(BaseModel):
         return "sha256:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
+def load_pipeline(path: str | os.PathLike) -> Pipeline:
     """A pipeline file parsed and validated; a one-line error naming the file and the bad entry."""
     path = Path(path)
     try:

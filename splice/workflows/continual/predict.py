@@ -53,12 +53,13 @@ def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None
     name, aliases = resolved.name, store.aliases(resolved.name)
     legacy = uses_legacy_aliases(aliases)
     named = parse_ref(ref).alias
-    if index_named(named, legacy) is not None:  # name@task-3 must be task 3, not a task its alias was moved onto
-        check_aliased_task(store, name, named, resolved.version, settings, index_named(named, legacy))
+    index = index_named(named, legacy)
+    if named is not None and index is not None:  # name@task-3 must be task 3, not a task its alias was moved onto
+        check_aliased_task(store, name, named, resolved.version, settings, index)
     progress.start("checking and loading the base model", 1, 0, unit="models")
     with Checkpoint.open(base, storage_options) as checkpoint:  # the bank's base, or a one-line refusal
         last.check_base(checkpoint)
-    bank = LayerNormBank(load_model(base).to(resolve_device(device)))
+    bank = LayerNormBank(load_model(base, resolve_device(device)))
     pretrained = pretrained_values(base, [*bank.tensor_names, *settings["head"]])
     progress.advance(1, 0)
     progress.finish()

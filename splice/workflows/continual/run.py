@@ -29,6 +29,7 @@ from splice.continual.model import (
 )
 from splice.continual.train import (
     Schedule,
+    Training,
     align_head,
     dry_run,
     evaluate,
@@ -43,7 +44,7 @@ from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
 from splice.tensors.writer import check_report_dir
 from splice.workflows.continual.aliases import alias_of, check_aliased_task, uses_legacy_aliases
-from splice.workflows.continual.pipeline import Pipeline, load_pipeline, task_seed
+from splice.workflows.continual.pipeline import ClassifierAlignment, Pipeline, load_pipeline, task_seed
 from splice.workflows.continual.report import REPORT_FILES, ContinualReport
 from splice.workflows.continual.stored import Values, pretrained_values, stored_entries, task_patch, task_values
 
@@ -63,6 +64,21 @@ class RunState:
     statistics: list[dict[int, align.ClassStatistics]] = field(default_factory=list)  # per task, for `align:`
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every task of one run works with."""
+
+    pipeline: Pipeline
+    store: Registry
+    bank: LayerNormBank
+    head_names: list[str]  # stored names of the classification head's tensors
+    tuned: list[str]  # stored names of the norm tensors the pipeline tunes
+    pretrained: Values  # the base's values of both
+    tasks: list[TaskData]
+    state: RunState
+    progress: Progress
+
+
 def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False,
                  registry: Registry | str | None = None, report_dir: str | os.PathLike | None = None,
                  progress: Progress | None = None, storage_options: dict | None = None, force: bool = False
@@ -76,11 +92,11 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     progress = progress or NoProgress()
     location = registry if isinstance(registry, Registry) else registry or pipeline.registry  # the call's, the file's
     if report_dir is not None:
-        check_report_dir(report_dir, [p for p in (pipeline.base, getattr(location, "url", location)) if p],
-                         REPORT_FILES, force)
+        where = location.url if isinstance(location, Registry) else location
+        check_report_dir(report_dir, [p for p in (pipeline.base, where) if p], REPORT_FILES, force)
     tasks = [load_task(spec.name, spec.data) for spec in pipeline.tasks]
     bank, head_names = _bank(pipeline)
-    check_protocol(tasks, pipeline.protocol, bank.model.config.num_labels)
+    check_protocol(tasks, pipeline.protocol, bank.model.config.num_labels or 0)
     tuned = tuned_norms(bank, pipeline.norms)
     dry_run(bank, tasks, pipeline.batch_size)
     if pipeline.align is not None:
@@ -90,6 +106,7 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
     store = location if isinstance(location, Registry) else Registry.init(location, storage_options)
     done, legacy = _finished_tasks(store, pipeline, resume)
     state = RunState(kept=len(done), legacy_aliases=legacy)
+    run = _Run(pipeline, store, bank, head_names, tuned, pretrained, tasks, state, progress)
     try:
         if done:
             progress.start(f"restoring {len(done)} task(s) from the registry", len(done), 0, unit="tasks")
@@ -98,7 +115,7 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
                 progress.advance(1, 0)
             progress.finish()
         for index in range(len(done), len(tasks)):
-            _run_task(pipeline, store, bank, head_names, tuned, pretrained, tasks, index, state, progress)
+            _run_task(run, index)
             state.kept = index + 1
     except KeyboardInterrupt as exc:
         state.kept = max(state.kept, _aliased_tasks(store, pipeline, state.legacy_aliases))
@@ -113,7 +130,7 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False
 
 
 def _bank(pipeline: Pipeline) -> tuple[LayerNormBank, list[str]]:
-    model = load_model(pipeline.base).to(resolve_device(pipeline.device))
+    model = load_model(pipeline.base, resolve_device(pipeline.device))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     bank = LayerNormBank(model)
@@ -167,7 +184,8 @@ def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> tuple[
     if other:
         raise SpliceError(f"registry name {pipeline.name} already holds another pipeline's results "
                           f"({other[0].ref}); give this pipeline another name, or remove them")
-    aliases, done = store.aliases(pipeline.name), []
+    aliases = store.aliases(pipeline.name)
+    done: list[str] = []
     legacy = uses_legacy_aliases(aliases)
     while len(done) < len(pipeline.tasks):
         index = len(done)
@@ -232,26 +250,26 @@ def tuned_norms(bank: LayerNormBank, norms: str | list[str]) -> list[str]:
     return [name for name in names if any(pattern in name for pattern in norms)]
 
 
-def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_names: list[str], tuned: list[str],
-              pretrained: Values, tasks: list[TaskData], index: int, state: RunState, progress: Progress) -> None:
-    task, schedule = tasks[index], _schedule(pipeline)
+def _run_task(run: _Run, index: int) -> None:
+    pipeline, bank, head_names, tuned, pretrained = run.pipeline, run.bank, run.head_names, run.tuned, run.pretrained
+    task, state = run.tasks[index], run.state
     seed = task_seed(pipeline.seed, index)
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    label = f"task {index + 1}/{len(tasks)} {task.name}"
-    key = task_key(bank, task, schedule, generator, trained=pipeline.keys == "trained", epochs=pipeline.key_epochs,
-                   lr=pipeline.key_lr)
+    label = f"task {index + 1}/{len(run.tasks)} {task.name}"
+    training = Training(_schedule(pipeline), torch.Generator().manual_seed(seed), run.progress, label)
+    key = task_key(bank, task, training.schedule, training.generator, trained=pipeline.keys == "trained",
+                   epochs=pipeline.key_epochs, lr=pipeline.key_lr)
     slot = bank.add_task(key=key, init_from="pretrained" if pipeline.fisher else None)
     bank.slots.requires_grad_(False)  # train_slot turns on the tuned entries; no other slot takes gradients
     head = head_parameters(bank.model, head_names)
     parameters = {name: bank.slot_parameters(slot)[name] for name in tuned}
     masks = None
     if pipeline.fisher is not None:
-        masks = subset_masks(fisher_diagonal(bank, slot, parameters, task), pipeline.fisher, generator)
-    losses = {"loss.layernorm": train_slot(bank, slot, list(parameters.values()), head, task, schedule, generator,
-                                           progress, label, _grad_masks(parameters, masks))}
+        masks = subset_masks(fisher_diagonal(bank, slot, parameters, task), pipeline.fisher, training.generator)
+    losses = {"loss.layernorm": train_slot(bank, slot, list(parameters.values()), head, task, training,
+                                           _grad_masks(parameters, masks))}
     if pipeline.rectify:
-        losses["loss.head"] = rectify_head(bank, head, task, schedule, generator, progress, label)
+        losses["loss.head"] = rectify_head(bank, head, task, training)
     for parameter in head:
         parameter.requires_grad_(False)
     every = bank.slot_state(slot)
@@ -263,13 +281,12 @@ def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_nam
 
     patch = stored(_settings(pipeline, task, slot, key))
     if pipeline.align is not None:
-        patch = stored(_aligned(pipeline, bank, head_names, patch, pretrained, task, schedule, generator, state,
-                                losses, progress, label))
+        patch = stored(_aligned(run, patch, pipeline.align, task, training, losses))
     values = task_values(patch, pretrained)  # go on from the task exactly as stored (what --resume reads back)
     bank.load_slot(slot, {name: values[name] for name in patch.meta.settings["slot"]})
     load_head(bank.model, {name: values[name] for name in head_names})
-    result = evaluate(bank, tasks[: index + 1], pipeline.protocol, schedule.batch_size, progress, label,
-                      pipeline.inference)
+    result = evaluate(bank, run.tasks[: index + 1], pipeline.protocol, training.schedule.batch_size, run.progress,
+                      label, pipeline.inference)
     state.matrix.append(result.accuracy)
     state.oracle.append(result.oracle_accuracy)
     state.task_id.append(result.task_id_accuracy)
@@ -279,10 +296,10 @@ def _run_task(pipeline: Pipeline, store: Registry, bank: LayerNormBank, head_nam
                           **{f"oracle_accuracy.{j}": a for j, a in enumerate(result.oracle_accuracy)},
                           "task_id_accuracy": result.task_id_accuracy, **losses}
     alias = alias_of(index, state.legacy_aliases)
-    progress.start(f"{label} pushing to the registry as {pipeline.name}@{alias}", 1, 0, unit="versions")
-    store.push(pipeline.name, patch, alias=alias, message=f"{pipeline.name}: {label}")
-    progress.advance(1, 0)
-    progress.finish()
+    run.progress.start(f"{label} pushing to the registry as {pipeline.name}@{alias}", 1, 0, unit="versions")
+    run.store.push(pipeline.name, patch, alias=alias, message=f"{pipeline.name}: {label}")
+    run.progress.advance(1, 0)
+    run.progress.finish()
 
 
 def _grad_masks(parameters: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor] | None):
@@ -303,23 +320,22 @@ def _settings(pipeline: Pipeline, task: TaskData, slot: int, key: torch.Tensor) 
     return settings
 
 
-def _aligned(pipeline: Pipeline, bank: LayerNormBank, head_names: list[str], patch: Patch, pretrained: Values,
-             task: TaskData, schedule: Schedule, generator: torch.Generator, state: RunState,
-             losses: dict[str, float], progress: Progress, label: str) -> dict:
+def _aligned(run: _Run, patch: Patch, alignment: ClassifierAlignment, task: TaskData, training: Training,
+             losses: dict[str, float]) -> dict:
     """Classifier alignment after the task: its classes' feature statistics (with its slot as stored), then the
     head re-trained on draws from every seen class's; the settings of the task's version, with its statistics."""
+    bank, head_names = run.bank, run.head_names
     slot = int(patch.meta.settings["task"])
-    values = task_values(patch, pretrained)
+    values = task_values(patch, run.pretrained)
     bank.load_slot(slot, {name: values[name] for name in patch.meta.settings["slot"]})
     module = align.head_module(bank.model, head_names)
-    features = align.head_features(bank, module, slot, task.train, schedule.batch_size)
+    features = align.head_features(bank, module, slot, task.train, training.schedule.batch_size)
     settings = {**patch.meta.settings, align.SETTINGS_KEY: align.encode(align.class_statistics(
         features, task.train["labels"]))}
-    state.statistics.append(align.decode(settings))  # as a resumed run reads them back
-    sampled, labels = align.sample_features(state.statistics, pipeline.align.samples, generator)
+    run.state.statistics.append(align.decode(settings))  # as a resumed run reads them back
+    sampled, labels = align.sample_features(run.state.statistics, alignment.samples, training.generator)
     head = head_parameters(bank.model, head_names)
-    losses["loss.alignment"] = align_head(module, head, sampled, labels, pipeline.align.lr, pipeline.align.epochs,
-                                          schedule, generator, progress, label)
+    losses["loss.alignment"] = align_head(module, head, sampled, labels, alignment.lr, alignment.epochs, training)
     for parameter in head:
         parameter.requires_grad_(False)
     return settings
