@@ -81,11 +81,11 @@ def check_port_outputs(patch: PatchSource, to: str | os.PathLike, old_base: str 
     registry the patch came from), and they are not the same directory."""
     stored = patch.stored_at if isinstance(patch, Patch) else patch
     protected = [p for p in (to, old_base, stored, *also_protected) if p is not None]
-    for target in (out, as_patch):
+    for target, name in ((out, "out"), (as_patch, "as_patch")):
         if target is not None:
-            ensure_output_free(target, force, protected=protected, what="a base or the patch")
+            ensure_output_free(target, force, protected=protected, what="a base or the patch", parameter_name=name)
     if out is not None and as_patch is not None and Path(out).resolve() == Path(as_patch).resolve():
-        raise PatchError("--out and --as-patch name the same directory; give each its own")
+        raise PatchError("`out` and `as_patch` name the same directory; give each its own")
 
 
 def prepare_port(patch: PatchSource, to: str | os.PathLike, *, old_base: str | os.PathLike | None = None,
@@ -132,9 +132,9 @@ def _checked_scale(scale: float) -> float:
     try:
         scale = float(scale)
     except (TypeError, ValueError):
-        raise PatchError(f"--scale must be a number, not {scale!r}") from None
+        raise PatchError(f"`scale` must be a number, not {scale!r}") from None
     if not math.isfinite(scale) or scale == 0:
-        raise PatchError(f"--scale must be a finite number other than 0, not {scale}")
+        raise PatchError(f"`scale` must be a finite number other than 0, not {scale}")
     return scale
 
 
@@ -164,13 +164,13 @@ def _refuse_unportable(patch: Patch, steps: dict[str, Step], new: Checkpoint, ol
     if replaced and old is None:
         what = "is a LayerNorm patch: it stores the values it sets" if kind == "layernorm" else \
             f"replaces {len(replaced)} tensors whole ({first_names(replaced, 2)})"
-        raise PatchError(f"this patch {what}, not a change; give the base it was made on (--from OLD_BASE) so "
+        raise PatchError(f"this patch {what}, not a change; give the base it was made on (`old_base=OLD_BASE`) so "
                          f"its change can be ported")
     if old is not None:
         unlike = [name for name, step in steps.items()
                   if name not in old.tensors or tuple(old.tensors[name].shape) != step.shape]
         if unlike:
-            raise PatchError(f"{old.location} (--from) lacks or reshaped {len(unlike)} of the tensors the patch "
+            raise PatchError(f"{old.location} (`old_base`) lacks or reshaped {len(unlike)} of the tensors the patch "
                              f"changes ({first_names(unlike)}): it is not the base the patch was made on")
 
 
@@ -227,7 +227,7 @@ def _measure_one(patch: Patch, name: str, step: Step, tensors: list[torch.Tensor
     value_old = None if stored_old is None else stored_old.to(device=compute, dtype=torch.float32)
     update = _update(step, value_old, step.shape, compute)
     if old_hash is not None and old_hash.result() != recorded.sha256:
-        raise PatchError(f"{old.location} (--from) is not the base this patch was made on: {name} differs; "
+        raise PatchError(f"{old.location} (`old_base`) is not the base this patch was made on: {name} differs; "
                          f"give the base it was made on")
     entry = fingerprint_tensor(name, stored_new, new.tensors[name].dtype, sha256=new_hash.result())
     result.fingerprints.append(entry)

@@ -56,8 +56,8 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
     written before the drift report is measured and every input checked. A registry version's port is kept in
     its health history (`registry show NAME`), with the scores `evaluate` gave before and after porting."""
     if out is None and as_patch is None and push is None:
-        raise SpliceError("say where the port goes: --out DIR (the ported model), --as-patch DIR (the ported "
-                          "patch) or --push NAME (the ported patch as a registry version)")
+        raise SpliceError("say where the port goes: `out=DIR` (the ported model), `as_patch=DIR` (the ported "
+                          "patch) or `push=NAME` (the ported patch as a registry version)")
     store = open_registry(registry, storage_options) if push is not None or is_registry_ref(patch) else None
     if push is not None:
         store.check_push(push, alias)
