@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +19,12 @@ from splice.arch.names import stored_to_module_names
 from splice.arch.pooling import pool
 from splice.errors import SpliceError
 
-LAYERNORM = "layernorm"
-RMSNORM = "rmsnorm"
+NormKind = Literal["layernorm", "rmsnorm"]
+LAYERNORM: NormKind = "layernorm"
+RMSNORM: NormKind = "rmsnorm"
 
 
-def norm_kind(module: torch.nn.Module) -> str | None:
+def norm_kind(module: torch.nn.Module) -> NormKind | None:
     """LAYERNORM, RMSNORM (any class named *RMSNorm, computed as Llama's), or None for other modules and for
     norms without a 1-D weight (nothing to tune)."""
     weight = getattr(module, "weight", None)
@@ -74,7 +76,7 @@ class BankedNorm(torch.nn.Module):
     """A norm that applies each sample's slot: normalise without affine, then `* w[ids] (+ b[ids])`.
     With no ids set (the pretrained pass) it is the original module."""
 
-    def __init__(self, original: torch.nn.Module, kind: str, slots: NormSlots, route: _Route):
+    def __init__(self, original: torch.nn.Module, kind: NormKind, slots: NormSlots, route: _Route):
         super().__init__()
         self.kind = kind
         self.weight = original.weight  # the same Parameters: the model's state dict keeps its names

@@ -35,7 +35,7 @@ from splice.adapters.fingerprint import (
 )
 from splice.adapters.kinds import KINDS
 from splice.adapters.kinds.spec import MappedTensors
-from splice.adapters.meta import BaseFingerprint, PatchMeta
+from splice.adapters.meta import BaseFingerprint, PatchKind, PatchMeta
 from splice.adapters.patch import Patch
 from splice.adapters.sources import PatchSource, load_patch
 from splice.adapters.steps import Effect, Step
@@ -162,7 +162,7 @@ def _refuse_unportable(patch: Patch, steps: dict[str, Step], new: Checkpoint, ol
                          f"{first_names(reshaped, 2)}; a patch cannot be ported across a change of shape")
     replaced = [name for name, step in steps.items() if step.effect is Effect.replace]
     if replaced and old is None:
-        what = "is a LayerNorm patch: it stores the values it sets" if kind == "layernorm" else \
+        what = "is a LayerNorm patch: it stores the values it sets" if patch.meta.kind is PatchKind.layernorm else \
             f"replaces {len(replaced)} tensors whole ({first_names(replaced, 2)})"
         raise PatchError(f"this patch {what}, not a change; give the base it was made on (`old_base=OLD_BASE`) so "
                          f"its change can be ported")
@@ -275,7 +275,7 @@ def _replaced_value(patch: Patch, name: str, new: torch.Tensor, old: torch.Tenso
 def _report(patch: Patch, measured: _Measured, label: str, new: Checkpoint, old: Checkpoint | None,
             scale: float) -> DriftReport:
     notes = []
-    if patch.meta.kind.value == "layernorm":
+    if patch.meta.kind is PatchKind.layernorm:
         notes.append("a LayerNorm patch stores absolute values: it was ported as the change it made on its own "
                      "base (patch - old base), added to the new base's values")
     elif measured.replaced:

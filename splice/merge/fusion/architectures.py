@@ -33,8 +33,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Literal
 
 STREAM = "stream"
+
+SourceKind = Literal["output", "input", "rows"]
+"""Where a space's values are read: a module's output, what enters a module, or an embedding table's rows."""
+TableSource = Literal["columns", "activations"]
+"""How a `Table` defines its space's map (see the module's docstring)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class Source:
     """Where one space's values can be read: a module's output ("output"), what enters a module ("input"),
     or the rows of an embedding table ("rows"); `part` picks a row block of a fused weight's output."""
 
-    kind: str
+    kind: SourceKind
     name: str
     part: tuple[int, int] | None = None
 
@@ -165,7 +171,7 @@ class Table(_Node):
     key: str
     tensor: str
     space: str
-    source: str | None = None  # "columns", "activations" or None (aligned by the existing map of `space`)
+    source: TableSource | None = None  # None: aligned by the existing map of `space`
     optional: bool = False
 
     @property
