@@ -104,9 +104,10 @@ def prepare_port(patch: PatchSource, to: str | os.PathLike, *, old_base: str | o
         refuse_drift(compare_base(loaded.meta.base.model_copy(update={"tensors": []}), old), str(old_base),
                      loaded.meta.kind.value, None)
     measured = _measure(loaded, steps, new, old, scale, device, progress)
+    fingerprint = _new_fingerprint(new, measured, progress)
     label = source or recorded_location(patch.stored_at if isinstance(patch, Patch) else patch)
-    drift = _report(loaded, measured, label, new, old, scale)
-    return Ported(_ported_patch(loaded, new, measured, drift, scale, progress), drift)
+    drift = _report(loaded, measured, label, new, fingerprint.digest, old, scale)
+    return Ported(_ported_patch(loaded, measured, drift, fingerprint, scale), drift)
 
 
 def write_ported(ported: Ported, to: str | os.PathLike, *, out: str | os.PathLike | None = None,
@@ -272,7 +273,7 @@ def _replaced_value(patch: Patch, name: str, new: torch.Tensor, old: torch.Tenso
     return ported.to(device="cpu", dtype=stored.dtype if stored.dtype.is_floating_point else dtype)
 
 
-def _report(patch: Patch, measured: _Measured, label: str, new: Checkpoint, old: Checkpoint | None,
+def _report(patch: Patch, measured: _Measured, label: str, new: Checkpoint, new_digest: str, old: Checkpoint | None,
             scale: float) -> DriftReport:
     notes = []
     if patch.meta.kind is PatchKind.layernorm:
@@ -284,23 +285,21 @@ def _report(patch: Patch, measured: _Measured, label: str, new: Checkpoint, old:
     if patch.meta.base is None and old is None:
         notes.append("the patch records no base (a PEFT adapter): give --from OLD_BASE to measure the drift")
     return DriftReport(patch=label, kind=patch.meta.kind.value, new_base=recorded_location(new.location),
-                       new_digest="", old_base=recorded_location(old.location) if old is not None else None,
+                       new_digest=new_digest, old_base=recorded_location(old.location) if old is not None else None,
                        old_digest=patch.meta.base.digest if patch.meta.base else None, scale=scale,
                        tensors=measured.drifts, notes=notes)
 
 
-def _ported_patch(patch: Patch, new: Checkpoint, measured: _Measured, drift: DriftReport, scale: float,
-                  progress: Progress) -> Patch:
-    """The same kind of patch for the new base: rescaled by the kind, replaced tensors recomputed, fingerprinted
-    against the new base (its patched tensors from the measuring pass, its other tensors sampled now)."""
+def _ported_patch(patch: Patch, measured: _Measured, drift: DriftReport, fingerprint: BaseFingerprint,
+                  scale: float) -> Patch:
+    """The same kind of patch for the new base (its `fingerprint`): rescaled by the kind, replaced tensors
+    recomputed."""
     if scale != 1:
         tensors, settings = KINDS[patch.meta.kind].rescale(patch, scale)
     else:
         tensors, settings = patch.tensors, dict(patch.meta.settings)
     if measured.replaced:
         tensors = MappedTensors(tensors, patch.shapes, lambda name, _: measured.replaced[name], set(measured.replaced))
-    fingerprint = _new_fingerprint(new, measured, progress)
-    drift.new_digest = fingerprint.digest
     lineage = [*patch.meta.lineage, f"ported from {drift.patch} (base digest {drift.old_digest or 'not recorded'}) "
                f"onto base digest {fingerprint.digest}" + (f", scale {scale:g}" if scale != 1 else "")]
     meta = PatchMeta(kind=patch.meta.kind, targets=patch.meta.targets, base=fingerprint, lineage=lineage,
