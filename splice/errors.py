@@ -1,6 +1,19 @@
-"""Errors a user can cause. Each carries a one-line message that says what is wrong and what to do."""
+"""Errors a user can cause. Each carries a one-line message that says what is wrong and what to do.
 
+A message that tells the user to pass something names the Python parameter in backticks, as `parameter` makes it
+(`force=True`, `out`, `base=MODEL_DIR`); the command line rewrites those to its flags (splice.cli.flags)."""
+
+import re
 import traceback
+
+PARAMETER = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`\s]+))?`")
+"""A parameter as `parameter` writes it in a message: its name, and the value to pass when the message says one."""
+
+
+def parameter(name: str, value: object = None) -> str:
+    """How a message names a parameter to pass: `name`, or `name=value` with `value` as Python source
+    (`parameter("force", True)` -> `force=True`) or a placeholder (`parameter("base", "MODEL_DIR")`)."""
+    return f"`{name}`" if value is None else f"`{name}={value}`"
 
 
 class SpliceError(Exception):
@@ -20,7 +33,7 @@ class RecipeError(SpliceError):
 
 
 class OutputExistsError(SpliceError):
-    """The output directory exists and --force was not given."""
+    """The output directory exists and `force=True` was not given."""
 
 
 class PatchError(SpliceError):
@@ -28,7 +41,7 @@ class PatchError(SpliceError):
 
 
 class HookError(SpliceError):
-    """A user's own function (an --eval scorer, a --data function, a pipeline's data hook) raised; the exception
+    """A user's own function (an `evaluate` scorer, a `data` function, a pipeline's data hook) raised; the exception
     it raised is the cause (`__cause__`), whose traceback the CLI prints before the one-line error."""
 
 

@@ -33,8 +33,9 @@ def user_hook(function: Callable, label: str) -> Callable:
     return called
 
 
-def load_callable(reference: str, option: str = "--eval") -> Callable:
-    """'package.module:function' or 'path/to/file.py:function'; `option` names it in errors (--eval, --data, ...).
+def load_callable(reference: str, option: str = "`evaluate`") -> Callable:
+    """'package.module:function' or 'path/to/file.py:function'; `option` names it in errors (the parameter that
+    gave it, as `parameter` writes it: `evaluate`, `data`, ...; or where a file gave it).
     What the function (or its module, while it loads) raises comes out as a HookError naming it."""
     module_name, sep, attribute = reference.rpartition(":")
     if not sep or not module_name or not attribute:
@@ -82,12 +83,13 @@ def _takes_two_arguments(function: Callable) -> bool:
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in parameters)
 
 
-def hook_name(hook: str | Callable, option: str = "--eval") -> str:
-    """How errors name a hook: the option and MODULE:FUNCTION as the user gave it, or a function's name."""
+def hook_name(hook: str | Callable, option: str = "`evaluate`") -> str:
+    """How errors name a hook: the parameter and MODULE:FUNCTION as the user gave it, or a function's name."""
     return f"{option} {hook}" if isinstance(hook, str) else f"{option} {getattr(hook, '__qualname__', repr(hook))}"
 
 
-def score_state(scorer: Scorer, state: Mapping[str, torch.Tensor], model_dir: str, hook: str = "--eval") -> float:
+def score_state(scorer: Scorer, state: Mapping[str, torch.Tensor], model_dir: str, hook: str = "`evaluate`"
+                ) -> float:
     """The score `scorer` gives a candidate, refused (naming the `hook` and the value) unless a finite number:
     every caller scores before it writes, so a bad score stops a command before anything is written."""
     with torch.no_grad():

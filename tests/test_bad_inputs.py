@@ -489,7 +489,7 @@ def test_existing_out_is_refused_and_untouched(models, tmp_path, monkeypatch, ca
     out, before = existing_output(tmp_path)
     with pytest.raises(OutputExistsError) as caught:
         splice.soup(models.bert, out, device="cpu")
-    assert_one_line_message(caught.value, [str(out), "--force"])
+    assert_one_line_message(caught.value, [str(out), "`force=True`"])
     code, _, err = run_cli(["soup", *models.bert, "--out", out, "--device", "cpu", "--quiet"],
                            monkeypatch, capsys)
     assert_one_line_error(code, err, [str(out), "--force"])

@@ -197,7 +197,7 @@ def test_another_pipeline_under_the_same_name_is_refused(tmp_path):
     with pytest.raises(SpliceError, match="already holds another pipeline's results"):
         run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=2,
                                    tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]))
-    with pytest.raises(SpliceError, match="pass --resume"):
+    with pytest.raises(SpliceError, match="pass `resume=True`"):
         run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False,
                                    tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]))
 

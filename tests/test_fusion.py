@@ -517,9 +517,9 @@ def test_options_whole_or_as_keywords_fuse_the_same(tmp_path):
         splice.fuse([a, b], tmp_path / "out", options, solvr="emd")
     with pytest.raises(SpliceError, match="unknown solver"):
         FusionOptions(align="weights", solver="greedy")
-    with pytest.raises(SpliceError, match="needs --data"):
+    with pytest.raises(SpliceError, match="needs `data"):
         FusionOptions()
-    with pytest.raises(SpliceError, match="--samples must be at least 1"):
+    with pytest.raises(SpliceError, match="`samples` must be at least 1"):
         FusionOptions(data=fusion_data("vit"), samples=0)
     assert FusionOptions(align="weights", samples=0).samples == 0  # unused without data, as before
     assert not (tmp_path / "out").exists()
@@ -567,20 +567,20 @@ def test_different_vocabularies_and_architectures_are_refused(tmp_path):
 
 def test_bad_options_are_refused(tmp_path):
     a = _vit(tmp_path, "a")
-    with pytest.raises(SpliceError, match="needs --data"):
+    with pytest.raises(SpliceError, match="needs `data"):
         splice.fuse([a, a], tmp_path / "out")
     with pytest.raises(SpliceError, match="at least two models"):
         splice.fuse([a], tmp_path / "out", align="weights")
-    with pytest.raises(SpliceError, match="--anchor 2"):
+    with pytest.raises(SpliceError, match="`anchor=2`"):
         splice.fuse([a, a], tmp_path / "out", align="weights", anchor=2)
     with pytest.raises(SpliceError, match="unknown solver"):
         splice.fuse([a, a], tmp_path / "out", align="weights", solver="greedy")
-    with pytest.raises(SpliceError, match="--data function"):
+    with pytest.raises(SpliceError, match="`data` function"):
         splice.fuse([a, a], tmp_path / "out", data=lambda: 1 / 0)
     wide = save(widened_copy(tiny_model("vit", 0), "vit"), tmp_path / "wide", False)
     with pytest.raises(SpliceError, match="same hidden size"):
         splice.fuse([a, wide], tmp_path / "out", align="weights", residual="identity")
-    with pytest.raises(SpliceError, match="weighted_matrix weighs the maps by the streams' activations: give --data"):
+    with pytest.raises(SpliceError, match="weighted_matrix'` weighs the maps by the streams' activations: give `data`"):
         splice.fuse([a, a], tmp_path / "out", align="weights", residual="weighted_matrix")
     with pytest.raises(SpliceError, match="unknown residual policy 'weighted'"):
         splice.fuse([a, a], tmp_path / "out", align="weights", residual="weighted")
@@ -588,9 +588,9 @@ def test_bad_options_are_refused(tmp_path):
         splice.fuse([a, a], tmp_path / "out", align="weights", qk="together")
     with pytest.raises(SpliceError, match="unknown head policy 'split'"):
         splice.fuse([a, a], tmp_path / "out", align="weights", heads="split")
-    with pytest.raises(SpliceError, match="--qk joint .* splits heads"):
+    with pytest.raises(SpliceError, match="`qk='joint'` .* splits heads"):
         splice.fuse([a, a], tmp_path / "out", align="weights", heads="whole", qk="joint")
-    with pytest.raises(SpliceError, match="--residual stream .* use --align activations"):
+    with pytest.raises(SpliceError, match="`residual='stream'` .* use `align='activations'`"):
         splice.fuse([a, a], tmp_path / "out", align="weights", residual="stream")
     assert not (tmp_path / "out").exists()
 

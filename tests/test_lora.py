@@ -165,7 +165,7 @@ def test_randomized_svd_agrees_with_the_exact_one():
 
 def test_bad_requests_are_refused_in_one_line(llama_rank3, tmp_path):
     base_dir, tuned_dir = llama_rank3
-    for kwargs, message in [({}, "needs --rank R, --energy E"), ({"rank": 0}, "at least 1"),
+    for kwargs, message in [({}, "needs `rank=R`, `energy=E`"), ({"rank": 0}, "at least 1"),
                             ({"energy": 1.5}, r"\(0, 1\]")]:
         with pytest.raises(PatchError, match=message) as caught:
             extract_patch(base_dir, tuned_dir, "lora", device="cpu", **kwargs)

@@ -146,10 +146,10 @@ def test_a_mask_patch_stores_one_bit_per_entry_plus_the_kept_values(pair, tmp_pa
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({}, "needs --density"),
-    ({"density": 0}, "needs --density"),
-    ({"density": 1.5}, "needs --density"),
-    ({"density": 0.1, "mask_scope": "layer"}, "--mask-scope must be one of tensor, model"),
+    ({}, "needs `density`"),
+    ({"density": 0}, "needs `density`"),
+    ({"density": 1.5}, "needs `density`"),
+    ({"density": 0.1, "mask_scope": "layer"}, "`mask_scope` must be one of tensor, model"),
 ])
 def test_bad_mask_options_are_refused(pair, options, message):
     base_dir, tuned_dir = pair

@@ -76,7 +76,7 @@ def test_the_same_base_passes_and_a_drifted_base_is_refused_with_how_much(base_d
         patch.check_base(Checkpoint.open(drifted_dir))
     message = str(caught.value)
     assert "\n" not in message and "bert.embeddings.LayerNorm.weight" in message and "+10.00%" in message
-    assert "--allow-base-drift" in message
+    assert "`allow_base_drift=True`" in message
     mismatches = patch.check_base(Checkpoint.open(drifted_dir), allow_drift=True)
     assert [(m.name, m.reason) for m in mismatches] == [("bert.embeddings.LayerNorm.weight", "values")]
 
@@ -131,10 +131,10 @@ def test_a_drift_refusal_counts_only_the_tensors_the_patch_changes(base_dir, tmp
     mismatches = compare_fingerprint(patch.meta.base, source)
     assert [m.name for m in mismatches if m.own] == ["bert.embeddings.LayerNorm.weight"]
     with pytest.raises(PatchError) as caught:
-        refuse_drift(mismatches, "the base", "layernorm", "--allow-base-drift")
+        refuse_drift(mismatches, "the base", "layernorm", "`allow_base_drift=True`")
     message = str(caught.value)
     assert "more of the tensors it changes" not in message and "4 other tensors differ" in message
-    assert "\n" not in message and "--allow-base-drift" in message
+    assert "\n" not in message and "`allow_base_drift=True`" in message
 
 
 def test_a_norm_that_does_not_move_is_said_so_not_shown_as_zero_percent(base_dir, tmp_path):
@@ -148,7 +148,7 @@ def test_a_norm_that_does_not_move_is_said_so_not_shown_as_zero_percent(base_dir
         patch.check_base(stored)
     message = str(caught.value)
     assert f"{name}: values differ" in message and "(the same norm, other values)" in message
-    assert "0.00%" not in message and "--allow-base-drift" in message
+    assert "0.00%" not in message and "`allow_base_drift=True`" in message
 
 
 def test_a_base_without_the_tensors_the_patch_changes_is_told_so_not_offered_the_override(base_dir, tmp_path):

@@ -201,8 +201,8 @@ def test_bad_ports_are_refused_in_one_line_and_write_nothing(tmp_path):
         (tmp_path / "ln", v2, {}, "is a LayerNorm patch: it stores the values it sets, not a change; give the base"),
         (tmp_path / "prune", v2, {"old_base": v1}, "only prunes"),
         (tmp_path / "lora", v2, {"old_base": v2}, "is not the base this lora patch was made for"),
-        (tmp_path / "lora", v2, {"scale": 0.0}, "--scale must be a finite number other than 0"),
-        (tmp_path / "lora", v2, {"scale": float("nan")}, "--scale must be a finite number other than 0"),
+        (tmp_path / "lora", v2, {"scale": 0.0}, "`scale` must be a finite number other than 0"),
+        (tmp_path / "lora", v2, {"scale": float("nan")}, "`scale` must be a finite number other than 0"),
     ]
     for patch, to, extra, message in cases:
         with pytest.raises(SpliceError) as caught:
@@ -262,14 +262,14 @@ def test_report_directories_and_deploy_options_are_checked_before_any_work(tmp_p
     v1, tuned, v2 = lineage_setup(tmp_path, "llama", sharded=False)
     extract_patch_to(tmp_path / "lora", v1, tuned, "lora", rank=2)
     (tmp_path / "a-file").write_text("")
-    for report, message in ((tmp_path / "a-file", "--report"), (v2, "--report"), (v1, "--report")):
+    for report, message in ((tmp_path / "a-file", "`report_dir`"), (v2, "`report_dir`"), (v1, "`report_dir`")):
         with pytest.raises(SpliceError, match=message) as caught:
             splice.port(str(tmp_path / "lora"), v2, tmp_path / "out", old_base=v1, report_dir=report)
         assert len(str(caught.value).splitlines()) == 1 and not (tmp_path / "out").exists()
     assert sorted(p.name for p in v2.iterdir()) == sorted(p.name for p in v1.iterdir())  # no report in a base
     registry = tmp_path / "registry"
     Registry.init(registry).push("lo", tmp_path / "lora")
-    with pytest.raises(PatchError, match="--from .* is for --port"):
+    with pytest.raises(PatchError, match="`old_base` .* is for `port=True`"):
         splice.deploy(["lo"], v2, tmp_path / "dep", registry=registry, old_base=v1)
     with pytest.raises(PatchError, match="choose one"):
         splice.deploy(["lo"], v2, tmp_path / "dep", registry=registry, port=True, allow_base_drift=True)

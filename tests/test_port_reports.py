@@ -59,7 +59,8 @@ def test_greedy_soup_refuses_a_non_finite_score_by_the_same_check(make_models, t
     def held_out(state):
         return math.nan
 
-    with pytest.raises(splice.SpliceError, match=r"--eval .*held_out returned nan for .*: a score must be a finite"):
+    with pytest.raises(splice.SpliceError,
+                       match=r"`evaluate` .*held_out returned nan for .*: a score must be a finite"):
         splice.greedy_soup(dirs, tmp_path / "greedy", held_out, device="cpu")  # named by its function
     assert not (tmp_path / "greedy").exists()
 

@@ -705,7 +705,7 @@ def test_patches_without_a_base_record_need_base_and_get_fingerprinted(registry,
         expected = fingerprint_base(base, names)
     peft_like = Patch(tensors, PatchMeta(kind=PatchKind.layernorm, targets=names, base=None))
 
-    with pytest.raises(RegistryError, match="pass --base MODEL_DIR"):
+    with pytest.raises(RegistryError, match="pass `base=MODEL_DIR`"):
         registry.push("nobase", peft_like)
     assert registry.names() == []
 

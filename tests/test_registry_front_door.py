@@ -75,7 +75,7 @@ def test_a_peft_adapter_is_published_with_its_base_fingerprinted(registry, tmp_p
         warnings.simplefilter("ignore")
         adapted = get_peft_model(base, LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
         adapted.save_pretrained(tmp_path / "adapter")
-    with pytest.raises(RegistryError, match="pass --base MODEL_DIR"):
+    with pytest.raises(RegistryError, match="pass `base=MODEL_DIR`"):
         publish_patch(registry, "peft", tmp_path / "adapter")
     with pytest.raises(RefError, match="patch name 'Bad' is not allowed"):
         publish_patch(registry, "Bad", tmp_path / "no-such-adapter")  # refused before anything is read

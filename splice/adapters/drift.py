@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -43,7 +45,9 @@ class TensorDrift:
 
     @property
     def base_change(self) -> float | None:
-        return None if self.change_norm is None else _ratio(self.change_norm, self.old_norm)
+        if self.change_norm is None or self.old_norm is None:  # the change is measured with the old base's values
+            return None
+        return _ratio(self.change_norm, self.old_norm)
 
     @property
     def base_change_at_least(self) -> float | None:
@@ -121,17 +125,18 @@ class DriftReport:
     def base_change_at_least(self) -> float | None:
         """A lower bound of `base_change` from norms alone (each |‖W'‖ - ‖W‖| <= ‖W' - W‖); None when no record
         of the old base's norms exists (a PEFT adapter without --from)."""
-        if any(t.old_norm is None for t in self.tensors):
+        norms = [(t.new_norm, t.old_norm) for t in self.tensors if t.old_norm is not None]
+        if len(norms) < len(self.tensors):
             return None
-        return _ratio(_root_sum(abs(t.new_norm - t.old_norm) for t in self.tensors),
-                      _root_sum(t.old_norm for t in self.tensors))
+        return _ratio(_root_sum(abs(new - old) for new, old in norms), _root_sum(old for _, old in norms))
 
     @property
     def cosine(self) -> float | None:
         if not self.measured:
             return None
         change, update = _root_sum(t.change_norm for t in self.tensors), _root_sum(t.update_norm for t in self.tensors)
-        return _clamped(sum(t.dot for t in self.tensors) / (change * update)) if change and update else None
+        dot = sum(t.dot for t in self.tensors if t.dot is not None)  # measured: every dot is known
+        return _clamped(dot / (change * update)) if change and update else None
 
     @property
     def update_to_change(self) -> float | None:
@@ -166,7 +171,7 @@ class DriftReport:
                            REPORT_PNG: png_bytes(self._draw, size=self._figure_size(), layout="constrained")}
         return self._files
 
-    def save(self, directory: str | Path, force: bool = False) -> list[Path]:
+    def save(self, directory: str | os.PathLike, force: bool = False) -> list[Path]:
         """port_report.json and port_report.png into `directory`, by the output rule (`force` replaces them)."""
         from splice.tensors.writer import write_report_files  # torch: kept out of `registry show`'s imports
 
@@ -181,15 +186,16 @@ class DriftReport:
     def _panels(self) -> list[tuple[str, list]]:
         """The plot's panels: matrices and vectors apart (a bias's ||U||/||W|| can be 1000x a matrix's), each a
         row per tensor, or per layer (the tensors' figures together) when a panel would hold too many rows."""
-        panels = []
+        panels: list[tuple[str, list[tuple[str, TensorDrift | DriftReport]]]] = []
         for title, part in (("matrices", [t for t in self.tensors if len(t.shape) >= 2]),
                             ("vectors (biases, norms, scales)", [t for t in self.tensors if len(t.shape) < 2])):
             if len(part) > MAX_PLOT_ROWS:
                 layers: dict[str, list[TensorDrift]] = {}
                 for t in part:
                     layers.setdefault(_layer_of(t.name), []).append(t)
-                rows = [(f"{layer} ({len(ts)} tensors)", replace(self, tensors=ts, verdict="-", _files=None))
-                        for layer, ts in layers.items()]
+                rows: list[tuple[str, TensorDrift | DriftReport]] = [
+                    (f"{layer} ({len(ts)} tensors)", replace(self, tensors=ts, verdict="-", _files=None))
+                    for layer, ts in layers.items()]
                 title += f", per layer ({len(part)} tensors)"
             else:
                 rows = [(_short(t.name, 48), t) for t in part]
@@ -278,8 +284,9 @@ def _short(name: str, keep: int = 36) -> str:
     return name if len(name) <= keep else "..." + name[-keep + 3:]
 
 
-def _root_sum(values) -> float:
-    return math.sqrt(sum(v * v for v in values))
+def _root_sum(values: Iterable[float | None]) -> float:
+    """The norm of the values together; callers sum only known values (None counts as 0)."""
+    return math.sqrt(sum(v * v for v in values if v is not None))
 
 
 def _finite(value):
@@ -309,7 +316,7 @@ def judge(report: DriftReport) -> tuple[str, str]:
                                               "evaluate the ported model before deploying it")
         return "unmeasured", (f"the base moved at least {percent(least)} in {where} (norms only), maybe more: give "
                               "the old base (--from OLD_BASE) to measure the change itself")
-    change, cosine, ratio = report.base_change, report.cosine or 0.0, report.update_to_change
+    change, cosine, ratio = report.base_change or 0.0, report.cosine or 0.0, report.update_to_change  # measured
     moved = f"base moved {percent(change)} in {where}"
     relation = f"patch update {ratio:.2g}x that change" if ratio is not None else "no patch update"
     if change > LARGE_CHANGE:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import prod
+from typing import Literal
 
 import torch
 
@@ -110,10 +111,13 @@ def fingerprint_base(base: Checkpoint, names: Iterable[str], progress: Progress 
     return BaseFingerprint.of(entries, context)
 
 
+MismatchReason = Literal["missing", "shape", "dtype", "values", "context"]  # context: another base tensor differs
+
+
 @dataclass(frozen=True)
 class BaseMismatch:
     name: str
-    reason: str  # "missing", "shape", "dtype", "values" or "context"
+    reason: MismatchReason
     detail: str
     own: bool = True  # one of the tensors the patch changes (else one of the base's other tensors)
 

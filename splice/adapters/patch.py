@@ -155,7 +155,7 @@ class Patch:
             return []
         mismatches = compare_base(self.meta.base, base)
         if not allow_drift:
-            refuse_drift(mismatches, base.location, self.meta.kind.value, "--allow-base-drift")
+            refuse_drift(mismatches, base.location, self.meta.kind.value, "`allow_base_drift=True`")
         return mismatches
 
 

@@ -35,7 +35,7 @@ from splice.adapters.fingerprint import (
 )
 from splice.adapters.kinds import KINDS
 from splice.adapters.kinds.spec import MappedTensors
-from splice.adapters.meta import BaseFingerprint, PatchMeta
+from splice.adapters.meta import BaseFingerprint, PatchKind, PatchMeta
 from splice.adapters.patch import Patch
 from splice.adapters.sources import PatchSource, load_patch
 from splice.adapters.steps import Effect, Step
@@ -81,11 +81,11 @@ def check_port_outputs(patch: PatchSource, to: str | os.PathLike, old_base: str 
     registry the patch came from), and they are not the same directory."""
     stored = patch.stored_at if isinstance(patch, Patch) else patch
     protected = [p for p in (to, old_base, stored, *also_protected) if p is not None]
-    for target in (out, as_patch):
+    for target, name in ((out, "out"), (as_patch, "as_patch")):
         if target is not None:
-            ensure_output_free(target, force, protected=protected, what="a base or the patch")
+            ensure_output_free(target, force, protected=protected, what="a base or the patch", parameter_name=name)
     if out is not None and as_patch is not None and Path(out).resolve() == Path(as_patch).resolve():
-        raise PatchError("--out and --as-patch name the same directory; give each its own")
+        raise PatchError("`out` and `as_patch` name the same directory; give each its own")
 
 
 def prepare_port(patch: PatchSource, to: str | os.PathLike, *, old_base: str | os.PathLike | None = None,
@@ -104,9 +104,10 @@ def prepare_port(patch: PatchSource, to: str | os.PathLike, *, old_base: str | o
         refuse_drift(compare_base(loaded.meta.base.model_copy(update={"tensors": []}), old), str(old_base),
                      loaded.meta.kind.value, None)
     measured = _measure(loaded, steps, new, old, scale, device, progress)
+    fingerprint = _new_fingerprint(new, measured, progress)
     label = source or recorded_location(patch.stored_at if isinstance(patch, Patch) else patch)
-    drift = _report(loaded, measured, label, new, old, scale)
-    return Ported(_ported_patch(loaded, new, measured, drift, scale, progress), drift)
+    drift = _report(loaded, measured, label, new, fingerprint.digest, old, scale)
+    return Ported(_ported_patch(loaded, measured, drift, fingerprint, scale), drift)
 
 
 def write_ported(ported: Ported, to: str | os.PathLike, *, out: str | os.PathLike | None = None,
@@ -132,9 +133,9 @@ def _checked_scale(scale: float) -> float:
     try:
         scale = float(scale)
     except (TypeError, ValueError):
-        raise PatchError(f"--scale must be a number, not {scale!r}") from None
+        raise PatchError(f"`scale` must be a number, not {scale!r}") from None
     if not math.isfinite(scale) or scale == 0:
-        raise PatchError(f"--scale must be a finite number other than 0, not {scale}")
+        raise PatchError(f"`scale` must be a finite number other than 0, not {scale}")
     return scale
 
 
@@ -162,15 +163,15 @@ def _refuse_unportable(patch: Patch, steps: dict[str, Step], new: Checkpoint, ol
                          f"{first_names(reshaped, 2)}; a patch cannot be ported across a change of shape")
     replaced = [name for name, step in steps.items() if step.effect is Effect.replace]
     if replaced and old is None:
-        what = "is a LayerNorm patch: it stores the values it sets" if kind == "layernorm" else \
+        what = "is a LayerNorm patch: it stores the values it sets" if patch.meta.kind is PatchKind.layernorm else \
             f"replaces {len(replaced)} tensors whole ({first_names(replaced, 2)})"
-        raise PatchError(f"this patch {what}, not a change; give the base it was made on (--from OLD_BASE) so "
+        raise PatchError(f"this patch {what}, not a change; give the base it was made on (`old_base=OLD_BASE`) so "
                          f"its change can be ported")
     if old is not None:
         unlike = [name for name, step in steps.items()
                   if name not in old.tensors or tuple(old.tensors[name].shape) != step.shape]
         if unlike:
-            raise PatchError(f"{old.location} (--from) lacks or reshaped {len(unlike)} of the tensors the patch "
+            raise PatchError(f"{old.location} (`old_base`) lacks or reshaped {len(unlike)} of the tensors the patch "
                              f"changes ({first_names(unlike)}): it is not the base the patch was made on")
 
 
@@ -227,7 +228,7 @@ def _measure_one(patch: Patch, name: str, step: Step, tensors: list[torch.Tensor
     value_old = None if stored_old is None else stored_old.to(device=compute, dtype=torch.float32)
     update = _update(step, value_old, step.shape, compute)
     if old_hash is not None and old_hash.result() != recorded.sha256:
-        raise PatchError(f"{old.location} (--from) is not the base this patch was made on: {name} differs; "
+        raise PatchError(f"{old.location} (`old_base`) is not the base this patch was made on: {name} differs; "
                          f"give the base it was made on")
     entry = fingerprint_tensor(name, stored_new, new.tensors[name].dtype, sha256=new_hash.result())
     result.fingerprints.append(entry)
@@ -272,10 +273,10 @@ def _replaced_value(patch: Patch, name: str, new: torch.Tensor, old: torch.Tenso
     return ported.to(device="cpu", dtype=stored.dtype if stored.dtype.is_floating_point else dtype)
 
 
-def _report(patch: Patch, measured: _Measured, label: str, new: Checkpoint, old: Checkpoint | None,
+def _report(patch: Patch, measured: _Measured, label: str, new: Checkpoint, new_digest: str, old: Checkpoint | None,
             scale: float) -> DriftReport:
     notes = []
-    if patch.meta.kind.value == "layernorm":
+    if patch.meta.kind is PatchKind.layernorm:
         notes.append("a LayerNorm patch stores absolute values: it was ported as the change it made on its own "
                      "base (patch - old base), added to the new base's values")
     elif measured.replaced:
@@ -284,23 +285,21 @@ def _report(patch: Patch, measured: _Measured, label: str, new: Checkpoint, old:
     if patch.meta.base is None and old is None:
         notes.append("the patch records no base (a PEFT adapter): give --from OLD_BASE to measure the drift")
     return DriftReport(patch=label, kind=patch.meta.kind.value, new_base=recorded_location(new.location),
-                       new_digest="", old_base=recorded_location(old.location) if old is not None else None,
+                       new_digest=new_digest, old_base=recorded_location(old.location) if old is not None else None,
                        old_digest=patch.meta.base.digest if patch.meta.base else None, scale=scale,
                        tensors=measured.drifts, notes=notes)
 
 
-def _ported_patch(patch: Patch, new: Checkpoint, measured: _Measured, drift: DriftReport, scale: float,
-                  progress: Progress) -> Patch:
-    """The same kind of patch for the new base: rescaled by the kind, replaced tensors recomputed, fingerprinted
-    against the new base (its patched tensors from the measuring pass, its other tensors sampled now)."""
+def _ported_patch(patch: Patch, measured: _Measured, drift: DriftReport, fingerprint: BaseFingerprint,
+                  scale: float) -> Patch:
+    """The same kind of patch for the new base (its `fingerprint`): rescaled by the kind, replaced tensors
+    recomputed."""
     if scale != 1:
         tensors, settings = KINDS[patch.meta.kind].rescale(patch, scale)
     else:
         tensors, settings = patch.tensors, dict(patch.meta.settings)
     if measured.replaced:
         tensors = MappedTensors(tensors, patch.shapes, lambda name, _: measured.replaced[name], set(measured.replaced))
-    fingerprint = _new_fingerprint(new, measured, progress)
-    drift.new_digest = fingerprint.digest
     lineage = [*patch.meta.lineage, f"ported from {drift.patch} (base digest {drift.old_digest or 'not recorded'}) "
                f"onto base digest {fingerprint.digest}" + (f", scale {scale:g}" if scale != 1 else "")]
     meta = PatchMeta(kind=patch.meta.kind, targets=patch.meta.targets, base=fingerprint, lineage=lineage,

@@ -14,6 +14,7 @@ from typer._click.exceptions import ClickException, UsageError
 from splice.cli import render
 from splice.cli.continual import continual_app
 from splice.cli.deploy import deploy_command
+from splice.cli.flags import with_flags
 from splice.cli.fuse import fuse_command
 from splice.cli.options import (
     INTERRUPTED,
@@ -174,8 +175,10 @@ def _usage_error_line(exc: UsageError) -> str:
 
 
 def _print_error(message: str) -> None:
+    """One `error:` line; the library's parameters in it named by their flags."""
     render.stop_progress()
-    render.error_console.print(f"[red]error:[/red] {render.plain(message)}", highlight=False, soft_wrap=True)
+    render.error_console.print(f"[red]error:[/red] {render.plain(with_flags(message))}", highlight=False,
+                               soft_wrap=True)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from rich import box
 from rich.table import Table
 
 from splice.cli import render
+from splice.cli.flags import with_flags
 
 
 def show_demo(keep: Path | None = None) -> None:
@@ -57,7 +58,7 @@ def show_patch_study(patches: dict) -> None:
                   f"{patches['probe_count']} test digits.")
     verdict = "and nothing was written" if not patches["wrote_refused_output"] else "BUT an output was written"
     console.print(f"Deploying onto a different base (a soup ingredient) was refused, {verdict}:")
-    console.print(f"  error: {patches['refusal']}", highlight=False, soft_wrap=True)
+    console.print(f"  error: {with_flags(patches['refusal'])}", highlight=False, soft_wrap=True)
 
 
 def soup_study_table(results: dict) -> Table:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,9 @@ from splice.errors import SpliceError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-LAYERNORM = "layernorm"  # x - mean, over the root mean square
-RMSNORM = "rmsnorm"  # x over the root mean square (Llama, T5)
+NormKind = Literal["layernorm", "rmsnorm"]
+LAYERNORM: NormKind = "layernorm"  # x - mean, over the root mean square
+RMSNORM: NormKind = "rmsnorm"  # x over the root mean square (Llama, T5)
 
 
 class _Route:
@@ -75,7 +76,7 @@ class BankedNorm(torch.nn.Module):
     slots: NormSlots
     route: _Route
 
-    def __init__(self, original: torch.nn.Module, kind: str, slots: NormSlots, route: _Route):
+    def __init__(self, original: torch.nn.Module, kind: NormKind, slots: NormSlots, route: _Route):
         super().__init__()
         self.kind = kind
         self.weight = _parameter(original, "weight")  # the same Parameters: the model's state dict keeps its names

@@ -52,6 +52,6 @@ def run_demo(keep: Path | None = None, progress: Callable[[], Progress] | None =
         with tempfile.TemporaryDirectory(prefix="splice-demo-") as workspace:
             return DemoResults(*_run_in(Path(workspace), progress), kept_in=None)
     if keep.exists() and any(keep.iterdir()):
-        raise SpliceError(f"--keep {keep} exists and is not empty; give a new directory")
+        raise SpliceError(f"`keep` {keep} exists and is not empty; give a new directory")
     keep.mkdir(parents=True, exist_ok=True)
     return DemoResults(*_run_in(keep, progress), kept_in=keep)

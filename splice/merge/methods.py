@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
+from enum import Enum
 from functools import cache
 from typing import Any
 
@@ -27,11 +28,28 @@ def method_names() -> tuple[str, ...]:
     return tuple(sorted(m.spec.name for m in merge_methods.registered_methods()))
 
 
+class ParameterScope(str, Enum):
+    """Along which inputs a method's parameter takes values (mergekit's scopes)."""
+
+    shared = "shared"  # one value for the whole merge
+    input = "input"  # a value per input model
+    non_base = "non_base"  # a value per input model other than the base
+
+
+class BasePolicy(str, Enum):
+    """What a method does with `base_model` (mergekit's policies)."""
+
+    required = "required"
+    optional = "optional"
+    ignored = "ignored"  # the method merges only the listed models
+    forbidden = "forbidden"
+
+
 @dataclass(frozen=True)
 class ParameterRule:
     name: str
     value_type: Any
-    scope: str  # "shared" | "input" | "non_base"
+    scope: ParameterScope
     required: bool
     default: Any
 
@@ -40,7 +58,7 @@ class ParameterRule:
 class MethodRules:
     name: str
     parameters: dict[str, ParameterRule]
-    base: str  # "required" | "optional" | "ignored" | "forbidden"
+    base: BasePolicy
     min_inputs: int
     max_inputs: int | None
 
@@ -51,12 +69,12 @@ def method_rules(name: str) -> MethodRules:
 
     spec = mergekit_method(name).spec
     parameters = {
-        p.name: ParameterRule(p.name, p.value_type, p.scope.value, p.default is MISSING,
+        p.name: ParameterRule(p.name, p.value_type, ParameterScope(p.scope.value), p.default is MISSING,
                               None if p.default is MISSING else p.default)
         for p in spec.parameters
     }
     contract = spec.contract
-    return MethodRules(name, parameters, contract.base.value, contract.min_inputs, contract.max_inputs)
+    return MethodRules(name, parameters, BasePolicy(contract.base.value), contract.min_inputs, contract.max_inputs)
 
 
 def coerce_parameter(method: str, rule: ParameterRule, value: Any) -> Any:

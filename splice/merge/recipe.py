@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from splice.arch.layers import layer_positions
 from splice.errors import RecipeError
 from splice.merge.kernels import method_kernel
-from splice.merge.methods import check_ranges, coerce_parameter, method_rules
+from splice.merge.methods import BasePolicy, ParameterScope, check_ranges, coerce_parameter, method_rules
 from splice.progress import Progress
 from splice.tensors.device import parse_dtype
 from splice.tensors.stream import CHUNK_BYTES, StreamReport, open_all, plan_same_name, run_stream
@@ -82,7 +82,7 @@ class Recipe(BaseModel):
         for entry in self.models:
             if entry.model not in locations:
                 locations.append(entry.model)
-        if self.base_model is None or method_rules(self.merge_method).base == "ignored":
+        if self.base_model is None or method_rules(self.merge_method).base is BasePolicy.ignored:
             return locations, None
         if self.base_model not in locations:
             locations.append(self.base_model)
@@ -152,9 +152,9 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
     if not recipe.models:
         raise RecipeError(f"{source}: models is empty; list the models to merge")
     locations, base_index = recipe.inputs()
-    if rules.base == "required" and base_index is None:
+    if rules.base is BasePolicy.required and base_index is None:
         raise RecipeError(f"{source}: {method} needs base_model")
-    if rules.base == "forbidden" and base_index is not None:
+    if rules.base is BasePolicy.forbidden and base_index is not None:
         raise RecipeError(f"{source}: {method} takes no base_model")
     counted = len(locations)
     if counted < rules.min_inputs or (rules.max_inputs is not None and counted > rules.max_inputs):
@@ -165,12 +165,12 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
     for rule in rules.parameters.values():
         if not rule.required:
             continue
-        if rule.scope == "shared":
+        if rule.scope is ParameterScope.shared:
             if rule.name not in recipe.parameters:
                 raise RecipeError(f"{source}: {method} needs parameter {rule.name!r} under parameters")
             continue
         for entry in recipe.models:
-            if rule.scope == "non_base" and entry.model == recipe.base_model:
+            if rule.scope is ParameterScope.non_base and entry.model == recipe.base_model:
                 continue
             if rule.name not in entry.parameters and rule.name not in recipe.parameters:
                 raise RecipeError(f"{source}: {method} needs parameter {rule.name!r} for model {entry.model}")
@@ -233,13 +233,13 @@ class ParameterResolver:
         t = self.position(tensor_name)
         resolved: dict[str, Any] = {}
         for rule in self.rules.parameters.values():
-            if rule.scope == "shared":
+            if rule.scope is ParameterScope.shared:
                 resolved[rule.name] = self._value(rule, tensor_name, t, None)
                 continue
             resolved[rule.name] = {
                 i: self._value(rule, tensor_name, t, location)
                 for i, location in enumerate(self.locations)
-                if not (rule.scope == "non_base" and i == self.base_index)
+                if not (rule.scope is ParameterScope.non_base and i == self.base_index)
             }
         return resolved
 

@@ -197,10 +197,10 @@ def soup_or_greedy(models: Sequence[str | os.PathLike], out: str | os.PathLike, 
     weighted one. `options` are the ones both take (device, dtype, shard_size, force, progress, ...)."""
     if greedy or evaluate is not None:
         if not (greedy and evaluate is not None):
-            raise SpliceError("a greedy soup needs both --greedy and --eval MODULE:FUNCTION")
+            raise SpliceError("a greedy soup needs both `greedy=True` and `evaluate=MODULE:FUNCTION`")
         if weights is not None:
-            raise SpliceError("--weights does not apply to a greedy soup")
+            raise SpliceError("`weights` does not apply to a greedy soup")
         return greedy_soup(models, out, evaluate, strict=strict, **options)
     if strict:
-        raise SpliceError("--strict applies only to a greedy soup (--greedy --eval MODULE:FUNCTION)")
+        raise SpliceError("`strict=True` applies only to a greedy soup (`greedy=True` `evaluate=MODULE:FUNCTION`)")
     return soup(models, out, weights=weights, **options)

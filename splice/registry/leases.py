@@ -110,7 +110,7 @@ def check_wait(wait: float) -> float:
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) or \
             not 0 <= wait <= LONGEST_WAIT:
         raise RegistryError(f"wait {wait!r} is not allowed: give the seconds a push may wait for running gcs, "
-                            f"0 to {LONGEST_WAIT:.0f} (--wait SECONDS)")
+                            f"0 to {LONGEST_WAIT:.0f} (`wait=SECONDS`)")
     return float(wait)
 
 
@@ -163,7 +163,7 @@ def wait_for_gcs(backend: Backend, url: str, wait: float) -> None:
             rel = sorted(waiting)[0]
             raise RegistryError(f"a gc still holds lease {located(url, rel)} after {wait:g} s of waiting; if no "
                                 "`splice registry gc` is running, remove that file (a gc removes leases once "
-                                "they expire), or push with a longer --wait")
+                                "they expire), or push with a longer `wait`")
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(longest, pause * 2)
         current = leases(backend, url)

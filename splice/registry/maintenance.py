@@ -28,7 +28,7 @@ from splice.registry.layout import (
     versions_dir,
 )
 from splice.registry.leases import PendingPush, gc_lease, pending_over, read_claim
-from splice.registry.manifest import Decision, TensorEntry, Tombstone, VersionManifest, parse_model
+from splice.registry.manifest import Decision, Outcome, TensorEntry, Tombstone, VersionManifest, parse_model
 from splice.registry.refs import RegistryError
 from splice.registry.transfer import BlobReader, tensor_from
 from splice.tensors.partials import process_alive
@@ -125,7 +125,7 @@ def withdraw(backend: Backend, name: str, version: int, digest: str) -> None:
     backend.remove_entry(pending_rel(name, version))  # even a directory standing where the marker should be
 
 
-def decide(backend: Backend, url: str, name: str, version: int, outcome: str) -> str:
+def decide(backend: Backend, url: str, name: str, version: int, outcome: Outcome) -> Outcome:
     """Settle what becomes of pending version `version`: its push (publishing) and any gc or the push itself
     (withdrawing) race to create one decision file exclusively; the first wins and everyone reads the winner's
     outcome, so a push never reports a version published that a gc withdraws. The file read back, not this call's

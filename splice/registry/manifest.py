@@ -192,12 +192,16 @@ class Tombstone(BaseModel):
     removed_at: datetime = Field(default_factory=now)
 
 
+Outcome = Literal["published", "withdrawn"]
+"""What becomes of a pending version."""
+
+
 class Decision(BaseModel):
     """`patches/<name>/decided/<n>.json`: what became of pending version n, published or withdrawn. Created
     exclusively by whichever comes first, its push (publishing) or a gc (withdrawing): one outcome, never two."""
 
     model_config = ConfigDict(extra="forbid")
-    outcome: Literal["published", "withdrawn"]
+    outcome: Outcome
     decided_at: datetime = Field(default_factory=now)
 
 

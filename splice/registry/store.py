@@ -184,7 +184,7 @@ class Registry:
     def _connect(url: str | os.PathLike | None, storage_options: dict | None) -> tuple[str, Backend]:
         location = os.fspath(url) if url is not None else default_location()
         if not location:
-            raise RegistryError("registry location is empty: give --registry URL or set SPLICE_REGISTRY")
+            raise RegistryError("registry location is empty: give `registry=URL` or set SPLICE_REGISTRY")
         try:
             fs, root = fsspec.core.url_to_fs(location, **(storage_options or {}))
         except (ImportError, ValueError, TypeError) as exc:
@@ -603,7 +603,7 @@ class Registry:
             if meta.base is None:
                 if checkpoint is None:
                     raise RegistryError("this patch has no record of the base model it was made on (a PEFT "
-                                        "adapter?); pass --base MODEL_DIR (base=...) so the registry can fingerprint "
+                                        "adapter?); pass `base=MODEL_DIR` so the registry can fingerprint "
                                         "the base tensors it touches")
                 meta = meta.model_copy(update={"base": fingerprint_base(checkpoint, patch_steps(loaded).keys())})
             elif checkpoint is not None:

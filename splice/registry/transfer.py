@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import prod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from splice.errors import first_line
 from splice.registry.backends import Backend, pread_into, read_pieces, write_all
@@ -355,10 +355,14 @@ class TensorSource:
         return buf
 
 
-def plan_push(sizes: Sequence[int], pack_below: int, batch: bool) -> list[tuple[str, list[int]]]:
+PushJob = tuple[Literal["pack", "own"], list[int]]
+"""Tensors (by index) pushed together: into one pack, or each as its own blob."""
+
+
+def plan_push(sizes: Sequence[int], pack_below: int, batch: bool) -> list[PushJob]:
     """("pack", indices) jobs of consecutive small tensors, at most PACK_BYTES each, and ("own", indices) jobs
     of the others: each alone, or small ones (format 1 on a remote store) checked and put in batches."""
-    jobs: list[tuple[str, list[int]]] = []
+    jobs: list[PushJob] = []
     pack: list[int] = []
     pack_bytes = 0
     own: list[int] = []
@@ -391,7 +395,7 @@ class TensorPusher:
         self.source = TensorSource(patch)
         jobs = plan_push(self.source.sizes(names), self.pack_below, self.backend.batches_small_io)
 
-        def run(job: tuple[str, list[int]]) -> list[TensorEntry]:
+        def run(job: PushJob) -> list[TensorEntry]:
             kind, indices = job
             items = [self.source.open(names[i]) for i in indices]
             return self._pack(items) if kind == "pack" else self._own(items)

@@ -29,7 +29,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     except RuntimeError as exc:
         raise SpliceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpliceError(f"device {name!r} requested but no CUDA GPU is visible: use --device cpu or auto")
+        raise SpliceError(f"device {name!r} requested but no CUDA GPU is visible: use `device='cpu'` or "
+                          "`device='auto'`")
     return device
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from splice.errors import CheckpointError, OutputExistsError, SpliceError
+from splice.errors import CheckpointError, OutputExistsError, SpliceError, parameter
 from splice.progress import note_published
 from splice.tensors.checkpoint import SAFETENSORS_INDEX, Checkpoint
 from splice.tensors.device import dtype_name
@@ -236,15 +236,16 @@ def copy_side_files(source: Checkpoint, directory: Path, out_dtype: torch.dtype 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://b/x, or s3:/b/x once pathlib has collapsed "//"
 
 
-def _check_output_location(out: str | os.PathLike, option: str = "--out", kind: str = "directory") -> None:
+def _check_output_location(out: str | os.PathLike, parameter_name: str = "out", kind: str = "directory") -> None:
     if _URL.match(os.fspath(out)):
-        raise SpliceError(f"{option} must be a local {kind}, got {out}; write locally, then copy")
+        raise SpliceError(f"{parameter(parameter_name)} must be a local {kind}, got {out}; write locally, then copy")
 
 
 def refuse_overlap(out: str | os.PathLike, protected: Sequence[str | os.PathLike], what: str = "an input",
-                   option: str = "--out") -> None:
+                   parameter_name: str = "out") -> None:
     """Refuse an output directory that is, contains or sits inside one of `protected` (the inputs of a
-    command, a registry): replacing it would delete them. Remote locations cannot overlap a local --out."""
+    command, a registry): replacing it would delete them. Remote locations cannot overlap a local `out`.
+    `parameter_name`: the parameter that gave `out`, as errors name it."""
     target = Path(out).absolute().resolve()
     for location in protected:
         text = os.fspath(location)
@@ -255,19 +256,21 @@ def refuse_overlap(out: str | os.PathLike, protected: Sequence[str | os.PathLike
         kept = Path(text).absolute().resolve()
         if target == kept or kept.is_relative_to(target) or target.is_relative_to(kept):
             relation = "is" if target == kept else "contains" if kept.is_relative_to(target) else "is inside"
-            raise SpliceError(f"{option} {out} {relation} {what} ({location}); writing there would destroy it: "
-                              f"choose an {option} outside it")
+            named = parameter(parameter_name)
+            raise SpliceError(f"{named} {out} {relation} {what} ({location}); writing there would destroy it: "
+                              f"choose an {named} outside it")
 
 
 def ensure_output_free(out: str | os.PathLike, force: bool, protected: Sequence[str | os.PathLike] = (),
-                       what: str = "an input") -> Path:
+                       what: str = "an input", parameter_name: str = "out") -> Path:
     """Refuse an existing output before any work starts (unless force), and an output that overlaps one of
-    `protected` (with or without force)."""
-    _check_output_location(out)
-    refuse_overlap(out, protected, what)
+    `protected` (with or without force); errors name `out` by `parameter_name`."""
+    _check_output_location(out, parameter_name)
+    refuse_overlap(out, protected, what, parameter_name)
     out = Path(out)
     if out.exists() and not force:
-        raise OutputExistsError(f"output {out} already exists: choose another --out or pass --force to replace it")
+        raise OutputExistsError(f"output {out} already exists: choose another {parameter(parameter_name)} or pass "
+                                f"`force=True` to replace it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a directory; remove it first")
     return out
@@ -311,26 +314,27 @@ def _publish(staging: Path, out: Path, force: bool) -> None:
 
 
 def ensure_output_file_free(path: str | os.PathLike, force: bool, protected: Sequence[str | os.PathLike] = (),
-                            what: str = "an input", option: str = "--out") -> Path:
+                            what: str = "an input", parameter_name: str = "out") -> Path:
     """A file output (predictions, a report's JSON or PNG), before any work: refused when it is or sits inside one
     of `protected` (with or without force), when a directory is there, and when it exists and not `force`."""
-    _check_output_location(path, option, "file")
-    refuse_overlap(path, protected, what, option)
+    _check_output_location(path, parameter_name, "file")
+    refuse_overlap(path, protected, what, parameter_name)
     path = Path(path)
     if path.is_dir():
-        raise OutputExistsError(f"{option} {path} is a directory: give a file name")
+        raise OutputExistsError(f"{parameter(parameter_name)} {path} is a directory: give a file name")
     if path.exists() and not force:
-        raise OutputExistsError(f"{option} {path} already exists: choose another or pass --force to replace it")
+        raise OutputExistsError(f"{parameter(parameter_name)} {path} already exists: choose another or pass "
+                                f"`force=True` to replace it")
     return path
 
 
 def write_output_file(path: str | os.PathLike, data: bytes, force: bool = False,
-                      protected: Sequence[str | os.PathLike] = (), what: str = "an input", option: str = "--out"
-                      ) -> Path:
+                      protected: Sequence[str | os.PathLike] = (), what: str = "an input",
+                      parameter_name: str = "out") -> Path:
     """The output rule for one file: checked as by `ensure_output_file_free`, written to a hidden partial name
     beside it, flushed, then published in one step: linked into place (refused if a file appeared meanwhile) or,
     with `force`, renamed over the old one. Readers see the old file or the whole new one, never a part."""
-    path = ensure_output_file_free(path, force, protected, what, option).absolute()
+    path = ensure_output_file_free(path, force, protected, what, parameter_name).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path)
     partial = path.parent / f"{partial_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -345,7 +349,8 @@ def write_output_file(path: str | os.PathLike, data: bytes, force: bool = False,
             try:
                 os.link(partial, path)
             except FileExistsError:
-                raise OutputExistsError(f"{option} {path} appeared while writing; nothing was replaced") from None
+                raise OutputExistsError(f"{parameter(parameter_name)} {path} appeared while writing; nothing was "
+                                        "replaced") from None
         note_published(str(path))
     finally:
         partial.unlink(missing_ok=True)
@@ -359,14 +364,15 @@ def check_report_dir(directory: str | os.PathLike, protected: Sequence[str | os.
     (unless `force`)."""
     path = Path(directory)
     if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"--report {directory}: a file is there; give a directory")
-    refuse_overlap(directory, protected, "an input", option="--report")
+        raise OutputExistsError(f"`report_dir` {directory}: a file is there; give a directory")
+    refuse_overlap(directory, protected, "an input", parameter_name="report_dir")
     for name in names:
-        ensure_output_file_free(path / name, force, option="--report")
+        ensure_output_file_free(path / name, force, parameter_name="report_dir")
 
 
 def write_report_files(directory: str | os.PathLike, files: Mapping[str, bytes], force: bool = False,
                        protected: Sequence[str | os.PathLike] = ()) -> list[Path]:
     """A report's files (name -> content) into `directory`, each by `write_output_file`."""
     check_report_dir(directory, protected, list(files), force)
-    return [write_output_file(Path(directory) / name, data, force, option="--report") for name, data in files.items()]
+    return [write_output_file(Path(directory) / name, data, force, parameter_name="report_dir")
+            for name, data in files.items()]

@@ -79,9 +79,11 @@ def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike,
     if not refs:
         raise PatchError("no patch refs given")
     if old_base is not None and not port:
-        raise PatchError("--from (the base the patches were made on) is for --port; add --port to port them")
+        raise PatchError("`old_base` (the base the patches were made on) is for `port=True`; add `port=True` to "
+                         "port them")
     if port and allow_base_drift:
-        raise PatchError("--port carries the patches onto the base; --allow-base-drift applies them unchanged: "
+        raise PatchError("`port=True` carries the patches onto the base; `allow_base_drift=True` applies them "
+                         "unchanged: "
                          "choose one")
     store = open_registry(registry, storage_options)
     ensure_output_free(out, force, protected=[p for p in (base, old_base, store.url) if p is not None],

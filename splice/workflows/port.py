@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from splice.adapters.drift import REPORT_FILES
@@ -56,8 +56,8 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
     written before the drift report is measured and every input checked. A registry version's port is kept in
     its health history (`registry show NAME`), with the scores `evaluate` gave before and after porting."""
     if out is None and as_patch is None and push is None:
-        raise SpliceError("say where the port goes: --out DIR (the ported model), --as-patch DIR (the ported "
-                          "patch) or --push NAME (the ported patch as a registry version)")
+        raise SpliceError("say where the port goes: `out=DIR` (the ported model), `as_patch=DIR` (the ported "
+                          "patch) or `push=NAME` (the ported patch as a registry version)")
     store = open_registry(registry, storage_options) if push is not None or is_registry_ref(patch) else None
     if push is not None:
         store.check_push(push, alias)
@@ -69,9 +69,10 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
         check_report_dir(report_dir, [p for p in inputs if p is not None], REPORT_FILES, force)
     ported = prepare_port(loaded, to, old_base=old_base, scale=scale, source=label, device=device,
                           progress=progress, storage_options=storage_options)
-    outcome = PortOutcome(ported, source)
-    if scorer is not None:
-        _score(outcome, scorer, hook_name(evaluate), loaded, to, old_base, storage_options)
+    before, after = (None, None) if scorer is None else \
+        _scores(scorer, hook_name(evaluate), loaded, ported.patch, to, old_base, storage_options)
+    ported = _scored(ported, before, after)
+    outcome = PortOutcome(ported, source, score_before=before, score_after=after)
     write_ported(ported, to, out=out, as_patch=as_patch, device=device, shard_size=shard_size, force=force,
                  progress=progress, storage_options=storage_options)
     if report_dir is not None:
@@ -95,17 +96,26 @@ def _source(patch: PatchSource, store: Registry | None, to: str | os.PathLike, s
     return None, loaded, recorded_location(patch.stored_at if isinstance(patch, Patch) else patch)
 
 
-def _score(outcome: PortOutcome, scorer: Callable, hook: str, patch: Patch, to: str | os.PathLike,
-           old_base: str | os.PathLike | None, storage_options: dict | None) -> None:
-    """The evaluation before porting (the patch on its own base, when it is given) and after (the ported patch
-    on the new base), each on a model built in memory; recorded in the ported patch's metrics."""
+def _scores(scorer: Callable, hook: str, patch: Patch, ported: Patch, to: str | os.PathLike,
+            old_base: str | os.PathLike | None, storage_options: dict | None) -> tuple[float | None, float]:
+    """The evaluation before porting (`patch` on its own base, when it is given; else None) and after (`ported`
+    on the new base), each on a model built in memory."""
+    before = None
     if old_base is not None:
         with Checkpoint.open(old_base, storage_options) as old:
-            outcome.score_before = score_state(scorer, patched_state(old, [patch]), str(old_base), hook)
-        outcome.ported.patch.meta.metrics["score_before_port"] = outcome.score_before
+            before = score_state(scorer, patched_state(old, [patch]), str(old_base), hook)
     with Checkpoint.open(to, storage_options) as new:
-        outcome.score_after = score_state(scorer, patched_state(new, [outcome.ported.patch]), str(to), hook)
-    outcome.ported.patch.meta.metrics["score_after_port"] = outcome.score_after
+        return before, score_state(scorer, patched_state(new, [ported]), str(to), hook)
+
+
+def _scored(ported: Ported, before: float | None, after: float | None) -> Ported:
+    """`ported` with the scores that were measured in its patch's metrics (score_before_port, score_after_port)."""
+    scores = {key: value for key, value in (("score_before_port", before), ("score_after_port", after))
+              if value is not None}
+    if not scores:
+        return ported
+    meta = ported.patch.meta.model_copy(update={"metrics": {**ported.patch.meta.metrics, **scores}})
+    return replace(ported, patch=Patch(ported.patch.tensors, meta))
 
 
 def record_port(store: Registry, source: VersionManifest, ported: Ported, base: str, outcome: PortOutcome | None,

@@ -44,7 +44,7 @@ def _named(tuned: Checkpoint, patterns: tuple[str, ...]) -> set[str]:
     for pattern in patterns:
         found = fnmatch.filter(tuned.tensors, pattern)
         if not found:
-            raise PatchError(f"--include {pattern!r} names no tensor of {tuned.location}; its tensors are named "
+            raise PatchError(f"`include` {pattern!r} names no tensor of {tuned.location}; its tensors are named "
                              f"like {next(iter(tuned.tensors))}")
         named.update(found)
     return named
@@ -57,7 +57,7 @@ def extract_layernorm(base: Checkpoint, tuned: Checkpoint, options: LayerNormOpt
     options = options or LayerNormOptions()
     norms = norm_tensor_names(tuned)
     if not norms:
-        raise PatchError(f"{tuned.location}: no LayerNorm or RMSNorm modules found; try --kind delta")
+        raise PatchError(f"{tuned.location}: no LayerNorm or RMSNorm modules found; try `kind='delta'`")
     head, named, carried = set(stored_head(tuned)), _named(tuned, options.include), set(norms)
     settings: dict = {"head": [], "included": [], "left_out": {}}
     for name, _ in deltas(base, tuned, resolve_device(device), progress):

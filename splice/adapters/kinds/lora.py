@@ -125,11 +125,11 @@ def _keep_for_energy(squares: torch.Tensor, total: float, energy: float, cap: in
 
 def check_request(rank: int | None, energy: float | None) -> None:
     if rank is None and energy is None:
-        raise PatchError("a LoRA patch needs --rank R, --energy E, or both (rank then caps the energy rank)")
+        raise PatchError("a LoRA patch needs `rank=R`, `energy=E`, or both (rank then caps the energy rank)")
     if rank is not None and rank < 1:
-        raise PatchError(f"--rank must be at least 1, got {rank}")
+        raise PatchError(f"`rank` must be at least 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
-        raise PatchError(f"--energy must be in (0, 1], e.g. 0.9; got {energy}")
+        raise PatchError(f"`energy` must be in (0, 1], e.g. 0.9; got {energy}")
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def extract_lora(base: Checkpoint, tuned: Checkpoint, options: LoraOptions, devi
     left_out = settings["left_out"]
     if not tensors:
         raise PatchError(f"{tuned.location}: no changed matrix to factor" +
-                         (f" ({len(left_out)} changed tensors are not matrices); try --kind delta" if left_out else
+                         (f" ({len(left_out)} changed tensors are not matrices); try `kind='delta'`" if left_out else
                           f"; it is identical to {base.location}"))
     warnings = left_out_warnings(left_out, "LoRA patch", "not being matrices",
                                  "carry them with a delta or layernorm patch")

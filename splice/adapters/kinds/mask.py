@@ -41,9 +41,9 @@ class MaskOptions:
 
     def __post_init__(self) -> None:
         if self.density is None or not 0 < self.density <= 1:
-            raise PatchError("a mask patch needs --density in (0, 1], e.g. 0.01 to keep 1% of the entries")
+            raise PatchError("a mask patch needs `density` in (0, 1], e.g. 0.01 to keep 1% of the entries")
         if self.scope not in SCOPES:
-            raise PatchError(f"--mask-scope must be one of {', '.join(SCOPES)}, not {self.scope!r}")
+            raise PatchError(f"`mask_scope` must be one of {', '.join(SCOPES)}, not {self.scope!r}")
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ def _open_export_base(patch: Patch, base: ExportBase | None, storage_options: di
             return Checkpoint.open(patch.meta.lineage[0], storage_options)
         except SpliceError:
             pass
-    raise PatchError("exporting to PEFT needs the base model (--base) to name modules as transformers loads them")
+    raise PatchError("exporting to PEFT needs the base model (`base`) to name modules as transformers loads them")
 
 
 class _Naming:

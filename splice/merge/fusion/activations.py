@@ -83,27 +83,27 @@ def load_inputs(data: DataSource, samples: int, anchor_location: str) -> Inputs:
     gets the anchor model's location (to load its tokenizer or processor). `samples` >= 1 (`FusionOptions`
     checks it)."""
     if isinstance(data, str):
-        data = load_callable(data, option="--data")
+        data = load_callable(data, option="`data`")
     elif callable(data) and not isinstance(data, (torch.Tensor, Mapping)):
-        data = user_hook(data, f"--data function {getattr(data, '__name__', data)!r}")
+        data = user_hook(data, f"`data` function {getattr(data, '__name__', data)!r}")
     if callable(data) and not isinstance(data, (torch.Tensor, Mapping)):
         function = data
         data = function(anchor_location) if _takes_argument(function) else function()
     if isinstance(data, torch.Tensor):
         if data.dim() == 0 or len(data) == 0:
-            raise SpliceError("--data returned an empty tensor; return a batch of model inputs")
+            raise SpliceError("`data` returned an empty tensor; return a batch of model inputs")
         count = min(samples, len(data))
         return Inputs(data[:count], count)
     if isinstance(data, Mapping):
         tensors = {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}
         lengths = {len(value) for value in tensors.values() if value.dim() > 0}
         if not tensors or len(lengths) != 1 or 0 in lengths:
-            raise SpliceError("--data must return model inputs with one batch size on dim 0, e.g. "
+            raise SpliceError("`data` must return model inputs with one batch size on dim 0, e.g. "
                               "{'input_ids': LongTensor[N, T], 'attention_mask': ...} or {'pixel_values': ...}")
         count = min(samples, lengths.pop())
         return Inputs({key: value[:count] if isinstance(value, torch.Tensor) else value
                        for key, value in data.items()}, count)
-    raise SpliceError(f"--data returned {type(data).__name__}; return a dict of input tensors or a tensor")
+    raise SpliceError(f"`data` returned {type(data).__name__}; return a dict of input tensors or a tensor")
 
 
 def _takes_argument(function: Callable) -> bool:
@@ -225,7 +225,7 @@ def collect(model: torch.nn.Module, stored_modules: set[str], inputs: Inputs, to
             try:
                 model(batch) if isinstance(batch, torch.Tensor) else model(**batch)
             except (TypeError, ValueError, RuntimeError, IndexError) as exc:
-                raise SpliceError(f"the --data inputs do not run through {type(model).__name__}: "
+                raise SpliceError(f"the `data` inputs do not run through {type(model).__name__}: "
                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
             progress.advance(1, inputs.nbytes(index * BATCH_SIZE, index * BATCH_SIZE + size))
     finally:

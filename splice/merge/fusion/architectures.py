@@ -32,9 +32,18 @@ backbone), `{i}` the block index.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import Field, dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 STREAM = "stream"
+
+SourceKind = Literal["output", "input", "rows"]
+"""Where a space's values are read: a module's output, what enters a module, or an embedding table's rows."""
+TableSource = Literal["columns", "activations"]
+"""How a `Table` defines its space's map (see the module's docstring)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,7 @@ class Source:
     """Where one space's values can be read: a module's output ("output"), what enters a module ("input"),
     or the rows of an embedding table ("rows"); `part` picks a row block of a fused weight's output."""
 
-    kind: str
+    kind: SourceKind
     name: str
     part: tuple[int, int] | None = None
 
@@ -65,8 +74,9 @@ class NodeWalker:
 
 
 class _Node:
-    """What every node answers; the kinds override what concerns them."""
+    """What every node answers; the kinds override what concerns them. Every kind is a frozen dataclass."""
 
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # for `replace`, which the kinds' `fill` use
     optional = False
     role: str | None = None  # see Linear
     part: tuple[int, int] | None = None  # see Linear
@@ -102,7 +112,7 @@ class _Node:
         """The spaces a residual add combines (skip stream first); () for every other node."""
         return ()
 
-    def fill(self, **values: object) -> _Node:
+    def fill(self, **values: object) -> Self:
         """The node with its name templates (`{base}`, `{i}`) filled in."""
         return self
 
@@ -128,7 +138,7 @@ class _ModuleTensors(_Node):
     def required(self) -> set[str]:
         return {self.weight}
 
-    def fill(self, **values: object) -> _Node:
+    def fill(self, **values: object) -> Self:
         return replace(self, module=self.module.format(**values))
 
 
@@ -165,7 +175,7 @@ class Table(_Node):
     key: str
     tensor: str
     space: str
-    source: str | None = None  # "columns", "activations" or None (aligned by the existing map of `space`)
+    source: TableSource | None = None  # None: aligned by the existing map of `space`
     optional: bool = False
 
     @property
@@ -190,7 +200,7 @@ class Table(_Node):
             return None
         return Source("output", self.module) if self.source == "activations" else Source("rows", self.tensor)
 
-    def fill(self, **values: object) -> _Node:
+    def fill(self, **values: object) -> Self:
         return replace(self, tensor=self.tensor.format(**values))
 
     def visit(self, walker: NodeWalker, step: Step) -> None:
@@ -226,7 +236,7 @@ class Residual(_Node):
     def adds(self) -> tuple[str, ...]:
         return self.inputs
 
-    def fill(self, **values: object) -> _Node:
+    def fill(self, **values: object) -> Self:
         if not self.taps:
             return self
         return replace(self, taps=tuple(None if tap is None else tap.format(**values) for tap in self.taps))
@@ -357,7 +367,7 @@ BERT = Architecture(
 # GPT-2 (pre-LN). Conv1D weights are stored [in, out]; c_attn holds Q, K and V as three row blocks of the
 # [3d, d] matrix (columns of the stored [d, 3d]). The LM head is tied to wte unless stored.
 _GPT2_LAYER = "{base}h.{i}."
-_CONV = {"conv1d": True}
+_CONV: dict[str, Any] = {"conv1d": True}
 GPT2 = Architecture(
     name="gpt2",
     model_type="gpt2",
@@ -399,7 +409,7 @@ def steps(arch: Architecture, base: str, layers: int, present: set[str]) -> list
     """The description unrolled for one model: templates filled, optional nodes whose tensors are absent
     dropped (a missing required tensor is the caller's error to report)."""
     out: list[Step] = []
-    sections = [("embeddings", arch.embeddings, None)]
+    sections: list[tuple[str, tuple[Node, ...], int | None]] = [("embeddings", arch.embeddings, None)]
     sections += [(f"layer {i}", arch.block, i) for i in range(layers)]
     sections.append(("head", arch.head, None))
     for scope, nodes, index in sections:

@@ -57,7 +57,7 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, options: F
     plans = plan(models, storage_options)
     base = plans[options.anchor]
     if options.residual == "identity" and any(p.widths[STREAM] != base.widths[STREAM] for p in plans):
-        raise SpliceError("--residual identity needs models of the same hidden size")
+        raise SpliceError("`residual='identity'` needs models of the same hidden size")
     sources = stream_sources(base) if options.weighted else {}
     inputs = load_inputs(options.data, options.samples, base.location) if options.needs_inputs else None
     clock = Clock(resolve_device(options.device))

@@ -162,7 +162,7 @@ class MapSolver:
         block = [self.partners.get((step.scope, role)) for role in ("q", "k", "v")]
         if any(member is None for member in block):
             raise SpliceError(f"{self.pair.model.location}: {step.scope} has no query, key and value projections "
-                              "to move whole heads with; use --heads mixed")
+                              "to move whole heads with; use `heads='mixed'`")
         points = [self.linear_points(member, member.node) for member in block]
         if self.options.qk == "shared":
             groups = [("qk", block[:2], torch.cat([points[0][0], points[1][0]], 1),

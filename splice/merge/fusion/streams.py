@@ -28,7 +28,7 @@ def stream_sources(model: ModelPlan) -> dict[str, list[Source]]:
             source = Source("input", tap) if tap is not None else definers.get(step.space(name))
             if source is None:
                 raise SpliceError(f"{model.location}: the {model.arch.name} description gives no activations "
-                                  f"for stream {name!r} at {step.id}; use another --residual policy")
+                                  f"for stream {name!r} at {step.id}; use another `residual` policy")
             found.append(source)
         sources[step.id] = found
         definers[step.space(node.defines)] = None

@@ -62,7 +62,7 @@ def solve(cost: torch.Tensor, solver: str = "emd", reg: float = 0.08) -> torch.T
             plan = ot.emd(mu, nu, cost, numItermax=10_000_000)
         for warning in caught:  # "numItermax reached before optimality" must not pass silently
             if "numItermax" in str(warning.message):
-                raise SpliceError(f"exact OT did not converge on a {n_m}x{n_a} cost; try --solver sinkhorn")
+                raise SpliceError(f"exact OT did not converge on a {n_m}x{n_a} cost; try `solver='sinkhorn'`")
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     elif solver == "sinkhorn":
         method = "sinkhorn_log" if reg < LOG_DOMAIN_BELOW else "sinkhorn"
@@ -71,8 +71,8 @@ def solve(cost: torch.Tensor, solver: str = "emd", reg: float = 0.08) -> torch.T
             plan = ot.sinkhorn(mu, nu, cost, reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-9,
                                warn=False)
         if not torch.isfinite(plan).all() or plan.sum() <= 0:
-            raise SpliceError(f"Sinkhorn failed with reg {reg} on a {n_m}x{n_a} cost; use a larger --reg or "
-                              "--solver emd")
+            raise SpliceError(f"Sinkhorn failed with reg {reg} on a {n_m}x{n_a} cost; use a larger `reg` or "
+                              "`solver='emd'`")
     else:
         raise SpliceError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
     plan = plan.to(torch.float64)
@@ -168,11 +168,11 @@ def combine(policy: str, couplings: list[torch.Tensor],
     if policy == "identity":
         n_m, n_a = couplings[0].shape
         if n_m != n_a:
-            raise SpliceError("--residual identity needs models of the same width")
+            raise SpliceError("`residual='identity'` needs models of the same width")
         return identity_coupling(n_a, couplings[0].device)
     if policy in WEIGHTED_POLICIES:
         if magnitudes is None or len(magnitudes) != len(couplings):
-            raise SpliceError(f"--residual {policy} needs the activations of every stream added")
+            raise SpliceError(f"`residual={policy!r}` needs the activations of every stream added")
         weights = residual_weights(policy, magnitudes)
         return sum(coupling * weight.to(coupling)[None, :] for coupling, weight in zip(couplings, weights))
     raise SpliceError(f"unknown residual policy {policy!r}: use one of {', '.join(RESIDUAL_POLICIES)}")

@@ -132,7 +132,7 @@ def predict_into(ref: str, base: str | os.PathLike, data: str, out: str | os.Pat
     (MODULE:FUNCTION) returns, and with `out` those predictions as JSON. `out` follows the output rule, checked
     before any work: never the base, the registry or the hook's own file, `force` to replace, published whole."""
     store = open_registry(registry, storage_options)
-    hook = load_callable(data, option="--data")
+    hook = load_callable(data, option="`data`")
     protected = [p for p in (base, store.url, hook_file(hook)) if p is not None]
     if out is not None:
         ensure_output_file_free(out, force, protected, what="an input or the registry")

@@ -200,7 +200,7 @@ def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> tuple[
         done.append(versions[alias.version].ref)
     if done and not resume:
         raise SpliceError(f"registry name {pipeline.name} already holds tasks 1..{len(done)} of this pipeline; "
-                          f"pass --resume to continue after them")
+                          f"pass `resume=True` to continue after them")
     return done, legacy
 
 
