@@ -32,7 +32,8 @@ backbone), `{i}` the block index.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import Field, dataclass, replace
+from typing import Any, ClassVar, TypedDict, TypeVar, overload
 
 STREAM = "stream"
 
@@ -64,9 +65,13 @@ class NodeWalker:
         pass
 
 
+_N = TypeVar("_N", bound="_Node")
+
+
 class _Node:
     """What every node answers; the kinds override what concerns them."""
 
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # every kind is a frozen dataclass (`fill` replaces)
     optional = False
     role: str | None = None  # see Linear
     part: tuple[int, int] | None = None  # see Linear
@@ -102,9 +107,12 @@ class _Node:
         """The spaces a residual add combines (skip stream first); () for every other node."""
         return ()
 
-    def fill(self, **values: object) -> _Node:
+    def fill(self: _N, **values: object) -> _N:
         """The node with its name templates (`{base}`, `{i}`) filled in."""
         return self
+
+
+_M = TypeVar("_M", bound="_ModuleTensors")
 
 
 class _ModuleTensors(_Node):
@@ -128,7 +136,7 @@ class _ModuleTensors(_Node):
     def required(self) -> set[str]:
         return {self.weight}
 
-    def fill(self, **values: object) -> _Node:
+    def fill(self: _M, **values: object) -> _M:
         return replace(self, module=self.module.format(**values))
 
 
@@ -190,7 +198,7 @@ class Table(_Node):
             return None
         return Source("output", self.module) if self.source == "activations" else Source("rows", self.tensor)
 
-    def fill(self, **values: object) -> _Node:
+    def fill(self, **values: object) -> Table:
         return replace(self, tensor=self.tensor.format(**values))
 
     def visit(self, walker: NodeWalker, step: Step) -> None:
@@ -226,7 +234,7 @@ class Residual(_Node):
     def adds(self) -> tuple[str, ...]:
         return self.inputs
 
-    def fill(self, **values: object) -> _Node:
+    def fill(self, **values: object) -> Residual:
         if not self.taps:
             return self
         return replace(self, taps=tuple(None if tap is None else tap.format(**values) for tap in self.taps))
@@ -259,6 +267,12 @@ class Step:
     scope: str  # "embeddings", "layer 3", "head"
     node: Node
 
+    @overload
+    def space(self, name: str) -> str: ...
+
+    @overload
+    def space(self, name: None) -> None: ...
+
     def space(self, name: str | None) -> str | None:
         """The engine-wide key of a space named in this step."""
         if name is None or name == STREAM:
@@ -270,8 +284,15 @@ class Step:
         return f"{self.scope}/{self.node.key}"
 
 
+class _Layout(TypedDict, total=False):
+    """How a Linear's weight is stored (see Linear)."""
+
+    conv1d: bool
+    part: tuple[int, int]
+
+
 def _attention_block(layer: str, modules: tuple[str, str, str, str],
-                     layouts: tuple[dict, dict, dict, dict] = ({}, {}, {}, {})) -> tuple[Node, ...]:
+                     layouts: tuple[_Layout, _Layout, _Layout, _Layout] = ({}, {}, {}, {})) -> tuple[Node, ...]:
     """Q, K, V from the stream (one map each over all heads' neurons: cross-head alignment), and the output
     projection whose input is aligned with V's map."""
     q, k, v, o = modules
@@ -357,7 +378,7 @@ BERT = Architecture(
 # GPT-2 (pre-LN). Conv1D weights are stored [in, out]; c_attn holds Q, K and V as three row blocks of the
 # [3d, d] matrix (columns of the stored [d, 3d]). The LM head is tied to wte unless stored.
 _GPT2_LAYER = "{base}h.{i}."
-_CONV = {"conv1d": True}
+_CONV: _Layout = {"conv1d": True}
 GPT2 = Architecture(
     name="gpt2",
     model_type="gpt2",
@@ -399,7 +420,7 @@ def steps(arch: Architecture, base: str, layers: int, present: set[str]) -> list
     """The description unrolled for one model: templates filled, optional nodes whose tensors are absent
     dropped (a missing required tensor is the caller's error to report)."""
     out: list[Step] = []
-    sections = [("embeddings", arch.embeddings, None)]
+    sections: list[tuple[str, tuple[Node, ...], int | None]] = [("embeddings", arch.embeddings, None)]
     sections += [(f"layer {i}", arch.block, i) for i in range(layers)]
     sections.append(("head", arch.head, None))
     for scope, nodes, index in sections:
