@@ -46,7 +46,5 @@ def run_soup_study(workdir: Path, count: int, seed: int = 0, progress: Progress 
     }
 
 
-
-
 def best_ingredient(results: dict) -> dict:
     return max(results["ingredients"], key=lambda item: item["val"])
