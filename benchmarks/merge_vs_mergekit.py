@@ -399,7 +399,7 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     where = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+            for name in handle.keys():  # safe_open handles are not iterable
                 where[name] = path
     return where
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from splice.version import __version__
 
@@ -85,7 +85,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs (tests/test_cli_j
     from splice.workflows.port import port
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'splice' has no attribute {name!r}")
@@ -103,7 +103,7 @@ class _SpliceModule(types.ModuleType):
     """`splice.merge` is the merge function, as it always was, though a subpackage has that name too: the
     import system's binding of the subpackage onto this module is not kept for names the API exports."""
 
-    def __setattr__(self, name: str, value) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         if name in _EXPORTS and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)

@@ -47,6 +47,8 @@ def load_callable(reference: str, option: str = "`evaluate`") -> Callable:
             if not path.is_file():
                 raise SpliceError(f"{option} {reference!r}: file {path} not found")
             spec = importlib.util.spec_from_file_location(f"splice_user_{path.stem}", path)
+            if spec is None or spec.loader is None:  # a file Python has no loader for (not .py)
+                raise ImportError(f"{path} is not a Python source file")
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module
             user_hook(spec.loader.exec_module, f"{label} (loading {path})")(module)

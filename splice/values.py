@@ -132,7 +132,8 @@ def _yaml_error_line(path: str | Path, error: yaml.MarkedYAMLError) -> str:
     began = error.context_mark if error.problem and error.context else None
     if began is not None and mark is not None and (began.line, began.column) == (mark.line, mark.column):
         began = None
-    context = f" ({' '.join(error.context.split())} at {began.line + 1}:{began.column + 1})" if began else ""
+    context = (f" ({' '.join(error.context.split())} at {began.line + 1}:{began.column + 1})"
+               if began is not None and error.context else "")
     return f"{where}: not valid YAML: {what}{context}"
 
 

@@ -165,7 +165,6 @@ def test_a_dead_gc_lease_does_not_hold_pushes(tmp_path):
     assert not Path(url, "gc", "dead.json").exists()  # gc removes a dead gc's lease
 
 
-
 def test_a_long_gc_keeps_its_lease_alive_and_a_lease_without_heartbeat_goes_stale(tmp_path, monkeypatch):
     """A gc that runs longer than LEASE_TTL must not look dead to a waiting push (it would let the push settle
     while the gc still deletes the blobs it reuses): its lease is refreshed while it runs."""

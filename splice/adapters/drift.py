@@ -21,8 +21,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from splice.plots import png_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 REPORT_JSON = "port_report.json"
 REPORT_PNG = "port_report.png"
@@ -45,7 +50,7 @@ class TensorDrift:
 
     @property
     def base_change(self) -> float | None:
-        if self.change_norm is None or self.old_norm is None:  # the change is measured with the old base's values
+        if self.change_norm is None or self.old_norm is None:  # both are known when the old base was read
             return None
         return _ratio(self.change_norm, self.old_norm)
 
@@ -113,13 +118,20 @@ class DriftReport:
     @property
     def measured(self) -> bool:
         """The old base's values were read: the change itself and its direction are known."""
-        return all(t.change_norm is not None for t in self.tensors)
+        return self._measurements() is not None
+
+    def _measurements(self) -> list[tuple[float, float, float]] | None:
+        """Per tensor (||W||, ||W' - W||, <W' - W, U>), known when the port read the old base; else None."""
+        found = [(t.old_norm, t.change_norm, t.dot) for t in self.tensors
+                 if t.old_norm is not None and t.change_norm is not None and t.dot is not None]
+        return found if len(found) == len(self.tensors) else None
 
     @property
     def base_change(self) -> float | None:
-        if not self.measured:
+        found = self._measurements()
+        if found is None:
             return None
-        return _ratio(_root_sum(t.change_norm for t in self.tensors), _root_sum(t.old_norm for t in self.tensors))
+        return _ratio(_root_sum(change for _, change, _ in found), _root_sum(old for old, _, _ in found))
 
     @property
     def base_change_at_least(self) -> float | None:
@@ -132,17 +144,18 @@ class DriftReport:
 
     @property
     def cosine(self) -> float | None:
-        if not self.measured:
+        found = self._measurements()
+        if found is None:
             return None
-        change, update = _root_sum(t.change_norm for t in self.tensors), _root_sum(t.update_norm for t in self.tensors)
-        dot = sum(t.dot for t in self.tensors if t.dot is not None)  # measured: every dot is known
-        return _clamped(dot / (change * update)) if change and update else None
+        change, update = _root_sum(c for _, c, _ in found), _root_sum(t.update_norm for t in self.tensors)
+        return _clamped(sum(dot for _, _, dot in found) / (change * update)) if change and update else None
 
     @property
     def update_to_change(self) -> float | None:
-        if not self.measured:
+        found = self._measurements()
+        if found is None:
             return None
-        change = _root_sum(t.change_norm for t in self.tensors)
+        change = _root_sum(c for _, c, _ in found)
         return _root_sum(t.update_norm for t in self.tensors) / change if change else None
 
     @property
@@ -183,10 +196,11 @@ class DriftReport:
         norms = [t.new_norm if t.old_norm is None else t.old_norm for t in self.tensors]
         return _ratio(_root_sum(t.update_norm for t in self.tensors), _root_sum(norms))
 
-    def _panels(self) -> list[tuple[str, list]]:
+    def _panels(self) -> list[tuple[str, list[tuple[str, TensorDrift | DriftReport]]]]:
         """The plot's panels: matrices and vectors apart (a bias's ||U||/||W|| can be 1000x a matrix's), each a
         row per tensor, or per layer (the tensors' figures together) when a panel would hold too many rows."""
-        panels: list[tuple[str, list[tuple[str, TensorDrift | DriftReport]]]] = []
+        panels = []
+        rows: list[tuple[str, TensorDrift | DriftReport]]
         for title, part in (("matrices", [t for t in self.tensors if len(t.shape) >= 2]),
                             ("vectors (biases, norms, scales)", [t for t in self.tensors if len(t.shape) < 2])):
             if len(part) > MAX_PLOT_ROWS:
@@ -207,7 +221,7 @@ class DriftReport:
         panels = self._panels()
         return 11.0, 1.6 + 0.9 * len(panels) + 0.16 * sum(len(rows) for _, rows in panels)
 
-    def _draw(self, figure) -> None:
+    def _draw(self, figure: Figure) -> None:
         """Per patched tensor (or layer), as horizontal bars so that every name can be read: the base change
         and the patch update in % of ||W|| on a log scale with the 25% threshold, and the cosine with +-0.5."""
         panels = self._panels()
@@ -220,7 +234,8 @@ class DriftReport:
             cosine_axes = figure.add_subplot(grid[index, 1], sharey=change_axes)
             self._draw_panel(title, rows, change_axes, cosine_axes, legend=index == 0)
 
-    def _draw_panel(self, title: str, rows: list, change_axes, cosine_axes, legend: bool) -> None:
+    def _draw_panel(self, title: str, rows: list[tuple[str, TensorDrift | DriftReport]], change_axes: Axes,
+                    cosine_axes: Axes, legend: bool) -> None:
         positions = list(range(len(rows)))
         figures = [item for _, item in rows]
         change = [item.base_change if self.measured else item.base_change_at_least for item in figures]
@@ -284,12 +299,11 @@ def _short(name: str, keep: int = 36) -> str:
     return name if len(name) <= keep else "..." + name[-keep + 3:]
 
 
-def _root_sum(values: Iterable[float | None]) -> float:
-    """The norm of the values together; callers sum only known values (None counts as 0)."""
-    return math.sqrt(sum(v * v for v in values if v is not None))
+def _root_sum(values: Iterable[float]) -> float:
+    return math.sqrt(sum(v * v for v in values))
 
 
-def _finite(value):
+def _finite(value: Any) -> Any:
     """JSON-ready: an infinite ratio (a base tensor that was all zeros, e.g. a LayerNorm bias) becomes null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -306,7 +320,8 @@ def judge(report: DriftReport) -> tuple[str, str]:
     where = f"the {count} tensors the patch changes" if count != 1 else "the tensor the patch changes"
     if report.unchanged:
         return "unchanged", f"the new base has the same values in {where}: porting equals applying the patch"
-    if not report.measured:
+    change = report.base_change
+    if change is None:  # not `measured`: the old base's values were not read
         least = report.base_change_at_least
         if report.old_digest is None or least is None:
             return "unmeasured", ("no record of the base the patch was made on; give it (--from OLD_BASE) to measure "
@@ -316,7 +331,7 @@ def judge(report: DriftReport) -> tuple[str, str]:
                                               "evaluate the ported model before deploying it")
         return "unmeasured", (f"the base moved at least {percent(least)} in {where} (norms only), maybe more: give "
                               "the old base (--from OLD_BASE) to measure the change itself")
-    change, cosine, ratio = report.base_change or 0.0, report.cosine or 0.0, report.update_to_change  # measured
+    cosine, ratio = report.cosine or 0.0, report.update_to_change
     moved = f"base moved {percent(change)} in {where}"
     relation = f"patch update {ratio:.2g}x that change" if ratio is not None else "no patch update"
     if change > LARGE_CHANGE:

@@ -23,7 +23,7 @@ from splice.tensors.safetensors import dtype_itemsize
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
     data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(memoryview(data)).hexdigest()
+    return hashlib.sha256(memoryview(data)).hexdigest()  # type: ignore[arg-type]  # numpy: a buffer on 3.12+ only
 
 
 CONTEXT_SAMPLE_BYTES = 64 * 1024
@@ -34,7 +34,7 @@ def sample_sha256(prefix: torch.Tensor, shape: tuple[int, ...] | torch.Size, dty
     its leading rows (both hash the same)."""
     data = prefix.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)[:CONTEXT_SAMPLE_BYTES]
     summary = hashlib.sha256(f"{list(shape)}\0{dtype_name(dtype)}\0".encode())
-    summary.update(memoryview(data.numpy()))
+    summary.update(memoryview(data.numpy()))  # type: ignore[arg-type]  # numpy: a buffer on 3.12+ only
     return summary.hexdigest()
 
 
@@ -125,7 +125,8 @@ class BaseMismatch:
         return f"{self.name}: {self.detail}"
 
 
-TensorSource = Callable[[str], "tuple[tuple[int, ...], torch.dtype, Callable[..., torch.Tensor]] | None"]
+StoredTensor = tuple[tuple[int, ...], torch.dtype, Callable[..., torch.Tensor]]
+TensorSource = Callable[[str], "StoredTensor | None"]
 """name -> (shape, dtype, read), or None when there is no such tensor. `read()` gives the values;
 `read(sample=True)` may stop after the leading bytes a context sample needs."""
 
@@ -170,14 +171,14 @@ def compare_fingerprint(expected: BaseFingerprint, source: TensorSource) -> list
     Tensors are read and hashed on a few threads (reads and sha256 release the GIL)."""
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         own = pool.map(lambda entry: _compare_tensor(entry, source), expected.tensors)
-        context = pool.map(lambda item: _compare_context(*item, source), expected.context.items())
+        context = pool.map(lambda item: _compare_context(item[0], item[1], source), expected.context.items())
         return [m for m in (*own, *context) if m is not None]
 
 
 def compare_base(expected: BaseFingerprint, base: Checkpoint) -> list[BaseMismatch]:
     """How a stored base differs from the base a patch was made on."""
 
-    def stored(name: str):
+    def stored(name: str) -> StoredTensor | None:
         info = base.tensors.get(name)
         return None if info is None else (info.shape, info.dtype,
                                           lambda sample=False: _read_stored(base, name, sample))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from splice.adapters.compose import check_plan_shapes, composition_plan, patched_value
-from splice.adapters.fingerprint import compare_fingerprint, refuse_drift
+from splice.adapters.fingerprint import StoredTensor, compare_fingerprint, refuse_drift
 from splice.adapters.patch import Patch, PatchError
 from splice.adapters.sources import PatchSource, load_patch
 from splice.arch.names import stored_to_module_names
@@ -54,7 +54,7 @@ class PatchHandle:
     def __enter__(self) -> PatchHandle:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
 
@@ -70,7 +70,7 @@ def apply_patch(model: torch.nn.Module, patch: PatchSource, allow_base_drift: bo
         raise PatchError("this patch is already applied to this model; remove it first or apply another")
     unpatched = unpatched_values(model)
 
-    def live(name: str):
+    def live(name: str) -> StoredTensor | None:
         module_name = names.get(name, name)
         tensor = unpatched.get(module_name, state.get(module_name))
         return None if tensor is None else (tuple(tensor.shape), tensor.dtype, lambda sample=False: tensor)

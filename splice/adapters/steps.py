@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from splice.adapters.meta import PatchMeta
 
 
-class Effect(str, Enum):
+class Effect(Enum):
     replace = "replace"  # the patch's value wins: composes with nothing else on the same tensor
     add = "add"  # value + something (delta, LoRA product, sparse delta)
     multiply = "multiply"  # value * something (a bare mask)
@@ -42,11 +43,22 @@ class PatchContents(Protocol):
 
 def replace_steps(patch: PatchContents) -> dict[str, Step]:
     """Every patch tensor replaces the base tensor of its name."""
-    return {name: Step(Effect.replace, patch.shapes[name], lambda value, name=name: patch.tensors[name].to(value))
-            for name in patch.tensors}
+    return {name: replace_step(patch, name) for name in patch.tensors}
+
+
+def replace_step(patch: PatchContents, name: str) -> Step:
+    """The patch tensor `name` replaces the base tensor of its name."""
+    return Step(Effect.replace, tuple(patch.shapes[name]), partial(_replaced, patch, name))
+
+
+def _replaced(patch: PatchContents, name: str, value: torch.Tensor) -> torch.Tensor:
+    return patch.tensors[name].to(value)
 
 
 def add_steps(patch: PatchContents) -> dict[str, Step]:
     """Every patch tensor is added to the base tensor of its name."""
-    return {name: Step(Effect.add, patch.shapes[name], lambda value, name=name: value + patch.tensors[name].to(value))
-            for name in patch.tensors}
+    return {name: Step(Effect.add, patch.shapes[name], partial(_added, patch, name)) for name in patch.tensors}
+
+
+def _added(patch: PatchContents, name: str, value: torch.Tensor) -> torch.Tensor:
+    return value + patch.tensors[name].to(value)

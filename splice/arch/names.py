@@ -19,7 +19,8 @@ def stored_to_module_names(model: torch.nn.Module) -> dict[str, str]:
 
     names = list(model.state_dict())
     markers = {name: torch.tensor(float(i)) for i, name in enumerate(names)}
-    reverted = revert_weight_conversion(model, markers)
+    # transformers annotates PreTrainedModel, but it only walks the module tree (any Module will do)
+    reverted = revert_weight_conversion(model, markers)  # type: ignore[arg-type]
     mapping = {stored: names[int(marker.item())] for stored, marker in reverted.items()}
     if sorted(mapping.values()) != sorted(names):
         raise SpliceError(f"{type(model).__name__}: transformers' save-time conversion is not a one-to-one renaming")

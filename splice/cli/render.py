@@ -11,16 +11,19 @@ import json
 import math
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import PurePath
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
     ProgressColumn,
+    Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -28,6 +31,16 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from splice.adapters.drift import DriftReport
+    from splice.merge.soup import GreedySoupReport
+    from splice.registry.health import HealthRecord
+    from splice.tensors.stream import StreamReport
+    from splice.workflows.continual.predict import LoadedBank, Predictions
+    from splice.workflows.continual.report import ContinualReport
+    from splice.workflows.deploy import DeploymentRecord
+    from splice.workflows.inspect import ModelSummary
 
 console = Console()
 error_console = Console(stderr=True)
@@ -65,7 +78,7 @@ class ItemRateColumn(ProgressColumn):
         super().__init__()
         self.unit = unit
 
-    def render(self, task) -> Text:
+    def render(self, task: Task) -> Text:
         return Text(f"{task.speed:.1f} {self.unit}/s" if task.speed else "")
 
 
@@ -75,7 +88,7 @@ class RichProgress:
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
         self._bar: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._items = 0
         self._total_items = 0
         self._by_items = False
@@ -99,7 +112,7 @@ class RichProgress:
         self._task = self._bar.add_task(description, total=max(total, 1), items=0, total_items=total_items)
 
     def advance(self, items: int, nbytes: int) -> None:
-        if self._bar is None:
+        if self._bar is None or self._task is None:
             return
         self._items += items
         self._bar.update(self._task, advance=items if self._by_items else nbytes, items=self._items)
@@ -112,7 +125,7 @@ class RichProgress:
             self._bar = None
 
 
-def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
+def table(title: str, columns: list[str], rows: Iterable[Sequence[object]]) -> Table:
     out = Table(title=plain(title), title_justify="left")
     for column in columns:
         out.add_column(plain(column), overflow="fold")
@@ -121,26 +134,26 @@ def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
     return out
 
 
-def stream_report_table(title: str, report) -> Table:
+def stream_report_table(title: str, report: StreamReport) -> Table:
     return table(title, ["output", "tensors", "read", "written", "shards", "device", "seconds"], [[
         report.out, report.tensors, human_bytes(report.bytes_read), human_bytes(report.bytes_written),
         len(report.shard_files), report.device, f"{report.seconds:.2f}",
     ]])
 
 
-def greedy_soup_table(report) -> Table:
+def greedy_soup_table(report: GreedySoupReport) -> Table:
     return table(f"greedy soup -> {report.out}", ["ingredient", "held-out score", "soup score", "kept"],
                  [[s.model, f"{s.score:.4f}", "" if s.soup_score is None else f"{s.soup_score:.4f}",
                    ("yes (tie)" if s.tie else "yes") if s.kept else "no"] for s in report.steps])
 
 
-def deployment_table(title: str, record) -> Table:
+def deployment_table(title: str, record: DeploymentRecord) -> Table:
     """What a deployment carries: one row per patch version."""
     return table(title, ["ref", "version", "kind", "digest", "base check"],
                  [[p.ref, f"{p.name}@{p.version}", p.kind, p.digest[:19], p.base_check] for p in record.patches])
 
 
-def model_summary_tables(summary) -> list[Table]:
+def model_summary_tables(summary: ModelSummary) -> list[Table]:
     """What `splice inspect` shows of a ModelSummary."""
     tables = [
         table(f"{summary.location} ({summary.architecture or 'unknown architecture'})",
@@ -159,7 +172,7 @@ def model_summary_tables(summary) -> list[Table]:
     return tables
 
 
-def jsonable(value):
+def jsonable(value: object) -> Any:
     """A library result as plain JSON values: an object's own `as_dict()`, a pydantic model's dump, a dataclass's
     fields and public properties; paths and times as strings, tensors as lists, a number that is not finite as
     null (as the reports splice writes have it)."""
@@ -189,14 +202,14 @@ def jsonable(value):
     raise TypeError(f"no JSON form for {type(value).__name__}")
 
 
-def _properties(value) -> dict:
+def _properties(value: object) -> dict[str, Any]:
     """The public properties a result class defines (a manifest's size, a report's verdict), as JSON values."""
     own = [cls for cls in type(value).__mro__ if cls.__module__.startswith("splice.")]
     return {name: jsonable(getattr(value, name)) for cls in reversed(own)
             for name, member in vars(cls).items() if isinstance(member, property) and name[0] != "_"}
 
 
-def print_json(result) -> None:
+def print_json(result: object) -> None:
     """`--json`: the result as one JSON document on stdout, nothing else there."""
     stop_progress()
     sys.stdout.write(json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n")
@@ -210,20 +223,20 @@ def interrupted(kept: str) -> NoReturn:
     raise SystemExit(130)
 
 
-def show(renderable, quiet: bool = False) -> None:
+def show(renderable: RenderableType, quiet: bool = False) -> None:
     """Print a table or a line, unless --quiet."""
     if not quiet:
         console.print(plain(renderable) if isinstance(renderable, str) else renderable)
 
 
-def notes(lines, quiet: bool = False) -> None:
+def notes(lines: Iterable[str], quiet: bool = False) -> None:
     """`note: ...` lines under a table: what a reader of the table should know."""
     if not quiet:
         for line in lines:
             console.print(f"note: {line}", highlight=False, soft_wrap=True)
 
 
-def warn(warnings) -> None:
+def warn(warnings: Iterable[str]) -> None:
     for warning in warnings:
         error_console.print(f"warning: {plain(warning)}", highlight=False, soft_wrap=True)
 
@@ -238,7 +251,7 @@ def _figure(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def drift_tables(drift) -> list[Table]:
+def drift_tables(drift: DriftReport) -> list[Table]:
     """A port's drift report: the bases and the verdict, then one row per patched tensor."""
     summary = table(f"port of {drift.patch} ({drift.kind} patch)", ["", "value"], [
         ["old base", f"{drift.old_base or 'not given'} ({(drift.old_digest or 'no record')[:19]})"],
@@ -258,7 +271,7 @@ def drift_tables(drift) -> list[Table]:
                            ["tensor", "base change", "cosine", "update/change", "changed"], rows)]
 
 
-def health_table(name: str, records) -> Table:
+def health_table(name: str, records: Iterable[HealthRecord]) -> Table:
     """Every base a name's versions were deployed or ported onto, oldest first."""
     rows = []
     for r in records:
@@ -271,13 +284,13 @@ def health_table(name: str, records) -> Table:
                                                                   "base drift", "score"], rows)
 
 
-def continual_tables(report) -> list[Table]:
+def continual_tables(report: ContinualReport) -> list[Table]:
     """The accuracy matrix (rows: after each task) and the pipeline's metrics."""
     header = ["after", *report.tasks, "average", "task id"]
     rows = [[task, *(f"{a:.3f}" for a in row), *([""] * (len(report.tasks) - len(row))),
              f"{report.average_accuracy[i]:.3f}", f"{report.task_id_accuracy[i]:.3f}"]
             for i, (task, row) in enumerate(zip(report.tasks, report.accuracy))]
-    metrics = [["final average accuracy", f"{report.final_average_accuracy:.4f}"],
+    metrics: list[list[object]] = [["final average accuracy", f"{report.final_average_accuracy:.4f}"],
                ["  with oracle task ids", f"{report.oracle_final_average_accuracy:.4f}"],
                ["average incremental accuracy", f"{report.average_incremental_accuracy:.4f}"],
                ["forgetting", f"{report.forgetting:.4f}"], ["backward transfer", f"{report.backward_transfer:+.4f}"],
@@ -289,8 +302,8 @@ def continual_tables(report) -> list[Table]:
             table(f"{report.name} ({report.protocol})", ["metric", "value"], metrics)]
 
 
-def prediction_table(result, loaded) -> Table:
-    counts = {}
+def prediction_table(result: Predictions, loaded: LoadedBank) -> Table:
+    counts: dict[int, int] = {}
     for task in result.tasks.tolist():
         counts[task] = counts.get(task, 0) + 1
     names = loaded.aliases or [f"task-{t + 1}" for t in range(len(loaded.refs))]

@@ -44,9 +44,9 @@ def lora_layernorm_finetune(base_dir: Path, out_dir: Path, splits: digits.Digits
     for module in targets:
         rows, cols = module.weight.shape
         parametrize.register_parametrization(module, "weight", LowRankUpdate(rows, cols, rank, generator))
-    for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            module.requires_grad_(True)
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.LayerNorm):
+            layer.requires_grad_(True)
     digits.train(model, splits.finetune, lr=lr, steps=steps, seed=seed, weight_decay=0.0)
     for module in targets:
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from splice.demo import digits
 from splice.merge.soup import greedy_soup, soup
@@ -16,7 +17,7 @@ def scores(model_dir: Path, splits: digits.DigitsSplits) -> dict[str, float]:
     return {"val": digits.accuracy(model, *splits.val), "test": digits.accuracy(model, *splits.test)}
 
 
-def run_soup_study(workdir: Path, count: int, seed: int = 0, progress: Progress | None = None, **training) -> dict:
+def run_soup_study(workdir: Path, count: int, seed: int = 0, progress: Progress | None = None, **training: Any) -> dict:
     """Fine-tune `count` ingredients from one pretrained init under `workdir`, soup them, score everything."""
     started = time.perf_counter()
     base_dir, ingredient_dirs, splits = digits.prepare_ingredients(workdir, count, seed, **training)
@@ -43,8 +44,6 @@ def run_soup_study(workdir: Path, count: int, seed: int = 0, progress: Progress 
                     "uniform_soup": str(uniform_dir), "greedy_soup": str(greedy_dir)},
         "seconds": {"train": trained - started, "total": time.perf_counter() - started},
     }
-
-
 
 
 def best_ingredient(results: dict) -> dict:

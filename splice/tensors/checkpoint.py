@@ -34,7 +34,6 @@ PICKLE_SINGLE = "pytorch_model.bin"
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
 
-
 def recorded_location(location: str | os.PathLike) -> str:
     """A location as a record keeps it (lineage, deployment and health records): a URL as given, a local path
     absolute, since a relative one (`../base`) means nothing to another user or working directory."""
@@ -42,7 +41,8 @@ def recorded_location(location: str | os.PathLike) -> str:
     return text if "://" in text else str(Path(text).resolve())
 
 
-def split_location(location: str, storage_options: dict[str, Any] | None = None):
+def split_location(location: str, storage_options: dict[str, Any] | None = None
+                   ) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, root path) for a local path or an fsspec URL."""
     fs, root = fsspec.core.url_to_fs(str(location), **(storage_options or {}))
     return fs, root.rstrip("/") or root
@@ -55,8 +55,8 @@ def _join(root: str, name: str) -> str:
 class Checkpoint:
     """A model's tensors, indexed by name in storage order (shard by shard, by offset within a shard)."""
 
-    def __init__(self, location: str, fs, root: str, tensors: dict[str, TensorInfo], shards: list[str],
-                 pickled: dict[str, torch.Tensor] | None = None):
+    def __init__(self, location: str, fs: fsspec.AbstractFileSystem, root: str, tensors: dict[str, TensorInfo],
+                 shards: list[str], pickled: dict[str, torch.Tensor] | None = None):
         self.location = location
         self.fs = fs
         self.root = root
@@ -110,7 +110,7 @@ class Checkpoint:
         )
 
     @classmethod
-    def _open_sharded_safetensors(cls, location: str, fs, root: str) -> Checkpoint:
+    def _open_sharded_safetensors(cls, location: str, fs: fsspec.AbstractFileSystem, root: str) -> Checkpoint:
         weight_map = _read_weight_map(fs, _join(root, SAFETENSORS_INDEX), location)
         shards = sorted(set(weight_map.values()))
         tensors: dict[str, TensorInfo] = {}
@@ -134,7 +134,7 @@ class Checkpoint:
         return cls(location, fs, root, tensors, shards)
 
     @classmethod
-    def _open_pickled(cls, location: str, fs, root: str, present: set[str]) -> Checkpoint:
+    def _open_pickled(cls, location: str, fs: fsspec.AbstractFileSystem, root: str, present: set[str]) -> Checkpoint:
         if PICKLE_INDEX in present:
             shards = sorted(set(_read_weight_map(fs, _join(root, PICKLE_INDEX), location).values()))
         else:
@@ -195,7 +195,7 @@ class Checkpoint:
 
     def _pread_into(self, info: TensorInfo, raw: torch.Tensor, start: int) -> None:
         fd = self._fd(info.shard)
-        view = memoryview(raw.numpy())
+        view = memoryview(raw.numpy())  # type: ignore[arg-type]  # numpy: a buffer on 3.12+ only
         done = 0
         while done < len(view):
             got = os.preadv(fd, [view[done:]], start + done)
@@ -258,7 +258,7 @@ class Checkpoint:
     def __enter__(self) -> Checkpoint:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -299,7 +299,7 @@ def _read_local_file(path: str, limit: int, follow_links: bool, where: str) -> b
     return b"".join(chunks)
 
 
-def _read_weight_map(fs, path: str, location: str) -> dict[str, str]:
+def _read_weight_map(fs: fsspec.AbstractFileSystem, path: str, location: str) -> dict[str, str]:
     try:
         weight_map = json.loads(fs.cat_file(path))["weight_map"]
     except (ValueError, KeyError, TypeError) as exc:
@@ -312,7 +312,7 @@ def _read_weight_map(fs, path: str, location: str) -> dict[str, str]:
     return weight_map
 
 
-def _load_pickled_shard(fs, path: str, location: str, shard: str) -> dict[str, torch.Tensor]:
+def _load_pickled_shard(fs: fsspec.AbstractFileSystem, path: str, location: str, shard: str) -> dict[str, torch.Tensor]:
     try:
         if isinstance(fs, LocalFileSystem):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

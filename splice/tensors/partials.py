@@ -106,7 +106,7 @@ class OwnedPartial:
             self.path.mkdir()
         # locked under another name, then renamed: a cleaner never sees an owner file that is not yet locked
         fresh = home / f"{OWNER}.new"
-        self._fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        self._fd: int | None = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         os.write(self._fd, f"{os.getpid()}\n".encode())
         os.rename(fresh, home / OWNER)

@@ -7,11 +7,14 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from splice.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 SAFETENSORS_SINGLE = "model.safetensors"
 
@@ -98,11 +101,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     found = dict(pairs)
     if len(found) != len(pairs):
         seen: set[str] = set()
-        raise _DuplicateKey(next(repr(key) for key, _ in pairs if key in seen or seen.add(key)))
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(repr(key))
+            seen.add(key)
     return found
 
 
-def _read_header_json(fs, path: str, where: str) -> tuple[dict, int, int]:
+def _read_header_json(fs: AbstractFileSystem, path: str, where: str) -> tuple[dict, int, int]:
     """(header object, offset where tensor data starts, file size), the length bounded before any read."""
     size = fs.size(path)
     if size < 8:
@@ -124,7 +130,8 @@ def _read_header_json(fs, path: str, where: str) -> tuple[dict, int, int]:
     return header, 8 + header_len, size
 
 
-def read_safetensors_metadata(fs, path: str, location: str, shard_name: str = SAFETENSORS_SINGLE) -> dict[str, str]:
+def read_safetensors_metadata(fs: AbstractFileSystem, path: str, location: str, shard_name: str = SAFETENSORS_SINGLE
+                              ) -> dict[str, str]:
     """The `__metadata__` strings of a safetensors file (empty when it has none)."""
     header, _, _ = _read_header_json(fs, path, f"{location}/{shard_name}")
     metadata = header.get("__metadata__") or {}
@@ -133,7 +140,7 @@ def read_safetensors_metadata(fs, path: str, location: str, shard_name: str = SA
     return {str(key): str(value) for key, value in metadata.items()}
 
 
-def read_safetensors_header(fs, path: str, location: str, shard_name: str = SAFETENSORS_SINGLE
+def read_safetensors_header(fs: AbstractFileSystem, path: str, location: str, shard_name: str = SAFETENSORS_SINGLE
                             ) -> dict[str, TensorInfo]:
     """Parse and validate a safetensors header: bounded size, known dtypes, offsets in the file, no overlaps."""
     where = f"{location}/{shard_name}"

@@ -31,7 +31,7 @@ import torch
 
 from splice.adapters.deltas import Extracted, deltas, left_out_warnings
 from splice.adapters.kinds.spec import KindSpec, describe_plain
-from splice.adapters.steps import Effect, PatchContents, Step
+from splice.adapters.steps import Effect, PatchContents, Step, replace_step
 from splice.errors import PatchError
 from splice.progress import Progress
 from splice.tensors.checkpoint import Checkpoint
@@ -109,8 +109,7 @@ def lora_steps(patch: PatchContents) -> dict[str, Step]:
         steps[f"{module}.weight"] = Step(Effect.replace if start else Effect.add, (rows, cols), compute)
     for name in replaced:
         if name not in steps:
-            steps[name] = Step(Effect.replace, tuple(shapes[name]),
-                               lambda value, name=name: patch.tensors[name].to(device=value.device, dtype=value.dtype))
+            steps[name] = replace_step(patch, name)
     return steps
 
 
@@ -227,9 +226,9 @@ def describe_lora(settings: dict[str, Any]) -> str:
     ranks = sorted(set(settings["rank"].values()))
     rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     parts = [f"rank {rank} on {len(settings['rank'])} matrices", f"rsLoRA {'yes' if settings.get('rslora') else 'no'}"]
-    errors = settings.get("relative_error") or {}
+    errors: dict[str, float] = settings.get("relative_error") or {}
     if errors:
-        worst = max(errors, key=errors.get)
+        worst = max(errors, key=errors.__getitem__)
         parts.append(f"relative error of the delta at most {errors[worst]:.2g} ({worst})")
     if settings.get("left_out"):
         parts.append(f"{len(settings['left_out'])} changed tensors left out (not matrices)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from math import prod
 from typing import Any
 
@@ -76,7 +77,7 @@ def _nonzero_top_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return keep & delta.ne(0)
 
 
-def _global_threshold(base: Checkpoint, tuned: Checkpoint, count: int, device, progress: Progress | None
+def _global_threshold(base: Checkpoint, tuned: Checkpoint, count: int, device: torch.device, progress: Progress | None
                       ) -> tuple[float, int]:
     """(t, ties): the model-wide top `count` |delta| entries are those above t plus the first `ties` equal
     to t in storage order. One pass; holds at most `count` magnitudes plus one tensor."""
@@ -98,14 +99,15 @@ def extract_mask(base: Checkpoint, tuned: Checkpoint, options: MaskOptions, devi
     k of each changed tensor) or over the whole model (`scope="model"`, k of all float entries, LT-SFT style).
     Ties at the threshold are kept lowest index (then storage order) first, so the result is deterministic."""
     density, scope, values = options.density, options.scope, options.values
-    device = resolve_device(device)
+    assert density is not None  # MaskOptions refuses None
+    compute = resolve_device(device)
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     kept: dict[str, int] = {}
     if scope == "model":
         total = sum(info.numel for info in base.tensors.values() if info.dtype.is_floating_point)
-        threshold, ties = _global_threshold(base, tuned, max(1, int(density * total)), device, progress)
-    for name, delta in deltas(base, tuned, device, progress):
+        threshold, ties = _global_threshold(base, tuned, max(1, int(density * total)), compute, progress)
+    for name, delta in deltas(base, tuned, compute, progress):
         if scope == "tensor":
             mask = _nonzero_top_mask(delta, density)
         else:
@@ -133,18 +135,20 @@ def mask_steps(patch: PatchContents) -> dict[str, Step]:
     if not isinstance(shapes, dict):
         raise PatchError("this mask patch's settings have no tensor shapes; it was not written by splice")
     present = set(patch.shapes)
-    steps = {}
+    steps: dict[str, Step] = {}
     for name, shape in shapes.items():
         shape = tuple(shape)
         if name + MASK_SUFFIX not in present:
             raise PatchError(f"the mask patch lists {name} but holds no {name + MASK_SUFFIX}")
         if name + VALUES_SUFFIX in present:
-            steps[name] = Step(Effect.add, shape, lambda value, name=name, shape=shape: _add_sparse(patch, name, shape,
-                                                                                                    value))
+            steps[name] = Step(Effect.add, shape, partial(_add_sparse, patch, name, shape))
         else:
-            steps[name] = Step(Effect.multiply, shape, lambda value, name=name, shape=shape: value * unpack_mask(
-                patch.tensors[name + MASK_SUFFIX].to(value.device), shape).to(value.dtype))
+            steps[name] = Step(Effect.multiply, shape, partial(_multiply_mask, patch, name, shape))
     return steps
+
+
+def _multiply_mask(patch: PatchContents, name: str, shape: tuple[int, ...], value: torch.Tensor) -> torch.Tensor:
+    return value * unpack_mask(patch.tensors[name + MASK_SUFFIX].to(value.device), shape).to(value.dtype)
 
 
 def _add_sparse(patch: PatchContents, name: str, shape: tuple[int, ...], value: torch.Tensor) -> torch.Tensor:
@@ -162,7 +166,7 @@ def describe_mask(settings: dict[str, Any]) -> str:
     """Density and scope, sparse delta or mask, and how many entries were kept where, in one line."""
     if "density" not in settings:
         return describe_plain(settings)
-    kept = settings.get("kept") or {}
+    kept: dict[str, int] = settings.get("kept") or {}
     return (f"density {settings['density']:g} per {settings.get('scope', 'tensor')}, "
             f"{'sparse delta' if settings.get('values') else 'mask only'}; "
             f"{sum(kept.values()):,} entries kept in {len(kept)} tensors")
@@ -171,14 +175,15 @@ def describe_mask(settings: dict[str, Any]) -> str:
 def mask_size(shapes: Mapping[str, Sequence[int]], settings: dict[str, Any]) -> PatchSize:
     """The selected values a sparse delta holds (none for a bare mask), and one mask bit per entry of each tensor
     it covers (its shape from the settings)."""
-    covered = settings.get("shapes") if isinstance(settings.get("shapes"), dict) else {}
+    listed = settings.get("shapes")
+    covered = listed if isinstance(listed, dict) else {}
     bits = sum(prod(shape) for name, shape in covered.items()
                if name + MASK_SUFFIX in shapes and isinstance(shape, list | tuple)
                and all(isinstance(n, int) for n in shape))
     return PatchSize(sum(prod(shape) for name, shape in shapes.items() if not name.endswith(MASK_SUFFIX)), bits)
 
 
-def rescale_mask(patch: PatchContents, scale: float):
+def rescale_mask(patch: PatchContents, scale: float) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]]:
     """A sparse delta's values scaled; its mask bits kept (a bare mask has no change to scale: porting refuses it)."""
     return scale_tensors(patch, scale, {name for name in patch.shapes if name.endswith(VALUES_SUFFIX)})
 

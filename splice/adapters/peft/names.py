@@ -27,7 +27,6 @@ PEFT_PICKLE = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
-
 @dataclass
 class BaseNames:
     """Live (transformers) parameter names -> stored names, module types and parameters, and a reader."""

@@ -16,7 +16,7 @@ import io
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
@@ -28,6 +28,9 @@ from splice.adapters.peft.names import PEFT_CONFIG, PEFT_PICKLE, PEFT_WEIGHTS, P
 from splice.errors import CheckpointError, PatchError, first_line
 from splice.tensors.checkpoint import Checkpoint, recorded_location, split_location
 from splice.values import Float32, PositiveInt, one_line, parse_json, printable
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 # config entries whose effect is not a change of the base's weights splice can make (truthy = refused)
@@ -59,7 +62,7 @@ def is_peft_adapter(location: str | os.PathLike, storage_options: dict | None = 
         return False
 
 
-def _read_config(location: str, fs, root: str) -> dict[str, Any]:
+def _read_config(location: str, fs: AbstractFileSystem, root: str) -> dict[str, Any]:
     try:
         config = parse_json(fs.cat_file(f"{root}/{PEFT_CONFIG}"))
     except ValueError as exc:
@@ -69,7 +72,7 @@ def _read_config(location: str, fs, root: str) -> dict[str, Any]:
     return config
 
 
-def _read_pickled_tensors(location: str, fs, root: str) -> dict[str, torch.Tensor]:
+def _read_pickled_tensors(location: str, fs: AbstractFileSystem, root: str) -> dict[str, torch.Tensor]:
     try:  # never unpickle anything but tensors
         state = torch.load(io.BytesIO(fs.cat_file(f"{root}/{PEFT_PICKLE}")), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -202,7 +205,9 @@ class _Target:
 
     def module_kind(self, module: str) -> str | None:
         """linear, conv1d, embedding or a class name; None when the base's module types are not known."""
-        live = self.names.resolve(module + ".weight") if self.names is not None else None
+        if self.names is None:
+            return None
+        live = self.names.resolve(module + ".weight")
         return self.names.module_kinds.get(live[1].rpartition(".")[0]) if live else None
 
 

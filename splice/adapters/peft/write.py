@@ -81,10 +81,10 @@ class _Naming:
         for module, params in grouped.items():
             for param in self.names.module_params.get(module, []):
                 if param not in params:
-                    stored = self.names.live_to_stored.get(f"{module}.{param}")
-                    if stored is None or self.names.read is None:
+                    base_name = self.names.live_to_stored.get(f"{module}.{param}")
+                    if base_name is None or self.names.read is None:
                         raise PatchError(f"{module}.{param} is not stored in {self.names.where}; cannot export it")
-                    params[param] = self.names.read(stored)
+                    params[param] = self.names.read(base_name)
         return grouped
 
 
@@ -127,7 +127,8 @@ def _lora_factors(naming: _Naming, tensors: dict[str, torch.Tensor]
 
 
 def _lora_adapter(naming: _Naming, base_path: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    settings, tensors = naming.patch.meta.settings, {}
+    settings = naming.patch.meta.settings
+    tensors: dict[str, torch.Tensor] = {}
     ranks, alphas, fan_in_fan_out = _lora_factors(naming, tensors)
     # replaced tensors of LoRA-adapted modules (embedding layers PEFT saved whole, trained biases) are
     # written as PEFT writes them, `<module>.base_layer.<param>`; whole other modules as modules_to_save

@@ -200,7 +200,7 @@ def collect(model: torch.nn.Module, stored_modules: set[str], inputs: Inputs, to
     collected: dict[str, list[torch.Tensor]] = {key: [] for key, _, _ in keys}
     state: dict[str, Any] = {"mask": None, "batch": 0, "quota": 0}
 
-    def hook_for(key: str, entering: bool):
+    def hook_for(key: str, entering: bool) -> Callable[..., None]:
         def hook(_module, args, kwargs, output):
             if entering:
                 output = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))

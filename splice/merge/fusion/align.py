@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from splice.merge.fusion.architectures import Linear, NodeWalker, Norm, Residual, Step, Table
-from splice.merge.fusion.maps import MapSolver, Pair, Tensors, align_inputs, align_outputs, read_linear
+from splice.merge.fusion.maps import MapSolver, Pair, Tensors, align_inputs, align_outputs, projection, read_linear
 from splice.merge.fusion.options import FusionOptions
 from splice.merge.fusion.report import MapStat
 from splice.merge.fusion.timing import Clock
@@ -53,7 +53,7 @@ class PairAligner(NodeWalker):
             if self.options.qk == "joint" and partner is not None:
                 self._joint_qk(step, node, (weight, bias), partner)
                 return
-            self.solver.linear_map(step, node, partner)
+            self.solver.linear_map(step, node, node.out, partner)
             out_map = self.solver.output_map(step, node.out)
             weight = align_outputs(weight, out_map)
             bias = align_outputs(bias, out_map) if bias is not None else None
@@ -84,9 +84,9 @@ class PairAligner(NodeWalker):
     def _joint_qk(self, step: Step, node: Linear, own: Block, partner: Step) -> None:
         """`--qk joint` (the authors' `joint`): [W_Q; W_K] fused as one layer under one map; the partner's
         aligned half is kept until its step comes."""
-        (weight, bias), (other_weight, other_bias) = own, self._input_aligned(partner, partner.node)
+        (weight, bias), (other_weight, other_bias) = own, self._input_aligned(partner, projection(partner)[0])
         _, n_a = self.solver.joint_map(step, node, partner)
-        out_map = self.solver.output_map(step, node.out)
+        out_map = self.solver.output_map(step, projection(step)[1])
         stacked = align_outputs(torch.cat([weight, other_weight]), out_map)
         biases = None
         if bias is not None and other_bias is not None:  # the described models have both biases or neither
@@ -99,10 +99,12 @@ class PairAligner(NodeWalker):
             k, n = node.part
             blocks = self.pending.setdefault(node.weight, [None] * n)
             blocks[k] = (weight, bias)
-            if any(block is None for block in blocks):
+            done = [block for block in blocks if block is not None]
+            if len(done) < n:
                 return
-            weight = torch.cat([block[0] for block in blocks])
-            bias = torch.cat([block[1] for block in blocks]) if bias is not None else None
+            weight = torch.cat([block_weight for block_weight, _ in done])
+            biases = [block_bias for _, block_bias in done if block_bias is not None]  # all or none: a shared bias
+            bias = torch.cat(biases) if bias is not None else None
             del self.pending[node.weight]
         if node.conv1d:
             weight = weight.transpose(0, 1)

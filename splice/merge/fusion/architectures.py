@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import Field, dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
-
-if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self from Python 3.11
+from typing import Any, ClassVar, Literal, TypedDict, TypeVar, overload
 
 STREAM = "stream"
 
@@ -73,10 +70,13 @@ class NodeWalker:
         pass
 
 
+_N = TypeVar("_N", bound="_Node")
+
+
 class _Node:
     """What every node answers; the kinds override what concerns them. Every kind is a frozen dataclass."""
 
-    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # for `replace`, which the kinds' `fill` use
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # every kind is a frozen dataclass (`fill` replaces)
     optional = False
     role: str | None = None  # see Linear
     part: tuple[int, int] | None = None  # see Linear
@@ -112,9 +112,12 @@ class _Node:
         """The spaces a residual add combines (skip stream first); () for every other node."""
         return ()
 
-    def fill(self, **values: object) -> Self:
+    def fill(self: _N, **values: object) -> _N:
         """The node with its name templates (`{base}`, `{i}`) filled in."""
         return self
+
+
+_M = TypeVar("_M", bound="_ModuleTensors")
 
 
 class _ModuleTensors(_Node):
@@ -138,7 +141,7 @@ class _ModuleTensors(_Node):
     def required(self) -> set[str]:
         return {self.weight}
 
-    def fill(self, **values: object) -> Self:
+    def fill(self: _M, **values: object) -> _M:
         return replace(self, module=self.module.format(**values))
 
 
@@ -200,7 +203,7 @@ class Table(_Node):
             return None
         return Source("output", self.module) if self.source == "activations" else Source("rows", self.tensor)
 
-    def fill(self, **values: object) -> Self:
+    def fill(self, **values: object) -> Table:
         return replace(self, tensor=self.tensor.format(**values))
 
     def visit(self, walker: NodeWalker, step: Step) -> None:
@@ -236,7 +239,7 @@ class Residual(_Node):
     def adds(self) -> tuple[str, ...]:
         return self.inputs
 
-    def fill(self, **values: object) -> Self:
+    def fill(self, **values: object) -> Residual:
         if not self.taps:
             return self
         return replace(self, taps=tuple(None if tap is None else tap.format(**values) for tap in self.taps))
@@ -269,6 +272,12 @@ class Step:
     scope: str  # "embeddings", "layer 3", "head"
     node: Node
 
+    @overload
+    def space(self, name: str) -> str: ...
+
+    @overload
+    def space(self, name: None) -> None: ...
+
     def space(self, name: str | None) -> str | None:
         """The engine-wide key of a space named in this step."""
         if name is None or name == STREAM:
@@ -280,8 +289,15 @@ class Step:
         return f"{self.scope}/{self.node.key}"
 
 
+class _Layout(TypedDict, total=False):
+    """How a Linear's weight is stored (see Linear)."""
+
+    conv1d: bool
+    part: tuple[int, int]
+
+
 def _attention_block(layer: str, modules: tuple[str, str, str, str],
-                     layouts: tuple[dict, dict, dict, dict] = ({}, {}, {}, {})) -> tuple[Node, ...]:
+                     layouts: tuple[_Layout, _Layout, _Layout, _Layout] = ({}, {}, {}, {})) -> tuple[Node, ...]:
     """Q, K, V from the stream (one map each over all heads' neurons: cross-head alignment), and the output
     projection whose input is aligned with V's map."""
     q, k, v, o = modules
@@ -367,7 +383,7 @@ BERT = Architecture(
 # GPT-2 (pre-LN). Conv1D weights are stored [in, out]; c_attn holds Q, K and V as three row blocks of the
 # [3d, d] matrix (columns of the stored [d, 3d]). The LM head is tied to wte unless stored.
 _GPT2_LAYER = "{base}h.{i}."
-_CONV: dict[str, Any] = {"conv1d": True}
+_CONV: _Layout = {"conv1d": True}
 GPT2 = Architecture(
     name="gpt2",
     model_type="gpt2",

@@ -34,6 +34,14 @@ def read_linear(state: Tensors, node: Linear) -> tuple[torch.Tensor, torch.Tenso
     return weight, bias
 
 
+def projection(step: Step) -> tuple[Linear, str]:
+    """A Q, K or V projection's Linear and the space it defines: the steps a `role` finds (only those Linears
+    have one, and each defines its space)."""
+    node = step.node
+    assert isinstance(node, Linear) and node.out is not None
+    return node, node.out
+
+
 def align_inputs(weight: torch.Tensor, in_map: torch.Tensor) -> torch.Tensor:
     return torch.einsum("oi...,ij->oj...", weight, in_map.to(weight.dtype))
 
@@ -55,6 +63,11 @@ class Pair:
     feats_a: Tensors | None = None
     magnitudes: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # the weighted residual policies'
 
+    def activations(self) -> tuple[Tensors, Tensors]:
+        """(the model's, the anchor's): collected whenever activation alignment or `--residual stream` asks."""
+        assert self.feats_m is not None and self.feats_a is not None
+        return self.feats_m, self.feats_a
+
 
 class MapSolver:
     """The maps of one model onto the anchor, one per space, made in data-flow order; solves are charged to the
@@ -67,10 +80,10 @@ class MapSolver:
         self.partners = {(step.scope, step.node.role): step for step in pair.anchor.steps if step.node.role}
         self.writers = stream_writers(pair.model) if options.residual == "stream" else set()
 
-    def input_map(self, step: Step, space: str | None) -> torch.Tensor:
+    def input_map(self, step: Step, space: str) -> torch.Tensor:
         return transport.input_map(self.maps[step.space(space)])
 
-    def output_map(self, step: Step, space: str | None) -> torch.Tensor:
+    def output_map(self, step: Step, space: str) -> torch.Tensor:
         return transport.output_map(self.maps[step.space(space)])
 
     def stream_map(self) -> None:
@@ -78,7 +91,7 @@ class MapSolver:
         values wherever the stream enters a block, all depths side by side."""
         taps = stream_taps(self.pair.anchor)
         points = [torch.cat([transport.standardize(feats[input_key(tap)]).T for tap in taps], 1)
-                  for feats in (self.pair.feats_m, self.pair.feats_a)]
+                  for feats in self.pair.activations()]
         self.maps[STREAM] = self.solve("all layers", STREAM, points[0], points[1], 0)
 
     # points describing each neuron: activations over the sampled tokens, or (input-aligned) weights
@@ -93,7 +106,7 @@ class MapSolver:
 
     def activation_points(self, module: str, part: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         points = []
-        for feats in (self.pair.feats_m, self.pair.feats_a):
+        for feats in self.pair.activations():
             acts = feats[module]
             if part is not None:
                 acts = acts.chunk(part[1], dim=1)[part[0]]
@@ -124,7 +137,8 @@ class MapSolver:
             cross, split = transport.head_mass(coupling, heads * self.pair.model.heads,
                                                heads * self.pair.anchor.heads)
         self.stats.append(MapStat(
-            self.pair.index, scope, space, kind, tuple(coupling.shape), transport.permutation_closeness(coupling),
+            self.pair.index, scope, space, kind, (coupling.shape[0], coupling.shape[1]),
+            transport.permutation_closeness(coupling),
             None if cost is None else transport.transport_cost(coupling, cost), cross, split, skip_weight))
 
     def qk_partner(self, step: Step, node: Linear) -> Step | None:
@@ -132,9 +146,10 @@ class MapSolver:
         other = {"q": "k", "k": "q"}.get(node.role or "")
         return self.partners.get((step.scope, other)) if other else None
 
-    def linear_map(self, step: Step, node: Linear, partner: Step | None) -> None:
-        """The map of the space a Linear defines, unless it has one already (a shared or whole-head map)."""
-        space = step.space(node.out)
+    def linear_map(self, step: Step, node: Linear, out: str, partner: Step | None) -> None:
+        """The map of the space a Linear defines (`out`, its `node.out`), unless it has one already (a shared or
+        whole-head map)."""
+        space = step.space(out)
         if space in self.writers:
             self.maps[space] = self.maps[STREAM]
         elif space not in self.maps:
@@ -142,50 +157,54 @@ class MapSolver:
                 if self.options.heads == "whole" and node.heads:
                     self.whole_head_maps(step)
                 else:
-                    self.maps[space] = self._map_for(step, node, partner)
+                    self.maps[space] = self._map_for(step, node, out, partner)
 
-    def _map_for(self, step: Step, node: Linear, partner: Step | None) -> torch.Tensor:
+    def _map_for(self, step: Step, node: Linear, out: str, partner: Step | None) -> torch.Tensor:
         if self.options.qk == "shared" and partner is not None:
+            partner_node, partner_out = projection(partner)
             q_m, q_a = self.linear_points(step, node)
-            k_m, k_a = self.linear_points(partner, partner.node)
+            k_m, k_a = self.linear_points(partner, partner_node)
             coupling = self.solve(step.scope, "qk", torch.cat([q_m, k_m], 1), torch.cat([q_a, k_a], 1),
                                   int(node.heads))
-            self.maps[partner.space(partner.node.out)] = coupling
+            self.maps[partner.space(partner_out)] = coupling
             return coupling
         points_m, points_a = self.linear_points(step, node)
-        return self.solve(step.scope, node.out, points_m, points_a, int(node.heads))
+        return self.solve(step.scope, out, points_m, points_a, int(node.heads))
 
     def whole_head_maps(self, step: Step) -> None:
         """`--heads whole`: the Q, K and V maps of one attention block from one head assignment (heads move as
         units, so every head keeps its queries, keys and values together); within a head Q and K share a
         map with `--qk shared`."""
-        block = [self.partners.get((step.scope, role)) for role in ("q", "k", "v")]
-        if any(member is None for member in block):
+        found = [self.partners.get((step.scope, role)) for role in ("q", "k", "v")]
+        block = [member for member in found if member is not None]
+        if len(block) < len(found):
             raise SpliceError(f"{self.pair.model.location}: {step.scope} has no query, key and value projections "
                               "to move whole heads with; use `heads='mixed'`")
-        points = [self.linear_points(member, member.node) for member in block]
+        points = [self.linear_points(member, projection(member)[0]) for member in block]
+        groups: list[tuple[str, list[Step], torch.Tensor, torch.Tensor]]
         if self.options.qk == "shared":
             groups = [("qk", block[:2], torch.cat([points[0][0], points[1][0]], 1),
                        torch.cat([points[0][1], points[1][1]], 1)), ("v", block[2:], *points[2])]
         else:
-            groups = [(member.node.out, [member], *pair) for member, pair in zip(block, points)]
+            groups = [(projection(member)[1], [member], *pair) for member, pair in zip(block, points)]
         costs = [transport.ground_cost(points_m, points_a) for _, _, points_m, points_a in groups]
         couplings, _ = transport.head_couplings(costs, self.pair.model.heads, self.pair.anchor.heads,
                                                 self.options.solver, self.options.reg)
         for (name, members, _, _), coupling, cost in zip(groups, couplings, costs):
             for member in members:
-                self.maps[member.space(member.node.out)] = coupling
+                self.maps[member.space(projection(member)[1])] = coupling
             self.record(step.scope, name, "ot", coupling, cost, 1)
 
     def joint_map(self, step: Step, node: Linear, partner: Step) -> tuple[torch.Tensor, int]:
         """`--qk joint`: one map over the query and the key neurons together ([2 n_m, 2 n_a]), set for both
         spaces; also the number of the anchor's own (first-half) neurons."""
+        partner_node, partner_out = projection(partner)
         with self.clock.timed("ot"):
             own_m, own_a = self.linear_points(step, node)
-            other_m, other_a = self.linear_points(partner, partner.node)
+            other_m, other_a = self.linear_points(partner, partner_node)
             coupling = self.solve(step.scope, "qk", torch.cat([own_m, other_m]), torch.cat([own_a, other_a]),
                                   2 * int(node.heads))
-        self.maps[step.space(node.out)] = self.maps[partner.space(partner.node.out)] = coupling
+        self.maps[step.space(projection(step)[1])] = self.maps[partner.space(partner_out)] = coupling
         return coupling, own_a.shape[0]
 
     def table_map(self, step: Step, node: Table) -> None:

@@ -157,7 +157,7 @@ def _plan_model(checkpoint: Checkpoint) -> ModelPlan:
     config = checkpoint.config()
     if config is None:
         raise SpliceError(f"{location}: no config.json; fusion needs the model's config")
-    arch = ARCHITECTURES.get(config.get("model_type"))
+    arch = ARCHITECTURES.get(config.get("model_type", ""))
     if arch is None:
         raise SpliceError(f"{location}: fuse does not support model_type {config.get('model_type')!r}; "
                           f"supported: {supported()}")
@@ -174,9 +174,9 @@ def _plan_model(checkpoint: Checkpoint) -> ModelPlan:
         step.node.visit(walker, step)
     widths = walker.widths
     for step in plan_steps:
-        space = step.space(step.node.head_space)
-        if space is not None and widths[space] % heads:
-            raise SpliceError(f"{location}: {step.node.weight}: {widths[space]} outputs do not split "
+        node, space = step.node, step.space(step.node.head_space)
+        if space is not None and isinstance(node, Linear) and widths[space] % heads:  # only Linears have heads
+            raise SpliceError(f"{location}: {node.weight}: {widths[space]} outputs do not split "
                               f"into {heads} heads")
     return ModelPlan(location, checkpoint, config, arch, class_name, plan_steps, widths, heads, copied)
 

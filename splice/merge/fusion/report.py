@@ -40,6 +40,10 @@ class LayerStat:
     head_split_mass: float | None
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 @dataclass
 class FusionReport:
     out: Path
@@ -76,14 +80,12 @@ class FusionReport:
             groups.setdefault((stat.model, stat.layer), []).append(stat)
         out = []
         for (model, layer), stats in groups.items():
-            solved = [s for s in stats if s.cost is not None]
-            heads = [s for s in stats if s.cross_head_mass is not None]
             out.append(LayerStat(
                 model, layer, len(stats),
-                sum(s.cost for s in solved) / len(solved) if solved else None,
+                _mean([s.cost for s in stats if s.cost is not None]),
                 min(s.permutation_closeness for s in stats),
-                sum(s.cross_head_mass for s in heads) / len(heads) if heads else None,
-                sum(s.head_split_mass for s in heads) / len(heads) if heads else None,
+                _mean([s.cross_head_mass for s in stats if s.cross_head_mass is not None]),
+                _mean([s.head_split_mass for s in stats if s.head_split_mass is not None]),
             ))
         return out
 

@@ -18,6 +18,8 @@ def stream_sources(model: ModelPlan) -> dict[str, list[Source]]:
     sources: dict[str, list[Source]] = {}
     for step in model.steps:
         node = step.node
+        if node.defines is None:  # makes no map (nor has an origin or adds)
+            continue
         if not node.adds:
             if node.origin is not None:
                 definers[step.space(node.defines)] = node.origin

@@ -14,7 +14,9 @@ is what keeps the function when k identical neurons are merged into one (see doc
 
 from __future__ import annotations
 
+import operator
 import warnings
+from functools import reduce
 
 import torch
 
@@ -105,14 +107,14 @@ def head_couplings(costs: list[torch.Tensor], heads_m: int, heads_a: int, solver
     exact and the heads and widths match. Returns (couplings, H)."""
     n_m, n_a = costs[0].shape
     size_m, size_a = n_m // heads_m, n_a // heads_a
-    inner = [[[None] * heads_a for _ in range(heads_m)] for _ in costs]
+    inner: list[list[list[torch.Tensor]]] = [[[] for _ in range(heads_m)] for _ in costs]  # [k][h][g]
     pair_cost = torch.zeros(heads_m, heads_a, dtype=torch.float64, device=costs[0].device)
     for h in range(heads_m):
         for g in range(heads_a):
             for k, cost in enumerate(costs):
                 block = cost[h * size_m:(h + 1) * size_m, g * size_a:(g + 1) * size_a]
                 coupling = solve(block, solver, reg)
-                inner[k][h][g] = coupling
+                inner[k][h].append(coupling)
                 pair_cost[h, g] += transport_cost(coupling, block)
     top = pair_cost.max()
     heads = solve(pair_cost / top if top > 0 else pair_cost, solver, reg)
@@ -160,7 +162,7 @@ def combine(policy: str, couplings: list[torch.Tensor],
     `magnitudes`, each stream's mean |activation| per anchor neuron (`stream_magnitudes`). Column sums (the
     anchor's marginal) are kept: each column is a convex combination of the maps' columns."""
     if policy == "average":
-        return sum(couplings) / len(couplings)
+        return reduce(operator.add, couplings) / len(couplings)
     if policy in ("skip", "stream"):  # with `stream` every input already carries the stream's one map
         return couplings[0]
     if policy == "branch":
@@ -174,7 +176,8 @@ def combine(policy: str, couplings: list[torch.Tensor],
         if magnitudes is None or len(magnitudes) != len(couplings):
             raise SpliceError(f"`residual={policy!r}` needs the activations of every stream added")
         weights = residual_weights(policy, magnitudes)
-        return sum(coupling * weight.to(coupling)[None, :] for coupling, weight in zip(couplings, weights))
+        return reduce(operator.add, (coupling * weight.to(coupling)[None, :]
+                                     for coupling, weight in zip(couplings, weights)))
     raise SpliceError(f"unknown residual policy {policy!r}: use one of {', '.join(RESIDUAL_POLICIES)}")
 
 
