@@ -199,7 +199,7 @@ class DriftReport:
     def _panels(self) -> list[tuple[str, list[tuple[str, TensorDrift | DriftReport]]]]:
         """The plot's panels: matrices and vectors apart (a bias's ||U||/||W|| can be 1000x a matrix's), each a
         row per tensor, or per layer (the tensors' figures together) when a panel would hold too many rows."""
-        panels = []
+        panels: list[tuple[str, list[tuple[str, TensorDrift | DriftReport]]]] = []
         rows: list[tuple[str, TensorDrift | DriftReport]]
         for title, part in (("matrices", [t for t in self.tensors if len(t.shape) >= 2]),
                             ("vectors (biases, norms, scales)", [t for t in self.tensors if len(t.shape) < 2])):
@@ -207,7 +207,7 @@ class DriftReport:
                 layers: dict[str, list[TensorDrift]] = {}
                 for t in part:
                     layers.setdefault(_layer_of(t.name), []).append(t)
-                rows: list[tuple[str, TensorDrift | DriftReport]] = [
+                rows = [
                     (f"{layer} ({len(ts)} tensors)", replace(self, tensors=ts, verdict="-", _files=None))
                     for layer, ts in layers.items()]
                 title += f", per layer ({len(part)} tensors)"

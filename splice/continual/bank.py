@@ -271,7 +271,7 @@ class LayerNormBank(torch.nn.Module):
             self._route.ids = previous
 
     @torch.no_grad()
-    def features(self, **inputs) -> torch.Tensor:
+    def features(self, **inputs: Any) -> torch.Tensor:
         """[B, D] routing features from a pass with the PRETRAINED norms (eval mode, no gradient):
         model.base_model(**inputs).last_hidden_state pooled per architecture (splice.arch.pooling)."""
         inputs = {name: value for name, value in inputs.items() if name != "labels"}
@@ -291,7 +291,7 @@ class LayerNormBank(torch.nn.Module):
         similarity = F.normalize(features.float(), dim=-1).to(self.keys.device) @ self.keys.float().T
         return similarity.masked_fill(~self.has_key, float("-inf")).argmax(dim=-1)
 
-    def route(self, **inputs) -> torch.Tensor:
+    def route(self, **inputs: Any) -> torch.Tensor:
         """features + select: [B] task ids"""
         return self.select(self.features(**inputs))
 
@@ -301,7 +301,7 @@ class LayerNormBank(torch.nn.Module):
             raise SpliceError(f"task ids must lie in 0..{self.num_tasks - 1} (the bank's slots)")
         return ids
 
-    def forward(self, *args, task_ids: torch.Tensor | None = None, **inputs):
+    def forward(self, *args: Any, task_ids: torch.Tensor | None = None, **inputs: Any) -> Any:
         """The model's output with each sample's slot: task_ids [B] given (oracle) or routed (features ->
         select). One batched pass, gamma/beta gathered per sample. Returns the wrapped model's own output."""
         if task_ids is None:

@@ -7,10 +7,21 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splice.continual.metrics import summarize
 from splice.plots import png_bytes
 from splice.tensors.writer import write_report_files
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from matplotlib.figure import Figure
+
+    from splice.continual.bank import LayerNormBank
+    from splice.continual.data import TaskData
+    from splice.workflows.continual.pipeline import Pipeline
+    from splice.workflows.continual.state import RunState
 
 REPORT_JSON = "continual_report.json"
 MATRIX_PNG = "accuracy_matrix.png"
@@ -40,7 +51,8 @@ class ContinualReport:
     resumed_tasks: int
 
     @classmethod
-    def of(cls, pipeline, tasks, state, bank, head_parameters: int) -> ContinualReport:
+    def of(cls, pipeline: Pipeline, tasks: Sequence[TaskData], state: RunState, bank: LayerNormBank,
+           head_parameters: int) -> ContinualReport:
         summary, oracle = summarize(state.matrix), summarize(state.oracle)
         return cls(pipeline.name, pipeline.digest(), pipeline.protocol, [t.name for t in tasks], state.matrix,
                    state.oracle, state.task_id, summary.final_average_accuracy, summary.average_incremental_accuracy,
@@ -57,7 +69,7 @@ class ContinualReport:
         """The JSON and the PNGs into `directory`, by the output rule (`force` replaces them)."""
         return write_report_files(directory, self.files(), force)
 
-    def _draw_matrix(self, figure) -> None:
+    def _draw_matrix(self, figure: Figure) -> None:
         import numpy as np
 
         count = len(self.tasks)
@@ -76,7 +88,7 @@ class ContinualReport:
         axes.set_title(f"{self.name}: accuracy (final average {self.final_average_accuracy:.3f})", fontsize="medium")
         figure.colorbar(image, ax=axes, shrink=0.8)
 
-    def _draw_curve(self, figure) -> None:
+    def _draw_curve(self, figure: Figure) -> None:
         axes = figure.subplots()
         steps = range(1, len(self.average_accuracy) + 1)
         axes.plot(steps, self.average_accuracy, "o-", label="average accuracy (keys)")

@@ -11,7 +11,8 @@ seed and its index, so a resumed run ends with the same numbers as an uninterrup
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -39,6 +40,7 @@ from splice.continual.train import (
 )
 from splice.errors import Interrupted, SpliceError
 from splice.progress import NoProgress, Progress
+from splice.registry.manifest import VersionManifest
 from splice.registry.store import Registry
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
@@ -46,22 +48,8 @@ from splice.tensors.writer import check_report_dir
 from splice.workflows.continual.aliases import alias_of, check_aliased_task, uses_legacy_aliases
 from splice.workflows.continual.pipeline import ClassifierAlignment, Pipeline, load_pipeline, task_seed
 from splice.workflows.continual.report import REPORT_FILES, ContinualReport
+from splice.workflows.continual.state import RunState
 from splice.workflows.continual.stored import Values, pretrained_values, stored_entries, task_patch, task_values
-
-
-@dataclass
-class RunState:
-    """What the pipeline has done so far: rebuilt from the registry on --resume."""
-
-    matrix: list[list[float]] = field(default_factory=list)
-    oracle: list[list[float]] = field(default_factory=list)
-    task_id: list[float] = field(default_factory=list)
-    losses: list[dict[str, float]] = field(default_factory=list)
-    stored: list[int] = field(default_factory=list)  # LayerNorm entries each task's version holds
-    resumed: int = 0  # tasks taken from the registry rather than trained here
-    kept: int = 0  # tasks in the registry (resumed or pushed by this run)
-    legacy_aliases: bool = False  # the registry numbers its tasks' aliases from task-0
-    statistics: list[dict[int, align.ClassStatistics]] = field(default_factory=list)  # per task, for `align:`
 
 
 @dataclass(frozen=True)
@@ -159,7 +147,7 @@ def _kept(pipeline: Pipeline, state: RunState) -> str:
             f"to go on with task {state.kept + 1} of {len(pipeline.tasks)}")
 
 
-def _other_pipelines(versions, pipeline: Pipeline) -> list:
+def _other_pipelines(versions: Iterable[VersionManifest], pipeline: Pipeline) -> list[VersionManifest]:
     """The versions whose recorded pipeline digest is not `pipeline`'s for the tasks up to theirs."""
     return [m for m in versions
             if m.meta.settings.get("pipeline") != pipeline.digest(int(m.meta.settings.get("task", -1)) + 1)]
@@ -302,7 +290,8 @@ def _run_task(run: _Run, index: int) -> None:
     run.progress.finish()
 
 
-def _grad_masks(parameters: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor] | None):
+def _grad_masks(parameters: dict[str, torch.nn.Parameter],
+                masks: dict[str, torch.Tensor] | None) -> dict[int, torch.Tensor] | None:
     if masks is None:
         return None
     return {id(parameter): masks[name].to(parameter.dtype) for name, parameter in parameters.items()}
