@@ -107,8 +107,9 @@ def build_half(source: Path, target: Path) -> Path:
     embedding and head cut to HALF's vocab rows; written by splice's streamed writer in about 4 shards."""
     import torch
 
+    from splice.options import RunOptions
     from splice.tensors.checkpoint import Checkpoint
-    from splice.tensors.stream import StreamItem, run_stream
+    from splice.tensors.stream import Kernel, OutputExtras, StreamItem, run_stream
     from splice.tensors.writer import OutputTensor
 
     stamp = target / "half.json"
@@ -132,8 +133,9 @@ def build_half(source: Path, target: Path) -> Path:
         return tensors[0][:vocab].clone() if tensors[0].shape[0] == MODEL_SPEC["vocab_size"] else tensors[0]
 
     shutil.rmtree(target, ignore_errors=True)
-    run_stream(items, cut, target, side_files_from=base, device="cpu", shard_size=total // 4 + 1,
-               extra_files={"config.json": json.dumps(config, indent=2).encode()})
+    run_stream(items, Kernel(cut), target, side_files_from=base,
+               run=RunOptions(device="cpu", shard_size=total // 4 + 1),
+               extras=OutputExtras(files={"config.json": json.dumps(config, indent=2).encode()}))
     stamp.write_text(json.dumps({**MODEL_SPEC, **HALF}))
     return target
 

@@ -35,6 +35,7 @@ _EXPORTS = {
     "Recipe": "splice.merge.recipe",
     "RecipeError": "splice.errors",
     "Registry": "splice.registry.store",
+    "RunOptions": "splice.options",
     "SpliceError": "splice.errors",
     "apply_patch": "splice.adapters.live",
     "apply_patches": "splice.adapters.apply",
@@ -79,6 +80,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs (tests/test_cli_j
     from splice.merge.fusion import FusionOptions, fuse
     from splice.merge.recipe import Recipe, load_recipe, merge
     from splice.merge.soup import GreedySoupReport, greedy_soup, soup
+    from splice.options import RunOptions
     from splice.registry.store import Registry
     from splice.tensors.checkpoint import Checkpoint
     from splice.workflows.deploy import DeploymentRecord, apply_ref, deploy, read_deployment_record

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from splice.errors import SpliceError
-from splice.tensors.stream import open_all, plan_same_name, run_stream
+from splice.options import RunOptions
+from splice.tensors.stream import Kernel, open_all, plan_same_name, run_stream
 
 
 @pytest.mark.parametrize("bad_at", [0, 7])
@@ -21,7 +22,7 @@ def test_a_kernel_result_of_the_wrong_shape_fails_the_run(bad_at, make_models, t
         return tensors[0][:1] if name == bad_name else tensors[0]
 
     with pytest.raises(SpliceError, match=f"tensor {bad_name}: computed"):
-        run_stream(plan, kernel, tmp_path / "out", side_files_from=checkpoints[0], device="cpu")
+        run_stream(plan, Kernel(kernel), tmp_path / "out", side_files_from=checkpoints[0], run=RunOptions(device="cpu"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-0", "llama-1"]  # no output, no partial dir
     assert len(seen) < len(plan) or bad_at == len(plan) - 1  # the run stopped soon after the failure
 
@@ -29,8 +30,8 @@ def test_a_kernel_result_of_the_wrong_shape_fails_the_run(bad_at, make_models, t
 def test_kernel_output_is_written_in_order_with_write_behind(make_models, tmp_path):
     checkpoints = open_all([str(d) for d in make_models("llama", 2)])
     plan = plan_same_name(checkpoints, None)
-    run_stream(plan, lambda name, tensors: tensors[1] * 2, tmp_path / "out", side_files_from=checkpoints[0],
-               device="cpu", read_ahead_depth=1)
+    run_stream(plan, Kernel(lambda name, tensors: tensors[1] * 2), tmp_path / "out", side_files_from=checkpoints[0],
+               run=RunOptions(device="cpu", read_ahead_depth=1))
     out = open_all([str(tmp_path / "out")])[0]
     assert list(out.tensors) == [item.output.name for item in plan]
     for name in out.tensors:

@@ -6,31 +6,34 @@ import os
 from collections.abc import Mapping, Sequence
 
 import torch
+from typing_extensions import Unpack
 
 from splice.adapters.compose import check_plan_shapes, composition_plan, patched_value
 from splice.adapters.patch import Patch, PatchError
 from splice.adapters.sources import PatchSource, load_patch
-from splice.progress import Progress
+from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.stream import StreamItem, StreamReport, run_stream
-from splice.tensors.writer import DEFAULT_SHARD_SIZE, OutputTensor, ensure_output_free
+from splice.tensors.stream import Kernel, OutputExtras, StreamItem, StreamReport, run_stream
+from splice.tensors.writer import OutputTensor, ensure_output_free
 
 
 def apply_patches(patches: Sequence[PatchSource], base: str | os.PathLike, out: str | os.PathLike, *,
-                  allow_base_drift: bool = False, device: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
-                  force: bool = False, progress: Progress | None = None, storage_options: dict | None = None,
-                  metadata: dict[str, str] | None = None, extra_files: Mapping[str, bytes] | None = None,
-                  check_bases: bool = True) -> StreamReport:
+                  allow_base_drift: bool = False, metadata: dict[str, str] | None = None,
+                  extra_files: Mapping[str, bytes] | None = None, check_bases: bool = True,
+                  run: RunOptions | None = None, **run_keywords: Unpack[RunKeywords]) -> StreamReport:
     """Write `base` with every patch applied in order: deltas, LoRA products and sparse deltas add, masks
     multiply, LayerNorm patches replace. Every patch's base fingerprint is checked and every overlap
     resolved before the first tensor is written; patch tensors are read as their base tensor streams by.
-    `check_bases=False` skips the fingerprint checks (for a caller that has just made them)."""
+    `metadata` goes into every shard's header and `extra_files` (name -> content) beside the weights.
+    `check_bases=False` skips the fingerprint checks (for a caller that has just made them). `run` (or its
+    fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs."""
+    run = run_options(run, run_keywords, "apply_patches")
     sources = [p.stored_at if isinstance(p, Patch) else p for p in patches]
-    ensure_output_free(out, force, protected=[base, *(s for s in sources if s is not None)])
+    ensure_output_free(out, run.force, protected=[base, *(s for s in sources if s is not None)])
     if not patches:
         raise PatchError("no patches given")
-    base_ckpt = Checkpoint.open(base, storage_options)
-    loaded = [load_patch(p, storage_options, base=base_ckpt) for p in patches]
+    base_ckpt = Checkpoint.open(base, run.storage_options)
+    loaded = [load_patch(p, run.storage_options, base=base_ckpt) for p in patches]
     for patch in loaded if check_bases else ():
         patch.check_base(base_ckpt, allow_drift=allow_base_drift)
     plan = composition_plan(loaded)
@@ -42,7 +45,6 @@ def apply_patches(patches: Sequence[PatchSource], base: str | os.PathLike, out: 
 
     items = [StreamItem(OutputTensor(name, info.dtype, info.shape), ((base_ckpt, name),))
              for name, info in base_ckpt.tensors.items()]
-    untouched = [name for name in base_ckpt.tensors if name not in plan]
-    return run_stream(items, patched, out, side_files_from=base_ckpt, device=device, shard_size=shard_size,
-                      force=force, progress=progress, description="applying patches", metadata=metadata,
-                      extra_files=extra_files, verbatim=untouched)
+    untouched = frozenset(name for name in base_ckpt.tensors if name not in plan)
+    return run_stream(items, Kernel(patched, passes_through=untouched), out, side_files_from=base_ckpt, run=run,
+                      extras=OutputExtras(metadata, extra_files), description="applying patches")

@@ -11,7 +11,7 @@ from splice.adapters.kinds import KINDS, parse_kind
 from splice.adapters.meta import PatchKind, PatchMeta
 from splice.adapters.patch import Patch
 from splice.errors import PatchError
-from splice.progress import Progress
+from splice.options import RunOptions, run_options, split_run_keywords
 from splice.tensors.checkpoint import Checkpoint, recorded_location
 from splice.tensors.stream import check_same_tensors
 from splice.tensors.writer import ensure_output_free
@@ -58,15 +58,20 @@ class Extraction:
 
 def extraction(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKind | str,
                storage_options: dict | None = None, description: str = "", *, options: Any = None,
-               device: str = "auto", progress: Progress | None = None, **keywords: Any) -> Extraction:
+               run: RunOptions | None = None, **keywords: Any) -> Extraction:
     """`extract_patch`, with the warnings about what the patch leaves out."""
     kind = parse_kind(kind)
+    given, keywords = split_run_keywords(keywords)
+    if storage_options is not None:
+        given["storage_options"] = storage_options
+    run = run_options(run, given, "extract_patch")
     chosen = kind_options(kind, options, keywords)
-    base_ckpt = Checkpoint.open(base, storage_options)
-    tuned_ckpt = Checkpoint.open(tuned, storage_options)
+    base_ckpt = Checkpoint.open(base, run.storage_options)
+    tuned_ckpt = Checkpoint.open(tuned, run.storage_options)
     check_same_tensors([base_ckpt, tuned_ckpt])
-    found = KINDS[kind].extract(base_ckpt, tuned_ckpt, chosen, device, progress)
-    meta = PatchMeta(kind=kind, targets=found.targets, base=fingerprint_base(base_ckpt, found.touched, progress),
+    found = KINDS[kind].extract(base_ckpt, tuned_ckpt, chosen, run.device, run.progress)
+    meta = PatchMeta(kind=kind, targets=found.targets,
+                     base=fingerprint_base(base_ckpt, found.touched, run.progress),
                      lineage=[recorded_location(base), recorded_location(tuned)], description=description,
                      settings=found.settings)
     return Extraction(Patch(found.tensors, meta), found.warnings)
@@ -80,16 +85,18 @@ def extract_patch(base: str | os.PathLike, tuned: str | os.PathLike, kind: Patch
     changed; lora (`options=LoraOptions(...)`): a truncated SVD of each changed matrix's delta (`rank`, or the
     smallest rank keeping `energy` of it); mask (`options=MaskOptions(...)`): the top `density` share of |delta|
     per tensor or over the whole model (`mask_scope`), with the selected values unless `mask_values` is False.
-    The options may also come as those keywords. Further keywords: `device` ("auto", "cpu", "cuda"), `progress`
-    (a `splice.progress.Progress`)."""
+    The options may also come as those keywords. `run` (a `splice.RunOptions`, or its fields as keywords: `device`,
+    `progress`, ...) says how the run runs."""
     return extraction(base, tuned, kind, storage_options, description, **arguments).patch
 
 
 def extract_patch_to(out: str | os.PathLike, base: str | os.PathLike, tuned: str | os.PathLike,
-                     kind: PatchKind | str, *, force: bool = False, **arguments: Any) -> Extraction:
+                     kind: PatchKind | str, *, run: RunOptions | None = None, **arguments: Any) -> Extraction:
     """`extraction(base, tuned, kind, **arguments)` saved as a patch directory at `out`, which is refused
-    (unless `force`) before anything is read."""
-    ensure_output_free(out, force, protected=[base, tuned])
-    extracted = extraction(base, tuned, kind, **arguments)
-    extracted.patch.save(out, force=force)
+    (unless the run's `force`) before anything is read."""
+    given, arguments = split_run_keywords(arguments)
+    run = run_options(run, given, "extract_patch_to")
+    ensure_output_free(out, run.force, protected=[base, tuned])
+    extracted = extraction(base, tuned, kind, run=run, **arguments)
+    extracted.patch.save(out, force=run.force)
     return extracted

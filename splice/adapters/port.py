@@ -14,10 +14,11 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from typing_extensions import Unpack
 
 from splice.adapters.apply import apply_patches
 from splice.adapters.compose import patch_steps
@@ -35,16 +36,17 @@ from splice.adapters.fingerprint import (
 )
 from splice.adapters.kinds import KINDS
 from splice.adapters.kinds.spec import MappedTensors
-from splice.adapters.meta import BaseFingerprint, PatchKind, PatchMeta
+from splice.adapters.meta import BaseFingerprint, PatchKind, PatchMeta, TensorFingerprint
 from splice.adapters.patch import Patch
 from splice.adapters.sources import PatchSource, load_patch
 from splice.adapters.steps import Effect, Step
 from splice.errors import PatchError
-from splice.progress import NoProgress, Progress
+from splice.options import RunKeywords, RunOptions, run_options
+from splice.progress import Progress
 from splice.tensors.checkpoint import Checkpoint, recorded_location
 from splice.tensors.device import resolve_device
 from splice.tensors.stream import StreamReport, all_finite, read_ahead
-from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
+from splice.tensors.writer import ensure_output_free
 
 
 @dataclass
@@ -59,19 +61,29 @@ class Ported:
 
 def port_patch(patch: PatchSource, to: str | os.PathLike, *, out: str | os.PathLike | None = None,
                as_patch: str | os.PathLike | None = None, old_base: str | os.PathLike | None = None,
-               scale: float = 1.0, source: str | None = None, device: str = "auto",
-               shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
-               storage_options: dict | None = None) -> Ported:
+               scale: float = 1.0, source: str | None = None, run: RunOptions | None = None,
+               **run_keywords: Unpack[RunKeywords]) -> Ported:
     """Port `patch` onto the evolved base `to`: measure the drift, build the ported patch, and write the ported
     model to `out` and/or the ported patch to `as_patch` (each with the report's JSON and PNG inside).
     `old_base`: the base the patch was made on, verified against its fingerprint; it is needed for patches that
     replace tensors whole, and gives the drift report the base's change itself (else only norms are known).
-    `source` names the patch in the lineage (default: where it was read from)."""
-    check_port_outputs(patch, to, old_base, out, as_patch, force)
-    ported = prepare_port(patch, to, old_base=old_base, scale=scale, source=source, device=device,
-                          progress=progress, storage_options=storage_options)
-    return write_ported(ported, to, out=out, as_patch=as_patch, device=device, shard_size=shard_size, force=force,
-                        progress=progress, storage_options=storage_options)
+    `source` names the patch in the lineage (default: where it was read from). `run` (or its fields as keywords:
+    device, shard_size, force, progress, storage_options, ...) says how the run runs."""
+    run = run_options(run, run_keywords, "port_patch")
+    check_port_outputs(patch, to, old_base, out, as_patch, run.force)
+    ported = prepare_port(patch, to, old_base=old_base, scale=scale, source=source, run=run)
+    return write_ported(ported, to, out=out, as_patch=as_patch, run=run)
+
+
+def patch_location(patch: PatchSource) -> str | os.PathLike | None:
+    """Where a patch was read from (None: made in memory)."""
+    return patch.stored_at if isinstance(patch, Patch) else patch
+
+
+def patch_label(patch: PatchSource) -> str:
+    """How a lineage names a patch: where it was read from, as records keep locations."""
+    location = patch_location(patch)
+    return recorded_location(location) if location is not None else "a patch in memory"
 
 
 def check_port_outputs(patch: PatchSource, to: str | os.PathLike, old_base: str | os.PathLike | None,
@@ -79,8 +91,7 @@ def check_port_outputs(patch: PatchSource, to: str | os.PathLike, old_base: str 
                        also_protected: Sequence[str | os.PathLike] = ()) -> None:
     """Before any work: each output is free (or `force`) and is none of the inputs (nor `also_protected`, e.g. the
     registry the patch came from), and they are not the same directory."""
-    stored = patch.stored_at if isinstance(patch, Patch) else patch
-    protected = [p for p in (to, old_base, stored, *also_protected) if p is not None]
+    protected = [p for p in (to, old_base, patch_location(patch), *also_protected) if p is not None]
     for target, name in ((out, "out"), (as_patch, "as_patch")):
         if target is not None:
             ensure_output_free(target, force, protected=protected, what="a base or the patch", parameter_name=name)
@@ -89,12 +100,12 @@ def check_port_outputs(patch: PatchSource, to: str | os.PathLike, old_base: str 
 
 
 def prepare_port(patch: PatchSource, to: str | os.PathLike, *, old_base: str | os.PathLike | None = None,
-                 scale: float = 1.0, source: str | None = None, device: str = "auto",
-                 progress: Progress | None = None, storage_options: dict | None = None) -> Ported:
+                 scale: float = 1.0, source: str | None = None, run: RunOptions | None = None) -> Ported:
     """The ported patch and its drift report, nothing written: every refusal (another architecture, a missing
     or reshaped tensor, a wrong old base, a bare mask) happens here."""
     scale = _checked_scale(scale)
-    progress = progress or NoProgress()
+    run = run or RunOptions()
+    device, progress, storage_options = run.device, run.reporter, run.storage_options
     new = Checkpoint.open(to, storage_options)
     old = Checkpoint.open(old_base, storage_options) if old_base is not None else None
     loaded = load_patch(patch, storage_options, base=new)
@@ -105,27 +116,24 @@ def prepare_port(patch: PatchSource, to: str | os.PathLike, *, old_base: str | o
                      loaded.meta.kind.value, None)
     measured = _measure(loaded, steps, new, old, scale, device, progress)
     fingerprint = _new_fingerprint(new, measured, progress)
-    label = source or recorded_location(patch.stored_at if isinstance(patch, Patch) else patch)
+    label = source or patch_label(patch)
     drift = _report(loaded, measured, label, new, fingerprint.digest, old, scale)
     return Ported(_ported_patch(loaded, measured, drift, fingerprint, scale), drift)
 
 
 def write_ported(ported: Ported, to: str | os.PathLike, *, out: str | os.PathLike | None = None,
-                 as_patch: str | os.PathLike | None = None, device: str = "auto",
-                 shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
-                 storage_options: dict | None = None) -> Ported:
+                 as_patch: str | os.PathLike | None = None, run: RunOptions | None = None) -> Ported:
     """Write the new base with the ported patch applied (`out`) and/or the ported patch (`as_patch`), each
     published atomically with the drift report's port_report.json and port_report.png inside. The report is
     drawn first: drawn on a thread beside the stream, it slowed the stream 3x (both want the GIL)."""
     if out is None and as_patch is None:
         return ported
+    run = run or RunOptions()
     files = ported.drift.files()
     if out is not None:
-        ported.stream = apply_patches([ported.patch], to, out, check_bases=False, device=device,
-                                      shard_size=shard_size, force=force, progress=progress,
-                                      storage_options=storage_options, extra_files=files)
+        ported.stream = apply_patches([ported.patch], to, out, check_bases=False, extra_files=files, run=run)
     if as_patch is not None:
-        ported.written = ported.patch.save(as_patch, force=force, extra_files=files)
+        ported.written = ported.patch.save(as_patch, force=run.force, extra_files=files)
     return ported
 
 
@@ -187,6 +195,8 @@ def _update(step: Step, old_value: torch.Tensor | None, shape: tuple[int, ...], 
     """The change a step makes on its own base, in fp32."""
     if step.effect is Effect.add:
         return step.compute(torch.zeros(shape, dtype=torch.float32, device=device))
+    if old_value is None:  # `_refuse_unportable` refuses this before anything is read
+        raise PatchError("a patch that replaces tensors whole is ported only with the base it was made on (`old_base`)")
     return step.compute(old_value.clone()) - old_value
 
 
@@ -200,26 +210,40 @@ def _measure(patch: Patch, steps: dict[str, Step], new: Checkpoint, old: Checkpo
     reads = [((new, name, None),) + (((old, name, None),) if old is not None else ()) for name in names]
     sizes = [new.tensors[n].nbytes + (old.tensors[n].nbytes if old is not None else 0) for n in names]
     progress.start("measuring the base's drift", len(names), sum(sizes))
-    result = _Measured([], [], {})
     try:
         compute = resolve_device(device)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="splice-port-hash") as hashing:
+            measuring = _DriftPass(patch, new, old, scale, compute, hashing, recorded)
             for position, tensors in read_ahead(reads, depth=2):
                 name = names[position]
-                _measure_one(patch, name, steps[name], tensors, recorded.get(name), new, old, scale, compute,
-                             hashing, result)
+                _measure_one(measuring, name, steps[name], tensors)
                 progress.advance(1, sizes[position])
     finally:
         progress.finish()
-    return result
+    return measuring.result
 
 
-def _measure_one(patch: Patch, name: str, step: Step, tensors: list[torch.Tensor], recorded, new: Checkpoint,
-                 old: Checkpoint | None, scale: float, compute: torch.device, hashing: ThreadPoolExecutor,
-                 result: _Measured) -> None:
+@dataclass
+class _DriftPass:
+    """What each patched tensor of the measuring pass is measured against, and what the pass has found."""
+
+    patch: Patch
+    new: Checkpoint
+    old: Checkpoint | None
+    scale: float
+    compute: torch.device
+    hashing: ThreadPoolExecutor
+    recorded: dict[str, TensorFingerprint]  # the patch's fingerprint of its own base, by tensor name
+    result: _Measured = field(default_factory=lambda: _Measured([], [], {}))
+
+
+def _measure_one(measuring: _DriftPass, name: str, step: Step, tensors: list[torch.Tensor]) -> None:
+    patch, new, old, scale, compute, hashing, result = (measuring.patch, measuring.new, measuring.old, measuring.scale,
+                                                        measuring.compute, measuring.hashing, measuring.result)
+    recorded = measuring.recorded.get(name)
     stored_new, stored_old = tensors[0], tensors[1] if old is not None else None
     for base, stored in ((new, stored_new), (old, stored_old)):
-        if stored is not None and stored.is_floating_point() and not all_finite(stored):
+        if base is not None and stored is not None and stored.is_floating_point() and not all_finite(stored):
             raise PatchError(f"{base.location} holds NaN/Inf in {name}, a tensor the patch changes: the port would "
                              f"write them; repair that base (or port onto another) first")
     new_hash = hashing.submit(tensor_sha256, stored_new)
@@ -227,18 +251,18 @@ def _measure_one(patch: Patch, name: str, step: Step, tensors: list[torch.Tensor
     value_new = stored_new.to(device=compute, dtype=torch.float32)
     value_old = None if stored_old is None else stored_old.to(device=compute, dtype=torch.float32)
     update = _update(step, value_old, step.shape, compute)
-    if old_hash is not None and old_hash.result() != recorded.sha256:
+    if old_hash is not None and old is not None and recorded is not None and old_hash.result() != recorded.sha256:
         raise PatchError(f"{old.location} (`old_base`) is not the base this patch was made on: {name} differs; "
                          f"give the base it was made on")
     entry = fingerprint_tensor(name, stored_new, new.tensors[name].dtype, sha256=new_hash.result())
     result.fingerprints.append(entry)
     result.drifts.append(_tensor_drift(name, entry, recorded, value_new, value_old, update))
-    if step.effect is Effect.replace:
+    if step.effect is Effect.replace and value_old is not None:  # (a replacement without the old base: refused)
         result.replaced[name] = _replaced_value(patch, name, value_new, value_old, scale, stored_new.dtype)
 
 
-def _tensor_drift(name: str, entry, recorded, new: torch.Tensor, old: torch.Tensor | None, update: torch.Tensor
-                  ) -> TensorDrift:
+def _tensor_drift(name: str, entry: TensorFingerprint, recorded: TensorFingerprint | None, new: torch.Tensor,
+                  old: torch.Tensor | None, update: torch.Tensor) -> TensorDrift:
     """The figures of one tensor, reduced in fp64 from fp32 tensors. ||W|| comes from the patch's fingerprint
     where the old base's bytes were just checked against it."""
     update_norm = l2_norm(update)

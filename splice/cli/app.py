@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Annotated
 
 import typer
 from typer._click.exceptions import ClickException, UsageError
+from typer.core import TyperGroup
 
 from splice.cli import render
 from splice.cli.continual import continual_app
@@ -18,16 +18,13 @@ from splice.cli.flags import with_flags
 from splice.cli.fuse import fuse_command
 from splice.cli.options import (
     INTERRUPTED,
-    Device,
     Dtype,
-    Force,
     Json,
     Out,
-    Quiet,
-    ShardSize,
+    Shared,
     StorageOptions,
-    Verbose,
     parse_storage_options,
+    shared_options,
 )
 from splice.cli.patch import patch_app
 from splice.cli.port import port_command
@@ -60,11 +57,6 @@ app.command("deploy")(deploy_command)
 app.command("fuse")(fuse_command)
 app.command("port")(port_command)
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
-    logging.getLogger("splice").setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
 @app.command()
 def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec URL.")],
             storage_options: StorageOptions = None, as_json: Json = False) -> None:
@@ -90,6 +82,7 @@ def _parse_weights(text: str | None) -> list[float] | None:
 
 
 @app.command()
+@shared_options(verbose=True, placed={"dtype": "device"})
 def soup(
     models: Annotated[list[str], typer.Argument(help="Model directories or fsspec URLs.")],
     out: Out,
@@ -98,24 +91,17 @@ def soup(
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy soup (needs --eval).")] = False,
     eval_fn: Annotated[str | None, typer.Option("--eval", help="MODULE:FUNCTION scoring a state dict.")] = None,
     strict: Annotated[bool, typer.Option(help="Greedy: keep an ingredient only if the score rises.")] = False,
-    device: Device = "auto",
     dtype: Dtype = None,
-    shard_size: ShardSize = "2GB",
-    storage_options: StorageOptions = None,
-    force: Force = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-    as_json: Json = False,
+    *,
+    shared: Shared,
 ) -> None:
     """Uniform, weighted or greedy model soup, streamed tensor by tensor."""
     from splice.merge.soup import GreedySoupReport, soup_or_greedy
-    from splice.tensors.writer import parse_size
 
-    setup_logging(verbose)
+    quiet = shared.quiet
     report = soup_or_greedy(models, out, weights=_parse_weights(weights), greedy=greedy, evaluate=eval_fn,
-                            strict=strict, device=device, dtype=dtype, shard_size=parse_size(shard_size), force=force,
-                            progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
-    if as_json:
+                            strict=strict, dtype=dtype, run=shared.run)
+    if shared.as_json:
         render.print_json(report)
         return
     if isinstance(report, GreedySoupReport):
@@ -128,30 +114,22 @@ def soup(
 
 
 @app.command()
+@shared_options(verbose=True, placed={"seed": "shard_size"})
 def merge(
     recipe: Annotated[Path, typer.Argument(help="splice recipe or mergekit config (YAML).")],
     out: Out,
-    device: Device = "auto",
-    shard_size: ShardSize = "2GB",
     seed: Annotated[int | None, typer.Option(help="Seed for random methods (dare_ties, della, ...).")] = None,
-    storage_options: StorageOptions = None,
-    force: Force = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-    as_json: Json = False,
+    *,
+    shared: Shared,
 ) -> None:
     """Merge by a YAML recipe (task_arithmetic, ties, dare_ties, slerp, ... ; mergekit configs work as they are)."""
     import splice
-    from splice.tensors.writer import parse_size
 
-    setup_logging(verbose)
-    report = splice.merge(recipe, out, device=device, shard_size=parse_size(shard_size), force=force,
-                          progress=render.RichProgress(quiet), seed=seed,
-                          storage_options=parse_storage_options(storage_options))
-    if as_json:
+    report = splice.merge(recipe, out, seed=seed, run=shared.run)
+    if shared.as_json:
         render.print_json(report)
         return
-    render.show(render.stream_report_table(f"merge ({recipe})", report), quiet)
+    render.show(render.stream_report_table(f"merge ({recipe})", report), shared.quiet)
 
 
 @app.command()
@@ -167,10 +145,10 @@ def demo(
 def _usage_error_line(exc: UsageError) -> str:
     """click's message (with its "did you mean"), and where the command's help is, on one line."""
     message = " ".join(exc.format_message().split())
-    group = exc.ctx.command if exc.ctx is not None else None
-    if message == "Missing command." and hasattr(group, "list_commands"):
-        message = f"missing command: give one of {', '.join(group.list_commands(exc.ctx))}"
-    where = exc.ctx.command_path if exc.ctx is not None else "splice"
+    context = exc.ctx
+    if message == "Missing command." and context is not None and isinstance(context.command, TyperGroup):
+        message = f"missing command: give one of {', '.join(context.command.list_commands(context))}"
+    where = context.command_path if context is not None else "splice"
     return f"{message} (see '{where} --help')"
 
 

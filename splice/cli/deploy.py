@@ -7,20 +7,10 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import (
-    Device,
-    Force,
-    Json,
-    OldBase,
-    Out,
-    Quiet,
-    RegistryURL,
-    ShardSize,
-    StorageOptions,
-    parse_storage_options,
-)
+from splice.cli.options import OldBase, Out, RegistryURL, Shared, shared_options
 
 
+@shared_options()
 def deploy_command(
     refs: Annotated[list[str], typer.Argument(help="Registry refs (name, name@3, name@prod, name@sha256:...), "
                                                     "applied in order.")],
@@ -32,25 +22,18 @@ def deploy_command(
     port: Annotated[bool, typer.Option("--port", help="Port each patch onto the base first (PortLLM), with a "
                                                       "drift report beside the output.")] = False,
     old_base: OldBase = None,
-    device: Device = "auto",
-    shard_size: ShardSize = "2GB",
-    storage_options: StorageOptions = None,
-    force: Force = False,
-    quiet: Quiet = False,
-    as_json: Json = False,
+    *,
+    shared: Shared,
 ) -> None:
     """Resolve patch refs in the registry, check them against the base, apply them streamed, and record
     which versions the deployed model carries (in its weights' metadata and deployment.json)."""
-    from splice.tensors.writer import parse_size
     from splice.workflows.deploy import deploy
 
     record, report = deploy(refs, base, out, registry=registry, allow_base_drift=allow_base_drift, port=port,
-                            old_base=old_base, device=device,
-                            shard_size=parse_size(shard_size), force=force, progress=render.RichProgress(quiet),
-                            storage_options=parse_storage_options(storage_options))
+                            old_base=old_base, run=shared.run)
     render.warn(record.warnings)
-    if as_json:
+    if shared.as_json:
         render.print_json({"deployment": record, "stream": report})
-    elif not quiet:
+    elif not shared.quiet:
         render.console.print(render.deployment_table(f"deployed onto {base} -> {out}", record))
         render.console.print(render.stream_report_table("deployed model", report))

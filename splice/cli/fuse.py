@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from splice.cli import render
-from splice.cli.options import Device, Force, Json, Out, Quiet, ShardSize, StorageOptions, parse_storage_options
+from splice.cli.options import Out, Shared, shared_options
+
+if TYPE_CHECKING:
+    from splice.merge.fusion import FusionReport
 
 LAYER_COLUMNS = ["model", "layer", "maps", "mean transport cost", "min permutation closeness", "cross-head mass",
                  "head-split mass"]
@@ -17,12 +20,13 @@ def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def layer_rows(report) -> list[list[object]]:
+def layer_rows(report: FusionReport) -> list[list[object]]:
     return [[report.models[layer.model], layer.layer, layer.maps, _number(layer.cost),
              _number(layer.permutation_closeness), _number(layer.cross_head_mass), _number(layer.head_split_mass)]
             for layer in report.layers]
 
 
+@shared_options()
 def fuse_command(
     models: Annotated[list[str], typer.Argument(help="Two or more model directories or fsspec URLs of one "
                                                      "architecture and depth (widths may differ).")],
@@ -48,31 +52,24 @@ def fuse_command(
         help="mixed: neurons may move between attention heads (the paper); whole: heads are matched as units "
              "(beyond the paper; with --residual stream --qk shared --solver emd the aligned model keeps its "
              "function exactly).")] = "mixed",
-    device: Device = "auto",
-    shard_size: ShardSize = "2GB",
-    storage_options: StorageOptions = None,
-    force: Force = False,
-    quiet: Quiet = False,
-    as_json: Json = False,
+    *,
+    shared: Shared,
 ) -> None:
     """Fuse transformers with optimal transport (Imfeld et al., ICLR 2024) into the anchor's shape; the
     per-layer report is printed and saved as fusion_report.json beside the model."""
     import splice
     from splice.merge.fusion import FusionOptions
-    from splice.tensors.writer import parse_size
 
     options = FusionOptions(data=data, align=align, solver=solver, reg=reg, anchor=anchor, samples=samples,
-                            tokens=tokens, residual=residual, qk=qk, heads=heads, device=device,
-                            shard_size=parse_size(shard_size), force=force)
-    report = splice.fuse(models, out, options, progress=render.RichProgress(quiet),
-                         storage_options=parse_storage_options(storage_options))
-    if as_json:
+                            tokens=tokens, residual=residual, qk=qk, heads=heads)
+    report = splice.fuse(models, out, options, run=shared.run)
+    if shared.as_json:
         render.print_json(report)
-    elif not quiet:
+    elif not shared.quiet:
         _print_report(report)
 
 
-def _print_report(report) -> None:
+def _print_report(report: FusionReport) -> None:
     from splice.merge.fusion import REPORT_FILE
 
     method = f"{report.align}, {report.solver}" + (f" reg {report.reg:g}" if report.reg is not None else "")

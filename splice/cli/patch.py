@@ -8,12 +8,13 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Device, Force, Json, Out, Quiet, StorageOptions, parse_storage_options
+from splice.cli.options import Force, Out, Quiet, Shared, StorageOptions, parse_storage_options, shared_options
 
 patch_app = typer.Typer(help="Extract patches from fine-tunes and apply them to base models.")
 
 
 @patch_app.command("extract")
+@shared_options(shard_size=False)
 def extract(
     base: Annotated[str, typer.Option("--base", help="The model the fine-tune started from.")],
     tuned: Annotated[str, typer.Option("--tuned", help="The fine-tuned model.")],
@@ -34,28 +35,23 @@ def extract(
         "--include", metavar="PATTERN", help="layernorm: also carry the changed tensors this glob names (repeatable; "
                                              "the changed classification head is carried without it).")] = None,
     description: Annotated[str, typer.Option(help="Free text stored in patch.json.")] = "",
-    device: Device = "auto",
-    storage_options: StorageOptions = None,
-    force: Force = False,
-    quiet: Quiet = False,
-    as_json: Json = False,
+    *,
+    shared: Shared,
 ) -> None:
     """Extract a patch from a fine-tune: its LayerNorm parameters, a low-rank (LoRA) or sparse (mask)
     approximation of its delta, or the whole delta."""
     from splice.adapters.extract import extract_patch_to
 
-    extracted = extract_patch_to(out, base, tuned, kind, force=force, description=description, rank=rank,
-                                 energy=energy, rslora=rslora, density=density, mask_scope=mask_scope,
-                                 mask_values=mask_values, include=tuple(include or ()), device=device,
-                                 progress=render.RichProgress(quiet),
-                                 storage_options=parse_storage_options(storage_options))
+    extracted = extract_patch_to(out, base, tuned, kind, description=description, rank=rank, energy=energy,
+                                 rslora=rslora, density=density, mask_scope=mask_scope, mask_values=mask_values,
+                                 include=tuple(include or ()), run=shared.run)
     for warning in extracted.warnings:
         render.error_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
     patch, size = extracted.patch, extracted.patch.size
     bits = ["mask bits"] if size.mask_bits else []
-    if as_json:
+    if shared.as_json:
         render.print_json({"out": out, **render.jsonable(extracted)})
-    elif not quiet:
+    elif not shared.quiet:
         render.console.print(render.table(f"{patch.meta.kind.value} patch -> {out}",
                                           ["tensors", "parameters", *bits, "targets", "base fingerprint"],
                                           [[len(patch.tensors), f"{size.values:,}",
@@ -64,27 +60,24 @@ def extract(
 
 
 @patch_app.command("apply")
+@shared_options(shard_size=False)
 def apply(
     patches: Annotated[list[str], typer.Argument(help="Patch directories, applied in order.")],
     base: Annotated[str, typer.Option("--base", help="The base model to patch.")],
     out: Out,
     allow_base_drift: Annotated[bool, typer.Option("--allow-base-drift",
                                                    help="Apply even if the base differs from the patch's.")] = False,
-    device: Device = "auto",
-    storage_options: StorageOptions = None,
-    force: Force = False,
-    quiet: Quiet = False,
-    as_json: Json = False,
+    *,
+    shared: Shared,
 ) -> None:
     """Apply patches (splice patch or PEFT adapter directories) to a base model, streamed; deltas, LoRA and
     sparse deltas add, masks multiply, LayerNorm patches replace."""
     from splice.adapters.apply import apply_patches
 
-    report = apply_patches(patches, base, out, allow_base_drift=allow_base_drift, device=device, force=force,
-                           progress=render.RichProgress(quiet), storage_options=parse_storage_options(storage_options))
-    if as_json:
+    report = apply_patches(patches, base, out, allow_base_drift=allow_base_drift, run=shared.run)
+    if shared.as_json:
         render.print_json(report)
-    elif not quiet:
+    elif not shared.quiet:
         render.console.print(render.stream_report_table("patched model", report))
 
 

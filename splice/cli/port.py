@@ -8,19 +8,10 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import (
-    Device,
-    Force,
-    Json,
-    OldBase,
-    Quiet,
-    RegistryURL,
-    ShardSize,
-    StorageOptions,
-    parse_storage_options,
-)
+from splice.cli.options import OldBase, RegistryURL, Shared, shared_options
 
 
+@shared_options()
 def port_command(
     patch: Annotated[str, typer.Argument(help="A patch directory, a PEFT adapter directory, or a registry ref "
                                               "(name, name@3, name@prod).")],
@@ -42,28 +33,21 @@ def port_command(
     report: Annotated[Path | None, typer.Option("--report", help="Also write port_report.json and .png into "
                                                                  "this directory (--force replaces them).")] = None,
     registry: RegistryURL = None,
-    device: Device = "auto",
-    shard_size: ShardSize = "2GB",
-    storage_options: StorageOptions = None,
-    force: Force = False,
-    quiet: Quiet = False,
-    as_json: Json = False,
+    *,
+    shared: Shared,
 ) -> None:
     """Port a patch made on an old base onto an evolved base, training-free (PortLLM): the patch's update is
     added to the new base's tensors. A drift report (table, port_report.json and .png beside the output) says
     how far the base moved where the patch acts, before anything is written."""
-    from splice.tensors.writer import parse_size
     from splice.workflows.port import port
 
     outcome = port(patch, to, out, as_patch=as_patch, push=push, alias=alias, message=message, old_base=old_base,
-                   scale=scale, registry=registry, evaluate=evaluate, report_dir=report, device=device,
-                   shard_size=parse_size(shard_size), force=force, progress=render.RichProgress(quiet),
-                   storage_options=parse_storage_options(storage_options))
+                   scale=scale, registry=registry, evaluate=evaluate, report_dir=report, run=shared.run)
     render.warn(outcome.warnings)
-    if as_json:
+    if shared.as_json:
         render.print_json(outcome)
         return
-    if quiet:
+    if shared.quiet:
         return
     for table in render.drift_tables(outcome.drift):
         render.console.print(table)

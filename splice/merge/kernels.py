@@ -14,7 +14,7 @@ import torch
 
 from splice.errors import SpliceError, first_line
 from splice.sparsify import top_magnitude_mask
-from splice.tensors.stream import Kernel, elementwise
+from splice.tensors.stream import Kernel
 
 TensorParameters = Callable[[str], dict[str, Any]]
 """Tensor name -> resolved method parameters (shared values, and per-input values keyed by input index)."""
@@ -27,14 +27,13 @@ def weighted_average(weights: Sequence[float]) -> Kernel:
         raise SpliceError(f"weights {list(weights)} sum to zero; a weighted average needs a non-zero sum")
     coefficients = [float(w) / total for w in weights]
 
-    @elementwise
-    def kernel(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def average(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         merged = tensors[0] * coefficients[0]
         for tensor, coefficient in zip(tensors[1:], coefficients[1:]):
             merged += tensor * coefficient
         return merged
 
-    return kernel
+    return Kernel(average, elementwise=True)
 
 
 
@@ -43,12 +42,14 @@ def _trim_in_place(delta: torch.Tensor, density: float, rescale: bool, eps: floa
     keep = top_magnitude_mask(delta, density)
     if keep is None:
         return
-    before = delta.abs().sum() if rescale else None
+    if not rescale:
+        delta.mul_(keep)
+        return
+    before = delta.abs().sum()
     delta.mul_(keep)
-    if rescale:
-        after = delta.abs().sum()
-        if before >= eps and after >= eps:
-            delta.mul_(before / after)
+    after = delta.abs().sum()
+    if before >= eps and after >= eps:
+        delta.mul_(before / after)
 
 
 def _task_arithmetic_family(name: str, tensors: list[torch.Tensor], params: Mapping[str, Any], base_index: int,
@@ -68,7 +69,7 @@ def _task_arithmetic_family(name: str, tensors: list[torch.Tensor], params: Mapp
         delta.mul_(weight)
         deltas.append(delta)
     if sign_consensus:
-        positive = sum(deltas) >= 0  # the elected sign: that of the summed weighted deltas
+        positive = sum(deltas[1:], deltas[0]) >= 0  # the elected sign: that of the summed weighted deltas
         merged = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for delta, weight in zip(deltas, weights):
@@ -118,7 +119,7 @@ def method_kernel(method: str, parameters_for: TensorParameters, base_index: int
         def own(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
             return implementation(name, tensors, parameters_for(name), base_index)
 
-        return elementwise(own) if method in ELEMENTWISE_METHODS else own
+        return Kernel(own, elementwise=method in ELEMENTWISE_METHODS)
 
     from mergekit.merge_methods.api import merge_tensors
 
@@ -133,4 +134,4 @@ def method_kernel(method: str, parameters_for: TensorParameters, base_index: int
         except Exception as exc:  # mergekit raises many types; the user needs the method and the tensor
             raise SpliceError(f"{method} failed on tensor {name}: {first_line(exc)}") from exc
 
-    return through_mergekit
+    return Kernel(through_mergekit)

@@ -12,7 +12,7 @@ from splice.errors import RecipeError
 
 
 @cache
-def mergekit_method(name: str):
+def mergekit_method(name: str) -> Any:
     from mergekit import merge_methods
 
     try:

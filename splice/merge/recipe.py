@@ -26,15 +26,16 @@ from typing import Annotated, Any
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from typing_extensions import Unpack
 
 from splice.arch.layers import layer_positions
 from splice.errors import RecipeError
 from splice.merge.kernels import method_kernel
-from splice.merge.methods import BasePolicy, ParameterScope, check_ranges, coerce_parameter, method_rules
-from splice.progress import Progress
+from splice.merge.methods import BasePolicy, ParameterRule, ParameterScope, check_ranges, coerce_parameter, method_rules
+from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.device import parse_dtype
-from splice.tensors.stream import CHUNK_BYTES, StreamReport, open_all, plan_same_name, run_stream
-from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
+from splice.tensors.stream import OutputExtras, StreamReport, open_all, plan_same_name, run_stream
+from splice.tensors.writer import ensure_output_free
 from splice.values import Bounded, one_line, read_yaml, unknown_key
 
 Scalar = bool | int | float | str
@@ -218,7 +219,7 @@ class ParameterResolver:
         self.position = layer_positions(tensor_names)
         self.per_model = {m.model: m.parameters for m in recipe.models}
 
-    def _value(self, rule, tensor_name: str, t: float, model: str | None) -> Any:
+    def _value(self, rule: ParameterRule, tensor_name: str, t: float, model: str | None) -> Any:
         for source in ((self.per_model.get(model, {}) if model else {}), self.recipe.parameters):
             if rule.name in source:
                 value = evaluate_setting(source[rule.name], tensor_name, t)
@@ -244,21 +245,21 @@ class ParameterResolver:
         return resolved
 
 
-def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, device: str = "auto",
-          shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
-          storage_options: dict | None = None, read_ahead: int = 2, prefer_own_kernels: bool = True,
-          seed: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> StreamReport:
+def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, prefer_own_kernels: bool = True,
+          seed: int | None = None, run: RunOptions | None = None, **run_keywords: Unpack[RunKeywords]) -> StreamReport:
     """Run a recipe (a Recipe, or the path of a YAML file) and write the merged model to `out`.
 
-    `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della).
+    `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della). `run` (or its
+    fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
     """
+    run = run_options(run, run_keywords, "merge")
     recipe_file = [] if isinstance(recipe, Recipe) else [recipe]
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     locations, base_index = recipe.inputs()
-    ensure_output_free(out, force, protected=[*locations, *recipe_file])
+    ensure_output_free(out, run.force, protected=[*locations, *recipe_file])
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
-    checkpoints = open_all(locations, storage_options)
+    checkpoints = open_all(locations, run.storage_options)
     plan = plan_same_name(checkpoints, out_dtype)
     resolver = ParameterResolver(recipe, [item.output.name for item in plan])
     for item in plan:  # every tensor's parameters resolve, and are checked, before any tensor is read
@@ -267,8 +268,6 @@ def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, device:
     side_source = checkpoints[locations.index(recipe.side_files_source())]
     if seed is not None:
         torch.manual_seed(seed)
-    return run_stream(plan, kernel, out, side_files_from=side_source, device=device, shard_size=shard_size,
-                      chunk_bytes=chunk_bytes,
-                      force=force, progress=progress, out_dtype=out_dtype,
-                      metadata={"splice_merge_method": recipe.merge_method},
+    return run_stream(plan, kernel, out, side_files_from=side_source, run=run, out_dtype=out_dtype,
+                      extras=OutputExtras(metadata={"splice_merge_method": recipe.merge_method}),
                       description=f"{recipe.merge_method} merge")

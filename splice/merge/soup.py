@@ -8,16 +8,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from typing_extensions import Unpack
 
 from splice.errors import SpliceError
 from splice.hooks import Scorer, hook_name, load_callable, score_state
 from splice.merge.kernels import weighted_average
-from splice.progress import NoProgress, Progress
+from splice.options import RunKeywords, RunOptions, run_options
+from splice.progress import Progress
+from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import parse_dtype, resolve_device
 from splice.tensors.stream import (
-    CHUNK_BYTES,
+    OutputExtras,
     StreamReport,
     check_same_tensors,
     open_all,
@@ -28,7 +32,6 @@ from splice.tensors.stream import (
     run_stream,
 )
 from splice.tensors.writer import (
-    DEFAULT_SHARD_SIZE,
     copy_side_files,
     ensure_output_free,
     staged_output,
@@ -50,24 +53,24 @@ def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
 
 
 def soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, weights: Sequence[float] | None = None,
-         device: str = "auto", dtype: str | torch.dtype | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-         force: bool = False, progress: Progress | None = None, storage_options: dict | None = None,
-         read_ahead_depth: int = 2, chunk_bytes: int = CHUNK_BYTES) -> StreamReport:
+         dtype: str | torch.dtype | None = None, run: RunOptions | None = None,
+         **run_keywords: Unpack[RunKeywords]) -> StreamReport:
     """Uniform (no weights) or weighted soup: sum_i w_i theta_i / sum_i w_i, streamed tensor by tensor.
 
-    Tensors larger than `chunk_bytes` are merged in blocks of rows, so memory stays flat.
+    `run` (or its fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the
+    run runs. Tensors larger than its `chunk_bytes` are merged in blocks of rows, so memory stays flat.
     """
+    run = run_options(run, run_keywords, "soup")
     weights = check_weights(weights, len(models))
     kernel = weighted_average(weights)
     out_dtype = parse_dtype(dtype)
-    ensure_output_free(out, force, protected=models)
-    checkpoints = open_all([str(m) for m in models], storage_options)
+    ensure_output_free(out, run.force, protected=models)
+    checkpoints = open_all([str(m) for m in models], run.storage_options)
     plan = plan_same_name(checkpoints, out_dtype)
     kind = "uniform" if len(set(weights)) == 1 else "weighted"
-    return run_stream(plan, kernel, out, side_files_from=checkpoints[0], device=device,
-                      shard_size=shard_size, force=force, progress=progress, out_dtype=out_dtype,
-                      read_ahead_depth=read_ahead_depth, chunk_bytes=chunk_bytes,
-                      metadata={"splice_merge_method": f"{kind} soup"}, description=f"{kind} soup")
+    return run_stream(plan, kernel, out, side_files_from=checkpoints[0], run=run, out_dtype=out_dtype,
+                      extras=OutputExtras(metadata={"splice_merge_method": f"{kind} soup"}),
+                      description=f"{kind} soup")
 
 
 @dataclass
@@ -98,24 +101,25 @@ class GreedySoupReport:
 
 
 def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, evaluate: Scorer | str, *,
-                strict: bool = False, device: str = "auto", dtype: str | torch.dtype | None = None,
-                shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: Progress | None = None,
-                storage_options: dict | None = None) -> GreedySoupReport:
+                strict: bool = False, dtype: str | torch.dtype | None = None, run: RunOptions | None = None,
+                **run_keywords: Unpack[RunKeywords]) -> GreedySoupReport:
     """Greedy soup: ingredients sorted by held-out score; each is kept only if the soup's score does not
     drop (`strict=True`: only if it rises, as the authors' code does).
 
     Memory holds the running soup and the candidate; each ingredient is read tensor by tensor.
     `evaluate(state_dict)` or `evaluate(state_dict, model_dir)` returns the held-out score.
+    `run` (or its fields as keywords) as for `soup`.
     """
     started = time.perf_counter()
+    run = run_options(run, run_keywords, "greedy_soup")
     scorer = load_callable(evaluate) if isinstance(evaluate, str) else evaluate
     hook = hook_name(evaluate)
-    ensure_output_free(out, force, protected=models)
+    ensure_output_free(out, run.force, protected=models)
     out_dtype = parse_dtype(dtype)
-    torch_device = resolve_device(device)
-    progress = progress or NoProgress()
+    torch_device = resolve_device(run.device)
+    progress = run.reporter
     locations = [str(m) for m in models]
-    checkpoints = open_all(locations, storage_options)
+    checkpoints = open_all(locations, run.storage_options)
     check_same_tensors(checkpoints)
     # every ingredient is read once to be scored and once more to join (or not) the soup
     progress.start("greedy soup", 2 * len(checkpoints) - 1, 2 * sum(c.total_bytes for c in checkpoints),
@@ -127,7 +131,7 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
     steps, soup_state, best, anchor = _select_greedily(locations, checkpoints, scores, scorer, hook, strict,
                                                        torch_device, progress)
     progress.finish()
-    shard_files = _write_soup(soup_state, checkpoints, anchor, out, out_dtype, shard_size, force)
+    shard_files = _write_soup(soup_state, checkpoints[anchor], checkpoints, out, out_dtype, run)
     return GreedySoupReport(Path(out), steps, best, time.perf_counter() - started, shard_files, _tie_notes(steps))
 
 
@@ -172,11 +176,10 @@ def _select_greedily(locations: list[str], checkpoints: list, scores: list[float
     return steps, soup_state, best, order[0]
 
 
-def _write_soup(soup_state: dict[str, torch.Tensor], checkpoints: list, anchor_index: int, out: str | os.PathLike,
-                out_dtype: torch.dtype | None, shard_size: int, force: bool) -> list[str]:
+def _write_soup(soup_state: dict[str, torch.Tensor], anchor: Checkpoint, checkpoints: list[Checkpoint],
+                out: str | os.PathLike, out_dtype: torch.dtype | None, run: RunOptions) -> list[str]:
     """The greedy soup in the anchor's stored dtypes (or `out_dtype`), with the anchor's side files; refused
     if a tensor would hold NaN/Inf where the ingredients hold none."""
-    anchor = checkpoints[anchor_index]
     stored = anchor.tensors
     final = {
         name: tensor.to(dtype=(out_dtype or stored[name].dtype) if tensor.is_floating_point() else tensor.dtype)
@@ -184,17 +187,17 @@ def _write_soup(soup_state: dict[str, torch.Tensor], checkpoints: list, anchor_i
         for name, tensor in soup_state.items()
     }
     refuse_new_non_finite_state(final, checkpoints)
-    with staged_output(out, force) as staging:
-        write_state_dict(staging, final, shard_size, {"splice_merge_method": "greedy soup"})
+    with staged_output(out, run.force) as staging:
+        write_state_dict(staging, final, run.shard_size, {"splice_merge_method": "greedy soup"})
         copy_side_files(anchor, staging, out_dtype)
     return sorted(p.name for p in Path(out).glob("*.safetensors"))
 
 
 def soup_or_greedy(models: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                    weights: Sequence[float] | None = None, greedy: bool = False, evaluate: Scorer | str | None = None,
-                   strict: bool = False, **options) -> StreamReport | GreedySoupReport:
+                   strict: bool = False, **options: Any) -> StreamReport | GreedySoupReport:
     """What `splice soup` runs: a greedy soup when `greedy` (which needs `evaluate`), else a uniform or
-    weighted one. `options` are the ones both take (device, dtype, shard_size, force, progress, ...)."""
+    weighted one. `options` are the ones both take (dtype, and `run` or its fields)."""
     if greedy or evaluate is not None:
         if not (greedy and evaluate is not None):
             raise SpliceError("a greedy soup needs both `greedy=True` and `evaluate=MODULE:FUNCTION`")

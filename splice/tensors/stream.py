@@ -10,6 +10,7 @@ to the output dtype and handed to the writer.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -21,11 +22,10 @@ from pathlib import Path
 import torch
 
 from splice.errors import IncompatibleModelsError, NonFiniteOutputError, SpliceError
-from splice.progress import NoProgress, Progress
+from splice.options import CHUNK_BYTES, RunOptions
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import compute_dtype_for, dtype_name, resolve_device
 from splice.tensors.writer import (
-    DEFAULT_SHARD_SIZE,
     OutputTensor,
     ShardedWriter,
     copy_side_files,
@@ -35,8 +35,31 @@ from splice.tensors.writer import (
 
 log = logging.getLogger("splice.stream")
 
-Kernel = Callable[[str, list[torch.Tensor]], torch.Tensor]
-"""(output tensor name, input tensors on the compute device in fp32) -> merged tensor."""
+Compute = Callable[[str, list[torch.Tensor]], torch.Tensor]
+"""(output tensor name, input tensors on the compute device in their working precision) -> output tensor."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """What the stream runs for every output tensor, and what the executor may do with it.
+
+    elementwise: each output row depends only on the same rows of the inputs, so the stream may feed the kernel
+      blocks of rows (memory then stays flat however large a tensor is).
+    passes_through: names of the tensors the kernel returns as its first input: the writer copies them as their
+      first source stores them (inside the kernel when both sides are local files), nothing is read or computed.
+    """
+
+    compute: Compute
+    elementwise: bool = False
+    passes_through: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class OutputExtras:
+    """What a streamed output carries beside its tensors and its source's side files."""
+
+    metadata: Mapping[str, str] | None = None  # in every shard's safetensors header
+    files: Mapping[str, bytes] | None = None  # name -> content, written beside the weights
 
 
 @dataclass(frozen=True)
@@ -123,16 +146,6 @@ Rows = tuple[int, int] | None
 Reads = Sequence[tuple[Checkpoint, str, Rows]]
 """What one step reads: (checkpoint, tensor name, rows of dim 0 or None for all) per input."""
 
-# An elementwise kernel sees tensors above this size in blocks of rows, so memory does not grow with the
-# largest tensor (an embedding matrix is often the largest by far).
-CHUNK_BYTES = 4 * 1024 * 1024
-
-
-def elementwise(kernel: Kernel) -> Kernel:
-    """Mark a kernel whose output rows depend only on the same input rows: the stream may feed it row blocks."""
-    kernel.elementwise = True  # type: ignore[attr-defined]
-    return kernel
-
 
 def read_all(reads: Reads) -> list[torch.Tensor]:
     return [ckpt.read(name, rows) for ckpt, name, rows in reads]
@@ -143,7 +156,7 @@ def read_ahead(groups: Sequence[Reads], depth: int) -> Iterator[tuple[int, list[
     slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 
-    def offer(value) -> bool:
+    def offer(value: object) -> bool:
         while not stop.is_set():
             try:
                 slots.put(value, timeout=0.1)
@@ -190,7 +203,7 @@ def compute_one(item: StreamItem, tensors: list[torch.Tensor], kernel: Kernel, d
         return first.to(out.dtype)
     working = compute_dtype_for(tensors[0].dtype)
     moved = [t.to(device=device, dtype=working) for t in tensors]
-    result = kernel(out.name, moved).to(dtype=out.dtype)
+    result = kernel.compute(out.name, moved).to(dtype=out.dtype)
     refuse_new_non_finite(out.name, result, reread)
     return result.to("cpu")
 
@@ -218,7 +231,11 @@ def refuse_new_non_finite_state(state: Mapping[str, torch.Tensor], sources: Sequ
     float output tensor against the tensors of that name in `sources`, read only if the output is not finite."""
     for name, tensor in state.items():
         if tensor.is_floating_point():
-            refuse_new_non_finite(name, tensor, lambda name=name: [c.read(name) for c in sources if name in c])
+            refuse_new_non_finite(name, tensor, partial(_read_where_held, name, sources))
+
+
+def _read_where_held(name: str, sources: Sequence[Checkpoint]) -> list[torch.Tensor]:
+    return [c.read(name) for c in sources if name in c]
 
 
 
@@ -309,29 +326,26 @@ def work_units(plan: Sequence[StreamItem], chunked: bool, chunk_bytes: int = CHU
     return units
 
 
-def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, side_files_from: Checkpoint,
-               device: str | torch.device = "auto", shard_size: int = DEFAULT_SHARD_SIZE, read_ahead_depth: int = 2,
-               force: bool = False, progress: Progress | None = None, metadata: dict[str, str] | None = None,
-               description: str = "merging", out_dtype: torch.dtype | None = None,
-               chunk_bytes: int = CHUNK_BYTES, extra_files: Mapping[str, bytes] | None = None,
-               verbatim: Collection[str] = ()) -> StreamReport:
-    """Compute every planned output tensor and publish the model directory at `out`, with `extra_files`
-    (name -> content) written beside the weights before it is published. Tensors named in `verbatim` are
-    not computed: the writer copies them as their first source stores them (inside the kernel when both
-    sides are local files)."""
-    progress = progress or NoProgress()
-    torch_device = resolve_device(device)
-    ensure_output_free(out, force)
+def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | os.PathLike, *, side_files_from: Checkpoint,
+               run: RunOptions | None = None, out_dtype: torch.dtype | None = None,
+               extras: OutputExtras | None = None, description: str = "merging") -> StreamReport:
+    """Compute every planned output tensor and publish the model directory at `out`, with the side files of
+    `side_files_from` (its config recording `out_dtype`) and `extras` written before it is published."""
+    run = run or RunOptions()
+    extras = extras or OutputExtras()
+    progress = run.reporter
+    torch_device = resolve_device(run.device)
+    ensure_output_free(out, run.force)
     started = time.perf_counter()
     total_in = sum(item.input_bytes for item in plan)
-    with staged_output(out, force) as staging:
-        writer = ShardedWriter(staging, [item.output for item in plan], shard_size, metadata)
-        units = work_units(plan, getattr(kernel, "elementwise", False), chunk_bytes, set(verbatim))
+    with staged_output(out, run.force) as staging:
+        writer = ShardedWriter(staging, [item.output for item in plan], run.shard_size, extras.metadata)
+        units = work_units(plan, kernel.elementwise, run.chunk_bytes, kernel.passes_through)
         progress.start(description, len(plan), total_in)
-        behind = WriteBehind(writer, depth=read_ahead_depth)
+        behind = WriteBehind(writer, depth=run.read_ahead_depth)
         try:
             with torch.inference_mode():
-                for position, tensors in read_ahead([unit.reads for unit in units], read_ahead_depth):
+                for position, tensors in read_ahead([unit.reads for unit in units], run.read_ahead_depth):
                     unit = units[position]
                     item = unit.item
                     if unit.verbatim:
@@ -353,7 +367,7 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | Path, *, s
         finally:
             progress.finish()
         side = copy_side_files(side_files_from, staging, out_dtype)
-        for name, content in (extra_files or {}).items():
+        for name, content in (extras.files or {}).items():
             (staging / name).write_bytes(content)
             side.append(name)
     return StreamReport(

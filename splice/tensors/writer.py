@@ -16,10 +16,12 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from splice.errors import CheckpointError, OutputExistsError, SpliceError, parameter
+from splice.options import DEFAULT_SHARD_SIZE
 from splice.progress import note_published
 from splice.tensors.checkpoint import SAFETENSORS_INDEX, Checkpoint
 from splice.tensors.device import dtype_name
@@ -27,8 +29,6 @@ from splice.tensors.partials import OwnedPartial, partial_prefix, remove_stale_p
 from splice.tensors.safetensors import SAFETENSORS_SINGLE, OutputTensor, header_bytes
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SHARD_SIZE = 2 * 1000**3
 
 # Files copied from the base model so the output loads like it (config first, then tokenizer/processor).
 SIDE_FILES = (
@@ -105,7 +105,7 @@ class ShardedWriter:
         self._order = [(shard_index, out) for shard_index, shard in enumerate(self.shards) for out in shard]
         self._next = 0
         self._rows_done = 0  # rows of the tensor in progress written so far, when it arrives in blocks
-        self._file = None
+        self._file: BinaryIO | None = None
         self._file_index = -1
 
     @property
@@ -128,13 +128,12 @@ class ShardedWriter:
                 f"tensor {name}: computed {tuple(tensor.shape)} {dtype_name(tensor.dtype)}, "
                 f"planned {expected} {dtype_name(planned.dtype)}"
             )
-        if shard_index != self._file_index:
-            self._open_shard(shard_index)
+        file = self._shard_file(shard_index)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if data.numel():
-            self._file.write(memoryview(data.numpy()))
+            file.write(data.numpy().data)
         finished = rows is None or rows[1] == planned.shape[0]
-        self._rows_done = 0 if finished else rows[1]
+        self._rows_done = 0 if finished or rows is None else rows[1]
         if finished:
             self._next += 1
 
@@ -142,22 +141,20 @@ class ShardedWriter:
         """Append a tensor byte for byte as `source` stores it: copied inside the kernel
         (`os.copy_file_range`) when both files are local, else read and written."""
         info = source.tensors[name]
-        shard_index, planned = self._order[self._next] if self._next < len(self._order) else (None, None)
+        shard_index, planned = self._order[self._next] if self._next < len(self._order) else (-1, None)
         where = source.local_byte_range(name)
         if (where is None or planned is None or planned.name != name or info.dtype != planned.dtype
                 or info.shape != planned.shape or not hasattr(os, "copy_file_range")):
             self.write(name, source.read(name))
             return
-        if shard_index != self._file_index:
-            self._open_shard(shard_index)
+        file = self._shard_file(shard_index)
         fd, start, end = where
-        self._file.flush()
-        position = self._file.tell()
+        file.flush()
+        position = file.tell()
         done = 0
         while done < end - start:
             try:
-                copied = os.copy_file_range(fd, self._file.fileno(), end - start - done, start + done,
-                                            position + done)
+                copied = os.copy_file_range(fd, file.fileno(), end - start - done, start + done, position + done)
             except OSError:  # e.g. across filesystems on older kernels: the bytes go through user space
                 if done:
                     raise
@@ -166,14 +163,19 @@ class ShardedWriter:
             if copied <= 0:
                 raise SpliceError(f"{source.location}: file ends inside tensor {name}")
             done += copied
-        self._file.seek(position + done)
+        file.seek(position + done)
         self._next += 1
 
-    def _open_shard(self, shard_index: int) -> None:
-        self._close_file()
-        self._file_index = shard_index
-        self._file = open(self.directory / self.file_names[shard_index], "wb")
-        self._file.write(header_bytes(self.shards[shard_index], self.metadata))
+    def _shard_file(self, shard_index: int) -> BinaryIO:
+        """The file of shard `shard_index`: the one open, or opened now (the last one closed) with its header."""
+        if shard_index != self._file_index:
+            self._close_file()
+            self._file_index = shard_index
+            self._file = open(self.directory / self.file_names[shard_index], "wb")
+            self._file.write(header_bytes(self.shards[shard_index], self.metadata))
+        if self._file is None:
+            raise SpliceError(f"the writer of {self.directory} is closed")
+        return self._file
 
     def _close_file(self) -> None:
         if self._file is not None:

@@ -13,20 +13,21 @@ from datetime import datetime, timezone
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from typing_extensions import Unpack
 
 from splice.adapters.apply import apply_patches
 from splice.adapters.live import PatchHandle, apply_patch
 from splice.adapters.patch import Patch, PatchError
 from splice.adapters.port import Ported, prepare_port
 from splice.errors import CheckpointError
-from splice.progress import Progress
+from splice.options import RunKeywords, RunOptions, run_options
 from splice.registry.health import HealthRecord
 from splice.registry.manifest import VersionManifest
 from splice.registry.store import Registry, open_registry
 from splice.tensors.checkpoint import Checkpoint, recorded_location
 from splice.tensors.safetensors import read_safetensors_metadata
 from splice.tensors.stream import StreamReport
-from splice.tensors.writer import DEFAULT_SHARD_SIZE, ensure_output_free
+from splice.tensors.writer import ensure_output_free
 from splice.values import one_line, parse_json
 from splice.version import __version__
 from splice.workflows.port import record_health, record_port
@@ -68,14 +69,15 @@ class DeploymentRecord(BaseModel):
 
 def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike, *,
            registry: Registry | str | None = None, allow_base_drift: bool = False, port: bool = False,
-           old_base: str | os.PathLike | None = None, device: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
-           force: bool = False, progress: Progress | None = None, storage_options: dict | None = None
-           ) -> tuple[DeploymentRecord, StreamReport]:
+           old_base: str | os.PathLike | None = None, run: RunOptions | None = None,
+           **run_keywords: Unpack[RunKeywords]) -> tuple[DeploymentRecord, StreamReport]:
     """Apply registry patches (in the order given) to `base` and write the result to `out` with its record.
     Every ref is resolved and every patch checked against the base before anything is written. `port`: each
     patch is first ported onto `base` (PortLLM; `old_base`, the base the patches were made on, gives the drift
     report the base's change itself), with each drift report beside the output. Every deployment is kept in
-    the patch's health history (`registry show NAME`)."""
+    the patch's health history (`registry show NAME`). `run` (or its fields as keywords: device, shard_size,
+    force, progress, storage_options, ...) says how the run runs."""
+    run = run_options(run, run_keywords, "deploy")
     if not refs:
         raise PatchError("no patch refs given")
     if old_base is not None and not port:
@@ -85,17 +87,16 @@ def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike,
         raise PatchError("`port=True` carries the patches onto the base; `allow_base_drift=True` applies them "
                          "unchanged: "
                          "choose one")
-    store = open_registry(registry, storage_options)
-    ensure_output_free(out, force, protected=[p for p in (base, old_base, store.url) if p is not None],
+    store = open_registry(registry, run.storage_options)
+    ensure_output_free(out, run.force, protected=[p for p in (base, old_base, store.url) if p is not None],
                        what="a base or the registry")
-    base_ckpt = Checkpoint.open(base, storage_options)
+    base_ckpt = Checkpoint.open(base, run.storage_options)
     deployed, patches, sources, files = [], [], [], {}
     for index, ref in enumerate(refs):
         version = store.resolve(ref)
         patch, ported = store.load(version.ref), None
         if port:
-            ported = prepare_port(patch, base, old_base=old_base, source=version.ref, device=device,
-                                  progress=progress, storage_options=storage_options)
+            ported = prepare_port(patch, base, old_base=old_base, source=version.ref, run=run)
             check, patch = f"ported: {ported.drift.verdict}", ported.patch
             files.update({_numbered(name, index + 1, len(refs)): data for name, data in ported.drift.files().items()})
         else:
@@ -106,8 +107,7 @@ def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike,
                                       base_digest=patch.meta.base.digest if patch.meta.base else None))
         patches.append(patch)
     record = DeploymentRecord(registry=recorded_location(store.url), base=recorded_location(base), patches=deployed)
-    report = apply_patches(patches, base, out, check_bases=False, device=device, shard_size=shard_size,
-                           force=force, progress=progress, storage_options=storage_options,
+    report = apply_patches(patches, base, out, check_bases=False, run=run,
                            metadata={RECORD_METADATA_KEY: record.model_dump_json()},
                            extra_files={RECORD_FILE: (record.model_dump_json(indent=2) + "\n").encode(), **files})
     record.warnings = _record_deployments(store, record, sources, str(out))

@@ -9,20 +9,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from typing_extensions import Unpack
+
 from splice.adapters.drift import REPORT_FILES
 from splice.adapters.live import patched_state
 from splice.adapters.patch import Patch
-from splice.adapters.port import Ported, check_port_outputs, prepare_port, write_ported
+from splice.adapters.port import Ported, check_port_outputs, patch_label, patch_location, prepare_port, write_ported
 from splice.adapters.sources import PatchSource, load_patch
 from splice.errors import SpliceError
 from splice.hooks import hook_name, load_callable, score_state
-from splice.progress import Progress
+from splice.options import RunKeywords, RunOptions, run_options
 from splice.registry.health import DriftSummary, HealthRecord
 from splice.registry.manifest import VersionManifest
 from splice.registry.refs import RegistryError
 from splice.registry.store import Registry, open_registry
 from splice.tensors.checkpoint import Checkpoint, recorded_location
-from splice.tensors.writer import DEFAULT_SHARD_SIZE, check_report_dir
+from splice.tensors.writer import check_report_dir
 
 
 @dataclass
@@ -49,38 +51,39 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
          as_patch: str | os.PathLike | None = None, push: str | None = None, alias: str | None = None,
          message: str = "", old_base: str | os.PathLike | None = None, scale: float = 1.0,
          registry: Registry | str | None = None, evaluate: str | Callable | None = None,
-         report_dir: str | os.PathLike | None = None, device: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
-         force: bool = False, progress: Progress | None = None, storage_options: dict | None = None) -> PortOutcome:
+         report_dir: str | os.PathLike | None = None, run: RunOptions | None = None,
+         **run_keywords: Unpack[RunKeywords]) -> PortOutcome:
     """Port a patch (a directory, a PEFT adapter, or a registry ref) onto the evolved base `to`; write the ported
     model (`out`), the ported patch (`as_patch`), and/or push it as the next version of `push`. Nothing is
     written before the drift report is measured and every input checked. A registry version's port is kept in
-    its health history (`registry show NAME`), with the scores `evaluate` gave before and after porting."""
+    its health history (`registry show NAME`), with the scores `evaluate` gave before and after porting. `run`
+    (or its fields as keywords: device, shard_size, force, progress, storage_options, ...) says how it runs."""
+    run = run_options(run, run_keywords, "port")
+    storage_options, force = run.storage_options, run.force
     if out is None and as_patch is None and push is None:
         raise SpliceError("say where the port goes: `out=DIR` (the ported model), `as_patch=DIR` (the ported "
                           "patch) or `push=NAME` (the ported patch as a registry version)")
     store = open_registry(registry, storage_options) if push is not None or is_registry_ref(patch) else None
-    if push is not None:
+    if push is not None and store is not None:
         store.check_push(push, alias)
     source, loaded, label = _source(patch, store, to, storage_options)
     scorer = load_callable(evaluate) if isinstance(evaluate, str) else evaluate
     check_port_outputs(loaded, to, old_base, out, as_patch, force, also_protected=[store.url] if store else [])
     if report_dir is not None:
-        inputs = (to, old_base, None if is_registry_ref(patch) else patch, store.url if store else None)
+        inputs = (to, old_base, None if is_registry_ref(patch) else patch_location(patch), store.url if store else None)
         check_report_dir(report_dir, [p for p in inputs if p is not None], REPORT_FILES, force)
-    ported = prepare_port(loaded, to, old_base=old_base, scale=scale, source=label, device=device,
-                          progress=progress, storage_options=storage_options)
-    before, after = (None, None) if scorer is None else \
+    ported = prepare_port(loaded, to, old_base=old_base, scale=scale, source=label, run=run)
+    before, after = (None, None) if scorer is None or evaluate is None else \
         _scores(scorer, hook_name(evaluate), loaded, ported.patch, to, old_base, storage_options)
     ported = _scored(ported, before, after)
     outcome = PortOutcome(ported, source, score_before=before, score_after=after)
-    write_ported(ported, to, out=out, as_patch=as_patch, device=device, shard_size=shard_size, force=force,
-                 progress=progress, storage_options=storage_options)
+    write_ported(ported, to, out=out, as_patch=as_patch, run=run)
     if report_dir is not None:
-        outcome.report_files = ported.drift.save(report_dir, force)
-    if push is not None:
+        outcome.report_files = ported.drift.save(Path(report_dir), force)
+    if push is not None and store is not None:
         outcome.pushed = store.push(push, ported.patch, alias=alias,
                                     message=message or ported.patch.meta.lineage[-1])
-    if source is not None:
+    if source is not None and store is not None:
         outcome.warnings += record_port(store, source, ported, str(to), outcome, out or as_patch)
     return outcome
 
@@ -88,12 +91,12 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
 def _source(patch: PatchSource, store: Registry | None, to: str | os.PathLike, storage_options: dict | None
             ) -> tuple[VersionManifest | None, Patch, str]:
     """(the registry version, or None; the loaded patch; how the lineage names it)."""
-    if is_registry_ref(patch):
+    if store is not None and is_registry_ref(patch):
         version = store.resolve(patch)
         return version, store.load(version.ref), version.ref
     with Checkpoint.open(to, storage_options) as base:
         loaded = load_patch(patch, storage_options, base=base)
-    return None, loaded, recorded_location(patch.stored_at if isinstance(patch, Patch) else patch)
+    return None, loaded, patch_label(patch)
 
 
 def _scores(scorer: Callable, hook: str, patch: Patch, ported: Patch, to: str | os.PathLike,

@@ -21,12 +21,13 @@ from splice.merge.fusion.activations import BATCH_SIZE, Inputs, build_model, col
 from splice.merge.fusion.align import PairAligner
 from splice.merge.fusion.architectures import STREAM, Source
 from splice.merge.fusion.maps import Pair, Tensors
-from splice.merge.fusion.options import FusionOptions
+from splice.merge.fusion.options import RUN_FIELDS, FusionOptions
 from splice.merge.fusion.plan import ModelPlan, plan
 from splice.merge.fusion.report import FusionReport, MapStat
 from splice.merge.fusion.streams import hooked_modules, stream_magnitudes, stream_sources, stream_taps
 from splice.merge.fusion.timing import Clock
-from splice.progress import NoProgress, Progress
+from splice.options import RunOptions, run_options, split_run_keywords
+from splice.progress import Progress
 from splice.tensors.device import resolve_device
 from splice.tensors.stream import read_floats, refuse_new_non_finite_state
 from splice.tensors.writer import copy_side_files, ensure_output_free, staged_output, write_state_dict
@@ -36,7 +37,7 @@ EMD_ON_CPU = ("exact OT (POT's network simplex) runs on the CPU: costs are built
 
 
 def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, options: FusionOptions | None = None, *,
-         progress: Progress | None = None, storage_options: dict | None = None, **keywords: Any) -> FusionReport:
+         run: RunOptions | None = None, **keywords: Any) -> FusionReport:
     """Fuse transformers with optimal transport (Imfeld et al., ICLR 2024) into the anchor's shape.
 
     models: two or more model directories (or fsspec URLs) of one supported architecture and depth
@@ -44,30 +45,35 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, options: F
       GPT2LMHeadModel); their widths (hidden size, MLP size, heads) may differ: the output has the anchor's.
     options: a `FusionOptions`; any of its fields may also be given as keywords (`data=..., align="weights"`),
       which override `options`' (an unknown keyword is an error). What they mean is `FusionOptions`' docstring.
-    progress: told when the activations of each model are collected (batches) and when each model's transport
-      maps are made (maps).
+    run: a `RunOptions` (or its fields as keywords: device, shard_size, force, progress, storage_options); its
+      progress is told when the activations of each model are collected (batches) and when each model's
+      transport maps are made (maps).
     The fused model is written with the anchor's config and side files, and `fusion_report.json` beside it;
     the report's `timings` splits the wall time into reading, activations, OT (points, costs, solves),
     transport (aligning and averaging weights) and writing.
     """
     started = time.perf_counter()
+    given, keywords = split_run_keywords(keywords, keep=RUN_FIELDS)
     options = FusionOptions.of(options, keywords)
+    run = run_options(run, {**given, **options.run_keywords()}, "fuse")
     options.check_models(len(models))
-    ensure_output_free(out, options.force, protected=models)
-    plans = plan(models, storage_options)
+    ensure_output_free(out, run.force, protected=models)
+    plans = plan(models, run.storage_options)
     base = plans[options.anchor]
     if options.residual == "identity" and any(p.widths[STREAM] != base.widths[STREAM] for p in plans):
         raise SpliceError("`residual='identity'` needs models of the same hidden size")
     sources = stream_sources(base) if options.weighted else {}
-    inputs = load_inputs(options.data, options.samples, base.location) if options.needs_inputs else None
-    clock = Clock(resolve_device(options.device))
+    inputs: Inputs | None = None
+    if options.needs_inputs and options.data is not None:  # (FusionOptions refuses needing inputs without data)
+        inputs = load_inputs(options.data, options.samples, base.location)
+    clock = Clock(resolve_device(run.device))
     with torch.no_grad():
-        fused, stats, tokens = _fuse_tensors(plans, sources, inputs, options, clock, progress or NoProgress())
+        fused, stats, tokens = _fuse_tensors(plans, sources, inputs, options, clock, run.reporter)
     report = _report(out, plans, options, inputs, tokens, clock.device, stats)
     refuse_new_non_finite_state(fused, [p.checkpoint for p in plans])
-    with staged_output(out, options.force) as staging:
+    with staged_output(out, run.force) as staging:
         with clock.timed("write"):
-            write_state_dict(staging, fused, options.shard_size, {"splice_merge_method": "ot fusion"})
+            write_state_dict(staging, fused, run.shard_size, {"splice_merge_method": "ot fusion"})
             copy_side_files(base.checkpoint, staging)
         report.seconds = time.perf_counter() - started
         report.timings = clock.rounded(report.seconds)

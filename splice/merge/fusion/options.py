@@ -9,12 +9,12 @@ from typing import Any
 from splice.errors import SpliceError
 from splice.merge.fusion import transport
 from splice.merge.fusion.activations import DataSource
-from splice.tensors.writer import DEFAULT_SHARD_SIZE
 
 ALIGNMENTS = ("activations", "weights")
 QK_POLICIES = ("separate", "shared", "joint")
 HEAD_POLICIES = ("mixed", "whole")
 DEFAULT_TOKENS = 4096
+RUN_FIELDS = ("device", "shard_size", "force")  # RunOptions' fields FusionOptions has always taken too
 
 
 def _one_of(kind: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -46,7 +46,8 @@ class FusionOptions:
       head keeps its queries, keys and values together). With residual="stream", heads="whole", qk="shared"
       and solver="emd" between equal widths every map is a permutation consistent with the data flow: the
       aligned model computes exactly what it computed before alignment.
-    device: "auto", "cpu", "cuda" or "cuda:N"; shard_size: bytes per output shard; force: replace `out`.
+    device ("auto", "cpu", "cuda" or "cuda:N"), shard_size (bytes per output shard), force (replace `out`): how
+      the run runs, as `fuse`'s `run` (a `RunOptions`) says; set here (None: not set), they are put into it.
     """
 
     data: DataSource | None = field(default=None, repr=False)  # a batch may be large
@@ -59,9 +60,9 @@ class FusionOptions:
     qk: str = "separate"
     heads: str = "mixed"
     tokens: int = DEFAULT_TOKENS
-    device: str = "auto"
-    shard_size: int = DEFAULT_SHARD_SIZE
-    force: bool = False
+    device: str | None = None
+    shard_size: int | None = None
+    force: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reg", float(self.reg))
@@ -99,6 +100,10 @@ class FusionOptions:
         if options is None:
             return cls(**keywords)
         return cls(**{**{name: getattr(options, name) for name in names}, **keywords})
+
+    def run_keywords(self) -> dict[str, Any]:
+        """The run's fields set here, to be put into the run."""
+        return {name: getattr(self, name) for name in RUN_FIELDS if getattr(self, name) is not None}
 
     @property
     def weighted(self) -> bool:
