@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Device, Force, Json, Quiet, RegistryURL, StorageOptions, parse_storage_options
+from splice.cli.options import Json, Quiet, RegistryURL, Shared, StorageOptions, parse_storage_options, shared_options
 
 continual_app = typer.Typer(help="Continual learning with task-keyed LayerNorm banks (De Min et al. 2023).")
 
@@ -52,6 +52,7 @@ def run(
 
 
 @continual_app.command("predict")
+@shared_options(shard_size=False)
 def predict(
     bank: Annotated[str, typer.Option("--bank", help="A task version of a pipeline (name@task-3: tasks 1 to 3; "
                                                      "name: the latest); its bank holds every task up to it.")],
@@ -62,19 +63,14 @@ def predict(
                                                                  "(and the accuracy, with labels) as JSON; never an "
                                                                  "input or the registry.")] = None,
     registry: RegistryURL = None,
-    device: Device = "auto",
-    storage_options: StorageOptions = None,
-    force: Force = False,
-    quiet: Quiet = False,
-    as_json: Json = False,
+    *,
+    shared: Shared,
 ) -> None:
     """Predict with routing: each input's LayerNorm slot is chosen by its key."""
     from splice.workflows.continual.predict import predict_into
 
-    loaded, result = predict_into(bank, base, data, out, force=force, registry=registry,
-                                  storage_options=parse_storage_options(storage_options), device=device,
-                                  progress=render.RichProgress(quiet))
-    if as_json:
+    loaded, result = predict_into(bank, base, data, out, registry=registry, run=shared.run)
+    if shared.as_json:
         render.print_json({"bank": loaded.refs, **result.as_dict()})
-    elif not quiet:
+    elif not shared.quiet:
         render.console.print(render.prediction_table(result, loaded))

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from typing_extensions import Unpack
 
 from splice.continual.bank import LayerNormBank
 from splice.continual.data import Batch, batches, check_batch
@@ -18,6 +19,7 @@ from splice.continual.model import load_model
 from splice.continual.train import inputs_of, masked_logits, model_inputs, routed_logits
 from splice.errors import SpliceError
 from splice.hooks import hook_file, load_callable
+from splice.options import RunKeywords, RunOptions, run_options
 from splice.progress import NoProgress, Progress
 from splice.registry.refs import parse_ref
 from splice.registry.store import Registry, open_registry
@@ -126,11 +128,14 @@ def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64, progress: Pr
 
 
 def predict_into(ref: str, base: str | os.PathLike, data: str, out: str | os.PathLike | None = None, *,
-                 force: bool = False, registry: Registry | str | None = None, storage_options: dict | None = None,
-                 device: str = "auto", progress: Progress | None = None) -> tuple[LoadedBank, Predictions]:
+                 registry: Registry | str | None = None, run: RunOptions | None = None,
+                 **run_keywords: Unpack[RunKeywords]) -> tuple[LoadedBank, Predictions]:
     """`splice continual predict`: the bank of `ref` on `base`, routed predictions for the batch the `data` hook
     (MODULE:FUNCTION) returns, and with `out` those predictions as JSON. `out` follows the output rule, checked
-    before any work: never the base, the registry or the hook's own file, `force` to replace, published whole."""
+    before any work: never the base, the registry or the hook's own file, `force` to replace, published whole.
+    `run` (or its fields as keywords: device, force, progress, storage_options) says how it runs."""
+    run = run_options(run, run_keywords, "predict_into")
+    force, storage_options, device, progress = run.force, run.storage_options, run.device, run.progress
     store = open_registry(registry, storage_options)
     hook = load_callable(data, option="`data`")
     protected = [p for p in (base, store.url, hook_file(hook)) if p is not None]
