@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,12 +16,20 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/splice demo
 
-test: $(VENV)/.installed
-	$(VENV)/bin/lint-imports --no-cache
+CODE := splice tests examples benchmarks
+
+# The habits CI enforces, before the tests: the layer contracts, ruff's lint and format, mypy over splice/.
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check splice tests examples benchmarks
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/ruff check $(CODE)
+	$(VENV)/bin/ruff format --check $(CODE)
+	$(VENV)/bin/mypy
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format $(CODE)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/merge_vs_mergekit.py
