@@ -78,7 +78,7 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
         outcome.report_files = ported.drift.save(report_dir, force)
     if push is not None:
         outcome.pushed = store.push(push, ported.patch, alias=alias,
-                                    message=message or ported.patch.meta.lineage[-1])
+                                    message=message or ported.patch.meta.lineage[-1]).manifest
     if source is not None:
         outcome.warnings += record_port(store, source, ported, str(to), outcome, out or as_patch)
     return outcome
