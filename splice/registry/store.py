@@ -453,19 +453,18 @@ class Registry:
                 for g in sorted(self._alias_generations(name, alias))]
 
     @storage_errors
-    def tag(self, ref: str | Ref, alias: str, version: int | None = None, *, expect_generation: int | None = None,
+    def tag(self, name: str | Ref, alias: str, version: int | None = None, *, expect_generation: int | None = None,
             force: bool = False) -> AliasRecord:
         """Point `alias` at a version by compare-and-swap: read generation g, exclusively create g+1. The version
-        is `version` of the name `ref`, or without `version` the one the reference `ref` names (`name@3`,
-        `name@prod`, `name@sha256:...`, `name` for the latest). `expect_generation`: the generation the caller
+        is `version` of the patch `name`, or without `version` the one `name` names as a reference (`name@3`,
+        `name@prod`, `name@sha256:...`; a bare name: the latest). `expect_generation`: the generation the caller
         last saw (0: the alias does not exist yet); a move from any other generation, or one that loses a race,
         raises AliasConflict. `force`: move an alias whose current file does not validate (the new generation
         repairs it; the damaged one stays as history)."""
         self._require_writable()
-        if version is not None:
-            ref = Ref(check_name(str(ref) if isinstance(ref, Ref) else ref), version=int(version))
+        ref = name if version is None else Ref(check_name(str(name) if isinstance(name, Ref) else name), int(version))
         check_alias(alias)
-        manifest = self.resolve(ref)
+        manifest: VersionManifest = self.resolve(ref)
         name = manifest.name
         try:
             current = self._alias_current(name, alias)
