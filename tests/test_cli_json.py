@@ -20,6 +20,7 @@ from splice.hooks import load_callable
 from splice.registry import Registry
 from splice.workflows.continual.predict import load_bank, predict
 from splice.workflows.inspect import summarize
+from splice.workflows.listing import list_versions, summarize_names, version_details
 from splice.workflows.publish import publish_patch
 
 from conftest import perturbed, save, tiny_model
@@ -59,19 +60,19 @@ def test_registry_commands(lineage):
     where = ["--registry", lineage["registry"]]
 
     listed = splice_json("registry", "ls", *where)
-    [summary] = registry.summary()
+    [summary] = summarize_names(registry)
     assert listed["registry"] == registry.url
     assert [(n["name"], n["latest"], n["versions"]) for n in listed["names"]] == [("adapt", 2, 2)]
     assert listed["names"][0]["aliases"]["prod"]["version"] == summary.aliases["prod"].version == 2
 
     versions = splice_json("registry", "ls", "adapt", *where)
-    (first, _), (second, _) = registry.listing("adapt")[0]
+    (first, _), (second, _) = list_versions(registry, "adapt")[0]
     assert [(v["version"], v["digest"], v["aliases"], v["message"]) for v in versions["versions"]] == [
         (1, first.digest, [], "first"), (2, second.digest, ["prod"], "second")]
     assert versions["problems"] == []
 
     shown = splice_json("registry", "show", "adapt@prod", *where)
-    details = registry.details("adapt@prod")
+    details = version_details(registry, "adapt@prod")
     assert shown["manifest"]["digest"] == details.manifest.digest and shown["pointing"] == ["prod"]
     assert shown["manifest"]["meta"]["kind"] == "lora" and shown["health"] == []
     assert shown["manifest"]["num_parameters"] == details.manifest.num_parameters
@@ -92,7 +93,7 @@ def test_registry_commands(lineage):
     assert collected["blobs_removed"] == 0 and collected["blobs_kept_live"] == again.blobs_kept_live > 0
 
     pushed = splice_json("registry", "push", "other", lineage["root"] / "delta", "--alias", "prod", *where)
-    stored = registry.details("other@prod").manifest
+    stored = version_details(registry, "other@prod").manifest
     assert (pushed["name"], pushed["version"], pushed["digest"]) == ("other", 1, stored.digest)
     assert pushed["push_stats"]["bytes_written"] == 0  # every blob was already there (version adapt@1)
 

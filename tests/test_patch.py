@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from splice.adapters.fingerprint import fingerprint_base
+from splice.adapters.kinds.spec import scale_tensors
+from splice.adapters.lazy import LazyTensors
 from splice.adapters.patch import MANIFEST, TENSORS, Patch, PatchError, PatchKind, PatchMeta
 from splice.errors import OutputExistsError
 from splice.tensors.checkpoint import Checkpoint
@@ -63,6 +65,21 @@ def test_save_and_load_round_trip_locally_and_over_fsspec(base_dir, tmp_path):
         assert all(torch.equal(loaded.tensors[n], patch.tensors[n]) for n in NORMS)
     with pytest.raises(OutputExistsError):
         patch.save(tmp_path / "p")
+
+
+def test_lazy_tensor_mappings_stay_lazy_and_read_all_at_once(base_dir, tmp_path):
+    """A stored patch's tensors and a rescaled patch's computed ones are LazyTensors: a Patch keeps them unread
+    (shapes known without reading a value); a plain dict is held as it is."""
+    patch = make_patch(base_dir)
+    stored = Patch.load(patch.save(tmp_path / "p"))
+    scaled, _ = scale_tensors(stored, 2.0, {NORMS[0]})
+    for tensors in (stored.tensors, scaled):
+        assert isinstance(tensors, LazyTensors)
+        lazy = Patch(tensors, patch.meta)
+        assert lazy.tensors is tensors and lazy.shapes == patch.shapes
+        assert lazy.in_memory().tensors.keys() == tensors.read_all().keys() == patch.tensors.keys()
+    assert torch.equal(scaled.read_all()[NORMS[0]], 2.0 * patch.tensors[NORMS[0]])
+    assert not isinstance(patch.tensors, LazyTensors) and isinstance(patch.tensors, dict)
 
 
 def test_the_same_base_passes_and_a_drifted_base_is_refused_with_how_much(base_dir, tmp_path):

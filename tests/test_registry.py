@@ -27,11 +27,13 @@ from safetensors.torch import load_file
 
 import splice
 from splice.adapters.fingerprint import TensorFingerprint, fingerprint_base, tensor_sha256
+from splice.adapters.lazy import LazyTensors
 from splice.adapters.meta import BaseFingerprint
 from splice.adapters.patch import Patch, PatchError, PatchKind, PatchMeta
 from splice.registry import AliasConflict, RefError, Registry, RegistryError, store
 from splice.registry.layout import blob_rel
 from splice.tensors.checkpoint import Checkpoint
+from splice.workflows.publish import publish_patch
 
 from conftest import perturbed, save, tiny_model
 from helpers import moto_s3_server, run_cli
@@ -177,7 +179,7 @@ def test_push_pull_round_trip_is_bit_identical(registry, where, tmp_path):
     patch = make_patch(0)
     patch_dir = patch.save(tmp_path / "patch")
 
-    manifest = registry.push("ln-task", patch_dir, message="first")
+    manifest = registry.push("ln-task", patch_dir, message="first").manifest
 
     assert (manifest.name, manifest.version, manifest.message) == ("ln-task", 1, "first")
     assert manifest.digest.startswith("sha256:") and len(manifest.digest) == 71
@@ -207,7 +209,8 @@ def test_push_pull_round_trip_is_bit_identical(registry, where, tmp_path):
 def test_large_tensors_get_blobs_of_their_own(registry, where, tmp_path):
     registry.pack_below = LARGE
     patch = make_patch(0)
-    manifest = registry.push("own", patch.save(tmp_path / "patch"))
+    pushed = registry.push("own", patch.save(tmp_path / "patch"))
+    manifest = pushed.manifest
     for name, tensor in patch.tensors.items():
         entry = manifest.tensors[name]
         assert entry.packed == (entry.nbytes < LARGE), name
@@ -215,7 +218,7 @@ def test_large_tensors_get_blobs_of_their_own(registry, where, tmp_path):
             raw = where.read(blob_rel(tensor_sha256(tensor)))
             assert raw == tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), name
         assert stored_bytes(where, entry) == tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    assert manifest.push_stats.blobs_written == 3  # two matrices and one pack
+    assert pushed.stats.blobs_written == 3  # two matrices and one pack
     assert (registry.pull("own", tmp_path / "out") / "tensors.safetensors").read_bytes() == \
         (tmp_path / "patch" / "tensors.safetensors").read_bytes()
 
@@ -225,7 +228,7 @@ def test_a_patch_object_round_trips_and_loads_lazily(registry, tmp_path):
     registry.push("obj", patch)
     loaded = registry.load("obj")
     assert loaded.shapes == {n: tuple(t.shape) for n, t in patch.tensors.items()}
-    assert hasattr(loaded.tensors, "shapes")
+    assert hasattr(loaded.tensors, "shapes") and isinstance(loaded.tensors, LazyTensors)
     assert loaded.meta == patch.meta
     assert loaded.num_parameters == patch.num_parameters
     assert_same_tensors({n: loaded.tensors[n] for n in loaded.tensors}, patch.tensors)
@@ -242,7 +245,7 @@ def test_extracted_layernorm_patch_round_trips(registry, tmp_path):
     patch = extract_patch(base_dir, tuned_dir, "layernorm")
     patch_dir = patch.save(tmp_path / "ln")
 
-    manifest = registry.push("bert-ln", patch_dir)
+    manifest = registry.push("bert-ln", patch_dir).manifest
     out = registry.pull("bert-ln@1", tmp_path / "pulled")
 
     assert manifest.meta.kind is PatchKind.layernorm
@@ -252,9 +255,9 @@ def test_extracted_layernorm_patch_round_trips(registry, tmp_path):
 
 
 def test_every_ref_form_resolves(registry):
-    first = registry.push("task", make_patch(0), alias="prod")
-    second = registry.push("task", make_patch(1))
-    third = registry.push("task", make_patch(2), alias="task-3")
+    first = registry.push("task", make_patch(0), alias="prod").manifest
+    second = registry.push("task", make_patch(1)).manifest
+    third = registry.push("task", make_patch(2), alias="task-3").manifest
 
     assert registry.resolve("task").version == 3
     assert registry.resolve("task@2").digest == second.digest
@@ -279,23 +282,23 @@ def test_identical_content_writes_no_new_blob_bytes(registry, where, pack_below)
     again = Patch(dict(patch.tensors), patch.meta.model_copy(update={"created": patch.meta.created.replace(year=2001)}))
     second = registry.push("dup", again)
 
-    assert first.push_stats.bytes_written == first.nbytes
-    assert first.push_stats.blobs_written == len({e.blob_digest for e in first.tensors.values()})
-    assert first.push_stats.blobs_written == (3 if pack_below == LARGE else 1)  # 2 matrices + 1 pack, or 1 pack
-    assert second.push_stats.bytes_written == 0
-    assert second.push_stats.blobs_written == 0
-    assert second.push_stats.bytes_reused == first.nbytes
-    assert second.version == 2
-    assert second.digest == first.digest  # the content digest ignores the creation time
+    assert first.stats.bytes_written == first.manifest.nbytes
+    assert first.stats.blobs_written == len({e.blob_digest for e in first.manifest.tensors.values()})
+    assert first.stats.blobs_written == (3 if pack_below == LARGE else 1)  # 2 matrices + 1 pack, or 1 pack
+    assert second.stats.bytes_written == 0
+    assert second.stats.blobs_written == 0
+    assert second.stats.bytes_reused == first.manifest.nbytes
+    assert second.manifest.version == 2
+    assert second.manifest.digest == first.manifest.digest  # the content digest ignores the creation time
     assert {k: v for k, v in where.snapshot().items() if k.startswith("blobs/")} == blobs_before
     # a patch that shares one large tensor with it writes only the other blobs; small tensors dedup pack by pack
     shared = make_patch(5, extra={"layers.0.mlp.weight": patch.tensors["layers.0.mlp.weight"]})
     third = registry.push("other", shared)
     if pack_below == LARGE:
-        assert third.push_stats.bytes_reused == 64 * 32 * 4  # the shared matrix
-        assert third.push_stats.bytes_written == third.nbytes - 64 * 32 * 4
+        assert third.stats.bytes_reused == 64 * 32 * 4  # the shared matrix
+        assert third.stats.bytes_written == third.manifest.nbytes - 64 * 32 * 4
     else:
-        assert third.push_stats.bytes_reused == 0 and third.push_stats.bytes_written == third.nbytes
+        assert third.stats.bytes_reused == 0 and third.stats.bytes_written == third.manifest.nbytes
 
 
 @pytest.mark.parametrize("wanted", ["layers.2.norm.weight", "layers.1.mlp.weight"])
@@ -303,7 +306,7 @@ def test_load_reads_only_the_byte_ranges_looked_up(registry, where, monkeypatch,
     """A packed tensor is one range read of its pack, exactly its bytes; a large one reads only its own blob."""
     registry.pack_below = LARGE
     patch = make_patch(3, big=4, small=6)
-    manifest = registry.push("bank", patch)
+    manifest = registry.push("bank", patch).manifest
     entry = manifest.tensors[wanted]
     assert entry.packed == (wanted == "layers.2.norm.weight")
     loaded = registry.load("bank@1")
@@ -395,9 +398,9 @@ def test_a_flipped_byte_is_caught_everywhere_and_nothing_changes(registry, where
 
 def test_a_flipped_byte_inside_a_pack_is_pinned_on_its_tensor_and_versions(registry, where, tmp_path):
     patch = make_patch(0)
-    first = registry.push("pk", patch)
+    first = registry.push("pk", patch).manifest
     registry.push("pk", make_patch(0))  # version 2: the same small tensors, so the same pack
-    third = registry.push("pk", make_patch(0, extra={"more": torch.ones(3)}))  # another pack
+    third = registry.push("pk", make_patch(0, extra={"more": torch.ones(3)})).manifest  # another pack
     victim = "layers.1.norm.weight"
     entry = first.tensors[victim]
     assert entry.packed and third.tensors[victim].blob != entry.blob
@@ -429,7 +432,7 @@ def test_a_flipped_byte_inside_a_pack_is_pinned_on_its_tensor_and_versions(regis
     assert f"damaged tensors: {victim} of pk@1" in report.problems[0].detail
     assert where.snapshot() == before  # verify changed nothing, neither did the failed pull
 
-    fixed = registry.push("pk", patch)  # the pack is the wrong bytes, not the wrong size: a re-push cannot tell
+    fixed = registry.push("pk", patch).manifest  # the pack is the wrong bytes, not the wrong size: a re-push can't tell
     assert fixed.tensors[victim].blob == entry.blob
 
 
@@ -446,10 +449,10 @@ def test_a_repeated_push_with_packs_writes_nothing_and_moves_few_requests(regist
     again = registry.push("many", patch)
     if where.kind == "s3":
         assert not [p for m, p in where.log.entries if m == "PUT" and "/blobs/" in p]
-    assert first.push_stats.blobs_written == 1 and first.push_stats.bytes_written == first.nbytes
-    assert again.push_stats.bytes_written == 0 and again.push_stats.blobs_written == 0
-    assert again.push_stats.bytes_reused == first.nbytes and again.digest == first.digest
-    assert {e.blob for e in again.tensors.values()} == {e.blob for e in first.tensors.values()}
+    assert first.stats.blobs_written == 1 and first.stats.bytes_written == first.manifest.nbytes
+    assert again.stats.bytes_written == 0 and again.stats.blobs_written == 0
+    assert again.stats.bytes_reused == first.manifest.nbytes and again.manifest.digest == first.manifest.digest
+    assert {e.blob for e in again.manifest.tensors.values()} == {e.blob for e in first.manifest.tensors.values()}
 
 
 def test_a_format_1_registry_is_read_and_written_as_format_1(where, tmp_path):
@@ -462,20 +465,20 @@ def test_a_format_1_registry_is_read_and_written_as_format_1(where, tmp_path):
     old = Registry.open(where.url, where.options)
     assert old.info.format_version == 1 and old.pack_below == 0
     patch = make_patch(0)
-    manifest = old.push("legacy", patch)
+    manifest = old.push("legacy", patch).manifest
     raw = json.loads(where.read("patches/legacy/versions/1.json"))
     assert raw["format_version"] == 1
     assert all(set(e) == {"digest", "dtype", "shape", "nbytes"} for e in raw["tensors"].values())
     assert all(not e.packed and e.digest == tensor_sha256(patch.tensors[n]) for n, e in manifest.tensors.items())
     assert_same_tensors(dict(old.load("legacy").tensors.items()), patch.tensors)
-    packed = registry.push("new", patch)  # the content digest does not depend on how tensors are stored
+    packed = registry.push("new", patch).manifest  # the content digest does not depend on how tensors are stored
     assert packed.digest == manifest.digest and any(e.packed for e in packed.tensors.values())
     assert old.verify().ok
 
 
 def test_a_missing_blob_and_a_tampered_manifest_are_reported(registry, where, tmp_path):
     patch = make_patch(0)
-    manifest = registry.push("gone", patch)
+    manifest = registry.push("gone", patch).manifest
     rel = blob_rel(manifest.tensors["layers.0.norm.weight"].blob_digest)  # the pack
     fs, root = where.fs_root
     fs.rm_file(f"{root}/{rel}")
@@ -498,7 +501,7 @@ def test_a_missing_blob_and_a_tampered_manifest_are_reported(registry, where, tm
 def test_a_truncated_blob_is_rewritten_by_the_next_push_of_that_content(registry, where, pack_below):
     registry.pack_below = pack_below
     patch = make_patch(0)
-    manifest = registry.push("trunc", patch)
+    manifest = registry.push("trunc", patch).manifest
     rel = blob_rel(manifest.tensors["layers.0.mlp.weight"].blob_digest)  # its own blob, or the pack
     size = len(where.read(rel))
     assert size == (64 * 32 * 4 if pack_below == LARGE else manifest.nbytes)
@@ -507,7 +510,7 @@ def test_a_truncated_blob_is_rewritten_by_the_next_push_of_that_content(registry
 
     again = registry.push("trunc", patch)
 
-    assert again.push_stats.blobs_written == 1 and again.push_stats.bytes_written == size
+    assert again.stats.blobs_written == 1 and again.stats.bytes_written == size
     assert registry.verify().ok
 
 
@@ -580,7 +583,7 @@ def test_removed_versions_are_never_reused_and_gc_frees_only_their_own_blobs(reg
     assert registry.resolve("rm").version == 3
 
     registry.remove("rm")  # the latest: its number is not handed out again either
-    assert registry.push("rm", make_patch(3, extra={"shared": shared})).version == 4
+    assert registry.push("rm", make_patch(3, extra={"shared": shared})).manifest.version == 4
     assert [m.version for m in registry.versions("rm")] == [1, 4]
 
     young = registry.gc()  # default grace: an hour; everything here is younger
@@ -707,15 +710,23 @@ def test_patches_without_a_base_record_need_base_and_get_fingerprinted(registry,
 
     with pytest.raises(RegistryError, match="pass `base=MODEL_DIR`"):
         registry.push("nobase", peft_like)
+    with pytest.raises(RegistryError, match="pass `base=MODEL_DIR`"):
+        publish_patch(registry, "nobase", peft_like)
     assert registry.names() == []
 
-    manifest = registry.push("nobase", peft_like, base=str(base_dir))
+    manifest = publish_patch(registry, "nobase", peft_like, base=str(base_dir)).manifest
     assert manifest.meta.base == expected
     assert registry.load("nobase").meta.base.digest == expected.digest
     other_dir = save(perturbed(tiny_model("bert", 0), 3), tmp_path / "other", False)
     with pytest.raises(PatchError, match="is not the base this layernorm patch was made for"):
-        registry.push("nobase", registry.load("nobase"), base=str(other_dir))
+        publish_patch(registry, "nobase", registry.load("nobase"), base=str(other_dir))
     assert [m.version for m in registry.versions("nobase")] == [1]
+
+    # the older form, Registry.push(base=...), still fingerprints (and checks) the base it is given
+    assert registry.push("oldform", peft_like, base=str(base_dir)).manifest.meta.base == expected
+    with pytest.raises(PatchError, match="is not the base this layernorm patch was made for"):
+        registry.push("oldform", registry.load("oldform"), base=str(other_dir))
+    assert [m.version for m in registry.versions("oldform")] == [1]
 
 
 def test_pickles_are_never_unpickled(registry, tmp_path):
@@ -799,7 +810,7 @@ def test_a_killed_push_leaves_no_version_and_gc_cleans_up(kind, point, tmp_path,
     assert swept.blobs_removed == sum(f.startswith("blobs/") for f in new_files)
     assert swept.temps_removed == sum(f.startswith("tmp/") for f in new_files)
     assert where.snapshot() == before
-    assert registry.push("crash", patch_dir).version == 2
+    assert registry.push("crash", patch_dir).manifest.version == 2
 
 
 PUSH_SCRIPT = textwrap.dedent("""
@@ -812,7 +823,8 @@ PUSH_SCRIPT = textwrap.dedent("""
     open(f"{go}.ready-{seed}", "w").close()
     while not os.path.exists(go):
         time.sleep(0.002)
-    print(json.dumps([registry.push("shared", patch, message=f"seed {seed}").version for registry in registries]))
+    pushed = [registry.push("shared", patch, message=f"seed {seed}").manifest for registry in registries]
+    print(json.dumps([manifest.version for manifest in pushed]))
 """)
 
 

@@ -98,12 +98,12 @@ def test_long_lived_s3_clients_see_each_others_removals_and_pushes(s3):
     b.remove("x@1")
     assert b.gc(grace_seconds=0).blobs_removed > 0
     again = a.push("x", patch)  # the same content: the blobs a's cache still lists are gone
-    assert again.push_stats.blobs_reused == 0
-    assert intact(opened(url, s3_options(endpoint)), again)
+    assert again.stats.blobs_reused == 0
+    assert intact(opened(url, s3_options(endpoint)), again.manifest)
     assert opened(url, s3_options(endpoint)).verify().ok
 
     a.versions("x")  # a lists x's versions; b pushes another
-    pushed = b.push("x", make_patch(2))
+    pushed = b.push("x", make_patch(2)).manifest
     assert a.resolve(f"x@{pushed.version}").digest == pushed.digest
     assert a.resolve("x").version == pushed.version
 
@@ -133,7 +133,7 @@ def test_a_gc_between_a_reusing_push_and_its_manifest_fails_the_push_not_the_reg
     fresh = opened(url, options)
     assert fresh.latest_version("x") is None  # the broken version was withdrawn
     assert fresh.verify().ok
-    assert intact(fresh, opened(url, options).push("x", patch))  # pushing again works
+    assert intact(fresh, opened(url, options).push("x", patch).manifest)  # pushing again works
 
 
 def test_a_push_waits_for_a_gc_in_flight_before_it_checks_its_blobs(tmp_path):
@@ -213,7 +213,7 @@ def test_a_blob_damaged_in_place_is_not_reused_and_repair_writes_it_again(tmp_pa
     registry = opened(url, None)
     patch = make_patch(6)
     patch_dir = patch.save(tmp_path / "patch")
-    first = registry.push("x", patch_dir)
+    first = registry.push("x", patch_dir).manifest
     big = next(e for e in first.tensors.values() if not e.packed)
     pack = next(e for e in first.tensors.values() if e.packed)
     damage_in_place(Path(url, blob_rel(big.digest)))
@@ -222,8 +222,8 @@ def test_a_blob_damaged_in_place_is_not_reused_and_repair_writes_it_again(tmp_pa
     code, out, _ = run_cli(["registry", "verify", "--registry", url], monkeypatch, capsys)
     assert code == 1 and "corrupt" in out
     again = registry.push("x", patch_dir)  # the same content
-    assert again.push_stats.blobs_written == 2  # the two damaged blobs were written again, not trusted
-    assert intact(registry, again) and intact(registry, first)  # and the re-push repaired the stored blobs
+    assert again.stats.blobs_written == 2  # the two damaged blobs were written again, not trusted
+    assert intact(registry, again.manifest) and intact(registry, first)  # and the re-push repaired the stored blobs
 
     damage_in_place(Path(url, blob_rel(big.digest)))
     damage_in_place(Path(url, blob_rel(pack.blob)))
@@ -233,7 +233,7 @@ def test_a_blob_damaged_in_place_is_not_reused_and_repair_writes_it_again(tmp_pa
                            monkeypatch, capsys)
     assert code == 0, out
     assert out.count("repaired ") == 2 and "ok:" in out
-    assert intact(registry, first) and intact(registry, again)
+    assert intact(registry, first) and intact(registry, again.manifest)
 
 
 def test_same_size_damage_on_s3_is_not_reused(s3):
@@ -242,14 +242,14 @@ def test_same_size_damage_on_s3_is_not_reused(s3):
     Registry.init(url, s3_options(endpoint))
     registry = opened(url, s3_options(endpoint))
     patch = make_patch(7)
-    first = registry.push("x", patch)
+    first = registry.push("x", patch).manifest
     big = next(e for e in first.tensors.values() if not e.packed)
     fs = registry._backend.fs
     path = registry._backend.path(blob_rel(big.digest))
     data = bytearray(fs.cat_file(path))
     data[5] ^= 0xFF
     fs.pipe_file(path, bytes(data))  # same size, other bytes
-    again = opened(url, s3_options(endpoint)).push("x", patch)
+    again = opened(url, s3_options(endpoint)).push("x", patch).manifest
     assert intact(registry, again)
     report = registry.verify(repair_from=patch)
     assert report.ok
@@ -274,7 +274,7 @@ def test_a_manifest_that_does_not_validate_is_that_versions_problem(tmp_path, mo
     url = str(tmp_path / "registry")
     registry = Registry.init(url)
     registry.push("x", make_patch(9))
-    good = registry.push("x", make_patch(10))
+    good = registry.push("x", make_patch(10)).manifest
     registry.push("y", make_patch(11))
     bad_file = Path(url, "patches/x/versions/1.json")
     raw = json.loads(bad_file.read_text())
@@ -338,7 +338,7 @@ def test_the_dtype_table_agrees_with_the_safetensors_one():
 def test_a_manifest_with_a_bad_tensor_entry_is_refused_before_any_read(tmp_path, monkeypatch, capsys, change, says):
     url = str(tmp_path / "registry")
     registry = Registry.init(url)
-    manifest = registry.push("x", make_patch(14))
+    manifest = registry.push("x", make_patch(14)).manifest
     name = next(n for n, e in manifest.tensors.items() if e.dtype == "F32")
     raw = json.loads(Path(url, "patches/x/versions/1.json").read_text())
     raw["tensors"][name].update(change)
@@ -466,7 +466,7 @@ def test_concurrent_pushers_and_gcs_publish_no_broken_version(place, grace, clie
 
         def push(i: int, patch=patches[round_ % 2], done=done) -> None:
             try:
-                done.append(client(i).push("x", patch))
+                done.append(client(i).push("x", patch).manifest)
             except RegistryError as exc:
                 failed.append(str(exc))
 
@@ -606,7 +606,7 @@ def test_show_survives_a_directory_among_health_records_and_prints_what_files_sa
 
     url = str(tmp_path / "registry")
     registry = Registry.init(url)
-    pushed = registry.push("x", make_patch(41), message="[bold]msg[/bold] \x1b[31mred")
+    pushed = registry.push("x", make_patch(41), message="[bold]msg[/bold] \x1b[31mred").manifest
     hostile = "[bold red]PWNED[/] \x1b[2J\x1b]0;title\x07 [link=file:///etc/passwd]x[/link]"
     registry.record_health(HealthRecord(event="deploy", version=1, digest=pushed.digest, base=hostile,
                                         base_check="verified"), "x")
@@ -637,6 +637,6 @@ def test_gc_withdraws_a_version_whose_pending_marker_is_a_directory(tmp_path, mo
     code, out, err = run_cli(["registry", "gc", "--grace", "0", "--registry", url], monkeypatch, capsys)
     assert code == 0, err
     assert not Path(url, "patches/x/pending/2.json").exists() and Path(url, "patches/x/removed/2.json").is_file()
-    assert Registry.open(url).push("x", make_patch(44)).version == 3  # 2 is never handed out again
+    assert Registry.open(url).push("x", make_patch(44)).manifest.version == 3  # 2 is never handed out again
     code, out, err = run_cli(["registry", "gc", "--grace", "0", "--registry", url], monkeypatch, capsys)
     assert code == 0, err

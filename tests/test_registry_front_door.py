@@ -23,9 +23,9 @@ def registry(tmp_path) -> Registry:
 
 
 def test_a_short_digest_as_ls_prints_it_resolves_when_unique(registry, monkeypatch, capsys):
-    first = registry.push("task", make_patch(0))
-    second = registry.push("task", make_patch(1))
-    again = registry.push("task", make_patch(0))  # the content of version 1 again: the newest such is taken
+    first = registry.push("task", make_patch(0)).manifest
+    second = registry.push("task", make_patch(1)).manifest
+    again = registry.push("task", make_patch(0)).manifest  # the content of version 1 again: the newest such is taken
     short = second.digest[:19]  # sha256: + 12 hex digits, as `registry ls NAME` and the deploy table print it
     assert registry.resolve(f"task@{short}").version == 2
     assert registry.resolve(f"task@{second.digest[:15]}").version == 2  # 8 hex digits are enough
@@ -79,7 +79,7 @@ def test_a_peft_adapter_is_published_with_its_base_fingerprinted(registry, tmp_p
         publish_patch(registry, "peft", tmp_path / "adapter")
     with pytest.raises(RefError, match="patch name 'Bad' is not allowed"):
         publish_patch(registry, "Bad", tmp_path / "no-such-adapter")  # refused before anything is read
-    pushed = publish_patch(registry, "peft", tmp_path / "adapter", base=str(base_dir), alias="prod")
+    pushed = publish_patch(registry, "peft", tmp_path / "adapter", base=str(base_dir), alias="prod").manifest
     assert pushed.ref == "peft@1" and pushed.meta.base is not None
     assert registry.resolve("peft@prod").digest == pushed.digest
     assert registry.names() == ["peft"]

@@ -227,7 +227,7 @@ def test_an_interrupted_push_publishes_nothing_broken_and_says_what_is_true(patc
     assert _ls_versions(url) == listed
     assert not list(Path(url, "patches", "x", "pending").glob("*")), "gc withdraws a push that is over"
     taken = {int(p.stem) for d in ("versions", "removed") for p in Path(url, "patches", "x", d).glob("*.json")}
-    again = Registry.open(url).push("x", patch)  # numbers never repeat; the push after it works
+    again = Registry.open(url).push("x", patch).manifest  # numbers never repeat; the push after it works
     assert again.version == max(taken) + 1 and Registry.open(url).verify().ok
 
 
@@ -300,7 +300,7 @@ def test_a_registry_written_before_pending_markers_reads_as_published(tmp_path, 
     assert code == 0 and "problem" not in out
     from test_registry import make_patch
 
-    assert store.push("old", make_patch(53)).version == 4  # after the removed 3: numbers never repeat
+    assert store.push("old", make_patch(53)).manifest.version == 4  # after the removed 3: numbers never repeat
     assert [m.version for m in Registry.open(url).versions("old")] == [1, 2, 4]
 
 
@@ -397,7 +397,7 @@ def test_a_gc_that_takes_a_live_push_for_over_never_withdraws_what_the_push_repo
 
     with pytest.MonkeyPatch.context() as patcher:
         patcher.setattr(type(backend), "delete", marker_deleted_then_gc)
-        pushed = registry.push("x", make_patch(81))
+        pushed = registry.push("x", make_patch(81)).manifest
     assert pushed.version == 1 and gc_said == [False]  # the gc followed the push's decision
     store_now = Registry.open(tmp_path / "registry")
     assert [m.version for m in store_now.versions("x")] == [1] and store_now.verify().ok
@@ -415,7 +415,7 @@ def test_a_gc_that_takes_a_live_push_for_over_never_withdraws_what_the_push_repo
             registry.push("x", make_patch(82))
     store_now = Registry.open(tmp_path / "registry")
     assert [m.version for m in store_now.versions("x")] == [1] and store_now.verify().ok
-    assert store_now.push("x", make_patch(83)).version == 3  # 2 is never handed out again
+    assert store_now.push("x", make_patch(83)).manifest.version == 3  # 2 is never handed out again
 
 
 def test_a_push_stopped_after_it_decided_to_publish_is_published_and_says_so(tmp_path):
@@ -482,7 +482,7 @@ def test_a_manifest_put_retried_after_it_was_applied_is_taken_for_this_pushs_own
 
     with pytest.MonkeyPatch.context() as patcher:
         patcher.setattr(type(backend), "create", applied_then_412)
-        pushed = registry.push("x", make_patch(86))
+        pushed = registry.push("x", make_patch(86)).manifest
     store_now = Registry.open(tmp_path / "registry")
     assert pushed.version == 1 and [m.version for m in store_now.versions("x")] == [1]
     assert store_now.verify().ok and store_now.verify().pending == []

@@ -55,7 +55,7 @@ def test_a_lease_that_claims_too_much_or_does_not_validate_never_holds_a_push_an
     registry = Registry.init(url)
     lease = _write_lease(url, "bad.json", BAD_LEASES[case])
     began = time.monotonic()
-    pushed = registry.push("x", make_patch(1), wait=30)
+    pushed = registry.push("x", make_patch(1), wait=30).manifest
     took = time.monotonic() - began
     assert took < 5, took  # not held by it (before: Infinity and future leases held every push forever)
     assert Registry.open(url).resolve("x").version == pushed.version
@@ -149,5 +149,5 @@ def test_a_gc_whose_clock_is_a_little_behind_never_withdraws_a_push_waiting_its_
         wait(*args)
 
     monkeypatch.setattr(store, "wait_for_gcs", gc_from_a_machine_behind)
-    pushed = registry.push("x", make_patch(61), wait=leases.LONGEST_WAIT)
+    pushed = registry.push("x", make_patch(61), wait=leases.LONGEST_WAIT).manifest
     assert pushed.version == 1 and [m.version for m in Registry.open(url).versions("x")] == [1]

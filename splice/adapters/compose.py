@@ -10,10 +10,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from splice.adapters.fingerprint import fingerprint_base
 from splice.adapters.kinds import KINDS
 from splice.adapters.patch import Patch
 from splice.adapters.steps import Effect, Step
 from splice.errors import PatchError
+from splice.tensors.checkpoint import Checkpoint
 
 
 def patch_steps(patch: Patch) -> dict[str, Step]:
@@ -56,3 +58,13 @@ def patched_value(value: torch.Tensor, steps: Sequence[Step]) -> torch.Tensor:
     for step in steps:
         value = step.compute(value)
     return value
+
+
+def with_base_record(patch: Patch, base: Checkpoint) -> Patch:
+    """`patch` with a fingerprint of the `base` tensors it touches where it has no record of its base; where it has
+    one, `patch` itself, once `base` is checked to be the base it records."""
+    if patch.meta.base is not None:
+        patch.check_base(base)
+        return patch
+    fingerprint = fingerprint_base(base, patch_steps(patch).keys())
+    return Patch(patch.tensors, patch.meta.model_copy(update={"base": fingerprint}))

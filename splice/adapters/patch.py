@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from splice.adapters.fingerprint import BaseMismatch, compare_base, refuse_drift
 from splice.adapters.kinds import KINDS
 from splice.adapters.kinds.spec import PatchSize
+from splice.adapters.lazy import LazyTensors
 from splice.adapters.meta import FORMAT_VERSION, PatchMeta
 from splice.adapters.meta import PatchKind as PatchKind  # re-exported: callers import it with Patch
 from splice.errors import CheckpointError, PatchError
@@ -53,13 +54,8 @@ def write_patch_dir(directory: str | os.PathLike, meta: PatchMeta, tensors: Sequ
     return Path(directory)
 
 
-
-
-
-
-
 class StoredTensors(Mapping[str, torch.Tensor]):
-    """A stored patch's tensors, each read when it is looked up (ranged reads, locally or remotely)."""
+    """A stored patch's tensors, each read when it is looked up (ranged reads, locally or remotely): `LazyTensors`."""
 
     def __init__(self, stored: Checkpoint):
         self.stored = stored
@@ -76,19 +72,24 @@ class StoredTensors(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self.stored.tensors)
 
+    def read_all(self) -> dict[str, torch.Tensor]:
+        return dict(self)
+
 
 class Patch:
-    """Named tensors and their manifest. `tensors` may be read lazily (a stored patch reads each on lookup)."""
+    """Named tensors and their manifest. `tensors` are held in a dict, or read lazily (`LazyTensors`: a stored
+    patch reads each on lookup)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], meta: PatchMeta):
-        self.tensors = tensors if hasattr(tensors, "shapes") else dict(tensors)
+        self.tensors: Mapping[str, torch.Tensor] = tensors if isinstance(tensors, LazyTensors) else dict(tensors)
         self.meta = meta
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Tensor name -> shape, without reading any values."""
-        known = getattr(self.tensors, "shapes", None)
-        return dict(known) if known is not None else {n: tuple(t.shape) for n, t in self.tensors.items()}
+        if isinstance(self.tensors, LazyTensors):
+            return dict(self.tensors.shapes)
+        return {n: tuple(t.shape) for n, t in self.tensors.items()}
 
     @property
     def size(self) -> PatchSize:
@@ -112,8 +113,9 @@ class Patch:
 
     def in_memory(self) -> Patch:
         """The same patch with every tensor read now (together, where the store can: one ranged read per pack)."""
-        read_all = getattr(self.tensors, "read_all", None)
-        return Patch(read_all() if read_all else {name: self.tensors[name] for name in self.tensors}, self.meta)
+        if isinstance(self.tensors, LazyTensors):
+            return Patch(self.tensors.read_all(), self.meta)
+        return Patch(dict(self.tensors), self.meta)
 
     def save(self, directory: str | os.PathLike, force: bool = False,
              extra_files: Mapping[str, bytes] | None = None) -> Path:
@@ -123,7 +125,7 @@ class Patch:
         def fill(handle: BinaryIO, offsets: list[int]) -> None:
             for tensor, offset in zip(self.tensors.values(), offsets):
                 handle.seek(offset)
-                handle.write(memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+                handle.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
         return write_patch_dir(directory, self.meta, specs, fill, force,
                                protected=[self.stored_at] if self.stored_at else [], extra_files=extra_files)

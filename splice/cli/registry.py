@@ -4,13 +4,21 @@ opened registry, and renders. The commands that only move bytes import neither t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from splice.cli import render
 from splice.cli.options import Force, Json, Quiet, RegistryURL, StorageOptions, parse_storage_options
 from splice.cli.render import show as _print
+
+if TYPE_CHECKING:
+    import datetime
+
+    from rich.table import Table
+
+    from splice.registry import Registry
+    from splice.workflows.listing import VersionDetails
 
 registry_app = typer.Typer(
                            help="A versioned patch registry on any fsspec location (local by default).")
@@ -19,7 +27,7 @@ RefArg = Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@ALIAS or N
                                             "digest, as `ls` prints it).")]
 
 
-def _open(registry: str | None, storage_options: str | None):
+def _open(registry: str | None, storage_options: str | None) -> Registry:
     from splice.registry import Registry
 
     return Registry.open(registry, parse_storage_options(storage_options))
@@ -29,7 +37,7 @@ def _short(digest: str) -> str:
     return digest[:19]
 
 
-def _when(moment) -> str:
+def _when(moment: datetime.datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -68,19 +76,18 @@ def push(
     from splice.workflows.publish import publish_patch
 
     try:
-        manifest = publish_patch(_open(registry, storage_options), name, patch_dir, alias=alias, message=message,
-                                 base=base, wait=wait)
+        pushed = publish_patch(_open(registry, storage_options), name, patch_dir, alias=alias, message=message,
+                               base=base, wait=wait)
     except Interrupted as exc:
         render.interrupted(str(exc))
+    manifest, stats = pushed.manifest, pushed.stats
     if as_json:
-        render.print_json(manifest)
+        render.print_json({**render.jsonable(manifest), "push_stats": stats})
         return
-    stats = manifest.push_stats
     _print(f"pushed {manifest.ref} ({manifest.digest})", quiet)
     _print(render.table("", ["kind", "tensors", "size", "new blob bytes", "reused blob bytes", "alias"],
                         [[manifest.meta.kind.value, len(manifest.tensors), render.human_bytes(manifest.nbytes),
-                          f"{stats.bytes_written:,}" if stats else "", f"{stats.bytes_reused:,}" if stats else "",
-                          alias or ""]]), quiet)
+                          f"{stats.bytes_written:,}", f"{stats.bytes_reused:,}", alias or ""]]), quiet)
 
 
 @registry_app.command("pull")
@@ -97,17 +104,21 @@ def pull(
     _print(f"pulled {manifest.ref} ({manifest.digest}) -> {out}", quiet)
 
 
-def _names_table(opened) -> tuple[object, list[str]]:
-    summary = opened.summary()
-    rows = [[s.name, "" if s.latest is None else s.latest, s.versions,
-             ", ".join(f"{a}={r.version}" for a, r in s.aliases.items())] for s in summary]
+def _names_table(opened: Registry) -> tuple[Table, list[str]]:
+    from splice.workflows.listing import summarize_names
+
+    summary = summarize_names(opened)
+    rows: list[list[object]] = [[s.name, "" if s.latest is None else s.latest, s.versions,
+                                 ", ".join(f"{a}={r.version}" for a, r in s.aliases.items())] for s in summary]
     problems = [line for s in summary for line in s.problems]
     return render.table(f"registry {opened.url}", ["name", "latest", "versions", "aliases"], rows), problems
 
 
-def _versions_table(opened, name: str) -> tuple[object, list[str]]:
+def _versions_table(opened: Registry, name: str) -> tuple[Table, list[str]]:
+    from splice.workflows.listing import list_versions
+
     rows = []
-    listed, problems = opened.listing(name)
+    listed, problems = list_versions(opened, name)
     for manifest, pointing in listed:
         rows.append([manifest.version, _short(manifest.digest), manifest.meta.kind.value, len(manifest.tensors),
                      render.human_bytes(manifest.nbytes), _when(manifest.pushed_at), ", ".join(pointing),
@@ -116,11 +127,13 @@ def _versions_table(opened, name: str) -> tuple[object, list[str]]:
                                                      "aliases", "message"], rows), problems
 
 
-def _listing_json(opened, name: str | None) -> dict:
+def _listing_json(opened: Registry, name: str | None) -> dict:
     """`ls --json`: every name's summary, or one name's versions (each manifest with the aliases pointing at it)."""
+    from splice.workflows.listing import list_versions, summarize_names
+
     if name is None:
-        return {"registry": opened.url, "names": opened.summary()}
-    listed, problems = opened.listing(name)
+        return {"registry": opened.url, "names": summarize_names(opened)}
+    listed, problems = list_versions(opened, name)
     return {"registry": opened.url, "name": name, "problems": problems,
             "versions": [{**render.jsonable(manifest), "aliases": pointing} for manifest, pointing in listed]}
 
@@ -143,13 +156,14 @@ def ls(
         _print(f"problem: {line}")
 
 
-def _version_rows(details) -> list[list[object]]:
+def _version_rows(details: VersionDetails) -> list[list[object]]:
     from splice.adapters.patch import describe_settings
 
     manifest, meta, size = details.manifest, details.manifest.meta, details.manifest.size
     base = (f"{meta.base.digest} ({len(meta.base.tensors)} base tensors touched, {len(meta.base.context)} others "
             f"sampled)" if meta.base else "none (made elsewhere, e.g. PEFT: checked by shape only)")
     targets = ", ".join(meta.targets[:4]) + (f", ... ({len(meta.targets)} in all)" if len(meta.targets) > 4 else "")
+    mask_bits: list[list[object]] = [["mask bits", f"{size.mask_bits:,}"]] if size.mask_bits else []
     return [
         ["version", manifest.ref],
         ["digest", manifest.digest],
@@ -157,7 +171,7 @@ def _version_rows(details) -> list[list[object]]:
         ["base fingerprint", base],
         ["size", f"{manifest.nbytes:,} bytes ({render.human_bytes(manifest.nbytes)})"],
         ["parameters", f"{size.values:,}"],
-        *([["mask bits", f"{size.mask_bits:,}"]] if size.mask_bits else []),
+        *mask_bits,
         ["tensors", len(manifest.tensors)],
         ["targets", targets],
         ["lineage", ", ".join(meta.lineage) or "none"],
@@ -177,14 +191,16 @@ def show(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOpti
          ) -> None:
     """Everything about one version: kind, base fingerprint, size, lineage, metrics, aliases and their history,
     and every base the name's versions were deployed or ported onto (with drift figures and scores)."""
-    details = _open(registry, storage_options).details(ref)
+    from splice.workflows.listing import version_details
+
+    details = version_details(_open(registry, storage_options), ref)
     if as_json:
         render.print_json(details)
         return
     _print(render.table(f"{details.manifest.ref}", ["field", "value"], _version_rows(details)))
-    history = [[alias, record.generation, record.version, _when(record.moved_at),
-                "current" if record is records[-1] else ""]
-               for alias, records in details.history.items() for record in records]
+    history: list[list[object]] = [[alias, record.generation, record.version, _when(record.moved_at),
+                                    "current" if record is records[-1] else ""]
+                                   for alias, records in details.history.items() for record in records]
     if history:
         _print(render.table(f"aliases of {details.manifest.name} (history)",
                             ["alias", "generation", "version", "moved", ""], history))
@@ -204,11 +220,12 @@ def tag(
     quiet: Quiet = False,
 ) -> None:
     """Point an alias at a version (compare-and-swap: a concurrent move makes this fail, not vanish)."""
-    from splice.registry import check_alias
+    from splice.registry import check_alias, parse_ref
 
     check_alias(alias)  # a bad alias is refused before the registry is opened
-    manifest, record = _open(registry, storage_options).tag_ref(ref, alias, force=force)
-    _print(f"alias {alias} of {manifest.name} -> version {record.version} (generation {record.generation})", quiet)
+    record = _open(registry, storage_options).tag(ref, alias, force=force)
+    _print(f"alias {alias} of {parse_ref(ref).name} -> version {record.version} (generation {record.generation})",
+           quiet)
 
 
 @registry_app.command("diff")
@@ -260,9 +277,9 @@ def _rank(rank: int | None) -> str:
 def rm(ref: RefArg, registry: RegistryURL = None, storage_options: StorageOptions = None, quiet: Quiet = False
        ) -> None:
     """Remove a version (its number is never reused; `gc` frees its blobs)."""
-    removed = _open(registry, storage_options).remove_version(ref)
+    removed = _open(registry, storage_options).remove(ref)
     note = f"; aliases still pointing at it: {', '.join(removed.pointing)}" if removed.pointing else ""
-    _print(f"removed {removed.ref} ({removed.digest}){note}", quiet)
+    _print(f"removed {removed.ref} ({removed.digest or 'a manifest that did not validate'}){note}", quiet)
 
 
 @registry_app.command("gc")

@@ -70,7 +70,8 @@ def run_patch_study(workdir: Path, base_dir: Path, wrong_base_dir: Path, splits:
     layernorm = extract_patch(base_dir, tuned_dir, "layernorm", description="digits LayerNorms")
     lora = extract_patch(base_dir, tuned_dir, "lora", rank=rank, description="digits attention LoRA")
     registry = Registry.init(str(workdir / "registry"))
-    pushed = [registry.push("digits-ln", layernorm, alias="prod"), registry.push("digits-lora", lora, alias="prod")]
+    pushed = [registry.push(name, patch, alias="prod").manifest
+              for name, patch in (("digits-ln", layernorm), ("digits-lora", lora))]
     refs = ["digits-ln@prod", "digits-lora@prod"]
     deployed_dir = workdir / "deployed"
     record, _ = deploy(refs, base_dir, deployed_dir, registry=registry, device="cpu", progress=progress)

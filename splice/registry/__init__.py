@@ -4,24 +4,25 @@ from splice.registry.layout import default_location
 from splice.registry.maintenance import BlobProblem, DiffReport, GcReport, TensorDiff, VerifyReport
 from splice.registry.manifest import AliasRecord, PushStats, TensorEntry, VersionManifest
 from splice.registry.refs import Ref, RefError, RegistryError, check_alias, check_name, parse_ref
-from splice.registry.store import AliasConflict, NameSummary, Registry, VersionDetails
+from splice.registry.store import AliasConflict, AliasTable, PushResult, Registry, RemovedVersion
 
 __all__ = [
     "AliasConflict",
     "AliasRecord",
+    "AliasTable",
     "BlobProblem",
     "DiffReport",
     "GcReport",
-    "NameSummary",
+    "PushResult",
     "PushStats",
     "Ref",
     "RefError",
     "Registry",
     "RegistryError",
+    "RemovedVersion",
     "TensorDiff",
     "TensorEntry",
     "VerifyReport",
-    "VersionDetails",
     "VersionManifest",
     "check_alias",
     "check_name",

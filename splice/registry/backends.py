@@ -2,7 +2,7 @@
 
 The base `Backend` works on any fsspec filesystem; memory:// and S3 add how they create exclusively.
 `LocalBackend` is plain os calls: temp files in <root>/tmp, renamed (blobs) or hard-linked (exclusive create)
-into place, large blobs streamed in IO_CHUNK pieces (`streams_files`), reads and puts one at a time.
+into place, large blobs streamed in IO_CHUNK pieces, reads and puts one at a time.
 """
 
 from __future__ import annotations
@@ -19,12 +19,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
+from typing import TypeVar
 
+from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from splice.errors import SpliceError, first_line
 from splice.registry.layout import IO_CHUNK, blob_digest_of, located, temp_name
 from splice.registry.refs import RegistryError
+
+T = TypeVar("T")
 
 _MEMORY_LOCK = threading.Lock()
 _STORAGE_MODULES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs", "requests"}
@@ -109,13 +113,16 @@ class Backend:
     """Relative paths under the registry root; every write atomic; `create` exclusive or nothing."""
 
     exclusive: str = ""  # how `create` is exclusive; "" when it cannot be
-    streams_files = False  # large blobs are written and read as local files, in pieces (LocalBackend)
     batches_small_io = True  # small reads and puts travel together (a request each costs a round trip)
-    workers = 16  # threads moving blobs at once
 
-    def __init__(self, fs, root: str):
+    def __init__(self, fs: AbstractFileSystem, root: str):
         self.fs = fs
         self.root = root
+
+    @property
+    def workers(self) -> int:
+        """Threads moving blobs at once."""
+        return 16
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -205,7 +212,7 @@ class Backend:
                 found.append(False)
         return found
 
-    def _listed(self, rel: str, lister: Callable):
+    def _listed(self, rel: str, lister: Callable[[str], T]) -> T | None:
         """`lister(path)` of `rel` past fsspec's listing cache (others write here too); None if it is absent."""
         path = self.path(rel)
         self.fs.invalidate_cache(path)
@@ -339,7 +346,6 @@ class LocalBackend(Backend):
     """Plain os calls: temp files in <root>/tmp, renamed (blobs) or hard-linked (exclusive create) into place."""
 
     exclusive = "link"
-    streams_files = True
     batches_small_io = False
 
     @property
@@ -430,7 +436,7 @@ class LocalBackend(Backend):
         return found
 
     def sizes(self, rels: Sequence[str]) -> list[int | None]:
-        sizes = []
+        sizes: list[int | None] = []
         for rel in rels:
             try:
                 sizes.append(os.stat(self.path(rel)).st_size)
@@ -495,7 +501,7 @@ class LocalBackend(Backend):
             os.utime(self.path(rel))
 
     def walk(self, rel: str) -> list[tuple[str, int, float | None]]:
-        out = []
+        out: list[tuple[str, int, float | None]] = []
         for directory, _, files in os.walk(self.inside(rel)):
             for name in files:
                 full = os.path.join(directory, name)
@@ -522,7 +528,7 @@ class LocalBackend(Backend):
             os.close(fd)
 
 
-def backend_for(fs, root: str) -> Backend:
+def backend_for(fs: AbstractFileSystem, root: str) -> Backend:
     """The backend for a filesystem: local, memory://, S3, or the plain one (which cannot create exclusively)."""
     if isinstance(fs, LocalFileSystem):
         return LocalBackend(fs, root)

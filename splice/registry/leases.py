@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -81,7 +81,10 @@ class PendingPush(Claim):
     published until its pusher removes this file."""
 
 
-def read_claim(backend: Backend, cls: type[Claim], rel: str, url: str) -> Claim:
+ClaimT = TypeVar("ClaimT", bound=Claim)
+
+
+def read_claim(backend: Backend, cls: type[ClaimT], rel: str, url: str) -> ClaimT:
     """A claim file, validated; a one-line RegistryError for one that does not validate (or is not a file).
     FileNotFoundError when it is gone (its holder finished)."""
     return parse_model(cls, backend.read_small(rel, url), located(url, rel))

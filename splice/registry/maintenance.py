@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,15 @@ from splice.registry.layout import (
     versions_dir,
 )
 from splice.registry.leases import PendingPush, gc_lease, pending_over, read_claim
-from splice.registry.manifest import Decision, Outcome, TensorEntry, Tombstone, VersionManifest, parse_model
+from splice.registry.manifest import (
+    Decision,
+    Outcome,
+    TensorEntry,
+    Tombstone,
+    VersionManifest,
+    load_json,
+    parse_model,
+)
 from splice.registry.refs import RegistryError
 from splice.registry.transfer import BlobReader, tensor_from
 from splice.tensors.partials import process_alive
@@ -184,6 +193,25 @@ def pending_versions(backend: Backend, url: str, name: str) -> list[PendingVersi
 
 
 # -- gc ------------------------------------------------------------------------------------------
+
+
+def digests_named(backend: Backend, name: str, version: int) -> set[str]:
+    """The blob digests a manifest that does not validate still names; gc stops at one it cannot read at
+    all (not JSON, or naming no blob), since it cannot tell which blobs that version needs."""
+    try:
+        raw = backend.read(version_rel(name, version))
+    except FileNotFoundError:
+        return set()
+    try:
+        load_json(raw, version_rel(name, version))
+    except RegistryError:
+        raw = b""
+    named = set(re.findall(r"[0-9a-f]{64}", raw.decode("utf-8", "replace")))
+    if not named:
+        raise RegistryError(f"{name}@{version}: its manifest is unreadable, so gc cannot tell which blobs it "
+                            f"uses; nothing was removed: restore it, or `splice registry rm {name}@{version}`, "
+                            f"then gc again")
+    return named
 
 
 def _temp_removable(rel: str, mtime: float | None, cutoff: float, grace_seconds: float) -> bool:

@@ -29,12 +29,15 @@ import json
 import math
 from datetime import datetime, timezone
 from math import prod
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from splice.adapters.meta import PatchMeta
 from splice.registry.refs import RegistryError
+
+if TYPE_CHECKING:
+    from splice.adapters.kinds.spec import PatchSize
 
 REGISTRY_FORMAT = "splice-registry"
 REGISTRY_FORMAT_VERSION = 2  # 2: small tensors packed into shared blobs (1: one blob per tensor)
@@ -148,7 +151,6 @@ class VersionManifest(BaseModel):
     tensors: dict[str, TensorEntry]
     pushed_at: datetime = Field(default_factory=now)
     message: str = ""
-    _push_stats: PushStats | None = PrivateAttr(default=None)
 
     @property
     def ref(self) -> str:
@@ -159,22 +161,17 @@ class VersionManifest(BaseModel):
         return sum(entry.nbytes for entry in self.tensors.values())
 
     @property
-    def size(self):
-        """The values the version holds, and a mask patch's mask bits apart (`splice.adapters.kinds.spec.PatchSize`)."""
-        from splice.adapters.kinds import kind_spec  # loads torch: only what shows sizes pays for it
+    def size(self) -> PatchSize:
+        """The values the version holds, and a mask patch's mask bits apart."""
+        from splice.adapters.kinds import KINDS  # loads torch: only what shows sizes pays for it
 
-        return kind_spec(self.meta.kind).size({name: entry.shape for name, entry in self.tensors.items()},
-                                              self.meta.settings)
+        return KINDS[self.meta.kind].size({name: entry.shape for name, entry in self.tensors.items()},
+                                          self.meta.settings)
 
     @property
     def num_parameters(self) -> int:
         """The values the version holds (a mask patch's packed mask bits are not parameters)."""
         return self.size.values
-
-    @property
-    def push_stats(self) -> PushStats | None:
-        """For a manifest returned by `Registry.push`: the blob bytes that push wrote and reused."""
-        return self._push_stats
 
     def computed_digest(self) -> str:
         return content_digest(self.meta, self.tensors)

@@ -44,19 +44,18 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 
 from splice.errors import Interrupted, SpliceError, first_line
 from splice.progress import note_published
 from splice.registry import maintenance
-from splice.registry.backends import Backend, backend_for, storage_errors
+from splice.registry.backends import Backend, LocalBackend, backend_for, storage_errors
 from splice.registry.health import HealthRecord, read_records, write_record
 from splice.registry.layout import (
     PACK_BELOW,
@@ -89,11 +88,11 @@ from splice.registry.manifest import (
     REGISTRY_FORMAT,
     REGISTRY_FORMAT_VERSION,
     AliasRecord,
+    PushStats,
     RegistryInfo,
     VersionManifest,
     check_finite,
     content_digest,
-    load_json,
     now,
     parse_model,
 )
@@ -101,14 +100,29 @@ from splice.registry.refs import Ref, RegistryError, check_alias, check_name, pa
 from splice.registry.transfer import BlobReader, RegistryTensors, TensorPusher
 
 
+def _loaded(patch: Patch | str | os.PathLike) -> Patch:
+    """A Patch as given, or loaded from a splice patch directory."""
+    from splice.adapters.patch import Patch
+
+    return patch if isinstance(patch, Patch) else Patch.load(patch)
+
+
+def _with_base_record(patch: Patch | str | os.PathLike, base: str | os.PathLike) -> Patch:
+    """The patch with a fingerprint of `base` where it records none (checked against `base` where it does)."""
+    from splice.adapters.compose import with_base_record
+    from splice.tensors.checkpoint import Checkpoint
+
+    with Checkpoint.open(base) as checkpoint:
+        return with_base_record(_loaded(patch), checkpoint)
+
+
 def _source_bytes(patch: Patch | str | os.PathLike) -> dict[str, bytes]:
     """sha256 -> raw bytes of every tensor of a patch (what `verify(repair_from=...)` can write again)."""
     import hashlib
 
-    from splice.adapters.patch import Patch
     from splice.registry.transfer import TensorSource
 
-    loaded = patch if isinstance(patch, Patch) else Patch.load(patch)
+    loaded = _loaded(patch)
     source = TensorSource(loaded)
     found = {}
     for name in loaded.tensors:
@@ -118,52 +132,49 @@ def _source_bytes(patch: Patch | str | os.PathLike) -> dict[str, bytes]:
 
 
 if TYPE_CHECKING:
-    from splice.adapters.patch import Patch, PatchMeta
+    from pydantic import BaseModel
+
+    from splice.adapters.patch import Patch
 
 
 class AliasConflict(RegistryError):
     """An alias was moved by someone else between reading it and moving it."""
 
 
-@dataclass
-class NameSummary:
-    """One row of `registry ls`: a name, its latest live version, how many are live, its aliases (and a line
-    for each alias whose file does not validate)."""
+class AliasTable(dict[str, AliasRecord]):
+    """A name's aliases: alias -> its current move; `problems`: a line for each alias whose current file does not
+    validate (left out of the table)."""
 
-    name: str
-    latest: int | None
-    versions: int
-    aliases: dict[str, AliasRecord]
-    problems: list[str] = field(default_factory=list)
+    def __init__(self, current: dict[str, AliasRecord], problems: list[str]):
+        super().__init__(current)
+        self.problems = problems
+
+    def pointing_at(self, version: int) -> list[str]:
+        """The aliases pointing at `version`."""
+        return [alias for alias, record in self.items() if record.version == version]
+
+
+@dataclass
+class PushResult:
+    """What `Registry.push` stored: the published version, and the blob bytes the push wrote and reused."""
+
+    manifest: VersionManifest
+    stats: PushStats
 
 
 @dataclass
 class RemovedVersion:
-    """What `registry rm` removed: the version, its content digest, the aliases left pointing at it."""
+    """What `Registry.remove` removed: the version, its content digest (None: its manifest did not validate), and
+    the aliases of its name left pointing at it."""
 
-    ref: str
-    digest: str
+    name: str
+    version: int
+    digest: str | None
     pointing: list[str]
 
-
-@dataclass
-class VersionDetails:
-    """Everything `registry show` tells about a version: its manifest and its name's aliases with their moves."""
-
-    manifest: VersionManifest
-    aliases: dict[str, AliasRecord]
-    history: dict[str, list[AliasRecord]]
-    health: list[HealthRecord] = field(default_factory=list)  # every deployment and port of the name's versions
-    health_problems: list[str] = field(default_factory=list)  # records that do not validate
-
     @property
-    def pointing(self) -> list[str]:
-        """The aliases pointing at this version."""
-        return _pointing(self.aliases, self.manifest.version)
-
-
-def _pointing(aliases: dict[str, AliasRecord], version: int) -> list[str]:
-    return [a for a, r in aliases.items() if r.version == version]
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
 
 
 class Registry:
@@ -248,7 +259,7 @@ class Registry:
 
     # -- reading manifests -----------------------------------------------------------------------
 
-    def _read_json(self, cls, rel: str):
+    def _read_json(self, cls: type[BaseModel], rel: str) -> Any:
         return parse_model(cls, self._backend.read(rel), located(self.url, rel))
 
     def _read_manifest(self, name: str, version: int) -> VersionManifest:
@@ -283,10 +294,6 @@ class Registry:
             raise RegistryError(f"no patch named {name} in registry {self.url}; `splice registry ls` lists them")
         return live, removed
 
-    @staticmethod
-    def _span(numbers: set[int]) -> str:
-        return f"latest is {max(numbers)}" if numbers else "every version was removed"
-
     def _version(self, name: str, version: int) -> VersionManifest:
         """A published version's manifest (read before its pending marker and tombstone are looked for)."""
         manifest: VersionManifest | RegistryError | None
@@ -309,7 +316,8 @@ class Registry:
             raise manifest
         if manifest is None:
             live, _ = self._require_name(name)
-            raise RegistryError(f"{name} has no version {version} ({self._span(live)})")
+            span = f"latest is {max(live)}" if live else "every version was removed"
+            raise RegistryError(f"{name} has no version {version} ({span})")
         return manifest
 
     def _by_digest(self, name: str, live: set[int], digest: str) -> VersionManifest:
@@ -360,41 +368,33 @@ class Registry:
 
     @storage_errors
     def versions(self, name: str) -> list[VersionManifest]:
-        """The live versions of a name, oldest first."""
+        """The live versions of a name, oldest first (a RegistryError if one's manifest does not validate)."""
         check_name(name)
         live, _ = self._require_name(name)
         return [self._read_manifest(name, v) for v in sorted(live)]
 
-    def latest_version(self, name: str) -> int | None:
-        live, _ = self._version_numbers(check_name(name))
-        return max(live) if live else None
-
     @storage_errors
-    def summary(self) -> list[NameSummary]:
-        """What `registry ls` shows: every name with its latest version, live version count and aliases,
-        from directory listings and alias records (no version manifest is read)."""
-        rows = []
-        for name in self.names():
-            live, _ = self._version_numbers(name)
-            rows.append(NameSummary(name, max(live) if live else None, len(live), *self.aliases_checked(name)))
-        return rows
-
-    @storage_errors
-    def listing(self, name: str) -> tuple[list[tuple[VersionManifest, list[str]]], list[str]]:
-        """What `registry ls NAME` shows: the live versions of a name, oldest first, each with the aliases
-        pointing at it; and a line for each version or alias of the name whose file does not validate."""
+    def scan_versions(self, name: str) -> tuple[list[VersionManifest], list[str]]:
+        """The live versions of a name whose manifests validate, oldest first; and a line for each of its pending
+        versions and each live version whose manifest does not validate (which `versions` refuses instead)."""
         check_name(name)
-        pending = [p.line for p in pending_versions(self._backend, self.url, name)]
-        live = self._version_numbers(name)[0] if pending else self._require_name(name)[0]
-        aliases, problems = self.aliases_checked(name)
-        problems += pending
-        rows = []
+        problems = [p.line for p in pending_versions(self._backend, self.url, name)]
+        live = self._version_numbers(name)[0] if problems else self._require_name(name)[0]
+        manifests = []
         for version, manifest in self._read_live(name, live):
             if isinstance(manifest, RegistryError):
                 problems.append(f"{name}@{version}: {manifest}")
             else:
-                rows.append((manifest, _pointing(aliases, version)))
-        return rows, problems
+                manifests.append(manifest)
+        return manifests, problems
+
+    @storage_errors
+    def version_numbers(self, name: str) -> list[int]:
+        """The live version numbers of a name, oldest first, from listings alone (no manifest is read)."""
+        return sorted(self._version_numbers(check_name(name))[0])
+
+    def latest_version(self, name: str) -> int | None:
+        return max(self.version_numbers(name), default=None)
 
     def _read_live(self, name: str, live: set[int]) -> Iterator[tuple[int, VersionManifest | RegistryError]]:
         """(version, its manifest, or the error saying why it does not validate) for each live version, oldest
@@ -406,15 +406,6 @@ class Registry:
                 continue
             except RegistryError as exc:
                 yield version, exc
-
-    @storage_errors
-    def details(self, ref: str | Ref) -> VersionDetails:
-        """What `registry show` shows: the version a reference names, its name's aliases and their moves."""
-        manifest = self.resolve(ref)
-        aliases = self.aliases(manifest.name)
-        health, problems = read_records(self._backend, self.url, manifest.name)
-        return VersionDetails(manifest, aliases, {a: self.alias_history(manifest.name, a) for a in aliases},
-                              health, problems)
 
     @storage_errors
     def record_health(self, record: HealthRecord, name: str) -> None:
@@ -445,15 +436,12 @@ class Registry:
         return record
 
     @storage_errors
-    def aliases(self, name: str) -> dict[str, AliasRecord]:
-        """alias -> its current value (an alias whose file does not validate is left out: see `aliases_checked`)."""
-        return self.aliases_checked(name)[0]
-
-    @storage_errors
-    def aliases_checked(self, name: str) -> tuple[dict[str, AliasRecord], list[str]]:
-        """(alias -> its current value, a line for each alias whose current file does not validate)."""
+    def aliases(self, name: str) -> AliasTable:
+        """alias -> its current move (an alias whose current file does not validate is left out, with a line in
+        the table's `problems`)."""
         check_name(name)
-        found, problems = {}, []
+        found: dict[str, AliasRecord] = {}
+        problems: list[str] = []
         for alias in sorted(self._backend.listdir(aliases_dir(name))):
             try:
                 record = self._alias_current(name, alias)
@@ -465,7 +453,7 @@ class Registry:
                 continue
             if record is not None:
                 found[alias] = record
-        return found, problems
+        return AliasTable(found, problems)
 
     @storage_errors
     def alias_history(self, name: str, alias: str) -> list[AliasRecord]:
@@ -476,16 +464,19 @@ class Registry:
                 for g in sorted(self._alias_generations(name, alias))]
 
     @storage_errors
-    def tag(self, name: str, alias: str, version: int, *, expect_generation: int | None = None,
+    def tag(self, name: str | Ref, alias: str, version: int | None = None, *, expect_generation: int | None = None,
             force: bool = False) -> AliasRecord:
-        """Point `alias` at `version` by compare-and-swap: read generation g, exclusively create g+1.
-        `expect_generation`: the generation the caller last saw (0: the alias does not exist yet); a move
-        from any other generation, or one that loses a race, raises AliasConflict. `force`: move an alias
-        whose current file does not validate (the new generation repairs it; the damaged one stays as history)."""
+        """Point `alias` at a version by compare-and-swap: read generation g, exclusively create g+1. The version
+        is `version` of the patch `name`, or without `version` the one `name` names as a reference (`name@3`,
+        `name@prod`, `name@sha256:...`; a bare name: the latest). `expect_generation`: the generation the caller
+        last saw (0: the alias does not exist yet); a move from any other generation, or one that loses a race,
+        raises AliasConflict. `force`: move an alias whose current file does not validate (the new generation
+        repairs it; the damaged one stays as history)."""
         self._require_writable()
-        check_name(name)
+        ref = name if version is None else Ref(check_name(str(name) if isinstance(name, Ref) else name), int(version))
         check_alias(alias)
-        manifest = self._version(name, int(version))
+        manifest: VersionManifest = self.resolve(ref)
+        name = manifest.name
         try:
             current = self._alias_current(name, alias)
         except RegistryError as exc:
@@ -506,13 +497,6 @@ class Registry:
         note_published(f"alias {name}@{alias} -> {manifest.ref}")
         return record
 
-    @storage_errors
-    def tag_ref(self, ref: str | Ref, alias: str, force: bool = False) -> tuple[VersionManifest, AliasRecord]:
-        """Point `alias` at the version a reference names; (that version, the alias's new record)."""
-        check_alias(alias)
-        manifest = self.resolve(ref)
-        return manifest, self.tag(manifest.name, alias, manifest.version, force=force)
-
     @staticmethod
     def _conflict(name: str, alias: str, current: AliasRecord | None) -> AliasConflict:
         now_at = f"now version {current.version}" if current else "now unset"
@@ -522,16 +506,20 @@ class Registry:
 
     @storage_errors
     def push(self, name: str, patch: Patch | str | os.PathLike, *, alias: str | None = None, message: str = "",
-             base: str | os.PathLike | None = None, wait: float = DEFAULT_WAIT) -> VersionManifest:
-        """Store a patch (a Patch or a splice patch directory) as the next version of `name`. Blobs are written
-        first, then the version's pending marker and manifest; the version is published only once its blobs are
-        confirmed, so a push that fails, is interrupted or dies publishes nothing. A patch without a base
-        record needs `base` (the model it was made on) to fingerprint it. `wait`: the most seconds to wait for
-        running gcs (then the push fails, naming the gc's lease). (A PEFT adapter directory is published with
-        splice.workflows.publish.publish_patch.)"""
+             wait: float = DEFAULT_WAIT, base: str | os.PathLike | None = None) -> PushResult:
+        """Store a patch (a Patch or a splice patch directory) that records its base as the next version of `name`.
+        Blobs are written first, then the version's pending marker and manifest; the version is published only
+        once its blobs are confirmed, so a push that fails, is interrupted or dies publishes nothing. `wait`: the
+        most seconds to wait for running gcs (then the push fails, naming the gc's lease). A patch without a
+        record of its base (a PEFT adapter) is published with splice.workflows.publish.publish_patch, which
+        fingerprints the base it is given; `base` here is the older form of that, kept for callers that use it."""
         self.check_push(name, alias, wait)
         started = time.perf_counter()
-        loaded, meta = self._prepare(patch, base)
+        loaded = _loaded(patch) if base is None else _with_base_record(patch, base)
+        meta = loaded.meta
+        if meta.base is None:  # `base` is publish_patch's: it fingerprints the base before it pushes
+            raise RegistryError("this patch has no record of the base model it was made on (a PEFT adapter?); pass "
+                                "`base=MODEL_DIR` so the registry can fingerprint the base tensors it touches")
         check_finite(meta.model_dump(mode="python"), "the patch's patch.json")
         table, stats = TensorPusher(self._backend, self.pack_below).push(loaded)
         digest = content_digest(meta, table)
@@ -544,7 +532,8 @@ class Registry:
 
         # validated before the version exists; only the version number, which cannot make it invalid, is added
         checked = parse_model(VersionManifest, body(1), f"the manifest of this push of {name}")
-        claim, claimed = pending_claim(wait), []
+        claim = pending_claim(wait)
+        claimed: list[int] = []
         try:
             manifest = checked.model_copy(update={"version": self._create_version(name, body, claim, claimed)})
             self._settle(manifest, claim, wait)
@@ -560,10 +549,9 @@ class Registry:
                 raise RegistryError(f"{exc}; {name}@{claimed[0]} was withdrawn: push again") from None
             raise
         stats.seconds = time.perf_counter() - started
-        manifest._push_stats = stats
         if alias is not None:
             self._move_pushed_alias(manifest, alias)
-        return manifest
+        return PushResult(manifest, stats)
 
     def _move_pushed_alias(self, manifest: VersionManifest, alias: str) -> None:
         """Point `alias` at a version just published; a failure or Ctrl-C says the version is kept."""
@@ -586,32 +574,6 @@ class Registry:
         if alias is not None:
             check_alias(alias)
         check_wait(wait)
-
-    @staticmethod
-    def _prepare(patch: Patch | str | os.PathLike, base: str | os.PathLike | None) -> tuple[Patch, PatchMeta]:
-        """The patch and the meta to store: with the base's fingerprint where the patch has no record of
-        its base, checked against `base` where it has one."""
-        from splice.adapters.compose import patch_steps
-        from splice.adapters.fingerprint import fingerprint_base
-        from splice.adapters.patch import Patch
-        from splice.tensors.checkpoint import Checkpoint
-
-        checkpoint = Checkpoint.open(base) if base is not None else None
-        try:
-            loaded = patch if isinstance(patch, Patch) else Patch.load(patch)
-            meta = loaded.meta
-            if meta.base is None:
-                if checkpoint is None:
-                    raise RegistryError("this patch has no record of the base model it was made on (a PEFT "
-                                        "adapter?); pass `base=MODEL_DIR` so the registry can fingerprint "
-                                        "the base tensors it touches")
-                meta = meta.model_copy(update={"base": fingerprint_base(checkpoint, patch_steps(loaded).keys())})
-            elif checkpoint is not None:
-                loaded.check_base(checkpoint)
-        finally:
-            if checkpoint is not None:
-                checkpoint.close()
-        return loaded, meta
 
     def _settle(self, manifest: VersionManifest, claim: PendingPush, wait: float) -> None:
         """After a version's manifest is created: wait for the gcs running now, check that every blob it names is
@@ -682,22 +644,22 @@ class Registry:
         manifest = self.resolve(ref)
         return Patch(RegistryTensors(self._reader, manifest), manifest.meta.model_copy(deep=True))
 
-    @storage_errors
     def pull(self, ref: str | Ref, out: str | os.PathLike, force: bool = False) -> Path:
-        """Write the version a reference names as a splice patch directory (patch.json + tensors.safetensors,
-        byte for byte what `Patch.save` writes), every tensor hash-checked before the directory appears at
-        `out`; nothing appears there unless all of them are right."""
+        """`pull_version`, returning `out` as a Path."""
         self.pull_version(ref, out, force)
         return Path(out)
 
     @storage_errors
     def pull_version(self, ref: str | Ref, out: str | os.PathLike, force: bool = False) -> VersionManifest:
-        """`pull`, returning the version it wrote."""
+        """Write the version a reference names as a splice patch directory (patch.json + tensors.safetensors,
+        byte for byte what `Patch.save` writes), every tensor hash-checked before the directory appears at
+        `out`; nothing appears there unless all of them are right. Returns the version written."""
         from splice.adapters.patch import write_patch_dir
         from splice.tensors.safetensors import SAFETENSORS_DTYPES, OutputTensor
         from splice.tensors.writer import ensure_output_free
 
-        ensure_output_free(out, force, protected=self._local_root(), what="the registry")
+        own_directory = [self._backend.root] if isinstance(self._backend, LocalBackend) else []
+        ensure_output_free(out, force, protected=own_directory, what="the registry")
         manifest = self.resolve(ref)
         specs = [OutputTensor(name, SAFETENSORS_DTYPES[entry.dtype], tuple(entry.shape))
                  for name, entry in manifest.tensors.items()]
@@ -705,44 +667,30 @@ class Registry:
                         lambda handle, offsets: self._reader.fetch_into(manifest, handle.fileno(), offsets), force)
         return manifest
 
-    def _local_root(self) -> list[str]:
-        """The registry's own directory, where it is one on this machine (an --out must not overlap it)."""
-        return [self._backend.root] if self._backend.streams_files else []
-
     # -- removal and maintenance -----------------------------------------------------------------
 
     @storage_errors
-    def remove(self, ref: str | Ref) -> VersionManifest | None:
+    def remove(self, ref: str | Ref) -> RemovedVersion:
         """Remove the version a reference names; its number is never handed out again. Its blobs stay until
         `gc` finds no other version uses them. A version whose manifest does not validate can be removed by
-        number (`name@N`); then None is returned."""
+        number (`name@N`). Says which of the name's aliases are left pointing at it."""
         self._require_writable()
         parsed = ref if isinstance(ref, Ref) else parse_ref(ref)
+        digest: str | None
         try:
             manifest = self.resolve(parsed)
+            name, version, digest = manifest.name, manifest.version, manifest.digest
         except RegistryError:
             if parsed.version is None or not self._unreadable(parsed.name, parsed.version):
                 raise
-            withdraw(self._backend, parsed.name, parsed.version, "")
-            return None
-        withdraw(self._backend, manifest.name, manifest.version, manifest.digest)
-        return manifest
+            name, version, digest = parsed.name, parsed.version, None
+        withdraw(self._backend, name, version, digest or "")
+        return RemovedVersion(name, version, digest, self.aliases(name).pointing_at(version))
 
     def _unreadable(self, name: str, version: int) -> bool:
         """Is name@version a live version whose manifest is there but does not validate?"""
         live, _ = self._version_numbers(name)
         return version in live and self._backend.sizes([version_rel(name, version)])[0] is not None
-
-    @storage_errors
-    def remove_version(self, ref: str | Ref) -> RemovedVersion:
-        """`remove`, saying what was removed and which of its name's aliases are left pointing at it."""
-        parsed = ref if isinstance(ref, Ref) else parse_ref(ref)
-        manifest = self.remove(parsed)
-        if manifest is None:
-            return RemovedVersion(f"{parsed.name}@{parsed.version}", "a manifest that did not validate",
-                                  _pointing(self.aliases_checked(parsed.name)[0], parsed.version or 0))
-        return RemovedVersion(manifest.ref, manifest.digest,
-                              _pointing(self.aliases_checked(manifest.name)[0], manifest.version))
 
     def _live_manifests(self, bad: list[str], keep: set[str] | None = None, pending: bool = False
                         ) -> list[VersionManifest]:
@@ -758,26 +706,8 @@ class Registry:
                     continue
                 bad.append(str(manifest))
                 if keep is not None:
-                    keep |= self._digests_named(name, version)
+                    keep |= maintenance.digests_named(self._backend, name, version)
         return manifests
-
-    def _digests_named(self, name: str, version: int) -> set[str]:
-        """The blob digests a manifest that does not validate still names; gc stops at one it cannot read at
-        all (not JSON, or naming no blob), since it cannot tell which blobs that version needs."""
-        try:
-            raw = self._backend.read(version_rel(name, version))
-        except FileNotFoundError:
-            return set()
-        try:
-            load_json(raw, version_rel(name, version))
-        except RegistryError:
-            raw = b""
-        named = set(re.findall(r"[0-9a-f]{64}", raw.decode("utf-8", "replace")))
-        if not named:
-            raise RegistryError(f"{name}@{version}: its manifest is unreadable, so gc cannot tell which blobs it "
-                                f"uses; nothing was removed: restore it, or `splice registry rm {name}@{version}`, "
-                                f"then gc again")
-        return named
 
     @storage_errors
     def gc(self, grace_seconds: float = 3600) -> GcReport:
@@ -818,7 +748,7 @@ class Registry:
         manifests = self._live_manifests(bad)
         report = maintenance.verify(self._backend, self.url, manifests, bad)
         for name in self.names():
-            report.bad_aliases += self.aliases_checked(name)[1]
+            report.bad_aliases += self.aliases(name).problems
             report.pending += [p.line for p in pending_versions(self._backend, self.url, name)]
         return report
 

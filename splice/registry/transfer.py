@@ -28,7 +28,7 @@ from math import prod
 from typing import TYPE_CHECKING, Literal
 
 from splice.errors import first_line
-from splice.registry.backends import Backend, pread_into, read_pieces, write_all
+from splice.registry.backends import Backend, Bytes, LocalBackend, pread_into, read_pieces, write_all
 from splice.registry.layout import BATCH_BYTES, BATCH_COUNT, IO_CHUNK, PACK_BYTES, SMALL_READ, blob_rel, located
 from splice.registry.manifest import PushStats, TensorEntry, VersionManifest
 from splice.registry.refs import RegistryError
@@ -108,10 +108,10 @@ def plan_reads(items: Sequence[tuple[str, TensorEntry]]) -> list[BlobRead]:
         if not entry.packed:
             reads.append(BlobRead(blob_rel(entry.digest), 0, entry.nbytes + 1, [(index, name, entry)]))
             continue
-        read = packs.get(entry.blob)
+        read = packs.get(entry.blob_digest)
         end = entry.offset + entry.nbytes
         if read is None:
-            read = packs[entry.blob] = BlobRead(blob_rel(entry.blob), entry.offset, end, [])
+            read = packs[entry.blob_digest] = BlobRead(blob_rel(entry.blob_digest), entry.offset, end, [])
             reads.append(read)
         read.start, read.end = min(read.start, entry.offset), max(read.end, end)
         read.members.append((index, name, entry))
@@ -185,16 +185,17 @@ class BlobReader:
         out: list[bytes | bytearray] = [b""] * len(items)
         for read, data in zip(reads, results):
             for index, _, _, view in self.checked(read, data, ref):
-                out[index] = data if read.own else bytearray(view)
+                out[index] = data if read.own and isinstance(data, (bytes, bytearray)) else bytearray(view)
         return out
 
-    def _stream_own_file(self, read: BlobRead, ref: str, out_fd: int, out_offset: int) -> None:
+    def _stream_own_file(self, local: LocalBackend, read: BlobRead, ref: str, out_fd: int, out_offset: int
+                         ) -> None:
         """A large local blob copied to `out_fd` at `out_offset` in pieces, hashed on the way; a RegistryError
         (and partly written bytes, which the caller discards) if it is not what the manifest says."""
         _, name, entry = read.members[0]
         where = self._tensor_where(read, name, entry, ref)
         try:
-            fd = self.backend.open_read(read.rel)
+            fd = local.open_read(read.rel)
         except FileNotFoundError:
             raise RegistryError(f"{where} is missing; run `splice registry verify`") from None
         try:
@@ -224,8 +225,9 @@ class BlobReader:
 
         def run(group: list[int]) -> None:
             job = [reads[i] for i in group]
-            if self.backend.streams_files and len(job) == 1 and job[0].own and job[0].end - job[0].start > IO_CHUNK:
-                self._stream_own_file(job[0], manifest.ref, out_fd, offsets[job[0].members[0][0]])
+            large = len(job) == 1 and job[0].own and job[0].end - job[0].start > IO_CHUNK
+            if large and isinstance(self.backend, LocalBackend):
+                self._stream_own_file(self.backend, job[0], manifest.ref, out_fd, offsets[job[0].members[0][0]])
                 return
             results = self.backend.read_ranges([(r.rel, r.start, r.end) for r in job])
             for read, data in zip(job, results):
@@ -235,9 +237,9 @@ class BlobReader:
         run_jobs(self.backend.workers, "splice-pull", run, groups)
 
 
-class RegistryTensors(Mapping):
+class RegistryTensors(Mapping[str, "torch.Tensor"]):
     """A version's tensors (name -> torch.Tensor), each read from its blob (or its range of a pack) when
-    looked up and checked against its sha256."""
+    looked up and checked against its sha256: `splice.adapters.lazy.LazyTensors`."""
 
     def __init__(self, reader: BlobReader, manifest: VersionManifest):
         self.reader = reader
@@ -269,13 +271,13 @@ class RegistryTensors(Mapping):
 
 @dataclass
 class PushItem:
-    """One tensor of a patch being pushed: its bytes are `data`, or `nbytes` at `start` in the file `fd`."""
+    """One tensor of a patch being pushed: its bytes are `nbytes` at `start` in the file `fd`, or else `data`."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    data: memoryview | None = None
+    data: memoryview = memoryview(b"")
     fd: int | None = None
     start: int = 0
 
@@ -298,16 +300,17 @@ class TensorSource:
         self.stored = stored if local else None  # a local safetensors patch file: its bytes are read directly
 
     def sizes(self, names: Sequence[str]) -> list[int]:
-        """Each tensor's byte size, without reading it (an fp32 estimate where the source cannot say)."""
+        """Each tensor's byte size, without reading it (an fp32 estimate where lazy tensors cannot say)."""
         import torch
+
+        from splice.adapters.lazy import LazyTensors
 
         if self.stored is not None:
             return [self.stored.tensors[n].nbytes for n in names]
         if isinstance(self.tensors, RegistryTensors):
             return [self.tensors.manifest.tensors[n].nbytes for n in names]
-        shapes = getattr(self.tensors, "shapes", None)
-        if shapes is not None:
-            return [4 * prod(shapes[n]) for n in names]
+        if isinstance(self.tensors, LazyTensors):
+            return [4 * prod(self.tensors.shapes[n]) for n in names]
         return [t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
                 for t in (self.tensors[n] for n in names)]
 
@@ -316,9 +319,9 @@ class TensorSource:
 
         from splice.tensors.safetensors import DTYPE_TO_SAFETENSORS
 
-        if self.stored is not None:
+        if self.stored is not None and (located := self.stored.local_byte_range(name)) is not None:
             info = self.stored.tensors[name]
-            fd, start, end = self.stored.local_byte_range(name)
+            fd, start, end = located
             return PushItem(name, DTYPE_TO_SAFETENSORS[info.dtype], tuple(info.shape), end - start, fd=fd,
                             start=start)
         tensor = self.tensors[name]
@@ -327,13 +330,13 @@ class TensorSource:
         code = DTYPE_TO_SAFETENSORS.get(tensor.dtype)
         if code is None:
             raise RegistryError(f"patch tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
-        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
         return PushItem(name, code, tuple(tensor.shape), data.nbytes, data=data)
 
     @staticmethod
     def pieces(item: PushItem) -> Iterator[memoryview]:
         """The tensor's bytes in IO_CHUNK pieces; a piece is valid until the next one is asked for."""
-        if item.data is not None:
+        if item.fd is None:
             for start in range(0, item.nbytes, IO_CHUNK):
                 yield item.data[start:start + IO_CHUNK]
             return
@@ -347,7 +350,7 @@ class TensorSource:
     @staticmethod
     def read_all(item: PushItem) -> bytearray | memoryview:
         """The tensor's bytes in one buffer (for a remote put)."""
-        if item.data is not None:
+        if item.fd is None:
             return item.data
         buf = bytearray(item.nbytes)
         if pread_into(item.fd, memoryview(buf), item.start) != item.nbytes:
@@ -412,10 +415,10 @@ class TensorPusher:
             self.stats.blobs_reused += reused
             self.stats.bytes_reused += reused_bytes
 
-    def _put(self, blobs: list[tuple[str, int, bytes | bytearray | memoryview]]) -> None:
+    def _put(self, blobs: Sequence[tuple[str, int, Bytes]]) -> None:
         """Write the (rel, size, bytes) blobs not already stored with exactly those bytes."""
         held = self.backend.holds(blobs)
-        missing: dict[str, bytes | bytearray | memoryview] = {}
+        missing: dict[str, Bytes] = {}
         reused = reused_bytes = 0
         for (rel, size, data), stored in zip(blobs, held):
             if stored:
@@ -428,8 +431,8 @@ class TensorPusher:
         self._count(len(missing), sum(len(memoryview(d).cast("B")) for d in missing.values()), reused, reused_bytes)
 
     def _own(self, items: list[PushItem]) -> list[TensorEntry]:
-        if self.backend.streams_files and len(items) == 1 and items[0].data is None:
-            return [self._stream_file(items[0])]
+        if isinstance(self.backend, LocalBackend) and len(items) == 1 and items[0].fd is not None:
+            return [self._stream_file(self.backend, items[0])]
         blobs, entries = [], []
         for item in items:
             data = self.source.read_all(item)
@@ -460,7 +463,7 @@ class TensorPusher:
             hasher.update(piece)
         return hasher.hexdigest()
 
-    def _stream_file(self, item: PushItem) -> TensorEntry:
+    def _stream_file(self, local: LocalBackend, item: PushItem) -> TensorEntry:
         """Hash a large tensor while writing it to a temp file, then rename it into place (or drop it if
         the blob is stored); once a blob turned out stored, hash first and write only what is missing."""
         digest = None
@@ -470,7 +473,7 @@ class TensorPusher:
                 self.backend.touch(blob_rel(digest))
                 self._count(0, 0, 1, item.nbytes)
                 return item.entry(digest)
-        tmp, fd = self.backend.new_temp()
+        tmp, fd = local.new_temp()
         try:
             try:
                 hasher = hashlib.sha256()
@@ -482,7 +485,7 @@ class TensorPusher:
             if digest is not None and hasher.hexdigest() != digest:
                 raise RegistryError(f"patch tensor {item.name} changed while it was being pushed")
             digest = hasher.hexdigest()
-            written = self.backend.publish(tmp, blob_rel(digest), item.nbytes)
+            written = local.publish(tmp, blob_rel(digest), item.nbytes)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -79,11 +79,7 @@ def diff_updates(a: Patch, b: Patch) -> list[UpdateDiff]:
             entry.rank_a = factors_a[2].shape[0]
         if factors_b is not None:
             entry.rank_b = factors_b[2].shape[0]
-        if factors_b is None:
-            entry.status, entry.norm_a = "removed", _norm(*factors_a)
-        elif factors_a is None:
-            entry.status, entry.norm_b = "added", _norm(*factors_b)
-        else:
+        if factors_a is not None and factors_b is not None:
             if factors_a[1].shape[0] != factors_b[1].shape[0] or factors_a[2].shape[1] != factors_b[2].shape[1]:
                 entry.status = "reshaped"  # the two versions were made for differently shaped base tensors
                 entry.norm_a, entry.norm_b = _norm(*factors_a), _norm(*factors_b)
@@ -91,5 +87,9 @@ def diff_updates(a: Patch, b: Patch) -> list[UpdateDiff]:
                 _compare(factors_a, factors_b, entry)
                 if entry.relative == 0.0:
                     entry.status = "unchanged"
+        elif factors_a is not None:
+            entry.status, entry.norm_a = "removed", _norm(*factors_a)
+        elif factors_b is not None:
+            entry.status, entry.norm_b = "added", _norm(*factors_b)
         out.append(entry)
     return out

@@ -20,7 +20,7 @@ from splice.errors import SpliceError
 from splice.hooks import hook_name, load_callable, score_state
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.registry.health import DriftSummary, HealthRecord
-from splice.registry.manifest import VersionManifest
+from splice.registry.manifest import PushStats, VersionManifest
 from splice.registry.refs import RegistryError
 from splice.registry.store import Registry, open_registry
 from splice.tensors.checkpoint import Checkpoint, recorded_location
@@ -32,6 +32,7 @@ class PortOutcome:
     ported: Ported  # the ported patch, its drift report, what was written
     source: VersionManifest | None = None  # the registry version ported (None: a patch directory or adapter)
     pushed: VersionManifest | None = None
+    push_stats: PushStats | None = None  # the blob bytes the push wrote and reused
     score_before: float | None = None  # the patch on its own base
     score_after: float | None = None  # the ported patch on the new base
     report_files: list[Path] = field(default_factory=list)
@@ -81,8 +82,8 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
     if report_dir is not None:
         outcome.report_files = ported.drift.save(Path(report_dir), force)
     if push is not None and store is not None:
-        outcome.pushed = store.push(push, ported.patch, alias=alias,
-                                    message=message or ported.patch.meta.lineage[-1])
+        pushed = store.push(push, ported.patch, alias=alias, message=message or ported.patch.meta.lineage[-1])
+        outcome.pushed, outcome.push_stats = pushed.manifest, pushed.stats
     if source is not None and store is not None:
         outcome.warnings += record_port(store, source, ported, str(to), outcome, out or as_patch)
     return outcome

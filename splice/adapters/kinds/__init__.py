@@ -22,7 +22,3 @@ def parse_kind(kind: PatchKind | str) -> PatchKind:
         return PatchKind(kind)
     except ValueError:
         raise PatchError(f"unknown patch kind {kind!r}; use one of {', '.join(k.value for k in PatchKind)}") from None
-
-
-def kind_spec(kind: PatchKind | str) -> KindSpec:
-    return KINDS[parse_kind(kind)]

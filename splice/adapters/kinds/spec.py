@@ -57,7 +57,7 @@ def describe_plain(settings: dict[str, Any]) -> str:
 
 class MappedTensors(Mapping[str, torch.Tensor]):
     """Patch tensors with the named ones computed when they are looked up (`transform(name, tensors)`), the rest
-    as they are, so a rescaled or ported patch is never held whole in memory."""
+    as they are, so a rescaled or ported patch is never held whole in memory (`splice.adapters.lazy.LazyTensors`)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
                  transform: Callable[[str, Mapping[str, torch.Tensor]], torch.Tensor], names: set[str]):
@@ -72,6 +72,9 @@ class MappedTensors(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.tensors)
+
+    def read_all(self) -> dict[str, torch.Tensor]:
+        return dict(self)
 
 
 def keep_as_is(patch: PatchContents, scale: float) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]]:
