@@ -48,11 +48,26 @@ DEFAULT_WORKDIR = HERE / "_work"
 TARGET = 1.1
 TASK_COUNTS = (1, 10, 100)
 MICRO_TASKS = 1000  # also in the routing-ops microbenchmark only
-VIT = {"image_size": 32, "patch_size": 4, "num_channels": 3, "hidden_size": 384, "num_hidden_layers": 6,
-       "num_attention_heads": 6, "intermediate_size": 1536, "num_labels": 100}
+VIT = {
+    "image_size": 32,
+    "patch_size": 4,
+    "num_channels": 3,
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 6,
+    "intermediate_size": 1536,
+    "num_labels": 100,
+}
 BATCH = 64
-SMALL_VIT = {"image_size": 16, "patch_size": 4, "num_channels": 1, "hidden_size": 128, "num_hidden_layers": 4,
-             "num_attention_heads": 4, "intermediate_size": 256}
+SMALL_VIT = {
+    "image_size": 16,
+    "patch_size": 4,
+    "num_channels": 1,
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 256,
+}
 PIPELINE_TASKS = 4
 TRAIN_PER_TASK, TEST_PER_TASK = 128, 64
 PIPELINE = {"epochs": 3, "lr": 0.01, "head_lr": 0.01, "batch_size": 32, "seed": 0, "align": None}  # as measured
@@ -79,7 +94,7 @@ def _images(task: int, count: int, seed: int) -> dict:
     labels = 2 * task + torch.arange(count) % 2
     images = 0.3 * torch.randn(count, 1, 2 * side, 2 * side, generator=generator)
     top, left = side * (task // 2 % 2), side * (task % 2)
-    region = images[:, :, top:top + side, left:left + side]
+    region = images[:, :, top : top + side, left : left + side]
     region += 2.0
     region[labels % 2 == 0, :, 1::2, :] += 1.0  # even classes: rows
     region[labels % 2 == 1, :, :, 1::2] += 1.0  # odd classes: columns
@@ -152,8 +167,10 @@ def routing_cases(pixels) -> tuple[dict, dict, dict]:
     import torch
 
     plain = build_vit()
-    cases = {"plain": lambda: plain(pixel_values=pixels),
-             "2x plain": lambda: (plain(pixel_values=pixels), plain(pixel_values=pixels))}
+    cases = {
+        "plain": lambda: plain(pixel_values=pixels),
+        "2x plain": lambda: (plain(pixel_values=pixels), plain(pixel_values=pixels)),
+    }
     mixed, banks = {}, {}
     for tasks in TASK_COUNTS:
         bank = banks[tasks] = build_bank(tasks)
@@ -188,14 +205,21 @@ def routing_ops(banks: dict) -> dict:
     rows = {}
     for tasks, bank in banks.items():
         ids = torch.arange(BATCH) % tasks
-        rows[tasks] = {"gather_all_norms_ms": median_ms(lambda b=bank, i=ids: [
-                           n.slots.gathered(i, (BATCH, 1, dim)) for n in b._norms]),
-                       "select_ms": median_ms(lambda b=bank: b.select(features)), "norms": len(bank._norms)}
+        rows[tasks] = {
+            "gather_all_norms_ms": median_ms(
+                lambda b=bank, i=ids: [n.slots.gathered(i, (BATCH, 1, dim)) for n in b._norms]
+            ),
+            "select_ms": median_ms(lambda b=bank: b.select(features)),
+            "norms": len(bank._norms),
+        }
     norm = banks[TASK_COUNTS[0]]._norms[0]
     x = torch.randn(BATCH, tokens, dim)
     weight, bias = norm.slots.gathered(torch.zeros(BATCH, dtype=torch.long), (BATCH, 1, dim))
-    return {"per_tasks": rows, "one_norm_pretrained_ms": median_ms(lambda: norm.original(x)),
-            "one_norm_banked_ms": median_ms(lambda: norm.affine(norm.normalise(x), weight, bias))}
+    return {
+        "per_tasks": rows,
+        "one_norm_pretrained_ms": median_ms(lambda: norm.original(x)),
+        "one_norm_banked_ms": median_ms(lambda: norm.affine(norm.normalise(x), weight, bias)),
+    }
 
 
 def check_routed(pixels) -> float:
@@ -205,7 +229,7 @@ def check_routed(pixels) -> float:
     bank = build_bank(10)
     ids = bank.route(pixel_values=pixels)
     batched = bank(task_ids=ids, pixel_values=pixels).logits
-    single = torch.cat([bank(task_ids=ids[i:i + 1], pixel_values=pixels[i:i + 1]).logits for i in range(8)])
+    single = torch.cat([bank(task_ids=ids[i : i + 1], pixel_values=pixels[i : i + 1]).logits for i in range(8)])
     return float((batched[:8] - single).abs().max())
 
 
@@ -219,15 +243,23 @@ def run_routing(repeats: int) -> dict:
             call()
         rounds = []
         for round_index in range(repeats):
-            order = list(cases)[round_index % len(cases):] + list(cases)[:round_index % len(cases)]
+            order = list(cases)[round_index % len(cases) :] + list(cases)[: round_index % len(cases)]
             measured = {name: timed_call(cases[name]) for name in order}
             rounds.append({name: {"s": s, "other_cores": o} for name, (s, o) in measured.items()})
-            print(f"  round {round_index + 1}/{repeats}: plain {measured['plain'][0] * 1e3:.0f} ms, routed 100 "
-                  f"{measured['routed 100'][0] * 1e3:.0f} ms", flush=True)
+            print(
+                f"  round {round_index + 1}/{repeats}: plain {measured['plain'][0] * 1e3:.0f} ms, routed 100 "
+                f"{measured['routed 100'][0] * 1e3:.0f} ms",
+                flush=True,
+            )
         worst = check_routed(pixels)
         ops = routing_ops({**banks, MICRO_TASKS: build_bank(MICRO_TASKS)})
-    return {"rounds": rounds, "routing_ops": ops, "distinct_selected": mixed, "batched_vs_single_max_abs": worst,
-            "profile": {"routed 100": profile_call(cases["routed 100"]), "2x plain": profile_call(cases["2x plain"])}}
+    return {
+        "rounds": rounds,
+        "routing_ops": ops,
+        "distinct_selected": mixed,
+        "batched_vs_single_max_abs": worst,
+        "profile": {"routed 100": profile_call(cases["routed 100"]), "2x plain": profile_call(cases["2x plain"])},
+    }
 
 
 def profile_call(call, top: int = 10) -> list[dict]:
@@ -247,24 +279,37 @@ def summarize_routing(result: dict) -> dict:
     for name in names:
         seconds = [r[name]["s"] for r in rounds]
         others = [r[name]["other_cores"] for r in rounds if r[name]["other_cores"] is not None]
-        summary[name] = {"ms": 1e3 * statistics.median(seconds), "min_ms": 1e3 * min(seconds),
-                         "images_per_s": BATCH / statistics.median(seconds),
-                         "other_cores": statistics.median(others) if others else None}
+        summary[name] = {
+            "ms": 1e3 * statistics.median(seconds),
+            "min_ms": 1e3 * min(seconds),
+            "images_per_s": BATCH / statistics.median(seconds),
+            "other_cores": statistics.median(others) if others else None,
+        }
     ratios = {}
     for tasks in TASK_COUNTS:
         per_round = [r[f"routed {tasks}"]["s"] / r["2x plain"]["s"] for r in rounds]
-        split = [(r[f"features {tasks}"]["s"] + r[f"select {tasks}"]["s"] + r[f"second {tasks}"]["s"])
-                 / r["2x plain"]["s"] for r in rounds]
-        ratios[f"routed {tasks} / 2x plain"] = {"median": statistics.median(per_round), "min": min(per_round),
-                                                "max": max(per_round)}
-        ratios[f"split sum {tasks} / 2x plain"] = {"median": statistics.median(split), "min": min(split),
-                                                   "max": max(split)}
+        split = [
+            (r[f"features {tasks}"]["s"] + r[f"select {tasks}"]["s"] + r[f"second {tasks}"]["s"]) / r["2x plain"]["s"]
+            for r in rounds
+        ]
+        ratios[f"routed {tasks} / 2x plain"] = {
+            "median": statistics.median(per_round),
+            "min": min(per_round),
+            "max": max(per_round),
+        }
+        ratios[f"split sum {tasks} / 2x plain"] = {
+            "median": statistics.median(split),
+            "min": min(split),
+            "max": max(split),
+        }
     return {"cases": summary, "ratios": ratios}
 
 
 def print_routing(summary: dict, result: dict) -> None:
-    print(f"\nRouted inference, ViT hidden {VIT['hidden_size']}, {VIT['num_hidden_layers']} layers, image "
-          f"{VIT['image_size']}, patch {VIT['patch_size']}, batch {BATCH} (median of {len(result['rounds'])})")
+    print(
+        f"\nRouted inference, ViT hidden {VIT['hidden_size']}, {VIT['num_hidden_layers']} layers, image "
+        f"{VIT['image_size']}, patch {VIT['patch_size']}, batch {BATCH} (median of {len(result['rounds'])})"
+    )
     print(f"{'case':<14} {'ms/batch':>9} {'min ms':>8} {'images/s':>9} {'other cores':>12}")
     for name, row in summary["cases"].items():
         other = "-" if row["other_cores"] is None else f"{row['other_cores']:.2f}"
@@ -272,15 +317,19 @@ def print_routing(summary: dict, result: dict) -> None:
     print(f"\n{'ratio (per round, median [min-max])':<36} {'value':>22}")
     for name, ratio in summary["ratios"].items():
         print(f"{name:<36} {ratio['median']:6.3f} [{ratio['min']:.3f}-{ratio['max']:.3f}]")
-    print(f"distinct tasks selected in the batch: {result['distinct_selected']}; batched vs one-by-one max |diff| "
-          f"{result['batched_vs_single_max_abs']:.2e}")
+    print(
+        f"distinct tasks selected in the batch: {result['distinct_selected']}; batched vs one-by-one max |diff| "
+        f"{result['batched_vs_single_max_abs']:.2e}"
+    )
     ops = result["routing_ops"]
     print("\nrouting work alone per batch (median of 30 calls, ms):")
     print(f"{'tasks':>6} {'gather, all norms':>18} {'select':>8}")
     for tasks, row in ops["per_tasks"].items():
         print(f"{tasks:>6} {row['gather_all_norms_ms']:18.3f} {row['select_ms']:8.3f}")
-    print(f"one norm on [{BATCH}, tokens, d]: pretrained {ops['one_norm_pretrained_ms']:.3f} ms, banked "
-          f"{ops['one_norm_banked_ms']:.3f} ms")
+    print(
+        f"one norm on [{BATCH}, tokens, d]: pretrained {ops['one_norm_pretrained_ms']:.3f} ms, banked "
+        f"{ops['one_norm_banked_ms']:.3f} ms"
+    )
     for case, rows in result["profile"].items():
         print(f"\nprofile of one {case} call (operator, calls, self CPU ms):")
         for row in rows:
@@ -340,9 +389,12 @@ def run_pipeline_once(workdir: Path, base: Path, phases: dict[str, list[float]])
     started = time.perf_counter()
     report = run_pipeline(pipeline)
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "phases": {k: list(v) for k, v in phases.items()},
-            "final_average_accuracy": report.final_average_accuracy,
-            "task_id_accuracy": report.task_id_accuracy[-1]}
+    return {
+        "wall_s": wall,
+        "phases": {k: list(v) for k, v in phases.items()},
+        "final_average_accuracy": report.final_average_accuracy,
+        "task_id_accuracy": report.task_id_accuracy[-1],
+    }
 
 
 def run_pipelines(workdir: Path, repeats: int) -> list[dict]:
@@ -365,8 +417,9 @@ def summarize_pipeline(runs: list[dict]) -> dict:
     rectify), per run then the median."""
     per_task = []
     for task in range(PIPELINE_TASKS):
-        row = {phase: 1e3 * statistics.median(run["phases"][phase][task] for run in runs)
-               for phase in [*PHASES, "task"]}
+        row = {
+            phase: 1e3 * statistics.median(run["phases"][phase][task] for run in runs) for phase in [*PHASES, "task"]
+        }
         row["rest"] = row["task"] - sum(row[phase] for phase in PHASES)
         per_task.append(row)
 
@@ -374,27 +427,33 @@ def summarize_pipeline(runs: list[dict]) -> dict:
         spent = sum(sum(run["phases"][phase]) for phase in over)
         return spent / sum(sum(run["phases"][phase]) for phase in ("train", "rectify"))
 
-    return {"per_task_ms": per_task,
-            "overhead / training": statistics.median(ratio(r, ("evaluate", "patch", "push")) for r in runs),
-            "push + patch / training": statistics.median(ratio(r, ("patch", "push")) for r in runs),
-            "evaluate / training": statistics.median(ratio(r, ("evaluate",)) for r in runs),
-            "wall_s": statistics.median(r["wall_s"] for r in runs),
-            "other_cores": statistics.median(r.get("other_cores") or 0.0 for r in runs),
-            "final_average_accuracy": runs[-1]["final_average_accuracy"],
-            "task_id_accuracy": runs[-1]["task_id_accuracy"]}
+    return {
+        "per_task_ms": per_task,
+        "overhead / training": statistics.median(ratio(r, ("evaluate", "patch", "push")) for r in runs),
+        "push + patch / training": statistics.median(ratio(r, ("patch", "push")) for r in runs),
+        "evaluate / training": statistics.median(ratio(r, ("evaluate",)) for r in runs),
+        "wall_s": statistics.median(r["wall_s"] for r in runs),
+        "other_cores": statistics.median(r.get("other_cores") or 0.0 for r in runs),
+        "final_average_accuracy": runs[-1]["final_average_accuracy"],
+        "task_id_accuracy": runs[-1]["task_id_accuracy"],
+    }
 
 
 def print_pipeline(summary: dict, repeats: int) -> None:
-    print(f"\nPipeline per task (ms, median of {repeats} runs; {PIPELINE_TASKS} tasks, {TRAIN_PER_TASK} train / "
-          f"{TEST_PER_TASK} test images each, epochs {PIPELINE['epochs']}, batch {PIPELINE['batch_size']})")
+    print(
+        f"\nPipeline per task (ms, median of {repeats} runs; {PIPELINE_TASKS} tasks, {TRAIN_PER_TASK} train / "
+        f"{TEST_PER_TASK} test images each, epochs {PIPELINE['epochs']}, batch {PIPELINE['batch_size']})"
+    )
     columns = [*PHASES, "rest", "task"]
     print(f"{'task':<5}" + "".join(f"{c:>10}" for c in columns))
     for index, row in enumerate(summary["per_task_ms"]):
         print(f"{index:<5}" + "".join(f"{row[c]:10.1f}" for c in columns))
     for name in ("overhead / training", "push + patch / training", "evaluate / training"):
         print(f"{name:<26} {summary[name]:.3f}")
-    print(f"pipeline wall {summary['wall_s']:.2f} s, other load {summary['other_cores']:.2f} cores; final average "
-          f"accuracy {summary['final_average_accuracy']:.3f}, task-id accuracy {summary['task_id_accuracy']:.3f}")
+    print(
+        f"pipeline wall {summary['wall_s']:.2f} s, other load {summary['other_cores']:.2f} cores; final average "
+        f"accuracy {summary['final_average_accuracy']:.3f}, task-id accuracy {summary['task_id_accuracy']:.3f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,8 +468,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = {"machine": machine_info(), "threads": args.threads, "vit": VIT, "batch": BATCH,
-               "small_vit": SMALL_VIT, "pipeline": PIPELINE, "target": TARGET}
+    results = {
+        "machine": machine_info(),
+        "threads": args.threads,
+        "vit": VIT,
+        "batch": BATCH,
+        "small_vit": SMALL_VIT,
+        "pipeline": PIPELINE,
+        "target": TARGET,
+    }
     if args.only != "pipeline":
         routing = run_routing(args.repeats)
         results["routing"] = {**routing, "summary": summarize_routing(routing)}

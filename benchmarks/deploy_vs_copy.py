@@ -76,8 +76,9 @@ def build_patches(base_dir: Path, registry_dir: Path) -> list[str]:
     base = Checkpoint.open(base_dir)
     generator = torch.Generator().manual_seed(SEED)
     norms = norm_tensor_names(base)
-    layernorm = {name: base.read(name) + 0.01 * torch.randn(base.tensors[name].shape, generator=generator)
-                 for name in norms}
+    layernorm = {
+        name: base.read(name) + 0.01 * torch.randn(base.tensors[name].shape, generator=generator) for name in norms
+    }
     lora, rank, alpha = {}, {}, {}
     for name, info in base.tensors.items():
         if ".layers." not in name or len(info.shape) != 2:
@@ -91,13 +92,28 @@ def build_patches(base_dir: Path, registry_dir: Path) -> list[str]:
     shutil.rmtree(registry_dir, ignore_errors=True)
     registry = Registry.init(str(registry_dir))
     modules = sorted({name.rpartition(".")[0] for name in norms})
-    registry.push("bench-ln", Patch(layernorm, PatchMeta(kind="layernorm", targets=modules,
-                                                          base=fingerprint_base(base, norms))), alias="prod")
-    registry.push("bench-lora", Patch(lora, PatchMeta(
-        kind="lora", targets=sorted(rank), base=fingerprint_base(base, touched),
-        settings={"rslora": False, "rank": rank, "alpha": alpha})), alias="prod")
-    print(f"patches: LayerNorm {len(norms)} tensors, LoRA rank {RANK} on {len(rank)} matrices "
-          f"({sum(t.numel() for t in lora.values()) * 4 / 1e6:.1f} MB)")
+    registry.push(
+        "bench-ln",
+        Patch(layernorm, PatchMeta(kind="layernorm", targets=modules, base=fingerprint_base(base, norms))),
+        alias="prod",
+    )
+    registry.push(
+        "bench-lora",
+        Patch(
+            lora,
+            PatchMeta(
+                kind="lora",
+                targets=sorted(rank),
+                base=fingerprint_base(base, touched),
+                settings={"rslora": False, "rank": rank, "alpha": alpha},
+            ),
+        ),
+        alias="prod",
+    )
+    print(
+        f"patches: LayerNorm {len(norms)} tensors, LoRA rank {RANK} on {len(rank)} matrices "
+        f"({sum(t.numel() for t in lora.values()) * 4 / 1e6:.1f} MB)"
+    )
     return ["bench-ln@prod", "bench-lora@prod"]
 
 
@@ -141,21 +157,72 @@ def main(argv: list[str] | None = None) -> int:
     call_report = workdir / "logs" / "timed_inside.json"
     splice_cli = str(Path(sys.executable).with_name("splice"))
     cases = [
-        Case("copy-shards", ["cp", "-r", str(base_dir), str(outs["copy"])], outs["copy"],
-             "cp -r of the base model directory"),
-        Case("splice-deploy", [splice_cli, "deploy", *refs, "--base", str(base_dir), "--out", str(outs["cli"]),
-                               "--registry", str(registry_dir), "--device", "cpu", "--quiet", "--force"], outs["cli"],
-             "the CLI, end to end"),
-        Case("deploy-call", [sys.executable, str(workdir / "deploy_call.py"), ",".join(refs), str(base_dir),
-                             str(outs["call"]), str(registry_dir), str(call_report)], outs["call"],
-             "deploy() timed inside Python"),
-        Case("deploy-ln-call", [sys.executable, str(workdir / "deploy_call.py"), refs[0], str(base_dir),
-                                str(outs["ln"]), str(registry_dir), str(call_report)], outs["ln"],
-             "deploy() of the LayerNorm patch alone, timed inside Python"),
-        Case("import-only", [sys.executable, "-c", "import splice.workflows.deploy, splice.cli.app"], None,
-             "interpreter + imports"),
-        Case("io-floor", [sys.executable, str(workdir / "io_floor_copy.py"), str(base_dir), str(outs["floor"]),
-                          str(call_report)], outs["floor"], "safe_open reads + save_file writes, timed inside Python"),
+        Case(
+            "copy-shards",
+            ["cp", "-r", str(base_dir), str(outs["copy"])],
+            outs["copy"],
+            "cp -r of the base model directory",
+        ),
+        Case(
+            "splice-deploy",
+            [
+                splice_cli,
+                "deploy",
+                *refs,
+                "--base",
+                str(base_dir),
+                "--out",
+                str(outs["cli"]),
+                "--registry",
+                str(registry_dir),
+                "--device",
+                "cpu",
+                "--quiet",
+                "--force",
+            ],
+            outs["cli"],
+            "the CLI, end to end",
+        ),
+        Case(
+            "deploy-call",
+            [
+                sys.executable,
+                str(workdir / "deploy_call.py"),
+                ",".join(refs),
+                str(base_dir),
+                str(outs["call"]),
+                str(registry_dir),
+                str(call_report),
+            ],
+            outs["call"],
+            "deploy() timed inside Python",
+        ),
+        Case(
+            "deploy-ln-call",
+            [
+                sys.executable,
+                str(workdir / "deploy_call.py"),
+                refs[0],
+                str(base_dir),
+                str(outs["ln"]),
+                str(registry_dir),
+                str(call_report),
+            ],
+            outs["ln"],
+            "deploy() of the LayerNorm patch alone, timed inside Python",
+        ),
+        Case(
+            "import-only",
+            [sys.executable, "-c", "import splice.workflows.deploy, splice.cli.app"],
+            None,
+            "interpreter + imports",
+        ),
+        Case(
+            "io-floor",
+            [sys.executable, str(workdir / "io_floor_copy.py"), str(base_dir), str(outs["floor"]), str(call_report)],
+            outs["floor"],
+            "safe_open reads + save_file writes, timed inside Python",
+        ),
     ]
     timed_inside = {"deploy-call", "deploy-ln-call", "io-floor"}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -166,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             run = measure(case, round_index, workdir, env, args.quiet_wait, 0.25)
             seconds = json.loads(call_report.read_text())["seconds"] if case.name in timed_inside else None
             label = "warm-up" if round_index < 0 else f"round {round_index + 1}"
-            print(f"  [{label}] {case.name:<14} {run.wall_s:6.2f} s  peak RSS {run.peak_rss_mb:6.0f} MB"
-                  + (f"  (timed inside: {seconds:.2f} s)" if seconds is not None else ""), flush=True)
+            print(
+                f"  [{label}] {case.name:<14} {run.wall_s:6.2f} s  peak RSS {run.peak_rss_mb:6.0f} MB"
+                + (f"  (timed inside: {seconds:.2f} s)" if seconds is not None else ""),
+                flush=True,
+            )
             if round_index >= 0:
                 walls[case.name].append(run.wall_s)
                 if seconds is not None:
@@ -183,15 +253,26 @@ def main(argv: list[str] | None = None) -> int:
         ("deploy() call / io-floor (safe_open + save_file)", median_inside["deploy-call"] / median_inside["io-floor"]),
         ("deploy() of the LayerNorm patch alone / copy", median_inside["deploy-ln-call"] / copy),
     ]
-    print(f"\nmedians of {args.repeats}: copy {copy:.2f} s, splice deploy {median['splice-deploy']:.2f} s, "
-          f"start-up {median['import-only']:.2f} s, deploy() {median_inside['deploy-call']:.2f} s, "
-          f"io-floor {median_inside['io-floor']:.2f} s")
+    print(
+        f"\nmedians of {args.repeats}: copy {copy:.2f} s, splice deploy {median['splice-deploy']:.2f} s, "
+        f"start-up {median['import-only']:.2f} s, deploy() {median_inside['deploy-call']:.2f} s, "
+        f"io-floor {median_inside['io-floor']:.2f} s"
+    )
     for label, ratio in rows:
         print(f"  {label:<50} {ratio:5.2f}x  (target <= {TARGET}x: {'met' if ratio <= TARGET else 'MISSED'})")
     print(f"  deployed LoRA matrices vs base + B @ A: max |diff| {worst:.2e}; LayerNorms exact")
-    (workdir / "deploy-results.json").write_text(json.dumps(
-        {"walls": walls, "timed_inside": inside, "ratios": dict(rows), "max_abs_diff": worst,
-         "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    (workdir / "deploy-results.json").write_text(
+        json.dumps(
+            {
+                "walls": walls,
+                "timed_inside": inside,
+                "ratios": dict(rows),
+                "max_abs_diff": worst,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

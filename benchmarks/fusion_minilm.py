@@ -60,22 +60,81 @@ def anchor_dir() -> Path:
 # Data: varied sentences made here, tokenized with the shipped tokenizer
 # --------------------------------------------------------------------------------------------------
 
-_SUBJECTS = ["The old fisherman", "A young engineer", "My neighbour's cat", "The committee", "Our startup",
-             "The orchestra", "A tired nurse", "The city council", "Every student", "The new librarian",
-             "A flock of geese", "The chef", "Her grandfather", "The research team", "A lonely robot"]
-_VERBS = ["repaired", "painted", "argued about", "forgot", "celebrated", "measured", "sold", "photographed",
-          "translated", "rebuilt", "ignored", "discovered", "cooked", "described", "borrowed"]
-_OBJECTS = ["the broken bicycle", "a quarterly budget report", "the ancient map", "three loaves of bread",
-            "the football match", "an unusual comet", "the leaking roof", "a jazz melody", "the election results",
-            "the garden fence", "a mysterious letter", "the train timetable", "a recipe for lemon cake",
-            "the museum's oldest painting", "a stack of invoices"]
-_TAILS = ["before sunrise.", "during the storm last night.", "while everyone else was asleep.",
-          "with surprising patience.", "and then went home.", "for the third time this week.",
-          "because nobody else would.", "in the crowded market.", "without telling anyone.", "after lunch.",
-          "despite the heavy rain.", "as quickly as possible.", "", "on a quiet Sunday afternoon.",
-          "and wrote a long blog post about it."]
-_QUESTIONS = ["Why did {s} leave so early?", "How many people attended the {o} workshop?",
-              "Is it true that {s} {v} {o}?", "Where can I find {o}?", "What happens if {s} never {v2} again?"]
+_SUBJECTS = [
+    "The old fisherman",
+    "A young engineer",
+    "My neighbour's cat",
+    "The committee",
+    "Our startup",
+    "The orchestra",
+    "A tired nurse",
+    "The city council",
+    "Every student",
+    "The new librarian",
+    "A flock of geese",
+    "The chef",
+    "Her grandfather",
+    "The research team",
+    "A lonely robot",
+]
+_VERBS = [
+    "repaired",
+    "painted",
+    "argued about",
+    "forgot",
+    "celebrated",
+    "measured",
+    "sold",
+    "photographed",
+    "translated",
+    "rebuilt",
+    "ignored",
+    "discovered",
+    "cooked",
+    "described",
+    "borrowed",
+]
+_OBJECTS = [
+    "the broken bicycle",
+    "a quarterly budget report",
+    "the ancient map",
+    "three loaves of bread",
+    "the football match",
+    "an unusual comet",
+    "the leaking roof",
+    "a jazz melody",
+    "the election results",
+    "the garden fence",
+    "a mysterious letter",
+    "the train timetable",
+    "a recipe for lemon cake",
+    "the museum's oldest painting",
+    "a stack of invoices",
+]
+_TAILS = [
+    "before sunrise.",
+    "during the storm last night.",
+    "while everyone else was asleep.",
+    "with surprising patience.",
+    "and then went home.",
+    "for the third time this week.",
+    "because nobody else would.",
+    "in the crowded market.",
+    "without telling anyone.",
+    "after lunch.",
+    "despite the heavy rain.",
+    "as quickly as possible.",
+    "",
+    "on a quiet Sunday afternoon.",
+    "and wrote a long blog post about it.",
+]
+_QUESTIONS = [
+    "Why did {s} leave so early?",
+    "How many people attended the {o} workshop?",
+    "Is it true that {s} {v} {o}?",
+    "Where can I find {o}?",
+    "What happens if {s} never {v2} again?",
+]
 
 
 def make_sentences(count: int, seed: int) -> list[str]:
@@ -125,10 +184,12 @@ def _permutations(config, seed: int) -> dict:
     perms = {"res": torch.randperm(hidden, generator=generator)}
     for layer in range(config.num_hidden_layers):
         order = torch.randperm(heads, generator=generator)
-        perms[("qk", layer)] = torch.cat([order[h] * size + torch.randperm(size, generator=generator)
-                                          for h in range(heads)])
-        perms[("v", layer)] = torch.cat([order[h] * size + torch.randperm(size, generator=generator)
-                                         for h in range(heads)])
+        perms[("qk", layer)] = torch.cat(
+            [order[h] * size + torch.randperm(size, generator=generator) for h in range(heads)]
+        )
+        perms[("v", layer)] = torch.cat(
+            [order[h] * size + torch.randperm(size, generator=generator) for h in range(heads)]
+        )
         perms[("mlp", layer)] = torch.randperm(inner, generator=generator)
     return perms
 
@@ -200,15 +261,22 @@ def build_models(workdir: Path, rebuild: bool = False) -> dict[str, Path]:
     models = workdir / "models"
     dirs = {"permuted": models / "minilm-permuted", "perturbed": models / "minilm-perturbed"}
     spec_file = models / "spec.json"
-    if not rebuild and spec_file.is_file() and json.loads(spec_file.read_text()) == SPEC and all(
-            (d / "config.json").is_file() for d in dirs.values()):
+    if (
+        not rebuild
+        and spec_file.is_file()
+        and json.loads(spec_file.read_text()) == SPEC
+        and all((d / "config.json").is_file() for d in dirs.values())
+    ):
         return dirs
     models.mkdir(parents=True, exist_ok=True)
     original = load_bert(anchor_dir())
     state = original.state_dict()
-    variants = {"permuted": permuted_state(state, original.config, SPEC["seed"]),
-                "perturbed": permuted_state(perturbed_state(state, PERTURBATION, SPEC["seed"] + 1), original.config,
-                                            SPEC["seed"])}
+    variants = {
+        "permuted": permuted_state(state, original.config, SPEC["seed"]),
+        "perturbed": permuted_state(
+            perturbed_state(state, PERTURBATION, SPEC["seed"] + 1), original.config, SPEC["seed"]
+        ),
+    }
     for key, variant in variants.items():
         model = BertModel(original.config)
         model.load_state_dict(variant)
@@ -249,15 +317,23 @@ def check(outputs: dict[str, Path], dirs: dict[str, Path]) -> dict[str, dict]:
     residual = _permutations(original.config, SPEC["seed"])["res"]
     permuted_emb = embed(load_bert(dirs["permuted"]), batch)
     perturbed_emb = embed(load_bert(dirs["perturbed"]), batch)
-    out = {"inputs": {"permuted copy vs original (coordinates matched)":
-                      float((permuted_emb - reference[:, residual]).abs().max()),
-                      "perturbed copy vs original (coordinates matched)":
-                      float((perturbed_emb - reference[:, residual]).abs().max()),
-                      "ideal fusion vs original": float((ideal - reference).abs().max())}}
+    out = {
+        "inputs": {
+            "permuted copy vs original (coordinates matched)": float(
+                (permuted_emb - reference[:, residual]).abs().max()
+            ),
+            "perturbed copy vs original (coordinates matched)": float(
+                (perturbed_emb - reference[:, residual]).abs().max()
+            ),
+            "ideal fusion vs original": float((ideal - reference).abs().max()),
+        }
+    }
     for case, directory in outputs.items():
         fused = embed(load_bert(directory), batch)
-        out[case] = {"vs original": float((fused - reference).abs().max()),
-                     "cosine to original (min)": float((fused * reference).sum(-1).min())}
+        out[case] = {
+            "vs original": float((fused - reference).abs().max()),
+            "cosine to original (min)": float((fused * reference).sum(-1).min()),
+        }
         if case != "emd-exact":
             out[case]["vs ideal fusion"] = float((fused - ideal).abs().max())
     return out
@@ -274,14 +350,25 @@ def build_cases(workdir: Path, dirs: dict[str, Path], device: str) -> list[Case]
     common = ["--data", data, "--samples", str(SAMPLES), "--device", device, "--force", "--quiet"]
     anchor = str(anchor_dir())
     cases = []
-    for name, model, solver in [("emd", "perturbed", ["--solver", "emd"]),
-                                ("sinkhorn-0.08", "perturbed", ["--solver", "sinkhorn", "--reg", "0.08"]),
-                                ("emd-exact", "permuted", ["--solver", "emd"]),
-                                ("emd-coherent", "perturbed", ["--solver", "emd", "--residual", "stream",
-                                                               "--heads", "whole", "--qk", "shared"])]:
+    for name, model, solver in [
+        ("emd", "perturbed", ["--solver", "emd"]),
+        ("sinkhorn-0.08", "perturbed", ["--solver", "sinkhorn", "--reg", "0.08"]),
+        ("emd-exact", "permuted", ["--solver", "emd"]),
+        (
+            "emd-coherent",
+            "perturbed",
+            ["--solver", "emd", "--residual", "stream", "--heads", "whole", "--qk", "shared"],
+        ),
+    ]:
         out = workdir / "out" / name
-        cases.append(Case(name, [splice_bin, "fuse", anchor, str(dirs[model]), "--out", str(out), *solver, *common],
-                          out, f"A + {model} copy, {' '.join(solver)}"))
+        cases.append(
+            Case(
+                name,
+                [splice_bin, "fuse", anchor, str(dirs[model]), "--out", str(out), *solver, *common],
+                out,
+                f"A + {model} copy, {' '.join(solver)}",
+            )
+        )
     return cases
 
 
@@ -311,37 +398,53 @@ def main(argv: list[str] | None = None) -> int:
             run = measure(case, round_index, workdir, env, args.quiet_wait, args.quiet_threshold)
             report = json.loads((case.out / "fusion_report.json").read_text())
             runs.append((run, report))
-            print(f"  {case.name:<14} wall {run.wall_s:6.1f} s  peak RSS {run.peak_rss_mb:6.0f} MB  "
-                  f"phases {report['timings']}  other load {run.other_load or 0:.2f} cores", flush=True)
+            print(
+                f"  {case.name:<14} wall {run.wall_s:6.1f} s  peak RSS {run.peak_rss_mb:6.0f} MB  "
+                f"phases {report['timings']}  other load {run.other_load or 0:.2f} cores",
+                flush=True,
+            )
         timed = [run for run, _ in runs]
         phases = {key: statistics.median(r["timings"][key] for _, r in runs) for key in runs[0][1]["timings"]}
         last = runs[-1][1]
         solved = [m for m in last["maps"] if m["kind"] == "ot"]
         results[case.name] = {
-            "what": case.what, "argv": case.argv,
+            "what": case.what,
+            "argv": case.argv,
             "wall_s": statistics.median(r.wall_s for r in timed),
             "peak_rss_mb": statistics.median(r.peak_rss_mb for r in timed),
             "peak_anon_mb": statistics.median(r.peak_anon_mb or 0 for r in timed),
             "cpu_s": statistics.median(r.cpu_s for r in timed),
             "other_load": max((r.other_load or 0 for r in timed), default=0),
-            "phases": phases, "samples": last["samples"], "tokens": last["tokens"], "maps": len(solved),
+            "phases": phases,
+            "samples": last["samples"],
+            "tokens": last["tokens"],
+            "maps": len(solved),
             "mean permutation closeness": statistics.mean(m["permutation_closeness"] for m in solved),
             "min permutation closeness": min(m["permutation_closeness"] for m in solved),
             "splice_source": timed[-1].splice_source,
         }
     verification = check({c.name: c.out for c in cases}, dirs)
-    result = {"machine": machine_info(), "splice_source": splice_fingerprint(), "cases": results,
-              "verification": verification, "target_s": TARGET_S}
+    result = {
+        "machine": machine_info(),
+        "splice_source": splice_fingerprint(),
+        "cases": results,
+        "verification": verification,
+        "target_s": TARGET_S,
+    }
     path = workdir / f"results-{args.device}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\n{'case':<14} {'wall s':>7} {'read':>6} {'acts':>6} {'OT':>6} {'transp':>6} {'write':>6} "
-          f"{'fuse total':>10} {'peak RSS MB':>11} {'closeness':>9}")
+    print(
+        f"\n{'case':<14} {'wall s':>7} {'read':>6} {'acts':>6} {'OT':>6} {'transp':>6} {'write':>6} "
+        f"{'fuse total':>10} {'peak RSS MB':>11} {'closeness':>9}"
+    )
     for name, row in results.items():
         p = row["phases"]
-        print(f"{name:<14} {row['wall_s']:7.1f} {p['read']:6.2f} {p['activations']:6.2f} {p['ot']:6.2f} "
-              f"{p['transport']:6.2f} {p['write']:6.2f} {p['total']:10.1f} {row['peak_rss_mb']:11.0f} "
-              f"{row['mean permutation closeness']:9.4f}")
+        print(
+            f"{name:<14} {row['wall_s']:7.1f} {p['read']:6.2f} {p['activations']:6.2f} {p['ot']:6.2f} "
+            f"{p['transport']:6.2f} {p['write']:6.2f} {p['total']:10.1f} {row['peak_rss_mb']:11.0f} "
+            f"{row['mean permutation closeness']:9.4f}"
+        )
     print("\nheld-out sentence embeddings, max |diff|:")
     print(json.dumps(verification, indent=2))
     print(f"results: {path}")

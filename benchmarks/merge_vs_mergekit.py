@@ -579,8 +579,12 @@ def baseline_cases() -> list[Case]:
             "python -c 'import torch, transformers'",
         ),
         Case("splice --help", [_tool("splice"), "--help"], None, "splice CLI start-up"),
-        Case("splice start-up", [py, "-c", "import splice.cli.app, splice.merge.recipe, splice.merge.soup"], None,
-             "the splice CLI and the merge engines imported, nothing run"),
+        Case(
+            "splice start-up",
+            [py, "-c", "import splice.cli.app, splice.merge.recipe, splice.merge.soup"],
+            None,
+            "the splice CLI and the merge engines imported, nothing run",
+        ),
         Case("mergekit-yaml --help", [_tool("mergekit-yaml"), "--help"], None, "mergekit CLI start-up"),
     ]
 

@@ -53,7 +53,6 @@ PHASES = {  # the child's phase keys, in call order; "a.b" is part of "a"
     "context": "context fingerprint of NEW (sampled)",
     "report": "drift report files (JSON + PNG via matplotlib, drawn before the write)",
     "write": "write pass: apply_patches(ported, NEW, out)",
-
     "write.stream": "stream: read, add, write",
     "rest": "rest (open checkpoints, checks, ported patch)",
 }
@@ -133,9 +132,14 @@ def build_half(source: Path, target: Path) -> Path:
         return tensors[0][:vocab].clone() if tensors[0].shape[0] == MODEL_SPEC["vocab_size"] else tensors[0]
 
     shutil.rmtree(target, ignore_errors=True)
-    run_stream(items, Kernel(cut), target, side_files_from=base,
-               run=RunOptions(device="cpu", shard_size=total // 4 + 1),
-               extras=OutputExtras(files={"config.json": json.dumps(config, indent=2).encode()}))
+    run_stream(
+        items,
+        Kernel(cut),
+        target,
+        side_files_from=base,
+        run=RunOptions(device="cpu", shard_size=total // 4 + 1),
+        extras=OutputExtras(files={"config.json": json.dumps(config, indent=2).encode()}),
+    )
     stamp.write_text(json.dumps({**MODEL_SPEC, **HALF}))
     return target
 
@@ -180,10 +184,15 @@ def prepare(workdir: Path) -> dict[str, Path]:
     old, new = build_models(workdir / "models")[:2]
     half_old = build_half(old, workdir / "port-half" / "old")
     half_new = build_half(new, workdir / "port-half" / "new")
-    paths = {"old": old, "new": new, "half_old": half_old, "half_new": half_new,
-             "patch": save_lora(old, workdir / "port-registry", workdir / "port-patch"),
-             "half_patch": save_lora(half_old, workdir / "port-registry-half", workdir / "port-patch-half"),
-             "report": workdir / "logs" / "port_timed_inside.json"}
+    paths = {
+        "old": old,
+        "new": new,
+        "half_old": half_old,
+        "half_new": half_new,
+        "patch": save_lora(old, workdir / "port-registry", workdir / "port-patch"),
+        "half_patch": save_lora(half_old, workdir / "port-registry-half", workdir / "port-patch-half"),
+        "report": workdir / "logs" / "port_timed_inside.json",
+    }
     for name in ("old", "new", "half_old", "half_new"):
         size = sum(f.stat().st_size for f in paths[name].glob("*.safetensors"))
         print(f"  {name:<9} {size / 1e6:6.0f} MB in {len(list(paths[name].glob('*.safetensors')))} shards")
@@ -198,15 +207,28 @@ def build_cases(workdir: Path, paths: dict[str, Path]) -> list[Case]:
     def splice(mode: str, name: str, half: bool, old: bool) -> Case:
         patch, new = (paths["half_patch"], paths["half_new"]) if half else (paths["patch"], paths["new"])
         old_arg = str(paths["half_old" if half else "old"]) if old else "-"
-        what = "apply_patches(allow_base_drift)" if mode == "apply" else \
-            "port_patch(old_base=OLD)" if old else "port_patch, no old base"
-        return Case(name, [*call, mode, str(patch), str(new), str(out[name]), old_arg, report], out[name],
-                    what + (" on the half-size model" if half else ""))
+        what = (
+            "apply_patches(allow_base_drift)"
+            if mode == "apply"
+            else "port_patch(old_base=OLD)"
+            if old
+            else "port_patch, no old base"
+        )
+        return Case(
+            name,
+            [*call, mode, str(patch), str(new), str(out[name]), old_arg, report],
+            out[name],
+            what + (" on the half-size model" if half else ""),
+        )
 
     return [
         Case("copy-shards", ["cp", "-r", str(paths["new"]), str(out["copy"])], out["copy"], "cp -r NEW OUT"),
-        Case("io-floor", [sys.executable, str(workdir / "io_floor_copy.py"), str(paths["new"]), str(out["floor"]),
-                          report], out["floor"], "safe_open + save_file, shard by shard"),
+        Case(
+            "io-floor",
+            [sys.executable, str(workdir / "io_floor_copy.py"), str(paths["new"]), str(out["floor"]), report],
+            out["floor"],
+            "safe_open + save_file, shard by shard",
+        ),
         splice("apply", "patch-apply", False, False),
         splice("port", "port", False, True),
         splice("port", "port-no-old", False, False),
@@ -215,8 +237,9 @@ def build_cases(workdir: Path, paths: dict[str, Path]) -> list[Case]:
     ]
 
 
-def run_rounds(cases: list[Case], paths: dict[str, Path], workdir: Path, repeats: int, quiet_wait: float
-               ) -> tuple[list[dict], dict[str, float]]:
+def run_rounds(
+    cases: list[Case], paths: dict[str, Path], workdir: Path, repeats: int, quiet_wait: float
+) -> tuple[list[dict], dict[str, float]]:
     """A warm-up round, then `repeats` rounds of every case back to back; each output is checked (last round
     only, for the ported models) and deleted before the next case runs."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -226,20 +249,33 @@ def run_rounds(cases: list[Case], paths: dict[str, Path], workdir: Path, repeats
             run = measure(case, round_index, workdir, env, quiet_wait, 1.2)  # the trainer beside us uses 1 core
             inside = json.loads(paths["report"].read_text()) if case.name in TIMED_INSIDE else {}
             label = "warm-up" if round_index < 0 else f"round {round_index + 1}"
-            print(f"  [{label}] {case.name:<16} {run.wall_s:6.2f} s  peak RSS {run.peak_rss_mb:5.0f} MB"
-                  + (f"  inside {inside['seconds']:.2f} s" if inside else "")
-                  + (f"  (others busy {run.other_load:.1f} cores)" if run.other_load is not None else ""), flush=True)
+            print(
+                f"  [{label}] {case.name:<16} {run.wall_s:6.2f} s  peak RSS {run.peak_rss_mb:5.0f} MB"
+                + (f"  inside {inside['seconds']:.2f} s" if inside else "")
+                + (f"  (others busy {run.other_load:.1f} cores)" if run.other_load is not None else ""),
+                flush=True,
+            )
             if round_index == repeats - 1 and case.name in CHECKED:
                 half = case.name.endswith("-half")
-                errors[case.name] = check_ported(paths["half_new" if half else "new"], case.out,
-                                                 paths["half_patch" if half else "patch"])
+                errors[case.name] = check_ported(
+                    paths["half_new" if half else "new"], case.out, paths["half_patch" if half else "patch"]
+                )
             if case.out is not None:
                 shutil.rmtree(case.out, ignore_errors=True)
             if round_index >= 0:
-                runs.append({"case": case.name, "round": round_index, "wall_s": run.wall_s,
-                             "peak_rss_mb": run.peak_rss_mb, "peak_anon_mb": run.peak_anon_mb, "cpu_s": run.cpu_s,
-                             "other_load": run.other_load, "inside_s": inside.get("seconds"),
-                             "phases": inside.get("phases", {})})
+                runs.append(
+                    {
+                        "case": case.name,
+                        "round": round_index,
+                        "wall_s": run.wall_s,
+                        "peak_rss_mb": run.peak_rss_mb,
+                        "peak_anon_mb": run.peak_anon_mb,
+                        "cpu_s": run.cpu_s,
+                        "other_load": run.other_load,
+                        "inside_s": inside.get("seconds"),
+                        "phases": inside.get("phases", {}),
+                    }
+                )
     return runs, errors
 
 
@@ -252,11 +288,9 @@ RATIOS = [
     ("port (whole process) / copy-shards", "port", "wall_s", "copy-shards", "wall_s", None),
     ("port (inside) / io-floor (inside)", "port", "inside_s", "io-floor", "inside_s", None),
     ("patch-apply (inside) / copy-shards", "patch-apply", "inside_s", "copy-shards", "wall_s", None),
-    ("port-half / patch-apply-half (inside the call)", "port-half", "inside_s", "patch-apply-half", "inside_s",
-     TARGET),
+    ("port-half / patch-apply-half (inside the call)", "port-half", "inside_s", "patch-apply-half", "inside_s", TARGET),
     ("peak RSS: port-half / port (model 0.5x)", "port-half", "peak_rss_mb", "port", "peak_rss_mb", None),
-    ("peak RSS: patch-apply-half / patch-apply", "patch-apply-half", "peak_rss_mb", "patch-apply", "peak_rss_mb",
-     None),
+    ("peak RSS: patch-apply-half / patch-apply", "patch-apply-half", "peak_rss_mb", "patch-apply", "peak_rss_mb", None),
 ]
 
 
@@ -265,14 +299,20 @@ def summarize(runs: list[dict], repeats: int) -> tuple[dict, dict]:
     cases: dict[str, dict] = {}
     for name in dict.fromkeys(run["case"] for run in runs):
         mine = [run for run in runs if run["case"] == name]
-        row = {key: statistics.median(run[key] for run in mine)
-               for key in ("wall_s", "peak_rss_mb", "cpu_s") if all(run[key] is not None for run in mine)}
+        row = {
+            key: statistics.median(run[key] for run in mine)
+            for key in ("wall_s", "peak_rss_mb", "cpu_s")
+            if all(run[key] is not None for run in mine)
+        }
         if mine[0]["inside_s"] is not None:
             row["inside_s"] = statistics.median(run["inside_s"] for run in mine)
         anon = [run["peak_anon_mb"] for run in mine if run["peak_anon_mb"] is not None]
         row["peak_anon_mb"] = statistics.median(anon) if anon else None
-        row["phases"] = {key: statistics.median(run["phases"].get(key, 0.0) for run in mine)
-                         for key in PHASES if key in mine[0]["phases"]}
+        row["phases"] = {
+            key: statistics.median(run["phases"].get(key, 0.0) for run in mine)
+            for key in PHASES
+            if key in mine[0]["phases"]
+        }
         cases[name] = row
     at = {(run["case"], run["round"]): run for run in runs}
     ratios = {}
@@ -291,8 +331,11 @@ def print_report(cases: dict, ratios: dict, errors: dict[str, float], repeats: i
         print(f"  {name:<17} {inside:>9} {row['wall_s']:>10.2f} {row['peak_rss_mb']:>12.0f} {anon:>11}")
     print("\nratios (each taken within one round; median over rounds)")
     for label, ratio in ratios.items():
-        verdict = "" if ratio["target"] is None else \
-            f"  (target <= {ratio['target']}x: {'met' if ratio['median'] <= ratio['target'] else 'MISSED'})"
+        verdict = (
+            ""
+            if ratio["target"] is None
+            else f"  (target <= {ratio['target']}x: {'met' if ratio['median'] <= ratio['target'] else 'MISSED'})"
+        )
         rounds = ", ".join(f"{value:.2f}" for value in ratio["rounds"])
         print(f"  {label:<48} {ratio['median']:5.2f}x  [{rounds}]{verdict}")
     print("\nphases inside the call (medians, s)")
@@ -310,18 +353,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quiet-wait", type=float, default=5.0,
-                        help="wait up to S s before each run until other processes use < 1.2 cores")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=5.0,
+        help="wait up to S s before each run until other processes use < 1.2 cores",
+    )
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
     paths = prepare(workdir)
     runs, errors = run_rounds(build_cases(workdir, paths), paths, workdir, args.repeats, args.quiet_wait)
     cases, ratios = summarize(runs, args.repeats)
     print_report(cases, ratios, errors, args.repeats)
-    (workdir / "port_llama.json").write_text(json.dumps(
-        {"cases": cases, "ratios": ratios, "max_abs_diff": errors, "runs": runs, "machine": machine_info(),
-         "note": "2-core VM shared with other jobs (see other_load per run)",
-         "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    (workdir / "port_llama.json").write_text(
+        json.dumps(
+            {
+                "cases": cases,
+                "ratios": ratios,
+                "max_abs_diff": errors,
+                "runs": runs,
+                "machine": machine_info(),
+                "note": "2-core VM shared with other jobs (see other_load per run)",
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            indent=2,
+        )
+    )
     print(f"\nwritten: {workdir / 'port_llama.json'}")
     return 0
 

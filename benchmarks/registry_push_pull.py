@@ -52,8 +52,9 @@ def build_patch(directory: Path) -> Path:
     for layer in range(MATRICES):
         tensors[f"model.layers.{layer}.mlp.weight"] = torch.randn(MATRIX, generator=generator) * 1e-3
     for index in range(VECTORS):
-        tensors[f"model.layers.{index % MATRICES}.norm{index // MATRICES}.weight"] = torch.randn(
-            VECTOR, generator=generator) * 1e-3
+        tensors[f"model.layers.{index % MATRICES}.norm{index // MATRICES}.weight"] = (
+            torch.randn(VECTOR, generator=generator) * 1e-3
+        )
     meta = PatchMeta(kind=PatchKind.delta, targets=sorted(tensors), base=BaseFingerprint.of([]))
     Patch(tensors, meta).save(directory, force=True)
     return directory
@@ -95,12 +96,14 @@ def clear(fs, path: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def run_backend(label: str, fs, base: str, options: dict | None, url_of, patch_dir: Path, work: Path,
-                repeats: int) -> dict:
+def run_backend(
+    label: str, fs, base: str, options: dict | None, url_of, patch_dir: Path, work: Path, repeats: int
+) -> dict:
     source = str(patch_dir / "tensors.safetensors")
     nbytes = os.path.getsize(source)
-    samples: dict[str, list[float]] = {k: [] for k in ("plain push", "splice push", "push again", "plain pull",
-                                                         "splice pull")}
+    samples: dict[str, list[float]] = {
+        k: [] for k in ("plain push", "splice push", "push again", "plain pull", "splice pull")
+    }
     again_written = []
     for _ in range(repeats):
         tag = uuid.uuid4().hex[:8]
@@ -128,17 +131,27 @@ def run_backend(label: str, fs, base: str, options: dict | None, url_of, patch_d
         clear(fs, registry_url if label == "local" else f"{base}/registry-{tag}")
     samples["read+hash floor"] = [hash_floor(source) for _ in range(repeats)]
     medians = {k: statistics.median(v) for k, v in samples.items()}
-    return {"backend": label, "bytes": nbytes, "seconds": medians, "samples": samples,
-            "push_again_bytes_written": again_written,
-            "ratios": {"push": medians["plain push"] / medians["splice push"],
-                       "pull": medians["plain pull"] / medians["splice pull"]}}
+    return {
+        "backend": label,
+        "bytes": nbytes,
+        "seconds": medians,
+        "samples": samples,
+        "push_again_bytes_written": again_written,
+        "ratios": {
+            "push": medians["plain push"] / medians["splice push"],
+            "pull": medians["plain pull"] / medians["splice pull"],
+        },
+    }
 
 
 def start_moto():
     from moto.server import ThreadedMotoServer
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         os.environ[key] = value
     import logging
 
@@ -166,8 +179,11 @@ def main() -> None:
         fs = fsspec.filesystem("file")
         dest = args.workdir / "local-dest"
         dest.mkdir(exist_ok=True)
-        results.append(run_backend("local", fs, str(dest), None, lambda name: str(dest / name), patch_dir,
-                                   args.workdir, args.repeats))
+        results.append(
+            run_backend(
+                "local", fs, str(dest), None, lambda name: str(dest / name), patch_dir, args.workdir, args.repeats
+            )
+        )
     if "s3" in args.only:
         import boto3
         import s3fs
@@ -177,14 +193,28 @@ def main() -> None:
             boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
             options = {"client_kwargs": {"endpoint_url": endpoint}}
             fs = s3fs.S3FileSystem(**options)
-            results.append(run_backend("s3 (moto)", fs, BUCKET, options, lambda name: f"s3://{BUCKET}/{name}",
-                                       patch_dir, args.workdir, args.repeats))
+            results.append(
+                run_backend(
+                    "s3 (moto)",
+                    fs,
+                    BUCKET,
+                    options,
+                    lambda name: f"s3://{BUCKET}/{name}",
+                    patch_dir,
+                    args.workdir,
+                    args.repeats,
+                )
+            )
         finally:
             server.stop()
-    print(f"\npatch: {MATRICES} x {list(MATRIX)} + {VECTORS} x {list(VECTOR)} fp32 tensors, "
-          f"{results[0]['bytes'] / 1e6:.1f} MB; medians of {args.repeats} rounds; CPUs: {os.cpu_count()}\n")
-    header = f"{'backend':<11} {'case':<12} {'plain s':>8} {'splice s':>9} {'plain MB/s':>11} {'splice MB/s':>12} " \
-             f"{'ratio':>6} {'target':>7}"
+    print(
+        f"\npatch: {MATRICES} x {list(MATRIX)} + {VECTORS} x {list(VECTOR)} fp32 tensors, "
+        f"{results[0]['bytes'] / 1e6:.1f} MB; medians of {args.repeats} rounds; CPUs: {os.cpu_count()}\n"
+    )
+    header = (
+        f"{'backend':<11} {'case':<12} {'plain s':>8} {'splice s':>9} {'plain MB/s':>11} {'splice MB/s':>12} "
+        f"{'ratio':>6} {'target':>7}"
+    )
     print(header)
     print("-" * len(header))
     for result in results:
@@ -192,13 +222,19 @@ def main() -> None:
         for case in ("push", "pull"):
             plain, ours = s[f"plain {case}"], s[f"splice {case}"]
             ratio = result["ratios"][case]
-            print(f"{result['backend']:<11} {case:<12} {plain:>8.3f} {ours:>9.3f} {mb / plain:>11.0f} "
-                  f"{mb / ours:>12.0f} {ratio:>6.2f} {'>= 0.8':>7} {'ok' if ratio >= 0.8 else 'MISSED'}")
-        print(f"{result['backend']:<11} {'push again':<12} {'':>8} {s['push again']:>9.3f} {'':>11} "
-              f"{mb / s['push again']:>12.0f}   new blob bytes: {result['push_again_bytes_written']}")
+            print(
+                f"{result['backend']:<11} {case:<12} {plain:>8.3f} {ours:>9.3f} {mb / plain:>11.0f} "
+                f"{mb / ours:>12.0f} {ratio:>6.2f} {'>= 0.8':>7} {'ok' if ratio >= 0.8 else 'MISSED'}"
+            )
+        print(
+            f"{result['backend']:<11} {'push again':<12} {'':>8} {s['push again']:>9.3f} {'':>11} "
+            f"{mb / s['push again']:>12.0f}   new blob bytes: {result['push_again_bytes_written']}"
+        )
         floor = s["read+hash floor"]
-        print(f"{result['backend']:<11} {'hash floor':<12} {'':>8} {floor:>9.3f} {'':>11} {mb / floor:>12.0f}   "
-              f"(read + sha256 only, all cores; plain push / floor = {s['plain push'] / floor:.2f})")
+        print(
+            f"{result['backend']:<11} {'hash floor':<12} {'':>8} {floor:>9.3f} {'':>11} {mb / floor:>12.0f}   "
+            f"(read + sha256 only, all cores; plain push / floor = {s['plain push'] / floor:.2f})"
+        )
     out = args.workdir / "results.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nresults: {out}")

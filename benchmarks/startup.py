@@ -71,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, median in medians.items():
         target = f"<= {TARGET}" if name in ("splice --help", "splice registry ls") else ""
         print(f"{name:24} {median:9.3f} {median / torch_s:15.2f} {target:>8}")
-    print(json.dumps({"medians_s": medians, "ratios": {n: m / torch_s for n, m in medians.items()},
-                      "repeats": args.repeats}))
+    print(
+        json.dumps(
+            {"medians_s": medians, "ratios": {n: m / torch_s for n, m in medians.items()}, "repeats": args.repeats}
+        )
+    )
     missed = [n for n in ("splice --help", "splice registry ls") if medians[n] / torch_s > TARGET]
     return 1 if missed else 0
 

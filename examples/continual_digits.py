@@ -90,14 +90,13 @@ class Config:
     layers: int = 2  # the backbone's transformer layers (--layers)
 
 
-FULL = Config(pretrain_steps=1500, pretrain_lr=2e-3, epochs=10, lr=1e-2, head_lr=1e-3, finetune_lr=1e-3,
-              batch_size=32)
-QUICK = Config(pretrain_steps=150, pretrain_lr=2e-3, epochs=2, lr=1e-2, head_lr=1e-3, finetune_lr=1e-3,
-               batch_size=32)
+FULL = Config(pretrain_steps=1500, pretrain_lr=2e-3, epochs=10, lr=1e-2, head_lr=1e-3, finetune_lr=1e-3, batch_size=32)
+QUICK = Config(pretrain_steps=150, pretrain_lr=2e-3, epochs=2, lr=1e-2, head_lr=1e-3, finetune_lr=1e-3, batch_size=32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # data: the pretraining split and the 5 tasks (also the pipeline's MODULE:FUNCTION hooks)
+
 
 def study_seed() -> int:
     return int(os.environ.get(SEED_VARIABLE, "0"))
@@ -118,7 +117,7 @@ def task_count() -> int:
 def task_classes(index: int) -> list[int]:
     """Task `index`'s classes: `pairs`, 2 per task in the seeded class order; `groups`, GROUPS[index]."""
     if study_split() == "pairs":
-        return class_order()[CLASSES_PER_TASK * index: CLASSES_PER_TASK * (index + 1)]
+        return class_order()[CLASSES_PER_TASK * index : CLASSES_PER_TASK * (index + 1)]
     return GROUPS[index]
 
 
@@ -189,17 +188,29 @@ def all_tasks() -> list[TaskData]:
     tasks = []
     for index in range(task_count()):
         data = task_data(index)
-        tasks.append(TaskData(task_name(index), data["train"], data["test"],
-                              sorted(int(c) for c in data["train"]["labels"].unique())))
+        tasks.append(
+            TaskData(
+                task_name(index), data["train"], data["test"], sorted(int(c) for c in data["train"]["labels"].unique())
+            )
+        )
     return tasks
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the backbone
 
+
 def backbone_config(layers: int = 2) -> transformers.ViTConfig:
-    return transformers.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=layers,
-                                  num_attention_heads=4, intermediate_size=128, num_labels=10)
+    return transformers.ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=10,
+    )
 
 
 def pretrain_backbone(directory: Path, config: Config) -> dict:
@@ -209,8 +220,14 @@ def pretrain_backbone(directory: Path, config: Config) -> dict:
     seed = study_seed()
     torch.manual_seed(seed)
     model = transformers.ViTForImageClassification(backbone_config(config.layers))
-    losses = digits_train(model, (x, y), lr=config.pretrain_lr, steps=config.pretrain_steps, seed=seed,
-                          augmentation=Augmentation(noise=0.05, shift=1))
+    losses = digits_train(
+        model,
+        (x, y),
+        lr=config.pretrain_lr,
+        steps=config.pretrain_steps,
+        seed=seed,
+        augmentation=Augmentation(noise=0.05, shift=1),
+    )
     with torch.no_grad():
         train_accuracy = float((model(pixel_values=x).logits.argmax(-1) == y).float().mean())
     torch.manual_seed(seed + 1)
@@ -218,8 +235,13 @@ def pretrain_backbone(directory: Path, config: Config) -> dict:
     fresh.vit.load_state_dict(model.vit.state_dict())
     with quiet_transformers():
         fresh.save_pretrained(directory)
-    return {"images": len(y), "steps": config.pretrain_steps, "final_loss": losses[-1],
-            "pretrain_accuracy": train_accuracy, "parameters": sum(p.numel() for p in fresh.parameters())}
+    return {
+        "images": len(y),
+        "steps": config.pretrain_steps,
+        "final_loss": losses[-1],
+        "pretrain_accuracy": train_accuracy,
+        "parameters": sum(p.numel() for p in fresh.parameters()),
+    }
 
 
 def load_backbone(directory: Path) -> torch.nn.Module:
@@ -232,19 +254,41 @@ def load_backbone(directory: Path) -> torch.nn.Module:
 
 # the pipeline variants: name -> (rectify, inference, align); every option spelled out, whatever the defaults are
 ALIGN = {"samples": 256, "epochs": 5, "lr": 1e-2}
-PIPELINES = {"keyed-two-stage": (True, "all-classes", None), "keyed-one-stage": (False, "all-classes", None),
-             "keyed-routed-classes": (True, "routed-classes", None), "keyed-aligned": (True, "all-classes", ALIGN),
-             "keyed-aligned-routed": (True, "routed-classes", ALIGN)}
+PIPELINES = {
+    "keyed-two-stage": (True, "all-classes", None),
+    "keyed-one-stage": (False, "all-classes", None),
+    "keyed-routed-classes": (True, "routed-classes", None),
+    "keyed-aligned": (True, "all-classes", ALIGN),
+    "keyed-aligned-routed": (True, "routed-classes", ALIGN),
+}
 
 
-def pipeline_file(out: Path, base: Path, name: str, rectify: bool, config: Config, inference: str = "all-classes",
-                  align: dict | None = None) -> Path:
+def pipeline_file(
+    out: Path,
+    base: Path,
+    name: str,
+    rectify: bool,
+    config: Config,
+    inference: str = "all-classes",
+    align: dict | None = None,
+) -> Path:
     here = Path(__file__).resolve()
-    spec = {"base": str(base), "name": name, "registry": str(out / "registry"), "protocol": "class-incremental",
-            "tasks": [{"name": task_name(i), "data": f"{here}:task_{i}"} for i in range(task_count())],
-            "norms": "all", "epochs": config.epochs, "lr": config.lr, "head_lr": config.head_lr,
-            "rectify": rectify, "batch_size": config.batch_size, "seed": study_seed(), "inference": inference,
-            "align": align}
+    spec = {
+        "base": str(base),
+        "name": name,
+        "registry": str(out / "registry"),
+        "protocol": "class-incremental",
+        "tasks": [{"name": task_name(i), "data": f"{here}:task_{i}"} for i in range(task_count())],
+        "norms": "all",
+        "epochs": config.epochs,
+        "lr": config.lr,
+        "head_lr": config.head_lr,
+        "rectify": rectify,
+        "batch_size": config.batch_size,
+        "seed": study_seed(),
+        "inference": inference,
+        "align": align,
+    }
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -255,15 +299,27 @@ def keyed_rows(out: Path, base: Path, config: Config) -> tuple[dict[str, dict], 
     rows, oracles, reports = {}, {}, {}
     for name, (rectify, inference, align) in PIPELINES.items():
         with quiet_transformers():
-            report = run_pipeline(pipeline_file(out, base, name, rectify, config, inference, align),
-                                  report_dir=out / name)
+            report = run_pipeline(
+                pipeline_file(out, base, name, rectify, config, inference, align), report_dir=out / name
+            )
         reports[name] = asdict(report)
         stored = max(report.parameters_per_task) + report.key_size  # every task stores its whole slot here
         extra = {"statistics_values_per_task": statistics_values(out, name)} if align else {}
-        rows[name] = row(report.accuracy, report.task_id_accuracy[-1], stored, report.head_parameters,
-                         source=f"{name}/continual_report.json", **extra)
-        oracles[f"oracle-{name[6:]}"] = row(report.oracle_accuracy, 1.0, stored, report.head_parameters,
-                                            source=f"{name}/continual_report.json (oracle_accuracy)")
+        rows[name] = row(
+            report.accuracy,
+            report.task_id_accuracy[-1],
+            stored,
+            report.head_parameters,
+            source=f"{name}/continual_report.json",
+            **extra,
+        )
+        oracles[f"oracle-{name[6:]}"] = row(
+            report.oracle_accuracy,
+            1.0,
+            stored,
+            report.head_parameters,
+            source=f"{name}/continual_report.json (oracle_accuracy)",
+        )
     return rows | oracles, reports
 
 
@@ -281,16 +337,23 @@ def task_seed(index: int) -> int:
 
 def row(matrix: list[list[float]], task_id: float | None, stored: int, head: int, **extra) -> dict:
     summary = summarize(matrix)
-    return {"final_average_accuracy": summary.final_average_accuracy, "forgetting": summary.forgetting,
-            "backward_transfer": summary.backward_transfer,
-            "average_incremental_accuracy": summary.average_incremental_accuracy,
-            "last_task_accuracy": matrix[-1][-1], "task_id_accuracy": task_id, "parameters_per_task": stored,
-            "head_parameters": head,
-            "accuracy": matrix, **extra}
+    return {
+        "final_average_accuracy": summary.final_average_accuracy,
+        "forgetting": summary.forgetting,
+        "backward_transfer": summary.backward_transfer,
+        "average_incremental_accuracy": summary.average_incremental_accuracy,
+        "last_task_accuracy": matrix[-1][-1],
+        "task_id_accuracy": task_id,
+        "parameters_per_task": stored,
+        "head_parameters": head,
+        "accuracy": matrix,
+        **extra,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4-6: baselines without keys
+
 
 @torch.no_grad()
 def accuracies(logits_of: Callable[[Batch], torch.Tensor], seen: Sequence[TaskData], batch_size: int) -> list[float]:
@@ -305,8 +368,16 @@ def accuracies(logits_of: Callable[[Batch], torch.Tensor], seen: Sequence[TaskDa
     return result
 
 
-def fit(model: torch.nn.Module, parameters: list[torch.nn.Parameter], loss_of: Callable[[Batch], torch.Tensor],
-        data: Batch, epochs: int, lr: float, batch_size: int, generator: torch.Generator) -> None:
+def fit(
+    model: torch.nn.Module,
+    parameters: list[torch.nn.Parameter],
+    loss_of: Callable[[Batch], torch.Tensor],
+    data: Batch,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+) -> None:
     """Adam (constant lr, no weight decay, a new optimiser) over `epochs` of shuffled minibatches."""
     optimizer = torch.optim.Adam(parameters, lr=lr)
     model.train()
@@ -331,8 +402,9 @@ def sequential_finetune(base: Path, tasks: list[TaskData], config: Config) -> di
             return torch.nn.functional.cross_entropy(masked_logits(logits, classes), batch["labels"])
 
         fit(model, parameters, loss_of, task.train, config.epochs, config.finetune_lr, config.batch_size, generator)
-        matrix.append(accuracies(lambda b: model(pixel_values=b["pixel_values"]).logits, tasks[: index + 1],
-                                 config.batch_size))
+        matrix.append(
+            accuracies(lambda b: model(pixel_values=b["pixel_values"]).logits, tasks[: index + 1], config.batch_size)
+        )
     total = sum(p.numel() for p in parameters)
     return row(matrix, None, total, 0, note="one model, every weight trained (and stored) again for each task")
 
@@ -356,8 +428,13 @@ def sequential_layernorm(base: Path, tasks: list[TaskData], config: Config) -> d
 
         matrix.append(accuracies(logits_of, tasks[: index + 1], config.batch_size))
     stored = sum(p.numel() for p in tuned)
-    return row(matrix, None, stored, sum(p.numel() for p in head),
-               note="one set of LN parameters + head, overwritten by each task")
+    return row(
+        matrix,
+        None,
+        stored,
+        sum(p.numel() for p in head),
+        note="one set of LN parameters + head, overwritten by each task",
+    )
 
 
 def joint(base: Path, tasks: list[TaskData], config: Config) -> dict:
@@ -369,20 +446,37 @@ def joint(base: Path, tasks: list[TaskData], config: Config) -> dict:
     def loss_of(batch: Batch) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
 
-    fit(model, list(model.parameters()), loss_of, union, config.epochs, config.finetune_lr, config.batch_size,
-        torch.Generator().manual_seed(study_seed()))
+    fit(
+        model,
+        list(model.parameters()),
+        loss_of,
+        union,
+        config.epochs,
+        config.finetune_lr,
+        config.batch_size,
+        torch.Generator().manual_seed(study_seed()),
+    )
     final = accuracies(lambda b: model(pixel_values=b["pixel_values"]).logits, tasks, config.batch_size)
     # one model for every task: its matrix is the final row (forgetting and BWT 0 by construction)
     matrix = [final[: i + 1] for i in range(len(tasks))]
-    summary = {"final_average_accuracy": sum(final) / len(final), "forgetting": 0.0, "backward_transfer": 0.0,
-               "average_incremental_accuracy": None, "last_task_accuracy": final[-1], "task_id_accuracy": None,
-               "parameters_per_task": sum(p.numel() for p in model.parameters()), "head_parameters": 0,
-               "accuracy": matrix[-1:], "note": "trained once on all tasks' data (not continual)"}
+    summary = {
+        "final_average_accuracy": sum(final) / len(final),
+        "forgetting": 0.0,
+        "backward_transfer": 0.0,
+        "average_incremental_accuracy": None,
+        "last_task_accuracy": final[-1],
+        "task_id_accuracy": None,
+        "parameters_per_task": sum(p.numel() for p in model.parameters()),
+        "head_parameters": 0,
+        "accuracy": matrix[-1:],
+        "note": "trained once on all tasks' data (not continual)",
+    }
     return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 7: Fisher-selected LN subsets on keyed banks
+
 
 @dataclass(frozen=True)
 class BankVariant:
@@ -408,9 +502,11 @@ def keyed_bank(base: Path, tasks: list[TaskData], config: Config, variant: BankV
         tuned = list(named.values())
         masks = None
         if variant.fraction is not None:  # the library's Fisher subsets (the pipeline's `fisher:` option)
-            chosen = subset_masks(fisher_diagonal(bank, slot, named, task),
-                                  FisherSubset(fraction=variant.fraction, random=variant.random),
-                                  torch.Generator().manual_seed(task_seed(index)))
+            chosen = subset_masks(
+                fisher_diagonal(bank, slot, named, task),
+                FisherSubset(fraction=variant.fraction, random=variant.random),
+                torch.Generator().manual_seed(task_seed(index)),
+            )
             kept = int(sum(m.sum() for m in chosen.values()))
             masks = {id(named[name]): mask.to(named[name].dtype) for name, mask in chosen.items()}
         before = [p.detach().clone() for p in tuned]
@@ -432,13 +528,22 @@ def keyed_bank(base: Path, tasks: list[TaskData], config: Config, variant: BankV
     kept = kept if variant.fraction is not None else entries
     # a diagnostic: each task with its own slot and only its own classes (what the head's cross-task bias costs)
     within = evaluate(bank, tasks, "task-incremental", config.batch_size).oracle_accuracy
-    return row(matrix, task_ids[-1], kept + bank.feature_dim, sum(p.numel() for p in head),
-               entries_kept=kept, entries_changed_per_task=changed, ln_entries=entries, task_id_per_step=task_ids,
-               within_task_oracle_accuracy=within)
+    return row(
+        matrix,
+        task_ids[-1],
+        kept + bank.feature_dim,
+        sum(p.numel() for p in head),
+        entries_kept=kept,
+        entries_changed_per_task=changed,
+        ln_entries=entries,
+        task_id_per_step=task_ids,
+        within_task_oracle_accuracy=within,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the study
+
 
 def run_study(out: Path, config: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
@@ -451,28 +556,52 @@ def run_study(out: Path, config: Config) -> dict:
     tasks = all_tasks()
     rows, reports = keyed_rows(out, base, config)
     seconds["pipelines"] = time.perf_counter() - started - sum(seconds.values())
-    for name, method in (("sequential-finetune", sequential_finetune), ("sequential-layernorm", sequential_layernorm),
-                         ("joint", joint)):
+    for name, method in (
+        ("sequential-finetune", sequential_finetune),
+        ("sequential-layernorm", sequential_layernorm),
+        ("joint", joint),
+    ):
         rows[name] = method(base, tasks, config)
         seconds[name] = time.perf_counter() - started - sum(seconds.values())
-    variants = {f"{'random' if random else 'fisher'}-{round(100 * fraction)}%": BankVariant(fraction, random)
-                for fraction in FISHER_FRACTIONS for random in (False, True)}
+    variants = {
+        f"{'random' if random else 'fisher'}-{round(100 * fraction)}%": BankVariant(fraction, random)
+        for fraction in FISHER_FRACTIONS
+        for random in (False, True)
+    }
     variants["two-stage-throwaway-head"] = BankVariant(throwaway_head=True)
     for name, variant in variants.items():
         rows[name] = keyed_bank(base, tasks, config, variant)
         seconds[name] = time.perf_counter() - started - sum(seconds.values())
     # the same two-stage bank built here from the library's pieces: equal to the pipeline's run, or a bug
     rebuilt = keyed_bank(base, tasks, config, BankVariant())
-    checks = {"rebuilt_two_stage_accuracy": rebuilt["accuracy"],
-              "within_task_oracle_accuracy": rebuilt["within_task_oracle_accuracy"],
-              "rebuilt_equals_pipeline": rebuilt["accuracy"] == rows["keyed-two-stage"]["accuracy"]}
+    checks = {
+        "rebuilt_two_stage_accuracy": rebuilt["accuracy"],
+        "within_task_oracle_accuracy": rebuilt["within_task_oracle_accuracy"],
+        "rebuilt_equals_pipeline": rebuilt["accuracy"] == rows["keyed-two-stage"]["accuracy"],
+    }
     seconds["rebuilt-two-stage"] = time.perf_counter() - started - sum(seconds.values())
     seconds["total"] = time.perf_counter() - started
-    return {"config": asdict(config), "seed": study_seed(), "split": study_split(), "class_order": class_order(),
-            "tasks": [{"name": t.name, "classes": t.classes, "train": t.train["labels"].shape[0],
-                       "test": t.test["labels"].shape[0]} for t in tasks],
-            "backbone": backbone, "methods": rows, "checks": checks, "pipeline_reports": reports, "seconds": seconds,
-            "torch": torch.__version__}
+    return {
+        "config": asdict(config),
+        "seed": study_seed(),
+        "split": study_split(),
+        "class_order": class_order(),
+        "tasks": [
+            {
+                "name": t.name,
+                "classes": t.classes,
+                "train": t.train["labels"].shape[0],
+                "test": t.test["labels"].shape[0],
+            }
+            for t in tasks
+        ],
+        "backbone": backbone,
+        "methods": rows,
+        "checks": checks,
+        "pipeline_reports": reports,
+        "seconds": seconds,
+        "torch": torch.__version__,
+    }
 
 
 def table(results: dict) -> str:
@@ -481,13 +610,18 @@ def table(results: dict) -> str:
             return "-"
         return f"{100 * value:.1f}" if pct else f"{value:,}"
 
-    lines = ["| method | final avg acc % | last task % | forgetting (pts) | task-id acc % | params stored per task "
-             "| shared head |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | final avg acc % | last task % | forgetting (pts) | task-id acc % | params stored per task "
+        "| shared head |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results["methods"].items():
-        lines.append(f"| {name} | {cell(r['final_average_accuracy'])} | {cell(r['last_task_accuracy'])} | "
-                     f"{cell(r['forgetting'])} | "
-                     f"{cell(r['task_id_accuracy'])} | {cell(r['parameters_per_task'], False)} | "
-                     f"{cell(r['head_parameters'], False)} |")
+        lines.append(
+            f"| {name} | {cell(r['final_average_accuracy'])} | {cell(r['last_task_accuracy'])} | "
+            f"{cell(r['forgetting'])} | "
+            f"{cell(r['task_id_accuracy'])} | {cell(r['parameters_per_task'], False)} | "
+            f"{cell(r['head_parameters'], False)} |"
+        )
     return "\n".join(lines)
 
 
@@ -510,8 +644,15 @@ def draw(results: dict) -> Callable:
         for i, r in enumerate(matrix):
             grid[i, : len(r)] = r
             for j, v in enumerate(r):
-                heat.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize="x-small",
-                          color="white" if v < 0.6 else "black")
+                heat.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize="x-small",
+                    color="white" if v < 0.6 else "black",
+                )
         image = heat.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         heat.set_xlabel("evaluated on task")
         heat.set_ylabel("after task")
@@ -526,8 +667,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True, help="directory for the backbone, registry and reports")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (fewer steps and epochs)")
     parser.add_argument("--seed", type=int, default=0, help="class order, splits and training (default 0)")
-    parser.add_argument("--split", choices=["pairs", "groups"], default="pairs",
-                        help="pairs: 5 tasks of 2 classes in the seeded order; groups: {0,3,6} {1,4,7} {2,5} {8,9}")
+    parser.add_argument(
+        "--split",
+        choices=["pairs", "groups"],
+        default="pairs",
+        help="pairs: 5 tasks of 2 classes in the seeded order; groups: {0,3,6} {1,4,7} {2,5} {8,9}",
+    )
     parser.add_argument("--layers", type=int, default=2, help="the backbone's transformer layers (default 2)")
     args = parser.parse_args(argv)
     variables = {SEED_VARIABLE: str(args.seed), SPLIT_VARIABLE: args.split}
@@ -548,8 +693,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (args.out / JSON_NAME).write_text(json.dumps(results, indent=2) + "\n")
     (args.out / PNG_NAME).write_bytes(png_bytes(draw(results), size=(12.0, 5.0)))
     print(table(results))
-    print(f"backbone: {results['backbone']}; {results['seconds']['total']:.0f} s; wrote {args.out / JSON_NAME}, "
-          f"{args.out / PNG_NAME}")
+    print(
+        f"backbone: {results['backbone']}; {results['seconds']['total']:.0f} s; wrote {args.out / JSON_NAME}, "
+        f"{args.out / PNG_NAME}"
+    )
     return results
 
 

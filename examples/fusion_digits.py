@@ -45,31 +45,40 @@ def show(results: dict, console: Console) -> None:
         console.print(hetero)
     claims, config = results["summary"]["claims"], results["config"]
     pairs = claims["pairs"]
-    console.print(f"parents: hidden {config['hidden']}, MLP {config['intermediate']}, {config['heads']} heads, "
-                  f"{config['layers']} layers, patch {config['patch']} ({config['parent_params']:,} parameters); "
-                  f"{config['steps']} steps, lr {config['lr']:g} (wide parent {config['wide_lr']:g}); "
-                  f"fine-tune {config['finetune_steps']} steps at lr {config['lr']:g}")
+    console.print(
+        f"parents: hidden {config['hidden']}, MLP {config['intermediate']}, {config['heads']} heads, "
+        f"{config['layers']} layers, patch {config['patch']} ({config['parent_params']:,} parameters); "
+        f"{config['steps']} steps, lr {config['lr']:g} (wide parent {config['wide_lr']:g}); "
+        f"fine-tune {config['finetune_steps']} steps at lr {config['lr']:g}"
+    )
     console.print(f"split sizes: {results['split_sizes']}")
     if not claims["parents_at_target"]:
         console.print(f"[yellow]not every parent reached {config['target']:.0%} test accuracy[/yellow]")
-    console.print(f"OT (acts) one-shot above vanilla in {claims['ot_above_vanilla_one_shot']}/{pairs} pairs; "
-                  f"Sinkhorn above EMD one-shot in {claims['sinkhorn_above_emd_one_shot']}/{pairs}; "
-                  f"OT acts Sinkhorn + fine-tune above both parents in "
-                  f"{claims['ot_acts_sinkhorn_ft_above_both_parents']}/{pairs} "
-                  f"(EMD + fine-tune: {claims['ot_acts_emd_ft_above_both_parents']}/{pairs})")
+    console.print(
+        f"OT (acts) one-shot above vanilla in {claims['ot_above_vanilla_one_shot']}/{pairs} pairs; "
+        f"Sinkhorn above EMD one-shot in {claims['sinkhorn_above_emd_one_shot']}/{pairs}; "
+        f"OT acts Sinkhorn + fine-tune above both parents in "
+        f"{claims['ot_acts_sinkhorn_ft_above_both_parents']}/{pairs} "
+        f"(EMD + fine-tune: {claims['ot_acts_emd_ft_above_both_parents']}/{pairs})"
+    )
     if "ot_coherent_above_paper_one_shot_emd" in claims:
-        console.print(f"stream map + whole heads (EMD) one-shot above the paper's EMD maps in "
-                      f"{claims['ot_coherent_above_paper_one_shot_emd']}/{pairs} pairs; + fine-tune above both "
-                      f"parents in {claims['ot_coherent_emd_ft_above_both_parents']}/{pairs}")
+        console.print(
+            f"stream map + whole heads (EMD) one-shot above the paper's EMD maps in "
+            f"{claims['ot_coherent_above_paper_one_shot_emd']}/{pairs} pairs; + fine-tune above both "
+            f"parents in {claims['ot_coherent_emd_ft_above_both_parents']}/{pairs}"
+        )
     console.print(f"took {results['seconds']:.0f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, help="seed pairs of parents (default 3; 1 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of about a minute: 1 pair, 500 training steps, Sinkhorn regs 0.04 and "
-                             "0.08, activation alignment only (parents may miss 95%%)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of about a minute: 1 pair, 500 training steps, Sinkhorn regs 0.04 and "
+        "0.08, activation alignment only (parents may miss 95%%)",
+    )
     parser.add_argument("--workdir", type=Path, help="keep the models here (default: a temporary directory)")
     args = parser.parse_args()
     pairs = args.pairs if args.pairs is not None else (1 if args.quick else 3)

@@ -36,8 +36,17 @@ COHERENT = {"residual": "stream", "heads": "whole", "qk": "shared"}
 
 # Method keys, in table order. "<key>_ft" is the same model after the short fine-tune.
 PARENTS = ("parent_a", "parent_b")
-METHODS = ("parent_a", "parent_b", "vanilla", "ot_acts_emd", "ot_acts_sinkhorn", "ot_weights_emd",
-           "ot_weights_sinkhorn", "ot_coherent_emd", "ot_coherent_sinkhorn")
+METHODS = (
+    "parent_a",
+    "parent_b",
+    "vanilla",
+    "ot_acts_emd",
+    "ot_acts_sinkhorn",
+    "ot_weights_emd",
+    "ot_weights_sinkhorn",
+    "ot_coherent_emd",
+    "ot_coherent_sinkhorn",
+)
 HETERO_METHODS = ("hetero_emd", "hetero_sinkhorn", "hetero_coherent_emd")  # a wide parent into the narrow anchor
 LABELS = {
     "parent_a": "parent A (anchor)",
@@ -85,10 +94,16 @@ class StudyConfig:
 
     def vit_config(self, wide: bool = False) -> ViTConfig:
         factor = self.wide_factor if wide else 1
-        return ViTConfig(image_size=digits.IMAGE_SIZE, patch_size=self.patch, num_channels=1,
-                         hidden_size=self.hidden * factor, num_hidden_layers=self.layers,
-                         num_attention_heads=self.heads, intermediate_size=self.intermediate * factor,
-                         num_labels=digits.NUM_LABELS)
+        return ViTConfig(
+            image_size=digits.IMAGE_SIZE,
+            patch_size=self.patch,
+            num_channels=1,
+            hidden_size=self.hidden * factor,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            intermediate_size=self.intermediate * factor,
+            num_labels=digits.NUM_LABELS,
+        )
 
 
 QUICK = StudyConfig(steps=500, regs=(0.04, 0.08), alignments=("acts",), ablations=False)
@@ -104,8 +119,9 @@ class Data:
 def load_data(seed: int = 0) -> Data:
     """The digits split of `digits.load_digits_splits(seed)`, its pretrain and finetune parts joined for training."""
     splits = digits.load_digits_splits(seed)
-    train = digits.Split(torch.cat([splits.pretrain.x, splits.finetune.x]),
-                         torch.cat([splits.pretrain.y, splits.finetune.y]))
+    train = digits.Split(
+        torch.cat([splits.pretrain.x, splits.finetune.x]), torch.cat([splits.pretrain.y, splits.finetune.y])
+    )
     return Data(train, splits.val, splits.test)
 
 
@@ -113,8 +129,13 @@ def pair_seeds(index: int) -> dict[str, int]:
     """Init and data-order seeds of pair `index`: parents 2i+1 and 2i+2, the wide parent 1001+i, the untrained
     control model 2001+i, and the fine-tune's batch order 501+i (shared by every model of the pair, so all see
     the same batches)."""
-    return {"parent_a": 2 * index + 1, "parent_b": 2 * index + 2, "wide": 1001 + index, "untrained": 2001 + index,
-            "finetune": 501 + index}
+    return {
+        "parent_a": 2 * index + 1,
+        "parent_b": 2 * index + 2,
+        "wide": 1001 + index,
+        "untrained": 2001 + index,
+        "finetune": 501 + index,
+    }
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -126,8 +147,15 @@ def train_parent(config: StudyConfig, data: Data, seed: int, out_dir: Path, wide
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ViTForImageClassification(config.vit_config(wide))
-    digits.train(model, data.train, lr=config.wide_lr if wide else config.lr, steps=config.steps, seed=seed,
-                 batch_size=config.batch_size, weight_decay=config.weight_decay)
+    digits.train(
+        model,
+        data.train,
+        lr=config.wide_lr if wide else config.lr,
+        steps=config.steps,
+        seed=seed,
+        batch_size=config.batch_size,
+        weight_decay=config.weight_decay,
+    )
     with quiet_transformers():
         model.save_pretrained(out_dir)
     return out_dir
@@ -137,8 +165,15 @@ def finetune(config: StudyConfig, data: Data, model_dir: Path, out_dir: Path, se
     """The short fine-tune: `config.finetune_steps` steps with the parents' optimizer settings (AdamW, the same
     peak learning rate, cosine decay over the fine-tune, batch size, weight decay) on the training split."""
     model = digits.load_model(model_dir)
-    digits.train(model, data.train, lr=config.lr, steps=config.finetune_steps, seed=seed,
-                 batch_size=config.batch_size, weight_decay=config.weight_decay)
+    digits.train(
+        model,
+        data.train,
+        lr=config.lr,
+        steps=config.finetune_steps,
+        seed=seed,
+        batch_size=config.batch_size,
+        weight_decay=config.weight_decay,
+    )
     with quiet_transformers():
         model.save_pretrained(out_dir)
     return out_dir
@@ -150,8 +185,13 @@ def evaluate(model_dir: Path, data: Data) -> dict:
     model = digits.load_model(model_dir)
     with digits.one_thread():
         val_loss = F.cross_entropy(model(pixel_values=data.val.x).logits, data.val.y).item()
-    return {"val": digits.accuracy(model, *data.val), "test": digits.accuracy(model, *data.test),
-            "val_loss": val_loss, "params": parameter_count(model), "dir": str(model_dir)}
+    return {
+        "val": digits.accuracy(model, *data.val),
+        "test": digits.accuracy(model, *data.test),
+        "val_loss": val_loss,
+        "params": parameter_count(model),
+        "dir": str(model_dir),
+    }
 
 
 def _best(grid: list[dict]) -> dict:
@@ -176,28 +216,47 @@ def _fuse_scored(models: list[Path], out_dir: Path, splits: Data, log: Callable[
     scores = evaluate(out_dir, splits)
     reg = options.get("reg") if options.get("solver") == "sinkhorn" else None
     alone = aligned_alone(out_dir, models[0], splits)
-    log(f"  fused {out_dir.name}: held-out {scores['val']:.2%}, test {scores['test']:.2%} "
-        f"(aligned model alone: test {alone['test']:.2%}; {seconds:.1f} s)")
-    return {**scores, "reg": reg, "fuse_seconds": seconds, "aligned_model_alone": alone,
-            "mean_permutation_closeness": statistics.fmean(m.permutation_closeness for m in report.maps)}
+    log(
+        f"  fused {out_dir.name}: held-out {scores['val']:.2%}, test {scores['test']:.2%} "
+        f"(aligned model alone: test {alone['test']:.2%}; {seconds:.1f} s)"
+    )
+    return {
+        **scores,
+        "reg": reg,
+        "fuse_seconds": seconds,
+        "aligned_model_alone": alone,
+        "mean_permutation_closeness": statistics.fmean(m.permutation_closeness for m in report.maps),
+    }
 
 
-def _fuse_methods(models: list[Path], directory: Path, prefix: str, data: Data, config: StudyConfig,
-                  align: str, log: Callable[[str], None]) -> tuple[dict, dict, list[dict]]:
+def _fuse_methods(
+    models: list[Path],
+    directory: Path,
+    prefix: str,
+    data: Data,
+    config: StudyConfig,
+    align: str,
+    log: Callable[[str], None],
+) -> tuple[dict, dict, list[dict]]:
     """(EMD result, best Sinkhorn result, the Sinkhorn grid) for one alignment."""
     options = {"align": "weights" if align == "weights" else "activations"}
     if align == "coherent":
         options |= COHERENT
     if align != "weights":
-        options |= {"data": {"pixel_values": data.train.x[:config.samples]}, "samples": config.samples}
+        options |= {"data": {"pixel_values": data.train.x[: config.samples]}, "samples": config.samples}
     emd = _fuse_scored(models, directory / f"{prefix}-emd", data, log, {**options, "solver": "emd"})
-    grid = [_fuse_scored(models, directory / f"{prefix}-sinkhorn-{reg:g}", data, log,
-                         {**options, "solver": "sinkhorn", "reg": reg}) for reg in config.regs]
+    grid = [
+        _fuse_scored(
+            models, directory / f"{prefix}-sinkhorn-{reg:g}", data, log, {**options, "solver": "sinkhorn", "reg": reg}
+        )
+        for reg in config.regs
+    ]
     return emd, _best(grid), grid
 
 
-def run_pair(index: int, workdir: Path, config: StudyConfig, data: Data,
-             log: Callable[[str], None] = lambda line: None) -> dict:
+def run_pair(
+    index: int, workdir: Path, config: StudyConfig, data: Data, log: Callable[[str], None] = lambda line: None
+) -> dict:
     """Train one pair of parents (and a wide parent), fuse them every way, fine-tune, score everything."""
     started = time.perf_counter()
     seeds = pair_seeds(index)
@@ -206,8 +265,10 @@ def run_pair(index: int, workdir: Path, config: StudyConfig, data: Data,
     for name in PARENTS:
         train_parent(config, data, seeds[name], directory / name)
         one_shot[name] = evaluate(directory / name, data)
-        log(f"pair {index}: {name} (seed {seeds[name]}): held-out {one_shot[name]['val']:.2%}, "
-            f"test {one_shot[name]['test']:.2%}")
+        log(
+            f"pair {index}: {name} (seed {seeds[name]}): held-out {one_shot[name]['val']:.2%}, "
+            f"test {one_shot[name]['test']:.2%}"
+        )
     trained = time.perf_counter()
     parents = [directory / "parent_a", directory / "parent_b"]  # the first is the anchor
 
@@ -221,44 +282,71 @@ def run_pair(index: int, workdir: Path, config: StudyConfig, data: Data,
     ablations, control = [], {}
     if config.ablations and "acts" in config.alignments:
         ablations = run_ablations(parents, directory, one_shot["ot_acts_sinkhorn"]["reg"], config, data, log)
-        control = run_control(parents[0], directory, seeds["untrained"], one_shot["ot_acts_sinkhorn"]["reg"], config,
-                              data, log)
+        control = run_control(
+            parents[0], directory, seeds["untrained"], one_shot["ot_acts_sinkhorn"]["reg"], config, data, log
+        )
     fused = time.perf_counter()
 
     tuned = {}
     for name, scores in one_shot.items():
-        tuned[name] = evaluate(finetune(config, data, Path(scores["dir"]), directory / f"{name}+ft",
-                                        seeds["finetune"]), data)
-    log(f"  after the {config.finetune_steps}-step fine-tune: "
-        + ", ".join(f"{name} {tuned[name]['test']:.2%}" for name in tuned))
+        tuned[name] = evaluate(
+            finetune(config, data, Path(scores["dir"]), directory / f"{name}+ft", seeds["finetune"]), data
+        )
+    log(
+        f"  after the {config.finetune_steps}-step fine-tune: "
+        + ", ".join(f"{name} {tuned[name]['test']:.2%}" for name in tuned)
+    )
 
-    result = {"index": index, "seeds": seeds, "one_shot": one_shot, "finetuned": tuned, "sinkhorn_grid": grids,
-              "best_reg": {align: one_shot[f"ot_{align}_sinkhorn"]["reg"] for align in config.alignments},
-              "ablations": ablations, "control": control}
+    result = {
+        "index": index,
+        "seeds": seeds,
+        "one_shot": one_shot,
+        "finetuned": tuned,
+        "sinkhorn_grid": grids,
+        "best_reg": {align: one_shot[f"ot_{align}_sinkhorn"]["reg"] for align in config.alignments},
+        "ablations": ablations,
+        "control": control,
+    }
     if config.hetero:
         result["hetero"] = run_hetero(directory, parents[0], seeds, config, data, log)
-    result["seconds"] = {"train_parents": trained - started, "fuse": fused - trained,
-                         "total": time.perf_counter() - started}
+    result["seconds"] = {
+        "train_parents": trained - started,
+        "fuse": fused - trained,
+        "total": time.perf_counter() - started,
+    }
     return result
 
 
 ABLATIONS = tuple((residual, qk) for residual in ("average", "skip", "branch") for qk in ("separate", "shared"))
 
 
-def run_ablations(parents: list[Path], directory: Path, reg: float, config: StudyConfig, data: Data,
-                  log: Callable[[str], None]) -> list[dict]:
+def run_ablations(
+    parents: list[Path], directory: Path, reg: float, config: StudyConfig, data: Data, log: Callable[[str], None]
+) -> list[dict]:
     """One-shot activation-aligned Sinkhorn fusion (the pair's chosen reg) under every residual policy and Q/K
     policy of `fuse`; ("average", "separate") is the main setting, fused again here for a complete grid."""
-    options = {"align": "activations", "data": {"pixel_values": data.train.x[:config.samples]},
-               "samples": config.samples, "solver": "sinkhorn", "reg": reg}
-    return [{"residual": residual, "qk": qk,
-             **_fuse_scored(parents, directory / f"ablation-{residual}-{qk}", data, log,
-                            {**options, "residual": residual, "qk": qk})}
-            for residual, qk in ABLATIONS]
+    options = {
+        "align": "activations",
+        "data": {"pixel_values": data.train.x[: config.samples]},
+        "samples": config.samples,
+        "solver": "sinkhorn",
+        "reg": reg,
+    }
+    return [
+        {
+            "residual": residual,
+            "qk": qk,
+            **_fuse_scored(
+                parents, directory / f"ablation-{residual}-{qk}", data, log, {**options, "residual": residual, "qk": qk}
+            ),
+        }
+        for residual, qk in ABLATIONS
+    ]
 
 
-def run_control(anchor: Path, directory: Path, seed: int, reg: float, config: StudyConfig, data: Data,
-                log: Callable[[str], None]) -> dict:
+def run_control(
+    anchor: Path, directory: Path, seed: int, reg: float, config: StudyConfig, data: Data, log: Callable[[str], None]
+) -> dict:
     """The anchor fused (activations, EMD and Sinkhorn at the pair's reg) with an *untrained* model of its shape:
     how much of a one-shot fusion's accuracy the anchor's half brings by itself."""
     untrained = directory / "untrained"
@@ -267,40 +355,70 @@ def run_control(anchor: Path, directory: Path, seed: int, reg: float, config: St
         model = ViTForImageClassification(config.vit_config())
     with quiet_transformers():
         model.save_pretrained(untrained)
-    options = {"align": "activations", "data": {"pixel_values": data.train.x[:config.samples]},
-               "samples": config.samples}
-    return {"control_emd": _fuse_scored([anchor, untrained], directory / "control-emd", data, log,
-                                        {**options, "solver": "emd"}),
-            "control_sinkhorn": _fuse_scored([anchor, untrained], directory / "control-sinkhorn", data, log,
-                                             {**options, "solver": "sinkhorn", "reg": reg})}
+    options = {
+        "align": "activations",
+        "data": {"pixel_values": data.train.x[: config.samples]},
+        "samples": config.samples,
+    }
+    return {
+        "control_emd": _fuse_scored(
+            [anchor, untrained], directory / "control-emd", data, log, {**options, "solver": "emd"}
+        ),
+        "control_sinkhorn": _fuse_scored(
+            [anchor, untrained],
+            directory / "control-sinkhorn",
+            data,
+            log,
+            {**options, "solver": "sinkhorn", "reg": reg},
+        ),
+    }
 
 
-def run_hetero(directory: Path, anchor: Path, seeds: dict[str, int], config: StudyConfig, data: Data,
-               log: Callable[[str], None]) -> dict:
+def run_hetero(
+    directory: Path, anchor: Path, seeds: dict[str, int], config: StudyConfig, data: Data, log: Callable[[str], None]
+) -> dict:
     """A wide parent (hidden size and MLP width times `wide_factor`) fused into the narrow anchor."""
     started = time.perf_counter()
     wide = train_parent(config, data, seeds["wide"], directory / "wide", wide=True)
     trained = time.perf_counter()
     scores = {"wide": evaluate(wide, data), "anchor": evaluate(anchor, data)}
-    log(f"  wide parent (seed {seeds['wide']}, {scores['wide']['params']:,} parameters): "
-        f"held-out {scores['wide']['val']:.2%}, test {scores['wide']['test']:.2%}")
+    log(
+        f"  wide parent (seed {seeds['wide']}, {scores['wide']['params']:,} parameters): "
+        f"held-out {scores['wide']['val']:.2%}, test {scores['wide']['test']:.2%}"
+    )
     emd, best, grid = _fuse_methods([anchor, wide], directory, "hetero", data, config, "acts", log)
     one_shot = {"hetero_emd": emd, "hetero_sinkhorn": best}
     if "coherent" in config.alignments:
-        options = {"align": "activations", "data": {"pixel_values": data.train.x[:config.samples]},
-                   "samples": config.samples, "solver": "emd", **COHERENT}
-        one_shot["hetero_coherent_emd"] = _fuse_scored([anchor, wide], directory / "hetero-coherent-emd", data, log,
-                                                       options)
-    tuned = {name: evaluate(finetune(config, data, Path(item["dir"]), directory / f"{name}+ft", seeds["finetune"]),
-                            data) for name, item in one_shot.items()}
-    return {"parents": scores, "one_shot": one_shot, "finetuned": tuned, "sinkhorn_grid": grid,
-            "best_reg": best["reg"], "seconds": {"train_wide": trained - started,
-                                                 "total": time.perf_counter() - started}}
+        options = {
+            "align": "activations",
+            "data": {"pixel_values": data.train.x[: config.samples]},
+            "samples": config.samples,
+            "solver": "emd",
+            **COHERENT,
+        }
+        one_shot["hetero_coherent_emd"] = _fuse_scored(
+            [anchor, wide], directory / "hetero-coherent-emd", data, log, options
+        )
+    tuned = {
+        name: evaluate(finetune(config, data, Path(item["dir"]), directory / f"{name}+ft", seeds["finetune"]), data)
+        for name, item in one_shot.items()
+    }
+    return {
+        "parents": scores,
+        "one_shot": one_shot,
+        "finetuned": tuned,
+        "sinkhorn_grid": grid,
+        "best_reg": best["reg"],
+        "seconds": {"train_wide": trained - started, "total": time.perf_counter() - started},
+    }
 
 
 def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
 
 
 def summarize(pairs: list[dict], config: StudyConfig) -> dict:
@@ -312,61 +430,98 @@ def summarize(pairs: list[dict], config: StudyConfig) -> dict:
         if not rows:
             continue
         for name in rows[0][0]:
-            summary[name] = {stage: {split: _stats([row[i][name][split] for row in rows]) for split in ("val", "test")}
-                             for i, stage in enumerate(("one_shot", "finetuned"))}
+            summary[name] = {
+                stage: {split: _stats([row[i][name][split] for row in rows]) for split in ("val", "test")}
+                for i, stage in enumerate(("one_shot", "finetuned"))
+            }
     if hetero:
-        summary["wide_parent"] = {"one_shot": {split: _stats([p["hetero"]["parents"]["wide"][split] for p in pairs])
-                                               for split in ("val", "test")}}
+        summary["wide_parent"] = {
+            "one_shot": {
+                split: _stats([p["hetero"]["parents"]["wide"][split] for p in pairs]) for split in ("val", "test")
+            }
+        }
     grid = {}
     for align in config.alignments:
-        grid[align] = [{"reg": reg, **{split: _stats([p["sinkhorn_grid"][align][i][split] for p in pairs])
-                                       for split in ("val", "test")}} for i, reg in enumerate(config.regs)]
+        grid[align] = [
+            {
+                "reg": reg,
+                **{split: _stats([p["sinkhorn_grid"][align][i][split] for p in pairs]) for split in ("val", "test")},
+            }
+            for i, reg in enumerate(config.regs)
+        ]
     if hetero:
-        grid["hetero"] = [{"reg": reg, **{split: _stats([p["hetero"]["sinkhorn_grid"][i][split] for p in pairs])
-                                          for split in ("val", "test")}} for i, reg in enumerate(config.regs)]
+        grid["hetero"] = [
+            {
+                "reg": reg,
+                **{split: _stats([p["hetero"]["sinkhorn_grid"][i][split] for p in pairs]) for split in ("val", "test")},
+            }
+            for i, reg in enumerate(config.regs)
+        ]
     alone = {}
     for rows in (groups, hetero):
-        for name in (rows[0][0] if rows else ()):
+        for name in rows[0][0] if rows else ():
             if "aligned_model_alone" in rows[0][0][name]:
-                alone[name] = {split: _stats([row[0][name]["aligned_model_alone"][split] for row in rows])
-                               for split in ("val", "test")}
+                alone[name] = {
+                    split: _stats([row[0][name]["aligned_model_alone"][split] for row in rows])
+                    for split in ("val", "test")
+                }
     control = {}
     if pairs[0].get("control"):
-        control = {name: {split: _stats([p["control"][name][split] for p in pairs]) for split in ("val", "test")}
-                   for name in pairs[0]["control"]}
+        control = {
+            name: {split: _stats([p["control"][name][split] for p in pairs]) for split in ("val", "test")}
+            for name in pairs[0]["control"]
+        }
     ablations = []
     if pairs[0].get("ablations"):
         for i, item in enumerate(pairs[0]["ablations"]):
-            ablations.append({"residual": item["residual"], "qk": item["qk"],
-                              **{split: _stats([p["ablations"][i][split] for p in pairs]) for split in ("val", "test")},
-                              "aligned_model_alone": _stats([p["ablations"][i]["aligned_model_alone"]["test"]
-                                                             for p in pairs])})
+            ablations.append(
+                {
+                    "residual": item["residual"],
+                    "qk": item["qk"],
+                    **{split: _stats([p["ablations"][i][split] for p in pairs]) for split in ("val", "test")},
+                    "aligned_model_alone": _stats([p["ablations"][i]["aligned_model_alone"]["test"] for p in pairs]),
+                }
+            )
     best_parent = [max(p["one_shot"][name]["test"] for name in PARENTS) for p in pairs]
     claims = {
         "pairs": len(pairs),
         "parents_at_target": all(p["one_shot"][name]["test"] >= config.target for p in pairs for name in PARENTS),
         "best_parent_test": _stats(best_parent),
         "ot_acts_sinkhorn_ft_above_both_parents": sum(
-            p["finetuned"]["ot_acts_sinkhorn"]["test"] > b for p, b in zip(pairs, best_parent)),
+            p["finetuned"]["ot_acts_sinkhorn"]["test"] > b for p, b in zip(pairs, best_parent)
+        ),
         "ot_acts_emd_ft_above_both_parents": sum(
-            p["finetuned"]["ot_acts_emd"]["test"] > b for p, b in zip(pairs, best_parent)),
+            p["finetuned"]["ot_acts_emd"]["test"] > b for p, b in zip(pairs, best_parent)
+        ),
         "sinkhorn_above_emd_one_shot": sum(
-            p["one_shot"]["ot_acts_sinkhorn"]["test"] > p["one_shot"]["ot_acts_emd"]["test"] for p in pairs),
+            p["one_shot"]["ot_acts_sinkhorn"]["test"] > p["one_shot"]["ot_acts_emd"]["test"] for p in pairs
+        ),
         "ot_above_vanilla_one_shot": sum(
             min(p["one_shot"]["ot_acts_emd"]["test"], p["one_shot"]["ot_acts_sinkhorn"]["test"])
-            > p["one_shot"]["vanilla"]["test"] for p in pairs),
+            > p["one_shot"]["vanilla"]["test"]
+            for p in pairs
+        ),
     }
     if "ot_coherent_emd" in pairs[0]["one_shot"]:
         claims["ot_coherent_emd_ft_above_both_parents"] = sum(
-            p["finetuned"]["ot_coherent_emd"]["test"] > b for p, b in zip(pairs, best_parent))
+            p["finetuned"]["ot_coherent_emd"]["test"] > b for p, b in zip(pairs, best_parent)
+        )
         claims["ot_coherent_above_paper_one_shot_emd"] = sum(
-            p["one_shot"]["ot_coherent_emd"]["test"] > p["one_shot"]["ot_acts_emd"]["test"] for p in pairs)
-    return {"methods": summary, "sinkhorn_grid": grid, "aligned_model_alone": alone, "ablations": ablations,
-            "control": control, "claims": claims}
+            p["one_shot"]["ot_coherent_emd"]["test"] > p["one_shot"]["ot_acts_emd"]["test"] for p in pairs
+        )
+    return {
+        "methods": summary,
+        "sinkhorn_grid": grid,
+        "aligned_model_alone": alone,
+        "ablations": ablations,
+        "control": control,
+        "claims": claims,
+    }
 
 
-def run_fusion_study(workdir: Path, pairs: int = 3, config: StudyConfig = StudyConfig(),
-                     log: Callable[[str], None] = lambda line: None) -> dict:
+def run_fusion_study(
+    workdir: Path, pairs: int = 3, config: StudyConfig = StudyConfig(), log: Callable[[str], None] = lambda line: None
+) -> dict:
     """The whole study under `workdir`: `pairs` pairs of parents, every fusion, fine-tunes, the summary."""
     import ot
     import transformers
@@ -377,9 +532,12 @@ def run_fusion_study(workdir: Path, pairs: int = 3, config: StudyConfig = StudyC
     with digits.one_thread():
         results = [run_pair(index, workdir, config, data, log) for index in range(pairs)]
     return {
-        "config": {**asdict(config), "finetune_steps": config.finetune_steps,
-                   "parent_params": parameter_count(ViTForImageClassification(config.vit_config())),
-                   "wide_params": parameter_count(ViTForImageClassification(config.vit_config(wide=True)))},
+        "config": {
+            **asdict(config),
+            "finetune_steps": config.finetune_steps,
+            "parent_params": parameter_count(ViTForImageClassification(config.vit_config())),
+            "wide_params": parameter_count(ViTForImageClassification(config.vit_config(wide=True))),
+        },
         "split_sizes": {"train": len(data.train.y), "val": len(data.val.y), "test": len(data.test.y)},
         "pairs": results,
         "summary": summarize(results, config),
@@ -389,6 +547,7 @@ def run_fusion_study(workdir: Path, pairs: int = 3, config: StudyConfig = StudyC
 
 
 # -- tables ---------------------------------------------------------------------------------------------------------
+
 
 def _pm(stats: dict) -> str:
     return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
@@ -402,10 +561,17 @@ def study_table(results: dict) -> Table:
     """Mean ± std (over pairs) of test accuracy, one-shot and after the short fine-tune, and the per-pair values."""
     summary, config = results["summary"], results["config"]
     pairs = summary["claims"]["pairs"]
-    table = Table(title=f"OT fusion on digits: test accuracy %, mean ± std over {pairs} seed pair(s)",
-                  box=box.SIMPLE_HEAD)
-    for column in ("model", "one-shot", "per pair", f"+ {config['finetune_steps']}-step fine-tune", "per pair",
-                   "held-out one-shot"):
+    table = Table(
+        title=f"OT fusion on digits: test accuracy %, mean ± std over {pairs} seed pair(s)", box=box.SIMPLE_HEAD
+    )
+    for column in (
+        "model",
+        "one-shot",
+        "per pair",
+        f"+ {config['finetune_steps']}-step fine-tune",
+        "per pair",
+        "held-out one-shot",
+    ):
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
     methods = summary["methods"]
     for name in (*METHODS, "wide_parent", *HETERO_METHODS):
@@ -416,10 +582,15 @@ def study_table(results: dict) -> Table:
         item = methods[name]
         tuned = item.get("finetuned")
         label = LABELS.get(name, "wide parent (2x hidden and MLP)")
-        table.add_row(label, _pm(item["one_shot"]["test"]), _each(item["one_shot"]["test"]),
-                      _pm(tuned["test"]) if tuned else "", _each(tuned["test"]) if tuned else "",
-                      _pm(item["one_shot"]["val"]),
-                      style="bold" if name.startswith("ot_") and name.endswith("sinkhorn") else None)
+        table.add_row(
+            label,
+            _pm(item["one_shot"]["test"]),
+            _each(item["one_shot"]["test"]),
+            _pm(tuned["test"]) if tuned else "",
+            _each(tuned["test"]) if tuned else "",
+            _pm(item["one_shot"]["val"]),
+            style="bold" if name.startswith("ot_") and name.endswith("sinkhorn") else None,
+        )
     return table
 
 
@@ -427,8 +598,9 @@ def grid_table(results: dict) -> Table:
     """One-shot accuracy of every Sinkhorn reg (mean over pairs), and how often each was chosen."""
     grid = results["summary"]["sinkhorn_grid"]
     pairs = results["pairs"]
-    table = Table(title="Sinkhorn reg grid: one-shot accuracy %, mean over pairs (held-out / test)",
-                  box=box.SIMPLE_HEAD)
+    table = Table(
+        title="Sinkhorn reg grid: one-shot accuracy %, mean over pairs (held-out / test)", box=box.SIMPLE_HEAD
+    )
     table.add_column("alignment")
     for column in ("EMD", *(f"reg {row['reg']:g}" for row in next(iter(grid.values())))):
         table.add_column(column, justify="right", no_wrap=True)
@@ -460,16 +632,21 @@ def diagnostics_table(results: dict) -> Table | None:
     methods = summary["methods"]
     for name, alone in summary["aligned_model_alone"].items():
         table.add_row(LABELS[name], _pm(methods[name]["one_shot"]["test"]), _pm(alone["test"]))
-    labels = {"control_emd": "control: anchor + UNTRAINED model, OT acts EMD",
-              "control_sinkhorn": "control: anchor + UNTRAINED model, OT acts Sinkhorn (pair's reg)"}
+    labels = {
+        "control_emd": "control: anchor + UNTRAINED model, OT acts EMD",
+        "control_sinkhorn": "control: anchor + UNTRAINED model, OT acts Sinkhorn (pair's reg)",
+    }
     for name, item in summary["control"].items():
         table.add_row(labels[name], _pm(item["test"]), "", style="dim")
     if summary["ablations"]:
         table.add_section()
         for item in summary["ablations"]:
             main = " (main setting)" if (item["residual"], item["qk"]) == ("average", "separate") else ""
-            table.add_row(f"acts Sinkhorn, residual {item['residual']}, Q/K {item['qk']}{main}", _pm(item["test"]),
-                          _pm(item["aligned_model_alone"]))
+            table.add_row(
+                f"acts Sinkhorn, residual {item['residual']}, Q/K {item['qk']}{main}",
+                _pm(item["test"]),
+                _pm(item["aligned_model_alone"]),
+            )
     return table
 
 
@@ -484,11 +661,17 @@ def hetero_table(results: dict) -> Table | None:
     table.add_column("parameters", justify="right")
     config = results["config"]
     wide = config["wide_factor"]
-    table.add_row("wide parent", f"{config['hidden'] * wide} / {config['intermediate'] * wide}",
-                  f"{first['parents']['wide']['params']:,}")
-    table.add_row("narrow anchor", f"{config['hidden']} / {config['intermediate']}",
-                  f"{first['parents']['anchor']['params']:,}")
-    table.add_row("fused (anchor's shape)", f"{config['hidden']} / {config['intermediate']}",
-                  f"{first['one_shot']['hetero_sinkhorn']['params']:,}")
+    table.add_row(
+        "wide parent",
+        f"{config['hidden'] * wide} / {config['intermediate'] * wide}",
+        f"{first['parents']['wide']['params']:,}",
+    )
+    table.add_row(
+        "narrow anchor", f"{config['hidden']} / {config['intermediate']}", f"{first['parents']['anchor']['params']:,}"
+    )
+    table.add_row(
+        "fused (anchor's shape)",
+        f"{config['hidden']} / {config['intermediate']}",
+        f"{first['one_shot']['hetero_sinkhorn']['params']:,}",
+    )
     return table
-

@@ -53,8 +53,12 @@ TASKS = {
     "reverse": lambda word: (f'reverse("{word}") = "', f'{word[::-1]}"\n'),
 }
 ROWS = ("v1_patched", "unpatched", "ported", "refit")
-ROW_TITLES = {"v1_patched": "v1 + its patch", "unpatched": "vN, no patch", "ported": "vN + ported v1 patch",
-              "refit": "vN + LoRA re-fine-tuned on vN"}
+ROW_TITLES = {
+    "v1_patched": "v1 + its patch",
+    "unpatched": "vN, no patch",
+    "ported": "vN + ported v1 patch",
+    "refit": "vN + LoRA re-fine-tuned on vN",
+}
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,23 @@ class Config:
     start_method: str = "spawn"  # child processes for the measured jobs; spawn starts them clean
 
 
-QUICK = Config(hidden=32, layers=2, heads=2, intermediate=64, seq=64, batch=8, pretrain_steps=40, evolve_steps=10,
-               lora_steps=25, lora_batch=16, train_words=200, test_words=40, corpus_bytes=300_000, eval_batches=2,
-               start_method="fork")
+QUICK = Config(
+    hidden=32,
+    layers=2,
+    heads=2,
+    intermediate=64,
+    seq=64,
+    batch=8,
+    pretrain_steps=40,
+    evolve_steps=10,
+    lora_steps=25,
+    lora_batch=16,
+    train_words=200,
+    test_words=40,
+    corpus_bytes=300_000,
+    eval_batches=2,
+    start_method="fork",
+)
 
 
 # ---------------------------------------------------------------- data
@@ -133,7 +151,7 @@ def task_words(text: torch.Tensor, cfg: Config) -> tuple[list[str], list[str]]:
     need = cfg.train_words + cfg.test_words
     if len(words) < need:
         raise SystemExit(f"only {len(words)} distinct words in the corpus, {need} needed")
-    return words[:cfg.train_words], words[cfg.train_words:need]
+    return words[: cfg.train_words], words[cfg.train_words : need]
 
 
 def encode(pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -144,9 +162,9 @@ def encode(pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     mask = torch.zeros_like(ids)
     for i, (prompt, answer) in enumerate(pairs):
         p, a = list(prompt.encode()), list(answer.encode())
-        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-        labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
-        mask[i, :len(p) + len(a)] = 1
+        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+        labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
+        mask[i, : len(p) + len(a)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -166,9 +184,18 @@ def build_tasks(text: torch.Tensor, cfg: Config) -> dict[str, dict]:
 def new_model(cfg: Config) -> transformers.LlamaForCausalLM:
     torch.manual_seed(cfg.seed)
     config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=cfg.seq,
-        pad_token_id=PAD, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
+        vocab_size=256,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.seq,
+        pad_token_id=PAD,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+    )
     return transformers.LlamaForCausalLM(config)
 
 
@@ -185,7 +212,7 @@ def lr_at(step: int, steps: int, lr: float) -> float:
 
 def lm_batch(data: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
     starts = torch.randint(len(data) - cfg.seq - 1, (cfg.batch,), generator=gen)
-    return torch.stack([data[s:s + cfg.seq] for s in starts.tolist()]).long()
+    return torch.stack([data[s : s + cfg.seq] for s in starts.tolist()]).long()
 
 
 def train_lm(model, data: torch.Tensor, cfg: Config, steps: int, lr: float, seed: int) -> list[float]:
@@ -216,8 +243,14 @@ def lm_loss(model, data: torch.Tensor, cfg: Config) -> float:
 
 
 def lora_config(cfg: Config) -> peft.LoraConfig:
-    return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(TARGETS), lora_dropout=0.0,
-                           bias="none", task_type="CAUSAL_LM")
+    return peft.LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        target_modules=list(TARGETS),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def train_lora(base_dir: Path, train: dict, cfg: Config, out_dir: Path) -> dict:
@@ -250,7 +283,7 @@ def score(model, test: dict) -> tuple[float, float]:
     is the same as greedy decoding reproducing the answer; and the mean cross-entropy of the answer bytes."""
     hits, nll, count = [], 0.0, 0
     for start in range(0, len(test["input_ids"]), 64):
-        batch = {k: v[start:start + 64] for k, v in test.items()}
+        batch = {k: v[start : start + 64] for k, v in test.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         target = batch["labels"][:, 1:]
         answer = target != -100
@@ -288,9 +321,12 @@ def flat(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def delta_drift(adapter_1: Path, adapter_n: Path) -> dict:
     d1, dn = flat(lora_deltas(adapter_1)), flat(lora_deltas(adapter_n))
-    return {"rel_diff": ((dn - d1).norm() / d1.norm()).item(),
-            "cosine": torch.nn.functional.cosine_similarity(d1, dn, dim=0).item(),
-            "norm_1": d1.norm().item(), "norm_n": dn.norm().item()}
+    return {
+        "rel_diff": ((dn - d1).norm() / d1.norm()).item(),
+        "cosine": torch.nn.functional.cosine_similarity(d1, dn, dim=0).item(),
+        "norm_1": d1.norm().item(),
+        "norm_n": dn.norm().item(),
+    }
 
 
 def stored(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -321,8 +357,9 @@ def jsonable(value):
 
 
 def port_job(adapter_dir: Path, new_base: Path, old_base: Path, out_dir: Path) -> dict:
-    result = splice.port(str(adapter_dir), to=str(new_base), out=str(out_dir), old_base=str(old_base), scale=1.0,
-                         force=True)
+    result = splice.port(
+        str(adapter_dir), to=str(new_base), out=str(out_dir), old_base=str(old_base), scale=1.0, force=True
+    )
     return {"porter": "splice.port", "drift": jsonable(getattr(result, "drift", None))}
 
 
@@ -343,8 +380,13 @@ def measured(job_name: str, *args) -> dict:
     result = job(*args)
     seconds = time.perf_counter() - start
     peak_kb = proc_status_kb("VmHWM")
-    return {**result, "seconds": seconds, "peak_rss_mb": peak_kb / 1024, "rss_at_start_mb": start_kb / 1024,
-            "peak_above_start_mb": (peak_kb - start_kb) / 1024}
+    return {
+        **result,
+        "seconds": seconds,
+        "peak_rss_mb": peak_kb / 1024,
+        "rss_at_start_mb": start_kb / 1024,
+        "peak_above_start_mb": (peak_kb - start_kb) / 1024,
+    }
 
 
 def in_child(cfg: Config, job_name: str, *args) -> dict:
@@ -368,15 +410,22 @@ def make_bases(models: Path, cfg: Config, texts: dict[str, torch.Tensor]) -> dic
         steps, lr = (cfg.pretrain_steps, cfg.pretrain_lr) if i == 0 else (cfg.evolve_steps, cfg.evolve_lr)
         losses = train_lm(model, train, cfg, steps, lr, seed=cfg.seed + 10 + i)
         model.save_pretrained(models / name)
-        bases[name] = {"steps": steps, "lr": lr, "train_loss_last": sum(losses[-20:]) / len(losses[-20:]),
-                       "heldout_loss_v1_text": lm_loss(model, split_lm(texts["v1"])[1], cfg),
-                       "heldout_loss_own_text": lm_loss(model, split_lm(texts[name])[1], cfg),
-                       "seconds": time.perf_counter() - start}
+        bases[name] = {
+            "steps": steps,
+            "lr": lr,
+            "train_loss_last": sum(losses[-20:]) / len(losses[-20:]),
+            "heldout_loss_v1_text": lm_loss(model, split_lm(texts["v1"])[1], cfg),
+            "heldout_loss_own_text": lm_loss(model, split_lm(texts[name])[1], cfg),
+            "seconds": time.perf_counter() - start,
+        }
         if i:
             bases[name]["rel_change_from_v1"] = base_change(models / "v1", models / name)
             bases[name]["rel_change_from_previous"] = base_change(models / names[i - 1], models / name)
-        print(f"{name}: {steps} steps, held-out loss on v1 text {bases[name]['heldout_loss_v1_text']:.3f}, "
-              f"own text {bases[name]['heldout_loss_own_text']:.3f} ({bases[name]['seconds']:.0f} s)", flush=True)
+        print(
+            f"{name}: {steps} steps, held-out loss on v1 text {bases[name]['heldout_loss_v1_text']:.3f}, "
+            f"own text {bases[name]['heldout_loss_own_text']:.3f} ({bases[name]['seconds']:.0f} s)",
+            flush=True,
+        )
         start = time.perf_counter()
     return bases
 
@@ -386,24 +435,40 @@ def study_task(models: Path, cfg: Config, name: str, task: dict) -> dict:
     v1_unpatched = score(load_model(v1), task["test"])
     train_v1 = in_child(cfg, "lora", v1, task["train"], cfg, patch_1)
     v1_patched = patched_score(v1, patch_1, task["test"])
-    result = {"example": task["example"], "v1_unpatched": v1_unpatched[0], "v1_patched": v1_patched[0],
-              "answer_loss": {"v1_unpatched": v1_unpatched[1], "v1_patched": v1_patched[1]}, "train_v1": train_v1}
+    result = {
+        "example": task["example"],
+        "v1_unpatched": v1_unpatched[0],
+        "v1_patched": v1_patched[0],
+        "answer_loss": {"v1_unpatched": v1_unpatched[1], "v1_patched": v1_patched[1]},
+        "train_v1": train_v1,
+    }
     result["rounds"] = {}
     for n in range(2, cfg.rounds + 2):
         vn, patch_n, ported = models / f"v{n}", models / f"{name}-lora-v{n}", models / f"{name}-ported-v{n}"
         port = in_child(cfg, "port", patch_1, vn, v1, ported)
         refit = in_child(cfg, "lora", vn, task["train"], cfg, patch_n)
-        scores = {"v1_patched": v1_patched, "unpatched": score(load_model(vn), task["test"]),
-                  "ported": score(load_model(ported), task["test"]), "refit": patched_score(vn, patch_n, task["test"])}
-        row = {**{k: v[0] for k, v in scores.items()}, "answer_loss": {k: v[1] for k, v in scores.items()},
-               "delta": delta_drift(patch_1, patch_n),
-               "porter": port.pop("porter"), "drift_report": port.pop("drift"), "port_cost": port,
-               "refit_cost": refit}
+        scores = {
+            "v1_patched": v1_patched,
+            "unpatched": score(load_model(vn), task["test"]),
+            "ported": score(load_model(ported), task["test"]),
+            "refit": patched_score(vn, patch_n, task["test"]),
+        }
+        row = {
+            **{k: v[0] for k, v in scores.items()},
+            "answer_loss": {k: v[1] for k, v in scores.items()},
+            "delta": delta_drift(patch_1, patch_n),
+            "porter": port.pop("porter"),
+            "drift_report": port.pop("drift"),
+            "port_cost": port,
+            "refit_cost": refit,
+        }
         row["gap_refit_minus_ported"] = row["refit"] - row["ported"]
         result["rounds"][f"v{n}"] = row
-        print(f"{name} v{n}: unpatched {row['unpatched']:.3f} ported {row['ported']:.3f} refit {row['refit']:.3f} "
-              f"(v1 + patch {row['v1_patched']:.3f}); port {port['seconds']:.1f} s, refit {refit['seconds']:.1f} s",
-              flush=True)
+        print(
+            f"{name} v{n}: unpatched {row['unpatched']:.3f} ported {row['ported']:.3f} refit {row['refit']:.3f} "
+            f"(v1 + patch {row['v1_patched']:.3f}); port {port['seconds']:.1f} s, refit {refit['seconds']:.1f} s",
+            flush=True,
+        )
     gaps = [r["gap_refit_minus_ported"] for r in result["rounds"].values()]
     result["gap_slope_per_round"] = slope(gaps)
     return result
@@ -428,13 +493,18 @@ def run_study(out: Path, cfg: Config) -> dict:
     texts = {name: read_bytes(files, cfg.corpus_bytes, cfg.seed) for name, files in parts.items()}
     tasks = build_tasks(split_lm(texts["v1"])[0], cfg)
     results = {
-        "config": asdict(cfg), "python": sys.version.split()[0], "torch": torch.__version__,
-        "transformers": transformers.__version__, "peft": peft.__version__,
+        "config": asdict(cfg),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
         "porter": "splice.port",
-        "data": {"stdlib": sysconfig.get_paths()["stdlib"],
-                 "modules": {name: len(files) for name, files in parts.items()},
-                 "bytes_used": {name: len(text) for name, text in texts.items()},
-                 "task_words": {"train": cfg.train_words, "test": cfg.test_words}},
+        "data": {
+            "stdlib": sysconfig.get_paths()["stdlib"],
+            "modules": {name: len(files) for name, files in parts.items()},
+            "bytes_used": {name: len(text) for name, text in texts.items()},
+            "task_words": {"train": cfg.train_words, "test": cfg.test_words},
+        },
         "parameters": sum(p.numel() for p in new_model(cfg).parameters()),
         "models": str(models),
     }
@@ -449,9 +519,11 @@ def run_study(out: Path, cfg: Config) -> dict:
 
 def table(results: dict) -> str:
     """A markdown table: one line per task and evolved base."""
-    head = ("| task | base | v1 + patch | vN, no patch | vN + ported | vN + re-fit | re-fit - ported "
-            "| \\|\\|dN-d1\\|\\|/\\|\\|d1\\|\\| | cos(dN, d1) | base moved from v1 | port s | re-fit s "
-            "| port peak RSS MB (+job) | re-fit peak RSS MB (+job) |")
+    head = (
+        "| task | base | v1 + patch | vN, no patch | vN + ported | vN + re-fit | re-fit - ported "
+        "| \\|\\|dN-d1\\|\\|/\\|\\|d1\\|\\| | cos(dN, d1) | base moved from v1 | port s | re-fit s "
+        "| port peak RSS MB (+job) | re-fit peak RSS MB (+job) |"
+    )
     lines = [head, "|" + "---|" * 2 + "---:|" * 12]
     pct = "{:.1%}".format
     for name, task in results["tasks"].items():
@@ -464,19 +536,24 @@ def table(results: dict) -> str:
                 f"| {row['delta']['cosine']:.3f} | {pct(results['bases'][base]['rel_change_from_v1'])} "
                 f"| {port['seconds']:.2f} | {refit['seconds']:.1f} "
                 f"| {port['peak_rss_mb']:.0f} (+{port['peak_above_start_mb']:.0f}) "
-                f"| {refit['peak_rss_mb']:.0f} (+{refit['peak_above_start_mb']:.0f}) |")
+                f"| {refit['peak_rss_mb']:.0f} (+{refit['peak_above_start_mb']:.0f}) |"
+            )
     return "\n".join(lines)
 
 
 def drift_table(results: dict) -> str:
     """splice's drift report of each port."""
-    lines = ["| task | base | splice: base change | cos(change, update) | update / change | verdict |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = [
+        "| task | base | splice: base change | cos(change, update) | update / change | verdict |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for name, task in results["tasks"].items():
         for base, row in task["rounds"].items():
             drift = row["drift_report"]
-            lines.append(f"| {name} | {base} | {drift['base_change']:.4f} | {drift['cosine']:.4f} "
-                         f"| {drift['update_to_change']:.4f} | {drift['verdict']}: {drift['reason']} |")
+            lines.append(
+                f"| {name} | {base} | {drift['base_change']:.4f} | {drift['cosine']:.4f} "
+                f"| {drift['update_to_change']:.4f} | {drift['verdict']}: {drift['reason']} |"
+            )
     return "\n".join(lines)
 
 
@@ -485,10 +562,12 @@ def summary(results: dict) -> list[str]:
     for name, task in results["tasks"].items():
         gaps = [f"{r['gap_refit_minus_ported'] * 100:+.1f}" for r in task["rounds"].values()]
         trend = "loses" if task["gap_slope_per_round"] > 0 else "does not lose"
-        lines.append(f"{name}: v1 unpatched {task['v1_unpatched']:.1%}, v1 + patch {task['v1_patched']:.1%}; "
-                     f"re-fit minus ported by round {', '.join(gaps)} points, a slope of "
-                     f"{task['gap_slope_per_round'] * 100:+.2f} points per round: the ported patch {trend} ground "
-                     f"against re-fine-tuning as N grows")
+        lines.append(
+            f"{name}: v1 unpatched {task['v1_unpatched']:.1%}, v1 + patch {task['v1_patched']:.1%}; "
+            f"re-fit minus ported by round {', '.join(gaps)} points, a slope of "
+            f"{task['gap_slope_per_round'] * 100:+.2f} points per round: the ported patch {trend} ground "
+            f"against re-fine-tuning as N grows"
+        )
     return lines
 
 
@@ -506,8 +585,9 @@ def plot(results: dict, path: Path) -> None:
         for row, style in (("unpatched", "o-"), ("ported", "s-"), ("refit", "^-")):
             first = task["v1_unpatched"] if row == "unpatched" else task["v1_patched"]
             ax.plot(ns, [first, *[r[row] for r in task["rounds"].values()]], style, label=ROW_TITLES[row])
-        ax.set(title=f"{name}: test exact match", xlabel="base version N", ylabel="accuracy", ylim=(-0.02, 1.02),
-               xticks=ns)
+        ax.set(
+            title=f"{name}: test exact match", xlabel="base version N", ylabel="accuracy", ylim=(-0.02, 1.02), xticks=ns
+        )
         ax.legend(fontsize=7)
     ax = axes[-1]
     for name, task in tasks.items():
@@ -525,8 +605,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where the JSON, the PNG and the models go")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a minute or less")
-    parser.add_argument("--evolve-lr", type=float, help=f"peak rate of continued pretraining (default "
-                        f"{Config.evolve_lr}): how far each round moves the base")
+    parser.add_argument(
+        "--evolve-lr",
+        type=float,
+        help=f"peak rate of continued pretraining (default {Config.evolve_lr}): how far each round moves the base",
+    )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
     if args.evolve_lr is not None:

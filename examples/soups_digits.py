@@ -29,8 +29,9 @@ def show(results: dict, console: Console) -> None:
     console.print(soup_study_table(results))
     best = best_ingredient(results)
     pct = "{:.2%}".format
-    console.print(f"best ingredient by held-out accuracy: {best['name']} "
-                  f"(held-out {pct(best['val'])}, test {pct(best['test'])})")
+    console.print(
+        f"best ingredient by held-out accuracy: {best['name']} (held-out {pct(best['val'])}, test {pct(best['test'])})"
+    )
     console.print(f"split sizes: {results['split_sizes']}")
     console.print(f"training took {results['seconds']['train']:.1f} s, everything {results['seconds']['total']:.1f} s")
 

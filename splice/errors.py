@@ -68,8 +68,13 @@ def hook_traceback(error: HookError) -> str:
     if cause is None:
         return ""
     frames = cause.__traceback__.tb_next if cause.__traceback__ is not None else None  # the wrapper's frame
-    while frames is not None and frames.tb_next is not None and (
+    while (
+        frames is not None
+        and frames.tb_next is not None
+        and (
             frames.tb_frame.f_code.co_filename.startswith("<frozen importlib")
-            or frames.tb_frame.f_globals.get("__name__", "").startswith("importlib")):
+            or frames.tb_frame.f_globals.get("__name__", "").startswith("importlib")
+        )
+    ):
         frames = frames.tb_next
     return "".join(traceback.format_exception(type(cause), cause, frames))

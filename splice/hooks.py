@@ -90,8 +90,7 @@ def hook_name(hook: str | Callable, option: str = "`evaluate`") -> str:
     return f"{option} {hook}" if isinstance(hook, str) else f"{option} {getattr(hook, '__qualname__', repr(hook))}"
 
 
-def score_state(scorer: Scorer, state: Mapping[str, torch.Tensor], model_dir: str, hook: str = "`evaluate`"
-                ) -> float:
+def score_state(scorer: Scorer, state: Mapping[str, torch.Tensor], model_dir: str, hook: str = "`evaluate`") -> float:
     """The score `scorer` gives a candidate, refused (naming the `hook` and the value) unless a finite number:
     every caller scores before it writes, so a bad score stops a command before anything is written."""
     with torch.no_grad():
@@ -101,6 +100,7 @@ def score_state(scorer: Scorer, state: Mapping[str, torch.Tensor], model_dir: st
     except (TypeError, ValueError):
         raise SpliceError(f"{hook} returned {value!r}, not a number; nothing was written") from None
     if not math.isfinite(score):
-        raise SpliceError(f"{hook} returned {score} for {model_dir}: a score must be a finite number; "
-                          f"nothing was written")
+        raise SpliceError(
+            f"{hook} returned {score} for {model_dir}: a score must be a finite number; nothing was written"
+        )
     return score

@@ -77,13 +77,16 @@ def run_options(run: RunOptions | None, keywords: Mapping[str, Any], caller: str
     conflicting = [name for name, value in keywords.items() if value != getattr(run, name)]
     if conflicting:
         name = conflicting[0]
-        raise SpliceError(f"{caller} got `{name}={keywords[name]!r}` and `run` with {name}={getattr(run, name)!r}: "
-                          f"give it once, in `run` (run.replace({name}=...)) or as the keyword")
+        raise SpliceError(
+            f"{caller} got `{name}={keywords[name]!r}` and `run` with {name}={getattr(run, name)!r}: "
+            f"give it once, in `run` (run.replace({name}=...)) or as the keyword"
+        )
     return run
 
 
-def split_run_keywords(keywords: Mapping[str, Any], keep: Collection[str] = ()
-                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_run_keywords(
+    keywords: Mapping[str, Any], keep: Collection[str] = ()
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(RunOptions' fields among `keywords`, the other keywords), for an entry point that also takes keywords of
     its own; names in `keep` stay with the others."""
     run = {name: value for name, value in keywords.items() if name in RUN_FIELDS and name not in keep}

@@ -7,8 +7,11 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 
-def png_bytes(draw: Callable[[Any], None], size: tuple[float, float] = (9.0, 5.0),
-              layout: Literal["constrained", "compressed", "tight"] | None = "tight") -> bytes:
+def png_bytes(
+    draw: Callable[[Any], None],
+    size: tuple[float, float] = (9.0, 5.0),
+    layout: Literal["constrained", "compressed", "tight"] | None = "tight",
+) -> bytes:
     """`draw(figure)` onto a new matplotlib figure, rendered as PNG bytes (no window, no global state kept).
     `layout`: matplotlib's layout engine ("tight" by default; None for figures that place their own margins)."""
     from matplotlib.figure import Figure  # a bare Figure needs no pyplot backend

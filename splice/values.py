@@ -26,6 +26,7 @@ Float32 = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_M
 
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 
+
 def finite(value: Any) -> Any:
     """`value` unchanged, unless it is a float that is NaN or infinite."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -66,14 +67,16 @@ def one_line(error: ValidationError, whole: str) -> str:
     """The first error of a pydantic validation as `where: what (+n more)`, pydantic's type tags left out
     (`whole` is where, when the error is the whole document's); keys read from the file are escaped."""
     first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]
-                     if not str(p).startswith(("list[", "dict[", "union[", "function-", "tuple[")))
+    where = ".".join(
+        str(p) for p in first["loc"] if not str(p).startswith(("list[", "dict[", "union[", "function-", "tuple["))
+    )
     more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return printable(f"{where or whole}: {first['msg']}{more}")
 
 
-def unknown_key(error: ValidationError, known: Collection[str], source: str,
-                key_lines: Mapping[str, int] | None = None) -> str | None:
+def unknown_key(
+    error: ValidationError, known: Collection[str], source: str, key_lines: Mapping[str, int] | None = None
+) -> str | None:
     """`source:LINE: unknown key 'nmae' (did you mean 'name'?)` for a mistyped top-level key (the first one), else
     None. The missing field a typo leaves behind is not counted as another error."""
     problems = error.errors()
@@ -132,8 +135,11 @@ def _yaml_error_line(path: str | Path, error: yaml.MarkedYAMLError) -> str:
     began = error.context_mark if error.problem and error.context else None
     if began is not None and mark is not None and (began.line, began.column) == (mark.line, mark.column):
         began = None
-    context = (f" ({' '.join(error.context.split())} at {began.line + 1}:{began.column + 1})"
-               if began is not None and error.context else "")
+    context = (
+        f" ({' '.join(error.context.split())} at {began.line + 1}:{began.column + 1})"
+        if began is not None and error.context
+        else ""
+    )
     return f"{where}: not valid YAML: {what}{context}"
 
 

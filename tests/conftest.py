@@ -17,21 +17,43 @@ pytest_plugins = ["strict_skips"]
 def tiny_model(arch: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     if arch == "bert":
-        config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                         intermediate_size=24, max_position_embeddings=32, num_labels=3)
+        config = transformers.BertConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+            max_position_embeddings=32,
+            num_labels=3,
+        )
         return transformers.BertForSequenceClassification(config)
     if arch == "vit":
-        config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
-                                        num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-                                        num_labels=3)
+        config = transformers.ViTConfig(
+            image_size=8,
+            patch_size=4,
+            num_channels=1,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+            num_labels=3,
+        )
         return transformers.ViTForImageClassification(config)
     if arch == "gpt2":
-        config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2,
-                                         bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(
+            vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+        )
         return transformers.GPT2LMHeadModel(config)
     if arch == "llama":
-        config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+        config = transformers.LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+        )
         return transformers.LlamaForCausalLM(config)
     if arch == "t5":  # not in ARCHITECTURES: an encoder-decoder whose norms are T5LayerNorm (RMS) modules
         config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_heads=2)

@@ -14,7 +14,7 @@ def _split(task: int, count: int, seed: int) -> dict[str, torch.Tensor]:
     labels = torch.arange(count) % 2 + 2 * task
     images = torch.randn(count, 1, 8, 8, generator=generator) * 0.3
     row, col = divmod(task, 2)
-    quarter = images[:, :, 4 * row:4 * row + 4, 4 * col:4 * col + 4]  # a view: the task's own quarter
+    quarter = images[:, :, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4]  # a view: the task's own quarter
     quarter += 2.0
     quarter[labels % 2 == 0, :, ::2, :] += 1.5  # class 0 of each task: horizontal stripes in its quarter
     quarter[labels % 2 == 1, :, :, ::2] += 1.5  # class 1: vertical stripes
@@ -57,8 +57,10 @@ def three_channels():
 
 
 def empty():
-    return {"train": {"pixel_values": torch.zeros(0, 1, 8, 8), "labels": torch.zeros(0, dtype=torch.long)},
-            "test": task(0)["test"]}
+    return {
+        "train": {"pixel_values": torch.zeros(0, 1, 8, 8), "labels": torch.zeros(0, dtype=torch.long)},
+        "test": task(0)["test"],
+    }
 
 
 def unlabelled_batch():

@@ -18,8 +18,10 @@ def _fail_unless_allowed(report) -> None:
         reason = _reason(report)
         if not any(allowed in reason for allowed in MACHINE_SKIPS):
             report.outcome = "failed"
-            report.longrepr = (f"skipped, which this suite does not allow: {reason} (`make test` installs every "
-                               "test dependency; a test that needs moto's S3 server must get one)")
+            report.longrepr = (
+                f"skipped, which this suite does not allow: {reason} (`make test` installs every "
+                "test dependency; a test that needs moto's S3 server must get one)"
+            )
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -76,7 +76,7 @@ def assert_one_line_message(error: BaseException, needles: list[str]) -> None:
 def read_header(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + length]), raw[8 + length:]
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
 
 
 def write_header(path: Path, header: dict, data: bytes) -> None:
@@ -116,9 +116,15 @@ def models(tmp_path_factory) -> Models:
     bert_sharded = [save(base, root / "bert-0-sharded", True), save(tuned, root / "bert-1-sharded", True)]
     assert len(list(bert_sharded[1].glob("*.safetensors"))) >= 3
     gpt2 = save(tiny_model("gpt2", 0), root / "gpt2-0", False)
-    wide_config = transformers.BertConfig(vocab_size=64, hidden_size=24, num_hidden_layers=2,
-                                          num_attention_heads=2, intermediate_size=24,
-                                          max_position_embeddings=32, num_labels=3)
+    wide_config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     bert_wide = save(transformers.BertForSequenceClassification(wide_config), root / "bert-wide", False)
     bert_extra = Path(shutil.copytree(bert[1], root / "bert-extra"))
@@ -178,8 +184,7 @@ def case_offsets_past_end(models: Models, tmp: Path) -> Case:
     entry["shape"] = [2 * entry["shape"][0], *entry["shape"][1:]]
     entry["data_offsets"] = [start, end + (end - start)]
     write_header(path, header, data)
-    return Case([str(models.bert[0]), str(model)], CheckpointError,
-                ["model.safetensors", last, "past the end"])
+    return Case([str(models.bert[0]), str(model)], CheckpointError, ["model.safetensors", last, "past the end"])
 
 
 def case_offsets_disagree_with_shape(models: Models, tmp: Path) -> Case:
@@ -211,8 +216,7 @@ def case_overlapping_tensors(models: Models, tmp: Path) -> Case:
     assert header[first]["shape"] == header[second]["shape"]
     header[second]["data_offsets"] = list(header[first]["data_offsets"])
     write_header(path, header, data)
-    return Case([str(models.bert[0]), str(model)], CheckpointError,
-                ["model.safetensors", "overlap", first, second])
+    return Case([str(models.bert[0]), str(model)], CheckpointError, ["model.safetensors", "overlap", first, second])
 
 
 def case_header_longer_than_file(models: Models, tmp: Path) -> Case:
@@ -220,8 +224,7 @@ def case_header_longer_than_file(models: Models, tmp: Path) -> Case:
     path = model / "model.safetensors"
     raw = path.read_bytes()
     path.write_bytes(struct.pack("<Q", len(raw) + 1000) + raw[8:])
-    return Case([str(models.bert[0]), str(model)], CheckpointError,
-                ["model.safetensors", "header runs past the end"])
+    return Case([str(models.bert[0]), str(model)], CheckpointError, ["model.safetensors", "header runs past the end"])
 
 
 def case_header_not_json(models: Models, tmp: Path) -> Case:
@@ -241,18 +244,21 @@ def case_shard_missing(models: Models, tmp: Path) -> Case:
 
 
 def case_mismatched_shapes(models: Models, tmp: Path) -> Case:
-    return Case([str(models.bert[0]), str(models.bert_wide)], IncompatibleModelsError,
-                ["shape", "bert.embeddings.LayerNorm.bias", "[16]", "[24]"])
+    return Case(
+        [str(models.bert[0]), str(models.bert_wide)],
+        IncompatibleModelsError,
+        ["shape", "bert.embeddings.LayerNorm.bias", "[16]", "[24]"],
+    )
 
 
 def case_mismatched_architectures(models: Models, tmp: Path) -> Case:
-    return Case([str(models.bert[0]), str(models.gpt2)], IncompatibleModelsError,
-                ["bert.embeddings", str(models.gpt2)])
+    return Case([str(models.bert[0]), str(models.gpt2)], IncompatibleModelsError, ["bert.embeddings", str(models.gpt2)])
 
 
 def case_extra_tensor(models: Models, tmp: Path) -> Case:
-    return Case([str(models.bert[0]), str(models.bert_extra)], IncompatibleModelsError,
-                ["extra.weight", str(models.bert_extra)])
+    return Case(
+        [str(models.bert[0]), str(models.bert_extra)], IncompatibleModelsError, ["extra.weight", str(models.bert_extra)]
+    )
 
 
 def case_mismatched_dtypes(models: Models, tmp: Path) -> Case:
@@ -272,8 +278,7 @@ def case_integer_buffers_disagree(models: Models, tmp: Path) -> Case:
 
 
 MODEL_CASES: dict[str, Callable[[Models, Path], Case]] = {
-    name.removeprefix("case_"): function
-    for name, function in list(globals().items()) if name.startswith("case_")
+    name.removeprefix("case_"): function for name, function in list(globals().items()) if name.startswith("case_")
 }
 
 
@@ -291,8 +296,7 @@ def test_bad_model_from_python(case_name, models, tmp_path):
 def test_bad_model_from_cli(case_name, models, tmp_path, monkeypatch, capsys):
     case = MODEL_CASES[case_name](models, tmp_path)
     out = output_path(tmp_path)
-    code, _, err = run_cli(["soup", *case.inputs, "--out", out, "--device", "cpu", "--quiet"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(["soup", *case.inputs, "--out", out, "--device", "cpu", "--quiet"], monkeypatch, capsys)
     assert_one_line_error(code, err, case.needles)
     assert_nothing_written(out)
 
@@ -317,8 +321,7 @@ def test_error_message_prints_paths_verbatim(weird, tmp_path, monkeypatch, capsy
     """Paths may hold square brackets; the CLI must print them as they are (they are not markup)."""
     missing = tmp_path / weird / "model"
     out = output_path(tmp_path)
-    code, _, err = run_cli(["soup", missing, missing, "--out", out, "--device", "cpu", "--quiet"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(["soup", missing, missing, "--out", out, "--device", "cpu", "--quiet"], monkeypatch, capsys)
     assert_one_line_error(code, err, ["not found", str(missing)])
     assert_nothing_written(out)
 
@@ -327,9 +330,14 @@ def test_cli_error_from_a_real_process(tmp_path):
     """The installed entry point (not just main() in this process): exit 2, one line, nothing written."""
     out = output_path(tmp_path)
     missing = tmp_path / "no-such-model"
-    result = subprocess.run([sys.executable, "-m", "splice", "soup", str(missing), str(missing),
-                             "--out", str(out), "--device", "cpu"],
-                            check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "splice", "soup", str(missing), str(missing), "--out", str(out), "--device", "cpu"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert_one_line_error(result.returncode, result.stderr, ["not found", str(missing)])
     assert result.stdout == ""
     assert_nothing_written(out)
@@ -347,29 +355,54 @@ def write_recipe(tmp_path: Path, recipe: dict) -> Path:
 def recipe_cases(models: Models) -> dict[str, tuple[dict, list[str]]]:
     base, tuned = str(models.bert[0]), str(models.bert[1])
     return {
-        "unknown_method": ({"merge_method": "frobnicate", "models": [{"model": base}, {"model": tuned}]},
-                           ["frobnicate", "unknown merge method"]),
-        "unknown_parameter": ({"merge_method": "ties", "base_model": base,
-                               "models": [{"model": tuned, "parameters": {"weight": 1.0, "densty": 0.5}}]},
-                              ["densty", "unknown parameter", "density"]),
-        "missing_required_parameter": ({"merge_method": "ties", "base_model": base,
-                                        "models": [{"model": tuned, "parameters": {"density": 0.5}}]},
-                                       ["ties", "'weight'", tuned]),
-        "missing_base_model": ({"merge_method": "ties",
-                                "models": [{"model": tuned, "parameters": {"weight": 1.0, "density": 0.5}}]},
-                               ["ties", "base_model"]),
-        "unknown_key": ({"merge_method": "linear", "modles": [],
-                         "models": [{"model": base, "parameters": {"weight": 1.0}}]}, ["modles"]),
-        "bad_parameter_type": ({"merge_method": "ties", "base_model": base,
-                                "models": [{"model": tuned, "parameters": {"weight": "heavy"}}]},
-                               ["weight", "heavy"]),
-        "unknown_dtype": ({"merge_method": "linear", "dtype": "float3",
-                           "models": [{"model": base, "parameters": {"weight": 1.0}}]}, ["dtype", "float3"]),
+        "unknown_method": (
+            {"merge_method": "frobnicate", "models": [{"model": base}, {"model": tuned}]},
+            ["frobnicate", "unknown merge method"],
+        ),
+        "unknown_parameter": (
+            {
+                "merge_method": "ties",
+                "base_model": base,
+                "models": [{"model": tuned, "parameters": {"weight": 1.0, "densty": 0.5}}],
+            },
+            ["densty", "unknown parameter", "density"],
+        ),
+        "missing_required_parameter": (
+            {"merge_method": "ties", "base_model": base, "models": [{"model": tuned, "parameters": {"density": 0.5}}]},
+            ["ties", "'weight'", tuned],
+        ),
+        "missing_base_model": (
+            {"merge_method": "ties", "models": [{"model": tuned, "parameters": {"weight": 1.0, "density": 0.5}}]},
+            ["ties", "base_model"],
+        ),
+        "unknown_key": (
+            {"merge_method": "linear", "modles": [], "models": [{"model": base, "parameters": {"weight": 1.0}}]},
+            ["modles"],
+        ),
+        "bad_parameter_type": (
+            {
+                "merge_method": "ties",
+                "base_model": base,
+                "models": [{"model": tuned, "parameters": {"weight": "heavy"}}],
+            },
+            ["weight", "heavy"],
+        ),
+        "unknown_dtype": (
+            {"merge_method": "linear", "dtype": "float3", "models": [{"model": base, "parameters": {"weight": 1.0}}]},
+            ["dtype", "float3"],
+        ),
     }
 
 
-RECIPE_CASES = ["unknown_method", "unknown_parameter", "missing_required_parameter", "missing_base_model",
-                "unknown_key", "bad_parameter_type", "unknown_dtype"]
+RECIPE_CASES = [
+    "unknown_method",
+    "unknown_parameter",
+    "missing_required_parameter",
+    "missing_base_model",
+    "unknown_key",
+    "bad_parameter_type",
+    "unknown_dtype",
+]
 
 
 @pytest.mark.parametrize("case_name", RECIPE_CASES)
@@ -440,14 +473,18 @@ def test_bad_option_from_cli(case_name, models, tmp_path, monkeypatch, capsys):
     assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("kwargs, needles", [
-    ({"weights": [1.0]}, ["1 weights", "2 models"]),
-    ({"weights": [1.0, 2.0, 3.0]}, ["3 weights", "2 models"]),
-    ({"weights": [0.5, -0.5]}, ["sum to zero"]),
-    ({"weights": [1.0, float("inf")]}, ["finite"]),
-    ({"device": "cuda"}, ["no CUDA GPU"]),
-    ({"dtype": "int3"}, ["int3"]),
-], ids=["too_few_weights", "too_many_weights", "zero_sum", "infinite_weight", "cuda", "dtype"])
+@pytest.mark.parametrize(
+    "kwargs, needles",
+    [
+        ({"weights": [1.0]}, ["1 weights", "2 models"]),
+        ({"weights": [1.0, 2.0, 3.0]}, ["3 weights", "2 models"]),
+        ({"weights": [0.5, -0.5]}, ["sum to zero"]),
+        ({"weights": [1.0, float("inf")]}, ["finite"]),
+        ({"device": "cuda"}, ["no CUDA GPU"]),
+        ({"dtype": "int3"}, ["int3"]),
+    ],
+    ids=["too_few_weights", "too_many_weights", "zero_sum", "infinite_weight", "cuda", "dtype"],
+)
 def test_bad_option_from_python(kwargs, needles, models, tmp_path):
     if kwargs.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
@@ -477,8 +514,7 @@ def existing_output(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def siblings(out: Path) -> list[str]:
@@ -490,8 +526,7 @@ def test_existing_out_is_refused_and_untouched(models, tmp_path, monkeypatch, ca
     with pytest.raises(OutputExistsError) as caught:
         splice.soup(models.bert, out, device="cpu")
     assert_one_line_message(caught.value, [str(out), "`force=True`"])
-    code, _, err = run_cli(["soup", *models.bert, "--out", out, "--device", "cpu", "--quiet"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(["soup", *models.bert, "--out", out, "--device", "cpu", "--quiet"], monkeypatch, capsys)
     assert_one_line_error(code, err, [str(out), "--force"])
     assert snapshot(out) == before
     assert siblings(out) == []
@@ -499,8 +534,9 @@ def test_existing_out_is_refused_and_untouched(models, tmp_path, monkeypatch, ca
 
 def test_existing_out_is_replaced_with_force(models, tmp_path, monkeypatch, capsys):
     out, _ = existing_output(tmp_path)
-    code, _, err = run_cli(["soup", *models.bert, "--out", out, "--device", "cpu", "--quiet", "--force"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["soup", *models.bert, "--out", out, "--device", "cpu", "--quiet", "--force"], monkeypatch, capsys
+    )
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert len(Checkpoint.open(out).tensors) == len(load_file(models.bert[0] / "model.safetensors"))
@@ -509,8 +545,11 @@ def test_existing_out_is_replaced_with_force(models, tmp_path, monkeypatch, caps
 
 def test_force_with_a_failing_merge_keeps_the_old_output(models, tmp_path, monkeypatch, capsys):
     out, before = existing_output(tmp_path)
-    code, _, err = run_cli(["soup", models.bert[0], models.bert_wide, "--out", out, "--device", "cpu",
-                            "--quiet", "--force"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["soup", models.bert[0], models.bert_wide, "--out", out, "--device", "cpu", "--quiet", "--force"],
+        monkeypatch,
+        capsys,
+    )
     assert_one_line_error(code, err, ["shape"])
     assert snapshot(out) == before
     assert siblings(out) == []
@@ -580,7 +619,8 @@ def test_file_truncated_during_merge(models, tmp_path):
     shard = model / "model.safetensors"
     header, _ = read_header(shard)
     data_start = shard.stat().st_size - sum(
-        header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in tensors_by_offset(header))
+        header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in tensors_by_offset(header)
+    )
 
     class Truncating:
         def start(self, description, total_items, total_bytes):
@@ -626,9 +666,12 @@ def test_killed_merge_publishes_nothing(models, tmp_path):
     marker = tmp_path / "started"
     script = tmp_path / "slow_soup.py"
     script.write_text(KILLED_SCRIPT)
-    process = subprocess.Popen([sys.executable, str(script), *map(str, models.bert), str(out), str(marker)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1])})
+    process = subprocess.Popen(
+        [sys.executable, str(script), *map(str, models.bert), str(out), str(marker)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1])},
+    )
     try:
         wait_for_marker(process, marker)
         partial = [p for p in out.parent.iterdir() if p.name.startswith(f".{OUT_NAME}.splice-partial-")]

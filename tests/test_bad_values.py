@@ -30,11 +30,20 @@ def two_models(tmp_path) -> tuple[Path, Path]:
     return (save(base, tmp_path / "a", sharded=False), save(perturbed(base, 1), tmp_path / "b", sharded=False))
 
 
-def write_recipe(path: Path, models: tuple[Path, Path], method: str = "linear", weights=(0.5, 0.5),
-                 parameters: dict | None = None, dtype: str | None = None, raw_weight: str | None = None) -> Path:
+def write_recipe(
+    path: Path,
+    models: tuple[Path, Path],
+    method: str = "linear",
+    weights=(0.5, 0.5),
+    parameters: dict | None = None,
+    dtype: str | None = None,
+    raw_weight: str | None = None,
+) -> Path:
     """A recipe file; `raw_weight` is written verbatim as the first model's weight (YAML's own `.nan`)."""
-    recipe = {"merge_method": method,
-              "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)]}
+    recipe = {
+        "merge_method": method,
+        "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)],
+    }
     if method != "linear":
         recipe["base_model"] = str(models[0])
         recipe["models"] = recipe["models"][1:]
@@ -57,15 +66,21 @@ def refused(code: int, err: str, *words: str) -> bool:
 @pytest.mark.parametrize("raw", [".nan", ".inf", "-.inf", "[0.5, .nan]", "[{filter: mlp, value: .nan}, {value: 1}]"])
 def test_a_recipe_weight_that_is_not_finite_is_refused(tmp_path, two_models, monkeypatch, capsys, raw):
     recipe = write_recipe(tmp_path / "r.yaml", two_models, weights=("PLACEHOLDER", 0.5), raw_weight=raw)
-    code, _, err = run_cli(["merge", recipe, "--out", tmp_path / "out", "--device", "cpu", "--quiet"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["merge", recipe, "--out", tmp_path / "out", "--device", "cpu", "--quiet"], monkeypatch, capsys
+    )
     assert refused(code, err, "finite"), err
     assert not (tmp_path / "out").exists()
 
 
 def test_a_non_finite_global_parameter_is_refused_before_any_read(tmp_path, two_models):
-    recipe = write_recipe(tmp_path / "r.yaml", two_models, method="task_arithmetic", weights=(1.0, 1.0),
-                          parameters={"lambda": float("nan")})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        two_models,
+        method="task_arithmetic",
+        weights=(1.0, 1.0),
+        parameters={"lambda": float("nan")},
+    )
     with pytest.raises(RecipeError, match="finite") as caught:
         merge(recipe, tmp_path / "out", device="cpu")
     assert len(str(caught.value).splitlines()) == 1
@@ -74,8 +89,9 @@ def test_a_non_finite_global_parameter_is_refused_before_any_read(tmp_path, two_
 
 def test_a_finite_weight_that_overflows_is_refused_naming_the_tensor(tmp_path, two_models, monkeypatch, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", two_models, weights=(1e308, 1.0), parameters={"normalize": False})
-    code, _, err = run_cli(["merge", recipe, "--out", tmp_path / "out", "--device", "cpu", "--quiet"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["merge", recipe, "--out", tmp_path / "out", "--device", "cpu", "--quiet"], monkeypatch, capsys
+    )
     assert refused(code, err, "NaN/Inf"), err
     named = re.search(r"output tensor (\S+) would hold NaN/Inf", err)
     assert named and named.group(1) in load_dir(two_models[0]), err
@@ -85,8 +101,9 @@ def test_a_finite_weight_that_overflows_is_refused_naming_the_tensor(tmp_path, t
 
 def test_an_output_dtype_overflow_is_refused(tmp_path, two_models):
     # LayerNorm weights are 1.0: 2e5 of them is beyond float16's 65504
-    recipe = write_recipe(tmp_path / "r.yaml", two_models, weights=(1e5, 1e5), parameters={"normalize": False},
-                          dtype="float16")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", two_models, weights=(1e5, 1e5), parameters={"normalize": False}, dtype="float16"
+    )
     with pytest.raises(NonFiniteOutputError, match="LayerNorm.weight|float16") as caught:
         merge(recipe, tmp_path / "out", device="cpu")
     assert len(str(caught.value).splitlines()) == 1
@@ -100,8 +117,9 @@ def test_a_model_that_already_holds_inf_still_merges(tmp_path, monkeypatch, caps
         with torch.no_grad():
             model.classifier.bias[0] = -math.inf  # e.g. a mask of a class that must never be predicted
         models.append(save(model, tmp_path / f"m{seed}", sharded=False))
-    code, _, err = run_cli(["soup", *models, "--out", tmp_path / "soup", "--device", "cpu", "--quiet"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["soup", *models, "--out", tmp_path / "soup", "--device", "cpu", "--quiet"], monkeypatch, capsys
+    )
     assert code == 0, err
     bias = load_dir(tmp_path / "soup")["classifier.bias"]
     assert bias[0] == -math.inf and torch.isfinite(bias[1:]).all()
@@ -109,8 +127,9 @@ def test_a_model_that_already_holds_inf_still_merges(tmp_path, monkeypatch, caps
 
 def apply_is_refused(patch: Path, base: Path, out: Path, words, monkeypatch, capsys) -> None:
     """`splice patch apply PATCH --base BASE --out OUT` exits 2 with one line naming `words`; nothing at OUT."""
-    code, _, err = run_cli(["patch", "apply", patch, "--base", base, "--out", out, "--device", "cpu", "--quiet"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["patch", "apply", patch, "--base", base, "--out", out, "--device", "cpu", "--quiet"], monkeypatch, capsys
+    )
     assert refused(code, err, *words), err
     assert not out.exists()
 
@@ -131,6 +150,7 @@ def test_finite_values_whose_sum_overflows_still_merge(tmp_path):
 
 # --- PEFT adapter configs -------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def adapter(tmp_path) -> tuple[Path, Path]:
     """(a real PEFT LoRA adapter directory, its base model directory)."""
@@ -147,25 +167,28 @@ def set_config(adapter_dir: Path, text: str) -> None:
     (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("change, words", [
-    ('{"lora_alpha": Infinity}', ("lora_alpha", "finite")),
-    ('{"lora_alpha": NaN}', ("lora_alpha", "finite")),
-    ('{"lora_alpha": "abc"}', ("lora_alpha",)),
-    ('{"lora_alpha": [8]}', ("lora_alpha",)),
-    ('{"lora_alpha": 1e308}', ("lora_alpha",)),
-    ('{"use_rslora": "false"}', ("use_rslora", "bool")),
-    ('{"fan_in_fan_out": "no"}', ("fan_in_fan_out", "bool")),
-    ('{"r": "4"}', ("r",)),
-    ('{"rank_pattern": ["query"]}', ("rank_pattern",)),
-    ('{"rank_pattern": {"query": "4"}}', ("rank_pattern",)),
-    ('{"alpha_pattern": {"query": Infinity}}', ("alpha_pattern", "finite")),
-    # strings from the file with a line break in them stay on the error's one line (issue 16 item 10)
-    ('{"rank_pattern": {"query\\nvalue": 0}}', ("rank_pattern", "query\\nvalue")),
-    ('{"alpha_pattern": {"que\\r\\nry": "x"}}', ("alpha_pattern", "que\\r\\nry")),
-    ('{"rank_pattern": {"(\\n": 2}}', ("rank_pattern", "regular expression")),
-    ('{"peft_type": "IA3\\nLORA"}', ("IA3\\nLORA", "not supported")),
-    ('{"init_lora_weights": "pissa\\nniter_4"}', ("pissa\\nniter_4",)),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ('{"lora_alpha": Infinity}', ("lora_alpha", "finite")),
+        ('{"lora_alpha": NaN}', ("lora_alpha", "finite")),
+        ('{"lora_alpha": "abc"}', ("lora_alpha",)),
+        ('{"lora_alpha": [8]}', ("lora_alpha",)),
+        ('{"lora_alpha": 1e308}', ("lora_alpha",)),
+        ('{"use_rslora": "false"}', ("use_rslora", "bool")),
+        ('{"fan_in_fan_out": "no"}', ("fan_in_fan_out", "bool")),
+        ('{"r": "4"}', ("r",)),
+        ('{"rank_pattern": ["query"]}', ("rank_pattern",)),
+        ('{"rank_pattern": {"query": "4"}}', ("rank_pattern",)),
+        ('{"alpha_pattern": {"query": Infinity}}', ("alpha_pattern", "finite")),
+        # strings from the file with a line break in them stay on the error's one line (issue 16 item 10)
+        ('{"rank_pattern": {"query\\nvalue": 0}}', ("rank_pattern", "query\\nvalue")),
+        ('{"alpha_pattern": {"que\\r\\nry": "x"}}', ("alpha_pattern", "que\\r\\nry")),
+        ('{"rank_pattern": {"(\\n": 2}}', ("rank_pattern", "regular expression")),
+        ('{"peft_type": "IA3\\nLORA"}', ("IA3\\nLORA", "not supported")),
+        ('{"init_lora_weights": "pissa\\nniter_4"}', ("pissa\\nniter_4",)),
+    ],
+)
 def test_a_bad_peft_config_value_is_refused_in_one_line(tmp_path, adapter, monkeypatch, capsys, change, words):
     adapter_dir, base_dir = adapter
     set_config(adapter_dir, change)
@@ -179,8 +202,9 @@ def test_a_good_peft_config_still_reads(tmp_path, adapter):
     assert patch.meta.settings["rslora"] is False
     assert set(patch.meta.settings["alpha"].values()) == {16.0}
     apply_patches([adapter_dir], base_dir, tmp_path / "out", device="cpu")
-    assert torch.isfinite(torch.cat([t.flatten() for t in load_dir(tmp_path / "out").values()
-                                     if t.dtype.is_floating_point])).all()
+    assert torch.isfinite(
+        torch.cat([t.flatten() for t in load_dir(tmp_path / "out").values() if t.dtype.is_floating_point])
+    ).all()
 
 
 def test_lora_factors_that_overflow_in_place_are_refused(tmp_path, adapter):
@@ -196,6 +220,7 @@ def test_lora_factors_that_overflow_in_place_are_refused(tmp_path, adapter):
 
 
 # --- patch.json (PatchMeta) ------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def lora_patch(tmp_path, adapter) -> tuple[Path, Path]:
@@ -218,15 +243,18 @@ def deep(levels: int):
     return value
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda m: m["metrics"].update(accuracy=math.nan), ("metrics", "finite")),
-    (lambda m: m["metrics"].update(accuracy=math.inf), ("metrics", "finite")),
-    (lambda m: m["metrics"].update(accuracy="0.9"), ("metrics",)),
-    (lambda m: m["settings"].update(extra={"nested": [1.0, -math.inf]}), ("settings", "finite")),
-    (lambda m: m["settings"].update(extra=deep(40)), ("settings", "nest")),
-    (lambda m: m["settings"].update(rslora="false"), ("settings", "rslora")),
-    (lambda m: m["settings"]["alpha"].update({next(iter(m["settings"]["alpha"])): math.inf}), ("finite",)),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda m: m["metrics"].update(accuracy=math.nan), ("metrics", "finite")),
+        (lambda m: m["metrics"].update(accuracy=math.inf), ("metrics", "finite")),
+        (lambda m: m["metrics"].update(accuracy="0.9"), ("metrics",)),
+        (lambda m: m["settings"].update(extra={"nested": [1.0, -math.inf]}), ("settings", "finite")),
+        (lambda m: m["settings"].update(extra=deep(40)), ("settings", "nest")),
+        (lambda m: m["settings"].update(rslora="false"), ("settings", "rslora")),
+        (lambda m: m["settings"]["alpha"].update({next(iter(m["settings"]["alpha"])): math.inf}), ("finite",)),
+    ],
+)
 def test_a_bad_patch_json_value_is_refused(tmp_path, lora_patch, monkeypatch, capsys, edit, words):
     patch_dir, base_dir = lora_patch
     edit_manifest(patch_dir, edit)
@@ -239,8 +267,9 @@ def test_a_bad_patch_json_value_is_refused(tmp_path, lora_patch, monkeypatch, ca
 def test_a_patch_json_nested_past_the_parser_is_refused(tmp_path, lora_patch):
     patch_dir, _ = lora_patch
     text = (patch_dir / "patch.json").read_text()
-    (patch_dir / "patch.json").write_text(text.replace('"settings": {', '"settings": {"x": ' + "[" * 100_000 +
-                                                        "]" * 100_000 + ", ", 1))
+    (patch_dir / "patch.json").write_text(
+        text.replace('"settings": {', '"settings": {"x": ' + "[" * 100_000 + "]" * 100_000 + ", ", 1)
+    )
     with pytest.raises(PatchError, match="patch.json") as caught:
         load_patch(patch_dir)
     assert len(str(caught.value).splitlines()) == 1
@@ -253,15 +282,37 @@ def test_an_untouched_patch_json_still_reads(lora_patch):
     assert meta.metrics == {"accuracy": 0.91, "steps": 300.0}
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda m: m["settings"].update(values="false"), ("settings", "values", "bool")),
-    (lambda m: m["settings"]["shapes"].update({next(iter(m["settings"]["shapes"])): ["16"]}), ("shapes",)),
-    (lambda m: m["settings"].update(density=math.nan), ("density", "finite")),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda m: m["settings"].update(values="false"), ("settings", "values", "bool")),
+        (lambda m: m["settings"]["shapes"].update({next(iter(m["settings"]["shapes"])): ["16"]}), ("shapes",)),
+        (lambda m: m["settings"].update(density=math.nan), ("density", "finite")),
+    ],
+)
 def test_a_bad_mask_setting_is_refused(tmp_path, two_models, monkeypatch, capsys, edit, words):
     base, tuned = two_models
-    code, _, err = run_cli(["patch", "extract", "--base", base, "--tuned", tuned, "--kind", "mask", "--density", "0.1",
-                            "--device", "cpu", "--out", tmp_path / "mask", "--quiet"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        [
+            "patch",
+            "extract",
+            "--base",
+            base,
+            "--tuned",
+            tuned,
+            "--kind",
+            "mask",
+            "--density",
+            "0.1",
+            "--device",
+            "cpu",
+            "--out",
+            tmp_path / "mask",
+            "--quiet",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     load_patch(tmp_path / "mask")  # as written, it reads
     edit_manifest(tmp_path / "mask", edit)
@@ -270,8 +321,10 @@ def test_a_bad_mask_setting_is_refused(tmp_path, two_models, monkeypatch, capsys
 
 # --- deployment records in safetensors metadata --------------------------------------------------------------
 
-@pytest.mark.parametrize("record", ['{"registry": "r", "base": "b", "patches": "none"}', "[" * 100_000 + "]" * 100_000,
-                                    "{not json"])
+
+@pytest.mark.parametrize(
+    "record", ['{"registry": "r", "base": "b", "patches": "none"}', "[" * 100_000 + "]" * 100_000, "{not json"]
+)
 def test_a_bad_deployment_record_is_refused_in_one_line(tmp_path, monkeypatch, capsys, record):
     model_dir = save(tiny_model("bert", 0), tmp_path / "model", sharded=False)
     weights = model_dir / "model.safetensors"

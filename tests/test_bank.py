@@ -58,7 +58,7 @@ def related_vocabulary(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     weight = model.get_input_embeddings().weight
     with torch.no_grad():
         for task in range(3):
-            weight[21 * task:21 * task + 21] += torch.randn(weight.shape[1], generator=generator) * 0.1
+            weight[21 * task : 21 * task + 21] += torch.randn(weight.shape[1], generator=generator) * 0.1
     return model
 
 
@@ -87,9 +87,9 @@ def test_a_mixed_batch_equals_each_input_alone_with_its_tasks_norms(arch):
         mixed = bank(task_ids=ids, **inputs).logits
         models = [with_norms(arch, bank.slot_state(task)) for task in range(3)]
         for i, task in enumerate(ids.tolist()):
-            alone = {name: value[i:i + 1] for name, value in inputs.items()}
+            alone = {name: value[i : i + 1] for name, value in inputs.items()}
             assert torch.allclose(mixed[i], models[task](**alone).logits[0], atol=1e-5)
-            assert torch.allclose(mixed[i], bank(task_ids=ids[i:i + 1], **alone).logits[0], atol=1e-5)
+            assert torch.allclose(mixed[i], bank(task_ids=ids[i : i + 1], **alone).logits[0], atol=1e-5)
         distinct = [bank(task_ids=torch.full((6,), task), **inputs).logits for task in range(3)]
     assert not torch.allclose(distinct[0], distinct[1], atol=1e-3)  # the slots do differ
 
@@ -104,8 +104,10 @@ def test_keys_on_real_features_select_the_true_task(arch):
     for task in range(3):
         test = task_inputs(arch, task, 16, seed=100 + task)
         assert bank.route(**test).tolist() == [task] * 16
-    mixed = {name: torch.cat([task_inputs(arch, t, 4, seed=200 + t)[name] for t in range(3)])
-             for name in task_inputs(arch, 0, 1, 0)}
+    mixed = {
+        name: torch.cat([task_inputs(arch, t, 4, seed=200 + t)[name] for t in range(3)])
+        for name in task_inputs(arch, 0, 1, 0)
+    }
     truth = torch.arange(3).repeat_interleave(4)
     assert torch.equal(bank.route(**mixed), truth)
     perturb_slots(bank, seed=3)

@@ -53,7 +53,7 @@ def load_dir(directory: Path) -> dict[str, torch.Tensor]:
 def header(path: Path) -> tuple[int, dict]:
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
-    return length, json.loads(raw[8:8 + length])
+    return length, json.loads(raw[8 : 8 + length])
 
 
 def storage_order(directory: Path) -> list[str]:
@@ -67,8 +67,12 @@ def storage_order(directory: Path) -> list[str]:
 
 # -- models --------------------------------------------------------------------------------------
 
-LAYOUTS = {"bert": ("bert", False), "bert-sharded": ("bert", True), "gpt2": ("gpt2", False),
-           "llama-sharded": ("llama", True)}
+LAYOUTS = {
+    "bert": ("bert", False),
+    "bert-sharded": ("bert", True),
+    "gpt2": ("gpt2", False),
+    "llama-sharded": ("llama", True),
+}
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +127,11 @@ def write_scrambled(path: Path, tensors: dict[str, torch.Tensor], storage: list[
         position += len(raw)
     entries = {"__metadata__": {"format": "pt"}}
     for name, tensor in tensors.items():
-        entries[name] = {"dtype": {torch.float32: "F32", torch.int64: "I64"}[tensor.dtype],
-                         "shape": list(tensor.shape), "data_offsets": offsets[name]}
+        entries[name] = {
+            "dtype": {torch.float32: "F32", torch.int64: "I64"}[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": offsets[name],
+        }
     raw_header = json.dumps(entries).encode()
     raw_header += b" " * (-len(raw_header) % 8)
     path.write_bytes(struct.pack("<Q", len(raw_header)) + raw_header + data)
@@ -133,8 +140,12 @@ def write_scrambled(path: Path, tensors: dict[str, torch.Tensor], storage: list[
 def test_storage_order_is_data_order_not_header_or_name_order(tmp_path):
     """Tensors come in the order their bytes lie in the file; a soup writes them in that order too."""
     generator = torch.Generator().manual_seed(0)
-    tensors = {"b": torch.randn(3, 2, generator=generator), "a": torch.randn(5, generator=generator),
-               "c": torch.arange(4), "d": torch.randn(1, generator=generator)}
+    tensors = {
+        "b": torch.randn(3, 2, generator=generator),
+        "a": torch.randn(5, generator=generator),
+        "c": torch.arange(4),
+        "d": torch.randn(1, generator=generator),
+    }
     storage = ["c", "a", "d", "b"]
     models = []
     for i in range(2):
@@ -158,8 +169,7 @@ def test_sharded_storage_order_follows_shard_files(tmp_path):
     """Tensors listed out of order in the index still come shard by shard, by offset."""
     generator = torch.Generator().manual_seed(1)
     first = {"z.weight": torch.randn(4, generator=generator), "y.weight": torch.randn(2, generator=generator)}
-    second = {"a.weight": torch.randn(3, generator=generator),
-              "b.weight": torch.randn(6, generator=generator)}
+    second = {"a.weight": torch.randn(3, generator=generator), "b.weight": torch.randn(6, generator=generator)}
     write_scrambled(tmp_path / "model-00001-of-00002.safetensors", first, ["z.weight", "y.weight"])
     write_scrambled(tmp_path / "model-00002-of-00002.safetensors", second, ["b.weight", "a.weight"])
     one, two = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
@@ -298,8 +308,8 @@ def assorted_tensors() -> dict[str, torch.Tensor]:
         "fp16": floats.to(torch.float16),
         "fp32": floats,
         "fp64": floats.double(),
-        "int64": torch.randint(-2**40, 2**40, (7,), generator=generator),
-        "int32": torch.randint(-2**30, 2**30, (2, 3), generator=generator, dtype=torch.int32),
+        "int64": torch.randint(-(2**40), 2**40, (7,), generator=generator),
+        "int32": torch.randint(-(2**30), 2**30, (2, 3), generator=generator, dtype=torch.int32),
         "int8": torch.randint(-128, 128, (9,), generator=generator, dtype=torch.int8),
         "uint8": torch.randint(0, 256, (3, 3), generator=generator, dtype=torch.uint8),
         "bool": torch.rand(11, generator=generator) > 0.5,
@@ -352,9 +362,11 @@ def test_write_state_dict_round_trips_exactly(shard_size, tmp_path):
 
 
 def test_unsigned_wide_integers_round_trip(tmp_path):
-    state = {"u16": torch.tensor([0, 1, 65535], dtype=torch.uint16),
-             "u32": torch.tensor([0, 2**32 - 1], dtype=torch.uint32),
-             "u64": torch.tensor([0, 2**63], dtype=torch.uint64)}
+    state = {
+        "u16": torch.tensor([0, 1, 65535], dtype=torch.uint16),
+        "u32": torch.tensor([0, 2**32 - 1], dtype=torch.uint32),
+        "u64": torch.tensor([0, 2**63], dtype=torch.uint64),
+    }
     write_state_dict(tmp_path, state)
     loaded = load_file(tmp_path / "model.safetensors")
     for name, tensor in state.items():
@@ -384,8 +396,9 @@ def test_shard_size_output_reloads_in_transformers(arch, tmp_path, monkeypatch, 
     tuned = perturbed(base, 1)
     models = [save(base, tmp_path / "a", False), save(tuned, tmp_path / "b", False)]
     out = tmp_path / "soup"
-    code, _, err = run_cli(["soup", *models, "--out", out, "--shard-size", "4KB", "--device", "cpu",
-                            "--quiet"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["soup", *models, "--out", out, "--shard-size", "4KB", "--device", "cpu", "--quiet"], monkeypatch, capsys
+    )
     assert code == 0, err
 
     files = sorted(p.name for p in out.glob("*.safetensors"))
@@ -408,10 +421,19 @@ def test_shard_size_output_reloads_in_transformers(arch, tmp_path, monkeypatch, 
 # -- parse_size ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, size", [
-    ("2GB", 2 * 1000**3), ("500MB", 500 * 1000**2), ("1GiB", 1024**3), ("1234", 1234),
-    ("1.5GiB", 3 * 1024**3 // 2), ("4kb", 4000), (" 10 MiB ", 10 * 1024**2), (4096, 4096),
-])
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("2GB", 2 * 1000**3),
+        ("500MB", 500 * 1000**2),
+        ("1GiB", 1024**3),
+        ("1234", 1234),
+        ("1.5GiB", 3 * 1024**3 // 2),
+        ("4kb", 4000),
+        (" 10 MiB ", 10 * 1024**2),
+        (4096, 4096),
+    ],
+)
 def test_parse_size_accepts(text, size):
     assert parse_size(text) == size
 
@@ -427,13 +449,27 @@ def test_parse_size_rejects(text):
 
 
 EXPECTED_NORMS = {
-    "bert": ["bert.embeddings.LayerNorm", "bert.encoder.layer.0.attention.output.LayerNorm",
-             "bert.encoder.layer.0.output.LayerNorm", "bert.encoder.layer.1.attention.output.LayerNorm",
-             "bert.encoder.layer.1.output.LayerNorm"],
-    "gpt2": ["transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.1.ln_1", "transformer.h.1.ln_2",
-             "transformer.ln_f"],
-    "llama": ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
-              "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm", "model.norm"],
+    "bert": [
+        "bert.embeddings.LayerNorm",
+        "bert.encoder.layer.0.attention.output.LayerNorm",
+        "bert.encoder.layer.0.output.LayerNorm",
+        "bert.encoder.layer.1.attention.output.LayerNorm",
+        "bert.encoder.layer.1.output.LayerNorm",
+    ],
+    "gpt2": [
+        "transformer.h.0.ln_1",
+        "transformer.h.0.ln_2",
+        "transformer.h.1.ln_1",
+        "transformer.h.1.ln_2",
+        "transformer.ln_f",
+    ],
+    "llama": [
+        "model.layers.0.input_layernorm",
+        "model.layers.0.post_attention_layernorm",
+        "model.layers.1.input_layernorm",
+        "model.layers.1.post_attention_layernorm",
+        "model.norm",
+    ],
 }
 
 

@@ -14,8 +14,9 @@ def test_demo_runs_and_cleans_up(tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch), "COLUMNS": "120"}
-    done = subprocess.run([str(SPLICE), "demo"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    done = subprocess.run(
+        [str(SPLICE), "demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "uniform soup of 4" in done.stdout and "greedy soup of" in done.stdout
     assert "Nothing was left behind" in done.stdout

@@ -26,14 +26,18 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*SPLICE, *args], capture_output=True, text=True, timeout=120, env=ENV)
 
 
-@pytest.mark.parametrize("args, needles", [
-    ([], ["missing command", "soup", "registry", "--help"]),
-    (["soup", "a", "b"], ["Missing option '--out'", "splice soup --help"]),
-    (["soupp"], ["No such command 'soupp'", "Did you mean 'soup'?"]),
-    (["registry"], ["missing command", "push", "pull"]),
-    (["patch", "extract", "--bogus"], ["No such option: --bogus"]),
-    (["soup", "a", "--out", "x", "--devic", "cpu"], ["--devic", "--device"]),
-], ids=["nothing", "missing_out", "typo", "registry_alone", "unknown_option", "option_typo"])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        ([], ["missing command", "soup", "registry", "--help"]),
+        (["soup", "a", "b"], ["Missing option '--out'", "splice soup --help"]),
+        (["soupp"], ["No such command 'soupp'", "Did you mean 'soup'?"]),
+        (["registry"], ["missing command", "push", "pull"]),
+        (["patch", "extract", "--bogus"], ["No such option: --bogus"]),
+        (["soup", "a", "--out", "x", "--devic", "cpu"], ["--devic", "--device"]),
+    ],
+    ids=["nothing", "missing_out", "typo", "registry_alone", "unknown_option", "option_typo"],
+)
 def test_usage_errors_are_one_line_and_exit_2(args, needles):
     result = run(*args)
     assert result.returncode == 2, result.stderr
@@ -86,8 +90,13 @@ def ctrl_c_at_marker(script: Path, source: str, args: list, pause: float = 0.0) 
     script.write_text(source)
     marker = script.with_suffix(".marker")
     marker.unlink(missing_ok=True)
-    process = subprocess.Popen([sys.executable, str(script), str(marker), *map(str, args)], env=ENV, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(marker), *map(str, args)],
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for_marker(process, marker)
         time.sleep(pause)
@@ -110,8 +119,18 @@ def interrupted(tmp_path: Path, args: list[str], out: Path) -> subprocess.Comple
 def test_ctrl_c_during_merge_exits_130_and_publishes_nothing(make_models, tmp_path):
     base, first, second = make_models("bert", 3)
     recipe = tmp_path / "ta.yml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(base), "models": [
-        {"model": str(first), "parameters": {"weight": 0.5}}, {"model": str(second), "parameters": {"weight": 0.5}}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(base),
+                "models": [
+                    {"model": str(first), "parameters": {"weight": 0.5}},
+                    {"model": str(second), "parameters": {"weight": 0.5}},
+                ],
+            }
+        )
+    )
     out = tmp_path / "outputs" / "merged"
     out.parent.mkdir()
     result = interrupted(tmp_path, ["merge", recipe, "--out", out, "--device", "cpu", "--quiet"], out)
@@ -124,8 +143,26 @@ def test_ctrl_c_during_patch_extract_exits_130(make_models, tmp_path):
     base, tuned = make_models("bert", 2)
     out = tmp_path / "outputs" / "patch"
     out.parent.mkdir()
-    result = interrupted(tmp_path, ["patch", "extract", "--base", base, "--tuned", tuned, "--kind", "lora",
-                                    "--rank", "2", "--out", out, "--device", "cpu"], out)
+    result = interrupted(
+        tmp_path,
+        [
+            "patch",
+            "extract",
+            "--base",
+            base,
+            "--tuned",
+            tuned,
+            "--kind",
+            "lora",
+            "--rank",
+            "2",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ],
+        out,
+    )
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "interrupted; nothing was published"
     assert "Traceback" not in result.stderr
@@ -164,8 +201,10 @@ def test_ctrl_c_after_the_output_was_published_says_so(make_models, tmp_path):
     registry = tmp_path / "registry"
     Registry.init(registry)
     make_patch(61).save(tmp_path / "patch")
-    commands = {f"{out.absolute()} was published": ["soup", first, second, "--out", out, "--device", "cpu"],
-                "x@1 was published": ["registry", "push", "x", tmp_path / "patch", "--registry", registry]}
+    commands = {
+        f"{out.absolute()} was published": ["soup", first, second, "--out", out, "--device", "cpu"],
+        "x@1 was published": ["registry", "push", "x", tmp_path / "patch", "--registry", registry],
+    }
     for said, args in commands.items():
         result = ctrl_c_at_marker(tmp_path / "at_the_table.py", AT_THE_TABLE, args)
         assert result.returncode == 130, result.stderr

@@ -64,8 +64,16 @@ def tiny_vit(directory: Path, labels: int = 2 * TASKS) -> Path:
 
 def _pretrain_tiny_vit(directory: Path, labels: int) -> Path:
     torch.manual_seed(0)
-    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=2, intermediate_size=32, num_labels=2 * TASKS)
+    config = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2 * TASKS,
+    )
     model = transformers.ViTForImageClassification(config)
     splits = [_split(t, 32, 900 + t) for t in range(TASKS)]
     images, family = torch.cat([s["pixel_values"] for s in splits]), torch.cat([s["labels"] for s in splits])
@@ -82,9 +90,17 @@ def _pretrain_tiny_vit(directory: Path, labels: int) -> Path:
 
 
 def pipeline_file(tmp_path: Path, base: Path, registry: str, name: str = "cl", **overrides) -> Path:
-    spec = {"base": str(base), "name": name, "registry": registry, "epochs": 3, "lr": 0.05, "head_lr": 0.05,
-            "batch_size": 8, "seed": 0,
-            "tasks": [{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(TASKS)]} | overrides
+    spec = {
+        "base": str(base),
+        "name": name,
+        "registry": registry,
+        "epochs": 3,
+        "lr": 0.05,
+        "head_lr": 0.05,
+        "batch_size": 8,
+        "seed": 0,
+        "tasks": [{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(TASKS)],
+    } | overrides
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -94,8 +110,10 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
     base = tiny_vit(tmp_path / "vit")
     # task-incremental: scored within each task's classes (class-incremental scoring of a head this small is
     # dominated by how the tasks' logits compare, which the method leaves uncalibrated; the resume test runs it)
-    report = run_pipeline(pipeline_file(tmp_path, base, "memory://continual-test/registry",
-                                        protocol="task-incremental"), report_dir=tmp_path / "report")
+    report = run_pipeline(
+        pipeline_file(tmp_path, base, "memory://continual-test/registry", protocol="task-incremental"),
+        report_dir=tmp_path / "report",
+    )
     store = Registry.open("memory://continual-test/registry")
     try:
         assert [v.version for v in store.versions("cl")] == [1, 2, 3]
@@ -114,12 +132,16 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
         reads = []
         batch_reads = type(store._backend).read_ranges
         with pytest.MonkeyPatch.context() as patcher:
-            patcher.setattr(type(store._backend), "read_ranges",
-                            lambda self, items: reads.append(len(items)) or batch_reads(self, items))
+            patcher.setattr(
+                type(store._backend),
+                "read_ranges",
+                lambda self, items: reads.append(len(items)) or batch_reads(self, items),
+            )
             loaded = load_bank("cl@task-3", base, store)
         assert reads == [1] * TASKS  # one batch of one ranged read (its pack) per task's version
-        result = predict(loaded, {**unlabelled_batch(), "labels": torch.cat([task(i)["test"]["labels"]
-                                                                            for i in range(TASKS)])})
+        result = predict(
+            loaded, {**unlabelled_batch(), "labels": torch.cat([task(i)["test"]["labels"] for i in range(TASKS)])}
+        )
         truth = torch.arange(TASKS).repeat_interleave(12)
         assert float((result.tasks == truth).float().mean()) == pytest.approx(report.task_id_accuracy[-1])
         # independently of the bank: task t's LayerNorm values and the last head on a plain model, by stored name
@@ -127,16 +149,33 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
         for slot in range(TASKS):
             model = transformers.ViTForImageClassification.from_pretrained(base).eval()
             module_of = stored_to_module_names(model)
-            values = {**{n: last.tensors[n] for n in last.meta.settings["head"]},
-                      **{n: store.load(f"cl@task-{slot + 1}").tensors[n] for n in last.meta.settings["slot"]}}
+            values = {
+                **{n: last.tensors[n] for n in last.meta.settings["head"]},
+                **{n: store.load(f"cl@task-{slot + 1}").tensors[n] for n in last.meta.settings["slot"]},
+            }
             model.load_state_dict({module_of[n]: v for n, v in values.items()}, strict=False)
             chosen = result.tasks == slot
             with torch.no_grad():
                 logits = model(pixel_values=unlabelled_batch()["pixel_values"][chosen]).logits
             assert torch.equal(logits.argmax(-1), result.classes[chosen])
-        code, _, err = run_cli(["continual", "predict", "--bank", "cl@task-3", "--base", base, "--data",
-                                f"{TASK_FILE}:unlabelled_batch", "--registry", "memory://continual-test/registry",
-                                "--out", tmp_path / "predictions.json"], monkeypatch, capsys)
+        code, _, err = run_cli(
+            [
+                "continual",
+                "predict",
+                "--bank",
+                "cl@task-3",
+                "--base",
+                base,
+                "--data",
+                f"{TASK_FILE}:unlabelled_batch",
+                "--registry",
+                "memory://continual-test/registry",
+                "--out",
+                tmp_path / "predictions.json",
+            ],
+            monkeypatch,
+            capsys,
+        )
         written = json.loads((tmp_path / "predictions.json").read_text())
         assert code == 0, err
         assert written["tasks"] == result.tasks.tolist() and written["classes"] == result.classes.tolist()
@@ -145,28 +184,61 @@ def test_a_three_task_pipeline_runs_into_a_memory_registry_and_predicts(tmp_path
         Registry.open("memory://continual-test/registry")._backend.fs.rm("/continual-test", recursive=True)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"epochz": 3}, "unknown key 'epochz' (did you mean 'epochs'?)"),
-    ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:empty"}]},
-     "task t1"),
-    ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:overlapping"}]},
-     "tasks t0 and t1 both have class 0"),
-    ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:nothing_here"}]}, "has no function nothing_here"),
-    ({"norms": ["layernorm_before", "no_such_norm"]}, "norms: 'no_such_norm' matches no norm of the model"),
-    ({"base": "no-such-model"}, "no-such-model: not a model directory with a config.json"),
-    ({"seed": 2 ** 63}, "seed: Value error, 9223372036854775808 is out of range"),
-    ({"seed": 2 ** 62}, "give a seed between -92230953439944 and 92230953439944"),  # x 100003 overflows
-    ({"head_lr": 1e38}, "head_lr: Input should be less than or equal to 1"),
-    ({"name": "CL"}, "registry name 'CL' is not allowed: use lowercase letters"),
-    ({"norms": []}, "norms: Value error, an empty list tunes no norm (only the head would train)"),
-    ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:negative_label"}]},
-     "task t1: label -1 does not fit the model's head of 6 labels"),
-    # found by a dry pass of one batch per task before task 0 trains, not after it was pushed
-    ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:three_channels"}]},
-     "task t1 test: the model cannot take these inputs (Make sure that the channel dimension"),
-    ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:overflowing"}]},
-     "task t1 train: the model's routing features on these inputs are not finite (inf or nan)"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epochz": 3}, "unknown key 'epochz' (did you mean 'epochs'?)"),
+        (
+            {"tasks": [{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:empty"}]},
+            "task t1",
+        ),
+        (
+            {
+                "tasks": [
+                    {"name": "t0", "data": f"{TASK_FILE}:task_0"},
+                    {"name": "t1", "data": f"{TASK_FILE}:overlapping"},
+                ]
+            },
+            "tasks t0 and t1 both have class 0",
+        ),
+        ({"tasks": [{"name": "t0", "data": f"{TASK_FILE}:nothing_here"}]}, "has no function nothing_here"),
+        ({"norms": ["layernorm_before", "no_such_norm"]}, "norms: 'no_such_norm' matches no norm of the model"),
+        ({"base": "no-such-model"}, "no-such-model: not a model directory with a config.json"),
+        ({"seed": 2**63}, "seed: Value error, 9223372036854775808 is out of range"),
+        ({"seed": 2**62}, "give a seed between -92230953439944 and 92230953439944"),  # x 100003 overflows
+        ({"head_lr": 1e38}, "head_lr: Input should be less than or equal to 1"),
+        ({"name": "CL"}, "registry name 'CL' is not allowed: use lowercase letters"),
+        ({"norms": []}, "norms: Value error, an empty list tunes no norm (only the head would train)"),
+        (
+            {
+                "tasks": [
+                    {"name": "t0", "data": f"{TASK_FILE}:task_0"},
+                    {"name": "t1", "data": f"{TASK_FILE}:negative_label"},
+                ]
+            },
+            "task t1: label -1 does not fit the model's head of 6 labels",
+        ),
+        # found by a dry pass of one batch per task before task 0 trains, not after it was pushed
+        (
+            {
+                "tasks": [
+                    {"name": "t0", "data": f"{TASK_FILE}:task_0"},
+                    {"name": "t1", "data": f"{TASK_FILE}:three_channels"},
+                ]
+            },
+            "task t1 test: the model cannot take these inputs (Make sure that the channel dimension",
+        ),
+        (
+            {
+                "tasks": [
+                    {"name": "t0", "data": f"{TASK_FILE}:task_0"},
+                    {"name": "t1", "data": f"{TASK_FILE}:overflowing"},
+                ]
+            },
+            "task t1 train: the model's routing features on these inputs are not finite (inf or nan)",
+        ),
+    ],
+)
 def test_bad_pipelines_are_refused_before_any_training(tmp_path, overrides, message):
     base = tiny_vit(tmp_path / "vit")
     registry = tmp_path / "registry"
@@ -180,8 +252,12 @@ def test_bad_pipelines_are_refused_before_any_training(tmp_path, overrides, mess
 
 def test_inputs_the_model_cannot_take_are_one_error_line_before_the_registry_is_made(tmp_path, monkeypatch, capsys):
     registry = tmp_path / "registry"
-    path = pipeline_file(tmp_path, tiny_vit(tmp_path / "vit"), str(registry), tasks=[
-        {"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:three_channels"}])
+    path = pipeline_file(
+        tmp_path,
+        tiny_vit(tmp_path / "vit"),
+        str(registry),
+        tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}, {"name": "t1", "data": f"{TASK_FILE}:three_channels"}],
+    )
     code, out, err = run_cli(["continual", "run", path, "--report", tmp_path / "report"], monkeypatch, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err  # was a traceback after task t0 was pushed
     assert err.startswith("error: task t1 test: the model cannot take these inputs (Make sure that the channel")
@@ -192,22 +268,44 @@ def test_another_pipeline_under_the_same_name_is_refused(tmp_path):
     base = tiny_vit(tmp_path / "vit")
     registry = tmp_path / "registry"
     Registry.init(registry)
-    run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False,
-                               tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]))
+    run_pipeline(
+        pipeline_file(
+            tmp_path,
+            base,
+            str(registry),
+            epochs=1,
+            rectify=False,
+            tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}],
+        )
+    )
     with pytest.raises(SpliceError, match="already holds another pipeline's results"):
-        run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=2,
-                                   tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]))
+        run_pipeline(
+            pipeline_file(
+                tmp_path, base, str(registry), epochs=2, tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]
+            )
+        )
     with pytest.raises(SpliceError, match="pass `resume=True`"):
-        run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False,
-                                   tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]))
+        run_pipeline(
+            pipeline_file(
+                tmp_path,
+                base,
+                str(registry),
+                epochs=1,
+                rectify=False,
+                tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}],
+            )
+        )
 
 
 def kill_once_the_second_task_is_pushed(path: Path, registry: Path, report: Path) -> None:
     """`splice continual run PATH` in a subprocess, SIGKILLed once task 2's alias reached the registry."""
     marker = registry / "patches" / "cl" / "aliases" / "task-2" / "1.json"
-    process = subprocess.Popen([sys.executable, "-m", "splice", "continual", "run", str(path), "-q",
-                                "--report", str(report)], env={**os.environ, "PYTHONPATH": str(HERE)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "splice", "continual", "run", str(path), "-q", "--report", str(report)],
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for_marker(process, marker)
         process.send_signal(signal.SIGKILL)
@@ -225,8 +323,9 @@ def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, m
     kill_once_the_second_task_is_pushed(path, parts, tmp_path / "never")
     finished = len(Registry.open(parts).aliases("cl"))
     assert finished in (2, 3) and not (tmp_path / "never").exists()
-    code, out, err = run_cli(["continual", "run", path, "--resume", "--report", tmp_path / "resumed"],
-                             monkeypatch, capsys)
+    code, out, err = run_cli(
+        ["continual", "run", path, "--resume", "--report", tmp_path / "resumed"], monkeypatch, capsys
+    )
     assert code == 0, err
     resumed = json.loads((tmp_path / "resumed" / "continual_report.json").read_text())
     assert resumed["resumed_tasks"] == finished and resumed["accuracy"] == uninterrupted.accuracy
@@ -240,8 +339,18 @@ def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, m
 def test_relative_paths_in_a_pipeline_file_are_relative_to_it(tmp_path):
     tiny_vit(tmp_path / "vit")
     (tmp_path / "continual_tasks.py").write_text(TASK_FILE.read_text())
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"base": "vit", "name": "cl", "tasks": [
-        {"name": "t0", "data": "continual_tasks.py:task_0"}, {"name": "t1", "data": "continual_tasks:task_1"}]}))
+    (tmp_path / "p.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base": "vit",
+                "name": "cl",
+                "tasks": [
+                    {"name": "t0", "data": "continual_tasks.py:task_0"},
+                    {"name": "t1", "data": "continual_tasks:task_1"},
+                ],
+            }
+        )
+    )
     pipeline = load_pipeline(tmp_path / "p.yaml")
     assert pipeline.base == str(tmp_path / "vit")
     assert [t.data for t in pipeline.tasks] == [f"{tmp_path / 'continual_tasks.py'}:task_0", "continual_tasks:task_1"]
@@ -277,15 +386,26 @@ def test_a_task_pushed_but_not_aliased_is_taken_up_on_resume(tmp_path, monkeypat
     resumed = run_pipeline(path, resume=True)
     store = Registry.open(registry)
     assert resumed.resumed_tasks == 2 and [v.version for v in store.versions("cl")] == [1, 2, 3]
-    assert {alias: record.version for alias, record in store.aliases("cl").items()} == \
-        {"task-1": 1, "task-2": 2, "task-3": 3}
+    assert {alias: record.version for alias, record in store.aliases("cl").items()} == {
+        "task-1": 1,
+        "task-2": 2,
+        "task-3": 3,
+    }
 
 
 def test_predict_refuses_a_base_the_bank_was_not_trained_on(tmp_path):
     base = tiny_vit(tmp_path / "vit")
     registry = tmp_path / "registry"
-    run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False,
-                               tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]))
+    run_pipeline(
+        pipeline_file(
+            tmp_path,
+            base,
+            str(registry),
+            epochs=1,
+            rectify=False,
+            tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}],
+        )
+    )
     other = transformers.ViTForImageClassification.from_pretrained(base)
     with torch.no_grad():
         other.vit.layernorm.weight.add_(0.5)
@@ -297,8 +417,17 @@ def test_predict_refuses_a_base_the_bank_was_not_trained_on(tmp_path):
 def test_a_chosen_subset_of_norms_is_all_that_trains_and_is_stored(tmp_path):
     base = tiny_vit(tmp_path / "vit")
     registry = tmp_path / "registry"
-    run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False, norms=["layernorm_after"],
-                               tasks=[{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(2)]))
+    run_pipeline(
+        pipeline_file(
+            tmp_path,
+            base,
+            str(registry),
+            epochs=1,
+            rectify=False,
+            norms=["layernorm_after"],
+            tasks=[{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(2)],
+        )
+    )
     store = Registry.open(registry)
     pretrained = transformers.ViTForImageClassification.from_pretrained(base).state_dict()
     stored = stored_to_module_names(transformers.ViTForImageClassification.from_pretrained(base))
@@ -342,10 +471,11 @@ def test_fisher_diagonal_equals_per_sample_gradients_of_a_plain_model(tmp_path):
     images, labels = data.train["pixel_values"], data.train["labels"]
     for image, label in zip(images, labels):  # -log p(y|x) over the task's classes 2 and 3 only
         logits = plain(pixel_values=image[None]).logits[:, [2, 3]]
-        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, (label - 2)[None]),
-                                    [parameters[module_of[n]] for n in fisher])
+        grads = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(logits, (label - 2)[None]), [parameters[module_of[n]] for n in fisher]
+        )
         for name, grad in zip(fisher, grads):
-            expected[name] += grad ** 2 / len(labels)
+            expected[name] += grad**2 / len(labels)
     for name in fisher:
         torch.testing.assert_close(fisher[name], expected[name], rtol=1e-4, atol=1e-10, msg=name)
 
@@ -354,8 +484,12 @@ def test_fisher_subsets_keep_the_top_share_or_whole_modules_or_a_random_share():
     from splice.continual.fisher import subset_masks
     from splice.workflows.continual.pipeline import FisherSubset
 
-    fisher = {"a.ln.weight": torch.tensor([5.0, 1.0, 0.0, 9.0]), "a.ln.bias": torch.tensor([2.0, 0.5, 0.1, 0.2]),
-              "b.ln.weight": torch.tensor([3.0, 3.0, 3.0, 3.0]), "b.ln.bias": torch.tensor([3.0, 3.0, 3.0, 3.0])}
+    fisher = {
+        "a.ln.weight": torch.tensor([5.0, 1.0, 0.0, 9.0]),
+        "a.ln.bias": torch.tensor([2.0, 0.5, 0.1, 0.2]),
+        "b.ln.weight": torch.tensor([3.0, 3.0, 3.0, 3.0]),
+        "b.ln.bias": torch.tensor([3.0, 3.0, 3.0, 3.0]),
+    }
     top = subset_masks(fisher, FisherSubset(fraction=0.25), torch.Generator().manual_seed(0))
     assert [sorted(torch.cat(list(fisher.values()))[torch.cat(list(top.values()))].tolist())] == [[3.0, 3.0, 5.0, 9.0]]
     assert sum(int(m.sum()) for m in top.values()) == 4
@@ -374,14 +508,25 @@ def test_a_fisher_pipeline_stores_sparse_deltas_over_the_pretrained_norms(tmp_pa
 
     base = tiny_vit(tmp_path / "vit")
     registry = tmp_path / "registry"
-    report = run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=2, fisher={"fraction": 0.1},
-                                        tasks=[{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(2)]))
+    report = run_pipeline(
+        pipeline_file(
+            tmp_path,
+            base,
+            str(registry),
+            epochs=2,
+            fisher={"fraction": 0.1},
+            tasks=[{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(2)],
+        )
+    )
     store = Registry.open(registry)
     patch = store.load("cl@task-2")
     total = sum(v.numel() for v in pretrained_values(base, patch.meta.settings["slot"]).values())
     assert patch.meta.kind is PatchKind.mask
-    every = [n for n in stored_to_module_names(transformers.ViTForImageClassification.from_pretrained(base))
-             if "layernorm" in n]
+    every = [
+        n
+        for n in stored_to_module_names(transformers.ViTForImageClassification.from_pretrained(base))
+        if "layernorm" in n
+    ]
     kept = sum(patch.meta.settings["kept"][n] for n in patch.meta.settings["slot"])
     assert kept == math.ceil(0.1 * sum(pretrained_values(base, every)[n].numel() for n in every))
     assert report.parameters_per_task == [kept_of(store.load("cl@task-1")), kept] and kept < total

@@ -28,18 +28,27 @@ from helpers import run_cli
 ALIGN = {"samples": 32, "epochs": 2, "lr": 0.05}
 
 
-def plain_model_with(base, store, name: str, slot: int, head_from: str,
-                     model_class=transformers.ViTForImageClassification) -> torch.nn.Module:
+def plain_model_with(
+    base, store, name: str, slot: int, head_from: str, model_class=transformers.ViTForImageClassification
+) -> torch.nn.Module:
     """A plain model (no bank) holding task `slot`'s stored LayerNorm values and the head of version `head_from`."""
     model = model_class.from_pretrained(base).eval()
     module_of = stored_to_module_names(model)
     task_version, head_version = store.load(f"{name}@task-{slot + 1}"), store.load(head_from)
     every = [*task_version.meta.settings["slot"], *head_version.meta.settings["head"]]
     pretrained = pretrained_values(base, every)
-    values = {**{n: v for n, v in task_values(head_version.in_memory(), pretrained).items()
-                 if n in head_version.meta.settings["head"]},
-              **{n: v for n, v in task_values(task_version.in_memory(), pretrained).items()
-                 if n in task_version.meta.settings["slot"]}}
+    values = {
+        **{
+            n: v
+            for n, v in task_values(head_version.in_memory(), pretrained).items()
+            if n in head_version.meta.settings["head"]
+        },
+        **{
+            n: v
+            for n, v in task_values(task_version.in_memory(), pretrained).items()
+            if n in task_version.meta.settings["slot"]
+        },
+    }
     model.load_state_dict({module_of[n]: v for n, v in values.items()}, strict=False)
     return model
 
@@ -82,8 +91,16 @@ def test_routed_classes_predict_within_the_routed_tasks_classes(tmp_path):
 def test_the_stored_class_statistics_are_the_mean_and_covariance_of_the_heads_inputs(tmp_path):
     base = tiny_vit(tmp_path / "vit")
     registry = tmp_path / "registry"
-    run_pipeline(pipeline_file(tmp_path, base, str(registry), epochs=2, align=ALIGN,
-                               tasks=[{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(2)]))
+    run_pipeline(
+        pipeline_file(
+            tmp_path,
+            base,
+            str(registry),
+            epochs=2,
+            align=ALIGN,
+            tasks=[{"name": f"t{i}", "data": f"{TASK_FILE}:task_{i}"} for i in range(2)],
+        )
+    )
     store = Registry.open(registry)
     for slot in range(2):
         version = store.load(f"cl@task-{slot + 1}")
@@ -101,8 +118,7 @@ def test_the_stored_class_statistics_are_the_mean_and_covariance_of_the_heads_in
         assert "loss.alignment" in version.meta.metrics
 
 
-def test_a_killed_run_with_routed_classes_and_alignment_resumes_to_the_same_numbers(tmp_path, monkeypatch,
-                                                                                     capsys):
+def test_a_killed_run_with_routed_classes_and_alignment_resumes_to_the_same_numbers(tmp_path, monkeypatch, capsys):
     base = tiny_vit(tmp_path / "vit")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     options = {"inference": "routed-classes", "align": ALIGN}
@@ -112,8 +128,9 @@ def test_a_killed_run_with_routed_classes_and_alignment_resumes_to_the_same_numb
     kill_once_the_second_task_is_pushed(path, parts, tmp_path / "never")
     finished = len(Registry.open(parts).aliases("cl"))
     assert finished in (2, 3)
-    code, _, err = run_cli(["continual", "run", path, "--resume", "--report", tmp_path / "resumed"], monkeypatch,
-                           capsys)
+    code, _, err = run_cli(
+        ["continual", "run", path, "--resume", "--report", tmp_path / "resumed"], monkeypatch, capsys
+    )
     assert code == 0, err
     resumed = json.loads((tmp_path / "resumed" / "continual_report.json").read_text())
     assert resumed["resumed_tasks"] == finished and resumed["accuracy"] == uninterrupted.accuracy
@@ -128,8 +145,9 @@ def test_a_killed_run_with_routed_classes_and_alignment_resumes_to_the_same_numb
 
 def test_routed_classes_is_refused_for_a_task_incremental_pipeline(tmp_path):
     base = tiny_vit(tmp_path / "vit")
-    path = pipeline_file(tmp_path, base, str(tmp_path / "registry"), inference="routed-classes",
-                         protocol="task-incremental")
+    path = pipeline_file(
+        tmp_path, base, str(tmp_path / "registry"), inference="routed-classes", protocol="task-incremental"
+    )
     with pytest.raises(SpliceError) as caught:
         run_pipeline(path)
     message = str(caught.value)
@@ -137,7 +155,7 @@ def test_routed_classes_is_refused_for_a_task_incremental_pipeline(tmp_path):
     assert not (tmp_path / "registry").exists()
 
 
-TOKEN_TASKS = '''
+TOKEN_TASKS = """
 import torch
 
 def _task(index):
@@ -151,31 +169,43 @@ def task_0():
 
 def task_1():
     return _task(1)
-'''
+"""
 
 
 def token_pipeline(tmp_path, model, **settings):
     model.save_pretrained(tmp_path / "model")
     (tmp_path / "token_tasks.py").write_text(TOKEN_TASKS)
     path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump({"base": "model", "name": "cl", "registry": str(tmp_path / "registry"),
-                                    "epochs": 1, "batch_size": 4, "align": ALIGN, **settings,
-                                    "tasks": [{"name": f"t{i}", "data": f"token_tasks.py:task_{i}"}
-                                              for i in range(2)]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": "model",
+                "name": "cl",
+                "registry": str(tmp_path / "registry"),
+                "epochs": 1,
+                "batch_size": 4,
+                "align": ALIGN,
+                **settings,
+                "tasks": [{"name": f"t{i}", "data": f"token_tasks.py:task_{i}"} for i in range(2)],
+            }
+        )
+    )
     return path
 
 
 def test_a_decoders_head_is_aligned_on_the_last_tokens_features(tmp_path):
     # GPT-2's score layer takes every token's hidden state; the model keeps the last non-padding token's logits
-    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, num_labels=4,
-                                     pad_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, num_labels=4, pad_token_id=0
+    )
     torch.manual_seed(0)
     run_pipeline(token_pipeline(tmp_path, transformers.GPT2ForSequenceClassification(config)))
     store = Registry.open(tmp_path / "registry")
     for slot in range(2):
         version = store.load(f"cl@task-{slot + 1}")
-        model = plain_model_with(tmp_path / "model", store, "cl", slot, f"cl@task-{slot + 1}",
-                                 transformers.GPT2ForSequenceClassification)
+        model = plain_model_with(
+            tmp_path / "model", store, "cl", slot, f"cl@task-{slot + 1}", transformers.GPT2ForSequenceClassification
+        )
         train = load_callable(f"{tmp_path / 'token_tasks.py'}:task_{slot}", option="test")()["train"]
         with torch.no_grad():  # no padding in these inputs: the last token's final hidden state
             features = model.transformer(input_ids=train["input_ids"]).last_hidden_state[:, -1].double().numpy()
@@ -186,9 +216,16 @@ def test_a_decoders_head_is_aligned_on_the_last_tokens_features(tmp_path):
 
 
 def test_alignment_is_refused_before_anything_is_made_for_a_head_of_two_layers(tmp_path):
-    config = transformers.RobertaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
-                                        intermediate_size=16, vocab_size=50, max_position_embeddings=16,
-                                        num_labels=4, pad_token_id=0)
+    config = transformers.RobertaConfig(
+        num_hidden_layers=1,
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=16,
+        vocab_size=50,
+        max_position_embeddings=16,
+        num_labels=4,
+        pad_token_id=0,
+    )
     path = token_pipeline(tmp_path, transformers.RobertaForSequenceClassification(config))
     with pytest.raises(SpliceError) as caught:
         run_pipeline(path, report_dir=tmp_path / "report")
@@ -233,13 +270,16 @@ def test_draws_follow_each_tasks_class_statistics_even_singular_ones():
     full = torch.diag(torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64))
     mean = torch.tensor([1.0, -2.0, 0.5, 4.0], dtype=torch.float64)
     # task-incremental: class 1 in both tasks, drawn from each task's statistics
-    statistics = [{1: ClassStatistics(10, mean, singular), 0: ClassStatistics(10, -mean, full)},
-                  {1: ClassStatistics(10, 2 * mean, full)}]
+    statistics = [
+        {1: ClassStatistics(10, mean, singular), 0: ClassStatistics(10, -mean, full)},
+        {1: ClassStatistics(10, 2 * mean, full)},
+    ]
     features, labels = sample_features(statistics, 40_000, torch.Generator().manual_seed(1))
     assert labels.tolist() == [0] * 40_000 + [1] * 80_000  # by class, then task
     assert features.dtype == torch.float32
-    for part, (expected_mean, expected_covariance) in zip(features.split(40_000), [(-mean, full), (mean, singular),
-                                                                                  (2 * mean, full)]):
+    for part, (expected_mean, expected_covariance) in zip(
+        features.split(40_000), [(-mean, full), (mean, singular), (2 * mean, full)]
+    ):
         drawn = class_statistics(part, torch.zeros(40_000, dtype=torch.long))[0]
         torch.testing.assert_close(drawn.mean, expected_mean, atol=0.05, rtol=0)
         torch.testing.assert_close(drawn.covariance, expected_covariance, atol=0.1, rtol=0.05)

@@ -9,11 +9,29 @@ import continual_digits
 import pytest
 
 PIPELINES = ["keyed-two-stage", "keyed-one-stage", "keyed-routed-classes", "keyed-aligned", "keyed-aligned-routed"]
-METHODS = [*PIPELINES, "oracle-two-stage", "oracle-one-stage", "oracle-routed-classes", "oracle-aligned",
-           "oracle-aligned-routed", "sequential-finetune", "sequential-layernorm", "joint", "fisher-10%", "random-10%",
-           "fisher-30%", "random-30%", "two-stage-throwaway-head"]
-RATES = ["final_average_accuracy", "forgetting", "task_id_accuracy", "average_incremental_accuracy",
-         "last_task_accuracy"]
+METHODS = [
+    *PIPELINES,
+    "oracle-two-stage",
+    "oracle-one-stage",
+    "oracle-routed-classes",
+    "oracle-aligned",
+    "oracle-aligned-routed",
+    "sequential-finetune",
+    "sequential-layernorm",
+    "joint",
+    "fisher-10%",
+    "random-10%",
+    "fisher-30%",
+    "random-30%",
+    "two-stage-throwaway-head",
+]
+RATES = [
+    "final_average_accuracy",
+    "forgetting",
+    "task_id_accuracy",
+    "average_incremental_accuracy",
+    "last_task_accuracy",
+]
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +108,9 @@ def test_the_new_inference_and_alignment_variants_are_what_they_say(study):
     # routed-classes changes only the scoring: the two-stage run's versions, scored within the routed task
     assert reports["keyed-routed-classes"]["losses"] == reports["keyed-two-stage"]["losses"]
     # with its own slot and only its task's classes: routed-classes' oracle is the within-task accuracy
-    assert results["methods"]["oracle-routed-classes"]["accuracy"][-1] == \
-        results["checks"]["within_task_oracle_accuracy"]
+    assert (
+        results["methods"]["oracle-routed-classes"]["accuracy"][-1] == results["checks"]["within_task_oracle_accuracy"]
+    )
     for name in ("keyed-aligned", "keyed-aligned-routed"):
         assert all("loss.alignment" in losses for losses in reports[name]["losses"]), name
         assert results["methods"][name]["statistics_values_per_task"] == 2 * (64 + 64 * 64)  # 2 classes, 64-d

@@ -22,9 +22,11 @@ METHOD = ("align", "bank", "data", "fisher", "metrics", "model", "train")
 
 
 def test_the_method_loads_no_registry_and_no_pipeline():
-    code = (f"import sys; import {', '.join(f'splice.continual.{name}' for name in METHOD)}; "
-            "print(sorted(m for m in sys.modules if m.startswith(('splice.registry', 'splice.workflows', "
-            "'splice.adapters', 'splice.merge'))))")
+    code = (
+        f"import sys; import {', '.join(f'splice.continual.{name}' for name in METHOD)}; "
+        "print(sorted(m for m in sys.modules if m.startswith(('splice.registry', 'splice.workflows', "
+        "'splice.adapters', 'splice.merge'))))"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert found.returncode == 0, found.stderr

@@ -29,8 +29,9 @@ def setup(tmp_path):
     layernorm = extract_patch(base_dir, tuned_dir, "layernorm")
     delta = extract_patch(base_dir, tuned_dir, "delta")
     rest = {name: tensor for name, tensor in delta.tensors.items() if name not in layernorm.tensors}
-    rest_patch = Patch(rest, PatchMeta(kind="delta", targets=sorted(rest),
-                                       base=fingerprint_base(Checkpoint.open(base_dir), rest)))
+    rest_patch = Patch(
+        rest, PatchMeta(kind="delta", targets=sorted(rest), base=fingerprint_base(Checkpoint.open(base_dir), rest))
+    )
     registry = Registry.init(str(tmp_path / "registry"))
     registry.push("task-ln", layernorm, alias="prod")
     registry.push("task-delta", rest_patch)
@@ -39,8 +40,7 @@ def setup(tmp_path):
 
 def test_deployed_model_is_the_fine_tune_and_says_what_it_carries(setup, tmp_path):
     base_dir, tuned_dir, registry = setup
-    record, report = deploy(["task-ln@prod", "task-delta"], base_dir, tmp_path / "out", registry=registry,
-                            device="cpu")
+    record, report = deploy(["task-ln@prod", "task-delta"], base_dir, tmp_path / "out", registry=registry, device="cpu")
     out, tuned = load_dir(tmp_path / "out"), load_dir(tuned_dir)
     assert set(out) == set(tuned)
     for name in tuned:
@@ -49,7 +49,9 @@ def test_deployed_model_is_the_fine_tune_and_says_what_it_carries(setup, tmp_pat
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
     assert [(p.ref, p.name, p.version, p.kind, p.base_check) for p in record.patches] == [
-        ("task-ln@prod", "task-ln", 1, "layernorm", "verified"), ("task-delta", "task-delta", 1, "delta", "verified")]
+        ("task-ln@prod", "task-ln", 1, "layernorm", "verified"),
+        ("task-delta", "task-delta", 1, "delta", "verified"),
+    ]
     for deployed in record.patches:
         assert deployed.digest == registry.resolve(deployed.ref).digest
         assert registry.resolve(f"{deployed.name}@{deployed.digest}").version == deployed.version
@@ -69,8 +71,9 @@ def test_wrong_base_is_refused_before_anything_is_written(setup, tmp_path):
     with pytest.raises(PatchError, match="not the base this layernorm patch was made for"):
         deploy(["task-ln@prod"], other, tmp_path / "out", registry=registry, device="cpu")
     assert not (tmp_path / "out").exists()
-    record, _ = deploy(["task-ln@prod"], other, tmp_path / "out", registry=registry, device="cpu",
-                       allow_base_drift=True)
+    record, _ = deploy(
+        ["task-ln@prod"], other, tmp_path / "out", registry=registry, device="cpu", allow_base_drift=True
+    )
     (deployed,) = record.patches
     assert deployed.base_check.startswith("drift allowed: ") and deployed.base_check.endswith(" tensors differ")
 
@@ -101,14 +104,18 @@ def test_a_ref_patches_a_live_model_and_comes_off_again(setup, tmp_path):
 def test_cli_deploy_and_inspect_show_the_record(setup, tmp_path, monkeypatch, capsys):
     base_dir, _, registry = setup
     monkeypatch.setenv("SPLICE_REGISTRY", registry.url)
-    code, out, err = run_cli(["deploy", "task-ln@prod", "task-delta", "--base", base_dir, "--out", tmp_path / "out",
-                              "--device", "cpu"], monkeypatch, capsys)
+    code, out, err = run_cli(
+        ["deploy", "task-ln@prod", "task-delta", "--base", base_dir, "--out", tmp_path / "out", "--device", "cpu"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "task-ln@1" in out and "verified" in out
     code, out, err = run_cli(["inspect", tmp_path / "out"], monkeypatch, capsys)
     assert code == 0, err
     assert "deployed patches" in out and "task-delta@1" in out
-    code, _, err = run_cli(["deploy", "task-ln@prod", "--base", tmp_path / "missing", "--out", tmp_path / "o2"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["deploy", "task-ln@prod", "--base", tmp_path / "missing", "--out", tmp_path / "o2"], monkeypatch, capsys
+    )
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o2").exists()

@@ -22,10 +22,15 @@ def test_splits_partition_the_dataset_and_repeat_for_a_seed():
     # Every image (with its duplicates) lands in exactly one split.
     everything = torch.cat([torch.cat([p.x.flatten(1), p.y[:, None].float()], 1) for p in parts])
     full = digits.load_digits_splits(seed=1)
-    full_rows = torch.cat([torch.cat([p.x.flatten(1), p.y[:, None].float()], 1)
-                           for p in (full.pretrain, full.finetune, full.val, full.test)])
-    assert torch.equal(torch.unique(everything, dim=0, return_counts=True)[1],
-                       torch.unique(full_rows, dim=0, return_counts=True)[1])
+    full_rows = torch.cat(
+        [
+            torch.cat([p.x.flatten(1), p.y[:, None].float()], 1)
+            for p in (full.pretrain, full.finetune, full.val, full.test)
+        ]
+    )
+    assert torch.equal(
+        torch.unique(everything, dim=0, return_counts=True)[1], torch.unique(full_rows, dim=0, return_counts=True)[1]
+    )
 
     again = digits.load_digits_splits(seed=0)
     assert torch.equal(again.val.x, splits.val.x) and torch.equal(again.test.y, splits.test.y)
@@ -36,7 +41,7 @@ def test_augment_shifts_by_at_most_the_given_pixels():
     x = digits.load_digits_splits().val.x[:32]
     shifted = digits.augment(x, torch.Generator().manual_seed(0), shift=1)
     padded = F.pad(x, (1, 1, 1, 1))
-    candidates = torch.stack([padded[:, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)], 1)
+    candidates = torch.stack([padded[:, :, dy : dy + 8, dx : dx + 8] for dy in range(3) for dx in range(3)], 1)
     assert (candidates == shifted[:, None]).flatten(2).all(-1).any(1).all()
     noisy = digits.augment(x, torch.Generator().manual_seed(0), noise=0.1)
     assert noisy.shape == x.shape and not torch.equal(noisy, x) and 0.0 <= noisy.min() and noisy.max() <= 1.0
@@ -81,8 +86,9 @@ def test_greedy_soup_is_no_worse_than_its_best_ingredient_and_reloads(tmp_path):
     assert len(ingredient_dirs) == 4 and len({d.name for d in ingredient_dirs}) == 4
     held_out = [digits.accuracy(digits.load_model(d), *splits.val) for d in ingredient_dirs]
 
-    report = splice.greedy_soup(ingredient_dirs, tmp_path / "greedy", digits.make_scorer(*splits.val, base_dir),
-                                device="cpu")
+    report = splice.greedy_soup(
+        ingredient_dirs, tmp_path / "greedy", digits.make_scorer(*splits.val, base_dir), device="cpu"
+    )
     assert report.best_ingredient.score == max(held_out)
     assert report.soup_score >= max(held_out)
     reloaded = digits.ViTForImageClassification.from_pretrained(tmp_path / "greedy")

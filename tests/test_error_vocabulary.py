@@ -18,22 +18,27 @@ from helpers import run_cli
 SPLICE = Path(splice.__file__).parent
 
 
-@pytest.mark.parametrize(("message", "said"), [
-    ("pass `force=True` to replace it", "pass --force to replace it"),
-    ("choose another `out`", "choose another --out"),
-    ("give the base it was made on (`old_base=OLD_BASE`)", "give the base it was made on (--from OLD_BASE)"),
-    ("try `solver='sinkhorn'`", "try --solver sinkhorn"),
-    ("`anchor=2` is not a model index", "--anchor 2 is not a model index"),
-    ("needs `rank=R`, `energy=E`, or both", "needs --rank R, --energy E, or both"),
-    ("`report_dir` x: a file is there", "--report x: a file is there"),
-    ("`evaluate` scores.py:score raised ValueError: `x` is empty", "--eval scores.py:score raised ValueError: `x` is "
-                                                                  "empty"),
-    # not parameters in the table: as they are
-    ("`tensors` and `modules_to_save`", "`tensors` and `modules_to_save`"),
-    ("add `align: null` to the pipeline file", "add `align: null` to the pipeline file"),
-    ("run `splice registry tag x@1 prod --force`", "run `splice registry tag x@1 prod --force`"),
-    ("--weights '0.5,x': give numbers", "--weights '0.5,x': give numbers"),
-])
+@pytest.mark.parametrize(
+    ("message", "said"),
+    [
+        ("pass `force=True` to replace it", "pass --force to replace it"),
+        ("choose another `out`", "choose another --out"),
+        ("give the base it was made on (`old_base=OLD_BASE`)", "give the base it was made on (--from OLD_BASE)"),
+        ("try `solver='sinkhorn'`", "try --solver sinkhorn"),
+        ("`anchor=2` is not a model index", "--anchor 2 is not a model index"),
+        ("needs `rank=R`, `energy=E`, or both", "needs --rank R, --energy E, or both"),
+        ("`report_dir` x: a file is there", "--report x: a file is there"),
+        (
+            "`evaluate` scores.py:score raised ValueError: `x` is empty",
+            "--eval scores.py:score raised ValueError: `x` is empty",
+        ),
+        # not parameters in the table: as they are
+        ("`tensors` and `modules_to_save`", "`tensors` and `modules_to_save`"),
+        ("add `align: null` to the pipeline file", "add `align: null` to the pipeline file"),
+        ("run `splice registry tag x@1 prod --force`", "run `splice registry tag x@1 prod --force`"),
+        ("--weights '0.5,x': give numbers", "--weights '0.5,x': give numbers"),
+    ],
+)
 def test_with_flags_rewrites_the_parameters_of_its_table_and_nothing_else(message, said):
     assert with_flags(message) == said
 
@@ -66,8 +71,9 @@ def _raised_text(path: Path) -> list[tuple[int, str]]:
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Raise) and node.exc is not None:
-            text = "".join(sub.value for sub in ast.walk(node.exc)
-                           if isinstance(sub, ast.Constant) and isinstance(sub.value, str))
+            text = "".join(
+                sub.value for sub in ast.walk(node.exc) if isinstance(sub, ast.Constant) and isinstance(sub.value, str)
+            )
             found.append((node.lineno, text))
     return found
 
@@ -85,28 +91,31 @@ def test_no_library_error_tells_the_user_to_pass_a_flag():
     assert flagged == []
 
 
-def test_an_existing_output_is_out_and_force_to_python_and_flags_on_the_command_line(tmp_path, monkeypatch,
-                                                                                    capsys):
+def test_an_existing_output_is_out_and_force_to_python_and_flags_on_the_command_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "out").mkdir()
     models = [str(tmp_path / "a"), str(tmp_path / "b")]
     with pytest.raises(OutputExistsError) as caught:
         splice.soup(models, tmp_path / "out")
     assert str(caught.value).endswith("choose another `out` or pass `force=True` to replace it")
     code, _, err = run_cli(["soup", *models, "--out", tmp_path / "out"], monkeypatch, capsys)
-    assert code == 2 and err.strip() == (f"error: output {tmp_path / 'out'} already exists: choose another --out or "
-                                         "pass --force to replace it")
+    assert code == 2 and err.strip() == (
+        f"error: output {tmp_path / 'out'} already exists: choose another --out or pass --force to replace it"
+    )
 
 
 def test_old_base_without_port_is_old_base_to_python_and_from_on_the_command_line(tmp_path, monkeypatch, capsys):
     base, old = str(tmp_path / "base"), str(tmp_path / "old")
     with pytest.raises(PatchError) as caught:
         splice.deploy(["lo"], base, tmp_path / "out", old_base=old)
-    assert str(caught.value) == ("`old_base` (the base the patches were made on) is for `port=True`; add `port=True` "
-                                 "to port them")
-    code, _, err = run_cli(["deploy", "lo", "--base", base, "--out", tmp_path / "out", "--from", old], monkeypatch,
-                           capsys)
-    assert code == 2 and err.strip() == ("error: --from (the base the patches were made on) is for --port; add --port "
-                                         "to port them")
+    assert str(caught.value) == (
+        "`old_base` (the base the patches were made on) is for `port=True`; add `port=True` to port them"
+    )
+    code, _, err = run_cli(
+        ["deploy", "lo", "--base", base, "--out", tmp_path / "out", "--from", old], monkeypatch, capsys
+    )
+    assert code == 2 and err.strip() == (
+        "error: --from (the base the patches were made on) is for --port; add --port to port them"
+    )
 
 
 def test_a_port_with_nowhere_to_go_names_its_outputs_as_parameters_and_as_flags(tmp_path, monkeypatch, capsys):

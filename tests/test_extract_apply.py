@@ -73,26 +73,48 @@ def test_cli_extract_then_apply_and_a_refused_base(pair, tmp_path, monkeypatch, 
     from helpers import run_cli
 
     base_dir, tuned_dir = pair
-    code, out, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "layernorm",
-                              "--out", tmp_path / "ln"], monkeypatch, capsys)
+    code, out, err = run_cli(
+        ["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "layernorm", "--out", tmp_path / "ln"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "layernorm patch" in out
-    code, _, err = run_cli(["patch", "apply", tmp_path / "ln", "--base", base_dir, "--out", tmp_path / "out",
-                            "--device", "cpu", "--quiet"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        [
+            "patch",
+            "apply",
+            tmp_path / "ln",
+            "--base",
+            base_dir,
+            "--out",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert torch.equal(load_dir(tmp_path / "out")["model.norm.weight"], load_dir(tuned_dir)["model.norm.weight"])
 
-    code, _, err = run_cli(["patch", "apply", tmp_path / "ln", "--base", tuned_dir, "--out", tmp_path / "wrong",
-                            "--device", "cpu"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["patch", "apply", tmp_path / "ln", "--base", tuned_dir, "--out", tmp_path / "wrong", "--device", "cpu"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 2 and err.startswith("error:") and "not the base" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "wrong").exists()
-    code, _, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "nonsense",
-                            "--out", tmp_path / "x"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "nonsense", "--out", tmp_path / "x"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 2 and "unknown patch kind 'nonsense'" in err
 
 
-def test_untouched_tensors_are_copied_in_the_kernel_locally_and_through_memory_remotely(pair, tmp_path,
-                                                                                        monkeypatch):
+def test_untouched_tensors_are_copied_in_the_kernel_locally_and_through_memory_remotely(pair, tmp_path, monkeypatch):
     import os
 
     import fsspec
@@ -125,12 +147,15 @@ def test_untouched_tensors_are_copied_in_the_kernel_locally_and_through_memory_r
         assert torch.equal(local[name], expected) and torch.equal(through_memory[name], expected), name
 
 
-@pytest.mark.parametrize(("kind", "keywords", "option", "owner"), [
-    ("layernorm", {"rank": 2}, "rank", "lora"),
-    ("delta", {"density": 0.1}, "density", "mask"),
-    ("lora", {"rank": 2, "mask_scope": "model"}, "mask_scope", "mask"),
-    ("mask", {"density": 0.1, "rslora": True}, "rslora", "lora"),
-])
+@pytest.mark.parametrize(
+    ("kind", "keywords", "option", "owner"),
+    [
+        ("layernorm", {"rank": 2}, "rank", "lora"),
+        ("delta", {"density": 0.1}, "density", "mask"),
+        ("lora", {"rank": 2, "mask_scope": "model"}, "mask_scope", "mask"),
+        ("mask", {"density": 0.1, "rslora": True}, "rslora", "lora"),
+    ],
+)
 def test_an_option_of_another_kind_is_refused_naming_it(pair, kind, keywords, option, owner):
     base_dir, tuned_dir = pair
     with pytest.raises(PatchError) as caught:
@@ -149,13 +174,22 @@ def test_the_kind_options_come_as_an_object_or_as_keywords(pair, tmp_path):
     assert given.meta.settings == loose.meta.settings
     assert all(torch.equal(given.tensors[name], loose.tensors[name]) for name in loose.tensors)
     # what the CLI passes when a user leaves an option out: every kind's defaults, which change nothing
-    defaults = {"rank": None, "energy": None, "rslora": False, "density": None, "mask_scope": "tensor",
-                "mask_values": True, "include": ()}
+    defaults = {
+        "rank": None,
+        "energy": None,
+        "rslora": False,
+        "density": None,
+        "mask_scope": "tensor",
+        "mask_values": True,
+        "include": (),
+    }
     assert extract_patch(base_dir, tuned_dir, "layernorm", **defaults).meta.targets
-    for call, needle in [(dict(kind="lora", options=MaskOptions(density=0.1)), "takes LoraOptions, not MaskOptions"),
-                         (dict(kind="lora", options=LoraOptions(rank=2), rank=3), "not both"),
-                         (dict(kind="delta", options=LoraOptions(rank=2)), "takes no options"),
-                         (dict(kind="lora", rnak=2), "no option 'rnak'")]:
+    for call, needle in [
+        (dict(kind="lora", options=MaskOptions(density=0.1)), "takes LoraOptions, not MaskOptions"),
+        (dict(kind="lora", options=LoraOptions(rank=2), rank=3), "not both"),
+        (dict(kind="delta", options=LoraOptions(rank=2)), "takes no options"),
+        (dict(kind="lora", rnak=2), "no option 'rnak'"),
+    ]:
         with pytest.raises(PatchError, match=needle) as caught:
             extract_patch(base_dir, tuned_dir, device="cpu", **call)
         assert "\n" not in str(caught.value)
@@ -167,8 +201,9 @@ class RecordingProgress:
 
     def start(self, description, total_items, total_bytes, unit="tensors"):
         assert not self.phases or self.phases[-1]["finished"], "a phase started before the last one finished"
-        self.phases.append({"description": description, "total": (total_items, total_bytes), "done": [0, 0],
-                            "finished": False})
+        self.phases.append(
+            {"description": description, "total": (total_items, total_bytes), "done": [0, 0], "finished": False}
+        )
 
     def advance(self, items, nbytes):
         self.phases[-1]["done"][0] += items
@@ -178,31 +213,40 @@ class RecordingProgress:
         self.phases[-1]["finished"] = True
 
 
-@pytest.mark.parametrize(("kind", "keywords", "comparisons"), [
-    # layernorm compares too: what changed besides the norms (a classification head) is found
-    ("layernorm", {}, 1), ("delta", {}, 1), ("lora", {"rank": 2}, 1), ("mask", {"density": 0.1}, 1),
-    ("mask", {"density": 0.1, "mask_scope": "model"}, 2),
-])
+@pytest.mark.parametrize(
+    ("kind", "keywords", "comparisons"),
+    [
+        # layernorm compares too: what changed besides the norms (a classification head) is found
+        ("layernorm", {}, 1),
+        ("delta", {}, 1),
+        ("lora", {"rank": 2}, 1),
+        ("mask", {"density": 0.1}, 1),
+        ("mask", {"density": 0.1, "mask_scope": "model"}, 2),
+    ],
+)
 def test_extraction_reports_progress_for_every_pass(pair, kind, keywords, comparisons):
     base_dir, tuned_dir = pair
     progress = RecordingProgress()
     extract_patch(base_dir, tuned_dir, kind, device="cpu", progress=progress, **keywords)
-    assert [p["description"] for p in progress.phases] == (["comparing the fine-tune with its base"] * comparisons +
-                                                           ["fingerprinting the base"])
+    assert [p["description"] for p in progress.phases] == (
+        ["comparing the fine-tune with its base"] * comparisons + ["fingerprinting the base"]
+    )
     for phase in progress.phases:
         assert phase["finished"] and tuple(phase["done"]) == phase["total"] and phase["total"][0] > 0
 
 
-def test_cli_extract_shows_progress_and_refuses_an_existing_output_before_reading(pair, tmp_path, monkeypatch,
-                                                                                 capsys):
+def test_cli_extract_shows_progress_and_refuses_an_existing_output_before_reading(pair, tmp_path, monkeypatch, capsys):
     from splice.adapters.extract import extract_patch_to
     from splice.errors import OutputExistsError
 
     from helpers import run_cli
 
     base_dir, tuned_dir = pair
-    code, _, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "delta",
-                            "--out", tmp_path / "d"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "delta", "--out", tmp_path / "d"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "comparing the fine-tune with its base" in err and "fingerprinting the base" in err
     with pytest.raises(OutputExistsError):

@@ -32,16 +32,33 @@ def trained(tmp_path_factory):
     base = tiny_vit(root / "vit")
     registry = root / "registry"
     Registry.init(registry)
-    run_pipeline(pipeline_file(root, base, str(registry), epochs=1, rectify=False,
-                               tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]))
+    run_pipeline(
+        pipeline_file(
+            root, base, str(registry), epochs=1, rectify=False, tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]
+        )
+    )
     hook = root / "hook.py"
     hook.write_text("from continual_tasks import unlabelled_batch\n\n\ndef batch():\n    return unlabelled_batch()\n")
     return root, base, registry, hook
 
 
 def predict_args(base: Path, registry: Path, hook: Path, out: Path) -> list:
-    return ["continual", "predict", "--bank", "cl@task-1", "--base", base, "--data", f"{hook}:batch",
-            "--registry", registry, "--device", "cpu", "--out", out]
+    return [
+        "continual",
+        "predict",
+        "--bank",
+        "cl@task-1",
+        "--base",
+        base,
+        "--data",
+        f"{hook}:batch",
+        "--registry",
+        registry,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    ]
 
 
 def one_error_line(code: int, err: str) -> str:
@@ -57,12 +74,18 @@ def test_predict_out_never_replaces_an_input_or_the_registry(trained, force, mon
     linked.parent.mkdir(exist_ok=True)
     if not linked.is_symlink():
         linked.symlink_to(base / "config.json")
-    targets = [base / "config.json", registry / "patches" / "cl" / "versions" / "1.json",
-               registry / "registry.json", hook, linked]
+    targets = [
+        base / "config.json",
+        registry / "patches" / "cl" / "versions" / "1.json",
+        registry / "registry.json",
+        hook,
+        linked,
+    ]
     before = snapshot(root)
     for target in targets:
-        code, _, err = run_cli([*predict_args(base, registry, hook, target), *(["--force"] if force else [])],
-                               monkeypatch, capsys)
+        code, _, err = run_cli(
+            [*predict_args(base, registry, hook, target), *(["--force"] if force else [])], monkeypatch, capsys
+        )
         line = one_error_line(code, err)
         assert "writing there would destroy it" in line, line
         assert snapshot(root) == before, target
@@ -71,7 +94,8 @@ def test_predict_out_never_replaces_an_input_or_the_registry(trained, force, mon
 
 
 def test_predict_out_is_refused_when_it_exists_replaced_with_force_and_a_directory_is_one_line(
-        trained, tmp_path, monkeypatch, capsys):
+    trained, tmp_path, monkeypatch, capsys
+):
     _, base, registry, hook = trained
     out = tmp_path / "predictions.json"
     out.write_text("mine\n")
@@ -101,8 +125,19 @@ def test_port_report_files_are_refused_unless_force_and_never_land_in_the_regist
     report = tmp_path / "report"
     report.mkdir()
     (report / "port_report.json").write_text("earlier\n")
-    args = ["port", tmp_path / "lora", "--to", v2, "--from", v1, "--as-patch", tmp_path / "ported", "--report", report,
-            "-q"]
+    args = [
+        "port",
+        tmp_path / "lora",
+        "--to",
+        v2,
+        "--from",
+        v1,
+        "--as-patch",
+        tmp_path / "ported",
+        "--report",
+        report,
+        "-q",
+    ]
     code, _, err = run_cli(args, monkeypatch, capsys)
     line = one_error_line(code, err)
     assert "port_report.json already exists" in line and "--force" in line
@@ -113,8 +148,26 @@ def test_port_report_files_are_refused_unless_force_and_never_land_in_the_regist
     assert (report / "port_report.png").read_bytes()[:4] == b"\x89PNG"
     before = snapshot(registry)
     for inside in (registry, registry / "patches" / "lo"):
-        code, _, err = run_cli(["port", "lo@1", "--to", v2, "--from", v1, "--as-patch", tmp_path / "p2",
-                                "--registry", registry, "--report", inside, "--force", "-q"], monkeypatch, capsys)
+        code, _, err = run_cli(
+            [
+                "port",
+                "lo@1",
+                "--to",
+                v2,
+                "--from",
+                v1,
+                "--as-patch",
+                tmp_path / "p2",
+                "--registry",
+                registry,
+                "--report",
+                inside,
+                "--force",
+                "-q",
+            ],
+            monkeypatch,
+            capsys,
+        )
         assert "writing there would destroy it" in one_error_line(code, err)
     assert snapshot(registry) == before and not (tmp_path / "p2").exists()
     assert not list(tmp_path.rglob(f"*{PARTIAL}*"))
@@ -123,8 +176,9 @@ def test_port_report_files_are_refused_unless_force_and_never_land_in_the_regist
 def test_continual_report_files_are_refused_before_any_work_unless_force(tmp_path, monkeypatch, capsys):
     base = tiny_vit(tmp_path / "vit")
     registry = tmp_path / "registry"
-    path = pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False,
-                         tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}])
+    path = pipeline_file(
+        tmp_path, base, str(registry), epochs=1, rectify=False, tasks=[{"name": "t0", "data": f"{TASK_FILE}:task_0"}]
+    )
     report = tmp_path / "report"
     report.mkdir()
     (report / "accuracy_matrix.png").write_text("earlier\n")
@@ -154,4 +208,5 @@ def test_a_partial_file_of_a_dead_writer_is_removed_and_a_live_ones_kept(tmp_pat
         write_output_file(out, b"again\n")
     write_output_file(out, b"again\n", force=True)
     assert out.read_bytes() == b"again\n" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [out.name, live.name])
+        [out.name, live.name]
+    )

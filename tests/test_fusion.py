@@ -206,7 +206,8 @@ def test_permuted_copy_is_recovered_exactly(tmp_path, arch, align):
     saved = json.loads((tmp_path / "fused" / REPORT_FILE).read_text())
     assert saved["architecture"] == type(original).__name__ and len(saved["maps"]) == len(report.maps)
     assert {layer["layer"] for layer in saved["layers"]} == {"embeddings", "layer 0", "layer 1", "head"} - (
-        {"head"} if arch != "bert" else set())
+        {"head"} if arch != "bert" else set()
+    )
 
 
 BACKBONES = {"vit": transformers.ViTModel, "bert": transformers.BertModel, "gpt2": transformers.GPT2Model}
@@ -238,14 +239,14 @@ def test_three_models_average_with_equal_weights(tmp_path):
     assert {m.model for m in report.maps} == {0, 1} and report.anchor == 2
 
 
-@pytest.mark.parametrize("qk,residual", [("shared", "average"), ("separate", "skip"), ("separate", "branch"),
-                                         ("joint", "weighted_scalar")])
+@pytest.mark.parametrize(
+    "qk,residual", [("shared", "average"), ("separate", "skip"), ("separate", "branch"), ("joint", "weighted_scalar")]
+)
 def test_qk_and_residual_policies_recover_a_permutation(tmp_path, qk, residual):
     original = tiny_model("gpt2", 0).eval()
     a = save(original, tmp_path / "a", False)
     b = save(permuted_copy(original, "gpt2", seed=3), tmp_path / "b", False)
-    report = splice.fuse([a, b], tmp_path / "fused", data=fusion_data("gpt2"), qk=qk, residual=residual,
-                         device="cpu")
+    report = splice.fuse([a, b], tmp_path / "fused", data=fusion_data("gpt2"), qk=qk, residual=residual, device="cpu")
     assert torch.allclose(logits(load("gpt2", tmp_path / "fused"), "gpt2"), logits(original, "gpt2"), atol=ATOL)
     spaces = {m.space for m in report.maps}
     assert ("qk" in spaces) == (qk != "separate") and ("q" in spaces) == (qk == "separate")
@@ -257,16 +258,18 @@ def test_qk_and_residual_policies_recover_a_permutation(tmp_path, qk, residual):
     assert all(0 < weight < 1 for weight in weighted)
 
 
-@pytest.mark.parametrize("arch,align,residual", [("bert", "activations", "weighted_matrix"),
-                                                 ("vit", "weights", "weighted_matrix")])
+@pytest.mark.parametrize(
+    "arch,align,residual", [("bert", "activations", "weighted_matrix"), ("vit", "weights", "weighted_matrix")]
+)
 def test_weighted_residual_policies_recover_a_permutation(tmp_path, arch, align, residual):
     """The maps of a permuted copy agree at every add, so any per-neuron convex combination of them is the same
     permutation. With weight alignment, the data only measures the anchor's streams."""
     original = tiny_model(arch, 0).eval()
     a = save(original, tmp_path / "a", False)
     b = save(permuted_copy(original, arch, seed=2), tmp_path / "b", False)
-    report = splice.fuse([a, b], tmp_path / "fused", data=fusion_data(arch), align=align, residual=residual,
-                         device="cpu")
+    report = splice.fuse(
+        [a, b], tmp_path / "fused", data=fusion_data(arch), align=align, residual=residual, device="cpu"
+    )
     assert torch.allclose(logits(load(arch, tmp_path / "fused"), arch), logits(original, arch), atol=ATOL)
     assert all(m.permutation_closeness == pytest.approx(1.0) for m in report.maps)
     assert report.residual == residual and report.samples == 60
@@ -287,10 +290,16 @@ def test_stream_and_whole_head_maps_keep_an_independent_models_function(tmp_path
     the paper's default maps (averaged at residual adds, heads mixed) do not keep it."""
     model_a, model_b = tiny_model(arch, 0).eval(), tiny_model(arch, 1).eval()
     a, b = save(model_a, tmp_path / "a", False), save(model_b, tmp_path / "b", False)
-    report = splice.fuse([a, b], tmp_path / "coherent", data=fusion_data(arch), residual="stream", heads="whole",
-                         qk="shared", device="cpu")
-    assert torch.allclose(logits(aligned_alone(arch, tmp_path / "coherent", a), arch), logits(model_b, arch),
-                          atol=ATOL)
+    report = splice.fuse(
+        [a, b],
+        tmp_path / "coherent",
+        data=fusion_data(arch),
+        residual="stream",
+        heads="whole",
+        qk="shared",
+        device="cpu",
+    )
+    assert torch.allclose(logits(aligned_alone(arch, tmp_path / "coherent", a), arch), logits(model_b, arch), atol=ATOL)
     assert all(m.permutation_closeness == pytest.approx(1.0) for m in report.maps)
     heads = [m for m in report.maps if m.cross_head_mass is not None]
     assert {m.space for m in heads} == {"qk", "v"} and all(m.head_split_mass == pytest.approx(0) for m in heads)
@@ -306,8 +315,9 @@ def test_stream_and_whole_head_maps_recover_a_permutation(tmp_path, arch, qk):
     original = tiny_model(arch, 0).eval()
     a = save(original, tmp_path / "a", False)
     b = save(permuted_copy(original, arch, seed=4), tmp_path / "b", False)
-    report = splice.fuse([a, b], tmp_path / "fused", data=fusion_data(arch), residual="stream", heads="whole",
-                         qk=qk, device="cpu")
+    report = splice.fuse(
+        [a, b], tmp_path / "fused", data=fusion_data(arch), residual="stream", heads="whole", qk=qk, device="cpu"
+    )
     assert torch.allclose(logits(load(arch, tmp_path / "fused"), arch), logits(original, arch), atol=ATOL)
     assert any(m.cross_head_mass > 0 for m in report.maps if m.cross_head_mass is not None)
 
@@ -325,11 +335,13 @@ def test_whole_head_maps_are_the_best_head_structured_permutation():
     costs = [cost / cost.max() for cost in costs]
 
     def within(cost: torch.Tensor, h: int, g: int) -> float:
-        block = cost[h * size:(h + 1) * size, g * size:(g + 1) * size]
+        block = cost[h * size : (h + 1) * size, g * size : (g + 1) * size]
         return min(sum(float(block[i, p[i]]) for i in range(size)) for p in itertools.permutations(range(size)))
 
-    best = min(sum(within(cost, h, order[h]) for cost in costs for h in range(heads))
-               for order in itertools.permutations(range(heads)))
+    best = min(
+        sum(within(cost, h, order[h]) for cost in costs for h in range(heads))
+        for order in itertools.permutations(range(heads))
+    )
     couplings, head_map = head_couplings(costs, heads, heads, "emd")
     paid = sum(float((coupling * cost).sum()) for coupling, cost in zip(couplings, costs))
     assert paid * heads * size == pytest.approx(best, abs=1e-12)
@@ -411,14 +423,15 @@ def test_heterogeneous_widths_fuse_into_the_anchor(tmp_path, align, anchor):
     wide = widened_copy(narrow, "vit")
     assert torch.allclose(logits(wide, "vit"), logits(narrow, "vit"), atol=ATOL)
     dirs = [save(wide, tmp_path / "wide", False), save(narrow, tmp_path / "narrow", False)]
-    report = splice.fuse(dirs, tmp_path / "fused", data=fusion_data("vit"), align=align, anchor=anchor,
-                         device="cpu")
+    report = splice.fuse(dirs, tmp_path / "fused", data=fusion_data("vit"), align=align, anchor=anchor, device="cpu")
     anchor_dir = dirs[anchor]
     assert json.loads((tmp_path / "fused" / "config.json").read_text()) == json.loads(
-        (anchor_dir / "config.json").read_text())
+        (anchor_dir / "config.json").read_text()
+    )
     fused = load("vit", tmp_path / "fused")
     assert {k: v.shape for k, v in load_dir(tmp_path / "fused").items()} == {
-        k: v.shape for k, v in load_dir(anchor_dir).items()}
+        k: v.shape for k, v in load_dir(anchor_dir).items()
+    }
     assert torch.allclose(logits(fused, "vit"), logits(narrow, "vit"), atol=ATOL)
     assert all(m.permutation_closeness == pytest.approx(1.0) for m in report.maps)  # hard many-to-one maps
     assert report.widths[0]["hidden"] == 32 and report.widths[1]["hidden"] == 16
@@ -428,8 +441,11 @@ def test_heterogeneous_widths_fuse_into_the_anchor(tmp_path, align, anchor):
 def test_wider_independent_model_compresses_into_a_narrow_anchor(tmp_path, arch):
     narrow = tiny_model(arch, 0)
     config = narrow.config.to_dict()
-    config.update({"n_embd": 24, "n_head": 3, "n_inner": 96} if arch == "gpt2" else
-                  {"hidden_size": 24, "num_attention_heads": 3, "intermediate_size": 40})
+    config.update(
+        {"n_embd": 24, "n_head": 3, "n_inner": 96}
+        if arch == "gpt2"
+        else {"hidden_size": 24, "num_attention_heads": 3, "intermediate_size": 40}
+    )
     torch.manual_seed(9)
     wide = type(narrow)(type(narrow.config).from_dict(config))
     dirs = [save(narrow, tmp_path / "narrow", False), save(wide, tmp_path / "wide", False)]
@@ -445,8 +461,9 @@ def test_sinkhorn_soft_maps_and_small_reg(tmp_path):
     model_a, model_b = tiny_model("vit", 0), tiny_model("vit", 1)
     dirs = [save(model_a, tmp_path / "a", False), save(model_b, tmp_path / "b", False)]
     soft = splice.fuse(dirs, tmp_path / "soft", data=fusion_data("vit"), solver="sinkhorn", reg=0.5, device="cpu")
-    sharp = splice.fuse(dirs, tmp_path / "sharp", data=fusion_data("vit"), solver="sinkhorn", reg=0.002,
-                        device="cpu")  # log-domain Sinkhorn: plain iterations under-flow at this reg
+    sharp = splice.fuse(
+        dirs, tmp_path / "sharp", data=fusion_data("vit"), solver="sinkhorn", reg=0.002, device="cpu"
+    )  # log-domain Sinkhorn: plain iterations under-flow at this reg
     hard = splice.fuse(dirs, tmp_path / "hard", data=fusion_data("vit"), device="cpu")
 
     def closeness(report: FusionReport) -> float:
@@ -462,6 +479,7 @@ def test_sinkhorn_soft_maps_and_small_reg(tmp_path):
 
 # -- options and progress ---------------------------------------------------------------------------------------
 
+
 class RecordingProgress:
     """Every phase a Progress object is told about: description, totals, what was advanced, whether finished."""
 
@@ -470,8 +488,17 @@ class RecordingProgress:
 
     def start(self, description, total_items, total_bytes, unit="tensors"):
         assert not self.phases or self.phases[-1]["finished"], "a phase started inside another"
-        self.phases.append({"description": description, "unit": unit, "total_items": total_items,
-                            "total_bytes": total_bytes, "items": 0, "bytes": 0, "finished": False})
+        self.phases.append(
+            {
+                "description": description,
+                "unit": unit,
+                "total_items": total_items,
+                "total_bytes": total_bytes,
+                "items": 0,
+                "bytes": 0,
+                "finished": False,
+            }
+        )
 
     def advance(self, items, nbytes):
         assert not self.phases[-1]["finished"]
@@ -487,10 +514,19 @@ def test_progress_sees_the_activation_and_transport_phases_through(tmp_path, res
     original = tiny_model("bert", 0).eval()
     a, b = save(original, tmp_path / "a", False), save(permuted_copy(original, "bert", seed=1), tmp_path / "b", False)
     progress = RecordingProgress()
-    report = splice.fuse([a, b], tmp_path / "fused", data=fusion_data("bert", count=70), residual=residual,
-                         device="cpu", progress=progress)
+    report = splice.fuse(
+        [a, b],
+        tmp_path / "fused",
+        data=fusion_data("bert", count=70),
+        residual=residual,
+        device="cpu",
+        progress=progress,
+    )
     assert [(phase["description"], phase["unit"]) for phase in progress.phases] == [
-        (f"activations {a}", "batches"), (f"activations {b}", "batches"), (f"transport maps {b}", "maps")]
+        (f"activations {a}", "batches"),
+        (f"activations {b}", "batches"),
+        (f"transport maps {b}", "maps"),
+    ]
     for phase in progress.phases:
         assert phase["finished"] and phase["items"] == phase["total_items"] > 0
         assert phase["bytes"] == phase["total_bytes"] > 0
@@ -510,8 +546,9 @@ def test_options_whole_or_as_keywords_fuse_the_same(tmp_path):
     loose = splice.fuse([a, b], tmp_path / "loose", align="weights", solver="sinkhorn", reg=0.1, device="cpu")
     overridden = splice.fuse([a, b], tmp_path / "overridden", options, reg=0.5)
     assert load_dir(tmp_path / "whole").keys() == load_dir(tmp_path / "loose").keys()
-    assert all(torch.equal(load_dir(tmp_path / "whole")[name], tensor)
-               for name, tensor in load_dir(tmp_path / "loose").items())
+    assert all(
+        torch.equal(load_dir(tmp_path / "whole")[name], tensor) for name, tensor in load_dir(tmp_path / "loose").items()
+    )
     assert whole.maps == loose.maps and overridden.reg == 0.5 and options.reg == 0.1
     with pytest.raises(SpliceError, match="unknown option 'solvr'"):
         splice.fuse([a, b], tmp_path / "out", options, solvr="emd")
@@ -527,20 +564,32 @@ def test_options_whole_or_as_keywords_fuse_the_same(tmp_path):
 
 # -- refused before any work ------------------------------------------------------------------------------------
 
+
 def _vit(tmp_path: Path, name: str, **changes) -> Path:
-    config = dict(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2,
-                  num_attention_heads=2, intermediate_size=24, num_labels=3)
+    config = dict(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        num_labels=3,
+    )
     config.update(changes)
     torch.manual_seed(0)
     return save(transformers.ViTForImageClassification(transformers.ViTConfig(**config)), tmp_path / name, False)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"num_hidden_layers": 3}, "different depths"),
-    ({"patch_size": 2}, "patch_size"),
-    ({"hidden_act": "relu"}, "hidden_act"),
-    ({"num_labels": 5}, "number of labels"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"num_hidden_layers": 3}, "different depths"),
+        ({"patch_size": 2}, "patch_size"),
+        ({"hidden_act": "relu"}, "hidden_act"),
+        ({"num_labels": 5}, "number of labels"),
+    ],
+)
 def test_mismatched_models_are_refused(tmp_path, change, message):
     a, b = _vit(tmp_path, "a"), _vit(tmp_path, "b", **change)
     with pytest.raises(IncompatibleModelsError, match=message):
@@ -597,16 +646,35 @@ def test_bad_options_are_refused(tmp_path):
 
 # -- the command line -----------------------------------------------------------------------------------------
 
+
 def test_cli_fuse_prints_the_report_and_saves_it(tmp_path, monkeypatch, capsys):
     original = tiny_model("bert", 0)
     a = save(original, tmp_path / "a", False)
     b = save(permuted_copy(original.eval(), "bert", seed=1), tmp_path / "b", False)
     data_file = tmp_path / "inputs.py"
-    data_file.write_text("import torch\n\ndef batch(model_dir):\n"
-                         "    g = torch.Generator().manual_seed(0)\n"
-                         "    return {'input_ids': torch.randint(0, 64, (40, 9), generator=g)}\n")
-    code, out, err = run_cli(["fuse", a, b, "--out", tmp_path / "fused", "--data", f"{data_file}:batch",
-                              "--samples", "30", "--device", "cpu", "--quiet"], monkeypatch, capsys)
+    data_file.write_text(
+        "import torch\n\ndef batch(model_dir):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return {'input_ids': torch.randint(0, 64, (40, 9), generator=g)}\n"
+    )
+    code, out, err = run_cli(
+        [
+            "fuse",
+            a,
+            b,
+            "--out",
+            tmp_path / "fused",
+            "--data",
+            f"{data_file}:batch",
+            "--samples",
+            "30",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     saved = json.loads((tmp_path / "fused" / REPORT_FILE).read_text())
     assert saved["samples"] == 30 and saved["align"] == "activations"
@@ -617,12 +685,30 @@ def test_cli_fuse_prints_the_report_and_saves_it(tmp_path, monkeypatch, capsys):
     assert saved["notes"] == []  # on the CPU nothing to say about where EMD ran
     assert torch.allclose(logits(load("bert", tmp_path / "fused"), "bert"), logits(original, "bert"), atol=ATOL)
 
-    code, out, err = run_cli(["fuse", a, b, "--out", tmp_path / "fused2", "--align", "weights", "--solver",
-                              "sinkhorn", "--reg", "0.05", "--anchor", "1"], monkeypatch, capsys)
+    code, out, err = run_cli(
+        [
+            "fuse",
+            a,
+            b,
+            "--out",
+            tmp_path / "fused2",
+            "--align",
+            "weights",
+            "--solver",
+            "sinkhorn",
+            "--reg",
+            "0.05",
+            "--anchor",
+            "1",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "fusion maps per layer" in out and "layer 1" in out and "fusion_report.json" in out
-    assert re.search(r"\(read [\d.]+s, activations 0\.0s, OT [\d.]+s, transport [\d.]+s, write [\d.]+s\)",
-                     " ".join(out.split()))
+    assert re.search(
+        r"\(read [\d.]+s, activations 0\.0s, OT [\d.]+s, transport [\d.]+s, write [\d.]+s\)", " ".join(out.split())
+    )
 
 
 def test_cli_fuse_errors_are_one_line(tmp_path, monkeypatch, capsys):
@@ -630,7 +716,8 @@ def test_cli_fuse_errors_are_one_line(tmp_path, monkeypatch, capsys):
     b = _vit(tmp_path, "b", num_hidden_layers=3)
     code, out, err = run_cli(["fuse", a, b, "--out", tmp_path / "out", "--align", "weights"], monkeypatch, capsys)
     assert code == 2 and "different depths" in err and len(err.strip().splitlines()) == 1
-    code, out, err = run_cli(["fuse", a, a, "--out", tmp_path / "out", "--data", "no_such_module:f"],
-                             monkeypatch, capsys)
+    code, out, err = run_cli(
+        ["fuse", a, a, "--out", tmp_path / "out", "--data", "no_such_module:f"], monkeypatch, capsys
+    )
     assert code == 2 and "--data" in err and "no_such_module" in err
     assert not (tmp_path / "out").exists()

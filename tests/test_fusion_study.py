@@ -83,7 +83,10 @@ def test_ablations_cover_every_policy_and_repeat_the_main_setting(study):
     assert stored(main["dir"]).keys() == stored(best["dir"]).keys()
     assert all(torch.equal(t, stored(best["dir"])[name]) for name, t in stored(main["dir"]).items())
     assert (main["val"], main["test"], main["aligned_model_alone"]) == (
-        best["val"], best["test"], best["aligned_model_alone"])
+        best["val"],
+        best["test"],
+        best["aligned_model_alone"],
+    )
     assert len(results["summary"]["ablations"]) == len(fusion_study.ABLATIONS)
     control = pair["control"]
     assert set(control) == {"control_emd", "control_sinkhorn"} and control["control_sinkhorn"]["reg"] == best["reg"]
@@ -94,9 +97,14 @@ def test_ablations_cover_every_policy_and_repeat_the_main_setting(study):
 def test_reported_accuracies_match_the_saved_models(study):
     results, _ = study
     pair = results["pairs"][0]
-    checked = [pair["one_shot"]["ot_acts_sinkhorn"], pair["one_shot"]["ot_acts_emd"],
-               pair["finetuned"]["ot_acts_sinkhorn"], pair["one_shot"]["vanilla"], pair["one_shot"]["parent_b"],
-               pair["hetero"]["one_shot"]["hetero_sinkhorn"]]
+    checked = [
+        pair["one_shot"]["ot_acts_sinkhorn"],
+        pair["one_shot"]["ot_acts_emd"],
+        pair["finetuned"]["ot_acts_sinkhorn"],
+        pair["one_shot"]["vanilla"],
+        pair["one_shot"]["parent_b"],
+        pair["hetero"]["one_shot"]["hetero_sinkhorn"],
+    ]
     for scores in checked:
         assert test_accuracy(scores["dir"]) == scores["test"], scores["dir"]
     fused = json.loads((Path(pair["one_shot"]["ot_acts_sinkhorn"]["dir"]) / "fusion_report.json").read_text())

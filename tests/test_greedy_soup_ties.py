@@ -35,13 +35,18 @@ def test_a_saturated_greedy_soup_says_it_kept_the_base_on_a_tie(make_models, tmp
     assert report.notes == [
         f"{s.model} was kept on a tie: the soup's score stayed 1.0000 (its own score {s.score:.4f}); a saturated "
         "evaluation keeps any ingredient, even an untrained base; --strict keeps only ingredients that raise the "
-        "score" for s in report.steps[1:]]
+        "score"
+        for s in report.steps[1:]
+    ]
 
     strict = splice.greedy_soup([base, *tuned], tmp_path / "strict", f"{scorer}:score", strict=True, device="cpu")
     assert [s.kept for s in strict.steps] == [True, False, False] and strict.notes == []
 
-    code, out, err = run_cli(["soup", base, *tuned, "--out", tmp_path / "cli", "--greedy", "--eval",
-                              f"{scorer}:score", "--device", "cpu"], monkeypatch, capsys)
+    code, out, err = run_cli(
+        ["soup", base, *tuned, "--out", tmp_path / "cli", "--greedy", "--eval", f"{scorer}:score", "--device", "cpu"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     text = " ".join(out.split())
     assert text.count("yes (tie)") == 2

@@ -48,7 +48,7 @@ def assert_user_traceback_then_one_error(result: subprocess.CompletedProcess, ho
     assert result.returncode == 2, result.stderr
     assert result.stdout == ""
     lines = result.stderr.rstrip("\n").splitlines()
-    lines = lines[lines.index("Traceback (most recent call last):"):]  # after the progress bar, if one was drawn
+    lines = lines[lines.index("Traceback (most recent call last):") :]  # after the progress bar, if one was drawn
     assert lines[-1] == error, result.stderr
     assert sum(line.startswith("error:") for line in lines) == 1
     # the user's frames, down to the raise; splice's wrapper is not among them
@@ -65,7 +65,8 @@ def test_greedy_soup_eval_that_raises(make_models, tmp_path):
     count = len(splice.Checkpoint.open(str(dirs[0])).tensors)
     result = run("soup", *dirs, "--out", tmp_path / "soup", "--greedy", "--eval", f"{hook}:score", "--device", "cpu")
     assert_user_traceback_then_one_error(
-        result, hook, f"error: --eval {hook}:score raised ValueError: held-out set is empty ({count})")
+        result, hook, f"error: --eval {hook}:score raised ValueError: held-out set is empty ({count})"
+    )
     assert not (tmp_path / "soup").exists()
 
 
@@ -77,10 +78,21 @@ def test_port_eval_that_raises(tmp_path):
     hook = tmp_path / "my_eval.py"
     hook.write_text(FAILING_HOOK)
     count = len(splice.Checkpoint.open(str(v2)).tensors)
-    result = run("port", tmp_path / "patch", "--to", v2, "--as-patch", tmp_path / "ported", "--eval",
-                 f"{hook}:score", "--device", "cpu")
+    result = run(
+        "port",
+        tmp_path / "patch",
+        "--to",
+        v2,
+        "--as-patch",
+        tmp_path / "ported",
+        "--eval",
+        f"{hook}:score",
+        "--device",
+        "cpu",
+    )
     assert_user_traceback_then_one_error(
-        result, hook, f"error: --eval {hook}:score raised ValueError: held-out set is empty ({count})")
+        result, hook, f"error: --eval {hook}:score raised ValueError: held-out set is empty ({count})"
+    )
 
 
 def test_fuse_data_that_raises(tmp_path):
@@ -91,7 +103,8 @@ def test_fuse_data_that_raises(tmp_path):
     hook.write_text(FAILING_HOOK)
     result = run("fuse", a, b, "--out", tmp_path / "fused", "--data", f"{hook}:batch", "--device", "cpu")
     assert_user_traceback_then_one_error(
-        result, hook, f"error: --data {hook}:batch raised ValueError: held-out set is empty (0)")
+        result, hook, f"error: --data {hook}:batch raised ValueError: held-out set is empty (0)"
+    )
     assert not (tmp_path / "fused").exists()
 
 
@@ -103,8 +116,7 @@ def test_a_hook_module_that_fails_while_loading(make_models, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.rstrip("\n").splitlines()
     assert lines[0] == "Traceback (most recent call last):" and f'File "{hook}", line 5' in lines[1], result.stderr
-    assert lines[-1] == (f"error: --eval {hook}:score (loading {hook}) raised ZeroDivisionError: "
-                         "division by zero")
+    assert lines[-1] == (f"error: --eval {hook}:score (loading {hook}) raised ZeroDivisionError: division by zero")
     assert "importlib" not in result.stderr
 
 
@@ -116,15 +128,27 @@ def test_a_hook_whose_package_fails_while_loading(make_models, tmp_path):
     package.mkdir()
     (package / "__init__.py").write_text("SETTING = {}['missing']\n")
     (package / "scores.py").write_text("def score(state):\n    return 1.0\n")
-    result = subprocess.run([*SPLICE, "soup", *map(str, dirs), "--out", str(tmp_path / "soup"), "--greedy",
-                             "--eval", "hooks_pkg.scores:score"], capture_output=True, text=True, timeout=180,
-                            env={**ENV, "PYTHONPATH": f"{ENV['PYTHONPATH']}{os.pathsep}{tmp_path}"})
+    result = subprocess.run(
+        [
+            *SPLICE,
+            "soup",
+            *map(str, dirs),
+            "--out",
+            str(tmp_path / "soup"),
+            "--greedy",
+            "--eval",
+            "hooks_pkg.scores:score",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**ENV, "PYTHONPATH": f"{ENV['PYTHONPATH']}{os.pathsep}{tmp_path}"},
+    )
     assert result.returncode == 2
     lines = result.stderr.rstrip("\n").splitlines()
     assert lines[0] == "Traceback (most recent call last):", result.stderr
     assert f'File "{package / "__init__.py"}", line 1' in result.stderr
-    assert lines[-1] == ("error: --eval hooks_pkg.scores:score (importing hooks_pkg.scores) raised KeyError: "
-                         "'missing'")
+    assert lines[-1] == ("error: --eval hooks_pkg.scores:score (importing hooks_pkg.scores) raised KeyError: 'missing'")
     assert not (tmp_path / "soup").exists()
 
 
@@ -132,8 +156,10 @@ def test_a_missing_module_is_still_one_line(make_models, tmp_path):
     dirs = make_models("llama", 2)
     result = run("soup", *dirs, "--out", tmp_path / "soup", "--greedy", "--eval", "no_such_module_here:score")
     assert result.returncode == 2
-    assert result.stderr == ("error: --eval 'no_such_module_here:score': cannot import no_such_module_here "
-                             "(No module named 'no_such_module_here')\n")
+    assert result.stderr == (
+        "error: --eval 'no_such_module_here:score': cannot import no_such_module_here "
+        "(No module named 'no_such_module_here')\n"
+    )
 
 
 def test_a_pipeline_data_hook_that_raises(tmp_path):
@@ -141,9 +167,11 @@ def test_a_pipeline_data_hook_that_raises(tmp_path):
     hook = tmp_path / "my_data.py"
     hook.write_text(FAILING_HOOK)
     pipeline = tmp_path / "cl.yaml"
-    pipeline.write_text(f"base: {base}\nname: cl\nregistry: {tmp_path / 'registry'}\n"
-                        "tasks:\n  - {name: t0, data: my_data.py:batch}\n")
+    pipeline.write_text(
+        f"base: {base}\nname: cl\nregistry: {tmp_path / 'registry'}\ntasks:\n  - {{name: t0, data: my_data.py:batch}}\n"
+    )
     result = run("continual", "run", pipeline, "--report", tmp_path / "report")
     assert_user_traceback_then_one_error(
-        result, hook, f"error: task t0: data {hook}:batch raised ValueError: held-out set is empty (0)")
+        result, hook, f"error: task t0: data {hook}:batch raised ValueError: held-out set is empty (0)"
+    )
     assert not (tmp_path / "registry").exists() and not (tmp_path / "report").exists()

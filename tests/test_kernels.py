@@ -50,6 +50,7 @@ def test_settings_resolve_like_mergekit():
         [0.0, 1.0, 0.25],
         [Conditional(filter="mlp", value=[0.2, 0.4]), Conditional(value=0.7)],
     ]
+
     def to_mergekit(setting):
         if isinstance(setting, list) and setting and isinstance(setting[0], Conditional):
             return [ConditionalParameter(filter=c.filter, value=c.value) for c in setting]

@@ -24,21 +24,40 @@ def classifier(arch: str) -> torch.nn.Module:
         return tiny_model(arch, 0)
     torch.manual_seed(0)
     if arch == "llama":
-        return transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
-            vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=32, num_labels=3, pad_token_id=0))
-    return transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
-        vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, num_labels=3, pad_token_id=0))
+        return transformers.LlamaForSequenceClassification(
+            transformers.LlamaConfig(
+                vocab_size=64,
+                hidden_size=16,
+                intermediate_size=24,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=32,
+                num_labels=3,
+                pad_token_id=0,
+            )
+        )
+    return transformers.GPT2ForSequenceClassification(
+        transformers.GPT2Config(
+            vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, num_labels=3, pad_token_id=0
+        )
+    )
 
 
 # what transformers' classes add to their base model: the head, written out by hand
-HEADS = {"bert": ["classifier.bias", "classifier.weight"], "vit": ["classifier.bias", "classifier.weight"],
-         "llama": ["score.weight"], "gpt2": ["score.weight"]}
+HEADS = {
+    "bert": ["classifier.bias", "classifier.weight"],
+    "vit": ["classifier.bias", "classifier.weight"],
+    "llama": ["score.weight"],
+    "gpt2": ["score.weight"],
+}
 # a changed tensor that is neither a norm nor the head, per architecture
-OTHERS = {"bert": ["bert.pooler.dense.weight", "bert.pooler.dense.bias",
-                   "bert.embeddings.token_type_embeddings.weight"],
-          "vit": ["vit.embeddings.cls_token"], "llama": ["model.layers.0.self_attn.q_proj.weight"],
-          "gpt2": ["transformer.wpe.weight"]}
+OTHERS = {
+    "bert": ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "bert.embeddings.token_type_embeddings.weight"],
+    "vit": ["vit.embeddings.cls_token"],
+    "llama": ["model.layers.0.self_attn.q_proj.weight"],
+    "gpt2": ["transformer.wpe.weight"],
+}
 
 
 def ln_tuned(base: torch.nn.Module, also: list[str]) -> torch.nn.Module:
@@ -92,16 +111,40 @@ def test_include_carries_named_tensors_and_the_cli_warns_in_one_line(tmp_path, m
     assert len(warning) == 1 and "3 changed tensors are not in the layernorm patch" in warning[0], err
 
     # the pooler by a pattern, the token type embedding by name: everything the fine-tune changed is carried
-    code, out, err = run_cli([*extract, "--include", "bert.pooler.*", "--include",
-                              "bert.embeddings.token_type_embeddings.weight", "--out", tmp_path / "ln"],
-                             monkeypatch, capsys)
+    code, out, err = run_cli(
+        [
+            *extract,
+            "--include",
+            "bert.pooler.*",
+            "--include",
+            "bert.embeddings.token_type_embeddings.weight",
+            "--out",
+            tmp_path / "ln",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "warning" not in err and "layernorm patch" in out
     patch = Patch.load(tmp_path / "ln")
     assert patch.meta.settings["included"] == sorted(OTHERS["bert"])
     assert not patch.meta.settings.get("left_out")
-    code, _, err = run_cli(["patch", "apply", tmp_path / "ln", "--base", base_dir, "--out", tmp_path / "out",
-                            "--device", "cpu", "--quiet"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        [
+            "patch",
+            "apply",
+            tmp_path / "ln",
+            "--base",
+            base_dir,
+            "--out",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     out_state = load_dir(tmp_path / "out")
     for name in out_state:
@@ -112,8 +155,26 @@ def test_include_carries_named_tensors_and_the_cli_warns_in_one_line(tmp_path, m
     code, _, err = run_cli([*extract, "--include", "bert.pooller.*", "--out", tmp_path / "typo"], monkeypatch, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--include 'bert.pooller.*' names no tensor of" in err and not (tmp_path / "typo").exists()
-    code, _, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "lora",
-                            "--rank", "2", "--include", "bert.pooler.*", "--out", tmp_path / "d"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        [
+            "patch",
+            "extract",
+            "--base",
+            base_dir,
+            "--tuned",
+            tuned_dir,
+            "--kind",
+            "lora",
+            "--rank",
+            "2",
+            "--include",
+            "bert.pooler.*",
+            "--out",
+            tmp_path / "d",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 2 and "include is an option of layernorm patches" in err and not (tmp_path / "d").exists()
 
 

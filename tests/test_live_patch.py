@@ -77,8 +77,10 @@ def test_stacked_patches_are_checked_against_the_unpatched_base_and_come_off_in_
         apply_patch(other, layernorm)  # its own tensors match; the rest of the model does not
     live = cls.from_pretrained(base_dir)
     first = apply_patch(live, layernorm)
-    half = type(delta)({name: tensor / 2 for name, tensor in delta.tensors.items() if name not in layernorm.tensors},
-                       delta.meta.model_copy(update={"description": "half"}))
+    half = type(delta)(
+        {name: tensor / 2 for name, tensor in delta.tensors.items() if name not in layernorm.tensors},
+        delta.meta.model_copy(update={"description": "half"}),
+    )
     second = apply_patch(live, half)  # checked against the base under the LayerNorm patch, so accepted
     with pytest.raises(PatchError, match="reverse order"):
         first.remove()

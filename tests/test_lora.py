@@ -18,8 +18,9 @@ from conftest import example_inputs, model_class, save, tiny_model
 from helpers import load_dir, run_cli
 
 
-def low_rank_fine_tune(model: torch.nn.Module, seed: int, rank, scale: float = 0.05,
-                       vectors: bool = False, norms: bool = False) -> torch.nn.Module:
+def low_rank_fine_tune(
+    model: torch.nn.Module, seed: int, rank, scale: float = 0.05, vectors: bool = False, norms: bool = False
+) -> torch.nn.Module:
     """A copy whose every matrix (`*.weight`, 2-D) moved by a delta of exactly rank `rank(index, shape)` (an int
     works too); with `vectors` also every 1-D tensor moved, with `norms` only the norm ones."""
     rank_of = rank if callable(rank) else (lambda index, shape: rank)
@@ -47,8 +48,11 @@ def lora_product(patch: Patch, module: str) -> torch.Tensor:
 
 def stored_deltas(base_dir, tuned_dir) -> dict[str, torch.Tensor]:
     base, tuned = load_dir(base_dir), load_dir(tuned_dir)
-    return {n: tuned[n].double() - base[n].double() for n in base
-            if base[n].is_floating_point() and not torch.equal(base[n], tuned[n])}
+    return {
+        n: tuned[n].double() - base[n].double()
+        for n in base
+        if base[n].is_floating_point() and not torch.equal(base[n], tuned[n])
+    }
 
 
 def numpy_best(delta: torch.Tensor, rank: int) -> np.ndarray:
@@ -65,8 +69,10 @@ def numpy_energy_rank(delta: torch.Tensor, energy: float) -> int:
 @pytest.fixture
 def llama_rank3(tmp_path):
     base = tiny_model("llama", 0)
-    return (save(base, tmp_path / "base", sharded=True),
-            save(low_rank_fine_tune(base, 1, 3), tmp_path / "tuned", sharded=False))
+    return (
+        save(base, tmp_path / "base", sharded=True),
+        save(low_rank_fine_tune(base, 1, 3), tmp_path / "tuned", sharded=False),
+    )
 
 
 def test_an_exactly_low_rank_delta_is_recovered_exactly(llama_rank3):
@@ -92,11 +98,13 @@ def test_a_lower_rank_is_the_best_approximation_numpy_finds(tmp_path):
     for name, delta in stored_deltas(base_dir, tuned_dir).items():
         module = name.removesuffix(".weight")
         assert patch.meta.settings["rank"][module] == 2
-        torch.testing.assert_close(lora_product(patch, module), torch.from_numpy(numpy_best(delta, 2)),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            lora_product(patch, module), torch.from_numpy(numpy_best(delta, 2)), rtol=0, atol=1e-5
+        )
         s = np.linalg.svd(delta.numpy(), compute_uv=False)
-        assert patch.meta.settings["captured_energy"][module] == pytest.approx(np.sum(s[:2]**2) / np.sum(s**2),
-                                                                               rel=1e-5)
+        assert patch.meta.settings["captured_energy"][module] == pytest.approx(
+            np.sum(s[:2] ** 2) / np.sum(s**2), rel=1e-5
+        )
         error = np.linalg.norm(delta.numpy() - numpy_best(delta, 2)) / np.linalg.norm(delta.numpy())
         assert patch.meta.settings["relative_error"][module] == pytest.approx(error, rel=1e-4, abs=1e-6)
 
@@ -112,8 +120,9 @@ def test_energy_mode_picks_the_rank_numpy_picks(tmp_path, energy, cap):
         module = name.removesuffix(".weight")
         expected = numpy_energy_rank(delta, energy)
         assert ranks[module] == (expected if cap is None else min(expected, cap)), module
-        torch.testing.assert_close(lora_product(patch, module), torch.from_numpy(numpy_best(delta, ranks[module])),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            lora_product(patch, module), torch.from_numpy(numpy_best(delta, ranks[module])), rtol=0, atol=1e-5
+        )
         if cap is None:
             assert patch.meta.settings["captured_energy"][module] >= energy
     assert patch.meta.settings["requested"] == {"rank": cap, "energy": energy}
@@ -138,8 +147,9 @@ def test_rslora_scaling_is_exact(llama_rank3):
 
 def low_rank_plus_noise(rows: int, cols: int, rank: int, noise: float, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, rank, generator=generator) @ torch.randn(rank, cols, generator=generator)
-            + noise * torch.randn(rows, cols, generator=generator))
+    return torch.randn(rows, rank, generator=generator) @ torch.randn(
+        rank, cols, generator=generator
+    ) + noise * torch.randn(rows, cols, generator=generator)
 
 
 def test_randomized_svd_agrees_with_the_exact_one():
@@ -165,8 +175,11 @@ def test_randomized_svd_agrees_with_the_exact_one():
 
 def test_bad_requests_are_refused_in_one_line(llama_rank3, tmp_path):
     base_dir, tuned_dir = llama_rank3
-    for kwargs, message in [({}, "needs `rank=R`, `energy=E`"), ({"rank": 0}, "at least 1"),
-                            ({"energy": 1.5}, r"\(0, 1\]")]:
+    for kwargs, message in [
+        ({}, "needs `rank=R`, `energy=E`"),
+        ({"rank": 0}, "at least 1"),
+        ({"energy": 1.5}, r"\(0, 1\]"),
+    ]:
         with pytest.raises(PatchError, match=message) as caught:
             extract_patch(base_dir, tuned_dir, "lora", device="cpu", **kwargs)
         assert len(str(caught.value).splitlines()) == 1
@@ -199,8 +212,9 @@ def test_lora_patch_applied_streamed_and_live_equals_the_fine_tune(arch, tmp_pat
     for (name, ours), theirs in zip(live.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5, msg=name)
     with torch.no_grad():
-        torch.testing.assert_close(live(**example_inputs(arch)).logits, reference(**example_inputs(arch)).logits,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            live(**example_inputs(arch)).logits, reference(**example_inputs(arch)).logits, rtol=1e-4, atol=1e-4
+        )
     handle.remove()
     assert all(torch.equal(original[n], t) for n, t in live.state_dict().items())
 
@@ -221,17 +235,37 @@ def test_layernorm_and_lora_patches_compose(tmp_path, monkeypatch, capsys):
         else:
             torch.testing.assert_close(out[name], tuned[name], rtol=0, atol=1e-5, msg=name)
 
-    code, out_text, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "lora",
-                                   "--rank", "2", "--device", "cpu", "--out", tmp_path / "cli-lora"],
-                                  monkeypatch, capsys)
+    code, out_text, err = run_cli(
+        [
+            "patch",
+            "extract",
+            "--base",
+            base_dir,
+            "--tuned",
+            tuned_dir,
+            "--kind",
+            "lora",
+            "--rank",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            tmp_path / "cli-lora",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "lora patch" in out_text
     warning = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and f"{len(norms.tensors)} changed tensors" in warning[0]
     assert "delta or layernorm patch" in warning[0]
     assert Patch.load(tmp_path / "cli-lora").meta.settings["rank"] == lora.meta.settings["rank"]
-    code, _, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "lora",
-                            "--out", tmp_path / "none"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "lora", "--out", tmp_path / "none"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 2 and "--rank R, --energy E" in err and not (tmp_path / "none").exists()
 
 

@@ -22,7 +22,8 @@ def pair(tmp_path):
     tuned = perturbed(base, 4)
     with torch.no_grad():  # exact ties in |delta|, so the tie-break is exercised
         tuned.state_dict()["bert.encoder.layer.0.output.dense.weight"][:3, :4] = (
-            base.state_dict()["bert.encoder.layer.0.output.dense.weight"][:3, :4] + 0.5)
+            base.state_dict()["bert.encoder.layer.0.output.dense.weight"][:3, :4] + 0.5
+        )
     return save(base, tmp_path / "base", sharded=True), save(tuned, tmp_path / "tuned", sharded=False)
 
 
@@ -96,7 +97,7 @@ def test_model_wide_mask_keeps_the_global_top_k(pair):
     offset = 0
     for name in names:
         size = expected[name].size
-        wanted = keep[offset:offset + size]
+        wanted = keep[offset : offset + size]
         offset += size
         if not wanted.any():
             assert name + ".mask" not in patch.tensors
@@ -145,12 +146,15 @@ def test_a_mask_patch_stores_one_bit_per_entry_plus_the_kept_values(pair, tmp_pa
     assert reloaded.meta.settings == patch.meta.settings
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({}, "needs `density`"),
-    ({"density": 0}, "needs `density`"),
-    ({"density": 1.5}, "needs `density`"),
-    ({"density": 0.1, "mask_scope": "layer"}, "`mask_scope` must be one of tensor, model"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "needs `density`"),
+        ({"density": 0}, "needs `density`"),
+        ({"density": 1.5}, "needs `density`"),
+        ({"density": 0.1, "mask_scope": "layer"}, "`mask_scope` must be one of tensor, model"),
+    ],
+)
 def test_bad_mask_options_are_refused(pair, options, message):
     base_dir, tuned_dir = pair
     with pytest.raises(PatchError, match=message):
@@ -159,16 +163,39 @@ def test_bad_mask_options_are_refused(pair, options, message):
 
 def test_cli_extracts_and_applies_a_mask_patch(pair, tmp_path, monkeypatch, capsys):
     base_dir, tuned_dir = pair
-    code, out, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "mask",
-                              "--density", "0.02", "--mask-scope", "model", "--out", tmp_path / "m", "--device", "cpu"],
-                             monkeypatch, capsys)
+    code, out, err = run_cli(
+        [
+            "patch",
+            "extract",
+            "--base",
+            base_dir,
+            "--tuned",
+            tuned_dir,
+            "--kind",
+            "mask",
+            "--density",
+            "0.02",
+            "--mask-scope",
+            "model",
+            "--out",
+            tmp_path / "m",
+            "--device",
+            "cpu",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "mask patch" in out
-    code, _, err = run_cli(["patch", "apply", tmp_path / "m", "--base", base_dir, "--out", tmp_path / "out", "-q"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["patch", "apply", tmp_path / "m", "--base", base_dir, "--out", tmp_path / "out", "-q"], monkeypatch, capsys
+    )
     assert code == 0, err
-    code, _, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "mask",
-                            "--out", tmp_path / "bad"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "mask", "--out", tmp_path / "bad"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 2 and err.startswith("error: a mask patch needs --density") and not (tmp_path / "bad").exists()
 
 
@@ -178,20 +205,22 @@ def test_settings_are_described_in_one_line(pair):
     base_dir, tuned_dir = pair
     mask = extract_patch(base_dir, tuned_dir, "mask", density=0.05, device="cpu")
     kept = mask.meta.settings["kept"]
-    assert describe_settings(mask.meta) == (f"density 0.05 per tensor, sparse delta; {sum(kept.values()):,} entries "
-                                            f"kept in {len(kept)} tensors")
+    assert describe_settings(mask.meta) == (
+        f"density 0.05 per tensor, sparse delta; {sum(kept.values()):,} entries kept in {len(kept)} tensors"
+    )
     lora = extract_patch(base_dir, tuned_dir, "lora", rank=2, device="cpu")
     errors = lora.meta.settings["relative_error"]
     worst = max(errors, key=errors.get)
     left = len(lora.meta.settings["left_out"])
-    assert describe_settings(lora.meta) == (f"rank 2 on {len(errors)} matrices; rsLoRA no; relative error of the "
-                                            f"delta at most {errors[worst]:.2g} ({worst}); {left} changed tensors "
-                                            f"left out (not matrices)")
+    assert describe_settings(lora.meta) == (
+        f"rank 2 on {len(errors)} matrices; rsLoRA no; relative error of the "
+        f"delta at most {errors[worst]:.2g} ({worst}); {left} changed tensors "
+        f"left out (not matrices)"
+    )
 
 
 @pytest.mark.parametrize("values", [True, False], ids=["sparse-delta", "mask-only"])
-def test_a_mask_patch_counts_the_values_it_holds_and_its_mask_bits_apart(pair, tmp_path, monkeypatch, capsys,
-                                                                        values):
+def test_a_mask_patch_counts_the_values_it_holds_and_its_mask_bits_apart(pair, tmp_path, monkeypatch, capsys, values):
     """Issue 16 item 17: a 1% mask patch reported its packed mask bytes as parameters (3,066,373 on MiniLM for
     227,076 values). Counted independently: per tensor the top max(1, int(0.01 n)) entries of every changed
     tensor (every entry of the perturbed fine-tune changed), one mask bit per entry of those tensors."""
@@ -199,9 +228,27 @@ def test_a_mask_patch_counts_the_values_it_holds_and_its_mask_bits_apart(pair, t
     expected = float_deltas(base_dir, tuned_dir)
     held = sum(max(1, int(0.01 * delta.size)) for delta in expected.values()) if values else 0
     bits = sum(delta.size for delta in expected.values())
-    code, out, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "mask",
-                              "--density", "0.01", "--mask-values" if values else "--mask-only",
-                              "--out", tmp_path / "m", "--device", "cpu"], monkeypatch, capsys)
+    code, out, err = run_cli(
+        [
+            "patch",
+            "extract",
+            "--base",
+            base_dir,
+            "--tuned",
+            tuned_dir,
+            "--kind",
+            "mask",
+            "--density",
+            "0.01",
+            "--mask-values" if values else "--mask-only",
+            "--out",
+            tmp_path / "m",
+            "--device",
+            "cpu",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     patch = Patch.load(tmp_path / "m")
     assert (patch.num_parameters, patch.size.mask_bits) == (held, bits)

@@ -24,13 +24,19 @@ MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")
 def recipe_for(method: str, dirs: list[Path]) -> dict:
     base, first, second = (str(d.absolute()) for d in dirs)
     if method == "linear":
-        return {"merge_method": "linear", "dtype": "float32", "models": [
-            {"model": base, "parameters": {"weight": 0.2}},
-            {"model": first, "parameters": {"weight": [0.3, 0.6]}},  # a gradient across layers
-            {"model": second, "parameters": {"weight": [{"filter": "mlp", "value": 0.9}, {"value": 0.4}]}},
-        ]}
+        return {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [
+                {"model": base, "parameters": {"weight": 0.2}},
+                {"model": first, "parameters": {"weight": [0.3, 0.6]}},  # a gradient across layers
+                {"model": second, "parameters": {"weight": [{"filter": "mlp", "value": 0.9}, {"value": 0.4}]}},
+            ],
+        }
     return {
-        "merge_method": method, "base_model": base, "dtype": "float32",
+        "merge_method": method,
+        "base_model": base,
+        "dtype": "float32",
         "models": [
             {"model": first, "parameters": {"weight": 0.6, "density": 0.5}},
             {"model": second, "parameters": {"weight": [0.2, 0.5], "density": [0.3, 0.8]}},
@@ -47,8 +53,9 @@ def write_recipe(tmp_path: Path, data: dict) -> Path:
 
 def run_mergekit(recipe: Path, out: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([str(MERGEKIT_YAML), str(recipe), str(out), "--lazy-unpickle"], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(MERGEKIT_YAML), str(recipe), str(out), "--lazy-unpickle"], env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -73,8 +80,14 @@ def per_tensor_reference(recipe_data: dict, dirs: list[Path]) -> dict[str, torch
     states = [load_dir(Path(p)) for p in locations]
     resolver = ParameterResolver(recipe, list(states[0]))
     return {
-        name: merge_tensors([s[name] for s in states], recipe.merge_method, parameters=resolver(name),
-                            ids=list(range(len(states))), base_index=base_index, name=name)
+        name: merge_tensors(
+            [s[name] for s in states],
+            recipe.merge_method,
+            parameters=resolver(name),
+            ids=list(range(len(states))),
+            base_index=base_index,
+            name=name,
+        )
         for name in states[0]
     }
 
@@ -94,11 +107,14 @@ def test_same_recipes_on_bert_and_vit(arch, method, make_models, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("slerp", {"parameters": {"t": [0.1, 0.7]}}),
-    ("breadcrumbs", {"parameters": {"lambda": 1.0}}),
-    ("model_stock", {}),
-])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("slerp", {"parameters": {"t": [0.1, 0.7]}}),
+        ("breadcrumbs", {"parameters": {"lambda": 1.0}}),
+        ("model_stock", {}),
+    ],
+)
 def test_methods_run_through_mergekit_kernels(method, extra, make_models, tmp_path):
     count = 3 if method != "slerp" else 2
     dirs = make_models("bert", 4 if method == "model_stock" else count)
@@ -153,9 +169,15 @@ def test_row_blocks_do_not_change_results(method, make_models, tmp_path):
 def test_own_kernels_match_mergekit_across_options(method, options, make_models, tmp_path):
     dirs = make_models("llama", 4)
     base, *tuned = (str(d.absolute()) for d in dirs)
-    data = {"merge_method": method, "base_model": base, "parameters": options, "models": [
-        {"model": m, "parameters": {"weight": w, "density": d}} for m, w, d in zip(tuned, [0.7, 0.4, 1.1],
-                                                                                   [0.2, 0.55, 0.9])]}
+    data = {
+        "merge_method": method,
+        "base_model": base,
+        "parameters": options,
+        "models": [
+            {"model": m, "parameters": {"weight": w, "density": d}}
+            for m, w, d in zip(tuned, [0.7, 0.4, 1.1], [0.2, 0.55, 0.9])
+        ],
+    }
     path = write_recipe(tmp_path, data)
     splice.merge(path, tmp_path / "own", device="cpu")
     splice.merge(path, tmp_path / "mk", device="cpu", prefer_own_kernels=False)

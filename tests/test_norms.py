@@ -39,8 +39,10 @@ def test_the_patch_extractor_and_the_bank_pick_the_same_norms(arch, tmp_path):
 def test_t5_norms_are_banked_as_rms_norms_and_a_pretrained_slot_is_the_model():
     model = tiny_model("t5", 0).eval()
     generator = torch.Generator().manual_seed(0)
-    inputs = {"input_ids": torch.randint(2, 64, (3, 7), generator=generator),
-              "decoder_input_ids": torch.randint(2, 64, (3, 5), generator=generator)}
+    inputs = {
+        "input_ids": torch.randint(2, 64, (3, 7), generator=generator),
+        "decoder_input_ids": torch.randint(2, 64, (3, 5), generator=generator),
+    }
     with torch.no_grad():
         expected = model(**inputs).logits
     bank = LayerNormBank(model)
@@ -52,19 +54,22 @@ def test_t5_norms_are_banked_as_rms_norms_and_a_pretrained_slot_is_the_model():
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("name", "shape", "norm"), [
-    ("bert.encoder.layer.0.output.LayerNorm.weight", (16,), True),
-    ("vit.encoder.layer.1.layernorm_before.weight", (16,), True),
-    ("transformer.h.0.ln_1.weight", (16,), True),
-    ("model.layers.0.post_attention_layernorm.weight", (16,), True),
-    ("model.norm.weight", (16,), True),
-    ("encoder.final_layer_norm.weight", (16,), True),
-    ("bert.embeddings.LayerNorm.gamma", (16,), True),
-    ("bert.encoder.layer.0.output.LayerNorm.bias", (16,), False),  # a bias is carried with its weight
-    ("model.norm.weight", (16, 16), False),
-    ("bert.pooler.dense.weight", (16,), False),
-    ("model.layers.0.mlp.down_proj.weight", (16, 24), False),
-])
+@pytest.mark.parametrize(
+    ("name", "shape", "norm"),
+    [
+        ("bert.encoder.layer.0.output.LayerNorm.weight", (16,), True),
+        ("vit.encoder.layer.1.layernorm_before.weight", (16,), True),
+        ("transformer.h.0.ln_1.weight", (16,), True),
+        ("model.layers.0.post_attention_layernorm.weight", (16,), True),
+        ("model.norm.weight", (16,), True),
+        ("encoder.final_layer_norm.weight", (16,), True),
+        ("bert.embeddings.LayerNorm.gamma", (16,), True),
+        ("bert.encoder.layer.0.output.LayerNorm.bias", (16,), False),  # a bias is carried with its weight
+        ("model.norm.weight", (16, 16), False),
+        ("bert.pooler.dense.weight", (16,), False),
+        ("model.layers.0.mlp.down_proj.weight", (16, 24), False),
+    ],
+)
 def test_what_a_norm_weight_is(name, shape, norm):
     assert is_norm_weight(name, shape, floating=True) is norm
     assert not is_norm_weight(name, shape, floating=False)

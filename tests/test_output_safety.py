@@ -61,8 +61,15 @@ def place(make_models, tmp_path):
     scorer = tmp_path / "score.py"
     scorer.write_text("def score(state):\n    return 0.0\n")
     recipe = p / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(p / "a"),
-                                      "models": [{"model": str(p / "b"), "parameters": {"weight": 1.0}}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(p / "a"),
+                "models": [{"model": str(p / "b"), "parameters": {"weight": 1.0}}],
+            }
+        )
+    )
     return tmp_path
 
 
@@ -86,8 +93,16 @@ def refusals(root: Path) -> list[list]:
         ["patch", "export", q / "lora", "--peft", "--out", q],
         ["patch", "export", q / "lora", "--peft", "--out", p / "a"],
         ["deploy", "task@1", "--base", p / "a", "--out", r, "--registry", r / "registry"],
-        ["deploy", "task@1", "--base", p / "a", "--out", r / "registry" / "x", "--registry",
-         f"file://{r / 'registry'}"],
+        [
+            "deploy",
+            "task@1",
+            "--base",
+            p / "a",
+            "--out",
+            r / "registry" / "x",
+            "--registry",
+            f"file://{r / 'registry'}",
+        ],
         ["deploy", "task@1", "--base", p / "a", "--out", p, "--registry", r / "registry"],
     ]
 
@@ -104,8 +119,11 @@ def test_no_command_writes_over_its_inputs_or_the_registry(place, force, monkeyp
         assert snapshot(place) == before, f"{args} changed its inputs"
         assert not [path for path in place.rglob(f"*{PARTIAL}*")], args
     # the same commands into a fresh --out still work
-    code, out, err = run_cli(["soup", str(place / "p" / "a"), str(place / "p" / "b"), "--out", place / "soup",
-                              "--device", "cpu"], monkeypatch, capsys)
+    code, out, err = run_cli(
+        ["soup", str(place / "p" / "a"), str(place / "p" / "b"), "--out", place / "soup", "--device", "cpu"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, out + err
 
 
@@ -129,17 +147,23 @@ assert SLOW_SOUP != KILLED_SCRIPT
 def start_slow_soup(models: list[str], out: Path, tmp_path: Path, tag: str) -> tuple[subprocess.Popen, Path]:
     script, marker = tmp_path / "slow_soup.py", tmp_path / f"started-{tag}"
     script.write_text(SLOW_SOUP)
-    process = subprocess.Popen([sys.executable, str(script), *models, str(out), str(marker)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1])})
+    process = subprocess.Popen(
+        [sys.executable, str(script), *models, str(out), str(marker)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1])},
+    )
     return process, marker
 
 
 def partials(out: Path) -> dict[int, Path]:
     """The partial directories of `out` this splice names (pid-hex), by the pid in their names."""
     prefix = f".{out.name}{PARTIAL}"
-    found = [re.fullmatch(r"(\d+)-[0-9a-f]{8}", p.name[len(prefix):]) for p in out.parent.iterdir()
-             if p.name.startswith(prefix)]
+    found = [
+        re.fullmatch(r"(\d+)-[0-9a-f]{8}", p.name[len(prefix) :])
+        for p in out.parent.iterdir()
+        if p.name.startswith(prefix)
+    ]
     return {int(m.group(1)): out.parent / f"{prefix}{m.group(0)}" for m in found if m}
 
 
@@ -207,10 +231,28 @@ def test_every_writer_clears_the_partials_of_dead_runs(place, command, monkeypat
     args = {
         "deploy": ["deploy", "task@1", "--base", p / "a", "--registry", r, "--device", "cpu"],
         "registry pull": ["registry", "pull", "task@1", "--registry", r],
-        "patch extract": ["patch", "extract", "--base", p / "a", "--tuned", p / "b", "--kind", "layernorm",
-                          "--device", "cpu"],
-        "greedy soup": ["soup", p / "a", p / "b", "--greedy", "--eval", f"{place / 'score.py'}:score",
-                        "--device", "cpu"],
+        "patch extract": [
+            "patch",
+            "extract",
+            "--base",
+            p / "a",
+            "--tuned",
+            p / "b",
+            "--kind",
+            "layernorm",
+            "--device",
+            "cpu",
+        ],
+        "greedy soup": [
+            "soup",
+            p / "a",
+            p / "b",
+            "--greedy",
+            "--eval",
+            f"{place / 'score.py'}:score",
+            "--device",
+            "cpu",
+        ],
     }[command]
     code, said, err = run_cli([*args, "--out", out], monkeypatch, capsys)
     assert code == 0, said + err
@@ -232,10 +274,15 @@ def test_random_kills_into_one_output_publish_nothing_broken_and_leave_nothing(m
     chance = random.Random(10)
     kills = published = orphans = 0
     for round_index in range(KILL_ROUNDS):
-        runs = [subprocess.Popen([sys.executable, str(script), *models, str(out), str(tmp_path / f"m{round_index}")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 env={**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1])})
-                for _ in range(RUNS_PER_ROUND)]
+        runs = [
+            subprocess.Popen(
+                [sys.executable, str(script), *models, str(out), str(tmp_path / f"m{round_index}")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1])},
+            )
+            for _ in range(RUNS_PER_ROUND)
+        ]
         try:
             wait_for_marker(runs[0], tmp_path / f"m{round_index}")
             for run in runs:
@@ -258,8 +305,10 @@ def test_random_kills_into_one_output_publish_nothing_broken_and_leave_nothing(m
         assert [p.name for p in out.parent.iterdir()] == [out.name]
         shutil.rmtree(out)  # the next round races into a fresh --out
     assert kills >= 1 and orphans >= 1  # killed runs did leave partials, and the next runs removed them all
-    print(f"kill rounds {KILL_ROUNDS}, runs {KILL_ROUNDS * RUNS_PER_ROUND}, SIGKILLs {kills}, partials of killed "
-          f"runs removed {orphans}, outputs published before a kill {published}, broken outputs 0, partials left 0")
+    print(
+        f"kill rounds {KILL_ROUNDS}, runs {KILL_ROUNDS * RUNS_PER_ROUND}, SIGKILLs {kills}, partials of killed "
+        f"runs removed {orphans}, outputs published before a kill {published}, broken outputs 0, partials left 0"
+    )
 
 
 def test_a_failed_run_leaves_no_partial_and_no_lock_file(make_models, tmp_path):
@@ -286,8 +335,9 @@ def test_a_failed_run_leaves_no_partial_and_no_lock_file(make_models, tmp_path):
     # the next run's cleaning), then goes
     (out / "old-only.txt").write_text("from the replaced output\n")
     splice.soup(models, out, device="cpu", force=True)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("merged") or p.name.startswith(".")) \
-        == ["merged"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("merged") or p.name.startswith(".")) == [
+        "merged"
+    ]
     assert not (out / "old-only.txt").exists() and not (out / OWNER).exists()
 
 
@@ -306,8 +356,13 @@ SOUP_LOGGED = textwrap.dedent("""
 
 
 def run_bounded(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1])})
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(splice.__file__).parents[1])},
+    )
 
 
 def test_linked_and_special_side_files_are_not_copied(make_models, tmp_path):
@@ -328,8 +383,12 @@ def test_linked_and_special_side_files_are_not_copied(make_models, tmp_path):
     assert not {"tokenizer_config.json", "vocab.txt", "merges.txt", "tokenizer.json"} & set(written)
     assert "hunter2" not in "".join(p.read_text(errors="replace") for p in (tmp_path / "out").glob("*.json"))
     assert "side files: config.json,special_tokens_map.json" in result.stdout
-    for name, why in [("tokenizer_config.json", "symbolic link"), ("vocab.txt", "symbolic link"),
-                      ("merges.txt", "not a regular file"), ("tokenizer.json", f"over {MAX_FILE_BYTES} bytes")]:
+    for name, why in [
+        ("tokenizer_config.json", "symbolic link"),
+        ("vocab.txt", "symbolic link"),
+        ("merges.txt", "not a regular file"),
+        ("tokenizer.json", f"over {MAX_FILE_BYTES} bytes"),
+    ]:
         line = next((line for line in result.stderr.splitlines() if f"not copying {name} " in line), "")
         assert line.startswith("splice.tensors.writer: ") and why in line, (name, result.stderr[-2000:])
 
@@ -362,11 +421,14 @@ def write_raw_safetensors(path: Path, header_text: str, data: bytes) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
-@pytest.mark.parametrize("header", [
-    '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
-    '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"dtype":"I32"}}',
-    '{"__metadata__":{"format":"pt","format":"np"},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
+        '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"dtype":"I32"}}',
+        '{"__metadata__":{"format":"pt","format":"np"},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    ],
+)
 def test_duplicate_keys_in_a_safetensors_header_are_refused(tmp_path, header, monkeypatch, capsys):
     model = tmp_path / "model"
     model.mkdir()
@@ -378,6 +440,7 @@ def test_duplicate_keys_in_a_safetensors_header_are_refused(tmp_path, header, mo
     said = " ".join((out + err).split())
     assert code != 0 and "twice" in said and "Traceback" not in out + err
     # the same header without the repeat is read
-    write_raw_safetensors(model / "model.safetensors",
-                          '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 4)
+    write_raw_safetensors(
+        model / "model.safetensors", '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 4
+    )
     assert list(Checkpoint.open(model).tensors) == ["w"]

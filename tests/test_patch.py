@@ -19,8 +19,11 @@ from splice.tensors.checkpoint import Checkpoint
 
 from conftest import perturbed, save, tiny_model
 
-NORMS = ["bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias",
-         "bert.encoder.layer.0.output.LayerNorm.weight"]
+NORMS = [
+    "bert.embeddings.LayerNorm.weight",
+    "bert.embeddings.LayerNorm.bias",
+    "bert.encoder.layer.0.output.LayerNorm.weight",
+]
 
 
 @pytest.fixture
@@ -31,8 +34,13 @@ def base_dir(tmp_path):
 def make_patch(base_dir) -> Patch:
     base = Checkpoint.open(base_dir)
     tensors = {name: base.read(name) * 1.5 for name in NORMS}
-    meta = PatchMeta(kind=PatchKind.layernorm, targets=sorted({n.rpartition(".")[0] for n in NORMS}),
-                     base=fingerprint_base(base, NORMS), metrics={"accuracy": 0.91}, tags=["task-1"])
+    meta = PatchMeta(
+        kind=PatchKind.layernorm,
+        targets=sorted({n.rpartition(".")[0] for n in NORMS}),
+        base=fingerprint_base(base, NORMS),
+        metrics={"accuracy": 0.91},
+        tags=["task-1"],
+    )
     return Patch(tensors, meta)
 
 
@@ -107,16 +115,25 @@ def test_a_base_of_another_shape_or_without_the_tensors_is_refused(base_dir, tmp
     assert sorted(m.name for m in mismatches) == sorted(bert_floats)  # its own tensors and the base's others
 
 
-@pytest.mark.parametrize("damage,needle", [
-    (lambda d: (d / MANIFEST).unlink(), "no patch.json"),
-    (lambda d: (d / MANIFEST).write_text("{not json"), "patch.json"),
-    (lambda d: (d / TENSORS).unlink(), "tensors.safetensors is missing"),
-    (lambda d: (d / MANIFEST).write_text(json.dumps({**json.loads((d / MANIFEST).read_text()), "surprise": 1})),
-     "surprise"),
-    (lambda d: (d / MANIFEST).write_text(json.dumps({**json.loads((d / MANIFEST).read_text()),
-                                                     "format_version": 99})), "upgrade splice"),
-    (lambda d: (d / TENSORS).write_bytes((d / TENSORS).read_bytes()[:-5]), "truncated"),
-])
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (lambda d: (d / MANIFEST).unlink(), "no patch.json"),
+        (lambda d: (d / MANIFEST).write_text("{not json"), "patch.json"),
+        (lambda d: (d / TENSORS).unlink(), "tensors.safetensors is missing"),
+        (
+            lambda d: (d / MANIFEST).write_text(json.dumps({**json.loads((d / MANIFEST).read_text()), "surprise": 1})),
+            "surprise",
+        ),
+        (
+            lambda d: (d / MANIFEST).write_text(
+                json.dumps({**json.loads((d / MANIFEST).read_text()), "format_version": 99})
+            ),
+            "upgrade splice",
+        ),
+        (lambda d: (d / TENSORS).write_bytes((d / TENSORS).read_bytes()[:-5]), "truncated"),
+    ],
+)
 def test_a_damaged_patch_is_a_one_line_error(damage, needle, base_dir, tmp_path):
     make_patch(base_dir).save(tmp_path / "p")
     damage(tmp_path / "p")
@@ -159,8 +176,13 @@ def test_a_norm_that_does_not_move_is_said_so_not_shown_as_zero_percent(base_dir
     fingerprint = fingerprint_base(Checkpoint.open(base_dir), [name])
     patch = Patch({name: torch.zeros(16, 16)}, PatchMeta(kind=PatchKind.delta, targets=[name], base=fingerprint))
     # the rows of the matrix in reverse order: other values, the same norm
-    stored = _drifted(base_dir, tmp_path, lambda model: model.bert.encoder.layer[0].attention.self.query.weight.copy_(
-        model.bert.encoder.layer[0].attention.self.query.weight.flip(0)))
+    stored = _drifted(
+        base_dir,
+        tmp_path,
+        lambda model: model.bert.encoder.layer[0].attention.self.query.weight.copy_(
+            model.bert.encoder.layer[0].attention.self.query.weight.flip(0)
+        ),
+    )
     with pytest.raises(PatchError) as caught:
         patch.check_base(stored)
     message = str(caught.value)

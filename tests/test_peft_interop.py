@@ -28,8 +28,12 @@ from helpers import load_dir, run_cli
 # arch -> LoraConfig arguments; module names are those transformers 5 loads (ViT's differ from its stored ones)
 LORA_CASES = {
     "bert": dict(target_modules=["query", "value", "word_embeddings"], task_type="SEQ_CLS"),  # + classifier
-    "vit": dict(target_modules=["q_proj", "fc1"], rank_pattern={"fc1": 2},
-                alpha_pattern={"layers.1.attention.q_proj": 3}, use_rslora=True),
+    "vit": dict(
+        target_modules=["q_proj", "fc1"],
+        rank_pattern={"fc1": 2},
+        alpha_pattern={"layers.1.attention.q_proj": 3},
+        use_rslora=True,
+    ),
     "gpt2": dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, alpha_pattern={"c_proj": 5}),
     "llama": dict(target_modules=["q_proj", "down_proj", "lm_head"], rank_pattern={"down_proj": 3}, use_rslora=True),
 }
@@ -115,8 +119,13 @@ def test_adapter_name_segments_and_pickled_weights_are_read(tmp_path):
     named.mkdir()
     (named / "adapter_config.json").write_text((tmp_path / "plain" / "adapter_config.json").read_text())
     state = load_file(tmp_path / "plain" / "adapter_model.safetensors")
-    save_file({k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
-               for k, v in state.items()}, named / "adapter_model.safetensors")
+    save_file(
+        {
+            k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+            for k, v in state.items()
+        },
+        named / "adapter_model.safetensors",
+    )
     apply_patches([named], base_dir, tmp_path / "out-named", device="cpu")
     states_close(load_dir(tmp_path / "out-named"), expected)
 
@@ -130,8 +139,10 @@ def test_adapter_name_segments_and_pickled_weights_are_read(tmp_path):
     assert one_line(caught) and not (tmp_path / "out-bad").exists()
 
 
-@pytest.mark.parametrize("arch,targets", [("llama", ["input_layernorm", "norm"]),
-                                          ("vit", ["layernorm_before", "layernorm_after", "layernorm"])])
+@pytest.mark.parametrize(
+    "arch,targets",
+    [("llama", ["input_layernorm", "norm"]), ("vit", ["layernorm_before", "layernorm_after", "layernorm"])],
+)
 def test_peft_ln_tuning_adapter_equals_merge_and_unload(arch, targets, tmp_path):
     base = tiny_model(arch, 0)
     base_dir = save(base, tmp_path / "base", sharded=False)
@@ -188,10 +199,13 @@ def test_exported_lora_patch_loads_in_peft_and_merges_to_splices_result(arch, rs
         assert torch.equal(back.tensors[name], patch.tensors[name]), name
 
 
-@pytest.mark.parametrize("arch,overrides,saved", [
-    ("bert", {"bias": "lora_only"}, ["classifier"]),  # a classifier head and the adapted modules' biases
-    ("llama", {}, None),  # lm_head adapted: peft saves the embedding layers whole
-])
+@pytest.mark.parametrize(
+    "arch,overrides,saved",
+    [
+        ("bert", {"bias": "lora_only"}, ["classifier"]),  # a classifier head and the adapted modules' biases
+        ("llama", {}, None),  # lm_head adapted: peft saves the embedding layers whole
+    ],
+)
 def test_imported_adapter_with_whole_tensors_exports_again(arch, overrides, saved, tmp_path):
     base = tiny_model(arch, 0)
     base_dir = save(base, tmp_path / "base", sharded=False)
@@ -211,8 +225,7 @@ def test_imported_adapter_with_whole_tensors_exports_again(arch, overrides, save
     config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == saved
     loaded = peft_loads_cleanly(base, tmp_path / "again")
-    states_close(load_dir(save(quietly(loaded.merge_and_unload), tmp_path / "merged-again", sharded=False)),
-                 expected)
+    states_close(load_dir(save(quietly(loaded.merge_and_unload), tmp_path / "merged-again", sharded=False)), expected)
     assert sorted(load_patch(tmp_path / "again", base=live).meta.settings["replaced"]) == sorted(replaced)
 
 
@@ -243,14 +256,19 @@ def test_unsupported_adapters_and_wrong_bases_are_refused_in_one_line(tmp_path):
     out = tmp_path / "out"
 
     peft_lora("llama", base, use_dora=True).save_pretrained(tmp_path / "dora")
-    quietly(get_peft_model, copy.deepcopy(base), IA3Config(target_modules=["q_proj"], feedforward_modules=[])
-            ).save_pretrained(tmp_path / "ia3")
+    quietly(
+        get_peft_model, copy.deepcopy(base), IA3Config(target_modules=["q_proj"], feedforward_modules=[])
+    ).save_pretrained(tmp_path / "ia3")
     vit = tiny_model("vit", 0)
     vit_dir = save(vit, tmp_path / "vit", sharded=False)
-    quietly(get_peft_model, copy.deepcopy(vit), LoraConfig(r=2, target_modules=["projection"],
-                                                           init_lora_weights=False)).save_pretrained(tmp_path / "conv")
-    for adapter, base_of, message in [(tmp_path / "dora", base_dir, "DoRA"), (tmp_path / "ia3", base_dir, "IA3"),
-                                      (tmp_path / "conv", vit_dir, "convolution")]:
+    quietly(
+        get_peft_model, copy.deepcopy(vit), LoraConfig(r=2, target_modules=["projection"], init_lora_weights=False)
+    ).save_pretrained(tmp_path / "conv")
+    for adapter, base_of, message in [
+        (tmp_path / "dora", base_dir, "DoRA"),
+        (tmp_path / "ia3", base_dir, "IA3"),
+        (tmp_path / "conv", vit_dir, "convolution"),
+    ]:
         with pytest.raises(PatchError, match=message) as caught:
             apply_patches([adapter], base_of, out, device="cpu")
         assert one_line(caught) and not out.exists()
@@ -288,19 +306,52 @@ def test_cli_export_and_apply_a_peft_adapter(tmp_path, monkeypatch, capsys):
     base = tiny_model("gpt2", 0)
     base_dir = save(base, tmp_path / "base", sharded=False)
     tuned_dir = save(low_rank_fine_tune(base, 6, 2), tmp_path / "tuned", sharded=False)
-    code, _, err = run_cli(["patch", "extract", "--base", base_dir, "--tuned", tuned_dir, "--kind", "lora",
-                            "--rank", "2", "--device", "cpu", "--out", tmp_path / "lora", "--quiet"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(
+        [
+            "patch",
+            "extract",
+            "--base",
+            base_dir,
+            "--tuned",
+            tuned_dir,
+            "--kind",
+            "lora",
+            "--rank",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            tmp_path / "lora",
+            "--quiet",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
-    code, out, err = run_cli(["patch", "export", tmp_path / "lora", "--peft", "--out", tmp_path / "adapter"],
-                             monkeypatch, capsys)
+    code, out, err = run_cli(
+        ["patch", "export", tmp_path / "lora", "--peft", "--out", tmp_path / "adapter"], monkeypatch, capsys
+    )
     assert code == 0, err
     assert "PEFT adapter" in out
     loaded = peft_loads_cleanly(base, tmp_path / "adapter")
     merged = load_dir(save(quietly(loaded.merge_and_unload), tmp_path / "merged", sharded=False))
 
-    code, _, err = run_cli(["patch", "apply", tmp_path / "adapter", "--base", base_dir, "--out", tmp_path / "out",
-                            "--device", "cpu", "--quiet"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        [
+            "patch",
+            "apply",
+            tmp_path / "adapter",
+            "--base",
+            base_dir,
+            "--out",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     states_close(load_dir(tmp_path / "out"), merged)
     states_close(load_dir(tmp_path / "out"), load_dir(tuned_dir), atol=1e-5)
@@ -308,6 +359,7 @@ def test_cli_export_and_apply_a_peft_adapter(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["patch", "export", tmp_path / "lora", "--out", tmp_path / "nowhere"], monkeypatch, capsys)
     assert code == 2 and "--peft" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "nowhere").exists()
-    code, _, err = run_cli(["patch", "export", tmp_path / "lora", "--peft", "--out", tmp_path / "adapter"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["patch", "export", tmp_path / "lora", "--peft", "--out", tmp_path / "adapter"], monkeypatch, capsys
+    )
     assert code == 2 and "already exists" in err

@@ -35,9 +35,19 @@ def biased_tiny_model(arch: str) -> torch.nn.Module:
     if arch != "llama":
         return tiny_model(arch, 0)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32, attention_bias=True, mlp_bias=True))
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+            attention_bias=True,
+            mlp_bias=True,
+        )
+    )
 
 
 def trained_adapter(base: torch.nn.Module, config: LoraConfig, inputs: dict[str, torch.Tensor]):
@@ -53,8 +63,11 @@ def trained_adapter(base: torch.nn.Module, config: LoraConfig, inputs: dict[str,
 
 
 def saved_bias_keys(adapter_dir) -> list[str]:
-    return [k for k in load_file(adapter_dir / "adapter_model.safetensors")
-            if "original_module" in k.split(".") and k.endswith(".bias")]
+    return [
+        k
+        for k in load_file(adapter_dir / "adapter_model.safetensors")
+        if "original_module" in k.split(".") and k.endswith(".bias")
+    ]
 
 
 @pytest.mark.parametrize("saved", [False, True], ids=["no-modules_to_save", "modules_to_save"])
@@ -64,9 +77,11 @@ def test_bias_and_modules_to_save_equal_peft_merge_and_unload(arch, bias, saved,
     base = biased_tiny_model(arch)
     base_dir = save(base, tmp_path / "base", sharded=arch == "llama")
     targets, modules = CASES[arch]
-    adapter = trained_adapter(base, LoraConfig(r=2, lora_alpha=4, target_modules=targets, bias=bias,
-                                               modules_to_save=modules if saved else None),
-                              example_inputs(arch))
+    adapter = trained_adapter(
+        base,
+        LoraConfig(r=2, lora_alpha=4, target_modules=targets, bias=bias, modules_to_save=modules if saved else None),
+        example_inputs(arch),
+    )
     adapter.save_pretrained(tmp_path / "adapter")
     # the case of the report: the untrained copy of a saved module's bias is in the file
     assert bool(saved_bias_keys(tmp_path / "adapter")) == (saved and bias == "all")
@@ -92,15 +107,21 @@ def test_bias_and_modules_to_save_equal_peft_merge_and_unload(arch, bias, saved,
 def test_two_different_trained_copies_are_refused_in_one_line(tmp_path):
     base = tiny_model("bert", 0)
     base_dir = save(base, tmp_path / "base", sharded=False)
-    adapter = trained_adapter(base, LoraConfig(r=2, target_modules=["query"], bias="all",
-                                               modules_to_save=["classifier"]), example_inputs("bert"))
+    adapter = trained_adapter(
+        base,
+        LoraConfig(r=2, target_modules=["query"], bias="all", modules_to_save=["classifier"]),
+        example_inputs("bert"),
+    )
     adapter.save_pretrained(tmp_path / "adapter")
     weights = tmp_path / "adapter" / "adapter_model.safetensors"
     state = load_file(weights)
     state["base_model.model.classifier.modules_to_save.bias"] = state["base_model.model.classifier.bias"] + 1
     save_file(state, weights)
-    with pytest.raises(PatchError, match=r"classifier\.bias and .*classifier\.modules_to_save\.bias are two "
-                                         r"different trained values of classifier\.bias") as caught:
+    with pytest.raises(
+        PatchError,
+        match=r"classifier\.bias and .*classifier\.modules_to_save\.bias are two "
+        r"different trained values of classifier\.bias",
+    ) as caught:
         apply_patches([tmp_path / "adapter"], base_dir, tmp_path / "out", device="cpu")
     assert one_line(caught) and not (tmp_path / "out").exists()
 
@@ -113,8 +134,11 @@ def test_real_minilm_with_its_pooler_saved_and_every_bias_trained(tmp_path):
     base_dir = get_model_path()
     base = transformers.AutoModel.from_pretrained(base_dir)
     inputs = {"input_ids": torch.randint(0, base.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))}
-    model = quietly(get_peft_model, copy.deepcopy(base), LoraConfig(r=4, target_modules=["query", "value"],
-                                                                    bias="all", modules_to_save=["pooler"]))
+    model = quietly(
+        get_peft_model,
+        copy.deepcopy(base),
+        LoraConfig(r=4, target_modules=["query", "value"], bias="all", modules_to_save=["pooler"]),
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
     for _ in range(2):
         model(**inputs).pooler_output.square().mean().backward()
@@ -135,7 +159,8 @@ def test_a_pickled_adapter_key_with_a_line_break_is_refused_in_one_line(tmp_path
     base = tiny_model("llama", 0)
     base_dir = save(base, tmp_path / "base", sharded=False)
     quietly(get_peft_model, copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
-        tmp_path / "adapter", safe_serialization=False)
+        tmp_path / "adapter", safe_serialization=False
+    )
     weights = tmp_path / "adapter" / "adapter_model.bin"
     state = torch.load(weights, weights_only=True)
     state["base_model.model.lm_head\nsecond line.weight"] = torch.zeros(64, 16)

@@ -36,8 +36,11 @@ def evolved(model: torch.nn.Module, seed: int, scale: float = 0.002) -> torch.nn
 def lineage_setup(tmp_path: Path, arch: str, sharded: bool = True) -> tuple[Path, Path, Path]:
     """(old base v1, a full fine-tune of it, the evolved base v2)."""
     base = tiny_model(arch, 0)
-    return (save(base, tmp_path / "v1", sharded), save(perturbed(base, 1, 0.05), tmp_path / "tuned", False),
-            save(evolved(base, 7), tmp_path / "v2", sharded))
+    return (
+        save(base, tmp_path / "v1", sharded),
+        save(perturbed(base, 1, 0.05), tmp_path / "tuned", False),
+        save(evolved(base, 7), tmp_path / "v2", sharded),
+    )
 
 
 def independent_update(patch_dir: Path, old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,8 +53,12 @@ def independent_update(patch_dir: Path, old: dict[str, torch.Tensor]) -> dict[st
     if kind == "layernorm":
         return {name: value - old[name] for name, value in tensors.items()}
     if kind == "lora":
-        return {f"{module}.weight": (settings["alpha"][module] / rank) * tensors[f"{module}.lora_B"].double()
-                @ tensors[f"{module}.lora_A"].double() for module, rank in settings["rank"].items()}
+        return {
+            f"{module}.weight": (settings["alpha"][module] / rank)
+            * tensors[f"{module}.lora_B"].double()
+            @ tensors[f"{module}.lora_A"].double()
+            for module, rank in settings["rank"].items()
+        }
     updates = {}  # mask: bits little-endian within each byte, values in index order
     for name, shape in settings["shapes"].items():
         bits = np.unpackbits(tensors[name + ".mask"].numpy(), bitorder="little")[: math.prod(shape)].astype(bool)
@@ -121,8 +128,9 @@ def test_port_onto_its_own_base_equals_patch_apply(kind, tmp_path):
 def test_as_patch_then_apply_equals_port_out_and_fingerprints_the_new_base(kind, tmp_path):
     v1, tuned, v2 = lineage_setup(tmp_path, "llama")
     extract_patch_to(tmp_path / "patch", v1, tuned, kind, **KINDS[kind])
-    splice.port_patch(tmp_path / "patch", v2, out=tmp_path / "out", as_patch=tmp_path / "ported", old_base=v1,
-                      scale=0.7)
+    splice.port_patch(
+        tmp_path / "patch", v2, out=tmp_path / "out", as_patch=tmp_path / "ported", old_base=v1, scale=0.7
+    )
     code = splice.apply_patches([tmp_path / "ported"], v2, tmp_path / "applied")
     assert code.tensors > 0
     out, applied = load_dir(tmp_path / "out"), load_dir(tmp_path / "applied")
@@ -145,8 +153,13 @@ def test_port_over_fsspec_memory_equals_the_independent_computation(kind, tmp_pa
         for file in directory.iterdir():
             memory.pipe(f"{root}/{directory.name}/{file.name}", file.read_bytes())
     try:
-        splice.port_patch(f"memory:/{root}/patch", f"memory:/{root}/v2", out=tmp_path / "remote",
-                          old_base=f"memory:/{root}/v1", scale=1.5)
+        splice.port_patch(
+            f"memory:/{root}/patch",
+            f"memory:/{root}/v2",
+            out=tmp_path / "remote",
+            old_base=f"memory:/{root}/v1",
+            scale=1.5,
+        )
     finally:
         memory.rm(root, recursive=True)
     update = independent_update(tmp_path / "patch", load_dir(v1))
@@ -170,8 +183,10 @@ def test_peft_lora_adapter_ports_like_merge_and_unload_plus_the_base_change(tmp_
     v1 = save(base, tmp_path / "v1", sharded=True)
     v2_model = evolved(base, 3)
     v2 = save(v2_model, tmp_path / "v2", sharded=True)
-    adapter = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                             target_modules=["q_proj", "v_proj", "up_proj"]))
+    adapter = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj", "up_proj"]),
+    )
     adapter.save_pretrained(tmp_path / "adapter")
     merged = adapter.merge_and_unload().state_dict()
     splice.port(str(tmp_path / "adapter"), v2, tmp_path / "out", old_base=v1)
@@ -190,13 +205,20 @@ def test_bad_ports_are_refused_in_one_line_and_write_nothing(tmp_path):
     state = load_file(v2 / "model.safetensors")
     lacking = tmp_path / "lacking"
     shutil.copytree(v2, lacking)
-    save_file({n: t for n, t in state.items() if n != "model.layers.1.self_attn.q_proj.weight"},
-              lacking / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {n: t for n, t in state.items() if n != "model.layers.1.self_attn.q_proj.weight"},
+        lacking / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     reshaped = save(tiny_model("llama", 0).__class__(_wider(tiny_model("llama", 0).config)), tmp_path / "wide", False)
     cases = [
         (tmp_path / "lora", bert, {}, "has none of the 16 tensors the lora patch changes"),
-        (tmp_path / "lora", lacking, {}, "lacks 1 of the tensors the lora patch changes "
-                                         "(model.layers.1.self_attn.q_proj.weight)"),
+        (
+            tmp_path / "lora",
+            lacking,
+            {},
+            "lacks 1 of the tensors the lora patch changes (model.layers.1.self_attn.q_proj.weight)",
+        ),
         (tmp_path / "lora", reshaped, {}, "reshaped 6 of the tensors the lora patch changes"),
         (tmp_path / "ln", v2, {}, "is a LayerNorm patch: it stores the values it sets, not a change; give the base"),
         (tmp_path / "prune", v2, {"old_base": v1}, "only prunes"),
@@ -224,9 +246,28 @@ def test_port_from_the_registry_pushes_records_health_and_scores(tmp_path, monke
     Registry.init(registry).push("chat", tmp_path / "patch", alias="prod")
     scorer = tmp_path / "score.py"
     scorer.write_text("def score(state):\n    return float(state['model.layers.0.self_attn.q_proj.weight'].sum())\n")
-    code, out, err = run_cli(["port", "chat@prod", "--to", v2, "--from", v1, "--push", "chat-v2", "--alias", "prod",
-                              "--eval", f"{scorer}:score", "--registry", registry, "--as-patch", tmp_path / "ported"],
-                             monkeypatch, capsys)
+    code, out, err = run_cli(
+        [
+            "port",
+            "chat@prod",
+            "--to",
+            v2,
+            "--from",
+            v1,
+            "--push",
+            "chat-v2",
+            "--alias",
+            "prod",
+            "--eval",
+            f"{scorer}:score",
+            "--registry",
+            registry,
+            "--as-patch",
+            tmp_path / "ported",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     said = " ".join(out.split())  # tables wrap at the terminal's width
     assert "pushed chat-v2@1" in said and "│ verdict │ expected to" in said
@@ -236,11 +277,29 @@ def test_port_from_the_registry_pushes_records_health_and_scores(tmp_path, monke
     q = "model.layers.0.self_attn.q_proj.weight"
     applied_old = load_dir(v1)[q].double() + independent_update(tmp_path / "patch", load_dir(v1))[q]
     assert pushed.meta.metrics["score_before_port"] == pytest.approx(float(applied_old.sum()), rel=1e-5)
-    code, _, err = run_cli(["deploy", "chat@prod", "--base", v2, "--port", "--from", v1, "--out", tmp_path / "dep",
-                            "--registry", registry, "-q"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        [
+            "deploy",
+            "chat@prod",
+            "--base",
+            v2,
+            "--port",
+            "--from",
+            v1,
+            "--out",
+            tmp_path / "dep",
+            "--registry",
+            registry,
+            "-q",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
-    assert json.loads((tmp_path / "dep" / "deployment.json").read_text())["patches"][0]["base_check"] == \
-        "ported: expected to transfer"
+    assert (
+        json.loads((tmp_path / "dep" / "deployment.json").read_text())["patches"][0]["base_check"]
+        == "ported: expected to transfer"
+    )
     assert (tmp_path / "dep" / "port_report.json").exists()
     splice.deploy(["chat-v2@prod"], v2, tmp_path / "dep2", registry=registry)
     records, problems = store.health("chat")
@@ -248,8 +307,11 @@ def test_port_from_the_registry_pushes_records_health_and_scores(tmp_path, monke
     assert records[0].ported_to == "chat-v2@1" and records[0].score_after is not None and not problems
     assert records[0].drift.base_change == pytest.approx(store_drift(tmp_path / "ported"), rel=1e-9)
     [deployed], _ = store.health("chat-v2")
-    assert (deployed.event, deployed.base_check, deployed.base_digest) == ("deploy", "verified",
-                                                                            pushed.meta.base.digest)
+    assert (deployed.event, deployed.base_check, deployed.base_digest) == (
+        "deploy",
+        "verified",
+        pushed.meta.base.digest,
+    )
     code, out, _ = run_cli(["registry", "show", "chat", "--registry", registry], monkeypatch, capsys)
     assert code == 0 and "health of chat" in out and out.count("ported:") == 2, out
 

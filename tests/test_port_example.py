@@ -43,9 +43,13 @@ def lora_updates(adapter_dir: Path) -> dict[str, torch.Tensor]:
     """Stored base tensor name -> (alpha / r) * B @ A for every LoRA pair in the adapter, from its files alone."""
     conf = json.loads((adapter_dir / "adapter_config.json").read_text())
     lora = load_file(adapter_dir / "adapter_model.safetensors")
-    return {key.replace("base_model.model.", "", 1).replace(".lora_A.weight", ".weight"):
-            conf["lora_alpha"] / conf["r"] * (lora[key.replace("lora_A", "lora_B")] @ lora[key])
-            for key in lora if "lora_A" in key}
+    return {
+        key.replace("base_model.model.", "", 1).replace(".lora_A.weight", ".weight"): conf["lora_alpha"]
+        / conf["r"]
+        * (lora[key.replace("lora_A", "lora_B")] @ lora[key])
+        for key in lora
+        if "lora_A" in key
+    }
 
 
 def theta_plus_delta(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -65,8 +69,8 @@ def independent_scores(model, pairs: list[tuple[str, str]]) -> tuple[float, floa
         ids = torch.tensor([p])
         for _ in a:
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
-        hits += ids[0, len(p):].tolist() == a
-        logits = model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1:-1]
+        hits += ids[0, len(p) :].tolist() == a
+        logits = model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1 : -1]
         nll += torch.nn.functional.cross_entropy(logits, torch.tensor(a), reduction="sum").item()
         count += len(a)
     return hits / len(pairs), nll / count
@@ -137,5 +141,9 @@ def test_patched_and_unpatched_scores_and_delta_drift(study, test_sets, task):
         d1, dn = (lora_updates(models / f"{task}-lora-{version}") for version in ("v1", base))
         d1, dn = (torch.cat([d[name].flatten() for name in sorted(d)]) for d in (d1, dn))
         assert math.isclose(((dn - d1).norm() / d1.norm()).item(), row["delta"]["rel_diff"], rel_tol=1e-4)
-        assert math.isclose(torch.dot(d1, dn).item() / (d1.norm() * dn.norm()).item(), row["delta"]["cosine"],
-                            rel_tol=1e-4, abs_tol=1e-6)
+        assert math.isclose(
+            torch.dot(d1, dn).item() / (d1.norm() * dn.norm()).item(),
+            row["delta"]["cosine"],
+            rel_tol=1e-4,
+            abs_tol=1e-6,
+        )

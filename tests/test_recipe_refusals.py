@@ -25,8 +25,12 @@ def write(tmp_path: Path, recipe: dict | str) -> Path:
 
 def task_arithmetic(dirs: list[Path], **extra) -> dict:
     base, first, second = map(str, dirs)
-    return {"merge_method": "task_arithmetic", "base_model": base, **extra,
-            "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (first, second)]}
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        **extra,
+        "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (first, second)],
+    }
 
 
 def assert_refused(path: Path, out: Path, needles: list[str], absent: list[str] = ()) -> str:
@@ -59,8 +63,15 @@ def test_tokenizer_source_base_is_what_splice_writes(source, make_models, tmp_pa
 
 def test_slices_say_slices_are_not_supported_first(make_models, tmp_path):
     base, first, _ = map(str, make_models("llama", 3))
-    path = write(tmp_path, {"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5}, "slices": [
-        {"sources": [{"model": base, "layer_range": [0, 2]}, {"model": first, "layer_range": [0, 2]}]}]})
+    path = write(
+        tmp_path,
+        {
+            "merge_method": "slerp",
+            "base_model": base,
+            "parameters": {"t": 0.5},
+            "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}, {"model": first, "layer_range": [0, 2]}]}],
+        },
+    )
     assert_refused(path, tmp_path / "out", ["slices", "not supported yet"], absent=["Field required", "more)"])
 
 
@@ -72,7 +83,9 @@ def test_other_mergekit_keys_splice_lacks_are_named(key, make_models, tmp_path):
 
 def test_scientific_notation_is_a_number(make_models, tmp_path):
     base, first, second = map(str, make_models("bert", 3))
-    path = write(tmp_path, textwrap.dedent(f"""
+    path = write(
+        tmp_path,
+        textwrap.dedent(f"""
         merge_method: della
         base_model: {base}
         models:
@@ -82,7 +95,8 @@ def test_scientific_notation_is_a_number(make_models, tmp_path):
             parameters: {{weight: 0.5, density: 0.5, epsilon: 1.5E-2}}
         parameters: {{lambda: 1e0}}
         name: "1e-5"
-    """))
+    """),
+    )
     recipe = load_recipe(path)
     first_parameters, second_parameters = (m.parameters for m in recipe.models)
     assert first_parameters == {"weight": 0.5, "density": 0.5, "epsilon": 0.01}
@@ -92,9 +106,17 @@ def test_scientific_notation_is_a_number(make_models, tmp_path):
 
 def test_della_epsilon_range_is_checked_before_any_tensor_is_read(make_models, tmp_path, monkeypatch):
     base, first, second = map(str, make_models("bert", 3))
-    path = write(tmp_path, {"merge_method": "della", "base_model": base, "models": [
-        {"model": first, "parameters": {"weight": 0.5, "density": 0.3, "epsilon": 0.1}},
-        {"model": second, "parameters": {"weight": 0.5, "density": [0.3, 0.8], "epsilon": 0.25}}]})
+    path = write(
+        tmp_path,
+        {
+            "merge_method": "della",
+            "base_model": base,
+            "models": [
+                {"model": first, "parameters": {"weight": 0.5, "density": 0.3, "epsilon": 0.1}},
+                {"model": second, "parameters": {"weight": 0.5, "density": [0.3, 0.8], "epsilon": 0.25}},
+            ],
+        },
+    )
 
     def no_reads(*args, **kwargs):
         raise AssertionError("a tensor was read")
@@ -106,8 +128,16 @@ def test_della_epsilon_range_is_checked_before_any_tensor_is_read(make_models, t
 
 def test_a_mergekit_kernel_failure_is_one_line_naming_method_and_tensor(make_models, tmp_path, monkeypatch, capsys):
     base, first, second = map(str, make_models("vit", 3))
-    path = write(tmp_path, {"merge_method": "della", "base_model": base, "models": [
-        {"model": m, "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}} for m in (first, second)]})
+    path = write(
+        tmp_path,
+        {
+            "merge_method": "della",
+            "base_model": base,
+            "models": [
+                {"model": m, "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}} for m in (first, second)
+            ],
+        },
+    )
     out = tmp_path / "out"
     with pytest.raises(SpliceError, match=r"^della failed on tensor vit\.embeddings\.cls_token: "):
         splice.merge(path, out, device="cpu")

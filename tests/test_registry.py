@@ -46,12 +46,21 @@ BUCKET = "splice-registry"
 
 
 def fake_base(names_shapes: dict[str, tuple[int, ...]]) -> BaseFingerprint:
-    return BaseFingerprint.of([TensorFingerprint(name=n, shape=s, dtype="float32", sha256=f"{i:064x}", norm=1.0)
-                               for i, (n, s) in enumerate(names_shapes.items())])
+    return BaseFingerprint.of(
+        [
+            TensorFingerprint(name=n, shape=s, dtype="float32", sha256=f"{i:064x}", norm=1.0)
+            for i, (n, s) in enumerate(names_shapes.items())
+        ]
+    )
 
 
-def make_patch(seed: int, kind: PatchKind = PatchKind.delta, big: int = 2, small: int = 3,
-               extra: dict[str, torch.Tensor] | None = None) -> Patch:
+def make_patch(
+    seed: int,
+    kind: PatchKind = PatchKind.delta,
+    big: int = 2,
+    small: int = 3,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Patch:
     """A patch with a few matrix-sized and LN-sized fp32 tensors, plus bf16, int64, bool and empty ones."""
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
@@ -65,9 +74,15 @@ def make_patch(seed: int, kind: PatchKind = PatchKind.delta, big: int = 2, small
     tensors["empty"] = torch.empty(0, 4)
     tensors.update(extra or {})
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-    meta = PatchMeta(kind=kind, targets=sorted(tensors), base=fake_base(shapes),
-                     lineage=["tiny-bert"], metrics={"accuracy": 0.5 + seed / 100}, description=f"seed {seed}",
-                     tags=["test"])
+    meta = PatchMeta(
+        kind=kind,
+        targets=sorted(tensors),
+        base=fake_base(shapes),
+        lineage=["tiny-bert"],
+        metrics={"accuracy": 0.5 + seed / 100},
+        description=f"seed {seed}",
+        tags=["test"],
+    )
     return Patch(tensors, meta)
 
 
@@ -133,7 +148,7 @@ class Where:
             found = fs.find(root)
         except FileNotFoundError:
             return {}
-        return {p[len(root) + 1:]: fs.cat_file(p) for p in found}
+        return {p[len(root) + 1 :]: fs.cat_file(p) for p in found}
 
     def write(self, rel: str, data: bytes) -> None:
         fs, root = self.fs_root
@@ -169,7 +184,7 @@ LARGE = 1024  # a pack_below under which the test patches' 64 x 32 fp32 matrices
 
 def stored_bytes(where: Where, entry) -> bytes:
     """A tensor's bytes as stored: its own blob, or its range of a pack."""
-    return where.read(blob_rel(entry.blob_digest))[entry.offset:entry.offset + entry.nbytes]
+    return where.read(blob_rel(entry.blob_digest))[entry.offset : entry.offset + entry.nbytes]
 
 
 # -- round trips and refs --------------------------------------------------------------------------
@@ -183,8 +198,7 @@ def test_push_pull_round_trip_is_bit_identical(registry, where, tmp_path):
 
     assert (manifest.name, manifest.version, manifest.message) == ("ln-task", 1, "first")
     assert manifest.digest.startswith("sha256:") and len(manifest.digest) == 71
-    assert {n: e.digest for n, e in manifest.tensors.items()} == {n: tensor_sha256(t)
-                                                                   for n, t in patch.tensors.items()}
+    assert {n: e.digest for n, e in manifest.tensors.items()} == {n: tensor_sha256(t) for n, t in patch.tensors.items()}
     assert manifest.tensors["head.bias"].dtype == "BF16" and manifest.tensors["mask"].dtype == "BOOL"
     assert manifest.nbytes == sum(t.numel() * t.element_size() for t in patch.tensors.values())
     out = registry.pull("ln-task", tmp_path / "pulled")
@@ -219,8 +233,9 @@ def test_large_tensors_get_blobs_of_their_own(registry, where, tmp_path):
             assert raw == tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), name
         assert stored_bytes(where, entry) == tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     assert pushed.stats.blobs_written == 3  # two matrices and one pack
-    assert (registry.pull("own", tmp_path / "out") / "tensors.safetensors").read_bytes() == \
-        (tmp_path / "patch" / "tensors.safetensors").read_bytes()
+    assert (registry.pull("own", tmp_path / "out") / "tensors.safetensors").read_bytes() == (
+        tmp_path / "patch" / "tensors.safetensors"
+    ).read_bytes()
 
 
 def test_a_patch_object_round_trips_and_loads_lazily(registry, tmp_path):
@@ -264,8 +279,9 @@ def test_every_ref_form_resolves(registry):
     assert registry.resolve("task@prod").version == 1
     assert registry.resolve("task@task-3").version == 3
     assert registry.resolve(f"task@{second.digest}").version == 2
-    assert registry.resolve(f"task@{first.digest}").meta.model_dump(exclude={"created"}) == \
-        make_patch(0).meta.model_dump(exclude={"created"})
+    assert registry.resolve(f"task@{first.digest}").meta.model_dump(exclude={"created"}) == make_patch(
+        0
+    ).meta.model_dump(exclude={"created"})
     assert [m.version for m in registry.versions("task")] == [1, 2, 3]
     assert registry.names() == ["task"]
     assert {a: r.version for a, r in registry.aliases("task").items()} == {"prod": 1, "task-3": 3}
@@ -391,7 +407,8 @@ def test_a_flipped_byte_is_caught_everywhere_and_nothing_changes(registry, where
     report = registry.verify()
     assert not report.ok
     assert [(p.problem, p.digest, p.versions) for p in report.problems] == [
-        ("corrupt", tensor_sha256(patch.tensors[victim]), ["flip@1", "flip@2"])]
+        ("corrupt", tensor_sha256(patch.tensors[victim]), ["flip@1", "flip@2"])
+    ]
     assert report.versions_checked == 2
     assert where.snapshot() == before  # verify changed nothing, neither did the failed pull
 
@@ -428,7 +445,8 @@ def test_a_flipped_byte_inside_a_pack_is_pinned_on_its_tensor_and_versions(regis
 
     report = registry.verify()
     assert [(p.problem, p.digest, p.versions, p.tensors) for p in report.problems] == [
-        ("corrupt", entry.blob, ["pk@1", "pk@2"], [f"{victim} of pk@1", f"{victim} of pk@2"])]
+        ("corrupt", entry.blob, ["pk@1", "pk@2"], [f"{victim} of pk@1", f"{victim} of pk@2"])
+    ]
     assert f"damaged tensors: {victim} of pk@1" in report.problems[0].detail
     assert where.snapshot() == before  # verify changed nothing, neither did the failed pull
 
@@ -528,8 +546,7 @@ def test_alias_moves_are_compare_and_swap(registry):
         registry.tag("cas", "prod", 3, expect_generation=1)
 
     assert (winner.generation, winner.version) == (2, 2)
-    assert str(caught.value) == ("alias prod of cas was moved by someone else (now version 2); re-run to move it "
-                                 "again")
+    assert str(caught.value) == ("alias prod of cas was moved by someone else (now version 2); re-run to move it again")
     assert registry.resolve("cas@prod").version == 2
     assert [(r.generation, r.version) for r in registry.alias_history("cas", "prod")] == [(1, 1), (2, 2)]
     with pytest.raises(AliasConflict, match="now unset"):
@@ -607,8 +624,24 @@ def test_removed_versions_are_never_reused_and_gc_frees_only_their_own_blobs(reg
 # -- bad input -------------------------------------------------------------------------------------
 
 
-BAD_NAMES = ["../x", "/abs", "A", "a/b", "..", "", ".", "-a", ".hidden", "a b", "x" * 101, "a\nb", "a@b", "é",
-             "a\\b", "C:x"]
+BAD_NAMES = [
+    "../x",
+    "/abs",
+    "A",
+    "a/b",
+    "..",
+    "",
+    ".",
+    "-a",
+    ".hidden",
+    "a b",
+    "x" * 101,
+    "a\nb",
+    "a@b",
+    "é",
+    "a\\b",
+    "C:x",
+]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -625,8 +658,17 @@ def test_bad_names_are_refused_and_nothing_changes(name, tmp_path):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("alias, match", [("123", "all digits"), ("7", "all digits"), ("sha256", "reserved"),
-                                          ("Prod", "not allowed"), ("../prod", "not allowed"), ("", "empty")])
+@pytest.mark.parametrize(
+    "alias, match",
+    [
+        ("123", "all digits"),
+        ("7", "all digits"),
+        ("sha256", "reserved"),
+        ("Prod", "not allowed"),
+        ("../prod", "not allowed"),
+        ("", "empty"),
+    ],
+)
 def test_bad_aliases_are_refused_before_anything_is_written(alias, match, tmp_path):
     registry = Registry.init(tmp_path / "registry")
     registry.push("x", make_patch(0))
@@ -638,16 +680,19 @@ def test_bad_aliases_are_refused_before_anything_is_written(alias, match, tmp_pa
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("ref, message", [
-    ("nothing", "no patch named nothing in registry"),
-    ("known@9", "known has no version 9 (latest is 2)"),
-    ("known@staging", "known has no alias staging (aliases: prod)"),
-    ("known@sha256:" + "0" * 64, "known has no version with content digest sha256:" + "0" * 64),
-    ("known@0", "versions are numbers from 1"),
-    ("known@01", "without leading zeros"),
-    ("known@", "ends with '@'"),
-    ("known@sha256:ABC", "64 lowercase hex digits"),
-])
+@pytest.mark.parametrize(
+    "ref, message",
+    [
+        ("nothing", "no patch named nothing in registry"),
+        ("known@9", "known has no version 9 (latest is 2)"),
+        ("known@staging", "known has no alias staging (aliases: prod)"),
+        ("known@sha256:" + "0" * 64, "known has no version with content digest sha256:" + "0" * 64),
+        ("known@0", "versions are numbers from 1"),
+        ("known@01", "without leading zeros"),
+        ("known@", "ends with '@'"),
+        ("known@sha256:ABC", "64 lowercase hex digits"),
+    ],
+)
 def test_unknown_refs_are_one_line_errors(ref, message, where):
     registry = Registry.init(where.url, where.options)
     registry.push("known", make_patch(0), alias="prod")
@@ -663,8 +708,10 @@ def test_unknown_refs_are_one_line_errors(ref, message, where):
 def test_a_location_without_init_is_refused(where):
     with pytest.raises(RegistryError) as caught:
         Registry.open(where.url, where.options)
-    assert str(caught.value) == f"no registry at {where.url}: create one with `splice registry init --registry " \
-                                f"{where.url}`"
+    assert (
+        str(caught.value) == f"no registry at {where.url}: create one with `splice registry init --registry "
+        f"{where.url}`"
+    )
     assert where.snapshot() == {}
 
 
@@ -772,12 +819,14 @@ CRASH_SCRIPT = textwrap.dedent("""
 
 def run_script(script: str, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
+    )
 
 
-@pytest.mark.parametrize("kind, point", [("local", "before-manifest"), ("local", "mid-blob"),
-                                         ("s3", "before-manifest")])
+@pytest.mark.parametrize(
+    "kind, point", [("local", "before-manifest"), ("local", "mid-blob"), ("s3", "before-manifest")]
+)
 def test_a_killed_push_leaves_no_version_and_gc_cleans_up(kind, point, tmp_path, request):
     if kind == "s3":
         server = request.getfixturevalue("s3_server")
@@ -844,11 +893,25 @@ def concurrent_pushes(tmp_path_factory, request):
         Registry.init(target.url, target.options)
     patch_dirs = [make_patch(seed).save(root / f"patch-{seed}") for seed in range(8)]
     go = root / "go"
-    processes = [subprocess.Popen([sys.executable, "-c", PUSH_SCRIPT, str(seed), str(go),
-                                   json.dumps([[t.url, t.options] for t in targets]), str(patch_dirs[seed])],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                                  env={**os.environ, **env, "PYTHONPATH": str(REPO)})
-                 for seed in range(8)]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                PUSH_SCRIPT,
+                str(seed),
+                str(go),
+                json.dumps([[t.url, t.options] for t in targets]),
+                str(patch_dirs[seed]),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+        )
+        for seed in range(8)
+    ]
     deadline = time.monotonic() + 150
     while len(list(root.glob("go.ready-*"))) < 8 and time.monotonic() < deadline:
         if any(p.poll() is not None for p in processes):
@@ -940,8 +1003,17 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert code == 0 and "first" in out, err
     code, out, err = run_cli(["registry", "show", "task@prod"], monkeypatch, capsys)
     assert code == 0, err
-    for text in ("task@1", "delta", "accuracy=0.5", "tiny-bert", "seed 0", "prod", "current",
-                 f"{make_patch(0).meta.base.digest[:30]}", "base tensors touched"):
+    for text in (
+        "task@1",
+        "delta",
+        "accuracy=0.5",
+        "tiny-bert",
+        "seed 0",
+        "prod",
+        "current",
+        f"{make_patch(0).meta.base.digest[:30]}",
+        "base tensors touched",
+    ):
         assert text in out.replace("\n", ""), text
 
     code, out, err = run_cli(["registry", "tag", "task@2", "prod"], monkeypatch, capsys)
@@ -971,21 +1043,26 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert "corrupt" in out and "task@1" in out.replace("\n", "")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["registry", "pull", "ghost", "--out", "OUT"], "no patch named ghost"),
-    (["registry", "show", "../etc"], "patch name '../etc' is not allowed"),
-    (["registry", "push", "Bad", "PATCH"], "patch name 'Bad' is not allowed"),
-    (["registry", "tag", "task", "42"], "all digits"),
-    (["registry", "show", "task@7"], "task has no version 7 (latest is 1)"),
-    (["registry", "ls", "--storage-options", "{bad"], "--storage-options is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["registry", "pull", "ghost", "--out", "OUT"], "no patch named ghost"),
+        (["registry", "show", "../etc"], "patch name '../etc' is not allowed"),
+        (["registry", "push", "Bad", "PATCH"], "patch name 'Bad' is not allowed"),
+        (["registry", "tag", "task", "42"], "all digits"),
+        (["registry", "show", "task@7"], "task has no version 7 (latest is 1)"),
+        (["registry", "ls", "--storage-options", "{bad"], "--storage-options is not valid JSON"),
+    ],
+)
 def test_cli_errors_are_one_line_with_exit_2(args, message, tmp_path, monkeypatch, capsys):
     registry_dir = tmp_path / "registry"
     monkeypatch.setenv("SPLICE_REGISTRY", str(registry_dir))
     Registry.init(registry_dir).push("task", make_patch(0))
     before = {p: p.read_bytes() for p in registry_dir.rglob("*") if p.is_file()}
-    args = [str(tmp_path / "out") if a == "OUT" else str(make_patch(0).save(tmp_path / "p")) if a == "PATCH" else a
-            for a in args]
+    args = [
+        str(tmp_path / "out") if a == "OUT" else str(make_patch(0).save(tmp_path / "p")) if a == "PATCH" else a
+        for a in args
+    ]
     code, out, err = run_cli(args, monkeypatch, capsys)
     lines = err.strip().splitlines()
     assert code == 2, out + err
@@ -998,8 +1075,10 @@ def test_cli_without_init_tells_the_user_to_run_init(tmp_path, monkeypatch, caps
     monkeypatch.setenv("SPLICE_REGISTRY", str(tmp_path / "nothing"))
     code, _, err = run_cli(["registry", "ls"], monkeypatch, capsys)
     assert code == 2
-    assert err.strip() == f"error: no registry at {tmp_path / 'nothing'}: create one with `splice registry init " \
-                          f"--registry {tmp_path / 'nothing'}`"
+    assert (
+        err.strip() == f"error: no registry at {tmp_path / 'nothing'}: create one with `splice registry init "
+        f"--registry {tmp_path / 'nothing'}`"
+    )
     assert not (tmp_path / "nothing").exists()
 
 
@@ -1007,8 +1086,12 @@ def test_cli_against_s3_with_storage_options(s3_server, tmp_path, monkeypatch, c
     url = f"s3://{BUCKET}/cli-{uuid.uuid4().hex[:6]}"
     options = json.dumps(s3_server.options)
     patch_dir = make_patch(0).save(tmp_path / "p")
-    for command in (["registry", "init"], ["registry", "push", "s3task", patch_dir, "--alias", "prod"],
-                    ["registry", "pull", "s3task@prod", "--out", tmp_path / "out"], ["registry", "verify"]):
+    for command in (
+        ["registry", "init"],
+        ["registry", "push", "s3task", patch_dir, "--alias", "prod"],
+        ["registry", "pull", "s3task@prod", "--out", tmp_path / "out"],
+        ["registry", "verify"],
+    ):
         code, out, err = run_cli([*command, "--registry", url, "--storage-options", options], monkeypatch, capsys)
         assert code == 0, err
     assert (tmp_path / "out" / "tensors.safetensors").read_bytes() == (patch_dir / "tensors.safetensors").read_bytes()
@@ -1031,7 +1114,7 @@ def _independent_updates(patch_dir: Path) -> dict[str, torch.Tensor]:
             module = name[: -len(".lora_A")]
             a, b = tensors[name].double(), tensors[module + ".lora_B"].double()
             rank = a.shape[0]
-            scale = settings["alpha"][module] / (rank ** 0.5 if settings.get("rslora") else rank)
+            scale = settings["alpha"][module] / (rank**0.5 if settings.get("rslora") else rank)
             updates[module + ".weight"] = scale * b @ a
             updates[module + ".weight"].rank = rank
     return updates
@@ -1044,8 +1127,10 @@ def test_diff_of_two_lora_versions_compares_their_effective_updates(make_models,
     base, first, second = make_models("bert", 3)
     url = str(tmp_path / "registry")
     store = Registry.init(url)
-    dirs = [extract_patch(base, tuned, "lora", rank=rank).save(tmp_path / f"lora{rank}")
-            for tuned, rank in ((first, 2), (second, 4))]
+    dirs = [
+        extract_patch(base, tuned, "lora", rank=rank).save(tmp_path / f"lora{rank}")
+        for tuned, rank in ((first, 2), (second, 4))
+    ]
     for patch_dir in dirs:
         store.push("l", patch_dir)
     ua, ub = (_independent_updates(Path(d)) for d in dirs)
@@ -1074,6 +1159,5 @@ def test_diff_of_two_lora_versions_compares_their_effective_updates(make_models,
         assert f"{update.relative:.4g}" in row and f"{update.cosine:+.4f}" in row, row
         assert f"{update.rank_a} -> {update.rank_b}" in row, row
     assert len(lines) < len(ua) + 12
-    code, out, err = run_cli(["registry", "diff", "l@1", "l@2", "--factors", "--registry", url], monkeypatch,
-                             capsys)
+    code, out, err = run_cli(["registry", "diff", "l@1", "l@2", "--factors", "--registry", url], monkeypatch, capsys)
     assert code == 0 and "lora_A" in out and "lora_B" in out

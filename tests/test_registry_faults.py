@@ -229,8 +229,9 @@ def test_a_blob_damaged_in_place_is_not_reused_and_repair_writes_it_again(tmp_pa
     damage_in_place(Path(url, blob_rel(pack.blob)))
     code, out, _ = run_cli(["registry", "verify", "--repair", "--registry", url], monkeypatch, capsys)
     assert code == 2 and "--repair and --from go together" in out + _
-    code, out, _ = run_cli(["registry", "verify", "--repair", "--from", patch_dir, "--registry", url],
-                           monkeypatch, capsys)
+    code, out, _ = run_cli(
+        ["registry", "verify", "--repair", "--from", patch_dir, "--registry", url], monkeypatch, capsys
+    )
     assert code == 0, out
     assert out.count("repaired ") == 2 and "ok:" in out
     assert intact(registry, first) and intact(registry, again.manifest)
@@ -329,12 +330,15 @@ def test_the_dtype_table_agrees_with_the_safetensors_one():
     assert DTYPE_ITEMSIZES == {code: dtype_itemsize(dtype) for code, dtype in SAFETENSORS_DTYPES.items()}
 
 
-@pytest.mark.parametrize("change, says", [
-    ({"dtype": "XYZ"}, "dtype 'XYZ' is not one splice .* knows .* needs a newer splice"),
-    ({"nbytes": 10 ** 15}, "nbytes: Input should be less than or equal to"),
-    ({"shape": [-1], "nbytes": 0}, r"shape\.0: Input should be greater than or equal to 0"),
-    ({"shape": [3, 3]}, r"shape \[3, 3\] of F32 is 36 bytes"),
-])
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"dtype": "XYZ"}, "dtype 'XYZ' is not one splice .* knows .* needs a newer splice"),
+        ({"nbytes": 10**15}, "nbytes: Input should be less than or equal to"),
+        ({"shape": [-1], "nbytes": 0}, r"shape\.0: Input should be greater than or equal to 0"),
+        ({"shape": [3, 3]}, r"shape \[3, 3\] of F32 is 36 bytes"),
+    ],
+)
 def test_a_manifest_with_a_bad_tensor_entry_is_refused_before_any_read(tmp_path, monkeypatch, capsys, change, says):
     url = str(tmp_path / "registry")
     registry = Registry.init(url)
@@ -346,8 +350,9 @@ def test_a_manifest_with_a_bad_tensor_entry_is_refused_before_any_read(tmp_path,
     raw["digest"] = content_digest(manifest.meta, entries)  # consistent: only the schema can refuse it
     Path(url, "patches/x/versions/1.json").write_text(json.dumps(raw))
 
-    code, out, err = run_cli(["registry", "pull", "x@1", "--out", tmp_path / "out", "--registry", url],
-                             monkeypatch, capsys)
+    code, out, err = run_cli(
+        ["registry", "pull", "x@1", "--out", tmp_path / "out", "--registry", url], monkeypatch, capsys
+    )
     assert code == 2 and "Traceback" not in out + err
     assert len((out + err).strip().splitlines()) == 1 and not (tmp_path / "out").exists()
     report = registry.verify()
@@ -370,8 +375,12 @@ HOLD_TEMP = textwrap.dedent("""
 def test_gc_at_grace_0_leaves_a_live_process_temp_file_and_removes_a_dead_ones(tmp_path):
     url = str(tmp_path / "registry")
     registry = Registry.init(url)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_TEMP, url], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_TEMP, url],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         temp = Path(holder.stdout.readline().strip())
         assert temp.exists()
@@ -431,8 +440,9 @@ def test_pull_never_writes_over_its_registry(tmp_path, monkeypatch, capsys, wher
     registry = Registry.init(url)
     registry.push("x", make_patch(16))
     out = {"registry": url, "inside": url / "blobs", "parent": tmp_path}[where]
-    code, stdout, stderr = run_cli(["registry", "pull", "x@1", "--out", out, "--force", "--registry", url],
-                                   monkeypatch, capsys)
+    code, stdout, stderr = run_cli(
+        ["registry", "pull", "x@1", "--out", out, "--force", "--registry", url], monkeypatch, capsys
+    )
     assert code == 2 and "registry" in stdout + stderr, stdout + stderr
     assert registry.verify().ok and intact(registry, registry.resolve("x@1"))
 
@@ -519,8 +529,15 @@ def test_sigkilled_pushers_leave_no_broken_version(place, tmp_path, request):
     rng = random.Random(10)
     kills = 0
     for round_ in range(KILL_ROUNDS):
-        procs = [subprocess.Popen([sys.executable, "-c", KILLED_PUSH, url, json.dumps(options), patch_dirs[i % 2]],
-                                  stdout=subprocess.PIPE, text=True, env=env) for i in range(3)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", KILLED_PUSH, url, json.dumps(options), patch_dirs[i % 2]],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for i in range(3)
+        ]
         for proc in procs:
             assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 0.6))
@@ -552,8 +569,11 @@ class ConflictingS3:
         assert mode == "create"
         self.puts += 1
         if self.puts <= self.conflicts:
-            raise OSError(errno.EIO, "An error occurred (ConditionalRequestConflict) when calling the PutObject "
-                                     "operation: A conflicting conditional operation is currently in progress")
+            raise OSError(
+                errno.EIO,
+                "An error occurred (ConditionalRequestConflict) when calling the PutObject "
+                "operation: A conflicting conditional operation is currently in progress",
+            )
         if self.then_exists:
             raise FileExistsError(path)
         self.stored[path] = data
@@ -588,9 +608,12 @@ def test_gc_on_a_manifest_nested_too_deep_is_one_line_and_removes_nothing(tmp_pa
     Path(url, "patches/x/versions/1.json").write_text(deep)
     monkeypatch.setattr(render.console, "width", 400)
     corrupt = f"{url}/patches/x/versions/1.json is corrupt: not valid JSON"
-    for args, expected, says in ((["registry", "gc", "--grace", "0"], 2, "x@1: its manifest is unreadable"),
-                                 (["registry", "show", "x@1"], 2, corrupt), (["registry", "verify"], 1, corrupt),
-                                 (["registry", "ls", "x"], 0, f"problem: x@1: {corrupt}")):
+    for args, expected, says in (
+        (["registry", "gc", "--grace", "0"], 2, "x@1: its manifest is unreadable"),
+        (["registry", "show", "x@1"], 2, corrupt),
+        (["registry", "verify"], 1, corrupt),
+        (["registry", "ls", "x"], 0, f"problem: x@1: {corrupt}"),
+    ):
         code, out, err = run_cli([*args, "--registry", url], monkeypatch, capsys)
         assert "Traceback" not in err and "Recursion" not in out + err, (args, err)
         assert code == expected and says in out + err, (args, code, out, err)
@@ -600,7 +623,8 @@ def test_gc_on_a_manifest_nested_too_deep_is_one_line_and_removes_nothing(tmp_pa
 
 
 def test_show_survives_a_directory_among_health_records_and_prints_what_files_say_as_plain_text(
-        tmp_path, monkeypatch, capsys):
+    tmp_path, monkeypatch, capsys
+):
     from splice.cli import render
     from splice.registry.health import HealthRecord
 
@@ -608,8 +632,9 @@ def test_show_survives_a_directory_among_health_records_and_prints_what_files_sa
     registry = Registry.init(url)
     pushed = registry.push("x", make_patch(41), message="[bold]msg[/bold] \x1b[31mred").manifest
     hostile = "[bold red]PWNED[/] \x1b[2J\x1b]0;title\x07 [link=file:///etc/passwd]x[/link]"
-    registry.record_health(HealthRecord(event="deploy", version=1, digest=pushed.digest, base=hostile,
-                                        base_check="verified"), "x")
+    registry.record_health(
+        HealthRecord(event="deploy", version=1, digest=pushed.digest, base=hostile, base_check="verified"), "x"
+    )
     Path(url, "patches/x/health/x.json").mkdir()  # a directory named like a record
     monkeypatch.setattr(render.console, "width", 400)
     code, out, err = run_cli(["registry", "show", "x@1", "--registry", url], monkeypatch, capsys)

@@ -103,8 +103,13 @@ MOVE_BYTES = textwrap.dedent("""
 def test_registry_commands_that_only_move_bytes_import_no_torch(registry, tmp_path):
     registry.push("task", make_patch(0))
     registry.push("task", make_patch(1))
-    done = subprocess.run([sys.executable, "-c", MOVE_BYTES, str(REPO), str(registry.url)], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", MOVE_BYTES, str(REPO), str(registry.url)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "heavy: []" in done.stdout, done.stdout
     assert "removed task@2" in done.stdout and "alias prod of task -> version 1" in done.stdout
@@ -113,8 +118,13 @@ def test_registry_commands_that_only_move_bytes_import_no_torch(registry, tmp_pa
 def test_splice_registry_ls_and_help_import_no_torch(registry, tmp_path):
     registry.push("task", make_patch(0))
     for args in (["--help"], ["registry", "ls", "--registry", str(registry.url)]):
-        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "splice", *args], capture_output=True,
-                              text=True, timeout=120, cwd=tmp_path)
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "splice", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr
         imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
         assert "splice.cli.app" in imported

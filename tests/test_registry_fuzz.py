@@ -33,8 +33,13 @@ digests = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64).map(lam
 
 
 @FUZZ
-@given(st.one_of(st.text(), st.text(alphabet="abcAZ09.-_@/:\\ \x00\n", max_size=40),
-                 st.builds(lambda n, s: f"{n}@{s}", names, st.text(max_size=80))))
+@given(
+    st.one_of(
+        st.text(),
+        st.text(alphabet="abcAZ09.-_@/:\\ \x00\n", max_size=40),
+        st.builds(lambda n, s: f"{n}@{s}", names, st.text(max_size=80)),
+    )
+)
 def test_parse_ref_raises_only_ref_errors(text):
     try:
         ref = parse_ref(text)
@@ -78,9 +83,30 @@ def test_check_name_accepts_exactly_the_rule(text):
             assert check_alias(text) == text
 
 
-@pytest.mark.parametrize("text", ["../x", "/abs", "A", "a/b", "..", "", ".", "a@", "a@0", "a@007", "a@-1",
-                                  "a@sha256:" + "A" * 64, "a@sha256:" + "0" * 63, "a@b@c", "a@123abc/x",
-                                  "a@" + "1" * 19, "x" * 101, "a\x00", "a\nb"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "../x",
+        "/abs",
+        "A",
+        "a/b",
+        "..",
+        "",
+        ".",
+        "a@",
+        "a@0",
+        "a@007",
+        "a@-1",
+        "a@sha256:" + "A" * 64,
+        "a@sha256:" + "0" * 63,
+        "a@b@c",
+        "a@123abc/x",
+        "a@" + "1" * 19,
+        "x" * 101,
+        "a\x00",
+        "a\nb",
+    ],
+)
 def test_bad_refs(text):
     with pytest.raises(RefError):
         parse_ref(text)
@@ -88,12 +114,22 @@ def test_bad_refs(text):
 
 # -- safetensors headers ---------------------------------------------------------------------------
 
-dtype_codes = st.one_of(st.sampled_from(sorted(SAFETENSORS_DTYPES)), st.text(max_size=6), st.integers(),
-                        st.none(), st.lists(st.text(max_size=3), max_size=2), st.dictionaries(st.text(max_size=2),
-                                                                                              st.integers(),
-                                                                                              max_size=1))
-dims = st.one_of(st.integers(min_value=-2, max_value=5), st.integers(min_value=-(2**70), max_value=2**70),
-                 st.booleans(), st.floats(allow_nan=True), st.text(max_size=2), st.none())
+dtype_codes = st.one_of(
+    st.sampled_from(sorted(SAFETENSORS_DTYPES)),
+    st.text(max_size=6),
+    st.integers(),
+    st.none(),
+    st.lists(st.text(max_size=3), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
+)
+dims = st.one_of(
+    st.integers(min_value=-2, max_value=5),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.booleans(),
+    st.floats(allow_nan=True),
+    st.text(max_size=2),
+    st.none(),
+)
 json_leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5))
 
 
@@ -103,12 +139,17 @@ def tensor_entries(draw):
     if draw(st.booleans()):
         entry["dtype"] = draw(dtype_codes)
     if draw(st.integers(0, 4)):
-        entry["shape"] = draw(st.one_of(st.lists(dims, max_size=4), json_leaves,
-                                        st.just([2**64, 0]), st.just([0, 2**63])))  # no bytes, absurd dims
+        entry["shape"] = draw(
+            st.one_of(st.lists(dims, max_size=4), json_leaves, st.just([2**64, 0]), st.just([0, 2**63]))
+        )  # no bytes, absurd dims
     if draw(st.integers(0, 4)):
-        entry["data_offsets"] = draw(st.one_of(st.lists(dims, min_size=0, max_size=3),
-                                               st.tuples(st.integers(0, 64), st.integers(0, 64)).map(list),
-                                               json_leaves))
+        entry["data_offsets"] = draw(
+            st.one_of(
+                st.lists(dims, min_size=0, max_size=3),
+                st.tuples(st.integers(0, 64), st.integers(0, 64)).map(list),
+                json_leaves,
+            )
+        )
     return draw(st.one_of(st.just(entry), json_leaves, st.lists(json_leaves, max_size=3)))
 
 
@@ -119,22 +160,34 @@ def safetensors_files(draw):
     if kind == "structured":
         header = draw(st.dictionaries(st.text(max_size=8), tensor_entries(), max_size=4))
         if draw(st.booleans()):
-            header["__metadata__"] = draw(st.one_of(st.dictionaries(st.text(max_size=3), st.text(max_size=3),
-                                                                    max_size=2), json_leaves))
+            header["__metadata__"] = draw(
+                st.one_of(st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2), json_leaves)
+            )
         body = json.dumps(header).encode()
     elif kind == "garbage-json":
-        body = draw(st.one_of(st.text(max_size=60).map(str.encode),
-                              st.recursive(json_leaves, lambda c: st.lists(c, max_size=3) |
-                                           st.dictionaries(st.text(max_size=3), c, max_size=3),
-                                           max_leaves=8).map(lambda v: json.dumps(v).encode())))
+        body = draw(
+            st.one_of(
+                st.text(max_size=60).map(str.encode),
+                st.recursive(
+                    json_leaves,
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3),
+                    max_leaves=8,
+                ).map(lambda v: json.dumps(v).encode()),
+            )
+        )
     elif kind == "nested":
         depth = draw(st.integers(min_value=1, max_value=200_000))
         body = b'{"a":' + b"[" * depth
     else:
         body = draw(st.binary(max_size=80))
     data = draw(st.binary(max_size=96))
-    length = draw(st.one_of(st.just(len(body)), st.integers(min_value=0, max_value=2**64 - 1),
-                            st.integers(min_value=0, max_value=len(body) + len(data) + 8)))
+    length = draw(
+        st.one_of(
+            st.just(len(body)),
+            st.integers(min_value=0, max_value=2**64 - 1),
+            st.integers(min_value=0, max_value=len(body) + len(data) + 8),
+        )
+    )
     prefix = struct.pack("<Q", length)
     cut = draw(st.one_of(st.none(), st.integers(min_value=0, max_value=8 + len(body) + len(data))))
     raw = prefix + body + data
@@ -159,8 +212,9 @@ def check_parsed(tensors, size: int) -> None:
         assert all(type(d) is int and d >= 0 for d in info.shape)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(raw=safetensors_files())
 def test_header_parser_raises_only_checkpoint_errors_and_allocates_little(raw, memory_dir):
     fs, root = memory_dir
@@ -180,8 +234,9 @@ def test_header_parser_raises_only_checkpoint_errors_and_allocates_little(raw, m
         check_parsed(tensors, len(raw))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(raw=safetensors_files())
 def test_checkpoint_open_raises_only_checkpoint_errors(raw, memory_dir):
     fs, root = memory_dir
@@ -199,15 +254,18 @@ def test_checkpoint_open_raises_only_checkpoint_errors(raw, memory_dir):
     fs.rm(directory, recursive=True)
 
 
-@pytest.mark.parametrize("body", [
-    b'{"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}',
-    b'{"a": {"dtype": {"x": 1}, "shape": [1], "data_offsets": [0, 4]}}',
-    b'{"a": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}',
-    b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [false, true]}}',
-    b'{"a":' + b"[" * 100_000,
-    b'{"a": {"dtype": "F32", "shape": [1000000000000000000000000000000, 0], "data_offsets": [0, 0]}}',
-    b'{"a\\nb": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}',
+        b'{"a": {"dtype": {"x": 1}, "shape": [1], "data_offsets": [0, 4]}}',
+        b'{"a": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}',
+        b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [false, true]}}',
+        b'{"a":' + b"[" * 100_000,
+        b'{"a": {"dtype": "F32", "shape": [1000000000000000000000000000000, 0], "data_offsets": [0, 0]}}',
+        b'{"a\\nb": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+    ],
+)
 def test_header_parser_regressions(body, memory_dir):
     """Found by the fuzzer: unhashable dtypes (TypeError), booleans taken for integers, deep nesting
     (RecursionError), dimensions past int64 in an empty tensor (a TypeError when read), a tensor name

@@ -112,8 +112,13 @@ def patch_and_base(tmp_path_factory):
 
 
 def _start(script: str, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -154,8 +159,15 @@ def _interrupt(url: str, patch: Path, step: str, sig: signal.Signals, gc: bool, 
         go.touch()  # the gc removes what it listed as unused (the blobs this push reuses) while the push stands
         assert _finish(collector)[0] == 0
     elif gc and not early_gc:
-        assert subprocess.run([sys.executable, "-m", "splice", "registry", "gc", "--grace", "0", "--registry", url,
-                               "-q"], env=ENV, capture_output=True, timeout=120).returncode == 0
+        assert (
+            subprocess.run(
+                [sys.executable, "-m", "splice", "registry", "gc", "--grace", "0", "--registry", url, "-q"],
+                env=ENV,
+                capture_output=True,
+                timeout=120,
+            ).returncode
+            == 0
+        )
     pusher.send_signal(sig)
     code, _, err = _finish(pusher)
     if early_gc and step == "waiting for gc":
@@ -173,8 +185,9 @@ def _ls_versions(url: str) -> list[int]:
 @pytest.mark.parametrize("gc", [False, True], ids=["no-gc", "gc-grace-0"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 @pytest.mark.parametrize("step", STEPS)
-def test_an_interrupted_push_publishes_nothing_broken_and_says_what_is_true(patch_and_base, tmp_path, monkeypatch,
-                                                                            capsys, step, sig, gc):
+def test_an_interrupted_push_publishes_nothing_broken_and_says_what_is_true(
+    patch_and_base, tmp_path, monkeypatch, capsys, step, sig, gc
+):
     patch, base = patch_and_base
     url = str(tmp_path / "registry")
     registry = Registry.init(url)
@@ -187,12 +200,24 @@ def test_an_interrupted_push_publishes_nothing_broken_and_says_what_is_true(patc
     # what ls, verify, deploy and gc say afterwards
     c_ls, out_ls, _ = run_cli(["registry", "ls", "x", "--registry", url], monkeypatch, capsys)
     c_verify, out_verify, err_verify = run_cli(["registry", "verify", "--registry", url], monkeypatch, capsys)
-    c_deploy, _, err_deploy = run_cli(["deploy", "x", "--base", base, "--out", tmp_path / "deployed",
-                                       "--registry", url], monkeypatch, capsys)
+    c_deploy, _, err_deploy = run_cli(
+        ["deploy", "x", "--base", base, "--out", tmp_path / "deployed", "--registry", url], monkeypatch, capsys
+    )
     c_gc, out_gc, err_gc = run_cli(["registry", "gc", "--registry", url], monkeypatch, capsys)
-    FIGURES.append({"step": step, "signal": sig.name, "gc": gc, "exit": code, "said": said, "listed": listed,
-                    "verify": c_verify, "deploy": c_deploy, "deploy_says": err_deploy.strip()[-160:],
-                    "gc_says": [line for line in out_gc.splitlines() if "withdrew" in line]})
+    FIGURES.append(
+        {
+            "step": step,
+            "signal": sig.name,
+            "gc": gc,
+            "exit": code,
+            "said": said,
+            "listed": listed,
+            "verify": c_verify,
+            "deploy": c_deploy,
+            "deploy_says": err_deploy.strip()[-160:],
+            "gc_says": [line for line in out_gc.splitlines() if "withdrew" in line],
+        }
+    )
     print("\nFIGURE " + json.dumps(FIGURES[-1]))
 
     # what the push said is true
@@ -265,8 +290,13 @@ def test_continual_resume_reruns_a_task_whose_push_never_published(tmp_path):
     registry = tmp_path / "registry"
     Registry.init(registry)
     path = pipeline_file(tmp_path, base, str(registry), epochs=1, rectify=False)
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, "continual", "run", str(path), "-q"], env=ENV,
-                            capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, "continual", "run", str(path), "-q"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     store = Registry.open(registry)
     assert [v.version for v in store.versions("cl")] == [1]  # task 1's version was never published
@@ -441,8 +471,11 @@ def test_a_push_stopped_after_it_decided_to_publish_is_published_and_says_so(tmp
 
     with pytest.MonkeyPatch.context() as patcher:
         patcher.setattr(type(backend), "delete", interrupted_at_the_marker)
-        with pytest.raises(Interrupted, match=r"x@1 was published, but alias prod was not moved: "
-                                              r"`splice registry tag x@1 prod` moves it"):
+        with pytest.raises(
+            Interrupted,
+            match=r"x@1 was published, but alias prod was not moved: "
+            r"`splice registry tag x@1 prod` moves it",
+        ):
             registry.push("x", make_patch(84), alias="prod")
     assert [m.version for m in Registry.open(tmp_path / "registry").versions("x")] == [1]
 
@@ -451,8 +484,11 @@ def test_a_push_stopped_after_it_decided_to_publish_is_published_and_says_so(tmp
     claim = PendingPush(host=this_host(), pid=int(dead.stdout), started=time.time(), expires=time.time() + 60)
     kept = []
     with pytest.MonkeyPatch.context() as patcher:  # as if killed before the marker went: it stays
-        patcher.setattr(type(backend), "delete", lambda self, rel: kept.append(rel) if "/pending/" in rel and not kept
-                        else real_delete(self, rel))
+        patcher.setattr(
+            type(backend),
+            "delete",
+            lambda self, rel: kept.append(rel) if "/pending/" in rel and not kept else real_delete(self, rel),
+        )
         registry.push("x", make_patch(85))
     assert kept == [pending_rel("x", 2)]
     backend.remove_entry(pending_rel("x", 2))

@@ -31,8 +31,12 @@ def _write_lease(url: str, name: str, body) -> Path:
 
 def _other_host(**fields) -> dict:
     now = time.time()
-    return {"host": "another-machine", "pid": 4242, "started": now, **{k: (now if v is NOW else v)
-                                                                          for k, v in fields.items()}}
+    return {
+        "host": "another-machine",
+        "pid": 4242,
+        "started": now,
+        **{k: (now if v is NOW else v) for k, v in fields.items()},
+    }
 
 
 BAD_LEASES = {
@@ -50,7 +54,8 @@ BAD_LEASES = {
 
 @pytest.mark.parametrize("case", list(BAD_LEASES))
 def test_a_lease_that_claims_too_much_or_does_not_validate_never_holds_a_push_and_gc_removes_it(
-        tmp_path, monkeypatch, capsys, case):
+    tmp_path, monkeypatch, capsys, case
+):
     url = str(tmp_path / "registry")
     registry = Registry.init(url)
     lease = _write_lease(url, "bad.json", BAD_LEASES[case])
@@ -64,8 +69,7 @@ def test_a_lease_that_claims_too_much_or_does_not_validate_never_holds_a_push_an
     assert not lease.exists() and not lease.is_symlink()
     said = "".join(out.split())  # rich wraps long lines
     assert "".join(f"removed gc lease {url}/gc/bad.json:".split()) in said, out
-    print(f"\nLEASE {case}: push took {took:.2f} s and published {pushed.ref}; gc: "
-          f"{said.split('bad.json:')[-1]}")
+    print(f"\nLEASE {case}: push took {took:.2f} s and published {pushed.ref}; gc: {said.split('bad.json:')[-1]}")
 
 
 def test_a_held_lease_makes_a_push_fail_after_wait_naming_it_and_publishing_nothing(tmp_path, monkeypatch, capsys):
@@ -88,8 +92,7 @@ def test_a_held_lease_makes_a_push_fail_after_wait_naming_it_and_publishing_noth
     print(f"\nLEASE held by a live gc elsewhere: push --wait 1 failed after {took:.2f} s: {line}")
 
 
-def test_wait_0_gives_up_at_once_and_bad_waits_are_refused_before_anything_is_written(tmp_path, monkeypatch,
-                                                                                         capsys):
+def test_wait_0_gives_up_at_once_and_bad_waits_are_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     url = str(tmp_path / "registry")
     registry = Registry.init(url)
     _write_lease(url, "busy.json", _other_host(expires=time.time() + 300))
@@ -99,8 +102,7 @@ def test_wait_0_gives_up_at_once_and_bad_waits_are_refused_before_anything_is_wr
     for bad in (-1, float("inf"), float("nan"), 3601, True):
         with pytest.raises(RegistryError, match="wait .* is not allowed"):
             registry.push("x", make_patch(4), wait=bad)
-    code, _, err = run_cli(["registry", "push", "x", tmp_path, "--wait", "-5", "--registry", url], monkeypatch,
-                           capsys)
+    code, _, err = run_cli(["registry", "push", "x", tmp_path, "--wait", "-5", "--registry", url], monkeypatch, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--wait SECONDS" in err
     assert sorted(p.name for p in Path(url, "blobs").rglob("*") if p.is_file()) == blobs_before
 

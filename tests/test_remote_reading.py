@@ -58,10 +58,13 @@ def header_layout(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
     """(8 + header length, {tensor: (absolute start, absolute end)}) parsed straight from the file."""
     raw = path.read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + header_len])
+    header = json.loads(raw[8 : 8 + header_len])
     data_start = 8 + header_len
-    spans = {name: (data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1])
-             for name, entry in header.items() if name != "__metadata__"}
+    spans = {
+        name: (data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
     return data_start, spans
 
 
@@ -72,8 +75,7 @@ def families(tmp_path_factory) -> dict[str, list[Path]]:
     built = {}
     for family, (arch, sharded) in FAMILIES.items():
         base = tiny_model(arch, 0)
-        dirs = [save(base, root / f"{family}-0", sharded),
-                save(perturbed(base, 1), root / f"{family}-1", sharded)]
+        dirs = [save(base, root / f"{family}-0", sharded), save(perturbed(base, 1), root / f"{family}-1", sharded)]
         if sharded:
             assert (dirs[0] / "model.safetensors.index.json").exists()
             assert len(list(dirs[0].glob("*.safetensors"))) > 1
@@ -176,8 +178,12 @@ class RequestLog:
     entries: list[Request] = field(default_factory=list)
 
     def __call__(self, environ, start_response):
-        entry = Request(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
-                        environ.get("QUERY_STRING", ""), environ.get("HTTP_RANGE"))
+        entry = Request(
+            environ["REQUEST_METHOD"],
+            environ.get("PATH_INFO", ""),
+            environ.get("QUERY_STRING", ""),
+            environ.get("HTTP_RANGE"),
+        )
 
         def recording_start_response(status, headers, exc_info=None):
             entry.status = int(status.split()[0])
@@ -246,19 +252,28 @@ def check_ranged_reads(log: RequestLog, model_dirs: list[Path]) -> None:
             assert len(ranges) == len(set(ranges)), f"{model_dir.name}/{shard.name}: a range was read twice"
     assert sum(e.length for e in gets) <= total_file_bytes
     # Whole-object GETs are only small JSON side files (index, config), never weights.
-    whole = {e.path.rsplit("/", 1)[-1] for e in log.entries
-             if e.method == "GET" and e.range is None and e.path.count("/") > 1}
+    whole = {
+        e.path.rsplit("/", 1)[-1]
+        for e in log.entries
+        if e.method == "GET" and e.range is None and e.path.count("/") > 1
+    }
     assert whole <= {"config.json", "model.safetensors.index.json", "generation_config.json"}, whole
 
 
-@pytest.mark.parametrize("family, options", [
-    ("bert", "client_kwargs"),
-    ("llama-sharded", "endpoint_url"),
-    ("llama-sharded", "client_kwargs"),
-])
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("bert", "client_kwargs"),
+        ("llama-sharded", "endpoint_url"),
+        ("llama-sharded", "client_kwargs"),
+    ],
+)
 def test_s3_soup_is_bit_identical_and_ranged(family, options, s3, families, local_soups, tmp_path):
-    storage_options = ({"client_kwargs": {"endpoint_url": s3.endpoint}} if options == "client_kwargs"
-                       else {"endpoint_url": s3.endpoint})
+    storage_options = (
+        {"client_kwargs": {"endpoint_url": s3.endpoint}}
+        if options == "client_kwargs"
+        else {"endpoint_url": s3.endpoint}
+    )
     prefix = uuid.uuid4().hex[:8]
     urls = [s3.upload(d, prefix) for d in families[family]]
     s3.log.clear()
@@ -272,15 +287,22 @@ def test_s3_soup_is_bit_identical_and_ranged(family, options, s3, families, loca
 
 def test_s3_missing_model_is_a_clear_error(s3, tmp_path):
     with pytest.raises(splice.CheckpointError, match="not found"):
-        splice.soup([f"s3://{BUCKET}/nothing-here/a", f"s3://{BUCKET}/nothing-here/b"], tmp_path / "out",
-                    device="cpu", storage_options={"endpoint_url": s3.endpoint})
+        splice.soup(
+            [f"s3://{BUCKET}/nothing-here/a", f"s3://{BUCKET}/nothing-here/b"],
+            tmp_path / "out",
+            device="cpu",
+            storage_options={"endpoint_url": s3.endpoint},
+        )
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []
 
 
 def without_endpoint_variables(environ) -> dict[str, str]:
-    return {key: value for key, value in environ.items()
-            if key not in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL", "FSSPEC_S3")}
+    return {
+        key: value
+        for key, value in environ.items()
+        if key not in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL", "FSSPEC_S3")
+    }
 
 
 def test_cli_soup_from_s3_with_fsspec_endpoint_variable(s3, families, local_soups, tmp_path):
@@ -291,9 +313,15 @@ def test_cli_soup_from_s3_with_fsspec_endpoint_variable(s3, families, local_soup
     env.update(s3.env, FSSPEC_S3_ENDPOINT_URL=s3.endpoint)
     s3.log.clear()
 
-    result = subprocess.run([sys.executable, "-m", "splice", "soup", *urls, "--out", str(tmp_path / "out"),
-                             "--device", "cpu", "--quiet"], check=False, cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "splice", "soup", *urls, "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     assert result.returncode == 0, result.stderr
     assert_same_output(tmp_path / "out", local_soups["bert"])
@@ -313,16 +341,16 @@ def fresh_s3fs(s3, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_cli_soup_from_s3_with_botocore_endpoint_variable(fresh_s3fs, s3, families, local_soups, tmp_path,
-                                                          capsys):
+def test_cli_soup_from_s3_with_botocore_endpoint_variable(fresh_s3fs, s3, families, local_soups, tmp_path, capsys):
     """botocore's AWS_ENDPOINT_URL works too (read when s3fs creates its client)."""
     prefix = uuid.uuid4().hex[:8]
     urls = [s3.upload(d, prefix) for d in families["bert"]]
     fresh_s3fs.setenv("AWS_ENDPOINT_URL", s3.endpoint)
     s3.log.clear()
 
-    code, _, err = run_cli(["soup", *urls, "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"],
-                           fresh_s3fs, capsys)
+    code, _, err = run_cli(
+        ["soup", *urls, "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"], fresh_s3fs, capsys
+    )
 
     assert code == 0, err
     assert_same_output(tmp_path / "out", local_soups["bert"])
@@ -336,8 +364,11 @@ def test_cli_soup_from_s3_with_storage_options_flag(fresh_s3fs, s3, families, lo
     for key, value in s3.env.items():
         fresh_s3fs.setenv(key, value)
     options = json.dumps({"endpoint_url": s3.endpoint})
-    code, _, err = run_cli(["soup", *urls, "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet",
-                            "--storage-options", options], fresh_s3fs, capsys)
+    code, _, err = run_cli(
+        ["soup", *urls, "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet", "--storage-options", options],
+        fresh_s3fs,
+        capsys,
+    )
     assert code == 0, err
     assert_same_output(tmp_path / "out", local_soups["bert"])
     code, out, err = run_cli(["inspect", urls[0], "--storage-options", options], fresh_s3fs, capsys)
@@ -350,8 +381,11 @@ def test_cli_unreachable_s3_endpoint_is_a_one_line_error(fresh_s3fs, tmp_path, c
     fresh_s3fs.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # a closed loopback port: fails at once
     model = f"s3://{BUCKET}/unreachable/a"
 
-    code, _, err = run_cli(["soup", model, f"s3://{BUCKET}/unreachable/b", "--out", str(tmp_path / "out"),
-                            "--device", "cpu", "--quiet"], fresh_s3fs, capsys)
+    code, _, err = run_cli(
+        ["soup", model, f"s3://{BUCKET}/unreachable/b", "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"],
+        fresh_s3fs,
+        capsys,
+    )
 
     lines = err.strip().splitlines()
     assert code == 2, err
@@ -372,8 +406,9 @@ def test_remote_output_is_refused_before_any_work(out, families, tmp_path, monke
 def test_cli_remote_output_is_refused(families, tmp_path, monkeypatch, capsys):
     """The CLI parses --out as a path (s3://b/out becomes s3:/b/out); it must still be refused as a URL."""
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(["soup", *families["bert"], "--out", "s3://bucket/out", "--device", "cpu", "--quiet"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli(
+        ["soup", *families["bert"], "--out", "s3://bucket/out", "--device", "cpu", "--quiet"], monkeypatch, capsys
+    )
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error:") and "local directory" in lines[0], err

@@ -142,12 +142,14 @@ def test_real_pretrained_minilm_where_mergekit_crashes(cleaned_tmp_path):
     reloaded, info = AutoModel.from_pretrained(tmp_path / "soup", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     in_memory = AutoModel.from_config(original.config)
-    in_memory.load_state_dict(reference_soup(
-        [original.state_dict(), AutoModel.from_pretrained(tmp_path / "tuned").state_dict()], [1, 1]))
+    in_memory.load_state_dict(
+        reference_soup([original.state_dict(), AutoModel.from_pretrained(tmp_path / "tuned").state_dict()], [1, 1])
+    )
     ids = torch.tensor([[101, 7592, 2088, 102]])
     with torch.no_grad():
-        assert torch.equal(reloaded.eval()(input_ids=ids).last_hidden_state,
-                           in_memory.eval()(input_ids=ids).last_hidden_state)
+        assert torch.equal(
+            reloaded.eval()(input_ids=ids).last_hidden_state, in_memory.eval()(input_ids=ids).last_hidden_state
+        )
 
 
 def test_work_units_split_large_tensors_into_row_blocks(make_models):

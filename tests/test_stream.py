@@ -30,8 +30,13 @@ def test_a_kernel_result_of_the_wrong_shape_fails_the_run(bad_at, make_models, t
 def test_kernel_output_is_written_in_order_with_write_behind(make_models, tmp_path):
     checkpoints = open_all([str(d) for d in make_models("llama", 2)])
     plan = plan_same_name(checkpoints, None)
-    run_stream(plan, Kernel(lambda name, tensors: tensors[1] * 2), tmp_path / "out", side_files_from=checkpoints[0],
-               run=RunOptions(device="cpu", read_ahead_depth=1))
+    run_stream(
+        plan,
+        Kernel(lambda name, tensors: tensors[1] * 2),
+        tmp_path / "out",
+        side_files_from=checkpoints[0],
+        run=RunOptions(device="cpu", read_ahead_depth=1),
+    )
     out = open_all([str(tmp_path / "out")])[0]
     assert list(out.tensors) == [item.output.name for item in plan]
     for name in out.tensors:

@@ -17,10 +17,18 @@ from splice.tensors.stream import Kernel, OutputExtras, StreamItem, StreamReport
 from splice.tensors.writer import OutputTensor, ensure_output_free
 
 
-def apply_patches(patches: Sequence[PatchSource], base: str | os.PathLike, out: str | os.PathLike, *,
-                  allow_base_drift: bool = False, metadata: dict[str, str] | None = None,
-                  extra_files: Mapping[str, bytes] | None = None, check_bases: bool = True,
-                  run: RunOptions | None = None, **run_keywords: Unpack[RunKeywords]) -> StreamReport:
+def apply_patches(
+    patches: Sequence[PatchSource],
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    allow_base_drift: bool = False,
+    metadata: dict[str, str] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
+    check_bases: bool = True,
+    run: RunOptions | None = None,
+    **run_keywords: Unpack[RunKeywords],
+) -> StreamReport:
     """Write `base` with every patch applied in order: deltas, LoRA products and sparse deltas add, masks
     multiply, LayerNorm patches replace. Every patch's base fingerprint is checked and every overlap
     resolved before the first tensor is written; patch tensors are read as their base tensor streams by.
@@ -37,14 +45,24 @@ def apply_patches(patches: Sequence[PatchSource], base: str | os.PathLike, out: 
     for patch in loaded if check_bases else ():
         patch.check_base(base_ckpt, allow_drift=allow_base_drift)
     plan = composition_plan(loaded)
-    check_plan_shapes(plan, lambda name: base_ckpt.tensors[name].shape if name in base_ckpt.tensors else None,
-                      str(base))
+    check_plan_shapes(
+        plan, lambda name: base_ckpt.tensors[name].shape if name in base_ckpt.tensors else None, str(base)
+    )
 
     def patched(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         return patched_value(tensors[0], plan.get(name, []))
 
-    items = [StreamItem(OutputTensor(name, info.dtype, info.shape), ((base_ckpt, name),))
-             for name, info in base_ckpt.tensors.items()]
+    items = [
+        StreamItem(OutputTensor(name, info.dtype, info.shape), ((base_ckpt, name),))
+        for name, info in base_ckpt.tensors.items()
+    ]
     untouched = frozenset(name for name in base_ckpt.tensors if name not in plan)
-    return run_stream(items, Kernel(patched, passes_through=untouched), out, side_files_from=base_ckpt, run=run,
-                      extras=OutputExtras(metadata, extra_files), description="applying patches")
+    return run_stream(
+        items,
+        Kernel(patched, passes_through=untouched),
+        out,
+        side_files_from=base_ckpt,
+        run=run,
+        extras=OutputExtras(metadata, extra_files),
+        description="applying patches",
+    )

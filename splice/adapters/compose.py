@@ -31,19 +31,24 @@ def composition_plan(patches: Sequence[Patch]) -> dict[str, list[Step]]:
         for name, step in patch_steps(patch).items():
             earlier = plan.setdefault(name, [])
             if earlier and (step.effect is Effect.replace or any(s.effect is Effect.replace for s in earlier)):
-                raise PatchError(f"patch {index + 1} ({patch.meta.kind.value}) and an earlier one "
-                                 f"({', '.join(kinds[name])}) both change {name}, and a replacement does not compose "
-                                 f"with another change; apply one of them")
+                raise PatchError(
+                    f"patch {index + 1} ({patch.meta.kind.value}) and an earlier one "
+                    f"({', '.join(kinds[name])}) both change {name}, and a replacement does not compose "
+                    f"with another change; apply one of them"
+                )
             if earlier and earlier[0].shape != step.shape:
-                raise PatchError(f"patch {index + 1} ({patch.meta.kind.value}) changes {name} as shape "
-                                 f"{list(step.shape)}, an earlier patch as {list(earlier[0].shape)}")
+                raise PatchError(
+                    f"patch {index + 1} ({patch.meta.kind.value}) changes {name} as shape "
+                    f"{list(step.shape)}, an earlier patch as {list(earlier[0].shape)}"
+                )
             earlier.append(step)
             kinds.setdefault(name, []).append(patch.meta.kind.value)
     return plan
 
 
-def check_plan_shapes(plan: dict[str, list[Step]], shape_of: Callable[[str], tuple[int, ...] | None],
-                      where: str) -> None:
+def check_plan_shapes(
+    plan: dict[str, list[Step]], shape_of: Callable[[str], tuple[int, ...] | None], where: str
+) -> None:
     """Every planned tensor exists in the target with the shape the patches were made for."""
     for name, steps in plan.items():
         shape = shape_of(name)

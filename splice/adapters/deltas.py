@@ -25,15 +25,19 @@ class Extracted:
     warnings: list[str] = field(default_factory=list)  # what a user should know the patch leaves out
 
 
-def deltas(base: Checkpoint, tuned: Checkpoint, device: torch.device | None = None,
-           progress: Progress | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def deltas(
+    base: Checkpoint, tuned: Checkpoint, device: torch.device | None = None, progress: Progress | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tuned - base in fp32) for every float tensor that changed, in storage order, read ahead.
     `progress` counts every float tensor compared (both sides' bytes), changed or not."""
     progress = progress or NoProgress()
     names = [name for name, info in base.tensors.items() if info.dtype.is_floating_point]
     reads = [((base, name, None), (tuned, name, None)) for name in names]
-    progress.start("comparing the fine-tune with its base", len(names),
-                   sum(base.tensors[name].nbytes + tuned.tensors[name].nbytes for name in names))
+    progress.start(
+        "comparing the fine-tune with its base",
+        len(names),
+        sum(base.tensors[name].nbytes + tuned.tensors[name].nbytes for name in names),
+    )
     try:
         for position, (before, after) in read_ahead(reads, depth=2):
             name = names[position]
@@ -50,5 +54,6 @@ def left_out_warnings(left_out: dict[str, str], patch: str, because: str, remedy
     none."""
     if not left_out:
         return []
-    return [f"{len(left_out)} changed tensors are not in the {patch}, {because} ({first_names(list(left_out))}); "
-            f"{remedy}"]
+    return [
+        f"{len(left_out)} changed tensors are not in the {patch}, {because} ({first_names(list(left_out))}); {remedy}"
+    ]

@@ -76,8 +76,13 @@ class TensorDrift:
         return None if not self.change_norm else self.update_norm / self.change_norm
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "base_change": self.base_change, "base_change_at_least": self.base_change_at_least,
-                "cosine": self.cosine, "update_to_change": self.update_to_change}
+        return {
+            **asdict(self),
+            "base_change": self.base_change,
+            "base_change_at_least": self.base_change_at_least,
+            "cosine": self.cosine,
+            "update_to_change": self.update_to_change,
+        }
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -122,8 +127,11 @@ class DriftReport:
 
     def _measurements(self) -> list[tuple[float, float, float]] | None:
         """Per tensor (||W||, ||W' - W||, <W' - W, U>), known when the port read the old base; else None."""
-        found = [(t.old_norm, t.change_norm, t.dot) for t in self.tensors
-                 if t.old_norm is not None and t.change_norm is not None and t.dot is not None]
+        found = [
+            (t.old_norm, t.change_norm, t.dot)
+            for t in self.tensors
+            if t.old_norm is not None and t.change_norm is not None and t.dot is not None
+        ]
         return found if len(found) == len(self.tensors) else None
 
     @property
@@ -164,15 +172,32 @@ class DriftReport:
 
     def summary(self) -> dict:
         """The figures a registry keeps of this port (no per-tensor table)."""
-        return _finite({"verdict": self.verdict, "reason": self.reason, "base_change": self.base_change,
-                        "base_change_at_least": self.base_change_at_least, "cosine": self.cosine,
-                        "update_to_change": self.update_to_change, "tensors": len(self.tensors),
-                        "changed_tensors": sum(t.changed is not False for t in self.tensors), "scale": self.scale})
+        return _finite(
+            {
+                "verdict": self.verdict,
+                "reason": self.reason,
+                "base_change": self.base_change,
+                "base_change_at_least": self.base_change_at_least,
+                "cosine": self.cosine,
+                "update_to_change": self.update_to_change,
+                "tensors": len(self.tensors),
+                "changed_tensors": sum(t.changed is not False for t in self.tensors),
+                "scale": self.scale,
+            }
+        )
 
     def as_dict(self) -> dict:
-        return {"patch": self.patch, "kind": self.kind, "old_base": self.old_base, "old_digest": self.old_digest,
-                "new_base": self.new_base, "new_digest": self.new_digest, "notes": self.notes, **self.summary(),
-                "per_tensor": [t.as_dict() for t in self.tensors]}
+        return {
+            "patch": self.patch,
+            "kind": self.kind,
+            "old_base": self.old_base,
+            "old_digest": self.old_digest,
+            "new_base": self.new_base,
+            "new_digest": self.new_digest,
+            "notes": self.notes,
+            **self.summary(),
+            "per_tensor": [t.as_dict() for t in self.tensors],
+        }
 
     def json_bytes(self) -> bytes:
         return (json.dumps(_finite(self.as_dict()), indent=2, allow_nan=False) + "\n").encode()
@@ -180,8 +205,10 @@ class DriftReport:
     def files(self) -> dict[str, bytes]:
         """The report as the files written beside the output: port_report.json and port_report.png (drawn once)."""
         if self._files is None:
-            self._files = {REPORT_JSON: self.json_bytes(),
-                           REPORT_PNG: png_bytes(self._draw, size=self._figure_size(), layout="constrained")}
+            self._files = {
+                REPORT_JSON: self.json_bytes(),
+                REPORT_PNG: png_bytes(self._draw, size=self._figure_size(), layout="constrained"),
+            }
         return self._files
 
     def save(self, directory: str | os.PathLike, force: bool = False) -> list[Path]:
@@ -201,15 +228,18 @@ class DriftReport:
         row per tensor, or per layer (the tensors' figures together) when a panel would hold too many rows."""
         panels: list[tuple[str, list[tuple[str, TensorDrift | DriftReport]]]] = []
         rows: list[tuple[str, TensorDrift | DriftReport]]
-        for title, part in (("matrices", [t for t in self.tensors if len(t.shape) >= 2]),
-                            ("vectors (biases, norms, scales)", [t for t in self.tensors if len(t.shape) < 2])):
+        for title, part in (
+            ("matrices", [t for t in self.tensors if len(t.shape) >= 2]),
+            ("vectors (biases, norms, scales)", [t for t in self.tensors if len(t.shape) < 2]),
+        ):
             if len(part) > MAX_PLOT_ROWS:
                 layers: dict[str, list[TensorDrift]] = {}
                 for t in part:
                     layers.setdefault(_layer_of(t.name), []).append(t)
                 rows = [
                     (f"{layer} ({len(ts)} tensors)", replace(self, tensors=ts, verdict="-", _files=None))
-                    for layer, ts in layers.items()]
+                    for layer, ts in layers.items()
+                ]
                 title += f", per layer ({len(part)} tensors)"
             else:
                 rows = [(_short(t.name, 48), t) for t in part]
@@ -225,17 +255,23 @@ class DriftReport:
         """Per patched tensor (or layer), as horizontal bars so that every name can be read: the base change
         and the patch update in % of ||W|| on a log scale with the 25% threshold, and the cosine with +-0.5."""
         panels = self._panels()
-        grid = figure.add_gridspec(len(panels), 2, width_ratios=[3, 1.4],
-                                   height_ratios=[len(rows) + 2 for _, rows in panels])
-        figure.suptitle(f"{_short(self.patch, 50)} -> {_short(self.new_base, 50)}: {self.verdict}",
-                        fontsize="medium")
+        grid = figure.add_gridspec(
+            len(panels), 2, width_ratios=[3, 1.4], height_ratios=[len(rows) + 2 for _, rows in panels]
+        )
+        figure.suptitle(f"{_short(self.patch, 50)} -> {_short(self.new_base, 50)}: {self.verdict}", fontsize="medium")
         for index, (title, rows) in enumerate(panels):
             change_axes = figure.add_subplot(grid[index, 0])
             cosine_axes = figure.add_subplot(grid[index, 1], sharey=change_axes)
             self._draw_panel(title, rows, change_axes, cosine_axes, legend=index == 0)
 
-    def _draw_panel(self, title: str, rows: list[tuple[str, TensorDrift | DriftReport]], change_axes: Axes,
-                    cosine_axes: Axes, legend: bool) -> None:
+    def _draw_panel(
+        self,
+        title: str,
+        rows: list[tuple[str, TensorDrift | DriftReport]],
+        change_axes: Axes,
+        cosine_axes: Axes,
+        legend: bool,
+    ) -> None:
         positions = list(range(len(rows)))
         figures = [item for _, item in rows]
         change = [item.base_change if self.measured else item.base_change_at_least for item in figures]
@@ -243,16 +279,33 @@ class DriftReport:
         shown = [100 * v for v in (*change, *update) if v is not None and 0 < v < math.inf]
         low = 10 ** math.floor(math.log10(min(shown) / 2)) if shown else 1e-3
         change_label = "base change ||W'-W|| / ||W||" if self.measured else "base change, at least (norms only)"
-        change_axes.hlines(positions, low, [_shown(100 * v) if v else math.nan for v in change], color="tab:blue",
-                           linewidth=4, label=change_label)
+        change_axes.hlines(
+            positions,
+            low,
+            [_shown(100 * v) if v else math.nan for v in change],
+            color="tab:blue",
+            linewidth=4,
+            label=change_label,
+        )
         known = all(t.old_norm is not None for t in self.tensors)
-        change_axes.plot([_shown(100 * v) if v else math.nan for v in update], positions, "o", color="tab:orange",
-                         markersize=3.5, label="patch update ||U|| / ||W||" if known else "patch update ||U|| / ||W'||")
+        change_axes.plot(
+            [_shown(100 * v) if v else math.nan for v in update],
+            positions,
+            "o",
+            color="tab:orange",
+            markersize=3.5,
+            label="patch update ||U|| / ||W||" if known else "patch update ||U|| / ||W'||",
+        )
         for position, ratios in enumerate(zip(change, update)):
             if math.inf in ratios:  # a base tensor that was all zeros: no ratio to draw
                 change_axes.text(low, position, " ||W|| = 0: no ratio", va="center", fontsize=6)
-        change_axes.axvline(100 * LARGE_CHANGE, color="tab:red", linestyle="--", linewidth=1,
-                            label=f"{LARGE_CHANGE:.0%} change: check before deploying")
+        change_axes.axvline(
+            100 * LARGE_CHANGE,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label=f"{LARGE_CHANGE:.0%} change: check before deploying",
+        )
         change_axes.set_xscale("log")
         change_axes.set_xlim(left=low)
         change_axes.set_yticks(positions, [label for label, _ in rows], fontsize=7)
@@ -261,11 +314,18 @@ class DriftReport:
         change_axes.set_title(title, fontsize="small", loc="left")
         change_axes.grid(axis="x", which="major", linewidth=0.3)
         if not any(v is not None for v in change):
-            change_axes.text(0.99, 0.5, "base change unknown:\ngive the old base (--from)", ha="right",
-                             va="center", fontsize="small", transform=change_axes.transAxes, bbox=_NOTE_BOX)
+            change_axes.text(
+                0.99,
+                0.5,
+                "base change unknown:\ngive the old base (--from)",
+                ha="right",
+                va="center",
+                fontsize="small",
+                transform=change_axes.transAxes,
+                bbox=_NOTE_BOX,
+            )
         if legend:
-            change_axes.legend(loc="lower left", bbox_to_anchor=(0, 1.06), ncol=3, fontsize="x-small",
-                               frameon=False)
+            change_axes.legend(loc="lower left", bbox_to_anchor=(0, 1.06), ncol=3, fontsize="x-small", frameon=False)
         cosine_axes.tick_params(axis="y", labelleft=False)
         cosine_axes.set_xlim(-1, 1)
         cosine_axes.axvline(0, color="black", linewidth=0.5)
@@ -277,8 +337,16 @@ class DriftReport:
             cosine_axes.hlines(positions, 0, cosines, color="tab:green", linewidth=4)
             cosine_axes.plot(cosines, positions, "|", color="tab:green", markersize=6)  # seen when near 0
         else:
-            cosine_axes.text(0.5, 0.5, "direction unknown:\ngive the old base (--from)", ha="center",
-                             va="center", fontsize="small", transform=cosine_axes.transAxes, bbox=_NOTE_BOX)
+            cosine_axes.text(
+                0.5,
+                0.5,
+                "direction unknown:\ngive the old base (--from)",
+                ha="center",
+                va="center",
+                fontsize="small",
+                transform=cosine_axes.transAxes,
+                bbox=_NOTE_BOX,
+            )
 
 
 _NOTE_BOX = {"facecolor": "white", "edgecolor": "0.7", "boxstyle": "round"}
@@ -296,7 +364,7 @@ def _shown(value: float) -> float:
 
 
 def _short(name: str, keep: int = 36) -> str:
-    return name if len(name) <= keep else "..." + name[-keep + 3:]
+    return name if len(name) <= keep else "..." + name[-keep + 3 :]
 
 
 def _root_sum(values: Iterable[float]) -> float:
@@ -324,21 +392,32 @@ def judge(report: DriftReport) -> tuple[str, str]:
     if change is None:  # not `measured`: the old base's values were not read
         least = report.base_change_at_least
         if report.old_digest is None or least is None:
-            return "unmeasured", ("no record of the base the patch was made on; give it (--from OLD_BASE) to measure "
-                                  "how far the base moved")
+            return "unmeasured", (
+                "no record of the base the patch was made on; give it (--from OLD_BASE) to measure "
+                "how far the base moved"
+            )
         if least > LARGE_CHANGE:
-            return "check before deploying", (f"the base moved at least {percent(least)} in {where} (norms only): "
-                                              "evaluate the ported model before deploying it")
-        return "unmeasured", (f"the base moved at least {percent(least)} in {where} (norms only), maybe more: give "
-                              "the old base (--from OLD_BASE) to measure the change itself")
+            return "check before deploying", (
+                f"the base moved at least {percent(least)} in {where} (norms only): "
+                "evaluate the ported model before deploying it"
+            )
+        return "unmeasured", (
+            f"the base moved at least {percent(least)} in {where} (norms only), maybe more: give "
+            "the old base (--from OLD_BASE) to measure the change itself"
+        )
     cosine, ratio = report.cosine or 0.0, report.update_to_change
     moved = f"base moved {percent(change)} in {where}"
     relation = f"patch update {ratio:.2g}x that change" if ratio is not None else "no patch update"
     if change > LARGE_CHANGE:
-        return "check before deploying", (f"{moved}, beyond what PortLLM's residual argument covers; evaluate the "
-                                          "ported model (--eval) before deploying it")
+        return "check before deploying", (
+            f"{moved}, beyond what PortLLM's residual argument covers; evaluate the "
+            "ported model (--eval) before deploying it"
+        )
     if abs(cosine) > ALIGNED:
-        effect = ("along the patch's own update (cos {:+.2f}): the ported update may overshoot; try --scale below 1"
-                  if cosine > 0 else "against the patch's own update (cos {:+.2f}): the evolution undid part of it")
+        effect = (
+            "along the patch's own update (cos {:+.2f}): the ported update may overshoot; try --scale below 1"
+            if cosine > 0
+            else "against the patch's own update (cos {:+.2f}): the evolution undid part of it"
+        )
         return "check before deploying", f"{moved}, {effect.format(cosine)}; evaluate before deploying"
     return "expected to transfer", f"{moved}; {relation}, nearly orthogonal to it (cos {cosine:+.2f})"

@@ -37,8 +37,9 @@ def kind_options(kind: PatchKind, options: Any = None, keywords: dict[str, Any] 
         if value == default:
             continue
         if owner is not kind:
-            raise PatchError(f"{keyword} is an option of {owner.value} patches, not of a {kind.value} patch; "
-                             f"leave it out")
+            raise PatchError(
+                f"{keyword} is an option of {owner.value} patches, not of a {kind.value} patch; leave it out"
+            )
         given[name] = value
     if options is None:
         return spec.options(**given) if spec.options else None
@@ -56,9 +57,17 @@ class Extraction:
     warnings: list[str]  # what a user should know the patch leaves out (changed tensors a LoRA cannot carry)
 
 
-def extraction(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKind | str,
-               storage_options: dict | None = None, description: str = "", *, options: Any = None,
-               run: RunOptions | None = None, **keywords: Any) -> Extraction:
+def extraction(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    kind: PatchKind | str,
+    storage_options: dict | None = None,
+    description: str = "",
+    *,
+    options: Any = None,
+    run: RunOptions | None = None,
+    **keywords: Any,
+) -> Extraction:
     """`extract_patch`, with the warnings about what the patch leaves out."""
     kind = parse_kind(kind)
     given, keywords = split_run_keywords(keywords)
@@ -70,15 +79,25 @@ def extraction(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKin
     tuned_ckpt = Checkpoint.open(tuned, run.storage_options)
     check_same_tensors([base_ckpt, tuned_ckpt])
     found = KINDS[kind].extract(base_ckpt, tuned_ckpt, chosen, run.device, run.progress)
-    meta = PatchMeta(kind=kind, targets=found.targets,
-                     base=fingerprint_base(base_ckpt, found.touched, run.progress),
-                     lineage=[recorded_location(base), recorded_location(tuned)], description=description,
-                     settings=found.settings)
+    meta = PatchMeta(
+        kind=kind,
+        targets=found.targets,
+        base=fingerprint_base(base_ckpt, found.touched, run.progress),
+        lineage=[recorded_location(base), recorded_location(tuned)],
+        description=description,
+        settings=found.settings,
+    )
     return Extraction(Patch(found.tensors, meta), found.warnings)
 
 
-def extract_patch(base: str | os.PathLike, tuned: str | os.PathLike, kind: PatchKind | str,
-                  storage_options: dict | None = None, description: str = "", **arguments: Any) -> Patch:
+def extract_patch(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    kind: PatchKind | str,
+    storage_options: dict | None = None,
+    description: str = "",
+    **arguments: Any,
+) -> Patch:
     """layernorm: the tuned model's LayerNorm/RMSNorm weights and biases (absolute values, replacing the
     base's), with the classification head when it changed and the changed tensors matching `include` (glob
     patterns); what else changed is named in the warnings; delta: tuned - base for every float tensor that
@@ -90,8 +109,15 @@ def extract_patch(base: str | os.PathLike, tuned: str | os.PathLike, kind: Patch
     return extraction(base, tuned, kind, storage_options, description, **arguments).patch
 
 
-def extract_patch_to(out: str | os.PathLike, base: str | os.PathLike, tuned: str | os.PathLike,
-                     kind: PatchKind | str, *, run: RunOptions | None = None, **arguments: Any) -> Extraction:
+def extract_patch_to(
+    out: str | os.PathLike,
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    kind: PatchKind | str,
+    *,
+    run: RunOptions | None = None,
+    **arguments: Any,
+) -> Extraction:
     """`extraction(base, tuned, kind, **arguments)` saved as a patch directory at `out`, which is refused
     (unless the run's `force`) before anything is read."""
     given, arguments = split_run_keywords(arguments)

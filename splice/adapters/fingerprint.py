@@ -56,12 +56,18 @@ def l2_norm(tensor: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64))
 
 
-def fingerprint_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype, sha256: str | None = None
-                       ) -> TensorFingerprint:
+def fingerprint_tensor(
+    name: str, tensor: torch.Tensor, dtype: torch.dtype, sha256: str | None = None
+) -> TensorFingerprint:
     """A base tensor the patch touches, hashed whole (`dtype`: as stored; `sha256`: its hash, when a caller has
     already computed it, e.g. on a worker thread)."""
-    return TensorFingerprint(name=name, shape=tuple(tensor.shape), dtype=dtype_name(dtype),
-                             sha256=sha256 or tensor_sha256(tensor), norm=l2_norm(tensor))
+    return TensorFingerprint(
+        name=name,
+        shape=tuple(tensor.shape),
+        dtype=dtype_name(dtype),
+        sha256=sha256 or tensor_sha256(tensor),
+        norm=l2_norm(tensor),
+    )
 
 
 def context_names(base: Checkpoint, touched: Iterable[str]) -> list[str]:
@@ -97,8 +103,11 @@ def fingerprint_base(base: Checkpoint, names: Iterable[str], progress: Progress 
     names = list(names)
     refuse_missing(base, names)
     others = context_names(base, names)
-    progress.start("fingerprinting the base", len(names) + len(others),
-                   sum(base.tensors[name].nbytes for name in names) + context_bytes(base, others))
+    progress.start(
+        "fingerprinting the base",
+        len(names) + len(others),
+        sum(base.tensors[name].nbytes for name in names) + context_bytes(base, others),
+    )
     try:
         entries = []
         for name in names:
@@ -144,8 +153,11 @@ def _compare_tensor(entry: TensorFingerprint, source: TensorSource) -> BaseMisma
     if tensor_sha256(tensor) == entry.sha256:
         return None
     norm = l2_norm(tensor)
-    return BaseMismatch(entry.name, "values", f"values differ: L2 norm {norm:.6g}, {entry.norm:.6g} when the "
-                                              f"patch was made{_norm_change(norm, entry.norm)}")
+    return BaseMismatch(
+        entry.name,
+        "values",
+        f"values differ: L2 norm {norm:.6g}, {entry.norm:.6g} when the patch was made{_norm_change(norm, entry.norm)}",
+    )
 
 
 def _norm_change(norm: float, recorded: float) -> str:
@@ -180,8 +192,7 @@ def compare_base(expected: BaseFingerprint, base: Checkpoint) -> list[BaseMismat
 
     def stored(name: str) -> StoredTensor | None:
         info = base.tensors.get(name)
-        return None if info is None else (info.shape, info.dtype,
-                                          lambda sample=False: _read_stored(base, name, sample))
+        return None if info is None else (info.shape, info.dtype, lambda sample=False: _read_stored(base, name, sample))
 
     return compare_fingerprint(expected, stored)
 
@@ -206,8 +217,10 @@ def refuse_drift(mismatches: list[BaseMismatch], what: str, kind: str, override:
             unfit.append(f"it lacks {len(missing)} of the tensors the patch changes ({first_names(missing)})")
         if reshaped:
             unfit.append(f"{len(reshaped)} of the tensors the patch changes have another shape, e.g. {reshaped[0]}")
-        raise PatchError(f"{what} is not the base this {kind} patch was made for: {'; '.join(unfit)}; apply it "
-                         f"to a base that has them")
+        raise PatchError(
+            f"{what} is not the base this {kind} patch was made for: {'; '.join(unfit)}; apply it "
+            f"to a base that has them"
+        )
     parts = [str(m) for m in own[:2]]
     if len(own) > 2:
         parts.append(f"{len(own) - 2} more of the tensors it changes differ")

@@ -76,11 +76,15 @@ def apply_patch(model: torch.nn.Module, patch: PatchSource, allow_base_drift: bo
         return None if tensor is None else (tuple(tensor.shape), tensor.dtype, lambda sample=False: tensor)
 
     if not allow_base_drift and patch.meta.base is not None:
-        refuse_drift(compare_fingerprint(patch.meta.base, live), "this model", patch.meta.kind.value,
-                     "`allow_base_drift=True`")
+        refuse_drift(
+            compare_fingerprint(patch.meta.base, live), "this model", patch.meta.kind.value, "`allow_base_drift=True`"
+        )
     plan = composition_plan([patch])
-    check_plan_shapes(plan, lambda name: tuple(state[names.get(name, name)].shape)
-                      if names.get(name, name) in state else None, "the model")
+    check_plan_shapes(
+        plan,
+        lambda name: tuple(state[names.get(name, name)].shape) if names.get(name, name) in state else None,
+        "the model",
+    )
     originals = {}
     with torch.no_grad():
         for stored, steps in plan.items():

@@ -31,10 +31,15 @@ MANIFEST = "patch.json"
 TENSORS = "tensors.safetensors"
 
 
-def write_patch_dir(directory: str | os.PathLike, meta: PatchMeta, tensors: Sequence[OutputTensor],
-                    fill: Callable[[BinaryIO, list[int]], None], force: bool = False,
-                    protected: Sequence[str | os.PathLike] = (), extra_files: Mapping[str, bytes] | None = None
-                    ) -> Path:
+def write_patch_dir(
+    directory: str | os.PathLike,
+    meta: PatchMeta,
+    tensors: Sequence[OutputTensor],
+    fill: Callable[[BinaryIO, list[int]], None],
+    force: bool = False,
+    protected: Sequence[str | os.PathLike] = (),
+    extra_files: Mapping[str, bytes] | None = None,
+) -> Path:
     """The patch directory format, once: `tensors.safetensors` (a header for `tensors` in this order, tagged
     with the patch kind, then their bytes, which `fill(file, offsets)` writes, each at its offset) and
     `patch.json`, published atomically. `Patch.save` and `Registry.pull` both write patches through here;
@@ -108,8 +113,11 @@ class Patch:
 
     def as_dict(self) -> dict:
         """What the patch is, without its values: the manifest, each tensor's shape, the parameter count."""
-        return {"meta": self.meta.model_dump(mode="json"), "shapes": {n: list(s) for n, s in self.shapes.items()},
-                "parameters": self.num_parameters}
+        return {
+            "meta": self.meta.model_dump(mode="json"),
+            "shapes": {n: list(s) for n, s in self.shapes.items()},
+            "parameters": self.num_parameters,
+        }
 
     def in_memory(self) -> Patch:
         """The same patch with every tensor read now (together, where the store can: one ranged read per pack)."""
@@ -117,8 +125,9 @@ class Patch:
             return Patch(self.tensors.read_all(), self.meta)
         return Patch(dict(self.tensors), self.meta)
 
-    def save(self, directory: str | os.PathLike, force: bool = False,
-             extra_files: Mapping[str, bytes] | None = None) -> Path:
+    def save(
+        self, directory: str | os.PathLike, force: bool = False, extra_files: Mapping[str, bytes] | None = None
+    ) -> Path:
         """Write `patch.json` and `tensors.safetensors` (and `extra_files`), published atomically."""
         specs = [OutputTensor(name, t.dtype, tuple(t.shape)) for name, t in self.tensors.items()]
 
@@ -127,8 +136,15 @@ class Patch:
                 handle.seek(offset)
                 handle.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
-        return write_patch_dir(directory, self.meta, specs, fill, force,
-                               protected=[self.stored_at] if self.stored_at else [], extra_files=extra_files)
+        return write_patch_dir(
+            directory,
+            self.meta,
+            specs,
+            fill,
+            force,
+            protected=[self.stored_at] if self.stored_at else [],
+            extra_files=extra_files,
+        )
 
     @classmethod
     def load(cls, location: str | os.PathLike, storage_options: dict | None = None) -> Patch:
@@ -146,8 +162,10 @@ class Patch:
         except ValueError as exc:  # not JSON
             raise PatchError(f"{location}/{MANIFEST}: manifest: {exc}") from None
         if meta.format_version > FORMAT_VERSION:
-            raise PatchError(f"{location}: patch format {meta.format_version} is newer than this splice "
-                             f"({FORMAT_VERSION}); upgrade splice")
+            raise PatchError(
+                f"{location}: patch format {meta.format_version} is newer than this splice "
+                f"({FORMAT_VERSION}); upgrade splice"
+            )
         return cls(StoredTensors(stored), meta)
 
     def check_base(self, base: Checkpoint, allow_drift: bool = False) -> list[BaseMismatch]:

@@ -59,10 +59,18 @@ class Ported:
     written: Path | None = None  # when the ported patch was written (`as_patch`)
 
 
-def port_patch(patch: PatchSource, to: str | os.PathLike, *, out: str | os.PathLike | None = None,
-               as_patch: str | os.PathLike | None = None, old_base: str | os.PathLike | None = None,
-               scale: float = 1.0, source: str | None = None, run: RunOptions | None = None,
-               **run_keywords: Unpack[RunKeywords]) -> Ported:
+def port_patch(
+    patch: PatchSource,
+    to: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    as_patch: str | os.PathLike | None = None,
+    old_base: str | os.PathLike | None = None,
+    scale: float = 1.0,
+    source: str | None = None,
+    run: RunOptions | None = None,
+    **run_keywords: Unpack[RunKeywords],
+) -> Ported:
     """Port `patch` onto the evolved base `to`: measure the drift, build the ported patch, and write the ported
     model to `out` and/or the ported patch to `as_patch` (each with the report's JSON and PNG inside).
     `old_base`: the base the patch was made on, verified against its fingerprint; it is needed for patches that
@@ -86,9 +94,15 @@ def patch_label(patch: PatchSource) -> str:
     return recorded_location(location) if location is not None else "a patch in memory"
 
 
-def check_port_outputs(patch: PatchSource, to: str | os.PathLike, old_base: str | os.PathLike | None,
-                       out: str | os.PathLike | None, as_patch: str | os.PathLike | None, force: bool,
-                       also_protected: Sequence[str | os.PathLike] = ()) -> None:
+def check_port_outputs(
+    patch: PatchSource,
+    to: str | os.PathLike,
+    old_base: str | os.PathLike | None,
+    out: str | os.PathLike | None,
+    as_patch: str | os.PathLike | None,
+    force: bool,
+    also_protected: Sequence[str | os.PathLike] = (),
+) -> None:
     """Before any work: each output is free (or `force`) and is none of the inputs (nor `also_protected`, e.g. the
     registry the patch came from), and they are not the same directory."""
     protected = [p for p in (to, old_base, patch_location(patch), *also_protected) if p is not None]
@@ -99,8 +113,15 @@ def check_port_outputs(patch: PatchSource, to: str | os.PathLike, old_base: str 
         raise PatchError("`out` and `as_patch` name the same directory; give each its own")
 
 
-def prepare_port(patch: PatchSource, to: str | os.PathLike, *, old_base: str | os.PathLike | None = None,
-                 scale: float = 1.0, source: str | None = None, run: RunOptions | None = None) -> Ported:
+def prepare_port(
+    patch: PatchSource,
+    to: str | os.PathLike,
+    *,
+    old_base: str | os.PathLike | None = None,
+    scale: float = 1.0,
+    source: str | None = None,
+    run: RunOptions | None = None,
+) -> Ported:
     """The ported patch and its drift report, nothing written: every refusal (another architecture, a missing
     or reshaped tensor, a wrong old base, a bare mask) happens here."""
     scale = _checked_scale(scale)
@@ -112,8 +133,12 @@ def prepare_port(patch: PatchSource, to: str | os.PathLike, *, old_base: str | o
     steps = patch_steps(loaded)
     _refuse_unportable(loaded, steps, new, old, str(to))
     if old is not None and loaded.meta.base is not None:
-        refuse_drift(compare_base(loaded.meta.base.model_copy(update={"tensors": []}), old), str(old_base),
-                     loaded.meta.kind.value, None)
+        refuse_drift(
+            compare_base(loaded.meta.base.model_copy(update={"tensors": []}), old),
+            str(old_base),
+            loaded.meta.kind.value,
+            None,
+        )
     measured = _measure(loaded, steps, new, old, scale, device, progress)
     fingerprint = _new_fingerprint(new, measured, progress)
     label = source or patch_label(patch)
@@ -121,8 +146,14 @@ def prepare_port(patch: PatchSource, to: str | os.PathLike, *, old_base: str | o
     return Ported(_ported_patch(loaded, measured, drift, fingerprint, scale), drift)
 
 
-def write_ported(ported: Ported, to: str | os.PathLike, *, out: str | os.PathLike | None = None,
-                 as_patch: str | os.PathLike | None = None, run: RunOptions | None = None) -> Ported:
+def write_ported(
+    ported: Ported,
+    to: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    as_patch: str | os.PathLike | None = None,
+    run: RunOptions | None = None,
+) -> Ported:
     """Write the new base with the ported patch applied (`out`) and/or the ported patch (`as_patch`), each
     published atomically with the drift report's port_report.json and port_report.png inside. The report is
     drawn first: drawn on a thread beside the stream, it slowed the stream 3x (both want the GIL)."""
@@ -147,40 +178,62 @@ def _checked_scale(scale: float) -> float:
     return scale
 
 
-def _refuse_unportable(patch: Patch, steps: dict[str, Step], new: Checkpoint, old: Checkpoint | None,
-                       where: str) -> None:
+def _refuse_unportable(
+    patch: Patch, steps: dict[str, Step], new: Checkpoint, old: Checkpoint | None, where: str
+) -> None:
     """Before any tensor is read: the new base has every tensor the patch changes, in its shape; a bare mask
     (which prunes, and holds no change) is not ported; replacements need the old base."""
     kind = patch.meta.kind.value
     pruning = [name for name, step in steps.items() if step.effect is Effect.multiply]
     if pruning:
-        raise PatchError(f"this {kind} patch only prunes ({first_names(pruning)}): it holds no change to carry over; "
-                         f"apply it to the new base with `splice patch apply`")
+        raise PatchError(
+            f"this {kind} patch only prunes ({first_names(pruning)}): it holds no change to carry over; "
+            f"apply it to the new base with `splice patch apply`"
+        )
     missing = [name for name in steps if name not in new.tensors]
     if missing and len(missing) == len(steps):
-        raise PatchError(f"{where} has none of the {len(steps)} tensors the {kind} patch changes "
-                         f"({first_names(missing)}): a patch is ported only onto an evolved version of its own "
-                         f"architecture")
+        raise PatchError(
+            f"{where} has none of the {len(steps)} tensors the {kind} patch changes "
+            f"({first_names(missing)}): a patch is ported only onto an evolved version of its own "
+            f"architecture"
+        )
     if missing:
-        raise PatchError(f"{where} lacks {len(missing)} of the tensors the {kind} patch changes "
-                         f"({first_names(missing)}); port it onto a base that has them")
-    reshaped = [f"{name} {list(new.tensors[name].shape)} (patch: {list(step.shape)})"
-                for name, step in steps.items() if tuple(new.tensors[name].shape) != step.shape]
+        raise PatchError(
+            f"{where} lacks {len(missing)} of the tensors the {kind} patch changes "
+            f"({first_names(missing)}); port it onto a base that has them"
+        )
+    reshaped = [
+        f"{name} {list(new.tensors[name].shape)} (patch: {list(step.shape)})"
+        for name, step in steps.items()
+        if tuple(new.tensors[name].shape) != step.shape
+    ]
     if reshaped:
-        raise PatchError(f"{where} reshaped {len(reshaped)} of the tensors the {kind} patch changes: "
-                         f"{first_names(reshaped, 2)}; a patch cannot be ported across a change of shape")
+        raise PatchError(
+            f"{where} reshaped {len(reshaped)} of the tensors the {kind} patch changes: "
+            f"{first_names(reshaped, 2)}; a patch cannot be ported across a change of shape"
+        )
     replaced = [name for name, step in steps.items() if step.effect is Effect.replace]
     if replaced and old is None:
-        what = "is a LayerNorm patch: it stores the values it sets" if patch.meta.kind is PatchKind.layernorm else \
-            f"replaces {len(replaced)} tensors whole ({first_names(replaced, 2)})"
-        raise PatchError(f"this patch {what}, not a change; give the base it was made on (`old_base=OLD_BASE`) so "
-                         f"its change can be ported")
+        what = (
+            "is a LayerNorm patch: it stores the values it sets"
+            if patch.meta.kind is PatchKind.layernorm
+            else f"replaces {len(replaced)} tensors whole ({first_names(replaced, 2)})"
+        )
+        raise PatchError(
+            f"this patch {what}, not a change; give the base it was made on (`old_base=OLD_BASE`) so "
+            f"its change can be ported"
+        )
     if old is not None:
-        unlike = [name for name, step in steps.items()
-                  if name not in old.tensors or tuple(old.tensors[name].shape) != step.shape]
+        unlike = [
+            name
+            for name, step in steps.items()
+            if name not in old.tensors or tuple(old.tensors[name].shape) != step.shape
+        ]
         if unlike:
-            raise PatchError(f"{old.location} (`old_base`) lacks or reshaped {len(unlike)} of the tensors the patch "
-                             f"changes ({first_names(unlike)}): it is not the base the patch was made on")
+            raise PatchError(
+                f"{old.location} (`old_base`) lacks or reshaped {len(unlike)} of the tensors the patch "
+                f"changes ({first_names(unlike)}): it is not the base the patch was made on"
+            )
 
 
 @dataclass
@@ -190,8 +243,7 @@ class _Measured:
     replaced: dict[str, torch.Tensor]  # new stored values of the tensors the patch replaces whole
 
 
-def _update(step: Step, old_value: torch.Tensor | None, shape: tuple[int, ...], device: torch.device
-            ) -> torch.Tensor:
+def _update(step: Step, old_value: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """The change a step makes on its own base, in fp32."""
     if step.effect is Effect.add:
         return step.compute(torch.zeros(shape, dtype=torch.float32, device=device))
@@ -200,8 +252,15 @@ def _update(step: Step, old_value: torch.Tensor | None, shape: tuple[int, ...], 
     return step.compute(old_value.clone()) - old_value
 
 
-def _measure(patch: Patch, steps: dict[str, Step], new: Checkpoint, old: Checkpoint | None, scale: float,
-             device: str, progress: Progress) -> _Measured:
+def _measure(
+    patch: Patch,
+    steps: dict[str, Step],
+    new: Checkpoint,
+    old: Checkpoint | None,
+    scale: float,
+    device: str,
+    progress: Progress,
+) -> _Measured:
     """One streamed pass over the patched tensors: the drift figures, the new base's fingerprint entries, the
     ported values of replaced tensors; the old base's own tensors are checked against the patch's fingerprint.
     Hashing runs on worker threads (sha256 releases the GIL) while the figures are computed."""
@@ -238,22 +297,33 @@ class _DriftPass:
 
 
 def _measure_one(measuring: _DriftPass, name: str, step: Step, tensors: list[torch.Tensor]) -> None:
-    patch, new, old, scale, compute, hashing, result = (measuring.patch, measuring.new, measuring.old, measuring.scale,
-                                                        measuring.compute, measuring.hashing, measuring.result)
+    patch, new, old, scale, compute, hashing, result = (
+        measuring.patch,
+        measuring.new,
+        measuring.old,
+        measuring.scale,
+        measuring.compute,
+        measuring.hashing,
+        measuring.result,
+    )
     recorded = measuring.recorded.get(name)
     stored_new, stored_old = tensors[0], tensors[1] if old is not None else None
     for base, stored in ((new, stored_new), (old, stored_old)):
         if base is not None and stored is not None and stored.is_floating_point() and not all_finite(stored):
-            raise PatchError(f"{base.location} holds NaN/Inf in {name}, a tensor the patch changes: the port would "
-                             f"write them; repair that base (or port onto another) first")
+            raise PatchError(
+                f"{base.location} holds NaN/Inf in {name}, a tensor the patch changes: the port would "
+                f"write them; repair that base (or port onto another) first"
+            )
     new_hash = hashing.submit(tensor_sha256, stored_new)
     old_hash = hashing.submit(tensor_sha256, stored_old) if stored_old is not None and recorded else None
     value_new = stored_new.to(device=compute, dtype=torch.float32)
     value_old = None if stored_old is None else stored_old.to(device=compute, dtype=torch.float32)
     update = _update(step, value_old, step.shape, compute)
     if old_hash is not None and old is not None and recorded is not None and old_hash.result() != recorded.sha256:
-        raise PatchError(f"{old.location} (`old_base`) is not the base this patch was made on: {name} differs; "
-                         f"give the base it was made on")
+        raise PatchError(
+            f"{old.location} (`old_base`) is not the base this patch was made on: {name} differs; "
+            f"give the base it was made on"
+        )
     entry = fingerprint_tensor(name, stored_new, new.tensors[name].dtype, sha256=new_hash.result())
     result.fingerprints.append(entry)
     result.drifts.append(_tensor_drift(name, entry, recorded, value_new, value_old, update))
@@ -261,20 +331,40 @@ def _measure_one(measuring: _DriftPass, name: str, step: Step, tensors: list[tor
         result.replaced[name] = _replaced_value(patch, name, value_new, value_old, scale, stored_new.dtype)
 
 
-def _tensor_drift(name: str, entry: TensorFingerprint, recorded: TensorFingerprint | None, new: torch.Tensor,
-                  old: torch.Tensor | None, update: torch.Tensor) -> TensorDrift:
+def _tensor_drift(
+    name: str,
+    entry: TensorFingerprint,
+    recorded: TensorFingerprint | None,
+    new: torch.Tensor,
+    old: torch.Tensor | None,
+    update: torch.Tensor,
+) -> TensorDrift:
     """The figures of one tensor, reduced in fp64 from fp32 tensors. ||W|| comes from the patch's fingerprint
     where the old base's bytes were just checked against it."""
     update_norm = l2_norm(update)
     if old is None:
         if recorded is None:  # nothing says what ||W|| was (a PEFT adapter): unknown, not ||W'||
             return TensorDrift(name, None, entry.norm, update_norm, shape=tuple(new.shape))
-        return TensorDrift(name, recorded.norm, entry.norm, update_norm, changed=entry.sha256 != recorded.sha256,
-                           shape=tuple(new.shape))
+        return TensorDrift(
+            name,
+            recorded.norm,
+            entry.norm,
+            update_norm,
+            changed=entry.sha256 != recorded.sha256,
+            shape=tuple(new.shape),
+        )
     change = new - old
     change_norm = l2_norm(change)
-    return TensorDrift(name, recorded.norm if recorded is not None else l2_norm(old), entry.norm, update_norm,
-                       change_norm, _dot(change, update), change_norm > 0, tuple(new.shape))
+    return TensorDrift(
+        name,
+        recorded.norm if recorded is not None else l2_norm(old),
+        entry.norm,
+        update_norm,
+        change_norm,
+        _dot(change, update),
+        change_norm > 0,
+        tuple(new.shape),
+    )
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -286,8 +376,9 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vecdot(a.reshape(rows, -1), b.reshape(rows, -1), dim=-1).double().sum())
 
 
-def _replaced_value(patch: Patch, name: str, new: torch.Tensor, old: torch.Tensor, scale: float,
-                    dtype: torch.dtype) -> torch.Tensor:
+def _replaced_value(
+    patch: Patch, name: str, new: torch.Tensor, old: torch.Tensor, scale: float, dtype: torch.dtype
+) -> torch.Tensor:
     """The value a replaced tensor takes on the new base: W' + scale * (stored - W), exactly the stored value
     where the base did not move and scale is 1 (so porting onto the patch's own base equals applying it)."""
     stored = patch.tensors[name]
@@ -297,25 +388,43 @@ def _replaced_value(patch: Patch, name: str, new: torch.Tensor, old: torch.Tenso
     return ported.to(device="cpu", dtype=stored.dtype if stored.dtype.is_floating_point else dtype)
 
 
-def _report(patch: Patch, measured: _Measured, label: str, new: Checkpoint, new_digest: str, old: Checkpoint | None,
-            scale: float) -> DriftReport:
+def _report(
+    patch: Patch,
+    measured: _Measured,
+    label: str,
+    new: Checkpoint,
+    new_digest: str,
+    old: Checkpoint | None,
+    scale: float,
+) -> DriftReport:
     notes = []
     if patch.meta.kind is PatchKind.layernorm:
-        notes.append("a LayerNorm patch stores absolute values: it was ported as the change it made on its own "
-                     "base (patch - old base), added to the new base's values")
+        notes.append(
+            "a LayerNorm patch stores absolute values: it was ported as the change it made on its own "
+            "base (patch - old base), added to the new base's values"
+        )
     elif measured.replaced:
-        notes.append(f"{len(measured.replaced)} tensors the patch replaces whole were ported as their change on "
-                     f"the old base")
+        notes.append(
+            f"{len(measured.replaced)} tensors the patch replaces whole were ported as their change on the old base"
+        )
     if patch.meta.base is None and old is None:
         notes.append("the patch records no base (a PEFT adapter): give --from OLD_BASE to measure the drift")
-    return DriftReport(patch=label, kind=patch.meta.kind.value, new_base=recorded_location(new.location),
-                       new_digest=new_digest, old_base=recorded_location(old.location) if old is not None else None,
-                       old_digest=patch.meta.base.digest if patch.meta.base else None, scale=scale,
-                       tensors=measured.drifts, notes=notes)
+    return DriftReport(
+        patch=label,
+        kind=patch.meta.kind.value,
+        new_base=recorded_location(new.location),
+        new_digest=new_digest,
+        old_base=recorded_location(old.location) if old is not None else None,
+        old_digest=patch.meta.base.digest if patch.meta.base else None,
+        scale=scale,
+        tensors=measured.drifts,
+        notes=notes,
+    )
 
 
-def _ported_patch(patch: Patch, measured: _Measured, drift: DriftReport, fingerprint: BaseFingerprint,
-                  scale: float) -> Patch:
+def _ported_patch(
+    patch: Patch, measured: _Measured, drift: DriftReport, fingerprint: BaseFingerprint, scale: float
+) -> Patch:
     """The same kind of patch for the new base (its `fingerprint`): rescaled by the kind, replaced tensors
     recomputed."""
     if scale != 1:
@@ -324,10 +433,20 @@ def _ported_patch(patch: Patch, measured: _Measured, drift: DriftReport, fingerp
         tensors, settings = patch.tensors, dict(patch.meta.settings)
     if measured.replaced:
         tensors = MappedTensors(tensors, patch.shapes, lambda name, _: measured.replaced[name], set(measured.replaced))
-    lineage = [*patch.meta.lineage, f"ported from {drift.patch} (base digest {drift.old_digest or 'not recorded'}) "
-               f"onto base digest {fingerprint.digest}" + (f", scale {scale:g}" if scale != 1 else "")]
-    meta = PatchMeta(kind=patch.meta.kind, targets=patch.meta.targets, base=fingerprint, lineage=lineage,
-                     description=patch.meta.description, tags=patch.meta.tags, settings=settings)
+    lineage = [
+        *patch.meta.lineage,
+        f"ported from {drift.patch} (base digest {drift.old_digest or 'not recorded'}) "
+        f"onto base digest {fingerprint.digest}" + (f", scale {scale:g}" if scale != 1 else ""),
+    ]
+    meta = PatchMeta(
+        kind=patch.meta.kind,
+        targets=patch.meta.targets,
+        base=fingerprint,
+        lineage=lineage,
+        description=patch.meta.description,
+        tags=patch.meta.tags,
+        settings=settings,
+    )
     return Patch(tensors, meta)
 
 

@@ -13,8 +13,9 @@ from splice.tensors.checkpoint import Checkpoint
 PatchSource = Patch | str | os.PathLike
 
 
-def load_patch(patch: PatchSource, storage_options: dict | None = None,
-               base: Checkpoint | torch.nn.Module | None = None) -> Patch:
+def load_patch(
+    patch: PatchSource, storage_options: dict | None = None, base: Checkpoint | torch.nn.Module | None = None
+) -> Patch:
     """A Patch as given, or loaded from a splice patch directory or a PEFT adapter directory. `base` (the
     stored or live model it will be applied to) lets a PEFT adapter's module names be mapped to stored names."""
     if isinstance(patch, Patch):

@@ -10,8 +10,12 @@ from collections.abc import Iterable
 
 from splice.tensors.checkpoint import Checkpoint
 
-CLASSIFIERS = ("ForSequenceClassification", "ForImageClassification", "ForTokenClassification",
-               "ForAudioClassification")
+CLASSIFIERS = (
+    "ForSequenceClassification",
+    "ForImageClassification",
+    "ForTokenClassification",
+    "ForAudioClassification",
+)
 
 
 def base_model_prefix(architecture: object) -> str | None:

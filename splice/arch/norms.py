@@ -30,8 +30,9 @@ def is_norm_weight(name: str, shape: Sequence[int], floating: bool) -> bool:
     """Whether the tensor stored as `name` is a norm's scale: a 1-D floating-point `weight` (or `gamma`) of a module
     whose name marks a LayerNorm / RMSNorm."""
     module, _, leaf = name.rpartition(".")
-    return (leaf in _WEIGHT_LEAVES and len(shape) == 1 and floating
-            and bool(_NORM_MODULE.search(module.rpartition(".")[2])))
+    return (
+        leaf in _WEIGHT_LEAVES and len(shape) == 1 and floating and bool(_NORM_MODULE.search(module.rpartition(".")[2]))
+    )
 
 
 def find_norm_modules(checkpoint: Checkpoint) -> list[NormModule]:
@@ -49,8 +50,11 @@ def norm_tensor_names(checkpoint: Checkpoint) -> list[str]:
     """The stored weight and bias tensors of every normalisation module."""
     names = []
     for module in find_norm_modules(checkpoint):
-        names += [f"{module.name}.{leaf}" for leaf in ("weight", "gamma", "bias", "beta")
-                  if f"{module.name}.{leaf}" in checkpoint.tensors]
+        names += [
+            f"{module.name}.{leaf}"
+            for leaf in ("weight", "gamma", "bias", "beta")
+            if f"{module.name}.{leaf}" in checkpoint.tensors
+        ]
     return names
 
 
@@ -63,7 +67,10 @@ def loaded_norm_modules(model: torch.nn.Module) -> list[str]:
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         stored_name = stored.get(f"{name}.weight" if name else "weight")
-        if isinstance(weight, torch.nn.Parameter) and stored_name is not None and is_norm_weight(
-                stored_name, weight.shape, weight.is_floating_point()):
+        if (
+            isinstance(weight, torch.nn.Parameter)
+            and stored_name is not None
+            and is_norm_weight(stored_name, weight.shape, weight.is_floating_point())
+        ):
             found.append(name)
     return found

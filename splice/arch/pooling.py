@@ -15,10 +15,24 @@ MEAN = "mean"
 
 # config.model_type -> pooling rule
 POOLING: dict[str, str] = {
-    "vit": CLS, "deit": CLS, "beit": CLS, "dinov2": CLS,
-    "bert": CLS, "roberta": CLS, "distilbert": CLS, "electra": CLS, "xlm-roberta": CLS,
-    "gpt2": MEAN, "gpt_neox": MEAN, "gptj": MEAN, "opt": MEAN,
-    "llama": MEAN, "mistral": MEAN, "qwen2": MEAN, "phi": MEAN, "phi3": MEAN,
+    "vit": CLS,
+    "deit": CLS,
+    "beit": CLS,
+    "dinov2": CLS,
+    "bert": CLS,
+    "roberta": CLS,
+    "distilbert": CLS,
+    "electra": CLS,
+    "xlm-roberta": CLS,
+    "gpt2": MEAN,
+    "gpt_neox": MEAN,
+    "gptj": MEAN,
+    "opt": MEAN,
+    "llama": MEAN,
+    "mistral": MEAN,
+    "qwen2": MEAN,
+    "phi": MEAN,
+    "phi3": MEAN,
 }
 
 
@@ -26,8 +40,9 @@ def pooling_rule(model_type: str) -> str:
     """The pooling rule of an architecture, refused with the known ones for an architecture splice does not know."""
     rule = POOLING.get(model_type)
     if rule is None:
-        raise SpliceError(f"no feature pooling is known for model type {model_type!r}; "
-                          f"known: {', '.join(sorted(POOLING))}")
+        raise SpliceError(
+            f"no feature pooling is known for model type {model_type!r}; known: {', '.join(sorted(POOLING))}"
+        )
     return rule
 
 

@@ -32,9 +32,12 @@ from splice.cli.registry import registry_app
 from splice.errors import HookError, SpliceError, hook_traceback
 from splice.progress import forget_published, published
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]},
-                  help="splice: merge, fuse, patch and port Hugging Face models, streamed tensor by tensor.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="splice: merge, fuse, patch and port Hugging Face models, streamed tensor by tensor.",
+)
 
 
 def _print_version(value: bool) -> None:
@@ -46,9 +49,13 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
-                                                help="Print splice's version and exit.")] = False) -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print splice's version and exit.")
+    ] = False,
+) -> None:
     """splice: merge, fuse, patch and port Hugging Face models, streamed tensor by tensor."""
+
 
 app.add_typer(patch_app, name="patch")
 app.add_typer(registry_app, name="registry")
@@ -57,9 +64,13 @@ app.command("deploy")(deploy_command)
 app.command("fuse")(fuse_command)
 app.command("port")(port_command)
 
+
 @app.command()
-def inspect(model: Annotated[str, typer.Argument(help="Model directory or fsspec URL.")],
-            storage_options: StorageOptions = None, as_json: Json = False) -> None:
+def inspect(
+    model: Annotated[str, typer.Argument(help="Model directory or fsspec URL.")],
+    storage_options: StorageOptions = None,
+    as_json: Json = False,
+) -> None:
     """Shards, tensor and parameter counts, dtypes and LayerNorm modules of a model, and the patch versions
     it carries if splice deploy wrote it."""
     from splice.workflows.inspect import summarize
@@ -86,8 +97,9 @@ def _parse_weights(text: str | None) -> list[float] | None:
 def soup(
     models: Annotated[list[str], typer.Argument(help="Model directories or fsspec URLs.")],
     out: Out,
-    weights: Annotated[str | None, typer.Option(
-        help="Comma-separated weights, one per model (normalised to sum to 1).")] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Comma-separated weights, one per model (normalised to sum to 1).")
+    ] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy soup (needs --eval).")] = False,
     eval_fn: Annotated[str | None, typer.Option("--eval", help="MODULE:FUNCTION scoring a state dict.")] = None,
     strict: Annotated[bool, typer.Option(help="Greedy: keep an ingredient only if the score rises.")] = False,
@@ -99,16 +111,27 @@ def soup(
     from splice.merge.soup import GreedySoupReport, soup_or_greedy
 
     quiet = shared.quiet
-    report = soup_or_greedy(models, out, weights=_parse_weights(weights), greedy=greedy, evaluate=eval_fn,
-                            strict=strict, dtype=dtype, run=shared.run)
+    report = soup_or_greedy(
+        models,
+        out,
+        weights=_parse_weights(weights),
+        greedy=greedy,
+        evaluate=eval_fn,
+        strict=strict,
+        dtype=dtype,
+        run=shared.run,
+    )
     if shared.as_json:
         render.print_json(report)
         return
     if isinstance(report, GreedySoupReport):
         render.show(render.greedy_soup_table(report), quiet)
         render.notes(report.notes, quiet)
-        render.show(f"greedy soup kept {len(report.kept)} of {len(report.steps)}; held-out score "
-                    f"{report.soup_score:.4f} (best ingredient {report.best_ingredient.score:.4f})", quiet)
+        render.show(
+            f"greedy soup kept {len(report.kept)} of {len(report.steps)}; held-out score "
+            f"{report.soup_score:.4f} (best ingredient {report.best_ingredient.score:.4f})",
+            quiet,
+        )
     else:
         render.show(render.stream_report_table("soup", report), quiet)
 
@@ -155,8 +178,9 @@ def _usage_error_line(exc: UsageError) -> str:
 def _print_error(message: str) -> None:
     """One `error:` line; the library's parameters in it named by their flags."""
     render.stop_progress()
-    render.error_console.print(f"[red]error:[/red] {render.plain(with_flags(message))}", highlight=False,
-                               soft_wrap=True)
+    render.error_console.print(
+        f"[red]error:[/red] {render.plain(with_flags(message))}", highlight=False, soft_wrap=True
+    )
 
 
 def main() -> None:
@@ -189,7 +213,10 @@ def main() -> None:
     if code == INTERRUPTED:  # typer turns a KeyboardInterrupt into this exit code instead of raising
         render.stop_progress()
         done = published()
-        said = (f"interrupted after {', '.join(done)} {'was' if len(done) == 1 else 'were'} published" if done
-                else "interrupted; nothing was published")
+        said = (
+            f"interrupted after {', '.join(done)} {'was' if len(done) == 1 else 'were'} published"
+            if done
+            else "interrupted; nothing was published"
+        )
         render.error_console.print(said, highlight=False, markup=False, soft_wrap=True)
     sys.exit(code if isinstance(code, int) else 0)

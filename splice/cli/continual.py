@@ -16,16 +16,25 @@ continual_app = typer.Typer(help="Continual learning with task-keyed LayerNorm b
 @continual_app.command("run")
 def run(
     pipeline: Annotated[Path, typer.Argument(help="The pipeline file (YAML): base, name, tasks, training settings.")],
-    resume: Annotated[bool, typer.Option("--resume", help="Continue after the tasks already in the registry.")
-                      ] = False,
-    report: Annotated[Path | None, typer.Option("--report", help="Directory for continual_report.json and the "
-                                                                 "PNG plots (default: continual-NAME).")] = None,
-    registry: Annotated[str | None, typer.Option(
-        "--registry", help="The registry (default: the pipeline file's registry:, else $SPLICE_REGISTRY, else "
-                           "~/.cache/splice/registry).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue after the tasks already in the registry.")] = False,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report", help="Directory for continual_report.json and the PNG plots (default: continual-NAME)."
+        ),
+    ] = None,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            "--registry",
+            help="The registry (default: the pipeline file's registry:, else $SPLICE_REGISTRY, else "
+            "~/.cache/splice/registry).",
+        ),
+    ] = None,
     storage_options: StorageOptions = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace the report's files in --report if they exist."
-                                        )] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the report's files in --report if they exist.")
+    ] = False,
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
@@ -38,9 +47,15 @@ def run(
 
     loaded = load_pipeline(pipeline)
     try:
-        result = run_pipeline(loaded, resume=resume, registry=registry,
-                              report_dir=report or f"continual-{loaded.name}", progress=render.RichProgress(quiet),
-                              storage_options=parse_storage_options(storage_options), force=force)
+        result = run_pipeline(
+            loaded,
+            resume=resume,
+            registry=registry,
+            report_dir=report or f"continual-{loaded.name}",
+            progress=render.RichProgress(quiet),
+            storage_options=parse_storage_options(storage_options),
+            force=force,
+        )
     except Interrupted as exc:  # not "nothing was published": say what the registry keeps
         render.interrupted(str(exc))
     if as_json:
@@ -54,14 +69,28 @@ def run(
 @continual_app.command("predict")
 @shared_options(shard_size=False)
 def predict(
-    bank: Annotated[str, typer.Option("--bank", help="A task version of a pipeline (name@task-3: tasks 1 to 3; "
-                                                     "name: the latest); its bank holds every task up to it.")],
+    bank: Annotated[
+        str,
+        typer.Option(
+            "--bank",
+            help="A task version of a pipeline (name@task-3: tasks 1 to 3; "
+            "name: the latest); its bank holds every task up to it.",
+        ),
+    ],
     base: Annotated[str, typer.Option("--base", help="The pipeline's base model.")],
-    data: Annotated[str, typer.Option("--data", help="MODULE:FUNCTION returning a batch (dict of tensors; "
-                                                     "labels optional).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write each input's class and task slot "
-                                                                 "(and the accuracy, with labels) as JSON; never an "
-                                                                 "input or the registry.")] = None,
+    data: Annotated[
+        str, typer.Option("--data", help="MODULE:FUNCTION returning a batch (dict of tensors; labels optional).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Write each input's class and task slot "
+            "(and the accuracy, with labels) as JSON; never an "
+            "input or the registry.",
+        ),
+    ] = None,
     registry: RegistryURL = None,
     *,
     shared: Shared,

@@ -12,15 +12,21 @@ from splice.cli.options import OldBase, Out, RegistryURL, Shared, shared_options
 
 @shared_options()
 def deploy_command(
-    refs: Annotated[list[str], typer.Argument(help="Registry refs (name, name@3, name@prod, name@sha256:...), "
-                                                    "applied in order.")],
+    refs: Annotated[
+        list[str], typer.Argument(help="Registry refs (name, name@3, name@prod, name@sha256:...), applied in order.")
+    ],
     base: Annotated[str, typer.Option("--base", help="The base model to deploy onto.")],
     out: Out,
     registry: RegistryURL = None,
-    allow_base_drift: Annotated[bool, typer.Option("--allow-base-drift",
-                                                   help="Deploy even if the base differs from the patches'.")] = False,
-    port: Annotated[bool, typer.Option("--port", help="Port each patch onto the base first (PortLLM), with a "
-                                                      "drift report beside the output.")] = False,
+    allow_base_drift: Annotated[
+        bool, typer.Option("--allow-base-drift", help="Deploy even if the base differs from the patches'.")
+    ] = False,
+    port: Annotated[
+        bool,
+        typer.Option(
+            "--port", help="Port each patch onto the base first (PortLLM), with a drift report beside the output."
+        ),
+    ] = False,
     old_base: OldBase = None,
     *,
     shared: Shared,
@@ -29,8 +35,16 @@ def deploy_command(
     which versions the deployed model carries (in its weights' metadata and deployment.json)."""
     from splice.workflows.deploy import deploy
 
-    record, report = deploy(refs, base, out, registry=registry, allow_base_drift=allow_base_drift, port=port,
-                            old_base=old_base, run=shared.run)
+    record, report = deploy(
+        refs,
+        base,
+        out,
+        registry=registry,
+        allow_base_drift=allow_base_drift,
+        port=port,
+        old_base=old_base,
+        run=shared.run,
+    )
     render.warn(record.warnings)
     if shared.as_json:
         render.print_json({"deployment": record, "stream": report})

@@ -26,14 +26,27 @@ Device = Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda o
 Dtype = Annotated[str | None, typer.Option(help="Output dtype: float32, bfloat16 or float16 (default: as input).")]
 ShardSize = Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB, 500MB.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
-Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout, instead of "
-                                                   "the tables (progress and warnings stay on stderr).")]
-StorageOptions = Annotated[str | None, typer.Option(
-    "--storage-options", help='JSON passed to fsspec for remote models, e.g. \'{"anon": true}\'.')]
+Json = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print the result as one JSON document on stdout, instead of "
+        "the tables (progress and warnings stay on stderr).",
+    ),
+]
+StorageOptions = Annotated[
+    str | None,
+    typer.Option("--storage-options", help="JSON passed to fsspec for remote models, e.g. '{\"anon\": true}'."),
+]
 
-OldBase = Annotated[str | None, typer.Option(
-    "--from", help="The base the patch was made on (verified against its fingerprint): the drift report then "
-                   "measures the base's change itself; needed for LayerNorm patches.")]
+OldBase = Annotated[
+    str | None,
+    typer.Option(
+        "--from",
+        help="The base the patch was made on (verified against its fingerprint): the drift report then "
+        "measures the base's change itself; needed for LayerNorm patches.",
+    ),
+]
 
 
 def parse_storage_options(text: str | None) -> dict | None:
@@ -48,9 +61,14 @@ def parse_storage_options(text: str | None) -> dict | None:
     return options
 
 
-RegistryURL = Annotated[str | None, typer.Option(
-    "--registry", envvar="SPLICE_REGISTRY",
-    help="Registry location: a directory or fsspec URL (default: $SPLICE_REGISTRY, else ~/.cache/splice/registry).")]
+RegistryURL = Annotated[
+    str | None,
+    typer.Option(
+        "--registry",
+        envvar="SPLICE_REGISTRY",
+        help="Registry location: a directory or fsspec URL (default: $SPLICE_REGISTRY, else ~/.cache/splice/registry).",
+    ),
+]
 
 
 def setup_logging(verbose: bool) -> None:
@@ -82,8 +100,9 @@ _TAIL: tuple[tuple[str, Any, Any], ...] = (
 Command = Callable[..., None]
 
 
-def shared_options(*, shard_size: bool = True, verbose: bool = False,
-                   placed: Mapping[str, str] | None = None) -> Callable[[Command], Command]:
+def shared_options(
+    *, shard_size: bool = True, verbose: bool = False, placed: Mapping[str, str] | None = None
+) -> Callable[[Command], Command]:
     """Declare the shared option tail on a typer command: --device, --shard-size (unless `shard_size=False`),
     --storage-options, --force, --quiet, --verbose (with `verbose=True`: it also sets up logging) and --json,
     after the command's own options; `placed` lists its own options the help shows inside the tail (option ->
@@ -94,8 +113,11 @@ def shared_options(*, shard_size: bool = True, verbose: bool = False,
 
     def declare(command: Command) -> Command:
         own = inspect.signature(command, eval_str=True).parameters
-        tail = [inspect.Parameter(name, keyword, default=default, annotation=declared)
-                for name, declared, default in _TAIL if name not in left_out]
+        tail = [
+            inspect.Parameter(name, keyword, default=default, annotation=declared)
+            for name, declared, default in _TAIL
+            if name not in left_out
+        ]
         for name, follows in (placed or {}).items():
             tail.insert(next(i for i, p in enumerate(tail) if p.name == follows) + 1, own[name].replace(kind=keyword))
         tail_names = {p.name for p in tail}
@@ -121,7 +143,11 @@ def _shared(values: Mapping[str, Any]) -> Shared:
     from splice.tensors.writer import parse_size
 
     shard_size = parse_size(values["shard_size"]) if "shard_size" in values else DEFAULT_SHARD_SIZE
-    run = RunOptions(device=values["device"], shard_size=shard_size, force=values["force"],
-                     progress=RichProgress(values["quiet"]),
-                     storage_options=parse_storage_options(values["storage_options"]))
+    run = RunOptions(
+        device=values["device"],
+        shard_size=shard_size,
+        force=values["force"],
+        progress=RichProgress(values["quiet"]),
+        storage_options=parse_storage_options(values["storage_options"]),
+    )
     return Shared(run, values["quiet"], values["as_json"])

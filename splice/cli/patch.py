@@ -21,19 +21,33 @@ def extract(
     kind: Annotated[str, typer.Option("--kind", help="layernorm, lora, mask or delta.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Patch directory to write.")],
     rank: Annotated[int | None, typer.Option(help="lora: rank of every matrix (the most, with --energy).")] = None,
-    energy: Annotated[float | None, typer.Option(
-        help="lora: per matrix, the smallest rank keeping this share of the delta's energy, e.g. 0.9.")] = None,
-    rslora: Annotated[bool, typer.Option("--rslora", help="lora: scale by alpha/sqrt(rank) (rank-stabilised).")
-                      ] = False,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="lora: per matrix, the smallest rank keeping this share of the delta's energy, e.g. 0.9."),
+    ] = None,
+    rslora: Annotated[
+        bool, typer.Option("--rslora", help="lora: scale by alpha/sqrt(rank) (rank-stabilised).")
+    ] = False,
     density: Annotated[float | None, typer.Option(help="mask: share of entries kept, e.g. 0.01.")] = None,
-    mask_scope: Annotated[str, typer.Option("--mask-scope", help="mask: top-k per 'tensor' or over the whole 'model'.")
-                          ] = "tensor",
-    mask_values: Annotated[bool, typer.Option("--mask-values/--mask-only",
-                                              help="mask: store the selected delta values (a sparse delta), "
-                                                   "or the mask alone.")] = True,
-    include: Annotated[list[str] | None, typer.Option(
-        "--include", metavar="PATTERN", help="layernorm: also carry the changed tensors this glob names (repeatable; "
-                                             "the changed classification head is carried without it).")] = None,
+    mask_scope: Annotated[
+        str, typer.Option("--mask-scope", help="mask: top-k per 'tensor' or over the whole 'model'.")
+    ] = "tensor",
+    mask_values: Annotated[
+        bool,
+        typer.Option(
+            "--mask-values/--mask-only",
+            help="mask: store the selected delta values (a sparse delta), or the mask alone.",
+        ),
+    ] = True,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--include",
+            metavar="PATTERN",
+            help="layernorm: also carry the changed tensors this glob names (repeatable; "
+            "the changed classification head is carried without it).",
+        ),
+    ] = None,
     description: Annotated[str, typer.Option(help="Free text stored in patch.json.")] = "",
     *,
     shared: Shared,
@@ -42,9 +56,21 @@ def extract(
     approximation of its delta, or the whole delta."""
     from splice.adapters.extract import extract_patch_to
 
-    extracted = extract_patch_to(out, base, tuned, kind, description=description, rank=rank, energy=energy,
-                                 rslora=rslora, density=density, mask_scope=mask_scope, mask_values=mask_values,
-                                 include=tuple(include or ()), run=shared.run)
+    extracted = extract_patch_to(
+        out,
+        base,
+        tuned,
+        kind,
+        description=description,
+        rank=rank,
+        energy=energy,
+        rslora=rslora,
+        density=density,
+        mask_scope=mask_scope,
+        mask_values=mask_values,
+        include=tuple(include or ()),
+        run=shared.run,
+    )
     for warning in extracted.warnings:
         render.error_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
     patch, size = extracted.patch, extracted.patch.size
@@ -52,11 +78,21 @@ def extract(
     if shared.as_json:
         render.print_json({"out": out, **render.jsonable(extracted)})
     elif not shared.quiet:
-        render.console.print(render.table(f"{patch.meta.kind.value} patch -> {out}",
-                                          ["tensors", "parameters", *bits, "targets", "base fingerprint"],
-                                          [[len(patch.tensors), f"{size.values:,}",
-                                            *([f"{size.mask_bits:,}"] if bits else []), len(patch.meta.targets),
-                                            patch.meta.base.digest[:19] if patch.meta.base else "none"]]))
+        render.console.print(
+            render.table(
+                f"{patch.meta.kind.value} patch -> {out}",
+                ["tensors", "parameters", *bits, "targets", "base fingerprint"],
+                [
+                    [
+                        len(patch.tensors),
+                        f"{size.values:,}",
+                        *([f"{size.mask_bits:,}"] if bits else []),
+                        len(patch.meta.targets),
+                        patch.meta.base.digest[:19] if patch.meta.base else "none",
+                    ]
+                ],
+            )
+        )
 
 
 @patch_app.command("apply")
@@ -65,8 +101,9 @@ def apply(
     patches: Annotated[list[str], typer.Argument(help="Patch directories, applied in order.")],
     base: Annotated[str, typer.Option("--base", help="The base model to patch.")],
     out: Out,
-    allow_base_drift: Annotated[bool, typer.Option("--allow-base-drift",
-                                                   help="Apply even if the base differs from the patch's.")] = False,
+    allow_base_drift: Annotated[
+        bool, typer.Option("--allow-base-drift", help="Apply even if the base differs from the patch's.")
+    ] = False,
     *,
     shared: Shared,
 ) -> None:
@@ -85,11 +122,16 @@ def apply(
 def export(
     patch: Annotated[str, typer.Argument(help="The patch directory (or PEFT adapter) to export.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write.")],
-    peft: Annotated[bool, typer.Option("--peft", help="Write a PEFT adapter: LoRA patches as LORA, LayerNorm "
-                                                      "patches as LN_TUNING.")] = False,
-    base: Annotated[str | None, typer.Option(
-        "--base", help="The base model, for transformers' module names (default: the one the patch was "
-                       "extracted from).")] = None,
+    peft: Annotated[
+        bool, typer.Option("--peft", help="Write a PEFT adapter: LoRA patches as LORA, LayerNorm patches as LN_TUNING.")
+    ] = False,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="The base model, for transformers' module names (default: the one the patch was extracted from).",
+        ),
+    ] = None,
     storage_options: StorageOptions = None,
     force: Force = False,
     quiet: Quiet = False,

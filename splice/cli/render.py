@@ -102,9 +102,14 @@ class RichProgress:
         self._by_items = total_bytes == 0
         sizes = (ItemRateColumn(unit),) if self._by_items else (DownloadColumn(), TransferSpeedColumn())
         self._bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(),
-            TextColumn("{task.fields[items]}/{task.fields[total_items]} " + unit), *sizes,
-            TimeElapsedColumn(), TimeRemainingColumn(), console=error_console, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[items]}/{task.fields[total_items]} " + unit),
+            *sizes,
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=error_console,
+            transient=False,
         )
         self._bar.start()
         _ACTIVE_BARS.append(self._bar)
@@ -135,40 +140,73 @@ def table(title: str, columns: list[str], rows: Iterable[Sequence[object]]) -> T
 
 
 def stream_report_table(title: str, report: StreamReport) -> Table:
-    return table(title, ["output", "tensors", "read", "written", "shards", "device", "seconds"], [[
-        report.out, report.tensors, human_bytes(report.bytes_read), human_bytes(report.bytes_written),
-        len(report.shard_files), report.device, f"{report.seconds:.2f}",
-    ]])
+    return table(
+        title,
+        ["output", "tensors", "read", "written", "shards", "device", "seconds"],
+        [
+            [
+                report.out,
+                report.tensors,
+                human_bytes(report.bytes_read),
+                human_bytes(report.bytes_written),
+                len(report.shard_files),
+                report.device,
+                f"{report.seconds:.2f}",
+            ]
+        ],
+    )
 
 
 def greedy_soup_table(report: GreedySoupReport) -> Table:
-    return table(f"greedy soup -> {report.out}", ["ingredient", "held-out score", "soup score", "kept"],
-                 [[s.model, f"{s.score:.4f}", "" if s.soup_score is None else f"{s.soup_score:.4f}",
-                   ("yes (tie)" if s.tie else "yes") if s.kept else "no"] for s in report.steps])
+    return table(
+        f"greedy soup -> {report.out}",
+        ["ingredient", "held-out score", "soup score", "kept"],
+        [
+            [
+                s.model,
+                f"{s.score:.4f}",
+                "" if s.soup_score is None else f"{s.soup_score:.4f}",
+                ("yes (tie)" if s.tie else "yes") if s.kept else "no",
+            ]
+            for s in report.steps
+        ],
+    )
 
 
 def deployment_table(title: str, record: DeploymentRecord) -> Table:
     """What a deployment carries: one row per patch version."""
-    return table(title, ["ref", "version", "kind", "digest", "base check"],
-                 [[p.ref, f"{p.name}@{p.version}", p.kind, p.digest[:19], p.base_check] for p in record.patches])
+    return table(
+        title,
+        ["ref", "version", "kind", "digest", "base check"],
+        [[p.ref, f"{p.name}@{p.version}", p.kind, p.digest[:19], p.base_check] for p in record.patches],
+    )
 
 
 def model_summary_tables(summary: ModelSummary) -> list[Table]:
     """What `splice inspect` shows of a ModelSummary."""
     tables = [
-        table(f"{summary.location} ({summary.architecture or 'unknown architecture'})",
-              ["tensors", "parameters", "size", "shards"],
-              [[summary.tensors, f"{summary.parameters:,}", human_bytes(summary.nbytes), len(summary.shards)]]),
-        table("shards", ["file", "tensors", "size"],
-              [[s.file, s.tensors, human_bytes(s.nbytes)] for s in summary.shards]),
+        table(
+            f"{summary.location} ({summary.architecture or 'unknown architecture'})",
+            ["tensors", "parameters", "size", "shards"],
+            [[summary.tensors, f"{summary.parameters:,}", human_bytes(summary.nbytes), len(summary.shards)]],
+        ),
+        table(
+            "shards", ["file", "tensors", "size"], [[s.file, s.tensors, human_bytes(s.nbytes)] for s in summary.shards]
+        ),
         table("dtypes", ["dtype", "parameters"], [[d, f"{n:,}"] for d, n in summary.dtypes.items()]),
-        table(f"LayerNorm modules ({len(summary.norm_modules)})", ["module", "size", "bias"],
-              [[m.name, m.size, "yes" if m.has_bias else "no"] for m in summary.norm_modules]),
+        table(
+            f"LayerNorm modules ({len(summary.norm_modules)})",
+            ["module", "size", "bias"],
+            [[m.name, m.size, "yes" if m.has_bias else "no"] for m in summary.norm_modules],
+        ),
     ]
     record = summary.deployment
     if record is not None:
-        tables.append(deployment_table(f"deployed patches (from {record.registry}, "
-                                       f"{record.deployed_at:%Y-%m-%d %H:%M} UTC)", record))
+        tables.append(
+            deployment_table(
+                f"deployed patches (from {record.registry}, {record.deployed_at:%Y-%m-%d %H:%M} UTC)", record
+            )
+        )
     return tables
 
 
@@ -205,8 +243,12 @@ def jsonable(value: object) -> Any:
 def _properties(value: object) -> dict[str, Any]:
     """The public properties a result class defines (a manifest's size, a report's verdict), as JSON values."""
     own = [cls for cls in type(value).__mro__ if cls.__module__.startswith("splice.")]
-    return {name: jsonable(getattr(value, name)) for cls in reversed(own)
-            for name, member in vars(cls).items() if isinstance(member, property) and name[0] != "_"}
+    return {
+        name: jsonable(getattr(value, name))
+        for cls in reversed(own)
+        for name, member in vars(cls).items()
+        if isinstance(member, property) and name[0] != "_"
+    }
 
 
 def print_json(result: object) -> None:
@@ -253,22 +295,47 @@ def _figure(value: float | None, spec: str = ".3f") -> str:
 
 def drift_tables(drift: DriftReport) -> list[Table]:
     """A port's drift report: the bases and the verdict, then one row per patched tensor."""
-    summary = table(f"port of {drift.patch} ({drift.kind} patch)", ["", "value"], [
-        ["old base", f"{drift.old_base or 'not given'} ({(drift.old_digest or 'no record')[:19]})"],
-        ["new base", f"{drift.new_base} ({drift.new_digest[:19]})"],
-        ["base change", _percent(drift.base_change) if drift.measured
-         else "unknown (no record of the old base: give --from OLD_BASE)" if drift.base_change_at_least is None
-         else f"at least {_percent(drift.base_change_at_least)} (norms only)"],
-        ["cosine (base change, patch update)", _figure(drift.cosine, "+.3f")],
-        ["patch update / base change", _figure(drift.update_to_change, ".3g")],
-        ["scale", f"{drift.scale:g}"], ["verdict", f"{drift.verdict}: {drift.reason}"],
-        *(["note", note] for note in drift.notes)])
-    rows = [[t.name, _percent(t.base_change) if t.change_norm is not None else "unknown"
-             if t.base_change_at_least is None else f">= {_percent(t.base_change_at_least)}",
-             _figure(t.cosine, "+.3f"), _figure(t.update_to_change, ".3g"),
-             {True: "yes", False: "no", None: "?"}[t.changed]] for t in drift.tensors]
-    return [summary, table(f"per patched tensor ({len(rows)})",
-                           ["tensor", "base change", "cosine", "update/change", "changed"], rows)]
+    summary = table(
+        f"port of {drift.patch} ({drift.kind} patch)",
+        ["", "value"],
+        [
+            ["old base", f"{drift.old_base or 'not given'} ({(drift.old_digest or 'no record')[:19]})"],
+            ["new base", f"{drift.new_base} ({drift.new_digest[:19]})"],
+            [
+                "base change",
+                _percent(drift.base_change)
+                if drift.measured
+                else "unknown (no record of the old base: give --from OLD_BASE)"
+                if drift.base_change_at_least is None
+                else f"at least {_percent(drift.base_change_at_least)} (norms only)",
+            ],
+            ["cosine (base change, patch update)", _figure(drift.cosine, "+.3f")],
+            ["patch update / base change", _figure(drift.update_to_change, ".3g")],
+            ["scale", f"{drift.scale:g}"],
+            ["verdict", f"{drift.verdict}: {drift.reason}"],
+            *(["note", note] for note in drift.notes),
+        ],
+    )
+    rows = [
+        [
+            t.name,
+            _percent(t.base_change)
+            if t.change_norm is not None
+            else "unknown"
+            if t.base_change_at_least is None
+            else f">= {_percent(t.base_change_at_least)}",
+            _figure(t.cosine, "+.3f"),
+            _figure(t.update_to_change, ".3g"),
+            {True: "yes", False: "no", None: "?"}[t.changed],
+        ]
+        for t in drift.tensors
+    ]
+    return [
+        summary,
+        table(
+            f"per patched tensor ({len(rows)})", ["tensor", "base change", "cosine", "update/change", "changed"], rows
+        ),
+    ]
 
 
 def health_table(name: str, records: Iterable[HealthRecord]) -> Table:
@@ -277,29 +344,46 @@ def health_table(name: str, records: Iterable[HealthRecord]) -> Table:
     for r in records:
         check = r.base_check + (f" -> {r.ported_to}" if r.ported_to else "")
         drift = f"{_percent(r.drift.base_change)}, cos {_figure(r.drift.cosine, '+.2f')}" if r.drift else "-"
-        score = "-" if r.score_after is None else \
-            f"{_figure(r.score_before, '.4g')} -> {_figure(r.score_after, '.4g')}"
+        score = "-" if r.score_after is None else f"{_figure(r.score_before, '.4g')} -> {_figure(r.score_after, '.4g')}"
         rows.append([r.recorded_at.strftime("%m-%d %H:%M"), r.version, r.base, check, drift, score])
-    return table(f"health of {name}: every deployment and port", ["when", "version", "onto", "check",
-                                                                  "base drift", "score"], rows)
+    return table(
+        f"health of {name}: every deployment and port",
+        ["when", "version", "onto", "check", "base drift", "score"],
+        rows,
+    )
 
 
 def continual_tables(report: ContinualReport) -> list[Table]:
     """The accuracy matrix (rows: after each task) and the pipeline's metrics."""
     header = ["after", *report.tasks, "average", "task id"]
-    rows = [[task, *(f"{a:.3f}" for a in row), *([""] * (len(report.tasks) - len(row))),
-             f"{report.average_accuracy[i]:.3f}", f"{report.task_id_accuracy[i]:.3f}"]
-            for i, (task, row) in enumerate(zip(report.tasks, report.accuracy))]
-    metrics: list[list[object]] = [["final average accuracy", f"{report.final_average_accuracy:.4f}"],
-               ["  with oracle task ids", f"{report.oracle_final_average_accuracy:.4f}"],
-               ["average incremental accuracy", f"{report.average_incremental_accuracy:.4f}"],
-               ["forgetting", f"{report.forgetting:.4f}"], ["backward transfer", f"{report.backward_transfer:+.4f}"],
-               ["task-identification accuracy", f"{report.task_id_accuracy[-1]:.4f}"],
-               ["stored per task", f"{max(report.parameters_per_task):,} LayerNorm entries at most + "
-                                   f"{report.key_size} key + {report.head_parameters:,} head parameters"],
-               ["tasks resumed from the registry", report.resumed_tasks]]
-    return [table(f"{report.name}: accuracy after each task", header, rows),
-            table(f"{report.name} ({report.protocol})", ["metric", "value"], metrics)]
+    rows = [
+        [
+            task,
+            *(f"{a:.3f}" for a in row),
+            *([""] * (len(report.tasks) - len(row))),
+            f"{report.average_accuracy[i]:.3f}",
+            f"{report.task_id_accuracy[i]:.3f}",
+        ]
+        for i, (task, row) in enumerate(zip(report.tasks, report.accuracy))
+    ]
+    metrics: list[list[object]] = [
+        ["final average accuracy", f"{report.final_average_accuracy:.4f}"],
+        ["  with oracle task ids", f"{report.oracle_final_average_accuracy:.4f}"],
+        ["average incremental accuracy", f"{report.average_incremental_accuracy:.4f}"],
+        ["forgetting", f"{report.forgetting:.4f}"],
+        ["backward transfer", f"{report.backward_transfer:+.4f}"],
+        ["task-identification accuracy", f"{report.task_id_accuracy[-1]:.4f}"],
+        [
+            "stored per task",
+            f"{max(report.parameters_per_task):,} LayerNorm entries at most + "
+            f"{report.key_size} key + {report.head_parameters:,} head parameters",
+        ],
+        ["tasks resumed from the registry", report.resumed_tasks],
+    ]
+    return [
+        table(f"{report.name}: accuracy after each task", header, rows),
+        table(f"{report.name} ({report.protocol})", ["metric", "value"], metrics),
+    ]
 
 
 def prediction_table(result: Predictions, loaded: LoadedBank) -> Table:
@@ -308,6 +392,7 @@ def prediction_table(result: Predictions, loaded: LoadedBank) -> Table:
         counts[task] = counts.get(task, 0) + 1
     names = loaded.aliases or [f"task-{t + 1}" for t in range(len(loaded.refs))]
     rows = [[names[t], loaded.refs[t], n] for t, n in sorted(counts.items())]
-    title = f"{len(result.classes)} inputs routed" + (f"; accuracy {result.accuracy:.4f}"
-                                                      if result.accuracy is not None else "")
+    title = f"{len(result.classes)} inputs routed" + (
+        f"; accuracy {result.accuracy:.4f}" if result.accuracy is not None else ""
+    )
     return table(title, ["task", "version", "inputs"], rows)

@@ -31,8 +31,10 @@ def head_module(model: torch.nn.Module, head_names: list[str]) -> torch.nn.Modul
     """The module holding the head's tensors (a Linear for ViT and BERT classification heads)."""
     modules = {stored_to_module_names(model)[name].rpartition(".")[0] for name in head_names}
     if len(modules) != 1:
-        raise SpliceError(f"classifier alignment needs a head that is one linear layer; this one spans "
-                          f"{', '.join(sorted(modules))}: set align: null in the pipeline")
+        raise SpliceError(
+            f"classifier alignment needs a head that is one linear layer; this one spans "
+            f"{', '.join(sorted(modules))}: set align: null in the pipeline"
+        )
     return model.get_submodule(modules.pop())
 
 
@@ -62,8 +64,9 @@ def _per_input(taken: torch.Tensor, given: torch.Tensor, logits: torch.Tensor) -
     return taken[torch.arange(taken.shape[0], device=taken.device), last]
 
 
-def _features_of(bank: LayerNormBank, head: torch.nn.Module, inputs: dict[str, torch.Tensor],
-                 ids: torch.Tensor | None) -> torch.Tensor | None:
+def _features_of(
+    bank: LayerNormBank, head: torch.nn.Module, inputs: dict[str, torch.Tensor], ids: torch.Tensor | None
+) -> torch.Tensor | None:
     """One forward pass (slots `ids`; None: the pretrained norms) and the head's feature vector per input."""
     with _captured(head) as captured, eval_mode(bank.model):
         logits = (bank(task_ids=ids, **inputs) if ids is not None else bank.model(**inputs)).logits
@@ -73,8 +76,9 @@ def _features_of(bank: LayerNormBank, head: torch.nn.Module, inputs: dict[str, t
 
 
 @torch.no_grad()
-def head_features(bank: LayerNormBank, head: torch.nn.Module, slot: int, inputs: dict[str, torch.Tensor],
-                  batch_size: int) -> torch.Tensor:
+def head_features(
+    bank: LayerNormBank, head: torch.nn.Module, slot: int, inputs: dict[str, torch.Tensor], batch_size: int
+) -> torch.Tensor:
     """[N, D] the feature vector the head turns into each input's logits, run with slot `slot` (eval mode)."""
     found = []
     for part in batches(inputs, batch_size, device=bank.keys.device):
@@ -92,12 +96,16 @@ def check_alignable(bank: LayerNormBank, head_names: list[str], task: TaskData) 
     from one feature vector: one pass of two inputs with the pretrained norms."""
     head = head_module(bank.model, head_names)
     if not isinstance(head, torch.nn.Linear):
-        raise SpliceError(f"classifier alignment needs a linear head; {type(bank.model).__name__}'s is "
-                          f"{type(head).__name__}: set align: null in the pipeline")
+        raise SpliceError(
+            f"classifier alignment needs a linear head; {type(bank.model).__name__}'s is "
+            f"{type(head).__name__}: set align: null in the pipeline"
+        )
     sample = {name: value[:2].to(bank.keys.device) for name, value in inputs_of(task.train).items()}
     if _features_of(bank, head, sample, None) is None:
-        raise SpliceError(f"classifier alignment needs the logits to come from one feature vector per input; "
-                          f"{type(bank.model).__name__}'s do not: set align: null in the pipeline")
+        raise SpliceError(
+            f"classifier alignment needs the logits to come from one feature vector per input; "
+            f"{type(bank.model).__name__}'s do not: set align: null in the pipeline"
+        )
 
 
 def class_statistics(features: torch.Tensor, labels: torch.Tensor) -> dict[int, ClassStatistics]:
@@ -112,26 +120,36 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor) -> dict[int, 
 
 def encode(statistics: dict[int, ClassStatistics]) -> dict:
     """The statistics as a task version keeps them in its settings (JSON floats: float64 exactly)."""
-    return {str(cls): {"count": s.count, "mean": s.mean.tolist(), "covariance": s.covariance.tolist()}
-            for cls, s in statistics.items()}
+    return {
+        str(cls): {"count": s.count, "mean": s.mean.tolist(), "covariance": s.covariance.tolist()}
+        for cls, s in statistics.items()
+    }
 
 
 def decode(settings: dict) -> dict[int, ClassStatistics]:
     """A task version's statistics back from its settings ({} when it has none)."""
-    return {int(cls): ClassStatistics(int(s["count"]), torch.tensor(s["mean"], dtype=torch.float64),
-                                      torch.tensor(s["covariance"], dtype=torch.float64))
-            for cls, s in settings.get(SETTINGS_KEY, {}).items()}
+    return {
+        int(cls): ClassStatistics(
+            int(s["count"]),
+            torch.tensor(s["mean"], dtype=torch.float64),
+            torch.tensor(s["covariance"], dtype=torch.float64),
+        )
+        for cls, s in settings.get(SETTINGS_KEY, {}).items()
+    }
 
 
-def sample_features(statistics: list[dict[int, ClassStatistics]], per_class: int,
-                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_features(
+    statistics: list[dict[int, ClassStatistics]], per_class: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`per_class` draws from N(mean, covariance) of every class of every task (by class, then task: a class two
     tasks share, task-incremental, is drawn from each), float32, and their labels. The covariance's square root
     comes from its eigendecomposition (negative rounding noise clamped to 0), so a singular covariance (fewer
     samples than dimensions) needs no added ridge."""
     features, labels = [], []
-    every = sorted(((cls, index, stats) for index, task in enumerate(statistics) for cls, stats in task.items()),
-                   key=lambda found: found[:2])
+    every = sorted(
+        ((cls, index, stats) for index, task in enumerate(statistics) for cls, stats in task.items()),
+        key=lambda found: found[:2],
+    )
     for cls, _, stats in every:
         values, vectors = torch.linalg.eigh(stats.covariance)
         root = vectors * values.clamp(min=0).sqrt()

@@ -143,8 +143,10 @@ def banked_norm(name: str, module: torch.nn.Module, route: _Route) -> BankedNorm
         norm = BankedNorm(module, kind, slots, route)
         if computes_as_banked(norm):
             return norm
-    raise SpliceError(f"{name} ({type(module).__name__}) does not compute as a LayerNorm or a "
-                      f"Llama-style RMSNorm; LayerNormBank cannot bank it")
+    raise SpliceError(
+        f"{name} ({type(module).__name__}) does not compute as a LayerNorm or a "
+        f"Llama-style RMSNorm; LayerNormBank cannot bank it"
+    )
 
 
 def wrap_norms(model: torch.nn.Module, route: _Route) -> dict[str, BankedNorm]:
@@ -193,8 +195,11 @@ class LayerNormBank(torch.nn.Module):
         self._norms: list[BankedNorm] = list(banked.values())
         # stored tensor name -> (norm index, leaf) for every banked weight and bias
         self._stored: dict[str, tuple[int, str]] = {
-            stored[f"{name}.{leaf}"]: (index, leaf) for index, (name, norm) in enumerate(banked.items())
-            for leaf in ("weight", "bias") if getattr(norm, leaf) is not None}
+            stored[f"{name}.{leaf}"]: (index, leaf)
+            for index, (name, norm) in enumerate(banked.items())
+            for leaf in ("weight", "bias")
+            if getattr(norm, leaf) is not None
+        }
         dim = model.config.hidden_size
         self.register_buffer("keys", torch.zeros(0, dim, device=self._norms[0].weight.device))
         self.register_buffer("has_key", torch.zeros(0, dtype=torch.bool, device=self.keys.device))
@@ -306,8 +311,10 @@ class LayerNormBank(torch.nn.Module):
         select). One batched pass, gamma/beta gathered per sample. Returns the wrapped model's own output."""
         if task_ids is None:
             if args:
-                raise SpliceError("pass the model's inputs by keyword (input_ids=..., pixel_values=...) to route "
-                                  "them, or give task_ids")
+                raise SpliceError(
+                    "pass the model's inputs by keyword (input_ids=..., pixel_values=...) to route "
+                    "them, or give task_ids"
+                )
             ids = self.route(**inputs)
         else:
             ids = self._checked_ids(task_ids)
@@ -318,8 +325,10 @@ class LayerNormBank(torch.nn.Module):
         """STORED tensor names (as save_pretrained writes them) -> that slot's gamma/beta: exactly the tensors
         of a splice LayerNorm patch for this slot."""
         task = self._task(task)
-        return {name: self._norms[index].slots.slot(task)[leaf].detach().clone()
-                for name, (index, leaf) in self._stored.items()}
+        return {
+            name: self._norms[index].slots.slot(task)[leaf].detach().clone()
+            for name, (index, leaf) in self._stored.items()
+        }
 
     def load_slot(self, task: int, values: Mapping[str, torch.Tensor]) -> None:
         """Fill a slot from stored names -> tensors (a LayerNorm patch's tensors); norms not named keep their
@@ -327,10 +336,11 @@ class LayerNormBank(torch.nn.Module):
         task = self._task(task)
         unknown = sorted(set(values) - set(self._stored))
         if unknown:
-            raise SpliceError(f"not a norm of this model: {', '.join(unknown[:3])}"
-                              f"{f' (+{len(unknown) - 3} more)' if len(unknown) > 3 else ''}")
-        targets = {name: self._norms[self._stored[name][0]].slots.slot(task)[self._stored[name][1]]
-                   for name in values}
+            raise SpliceError(
+                f"not a norm of this model: {', '.join(unknown[:3])}"
+                f"{f' (+{len(unknown) - 3} more)' if len(unknown) > 3 else ''}"
+            )
+        targets = {name: self._norms[self._stored[name][0]].slots.slot(task)[self._stored[name][1]] for name in values}
         for name, target in targets.items():
             if tuple(values[name].shape) != tuple(target.shape):
                 raise SpliceError(f"{name}: shape {tuple(values[name].shape)}, the model's is {tuple(target.shape)}")

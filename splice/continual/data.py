@@ -60,24 +60,29 @@ def check_protocol(tasks: list[TaskData], protocol: str, num_labels: int) -> Non
     for task in tasks:
         outside = [c for c in task.classes if not 0 <= c < num_labels]
         if outside:
-            raise SpliceError(f"task {task.name}: label {outside[0]} does not fit the model's head of "
-                              f"{num_labels} labels (labels are class ids 0..{num_labels - 1})")
+            raise SpliceError(
+                f"task {task.name}: label {outside[0]} does not fit the model's head of "
+                f"{num_labels} labels (labels are class ids 0..{num_labels - 1})"
+            )
     if protocol != "class-incremental":
         return
     owner: dict[int, str] = {}
     for task in tasks:
         for cls in task.classes:
             if cls in owner:
-                raise SpliceError(f"tasks {owner[cls]} and {task.name} both have class {cls}; class-incremental "
-                                  f"tasks have disjoint classes (or set protocol: task-incremental)")
+                raise SpliceError(
+                    f"tasks {owner[cls]} and {task.name} both have class {cls}; class-incremental "
+                    f"tasks have disjoint classes (or set protocol: task-incremental)"
+                )
             owner[cls] = task.name
 
 
-def batches(batch: Batch, size: int, generator: torch.Generator | None = None,
-            device: torch.device | None = None) -> Iterator[Batch]:
+def batches(
+    batch: Batch, size: int, generator: torch.Generator | None = None, device: torch.device | None = None
+) -> Iterator[Batch]:
     """Minibatches of `size`, shuffled by `generator` (in order without one), on `device` (the model's)."""
     count = next(iter(batch.values())).shape[0]
     order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
     for start in range(0, count, size):
-        index = order[start:start + size]
+        index = order[start : start + size]
         yield {key: value[index].to(device) if device is not None else value[index] for key, value in batch.items()}

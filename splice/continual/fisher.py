@@ -28,8 +28,9 @@ class FisherSubset(BaseModel):
     random: bool = False
 
 
-def fisher_diagonal(bank: LayerNormBank, slot: int, tuned: dict[str, torch.nn.Parameter], data: TaskData
-                    ) -> dict[str, torch.Tensor]:
+def fisher_diagonal(
+    bank: LayerNormBank, slot: int, tuned: dict[str, torch.nn.Parameter], data: TaskData
+) -> dict[str, torch.Tensor]:
     """F_i = mean_n (d log p(y_n | x_n) / d theta_i)^2 over the task's training samples, one sample at a time,
     with the slot's current values, the oracle slot and logits masked to the task's classes (eval mode)."""
     names, parameters = list(tuned), list(tuned.values())
@@ -51,8 +52,9 @@ def fisher_diagonal(bank: LayerNormBank, slot: int, tuned: dict[str, torch.nn.Pa
     return {name: square / count for name, square in zip(names, squares)}
 
 
-def subset_masks(fisher: dict[str, torch.Tensor], subset: FisherSubset, generator: torch.Generator
-                 ) -> dict[str, torch.Tensor]:
+def subset_masks(
+    fisher: dict[str, torch.Tensor], subset: FisherSubset, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """Per tensor, the bool mask of the entries that train: the top `fraction` of all entries by Fisher, or whole
     norm modules by summed Fisher until that many entries are in; `random` draws the same number at random."""
     total = sum(value.numel() for value in fisher.values())
@@ -63,12 +65,20 @@ def subset_masks(fisher: dict[str, torch.Tensor], subset: FisherSubset, generato
     chosen = torch.randperm(total, generator=generator)[:keep] if subset.random else flat.topk(keep).indices
     selected = torch.zeros(total, dtype=torch.bool)
     selected[chosen] = True
-    return dict(zip(fisher, (part.reshape(v.shape) for part, v in
-                             zip(selected.split([v.numel() for v in fisher.values()]), fisher.values()))))
+    return dict(
+        zip(
+            fisher,
+            (
+                part.reshape(v.shape)
+                for part, v in zip(selected.split([v.numel() for v in fisher.values()]), fisher.values())
+            ),
+        )
+    )
 
 
-def _module_masks(fisher: dict[str, torch.Tensor], keep: int, random: bool, generator: torch.Generator
-                  ) -> dict[str, torch.Tensor]:
+def _module_masks(
+    fisher: dict[str, torch.Tensor], keep: int, random: bool, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     modules: dict[str, list[str]] = {}
     for name in fisher:
         modules.setdefault(name.rpartition(".")[0], []).append(name)

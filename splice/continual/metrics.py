@@ -57,5 +57,4 @@ class Summary:
 
 def summarize(matrix: Matrix) -> Summary:
     averages = average_accuracies(matrix)
-    return Summary(averages[-1], sum(averages) / len(averages), forgetting(matrix), backward_transfer(matrix),
-                   averages)
+    return Summary(averages[-1], sum(averages) / len(averages), forgetting(matrix), backward_transfer(matrix), averages)

@@ -38,8 +38,10 @@ def classification_head(model: torch.nn.Module) -> list[str]:
     found = head_tensor_names(stored_to_module_names(model), type(model).__name__)
     if found:
         return sorted(found)
-    raise SpliceError(f"{type(model).__name__} has no classification head; a continual pipeline needs a "
-                      f"...ForImageClassification or ...ForSequenceClassification model")
+    raise SpliceError(
+        f"{type(model).__name__} has no classification head; a continual pipeline needs a "
+        f"...ForImageClassification or ...ForSequenceClassification model"
+    )
 
 
 def head_parameters(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Parameter]:

@@ -63,8 +63,10 @@ def dry_run(bank: LayerNormBank, tasks: Sequence[TaskData], batch_size: int) -> 
                 outputs = {"routing features": bank.features(**inputs), "logits": bank.model(**inputs).logits}
             for what, values in outputs.items():
                 if not bool(torch.isfinite(values).all()):
-                    raise SpliceError(f"{where}: the model's {what} on these inputs are not finite (inf or nan); "
-                                      "check the inputs' values and scale")
+                    raise SpliceError(
+                        f"{where}: the model's {what} on these inputs are not finite (inf or nan); "
+                        "check the inputs' values and scale"
+                    )
 
 
 def masked_logits(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
@@ -88,8 +90,15 @@ def task_features(bank: LayerNormBank, data: TaskData, batch_size: int) -> torch
     return torch.cat([bank.features(**inputs_of(b)) for b in batches(data.train, batch_size, device=bank.keys.device)])
 
 
-def task_key(bank: LayerNormBank, data: TaskData, schedule: Schedule, generator: torch.Generator,
-             trained: bool = False, epochs: int = 5, lr: float = 1e-2) -> torch.Tensor:
+def task_key(
+    bank: LayerNormBank,
+    data: TaskData,
+    schedule: Schedule,
+    generator: torch.Generator,
+    trained: bool = False,
+    epochs: int = 5,
+    lr: float = 1e-2,
+) -> torch.Tensor:
     """The key in closed form (the normalised mean of the normalised features: the optimum of -mean cos(f, k)), or
     trained as the reference code does: Adam on -mean cos(f, k) over minibatches, from a random start orthogonal
     to the keys already in the bank."""
@@ -110,8 +119,16 @@ def task_key(bank: LayerNormBank, data: TaskData, schedule: Schedule, generator:
     return key.detach()
 
 
-def _epochs(parameters: list[torch.nn.Parameter], loss_of: Callable[[Batch], torch.Tensor], data: TaskData,
-            training: Training, lr: float, epochs: int, stage: str, masks: GradMasks | None = None) -> float:
+def _epochs(
+    parameters: list[torch.nn.Parameter],
+    loss_of: Callable[[Batch], torch.Tensor],
+    data: TaskData,
+    training: Training,
+    lr: float,
+    epochs: int,
+    stage: str,
+    masks: GradMasks | None = None,
+) -> float:
     """Adam (a new optimiser, constant lr) over `epochs` of shuffled minibatches; the last epoch's mean loss."""
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=0.0)
     count = next(iter(data.train.values())).shape[0]
@@ -121,8 +138,9 @@ def _epochs(parameters: list[torch.nn.Parameter], loss_of: Callable[[Batch], tor
         progress.start(f"{training.label} {stage} epoch {epoch + 1}/{epochs}{loss_so_far}", count, 0, unit="samples")
         total, seen = 0.0, 0
         try:
-            for batch in batches(data.train, training.schedule.batch_size, training.generator,
-                                 device=parameters[0].device):
+            for batch in batches(
+                data.train, training.schedule.batch_size, training.generator, device=parameters[0].device
+            ):
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_of(batch)
                 loss.backward()
@@ -139,8 +157,15 @@ def _epochs(parameters: list[torch.nn.Parameter], loss_of: Callable[[Batch], tor
     return mean
 
 
-def train_slot(bank: LayerNormBank, slot: int, tuned: list[torch.nn.Parameter], head: list[torch.nn.Parameter],
-               data: TaskData, training: Training, masks: GradMasks | None = None) -> float:
+def train_slot(
+    bank: LayerNormBank,
+    slot: int,
+    tuned: list[torch.nn.Parameter],
+    head: list[torch.nn.Parameter],
+    data: TaskData,
+    training: Training,
+    masks: GradMasks | None = None,
+) -> float:
     """The slot's tuned gamma/beta (`tuned`: all of them or the pipeline's choice) and the head, trained with the
     oracle slot and logits masked to the task's classes."""
     parameters = [*tuned, *head]
@@ -165,6 +190,7 @@ def train_slot(bank: LayerNormBank, slot: int, tuned: list[torch.nn.Parameter], 
 def rectify_head(bank: LayerNormBank, head: list[torch.nn.Parameter], data: TaskData, training: Training) -> float:
     """Second stage: only the head trains, on features made with the inference-time selection (so it learns to
     live with mis-selected slots); logits masked to the task's classes."""
+
     def loss_of(batch: Batch) -> torch.Tensor:
         inputs = inputs_of(batch)
         with torch.no_grad():
@@ -178,8 +204,15 @@ def rectify_head(bank: LayerNormBank, head: list[torch.nn.Parameter], data: Task
     return _epochs(head, loss_of, data, training, schedule.head_lr, schedule.rectify_epochs, "head")
 
 
-def align_head(head_module: torch.nn.Module, head: list[torch.nn.Parameter], features: torch.Tensor,
-               labels: torch.Tensor, lr: float, epochs: int, training: Training) -> float:
+def align_head(
+    head_module: torch.nn.Module,
+    head: list[torch.nn.Parameter],
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    lr: float,
+    epochs: int,
+    training: Training,
+) -> float:
     """Classifier alignment: only the head trains, on `features` (drawn from every seen class's statistics) with
     logits over every class among `labels`."""
     classes = sorted(int(c) for c in labels.unique())
@@ -202,8 +235,15 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(bank: LayerNormBank, seen: list[TaskData], protocol: str, batch_size: int,
-             progress: Progress | None = None, label: str = "", inference: str = "all-classes") -> Evaluation:
+def evaluate(
+    bank: LayerNormBank,
+    seen: list[TaskData],
+    protocol: str,
+    batch_size: int,
+    progress: Progress | None = None,
+    label: str = "",
+    inference: str = "all-classes",
+) -> Evaluation:
     """Accuracy on every seen task's test set: class-incremental over all classes seen so far (`routed-classes`:
     over the classes of each input's slot's task), task-incremental over the task's own classes; with routed
     slots and with oracle slots."""
@@ -212,8 +252,9 @@ def evaluate(bank: LayerNormBank, seen: list[TaskData], protocol: str, batch_siz
     task_classes = [task.classes for task in seen] if inference == "routed-classes" else None
     routed, oracle, right, total = [], [], 0, 0
     progress = progress or NoProgress()
-    progress.start(f"{label} evaluating {len(seen)} task(s)", sum(t.test["labels"].shape[0] for t in seen), 0,
-                   unit="samples")
+    progress.start(
+        f"{label} evaluating {len(seen)} task(s)", sum(t.test["labels"].shape[0] for t in seen), 0, unit="samples"
+    )
     for index, task in enumerate(seen):
         classes = every_class if protocol == "class-incremental" else task.classes
         hits = oracle_hits = 0
@@ -232,8 +273,14 @@ def evaluate(bank: LayerNormBank, seen: list[TaskData], protocol: str, batch_siz
     return Evaluation(routed, oracle, right / total)
 
 
-def _correct(bank: LayerNormBank, inputs: Batch, labels: torch.Tensor, slots: torch.Tensor, classes: list[int],
-             task_classes: list[list[int]] | None) -> int:
+def _correct(
+    bank: LayerNormBank,
+    inputs: Batch,
+    labels: torch.Tensor,
+    slots: torch.Tensor,
+    classes: list[int],
+    task_classes: list[list[int]] | None,
+) -> int:
     """How many inputs the bank classifies right with `slots`: over `classes`, or (`task_classes` given: the
     routed-classes inference) over the classes of each input's slot's task."""
     logits = bank(task_ids=slots, **inputs).logits

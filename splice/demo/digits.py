@@ -64,8 +64,15 @@ def load_digits_splits(seed: int = 0) -> DigitsSplits:
 
 
 def model_config() -> ViTConfig:
-    config = ViTConfig(image_size=IMAGE_SIZE, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=64)
+    config = ViTConfig(
+        image_size=IMAGE_SIZE,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
     config.num_labels = NUM_LABELS
     return config
 
@@ -99,9 +106,17 @@ def augment(x: torch.Tensor, generator: torch.Generator, noise: float = 0.0, shi
     return x
 
 
-def train(model: ViTForImageClassification, data: tuple[torch.Tensor, torch.Tensor], *, lr: float, steps: int,
-          seed: int = 0, batch_size: int = 64, augmentation: Augmentation = Augmentation(),
-          weight_decay: float = 0.01) -> list[float]:
+def train(
+    model: ViTForImageClassification,
+    data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    lr: float,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    augmentation: Augmentation = Augmentation(),
+    weight_decay: float = 0.01,
+) -> list[float]:
     """AdamW with cosine decay for `steps` minibatches of `data` (images, labels: a Split), reshuffled each epoch,
     each augmented as `augmentation` says; returns each step's loss.
 
@@ -135,8 +150,9 @@ def checkpoint_names(model: ViTForImageClassification) -> dict[str, str]:
     return stored_to_module_names(model)
 
 
-def load_state(model: ViTForImageClassification, state: StateDict,
-               names: Mapping[str, str] | None = None) -> ViTForImageClassification:
+def load_state(
+    model: ViTForImageClassification, state: StateDict, names: Mapping[str, str] | None = None
+) -> ViTForImageClassification:
     """Load a state dict keyed by module names or by on-disk names (see `checkpoint_names`)."""
     if set(state) != set(model.state_dict()):
         names = names if names is not None else checkpoint_names(model)
@@ -146,8 +162,12 @@ def load_state(model: ViTForImageClassification, state: StateDict,
 
 
 @torch.no_grad()
-def accuracy(model: ViTForImageClassification | StateDict, x: torch.Tensor, y: torch.Tensor,
-             model_dir: str | os.PathLike | None = None) -> float:
+def accuracy(
+    model: ViTForImageClassification | StateDict,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    model_dir: str | os.PathLike | None = None,
+) -> float:
     """Top-1 accuracy of a model, or of a state dict loaded into the model saved in `model_dir`."""
     if not isinstance(model, torch.nn.Module):
         if model_dir is None:
@@ -211,9 +231,16 @@ def fine_tunes(count: int, seed: int = 0) -> list[FineTune]:
     return recipes
 
 
-def prepare_ingredients(workdir: str | os.PathLike, count: int, seed: int = 0, *, pretrain_steps: int = 300,
-                        finetune_steps: int = 75, pretrain_lr: float = 3e-3,
-                        splits: DigitsSplits | None = None) -> tuple[Path, list[Path], DigitsSplits]:
+def prepare_ingredients(
+    workdir: str | os.PathLike,
+    count: int,
+    seed: int = 0,
+    *,
+    pretrain_steps: int = 300,
+    finetune_steps: int = 75,
+    pretrain_lr: float = 3e-3,
+    splits: DigitsSplits | None = None,
+) -> tuple[Path, list[Path], DigitsSplits]:
     """Pretrain a base model, then fine-tune `count` ingredients from it; all saved under `workdir`.
 
     Returns (base model dir, ingredient dirs named after their hyperparameters, the data splits).
@@ -229,8 +256,14 @@ def prepare_ingredients(workdir: str | os.PathLike, count: int, seed: int = 0, *
         ingredient_dirs = []
         for index, recipe in enumerate(fine_tunes(count, seed)):
             model.load_state_dict(base_state)
-            train(model, splits.finetune, lr=recipe.lr, steps=finetune_steps, seed=recipe.seed,
-                  augmentation=recipe.augmentation)
+            train(
+                model,
+                splits.finetune,
+                lr=recipe.lr,
+                steps=finetune_steps,
+                seed=recipe.seed,
+                augmentation=recipe.augmentation,
+            )
             directory = workdir / f"ingredient-{index:02d}-{recipe.name}"
             model.save_pretrained(directory)
             ingredient_dirs.append(directory)

@@ -32,15 +32,26 @@ class LowRankUpdate(torch.nn.Module):
         return weight + self.lora_B @ self.lora_A
 
 
-def lora_layernorm_finetune(base_dir: Path, out_dir: Path, splits: digits.DigitsSplits, *, rank: int = 4,
-                            steps: int = 150, lr: float = 3e-3, seed: int = 7) -> Path:
+def lora_layernorm_finetune(
+    base_dir: Path,
+    out_dir: Path,
+    splits: digits.DigitsSplits,
+    *,
+    rank: int = 4,
+    steps: int = 150,
+    lr: float = 3e-3,
+    seed: int = 7,
+) -> Path:
     """Fine-tune only low-rank updates of the attention query/value weights and the LayerNorms; save the
     merged model. Its change from the base is exactly a LoRA patch plus a LayerNorm patch."""
     model = digits.load_model(base_dir)
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    targets = [module for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] in LORA_TARGETS]
+    targets = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] in LORA_TARGETS
+    ]
     for module in targets:
         rows, cols = module.weight.shape
         parametrize.register_parametrization(module, "weight", LowRankUpdate(rows, cols, rank, generator))
@@ -61,8 +72,14 @@ def max_logit_difference(model_a: Path, model_b: Path, pixels: torch.Tensor) -> 
     return float((first(pixel_values=pixels).logits - second(pixel_values=pixels).logits).abs().max())
 
 
-def run_patch_study(workdir: Path, base_dir: Path, wrong_base_dir: Path, splits: digits.DigitsSplits,
-                    progress: Progress | None = None, rank: int = 4) -> dict:
+def run_patch_study(
+    workdir: Path,
+    base_dir: Path,
+    wrong_base_dir: Path,
+    splits: digits.DigitsSplits,
+    progress: Progress | None = None,
+    rank: int = 4,
+) -> dict:
     """Fine-tune LoRA + LayerNorm on `base_dir`, extract both patches, push them to a registry under
     `workdir`, deploy them onto the base, compare with the fine-tune, and try the wrong base."""
     started = time.perf_counter()
@@ -70,8 +87,10 @@ def run_patch_study(workdir: Path, base_dir: Path, wrong_base_dir: Path, splits:
     layernorm = extract_patch(base_dir, tuned_dir, "layernorm", description="digits LayerNorms")
     lora = extract_patch(base_dir, tuned_dir, "lora", rank=rank, description="digits attention LoRA")
     registry = Registry.init(str(workdir / "registry"))
-    pushed = [registry.push(name, patch, alias="prod").manifest
-              for name, patch in (("digits-ln", layernorm), ("digits-lora", lora))]
+    pushed = [
+        registry.push(name, patch, alias="prod").manifest
+        for name, patch in (("digits-ln", layernorm), ("digits-lora", lora))
+    ]
     refs = ["digits-ln@prod", "digits-lora@prod"]
     deployed_dir = workdir / "deployed"
     record, _ = deploy(refs, base_dir, deployed_dir, registry=registry, device="cpu", progress=progress)
@@ -82,12 +101,20 @@ def run_patch_study(workdir: Path, base_dir: Path, wrong_base_dir: Path, splits:
         refusal = str(exc)
     probe = splits.test.x
     return {
-        "patches": [{"ref": f"{version.name}@{version.version}", "kind": patch.meta.kind.value,
-                     "digest": version.digest, "parameters": patch.num_parameters}
-                    for version, patch in zip(pushed, (layernorm, lora))],
+        "patches": [
+            {
+                "ref": f"{version.name}@{version.version}",
+                "kind": patch.meta.kind.value,
+                "digest": version.digest,
+                "parameters": patch.num_parameters,
+            }
+            for version, patch in zip(pushed, (layernorm, lora))
+        ],
         "record": record,
-        "accuracy": {name: digits.accuracy(digits.load_model(path), *splits.test)
-                     for name, path in (("base", base_dir), ("fine-tune", tuned_dir), ("deployed", deployed_dir))},
+        "accuracy": {
+            name: digits.accuracy(digits.load_model(path), *splits.test)
+            for name, path in (("base", base_dir), ("fine-tune", tuned_dir), ("deployed", deployed_dir))
+        },
         "max_logit_difference": max_logit_difference(tuned_dir, deployed_dir, probe),
         "probe_count": len(probe),
         "refusal": refusal,

@@ -37,8 +37,13 @@ def _run_in(workspace: Path, progress: Callable[[], Progress]) -> tuple[dict, Mo
 
     soups = run_soup_study(workspace, INGREDIENTS, progress=progress())
     outputs = soups["outputs"]
-    patches = run_patch_study(workspace / "patches", Path(outputs["base"]), Path(outputs["ingredients"][0]),
-                              load_digits_splits(soups["seed"]), progress=progress())
+    patches = run_patch_study(
+        workspace / "patches",
+        Path(outputs["base"]),
+        Path(outputs["ingredients"][0]),
+        load_digits_splits(soups["seed"]),
+        progress=progress(),
+    )
     return soups, summarize(outputs["uniform_soup"]), patches
 
 

@@ -26,22 +26,39 @@ def run_soup_study(workdir: Path, count: int, seed: int = 0, progress: Progress 
 
     uniform_dir, greedy_dir = workdir / "uniform-soup", workdir / "greedy-soup"
     soup(ingredient_dirs, uniform_dir, device="cpu", force=True, progress=progress)
-    report = greedy_soup(ingredient_dirs, greedy_dir, digits.make_scorer(*splits.val, base_dir), device="cpu",
-                         force=True, progress=progress)
+    report = greedy_soup(
+        ingredient_dirs,
+        greedy_dir,
+        digits.make_scorer(*splits.val, base_dir),
+        device="cpu",
+        force=True,
+        progress=progress,
+    )
     kept = {Path(model).name for model in report.kept}
     return {
         "seed": seed,
         "split_sizes": {name: len(getattr(splits, name).y) for name in ("pretrain", "finetune", "val", "test")},
         "base": scores(base_dir, splits),
         "ingredients": [
-            {"name": path.name, "lr": r.lr, "noise": r.noise, "shift": r.shift, "seed": r.seed,
-             **scores(path, splits), "in_greedy_soup": path.name in kept}
+            {
+                "name": path.name,
+                "lr": r.lr,
+                "noise": r.noise,
+                "shift": r.shift,
+                "seed": r.seed,
+                **scores(path, splits),
+                "in_greedy_soup": path.name in kept,
+            }
             for path, r in zip(ingredient_dirs, recipes)
         ],
         "uniform_soup": scores(uniform_dir, splits),
         "greedy_soup": {**scores(greedy_dir, splits), "reported_val": report.soup_score, "kept": len(kept)},
-        "outputs": {"base": str(base_dir), "ingredients": [str(p) for p in ingredient_dirs],
-                    "uniform_soup": str(uniform_dir), "greedy_soup": str(greedy_dir)},
+        "outputs": {
+            "base": str(base_dir),
+            "ingredients": [str(p) for p in ingredient_dirs],
+            "uniform_soup": str(uniform_dir),
+            "greedy_soup": str(greedy_dir),
+        },
         "seconds": {"train": trained - started, "total": time.perf_counter() - started},
     }
 

@@ -36,8 +36,6 @@ def weighted_average(weights: Sequence[float]) -> Kernel:
     return Kernel(average, elementwise=True)
 
 
-
-
 def _trim_in_place(delta: torch.Tensor, density: float, rescale: bool, eps: float = 1e-7) -> None:
     keep = top_magnitude_mask(delta, density)
     if keep is None:
@@ -52,8 +50,9 @@ def _trim_in_place(delta: torch.Tensor, density: float, rescale: bool, eps: floa
         delta.mul_(before / after)
 
 
-def _task_arithmetic_family(name: str, tensors: list[torch.Tensor], params: Mapping[str, Any], base_index: int,
-                            trim: bool, sign_consensus: bool) -> torch.Tensor:
+def _task_arithmetic_family(
+    name: str, tensors: list[torch.Tensor], params: Mapping[str, Any], base_index: int, trim: bool, sign_consensus: bool
+) -> torch.Tensor:
     """base + lambda * (weighted deltas, optionally trimmed by magnitude and filtered by sign consensus),
     normalised by the weights that contributed. One delta at a time, in place, to keep passes and memory low."""
     base = tensors[base_index]
@@ -89,8 +88,7 @@ def _task_arithmetic_family(name: str, tensors: list[torch.Tensor], params: Mapp
     return base + merged
 
 
-def _linear(name: str, tensors: list[torch.Tensor], params: Mapping[str, Any], base_index: int | None
-            ) -> torch.Tensor:
+def _linear(name: str, tensors: list[torch.Tensor], params: Mapping[str, Any], base_index: int | None) -> torch.Tensor:
     weights = [params["weight"][i] for i in range(len(tensors))]
     merged = tensors[0] * weights[0]
     for tensor, weight in zip(tensors[1:], weights[1:]):
@@ -110,8 +108,9 @@ OWN_METHODS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def method_kernel(method: str, parameters_for: TensorParameters, base_index: int | None,
-                  prefer_own: bool = True) -> Kernel:
+def method_kernel(
+    method: str, parameters_for: TensorParameters, base_index: int | None, prefer_own: bool = True
+) -> Kernel:
     """A kernel for a named merge method: splice's own implementation where it has one, else mergekit's."""
     if prefer_own and method in OWN_METHODS:
         implementation = OWN_METHODS[method]
@@ -129,8 +128,14 @@ def method_kernel(method: str, parameters_for: TensorParameters, base_index: int
 
     def through_mergekit(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         try:
-            return merge_tensors(tensors, mergekit_impl, parameters=parameters_for(name),
-                                 ids=list(range(len(tensors))), base_index=base_index, name=name)
+            return merge_tensors(
+                tensors,
+                mergekit_impl,
+                parameters=parameters_for(name),
+                ids=list(range(len(tensors))),
+                base_index=base_index,
+                name=name,
+            )
         except Exception as exc:  # mergekit raises many types; the user needs the method and the tensor
             raise SpliceError(f"{method} failed on tensor {name}: {first_line(exc)}") from exc
 

@@ -69,8 +69,13 @@ def method_rules(name: str) -> MethodRules:
 
     spec = mergekit_method(name).spec
     parameters = {
-        p.name: ParameterRule(p.name, p.value_type, ParameterScope(p.scope.value), p.default is MISSING,
-                              None if p.default is MISSING else p.default)
+        p.name: ParameterRule(
+            p.name,
+            p.value_type,
+            ParameterScope(p.scope.value),
+            p.default is MISSING,
+            None if p.default is MISSING else p.default,
+        )
         for p in spec.parameters
     }
     contract = spec.contract
@@ -105,9 +110,11 @@ def _della_window(method: str, parameters: dict[str, Any], tensor: str) -> None:
     for index, density in (parameters.get("density") or {}).items():
         epsilon = epsilons.get(index)
         if epsilon is not None and 0 < density < 1 and not (0 < density - epsilon and density + epsilon < 1):
-            raise RecipeError(f"{method}: density {density:g} +/- epsilon {epsilon:g} must stay inside (0, 1) "
-                              f"(input {index}, tensor {tensor}); lower epsilon below "
-                              f"{min(density, 1 - density):g}")
+            raise RecipeError(
+                f"{method}: density {density:g} +/- epsilon {epsilon:g} must stay inside (0, 1) "
+                f"(input {index}, tensor {tensor}); lower epsilon below "
+                f"{min(density, 1 - density):g}"
+            )
 
 
 RANGE_CHECKS = {"della": _della_window, "della_linear": _della_window}

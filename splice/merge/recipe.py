@@ -95,7 +95,7 @@ NOT_SUPPORTED = {
     "slices": "splice merges whole models; slices are not supported yet: list the models under models:",
     "modules": "splice merges whole models; modules are not supported yet: list the models under models:",
     "tokenizer": "building a tokenizer is not supported yet; splice writes the base model's tokenizer "
-                 "(remove tokenizer:, or write tokenizer_source: base)",
+    "(remove tokenizer:, or write tokenizer_source: base)",
     "chat_template": "chat_template is not supported yet; splice copies the base model's chat template",
 }
 
@@ -107,7 +107,8 @@ class _RecipeLoader(yaml.SafeLoader):
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    list("-+0123456789."),
+)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -146,7 +147,8 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
     method = recipe.merge_method
     known = ", ".join(rules.parameters) or "none"
     for owner, settings in [("parameters", recipe.parameters)] + [
-            (f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(recipe.models)]:
+        (f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(recipe.models)
+    ]:
         for name in settings:
             if name not in rules.parameters:
                 raise RecipeError(f"{source}: {owner}: unknown parameter {name!r} for {method} (known: {known})")
@@ -160,8 +162,11 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
     counted = len(locations)
     if counted < rules.min_inputs or (rules.max_inputs is not None and counted > rules.max_inputs):
         at_most = f" and at most {rules.max_inputs}" if rules.max_inputs else ""
-        wanted = (f"exactly {rules.min_inputs}" if rules.max_inputs == rules.min_inputs
-                  else f"at least {rules.min_inputs}{at_most}")
+        wanted = (
+            f"exactly {rules.min_inputs}"
+            if rules.max_inputs == rules.min_inputs
+            else f"at least {rules.min_inputs}{at_most}"
+        )
         raise RecipeError(f"{source}: {method} takes {wanted} models, got {counted}")
     for rule in rules.parameters.values():
         if not rule.required:
@@ -176,15 +181,15 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
             if rule.name not in entry.parameters and rule.name not in recipe.parameters:
                 raise RecipeError(f"{source}: {method} needs parameter {rule.name!r} for model {entry.model}")
     if recipe.tokenizer_source not in (None, "base", recipe.side_files_source()):
-        raise RecipeError(f"{source}: tokenizer_source: {recipe.tokenizer_source!r} is not supported yet; splice "
-                          f"writes the tokenizer of {recipe.side_files_source()} (tokenizer_source: base)")
+        raise RecipeError(
+            f"{source}: tokenizer_source: {recipe.tokenizer_source!r} is not supported yet; splice "
+            f"writes the tokenizer of {recipe.side_files_source()} (tokenizer_source: base)"
+        )
     for field in ("dtype", "out_dtype"):
         try:
             parse_dtype(getattr(recipe, field))
         except Exception as exc:
             raise RecipeError(f"{source}: {field}: {exc}") from None
-
-
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
@@ -226,8 +231,10 @@ class ParameterResolver:
                 if value is not None:
                     return coerce_parameter(self.recipe.merge_method, rule, value)
         if rule.required:
-            raise RecipeError(f"{self.recipe.merge_method}: no value of {rule.name!r} applies to tensor "
-                              f"{tensor_name} for {model or 'the merge'}")
+            raise RecipeError(
+                f"{self.recipe.merge_method}: no value of {rule.name!r} applies to tensor "
+                f"{tensor_name} for {model or 'the merge'}"
+            )
         return rule.default
 
     def __call__(self, tensor_name: str) -> dict[str, Any]:
@@ -245,8 +252,15 @@ class ParameterResolver:
         return resolved
 
 
-def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, prefer_own_kernels: bool = True,
-          seed: int | None = None, run: RunOptions | None = None, **run_keywords: Unpack[RunKeywords]) -> StreamReport:
+def merge(
+    recipe: Recipe | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    prefer_own_kernels: bool = True,
+    seed: int | None = None,
+    run: RunOptions | None = None,
+    **run_keywords: Unpack[RunKeywords],
+) -> StreamReport:
     """Run a recipe (a Recipe, or the path of a YAML file) and write the merged model to `out`.
 
     `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della). `run` (or its
@@ -268,6 +282,13 @@ def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, prefer_
     side_source = checkpoints[locations.index(recipe.side_files_source())]
     if seed is not None:
         torch.manual_seed(seed)
-    return run_stream(plan, kernel, out, side_files_from=side_source, run=run, out_dtype=out_dtype,
-                      extras=OutputExtras(metadata={"splice_merge_method": recipe.merge_method}),
-                      description=f"{recipe.merge_method} merge")
+    return run_stream(
+        plan,
+        kernel,
+        out,
+        side_files_from=side_source,
+        run=run,
+        out_dtype=out_dtype,
+        extras=OutputExtras(metadata={"splice_merge_method": recipe.merge_method}),
+        description=f"{recipe.merge_method} merge",
+    )

@@ -52,9 +52,15 @@ def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     return weights
 
 
-def soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, weights: Sequence[float] | None = None,
-         dtype: str | torch.dtype | None = None, run: RunOptions | None = None,
-         **run_keywords: Unpack[RunKeywords]) -> StreamReport:
+def soup(
+    models: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str | torch.dtype | None = None,
+    run: RunOptions | None = None,
+    **run_keywords: Unpack[RunKeywords],
+) -> StreamReport:
     """Uniform (no weights) or weighted soup: sum_i w_i theta_i / sum_i w_i, streamed tensor by tensor.
 
     `run` (or its fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the
@@ -68,9 +74,16 @@ def soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, weights
     checkpoints = open_all([str(m) for m in models], run.storage_options)
     plan = plan_same_name(checkpoints, out_dtype)
     kind = "uniform" if len(set(weights)) == 1 else "weighted"
-    return run_stream(plan, kernel, out, side_files_from=checkpoints[0], run=run, out_dtype=out_dtype,
-                      extras=OutputExtras(metadata={"splice_merge_method": f"{kind} soup"}),
-                      description=f"{kind} soup")
+    return run_stream(
+        plan,
+        kernel,
+        out,
+        side_files_from=checkpoints[0],
+        run=run,
+        out_dtype=out_dtype,
+        extras=OutputExtras(metadata={"splice_merge_method": f"{kind} soup"}),
+        description=f"{kind} soup",
+    )
 
 
 @dataclass
@@ -100,9 +113,16 @@ class GreedySoupReport:
         return max(self.steps, key=lambda s: s.score)
 
 
-def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, evaluate: Scorer | str, *,
-                strict: bool = False, dtype: str | torch.dtype | None = None, run: RunOptions | None = None,
-                **run_keywords: Unpack[RunKeywords]) -> GreedySoupReport:
+def greedy_soup(
+    models: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    evaluate: Scorer | str,
+    *,
+    strict: bool = False,
+    dtype: str | torch.dtype | None = None,
+    run: RunOptions | None = None,
+    **run_keywords: Unpack[RunKeywords],
+) -> GreedySoupReport:
     """Greedy soup: ingredients sorted by held-out score; each is kept only if the soup's score does not
     drop (`strict=True`: only if it rises, as the authors' code does).
 
@@ -122,14 +142,16 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
     checkpoints = open_all(locations, run.storage_options)
     check_same_tensors(checkpoints)
     # every ingredient is read once to be scored and once more to join (or not) the soup
-    progress.start("greedy soup", 2 * len(checkpoints) - 1, 2 * sum(c.total_bytes for c in checkpoints),
-                   unit="models read")
+    progress.start(
+        "greedy soup", 2 * len(checkpoints) - 1, 2 * sum(c.total_bytes for c in checkpoints), unit="models read"
+    )
     scores = []
     for checkpoint in checkpoints:
         scores.append(score_state(scorer, read_floats(checkpoint, torch_device), checkpoint.location, hook))
         progress.advance(1, checkpoint.total_bytes)
-    steps, soup_state, best, anchor = _select_greedily(locations, checkpoints, scores, scorer, hook, strict,
-                                                       torch_device, progress)
+    steps, soup_state, best, anchor = _select_greedily(
+        locations, checkpoints, scores, scorer, hook, strict, torch_device, progress
+    )
     progress.finish()
     shard_files = _write_soup(soup_state, checkpoints[anchor], checkpoints, out, out_dtype, run)
     return GreedySoupReport(Path(out), steps, best, time.perf_counter() - started, shard_files, _tie_notes(steps))
@@ -138,14 +160,25 @@ def greedy_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, eva
 def _tie_notes(steps: list[GreedyStep]) -> list[str]:
     """A line for each ingredient kept though the score did not rise: once the evaluation saturates, a tie keeps
     anything, even an untrained base."""
-    return [f"{s.model} was kept on a tie: the soup's score stayed {s.soup_score:.4f} (its own score "
-            f"{s.score:.4f}); a saturated evaluation keeps any ingredient, even an untrained base; --strict keeps "
-            f"only ingredients that raise the score" for s in steps if s.tie]
+    return [
+        f"{s.model} was kept on a tie: the soup's score stayed {s.soup_score:.4f} (its own score "
+        f"{s.score:.4f}); a saturated evaluation keeps any ingredient, even an untrained base; --strict keeps "
+        f"only ingredients that raise the score"
+        for s in steps
+        if s.tie
+    ]
 
 
-def _select_greedily(locations: list[str], checkpoints: list, scores: list[float], scorer: Scorer, hook: str,
-                     strict: bool, torch_device: torch.device, progress: Progress
-                     ) -> tuple[list[GreedyStep], dict, float, int]:
+def _select_greedily(
+    locations: list[str],
+    checkpoints: list,
+    scores: list[float],
+    scorer: Scorer,
+    hook: str,
+    strict: bool,
+    torch_device: torch.device,
+    progress: Progress,
+) -> tuple[list[GreedyStep], dict, float, int]:
     """Best ingredient first; each next one joins the running average if the soup's score does not drop.
     Returns the steps, the soup's state, its score and the index of the first (best) ingredient."""
     order = sorted(range(len(checkpoints)), key=lambda i: -scores[i])
@@ -167,8 +200,9 @@ def _select_greedily(locations: list[str], checkpoints: list, scores: list[float
             candidate[name] = current * (kept / (kept + 1)) + tensor * (1 / (kept + 1))
         candidate_score = score_state(scorer, candidate, first.location, hook)
         accept = candidate_score > best if strict else candidate_score >= best
-        steps.append(GreedyStep(locations[index], scores[index], candidate_score, accept,
-                                tie=accept and candidate_score == best))
+        steps.append(
+            GreedyStep(locations[index], scores[index], candidate_score, accept, tie=accept and candidate_score == best)
+        )
         if accept:
             soup_state, best, kept = candidate, candidate_score, kept + 1
         del candidate
@@ -176,14 +210,21 @@ def _select_greedily(locations: list[str], checkpoints: list, scores: list[float
     return steps, soup_state, best, order[0]
 
 
-def _write_soup(soup_state: dict[str, torch.Tensor], anchor: Checkpoint, checkpoints: list[Checkpoint],
-                out: str | os.PathLike, out_dtype: torch.dtype | None, run: RunOptions) -> list[str]:
+def _write_soup(
+    soup_state: dict[str, torch.Tensor],
+    anchor: Checkpoint,
+    checkpoints: list[Checkpoint],
+    out: str | os.PathLike,
+    out_dtype: torch.dtype | None,
+    run: RunOptions,
+) -> list[str]:
     """The greedy soup in the anchor's stored dtypes (or `out_dtype`), with the anchor's side files; refused
     if a tensor would hold NaN/Inf where the ingredients hold none."""
     stored = anchor.tensors
     final = {
-        name: tensor.to(dtype=(out_dtype or stored[name].dtype) if tensor.is_floating_point() else tensor.dtype)
-        .to("cpu")
+        name: tensor.to(dtype=(out_dtype or stored[name].dtype) if tensor.is_floating_point() else tensor.dtype).to(
+            "cpu"
+        )
         for name, tensor in soup_state.items()
     }
     refuse_new_non_finite_state(final, checkpoints)
@@ -193,9 +234,16 @@ def _write_soup(soup_state: dict[str, torch.Tensor], anchor: Checkpoint, checkpo
     return sorted(p.name for p in Path(out).glob("*.safetensors"))
 
 
-def soup_or_greedy(models: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                   weights: Sequence[float] | None = None, greedy: bool = False, evaluate: Scorer | str | None = None,
-                   strict: bool = False, **options: Any) -> StreamReport | GreedySoupReport:
+def soup_or_greedy(
+    models: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    greedy: bool = False,
+    evaluate: Scorer | str | None = None,
+    strict: bool = False,
+    **options: Any,
+) -> StreamReport | GreedySoupReport:
     """What `splice soup` runs: a greedy soup when `greedy` (which needs `evaluate`), else a uniform or
     weighted one. `options` are the ones both take (dtype, and `run` or its fields)."""
     if greedy or evaluate is not None:

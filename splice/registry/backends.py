@@ -80,7 +80,7 @@ def pread_into(fd: int, view: memoryview, offset: int) -> int:
     """Fill `view` from `fd` at `offset` in IO_CHUNK pieces; the bytes read (fewer at the end of the file)."""
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:done + IO_CHUNK]], offset + done)
+        got = os.preadv(fd, [view[done : done + IO_CHUNK]], offset + done)
         if got <= 0:
             break
         done += got
@@ -91,7 +91,7 @@ def write_all(fd: int, view: memoryview, offset: int | None = None) -> None:
     """Write `view` to `fd` (at `offset` with pwrite, else at the file position) in IO_CHUNK pieces."""
     done = 0
     while done < len(view):
-        piece = view[done:done + IO_CHUNK]
+        piece = view[done : done + IO_CHUNK]
         done += os.write(fd, piece) if offset is None else os.pwrite(fd, piece, offset + done)
 
 
@@ -153,8 +153,12 @@ class Backend:
             except Exception as exc:  # the backend's own type; the caller names the blob
                 out[rest[0]] = exc
         elif rest:
-            found = self.fs.cat_ranges([self.path(items[i][0]) for i in rest], [items[i][1] for i in rest],
-                                       [items[i][2] for i in rest], on_error="return")
+            found = self.fs.cat_ranges(
+                [self.path(items[i][0]) for i in rest],
+                [items[i][1] for i in rest],
+                [items[i][2] for i in rest],
+                on_error="return",
+            )
             for i, data in zip(rest, found):
                 out[i] = data
         return out
@@ -246,9 +250,11 @@ class Backend:
         finally:
             self.delete(probe)
         if not first or second:
-            raise RegistryError(f"registry {location}: this store does not honour exclusive creates "
-                                "(If-None-Match), so version numbers could be handed out twice; splice will "
-                                "not keep a registry there")
+            raise RegistryError(
+                f"registry {location}: this store does not honour exclusive creates "
+                "(If-None-Match), so version numbers could be handed out twice; splice will "
+                "not keep a registry there"
+            )
 
     def delete(self, rel: str) -> None:
         try:
@@ -275,7 +281,7 @@ class Backend:
             name = str(name)
             if info.get("type") == "directory" or not name.startswith(prefix):
                 continue
-            out.append((name[len(prefix):], int(info.get("size") or 0), _mtime(info)))
+            out.append((name[len(prefix) :], int(info.get("size") or 0), _mtime(info)))
         return out
 
     def is_empty(self) -> bool:
@@ -359,8 +365,10 @@ class LocalBackend(Backend):
         for part in rel.split("/"):
             path = os.path.join(path, part)
             if os.path.islink(path):
-                raise RegistryError(f"{located(self.root, rel)}: {path} is a symbolic link (to {os.readlink(path)}); "
-                                    "the registry never follows a link out of itself: replace it with a directory")
+                raise RegistryError(
+                    f"{located(self.root, rel)}: {path} is a symbolic link (to {os.readlink(path)}); "
+                    "the registry never follows a link out of itself: replace it with a directory"
+                )
         return path
 
     def new_temp(self) -> tuple[str, int]:
@@ -472,12 +480,16 @@ class LocalBackend(Backend):
         except FileNotFoundError:
             if os.path.exists(tmp):
                 raise
-            raise RegistryError(f"{located(self.root, rel)} was not created: its temp file {tmp} was removed "
-                                "before it could be linked into place (a `splice registry gc` on another machine "
-                                "sharing this disk?); nothing changed: run it again") from None
+            raise RegistryError(
+                f"{located(self.root, rel)} was not created: its temp file {tmp} was removed "
+                "before it could be linked into place (a `splice registry gc` on another machine "
+                "sharing this disk?); nothing changed: run it again"
+            ) from None
         except OSError as exc:
-            raise RegistryError(f"{self.root}: this filesystem cannot hard-link ({first_line(exc)}), which the "
-                                "registry needs to create versions exclusively; use a local disk") from exc
+            raise RegistryError(
+                f"{self.root}: this filesystem cannot hard-link ({first_line(exc)}), which the "
+                "registry needs to create versions exclusively; use a local disk"
+            ) from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

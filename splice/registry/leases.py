@@ -110,10 +110,16 @@ def held(lease: GcLease | str, now: float) -> bool:
 
 
 def check_wait(wait: float) -> float:
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) or \
-            not 0 <= wait <= LONGEST_WAIT:
-        raise RegistryError(f"wait {wait!r} is not allowed: give the seconds a push may wait for running gcs, "
-                            f"0 to {LONGEST_WAIT:.0f} (`wait=SECONDS`)")
+    if (
+        isinstance(wait, bool)
+        or not isinstance(wait, (int, float))
+        or not math.isfinite(wait)
+        or not 0 <= wait <= LONGEST_WAIT
+    ):
+        raise RegistryError(
+            f"wait {wait!r} is not allowed: give the seconds a push may wait for running gcs, "
+            f"0 to {LONGEST_WAIT:.0f} (`wait=SECONDS`)"
+        )
     return float(wait)
 
 
@@ -123,8 +129,7 @@ def gc_lease(backend: Backend, url: str) -> Iterator[list[str]]:
     validate. Yields a list that receives a line for each lease so removed."""
     rel = f"{GC_DIR}/{uuid.uuid4().hex}.json"
     started = time.time()
-    lease = GcLease(host=this_host(), pid=os.getpid(), started=started, refreshed=started,
-                    expires=started + LEASE_TTL)
+    lease = GcLease(host=this_host(), pid=os.getpid(), started=started, refreshed=started, expires=started + LEASE_TTL)
     backend.create(rel, (lease.model_dump_json() + "\n").encode())
     done = threading.Event()
     heartbeat = threading.Thread(target=_refresh_lease, args=(backend, rel, lease, done), daemon=True)
@@ -164,9 +169,11 @@ def wait_for_gcs(backend: Backend, url: str, wait: float) -> None:
     while waiting:
         if time.monotonic() >= deadline:
             rel = sorted(waiting)[0]
-            raise RegistryError(f"a gc still holds lease {located(url, rel)} after {wait:g} s of waiting; if no "
-                                "`splice registry gc` is running, remove that file (a gc removes leases once "
-                                "they expire), or push with a longer `wait`")
+            raise RegistryError(
+                f"a gc still holds lease {located(url, rel)} after {wait:g} s of waiting; if no "
+                "`splice registry gc` is running, remove that file (a gc removes leases once "
+                "they expire), or push with a longer `wait`"
+            )
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(longest, pause * 2)
         current = leases(backend, url)

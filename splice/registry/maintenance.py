@@ -116,8 +116,10 @@ class DiffReport:
 
 def check_grace(grace_seconds: float) -> float:
     if not isinstance(grace_seconds, (int, float)) or not math.isfinite(grace_seconds) or grace_seconds < 0:
-        raise RegistryError(f"gc grace {grace_seconds!r} is not allowed: give a number of seconds, 0 or more "
-                            "(0 removes every unused blob now, even one a push in flight has just written)")
+        raise RegistryError(
+            f"gc grace {grace_seconds!r} is not allowed: give a number of seconds, 0 or more "
+            "(0 removes every unused blob now, even one a push in flight has just written)"
+        )
     return float(grace_seconds)
 
 
@@ -187,8 +189,11 @@ def pending_versions(backend: Backend, url: str, name: str) -> list[PendingVersi
             found.append(PendingVersion(name, version, str(exc)))
             continue
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(claim.started))
-        found.append(PendingVersion(name, version, pending_over(claim, now),
-                                    f"host {claim.host}, pid {claim.pid}, since {since} UTC"))
+        found.append(
+            PendingVersion(
+                name, version, pending_over(claim, now), f"host {claim.host}, pid {claim.pid}, since {since} UTC"
+            )
+        )
     return found
 
 
@@ -208,9 +213,11 @@ def digests_named(backend: Backend, name: str, version: int) -> set[str]:
         raw = b""
     named = set(re.findall(r"[0-9a-f]{64}", raw.decode("utf-8", "replace")))
     if not named:
-        raise RegistryError(f"{name}@{version}: its manifest is unreadable, so gc cannot tell which blobs it "
-                            f"uses; nothing was removed: restore it, or `splice registry rm {name}@{version}`, "
-                            f"then gc again")
+        raise RegistryError(
+            f"{name}@{version}: its manifest is unreadable, so gc cannot tell which blobs it "
+            f"uses; nothing was removed: restore it, or `splice registry rm {name}@{version}`, "
+            f"then gc again"
+        )
     return named
 
 
@@ -224,8 +231,9 @@ def _temp_removable(rel: str, mtime: float | None, cutoff: float, grace_seconds:
     return writer is None or writer[0] != this_host() or not process_alive(writer[1])
 
 
-def gc(backend: Backend, url: str, names: list[str], live_digests: Callable[[], set[str]],
-       grace_seconds: float) -> GcReport:
+def gc(
+    backend: Backend, url: str, names: list[str], live_digests: Callable[[], set[str]], grace_seconds: float
+) -> GcReport:
     """Withdraw the unpublished versions whose push is over, remove the manifests an interrupted `rm` left, then
     blobs no live version uses and stale temp files, when older than `grace_seconds` (so a push in flight, whose
     blobs come before its manifest, is left alone). `live_digests`: every blob digest a live or pending version
@@ -238,11 +246,14 @@ def gc(backend: Backend, url: str, names: list[str], live_digests: Callable[[], 
                     report.pending_kept.append(pending.line)
                     continue
                 if withdraw_pending(backend, url, name, pending.version, ""):
-                    report.pending_withdrawn.append(f"withdrew {name}@{pending.version}: its push is over "
-                                                    f"({pending.over})")
+                    report.pending_withdrawn.append(
+                        f"withdrew {name}@{pending.version}: its push is over ({pending.over})"
+                    )
                 else:
-                    report.pending_completed.append(f"published {name}@{pending.version}: its push had confirmed its "
-                                                    "blobs and decided to publish it before it stopped")
+                    report.pending_completed.append(
+                        f"published {name}@{pending.version}: its push had confirmed its "
+                        "blobs and decided to publish it before it stopped"
+                    )
             removed = numbers(backend.listdir(removed_dir(name)))
             for version in numbers(backend.listdir(versions_dir(name))) & removed:
                 backend.delete(version_rel(name, version))
@@ -289,8 +300,11 @@ def _damaged(backend: Backend, rel: str, using: list[Use]) -> list[Use]:
     ranges = backend.read_ranges([(rel, e.offset, e.offset + e.nbytes) for _, _, e in packed])
     for user, data in zip(packed, ranges):
         entry = user[2]
-        if (isinstance(data, BaseException) or len(data) != entry.nbytes
-                or hashlib.sha256(data).hexdigest() != entry.digest):
+        if (
+            isinstance(data, BaseException)
+            or len(data) != entry.nbytes
+            or hashlib.sha256(data).hexdigest() != entry.digest
+        ):
             damaged.append(user)
     return damaged
 
@@ -313,8 +327,7 @@ def _check_blob(backend: Backend, url: str, digest: str, using: list[Use], repor
     try:
         actual, size = backend.hash_blob(rel)
     except FileNotFoundError as exc:
-        report.problems.append(BlobProblem(digest, located(url, rel), "missing", first_line(exc),
-                                           _versions_of(using)))
+        report.problems.append(BlobProblem(digest, located(url, rel), "missing", first_line(exc), _versions_of(using)))
         return
     report.blobs_checked += 1
     report.bytes_checked += size
@@ -322,9 +335,15 @@ def _check_blob(backend: Backend, url: str, digest: str, using: list[Use], repor
     if actual != digest:
         report.problems.append(_corrupt(backend, url, digest, actual, using))
     elif wrong_size:
-        report.problems.append(BlobProblem(digest, located(url, rel), "wrong size",
-                                           f"{size} bytes, manifests say {wrong_size[0][2].nbytes}",
-                                           _versions_of(wrong_size)))
+        report.problems.append(
+            BlobProblem(
+                digest,
+                located(url, rel),
+                "wrong size",
+                f"{size} bytes, manifests say {wrong_size[0][2].nbytes}",
+                _versions_of(wrong_size),
+            )
+        )
 
 
 def verify(backend: Backend, url: str, manifests: list[VersionManifest], bad_manifests: list[str]) -> VerifyReport:
@@ -340,8 +359,9 @@ def verify(backend: Backend, url: str, manifests: list[VersionManifest], bad_man
     for digest in sorted(stored):
         _check_blob(backend, url, digest, users.get(digest, []), report)
     for digest in sorted(set(users) - stored):
-        report.problems.append(BlobProblem(digest, located(url, blob_rel(digest)), "missing", "no such blob",
-                                           _versions_of(users[digest])))
+        report.problems.append(
+            BlobProblem(digest, located(url, blob_rel(digest)), "missing", "no such blob", _versions_of(users[digest]))
+        )
     return report
 
 
@@ -360,13 +380,14 @@ def _rebuilt(digest: str, entries: list[TensorEntry], source: dict[str, bytes]) 
             piece = source.get(entry.digest)
             if piece is None:
                 return None
-            buf[entry.offset:entry.offset + entry.nbytes] = piece
+            buf[entry.offset : entry.offset + entry.nbytes] = piece
         data = bytes(buf)
     return data if data is not None and hashlib.sha256(data).hexdigest() == digest else None
 
 
-def repair(backend: Backend, manifests: list[VersionManifest], report: VerifyReport,
-           source: dict[str, bytes]) -> list[str]:
+def repair(
+    backend: Backend, manifests: list[VersionManifest], report: VerifyReport, source: dict[str, bytes]
+) -> list[str]:
     """Write again every damaged or missing blob a live version uses whose bytes `source` (sha256 -> a
     patch's tensor bytes) can rebuild; the blobs written, as their locations."""
     users: dict[str, list[TensorEntry]] = {}
@@ -418,8 +439,14 @@ def diff(reader: BlobReader, a: VersionManifest, b: VersionManifest, factors: bo
     out = []
     for name in [n for n in list(a.tensors) + [n for n in b.tensors if n not in a.tensors] if n not in skip]:
         ea, eb = a.tensors.get(name), b.tensors.get(name)
-        entry = TensorDiff(name, "unchanged", ea.shape if ea else None, eb.shape if eb else None,
-                           ea.dtype if ea else None, eb.dtype if eb else None)
+        entry = TensorDiff(
+            name,
+            "unchanged",
+            ea.shape if ea else None,
+            eb.shape if eb else None,
+            ea.dtype if ea else None,
+            eb.dtype if eb else None,
+        )
         if ea is None:
             entry.status = "added"
         elif eb is None:

@@ -45,8 +45,23 @@ MANIFEST_FORMAT_VERSION = 2  # 2: entries may name a pack blob and an offset
 HEX64 = r"^[0-9a-f]{64}$"
 # safetensors dtype codes this splice reads, with their item sizes (the same codes as splice.tensors.safetensors,
 # which imports torch; tests/test_registry_faults.py checks the two agree)
-DTYPE_ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                   "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_ITEMSIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 MAX_TENSOR_BYTES = 1 << 40  # 1 TiB: a manifest naming a bigger tensor is corrupt, not a patch
 MAX_DIMS = 64
 DIGEST = r"^sha256:[0-9a-f]{64}$"
@@ -84,11 +99,15 @@ class TensorEntry(BaseModel):
         if itemsize is None:
             from splice.version import __version__
 
-            raise ValueError(f"dtype {self.dtype!r} is not one splice {__version__} knows "
-                             f"({', '.join(DTYPE_ITEMSIZES)}): it needs a newer splice; upgrade splice")
+            raise ValueError(
+                f"dtype {self.dtype!r} is not one splice {__version__} knows "
+                f"({', '.join(DTYPE_ITEMSIZES)}): it needs a newer splice; upgrade splice"
+            )
         if prod(self.shape) * itemsize != self.nbytes:
-            raise ValueError(f"shape {list(self.shape)} of {self.dtype} is {prod(self.shape) * itemsize} bytes, "
-                             f"not nbytes {self.nbytes}")
+            raise ValueError(
+                f"shape {list(self.shape)} of {self.dtype} is {prod(self.shape) * itemsize} bytes, "
+                f"not nbytes {self.nbytes}"
+            )
         return self
 
     @model_serializer(mode="wrap")
@@ -165,8 +184,9 @@ class VersionManifest(BaseModel):
         """The values the version holds, and a mask patch's mask bits apart."""
         from splice.adapters.kinds import KINDS  # loads torch: only what shows sizes pays for it
 
-        return KINDS[self.meta.kind].size({name: entry.shape for name, entry in self.tensors.items()},
-                                          self.meta.settings)
+        return KINDS[self.meta.kind].size(
+            {name: entry.shape for name, entry in self.tensors.items()}, self.meta.settings
+        )
 
     @property
     def num_parameters(self) -> int:
@@ -229,8 +249,10 @@ def check_finite(data: Any, what: str) -> None:
     """A one-line RegistryError if `data` holds a NaN or infinite number (JSON cannot carry one faithfully)."""
     at = non_finite(data)
     if at is not None:
-        raise RegistryError(f"{what} has a non-finite number at {at}: the registry stores finite numbers only; "
-                            "fix the value (or drop it) and push again")
+        raise RegistryError(
+            f"{what} has a non-finite number at {at}: the registry stores finite numbers only; "
+            "fix the value (or drop it) and push again"
+        )
 
 
 def load_json(data: bytes | str, where: str) -> Any:

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from splice.errors import SpliceError
 
 MAX_NAME_LENGTH = 100
-NAME_RULE = f"lowercase letters, digits, '.', '_' and '-', starting with a letter or digit, " \
-            f"at most {MAX_NAME_LENGTH} characters"
+NAME_RULE = (
+    f"lowercase letters, digits, '.', '_' and '-', starting with a letter or digit, "
+    f"at most {MAX_NAME_LENGTH} characters"
+)
 DIGEST_PREFIX = "sha256:"
 RESERVED_ALIASES = frozenset({"sha256"})
 
@@ -50,8 +52,10 @@ def check_alias(alias: str) -> str:
     """`alias` if it is a valid alias: a valid name that is not all digits (that reads as a version)."""
     check_name(alias, "alias")
     if alias.isdigit():
-        raise RefError(f"alias {_shown(alias)} is all digits, which reads as a version number; "
-                       "use a name with a letter in it, e.g. prod or task-3")
+        raise RefError(
+            f"alias {_shown(alias)} is all digits, which reads as a version number; "
+            "use a name with a letter in it, e.g. prod or task-3"
+        )
     if alias in RESERVED_ALIASES:
         raise RefError(f"alias {_shown(alias)} is reserved for content digests (name@sha256:...); choose another")
     return alias
@@ -59,8 +63,10 @@ def check_alias(alias: str) -> str:
 
 def check_digest(digest: str) -> str:
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise RefError(f"digest {_shown(digest)} is not allowed: write sha256: followed by 64 lowercase hex digits, "
-                       "or the first 8 to 32 of them (a short digest, as `splice registry ls` prints it)")
+        raise RefError(
+            f"digest {_shown(digest)} is not allowed: write sha256: followed by 64 lowercase hex digits, "
+            "or the first 8 to 32 of them (a short digest, as `splice registry ls` prints it)"
+        )
     return digest
 
 
@@ -92,13 +98,14 @@ def parse_ref(text: str) -> Ref:
     if not at:
         return Ref(name)
     if not selector:
-        raise RefError(f"reference {_shown(text)} ends with '@': write NAME@VERSION, NAME@ALIAS or "
-                       "NAME@sha256:DIGEST")
+        raise RefError(f"reference {_shown(text)} ends with '@': write NAME@VERSION, NAME@ALIAS or NAME@sha256:DIGEST")
     if selector.startswith(DIGEST_PREFIX):
         return Ref(name, digest=check_digest(selector))
     if selector.isascii() and selector.isdigit():
         if not _VERSION.fullmatch(selector):
-            raise RefError(f"version {_shown(selector)} in {_shown(text)} is not allowed: versions are "
-                           "numbers from 1, written without leading zeros")
+            raise RefError(
+                f"version {_shown(selector)} in {_shown(text)} is not allowed: versions are "
+                "numbers from 1, written without leading zeros"
+            )
         return Ref(name, version=int(selector))
     return Ref(name, alias=check_alias(selector))

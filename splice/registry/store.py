@@ -209,17 +209,19 @@ class Registry:
         try:
             raw = backend.read(REGISTRY_FILE)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise RegistryError(f"no registry at {location}: create one with `splice registry init "
-                                f"--registry {location}`") from None
+            raise RegistryError(
+                f"no registry at {location}: create one with `splice registry init --registry {location}`"
+            ) from None
         except Exception as exc:
             raise RegistryError(f"cannot open registry {location}: {first_line(exc)}") from exc
         info = parse_model(RegistryInfo, raw, f"{location}/{REGISTRY_FILE}")
         if info.format != REGISTRY_FORMAT:
-            raise RegistryError(f"{location}/{REGISTRY_FILE} is not a splice registry marker (format "
-                                f"{info.format!r})")
+            raise RegistryError(f"{location}/{REGISTRY_FILE} is not a splice registry marker (format {info.format!r})")
         if info.format_version > REGISTRY_FORMAT_VERSION:
-            raise RegistryError(f"registry {location} has format {info.format_version}, newer than this splice "
-                                f"({REGISTRY_FORMAT_VERSION}); upgrade splice")
+            raise RegistryError(
+                f"registry {location} has format {info.format_version}, newer than this splice "
+                f"({REGISTRY_FORMAT_VERSION}); upgrade splice"
+            )
         return cls(location, backend, info)
 
     @classmethod
@@ -233,8 +235,7 @@ class Registry:
             if not backend.exclusive:
                 raise RegistryError(cls._no_exclusive_message(location, backend))
             if not backend.is_empty():
-                raise RegistryError(f"{location} exists and is not empty; a registry needs a new or empty "
-                                    "location")
+                raise RegistryError(f"{location} exists and is not empty; a registry needs a new or empty location")
             backend.check_exclusive_create(location)
             info = RegistryInfo(exclusive_create=backend.exclusive)
             backend.create(REGISTRY_FILE, (info.model_dump_json(indent=2) + "\n").encode())
@@ -246,9 +247,11 @@ class Registry:
 
     @staticmethod
     def _no_exclusive_message(location: str, backend: Backend) -> str:
-        return (f"registry {location}: splice cannot create files exclusively on {type(backend.fs).__name__}, "
-                "so version numbers could be handed out twice; it writes registries only to local directories, "
-                "memory:// and S3")
+        return (
+            f"registry {location}: splice cannot create files exclusively on {type(backend.fs).__name__}, "
+            "so version numbers could be handed out twice; it writes registries only to local directories, "
+            "memory:// and S3"
+        )
 
     def _require_writable(self) -> None:
         if not self._backend.exclusive:
@@ -269,8 +272,10 @@ class Registry:
         if manifest.name != name or manifest.version != version:
             raise RegistryError(f"{where} is corrupt: it describes {manifest.ref}")
         if manifest.format_version > MANIFEST_FORMAT_VERSION:
-            raise RegistryError(f"{where} has manifest format {manifest.format_version}, newer than "
-                                f"this splice ({MANIFEST_FORMAT_VERSION}); upgrade splice")
+            raise RegistryError(
+                f"{where} has manifest format {manifest.format_version}, newer than "
+                f"this splice ({MANIFEST_FORMAT_VERSION}); upgrade splice"
+            )
         if manifest.computed_digest() != manifest.digest:
             raise RegistryError(f"{where} is corrupt: its content does not match its digest {manifest.digest}")
         return manifest
@@ -309,9 +314,11 @@ class Registry:
         if removed is not None:
             raise RegistryError(f"{name}@{version} was removed; its number is not reused")
         if pending is not None:
-            raise RegistryError(f"{name}@{version} is not published: its push has not confirmed its blobs (a push "
-                                "in flight, or one that was interrupted; `splice registry gc` withdraws it once "
-                                "that push is over)")
+            raise RegistryError(
+                f"{name}@{version} is not published: its push has not confirmed its blobs (a push "
+                "in flight, or one that was interrupted; `splice registry gc` withdraws it once "
+                "that push is over)"
+            )
         if isinstance(manifest, RegistryError):
             raise manifest
         if manifest is None:
@@ -352,8 +359,10 @@ class Registry:
             try:
                 return self._version(name, record.version)
             except RegistryError as exc:
-                raise RegistryError(f"alias {parsed.alias} of {name} points to version {record.version}: {exc}; "
-                                    "move it with `splice registry tag`") from None
+                raise RegistryError(
+                    f"alias {parsed.alias} of {name} points to version {record.version}: {exc}; "
+                    "move it with `splice registry tag`"
+                ) from None
         live, _ = self._require_name(name)
         if parsed.digest is not None:
             return self._by_digest(name, live, parsed.digest)
@@ -431,8 +440,10 @@ class Registry:
         rel = alias_rel(name, alias, max(generations))
         record: AliasRecord = self._read_json(AliasRecord, rel)
         if record.alias != alias or record.generation != max(generations):
-            raise RegistryError(f"{located(self.url, rel)} is corrupt: it describes generation {record.generation} "
-                                f"of alias {record.alias}")
+            raise RegistryError(
+                f"{located(self.url, rel)} is corrupt: it describes generation {record.generation} "
+                f"of alias {record.alias}"
+            )
         return record
 
     @storage_errors
@@ -448,8 +459,10 @@ class Registry:
             except FileNotFoundError:
                 continue
             except RegistryError as exc:
-                problems.append(f"alias {alias} of {name}: {exc}; repair it with `splice registry tag "
-                                f"{name}@VERSION {alias} --force`")
+                problems.append(
+                    f"alias {alias} of {name}: {exc}; repair it with `splice registry tag "
+                    f"{name}@VERSION {alias} --force`"
+                )
                 continue
             if record is not None:
                 found[alias] = record
@@ -460,12 +473,21 @@ class Registry:
         """Every move of an alias, oldest first."""
         check_name(name)
         check_alias(alias)
-        return [self._read_json(AliasRecord, alias_rel(name, alias, g))
-                for g in sorted(self._alias_generations(name, alias))]
+        return [
+            self._read_json(AliasRecord, alias_rel(name, alias, g))
+            for g in sorted(self._alias_generations(name, alias))
+        ]
 
     @storage_errors
-    def tag(self, name: str | Ref, alias: str, version: int | None = None, *, expect_generation: int | None = None,
-            force: bool = False) -> AliasRecord:
+    def tag(
+        self,
+        name: str | Ref,
+        alias: str,
+        version: int | None = None,
+        *,
+        expect_generation: int | None = None,
+        force: bool = False,
+    ) -> AliasRecord:
         """Point `alias` at a version by compare-and-swap: read generation g, exclusively create g+1. The version
         is `version` of the patch `name`, or without `version` the one `name` names as a reference (`name@3`,
         `name@prod`, `name@sha256:...`; a bare name: the latest). `expect_generation`: the generation the caller
@@ -481,18 +503,20 @@ class Registry:
             current = self._alias_current(name, alias)
         except RegistryError as exc:
             if not force:
-                raise RegistryError(f"{exc}; `splice registry tag {name}@{manifest.version} {alias} --force` "
-                                    "(tag(..., force=True)) writes a new move over it") from None
+                raise RegistryError(
+                    f"{exc}; `splice registry tag {name}@{manifest.version} {alias} --force` "
+                    "(tag(..., force=True)) writes a new move over it"
+                ) from None
             current = None
         generation = current.generation if current else max(self._alias_generations(name, alias), default=0)
         if expect_generation is not None and expect_generation != generation:
             raise self._conflict(name, alias, current)
         if expect_generation is not None:
             generation = expect_generation
-        record = AliasRecord(alias=alias, generation=generation + 1, version=manifest.version,
-                             digest=manifest.digest)
-        if not self._backend.create(alias_rel(name, alias, record.generation),
-                                    (record.model_dump_json(indent=2) + "\n").encode()):
+        record = AliasRecord(alias=alias, generation=generation + 1, version=manifest.version, digest=manifest.digest)
+        if not self._backend.create(
+            alias_rel(name, alias, record.generation), (record.model_dump_json(indent=2) + "\n").encode()
+        ):
             raise self._conflict(name, alias, self._alias_current(name, alias))
         note_published(f"alias {name}@{alias} -> {manifest.ref}")
         return record
@@ -505,8 +529,16 @@ class Registry:
     # -- push ---------------------------------------------------------------------------------------
 
     @storage_errors
-    def push(self, name: str, patch: Patch | str | os.PathLike, *, alias: str | None = None, message: str = "",
-             wait: float = DEFAULT_WAIT, base: str | os.PathLike | None = None) -> PushResult:
+    def push(
+        self,
+        name: str,
+        patch: Patch | str | os.PathLike,
+        *,
+        alias: str | None = None,
+        message: str = "",
+        wait: float = DEFAULT_WAIT,
+        base: str | os.PathLike | None = None,
+    ) -> PushResult:
         """Store a patch (a Patch or a splice patch directory) that records its base as the next version of `name`.
         Blobs are written first, then the version's pending marker and manifest; the version is published only
         once its blobs are confirmed, so a push that fails, is interrupted or dies publishes nothing. `wait`: the
@@ -518,8 +550,10 @@ class Registry:
         loaded = _loaded(patch) if base is None else _with_base_record(patch, base)
         meta = loaded.meta
         if meta.base is None:  # `base` is publish_patch's: it fingerprints the base before it pushes
-            raise RegistryError("this patch has no record of the base model it was made on (a PEFT adapter?); pass "
-                                "`base=MODEL_DIR` so the registry can fingerprint the base tensors it touches")
+            raise RegistryError(
+                "this patch has no record of the base model it was made on (a PEFT adapter?); pass "
+                "`base=MODEL_DIR` so the registry can fingerprint the base tensors it touches"
+            )
         check_finite(meta.model_dump(mode="python"), "the patch's patch.json")
         table, stats = TensorPusher(self._backend, self.pack_below).push(loaded)
         digest = content_digest(meta, table)
@@ -527,8 +561,16 @@ class Registry:
         manifest_format = MANIFEST_FORMAT_VERSION if any(e.packed for e in table.values()) else 1
 
         def body(version: int) -> bytes:
-            return VersionManifest(format_version=manifest_format, name=name, version=version, digest=digest,
-                                   meta=meta, tensors=table, pushed_at=pushed_at, message=message).to_json()
+            return VersionManifest(
+                format_version=manifest_format,
+                name=name,
+                version=version,
+                digest=digest,
+                meta=meta,
+                tensors=table,
+                pushed_at=pushed_at,
+                message=message,
+            ).to_json()
 
         # validated before the version exists; only the version number, which cannot make it invalid, is added
         checked = parse_model(VersionManifest, body(1), f"the manifest of this push of {name}")
@@ -584,15 +626,21 @@ class Registry:
         wait_for_gcs(self._backend, self.url, wait)
         missing = self.missing_blobs(manifest)
         if missing:
-            raise RegistryError(f"push of {manifest.ref} failed: blob {located(self.url, blob_rel(missing[0]))} "
-                                f"{'and ' + str(len(missing) - 1) + ' more ' if len(missing) > 1 else ''}was "
-                                "removed by a concurrent `splice registry gc` before the version was complete")
+            raise RegistryError(
+                f"push of {manifest.ref} failed: blob {located(self.url, blob_rel(missing[0]))} "
+                f"{'and ' + str(len(missing) - 1) + ' more ' if len(missing) > 1 else ''}was "
+                "removed by a concurrent `splice registry gc` before the version was complete"
+            )
         if time.time() > claim.expiry() - PUBLISH_MARGIN:
-            raise RegistryError(f"push of {manifest.ref} took longer than its pending marker allows (a gc may "
-                                "take it for an interrupted push)")
+            raise RegistryError(
+                f"push of {manifest.ref} took longer than its pending marker allows (a gc may "
+                "take it for an interrupted push)"
+            )
         if decide(self._backend, self.url, manifest.name, manifest.version, "published") != "published":
-            raise RegistryError(f"push of {manifest.ref} failed: a `splice registry gc` withdrew it as an "
-                                "interrupted push before it was published")
+            raise RegistryError(
+                f"push of {manifest.ref} failed: a `splice registry gc` withdrew it as an "
+                "interrupted push before it was published"
+            )
         self._backend.delete(pending_rel(manifest.name, manifest.version))  # published
         note_published(manifest.ref)
 
@@ -602,8 +650,7 @@ class Registry:
         digests = sorted({entry.blob_digest for entry in manifest.tensors.values()})
         return [d for d, size in zip(digests, self._backend.sizes([blob_rel(d) for d in digests])) if size is None]
 
-    def _create_version(self, name: str, body: Callable[[int], bytes], claim: PendingPush, claimed: list[int]
-                        ) -> int:
+    def _create_version(self, name: str, body: Callable[[int], bytes], claim: PendingPush, claimed: list[int]) -> int:
         """Take the next version number by exclusively creating its pending marker (added to `claimed` at once,
         for the caller to withdraw on any failure), then create its manifest; on a conflict take the next number
         and retry. A number once claimed is never handed out again."""
@@ -623,8 +670,9 @@ class Registry:
                 claimed.remove(version)
                 self._backend.delete(pending_rel(name, version))
             time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
-        raise RegistryError(f"could not take a version number for {name} after 1000 attempts; too many concurrent "
-                            "pushes")
+        raise RegistryError(
+            f"could not take a version number for {name} after 1000 attempts; too many concurrent pushes"
+        )
 
     def _own_manifest(self, name: str, version: int, manifest: bytes) -> bool:
         """Whether the manifest that stood in the way is this push's own: an S3 put that timed out but was
@@ -661,10 +709,17 @@ class Registry:
         own_directory = [self._backend.root] if isinstance(self._backend, LocalBackend) else []
         ensure_output_free(out, force, protected=own_directory, what="the registry")
         manifest = self.resolve(ref)
-        specs = [OutputTensor(name, SAFETENSORS_DTYPES[entry.dtype], tuple(entry.shape))
-                 for name, entry in manifest.tensors.items()]
-        write_patch_dir(out, manifest.meta, specs,
-                        lambda handle, offsets: self._reader.fetch_into(manifest, handle.fileno(), offsets), force)
+        specs = [
+            OutputTensor(name, SAFETENSORS_DTYPES[entry.dtype], tuple(entry.shape))
+            for name, entry in manifest.tensors.items()
+        ]
+        write_patch_dir(
+            out,
+            manifest.meta,
+            specs,
+            lambda handle, offsets: self._reader.fetch_into(manifest, handle.fileno(), offsets),
+            force,
+        )
         return manifest
 
     # -- removal and maintenance -----------------------------------------------------------------
@@ -692,8 +747,9 @@ class Registry:
         live, _ = self._version_numbers(name)
         return version in live and self._backend.sizes([version_rel(name, version)])[0] is not None
 
-    def _live_manifests(self, bad: list[str], keep: set[str] | None = None, pending: bool = False
-                        ) -> list[VersionManifest]:
+    def _live_manifests(
+        self, bad: list[str], keep: set[str] | None = None, pending: bool = False
+    ) -> list[VersionManifest]:
         """Every live version's manifest (and every pending one's, with `pending`); one that does not validate
         goes to `bad` (one line), and every blob digest its raw text names to `keep` (gc frees none of them)."""
         manifests = []

@@ -153,8 +153,9 @@ class BlobReader:
             where += f", bytes {entry.offset}..{entry.offset + entry.nbytes} of the pack"
         return where + ")"
 
-    def checked(self, read: BlobRead, data: bytes | bytearray | BaseException, ref: str
-                ) -> list[tuple[int, str, TensorEntry, memoryview]]:
+    def checked(
+        self, read: BlobRead, data: bytes | bytearray | BaseException, ref: str
+    ) -> list[tuple[int, str, TensorEntry, memoryview]]:
         """Each member of a read with its bytes, hash-checked; a RegistryError naming the blob and tensor."""
         out = []
         for index, name, entry in read.members:
@@ -163,18 +164,23 @@ class BlobReader:
                 raise RegistryError(f"{where} is missing; run `splice registry verify`")
             if isinstance(data, BaseException):
                 raise RegistryError(f"{where}: cannot read it: {first_line(data)}") from data
-            view = memoryview(data)[entry.offset - read.start:entry.offset - read.start + entry.nbytes]
+            view = memoryview(data)[entry.offset - read.start : entry.offset - read.start + entry.nbytes]
             if read.own and len(data) != entry.nbytes:
-                raise RegistryError(f"{where} is corrupt: {len(data)}{'+' if len(data) > entry.nbytes else ''} "
-                                    f"bytes, expected {entry.nbytes}; run `splice registry verify`")
+                raise RegistryError(
+                    f"{where} is corrupt: {len(data)}{'+' if len(data) > entry.nbytes else ''} "
+                    f"bytes, expected {entry.nbytes}; run `splice registry verify`"
+                )
             if len(view) != entry.nbytes:
-                raise RegistryError(f"{where} is corrupt: the pack ends {entry.nbytes - len(view)} bytes before "
-                                    "the tensor does; run `splice registry verify`")
+                raise RegistryError(
+                    f"{where} is corrupt: the pack ends {entry.nbytes - len(view)} bytes before "
+                    "the tensor does; run `splice registry verify`"
+                )
             actual = hashlib.sha256(view).hexdigest()
             if actual != entry.digest:
                 what = "its name" if read.own else "the tensor's sha256"
-                raise RegistryError(f"{where} is corrupt: its bytes hash to {actual[:12]}..., not {what}; "
-                                    "run `splice registry verify`")
+                raise RegistryError(
+                    f"{where} is corrupt: its bytes hash to {actual[:12]}..., not {what}; run `splice registry verify`"
+                )
             out.append((index, name, entry, view))
         return out
 
@@ -188,8 +194,7 @@ class BlobReader:
                 out[index] = data if read.own and isinstance(data, (bytes, bytearray)) else bytearray(view)
         return out
 
-    def _stream_own_file(self, local: LocalBackend, read: BlobRead, ref: str, out_fd: int, out_offset: int
-                         ) -> None:
+    def _stream_own_file(self, local: LocalBackend, read: BlobRead, ref: str, out_fd: int, out_offset: int) -> None:
         """A large local blob copied to `out_fd` at `out_offset` in pieces, hashed on the way; a RegistryError
         (and partly written bytes, which the caller discards) if it is not what the manifest says."""
         _, name, entry = read.members[0]
@@ -201,8 +206,9 @@ class BlobReader:
         try:
             size = os.fstat(fd).st_size
             if size != entry.nbytes:
-                raise RegistryError(f"{where} is corrupt: {size} bytes, expected {entry.nbytes}; run "
-                                    "`splice registry verify`")
+                raise RegistryError(
+                    f"{where} is corrupt: {size} bytes, expected {entry.nbytes}; run `splice registry verify`"
+                )
             hasher = hashlib.sha256()
             done = 0
             for piece in read_pieces(fd, 0, entry.nbytes):
@@ -215,8 +221,9 @@ class BlobReader:
             os.close(fd)
         actual = hasher.hexdigest()
         if actual != entry.digest:
-            raise RegistryError(f"{where} is corrupt: its bytes hash to {actual[:12]}..., not its name; "
-                                "run `splice registry verify`")
+            raise RegistryError(
+                f"{where} is corrupt: its bytes hash to {actual[:12]}..., not its name; run `splice registry verify`"
+            )
 
     def fetch_into(self, manifest: VersionManifest, out_fd: int, offsets: list[int]) -> None:
         """Every tensor of a version, hash-checked, written into `out_fd` at its offset, on a few threads."""
@@ -282,8 +289,9 @@ class PushItem:
     start: int = 0
 
     def entry(self, digest: str, blob: str | None = None, offset: int = 0) -> TensorEntry:
-        return TensorEntry(digest=digest, dtype=self.dtype, shape=self.shape, nbytes=self.nbytes, blob=blob,
-                           offset=offset)
+        return TensorEntry(
+            digest=digest, dtype=self.dtype, shape=self.shape, nbytes=self.nbytes, blob=blob, offset=offset
+        )
 
 
 class TensorSource:
@@ -311,8 +319,9 @@ class TensorSource:
             return [self.tensors.manifest.tensors[n].nbytes for n in names]
         if isinstance(self.tensors, LazyTensors):
             return [4 * prod(self.tensors.shapes[n]) for n in names]
-        return [t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-                for t in (self.tensors[n] for n in names)]
+        return [
+            t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0 for t in (self.tensors[n] for n in names)
+        ]
 
     def open(self, name: str) -> PushItem:
         import torch
@@ -322,8 +331,7 @@ class TensorSource:
         if self.stored is not None and (located := self.stored.local_byte_range(name)) is not None:
             info = self.stored.tensors[name]
             fd, start, end = located
-            return PushItem(name, DTYPE_TO_SAFETENSORS[info.dtype], tuple(info.shape), end - start, fd=fd,
-                            start=start)
+            return PushItem(name, DTYPE_TO_SAFETENSORS[info.dtype], tuple(info.shape), end - start, fd=fd, start=start)
         tensor = self.tensors[name]
         if not isinstance(tensor, torch.Tensor):
             raise RegistryError(f"patch tensor {name} is a {type(tensor).__name__}, not a tensor")
@@ -338,7 +346,7 @@ class TensorSource:
         """The tensor's bytes in IO_CHUNK pieces; a piece is valid until the next one is asked for."""
         if item.fd is None:
             for start in range(0, item.nbytes, IO_CHUNK):
-                yield item.data[start:start + IO_CHUNK]
+                yield item.data[start : start + IO_CHUNK]
             return
         done = 0
         for piece in read_pieces(item.fd, item.start, item.nbytes):
@@ -454,8 +462,10 @@ class TensorPusher:
             members.append((item, hasher.hexdigest(), offset))
         blob = hashlib.sha256(buf).hexdigest()
         self._put([(blob_rel(blob), len(buf), buf)])
-        return [item.entry(digest) if digest == blob else item.entry(digest, blob, offset)
-                for item, digest, offset in members]
+        return [
+            item.entry(digest) if digest == blob else item.entry(digest, blob, offset)
+            for item, digest, offset in members
+        ]
 
     def _hash(self, item: PushItem) -> str:
         hasher = hashlib.sha256()

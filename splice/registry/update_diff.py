@@ -46,17 +46,18 @@ def _factors(patch: Patch, module: str) -> tuple[float, torch.Tensor, torch.Tens
 def _norm(scale: float, b: torch.Tensor, a: torch.Tensor) -> float:
     total = 0.0
     for start in range(0, b.shape[0], ROWS):
-        total += float((scale * (b[start:start + ROWS] @ a)).square().sum())
+        total += float((scale * (b[start : start + ROWS] @ a)).square().sum())
     return math.sqrt(total)
 
 
-def _compare(a: tuple[float, torch.Tensor, torch.Tensor], b: tuple[float, torch.Tensor, torch.Tensor],
-             out: UpdateDiff) -> None:
+def _compare(
+    a: tuple[float, torch.Tensor, torch.Tensor], b: tuple[float, torch.Tensor, torch.Tensor], out: UpdateDiff
+) -> None:
     (scale_a, b_a, a_a), (scale_b, b_b, a_b) = a, b
     norm_a = norm_b = inner = difference = 0.0
     for start in range(0, b_a.shape[0], ROWS):
-        u_a = scale_a * (b_a[start:start + ROWS] @ a_a)
-        u_b = scale_b * (b_b[start:start + ROWS] @ a_b)
+        u_a = scale_a * (b_a[start : start + ROWS] @ a_a)
+        u_b = scale_b * (b_b[start : start + ROWS] @ a_b)
         norm_a += float(u_a.square().sum())
         norm_b += float(u_b.square().sum())
         inner += float((u_a * u_b).sum())

@@ -41,8 +41,9 @@ def recorded_location(location: str | os.PathLike) -> str:
     return text if "://" in text else str(Path(text).resolve())
 
 
-def split_location(location: str, storage_options: dict[str, Any] | None = None
-                   ) -> tuple[fsspec.AbstractFileSystem, str]:
+def split_location(
+    location: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, root path) for a local path or an fsspec URL."""
     fs, root = fsspec.core.url_to_fs(str(location), **(storage_options or {}))
     return fs, root.rstrip("/") or root
@@ -55,8 +56,15 @@ def _join(root: str, name: str) -> str:
 class Checkpoint:
     """A model's tensors, indexed by name in storage order (shard by shard, by offset within a shard)."""
 
-    def __init__(self, location: str, fs: fsspec.AbstractFileSystem, root: str, tensors: dict[str, TensorInfo],
-                 shards: list[str], pickled: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        location: str,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        tensors: dict[str, TensorInfo],
+        shards: list[str],
+        pickled: dict[str, torch.Tensor] | None = None,
+    ):
         self.location = location
         self.fs = fs
         self.root = root
@@ -69,8 +77,9 @@ class Checkpoint:
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, location: str | os.PathLike, storage_options: dict[str, Any] | None = None,
-             weights_file: str | None = None) -> Checkpoint:
+    def open(
+        cls, location: str | os.PathLike, storage_options: dict[str, Any] | None = None, weights_file: str | None = None
+    ) -> Checkpoint:
         """A model directory; `weights_file` names one safetensors file in it instead (a patch's tensors)."""
         location = str(location)
         try:
@@ -81,8 +90,9 @@ class Checkpoint:
             raise CheckpointError(f"cannot read {location}: {first_line(exc)}") from exc
 
     @classmethod
-    def _open(cls, location: str, storage_options: dict[str, Any] | None, weights_file: str | None = None
-              ) -> Checkpoint:
+    def _open(
+        cls, location: str, storage_options: dict[str, Any] | None, weights_file: str | None = None
+    ) -> Checkpoint:
         try:
             fs, root = split_location(location, storage_options)
         except (ImportError, ValueError) as exc:
@@ -172,7 +182,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.location}: no tensor named {name}")
         if self._pickled is not None:
             tensor = self._pickled[name]
-            return tensor if rows is None else tensor[rows[0]:rows[1]]
+            return tensor if rows is None else tensor[rows[0] : rows[1]]
         shape, start, end = info.shape, info.start, info.end
         if rows is not None:
             row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
@@ -186,8 +196,9 @@ class Checkpoint:
                 try:
                     data = self.fs.cat_file(_join(self.root, info.shard), start=start, end=end)
                 except Exception as exc:  # the backend's own error type
-                    raise CheckpointError(f"{self.location}/{info.shard}: cannot read tensor {name}: "
-                                          f"{first_line(exc)}") from exc
+                    raise CheckpointError(
+                        f"{self.location}/{info.shard}: cannot read tensor {name}: {first_line(exc)}"
+                    ) from exc
                 if len(data) != len(raw):
                     raise CheckpointError(f"{self.location}/{info.shard}: short read for tensor {name}")
                 raw.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
@@ -323,5 +334,3 @@ def _load_pickled_shard(fs: fsspec.AbstractFileSystem, path: str, location: str,
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{location}/{shard}: is not a state dict of tensors")
     return state
-
-

@@ -29,8 +29,9 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     except RuntimeError as exc:
         raise SpliceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpliceError(f"device {name!r} requested but no CUDA GPU is visible: use `device='cpu'` or "
-                          "`device='auto'`")
+        raise SpliceError(
+            f"device {name!r} requested but no CUDA GPU is visible: use `device='cpu'` or `device='auto'`"
+        )
     return device
 
 
@@ -40,9 +41,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return DTYPE_NAMES[name.lower()]
     except KeyError:
-        raise SpliceError(
-            f"unknown dtype {name!r}: use one of float32, bfloat16, float16"
-        ) from None
+        raise SpliceError(f"unknown dtype {name!r}: use one of float32, bfloat16, float16") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

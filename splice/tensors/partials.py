@@ -46,7 +46,7 @@ def process_alive(pid: int) -> bool:
 @contextlib.contextmanager
 def _dead_owner(partial: Path) -> Iterator[bool]:
     """True (holding the dead owner's lock until the block ends) when no live process owns `partial`."""
-    match = _OWNED.fullmatch(partial.name[partial.name.index(PARTIAL) + len(PARTIAL):])
+    match = _OWNED.fullmatch(partial.name[partial.name.index(PARTIAL) + len(PARTIAL) :])
     if match is None:
         yield False
         return
@@ -79,7 +79,7 @@ def remove_stale_partials(out: Path) -> list[Path]:
             if not entry.name.startswith(prefix) or entry.is_symlink():
                 continue
             if entry.is_file():  # a single file's partial (write_output_file): only its pid says whose it is
-                match = _OWNED.fullmatch(entry.name[len(prefix):])
+                match = _OWNED.fullmatch(entry.name[len(prefix) :])
                 if match and not process_alive(int(match.group(1))):
                     entry.unlink(missing_ok=True)
                     removed.append(entry)

@@ -121,8 +121,10 @@ def _read_header_json(fs: AbstractFileSystem, path: str, where: str) -> tuple[di
     try:
         header = json.loads(fs.cat_file(path, start=8, end=8 + header_len), object_pairs_hook=_unique_keys)
     except _DuplicateKey as exc:
-        raise CheckpointError(f"{where}: header names {str(exc)[:80]} twice; the file is corrupt or crafted "
-                              "(readers would disagree on which entry counts)") from None
+        raise CheckpointError(
+            f"{where}: header names {str(exc)[:80]} twice; the file is corrupt or crafted "
+            "(readers would disagree on which entry counts)"
+        ) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise CheckpointError(f"{where}: header is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(header, dict):
@@ -130,8 +132,9 @@ def _read_header_json(fs: AbstractFileSystem, path: str, where: str) -> tuple[di
     return header, 8 + header_len, size
 
 
-def read_safetensors_metadata(fs: AbstractFileSystem, path: str, location: str, shard_name: str = SAFETENSORS_SINGLE
-                              ) -> dict[str, str]:
+def read_safetensors_metadata(
+    fs: AbstractFileSystem, path: str, location: str, shard_name: str = SAFETENSORS_SINGLE
+) -> dict[str, str]:
     """The `__metadata__` strings of a safetensors file (empty when it has none)."""
     header, _, _ = _read_header_json(fs, path, f"{location}/{shard_name}")
     metadata = header.get("__metadata__") or {}
@@ -140,8 +143,9 @@ def read_safetensors_metadata(fs: AbstractFileSystem, path: str, location: str, 
     return {str(key): str(value) for key, value in metadata.items()}
 
 
-def read_safetensors_header(fs: AbstractFileSystem, path: str, location: str, shard_name: str = SAFETENSORS_SINGLE
-                            ) -> dict[str, TensorInfo]:
+def read_safetensors_header(
+    fs: AbstractFileSystem, path: str, location: str, shard_name: str = SAFETENSORS_SINGLE
+) -> dict[str, TensorInfo]:
     """Parse and validate a safetensors header: bounded size, known dtypes, offsets in the file, no overlaps."""
     where = f"{location}/{shard_name}"
     header, data_start, size = _read_header_json(fs, path, where)
@@ -161,8 +165,9 @@ def read_safetensors_header(fs: AbstractFileSystem, path: str, location: str, sh
     return {info.name: info for info in tensors}
 
 
-def _tensor_info_from_header(where: str, name: str, entry: Any, data_start: int, size: int,
-                             shard_name: str) -> TensorInfo:
+def _tensor_info_from_header(
+    where: str, name: str, entry: Any, data_start: int, size: int, shard_name: str
+) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: tensor {name}: header entry is not an object")
     code = entry.get("dtype")
@@ -173,8 +178,12 @@ def _tensor_info_from_header(where: str, name: str, entry: Any, data_start: int,
     offsets = entry.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**63 for d in shape)):
         raise CheckpointError(f"{where}: tensor {name}: bad shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
         raise CheckpointError(f"{where}: tensor {name}: bad data_offsets {offsets!r}")
     info = TensorInfo(name, dtype, tuple(shape), shard_name, data_start + offsets[0], data_start + offsets[1])
     if info.end - info.start != info.nbytes:

@@ -108,11 +108,15 @@ def check_same_tensors(checkpoints: Sequence[Checkpoint], limit: int = 5) -> Non
             if theirs is None:
                 continue
             if theirs.shape != info.shape:
-                problems.append(f"{name} has shape {list(info.shape)} in {reference.location} "
-                                f"but {list(theirs.shape)} in {other.location}")
+                problems.append(
+                    f"{name} has shape {list(info.shape)} in {reference.location} "
+                    f"but {list(theirs.shape)} in {other.location}"
+                )
             elif theirs.dtype != info.dtype:
-                problems.append(f"{name} is {dtype_name(info.dtype)} in {reference.location} "
-                                f"but {dtype_name(theirs.dtype)} in {other.location}")
+                problems.append(
+                    f"{name} is {dtype_name(info.dtype)} in {reference.location} "
+                    f"but {dtype_name(theirs.dtype)} in {other.location}"
+                )
     if problems:
         shown = "; ".join(problems[:limit])
         more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
@@ -190,8 +194,13 @@ def read_ahead(groups: Sequence[Reads], depth: int) -> Iterator[tuple[int, list[
         thread.join()
 
 
-def compute_one(item: StreamItem, tensors: list[torch.Tensor], kernel: Kernel, device: torch.device,
-                reread: Callable[[], list[torch.Tensor]]) -> torch.Tensor:
+def compute_one(
+    item: StreamItem,
+    tensors: list[torch.Tensor],
+    kernel: Kernel,
+    device: torch.device,
+    reread: Callable[[], list[torch.Tensor]],
+) -> torch.Tensor:
     """The kernel's output for one work unit, in the output dtype, refused if it holds NaN/Inf where the inputs
     (read again by `reread`, as a kernel may change its inputs in place) held none."""
     out = item.output
@@ -221,9 +230,11 @@ def refuse_new_non_finite(name: str, output: torch.Tensor, inputs: Callable[[], 
     mask) pass. `inputs` is called only when the output is not finite, so a finite merge pays one summation."""
     if all_finite(output) or not all(all_finite(t) for t in inputs()):
         return
-    raise NonFiniteOutputError(f"output tensor {name} would hold NaN/Inf ({dtype_name(output.dtype)}) although its "
-                               f"inputs are finite; nothing was written: check the weights and parameters (a value "
-                               f"too large for {dtype_name(output.dtype)}?)")
+    raise NonFiniteOutputError(
+        f"output tensor {name} would hold NaN/Inf ({dtype_name(output.dtype)}) although its "
+        f"inputs are finite; nothing was written: check the weights and parameters (a value "
+        f"too large for {dtype_name(output.dtype)}?)"
+    )
 
 
 def refuse_new_non_finite_state(state: Mapping[str, torch.Tensor], sources: Sequence[Checkpoint]) -> None:
@@ -236,7 +247,6 @@ def refuse_new_non_finite_state(state: Mapping[str, torch.Tensor], sources: Sequ
 
 def _read_where_held(name: str, sources: Sequence[Checkpoint]) -> list[torch.Tensor]:
     return [c.read(name) for c in sources if name in c]
-
 
 
 class WriteBehind:
@@ -308,8 +318,9 @@ class WorkUnit:
         return self.rows is None or self.rows[1] == self.item.output.shape[0]
 
 
-def work_units(plan: Sequence[StreamItem], chunked: bool, chunk_bytes: int = CHUNK_BYTES,
-               verbatim: Collection[str] = ()) -> list[WorkUnit]:
+def work_units(
+    plan: Sequence[StreamItem], chunked: bool, chunk_bytes: int = CHUNK_BYTES, verbatim: Collection[str] = ()
+) -> list[WorkUnit]:
     units = []
     for item in plan:
         if item.output.name in verbatim:
@@ -326,9 +337,17 @@ def work_units(plan: Sequence[StreamItem], chunked: bool, chunk_bytes: int = CHU
     return units
 
 
-def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | os.PathLike, *, side_files_from: Checkpoint,
-               run: RunOptions | None = None, out_dtype: torch.dtype | None = None,
-               extras: OutputExtras | None = None, description: str = "merging") -> StreamReport:
+def run_stream(
+    plan: Sequence[StreamItem],
+    kernel: Kernel,
+    out: str | os.PathLike,
+    *,
+    side_files_from: Checkpoint,
+    run: RunOptions | None = None,
+    out_dtype: torch.dtype | None = None,
+    extras: OutputExtras | None = None,
+    description: str = "merging",
+) -> StreamReport:
     """Compute every planned output tensor and publish the model directory at `out`, with the side files of
     `side_files_from` (its config recording `out_dtype`) and `extras` written before it is published."""
     run = run or RunOptions()
@@ -356,8 +375,14 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | os.PathLik
                     again = partial(read_all, unit.reads)
                     behind.submit(item.output.name, compute_one(item, tensors, kernel, torch_device, again), unit.rows)
                     progress.advance(int(unit.completes_item), unit.input_bytes)
-                    log.debug("%s %s rows %s from %d inputs in %.1f ms", item.output.name, list(item.output.shape),
-                              unit.rows or "all", len(tensors), 1000 * (time.perf_counter() - tick))
+                    log.debug(
+                        "%s %s rows %s from %d inputs in %.1f ms",
+                        item.output.name,
+                        list(item.output.shape),
+                        unit.rows or "all",
+                        len(tensors),
+                        1000 * (time.perf_counter() - tick),
+                    )
             behind.finish()
             writer.close()
         except BaseException:
@@ -371,8 +396,13 @@ def run_stream(plan: Sequence[StreamItem], kernel: Kernel, out: str | os.PathLik
             (staging / name).write_bytes(content)
             side.append(name)
     return StreamReport(
-        out=Path(out), tensors=len(plan), bytes_read=total_in, bytes_written=writer.total_bytes,
-        shard_files=writer.file_names, device=str(torch_device), seconds=time.perf_counter() - started,
+        out=Path(out),
+        tensors=len(plan),
+        bytes_read=total_in,
+        bytes_written=writer.total_bytes,
+        shard_files=writer.file_names,
+        device=str(torch_device),
+        seconds=time.perf_counter() - started,
         side_files=side,
     )
 

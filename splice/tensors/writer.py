@@ -50,8 +50,20 @@ SIDE_FILES = (
     "processor_config.json",
 )
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
-               "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "K": 1000, "M": 1000**2, "G": 1000**3}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "K": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -67,8 +79,6 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise SpliceError(f"size must be positive, got {text!r}")
     return size
-
-
 
 
 def plan_shards(outputs: list[OutputTensor], shard_size: int) -> list[list[OutputTensor]]:
@@ -90,13 +100,17 @@ def _shard_file_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-
-
 class ShardedWriter:
     """Appends tensors, in the planned order, into shards whose headers were written up front."""
 
-    def __init__(self, directory: Path, outputs: list[OutputTensor], shard_size: int = DEFAULT_SHARD_SIZE,
-                 metadata: Mapping[str, str] | None = None, single_file: str | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        outputs: list[OutputTensor],
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        metadata: Mapping[str, str] | None = None,
+        single_file: str | None = None,
+    ):
         """`single_file`: write everything into one file of that name (no shard bound, no index)."""
         self.directory = Path(directory)
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -121,8 +135,9 @@ class ShardedWriter:
             raise SpliceError(f"writer expected tensor {planned.name} next, got {name}")
         expected = planned.shape if rows is None else (rows[1] - rows[0], *planned.shape[1:])
         if rows is not None and (rows[0] != self._rows_done or rows[1] > planned.shape[0]):
-            raise SpliceError(f"tensor {name}: rows {rows[0]}..{rows[1]} arrived after row {self._rows_done} "
-                              f"of {planned.shape[0]}")
+            raise SpliceError(
+                f"tensor {name}: rows {rows[0]}..{rows[1]} arrived after row {self._rows_done} of {planned.shape[0]}"
+            )
         if tuple(tensor.shape) != expected or tensor.dtype != planned.dtype:
             raise SpliceError(
                 f"tensor {name}: computed {tuple(tensor.shape)} {dtype_name(tensor.dtype)}, "
@@ -143,8 +158,14 @@ class ShardedWriter:
         info = source.tensors[name]
         shard_index, planned = self._order[self._next] if self._next < len(self._order) else (-1, None)
         where = source.local_byte_range(name)
-        if (where is None or planned is None or planned.name != name or info.dtype != planned.dtype
-                or info.shape != planned.shape or not hasattr(os, "copy_file_range")):
+        if (
+            where is None
+            or planned is None
+            or planned.name != name
+            or info.dtype != planned.dtype
+            or info.shape != planned.shape
+            or not hasattr(os, "copy_file_range")
+        ):
             self.write(name, source.read(name))
             return
         file = self._shard_file(shard_index)
@@ -187,8 +208,9 @@ class ShardedWriter:
         self._close_file()
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
-            raise SpliceError(f"output incomplete: tensor {missing} and {len(self._order) - self._next - 1} more "
-                              "were never written")
+            raise SpliceError(
+                f"output incomplete: tensor {missing} and {len(self._order) - self._next - 1} more were never written"
+            )
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": self.total_bytes, **self.metadata},
@@ -200,8 +222,13 @@ class ShardedWriter:
         self._close_file()
 
 
-def write_state_dict(directory: Path, state: Mapping[str, torch.Tensor], shard_size: int = DEFAULT_SHARD_SIZE,
-                     metadata: Mapping[str, str] | None = None, single_file: str | None = None) -> None:
+def write_state_dict(
+    directory: Path,
+    state: Mapping[str, torch.Tensor],
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    metadata: Mapping[str, str] | None = None,
+    single_file: str | None = None,
+) -> None:
     """For engines that hold a whole model: the same shard layout as a streamed merge."""
     outputs = [OutputTensor(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
     writer = ShardedWriter(directory, outputs, shard_size, metadata, single_file)
@@ -243,8 +270,9 @@ def _check_output_location(out: str | os.PathLike, parameter_name: str = "out", 
         raise SpliceError(f"{parameter(parameter_name)} must be a local {kind}, got {out}; write locally, then copy")
 
 
-def refuse_overlap(out: str | os.PathLike, protected: Sequence[str | os.PathLike], what: str = "an input",
-                   parameter_name: str = "out") -> None:
+def refuse_overlap(
+    out: str | os.PathLike, protected: Sequence[str | os.PathLike], what: str = "an input", parameter_name: str = "out"
+) -> None:
     """Refuse an output directory that is, contains or sits inside one of `protected` (the inputs of a
     command, a registry): replacing it would delete them. Remote locations cannot overlap a local `out`.
     `parameter_name`: the parameter that gave `out`, as errors name it."""
@@ -252,35 +280,45 @@ def refuse_overlap(out: str | os.PathLike, protected: Sequence[str | os.PathLike
     for location in protected:
         text = os.fspath(location)
         if text.startswith("file:"):  # a local registry or model given as a URL (file:///x, or file:/x)
-            text = "/" + text[len("file:"):].lstrip("/")
+            text = "/" + text[len("file:") :].lstrip("/")
         elif _URL.match(text):
             continue
         kept = Path(text).absolute().resolve()
         if target == kept or kept.is_relative_to(target) or target.is_relative_to(kept):
             relation = "is" if target == kept else "contains" if kept.is_relative_to(target) else "is inside"
             named = parameter(parameter_name)
-            raise SpliceError(f"{named} {out} {relation} {what} ({location}); writing there would destroy it: "
-                              f"choose an {named} outside it")
+            raise SpliceError(
+                f"{named} {out} {relation} {what} ({location}); writing there would destroy it: "
+                f"choose an {named} outside it"
+            )
 
 
-def ensure_output_free(out: str | os.PathLike, force: bool, protected: Sequence[str | os.PathLike] = (),
-                       what: str = "an input", parameter_name: str = "out") -> Path:
+def ensure_output_free(
+    out: str | os.PathLike,
+    force: bool,
+    protected: Sequence[str | os.PathLike] = (),
+    what: str = "an input",
+    parameter_name: str = "out",
+) -> Path:
     """Refuse an existing output before any work starts (unless force), and an output that overlaps one of
     `protected` (with or without force); errors name `out` by `parameter_name`."""
     _check_output_location(out, parameter_name)
     refuse_overlap(out, protected, what, parameter_name)
     out = Path(out)
     if out.exists() and not force:
-        raise OutputExistsError(f"output {out} already exists: choose another {parameter(parameter_name)} or pass "
-                                f"`force=True` to replace it")
+        raise OutputExistsError(
+            f"output {out} already exists: choose another {parameter(parameter_name)} or pass "
+            f"`force=True` to replace it"
+        )
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a directory; remove it first")
     return out
 
 
 @contextlib.contextmanager
-def staged_output(out: str | os.PathLike, force: bool = False, protected: Sequence[str | os.PathLike] = (),
-                  what: str = "an input") -> Iterator[Path]:
+def staged_output(
+    out: str | os.PathLike, force: bool = False, protected: Sequence[str | os.PathLike] = (), what: str = "an input"
+) -> Iterator[Path]:
     """Yield a hidden sibling directory owned by this process; rename it to `out` on success, delete it on
     any failure. Partials of `out` left by dead processes are removed first; `protected` as for
     `ensure_output_free`."""
@@ -315,8 +353,13 @@ def _publish(staging: Path, out: Path, force: bool) -> None:
     retired.discard()
 
 
-def ensure_output_file_free(path: str | os.PathLike, force: bool, protected: Sequence[str | os.PathLike] = (),
-                            what: str = "an input", parameter_name: str = "out") -> Path:
+def ensure_output_file_free(
+    path: str | os.PathLike,
+    force: bool,
+    protected: Sequence[str | os.PathLike] = (),
+    what: str = "an input",
+    parameter_name: str = "out",
+) -> Path:
     """A file output (predictions, a report's JSON or PNG), before any work: refused when it is or sits inside one
     of `protected` (with or without force), when a directory is there, and when it exists and not `force`."""
     _check_output_location(path, parameter_name, "file")
@@ -325,14 +368,20 @@ def ensure_output_file_free(path: str | os.PathLike, force: bool, protected: Seq
     if path.is_dir():
         raise OutputExistsError(f"{parameter(parameter_name)} {path} is a directory: give a file name")
     if path.exists() and not force:
-        raise OutputExistsError(f"{parameter(parameter_name)} {path} already exists: choose another or pass "
-                                f"`force=True` to replace it")
+        raise OutputExistsError(
+            f"{parameter(parameter_name)} {path} already exists: choose another or pass `force=True` to replace it"
+        )
     return path
 
 
-def write_output_file(path: str | os.PathLike, data: bytes, force: bool = False,
-                      protected: Sequence[str | os.PathLike] = (), what: str = "an input",
-                      parameter_name: str = "out") -> Path:
+def write_output_file(
+    path: str | os.PathLike,
+    data: bytes,
+    force: bool = False,
+    protected: Sequence[str | os.PathLike] = (),
+    what: str = "an input",
+    parameter_name: str = "out",
+) -> Path:
     """The output rule for one file: checked as by `ensure_output_file_free`, written to a hidden partial name
     beside it, flushed, then published in one step: linked into place (refused if a file appeared meanwhile) or,
     with `force`, renamed over the old one. Readers see the old file or the whole new one, never a part."""
@@ -351,16 +400,18 @@ def write_output_file(path: str | os.PathLike, data: bytes, force: bool = False,
             try:
                 os.link(partial, path)
             except FileExistsError:
-                raise OutputExistsError(f"{parameter(parameter_name)} {path} appeared while writing; nothing was "
-                                        "replaced") from None
+                raise OutputExistsError(
+                    f"{parameter(parameter_name)} {path} appeared while writing; nothing was replaced"
+                ) from None
         note_published(str(path))
     finally:
         partial.unlink(missing_ok=True)
     return path
 
 
-def check_report_dir(directory: str | os.PathLike, protected: Sequence[str | os.PathLike],
-                     names: Sequence[str] = (), force: bool = False) -> None:
+def check_report_dir(
+    directory: str | os.PathLike, protected: Sequence[str | os.PathLike], names: Sequence[str] = (), force: bool = False
+) -> None:
     """Before any work: a directory that reports may be written into (it may exist, as a directory) that is none
     of the inputs and does not contain or sit inside one, where none of the report's files `names` exists
     (unless `force`)."""
@@ -372,9 +423,15 @@ def check_report_dir(directory: str | os.PathLike, protected: Sequence[str | os.
         ensure_output_file_free(path / name, force, parameter_name="report_dir")
 
 
-def write_report_files(directory: str | os.PathLike, files: Mapping[str, bytes], force: bool = False,
-                       protected: Sequence[str | os.PathLike] = ()) -> list[Path]:
+def write_report_files(
+    directory: str | os.PathLike,
+    files: Mapping[str, bytes],
+    force: bool = False,
+    protected: Sequence[str | os.PathLike] = (),
+) -> list[Path]:
     """A report's files (name -> content) into `directory`, each by `write_output_file`."""
     check_report_dir(directory, protected, list(files), force)
-    return [write_output_file(Path(directory) / name, data, force, parameter_name="report_dir")
-            for name, data in files.items()]
+    return [
+        write_output_file(Path(directory) / name, data, force, parameter_name="report_dir")
+        for name, data in files.items()
+    ]

@@ -67,10 +67,18 @@ class DeploymentRecord(BaseModel):
         self._warnings = value
 
 
-def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike, *,
-           registry: Registry | str | None = None, allow_base_drift: bool = False, port: bool = False,
-           old_base: str | os.PathLike | None = None, run: RunOptions | None = None,
-           **run_keywords: Unpack[RunKeywords]) -> tuple[DeploymentRecord, StreamReport]:
+def deploy(
+    refs: Sequence[str],
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    registry: Registry | str | None = None,
+    allow_base_drift: bool = False,
+    port: bool = False,
+    old_base: str | os.PathLike | None = None,
+    run: RunOptions | None = None,
+    **run_keywords: Unpack[RunKeywords],
+) -> tuple[DeploymentRecord, StreamReport]:
     """Apply registry patches (in the order given) to `base` and write the result to `out` with its record.
     Every ref is resolved and every patch checked against the base before anything is written. `port`: each
     patch is first ported onto `base` (PortLLM; `old_base`, the base the patches were made on, gives the drift
@@ -81,15 +89,20 @@ def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike,
     if not refs:
         raise PatchError("no patch refs given")
     if old_base is not None and not port:
-        raise PatchError("`old_base` (the base the patches were made on) is for `port=True`; add `port=True` to "
-                         "port them")
+        raise PatchError(
+            "`old_base` (the base the patches were made on) is for `port=True`; add `port=True` to port them"
+        )
     if port and allow_base_drift:
-        raise PatchError("`port=True` carries the patches onto the base; `allow_base_drift=True` applies them "
-                         "unchanged: "
-                         "choose one")
+        raise PatchError(
+            "`port=True` carries the patches onto the base; `allow_base_drift=True` applies them unchanged: choose one"
+        )
     store = open_registry(registry, run.storage_options)
-    ensure_output_free(out, run.force, protected=[p for p in (base, old_base, store.url) if p is not None],
-                       what="a base or the registry")
+    ensure_output_free(
+        out,
+        run.force,
+        protected=[p for p in (base, old_base, store.url) if p is not None],
+        what="a base or the registry",
+    )
     base_ckpt = Checkpoint.open(base, run.storage_options)
     deployed, patches, sources, files = [], [], [], {}
     for index, ref in enumerate(refs):
@@ -102,14 +115,28 @@ def deploy(refs: Sequence[str], base: str | os.PathLike, out: str | os.PathLike,
         else:
             check = _base_check(patch, base_ckpt, allow_base_drift)
         sources.append((version, ported))
-        deployed.append(DeployedPatch(ref=ref, name=version.name, version=version.version, digest=version.digest,
-                                      kind=patch.meta.kind.value, base_check=check,
-                                      base_digest=patch.meta.base.digest if patch.meta.base else None))
+        deployed.append(
+            DeployedPatch(
+                ref=ref,
+                name=version.name,
+                version=version.version,
+                digest=version.digest,
+                kind=patch.meta.kind.value,
+                base_check=check,
+                base_digest=patch.meta.base.digest if patch.meta.base else None,
+            )
+        )
         patches.append(patch)
     record = DeploymentRecord(registry=recorded_location(store.url), base=recorded_location(base), patches=deployed)
-    report = apply_patches(patches, base, out, check_bases=False, run=run,
-                           metadata={RECORD_METADATA_KEY: record.model_dump_json()},
-                           extra_files={RECORD_FILE: (record.model_dump_json(indent=2) + "\n").encode(), **files})
+    report = apply_patches(
+        patches,
+        base,
+        out,
+        check_bases=False,
+        run=run,
+        metadata={RECORD_METADATA_KEY: record.model_dump_json()},
+        extra_files={RECORD_FILE: (record.model_dump_json(indent=2) + "\n").encode(), **files},
+    )
     record.warnings = _record_deployments(store, record, sources, str(out))
     return record, report
 
@@ -132,23 +159,29 @@ def _base_check(patch: Patch, base: Checkpoint, allow_base_drift: bool) -> str:
     return "verified"
 
 
-def _record_deployments(store: Registry, record: DeploymentRecord,
-                        sources: list[tuple[VersionManifest, Ported | None]], output: str) -> list[str]:
+def _record_deployments(
+    store: Registry, record: DeploymentRecord, sources: list[tuple[VersionManifest, Ported | None]], output: str
+) -> list[str]:
     """Each deployed version's health record (a port's with its drift figures); warnings where one failed."""
     warnings = []
     for patch, (version, ported) in zip(record.patches, sources):
         if ported is not None:
             warnings += record_port(store, version, ported, record.base, None, output)
             continue
-        health = HealthRecord(event="deploy", version=patch.version, digest=patch.digest, base=record.base,
-                              base_digest=patch.base_digest if patch.base_check == "verified" else None,
-                              base_check=patch.base_check, output=output)
+        health = HealthRecord(
+            event="deploy",
+            version=patch.version,
+            digest=patch.digest,
+            base=record.base,
+            base_digest=patch.base_digest if patch.base_check == "verified" else None,
+            base_check=patch.base_check,
+            output=output,
+        )
         warnings += record_health(store, patch.name, health)
     return warnings
 
 
-def read_deployment_record(model: str | os.PathLike, storage_options: dict | None = None
-                           ) -> DeploymentRecord | None:
+def read_deployment_record(model: str | os.PathLike, storage_options: dict | None = None) -> DeploymentRecord | None:
     """The record a deployed model carries (from its weights' metadata, so it survives without
     deployment.json), or None for a model splice did not deploy."""
     stored = Checkpoint.open(model, storage_options)
@@ -162,13 +195,20 @@ def read_deployment_record(model: str | os.PathLike, storage_options: dict | Non
     try:
         return DeploymentRecord.model_validate(parse_json(text))
     except ValidationError as exc:
-        raise CheckpointError(f"{model}: its deployment record is not valid ({one_line(exc, 'record')}); "
-                              f"deploy it again") from None
+        raise CheckpointError(
+            f"{model}: its deployment record is not valid ({one_line(exc, 'record')}); deploy it again"
+        ) from None
     except ValueError as exc:
         raise CheckpointError(f"{model}: its deployment record is not valid JSON ({exc}); deploy it again") from None
 
 
-def apply_ref(model: torch.nn.Module, ref: str, *, registry: Registry | str | None = None,
-              allow_base_drift: bool = False, storage_options: dict | None = None) -> PatchHandle:
+def apply_ref(
+    model: torch.nn.Module,
+    ref: str,
+    *,
+    registry: Registry | str | None = None,
+    allow_base_drift: bool = False,
+    storage_options: dict | None = None,
+) -> PatchHandle:
     """Load a registry ref and patch a live model in place; the handle's `remove()` takes it off again."""
     return apply_patch(model, open_registry(registry, storage_options).load(ref), allow_base_drift=allow_base_drift)

@@ -44,8 +44,13 @@ def summarize(location: str | os.PathLike, storage_options: dict | None = None) 
         dtypes[dtype_name(info.dtype)] += info.numel
     architectures = config.get("architectures") or [config.get("model_type")] if config else [None]
     return ModelSummary(
-        location=str(location), architecture=architectures[0] if architectures else None,
-        shards=list(per_shard.values()), tensors=len(checkpoint.tensors), parameters=checkpoint.num_parameters,
-        nbytes=checkpoint.total_bytes, dtypes=dict(dtypes), norm_modules=find_norm_modules(checkpoint),
+        location=str(location),
+        architecture=architectures[0] if architectures else None,
+        shards=list(per_shard.values()),
+        tensors=len(checkpoint.tensors),
+        parameters=checkpoint.num_parameters,
+        nbytes=checkpoint.total_bytes,
+        dtypes=dict(dtypes),
+        norm_modules=find_norm_modules(checkpoint),
         deployment=read_deployment_record(location, storage_options),
     )

@@ -63,5 +63,6 @@ def version_details(registry: Registry, ref: str | Ref) -> VersionDetails:
     manifest = registry.resolve(ref)
     aliases = registry.aliases(manifest.name)
     health, problems = registry.health(manifest.name)
-    return VersionDetails(manifest, aliases, {a: registry.alias_history(manifest.name, a) for a in aliases},
-                          health, problems)
+    return VersionDetails(
+        manifest, aliases, {a: registry.alias_history(manifest.name, a) for a in aliases}, health, problems
+    )

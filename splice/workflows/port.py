@@ -48,12 +48,23 @@ def is_registry_ref(patch: PatchSource) -> bool:
     return isinstance(patch, str) and "://" not in patch and not Path(patch).exists()
 
 
-def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | None = None, *,
-         as_patch: str | os.PathLike | None = None, push: str | None = None, alias: str | None = None,
-         message: str = "", old_base: str | os.PathLike | None = None, scale: float = 1.0,
-         registry: Registry | str | None = None, evaluate: str | Callable | None = None,
-         report_dir: str | os.PathLike | None = None, run: RunOptions | None = None,
-         **run_keywords: Unpack[RunKeywords]) -> PortOutcome:
+def port(
+    patch: PatchSource,
+    to: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    as_patch: str | os.PathLike | None = None,
+    push: str | None = None,
+    alias: str | None = None,
+    message: str = "",
+    old_base: str | os.PathLike | None = None,
+    scale: float = 1.0,
+    registry: Registry | str | None = None,
+    evaluate: str | Callable | None = None,
+    report_dir: str | os.PathLike | None = None,
+    run: RunOptions | None = None,
+    **run_keywords: Unpack[RunKeywords],
+) -> PortOutcome:
     """Port a patch (a directory, a PEFT adapter, or a registry ref) onto the evolved base `to`; write the ported
     model (`out`), the ported patch (`as_patch`), and/or push it as the next version of `push`. Nothing is
     written before the drift report is measured and every input checked. A registry version's port is kept in
@@ -62,8 +73,10 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
     run = run_options(run, run_keywords, "port")
     storage_options, force = run.storage_options, run.force
     if out is None and as_patch is None and push is None:
-        raise SpliceError("say where the port goes: `out=DIR` (the ported model), `as_patch=DIR` (the ported "
-                          "patch) or `push=NAME` (the ported patch as a registry version)")
+        raise SpliceError(
+            "say where the port goes: `out=DIR` (the ported model), `as_patch=DIR` (the ported "
+            "patch) or `push=NAME` (the ported patch as a registry version)"
+        )
     store = open_registry(registry, storage_options) if push is not None or is_registry_ref(patch) else None
     if push is not None and store is not None:
         store.check_push(push, alias)
@@ -74,8 +87,11 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
         inputs = (to, old_base, None if is_registry_ref(patch) else patch_location(patch), store.url if store else None)
         check_report_dir(report_dir, [p for p in inputs if p is not None], REPORT_FILES, force)
     ported = prepare_port(loaded, to, old_base=old_base, scale=scale, source=label, run=run)
-    before, after = (None, None) if scorer is None or evaluate is None else \
-        _scores(scorer, hook_name(evaluate), loaded, ported.patch, to, old_base, storage_options)
+    before, after = (
+        (None, None)
+        if scorer is None or evaluate is None
+        else _scores(scorer, hook_name(evaluate), loaded, ported.patch, to, old_base, storage_options)
+    )
     ported = _scored(ported, before, after)
     outcome = PortOutcome(ported, source, score_before=before, score_after=after)
     write_ported(ported, to, out=out, as_patch=as_patch, run=run)
@@ -89,8 +105,9 @@ def port(patch: PatchSource, to: str | os.PathLike, out: str | os.PathLike | Non
     return outcome
 
 
-def _source(patch: PatchSource, store: Registry | None, to: str | os.PathLike, storage_options: dict | None
-            ) -> tuple[VersionManifest | None, Patch, str]:
+def _source(
+    patch: PatchSource, store: Registry | None, to: str | os.PathLike, storage_options: dict | None
+) -> tuple[VersionManifest | None, Patch, str]:
     """(the registry version, or None; the loaded patch; how the lineage names it)."""
     if store is not None and is_registry_ref(patch):
         version = store.resolve(patch)
@@ -100,8 +117,15 @@ def _source(patch: PatchSource, store: Registry | None, to: str | os.PathLike, s
     return None, loaded, patch_label(patch)
 
 
-def _scores(scorer: Callable, hook: str, patch: Patch, ported: Patch, to: str | os.PathLike,
-            old_base: str | os.PathLike | None, storage_options: dict | None) -> tuple[float | None, float]:
+def _scores(
+    scorer: Callable,
+    hook: str,
+    patch: Patch,
+    ported: Patch,
+    to: str | os.PathLike,
+    old_base: str | os.PathLike | None,
+    storage_options: dict | None,
+) -> tuple[float | None, float]:
     """The evaluation before porting (`patch` on its own base, when it is given; else None) and after (`ported`
     on the new base), each on a model built in memory."""
     before = None
@@ -114,32 +138,46 @@ def _scores(scorer: Callable, hook: str, patch: Patch, ported: Patch, to: str | 
 
 def _scored(ported: Ported, before: float | None, after: float | None) -> Ported:
     """`ported` with the scores that were measured in its patch's metrics (score_before_port, score_after_port)."""
-    scores = {key: value for key, value in (("score_before_port", before), ("score_after_port", after))
-              if value is not None}
+    scores = {
+        key: value for key, value in (("score_before_port", before), ("score_after_port", after)) if value is not None
+    }
     if not scores:
         return ported
     meta = ported.patch.meta.model_copy(update={"metrics": {**ported.patch.meta.metrics, **scores}})
     return replace(ported, patch=Patch(ported.patch.tensors, meta))
 
 
-def record_port(store: Registry, source: VersionManifest, ported: Ported, base: str, outcome: PortOutcome | None,
-                output: str | os.PathLike | None) -> list[str]:
+def record_port(
+    store: Registry,
+    source: VersionManifest,
+    ported: Ported,
+    base: str,
+    outcome: PortOutcome | None,
+    output: str | os.PathLike | None,
+) -> list[str]:
     """Keep the port in the source version's health history; a warning (not a failure: the port itself is
     done) when the registry cannot take the record."""
     drift = ported.drift
-    record = HealthRecord(event="port", version=source.version, digest=source.digest, base=base,
-                          base_digest=drift.new_digest, base_check=f"ported: {drift.verdict}",
-                          drift=DriftSummary.model_validate(drift.summary()),
-                          score_before=outcome.score_before if outcome else None,
-                          score_after=outcome.score_after if outcome else None,
-                          ported_to=outcome.pushed.ref if outcome and outcome.pushed else None,
-                          output=str(output) if output is not None else None)
+    record = HealthRecord(
+        event="port",
+        version=source.version,
+        digest=source.digest,
+        base=base,
+        base_digest=drift.new_digest,
+        base_check=f"ported: {drift.verdict}",
+        drift=DriftSummary.model_validate(drift.summary()),
+        score_before=outcome.score_before if outcome else None,
+        score_after=outcome.score_after if outcome else None,
+        ported_to=outcome.pushed.ref if outcome and outcome.pushed else None,
+        output=str(output) if output is not None else None,
+    )
     return record_health(store, source.name, record)
 
 
 def record_health(store: Registry, name: str, record: HealthRecord) -> list[str]:
-    record = record.model_copy(update={"base": recorded_location(record.base),
-                                       "output": record.output and recorded_location(record.output)})
+    record = record.model_copy(
+        update={"base": recorded_location(record.base), "output": record.output and recorded_location(record.output)}
+    )
     try:
         store.record_health(record, name)
     except (RegistryError, OSError) as exc:

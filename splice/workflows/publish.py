@@ -13,9 +13,16 @@ from splice.registry.store import PushResult, Registry
 from splice.tensors.checkpoint import Checkpoint
 
 
-def publish_patch(registry: Registry, name: str, source: PatchSource, *, alias: str | None = None,
-                  message: str = "", base: str | os.PathLike | None = None,
-                  wait: float = DEFAULT_WAIT) -> PushResult:
+def publish_patch(
+    registry: Registry,
+    name: str,
+    source: PatchSource,
+    *,
+    alias: str | None = None,
+    message: str = "",
+    base: str | os.PathLike | None = None,
+    wait: float = DEFAULT_WAIT,
+) -> PushResult:
     """Push `source` as the next version of `name`. A patch without a record of its base (a PEFT adapter)
     needs `base`, whose tensors it touches are fingerprinted; a patch with one is checked against `base` when
     given."""

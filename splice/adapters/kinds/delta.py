@@ -10,13 +10,18 @@ from splice.progress import Progress
 from splice.tensors.checkpoint import Checkpoint
 
 
-def extract_delta(base: Checkpoint, tuned: Checkpoint, options: None = None,
-                  device: str = "auto", progress: Progress | None = None) -> Extracted:
+def extract_delta(
+    base: Checkpoint, tuned: Checkpoint, options: None = None, device: str = "auto", progress: Progress | None = None
+) -> Extracted:
     tensors = {name: delta.cpu() for name, delta in deltas(base, tuned, progress=progress)}
     if not tensors:
         raise PatchError(f"{tuned.location} is identical to {base.location}: the delta would be empty")
     return Extracted(tensors, list(tensors), sorted(tensors))
 
 
-SPEC = KindSpec(extract=extract_delta, steps=add_steps, describe=describe_plain,
-                rescale=lambda patch, scale: scale_tensors(patch, scale, set(patch.tensors)))
+SPEC = KindSpec(
+    extract=extract_delta,
+    steps=add_steps,
+    describe=describe_plain,
+    rescale=lambda patch, scale: scale_tensors(patch, scale, set(patch.tensors)),
+)

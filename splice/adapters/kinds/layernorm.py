@@ -33,8 +33,7 @@ class LayerNormOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.include, list | tuple) or not all(isinstance(p, str) and p for p in self.include):
-            raise PatchError(f"include takes a list of tensor name patterns, e.g. ['*.pooler.*'], not "
-                             f"{self.include!r}")
+            raise PatchError(f"include takes a list of tensor name patterns, e.g. ['*.pooler.*'], not {self.include!r}")
         object.__setattr__(self, "include", tuple(self.include))
 
 
@@ -44,14 +43,21 @@ def _named(tuned: Checkpoint, patterns: tuple[str, ...]) -> set[str]:
     for pattern in patterns:
         found = fnmatch.filter(tuned.tensors, pattern)
         if not found:
-            raise PatchError(f"`include` {pattern!r} names no tensor of {tuned.location}; its tensors are named "
-                             f"like {next(iter(tuned.tensors))}")
+            raise PatchError(
+                f"`include` {pattern!r} names no tensor of {tuned.location}; its tensors are named "
+                f"like {next(iter(tuned.tensors))}"
+            )
         named.update(found)
     return named
 
 
-def extract_layernorm(base: Checkpoint, tuned: Checkpoint, options: LayerNormOptions | None = None,
-                      device: str = "auto", progress: Progress | None = None) -> Extracted:
+def extract_layernorm(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    options: LayerNormOptions | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> Extracted:
     """Every norm's tuned values; of the other tensors the fine-tune changed, the classification head's and those
     `options.include` names (tuned values too); the rest listed in `left_out`, and said so."""
     options = options or LayerNormOptions()
@@ -72,12 +78,26 @@ def extract_layernorm(base: Checkpoint, tuned: Checkpoint, options: LayerNormOpt
     settings["head"].sort()
     settings["included"].sort()
     names = norms + settings["head"] + settings["included"]
-    warnings = left_out_warnings(settings["left_out"], "layernorm patch",
-                                 "being neither norms nor the classification head",
-                                 "name them with --include PATTERN, or carry them with a delta patch")
-    return Extracted({name: tuned.read(name) for name in names}, names,
-                     sorted({n.rpartition(".")[0] for n in names}), {k: v for k, v in settings.items() if v}, warnings)
+    warnings = left_out_warnings(
+        settings["left_out"],
+        "layernorm patch",
+        "being neither norms nor the classification head",
+        "name them with --include PATTERN, or carry them with a delta patch",
+    )
+    return Extracted(
+        {name: tuned.read(name) for name in names},
+        names,
+        sorted({n.rpartition(".")[0] for n in names}),
+        {k: v for k, v in settings.items() if v},
+        warnings,
+    )
 
 
-SPEC = KindSpec(extract=extract_layernorm, steps=replace_steps, describe=describe_plain, rescale=keep_as_is,
-                options=LayerNormOptions, keywords={"include": "include"})
+SPEC = KindSpec(
+    extract=extract_layernorm,
+    steps=replace_steps,
+    describe=describe_plain,
+    rescale=keep_as_is,
+    options=LayerNormOptions,
+    keywords={"include": "include"},
+)

@@ -70,8 +70,9 @@ def module_scale(patch: PatchContents, module: str) -> float:
     if shape_b is None:
         raise PatchError(f"LoRA patch has {module}{SUFFIX_A} but no {module}{SUFFIX_B}")
     if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != shape_b[1]:
-        raise PatchError(f"LoRA patch: {module} has factors of shapes {list(shape_b)} and {list(shape_a)}, "
-                         f"which do not multiply")
+        raise PatchError(
+            f"LoRA patch: {module} has factors of shapes {list(shape_b)} and {list(shape_a)}, which do not multiply"
+        )
     rank = settings.get("rank", {}).get(module, shape_a[0])
     if rank != shape_a[0]:
         raise PatchError(f"LoRA patch: {module} records rank {rank} but its factors have rank {shape_a[0]}")
@@ -96,8 +97,9 @@ def lora_steps(patch: PatchContents) -> dict[str, Step]:
         rows, cols = shapes[module + SUFFIX_B][0], shapes[module + SUFFIX_A][1]
         start = f"{module}.weight" if f"{module}.weight" in replaced else None
 
-        def compute(value: torch.Tensor, module: str = module, scale: float = scale, start: str | None = start
-                    ) -> torch.Tensor:
+        def compute(
+            value: torch.Tensor, module: str = module, scale: float = scale, start: str | None = start
+        ) -> torch.Tensor:
             if start is not None:
                 value = patch.tensors[start].to(device=value.device, dtype=value.dtype, copy=True)
             a = patch.tensors[module + SUFFIX_A].to(device=value.device, dtype=value.dtype)
@@ -144,8 +146,9 @@ class LoraOptions:
         check_request(self.rank, self.energy)
 
 
-def truncated_svd(delta: torch.Tensor, rank: int | None, energy: float | None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+def truncated_svd(
+    delta: torch.Tensor, rank: int | None, energy: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """(U [rows, k], S [k], Vh [k, cols], method): the leading k singular triplets of a 2-D fp32 matrix, k set
     by `rank` (capped at min(rows, cols)) or by `energy` (the smallest rank keeping that share of
     ||delta||_F^2, with `rank` as a cap). Large matrices with a small kept rank use a randomized SVD; the
@@ -186,19 +189,32 @@ def _factor(delta: torch.Tensor, options: LoraOptions) -> tuple[torch.Tensor, to
     root = (s / lora_scale(float(keep), keep, options.rslora)).sqrt()
     total = float(delta.double().square().sum())
     captured = min(float(s.double().square().sum()) / total, 1.0)
-    recorded = {"rank": keep, "alpha": keep, "captured_energy": captured,
-                "relative_error": math.sqrt(max(1.0 - captured, 0.0)), "svd": method}
+    recorded = {
+        "rank": keep,
+        "alpha": keep,
+        "captured_energy": captured,
+        "relative_error": math.sqrt(max(1.0 - captured, 0.0)),
+        "svd": method,
+    }
     return (root[:, None] * vh).contiguous().cpu(), (u * root[None, :]).contiguous().cpu(), recorded
 
 
-def extract_lora(base: Checkpoint, tuned: Checkpoint, options: LoraOptions, device: str = "auto",
-                 progress: Progress | None = None) -> Extracted:
+def extract_lora(
+    base: Checkpoint, tuned: Checkpoint, options: LoraOptions, device: str = "auto", progress: Progress | None = None
+) -> Extracted:
     """A LoRA patch of every changed matrix (`<module>.weight`, 2-D, embeddings and heads included): a
     truncated SVD of tuned - base. Changed tensors that are not matrices are listed in `left_out`, and said so."""
     tensors: dict[str, torch.Tensor] = {}
-    settings: dict = {"rslora": options.rslora, "rank": {}, "alpha": {},
-                      "requested": {"rank": options.rank, "energy": options.energy},
-                      "captured_energy": {}, "relative_error": {}, "svd": {}, "left_out": {}}
+    settings: dict = {
+        "rslora": options.rslora,
+        "rank": {},
+        "alpha": {},
+        "requested": {"rank": options.rank, "energy": options.energy},
+        "captured_energy": {},
+        "relative_error": {},
+        "svd": {},
+        "left_out": {},
+    }
     for name, delta in deltas(base, tuned, resolve_device(device), progress):
         why = _why_not_lora(name, delta)
         if why is not None:
@@ -210,11 +226,17 @@ def extract_lora(base: Checkpoint, tuned: Checkpoint, options: LoraOptions, devi
             settings[key][module] = value
     left_out = settings["left_out"]
     if not tensors:
-        raise PatchError(f"{tuned.location}: no changed matrix to factor" +
-                         (f" ({len(left_out)} changed tensors are not matrices); try `kind='delta'`" if left_out else
-                          f"; it is identical to {base.location}"))
-    warnings = left_out_warnings(left_out, "LoRA patch", "not being matrices",
-                                 "carry them with a delta or layernorm patch")
+        raise PatchError(
+            f"{tuned.location}: no changed matrix to factor"
+            + (
+                f" ({len(left_out)} changed tensors are not matrices); try `kind='delta'`"
+                if left_out
+                else f"; it is identical to {base.location}"
+            )
+        )
+    warnings = left_out_warnings(
+        left_out, "LoRA patch", "not being matrices", "carry them with a delta or layernorm patch"
+    )
     modules = list(settings["rank"])
     return Extracted(tensors, [f"{m}.weight" for m in modules], modules, settings, warnings)
 
@@ -242,6 +264,11 @@ def rescale_lora(patch: PatchContents, scale: float) -> tuple[Any, dict[str, Any
     return patch.tensors, settings
 
 
-SPEC = KindSpec(extract=extract_lora, steps=lora_steps, describe=describe_lora, rescale=rescale_lora,
-                options=LoraOptions,
-                keywords={"rank": "rank", "energy": "energy", "rslora": "rslora"})
+SPEC = KindSpec(
+    extract=extract_lora,
+    steps=lora_steps,
+    describe=describe_lora,
+    rescale=rescale_lora,
+    options=LoraOptions,
+    keywords={"rank": "rank", "energy": "energy", "rslora": "rslora"},
+)

@@ -77,8 +77,9 @@ def _nonzero_top_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return keep & delta.ne(0)
 
 
-def _global_threshold(base: Checkpoint, tuned: Checkpoint, count: int, device: torch.device, progress: Progress | None
-                      ) -> tuple[float, int]:
+def _global_threshold(
+    base: Checkpoint, tuned: Checkpoint, count: int, device: torch.device, progress: Progress | None
+) -> tuple[float, int]:
     """(t, ties): the model-wide top `count` |delta| entries are those above t plus the first `ties` equal
     to t in storage order. One pass; holds at most `count` magnitudes plus one tensor."""
     best = torch.empty(0, device=device)
@@ -93,8 +94,9 @@ def _global_threshold(base: Checkpoint, tuned: Checkpoint, count: int, device: t
     return threshold, int(best.eq(threshold).sum())
 
 
-def extract_mask(base: Checkpoint, tuned: Checkpoint, options: MaskOptions, device: str = "auto",
-                 progress: Progress | None = None) -> Extracted:
+def extract_mask(
+    base: Checkpoint, tuned: Checkpoint, options: MaskOptions, device: str = "auto", progress: Progress | None = None
+) -> Extracted:
     """Keep the `density` share of entries with the largest |tuned - base|: per tensor (`scope="tensor"`,
     k of each changed tensor) or over the whole model (`scope="model"`, k of all float entries, LT-SFT style).
     Ties at the threshold are kept lowest index (then storage order) first, so the result is deterministic."""
@@ -155,8 +157,9 @@ def _add_sparse(patch: PatchContents, name: str, shape: tuple[int, ...], value: 
     mask = unpack_mask(patch.tensors[name + MASK_SUFFIX].to(value.device), shape).reshape(-1)
     selected = patch.tensors[name + VALUES_SUFFIX].to(device=value.device, dtype=value.dtype)
     if selected.numel() != int(mask.sum()):
-        raise PatchError(f"{name}: the mask selects {int(mask.sum())} entries but the patch holds "
-                         f"{selected.numel()} values")
+        raise PatchError(
+            f"{name}: the mask selects {int(mask.sum())} entries but the patch holds {selected.numel()} values"
+        )
     result = value.reshape(-1).clone()
     result[mask] += selected
     return result.reshape(value.shape)
@@ -167,9 +170,11 @@ def describe_mask(settings: dict[str, Any]) -> str:
     if "density" not in settings:
         return describe_plain(settings)
     kept: dict[str, int] = settings.get("kept") or {}
-    return (f"density {settings['density']:g} per {settings.get('scope', 'tensor')}, "
-            f"{'sparse delta' if settings.get('values') else 'mask only'}; "
-            f"{sum(kept.values()):,} entries kept in {len(kept)} tensors")
+    return (
+        f"density {settings['density']:g} per {settings.get('scope', 'tensor')}, "
+        f"{'sparse delta' if settings.get('values') else 'mask only'}; "
+        f"{sum(kept.values()):,} entries kept in {len(kept)} tensors"
+    )
 
 
 def mask_size(shapes: Mapping[str, Sequence[int]], settings: dict[str, Any]) -> PatchSize:
@@ -177,9 +182,11 @@ def mask_size(shapes: Mapping[str, Sequence[int]], settings: dict[str, Any]) -> 
     it covers (its shape from the settings)."""
     listed = settings.get("shapes")
     covered = listed if isinstance(listed, dict) else {}
-    bits = sum(prod(shape) for name, shape in covered.items()
-               if name + MASK_SUFFIX in shapes and isinstance(shape, list | tuple)
-               and all(isinstance(n, int) for n in shape))
+    bits = sum(
+        prod(shape)
+        for name, shape in covered.items()
+        if name + MASK_SUFFIX in shapes and isinstance(shape, list | tuple) and all(isinstance(n, int) for n in shape)
+    )
     return PatchSize(sum(prod(shape) for name, shape in shapes.items() if not name.endswith(MASK_SUFFIX)), bits)
 
 
@@ -188,6 +195,12 @@ def rescale_mask(patch: PatchContents, scale: float) -> tuple[Mapping[str, torch
     return scale_tensors(patch, scale, {name for name in patch.shapes if name.endswith(VALUES_SUFFIX)})
 
 
-SPEC = KindSpec(extract=extract_mask, steps=mask_steps, describe=describe_mask, rescale=rescale_mask,
-                options=MaskOptions, size=mask_size,
-                keywords={"density": "density", "mask_scope": "scope", "mask_values": "values"})
+SPEC = KindSpec(
+    extract=extract_mask,
+    steps=mask_steps,
+    describe=describe_mask,
+    rescale=rescale_mask,
+    options=MaskOptions,
+    size=mask_size,
+    keywords={"density": "density", "mask_scope": "scope", "mask_values": "values"},
+)

@@ -51,16 +51,26 @@ class KindSpec:
 
 def describe_plain(settings: dict[str, Any]) -> str:
     """Settings as `key=value`, tables summarised by their size; "none" when there are none."""
-    return ", ".join(f"{key}={value}" if not isinstance(value, dict | list) else f"{key}: {len(value)} entries"
-                     for key, value in settings.items()) or "none"
+    return (
+        ", ".join(
+            f"{key}={value}" if not isinstance(value, dict | list) else f"{key}: {len(value)} entries"
+            for key, value in settings.items()
+        )
+        or "none"
+    )
 
 
 class MappedTensors(Mapping[str, torch.Tensor]):
     """Patch tensors with the named ones computed when they are looked up (`transform(name, tensors)`), the rest
     as they are, so a rescaled or ported patch is never held whole in memory (`splice.adapters.lazy.LazyTensors`)."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
-                 transform: Callable[[str, Mapping[str, torch.Tensor]], torch.Tensor], names: set[str]):
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        shapes: Mapping[str, tuple[int, ...]],
+        transform: Callable[[str, Mapping[str, torch.Tensor]], torch.Tensor],
+        names: set[str],
+    ):
         self.tensors, self.transform, self.names = tensors, transform, names
         self.shapes = dict(shapes)
 
@@ -82,8 +92,11 @@ def keep_as_is(patch: PatchContents, scale: float) -> tuple[Mapping[str, torch.T
     return patch.tensors, dict(patch.meta.settings)
 
 
-def scale_tensors(patch: PatchContents, scale: float, names: set[str]
-                  ) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]]:
+def scale_tensors(
+    patch: PatchContents, scale: float, names: set[str]
+) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]]:
     """The named tensors multiplied by `scale` (in fp32 when they are), the others and the settings kept."""
-    return (MappedTensors(patch.tensors, patch.shapes, lambda name, tensors: tensors[name] * scale, names),
-            dict(patch.meta.settings))
+    return (
+        MappedTensors(patch.tensors, patch.shapes, lambda name, tensors: tensors[name] * scale, names),
+        dict(patch.meta.settings),
+    )

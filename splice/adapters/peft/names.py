@@ -91,17 +91,23 @@ def base_names(base: Checkpoint | torch.nn.Module, strict: bool = False) -> Base
         state = base.state_dict()
         stored_to_live = stored_to_module_names(base)
         kinds, params = _describe_modules(base)
-        return BaseNames({live: stored for stored, live in stored_to_live.items()},
-                         {stored: tuple(state[live].shape) for stored, live in stored_to_live.items()}, kinds, params,
-                         lambda stored: state[stored_to_live[stored]].detach(), "the model")
+        return BaseNames(
+            {live: stored for stored, live in stored_to_live.items()},
+            {stored: tuple(state[live].shape) for stored, live in stored_to_live.items()},
+            kinds,
+            params,
+            lambda stored: state[stored_to_live[stored]].detach(),
+            "the model",
+        )
     shapes = {name: info.shape for name, info in base.tensors.items()}
     try:
         model = skeleton(base)
         mapping = stored_to_module_names(model)
     except Exception as exc:  # any architecture transformers cannot build here
         if strict:
-            raise PatchError(f"{base.location}: cannot build the model to learn its module names "
-                             f"({first_line(exc)})") from None
+            raise PatchError(
+                f"{base.location}: cannot build the model to learn its module names ({first_line(exc)})"
+            ) from None
         return BaseNames({name: name for name in shapes}, shapes, read=base.read, where=str(base.location))
     kinds, params = _describe_modules(model)
     live_to_stored = {live: stored for stored, live in mapping.items() if stored in shapes}

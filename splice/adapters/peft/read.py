@@ -34,10 +34,17 @@ if TYPE_CHECKING:
 
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 # config entries whose effect is not a change of the base's weights splice can make (truthy = refused)
-_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "lora_bias", "target_parameters": "target_parameters",
-                "layer_replication": "layer_replication", "trainable_token_indices": "trainable tokens",
-                "alora_invocation_tokens": "aLoRA", "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA",
-                "megatron_config": "Megatron"}
+_UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "lora_bias": "lora_bias",
+    "target_parameters": "target_parameters",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable tokens",
+    "alora_invocation_tokens": "aLoRA",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "BD-LoRA",
+    "megatron_config": "Megatron",
+}
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
@@ -76,8 +83,9 @@ def _read_pickled_tensors(location: str, fs: AbstractFileSystem, root: str) -> d
     try:  # never unpickle anything but tensors
         state = torch.load(io.BytesIO(fs.cat_file(f"{root}/{PEFT_PICKLE}")), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise PatchError(f"{location}/{PEFT_PICKLE}: refused or unreadable as plain tensors ({first_line(exc)})"
-                         ) from None
+        raise PatchError(
+            f"{location}/{PEFT_PICKLE}: refused or unreadable as plain tensors ({first_line(exc)})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise PatchError(f"{location}/{PEFT_PICKLE} is not a state dict of tensors")
     for key in state:  # as safetensors headers are checked: names go into one-line errors
@@ -116,7 +124,7 @@ def _whole_tensor_name(tokens: list[str]) -> str:
     tokens = [t for t in tokens if t != "base_layer"]
     if "modules_to_save" in tokens:
         at = tokens.index("modules_to_save")
-        tokens = tokens[:at] + tokens[at + (1 if at == len(tokens) - 2 else 2):]
+        tokens = tokens[:at] + tokens[at + (1 if at == len(tokens) - 2 else 2) :]
     return ".".join(tokens)
 
 
@@ -124,8 +132,10 @@ def _check_adapter(location: str, config: dict[str, Any], state: dict[str, torch
     """The adapter's peft_type, once it is one splice reads."""
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", "LN_TUNING"):
-        raise PatchError(f"{location}: PEFT {printable(peft_type or 'untyped')} adapters are not supported; "
-                         f"splice reads LORA and LN_TUNING adapters")
+        raise PatchError(
+            f"{location}: PEFT {printable(peft_type or 'untyped')} adapters are not supported; "
+            f"splice reads LORA and LN_TUNING adapters"
+        )
     if not state:
         raise PatchError(f"{location}: the PEFT adapter holds no tensors")
     if peft_type != "LORA":
@@ -136,17 +146,22 @@ def _check_adapter(location: str, config: dict[str, Any], state: dict[str, torch
         raise PatchError(f"{location}/{PEFT_CONFIG}: {one_line(exc, 'config')}") from None
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
-            raise PatchError(f"{location}: PEFT {what} adapters are not supported; merge it with peft "
-                             f"(merge_and_unload) and extract a delta patch from the result")
+            raise PatchError(
+                f"{location}: PEFT {what} adapters are not supported; merge it with peft "
+                f"(merge_and_unload) and extract a delta patch from the result"
+            )
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise PatchError(f"{location}: a {printable(init)} adapter needs peft's modified base; save it with peft's "
-                         f"path_initial_model_for_weight_conversion to get a plain LoRA adapter")
+        raise PatchError(
+            f"{location}: a {printable(init)} adapter needs peft's modified base; save it with peft's "
+            f"path_initial_model_for_weight_conversion to get a plain LoRA adapter"
+        )
     return peft_type
 
 
-def _split_keys(location: str, peft_type: str, state: dict[str, torch.Tensor]
-                ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def _split_keys(
+    location: str, peft_type: str, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """(live module -> its LoRA factors by part name, live parameter -> a whole tensor replacing it)."""
     lora: dict[str, dict[str, torch.Tensor]] = {}
     whole: dict[str, torch.Tensor] = {}
@@ -154,8 +169,10 @@ def _split_keys(location: str, peft_type: str, state: dict[str, torch.Tensor]
     for key, tensor in state.items():
         tokens = key.removeprefix(PREFIX).split(".")
         if "lora_magnitude_vector" in tokens:
-            raise PatchError(f"{location}: PEFT DoRA adapters are not supported; merge it with peft "
-                             f"(merge_and_unload) and extract a delta patch from the result")
+            raise PatchError(
+                f"{location}: PEFT DoRA adapters are not supported; merge it with peft "
+                f"(merge_and_unload) and extract a delta patch from the result"
+            )
         part = next((i for i, t in enumerate(tokens) if t in _LORA_PARTS), None)
         if part is not None and peft_type == "LORA":
             if tokens[-1] == "bias":
@@ -171,13 +188,16 @@ def _split_keys(location: str, peft_type: str, state: dict[str, torch.Tensor]
     return lora, whole
 
 
-def _add_whole(location: str, whole: dict[str, torch.Tensor], read_from: dict[str, str], live: str, key: str,
-               tensor: torch.Tensor) -> None:
+def _add_whole(
+    location: str, whole: dict[str, torch.Tensor], read_from: dict[str, str], live: str, key: str, tensor: torch.Tensor
+) -> None:
     """One trained copy of `live`; with bias="all" peft saves a modules_to_save module's bias twice (`<m>.bias`
     and `<m>.modules_to_save.bias`), and the two must agree."""
     if live in whole and not torch.equal(whole[live], tensor):
-        raise PatchError(f"{location}: {read_from[live]} and {key} are two different trained values of {live}; "
-                         f"keep one of them in the adapter (or merge it with peft and extract a delta patch)")
+        raise PatchError(
+            f"{location}: {read_from[live]} and {key} are two different trained values of {live}; "
+            f"keep one of them in the adapter (or merge it with peft and extract a delta patch)"
+        )
     whole.setdefault(live, tensor)
     read_from.setdefault(live, key)
 
@@ -194,14 +214,18 @@ class _Target:
             return live
         found = self.names.resolve(live)
         if found is None:
-            raise PatchError(f"{self.location}: the adapter changes {what}, which {self.names.where} does not have; "
-                             f"is it the adapter's base model?")
+            raise PatchError(
+                f"{self.location}: the adapter changes {what}, which {self.names.where} does not have; "
+                f"is it the adapter's base model?"
+            )
         return found[0]
 
     def check_shape(self, stored: str, shape: tuple[int, ...], what: str) -> None:
         if self.names is not None and tuple(self.names.stored_shapes[stored]) != tuple(shape):
-            raise PatchError(f"{self.location}: the adapter changes {what} as shape {list(shape)}, {self.names.where} "
-                             f"has {list(self.names.stored_shapes[stored])}; is it the adapter's base model?")
+            raise PatchError(
+                f"{self.location}: the adapter changes {what} as shape {list(shape)}, {self.names.where} "
+                f"has {list(self.names.stored_shapes[stored])}; is it the adapter's base model?"
+            )
 
     def module_kind(self, module: str) -> str | None:
         """linear, conv1d, embedding or a class name; None when the base's module types are not known."""
@@ -211,24 +235,29 @@ class _Target:
         return self.names.module_kinds.get(live[1].rpartition(".")[0]) if live else None
 
 
-def _factor_pair(location: str, module: str, parts: dict[str, torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _factor_pair(location: str, module: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(A, B, is an embedding) of one module, checked to be two matrices that multiply."""
     embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-    a, b = (parts.get("lora_embedding_A"), parts.get("lora_embedding_B")) if embedding else (
-        parts.get("lora_A"), parts.get("lora_B"))
+    a, b = (
+        (parts.get("lora_embedding_A"), parts.get("lora_embedding_B"))
+        if embedding
+        else (parts.get("lora_A"), parts.get("lora_B"))
+    )
     if a is None or b is None:
         raise PatchError(f"{location}: {module} has only one of its two LoRA factors")
     if a.dim() != 2 or b.dim() != 2:
-        raise PatchError(f"{location}: LoRA on {module} is a convolution ({a.dim()}-D factors), which splice "
-                         f"does not support; merge it with peft and extract a delta patch instead")
+        raise PatchError(
+            f"{location}: LoRA on {module} is a convolution ({a.dim()}-D factors), which splice "
+            f"does not support; merge it with peft and extract a delta patch instead"
+        )
     if a.shape[0] != b.shape[1]:
         raise PatchError(f"{location}: {module}'s LoRA factors {list(b.shape)} and {list(a.shape)} do not multiply")
     return a, b, embedding
 
 
-def _is_transposed(target: _Target, module: str, stored: str, a: torch.Tensor, b: torch.Tensor, embedding: bool,
-                   config: dict[str, Any]) -> bool:
+def _is_transposed(
+    target: _Target, module: str, stored: str, a: torch.Tensor, b: torch.Tensor, embedding: bool, config: dict[str, Any]
+) -> bool:
     """Whether B @ A is the stored weight transposed (Conv1D, Embedding, or fan_in_fan_out)."""
     if embedding:
         return True
@@ -243,8 +272,9 @@ def _is_transposed(target: _Target, module: str, stored: str, a: torch.Tensor, b
     return bool(config.get("fan_in_fan_out")) if shape is None or plain == flipped else shape == flipped
 
 
-def _lora_module(target: _Target, module: str, parts: dict[str, torch.Tensor], config: dict[str, Any]
-                 ) -> tuple[str, torch.Tensor, torch.Tensor]:
+def _lora_module(
+    target: _Target, module: str, parts: dict[str, torch.Tensor], config: dict[str, Any]
+) -> tuple[str, torch.Tensor, torch.Tensor]:
     """(stored module, A, B) of one adapted module, in the base's stored layout, its rank checked."""
     location = target.location
     a, b, embedding = _factor_pair(location, module, parts)
@@ -260,8 +290,9 @@ def _lora_module(target: _Target, module: str, parts: dict[str, torch.Tensor], c
     return stored[: -len(".weight")], new_a.contiguous(), new_b.contiguous()
 
 
-def _lora_settings(target: _Target, lora: dict[str, dict[str, torch.Tensor]], config: dict[str, Any],
-                   tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _lora_settings(
+    target: _Target, lora: dict[str, dict[str, torch.Tensor]], config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
     """Every module's factors into `tensors`; returns the LoRA settings (rslora, rank, alpha)."""
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -276,8 +307,9 @@ def _lora_settings(target: _Target, lora: dict[str, dict[str, torch.Tensor]], co
     return {"rslora": bool(config.get("use_rslora", False)), "rank": ranks, "alpha": alphas}
 
 
-def load_peft_adapter(location: str | os.PathLike, storage_options: dict | None = None,
-                      base: Checkpoint | torch.nn.Module | None = None) -> Patch:
+def load_peft_adapter(
+    location: str | os.PathLike, storage_options: dict | None = None, base: Checkpoint | torch.nn.Module | None = None
+) -> Patch:
     """A PEFT LoRA or LN-tuning adapter directory as a splice patch in the base's stored names and layout."""
     location = str(location)
     config, state = _read_adapter(location, storage_options)

@@ -37,8 +37,9 @@ def _most_common(values: dict[str, Any]) -> Any:
     return Counter(values.values()).most_common(1)[0][0]
 
 
-def _open_export_base(patch: Patch, base: ExportBase | None, storage_options: dict | None
-                      ) -> Checkpoint | torch.nn.Module:
+def _open_export_base(
+    patch: Patch, base: ExportBase | None, storage_options: dict | None
+) -> Checkpoint | torch.nn.Module:
     if isinstance(base, (Checkpoint, torch.nn.Module)):
         return base
     if base is not None:
@@ -68,8 +69,10 @@ class _Naming:
         if stored not in self.to_live:
             raise PatchError(f"the patch changes {stored}, which {names.where} does not have")
         if tuple(names.stored_shapes[stored]) != tuple(self.shape_of(stored)):
-            raise PatchError(f"the patch changes {stored} as shape {list(self.shape_of(stored))}, {names.where} has "
-                             f"{list(names.stored_shapes[stored])}")
+            raise PatchError(
+                f"the patch changes {stored} as shape {list(self.shape_of(stored))}, {names.where} has "
+                f"{list(names.stored_shapes[stored])}"
+            )
         return self.to_live[stored]
 
     def whole_modules(self, stored_names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -90,16 +93,27 @@ class _Naming:
 
 def _layernorm_adapter(naming: _Naming, base_path: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     grouped = naming.whole_modules(list(naming.patch.tensors))
-    tensors = {f"{PREFIX}{module}.ln_tuning_layers.{param}": value
-               for module, params in grouped.items() for param, value in params.items()}
-    config = {"peft_type": "LN_TUNING", "target_modules": sorted(grouped), "base_model_name_or_path": base_path,
-              "exclude_modules": None, "modules_to_save": None, "inference_mode": True, "revision": None,
-              "task_type": None}
+    tensors = {
+        f"{PREFIX}{module}.ln_tuning_layers.{param}": value
+        for module, params in grouped.items()
+        for param, value in params.items()
+    }
+    config = {
+        "peft_type": "LN_TUNING",
+        "target_modules": sorted(grouped),
+        "base_model_name_or_path": base_path,
+        "exclude_modules": None,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "revision": None,
+        "task_type": None,
+    }
     return tensors, config
 
 
-def _lora_factors(naming: _Naming, tensors: dict[str, torch.Tensor]
-                  ) -> tuple[dict[str, int], dict[str, int | float], bool]:
+def _lora_factors(
+    naming: _Naming, tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, int], dict[str, int | float], bool]:
     """Every module's factors into `tensors` under PEFT's keys; (live module -> rank, -> alpha, fan_in_fan_out)."""
     patch, settings = naming.patch, naming.patch.meta.settings
     ranks, alphas, fan_in_fan_out = {}, {}, False
@@ -138,24 +152,42 @@ def _lora_adapter(naming: _Naming, base_path: str | None) -> tuple[dict[str, tor
         if module in ranks:
             tensors[f"{PREFIX}{module}.base_layer.{param}"] = naming.patch.tensors[stored]
     saved = naming.whole_modules([n for n in replaced if naming.live_param(n).rpartition(".")[0] not in ranks])
-    tensors.update({f"{PREFIX}{module}.{param}": value for module, params in saved.items()
-                    for param, value in params.items()})
+    tensors.update(
+        {f"{PREFIX}{module}.{param}": value for module, params in saved.items() for param, value in params.items()}
+    )
     r, alpha = _most_common(ranks), _most_common(alphas)
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
-              "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
-              "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != alpha},
-              "use_rslora": bool(settings.get("rslora", False)), "fan_in_fan_out": fan_in_fan_out,
-              "modules_to_save": sorted(saved) or None, "base_model_name_or_path": base_path,
-              "bias": "none", "lora_dropout": 0.0, "use_dora": False, "init_lora_weights": True,
-              "inference_mode": True, "task_type": None, "revision": None}
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != alpha},
+        "use_rslora": bool(settings.get("rslora", False)),
+        "fan_in_fan_out": fan_in_fan_out,
+        "modules_to_save": sorted(saved) or None,
+        "base_model_name_or_path": base_path,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "task_type": None,
+        "revision": None,
+    }
     return tensors, config
 
 
 _ADAPTERS = {PatchKind.lora: _lora_adapter, PatchKind.layernorm: _layernorm_adapter}  # PEFT has formats for these
 
 
-def write_peft_adapter(patch: Patch, out: str | os.PathLike, base: ExportBase | None = None, force: bool = False,
-                       storage_options: dict | None = None) -> Path:
+def write_peft_adapter(
+    patch: Patch,
+    out: str | os.PathLike,
+    base: ExportBase | None = None,
+    force: bool = False,
+    storage_options: dict | None = None,
+) -> Path:
     """`out` (adapter_config.json + adapter_model.safetensors) for a LoRA or LayerNorm patch. `base` (default:
     the base the patch was extracted from) gives transformers' module names and types. Everything is checked
     before anything is written."""
@@ -163,8 +195,11 @@ def write_peft_adapter(patch: Patch, out: str | os.PathLike, base: ExportBase | 
     if build is None:
         raise PatchError(f"PEFT has no format for a {patch.meta.kind.value} patch; export a lora or layernorm patch")
     opened = _open_export_base(patch, base, storage_options)
-    base_path = patch.meta.lineage[0] if len(patch.meta.lineage) >= 2 else (
-        None if isinstance(opened, torch.nn.Module) else str(opened.location))
+    base_path = (
+        patch.meta.lineage[0]
+        if len(patch.meta.lineage) >= 2
+        else (None if isinstance(opened, torch.nn.Module) else str(opened.location))
+    )
     tensors, config = build(_Naming(patch, base_names(opened, strict=True)), base_path)
     tensors = {name: value.detach().to("cpu").contiguous() for name, value in tensors.items()}
     with staged_output(out, force) as staging:

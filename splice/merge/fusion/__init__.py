@@ -14,5 +14,14 @@ from splice.merge.fusion.options import FusionOptions
 from splice.merge.fusion.plan import plan
 from splice.merge.fusion.report import REPORT_FILE, FusionReport, LayerStat, MapStat
 
-__all__ = ["ARCHITECTURES", "REPORT_FILE", "Architecture", "FusionOptions", "FusionReport", "LayerStat", "MapStat",
-           "fuse", "plan"]
+__all__ = [
+    "ARCHITECTURES",
+    "REPORT_FILE",
+    "Architecture",
+    "FusionOptions",
+    "FusionReport",
+    "LayerStat",
+    "MapStat",
+    "fuse",
+    "plan",
+]

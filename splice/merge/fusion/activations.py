@@ -44,8 +44,9 @@ class Inputs:
         values = [self.batch] if isinstance(self.batch, torch.Tensor) else self.batch.values()
         return sum(value[start:stop].nbytes for value in values if isinstance(value, torch.Tensor) and value.dim())
 
-    def chunks(self, size: int, device: torch.device) -> Iterator[tuple[dict[str, Any] | torch.Tensor,
-                                                                      torch.Tensor | None]]:
+    def chunks(
+        self, size: int, device: torch.device
+    ) -> Iterator[tuple[dict[str, Any] | torch.Tensor, torch.Tensor | None]]:
         """(inputs, attention mask or None) for consecutive slices of `size` samples, on `device`.
 
         Trailing positions that are padding in every sample of a slice are cut off (from every input laid out
@@ -56,8 +57,10 @@ class Inputs:
             if isinstance(self.batch, torch.Tensor):
                 yield self.batch[start:stop].to(device), None
                 continue
-            part = {key: value[start:stop] if isinstance(value, torch.Tensor) else value
-                    for key, value in self.batch.items()}
+            part = {
+                key: value[start:stop] if isinstance(value, torch.Tensor) else value
+                for key, value in self.batch.items()
+            }
             mask = part.get("attention_mask")
             if not isinstance(mask, torch.Tensor):
                 yield {key: _to(value, device) for key, value in part.items()}, None
@@ -67,8 +70,12 @@ class Inputs:
                 length = int(used[-1]) + 1 if len(used) else 1
                 if length < mask.shape[1]:
                     shape = mask.shape
-                    part = {key: value[:, :length] if isinstance(value, torch.Tensor) and value.shape[:2] == shape
-                            else value for key, value in part.items()}
+                    part = {
+                        key: value[:, :length]
+                        if isinstance(value, torch.Tensor) and value.shape[:2] == shape
+                        else value
+                        for key, value in part.items()
+                    }
             part = {key: _to(value, device) for key, value in part.items()}
             yield part, part["attention_mask"]
 
@@ -98,11 +105,14 @@ def load_inputs(data: DataSource, samples: int, anchor_location: str) -> Inputs:
         tensors = {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}
         lengths = {len(value) for value in tensors.values() if value.dim() > 0}
         if not tensors or len(lengths) != 1 or 0 in lengths:
-            raise SpliceError("`data` must return model inputs with one batch size on dim 0, e.g. "
-                              "{'input_ids': LongTensor[N, T], 'attention_mask': ...} or {'pixel_values': ...}")
+            raise SpliceError(
+                "`data` must return model inputs with one batch size on dim 0, e.g. "
+                "{'input_ids': LongTensor[N, T], 'attention_mask': ...} or {'pixel_values': ...}"
+            )
         count = min(samples, lengths.pop())
-        return Inputs({key: value[:count] if isinstance(value, torch.Tensor) else value
-                       for key, value in data.items()}, count)
+        return Inputs(
+            {key: value[:count] if isinstance(value, torch.Tensor) else value for key, value in data.items()}, count
+        )
     raise SpliceError(f"`data` returned {type(data).__name__}; return a dict of input tensors or a tensor")
 
 
@@ -111,8 +121,10 @@ def _takes_argument(function: Callable) -> bool:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) and
-               p.default is p.empty for p in parameters)
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) and p.default is p.empty
+        for p in parameters
+    )
 
 
 @contextlib.contextmanager
@@ -129,8 +141,9 @@ def transformers_errors_only() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def build_model(class_name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
-                device: torch.device, location: str) -> torch.nn.Module:
+def build_model(
+    class_name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor], device: torch.device, location: str
+) -> torch.nn.Module:
     """A transformers model of `class_name` from a config dict, loaded with `state` (stored names), in fp32."""
     import transformers
 
@@ -149,8 +162,9 @@ def build_model(class_name: str, config: Mapping[str, Any], state: Mapping[str, 
     untied = [key for key in result.missing_keys if model.state_dict()[key].data_ptr() not in shared]
     if result.unexpected_keys or untied:
         problem = untied[0] if untied else result.unexpected_keys[0]
-        raise SpliceError(f"{location}: cannot load its tensors into {class_name} to collect activations "
-                          f"({problem} does not fit)")
+        raise SpliceError(
+            f"{location}: cannot load its tensors into {class_name} to collect activations ({problem} does not fit)"
+        )
     return model.to(device=device, dtype=torch.float32).eval()
 
 
@@ -184,9 +198,15 @@ def input_key(module: str) -> str:
 
 
 @torch.no_grad()
-def collect(model: torch.nn.Module, stored_modules: set[str], inputs: Inputs, tokens: int,
-            device: torch.device, inputs_of: set[str] | frozenset[str] = frozenset(),
-            progress: Progress | None = None) -> dict[str, torch.Tensor]:
+def collect(
+    model: torch.nn.Module,
+    stored_modules: set[str],
+    inputs: Inputs,
+    tokens: int,
+    device: torch.device,
+    inputs_of: set[str] | frozenset[str] = frozenset(),
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
     """{stored module name: activations [tokens, features]} over `inputs`, at most about `tokens` rows each;
     for the modules in `inputs_of` also what enters them, under `input_key(module)`. One forward pass per
     batch serves every hook; `progress` advances by one batch (and its inputs' bytes) after each.
@@ -209,24 +229,31 @@ def collect(model: torch.nn.Module, stored_modules: set[str], inputs: Inputs, to
             rows = _token_rows(output.detach().to(torch.float32), state["mask"])
             if len(rows) > state["quota"]:
                 generator = torch.Generator().manual_seed(1_000_003 * state["batch"] + len(rows))
-                keep = torch.randperm(len(rows), generator=generator)[:state["quota"]].sort().values
+                keep = torch.randperm(len(rows), generator=generator)[: state["quota"]].sort().values
                 rows = rows[keep.to(rows.device)]
             collected[key].append(rows)
 
         return hook
 
-    handles = [model.get_submodule(paths[stored]).register_forward_hook(hook_for(key, entering), with_kwargs=True)
-               for key, stored, entering in keys]
+    handles = [
+        model.get_submodule(paths[stored]).register_forward_hook(hook_for(key, entering), with_kwargs=True)
+        for key, stored, entering in keys
+    ]
     try:
         for index, (batch, mask) in enumerate(inputs.chunks(BATCH_SIZE, device)):
-            size = len(batch) if isinstance(batch, torch.Tensor) else len(next(
-                value for value in batch.values() if isinstance(value, torch.Tensor)))
+            size = (
+                len(batch)
+                if isinstance(batch, torch.Tensor)
+                else len(next(value for value in batch.values() if isinstance(value, torch.Tensor)))
+            )
             state.update(mask=mask, batch=index, quota=math.ceil(tokens * size / inputs.count))
             try:
                 model(batch) if isinstance(batch, torch.Tensor) else model(**batch)
             except (TypeError, ValueError, RuntimeError, IndexError) as exc:
-                raise SpliceError(f"the `data` inputs do not run through {type(model).__name__}: "
-                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                raise SpliceError(
+                    f"the `data` inputs do not run through {type(model).__name__}: "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                ) from exc
             progress.advance(1, inputs.nbytes(index * BATCH_SIZE, index * BATCH_SIZE + size))
     finally:
         for handle in handles:

@@ -29,8 +29,12 @@ class PairAligner(NodeWalker):
         """Aligns every step; `progress` counts the maps made (and the bytes of the tensors aligned)."""
         model = self.pair.model
         stream = self.options.residual == "stream"
-        progress.start(f"transport maps {model.location}", sum(1 for s in model.steps if s.node.defines) + stream,
-                       sum(model.step_bytes(step) for step in model.steps), unit="maps")
+        progress.start(
+            f"transport maps {model.location}",
+            sum(1 for s in model.steps if s.node.defines) + stream,
+            sum(model.step_bytes(step) for step in model.steps),
+            unit="maps",
+        )
         try:
             if stream:
                 with self.clock.timed("ot"):

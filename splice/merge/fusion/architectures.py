@@ -296,8 +296,11 @@ class _Layout(TypedDict, total=False):
     part: tuple[int, int]
 
 
-def _attention_block(layer: str, modules: tuple[str, str, str, str],
-                     layouts: tuple[_Layout, _Layout, _Layout, _Layout] = ({}, {}, {}, {})) -> tuple[Node, ...]:
+def _attention_block(
+    layer: str,
+    modules: tuple[str, str, str, str],
+    layouts: tuple[_Layout, _Layout, _Layout, _Layout] = ({}, {}, {}, {}),
+) -> tuple[Node, ...]:
     """Q, K, V from the stream (one map each over all heads' neurons: cross-head alignment), and the output
     projection whose input is aligned with V's map."""
     q, k, v, o = modules
@@ -320,8 +323,16 @@ VIT = Architecture(
     classes={"ViTModel": "", "ViTForImageClassification": "vit."},
     layers_key="num_hidden_layers",
     heads_key="num_attention_heads",
-    must_match=("num_hidden_layers", "image_size", "patch_size", "num_channels", "hidden_act", "qkv_bias",
-                "layer_norm_eps", "encoder_stride"),
+    must_match=(
+        "num_hidden_layers",
+        "image_size",
+        "patch_size",
+        "num_channels",
+        "hidden_act",
+        "qkv_bias",
+        "layer_norm_eps",
+        "encoder_stride",
+    ),
     embeddings=(
         Linear("patch", "{base}embeddings.patch_embeddings.projection", None, "patch"),
         Table("position", "{base}embeddings.position_embeddings", "position", source="columns"),
@@ -331,8 +342,15 @@ VIT = Architecture(
     ),
     block=(
         Norm("norm1", _VIT_LAYER + "layernorm_before", STREAM),
-        *_attention_block(_VIT_LAYER, ("attention.attention.query", "attention.attention.key",
-                                       "attention.attention.value", "attention.output.dense")),
+        *_attention_block(
+            _VIT_LAYER,
+            (
+                "attention.attention.query",
+                "attention.attention.key",
+                "attention.attention.value",
+                "attention.output.dense",
+            ),
+        ),
         Residual(STREAM, (STREAM, "o"), taps=(_VIT_LAYER + "layernorm_before", None)),
         Norm("norm2", _VIT_LAYER + "layernorm_after", STREAM),
         Linear("fc1", _VIT_LAYER + "intermediate.dense", STREAM, "mlp"),
@@ -354,8 +372,15 @@ BERT = Architecture(
     classes={"BertModel": "", "BertForSequenceClassification": "bert."},
     layers_key="num_hidden_layers",
     heads_key="num_attention_heads",
-    must_match=("num_hidden_layers", "vocab_size", "max_position_embeddings", "type_vocab_size", "hidden_act",
-                "layer_norm_eps", "position_embedding_type"),
+    must_match=(
+        "num_hidden_layers",
+        "vocab_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "hidden_act",
+        "layer_norm_eps",
+        "position_embedding_type",
+    ),
     embeddings=(
         Table("word", "{base}embeddings.word_embeddings.weight", "word", source="activations"),
         Table("position", "{base}embeddings.position_embeddings.weight", "position", source="columns"),
@@ -364,8 +389,10 @@ BERT = Architecture(
         Norm("norm", "{base}embeddings.LayerNorm", STREAM),
     ),
     block=(
-        *_attention_block(_BERT_LAYER, ("attention.self.query", "attention.self.key", "attention.self.value",
-                                        "attention.output.dense")),
+        *_attention_block(
+            _BERT_LAYER,
+            ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
+        ),
         Residual(STREAM, (STREAM, "o"), taps=(_BERT_LAYER + "attention.self.query", None)),
         Norm("norm1", _BERT_LAYER + "attention.output.LayerNorm", STREAM),
         Linear("fc1", _BERT_LAYER + "intermediate.dense", STREAM, "mlp"),
@@ -390,8 +417,16 @@ GPT2 = Architecture(
     classes={"GPT2Model": "", "GPT2LMHeadModel": "transformer."},
     layers_key="n_layer",
     heads_key="n_head",
-    must_match=("n_layer", "vocab_size", "n_positions", "activation_function", "layer_norm_epsilon",
-                "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"),
+    must_match=(
+        "n_layer",
+        "vocab_size",
+        "n_positions",
+        "activation_function",
+        "layer_norm_epsilon",
+        "scale_attn_weights",
+        "scale_attn_by_inverse_layer_idx",
+        "reorder_and_upcast_attn",
+    ),
     embeddings=(
         Table("wte", "{base}wte.weight", "token", source="activations"),
         Table("wpe", "{base}wpe.weight", "position", source="columns"),
@@ -399,8 +434,11 @@ GPT2 = Architecture(
     ),
     block=(
         Norm("norm1", _GPT2_LAYER + "ln_1", STREAM),
-        *_attention_block(_GPT2_LAYER, ("attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj"),
-                          ({**_CONV, "part": (0, 3)}, {**_CONV, "part": (1, 3)}, {**_CONV, "part": (2, 3)}, _CONV)),
+        *_attention_block(
+            _GPT2_LAYER,
+            ("attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj"),
+            ({**_CONV, "part": (0, 3)}, {**_CONV, "part": (1, 3)}, {**_CONV, "part": (2, 3)}, _CONV),
+        ),
         Residual(STREAM, (STREAM, "o"), taps=(_GPT2_LAYER + "ln_1", None)),
         Norm("norm2", _GPT2_LAYER + "ln_2", STREAM),
         Linear("fc1", _GPT2_LAYER + "mlp.c_fc", STREAM, "mlp", **_CONV),

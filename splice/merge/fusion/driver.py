@@ -32,12 +32,20 @@ from splice.tensors.device import resolve_device
 from splice.tensors.stream import read_floats, refuse_new_non_finite_state
 from splice.tensors.writer import copy_side_files, ensure_output_free, staged_output, write_state_dict
 
-EMD_ON_CPU = ("exact OT (POT's network simplex) runs on the CPU: costs are built on {device}, copied to the CPU "
-              "for each EMD solve and the map copied back")
+EMD_ON_CPU = (
+    "exact OT (POT's network simplex) runs on the CPU: costs are built on {device}, copied to the CPU "
+    "for each EMD solve and the map copied back"
+)
 
 
-def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, options: FusionOptions | None = None, *,
-         run: RunOptions | None = None, **keywords: Any) -> FusionReport:
+def fuse(
+    models: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    options: FusionOptions | None = None,
+    *,
+    run: RunOptions | None = None,
+    **keywords: Any,
+) -> FusionReport:
     """Fuse transformers with optimal transport (Imfeld et al., ICLR 2024) into the anchor's shape.
 
     models: two or more model directories (or fsspec URLs) of one supported architecture and depth
@@ -81,9 +89,14 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, options: F
     return report
 
 
-def _fuse_tensors(plans: list[ModelPlan], sources: dict[str, list[Source]], inputs: Inputs | None,
-                  options: FusionOptions, clock: Clock,
-                  progress: Progress) -> tuple[Tensors, list[MapStat], int]:
+def _fuse_tensors(
+    plans: list[ModelPlan],
+    sources: dict[str, list[Source]],
+    inputs: Inputs | None,
+    options: FusionOptions,
+    clock: Clock,
+    progress: Progress,
+) -> tuple[Tensors, list[MapStat], int]:
     """(the fused tensors on the CPU in the anchor's dtypes, the maps' statistics, activation rows per neuron)."""
     base = plans[options.anchor]
     modules = hooked_modules(base, options.align, options.residual)  # compared between the models
@@ -93,8 +106,9 @@ def _fuse_tensors(plans: list[ModelPlan], sources: dict[str, list[Source]], inpu
     with clock.timed("read"):
         state_a = read_floats(base.checkpoint, clock.device)
     with clock.timed("activations"):
-        feats_a = _activations(base, state_a, inputs, options.tokens, clock.device, modules | streams,
-                               entering | taps, progress)
+        feats_a = _activations(
+            base, state_a, inputs, options.tokens, clock.device, modules | streams, entering | taps, progress
+        )
         magnitudes = stream_magnitudes(sources, feats_a or {}, state_a) if options.weighted else {}
     with clock.timed("transport"):
         total = {name: tensor.clone() for name, tensor in state_a.items() if name not in base.copied}
@@ -105,8 +119,16 @@ def _fuse_tensors(plans: list[ModelPlan], sources: dict[str, list[Source]], inpu
         with clock.timed("read"):
             state_m = read_floats(model.checkpoint, clock.device)
         with clock.timed("activations"):
-            feats_m = _activations(model, state_m, inputs if options.align == "activations" else None,
-                                   options.tokens, clock.device, modules, taps, progress)
+            feats_m = _activations(
+                model,
+                state_m,
+                inputs if options.align == "activations" else None,
+                options.tokens,
+                clock.device,
+                modules,
+                taps,
+                progress,
+            )
         pair = Pair(index, model, base, state_m, state_a, feats_m, feats_a, magnitudes)
         solving = clock.seconds["ot"]
         with clock.timed("transport"):  # the aligner charges its solves to "ot": taken out below
@@ -117,14 +139,23 @@ def _fuse_tensors(plans: list[ModelPlan], sources: dict[str, list[Source]], inpu
         stats.extend(model_stats)
         del state_m, feats_m, aligned, pair
     with clock.timed("transport"):
-        fused = {name: (total[name] / len(plans) if name in total else state_a[name]).to(dtype=info.dtype,
-                                                                                         device="cpu")
-                 for name, info in base.checkpoint.tensors.items()}
+        fused = {
+            name: (total[name] / len(plans) if name in total else state_a[name]).to(dtype=info.dtype, device="cpu")
+            for name, info in base.checkpoint.tensors.items()
+        }
     return fused, stats, max(len(acts) for acts in feats_a.values()) if feats_a else 0
 
 
-def _activations(model: ModelPlan, state: Tensors, inputs: Inputs | None, tokens: int, device: torch.device,
-                 modules: set[str], inputs_of: set[str], progress: Progress) -> Tensors | None:
+def _activations(
+    model: ModelPlan,
+    state: Tensors,
+    inputs: Inputs | None,
+    tokens: int,
+    device: torch.device,
+    modules: set[str],
+    inputs_of: set[str],
+    progress: Progress,
+) -> Tensors | None:
     if inputs is None or not (modules or inputs_of):
         return None
     live = build_model(model.class_name, model.config, state, device, model.location)
@@ -144,14 +175,33 @@ def _model_widths(model: ModelPlan) -> dict[str, int]:
     return widths
 
 
-def _report(out: str | os.PathLike, plans: list[ModelPlan], options: FusionOptions, inputs: Inputs | None,
-            tokens: int, device: torch.device, stats: list[MapStat]) -> FusionReport:
+def _report(
+    out: str | os.PathLike,
+    plans: list[ModelPlan],
+    options: FusionOptions,
+    inputs: Inputs | None,
+    tokens: int,
+    device: torch.device,
+    stats: list[MapStat],
+) -> FusionReport:
     notes = []
     if device.type != "cpu" and options.solver == "emd" and stats:
         notes.append(EMD_ON_CPU.format(device=device))
     return FusionReport(
-        out=Path(out), architecture=plans[options.anchor].class_name, models=[p.location for p in plans],
-        anchor=options.anchor, align=options.align, solver=options.solver,
-        reg=options.reg if options.solver == "sinkhorn" else None, residual=options.residual, qk=options.qk,
-        heads=options.heads, samples=inputs.count if inputs else 0, tokens=tokens,
-        widths=[_model_widths(p) for p in plans], device=str(device), maps=stats, notes=notes)
+        out=Path(out),
+        architecture=plans[options.anchor].class_name,
+        models=[p.location for p in plans],
+        anchor=options.anchor,
+        align=options.align,
+        solver=options.solver,
+        reg=options.reg if options.solver == "sinkhorn" else None,
+        residual=options.residual,
+        qk=options.qk,
+        heads=options.heads,
+        samples=inputs.count if inputs else 0,
+        tokens=tokens,
+        widths=[_model_widths(p) for p in plans],
+        device=str(device),
+        maps=stats,
+        notes=notes,
+    )

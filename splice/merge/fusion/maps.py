@@ -90,8 +90,10 @@ class MapSolver:
         """`--residual stream`: one map for the residual stream, its neurons compared by their standardised
         values wherever the stream enters a block, all depths side by side."""
         taps = stream_taps(self.pair.anchor)
-        points = [torch.cat([transport.standardize(feats[input_key(tap)]).T for tap in taps], 1)
-                  for feats in self.pair.activations()]
+        points = [
+            torch.cat([transport.standardize(feats[input_key(tap)]).T for tap in taps], 1)
+            for feats in self.pair.activations()
+        ]
         self.maps[STREAM] = self.solve("all layers", STREAM, points[0], points[1], 0)
 
     # points describing each neuron: activations over the sampled tokens, or (input-aligned) weights
@@ -116,30 +118,48 @@ class MapSolver:
     def table_points(self, node: Table) -> tuple[torch.Tensor, torch.Tensor]:
         if node.source == "activations" and self.options.align == "activations":
             return self.activation_points(node.module, None)
-        rows_m, rows_a = (state[node.tensor].reshape(-1, state[node.tensor].shape[-1])
-                          for state in (self.pair.state_m, self.pair.state_a))
+        rows_m, rows_a = (
+            state[node.tensor].reshape(-1, state[node.tensor].shape[-1])
+            for state in (self.pair.state_m, self.pair.state_a)
+        )
         if self.options.align == "activations":  # the columns are the activations (the authors')
             return transport.standardize(rows_m).T, transport.standardize(rows_a).T
         return transport.unit_rows(rows_m.T), transport.unit_rows(rows_a.T)
 
-    def solve(self, scope: str, space: str, points_m: torch.Tensor, points_a: torch.Tensor,
-              heads: int) -> torch.Tensor:
+    def solve(self, scope: str, space: str, points_m: torch.Tensor, points_a: torch.Tensor, heads: int) -> torch.Tensor:
         cost = transport.ground_cost(points_m, points_a)
         coupling = transport.solve(cost, self.options.solver, self.options.reg)
         self.record(scope, space, "ot", coupling, cost, heads)
         return coupling
 
-    def record(self, scope: str, space: str, kind: str, coupling: torch.Tensor, cost: torch.Tensor | None = None,
-               heads: int = 0, skip_weight: float | None = None) -> None:
+    def record(
+        self,
+        scope: str,
+        space: str,
+        kind: str,
+        coupling: torch.Tensor,
+        cost: torch.Tensor | None = None,
+        heads: int = 0,
+        skip_weight: float | None = None,
+    ) -> None:
         """`heads`: how many head blocks the map's spaces hold per model (0: not head-structured)."""
         cross = split = None
         if heads:
-            cross, split = transport.head_mass(coupling, heads * self.pair.model.heads,
-                                               heads * self.pair.anchor.heads)
-        self.stats.append(MapStat(
-            self.pair.index, scope, space, kind, (coupling.shape[0], coupling.shape[1]),
-            transport.permutation_closeness(coupling),
-            None if cost is None else transport.transport_cost(coupling, cost), cross, split, skip_weight))
+            cross, split = transport.head_mass(coupling, heads * self.pair.model.heads, heads * self.pair.anchor.heads)
+        self.stats.append(
+            MapStat(
+                self.pair.index,
+                scope,
+                space,
+                kind,
+                (coupling.shape[0], coupling.shape[1]),
+                transport.permutation_closeness(coupling),
+                None if cost is None else transport.transport_cost(coupling, cost),
+                cross,
+                split,
+                skip_weight,
+            )
+        )
 
     def qk_partner(self, step: Step, node: Linear) -> Step | None:
         """The key projection of a query projection (and the other way round) in the same scope."""
@@ -164,8 +184,7 @@ class MapSolver:
             partner_node, partner_out = projection(partner)
             q_m, q_a = self.linear_points(step, node)
             k_m, k_a = self.linear_points(partner, partner_node)
-            coupling = self.solve(step.scope, "qk", torch.cat([q_m, k_m], 1), torch.cat([q_a, k_a], 1),
-                                  int(node.heads))
+            coupling = self.solve(step.scope, "qk", torch.cat([q_m, k_m], 1), torch.cat([q_a, k_a], 1), int(node.heads))
             self.maps[partner.space(partner_out)] = coupling
             return coupling
         points_m, points_a = self.linear_points(step, node)
@@ -178,18 +197,28 @@ class MapSolver:
         found = [self.partners.get((step.scope, role)) for role in ("q", "k", "v")]
         block = [member for member in found if member is not None]
         if len(block) < len(found):
-            raise SpliceError(f"{self.pair.model.location}: {step.scope} has no query, key and value projections "
-                              "to move whole heads with; use `heads='mixed'`")
+            raise SpliceError(
+                f"{self.pair.model.location}: {step.scope} has no query, key and value projections "
+                "to move whole heads with; use `heads='mixed'`"
+            )
         points = [self.linear_points(member, projection(member)[0]) for member in block]
         groups: list[tuple[str, list[Step], torch.Tensor, torch.Tensor]]
         if self.options.qk == "shared":
-            groups = [("qk", block[:2], torch.cat([points[0][0], points[1][0]], 1),
-                       torch.cat([points[0][1], points[1][1]], 1)), ("v", block[2:], *points[2])]
+            groups = [
+                (
+                    "qk",
+                    block[:2],
+                    torch.cat([points[0][0], points[1][0]], 1),
+                    torch.cat([points[0][1], points[1][1]], 1),
+                ),
+                ("v", block[2:], *points[2]),
+            ]
         else:
             groups = [(projection(member)[1], [member], *pair) for member, pair in zip(block, points)]
         costs = [transport.ground_cost(points_m, points_a) for _, _, points_m, points_a in groups]
-        couplings, _ = transport.head_couplings(costs, self.pair.model.heads, self.pair.anchor.heads,
-                                                self.options.solver, self.options.reg)
+        couplings, _ = transport.head_couplings(
+            costs, self.pair.model.heads, self.pair.anchor.heads, self.options.solver, self.options.reg
+        )
         for (name, members, _, _), coupling, cost in zip(groups, couplings, costs):
             for member in members:
                 self.maps[member.space(projection(member)[1])] = coupling
@@ -202,8 +231,9 @@ class MapSolver:
         with self.clock.timed("ot"):
             own_m, own_a = self.linear_points(step, node)
             other_m, other_a = self.linear_points(partner, partner_node)
-            coupling = self.solve(step.scope, "qk", torch.cat([own_m, other_m]), torch.cat([own_a, other_a]),
-                                  2 * int(node.heads))
+            coupling = self.solve(
+                step.scope, "qk", torch.cat([own_m, other_m]), torch.cat([own_a, other_a]), 2 * int(node.heads)
+            )
         self.maps[step.space(projection(step)[1])] = self.maps[partner.space(partner_out)] = coupling
         return coupling, own_a.shape[0]
 
@@ -219,8 +249,7 @@ class MapSolver:
 
     def residual_map(self, step: Step, node: Residual) -> None:
         magnitudes = self.pair.magnitudes.get(step.id)
-        coupling = transport.combine(self.options.residual, [self.maps[step.space(n)] for n in node.inputs],
-                                     magnitudes)
+        coupling = transport.combine(self.options.residual, [self.maps[step.space(n)] for n in node.inputs], magnitudes)
         self.maps[step.space(node.out)] = coupling
         skip = None
         if magnitudes is not None and self.options.weighted:

@@ -72,21 +72,28 @@ class FusionOptions:
             raise SpliceError(f"`reg` must be positive for Sinkhorn, got {self.reg}")
         _one_of("residual policy", self.residual, transport.RESIDUAL_POLICIES)
         if self.weighted and self.align == "weights" and self.data is None:
-            raise SpliceError(f"`residual={self.residual!r}` weighs the maps by the streams' activations: "
-                              "give `data` (with `align='weights'` only the anchor is run, to measure them)")
+            raise SpliceError(
+                f"`residual={self.residual!r}` weighs the maps by the streams' activations: "
+                "give `data` (with `align='weights'` only the anchor is run, to measure them)"
+            )
         if self.residual == "stream" and self.align != "activations":
-            raise SpliceError("`residual='stream'` compares the residual stream's activations: use "
-                              "`align='activations'`")
+            raise SpliceError(
+                "`residual='stream'` compares the residual stream's activations: use `align='activations'`"
+            )
         _one_of("Q/K policy", self.qk, QK_POLICIES)
         _one_of("head policy", self.heads, HEAD_POLICIES)
         if self.heads == "whole" and self.qk == "joint":
-            raise SpliceError("`qk='joint'` maps query and key neurons onto each other, which splits heads: use "
-                              "`qk='shared'` or `qk='separate'` with `heads='whole'`")
+            raise SpliceError(
+                "`qk='joint'` maps query and key neurons onto each other, which splits heads: use "
+                "`qk='shared'` or `qk='separate'` with `heads='whole'`"
+            )
         if self.tokens < 1:
             raise SpliceError(f"tokens must be at least 1, got {self.tokens}")
         if self.needs_inputs and self.data is None:
-            raise SpliceError("activation alignment needs `data=MODULE:FUNCTION` returning a batch of inputs, "
-                              "or use `align='weights'`")
+            raise SpliceError(
+                "activation alignment needs `data=MODULE:FUNCTION` returning a batch of inputs, "
+                "or use `align='weights'`"
+            )
         if self.needs_inputs and self.samples < 1:
             raise SpliceError(f"`samples` must be at least 1, got {self.samples}")
 

@@ -51,8 +51,10 @@ class ModelPlan:
         """Bytes of the stored tensors a step aligns (its share of a fused weight's)."""
         node = step.node
         share = node.part[1] if node.part else 1
-        return sum(self.checkpoint.tensors[name].nbytes for name in node.tensors
-                   if name in self.checkpoint.tensors) // share
+        return (
+            sum(self.checkpoint.tensors[name].nbytes for name in node.tensors if name in self.checkpoint.tensors)
+            // share
+        )
 
 
 def shapes_of(checkpoint: Checkpoint) -> Shapes:
@@ -88,8 +90,10 @@ class _Widths(NodeWalker):
         if space not in self.widths:
             raise SpliceError(f"{self.where}: the fusion description uses space {space} before defining it")
         if self.widths[space] != size:
-            raise SpliceError(f"{self.where}: {tensor} has {size} features where {self.widths[space]} are "
-                              "expected; the checkpoint does not match its config")
+            raise SpliceError(
+                f"{self.where}: {tensor} has {size} features where {self.widths[space]} are "
+                "expected; the checkpoint does not match its config"
+            )
 
     def linear(self, step: Step, node: Linear) -> None:
         shape = linear_shape(node, self.shapes, self.where)
@@ -125,29 +129,35 @@ def _class_name(arch: Architecture, config: dict[str, Any], present: set[str], l
             raise SpliceError(f"{location}: fuse does not support {declared[0]}; supported: {supported()}")
         return declared[0]
     first = next(node for node in arch.embeddings if node.required)
-    candidates = [cls for cls, base in arch.classes.items()
-                  if {name.format(base=base) for name in first.required} <= present]
+    candidates = [
+        cls for cls, base in arch.classes.items() if {name.format(base=base) for name in first.required} <= present
+    ]
     if not candidates:
         raise SpliceError(f"{location}: not a {arch.name} checkpoint fuse can read; supported: {supported()}")
     return candidates[0]
 
 
-def _copied(checkpoint: Checkpoint, arch: Architecture, plan_steps: list[Step], class_name: str,
-            layers: int) -> list[str]:
+def _copied(
+    checkpoint: Checkpoint, arch: Architecture, plan_steps: list[Step], class_name: str, layers: int
+) -> list[str]:
     """The stored tensors no step owns, which are copied from the anchor; any other is an error."""
     present = set(checkpoint.tensors)
     covered: set[str] = set()
     for step in plan_steps:
         missing = sorted(step.node.required - present)
         if missing:
-            raise SpliceError(f"{checkpoint.location}: tensor {missing[0]} is missing; this is not a standard "
-                              f"{class_name} checkpoint with {layers} layers")
+            raise SpliceError(
+                f"{checkpoint.location}: tensor {missing[0]} is missing; this is not a standard "
+                f"{class_name} checkpoint with {layers} layers"
+            )
         covered |= step.node.tensors & present
     copied = []
     for name in sorted(present - covered):
         if not (is_copied(arch, name) or not checkpoint.tensors[name].dtype.is_floating_point):
-            raise SpliceError(f"{checkpoint.location}: fuse does not know where tensor {name} sits in a "
-                              f"{class_name}; only the standard layout is supported")
+            raise SpliceError(
+                f"{checkpoint.location}: fuse does not know where tensor {name} sits in a "
+                f"{class_name}; only the standard layout is supported"
+            )
         copied.append(name)
     return copied
 
@@ -159,8 +169,9 @@ def _plan_model(checkpoint: Checkpoint) -> ModelPlan:
         raise SpliceError(f"{location}: no config.json; fusion needs the model's config")
     arch = ARCHITECTURES.get(config.get("model_type", ""))
     if arch is None:
-        raise SpliceError(f"{location}: fuse does not support model_type {config.get('model_type')!r}; "
-                          f"supported: {supported()}")
+        raise SpliceError(
+            f"{location}: fuse does not support model_type {config.get('model_type')!r}; supported: {supported()}"
+        )
     present = set(checkpoint.tensors)
     class_name = _class_name(arch, config, present, location)
     layers = config.get(arch.layers_key)
@@ -176,8 +187,7 @@ def _plan_model(checkpoint: Checkpoint) -> ModelPlan:
     for step in plan_steps:
         node, space = step.node, step.space(step.node.head_space)
         if space is not None and isinstance(node, Linear) and widths[space] % heads:  # only Linears have heads
-            raise SpliceError(f"{location}: {node.weight}: {widths[space]} outputs do not split "
-                              f"into {heads} heads")
+            raise SpliceError(f"{location}: {node.weight}: {widths[space]} outputs do not split into {heads} heads")
     return ModelPlan(location, checkpoint, config, arch, class_name, plan_steps, widths, heads, copied)
 
 
@@ -191,8 +201,9 @@ class _FixedDims(NodeWalker):
         pair = self.pair
         a, b = linear_shape(node, self.shape_a, pair), linear_shape(node, self.shape_b, pair)
         if node.out is None and a[0] != b[0]:
-            raise IncompatibleModelsError(f"{pair} disagree on {node.weight}: {a[0]} vs {b[0]} outputs "
-                                          "(a different number of labels?)")
+            raise IncompatibleModelsError(
+                f"{pair} disagree on {node.weight}: {a[0]} vs {b[0]} outputs (a different number of labels?)"
+            )
         if node.inp is None and a[1:] != b[1:]:
             raise IncompatibleModelsError(f"{pair} disagree on the input of {node.weight}: {a[1:]} vs {b[1:]}")
         self._same_bias(node)
@@ -212,21 +223,29 @@ class _FixedDims(NodeWalker):
 
 def _check_config(first: ModelPlan, other: ModelPlan, pair: str) -> None:
     if other.class_name != first.class_name:
-        raise IncompatibleModelsError(f"{pair} are different architectures ({first.class_name} vs "
-                                      f"{other.class_name}); fusion needs one architecture")
+        raise IncompatibleModelsError(
+            f"{pair} are different architectures ({first.class_name} vs "
+            f"{other.class_name}); fusion needs one architecture"
+        )
     arch = first.arch
     depth_a, depth_b = first.config[arch.layers_key], other.config[arch.layers_key]
     if depth_a != depth_b:
-        raise IncompatibleModelsError(f"{pair} have different depths ({depth_a} vs {depth_b} layers); fusion "
-                                      "pairs layers one to one, so the depths must agree")
+        raise IncompatibleModelsError(
+            f"{pair} have different depths ({depth_a} vs {depth_b} layers); fusion "
+            "pairs layers one to one, so the depths must agree"
+        )
     for key in arch.must_match:
         value_a, value_b = first.config.get(key), other.config.get(key)
         if value_a != value_b:
             if key == "vocab_size":
-                raise IncompatibleModelsError(f"{pair} have different vocabularies ({value_a} vs {value_b} "
-                                              "tokens); fusion needs the same tokenizer")
-            raise IncompatibleModelsError(f"{pair} disagree on config {key} ({value_a!r} vs {value_b!r}); "
-                                          "only widths may differ between fused models")
+                raise IncompatibleModelsError(
+                    f"{pair} have different vocabularies ({value_a} vs {value_b} "
+                    "tokens); fusion needs the same tokenizer"
+                )
+            raise IncompatibleModelsError(
+                f"{pair} disagree on config {key} ({value_a!r} vs {value_b!r}); "
+                "only widths may differ between fused models"
+            )
 
 
 def _check_compatible(plans: list[ModelPlan]) -> None:
@@ -247,4 +266,3 @@ def plan(models: Sequence[str | os.PathLike], storage_options: dict | None = Non
     plans = [_plan_model(checkpoint) for checkpoint in open_all([str(m) for m in models], storage_options)]
     _check_compatible(plans)
     return plans
-

@@ -69,8 +69,7 @@ class FusionReport:
 
     def timing_summary(self) -> str:
         """'activations 3.1s, OT 5.2s, ...' for the phases that were timed ('' if none)."""
-        labels = {"read": "read", "activations": "activations", "ot": "OT", "transport": "transport",
-                  "write": "write"}
+        labels = {"read": "read", "activations": "activations", "ot": "OT", "transport": "transport", "write": "write"}
         return ", ".join(f"{label} {self.timings[key]:.1f}s" for key, label in labels.items() if key in self.timings)
 
     @property
@@ -80,13 +79,17 @@ class FusionReport:
             groups.setdefault((stat.model, stat.layer), []).append(stat)
         out = []
         for (model, layer), stats in groups.items():
-            out.append(LayerStat(
-                model, layer, len(stats),
-                _mean([s.cost for s in stats if s.cost is not None]),
-                min(s.permutation_closeness for s in stats),
-                _mean([s.cross_head_mass for s in stats if s.cross_head_mass is not None]),
-                _mean([s.head_split_mass for s in stats if s.head_split_mass is not None]),
-            ))
+            out.append(
+                LayerStat(
+                    model,
+                    layer,
+                    len(stats),
+                    _mean([s.cost for s in stats if s.cost is not None]),
+                    min(s.permutation_closeness for s in stats),
+                    _mean([s.cross_head_mass for s in stats if s.cross_head_mass is not None]),
+                    _mean([s.head_split_mass for s in stats if s.head_split_mass is not None]),
+                )
+            )
         return out
 
     def to_json(self) -> dict:
@@ -96,5 +99,4 @@ class FusionReport:
         return data
 
     def save(self, directory: Path) -> Path:
-        return write_output_file(Path(directory) / REPORT_FILE,
-                                 (json.dumps(self.to_json(), indent=2) + "\n").encode())
+        return write_output_file(Path(directory) / REPORT_FILE, (json.dumps(self.to_json(), indent=2) + "\n").encode())

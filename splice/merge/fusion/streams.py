@@ -29,8 +29,10 @@ def stream_sources(model: ModelPlan) -> dict[str, list[Source]]:
             tap = node.taps[position] if position < len(node.taps) else None
             source = Source("input", tap) if tap is not None else definers.get(step.space(name))
             if source is None:
-                raise SpliceError(f"{model.location}: the {model.arch.name} description gives no activations "
-                                  f"for stream {name!r} at {step.id}; use another `residual` policy")
+                raise SpliceError(
+                    f"{model.location}: the {model.arch.name} description gives no activations "
+                    f"for stream {name!r} at {step.id}; use another `residual` policy"
+                )
             found.append(source)
         sources[step.id] = found
         definers[step.space(node.defines)] = None
@@ -53,13 +55,18 @@ def hooked_modules(model: ModelPlan, align: str, residual: str) -> set[str]:
     if align != "activations":
         return set()
     writers = stream_writers(model) if residual == "stream" else set()
-    return {step.node.origin.name for step in model.steps
-            if step.node.origin is not None and step.node.origin.kind == "output"
-            and step.space(step.node.defines) not in writers}
+    return {
+        step.node.origin.name
+        for step in model.steps
+        if step.node.origin is not None
+        and step.node.origin.kind == "output"
+        and step.space(step.node.defines) not in writers
+    }
 
 
-def stream_magnitudes(sources: dict[str, list[Source]], feats: dict[str, torch.Tensor],
-                      state: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+def stream_magnitudes(
+    sources: dict[str, list[Source]], feats: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> dict[str, list[torch.Tensor]]:
     """{residual step id: per input stream, its mean |activation| per neuron} in the anchor."""
     out = {}
     for step_id, found in sources.items():

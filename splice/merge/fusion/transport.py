@@ -43,8 +43,9 @@ def unit_rows(points: torch.Tensor) -> torch.Tensor:
 def ground_cost(points_m: torch.Tensor, points_a: torch.Tensor) -> torch.Tensor:
     """Euclidean (not squared) distances between the neurons as points [n, coords], divided by their max."""
     if points_m.shape[1] != points_a.shape[1]:
-        raise SpliceError(f"cannot compare neurons described by {points_m.shape[1]} and {points_a.shape[1]} "
-                          "coordinates")
+        raise SpliceError(
+            f"cannot compare neurons described by {points_m.shape[1]} and {points_a.shape[1]} coordinates"
+        )
     cost = torch.cdist(points_m.to(torch.float64), points_a.to(torch.float64))
     top = cost.max()
     return cost / top if top > 0 else cost
@@ -70,11 +71,11 @@ def solve(cost: torch.Tensor, solver: str = "emd", reg: float = 0.08) -> torch.T
         method = "sinkhorn_log" if reg < LOG_DOMAIN_BELOW else "sinkhorn"
         plan = ot.sinkhorn(mu, nu, cost, reg, method=method, numItermax=5000, stopThr=1e-9, warn=False)
         if not torch.isfinite(plan).all() and method == "sinkhorn":
-            plan = ot.sinkhorn(mu, nu, cost, reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-9,
-                               warn=False)
+            plan = ot.sinkhorn(mu, nu, cost, reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-9, warn=False)
         if not torch.isfinite(plan).all() or plan.sum() <= 0:
-            raise SpliceError(f"Sinkhorn failed with reg {reg} on a {n_m}x{n_a} cost; use a larger `reg` or "
-                              "`solver='emd'`")
+            raise SpliceError(
+                f"Sinkhorn failed with reg {reg} on a {n_m}x{n_a} cost; use a larger `reg` or `solver='emd'`"
+            )
     else:
         raise SpliceError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
     plan = plan.to(torch.float64)
@@ -95,8 +96,9 @@ def input_map(coupling: torch.Tensor) -> torch.Tensor:
     return coupling / coupling.sum(1, keepdim=True).clamp_min(1e-300)
 
 
-def head_couplings(costs: list[torch.Tensor], heads_m: int, heads_a: int, solver: str = "emd",
-                   reg: float = 0.08) -> tuple[list[torch.Tensor], torch.Tensor]:
+def head_couplings(
+    costs: list[torch.Tensor], heads_m: int, heads_a: int, solver: str = "emd", reg: float = 0.08
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Maps that move attention heads whole (`--heads whole`): one coupling per head-structured space.
 
     `costs`: one max-normalised cost [n_m, n_a] per space of one attention block (e.g. Q/K and V). For every
@@ -112,7 +114,7 @@ def head_couplings(costs: list[torch.Tensor], heads_m: int, heads_a: int, solver
     for h in range(heads_m):
         for g in range(heads_a):
             for k, cost in enumerate(costs):
-                block = cost[h * size_m:(h + 1) * size_m, g * size_a:(g + 1) * size_a]
+                block = cost[h * size_m : (h + 1) * size_m, g * size_a : (g + 1) * size_a]
                 coupling = solve(block, solver, reg)
                 inner[k][h].append(coupling)
                 pair_cost[h, g] += transport_cost(coupling, block)
@@ -123,7 +125,7 @@ def head_couplings(costs: list[torch.Tensor], heads_m: int, heads_a: int, solver
         full = torch.zeros(n_m, n_a, dtype=torch.float64, device=costs[0].device)
         for h in range(heads_m):
             for g in range(heads_a):
-                full[h * size_m:(h + 1) * size_m, g * size_a:(g + 1) * size_a] = heads[h, g] * inner[k][h][g]
+                full[h * size_m : (h + 1) * size_m, g * size_a : (g + 1) * size_a] = heads[h, g] * inner[k][h][g]
         couplings.append(full)
     return couplings, heads
 
@@ -154,8 +156,7 @@ def residual_weights(policy: str, magnitudes: list[torch.Tensor]) -> list[torch.
     return list(weights)
 
 
-def combine(policy: str, couplings: list[torch.Tensor],
-            magnitudes: list[torch.Tensor] | None = None) -> torch.Tensor:
+def combine(policy: str, couplings: list[torch.Tensor], magnitudes: list[torch.Tensor] | None = None) -> torch.Tensor:
     """`average` (the authors' `mean`): the mean of the maps; `skip` (`only_resid`): the skip stream's map;
     `branch` (`no_resid`): the last branch's map; `identity` (`resid_as_identity`): no re-ordering;
     `weighted_scalar` / `weighted_matrix`: T = sum_k T_k D_k with the weights of `residual_weights`, from
@@ -176,12 +177,14 @@ def combine(policy: str, couplings: list[torch.Tensor],
         if magnitudes is None or len(magnitudes) != len(couplings):
             raise SpliceError(f"`residual={policy!r}` needs the activations of every stream added")
         weights = residual_weights(policy, magnitudes)
-        return reduce(operator.add, (coupling * weight.to(coupling)[None, :]
-                                     for coupling, weight in zip(couplings, weights)))
+        return reduce(
+            operator.add, (coupling * weight.to(coupling)[None, :] for coupling, weight in zip(couplings, weights))
+        )
     raise SpliceError(f"unknown residual policy {policy!r}: use one of {', '.join(RESIDUAL_POLICIES)}")
 
 
 # -- what the report measures ------------------------------------------------------------------------------------
+
 
 def transport_cost(coupling: torch.Tensor, cost: torch.Tensor) -> float:
     """<T, M> with T of total mass 1 and M max-normalised: 0 when every neuron has an exact match."""

@@ -38,8 +38,14 @@ def check_aliased_task(store: Registry, name: str, alias: str, version: int, set
     if task == index:
         return
     held = f"task {int(task) + 1} ({settings.get('task_name')})" if isinstance(task, int) else "no task"
-    right = [m.version for m in store.versions(name) if m.meta.settings.get("task") == index
-             and m.meta.settings.get("pipeline_settings") == settings.get("pipeline_settings")]
+    right = [
+        m.version
+        for m in store.versions(name)
+        if m.meta.settings.get("task") == index
+        and m.meta.settings.get("pipeline_settings") == settings.get("pipeline_settings")
+    ]
     target = f"{name}@{max(right)}" if right else f"{name}@VERSION (the version of task {index + 1})"
-    raise SpliceError(f"alias {alias} of {name} points to {name}@{version}, which holds {held}, not task "
-                      f"{index + 1}; move it back with `splice registry tag {target} {alias}`")
+    raise SpliceError(
+        f"alias {alias} of {name} points to {name}@{version}, which holds {held}, not task "
+        f"{index + 1}; move it back with `splice registry tag {target} {alias}`"
+    )

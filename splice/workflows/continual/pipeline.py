@@ -52,7 +52,7 @@ from splice.values import FiniteFloat, one_line, read_yaml, unknown_key
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SEED_STRIDE = 100_003  # task i of a pipeline seeds its generators with seed * SEED_STRIDE + i
-INT64 = (-(2 ** 63), 2 ** 63 - 1)
+INT64 = (-(2**63), 2**63 - 1)
 LearningRate = Annotated[FiniteFloat, Field(gt=0, le=1)]  # Adam moves each entry by about lr per step
 
 
@@ -113,8 +113,10 @@ class Pipeline(BaseModel):
     @classmethod
     def _some_norms(cls, norms: str | list[str]) -> str | list[str]:
         if norms == []:
-            raise ValueError("an empty list tunes no norm (only the head would train); give all, or substrings of "
-                             "the names of the norms to tune")
+            raise ValueError(
+                "an empty list tunes no norm (only the head would train); give all, or substrings of "
+                "the names of the norms to tune"
+            )
         return norms
 
     @field_validator("seed")
@@ -123,8 +125,10 @@ class Pipeline(BaseModel):
         count = len(info.data.get("tasks") or [None])
         if task_seed(seed, 0) < INT64[0] or task_seed(seed, count - 1) > INT64[1]:
             limit = (INT64[1] - count) // SEED_STRIDE
-            raise ValueError(f"{seed} is out of range: task i seeds torch with seed x {SEED_STRIDE} + i, a 64-bit "
-                             f"integer; give a seed between -{limit} and {limit}")
+            raise ValueError(
+                f"{seed} is out of range: task i seeds torch with seed x {SEED_STRIDE} + i, a 64-bit "
+                f"integer; give a seed between -{limit} and {limit}"
+            )
         return seed
 
     @field_validator("tasks")
@@ -140,8 +144,10 @@ class Pipeline(BaseModel):
     @model_validator(mode="after")
     def _routed_classes_need_class_incremental(self) -> Pipeline:
         if self.inference == "routed-classes" and self.protocol != "class-incremental":
-            raise ValueError("inference: routed-classes is for class-incremental pipelines (task-incremental "
-                             "already scores each task within its own classes)")
+            raise ValueError(
+                "inference: routed-classes is for class-incremental pipelines (task-incremental "
+                "already scores each task within its own classes)"
+            )
         return self
 
     def digest(self, tasks: int | None = None) -> str:
@@ -172,9 +178,12 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     except ValidationError as exc:
         mistyped = unknown_key(exc, Pipeline.model_fields, str(path), key_lines)
         raise SpliceError(mistyped or f"{path}: {one_line(exc, 'pipeline')}") from None
-    return pipeline.model_copy(update={
-        "base": _beside(path, pipeline.base),
-        "tasks": [task.model_copy(update={"data": _hook_beside(path, task.data)}) for task in pipeline.tasks]})
+    return pipeline.model_copy(
+        update={
+            "base": _beside(path, pipeline.base),
+            "tasks": [task.model_copy(update={"data": _hook_beside(path, task.data)}) for task in pipeline.tasks],
+        }
+    )
 
 
 def _beside(pipeline_file: Path, location: str) -> str:

@@ -40,9 +40,14 @@ class LoadedBank:
     inference: str = "all-classes"  # the pipeline's: over every task's classes, or the routed task's (routed-classes)
 
 
-def load_bank(ref: str, base: str | os.PathLike, registry: Registry | str | None = None,
-              storage_options: dict | None = None, device: str = "auto",
-              progress: Progress | None = None) -> LoadedBank:
+def load_bank(
+    ref: str,
+    base: str | os.PathLike,
+    registry: Registry | str | None = None,
+    storage_options: dict | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> LoadedBank:
     """The bank of every task up to the one `ref` names (`name@task-3`: tasks 1 to 3, or `name`: the latest task),
     on `base`. Each earlier task's alias must point at that task's version."""
     store = open_registry(registry, storage_options)
@@ -99,8 +104,7 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64, progress: Progress | None = None
-            ) -> Predictions:
+def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64, progress: Progress | None = None) -> Predictions:
     """Routed predictions (each input's slot chosen by its key) over the classes of every task in the bank, or,
     for a pipeline with `inference: routed-classes`, over the classes of each input's routed task."""
     batch = check_batch(batch, "the data", labels=False)
@@ -127,9 +131,16 @@ def predict(loaded: LoadedBank, batch: Batch, batch_size: int = 64, progress: Pr
     return Predictions(classes, tasks, None if labels is None else float((classes == labels).double().mean()))
 
 
-def predict_into(ref: str, base: str | os.PathLike, data: str, out: str | os.PathLike | None = None, *,
-                 registry: Registry | str | None = None, run: RunOptions | None = None,
-                 **run_keywords: Unpack[RunKeywords]) -> tuple[LoadedBank, Predictions]:
+def predict_into(
+    ref: str,
+    base: str | os.PathLike,
+    data: str,
+    out: str | os.PathLike | None = None,
+    *,
+    registry: Registry | str | None = None,
+    run: RunOptions | None = None,
+    **run_keywords: Unpack[RunKeywords],
+) -> tuple[LoadedBank, Predictions]:
     """`splice continual predict`: the bank of `ref` on `base`, routed predictions for the batch the `data` hook
     (MODULE:FUNCTION) returns, and with `out` those predictions as JSON. `out` follows the output rule, checked
     before any work: never the base, the registry or the hook's own file, `force` to replace, published whole.

@@ -51,19 +51,37 @@ class ContinualReport:
     resumed_tasks: int
 
     @classmethod
-    def of(cls, pipeline: Pipeline, tasks: Sequence[TaskData], state: RunState, bank: LayerNormBank,
-           head_parameters: int) -> ContinualReport:
+    def of(
+        cls, pipeline: Pipeline, tasks: Sequence[TaskData], state: RunState, bank: LayerNormBank, head_parameters: int
+    ) -> ContinualReport:
         summary, oracle = summarize(state.matrix), summarize(state.oracle)
-        return cls(pipeline.name, pipeline.digest(), pipeline.protocol, [t.name for t in tasks], state.matrix,
-                   state.oracle, state.task_id, summary.final_average_accuracy, summary.average_incremental_accuracy,
-                   summary.forgetting, summary.backward_transfer, summary.average_accuracies,
-                   oracle.final_average_accuracy, state.stored, int(bank.keys.shape[-1]),
-                   head_parameters, state.losses, state.resumed)
+        return cls(
+            pipeline.name,
+            pipeline.digest(),
+            pipeline.protocol,
+            [t.name for t in tasks],
+            state.matrix,
+            state.oracle,
+            state.task_id,
+            summary.final_average_accuracy,
+            summary.average_incremental_accuracy,
+            summary.forgetting,
+            summary.backward_transfer,
+            summary.average_accuracies,
+            oracle.final_average_accuracy,
+            state.stored,
+            int(bank.keys.shape[-1]),
+            head_parameters,
+            state.losses,
+            state.resumed,
+        )
 
     def files(self) -> dict[str, bytes]:
-        return {REPORT_JSON: (json.dumps(asdict(self), indent=2) + "\n").encode(),
-                MATRIX_PNG: png_bytes(self._draw_matrix, size=(6.5, 5.5)),
-                CURVE_PNG: png_bytes(self._draw_curve, size=(6.5, 4.0))}
+        return {
+            REPORT_JSON: (json.dumps(asdict(self), indent=2) + "\n").encode(),
+            MATRIX_PNG: png_bytes(self._draw_matrix, size=(6.5, 5.5)),
+            CURVE_PNG: png_bytes(self._draw_curve, size=(6.5, 4.0)),
+        }
 
     def save(self, directory: str | os.PathLike, force: bool = False) -> list[Path]:
         """The JSON and the PNGs into `directory`, by the output rule (`force` replaces them)."""
@@ -80,8 +98,15 @@ class ContinualReport:
         image = axes.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         for i, row in enumerate(self.accuracy):
             for j, value in enumerate(row):
-                axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="small",
-                          color="white" if value < 0.6 else "black")
+                axes.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize="small",
+                    color="white" if value < 0.6 else "black",
+                )
         axes.set_xticks(range(count), self.tasks, rotation=45, ha="right", fontsize="small")
         axes.set_yticks(range(count), [f"after {t}" for t in self.tasks], fontsize="small")
         axes.set_xlabel("evaluated on")

@@ -67,10 +67,16 @@ class _Run:
     progress: Progress
 
 
-def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, resume: bool = False,
-                 registry: Registry | str | None = None, report_dir: str | os.PathLike | None = None,
-                 progress: Progress | None = None, storage_options: dict | None = None, force: bool = False
-                 ) -> ContinualReport:
+def run_pipeline(
+    pipeline: Pipeline | str | os.PathLike,
+    *,
+    resume: bool = False,
+    registry: Registry | str | None = None,
+    report_dir: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    storage_options: dict | None = None,
+    force: bool = False,
+) -> ContinualReport:
     """Run (or resume) a continual pipeline; returns its report (also written to `report_dir` as JSON + PNGs;
     files of an earlier report there are refused before any work unless `force`).
     Bad pipelines (unknown keys, a task without data, overlapping classes under class-incremental, inputs the model
@@ -142,15 +148,20 @@ def _aliased_tasks(store: Registry, pipeline: Pipeline, legacy: bool) -> int:
 def _kept(pipeline: Pipeline, state: RunState) -> str:
     last = alias_of(state.kept - 1, state.legacy_aliases)
     kept = "task 1 is" if state.kept == 1 else f"tasks 1-{state.kept} are"
-    return (f"{kept} kept in the registry ({pipeline.name}@{alias_of(0, state.legacy_aliases)}"
-            f"{'' if state.kept == 1 else f' .. {pipeline.name}@{last}'}); run it again with --resume (resume=True) "
-            f"to go on with task {state.kept + 1} of {len(pipeline.tasks)}")
+    return (
+        f"{kept} kept in the registry ({pipeline.name}@{alias_of(0, state.legacy_aliases)}"
+        f"{'' if state.kept == 1 else f' .. {pipeline.name}@{last}'}); run it again with --resume (resume=True) "
+        f"to go on with task {state.kept + 1} of {len(pipeline.tasks)}"
+    )
 
 
 def _other_pipelines(versions: Iterable[VersionManifest], pipeline: Pipeline) -> list[VersionManifest]:
     """The versions whose recorded pipeline digest is not `pipeline`'s for the tasks up to theirs."""
-    return [m for m in versions
-            if m.meta.settings.get("pipeline") != pipeline.digest(int(m.meta.settings.get("task", -1)) + 1)]
+    return [
+        m
+        for m in versions
+        if m.meta.settings.get("pipeline") != pipeline.digest(int(m.meta.settings.get("task", -1)) + 1)
+    ]
 
 
 def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> tuple[list[str], bool]:
@@ -166,12 +177,16 @@ def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> tuple[
     other = _other_pipelines(versions.values(), pipeline)
     unaligned = pipeline.model_copy(update={"align": None})
     if other and pipeline.align is not None and not _other_pipelines(other, unaligned):
-        raise SpliceError(f"registry name {pipeline.name} holds this pipeline's results made without classifier "
-                          f"alignment ({other[0].ref}), from before align: became the default; add `align: null` to "
-                          "the pipeline file to go on with them, or give this pipeline another name")
+        raise SpliceError(
+            f"registry name {pipeline.name} holds this pipeline's results made without classifier "
+            f"alignment ({other[0].ref}), from before align: became the default; add `align: null` to "
+            "the pipeline file to go on with them, or give this pipeline another name"
+        )
     if other:
-        raise SpliceError(f"registry name {pipeline.name} already holds another pipeline's results "
-                          f"({other[0].ref}); give this pipeline another name, or remove them")
+        raise SpliceError(
+            f"registry name {pipeline.name} already holds another pipeline's results "
+            f"({other[0].ref}); give this pipeline another name, or remove them"
+        )
     aliases = store.aliases(pipeline.name)
     done: list[str] = []
     legacy = uses_legacy_aliases(aliases)
@@ -183,12 +198,15 @@ def _finished_tasks(store: Registry, pipeline: Pipeline, resume: bool) -> tuple[
             if not pushed or not resume:
                 break
             alias = store.tag(pipeline.name, alias_of(index, legacy), max(m.version for m in pushed))
-        check_aliased_task(store, pipeline.name, alias.alias, alias.version, versions[alias.version].meta.settings,
-                           index)
+        check_aliased_task(
+            store, pipeline.name, alias.alias, alias.version, versions[alias.version].meta.settings, index
+        )
         done.append(versions[alias.version].ref)
     if done and not resume:
-        raise SpliceError(f"registry name {pipeline.name} already holds tasks 1..{len(done)} of this pipeline; "
-                          f"pass `resume=True` to continue after them")
+        raise SpliceError(
+            f"registry name {pipeline.name} already holds tasks 1..{len(done)} of this pipeline; "
+            f"pass `resume=True` to continue after them"
+        )
     return done, legacy
 
 
@@ -222,8 +240,9 @@ def restore_task(bank: LayerNormBank, patch: Patch, pretrained: Values) -> int:
 
 
 def _schedule(pipeline: Pipeline) -> Schedule:
-    return Schedule(pipeline.epochs, pipeline.lr, pipeline.head_lr, pipeline.rectify_epochs or pipeline.epochs,
-                    pipeline.batch_size)
+    return Schedule(
+        pipeline.epochs, pipeline.lr, pipeline.head_lr, pipeline.rectify_epochs or pipeline.epochs, pipeline.batch_size
+    )
 
 
 def tuned_norms(bank: LayerNormBank, norms: str | list[str]) -> list[str]:
@@ -245,8 +264,15 @@ def _run_task(run: _Run, index: int) -> None:
     torch.manual_seed(seed)
     label = f"task {index + 1}/{len(run.tasks)} {task.name}"
     training = Training(_schedule(pipeline), torch.Generator().manual_seed(seed), run.progress, label)
-    key = task_key(bank, task, training.schedule, training.generator, trained=pipeline.keys == "trained",
-                   epochs=pipeline.key_epochs, lr=pipeline.key_lr)
+    key = task_key(
+        bank,
+        task,
+        training.schedule,
+        training.generator,
+        trained=pipeline.keys == "trained",
+        epochs=pipeline.key_epochs,
+        lr=pipeline.key_lr,
+    )
     slot = bank.add_task(key=key, init_from="pretrained" if pipeline.fisher else None)
     bank.slots.requires_grad_(False)  # train_slot turns on the tuned entries; no other slot takes gradients
     head = head_parameters(bank.model, head_names)
@@ -254,8 +280,11 @@ def _run_task(run: _Run, index: int) -> None:
     masks = None
     if pipeline.fisher is not None:
         masks = subset_masks(fisher_diagonal(bank, slot, parameters, task), pipeline.fisher, training.generator)
-    losses = {"loss.layernorm": train_slot(bank, slot, list(parameters.values()), head, task, training,
-                                           _grad_masks(parameters, masks))}
+    losses = {
+        "loss.layernorm": train_slot(
+            bank, slot, list(parameters.values()), head, task, training, _grad_masks(parameters, masks)
+        )
+    }
     if pipeline.rectify:
         losses["loss.head"] = rectify_head(bank, head, task, training)
     for parameter in head:
@@ -263,9 +292,15 @@ def _run_task(run: _Run, index: int) -> None:
     every = bank.slot_state(slot)
 
     def stored(settings: dict) -> Patch:
-        return task_patch(pipeline.base, {n: every[n].cpu() for n in tuned}, head_state_of(bank.model, head_names),
-                          pretrained, masks, settings,
-                          f"continual pipeline {pipeline.name}, task {slot + 1}: {task.name}")
+        return task_patch(
+            pipeline.base,
+            {n: every[n].cpu() for n in tuned},
+            head_state_of(bank.model, head_names),
+            pretrained,
+            masks,
+            settings,
+            f"continual pipeline {pipeline.name}, task {slot + 1}: {task.name}",
+        )
 
     patch = stored(_settings(pipeline, task, slot, key))
     if pipeline.align is not None:
@@ -273,16 +308,26 @@ def _run_task(run: _Run, index: int) -> None:
     values = task_values(patch, pretrained)  # go on from the task exactly as stored (what --resume reads back)
     bank.load_slot(slot, {name: values[name] for name in patch.meta.settings["slot"]})
     load_head(bank.model, {name: values[name] for name in head_names})
-    result = evaluate(bank, run.tasks[: index + 1], pipeline.protocol, training.schedule.batch_size, run.progress,
-                      label, pipeline.inference)
+    result = evaluate(
+        bank,
+        run.tasks[: index + 1],
+        pipeline.protocol,
+        training.schedule.batch_size,
+        run.progress,
+        label,
+        pipeline.inference,
+    )
     state.matrix.append(result.accuracy)
     state.oracle.append(result.oracle_accuracy)
     state.task_id.append(result.task_id_accuracy)
     state.losses.append(losses)
     state.stored.append(stored_entries(patch))
-    patch.meta.metrics = {**{f"accuracy.{j}": a for j, a in enumerate(result.accuracy)},
-                          **{f"oracle_accuracy.{j}": a for j, a in enumerate(result.oracle_accuracy)},
-                          "task_id_accuracy": result.task_id_accuracy, **losses}
+    patch.meta.metrics = {
+        **{f"accuracy.{j}": a for j, a in enumerate(result.accuracy)},
+        **{f"oracle_accuracy.{j}": a for j, a in enumerate(result.oracle_accuracy)},
+        "task_id_accuracy": result.task_id_accuracy,
+        **losses,
+    }
     alias = alias_of(index, state.legacy_aliases)
     run.progress.start(f"{label} pushing to the registry as {pipeline.name}@{alias}", 1, 0, unit="versions")
     run.store.push(pipeline.name, patch, alias=alias, message=f"{pipeline.name}: {label}")
@@ -290,8 +335,9 @@ def _run_task(run: _Run, index: int) -> None:
     run.progress.finish()
 
 
-def _grad_masks(parameters: dict[str, torch.nn.Parameter],
-                masks: dict[str, torch.Tensor] | None) -> dict[int, torch.Tensor] | None:
+def _grad_masks(
+    parameters: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor] | None
+) -> dict[int, torch.Tensor] | None:
     if masks is None:
         return None
     return {id(parameter): masks[name].to(parameter.dtype) for name, parameter in parameters.items()}
@@ -299,9 +345,15 @@ def _grad_masks(parameters: dict[str, torch.nn.Parameter],
 
 def _settings(pipeline: Pipeline, task: TaskData, slot: int, key: torch.Tensor) -> dict:
     """What a task's version says about itself (beside the slot and head names the patch adds)."""
-    settings = {"pipeline": pipeline.digest(slot + 1), "pipeline_settings": pipeline.digest(0), "task": slot,
-                "task_name": task.name, "key": [float(v) for v in key.tolist()], "classes": task.classes,
-                "protocol": pipeline.protocol}
+    settings = {
+        "pipeline": pipeline.digest(slot + 1),
+        "pipeline_settings": pipeline.digest(0),
+        "task": slot,
+        "task_name": task.name,
+        "key": [float(v) for v in key.tolist()],
+        "classes": task.classes,
+        "protocol": pipeline.protocol,
+    }
     if pipeline.fisher is not None:
         settings["fisher"] = pipeline.fisher.model_dump(mode="json")
     if pipeline.inference != "all-classes":
@@ -309,8 +361,14 @@ def _settings(pipeline: Pipeline, task: TaskData, slot: int, key: torch.Tensor) 
     return settings
 
 
-def _aligned(run: _Run, patch: Patch, alignment: ClassifierAlignment, task: TaskData, training: Training,
-             losses: dict[str, float]) -> dict:
+def _aligned(
+    run: _Run,
+    patch: Patch,
+    alignment: ClassifierAlignment,
+    task: TaskData,
+    training: Training,
+    losses: dict[str, float],
+) -> dict:
     """Classifier alignment after the task: its classes' feature statistics (with its slot as stored), then the
     head re-trained on draws from every seen class's; the settings of the task's version, with its statistics."""
     bank, head_names = run.bank, run.head_names
@@ -319,8 +377,10 @@ def _aligned(run: _Run, patch: Patch, alignment: ClassifierAlignment, task: Task
     bank.load_slot(slot, {name: values[name] for name in patch.meta.settings["slot"]})
     module = align.head_module(bank.model, head_names)
     features = align.head_features(bank, module, slot, task.train, training.schedule.batch_size)
-    settings = {**patch.meta.settings, align.SETTINGS_KEY: align.encode(align.class_statistics(
-        features, task.train["labels"]))}
+    settings = {
+        **patch.meta.settings,
+        align.SETTINGS_KEY: align.encode(align.class_statistics(features, task.train["labels"])),
+    }
     run.state.statistics.append(align.decode(settings))  # as a resumed run reads them back
     sampled, labels = align.sample_features(run.state.statistics, alignment.samples, training.generator)
     head = head_parameters(bank.model, head_names)

@@ -24,8 +24,15 @@ def pretrained_values(base: str | os.PathLike, names: list[str]) -> Values:
         return {name: checkpoint.read(name).float() for name in names}
 
 
-def task_patch(base: str | os.PathLike, tuned: Values, head: Values, pretrained: Values,
-               masks: dict[str, torch.Tensor] | None, settings: dict, lineage: str) -> Patch:
+def task_patch(
+    base: str | os.PathLike,
+    tuned: Values,
+    head: Values,
+    pretrained: Values,
+    masks: dict[str, torch.Tensor] | None,
+    settings: dict,
+    lineage: str,
+) -> Patch:
     """The task's patch (no metrics yet): LayerNorm kind holding `tuned` and `head`, or with `masks` a mask patch
     holding only the masked entries' change over `pretrained` (and the head's change)."""
     if masks is None:
@@ -42,13 +49,24 @@ def task_patch(base: str | os.PathLike, tuned: Values, head: Values, pretrained:
             tensors[name + VALUES_SUFFIX] = (value.float() - pretrained[name])[mask]
             shapes[name], kept[name] = list(value.shape), int(mask.sum())
         slot = sorted(name for name in tuned if name in shapes)
-        settings = {**settings, "shapes": shapes, "values": True, "scope": "model", "kept": kept,
-                    "density": sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())}
+        settings = {
+            **settings,
+            "shapes": shapes,
+            "values": True,
+            "scope": "model",
+            "kept": kept,
+            "density": sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()),
+        }
     with Checkpoint.open(base) as checkpoint:
         fingerprint = fingerprint_base(checkpoint, [*slot, *head])
     targets = sorted({name.rpartition(".")[0] for name in [*slot, *head]})
-    meta = PatchMeta(kind=kind, targets=targets, base=fingerprint, lineage=[lineage],
-                     settings={**settings, "slot": slot, "head": sorted(head)})
+    meta = PatchMeta(
+        kind=kind,
+        targets=targets,
+        base=fingerprint,
+        lineage=[lineage],
+        settings={**settings, "slot": slot, "head": sorted(head)},
+    )
     return Patch(tensors, meta)
 
 
