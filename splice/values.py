@@ -10,7 +10,7 @@ import json
 import math
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, StrictInt, ValidationError
@@ -25,6 +25,8 @@ Float32 = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_M
 """A finite number a float32 computation can hold (a scale that multiplies tensors)."""
 
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def finite(value: Any) -> Any:
@@ -149,3 +151,39 @@ def parse_json(text: str | bytes) -> Any:
         return json.loads(text)
     except RecursionError:
         raise ValueError("nested too deeply to parse") from None
+
+
+def validated_yaml(
+    path: str | Path, model: type[ModelT], what: str, shape: str, error: type[Exception] = ValueError
+) -> ModelT:
+    """A YAML file validated as `model`, or `error` with one line naming the file: `path: no such WHAT file`, not
+    YAML, not a mapping (`shape` says what the document must be, e.g. "a pipeline is a mapping (base, name, ...)"),
+    a mistyped top-level key (with its line and the nearest valid key), or the first invalid entry."""
+    try:
+        data, key_lines = read_yaml(path)
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what} file") from None
+    except ValueError as exc:
+        raise error(str(exc)) from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: {shape}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        mistyped = unknown_key(exc, model.model_fields, str(path), key_lines)
+        raise error(mistyped or f"{path}: {one_line(exc, what)}") from None
+
+
+def beside(file: Path, location: str) -> str:
+    """A relative local path as relative to `file`'s directory (URLs and absolute paths as they are)."""
+    if "://" in location or Path(location).is_absolute():
+        return location
+    return str((file.parent / location).resolve())
+
+
+def hook_beside(file: Path, hook: str) -> str:
+    """path/to/file.py:FUNCTION relative to `file`'s directory; MODULE:FUNCTION as it is."""
+    module, sep, function = hook.rpartition(":")
+    if sep and module.endswith(".py"):
+        return f"{beside(file, module)}:{function}"
+    return hook

@@ -36,7 +36,7 @@ from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.device import parse_dtype
 from splice.tensors.stream import OutputExtras, StreamReport, open_all, plan_same_name, run_stream
 from splice.tensors.writer import ensure_output_free
-from splice.values import Bounded, one_line, read_yaml, unknown_key
+from splice.values import Bounded, YamlDocument, one_line, read_yaml, unknown_key
 
 Scalar = bool | int | float | str
 
@@ -112,14 +112,19 @@ _RecipeLoader.add_implicit_resolver(
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
+    document = read_recipe_document(path)
+    return parse_recipe(document.data, str(path), document.key_lines)
+
+
+def read_recipe_document(path: str | os.PathLike) -> YamlDocument:
+    """A recipe file's YAML, read as mergekit reads it, not yet validated (a sweep marks values in it first)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        document = read_yaml(path, _RecipeLoader)
+        return read_yaml(path, _RecipeLoader)
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
-    return parse_recipe(document.data, str(path), document.key_lines)
 
 
 def parse_recipe(data: Any, source: str = "recipe", key_lines: dict[str, int] | None = None) -> Recipe:

@@ -39,7 +39,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictInt,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -48,7 +47,7 @@ from pydantic import (
 from splice.continual.fisher import FisherSubset
 from splice.errors import SpliceError
 from splice.registry.refs import check_name
-from splice.values import FiniteFloat, one_line, read_yaml, unknown_key
+from splice.values import FiniteFloat, beside, hook_beside, validated_yaml
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SEED_STRIDE = 100_003  # task i of a pipeline seeds its generators with seed * SEED_STRIDE + i
@@ -165,37 +164,12 @@ class Pipeline(BaseModel):
 def load_pipeline(path: str | os.PathLike) -> Pipeline:
     """A pipeline file parsed and validated; a one-line error naming the file and the bad entry."""
     path = Path(path)
-    try:
-        data, key_lines = read_yaml(path)
-    except FileNotFoundError:
-        raise SpliceError(f"{path}: no such pipeline file") from None
-    except ValueError as exc:
-        raise SpliceError(str(exc)) from None
-    if not isinstance(data, dict):
-        raise SpliceError(f"{path}: a pipeline is a mapping (base, name, tasks, ...)")
-    try:
-        pipeline = Pipeline.model_validate(data)
-    except ValidationError as exc:
-        mistyped = unknown_key(exc, Pipeline.model_fields, str(path), key_lines)
-        raise SpliceError(mistyped or f"{path}: {one_line(exc, 'pipeline')}") from None
+    pipeline = validated_yaml(
+        path, Pipeline, "pipeline", "a pipeline is a mapping (base, name, tasks, ...)", SpliceError
+    )
     return pipeline.model_copy(
         update={
-            "base": _beside(path, pipeline.base),
-            "tasks": [task.model_copy(update={"data": _hook_beside(path, task.data)}) for task in pipeline.tasks],
+            "base": beside(path, pipeline.base),
+            "tasks": [task.model_copy(update={"data": hook_beside(path, task.data)}) for task in pipeline.tasks],
         }
     )
-
-
-def _beside(pipeline_file: Path, location: str) -> str:
-    """A relative local path, relative to the pipeline file (URLs and absolute paths as they are)."""
-    if "://" in location or Path(location).is_absolute():
-        return location
-    return str((pipeline_file.parent / location).resolve())
-
-
-def _hook_beside(pipeline_file: Path, hook: str) -> str:
-    """path/to/file.py:FUNCTION relative to the pipeline file; MODULE:FUNCTION as it is."""
-    module, sep, function = hook.rpartition(":")
-    if sep and module.endswith(".py"):
-        return f"{_beside(pipeline_file, module)}:{function}"
-    return hook

@@ -1,2 +1,3 @@
-"""Sweeps: searching for the best merge (issue 18). So far the search space: parameters marked in a recipe, their
-Optuna distributions and grids, and the recipe filled in with one candidate's values (space.py)."""
+"""Sweeps: searching for the best merge (issue 18). Built so far: the search space (space.py: parameters marked in a
+recipe, their Optuna distributions and grids, the recipe filled in with one candidate's values) and the sweep file
+(file.py: read and checked before any trial). The study driver and its executors come next."""
