@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,8 +34,18 @@ from splice.errors import RecipeError
 from splice.merge.kernels import method_kernel
 from splice.merge.methods import BasePolicy, ParameterRule, ParameterScope, check_ranges, coerce_parameter, method_rules
 from splice.options import RunKeywords, RunOptions, run_options
+from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import parse_dtype
-from splice.tensors.stream import OutputExtras, StreamReport, open_all, plan_same_name, run_stream
+from splice.tensors.stream import (
+    Kernel,
+    OutputExtras,
+    StreamItem,
+    StreamReport,
+    open_all,
+    plan_same_name,
+    run_stream,
+    stream_to_memory,
+)
 from splice.tensors.writer import ensure_output_free
 from splice.values import Bounded, YamlDocument, one_line, read_yaml, unknown_key
 
@@ -275,25 +286,51 @@ def merge(
     recipe_file = [] if isinstance(recipe, Recipe) else [recipe]
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    locations, base_index = recipe.inputs()
+    locations, _ = recipe.inputs()
     ensure_output_free(out, run.force, protected=[*locations, *recipe_file])
+    planned = _planned(recipe, run, prefer_own_kernels, seed)
+    return run_stream(
+        planned.plan,
+        planned.kernel,
+        out,
+        side_files_from=planned.side_source,
+        run=run,
+        out_dtype=planned.out_dtype,
+        extras=OutputExtras(metadata={"splice_merge_method": recipe.merge_method}),
+        description=f"{recipe.merge_method} merge",
+    )
+
+
+def merged_state(
+    recipe: Recipe, *, prefer_own_kernels: bool = True, seed: int | None = None, run: RunOptions | None = None
+) -> dict[str, torch.Tensor]:
+    """The model `merge(recipe, ...)` would write, tensor for tensor, held in memory instead (stored names, output
+    dtypes): what a sweep hands a candidate's evaluation without writing it."""
+    run = run or RunOptions()
+    planned = _planned(recipe, run, prefer_own_kernels, seed)
+    return stream_to_memory(planned.plan, planned.kernel, run=run, description=f"{recipe.merge_method} merge")
+
+
+@dataclass(frozen=True)
+class _Planned:
+    plan: list[StreamItem]
+    kernel: Kernel
+    side_source: Checkpoint
+    out_dtype: torch.dtype | None
+
+
+def _planned(recipe: Recipe, run: RunOptions, prefer_own_kernels: bool, seed: int | None) -> _Planned:
+    """A recipe's inputs opened, its plan and kernel, every tensor's parameters checked before any tensor is read;
+    torch's generator seeded last, for the random methods."""
+    locations, base_index = recipe.inputs()
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
     checkpoints = open_all(locations, run.storage_options)
     plan = plan_same_name(checkpoints, out_dtype)
     resolver = ParameterResolver(recipe, [item.output.name for item in plan])
-    for item in plan:  # every tensor's parameters resolve, and are checked, before any tensor is read
+    for item in plan:
         check_ranges(recipe.merge_method, resolver(item.output.name), item.output.name)
     kernel = method_kernel(recipe.merge_method, resolver, base_index, prefer_own=prefer_own_kernels)
     side_source = checkpoints[locations.index(recipe.side_files_source())]
     if seed is not None:
         torch.manual_seed(seed)
-    return run_stream(
-        plan,
-        kernel,
-        out,
-        side_files_from=side_source,
-        run=run,
-        out_dtype=out_dtype,
-        extras=OutputExtras(metadata={"splice_merge_method": recipe.merge_method}),
-        description=f"{recipe.merge_method} merge",
-    )
+    return _Planned(plan, kernel, side_source, out_dtype)

@@ -337,6 +337,52 @@ def work_units(
     return units
 
 
+def computed(
+    units: Sequence[WorkUnit], kernel: Kernel, device: torch.device, run: RunOptions
+) -> Iterator[tuple[WorkUnit, torch.Tensor | None]]:
+    """Each work unit with the kernel's output for it (on the CPU), inputs read ahead on a background thread;
+    None for a unit the kernel passes through as stored. Progress is told as each unit completes."""
+    progress = run.reporter
+    with torch.inference_mode():
+        for position, tensors in read_ahead([unit.reads for unit in units], run.read_ahead_depth):
+            unit = units[position]
+            if unit.verbatim:
+                yield unit, None
+                progress.advance(1, unit.item.input_bytes)
+                continue
+            tick = time.perf_counter()
+            result = compute_one(unit.item, tensors, kernel, device, partial(read_all, unit.reads))
+            yield unit, result
+            progress.advance(int(unit.completes_item), unit.input_bytes)
+            log.debug(
+                "%s %s rows %s from %d inputs in %.1f ms",
+                unit.item.output.name,
+                list(unit.item.output.shape),
+                unit.rows or "all",
+                len(tensors),
+                1000 * (time.perf_counter() - tick),
+            )
+
+
+def stream_to_memory(
+    plan: Sequence[StreamItem], kernel: Kernel, *, run: RunOptions | None = None, description: str = "merging"
+) -> dict[str, torch.Tensor]:
+    """Every planned output tensor, computed as `run_stream` computes it, held in memory (stored names, output
+    dtypes, on the CPU) instead of written: a candidate a search evaluates without writing it."""
+    run = run or RunOptions()
+    units = work_units(plan, False, run.chunk_bytes, kernel.passes_through)  # whole tensors: nothing to assemble
+    progress = run.reporter
+    progress.start(description, len(plan), sum(item.input_bytes for item in plan))
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for unit, result in computed(units, kernel, resolve_device(run.device), run):
+            name = unit.item.output.name
+            state[name] = unit.item.sources[0][0].read(name) if result is None else result
+    finally:
+        progress.finish()
+    return state
+
+
 def run_stream(
     plan: Sequence[StreamItem],
     kernel: Kernel,
@@ -363,26 +409,11 @@ def run_stream(
         progress.start(description, len(plan), total_in)
         behind = WriteBehind(writer, depth=run.read_ahead_depth)
         try:
-            with torch.inference_mode():
-                for position, tensors in read_ahead([unit.reads for unit in units], run.read_ahead_depth):
-                    unit = units[position]
-                    item = unit.item
-                    if unit.verbatim:
-                        behind.submit_copy(item.output.name, item.sources[0][0])
-                        progress.advance(1, unit.item.input_bytes)
-                        continue
-                    tick = time.perf_counter()
-                    again = partial(read_all, unit.reads)
-                    behind.submit(item.output.name, compute_one(item, tensors, kernel, torch_device, again), unit.rows)
-                    progress.advance(int(unit.completes_item), unit.input_bytes)
-                    log.debug(
-                        "%s %s rows %s from %d inputs in %.1f ms",
-                        item.output.name,
-                        list(item.output.shape),
-                        unit.rows or "all",
-                        len(tensors),
-                        1000 * (time.perf_counter() - tick),
-                    )
+            for unit, result in computed(units, kernel, torch_device, run):
+                if result is None:
+                    behind.submit_copy(unit.item.output.name, unit.item.sources[0][0])
+                else:
+                    behind.submit(unit.item.output.name, result, unit.rows)
             behind.finish()
             writer.close()
         except BaseException:
