@@ -9,8 +9,8 @@ import torch
 from typing_extensions import Unpack
 
 from splice.adapters.compose import check_plan_shapes, composition_plan, patched_value
-from splice.adapters.patch import Patch, PatchError
-from splice.adapters.sources import PatchSource, load_patch
+from splice.adapters.patch import PatchError
+from splice.adapters.sources import PatchSource, load_patch, patch_location
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.stream import Kernel, OutputExtras, StreamItem, StreamReport, run_stream
@@ -36,7 +36,7 @@ def apply_patches(
     `check_bases=False` skips the fingerprint checks (for a caller that has just made them). `run` (or its
     fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs."""
     run = run_options(run, run_keywords, "apply_patches")
-    sources = [p.stored_at if isinstance(p, Patch) else p for p in patches]
+    sources = [patch_location(p) for p in patches]
     ensure_output_free(out, run.force, protected=[base, *(s for s in sources if s is not None)])
     if not patches:
         raise PatchError("no patches given")

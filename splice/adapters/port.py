@@ -38,7 +38,7 @@ from splice.adapters.kinds import KINDS
 from splice.adapters.kinds.spec import MappedTensors
 from splice.adapters.meta import BaseFingerprint, PatchKind, PatchMeta, TensorFingerprint
 from splice.adapters.patch import Patch
-from splice.adapters.sources import PatchSource, load_patch
+from splice.adapters.sources import PatchSource, load_patch, patch_location
 from splice.adapters.steps import Effect, Step
 from splice.errors import PatchError
 from splice.options import RunKeywords, RunOptions, run_options
@@ -81,11 +81,6 @@ def port_patch(
     check_port_outputs(patch, to, old_base, out, as_patch, run.force)
     ported = prepare_port(patch, to, old_base=old_base, scale=scale, source=source, run=run)
     return write_ported(ported, to, out=out, as_patch=as_patch, run=run)
-
-
-def patch_location(patch: PatchSource) -> str | os.PathLike | None:
-    """Where a patch was read from (None: made in memory)."""
-    return patch.stored_at if isinstance(patch, Patch) else patch
 
 
 def patch_label(patch: PatchSource) -> str:

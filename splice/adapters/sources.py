@@ -13,6 +13,11 @@ from splice.tensors.checkpoint import Checkpoint
 PatchSource = Patch | str | os.PathLike
 
 
+def patch_location(patch: PatchSource) -> str | os.PathLike | None:
+    """Where a patch was read from (None: made in memory)."""
+    return patch.stored_at if isinstance(patch, Patch) else patch
+
+
 def load_patch(
     patch: PatchSource, storage_options: dict | None = None, base: Checkpoint | torch.nn.Module | None = None
 ) -> Patch:

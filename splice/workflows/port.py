@@ -14,8 +14,8 @@ from typing_extensions import Unpack
 from splice.adapters.drift import REPORT_FILES
 from splice.adapters.live import patched_state
 from splice.adapters.patch import Patch
-from splice.adapters.port import Ported, check_port_outputs, patch_label, patch_location, prepare_port, write_ported
-from splice.adapters.sources import PatchSource, load_patch
+from splice.adapters.port import Ported, check_port_outputs, patch_label, prepare_port, write_ported
+from splice.adapters.sources import PatchSource, load_patch, patch_location
 from splice.errors import SpliceError
 from splice.hooks import hook_name, load_callable, score_state
 from splice.options import RunKeywords, RunOptions, run_options
