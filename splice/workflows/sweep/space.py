@@ -219,9 +219,6 @@ def check_space(recipe: Mapping[str, Any], source: str = "sweep") -> tuple[list[
             f"{source}: the recipe marks nothing to search (mark a value as {{search: uniform, "
             "low: 0.1, high: 0.9}}, or choice, int, log_uniform)"
         )
-    names = [p.name for p in parameters]
-    if len(set(names)) != len(names):  # only a key that repeats in YAML could do this
-        raise RecipeError(f"{source}: a searched parameter appears twice")
     sample = fill(recipe, {p.name: p.first for p in parameters}, parameters)
     return parameters, parse_recipe(sample, f"{source} (recipe)")
 
