@@ -52,6 +52,8 @@ _EXPORTS = {
     "port_patch": "splice.adapters.port",
     "read_deployment_record": "splice.workflows.deploy",
     "soup": "splice.merge.soup",
+    "sweep": "splice.workflows.sweep.run",
+    "SweepReport": "splice.workflows.sweep.results",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -85,6 +87,8 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs (tests/test_cli_j
     from splice.tensors.checkpoint import Checkpoint
     from splice.workflows.deploy import DeploymentRecord, apply_ref, deploy, read_deployment_record
     from splice.workflows.port import port
+    from splice.workflows.sweep.results import SweepReport
+    from splice.workflows.sweep.run import sweep
 
 
 def __getattr__(name: str) -> Any:

@@ -29,6 +29,7 @@ from splice.cli.options import (
 from splice.cli.patch import patch_app
 from splice.cli.port import port_command
 from splice.cli.registry import registry_app
+from splice.cli.sweep import sweep_command
 from splice.errors import HookError, SpliceError, hook_traceback
 from splice.progress import forget_published, published
 
@@ -63,6 +64,7 @@ app.add_typer(continual_app, name="continual")
 app.command("deploy")(deploy_command)
 app.command("fuse")(fuse_command)
 app.command("port")(port_command)
+app.command("sweep")(sweep_command)
 
 
 @app.command()

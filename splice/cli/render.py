@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from splice.workflows.continual.report import ContinualReport
     from splice.workflows.deploy import DeploymentRecord
     from splice.workflows.inspect import ModelSummary
+    from splice.workflows.sweep.results import SweepReport
+    from splice.workflows.sweep.study import TrialRecord
 
 console = Console()
 error_console = Console(stderr=True)
@@ -396,3 +398,32 @@ def prediction_table(result: Predictions, loaded: LoadedBank) -> Table:
         f"; accuracy {result.accuracy:.4f}" if result.accuracy is not None else ""
     )
     return table(title, ["task", "version", "inputs"], rows)
+
+
+def sweep_table(report: SweepReport, limit: int | None = None) -> Table:
+    """A sweep's trials, best first (failed ones last, with their error)."""
+    ranked = report.ranked()
+    shown = ranked if limit is None else ranked[:limit]
+    title = f"sweep {report.source}: {len(report.trials)} trials ({report.method}, {report.direction})"
+    return sweep_rows_table(title, report.parameters, shown)
+
+
+def sweep_rows_table(title: str, parameters: Sequence[str], trials: Iterable[TrialRecord]) -> Table:
+    rows = [
+        [
+            t.number,
+            *(_sweep_value(t.values.get(name)) for name in parameters),
+            "failed" if t.score is None else f"{t.score:.6g}",
+            f"{t.merge_seconds:.2f}",
+            f"{t.eval_seconds:.2f}",
+            t.error or "",
+        ]
+        for t in trials
+    ]
+    return table(title, ["trial", *parameters, "score", "merge s", "eval s", "error"], rows)
+
+
+def _sweep_value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)

@@ -153,7 +153,7 @@ def greedy_soup(
         locations, checkpoints, scores, scorer, hook, strict, torch_device, progress
     )
     progress.finish()
-    shard_files = _write_soup(soup_state, checkpoints[anchor], checkpoints, out, out_dtype, run)
+    shard_files = write_soup(soup_state, checkpoints[anchor], checkpoints, out, out_dtype, run)
     return GreedySoupReport(Path(out), steps, best, time.perf_counter() - started, shard_files, _tie_notes(steps))
 
 
@@ -190,14 +190,7 @@ def _select_greedily(
     kept = 1
     for index in order[1:]:
         ingredient = checkpoints[index]
-        candidate = {}
-        for name, tensor in read_model(ingredient):
-            current = soup_state[name]
-            if not current.is_floating_point():
-                candidate[name] = current
-                continue
-            tensor = tensor.to(device=torch_device, dtype=current.dtype)
-            candidate[name] = current * (kept / (kept + 1)) + tensor * (1 / (kept + 1))
+        candidate = add_to_soup(soup_state, kept, ingredient, torch_device)
         candidate_score = score_state(scorer, candidate, first.location, hook)
         accept = candidate_score > best if strict else candidate_score >= best
         steps.append(
@@ -210,7 +203,31 @@ def _select_greedily(
     return steps, soup_state, best, order[0]
 
 
-def _write_soup(
+def add_to_soup(
+    soup_state: dict[str, torch.Tensor], kept: int, ingredient: Checkpoint, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The running average of `kept` ingredients with one more joined: every greedy soup (sequential, or a
+    sweep's speculative one) computes its candidates by this one formula, so their soups agree bit for bit."""
+    candidate = {}
+    for name, tensor in read_model(ingredient):
+        current = soup_state[name]
+        if not current.is_floating_point():
+            candidate[name] = current
+            continue
+        tensor = tensor.to(device=device, dtype=current.dtype)
+        candidate[name] = current * (kept / (kept + 1)) + tensor * (1 / (kept + 1))
+    return candidate
+
+
+def soup_of(ingredients: Sequence[Checkpoint], device: torch.device) -> dict[str, torch.Tensor]:
+    """The greedy soup of `ingredients` as kept in that order (the first, then each joined by `add_to_soup`)."""
+    state = read_floats(ingredients[0], device)
+    for kept, ingredient in enumerate(ingredients[1:], start=1):
+        state = add_to_soup(state, kept, ingredient, device)
+    return state
+
+
+def write_soup(
     soup_state: dict[str, torch.Tensor],
     anchor: Checkpoint,
     checkpoints: list[Checkpoint],

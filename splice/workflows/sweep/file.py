@@ -15,11 +15,12 @@ out: sweep-out
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from splice.errors import RecipeError, SpliceError
 from splice.hooks import load_callable
@@ -27,16 +28,34 @@ from splice.merge.recipe import Recipe, read_recipe_document
 from splice.values import Bounded, PositiveInt, beside, hook_beside, validated_yaml
 from splice.workflows.sweep.space import SearchParameter, check_space, grid_size
 
-SearchMethod = Literal["grid", "random", "tpe", "cmaes"]
+SearchMethod = Literal["grid", "random", "tpe", "cmaes", "greedy_soup"]
+CANDIDATE_TIMEOUT = 6 * 3600.0  # seconds one candidate may take (merge and evaluation) unless `evaluate.timeout` says
 
 
 class SearchSettings(BaseModel):
-    """`search:`. `trials`: exactly how many candidates are evaluated; a grid's default (and most) is its size."""
+    """`search:`. `trials`: exactly how many candidates are evaluated; a grid's default (and most) is its size.
+    `greedy_soup` searches no recipe: it soups `ingredients` greedily, `speculate` candidates evaluated at once
+    (default: as many as run at once), `strict` as `splice soup --greedy --strict`."""
 
     model_config = ConfigDict(extra="forbid")
     method: SearchMethod
     seed: StrictInt = 0
     trials: PositiveInt | None = None
+    ingredients: Annotated[list[str], Field(min_length=1)] | None = None
+    speculate: PositiveInt | None = None
+    strict: bool = False
+
+    @model_validator(mode="after")
+    def _fits_method(self) -> SearchSettings:
+        greedy = self.method == "greedy_soup"
+        if greedy and self.ingredients is None:
+            raise ValueError("a greedy_soup search needs `ingredients` (the models to soup)")
+        if greedy and self.trials is not None:
+            raise ValueError("a greedy_soup's evaluations follow from its ingredients: drop `trials`")
+        for key, value in (("ingredients", self.ingredients), ("speculate", self.speculate), ("strict", self.strict)):
+            if not greedy and value:
+                raise ValueError(f"`{key}` applies only to method greedy_soup")
+        return self
 
 
 class Evaluation(BaseModel):
@@ -48,11 +67,12 @@ class Evaluation(BaseModel):
     hook: str
     args: Annotated[dict[str, Any], Bounded] = {}
     direction: Literal["maximize", "minimize"] = "maximize"
+    timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] = CANDIDATE_TIMEOUT
 
 
 class SweepFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    recipe: str | dict[str, Any]
+    recipe: str | dict[str, Any] | None = None
     search: SearchSettings
     evaluate: Evaluation
     keep: Literal["best", "all", "none"] = "best"
@@ -66,12 +86,23 @@ class Sweep:
 
     source: str
     file: SweepFile
-    recipe: dict[str, Any]
+    recipe: dict[str, Any]  # empty for a greedy soup
     parameters: list[SearchParameter]
-    example: Recipe
-    trials: int
+    example: Recipe | None  # None for a greedy soup
+    trials: int  # a greedy soup: its ingredients
     hook: str  # as the evaluation loads it (a file path made absolute)
     out: str | None
+    ingredients: list[str]  # a greedy soup's models, as written
+    hook_function: Callable  # the hook as imported when the file was read
+
+    @property
+    def method(self) -> SearchMethod:
+        return self.file.search.method
+
+    @property
+    def inputs(self) -> list[str]:
+        """Every model the sweep reads (an output must not overlap one)."""
+        return list(self.ingredients) if self.example is None else self.example.inputs()[0]
 
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
@@ -79,13 +110,23 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     path = Path(path)
     file = validated_yaml(path, SweepFile, "sweep", "a sweep is a mapping (recipe, search, evaluate, ...)", SpliceError)
     source = str(path)
+    hook = hook_beside(path, file.evaluate.hook)
+    function = load_callable(hook, option=f"{source}: evaluate.hook")  # a hook that does not import fails here
+    out = beside(path, file.out) if file.out is not None else None
+    if file.search.method == "greedy_soup":
+        if file.recipe is not None:
+            raise SpliceError(f"{source}: recipe: a greedy_soup search soups its `search.ingredients`; drop `recipe`")
+        ingredients = list(file.search.ingredients or [])
+        repeated = sorted({i for i in ingredients if ingredients.count(i) > 1})
+        if repeated:
+            raise SpliceError(f"{source}: search.ingredients: {repeated[0]} is listed twice")
+        return Sweep(source, file, {}, [], None, len(ingredients), hook, out, ingredients, function)
+    if file.recipe is None:
+        raise SpliceError(f"{source}: recipe: say which recipe to search (a path beside the sweep file, or inline)")
     recipe = _recipe_of(path, file.recipe)
     parameters, example = check_space(recipe, source)
     trials = _trials(file.search, parameters, source)
-    hook = hook_beside(path, file.evaluate.hook)
-    load_callable(hook, option=f"{source}: evaluate.hook")  # a hook that does not import fails here, not in a trial
-    out = beside(path, file.out) if file.out is not None else None
-    return Sweep(source, file, recipe, parameters, example, trials, hook, out)
+    return Sweep(source, file, recipe, parameters, example, trials, hook, out, [], function)
 
 
 def _recipe_of(sweep_file: Path, recipe: str | dict[str, Any]) -> dict[str, Any]:

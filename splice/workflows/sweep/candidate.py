@@ -1,0 +1,151 @@
+"""One candidate of a sweep, evaluated where a worker runs it (the driver's process, a local pool's process, or a Ray
+task): merged into memory and handed to the evaluation hook without being written (unless the sweep keeps every
+candidate). Whatever the merge or the evaluation raises, or a score that is not a finite number, comes back as the
+candidate's one-line error: a sweep records it and goes on.
+
+Everything here is plain data that pickles (a local pool and Ray both ship it to other processes)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from splice.errors import SpliceError, first_line
+from splice.hooks import Scorer, load_callable, score_state
+from splice.merge.recipe import merge, merged_state, parse_recipe
+from splice.merge.soup import add_to_soup, soup_of
+from splice.options import RunOptions
+from splice.tensors.device import resolve_device
+from splice.tensors.stream import open_all
+
+Value = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """What every candidate of one sweep shares: the hook (MODULE:FUNCTION or an absolute file path), the arguments
+    passed to it unchanged, where the merge runs, and the seed of the random merge methods."""
+
+    hook: str
+    args: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    storage_options: dict[str, Any] | None = None
+    seed: int | None = None
+
+    @property
+    def run(self) -> RunOptions:
+        return RunOptions(device=self.device, storage_options=self.storage_options)
+
+
+@dataclass(frozen=True)
+class MergeCandidate:
+    """Trial `number`: the recipe filled with its `values`; `keep_dir`: also write the merged model there."""
+
+    number: int
+    values: dict[str, Value]
+    recipe: dict[str, Any]
+    keep_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class SoupCandidate:
+    """A greedy soup's candidate: the soup of `kept` (in the order they were kept) with `ingredient` joined to it,
+    or the one ingredient in `kept` scored on its own when `ingredient` is None."""
+
+    number: int
+    kept: tuple[str, ...]
+    ingredient: str | None = None
+
+
+Candidate = MergeCandidate | SoupCandidate
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What evaluating a candidate gave: a finite score, or the one-line error that stopped it."""
+
+    number: int
+    score: float | None
+    error: str | None = None
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    worker: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.score is None
+
+
+def evaluate(candidate: Candidate, evaluator: Evaluator) -> Outcome:
+    """Merge `candidate` into memory and score it; any error is the outcome's one line, never raised."""
+    started = time.perf_counter()
+    merged = started
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        state, model_dir = _merged(candidate, evaluator)
+        merged = time.perf_counter()
+        score = score_state(_scorer(evaluator), state, model_dir)
+    except Exception as exc:  # the sweep records the candidate as failed and goes on
+        now = time.perf_counter()
+        merge_seconds = (merged if merged > started else now) - started
+        return Outcome(candidate.number, None, _one_line(exc), merge_seconds, now - merged, worker)
+    return Outcome(candidate.number, score, None, merged - started, time.perf_counter() - merged, worker)
+
+
+def _one_line(error: Exception) -> str:
+    return first_line(error) if isinstance(error, SpliceError) else f"{type(error).__name__}: {first_line(error)}"
+
+
+def _merged(candidate: Candidate, evaluator: Evaluator) -> tuple[dict[str, torch.Tensor], str]:
+    if isinstance(candidate, SoupCandidate):
+        return _soup(candidate, evaluator), candidate.kept[0]
+    recipe = parse_recipe(candidate.recipe, f"trial {candidate.number}")
+    run = evaluator.run
+    state = merged_state(recipe, seed=evaluator.seed, run=run)
+    if candidate.keep_dir is not None:
+        merge(recipe, candidate.keep_dir, seed=evaluator.seed, run=run)
+        return state, candidate.keep_dir
+    return state, recipe.side_files_source()
+
+
+# The soup a worker built last: speculative rounds join several ingredients to the same soup, and the next round
+# extends it by one, so a worker rebuilds it only when the soup it is asked for is not the one it holds.
+_last_soup: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+
+
+def _soup(candidate: SoupCandidate, evaluator: Evaluator) -> dict[str, torch.Tensor]:
+    device = resolve_device(evaluator.device)
+    soup = _last_soup.get(candidate.kept)
+    if soup is None:
+        (held, held_soup), *_ = _last_soup.items() or [((), {})]
+        _last_soup.clear()
+        kept = candidate.kept
+        if held and len(kept) == len(held) + 1 and kept[:-1] == held:  # one more ingredient joined
+            (joined,) = open_all([kept[-1]], evaluator.storage_options)
+            soup = add_to_soup(held_soup, len(held), joined, device)
+        else:
+            soup = soup_of(open_all(list(kept), evaluator.storage_options), device)
+        _last_soup[kept] = soup
+    if candidate.ingredient is None:
+        return soup
+    (ingredient,) = open_all([candidate.ingredient], evaluator.storage_options)
+    return add_to_soup(soup, len(candidate.kept), ingredient, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _hook(hook: str) -> Callable:
+    """The hook, imported once per worker process."""
+    return load_callable(hook, option="`evaluate.hook`")
+
+
+def _scorer(evaluator: Evaluator) -> Scorer:
+    """The hook with the sweep's `args` bound as keywords."""
+    function = _hook(evaluator.hook)
+    return functools.partial(function, **evaluator.args) if evaluator.args else function

@@ -1,0 +1,261 @@
+"""Where a sweep's candidates run: in the driver's own process (one local worker), in a local process pool, or as
+Ray tasks on a cluster. Each executor takes candidates with `submit` and gives back outcomes with `next_outcome`, a
+wait with a bound; a candidate whose worker dies is run again (a bounded number of times) and still comes back
+once, and a candidate that runs past the sweep's timeout comes back failed."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from splice.errors import SpliceError
+from splice.workflows.sweep.candidate import Candidate, Evaluator, Outcome, evaluate
+
+WORKER_RETRIES = 2  # a candidate whose worker dies is run again at most this many times (Ray's max_retries alike)
+
+
+class Executor(Protocol):
+    slots: int  # how many candidates run at once
+
+    def submit(self, candidate: Candidate) -> None: ...
+
+    def next_outcome(self, timeout: float) -> Outcome | None:
+        """The next finished candidate's outcome, or None when none finished within `timeout` seconds."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class InlineExecutor:
+    """One worker: each candidate runs in the driver's own process, when its outcome is asked for."""
+
+    slots = 1
+
+    def __init__(self, evaluator: Evaluator):
+        self.evaluator = evaluator
+        self.queue: deque[Candidate] = deque()
+
+    def submit(self, candidate: Candidate) -> None:
+        self.queue.append(candidate)
+
+    def next_outcome(self, timeout: float) -> Outcome | None:
+        return evaluate(self.queue.popleft(), self.evaluator) if self.queue else None
+
+    def close(self) -> None:
+        self.queue.clear()
+
+
+@dataclass
+class _Running:
+    candidate: Candidate
+    started: float
+    attempts: int = 1
+
+
+def _died(candidate: Candidate, attempts: int) -> Outcome:
+    return Outcome(
+        candidate.number,
+        None,
+        f"its worker died {attempts} times (killed, or out of memory); the candidate was not evaluated",
+    )
+
+
+def _timed_out(candidate: Candidate, timeout: float) -> Outcome:
+    return Outcome(candidate.number, None, f"still running after the sweep's timeout of {timeout:g} s; stopped")
+
+
+class PoolExecutor:
+    """`workers` local processes (forked from a server that imported splice once, so a worker starts in a moment).
+    A worker that dies takes the pool with it: the pool is rebuilt and the candidates it held are run again."""
+
+    def __init__(self, evaluator: Evaluator, workers: int, candidate_timeout: float):
+        self.evaluator = evaluator
+        self.slots = workers
+        self.timeout = candidate_timeout
+        self.running: dict[concurrent.futures.Future, _Running] = {}
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["splice.workflows.sweep.candidate"])
+        return concurrent.futures.ProcessPoolExecutor(self.slots, mp_context=context)
+
+    def submit(self, candidate: Candidate, attempts: int = 1) -> None:
+        future = self.pool.submit(evaluate, candidate, self.evaluator)
+        self.running[future] = _Running(candidate, time.monotonic(), attempts)
+
+    def next_outcome(self, timeout: float) -> Outcome | None:
+        if not self.running:
+            return None
+        done, _ = concurrent.futures.wait(
+            list(self.running), timeout=min(timeout, self._time_left()), return_when="FIRST_COMPLETED"
+        )
+        for future in done:
+            running = self.running.pop(future)
+            try:
+                return future.result()
+            except BrokenProcessPool:
+                return self._restart(lost=running)
+        overdue = [f for f, r in self.running.items() if time.monotonic() - r.started > self.timeout]
+        if overdue:
+            stopped = self.running.pop(overdue[0])
+            self._restart(lost=None)
+            return _timed_out(stopped.candidate, self.timeout)
+        return None
+
+    def _time_left(self) -> float:
+        oldest = min(r.started for r in self.running.values())
+        return max(0.0, self.timeout - (time.monotonic() - oldest)) + 0.01
+
+    def _restart(self, lost: _Running | None) -> Outcome | None:
+        """A new pool; what the old one still held is submitted again (a lost candidate's attempt is counted, and
+        once it has died too often it comes back failed)."""
+        held = list(self.running.values())
+        self.running.clear()
+        self._stop(self.pool)
+        self.pool = self._new_pool()
+        for running in held:
+            self.submit(running.candidate, running.attempts)
+        if lost is None:
+            return None
+        if lost.attempts > WORKER_RETRIES:
+            return _died(lost.candidate, lost.attempts)
+        self.submit(lost.candidate, lost.attempts + 1)
+        return None
+
+    @staticmethod
+    def _stop(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+        processes = list(getattr(pool, "_processes", {}).values())  # terminate: shutdown alone waits for them
+        for process in processes:
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(timeout=10)
+
+    def close(self) -> None:
+        self._stop(self.pool)
+        self.running.clear()
+
+
+RAY_CONNECT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class TaskResources:
+    """What one candidate asks of a Ray node: Ray places no more candidates on a node than these fit."""
+
+    num_cpus: float
+    num_gpus: float
+    memory: int  # bytes
+
+    def options(self) -> dict[str, Any]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "memory": max(self.memory, 1)}
+
+
+class RayExecutor:
+    """Candidates as Ray tasks with declared resources, retried by Ray when a worker dies (the outcome still
+    comes back once). `address`: a running cluster (`HOST:PORT`, `ray://HOST:PORT`, `auto`), or None for a
+    cluster started in this process."""
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        address: str | None,
+        workers: int | None,
+        resources: Callable[[dict[str, float]], TaskResources],
+        candidate_timeout: float,
+    ):
+        ray = _import_ray()
+        self.ray = ray
+        self.started_here = not ray.is_initialized()
+        if self.started_here:
+            _connect(ray, address)
+        cluster = ray.cluster_resources()
+        self.resources = resources(cluster)
+        fitting = int(cluster.get("CPU", 1) // max(self.resources.num_cpus, 1e-9))
+        self.slots = max(1, workers or fitting)
+        self.timeout = candidate_timeout
+        self.task = ray.remote(max_retries=WORKER_RETRIES, retry_exceptions=False)(evaluate)
+        self.evaluator_ref = ray.put(evaluator)
+        self.running: dict[Any, tuple[Candidate, float]] = {}
+
+    def submit(self, candidate: Candidate) -> None:
+        ref = self.task.options(**self.resources.options()).remote(candidate, self.evaluator_ref)
+        self.running[ref] = (candidate, time.monotonic())
+
+    def next_outcome(self, timeout: float) -> Outcome | None:
+        if not self.running:
+            return None
+        ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=timeout)
+        for ref in ready:
+            candidate, _started = self.running.pop(ref)
+            try:
+                return self.ray.get(ref, timeout=RAY_CONNECT_SECONDS)
+            except self.ray.exceptions.RayError as exc:  # out of retries, or the task could not be placed
+                return Outcome(candidate.number, None, f"Ray could not run it: {type(exc).__name__}")
+        for ref, (candidate, started) in list(self.running.items()):
+            if time.monotonic() - started > self.timeout:
+                self.ray.cancel(ref, force=True)
+                del self.running[ref]
+                return _timed_out(candidate, self.timeout)
+        return None
+
+    def close(self) -> None:
+        for ref in self.running:
+            self.ray.cancel(ref, force=True)
+        self.running.clear()
+        if self.started_here:
+            self.ray.shutdown()
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise SpliceError("the ray executor needs Ray: pip install 'splice[ray]'") from None
+    return ray
+
+
+def _connect(ray: Any, address: str | None) -> None:
+    """Join the cluster at `address` (or start one here when None), or a one-line error before any trial."""
+    import logging
+
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_import_roots())}}
+    try:
+        ray.init(
+            address=address,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            include_dashboard=False,
+            configure_logging=True,
+        )
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        raise SpliceError(f"`address` {address}: cannot reach a Ray cluster there ({_first(exc)})") from None
+
+
+def _first(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _import_roots() -> list[str]:
+    """Where this process imports splice (and a hook's modules) from, so a worker on this machine imports the same."""
+    import splice
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(splice.__file__)))
+    return [root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+
+
+def local_workers(workers: int | None) -> int:
+    count = workers if workers is not None else (os.cpu_count() or 1)
+    if count < 1:
+        raise SpliceError(f"`workers` must be at least 1, got {count}")
+    return count

@@ -1,0 +1,191 @@
+"""What a sweep leaves beside its journal: every trial as JSON and CSV, the best candidate's recipe (which
+`splice merge` runs as is), and PNG plots (score against each searched parameter, score over trials; for a greedy
+soup, the held-out score as ingredients are tried)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from splice.plots import png_bytes
+from splice.workflows.sweep.greedy import GreedyOutcome
+from splice.workflows.sweep.study import TrialRecord, ranked
+
+RESULTS_JSON, RESULTS_CSV, BEST_RECIPE = "sweep_results.json", "sweep_results.csv", "best_recipe.yaml"
+BY_PARAMETER_PNG, OVER_TRIALS_PNG, GREEDY_PNG = "score_by_parameter.png", "score_over_trials.png", "greedy_soup.png"
+BEST_MODEL, CANDIDATES = "best", "candidates"
+RESULT_FILES = (RESULTS_JSON, RESULTS_CSV, BEST_RECIPE, BY_PARAMETER_PNG, OVER_TRIALS_PNG, GREEDY_PNG)
+
+
+@dataclass
+class SweepReport:
+    """A sweep's results: every finished trial, the best one, and where everything was written."""
+
+    source: str
+    method: str
+    direction: str
+    budget: int
+    executor: str
+    workers: int
+    seconds: float
+    trials: list[TrialRecord]
+    parameters: list[str]
+    best: TrialRecord | None
+    out: Path
+    files: list[str] = field(default_factory=list)
+    best_model: str | None = None
+    rerun: int = 0  # trials found running in the journal and run again on this resume
+    skipped: int = 0  # trials found finished in the journal (a resume does not run them again)
+    greedy: GreedyOutcome | None = None
+
+    @property
+    def failed(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.failed]
+
+    def ranked(self) -> list[TrialRecord]:
+        """Scored trials best first (ties: the lower number first), then the failed ones."""
+        return ranked(self.trials, self.direction)
+
+    def as_json(self) -> dict[str, Any]:
+        summary = {
+            "sweep": self.source,
+            "method": self.method,
+            "direction": self.direction,
+            "budget": self.budget,
+            "executor": self.executor,
+            "workers": self.workers,
+            "seconds": round(self.seconds, 3),
+            "parameters": self.parameters,
+            "best": asdict(self.best) if self.best else None,
+            "best_model": self.best_model,
+            "trials": [asdict(t) for t in sorted(self.trials, key=lambda t: t.number)],
+        }
+        if self.greedy is not None:
+            summary["greedy_soup"] = {
+                "kept": self.greedy.kept,
+                "soup_score": self.greedy.soup_score,
+                "ingredient_scores": self.greedy.scores,
+                "failed_ingredients": self.greedy.failed,
+                "steps": [asdict(s) for s in self.greedy.steps],
+                "speculation": asdict(self.greedy.speculation) | {"saved_rounds": self.greedy.speculation.saved_rounds},
+            }
+        return summary
+
+
+def result_files(report: SweepReport, best_recipe: dict[str, Any] | None, seed: int | None) -> dict[str, bytes]:
+    files = {
+        RESULTS_JSON: (json.dumps(report.as_json(), indent=2, allow_nan=False) + "\n").encode(),
+        RESULTS_CSV: _csv(report).encode(),
+    }
+    if best_recipe is not None and report.best is not None:
+        files[BEST_RECIPE] = _recipe_yaml(report, best_recipe, seed).encode()
+    greedy = report.greedy
+    if greedy is not None:
+        files[GREEDY_PNG] = png_bytes(lambda figure: _draw_greedy(figure, greedy))
+    elif any(not t.failed for t in report.trials):
+        files[BY_PARAMETER_PNG] = png_bytes(lambda figure: _draw_by_parameter(figure, report), size=_grid_size(report))
+        files[OVER_TRIALS_PNG] = png_bytes(lambda figure: _draw_over_trials(figure, report))
+    return files
+
+
+def _csv(report: SweepReport) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["trial", "state", "score", *report.parameters, "merge_s", "eval_s", "worker", "error"])
+    for t in sorted(report.trials, key=lambda t: t.number):
+        writer.writerow(
+            [
+                t.number,
+                "failed" if t.failed else "complete",
+                "" if t.score is None else repr(t.score),
+                *(t.values.get(name, "") for name in report.parameters),
+                f"{t.merge_seconds:.3f}",
+                f"{t.eval_seconds:.3f}",
+                t.worker,
+                t.error or "",
+            ]
+        )
+    return buffer.getvalue()
+
+
+def _recipe_yaml(report: SweepReport, recipe: dict[str, Any], seed: int | None) -> str:
+    assert report.best is not None
+    rerun = f"splice merge {BEST_RECIPE} --out DIR" + (f" --seed {seed}" if seed is not None else "")
+    header = (
+        f"# The best candidate of {report.source}: trial {report.best.number}, score {report.best.score!r}.\n"
+        f"# `{rerun}` reproduces it bit for bit.\n"
+    )
+    return header + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def _grid_size(report: SweepReport) -> tuple[float, float]:
+    columns = min(3, max(1, len(report.parameters)))
+    rows = math.ceil(max(1, len(report.parameters)) / columns)
+    return (4.2 * columns, 3.4 * rows)
+
+
+def _draw_by_parameter(figure: Any, report: SweepReport) -> None:
+    names = report.parameters or ["trial"]
+    columns = min(3, len(names))
+    rows = math.ceil(len(names) / columns)
+    scored = [t for t in report.trials if not t.failed]
+    for index, name in enumerate(names):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        xs = [t.values.get(name) for t in scored]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
+            axes.scatter(xs, [t.score for t in scored], s=18)
+        else:  # a choice of strings or booleans: one column per value
+            labels = sorted({str(x) for x in xs})
+            axes.scatter([labels.index(str(x)) for x in xs], [t.score for t in scored], s=18)
+            axes.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
+        if report.best is not None:
+            axes.axhline(report.best.score or 0.0, color="tab:red", linewidth=0.8, linestyle="--")
+        axes.set_xlabel(name, fontsize=8)
+        axes.set_ylabel("score", fontsize=8)
+    figure.suptitle(f"{report.method} sweep: score against each searched value ({report.direction})", fontsize=9)
+
+
+def _draw_over_trials(figure: Any, report: SweepReport) -> None:
+    axes = figure.add_subplot(1, 1, 1)
+    ordered = sorted(report.trials, key=lambda t: t.number)
+    scored = [t for t in ordered if not t.failed]
+    axes.scatter([t.number for t in scored], [t.score for t in scored], s=18, label="trial")
+    sign = 1.0 if report.direction == "maximize" else -1.0
+    best: list[float] = []
+    for t in scored:
+        score = t.score or 0.0
+        best.append(score if not best or sign * score > sign * best[-1] else best[-1])
+    axes.step([t.number for t in scored], best, where="post", color="tab:red", label="best so far")
+    failed = [t.number for t in ordered if t.failed]
+    if failed:
+        low = min(t.score or 0.0 for t in scored) if scored else 0.0
+        axes.scatter(failed, [low] * len(failed), marker="x", color="gray", label="failed")
+    axes.set_xlabel("trial")
+    axes.set_ylabel("score")
+    axes.legend(fontsize=8)
+    axes.set_title(f"{report.method} sweep, {len(ordered)} trials ({report.direction})", fontsize=9)
+
+
+def _draw_greedy(figure: Any, greedy: GreedyOutcome) -> None:
+    axes = figure.add_subplot(1, 1, 1)
+    tried = [s for s in greedy.steps if s.soup_score is not None or s.kept]
+    labels = [Path(s.model).name for s in tried]
+    scores = [s.soup_score if s.soup_score is not None else s.score for s in tried]
+    colors = ["tab:green" if s.kept else "tab:gray" for s in tried]
+    axes.bar(range(len(tried)), scores, color=colors)
+    axes.plot(range(len(tried)), [s.score for s in tried], "o", color="black", label="ingredient alone")
+    axes.set_xticks(range(len(tried)), labels, rotation=30, fontsize=7)
+    axes.set_ylabel("held-out score")
+    axes.legend(fontsize=8)
+    axes.set_title(
+        f"greedy soup: the soup's score as each ingredient is tried (green: kept, {len(greedy.kept)} of "
+        f"{len(greedy.steps)})",
+        fontsize=9,
+    )
