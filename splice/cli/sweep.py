@@ -144,6 +144,8 @@ def sweep_command(
             f"{count.sequential_rounds}), {count.wasted} thrown away"
         )
     render.notes(notes, shared.quiet)
+    if report.pushed:
+        render.show(f"pushed the best as {report.pushed}", shared.quiet)
     best = report.best
     if best is not None and best.number >= 0:
         render.show(f"best: trial {best.number}, score {best.score:.6g} -> {report.out}", shared.quiet)

@@ -26,6 +26,7 @@ from splice.errors import RecipeError, SpliceError
 from splice.hooks import load_callable
 from splice.merge.recipe import Recipe, read_recipe_document
 from splice.values import Bounded, PositiveInt, beside, hook_beside, validated_yaml
+from splice.workflows.sweep.push import PushSettings
 from splice.workflows.sweep.space import SearchParameter, check_space, grid_size
 
 SearchMethod = Literal["grid", "random", "tpe", "cmaes", "greedy_soup"]
@@ -77,6 +78,7 @@ class SweepFile(BaseModel):
     evaluate: Evaluation
     keep: Literal["best", "all", "none"] = "best"
     out: str | None = None
+    push: PushSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,14 @@ class Sweep:
         return self.file.search.method
 
     @property
+    def push_base(self) -> str | None:
+        """The model a pushed patch is made against: `push.base`, else the recipe's base_model."""
+        push = self.file.push
+        if push is None:
+            return None
+        return push.base or (self.example.base_model if self.example is not None else None)
+
+    @property
     def inputs(self) -> list[str]:
         """Every model the sweep reads (an output must not overlap one)."""
         return list(self.ingredients) if self.example is None else self.example.inputs()[0]
@@ -113,6 +123,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     hook = hook_beside(path, file.evaluate.hook)
     function = load_callable(hook, option=f"{source}: evaluate.hook")  # a hook that does not import fails here
     out = beside(path, file.out) if file.out is not None else None
+    if file.push is not None and file.keep == "none":
+        raise SpliceError(f"{source}: push: the best model is pushed once written; `keep: none` writes none")
     if file.search.method == "greedy_soup":
         if file.recipe is not None:
             raise SpliceError(f"{source}: recipe: a greedy_soup search soups its `search.ingredients`; drop `recipe`")

@@ -41,6 +41,7 @@ class SweepReport:
     out: Path
     files: list[str] = field(default_factory=list)
     best_model: str | None = None
+    pushed: str | None = None  # the registry version `push:` made of the best (NAME@vN)
     rerun: int = 0  # trials found running in the journal and run again on this resume
     skipped: int = 0  # trials found finished in the journal (a resume does not run them again)
     greedy: GreedyOutcome | None = None
@@ -65,6 +66,7 @@ class SweepReport:
             "parameters": self.parameters,
             "best": asdict(self.best) if self.best else None,
             "best_model": self.best_model,
+            "pushed": self.pushed,
             "trials": [asdict(t) for t in sorted(self.trials, key=lambda t: t.number)],
         }
         if self.greedy is not None:

@@ -20,6 +20,7 @@ from splice.merge.recipe import merge, parse_recipe
 from splice.merge.soup import soup_of, write_soup
 from splice.options import RunOptions
 from splice.progress import Progress
+from splice.registry.store import Registry
 from splice.tensors.device import resolve_device
 from splice.tensors.stream import check_same_tensors, open_all
 from splice.tensors.writer import check_report_dir, refuse_overlap, write_report_files
@@ -34,6 +35,7 @@ from splice.workflows.sweep.executors import (
 )
 from splice.workflows.sweep.file import Sweep, load_sweep
 from splice.workflows.sweep.greedy import GreedyDriver
+from splice.workflows.sweep.push import push_best, ready_registry
 from splice.workflows.sweep.results import (
     BEST_MODEL,
     CANDIDATES,
@@ -78,7 +80,8 @@ def sweep(
     started = time.perf_counter()
     run = run or RunOptions()
     loaded = load_sweep(sweep_file)
-    where = _output(loaded, out, resume, run.force)
+    registry = _registry(loaded, run)
+    where = _output(loaded, out, resume, run.force, [registry.url] if registry is not None else [])
     budget = _budget(loaded, max_trials)
     seed = loaded.file.search.seed  # the random merge methods' (dare_ties, della, ...): every candidate alike
     evaluator = Evaluator(loaded.hook, dict(loaded.file.evaluate.args), run.device, run.storage_options, seed)
@@ -99,17 +102,39 @@ def sweep(
     report.executor, report.workers = executor, runner.slots
     report.seconds = time.perf_counter() - started
     _finish(loaded, report, where, evaluator, run)
+    if registry is not None and loaded.file.push is not None and report.best_model is not None:
+        base = loaded.push_base
+        assert base is not None
+        message = f"the best of sweep {loaded.source}: " + (
+            f"trial {report.best.number}, score {report.best.score!r}"
+            if report.best and report.best.number >= 0
+            else f"greedy soup of {len(report.greedy.kept) if report.greedy else 0}"
+        )
+        pushed = push_best(registry, loaded.file.push, base, report.best_model, message, run.storage_options)
+        report.pushed = pushed.manifest.ref
     return report
 
 
-def _output(loaded: Sweep, out: str | os.PathLike | None, resume: bool, force: bool) -> Path:
+def _registry(loaded: Sweep, run: RunOptions) -> Registry | None:
+    """Where `push:` sends the best, checked before any trial."""
+    if loaded.file.push is None:
+        return None
+    if loaded.push_base is None:
+        raise SpliceError(
+            f"{loaded.source}: push.base: say which base the pushed patch is made against (the recipe has no "
+            "base_model)"
+        )
+    return ready_registry(loaded.file.push, run.storage_options)
+
+
+def _output(loaded: Sweep, out: str | os.PathLike | None, resume: bool, force: bool, registries: list[str]) -> Path:
     """`out`, checked before any trial: not an input, the hook or the sweep file; holding no earlier sweep unless
     resuming it (or `force`, which removes the earlier sweep's files)."""
     if out is None and loaded.out is None:
         raise SpliceError(f"{loaded.source}: say where the results go: `out:` in the file, or {parameter('out')}")
     where = Path(out if out is not None else str(loaded.out))
     hook = hook_file(loaded.hook_function)
-    protected = [*loaded.inputs, loaded.source, *([hook] if hook else [])]
+    protected = [*loaded.inputs, loaded.source, *([hook] if hook else []), *registries]
     refuse_overlap(where, protected)
     journal = where / JOURNAL
     if resume:
