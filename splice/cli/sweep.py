@@ -146,10 +146,13 @@ def sweep_command(
     render.notes(notes, shared.quiet)
     if report.pushed:
         render.show(f"pushed the best as {report.pushed}", shared.quiet)
-    best = report.best
-    if best is not None and best.number >= 0:
-        render.show(f"best: trial {best.number}, score {best.score:.6g} -> {report.out}", shared.quiet)
-    elif best is None:
-        render.show(f"every trial failed; results -> {report.out}", shared.quiet)
+    if report.greedy is None:
+        best = report.best
+        render.show(
+            f"best: trial {best.number}, score {best.score:.6g} -> {report.out}"
+            if best
+            else f"every trial failed; results -> {report.out}",
+            shared.quiet,
+        )
     else:
         render.show(f"results -> {report.out}", shared.quiet)

@@ -8,7 +8,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ BEST_MODEL, CANDIDATES = "best", "candidates"
 RESULT_FILES = (RESULTS_JSON, RESULTS_CSV, BEST_RECIPE, BY_PARAMETER_PNG, OVER_TRIALS_PNG, GREEDY_PNG)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepReport:
     """A sweep's results: every finished trial, the best one, and where everything was written."""
 
@@ -37,10 +37,9 @@ class SweepReport:
     seconds: float
     trials: list[TrialRecord]
     parameters: list[str]
-    best: TrialRecord | None
+    best: TrialRecord | None  # None for a greedy soup (its `greedy` says what it kept), or when every trial failed
     out: Path
-    files: list[str] = field(default_factory=list)
-    best_model: str | None = None
+    best_model: str | None = None  # where the best candidate's model was written (None: `keep: none`)
     pushed: str | None = None  # the registry version `push:` made of the best (NAME@vN)
     rerun: int = 0  # trials found running in the journal and run again on this resume
     skipped: int = 0  # trials found finished in the journal (a resume does not run them again)

@@ -7,10 +7,12 @@ all`). Each file is published whole (the output rule); the journal is Optuna's o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,7 @@ from splice.merge.soup import soup_of, write_soup
 from splice.options import RunOptions
 from splice.progress import Progress
 from splice.registry.store import Registry
+from splice.tensors.checkpoint import recorded_location
 from splice.tensors.device import resolve_device
 from splice.tensors.stream import check_same_tensors, open_all
 from splice.tensors.writer import check_report_dir, refuse_overlap, write_report_files
@@ -34,7 +37,7 @@ from splice.workflows.sweep.executors import (
     local_workers,
 )
 from splice.workflows.sweep.file import Sweep, load_sweep
-from splice.workflows.sweep.greedy import GreedyDriver
+from splice.workflows.sweep.greedy import GreedyDriver, GreedyOutcome
 from splice.workflows.sweep.push import push_best, ready_registry
 from splice.workflows.sweep.results import (
     BEST_MODEL,
@@ -91,28 +94,49 @@ def sweep(
         raise SpliceError(f"{parameter('address')} is for the ray executor: add `executor='ray'` (--executor ray)")
     runner = _executor(loaded, evaluator, executor, address, workers)
     listener = on_trial or (lambda record: None)
-    progress = run.reporter
     try:
         if loaded.method == "greedy_soup":
-            report = _greedy(loaded, runner, where, listener, progress)
+            searched = _greedy(loaded, runner, listener, run)
         else:
-            report = _search(loaded, runner, where, budget, resume, listener, progress)
+            searched = _search(loaded, runner, where, budget, resume, listener, run.reporter)
     finally:
         runner.close()
-    report.executor, report.workers = executor, runner.slots
-    report.seconds = time.perf_counter() - started
-    _finish(loaded, report, where, evaluator, run)
-    if registry is not None and loaded.file.push is not None and report.best_model is not None:
-        base = loaded.push_base
-        assert base is not None
-        message = f"the best of sweep {loaded.source}: " + (
-            f"trial {report.best.number}, score {report.best.score!r}"
-            if report.best and report.best.number >= 0
-            else f"greedy soup of {len(report.greedy.kept) if report.greedy else 0}"
-        )
-        pushed = push_best(registry, loaded.file.push, base, report.best_model, message, run.storage_options)
-        report.pushed = pushed.manifest.ref
+    best_model = _write_best(loaded, searched, where, evaluator, run)
+    pushed = _push(loaded, registry, searched, best_model, run)
+    report = SweepReport(
+        loaded.source,
+        loaded.method,
+        loaded.file.evaluate.direction,
+        searched.budget,
+        executor,
+        runner.slots,
+        time.perf_counter() - started,
+        searched.trials,
+        searched.parameters,
+        searched.best,
+        where,
+        best_model,
+        pushed,
+        searched.rerun,
+        searched.skipped,
+        searched.greedy,
+    )
+    write_report_files(where, result_files(report, searched.best_recipe, evaluator.seed), force=True)
     return report
+
+
+@dataclass(frozen=True)
+class _Searched:
+    """What a search found, before the best is written and the results are."""
+
+    trials: list[TrialRecord]
+    parameters: list[str]
+    budget: int
+    best: TrialRecord | None
+    best_recipe: dict[str, Any] | None = None
+    greedy: GreedyOutcome | None = None
+    rerun: int = 0
+    skipped: int = 0
 
 
 def _registry(loaded: Sweep, run: RunOptions) -> Registry | None:
@@ -208,7 +232,7 @@ def _resources_for(loaded: Sweep, evaluator: Evaluator) -> Callable[[dict[str, f
 
 def _search(
     loaded: Sweep, runner: Executor, where: Path, budget: int, resume: bool, listener: OnTrial, progress: Progress
-) -> SweepReport:
+) -> _Searched:
     study = open_study(where / JOURNAL, loaded.file.evaluate.direction, fingerprint(loaded), resume)
     before = study.get_trials(deepcopy=False)
     held = len(before)
@@ -220,22 +244,16 @@ def _search(
         keep_dir = str((where / CANDIDATES / f"trial-{number:04d}").absolute()) if keep_all else None
         return MergeCandidate(number, values, recipe, keep_dir)
 
-    driver = StudyDriver(_with_absolute_inputs(loaded), study, runner, candidate_of, budget)
-    driver.run(listener, progress)
+    searched = _with_absolute_inputs(loaded)
+    StudyDriver(searched, study, runner, candidate_of, budget).run(listener, progress)
     records = finished_records(study)
-    direction = loaded.file.evaluate.direction
-    return SweepReport(
-        loaded.source,
-        loaded.method,
-        direction,
-        budget,
-        "",
-        0,
-        0.0,
+    best = best_record(records, loaded.file.evaluate.direction)
+    return _Searched(
         records,
         [p.name for p in loaded.parameters],
-        best_record(records, direction),
-        where,
+        budget,
+        best,
+        best_recipe=fill(searched.recipe, best.values, loaded.parameters) if best is not None else None,
         rerun=sum(1 for t in before if not t.state.is_finished()),
         skipped=sum(1 for t in before if t.state.is_finished()),
     )
@@ -244,14 +262,10 @@ def _search(
 def _with_absolute_inputs(loaded: Sweep) -> Sweep:
     """The sweep with local model paths in its recipe made absolute: a worker (a Ray task above all) may run in
     another directory, and best_recipe.yaml then runs from anywhere."""
-    import dataclasses
-
     recipe = dict(loaded.recipe)
 
     def absolute(location: Any) -> Any:
-        if not isinstance(location, str) or "://" in location or os.path.isabs(location):
-            return location
-        return os.path.abspath(location)
+        return recorded_location(location) if isinstance(location, str) else location
 
     if isinstance(recipe.get("models"), list):
         recipe["models"] = [
@@ -263,8 +277,8 @@ def _with_absolute_inputs(loaded: Sweep) -> Sweep:
     return dataclasses.replace(loaded, recipe=recipe)
 
 
-def _greedy(loaded: Sweep, runner: Executor, where: Path, listener: OnTrial, progress: Progress) -> SweepReport:
-    checkpoints = open_all(loaded.ingredients, None)
+def _greedy(loaded: Sweep, runner: Executor, listener: OnTrial, run: RunOptions) -> _Searched:
+    checkpoints = open_all(loaded.ingredients, run.storage_options)
     check_same_tensors(checkpoints)
     search = loaded.file.search
     records: list[TrialRecord] = []
@@ -284,43 +298,44 @@ def _greedy(loaded: Sweep, runner: Executor, where: Path, listener: OnTrial, pro
         records.append(record)
         listener(record)
 
-    absolute = [os.path.abspath(p) if "://" not in p else p for p in loaded.ingredients]
-    outcome = GreedyDriver(absolute, runner, search.speculate, search.strict).run(heard, progress)
-    direction = loaded.file.evaluate.direction
-    best = TrialRecord(-1, {"kept": len(outcome.kept)}, outcome.soup_score, None, 0.0, 0.0, "")
-    return SweepReport(
-        loaded.source,
-        loaded.method,
-        direction,
-        len(records),
-        "",
-        0,
-        0.0,
-        records,
-        ["ingredient", "soup"],
-        best,
-        where,
-        greedy=outcome,
+    ingredients = [recorded_location(path) for path in loaded.ingredients]
+    outcome = GreedyDriver(ingredients, runner, search.speculate, search.strict).run(heard, run.reporter)
+    return _Searched(records, ["ingredient", "soup"], len(records), None, greedy=outcome)
+
+
+def _write_best(loaded: Sweep, searched: _Searched, where: Path, evaluator: Evaluator, run: RunOptions) -> str | None:
+    """The best candidate's model in `where`/best (unless `keep: none`): the greedy soup as `splice soup --greedy`
+    writes it, or the best recipe merged as `splice merge` merges it."""
+    if loaded.file.keep == "none":
+        return None
+    out = where / BEST_MODEL
+    if searched.greedy is not None:
+        kept = open_all(searched.greedy.kept, run.storage_options)
+        state = soup_of(kept, resolve_device(run.device))
+        write_soup(state, kept[0], kept, out, None, run.replace(force=True, progress=None))
+        return str(out)
+    if searched.best_recipe is None:
+        return None
+    merge(
+        parse_recipe(searched.best_recipe, "best recipe"),
+        out,
+        seed=evaluator.seed,
+        run=run.replace(force=True, progress=None),
     )
+    return str(out)
 
 
-def _finish(loaded: Sweep, report: SweepReport, where: Path, evaluator: Evaluator, run: RunOptions) -> None:
-    """The best model (unless `keep: none`), then the results files, each published whole."""
-    best_recipe = None
-    if report.greedy is not None:
-        if loaded.file.keep != "none":
-            kept = open_all(report.greedy.kept, None)
-            state = soup_of(kept, resolve_device(run.device))
-            write_soup(state, kept[0], kept, where / BEST_MODEL, None, RunOptions(force=True))
-            report.best_model = str(where / BEST_MODEL)
-    elif report.best is not None:
-        best_recipe = fill(_with_absolute_inputs(loaded).recipe, report.best.values, loaded.parameters)
-        if loaded.file.keep != "none":
-            merge(parse_recipe(best_recipe, "best recipe"), where / BEST_MODEL, seed=evaluator.seed, run=_quiet(run))
-            report.best_model = str(where / BEST_MODEL)
-    files = result_files(report, best_recipe, evaluator.seed)
-    report.files = [str(p) for p in write_report_files(where, files, force=True)]
-
-
-def _quiet(run: RunOptions) -> RunOptions:
-    return run.replace(force=True, progress=None)
+def _push(
+    loaded: Sweep, registry: Registry | None, searched: _Searched, best_model: str | None, run: RunOptions
+) -> str | None:
+    """`push:` — the best model as the next version of the name, when there is one; its ref."""
+    push, base = loaded.file.push, loaded.push_base
+    if registry is None or push is None or base is None or best_model is None:
+        return None
+    if searched.greedy is not None:
+        what = f"the greedy soup of {len(searched.greedy.kept)} ingredients, score {searched.greedy.soup_score!r}"
+    else:
+        assert searched.best is not None
+        what = f"trial {searched.best.number}, score {searched.best.score!r}"
+    message = f"the best of sweep {loaded.source}: {what}"
+    return push_best(registry, push, base, best_model, message, run.storage_options).manifest.ref
