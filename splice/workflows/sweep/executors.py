@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -59,6 +60,11 @@ class _Running:
     attempts: int = 1
 
 
+def _ignore_ctrl_c() -> None:
+    """A pool worker leaves Ctrl-C to the driver, which stops the pool (the terminal sends it to every process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _died(candidate: Candidate, attempts: int) -> Outcome:
     return Outcome(
         candidate.number,
@@ -85,7 +91,7 @@ class PoolExecutor:
     def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["splice.workflows.sweep.candidate"])
-        return concurrent.futures.ProcessPoolExecutor(self.slots, mp_context=context)
+        return concurrent.futures.ProcessPoolExecutor(self.slots, mp_context=context, initializer=_ignore_ctrl_c)
 
     def submit(self, candidate: Candidate, attempts: int = 1) -> None:
         future = self.pool.submit(evaluate, candidate, self.evaluator)

@@ -91,7 +91,7 @@ def sweep(
     if executor not in ("local", "ray"):
         raise SpliceError(f"{parameter('executor')} must be local or ray, got {executor!r}")
     if executor == "local" and address is not None:
-        raise SpliceError(f"{parameter('address')} is for the ray executor: add `executor='ray'` (--executor ray)")
+        raise SpliceError(f"{parameter('address')} is for the ray executor: add `executor='ray'`")
     runner = _executor(loaded, evaluator, executor, address, workers)
     listener = on_trial or (lambda record: None)
     try:
@@ -169,7 +169,7 @@ def _output(loaded: Sweep, out: str | os.PathLike | None, resume: bool, force: b
         return where
     if (journal.exists() or any((where / name).exists() for name in (BEST_MODEL, CANDIDATES))) and not force:
         raise OutputExistsError(
-            f"{where} holds an earlier sweep: resume it ({parameter('resume')}), or pass `force=True` (--force) to "
+            f"{where} holds an earlier sweep: resume it ({parameter('resume')}), or pass `force=True` to "
             f"start over"
         )
     if force:

@@ -94,7 +94,7 @@ def open_study(journal: Path, direction: Direction, fingerprint: dict[str, Any],
         changed = sorted(k for k in fingerprint if (started or {}).get(k) != fingerprint[k])
         raise SpliceError(
             f"{journal} was started by a different sweep (changed: {', '.join(changed) or 'all'}); resume with "
-            f"the sweep file it was started with, or pass `force=True` (--force) to start over"
+            f"the sweep file it was started with, or pass `force=True` to start over"
         )
     return study
 
