@@ -110,7 +110,8 @@ def _merged(candidate: Candidate, evaluator: Evaluator) -> tuple[dict[str, torch
     run = evaluator.run
     state = merged_state(recipe, seed=evaluator.seed, run=run)
     if candidate.keep_dir is not None:
-        merge(recipe, candidate.keep_dir, seed=evaluator.seed, run=run)
+        # the trial's own directory: a trial run again after its driver died replaces what it wrote before
+        merge(recipe, candidate.keep_dir, seed=evaluator.seed, run=run.replace(force=True))
         return state, candidate.keep_dir
     return state, recipe.side_files_source()
 
