@@ -109,8 +109,8 @@ def _merged(candidate: Candidate, evaluator: Evaluator) -> tuple[dict[str, torch
     recipe = parse_recipe(candidate.recipe, f"trial {candidate.number}")
     run = evaluator.run
     state = merged_state(recipe, seed=evaluator.seed, run=run)
-    if candidate.keep_dir is not None:
-        merge(recipe, candidate.keep_dir, seed=evaluator.seed, run=run)
+    if candidate.keep_dir is not None:  # the sweep's own directory: a re-run trial (resumed, retried) replaces it
+        merge(recipe, candidate.keep_dir, seed=evaluator.seed, run=run.replace(force=True))
         return state, candidate.keep_dir
     return state, recipe.side_files_source()
 
