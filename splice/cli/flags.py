@@ -49,6 +49,11 @@ FLAGS: dict[str, str] = {
     "wait": "--wait",
     "resume": "--resume",
     "keep": "--keep",
+    # sweep
+    "executor": "--executor",
+    "address": "--address",
+    "workers": "--workers",
+    "max_trials": "--max-trials",
 }
 
 
