@@ -122,11 +122,11 @@ def test_a_killed_sweep_resumes_and_ends_as_an_uninterrupted_one(bench, tmp_path
     at_kill = journal_trials(out)
     finished = {t.number: t.value for t in at_kill if t.state.is_finished()}
     unfinished = {t.number for t in at_kill} - set(finished)
-    assert set(finished) | unfinished == set(range(len(at_kill)))
     # it died in the trial of the BLOCK_AT-th evaluation, after every trial before it (on the pool: the last batch's
     # other trial, trial BLOCK_AT - 1 or BLOCK_AT, was told too)
-    assert len(before) == BLOCK_AT + (workers - 1) and len(unfinished) == 1
-    assert unfinished == {BLOCK_AT - 1} if workers == 1 else unfinished < {BLOCK_AT - 1, BLOCK_AT}
+    assert len(at_kill) == len(before) == BLOCK_AT + (workers - 1)
+    assert set(finished) | unfinished == set(range(len(at_kill))) and len(unfinished) == 1
+    assert (unfinished == {BLOCK_AT - 1}) if workers == 1 else (unfinished < {BLOCK_AT - 1, BLOCK_AT})
     (blocked,) = unfinished
 
     resumed = splice_cli("sweep", path, "--out", out, "--resume", "--workers", workers, "--device", "cpu")
