@@ -91,7 +91,10 @@ def _bad(recipe: object = "ties.yml", **changes: object) -> dict:
     ("sweep", "message"),
     [
         ({**_bad(), "serach": {"method": "grid"}}, r"sweep\.yml:\d+: unknown key 'serach' \(did you mean 'search'\?\)"),
-        (_bad(search={"method": "bayes"}), r"sweep\.yml: search\.method: .*'grid', 'random', 'tpe', 'cmaes' or 'greedy_soup'"),
+        (
+            _bad(search={"method": "bayes"}),
+            r"sweep\.yml: search\.method: .*'grid', 'random', 'tpe', 'cmaes' or 'greedy_soup'",
+        ),
         (_bad(search={"method": "tpe"}), r"sweep\.yml: search\.trials: say how many candidates a tpe search"),
         (_bad(search={"method": "random", "trials": 0}), r"sweep\.yml: search\.trials: .*greater than 0"),
         (_bad(search={"method": "grid", "trials": 10}), r"search\.trials 10 is more than the grid's 9 candidates"),

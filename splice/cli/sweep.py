@@ -107,8 +107,8 @@ def sweep_command(
     from splice.workflows.sweep.file import load_sweep
     from splice.workflows.sweep.run import sweep
 
-    direction = load_sweep(sweep_file).file.evaluate.direction
-    view = SweepView(shared.quiet or shared.as_json, direction)
+    loaded = load_sweep(sweep_file)
+    view = SweepView(shared.quiet or shared.as_json, loaded.file.evaluate.direction)
     chosen: Literal["local", "ray"] = "ray" if executor == "ray" else "local"
     if executor not in ("local", "ray"):
         raise typer.BadParameter(f"--executor must be local or ray, got {executor!r}")
@@ -126,7 +126,7 @@ def sweep_command(
         )
     except KeyboardInterrupt:
         view.finish()
-        where = out or "the sweep's out"
+        where = out or loaded.out
         render.interrupted(f"the trials finished so far are in {where}/sweep.journal: --resume continues the sweep")
     if shared.as_json:
         render.print_json(report.as_json())

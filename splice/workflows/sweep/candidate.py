@@ -109,8 +109,7 @@ def _merged(candidate: Candidate, evaluator: Evaluator) -> tuple[dict[str, torch
     recipe = parse_recipe(candidate.recipe, f"trial {candidate.number}")
     run = evaluator.run
     state = merged_state(recipe, seed=evaluator.seed, run=run)
-    if candidate.keep_dir is not None:
-        # the trial's own directory: a trial run again after its driver died replaces what it wrote before
+    if candidate.keep_dir is not None:  # the sweep's own directory: a re-run trial (resumed, retried) replaces it
         merge(recipe, candidate.keep_dir, seed=evaluator.seed, run=run.replace(force=True))
         return state, candidate.keep_dir
     return state, recipe.side_files_source()

@@ -83,15 +83,18 @@ def sweep(
     started = time.perf_counter()
     run = run or RunOptions()
     loaded = load_sweep(sweep_file)
-    registry = _registry(loaded, run)
-    where = _output(loaded, out, resume, run.force, [registry.url] if registry is not None else [])
-    budget = _budget(loaded, max_trials)
-    seed = loaded.file.search.seed  # the random merge methods' (dare_ties, della, ...): every candidate alike
-    evaluator = Evaluator(loaded.hook, dict(loaded.file.evaluate.args), run.device, run.storage_options, seed)
     if executor not in ("local", "ray"):
         raise SpliceError(f"{parameter('executor')} must be local or ray, got {executor!r}")
     if executor == "local" and address is not None:
-        raise SpliceError(f"{parameter('address')} is for the ray executor: add `executor='ray'`")
+        raise SpliceError(f"{parameter('address')} is for the ray executor: add {parameter('executor', repr('ray'))}")
+    if workers is not None:
+        local_workers(workers)
+    budget = _budget(loaded, max_trials)
+    registry = _registry(loaded, run)
+    # the arguments checked first: `force` removes an earlier sweep
+    where = _output(loaded, out, resume, run.force, [registry.url] if registry is not None else [])
+    seed = loaded.file.search.seed  # the random merge methods' (dare_ties, della, ...): every candidate alike
+    evaluator = Evaluator(loaded.hook, dict(loaded.file.evaluate.args), run.device, run.storage_options, seed)
     runner = _executor(loaded, evaluator, executor, address, workers)
     listener = on_trial or (lambda record: None)
     try:
@@ -169,8 +172,8 @@ def _output(loaded: Sweep, out: str | os.PathLike | None, resume: bool, force: b
         return where
     if (journal.exists() or any((where / name).exists() for name in (BEST_MODEL, CANDIDATES))) and not force:
         raise OutputExistsError(
-            f"{where} holds an earlier sweep: resume it ({parameter('resume')}), or pass `force=True` to "
-            f"start over"
+            f"{where} holds an earlier sweep: resume it ({parameter('resume', True)}), or pass "
+            f"{parameter('force', True)} to start over"
         )
     if force:
         for name in (JOURNAL, BEST_MODEL, CANDIDATES, *RESULT_FILES):

@@ -29,7 +29,7 @@ from optuna.samplers import BaseSampler, CmaEsSampler, RandomSampler, TPESampler
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from splice.errors import SpliceError
+from splice.errors import SpliceError, parameter
 from splice.progress import Progress
 from splice.workflows.sweep.candidate import MergeCandidate, Outcome, Value
 from splice.workflows.sweep.executors import Executor
@@ -94,7 +94,7 @@ def open_study(journal: Path, direction: Direction, fingerprint: dict[str, Any],
         changed = sorted(k for k in fingerprint if (started or {}).get(k) != fingerprint[k])
         raise SpliceError(
             f"{journal} was started by a different sweep (changed: {', '.join(changed) or 'all'}); resume with "
-            f"the sweep file it was started with, or pass `force=True` to start over"
+            f"the sweep file it was started with, or pass {parameter('force', True)} to start over"
         )
     return study
 
@@ -147,8 +147,7 @@ class StudyDriver:
         try:
             for trial in trials:  # running when the driver died: run again, under the same number
                 if trial.state == TrialState.RUNNING:
-                    values = dict(trial.user_attrs.get(VALUES_ATTR) or self._values(trial.params))
-                    self._submit(trial.number, values)
+                    self._submit(trial.number, dict(trial.user_attrs.get(VALUES_ATTR) or self._asked_again(trial)))
             asked = sum(1 for t in trials if t.state != TrialState.WAITING)
             while self.running or asked < self.budget:
                 while asked < self.budget and len(self.running) < self.executor.slots:
@@ -177,6 +176,15 @@ class StudyDriver:
         values = self._values(trial.params)
         trial.set_user_attr(VALUES_ATTR, values)
         self._submit(trial.number, values)
+
+    def _asked_again(self, trial: FrozenTrial) -> dict[str, Value]:
+        """The values of a trial the driver died while asking (it never reached a worker): the parameters it had not
+        written yet are asked of its own seeded sampler, and the values recorded as `_ask` records them."""
+        self.study.sampler = sampler_for(self.sweep.method, self.sweep.file.search.seed, trial.number)
+        live = optuna.trial.Trial(self.study, trial._trial_id)
+        values = {p.name: p.suggest(live) for p in self.sweep.parameters}  # a parameter written already stays
+        live.set_user_attr(VALUES_ATTR, values)
+        return values
 
     def _submit(self, number: int, values: dict[str, Value]) -> None:
         recipe = fill(self.sweep.recipe, values, self.sweep.parameters)
