@@ -182,7 +182,11 @@ def _draw_greedy(figure: Any, greedy: GreedyOutcome) -> None:
     colors = ["tab:green" if s.kept else "tab:gray" for s in tried]
     axes.bar(range(len(tried)), scores, color=colors)
     axes.plot(range(len(tried)), [s.score for s in tried], "o", color="black", label="ingredient alone")
-    axes.set_xticks(range(len(tried)), labels, rotation=30, fontsize=7)
+    axes.set_xticks(range(len(tried)), labels, rotation=30, ha="right", fontsize=7)
+    # the scores' own range: a soup's steps differ by a few held-out examples, invisible on an axis from 0
+    shown = [*scores, *(s.score for s in tried)]
+    margin = max(0.1 * (max(shown) - min(shown)), 1e-3 * max(1.0, abs(max(shown))))
+    axes.set_ylim(min(shown) - margin, max(shown) + margin)
     axes.set_ylabel("held-out score")
     axes.legend(fontsize=8)
     axes.set_title(
