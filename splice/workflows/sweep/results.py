@@ -145,7 +145,7 @@ def _draw_by_parameter(figure: Any, report: SweepReport) -> None:
         else:  # a choice of strings or booleans: one column per value
             labels = sorted({str(x) for x in xs})
             axes.scatter([labels.index(str(x)) for x in xs], [t.score for t in scored], s=18)
-            axes.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
+            axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         if report.best is not None:
             axes.axhline(report.best.score or 0.0, color="tab:red", linewidth=0.8, linestyle="--")
         axes.set_xlabel(name, fontsize=8)
