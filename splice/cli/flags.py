@@ -49,6 +49,8 @@ FLAGS: dict[str, str] = {
     "wait": "--wait",
     "resume": "--resume",
     "keep": "--keep",
+    # sweep
+    "address": "--address",
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from splice.errors import SpliceError
+from splice.errors import SpliceError, parameter
 from splice.workflows.sweep.candidate import Candidate, Evaluator, Outcome, evaluate
 
 WORKER_RETRIES = 2  # a candidate whose worker dies is run again at most this many times (Ray's max_retries alike)
@@ -145,6 +146,7 @@ class PoolExecutor:
 
 
 RAY_CONNECT_SECONDS = 60.0
+RAY_REACH_SECONDS = 10.0  # ray.init retries an address where nothing answers for many minutes: a socket answers first
 
 
 @dataclass(frozen=True)
@@ -177,8 +179,13 @@ class RayExecutor:
         self.started_here = not ray.is_initialized()
         if self.started_here:
             _connect(ray, address)
-        cluster = ray.cluster_resources()
-        self.resources = resources(cluster)
+        try:
+            cluster = ray.cluster_resources()
+            self.resources = resources(cluster)
+        except BaseException:  # refused before any trial: leave no connection behind for the next sweep
+            if self.started_here:
+                ray.shutdown()
+            raise
         fitting = int(cluster.get("CPU", 1) // max(self.resources.num_cpus, 1e-9))
         self.slots = max(1, workers or fitting)
         self.timeout = candidate_timeout
@@ -227,6 +234,8 @@ def _connect(ray: Any, address: str | None) -> None:
     """Join the cluster at `address` (or start one here when None), or a one-line error before any trial."""
     import logging
 
+    if address is not None:
+        _check_reachable(address)
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_import_roots())}}
     try:
         ray.init(
@@ -238,7 +247,23 @@ def _connect(ray: Any, address: str | None) -> None:
             configure_logging=True,
         )
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-        raise SpliceError(f"`address` {address}: cannot reach a Ray cluster there ({_first(exc)})") from None
+        raise _unreachable(address, _first(exc)) from None
+
+
+def _unreachable(address: str | None, why: str) -> SpliceError:
+    return SpliceError(f"{parameter('address')} {address}: cannot reach a Ray cluster there ({why})")
+
+
+def _check_reachable(address: str) -> None:
+    """A one-line error within RAY_REACH_SECONDS when nothing answers at HOST:PORT (`ray://HOST:PORT` alike);
+    `auto` and the like are left to Ray, which finds the cluster itself."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_REACH_SECONDS).close()
+    except OSError as exc:
+        raise _unreachable(address, exc.strerror or _first(exc)) from None
 
 
 def _first(error: BaseException) -> str:
