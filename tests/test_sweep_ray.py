@@ -60,11 +60,12 @@ HOOK = textwrap.dedent("""
 
     def score(state, *, a, b, log, kill_at=None, marker=None):
         lam = lam_of(state, a, b)
-        resources = None
+        resources = gcs = None
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-            resources = sys.modules["ray"].get_runtime_context().get_assigned_resources()
+            context = sys.modules["ray"].get_runtime_context()
+            resources, gcs = context.get_assigned_resources(), context.gcs_address
         with open(log, "a") as f:
-            f.write(json.dumps({"pid": os.getpid(), "lam": lam, "resources": resources}) + "\\n")
+            f.write(json.dumps({"pid": os.getpid(), "lam": lam, "resources": resources, "gcs": gcs}) + "\\n")
         if kill_at is not None and abs(lam - kill_at) < 1e-5 and not Path(marker).exists():
             Path(marker).touch()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -172,6 +173,20 @@ def trials(out: Path) -> list[tuple]:
     return [(t["number"], t["values"], t["score"], t["error"]) for t in results["trials"]]
 
 
+def largest_model_bytes(models: dict[str, Path]) -> int:
+    return max(
+        sum(t.numel() * t.element_size() for t in load_file(models[m] / "model.safetensors").values())
+        for m in ("a", "b")
+    )
+
+
+def declared_memory(models: dict[str, Path]) -> int:
+    """What a candidate's task declares: the merged model held twice over (the merge's result and what the hook
+    makes of it), each counted at twice the largest input's stored bytes (float32 working copies of half-precision
+    inputs), and a worker's own."""
+    return 2 * (2 * largest_model_bytes(models)) + WORKER_BASELINE_BYTES
+
+
 GRID = {"a": {"search": "choice", "values": [0.5, 1.0, 2.0]}, "b": {"search": "choice", "values": [1.0, 3.0]}}
 CONTINUOUS = {"a": {"search": "uniform", "low": 0.1, "high": 3.0}, "b": {"search": "uniform", "low": 0.5, "high": 2.0}}
 
@@ -208,15 +223,10 @@ def test_a_seeded_sweep_on_ray_is_the_sweep_on_the_local_pool(cluster, models, t
     assert len(heard) == on_ray.budget
     assert os.getpid() not in {call["pid"] for call in heard}
     assert {record.worker.split(":")[1] for record in on_ray.trials} <= {str(call["pid"]) for call in heard}
-    memory = needed_memory(models)
+    memory = declared_memory(models)
     for call in heard:
         assert call["resources"] == {"CPU": 1.0, "memory": float(memory)}
-
-
-def needed_memory(models: dict[str, Path]) -> int:
-    """What a candidate's task must declare at least: the merged model (float32) twice over, and a worker."""
-    largest = max(sum(t.numel() * 4 for t in load_file(models[m] / "model.safetensors").values()) for m in ("a", "b"))
-    return 2 * (2 * largest) + WORKER_BASELINE_BYTES
+        assert call["gcs"].endswith(f":{cluster.split(':')[1]}")
 
 
 def test_a_worker_killed_mid_trial_is_retried_and_its_trial_counted_once(cluster, models, tmp_path):
@@ -268,7 +278,8 @@ def test_a_task_declares_its_merges_memory_and_a_candidate_no_node_holds_is_refu
     try:
         declared = executor.resources
         assert (declared.num_cpus, declared.num_gpus) == (1.0, 0.0)
-        assert declared.memory >= needed_memory(models)
+        assert declared.memory == declared_memory(models)
+        assert declared.memory >= 2 * largest_model_bytes(models) + WORKER_BASELINE_BYTES
         assert executor.slots == 2  # what the cluster's 2 CPUs fit
     finally:
         executor.close()
@@ -335,3 +346,22 @@ def test_the_cli_runs_a_sweep_on_the_cluster(cluster, models, tmp_path):
         assert torch.allclose(tensor, (wa * a[name] + wb * b[name]) / (wa + wb), rtol=1e-5, atol=1e-6), name
     heard = calls(tmp_path / "sweep")
     assert len(heard) == 4 and process.pid not in {call["pid"] for call in heard}
+
+
+def test_without_an_address_the_sweep_starts_a_cluster_of_its_own(cluster, models, tmp_path, monkeypatch):
+    """No `address`: a cluster started in this process and gone with the sweep, not one that RAY_ADDRESS (or the
+    last `ray start` on the machine, which may have stopped since) names."""
+    monkeypatch.setenv("RAY_ADDRESS", cluster)
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # the new cluster's files: here, not in /tmp/ray
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # else ray.init sets it to token in os.environ, for good
+    path = sweep_file(tmp_path / "sweep", models, {"method": "grid", "trials": 2}, GRID)
+    try:
+        report = splice.sweep(path, out=tmp_path / "out", executor="ray", workers=1)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not ray.is_initialized()
+    assert [t.error for t in report.trials] == [None, None] and report.workers == 1
+    heard = calls(tmp_path / "sweep")
+    assert len(heard) == 2
+    assert all(call["gcs"] and not call["gcs"].endswith(f":{cluster.split(':')[1]}") for call in heard)

@@ -50,7 +50,10 @@ FLAGS: dict[str, str] = {
     "resume": "--resume",
     "keep": "--keep",
     # sweep
+    "executor": "--executor",
     "address": "--address",
+    "workers": "--workers",
+    "max_trials": "--max-trials",
 }
 
 

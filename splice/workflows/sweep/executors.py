@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from splice.errors import SpliceError, parameter
-from splice.workflows.sweep.candidate import Candidate, Evaluator, Outcome, evaluate
+from splice.workflows.sweep.candidate import Candidate, Evaluator, Outcome, evaluate, forget_soups
 
 WORKER_RETRIES = 2  # a candidate whose worker dies is run again at most this many times (Ray's max_retries alike)
 
@@ -51,6 +51,7 @@ class InlineExecutor:
 
     def close(self) -> None:
         self.queue.clear()
+        forget_soups()  # a pool's or Ray's workers end with the sweep; this process goes on
 
 
 @dataclass
@@ -239,7 +240,9 @@ def _connect(ray: Any, address: str | None) -> None:
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_import_roots())}}
     try:
         ray.init(
-            address=address,
+            # "local": a cluster of its own, where None would join whatever RAY_ADDRESS or the last `ray start` on
+            # this machine names (a stopped one too, retried for many minutes)
+            address=address if address is not None else "local",
             runtime_env=runtime_env,
             logging_level=logging.WARNING,
             log_to_driver=False,
