@@ -139,6 +139,12 @@ def _soup(candidate: SoupCandidate, evaluator: Evaluator) -> dict[str, torch.Ten
     return add_to_soup(soup, len(candidate.kept), ingredient, device)
 
 
+def forget_soups() -> None:
+    """Drop the soup this process holds once its sweep is done: it may be a model's size, and the ingredients may
+    be rewritten before the next sweep in this process asks for a soup of the same paths."""
+    _last_soup.clear()
+
+
 @functools.lru_cache(maxsize=4)
 def _hook(hook: str) -> Callable:
     """The hook, imported once per worker process."""

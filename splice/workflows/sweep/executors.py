@@ -9,6 +9,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -16,8 +17,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from splice.errors import SpliceError
-from splice.workflows.sweep.candidate import Candidate, Evaluator, Outcome, evaluate
+from splice.errors import SpliceError, parameter
+from splice.workflows.sweep.candidate import Candidate, Evaluator, Outcome, evaluate, forget_soups
 
 WORKER_RETRIES = 2  # a candidate whose worker dies is run again at most this many times (Ray's max_retries alike)
 
@@ -51,6 +52,7 @@ class InlineExecutor:
 
     def close(self) -> None:
         self.queue.clear()
+        forget_soups()  # a pool's or Ray's workers end with the sweep; this process goes on
 
 
 @dataclass
@@ -151,6 +153,7 @@ class PoolExecutor:
 
 
 RAY_CONNECT_SECONDS = 60.0
+RAY_REACH_SECONDS = 10.0  # ray.init retries an address where nothing answers for many minutes: a socket answers first
 
 
 @dataclass(frozen=True)
@@ -183,8 +186,13 @@ class RayExecutor:
         self.started_here = not ray.is_initialized()
         if self.started_here:
             _connect(ray, address)
-        cluster = ray.cluster_resources()
-        self.resources = resources(cluster)
+        try:
+            cluster = ray.cluster_resources()
+            self.resources = resources(cluster)
+        except BaseException:  # refused before any trial: leave no connection behind for the next sweep
+            if self.started_here:
+                ray.shutdown()
+            raise
         fitting = int(cluster.get("CPU", 1) // max(self.resources.num_cpus, 1e-9))
         self.slots = max(1, workers or fitting)
         self.timeout = candidate_timeout
@@ -233,10 +241,14 @@ def _connect(ray: Any, address: str | None) -> None:
     """Join the cluster at `address` (or start one here when None), or a one-line error before any trial."""
     import logging
 
+    if address is not None:
+        _check_reachable(address)
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_import_roots())}}
     try:
         ray.init(
-            address=address,
+            # "local": a cluster of its own, where None would join whatever RAY_ADDRESS or the last `ray start` on
+            # this machine names (a stopped one too, retried for many minutes)
+            address=address if address is not None else "local",
             runtime_env=runtime_env,
             logging_level=logging.WARNING,
             log_to_driver=False,
@@ -244,7 +256,23 @@ def _connect(ray: Any, address: str | None) -> None:
             configure_logging=True,
         )
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-        raise SpliceError(f"`address` {address}: cannot reach a Ray cluster there ({_first(exc)})") from None
+        raise _unreachable(address, _first(exc)) from None
+
+
+def _unreachable(address: str | None, why: str) -> SpliceError:
+    return SpliceError(f"{parameter('address')} {address}: cannot reach a Ray cluster there ({why})")
+
+
+def _check_reachable(address: str) -> None:
+    """A one-line error within RAY_REACH_SECONDS when nothing answers at HOST:PORT (`ray://HOST:PORT` alike);
+    `auto` and the like are left to Ray, which finds the cluster itself."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_REACH_SECONDS).close()
+    except OSError as exc:
+        raise _unreachable(address, exc.strerror or _first(exc)) from None
 
 
 def _first(error: BaseException) -> str:

@@ -165,10 +165,10 @@ def _output(loaded: Sweep, out: str | os.PathLike | None, resume: bool, force: b
     refuse_overlap(where, protected)
     journal = where / JOURNAL
     if resume:
-        if not journal.is_file():
-            raise SpliceError(f"nothing to resume: {journal} does not exist (run the sweep without resume first)")
         if loaded.method == "greedy_soup":
             raise SpliceError("a greedy_soup sweep cannot be resumed: run it again (its evaluations are not journaled)")
+        if not journal.is_file():
+            raise SpliceError(f"nothing to resume: {journal} does not exist (run the sweep without resume first)")
         return where
     if (journal.exists() or any((where / name).exists() for name in (BEST_MODEL, CANDIDATES))) and not force:
         raise OutputExistsError(
