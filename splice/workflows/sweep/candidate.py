@@ -139,10 +139,12 @@ def _soup(candidate: SoupCandidate, evaluator: Evaluator) -> dict[str, torch.Ten
     return add_to_soup(soup, len(candidate.kept), ingredient, device)
 
 
-def forget_soups() -> None:
-    """Drop the soup this process holds once its sweep is done: it may be a model's size, and the ingredients may
-    be rewritten before the next sweep in this process asks for a soup of the same paths."""
+def forget_sweep() -> None:
+    """Drop what this process kept for its sweep once the sweep is done: the soup (it may be a model's size, and the
+    ingredients may be rewritten before the next sweep asks for a soup of the same paths) and the imported hooks (a
+    hook file edited between two sweeps is imported again)."""
     _last_soup.clear()
+    _hook.cache_clear()
 
 
 @functools.lru_cache(maxsize=4)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from splice.errors import SpliceError, parameter
-from splice.workflows.sweep.candidate import Candidate, Evaluator, Outcome, evaluate, forget_soups
+from splice.workflows.sweep.candidate import Candidate, Evaluator, Outcome, evaluate, forget_sweep
 
 WORKER_RETRIES = 2  # a candidate whose worker dies is run again at most this many times (Ray's max_retries alike)
 
@@ -52,7 +52,7 @@ class InlineExecutor:
 
     def close(self) -> None:
         self.queue.clear()
-        forget_soups()  # a pool's or Ray's workers end with the sweep; this process goes on
+        forget_sweep()  # a pool's or Ray's workers end with the sweep; this process goes on
 
 
 @dataclass

@@ -91,13 +91,13 @@ def sweep(
         local_workers(workers)
     budget = _budget(loaded, max_trials)
     registry = _registry(loaded, run)
-    # the arguments checked first: `force` removes an earlier sweep
-    where = _output(loaded, out, resume, run.force, [registry.url] if registry is not None else [])
     seed = loaded.file.search.seed  # the random merge methods' (dare_ties, della, ...): every candidate alike
     evaluator = Evaluator(loaded.hook, dict(loaded.file.evaluate.args), run.device, run.storage_options, seed)
-    runner = _executor(loaded, evaluator, executor, address, workers)
+    runner = _executor(loaded, evaluator, executor, address, workers)  # a cluster that cannot be reached: here
     listener = on_trial or (lambda record: None)
     try:
+        # every argument checked first: `force` removes an earlier sweep
+        where = _output(loaded, out, resume, run.force, [registry.url] if registry is not None else [])
         if loaded.method == "greedy_soup":
             searched = _greedy(loaded, runner, listener, run)
         else:
