@@ -13,7 +13,7 @@ from splice.adapters.patch import PatchError
 from splice.adapters.sources import PatchSource, load_patch, patch_location
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.stream import Kernel, OutputExtras, StreamItem, StreamReport, run_stream
+from splice.tensors.stream import Kernel, OutputExtras, StreamItem, StreamReport, run_stream, stream_to_memory
 from splice.tensors.writer import OutputTensor, ensure_output_free
 
 
@@ -41,28 +41,49 @@ def apply_patches(
     if not patches:
         raise PatchError("no patches given")
     base_ckpt = Checkpoint.open(base, run.storage_options)
-    loaded = [load_patch(p, run.storage_options, base=base_ckpt) for p in patches]
-    for patch in loaded if check_bases else ():
-        patch.check_base(base_ckpt, allow_drift=allow_base_drift)
-    plan = composition_plan(loaded)
-    check_plan_shapes(
-        plan, lambda name: base_ckpt.tensors[name].shape if name in base_ckpt.tensors else None, str(base)
-    )
-
-    def patched(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return patched_value(tensors[0], plan.get(name, []))
-
-    items = [
-        StreamItem(OutputTensor(name, info.dtype, info.shape), ((base_ckpt, name),))
-        for name, info in base_ckpt.tensors.items()
-    ]
-    untouched = frozenset(name for name in base_ckpt.tensors if name not in plan)
+    items, kernel = patched_plan(patches, base_ckpt, allow_base_drift, check_bases, run.storage_options)
     return run_stream(
         items,
-        Kernel(patched, passes_through=untouched),
+        kernel,
         out,
         side_files_from=base_ckpt,
         run=run,
         extras=OutputExtras(metadata, extra_files),
         description="applying patches",
     )
+
+
+def patched_plan(
+    patches: Sequence[PatchSource],
+    base: Checkpoint,
+    allow_base_drift: bool = False,
+    check_bases: bool = True,
+    storage_options: dict | None = None,
+) -> tuple[list[StreamItem], Kernel]:
+    """The plan and kernel of `base` with `patches` applied: every patch's base fingerprint checked (unless
+    `check_bases` is False) and every overlap resolved before a tensor is read."""
+    loaded = [load_patch(p, storage_options, base=base) for p in patches]
+    for patch in loaded if check_bases else ():
+        patch.check_base(base, allow_drift=allow_base_drift)
+    plan = composition_plan(loaded)
+    check_plan_shapes(plan, lambda name: base.tensors[name].shape if name in base.tensors else None, base.location)
+
+    def patched(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return patched_value(tensors[0], plan.get(name, []))
+
+    items = [
+        StreamItem(OutputTensor(name, info.dtype, info.shape), ((base, name),)) for name, info in base.tensors.items()
+    ]
+    untouched = frozenset(name for name in base.tensors if name not in plan)
+    return items, Kernel(patched, passes_through=untouched)
+
+
+def patched_state(
+    patches: Sequence[PatchSource], base: str | os.PathLike, *, check_bases: bool = True, run: RunOptions | None = None
+) -> dict[str, torch.Tensor]:
+    """The model `apply_patches(patches, base, ...)` would write, tensor for tensor, held in memory instead."""
+    run = run or RunOptions()
+    items, kernel = patched_plan(
+        patches, Checkpoint.open(base, run.storage_options), False, check_bases, run.storage_options
+    )
+    return stream_to_memory(items, kernel, run=run, description="applying patches")

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from splice.adapters.apply import patched_state
+from splice.adapters.port import prepare_port, write_ported
 from splice.errors import SpliceError, first_line
 from splice.hooks import Scorer, load_callable, score_state
 from splice.merge.recipe import merge, merged_state, parse_recipe
@@ -24,6 +26,7 @@ from splice.merge.soup import add_to_soup, soup_of
 from splice.options import RunOptions
 from splice.tensors.device import resolve_device
 from splice.tensors.stream import open_all
+from splice.workflows.sweep.subjects import port_spec, subject_kind
 
 Value = bool | int | float | str
 
@@ -46,7 +49,8 @@ class Evaluator:
 
 @dataclass(frozen=True)
 class MergeCandidate:
-    """Trial `number`: the recipe filled with its `values`; `keep_dir`: also write the merged model there."""
+    """Trial `number`: the recipe (a merge recipe, or a port) filled with its `values`; `keep_dir`: also write the
+    candidate's model there."""
 
     number: int
     values: dict[str, Value]
@@ -106,6 +110,8 @@ def _one_line(error: Exception) -> str:
 def _merged(candidate: Candidate, evaluator: Evaluator) -> tuple[dict[str, torch.Tensor], str]:
     if isinstance(candidate, SoupCandidate):
         return _soup(candidate, evaluator), candidate.kept[0]
+    if subject_kind(candidate.recipe) == "port":
+        return _port(candidate, evaluator)
     recipe = parse_recipe(candidate.recipe, f"trial {candidate.number}")
     run = evaluator.run
     state = merged_state(recipe, seed=evaluator.seed, run=run)
@@ -113,6 +119,18 @@ def _merged(candidate: Candidate, evaluator: Evaluator) -> tuple[dict[str, torch
         merge(recipe, candidate.keep_dir, seed=evaluator.seed, run=run.replace(force=True))
         return state, candidate.keep_dir
     return state, recipe.side_files_source()
+
+
+def _port(candidate: MergeCandidate, evaluator: Evaluator) -> tuple[dict[str, torch.Tensor], str]:
+    """The patch ported at the candidate's scale and applied to the new base, as `splice port --scale` does."""
+    spec = port_spec(candidate.recipe, f"trial {candidate.number}")
+    run = evaluator.run
+    ported = prepare_port(spec.patch, spec.to, old_base=spec.old_base, scale=spec.scale, run=run)
+    state = patched_state([ported.patch], spec.to, check_bases=False, run=run)
+    if candidate.keep_dir is not None:
+        write_ported(ported, spec.to, out=candidate.keep_dir, run=run.replace(force=True))
+        return state, candidate.keep_dir
+    return state, spec.to
 
 
 # The soup a worker built last: speculative rounds join several ingredients to the same soup, and the next round

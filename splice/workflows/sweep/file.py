@@ -27,7 +27,8 @@ from splice.hooks import load_callable
 from splice.merge.recipe import Recipe, read_recipe_document
 from splice.values import Bounded, PositiveInt, beside, hook_beside, validated_yaml
 from splice.workflows.sweep.push import PushSettings
-from splice.workflows.sweep.space import SearchParameter, check_space, grid_size
+from splice.workflows.sweep.space import SearchParameter, check_marks, check_space, grid_size
+from splice.workflows.sweep.subjects import PortSpec, port_spec, soup_as_recipe, subject_kind
 
 SearchMethod = Literal["grid", "random", "tpe", "cmaes", "greedy_soup"]
 CANDIDATE_TIMEOUT = 6 * 3600.0  # seconds one candidate may take (merge and evaluation) unless `evaluate.timeout` says
@@ -96,6 +97,13 @@ class Sweep:
     out: str | None
     ingredients: list[str]  # a greedy soup's models, as written
     hook_function: Callable  # the hook as imported when the file was read
+    port: PortSpec | None = None  # a port's scale searched: the port with the marks' first values
+
+    @property
+    def kind(self) -> Literal["merge", "port", "greedy_soup"]:
+        if self.method == "greedy_soup":
+            return "greedy_soup"
+        return "port" if self.port is not None else "merge"
 
     @property
     def method(self) -> SearchMethod:
@@ -107,11 +115,17 @@ class Sweep:
         push = self.file.push
         if push is None:
             return None
-        return push.base or (self.example.base_model if self.example is not None else None)
+        if push.base is not None:
+            return push.base
+        if self.port is not None:
+            return self.port.to
+        return self.example.base_model if self.example is not None else None
 
     @property
     def inputs(self) -> list[str]:
         """Every model the sweep reads (an output must not overlap one)."""
+        if self.port is not None:
+            return self.port.inputs
         return list(self.ingredients) if self.example is None else self.example.inputs()[0]
 
 
@@ -136,6 +150,13 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     if file.recipe is None:
         raise SpliceError(f"{source}: recipe: say which recipe to search (a path beside the sweep file, or inline)")
     recipe = _recipe_of(path, file.recipe)
+    kind = subject_kind(recipe)
+    if kind == "port":
+        parameters, port = check_marks(recipe, source, port_spec)
+        trials = _trials(file.search, parameters, source)
+        return Sweep(source, file, recipe, parameters, None, trials, hook, out, [], function, port)
+    if kind == "soup":
+        recipe = soup_as_recipe(recipe, source)
     parameters, example = check_space(recipe, source)
     trials = _trials(file.search, parameters, source)
     return Sweep(source, file, recipe, parameters, example, trials, hook, out, [], function)

@@ -17,11 +17,13 @@ import yaml
 from splice.plots import png_bytes
 from splice.workflows.sweep.greedy import GreedyOutcome
 from splice.workflows.sweep.study import TrialRecord, ranked
+from splice.workflows.sweep.subjects import PORT_KEY, port_spec
 
 RESULTS_JSON, RESULTS_CSV, BEST_RECIPE = "sweep_results.json", "sweep_results.csv", "best_recipe.yaml"
+BEST_PORT = "best_port.yaml"  # a port's best: the port entry as `splice port` takes it
 BY_PARAMETER_PNG, OVER_TRIALS_PNG, GREEDY_PNG = "score_by_parameter.png", "score_over_trials.png", "greedy_soup.png"
 BEST_MODEL, CANDIDATES = "best", "candidates"
-RESULT_FILES = (RESULTS_JSON, RESULTS_CSV, BEST_RECIPE, BY_PARAMETER_PNG, OVER_TRIALS_PNG, GREEDY_PNG)
+RESULT_FILES = (RESULTS_JSON, RESULTS_CSV, BEST_RECIPE, BEST_PORT, BY_PARAMETER_PNG, OVER_TRIALS_PNG, GREEDY_PNG)
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,9 @@ def result_files(report: SweepReport, best_recipe: dict[str, Any] | None, seed: 
         RESULTS_JSON: (json.dumps(report.as_json(), indent=2, allow_nan=False) + "\n").encode(),
         RESULTS_CSV: _csv(report).encode(),
     }
-    if best_recipe is not None and report.best is not None:
+    if best_recipe is not None and report.best is not None and PORT_KEY in best_recipe:
+        files[BEST_PORT] = _port_yaml(report, best_recipe).encode()
+    elif best_recipe is not None and report.best is not None:
         files[BEST_RECIPE] = _recipe_yaml(report, best_recipe, seed).encode()
     greedy = report.greedy
     if greedy is not None:
@@ -124,6 +128,15 @@ def _recipe_yaml(report: SweepReport, recipe: dict[str, Any], seed: int | None) 
         f"# `{rerun}` reproduces it bit for bit.\n"
     )
     return header + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def _port_yaml(report: SweepReport, document: dict[str, Any]) -> str:
+    assert report.best is not None
+    header = (
+        f"# The best candidate of {report.source}: trial {report.best.number}, score {report.best.score!r}.\n"
+        f"# `{port_spec(document, BEST_PORT).command('DIR')}` reproduces it bit for bit.\n"
+    )
+    return header + yaml.safe_dump(document, sort_keys=False)
 
 
 def _grid_size(report: SweepReport) -> tuple[float, float]:

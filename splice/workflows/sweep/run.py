@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from splice.adapters.port import port_patch
+from splice.adapters.sources import load_patch
 from splice.errors import OutputExistsError, SpliceError, parameter
 from splice.hooks import hook_file
 from splice.merge.recipe import merge, parse_recipe
@@ -57,6 +59,7 @@ from splice.workflows.sweep.study import (
     finished_records,
     open_study,
 )
+from splice.workflows.sweep.subjects import PORT_KEY, PORT_LOCATIONS, port_spec
 
 ExecutorName = Literal["local", "ray"]
 WORKER_BASELINE_BYTES = 1 << 30  # a worker process with torch imported, before it holds a model
@@ -90,6 +93,7 @@ def sweep(
     if workers is not None:
         local_workers(workers)
     budget = _budget(loaded, max_trials)
+    _check_inputs(loaded, run.storage_options)
     registry = _registry(loaded, run)
     seed = loaded.file.search.seed  # the random merge methods' (dare_ties, della, ...): every candidate alike
     evaluator = Evaluator(loaded.hook, dict(loaded.file.evaluate.args), run.device, run.storage_options, seed)
@@ -140,6 +144,18 @@ class _Searched:
     greedy: GreedyOutcome | None = None
     rerun: int = 0
     skipped: int = 0
+
+
+def _check_inputs(loaded: Sweep, storage_options: dict | None) -> None:
+    """Every input opened (headers only) before any trial: a model or patch that is not there is one error now,
+    not every trial failing."""
+    if loaded.port is not None:
+        load_patch(loaded.port.patch, storage_options)
+        models = [m for m in (loaded.port.to, loaded.port.old_base) if m is not None]
+    else:
+        models = loaded.inputs
+    for checkpoint in open_all(models, storage_options):
+        checkpoint.close()
 
 
 def _registry(loaded: Sweep, run: RunOptions) -> Registry | None:
@@ -277,6 +293,9 @@ def _with_absolute_inputs(loaded: Sweep) -> Sweep:
         ]
     if "base_model" in recipe:
         recipe["base_model"] = absolute(recipe["base_model"])
+    if isinstance(recipe.get(PORT_KEY), dict):
+        port = recipe[PORT_KEY]
+        recipe[PORT_KEY] = {key: absolute(port[key]) if key in PORT_LOCATIONS else port[key] for key in port}
     return dataclasses.replace(loaded, recipe=recipe)
 
 
@@ -308,23 +327,23 @@ def _greedy(loaded: Sweep, runner: Executor, listener: OnTrial, run: RunOptions)
 
 def _write_best(loaded: Sweep, searched: _Searched, where: Path, evaluator: Evaluator, run: RunOptions) -> str | None:
     """The best candidate's model in `where`/best (unless `keep: none`): the greedy soup as `splice soup --greedy`
-    writes it, or the best recipe merged as `splice merge` merges it."""
+    writes it, the best port as `splice port --scale` writes it, or the best recipe merged as `splice merge` merges
+    it."""
     if loaded.file.keep == "none":
         return None
     out = where / BEST_MODEL
+    writing = run.replace(force=True, progress=None)  # best/ is this sweep's: `_output` refused an earlier one
     if searched.greedy is not None:
         kept = open_all(searched.greedy.kept, run.storage_options)
-        state = soup_of(kept, resolve_device(run.device))
-        write_soup(state, kept[0], kept, out, None, run.replace(force=True, progress=None))
+        write_soup(soup_of(kept, resolve_device(run.device)), kept[0], kept, out, None, writing)
         return str(out)
     if searched.best_recipe is None:
         return None
-    merge(
-        parse_recipe(searched.best_recipe, "best recipe"),
-        out,
-        seed=evaluator.seed,
-        run=run.replace(force=True, progress=None),
-    )
+    if loaded.kind == "port":
+        spec = port_spec(searched.best_recipe, "best port")
+        port_patch(spec.patch, spec.to, out=out, old_base=spec.old_base, scale=spec.scale, run=writing)
+        return str(out)
+    merge(parse_recipe(searched.best_recipe, "best recipe"), out, seed=evaluator.seed, run=writing)
     return str(out)
 
 

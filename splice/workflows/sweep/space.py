@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from optuna.distributions import (
     BaseDistribution,
@@ -23,13 +23,23 @@ from optuna.distributions import (
     IntDistribution,
 )
 from optuna.trial import Trial
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from splice.errors import RecipeError
 from splice.merge.recipe import Recipe, parse_recipe
-from splice.values import FiniteFloat, one_line
+from splice.values import FiniteFloat, finite, one_line
 
 SEARCH_KEY = "search"
+T = TypeVar("T")
 MAX_GRID = 100_000  # a grid larger than this is a mistake, not a sweep
 
 Value = bool | int | float | str
@@ -117,7 +127,7 @@ class IntRange(_Range):
 
 class Choice(_Mark):
     search: Literal["choice"]
-    values: Annotated[list[Annotated[Value, Field(allow_inf_nan=False)]], Field(min_length=1)]
+    values: Annotated[list[Annotated[Value, AfterValidator(finite)]], Field(min_length=1)]
 
     def distribution(self) -> BaseDistribution:
         return CategoricalDistribution(self.values)
@@ -211,16 +221,23 @@ def fill(recipe: Mapping[str, Any], values: Mapping[str, Value], parameters: Seq
 
 
 def check_space(recipe: Mapping[str, Any], source: str = "sweep") -> tuple[list[SearchParameter], Recipe]:
-    """The marked parameters, once the recipe filled with a value of each validates as a recipe (an unknown
-    parameter, or a mark where the recipe takes no value, is refused here, before any trial)."""
+    """The marked parameters, once the recipe filled with a value of each validates as a merge recipe."""
+    return check_marks(recipe, source, parse_recipe)
+
+
+def check_marks(
+    recipe: Mapping[str, Any], source: str, validate: Callable[[dict, str], T]
+) -> tuple[list[SearchParameter], T]:
+    """The marked parameters, once the document filled with a value of each validates (`validate(filled, source)`):
+    an unknown parameter, or a mark where the document takes no value, is refused here, before any trial."""
     parameters = search_parameters(recipe, source)
     if not parameters:
         raise RecipeError(
             f"{source}: the recipe marks nothing to search (mark a value as {{search: uniform, "
-            "low: 0.1, high: 0.9}}, or choice, int, log_uniform)"
+            "low: 0.1, high: 0.9}, or choice, int, log_uniform)"
         )
     sample = fill(recipe, {p.name: p.first for p in parameters}, parameters)
-    return parameters, parse_recipe(sample, f"{source} (recipe)")
+    return parameters, validate(sample, f"{source} (recipe)")
 
 
 def grid_size(parameters: Sequence[SearchParameter]) -> int:
