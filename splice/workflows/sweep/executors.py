@@ -85,7 +85,9 @@ class PoolExecutor:
     def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["splice.workflows.sweep.candidate"])
-        return concurrent.futures.ProcessPoolExecutor(self.slots, mp_context=context)
+        return concurrent.futures.ProcessPoolExecutor(
+            self.slots, mp_context=context, initializer=_share_cores, initargs=(self.slots,)
+        )
 
     def submit(self, candidate: Candidate, attempts: int = 1) -> None:
         future = self.pool.submit(evaluate, candidate, self.evaluator)
@@ -142,6 +144,17 @@ class PoolExecutor:
     def close(self) -> None:
         self._stop(self.pool)
         self.running.clear()
+
+
+def _share_cores(workers: int) -> None:
+    """A pool worker's torch threads: its share of the cores, unless OMP_NUM_THREADS says (as Ray's workers get).
+    With torch's default, each of `workers` processes runs a thread per core, and threads that outnumber the cores
+    wait on each other: a TIES candidate ran 7-17x slower with 2 workers x 2 threads on 2 busy cores
+    (benchmarks/sweep_bench.py)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 RAY_CONNECT_SECONDS = 60.0
