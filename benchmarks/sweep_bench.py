@@ -129,11 +129,6 @@ def recipe_of(models: list[str], density: Any, weight: Any) -> dict[str, Any]:
     }
 
 
-def grid_points(trials: int) -> list[tuple[float, float]]:
-    """The grid in the order a sweep of the whole grid takes it (parameters in document order)."""
-    return [(d, w) for d in DENSITIES for w in WEIGHTS][:trials]
-
-
 def write_inputs(workdir: Path, models: list[Path], trials: int, memory_trials: list[int], asks: int) -> dict:
     import yaml
 
@@ -226,40 +221,41 @@ def child_sweep(spec: dict) -> dict:
 
 def child_loop(spec: dict) -> dict:
     """The peer: each candidate merged to disk, then loaded and scored, one after another (mergekit-evolve's loop:
-    it writes a merge config per candidate, runs the merge into a directory, and evaluates what was written)."""
+    it writes a merge config per candidate, runs the merge into a directory, and evaluates what was written). The
+    candidates are the sweep file's, in the order its sweep takes them."""
     started = time.perf_counter()
-    import importlib.util
-
     import yaml
     from safetensors.torch import load_file
 
     import splice
+    from splice.hooks import load_callable
+    from splice.workflows.sweep.file import load_sweep
+    from splice.workflows.sweep.study import grid_points
 
-    module_spec = importlib.util.spec_from_file_location("bench_evals", spec["hook"])
-    assert module_spec is not None and module_spec.loader is not None
-    hook = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(hook)
+    score_of = load_callable(f"{spec['hook']}:score")
+    points = grid_points(load_sweep(spec["file"]))
     imported = time.perf_counter()
     out, recipe_file = Path(spec["out"]), Path(spec["recipe_file"])
     trials = []
     finished = []
     call_started = time.perf_counter()
-    for number, (density, weight) in enumerate(spec["points"]):
+    for number, values in enumerate(points):
         began = time.perf_counter()
-        recipe_file.write_text(yaml.safe_dump(recipe_of(spec["models"], density, weight), sort_keys=False))
+        recipe = recipe_of(spec["models"], values["parameters.density"], values["parameters.weight"])
+        recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
         splice.merge(recipe_file, out, force=True)
         merged = time.perf_counter()
         state: dict = {}
         for shard in sorted(out.glob("*.safetensors")):
             state.update(load_file(shard))
         loaded = time.perf_counter()
-        score = float(hook.score(state))
+        score = float(score_of(state))
         done = time.perf_counter()
         del state
         trials.append(
             {
                 "number": number,
-                "values": {"parameters.density": density, "parameters.weight": weight},
+                "values": values,
                 "score": score,
                 "error": None,
                 "merge_s": merged - began,
@@ -319,17 +315,13 @@ def read_into(files: list[str], buffer: bytearray) -> int:
 def child_coldwarm(spec: dict) -> dict:
     """One candidate on one core (a worker's share of 2 cores shared by 2 workers): its inputs read, its merge,
     its evaluation, with the inputs evicted from the page cache and warm."""
-    import importlib.util
-
     import torch
 
+    from splice.hooks import load_callable
     from splice.merge.recipe import merged_state, parse_recipe
 
     torch.set_num_threads(1)
-    module_spec = importlib.util.spec_from_file_location("bench_evals", spec["hook"])
-    assert module_spec is not None and module_spec.loader is not None
-    hook = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(hook)
+    score_of = load_callable(f"{spec['hook']}:score")
     files = spec["shards"]
     recipe = parse_recipe(recipe_of(spec["models"], 0.6, 0.5), "cold-warm")
     merged_state(recipe)  # once first: imports and first-touch costs are not the cold figure's
@@ -351,7 +343,7 @@ def child_coldwarm(spec: dict) -> dict:
         del state
         merge_warm, state = timed(lambda: merged_state(recipe))
         began = time.perf_counter()
-        hook.score(state)
+        score_of(state)
         eval_s = time.perf_counter() - began
         del state
         rounds.append(
@@ -820,7 +812,7 @@ def print_report(summary: dict) -> None:
         feeds = ", ".join(f"{method} {count:.0f}" for method, count in p["driver_feeds_gpus"].items())
         print(
             f"  GPUs kept busy by: the storage read per candidate {p['storage_feeds_gpus']:.0f} in all,"
-            f" {p['storage_feeds_gpus_per_node']:.1f} per node; the driver's ask/tell at 1,000 trials {feeds}"
+            f" {p['storage_feeds_gpus_per_node']:.1f} per node; the driver's ask/tell (its last 100 trials) {feeds}"
         )
 
 
@@ -857,7 +849,7 @@ def run_sweeps(args, cases: list[str], files: dict, workdir: Path, env: dict[str
                 if case == "evolve-loop":
                     out.mkdir(parents=True, exist_ok=True)
                     spec = {
-                        "points": grid_points(args.trials),
+                        "file": files["grid"],
                         "models": files["models"],
                         "hook": files["hook"],
                         "out": str(out / "candidate"),

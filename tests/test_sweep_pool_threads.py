@@ -1,5 +1,5 @@
 """A local pool's workers share the cores (issue 18): torch in each of N workers runs cpu_count // N threads (threads
-that outnumber the cores wait on each other: benchmarks/sweep_bench.py measured candidates 7-17x slower), unless
+that outnumber the cores wait on each other: benchmarks/sweep_bench.py measured candidates 4x slower), unless
 OMP_NUM_THREADS says how many, as it does for Ray's workers. The hook reports the thread count it ran with."""
 
 from __future__ import annotations

@@ -149,8 +149,8 @@ class PoolExecutor:
 def _share_cores(workers: int) -> None:
     """A pool worker's torch threads: its share of the cores, unless OMP_NUM_THREADS says (as Ray's workers get).
     With torch's default, each of `workers` processes runs a thread per core, and threads that outnumber the cores
-    wait on each other: a TIES candidate ran 7-17x slower with 2 workers x 2 threads on 2 busy cores
-    (benchmarks/sweep_bench.py)."""
+    wait on each other: on 2 cores, 2 workers x 2 threads took 8-9 s a TIES candidate instead of 2 s, and the sweep
+    took 2.7x as long as on 1 worker (benchmarks/sweep_bench.py)."""
     if "OMP_NUM_THREADS" not in os.environ:
         import torch
 
