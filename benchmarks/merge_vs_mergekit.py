@@ -119,14 +119,14 @@ shutil.copy(os.path.join(models[0], "config.json"), out)
 # --------------------------------------------------------------------------------------------------
 
 
-def build_models(models_dir: Path, rebuild: bool = False) -> list[Path]:
-    """Three valid HF Llama model dirs: A random, B and C = A + small random 'fine-tune' deltas."""
+def build_models(models_dir: Path, rebuild: bool = False, spec: dict = MODEL_SPEC) -> list[Path]:
+    """Three valid HF Llama model dirs of shape `spec`: A random, B and C = A + small random 'fine-tune' deltas."""
     paths = [models_dir / name for name in MODEL_NAMES]
     stamp = models_dir / "spec.json"
     if (
         not rebuild
         and stamp.is_file()
-        and json.loads(stamp.read_text()) == MODEL_SPEC
+        and json.loads(stamp.read_text()) == spec
         and all((p / "model.safetensors.index.json").is_file() for p in paths)
     ):
         print(f"models: reusing {models_dir}")
@@ -139,7 +139,6 @@ def build_models(models_dir: Path, rebuild: bool = False) -> list[Path]:
     started = time.perf_counter()
     shutil.rmtree(models_dir, ignore_errors=True)
     models_dir.mkdir(parents=True)
-    spec = MODEL_SPEC
     config = LlamaConfig(
         hidden_size=spec["hidden_size"],
         intermediate_size=spec["intermediate_size"],
@@ -192,7 +191,7 @@ def build_models(models_dir: Path, rebuild: bool = False) -> list[Path]:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     for path in paths:
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    stamp.write_text(json.dumps(MODEL_SPEC))
+    stamp.write_text(json.dumps(spec))
     print(
         f"models: built 3 x {total / 1e6:.0f} MB ({len(layout)} tensors, {count} shards) "
         f"in {time.perf_counter() - started:.1f}s under {models_dir}"

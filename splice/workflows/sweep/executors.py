@@ -62,9 +62,11 @@ class _Running:
     attempts: int = 1
 
 
-def _ignore_ctrl_c() -> None:
-    """A pool worker leaves Ctrl-C to the driver, which stops the pool (the terminal sends it to every process)."""
+def _start_worker(workers: int) -> None:
+    """A pool worker leaves Ctrl-C to the driver, which stops the pool (the terminal sends it to every process), and
+    takes its share of the cores."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _share_cores(workers)
 
 
 def _died(candidate: Candidate, attempts: int) -> Outcome:
@@ -93,7 +95,9 @@ class PoolExecutor:
     def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["splice.workflows.sweep.candidate"])
-        return concurrent.futures.ProcessPoolExecutor(self.slots, mp_context=context, initializer=_ignore_ctrl_c)
+        return concurrent.futures.ProcessPoolExecutor(
+            self.slots, mp_context=context, initializer=_start_worker, initargs=(self.slots,)
+        )
 
     def submit(self, candidate: Candidate, attempts: int = 1) -> None:
         future = self.pool.submit(evaluate, candidate, self.evaluator)
@@ -150,6 +154,17 @@ class PoolExecutor:
     def close(self) -> None:
         self._stop(self.pool)
         self.running.clear()
+
+
+def _share_cores(workers: int) -> None:
+    """A pool worker's torch threads: its share of the cores, unless OMP_NUM_THREADS says (as Ray's workers get).
+    With torch's default, each of `workers` processes runs a thread per core, and threads that outnumber the cores
+    wait on each other: on 2 cores, 2 workers x 2 threads took 8-9 s a TIES candidate instead of 2 s, and the sweep
+    took 2.7x as long as on 1 worker (benchmarks/sweep_bench.py)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 RAY_CONNECT_SECONDS = 60.0
