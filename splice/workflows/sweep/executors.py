@@ -73,7 +73,8 @@ def _died(candidate: Candidate, attempts: int) -> Outcome:
     return Outcome(
         candidate.number,
         None,
-        f"its worker died {attempts} times (killed, or out of memory); the candidate was not evaluated",
+        f"its worker died {attempts} times (killed, out of memory, or it could not start: a script that calls "
+        "splice.sweep must call it under `if __name__ == '__main__':`); the candidate was not evaluated",
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ def sweep(
     device candidates merge on, storage options for remote inputs, `force` to start over in an `out` that holds an
     earlier sweep, and the progress of trials."""
     started = time.perf_counter()
+    _refuse_in_a_worker_import()
     run = run or RunOptions()
     loaded = load_sweep(sweep_file)
     if executor not in ("local", "ray"):
@@ -144,6 +146,17 @@ class _Searched:
     greedy: GreedyOutcome | None = None
     rerun: int = 0
     skipped: int = 0
+
+
+def _refuse_in_a_worker_import() -> None:
+    """A local pool's worker imports the script that started the sweep (as `__mp_main__`): a sweep called at its
+    top level would start again in every worker, two studies writing one journal."""
+    importing = sys.modules.get("__mp_main__")  # there while the worker runs the script, until it becomes __main__
+    if importing is not None and importing is not sys.modules.get("__main__"):
+        raise SpliceError(
+            "splice.sweep was called while a worker process imported the script that started the sweep: call it "
+            'under `if __name__ == "__main__":` in that script'
+        )
 
 
 def _check_inputs(loaded: Sweep, storage_options: dict | None) -> None:

@@ -41,8 +41,8 @@ STUDY_NAME = "splice-sweep"
 POLL_SECONDS = 5.0  # how often a wait for a candidate wakes up (to notice a timeout)
 
 # what trials keep beside their value
-VALUES_ATTR, ERROR_ATTR = "splice_values", "splice_error"
-MERGE_ATTR, EVAL_ATTR, WORKER_ATTR = "splice_merge_seconds", "splice_eval_seconds", "splice_worker"
+# (each journal entry is a write and an fsync: a trial's outcome is one entry besides its value)
+VALUES_ATTR, OUTCOME_ATTR = "splice_values", "splice_outcome"
 FINGERPRINT_ATTR = "splice_sweep"
 
 
@@ -65,14 +65,15 @@ class TrialRecord:
     @staticmethod
     def of(trial: FrozenTrial) -> TrialRecord:
         attrs = trial.user_attrs
+        outcome = attrs.get(OUTCOME_ATTR) or {}
         return TrialRecord(
             trial.number,
             dict(attrs.get(VALUES_ATTR, {})),
             trial.value if trial.state == TrialState.COMPLETE else None,
-            attrs.get(ERROR_ATTR),
-            float(attrs.get(MERGE_ATTR, 0.0)),
-            float(attrs.get(EVAL_ATTR, 0.0)),
-            str(attrs.get(WORKER_ATTR, "")),
+            outcome.get("error"),
+            float(outcome.get("merge_seconds", 0.0)),
+            float(outcome.get("eval_seconds", 0.0)),
+            str(outcome.get("worker", "")),
         )
 
 
@@ -195,11 +196,14 @@ class StudyDriver:
         self.running.discard(outcome.number)
         trial = self.study.get_trials(deepcopy=False)[outcome.number]
         live = optuna.trial.Trial(self.study, trial._trial_id)
-        live.set_user_attr(MERGE_ATTR, round(outcome.merge_seconds, 6))
-        live.set_user_attr(EVAL_ATTR, round(outcome.eval_seconds, 6))
-        live.set_user_attr(WORKER_ATTR, outcome.worker)
+        recorded = {
+            "merge_seconds": round(outcome.merge_seconds, 6),
+            "eval_seconds": round(outcome.eval_seconds, 6),
+            "worker": outcome.worker,
+            "error": outcome.error,
+        }
+        live.set_user_attr(OUTCOME_ATTR, recorded)
         if outcome.failed:
-            live.set_user_attr(ERROR_ATTR, outcome.error)
             frozen = self.study.tell(outcome.number, state=TrialState.FAIL)
         else:
             frozen = self.study.tell(outcome.number, outcome.score)
