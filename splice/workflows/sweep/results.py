@@ -188,18 +188,22 @@ def _draw_over_trials(figure: Any, report: SweepReport) -> None:
 
 
 def _draw_greedy(figure: Any, greedy: GreedyOutcome) -> None:
+    """Each ingredient in the order it was tried: the soup's score with it (green: kept, gray: not), the ingredient's
+    own score, and the kept soup's score so far (points and a step line: scores may be negative, so no bars)."""
     axes = figure.add_subplot(1, 1, 1)
     tried = [s for s in greedy.steps if s.soup_score is not None or s.kept]
-    labels = [Path(s.model).name for s in tried]
+    positions = range(len(tried))
     scores = [s.soup_score if s.soup_score is not None else s.score for s in tried]
-    colors = ["tab:green" if s.kept else "tab:gray" for s in tried]
-    axes.bar(range(len(tried)), scores, color=colors)
-    axes.plot(range(len(tried)), [s.score for s in tried], "o", color="black", label="ingredient alone")
-    axes.set_xticks(range(len(tried)), labels, rotation=30, ha="right", fontsize=7)
-    # the scores' own range: a soup's steps differ by a few held-out examples, invisible on an axis from 0
-    shown = [*scores, *(s.score for s in tried)]
-    margin = max(0.1 * (max(shown) - min(shown)), 1e-3 * max(1.0, abs(max(shown))))
-    axes.set_ylim(min(shown) - margin, max(shown) + margin)
+    kept_so_far: list[float] = []
+    for step, score in zip(tried, scores):
+        kept_so_far.append(score if step.kept or not kept_so_far else kept_so_far[-1])
+    axes.step(positions, kept_so_far, where="post", color="tab:green", linewidth=1, label="the soup kept so far")
+    for kept, label, color in ((True, "kept", "tab:green"), (False, "not kept", "tab:gray")):
+        chosen = [(i, score) for i, (step, score) in enumerate(zip(tried, scores)) if step.kept == kept]
+        if chosen:
+            axes.scatter(*zip(*chosen), s=60, color=color, label=f"soup with it: {label}", zorder=3)
+    axes.scatter(positions, [s.score for s in tried], s=18, color="black", label="ingredient alone", zorder=3)
+    axes.set_xticks(positions, [Path(s.model).name for s in tried], rotation=30, ha="right", fontsize=7)
     axes.set_ylabel("held-out score")
     axes.legend(fontsize=8)
     axes.set_title(
