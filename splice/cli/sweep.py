@@ -126,8 +126,13 @@ def sweep_command(
         )
     except KeyboardInterrupt:
         view.finish()
+        from splice.progress import published
+
         where = out or loaded.out
-        render.interrupted(f"the trials finished so far are in {where}/sweep.journal: --resume continues the sweep")
+        done = published()  # a Ctrl-C after the best model (or the pushed version) was published says so
+        said = f"{', '.join(done)} {'was' if len(done) == 1 else 'were'} published; " if done else ""
+        journal = f"{where}/sweep.journal"
+        render.interrupted(f"{said}the trials finished so far are in {journal}: --resume continues the sweep")
     if shared.as_json:
         render.print_json(report.as_json())
         return
