@@ -84,7 +84,7 @@ def cluster() -> str:
     """A Ray head on 127.0.0.1 (2 CPUs, no GPU, CLUSTER_MEMORY) whose workers import this checkout; its address.
     `ray start --block` keeps the cluster's processes in one process group of ours, stopped through it at the
     end (`ray stop` would stop every Ray cluster on the machine)."""
-    port = _free_port()
+    port, client_port = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
     log = Path(temp_dir) / "ray-start.log"
     with log.open("w") as output:
@@ -96,6 +96,7 @@ def cluster() -> str:
                 "--block",
                 "--node-ip-address=127.0.0.1",
                 f"--port={port}",
+                f"--ray-client-server-port={client_port}",  # ray://127.0.0.1:PORT (the `ray` extra is ray[client])
                 "--num-cpus=2",
                 "--num-gpus=0",
                 f"--memory={CLUSTER_MEMORY}",
@@ -116,6 +117,7 @@ def cluster() -> str:
             assert head.poll() is None, f"ray start exited {head.returncode}: {log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, f"ray start did not finish in {START_SECONDS} s"
             time.sleep(0.2)
+        CLIENT["address"] = f"ray://127.0.0.1:{client_port}"
         yield f"127.0.0.1:{port}"
     finally:
         if ray.is_initialized():
@@ -127,6 +129,14 @@ def cluster() -> str:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=10)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+CLIENT: dict[str, str] = {}  # the cluster's Ray client address, once `cluster` has started it
+
+
+@pytest.fixture(scope="module")
+def client_address(cluster: str) -> str:
+    return CLIENT["address"]
 
 
 @pytest.fixture(scope="module")
@@ -310,11 +320,12 @@ def test_a_task_declares_its_merges_memory_and_a_candidate_no_node_holds_is_refu
     assert not (tmp_path / "out" / "sweep.journal").exists()
 
 
-def test_the_cli_runs_a_sweep_on_the_cluster(cluster, models, tmp_path):
+def test_the_cli_runs_a_sweep_on_the_cluster_through_its_client_address(client_address, models, tmp_path):
     path = sweep_file(tmp_path / "sweep", models, {"method": "random", "seed": 5, "trials": 4}, CONTINUOUS)
     out = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "splice", "sweep", path, "--executor", "ray", "--address", cluster, "--workers", "2"]
+        [sys.executable, "-m", "splice", "sweep", path, "--executor", "ray", "--address", client_address]
+        + ["--workers", "2"]
         + ["--out", out],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
