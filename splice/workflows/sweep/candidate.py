@@ -95,7 +95,7 @@ def evaluate(candidate: Candidate, evaluator: Evaluator) -> Outcome:
     try:
         state, model_dir = _merged(candidate, evaluator)
         merged = time.perf_counter()
-        score = score_state(_scorer(evaluator), state, model_dir)
+        score = score_state(_scorer(evaluator), state, model_dir, "evaluate.hook")
     except Exception as exc:  # the sweep records the candidate as failed and goes on
         now = time.perf_counter()
         merge_seconds = (merged if merged > started else now) - started
