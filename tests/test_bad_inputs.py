@@ -359,6 +359,10 @@ def recipe_cases(models: Models) -> dict[str, tuple[dict, list[str]]]:
             {"merge_method": "frobnicate", "models": [{"model": base}, {"model": tuned}]},
             ["frobnicate", "unknown merge method"],
         ),
+        "misspelt_method": (  # the nearest method named first (issue 19: `tise` -> `ties`)
+            {"merge_method": "tise", "models": [{"model": base}, {"model": tuned}]},
+            ["unknown merge method 'tise' (did you mean 'ties'?)"],
+        ),
         "unknown_parameter": (
             {
                 "merge_method": "ties",
@@ -396,6 +400,7 @@ def recipe_cases(models: Models) -> dict[str, tuple[dict, list[str]]]:
 
 RECIPE_CASES = [
     "unknown_method",
+    "misspelt_method",
     "unknown_parameter",
     "missing_required_parameter",
     "missing_base_model",

@@ -184,3 +184,50 @@ def test_own_kernels_match_mergekit_across_options(method, options, make_models,
     own, theirs = load_dir(tmp_path / "own"), load_dir(tmp_path / "mk")
     for name in theirs:
         torch.testing.assert_close(own[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_quoted_numbers_are_read_as_mergekit_reads_them(make_models, tmp_path):
+    """A config that quotes its numbers (`"5e-1"`, a gradient's `["0.3", "8e-1"]`, `normalize: "true"`) merges as
+    mergekit-yaml merges it, and as the same config with plain numbers: each scalar is read as its parameter's type
+    before a gradient interpolates."""
+    dirs = make_models("llama", 3, sharded=False)
+    base, first, second = (str(d.absolute()) for d in dirs)
+
+    def recipe(quoted: bool) -> dict:
+        q = (lambda v: str(v)) if quoted else (lambda v: v)
+        return {
+            "merge_method": "ties",
+            "base_model": base,
+            "dtype": "float32",
+            "models": [
+                {"model": first, "parameters": {"weight": q("6e-1") if quoted else 0.6, "density": q(0.5)}},
+                {"model": second, "parameters": {"weight": [q(0.2), q(0.5)], "density": [q(0.3), q("8e-1")]}},
+            ],
+            "parameters": {"lambda": q(0.9), "normalize": "true" if quoted else True},
+        }
+
+    quoted_dir, plain_dir = tmp_path / "quoted", tmp_path / "plain"
+    quoted_dir.mkdir()
+    plain_dir.mkdir()
+    quoted = write_recipe(quoted_dir, recipe(True))
+    read = yaml.safe_load(quoted.read_text())  # strings as YAML reads them (unquoted `8e-1` too: YAML 1.1 wants a dot)
+    assert (
+        read["models"][0]["parameters"]["weight"] == "6e-1" and read["models"][1]["parameters"]["density"][1] == "8e-1"
+    )
+    run_mergekit(quoted, tmp_path / "mergekit")
+    splice.merge(quoted, tmp_path / "splice", device="cpu")
+    splice.merge(write_recipe(plain_dir, recipe(False)), tmp_path / "splice-plain", device="cpu")
+    theirs, ours, plain = (load_dir(tmp_path / d) for d in ("mergekit", "splice", "splice-plain"))
+    assert set(ours) == set(theirs) == set(plain)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+        assert torch.equal(ours[name], plain[name]), name
+
+
+def test_a_quoted_value_that_is_no_number_is_one_line(make_models, tmp_path):
+    dirs = make_models("llama", 3, sharded=False)
+    data = recipe_for("ties", dirs)
+    data["models"][0]["parameters"]["density"] = ["0.3", "half"]
+    with pytest.raises(splice.RecipeError, match=r"ties: parameter 'density' must be float, got 'half'$"):
+        splice.merge(write_recipe(tmp_path, data), tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import typing
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
 from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
 
 from splice.errors import RecipeError
 
@@ -18,7 +21,9 @@ def mergekit_method(name: str) -> Any:
     try:
         return merge_methods.get(name)
     except (KeyError, ValueError, RuntimeError):
-        raise RecipeError(f"unknown merge method {name!r}; known: {', '.join(method_names())}") from None
+        near = difflib.get_close_matches(name, method_names(), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise RecipeError(f"unknown merge method {name!r}{hint}; known: {', '.join(method_names())}") from None
 
 
 @cache
@@ -83,25 +88,21 @@ def method_rules(name: str) -> MethodRules:
 
 
 def coerce_parameter(method: str, rule: ParameterRule, value: Any) -> Any:
-    """Check one resolved value against the parameter's declared type."""
-    expected = rule.value_type
-    optional = typing.get_origin(expected) is typing.Union and type(None) in typing.get_args(expected)
-    if optional:
-        if value is None:
-            return None
-        expected = next(a for a in typing.get_args(expected) if a is not type(None))
-    if expected is bool:
-        if isinstance(value, bool):
-            return value
-    elif expected in (float, int):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return expected(value)
-    elif expected is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise RecipeError(f"{method}: parameter {rule.name!r} must be {expected.__name__}, got {value!r}")
+    """One value read as the parameter's declared type, as mergekit reads it (pydantic's lax validation: a quoted
+    number `"5e-1"` is 0.5, `"true"` a bool), or a one-line error naming the parameter."""
+    try:
+        return _reader(rule.value_type).validate_python(value)
+    except ValidationError:
+        expected = rule.value_type
+        if typing.get_origin(expected) is typing.Union:
+            expected = next(a for a in typing.get_args(expected) if a is not type(None))
+        name = getattr(expected, "__name__", str(expected))
+        raise RecipeError(f"{method}: parameter {rule.name!r} must be {name}, got {value!r}") from None
+
+
+@cache
+def _reader(value_type: Any) -> TypeAdapter:
+    return TypeAdapter(value_type)
 
 
 def _della_window(method: str, parameters: dict[str, Any], tensor: str) -> None:

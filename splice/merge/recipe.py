@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -208,8 +209,10 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
             raise RecipeError(f"{source}: {field}: {exc}") from None
 
 
-def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
-    """A scalar, a gradient interpolated at t, or the first conditional whose filter is in the name."""
+def evaluate_setting(setting: Any, tensor_name: str, t: float, read: Callable[[Any], Any] = lambda v: v) -> Any:
+    """A scalar, a gradient interpolated at t, or the first conditional whose filter is in the name. Each scalar is
+    `read` first (as the parameter's type: mergekit's order, so quoted numbers are gradient endpoints too); numeric
+    endpoints interpolate, booleans and strings select."""
     if isinstance(setting, Conditional):
         setting = [setting]
     if isinstance(setting, list):
@@ -218,16 +221,17 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
         if all(isinstance(s, Conditional) for s in setting):
             for condition in setting:
                 if condition.filter in (None, "*") or condition.filter in tensor_name:
-                    return evaluate_setting(condition.value, tensor_name, t)
+                    return evaluate_setting(condition.value, tensor_name, t, read)
             return None
-        if all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in setting):
-            scaled = t * (len(setting) - 1)
+        values = [read(s) for s in setting]
+        if all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in values):
+            scaled = t * (len(values) - 1)
             low = int(scaled)
-            high = min(len(setting) - 1, low + 1)
+            high = min(len(values) - 1, low + 1)
             fraction = scaled - low
-            return (1 - fraction) * setting[low] + fraction * setting[high]
-        return setting[int(t * (len(setting) - 1))]
-    return setting
+            return (1 - fraction) * values[low] + fraction * values[high]
+        return values[int(t * (len(values) - 1))]
+    return read(setting)
 
 
 class ParameterResolver:
@@ -243,15 +247,18 @@ class ParameterResolver:
     def _value(self, rule: ParameterRule, tensor_name: str, t: float, model: str | None) -> Any:
         for source in ((self.per_model.get(model, {}) if model else {}), self.recipe.parameters):
             if rule.name in source:
-                value = evaluate_setting(source[rule.name], tensor_name, t)
-                if value is not None:
-                    return coerce_parameter(self.recipe.merge_method, rule, value)
+                value = evaluate_setting(source[rule.name], tensor_name, t, partial(self._read, rule))
+                if value is not None:  # each scalar read as the rule's type; a gradient's point is not read again
+                    return value
         if rule.required:
             raise RecipeError(
                 f"{self.recipe.merge_method}: no value of {rule.name!r} applies to tensor "
                 f"{tensor_name} for {model or 'the merge'}"
             )
         return rule.default
+
+    def _read(self, rule: ParameterRule, value: Any) -> Any:
+        return None if value is None else coerce_parameter(self.recipe.merge_method, rule, value)
 
     def __call__(self, tensor_name: str) -> dict[str, Any]:
         t = self.position(tensor_name)
