@@ -167,7 +167,10 @@ def _check_inputs(loaded: Sweep, storage_options: dict | None) -> None:
         models = [m for m in (loaded.port.to, loaded.port.old_base) if m is not None]
     else:
         models = loaded.inputs
-    for checkpoint in open_all(models, storage_options):
+    checkpoints = open_all(models, storage_options)
+    if loaded.method == "greedy_soup":  # ingredients soup tensor by tensor: the same names, shapes and dtypes
+        check_same_tensors(checkpoints)
+    for checkpoint in checkpoints:
         checkpoint.close()
 
 
@@ -313,8 +316,6 @@ def _with_absolute_inputs(loaded: Sweep) -> Sweep:
 
 
 def _greedy(loaded: Sweep, runner: Executor, listener: OnTrial, run: RunOptions) -> _Searched:
-    checkpoints = open_all(loaded.ingredients, run.storage_options)
-    check_same_tensors(checkpoints)
     search = loaded.file.search
     records: list[TrialRecord] = []
 

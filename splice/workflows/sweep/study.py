@@ -138,7 +138,8 @@ class StudyDriver:
         self.distributions = {p.name: p.distribution() for p in sweep.parameters}
         self.grid = grid_points(sweep) if sweep.method == "grid" else []
         self.batched = sweep.method in ("tpe", "cmaes")
-        self.running: set[int] = set()
+        self.by_name = {p.name: p for p in sweep.parameters}
+        self.running: dict[int, int] = {}  # trial number -> the storage's trial id, until the trial is told
 
     def run(self, on_trial: OnTrial, progress: Progress) -> None:
         trials = self.study.get_trials(deepcopy=False)
@@ -148,7 +149,8 @@ class StudyDriver:
         try:
             for trial in trials:  # running when the driver died: run again, under the same number
                 if trial.state == TrialState.RUNNING:
-                    self._submit(trial.number, dict(trial.user_attrs.get(VALUES_ATTR) or self._asked_again(trial)))
+                    values = trial.user_attrs.get(VALUES_ATTR) or self._asked_again(trial)
+                    self._submit(trial.number, trial._trial_id, dict(values))
             asked = sum(1 for t in trials if t.state != TrialState.WAITING)
             while self.running or asked < self.budget:
                 while asked < self.budget and len(self.running) < self.executor.slots:
@@ -164,19 +166,18 @@ class StudyDriver:
             progress.finish()
 
     def _values(self, params: dict[str, Any]) -> dict[str, Value]:
-        by_name = {p.name: p for p in self.sweep.parameters}
-        return {name: by_name[name].value(value) for name, value in params.items()}
+        return {name: self.by_name[name].value(value) for name, value in params.items()}
 
     def _ask(self) -> None:
-        number = len(self.study.get_trials(deepcopy=False))
-        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if self.grid and not waiting:
+        trials = self.study.get_trials(deepcopy=False)
+        number = len(trials)
+        if self.grid and not any(t.state == TrialState.WAITING for t in trials):
             self.study.enqueue_trial(self.grid[number])
         self.study.sampler = sampler_for(self.sweep.method, self.sweep.file.search.seed, number)
         trial = self.study.ask(self.distributions)
         values = self._values(trial.params)
         trial.set_user_attr(VALUES_ATTR, values)
-        self._submit(trial.number, values)
+        self._submit(trial.number, trial._trial_id, values)
 
     def _asked_again(self, trial: FrozenTrial) -> dict[str, Value]:
         """The values of a trial the driver died while asking (it never reached a worker): the parameters it had not
@@ -187,15 +188,13 @@ class StudyDriver:
         live.set_user_attr(VALUES_ATTR, values)
         return values
 
-    def _submit(self, number: int, values: dict[str, Value]) -> None:
+    def _submit(self, number: int, trial_id: int, values: dict[str, Value]) -> None:
         recipe = fill(self.sweep.recipe, values, self.sweep.parameters)
         self.executor.submit(self.candidate_of(number, values, recipe))
-        self.running.add(number)
+        self.running[number] = trial_id
 
     def _tell(self, outcome: Outcome) -> TrialRecord:
-        self.running.discard(outcome.number)
-        trial = self.study.get_trials(deepcopy=False)[outcome.number]
-        live = optuna.trial.Trial(self.study, trial._trial_id)
+        live = optuna.trial.Trial(self.study, self.running.pop(outcome.number))
         recorded = {
             "merge_seconds": round(outcome.merge_seconds, 6),
             "eval_seconds": round(outcome.eval_seconds, 6),
