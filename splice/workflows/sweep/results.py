@@ -139,16 +139,21 @@ def _port_yaml(report: SweepReport, document: dict[str, Any]) -> str:
     return header + yaml.safe_dump(document, sort_keys=False)
 
 
+def _panels(report: SweepReport) -> tuple[int, int]:
+    """(rows, columns) of the by-parameter figure: one panel a searched parameter, three to a row."""
+    count = max(1, len(report.parameters))
+    columns = min(3, count)
+    return math.ceil(count / columns), columns
+
+
 def _grid_size(report: SweepReport) -> tuple[float, float]:
-    columns = min(3, max(1, len(report.parameters)))
-    rows = math.ceil(max(1, len(report.parameters)) / columns)
+    rows, columns = _panels(report)
     return (4.2 * columns, 3.4 * rows)
 
 
 def _draw_by_parameter(figure: Any, report: SweepReport) -> None:
     names = report.parameters or ["trial"]
-    columns = min(3, len(names))
-    rows = math.ceil(len(names) / columns)
+    rows, columns = _panels(report)
     scored = [t for t in report.trials if not t.failed]
     for index, name in enumerate(names):
         axes = figure.add_subplot(rows, columns, index + 1)
