@@ -47,7 +47,7 @@ _EXPORTS = {
     "fuse": "splice.merge.fusion",
     "greedy_soup": "splice.merge.soup",
     "load_recipe": "splice.merge.recipe",
-    "merge": "splice.merge.recipe",
+    "merge": "splice.workflows.merge",
     "port": "splice.workflows.port",
     "port_patch": "splice.adapters.port",
     "read_deployment_record": "splice.workflows.deploy",
@@ -80,12 +80,13 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs (tests/test_cli_j
         SpliceError,
     )
     from splice.merge.fusion import FusionOptions, fuse
-    from splice.merge.recipe import Recipe, load_recipe, merge
+    from splice.merge.recipe import Recipe, load_recipe
     from splice.merge.soup import GreedySoupReport, greedy_soup, soup
     from splice.options import RunOptions
     from splice.registry.store import Registry
     from splice.tensors.checkpoint import Checkpoint
     from splice.workflows.deploy import DeploymentRecord, apply_ref, deploy, read_deployment_record
+    from splice.workflows.merge import merge
     from splice.workflows.port import port
     from splice.workflows.sweep.results import SweepReport
     from splice.workflows.sweep.run import sweep

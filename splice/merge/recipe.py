@@ -275,19 +275,25 @@ class ParameterResolver:
         return resolved
 
 
+ModelOpener = Callable[[Sequence[str], "dict | None"], list[Checkpoint]]
+"""(model references as a recipe writes them, storage options) -> their checkpoints, in order."""
+
+
 def merge(
     recipe: Recipe | str | os.PathLike,
     out: str | os.PathLike,
     *,
     prefer_own_kernels: bool = True,
     seed: int | None = None,
+    open_models: ModelOpener = open_all,
     run: RunOptions | None = None,
     **run_keywords: Unpack[RunKeywords],
 ) -> StreamReport:
     """Run a recipe (a Recipe, or the path of a YAML file) and write the merged model to `out`.
 
-    `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della). `run` (or its
-    fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
+    `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della). `open_models`
+    opens the recipe's model references (default: each a directory or fsspec URL). `run` (or its fields as
+    keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
     """
     run = run_options(run, run_keywords, "merge")
     recipe_file = [] if isinstance(recipe, Recipe) else [recipe]
@@ -295,7 +301,7 @@ def merge(
         recipe = load_recipe(recipe)
     locations, _ = recipe.inputs()
     ensure_output_free(out, run.force, protected=[*locations, *recipe_file])
-    planned = _planned(recipe, run, prefer_own_kernels, seed)
+    planned = _planned(recipe, run, prefer_own_kernels, seed, open_models)
     return run_stream(
         planned.plan,
         planned.kernel,
@@ -309,12 +315,17 @@ def merge(
 
 
 def merged_state(
-    recipe: Recipe, *, prefer_own_kernels: bool = True, seed: int | None = None, run: RunOptions | None = None
+    recipe: Recipe,
+    *,
+    prefer_own_kernels: bool = True,
+    seed: int | None = None,
+    open_models: ModelOpener = open_all,
+    run: RunOptions | None = None,
 ) -> dict[str, torch.Tensor]:
     """The model `merge(recipe, ...)` would write, tensor for tensor, held in memory instead (stored names, output
     dtypes): what a sweep hands a candidate's evaluation without writing it."""
     run = run or RunOptions()
-    planned = _planned(recipe, run, prefer_own_kernels, seed)
+    planned = _planned(recipe, run, prefer_own_kernels, seed, open_models)
     return stream_to_memory(planned.plan, planned.kernel, run=run, description=f"{recipe.merge_method} merge")
 
 
@@ -326,12 +337,14 @@ class _Planned:
     out_dtype: torch.dtype | None
 
 
-def _planned(recipe: Recipe, run: RunOptions, prefer_own_kernels: bool, seed: int | None) -> _Planned:
+def _planned(
+    recipe: Recipe, run: RunOptions, prefer_own_kernels: bool, seed: int | None, open_models: ModelOpener
+) -> _Planned:
     """A recipe's inputs opened, its plan and kernel, every tensor's parameters checked before any tensor is read;
     torch's generator seeded last, for the random methods."""
     locations, base_index = recipe.inputs()
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
-    checkpoints = open_all(locations, run.storage_options)
+    checkpoints = open_models(locations, run.storage_options)
     plan = plan_same_name(checkpoints, out_dtype)
     resolver = ParameterResolver(recipe, [item.output.name for item in plan])
     for item in plan:

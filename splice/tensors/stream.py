@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,7 +60,8 @@ class OutputExtras:
     """What a streamed output carries beside its tensors and its source's side files."""
 
     metadata: Mapping[str, str] | None = None  # in every shard's safetensors header
-    files: Mapping[str, bytes] | None = None  # name -> content, written beside the weights
+    files: Mapping[str, bytes] | None = None  # name -> content, written beside the weights (after the side files)
+    config_updates: Mapping[str, Any] | None = None  # set at the top level of the copied config.json
 
 
 @dataclass(frozen=True)
@@ -276,11 +278,12 @@ class WriteBehind:
             raise self.error
         self.pending.put((self.writer.write, (name, tensor, rows)))
 
-    def submit_copy(self, name: str, source: Checkpoint) -> None:
-        """Queue a tensor to be written as `source` stores it, without reading it here."""
+    def submit_copy(self, name: str, source: Checkpoint, stored_name: str) -> None:
+        """Queue tensor `name` to be written as `source` stores it (named `stored_name` there), without reading it
+        here."""
         if self.error is not None:
             raise self.error
-        self.pending.put((self.writer.copy_stored, (name, source)))
+        self.pending.put((self.writer.copy_stored, (name, source, stored_name)))
 
     def finish(self) -> None:
         """Wait until everything submitted is written; raise what the writer raised."""
@@ -377,7 +380,10 @@ def stream_to_memory(
     try:
         for unit, result in computed(units, kernel, resolve_device(run.device), run):
             name = unit.item.output.name
-            state[name] = unit.item.sources[0][0].read(name) if result is None else result
+            if result is None:
+                checkpoint, stored_name = unit.item.sources[0]
+                result = checkpoint.read(stored_name)
+            state[name] = result
     finally:
         progress.finish()
     return state
@@ -411,7 +417,7 @@ def run_stream(
         try:
             for unit, result in computed(units, kernel, torch_device, run):
                 if result is None:
-                    behind.submit_copy(unit.item.output.name, unit.item.sources[0][0])
+                    behind.submit_copy(unit.item.output.name, *unit.item.sources[0])
                 else:
                     behind.submit(unit.item.output.name, result, unit.rows)
             behind.finish()
@@ -422,7 +428,7 @@ def run_stream(
             raise
         finally:
             progress.finish()
-        side = copy_side_files(side_files_from, staging, out_dtype)
+        side = copy_side_files(side_files_from, staging, out_dtype, extras.config_updates)
         for name, content in (extras.files or {}).items():
             (staging / name).write_bytes(content)
             side.append(name)

@@ -16,7 +16,7 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -152,12 +152,13 @@ class ShardedWriter:
         if finished:
             self._next += 1
 
-    def copy_stored(self, name: str, source: Checkpoint) -> None:
-        """Append a tensor byte for byte as `source` stores it: copied inside the kernel
-        (`os.copy_file_range`) when both files are local, else read and written."""
-        info = source.tensors[name]
+    def copy_stored(self, name: str, source: Checkpoint, stored_name: str | None = None) -> None:
+        """Append tensor `name` byte for byte as `source` stores it (as `stored_name`, when the output renames
+        it): copied inside the kernel (`os.copy_file_range`) when both files are local, else read and written."""
+        stored_name = stored_name or name
+        info = source.tensors[stored_name]
         shard_index, planned = self._order[self._next] if self._next < len(self._order) else (-1, None)
-        where = source.local_byte_range(name)
+        where = source.local_byte_range(stored_name)
         if (
             where is None
             or planned is None
@@ -166,7 +167,7 @@ class ShardedWriter:
             or info.shape != planned.shape
             or not hasattr(os, "copy_file_range")
         ):
-            self.write(name, source.read(name))
+            self.write(name, source.read(stored_name))
             return
         file = self._shard_file(shard_index)
         fd, start, end = where
@@ -179,10 +180,10 @@ class ShardedWriter:
             except OSError:  # e.g. across filesystems on older kernels: the bytes go through user space
                 if done:
                     raise
-                self.write(name, source.read(name))
+                self.write(name, source.read(stored_name))
                 return
             if copied <= 0:
-                raise SpliceError(f"{source.location}: file ends inside tensor {name}")
+                raise SpliceError(f"{source.location}: file ends inside tensor {stored_name}")
             done += copied
         file.seek(position + done)
         self._next += 1
@@ -237,9 +238,15 @@ def write_state_dict(
     writer.close()
 
 
-def copy_side_files(source: Checkpoint, directory: Path, out_dtype: torch.dtype | None = None) -> list[str]:
-    """Copy config, generation config and tokenizer/processor files from the base model. Only regular files
-    of bounded size are copied; a symbolic link (which could carry any file into the output), a device or
+def copy_side_files(
+    source: Checkpoint,
+    directory: Path,
+    out_dtype: torch.dtype | None = None,
+    config_updates: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Copy config, generation config and tokenizer/processor files from the base model, the config recording
+    `out_dtype` and `config_updates` (keys set at its top level: a new depth, a new vocabulary size). Only regular
+    files of bounded size are copied; a symbolic link (which could carry any file into the output), a device or
     an oversized file is skipped with a warning."""
     present = set(source.files())
     copied = []
@@ -251,11 +258,12 @@ def copy_side_files(source: Checkpoint, directory: Path, out_dtype: torch.dtype 
         except CheckpointError as exc:
             log.warning("not copying %s into the output: %s", name, exc)
             continue
-        if name == "config.json" and out_dtype is not None:
+        if name == "config.json" and (out_dtype is not None or config_updates):
             config = json.loads(data)
             for key in ("dtype", "torch_dtype"):
-                if key in config:
+                if key in config and out_dtype is not None:
                     config[key] = dtype_name(out_dtype)
+            config.update(config_updates or {})
             data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         (directory / name).write_bytes(data)
         copied.append(name)

@@ -21,11 +21,12 @@ from splice.adapters.apply import patched_state
 from splice.adapters.port import prepare_port, write_ported
 from splice.errors import SpliceError, first_line
 from splice.hooks import Scorer, load_callable, score_state
-from splice.merge.recipe import merge, merged_state, parse_recipe
+from splice.merge.recipe import parse_recipe
 from splice.merge.soup import add_to_soup, soup_of
 from splice.options import RunOptions
 from splice.tensors.device import resolve_device
 from splice.tensors.stream import open_all
+from splice.workflows.merge import merge, merged_state
 from splice.workflows.sweep.subjects import port_spec, subject_kind
 
 Value = bool | int | float | str

@@ -21,7 +21,7 @@ from splice.adapters.port import port_patch
 from splice.adapters.sources import load_patch
 from splice.errors import OutputExistsError, SpliceError, parameter
 from splice.hooks import hook_file
-from splice.merge.recipe import merge, parse_recipe
+from splice.merge.recipe import parse_recipe
 from splice.merge.soup import soup_of, write_soup
 from splice.options import RunOptions
 from splice.progress import Progress
@@ -30,6 +30,7 @@ from splice.tensors.checkpoint import recorded_location
 from splice.tensors.device import resolve_device
 from splice.tensors.stream import check_same_tensors, open_all
 from splice.tensors.writer import check_report_dir, refuse_overlap, write_report_files
+from splice.workflows.merge import merge
 from splice.workflows.sweep.candidate import Evaluator, MergeCandidate, Outcome, SoupCandidate, Value
 from splice.workflows.sweep.executors import (
     Executor,

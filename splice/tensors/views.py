@@ -1,0 +1,60 @@
+"""`DerivedCheckpoint`: a model whose tensors are another checkpoint's, some of them computed on read.
+
+What a merge's inputs look like once prepared: a LoRA applied on the fly (`base+lora`), embedding rows put in the
+output vocabulary's order (tokenizer alignment). The stream reads it as it reads any `Checkpoint`; tensors it does
+not derive are read (and copied byte for byte) from the inner checkpoint, and its side files are the inner's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.safetensors import TensorInfo
+
+Rows = tuple[int, int] | None
+DeriveTensor = Callable[[str, Rows], torch.Tensor]
+"""(tensor name, rows of dim 0 or None for all) -> the derived tensor's value, in the dtype and shape its info says."""
+
+
+class DerivedCheckpoint(Checkpoint):
+    def __init__(
+        self,
+        inner: Checkpoint,
+        derived: Mapping[str, TensorInfo],
+        derive: DeriveTensor,
+        location: str | None = None,
+    ):
+        """`derived`: name -> info (dtype, shape) of each tensor `derive` computes, replacing or added to the inner
+        checkpoint's in its storage order; `location` names the view in messages (default: the inner's)."""
+        tensors = {name: derived.get(name, info) for name, info in inner.tensors.items()}
+        tensors.update({name: info for name, info in derived.items() if name not in tensors})
+        super().__init__(location or inner.location, inner.fs, inner.root, tensors, inner.shards)
+        self.inner = inner
+        self.derived = frozenset(derived)
+        self._derive = derive
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        if name not in self.derived:
+            return self.inner.read(name, rows)
+        return self._derive(name, rows)
+
+    def local_byte_range(self, name: str) -> tuple[int, int, int] | None:
+        return None if name in self.derived else self.inner.local_byte_range(name)
+
+    @property
+    def is_local(self) -> bool:
+        return self.inner.is_local
+
+    def files(self) -> list[str]:
+        return self.inner.files()
+
+    def read_file(self, name: str, limit: int | None = None, follow_links: bool = True) -> bytes:
+        if limit is None:
+            return self.inner.read_file(name, follow_links=follow_links)
+        return self.inner.read_file(name, limit, follow_links)
+
+    def close(self) -> None:
+        self.inner.close()
