@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -17,6 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from splice.cli.app import main as cli_main
+
+MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")
 
 
 def load_dir(directory: Path) -> dict[str, torch.Tensor]:
@@ -101,3 +105,16 @@ def wait_for_marker(process, marker: Path, seconds: float = 90) -> None:
         assert process.poll() is None, f"the run ended before it could be signalled: {process.communicate()}"
         assert time.monotonic() < deadline, f"the run never touched {marker.name}"
         time.sleep(0.02)
+
+
+def run_mergekit(recipe: Path, out: Path, *flags: str) -> None:
+    """mergekit-yaml itself on a config, offline (the peer splice's merges are compared to)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [str(MERGEKIT_YAML), str(recipe), str(out), "--lazy-unpickle", *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

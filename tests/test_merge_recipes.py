@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +13,7 @@ import splice
 from splice.merge.recipe import ParameterResolver, parse_recipe
 
 from conftest import model_class
-from helpers import load_dir
-
-MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")
+from helpers import load_dir, run_mergekit
 
 
 def recipe_for(method: str, dirs: list[Path]) -> dict:
@@ -49,14 +44,6 @@ def write_recipe(tmp_path: Path, data: dict) -> Path:
     path = tmp_path / "recipe.yml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def run_mergekit(recipe: Path, out: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [str(MERGEKIT_YAML), str(recipe), str(out), "--lazy-unpickle"], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])

@@ -20,10 +20,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
@@ -40,6 +40,7 @@ from splice.tensors.device import parse_dtype
 from splice.tensors.stream import (
     Kernel,
     OutputExtras,
+    Precision,
     StreamItem,
     StreamReport,
     open_all,
@@ -77,6 +78,9 @@ class Recipe(BaseModel):
     parameters: dict[str, Setting] = {}
     dtype: str | None = None
     out_dtype: str | None = None
+    # exact: inputs in fp32, one rounding to the output dtype; mergekit: computed in `dtype` (or as stored) by
+    # mergekit's kernels, giving mergekit-yaml's output bit for bit
+    compute: Literal["exact", "mergekit"] = "exact"
     # mergekit's key; splice writes the tokenizer of the model it copies side files from, so only that is allowed
     tokenizer_source: str | None = None
     name: str | None = None
@@ -337,6 +341,13 @@ class _Planned:
     out_dtype: torch.dtype | None
 
 
+def in_mergekit_order(plan: list[StreamItem]) -> list[StreamItem]:
+    """The plan in the order mergekit-yaml merges tensors (its scheduler's key is the tensor name), so a seeded
+    random method (dare_ties, della, ...) draws its masks in mergekit's order: one seed, mergekit's output, also
+    for sharded models, whose storage order differs."""
+    return sorted(plan, key=lambda item: item.output.name)
+
+
 def _planned(
     recipe: Recipe, run: RunOptions, prefer_own_kernels: bool, seed: int | None, open_models: ModelOpener
 ) -> _Planned:
@@ -346,10 +357,15 @@ def _planned(
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
     checkpoints = open_models(locations, run.storage_options)
     plan = plan_same_name(checkpoints, out_dtype)
+    if seed is not None:
+        plan = in_mergekit_order(plan)
     resolver = ParameterResolver(recipe, [item.output.name for item in plan])
     for item in plan:
         check_ranges(recipe.merge_method, resolver(item.output.name), item.output.name)
-    kernel = method_kernel(recipe.merge_method, resolver, base_index, prefer_own=prefer_own_kernels)
+    as_mergekit = recipe.compute == "mergekit"
+    kernel = method_kernel(recipe.merge_method, resolver, base_index, prefer_own=prefer_own_kernels and not as_mergekit)
+    if as_mergekit:
+        kernel = replace(kernel, precision=Precision(exact=False, inputs_as=parse_dtype(recipe.dtype)))
     side_source = checkpoints[locations.index(recipe.side_files_source())]
     if seed is not None:
         torch.manual_seed(seed)

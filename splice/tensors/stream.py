@@ -41,6 +41,25 @@ Compute = Callable[[str, list[torch.Tensor]], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Precision:
+    """In what dtype a kernel's float inputs reach it.
+
+    exact (the default): in fp32 (fp64 stays fp64), whatever the stored dtype; the result is cast to the output
+      dtype once, at the end.
+    not exact (mergekit's `dtype:` semantics): cast to `inputs_as` when given, else as stored, so a bf16 merge
+      computes in bf16 as mergekit-yaml does.
+    """
+
+    exact: bool = True
+    inputs_as: torch.dtype | None = None
+
+    def working_dtype(self, stored: torch.dtype) -> torch.dtype:
+        if self.exact:
+            return compute_dtype_for(stored)
+        return self.inputs_as or stored
+
+
+@dataclass(frozen=True)
 class Kernel:
     """What the stream runs for every output tensor, and what the executor may do with it.
 
@@ -53,6 +72,7 @@ class Kernel:
     compute: Compute
     elementwise: bool = False
     passes_through: frozenset[str] = frozenset()
+    precision: Precision = Precision()
 
 
 @dataclass(frozen=True)
@@ -212,7 +232,7 @@ def compute_one(
         if any(t.dtype != first.dtype or not torch.equal(t, first) for t in tensors[1:]):
             raise IncompatibleModelsError(f"non-float tensor {out.name} differs between inputs; cannot merge it")
         return first.to(out.dtype)
-    working = compute_dtype_for(tensors[0].dtype)
+    working = kernel.precision.working_dtype(tensors[0].dtype)
     moved = [t.to(device=device, dtype=working) for t in tensors]
     result = kernel.compute(out.name, moved).to(dtype=out.dtype)
     refuse_new_non_finite(out.name, result, reread)
