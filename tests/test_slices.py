@@ -370,3 +370,76 @@ def test_a_sweep_finds_marks_inside_slices(families):
     assert [p.name for p in parameters] == ["slices[0].sources[1].parameters.weight", "slices[1].parameters.density"]
     assert filled.slices is not None and filled.slices[1].parameters == {"density": 0.1}
     assert filled.slices[0].sources[1].parameters == {"weight": 0.2}
+
+
+def test_every_tensor_of_a_layer_travels(tmp_path):
+    """A Llama with attention biases (which mergekit's Llama table does not list: mergekit-yaml drops them, and
+    transformers then initialises them) stacked SOLAR-style into bfloat16: every stored tensor of every layer is in
+    the output, cast, and it reloads with nothing missing."""
+    config = tiny_model("llama", 0).config
+    config.num_hidden_layers, config.attention_bias = DEPTH, True
+    torch.manual_seed(0)
+    save(transformers.LlamaForCausalLM(config), tmp_path / "biased", False)
+    recipe = upscale(Family("llama", *[str(tmp_path / "biased")] * 4))
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump({**recipe, "dtype": "bfloat16"}))
+    splice.merge(tmp_path / "recipe.yml", tmp_path / "out", device="cpu")
+    ours, expected = (
+        load_dir(tmp_path / "out"),
+        copied_by_hand(Family("llama", *[str(tmp_path / "biased")] * 4), recipe),
+    )
+    assert sum(n.endswith("self_attn.q_proj.bias") for n in ours) == 2 * DEPTH - 2
+    assert sorted(ours) == sorted(expected)
+    for name, tensor in expected.items():
+        assert ours[name].dtype == torch.bfloat16 and torch.equal(ours[name], tensor.to(torch.bfloat16)), name
+    reloads_with_depth("llama", tmp_path / "out", 2 * DEPTH - 2)
+
+
+def test_the_head_is_merged_from_every_source_of_the_last_slice(families, tmp_path):
+    """The final norm and head come from the last slice's sources, all of them. mergekit's planner pairs them with
+    as many inputs as the first slice has, so with one source there it copies the first model's head and drops the
+    other (mergekit 0.1.5); splice merges the head as the slice's layers are merged."""
+    f = families("llama")
+    recipe = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": f.base, "layer_range": [0, 2], "parameters": {"weight": 1.0}}]},
+            {
+                "sources": [
+                    {"model": m, "layer_range": [2, 4], "parameters": {"weight": 0.5}} for m in (f.base, f.first)
+                ],
+            },
+        ],
+    }
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    splice.merge(tmp_path / "recipe.yml", tmp_path / "out", device="cpu")
+    ours, base, first = load_dir(tmp_path / "out"), load_dir(Path(f.base)), load_dir(Path(f.first))
+    for name in ("lm_head.weight", "model.norm.weight", "model.layers.3.mlp.up_proj.weight"):
+        torch.testing.assert_close(ours[name], 0.5 * base[name] + 0.5 * first[name], rtol=0, atol=1e-6)
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"):
+        assert torch.equal(ours[name], base[name])
+
+
+def test_passthrough_copies_unscaled_tensors_byte_for_byte(merged, tmp_path, monkeypatch):
+    """Nothing is computed for a tensor passthrough copies as stored: the writer copies its bytes (a scaled one is
+    computed)."""
+    from splice.tensors.writer import ShardedWriter
+
+    run = merged("llama", "frankenmerge")
+    copied: list[str] = []
+    original = ShardedWriter.copy_stored
+
+    def counting(self, name, source, stored_name=None):
+        copied.append(name)
+        return original(self, name, source, stored_name)
+
+    monkeypatch.setattr(ShardedWriter, "copy_stored", counting)
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(run.recipe))
+    splice.merge(tmp_path / "recipe.yml", tmp_path / "out", device="cpu")
+    written = load_dir(tmp_path / "out")
+    scaled = [
+        n for n in written if ".layers.7." in n or ".layers.2." in n or n in ("lm_head.weight", "model.norm.weight")
+    ]
+    scaled += [n for n in written if "self_attn.o_proj" in n and n.split(".")[2] in ("4", "5", "6")]
+    assert sorted(copied) == sorted(set(written) - set(scaled))
+    assert_same_tensors(written, load_dir(run.splice_out))

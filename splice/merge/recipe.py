@@ -31,7 +31,7 @@ from typing import Annotated, Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from typing_extensions import Unpack
 
 from splice.arch.layers import layer_positions
@@ -115,6 +115,12 @@ class Recipe(BaseModel):
     # mergekit's key; splice writes the tokenizer of the model it copies side files from, so only that is allowed
     tokenizer_source: str | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_input_form(self) -> Recipe:
+        if self.models and self.slices:  # parse_recipe says so first, for a recipe read from a file
+            raise ValueError("models and slices cannot be mixed: list the inputs under exactly one of them")
+        return self
 
     def side_files_source(self) -> str:
         """The input whose config and tokenizer the output gets: the base, or the first model without one."""

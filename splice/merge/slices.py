@@ -161,8 +161,8 @@ def _group(
 
     named = [{output_name(name): name for name in names} for _, names in sources]
     (reference, reference_names), problems = sources[0], []
-    if not reference_names:
-        problems.append(f"{reference.location} has no tensors there")
+    if layer is not None and not reference_names:
+        problems.append(f"{reference.location} stores no tensor of that layer")
     for (checkpoint, _), theirs in zip(sources[1:], named[1:]):
         for out, name in named[0].items():
             info, other = reference.tensors[name], theirs.get(out)
