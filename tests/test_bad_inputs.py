@@ -395,6 +395,18 @@ def recipe_cases(models: Models) -> dict[str, tuple[dict, list[str]]]:
             {"merge_method": "linear", "dtype": "float3", "models": [{"model": base, "parameters": {"weight": 1.0}}]},
             ["dtype", "float3"],
         ),
+        "slices_with_models": (  # the mix named first, not the schema errors it would otherwise cause
+            {
+                "merge_method": "passthrough",
+                "models": [{"model": base}],
+                "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}]}],
+            },
+            ["models: and slices: cannot be mixed"],
+        ),
+        "layer_range_past_the_depth": (  # mergekit's end is exclusive (its issues #354, #360)
+            {"merge_method": "passthrough", "slices": [{"sources": [{"model": tuned, "layer_range": [0, 3]}]}]},
+            ["slices[0].sources[0]: layer_range [0, 3]", tuned, "2 layers", "exclusive", "[0, 2] takes them all"],
+        ),
     }
 
 
@@ -407,6 +419,8 @@ RECIPE_CASES = [
     "unknown_key",
     "bad_parameter_type",
     "unknown_dtype",
+    "slices_with_models",
+    "layer_range_past_the_depth",
 ]
 
 

@@ -61,7 +61,7 @@ def test_tokenizer_source_base_is_what_splice_writes(source, make_models, tmp_pa
     assert load_dir(tmp_path / "out").keys() == load_dir(dirs[0]).keys()
 
 
-def test_slices_say_slices_are_not_supported_first(make_models, tmp_path):
+def test_slices_mixed_with_models_say_so_first(make_models, tmp_path):
     base, first, _ = map(str, make_models("llama", 3))
     path = write(
         tmp_path,
@@ -69,10 +69,12 @@ def test_slices_say_slices_are_not_supported_first(make_models, tmp_path):
             "merge_method": "slerp",
             "base_model": base,
             "parameters": {"t": 0.5},
-            "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}, {"model": first, "layer_range": [0, 2]}]}],
+            "models": [{"model": base}, {"model": first}],
+            "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}, {"model": first, "layer_range": [0, 3]}]}],
         },
     )
-    assert_refused(path, tmp_path / "out", ["slices", "not supported yet"], absent=["Field required", "more)"])
+    message = assert_refused(path, tmp_path / "out", ["models: and slices: cannot be mixed", "exactly one of"])
+    assert message.startswith(f"{path}: models: and slices:")
 
 
 @pytest.mark.parametrize("key", ["modules", "tokenizer", "chat_template"])
@@ -144,3 +146,89 @@ def test_a_mergekit_kernel_failure_is_one_line_naming_method_and_tensor(make_mod
     assert not out.exists()
     code, _, err = run_cli(["merge", path, "--out", out, "--device", "cpu", "--quiet"], monkeypatch, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "della failed on tensor" in err
+
+
+def sliced(method: str, *slices: list[tuple[str, int, int]], **extra) -> dict:
+    """A `slices:` recipe: each slice a list of (model, start, end)."""
+    pieces = [{"sources": [{"model": m, "layer_range": [a, b]} for m, a, b in sources]} for sources in slices]
+    return {"merge_method": method, **extra, "slices": pieces}
+
+
+SLICE_REFUSALS = {
+    "range_past_the_depth": (
+        lambda base, first: sliced("passthrough", [(base, 0, 2)], [(first, 1, 3)]),
+        ["slices[1].sources[0]: layer_range [1, 3] is outside", "which has 2 layers", "exclusive", "[0, 2] takes"],
+    ),
+    "empty_range": (
+        lambda base, first: sliced("passthrough", [(base, 1, 1)]),
+        ["slices[0].sources[0]: layer_range [1, 1] takes no layers", "exclusive end"],
+    ),
+    "different_lengths": (
+        lambda base, first: sliced("linear", [(base, 0, 2), (first, 0, 1)], parameters={"weight": 1.0}),
+        ["slices[0]: its sources take different numbers of layers", "[0, 2] (2 layers)", "[0, 1] (1 layer)"],
+    ),
+    "per_slice_method": (
+        lambda base, first: {
+            "merge_method": "linear",
+            "parameters": {"weight": 1.0},
+            "slices": [{"merge_method": "slerp", "sources": [{"model": base, "layer_range": [0, 2]}]}],
+        },
+        ["slices[0].merge_method", "no per-slice merge method", "top level"],
+    ),
+    "residual_weight": (
+        lambda base, first: {
+            "merge_method": "passthrough",
+            "slices": [{"residual_weight": 0.5, "sources": [{"model": base, "layer_range": [0, 2]}]}],
+        },
+        ["slices[0].residual_weight", "never uses it"],
+    ),
+    "base_not_a_source": (
+        lambda base, first: sliced("slerp", [(first, 0, 2)], base_model=base, parameters={"t": 0.5}),
+        ["slices[0]: base_model", "is not among its sources"],
+    ),
+    "two_sources_for_passthrough": (
+        lambda base, first: sliced("passthrough", [(base, 0, 2), (first, 0, 2)]),
+        ["slices[0]: passthrough takes exactly 1 source per slice, got 2"],
+    ),
+    "same_model_twice": (
+        lambda base, first: sliced("linear", [(base, 0, 1), (base, 1, 2)], parameters={"weight": 1.0}),
+        ["slices[0]:", "is a source twice"],
+    ),
+    "missing_parameter": (
+        lambda base, first: sliced("ties", [(base, 0, 2), (first, 0, 2)], base_model=base, parameters={"density": 1}),
+        ["slices[0]: ties needs parameter 'weight' for source"],
+    ),
+    "unknown_parameter": (
+        lambda base, first: {
+            "merge_method": "linear",
+            "slices": [{"sources": [{"model": base, "layer_range": [0, 2], "parameters": {"wieght": 1.0}}]}],
+        },
+        ["slices[0].sources[0]", "unknown parameter 'wieght'"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SLICE_REFUSALS))
+def test_slice_recipes_are_refused_naming_the_slice(case, make_models, tmp_path):
+    base, first = map(str, make_models("llama", 2))
+    build, needles = SLICE_REFUSALS[case]
+    assert_refused(write(tmp_path, build(base, first)), tmp_path / "out", needles)
+
+
+def test_slices_of_a_model_with_two_stacks_of_layers_are_refused(make_models, tmp_path):
+    (t5,) = map(str, make_models("t5", 1))
+    path = write(tmp_path, sliced("passthrough", [(t5, 0, 2)]))
+    with pytest.raises(SpliceError) as caught:
+        splice.merge(path, tmp_path / "out", device="cpu")
+    assert "has 2 stacks of layers (decoder.block, encoder.block)" in str(caught.value)
+    assert "models:" in str(caught.value) and not (tmp_path / "out").exists()
+
+
+def test_slice_sources_that_do_not_match_are_refused_before_anything_is_read(make_models, tmp_path, monkeypatch):
+    (llama,), (gpt2,) = make_models("llama", 1), make_models("gpt2", 1)
+    path = write(tmp_path, sliced("linear", [(str(llama), 0, 2), (str(gpt2), 0, 2)], parameters={"weight": 0.5}))
+    monkeypatch.setattr(Checkpoint, "read", lambda *a, **k: pytest.fail("a tensor was read"))
+    with pytest.raises(SpliceError) as caught:
+        splice.merge(path, tmp_path / "out", device="cpu")
+    assert "slices[0]: the sources do not match" in str(caught.value) and "has no counterpart in" in str(caught.value)
+    assert not (tmp_path / "out").exists()

@@ -50,8 +50,8 @@ MISTYPED_KEYS = [
     (
         load_recipe,
         "merge_method: linear\nmodels: [{model: a}]\nzzz: 1\n",
-        "3: unknown key 'zzz' (the keys are merge_method, models, base_model, parameters, dtype, out_dtype, "
-        "tokenizer_source, name)",
+        "3: unknown key 'zzz' (the keys are merge_method, models, slices, base_model, parameters, dtype, out_dtype, "
+        "compute, tokenizer_source, name)",
     ),
     (
         load_pipeline,

@@ -1,4 +1,4 @@
-"""Which layer a stored tensor belongs to, from its name (recipe gradients across layers, per-layer reports)."""
+"""Which layer a stored tensor belongs to, from its name (recipe gradients across layers, per-layer reports, slices)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,39 @@ from collections.abc import Callable, Sequence
 # the layer container in the names of HF architectures: BERT/ViT `layer`, Llama `layers`, GPT-2 `h`, ...
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
+# A tensor outside the layers that the model uses before them: an input embedding (Llama `embed_tokens`, BERT
+# `embeddings.*` with its LayerNorm, GPT-2 `wte`/`wpe`, ChatGLM `rotary_pos_emb`); GPT-NeoX's `embed_out` is its
+# head. Everything else outside the layers (final norm, head, pooler, classifier) comes after them. This agrees with
+# the pre/post split of every single-stack architecture mergekit describes (its architecture JSONs).
+_BEFORE_LAYERS = re.compile(r"(?:^|\.)(?:wte|wpe|(?!embed_out\.)[A-Za-z_]*emb[A-Za-z_]*)\.")
+
 
 def layer_index(name: str) -> int | None:
     """The index of the layer a stored tensor belongs to (`model.layers.3.mlp...` -> 3); None outside layers."""
     match = _LAYER_INDEX.search(name)
     return int(match.group(1)) if match else None
+
+
+def layer_container(name: str) -> str | None:
+    """The prefix naming the stack of layers a tensor belongs to (`model.layers.3.mlp...` -> `model.layers.`);
+    None outside layers. A model whose tensors name several (an encoder and a decoder, a vision tower beside a
+    language model) has several stacks."""
+    match = _LAYER_INDEX.search(name)
+    return name[: match.start(1)] if match else None
+
+
+def renumbered(name: str, index: int) -> str:
+    """A layer tensor's name moved to layer `index` (`model.layers.3.mlp.up_proj.weight`, 7 ->
+    `model.layers.7.mlp.up_proj.weight`)."""
+    match = _LAYER_INDEX.search(name)
+    if match is None:
+        raise ValueError(f"{name} is not inside a layer")
+    return f"{name[: match.start(1)]}{index}{name[match.end(1) :]}"
+
+
+def before_layers(name: str) -> bool:
+    """Whether a tensor outside the layers is used before them (an input embedding) rather than after them."""
+    return bool(_BEFORE_LAYERS.search(name))
 
 
 def layer_positions(names: Sequence[str]) -> Callable[[str], float]:

@@ -98,11 +98,19 @@ def _linear(name: str, tensors: list[torch.Tensor], params: Mapping[str, Any], b
     return merged
 
 
+def _passthrough(
+    name: str, tensors: list[torch.Tensor], params: Mapping[str, Any], base_index: int | None
+) -> torch.Tensor:
+    scale = params["scale"][0]
+    return tensors[0] if scale is None else tensors[0] * scale
+
+
 # Methods whose output entry depends only on the same entry of each input (no per-tensor statistics).
-ELEMENTWISE_METHODS = frozenset({"linear", "task_arithmetic"})
+ELEMENTWISE_METHODS = frozenset({"linear", "task_arithmetic", "passthrough"})
 
 OWN_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "linear": _linear,
+    "passthrough": _passthrough,
     "task_arithmetic": lambda n, t, p, b: _task_arithmetic_family(n, t, p, b, trim=False, sign_consensus=False),
     "ties": lambda n, t, p, b: _task_arithmetic_family(n, t, p, b, trim=True, sign_consensus=True),
 }

@@ -13,13 +13,17 @@ parameters: {lambda: 1.0}
 dtype: bfloat16
 ```
 Per-model parameters take precedence over global ones, as in mergekit.
+
+Instead of `models:`, `slices:` stacks layer ranges into a new model (splice.merge.slices): each slice lists
+`sources` (`model`, `layer_range: [start, end]` with an exclusive end, `parameters`) and may give `base_model` and
+`parameters`; a parameter is taken from the source, else the slice, else the global `parameters`, as in mergekit.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -27,13 +31,22 @@ from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from typing_extensions import Unpack
 
 from splice.arch.layers import layer_positions
 from splice.errors import RecipeError
-from splice.merge.kernels import method_kernel
-from splice.merge.methods import BasePolicy, ParameterRule, ParameterScope, check_ranges, coerce_parameter, method_rules
+from splice.merge.kernels import TensorParameters, method_kernel
+from splice.merge.methods import (
+    BasePolicy,
+    MethodRules,
+    ParameterRule,
+    ParameterScope,
+    check_ranges,
+    coerce_parameter,
+    method_rules,
+)
+from splice.merge.slices import LayerRange, plan_slices
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import parse_dtype
@@ -70,10 +83,32 @@ class InputModel(BaseModel):
     parameters: dict[str, Setting] = {}
 
 
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]  # [start, end): mergekit's exclusive end
+    parameters: dict[str, Setting] = {}
+
+
+class OutputSlice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: dict[str, Setting] = {}
+
+    def base(self, recipe: Recipe) -> str | None:
+        """The slice's base model for the recipe's method: its own, else the recipe's; None where the method
+        ignores the base."""
+        if method_rules(recipe.merge_method).base is BasePolicy.ignored:
+            return None
+        return self.base_model or recipe.base_model
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
-    models: list[InputModel]
+    models: list[InputModel] = []
+    slices: list[OutputSlice] | None = None
     base_model: str | None = None
     parameters: dict[str, Setting] = {}
     dtype: str | None = None
@@ -85,16 +120,35 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _one_input_form(self) -> Recipe:
+        if self.models and self.slices:  # parse_recipe says so first, for a recipe read from a file
+            raise ValueError("models and slices cannot be mixed: list the inputs under exactly one of them")
+        return self
+
     def side_files_source(self) -> str:
         """The input whose config and tokenizer the output gets: the base, or the first model without one."""
+        if self.slices:  # mergekit's: the base model even where the method ignores it
+            return self.base_model or self.slices[0].sources[0].model
         locations, base_index = self.inputs()
         return locations[base_index if base_index is not None else 0]
 
     def inputs(self) -> tuple[list[str], int | None]:
         """Input model locations in order (the base appended if not listed) and the base's index.
 
-        A method that ignores the base (linear, passthrough) merges only the listed models.
+        A method that ignores the base (linear, passthrough) merges only the listed models. With slices: every model
+        the slices name, and the base model (whose config the output gets) if not among them.
         """
+        if self.slices:
+            named = [source.model for s in self.slices for source in s.sources]
+            named += [s.base_model for s in self.slices if s.base_model] + (
+                [self.base_model] if self.base_model else []
+            )
+            locations = list(dict.fromkeys(named))
+            base_index = None
+            if self.base_model is not None and method_rules(self.merge_method).base is not BasePolicy.ignored:
+                base_index = locations.index(self.base_model)
+            return locations, base_index
         locations = []
         for entry in self.models:
             if entry.model not in locations:
@@ -108,12 +162,33 @@ class Recipe(BaseModel):
 
 # mergekit config keys splice does not implement yet, refused with what to do instead of a schema error
 NOT_SUPPORTED = {
-    "slices": "splice merges whole models; slices are not supported yet: list the models under models:",
-    "modules": "splice merges whole models; modules are not supported yet: list the models under models:",
+    "modules": "modules are not supported yet: mergekit finds a module's tensors (text_decoder, vision_tower, ...) "
+    "through its architecture files, which splice does not read; a model with one stack of layers merges with "
+    "models: or slices:",
     "tokenizer": "building a tokenizer is not supported yet; splice writes the base model's tokenizer "
     "(remove tokenizer:, or write tokenizer_source: base)",
     "chat_template": "chat_template is not supported yet; splice copies the base model's chat template",
 }
+
+
+# where a recipe lists its inputs; mergekit takes exactly one
+INPUT_FORMS = ("models", "slices", "modules")
+
+# keys of a slice that mergekit's schema accepts or that configs write, but that mergekit does not act on
+SLICE_KEYS_IGNORED_BY_MERGEKIT = {
+    "merge_method": "mergekit has no per-slice merge method (its slice schema drops the key, so mergekit-yaml runs "
+    "the top-level merge_method); set merge_method at the top level, or merge in two recipes",
+    "residual_weight": "mergekit reads residual_weight in a slice but never uses it; remove it",
+}
+
+
+def _refuse_slice_keys(slices: Any, source: str) -> None:
+    if not isinstance(slices, list):
+        return
+    for i, entry in enumerate(slices):
+        for key, why in SLICE_KEYS_IGNORED_BY_MERGEKIT.items():
+            if isinstance(entry, dict) and key in entry:
+                raise RecipeError(f"{source}: slices[{i}].{key}: {why}")
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -150,6 +225,13 @@ def parse_recipe(data: Any, source: str = "recipe", key_lines: dict[str, int] | 
     for key, why in NOT_SUPPORTED.items():
         if key in data:
             raise RecipeError(f"{source}: {key}: {why}")
+    listed = [key for key in INPUT_FORMS if data.get(key)]
+    if len(listed) > 1:
+        raise RecipeError(
+            f"{source}: {' and '.join(f'{key}:' for key in listed)} cannot be mixed: a recipe lists its inputs under "
+            "exactly one of models:, slices: or modules: (as in mergekit)"
+        )
+    _refuse_slice_keys(data.get("slices"), source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -167,12 +249,39 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
         raise RecipeError(f"{source}: {exc}") from None
     method = recipe.merge_method
     known = ", ".join(rules.parameters) or "none"
-    for owner, settings in [("parameters", recipe.parameters)] + [
-        (f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(recipe.models)
+    for owner, settings in [
+        ("parameters", recipe.parameters),
+        *((f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(recipe.models)),
+        *((f"slices[{i}].parameters", s.parameters) for i, s in enumerate(recipe.slices or [])),
+        *(
+            (f"slices[{i}].sources[{j}] ({source.model})", source.parameters)
+            for i, s in enumerate(recipe.slices or [])
+            for j, source in enumerate(s.sources)
+        ),
     ]:
         for name in settings:
             if name not in rules.parameters:
                 raise RecipeError(f"{source}: {owner}: unknown parameter {name!r} for {method} (known: {known})")
+    if recipe.slices:
+        _validate_slices(recipe, source)
+    else:
+        _validate_models(recipe, source)
+    if recipe.tokenizer_source not in (None, "base", recipe.side_files_source()):
+        raise RecipeError(
+            f"{source}: tokenizer_source: {recipe.tokenizer_source!r} is not supported yet; splice "
+            f"writes the tokenizer of {recipe.side_files_source()} (tokenizer_source: base)"
+        )
+    for field in ("dtype", "out_dtype"):
+        try:
+            parse_dtype(getattr(recipe, field))
+        except Exception as exc:
+            raise RecipeError(f"{source}: {field}: {exc}") from None
+
+
+def _validate_models(recipe: Recipe, source: str) -> None:
+    """A `models:` recipe's inputs: their count, the base, every required parameter."""
+    rules = method_rules(recipe.merge_method)
+    method = recipe.merge_method
     if not recipe.models:
         raise RecipeError(f"{source}: models is empty; list the models to merge")
     locations, base_index = recipe.inputs()
@@ -180,15 +289,9 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
         raise RecipeError(f"{source}: {method} needs base_model")
     if rules.base is BasePolicy.forbidden and base_index is not None:
         raise RecipeError(f"{source}: {method} takes no base_model")
-    counted = len(locations)
-    if counted < rules.min_inputs or (rules.max_inputs is not None and counted > rules.max_inputs):
-        at_most = f" and at most {rules.max_inputs}" if rules.max_inputs else ""
-        wanted = (
-            f"exactly {rules.min_inputs}"
-            if rules.max_inputs == rules.min_inputs
-            else f"at least {rules.min_inputs}{at_most}"
-        )
-        raise RecipeError(f"{source}: {method} takes {wanted} models, got {counted}")
+    wanted = _unless_counted(rules, len(locations))
+    if wanted:
+        raise RecipeError(f"{source}: {method} takes {wanted} models, got {len(locations)}")
     for rule in rules.parameters.values():
         if not rule.required:
             continue
@@ -201,16 +304,69 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
                 continue
             if rule.name not in entry.parameters and rule.name not in recipe.parameters:
                 raise RecipeError(f"{source}: {method} needs parameter {rule.name!r} for model {entry.model}")
-    if recipe.tokenizer_source not in (None, "base", recipe.side_files_source()):
-        raise RecipeError(
-            f"{source}: tokenizer_source: {recipe.tokenizer_source!r} is not supported yet; splice "
-            f"writes the tokenizer of {recipe.side_files_source()} (tokenizer_source: base)"
-        )
-    for field in ("dtype", "out_dtype"):
-        try:
-            parse_dtype(getattr(recipe, field))
-        except Exception as exc:
-            raise RecipeError(f"{source}: {field}: {exc}") from None
+
+
+def _unless_counted(rules: MethodRules, counted: int) -> str | None:
+    """How many inputs the method takes ("exactly 2", "at least 1"), or None when `counted` is allowed."""
+    if counted >= rules.min_inputs and (rules.max_inputs is None or counted <= rules.max_inputs):
+        return None
+    if rules.max_inputs == rules.min_inputs:
+        return f"exactly {rules.min_inputs}"
+    return f"at least {rules.min_inputs}" + (f" and at most {rules.max_inputs}" if rules.max_inputs else "")
+
+
+def _validate_slices(recipe: Recipe, source: str) -> None:
+    """Every slice's sources: as many layers each (mergekit's end is exclusive), each model once, the base among
+    them, as many as the method takes, every required parameter found (source, slice, then global)."""
+    rules = method_rules(recipe.merge_method)
+    method = recipe.merge_method
+    for i, piece in enumerate(recipe.slices or []):
+        where = f"{source}: slices[{i}]"
+        if not piece.sources:
+            raise RecipeError(f"{where}: sources is empty; list the models and layer ranges the slice takes")
+        for j, taken in enumerate(piece.sources):
+            start, end = taken.layer_range
+            if not 0 <= start < end:
+                raise RecipeError(
+                    f"{where}.sources[{j}]: layer_range [{start}, {end}] takes no layers: it is [start, end] with "
+                    "start >= 0 and an exclusive end, as in mergekit ([0, 4] takes layers 0 to 3)"
+                )
+        ranges = [LayerRange(source.model, *source.layer_range) for source in piece.sources]
+        if len({taken.length for taken in ranges}) > 1:
+            raise RecipeError(
+                f"{where}: its sources take different numbers of layers: {', '.join(map(str, ranges))}; every "
+                "source of a slice takes as many (a layer_range's end is exclusive)"
+            )
+        models = [taken.model for taken in piece.sources]
+        twice = next((m for m in models if models.count(m) > 1), None)
+        if twice is not None:
+            raise RecipeError(f"{where}: {twice} is a source twice; a slice merges each model once, as in mergekit")
+        base = piece.base(recipe)
+        if base is not None and base not in models:
+            raise RecipeError(
+                f"{where}: base_model {base} is not among its sources; add it with a layer_range as long as the "
+                "others (mergekit merges a slice's base from its sources)"
+            )
+        if rules.base is BasePolicy.required and base is None:
+            raise RecipeError(f"{where}: {method} needs base_model (at the top level, or in the slice)")
+        if rules.base is BasePolicy.forbidden and base is not None:
+            raise RecipeError(f"{where}: {method} takes no base_model")
+        wanted = _unless_counted(rules, len(models))
+        if wanted:
+            noun = "source" if wanted == "exactly 1" else "sources"
+            raise RecipeError(f"{where}: {method} takes {wanted} {noun} per slice, got {len(models)}")
+        for rule in rules.parameters.values():
+            if not rule.required:
+                continue
+            if rule.scope is ParameterScope.shared:
+                if rule.name not in piece.parameters and rule.name not in recipe.parameters:
+                    raise RecipeError(f"{where}: {method} needs parameter {rule.name!r} (in the slice or globally)")
+                continue
+            for taken in piece.sources:
+                if rule.scope is ParameterScope.non_base and taken.model == base:
+                    continue
+                if not any(rule.name in chain for chain in (taken.parameters, piece.parameters, recipe.parameters)):
+                    raise RecipeError(f"{where}: {method} needs parameter {rule.name!r} for source {taken.model}")
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float, read: Callable[[Any], Any] = lambda v: v) -> Any:
@@ -238,45 +394,70 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float, read: Callable[[A
     return read(setting)
 
 
-class ParameterResolver:
-    """Resolves every parameter of a method for one output tensor, per input where the method says so."""
+class SettingChains:
+    """Where the tensors of one merge (or of one slice) take their parameters: chains of settings, highest
+    precedence first, one shared by the merge and one per input (mergekit's order: the source or model, the slice,
+    the global parameters); the first setting that gives a value wins."""
 
-    def __init__(self, recipe: Recipe, tensor_names: Sequence[str]):
-        self.recipe = recipe
-        self.rules = method_rules(recipe.merge_method)
-        self.locations, self.base_index = recipe.inputs()
-        self.position = layer_positions(tensor_names)
-        self.per_model = {m.model: m.parameters for m in recipe.models}
+    def __init__(
+        self,
+        method: str,
+        shared: Sequence[Mapping[str, Any]],
+        inputs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
+        base_index: int | None,
+    ):
+        self.method = method
+        self.rules = method_rules(method)
+        self.shared = shared
+        self.inputs = inputs  # (model, its chain) per input, in the merge's order
+        self.base_index = base_index
 
-    def _value(self, rule: ParameterRule, tensor_name: str, t: float, model: str | None) -> Any:
-        for source in ((self.per_model.get(model, {}) if model else {}), self.recipe.parameters):
-            if rule.name in source:
-                value = evaluate_setting(source[rule.name], tensor_name, t, partial(self._read, rule))
+    def _value(
+        self, rule: ParameterRule, chain: Sequence[Mapping[str, Any]], name: str, t: float, model: str | None
+    ) -> Any:
+        for settings in chain:
+            if rule.name in settings:
+                value = evaluate_setting(settings[rule.name], name, t, partial(self._read, rule))
                 if value is not None:  # each scalar read as the rule's type; a gradient's point is not read again
                     return value
         if rule.required:
             raise RecipeError(
-                f"{self.recipe.merge_method}: no value of {rule.name!r} applies to tensor "
-                f"{tensor_name} for {model or 'the merge'}"
+                f"{self.method}: no value of {rule.name!r} applies to tensor {name} for {model or 'the merge'}"
             )
         return rule.default
 
     def _read(self, rule: ParameterRule, value: Any) -> Any:
-        return None if value is None else coerce_parameter(self.recipe.merge_method, rule, value)
+        return None if value is None else coerce_parameter(self.method, rule, value)
 
-    def __call__(self, tensor_name: str) -> dict[str, Any]:
-        t = self.position(tensor_name)
+    def resolve(self, tensor_name: str, t: float, input_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """Every parameter for output tensor `tensor_name` at `t`; per-input filters match the input's own name
+        (`input_names`, where a slice renames layers; as mergekit), shared ones the output's."""
         resolved: dict[str, Any] = {}
         for rule in self.rules.parameters.values():
             if rule.scope is ParameterScope.shared:
-                resolved[rule.name] = self._value(rule, tensor_name, t, None)
+                resolved[rule.name] = self._value(rule, self.shared, tensor_name, t, None)
                 continue
             resolved[rule.name] = {
-                i: self._value(rule, tensor_name, t, location)
-                for i, location in enumerate(self.locations)
+                i: self._value(rule, chain, input_names[i] if input_names else tensor_name, t, model)
+                for i, (model, chain) in enumerate(self.inputs)
                 if not (rule.scope is ParameterScope.non_base and i == self.base_index)
             }
         return resolved
+
+
+class ParameterResolver:
+    """Resolves every parameter of a `models:` recipe's method for one output tensor, per input where the method
+    says so: per-model settings, then global ones; t is the tensor's layer's depth among `tensor_names`."""
+
+    def __init__(self, recipe: Recipe, tensor_names: Sequence[str]):
+        locations, base_index = recipe.inputs()
+        per_model = {m.model: m.parameters for m in recipe.models}
+        chains = [(location, (per_model.get(location, {}), recipe.parameters)) for location in locations]
+        self.chains = SettingChains(recipe.merge_method, (recipe.parameters,), chains, base_index)
+        self.position = layer_positions(tensor_names)
+
+    def __call__(self, tensor_name: str) -> dict[str, Any]:
+        return self.chains.resolve(tensor_name, self.position(tensor_name))
 
 
 ModelOpener = Callable[[Sequence[str], "dict | None"], list[Checkpoint]]
@@ -313,7 +494,9 @@ def merge(
         side_files_from=planned.side_source,
         run=run,
         out_dtype=planned.out_dtype,
-        extras=OutputExtras(metadata={"splice_merge_method": recipe.merge_method}),
+        extras=OutputExtras(
+            metadata={"splice_merge_method": recipe.merge_method}, config_updates=planned.config_updates
+        ),
         description=f"{recipe.merge_method} merge",
     )
 
@@ -339,13 +522,15 @@ class _Planned:
     kernel: Kernel
     side_source: Checkpoint
     out_dtype: torch.dtype | None
+    config_updates: dict[str, Any]
 
 
 def in_mergekit_order(plan: list[StreamItem]) -> list[StreamItem]:
     """The plan in the order mergekit-yaml merges tensors (its scheduler's key is the tensor name), so a seeded
     random method (dare_ties, della, ...) draws its masks in mergekit's order: one seed, mergekit's output, also
-    for sharded models, whose storage order differs."""
-    return sorted(plan, key=lambda item: item.output.name)
+    for sharded models, whose storage order differs. mergekit labels a merge by the largest of its inputs' stored
+    names, which is the output's name unless slices renumber the layers."""
+    return sorted(plan, key=lambda item: max(name for _, name in item.sources))
 
 
 def _planned(
@@ -356,17 +541,79 @@ def _planned(
     locations, base_index = recipe.inputs()
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
     checkpoints = open_models(locations, run.storage_options)
-    plan = plan_same_name(checkpoints, out_dtype)
+    side_source = checkpoints[locations.index(recipe.side_files_source())]
+    config_updates: dict[str, Any] = {}
+    as_mergekit = recipe.compute == "mergekit"
+    own_kernels = prefer_own_kernels and not as_mergekit
+    if recipe.slices:
+        plan, kernel, parameters_for, config_updates = _sliced(
+            recipe, dict(zip(locations, checkpoints)), side_source, out_dtype, own_kernels
+        )
+    else:
+        plan = plan_same_name(checkpoints, out_dtype)
+        parameters_for = ParameterResolver(recipe, [item.output.name for item in plan])
+        kernel = method_kernel(recipe.merge_method, parameters_for, base_index, prefer_own=own_kernels)
     if seed is not None:
         plan = in_mergekit_order(plan)
-    resolver = ParameterResolver(recipe, [item.output.name for item in plan])
     for item in plan:
-        check_ranges(recipe.merge_method, resolver(item.output.name), item.output.name)
-    as_mergekit = recipe.compute == "mergekit"
-    kernel = method_kernel(recipe.merge_method, resolver, base_index, prefer_own=prefer_own_kernels and not as_mergekit)
+        check_ranges(recipe.merge_method, parameters_for(item.output.name), item.output.name)
+    kernel = replace(kernel, passes_through=_copied_as_stored(recipe.merge_method, plan, parameters_for))
     if as_mergekit:
         kernel = replace(kernel, precision=Precision(exact=False, inputs_as=parse_dtype(recipe.dtype)))
-    side_source = checkpoints[locations.index(recipe.side_files_source())]
     if seed is not None:
         torch.manual_seed(seed)
-    return _Planned(plan, kernel, side_source, out_dtype)
+    return _Planned(plan, kernel, side_source, out_dtype, config_updates)
+
+
+def _sliced(
+    recipe: Recipe,
+    checkpoints: Mapping[str, Checkpoint],
+    side_source: Checkpoint,
+    out_dtype: torch.dtype | None,
+    prefer_own_kernels: bool,
+) -> tuple[list[StreamItem], Kernel, TensorParameters, dict[str, Any]]:
+    """A `slices:` recipe's plan, its kernel (each output tensor merged by its slice's sources, with their base and
+    their parameters: source, slice, then global), the parameters of every output tensor, and the output config's
+    updates."""
+    pieces = recipe.slices or []
+    sliced = plan_slices(
+        [[LayerRange(s.model, *s.layer_range) for s in piece.sources] for piece in pieces],
+        checkpoints,
+        side_source,
+        out_dtype,
+    )
+    chains = []
+    for piece in pieces:
+        models, base = [s.model for s in piece.sources], piece.base(recipe)
+        inputs = [(s.model, (s.parameters, piece.parameters, recipe.parameters)) for s in piece.sources]
+        base_index = models.index(base) if base is not None else None
+        chains.append(SettingChains(recipe.merge_method, (piece.parameters, recipe.parameters), inputs, base_index))
+    where = {tensor.item.output.name: tensor for tensor in sliced.tensors}
+
+    def parameters_for(name: str) -> dict[str, Any]:
+        tensor = where[name]
+        return chains[tensor.slice].resolve(name, tensor.t, tensor.input_names)
+
+    kernels = [
+        method_kernel(recipe.merge_method, parameters_for, chain.base_index, prefer_own=prefer_own_kernels)
+        for chain in chains
+    ]
+
+    def by_slice(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return kernels[where[name].slice].compute(name, tensors)
+
+    kernel = Kernel(by_slice, elementwise=kernels[0].elementwise)
+    return [tensor.item for tensor in sliced.tensors], kernel, parameters_for, sliced.config_updates
+
+
+def _copied_as_stored(method: str, plan: Sequence[StreamItem], parameters_for: TensorParameters) -> frozenset[str]:
+    """The tensors passthrough copies unscaled into the dtype they are stored in: the writer copies their bytes."""
+    if method != "passthrough":
+        return frozenset()
+    copied = []
+    for item in plan:
+        checkpoint, stored = item.sources[0]
+        scale = parameters_for(item.output.name)["scale"][0]
+        if scale is None and checkpoint.tensors[stored].dtype == item.output.dtype:
+            copied.append(item.output.name)
+    return frozenset(copied)
