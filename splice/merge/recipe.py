@@ -27,13 +27,14 @@ from typing import Annotated, Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from typing_extensions import Unpack
 
 from splice.arch.layers import layer_positions
 from splice.errors import RecipeError
 from splice.merge.kernels import method_kernel
 from splice.merge.methods import BasePolicy, ParameterRule, ParameterScope, check_ranges, coerce_parameter, method_rules
+from splice.merge.reference_syntax import parse_reference, reference_text
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import parse_dtype
@@ -62,10 +63,14 @@ class Conditional(BaseModel):
 # every float finite: YAML's .nan / .inf are refused
 Setting = Annotated[Scalar | list[Scalar] | list[Conditional] | Conditional, Bounded]
 
+ModelReference = Annotated[str, BeforeValidator(reference_text)]
+"""A model as a recipe writes it: `path[@revision][+adapter[@revision]]`, or mergekit's `{model, lora}` mapping
+(read as that string); `splice.workflows.references` resolves it."""
+
 
 class InputModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: ModelReference
     parameters: dict[str, Setting] = {}
 
 
@@ -73,7 +78,7 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     models: list[InputModel]
-    base_model: str | None = None
+    base_model: ModelReference | None = None
     parameters: dict[str, Setting] = {}
     dtype: str | None = None
     out_dtype: str | None = None
@@ -172,6 +177,12 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
     if not recipe.models:
         raise RecipeError(f"{source}: models is empty; list the models to merge")
     locations, base_index = recipe.inputs()
+    for location in locations:
+        try:
+            if not os.path.exists(location):  # an existing path is that path, whatever it holds
+                parse_reference(location)
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: {exc}") from None
     if rules.base is BasePolicy.required and base_index is None:
         raise RecipeError(f"{source}: {method} needs base_model")
     if rules.base is BasePolicy.forbidden and base_index is not None:
@@ -278,6 +289,9 @@ class ParameterResolver:
 ModelOpener = Callable[[Sequence[str], "dict | None"], list[Checkpoint]]
 """(model references as a recipe writes them, storage options) -> their checkpoints, in order."""
 
+ModelLocator = Callable[[Sequence[str]], list[str]]
+"""(model references as a recipe writes them) -> every location they read: what an output must not overlap."""
+
 
 def merge(
     recipe: Recipe | str | os.PathLike,
@@ -286,13 +300,15 @@ def merge(
     prefer_own_kernels: bool = True,
     seed: int | None = None,
     open_models: ModelOpener = open_all,
+    locate_models: ModelLocator = list,
     run: RunOptions | None = None,
     **run_keywords: Unpack[RunKeywords],
 ) -> StreamReport:
     """Run a recipe (a Recipe, or the path of a YAML file) and write the merged model to `out`.
 
     `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della). `open_models`
-    opens the recipe's model references (default: each a directory or fsspec URL). `run` (or its fields as
+    opens the recipe's model references (default: each a directory or fsspec URL) and `locate_models` says what
+    they read, which `out` must not overlap (default: the references themselves). `run` (or its fields as
     keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
     """
     run = run_options(run, run_keywords, "merge")
@@ -300,7 +316,7 @@ def merge(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     locations, _ = recipe.inputs()
-    ensure_output_free(out, run.force, protected=[*locations, *recipe_file])
+    ensure_output_free(out, run.force, protected=[*locate_models(locations), *recipe_file])
     planned = _planned(recipe, run, prefer_own_kernels, seed, open_models)
     return run_stream(
         planned.plan,
