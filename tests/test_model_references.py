@@ -31,6 +31,7 @@ from splice.adapters.apply import apply_patches
 from splice.adapters.extract import extract_patch
 from splice.errors import CheckpointError, PatchError, RecipeError, SpliceError
 from splice.merge.recipe import Recipe, parse_recipe
+from splice.tensors.checkpoint import Checkpoint
 
 from conftest import perturbed, save, tiny_model
 from helpers import load_dir
@@ -165,16 +166,29 @@ def one_line(error: BaseException, *needles: str) -> str:
 
 
 @pytest.mark.parametrize("method", ["linear", "ties"])
-def test_base_plus_lora_equals_merging_what_peft_merge_and_unload_saves(world, tmp_path, method):
+def test_base_plus_lora_equals_merging_what_peft_merge_and_unload_saves(world, tmp_path, method, monkeypatch):
     base = str(world.third) if method == "ties" else None
-    # small blocks: the elementwise linear merge reads every LoRA-adapted tensor as blocks of rows
+    reads: list[tuple[str, tuple[int, int] | None]] = []
+    read = Checkpoint.read
+
+    def spy(self, name, rows=None):
+        if type(self) is Checkpoint and Path(self.root) == world.base:
+            reads.append((name, rows))
+        return read(self, name, rows)
+
+    monkeypatch.setattr(Checkpoint, "read", spy)
+    # small blocks: the elementwise linear merge reads every tensor (LoRA-adapted ones too) as blocks of rows
     ours = merged(tmp_path, "ours", method, f"{world.base}+{world.lora}", str(world.other), base, chunk_bytes=256)
+    monkeypatch.undo()
     theirs = merged(tmp_path, "theirs", method, str(world.merged), str(world.other), base)
     assert_states_close(ours, theirs)
     without = merged(tmp_path, "without", method, str(world.base), str(world.other), base)
     adapted = [n for n in theirs if not torch.equal(theirs[n], without[n])]
-    assert len(adapted) == 2 * 2 + 2 + 2  # q, v per layer, down per layer, embed_tokens, lm_head: the adapter counts
+    assert len(adapted) == 2 * 2 + 2 + 2  # q, v and down per layer, embed_tokens, lm_head: what the adapter targets
     assert min(float((theirs[n] - without[n]).abs().max()) for n in adapted) > 1e-3
+    adapted_reads = [rows for name, rows in reads if name in adapted]
+    if method == "linear":  # each block of an adapted tensor computed from the same rows of W alone
+        assert adapted_reads and all(rows is not None for rows in adapted_reads)
 
 
 def test_the_mapping_form_of_a_reference_reads_as_its_string(world):
