@@ -17,6 +17,7 @@ import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import huggingface_hub
 import pytest
@@ -34,7 +35,7 @@ from splice.merge.recipe import Recipe, parse_recipe
 from splice.tensors.checkpoint import Checkpoint
 
 from conftest import perturbed, save, tiny_model
-from helpers import load_dir
+from helpers import load_dir, run_cli
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"]
 ROOT = Path(splice.__file__).parents[1]
@@ -376,11 +377,15 @@ def test_splice_merge_on_the_command_line_reads_the_cache_offline(world, tmp_pat
         (world.other / "config.json").read_text()
     )
 
-    missing = [*command[:4], str(tmp_path / "missing.yml"), "--out", str(tmp_path / "out2")]
-    (tmp_path / "missing.yml").write_text(recipe_file.read_text().replace("org/tiny-base+", "org/gone+"))
-    failed = subprocess.run(missing, capture_output=True, text=True, timeout=180, env=env, cwd=workdir)
-    assert failed.returncode != 0 and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
-    assert "org/gone (revision main)" in failed.stderr and "hf download org/gone" in failed.stderr
+
+def test_what_the_cache_lacks_is_one_line_on_the_command_line(world, hub, tmp_path, monkeypatch, capsys):
+    recipe_file = tmp_path / "recipe.yml"
+    models = [{"model": "org/gone+org/tiny-lora"}, {"model": str(world.third)}]
+    recipe_file.write_text(yaml.safe_dump({"merge_method": "linear", "models": models, "parameters": {"weight": 1}}))
+    code, _, err = run_cli(["merge", recipe_file, "--out", tmp_path / "out", "--device", "cpu"], monkeypatch, capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "org/gone (revision main)" in err and "hf download org/gone" in err and str(world.cache) in err
+    assert not (tmp_path / "out").exists()
 
 
 SWEEP_HOOK = textwrap.dedent("""
@@ -406,23 +411,54 @@ def run_sweep(where: Path, search: dict, hook: Path, recipe_document: dict | Non
     return splice.sweep(where / "sweep.yml", workers=1, run=splice.RunOptions(device="cpu"))
 
 
-def test_sweeps_read_references(world, tmp_path):
+def test_sweeps_read_references(world, tmp_path, monkeypatch):
     """A greedy soup whose ingredient is `base+lora` (its same-tensors check, its soups), and a searched recipe
-    with one: each equals the same sweep over peft's merged model."""
+    with one (mergekit's mapping form, relative paths): each equals the same sweep over peft's merged model."""
+    monkeypatch.chdir(world.root)
     hook = tmp_path / "hook.py"
-    hook.write_text(SWEEP_HOOK.format(target=str(world.third / "model.safetensors")))
-    for name, adapted in [("references", f"{world.base}+{world.lora}"), ("merged", str(world.merged))]:
-        run_sweep(
-            tmp_path / name / "greedy", {"method": "greedy_soup", "ingredients": [adapted, str(world.other)]}, hook
-        )
+    hook.write_text(SWEEP_HOOK.format(target=str(world.merged / "model.safetensors")))  # the adapted model is best
+    variants = [("references", "base+lora", {"model": "base", "lora": "lora"}), ("merged", "merged", "merged")]
+    reports = {}
+    for name, ingredient, model in variants:
+        greedy = {"method": "greedy_soup", "ingredients": [ingredient, "other"]}
+        reports[name, "greedy"] = run_sweep(tmp_path / name / "greedy", greedy, hook)
         document = {
             "merge_method": "linear",
             "models": [
-                {"model": adapted, "parameters": {"weight": {"search": "choice", "values": [0.2, 0.8]}}},
-                {"model": str(world.other), "parameters": {"weight": 0.5}},
+                {"model": model, "parameters": {"weight": {"search": "choice", "values": [0.2, 0.8]}}},
+                {"model": "other", "parameters": {"weight": 0.5}},
             ],
         }
-        run_sweep(tmp_path / name / "grid", {"method": "grid"}, hook, document)
+        reports[name, "grid"] = run_sweep(tmp_path / name / "grid", {"method": "grid"}, hook, document)
     for kind in ("greedy", "grid"):
         ours = load_dir(tmp_path / "references" / kind / "out" / "best")
         assert_states_close(ours, load_dir(tmp_path / "merged" / kind / "out" / "best"))
+    assert [t.score for t in reports["references", "grid"].trials] == pytest.approx(
+        [t.score for t in reports["merged", "grid"].trials], rel=1e-6
+    )
+    assert len(reports["references", "grid"].trials) == 2
+    assert all(t.score is not None for t in reports["references", "grid"].trials)
+    greedy = reports["references", "greedy"].greedy
+    assert not greedy.failed and greedy.kept[0] == f"{world.base}+{world.lora}"  # recorded absolute
+    assert greedy.scores == pytest.approx({f"{world.base}+{world.lora}": 0.0, str(world.other): mock.ANY}, abs=1e-6)
+
+
+def test_a_sweep_pushes_only_against_a_stored_base(world, tmp_path):
+    document = {
+        "merge_method": "task_arithmetic",
+        "base_model": f"{world.base}+{world.lora}",
+        "models": [{"model": str(world.other), "parameters": {"weight": {"search": "choice", "values": [0.5, 1]}}}],
+    }
+    sweep = {
+        "recipe": document,
+        "search": {"method": "grid"},
+        "evaluate": {"hook": f"{tmp_path / 'hook.py'}:score"},
+        "push": {"name": "best", "registry": str(tmp_path / "registry")},
+        "out": str(tmp_path / "out"),
+    }
+    (tmp_path / "hook.py").write_text("def score(state):\n    return 0.0\n")
+    (tmp_path / "sweep.yml").write_text(yaml.safe_dump(sweep))
+    with pytest.raises(SpliceError) as caught:
+        splice.sweep(tmp_path / "sweep.yml", workers=1, run=splice.RunOptions(device="cpu"))
+    one_line(caught.value, "push.base", f"{world.base}+{world.lora} is a model with an adapter applied on the fly")
+    assert not (tmp_path / "out").exists()

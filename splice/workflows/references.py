@@ -64,7 +64,7 @@ def recorded_reference(reference: str) -> str:
     parts = parse_reference(reference)
     kept = [parts.model, *([parts.adapter] if parts.adapter is not None else [])]
     return "+".join(
-        recorded_location(part.path) if os.path.exists(part.path) and not URL.match(part.path) else str(part)
+        recorded_location(str(part)) if not URL.match(part.path) and os.path.exists(str(part)) else str(part)
         for part in kept
     )
 
@@ -72,16 +72,15 @@ def recorded_reference(reference: str) -> str:
 def open_reference(reference: str, storage_options: dict | None = None) -> Checkpoint:
     """The model a reference names, with its adapter applied on the fly (streamed: nothing is merged ahead)."""
     resolved = resolve_reference(reference)
+    if resolved.adapter is not None:
+        _check_adapter_exists(resolved.adapter, storage_options, reference)
     model = Checkpoint.open(resolved.model, storage_options)
     if resolved.adapter is None:
         return model
     try:
-        _check_adapter_exists(resolved.adapter, storage_options, reference)
         return patched_checkpoint(model, resolved.adapter, storage_options, location=reference)
     except SpliceError as exc:
         model.close()
-        if str(exc).startswith(f"model {reference}:"):
-            raise
         raise PatchError(f"model {reference}: {exc}") from None
 
 

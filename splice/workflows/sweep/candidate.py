@@ -110,7 +110,7 @@ def _one_line(error: Exception) -> str:
 
 def _merged(candidate: Candidate, evaluator: Evaluator) -> tuple[dict[str, torch.Tensor], str]:
     if isinstance(candidate, SoupCandidate):
-        return _soup(candidate, evaluator), candidate.kept[0]
+        return _soup(candidate, evaluator), model_location(candidate.kept[0])
     if subject_kind(candidate.recipe) == "port":
         return _port(candidate, evaluator)
     recipe = parse_recipe(candidate.recipe, f"trial {candidate.number}")
