@@ -254,6 +254,22 @@ def test_hub_ids_resolve_from_the_cache(world, hub, tmp_path):
     assert_states_equal(both, with_lora)
 
 
+def test_a_cache_snapshot_carries_its_blobs_and_nothing_else(world, hub, tmp_path, monkeypatch):
+    """Side files of a snapshot are links to the repo's blobs, copied as the files they are; a link out of the blobs
+    (nothing huggingface_hub writes) is refused as any symbolic link is."""
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"secret": true}')
+    cache = tmp_path / "hub"  # its own cache: the shared one stays as huggingface_hub writes caches
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    commit = put_in_hub_cache(cache, "org/linked", {"main": world.base})["main"]
+    snapshot = cache / "models--org--linked" / "snapshots" / commit
+    (snapshot / "tokenizer_config.json").symlink_to(secret)
+    splice.merge(recipe("linear", "org/linked", str(world.third)), tmp_path / "out", device="cpu")
+    assert (tmp_path / "out" / "config.json").read_bytes() == (world.base / "config.json").read_bytes()
+    assert (tmp_path / "out" / "generation_config.json").is_file()
+    assert not (tmp_path / "out" / "tokenizer_config.json").exists()
+
+
 def test_a_local_directory_shadows_a_repo_id_of_its_name(world, hub, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(world.other, tmp_path / "org" / "tiny-base")
