@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from typing_extensions import Unpack
 
-from splice.adapters.compose import check_plan_shapes, composition_plan, patched_value
+from splice.adapters.compose import base_steps, patched_value
 from splice.adapters.patch import PatchError
 from splice.adapters.sources import PatchSource, load_patch, patch_location
 from splice.options import RunKeywords, RunOptions, run_options
@@ -65,8 +65,7 @@ def patched_plan(
     loaded = [load_patch(p, storage_options, base=base) for p in patches]
     for patch in loaded if check_bases else ():
         patch.check_base(base, allow_drift=allow_base_drift)
-    plan = composition_plan(loaded)
-    check_plan_shapes(plan, lambda name: base.tensors[name].shape if name in base.tensors else None, base.location)
+    plan = base_steps(loaded, base)
 
     def patched(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         return patched_value(tensors[0], plan.get(name, []))

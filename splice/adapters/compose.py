@@ -58,11 +58,30 @@ def check_plan_shapes(
             raise PatchError(f"a patch changes {name} as shape {list(steps[0].shape)}, {where} has {list(shape)}")
 
 
-def patched_value(value: torch.Tensor, steps: Sequence[Step]) -> torch.Tensor:
-    """A base tensor after its steps, computed in the value's dtype and device."""
+def base_steps(patches: Sequence[Patch], base: Checkpoint) -> dict[str, list[Step]]:
+    """Per tensor of `base`, the steps of `patches` in order: overlaps resolved, every tensor they change there in
+    the shape they were made for."""
+    plan = composition_plan(patches)
+    check_plan_shapes(plan, lambda name: base.tensors[name].shape if name in base.tensors else None, base.location)
+    return plan
+
+
+def patched_value(value: torch.Tensor, steps: Sequence[Step], rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """A base tensor after its steps, computed in the value's dtype and device; with `rows=(a, b)`, `value` is rows
+    a..b of the tensor and so is the result (for steps that compute rows apart: `computes_rows`)."""
     for step in steps:
-        value = step.compute(value)
+        if rows is None:
+            value = step.compute(value)
+        elif step.compute_rows is not None:
+            value = step.compute_rows(value, rows)
+        else:
+            raise ValueError("a step that needs the whole tensor was given a block of rows")
     return value
+
+
+def computes_rows(steps: Sequence[Step]) -> bool:
+    """Whether a block of rows of the patched tensor comes from the same rows of the base tensor alone."""
+    return all(step.compute_rows is not None for step in steps)
 
 
 def with_base_record(patch: Patch, base: Checkpoint) -> Patch:

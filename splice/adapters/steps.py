@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from splice.adapters.meta import PatchMeta
+from splice.tensors.views import Rows
 
 
 class Effect(Enum):
@@ -29,6 +30,9 @@ class Step:
     shape: tuple[int, ...]  # the shape of the base tensor this step was made for
     # current value (fp32, on the compute device) -> new value; may update the value it is given in place
     compute: Callable[[torch.Tensor], torch.Tensor]
+    # (rows a..b of the current value, (a, b)) -> those rows of the new value, as `compute` would give them; None
+    # where a block of rows needs more of the tensor than the same rows
+    compute_rows: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] | None = None
 
 
 class PatchContents(Protocol):
@@ -48,17 +52,27 @@ def replace_steps(patch: PatchContents) -> dict[str, Step]:
 
 def replace_step(patch: PatchContents, name: str) -> Step:
     """The patch tensor `name` replaces the base tensor of its name."""
-    return Step(Effect.replace, tuple(patch.shapes[name]), partial(_replaced, patch, name))
+    replaced = partial(_replaced, patch, name)
+    return Step(Effect.replace, tuple(patch.shapes[name]), replaced, replaced)
 
 
-def _replaced(patch: PatchContents, name: str, value: torch.Tensor) -> torch.Tensor:
-    return patch.tensors[name].to(value)
+def _replaced(patch: PatchContents, name: str, value: torch.Tensor, rows: Rows = None) -> torch.Tensor:
+    return rows_of(patch.tensors[name], rows).to(value)
 
 
 def add_steps(patch: PatchContents) -> dict[str, Step]:
     """Every patch tensor is added to the base tensor of its name."""
-    return {name: Step(Effect.add, patch.shapes[name], partial(_added, patch, name)) for name in patch.tensors}
+    steps = {}
+    for name in patch.tensors:
+        added = partial(_added, patch, name)
+        steps[name] = Step(Effect.add, patch.shapes[name], added, added)
+    return steps
 
 
-def _added(patch: PatchContents, name: str, value: torch.Tensor) -> torch.Tensor:
-    return value + patch.tensors[name].to(value)
+def _added(patch: PatchContents, name: str, value: torch.Tensor, rows: Rows = None) -> torch.Tensor:
+    return value + rows_of(patch.tensors[name], rows).to(value)
+
+
+def rows_of(tensor: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """Rows a..b of dim 0 (all of them for None)."""
+    return tensor if rows is None else tensor[rows[0] : rows[1]]

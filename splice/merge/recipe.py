@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 from typing_extensions import Unpack
 
 from splice.arch.layers import layer_positions
@@ -46,6 +46,7 @@ from splice.merge.methods import (
     coerce_parameter,
     method_rules,
 )
+from splice.merge.reference_syntax import parse_reference, reference_text
 from splice.merge.slices import LayerRange, plan_slices
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.checkpoint import Checkpoint
@@ -76,16 +77,20 @@ class Conditional(BaseModel):
 # every float finite: YAML's .nan / .inf are refused
 Setting = Annotated[Scalar | list[Scalar] | list[Conditional] | Conditional, Bounded]
 
+ModelReference = Annotated[str, BeforeValidator(reference_text)]
+"""A model as a recipe writes it: `path[@revision][+adapter[@revision]]`, or mergekit's `{model, lora}` mapping
+(read as that string); `splice.workflows.references` resolves it."""
+
 
 class InputModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: ModelReference
     parameters: dict[str, Setting] = {}
 
 
 class SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: ModelReference
     layer_range: tuple[int, int]  # [start, end): mergekit's exclusive end
     parameters: dict[str, Setting] = {}
 
@@ -93,7 +98,7 @@ class SliceSource(BaseModel):
 class OutputSlice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource]
-    base_model: str | None = None
+    base_model: ModelReference | None = None
     parameters: dict[str, Setting] = {}
 
     def base(self, recipe: Recipe) -> str | None:
@@ -109,7 +114,7 @@ class Recipe(BaseModel):
     merge_method: str
     models: list[InputModel] = []
     slices: list[OutputSlice] | None = None
-    base_model: str | None = None
+    base_model: ModelReference | None = None
     parameters: dict[str, Setting] = {}
     dtype: str | None = None
     out_dtype: str | None = None
@@ -254,9 +259,9 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
         *((f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(recipe.models)),
         *((f"slices[{i}].parameters", s.parameters) for i, s in enumerate(recipe.slices or [])),
         *(
-            (f"slices[{i}].sources[{j}] ({source.model})", source.parameters)
+            (f"slices[{i}].sources[{j}] ({entry.model})", entry.parameters)
             for i, s in enumerate(recipe.slices or [])
-            for j, source in enumerate(s.sources)
+            for j, entry in enumerate(s.sources)
         ),
     ]:
         for name in settings:
@@ -266,6 +271,12 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
         _validate_slices(recipe, source)
     else:
         _validate_models(recipe, source)
+    for location in recipe.inputs()[0]:
+        try:
+            if not os.path.exists(location):  # an existing path is that path, whatever it holds
+                parse_reference(location)
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: {exc}") from None
     if recipe.tokenizer_source not in (None, "base", recipe.side_files_source()):
         raise RecipeError(
             f"{source}: tokenizer_source: {recipe.tokenizer_source!r} is not supported yet; splice "
@@ -463,6 +474,9 @@ class ParameterResolver:
 ModelOpener = Callable[[Sequence[str], "dict | None"], list[Checkpoint]]
 """(model references as a recipe writes them, storage options) -> their checkpoints, in order."""
 
+ModelLocator = Callable[[Sequence[str]], list[str]]
+"""(model references as a recipe writes them) -> every location they read: what an output must not overlap."""
+
 
 def merge(
     recipe: Recipe | str | os.PathLike,
@@ -471,13 +485,15 @@ def merge(
     prefer_own_kernels: bool = True,
     seed: int | None = None,
     open_models: ModelOpener = open_all,
+    locate_models: ModelLocator = list,
     run: RunOptions | None = None,
     **run_keywords: Unpack[RunKeywords],
 ) -> StreamReport:
     """Run a recipe (a Recipe, or the path of a YAML file) and write the merged model to `out`.
 
     `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della). `open_models`
-    opens the recipe's model references (default: each a directory or fsspec URL). `run` (or its fields as
+    opens the recipe's model references (default: each a directory or fsspec URL) and `locate_models` says what
+    they read, which `out` must not overlap (default: the references themselves). `run` (or its fields as
     keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
     """
     run = run_options(run, run_keywords, "merge")
@@ -485,7 +501,7 @@ def merge(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     locations, _ = recipe.inputs()
-    ensure_output_free(out, run.force, protected=[*locations, *recipe_file])
+    ensure_output_free(out, run.force, protected=[*locate_models(locations), *recipe_file])
     planned = _planned(recipe, run, prefer_own_kernels, seed, open_models)
     return run_stream(
         planned.plan,

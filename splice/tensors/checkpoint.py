@@ -236,7 +236,9 @@ class Checkpoint:
         `limit` bytes, else CheckpointError. `follow_links=False` refuses a symbolic link too."""
         where = f"{self.location}/{name}"
         if self.is_local:
-            return _read_local_file(_join(self.root, name), limit, follow_links, where)
+            path = _join(self.root, name)
+            blob = None if follow_links else _hub_cache_blob(self.root, path)
+            return _read_local_file(blob or path, limit, follow_links, where)
         info = self.fs.info(_join(self.root, name))
         if info.get("type") != "file" or (info.get("islink") and not follow_links):
             raise CheckpointError(f"{where} is not a regular file")
@@ -280,6 +282,17 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.location!r}, {len(self.tensors)} tensors in {len(self.shards)} shards)"
+
+
+def _hub_cache_blob(root: str, path: str) -> str | None:
+    """The blob a file of a Hugging Face cache snapshot links to, as huggingface_hub lays the cache out
+    (models--ORG--NAME/snapshots/<commit>/<file> -> ../../blobs/<hash>): a link that carries nothing from outside
+    the model's own files. None for any other file or link."""
+    snapshot = Path(root)
+    if snapshot.parent.name != "snapshots" or not os.path.islink(path):
+        return None
+    target = os.path.realpath(path)
+    return target if Path(target).parent == Path(os.path.realpath(snapshot.parent.parent / "blobs")) else None
 
 
 def _read_local_file(path: str, limit: int, follow_links: bool, where: str) -> bytes:

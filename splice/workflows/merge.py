@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 from typing_extensions import Unpack
 
 from splice.merge import recipe as recipes
 from splice.options import RunKeywords, RunOptions
-from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.stream import StreamReport, open_all
-
-
-def open_model_references(references: Sequence[str], storage_options: dict | None = None) -> list[Checkpoint]:
-    """Each model reference of a recipe opened: a directory or fsspec URL."""
-    return open_all(references, storage_options)
+from splice.tensors.stream import StreamReport
+from splice.workflows.references import open_model_references, reference_locations
 
 
 def merge(
@@ -39,6 +33,7 @@ def merge(
         prefer_own_kernels=prefer_own_kernels,
         seed=seed,
         open_models=open_model_references,
+        locate_models=reference_locations,
         run=run,
         **run_keywords,
     )

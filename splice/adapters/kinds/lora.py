@@ -31,7 +31,7 @@ import torch
 
 from splice.adapters.deltas import Extracted, deltas, left_out_warnings
 from splice.adapters.kinds.spec import KindSpec, describe_plain
-from splice.adapters.steps import Effect, PatchContents, Step, replace_step
+from splice.adapters.steps import Effect, PatchContents, Step, replace_step, rows_of
 from splice.errors import PatchError
 from splice.progress import Progress
 from splice.tensors.checkpoint import Checkpoint
@@ -98,17 +98,23 @@ def lora_steps(patch: PatchContents) -> dict[str, Step]:
         start = f"{module}.weight" if f"{module}.weight" in replaced else None
 
         def compute(
-            value: torch.Tensor, module: str = module, scale: float = scale, start: str | None = start
+            value: torch.Tensor,
+            block: tuple[int, int] | None = None,
+            *,
+            module: str = module,
+            scale: float = scale,
+            start: str | None = start,
         ) -> torch.Tensor:
+            """The weight, or rows `block` of it: rows of W (or of the stored start) plus those rows of B times A."""
             if start is not None:
-                value = patch.tensors[start].to(device=value.device, dtype=value.dtype, copy=True)
+                value = rows_of(patch.tensors[start], block).to(device=value.device, dtype=value.dtype, copy=True)
             a = patch.tensors[module + SUFFIX_A].to(device=value.device, dtype=value.dtype)
-            b = patch.tensors[module + SUFFIX_B].to(device=value.device, dtype=value.dtype)
+            b = rows_of(patch.tensors[module + SUFFIX_B], block).to(device=value.device, dtype=value.dtype)
             return value.addmm_(b, a, alpha=scale)  # in place: no new tensor of the weight's size
 
         if start is not None and tuple(shapes[start]) != (rows, cols):
             raise PatchError(f"LoRA patch: {start} is {list(shapes[start])} but its factors make {[rows, cols]}")
-        steps[f"{module}.weight"] = Step(Effect.replace if start else Effect.add, (rows, cols), compute)
+        steps[f"{module}.weight"] = Step(Effect.replace if start else Effect.add, (rows, cols), compute, compute)
     for name in replaced:
         if name not in steps:
             steps[name] = replace_step(patch, name)

@@ -25,8 +25,8 @@ from splice.merge.recipe import parse_recipe
 from splice.merge.soup import add_to_soup, soup_of
 from splice.options import RunOptions
 from splice.tensors.device import resolve_device
-from splice.tensors.stream import open_all
 from splice.workflows.merge import merge, merged_state
+from splice.workflows.references import model_location, open_model_references
 from splice.workflows.sweep.subjects import port_spec, subject_kind
 
 Value = bool | int | float | str
@@ -110,7 +110,7 @@ def _one_line(error: Exception) -> str:
 
 def _merged(candidate: Candidate, evaluator: Evaluator) -> tuple[dict[str, torch.Tensor], str]:
     if isinstance(candidate, SoupCandidate):
-        return _soup(candidate, evaluator), candidate.kept[0]
+        return _soup(candidate, evaluator), model_location(candidate.kept[0])
     if subject_kind(candidate.recipe) == "port":
         return _port(candidate, evaluator)
     recipe = parse_recipe(candidate.recipe, f"trial {candidate.number}")
@@ -119,7 +119,7 @@ def _merged(candidate: Candidate, evaluator: Evaluator) -> tuple[dict[str, torch
     if candidate.keep_dir is not None:  # the sweep's own directory: a re-run trial (resumed, retried) replaces it
         merge(recipe, candidate.keep_dir, seed=evaluator.seed, run=run.replace(force=True))
         return state, candidate.keep_dir
-    return state, recipe.side_files_source()
+    return state, model_location(recipe.side_files_source())
 
 
 def _port(candidate: MergeCandidate, evaluator: Evaluator) -> tuple[dict[str, torch.Tensor], str]:
@@ -147,14 +147,14 @@ def _soup(candidate: SoupCandidate, evaluator: Evaluator) -> dict[str, torch.Ten
         _last_soup.clear()
         kept = candidate.kept
         if held and len(kept) == len(held) + 1 and kept[:-1] == held:  # one more ingredient joined
-            (joined,) = open_all([kept[-1]], evaluator.storage_options)
+            (joined,) = open_model_references([kept[-1]], evaluator.storage_options)
             soup = add_to_soup(held_soup, len(held), joined, device)
         else:
-            soup = soup_of(open_all(list(kept), evaluator.storage_options), device)
+            soup = soup_of(open_model_references(list(kept), evaluator.storage_options), device)
         _last_soup[kept] = soup
     if candidate.ingredient is None:
         return soup
-    (ingredient,) = open_all([candidate.ingredient], evaluator.storage_options)
+    (ingredient,) = open_model_references([candidate.ingredient], evaluator.storage_options)
     return add_to_soup(soup, len(candidate.kept), ingredient, device)
 
 

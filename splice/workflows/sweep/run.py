@@ -22,15 +22,22 @@ from splice.adapters.sources import load_patch
 from splice.errors import OutputExistsError, SpliceError, parameter
 from splice.hooks import hook_file
 from splice.merge.recipe import parse_recipe
+from splice.merge.reference_syntax import reference_text
 from splice.merge.soup import soup_of, write_soup
 from splice.options import RunOptions
 from splice.progress import Progress
 from splice.registry.store import Registry
-from splice.tensors.checkpoint import recorded_location
+from splice.tensors.checkpoint import Checkpoint, recorded_location
 from splice.tensors.device import resolve_device
 from splice.tensors.stream import check_same_tensors, open_all
 from splice.tensors.writer import check_report_dir, refuse_overlap, write_report_files
 from splice.workflows.merge import merge
+from splice.workflows.references import (
+    open_model_references,
+    recorded_reference,
+    reference_locations,
+    resolve_reference,
+)
 from splice.workflows.sweep.candidate import Evaluator, MergeCandidate, Outcome, SoupCandidate, Value
 from splice.workflows.sweep.executors import (
     Executor,
@@ -50,7 +57,7 @@ from splice.workflows.sweep.results import (
     SweepReport,
     result_files,
 )
-from splice.workflows.sweep.space import fill, grid_size
+from splice.workflows.sweep.space import SEARCH_KEY, fill, grid_size
 from splice.workflows.sweep.study import (
     JOURNAL,
     OnTrial,
@@ -165,21 +172,43 @@ def _check_inputs(loaded: Sweep, storage_options: dict | None) -> None:
     not every trial failing."""
     if loaded.port is not None:
         load_patch(loaded.port.patch, storage_options)
-        models = [m for m in (loaded.port.to, loaded.port.old_base) if m is not None]
-    else:
-        models = loaded.inputs
-    checkpoints = open_all(models, storage_options)
+    checkpoints = _open_models(loaded, storage_options)
     if loaded.method == "greedy_soup":  # ingredients soup tensor by tensor: the same names, shapes and dtypes
         check_same_tensors(checkpoints)
     for checkpoint in checkpoints:
         checkpoint.close()
 
 
+def _open_models(loaded: Sweep, storage_options: dict | None) -> list[Checkpoint]:
+    """The models a candidate reads: a port's bases, or the recipe's (or greedy soup's) model references."""
+    if loaded.port is not None:
+        return open_all([m for m in (loaded.port.to, loaded.port.old_base) if m is not None], storage_options)
+    return open_model_references(loaded.inputs, storage_options)
+
+
+def _input_locations(loaded: Sweep) -> list[str]:
+    """Every location the sweep reads: what its output must not overlap."""
+    return loaded.inputs if loaded.port is not None else reference_locations(loaded.inputs)
+
+
+def _push_base(loaded: Sweep) -> str | None:
+    """The stored model a pushed patch is made against (a repo id resolved in the Hugging Face cache)."""
+    if loaded.push_base is None:
+        return None
+    resolved = resolve_reference(loaded.push_base)
+    if resolved.adapter is not None:
+        raise SpliceError(
+            f"{loaded.source}: push.base: {loaded.push_base} is a model with an adapter applied on the fly; a pushed "
+            "patch is made against a stored model: set push.base to one"
+        )
+    return resolved.model
+
+
 def _registry(loaded: Sweep, run: RunOptions) -> Registry | None:
     """Where `push:` sends the best, checked before any trial."""
     if loaded.file.push is None:
         return None
-    if loaded.push_base is None:
+    if _push_base(loaded) is None:
         raise SpliceError(
             f"{loaded.source}: push.base: say which base the pushed patch is made against (the recipe has no "
             "base_model)"
@@ -194,7 +223,7 @@ def _output(loaded: Sweep, out: str | os.PathLike | None, resume: bool, force: b
         raise SpliceError(f"{loaded.source}: say where the results go: `out:` in the file, or {parameter('out')}")
     where = Path(out if out is not None else str(loaded.out))
     hook = hook_file(loaded.hook_function)
-    protected = [*loaded.inputs, loaded.source, *([hook] if hook else []), *registries]
+    protected = [*_input_locations(loaded), loaded.source, *([hook] if hook else []), *registries]
     refuse_overlap(where, protected)
     journal = where / JOURNAL
     if resume:
@@ -250,7 +279,7 @@ def _resources_for(loaded: Sweep, evaluator: Evaluator) -> Callable[[dict[str, f
     """A candidate's Ray resources once the cluster's are known: a core, a GPU when the cluster has them and the
     merge may use one, and memory for the merged model in memory twice over (the merge's result and what an
     evaluation makes of it) and a worker's own, refused up front when no node could ever hold it."""
-    checkpoints = open_all(loaded.inputs, evaluator.storage_options)
+    checkpoints = _open_models(loaded, evaluator.storage_options)
     model_bytes = max(c.total_bytes for c in checkpoints) * 2  # float32 working copies of half-precision inputs
     memory = 2 * model_bytes + WORKER_BASELINE_BYTES
 
@@ -303,13 +332,18 @@ def _with_absolute_inputs(loaded: Sweep) -> Sweep:
     def absolute(location: Any) -> Any:
         return recorded_location(location) if isinstance(location, str) else location
 
+    def absolute_reference(reference: Any) -> Any:  # a model reference (mergekit's mapping read as its string)
+        if isinstance(reference, dict) and SEARCH_KEY not in reference:
+            reference = reference_text(reference)
+        return recorded_reference(reference) if isinstance(reference, str) else reference
+
     if isinstance(recipe.get("models"), list):
         recipe["models"] = [
-            {**entry, "model": absolute(entry.get("model"))} if isinstance(entry, dict) else entry
+            {**entry, "model": absolute_reference(entry.get("model"))} if isinstance(entry, dict) else entry
             for entry in recipe["models"]
         ]
     if "base_model" in recipe:
-        recipe["base_model"] = absolute(recipe["base_model"])
+        recipe["base_model"] = absolute_reference(recipe["base_model"])
     if isinstance(recipe.get(PORT_KEY), dict):
         port = recipe[PORT_KEY]
         recipe[PORT_KEY] = {key: absolute(port[key]) if key in PORT_LOCATIONS else port[key] for key in port}
@@ -335,7 +369,7 @@ def _greedy(loaded: Sweep, runner: Executor, listener: OnTrial, run: RunOptions)
         records.append(record)
         listener(record)
 
-    ingredients = [recorded_location(path) for path in loaded.ingredients]
+    ingredients = [recorded_reference(path) for path in loaded.ingredients]
     outcome = GreedyDriver(ingredients, runner, search.speculate, search.strict).run(heard, run.reporter)
     return _Searched(records, ["ingredient", "soup"], len(records), None, greedy=outcome)
 
@@ -349,7 +383,7 @@ def _write_best(loaded: Sweep, searched: _Searched, where: Path, evaluator: Eval
     out = where / BEST_MODEL
     writing = run.replace(force=True, progress=None)  # best/ is this sweep's: `_output` refused an earlier one
     if searched.greedy is not None:
-        kept = open_all(searched.greedy.kept, run.storage_options)
+        kept = open_model_references(searched.greedy.kept, run.storage_options)
         write_soup(soup_of(kept, resolve_device(run.device)), kept[0], kept, out, None, writing)
         return str(out)
     if searched.best_recipe is None:
@@ -366,7 +400,7 @@ def _push(
     loaded: Sweep, registry: Registry | None, searched: _Searched, best_model: str | None, run: RunOptions
 ) -> str | None:
     """`push:` — the best model as the next version of the name, when there is one; its ref."""
-    push, base = loaded.file.push, loaded.push_base
+    push, base = loaded.file.push, _push_base(loaded)
     if registry is None or push is None or base is None or best_model is None:
         return None
     if searched.greedy is not None:
