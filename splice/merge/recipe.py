@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import torch
 import yaml
@@ -48,7 +49,7 @@ from splice.tensors.stream import (
     stream_to_memory,
 )
 from splice.tensors.writer import ensure_output_free
-from splice.values import Bounded, YamlDocument, one_line, read_yaml, unknown_key
+from splice.values import Bounded, YamlDocument, one_line, read_yaml, read_yaml_documents, unknown_key
 
 Scalar = bool | int | float | str
 
@@ -63,9 +64,21 @@ class Conditional(BaseModel):
 Setting = Annotated[Scalar | list[Scalar] | list[Conditional] | Conditional, Bounded]
 
 
+@dataclass(frozen=True)
+class ModelReferenceField:
+    """Marks a recipe field whose value names a model (a directory, a URL, a Hub id, `base+lora`, an earlier
+    stage's name): what `map_model_references` rewrites, wherever the field sits in a recipe. `keywords`: values of
+    the field that name no model (`tokenizer_source: base`)."""
+
+    keywords: frozenset[str] = frozenset()
+
+
+ModelReference = Annotated[str, ModelReferenceField()]
+
+
 class InputModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: ModelReference
     parameters: dict[str, Setting] = {}
 
 
@@ -73,12 +86,12 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     models: list[InputModel]
-    base_model: str | None = None
+    base_model: ModelReference | None = None
     parameters: dict[str, Setting] = {}
     dtype: str | None = None
     out_dtype: str | None = None
     # mergekit's key; splice writes the tokenizer of the model it copies side files from, so only that is allowed
-    tokenizer_source: str | None = None
+    tokenizer_source: Annotated[str | None, ModelReferenceField(frozenset({"base", "union"}))] = None
     name: str | None = None
 
     def side_files_source(self) -> str:
@@ -100,6 +113,68 @@ class Recipe(BaseModel):
         if self.base_model not in locations:
             locations.append(self.base_model)
         return locations, locations.index(self.base_model)
+
+
+RecipeT = TypeVar("RecipeT", bound=BaseModel)
+
+
+def map_model_references(recipe: RecipeT, change: Callable[[str], str]) -> RecipeT:
+    """`recipe` (a Recipe, or any model a recipe holds) with each model reference `r` in it replaced by `change(r)`:
+    every field marked by `ModelReferenceField`, found by walking the models, lists and mappings the recipe holds,
+    so a field a recipe gains is covered once it is marked."""
+    updates = {}
+    for name, field in type(recipe).model_fields.items():
+        value = getattr(recipe, name)
+        marker = _reference_marker(field.annotation, field.metadata)
+        changed = _change_marked(value, marker, change) if marker else _change_nested(value, change)
+        if changed is not value:
+            updates[name] = changed
+    return recipe.model_copy(update=updates) if updates else recipe
+
+
+def model_references(recipe: BaseModel) -> list[str]:
+    """Every model reference in a recipe, in the order its fields hold them (repeats kept)."""
+    found: list[str] = []
+
+    def note(reference: str) -> str:
+        found.append(reference)
+        return reference
+
+    map_model_references(recipe, note)
+    return found
+
+
+def _reference_marker(annotation: Any, metadata: Sequence[Any] = ()) -> ModelReferenceField | None:
+    """The marker on a field's annotation, also inside `X | None`, `list[X]` and `dict[str, X]`."""
+    for item in (*metadata, *typing.get_args(annotation)):
+        if isinstance(item, ModelReferenceField):
+            return item
+        found = None if isinstance(item, (str, int, float)) else _reference_marker(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _change_marked(value: Any, marker: ModelReferenceField, change: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return value if value in marker.keywords else change(value)
+    if isinstance(value, list):
+        return [_change_marked(item, marker, change) for item in value]
+    if isinstance(value, dict):
+        return {key: _change_marked(item, marker, change) for key, item in value.items()}
+    return value
+
+
+def _change_nested(value: Any, change: Callable[[str], str]) -> Any:
+    if isinstance(value, BaseModel):
+        return map_model_references(value, change)
+    if isinstance(value, (list, dict)):
+        items = list(value.items() if isinstance(value, dict) else enumerate(value))
+        changed = {key: _change_nested(item, change) for key, item in items}
+        if all(changed[key] is item for key, item in items):
+            return value
+        return changed if isinstance(value, dict) else list(changed.values())
+    return value
 
 
 # mergekit config keys splice does not implement yet, refused with what to do instead of a schema error
@@ -135,6 +210,18 @@ def read_recipe_document(path: str | os.PathLike) -> YamlDocument:
         raise RecipeError(f"recipe not found: {path}")
     try:
         return read_yaml(path, _RecipeLoader)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+
+
+def read_recipe_documents(path: str | os.PathLike) -> list[YamlDocument]:
+    """Each `---`-separated document of a recipe file (a multi-stage recipe has several), read as mergekit reads it,
+    not yet validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        return read_yaml_documents(path, _RecipeLoader)
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
 
@@ -286,14 +373,17 @@ def merge(
     prefer_own_kernels: bool = True,
     seed: int | None = None,
     open_models: ModelOpener = open_all,
+    files: Mapping[str, bytes] | None = None,
+    description: str | None = None,
     run: RunOptions | None = None,
     **run_keywords: Unpack[RunKeywords],
 ) -> StreamReport:
     """Run a recipe (a Recipe, or the path of a YAML file) and write the merged model to `out`.
 
     `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della). `open_models`
-    opens the recipe's model references (default: each a directory or fsspec URL). `run` (or its fields as
-    keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
+    opens the recipe's model references (default: each a directory or fsspec URL). `files` (name -> content) are
+    written into the output with it (a model card); `description` is what progress is told it merges. `run` (or its
+    fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
     """
     run = run_options(run, run_keywords, "merge")
     recipe_file = [] if isinstance(recipe, Recipe) else [recipe]
@@ -309,8 +399,8 @@ def merge(
         side_files_from=planned.side_source,
         run=run,
         out_dtype=planned.out_dtype,
-        extras=OutputExtras(metadata={"splice_merge_method": recipe.merge_method}),
-        description=f"{recipe.merge_method} merge",
+        extras=OutputExtras(metadata={"splice_merge_method": recipe.merge_method}, files=files),
+        description=description or f"{recipe.merge_method} merge",
     )
 
 
