@@ -176,6 +176,17 @@ def test_editing_the_last_stage_recomputes_only_it(work, tmp_path, monkeypatch):
     assert_same_tensors(out, tmp_path / "final-by-hand")
 
 
+def test_an_input_written_again_recomputes_the_stages_after_it(work, tmp_path):
+    b = save(perturbed(tiny_model("llama", 0), 1), tmp_path / "B", sharded=True)
+    recipe = write(tmp_path / "stages.yml", stage_documents(work.a, str(b), work.c))
+    out = tmp_path / "out"
+    splice.merge(recipe, out, device="cpu")
+    save(perturbed(tiny_model("llama", 0), 5), b, sharded=True)  # B fine-tuned again: same names, shapes and sizes
+    report = splice.merge(recipe, out, device="cpu", force=True)
+    assert [s.status for s in report.stages] == ["ran", "ran", "ran"]
+    assert_same_tensors(out, by_hand(stage_documents(work.a, str(b), work.c), tmp_path, "new-b"))
+
+
 def test_a_changed_output_needs_force_before_anything_runs(work, tmp_path):
     recipe, out = workspace(work, tmp_path)
     splice.merge(recipe, out, device="cpu")
@@ -311,6 +322,32 @@ def test_a_bad_multi_stage_file_is_one_line_and_writes_nothing(case, tmp_path, m
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and re.search(message, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stages.yml"]
+
+
+def test_the_cache_is_never_an_input_nor_a_directory_splice_did_not_write(work, tmp_path, monkeypatch, capsys):
+    a = Path(work.a)
+    documents = [
+        {"name": a.name, "merge_method": "linear", "models": [{"model": work.a, "parameters": {"weight": 1.0}}]},
+        {"merge_method": "linear", "models": [{"model": a.name, "parameters": {"weight": 1.0}}]},
+    ]
+    recipe = write(tmp_path / "stages.yml", documents)
+    before = snapshot(a)
+    for flags in ([], ["--force"]):  # stage A's directory would be its input A
+        args = ["merge", recipe, "--out", tmp_path / "out", "-I", a.parent, *flags]
+        code, _, err = run_cli(args, monkeypatch, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"error: --intermediate-dir {a} is an input ({a}); writing there would destroy it" in err
+    assert snapshot(a) == before
+
+    foreign = tmp_path / "cache" / a.name
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine\n")
+    for flags in ([], ["--force"]):  # a directory splice did not write is never replaced
+        args = ["merge", recipe, "--out", tmp_path / "out", "-I", tmp_path / "cache", *flags]
+        code, _, err = run_cli(args, monkeypatch, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{a.name} is there and is no stage splice wrote; remove it or choose another --intermediate-dir" in err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and not (tmp_path / "out").exists()
 
 
 def test_one_named_document_is_a_plain_merge_as_in_mergekit_yaml(work, tmp_path, monkeypatch, capsys):

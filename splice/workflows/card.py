@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from splice.errors import first_line
+from splice.errors import RecipeError, first_line
 from splice.merge.methods import mergekit_method, method_names
 from splice.merge.recipe import Recipe, map_model_references, model_references
 from splice.tensors.checkpoint import recorded_location
@@ -176,7 +176,7 @@ def _method_sentence(record: MergeRecord) -> str:
     try:
         spec = mergekit_method(recipe.merge_method).spec
         name, url = spec.pretty_name or spec.name, spec.reference_url
-    except Exception:  # a method that is splice's own
+    except RecipeError:  # a method that is splice's own
         name, url = recipe.merge_method, None
     method = f"[{name}]({url})" if url else name
     _, base_index = recipe.inputs()

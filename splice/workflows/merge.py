@@ -72,7 +72,7 @@ def merge(
     recipe = recorded_recipe(recipe)
     ensure_output_free(out, run.force, protected=[*recipe.inputs()[0], *recipe_file])
     opened = OpenedModels(open_model_references)
-    record = MergeRecord(recipe, input_digests(recipe, opened, run.storage_options), seed)
+    record = MergeRecord(recipe, input_digests(recipe, opened, run.storage_options), seed, recipe.name)
     return merge_recorded(record, out, opened=opened, run=run, prefer_own_kernels=prefer_own_kernels)
 
 

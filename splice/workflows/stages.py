@@ -27,7 +27,7 @@ The cache. Every stage but the target is kept at `<intermediate_dir>/<name>/` (d
 resolved to their cache directories, local paths made absolute), of each input's digest (`splice.tensors.digest`:
 file sizes, times and safetensors headers, so nothing is read whole to know it), of the seed and kernel choice and
 of splice's version (the device is not in it: CPU and GPU give the same merge, up to rounding). A stage whose
-directory holds its current key is reused and nothing of it is read; any other runs and replaces its directory,
+directory holds its current key is reused and none of its tensors is read; any other runs and replaces its directory,
 published atomically as every output is, so an interrupted stage leaves the old entry (whose key no longer matches)
 or none, never one a rerun would trust. mergekit's `--lazy` trusts any directory that exists. The target carries the
 same record in `out`: a rerun finds `out` up to date and writes nothing, and a target that must run again replaces
@@ -62,7 +62,7 @@ from splice.tensors.stream import StreamReport
 from splice.tensors.writer import ensure_output_free, refuse_overlap
 from splice.values import YamlDocument
 from splice.version import __version__
-from splice.workflows.card import MergeRecord, recorded_recipe
+from splice.workflows.card import MergeRecord, recorded_recipe, recorded_reference
 from splice.workflows.recorded import OpenedModels, input_digests, merge_recorded
 
 STAGE_RECORD = "splice_stage.json"
@@ -147,7 +147,7 @@ def merge_stages(
     homes = {s.name: out if s is target else cache / str(s.name) for s in order}
     resolved = {s.name: recorded_recipe(map_model_references(s.recipe, partial(_resolve, entries))) for s in order}
     opened = OpenedModels(open_models)
-    outside = [r for s in order for r in resolved[s.name].inputs()[0] if _named(r, set(entries.values())) is None]
+    outside = [recorded_reference(r) for s in order for r in s.recipe.inputs()[0] if _named(r, set(entries)) is None]
     opened(outside, run.storage_options)  # every input from outside opened before anything is written
     protected = [*outside, str(recipe_file)]
 
@@ -170,7 +170,7 @@ def merge_stages(
         if s is target:
             ensure_output_free(out, run.force, protected=[*protected, *(str(homes[n]) for n in homes if n != s.name)])
         else:
-            _check_entry(homes[s.name], run.force, [*protected, str(out)])
+            _check_entry(homes[s.name], protected, out)
 
     report = StagesReport(out, cache)
     for s in order:
@@ -279,14 +279,14 @@ def _holds(home: Path, key: str) -> bool:
     return isinstance(record, dict) and record.get("key") == key
 
 
-def _check_entry(entry: Path, force: bool, protected: Sequence[str]) -> None:
-    """A stage's cache directory may be written: it is none of `protected` (nor holds or sits in one), and what is
-    there already is a stage splice wrote (a stale one), unless `force`."""
+def _check_entry(entry: Path, protected: Sequence[str], out: Path) -> None:
+    """A stage's cache directory may be written: it is none of `protected` or `out` (nor holds or sits in one), and
+    what is there already, if anything, is a stage splice wrote (a stale one)."""
     refuse_overlap(entry, protected, parameter_name="intermediate_dir")
-    if entry.exists() and not (entry / STAGE_RECORD).is_file() and not force:
+    refuse_overlap(entry, [out], what=f"the output, {parameter('out')}", parameter_name="intermediate_dir")
+    if entry.exists() and not (entry / STAGE_RECORD).is_file():  # not splice's: `force` replaces no such thing
         raise OutputExistsError(
-            f"{parameter('intermediate_dir')} {entry.parent}: {entry.name} is there and no stage splice wrote; "
-            f"remove it, choose another {parameter('intermediate_dir')}, or pass {parameter('force', True)} to "
-            "replace it"
+            f"{parameter('intermediate_dir')} {entry.parent}: {entry.name} is there and is no stage splice wrote; "
+            f"remove it or choose another {parameter('intermediate_dir')}"
         )
-    ensure_output_free(entry, True, protected, parameter_name="intermediate_dir")
+    ensure_output_free(entry, True, parameter_name="intermediate_dir")
