@@ -10,10 +10,12 @@ import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from types import SimpleNamespace
 
 import fsspec
+import pydantic
 import pytest
 import torch
 import yaml
@@ -348,6 +350,38 @@ def test_the_cache_is_never_an_input_nor_a_directory_splice_did_not_write(work, 
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert f"{a.name} is there and is no stage splice wrote; remove it or choose another --intermediate-dir" in err
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and not (tmp_path / "out").exists()
+
+
+def test_a_misspelt_stage_is_named_as_one(work, tmp_path, monkeypatch, capsys):
+    documents = [work.documents[0], {**work.documents[2], "models": [{"model": "s_1", "parameters": {"weight": 1.0}}]}]
+    recipe = write(tmp_path / "stages.yml", documents)
+    code, _, err = run_cli(["merge", recipe, "--out", tmp_path / "out"], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "'s_1' names no stage (did you mean 's1'?) and no model it can open: model not found: s_1" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stages.yml"]
+
+
+def test_every_field_that_names_a_model_is_marked_as_one():
+    """Stage names are replaced in the fields `ModelReferenceField` marks: a recipe field that names a model and is
+    not marked would keep a stage's name where its directory belongs."""
+    seen, pending, unmarked = set(), [recipes.Recipe], []
+    while pending:
+        model = pending.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            nested = [field.annotation]
+            while nested:
+                annotation = nested.pop()
+                if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+                    pending.append(annotation)
+                nested.extend(typing.get_args(annotation))
+            names_a_model = name in {"model", "base_model", "source", "tokenizer_source", "lora"}
+            if names_a_model and recipes.model_reference_marker(field.annotation, field.metadata) is None:
+                unmarked.append(f"{model.__name__}.{name}")
+    assert unmarked == []
+    assert len(seen) >= 3  # Recipe, InputModel, Conditional at least: the walk reached the nested models
 
 
 def test_one_named_document_is_a_plain_merge_as_in_mergekit_yaml(work, tmp_path, monkeypatch, capsys):

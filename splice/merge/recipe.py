@@ -125,7 +125,7 @@ def map_model_references(recipe: RecipeT, change: Callable[[str], str]) -> Recip
     updates = {}
     for name, field in type(recipe).model_fields.items():
         value = getattr(recipe, name)
-        marker = _reference_marker(field.annotation, field.metadata)
+        marker = model_reference_marker(field.annotation, field.metadata)
         changed = _change_marked(value, marker, change) if marker else _change_nested(value, change)
         if changed is not value:
             updates[name] = changed
@@ -144,12 +144,13 @@ def model_references(recipe: BaseModel) -> list[str]:
     return found
 
 
-def _reference_marker(annotation: Any, metadata: Sequence[Any] = ()) -> ModelReferenceField | None:
-    """The marker on a field's annotation, also inside `X | None`, `list[X]` and `dict[str, X]`."""
+def model_reference_marker(annotation: Any, metadata: Sequence[Any] = ()) -> ModelReferenceField | None:
+    """The `ModelReferenceField` on a field's annotation (or in its pydantic `metadata`), also inside `X | None`,
+    `list[X]` and `dict[str, X]`; None for a field that names no model."""
     for item in (*metadata, *typing.get_args(annotation)):
         if isinstance(item, ModelReferenceField):
             return item
-        found = None if isinstance(item, (str, int, float)) else _reference_marker(item)
+        found = None if isinstance(item, (str, int, float)) else model_reference_marker(item)
         if found is not None:
             return found
     return None

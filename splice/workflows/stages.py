@@ -148,7 +148,8 @@ def merge_stages(
     resolved = {s.name: recorded_recipe(map_model_references(s.recipe, partial(_resolve, entries))) for s in order}
     opened = OpenedModels(open_models)
     outside = [recorded_reference(r) for s in order for r in s.recipe.inputs()[0] if _named(r, set(entries)) is None]
-    opened(outside, run.storage_options)  # every input from outside opened before anything is written
+    for reference in dict.fromkeys(outside):  # every input from outside opened before anything is written
+        _open_outside(opened, reference, set(entries), recipe_file, run.storage_options)
     protected = [*outside, str(recipe_file)]
 
     def record_of(stage: Stage) -> MergeRecord:
@@ -214,6 +215,22 @@ def _named(reference: str, names: set[str]) -> str | None:
         return reference
     head = reference.partition("+")[0]
     return head if head in names else None
+
+
+def _open_outside(
+    opened: OpenedModels, reference: str, names: set[str], path: Path, storage_options: dict | None
+) -> None:
+    """Open a reference that names no stage; one that cannot be opened and is close to a stage's name is named as
+    the typo it likely is."""
+    try:
+        opened([reference], storage_options)
+    except SpliceError as exc:
+        near = difflib.get_close_matches(reference, sorted(names), n=1)
+        if not near:
+            raise
+        raise RecipeError(
+            f"{path}: {reference!r} names no stage (did you mean {near[0]!r}?) and no model it can open: {exc}"
+        ) from None
 
 
 def _resolve(entries: dict[str, str], reference: str) -> str:
