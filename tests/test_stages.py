@@ -22,6 +22,7 @@ import yaml
 
 import splice
 from splice.merge import recipe as recipes
+from splice.merge.references import model_reference_marker
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.digest import checkpoint_digest
 from splice.tensors.stream import Kernel, StreamReport
@@ -378,7 +379,7 @@ def test_every_field_that_names_a_model_is_marked_as_one():
                     pending.append(annotation)
                 nested.extend(typing.get_args(annotation))
             names_a_model = name in {"model", "base_model", "source", "tokenizer_source", "lora"}
-            if names_a_model and recipes.model_reference_marker(field.annotation, field.metadata) is None:
+            if names_a_model and model_reference_marker(field.annotation, field.metadata) is None:
                 unmarked.append(f"{model.__name__}.{name}")
     assert unmarked == []
     assert len(seen) >= 3  # Recipe, InputModel, Conditional at least: the walk reached the nested models

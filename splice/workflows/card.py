@@ -19,7 +19,8 @@ import yaml
 
 from splice.errors import RecipeError, first_line
 from splice.merge.methods import mergekit_method, method_names
-from splice.merge.recipe import Recipe, map_model_references, model_references
+from splice.merge.recipe import Recipe
+from splice.merge.references import map_model_references, model_references
 from splice.tensors.checkpoint import recorded_location
 from splice.version import __version__
 

@@ -48,14 +48,8 @@ from functools import partial
 from pathlib import Path
 
 from splice.errors import OutputExistsError, RecipeError, SpliceError, parameter
-from splice.merge.recipe import (
-    ModelOpener,
-    Recipe,
-    map_model_references,
-    model_references,
-    parse_recipe,
-    read_recipe_documents,
-)
+from splice.merge.recipe import ModelOpener, Recipe, parse_recipe, read_recipe_documents
+from splice.merge.references import map_model_references, model_references
 from splice.options import RunOptions
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.stream import StreamReport
