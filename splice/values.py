@@ -102,6 +102,16 @@ class YamlDocument(NamedTuple):
 def read_yaml(path: str | Path, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> YamlDocument:
     """A YAML file parsed by `loader` (a safe loader), with the line of each top-level key; a file that cannot be
     read as YAML is a ValueError of one line, `path:LINE:COLUMN: not valid YAML: what (where it began)`."""
+    return _read_yaml(path, loader, single=True)[0]
+
+
+def read_yaml_documents(path: str | Path, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> list[YamlDocument]:
+    """Each document of a YAML file of `---`-separated documents (empty ones left out), as `read_yaml` reads one;
+    the line of a key is its line in the file."""
+    return [document for document in _read_yaml(path, loader, single=False) if document.data is not None]
+
+
+def _read_yaml(path: str | Path, loader: type[yaml.SafeLoader], single: bool) -> list[YamlDocument]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -114,20 +124,30 @@ def read_yaml(path: str | Path, loader: type[yaml.SafeLoader] = yaml.SafeLoader)
         line, column = text.count("\n", 0, exc.position) + 1, exc.position - text.rfind("\n", 0, exc.position)
         raise ValueError(f"{path}:{line}:{column}: not valid YAML: {exc.reason} (#x{exc.character:04x})") from None
     try:
-        node = parser.get_single_node()
-        data = None if node is None else parser.construct_document(node)
+        nodes = [parser.get_single_node()] if single else _every_node(parser)
+        return [YamlDocument(None if n is None else parser.construct_document(n), _key_lines(n)) for n in nodes]
     except yaml.MarkedYAMLError as exc:
         raise ValueError(_yaml_error_line(path, exc)) from None
     except RecursionError:
         raise ValueError(f"{path}: not valid YAML (nested too deeply to parse)") from None
     finally:
         parser.dispose()
+
+
+def _every_node(parser: yaml.SafeLoader) -> list[yaml.Node | None]:
+    nodes: list[yaml.Node | None] = []
+    while parser.check_node():
+        nodes.append(parser.get_node())
+    return nodes
+
+
+def _key_lines(node: yaml.Node | None) -> dict[str, int]:
     key_lines: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key, _ in node.value:
             if isinstance(key, yaml.ScalarNode):
                 key_lines.setdefault(str(key.value), key.start_mark.line + 1)
-    return YamlDocument(data, key_lines)
+    return key_lines
 
 
 def _yaml_error_line(path: str | Path, error: yaml.MarkedYAMLError) -> str:

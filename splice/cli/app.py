@@ -141,18 +141,39 @@ def soup(
 @app.command()
 @shared_options(verbose=True, placed={"seed": "shard_size"})
 def merge(
-    recipe: Annotated[Path, typer.Argument(help="splice recipe or mergekit config (YAML).")],
+    recipe: Annotated[
+        Path, typer.Argument(help="splice recipe or mergekit config (YAML); several '---' documents: stages.")
+    ],
     out: Out,
+    stage: Annotated[
+        str | None, typer.Option(help="Multi-stage recipe: write this stage to --out, running only what it needs.")
+    ] = None,
+    intermediate_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--intermediate-dir",
+            "-I",
+            help="Multi-stage recipe: where the stages before the last are kept and reused (default: OUT.stages).",
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for random methods (dare_ties, della, ...).")] = None,
     *,
     shared: Shared,
 ) -> None:
-    """Merge by a YAML recipe (task_arithmetic, ties, dare_ties, slerp, ... ; mergekit configs work as they are)."""
+    """Merge by a YAML recipe (task_arithmetic, ties, dare_ties, slerp, ... ; mergekit configs work as they are). A file
+    of several '---' documents is a multi-stage recipe (as mergekit-multi runs): later stages merge earlier ones by
+    name, the document without a name (else the last) goes to --out, and stages are kept in --intermediate-dir and
+    reused while their recipe and inputs are unchanged. The output carries a model card (README.md, with each
+    input's digest), the recipe as run (splice_recipe.yml) and, where mergekit can run it, mergekit_config.yml."""
     import splice
+    from splice.workflows.stages import StagesReport
 
-    report = splice.merge(recipe, out, seed=seed, run=shared.run)
+    report = splice.merge(recipe, out, stage=stage, intermediate_dir=intermediate_dir, seed=seed, run=shared.run)
     if shared.as_json:
         render.print_json(report)
+        return
+    if isinstance(report, StagesReport):
+        render.show(render.stages_report_table(f"merge ({recipe})", report), shared.quiet)
         return
     render.show(render.stream_report_table(f"merge ({recipe})", report), shared.quiet)
 

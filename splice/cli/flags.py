@@ -49,6 +49,9 @@ FLAGS: dict[str, str] = {
     "wait": "--wait",
     "resume": "--resume",
     "keep": "--keep",
+    # merge: multi-stage recipes
+    "stage": "--stage",
+    "intermediate_dir": "--intermediate-dir",
     # sweep
     "executor": "--executor",
     "address": "--address",

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from splice.workflows.continual.report import ContinualReport
     from splice.workflows.deploy import DeploymentRecord
     from splice.workflows.inspect import ModelSummary
+    from splice.workflows.stages import StagesReport
     from splice.workflows.sweep.results import SweepReport
     from splice.workflows.sweep.study import TrialRecord
 
@@ -157,6 +158,25 @@ def stream_report_table(title: str, report: StreamReport) -> Table:
             ]
         ],
     )
+
+
+def stages_report_table(title: str, report: StagesReport) -> Table:
+    """One row per stage of a multi-stage recipe: whether it ran or was reused, where it is, what it moved."""
+    rows = []
+    for stage in report.stages:
+        streamed = stage.report
+        rows.append(
+            [
+                stage.name or "(final)",
+                stage.status,
+                stage.out,
+                "" if streamed is None else streamed.tensors,
+                "" if streamed is None else human_bytes(streamed.bytes_read),
+                "" if streamed is None else human_bytes(streamed.bytes_written),
+                "" if streamed is None else f"{streamed.seconds:.2f}",
+            ]
+        )
+    return table(title, ["stage", "status", "output", "tensors", "read", "written", "seconds"], rows)
 
 
 def greedy_soup_table(report: GreedySoupReport) -> Table:

@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from typing_extensions import Unpack
 
 from splice.arch.layers import layer_positions
@@ -46,7 +46,8 @@ from splice.merge.methods import (
     coerce_parameter,
     method_rules,
 )
-from splice.merge.reference_syntax import parse_reference, reference_text
+from splice.merge.reference_syntax import parse_reference
+from splice.merge.references import ModelReference, ModelReferenceField
 from splice.merge.slices import LayerRange, plan_slices
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.checkpoint import Checkpoint
@@ -63,7 +64,7 @@ from splice.tensors.stream import (
     stream_to_memory,
 )
 from splice.tensors.writer import ensure_output_free
-from splice.values import Bounded, YamlDocument, one_line, read_yaml, unknown_key
+from splice.values import Bounded, YamlDocument, one_line, read_yaml, read_yaml_documents, unknown_key
 
 Scalar = bool | int | float | str
 
@@ -76,10 +77,6 @@ class Conditional(BaseModel):
 
 # every float finite: YAML's .nan / .inf are refused
 Setting = Annotated[Scalar | list[Scalar] | list[Conditional] | Conditional, Bounded]
-
-ModelReference = Annotated[str, BeforeValidator(reference_text)]
-"""A model as a recipe writes it: `path[@revision][+adapter[@revision]]`, or mergekit's `{model, lora}` mapping
-(read as that string); `splice.workflows.references` resolves it."""
 
 
 class InputModel(BaseModel):
@@ -122,7 +119,7 @@ class Recipe(BaseModel):
     # mergekit's kernels, giving mergekit-yaml's output bit for bit
     compute: Literal["exact", "mergekit"] = "exact"
     # mergekit's key; splice writes the tokenizer of the model it copies side files from, so only that is allowed
-    tokenizer_source: str | None = None
+    tokenizer_source: Annotated[str | None, ModelReferenceField(frozenset({"base", "union"}))] = None
     name: str | None = None
 
     @model_validator(mode="after")
@@ -219,6 +216,18 @@ def read_recipe_document(path: str | os.PathLike) -> YamlDocument:
         raise RecipeError(f"recipe not found: {path}")
     try:
         return read_yaml(path, _RecipeLoader)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+
+
+def read_recipe_documents(path: str | os.PathLike) -> list[YamlDocument]:
+    """Each `---`-separated document of a recipe file (a multi-stage recipe has several), read as mergekit reads it,
+    not yet validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        return read_yaml_documents(path, _RecipeLoader)
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
 
@@ -486,6 +495,8 @@ def merge(
     seed: int | None = None,
     open_models: ModelOpener = open_all,
     locate_models: ModelLocator = list,
+    files: Mapping[str, bytes] | None = None,
+    description: str | None = None,
     run: RunOptions | None = None,
     **run_keywords: Unpack[RunKeywords],
 ) -> StreamReport:
@@ -493,8 +504,9 @@ def merge(
 
     `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della). `open_models`
     opens the recipe's model references (default: each a directory or fsspec URL) and `locate_models` says what
-    they read, which `out` must not overlap (default: the references themselves). `run` (or its fields as
-    keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
+    they read, which `out` must not overlap (default: the references themselves). `files` (name -> content) are
+    written into the output with it (a model card); `description` is what progress is told it merges. `run` (or
+    its fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
     """
     run = run_options(run, run_keywords, "merge")
     recipe_file = [] if isinstance(recipe, Recipe) else [recipe]
@@ -511,9 +523,9 @@ def merge(
         run=run,
         out_dtype=planned.out_dtype,
         extras=OutputExtras(
-            metadata={"splice_merge_method": recipe.merge_method}, config_updates=planned.config_updates
+            metadata={"splice_merge_method": recipe.merge_method}, files=files, config_updates=planned.config_updates
         ),
-        description=f"{recipe.merge_method} merge",
+        description=description or f"{recipe.merge_method} merge",
     )
 
 

@@ -7,7 +7,7 @@ not derive are read (and copied byte for byte) from the inner checkpoint, and it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -26,14 +26,18 @@ class DerivedCheckpoint(Checkpoint):
         derived: Mapping[str, TensorInfo],
         derive: DeriveTensor,
         location: str | None = None,
+        derived_from: Sequence[Checkpoint] = (),
     ):
         """`derived`: name -> info (dtype, shape) of each tensor `derive` computes, replacing or added to the inner
-        checkpoint's in its storage order; `location` names the view in messages (default: the inner's)."""
+        checkpoint's in its storage order; `location` names the view in messages (default: the inner's);
+        `derived_from`: every other checkpoint `derive` reads (a LoRA adapter), so that the view's digest
+        (`splice.tensors.digest`) changes when one of them does."""
         tensors = {name: derived.get(name, info) for name, info in inner.tensors.items()}
         tensors.update({name: info for name, info in derived.items() if name not in tensors})
         super().__init__(location or inner.location, inner.fs, inner.root, tensors, inner.shards)
         self.inner = inner
         self.derived = frozenset(derived)
+        self.derived_from = tuple(derived_from)
         self._derive = derive
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
