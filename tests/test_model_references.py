@@ -478,3 +478,19 @@ def test_a_sweep_pushes_only_against_a_stored_base(world, tmp_path):
         splice.sweep(tmp_path / "sweep.yml", workers=1, run=splice.RunOptions(device="cpu"))
     one_line(caught.value, "push.base", f"{world.base}+{world.lora} is a model with an adapter applied on the fly")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_digest_of_base_plus_lora_changes_with_the_adapter(world, tmp_path):
+    """A stage cache keys `base+lora` by its digest: rewriting the adapter (same names and shapes, new values) must
+    change it, or a stage would be reused with the old adapter's tensors."""
+    from splice.tensors.digest import checkpoint_digest
+    from splice.workflows.references import open_reference
+
+    lora = tmp_path / "lora"
+    shutil.copytree(world.lora, lora)
+    reference = f"{world.base}+{lora}"
+    before = checkpoint_digest(open_reference(reference))
+    assert checkpoint_digest(open_reference(reference)) == before
+    peft_adapter(tiny_model("llama", 0), lora, seed=1)  # written again in place: other factors
+    assert checkpoint_digest(open_reference(reference)) != before
+    assert checkpoint_digest(open_reference(str(world.base))) == checkpoint_digest(Checkpoint.open(world.base))

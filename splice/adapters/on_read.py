@@ -11,7 +11,7 @@ import torch
 
 from splice.adapters.compose import base_steps, computes_rows, patched_value
 from splice.adapters.fingerprint import refuse_drift
-from splice.adapters.sources import PatchSource, load_patch
+from splice.adapters.sources import PatchSource, load_patch, patch_location
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.views import DerivedCheckpoint, Rows
 
@@ -38,4 +38,6 @@ def patched_checkpoint(
             patched = patched[rows[0] : rows[1]]
         return patched.to(value.dtype)
 
-    return DerivedCheckpoint(base, {name: base.tensors[name] for name in plan}, derive, location)
+    where = patch_location(patch)
+    adapter = [Checkpoint.files_of(where, storage_options)] if where is not None else []
+    return DerivedCheckpoint(base, {name: base.tensors[name] for name in plan}, derive, location, derived_from=adapter)

@@ -90,6 +90,13 @@ class Checkpoint:
             raise CheckpointError(f"cannot read {location}: {first_line(exc)}") from exc
 
     @classmethod
+    def files_of(cls, location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Checkpoint:
+        """A directory as a checkpoint of no tensors: its files (an adapter's, a patch's) for what reads their names,
+        sizes and dates (a digest)."""
+        fs, root = split_location(str(location), storage_options)
+        return cls(str(location), fs, root, {}, [])
+
+    @classmethod
     def _open(
         cls, location: str, storage_options: dict[str, Any] | None, weights_file: str | None = None
     ) -> Checkpoint:
