@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,6 +34,7 @@ from splice.arch.layers import layer_positions
 from splice.errors import RecipeError
 from splice.merge.kernels import method_kernel
 from splice.merge.methods import BasePolicy, ParameterRule, ParameterScope, check_ranges, coerce_parameter, method_rules
+from splice.merge.tokenizer import TokenizerRequest, TokenizerSection, check_tokenizer_settings, prepare_inputs
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import parse_dtype
@@ -77,8 +78,10 @@ class Recipe(BaseModel):
     parameters: dict[str, Setting] = {}
     dtype: str | None = None
     out_dtype: str | None = None
-    # mergekit's key; splice writes the tokenizer of the model it copies side files from, so only that is allowed
+    # the output's tokenizer (splice.merge.tokenizer): `base`, `union` or a model; or the `tokenizer:` section
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSection | None = None
+    chat_template: str | None = None
     name: str | None = None
 
     def side_files_source(self) -> str:
@@ -106,9 +109,6 @@ class Recipe(BaseModel):
 NOT_SUPPORTED = {
     "slices": "splice merges whole models; slices are not supported yet: list the models under models:",
     "modules": "splice merges whole models; modules are not supported yet: list the models under models:",
-    "tokenizer": "building a tokenizer is not supported yet; splice writes the base model's tokenizer "
-    "(remove tokenizer:, or write tokenizer_source: base)",
-    "chat_template": "chat_template is not supported yet; splice copies the base model's chat template",
 }
 
 
@@ -197,11 +197,10 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
                 continue
             if rule.name not in entry.parameters and rule.name not in recipe.parameters:
                 raise RecipeError(f"{source}: {method} needs parameter {rule.name!r} for model {entry.model}")
-    if recipe.tokenizer_source not in (None, "base", recipe.side_files_source()):
-        raise RecipeError(
-            f"{source}: tokenizer_source: {recipe.tokenizer_source!r} is not supported yet; splice "
-            f"writes the tokenizer of {recipe.side_files_source()} (tokenizer_source: base)"
-        )
+    try:
+        check_tokenizer_settings(recipe.tokenizer_source, recipe.tokenizer, recipe.chat_template, locations)
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
     for field in ("dtype", "out_dtype"):
         try:
             parse_dtype(getattr(recipe, field))
@@ -309,7 +308,7 @@ def merge(
         side_files_from=planned.side_source,
         run=run,
         out_dtype=planned.out_dtype,
-        extras=OutputExtras(metadata={"splice_merge_method": recipe.merge_method}),
+        extras=replace(planned.extras, metadata={"splice_merge_method": recipe.merge_method}),
         description=f"{recipe.merge_method} merge",
     )
 
@@ -335,6 +334,7 @@ class _Planned:
     kernel: Kernel
     side_source: Checkpoint
     out_dtype: torch.dtype | None
+    extras: OutputExtras
 
 
 def _planned(
@@ -345,6 +345,15 @@ def _planned(
     locations, base_index = recipe.inputs()
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
     checkpoints = open_models(locations, run.storage_options)
+    prepared = prepare_inputs(
+        TokenizerRequest.of(recipe.tokenizer_source, recipe.tokenizer, recipe.chat_template),
+        locations,
+        checkpoints,
+        recipe.base_model,
+        recipe.side_files_source(),
+        lambda reference: open_models([reference], run.storage_options)[0],
+    )
+    checkpoints = prepared.checkpoints
     plan = plan_same_name(checkpoints, out_dtype)
     resolver = ParameterResolver(recipe, [item.output.name for item in plan])
     for item in plan:
@@ -353,4 +362,4 @@ def _planned(
     side_source = checkpoints[locations.index(recipe.side_files_source())]
     if seed is not None:
         torch.manual_seed(seed)
-    return _Planned(plan, kernel, side_source, out_dtype)
+    return _Planned(plan, kernel, side_source, out_dtype, prepared.extras)
