@@ -45,6 +45,16 @@ def word_tokenizer(words: list[str], special: list[str] = ()) -> transformers.Pr
     return tokenizer
 
 
+def bpe_tokenizer(words: list[str], added: list[str]) -> transformers.PreTrainedTokenizerFast:
+    """A BPE tokenizer (no merges) with `added` tokens after its words: mergekit strips only BPE tokenizers."""
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE({w: i for i, w in enumerate(words)}, [], unk_token="<unk>"))
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.add_tokens(added)
+    return tokenizer
+
+
 def llama(rows: int, seed: int, tied: bool = False) -> transformers.LlamaForCausalLM:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
@@ -70,22 +80,24 @@ def save(directory: Path, model: torch.nn.Module, tokenizer, template: str | Non
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    """A (the base): 48 words. B: 30 of A's words in reverse order (other ids), 10 of its own and two added
-    special tokens, 45 rows. C: 48 rows like A, its last five words its own (the same-size case). A2: A
-    fine-tuned (A's tokenizer). P: A's tokenizer over 64 rows (padded, as Qwen2.5 pads). At and Bt: A and B with
-    tied embeddings."""
+    """A (the base): 48 words. B: 30 of A's words in reverse order (other ids), 10 of its own, s0 and s1 (which C
+    has too, A not: their rows in A are the average of B's and C's) and two added special tokens, 47 rows. C: 48
+    rows like A, its last five words not A's (the same-size case). A2: A fine-tuned (A's tokenizer). P: A's
+    tokenizer over 64 rows (padded, as Qwen2.5 pads). U: A's words in 48 rows, its tokenizer four tokens more (past
+    its rows). At and Bt: A and B with tied embeddings."""
     root = tmp_path_factory.mktemp("vocabularies")
     a_words = SPECIALS + WORDS + [f"a{i}" for i in range(5)]
-    b_words = SPECIALS + WORDS[::-1][:30] + [f"b{i}" for i in range(10)]
-    c_words = SPECIALS + WORDS + [f"c{i}" for i in range(5)]
+    b_words = SPECIALS + WORDS[::-1][:30] + [f"b{i}" for i in range(10)] + ["s0", "s1"]
+    c_words = SPECIALS + WORDS + [f"c{i}" for i in range(3)] + ["s0", "s1"]
     a = llama(48, 0)
-    b = llama(45, 1)
+    b = llama(47, 1)
     made = {
         "A": save(root / "A", a, word_tokenizer(a_words)),
         "B": save(root / "B", b, word_tokenizer(b_words, ["<|im_start|>", "<|im_end|>"]), TEMPLATE),
         "C": save(root / "C", llama(48, 2), word_tokenizer(c_words), TEMPLATE),
         "A2": save(root / "A2", perturbed(a, 5), word_tokenizer(a_words)),
         "P": save(root / "P", llama(64, 3), word_tokenizer(a_words)),
+        "U": save(root / "U", llama(48, 4), bpe_tokenizer(a_words, [f"<UNUSED_{i}>" for i in range(4)])),
     }
     for name, source, words, special in (("At", a, a_words, []), ("Bt", b, b_words, ["<|im_start|>", "<|im_end|>"])):
         tied = llama(source.config.vocab_size, 0, tied=True)
@@ -138,7 +150,17 @@ def section_recipe(models: dict[str, str]) -> dict:
     return recipe("linear", models["A"], weights, tokenizer=section)
 
 
-COMPARED = {"union": union_recipe, "base": base_recipe, "model": model_recipe, "section": section_recipe}
+def strip_recipe(models: dict[str, str]) -> dict:
+    return recipe("linear", models["U"], {models["U"]: 0.6, models["B"]: 0.4}, tokenizer_source="base")
+
+
+COMPARED = {
+    "union": union_recipe,
+    "base": base_recipe,
+    "model": model_recipe,
+    "section": section_recipe,
+    "strip": strip_recipe,
+}
 
 
 # mergekit-yaml's own steps (read the YAML, validate it, `run_merge` with its default options), for several recipes
@@ -245,7 +267,7 @@ def test_union_equals_mergekit_token_by_token(models, merged):
     assert {t: i for t, i in vocabulary_of(ours).items() if t in base} == base
     # splice's order is the recipe's: B's new words by their ids in B, then C's, then the added tokens
     new = sorted((i, t) for t, i in vocabulary_of(ours).items() if t not in base)
-    assert [t for _, t in new] == [f"b{i}" for i in range(10)] + [f"c{i}" for i in range(5)] + [
+    assert [t for _, t in new] == [f"b{i}" for i in range(10)] + ["s0", "s1"] + [f"c{i}" for i in range(3)] + [
         "<|im_start|>",
         "<|im_end|>",
     ]
@@ -272,14 +294,14 @@ def test_union_output_reloads_tokenizes_and_runs(models, merged):
 
 def test_base_tokenizer_of_a_same_size_vocabulary_equals_mergekit(models, merged):
     """The silent bug: A and C have 48 rows each but five different tokens; merged row by row (by id), rows
-    43-47 of the embeddings and head mixed A's a0..a4 with C's c0..c4."""
+    43-47 of the embeddings and head mixed A's a0..a4 with C's c0, c1, c2, s0, s1."""
     ours, theirs = merged("base")
     assert_same_output(ours, theirs)
     assert vocabulary_of(ours) == vocabulary_of(Path(models["A"]))
     a, c, a2, out = (load_dir(Path(d)) for d in (models["A"], models["C"], models["A2"], ours))
     for name in VOCABULARY:
         by_id = a[name] + 0.7 * (c[name] - a[name]) + 0.5 * (a2[name] - a[name])
-        # C lacks a0..a4: it takes the base's rows there (no change from C), where by id it added c0..c4's
+        # C lacks a0..a4: it takes the base's rows there (no change from C), where by id it added the other words'
         aligned = a[name] + 0.5 * (a2[name] - a[name])
         torch.testing.assert_close(out[name][43:], aligned[43:], rtol=0, atol=1e-6)
         torch.testing.assert_close(out[name][:43], by_id[:43], rtol=0, atol=1e-6)
@@ -308,6 +330,13 @@ def test_tokenizer_section_with_overrides_and_padding_equals_mergekit(models, me
         assert not out[name][vocabulary["zz_new"]].any()
         padding = out[name][51:]
         assert padding.shape[0] == 13 and bool((padding == padding[0]).all())
+
+
+def test_tokens_past_the_base_models_rows_are_dropped_as_mergekit_drops_them(models, merged):
+    ours, theirs = merged("strip")
+    assert_same_output(ours, theirs)
+    assert len(vocabulary_of(ours)) == 48 and not any(t.startswith("<UNUSED") for t in vocabulary_of(ours))
+    assert len(vocabulary_of(Path(models["U"]))) == 52
 
 
 def test_row_blocks_read_as_the_whole_tensor(models):
