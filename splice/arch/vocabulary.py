@@ -23,5 +23,9 @@ def vocabulary_tensors(checkpoint: Checkpoint, rows: int) -> list[str]:
     return [
         name
         for name, info in checkpoint.tensors.items()
-        if info.dtype.is_floating_point and info.shape and info.shape[0] == rows and layer_index(name) is None
+        if info.dtype.is_floating_point
+        and info.shape
+        and info.shape[0] == rows
+        and layer_index(name) is None
+        and "position" not in name  # a position table as long as the vocabulary is not one
     ]

@@ -332,82 +332,91 @@ def _aligned(
     open_model: Callable[[str], Checkpoint],
     scratch: Path,
 ) -> PreparedInputs:
-    by_location = dict(zip(locations, checkpoints))
-
-    def opened(location: str) -> Checkpoint:
-        return by_location[location] if location in by_location else open_model(location)
-
-    rows = [_rows_of(location, checkpoint) for location, checkpoint in zip(locations, checkpoints)]
-    tokenizers = []
-    for location, checkpoint, count in zip(locations, checkpoints, rows):
-        tokenizer = load_tokenizer(checkpoint, scratch, count)
-        if tokenizer is None:
-            raise CheckpointError(f"{location} has no tokenizer; tokenizer_source needs every input's tokenizer")
-        tokenizers.append(tokenizer)
+    inputs = dict(zip(locations, checkpoints))
+    rows = [_rows_of(location, checkpoint) for location, checkpoint in inputs.items()]
+    tokenizers = [
+        _needed_tokenizer(location, checkpoint, scratch, count)
+        for (location, checkpoint), count in zip(inputs.items(), rows)
+    ]
     # read before the output tokenizer is built: with `base` it is the base's own object, and gains tokens
     vocabularies = [
         Vocabulary({t: i for t, i in tokenizer.get_vocab().items() if i < count}, count)
         for tokenizer, count in zip(tokenizers, rows)
     ]
     base_location = base_model or locations[0]
-    if base_location in by_location:
-        base_tokenizer, base_rows = (
-            tokenizers[list(locations).index(base_location)],
-            rows[locations.index(base_location)],
-        )
+    if base_location in inputs:
+        base = (tokenizers[locations.index(base_location)], rows[locations.index(base_location)])
+        referenced = tokenizers
     else:
-        base_checkpoint = opened(base_location)
+        base_checkpoint = open_model(base_location)
         base_rows = _rows_of(base_location, base_checkpoint)
-        base_tokenizer = load_tokenizer(base_checkpoint, scratch, base_rows)
-        if base_tokenizer is None:
-            raise SpliceError(f"{base_location} has no tokenizer; tokenizer_source needs the base model's tokenizer")
-    source = request.source
-    if source == "base":
-        out, source_rows = base_tokenizer, base_rows
-    elif source == "union":
-        ordered = [(base_tokenizer, base_rows)] + [
-            (tokenizer, count)
-            for location, tokenizer, count in zip(locations, tokenizers, rows)
-            if location != base_location
-        ]
-        out, source_rows = union_tokenizer(base_tokenizer, ordered, scratch), base_rows
-    else:
-        assert source is not None
-        donor = opened(source)
-        out = load_tokenizer(donor, scratch)
-        if out is None:
-            raise SpliceError(f"tokenizer_source: {source} has no tokenizer")
-        source_rows = vocabulary_size(donor.config()) or 0
-    vocabulary = out.get_vocab()
+        base = (_needed_tokenizer(base_location, base_checkpoint, scratch, base_rows), base_rows)
+        referenced = [*tokenizers, base[0]]
+    others = [(t, count) for location, t, count in zip(locations, tokenizers, rows) if location != base_location]
+    out, source_rows = _output_tokenizer(request.source, base, others, inputs, open_model, scratch)
     for token in request.tokens:
-        if token not in vocabulary:
+        if token not in out.get_vocab():
             out.add_tokens(token)
-            vocabulary = out.get_vocab()
     if request.chat_template is not None:
-        text = chat_template_text(request.chat_template, tokenizers)
+        text = chat_template_text(request.chat_template, referenced)
         if text is not None:
             out.chat_template = text
-    files = saved_files(out)
+    vocabulary = out.get_vocab()
     out_rows = max(max(vocabulary.values()) + 1, source_rows)
     if request.pad_to_multiple_of:
         out_rows = -(-out_rows // request.pad_to_multiple_of) * request.pad_to_multiple_of
-    base_index = locations.index(base_model) if base_model in by_location else None
-    chosen = _chosen_rows(request.tokens, locations, vocabularies)
-    plan = plan_rows(vocabulary, out_rows, vocabularies, base_index, chosen)
-    names = []
-    for location, checkpoint, count in zip(locations, checkpoints, rows):
-        found = vocabulary_tensors(checkpoint, count)
-        if not found:
-            raise SpliceError(
-                f"{location}: no embedding or LM head has its config's vocab_size ({count}) rows; "
-                f"cannot align its vocabulary"
-            )
-        names.append(found)
+    base_index = locations.index(base_model) if base_model in inputs else None
+    plan = plan_rows(
+        vocabulary, out_rows, vocabularies, base_index, _chosen_rows(request.tokens, locations, vocabularies)
+    )
+    names = [
+        _vocabulary_tensors(location, checkpoint, count) for (location, checkpoint), count in zip(inputs.items(), rows)
+    ]
     log.info("output vocabulary: %d tokens in %d rows", len(vocabulary), out_rows)
     return PreparedInputs(
         aligned_checkpoints(checkpoints, names, plan),
-        OutputExtras(files=files, config_updates={"vocab_size": out_rows}, replaced_side_files=TOKENIZER_FILES),
+        OutputExtras(
+            files=saved_files(out), config_updates={"vocab_size": out_rows}, replaced_side_files=TOKENIZER_FILES
+        ),
     )
+
+
+def _output_tokenizer(
+    source: str | None,
+    base: tuple[Any, int],
+    others: Sequence[tuple[Any, int]],
+    inputs: Mapping[str, Checkpoint],
+    open_model: Callable[[str], Checkpoint],
+    scratch: Path,
+) -> tuple[Any, int]:
+    """The output tokenizer `source` names, and the rows of the model it comes from (whose padding is kept)."""
+    if source == "base":
+        return base
+    if source == "union":
+        return union_tokenizer(base[0], [base, *others], scratch), base[1]
+    assert source is not None
+    donor = inputs[source] if source in inputs else open_model(source)
+    tokenizer = load_tokenizer(donor, scratch)
+    if tokenizer is None:
+        raise CheckpointError(f"tokenizer_source: {source} has no tokenizer")
+    return tokenizer, vocabulary_size(donor.config()) or 0
+
+
+def _needed_tokenizer(location: str, checkpoint: Checkpoint, scratch: Path, rows: int) -> Any:
+    tokenizer = load_tokenizer(checkpoint, scratch, rows)
+    if tokenizer is None:
+        raise CheckpointError(f"{location} has no tokenizer; tokenizer_source needs every input's tokenizer")
+    return tokenizer
+
+
+def _vocabulary_tensors(location: str, checkpoint: Checkpoint, rows: int) -> list[str]:
+    found = vocabulary_tensors(checkpoint, rows)
+    if not found:
+        raise SpliceError(
+            f"{location}: no embedding or LM head has its config's vocab_size ({rows}) rows; cannot align its "
+            f"vocabulary"
+        )
+    return found
 
 
 def _rows_of(location: str, checkpoint: Checkpoint) -> int:
@@ -460,9 +469,9 @@ def _chosen_rows(
 
 def refuse_different_vocabularies(locations: Sequence[str], checkpoints: Sequence[Checkpoint], scratch: Path) -> None:
     """Inputs merged row by row must share one vocabulary: the same embedding rows, the same token in each row
-    (tokenizers compared when every input has one and their files differ)."""
-    sizes = [(location, vocabulary_size(c.config())) for location, c in zip(locations, checkpoints)]
-    known = [(location, size) for location, size in sizes if size is not None]
+    (compared when every input's tokenizer can be read and their files differ)."""
+    sizes = [vocabulary_size(c.config()) for c in checkpoints]
+    known = [(location, size) for location, size in zip(locations, sizes) if size is not None]
     if len({size for _, size in known}) > 1:
         (first, first_size), (other, other_size) = known[0], next(k for k in known if k[1] != known[0][1])
         raise IncompatibleModelsError(
@@ -472,16 +481,38 @@ def refuse_different_vocabularies(locations: Sequence[str], checkpoints: Sequenc
     files = [tokenizer_files(c) for c in checkpoints]
     if not all(files) or all(f == files[0] for f in files[1:]):
         return
-    vocabularies = []
-    for checkpoint, (_, size) in zip(checkpoints, sizes):
-        tokenizer = load_tokenizer(checkpoint, scratch)
-        vocabulary = tokenizer.get_vocab() if tokenizer is not None else {}
-        vocabularies.append({t: i for t, i in vocabulary.items() if size is None or i < size})
+    vocabularies = [_declared_vocabulary(f, size, c, scratch) for f, size, c in zip(files, sizes, checkpoints)]
+    if any(vocabulary is None for vocabulary in vocabularies):
+        return
+    reference = vocabularies[0]
     for location, vocabulary in zip(locations[1:], vocabularies[1:]):
-        if vocabulary == vocabularies[0]:
+        assert vocabulary is not None and reference is not None
+        if vocabulary == reference:
             continue
-        token = next(t for t in sorted({*vocabulary, *vocabularies[0]}) if vocabulary.get(t) != vocabularies[0].get(t))
+        token = next(t for t in sorted({*vocabulary, *reference}) if vocabulary.get(t) != reference.get(t))
         raise IncompatibleModelsError(
-            f"the models' vocabularies differ: token {token!r} is id {vocabularies[0].get(token, 'absent')} in "
+            f"the models' vocabularies differ: token {token!r} is id {reference.get(token, 'absent')} in "
             f"{locations[0]} but {vocabulary.get(token, 'absent')} in {location}; {ALIGN_HINT}"
         )
+
+
+def _declared_vocabulary(
+    files: Mapping[str, bytes], rows: int | None, checkpoint: Checkpoint, scratch: Path
+) -> dict[str, int] | None:
+    """token -> id of the tokens with an embedding row: from tokenizer.json (its model's vocabulary and its added
+    tokens), else from the tokenizer transformers loads; None if neither can be read (nothing to compare)."""
+    vocabulary: dict[str, int] = {}
+    try:
+        data = json.loads(files["tokenizer.json"])
+        declared = data["model"]["vocab"]
+        pieces = declared.items() if isinstance(declared, dict) else ((p[0], i) for i, p in enumerate(declared))
+        vocabulary.update((str(token), int(index)) for token, index in pieces)
+        vocabulary.update((str(entry["content"]), int(entry["id"])) for entry in data.get("added_tokens", []))
+    except (KeyError, TypeError, ValueError, IndexError):
+        try:
+            tokenizer = load_tokenizer(checkpoint, scratch)
+        except SpliceError as exc:
+            log.warning("cannot compare the vocabulary of %s with the other inputs': %s", checkpoint.location, exc)
+            return None
+        vocabulary = dict(tokenizer.get_vocab()) if tokenizer is not None else {}
+    return {token: index for token, index in vocabulary.items() if rows is None or index < rows}
