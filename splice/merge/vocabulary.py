@@ -133,13 +133,16 @@ def aligned_checkpoints(
 def gather_rows(checkpoint: Checkpoint, name: str, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows` (any order, repeats allowed) of a stored tensor, read as a few contiguous row ranges."""
     unique, inverse = torch.unique(rows, return_inverse=True)
-    breaks = (torch.nonzero(unique.diff() > _GAP).flatten() + 1).tolist()
-    pieces = []
-    for start, stop in zip([0, *breaks], [*breaks, len(unique)]):
-        first, last = int(unique[start]), int(unique[stop - 1])
-        block = checkpoint.read(name, (first, last + 1))
-        pieces.append(block[unique[start:stop] - first])
-    return torch.cat(pieces)[inverse]
+    starts = [0, *(torch.nonzero(unique.diff() > _GAP).flatten() + 1).tolist()]
+    stops = [*starts[1:], len(unique)]
+    values = unique.tolist()
+    firsts = [values[start] for start in starts]
+    spans = [values[stop - 1] + 1 - first for first, stop in zip(firsts, stops)]
+    read = torch.cat([checkpoint.read(name, (first, first + span)) for first, span in zip(firsts, spans)])
+    # where each unique row sits in `read`: its offset in its range, plus the rows read before that range
+    ranges = torch.repeat_interleave(torch.arange(len(starts)), torch.tensor(stops) - torch.tensor(starts))
+    before = torch.tensor([0, *spans[:-1]]).cumsum(0)
+    return read[(unique - torch.tensor(firsts)[ranges] + before[ranges])[inverse]]
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
