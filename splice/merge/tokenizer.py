@@ -9,6 +9,8 @@ with transformers' own tokenizers, and the inputs' vocabulary tensors aligned to
 - `tokenizer.tokens`: tokens added when missing, and where their rows come from (`source`: a model, `{kind: zero}`,
   `{kind: model_token, model, token | token_id}`; `force`: for every input, also those that have the token).
 - `pad_to_multiple_of`: the row count rounded up (extra rows: the mean of each input's token rows).
+- the output keeps the row count of the model its tokenizer comes from when that is larger (a padded vocabulary,
+  Qwen2.5's 152064 rows for 151665 tokens); mergekit cuts it to the tokenizer's length.
 - `chat_template`: `auto` (the template most inputs have), one of mergekit's bundled names, or a Jinja template.
 
 Without a tokenizer setting the inputs must share one vocabulary (mergekit merges rows of different tokens

@@ -11,6 +11,7 @@ tokens); else they hold the mean of its token rows, as mergekit pads to `pad_to_
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -20,6 +21,8 @@ import torch
 from splice.options import CHUNK_BYTES
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.views import DerivedCheckpoint, DeriveTensor
+
+log = logging.getLogger(__name__)
 
 RowRef = tuple[int, int]
 """(input index, row of that input's tensor)."""
@@ -77,6 +80,7 @@ def plan_rows(
     own[:, out_rows] = theirs
     lacking = (theirs < 0).any(dim=0).tolist()
     fallbacks: dict[int, Fallback] = {}
+    unseen: list[str] = []
     for position, token in enumerate(tokens):
         fallback, force = chosen.get(token, (None, False))
         if not (lacking[position] or force):
@@ -85,10 +89,14 @@ def plan_rows(
         present = [i for i in range(count) if column[i] >= 0]
         if fallback is None:
             fallback = default_fallback(present, column, base_index)
+            if not fallback:
+                unseen.append(token)
         row = out_tokens[token]
         fallbacks[row] = fallback
         if force:
             own[:, row] = -1
+    if unseen:
+        log.warning("%d tokens are in no input (%r, ...): their rows are zeros", len(unseen), unseen[0])
     token_rows = torch.tensor(sorted(out_tokens.values()), dtype=torch.int64)
     padded = torch.ones((count, rows), dtype=torch.bool)
     padded[:, token_rows] = False
