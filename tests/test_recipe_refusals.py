@@ -14,7 +14,7 @@ from splice.errors import RecipeError, SpliceError
 from splice.merge.recipe import load_recipe
 from splice.tensors.checkpoint import Checkpoint
 
-from helpers import load_dir, run_cli
+from helpers import run_cli
 
 
 def write(tmp_path: Path, recipe: dict | str) -> Path:
@@ -46,19 +46,13 @@ def assert_refused(path: Path, out: Path, needles: list[str], absent: list[str] 
     return message
 
 
-@pytest.mark.parametrize("source", ["union", "/some/other/model"])
-def test_tokenizer_source_splice_does_not_implement_is_refused(source, make_models, tmp_path):
+@pytest.mark.parametrize("source", ["union", "base"])
+def test_a_tokenizer_source_over_models_without_tokenizers_is_refused(source, make_models, tmp_path):
     dirs = make_models("gpt2", 3)
     path = write(tmp_path, task_arithmetic(dirs, tokenizer_source=source))
-    assert_refused(path, tmp_path / "out", ["tokenizer_source", source, "not supported", str(dirs[0])])
-
-
-@pytest.mark.parametrize("source", ["base", "BASE_DIR"])
-def test_tokenizer_source_base_is_what_splice_writes(source, make_models, tmp_path):
-    dirs = make_models("gpt2", 3)
-    path = write(tmp_path, task_arithmetic(dirs, tokenizer_source=str(dirs[0]) if source == "BASE_DIR" else source))
-    splice.merge(path, tmp_path / "out", device="cpu")
-    assert load_dir(tmp_path / "out").keys() == load_dir(dirs[0]).keys()
+    with pytest.raises(SpliceError, match="has no tokenizer; tokenizer_source needs every input's tokenizer"):
+        splice.merge(path, tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
 
 
 def test_slices_mixed_with_models_say_so_first(make_models, tmp_path):
@@ -77,7 +71,7 @@ def test_slices_mixed_with_models_say_so_first(make_models, tmp_path):
     assert message.startswith(f"{path}: models: and slices:")
 
 
-@pytest.mark.parametrize("key", ["modules", "tokenizer", "chat_template"])
+@pytest.mark.parametrize("key", ["modules"])
 def test_other_mergekit_keys_splice_lacks_are_named(key, make_models, tmp_path):
     path = write(tmp_path, task_arithmetic(make_models("gpt2", 3), **{key: {"x": 1}}))
     assert_refused(path, tmp_path / "out", [f"{key}:", "not supported"], absent=["Extra inputs"])

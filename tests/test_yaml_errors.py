@@ -51,7 +51,7 @@ MISTYPED_KEYS = [
         load_recipe,
         "merge_method: linear\nmodels: [{model: a}]\nzzz: 1\n",
         "3: unknown key 'zzz' (the keys are merge_method, models, slices, base_model, parameters, dtype, out_dtype, "
-        "compute, tokenizer_source, name)",
+        "compute, tokenizer_source, tokenizer, chat_template, name)",
     ),
     (
         load_pipeline,

@@ -49,6 +49,7 @@ from splice.merge.methods import (
 from splice.merge.reference_syntax import parse_reference
 from splice.merge.references import ModelReference, ModelReferenceField
 from splice.merge.slices import LayerRange, plan_slices
+from splice.merge.tokenizer import TokenizerRequest, TokenizerSection, check_tokenizer_settings, prepare_inputs
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import parse_dtype
@@ -118,8 +119,10 @@ class Recipe(BaseModel):
     # exact: inputs in fp32, one rounding to the output dtype; mergekit: computed in `dtype` (or as stored) by
     # mergekit's kernels, giving mergekit-yaml's output bit for bit
     compute: Literal["exact", "mergekit"] = "exact"
-    # mergekit's key; splice writes the tokenizer of the model it copies side files from, so only that is allowed
+    # the output's tokenizer (splice.merge.tokenizer): `base`, `union` or a model; or the `tokenizer:` section
     tokenizer_source: Annotated[str | None, ModelReferenceField(frozenset({"base", "union"}))] = None
+    tokenizer: TokenizerSection | None = None
+    chat_template: str | None = None
     name: str | None = None
 
     @model_validator(mode="after")
@@ -167,9 +170,6 @@ NOT_SUPPORTED = {
     "modules": "modules are not supported yet: mergekit finds a module's tensors (text_decoder, vision_tower, ...) "
     "through its architecture files, which splice does not read; a model with one stack of layers merges with "
     "models: or slices:",
-    "tokenizer": "building a tokenizer is not supported yet; splice writes the base model's tokenizer "
-    "(remove tokenizer:, or write tokenizer_source: base)",
-    "chat_template": "chat_template is not supported yet; splice copies the base model's chat template",
 }
 
 
@@ -286,11 +286,10 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
                 parse_reference(location)
         except RecipeError as exc:
             raise RecipeError(f"{source}: {exc}") from None
-    if recipe.tokenizer_source not in (None, "base", recipe.side_files_source()):
-        raise RecipeError(
-            f"{source}: tokenizer_source: {recipe.tokenizer_source!r} is not supported yet; splice "
-            f"writes the tokenizer of {recipe.side_files_source()} (tokenizer_source: base)"
-        )
+    try:
+        check_tokenizer_settings(recipe.tokenizer_source, recipe.tokenizer, recipe.chat_template, recipe.inputs()[0])
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
     for field in ("dtype", "out_dtype"):
         try:
             parse_dtype(getattr(recipe, field))
@@ -522,8 +521,10 @@ def merge(
         side_files_from=planned.side_source,
         run=run,
         out_dtype=planned.out_dtype,
-        extras=OutputExtras(
-            metadata={"splice_merge_method": recipe.merge_method}, files=files, config_updates=planned.config_updates
+        extras=replace(
+            planned.extras,
+            metadata={"splice_merge_method": recipe.merge_method},
+            files={**(planned.extras.files or {}), **(files or {})},
         ),
         description=description or f"{recipe.merge_method} merge",
     )
@@ -550,7 +551,7 @@ class _Planned:
     kernel: Kernel
     side_source: Checkpoint
     out_dtype: torch.dtype | None
-    config_updates: dict[str, Any]
+    extras: OutputExtras  # the output's tokenizer files, its config's new depth and vocabulary size
 
 
 def in_mergekit_order(plan: list[StreamItem]) -> list[StreamItem]:
@@ -569,6 +570,15 @@ def _planned(
     locations, base_index = recipe.inputs()
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
     checkpoints = open_models(locations, run.storage_options)
+    prepared = prepare_inputs(
+        TokenizerRequest.of(recipe.tokenizer_source, recipe.tokenizer, recipe.chat_template),
+        locations,
+        checkpoints,
+        recipe.base_model,
+        recipe.side_files_source(),
+        lambda reference: open_models([reference], run.storage_options)[0],
+    )
+    checkpoints = prepared.checkpoints
     side_source = checkpoints[locations.index(recipe.side_files_source())]
     config_updates: dict[str, Any] = {}
     as_mergekit = recipe.compute == "mergekit"
@@ -590,7 +600,8 @@ def _planned(
         kernel = replace(kernel, precision=Precision(exact=False, inputs_as=parse_dtype(recipe.dtype)))
     if seed is not None:
         torch.manual_seed(seed)
-    return _Planned(plan, kernel, side_source, out_dtype, config_updates)
+    updates = {**(prepared.extras.config_updates or {}), **config_updates}
+    return _Planned(plan, kernel, side_source, out_dtype, replace(prepared.extras, config_updates=updates))
 
 
 def _sliced(

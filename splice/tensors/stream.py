@@ -82,6 +82,7 @@ class OutputExtras:
     metadata: Mapping[str, str] | None = None  # in every shard's safetensors header
     files: Mapping[str, bytes] | None = None  # name -> content, written beside the weights (after the side files)
     config_updates: Mapping[str, Any] | None = None  # set at the top level of the copied config.json
+    replaced_side_files: Collection[str] = ()  # side files not copied: `files` replaces them (a new tokenizer)
 
 
 @dataclass(frozen=True)
@@ -448,7 +449,7 @@ def run_stream(
             raise
         finally:
             progress.finish()
-        side = copy_side_files(side_files_from, staging, out_dtype, extras.config_updates)
+        side = copy_side_files(side_files_from, staging, out_dtype, extras.config_updates, extras.replaced_side_files)
         for name, content in (extras.files or {}).items():
             (staging / name).write_bytes(content)
             side.append(name)

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,10 +30,8 @@ from splice.tensors.safetensors import SAFETENSORS_SINGLE, OutputTensor, header_
 
 log = logging.getLogger(__name__)
 
-# Files copied from the base model so the output loads like it (config first, then tokenizer/processor).
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
+# A tokenizer's files, as transformers saves and loads them.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -46,6 +44,13 @@ SIDE_FILES = (
     "sentencepiece.bpe.model",
     "chat_template.jinja",
     "chat_template.json",
+)
+
+# Files copied from the base model so the output loads like it (config first, then tokenizer/processor).
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    *TOKENIZER_FILES,
     "preprocessor_config.json",
     "processor_config.json",
 )
@@ -243,15 +248,16 @@ def copy_side_files(
     directory: Path,
     out_dtype: torch.dtype | None = None,
     config_updates: Mapping[str, Any] | None = None,
+    skip: Collection[str] = (),
 ) -> list[str]:
     """Copy config, generation config and tokenizer/processor files from the base model, the config recording
     `out_dtype` and `config_updates` (keys set at its top level: a new depth, a new vocabulary size). Only regular
     files of bounded size are copied; a symbolic link (which could carry any file into the output), a device or
-    an oversized file is skipped with a warning."""
+    an oversized file is skipped with a warning. `skip`: files not copied (the output gets its own)."""
     present = set(source.files())
     copied = []
     for name in SIDE_FILES:
-        if name not in present:
+        if name not in present or name in skip:
             continue
         try:
             data = source.read_file(name, follow_links=False)
