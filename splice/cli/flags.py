@@ -39,6 +39,10 @@ FLAGS: dict[str, str] = {
     "mask_scope": "--mask-scope",
     "include": "--include",
     "allow_base_drift": "--allow-base-drift",
+    # patch merge
+    "method": "--method",
+    "parameters": "--param",
+    "seed": "--seed",
     # port and deploy
     "old_base": "--from",
     "as_patch": "--as-patch",
