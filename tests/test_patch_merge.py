@@ -361,6 +361,16 @@ def test_refusals_are_one_line_and_come_before_any_output(family, extracted):
             splice.merge_patches(**given)
         assert len(str(caught.value).splitlines()) == 1, given
     assert not (root / "never").exists()
+    bare = extracted / "bare-mask"
+    extract_patch(extracted / "base", extracted / "tuned-1", "mask", density=0.2, mask_values=False).save(bare)
+    lora = extracted / "lora-recorded"
+    extract_patch(extracted / "base", extracted / "tuned-1", "lora", rank=2).save(lora)
+    for given, text in [
+        (dict(patches=[bare, bare], method="linear"), "is a bare mask"),
+        (dict(patches=[lora, adapters[0]], method="linear"), "patch 2 (" + str(adapters[0]) + ") records no base"),
+    ]:
+        with pytest.raises(PatchError, match=re.escape(text)):
+            splice.merge_patches(**given, out=root / "never")
     layernorm = extracted / "ln-one"
     extract_patch(extracted / "base", extracted / "tuned-1", "layernorm").save(layernorm, force=True)
     with pytest.raises(PatchError, match="give `base=MODEL_DIR`"):

@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from math import prod
 from typing import Literal
 
@@ -210,18 +211,22 @@ def compare_records(
     way: hashed whole (tensors both patches touch) or sampled (tensors neither touches). A tensor one record hashes
     whole and the other samples cannot be compared from the records: only a base model can settle it."""
     theirs = {entry.name: entry for entry in other.tensors}
-    mismatches = [
-        found
-        for entry in expected.tensors
-        if (own := theirs.get(entry.name)) is not None
-        and (found := _compare_entry(entry, own.shape, own.dtype, lambda own=own: (own.sha256, own.norm), recorded))
-    ]
+    mismatches = []
+    for entry in expected.tensors:
+        own = theirs.get(entry.name)
+        if own is not None:
+            found = _compare_entry(entry, own.shape, own.dtype, partial(_recorded_hash, own), recorded)
+            mismatches += [found] if found else []
     mismatches += [
         BaseMismatch(name, "context", "differs (its sampled bytes)", own=False)
         for name, sampled in expected.context.items()
         if name in other.context and other.context[name] != sampled
     ]
     return mismatches
+
+
+def _recorded_hash(entry: TensorFingerprint) -> tuple[str, float]:
+    return entry.sha256, entry.norm
 
 
 def shared_record(records: Sequence[BaseFingerprint], touched: Iterable[str]) -> BaseFingerprint:

@@ -37,6 +37,7 @@ FLAGS: dict[str, str] = {
     "energy": "--energy",
     "density": "--density",
     "mask_scope": "--mask-scope",
+    "mask_values": "--mask-values",
     "include": "--include",
     "allow_base_drift": "--allow-base-drift",
     # patch merge

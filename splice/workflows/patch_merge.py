@@ -21,7 +21,6 @@ fingerprint of the base they share; patches made on different bases are refused 
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,22 +34,11 @@ from splice.adapters.fingerprint import (
     compare_base,
     compare_records,
     fingerprint_base,
-    first_names,
     refuse_drift,
     shared_record,
     tensor_sha256,
 )
-from splice.adapters.kinds.lora import (
-    SUFFIX_A,
-    SUFFIX_B,
-    balanced_factors,
-    check_request,
-    lora_modules,
-    module_scale,
-    product_svd,
-    truncated_svd,
-)
-from splice.adapters.kinds.mask import MASK_SUFFIX, VALUES_SUFFIX, pack_mask, unpack_mask
+from splice.adapters.kinds.lora import check_request
 from splice.adapters.meta import BaseFingerprint, PatchKind, PatchMeta
 from splice.adapters.patch import Patch
 from splice.adapters.port import patch_label
@@ -64,17 +52,9 @@ from splice.tensors.checkpoint import Checkpoint, recorded_location
 from splice.tensors.device import resolve_device
 from splice.tensors.safetensors import DTYPE_TO_SAFETENSORS
 from splice.tensors.writer import ensure_output_free
+from splice.workflows.patch_mergers import MergedTensor
+from splice.workflows.patch_mergers import merger as patch_merger
 from splice.workflows.port import is_registry_ref
-
-
-@dataclass(frozen=True)
-class MergedTensor:
-    """One base tensor the merged patch changes, and how its change was made."""
-
-    name: str
-    how: str  # "concatenated", "qr + core svd", "full svd", "randomized svd" (LoRA); "whole tensor"
-    rank: int | None = None  # LoRA: the rank kept
-    captured_energy: float | None = None  # LoRA: the share of the merged change's squared Frobenius norm kept
 
 
 @dataclass(frozen=True)
@@ -126,18 +106,14 @@ def merge_patches(
     storage_options) says how the run runs."""
     run = run_options(run, run_keywords, "merge_patches")
     if not patches:
-        raise PatchError("no patches given; give two or more patches to merge")
+        raise PatchError("no patches given; give the patches to merge")
     if density is not None:
-        if parameters and "density" in (parameters or {}):
+        if "density" in (parameters or {}):
             raise PatchError("give the density once: as `density` or in `parameters`, not both")
         parameters = {**(parameters or {}), "density": density}
     if rank is not None or energy is not None:
         check_request(rank, energy)
-    store = (
-        open_registry(registry, run.storage_options)
-        if any(is_registry_ref(p) for p in patches if not isinstance(p, Patch))
-        else None
-    )
+    store = open_registry(registry, run.storage_options) if any(map(is_registry_ref, patches)) else None
     locations = [p for p in map(patch_location, patches) if p is not None and not is_registry_ref(p)]
     protected = [*locations, *(p for p in (base, store.url if store else None) if p is not None)]
     ensure_output_free(out, run.force, protected=protected, what="an input, the base or the registry")
@@ -149,8 +125,9 @@ def merge_patches(
             "layernorm patches hold the values they replace, not changes: merging them needs the base they were "
             "made on, to take the changes from: give `base=MODEL_DIR`"
         )
-    record = _shared_base(inputs, base_ckpt, kind)
-    merger = _MERGERS[kind](inputs, base_ckpt, resolve_device(run.device))
+    records = _shared_base(inputs, base_ckpt, kind)
+    device = resolve_device(run.device)
+    merger = patch_merger(kind, [i.patch for i in inputs], [i.label for i in inputs], base_ckpt, device)
     merge = task_vector_merge(method, len(inputs), merger.names(), weights, parameters)
     _check_rank(kind, merge, rank, energy)
     if seed is not None:
@@ -167,46 +144,46 @@ def merge_patches(
     fingerprint = (
         fingerprint_base(base_ckpt, touched, run.progress)
         if base_ckpt is not None
-        else (shared_record(record, touched) if record else None)
+        else (shared_record(records, touched) if records else None)
     )
     described = [
         MergeInput(i.source, i.digest(), kind.value, i.patch.meta.base.digest if i.patch.meta.base else None)
         for i in inputs
     ]
-    settings = {
-        **merged.settings,
-        "merge": {
-            "method": method,
-            "weights": list(weights) if weights is not None else [1.0] * len(inputs),
-            "parameters": dict(parameters or {}),
-            "seed": seed,
-            "inputs": [
-                {"source": i.source, "digest": i.digest, "base_digest": i.base_digest or "not recorded"}
-                for i in described
-            ],
-        },
-    }
-    base_line = [recorded_location(base)] if base is not None else _common_base_line(inputs)
+    record = {"method": method, "weights": list(weights or [1.0] * len(inputs)), "parameters": dict(parameters or {})}
     meta = PatchMeta(
         kind=kind,
         targets=merged.targets,
         base=fingerprint,
-        lineage=[*base_line, f"{method} merge of " + ", ".join(f"{i.source} ({i.digest})" for i in described)],
+        lineage=_lineage(inputs, described, method, base),
         description=description,
-        settings=settings,
+        settings={**merged.settings, "merge": {**record, "seed": seed, "inputs": [_as_record(i) for i in described]}},
     )
     patch = Patch(merged.tensors, meta)
     patch.save(out, force=run.force)
+    digest = fingerprint.digest if fingerprint else None
     return PatchMergeReport(
-        Path(out),
-        kind.value,
-        method,
-        described,
-        fingerprint.digest if fingerprint else None,
-        merged.report,
-        patch.num_parameters,
-        merged.warnings,
+        Path(out), kind.value, method, described, digest, merged.report, patch.num_parameters, merged.warnings
     )
+
+
+def _as_record(described: MergeInput) -> dict[str, str]:
+    """How the merged patch's settings name one input."""
+    return {"source": described.source, "digest": described.digest, "base": described.base_digest or "not recorded"}
+
+
+def _lineage(
+    inputs: list[_Input], described: list[MergeInput], method: str, base: str | os.PathLike | None
+) -> list[str]:
+    """The base first (given, or the one every input's lineage starts with, as extracted patches name theirs; where
+    `export_peft` looks for it), then one line naming the merge and its inputs with their digests."""
+    if base is not None:
+        first = [recorded_location(base)]
+    else:
+        firsts = {item.patch.meta.lineage[0] for item in inputs if len(item.patch.meta.lineage) >= 2}
+        complete = all(len(item.patch.meta.lineage) >= 2 for item in inputs)
+        first = [firsts.pop()] if complete and len(firsts) == 1 else []
+    return [*first, f"{method} merge of " + ", ".join(f"{d.source} ({d.digest})" for d in described)]
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -270,7 +247,7 @@ class _Input:
 def _load(
     index: int, patch: PatchSource, store: Registry | None, base: Checkpoint | None, storage_options: dict | None
 ) -> _Input:
-    if store is not None and not isinstance(patch, Patch) and is_registry_ref(patch):
+    if store is not None and is_registry_ref(patch):
         version = store.resolve(str(patch))
         return _Input(index, version.ref, store.load(version.ref), version.digest)
     loaded = load_patch(patch, storage_options, base=base)
@@ -323,13 +300,6 @@ def _shared_base(inputs: list[_Input], base: Checkpoint | None, kind: PatchKind)
     return [r for r in records if r is not None]
 
 
-def _common_base_line(inputs: list[_Input]) -> list[str]:
-    """The base every input's lineage starts with (extracted patches name theirs first), when they agree."""
-    firsts = {item.patch.meta.lineage[0] for item in inputs if len(item.patch.meta.lineage) >= 2}
-    complete = all(len(item.patch.meta.lineage) >= 2 for item in inputs)
-    return [firsts.pop()] if complete and len(firsts) == 1 else []
-
-
 def _check_rank(kind: PatchKind, merge: TaskVectorMerge, rank: int | None, energy: float | None) -> None:
     if kind is not PatchKind.lora:
         if rank is not None or energy is not None:
@@ -343,249 +313,3 @@ def _check_rank(kind: PatchKind, merge: TaskVectorMerge, rank: int | None, energ
             f"give `rank=R` (a rank for every matrix) or `energy=E` (the share of each merged change to keep, "
             f"e.g. 0.99)"
         )
-
-
-# -- merging, by kind -----------------------------------------------------------------------------------
-
-
-@dataclass
-class _Merged:
-    tensors: dict[str, torch.Tensor]
-    targets: list[str]
-    settings: dict[str, Any]
-    report: list[MergedTensor]
-    warnings: list[str] = field(default_factory=list)
-
-
-class _LoraMerger:
-    """Per matrix: the inputs' factors, merged by concatenation, by re-factoring the product, or through the
-    method on the formed changes and a truncated SVD."""
-
-    def __init__(self, inputs: list[_Input], base: Checkpoint | None, device: torch.device):
-        self.inputs, self.base, self.device = inputs, base, device
-        self.modules: dict[str, list[tuple[int, float]]] = {}  # module -> (input index, scale) of the inputs with it
-        self.shapes: dict[str, tuple[int, int]] = {}
-        for item in inputs:
-            replaced = item.patch.meta.settings.get("replaced") or []
-            if replaced:
-                raise PatchError(
-                    f"{item.label} replaces whole tensors ({first_names(list(replaced))}: PEFT's modules_to_save or "
-                    f"trained biases), which a LoRA merge does not carry; merge it with peft (merge_and_unload), "
-                    f"extract a delta patch and merge delta patches"
-                )
-            shapes = item.patch.shapes
-            for module in lora_modules(item.patch):
-                scale = module_scale(item.patch, module)
-                shape = (shapes[module + SUFFIX_B][0], shapes[module + SUFFIX_A][1])
-                known = self.shapes.setdefault(module, shape)
-                if known != shape:
-                    raise PatchError(
-                        f"{item.label} changes {module}.weight as shape {list(shape)}, an earlier patch as "
-                        f"{list(known)}: they were not made for one base"
-                    )
-                self.modules.setdefault(module, []).append((item.index, scale))
-
-    def names(self) -> list[str]:
-        return [f"{module}.weight" for module in self.modules]
-
-    def _factors(self, index: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = self.inputs[index].patch.tensors
-        a = tensors[module + SUFFIX_A].to(device=self.device, dtype=torch.float32)
-        b = tensors[module + SUFFIX_B].to(device=self.device, dtype=torch.float32)
-        return a, b
-
-    def merge(self, merge: TaskVectorMerge, rank: int | None, energy: float | None, advance: Any) -> _Merged:
-        tensors: dict[str, torch.Tensor] = {}
-        report: list[MergedTensor] = []
-        settings: dict[str, Any] = {
-            "rslora": False,
-            "rank": {},
-            "alpha": {},
-            "requested": {"rank": rank, "energy": energy},
-            "captured_energy": {},
-            "relative_error": {},
-            "svd": {},
-        }
-        zero = []
-        for module, present in self.modules.items():
-            name = f"{module}.weight"
-            found = (
-                self._weighted_sum(merge, name, module, present, rank, energy)
-                if merge.is_weighted_sum
-                else self._entrywise(merge, name, module, present, rank, energy)
-            )
-            advance(1, 0)
-            if found is None:
-                zero.append(name)
-                continue
-            a, b, how, captured = found
-            tensors[module + SUFFIX_A], tensors[module + SUFFIX_B] = a, b
-            kept = a.shape[0]
-            settings["rank"][module], settings["alpha"][module] = kept, float(kept)
-            settings["captured_energy"][module] = captured
-            settings["relative_error"][module] = math.sqrt(max(1.0 - captured, 0.0))
-            settings["svd"][module] = how
-            report.append(MergedTensor(name, how, kept, captured))
-        warnings = [f"{len(zero)} matrices merge to no change and are left out ({first_names(zero)})"] if zero else []
-        return _Merged(tensors, [t.name[: -len(".weight")] for t in report], settings, report, warnings)
-
-    def _weighted_sum(
-        self,
-        merge: TaskVectorMerge,
-        name: str,
-        module: str,
-        present: list[tuple[int, float]],
-        rank: int | None,
-        energy: float | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, str, float] | None:
-        coefficients = merge.coefficients(name)
-        a_parts, b_parts = [], []
-        for index, scale in present:
-            if coefficients[index] != 0:
-                a, b = self._factors(index, module)
-                a_parts.append(a)
-                b_parts.append(b * (coefficients[index] * scale))
-        if not a_parts:
-            return None
-        a, b = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
-        if rank is None and energy is None:
-            return a.contiguous().cpu(), b.contiguous().cpu(), "concatenated", 1.0
-        u, s, vh, total = product_svd(b, a, rank, energy)
-        if total == 0:
-            return None
-        return (*balanced_factors(u, s, vh), "qr + core svd", _captured(s, total))
-
-    def _entrywise(
-        self,
-        merge: TaskVectorMerge,
-        name: str,
-        module: str,
-        present: list[tuple[int, float]],
-        rank: int | None,
-        energy: float | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, str, float] | None:
-        rows, cols = self.shapes[module]
-        changes = [torch.zeros(rows, cols, device=self.device) for _ in self.inputs]
-        for index, scale in present:
-            a, b = self._factors(index, module)
-            changes[index].addmm_(b, a, alpha=scale)
-        merged = merge.merged(name, changes)
-        del changes
-        total = float(merged.double().square().sum())
-        if total == 0:
-            return None
-        u, s, vh, method = truncated_svd(merged, rank, energy)
-        return (*balanced_factors(u, s, vh), f"{method} svd", _captured(s, total))
-
-
-def _captured(s: torch.Tensor, total: float) -> float:
-    return min(float(s.double().square().sum()) / total, 1.0)
-
-
-class _WholeMerger:
-    """Per base tensor: every input's change as a whole tensor (zeros where an input leaves it alone), merged."""
-
-    def __init__(self, inputs: list[_Input], base: Checkpoint | None, device: torch.device):
-        self.inputs, self.base, self.device = inputs, base, device
-        self.kind = inputs[0].patch.meta.kind
-        self.targets: dict[str, tuple[int, ...]] = {}
-        self.present: dict[str, list[int]] = {}
-        for item in inputs:
-            for name, shape in self._changes_of(item).items():
-                known = self.targets.setdefault(name, shape)
-                if known != shape:
-                    raise PatchError(
-                        f"{item.label} changes {name} as shape {list(shape)}, an earlier patch as {list(known)}: "
-                        f"they were not made for one base"
-                    )
-                self.present.setdefault(name, []).append(item.index)
-        if self.base is not None:
-            for name, shape in self.targets.items():
-                info = self.base.tensors.get(name)
-                if info is None or tuple(info.shape) != tuple(shape):
-                    found = "has no such tensor" if info is None else f"has it as {list(info.shape)}"
-                    raise PatchError(
-                        f"the patches change {name} as shape {list(shape)}; the base {self.base.location} {found}"
-                    )
-
-    def _changes_of(self, item: _Input) -> dict[str, tuple[int, ...]]:
-        """The base tensors an input changes, with their shapes."""
-        patch = item.patch
-        if self.kind is not PatchKind.mask:
-            return {name: tuple(shape) for name, shape in patch.shapes.items()}
-        listed = patch.meta.settings.get("shapes")
-        if not isinstance(listed, dict):
-            raise PatchError(
-                f"{item.label}: the mask patch's settings have no tensor shapes; it was not written by splice"
-            )
-        bare = [name for name in listed if name + VALUES_SUFFIX not in patch.shapes]
-        if bare:
-            raise PatchError(
-                f"{item.label} is a bare mask (no values on {first_names(bare)}): it prunes rather than adds a "
-                f"change, so it does not merge; merge sparse deltas (extracted with values, --mask-values)"
-            )
-        return {name: tuple(shape) for name, shape in listed.items()}
-
-    def names(self) -> list[str]:
-        return list(self.targets)
-
-    def _change(self, index: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        patch = self.inputs[index].patch
-        if self.kind is PatchKind.mask:
-            change = torch.zeros(shape, device=self.device).reshape(-1)
-            mask = unpack_mask(patch.tensors[name + MASK_SUFFIX].to(self.device), shape).reshape(-1)
-            values = patch.tensors[name + VALUES_SUFFIX].to(device=self.device, dtype=torch.float32)
-            if values.numel() != int(mask.sum()):
-                raise PatchError(
-                    f"{self.inputs[index].label}: {name}: the mask selects {int(mask.sum())} entries but the patch "
-                    f"holds {values.numel()} values"
-                )
-            change[mask] = values
-            return change.reshape(shape)
-        value = patch.tensors[name].to(device=self.device, dtype=torch.float32)
-        if self.kind is PatchKind.layernorm:
-            assert self.base is not None
-            value = value - self._base_value(name)
-        return value
-
-    def _base_value(self, name: str) -> torch.Tensor:
-        assert self.base is not None
-        return self.base.read(name).to(device=self.device, dtype=torch.float32)
-
-    def merge(self, merge: TaskVectorMerge, rank: int | None, energy: float | None, advance: Any) -> _Merged:
-        tensors: dict[str, torch.Tensor] = {}
-        report: list[MergedTensor] = []
-        shapes: dict[str, list[int]] = {}
-        kept: dict[str, int] = {}
-        for name, shape in self.targets.items():
-            changes = [torch.zeros(shape, device=self.device) for _ in self.inputs]
-            for index in self.present[name]:
-                changes[index] = self._change(index, name, shape)
-            merged = merge.merged(name, changes)
-            advance(1, 0)
-            if self.kind is PatchKind.layernorm:
-                tensors[name] = (self._base_value(name) + merged).cpu()
-            elif self.kind is PatchKind.delta:
-                tensors[name] = merged.cpu()
-            else:
-                mask = merged.ne(0)
-                if not mask.any():
-                    continue
-                tensors[name + MASK_SUFFIX] = pack_mask(mask).cpu()
-                tensors[name + VALUES_SUFFIX] = merged.reshape(-1)[mask.reshape(-1)].cpu()
-                shapes[name], kept[name] = list(shape), int(mask.sum())
-            report.append(MergedTensor(name, "whole tensor"))
-        settings: dict[str, Any] = (
-            {"values": True, "shapes": shapes, "kept": kept} if self.kind is PatchKind.mask else {}
-        )
-        names = [t.name for t in report]
-        targets = sorted({n.rpartition(".")[0] for n in names}) if self.kind is PatchKind.layernorm else sorted(names)
-        return _Merged(tensors, targets, settings, report)
-
-
-_MERGERS: dict[PatchKind, Any] = {
-    PatchKind.lora: _LoraMerger,
-    PatchKind.layernorm: _WholeMerger,
-    PatchKind.delta: _WholeMerger,
-    PatchKind.mask: _WholeMerger,
-}
