@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 "output_bytes": size,
                 "ratios": ratios,
                 "checks": checks,
-                "machine": machine_info(),
+                "machine": {**machine_info(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             },
             indent=2,
