@@ -48,6 +48,7 @@ _EXPORTS = {
     "greedy_soup": "splice.merge.soup",
     "load_recipe": "splice.merge.recipe",
     "merge": "splice.workflows.merge",
+    "merge_patches": "splice.workflows.patch_merge",
     "port": "splice.workflows.port",
     "port_patch": "splice.adapters.port",
     "read_deployment_record": "splice.workflows.deploy",
@@ -87,6 +88,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs (tests/test_cli_j
     from splice.tensors.checkpoint import Checkpoint
     from splice.workflows.deploy import DeploymentRecord, apply_ref, deploy, read_deployment_record
     from splice.workflows.merge import merge
+    from splice.workflows.patch_merge import merge_patches
     from splice.workflows.port import port
     from splice.workflows.sweep.results import SweepReport
     from splice.workflows.sweep.run import sweep

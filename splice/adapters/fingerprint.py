@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from math import prod
 from typing import Literal
 
@@ -145,18 +146,34 @@ def _compare_tensor(entry: TensorFingerprint, source: TensorSource) -> BaseMisma
     if found is None:
         return BaseMismatch(entry.name, "missing", "not in this base")
     shape, dtype, read = found
+
+    def hashed() -> tuple[str, float]:
+        tensor = read()
+        return tensor_sha256(tensor), l2_norm(tensor)
+
+    return _compare_entry(entry, tuple(shape), dtype_name(dtype), hashed)
+
+
+def _compare_entry(
+    entry: TensorFingerprint,
+    shape: tuple[int, ...],
+    dtype: str,
+    hashed: Callable[[], tuple[str, float]],
+    recorded: str = "when the patch was made",
+) -> BaseMismatch | None:
+    """A base tensor (its shape, dtype name, and `hashed()`: its sha256 and L2 norm, asked for only when shape and
+    dtype agree) against what `entry` recorded of it (`recorded`: how a message says where that record is from)."""
     if tuple(shape) != tuple(entry.shape):
         return BaseMismatch(entry.name, "shape", f"shape {list(shape)}, patch made on {list(entry.shape)}")
-    if dtype_name(dtype) != entry.dtype:
-        return BaseMismatch(entry.name, "dtype", f"{dtype_name(dtype)}, patch made on {entry.dtype}")
-    tensor = read()
-    if tensor_sha256(tensor) == entry.sha256:
+    if dtype != entry.dtype:
+        return BaseMismatch(entry.name, "dtype", f"{dtype}, patch made on {entry.dtype}")
+    sha256, norm = hashed()
+    if sha256 == entry.sha256:
         return None
-    norm = l2_norm(tensor)
     return BaseMismatch(
         entry.name,
         "values",
-        f"values differ: L2 norm {norm:.6g}, {entry.norm:.6g} when the patch was made{_norm_change(norm, entry.norm)}",
+        f"values differ: L2 norm {norm:.6g}, {entry.norm:.6g} {recorded}{_norm_change(norm, entry.norm)}",
     )
 
 
@@ -185,6 +202,53 @@ def compare_fingerprint(expected: BaseFingerprint, source: TensorSource) -> list
         own = pool.map(lambda entry: _compare_tensor(entry, source), expected.tensors)
         context = pool.map(lambda item: _compare_context(item[0], item[1], source), expected.context.items())
         return [m for m in (*own, *context) if m is not None]
+
+
+def compare_records(
+    expected: BaseFingerprint, other: BaseFingerprint, recorded: str = "in the first record"
+) -> list[BaseMismatch]:
+    """How the base `other` records differs from the base `expected` records, where both record a tensor the same
+    way: hashed whole (tensors both patches touch) or sampled (tensors neither touches). A tensor one record hashes
+    whole and the other samples cannot be compared from the records: only a base model can settle it."""
+    theirs = {entry.name: entry for entry in other.tensors}
+    mismatches = []
+    for entry in expected.tensors:
+        own = theirs.get(entry.name)
+        if own is not None:
+            found = _compare_entry(entry, own.shape, own.dtype, partial(_recorded_hash, own), recorded)
+            mismatches += [found] if found else []
+    mismatches += [
+        BaseMismatch(name, "context", "differs (its sampled bytes)", own=False)
+        for name, sampled in expected.context.items()
+        if name in other.context and other.context[name] != sampled
+    ]
+    return mismatches
+
+
+def _recorded_hash(entry: TensorFingerprint) -> tuple[str, float]:
+    return entry.sha256, entry.norm
+
+
+def shared_record(records: Sequence[BaseFingerprint], touched: Iterable[str]) -> BaseFingerprint:
+    """The fingerprint of one base, made from `records` (compared already) that each fingerprint it in part, for a
+    patch that changes the `touched` tensors: each of those as the first record that hashes it whole has it, and
+    the tensors every record samples, sampled. A touched tensor no record hashes whole is refused."""
+    whole: dict[str, TensorFingerprint] = {}
+    for record in records:
+        for entry in record.tensors:
+            whole.setdefault(entry.name, entry)
+    touched = list(touched)
+    unrecorded = [name for name in touched if name not in whole]
+    if unrecorded:
+        raise PatchError(
+            f"no base record fingerprints {first_names(unrecorded)}; give the base model to fingerprint it"
+        )
+    context = {
+        name: sampled
+        for name, sampled in records[0].context.items()
+        if name not in whole and all(name in record.context for record in records[1:])
+    }
+    return BaseFingerprint.of((whole[name] for name in touched), context)
 
 
 def compare_base(expected: BaseFingerprint, base: Checkpoint) -> list[BaseMismatch]:

@@ -24,6 +24,7 @@ from splice.cli.options import (
     Shared,
     StorageOptions,
     parse_storage_options,
+    parse_weights,
     shared_options,
 )
 from splice.cli.patch import patch_app
@@ -85,15 +86,6 @@ def inspect(
         render.show(renderable)
 
 
-def _parse_weights(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        raise SpliceError(f"--weights {text!r}: give comma-separated numbers, e.g. 0.5,0.3,0.2") from None
-
-
 @app.command()
 @shared_options(verbose=True, placed={"dtype": "device"})
 def soup(
@@ -116,7 +108,7 @@ def soup(
     report = soup_or_greedy(
         models,
         out,
-        weights=_parse_weights(weights),
+        weights=parse_weights(weights),
         greedy=greedy,
         evaluate=eval_fn,
         strict=strict,

@@ -37,8 +37,13 @@ FLAGS: dict[str, str] = {
     "energy": "--energy",
     "density": "--density",
     "mask_scope": "--mask-scope",
+    "mask_values": "--mask-values",
     "include": "--include",
     "allow_base_drift": "--allow-base-drift",
+    # patch merge
+    "method": "--method",
+    "parameters": "--param",
+    "seed": "--seed",
     # port and deploy
     "old_base": "--from",
     "as_patch": "--as-patch",

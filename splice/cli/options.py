@@ -61,6 +61,16 @@ def parse_storage_options(text: str | None) -> dict | None:
     return options
 
 
+def parse_weights(text: str | None) -> list[float] | None:
+    """--weights 0.5,0.3,0.2 as numbers."""
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise SpliceError(f"--weights {text!r}: give comma-separated numbers, e.g. 0.5,0.3,0.2") from None
+
+
 RegistryURL = Annotated[
     str | None,
     typer.Option(

@@ -1,4 +1,4 @@
-"""`splice patch extract|apply`."""
+"""`splice patch extract|apply|merge|export`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,19 @@ from typing import Annotated
 import typer
 
 from splice.cli import render
-from splice.cli.options import Force, Out, Quiet, Shared, StorageOptions, parse_storage_options, shared_options
+from splice.cli.options import (
+    Force,
+    Out,
+    Quiet,
+    RegistryURL,
+    Shared,
+    StorageOptions,
+    parse_storage_options,
+    parse_weights,
+    shared_options,
+)
 
-patch_app = typer.Typer(help="Extract patches from fine-tunes and apply them to base models.")
+patch_app = typer.Typer(help="Extract patches from fine-tunes, apply them to base models, merge and export them.")
 
 
 @patch_app.command("extract")
@@ -116,6 +126,88 @@ def apply(
         render.print_json(report)
     elif not shared.quiet:
         render.console.print(render.stream_report_table("patched model", report))
+
+
+def _parse_parameters(pairs: list[str] | None) -> dict[str, str]:
+    """--param lambda=0.8 --param normalize=true as a mapping (values read as the method's types later)."""
+    from splice.errors import SpliceError
+
+    parameters: dict[str, str] = {}
+    for pair in pairs or []:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip() or not value.strip():
+            raise SpliceError(f"--param {pair!r}: give NAME=VALUE, e.g. --param lambda=0.8")
+        parameters[key.strip()] = value.strip()
+    return parameters
+
+
+@patch_app.command("merge")
+@shared_options(shard_size=False)
+def merge(
+    patches: Annotated[
+        list[str], typer.Argument(help="Patch directories, PEFT adapter directories or registry refs, of one kind.")
+    ],
+    method: Annotated[
+        str, typer.Option("--method", help="linear, task_arithmetic, ties, dare_ties, dare_linear, della, ...")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Patch directory to write.")],
+    weights: Annotated[
+        str | None, typer.Option(help="Comma-separated weights, one per patch (default 1 each).")
+    ] = None,
+    density: Annotated[float | None, typer.Option(help="ties, dare, della, ...: share of each change kept.")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", metavar="NAME=VALUE", help="Another parameter of the method, e.g. lambda=0.8."),
+    ] = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            help="lora: re-factor every merged matrix to this rank (default for linear and task_arithmetic: the "
+            "factors concatenated, exact, rank = the sum of the ranks)."
+        ),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="lora: per matrix, the smallest rank keeping this share of the merged change, e.g. 0.99."),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for the random methods (dare_ties, dare_linear, della).")
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base", help="The base the patches were made on: needed for layernorm patches; checks every patch."
+        ),
+    ] = None,
+    registry: RegistryURL = None,
+    description: Annotated[str, typer.Option(help="Free text stored in patch.json.")] = "",
+    *,
+    shared: Shared,
+) -> None:
+    """Merge patches of one kind into one patch with a merge method, without building a model: LoRA patches
+    (and PEFT LoRA adapters) into a LoRA patch, layernorm, delta and sparse mask patches into one of their kind."""
+    from splice.workflows.patch_merge import merge_patches
+
+    report = merge_patches(
+        patches,
+        out,
+        method,
+        weights=parse_weights(weights),
+        density=density,
+        parameters=_parse_parameters(param),
+        rank=rank,
+        energy=energy,
+        seed=seed,
+        base=base,
+        registry=registry,
+        description=description,
+        run=shared.run,
+    )
+    render.warn(report.warnings)
+    if shared.as_json:
+        render.print_json(report)
+    elif not shared.quiet:
+        render.console.print(render.patch_merge_table(report))
 
 
 @patch_app.command("export")

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from splice.workflows.continual.report import ContinualReport
     from splice.workflows.deploy import DeploymentRecord
     from splice.workflows.inspect import ModelSummary
+    from splice.workflows.patch_merge import PatchMergeReport
     from splice.workflows.stages import StagesReport
     from splice.workflows.sweep.results import SweepReport
     from splice.workflows.sweep.study import TrialRecord
@@ -191,6 +192,28 @@ def greedy_soup_table(report: GreedySoupReport) -> Table:
                 ("yes (tie)" if s.tie else "yes") if s.kept else "no",
             ]
             for s in report.steps
+        ],
+    )
+
+
+def patch_merge_table(report: PatchMergeReport) -> Table:
+    """One row: what the merged patch holds; for LoRA, its ranks and the least energy a matrix kept."""
+    ranks = sorted({t.rank for t in report.tensors if t.rank is not None})
+    kept = [t for t in report.tensors if t.captured_energy is not None]
+    least = min(kept, key=lambda t: t.captured_energy or 0.0) if kept else None
+    lora = ["rank", "least energy kept"] if ranks else []
+    rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}" if ranks else ""
+    energy = f"{least.captured_energy:.4f} ({least.name})" if least and least.captured_energy is not None else ""
+    return table(
+        f"{report.method} merge of {len(report.inputs)} {report.kind} patches -> {report.out}",
+        ["tensors", *lora, "parameters", "base fingerprint"],
+        [
+            [
+                len(report.tensors),
+                *([rank, energy] if ranks else []),
+                f"{report.parameters:,}",
+                report.base_digest[:19] if report.base_digest else "none",
+            ]
         ],
     )
 

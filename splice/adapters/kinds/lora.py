@@ -179,6 +179,29 @@ def truncated_svd(
     return u[:, :keep], s[:keep], vh[:keep], "full"
 
 
+def product_svd(
+    b: torch.Tensor, a: torch.Tensor, rank: int | None, energy: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(U, S, Vh, ||b @ a||_F^2): `truncated_svd` of the product b @ a (b [rows, r], a [r, cols]) without forming
+    it: with b = Qb Rb and a^T = Qa Ra, b @ a = Qb (Rb Ra^T) Qa^T, so the SVD of the small core Rb Ra^T (at most
+    r x r) rotated by Qb and Qa is the product's, in O((rows + cols) r^2); the core's Frobenius norm is the
+    product's, so the captured energy is exact."""
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    core = rb @ ra.T
+    total = float(core.double().square().sum())
+    if total == 0:
+        return qb[:, :0], core.new_zeros(0), qa.T[:0], 0.0
+    u, s, vh, _ = truncated_svd(core, rank, energy)
+    return qb @ u, s, vh @ qa.T, total
+
+
+def balanced_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B @ A = U diag(S) Vh, the singular values split evenly between them (scale 1: alpha = rank)."""
+    root = s.sqrt()
+    return (root[:, None] * vh).contiguous().cpu(), (u * root[None, :]).contiguous().cpu()
+
+
 def _why_not_lora(name: str, delta: torch.Tensor) -> str | None:
     if delta.dim() != 2:
         return f"{delta.dim()}-D"
