@@ -77,7 +77,7 @@ def test_slices_mixed_with_models_say_so_first(make_models, tmp_path):
     assert message.startswith(f"{path}: models: and slices:")
 
 
-@pytest.mark.parametrize("key", ["modules", "tokenizer", "chat_template"])
+@pytest.mark.parametrize("key", ["tokenizer", "chat_template"])
 def test_other_mergekit_keys_splice_lacks_are_named(key, make_models, tmp_path):
     path = write(tmp_path, task_arithmetic(make_models("gpt2", 3), **{key: {"x": 1}}))
     assert_refused(path, tmp_path / "out", [f"{key}:", "not supported"], absent=["Extra inputs"])

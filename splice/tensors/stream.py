@@ -81,7 +81,7 @@ class OutputExtras:
 
     metadata: Mapping[str, str] | None = None  # in every shard's safetensors header
     files: Mapping[str, bytes] | None = None  # name -> content, written beside the weights (after the side files)
-    config_updates: Mapping[str, Any] | None = None  # set at the top level of the copied config.json
+    config_updates: Mapping[str, Any] | None = None  # set in the copied config.json (dotted: nested)
 
 
 @dataclass(frozen=True)
