@@ -67,7 +67,7 @@ from splice.tensors.stream import (
     run_stream,
     stream_to_memory,
 )
-from splice.tensors.writer import ensure_output_free
+from splice.tensors.writer import copy_side_files, ensure_output_free
 from splice.values import Bounded, YamlDocument, one_line, read_yaml, unknown_key
 
 Scalar = bool | int | float | str
@@ -591,9 +591,38 @@ def merged_state(
 ) -> dict[str, torch.Tensor]:
     """The model `merge(recipe, ...)` would write, tensor for tensor, held in memory instead (stored names, output
     dtypes): what a sweep hands a candidate's evaluation without writing it."""
+    model = merged_model(recipe, prefer_own_kernels=prefer_own_kernels, seed=seed, open_models=open_models, run=run)
+    return model.state
+
+
+@dataclass(frozen=True)
+class MergedModel:
+    """A merge held in memory: its tensors, and what its config and side files would be once written."""
+
+    state: dict[str, torch.Tensor]
+    side_source: Checkpoint
+    out_dtype: torch.dtype | None
+    config_updates: dict[str, Any]
+
+    def write_side_files(self, directory: Path) -> list[str]:
+        """The config (with the merge's new depth, dtype, ...), tokenizer and other side files `merge` would write,
+        written to `directory`: a model directory for code that builds the model from its config."""
+        return copy_side_files(self.side_source, directory, self.out_dtype, self.config_updates)
+
+
+def merged_model(
+    recipe: Recipe,
+    *,
+    prefer_own_kernels: bool = True,
+    seed: int | None = None,
+    open_models: ModelOpener = open_all,
+    run: RunOptions | None = None,
+) -> MergedModel:
+    """`merged_state`'s tensors, with the side files and config updates `merge` would write beside them."""
     run = run or RunOptions()
     planned = _planned(recipe, run, prefer_own_kernels, seed, open_models)
-    return stream_to_memory(planned.plan, planned.kernel, run=run, description=f"{recipe.merge_method} merge")
+    state = stream_to_memory(planned.plan, planned.kernel, run=run, description=f"{recipe.merge_method} merge")
+    return MergedModel(state, planned.side_source, planned.out_dtype, planned.config_updates)
 
 
 @dataclass(frozen=True)
