@@ -86,12 +86,19 @@ def unknown_key(
     if extra is None:
         return None
     key = str(extra["loc"][0])
-    near = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"did you mean {near[0]!r}?" if near else f"the keys are {', '.join(known)}"
-    others = [p for p in problems if p is not extra and not (p["type"] == "missing" and list(p["loc"]) == near)]
+    # the closest key, and a second one as close but for a letter (`modles`: modules or models?)
+    near = difflib.get_close_matches(key, list(known), n=2, cutoff=0.6)
+    near = [name for name in near if _closeness(key, name) >= _closeness(key, near[0]) - 0.15]
+    missing = {(name,) for name in near}  # the required field the typo left behind
+    hint = f"did you mean {' or '.join(map(repr, near))}?" if near else f"the keys are {', '.join(known)}"
+    others = [p for p in problems if p is not extra and not (p["type"] == "missing" and tuple(p["loc"]) in missing)]
     line = (key_lines or {}).get(key)
     more = f" (+{len(others)} more)" if others else ""
     return f"{source}{f':{line}' if line else ''}: unknown key {key!r} ({hint}){more}"
+
+
+def _closeness(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
 
 
 class YamlDocument(NamedTuple):

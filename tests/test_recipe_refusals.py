@@ -71,12 +71,6 @@ def test_slices_mixed_with_models_say_so_first(make_models, tmp_path):
     assert message.startswith(f"{path}: models: and slices:")
 
 
-@pytest.mark.parametrize("key", ["modules"])
-def test_other_mergekit_keys_splice_lacks_are_named(key, make_models, tmp_path):
-    path = write(tmp_path, task_arithmetic(make_models("gpt2", 3), **{key: {"x": 1}}))
-    assert_refused(path, tmp_path / "out", [f"{key}:", "not supported"], absent=["Extra inputs"])
-
-
 def test_scientific_notation_is_a_number(make_models, tmp_path):
     base, first, second = map(str, make_models("bert", 3))
     path = write(

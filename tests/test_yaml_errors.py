@@ -40,7 +40,7 @@ MISTYPED_KEYS = [
     (
         load_recipe,
         "merge_method: linear\n# the inputs\nmodles:\n  - model: a\n",
-        "3: unknown key 'modles' (did you mean 'models'?)",
+        "3: unknown key 'modles' (did you mean 'modules' or 'models'?)",  # as near to both: both named
     ),
     (
         load_recipe,
@@ -50,8 +50,8 @@ MISTYPED_KEYS = [
     (
         load_recipe,
         "merge_method: linear\nmodels: [{model: a}]\nzzz: 1\n",
-        "3: unknown key 'zzz' (the keys are merge_method, models, slices, base_model, parameters, dtype, out_dtype, "
-        "compute, tokenizer_source, tokenizer, chat_template, name)",
+        "3: unknown key 'zzz' (the keys are merge_method, models, slices, modules, base_model, parameters, dtype, "
+        "out_dtype, compute, tokenizer_source, tokenizer, chat_template, name)",
     ),
     (
         load_pipeline,

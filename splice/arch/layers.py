@@ -44,15 +44,21 @@ def before_layers(name: str) -> bool:
 
 
 def layer_positions(names: Sequence[str]) -> Callable[[str], float]:
-    """Tensor name -> t in [0, 1]: its layer's relative depth among `names` (t = 0 outside layers, as in
-    mergekit)."""
-    indices = [index for index in map(layer_index, names) if index is not None]
-    count = max(indices) + 1 if indices else 0
+    """Tensor name -> t in [0, 1]: its layer's relative depth in its stack of layers among `names` (t = 0 outside
+    layers, as in mergekit; a vision tower's layers are counted apart from a language model's, as mergekit counts
+    each module's)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        index = layer_index(name)
+        if index is not None:
+            container = layer_container(name) or ""
+            counts[container] = max(counts.get(container, 0), index + 1)
 
     def position(name: str) -> float:
         index = layer_index(name)
         if index is None:
             return 0.0
+        count = counts.get(layer_container(name) or "", 0)
         return index / (count - 1) if count > 1 else 1.0
 
     return position

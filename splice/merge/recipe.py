@@ -17,6 +17,11 @@ Per-model parameters take precedence over global ones, as in mergekit.
 Instead of `models:`, `slices:` stacks layer ranges into a new model (splice.merge.slices): each slice lists
 `sources` (`model`, `layer_range: [start, end]` with an exclusive end, `parameters`) and may give `base_model` and
 `parameters`; a parameter is taken from the source, else the slice, else the global `parameters`, as in mergekit.
+
+Or `modules:` (splice.merge.modules) gives each module of a model (mergekit's names: `text_decoder`, `vision_tower`,
+`multi_modal_projector`, ...) its own `models:` or `slices:` and `parameters`; a parameter is taken from the model
+or source, else the slice, else the module, else the global `parameters`, as in mergekit. `merge_method` and
+`base_model` are the recipe's.
 """
 
 from __future__ import annotations
@@ -46,9 +51,10 @@ from splice.merge.methods import (
     coerce_parameter,
     method_rules,
 )
+from splice.merge.modules import model_modules
 from splice.merge.reference_syntax import parse_reference
 from splice.merge.references import ModelReference, ModelReferenceField
-from splice.merge.slices import LayerRange, plan_slices
+from splice.merge.slices import LayerRange, LayerStack, SlicedTensor, plan_slices
 from splice.merge.tokenizer import TokenizerRequest, TokenizerSection, check_tokenizer_settings, prepare_inputs
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.checkpoint import Checkpoint
@@ -63,6 +69,7 @@ from splice.tensors.stream import (
     plan_same_name,
     run_stream,
     stream_to_memory,
+    write_side_files,
 )
 from splice.tensors.writer import ensure_output_free
 from splice.values import Bounded, YamlDocument, one_line, read_yaml, read_yaml_documents, unknown_key
@@ -107,11 +114,27 @@ class OutputSlice(BaseModel):
         return self.base_model or recipe.base_model
 
 
+class ModuleSection(BaseModel):
+    """One module's inputs (mergekit's `modules: {NAME: ...}`): its `models:` or its `slices:`, and its parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[InputModel] = []
+    slices: list[OutputSlice] | None = None
+    parameters: dict[str, Setting] = {}
+
+    @model_validator(mode="after")
+    def _one_input_form(self) -> ModuleSection:
+        if bool(self.models) == bool(self.slices):  # parse_recipe says so first, naming the module
+            raise ValueError("a module lists its inputs under exactly one of models: or slices:")
+        return self
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     models: list[InputModel] = []
     slices: list[OutputSlice] | None = None
+    modules: dict[str, ModuleSection] | None = None
     base_model: ModelReference | None = None
     parameters: dict[str, Setting] = {}
     dtype: str | None = None
@@ -127,14 +150,31 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _one_input_form(self) -> Recipe:
-        if self.models and self.slices:  # parse_recipe says so first, for a recipe read from a file
-            raise ValueError("models and slices cannot be mixed: list the inputs under exactly one of them")
+        if sum(map(bool, (self.models, self.slices, self.modules))) > 1:  # parse_recipe says so first, from a file
+            raise ValueError("models, slices and modules cannot be mixed: list the inputs under exactly one of them")
         return self
+
+    def module_recipes(self) -> dict[str, Recipe]:
+        """Each module of a `modules:` recipe as a recipe of its own (its models or slices, the recipe's method and
+        base), for checks: its parameters are the module's over the global ones."""
+        return {
+            name: self.model_copy(
+                update={
+                    "models": section.models,
+                    "slices": section.slices,
+                    "modules": None,
+                    "parameters": {**self.parameters, **section.parameters},
+                }
+            )
+            for name, section in (self.modules or {}).items()
+        }
 
     def side_files_source(self) -> str:
         """The input whose config and tokenizer the output gets: the base, or the first model without one."""
         if self.slices:  # mergekit's: the base model even where the method ignores it
             return self.base_model or self.slices[0].sources[0].model
+        if self.modules:
+            return self.base_model or self.inputs()[0][0]
         locations, base_index = self.inputs()
         return locations[base_index if base_index is not None else 0]
 
@@ -142,14 +182,16 @@ class Recipe(BaseModel):
         """Input model locations in order (the base appended if not listed) and the base's index.
 
         A method that ignores the base (linear, passthrough) merges only the listed models. With slices: every model
-        the slices name, and the base model (whose config the output gets) if not among them.
+        the slices name, and the base model (whose config the output gets) if not among them. With modules: every
+        model of every module, in order, and the base model.
         """
-        if self.slices:
-            named = [source.model for s in self.slices for source in s.sources]
-            named += [s.base_model for s in self.slices if s.base_model] + (
-                [self.base_model] if self.base_model else []
-            )
-            locations = list(dict.fromkeys(named))
+        if self.slices or self.modules:
+            if self.modules:
+                named = [m for recipe in self.module_recipes().values() for m in recipe.inputs()[0]]
+            else:
+                named = [source.model for s in self.slices or [] for source in s.sources]
+                named += [s.base_model for s in self.slices or [] if s.base_model]
+            locations = list(dict.fromkeys(named + ([self.base_model] if self.base_model else [])))
             base_index = None
             if self.base_model is not None and method_rules(self.merge_method).base is not BasePolicy.ignored:
                 base_index = locations.index(self.base_model)
@@ -165,14 +207,6 @@ class Recipe(BaseModel):
         return locations, locations.index(self.base_model)
 
 
-# mergekit config keys splice does not implement yet, refused with what to do instead of a schema error
-NOT_SUPPORTED = {
-    "modules": "modules are not supported yet: mergekit finds a module's tensors (text_decoder, vision_tower, ...) "
-    "through its architecture files, which splice does not read; a model with one stack of layers merges with "
-    "models: or slices:",
-}
-
-
 # where a recipe lists its inputs; mergekit takes exactly one
 INPUT_FORMS = ("models", "slices", "modules")
 
@@ -182,6 +216,34 @@ SLICE_KEYS_IGNORED_BY_MERGEKIT = {
     "the top-level merge_method); set merge_method at the top level, or merge in two recipes",
     "residual_weight": "mergekit reads residual_weight in a slice but never uses it; remove it",
 }
+
+
+# keys of a module section that configs write but mergekit's module schema drops (mergekit-yaml runs without them)
+MODULE_KEYS_IGNORED_BY_MERGEKIT = {
+    "merge_method": "mergekit has no per-module merge method (its module schema drops the key, so mergekit-yaml runs "
+    "the top-level merge_method for every module); set merge_method at the top level, or merge in two recipes",
+    "base_model": "mergekit has no per-module base model (its module schema drops the key); set base_model at the "
+    "top level, or per slice in the module's slices:",
+}
+
+
+def _refuse_module_keys(modules: Any, source: str) -> None:
+    """A module section's keys that mergekit would ignore, and its inputs under both or neither of its forms."""
+    if not isinstance(modules, dict):
+        return
+    for name, entry in modules.items():
+        if not isinstance(entry, dict):
+            continue
+        for key, why in MODULE_KEYS_IGNORED_BY_MERGEKIT.items():
+            if key in entry:
+                raise RecipeError(f"{source}: modules.{name}.{key}: {why}")
+        if bool(entry.get("models")) == bool(entry.get("slices")):
+            given = "both models: and slices:" if entry.get("models") else "neither models: nor slices:"
+            raise RecipeError(
+                f"{source}: modules.{name} gives {given}; a module lists its inputs under exactly one of them "
+                "(as in mergekit)"
+            )
+        _refuse_slice_keys(entry.get("slices"), f"{source}: modules.{name}")
 
 
 def _refuse_slice_keys(slices: Any, source: str) -> None:
@@ -236,9 +298,6 @@ def parse_recipe(data: Any, source: str = "recipe", key_lines: dict[str, int] | 
     """A recipe validated; `key_lines` (each top-level key's line in the file) places a mistyped key."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with merge_method and models")
-    for key, why in NOT_SUPPORTED.items():
-        if key in data:
-            raise RecipeError(f"{source}: {key}: {why}")
     listed = [key for key in INPUT_FORMS if data.get(key)]
     if len(listed) > 1:
         raise RecipeError(
@@ -246,6 +305,7 @@ def parse_recipe(data: Any, source: str = "recipe", key_lines: dict[str, int] | 
             "exactly one of models:, slices: or modules: (as in mergekit)"
         )
     _refuse_slice_keys(data.get("slices"), source)
+    _refuse_module_keys(data.get("modules"), source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -258,25 +318,18 @@ def parse_recipe(data: Any, source: str = "recipe", key_lines: dict[str, int] | 
 def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
     """Method, parameter names, required values, base and input counts: all checked before any I/O."""
     try:
-        rules = method_rules(recipe.merge_method)
+        method_rules(recipe.merge_method)
     except RecipeError as exc:
         raise RecipeError(f"{source}: {exc}") from None
-    method = recipe.merge_method
-    known = ", ".join(rules.parameters) or "none"
-    for owner, settings in [
-        ("parameters", recipe.parameters),
-        *((f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(recipe.models)),
-        *((f"slices[{i}].parameters", s.parameters) for i, s in enumerate(recipe.slices or [])),
-        *(
-            (f"slices[{i}].sources[{j}] ({entry.model})", entry.parameters)
-            for i, s in enumerate(recipe.slices or [])
-            for j, entry in enumerate(s.sources)
-        ),
-    ]:
-        for name in settings:
-            if name not in rules.parameters:
-                raise RecipeError(f"{source}: {owner}: unknown parameter {name!r} for {method} (known: {known})")
-    if recipe.slices:
+    _check_parameter_names(recipe, source)
+    if recipe.modules == {}:
+        raise RecipeError(f"{source}: modules is empty; give each module of the model a section with its models")
+    if recipe.modules:
+        for name, module in recipe.module_recipes().items():
+            where = f"{source}: modules.{name}"
+            _check_parameter_names(module, where)
+            (_validate_slices if module.slices else _validate_models)(module, where)
+    elif recipe.slices:
         _validate_slices(recipe, source)
     else:
         _validate_models(recipe, source)
@@ -295,6 +348,26 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
             parse_dtype(getattr(recipe, field))
         except Exception as exc:
             raise RecipeError(f"{source}: {field}: {exc}") from None
+
+
+def _check_parameter_names(recipe: Recipe, source: str) -> None:
+    """Every parameter a recipe sets (globally, per model, per slice, per source) is one its method takes."""
+    rules = method_rules(recipe.merge_method)
+    method = recipe.merge_method
+    known = ", ".join(rules.parameters) or "none"
+    for owner, settings in [
+        ("parameters", recipe.parameters),
+        *((f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(recipe.models)),
+        *((f"slices[{i}].parameters", s.parameters) for i, s in enumerate(recipe.slices or [])),
+        *(
+            (f"slices[{i}].sources[{j}] ({entry.model})", entry.parameters)
+            for i, s in enumerate(recipe.slices or [])
+            for j, entry in enumerate(s.sources)
+        ),
+    ]:
+        for name in settings:
+            if name not in rules.parameters:
+                raise RecipeError(f"{source}: {owner}: unknown parameter {name!r} for {method} (known: {known})")
 
 
 def _validate_models(recipe: Recipe, source: str) -> None:
@@ -540,9 +613,38 @@ def merged_state(
 ) -> dict[str, torch.Tensor]:
     """The model `merge(recipe, ...)` would write, tensor for tensor, held in memory instead (stored names, output
     dtypes): what a sweep hands a candidate's evaluation without writing it."""
+    model = merged_model(recipe, prefer_own_kernels=prefer_own_kernels, seed=seed, open_models=open_models, run=run)
+    return model.state
+
+
+@dataclass(frozen=True)
+class MergedModel:
+    """A merge held in memory: its tensors, and what its config and side files would be once written."""
+
+    state: dict[str, torch.Tensor]
+    side_source: Checkpoint
+    out_dtype: torch.dtype | None
+    extras: OutputExtras  # its tokenizer files, its config's new depth and vocabulary size
+
+    def write_side_files(self, directory: Path) -> list[str]:
+        """The config (with the merge's new depth, vocabulary, dtype, ...), tokenizer and other side files `merge`
+        would write, written to `directory`: a model directory for code that builds the model from its config."""
+        return write_side_files(self.side_source, directory, self.out_dtype, self.extras)
+
+
+def merged_model(
+    recipe: Recipe,
+    *,
+    prefer_own_kernels: bool = True,
+    seed: int | None = None,
+    open_models: ModelOpener = open_all,
+    run: RunOptions | None = None,
+) -> MergedModel:
+    """`merged_state`'s tensors, with the side files and config updates `merge` would write beside them."""
     run = run or RunOptions()
     planned = _planned(recipe, run, prefer_own_kernels, seed, open_models)
-    return stream_to_memory(planned.plan, planned.kernel, run=run, description=f"{recipe.merge_method} merge")
+    state = stream_to_memory(planned.plan, planned.kernel, run=run, description=f"{recipe.merge_method} merge")
+    return MergedModel(state, planned.side_source, planned.out_dtype, planned.extras)
 
 
 @dataclass(frozen=True)
@@ -583,7 +685,11 @@ def _planned(
     config_updates: dict[str, Any] = {}
     as_mergekit = recipe.compute == "mergekit"
     own_kernels = prefer_own_kernels and not as_mergekit
-    if recipe.slices:
+    if recipe.modules:
+        plan, kernel, parameters_for, config_updates = _modular(
+            recipe, dict(zip(locations, checkpoints)), side_source, out_dtype, own_kernels
+        )
+    elif recipe.slices:
         plan, kernel, parameters_for, config_updates = _sliced(
             recipe, dict(zip(locations, checkpoints)), side_source, out_dtype, own_kernels
         )
@@ -615,34 +721,115 @@ def _sliced(
     their parameters: source, slice, then global), the parameters of every output tensor, and the output config's
     updates."""
     pieces = recipe.slices or []
-    sliced = plan_slices(
-        [[LayerRange(s.model, *s.layer_range) for s in piece.sources] for piece in pieces],
-        checkpoints,
-        side_source,
-        out_dtype,
+    sliced = plan_slices(_layer_ranges(pieces), checkpoints, side_source, out_dtype)
+    chains = _slice_chains(recipe, pieces, (recipe.parameters,))
+    return (*_by_slice(recipe.merge_method, sliced.tensors, chains, prefer_own_kernels), sliced.config_updates)
+
+
+def _modular(
+    recipe: Recipe,
+    checkpoints: Mapping[str, Checkpoint],
+    side_source: Checkpoint,
+    out_dtype: torch.dtype | None,
+    prefer_own_kernels: bool,
+) -> tuple[list[StreamItem], Kernel, TensorParameters, dict[str, Any]]:
+    """A `modules:` recipe's plan, as mergekit plans it: each module's tensors (splice.merge.modules) merged as
+    slices, its `models:` as one slice of every model's whole module (the base added where the method takes it);
+    parameters from the source or model, the slice, the module, then global. A module's depth in the output config
+    is rewritten where its slices restack it."""
+    splits = {location: model_modules(checkpoint) for location, checkpoint in checkpoints.items()}
+    architectures = {location: split.architecture for location, split in splits.items()}
+    if len(set(architectures.values())) > 1:
+        named = ", ".join(f"{location} is {name}" for location, name in architectures.items())
+        raise RecipeError(f"modules: the models have different architectures ({named}); merge models of one")
+    modules = next(iter(splits.values())).stacks
+    architecture = next(iter(architectures.values()))
+    for name in recipe.modules or {}:
+        if name not in modules:
+            raise RecipeError(
+                f"modules.{name}: mergekit's {architecture} has no module {name!r} (its modules: {', '.join(modules)})"
+            )
+    left_out = [name for name in modules if name not in (recipe.modules or {})]
+    if left_out:
+        raise RecipeError(
+            f"modules: no section for {', '.join(left_out)} of {architecture}: mergekit leaves a module without one "
+            f"out of its output; add a section for each (e.g. `{left_out[0]}: {{models: [...]}}`)"
+        )
+    tensors: list[SlicedTensor] = []
+    chains: list[SettingChains] = []
+    config_updates: dict[str, Any] = {}
+    for name, section in (recipe.modules or {}).items():
+        stacks = {location: split.stacks[name] for location, split in splits.items()}
+        pieces = section.slices or [_whole_module(recipe, section, stacks, name)]
+        sliced = plan_slices(
+            _layer_ranges(pieces),
+            checkpoints,
+            side_source if section.slices else None,  # mergekit rewrites the depth of sliced modules only
+            out_dtype,
+            stacks,
+            f"modules.{name}.slices",
+        )
+        tensors += [replace(tensor, slice=tensor.slice + len(chains)) for tensor in sliced.tensors]
+        chains += _slice_chains(recipe, pieces, (section.parameters, recipe.parameters))
+        config_updates.update(sliced.config_updates)
+    return (*_by_slice(recipe.merge_method, tensors, chains, prefer_own_kernels), config_updates)
+
+
+def _whole_module(recipe: Recipe, section: ModuleSection, stacks: Mapping[str, LayerStack], module: str) -> OutputSlice:
+    """A module's `models:` as mergekit reads them: one slice taking every model's layers of the module, each model's
+    parameters its source's; the base model among them where the method takes one."""
+    locations, _ = recipe.module_recipes()[module].inputs()
+    parameters = {entry.model: entry.parameters for entry in section.models}
+    depths = {location: stacks[location].depth for location in locations}
+    if len(set(depths.values())) > 1:
+        named = ", ".join(f"{location} has {depth}" for location, depth in depths.items())
+        raise RecipeError(f"modules.{module}: its models have different numbers of layers ({named}); use slices:")
+    return OutputSlice(
+        sources=[
+            SliceSource(model=location, layer_range=(0, depths[location]), parameters=parameters.get(location, {}))
+            for location in locations
+        ]
     )
+
+
+def _layer_ranges(pieces: Sequence[OutputSlice]) -> list[list[LayerRange]]:
+    return [[LayerRange(s.model, *s.layer_range) for s in piece.sources] for piece in pieces]
+
+
+def _slice_chains(
+    recipe: Recipe, pieces: Sequence[OutputSlice], outer: tuple[Mapping[str, Any], ...]
+) -> list[SettingChains]:
+    """Where each slice's tensors take their parameters: the source, the slice, then the `outer` settings (the
+    module's and the global ones, highest first); the base is the slice's, else the recipe's."""
     chains = []
     for piece in pieces:
         models, base = [s.model for s in piece.sources], piece.base(recipe)
-        inputs = [(s.model, (s.parameters, piece.parameters, recipe.parameters)) for s in piece.sources]
+        inputs = [(s.model, (s.parameters, piece.parameters, *outer)) for s in piece.sources]
         base_index = models.index(base) if base is not None else None
-        chains.append(SettingChains(recipe.merge_method, (piece.parameters, recipe.parameters), inputs, base_index))
-    where = {tensor.item.output.name: tensor for tensor in sliced.tensors}
+        chains.append(SettingChains(recipe.merge_method, (piece.parameters, *outer), inputs, base_index))
+    return chains
+
+
+def _by_slice(
+    method: str, tensors: Sequence[SlicedTensor], chains: Sequence[SettingChains], prefer_own_kernels: bool
+) -> tuple[list[StreamItem], Kernel, TensorParameters]:
+    """The plan of sliced tensors, its kernel (each tensor merged by its slice's kernel, with its slice's base) and
+    the parameters of every output tensor (its slice's chains, at its t, filters matching its inputs' names)."""
+    where = {tensor.item.output.name: tensor for tensor in tensors}
 
     def parameters_for(name: str) -> dict[str, Any]:
         tensor = where[name]
         return chains[tensor.slice].resolve(name, tensor.t, tensor.input_names)
 
     kernels = [
-        method_kernel(recipe.merge_method, parameters_for, chain.base_index, prefer_own=prefer_own_kernels)
-        for chain in chains
+        method_kernel(method, parameters_for, chain.base_index, prefer_own=prefer_own_kernels) for chain in chains
     ]
 
-    def by_slice(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return kernels[where[name].slice].compute(name, tensors)
+    def by_slice(name: str, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return kernels[where[name].slice].compute(name, inputs)
 
     kernel = Kernel(by_slice, elementwise=kernels[0].elementwise)
-    return [tensor.item for tensor in sliced.tensors], kernel, parameters_for, sliced.config_updates
+    return [tensor.item for tensor in tensors], kernel, parameters_for
 
 
 def _copied_as_stored(method: str, plan: Sequence[StreamItem], parameters_for: TensorParameters) -> frozenset[str]:

@@ -11,7 +11,7 @@ the slice's length - 1 (1 for a slice of one layer).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,11 +63,15 @@ class SlicePlan:
 
 @dataclass(frozen=True)
 class LayerStack:
-    """A model's stored tensors by layer, and those outside the layers, each in storage order."""
+    """A model's stored tensors by layer, and those outside the layers, each in storage order (the whole model's, or
+    one module's: splice.merge.modules); how a layer tensor's name moves to another layer; and the dotted config key
+    holding the stack's depth (None: one of DEPTH_KEYS, at the top level)."""
 
     layers: dict[int, list[str]]
     before: list[str]
     after: list[str]
+    renumber: Callable[[str, int], str] = renumbered
+    depth_key: str | None = None
 
     @property
     def depth(self) -> int:
@@ -101,18 +105,22 @@ def layer_stack(checkpoint: Checkpoint) -> LayerStack:
 def plan_slices(
     slices: Sequence[Sequence[LayerRange]],
     checkpoints: Mapping[str, Checkpoint],
-    config_source: Checkpoint,
+    config_source: Checkpoint | None,
     out_dtype: torch.dtype | None,
+    stacks: Mapping[str, LayerStack] | None = None,
+    where: str = "slices",
 ) -> SlicePlan:
     """The output tensors of a sliced model, in output order (embeddings, layer by layer, then the rest), every
-    range and tensor checked before anything is read; and the output config's updates, from `config_source`'s."""
-    stacks = {location: layer_stack(checkpoint) for location, checkpoint in checkpoints.items()}
+    range and tensor checked before anything is read; and the output config's updates, from `config_source`'s
+    (none without one). `stacks`: each model's layers (default: the whole model's, found by tensor name); `where`:
+    how errors name the slices."""
+    stacks = stacks or {location: layer_stack(checkpoint) for location, checkpoint in checkpoints.items()}
     for i, ranges in enumerate(slices):
         for j, taken in enumerate(ranges):
             depth = stacks[taken.model].depth
-            if not 0 <= taken.start < taken.end <= depth:
+            if not 0 <= taken.start <= taken.end <= depth:  # a recipe's empty ranges are refused before
                 raise RecipeError(
-                    f"slices[{i}].sources[{j}]: layer_range [{taken.start}, {taken.end}] is outside {taken.model}, "
+                    f"{where}[{i}].sources[{j}]: layer_range [{taken.start}, {taken.end}] is outside {taken.model}, "
                     f"which has {depth} layers (0 to {depth - 1}); the end of a layer_range is exclusive, as in "
                     f"mergekit: [0, {depth}] takes them all"
                 )
@@ -121,16 +129,16 @@ def plan_slices(
         return [checkpoints[taken.model] for taken in ranges]
 
     first, last = slices[0], slices[-1]
+    renumber = stacks[first[0].model].renumber
     planned = _group(
-        [(c, stacks[r.model].before) for c, r in zip(sources(first), first)], None, 0, 0.0, out_dtype, "slices[0]"
+        [(c, stacks[r.model].before) for c, r in zip(sources(first), first)], None, 0, 0.0, out_dtype, f"{where}[0]"
     )
     order: list[tuple[Checkpoint, int]] = []  # each output layer's first source and layer there
     for i, ranges in enumerate(slices):
         for offset in range(ranges[0].length):
             layers = [(c, stacks[r.model].layers.get(r.start + offset, [])) for c, r in zip(sources(ranges), ranges)]
             t = offset / (ranges[0].length - 1) if ranges[0].length > 1 else 1.0
-            where = f"slices[{i}] layer {offset}"
-            planned += _group(layers, len(order), i, t, out_dtype, where)
+            planned += _group(layers, len(order), i, t, out_dtype, f"{where}[{i}] layer {offset}", renumber)
             order.append((layers[0][0], ranges[0].start + offset))
     planned += _group(
         [(c, stacks[r.model].after) for c, r in zip(sources(last), last)],
@@ -138,10 +146,13 @@ def plan_slices(
         len(slices) - 1,
         0.0,
         out_dtype,
-        f"slices[{len(slices) - 1}]",
+        f"{where}[{len(slices) - 1}]",
     )
+    if config_source is None:
+        return SlicePlan(planned, len(order), {})
     depths = {checkpoints[location]: stack.depth for location, stack in stacks.items()}
-    return SlicePlan(planned, len(order), _config_updates(config_source, order, depths))
+    depth_key = stacks[first[0].model].depth_key
+    return SlicePlan(planned, len(order), _config_updates(config_source, order, depths, depth_key))
 
 
 def _group(
@@ -151,13 +162,14 @@ def _group(
     t: float,
     out_dtype: torch.dtype | None,
     where: str,
+    renumber: Callable[[str, int], str] = renumbered,
 ) -> list[SlicedTensor]:
     """The output tensors merged from one group of stored tensors, one list per source (a layer of each, renamed to
     output layer `layer`; or the tensors outside the layers, None): the first source's tensors, each matched by its
     output name in every other source, which must hold every float tensor with the same shape and dtype."""
 
     def output_name(name: str) -> str:
-        return name if layer is None else renumbered(name, layer)
+        return name if layer is None else renumber(name, layer)
 
     named = [{output_name(name): name for name in names} for _, names in sources]
     (reference, reference_names), problems = sources[0], []
@@ -198,36 +210,53 @@ def _group(
 
 
 def _config_updates(
-    config_source: Checkpoint, order: Sequence[tuple[Checkpoint, int]], depths: Mapping[Checkpoint, int]
+    config_source: Checkpoint,
+    order: Sequence[tuple[Checkpoint, int]],
+    depths: Mapping[Checkpoint, int],
+    depth_key: str | None = None,
 ) -> dict[str, Any]:
-    """The output config's new depth (every known depth key of `config_source`'s config that holds its depth) and
-    its per-layer lists (a key naming layers whose list has one entry per layer, such as `layer_types`), re-stacked:
-    output layer k's entry is that of the layer it was taken from, in the config of the model it came from."""
+    """The output config's new depth (`depth_key`, a dotted key such as `text_config.num_hidden_layers`; without one,
+    every known depth key of `config_source`'s config that holds its depth) and its per-layer lists (a key naming
+    layers whose list has one entry per layer, such as `layer_types`, beside the depth), re-stacked: output layer k's
+    entry is that of the layer it was taken from, in the config of the model it came from. Keys are dotted paths."""
     config = config_source.config()
     if config is None:
         return {}
+    path = depth_key.split(".")[:-1] if depth_key else []
+    section = _config_section(config, path)
     old_depth = depths[config_source]
-    keys = [key for key in DEPTH_KEYS if type(config.get(key)) is int and config[key] == old_depth]
+    candidates = [depth_key.split(".")[-1]] if depth_key else DEPTH_KEYS
+    keys = [key for key in candidates if type(section.get(key)) is int and section[key] == old_depth]
     if not keys:
         raise RecipeError(
             f"{config_source.location}: config.json holds no layer count equal to its {old_depth} layers (looked "
-            f"for {', '.join(DEPTH_KEYS)}); the output's config could not say its new depth"
+            f"for {', '.join('.'.join([*path, key]) for key in candidates)}); the output's config could not say its "
+            "new depth"
         )
-    updates: dict[str, Any] = {key: len(order) for key in keys}
-    configs = {config_source: config}
-    for key, value in config.items():
+    prefix = "".join(f"{part}." for part in path)
+    updates: dict[str, Any] = {prefix + key: len(order) for key in keys}
+    sections = {config_source: section}
+    for key, value in section.items():
         if key in keys or "layer" not in key.lower() or not isinstance(value, list) or len(value) != old_depth:
             continue
         restacked = []
         for checkpoint, index in order:
-            if checkpoint not in configs:
-                configs[checkpoint] = checkpoint.config() or {}
-            theirs = configs[checkpoint].get(key)
+            if checkpoint not in sections:
+                sections[checkpoint] = _config_section(checkpoint.config() or {}, path)
+            theirs = sections[checkpoint].get(key)
             if not isinstance(theirs, list) or len(theirs) != depths[checkpoint]:
                 raise RecipeError(
-                    f"{checkpoint.location}: config.json has no {key} with one entry per layer, which "
-                    f"{config_source.location} has; the output's {key} cannot be re-stacked"
+                    f"{checkpoint.location}: config.json has no {prefix}{key} with one entry per layer, which "
+                    f"{config_source.location} has; the output's {prefix}{key} cannot be re-stacked"
                 )
             restacked.append(theirs[index])
-        updates[key] = restacked
+        updates[prefix + key] = restacked
     return updates
+
+
+def _config_section(config: Mapping[str, Any], path: Sequence[str]) -> Mapping[str, Any]:
+    """The nested section of a config at `path` (`["text_config"]`); empty where there is none."""
+    for part in path:
+        nested = config.get(part)
+        config = nested if isinstance(nested, dict) else {}
+    return config

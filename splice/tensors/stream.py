@@ -81,7 +81,7 @@ class OutputExtras:
 
     metadata: Mapping[str, str] | None = None  # in every shard's safetensors header
     files: Mapping[str, bytes] | None = None  # name -> content, written beside the weights (after the side files)
-    config_updates: Mapping[str, Any] | None = None  # set at the top level of the copied config.json
+    config_updates: Mapping[str, Any] | None = None  # set in the copied config.json (dotted: nested)
     replaced_side_files: Collection[str] = ()  # side files not copied: `files` replaces them (a new tokenizer)
 
 
@@ -410,6 +410,18 @@ def stream_to_memory(
     return state
 
 
+def write_side_files(
+    source: Checkpoint, directory: Path, out_dtype: torch.dtype | None, extras: OutputExtras
+) -> list[str]:
+    """What a streamed output holds beside its weights, written to `directory`: `source`'s side files (its config
+    recording `out_dtype` and the extras' config updates), then the extras' own files. Their names, in order."""
+    side = copy_side_files(source, directory, out_dtype, extras.config_updates, extras.replaced_side_files)
+    for name, content in (extras.files or {}).items():
+        (directory / name).write_bytes(content)
+        side.append(name)
+    return side
+
+
 def run_stream(
     plan: Sequence[StreamItem],
     kernel: Kernel,
@@ -449,10 +461,7 @@ def run_stream(
             raise
         finally:
             progress.finish()
-        side = copy_side_files(side_files_from, staging, out_dtype, extras.config_updates, extras.replaced_side_files)
-        for name, content in (extras.files or {}).items():
-            (staging / name).write_bytes(content)
-            side.append(name)
+        side = write_side_files(side_files_from, staging, out_dtype, extras)
     return StreamReport(
         out=Path(out),
         tensors=len(plan),

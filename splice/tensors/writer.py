@@ -251,7 +251,8 @@ def copy_side_files(
     skip: Collection[str] = (),
 ) -> list[str]:
     """Copy config, generation config and tokenizer/processor files from the base model, the config recording
-    `out_dtype` and `config_updates` (keys set at its top level: a new depth, a new vocabulary size). Only regular
+    `out_dtype` and `config_updates` (a new depth, a new vocabulary size: a key is set at the top level, a dotted
+    key such as `text_config.num_hidden_layers` inside the nested section it names). Only regular
     files of bounded size are copied; a symbolic link (which could carry any file into the output), a device or
     an oversized file is skipped with a warning. `skip`: files not copied (the output gets its own)."""
     present = set(source.files())
@@ -269,11 +270,22 @@ def copy_side_files(
             for key in ("dtype", "torch_dtype"):
                 if key in config and out_dtype is not None:
                     config[key] = dtype_name(out_dtype)
-            config.update(config_updates or {})
+            for key, value in (config_updates or {}).items():
+                _set_config_value(config, key, value)
             data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         (directory / name).write_bytes(data)
         copied.append(name)
     return copied
+
+
+def _set_config_value(config: dict[str, Any], key: str, value: Any) -> None:
+    """`config[key] = value`, a dotted key naming a value inside nested sections, each of which must exist."""
+    *path, leaf = key.split(".")
+    for depth, part in enumerate(path):
+        if not isinstance(config.get(part), dict):
+            raise SpliceError(f"config.json has no section {'.'.join(path[: depth + 1])} to set {key} in")
+        config = config[part]
+    config[leaf] = value
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://b/x, or s3:/b/x once pathlib has collapsed "//"

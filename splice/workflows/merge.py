@@ -78,3 +78,13 @@ def merged_state(
     return recipes.merged_state(
         recipe, prefer_own_kernels=prefer_own_kernels, seed=seed, open_models=open_model_references, run=run
     )
+
+
+def merged_model(
+    recipe: recipes.Recipe, *, prefer_own_kernels: bool = True, seed: int | None = None, run: RunOptions | None = None
+) -> recipes.MergedModel:
+    """`merged_state`'s tensors, with the side files and config updates `merge` would write beside them (a sweep's
+    candidate scored from its config: a sliced recipe changes the depth)."""
+    return recipes.merged_model(
+        recipe, prefer_own_kernels=prefer_own_kernels, seed=seed, open_models=open_model_references, run=run
+    )

@@ -7,12 +7,15 @@ Everything here is plain data that pickles (a local pool and Ray both ship it to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +28,7 @@ from splice.merge.recipe import parse_recipe
 from splice.merge.soup import add_to_soup, soup_of
 from splice.options import RunOptions
 from splice.tensors.device import resolve_device
-from splice.workflows.merge import merge, merged_state
+from splice.workflows.merge import merge, merged_model
 from splice.workflows.references import model_location, open_model_references
 from splice.workflows.sweep.subjects import port_spec, subject_kind
 
@@ -94,9 +97,9 @@ def evaluate(candidate: Candidate, evaluator: Evaluator) -> Outcome:
     merged = started
     worker = f"{socket.gethostname()}:{os.getpid()}"
     try:
-        state, model_dir = _merged(candidate, evaluator)
-        merged = time.perf_counter()
-        score = score_state(_scorer(evaluator), state, model_dir, "evaluate.hook")
+        with _merged(candidate, evaluator) as (state, model_dir):
+            merged = time.perf_counter()
+            score = score_state(_scorer(evaluator), state, model_dir, "evaluate.hook")
     except Exception as exc:  # the sweep records the candidate as failed and goes on
         now = time.perf_counter()
         merge_seconds = (merged if merged > started else now) - started
@@ -108,18 +111,27 @@ def _one_line(error: Exception) -> str:
     return first_line(error) if isinstance(error, SpliceError) else f"{type(error).__name__}: {first_line(error)}"
 
 
-def _merged(candidate: Candidate, evaluator: Evaluator) -> tuple[dict[str, torch.Tensor], str]:
+@contextlib.contextmanager
+def _merged(candidate: Candidate, evaluator: Evaluator) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
+    """The candidate's tensors and a model directory whose config is the candidate's, for the hook's time."""
     if isinstance(candidate, SoupCandidate):
-        return _soup(candidate, evaluator), model_location(candidate.kept[0])
+        yield _soup(candidate, evaluator), model_location(candidate.kept[0])
+        return
     if subject_kind(candidate.recipe) == "port":
-        return _port(candidate, evaluator)
+        yield _port(candidate, evaluator)
+        return
     recipe = parse_recipe(candidate.recipe, f"trial {candidate.number}")
     run = evaluator.run
-    state = merged_state(recipe, seed=evaluator.seed, run=run)
+    model = merged_model(recipe, seed=evaluator.seed, run=run)
     if candidate.keep_dir is not None:  # the sweep's own directory: a re-run trial (resumed, retried) replaces it
         merge(recipe, candidate.keep_dir, seed=evaluator.seed, run=run.replace(force=True))
-        return state, candidate.keep_dir
-    return state, model_location(recipe.side_files_source())
+        yield model.state, candidate.keep_dir
+    elif model.extras.config_updates or model.extras.files:  # a new depth or vocabulary: not the inputs' config
+        with tempfile.TemporaryDirectory(prefix="splice-candidate-") as directory:
+            model.write_side_files(Path(directory))
+            yield model.state, directory
+    else:
+        yield model.state, model_location(recipe.side_files_source())
 
 
 def _port(candidate: MergeCandidate, evaluator: Evaluator) -> tuple[dict[str, torch.Tensor], str]:
