@@ -273,23 +273,21 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 def read_recipe_document(path: str | os.PathLike) -> YamlDocument:
     """A recipe file's YAML, read as mergekit reads it, not yet validated (a sweep marks values in it first)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}")
-    try:
-        return read_yaml(path, _RecipeLoader)
-    except ValueError as exc:
-        raise RecipeError(str(exc)) from None
+    return _read_recipe_yaml(path, read_yaml)
 
 
 def read_recipe_documents(path: str | os.PathLike) -> list[YamlDocument]:
     """Each `---`-separated document of a recipe file (a multi-stage recipe has several), read as mergekit reads it,
     not yet validated."""
+    return _read_recipe_yaml(path, read_yaml_documents)
+
+
+def _read_recipe_yaml(path: str | os.PathLike, reader: Callable[[Path, type[yaml.SafeLoader]], Any]) -> Any:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        return read_yaml_documents(path, _RecipeLoader)
+        return reader(path, _RecipeLoader)
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
 
