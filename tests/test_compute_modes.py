@@ -78,6 +78,9 @@ def test_compute_mergekit_is_mergekit_bit_for_bit(dtype, method, declared, round
     for name in theirs:
         assert as_mergekit[name].dtype == theirs[name].dtype == dtype, name
         assert torch.equal(as_mergekit[name], theirs[name]), name
+    # the recipe written for mergekit's tools leaves out how splice computes: mergekit-yaml runs it as above
+    written = yaml.safe_load((tmp_path / "splice-mergekit" / "mergekit_config.yml").read_text())
+    assert "compute" not in written and written["merge_method"] == method
     # the default, exact, computes in fp32 and rounds once: other bits wherever mergekit rounds in the half dtype
     assert any(not torch.equal(exact[name], theirs[name]) for name in theirs) == rounds_in_dtype
 

@@ -493,3 +493,13 @@ def test_no_mergekit_config_where_mergekit_cannot_run_the_recipe(work, tmp_path)
     assert f"No `mergekit_config.yml` is written: mergekit cannot read memory://{remote}." in card
     digests = [entry["digest"] for entry in front_matter(card)["splice"]["inputs"]]
     assert len(digests) == 2 and all(len(d) == 64 for d in digests)
+
+
+def test_the_keys_splice_writes_for_mergekit_are_mergekits_own():
+    """card.py keeps mergekit's config keys itself (importing mergekit.config costs seconds on every merge): they
+    must be exactly the fields of mergekit's MergeConfiguration."""
+    from mergekit.config import MergeConfiguration
+
+    from splice.workflows.card import MERGEKIT_CONFIG_KEYS
+
+    assert MERGEKIT_CONFIG_KEYS == set(MergeConfiguration.model_fields)
