@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(measure(case, round_index, workdir, env))
             print(f"{case.name:28s} round {round_index:2d}: {runs[-1].wall_s:6.2f} s, {runs[-1].peak_rss_mb:6.0f} MB")
     summary = summarize(runs, [case.name for case in chosen])
-    rerun = rerun_after_edit(workdir, configs, env, args.repeats) if "three-stage" in wanted else {}
+    rerun = rerun_after_edit(workdir, configs, env, args.repeats) if wanted & {"three-stage", "rerun-edited"} else {}
     ratios = []
     for key in ("frankenmerge", "union-tokenizer", "three-stage"):
         ours, theirs = summary.get(f"splice {key}"), summary.get(f"mergekit {key}")
@@ -252,13 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     outs = workdir / "outputs"
     verification = {
         key: compare(outs / f"splice-{name}", outs / f"mergekit-{name}")
-        for key, name in (
-            ("frankenmerge", "frankenmerge"),
-            ("union-tokenizer", "union-tokenizer"),
-            ("three-stage", "multi"),
-        )
+        for key, name in (("frankenmerge", "frankenmerge"), ("three-stage", "multi"))
         if (outs / f"splice-{name}").is_dir() and (outs / f"mergekit-{name}").is_dir()
     }
+    if (outs / "splice-union-tokenizer").is_dir() and (outs / "mergekit-union-tokenizer").is_dir():
+        verification["union-tokenizer"] = compare_by_token(
+            outs / "splice-union-tokenizer", outs / "mergekit-union-tokenizer"
+        )
     report = {
         "machine": machine_info(),
         "summary": summary,
@@ -290,8 +290,8 @@ def rerun_after_edit(workdir: Path, configs: dict[str, Path], env: dict[str, str
                 str(outs / "splice-edited"),
                 "--intermediate-dir",
                 str(outs / "splice-stages"),
-                "--quiet",
                 "--force",
+                "--json",
             ],
             outs / "splice-edited",
             "multi-edited.yml",
@@ -315,7 +315,7 @@ def rerun_after_edit(workdir: Path, configs: dict[str, Path], env: dict[str, str
     summary = summarize(runs, [case.name for case in chosen])
     log = workdir / "logs" / f"{chosen[0].name.replace(' ', '_').replace(',', '')}.round{repeats - 1}.log"
     text = log.read_text()
-    report = json.loads(text[text.index("{") :])
+    report = json.loads(text[text.index("{\n") : text.rindex("}") + 1])
     summary["splice stages"] = [
         {"stage": s["name"], "status": s["status"], "bytes_read": (s.get("report") or {}).get("bytes_read", 0)}
         for s in report["stages"]
