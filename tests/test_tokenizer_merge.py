@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -464,3 +465,67 @@ def test_an_input_without_a_tokenizer_is_refused(models, tmp_path):
     transformers.AutoModelForCausalLM.from_pretrained(models["A2"]).save_pretrained(bare)
     data = recipe("linear", None, {models["A"]: 0.5, str(bare): 0.5}, tokenizer_source="union")
     assert f"{bare} has no tokenizer" in refused(tmp_path, data, SpliceError)
+
+
+def sliced(models: dict[str, str], first: str, second: str, **extra) -> dict:
+    sources = [
+        {"model": models[first], "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+        {"model": models[second], "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+    ]
+    return {"merge_method": "linear", "dtype": "float32", "slices": [{"sources": sources}], **extra}
+
+
+def test_slices_over_different_vocabularies_are_refused(models, tmp_path):
+    """mergekit fills an embedding's missing rows from the first slice's sources and base, a head's from the last
+    slice's; splice aligns over the whole recipe, so it refuses rather than differ."""
+    data = sliced(models, "A", "B", base_model=models["A"], tokenizer_source="union")
+    message = refused(tmp_path, data, RecipeError)
+    assert message.startswith("slices: over models whose vocabularies differ is not supported yet")
+
+
+def test_slices_over_one_vocabulary_take_a_tokenizer_setting(models, tmp_path):
+    """Where every input already has the output's vocabulary in its rows nothing is filled: slices merge."""
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(sliced(models, "A", "A2", base_model=models["A"], tokenizer_source="base")))
+    splice.merge(path, tmp_path / "out", device="cpu")
+    ours, a, a2 = load_dir(tmp_path / "out"), load_dir(Path(models["A"])), load_dir(Path(models["A2"]))
+    for name in VOCABULARY:
+        torch.testing.assert_close(ours[name], 0.5 * a[name] + 0.5 * a2[name], rtol=0, atol=1e-6)
+    assert vocabulary_of(tmp_path / "out") == vocabulary_of(Path(models["A"]))
+
+
+def test_compute_mergekit_over_different_vocabularies_is_refused(models, tmp_path):
+    data = recipe("linear", models["A"], {models["A"]: 0.5, models["B"]: 0.5}, tokenizer_source="union")
+    message = refused(tmp_path, {**data, "compute": "mergekit"}, RecipeError)
+    assert message.startswith("compute: mergekit over models whose vocabularies differ is not supported yet")
+
+
+def test_an_output_may_not_replace_the_tokenizer_source(models, tmp_path):
+    """A model named only as the tokenizer's source is read: `force` may not replace it either."""
+    donor = tmp_path / "donor"
+    shutil.copytree(models["A"], donor)
+    data = recipe("linear", None, {models["A"]: 0.5, models["A2"]: 0.5}, tokenizer_source=str(donor))
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(data))
+    before = sorted(p.name for p in donor.iterdir())
+    with pytest.raises(SpliceError) as caught:
+        splice.merge(path, donor, device="cpu", force=True)
+    assert str(donor) in str(caught.value) and "\n" not in str(caught.value)
+    assert sorted(p.name for p in donor.iterdir()) == before
+
+
+def test_a_stage_whose_tokenizer_source_changed_runs_again(models, tmp_path):
+    """A stage's key covers the model its tokenizer comes from, not only the models it merges."""
+    donor = tmp_path / "donor"
+    shutil.copytree(models["A"], donor)
+    first = {"name": "s1", **recipe("linear", None, {models["A"]: 0.5, models["A2"]: 0.5})}
+    final = recipe("linear", None, {"s1": 0.5, models["A2"]: 0.5}, tokenizer_source=str(donor))
+    path = tmp_path / "stages.yml"
+    path.write_text(yaml.safe_dump_all([first, final]))
+    splice.merge(path, tmp_path / "out", device="cpu")
+    assert vocabulary_of(tmp_path / "out") == vocabulary_of(Path(models["A"]))
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the donor's tokenizer becomes C's
+        shutil.copy(Path(models["C"]) / name, donor / name)
+    report = splice.merge(path, tmp_path / "out", device="cpu", force=True)
+    assert [(stage.name, stage.status) for stage in report.stages] == [("s1", "reused"), (None, "ran")]
+    assert vocabulary_of(tmp_path / "out") == vocabulary_of(Path(models["C"]))

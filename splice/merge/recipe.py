@@ -55,7 +55,13 @@ from splice.merge.modules import model_modules
 from splice.merge.reference_syntax import parse_reference
 from splice.merge.references import ModelReference, ModelReferenceField
 from splice.merge.slices import LayerRange, LayerStack, SlicedTensor, plan_slices
-from splice.merge.tokenizer import TokenizerRequest, TokenizerSection, check_tokenizer_settings, prepare_inputs
+from splice.merge.tokenizer import (
+    TokenizerRequest,
+    TokenizerSection,
+    check_tokenizer_settings,
+    prepare_inputs,
+    tokenizer_models,
+)
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import parse_dtype
@@ -177,6 +183,15 @@ class Recipe(BaseModel):
             return self.base_model or self.inputs()[0][0]
         locations, base_index = self.inputs()
         return locations[base_index if base_index is not None else 0]
+
+    def read_models(self) -> list[str]:
+        """Every model the recipe reads: its inputs, the models its tokenizer settings name, and the base where a
+        tokenizer setting reads it though the method ignores it. What an output may not overlap, and what a stage's
+        key and a model card digest."""
+        read = [*self.inputs()[0], *tokenizer_models(self.tokenizer_source, self.tokenizer)]
+        if self.base_model is not None and (self.tokenizer_source is not None or self.tokenizer is not None):
+            read.append(self.base_model)
+        return list(dict.fromkeys(read))
 
     def inputs(self) -> tuple[list[str], int | None]:
         """Input model locations in order (the base appended if not listed) and the base's index.
@@ -582,8 +597,7 @@ def merge(
     recipe_file = [] if isinstance(recipe, Recipe) else [recipe]
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    locations, _ = recipe.inputs()
-    ensure_output_free(out, run.force, protected=[*locate_models(locations), *recipe_file])
+    ensure_output_free(out, run.force, protected=[*locate_models(recipe.read_models()), *recipe_file])
     planned = _planned(recipe, run, prefer_own_kernels, seed, open_models)
     return run_stream(
         planned.plan,
@@ -678,6 +692,7 @@ def _planned(
         recipe.side_files_source(),
         lambda reference: open_models([reference], run.storage_options)[0],
     )
+    _refuse_unmatched_alignment(recipe, [a is not b for a, b in zip(prepared.checkpoints, checkpoints)])
     checkpoints = prepared.checkpoints
     side_source = checkpoints[locations.index(recipe.side_files_source())]
     config_updates: dict[str, Any] = {}
@@ -706,6 +721,26 @@ def _planned(
         torch.manual_seed(seed)
     updates = {**(prepared.extras.config_updates or {}), **config_updates}
     return _Planned(plan, kernel, side_source, out_dtype, replace(prepared.extras, config_updates=updates))
+
+
+def _refuse_unmatched_alignment(recipe: Recipe, realigned: Sequence[bool]) -> None:
+    """Refuse what vocabulary alignment would compute otherwise than mergekit: rows filled for `slices:` and
+    `modules:` over the whole recipe (mergekit fills an embedding's missing rows from the first slice's sources and
+    base, a head's from the last slice's), and `compute: mergekit` (mergekit averages fallback rows in `dtype`)."""
+    if not any(realigned):
+        return
+    form = "slices:" if recipe.slices else "modules:" if recipe.modules else None
+    if form is not None:
+        raise RecipeError(
+            f"{form} over models whose vocabularies differ is not supported yet (mergekit fills each slice's missing "
+            "rows from that slice's own sources); align them first with a models: merge and tokenizer_source, then "
+            "slice the result"
+        )
+    if recipe.compute == "mergekit":
+        raise RecipeError(
+            "compute: mergekit over models whose vocabularies differ is not supported yet (mergekit averages missing "
+            "rows in dtype, bit for bit unmatched); use compute: exact"
+        )
 
 
 def _sliced(

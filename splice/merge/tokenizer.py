@@ -109,6 +109,23 @@ class PreparedInputs:
 # -- checked before any I/O -------------------------------------------------------------------
 
 
+def tokenizer_models(tokenizer_source: str | None, section: TokenizerSection | None) -> list[str]:
+    """The models a recipe's tokenizer settings name (its source, its tokens' sources), which it reads besides its
+    inputs; `base` and `union` name none."""
+    source = section.source if section is not None else tokenizer_source
+    named = [source] if source not in (None, "base", "union") else []
+    for setting in ((section.tokens if section else None) or {}).values():
+        model = _token_model(setting)
+        if model is not None:
+            named.append(model)
+    return [model for model in named if model is not None]
+
+
+def _token_model(setting: TokenSetting) -> str | None:
+    source = setting.source
+    return source.model if isinstance(source, ModelToken) else source if isinstance(source, str) else None
+
+
 def check_tokenizer_settings(
     tokenizer_source: str | None, section: TokenizerSection | None, chat_template: str | None, models: Sequence[str]
 ) -> None:
@@ -116,8 +133,7 @@ def check_tokenizer_settings(
     if tokenizer_source is not None and section is not None:
         raise RecipeError("tokenizer_source and tokenizer: both given; keep one (tokenizer: {source: ...} holds both)")
     for token, setting in ((section.tokens if section else None) or {}).items():
-        source = setting.source
-        model = source.model if isinstance(source, ModelToken) else source if isinstance(source, str) else None
+        model = _token_model(setting)
         if model is not None and model not in models:
             raise RecipeError(
                 f"tokenizer.tokens[{token!r}]: model {model} is not one of the recipe's models "

@@ -64,7 +64,7 @@ def merge(
         given = "stage" if stage is not None else "intermediate_dir"
         raise SpliceError(f"{parameter(given)} is for a multi-stage recipe file; give the file's path as `recipe`")
     recipe = recorded_recipe(recipe)
-    ensure_output_free(out, run.force, protected=[*reference_locations(recipe.inputs()[0]), *recipe_file])
+    ensure_output_free(out, run.force, protected=[*reference_locations(recipe.read_models()), *recipe_file])
     opened = OpenedModels(open_model_references)
     record = MergeRecord(recipe, input_digests(recipe, opened, run.storage_options), seed, recipe.name)
     return merge_recorded(record, out, opened=opened, run=run, prefer_own_kernels=prefer_own_kernels)

@@ -32,8 +32,9 @@ class OpenedModels:
 
 
 def input_digests(recipe: recipes.Recipe, opened: OpenedModels, storage_options: dict | None) -> dict[str, str]:
-    """Each input of `recipe` (in its input order) -> its digest: what a card lists and a stage's key covers."""
-    locations, _ = recipe.inputs()
+    """Each model `recipe` reads (its inputs in order, then what its tokenizer settings name) -> its digest: what a
+    card lists and a stage's key covers."""
+    locations = recipe.read_models()
     return {r: checkpoint_digest(c) for r, c in zip(locations, opened(locations, storage_options))}
 
 

@@ -142,7 +142,7 @@ def merge_stages(
     homes = {s.name: out if s is target else cache / str(s.name) for s in order}
     resolved = {s.name: recorded_recipe(map_model_references(s.recipe, partial(_resolve, entries))) for s in order}
     opened = OpenedModels(open_models)
-    outside = [recorded_reference(r) for s in order for r in s.recipe.inputs()[0] if _named(r, set(entries)) is None]
+    outside = [recorded_reference(r) for s in order for r in s.recipe.read_models() if _named(r, set(entries)) is None]
     for reference in dict.fromkeys(outside):  # every input from outside opened before anything is written
         _open_outside(opened, reference, set(entries), recipe_file, run.storage_options)
     protected = [*reference_locations(list(dict.fromkeys(outside))), str(recipe_file)]

@@ -126,7 +126,7 @@ class Sweep:
         """Every model the sweep reads (an output must not overlap one)."""
         if self.port is not None:
             return self.port.inputs
-        return list(self.ingredients) if self.example is None else self.example.inputs()[0]
+        return list(self.ingredients) if self.example is None else self.example.read_models()
 
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
