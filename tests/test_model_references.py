@@ -220,6 +220,10 @@ def test_a_splice_lora_patch_after_plus_equals_applying_it_first(world, tmp_path
     ours = merged(tmp_path, "ours", "linear", f"{world.base}+{tmp_path / 'patch'}", str(world.other), chunk_bytes=256)
     theirs = merged(tmp_path, "theirs", "linear", str(tmp_path / "applied"), str(world.other))
     assert_states_close(ours, theirs)
+    # mergekit reads only PEFT adapters after `+`: no mergekit config is written for this recipe, and the card says why
+    assert not (tmp_path / "ours" / "mergekit_config.yml").exists()
+    assert "names a splice patch" in (tmp_path / "ours" / "README.md").read_text()
+    assert (tmp_path / "theirs" / "mergekit_config.yml").exists()
 
 
 def test_the_built_cache_is_one_huggingface_hub_reads(world):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
@@ -446,3 +447,87 @@ def test_cli_merges_and_maps_errors_to_flags(family, monkeypatch, capsys):
     assert code == 0, stderr
     assert "task_arithmetic merge of 3 lora patches" in stdout
     assert Patch.load(out).meta.settings["merge"]["parameters"] == {"lambda": "0.5"}
+
+
+def test_a_gradient_is_placed_by_the_bases_depth(tmp_path):
+    """Patches that change only layers 0 and 1 of a 4-layer model: a gradient's t comes from the model's depth (given
+    by `base`), as the full merge places it; without the base a gradient is refused, not spread over 2 layers."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+    )
+    base = transformers.LlamaForCausalLM(config)
+    base.save_pretrained(tmp_path / "base")
+    adapters, tuned = [], []
+    for i in range(2):
+        torch.manual_seed(10 + i)
+        lora = LoraConfig(
+            init_lora_weights=False, r=2, lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[0, 1]
+        )
+        get_peft_model(copy.deepcopy(base), lora).save_pretrained(tmp_path / f"adapter{i}")
+        adapters.append(tmp_path / f"adapter{i}")
+        tuned.append(tmp_path / f"tuned{i}")
+        splice.apply_patches([adapters[-1]], tmp_path / "base", tuned[-1], device="cpu")
+    parameters = {"lambda": [0.0, 1.0]}
+    with pytest.raises(RecipeError, match="lambda is a gradient across layers, which needs the model's depth"):
+        splice.merge_patches(adapters, tmp_path / "no-base", "task_arithmetic", parameters=parameters, device="cpu")
+    assert not (tmp_path / "no-base").exists()
+    splice.merge_patches(
+        adapters,
+        tmp_path / "merged",
+        "task_arithmetic",
+        weights=WEIGHTS[:2],
+        parameters=parameters,
+        base=tmp_path / "base",
+        device="cpu",
+    )
+    ours = applied(tmp_path, tmp_path / "base", tmp_path / "merged", "ours")
+    theirs = full_merge(tmp_path, tmp_path / "base", tuned, "task_arithmetic", parameters, "full")
+    assert_states_close(ours, theirs, atol=1e-6)
+    layer_1 = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.allclose(ours[layer_1], load_dir(tmp_path / "base")[layer_1])  # t = 1/3 there: changed
+
+
+def test_every_pair_of_bases_is_compared(tmp_path):
+    """A on b0 changes q, B on b0 and C on b1 change v (b0 and b1 differ in v only): A's record samples v where B's
+    and C's hash it whole, so comparing each with A alone would pass; B and C are compared too."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+    )
+    q, v = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"
+    b0 = transformers.LlamaForCausalLM(config)
+    b1 = transformers.LlamaForCausalLM(config)
+    b1.load_state_dict(b0.state_dict())
+    with torch.no_grad():
+        b1.get_parameter(v).add_(0.5)
+    b0.save_pretrained(tmp_path / "b0")
+    b1.save_pretrained(tmp_path / "b1")
+
+    def patch(base_model, base: str, name: str, tag: str, seed: int) -> Path:
+        tuned = transformers.LlamaForCausalLM(config)
+        tuned.load_state_dict(base_model.state_dict())
+        with torch.no_grad():
+            tuned.get_parameter(name).add_(
+                torch.randn(tuned.get_parameter(name).shape, generator=torch.Generator().manual_seed(seed)) * 0.1
+            )
+        tuned.save_pretrained(tmp_path / f"tuned-{tag}")
+        splice.extract_patch(tmp_path / base, tmp_path / f"tuned-{tag}", "delta").save(tmp_path / tag)
+        return tmp_path / tag
+
+    a, b, c = patch(b0, "b0", q, "A", 1), patch(b0, "b0", v, "B", 2), patch(b1, "b1", v, "C", 3)
+    with pytest.raises(PatchError, match=r"patch 3 \(.*C\) and patch 2 \(.*B\) were made on different bases: "):
+        splice.merge_patches([a, b, c], tmp_path / "out", "task_arithmetic", device="cpu")
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ import torch
 from splice.errors import RecipeError
 from splice.merge.kernels import ELEMENTWISE_METHODS, method_kernel
 from splice.merge.methods import BasePolicy, check_ranges, method_rules
-from splice.merge.recipe import ParameterResolver, parse_recipe
+from splice.merge.recipe import Conditional, ParameterResolver, parse_recipe
 from splice.tensors.stream import Kernel
 
 # Methods whose output is base + f(input - base for each input), checked by tests/test_patch_merge.py;
@@ -74,6 +74,15 @@ class TaskVectorMerge:
         return self.merged(name, list(torch.eye(self.count, dtype=torch.float32))).tolist()
 
 
+def _is_gradient(setting: Any) -> bool:
+    """Whether a setting takes values across layers (a list of scalars, also as a conditional's value)."""
+    if isinstance(setting, Conditional):
+        return isinstance(setting.value, list)
+    if isinstance(setting, list):
+        return any(_is_gradient(item) if isinstance(item, Conditional) else True for item in setting)
+    return False
+
+
 def task_vector_merge(
     method: str,
     count: int,
@@ -81,10 +90,13 @@ def task_vector_merge(
     weights: Sequence[float] | None = None,
     parameters: Mapping[str, Any] | None = None,
     source: str = "patch merge",
+    model_names: Sequence[str] | None = None,
 ) -> TaskVectorMerge:
     """The method's kernel over `count` task vectors (inputs named "patch 1", "patch 2", ... in its messages),
     `weights` one per input (default 1 each) and `parameters` shared by all (density, lambda, normalize, ...),
-    checked as a recipe's are before anything is read."""
+    checked as a recipe's are before anything is read. `model_names`: every tensor name of the model the changes are
+    to (its depth places a gradient's layers); without it a gradient is refused, since the changed tensors alone do
+    not say how deep the model is."""
     if method not in TASK_VECTOR_METHODS:
         try:
             method_rules(method)
@@ -111,7 +123,14 @@ def task_vector_merge(
     recipe = parse_recipe(
         {"merge_method": method, "models": models, "base_model": base, "parameters": parameters}, source
     )
-    resolver = ParameterResolver(recipe, list(tensor_names))
+    if model_names is None:
+        gradient = next((name for name, setting in recipe.parameters.items() if _is_gradient(setting)), None)
+        if gradient is not None:
+            raise RecipeError(
+                f"{source}: {gradient} is a gradient across layers, which needs the model's depth: give `base` (the "
+                "model the patches are made on)"
+            )
+    resolver = ParameterResolver(recipe, list(model_names or tensor_names))
     for name in tensor_names:
         resolved = resolver(name)
         check_ranges(method, resolved, name)

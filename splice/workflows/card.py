@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -20,6 +21,7 @@ import yaml
 from splice.errors import RecipeError
 from splice.merge.methods import mergekit_method, method_names
 from splice.merge.recipe import Recipe
+from splice.merge.reference_syntax import parse_reference
 from splice.merge.references import map_model_references, model_references
 from splice.version import __version__
 from splice.workflows.references import recorded_reference
@@ -93,7 +95,19 @@ def mergekit_config(recipe: Recipe) -> tuple[str | None, str]:
     remote = next((r for r in model_references(recipe) if "://" in r), None)
     if remote is not None:
         return None, f"mergekit cannot read {remote}"
+    patched = next((r for r in model_references(recipe) if _adapter_is_a_splice_patch(r)), None)
+    if patched is not None:
+        return None, f"mergekit reads only PEFT adapters after `+`, and {patched} names a splice patch"
     return _yaml(data), ""
+
+
+def _adapter_is_a_splice_patch(reference: str) -> bool:
+    """Whether a reference's `+` part is a local splice patch directory (no adapter_config.json: not PEFT's)."""
+    if os.path.exists(reference) or "+" not in reference:
+        return False
+    adapter = parse_reference(reference).adapter
+    where = Path(adapter.path) if adapter is not None else None
+    return where is not None and where.is_dir() and not (where / "adapter_config.json").is_file()
 
 
 def model_card(

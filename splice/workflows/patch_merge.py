@@ -128,7 +128,8 @@ def merge_patches(
     records = _shared_base(inputs, base_ckpt, kind)
     device = resolve_device(run.device)
     merger = patch_merger(kind, [i.patch for i in inputs], [i.label for i in inputs], base_ckpt, device)
-    merge = task_vector_merge(method, len(inputs), merger.names(), weights, parameters)
+    depth = list(base_ckpt.tensors) if base_ckpt is not None else None
+    merge = task_vector_merge(method, len(inputs), merger.names(), weights, parameters, model_names=depth)
     _check_rank(kind, merge, rank, energy)
     if seed is not None:
         torch.manual_seed(seed)
@@ -285,18 +286,19 @@ def _shared_base(inputs: list[_Input], base: Checkpoint | None, kind: PatchKind)
             f"{missing[0].label} records no base (a PEFT adapter?) and the others do: give `base=MODEL_DIR`, the "
             f"model they were made on, to check them all against it"
         )
-    first = records[0]
-    assert first is not None
-    for item, record in zip(inputs[1:], records[1:]):
-        assert record is not None
-        mismatches = compare_records(first, record, "on the base of patch 1")
-        if mismatches:
-            shown = "; ".join(str(m) for m in mismatches[:2])
-            more = f" (and {len(mismatches) - 2} more)" if len(mismatches) > 2 else ""
-            raise PatchError(
-                f"{item.label} and {inputs[0].label} were made on different bases: {shown}{more}; merge patches "
-                f"made on one base (`splice port` carries a patch onto another base)"
-            )
+    # every pair: two records compare only the tensors both hash whole (or both sample), so agreeing with patch 1
+    # says nothing of a tensor patch 1 only samples
+    for i, (first, one) in enumerate(zip(inputs, records)):
+        for second, other in zip(inputs[i + 1 :], records[i + 1 :]):
+            assert one is not None and other is not None
+            mismatches = compare_records(one, other, f"on the base of {first.label}")
+            if mismatches:
+                shown = "; ".join(str(m) for m in mismatches[:2])
+                more = f" (and {len(mismatches) - 2} more)" if len(mismatches) > 2 else ""
+                raise PatchError(
+                    f"{second.label} and {first.label} were made on different bases: {shown}{more}; merge patches "
+                    f"made on one base (`splice port` carries a patch onto another base)"
+                )
     return [r for r in records if r is not None]
 
 
