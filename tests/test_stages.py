@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import typing
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,9 +26,7 @@ from splice.tensors.digest import checkpoint_digest
 from splice.tensors.stream import Kernel, StreamReport
 
 from conftest import perturbed, save, tiny_model
-from helpers import load_dir, run_cli
-
-MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")
+from helpers import load_dir, run_cli, run_mergekit
 
 
 def stage_documents(a: str, b: str, c: str, t: float = 0.3, weight: float = 0.7) -> list[dict]:
@@ -458,15 +454,7 @@ def test_a_relative_single_recipe_is_recorded_with_absolute_paths(work, tmp_path
 
 def test_the_mergekit_config_gives_mergekit_the_same_merge(work, tmp_path):
     config = work.root / "out" / "mergekit_config.yml"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [str(MERGEKIT_YAML), str(config), str(tmp_path / "mergekit"), "--lazy-unpickle"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_mergekit(config, tmp_path / "mergekit")
     theirs, ours = load_dir(tmp_path / "mergekit"), load_dir(work.root / "out")
     assert set(ours) == set(theirs)
     for name in theirs:
