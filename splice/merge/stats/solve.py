@@ -1,0 +1,116 @@
+"""The per-tensor math of the data-dependent merges, on tensors already on the compute device.
+
+RegMean (Jin et al., ICLR 2023): for a linear layer `y = x W^T` (W: out x in) and each model's input Gram matrix
+`G_i = X_i^T X_i`, the merged weight minimises sum_i ||X_i W^T - X_i W_i^T||^2:
+
+    W = (sum_i W_i G~_i) (sum_i G~_i)^-1,   G~_i = alpha G_i + (1 - alpha) diag(G_i)
+
+where alpha < 1 shrinks the off-diagonal entries (the paper's default 0.9). GPT-2's Conv1D stores W transposed
+(in x out, `y = x W`): W = (sum_i G~_i)^-1 (sum_i G~_i W_i).
+
+Fisher merging (Matena and Raffel, NeurIPS 2022): each parameter averaged with its diagonal Fisher as weights,
+theta = sum_i w_i F_i theta_i / sum_i w_i F_i, with a floor `epsilon` added to every F_i so a parameter no model
+is sensitive to becomes the weighted average rather than 0/0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from splice.errors import SpliceError
+
+# above this condition number a solve is done with the pseudo-inverse, and the layer is reported
+CONDITION_LIMIT = 1e12
+
+
+class WeightLayout(str, Enum):
+    """How a linear layer stores its weight: transformers' Linear (out x in) or GPT-2's Conv1D (in x out)."""
+
+    out_in = "out_in"
+    in_out = "in_out"
+
+
+@dataclass(frozen=True)
+class Solved:
+    """A merged weight and how its system was solved."""
+
+    weight: torch.Tensor
+    condition: float  # of sum_i G~_i, in the solve's dtype
+    pseudo_inverse: bool  # the system was ill-conditioned: solved by pinv
+
+
+def shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha G + (1 - alpha) diag(G): the off-diagonal entries scaled by alpha, the diagonal kept."""
+    if not 0.0 <= alpha <= 1.0:
+        raise SpliceError(f"regmean: alpha must be in [0, 1], got {alpha:g}")
+    return alpha * gram + (1.0 - alpha) * torch.diag_embed(torch.diagonal(gram))
+
+
+def regmean(
+    weights: Sequence[torch.Tensor],
+    grams: Sequence[torch.Tensor],
+    alpha: float = 0.9,
+    layout: WeightLayout = WeightLayout.out_in,
+    name: str = "weight",
+) -> Solved:
+    """The RegMean merge of one linear layer's weights given each model's input Gram matrix (see the module)."""
+    if not weights or len(weights) != len(grams):
+        raise SpliceError(f"regmean: {name}: {len(weights)} weights for {len(grams)} Gram matrices")
+    dtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+    features = weights[0].shape[1] if layout is WeightLayout.out_in else weights[0].shape[0]
+    for weight, gram in zip(weights, grams):
+        if weight.dim() != 2 or gram.shape != (features, features):
+            raise SpliceError(
+                f"regmean: {name}: a Gram matrix of shape {list(gram.shape)} does not fit a weight of shape "
+                f"{list(weight.shape)} (it needs {features} x {features})"
+            )
+    system = torch.zeros(features, features, dtype=dtype, device=weights[0].device)
+    right = torch.zeros_like(weights[0], dtype=dtype)
+    for weight, gram in zip(weights, grams):
+        g = shrunk(gram.to(dtype), alpha)
+        system += g
+        right += weight.to(dtype) @ g if layout is WeightLayout.out_in else g @ weight.to(dtype)
+    condition = float(torch.linalg.cond(system))
+    singular = not condition < CONDITION_LIMIT  # also NaN / inf
+    if layout is WeightLayout.out_in:  # W S = R  <=>  S W^T = R^T (S symmetric)
+        right = right.T
+    merged = torch.linalg.pinv(system, hermitian=True) @ right if singular else torch.linalg.solve(system, right)
+    return Solved(merged.T if layout is WeightLayout.out_in else merged, condition, singular)
+
+
+def fisher_average(
+    tensors: Sequence[torch.Tensor],
+    fishers: Sequence[torch.Tensor],
+    model_weights: Sequence[float] | None = None,
+    epsilon: float = 1e-8,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """sum_i w_i (F_i + epsilon) theta_i / sum_i w_i (F_i + epsilon), elementwise (see the module)."""
+    if not tensors or len(tensors) != len(fishers):
+        raise SpliceError(f"fisher: {name}: {len(tensors)} tensors for {len(fishers)} Fisher diagonals")
+    if epsilon < 0:
+        raise SpliceError(f"fisher: epsilon must be >= 0, got {epsilon:g}")
+    model_weights = [1.0] * len(tensors) if model_weights is None else list(model_weights)
+    if len(model_weights) != len(tensors):
+        raise SpliceError(f"fisher: {len(model_weights)} model weights for {len(tensors)} models")
+    numerator = torch.zeros_like(tensors[0])
+    denominator = torch.zeros_like(tensors[0])
+    for tensor, fisher, weight in zip(tensors, fishers, model_weights):
+        if fisher.shape != tensor.shape:
+            raise SpliceError(
+                f"fisher: {name}: a Fisher diagonal of shape {list(fisher.shape)} for a tensor of shape "
+                f"{list(tensor.shape)}"
+            )
+        scaled = weight * (fisher.to(tensor.dtype) + epsilon)
+        numerator += scaled * tensor
+        denominator += scaled
+    if not bool((denominator > 0).all()):
+        raise SpliceError(
+            f"fisher: {name}: some entries have no weight (every Fisher is 0 there and epsilon is 0, or the model "
+            "weights cancel): give epsilon > 0 or positive model weights"
+        )
+    return numerator / denominator
