@@ -180,7 +180,7 @@ def module_paths(model: torch.nn.Module, stored_modules: set[str]) -> dict[str, 
     return paths
 
 
-def _token_rows(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def token_rows(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """A module output as [tokens, features]: conv maps [B, C, H, W] become tokens, one vector per sample is
     one token, and padding (attention mask 0) is dropped where the sequence lengths agree."""
     if output.dim() == 4:
@@ -226,7 +226,7 @@ def collect(
                 output = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
             if isinstance(output, (tuple, list)):
                 output = output[0]
-            rows = _token_rows(output.detach().to(torch.float32), state["mask"])
+            rows = token_rows(output.detach().to(torch.float32), state["mask"])
             if len(rows) > state["quota"]:
                 generator = torch.Generator().manual_seed(1_000_003 * state["batch"] + len(rows))
                 keep = torch.randperm(len(rows), generator=generator)[: state["quota"]].sort().values

@@ -17,7 +17,7 @@ import torch
 
 from splice.arch.names import stored_to_module_names
 from splice.errors import SpliceError
-from splice.merge.fusion.activations import BATCH_SIZE, DataSource, Inputs, _token_rows, build_model, load_inputs
+from splice.merge.fusion.activations import BATCH_SIZE, DataSource, Inputs, build_model, load_inputs, token_rows
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.stream import read_floats
 
@@ -134,7 +134,7 @@ def collect_grams(
                 return
             seen[id(x)] = (weakref.ref(x), weight)
             keys[weight] = weight
-            rows = x.detach().reshape(-1, x.shape[-1]) if x.dim() > 3 else _token_rows(x.detach(), state["mask"])
+            rows = x.detach().reshape(-1, x.shape[-1]) if x.dim() > 3 else token_rows(x.detach(), state["mask"])
             rows = rows.to(torch.float64)
             if weight in result.grams:
                 result.grams[weight].addmm_(rows.T, rows)
