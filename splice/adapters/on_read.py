@@ -13,7 +13,8 @@ from splice.adapters.compose import base_steps, computes_rows, patched_value
 from splice.adapters.fingerprint import refuse_drift
 from splice.adapters.sources import PatchSource, load_patch, patch_location
 from splice.tensors.checkpoint import Checkpoint
-from splice.tensors.views import DerivedCheckpoint, Rows
+from splice.tensors.stream import Rows
+from splice.tensors.views import DerivedCheckpoint
 
 
 def patched_checkpoint(

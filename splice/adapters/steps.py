@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from splice.adapters.meta import PatchMeta
-from splice.tensors.views import Rows
+from splice.tensors.stream import Rows
 
 
 class Effect(Enum):

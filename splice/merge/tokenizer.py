@@ -37,7 +37,7 @@ from splice.merge.references import ModelReference, ModelReferenceField
 from splice.merge.vocabulary import Fallback, Vocabulary, aligned_checkpoints, plan_rows
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.stream import OutputExtras
-from splice.tensors.writer import TOKENIZER_FILES
+from splice.tensors.writer import TOKENIZER_FILES, read_side_files
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +185,7 @@ def _template_of(tokenizer: Any) -> str | None:
 
 def tokenizer_files(checkpoint: Checkpoint) -> dict[str, bytes]:
     """A model's tokenizer files, as the output would copy them (no symbolic link, none oversized)."""
-    present = set(checkpoint.files())
-    found = {}
-    for name in TOKENIZER_FILES:
-        if name in present:
-            try:
-                found[name] = checkpoint.read_file(name, follow_links=False)
-            except CheckpointError as exc:
-                log.warning("not reading %s: %s", name, exc)
-    return found
+    return read_side_files(checkpoint, TOKENIZER_FILES)
 
 
 def load_tokenizer(checkpoint: Checkpoint, scratch: Path, rows: int | None = None) -> Any:

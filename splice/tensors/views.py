@@ -13,8 +13,8 @@ import torch
 
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.safetensors import TensorInfo
+from splice.tensors.stream import Rows
 
-Rows = tuple[int, int] | None
 DeriveTensor = Callable[[str, Rows], torch.Tensor]
 """(tensor name, rows of dim 0 or None for all) -> the derived tensor's value, in the dtype and shape its info says."""
 

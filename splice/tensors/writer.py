@@ -255,16 +255,8 @@ def copy_side_files(
     key such as `text_config.num_hidden_layers` inside the nested section it names). Only regular
     files of bounded size are copied; a symbolic link (which could carry any file into the output), a device or
     an oversized file is skipped with a warning. `skip`: files not copied (the output gets its own)."""
-    present = set(source.files())
     copied = []
-    for name in SIDE_FILES:
-        if name not in present or name in skip:
-            continue
-        try:
-            data = source.read_file(name, follow_links=False)
-        except CheckpointError as exc:
-            log.warning("not copying %s into the output: %s", name, exc)
-            continue
+    for name, data in read_side_files(source, [n for n in SIDE_FILES if n not in skip]).items():
         if name == "config.json" and (out_dtype is not None or config_updates):
             config = json.loads(data)
             for key in ("dtype", "torch_dtype"):
@@ -276,6 +268,21 @@ def copy_side_files(
         (directory / name).write_bytes(data)
         copied.append(name)
     return copied
+
+
+def read_side_files(source: Checkpoint, names: Sequence[str]) -> dict[str, bytes]:
+    """Those of `names` that `source` holds, each a regular file of bounded size; a symbolic link (which could carry
+    any file into an output), a device or an oversized file is skipped with a warning."""
+    present = set(source.files())
+    found = {}
+    for name in names:
+        if name not in present:
+            continue
+        try:
+            found[name] = source.read_file(name, follow_links=False)
+        except CheckpointError as exc:
+            log.warning("not copying %s into the output: %s", name, exc)
+    return found
 
 
 def _set_config_value(config: dict[str, Any], key: str, value: Any) -> None:

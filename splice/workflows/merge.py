@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from typing_extensions import Unpack
 
 from splice.errors import SpliceError, parameter
@@ -70,21 +69,11 @@ def merge(
     return merge_recorded(record, out, opened=opened, run=run, prefer_own_kernels=prefer_own_kernels)
 
 
-def merged_state(
-    recipe: recipes.Recipe, *, prefer_own_kernels: bool = True, seed: int | None = None, run: RunOptions | None = None
-) -> dict[str, torch.Tensor]:
-    """The model `merge(recipe, ...)` would write, tensor for tensor, held in memory instead (stored names, output
-    dtypes): what a sweep hands a candidate's evaluation without writing it."""
-    return recipes.merged_state(
-        recipe, prefer_own_kernels=prefer_own_kernels, seed=seed, open_models=open_model_references, run=run
-    )
-
-
 def merged_model(
     recipe: recipes.Recipe, *, prefer_own_kernels: bool = True, seed: int | None = None, run: RunOptions | None = None
 ) -> recipes.MergedModel:
-    """`merged_state`'s tensors, with the side files and config updates `merge` would write beside them (a sweep's
-    candidate scored from its config: a sliced recipe changes the depth)."""
+    """The model `merge(recipe, ...)` would write, held in memory (its tensors, and the side files and config updates
+    it would write beside them): a sweep's candidate, scored without writing it."""
     return recipes.merged_model(
         recipe, prefer_own_kernels=prefer_own_kernels, seed=seed, open_models=open_model_references, run=run
     )
