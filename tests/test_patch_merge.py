@@ -497,18 +497,9 @@ def test_a_gradient_is_placed_by_the_bases_depth(tmp_path):
 def test_every_pair_of_bases_is_compared(tmp_path):
     """A on b0 changes q, B on b0 and C on b1 change v (b0 and b1 differ in v only): A's record samples v where B's
     and C's hash it whole, so comparing each with A alone would pass; B and C are compared too."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=32,
-    )
     q, v = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"
-    b0 = transformers.LlamaForCausalLM(config)
+    b0 = tiny_model("llama", 0)
+    config = b0.config
     b1 = transformers.LlamaForCausalLM(config)
     b1.load_state_dict(b0.state_dict())
     with torch.no_grad():
