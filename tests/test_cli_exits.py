@@ -210,3 +210,95 @@ def test_ctrl_c_after_the_output_was_published_says_so(make_models, tmp_path):
         assert result.returncode == 130, result.stderr
         assert result.stderr.strip().splitlines()[-1] == f"interrupted after {said}", result.stderr
     assert (out / "config.json").exists() and Registry.open(registry).resolve("x@1").version == 1
+
+
+def test_new_merge_commands_refuse_bad_input_in_one_line(make_models, tmp_path):
+    """`splice patch merge` and a multi-stage `splice merge` through a real process: a bad method, a stage that is
+    not in the file."""
+    base, tuned = make_models("bert", 2)
+    splice.extract_patch(base, tuned, "delta").save(tmp_path / "patch")
+    stages = tmp_path / "stages.yml"
+    stages.write_text(
+        yaml.safe_dump_all(
+            [
+                {
+                    "name": "s1",
+                    "merge_method": "linear",
+                    "models": [
+                        {"model": str(base), "parameters": {"weight": 0.5}},
+                        {"model": str(tuned), "parameters": {"weight": 0.5}},
+                    ],
+                },
+                {
+                    "merge_method": "linear",
+                    "models": [
+                        {"model": "s1", "parameters": {"weight": 0.5}},
+                        {"model": str(base), "parameters": {"weight": 0.5}},
+                    ],
+                },
+            ]
+        )
+    )
+    cases = {
+        ("patch", "merge", tmp_path / "patch", "--method", "slerp", "--out", tmp_path / "a"): "slerp interpolates",
+        ("merge", stages, "--out", tmp_path / "b", "--stage", "s2"): "s2",
+    }
+    for args, needle in cases.items():
+        result = run(*map(str, args))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.lstrip(".").split(".")[0] in ("a", "b")]  # nor hidden
+
+
+def test_ctrl_c_during_a_patch_merge_and_a_stage_exits_130_and_publishes_nothing(make_models, tmp_path):
+    base, first, second = make_models("bert", 3)
+    for name, tuned in (("p1", first), ("p2", second)):
+        splice.extract_patch(base, tuned, "delta").save(tmp_path / name)
+    stages = tmp_path / "stages.yml"
+    stages.write_text(
+        yaml.safe_dump_all(
+            [
+                {
+                    "name": "s1",
+                    "merge_method": "linear",
+                    "models": [
+                        {"model": str(base), "parameters": {"weight": 0.5}},
+                        {"model": str(first), "parameters": {"weight": 0.5}},
+                    ],
+                },
+                {
+                    "merge_method": "linear",
+                    "models": [
+                        {"model": "s1", "parameters": {"weight": 0.5}},
+                        {"model": str(second), "parameters": {"weight": 0.5}},
+                    ],
+                },
+            ]
+        )
+    )
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    commands = {
+        outputs / "patch": [
+            "patch",
+            "merge",
+            tmp_path / "p1",
+            tmp_path / "p2",
+            "--method",
+            "task_arithmetic",
+            "--base",
+            base,
+            "--out",
+            outputs / "patch",
+            "--quiet",
+        ],
+        outputs / "staged": ["merge", stages, "--out", outputs / "staged", "--device", "cpu", "--quiet"],
+    }
+    for out, args in commands.items():
+        result = interrupted(tmp_path, args, out)
+        assert result.returncode == 130, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == "interrupted; nothing was published", result.stderr
+        assert "Traceback" not in result.stderr
+    # the interrupted stage left no entry a rerun would trust: the stage cache holds no s1 with its key
+    assert not (outputs / "staged.stages" / "s1" / "splice_stage.json").exists()
