@@ -117,7 +117,8 @@ def plan_data_merge(
     report = DataMergeReport(method)
     for rule in rules.values():
         report.rules[rule.value] = report.rules.get(rule.value, 0) + 1
-    kernel = _kernel(method, rules, merged, parameters_for, base_index, _transposed(stats), report)
+    labels = [s.label for s in stats]
+    kernel = _kernel(method, rules, merged, parameters_for, base_index, _transposed(stats), labels, report)
     return DataPlan(items, rules, kernel, report)
 
 
@@ -158,6 +159,7 @@ def _kernel(
     parameters_for: TensorParameters,
     base_index: int | None,
     transposed: frozenset[str],
+    labels: Sequence[str],
     report: DataMergeReport,
 ) -> Kernel:
     count = len(merged)
@@ -170,9 +172,11 @@ def _kernel(
         weights = [parameters["weight"][i] for i in merged]
         if rule is Rule.fallback:
             return _fallback(name, tensors, models, weights, parameters["fallback"], base_index)
-        for statistic, index in zip(statistics, merged):
+        for statistic, label in zip(statistics, labels):
             if not all_finite(statistic):
-                raise RecipeError(f"{method}: the statistic of input {index + 1} for {name} holds NaN or Inf")
+                raise RecipeError(
+                    f"{method}: {label}: the statistic for {name} holds NaN or Inf; collect the statistics again"
+                )
         if rule is Rule.fisher:
             return fisher_average(models, statistics, weights, parameters["epsilon"], name)
         layout = WeightLayout.in_out if name in transposed else WeightLayout.out_in
