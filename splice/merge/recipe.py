@@ -643,7 +643,7 @@ def merge(
     read = [*locate_models(recipe.read_models()), *recipe.read_stats(), *recipe_file]
     ensure_output_free(out, run.force, protected=read)
     planned = _planned(recipe, run, prefer_own_kernels, seed, open_models, open_stats)
-    report = run_stream(
+    streamed = run_stream(
         planned.plan,
         planned.kernel,
         out,
@@ -657,8 +657,7 @@ def merge(
         ),
         description=description or f"{recipe.merge_method} merge",
     )
-    report.method_report = planned.method_report
-    return report
+    return replace(streamed, method_report=planned.method_report())
 
 
 def merged_state(
@@ -721,7 +720,8 @@ class _Planned:
     side_source: Checkpoint
     out_dtype: torch.dtype | None
     extras: OutputExtras  # the output's tokenizer files, its config's new depth and vocabulary size
-    method_report: DataMergeReport | None = None  # filled in as the kernel runs
+    # what the method says of its run, once the kernel has run (a data-dependent merge's rules and solves)
+    method_report: Callable[[], DataMergeReport | None] = lambda: None
 
 
 def in_mergekit_order(plan: list[StreamItem]) -> list[StreamItem]:
@@ -758,7 +758,7 @@ def _planned(
     checkpoints = prepared.checkpoints
     side_source = checkpoints[locations.index(recipe.side_files_source())]
     config_updates: dict[str, Any] = {}
-    method_report = None
+    method_report: Callable[[], DataMergeReport | None] = lambda: None
     as_mergekit = recipe.compute == "mergekit"
     own_kernels = prefer_own_kernels and not as_mergekit
     if recipe.modules:
@@ -775,7 +775,8 @@ def _planned(
         if stats:
             merged = [locations.index(model) for model in stats]
             data = plan_data_merge(recipe.merge_method, plan, list(stats.values()), merged, parameters_for, base_index)
-            plan, kernel, method_report = data.plan, data.kernel, data.report
+            plan, kernel = data.plan, data.kernel
+            method_report = partial(data.report, recipe.merge_method)
         else:
             kernel = method_kernel(recipe.merge_method, parameters_for, base_index, prefer_own=own_kernels)
     if seed is not None:

@@ -60,14 +60,14 @@ class LayerSolve:
     pseudo_inverse: bool
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataMergeReport:
     """What a RegMean / Fisher merge did: how many tensors each rule covered and, for RegMean, each layer's solve
     (the condition number of its system and whether the pseudo-inverse was used)."""
 
     method: str
-    rules: dict[str, int] = field(default_factory=dict)
-    solves: list[LayerSolve] = field(default_factory=list)
+    rules: dict[str, int]
+    solves: tuple[LayerSolve, ...] = ()
 
     @property
     def pseudo_inverse_layers(self) -> list[str]:
@@ -79,7 +79,14 @@ class DataPlan:
     plan: list[StreamItem]
     rules: dict[str, Rule]  # output tensor -> its rule
     kernel: Kernel
-    report: DataMergeReport
+    solves: list[LayerSolve]  # the kernel's, in the order it solved them
+
+    def report(self, method: str) -> DataMergeReport:
+        """The merge's report, once the kernel has run over the plan."""
+        counted: dict[str, int] = {}
+        for rule in self.rules.values():
+            counted[rule.value] = counted.get(rule.value, 0) + 1
+        return DataMergeReport(method, counted, tuple(self.solves))
 
 
 def plan_data_merge(
@@ -114,12 +121,10 @@ def plan_data_merge(
             _check_shape(method, name, item.output.shape, tuple(s.checkpoint.tensors[key].shape), layout, s.label)
         rules[name] = rule_of
         items.append(StreamItem(item.output, (*item.sources, *((s.checkpoint, key) for s, key in found))))
-    report = DataMergeReport(method)
-    for rule in rules.values():
-        report.rules[rule.value] = report.rules.get(rule.value, 0) + 1
+    solves: list[LayerSolve] = []
     labels = [s.label for s in stats]
-    kernel = _kernel(method, rules, merged, parameters_for, base_index, _transposed(stats), labels, report)
-    return DataPlan(items, rules, kernel, report)
+    kernel = _kernel(method, rules, merged, parameters_for, base_index, _transposed(stats), labels, solves)
+    return DataPlan(items, rules, kernel, solves)
 
 
 def _layout(method: str, name: str, stats: Sequence[StoredStats]) -> WeightLayout | None:
@@ -160,7 +165,7 @@ def _kernel(
     base_index: int | None,
     transposed: frozenset[str],
     labels: Sequence[str],
-    report: DataMergeReport,
+    solves: list[LayerSolve],
 ) -> Kernel:
     count = len(merged)
 
@@ -187,7 +192,7 @@ def _kernel(
                 f"{method}: the system of {name} is singular (condition number {solved.condition:.3g}) and alpha is "
                 "1 (no shrinkage of the Gram matrices): set alpha below 1 (the paper's 0.9) or collect more samples"
             )
-        report.solves.append(LayerSolve(name, solved.condition, solved.pseudo_inverse))
+        solves.append(LayerSolve(name, solved.condition, solved.pseudo_inverse))
         return solved.weight
 
     return Kernel(compute, elementwise=method == "fisher")
