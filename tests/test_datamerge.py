@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 import splice
@@ -20,7 +19,7 @@ from splice.errors import SpliceError
 from splice.merge.recipe import parse_recipe
 from splice.workflows.stats import collect_stats
 
-from conftest import perturbed, save, tiny_model
+from conftest import model_class, perturbed, save, tiny_model
 from helpers import load_dir, run_cli
 
 DATA_HOOK = """
@@ -39,13 +38,15 @@ def batch():
 def _batch(arch: str, seed: int) -> dict[str, torch.Tensor]:
     """Each task model's own inputs (different seeds: different data, as tasks have)."""
     generator = torch.Generator().manual_seed(seed)
+    if arch == "vit":
+        return {"pixel_values": torch.rand(8, 1, 8, 8, generator=generator)}
     ids = torch.randint(0, 64, (8, 10), generator=generator)
     mask = torch.ones(8, 10, dtype=torch.long)
     mask[seed % 8, 4:] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "bert", "vit"])
 def task_models(request, tmp_path_factory):
     """(arch, root, [(model dir, gram dir, fisher dir)] for three task models fine-tuned from one base)."""
     arch = request.param
@@ -107,12 +108,16 @@ def test_regmean_equals_an_independent_closed_form_and_reloads(task_models, tmp_
     assert report.method_report.rules["regmean"] + report.method_report.rules["fallback"] == len(merged)
     assert {s.tensor for s in report.method_report.solves} <= linear
     assert not report.method_report.pseudo_inverse_layers
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    reference = type(model)(model.config)
-    reference.load_state_dict({n: torch.from_numpy(t).float() for n, t in expected.items()}, strict=False)
+    independent = tmp_path / "independent"  # the expected tensors as a model directory of their own
+    independent.mkdir()
+    save_file(
+        {n: torch.from_numpy(t).float().contiguous() for n, t in expected.items()}, independent / "model.safetensors"
+    )
+    (independent / "config.json").write_text((tmp_path / "out" / "config.json").read_text())
+    model, reference = (model_class(arch).from_pretrained(d).eval() for d in (tmp_path / "out", independent))
     batch = _batch(arch, 0)
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch).logits, reference.eval()(**batch).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_regmean_without_shrinkage_is_least_squares_over_every_models_inputs(task_models, tmp_path):
@@ -284,15 +289,17 @@ def test_an_ill_conditioned_system_with_shrinkage_is_solved_by_pseudo_inverse_an
     solved = set(_stored(tasks[0][1])[0]) | set(_stored(tasks[0][1])[1].get("shared", {}))
     assert set(report.method_report.pseudo_inverse_layers) == solved
     merged, states = load_dir(tmp_path / "out"), [load_dir(model) for model, _, _ in tasks]
-    name = "transformer.h.0.mlp.c_fc.weight" if "transformer.h.0.mlp.c_fc.weight" in merged else None
-    name = name or "model.layers.0.mlp.down_proj.weight"
-    transposed = name.startswith("transformer.")
-    weights = [s[name].double().numpy() for s in states]
-    weights = [w.T if transposed else w for w in weights]
-    key = name if name in grams[0] else _stored(tasks[0][1])[1]["shared"][name]
-    shrunk = [0.9 * g[key] + 0.1 * np.diag(np.diag(g[key])) for g in grams]
-    expected = sum(w @ g for w, g in zip(weights, shrunk)) @ np.linalg.pinv(sum(shrunk), hermitian=True)
-    np.testing.assert_allclose(merged[name].double().numpy(), expected.T if transposed else expected, atol=1e-5)
+    settings = _stored(tasks[0][1])[1]
+    for name in sorted(solved):
+        transposed = name in settings.get("transposed", [])
+        weights = [s[name].double().numpy() for s in states]
+        weights = [w.T if transposed else w for w in weights]
+        key = settings.get("shared", {}).get(name, name)
+        shrunk = [0.9 * g[key] + 0.1 * np.diag(np.diag(g[key])) for g in grams]
+        expected = sum(w @ g for w, g in zip(weights, shrunk)) @ np.linalg.pinv(sum(shrunk), hermitian=True)
+        np.testing.assert_allclose(
+            merged[name].double().numpy(), expected.T if transposed else expected, atol=1e-5, err_msg=name
+        )
 
 
 def test_stats_on_a_data_free_method_and_data_methods_with_slices_are_refused(task_models):
