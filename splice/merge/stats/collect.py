@@ -36,6 +36,7 @@ class Grams:
     tokens: dict[str, int] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     samples: int = 0
+    transposed: set[str] = field(default_factory=set)  # weights stored in x out (GPT-2's Conv1D)
 
     def of(self, weight: str) -> torch.Tensor:
         """The Gram matrix of the layer whose stored weight is `weight`."""
@@ -90,6 +91,12 @@ def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return layers
 
 
+def _is_conv1d(layer: torch.nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(layer, Conv1D)
+
+
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
@@ -115,7 +122,7 @@ class GramHooks:
     matrix. Used as a context manager: the hooks are removed on exit."""
 
     def __init__(self, layers: dict[str, torch.nn.Module], owner: str, samples: int = 0):
-        self.grams = Grams(samples=samples)
+        self.grams = Grams(samples=samples, transposed={name for name, layer in layers.items() if _is_conv1d(layer)})
         self._owner = owner
         self._mask: torch.Tensor | None = None
         self._seen: dict[int, tuple[weakref.ref, str]] = {}

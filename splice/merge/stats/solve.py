@@ -59,7 +59,8 @@ class RegMeanSystem:
     those layers) and, per layer, R = sum_i W_i G~_i (Linear) or sum_i G~_i W_i (Conv1D). Memory: one [in, in]
     matrix and one weight per layer, whatever the number of models (RegMean++ sees one model's block at a time).
 
-    Solved in fp64 when the weights are fp64, else fp32, on the weights' device."""
+    Solved in fp64 (the systems' condition numbers reach 1e6 and more: fp32 would lose the solution) on the weights'
+    device; each merged weight comes back in its models' dtype."""
 
     def __init__(self, alpha: float = 0.9):
         check_alpha(alpha)
@@ -67,13 +68,12 @@ class RegMeanSystem:
         self.system: torch.Tensor | None = None
         self.rights: dict[str, torch.Tensor] = {}
         self.layouts: dict[str, WeightLayout] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
 
     def add(self, gram: torch.Tensor, weights: Mapping[str, tuple[torch.Tensor, WeightLayout]]) -> None:
         """One model's Gram matrix and its weights ({name: (weight, layout)}) of the layers that Gram feeds."""
         first = next(iter(weights.values()))[0]
-        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        if self.system is not None:
-            dtype = self.system.dtype
+        dtype = torch.float64
         for name, (weight, layout) in weights.items():
             features = weight.shape[1] if layout is WeightLayout.out_in else weight.shape[0]
             if weight.dim() != 2 or gram.shape != (features, features):
@@ -87,6 +87,7 @@ class RegMeanSystem:
             term = weight.to(dtype) @ g if layout is WeightLayout.out_in else g @ weight.to(dtype)
             self.rights[name] = term if name not in self.rights else self.rights[name].add_(term)
             self.layouts[name] = layout
+            self.dtypes[name] = weight.dtype
 
     def solve(self) -> dict[str, Solved]:
         """{layer: its merged weight}, W = R S^-1 (Conv1D: S^-1 R); by the pseudo-inverse above CONDITION_LIMIT."""
@@ -101,7 +102,7 @@ class RegMeanSystem:
             if out_in:  # W S = R  <=>  S W^T = R^T (S symmetric)
                 right = right.T
             merged = inverse @ right if inverse is not None else torch.linalg.solve(self.system, right)
-            solved[name] = Solved(merged.T if out_in else merged, condition, singular)
+            solved[name] = Solved((merged.T if out_in else merged).to(self.dtypes[name]), condition, singular)
         return solved
 
 
