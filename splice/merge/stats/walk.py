@@ -21,8 +21,11 @@ whose `fusion_bench/method/regmean_plusplus/regmean.py` runs the same algorithm)
   follows FusionBench and the authors' code: the embeddings take the weighted average and feed block 0 (the method
   is "inputs from the merged model", and a RegMean++ recipe names no base model).
 - A Gram is the mean X^T X / rows over the task's tokens in both (RegMean's original code does the same), so every
-  task weighs the same whatever its token count; splice divides by the token count too, with padding excluded from
-  both (both references count padding rows).
+  task weighs the same whatever its token count. Here it is the sum X^T X over the task's real tokens (padding
+  excluded; both references count padding rows), as in splice's `regmean` recipe method, whose merge is the
+  least-squares fit over the concatenated inputs: RegMean++ then differs from splice's RegMean only in where block
+  l's inputs come from, and block 0 (whose inputs are the same when the embeddings agree) is RegMean's. The two
+  conventions agree when every task gives the same number of tokens.
 - Shrinkage: both scale the off-diagonal entries (FusionBench `reduce_non_diagonal_ratio`, MergeBench `reduction`):
   `alpha` here, solved by `solve.RegMeanSystem` (pinv above its condition limit, reported per layer).
 - Norms, biases and any other tensor of a block: the plain mean in both; the `weights`-weighted average here
@@ -48,7 +51,8 @@ from splice.errors import SpliceError
 from splice.merge.fusion.activations import Inputs
 from splice.merge.kernels import average_coefficients
 from splice.merge.stats.blocks import BlockStack, Chunk, TransformersBlocks
-from splice.merge.stats.collect import GramHooks
+from splice.merge.stats.collect import GramHooks, Grams
+from splice.merge.stats.datamerge import LayerSolve
 from splice.merge.stats.solve import RegMeanSystem, WeightLayout, check_alpha
 from splice.progress import NoProgress, Progress
 from splice.tensors.checkpoint import Checkpoint
@@ -88,23 +92,12 @@ class Partition:
 
 
 @dataclass(frozen=True)
-class LayerSolve:
-    """How one linear layer's RegMean system was solved."""
-
-    name: str  # stored weight name
-    shares: str  # the stored weight name whose Gram it shares (itself when its input is its own)
-    condition: float
-    pseudo_inverse: bool
-    tokens: tuple[int, ...]  # per task, the rows its Gram is the mean over
-
-
-@dataclass(frozen=True)
 class MergedPart:
     """Merged tensors of one part of the model, in walk order: "embeddings", "block 0", ..., "head"."""
 
     scope: str
     tensors: dict[str, torch.Tensor]  # stored name -> merged tensor (CPU; floats in fp32, fp64 kept)
-    solved: tuple[LayerSolve, ...] = ()
+    solved: tuple[LayerSolve, ...] = ()  # the block's RegMean solves (condition number, pseudo-inverse used)
     averaged: tuple[str, ...] = field(default=())  # took the weighted average (copied: non-float tensors)
 
 
@@ -245,7 +238,7 @@ def _walk(
                 for chunk in task:
                     chunk.hidden = stack.run(index, chunk)
             stack.unload(index)
-        averaged = tuple(name for name in names if name not in {s.name for s in solved})
+        averaged = tuple(name for name in names if name not in {s.tensor for s in solved})
         yield MergedPart(f"block {index}", _cpu(merged), tuple(solved), averaged)
         del merged
         progress.advance(1, 0)
@@ -269,7 +262,6 @@ def _merge_block(
     linear layers, and added to the running RegMean systems (one per distinct input); the rest averaged."""
     systems: dict[str, RegMeanSystem] = {}
     keys: dict[str, str] | None = None
-    tokens: dict[str, list[int]] = {}
     others = _Average(coefficients)
     for checkpoint, task in zip(checkpoints, chunks):
         tensors = {name: _read(checkpoint, name, device) for name in names}
@@ -288,30 +280,26 @@ def _merge_block(
                 "from the first model's; RegMean++ merges models of one architecture"
             )
         for key, gram in grams.grams.items():
-            count = grams.tokens[key]
-            if count == 0:
+            if grams.tokens[key] == 0:
                 raise SpliceError(
                     f"regmean_plusplus: {checkpoint.location}: no token reached {key} (every position is padding); "
                     "give `data` with real tokens"
                 )
-            shared = {name: (tensors[name], _layout(layers[name])) for name, k in keys.items() if k == key}
-            systems.setdefault(key, RegMeanSystem(alpha)).add(gram / count, shared)
-            tokens.setdefault(key, []).append(count)
+            shared = {name: (tensors[name], _layout(name, grams)) for name, k in keys.items() if k == key}
+            systems.setdefault(key, RegMeanSystem(alpha)).add(gram, shared)
         for name in names:
             if keys is None or name not in keys:
                 others.add(name, tensors[name])
         del tensors, grams, hooks, layers
     merged: dict[str, torch.Tensor] = {}
     solved: list[LayerSolve] = []
-    for key, system in systems.items():
+    for system in systems.values():
         for name, result in system.solve().items():
             merged[name] = result.weight
-            solved.append(LayerSolve(name, key, result.condition, result.pseudo_inverse, tuple(tokens[key])))
+            solved.append(LayerSolve(name, result.condition, result.pseudo_inverse))
     merged.update(others.sums)
     return {name: merged[name] for name in names}, solved
 
 
-def _layout(module: torch.nn.Module) -> WeightLayout:
-    from transformers.pytorch_utils import Conv1D
-
-    return WeightLayout.in_out if isinstance(module, Conv1D) else WeightLayout.out_in
+def _layout(weight: str, grams: Grams) -> WeightLayout:
+    return WeightLayout.in_out if weight in grams.transposed else WeightLayout.out_in
