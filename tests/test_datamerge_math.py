@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from splice.errors import SpliceError
-from splice.merge.stats.solve import WeightLayout, fisher_average, regmean
+from splice.merge.stats.solve import WeightLayout, fisher_average, regmean, symmetric_condition
 
 
 def inputs(seed: int, rows: int, features: int) -> np.ndarray:
@@ -75,6 +75,20 @@ def test_a_singular_system_is_solved_by_the_pseudo_inverse_and_reported():
     shrunk = [0.9 * (x.T @ x) + 0.1 * np.diag(np.diag(x.T @ x)) for x in xs]
     expected = (np.linalg.pinv(sum(shrunk)) @ sum(w @ g for w, g in zip(ws, shrunk)).T).T
     np.testing.assert_allclose(solved.weight.numpy(), expected, rtol=0, atol=1e-8)
+
+
+def test_the_reported_condition_number_is_numpys_and_the_shrunk_system_the_formulas():
+    """The condition number comes from the eigenvalues of the symmetric system (not an SVD): it must equal numpy's
+    2-norm cond; a singular system's is infinite."""
+    xs = [inputs(50 + i, 40, 6) * np.array([1e-3, 0.1, 1, 1, 10, 100]) for i in range(3)]
+    ws = [np.random.default_rng(60 + i).normal(size=(5, 6)) for i in range(3)]
+    solved = regmean([torch.tensor(w) for w in ws], [torch.tensor(x.T @ x) for x in xs], alpha=0.7)
+    system = sum(0.7 * (x.T @ x) + 0.3 * np.diag(np.diag(x.T @ x)) for x in xs)
+    assert solved.condition == pytest.approx(np.linalg.cond(system), rel=1e-6)
+    assert solved.condition > 1e6  # spread enough for a wrong formula to show
+    singular = np.diag([1.0, 2.0, 0.0])
+    assert symmetric_condition(torch.tensor(singular)) == np.inf == np.linalg.cond(singular)
+    assert symmetric_condition(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]])) == np.inf
 
 
 def test_fisher_average_equals_the_weighted_formula_and_equal_fishers_average():
