@@ -302,3 +302,46 @@ def test_ctrl_c_during_a_patch_merge_and_a_stage_exits_130_and_publishes_nothing
         assert "Traceback" not in result.stderr
     # the interrupted stage left no entry a rerun would trust: the stage cache holds no s1 with its key
     assert not (outputs / "staged.stages" / "s1" / "splice_stage.json").exists()
+
+
+def _regmean_recipe(path: Path, models: list[Path], stats: list[Path]) -> Path:
+    entries = [{"model": str(model), "stats": str(where)} for model, where in zip(models, stats)]
+    path.write_text(yaml.safe_dump({"merge_method": "regmean", "models": entries}))
+    return path
+
+
+def test_stats_collect_and_a_regmean_merge_refuse_bad_input_and_ctrl_c_publishes_nothing(make_models, tmp_path):
+    """`splice stats collect` and a regmean `splice merge` through a real process: bad input is one line (exit 2),
+    nothing written; Ctrl-C mid-run exits 130 and leaves no output nor staging behind."""
+    from splice.workflows.stats import collect_stats
+
+    models = make_models("bert", 2)
+    hook = "import torch\n\ndef batch():\n    return {'input_ids': torch.arange(40).reshape(4, 10) % 64}\n"
+    (tmp_path / "hook.py").write_text(hook)
+    data = f"{tmp_path / 'hook.py'}:batch"
+    grams = [collect_stats(m, data, kind="gram", out=tmp_path / f"{m.name}.gram").out for m in models]
+    crossed = _regmean_recipe(tmp_path / "crossed.yml", models, [grams[0], grams[0]])
+    cases = {
+        ("stats", "collect", models[0], "--data", data, "--kind", "hessian", "--out", tmp_path / "a"): "--kind hessian",
+        ("stats", "collect", models[0], "--data", data, "--kind", "gram"): "--out DIR",
+        ("merge", crossed, "--out", tmp_path / "b"): "were collected on another model",
+    }
+    for args, needle in cases.items():
+        result = run(*map(str, args))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.lstrip(".").split(".")[0] in ("a", "b")]  # nor hidden
+
+    recipe = _regmean_recipe(tmp_path / "regmean.yml", models, grams)
+    out = tmp_path / "outputs" / "merged"
+    out.parent.mkdir()
+    result = interrupted(tmp_path, ["merge", recipe, "--out", out, "--device", "cpu", "--quiet"], out)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "interrupted; nothing was published"
+    stats_out = tmp_path / "outputs" / "fisher"
+    args = ["stats", "collect", models[0], "--data", data, "--kind", "fisher", "--out", stats_out, "--quiet"]
+    result = interrupted(tmp_path, args, stats_out)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "interrupted; nothing was published"
+    assert "Traceback" not in result.stderr

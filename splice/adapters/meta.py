@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
 
@@ -52,6 +52,7 @@ class PatchKind(str, Enum):
     lora = "lora"
     mask = "mask"
     delta = "delta"
+    stats = "stats"  # statistics of a model on data (Gram matrices, Fisher diagonals): read by merges, never applied
 
 
 class LoraSettings(BaseModel):
@@ -74,7 +75,30 @@ class MaskSettings(BaseModel):
     density: FiniteFloat | None = None
 
 
-KIND_SETTINGS: dict[PatchKind, type[BaseModel]] = {PatchKind.lora: LoraSettings, PatchKind.mask: MaskSettings}
+class StatsSettings(BaseModel):
+    """What a statistics artifact holds and how it was collected, strictly typed (the merges read it).
+
+    gram: each stored tensor is the input Gram matrix X^T X of the layers whose weights `shared` maps to it (a
+      layer not in `shared` has its own, stored under its weight's name), summed over `tokens[name]` tokens;
+      `transposed` lists the weights stored in x out (GPT-2's Conv1D).
+    fisher: each stored tensor is the diagonal Fisher of the parameter of that name, the mean over `samples`
+      examples; `labels` says whether they were sampled from the model or given by the data."""
+
+    model_config = ConfigDict(extra="allow")
+    statistic: Literal["gram", "fisher"]
+    samples: PositiveInt
+    data: str = ""
+    tokens: dict[str, Annotated[StrictInt, Field(ge=0)]] = {}
+    shared: dict[str, str] = {}
+    transposed: list[str] = []
+    labels: Literal["sample", "batch"] | None = None
+
+
+KIND_SETTINGS: dict[PatchKind, type[BaseModel]] = {
+    PatchKind.lora: LoraSettings,
+    PatchKind.mask: MaskSettings,
+    PatchKind.stats: StatsSettings,
+}
 
 
 class PatchMeta(BaseModel):

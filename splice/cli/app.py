@@ -30,6 +30,7 @@ from splice.cli.options import (
 from splice.cli.patch import patch_app
 from splice.cli.port import port_command
 from splice.cli.registry import registry_app
+from splice.cli.stats import stats_app
 from splice.cli.sweep import sweep_command
 from splice.errors import HookError, SpliceError, hook_traceback
 from splice.progress import forget_published, published
@@ -62,6 +63,7 @@ def _root(
 app.add_typer(patch_app, name="patch")
 app.add_typer(registry_app, name="registry")
 app.add_typer(continual_app, name="continual")
+app.add_typer(stats_app, name="stats")
 app.command("deploy")(deploy_command)
 app.command("fuse")(fuse_command)
 app.command("port")(port_command)
@@ -70,19 +72,20 @@ app.command("sweep")(sweep_command)
 
 @app.command()
 def inspect(
-    model: Annotated[str, typer.Argument(help="Model directory or fsspec URL.")],
+    model: Annotated[str, typer.Argument(help="Model directory, patch or statistics directory, or fsspec URL.")],
     storage_options: StorageOptions = None,
     as_json: Json = False,
 ) -> None:
     """Shards, tensor and parameter counts, dtypes and LayerNorm modules of a model, and the patch versions
-    it carries if splice deploy wrote it."""
-    from splice.workflows.inspect import summarize
+    it carries if splice deploy wrote it; of a patch or statistics directory, what it holds and for which model."""
+    from splice.workflows.inspect import is_patch_directory, summarize, summarize_patch
 
-    summary = summarize(model, parse_storage_options(storage_options))
+    options = parse_storage_options(storage_options)
+    summary = summarize_patch(model, options) if is_patch_directory(model, options) else summarize(model, options)
     if as_json:
         render.print_json(summary)
         return
-    for renderable in render.model_summary_tables(summary):
+    for renderable in render.summary_tables(summary):
         render.show(renderable)
 
 
@@ -168,6 +171,8 @@ def merge(
         render.show(render.stages_report_table(f"merge ({recipe})", report), shared.quiet)
         return
     render.show(render.stream_report_table(f"merge ({recipe})", report), shared.quiet)
+    if report.method_report is not None:
+        render.show(render.data_merge_line(report.method_report), shared.quiet)
 
 
 @app.command()

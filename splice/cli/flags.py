@@ -57,6 +57,9 @@ FLAGS: dict[str, str] = {
     # merge: multi-stage recipes
     "stage": "--stage",
     "intermediate_dir": "--intermediate-dir",
+    # stats collect
+    "labels": "--labels",
+    "loss": "--loss",
     # sweep
     "executor": "--executor",
     "address": "--address",

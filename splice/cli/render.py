@@ -35,12 +35,13 @@ from rich.text import Text
 if TYPE_CHECKING:
     from splice.adapters.drift import DriftReport
     from splice.merge.soup import GreedySoupReport
+    from splice.merge.stats.datamerge import DataMergeReport
     from splice.registry.health import HealthRecord
     from splice.tensors.stream import StreamReport
     from splice.workflows.continual.predict import LoadedBank, Predictions
     from splice.workflows.continual.report import ContinualReport
     from splice.workflows.deploy import DeploymentRecord
-    from splice.workflows.inspect import ModelSummary
+    from splice.workflows.inspect import ModelSummary, PatchSummary
     from splice.workflows.patch_merge import PatchMergeReport
     from splice.workflows.stages import StagesReport
     from splice.workflows.sweep.results import SweepReport
@@ -161,6 +162,18 @@ def stream_report_table(title: str, report: StreamReport) -> Table:
     )
 
 
+def data_merge_line(report: DataMergeReport) -> str:
+    """How a RegMean / Fisher merge covered the tensors, and which RegMean systems needed the pseudo-inverse."""
+    covered = ", ".join(f"{count} by {rule}" for rule, count in report.rules.items())
+    line = f"{report.method}: {covered}"
+    if report.solves:
+        line += f"; largest condition number {max(s.condition for s in report.solves):.3g}"
+    pinv = report.pseudo_inverse_layers
+    if pinv:
+        line += f"; ill-conditioned, solved by pseudo-inverse: {', '.join(pinv)}"
+    return line
+
+
 def stages_report_table(title: str, report: StagesReport) -> Table:
     """One row per stage of a multi-stage recipe: whether it ran or was reused, where it is, what it moved."""
     rows = []
@@ -225,6 +238,44 @@ def deployment_table(title: str, record: DeploymentRecord) -> Table:
         ["ref", "version", "kind", "digest", "base check"],
         [[p.ref, f"{p.name}@{p.version}", p.kind, p.digest[:19], p.base_check] for p in record.patches],
     )
+
+
+def summary_tables(summary: ModelSummary | PatchSummary) -> list[Table]:
+    """What `splice inspect` shows of a model or a patch (statistics among them)."""
+    from splice.workflows.inspect import PatchSummary
+
+    if not isinstance(summary, PatchSummary):
+        return model_summary_tables(summary)
+    statistics = summary.kind == "stats"
+    return [
+        table(
+            f"{summary.location} ({summary.kind}: {summary.settings})",
+            ["tensors", "size", "targets", "model fingerprint", "created"],
+            [
+                [
+                    len(summary.tensors),
+                    human_bytes(summary.nbytes),
+                    summary.targets,
+                    (summary.model_fingerprint or "none")[:19],
+                    summary.created,
+                ]
+            ],
+        ),
+        table(
+            "tensors",
+            ["tensor", "shape", "dtype", "size", *(["tokens", "layers"] if statistics else [])],
+            [
+                [
+                    t.name,
+                    "x".join(map(str, t.shape)),
+                    t.dtype,
+                    human_bytes(t.nbytes),
+                    *([t.tokens if t.tokens is not None else "", t.serves] if statistics else []),
+                ]
+                for t in summary.tensors
+            ],
+        ),
+    ]
 
 
 def model_summary_tables(summary: ModelSummary) -> list[Table]:

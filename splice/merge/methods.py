@@ -7,7 +7,7 @@ import typing
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -21,13 +21,15 @@ def mergekit_method(name: str) -> Any:
     try:
         return merge_methods.get(name)
     except (KeyError, ValueError, RuntimeError):
-        near = difflib.get_close_matches(name, method_names(), n=1)
+        known = sorted({*method_names(), *SPLICE_METHODS})
+        near = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise RecipeError(f"unknown merge method {name!r}{hint}; known: {', '.join(method_names())}") from None
+        raise RecipeError(f"unknown merge method {name!r}{hint}; known: {', '.join(known)}") from None
 
 
 @cache
 def method_names() -> tuple[str, ...]:
+    """The methods mergekit's registry has (what a mergekit config can name)."""
     from mergekit import merge_methods
 
     return tuple(sorted(m.spec.name for m in merge_methods.registered_methods()))
@@ -68,8 +70,30 @@ class MethodRules:
     max_inputs: int | None
 
 
+def _data_method(name: str, statistic: ParameterRule) -> MethodRules:
+    """A merge that uses a little data: splice's own (mergekit's methods are all data-free). `weight`: each model's
+    weight in the fallback average (and Fisher's model weights); `fallback`: what a tensor without statistics gets,
+    `average` (weighted by `weight`) or `base` (the base model's tensor)."""
+    parameters = [
+        statistic,
+        ParameterRule("weight", float, ParameterScope.input, False, 1.0),
+        ParameterRule("fallback", Literal["average", "base"], ParameterScope.shared, False, "average"),
+    ]
+    return MethodRules(name, {p.name: p for p in parameters}, BasePolicy.optional, 2, None)
+
+
+_ALPHA = ParameterRule("alpha", float, ParameterScope.shared, False, 0.9)  # RegMean's shrinkage, the paper's default
+SPLICE_METHODS: dict[str, MethodRules] = {
+    "regmean": _data_method("regmean", _ALPHA),
+    # epsilon: FusionBench's floor (`minimal_fisher_weight`)
+    "fisher": _data_method("fisher", ParameterRule("epsilon", float, ParameterScope.shared, False, 1e-6)),
+}
+
+
 @cache
 def method_rules(name: str) -> MethodRules:
+    if name in SPLICE_METHODS:
+        return SPLICE_METHODS[name]
     from mergekit.merge_methods.base import MISSING
 
     spec = mergekit_method(name).spec

@@ -55,6 +55,7 @@ from splice.merge.modules import model_modules
 from splice.merge.reference_syntax import parse_reference
 from splice.merge.references import ModelReference, ModelReferenceField
 from splice.merge.slices import LayerRange, LayerStack, SlicedTensor, plan_slices
+from splice.merge.stats.datamerge import DATA_METHODS, DataMergeReport, StatsOpener, StoredStats, plan_data_merge
 from splice.merge.tokenizer import (
     TokenizerRequest,
     TokenizerSection,
@@ -97,6 +98,8 @@ class InputModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: ModelReference
     parameters: dict[str, Setting] = {}
+    # regmean / fisher: the model's statistics (a `splice stats collect` directory or URL, or a registry ref)
+    stats: str | None = None
 
 
 class SliceSource(BaseModel):
@@ -192,6 +195,10 @@ class Recipe(BaseModel):
         if self.base_model is not None and (self.tokenizer_source is not None or self.tokenizer is not None):
             read.append(self.base_model)
         return list(dict.fromkeys(read))
+
+    def read_stats(self) -> list[str]:
+        """The statistics the recipe's models give (`stats:`), in order."""
+        return list(dict.fromkeys(entry.stats for entry in self.models if entry.stats is not None))
 
     def inputs(self) -> tuple[list[str], int | None]:
         """Input model locations in order (the base appended if not listed) and the base's index.
@@ -335,6 +342,7 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
     except RecipeError as exc:
         raise RecipeError(f"{source}: {exc}") from None
     _check_parameter_names(recipe, source)
+    _check_statistics(recipe, source)
     if recipe.modules == {}:
         raise RecipeError(f"{source}: modules is empty; give each module of the model a section with its models")
     if recipe.modules:
@@ -381,6 +389,39 @@ def _check_parameter_names(recipe: Recipe, source: str) -> None:
         for name in settings:
             if name not in rules.parameters:
                 raise RecipeError(f"{source}: {owner}: unknown parameter {name!r} for {method} (known: {known})")
+
+
+def _check_statistics(recipe: Recipe, source: str) -> None:
+    """A data-dependent method (regmean, fisher) merges the `models:` of one recipe, each giving its `stats:`;
+    `stats:` on another method's model is a mistake, not something to ignore."""
+    method = recipe.merge_method
+    listed = [*recipe.models, *(m for section in (recipe.modules or {}).values() for m in section.models)]
+    if method not in DATA_METHODS:
+        given = next((entry for entry in listed if entry.stats is not None), None)
+        if given is not None:
+            raise RecipeError(
+                f"{source}: model {given.model} gives stats:, which only {' and '.join(DATA_METHODS)} read; "
+                f"remove it or use merge_method: regmean"
+            )
+        return
+    if recipe.slices or recipe.modules:
+        form = "slices:" if recipe.slices else "modules:"
+        raise RecipeError(
+            f"{source}: {method} merges the models: of a recipe, not {form}; list the models under models:"
+        )
+    if recipe.compute == "mergekit":
+        raise RecipeError(f"{source}: compute: mergekit is for mergekit's methods; mergekit has no {method}")
+    lacking = next((entry for entry in recipe.models if entry.stats is None), None)
+    if lacking is not None:
+        raise RecipeError(
+            f"{source}: model {lacking.model} gives no stats:; {method} needs each model's "
+            f"{DATA_METHODS[method]} statistics (collect them with `splice stats collect {lacking.model} --data "
+            f"MODULE:FUNCTION --kind {DATA_METHODS[method]} --out DIR`)"
+        )
+    if recipe.parameters.get("fallback") == "base" and recipe.base_model is None:
+        raise RecipeError(
+            f"{source}: {method}: fallback: base takes tensors without statistics from base_model; give it"
+        )
 
 
 def _validate_models(recipe: Recipe, source: str) -> None:
@@ -582,6 +623,7 @@ def merge(
     locate_models: ModelLocator = list,
     files: Mapping[str, bytes] | None = None,
     description: str | None = None,
+    open_stats: StatsOpener | None = None,
     run: RunOptions | None = None,
     **run_keywords: Unpack[RunKeywords],
 ) -> StreamReport:
@@ -590,16 +632,18 @@ def merge(
     `seed` seeds torch's generator first, for the random methods (dare_ties, dare_linear, della). `open_models`
     opens the recipe's model references (default: each a directory or fsspec URL) and `locate_models` says what
     they read, which `out` must not overlap (default: the references themselves). `files` (name -> content) are
-    written into the output with it (a model card); `description` is what progress is told it merges. `run` (or
-    its fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
+    written into the output with it (a model card); `description` is what progress is told it merges.
+    `open_stats` opens a regmean or fisher recipe's statistics (`splice.workflows.statistics.open_statistics`). `run`
+    (or its fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
     """
     run = run_options(run, run_keywords, "merge")
     recipe_file = [] if isinstance(recipe, Recipe) else [recipe]
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    ensure_output_free(out, run.force, protected=[*locate_models(recipe.read_models()), *recipe_file])
-    planned = _planned(recipe, run, prefer_own_kernels, seed, open_models)
-    return run_stream(
+    read = [*locate_models(recipe.read_models()), *recipe.read_stats(), *recipe_file]
+    ensure_output_free(out, run.force, protected=read)
+    planned = _planned(recipe, run, prefer_own_kernels, seed, open_models, open_stats)
+    streamed = run_stream(
         planned.plan,
         planned.kernel,
         out,
@@ -613,6 +657,7 @@ def merge(
         ),
         description=description or f"{recipe.merge_method} merge",
     )
+    return replace(streamed, method_report=planned.method_report())
 
 
 def merged_state(
@@ -621,11 +666,19 @@ def merged_state(
     prefer_own_kernels: bool = True,
     seed: int | None = None,
     open_models: ModelOpener = open_all,
+    open_stats: StatsOpener | None = None,
     run: RunOptions | None = None,
 ) -> dict[str, torch.Tensor]:
     """The model `merge(recipe, ...)` would write, tensor for tensor, held in memory instead (stored names, output
     dtypes): what a sweep hands a candidate's evaluation without writing it."""
-    model = merged_model(recipe, prefer_own_kernels=prefer_own_kernels, seed=seed, open_models=open_models, run=run)
+    model = merged_model(
+        recipe,
+        prefer_own_kernels=prefer_own_kernels,
+        seed=seed,
+        open_models=open_models,
+        open_stats=open_stats,
+        run=run,
+    )
     return model.state
 
 
@@ -650,11 +703,12 @@ def merged_model(
     prefer_own_kernels: bool = True,
     seed: int | None = None,
     open_models: ModelOpener = open_all,
+    open_stats: StatsOpener | None = None,
     run: RunOptions | None = None,
 ) -> MergedModel:
     """`merged_state`'s tensors, with the side files and config updates `merge` would write beside them."""
     run = run or RunOptions()
-    planned = _planned(recipe, run, prefer_own_kernels, seed, open_models)
+    planned = _planned(recipe, run, prefer_own_kernels, seed, open_models, open_stats)
     state = stream_to_memory(planned.plan, planned.kernel, run=run, description=f"{recipe.merge_method} merge")
     return MergedModel(state, planned.side_source, planned.out_dtype, planned.extras)
 
@@ -666,6 +720,8 @@ class _Planned:
     side_source: Checkpoint
     out_dtype: torch.dtype | None
     extras: OutputExtras  # the output's tokenizer files, its config's new depth and vocabulary size
+    # what the method says of its run, once the kernel has run (a data-dependent merge's rules and solves)
+    method_report: Callable[[], DataMergeReport | None] = lambda: None
 
 
 def in_mergekit_order(plan: list[StreamItem]) -> list[StreamItem]:
@@ -677,7 +733,12 @@ def in_mergekit_order(plan: list[StreamItem]) -> list[StreamItem]:
 
 
 def _planned(
-    recipe: Recipe, run: RunOptions, prefer_own_kernels: bool, seed: int | None, open_models: ModelOpener
+    recipe: Recipe,
+    run: RunOptions,
+    prefer_own_kernels: bool,
+    seed: int | None,
+    open_models: ModelOpener,
+    open_stats: StatsOpener | None = None,
 ) -> _Planned:
     """A recipe's inputs opened, its plan and kernel, every tensor's parameters checked before any tensor is read;
     torch's generator seeded last, for the random methods."""
@@ -693,9 +754,11 @@ def _planned(
         lambda reference: open_models([reference], run.storage_options)[0],
     )
     _refuse_unmatched_alignment(recipe, [a is not b for a, b in zip(prepared.checkpoints, checkpoints)])
+    stats = _opened_stats(recipe, locations, checkpoints, open_stats, run.storage_options)
     checkpoints = prepared.checkpoints
     side_source = checkpoints[locations.index(recipe.side_files_source())]
     config_updates: dict[str, Any] = {}
+    method_report: Callable[[], DataMergeReport | None] = lambda: None
     as_mergekit = recipe.compute == "mergekit"
     own_kernels = prefer_own_kernels and not as_mergekit
     if recipe.modules:
@@ -709,7 +772,13 @@ def _planned(
     else:
         plan = plan_same_name(checkpoints, out_dtype)
         parameters_for = ParameterResolver(recipe, [item.output.name for item in plan])
-        kernel = method_kernel(recipe.merge_method, parameters_for, base_index, prefer_own=own_kernels)
+        if stats:
+            merged = [locations.index(model) for model in stats]
+            data = plan_data_merge(recipe.merge_method, plan, list(stats.values()), merged, parameters_for, base_index)
+            plan, kernel = data.plan, data.kernel
+            method_report = partial(data.report, recipe.merge_method)
+        else:
+            kernel = method_kernel(recipe.merge_method, parameters_for, base_index, prefer_own=own_kernels)
     if seed is not None:
         plan = in_mergekit_order(plan)
     for item in plan:
@@ -720,7 +789,28 @@ def _planned(
     if seed is not None:
         torch.manual_seed(seed)
     updates = {**(prepared.extras.config_updates or {}), **config_updates}
-    return _Planned(plan, kernel, side_source, out_dtype, replace(prepared.extras, config_updates=updates))
+    extras = replace(prepared.extras, config_updates=updates)
+    return _Planned(plan, kernel, side_source, out_dtype, extras, method_report)
+
+
+def _opened_stats(
+    recipe: Recipe,
+    locations: Sequence[str],
+    checkpoints: Sequence[Checkpoint],
+    open_stats: StatsOpener | None,
+    storage_options: dict | None,
+) -> dict[str, StoredStats]:
+    """{model: its statistics} for a data-dependent merge (each checked against its model as stored), else {}."""
+    statistic = DATA_METHODS.get(recipe.merge_method)
+    if statistic is None:
+        return {}
+    if open_stats is None:
+        raise RecipeError(f"{recipe.merge_method} reads statistics: run it through splice.merge, which opens them")
+    given = {entry.model: entry.stats for entry in recipe.models if entry.stats is not None}
+    return {
+        model: open_stats(given[model], checkpoints[locations.index(model)], statistic, storage_options)
+        for model in given
+    }
 
 
 def _refuse_unmatched_alignment(recipe: Recipe, realigned: Sequence[bool]) -> None:

@@ -107,6 +107,7 @@ class StreamReport:
     device: str
     seconds: float
     side_files: list[str] = field(default_factory=list)
+    method_report: Any = None  # what the method says of its run (a data-dependent merge: its rules and solves)
 
 
 def _float_names(checkpoint: Checkpoint) -> list[str]:
@@ -233,8 +234,7 @@ def compute_one(
         if any(t.dtype != first.dtype or not torch.equal(t, first) for t in tensors[1:]):
             raise IncompatibleModelsError(f"non-float tensor {out.name} differs between inputs; cannot merge it")
         return first.to(out.dtype)
-    working = kernel.precision.working_dtype(tensors[0].dtype)
-    moved = [t.to(device=device, dtype=working) for t in tensors]
+    moved = [t.to(device=device, dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
     result = kernel.compute(out.name, moved).to(dtype=out.dtype)
     refuse_new_non_finite(out.name, result, reread)
     return result.to("cpu")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from splice.errors import CheckpointError
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.safetensors import TensorInfo
 from splice.tensors.stream import Rows
@@ -62,3 +63,40 @@ class DerivedCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self.inner.close()
+
+
+class MappedCheckpoint(Checkpoint):
+    """Tensors looked up by name in a mapping that reads each when asked (a registry version's tensors, hash-checked
+    on every read), read by the stream as it reads any `Checkpoint`. The last tensor looked up is kept, so reading
+    one tensor block of rows by block costs one lookup; there are no side files."""
+
+    def __init__(self, location: str, tensors: Mapping[str, torch.Tensor], infos: Mapping[str, TensorInfo]):
+        import fsspec
+
+        super().__init__(
+            location, fsspec.filesystem("memory"), "", dict(infos), sorted({i.shard for i in infos.values()})
+        )
+        self._mapping = tensors
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        with self._lock:
+            if self._last is None or self._last[0] != name:
+                if name not in self.tensors:
+                    raise CheckpointError(f"{self.location}: no tensor named {name}")
+                self._last = (name, self._mapping[name])
+            tensor = self._last[1]
+        return tensor if rows is None else tensor[rows[0] : rows[1]]
+
+    def local_byte_range(self, name: str) -> tuple[int, int, int] | None:
+        return None
+
+    @property
+    def is_local(self) -> bool:
+        return False
+
+    def files(self) -> list[str]:
+        return []
+
+    def read_file(self, name: str, limit: int | None = None, follow_links: bool = True) -> bytes:
+        raise CheckpointError(f"{self.location} holds tensors only: no file {name}")

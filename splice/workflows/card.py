@@ -194,8 +194,10 @@ def _method_sentence(record: MergeRecord) -> str:
 def _input_table(record: MergeRecord) -> list[str]:
     _, base_index = record.recipe.inputs()
     rows = ["| model | role | digest |", "|---|---|---|"]
+    statistics = set(record.recipe.read_stats())
     for index, (model, digest) in enumerate(record.digests.items()):
-        rows.append(f"| {_model_md(model)} | {'base' if index == base_index else 'merged'} | `{digest}` |")
+        role = "statistics" if model in statistics else "base" if index == base_index else "merged"
+        rows.append(f"| {_model_md(model)} | {role} | `{digest}` |")
     return rows
 
 

@@ -1,5 +1,5 @@
-"""What `splice inspect` reports: shards, tensors, parameters, dtypes, normalisation modules, and the patch
-versions a deployed model carries."""
+"""What `splice inspect` reports: of a model, its shards, tensors, parameters, dtypes, normalisation modules, and the
+patch versions a deployed model carries; of a patch directory (a statistics artifact among them), what it holds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
+from splice.adapters.patch import MANIFEST, Patch, StoredTensors, describe_settings
 from splice.arch.norms import NormModule, find_norm_modules
+from splice.errors import CheckpointError
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import dtype_name
 from splice.workflows.deploy import DeploymentRecord, read_deployment_record
@@ -31,6 +33,59 @@ class ModelSummary:
     dtypes: dict[str, int]  # dtype -> parameter count
     norm_modules: list[NormModule]
     deployment: DeploymentRecord | None = None  # set when splice deploy wrote this model
+
+
+@dataclass
+class PatchTensor:
+    name: str
+    shape: list[int]
+    dtype: str
+    nbytes: int
+    tokens: int | None = None  # a Gram matrix: the tokens it was summed over
+    serves: int = 1  # a Gram matrix: the layers whose weights share it
+
+
+@dataclass
+class PatchSummary:
+    location: str
+    kind: str
+    description: str
+    settings: str  # the kind's settings in one line
+    targets: int
+    nbytes: int
+    model_fingerprint: str | None
+    created: str
+    tensors: list[PatchTensor]
+
+
+def summarize_patch(location: str | os.PathLike, storage_options: dict | None = None) -> PatchSummary:
+    """What a splice patch directory holds, read from its manifest and header."""
+    patch = Patch.load(location, storage_options)
+    assert isinstance(patch.tensors, StoredTensors)
+    stored = patch.tensors.stored.tensors
+    settings = patch.meta.settings
+    tokens, shared = settings.get("tokens", {}), Counter(settings.get("shared", {}).values())
+    return PatchSummary(
+        location=str(location),
+        kind=patch.meta.kind.value,
+        description=patch.meta.description,
+        settings=describe_settings(patch.meta),
+        targets=len(patch.meta.targets),
+        nbytes=sum(info.nbytes for info in stored.values()),
+        model_fingerprint=patch.meta.base.digest if patch.meta.base else None,
+        created=f"{patch.meta.created:%Y-%m-%d %H:%M} UTC",
+        tensors=[
+            PatchTensor(name, list(info.shape), dtype_name(info.dtype), info.nbytes, tokens.get(name), 1 + shared[name])
+            for name, info in stored.items()
+        ],
+    )
+
+
+def is_patch_directory(location: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    try:
+        return MANIFEST in Checkpoint.files_of(str(location), storage_options).files()
+    except (CheckpointError, OSError):
+        return False
 
 
 def summarize(location: str | os.PathLike, storage_options: dict | None = None) -> ModelSummary:

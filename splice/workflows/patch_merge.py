@@ -39,6 +39,7 @@ from splice.adapters.fingerprint import (
     tensor_sha256,
 )
 from splice.adapters.kinds.lora import check_request
+from splice.adapters.kinds.stats import not_a_change
 from splice.adapters.meta import BaseFingerprint, PatchKind, PatchMeta
 from splice.adapters.patch import Patch
 from splice.adapters.port import patch_label
@@ -257,6 +258,8 @@ def _load(
 
 def _one_kind(inputs: list[_Input]) -> PatchKind:
     kind = inputs[0].patch.meta.kind
+    if any(item.patch.meta.kind is PatchKind.stats for item in inputs):
+        not_a_change()
     for item in inputs[1:]:
         if item.patch.meta.kind is not kind:
             raise PatchError(

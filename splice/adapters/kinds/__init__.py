@@ -3,7 +3,7 @@ Adding a kind: a module giving its `SPEC`, a `PatchKind` member, and a row here.
 
 from __future__ import annotations
 
-from splice.adapters.kinds import delta, layernorm, lora, mask
+from splice.adapters.kinds import delta, layernorm, lora, mask, stats
 from splice.adapters.kinds.spec import KindSpec
 from splice.adapters.meta import PatchKind
 from splice.errors import PatchError
@@ -13,6 +13,7 @@ KINDS: dict[PatchKind, KindSpec] = {
     PatchKind.lora: lora.SPEC,
     PatchKind.mask: mask.SPEC,
     PatchKind.delta: delta.SPEC,
+    PatchKind.stats: stats.SPEC,
 }
 
 

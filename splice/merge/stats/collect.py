@@ -35,6 +35,7 @@ class Grams:
     tokens: dict[str, int] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     samples: int = 0
+    transposed: set[str] = field(default_factory=set)  # weights stored in x out (GPT-2's Conv1D)
 
     def of(self, weight: str) -> torch.Tensor:
         """The Gram matrix of the layer whose stored weight is `weight`."""
@@ -89,6 +90,12 @@ def _linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return layers
 
 
+def _is_conv1d(layer: torch.nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(layer, Conv1D)
+
+
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
@@ -119,7 +126,7 @@ def collect_grams(
     inputs = _inputs(batches, samples)
     device = device or next(model.parameters()).device
     layers = _linear_layers(model)
-    result = Grams(samples=inputs.count)
+    result = Grams(samples=inputs.count, transposed={name for name, layer in layers.items() if _is_conv1d(layer)})
     state: dict[str, Any] = {"mask": None, "seen": {}, "keys": {}}
 
     def hook_for(weight: str) -> Callable[..., None]:

@@ -60,7 +60,7 @@ def regmean(
     """The RegMean merge of one linear layer's weights given each model's input Gram matrix (see the module)."""
     if not weights or len(weights) != len(grams):
         raise SpliceError(f"regmean: {name}: {len(weights)} weights for {len(grams)} Gram matrices")
-    dtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+    dtype = torch.float64  # the system's condition numbers reach 1e6 and more: fp32 would lose the solution
     features = weights[0].shape[1] if layout is WeightLayout.out_in else weights[0].shape[0]
     for weight, gram in zip(weights, grams):
         if weight.dim() != 2 or gram.shape != (features, features):
@@ -79,7 +79,8 @@ def regmean(
     if layout is WeightLayout.out_in:  # W S = R  <=>  S W^T = R^T (S symmetric)
         right = right.T
     merged = torch.linalg.pinv(system, hermitian=True) @ right if singular else torch.linalg.solve(system, right)
-    return Solved(merged.T if layout is WeightLayout.out_in else merged, condition, singular)
+    merged = merged.T if layout is WeightLayout.out_in else merged
+    return Solved(merged.to(weights[0].dtype), condition, singular)
 
 
 def fisher_average(
