@@ -629,8 +629,8 @@ def draw(results: dict[str, Any]) -> Callable[[Any], None]:
         bars.invert_yaxis()
         bars.set_xlim(0, 1)
         bars.set_xlabel(f"average test accuracy over {len(results['tasks'])} tasks (mean ± std over seeds)")
-        for i, value in enumerate(means):
-            bars.text(value + 0.01, i, f"{100 * value:.1f}", va="center", fontsize="x-small")
+        for i, (value, std) in enumerate(zip(means, stds)):
+            bars.text(value + std + 0.02, i, f"{100 * value:.1f}", va="center", fontsize="x-small")
 
     return _draw
 
