@@ -20,12 +20,17 @@ TensorParameters = Callable[[str], dict[str, Any]]
 """Tensor name -> resolved method parameters (shared values, and per-input values keyed by input index)."""
 
 
-def weighted_average(weights: Sequence[float]) -> Kernel:
-    """sum_i (w_i / sum w) * x_i, multiplied then added in input order, so it is reproducible exactly."""
+def average_coefficients(weights: Sequence[float]) -> list[float]:
+    """w_i / sum w: what a weighted average multiplies each input by."""
     total = float(sum(weights))
     if total == 0:
         raise SpliceError(f"weights {list(weights)} sum to zero; a weighted average needs a non-zero sum")
-    coefficients = [float(w) / total for w in weights]
+    return [float(w) / total for w in weights]
+
+
+def weighted_average(weights: Sequence[float]) -> Kernel:
+    """sum_i (w_i / sum w) * x_i, multiplied then added in input order, so it is reproducible exactly."""
+    coefficients = average_coefficients(weights)
 
     def average(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         merged = tensors[0] * coefficients[0]

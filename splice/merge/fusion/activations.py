@@ -141,17 +141,25 @@ def transformers_errors_only() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def build_model(
-    class_name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor], device: torch.device, location: str
-) -> torch.nn.Module:
-    """A transformers model of `class_name` from a config dict, loaded with `state` (stored names), in fp32."""
+def model_from_config(class_name: str, config: Mapping[str, Any], **overrides: Any) -> torch.nn.Module:
+    """A freshly initialised transformers model of `class_name` from a stored config dict (`overrides` set on the
+    config object after it is made)."""
     import transformers
 
     settings = dict(config)
     model_type = settings.pop("model_type")
     with transformers_errors_only():
         hf_config = transformers.AutoConfig.for_model(model_type, **settings)
-        model = getattr(transformers, class_name)(hf_config)
+        for key, value in overrides.items():
+            setattr(hf_config, key, value)
+        return getattr(transformers, class_name)(hf_config)
+
+
+def build_model(
+    class_name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor], device: torch.device, location: str
+) -> torch.nn.Module:
+    """A transformers model of `class_name` from a config dict, loaded with `state` (stored names), in fp32."""
+    model = model_from_config(class_name, config)
     names = stored_to_module_names(model)
     loaded = {}
     for name, tensor in state.items():

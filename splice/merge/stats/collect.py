@@ -8,8 +8,9 @@ model comes from `live_model` (a checkpoint location) or is any transformers mod
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -75,7 +76,7 @@ def _stored_names(model: torch.nn.Module) -> dict[str, str]:
     return {name: live_to_stored[name] for name, _ in model.named_parameters() if name in live_to_stored}
 
 
-def _linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """{stored weight name: module} for every Linear and GPT-2 Conv1D owning its weight (a head tied to the
     embedding is the embedding's tensor, not a layer of its own: skipped)."""
     from transformers.pytorch_utils import Conv1D
@@ -100,7 +101,8 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
 
-def _run(model: torch.nn.Module, batch: dict[str, Any] | torch.Tensor) -> Any:
+def run_batch(model: torch.nn.Module, batch: dict[str, Any] | torch.Tensor) -> Any:
+    """`model` on one batch of `data` inputs; inputs it does not take are one line naming the model."""
     try:
         return model(batch) if isinstance(batch, torch.Tensor) else model(**batch)
     except (TypeError, ValueError, RuntimeError, IndexError) as exc:
@@ -108,6 +110,75 @@ def _run(model: torch.nn.Module, batch: dict[str, Any] | torch.Tensor) -> Any:
             f"the `data` inputs do not run through {type(model).__name__}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
+
+
+class GramHooks:
+    """Forward pre-hooks on linear layers ({stored weight name: module}) that add X^T X of each layer's input to
+    `grams`, one forward at a time (`with hooks.forward(mask): ...`), padding rows (mask 0) dropped.
+
+    Accumulated in fp64: an entry is a sum over every token of the run, and the fp32 sum of millions of products
+    loses the low digits that the off-diagonal entries (small differences of large sums) and the solve (condition
+    numbers of 1e6 and more) depend on. Layers fed the identical input tensor object in one forward share one
+    matrix. Used as a context manager: the hooks are removed on exit."""
+
+    def __init__(self, layers: dict[str, torch.nn.Module], owner: str, samples: int = 0):
+        self.grams = Grams(samples=samples, transposed={name for name, layer in layers.items() if _is_conv1d(layer)})
+        self._owner = owner
+        self._mask: torch.Tensor | None = None
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._keys: dict[str, str] = {}
+        self._handles = [
+            module.register_forward_pre_hook(self._hook_for(name), with_kwargs=True) for name, module in layers.items()
+        ]
+
+    def _hook_for(self, weight: str) -> Callable[..., None]:
+        def hook(_module, args, kwargs):
+            self._add(weight, _first_tensor(args, kwargs))
+
+        return hook
+
+    def _add(self, weight: str, x: torch.Tensor) -> None:
+        if weight in self._keys:
+            raise SpliceError(f"{weight}: its layer runs more than once per forward; one Gram per use is needed")
+        shared = self._seen.get(id(x))
+        if shared is not None and shared[0]() is x:  # the same tensor object, not a reused address
+            self._keys[weight] = shared[1]
+            return
+        self._seen[id(x)] = (weakref.ref(x), weight)
+        self._keys[weight] = weight
+        rows = x.detach().reshape(-1, x.shape[-1]) if x.dim() > 3 else token_rows(x.detach(), self._mask)
+        rows = rows.to(torch.float64)
+        grams = self.grams
+        if weight in grams.grams:
+            grams.grams[weight].addmm_(rows.T, rows)
+            grams.tokens[weight] += len(rows)
+        else:
+            grams.grams[weight] = rows.T @ rows
+            grams.tokens[weight] = len(rows)
+
+    @contextlib.contextmanager
+    def forward(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """One forward pass of the hooked layers over inputs whose padding positions are `mask` == 0."""
+        self._mask, self._seen, self._keys = mask, {}, {}
+        yield
+        if self.grams.keys and self._keys != self.grams.keys:
+            raise SpliceError(
+                f"{self._owner}: its layers shared inputs differently from one batch to the next; "
+                "Grams cannot be shared consistently"
+            )
+        self.grams.keys = self._keys
+        self._seen = {}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> GramHooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @torch.no_grad()
@@ -118,55 +189,15 @@ def collect_grams(
     device: torch.device | None = None,
 ) -> Grams:
     """X^T X of the inputs of every Linear / Conv1D layer of `model` over `batches` (at most `samples` samples),
-    padding positions (attention mask 0) excluded, with forward pre-hooks, one forward per batch.
-
-    Accumulated in fp64: an entry is a sum over every token of the run, and the fp32 sum of millions of
-    products loses the low digits that the off-diagonal entries (small differences of large sums) and the
-    solve (condition numbers of 1e6 and more) depend on. Memory: one [in, in] matrix per distinct input."""
+    padding positions (attention mask 0) excluded, with forward pre-hooks (`GramHooks`), one forward per batch.
+    Memory: one [in, in] fp64 matrix per distinct input."""
     inputs = _inputs(batches, samples)
     device = device or next(model.parameters()).device
-    layers = _linear_layers(model)
-    result = Grams(samples=inputs.count, transposed={name for name, layer in layers.items() if _is_conv1d(layer)})
-    state: dict[str, Any] = {"mask": None, "seen": {}, "keys": {}}
-
-    def hook_for(weight: str) -> Callable[..., None]:
-        def hook(_module, args, kwargs):
-            x = _first_tensor(args, kwargs)
-            seen, keys = state["seen"], state["keys"]
-            if weight in keys:
-                raise SpliceError(f"{weight}: its layer runs more than once per forward; one Gram per use is needed")
-            shared = seen.get(id(x))
-            if shared is not None and shared[0]() is x:  # the same tensor object, not a reused address
-                keys[weight] = shared[1]
-                return
-            seen[id(x)] = (weakref.ref(x), weight)
-            keys[weight] = weight
-            rows = x.detach().reshape(-1, x.shape[-1]) if x.dim() > 3 else token_rows(x.detach(), state["mask"])
-            rows = rows.to(torch.float64)
-            if weight in result.grams:
-                result.grams[weight].addmm_(rows.T, rows)
-                result.tokens[weight] += len(rows)
-            else:
-                result.grams[weight] = rows.T @ rows
-                result.tokens[weight] = len(rows)
-
-        return hook
-
-    handles = [module.register_forward_pre_hook(hook_for(name), with_kwargs=True) for name, module in layers.items()]
-    try:
+    with GramHooks(linear_layers(model), type(model).__name__, inputs.count) as hooks:
         for batch, mask in inputs.chunks(BATCH_SIZE, device):
-            state.update(mask=mask, seen={}, keys={})
-            _run(model, batch)
-            if result.keys and state["keys"] != result.keys:
-                raise SpliceError(
-                    f"{type(model).__name__}: its layers shared inputs differently from one batch to the next; "
-                    "Grams cannot be shared consistently"
-                )
-            result.keys = state["keys"]
-    finally:
-        for handle in handles:
-            handle.remove()
-    return result
+            with hooks.forward(mask):
+                run_batch(model, batch)
+    return hooks.grams
 
 
 def collect_fisher(
@@ -239,14 +270,14 @@ def _example_loss(
         assert isinstance(example, dict)  # collect_fisher refuses a bare tensor batch for labels="batch"
         if loss is not None:
             given = example["labels"]
-            return loss(_run(model, {key: value for key, value in example.items() if key != "labels"}), given)
-        value = getattr(_run(model, example), "loss", None)
+            return loss(run_batch(model, {key: value for key, value in example.items() if key != "labels"}), given)
+        value = getattr(run_batch(model, example), "loss", None)
         if value is None:
             raise SpliceError(f"{type(model).__name__} returned no `loss` for the batch's labels; give `loss=`")
         return value
     if isinstance(example, dict):
         example = {key: value for key, value in example.items() if key != "labels"}
-    outputs = _run(model, example)
+    outputs = run_batch(model, example)
     logits = getattr(outputs, "logits", None)
     if not isinstance(logits, torch.Tensor) or logits.shape[-1] < 2:
         raise SpliceError(f"{type(model).__name__} has no class `logits` to sample labels from; use `labels='batch'`")

@@ -15,7 +15,7 @@ is sensitive to becomes the weighted average rather than 0/0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -43,11 +43,74 @@ class Solved:
     pseudo_inverse: bool  # the system was ill-conditioned: solved by pinv
 
 
-def shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha G + (1 - alpha) diag(G): the off-diagonal entries scaled by alpha, the diagonal kept."""
+def check_alpha(alpha: float) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise SpliceError(f"regmean: alpha must be in [0, 1], got {alpha:g}")
+
+
+def shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha G + (1 - alpha) diag(G): the off-diagonal entries scaled by alpha, the diagonal kept."""
+    check_alpha(alpha)
     return alpha * gram + (1.0 - alpha) * torch.diag_embed(torch.diagonal(gram))
+
+
+class RegMeanSystem:
+    """RegMean's sums for the layers fed one input, accumulated one model at a time: S = sum_i G~_i (shared by
+    those layers) and, per layer, R = sum_i W_i G~_i (Linear) or sum_i G~_i W_i (Conv1D). Memory: one [in, in]
+    matrix and one weight per layer, whatever the number of models (RegMean++ sees one model's block at a time).
+
+    Solved in fp64 (the systems' condition numbers reach 1e6 and more: fp32 would lose the solution) on the weights'
+    device; each merged weight comes back in its models' dtype."""
+
+    def __init__(self, alpha: float = 0.9):
+        check_alpha(alpha)
+        self.alpha = alpha
+        self.system: torch.Tensor | None = None
+        self.rights: dict[str, torch.Tensor] = {}
+        self.layouts: dict[str, WeightLayout] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+
+    def add(self, gram: torch.Tensor, weights: Mapping[str, tuple[torch.Tensor, WeightLayout]]) -> None:
+        """One model's Gram matrix and its weights ({name: (weight, layout)}) of the layers that Gram feeds."""
+        first = next(iter(weights.values()))[0]
+        dtype = torch.float64
+        for name, (weight, layout) in weights.items():
+            features = weight.shape[1] if layout is WeightLayout.out_in else weight.shape[0]
+            if weight.dim() != 2 or gram.shape != (features, features):
+                raise SpliceError(
+                    f"regmean: {name}: a Gram matrix of shape {list(gram.shape)} does not fit a weight of shape "
+                    f"{list(weight.shape)} (it needs {features} x {features})"
+                )
+        g = shrunk(gram.to(device=first.device, dtype=dtype), self.alpha)
+        self.system = g if self.system is None else self.system.add_(g)
+        for name, (weight, layout) in weights.items():
+            term = weight.to(dtype) @ g if layout is WeightLayout.out_in else g @ weight.to(dtype)
+            self.rights[name] = term if name not in self.rights else self.rights[name].add_(term)
+            self.layouts[name] = layout
+            self.dtypes[name] = weight.dtype
+
+    def solve(self) -> dict[str, Solved]:
+        """{layer: its merged weight}, W = R S^-1 (Conv1D: S^-1 R); by the pseudo-inverse above CONDITION_LIMIT, which
+        is refused without shrinkage (alpha 1): a singular least-squares system has no one solution, and its
+        pseudo-inverse's is not what the models' weights on their data determine."""
+        if self.system is None:
+            raise SpliceError("regmean: no model was added to the system")
+        condition = float(torch.linalg.cond(self.system))
+        singular = not condition < CONDITION_LIMIT  # also NaN / inf
+        if singular and self.alpha == 1:
+            raise SpliceError(
+                f"regmean: the system of {', '.join(self.rights)} is singular (condition number {condition:.3g}) and "
+                "alpha is 1 (no shrinkage of the Gram matrices): set alpha below 1 (the paper's 0.9) or use more data"
+            )
+        inverse = torch.linalg.pinv(self.system, hermitian=True) if singular else None
+        solved = {}
+        for name, right in self.rights.items():
+            out_in = self.layouts[name] is WeightLayout.out_in
+            if out_in:  # W S = R  <=>  S W^T = R^T (S symmetric)
+                right = right.T
+            merged = inverse @ right if inverse is not None else torch.linalg.solve(self.system, right)
+            solved[name] = Solved((merged.T if out_in else merged).to(self.dtypes[name]), condition, singular)
+        return solved
 
 
 def regmean(
@@ -60,27 +123,10 @@ def regmean(
     """The RegMean merge of one linear layer's weights given each model's input Gram matrix (see the module)."""
     if not weights or len(weights) != len(grams):
         raise SpliceError(f"regmean: {name}: {len(weights)} weights for {len(grams)} Gram matrices")
-    dtype = torch.float64  # the system's condition numbers reach 1e6 and more: fp32 would lose the solution
-    features = weights[0].shape[1] if layout is WeightLayout.out_in else weights[0].shape[0]
+    system = RegMeanSystem(alpha)
     for weight, gram in zip(weights, grams):
-        if weight.dim() != 2 or gram.shape != (features, features):
-            raise SpliceError(
-                f"regmean: {name}: a Gram matrix of shape {list(gram.shape)} does not fit a weight of shape "
-                f"{list(weight.shape)} (it needs {features} x {features})"
-            )
-    system = torch.zeros(features, features, dtype=dtype, device=weights[0].device)
-    right = torch.zeros_like(weights[0], dtype=dtype)
-    for weight, gram in zip(weights, grams):
-        g = shrunk(gram.to(dtype), alpha)
-        system += g
-        right += weight.to(dtype) @ g if layout is WeightLayout.out_in else g @ weight.to(dtype)
-    condition = float(torch.linalg.cond(system))
-    singular = not condition < CONDITION_LIMIT  # also NaN / inf
-    if layout is WeightLayout.out_in:  # W S = R  <=>  S W^T = R^T (S symmetric)
-        right = right.T
-    merged = torch.linalg.pinv(system, hermitian=True) @ right if singular else torch.linalg.solve(system, right)
-    merged = merged.T if layout is WeightLayout.out_in else merged
-    return Solved(merged.to(weights[0].dtype), condition, singular)
+        system.add(gram, {name: (weight, layout)})
+    return system.solve()[name]
 
 
 def fisher_average(
