@@ -86,6 +86,7 @@ class Settings:
     pretrain_lr: float = 2e-3
     finetune_steps: int = 200
     finetune_lr: float = 3e-4
+    multitask_steps: int = 1000  # the multi-task reference: each image as often as in its own task's fine-tune
     batch_size: int = 64
     stats_samples: int = 256  # per task, for the Grams, the Fisher and RegMean++
     task_arithmetic_lambdas: tuple[float, ...] = (0.2, 0.3, 0.5, 0.7, 1.0)  # 0.2 = 1/5 tasks: averaging
@@ -99,6 +100,7 @@ QUICK = Settings(
     pretrain_steps=150,
     finetune_steps=60,
     finetune_lr=1e-3,
+    multitask_steps=100,
     stats_samples=48,
     task_arithmetic_lambdas=(0.3, 1.0),
     ties_lambdas=(1.0,),
@@ -392,11 +394,10 @@ def run_seed(workdir: Path, seed: int, settings: Settings, methods: Sequence[str
             pretrained, data, tuned[task], 1000 * seed + index + 1, settings.finetune_steps, settings
         )
     seconds["fine-tune"] = time.perf_counter() - mark
-    # the reference a merge aims at: one model fine-tuned on every task's data, each image seen as often as in its
-    # own task's fine-tune
+    # the reference a merge aims at: one model fine-tuned on every task's data
     joint, mark = workdir / "multi-task", time.perf_counter()
-    steps = settings.finetune_steps * len(TASKS)
-    tuning["multi-task"] = fine_tune(pretrained, all_tasks("train", seed), joint, 1000 * seed, steps, settings)
+    data, steps = all_tasks("train", seed), settings.multitask_steps
+    tuning["multi-task"] = fine_tune(pretrained, data, joint, 1000 * seed, steps, settings)
     seconds["multi-task"] = time.perf_counter() - mark
 
     models: dict[str, dict[str, dict[str, float]]] = {}
@@ -449,6 +450,7 @@ def run_seed(workdir: Path, seed: int, settings: Settings, methods: Sequence[str
     return {
         "seed": seed,
         "pretraining": pretraining,
+        "model_bytes": (pretrained / "model.safetensors").stat().st_size,
         "fine-tuning": tuning,
         "models": models,
         "merges": merges,
@@ -488,6 +490,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "bytes_per_model": spread([c["bytes"] for c in per]),
             "seconds_per_model": spread([c["seconds"] for c in per]),
             "models_per_seed": len(TASKS),
+            "pass_seconds_per_model": spread([c["pass_seconds"] for c in per]),
         }
     merge_seconds = {m: spread([run["merges"][m]["merge_seconds"] for run in runs]) for m in merges}
     order = sorted(merges, key=lambda m: -rows[m]["average"]["mean"])
@@ -585,13 +588,20 @@ def table(results: dict[str, Any]) -> str:
             + " | ".join(cell(row[task]) for task in results["tasks"])
             + f" | {cell(row['average'])} | {cell(normalized) if normalized else ''} |"
         )
+    model_bytes = results["runs"][0]["model_bytes"]
+    lines.append("")
     for kind, cost in summary["statistics"].items():
+        size = cost["bytes_per_model"]["mean"]
         lines.append(
-            f"\nstatistics `{kind}`: {cost['bytes_per_model']['mean'] / 1024:.0f} KiB per model on disk, "
-            f"{cost['seconds_per_model']['mean']:.2f} ± {cost['seconds_per_model']['std']:.2f} s to collect"
+            f"statistics `{kind}`: {size / 1024:.0f} KiB per model on disk ({size / model_bytes:.2f}x the model's "
+            f"{model_bytes / 1024:.0f} KiB), {cost['seconds_per_model']['mean']:.2f} ± "
+            f"{cost['seconds_per_model']['std']:.2f} s to collect (the pass alone "
+            f"{cost['pass_seconds_per_model']['mean']:.2f} s)"
         )
+    if "RegMean++" in summary["merge_seconds"]:
+        lines.append("RegMean++ keeps no statistics: it takes its Grams from the data hooks during the merge")
     lines.append(
-        "\nmerge wall s: "
+        "merge wall s: "
         + ", ".join(f"{m} {v['mean']:.2f}" for m, v in summary["merge_seconds"].items())
         + f"\nordering by average accuracy: {' > '.join(summary['ordering'])}"
         + f"\nFusionBench's ordering:        {' > '.join(summary['fusionbench_ordering'])}"

@@ -42,6 +42,21 @@ def fine_tunes(work: Path) -> list[dict[str, np.ndarray]]:
     return [tensors(work / f"fine-tuned-{task}") for task in study.TASKS]
 
 
+def test_the_splits_are_disjoint_and_every_task_sees_the_same_images():
+    parts = study._split(SEED)
+    assert {name: len(part.y) for name, part in parts.items()} == {
+        "pretrain": 719,
+        "train": 647,
+        "val": 162,
+        "test": 269,
+    }
+    rows = {name: {tuple(image.flatten().tolist()) for image in part.x} for name, part in parts.items()}
+    assert sum(len(r) for r in rows.values()) == len(set().union(*rows.values())) == 1797  # no image in two parts
+    for task in study.TASKS:
+        x, y = study.task_split(task, "train", SEED)
+        assert torch.equal(y, parts["train"].y) and not torch.equal(x, parts["train"].x)
+
+
 def test_every_fine_tune_beats_the_pretrained_model_on_its_own_task(run):
     results, _, _ = run
     models = results["runs"][0]["models"]
@@ -52,7 +67,7 @@ def test_every_fine_tune_beats_the_pretrained_model_on_its_own_task(run):
 def test_merged_models_reload_in_transformers_and_score_what_the_report_says(run):
     results, _, work = run
     merges = results["runs"][0]["merges"]
-    assert {"averaging", "task arithmetic", "TIES", "Fisher", "RegMean"} <= set(merges)
+    assert list(merges) == list(study.METHODS) == results["methods"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the study scores: the same sums, so the same argmax
     try:
@@ -111,6 +126,20 @@ def test_fisher_and_regmean_use_each_fine_tunes_own_statistics(run):
         np.testing.assert_allclose(regmean_merge[name], expected, rtol=1e-4, atol=1e-5)
         solved += 1
     assert solved == 2 * 6 + 1  # per layer q, k, v (one shared Gram), attention output, intermediate, output; head
+
+
+def test_regmean_plusplus_averages_what_lies_outside_the_blocks(run):
+    """RegMean++ solves the blocks' linear layers from activations through the merged model; the embeddings, the
+    final norm and the head take the plain average (splice's documented choice), and it does solve the blocks."""
+    results, _, work = run
+    merge = tensors(Path(results["runs"][0]["merges"]["RegMean++"]["directory"]))
+    tuned = fine_tunes(work)
+    outside = [name for name in merge if ".encoder.layer." not in name]
+    assert "classifier.weight" in outside and "vit.embeddings.position_embeddings" in outside
+    for name in outside:
+        np.testing.assert_allclose(merge[name], np.mean([t[name] for t in tuned], 0), atol=1e-6)
+    query = "vit.encoder.layer.1.attention.attention.query.weight"
+    assert np.abs(merge[query] - np.mean([t[query] for t in tuned], 0)).max() > 1e-3
 
 
 def test_the_statistics_cost_is_what_is_on_disk(run):
