@@ -356,7 +356,7 @@ def available_methods() -> list[str]:
 
 def collect(model: Path, task: str, kind: str, out: Path, settings: Settings) -> dict[str, Any]:
     """One statistics artifact of `kind` for the fine-tune `model` on task `task`'s data; its time and size."""
-    from splice.workflows.stats import collect_stats
+    from splice import collect_stats
 
     started = time.perf_counter()
     outcome = collect_stats(

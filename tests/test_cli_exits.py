@@ -319,7 +319,7 @@ def _regmean_recipe(path: Path, models: list[Path], stats: list[Path]) -> Path:
 def test_stats_collect_and_a_regmean_merge_refuse_bad_input_and_ctrl_c_publishes_nothing(make_models, tmp_path):
     """`splice stats collect` and a regmean `splice merge` through a real process: bad input is one line (exit 2),
     nothing written; Ctrl-C mid-run exits 130 and leaves no output nor staging behind."""
-    from splice.workflows.stats import collect_stats
+    from splice import collect_stats
 
     models = make_models("bert", 2)
     hook = "import torch\n\ndef batch():\n    return {'input_ids': torch.arange(40).reshape(4, 10) % 64}\n"
