@@ -40,6 +40,7 @@ _EXPORTS = {
     "apply_patch": "splice.adapters.live",
     "apply_patches": "splice.adapters.apply",
     "apply_ref": "splice.workflows.deploy",
+    "collect_stats": "splice.workflows.stats",
     "deploy": "splice.workflows.deploy",
     "export_peft": "splice.adapters.export",
     "extract_patch": "splice.adapters.extract",
@@ -90,6 +91,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs (tests/test_cli_j
     from splice.workflows.merge import merge
     from splice.workflows.patch_merge import merge_patches
     from splice.workflows.port import port
+    from splice.workflows.stats import collect_stats
     from splice.workflows.sweep.results import SweepReport
     from splice.workflows.sweep.run import sweep
 

@@ -212,6 +212,17 @@ def test_ctrl_c_after_the_output_was_published_says_so(make_models, tmp_path):
     assert (out / "config.json").exists() and Registry.open(registry).resolve("x@1").version == 1
 
 
+def refused_in_one_line(cases: dict[tuple, str], tmp_path: Path) -> None:
+    """Each command (args -> a needle of its error) exits 2 with one `error:` line, and writes neither output `a`
+    nor `b` under `tmp_path` (nor a hidden staging directory of theirs)."""
+    for args, needle in cases.items():
+        result = run(*map(str, args))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.lstrip(".").split(".")[0] in ("a", "b")]
+
+
 def test_new_merge_commands_refuse_bad_input_in_one_line(make_models, tmp_path):
     """`splice patch merge` and a multi-stage `splice merge` through a real process: a bad method, a stage that is
     not in the file."""
@@ -243,12 +254,7 @@ def test_new_merge_commands_refuse_bad_input_in_one_line(make_models, tmp_path):
         ("patch", "merge", tmp_path / "patch", "--method", "slerp", "--out", tmp_path / "a"): "slerp interpolates",
         ("merge", stages, "--out", tmp_path / "b", "--stage", "s2"): "s2",
     }
-    for args, needle in cases.items():
-        result = run(*map(str, args))
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
-    assert not [p.name for p in tmp_path.iterdir() if p.name.lstrip(".").split(".")[0] in ("a", "b")]  # nor hidden
+    refused_in_one_line(cases, tmp_path)
 
 
 def test_ctrl_c_during_a_patch_merge_and_a_stage_exits_130_and_publishes_nothing(make_models, tmp_path):
@@ -313,7 +319,7 @@ def _regmean_recipe(path: Path, models: list[Path], stats: list[Path]) -> Path:
 def test_stats_collect_and_a_regmean_merge_refuse_bad_input_and_ctrl_c_publishes_nothing(make_models, tmp_path):
     """`splice stats collect` and a regmean `splice merge` through a real process: bad input is one line (exit 2),
     nothing written; Ctrl-C mid-run exits 130 and leaves no output nor staging behind."""
-    from splice.workflows.stats import collect_stats
+    from splice import collect_stats
 
     models = make_models("bert", 2)
     hook = "import torch\n\ndef batch():\n    return {'input_ids': torch.arange(40).reshape(4, 10) % 64}\n"
@@ -326,12 +332,7 @@ def test_stats_collect_and_a_regmean_merge_refuse_bad_input_and_ctrl_c_publishes
         ("stats", "collect", models[0], "--data", data, "--kind", "gram"): "--out DIR",
         ("merge", crossed, "--out", tmp_path / "b"): "were collected on another model",
     }
-    for args, needle in cases.items():
-        result = run(*map(str, args))
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
-    assert not [p.name for p in tmp_path.iterdir() if p.name.lstrip(".").split(".")[0] in ("a", "b")]  # nor hidden
+    refused_in_one_line(cases, tmp_path)
 
     recipe = _regmean_recipe(tmp_path / "regmean.yml", models, grams)
     out = tmp_path / "outputs" / "merged"

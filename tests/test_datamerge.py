@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import splice
+from splice import collect_stats
 from splice.errors import SpliceError
 from splice.merge.recipe import parse_recipe
-from splice.workflows.stats import collect_stats
 
 from conftest import model_class, perturbed, save, tiny_model
 from helpers import load_dir, run_cli

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 from splice.arch.layers import before_layers, layer_index
@@ -312,3 +312,96 @@ def test_an_architecture_splice_cannot_run_block_by_block_is_refused(tmp_path, s
     parts = regmean_plusplus(bert, [Inputs({"input_ids": torch.full((2, 4), 999)}, 2)] * 3)
     with pytest.raises(SpliceError, match="the `data` inputs do not run through BertForSequenceClassification"):
         next(parts)
+
+
+# -- as a recipe: `merge_method: regmean_plusplus`, each model's `data:` hook ------------------------------------------
+
+
+def _recipe(checkpoints, hooks: list[str], **parameters) -> dict:
+    models = [
+        {"model": c.location, "data": hook, "parameters": {"weight": weight}}
+        for c, hook, weight in zip(checkpoints, hooks, WEIGHTS)
+    ]
+    return {"merge_method": "regmean_plusplus", "models": models, "parameters": {"alpha": ALPHA, **parameters}}
+
+
+@pytest.fixture
+def hooks(stored, tmp_path):
+    """(task models, checkpoints, `data:` hooks giving each task's batch) for GPT-2."""
+    models, checkpoints, batches, _ = stored("gpt2")
+    lines = ["import torch", ""]
+    for i, batch in enumerate(batches):
+        torch.save(batch, tmp_path / f"task{i}.pt")
+        lines += [f"def task{i}():", f"    return torch.load({str(tmp_path / f'task{i}.pt')!r})", ""]
+    (tmp_path / "tasks.py").write_text("\n".join(lines))
+    return models, checkpoints, batches, [f"{tmp_path / 'tasks.py'}:task{i}" for i in range(len(batches))]
+
+
+def test_a_regmean_plusplus_recipe_equals_the_independent_walk_and_reloads(hooks, tmp_path):
+    import splice
+    from splice.merge.recipe import parse_recipe
+    from splice.workflows.merge import merged_model
+
+    models, checkpoints, batches, data = hooks
+    recipe = parse_recipe(_recipe(checkpoints, data))
+    report = splice.merge(recipe, tmp_path / "out", device="cpu")
+    expected = _independent(models, batches, WEIGHTS, ALPHA)
+    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval().state_dict()
+    for live_name in stored_to_module_names(models[0]).values():
+        torch.testing.assert_close(merged[live_name], expected[live_name], rtol=0, atol=1e-5)
+    assert report.method_report.rules == {"regmean": 8, "fallback": len(checkpoints[0].tensors) - 8}
+    assert len(report.method_report.solves) == 8 and not report.method_report.pseudo_inverse_layers
+    in_memory = merged_model(recipe, run=splice.RunOptions(device="cpu")).state
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(in_memory) == set(written) and all(torch.equal(in_memory[n], written[n]) for n in written)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "merge_method: regmean_plusplus" in card and "data: " in card
+
+
+def test_samples_bounds_each_tasks_inputs(hooks, tmp_path):
+    import splice
+    from splice.merge.recipe import parse_recipe
+
+    models, checkpoints, batches, data = hooks
+    splice.merge(parse_recipe(_recipe(checkpoints, data, samples=10)), tmp_path / "out", device="cpu")
+    expected = _independent(models, [{k: v[:10] for k, v in b.items()} for b in batches], WEIGHTS, ALPHA)
+    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda r: r["models"][1].pop("data"), "gives no data:; regmean_plusplus runs each model's own task inputs"),
+        (lambda r: r["parameters"].update(alpha=[0.5, 0.9]), "takes one value of 'alpha' for the whole walk"),
+        (lambda r: r.update(tokenizer_source="union"), "merges models of one vocabulary"),
+        (lambda r: r.update(merge_method="regmean"), "gives data:, which only regmean_plusplus read"),
+        (lambda r: r["models"][0].update(stats="somewhere"), "gives stats:, which only regmean and fisher read"),
+    ],
+    ids=["no_data", "alpha_gradient", "tokenizer", "data_on_regmean", "stats_on_plusplus"],
+)
+def test_a_bad_regmean_plusplus_recipe_is_one_line(hooks, change, needle):
+    from splice.merge.recipe import parse_recipe
+
+    _, checkpoints, _, data = hooks
+    recipe = _recipe(checkpoints, data)
+    change(recipe)
+    with pytest.raises(SpliceError, match=needle) as caught:
+        parse_recipe(recipe)
+    assert "\n" not in str(caught.value)
+
+
+def test_data_the_model_cannot_take_is_refused_with_nothing_written(hooks, tmp_path):
+    import splice
+    from splice.merge.recipe import parse_recipe
+
+    _, checkpoints, _, data = hooks
+    (tmp_path / "images.py").write_text(
+        "import torch\n\ndef batch():\n    return {'pixel_values': torch.rand(4, 1, 8, 8)}\n"
+    )
+    recipe = _recipe(checkpoints, [*data[:2], f"{tmp_path / 'images.py'}:batch"])
+    with pytest.raises(SpliceError, match="do not run through"):
+        splice.merge(parse_recipe(recipe), tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -70,13 +70,16 @@ class MethodRules:
     max_inputs: int | None
 
 
+_WEIGHT = ParameterRule("weight", float, ParameterScope.input, False, 1.0)
+
+
 def _data_method(name: str, statistic: ParameterRule) -> MethodRules:
     """A merge that uses a little data: splice's own (mergekit's methods are all data-free). `weight`: each model's
     weight in the fallback average (and Fisher's model weights); `fallback`: what a tensor without statistics gets,
     `average` (weighted by `weight`) or `base` (the base model's tensor)."""
     parameters = [
         statistic,
-        ParameterRule("weight", float, ParameterScope.input, False, 1.0),
+        _WEIGHT,
         ParameterRule("fallback", Literal["average", "base"], ParameterScope.shared, False, "average"),
     ]
     return MethodRules(name, {p.name: p for p in parameters}, BasePolicy.optional, 2, None)
@@ -87,6 +90,19 @@ SPLICE_METHODS: dict[str, MethodRules] = {
     "regmean": _data_method("regmean", _ALPHA),
     # epsilon: FusionBench's floor (`minimal_fisher_weight`)
     "fisher": _data_method("fisher", ParameterRule("epsilon", float, ParameterScope.shared, False, 1e-6)),
+    # RegMean++ walks the model block by block: one alpha, one weight per model (the averaged tensors'), and at most
+    # `samples` inputs from each model's `data` hook (its activations are held at each block boundary)
+    "regmean_plusplus": MethodRules(
+        "regmean_plusplus",
+        {
+            "alpha": _ALPHA,
+            "weight": _WEIGHT,
+            "samples": ParameterRule("samples", int, ParameterScope.shared, False, 256),
+        },
+        BasePolicy.ignored,
+        2,
+        None,
+    ),
 }
 
 

@@ -56,6 +56,8 @@ from splice.merge.reference_syntax import parse_reference
 from splice.merge.references import ModelReference, ModelReferenceField
 from splice.merge.slices import LayerRange, LayerStack, SlicedTensor, plan_slices
 from splice.merge.stats.datamerge import DATA_METHODS, DataMergeReport, StatsOpener, StoredStats, plan_data_merge
+from splice.merge.stats.plusplus import METHOD as PLUSPLUS
+from splice.merge.stats.plusplus import WalkRequest, regmean_plusplus_state, write_regmean_plusplus
 from splice.merge.tokenizer import (
     TokenizerRequest,
     TokenizerSection,
@@ -100,6 +102,8 @@ class InputModel(BaseModel):
     parameters: dict[str, Setting] = {}
     # regmean / fisher: the model's statistics (a `splice stats collect` directory or URL, or a registry ref)
     stats: str | None = None
+    # regmean_plusplus: MODULE:FUNCTION or file.py:FUNCTION giving a batch of the model's task inputs
+    data: str | None = None
 
 
 class SliceSource(BaseModel):
@@ -392,17 +396,18 @@ def _check_parameter_names(recipe: Recipe, source: str) -> None:
 
 
 def _check_statistics(recipe: Recipe, source: str) -> None:
-    """A data-dependent method (regmean, fisher) merges the `models:` of one recipe, each giving its `stats:`;
-    `stats:` on another method's model is a mistake, not something to ignore."""
+    """A data-dependent method merges the `models:` of one recipe, each giving its `stats:` (regmean, fisher) or its
+    `data:` (regmean_plusplus); either on another method's model is a mistake, not something to ignore."""
     method = recipe.merge_method
     listed = [*recipe.models, *(m for section in (recipe.modules or {}).values() for m in section.models)]
-    if method not in DATA_METHODS:
-        given = next((entry for entry in listed if entry.stats is not None), None)
-        if given is not None:
+    for key, readers in (("stats", list(DATA_METHODS)), ("data", [PLUSPLUS])):
+        given = next((entry for entry in listed if getattr(entry, key) is not None), None)
+        if given is not None and method not in readers:
             raise RecipeError(
-                f"{source}: model {given.model} gives stats:, which only {' and '.join(DATA_METHODS)} read; "
-                f"remove it or use merge_method: regmean"
+                f"{source}: model {given.model} gives {key}:, which only {' and '.join(readers)} read; remove it or "
+                f"use merge_method: {readers[0]}"
             )
+    if method not in DATA_METHODS and method != PLUSPLUS:
         return
     if recipe.slices or recipe.modules:
         form = "slices:" if recipe.slices else "modules:"
@@ -411,6 +416,9 @@ def _check_statistics(recipe: Recipe, source: str) -> None:
         )
     if recipe.compute == "mergekit":
         raise RecipeError(f"{source}: compute: mergekit is for mergekit's methods; mergekit has no {method}")
+    if method == PLUSPLUS:
+        _check_walk(recipe, source)
+        return
     lacking = next((entry for entry in recipe.models if entry.stats is None), None)
     if lacking is not None:
         raise RecipeError(
@@ -422,6 +430,24 @@ def _check_statistics(recipe: Recipe, source: str) -> None:
         raise RecipeError(
             f"{source}: {method}: fallback: base takes tensors without statistics from base_model; give it"
         )
+
+
+def _check_walk(recipe: Recipe, source: str) -> None:
+    """RegMean++ walks the whole model with one alpha and one weight per model, from each model's own data."""
+    lacking = next((entry for entry in recipe.models if entry.data is None), None)
+    if lacking is not None:
+        raise RecipeError(
+            f"{source}: model {lacking.model} gives no data:; {PLUSPLUS} runs each model's own task inputs through "
+            "the merged layers (data: MODULE:FUNCTION returning a batch of them)"
+        )
+    if recipe.tokenizer_source is not None or recipe.tokenizer is not None:
+        raise RecipeError(f"{source}: {PLUSPLUS} merges models of one vocabulary; leave out the tokenizer settings")
+    for owner, settings in [("parameters", recipe.parameters), *((m.model, m.parameters) for m in recipe.models)]:
+        for name, value in settings.items():
+            if not isinstance(value, int | float):
+                raise RecipeError(
+                    f"{source}: {owner}: {PLUSPLUS} takes one value of {name!r} for the whole walk, not {value!r}"
+                )
 
 
 def _validate_models(recipe: Recipe, source: str) -> None:
@@ -642,6 +668,12 @@ def merge(
         recipe = load_recipe(recipe)
     read = [*locate_models(recipe.read_models()), *recipe.read_stats(), *recipe_file]
     ensure_output_free(out, run.force, protected=read)
+    extras = OutputExtras(metadata={"splice_merge_method": recipe.merge_method}, files=files)
+    if recipe.merge_method == PLUSPLUS:
+        request, side_source, out_dtype = _walk_request(recipe, run, open_models)
+        return write_regmean_plusplus(
+            request, out, side_files_from=side_source, run=run, out_dtype=out_dtype, extras=extras
+        )
     planned = _planned(recipe, run, prefer_own_kernels, seed, open_models, open_stats)
     streamed = run_stream(
         planned.plan,
@@ -708,9 +740,18 @@ def merged_model(
 ) -> MergedModel:
     """`merged_state`'s tensors, with the side files and config updates `merge` would write beside them."""
     run = run or RunOptions()
+    if recipe.merge_method == PLUSPLUS:
+        request, side_source, out_dtype = _walk_request(recipe, run, open_models)
+        state = regmean_plusplus_state(request, run, out_dtype)
+        return MergedModel(state, side_source, out_dtype, OutputExtras())
     planned = _planned(recipe, run, prefer_own_kernels, seed, open_models, open_stats)
     state = stream_to_memory(planned.plan, planned.kernel, run=run, description=f"{recipe.merge_method} merge")
     return MergedModel(state, planned.side_source, planned.out_dtype, planned.extras)
+
+
+def _no_report() -> None:
+    """What a data-free method says of its run beyond the stream's report: nothing."""
+    return None
 
 
 @dataclass(frozen=True)
@@ -721,7 +762,7 @@ class _Planned:
     out_dtype: torch.dtype | None
     extras: OutputExtras  # the output's tokenizer files, its config's new depth and vocabulary size
     # what the method says of its run, once the kernel has run (a data-dependent merge's rules and solves)
-    method_report: Callable[[], DataMergeReport | None] = lambda: None
+    method_report: Callable[[], DataMergeReport | None] = _no_report
 
 
 def in_mergekit_order(plan: list[StreamItem]) -> list[StreamItem]:
@@ -758,7 +799,7 @@ def _planned(
     checkpoints = prepared.checkpoints
     side_source = checkpoints[locations.index(recipe.side_files_source())]
     config_updates: dict[str, Any] = {}
-    method_report: Callable[[], DataMergeReport | None] = lambda: None
+    method_report: Callable[[], DataMergeReport | None] = _no_report
     as_mergekit = recipe.compute == "mergekit"
     own_kernels = prefer_own_kernels and not as_mergekit
     if recipe.modules:
@@ -791,6 +832,36 @@ def _planned(
     updates = {**(prepared.extras.config_updates or {}), **config_updates}
     extras = replace(prepared.extras, config_updates=updates)
     return _Planned(plan, kernel, side_source, out_dtype, extras, method_report)
+
+
+def _walk_request(
+    recipe: Recipe, run: RunOptions, open_models: ModelOpener
+) -> tuple[WalkRequest, Checkpoint, torch.dtype | None]:
+    """A regmean_plusplus recipe's models opened, with their data hooks, weights, alpha and sample bound; the
+    checkpoint whose side files the output gets; the output dtype."""
+    locations, _ = recipe.inputs()
+    checkpoints = open_models(locations, run.storage_options)
+    rules = method_rules(recipe.merge_method)
+
+    def value(name: str, entry: InputModel | None = None) -> Any:
+        given = (entry.parameters if entry else {}).get(name, recipe.parameters.get(name))
+        return (
+            rules.parameters[name].default
+            if given is None
+            else coerce_parameter(PLUSPLUS, rules.parameters[name], given)
+        )
+
+    entries = {entry.model: entry for entry in recipe.models}
+    request = WalkRequest(
+        checkpoints,
+        [str(entries[location].data) for location in locations],
+        [value("weight", entries[location]) for location in locations],
+        value("alpha"),
+        value("samples"),
+    )
+    if request.samples < 1:
+        raise RecipeError(f"{PLUSPLUS}: samples must be at least 1, got {request.samples}")
+    return request, checkpoints[0], parse_dtype(recipe.out_dtype or recipe.dtype)
 
 
 def _opened_stats(

@@ -436,36 +436,67 @@ def run_stream(
     """Compute every planned output tensor and publish the model directory at `out`, with the side files of
     `side_files_from` (its config recording `out_dtype`) and `extras` written before it is published."""
     run = run or RunOptions()
-    extras = extras or OutputExtras()
+    torch_device = resolve_device(run.device)
+    units = work_units(plan, kernel.elementwise, run.chunk_bytes, kernel.passes_through)
+
+    def produce(behind: WriteBehind) -> None:
+        for unit, result in computed(units, kernel, torch_device, run):
+            if result is None:
+                behind.submit_copy(unit.item.output.name, *unit.item.sources[0])
+            else:
+                behind.submit(unit.item.output.name, result, unit.rows)
+
     progress = run.reporter
+    progress.start(description, len(plan), sum(item.input_bytes for item in plan))
+    try:
+        return publish_model(
+            [item.output for item in plan],
+            produce,
+            out,
+            side_files_from=side_files_from,
+            run=run,
+            out_dtype=out_dtype,
+            extras=extras,
+            bytes_read=sum(item.input_bytes for item in plan),
+        )
+    finally:
+        progress.finish()
+
+
+def publish_model(
+    outputs: Sequence[OutputTensor],
+    produce: Callable[[WriteBehind], None],
+    out: str | os.PathLike,
+    *,
+    side_files_from: Checkpoint,
+    run: RunOptions,
+    out_dtype: torch.dtype | None = None,
+    extras: OutputExtras | None = None,
+    bytes_read: int = 0,
+) -> StreamReport:
+    """The model directory at `out`, written by the output rule: `produce` hands every tensor of `outputs`, in
+    that order, to the writer it is given; then the side files of `side_files_from` (its config recording
+    `out_dtype`) and `extras`; then it is published. What streamed engines and the block walk write through."""
+    extras = extras or OutputExtras()
     torch_device = resolve_device(run.device)
     ensure_output_free(out, run.force)
     started = time.perf_counter()
-    total_in = sum(item.input_bytes for item in plan)
     with staged_output(out, run.force) as staging:
-        writer = ShardedWriter(staging, [item.output for item in plan], run.shard_size, extras.metadata)
-        units = work_units(plan, kernel.elementwise, run.chunk_bytes, kernel.passes_through)
-        progress.start(description, len(plan), total_in)
+        writer = ShardedWriter(staging, list(outputs), run.shard_size, extras.metadata)
         behind = WriteBehind(writer, depth=run.read_ahead_depth)
         try:
-            for unit, result in computed(units, kernel, torch_device, run):
-                if result is None:
-                    behind.submit_copy(unit.item.output.name, *unit.item.sources[0])
-                else:
-                    behind.submit(unit.item.output.name, result, unit.rows)
+            produce(behind)
             behind.finish()
             writer.close()
         except BaseException:
             behind.stop()
             writer.abort()
             raise
-        finally:
-            progress.finish()
         side = write_side_files(side_files_from, staging, out_dtype, extras)
     return StreamReport(
         out=Path(out),
-        tensors=len(plan),
-        bytes_read=total_in,
+        tensors=len(outputs),
+        bytes_read=bytes_read,
         bytes_written=writer.total_bytes,
         shard_files=writer.file_names,
         device=str(torch_device),

@@ -185,13 +185,7 @@ def _kernel(
         if rule is Rule.fisher:
             return fisher_average(models, statistics, weights, parameters["epsilon"], name)
         layout = WeightLayout.in_out if name in transposed else WeightLayout.out_in
-        alpha = parameters["alpha"]
-        solved = regmean(models, statistics, alpha, layout, name)
-        if solved.pseudo_inverse and alpha == 1:
-            raise RecipeError(
-                f"{method}: the system of {name} is singular (condition number {solved.condition:.3g}) and alpha is "
-                "1 (no shrinkage of the Gram matrices): set alpha below 1 (the paper's 0.9) or collect more samples"
-            )
+        solved = regmean(models, statistics, parameters["alpha"], layout, name)
         solves.append(LayerSolve(name, solved.condition, solved.pseudo_inverse))
         return solved.weight
 

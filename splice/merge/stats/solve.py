@@ -96,11 +96,18 @@ class RegMeanSystem:
             self.dtypes[name] = weight.dtype
 
     def solve(self) -> dict[str, Solved]:
-        """{layer: its merged weight}, W = R S^-1 (Conv1D: S^-1 R); by the pseudo-inverse above CONDITION_LIMIT."""
+        """{layer: its merged weight}, W = R S^-1 (Conv1D: S^-1 R); by the pseudo-inverse above CONDITION_LIMIT, which
+        is refused without shrinkage (alpha 1): a singular least-squares system has no one solution, and its
+        pseudo-inverse's is not what the models' weights on their data determine."""
         if self.system is None:
             raise SpliceError("regmean: no model was added to the system")
         condition = symmetric_condition(self.system)
         singular = not condition < CONDITION_LIMIT  # also NaN / inf
+        if singular and self.alpha == 1:
+            raise SpliceError(
+                f"regmean: the system of {', '.join(self.rights)} is singular (condition number {condition:.3g}) and "
+                "alpha is 1 (no shrinkage of the Gram matrices): set alpha below 1 (the paper's 0.9) or use more data"
+            )
         inverse = torch.linalg.pinv(self.system, hermitian=True) if singular else None
         solved = {}
         for name, right in self.rights.items():
