@@ -374,6 +374,7 @@ def summarize(runs: list[Run]) -> dict[str, dict]:
                 "wall_max_s": max(walls),
                 "peak_rss_mb": statistics.median(r.peak_rss_mb for r in timed),
                 "peak_rss_max_mb": max(r.peak_rss_mb for r in timed),
+                "peak_anon_mb": statistics.median(r.peak_anon_mb or 0 for r in timed),
                 "cpu_s": statistics.median(r.cpu_s for r in timed),
                 "other_load": max((r.other_load for r in timed if r.other_load is not None), default=None),
             }
@@ -414,13 +415,13 @@ def check_outputs(outs: Path, names: set[str]) -> dict[str, dict]:
 def print_report(summary: dict, phases: dict, ratios: list[dict], checks: dict, repeats: int, model_mb: dict) -> None:
     sizes = f"3 x {model_mb['small']:.0f} MB" + (f" (1gb: 3 x {model_mb['large']:.0f} MB)" if model_mb["large"] else "")
     print(f"\nmedians of {repeats} round(s); GPT-2 models, {sizes}")
-    header = f"{'case':<24} {'wall s':>7} {'min-max':>13} {'- start-up':>10} {'peak RSS MB':>11} {'CPU s':>6}"
-    print(f"  {header} {'other load':>10}")
+    header = f"{'case':<24} {'wall s':>7} {'min-max':>13} {'- start-up':>10} {'peak RSS MB':>11} {'anon MB':>7}"
+    print(f"  {header} {'CPU s':>6} {'other load':>10}")
     for name, row in summary.items():
         net = "-" if row["net_wall_s"] is None else f"{row['net_wall_s']:.2f}"
         print(
             f"  {name:<24} {row['wall_s']:7.2f} {row['wall_min_s']:6.2f}-{row['wall_max_s']:<6.2f} {net:>10} "
-            f"{row['peak_rss_mb']:11.0f} {row['cpu_s']:6.1f} {row['other_load'] or 0:10.2f}"
+            f"{row['peak_rss_mb']:11.0f} {row['peak_anon_mb']:7.0f} {row['cpu_s']:6.1f} {row['other_load'] or 0:10.2f}"
         )
     for name, runs in phases.items():
         timed = [p for p in runs if p["round"] >= 0] or runs
