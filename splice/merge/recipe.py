@@ -416,6 +416,7 @@ def _check_statistics(recipe: Recipe, source: str) -> None:
         )
     if recipe.compute == "mergekit":
         raise RecipeError(f"{source}: compute: mergekit is for mergekit's methods; mergekit has no {method}")
+    _check_each_model_once(recipe, source)
     if method == PLUSPLUS:
         _check_walk(recipe, source)
         return
@@ -429,6 +430,19 @@ def _check_statistics(recipe: Recipe, source: str) -> None:
     if recipe.parameters.get("fallback") == "base" and recipe.base_model is None:
         raise RecipeError(
             f"{source}: {method}: fallback: base takes tensors without statistics from base_model; give it"
+        )
+
+
+def _check_each_model_once(recipe: Recipe, source: str) -> None:
+    """A data-dependent merge takes each model once, with its own statistics or data: a model listed again would be
+    merged once, with one entry's statistics (or data) and the other's silently dropped."""
+    listed = [entry.model for entry in recipe.models]
+    again = next((model for i, model in enumerate(listed) if model in listed[:i]), None)
+    if again is not None:
+        given = "data" if recipe.merge_method == PLUSPLUS else "statistics"
+        raise RecipeError(
+            f"{source}: model {again} is listed twice; {recipe.merge_method} merges each model once with its own "
+            f"{given}: list it once (with {given} covering all its tasks)"
         )
 
 

@@ -1,0 +1,51 @@
+"""Review of issue 20's data-dependent merges: inputs that were silently mis-merged or mis-reported. Tiny GPT-2
+models (Conv1D layers) fine-tuned from one base, their statistics collected once for the module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import splice
+from splice.errors import SpliceError
+from splice.merge.recipe import parse_recipe
+from splice.workflows.stats import collect_stats
+
+from conftest import perturbed, save, tiny_model
+
+
+def _batch(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.ones(8, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[5, 3:] = 0  # 80 positions, 69 real tokens
+    return {"input_ids": torch.randint(0, 64, (8, 10), generator=generator), "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    """(root, [task model dirs], [their Gram statistics], a second Gram of task 0 on other data)."""
+    root = tmp_path_factory.mktemp("datamerge-review")
+    base = tiny_model("gpt2", 0)
+    models = [save(perturbed(base, i + 1, 0.05), root / f"task{i}", False) for i in range(2)]
+    grams = [collect_stats(m, _batch(i), kind="gram", out=root / f"task{i}.gram").out for i, m in enumerate(models)]
+    other = collect_stats(models[0], _batch(7), kind="gram", out=root / "task0.other.gram").out
+    return root, models, grams, other
+
+
+def _regmean(models, grams, **extra) -> dict:
+    return {
+        "merge_method": "regmean",
+        "models": [{"model": str(m), "stats": str(g)} for m, g in zip(models, grams)],
+    } | extra
+
+
+def test_a_model_listed_twice_with_two_statistics_is_refused(tasks, tmp_path):
+    """Both entries name the same model, each with statistics of it on other data: the stream merges each model once,
+    so one of the two statistics would be dropped (the card still lists both)."""
+    _, models, grams, other = tasks
+    recipe = _regmean([models[0], models[0], models[1]], [grams[0], other, grams[1]])
+    with pytest.raises(SpliceError, match="listed twice") as caught:
+        splice.merge(parse_recipe(recipe), tmp_path / "out")
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
