@@ -49,3 +49,25 @@ def test_a_model_listed_twice_with_two_statistics_is_refused(tasks, tmp_path):
         splice.merge(parse_recipe(recipe), tmp_path / "out")
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,value", [("alpha", 0.0), ("epsilon", 1.0), ("fallback", "base")])
+def test_a_shared_parameter_given_per_model_is_refused(tasks, name, value):
+    """regmean's alpha (fisher's epsilon, the fallback) is one value for the merge: set on a model, it was ignored and
+    the default used."""
+    _, models, grams, _ = tasks
+    recipe = _regmean(models, grams)
+    if name == "epsilon":
+        recipe["merge_method"] = "fisher"
+    recipe["models"][0]["parameters"] = {name: value}
+    with pytest.raises(SpliceError, match=f"{name}") as caught:
+        parse_recipe(recipe)
+    assert "\n" not in str(caught.value) and "parameters:" in str(caught.value)
+
+
+def test_a_regmean_plusplus_value_given_per_model_is_refused(tasks):
+    """RegMean++'s alpha and samples: one value for the walk; a model's was ignored."""
+    _, models, _, _ = tasks
+    entries = [{"model": str(m), "data": "tasks.py:task", "parameters": {"samples": 4}} for m in models]
+    with pytest.raises(SpliceError, match="samples is one value for the whole regmean_plusplus merge"):
+        parse_recipe({"merge_method": "regmean_plusplus", "models": entries})

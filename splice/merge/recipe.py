@@ -435,7 +435,8 @@ def _check_statistics(recipe: Recipe, source: str) -> None:
 
 def _check_each_model_once(recipe: Recipe, source: str) -> None:
     """A data-dependent merge takes each model once, with its own statistics or data: a model listed again would be
-    merged once, with one entry's statistics (or data) and the other's silently dropped."""
+    merged once, with one entry's statistics (or data) and the other's silently dropped. Its one values for the
+    whole merge (alpha, epsilon, fallback, samples) are set under `parameters:`: a model's would be ignored."""
     listed = [entry.model for entry in recipe.models]
     again = next((model for i, model in enumerate(listed) if model in listed[:i]), None)
     if again is not None:
@@ -444,6 +445,14 @@ def _check_each_model_once(recipe: Recipe, source: str) -> None:
             f"{source}: model {again} is listed twice; {recipe.merge_method} merges each model once with its own "
             f"{given}: list it once (with {given} covering all its tasks)"
         )
+    rules = method_rules(recipe.merge_method).parameters
+    for entry in recipe.models:
+        shared = next((name for name in entry.parameters if rules[name].scope is ParameterScope.shared), None)
+        if shared is not None:
+            raise RecipeError(
+                f"{source}: model {entry.model}: {shared} is one value for the whole {recipe.merge_method} merge; "
+                "set it under parameters:"
+            )
 
 
 def _check_walk(recipe: Recipe, source: str) -> None:
