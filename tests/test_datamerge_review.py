@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 import splice
 from splice.errors import SpliceError
@@ -71,3 +72,32 @@ def test_a_regmean_plusplus_value_given_per_model_is_refused(tasks):
     entries = [{"model": str(m), "data": "tasks.py:task", "parameters": {"samples": 4}} for m in models]
     with pytest.raises(SpliceError, match="samples is one value for the whole regmean_plusplus merge"):
         parse_recipe({"merge_method": "regmean_plusplus", "models": entries})
+
+
+def test_an_output_inside_the_registry_the_statistics_come_from_is_refused(tasks, tmp_path, monkeypatch):
+    _, models, grams, _ = tasks
+    registry = splice.Registry.init(tmp_path / "registry")
+    monkeypatch.setenv("SPLICE_REGISTRY", str(tmp_path / "registry"))
+    for i, gram in enumerate(grams):
+        registry.push(f"grams-{i}", gram)
+    recipe = _regmean(models, ["grams-0@1", "grams-1@1"])
+    inside = tmp_path / "registry" / "merged"
+    with pytest.raises(SpliceError, match="registry") as caught:
+        splice.merge(parse_recipe(recipe), inside)
+    assert "\n" not in str(caught.value)
+    assert not inside.exists()
+
+
+def test_a_stage_inside_the_registry_the_statistics_come_from_is_refused(tasks, tmp_path, monkeypatch):
+    _, models, grams, _ = tasks
+    registry = splice.Registry.init(tmp_path / "registry")
+    monkeypatch.setenv("SPLICE_REGISTRY", str(tmp_path / "registry"))
+    registry.push("grams-1", grams[1])
+    linear = {"name": "first", "merge_method": "linear", "models": [{"model": str(m)} for m in models]}
+    linear["parameters"] = {"weight": 1.0}
+    final = _regmean(models, [grams[0], "grams-1"])
+    (tmp_path / "stages.yml").write_text(yaml.safe_dump_all([linear, final]))
+    inside = tmp_path / "registry" / "merged"
+    with pytest.raises(SpliceError, match=r"is inside an input.* \(.*registry\)"):
+        splice.merge(tmp_path / "stages.yml", inside)
+    assert not inside.exists()

@@ -59,6 +59,7 @@ from splice.version import __version__
 from splice.workflows.card import MergeRecord, recorded_recipe
 from splice.workflows.recorded import OpenedModels, input_digests, merge_recorded
 from splice.workflows.references import recorded_reference, reference_locations
+from splice.workflows.stats import statistics_locations
 
 STAGE_RECORD = "splice_stage.json"
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
@@ -145,7 +146,7 @@ def merge_stages(
     outside = [recorded_reference(r) for s in order for r in s.recipe.read_models() if _named(r, set(entries)) is None]
     for reference in dict.fromkeys(outside):  # every input from outside opened before anything is written
         _open_outside(opened, reference, set(entries), recipe_file, run.storage_options)
-    statistics = [reference for s in order for reference in s.recipe.read_stats()]
+    statistics = statistics_locations([r for s in order for r in s.recipe.read_stats()], run.storage_options)
     protected = [*reference_locations(list(dict.fromkeys(outside))), *statistics, str(recipe_file)]
 
     def record_of(stage: Stage) -> MergeRecord:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -206,6 +207,15 @@ def open_statistics(
             f"({'; '.join(map(str, differences[:2]))}{more}); collect statistics on this model"
         )
     return StoredStats(stored, statistic, label, settings.shared, frozenset(settings.transposed))
+
+
+def statistics_locations(references: Sequence[str], storage_options: dict | None = None) -> list[str]:
+    """What the `stats:` references read, which an output must not overlap: each directory, and the registry that
+    holds the registry refs (`SPLICE_REGISTRY`, else the default one)."""
+    directories = [reference for reference in references if not is_registry_ref(reference)]
+    if len(directories) == len(references):
+        return directories
+    return [*directories, open_registry(None, storage_options).url]
 
 
 def statistics_digest(reference: str, storage_options: dict | None = None) -> str:
