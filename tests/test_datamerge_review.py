@@ -101,3 +101,13 @@ def test_a_stage_inside_the_registry_the_statistics_come_from_is_refused(tasks, 
     with pytest.raises(SpliceError, match=r"is inside an input.* \(.*registry\)"):
         splice.merge(tmp_path / "stages.yml", inside)
     assert not inside.exists()
+
+
+def test_the_reported_token_count_is_the_datas(tasks):
+    """69 real tokens went through the model; every one of its 8 linear layers saw them all."""
+    from splice.workflows.inspect import summarize_patch
+
+    _, _, grams, _ = tasks
+    summary = summarize_patch(grams[0])
+    assert {t.tokens for t in summary.tensors} == {69}
+    assert "over 8 samples, 69 tokens" in summary.settings
