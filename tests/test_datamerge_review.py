@@ -3,6 +3,8 @@ models (Conv1D layers) fine-tuned from one base, their statistics collected once
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -13,6 +15,7 @@ from splice.merge.recipe import parse_recipe
 from splice.workflows.stats import collect_stats
 
 from conftest import perturbed, save, tiny_model
+from helpers import load_dir
 
 
 def _batch(seed: int) -> dict[str, torch.Tensor]:
@@ -111,3 +114,30 @@ def test_the_reported_token_count_is_the_datas(tasks):
     summary = summarize_patch(grams[0])
     assert {t.tokens for t in summary.tensors} == {69}
     assert "over 8 samples, 69 tokens" in summary.settings
+
+
+def test_the_recipe_as_run_names_the_statistics_it_read_from_any_directory(tasks, tmp_path, monkeypatch):
+    """Relative `stats:` paths: splice_recipe.yml (and the card) make the models absolute; the statistics too, so
+    `splice merge splice_recipe.yml` reruns the same merge from another directory."""
+    root, models, grams, _ = tasks
+    monkeypatch.chdir(root)
+    recipe = _regmean([Path(m).name for m in models], [Path(g).name for g in grams])
+    splice.merge(parse_recipe(recipe), tmp_path / "first")
+    recorded = yaml.safe_load((tmp_path / "first" / "splice_recipe.yml").read_text())
+    assert [entry["stats"] for entry in recorded["models"]] == [str(Path(g).resolve()) for g in grams]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    splice.merge(tmp_path / "first" / "splice_recipe.yml", tmp_path / "again")
+    first, again = load_dir(tmp_path / "first"), load_dir(tmp_path / "again")
+    assert set(first) == set(again) and all(torch.equal(first[name], again[name]) for name in first)
+
+
+def test_the_recipe_as_run_makes_a_data_hook_file_absolute(tmp_path, monkeypatch):
+    from splice.workflows.card import recorded_recipe
+
+    (tmp_path / "tasks.py").write_text("def task():\n    return {}\n")
+    monkeypatch.chdir(tmp_path)
+    entries = [{"model": f"m{i}", "data": hook} for i, hook in enumerate(["tasks.py:task", "some.module:task"])]
+    recipe = recorded_recipe(parse_recipe({"merge_method": "regmean_plusplus", "models": entries}))
+    assert [entry.data for entry in recipe.models] == [f"{tmp_path.resolve() / 'tasks.py'}:task", "some.module:task"]
