@@ -141,3 +141,18 @@ def test_the_recipe_as_run_makes_a_data_hook_file_absolute(tmp_path, monkeypatch
     entries = [{"model": f"m{i}", "data": hook} for i, hook in enumerate(["tasks.py:task", "some.module:task"])]
     recipe = recorded_recipe(parse_recipe({"merge_method": "regmean_plusplus", "models": entries}))
     assert [entry.data for entry in recipe.models] == [f"{tmp_path.resolve() / 'tasks.py'}:task", "some.module:task"]
+
+
+@pytest.mark.parametrize("labels", ["bogus", "batch"])
+def test_fisher_labels_are_refused_before_the_model_is_loaded(tasks, tmp_path, monkeypatch, labels):
+    import splice.workflows.stats as stats
+
+    _, models, _, _ = tasks
+
+    def loaded(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the labels were checked")
+
+    monkeypatch.setattr(stats, "live_model", loaded)
+    with pytest.raises(SpliceError, match="`labels"):
+        collect_stats(models[0], _batch(0), kind="fisher", labels=labels, out=tmp_path / "fisher")  # type: ignore[arg-type]
+    assert not (tmp_path / "fisher").exists()

@@ -21,7 +21,7 @@ from splice.adapters.patch import Patch, StoredTensors
 from splice.errors import SpliceError
 from splice.hooks import hook_name
 from splice.merge.fusion.activations import DataSource, load_inputs
-from splice.merge.stats.collect import Loss, collect_fisher, collect_grams, live_model
+from splice.merge.stats.collect import Loss, check_labels, collect_fisher, collect_grams, live_model
 from splice.merge.stats.datamerge import StoredStats
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.registry.manifest import PushStats, VersionManifest
@@ -98,6 +98,8 @@ def collect_stats(
     device = resolve_device(run.device)
     checkpoint = Checkpoint.open(model, run.storage_options)
     inputs = load_inputs(data, samples if samples is not None else 2**62, str(model))
+    if kind == "fisher":
+        check_labels(labels, inputs)
     started = time.perf_counter()
     network = live_model(str(model), device, run.storage_options)
     if kind == "gram":
