@@ -3,6 +3,7 @@ models (Conv1D layers) fine-tuned from one base, their statistics collected once
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,40 @@ def test_fisher_labels_are_refused_before_the_model_is_loaded(tasks, tmp_path, m
     with pytest.raises(SpliceError, match="`labels"):
         collect_stats(models[0], _batch(0), kind="fisher", labels=labels, out=tmp_path / "fisher")  # type: ignore[arg-type]
     assert not (tmp_path / "fisher").exists()
+
+
+@pytest.mark.parametrize(
+    "method,parameters,needle",
+    [("regmean", {"alpha": 1.5}, "alpha must be in [0, 1]"), ("fisher", {"epsilon": -1}, "epsilon must be >= 0")],
+)
+def test_a_value_out_of_range_is_refused_before_the_merge_starts(
+    tasks, tmp_path, monkeypatch, method, parameters, needle
+):
+    """alpha and epsilon were refused by the kernel, mid-merge (after the tensors before the first solved one)."""
+    recipes = importlib.import_module("splice.merge.recipe")  # `splice.merge` is also the function
+    _, models, grams, _ = tasks
+    fishers = [collect_stats(m, _batch(i), kind="fisher", out=tmp_path / f"f{i}").out for i, m in enumerate(models)]
+
+    def started(*_args, **_kwargs):
+        raise AssertionError("the merge started before the parameters were checked")
+
+    monkeypatch.setattr(recipes, "run_stream", started)
+    recipe = _regmean(models, grams if method == "regmean" else fishers, merge_method=method, parameters=parameters)
+    with pytest.raises(SpliceError) as caught:
+        splice.merge(parse_recipe(recipe), tmp_path / "out")
+    assert needle in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_regmean_plusplus_alpha_out_of_range_is_refused_before_the_walk(tasks, tmp_path, monkeypatch):
+    plusplus = importlib.import_module("splice.merge.stats.plusplus")
+    _, models, _, _ = tasks
+
+    def started(*_args, **_kwargs):
+        raise AssertionError("the walk started before alpha was checked")
+
+    monkeypatch.setattr(plusplus, "publish_model", started)
+    entries = [{"model": str(m), "data": "tasks.py:task"} for m in models]
+    recipe = {"merge_method": "regmean_plusplus", "models": entries, "parameters": {"alpha": 1.5}}
+    with pytest.raises(SpliceError, match=r"alpha must be in \[0, 1\]"):
+        splice.merge(parse_recipe(recipe), tmp_path / "out")

@@ -58,6 +58,7 @@ from splice.merge.slices import LayerRange, LayerStack, SlicedTensor, plan_slice
 from splice.merge.stats.datamerge import DATA_METHODS, DataMergeReport, StatsOpener, StoredStats, plan_data_merge
 from splice.merge.stats.plusplus import METHOD as PLUSPLUS
 from splice.merge.stats.plusplus import WalkRequest, regmean_plusplus_state, write_regmean_plusplus
+from splice.merge.stats.solve import check_alpha
 from splice.merge.tokenizer import (
     TokenizerRequest,
     TokenizerSection,
@@ -884,6 +885,7 @@ def _walk_request(
     )
     if request.samples < 1:
         raise RecipeError(f"{PLUSPLUS}: samples must be at least 1, got {request.samples}")
+    check_alpha(request.alpha)
     return request, checkpoints[0], parse_dtype(recipe.out_dtype or recipe.dtype)
 
 
