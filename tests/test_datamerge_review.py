@@ -194,3 +194,43 @@ def test_a_regmean_plusplus_alpha_out_of_range_is_refused_before_the_walk(tasks,
     recipe = {"merge_method": "regmean_plusplus", "models": entries, "parameters": {"alpha": 1.5}}
     with pytest.raises(SpliceError, match=r"alpha must be in \[0, 1\]"):
         splice.merge(parse_recipe(recipe), tmp_path / "out")
+
+
+HOOK = """
+import torch
+
+def task(seed={seed}):
+    generator = torch.Generator().manual_seed(seed)
+    return {{"input_ids": torch.randint(0, 64, (4, 10), generator=generator)}}
+
+def other():
+    return task({seed} + 1)
+"""
+
+
+def test_a_regmean_plusplus_stage_is_run_again_when_its_data_may_have_changed(tasks, tmp_path):
+    """A stage's key covers its recipe and its input files, not what a `data:` hook returns: a RegMean++ stage reused
+    from the cache after its data changed is a stale merge."""
+    _, models, _, _ = tasks
+    hook = tmp_path / "hook.py"
+    hook.write_text(HOOK.format(seed=0))
+    walk = {"name": "walked", "merge_method": "regmean_plusplus"}
+    walk["models"] = [
+        {"model": str(models[0]), "data": f"{hook}:task"},
+        {"model": str(models[1]), "data": f"{hook}:other"},
+    ]
+    final = {
+        "merge_method": "linear",
+        "parameters": {"weight": 1.0},
+        "models": [{"model": "walked"}, {"model": str(models[1])}],
+    }
+    (tmp_path / "stages.yml").write_text(yaml.safe_dump_all([walk, final]))
+    splice.merge(tmp_path / "stages.yml", tmp_path / "out", intermediate_dir=tmp_path / "cache", device="cpu")
+    hook.write_text(HOOK.format(seed=50))
+    report = splice.merge(
+        tmp_path / "stages.yml", tmp_path / "again", intermediate_dir=tmp_path / "cache", device="cpu"
+    )
+    assert [run.status for run in report.stages] == ["ran", "ran"]
+    splice.merge(tmp_path / "stages.yml", tmp_path / "fresh", intermediate_dir=tmp_path / "fresh-cache", device="cpu")
+    again, fresh = load_dir(tmp_path / "again"), load_dir(tmp_path / "fresh")
+    assert all(torch.equal(again[name], fresh[name]) for name in fresh)

@@ -27,7 +27,8 @@ The cache. Every stage but the target is kept at `<intermediate_dir>/<name>/` (d
 resolved to their cache directories, local paths made absolute), of each input's digest (`splice.tensors.digest`:
 file sizes, times and safetensors headers, so nothing is read whole to know it), of the seed and kernel choice and
 of splice's version (the device is not in it: CPU and GPU give the same merge, up to rounding). A stage whose
-directory holds its current key is reused and none of its tensors is read; any other runs and replaces its directory,
+directory holds its current key is reused and none of its tensors is read (never one whose inputs come from a
+`data:` hook: what its code returns is in no key); any other runs and replaces its directory,
 published atomically as every output is, so an interrupted stage leaves the old entry (whose key no longer matches)
 or none, never one a rerun would trust. mergekit's `--lazy` trusts any directory that exists. The target carries the
 same record in `out`: a rerun finds `out` up to date and writes nothing, and a target that must run again replaces
@@ -160,7 +161,7 @@ def merge_stages(
             continue
         record = record_of(s)
         key = stage_key(record, prefer_own_kernels)
-        if _holds(homes[s.name], key):
+        if _holds(homes[s.name], key) and not _runs_data_hooks(s.recipe):
             records[s.name], keys[s.name] = record, key
     for s in order:  # the output rule for every directory that will be written, before any is
         if s.name in keys:
@@ -191,6 +192,12 @@ def merge_stages(
         records[s.name], keys[s.name] = record, key
         report.stages.append(StageRun(s.name, "ran", home, key, streamed))
     return report
+
+
+def _runs_data_hooks(recipe: Recipe) -> bool:
+    """Whether the stage's inputs include what user code returns (regmean_plusplus's `data:` hooks): that is in no
+    key, so such a stage is never reused, whatever its directory holds."""
+    return any(entry.data is not None for entry in recipe.models)
 
 
 def stage_key(record: MergeRecord, prefer_own_kernels: bool) -> str:
