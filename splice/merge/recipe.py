@@ -683,7 +683,7 @@ def merge(
     opens the recipe's model references (default: each a directory or fsspec URL) and `locate_models` says what
     they read, which `out` must not overlap (default: the references themselves). `files` (name -> content) are
     written into the output with it (a model card); `description` is what progress is told it merges.
-    `open_stats` opens a regmean or fisher recipe's statistics (`splice.workflows.statistics.open_statistics`). `run`
+    `open_stats` opens a regmean or fisher recipe's statistics (`splice.workflows.stats.open_statistics`). `run`
     (or its fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
     """
     run = run_options(run, run_keywords, "merge")
