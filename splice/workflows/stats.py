@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,7 @@ from splice.adapters.patch import Patch, StoredTensors
 from splice.errors import SpliceError
 from splice.hooks import hook_name
 from splice.merge.fusion.activations import DataSource, load_inputs
-from splice.merge.stats.collect import Loss, collect_fisher, collect_grams, live_model
+from splice.merge.stats.collect import Loss, check_labels, collect_fisher, collect_grams, live_model
 from splice.merge.stats.datamerge import StoredStats
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.registry.manifest import PushStats, VersionManifest
@@ -97,6 +98,8 @@ def collect_stats(
     device = resolve_device(run.device)
     checkpoint = Checkpoint.open(model, run.storage_options)
     inputs = load_inputs(data, samples if samples is not None else 2**62, str(model))
+    if kind == "fisher":
+        check_labels(labels, inputs)
     started = time.perf_counter()
     network = live_model(str(model), device, run.storage_options)
     if kind == "gram":
@@ -206,6 +209,15 @@ def open_statistics(
             f"({'; '.join(map(str, differences[:2]))}{more}); collect statistics on this model"
         )
     return StoredStats(stored, statistic, label, settings.shared, frozenset(settings.transposed))
+
+
+def statistics_locations(references: Sequence[str], storage_options: dict | None = None) -> list[str]:
+    """What the `stats:` references read, which an output must not overlap: each directory, and the registry that
+    holds the registry refs (`SPLICE_REGISTRY`, else the default one)."""
+    directories = [reference for reference in references if not is_registry_ref(reference)]
+    if len(directories) == len(references):
+        return directories
+    return [*directories, open_registry(None, storage_options).url]
 
 
 def statistics_digest(reference: str, storage_options: dict | None = None) -> str:

@@ -200,6 +200,14 @@ def collect_grams(
     return hooks.grams
 
 
+def check_labels(labels: str, inputs: Inputs) -> None:
+    """`labels` is one `collect_fisher` knows, and the batch holds the labels it names."""
+    if labels not in ("sample", "batch"):
+        raise SpliceError(f"`labels` must be 'sample' or 'batch', got {labels!r}")
+    if labels == "batch" and (isinstance(inputs.batch, torch.Tensor) or "labels" not in inputs.batch):
+        raise SpliceError("`labels='batch'` needs a `labels` entry in the `data` batch; or use `labels='sample'`")
+
+
 def collect_fisher(
     model: torch.nn.Module,
     batches: Inputs | DataSource,
@@ -227,10 +235,7 @@ def collect_fisher(
     The sum is accumulated in fp32: its terms are non-negative, so nothing cancels."""
     inputs = _inputs(batches, samples)
     device = device or next(model.parameters()).device
-    if labels not in ("sample", "batch"):
-        raise SpliceError(f"`labels` must be 'sample' or 'batch', got {labels!r}")
-    if labels == "batch" and (isinstance(inputs.batch, torch.Tensor) or "labels" not in inputs.batch):
-        raise SpliceError("`labels='batch'` needs a `labels` entry in the `data` batch; or use `labels='sample'`")
+    check_labels(labels, inputs)
     stored = _stored_names(model)
     parameters = {
         stored[name]: parameter

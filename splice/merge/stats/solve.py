@@ -48,6 +48,11 @@ def check_alpha(alpha: float) -> None:
         raise SpliceError(f"regmean: alpha must be in [0, 1], got {alpha:g}")
 
 
+def check_epsilon(epsilon: float) -> None:
+    if epsilon < 0:
+        raise SpliceError(f"fisher: epsilon must be >= 0, got {epsilon:g}")
+
+
 def shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha G + (1 - alpha) diag(G): the off-diagonal entries scaled by alpha, the diagonal kept."""
     check_alpha(alpha)
@@ -139,8 +144,7 @@ def fisher_average(
     """sum_i w_i (F_i + epsilon) theta_i / sum_i w_i (F_i + epsilon), elementwise (see the module)."""
     if not tensors or len(tensors) != len(fishers):
         raise SpliceError(f"fisher: {name}: {len(tensors)} tensors for {len(fishers)} Fisher diagonals")
-    if epsilon < 0:
-        raise SpliceError(f"fisher: epsilon must be >= 0, got {epsilon:g}")
+    check_epsilon(epsilon)
     model_weights = [1.0] * len(tensors) if model_weights is None else list(model_weights)
     if len(model_weights) != len(tensors):
         raise SpliceError(f"fisher: {len(model_weights)} model weights for {len(tensors)} models")
