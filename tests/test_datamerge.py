@@ -278,7 +278,7 @@ def test_a_singular_system_without_shrinkage_is_refused(task_models, tmp_path):
     _refused(recipe, tmp_path / "out", "is singular", "alpha below 1")
 
 
-def test_an_ill_conditioned_system_with_shrinkage_is_solved_by_pseudo_inverse_and_reported(task_models, tmp_path):
+def test_an_ill_conditioned_system_with_shrinkage_is_solved_anchored_on_the_mean_and_reported(task_models, tmp_path):
     _, _, tasks = task_models
     recipe = _recipe("regmean", tasks, 1)
     grams = []
@@ -296,10 +296,13 @@ def test_an_ill_conditioned_system_with_shrinkage_is_solved_by_pseudo_inverse_an
         weights = [w.T if transposed else w for w in weights]
         key = settings.get("shared", {}).get(name, name)
         shrunk = [0.9 * g[key] + 0.1 * np.diag(np.diag(g[key])) for g in grams]
-        expected = sum(w @ g for w, g in zip(weights, shrunk)) @ np.linalg.pinv(sum(shrunk), hermitian=True)
-        np.testing.assert_allclose(
-            merged[name].double().numpy(), expected.T if transposed else expected, atol=1e-5, err_msg=name
-        )
+        system, mean = sum(shrunk), sum(weights) / len(weights)
+        right = sum(w @ g for w, g in zip(weights, shrunk))
+        expected = mean + (right - mean @ system) @ np.linalg.pinv(system, hermitian=True)
+        result = merged[name].double().numpy()
+        result = result.T if transposed else result  # out x in
+        np.testing.assert_allclose(result, expected, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(result[:, 0], mean[:, 0], atol=1e-5, err_msg=name)  # the unseen feature: the mean
 
 
 def test_stats_on_a_data_free_method_and_data_methods_with_slices_are_refused(task_models):

@@ -64,8 +64,10 @@ def test_conv1d_layout_is_the_transposed_problem():
     torch.testing.assert_close(conv1d.weight, linear.weight.T, rtol=0, atol=1e-12)
 
 
-def test_a_singular_system_is_solved_by_the_pseudo_inverse_and_reported():
-    """A feature no input ever uses (a zero column) makes sum G singular even with shrinkage."""
+def test_a_singular_system_is_solved_by_the_pseudo_inverse_anchored_on_the_mean_and_reported():
+    """A feature no input ever uses (a zero column) makes sum G singular even with shrinkage: the data fix W on the
+    used features (the least-squares part, by the pseudo-inverse) and nothing of its unused column, which keeps the
+    models' mean (the bare pseudo-inverse would zero it)."""
     xs = [inputs(40 + i, 10, 4) for i in range(2)]
     for x in xs:
         x[:, 3] = 0.0
@@ -73,8 +75,13 @@ def test_a_singular_system_is_solved_by_the_pseudo_inverse_and_reported():
     solved = regmean([torch.tensor(w) for w in ws], [torch.tensor(x.T @ x) for x in xs], alpha=0.9)
     assert solved.pseudo_inverse
     shrunk = [0.9 * (x.T @ x) + 0.1 * np.diag(np.diag(x.T @ x)) for x in xs]
-    expected = (np.linalg.pinv(sum(shrunk)) @ sum(w @ g for w, g in zip(ws, shrunk)).T).T
+    system, right, mean = sum(shrunk), sum(w @ g for w, g in zip(ws, shrunk)), sum(ws) / 2
+    expected = mean + (right - mean @ system) @ np.linalg.pinv(system)
     np.testing.assert_allclose(solved.weight.numpy(), expected, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(solved.weight.numpy()[:, 3], mean[:, 3], rtol=0, atol=1e-12)
+    used = slice(0, 3)  # on the used features: the least-squares solution of the reduced system
+    reduced = right[:, used] @ np.linalg.inv(system[used, used])
+    np.testing.assert_allclose(solved.weight.numpy()[:, used], reduced, rtol=0, atol=1e-8)
 
 
 def test_fisher_average_equals_the_weighted_formula_and_equal_fishers_average():
