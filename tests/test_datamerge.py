@@ -376,3 +376,33 @@ def test_stats_collect_pushes_to_the_registry(tmp_path):
     assert stored.meta.kind.value == "stats"
     for name, tensor in outcome.patch.tensors.items():
         assert torch.equal(stored.tensors[name], tensor)
+
+
+def test_the_models_tensors_are_hashed_again_only_when_its_files_changed(task_models, tmp_path, monkeypatch):
+    """While a model's files are as they were at collection (its digest: sizes, times, headers), its statistics are
+    known to be its own without hashing its tensors; once they change, the tensors are compared: the same values
+    pass, and the refusal of other values is test_statistics_of_another_model_are_refused."""
+    import os
+
+    import splice.workflows.stats as stats_module
+
+    _, _, tasks = task_models
+    compared = []
+    real = stats_module.compare_base
+    monkeypatch.setattr(
+        stats_module, "compare_base", lambda base, model: compared.append(model.location) or real(base, model)
+    )
+    splice.merge(parse_recipe(_recipe("regmean", tasks, 1)), tmp_path / "unchanged")
+    assert compared == []
+    weights = Path(tasks[1][0]) / "model.safetensors"
+    before = os.stat(weights)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))  # written again, same bytes
+    try:
+        splice.merge(parse_recipe(_recipe("regmean", tasks, 1)), tmp_path / "touched")
+    finally:
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert compared == [str(tasks[1][0])]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(load_dir(tmp_path / "unchanged").values(), load_dir(tmp_path / "touched").values())
+    )

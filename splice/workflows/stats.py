@@ -109,7 +109,9 @@ def collect_stats(
     seconds = time.perf_counter() - started
     del network
     described = data if isinstance(data, str) else hook_name(data, "`data`") if callable(data) else "a given batch"
-    settings = StatsSettings(**settings, data=described).model_dump(mode="json", exclude_defaults=True)
+    settings = StatsSettings(**settings, data=described, model_digest=checkpoint_digest(checkpoint)).model_dump(
+        mode="json", exclude_defaults=True
+    )
     targets = sorted(_belongs_to(tensors, settings))
     meta = PatchMeta(
         kind=PatchKind.stats,
@@ -201,7 +203,8 @@ def open_statistics(
         )
     if patch.meta.base is None:
         raise SpliceError(f"stats: {label} has no record of the model it was collected on; {COLLECT}")
-    differences = compare_base(patch.meta.base, model)
+    unchanged = settings.model_digest != "" and settings.model_digest == checkpoint_digest(model)
+    differences = [] if unchanged else compare_base(patch.meta.base, model)
     if differences:
         more = f" and {len(differences) - 2} more differences" if len(differences) > 2 else ""
         raise SpliceError(
