@@ -378,8 +378,9 @@ def test_samples_bounds_each_tasks_inputs(hooks, tmp_path):
         (lambda r: r.update(tokenizer_source="union"), "merges models of one vocabulary"),
         (lambda r: r.update(merge_method="regmean"), "gives data:, which only regmean_plusplus read"),
         (lambda r: r["models"][0].update(stats="somewhere"), "gives stats:, which only regmean and fisher read"),
+        (lambda r: r.update(base_model=r["models"][0]["model"]), "regmean_plusplus takes no base_model"),
     ],
-    ids=["no_data", "alpha_gradient", "tokenizer", "data_on_regmean", "stats_on_plusplus"],
+    ids=["no_data", "alpha_gradient", "tokenizer", "data_on_regmean", "stats_on_plusplus", "base_model"],
 )
 def test_a_bad_regmean_plusplus_recipe_is_one_line(hooks, change, needle):
     from splice.merge.recipe import parse_recipe

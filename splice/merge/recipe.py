@@ -865,23 +865,15 @@ def _walk_request(
     checkpoint whose side files the output gets; the output dtype."""
     locations, _ = recipe.inputs()
     checkpoints = open_models(locations, run.storage_options)
-    rules = method_rules(recipe.merge_method)
-
-    def value(name: str, entry: InputModel | None = None) -> Any:
-        given = (entry.parameters if entry else {}).get(name, recipe.parameters.get(name))
-        return (
-            rules.parameters[name].default
-            if given is None
-            else coerce_parameter(PLUSPLUS, rules.parameters[name], given)
-        )
-
-    entries = {entry.model: entry for entry in recipe.models}
+    names = list(checkpoints[0].tensors)
+    parameters = ParameterResolver(recipe, names)(names[0])  # one value each for the whole walk (_check_walk)
+    data = {entry.model: str(entry.data) for entry in recipe.models}
     request = WalkRequest(
         checkpoints,
-        [str(entries[location].data) for location in locations],
-        [value("weight", entries[location]) for location in locations],
-        value("alpha"),
-        value("samples"),
+        [data[location] for location in locations],
+        [parameters["weight"][i] for i in range(len(locations))],
+        parameters["alpha"],
+        parameters["samples"],
     )
     if request.samples < 1:
         raise RecipeError(f"{PLUSPLUS}: samples must be at least 1, got {request.samples}")
