@@ -24,6 +24,7 @@ from splice.merge.fusion.activations import DataSource, load_inputs
 from splice.merge.stats.collect import Loss, check_labels, collect_fisher, collect_grams, live_model
 from splice.merge.stats.datamerge import StoredStats
 from splice.options import RunKeywords, RunOptions, run_options
+from splice.progress import Progress
 from splice.registry.manifest import PushStats, VersionManifest
 from splice.registry.store import Registry, open_registry
 from splice.tensors.checkpoint import Checkpoint, recorded_location
@@ -103,9 +104,9 @@ def collect_stats(
     started = time.perf_counter()
     network = live_model(str(model), device, run.storage_options)
     if kind == "gram":
-        tensors, settings = _grams(network, inputs, device)
+        tensors, settings = _grams(network, inputs, device, run.progress)
     else:
-        tensors, settings = _fishers(network, inputs, loss_function, labels, seed, device)
+        tensors, settings = _fishers(network, inputs, loss_function, labels, seed, device, run.progress)
     seconds = time.perf_counter() - started
     del network
     described = data if isinstance(data, str) else hook_name(data, "`data`") if callable(data) else "a given batch"
@@ -139,8 +140,10 @@ def _loss(loss: str | Loss | None) -> Loss | None:
     return loss
 
 
-def _grams(network: torch.nn.Module, inputs: Any, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    grams = collect_grams(network, inputs, device=device)
+def _grams(
+    network: torch.nn.Module, inputs: Any, device: torch.device, progress: Progress | None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    grams = collect_grams(network, inputs, device=device, progress=progress)
     shared = {weight: key for weight, key in grams.keys.items() if weight != key}
     settings = {
         "statistic": "gram",
@@ -159,8 +162,9 @@ def _fishers(
     labels: Literal["sample", "batch"],
     seed: int,
     device: torch.device,
+    progress: Progress | None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    fisher = collect_fisher(network, inputs, loss=loss, labels=labels, seed=seed, device=device)
+    fisher = collect_fisher(network, inputs, loss=loss, labels=labels, seed=seed, device=device, progress=progress)
     settings = {"statistic": "fisher", "samples": fisher.samples, "labels": fisher.labels}
     return {name: diagonal.cpu() for name, diagonal in fisher.diagonals.items()}, settings
 
