@@ -44,17 +44,22 @@ def tiny_model(arch: str, seed: int) -> torch.nn.Module:
             vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
         )
         return transformers.GPT2LMHeadModel(config)
+    decoder = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     if arch == "llama":
-        config = transformers.LlamaConfig(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=32,
-        )
-        return transformers.LlamaForCausalLM(config)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**decoder))
+    if arch == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**decoder, sliding_window=3))
+    if arch == "qwen2":  # layer 0 full attention, layer 1 a sliding window: its blocks are called with different masks
+        config = transformers.Qwen2Config(**decoder, sliding_window=3, use_sliding_window=True, max_window_layers=1)
+        return transformers.Qwen2ForCausalLM(config)
     if arch == "t5":  # not in ARCHITECTURES: an encoder-decoder whose norms are T5LayerNorm (RMS) modules
         config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_heads=2)
         return transformers.T5ForConditionalGeneration(config)

@@ -278,7 +278,7 @@ def test_a_singular_system_without_shrinkage_is_refused(task_models, tmp_path):
     _refused(recipe, tmp_path / "out", "is singular", "alpha below 1")
 
 
-def test_an_ill_conditioned_system_with_shrinkage_is_solved_by_pseudo_inverse_and_reported(task_models, tmp_path):
+def test_an_ill_conditioned_system_with_shrinkage_is_solved_anchored_on_the_mean_and_reported(task_models, tmp_path):
     _, _, tasks = task_models
     recipe = _recipe("regmean", tasks, 1)
     grams = []
@@ -296,10 +296,13 @@ def test_an_ill_conditioned_system_with_shrinkage_is_solved_by_pseudo_inverse_an
         weights = [w.T if transposed else w for w in weights]
         key = settings.get("shared", {}).get(name, name)
         shrunk = [0.9 * g[key] + 0.1 * np.diag(np.diag(g[key])) for g in grams]
-        expected = sum(w @ g for w, g in zip(weights, shrunk)) @ np.linalg.pinv(sum(shrunk), hermitian=True)
-        np.testing.assert_allclose(
-            merged[name].double().numpy(), expected.T if transposed else expected, atol=1e-5, err_msg=name
-        )
+        system, mean = sum(shrunk), sum(weights) / len(weights)
+        right = sum(w @ g for w, g in zip(weights, shrunk))
+        expected = mean + (right - mean @ system) @ np.linalg.pinv(system, hermitian=True)
+        result = merged[name].double().numpy()
+        result = result.T if transposed else result  # out x in
+        np.testing.assert_allclose(result, expected, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(result[:, 0], mean[:, 0], atol=1e-5, err_msg=name)  # the unseen feature: the mean
 
 
 def test_stats_on_a_data_free_method_and_data_methods_with_slices_are_refused(task_models):
@@ -346,7 +349,7 @@ def test_stats_collect_and_inspect_through_the_cli(tmp_path, monkeypatch, capsys
     assert code == 0, err
     shown = json.loads(out)
     assert shown["kind"] == "stats"
-    assert shown["settings"].startswith(f"gram over 8 samples, {8 * 69} tokens")  # 8 matrices
+    assert shown["settings"].startswith("gram over 8 samples, 69 tokens")  # each of the 8 layers saw the 69
     assert {t["name"]: t["shape"] for t in shown["tensors"]}["transformer.h.0.mlp.c_proj.weight"] == [64, 64]
     code, _, err = run_cli(
         ["stats", "collect", model, "--data", "hook.py:batch", "--kind", "gram", "--out", tmp_path / "grams"],
@@ -373,3 +376,33 @@ def test_stats_collect_pushes_to_the_registry(tmp_path):
     assert stored.meta.kind.value == "stats"
     for name, tensor in outcome.patch.tensors.items():
         assert torch.equal(stored.tensors[name], tensor)
+
+
+def test_the_models_tensors_are_hashed_again_only_when_its_files_changed(task_models, tmp_path, monkeypatch):
+    """While a model's files are as they were at collection (its digest: sizes, times, headers), its statistics are
+    known to be its own without hashing its tensors; once they change, the tensors are compared: the same values
+    pass, and the refusal of other values is test_statistics_of_another_model_are_refused."""
+    import os
+
+    import splice.workflows.stats as stats_module
+
+    _, _, tasks = task_models
+    compared = []
+    real = stats_module.compare_base
+    monkeypatch.setattr(
+        stats_module, "compare_base", lambda base, model: compared.append(model.location) or real(base, model)
+    )
+    splice.merge(parse_recipe(_recipe("regmean", tasks, 1)), tmp_path / "unchanged")
+    assert compared == []
+    weights = Path(tasks[1][0]) / "model.safetensors"
+    before = os.stat(weights)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))  # written again, same bytes
+    try:
+        splice.merge(parse_recipe(_recipe("regmean", tasks, 1)), tmp_path / "touched")
+    finally:
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert compared == [str(tasks[1][0])]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(load_dir(tmp_path / "unchanged").values(), load_dir(tmp_path / "touched").values())
+    )

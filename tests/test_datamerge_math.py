@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from splice.errors import SpliceError
-from splice.merge.stats.solve import WeightLayout, fisher_average, regmean, symmetric_condition
+from splice.merge.stats.solve import WeightLayout, condition_number, fisher_average, regmean
 
 
 def inputs(seed: int, rows: int, features: int) -> np.ndarray:
@@ -64,8 +64,10 @@ def test_conv1d_layout_is_the_transposed_problem():
     torch.testing.assert_close(conv1d.weight, linear.weight.T, rtol=0, atol=1e-12)
 
 
-def test_a_singular_system_is_solved_by_the_pseudo_inverse_and_reported():
-    """A feature no input ever uses (a zero column) makes sum G singular even with shrinkage."""
+def test_a_singular_system_is_solved_by_the_pseudo_inverse_anchored_on_the_mean_and_reported():
+    """A feature no input ever uses (a zero column) makes sum G singular even with shrinkage: the data fix W on the
+    used features (the least-squares part, by the pseudo-inverse) and nothing of its unused column, which keeps the
+    models' mean (the bare pseudo-inverse would zero it)."""
     xs = [inputs(40 + i, 10, 4) for i in range(2)]
     for x in xs:
         x[:, 3] = 0.0
@@ -73,8 +75,13 @@ def test_a_singular_system_is_solved_by_the_pseudo_inverse_and_reported():
     solved = regmean([torch.tensor(w) for w in ws], [torch.tensor(x.T @ x) for x in xs], alpha=0.9)
     assert solved.pseudo_inverse
     shrunk = [0.9 * (x.T @ x) + 0.1 * np.diag(np.diag(x.T @ x)) for x in xs]
-    expected = (np.linalg.pinv(sum(shrunk)) @ sum(w @ g for w, g in zip(ws, shrunk)).T).T
+    system, right, mean = sum(shrunk), sum(w @ g for w, g in zip(ws, shrunk)), sum(ws) / 2
+    expected = mean + (right - mean @ system) @ np.linalg.pinv(system)
     np.testing.assert_allclose(solved.weight.numpy(), expected, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(solved.weight.numpy()[:, 3], mean[:, 3], rtol=0, atol=1e-12)
+    used = slice(0, 3)  # on the used features: the least-squares solution of the reduced system
+    reduced = right[:, used] @ np.linalg.inv(system[used, used])
+    np.testing.assert_allclose(solved.weight.numpy()[:, used], reduced, rtol=0, atol=1e-8)
 
 
 def test_the_reported_condition_number_is_numpys_and_the_shrunk_system_the_formulas():
@@ -87,8 +94,21 @@ def test_the_reported_condition_number_is_numpys_and_the_shrunk_system_the_formu
     assert solved.condition == pytest.approx(np.linalg.cond(system), rel=1e-6)
     assert solved.condition > 1e6  # spread enough for a wrong formula to show
     singular = np.diag([1.0, 2.0, 0.0])
-    assert symmetric_condition(torch.tensor(singular)) == np.inf == np.linalg.cond(singular)
-    assert symmetric_condition(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]])) == np.inf
+    assert condition_number(torch.tensor(singular)) == np.inf == np.linalg.cond(singular)
+    assert condition_number(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]])) == np.inf
+
+
+def test_a_solve_leaves_its_inputs_as_they_were():
+    """The sums are accumulated in place: into buffers of their own, never into a model's fp64 weight or Gram."""
+    xs = [inputs(70 + i, 12, 4) for i in range(3)]
+    for x in xs:
+        x[:, 3] = 0.0  # singular: the solve reads the models' mean as well
+    weights = [torch.tensor(np.random.default_rng(80 + i).normal(size=(2, 4))) for i in range(3)]
+    grams = [torch.tensor(x.T @ x) for x in xs]
+    before = [t.clone() for t in weights + grams]
+    regmean(weights, grams, alpha=0.8)
+    for tensor, copy in zip(weights + grams, before):
+        assert torch.equal(tensor, copy)
 
 
 def test_fisher_average_equals_the_weighted_formula_and_equal_fishers_average():

@@ -115,27 +115,6 @@ def test_two_layer_mlp_equals_numpy(tmp_path):
 ARCHS = ("vit", "bert", "gpt2", "llama", "mistral", "qwen2")
 
 
-def _model(arch: str, seed: int) -> torch.nn.Module:
-    if arch in ("mistral", "qwen2"):
-        torch.manual_seed(seed)
-        settings = dict(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=32,
-            sliding_window=3,
-        )
-        if arch == "mistral":
-            return transformers.MistralForCausalLM(transformers.MistralConfig(**settings))
-        # layer 0 full attention, layer 1 a sliding window: the parent passes the two blocks different masks
-        config = transformers.Qwen2Config(**settings, use_sliding_window=True, max_window_layers=1)
-        return transformers.Qwen2ForCausalLM(config)
-    return tiny_model(arch, seed)
-
-
 def _batches(arch: str) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(11)
     batches = []
@@ -152,7 +131,7 @@ def _batches(arch: str) -> list[dict[str, torch.Tensor]]:
 
 
 def _task_models(arch: str, same_embeddings: bool) -> list[torch.nn.Module]:
-    base = _model(arch, 0)
+    base = tiny_model(arch, 0)
     models = [perturbed(base, seed, scale=0.05).eval() for seed in (1, 2, 3)]
     if same_embeddings:  # block 0's inputs are then the same in RegMean and RegMean++
         names = stored_to_module_names(base)
@@ -378,8 +357,9 @@ def test_samples_bounds_each_tasks_inputs(hooks, tmp_path):
         (lambda r: r.update(tokenizer_source="union"), "merges models of one vocabulary"),
         (lambda r: r.update(merge_method="regmean"), "gives data:, which only regmean_plusplus read"),
         (lambda r: r["models"][0].update(stats="somewhere"), "gives stats:, which only regmean and fisher read"),
+        (lambda r: r.update(base_model=r["models"][0]["model"]), "regmean_plusplus takes no base_model"),
     ],
-    ids=["no_data", "alpha_gradient", "tokenizer", "data_on_regmean", "stats_on_plusplus"],
+    ids=["no_data", "alpha_gradient", "tokenizer", "data_on_regmean", "stats_on_plusplus", "base_model"],
 )
 def test_a_bad_regmean_plusplus_recipe_is_one_line(hooks, change, needle):
     from splice.merge.recipe import parse_recipe

@@ -92,6 +92,9 @@ class StatsSettings(BaseModel):
     shared: dict[str, str] = {}
     transposed: list[str] = []
     labels: Literal["sample", "batch"] | None = None
+    # the model's files when they were collected (`splice.tensors.digest`): while they are unchanged, a merge need not
+    # hash the model's tensors again to know the statistics are its own
+    model_digest: str = ""
 
 
 KIND_SETTINGS: dict[PatchKind, type[BaseModel]] = {

@@ -57,6 +57,7 @@ def collect(
     layer (--kind gram, for merge_method: regmean) or the diagonal Fisher of every parameter from per-example
     gradients (--kind fisher, for merge_method: fisher). They are kept fingerprinted against the model, so a merge
     refuses them for any other model."""
+    from splice.adapters.kinds.stats import data_tokens
     from splice.workflows.stats import collect_stats
 
     outcome = collect_stats(
@@ -88,7 +89,7 @@ def collect(
                     len(outcome.patch.tensors),
                     render.human_bytes(outcome.nbytes),
                     settings["samples"],
-                    sum(settings.get("tokens", {}).values()) or "",
+                    data_tokens(settings) or "",
                     f"{outcome.seconds:.2f}",
                     outcome.patch.meta.base.digest[:19] if outcome.patch.meta.base else "",
                 ]

@@ -99,7 +99,7 @@ SPLICE_METHODS: dict[str, MethodRules] = {
             "weight": _WEIGHT,
             "samples": ParameterRule("samples", int, ParameterScope.shared, False, 256),
         },
-        BasePolicy.ignored,
+        BasePolicy.forbidden,  # the walk merges the task models from their own data; a base would be unused
         2,
         None,
     ),

@@ -58,6 +58,7 @@ from splice.merge.slices import LayerRange, LayerStack, SlicedTensor, plan_slice
 from splice.merge.stats.datamerge import DATA_METHODS, DataMergeReport, StatsOpener, StoredStats, plan_data_merge
 from splice.merge.stats.plusplus import METHOD as PLUSPLUS
 from splice.merge.stats.plusplus import WalkRequest, regmean_plusplus_state, write_regmean_plusplus
+from splice.merge.stats.solve import check_alpha
 from splice.merge.tokenizer import (
     TokenizerRequest,
     TokenizerSection,
@@ -416,6 +417,7 @@ def _check_statistics(recipe: Recipe, source: str) -> None:
         )
     if recipe.compute == "mergekit":
         raise RecipeError(f"{source}: compute: mergekit is for mergekit's methods; mergekit has no {method}")
+    _check_each_model_once(recipe, source)
     if method == PLUSPLUS:
         _check_walk(recipe, source)
         return
@@ -430,6 +432,28 @@ def _check_statistics(recipe: Recipe, source: str) -> None:
         raise RecipeError(
             f"{source}: {method}: fallback: base takes tensors without statistics from base_model; give it"
         )
+
+
+def _check_each_model_once(recipe: Recipe, source: str) -> None:
+    """A data-dependent merge takes each model once, with its own statistics or data: a model listed again would be
+    merged once, with one entry's statistics (or data) and the other's silently dropped. Its one values for the
+    whole merge (alpha, epsilon, fallback, samples) are set under `parameters:`: a model's would be ignored."""
+    listed = [entry.model for entry in recipe.models]
+    again = next((model for i, model in enumerate(listed) if model in listed[:i]), None)
+    if again is not None:
+        given = "data" if recipe.merge_method == PLUSPLUS else "statistics"
+        raise RecipeError(
+            f"{source}: model {again} is listed twice; {recipe.merge_method} merges each model once with its own "
+            f"{given}: list it once (with {given} covering all its tasks)"
+        )
+    rules = method_rules(recipe.merge_method).parameters
+    for entry in recipe.models:
+        shared = next((name for name in entry.parameters if rules[name].scope is ParameterScope.shared), None)
+        if shared is not None:
+            raise RecipeError(
+                f"{source}: model {entry.model}: {shared} is one value for the whole {recipe.merge_method} merge; "
+                "set it under parameters:"
+            )
 
 
 def _check_walk(recipe: Recipe, source: str) -> None:
@@ -659,7 +683,7 @@ def merge(
     opens the recipe's model references (default: each a directory or fsspec URL) and `locate_models` says what
     they read, which `out` must not overlap (default: the references themselves). `files` (name -> content) are
     written into the output with it (a model card); `description` is what progress is told it merges.
-    `open_stats` opens a regmean or fisher recipe's statistics (`splice.workflows.statistics.open_statistics`). `run`
+    `open_stats` opens a regmean or fisher recipe's statistics (`splice.workflows.stats.open_statistics`). `run`
     (or its fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
     """
     run = run_options(run, run_keywords, "merge")
@@ -841,26 +865,19 @@ def _walk_request(
     checkpoint whose side files the output gets; the output dtype."""
     locations, _ = recipe.inputs()
     checkpoints = open_models(locations, run.storage_options)
-    rules = method_rules(recipe.merge_method)
-
-    def value(name: str, entry: InputModel | None = None) -> Any:
-        given = (entry.parameters if entry else {}).get(name, recipe.parameters.get(name))
-        return (
-            rules.parameters[name].default
-            if given is None
-            else coerce_parameter(PLUSPLUS, rules.parameters[name], given)
-        )
-
-    entries = {entry.model: entry for entry in recipe.models}
+    names = list(checkpoints[0].tensors)
+    parameters = ParameterResolver(recipe, names)(names[0])  # one value each for the whole walk (_check_walk)
+    data = {entry.model: str(entry.data) for entry in recipe.models}
     request = WalkRequest(
         checkpoints,
-        [str(entries[location].data) for location in locations],
-        [value("weight", entries[location]) for location in locations],
-        value("alpha"),
-        value("samples"),
+        [data[location] for location in locations],
+        [parameters["weight"][i] for i in range(len(locations))],
+        parameters["alpha"],
+        parameters["samples"],
     )
     if request.samples < 1:
         raise RecipeError(f"{PLUSPLUS}: samples must be at least 1, got {request.samples}")
+    check_alpha(request.alpha)
     return request, checkpoints[0], parse_dtype(recipe.out_dtype or recipe.dtype)
 
 

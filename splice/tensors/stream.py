@@ -265,10 +265,11 @@ def refuse_new_non_finite_state(state: Mapping[str, torch.Tensor], sources: Sequ
     float output tensor against the tensors of that name in `sources`, read only if the output is not finite."""
     for name, tensor in state.items():
         if tensor.is_floating_point():
-            refuse_new_non_finite(name, tensor, partial(_read_where_held, name, sources))
+            refuse_new_non_finite(name, tensor, partial(read_where_held, name, sources))
 
 
-def _read_where_held(name: str, sources: Sequence[Checkpoint]) -> list[torch.Tensor]:
+def read_where_held(name: str, sources: Sequence[Checkpoint]) -> list[torch.Tensor]:
+    """Tensor `name` of each of `sources` that holds one (what a refused non-finite output is compared with)."""
     return [c.read(name) for c in sources if name in c]
 
 

@@ -24,7 +24,7 @@ from splice.merge.recipe import Recipe
 from splice.merge.reference_syntax import parse_reference
 from splice.merge.references import map_model_references, model_references
 from splice.version import __version__
-from splice.workflows.references import recorded_reference
+from splice.workflows.references import recorded_hook, recorded_reference, recorded_statistics
 
 CARD = "README.md"
 RECIPE_AS_RUN = "splice_recipe.yml"
@@ -50,8 +50,21 @@ class MergeRecord:
 
 
 def recorded_recipe(recipe: Recipe) -> Recipe:
-    """`recipe` with every model reference as `recorded_reference` keeps it: runnable from any directory."""
-    return map_model_references(recipe, recorded_reference)
+    """`recipe` with every model reference as `recorded_reference` keeps it, and each model's `stats:` directory and
+    `data:` file absolute: runnable from any directory."""
+    recipe = map_model_references(recipe, recorded_reference)
+    if not any(entry.stats or entry.data for entry in recipe.models):
+        return recipe
+    models = [
+        entry.model_copy(
+            update={
+                "stats": entry.stats and recorded_statistics(entry.stats),
+                "data": entry.data and recorded_hook(entry.data),
+            }
+        )
+        for entry in recipe.models
+    ]
+    return recipe.model_copy(update={"models": models})
 
 
 def output_files(record: MergeRecord, title: str, earlier: Sequence[MergeRecord] = ()) -> dict[str, bytes]:

@@ -16,7 +16,7 @@ from splice.workflows.card import MergeRecord, recorded_recipe
 from splice.workflows.recorded import OpenedModels, input_digests, merge_recorded
 from splice.workflows.references import open_model_references, reference_locations
 from splice.workflows.stages import StagesReport, merge_stages
-from splice.workflows.stats import open_statistics
+from splice.workflows.stats import open_statistics, statistics_locations
 
 
 def merge(
@@ -64,9 +64,9 @@ def merge(
         given = "stage" if stage is not None else "intermediate_dir"
         raise SpliceError(f"{parameter(given)} is for a multi-stage recipe file; give the file's path as `recipe`")
     recipe = recorded_recipe(recipe)
-    ensure_output_free(
-        out, run.force, protected=[*reference_locations(recipe.read_models()), *recipe.read_stats(), *recipe_file]
-    )
+    statistics = statistics_locations(recipe.read_stats(), run.storage_options)
+    protected = [*reference_locations(recipe.read_models()), *statistics, *recipe_file]
+    ensure_output_free(out, run.force, protected=protected, what="an input or the registry")
     opened = OpenedModels(open_model_references)
     record = MergeRecord(recipe, input_digests(recipe, opened, run.storage_options), seed, recipe.name)
     return merge_recorded(record, out, opened=opened, run=run, prefer_own_kernels=prefer_own_kernels)

@@ -69,6 +69,20 @@ def recorded_reference(reference: str) -> str:
     )
 
 
+def recorded_statistics(reference: str) -> str:
+    """A `stats:` as a record keeps it: a local directory absolute; a URL or a registry ref as written."""
+    return recorded_location(reference) if "://" not in reference and os.path.exists(reference) else reference
+
+
+def recorded_hook(hook: str) -> str:
+    """A `data:` hook as a record keeps it: path/to/file.py:FUNCTION with the file absolute; MODULE:FUNCTION as
+    written."""
+    module, sep, function = hook.rpartition(":")
+    if sep and os.path.isfile(module):
+        return f"{recorded_location(module)}:{function}"
+    return hook
+
+
 def open_reference(reference: str, storage_options: dict | None = None) -> Checkpoint:
     """The model a reference names, with its adapter applied on the fly (streamed: nothing is merged ahead)."""
     resolved = resolve_reference(reference)

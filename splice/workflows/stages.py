@@ -27,7 +27,8 @@ The cache. Every stage but the target is kept at `<intermediate_dir>/<name>/` (d
 resolved to their cache directories, local paths made absolute), of each input's digest (`splice.tensors.digest`:
 file sizes, times and safetensors headers, so nothing is read whole to know it), of the seed and kernel choice and
 of splice's version (the device is not in it: CPU and GPU give the same merge, up to rounding). A stage whose
-directory holds its current key is reused and none of its tensors is read; any other runs and replaces its directory,
+directory holds its current key is reused and none of its tensors is read (never one whose inputs come from a
+`data:` hook: what its code returns is in no key); any other runs and replaces its directory,
 published atomically as every output is, so an interrupted stage leaves the old entry (whose key no longer matches)
 or none, never one a rerun would trust. mergekit's `--lazy` trusts any directory that exists. The target carries the
 same record in `out`: a rerun finds `out` up to date and writes nothing, and a target that must run again replaces
@@ -59,6 +60,7 @@ from splice.version import __version__
 from splice.workflows.card import MergeRecord, recorded_recipe
 from splice.workflows.recorded import OpenedModels, input_digests, merge_recorded
 from splice.workflows.references import recorded_reference, reference_locations
+from splice.workflows.stats import statistics_locations
 
 STAGE_RECORD = "splice_stage.json"
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
@@ -145,7 +147,7 @@ def merge_stages(
     outside = [recorded_reference(r) for s in order for r in s.recipe.read_models() if _named(r, set(entries)) is None]
     for reference in dict.fromkeys(outside):  # every input from outside opened before anything is written
         _open_outside(opened, reference, set(entries), recipe_file, run.storage_options)
-    statistics = [reference for s in order for reference in s.recipe.read_stats()]
+    statistics = statistics_locations([r for s in order for r in s.recipe.read_stats()], run.storage_options)
     protected = [*reference_locations(list(dict.fromkeys(outside))), *statistics, str(recipe_file)]
 
     def record_of(stage: Stage) -> MergeRecord:
@@ -159,7 +161,7 @@ def merge_stages(
             continue
         record = record_of(s)
         key = stage_key(record, prefer_own_kernels)
-        if _holds(homes[s.name], key):
+        if _holds(homes[s.name], key) and not _runs_data_hooks(s.recipe):
             records[s.name], keys[s.name] = record, key
     for s in order:  # the output rule for every directory that will be written, before any is
         if s.name in keys:
@@ -190,6 +192,12 @@ def merge_stages(
         records[s.name], keys[s.name] = record, key
         report.stages.append(StageRun(s.name, "ran", home, key, streamed))
     return report
+
+
+def _runs_data_hooks(recipe: Recipe) -> bool:
+    """Whether the stage's inputs include what user code returns (regmean_plusplus's `data:` hooks): that is in no
+    key, so such a stage is never reused, whatever its directory holds."""
+    return any(entry.data is not None for entry in recipe.models)
 
 
 def stage_key(record: MergeRecord, prefer_own_kernels: bool) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,9 +21,10 @@ from splice.adapters.patch import Patch, StoredTensors
 from splice.errors import SpliceError
 from splice.hooks import hook_name
 from splice.merge.fusion.activations import DataSource, load_inputs
-from splice.merge.stats.collect import Loss, collect_fisher, collect_grams, live_model
+from splice.merge.stats.collect import Loss, check_labels, collect_fisher, collect_grams, live_model
 from splice.merge.stats.datamerge import StoredStats
 from splice.options import RunKeywords, RunOptions, run_options
+from splice.progress import Progress
 from splice.registry.manifest import PushStats, VersionManifest
 from splice.registry.store import Registry, open_registry
 from splice.tensors.checkpoint import Checkpoint, recorded_location
@@ -97,16 +99,20 @@ def collect_stats(
     device = resolve_device(run.device)
     checkpoint = Checkpoint.open(model, run.storage_options)
     inputs = load_inputs(data, samples if samples is not None else 2**62, str(model))
+    if kind == "fisher":
+        check_labels(labels, inputs)
     started = time.perf_counter()
     network = live_model(str(model), device, run.storage_options)
     if kind == "gram":
-        tensors, settings = _grams(network, inputs, device)
+        tensors, settings = _grams(network, inputs, device, run.progress)
     else:
-        tensors, settings = _fishers(network, inputs, loss_function, labels, seed, device)
+        tensors, settings = _fishers(network, inputs, loss_function, labels, seed, device, run.progress)
     seconds = time.perf_counter() - started
     del network
     described = data if isinstance(data, str) else hook_name(data, "`data`") if callable(data) else "a given batch"
-    settings = StatsSettings(**settings, data=described).model_dump(mode="json", exclude_defaults=True)
+    settings = StatsSettings(**settings, data=described, model_digest=checkpoint_digest(checkpoint)).model_dump(
+        mode="json", exclude_defaults=True
+    )
     targets = sorted(_belongs_to(tensors, settings))
     meta = PatchMeta(
         kind=PatchKind.stats,
@@ -134,8 +140,10 @@ def _loss(loss: str | Loss | None) -> Loss | None:
     return loss
 
 
-def _grams(network: torch.nn.Module, inputs: Any, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    grams = collect_grams(network, inputs, device=device)
+def _grams(
+    network: torch.nn.Module, inputs: Any, device: torch.device, progress: Progress | None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    grams = collect_grams(network, inputs, device=device, progress=progress)
     shared = {weight: key for weight, key in grams.keys.items() if weight != key}
     settings = {
         "statistic": "gram",
@@ -154,8 +162,9 @@ def _fishers(
     labels: Literal["sample", "batch"],
     seed: int,
     device: torch.device,
+    progress: Progress | None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    fisher = collect_fisher(network, inputs, loss=loss, labels=labels, seed=seed, device=device)
+    fisher = collect_fisher(network, inputs, loss=loss, labels=labels, seed=seed, device=device, progress=progress)
     settings = {"statistic": "fisher", "samples": fisher.samples, "labels": fisher.labels}
     return {name: diagonal.cpu() for name, diagonal in fisher.diagonals.items()}, settings
 
@@ -198,7 +207,8 @@ def open_statistics(
         )
     if patch.meta.base is None:
         raise SpliceError(f"stats: {label} has no record of the model it was collected on; {COLLECT}")
-    differences = compare_base(patch.meta.base, model)
+    unchanged = settings.model_digest != "" and settings.model_digest == checkpoint_digest(model)
+    differences = [] if unchanged else compare_base(patch.meta.base, model)
     if differences:
         more = f" and {len(differences) - 2} more differences" if len(differences) > 2 else ""
         raise SpliceError(
@@ -206,6 +216,15 @@ def open_statistics(
             f"({'; '.join(map(str, differences[:2]))}{more}); collect statistics on this model"
         )
     return StoredStats(stored, statistic, label, settings.shared, frozenset(settings.transposed))
+
+
+def statistics_locations(references: Sequence[str], storage_options: dict | None = None) -> list[str]:
+    """What the `stats:` references read, which an output must not overlap: each directory, and the registry that
+    holds the registry refs (`SPLICE_REGISTRY`, else the default one)."""
+    directories = [reference for reference in references if not is_registry_ref(reference)]
+    if len(directories) == len(references):
+        return directories
+    return [*directories, open_registry(None, storage_options).url]
 
 
 def statistics_digest(reference: str, storage_options: dict | None = None) -> str:

@@ -23,11 +23,17 @@ def _collected_not_extracted(*_: Any) -> NoReturn:
     raise PatchError(f"statistics are not extracted from two models: {COLLECT}")
 
 
+def data_tokens(settings: dict[str, Any]) -> int:
+    """How many tokens of the data the Gram matrices were collected over: the most any layer saw (every layer of the
+    blocks sees each real token; a pooler or a head may see one per sample). Not their sum over the layers."""
+    return max(settings.get("tokens", {}).values(), default=0)
+
+
 def describe_stats(settings: dict[str, Any]) -> str:
     statistic = settings.get("statistic", "?")
     parts = [f"{statistic} over {settings.get('samples', '?')} samples"]
     if statistic == "gram":
-        parts.append(f"{sum(settings.get('tokens', {}).values())} tokens")
+        parts.append(f"{data_tokens(settings)} tokens")
         if settings.get("shared"):
             parts.append(f"{len(settings['shared'])} layers sharing another's inputs")
     elif settings.get("labels"):

@@ -19,6 +19,7 @@ import torch
 from splice.arch.names import stored_to_module_names
 from splice.errors import SpliceError
 from splice.merge.fusion.activations import BATCH_SIZE, DataSource, Inputs, build_model, load_inputs, token_rows
+from splice.progress import NoProgress, Progress
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.stream import read_floats
 
@@ -187,17 +188,32 @@ def collect_grams(
     batches: Inputs | DataSource,
     samples: int | None = None,
     device: torch.device | None = None,
+    progress: Progress | None = None,
 ) -> Grams:
     """X^T X of the inputs of every Linear / Conv1D layer of `model` over `batches` (at most `samples` samples),
     padding positions (attention mask 0) excluded, with forward pre-hooks (`GramHooks`), one forward per batch.
     Memory: one [in, in] fp64 matrix per distinct input."""
     inputs = _inputs(batches, samples)
     device = device or next(model.parameters()).device
-    with GramHooks(linear_layers(model), type(model).__name__, inputs.count) as hooks:
-        for batch, mask in inputs.chunks(BATCH_SIZE, device):
-            with hooks.forward(mask):
-                run_batch(model, batch)
+    progress = progress or NoProgress()
+    progress.start("collecting Gram matrices", inputs.count, 0, unit="samples")
+    try:
+        with GramHooks(linear_layers(model), type(model).__name__, inputs.count) as hooks:
+            for start, (batch, mask) in zip(range(0, inputs.count, BATCH_SIZE), inputs.chunks(BATCH_SIZE, device)):
+                with hooks.forward(mask):
+                    run_batch(model, batch)
+                progress.advance(min(BATCH_SIZE, inputs.count - start), 0)
+    finally:
+        progress.finish()
     return hooks.grams
+
+
+def check_labels(labels: str, inputs: Inputs) -> None:
+    """`labels` is one `collect_fisher` knows, and the batch holds the labels it names."""
+    if labels not in ("sample", "batch"):
+        raise SpliceError(f"`labels` must be 'sample' or 'batch', got {labels!r}")
+    if labels == "batch" and (isinstance(inputs.batch, torch.Tensor) or "labels" not in inputs.batch):
+        raise SpliceError("`labels='batch'` needs a `labels` entry in the `data` batch; or use `labels='sample'`")
 
 
 def collect_fisher(
@@ -208,6 +224,7 @@ def collect_fisher(
     samples: int | None = None,
     seed: int = 0,
     device: torch.device | None = None,
+    progress: Progress | None = None,
 ) -> Fisher:
     """The diagonal Fisher of every float parameter of `model`: mean over the examples n of
     (d loss_n / d theta)^2, with loss_n = -log p(y_n | x_n) of each example on its own (per-example gradients).
@@ -227,10 +244,7 @@ def collect_fisher(
     The sum is accumulated in fp32: its terms are non-negative, so nothing cancels."""
     inputs = _inputs(batches, samples)
     device = device or next(model.parameters()).device
-    if labels not in ("sample", "batch"):
-        raise SpliceError(f"`labels` must be 'sample' or 'batch', got {labels!r}")
-    if labels == "batch" and (isinstance(inputs.batch, torch.Tensor) or "labels" not in inputs.batch):
-        raise SpliceError("`labels='batch'` needs a `labels` entry in the `data` batch; or use `labels='sample'`")
+    check_labels(labels, inputs)
     stored = _stored_names(model)
     parameters = {
         stored[name]: parameter
@@ -241,6 +255,8 @@ def collect_fisher(
     sums = {name: torch.zeros_like(parameter, dtype=torch.float32) for name, parameter in parameters.items()}
     training, wanted = model.training, {name: p.requires_grad for name, p in parameters.items()}
     model.eval()
+    progress = progress or NoProgress()
+    progress.start("collecting the Fisher (one backward per example)", inputs.count, 0, unit="samples")
     try:
         for parameter in parameters.values():
             parameter.requires_grad_(True)
@@ -250,7 +266,9 @@ def collect_fisher(
             for name, parameter in parameters.items():
                 if parameter.grad is not None:
                     sums[name].add_(parameter.grad.detach().float().square())
+            progress.advance(1, 0)
     finally:
+        progress.finish()
         model.zero_grad(set_to_none=True)
         for name, parameter in parameters.items():
             parameter.requires_grad_(wanted[name])

@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
 from splice.errors import RecipeError
 from splice.merge.kernels import TensorParameters, weighted_average
-from splice.merge.stats.solve import WeightLayout, fisher_average, regmean
+from splice.merge.stats.solve import WeightLayout, check_alpha, check_epsilon, fisher_average, regmean
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.stream import Kernel, StreamItem, all_finite
 
@@ -116,6 +117,7 @@ def plan_data_merge(
             rules[name] = Rule.fallback
             items.append(item)
             continue
+        _check_range(method, parameters_for(name))
         layout = _layout(method, name, stats)
         for s, key in found:
             _check_shape(method, name, item.output.shape, tuple(s.checkpoint.tensors[key].shape), layout, s.label)
@@ -125,6 +127,14 @@ def plan_data_merge(
     labels = [s.label for s in stats]
     kernel = _kernel(method, rules, merged, parameters_for, base_index, _transposed(stats), labels, solves)
     return DataPlan(items, rules, kernel, solves)
+
+
+def _check_range(method: str, parameters: Mapping[str, Any]) -> None:
+    """The method's one parameter its kernel would otherwise refuse mid-merge."""
+    if method == "regmean":
+        check_alpha(parameters["alpha"])
+    else:
+        check_epsilon(parameters["epsilon"])
 
 
 def _layout(method: str, name: str, stats: Sequence[StoredStats]) -> WeightLayout | None:

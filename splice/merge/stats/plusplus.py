@@ -17,7 +17,14 @@ from splice.merge.stats.walk import Partition, regmean_plusplus
 from splice.options import RunOptions
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.safetensors import OutputTensor
-from splice.tensors.stream import OutputExtras, StreamReport, WriteBehind, publish_model, refuse_new_non_finite
+from splice.tensors.stream import (
+    OutputExtras,
+    StreamReport,
+    WriteBehind,
+    publish_model,
+    read_where_held,
+    refuse_new_non_finite,
+)
 
 METHOD = "regmean_plusplus"
 
@@ -105,15 +112,11 @@ def _tensors(
         for output in outputs[position : position + len(part.tensors)]:
             tensor = part.tensors[output.name].to(output.dtype)
             if tensor.is_floating_point():
-                refuse_new_non_finite(output.name, tensor, partial(_read_all, request.checkpoints, output.name))
+                refuse_new_non_finite(output.name, tensor, partial(read_where_held, output.name, request.checkpoints))
             yield output.name, tensor
         position += len(part.tensors)
         solves.extend(part.solved)
         averaged.extend(part.averaged)
-
-
-def _read_all(checkpoints: Sequence[Checkpoint], name: str) -> list[torch.Tensor]:
-    return [checkpoint.read(name) for checkpoint in checkpoints]
 
 
 def _report(solves: Sequence[LayerSolve], averaged: Sequence[str]) -> DataMergeReport:

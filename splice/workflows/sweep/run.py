@@ -34,7 +34,9 @@ from splice.tensors.writer import check_report_dir, refuse_overlap, write_report
 from splice.workflows.merge import merge
 from splice.workflows.references import (
     open_model_references,
+    recorded_hook,
     recorded_reference,
+    recorded_statistics,
     reference_locations,
     resolve_reference,
 )
@@ -325,8 +327,8 @@ def _search(
 
 
 def _with_absolute_inputs(loaded: Sweep) -> Sweep:
-    """The sweep with local model paths in its recipe made absolute: a worker (a Ray task above all) may run in
-    another directory, and best_recipe.yaml then runs from anywhere."""
+    """The sweep with local model paths (and statistics directories, data-hook files) in its recipe made absolute: a
+    worker (a Ray task above all) may run in another directory, and best_recipe.yaml then runs from anywhere."""
     recipe = dict(loaded.recipe)
 
     def absolute(location: Any) -> Any:
@@ -337,11 +339,15 @@ def _with_absolute_inputs(loaded: Sweep) -> Sweep:
             reference = reference_text(reference)
         return recorded_reference(reference) if isinstance(reference, str) else reference
 
+    def absolute_entry(entry: dict) -> dict:
+        entry = {**entry, "model": absolute_reference(entry.get("model"))}
+        for key, recorded in (("stats", recorded_statistics), ("data", recorded_hook)):
+            if isinstance(entry.get(key), str):
+                entry[key] = recorded(entry[key])
+        return entry
+
     if isinstance(recipe.get("models"), list):
-        recipe["models"] = [
-            {**entry, "model": absolute_reference(entry.get("model"))} if isinstance(entry, dict) else entry
-            for entry in recipe["models"]
-        ]
+        recipe["models"] = [absolute_entry(entry) if isinstance(entry, dict) else entry for entry in recipe["models"]]
     if "base_model" in recipe:
         recipe["base_model"] = absolute_reference(recipe["base_model"])
     if isinstance(recipe.get(PORT_KEY), dict):
