@@ -17,11 +17,27 @@ def top_magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | No
     count = delta.numel()
     if density <= 0 or count == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    k = max(1, int(density * count))
-    magnitudes = delta.abs().reshape(-1)
-    threshold = magnitudes.kthvalue(count - k + 1).values
-    keep = magnitudes > threshold
-    missing = k - int(keep.sum())
-    if missing:
-        keep[(magnitudes == threshold).nonzero().squeeze(1)[:missing]] = True
-    return keep.view_as(delta)
+    return top_k_over({"": delta.abs()}, max(1, int(density * count)))[""]
+
+
+def top_k_over(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Where the k largest scores of all the tensors together are, one boolean mask per tensor: exactly k entries in
+    all (k is capped by the entries there are). Ties at the k-th score are kept in the tensors' order, lowest index
+    first, so the result is deterministic."""
+    if not scores:
+        return {}
+    parts = [score.reshape(-1) for score in scores.values()]
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)  # one tensor (a merge's trim): no copy
+    k = max(0, min(k, flat.numel()))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if k:
+        threshold = flat.kthvalue(flat.numel() - k + 1).values
+        keep = flat > threshold
+        missing = k - int(keep.sum())
+        if missing:
+            keep[(flat == threshold).nonzero().squeeze(1)[:missing]] = True
+    masks, start = {}, 0
+    for name, score in scores.items():
+        masks[name] = keep[start : start + score.numel()].view(score.shape)
+        start += score.numel()
+    return masks
