@@ -397,7 +397,8 @@ def stream_to_memory(
     run = run or RunOptions()
     units = work_units(plan, False, run.chunk_bytes, kernel.passes_through)  # whole tensors: nothing to assemble
     progress = run.reporter
-    progress.start(description, len(plan), sum(item.input_bytes for item in plan))
+    total_in = sum(item.input_bytes for item in plan)
+    progress.start(description, len(plan), total_in)
     state: dict[str, torch.Tensor] = {}
     try:
         for unit, result in computed(units, kernel, resolve_device(run.device), run):
@@ -448,7 +449,8 @@ def run_stream(
                 behind.submit(unit.item.output.name, result, unit.rows)
 
     progress = run.reporter
-    progress.start(description, len(plan), sum(item.input_bytes for item in plan))
+    total_in = sum(item.input_bytes for item in plan)
+    progress.start(description, len(plan), total_in)
     try:
         return publish_model(
             [item.output for item in plan],
@@ -458,7 +460,7 @@ def run_stream(
             run=run,
             out_dtype=out_dtype,
             extras=extras,
-            bytes_read=sum(item.input_bytes for item in plan),
+            bytes_read=total_in,
         )
     finally:
         progress.finish()

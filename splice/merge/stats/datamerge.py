@@ -102,7 +102,7 @@ def plan_data_merge(
     `stats[k]` are those of input `merged[k]`. A tensor some models have statistics for and others not, or whose
     statistic has the wrong shape, is refused by name."""
     rule_of = Rule(method)
-    items, rules = [], {}
+    items, rules, layouts = [], {}, {}
     for item in plan:
         name = item.output.name
         keys = [s.key(name) if item.output.dtype.is_floating_point else None for s in stats]
@@ -119,13 +119,15 @@ def plan_data_merge(
             continue
         _check_range(method, parameters_for(name))
         layout = _layout(method, name, stats)
+        if layout is not None:
+            layouts[name] = layout
         for s, key in found:
             _check_shape(method, name, item.output.shape, tuple(s.checkpoint.tensors[key].shape), layout, s.label)
         rules[name] = rule_of
         items.append(StreamItem(item.output, (*item.sources, *((s.checkpoint, key) for s, key in found))))
     solves: list[LayerSolve] = []
     labels = [s.label for s in stats]
-    kernel = _kernel(method, rules, merged, parameters_for, base_index, _transposed(stats), labels, solves)
+    kernel = _kernel(method, rules, merged, parameters_for, base_index, layouts, labels, solves)
     return DataPlan(items, rules, kernel, solves)
 
 
@@ -163,17 +165,13 @@ def _check_shape(
         )
 
 
-def _transposed(stats: Sequence[StoredStats]) -> frozenset[str]:
-    return frozenset().union(*(s.transposed for s in stats))
-
-
 def _kernel(
     method: str,
     rules: Mapping[str, Rule],
     merged: Sequence[int],
     parameters_for: TensorParameters,
     base_index: int | None,
-    transposed: frozenset[str],
+    layouts: Mapping[str, WeightLayout],  # each regmean weight's, from the statistics (checked when planned)
     labels: Sequence[str],
     solves: list[LayerSolve],
 ) -> Kernel:
@@ -194,8 +192,7 @@ def _kernel(
                 )
         if rule is Rule.fisher:
             return fisher_average(models, statistics, weights, parameters["epsilon"], name)
-        layout = WeightLayout.in_out if name in transposed else WeightLayout.out_in
-        solved = regmean(models, statistics, parameters["alpha"], layout, name)
+        solved = regmean(models, statistics, parameters["alpha"], layouts[name], name)
         solves.append(LayerSolve(name, solved.condition, solved.pseudo_inverse))
         return solved.weight
 
