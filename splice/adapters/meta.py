@@ -75,6 +75,9 @@ class MaskSettings(BaseModel):
     density: FiniteFloat | None = None
 
 
+Statistic = Literal["gram", "fisher"]  # what a stats artifact holds: input Gram matrices, or Fisher diagonals
+
+
 class StatsSettings(BaseModel):
     """What a statistics artifact holds and how it was collected, strictly typed (the merges read it).
 
@@ -85,7 +88,7 @@ class StatsSettings(BaseModel):
       examples; `labels` says whether they were sampled from the model or given by the data."""
 
     model_config = ConfigDict(extra="allow")
-    statistic: Literal["gram", "fisher"]
+    statistic: Statistic
     samples: PositiveInt
     data: str = ""
     tokens: dict[str, Annotated[StrictInt, Field(ge=0)]] = {}

@@ -7,21 +7,21 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 from typing_extensions import Unpack
 
 from splice.adapters.fingerprint import compare_base, fingerprint_base
 from splice.adapters.kinds.stats import COLLECT
-from splice.adapters.meta import PatchKind, PatchMeta, StatsSettings
+from splice.adapters.meta import PatchKind, PatchMeta, Statistic, StatsSettings
 from splice.adapters.patch import Patch, StoredTensors
 from splice.errors import SpliceError
-from splice.hooks import hook_name
+from splice.hooks import hook_name, load_callable
 from splice.merge.fusion.activations import DataSource, load_inputs
-from splice.merge.stats.collect import Loss, check_labels, collect_fisher, collect_grams, live_model
+from splice.merge.stats.collect import Labels, Loss, check_labels, collect_fisher, collect_grams, live_model
 from splice.merge.stats.datamerge import StoredStats
 from splice.options import RunKeywords, RunOptions, run_options
 from splice.progress import Progress
@@ -35,8 +35,7 @@ from splice.tensors.views import MappedCheckpoint
 from splice.tensors.writer import ensure_output_free
 from splice.workflows.port import is_registry_ref
 
-Statistic = Literal["gram", "fisher"]
-STATISTICS: tuple[Statistic, ...] = ("gram", "fisher")
+STATISTICS: tuple[Statistic, ...] = get_args(Statistic)
 
 
 @dataclass
@@ -49,7 +48,6 @@ class StatsOutcome:
     pushed: VersionManifest | None = None
     push_stats: PushStats | None = None
     nbytes: int = 0  # of the stored tensors
-    warnings: list[str] = field(default_factory=list)
 
 
 def collect_stats(
@@ -64,7 +62,7 @@ def collect_stats(
     registry: Registry | str | None = None,
     samples: int | None = None,
     loss: str | Loss | None = None,
-    labels: Literal["sample", "batch"] = "sample",
+    labels: Labels = "sample",
     seed: int = 0,
     run: RunOptions | None = None,
     **run_keywords: Unpack[RunKeywords],
@@ -102,7 +100,7 @@ def collect_stats(
     if kind == "fisher":
         check_labels(labels, inputs)
     started = time.perf_counter()
-    network = live_model(str(model), device, run.storage_options)
+    network = live_model(checkpoint, device)
     if kind == "gram":
         tensors, settings = _grams(network, inputs, device, run.progress)
     else:
@@ -133,11 +131,7 @@ def collect_stats(
 
 
 def _loss(loss: str | Loss | None) -> Loss | None:
-    if isinstance(loss, str):
-        from splice.hooks import load_callable
-
-        return load_callable(loss, option="`loss`")
-    return loss
+    return load_callable(loss, option="`loss`") if isinstance(loss, str) else loss
 
 
 def _grams(
@@ -159,7 +153,7 @@ def _fishers(
     network: torch.nn.Module,
     inputs: Any,
     loss: Loss | None,
-    labels: Literal["sample", "batch"],
+    labels: Labels,
     seed: int,
     device: torch.device,
     progress: Progress | None,
@@ -179,12 +173,12 @@ def open_statistics(
     model: Checkpoint,
     statistic: str,
     storage_options: dict | None = None,
-    registry: Registry | str | None = None,
 ) -> StoredStats:
     """The statistics a recipe's `stats:` names (a statistics directory or URL, or a registry ref: name, name@3,
-    name@prod), refused unless they are `statistic` statistics collected on `model` (checked by fingerprint)."""
+    name@prod; in `SPLICE_REGISTRY`, else the default registry), refused unless they are `statistic` statistics
+    collected on `model` (checked by fingerprint)."""
     if is_registry_ref(reference):
-        store = open_registry(registry, storage_options)
+        store = open_registry(None, storage_options)
         version = store.resolve(reference)
         patch = store.load(version.ref)
         infos = {

@@ -24,6 +24,7 @@ from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.stream import read_floats
 
 Loss = Callable[[Any, torch.Tensor], torch.Tensor]  # (model outputs, the example's labels) -> scalar
+Labels = Literal["sample", "batch"]  # a Fisher's labels: sampled from the model, or the batch's
 
 
 @dataclass
@@ -54,14 +55,17 @@ class Fisher:
     labels: str = "sample"
 
 
-def live_model(location: str, device: torch.device, storage_options: dict | None = None) -> torch.nn.Module:
-    """The transformers model stored at `location` (its config's first `architectures` class), in fp32, eval."""
-    checkpoint = Checkpoint.open(location, storage_options)
+def live_model(model: str | Checkpoint, device: torch.device, storage_options: dict | None = None) -> torch.nn.Module:
+    """The transformers model stored at `model` (a location, or its opened checkpoint; its config's first
+    `architectures` class), in fp32, eval."""
+    checkpoint = model if isinstance(model, Checkpoint) else Checkpoint.open(model, storage_options)
     config = checkpoint.config()
     classes = (config or {}).get("architectures") or []
     if config is None or not classes:
-        raise SpliceError(f"{location}: no config.json naming its transformers class; statistics need a live model")
-    return build_model(classes[0], config, read_floats(checkpoint, device), device, location)
+        raise SpliceError(
+            f"{checkpoint.location}: no config.json naming its transformers class; statistics need a live model"
+        )
+    return build_model(classes[0], config, read_floats(checkpoint, device), device, checkpoint.location)
 
 
 def _inputs(batches: Inputs | DataSource, samples: int | None) -> Inputs:
@@ -220,7 +224,7 @@ def collect_fisher(
     model: torch.nn.Module,
     batches: Inputs | DataSource,
     loss: Loss | None = None,
-    labels: Literal["sample", "batch"] = "sample",
+    labels: Labels = "sample",
     samples: int | None = None,
     seed: int = 0,
     device: torch.device | None = None,
