@@ -14,6 +14,18 @@ ARCHITECTURES = ("bert", "vit", "gpt2", "llama")
 pytest_plugins = ["strict_skips"]
 
 
+# the tiny Llama-style decoder's settings (Llama, Mistral, Qwen2; tests vary them with `{**TINY_DECODER, ...}`)
+TINY_DECODER = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=32,
+)
+
+
 def tiny_model(arch: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     if arch == "bert":
@@ -44,15 +56,7 @@ def tiny_model(arch: str, seed: int) -> torch.nn.Module:
             vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
         )
         return transformers.GPT2LMHeadModel(config)
-    decoder = dict(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
+    decoder = TINY_DECODER
     if arch == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**decoder))
     if arch == "mistral":

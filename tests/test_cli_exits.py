@@ -212,6 +212,18 @@ def test_ctrl_c_after_the_output_was_published_says_so(make_models, tmp_path):
     assert (out / "config.json").exists() and Registry.open(registry).resolve("x@1").version == 1
 
 
+def two_linear_stages(path: Path, first: Path, second: Path, third: Path) -> Path:
+    """A two-stage recipe file: stage s1 averages `first` and `second`, the final stage averages s1 and `third`."""
+    stages = [
+        {"name": "s1", "merge_method": "linear", "models": [str(first), str(second)]},
+        {"merge_method": "linear", "models": ["s1", str(third)]},
+    ]
+    for stage in stages:
+        stage["models"] = [{"model": model, "parameters": {"weight": 0.5}} for model in stage["models"]]
+    path.write_text(yaml.safe_dump_all(stages))
+    return path
+
+
 def refused_in_one_line(cases: dict[tuple, str], tmp_path: Path) -> None:
     """Each command (args -> a needle of its error) exits 2 with one `error:` line, and writes neither output `a`
     nor `b` under `tmp_path` (nor a hidden staging directory of theirs)."""
@@ -228,28 +240,7 @@ def test_new_merge_commands_refuse_bad_input_in_one_line(make_models, tmp_path):
     not in the file."""
     base, tuned = make_models("bert", 2)
     splice.extract_patch(base, tuned, "delta").save(tmp_path / "patch")
-    stages = tmp_path / "stages.yml"
-    stages.write_text(
-        yaml.safe_dump_all(
-            [
-                {
-                    "name": "s1",
-                    "merge_method": "linear",
-                    "models": [
-                        {"model": str(base), "parameters": {"weight": 0.5}},
-                        {"model": str(tuned), "parameters": {"weight": 0.5}},
-                    ],
-                },
-                {
-                    "merge_method": "linear",
-                    "models": [
-                        {"model": "s1", "parameters": {"weight": 0.5}},
-                        {"model": str(base), "parameters": {"weight": 0.5}},
-                    ],
-                },
-            ]
-        )
-    )
+    stages = two_linear_stages(tmp_path / "stages.yml", base, tuned, base)
     cases = {
         ("patch", "merge", tmp_path / "patch", "--method", "slerp", "--out", tmp_path / "a"): "slerp interpolates",
         ("merge", stages, "--out", tmp_path / "b", "--stage", "s2"): "s2",
@@ -261,28 +252,7 @@ def test_ctrl_c_during_a_patch_merge_and_a_stage_exits_130_and_publishes_nothing
     base, first, second = make_models("bert", 3)
     for name, tuned in (("p1", first), ("p2", second)):
         splice.extract_patch(base, tuned, "delta").save(tmp_path / name)
-    stages = tmp_path / "stages.yml"
-    stages.write_text(
-        yaml.safe_dump_all(
-            [
-                {
-                    "name": "s1",
-                    "merge_method": "linear",
-                    "models": [
-                        {"model": str(base), "parameters": {"weight": 0.5}},
-                        {"model": str(first), "parameters": {"weight": 0.5}},
-                    ],
-                },
-                {
-                    "merge_method": "linear",
-                    "models": [
-                        {"model": "s1", "parameters": {"weight": 0.5}},
-                        {"model": str(second), "parameters": {"weight": 0.5}},
-                    ],
-                },
-            ]
-        )
-    )
+    stages = two_linear_stages(tmp_path / "stages.yml", base, first, second)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     commands = {

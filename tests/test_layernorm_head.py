@@ -14,7 +14,7 @@ from splice.adapters.apply import apply_patches
 from splice.adapters.extract import extraction
 from splice.adapters.patch import Patch
 
-from conftest import save, tiny_model
+from conftest import TINY_DECODER, save, tiny_model
 from helpers import load_dir, run_cli
 
 
@@ -25,17 +25,7 @@ def classifier(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if arch == "llama":
         return transformers.LlamaForSequenceClassification(
-            transformers.LlamaConfig(
-                vocab_size=64,
-                hidden_size=16,
-                intermediate_size=24,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                max_position_embeddings=32,
-                num_labels=3,
-                pad_token_id=0,
-            )
+            transformers.LlamaConfig(**TINY_DECODER, num_labels=3, pad_token_id=0)
         )
     return transformers.GPT2ForSequenceClassification(
         transformers.GPT2Config(

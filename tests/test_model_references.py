@@ -34,7 +34,7 @@ from splice.errors import CheckpointError, PatchError, RecipeError, SpliceError
 from splice.merge.recipe import Recipe, parse_recipe
 from splice.tensors.checkpoint import Checkpoint
 
-from conftest import perturbed, save, tiny_model
+from conftest import TINY_DECODER, perturbed, save, tiny_model
 from helpers import load_dir, run_cli
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"]
@@ -308,16 +308,7 @@ def test_hf_urls_offline_are_one_line(world, hub, tmp_path):
 
 def foreign_adapter(where: Path, **config) -> Path:
     """A peft adapter made on a Llama shaped otherwise than the tiny base."""
-    settings = dict(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**(settings | config)))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**(TINY_DECODER | config)))
     peft_adapter(model, where)
     return where
 

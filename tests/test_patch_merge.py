@@ -31,7 +31,7 @@ from splice.merge.task_vectors import TASK_VECTOR_METHODS, task_vector_merge
 from splice.registry.store import Registry
 from splice.tensors.checkpoint import Checkpoint
 
-from conftest import perturbed, save, tiny_model
+from conftest import TINY_DECODER, perturbed, save, tiny_model
 from helpers import load_dir, run_cli
 
 WEIGHTS = [1.0, 0.5, 0.7]
@@ -453,15 +453,7 @@ def test_a_gradient_is_placed_by_the_bases_depth(tmp_path):
     """Patches that change only layers 0 and 1 of a 4-layer model: a gradient's t comes from the model's depth (given
     by `base`), as the full merge places it; without the base a gradient is refused, not spread over 2 layers."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=32,
-    )
+    config = transformers.LlamaConfig(**{**TINY_DECODER, "num_hidden_layers": 4, "num_key_value_heads": 2})
     base = transformers.LlamaForCausalLM(config)
     base.save_pretrained(tmp_path / "base")
     adapters, tuned = [], []

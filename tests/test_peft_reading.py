@@ -19,7 +19,7 @@ from splice.adapters.live import apply_patch
 from splice.adapters.patch import PatchError
 from splice.workflows.port import port
 
-from conftest import example_inputs, save, tiny_model
+from conftest import TINY_DECODER, example_inputs, save, tiny_model
 from helpers import load_dir
 
 # arch -> (LoRA targets, modules_to_save: a head, a pooler, whole layers with biases)
@@ -35,19 +35,7 @@ def biased_tiny_model(arch: str) -> torch.nn.Module:
     if arch != "llama":
         return tiny_model(arch, 0)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=32,
-            attention_bias=True,
-            mlp_bias=True,
-        )
-    )
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER, attention_bias=True, mlp_bias=True))
 
 
 def trained_adapter(base: torch.nn.Module, config: LoraConfig, inputs: dict[str, torch.Tensor]):

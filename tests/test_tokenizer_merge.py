@@ -26,7 +26,7 @@ from splice.errors import IncompatibleModelsError, RecipeError, SpliceError
 from splice.merge.tokenizer import TokenizerRequest, TokenizerSection, bundled_chat_templates, prepare_inputs
 from splice.tensors.checkpoint import Checkpoint
 
-from conftest import perturbed
+from conftest import TINY_DECODER, perturbed
 from helpers import load_dir
 
 VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")
@@ -58,16 +58,7 @@ def bpe_tokenizer(words: list[str], added: list[str]) -> transformers.PreTrained
 
 def llama(rows: int, seed: int, tied: bool = False) -> transformers.LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=rows,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=tied,
-    )
+    config = transformers.LlamaConfig(**{**TINY_DECODER, "vocab_size": rows}, tie_word_embeddings=tied)
     return transformers.LlamaForCausalLM(config)
 
 

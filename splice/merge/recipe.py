@@ -708,7 +708,7 @@ def merge(
         out_dtype=planned.out_dtype,
         extras=replace(
             planned.extras,
-            metadata={"splice_merge_method": recipe.merge_method},
+            metadata=extras.metadata,
             files={**(planned.extras.files or {}), **(files or {})},
         ),
         description=description or f"{recipe.merge_method} merge",
