@@ -96,7 +96,7 @@ def collect_stats(
     loss_function = _loss(loss)
     device = resolve_device(run.device)
     checkpoint = Checkpoint.open(model, run.storage_options)
-    inputs = load_inputs(data, samples if samples is not None else 2**62, str(model))
+    inputs = load_inputs(data, samples, str(model))
     if kind == "fisher":
         check_labels(labels, inputs)
     started = time.perf_counter()

@@ -84,11 +84,11 @@ def _to(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def load_inputs(data: DataSource, samples: int, anchor_location: str) -> Inputs:
-    """The first `samples` inputs of `data`: a batch (a mapping of tensors, or a tensor), a function returning
-    one, or 'MODULE:FUNCTION' / 'file.py:FUNCTION' naming such a function. A function that takes an argument
-    gets the anchor model's location (to load its tokenizer or processor). `samples` >= 1 (`FusionOptions`
-    checks it)."""
+def load_inputs(data: DataSource, samples: int | None, anchor_location: str) -> Inputs:
+    """The first `samples` inputs of `data` (all of them: None): a batch (a mapping of tensors, or a tensor), a
+    function returning one, or 'MODULE:FUNCTION' / 'file.py:FUNCTION' naming such a function. A function that takes
+    an argument gets the anchor model's location (to load its tokenizer or processor). `samples` >= 1 (its callers
+    check it)."""
     if isinstance(data, str):
         data = load_callable(data, option="`data`")
     elif callable(data) and not isinstance(data, (torch.Tensor, Mapping)):
@@ -99,7 +99,7 @@ def load_inputs(data: DataSource, samples: int, anchor_location: str) -> Inputs:
     if isinstance(data, torch.Tensor):
         if data.dim() == 0 or len(data) == 0:
             raise SpliceError("`data` returned an empty tensor; return a batch of model inputs")
-        count = min(samples, len(data))
+        count = len(data) if samples is None else min(samples, len(data))
         return Inputs(data[:count], count)
     if isinstance(data, Mapping):
         tensors = {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}
@@ -109,7 +109,7 @@ def load_inputs(data: DataSource, samples: int, anchor_location: str) -> Inputs:
                 "`data` must return model inputs with one batch size on dim 0, e.g. "
                 "{'input_ids': LongTensor[N, T], 'attention_mask': ...} or {'pixel_values': ...}"
             )
-        count = min(samples, lengths.pop())
+        count = lengths.pop() if samples is None else min(samples, lengths.pop())
         return Inputs(
             {key: value[:count] if isinstance(value, torch.Tensor) else value for key, value in data.items()}, count
         )

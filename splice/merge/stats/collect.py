@@ -71,7 +71,7 @@ def live_model(model: str | Checkpoint, device: torch.device, storage_options: d
 def _inputs(batches: Inputs | DataSource, samples: int | None) -> Inputs:
     if isinstance(batches, Inputs):
         return batches
-    return load_inputs(batches, samples if samples is not None else 2**62, "")
+    return load_inputs(batches, samples, "")
 
 
 def _stored_names(model: torch.nn.Module) -> dict[str, str]:
