@@ -28,7 +28,7 @@ from splice.arch.names import stored_to_module_names
 from splice.arch.skeleton import parameters_on_meta, place, unplace
 from splice.errors import SpliceError
 from splice.merge.fusion.activations import BATCH_SIZE, Inputs, model_from_config
-from splice.merge.stats.collect import linear_layers, run_batch
+from splice.merge.stats.collect import linear_layers, run_batch, transformers_class
 from splice.tensors.checkpoint import Checkpoint
 
 RUNNABLE = {"vit": "ViT", "bert": "BERT", "gpt2": "GPT-2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
@@ -98,14 +98,8 @@ def _moved(value: Any, device: torch.device, memo: dict[int, Any]) -> Any:
 
 
 def _class_of(checkpoint: Checkpoint) -> tuple[dict[str, Any], str, str]:
-    config = checkpoint.config()
-    classes = (config or {}).get("architectures") or []
-    if config is None or not classes:
-        raise SpliceError(
-            f"regmean_plusplus: {checkpoint.location}: no config.json naming its transformers class; "
-            "RegMean++ runs the model"
-        )
-    return config, classes[0], str(config.get("model_type"))
+    config, class_name = transformers_class(checkpoint, "regmean_plusplus runs the model")
+    return config, class_name, str(config.get("model_type"))
 
 
 class TransformersBlocks:

@@ -59,13 +59,18 @@ def live_model(model: str | Checkpoint, device: torch.device, storage_options: d
     """The transformers model stored at `model` (a location, or its opened checkpoint; its config's first
     `architectures` class), in fp32, eval."""
     checkpoint = model if isinstance(model, Checkpoint) else Checkpoint.open(model, storage_options)
+    config, class_name = transformers_class(checkpoint, "statistics need a live model")
+    return build_model(class_name, config, read_floats(checkpoint, device), device, checkpoint.location)
+
+
+def transformers_class(checkpoint: Checkpoint, why: str) -> tuple[dict[str, Any], str]:
+    """(config.json, the first class its `architectures` names), or one line saying there is none and `why` one is
+    needed."""
     config = checkpoint.config()
     classes = (config or {}).get("architectures") or []
     if config is None or not classes:
-        raise SpliceError(
-            f"{checkpoint.location}: no config.json naming its transformers class; statistics need a live model"
-        )
-    return build_model(classes[0], config, read_floats(checkpoint, device), device, checkpoint.location)
+        raise SpliceError(f"{checkpoint.location}: no config.json naming its transformers class; {why}")
+    return config, classes[0]
 
 
 def _inputs(batches: Inputs | DataSource, samples: int | None) -> Inputs:

@@ -238,7 +238,8 @@ def _walk(
                 for chunk in task:
                     chunk.hidden = stack.run(index, chunk)
             stack.unload(index)
-        averaged = tuple(name for name in names if name not in {s.tensor for s in solved})
+        solved_names = {s.tensor for s in solved}
+        averaged = tuple(name for name in names if name not in solved_names)
         yield MergedPart(f"block {index}", _cpu(merged), tuple(solved), averaged)
         del merged
         progress.advance(1, 0)
