@@ -39,6 +39,11 @@ FLAGS: dict[str, str] = {
     "mask_scope": "--mask-scope",
     "mask_values": "--mask-values",
     "include": "--include",
+    # patch extract --localize
+    "steps": "--steps",
+    "lr": "--lr",
+    "l1": "--l1",
+    "head": "--head",
     "allow_base_drift": "--allow-base-drift",
     # patch merge
     "method": "--method",

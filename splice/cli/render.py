@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from splice.workflows.continual.report import ContinualReport
     from splice.workflows.deploy import DeploymentRecord
     from splice.workflows.inspect import ModelSummary, PatchSummary
+    from splice.workflows.localize import Localization
     from splice.workflows.patch_merge import PatchMergeReport
     from splice.workflows.stages import StagesReport
     from splice.workflows.sweep.results import SweepReport
@@ -521,3 +522,26 @@ def _sweep_value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return "" if value is None else str(value)
+
+
+def localization_table(outcome: Localization, out: object) -> Table:
+    """The test-split scores of the fine-tune, the learned and magnitude grafts and the pretrained model, with the
+    share of the fine-tune's accuracy each keeps."""
+    names = {
+        "fine_tuned": "fine-tune",
+        "learned_graft": "learned graft",
+        "magnitude_graft": "magnitude graft",
+        "pretrained": "pretrained",
+    }
+    tuned = outcome.scores["fine_tuned"].accuracy
+    rows = [
+        [names[name], f"{s.accuracy:.4f}", f"{s.ece:.4f}", _percent(s.accuracy / tuned if tuned else None)]
+        for name, s in outcome.scores.items()
+    ]
+    carried = f"; head carried whole ({len(outcome.carried)} tensors)" if outcome.carried else ""
+    title = (
+        f"localized mask patch -> {out}: {outcome.selected:,} of {outcome.eligible:,} layer entries "
+        f"({outcome.selected / outcome.parameters:.4%} of the model){carried}; best step {outcome.best_step} of "
+        f"{len(outcome.losses) - 1}, {outcome.seconds:.1f} s"
+    )
+    return table(title, ["model", "test accuracy", "ECE", "of the fine-tune's accuracy"], rows)

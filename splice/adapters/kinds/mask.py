@@ -63,7 +63,7 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return bits.reshape(-1)[:count].reshape(shape)
 
 
-def _sparse_entry(name: str, mask: torch.Tensor, delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def sparse_entry(name: str, mask: torch.Tensor, delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
     entry = {name + MASK_SUFFIX: pack_mask(mask).cpu()}
     if delta is not None:
         entry[name + VALUES_SUFFIX] = delta.reshape(-1)[mask.reshape(-1)].float().cpu()
@@ -122,7 +122,7 @@ def extract_mask(
                 ties -= taken.numel()
         if not mask.any():
             continue
-        tensors.update(_sparse_entry(name, mask, delta if values else None))
+        tensors.update(sparse_entry(name, mask, delta if values else None))
         shapes[name] = list(delta.shape)
         kept[name] = int(mask.sum())
     if not tensors:
