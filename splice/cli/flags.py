@@ -15,6 +15,8 @@ FLAGS: dict[str, str] = {
     "storage_options": "--storage-options",
     "registry": "--registry",
     "report_dir": "--report",
+    # inspect
+    "plot": "--plot",
     # soup, fuse, port and continual predict: the user's hooks
     "evaluate": "--eval",
     "data": "--data",

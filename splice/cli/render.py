@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from splice.workflows.inspect import ModelSummary, PatchSummary
     from splice.workflows.localize import Localization
     from splice.workflows.patch_merge import PatchMergeReport
+    from splice.workflows.placement import MaskPlacement
     from splice.workflows.stages import StagesReport
     from splice.workflows.sweep.results import SweepReport
     from splice.workflows.sweep.study import TrialRecord
@@ -276,7 +277,31 @@ def summary_tables(summary: ModelSummary | PatchSummary) -> list[Table]:
                 for t in summary.tensors
             ],
         ),
+        *([placement_table(summary.placement)] if summary.placement is not None else []),
     ]
+
+
+def placement_table(placement: MaskPlacement) -> Table:
+    """Where a mask patch's entries lie: the entries selected per layer (rows) and module type (columns), with each
+    row's and column's totals and the share of the covered entries selected. The row names and totals are never
+    folded; a narrow terminal folds the module types' names at their dots."""
+    out = Table(
+        title="where the mask's entries lie (entries selected; share: of the entries of the tensors it covers)",
+        title_justify="left",
+    )
+    out.add_column("layer", no_wrap=True)
+    for module in placement.modules:
+        out.add_column(
+            Text.from_markup(plain(module).replace(".", ".\n"), justify="left"), justify="right", overflow="fold"
+        )
+    out.add_column("total", justify="right", no_wrap=True)
+    out.add_column("share", justify="right", no_wrap=True)
+    columns = placement.columns
+    rows = [(row.name, row.cells, row.total) for row in placement.rows] + [("total", columns, placement.total)]
+    for name, cells, total in rows:
+        counts = (f"{cells[m].selected:,}" if m in cells else "" for m in placement.modules)
+        out.add_row(plain(name), *counts, f"{total.selected:,}", f"{total.share:.3g}")
+    return out
 
 
 def model_summary_tables(summary: ModelSummary) -> list[Table]:

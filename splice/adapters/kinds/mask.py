@@ -29,6 +29,7 @@ MASK_SUFFIX = ".mask"
 VALUES_SUFFIX = ".values"
 SCOPES = ("tensor", "model")
 _BIT_WEIGHTS = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8)
+_SET_BITS = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)  # byte -> its set bits
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,27 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The boolean tensor of `shape` that `pack_mask` packed."""
+    count = _packed_entries(packed, shape)
+    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
+    return bits.reshape(-1)[:count].reshape(shape)
+
+
+def count_selected(packed: torch.Tensor, shape: Sequence[int]) -> int:
+    """How many entries of `shape` the packed mask selects: its bytes' set bits, counted without unpacking (the
+    last byte's padding bits left out)."""
+    padding = -_packed_entries(packed, shape) % 8
+    flat = packed.reshape(-1).cpu()
+    if padding:
+        flat = torch.cat([flat[:-1], flat[-1:] & (0xFF >> padding)])
+    return int(torch.bincount(flat, minlength=256) @ _SET_BITS)
+
+
+def _packed_entries(packed: torch.Tensor, shape: Sequence[int]) -> int:
+    """The entries of `shape`, refused unless `packed` holds exactly the bytes they pack into."""
     count = prod(shape)
     if packed.numel() != -(-count // 8):
         raise PatchError(f"a packed mask of {packed.numel()} bytes cannot hold {count} entries of shape {list(shape)}")
-    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
-    return bits.reshape(-1)[:count].reshape(shape)
+    return count
 
 
 def sparse_entry(name: str, mask: torch.Tensor, delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -131,17 +148,23 @@ def extract_mask(
     return Extracted(tensors, list(shapes), sorted(shapes), settings)
 
 
-def mask_steps(patch: PatchContents) -> dict[str, Step]:
-    """A sparse delta adds its values where its mask is set; a bare mask zeroes everything outside it."""
+def covered_shapes(patch: PatchContents) -> dict[str, tuple[int, ...]]:
+    """The tensors a mask patch covers and their shapes (its settings' `shapes`), each checked to have its mask."""
     shapes = patch.meta.settings.get("shapes")
     if not isinstance(shapes, dict):
         raise PatchError("this mask patch's settings have no tensor shapes; it was not written by splice")
     present = set(patch.shapes)
-    steps: dict[str, Step] = {}
-    for name, shape in shapes.items():
-        shape = tuple(shape)
+    for name in shapes:
         if name + MASK_SUFFIX not in present:
             raise PatchError(f"the mask patch lists {name} but holds no {name + MASK_SUFFIX}")
+    return {name: tuple(shape) for name, shape in shapes.items()}
+
+
+def mask_steps(patch: PatchContents) -> dict[str, Step]:
+    """A sparse delta adds its values where its mask is set; a bare mask zeroes everything outside it."""
+    present = set(patch.shapes)
+    steps: dict[str, Step] = {}
+    for name, shape in covered_shapes(patch).items():
         if name + VALUES_SUFFIX in present:
             steps[name] = Step(Effect.add, shape, partial(_add_sparse, patch, name, shape))
         else:
