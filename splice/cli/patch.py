@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -73,19 +73,26 @@ def extract(
             "labelled batches of model inputs (dicts of tensors with int64 'labels').",
         ),
     ] = None,
-    steps: Annotated[int, typer.Option(help="--localize: learning steps (0: the magnitude mask).")] = 20,
+    steps: Annotated[
+        int | None, typer.Option(help="--localize: learning steps (0: the magnitude mask; default 20).")
+    ] = None,
     lr: Annotated[
-        float, typer.Option(help="--localize: how far a step moves the score with the largest gradient.")
-    ] = 30.0,
-    l1: Annotated[float, typer.Option(help="--localize: weight of the sparsity penalty on the relaxed mask.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="--localize: seed of the scores' initialisation.")] = 0,
+        float | None,
+        typer.Option(help="--localize: how far a step moves the score with the largest gradient (default 30)."),
+    ] = None,
+    l1: Annotated[
+        float | None, typer.Option(help="--localize: weight of the sparsity penalty on the relaxed mask (default 0).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="--localize: seed of the scores' initialisation (default 0).")
+    ] = None,
     head: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="--localize: grafts carry the fine-tune's changed classification head ('fine-tuned') or keep the "
-            "pretrained one ('pretrained')."
+            "pretrained one ('pretrained'; default 'fine-tuned')."
         ),
-    ] = "fine-tuned",
+    ] = None,
     description: Annotated[str, typer.Option(help="Free text stored in patch.json.")] = "",
     *,
     shared: Shared,
@@ -95,25 +102,16 @@ def extract(
     grafted onto the base, keeps what it learned on --data."""
     from splice.adapters.extract import extract_patch_to
 
-    if localize or data is not None:
-        _extract_localized(
-            base,
-            tuned,
-            kind,
-            out,
-            data,
-            density,
-            mask_scope,
-            mask_values,
-            steps,
-            lr,
-            l1,
-            seed,
-            head,
-            description,
-            shared,
-        )
+    learning = {"steps": steps, "lr": lr, "l1": l1, "seed": seed, "head": head}
+    if localize:
+        given = {name: value for name, value in learning.items() if value is not None}
+        _extract_localized(base, tuned, kind, out, data, density, mask_scope, mask_values, given, description, shared)
         return
+    stray = [f"--{name}" for name, value in {"data": data, **learning}.items() if value is not None]
+    if stray:
+        from splice.errors import SpliceError
+
+        raise SpliceError(f"{', '.join(stray)} go with --localize (a mask learned on data); add it or leave them out")
     extracted = extract_patch_to(
         out,
         base,
@@ -162,11 +160,7 @@ def _extract_localized(
     density: float | None,
     mask_scope: str,
     mask_values: bool,
-    steps: int,
-    lr: float,
-    l1: float,
-    seed: int,
-    head: str,
+    learning: dict[str, Any],
     description: str,
     shared: Shared,
 ) -> None:
@@ -188,14 +182,10 @@ def _extract_localized(
         tuned,
         data,
         density=density,
-        steps=steps,
-        lr=lr,
-        l1=l1,
-        seed=seed,
-        head=head,  # type: ignore[arg-type]  # checked by localize
         description=description,
         out=out,
         run=shared.run,
+        **learning,
     )
     render.warn(outcome.warnings)
     if shared.as_json:
