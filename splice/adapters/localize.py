@@ -105,9 +105,10 @@ def learn_graft_mask(
         # dL/dS by the chain rule in two halves: dL/dtheta of the grafted model (batch by batch), then back through
         # the graft, theta = theta_pre + gamma(S) * change
         by_parameter = _parameter_gradients(loss, grafted)
-        objective = sum((grafted[name] * by_parameter[name]).sum() for name in grafted)
+        objective = torch.stack([(grafted[name] * by_parameter[name]).sum() for name in grafted]).sum()
         if l1:
-            objective = objective + l1 * sum(g.sum() for g in gamma.values()) / sum(g.numel() for g in gamma.values())
+            entries = sum(g.numel() for g in gamma.values())
+            objective = objective + l1 * torch.stack([g.sum() for g in gamma.values()]).sum() / entries
         gradients = torch.autograd.grad(objective, list(scores.values()))
         largest = max(float(gradient.abs().max()) for gradient in gradients)
         if largest == 0 or largest != largest:  # nothing moves the loss (or it is not a number): no step can help
