@@ -1,8 +1,15 @@
-"""Sparsification shared by merges and patches: keep the largest-magnitude entries."""
+"""Sparsification shared by merges and patches: keep the largest-magnitude entries; masks bit-packed, eight entries
+to a byte (entry 8i+j in bit j of byte i), as mask patches store them and Localize-and-Stitch holds them."""
 
 from __future__ import annotations
 
+from math import prod
+
 import torch
+
+from splice.errors import PatchError
+
+_BIT_WEIGHTS = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8)
 
 
 def top_magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
@@ -41,3 +48,19 @@ def top_k_over(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tenso
         masks[name] = keep[start : start + score.numel()].view(score.shape)
         start += score.numel()
     return masks
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as uint8 bytes, eight entries per byte (flattened, zero-padded)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
+    return (padded * _BIT_WEIGHTS.to(padded.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The boolean tensor of `shape` that `pack_mask` packed."""
+    count = prod(shape)
+    if packed.numel() != -(-count // 8):
+        raise PatchError(f"a packed mask of {packed.numel()} bytes cannot hold {count} entries of shape {list(shape)}")
+    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
+    return bits.reshape(-1)[:count].reshape(shape)
