@@ -107,8 +107,8 @@ def _flattened(base: Path, masks) -> tuple[list[str], list[np.ndarray]]:
 
 def _numpy_stitch(base: Path, tuned, masks) -> dict[str, np.ndarray]:
     """theta_pre + sum_i gamma_i * (theta_i - theta_pre) / max(sum_i gamma_i, 1), in fp32, tasks summed in order."""
-    pretrained = {name: t.numpy() for name, t in load_dir(base).items()}
-    states = [{name: t.numpy() for name, t in load_dir(t).items()} for t in tuned]
+    pretrained = {name: t.float().numpy() for name, t in load_dir(base).items()}
+    states = [{name: t.float().numpy() for name, t in load_dir(t).items()} for t in tuned]
     regions = [_mask_bits(m) for m in masks]
     stitched = {}
     for name, before in pretrained.items():
@@ -156,6 +156,18 @@ def test_overlapping_regions_equal_the_rule_computed_in_numpy(models, tmp_path):
     uncovered = [n for n in pretrained if not any(n in r for r in regions)]
     assert uncovered  # tensors no region covers are the pretrained ones, bit for bit
     assert all(torch.equal(stitched[n], pretrained[n]) for n in uncovered)
+
+
+def test_bf16_sharded_models_stitch_in_fp32_and_round_once(tmp_path):
+    pretrained = tiny_model("bert", 0)
+    base = save(pretrained.to(torch.bfloat16), tmp_path / "base", True)
+    tuned = [save(perturbed(pretrained, i + 1, 0.05).to(torch.bfloat16), tmp_path / f"t{i}", True) for i in range(2)]
+    masks = [_mask_patch(base, t, tmp_path / f"t{i}.mask") for i, t in enumerate(tuned)]  # values: fp32 changes
+    splice.merge(parse_recipe(_recipe(base, tuned, masks)), tmp_path / "stitched")
+    stitched = load_dir(tmp_path / "stitched")
+    for name, value in _numpy_stitch(base, tuned, masks).items():
+        assert stitched[name].dtype == torch.bfloat16
+        assert torch.equal(stitched[name], torch.from_numpy(value).to(torch.bfloat16)), name
 
 
 def test_the_report_against_numpy(models, tmp_path):

@@ -887,7 +887,7 @@ def _planned(
         plan = plan_same_name(checkpoints, out_dtype)
         parameters_for = ParameterResolver(recipe, [item.output.name for item in plan])
         if recipe.merge_method == STITCH:
-            stitched = _stitched(recipe, plan, locations, checkpoints, open_masks, run)
+            stitched = _stitched(recipe, plan, locations, checkpoints, base_index, open_masks, run)
             plan, kernel, method_report = stitched.plan, stitched.kernel, stitched.report
         elif stats:
             merged = [locations.index(model) for model in stats]
@@ -959,6 +959,7 @@ def _stitched(
     plan: list[StreamItem],
     locations: Sequence[str],
     checkpoints: Sequence[Checkpoint],
+    base_index: int | None,
     open_masks: MaskOpener | None,
     run: RunOptions,
 ) -> StitchPlan:
@@ -966,7 +967,7 @@ def _stitched(
     checked against the models' tensors."""
     if open_masks is None:
         raise RecipeError(f"{STITCH} reads mask patches: run it through splice.merge, which opens them")
-    base_index = locations.index(str(recipe.base_model))
+    assert base_index is not None  # the recipe's checks refuse localize_stitch without base_model
     merged = [locations.index(entry.model) for entry in recipe.models]
     base = checkpoints[base_index]
     regions = [open_masks(entry, base, checkpoints[i], run) for entry, i in zip(recipe.models, merged)]
