@@ -48,6 +48,7 @@ _EXPORTS = {
     "fuse": "splice.merge.fusion",
     "greedy_soup": "splice.merge.soup",
     "load_recipe": "splice.merge.recipe",
+    "localize": "splice.workflows.localize",
     "merge": "splice.workflows.merge",
     "merge_patches": "splice.workflows.patch_merge",
     "port": "splice.workflows.port",
@@ -88,6 +89,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs (tests/test_cli_j
     from splice.registry.store import Registry
     from splice.tensors.checkpoint import Checkpoint
     from splice.workflows.deploy import DeploymentRecord, apply_ref, deploy, read_deployment_record
+    from splice.workflows.localize import localize
     from splice.workflows.merge import merge
     from splice.workflows.patch_merge import merge_patches
     from splice.workflows.port import port

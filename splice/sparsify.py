@@ -3,6 +3,7 @@ to a byte (entry 8i+j in bit j of byte i), as mask patches store them and Locali
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from math import prod
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from splice.errors import PatchError
 
 _BIT_WEIGHTS = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8)
+_SET_BITS = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)  # byte -> its set bits
 
 
 def top_magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
@@ -59,8 +61,24 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The boolean tensor of `shape` that `pack_mask` packed."""
+    count = _packed_entries(packed, shape)
+    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
+    return bits.reshape(-1)[:count].reshape(shape)
+
+
+def count_selected(packed: torch.Tensor, shape: Sequence[int]) -> int:
+    """How many entries of `shape` the packed mask selects: its bytes' set bits, counted without unpacking (the
+    last byte's padding bits left out)."""
+    padding = -_packed_entries(packed, shape) % 8
+    flat = packed.reshape(-1).cpu()
+    if padding:
+        flat = torch.cat([flat[:-1], flat[-1:] & (0xFF >> padding)])
+    return int(torch.bincount(flat, minlength=256) @ _SET_BITS)
+
+
+def _packed_entries(packed: torch.Tensor, shape: Sequence[int]) -> int:
+    """The entries of `shape`, refused unless `packed` holds exactly the bytes they pack into."""
     count = prod(shape)
     if packed.numel() != -(-count // 8):
         raise PatchError(f"a packed mask of {packed.numel()} bytes cannot hold {count} entries of shape {list(shape)}")
-    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
-    return bits.reshape(-1)[:count].reshape(shape)
+    return count

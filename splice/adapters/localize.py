@@ -7,10 +7,19 @@ copied): real scores S (uniform in [0, 1), seeded) give the relaxed mask
     gamma(S) = gamma_base + (1 - 2 gamma_base) * sigmoid(S - bias),   bias = 10,
 
 which starts at gamma_base, the top-`density` entries by |theta_ft - theta_pre| over every eligible tensor together,
-and can flip any entry either way; S takes plain gradient steps on the task loss of the grafted model (the paper's
-lr of 1e7 goes with sigmoid'(-10) ~ 4.5e-5), plus `l1` times the mean of gamma (a sparsity penalty the paper's scripts
-leave at 0: sparsity comes from the base mask and the bias). At the end gamma is rounded to exactly `density` of the
-entries: its top k values. With no steps that is gamma_base, the magnitude mask.
+and can flip any entry either way. S takes gradient steps on the task loss of the grafted model, plus `l1` times the
+mean of gamma (a sparsity penalty the paper's scripts leave at 0: sparsity comes from the base mask and the bias).
+
+One departure, in the step's size: the paper's plain step `S -= lr * dL/dS` with lr = 1e7 is tuned to its loss (summed
+over 128 minibatches), its models and its fine-tunes' change sizes; dL/dS scales with all three (on splice's tiny test
+models the paper's lr moves nothing, on a small ViT it overshoots). Here each step is normalised by its largest
+entry, `S -= lr * dL/dS / max|dL/dS|`: `lr` is how far the score with the largest gradient moves, in the sigmoid's
+units (a move of `bias` = 10 takes an entry half way to flipped), and the other scores move in proportion, as in the
+paper's step.
+
+After each step the region is rounded to exactly `density` of the entries (the top k of gamma) and scored by the task
+loss of its graft; the region of the best step is kept (the paper keeps its best step too). With no steps, or when no
+step improves on it, that is gamma_base: the magnitude mask.
 
 This module is the math over tensors: the caller gives the loss of a grafted model as a function of its parameters
 (a live model run with `torch.func.functional_call` over the task's batches).
@@ -30,17 +39,19 @@ GraftLoss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 """(the grafted model's parameters by name, eligible ones only) -> the task loss, differentiable in them."""
 
 SIGMOID_BIAS = 10.0
-PAPER_LR = 1e7
+STEP = 30.0  # the largest score move of a step, in the sigmoid's units
 
 
 @dataclass(frozen=True)
 class LearnedMask:
-    """The learned region (a boolean mask per eligible tensor, `selected` entries in all) and the task loss of the
-    rounded graft at the start (the magnitude mask) and after each step."""
+    """The learned region (a boolean mask per eligible tensor, `selected` entries in all), the task loss of the
+    rounded graft at the start (the magnitude mask) and after each step, and the step whose region was kept (0: the
+    magnitude mask's)."""
 
     masks: dict[str, torch.Tensor]
     selected: int
     losses: list[float]
+    best_step: int
 
 
 def region_size(changes: Mapping[str, torch.Tensor], density: float) -> int:
@@ -67,7 +78,7 @@ def learn_graft_mask(
     *,
     density: float,
     steps: int = 10,
-    lr: float = PAPER_LR,
+    lr: float = STEP,
     l1: float = 0.0,
     seed: int = 0,
 ) -> LearnedMask:
@@ -75,6 +86,8 @@ def learn_graft_mask(
     `loss`, with exactly round(density x entries) entries (see the module)."""
     if steps < 0:
         raise PatchError(f"`steps` must be >= 0, got {steps}")
+    if not lr > 0:
+        raise PatchError(f"`lr` must be > 0, got {lr:g}")
     k = region_size(changes, density)
     base = {name: mask.to(changes[name].dtype) for name, mask in top_k_over(_magnitudes(changes), k).items()}
     generator = torch.Generator().manual_seed(seed)
@@ -82,6 +95,7 @@ def learn_graft_mask(
         name: torch.rand(change.shape, generator=generator, dtype=change.dtype).to(change.device).requires_grad_(True)
         for name, change in changes.items()
     }
+    best = {name: mask.bool() for name, mask in base.items()}
     losses = [_rounded_loss(pretrained, changes, base, loss)]
     for _ in range(steps):
         gamma = _relaxed(base, scores)
@@ -89,11 +103,22 @@ def learn_graft_mask(
         if l1:
             objective = objective + l1 * sum(g.sum() for g in gamma.values()) / sum(g.numel() for g in gamma.values())
         gradients = torch.autograd.grad(objective, list(scores.values()))
+        largest = max(float(gradient.abs().max()) for gradient in gradients)
+        if largest == 0 or largest != largest:  # nothing moves the loss (or it is not a number): no step can help
+            break
         with torch.no_grad():
             for score, gradient in zip(scores.values(), gradients):
-                score.sub_(lr * gradient)
-        losses.append(_rounded_loss(pretrained, changes, _rounded(base, scores, k), loss))
-    return LearnedMask(_rounded(base, scores, k), k, losses)
+                score.sub_(gradient, alpha=lr / largest)
+        region = _rounded(base, scores, k)
+        losses.append(_rounded_loss(pretrained, changes, region, loss))
+        if losses[-1] < min(losses[:-1]):
+            best = region
+    return LearnedMask(best, k, losses, _best(losses))
+
+
+def _best(losses: list[float]) -> int:
+    """The first step with the lowest loss."""
+    return min(range(len(losses)), key=losses.__getitem__)
 
 
 def _magnitudes(changes: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 # the layer container in the names of HF architectures: BERT/ViT `layer`, Llama `layers`, GPT-2 `h`, ...
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -62,3 +62,43 @@ def layer_positions(names: Sequence[str]) -> Callable[[str], float]:
         return index / (count - 1) if count > 1 else 1.0
 
     return position
+
+
+def layer_module(name: str) -> str | None:
+    """The module inside its layer a layer tensor is a parameter of, named as every layer of its stack names it
+    (`bert.encoder.layer.3.attention.self.query.weight` -> `attention.self.query`, `model.layers.0.mlp.up_proj.weight`
+    -> `mlp.up_proj`); a parameter of the layer itself is named by itself. None outside layers."""
+    match = _LAYER_INDEX.search(name)
+    if match is None:
+        return None
+    inside = name[match.end() :]
+    return inside.rpartition(".")[0] or inside
+
+
+def outside_modules(names: Iterable[str]) -> Callable[[str], str]:
+    """Tensor name outside the layers -> the top module it belongs to below the base model that holds the stacks of
+    layers among `names` (`bert.embeddings.LayerNorm.weight` -> `embeddings`, `bert.pooler.dense.weight` -> `pooler`,
+    `classifier.weight` -> `classifier`, Llama's `model.norm.weight` -> `norm`, GPT-2's `transformer.wte.weight` ->
+    `wte`). The base model is the module path every stack's container shares (`bert.encoder.layer.` -> `bert.encoder`;
+    none where an encoder and a decoder, or a vision tower and a language model, have a stack each)."""
+    parents = {tuple(container.split(".")[:-2]) for name in names if (container := layer_container(name)) is not None}
+    shared = list(next(iter(parents))) if parents else []
+    for parent in parents:
+        shared = shared[: _common_length(shared, parent)]
+
+    def module(name: str) -> str:
+        path = name.split(".")[:-1] or [name]
+        below = path[_common_length(shared, path) :]
+        return below[0] if below else path[-1]
+
+    return module
+
+
+def _common_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """How many leading parts `a` and `b` share."""
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count

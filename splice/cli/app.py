@@ -73,20 +73,39 @@ app.command("sweep")(sweep_command)
 @app.command()
 def inspect(
     model: Annotated[str, typer.Argument(help="Model directory, patch or statistics directory, or fsspec URL.")],
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="A mask patch: write the heat map of where its entries lie (layers x module types) here."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the --plot file if it exists.")] = False,
     storage_options: StorageOptions = None,
     as_json: Json = False,
 ) -> None:
     """Shards, tensor and parameter counts, dtypes and LayerNorm modules of a model, and the patch versions
-    it carries if splice deploy wrote it; of a patch or statistics directory, what it holds and for which model."""
-    from splice.workflows.inspect import is_patch_directory, summarize, summarize_patch
+    it carries if splice deploy wrote it; of a patch or statistics directory, what it holds and for which model;
+    of a mask patch, where its entries lie per layer and module type (--plot FILE.png draws it)."""
+    from splice.workflows.inspect import (
+        ModelSummary,
+        PatchSummary,
+        is_patch_directory,
+        plot_placement,
+        summarize,
+        summarize_patch,
+    )
 
     options = parse_storage_options(storage_options)
-    summary = summarize_patch(model, options) if is_patch_directory(model, options) else summarize(model, options)
+    summary: PatchSummary | ModelSummary
+    if plot is not None:
+        summary = plot_placement(model, plot, force, options)
+    else:
+        summary = summarize_patch(model, options) if is_patch_directory(model, options) else summarize(model, options)
     if as_json:
         render.print_json(summary)
         return
     for renderable in render.summary_tables(summary):
         render.show(renderable)
+    if plot is not None:
+        render.show(f"heat map of where the mask's entries lie: {plot}")
 
 
 @app.command()

@@ -15,6 +15,8 @@ FLAGS: dict[str, str] = {
     "storage_options": "--storage-options",
     "registry": "--registry",
     "report_dir": "--report",
+    # inspect
+    "plot": "--plot",
     # soup, fuse, port and continual predict: the user's hooks
     "evaluate": "--eval",
     "data": "--data",
@@ -39,6 +41,11 @@ FLAGS: dict[str, str] = {
     "mask_scope": "--mask-scope",
     "mask_values": "--mask-values",
     "include": "--include",
+    # patch extract --localize
+    "steps": "--steps",
+    "lr": "--lr",
+    "l1": "--l1",
+    "head": "--head",
     "allow_base_drift": "--allow-base-drift",
     # patch merge
     "method": "--method",

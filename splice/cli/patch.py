@@ -58,14 +58,62 @@ def extract(
             "the changed classification head is carried without it).",
         ),
     ] = None,
+    localize: Annotated[
+        bool,
+        typer.Option(
+            "--localize",
+            help="mask: learn the region on --data (skill localization) instead of taking the largest changes.",
+        ),
+    ] = False,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="--localize: MODULE:FUNCTION or file.py:FUNCTION returning {'train': batch, 'test': batch}, "
+            "labelled batches of model inputs (dicts of tensors with int64 'labels').",
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="--localize: learning steps (0: the magnitude mask).")] = 20,
+    lr: Annotated[
+        float, typer.Option(help="--localize: how far a step moves the score with the largest gradient.")
+    ] = 30.0,
+    l1: Annotated[float, typer.Option(help="--localize: weight of the sparsity penalty on the relaxed mask.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="--localize: seed of the scores' initialisation.")] = 0,
+    head: Annotated[
+        str,
+        typer.Option(
+            help="--localize: grafts carry the fine-tune's changed classification head ('fine-tuned') or keep the "
+            "pretrained one ('pretrained')."
+        ),
+    ] = "fine-tuned",
     description: Annotated[str, typer.Option(help="Free text stored in patch.json.")] = "",
     *,
     shared: Shared,
 ) -> None:
     """Extract a patch from a fine-tune: its LayerNorm parameters, a low-rank (LoRA) or sparse (mask)
-    approximation of its delta, or the whole delta."""
+    approximation of its delta, the whole delta, or (--kind mask --localize) the small region of its change that,
+    grafted onto the base, keeps what it learned on --data."""
     from splice.adapters.extract import extract_patch_to
 
+    if localize or data is not None:
+        _extract_localized(
+            base,
+            tuned,
+            kind,
+            out,
+            data,
+            density,
+            mask_scope,
+            mask_values,
+            steps,
+            lr,
+            l1,
+            seed,
+            head,
+            description,
+            shared,
+        )
+        return
     extracted = extract_patch_to(
         out,
         base,
@@ -103,6 +151,57 @@ def extract(
                 ],
             )
         )
+
+
+def _extract_localized(
+    base: str,
+    tuned: str,
+    kind: str,
+    out: Path,
+    data: str | None,
+    density: float | None,
+    mask_scope: str,
+    mask_values: bool,
+    steps: int,
+    lr: float,
+    l1: float,
+    seed: int,
+    head: str,
+    description: str,
+    shared: Shared,
+) -> None:
+    from splice.errors import SpliceError
+    from splice.workflows.localize import localize
+
+    if kind != "mask":
+        raise SpliceError(f"--localize learns a mask patch: give --kind mask, not --kind {kind}")
+    if data is None:
+        raise SpliceError("--localize needs --data MODULE:FUNCTION returning {'train': batch, 'test': batch}")
+    if density is None:
+        raise SpliceError("--localize needs --density, the share of the layers' entries in the region (e.g. 0.0001)")
+    if mask_scope != "tensor" or not mask_values:
+        raise SpliceError(
+            "--localize finds one region over the whole model with its values: leave out --mask-scope and --mask-only"
+        )
+    outcome = localize(
+        base,
+        tuned,
+        data,
+        density=density,
+        steps=steps,
+        lr=lr,
+        l1=l1,
+        seed=seed,
+        head=head,  # type: ignore[arg-type]  # checked by localize
+        description=description,
+        out=out,
+        run=shared.run,
+    )
+    render.warn(outcome.warnings)
+    if shared.as_json:
+        render.print_json({"out": out, **render.jsonable(outcome)})
+    elif not shared.quiet:
+        render.console.print(render.localization_table(outcome, out))
 
 
 @patch_app.command("apply")

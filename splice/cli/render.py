@@ -43,7 +43,9 @@ if TYPE_CHECKING:
     from splice.workflows.continual.report import ContinualReport
     from splice.workflows.deploy import DeploymentRecord
     from splice.workflows.inspect import ModelSummary, PatchSummary
+    from splice.workflows.localize import Localization
     from splice.workflows.patch_merge import PatchMergeReport
+    from splice.workflows.placement import MaskPlacement
     from splice.workflows.stages import StagesReport
     from splice.workflows.sweep.results import SweepReport
     from splice.workflows.sweep.study import TrialRecord
@@ -341,7 +343,31 @@ def summary_tables(summary: ModelSummary | PatchSummary) -> list[Table]:
                 for t in summary.tensors
             ],
         ),
+        *([placement_table(summary.placement)] if summary.placement is not None else []),
     ]
+
+
+def placement_table(placement: MaskPlacement) -> Table:
+    """Where a mask patch's entries lie: the entries selected per layer (rows) and module type (columns), with each
+    row's and column's totals and the share of the covered entries selected. The row names and totals are never
+    folded; a narrow terminal folds the module types' names at their dots."""
+    out = Table(
+        title="where the mask's entries lie (entries selected; share: of the entries of the tensors it covers)",
+        title_justify="left",
+    )
+    out.add_column("layer", no_wrap=True)
+    for module in placement.modules:
+        out.add_column(
+            Text.from_markup(plain(module).replace(".", ".\n"), justify="left"), justify="right", overflow="fold"
+        )
+    out.add_column("total", justify="right", no_wrap=True)
+    out.add_column("share", justify="right", no_wrap=True)
+    columns = placement.columns
+    rows = [(row.name, row.cells, row.total) for row in placement.rows] + [("total", columns, placement.total)]
+    for name, cells, total in rows:
+        counts = (f"{cells[m].selected:,}" if m in cells else "" for m in placement.modules)
+        out.add_row(plain(name), *counts, f"{total.selected:,}", f"{total.share:.3g}")
+    return out
 
 
 def model_summary_tables(summary: ModelSummary) -> list[Table]:
@@ -587,3 +613,26 @@ def _sweep_value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return "" if value is None else str(value)
+
+
+def localization_table(outcome: Localization, out: object) -> Table:
+    """The test-split scores of the fine-tune, the learned and magnitude grafts and the pretrained model, with the
+    share of the fine-tune's accuracy each keeps."""
+    names = {
+        "fine_tuned": "fine-tune",
+        "learned_graft": "learned graft",
+        "magnitude_graft": "magnitude graft",
+        "pretrained": "pretrained",
+    }
+    tuned = outcome.scores["fine_tuned"].accuracy
+    rows = [
+        [names[name], f"{s.accuracy:.4f}", f"{s.ece:.4f}", _percent(s.accuracy / tuned if tuned else None)]
+        for name, s in outcome.scores.items()
+    ]
+    carried = f"; head carried whole ({len(outcome.carried)} tensors)" if outcome.carried else ""
+    title = (
+        f"localized mask patch -> {out}: {outcome.selected:,} of {outcome.eligible:,} layer entries "
+        f"({outcome.selected / outcome.parameters:.4%} of the model){carried}; best step {outcome.best_step} of "
+        f"{len(outcome.losses) - 1}, {outcome.seconds:.1f} s"
+    )
+    return table(title, ["model", "test accuracy", "ECE", "of the fine-tune's accuracy"], rows)

@@ -43,8 +43,12 @@ def check_batch(batch: object, where: str, labels: bool = True) -> Batch:
 
 
 def load_task(name: str, hook: str) -> TaskData:
-    data = load_callable(hook, option=f"task {name}: data")()
-    where = f"task {name} ({hook})"
+    return check_task_data(load_callable(hook, option=f"task {name}: data")(), name, f"task {name} ({hook})")
+
+
+def check_task_data(data: object, name: str, where: str) -> TaskData:
+    """What a task's data function returned: {'train': batch, 'test': batch}, labelled, the test's classes among the
+    training's."""
     if not isinstance(data, Mapping) or not {"train", "test"} <= set(data):
         raise SpliceError(f"{where}: the data function must return {{'train': batch, 'test': batch}}")
     train, test = check_batch(data["train"], f"{where} train"), check_batch(data["test"], f"{where} test")

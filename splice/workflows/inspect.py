@@ -1,18 +1,23 @@
 """What `splice inspect` reports: of a model, its shards, tensors, parameters, dtypes, normalisation modules, and the
-patch versions a deployed model carries; of a patch directory (a statistics artifact among them), what it holds."""
+patch versions a deployed model carries; of a patch directory (a statistics artifact among them), what it holds, and
+of a mask patch where its entries lie (a table, and a heat map drawn on request)."""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
+from splice.adapters.meta import PatchKind
 from splice.adapters.patch import MANIFEST, Patch, StoredTensors, describe_settings
 from splice.arch.norms import NormModule, find_norm_modules
-from splice.errors import CheckpointError
+from splice.errors import CheckpointError, PatchError
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import dtype_name
+from splice.tensors.writer import ensure_output_file_free, write_output_file
 from splice.workflows.deploy import DeploymentRecord, read_deployment_record
+from splice.workflows.placement import MaskPlacement, mask_placement
 
 
 @dataclass
@@ -56,6 +61,7 @@ class PatchSummary:
     model_fingerprint: str | None
     created: str
     tensors: list[PatchTensor]
+    placement: MaskPlacement | None = None  # a mask patch: where its entries lie, per layer and module type
 
 
 def summarize_patch(location: str | os.PathLike, storage_options: dict | None = None) -> PatchSummary:
@@ -78,7 +84,31 @@ def summarize_patch(location: str | os.PathLike, storage_options: dict | None = 
             PatchTensor(name, list(info.shape), dtype_name(info.dtype), info.nbytes, tokens.get(name), 1 + shared[name])
             for name, info in stored.items()
         ],
+        placement=mask_placement(patch) if patch.meta.kind is PatchKind.mask else None,
     )
+
+
+def plot_placement(
+    location: str | os.PathLike, plot: str | os.PathLike, force: bool = False, storage_options: dict | None = None
+) -> PatchSummary:
+    """`summarize_patch` of a mask patch, with the heat map of where its entries lie written to `plot` (a PNG) by
+    the output rule: refused before any work if it exists (unless `force`) or lies in the patch, published whole."""
+    if Path(plot).suffix.lower() != ".png":
+        raise PatchError(f"`plot` {plot} is not a .png file: the heat map is written as a PNG; name it FILE.png")
+    ensure_output_file_free(plot, force, [location], what="the patch", parameter_name="plot")
+    if not is_patch_directory(location, storage_options):
+        raise PatchError(
+            f"{location} is not a patch: `plot` draws where a mask patch's entries lie; give a mask patch or leave "
+            "`plot` out"
+        )
+    summary = summarize_patch(location, storage_options)
+    if summary.placement is None:
+        raise PatchError(
+            f"{location} is a {summary.kind} patch, not a mask patch: `plot` draws where a mask patch's entries lie; "
+            "give a mask patch or leave `plot` out"
+        )
+    write_output_file(plot, summary.placement.png(), force, [location], what="the patch", parameter_name="plot")
+    return summary
 
 
 def is_patch_directory(location: str | os.PathLike, storage_options: dict | None = None) -> bool:

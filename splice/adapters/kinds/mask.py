@@ -46,7 +46,7 @@ class MaskOptions:
             raise PatchError(f"`mask_scope` must be one of {', '.join(SCOPES)}, not {self.scope!r}")
 
 
-def _sparse_entry(name: str, mask: torch.Tensor, delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def sparse_entry(name: str, mask: torch.Tensor, delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
     entry = {name + MASK_SUFFIX: pack_mask(mask).cpu()}
     if delta is not None:
         entry[name + VALUES_SUFFIX] = delta.reshape(-1)[mask.reshape(-1)].float().cpu()
@@ -105,7 +105,7 @@ def extract_mask(
                 ties -= taken.numel()
         if not mask.any():
             continue
-        tensors.update(_sparse_entry(name, mask, delta if values else None))
+        tensors.update(sparse_entry(name, mask, delta if values else None))
         shapes[name] = list(delta.shape)
         kept[name] = int(mask.sum())
     if not tensors:
@@ -114,17 +114,23 @@ def extract_mask(
     return Extracted(tensors, list(shapes), sorted(shapes), settings)
 
 
-def mask_steps(patch: PatchContents) -> dict[str, Step]:
-    """A sparse delta adds its values where its mask is set; a bare mask zeroes everything outside it."""
+def covered_shapes(patch: PatchContents) -> dict[str, tuple[int, ...]]:
+    """The tensors a mask patch covers and their shapes (its settings' `shapes`), each checked to have its mask."""
     shapes = patch.meta.settings.get("shapes")
     if not isinstance(shapes, dict):
         raise PatchError("this mask patch's settings have no tensor shapes; it was not written by splice")
     present = set(patch.shapes)
-    steps: dict[str, Step] = {}
-    for name, shape in shapes.items():
-        shape = tuple(shape)
+    for name in shapes:
         if name + MASK_SUFFIX not in present:
             raise PatchError(f"the mask patch lists {name} but holds no {name + MASK_SUFFIX}")
+    return {name: tuple(shape) for name, shape in shapes.items()}
+
+
+def mask_steps(patch: PatchContents) -> dict[str, Step]:
+    """A sparse delta adds its values where its mask is set; a bare mask zeroes everything outside it."""
+    present = set(patch.shapes)
+    steps: dict[str, Step] = {}
+    for name, shape in covered_shapes(patch).items():
         if name + VALUES_SUFFIX in present:
             steps[name] = Step(Effect.add, shape, partial(_add_sparse, patch, name, shape))
         else:

@@ -1,0 +1,324 @@
+"""`splice patch extract --kind mask --localize`: a fine-tune's skill region learned on a live model (Panigrahi et
+al., ICML 2023) and kept as an ordinary mask patch (a sparse delta) that every command reads.
+
+The pretrained model is built live once; the grafted model's loss is `torch.func.functional_call` of it with the
+eligible tensors replaced by theta_pre + gamma * (theta_ft - theta_pre), over the task's training batch in chunks.
+Eligible: the float tensors inside the model's layers that the fine-tune changed (embeddings and head are fixed, as
+the paper's scripts fix them). A classification fine-tune's head is new to the task: every graft carries the
+fine-tune's changed head whole (as the layernorm kind does), unless `head="pretrained"`. The patch records, on the
+data's test split, the accuracy and calibration error (ECE) of the fine-tune, the learned graft, the magnitude graft
+of the same size and the pretrained model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.func import functional_call
+from typing_extensions import Unpack
+
+from splice.adapters.deltas import deltas, left_out_warnings
+from splice.adapters.fingerprint import fingerprint_base
+from splice.adapters.kinds.mask import sparse_entry
+from splice.adapters.localize import STEP, GraftLoss, LearnedMask, graft, learn_graft_mask
+from splice.adapters.meta import PatchKind, PatchMeta
+from splice.adapters.patch import Patch
+from splice.arch.heads import stored_head
+from splice.arch.layers import layer_index
+from splice.arch.names import stored_to_module_names
+from splice.continual.data import Batch, TaskData, check_task_data
+from splice.errors import PatchError, SpliceError
+from splice.hooks import hook_name, load_callable
+from splice.merge.stats.collect import live_model
+from splice.options import RunKeywords, RunOptions, run_options
+from splice.sparsify import top_k_over
+from splice.tensors.checkpoint import Checkpoint, recorded_location
+from splice.tensors.device import resolve_device
+from splice.tensors.stream import check_same_tensors
+from splice.tensors.writer import ensure_output_free
+
+CHUNK = 64  # examples per forward pass
+ECE_BINS = 15
+HEADS = ("fine-tuned", "pretrained")
+Head = Literal["fine-tuned", "pretrained"]
+TaskSource = str | Callable[[], object] | Mapping[str, object]
+"""'MODULE:FUNCTION' (or a function) returning {'train': batch, 'test': batch}, or that dict itself."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A model's accuracy on the test split, and its expected calibration error (ECE_BINS equal-width bins)."""
+
+    accuracy: float
+    ece: float
+
+
+SCORED = ("fine_tuned", "learned_graft", "magnitude_graft", "pretrained")
+
+
+@dataclass
+class Localization:
+    """The localized patch, how each model scored, and how the region was learned."""
+
+    patch: Patch
+    scores: dict[str, Scores]  # SCORED -> scores on the test split
+    losses: list[float]  # the rounded graft's training loss at the start (magnitude mask) and after each step
+    best_step: int
+    eligible: int  # entries the region could lie in
+    selected: int  # entries in the region
+    parameters: int  # of the whole model
+    carried: list[str]  # head tensors every graft takes whole
+    seconds: float
+    warnings: list[str]
+    out: Path | None = None
+
+
+def localize(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    data: TaskSource,
+    *,
+    density: float,
+    steps: int = 20,
+    lr: float = STEP,
+    l1: float = 0.0,
+    seed: int = 0,
+    head: Head = "fine-tuned",
+    description: str = "",
+    out: str | os.PathLike | None = None,
+    run: RunOptions | None = None,
+    **run_keywords: Unpack[RunKeywords],
+) -> Localization:
+    """Learn the region of `density` of the eligible entries whose graft onto `base` keeps what `tuned` learned on
+    `data`'s training split, score it on the test split, and return it as a mask patch (saved at `out`, under the
+    output rule, when given). `steps`, `lr` and `l1` drive the learning (splice.adapters.localize); `head` says
+    whether grafts carry the fine-tune's changed classification head ("fine-tuned") or keep the pretrained one.
+    `run` (or its fields as keywords: device, force, progress, ...) says how it runs."""
+    run = run_options(run, run_keywords, "localize")
+    _check_settings(density, steps, lr, l1, head)
+    if out is not None:
+        ensure_output_free(out, run.force, protected=[base, tuned])
+    base_ckpt = Checkpoint.open(base, run.storage_options)
+    tuned_ckpt = Checkpoint.open(tuned, run.storage_options)
+    check_same_tensors([base_ckpt, tuned_ckpt])
+    task = _task(data)
+    device = resolve_device(run.device)
+    started = time.perf_counter()
+    model = live_model(base_ckpt, device)
+    model.requires_grad_(False)
+    names = stored_to_module_names(model)
+    live = dict(model.state_dict(keep_vars=True))
+    pretrained = {stored: live[module].detach() for stored, module in names.items()}
+    heads = set(stored_head(tuned_ckpt))
+    changes: dict[str, torch.Tensor] = {}
+    carried: dict[str, torch.Tensor] = {}
+    left_out: dict[str, str] = {}
+    for name, delta in deltas(base_ckpt, tuned_ckpt, device, run.progress):
+        if name in heads:
+            if head == "fine-tuned":
+                carried[name] = delta
+            else:
+                left_out[name] = "head"
+        elif layer_index(name) is not None and name in pretrained:
+            changes[name] = delta
+        else:
+            left_out[name] = "outside the layers"
+    if not changes:
+        raise PatchError(f"{tuned_ckpt.location} changed nothing inside the model's layers: there is no region to find")
+    train, test = _on(task.train, device), _on(task.test, device)
+    fixed = {name: pretrained[name] + delta for name, delta in carried.items()}
+    eligible_pretrained = {name: pretrained[name] for name in changes}
+    loss = grafted_loss(model, names, train, fixed)
+    learned = learn_graft_mask(
+        eligible_pretrained, changes, loss, density=density, steps=steps, lr=lr, l1=l1, seed=seed
+    )
+    magnitude = top_k_over({name: change.abs() for name, change in changes.items()}, learned.selected)
+    scores = {
+        "learned_graft": _scored(
+            model, names, {**fixed, **_grafted(eligible_pretrained, changes, learned.masks)}, test
+        ),
+        "magnitude_graft": _scored(model, names, {**fixed, **_grafted(eligible_pretrained, changes, magnitude)}, test),
+        "pretrained": _scored(model, names, {}, test),
+    }
+    tuned_state = {name: pretrained[name] + delta for name, delta in [*changes.items(), *carried.items()]}
+    tuned_state.update(_left_out_values(tuned_ckpt, left_out, device))
+    scores["fine_tuned"] = _scored(model, names, tuned_state, test)
+    seconds = time.perf_counter() - started
+    how = {"density": density, "steps": steps, "lr": lr, "l1": l1, "seed": seed, "head": head}
+    patch = _patch(base_ckpt, tuned_ckpt, base, tuned, data, learned, changes, carried, scores, how, description, run)
+    warnings = left_out_warnings(
+        left_out,
+        "localized patch",
+        "since grafts change only the layers' tensors (and the head, unless `head='pretrained'`)",
+        "the scores of the fine-tune include them, the grafts' do not",
+    )
+    outcome = Localization(
+        patch,
+        {name: scores[name] for name in SCORED},
+        learned.losses,
+        learned.best_step,
+        sum(change.numel() for change in changes.values()),
+        learned.selected,
+        sum(info.numel for info in base_ckpt.tensors.values()),
+        sorted(carried),
+        seconds,
+        warnings,
+    )
+    if out is not None:
+        outcome.out = patch.save(out, force=run.force)
+    return outcome
+
+
+def _check_settings(density: float, steps: int, lr: float, l1: float, head: str) -> None:
+    if not 0 < density <= 1:
+        raise PatchError(f"`density` must be in (0, 1], got {density:g} (e.g. 0.0001 for 0.01% of the layers' entries)")
+    if steps < 0:
+        raise PatchError(f"`steps` must be >= 0, got {steps}")
+    if not lr > 0:
+        raise PatchError(f"`lr` must be > 0, got {lr:g}")
+    if not l1 >= 0:
+        raise PatchError(f"`l1` must be >= 0, got {l1:g}")
+    if head not in HEADS:
+        raise PatchError(f"`head` must be one of {', '.join(HEADS)}, not {head!r}")
+
+
+def _task(data: TaskSource) -> TaskData:
+    where = hook_name(data, "`data`") if not isinstance(data, Mapping) else "`data`"
+    if isinstance(data, str):
+        data = load_callable(data, option="`data`")
+    return check_task_data(data() if callable(data) else data, "localize", where)
+
+
+def _on(batch: Batch, device: torch.device) -> Batch:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def grafted_loss(
+    model: torch.nn.Module, names: Mapping[str, str], batch: Batch, fixed: Mapping[str, torch.Tensor]
+) -> GraftLoss:
+    """The model's own loss on `batch` (with its `labels`), the mean over its examples, with the given stored tensors
+    and the `fixed` ones (the carried head) in place of the pretrained ones."""
+    count = len(batch["labels"])
+
+    def loss(parameters: dict[str, torch.Tensor]) -> torch.Tensor:
+        replaced = {names[name]: tensor for name, tensor in {**fixed, **parameters}.items()}
+        total = torch.zeros((), device=batch["labels"].device)
+        for start in range(0, count, CHUNK):
+            part = {key: value[start : start + CHUNK] for key, value in batch.items()}
+            total = total + functional_call(model, replaced, kwargs=part).loss * len(part["labels"])
+        return total / count
+
+    return loss
+
+
+def _grafted(
+    pretrained: Mapping[str, torch.Tensor], changes: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    return graft(pretrained, changes, {name: mask.to(changes[name].dtype) for name, mask in masks.items()})
+
+
+def logits_of(
+    model: torch.nn.Module, names: Mapping[str, str], replaced: Mapping[str, torch.Tensor], batch: Batch
+) -> torch.Tensor:
+    """The model's logits [examples, classes] on `batch`'s inputs, with the `replaced` stored tensors."""
+    live = {names[name]: tensor for name, tensor in replaced.items()}
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    count = len(batch["labels"])
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                functional_call(model, live, kwargs={k: v[s : s + CHUNK] for k, v in inputs.items()}).logits
+                for s in range(0, count, CHUNK)
+            ]
+        )
+    if logits.dim() != 2:
+        raise SpliceError(
+            f"localizing scores each example's class: {type(model).__name__} gives logits of shape "
+            f"{list(logits.shape)}, not [examples, classes] (use a sequence or image classification model)"
+        )
+    return logits
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
+    """Accuracy, and the expected calibration error: over ECE_BINS equal-width bins of the top class's probability,
+    the examples' share in the bin times |mean confidence - accuracy| in it, summed."""
+    confidence, predicted = logits.float().softmax(-1).max(-1)
+    correct = predicted.eq(labels.to(predicted.device)).float()
+    bins = torch.clamp((confidence * ECE_BINS).ceil().long() - 1, 0, ECE_BINS - 1)
+    ece = 0.0
+    for index in bins.unique():
+        inside = bins.eq(index)
+        ece += float(inside.float().mean()) * abs(float(confidence[inside].mean() - correct[inside].mean()))
+    return Scores(float(correct.mean()), ece)
+
+
+def _scored(
+    model: torch.nn.Module, names: Mapping[str, str], replaced: Mapping[str, torch.Tensor], batch: Batch
+) -> Scores:
+    return calibration(logits_of(model, names, replaced, batch), batch["labels"])
+
+
+def _left_out_values(tuned: Checkpoint, left_out: Mapping[str, str], device: torch.device) -> dict[str, torch.Tensor]:
+    """The fine-tune's own values of the changed tensors no graft takes (the fine-tune is scored whole)."""
+    return {name: tuned.read(name).to(device=device, dtype=torch.float32) for name in left_out}
+
+
+def _patch(
+    base_ckpt: Checkpoint,
+    tuned_ckpt: Checkpoint,
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    data: TaskSource,
+    learned: LearnedMask,
+    changes: Mapping[str, torch.Tensor],
+    carried: Mapping[str, torch.Tensor],
+    scores: Mapping[str, Scores],
+    how: dict[str, Any],
+    description: str,
+    run: RunOptions,
+) -> Patch:
+    """The region (and the carried head, whole) as a mask patch: mask bits and the change's values on them."""
+    masks = {**learned.masks, **{name: torch.ones_like(delta, dtype=torch.bool) for name, delta in carried.items()}}
+    every = {**changes, **carried}
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    kept: dict[str, int] = {}
+    for name, mask in masks.items():
+        if mask.any():
+            tensors.update(sparse_entry(name, mask, every[name]))
+            shapes[name], kept[name] = list(mask.shape), int(mask.sum())
+    described = data if isinstance(data, str) else hook_name(data, "`data`") if callable(data) else "a given batch"
+    settings: dict[str, Any] = {
+        "density": how["density"],
+        "scope": "model",
+        "values": True,
+        "shapes": shapes,
+        "kept": kept,
+        "localized": {
+            **how,
+            "data": described,
+            "eligible": sum(change.numel() for change in changes.values()),
+            "selected": learned.selected,
+            "carried": sorted(carried),
+            "losses": learned.losses,
+            "best_step": learned.best_step,
+        },
+    }
+    metrics = {f"{model}_{what}": getattr(scores[model], what) for model in SCORED for what in ("accuracy", "ece")}
+    touched = sorted(shapes)
+    meta = PatchMeta(
+        kind=PatchKind.mask,
+        targets=touched,
+        base=fingerprint_base(base_ckpt, touched, run.progress),
+        lineage=[recorded_location(base), recorded_location(tuned)],
+        metrics=metrics,
+        description=description or f"skill region of {recorded_location(tuned)} localized on {described}",
+        settings=settings,
+    )
+    return Patch(tensors, meta)
