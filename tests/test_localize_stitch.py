@@ -170,6 +170,34 @@ def test_bf16_sharded_models_stitch_in_fp32_and_round_once(tmp_path):
         assert torch.equal(stitched[name], torch.from_numpy(value).to(torch.bfloat16)), name
 
 
+def _task_data(seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+
+    def batch() -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.randint(0, 64, (12, 7), generator=generator), "labels": torch.arange(12) % 3}
+
+    return {"train": batch(), "test": batch()}
+
+
+def test_learned_regions_stitch_by_the_rule_and_average_the_heads_they_both_carry(models, tmp_path):
+    """Regions learned on data (`splice.localize`): sparse deltas over the layers plus the fine-tune's head carried
+    whole, so two tasks' heads are covered by both regions and averaged."""
+    masks = []
+    for i, tuned in enumerate(models["tuned"][:2]):
+        out = tmp_path / f"learned{i}"
+        splice.localize(models["base"], tuned, _task_data(i), density=0.05, steps=2, out=out)
+        masks.append(out)
+    recipe = _recipe(models["base"], models["tuned"][:2], masks)
+    report = splice.merge(parse_recipe(recipe), tmp_path / "stitched").method_report
+    stitched = load_dir(tmp_path / "stitched")
+    for name, value in _numpy_stitch(models["base"], models["tuned"][:2], masks).items():
+        assert np.array_equal(stitched[name].numpy(), value), name
+    heads = {t.name: t for t in report.tensors if t.name.startswith("classifier.")}
+    assert set(heads) == {"classifier.weight", "classifier.bias"}
+    for name, tensor in heads.items():
+        assert tensor.entries == (stitched[name].numel(),) * 2 == (tensor.shared,) * 2
+
+
 def test_the_report_against_numpy(models, tmp_path):
     recipe = _recipe(models["base"], models["tuned"], models["masks"])
     report = splice.merge(parse_recipe(recipe), tmp_path / "stitched").method_report
