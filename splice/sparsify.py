@@ -66,6 +66,17 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return bits.reshape(-1)[:count].reshape(shape)
 
 
+def mask_indices(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Where the packed mask of `shape` is set, as sorted flat indices: only the bytes with a bit set are expanded, so
+    a sparse mask costs one pass over its bytes (an eighth of the entries) and then its set entries."""
+    count = _packed_entries(packed, shape)
+    flat = packed.reshape(-1)
+    set_bytes = flat.nonzero().squeeze(1)
+    rows, bits = flat[set_bytes].reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(flat.device)).ne(0).nonzero(as_tuple=True)
+    where = set_bytes[rows] * 8 + bits
+    return where[where < count]  # not the last byte's padding
+
+
 def count_selected(packed: torch.Tensor, shape: Sequence[int]) -> int:
     """How many entries of `shape` the packed mask selects: its bytes' set bits, counted without unpacking (the
     last byte's padding bits left out)."""

@@ -19,7 +19,7 @@ import splice
 from splice.errors import SpliceError
 from splice.merge.localize_stitch import TaskRegion, plan_stitch
 from splice.merge.recipe import parse_recipe
-from splice.sparsify import pack_mask
+from splice.sparsify import mask_indices, pack_mask
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.stream import plan_same_name
 
@@ -303,6 +303,21 @@ def test_a_region_unlike_the_models_tensors_is_refused_by_name(models):
     region = TaskRegion("region", {name: pack_mask(torch.ones(16, 8, dtype=torch.bool))}, {name: (16, 8)})
     with pytest.raises(SpliceError, match=rf"region covers {name} as \[16, 8\], but the models' {name} is \[16, 16\]"):
         plan_stitch(plan, 0, [0], [region], ["model"])
+
+
+@pytest.mark.parametrize("shape", [(1,), (13,), (7, 9), (4, 4, 5)])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+def test_mask_indices_are_the_set_entries_in_order_and_ignore_padding(shape, density):
+    generator = torch.Generator().manual_seed(len(shape) * 10 + int(density * 100))
+    mask = torch.rand(shape, generator=generator) < density
+    packed = pack_mask(mask)
+    expected = np.flatnonzero(mask.numpy())
+    assert np.array_equal(mask_indices(packed, shape).numpy(), expected)
+    dirty = packed.clone()
+    dirty[-1] |= 0xFF  # every bit of the last byte set, its padding bits too
+    last = np.zeros(int(np.prod(shape)), bool)
+    last[8 * (dirty.numel() - 1) :] = True
+    assert np.array_equal(mask_indices(dirty, shape).numpy(), np.flatnonzero(mask.numpy().reshape(-1) | last))
 
 
 # -- the command line -----------------------------------------------------------------------------------------------

@@ -9,12 +9,13 @@ paper's stitching divides each mask by the number of masks covering the entry), 
 pretrained value. The method has no parameters and no model weights.
 
 Each task's region is a `TaskRegion` that the caller opened (the workflows layer: a mask patch checked against the
-base): its masks held bit-packed in memory (one bit per entry) and unpacked one tensor at a time in the kernel. A
-sparse delta's values are read on the stream beside their tensor and must equal the model's own change on the mask
-(in fp32, as extraction computes it), else the patch was taken from another fine-tune. A fine-tune is read only for
-the tensors its region covers; a tensor no region covers is the base's, copied as stored. The kernel counts what the
-report gives: each region's size and the entries only it covers, the pairwise overlaps (Jaccard over all tensors
-together) and which tensors the regions fall in.
+base): its masks held bit-packed in memory (one bit per entry) and unpacked one tensor at a time in the kernel, into
+the indices of the entries they select, so the rule is computed on the covered entries only and every other entry is
+the base's as stored. A sparse delta's values are read on the stream beside their tensor and must equal the model's
+own change on the mask (in fp32, as extraction computes it), else the patch was taken from another fine-tune. A
+fine-tune is read only for the tensors its region covers; a tensor no region covers is the base's, copied as stored.
+The kernel counts what the report gives: each region's size and the entries only it covers, the pairwise overlaps
+(Jaccard over all tensors together) and which tensors the regions fall in.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from math import prod
 import torch
 
 from splice.errors import RecipeError
-from splice.sparsify import unpack_mask
+from splice.sparsify import mask_indices
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.stream import Kernel, StreamItem
 
@@ -113,17 +114,20 @@ class _Tally:
         self.shared = 0
         self.tensors: dict[str, TensorRegions] = {}
 
-    def add(self, name: str, tasks: Sequence[int], gammas: Sequence[torch.Tensor], count: torch.Tensor) -> None:
+    def add(
+        self, name: str, tasks: Sequence[int], selected: Sequence[torch.Tensor], alone: Sequence[int], covered: int
+    ) -> None:
+        """One tensor's regions: each task's selected entries (sorted indices), how many of them no other region
+        covers, and how many entries some region covers."""
         entries = [0] * len(self.entries)
-        alone = count.eq(1)
-        for task, gamma in zip(tasks, gammas):
-            entries[task] = int(gamma.sum())
-            self.entries[task] += entries[task]
-            self.unshared[task] += int((gamma & alone).sum())
-        for (i, first), (j, second) in combinations(zip(tasks, gammas), 2):
-            self.pairs[(i, j)] += int((first & second).sum())
-        shared = int(count.ge(2).sum())
-        self.covered += int(count.ne(0).sum())
+        for task, where, unshared in zip(tasks, selected, alone):
+            entries[task] = where.numel()
+            self.entries[task] += where.numel()
+            self.unshared[task] += unshared
+        for (i, first), (j, second) in combinations(zip(tasks, selected), 2):
+            self.pairs[(i, j)] += int(torch.isin(first, second, assume_unique=True).sum())
+        shared = covered - sum(alone)  # an entry one region covers is that region's alone
+        self.covered += covered
         self.shared += shared
         self.tensors[name] = TensorRegions(name, tuple(entries), shared)
 
@@ -233,20 +237,29 @@ def _kernel(
         base = tensors[0]
         if layout is None:  # no region covers it: the pretrained tensor
             return base
+        before = base.reshape(-1)
         values = iter(tensors[1 + len(layout.tasks) :])
-        total = torch.zeros_like(base)
-        count = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
-        gammas = []
+        selected, changes = [], []
         for task, tuned in zip(layout.tasks, tensors[1:]):
-            gamma = unpack_mask(regions[task].masks[name].to(base.device), tuple(base.shape))
-            change = tuned - base
+            where = mask_indices(regions[task].masks[name].to(base.device), tuple(base.shape))
+            after = tuned.reshape(-1)[where]
+            change = after - before[where]
             if task in layout.valued:
-                _check_values(name, regions[task].label, models[task], tuned, base, change, gamma, next(values))
-            total += torch.where(gamma, change, 0.0)
-            count += gamma
-            gammas.append(gamma)
-        tally.add(name, layout.tasks, gammas, count)
-        return base + total / count.clamp(min=1)
+                _check_values(name, regions[task].label, models[task], after, before[where], change, next(values))
+            selected.append(where)
+            changes.append(change)
+        # the rule on the entries some region covers, tasks summed in order; every other entry is the base's
+        covered = torch.unique(torch.cat(selected))
+        total = torch.zeros(covered.numel(), dtype=base.dtype, device=base.device)
+        count = torch.zeros(covered.numel(), dtype=torch.int32, device=base.device)
+        places = [torch.searchsorted(covered, where) for where in selected]
+        for at, change in zip(places, changes):
+            total[at] += change
+            count[at] += 1
+        tally.add(name, layout.tasks, selected, [int(count[at].eq(1).sum()) for at in places], covered.numel())
+        stitched = before.clone()
+        stitched[covered] = before[covered] + total / count
+        return stitched.reshape(base.shape)
 
     return Kernel(stitch, passes_through=verbatim)
 
@@ -255,26 +268,25 @@ def _check_values(
     name: str,
     label: str,
     model: str,
-    tuned: torch.Tensor,
-    base: torch.Tensor,
+    after: torch.Tensor,
+    before: torch.Tensor,
     change: torch.Tensor,
-    gamma: torch.Tensor,
     values: torch.Tensor,
 ) -> None:
-    """A sparse delta's values must be the model's change on the mask, computed as extraction computes it (the fp32
-    difference of the two tensors read in fp32): exactly equal, or the patch came from another fine-tune."""
+    """A sparse delta's values must be the model's change on its mask (`after` - `before` there), computed as
+    extraction computes it (the fp32 difference of the two read in fp32): exactly equal, or the patch came from
+    another fine-tune."""
     if change.dtype != torch.float32:
-        change = tuned.float() - base.float()
-    selected = change.reshape(-1)[gamma.reshape(-1)]
-    if values.numel() != selected.numel():
+        change = after.float() - before.float()
+    if values.numel() != change.numel():
         raise RecipeError(
-            f"{METHOD}: {label}: the mask of {name} selects {selected.numel()} entries but the patch holds "
+            f"{METHOD}: {label}: the mask of {name} selects {change.numel()} entries but the patch holds "
             f"{values.numel()} values; the patch is damaged: extract it again"
         )
-    differ = int(selected.ne(values.reshape(-1).float()).sum())
+    differ = int(change.ne(values.reshape(-1).float()).sum())
     if differ:
         raise RecipeError(
             f"{METHOD}: {label}: its values for {name} are not {model}'s change (they differ at {differ} of "
-            f"{selected.numel()} entries); was it extracted from another fine-tune? extract it from {model}, or give "
+            f"{change.numel()} entries); was it extracted from another fine-tune? extract it from {model}, or give "
             "a bare mask (a mask patch without values)"
         )
