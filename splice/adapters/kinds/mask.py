@@ -21,15 +21,13 @@ from splice.adapters.kinds.spec import KindSpec, PatchSize, describe_plain, scal
 from splice.adapters.steps import Effect, PatchContents, Step
 from splice.errors import PatchError
 from splice.progress import Progress
-from splice.sparsify import top_magnitude_mask
+from splice.sparsify import pack_mask, top_magnitude_mask, unpack_mask
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
 
 MASK_SUFFIX = ".mask"
 VALUES_SUFFIX = ".values"
 SCOPES = ("tensor", "model")
-_BIT_WEIGHTS = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8)
-_SET_BITS = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)  # byte -> its set bits
 
 
 @dataclass(frozen=True)
@@ -46,38 +44,6 @@ class MaskOptions:
             raise PatchError("a mask patch needs `density` in (0, 1], e.g. 0.01 to keep 1% of the entries")
         if self.scope not in SCOPES:
             raise PatchError(f"`mask_scope` must be one of {', '.join(SCOPES)}, not {self.scope!r}")
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean tensor as uint8 bytes, eight entries per byte (flattened, zero-padded)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
-    return (padded * _BIT_WEIGHTS.to(padded.device)).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The boolean tensor of `shape` that `pack_mask` packed."""
-    count = _packed_entries(packed, shape)
-    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
-    return bits.reshape(-1)[:count].reshape(shape)
-
-
-def count_selected(packed: torch.Tensor, shape: Sequence[int]) -> int:
-    """How many entries of `shape` the packed mask selects: its bytes' set bits, counted without unpacking (the
-    last byte's padding bits left out)."""
-    padding = -_packed_entries(packed, shape) % 8
-    flat = packed.reshape(-1).cpu()
-    if padding:
-        flat = torch.cat([flat[:-1], flat[-1:] & (0xFF >> padding)])
-    return int(torch.bincount(flat, minlength=256) @ _SET_BITS)
-
-
-def _packed_entries(packed: torch.Tensor, shape: Sequence[int]) -> int:
-    """The entries of `shape`, refused unless `packed` holds exactly the bytes they pack into."""
-    count = prod(shape)
-    if packed.numel() != -(-count // 8):
-        raise PatchError(f"a packed mask of {packed.numel()} bytes cannot hold {count} entries of shape {list(shape)}")
-    return count
 
 
 def sparse_entry(name: str, mask: torch.Tensor, delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
