@@ -8,7 +8,7 @@ mask alone prunes: entries outside it become zero.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from math import prod
@@ -46,10 +46,12 @@ class MaskOptions:
             raise PatchError(f"`mask_scope` must be one of {', '.join(SCOPES)}, not {self.scope!r}")
 
 
-def sparse_entry(name: str, mask: torch.Tensor, delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def sparse_entry(name: str, mask: torch.Tensor, values: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One tensor's entries of a mask patch: its packed mask, and the `values` it selects (in index order) for a
+    sparse delta."""
     entry = {name + MASK_SUFFIX: pack_mask(mask).cpu()}
-    if delta is not None:
-        entry[name + VALUES_SUFFIX] = delta.reshape(-1)[mask.reshape(-1)].float().cpu()
+    if values is not None:
+        entry[name + VALUES_SUFFIX] = values.float().cpu()
     return entry
 
 
@@ -60,21 +62,49 @@ def _nonzero_top_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return keep & delta.ne(0)
 
 
-def _global_threshold(
-    base: Checkpoint, tuned: Checkpoint, count: int, device: torch.device, progress: Progress | None
-) -> tuple[float, int]:
-    """(t, ties): the model-wide top `count` |delta| entries are those above t plus the first `ties` equal
-    to t in storage order. One pass; holds at most `count` magnitudes plus one tensor."""
-    best = torch.empty(0, device=device)
-    for _, delta in deltas(base, tuned, device, progress):
-        magnitudes = delta.abs().reshape(-1)
-        magnitudes = magnitudes[magnitudes.ne(0)]
-        pool = torch.cat([best, magnitudes])
-        best = pool if pool.numel() <= count else pool.topk(count, sorted=False).values
-    if best.numel() == 0:
-        return 0.0, 0
-    threshold = float(best.min())
-    return threshold, int(best.eq(threshold).sum())
+@dataclass
+class ModelTopK:
+    """The model-wide top `count` |delta| entries, found in one pass (`find`): those above `threshold`, then the
+    first `ties` equal to it in storage order. `select` picks them out of each tensor's delta in a second pass, in
+    storage order (it counts the ties down)."""
+
+    threshold: float
+    ties: int
+
+    @classmethod
+    def find(
+        cls,
+        base: Checkpoint,
+        tuned: Checkpoint,
+        count: int,
+        device: torch.device,
+        progress: Progress | None,
+        among: Callable[[str], bool] = lambda name: True,
+    ) -> ModelTopK:
+        """Over the tensors `among` accepts; holds at most `count` magnitudes plus one tensor."""
+        best = torch.empty(0, device=device)
+        for name, delta in deltas(base, tuned, device, progress):
+            if not among(name):
+                continue
+            magnitudes = delta.abs().reshape(-1)
+            magnitudes = magnitudes[magnitudes.ne(0)]
+            pool = torch.cat([best, magnitudes])
+            best = pool if pool.numel() <= count else pool.topk(count, sorted=False).values
+        if best.numel() == 0:
+            return cls(0.0, 0)
+        threshold = float(best.min())
+        return cls(threshold, int(best.eq(threshold).sum()))
+
+    def select(self, delta: torch.Tensor) -> torch.Tensor:
+        """This tensor's entries of the top count (a boolean mask of its shape)."""
+        magnitudes = delta.abs()
+        mask = magnitudes.gt(self.threshold)
+        at_threshold = magnitudes.eq(self.threshold).reshape(-1).nonzero().squeeze(1)
+        if self.ties and self.threshold > 0 and at_threshold.numel():
+            taken = at_threshold[: self.ties]
+            mask.view(-1)[taken] = True
+            self.ties -= taken.numel()
+        return mask
 
 
 def extract_mask(
@@ -91,21 +121,12 @@ def extract_mask(
     kept: dict[str, int] = {}
     if scope == "model":
         total = sum(info.numel for info in base.tensors.values() if info.dtype.is_floating_point)
-        threshold, ties = _global_threshold(base, tuned, max(1, int(density * total)), compute, progress)
+        top = ModelTopK.find(base, tuned, max(1, int(density * total)), compute, progress)
     for name, delta in deltas(base, tuned, compute, progress):
-        if scope == "tensor":
-            mask = _nonzero_top_mask(delta, density)
-        else:
-            magnitudes = delta.abs()
-            mask = magnitudes.gt(threshold)
-            at_threshold = magnitudes.eq(threshold).reshape(-1).nonzero().squeeze(1)
-            if ties and threshold > 0 and at_threshold.numel():
-                taken = at_threshold[:ties]
-                mask.view(-1)[taken] = True
-                ties -= taken.numel()
+        mask = _nonzero_top_mask(delta, density) if scope == "tensor" else top.select(delta)
         if not mask.any():
             continue
-        tensors.update(sparse_entry(name, mask, delta if values else None))
+        tensors.update(sparse_entry(name, mask, delta.reshape(-1)[mask.reshape(-1)] if values else None))
         shapes[name] = list(delta.shape)
         kept[name] = int(mask.sum())
     if not tensors:
