@@ -5,6 +5,7 @@ line before anything is written, and Ctrl-C publishes nothing."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import numpy as np
@@ -182,8 +183,10 @@ def test_the_command_line_learns_a_patch_every_command_reads_and_refuses_bad_inp
     base, tuned, hook = models
     patch = tmp_path / "region"
     args = ["patch", "extract", "--base", base, "--tuned", tuned, "--kind", "mask", "--localize", "--data", hook]
-    result = run(*map(str, [*args, "--density", "0.02", "--steps", "2", "--out", patch, "--device", "cpu"]))
+    result = run(*map(str, [*args, "--density", "0.02", "--steps", "2", "--candidates", "0", "--out", patch]))
     assert result.returncode == 0, result.stderr
+    localized = json.loads((patch / "patch.json").read_text())["settings"]["localized"]
+    assert localized["candidates"] is None and localized["steps"] == 2  # 0: every changed entry
     assert "localized mask patch" in result.stdout and "learned graft" in result.stdout
     assert "warning: " in result.stderr and "are not in the localized patch" in result.stderr  # the embeddings too
     shown = run("inspect", str(patch))
