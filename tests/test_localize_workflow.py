@@ -6,6 +6,7 @@ line before anything is written, and Ctrl-C publishes nothing."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 
 import numpy as np
@@ -190,7 +191,9 @@ def test_the_command_line_learns_a_patch_every_command_reads_and_refuses_bad_inp
     assert "localized mask patch" in result.stdout and "learned graft" in result.stdout
     assert "warning: " in result.stderr and "are not in the localized patch" in result.stderr  # the embeddings too
     shown = run("inspect", str(patch))
-    assert shown.returncode == 0 and "mask" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "a learned skill region:" in shown.stdout, shown.stderr
+    metrics = json.loads((patch / "patch.json").read_text())["metrics"]
+    assert re.search(rf"learned_graft_accuracy +│ {metrics['learned_graft_accuracy']:.6g} ", shown.stdout)
     applied = run("patch", "apply", str(patch), "--base", str(base), "--out", str(tmp_path / "applied"))
     assert applied.returncode == 0, applied.stderr
 
