@@ -18,6 +18,8 @@ from test_cli_exits import interrupted, refused_in_one_line, run
 
 import splice
 from splice.errors import OutputExistsError, PatchError, SpliceError
+from splice.registry.store import Registry
+from splice.workflows.deploy import deploy
 
 from conftest import perturbed, save, tiny_model
 
@@ -109,6 +111,14 @@ def test_the_stored_patch_applied_is_the_graft_and_its_scores_are_the_applied_mo
         assert metrics[f"{scored}_ece"] == pytest.approx(ece, abs=1e-5), scored
         assert outcome.scores[scored].accuracy == metrics[f"{scored}_accuracy"]
     assert outcome.losses[outcome.best_step] == min(outcome.losses)
+
+    registry = Registry.init(str(tmp_path / "registry"))  # the registry keeps it and deploy applies it, as any patch
+    registry.push("region", outcome.patch, alias="prod")
+    record, _ = deploy(["region@prod"], base, tmp_path / "deployed", registry=registry, device="cpu")
+    assert record.patches[0].kind == "mask" and record.patches[0].base_check == "verified"
+    deployed = load_file(tmp_path / "deployed" / "model.safetensors")
+    for name, value in got.items():
+        np.testing.assert_array_equal(deployed[name], value, err_msg=name)
 
 
 def test_with_zero_steps_the_region_is_the_magnitude_mask_and_the_head_can_stay_pretrained(models):
@@ -207,6 +217,9 @@ def test_the_command_line_learns_a_patch_every_command_reads_and_refuses_bad_inp
         (*args[:-1], hookless, "--density", "0.01", "--out", tmp_path / "a"): "'test': batch",
         (*args, "--density", "0.01", "--mask-only", "--out", tmp_path / "a"): "leave out --mask-scope",
     }
+    other = save(tiny_model("vit", 0), tmp_path / "vit", False)
+    shaped = [*args[:5], other, *args[6:]]
+    cases[(*shaped, "--density", "0.01", "--out", tmp_path / "a")] = "vit"
     plain = [*args[:8], "--density", "0.01", "--steps", "3", "--data", hook, "--out", tmp_path / "a"]
     cases[tuple(plain)] = "--data, --steps go with --localize"
     lora = [*args[:7], "lora", *args[8:]]
