@@ -248,6 +248,31 @@ def test_regions_learned_from_data_in_the_recipe_are_those_splice_localize_learn
     assert not any(t.name.startswith("classifier.") for t in report.tensors)  # head: pretrained
 
 
+def test_a_model_given_as_base_plus_adapter_learns_its_region_from_data_as_the_model_itself(models, tmp_path):
+    """A recipe's model may be a reference with an adapter applied on the fly (`BASE+PATCH`): the region learned from
+    its `data:` is the one learned from the model that reference reads as (the patched checkpoint, not a path)."""
+    (tmp_path / "tasks.py").write_text(TASK_HOOKS)
+    splice.extract_patch(models["base"], models["tuned"][0], "delta").save(tmp_path / "delta")
+
+    def recipe(model: str) -> dict:
+        return {
+            "merge_method": "localize_stitch",
+            "base_model": str(models["base"]),
+            "parameters": {"density": 0.05, "steps": 2},
+            "models": [
+                {"model": model, "data": f"{tmp_path / 'tasks.py'}:first"},
+                {"model": str(models["tuned"][1]), "data": f"{tmp_path / 'tasks.py'}:second"},
+            ],
+        }
+
+    splice.merge(parse_recipe(recipe(str(models["tuned"][0]))), tmp_path / "from-model")
+    splice.merge(parse_recipe(recipe(f"{models['base']}+{tmp_path / 'delta'}")), tmp_path / "from-reference")
+    expected, got = load_dir(tmp_path / "from-model"), load_dir(tmp_path / "from-reference")
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
 def test_the_report_against_numpy(models, tmp_path):
     recipe = _recipe(models["base"], models["tuned"], models["masks"])
     report = splice.merge(parse_recipe(recipe), tmp_path / "stitched").method_report

@@ -51,6 +51,8 @@ HEADS = ("fine-tuned", "pretrained")
 Head = Literal["fine-tuned", "pretrained"]
 TaskSource = str | Callable[[], object] | Mapping[str, object]
 """'MODULE:FUNCTION' (or a function) returning {'train': batch, 'test': batch}, or that dict itself."""
+ModelSource = str | os.PathLike | Checkpoint
+"""A model directory or URL, or a checkpoint already opened (a recipe's reference, an adapter applied on the fly)."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,8 @@ class Localization:
 
 
 def localize(
-    base: str | os.PathLike,
-    tuned: str | os.PathLike,
+    base: ModelSource,
+    tuned: ModelSource,
     data: TaskSource,
     *,
     density: float,
@@ -99,8 +101,8 @@ def localize(
     **run_keywords: Unpack[RunKeywords],
 ) -> Localization:
     """Learn the region of `density` of the eligible entries whose graft onto `base` keeps what `tuned` learned on
-    `data`'s training split, score it on the test split, and return it as a mask patch (saved at `out`, under the
-    output rule, when given). `steps`, `lr` and `l1` drive the learning (splice.adapters.localize); it runs among
+    `data`'s training split (each model a directory or URL, or a checkpoint already opened), score it on the test
+    split, and return it as a mask patch (saved at `out`, under the output rule, when given). `steps`, `lr` and `l1` drive the learning (splice.adapters.localize); it runs among
     the `candidates` x (the region's size) eligible entries the fine-tune changed most (None: among all of them),
     which bounds its memory. `head` says whether grafts carry the fine-tune's changed classification head
     ("fine-tuned") or keep the pretrained one. `run` (or its fields as keywords: device, force, progress, ...) says
@@ -108,9 +110,9 @@ def localize(
     run = run_options(run, run_keywords, "localize")
     _check_settings(density, steps, lr, l1, candidates, head)
     if out is not None:
-        ensure_output_free(out, run.force, protected=[base, tuned])
-    base_ckpt = Checkpoint.open(base, run.storage_options)
-    tuned_ckpt = Checkpoint.open(tuned, run.storage_options)
+        ensure_output_free(out, run.force, protected=[_location(base), _location(tuned)])
+    base_ckpt = _opened(base, run.storage_options)
+    tuned_ckpt = _opened(tuned, run.storage_options)
     check_same_tensors([base_ckpt, tuned_ckpt])
     task = _task(data)
     device = resolve_device(run.device)
@@ -137,7 +139,7 @@ def localize(
     }
     seconds = time.perf_counter() - started
     how = {"density": density, "steps": steps, "lr": lr, "l1": l1, "seed": seed, "candidates": candidates, "head": head}
-    patch = _patch(base_ckpt, base, tuned, data, learned, found, scores, how, description, run)
+    patch = _patch(base_ckpt, tuned_ckpt, data, learned, found, scores, how, description, run)
     warnings = left_out_warnings(
         found.left_out,
         "localized patch",
@@ -216,6 +218,14 @@ def _changes(
     if not found.candidates:
         raise PatchError(f"{tuned.location} changed nothing inside the model's layers: there is no region to find")
     return found
+
+
+def _opened(model: ModelSource, storage_options: dict | None) -> Checkpoint:
+    return model if isinstance(model, Checkpoint) else Checkpoint.open(model, storage_options)
+
+
+def _location(model: ModelSource) -> str | os.PathLike:
+    return model.location if isinstance(model, Checkpoint) else model
 
 
 def _check_settings(density: float, steps: int, lr: float, l1: float, candidates: float | None, head: str) -> None:
@@ -307,9 +317,8 @@ def _tuned_values(tuned: Checkpoint, names: list[str], device: torch.device) -> 
 
 
 def _patch(
-    base_ckpt: Checkpoint,
-    base: str | os.PathLike,
-    tuned: str | os.PathLike,
+    base: Checkpoint,
+    tuned: Checkpoint,
     data: TaskSource,
     learned: LearnedMask,
     found: _Found,
@@ -352,10 +361,10 @@ def _patch(
     meta = PatchMeta(
         kind=PatchKind.mask,
         targets=touched,
-        base=fingerprint_base(base_ckpt, touched, run.progress),
-        lineage=[recorded_location(base), recorded_location(tuned)],
+        base=fingerprint_base(base, touched, run.progress),
+        lineage=[recorded_location(base.location), recorded_location(tuned.location)],
         metrics=metrics,
-        description=description or f"skill region of {recorded_location(tuned)} localized on {described}",
+        description=description or f"skill region of {recorded_location(tuned.location)} localized on {described}",
         settings=settings,
     )
     return Patch(tensors, meta)

@@ -59,7 +59,7 @@ def _learned_region(
 ) -> TaskRegion:
     """The region `splice.localize` learns for `tuned` on `data`, held in memory (bits packed, no values to check:
     they are the model's change by construction)."""
-    found = localize(base.location, tuned.location, data, **learning, run=run)
+    found = localize(base, tuned, data, **learning, run=run)
     shapes = found.patch.meta.settings["shapes"]
     return TaskRegion(
         f"the region learned on {data}",
