@@ -376,6 +376,19 @@ def test_recipe_mistakes_are_refused_before_anything_is_opened(models, tmp_path)
     _refused(exported, tmp_path / "out", "mergekit has no localize_stitch")
 
 
+@pytest.mark.parametrize("density", [[0.5, 0.05], [{"filter": "attention", "value": 0.5}, {"value": 0.05}]])
+def test_a_learning_parameter_varying_by_tensor_is_refused(models, tmp_path, density):
+    """A region is learned over the whole model with one density (and one of each setting): a gradient or filtered
+    value would otherwise be read at one tensor and silently used for all."""
+    learned = {
+        "merge_method": "localize_stitch",
+        "base_model": str(models["base"]),
+        "parameters": {"density": density, "steps": 1},
+        "models": [{"model": str(t), "data": "tasks.py:first"} for t in models["tuned"][:2]],
+    }
+    _refused(learned, tmp_path / "out", "localize_stitch takes one value of 'density' for the whole merge")
+
+
 def test_a_region_unlike_the_models_tensors_is_refused_by_name(models):
     checkpoint = Checkpoint.open(models["base"])
     plan = plan_same_name([checkpoint], None)

@@ -483,11 +483,17 @@ def _check_walk(recipe: Recipe, source: str) -> None:
         )
     if recipe.tokenizer_source is not None or recipe.tokenizer is not None:
         raise RecipeError(f"{source}: {PLUSPLUS} merges models of one vocabulary; leave out the tokenizer settings")
+    _refuse_values_by_tensor(recipe, source, "the whole walk", (int, float))
+
+
+def _refuse_values_by_tensor(recipe: Recipe, source: str, scope: str, plain: tuple[type, ...]) -> None:
+    """A method that resolves its parameters once (for `scope`) takes one `plain` value of each, never a gradient
+    or filtered list, which would be read at one tensor and used for all."""
     for owner, settings in [("parameters", recipe.parameters), *((m.model, m.parameters) for m in recipe.models)]:
         for name, value in settings.items():
-            if not isinstance(value, int | float):
+            if not isinstance(value, plain):
                 raise RecipeError(
-                    f"{source}: {owner}: {PLUSPLUS} takes one value of {name!r} for the whole walk, not {value!r}"
+                    f"{source}: {owner}: {recipe.merge_method} takes one value of {name!r} for {scope}, not {value!r}"
                 )
 
 
@@ -522,6 +528,7 @@ def _check_stitch(recipe: Recipe, source: str) -> None:
             f"{source}: {STITCH} merges models of one vocabulary (the masks cover their stored tensors); leave out "
             "the tokenizer settings"
         )
+    _refuse_values_by_tensor(recipe, source, "the whole merge", (int, float, str))
 
 
 def _validate_models(recipe: Recipe, source: str) -> None:
