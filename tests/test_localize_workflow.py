@@ -239,3 +239,52 @@ def test_ctrl_c_while_localizing_exits_130_and_publishes_nothing(models, tmp_pat
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "interrupted; nothing was published"
     assert "Traceback" not in result.stderr
+
+
+BAD_HOOKS = textwrap.dedent("""
+    import torch
+
+    def _ids():
+        return torch.randint(1, 64, (40, 10), generator=torch.Generator().manual_seed(7))
+
+    def labels_beyond_the_head():
+        ids = _ids()
+        labels = (ids[:, 0] % 5).long()  # 5 classes for a head of 3
+        return {"train": {"input_ids": ids[:32], "labels": labels[:32]}, "test": {"input_ids": ids[32:], "labels": labels[32:]}}
+
+    def images_for_a_text_model():
+        pixels, labels = torch.rand(40, 1, 8, 8), torch.arange(40) % 3
+        return {"train": {"pixel_values": pixels[:32], "labels": labels[:32]}, "test": {"pixel_values": pixels[32:], "labels": labels[32:]}}
+
+    def a_test_split_it_cannot_take():
+        ids, labels = _ids(), torch.arange(40) % 3
+        return {"train": {"input_ids": ids[:32], "labels": labels[:32]}, "test": {"pixels": ids[32:], "labels": labels[32:]}}
+""")
+
+
+@pytest.mark.parametrize(
+    "function, needle",
+    [
+        ("labels_beyond_the_head", "label 3 does not fit the model's head of 3 labels (labels are class ids 0..2)"),
+        ("images_for_a_text_model", "the model cannot take these inputs (You must specify exactly one of input_ids"),
+        ("a_test_split_it_cannot_take", "the model cannot take these inputs"),
+    ],
+)
+def test_data_the_model_cannot_take_is_one_line_before_any_learning(models, tmp_path, monkeypatch, function, needle):
+    """Labels outside the head (on a GPU: a device-side assert that ends the process) and inputs the model does not
+    take are one-line errors naming the data, raised before the region is learned and with nothing written."""
+    import splice.workflows.localize as workflow
+
+    base, tuned, _ = models
+    (tmp_path / "bad.py").write_text(BAD_HOOKS)
+
+    def learn(*args, **kwargs):
+        raise AssertionError("the region was learned before the data was checked")
+
+    monkeypatch.setattr(workflow, "learn_graft_mask", learn)
+    out = tmp_path / "out"
+    with pytest.raises(SpliceError) as caught:
+        splice.localize(base, tuned, f"{tmp_path / 'bad.py'}:{function}", density=0.01, out=out, device="cpu")
+    message = str(caught.value)
+    assert needle in message and "\n" not in message, message
+    assert not out.exists()

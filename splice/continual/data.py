@@ -59,15 +59,21 @@ def check_task_data(data: object, name: str, where: str) -> TaskData:
     return TaskData(name, train, test, classes)
 
 
+def check_labels_fit(task: TaskData, num_labels: int, where: str) -> None:
+    """Every class of `task` is a class id of the model's head of `num_labels` (the test's are among the
+    training's)."""
+    outside = [c for c in task.classes if not 0 <= c < num_labels]
+    if outside:
+        raise SpliceError(
+            f"{where}: label {outside[0]} does not fit the model's head of "
+            f"{num_labels} labels (labels are class ids 0..{num_labels - 1})"
+        )
+
+
 def check_protocol(tasks: list[TaskData], protocol: str, num_labels: int) -> None:
     """Class-incremental tasks have disjoint classes; every class fits the model's head."""
     for task in tasks:
-        outside = [c for c in task.classes if not 0 <= c < num_labels]
-        if outside:
-            raise SpliceError(
-                f"task {task.name}: label {outside[0]} does not fit the model's head of "
-                f"{num_labels} labels (labels are class ids 0..{num_labels - 1})"
-            )
+        check_labels_fit(task, num_labels, f"task {task.name}")
     if protocol != "class-incremental":
         return
     owner: dict[int, str] = {}

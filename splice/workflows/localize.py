@@ -33,7 +33,8 @@ from splice.adapters.patch import Patch
 from splice.arch.heads import stored_head
 from splice.arch.layers import layer_index
 from splice.arch.names import stored_to_module_names
-from splice.continual.data import Batch, TaskData, check_task_data
+from splice.continual.data import Batch, TaskData, check_labels_fit, check_task_data
+from splice.continual.train import model_inputs
 from splice.errors import PatchError, SpliceError
 from splice.hooks import hook_name, load_callable
 from splice.merge.stats.collect import live_model
@@ -114,11 +115,12 @@ def localize(
     base_ckpt = _opened(base, run.storage_options)
     tuned_ckpt = _opened(tuned, run.storage_options)
     check_same_tensors([base_ckpt, tuned_ckpt])
-    task = _task(data)
+    task, where = _task(data)
     device = resolve_device(run.device)
     started = time.perf_counter()
     model = live_model(base_ckpt, device)
     model.requires_grad_(False)
+    check_labels_fit(task, model.config.num_labels, where)
     names = stored_to_module_names(model)
     live = dict(model.state_dict(keep_vars=True))
     pretrained = {stored: live[module].detach() for stored, module in names.items()}
@@ -126,15 +128,15 @@ def localize(
     train, test = _on(task.train, device), _on(task.test, device)
     fixed = {name: pretrained[name] + delta for name, delta in found.carried.items()}
     eligible = {name: pretrained[name] for name in found.candidates}
+    scores = {"pretrained": _scored(model, names, {}, test)}  # first: the test split checked before any learning
     loss = grafted_loss(model, names, train, fixed)
     learned = learn_graft_mask(eligible, found.candidates, loss, density=density, steps=steps, lr=lr, l1=l1, seed=seed)
     magnitude = top_k_over({name: c.change.abs() for name, c in found.candidates.items()}, learned.selected)
-    scores = {
+    scores |= {
         "learned_graft": _scored(
             model, names, {**fixed, **graft_on(eligible, found.candidates, learned.on_candidates)}, test
         ),
         "magnitude_graft": _scored(model, names, {**fixed, **graft_on(eligible, found.candidates, magnitude)}, test),
-        "pretrained": _scored(model, names, {}, test),
         "fine_tuned": _scored(model, names, _tuned_values(tuned_ckpt, found.changed, device), test),
     }
     seconds = time.perf_counter() - started
@@ -243,11 +245,12 @@ def _check_settings(density: float, steps: int, lr: float, l1: float, candidates
         raise PatchError(f"`head` must be one of {', '.join(HEADS)}, not {head!r}")
 
 
-def _task(data: TaskSource) -> TaskData:
+def _task(data: TaskSource) -> tuple[TaskData, str]:
+    """The task's data, checked, and how messages name where it came from."""
     where = hook_name(data, "`data`") if not isinstance(data, Mapping) else "`data`"
     if isinstance(data, str):
         data = load_callable(data, option="`data`")
-    return check_task_data(data() if callable(data) else data, "localize", where)
+    return check_task_data(data() if callable(data) else data, "localize", where), where
 
 
 def _on(batch: Batch, device: torch.device) -> Batch:
@@ -265,7 +268,9 @@ def grafted_loss(
         replaced = {names[name]: tensor for name, tensor in {**fixed, **parameters}.items()}
         for start in range(0, count, CHUNK):
             part = {key: value[start : start + CHUNK] for key, value in batch.items()}
-            yield functional_call(model, replaced, kwargs=part).loss * (len(part["labels"]) / count)
+            with model_inputs("`data`"):
+                mean = functional_call(model, replaced, kwargs=part).loss
+            yield mean * (len(part["labels"]) / count)
 
     return loss
 
@@ -277,7 +282,7 @@ def logits_of(
     live = {names[name]: tensor for name, tensor in replaced.items()}
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     count = len(batch["labels"])
-    with torch.no_grad():
+    with torch.no_grad(), model_inputs("`data`"):
         logits = torch.cat(
             [
                 functional_call(model, live, kwargs={k: v[s : s + CHUNK] for k, v in inputs.items()}).logits
