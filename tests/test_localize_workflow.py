@@ -244,21 +244,24 @@ def test_ctrl_c_while_localizing_exits_130_and_publishes_nothing(models, tmp_pat
 BAD_HOOKS = textwrap.dedent("""
     import torch
 
+    def _split(inputs, labels):
+        return {"train": {**{k: v[:32] for k, v in inputs.items()}, "labels": labels[:32]},
+                "test": {**{k: v[32:] for k, v in inputs.items()}, "labels": labels[32:]}}
+
     def _ids():
         return torch.randint(1, 64, (40, 10), generator=torch.Generator().manual_seed(7))
 
     def labels_beyond_the_head():
         ids = _ids()
-        labels = (ids[:, 0] % 5).long()  # 5 classes for a head of 3
-        return {"train": {"input_ids": ids[:32], "labels": labels[:32]}, "test": {"input_ids": ids[32:], "labels": labels[32:]}}
+        return _split({"input_ids": ids}, (ids[:, 0] % 5).long())  # 5 classes for a head of 3
 
     def images_for_a_text_model():
-        pixels, labels = torch.rand(40, 1, 8, 8), torch.arange(40) % 3
-        return {"train": {"pixel_values": pixels[:32], "labels": labels[:32]}, "test": {"pixel_values": pixels[32:], "labels": labels[32:]}}
+        return _split({"pixel_values": torch.rand(40, 1, 8, 8)}, torch.arange(40) % 3)
 
     def a_test_split_it_cannot_take():
-        ids, labels = _ids(), torch.arange(40) % 3
-        return {"train": {"input_ids": ids[:32], "labels": labels[:32]}, "test": {"pixels": ids[32:], "labels": labels[32:]}}
+        task = _split({"input_ids": _ids()}, torch.arange(40) % 3)
+        task["test"]["pixels"] = task["test"].pop("input_ids")
+        return task
 """)
 
 

@@ -33,8 +33,8 @@ from splice.adapters.patch import Patch
 from splice.arch.heads import stored_head
 from splice.arch.layers import layer_index
 from splice.arch.names import stored_to_module_names
-from splice.continual.data import Batch, TaskData, check_labels_fit, check_task_data
-from splice.continual.train import model_inputs
+from splice.continual.data import Batch, TaskData, batches, check_labels_fit, check_task_data
+from splice.continual.train import inputs_of, model_inputs
 from splice.errors import PatchError, SpliceError
 from splice.hooks import hook_name, load_callable
 from splice.merge.stats.collect import live_model
@@ -103,11 +103,11 @@ def localize(
 ) -> Localization:
     """Learn the region of `density` of the eligible entries whose graft onto `base` keeps what `tuned` learned on
     `data`'s training split (each model a directory or URL, or a checkpoint already opened), score it on the test
-    split, and return it as a mask patch (saved at `out`, under the output rule, when given). `steps`, `lr` and `l1` drive the learning (splice.adapters.localize); it runs among
-    the `candidates` x (the region's size) eligible entries the fine-tune changed most (None: among all of them),
-    which bounds its memory. `head` says whether grafts carry the fine-tune's changed classification head
-    ("fine-tuned") or keep the pretrained one. `run` (or its fields as keywords: device, force, progress, ...) says
-    how it runs."""
+    split, and return it as a mask patch (saved at `out`, under the output rule, when given). `steps`, `lr` and `l1`
+    drive the learning (splice.adapters.localize); it runs among the `candidates` x (the region's size) eligible
+    entries the fine-tune changed most (None: among all of them), which bounds its memory. `head` says whether
+    grafts carry the fine-tune's changed classification head ("fine-tuned") or keep the pretrained one. `run` (or
+    its fields as keywords: device, force, progress, ...) says how it runs."""
     run = run_options(run, run_keywords, "localize")
     _check_settings(density, steps, lr, l1, candidates, head)
     if out is not None:
@@ -266,8 +266,7 @@ def grafted_loss(
 
     def loss(parameters: dict[str, torch.Tensor]) -> Iterator[torch.Tensor]:
         replaced = {names[name]: tensor for name, tensor in {**fixed, **parameters}.items()}
-        for start in range(0, count, CHUNK):
-            part = {key: value[start : start + CHUNK] for key, value in batch.items()}
+        for part in batches(batch, CHUNK):
             with model_inputs("`data`"):
                 mean = functional_call(model, replaced, kwargs=part).loss
             yield mean * (len(part["labels"]) / count)
@@ -280,14 +279,9 @@ def logits_of(
 ) -> torch.Tensor:
     """The model's logits [examples, classes] on `batch`'s inputs, with the `replaced` stored tensors."""
     live = {names[name]: tensor for name, tensor in replaced.items()}
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    count = len(batch["labels"])
     with torch.no_grad(), model_inputs("`data`"):
         logits = torch.cat(
-            [
-                functional_call(model, live, kwargs={k: v[s : s + CHUNK] for k, v in inputs.items()}).logits
-                for s in range(0, count, CHUNK)
-            ]
+            [functional_call(model, live, kwargs=inputs_of(part)).logits for part in batches(batch, CHUNK)]
         )
     if logits.dim() != 2:
         raise SpliceError(
