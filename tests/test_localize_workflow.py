@@ -291,3 +291,15 @@ def test_data_the_model_cannot_take_is_one_line_before_any_learning(models, tmp_
     message = str(caught.value)
     assert needle in message and "\n" not in message, message
     assert not out.exists()
+
+
+def test_zero_candidates_mean_every_changed_entry_in_the_library_as_on_the_command_line(models):
+    """`candidates=0` (as `--candidates 0` and a recipe's `candidates: 0` say it) learns among every changed entry:
+    the region `candidates=None` learns, recorded as None."""
+    base, tuned, hook = models
+    every = splice.localize(base, tuned, hook, density=0.02, steps=2, candidates=None, device="cpu")
+    zero = splice.localize(base, tuned, hook, density=0.02, steps=2, candidates=0, device="cpu")
+    assert zero.patch.meta.settings["localized"]["candidates"] is None
+    assert zero.losses == every.losses and set(zero.patch.tensors) == set(every.patch.tensors)
+    for name, tensor in every.patch.tensors.items():
+        assert torch.equal(zero.patch.tensors[name], tensor), name

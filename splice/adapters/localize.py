@@ -92,6 +92,18 @@ class LearnedMask:
     best_step: int
 
 
+def check_learning(density: float, steps: int, lr: float, l1: float) -> None:
+    """The learning's settings, each refused in one line when out of range."""
+    if not 0 < density <= 1:
+        raise PatchError(f"`density` must be in (0, 1], got {density:g} (e.g. 0.0001 for 0.01% of the entries)")
+    if steps < 0:
+        raise PatchError(f"`steps` must be >= 0, got {steps}")
+    if not lr > 0:
+        raise PatchError(f"`lr` must be > 0, got {lr:g}")
+    if not l1 >= 0:
+        raise PatchError(f"`l1` must be >= 0, got {l1:g}")
+
+
 def region_size(changes: Mapping[str, torch.Tensor | Candidates], density: float) -> int:
     """How many entries a region of `density` holds: round(density x eligible entries), at least 1."""
     if not 0 < density <= 1:
@@ -123,10 +135,7 @@ def learn_graft_mask(
     """The region of `changes` (theta_ft - theta_pre per eligible tensor, whole or on its `Candidates` entries) whose
     graft onto `pretrained` minimises `loss`, with exactly round(density x entries) entries, all among the
     candidates (see the module)."""
-    if steps < 0:
-        raise PatchError(f"`steps` must be >= 0, got {steps}")
-    if not lr > 0:
-        raise PatchError(f"`lr` must be > 0, got {lr:g}")
+    check_learning(density, steps, lr, l1)
     candidates = {n: c if isinstance(c, Candidates) else Candidates.every(c) for n, c in changes.items()}
     k = region_size(candidates, density)
     offered = sum(c.change.numel() for c in candidates.values())

@@ -112,8 +112,6 @@ def extract(
     learning = {"steps": steps, "lr": lr, "l1": l1, "seed": seed, "candidates": candidates, "head": head}
     if localize:
         given: dict[str, Any] = {name: value for name, value in learning.items() if value is not None}
-        if candidates == 0:
-            given["candidates"] = None  # every changed entry
         _extract_localized(base, tuned, kind, out, data, density, mask_scope, mask_values, given, description, shared)
         return
     stray = [f"--{name}" for name, value in {"data": data, **learning}.items() if value is not None]

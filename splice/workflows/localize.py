@@ -27,7 +27,15 @@ from typing_extensions import Unpack
 from splice.adapters.deltas import deltas, left_out_warnings
 from splice.adapters.fingerprint import fingerprint_base
 from splice.adapters.kinds.mask import ModelTopK, sparse_entry
-from splice.adapters.localize import STEP, Candidates, GraftLoss, LearnedMask, graft_on, learn_graft_mask
+from splice.adapters.localize import (
+    STEP,
+    Candidates,
+    GraftLoss,
+    LearnedMask,
+    check_learning,
+    graft_on,
+    learn_graft_mask,
+)
 from splice.adapters.meta import PatchKind, PatchMeta
 from splice.adapters.patch import Patch
 from splice.arch.heads import stored_head
@@ -105,11 +113,12 @@ def localize(
     `data`'s training split (each model a directory or URL, or a checkpoint already opened), score it on the test
     split, and return it as a mask patch (saved at `out`, under the output rule, when given). `steps`, `lr` and `l1`
     drive the learning (splice.adapters.localize); it runs among the `candidates` x (the region's size) eligible
-    entries the fine-tune changed most (None: among all of them), which bounds its memory. `head` says whether
+    entries the fine-tune changed most (None or 0: among all of them), which bounds its memory. `head` says whether
     grafts carry the fine-tune's changed classification head ("fine-tuned") or keep the pretrained one. `run` (or
     its fields as keywords: device, force, progress, ...) says how it runs."""
     run = run_options(run, run_keywords, "localize")
     _check_settings(density, steps, lr, l1, candidates, head)
+    candidates = candidates or None  # 0: every changed entry, as None
     if out is not None:
         ensure_output_free(out, run.force, protected=[_location(base), _location(tuned)])
     base_ckpt = _opened(base, run.storage_options)
@@ -231,16 +240,11 @@ def _location(model: ModelSource) -> str | os.PathLike:
 
 
 def _check_settings(density: float, steps: int, lr: float, l1: float, candidates: float | None, head: str) -> None:
-    if not 0 < density <= 1:
-        raise PatchError(f"`density` must be in (0, 1], got {density:g} (e.g. 0.0001 for 0.01% of the layers' entries)")
-    if steps < 0:
-        raise PatchError(f"`steps` must be >= 0, got {steps}")
-    if not lr > 0:
-        raise PatchError(f"`lr` must be > 0, got {lr:g}")
-    if not l1 >= 0:
-        raise PatchError(f"`l1` must be >= 0, got {l1:g}")
-    if candidates is not None and not candidates >= 1:
-        raise PatchError(f"`candidates` must be >= 1 (times the region's size), got {candidates:g}")
+    check_learning(density, steps, lr, l1)
+    if candidates is not None and not (candidates >= 1 or candidates == 0):
+        raise PatchError(
+            f"`candidates` must be >= 1 (times the region's size), or 0 for every changed entry, got {candidates:g}"
+        )
     if head not in HEADS:
         raise PatchError(f"`head` must be one of {', '.join(HEADS)}, not {head!r}")
 
