@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -342,6 +343,18 @@ def test_a_mask_made_on_another_base_is_refused(models, tmp_path):
     _mask_patch(other, models["tuned"][0], tmp_path / "elsewhere")
     recipe = _recipe(models["base"], models["tuned"][:1], [tmp_path / "elsewhere"])
     _refused(recipe, tmp_path / "out", "mask: ", "is not the base this mask patch was made for")
+
+
+def test_a_mask_patch_listing_a_tensor_it_holds_no_mask_of_is_refused(models, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(models["masks"][0], damaged)
+    manifest = json.loads((damaged / "patch.json").read_text())
+    manifest["settings"]["shapes"]["bert.nothing.weight"] = [2]
+    (damaged / "patch.json").write_text(json.dumps(manifest))
+    recipe = _recipe(models["base"], models["tuned"][:1], [damaged])
+    _refused(
+        recipe, tmp_path / "out", f"mask: {damaged}", "lists bert.nothing.weight but holds no bert.nothing.weight.mask"
+    )
 
 
 def test_values_that_are_not_the_models_change_are_refused_by_tensor(models, tmp_path):

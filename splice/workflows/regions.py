@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from splice.adapters.fingerprint import compare_base, refuse_drift
-from splice.adapters.kinds.mask import MASK_SUFFIX, VALUES_SUFFIX
-from splice.adapters.meta import MaskSettings, PatchKind
+from splice.adapters.kinds.mask import MASK_SUFFIX, VALUES_SUFFIX, covered_shapes
+from splice.adapters.meta import PatchKind
 from splice.errors import PatchError, RecipeError
 from splice.merge.localize_stitch import METHOD, TaskRegion
 from splice.merge.recipe import InputModel
@@ -38,18 +38,13 @@ def open_region(
         raise PatchError(f"mask: {label} has no record of the base it was made on; {EXTRACT}")
     try:
         refuse_drift(compare_base(patch.meta.base, base), base.location, "mask", None)
+        shapes = covered_shapes(patch)
     except PatchError as exc:
         raise PatchError(f"mask: {label}: {exc}") from None
-    shapes = MaskSettings.model_validate(patch.meta.settings).shapes
-    if shapes is None:
-        raise PatchError(f"mask: {label}: its settings have no tensor shapes; it was not written by splice: {EXTRACT}")
-    missing = next((name for name in shapes if name + MASK_SUFFIX not in stored.tensors), None)
-    if missing is not None:
-        raise PatchError(f"mask: {label} lists {missing} but holds no {missing + MASK_SUFFIX}; the patch is damaged")
     return TaskRegion(
         label,
         {name: stored.read(name + MASK_SUFFIX) for name in shapes},
-        {name: tuple(shape) for name, shape in shapes.items()},
+        shapes,
         {name: (stored, name + VALUES_SUFFIX) for name in shapes if name + VALUES_SUFFIX in stored.tensors},
     )
 
