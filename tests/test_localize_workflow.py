@@ -200,6 +200,7 @@ def test_the_command_line_learns_a_patch_every_command_reads_and_refuses_bad_inp
     assert localized["candidates"] is None and localized["steps"] == 2  # 0: every changed entry
     assert "localized mask patch" in result.stdout and "learned graft" in result.stdout
     assert "warning: " in result.stderr and "are not in the localized patch" in result.stderr  # the embeddings too
+    assert "unless --head pretrained)" in result.stderr  # the library's `head='pretrained'` as the flag it is here
     shown = run("inspect", str(patch))
     assert shown.returncode == 0 and "a learned skill region:" in shown.stdout, shown.stderr
     metrics = json.loads((patch / "patch.json").read_text())["metrics"]

@@ -32,6 +32,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from splice.cli.flags import with_flags
+
 if TYPE_CHECKING:
     from splice.adapters.drift import DriftReport
     from splice.merge.localize_stitch import StitchReport
@@ -472,8 +474,9 @@ def notes(lines: Iterable[str], quiet: bool = False) -> None:
 
 
 def warn(warnings: Iterable[str]) -> None:
+    """Library warnings on stderr, each parameter they name as its flag."""
     for warning in warnings:
-        error_console.print(f"warning: {plain(warning)}", highlight=False, soft_wrap=True)
+        error_console.print(f"warning: {plain(with_flags(warning))}", highlight=False, soft_wrap=True)
 
 
 def _percent(value: float | None, missing: str = "-") -> str:
