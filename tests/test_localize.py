@@ -142,3 +142,38 @@ def test_candidates_covering_every_entry_learn_the_dense_region_and_fewer_bound_
             one_part,
             density=0.05,
         )
+
+
+def test_learning_among_candidates_holds_no_whole_copy_of_the_grafted_tensors_or_their_gradient():
+    """Among a bounded candidate set the learning holds, beside the pretrained tensors (the model's own), only
+    candidate-sized tensors: each pass grafts into the pretrained tensors and writes their values back exactly, and
+    the gradient is kept on the candidates only. Counted at every call of the loss, in every part: no tensor of the
+    layer's size is alive but those that were before, and the pretrained tensor ends as it began."""
+    import gc
+    import warnings
+
+    pretrained, changes, loss = planted_task()
+    before = pretrained["w"].clone()
+    candidates = {"w": Candidates.where(changes["w"], top_k_over({"w": changes["w"].abs()}, 24)["w"])}
+
+    def layer_sized() -> set[int]:
+        with warnings.catch_warnings():  # isinstance on every object: some warn of their deprecation
+            warnings.simplefilter("ignore")
+            tensors = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.numel() == 128]
+        return {t.untyped_storage().data_ptr() for t in tensors}
+
+    already = layer_sized()
+    new: list[int] = []
+    accumulated: list[bool] = []
+
+    def in_parts(parameters):
+        for _ in range(3):
+            new.append(len(layer_sized() - already))
+            accumulated.append(parameters["w"].grad is not None)  # the earlier parts' gradient, whole
+            yield loss(parameters) / 3
+
+    learned = learn_graft_mask(pretrained, candidates, in_parts, density=4 / 128, steps=3, l1=1.0)
+    assert len(new) == 3 * (1 + 3 + 3) and max(new) == 0, new  # the start; each step's gradient and its region
+    assert not any(accumulated), accumulated
+    assert torch.equal(pretrained["w"], before)
+    assert len(learned.losses) == 4 and learned.selected == 4

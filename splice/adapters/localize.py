@@ -21,14 +21,23 @@ After each step the region is rounded to exactly `density` of the entries (the t
 loss of its graft; the region of the best step is kept (the paper keeps its best step too). With no steps, or when no
 step improves on it, that is gamma_base: the magnitude mask.
 
+Memory: beside the pretrained tensors (a live model's own) and what the loss holds (one batch's activations), the
+learning holds candidate-sized tensors only: the change on the candidates, the scores, the relaxed mask and their
+gradients. Each pass writes the graft into the pretrained tensors themselves, on the candidates, and writes their own
+values back, exactly, when it ends; the loss's gradient is taken on the candidates tensor by tensor as backward
+produces it, so no whole gradient outlives its tensor's backward step. With every entry a candidate, those are whole
+tensors, and so are the values set aside.
+
 This module is the math over tensors: the caller gives the loss of a grafted model as a function of its parameters
 (a live model run with `torch.func.functional_call` over the task's batches).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from math import prod
 
 import torch
@@ -69,6 +78,31 @@ class Candidates:
         if self.index is None:
             return pretrained + (gamma * self.change).view(self.shape)
         return pretrained.reshape(-1).index_add(0, self.index, gamma * self.change).view(self.shape)
+
+    def graft_into(self, pretrained: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """Writes theta_pre + gamma * change into `pretrained` itself (the same sum `grafted` computes); returns the
+        values it overwrote, for `restore`."""
+        flat = pretrained.view(-1)
+        if self.index is None:
+            kept = flat.clone()
+            flat.add_(gamma * self.change)
+        else:
+            kept = flat[self.index]
+            flat.index_add_(0, self.index, gamma * self.change)
+        return kept
+
+    def restore(self, pretrained: torch.Tensor, kept: torch.Tensor) -> None:
+        """Writes back the values `graft_into` overwrote."""
+        flat = pretrained.view(-1)
+        if self.index is None:
+            flat.copy_(kept)
+        else:
+            flat.index_copy_(0, self.index, kept)
+
+    def on(self, whole: torch.Tensor) -> torch.Tensor:
+        """A tensor's entries at the candidates (flat)."""
+        flat = whole.reshape(-1)
+        return flat if self.index is None else flat[self.index]
 
     def spread(self, selected: torch.Tensor) -> torch.Tensor:
         """A boolean mask over the candidates as one over the whole tensor."""
@@ -156,17 +190,19 @@ def learn_graft_mask(
     losses = [_rounded_loss(pretrained, candidates, base, loss)]
     for _ in range(steps):
         gamma = _relaxed(base, scores)
-        grafted = {name: c.grafted(pretrained[name], gamma[name]) for name, c in candidates.items()}
-        # dL/dS by the chain rule in two halves: dL/dtheta of the grafted model (batch by batch), then back through
-        # the graft, theta = theta_pre + gamma(S) * change
-        by_parameter = _parameter_gradients(loss, grafted)
-        objective = torch.stack([(grafted[name] * by_parameter[name]).sum() for name in grafted]).sum()
+        # dL/dS by the chain rule in two halves: dL/dtheta of the grafted model on the candidates (batch by batch),
+        # then back through the graft, theta = theta_pre + gamma(S) * change
+        with _grafted_in_place(pretrained, candidates, {name: g.detach() for name, g in gamma.items()}) as grafted:
+            by_parameter = _candidate_gradients(loss, grafted, candidates)
+        objective = torch.stack(
+            [(gamma[name] * (by_parameter[name] * c.change)).sum() for name, c in candidates.items()]
+        ).sum()
         del by_parameter
         if l1:
             entries = sum(g.numel() for g in gamma.values())
             objective = objective + l1 * torch.stack([g.sum() for g in gamma.values()]).sum() / entries
         gradients = torch.autograd.grad(objective, list(scores.values()))
-        del grafted, gamma, objective
+        del gamma, objective
         largest = max((float(gradient.abs().max()) for gradient in gradients if gradient.numel()), default=0.0)
         if largest == 0 or largest != largest:  # nothing moves the loss (or it is not a number): no step can help
             break
@@ -182,12 +218,44 @@ def learn_graft_mask(
     return LearnedMask(masks, best, k, losses, _best(losses))
 
 
-def _parameter_gradients(loss: GraftLoss, grafted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """d loss / d parameter at the grafted parameters, summed over the loss's parts."""
-    leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in grafted.items()}
+@contextmanager
+def _grafted_in_place(
+    pretrained: Mapping[str, torch.Tensor], candidates: Mapping[str, Candidates], gamma: Mapping[str, torch.Tensor]
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The pretrained tensors holding theta_pre + gamma * change on their candidates while the block runs (given to
+    it by name), then their own values again, exactly."""
+    kept: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, c in candidates.items():
+                kept[name] = c.graft_into(pretrained[name], gamma[name])
+        yield {name: pretrained[name] for name in candidates}
+    finally:
+        with torch.no_grad():
+            for name, values in kept.items():
+                candidates[name].restore(pretrained[name], values)
+
+
+def _candidate_gradients(
+    loss: GraftLoss, grafted: Mapping[str, torch.Tensor], candidates: Mapping[str, Candidates]
+) -> dict[str, torch.Tensor]:
+    """d loss / d parameter at the grafted parameters on each tensor's candidates (flat), summed over the loss's
+    parts: each tensor's gradient is taken at its candidates as soon as backward has it, and dropped."""
+    summed = {name: torch.zeros_like(c.change) for name, c in candidates.items()}
+    leaves = {}
+    for name, tensor in grafted.items():
+        leaf = tensor.detach().requires_grad_(True)
+        leaf.register_post_accumulate_grad_hook(partial(_gather, candidates[name], summed[name]))
+        leaves[name] = leaf
     for part in loss(leaves):
         part.backward()
-    return {name: leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for name, leaf in leaves.items()}
+    return summed
+
+
+def _gather(candidates: Candidates, summed: torch.Tensor, leaf: torch.Tensor) -> None:
+    assert leaf.grad is not None
+    summed.add_(candidates.on(leaf.grad))
+    leaf.grad = None
 
 
 def _best(losses: list[float]) -> int:
@@ -223,5 +291,7 @@ def _rounded_loss(
     selected: Mapping[str, torch.Tensor],
     loss: GraftLoss,
 ) -> float:
-    with torch.no_grad():
-        return sum(float(part) for part in loss(graft_on(pretrained, candidates, selected)))
+    """The loss of the graft of the boolean `selected` (over each tensor's candidates), made in place."""
+    gamma = {name: selected[name].to(c.change.dtype) for name, c in candidates.items()}
+    with torch.no_grad(), _grafted_in_place(pretrained, candidates, gamma) as grafted:
+        return sum(float(part) for part in loss(grafted))
