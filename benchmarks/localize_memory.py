@@ -37,6 +37,7 @@ from fusion_minilm import _SUBJECTS, anchor_dir, make_sentences, tokenize  # noq
 from merge_vs_mergekit import MEASURE_SCRIPT, Case, machine_info, measure, splice_fingerprint  # noqa: E402
 
 DEFAULT_WORKDIR = HERE / "_work" / "localize_memory"
+BASE_VARIABLE = "LOCALIZE_MEMORY_BASE"  # where the `--data` hook finds the tokenizer: the run's --workdir
 TRAIN, TEST = 512, 128
 FINE_TUNE = {"lr": 5e-5, "steps": 48, "batch": 32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -53,7 +54,7 @@ def labelled(count: int, seed: int, model_dir: str | Path) -> dict:
 
 def task(model_dir: str | None = None) -> dict:
     """The `--data` hook: {'train': 512 labelled sentences, 'test': 128 others}."""
-    model_dir = model_dir or str(DEFAULT_WORKDIR / "base")
+    model_dir = model_dir or os.environ.get(BASE_VARIABLE) or str(DEFAULT_WORKDIR / "base")
     return {"train": labelled(TRAIN, 1, model_dir), "test": labelled(TEST, 2, model_dir)}
 
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     (workdir / "measure_child.py").write_text(MEASURE_SCRIPT)
     base = build_base(workdir)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env[BASE_VARIABLE] = str(base)
     last = workdir / "results.json"
     results: dict[str, dict] = json.loads(last.read_text())["cases"] if args.only and last.is_file() else {}
     for case in build_cases(workdir, base):
