@@ -16,7 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import splice
 from splice.cli.app import main as cli_main
+from splice.errors import SpliceError
+from splice.merge.recipe import parse_recipe
 
 
 def load_dir(directory: Path) -> dict[str, torch.Tensor]:
@@ -111,3 +114,16 @@ def run_mergekit(recipe: Path, out: Path, *flags: str) -> None:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("HF_HUB_OFFLINE", "1")
         mergekit_yaml([str(recipe), str(out), "--lazy-unpickle", "--quiet", *flags], standalone_mode=False)
+
+
+def merge_refused(recipe: dict, out: Path, *needles: str) -> None:
+    """`splice.merge` refuses `recipe` in one line holding every needle, with nothing written at `out` and no staging
+    left beside it."""
+    with pytest.raises(SpliceError) as caught:
+        splice.merge(parse_recipe(recipe), out)
+    message = str(caught.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no staging left behind

@@ -20,7 +20,7 @@ from splice.errors import SpliceError
 from splice.merge.recipe import parse_recipe
 
 from conftest import model_class, perturbed, save, tiny_model
-from helpers import load_dir, run_cli
+from helpers import load_dir, merge_refused, run_cli
 
 DATA_HOOK = """
 import torch
@@ -199,17 +199,6 @@ def test_statistics_from_the_registry_give_the_same_merge(task_models, tmp_path,
 # -- bad input: one line, nothing written ---------------------------------------------------------------------------
 
 
-def _refused(recipe: dict, out: Path, *needles: str) -> None:
-    with pytest.raises(SpliceError) as caught:
-        splice.merge(parse_recipe(recipe), out)
-    message = str(caught.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert needle in message
-    assert not out.exists()
-    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no staging left behind
-
-
 def _tampered(source: Path, target: Path, change) -> Path:
     """A copy of a statistics directory whose tensors `change` rewrote (its manifest kept as it was)."""
     target.mkdir()
@@ -224,19 +213,19 @@ def test_statistics_of_another_model_are_refused(task_models, tmp_path):
     _, _, tasks = task_models
     recipe = _recipe("regmean", tasks, 1)
     recipe["models"][1]["stats"] = str(tasks[0][1])
-    _refused(recipe, tmp_path / "out", f"were collected on another model than {tasks[1][0]}")
+    merge_refused(recipe, tmp_path / "out", f"were collected on another model than {tasks[1][0]}")
 
 
 def test_a_model_without_statistics_is_refused_before_anything_is_opened(task_models, tmp_path):
     _, _, tasks = task_models
     recipe = _recipe("fisher", tasks, 2)
     del recipe["models"][2]["stats"]
-    _refused(recipe, tmp_path / "out", f"model {tasks[2][0]} gives no stats:", "--kind fisher")
+    merge_refused(recipe, tmp_path / "out", f"model {tasks[2][0]} gives no stats:", "--kind fisher")
 
 
 def test_statistics_of_the_wrong_kind_are_refused(task_models, tmp_path):
     _, _, tasks = task_models
-    _refused(_recipe("regmean", tasks, 2), tmp_path / "out", "holds fisher statistics; this merge needs gram")
+    merge_refused(_recipe("regmean", tasks, 2), tmp_path / "out", "holds fisher statistics; this merge needs gram")
 
 
 def test_a_statistic_of_the_wrong_shape_is_refused_by_name(task_models, tmp_path):
@@ -248,7 +237,7 @@ def test_a_statistic_of_the_wrong_shape_is_refused_by_name(task_models, tmp_path
 
     recipe = _recipe("regmean", tasks, 1)
     recipe["models"][1]["stats"] = str(_tampered(tasks[1][1], tmp_path / "bad", shrink))
-    _refused(recipe, tmp_path / "out", "has shape [15, 15], but the model's tensor", "needs [16, 16]")
+    merge_refused(recipe, tmp_path / "out", "has shape [15, 15], but the model's tensor", "needs [16, 16]")
 
 
 def test_nan_in_a_statistic_is_refused(task_models, tmp_path):
@@ -260,7 +249,7 @@ def test_nan_in_a_statistic_is_refused(task_models, tmp_path):
 
     recipe = _recipe("regmean", tasks, 1)
     recipe["models"][2]["stats"] = str(_tampered(tasks[2][1], tmp_path / "bad", poison))
-    _refused(recipe, tmp_path / "out", f"{tmp_path / 'bad'}: the statistic for ", " holds NaN or Inf")
+    merge_refused(recipe, tmp_path / "out", f"{tmp_path / 'bad'}: the statistic for ", " holds NaN or Inf")
 
 
 def _without_feature_zero(tensors):
@@ -275,7 +264,7 @@ def test_a_singular_system_without_shrinkage_is_refused(task_models, tmp_path):
     recipe = _recipe("regmean", tasks, 1, {"alpha": 1})
     for i, entry in enumerate(recipe["models"]):
         entry["stats"] = str(_tampered(tasks[i][1], tmp_path / f"singular{i}", _without_feature_zero))
-    _refused(recipe, tmp_path / "out", "is singular", "alpha below 1")
+    merge_refused(recipe, tmp_path / "out", "is singular", "alpha below 1")
 
 
 def test_an_ill_conditioned_system_with_shrinkage_is_solved_anchored_on_the_mean_and_reported(task_models, tmp_path):
@@ -324,7 +313,7 @@ def test_stats_on_a_data_free_method_and_data_methods_with_slices_are_refused(ta
 
 def test_an_output_inside_a_statistics_directory_is_refused(task_models, tmp_path):
     _, _, tasks = task_models
-    _refused(_recipe("regmean", tasks, 1), Path(tasks[0][1]) / "out", "inside")
+    merge_refused(_recipe("regmean", tasks, 1), Path(tasks[0][1]) / "out", "inside")
 
 
 # -- the artifact: CLI, inspect, what cannot be done with it --------------------------------------------------------

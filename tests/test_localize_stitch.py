@@ -26,7 +26,7 @@ from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.stream import plan_same_name
 
 from conftest import perturbed, save, tiny_model
-from helpers import load_dir, run_cli
+from helpers import load_dir, merge_refused, run_cli
 
 DENSITY = 0.2  # of all float entries, per fine-tune: regions large enough on a tiny model to overlap
 
@@ -320,29 +320,20 @@ def test_masks_from_the_registry_give_the_same_stitch(models, tmp_path, monkeypa
 # -- bad input: one line, nothing written ---------------------------------------------------------------------------
 
 
-def _refused(recipe: dict, out: Path, *needles: str) -> None:
-    with pytest.raises(SpliceError) as caught:
-        splice.merge(parse_recipe(recipe), out)
-    message = str(caught.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert needle in message, message
-    assert not out.exists()
-    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no staging left behind
-
-
 def test_a_patch_of_another_kind_is_refused(models, tmp_path):
     delta = splice.extract_patch(models["base"], models["tuned"][0], "delta")
     delta.save(tmp_path / "delta")
     recipe = _recipe(models["base"], models["tuned"][:1], [tmp_path / "delta"])
-    _refused(recipe, tmp_path / "out", f"mask: {tmp_path / 'delta'} is a delta patch, not a mask patch", "--kind mask")
+    merge_refused(
+        recipe, tmp_path / "out", f"mask: {tmp_path / 'delta'} is a delta patch, not a mask patch", "--kind mask"
+    )
 
 
 def test_a_mask_made_on_another_base_is_refused(models, tmp_path):
     other = save(tiny_model("bert", 7), tmp_path / "other-base", False)
     _mask_patch(other, models["tuned"][0], tmp_path / "elsewhere")
     recipe = _recipe(models["base"], models["tuned"][:1], [tmp_path / "elsewhere"])
-    _refused(recipe, tmp_path / "out", "mask: ", "is not the base this mask patch was made for")
+    merge_refused(recipe, tmp_path / "out", "mask: ", "is not the base this mask patch was made for")
 
 
 def test_a_mask_patch_listing_a_tensor_it_holds_no_mask_of_is_refused(models, tmp_path):
@@ -352,7 +343,7 @@ def test_a_mask_patch_listing_a_tensor_it_holds_no_mask_of_is_refused(models, tm
     manifest["settings"]["shapes"]["bert.nothing.weight"] = [2]
     (damaged / "patch.json").write_text(json.dumps(manifest))
     recipe = _recipe(models["base"], models["tuned"][:1], [damaged])
-    _refused(
+    merge_refused(
         recipe, tmp_path / "out", f"mask: {damaged}", "lists bert.nothing.weight but holds no bert.nothing.weight.mask"
     )
 
@@ -360,7 +351,7 @@ def test_a_mask_patch_listing_a_tensor_it_holds_no_mask_of_is_refused(models, tm
 def test_values_that_are_not_the_models_change_are_refused_by_tensor(models, tmp_path):
     tuned, masks = models["tuned"], models["masks"]
     recipe = _recipe(models["base"], [tuned[0], tuned[2]], [masks[2], masks[0]])  # each the other's sparse delta
-    _refused(recipe, tmp_path / "out", "its values for bert.", f"are not {tuned[0]}'s change", "another fine-tune")
+    merge_refused(recipe, tmp_path / "out", "its values for bert.", f"are not {tuned[0]}'s change", "another fine-tune")
     bare = _recipe(models["base"], [tuned[0]], [masks[1]])  # a bare mask carries no values to check: it stitches
     splice.merge(parse_recipe(bare), tmp_path / "bare")
     assert (tmp_path / "bare" / "model.safetensors").is_file()
@@ -369,24 +360,24 @@ def test_values_that_are_not_the_models_change_are_refused_by_tensor(models, tmp
 def test_recipe_mistakes_are_refused_before_anything_is_opened(models, tmp_path):
     recipe = _recipe(models["base"], models["tuned"], models["masks"])
     del recipe["models"][1]["mask"]
-    _refused(recipe, tmp_path / "out", f"model {models['tuned'][1]} gives no mask: and no data:", "--kind mask")
+    merge_refused(recipe, tmp_path / "out", f"model {models['tuned'][1]} gives no mask: and no data:", "--kind mask")
     both = _recipe(models["base"], models["tuned"], models["masks"])
     both["models"][0]["data"] = "tasks.py:first"
-    _refused(both, tmp_path / "out", "gives both mask: and data:")
+    merge_refused(both, tmp_path / "out", "gives both mask: and data:")
     tuned_up = {**_recipe(models["base"], models["tuned"], models["masks"]), "parameters": {"density": 0.1}}
-    _refused(tuned_up, tmp_path / "out", "parameters (density) say how a region is learned", "remove them")
+    merge_refused(tuned_up, tmp_path / "out", "parameters (density) say how a region is learned", "remove them")
     weighted = _recipe(models["base"], models["tuned"], models["masks"])
     weighted["models"][0]["parameters"] = {"weight": 0.5}
-    _refused(weighted, tmp_path / "out", "unknown parameter 'weight' for localize_stitch (known: density, steps")
+    merge_refused(weighted, tmp_path / "out", "unknown parameter 'weight' for localize_stitch (known: density, steps")
     ties = {**_recipe(models["base"], models["tuned"], models["masks"]), "merge_method": "ties"}
-    _refused(ties, tmp_path / "out", "gives mask:, which only localize_stitch read")
+    merge_refused(ties, tmp_path / "out", "gives mask:, which only localize_stitch read")
     unbased = _recipe(models["base"], models["tuned"], models["masks"])
     del unbased["base_model"]
-    _refused(unbased, tmp_path / "out", "localize_stitch needs base_model")
+    merge_refused(unbased, tmp_path / "out", "localize_stitch needs base_model")
     listed = _recipe(models["base"], [models["base"], *models["tuned"]], [models["masks"][0], *models["masks"]])
-    _refused(listed, tmp_path / "out", "is listed under models:; localize_stitch stitches")
+    merge_refused(listed, tmp_path / "out", "is listed under models:; localize_stitch stitches")
     exported = {**_recipe(models["base"], models["tuned"], models["masks"]), "compute": "mergekit"}
-    _refused(exported, tmp_path / "out", "mergekit has no localize_stitch")
+    merge_refused(exported, tmp_path / "out", "mergekit has no localize_stitch")
 
 
 @pytest.mark.parametrize("density", [[0.5, 0.05], [{"filter": "attention", "value": 0.5}, {"value": 0.05}]])
@@ -399,7 +390,7 @@ def test_a_learning_parameter_varying_by_tensor_is_refused(models, tmp_path, den
         "parameters": {"density": density, "steps": 1},
         "models": [{"model": str(t), "data": "tasks.py:first"} for t in models["tuned"][:2]],
     }
-    _refused(learned, tmp_path / "out", "localize_stitch takes one value of 'density' for the whole merge")
+    merge_refused(learned, tmp_path / "out", "localize_stitch takes one value of 'density' for the whole merge")
 
 
 def test_a_region_unlike_the_models_tensors_is_refused_by_name(models):
