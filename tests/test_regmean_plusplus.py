@@ -355,7 +355,10 @@ def test_samples_bounds_each_tasks_inputs(hooks, tmp_path):
         (lambda r: r["models"][1].pop("data"), "gives no data:; regmean_plusplus runs each model's own task inputs"),
         (lambda r: r["parameters"].update(alpha=[0.5, 0.9]), "takes one value of 'alpha' for the whole walk"),
         (lambda r: r.update(tokenizer_source="union"), "merges models of one vocabulary"),
-        (lambda r: r.update(merge_method="regmean"), "gives data:, which only regmean_plusplus read"),
+        (
+            lambda r: r.update(merge_method="regmean"),
+            "gives data:, which only regmean_plusplus and localize_stitch read",
+        ),
         (lambda r: r["models"][0].update(stats="somewhere"), "gives stats:, which only regmean and fisher read"),
         (lambda r: r.update(base_model=r["models"][0]["model"]), "regmean_plusplus takes no base_model"),
     ],
