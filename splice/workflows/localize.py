@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch.func import functional_call
@@ -52,6 +52,9 @@ from splice.tensors.checkpoint import Checkpoint, recorded_location
 from splice.tensors.device import resolve_device
 from splice.tensors.stream import check_same_tensors
 from splice.tensors.writer import ensure_output_free
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CANDIDATES = 100.0  # the candidate entries, in multiples of the region's size
 CHUNK = 32  # examples per forward pass (a fine-tune's usual batch: its activations bound the peak)
@@ -129,7 +132,7 @@ def localize(
     started = time.perf_counter()
     model = live_model(base_ckpt, device)
     model.requires_grad_(False)
-    check_labels_fit(task, model.config.num_labels, where)
+    check_labels_fit(task, cast("PreTrainedModel", model).config.num_labels or 0, where)
     names = stored_to_module_names(model)
     live = dict(model.state_dict(keep_vars=True))
     pretrained = {stored: live[module].detach() for stored, module in names.items()}
