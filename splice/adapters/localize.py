@@ -27,7 +27,7 @@ This module is the math over tensors: the caller gives the loss of a grafted mod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +35,10 @@ import torch
 from splice.errors import PatchError
 from splice.sparsify import top_k_over
 
-GraftLoss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-"""(the grafted model's parameters by name, eligible ones only) -> the task loss, differentiable in them."""
+GraftLoss = Callable[[dict[str, torch.Tensor]], Iterable[torch.Tensor]]
+"""(the grafted model's parameters by name, eligible ones only) -> the task loss in parts that sum to it (one per
+batch of examples), each differentiable in the parameters. Each part is differentiated before the next is computed,
+so only one batch's activations are held at a time."""
 
 SIGMOID_BIAS = 10.0
 STEP = 30.0  # the largest score move of a step, in the sigmoid's units
@@ -89,19 +91,24 @@ def learn_graft_mask(
     if not lr > 0:
         raise PatchError(f"`lr` must be > 0, got {lr:g}")
     k = region_size(changes, density)
-    base = {name: mask.to(changes[name].dtype) for name, mask in top_k_over(_magnitudes(changes), k).items()}
+    base = top_k_over(_magnitudes(changes), k)
     generator = torch.Generator().manual_seed(seed)
     scores = {
         name: torch.rand(change.shape, generator=generator, dtype=change.dtype).to(change.device).requires_grad_(True)
         for name, change in changes.items()
     }
-    best = {name: mask.bool() for name, mask in base.items()}
+    best = base
     losses = [_rounded_loss(pretrained, changes, base, loss)]
     for _ in range(steps):
         gamma = _relaxed(base, scores)
-        objective = loss(graft(pretrained, changes, gamma))
+        grafted = graft(pretrained, changes, gamma)
+        # dL/dS by the chain rule in two halves: dL/dtheta of the grafted model (batch by batch), then back through
+        # the graft, theta = theta_pre + gamma(S) * change
+        by_parameter = _parameter_gradients(loss, grafted)
+        objective = torch.stack([(grafted[name] * by_parameter[name]).sum() for name in grafted]).sum()
         if l1:
-            objective = objective + l1 * sum(g.sum() for g in gamma.values()) / sum(g.numel() for g in gamma.values())
+            entries = sum(g.numel() for g in gamma.values())
+            objective = objective + l1 * torch.stack([g.sum() for g in gamma.values()]).sum() / entries
         gradients = torch.autograd.grad(objective, list(scores.values()))
         largest = max(float(gradient.abs().max()) for gradient in gradients)
         if largest == 0 or largest != largest:  # nothing moves the loss (or it is not a number): no step can help
@@ -116,6 +123,14 @@ def learn_graft_mask(
     return LearnedMask(best, k, losses, _best(losses))
 
 
+def _parameter_gradients(loss: GraftLoss, grafted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """d loss / d parameter at the grafted parameters, summed over the loss's parts."""
+    leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in grafted.items()}
+    for part in loss(leaves):
+        part.backward()
+    return {name: leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for name, leaf in leaves.items()}
+
+
 def _best(losses: list[float]) -> int:
     """The first step with the lowest loss."""
     return min(range(len(losses)), key=losses.__getitem__)
@@ -126,7 +141,12 @@ def _magnitudes(changes: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _relaxed(base: Mapping[str, torch.Tensor], scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: base[name] + (1 - 2 * base[name]) * torch.sigmoid(scores[name] - SIGMOID_BIAS) for name in scores}
+    """gamma_base + (1 - 2 gamma_base) * sigmoid(S - bias): 1 - sigmoid inside the base mask, sigmoid outside it."""
+    relaxed = {}
+    for name, score in scores.items():
+        flip = torch.sigmoid(score - SIGMOID_BIAS)
+        relaxed[name] = torch.where(base[name], 1 - flip, flip)
+    return relaxed
 
 
 def _rounded(base: Mapping[str, torch.Tensor], scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -142,4 +162,5 @@ def _rounded_loss(
     loss: GraftLoss,
 ) -> float:
     with torch.no_grad():
-        return float(loss(graft(pretrained, changes, {n: g.to(changes[n].dtype) for n, g in gamma.items()})))
+        parts = loss(graft(pretrained, changes, {n: g.to(changes[n].dtype) for n, g in gamma.items()}))
+        return sum(float(part) for part in parts)

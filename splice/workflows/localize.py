@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -202,17 +202,15 @@ def _on(batch: Batch, device: torch.device) -> Batch:
 def grafted_loss(
     model: torch.nn.Module, names: Mapping[str, str], batch: Batch, fixed: Mapping[str, torch.Tensor]
 ) -> GraftLoss:
-    """The model's own loss on `batch` (with its `labels`), the mean over its examples, with the given stored tensors
-    and the `fixed` ones (the carried head) in place of the pretrained ones."""
+    """The model's own loss on `batch` (with its `labels`), the mean over its examples, in one part per CHUNK of
+    them, with the given stored tensors and the `fixed` ones (the carried head) in place of the pretrained ones."""
     count = len(batch["labels"])
 
-    def loss(parameters: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(parameters: dict[str, torch.Tensor]) -> Iterator[torch.Tensor]:
         replaced = {names[name]: tensor for name, tensor in {**fixed, **parameters}.items()}
-        total = torch.zeros((), device=batch["labels"].device)
         for start in range(0, count, CHUNK):
             part = {key: value[start : start + CHUNK] for key, value in batch.items()}
-            total = total + functional_call(model, replaced, kwargs=part).loss * len(part["labels"])
-        return total / count
+            yield functional_call(model, replaced, kwargs=part).loss * (len(part["labels"]) / count)
 
     return loss
 
