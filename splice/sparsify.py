@@ -1,8 +1,17 @@
-"""Sparsification shared by merges and patches: keep the largest-magnitude entries."""
+"""Sparsification shared by merges and patches: keep the largest-magnitude entries; masks bit-packed, eight entries
+to a byte (entry 8i+j in bit j of byte i), as mask patches store them and Localize-and-Stitch holds them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from math import prod
+
 import torch
+
+from splice.errors import PatchError
+
+_BIT_WEIGHTS = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8)
+_SET_BITS = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)  # byte -> its set bits
 
 
 def top_magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
@@ -41,3 +50,46 @@ def top_k_over(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tenso
         masks[name] = keep[start : start + score.numel()].view(score.shape)
         start += score.numel()
     return masks
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as uint8 bytes, eight entries per byte (flattened, zero-padded)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
+    return (padded * _BIT_WEIGHTS.to(padded.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The boolean tensor of `shape` that `pack_mask` packed."""
+    count = _packed_entries(packed, shape)
+    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
+    return bits.reshape(-1)[:count].reshape(shape)
+
+
+def mask_indices(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Where the packed mask of `shape` is set, as sorted flat indices: only the bytes with a bit set are expanded, so
+    a sparse mask costs one pass over its bytes (an eighth of the entries) and then its set entries."""
+    count = _packed_entries(packed, shape)
+    flat = packed.reshape(-1)
+    set_bytes = flat.nonzero().squeeze(1)
+    rows, bits = flat[set_bytes].reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(flat.device)).ne(0).nonzero(as_tuple=True)
+    where = set_bytes[rows] * 8 + bits
+    return where[where < count]  # not the last byte's padding
+
+
+def count_selected(packed: torch.Tensor, shape: Sequence[int]) -> int:
+    """How many entries of `shape` the packed mask selects: its bytes' set bits, counted without unpacking (the
+    last byte's padding bits left out)."""
+    padding = -_packed_entries(packed, shape) % 8
+    flat = packed.reshape(-1).cpu()
+    if padding:
+        flat = torch.cat([flat[:-1], flat[-1:] & (0xFF >> padding)])
+    return int(torch.bincount(flat, minlength=256) @ _SET_BITS)
+
+
+def _packed_entries(packed: torch.Tensor, shape: Sequence[int]) -> int:
+    """The entries of `shape`, refused unless `packed` holds exactly the bytes they pack into."""
+    count = prod(shape)
+    if packed.numel() != -(-count // 8):
+        raise PatchError(f"a packed mask of {packed.numel()} bytes cannot hold {count} entries of shape {list(shape)}")
+    return count

@@ -16,9 +16,9 @@ from rich.console import Console
 from safetensors.numpy import load_file
 
 import splice
-from splice.adapters.kinds.mask import count_selected, pack_mask, unpack_mask
 from splice.arch.layers import layer_module, outside_modules
 from splice.cli.render import placement_table
+from splice.sparsify import count_selected, pack_mask, unpack_mask
 from splice.workflows.inspect import summarize_patch
 
 from conftest import perturbed, save, tiny_model

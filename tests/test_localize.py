@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splice.adapters.localize import graft, learn_graft_mask, region_size
+from splice.adapters.localize import Candidates, graft, learn_graft_mask, region_size
 from splice.errors import PatchError
 from splice.sparsify import top_k_over
 
@@ -119,3 +119,26 @@ def test_a_loss_given_in_parts_learns_the_region_of_the_whole_loss():
     assert torch.equal(one.masks["w"], parts.masks["w"])
     assert parts.losses == pytest.approx(one.losses, rel=1e-5)
     assert len(set(one.losses)) > 1  # the steps moved the region
+
+
+def test_candidates_covering_every_entry_learn_the_dense_region_and_fewer_bound_it():
+    """A region learned among candidate entries (their flat indices and the change there) is the dense one when the
+    candidates are every entry, and lies among them when they are fewer."""
+    pretrained, changes, loss = planted_task()
+    one_part = lambda p: [loss(p)]  # noqa: E731
+    dense = learn_graft_mask(pretrained, changes, one_part, density=0.05, steps=4)
+    everywhere = Candidates.where(changes["w"], torch.ones(2, 64, dtype=torch.bool))
+    indexed = learn_graft_mask(pretrained, {"w": everywhere}, one_part, density=0.05, steps=4)
+    assert torch.equal(dense.masks["w"], indexed.masks["w"]) and dense.losses == indexed.losses
+    k = round(0.05 * 128)
+    top = top_k_over({"w": changes["w"].abs()}, 2 * k)["w"]
+    bounded = learn_graft_mask(pretrained, {"w": Candidates.where(changes["w"], top)}, one_part, density=0.05, steps=4)
+    assert int(bounded.masks["w"].sum()) == k and not (bounded.masks["w"] & ~top).any()
+    assert torch.equal(bounded.on_candidates["w"], bounded.masks["w"].reshape(-1)[top.reshape(-1)])
+    with pytest.raises(PatchError, match="larger than the 3 candidate entries"):
+        learn_graft_mask(
+            pretrained,
+            {"w": Candidates.where(changes["w"], top_k_over({"w": top.float()}, 3)["w"])},
+            one_part,
+            density=0.05,
+        )

@@ -131,6 +131,32 @@ def test_with_zero_steps_the_region_is_the_magnitude_mask_and_the_head_can_stay_
     assert outcome.patch.meta.settings["localized"]["head"] == "pretrained"
 
 
+def test_a_bounded_candidate_set_holds_the_region_and_the_patch_is_still_the_graft(models, tmp_path):
+    """With `candidates=3` the region is learned among the 3k layer entries the fine-tune changed most (found in one
+    streamed pass): it lies among them, has k entries, and the patch applied is still the graft, exactly."""
+    base, tuned, hook = models
+    outcome = splice.localize(base, tuned, hook, density=0.002, steps=3, candidates=3, out=tmp_path / "r", device="cpu")
+    pre, ft = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    names = [name for name in _layer_names(pre) if not np.array_equal(pre[name], ft[name])]
+    magnitudes = np.concatenate([np.abs(ft[name].astype(np.float32) - pre[name]).reshape(-1) for name in names])
+    k = round(0.002 * magnitudes.size)
+    threshold = np.sort(magnitudes)[::-1][3 * k - 1]
+    shapes = outcome.patch.meta.settings["shapes"]
+    selected = 0
+    splice.apply_patches([tmp_path / "r"], base, tmp_path / "applied")
+    got = load_file(tmp_path / "applied" / "model.safetensors")
+    for name in names:
+        mask = _unpacked(outcome.patch.tensors[name + ".mask"].numpy(), shapes[name]) if name in shapes else None
+        if mask is None:
+            continue
+        change = ft[name].astype(np.float32) - pre[name]
+        assert (np.abs(change[mask]) >= threshold).all(), name  # every entry among the candidates
+        selected += int(mask.sum())
+        np.testing.assert_array_equal(got[name], pre[name] + mask.astype(np.float32) * change, err_msg=name)
+    assert selected == k == outcome.selected
+    assert outcome.patch.meta.settings["localized"]["candidates"] == 3
+
+
 def test_bad_input_is_refused_before_anything_is_written(models, tmp_path, make_models):
     base, tuned, hook = models
     out = tmp_path / "out"
@@ -144,6 +170,8 @@ def test_bad_input_is_refused_before_anything_is_written(models, tmp_path, make_
         splice.localize(base, other, hook, density=0.01, out=out)
     with pytest.raises(PatchError, match="changed nothing inside the model's layers"):
         splice.localize(base, base, hook, density=0.01, out=out)
+    with pytest.raises(PatchError, match="`candidates` must be >= 1"):
+        splice.localize(base, tuned, hook, density=0.01, candidates=0.5, out=out)
     assert not out.exists()
     out.mkdir()
     with pytest.raises(OutputExistsError):

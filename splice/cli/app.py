@@ -191,7 +191,8 @@ def merge(
         return
     render.show(render.stream_report_table(f"merge ({recipe})", report), shared.quiet)
     if report.method_report is not None:
-        render.show(render.data_merge_line(report.method_report), shared.quiet)
+        for view in render.method_report_views(report.method_report):
+            render.show(view, shared.quiet)
 
 
 @app.command()

@@ -34,6 +34,7 @@ from rich.text import Text
 
 if TYPE_CHECKING:
     from splice.adapters.drift import DriftReport
+    from splice.merge.localize_stitch import StitchReport
     from splice.merge.soup import GreedySoupReport
     from splice.merge.stats.datamerge import DataMergeReport
     from splice.registry.health import HealthRecord
@@ -174,6 +175,71 @@ def data_merge_line(report: DataMergeReport) -> str:
     if pinv:
         line += f"; ill-conditioned, solved by pseudo-inverse: {', '.join(pinv)}"
     return line
+
+
+def method_report_views(report: DataMergeReport | StitchReport) -> Sequence[RenderableType]:
+    """What a merge method says of its run, under the stream's table: a stitch's regions, a RegMean / Fisher merge's
+    line."""
+    from splice.merge.localize_stitch import StitchReport
+
+    if isinstance(report, StitchReport):
+        return stitch_tables(report)
+    return [data_merge_line(report)]
+
+
+STITCH_TENSORS_SHOWN = 20
+
+
+def stitch_tables(report: StitchReport) -> list[Table]:
+    """A Localize-and-Stitch merge: each task's region (its size, the share of it no other region covers), every
+    pair's overlap (Jaccard), and the tensors holding the most region entries."""
+    models = [task.model for task in report.tasks]
+    title = (
+        f"{report.method}: {report.covered:,} of {report.parameters:,} entries stitched "
+        f"({_share(report.covered, report.parameters)}), {report.shared:,} of them in two or more regions (averaged)"
+    )
+    tables = [
+        table(
+            title,
+            ["model", "mask", "region", "of the model", "unshared", "kept unshared"],
+            [
+                [
+                    task.model,
+                    task.mask,
+                    f"{task.entries:,}",
+                    _share(task.entries, report.parameters),
+                    f"{task.unshared:,}",
+                    _percent(task.unshared_share),
+                ]
+                for task in report.tasks
+            ],
+        )
+    ]
+    if report.overlaps:
+        tables.append(
+            table(
+                "overlap of the regions",
+                ["region", "region", "shared entries", "Jaccard"],
+                [[o.first, o.second, f"{o.shared:,}", _figure(o.jaccard, ".4f")] for o in report.overlaps],
+            )
+        )
+    most = {t.name for t in sorted(report.tensors, key=lambda t: sum(t.entries), reverse=True)[:STITCH_TENSORS_SHOWN]}
+    shown = [t for t in report.tensors if t.name in most]
+    left_out = len(report.tensors) - len(shown)
+    which = f"the {len(shown)} holding the most entries of {len(report.tensors)} (--json lists all)" if left_out else ""
+    tables.append(
+        table(
+            f"where the regions fall: {which or f'{len(shown)} tensors'}",
+            ["tensor", *models, "in 2+ regions"],
+            [[t.name, *(f"{n:,}" for n in t.entries), f"{t.shared:,}"] for t in shown],
+        )
+    )
+    return tables
+
+
+def _share(part: int, whole: int) -> str:
+    """A small share as a percentage with three significant digits (a region is often 0.01% of a model)."""
+    return f"{100 * part / whole:.3g}%" if whole else "-"
 
 
 def stages_report_table(title: str, report: StagesReport) -> Table:

@@ -103,6 +103,9 @@ SPLICE_METHODS: dict[str, MethodRules] = {
         2,
         None,
     ),
+    # Localize-and-Stitch: each fine-tune's change on its own region (its `mask:`) grafted onto the base; no parameters
+    # and no model weights (the paper has none: overlapping regions are averaged)
+    "localize_stitch": MethodRules("localize_stitch", {}, BasePolicy.required, 2, None),
 }
 
 

@@ -42,6 +42,8 @@ from typing_extensions import Unpack
 from splice.arch.layers import layer_positions
 from splice.errors import RecipeError
 from splice.merge.kernels import TensorParameters, method_kernel
+from splice.merge.localize_stitch import METHOD as STITCH
+from splice.merge.localize_stitch import StitchPlan, StitchReport, TaskRegion, plan_stitch
 from splice.merge.methods import (
     BasePolicy,
     MethodRules,
@@ -105,6 +107,8 @@ class InputModel(BaseModel):
     stats: str | None = None
     # regmean_plusplus: MODULE:FUNCTION or file.py:FUNCTION giving a batch of the model's task inputs
     data: str | None = None
+    # localize_stitch: the model's region, a mask patch made on base_model (a directory or URL, or a registry ref)
+    mask: str | None = None
 
 
 class SliceSource(BaseModel):
@@ -204,6 +208,15 @@ class Recipe(BaseModel):
     def read_stats(self) -> list[str]:
         """The statistics the recipe's models give (`stats:`), in order."""
         return list(dict.fromkeys(entry.stats for entry in self.models if entry.stats is not None))
+
+    def read_masks(self) -> list[str]:
+        """The mask patches the recipe's models give (`mask:`), in order."""
+        return list(dict.fromkeys(entry.mask for entry in self.models if entry.mask is not None))
+
+    def read_stored(self) -> list[str]:
+        """Every stored artifact the recipe reads besides its models (statistics, mask patches): what an output may
+        not overlap, and what a card and a stage's key digest."""
+        return list(dict.fromkeys([*self.read_stats(), *self.read_masks()]))
 
     def inputs(self) -> tuple[list[str], int | None]:
         """Input model locations in order (the base appended if not listed) and the base's index.
@@ -397,18 +410,19 @@ def _check_parameter_names(recipe: Recipe, source: str) -> None:
 
 
 def _check_statistics(recipe: Recipe, source: str) -> None:
-    """A data-dependent method merges the `models:` of one recipe, each giving its `stats:` (regmean, fisher) or its
-    `data:` (regmean_plusplus); either on another method's model is a mistake, not something to ignore."""
+    """A data-dependent method merges the `models:` of one recipe, each giving its `stats:` (regmean, fisher), its
+    `data:` (regmean_plusplus) or its `mask:` (localize_stitch); any of them on another method's model is a mistake,
+    not something to ignore."""
     method = recipe.merge_method
     listed = [*recipe.models, *(m for section in (recipe.modules or {}).values() for m in section.models)]
-    for key, readers in (("stats", list(DATA_METHODS)), ("data", [PLUSPLUS])):
+    for key, readers in (("stats", list(DATA_METHODS)), ("data", [PLUSPLUS]), ("mask", [STITCH])):
         given = next((entry for entry in listed if getattr(entry, key) is not None), None)
         if given is not None and method not in readers:
             raise RecipeError(
                 f"{source}: model {given.model} gives {key}:, which only {' and '.join(readers)} read; remove it or "
                 f"use merge_method: {readers[0]}"
             )
-    if method not in DATA_METHODS and method != PLUSPLUS:
+    if method not in DATA_METHODS and method not in (PLUSPLUS, STITCH):
         return
     if recipe.slices or recipe.modules:
         form = "slices:" if recipe.slices else "modules:"
@@ -420,6 +434,9 @@ def _check_statistics(recipe: Recipe, source: str) -> None:
     _check_each_model_once(recipe, source)
     if method == PLUSPLUS:
         _check_walk(recipe, source)
+        return
+    if method == STITCH:
+        _check_stitch(recipe, source)
         return
     lacking = next((entry for entry in recipe.models if entry.stats is None), None)
     if lacking is not None:
@@ -441,7 +458,7 @@ def _check_each_model_once(recipe: Recipe, source: str) -> None:
     listed = [entry.model for entry in recipe.models]
     again = next((model for i, model in enumerate(listed) if model in listed[:i]), None)
     if again is not None:
-        given = "data" if recipe.merge_method == PLUSPLUS else "statistics"
+        given = {PLUSPLUS: "data", STITCH: "mask"}.get(recipe.merge_method, "statistics")
         raise RecipeError(
             f"{source}: model {again} is listed twice; {recipe.merge_method} merges each model once with its own "
             f"{given}: list it once (with {given} covering all its tasks)"
@@ -472,6 +489,27 @@ def _check_walk(recipe: Recipe, source: str) -> None:
                 raise RecipeError(
                     f"{source}: {owner}: {PLUSPLUS} takes one value of {name!r} for the whole walk, not {value!r}"
                 )
+
+
+def _check_stitch(recipe: Recipe, source: str) -> None:
+    """Localize-and-Stitch grafts each fine-tune's change on its own region (its `mask:`) onto base_model."""
+    lacking = next((entry for entry in recipe.models if entry.mask is None), None)
+    if lacking is not None:
+        raise RecipeError(
+            f"{source}: model {lacking.model} gives no mask:; {STITCH} keeps each fine-tune's change on its own "
+            f"region (extract one with `splice patch extract --base BASE --tuned {lacking.model} --kind mask "
+            "--mask-scope model --density 0.01 --out DIR` and give it as mask: DIR)"
+        )
+    if any(entry.model == recipe.base_model for entry in recipe.models):
+        raise RecipeError(
+            f"{source}: base_model {recipe.base_model} is listed under models:; {STITCH} stitches the fine-tunes' "
+            "changes onto it: list only the fine-tunes, each with its mask:"
+        )
+    if recipe.tokenizer_source is not None or recipe.tokenizer is not None:
+        raise RecipeError(
+            f"{source}: {STITCH} merges models of one vocabulary (the masks cover their stored tensors); leave out "
+            "the tokenizer settings"
+        )
 
 
 def _validate_models(recipe: Recipe, source: str) -> None:
@@ -662,6 +700,10 @@ ModelOpener = Callable[[Sequence[str], "dict | None"], list[Checkpoint]]
 ModelLocator = Callable[[Sequence[str]], list[str]]
 """(model references as a recipe writes them) -> every location they read: what an output must not overlap."""
 
+MaskOpener = Callable[[InputModel, Checkpoint, Checkpoint, RunOptions], TaskRegion]
+"""(a localize_stitch model's recipe entry, the base's checkpoint, the model's checkpoint, how the run runs) -> the
+model's region, refused unless it was made on that base (`splice.workflows.regions.open_region`)."""
+
 
 def merge(
     recipe: Recipe | str | os.PathLike,
@@ -674,6 +716,7 @@ def merge(
     files: Mapping[str, bytes] | None = None,
     description: str | None = None,
     open_stats: StatsOpener | None = None,
+    open_masks: MaskOpener | None = None,
     run: RunOptions | None = None,
     **run_keywords: Unpack[RunKeywords],
 ) -> StreamReport:
@@ -683,14 +726,15 @@ def merge(
     opens the recipe's model references (default: each a directory or fsspec URL) and `locate_models` says what
     they read, which `out` must not overlap (default: the references themselves). `files` (name -> content) are
     written into the output with it (a model card); `description` is what progress is told it merges.
-    `open_stats` opens a regmean or fisher recipe's statistics (`splice.workflows.stats.open_statistics`). `run`
-    (or its fields as keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
+    `open_stats` opens a regmean or fisher recipe's statistics (`splice.workflows.stats.open_statistics`),
+    `open_masks` a localize_stitch recipe's regions (`splice.workflows.regions.open_region`). `run` (or its fields as
+    keywords: device, shard_size, force, progress, storage_options, ...) says how the run runs.
     """
     run = run_options(run, run_keywords, "merge")
     recipe_file = [] if isinstance(recipe, Recipe) else [recipe]
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    read = [*locate_models(recipe.read_models()), *recipe.read_stats(), *recipe_file]
+    read = [*locate_models(recipe.read_models()), *recipe.read_stored(), *recipe_file]
     ensure_output_free(out, run.force, protected=read)
     extras = OutputExtras(metadata={"splice_merge_method": recipe.merge_method}, files=files)
     if recipe.merge_method == PLUSPLUS:
@@ -698,7 +742,7 @@ def merge(
         return write_regmean_plusplus(
             request, out, side_files_from=side_source, run=run, out_dtype=out_dtype, extras=extras
         )
-    planned = _planned(recipe, run, prefer_own_kernels, seed, open_models, open_stats)
+    planned = _planned(recipe, run, prefer_own_kernels, seed, open_models, open_stats, open_masks)
     streamed = run_stream(
         planned.plan,
         planned.kernel,
@@ -723,6 +767,7 @@ def merged_state(
     seed: int | None = None,
     open_models: ModelOpener = open_all,
     open_stats: StatsOpener | None = None,
+    open_masks: MaskOpener | None = None,
     run: RunOptions | None = None,
 ) -> dict[str, torch.Tensor]:
     """The model `merge(recipe, ...)` would write, tensor for tensor, held in memory instead (stored names, output
@@ -733,6 +778,7 @@ def merged_state(
         seed=seed,
         open_models=open_models,
         open_stats=open_stats,
+        open_masks=open_masks,
         run=run,
     )
     return model.state
@@ -760,6 +806,7 @@ def merged_model(
     seed: int | None = None,
     open_models: ModelOpener = open_all,
     open_stats: StatsOpener | None = None,
+    open_masks: MaskOpener | None = None,
     run: RunOptions | None = None,
 ) -> MergedModel:
     """`merged_state`'s tensors, with the side files and config updates `merge` would write beside them."""
@@ -768,7 +815,7 @@ def merged_model(
         request, side_source, out_dtype = _walk_request(recipe, run, open_models)
         state = regmean_plusplus_state(request, run, out_dtype)
         return MergedModel(state, side_source, out_dtype, OutputExtras())
-    planned = _planned(recipe, run, prefer_own_kernels, seed, open_models, open_stats)
+    planned = _planned(recipe, run, prefer_own_kernels, seed, open_models, open_stats, open_masks)
     state = stream_to_memory(planned.plan, planned.kernel, run=run, description=f"{recipe.merge_method} merge")
     return MergedModel(state, planned.side_source, planned.out_dtype, planned.extras)
 
@@ -785,8 +832,9 @@ class _Planned:
     side_source: Checkpoint
     out_dtype: torch.dtype | None
     extras: OutputExtras  # the output's tokenizer files, its config's new depth and vocabulary size
-    # what the method says of its run, once the kernel has run (a data-dependent merge's rules and solves)
-    method_report: Callable[[], DataMergeReport | None] = _no_report
+    # what the method says of its run, once the kernel has run (a data-dependent merge's rules and solves, a stitch's
+    # regions)
+    method_report: Callable[[], DataMergeReport | StitchReport | None] = _no_report
 
 
 def in_mergekit_order(plan: list[StreamItem]) -> list[StreamItem]:
@@ -804,6 +852,7 @@ def _planned(
     seed: int | None,
     open_models: ModelOpener,
     open_stats: StatsOpener | None = None,
+    open_masks: MaskOpener | None = None,
 ) -> _Planned:
     """A recipe's inputs opened, its plan and kernel, every tensor's parameters checked before any tensor is read;
     torch's generator seeded last, for the random methods."""
@@ -823,7 +872,7 @@ def _planned(
     checkpoints = prepared.checkpoints
     side_source = checkpoints[locations.index(recipe.side_files_source())]
     config_updates: dict[str, Any] = {}
-    method_report: Callable[[], DataMergeReport | None] = _no_report
+    method_report: Callable[[], DataMergeReport | StitchReport | None] = _no_report
     as_mergekit = recipe.compute == "mergekit"
     own_kernels = prefer_own_kernels and not as_mergekit
     if recipe.modules:
@@ -837,7 +886,10 @@ def _planned(
     else:
         plan = plan_same_name(checkpoints, out_dtype)
         parameters_for = ParameterResolver(recipe, [item.output.name for item in plan])
-        if stats:
+        if recipe.merge_method == STITCH:
+            stitched = _stitched(recipe, plan, locations, checkpoints, base_index, open_masks, run)
+            plan, kernel, method_report = stitched.plan, stitched.kernel, stitched.report
+        elif stats:
             merged = [locations.index(model) for model in stats]
             data = plan_data_merge(recipe.merge_method, plan, list(stats.values()), merged, parameters_for, base_index)
             plan, kernel = data.plan, data.kernel
@@ -848,7 +900,8 @@ def _planned(
         plan = in_mergekit_order(plan)
     for item in plan:
         check_ranges(recipe.merge_method, parameters_for(item.output.name), item.output.name)
-    kernel = replace(kernel, passes_through=_copied_as_stored(recipe.merge_method, plan, parameters_for))
+    copied = _copied_as_stored(recipe.merge_method, plan, parameters_for)
+    kernel = replace(kernel, passes_through=kernel.passes_through | copied)
     if as_mergekit:
         kernel = replace(kernel, precision=Precision(exact=False, inputs_as=parse_dtype(recipe.dtype)))
     if seed is not None:
@@ -899,6 +952,26 @@ def _opened_stats(
         model: open_stats(given[model], checkpoints[locations.index(model)], statistic, storage_options)
         for model in given
     }
+
+
+def _stitched(
+    recipe: Recipe,
+    plan: list[StreamItem],
+    locations: Sequence[str],
+    checkpoints: Sequence[Checkpoint],
+    base_index: int | None,
+    open_masks: MaskOpener | None,
+    run: RunOptions,
+) -> StitchPlan:
+    """A localize_stitch recipe's plan and kernel: each model's region opened (`open_masks`, given the base) and
+    checked against the models' tensors."""
+    if open_masks is None:
+        raise RecipeError(f"{STITCH} reads mask patches: run it through splice.merge, which opens them")
+    assert base_index is not None  # the recipe's checks refuse localize_stitch without base_model
+    merged = [locations.index(entry.model) for entry in recipe.models]
+    base = checkpoints[base_index]
+    regions = [open_masks(entry, base, checkpoints[i], run) for entry, i in zip(recipe.models, merged)]
+    return plan_stitch(plan, base_index, merged, regions, [entry.model for entry in recipe.models])
 
 
 def _refuse_unmatched_alignment(recipe: Recipe, realigned: Sequence[bool]) -> None:

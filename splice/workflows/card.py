@@ -50,15 +50,16 @@ class MergeRecord:
 
 
 def recorded_recipe(recipe: Recipe) -> Recipe:
-    """`recipe` with every model reference as `recorded_reference` keeps it, and each model's `stats:` directory and
-    `data:` file absolute: runnable from any directory."""
+    """`recipe` with every model reference as `recorded_reference` keeps it, and each model's `stats:` and `mask:`
+    directory and `data:` file absolute: runnable from any directory."""
     recipe = map_model_references(recipe, recorded_reference)
-    if not any(entry.stats or entry.data for entry in recipe.models):
+    if not any(entry.stats or entry.data or entry.mask for entry in recipe.models):
         return recipe
     models = [
         entry.model_copy(
             update={
                 "stats": entry.stats and recorded_statistics(entry.stats),
+                "mask": entry.mask and recorded_statistics(entry.mask),
                 "data": entry.data and recorded_hook(entry.data),
             }
         )
@@ -207,9 +208,12 @@ def _method_sentence(record: MergeRecord) -> str:
 def _input_table(record: MergeRecord) -> list[str]:
     _, base_index = record.recipe.inputs()
     rows = ["| model | role | digest |", "|---|---|---|"]
-    statistics = set(record.recipe.read_stats())
+    stored = {
+        **dict.fromkeys(record.recipe.read_stats(), "statistics"),
+        **dict.fromkeys(record.recipe.read_masks(), "mask"),
+    }
     for index, (model, digest) in enumerate(record.digests.items()):
-        role = "statistics" if model in statistics else "base" if index == base_index else "merged"
+        role = stored.get(model) or ("base" if index == base_index else "merged")
         rows.append(f"| {_model_md(model)} | {role} | `{digest}` |")
     return rows
 

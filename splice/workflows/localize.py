@@ -12,6 +12,7 @@ of the same size and the pretrained model.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -25,8 +26,8 @@ from typing_extensions import Unpack
 
 from splice.adapters.deltas import deltas, left_out_warnings
 from splice.adapters.fingerprint import fingerprint_base
-from splice.adapters.kinds.mask import sparse_entry
-from splice.adapters.localize import STEP, GraftLoss, LearnedMask, graft, learn_graft_mask
+from splice.adapters.kinds.mask import ModelTopK, sparse_entry
+from splice.adapters.localize import STEP, Candidates, GraftLoss, LearnedMask, graft_on, learn_graft_mask
 from splice.adapters.meta import PatchKind, PatchMeta
 from splice.adapters.patch import Patch
 from splice.arch.heads import stored_head
@@ -43,7 +44,8 @@ from splice.tensors.device import resolve_device
 from splice.tensors.stream import check_same_tensors
 from splice.tensors.writer import ensure_output_free
 
-CHUNK = 64  # examples per forward pass
+CANDIDATES = 100.0  # the candidate entries, in multiples of the region's size
+CHUNK = 32  # examples per forward pass (a fine-tune's usual batch: its activations bound the peak)
 ECE_BINS = 15
 HEADS = ("fine-tuned", "pretrained")
 Head = Literal["fine-tuned", "pretrained"]
@@ -89,6 +91,7 @@ def localize(
     lr: float = STEP,
     l1: float = 0.0,
     seed: int = 0,
+    candidates: float | None = CANDIDATES,
     head: Head = "fine-tuned",
     description: str = "",
     out: str | os.PathLike | None = None,
@@ -97,11 +100,13 @@ def localize(
 ) -> Localization:
     """Learn the region of `density` of the eligible entries whose graft onto `base` keeps what `tuned` learned on
     `data`'s training split, score it on the test split, and return it as a mask patch (saved at `out`, under the
-    output rule, when given). `steps`, `lr` and `l1` drive the learning (splice.adapters.localize); `head` says
-    whether grafts carry the fine-tune's changed classification head ("fine-tuned") or keep the pretrained one.
-    `run` (or its fields as keywords: device, force, progress, ...) says how it runs."""
+    output rule, when given). `steps`, `lr` and `l1` drive the learning (splice.adapters.localize); it runs among
+    the `candidates` x (the region's size) eligible entries the fine-tune changed most (None: among all of them),
+    which bounds its memory. `head` says whether grafts carry the fine-tune's changed classification head
+    ("fine-tuned") or keep the pretrained one. `run` (or its fields as keywords: device, force, progress, ...) says
+    how it runs."""
     run = run_options(run, run_keywords, "localize")
-    _check_settings(density, steps, lr, l1, head)
+    _check_settings(density, steps, lr, l1, candidates, head)
     if out is not None:
         ensure_output_free(out, run.force, protected=[base, tuned])
     base_ckpt = Checkpoint.open(base, run.storage_options)
@@ -115,45 +120,26 @@ def localize(
     names = stored_to_module_names(model)
     live = dict(model.state_dict(keep_vars=True))
     pretrained = {stored: live[module].detach() for stored, module in names.items()}
-    heads = set(stored_head(tuned_ckpt))
-    changes: dict[str, torch.Tensor] = {}
-    carried: dict[str, torch.Tensor] = {}
-    left_out: dict[str, str] = {}
-    for name, delta in deltas(base_ckpt, tuned_ckpt, device, run.progress):
-        if name in heads:
-            if head == "fine-tuned":
-                carried[name] = delta
-            else:
-                left_out[name] = "head"
-        elif layer_index(name) is not None and name in pretrained:
-            changes[name] = delta
-        else:
-            left_out[name] = "outside the layers"
-    if not changes:
-        raise PatchError(f"{tuned_ckpt.location} changed nothing inside the model's layers: there is no region to find")
+    found = _changes(base_ckpt, tuned_ckpt, set(pretrained), density, candidates, head, device, run)
     train, test = _on(task.train, device), _on(task.test, device)
-    fixed = {name: pretrained[name] + delta for name, delta in carried.items()}
-    eligible_pretrained = {name: pretrained[name] for name in changes}
+    fixed = {name: pretrained[name] + delta for name, delta in found.carried.items()}
+    eligible = {name: pretrained[name] for name in found.candidates}
     loss = grafted_loss(model, names, train, fixed)
-    learned = learn_graft_mask(
-        eligible_pretrained, changes, loss, density=density, steps=steps, lr=lr, l1=l1, seed=seed
-    )
-    magnitude = top_k_over({name: change.abs() for name, change in changes.items()}, learned.selected)
+    learned = learn_graft_mask(eligible, found.candidates, loss, density=density, steps=steps, lr=lr, l1=l1, seed=seed)
+    magnitude = top_k_over({name: c.change.abs() for name, c in found.candidates.items()}, learned.selected)
     scores = {
         "learned_graft": _scored(
-            model, names, {**fixed, **_grafted(eligible_pretrained, changes, learned.masks)}, test
+            model, names, {**fixed, **graft_on(eligible, found.candidates, learned.on_candidates)}, test
         ),
-        "magnitude_graft": _scored(model, names, {**fixed, **_grafted(eligible_pretrained, changes, magnitude)}, test),
+        "magnitude_graft": _scored(model, names, {**fixed, **graft_on(eligible, found.candidates, magnitude)}, test),
         "pretrained": _scored(model, names, {}, test),
+        "fine_tuned": _scored(model, names, _tuned_values(tuned_ckpt, found.changed, device), test),
     }
-    tuned_state = {name: pretrained[name] + delta for name, delta in [*changes.items(), *carried.items()]}
-    tuned_state.update(_left_out_values(tuned_ckpt, left_out, device))
-    scores["fine_tuned"] = _scored(model, names, tuned_state, test)
     seconds = time.perf_counter() - started
-    how = {"density": density, "steps": steps, "lr": lr, "l1": l1, "seed": seed, "head": head}
-    patch = _patch(base_ckpt, tuned_ckpt, base, tuned, data, learned, changes, carried, scores, how, description, run)
+    how = {"density": density, "steps": steps, "lr": lr, "l1": l1, "seed": seed, "candidates": candidates, "head": head}
+    patch = _patch(base_ckpt, base, tuned, data, learned, found, scores, how, description, run)
     warnings = left_out_warnings(
-        left_out,
+        found.left_out,
         "localized patch",
         "since grafts change only the layers' tensors (and the head, unless `head='pretrained'`)",
         "the scores of the fine-tune include them, the grafts' do not",
@@ -163,10 +149,10 @@ def localize(
         {name: scores[name] for name in SCORED},
         learned.losses,
         learned.best_step,
-        sum(change.numel() for change in changes.values()),
+        found.eligible,
         learned.selected,
         sum(info.numel for info in base_ckpt.tensors.values()),
-        sorted(carried),
+        sorted(found.carried),
         seconds,
         warnings,
     )
@@ -175,7 +161,64 @@ def localize(
     return outcome
 
 
-def _check_settings(density: float, steps: int, lr: float, l1: float, head: str) -> None:
+@dataclass
+class _Found:
+    """What the fine-tune changed, sorted for localizing: the eligible tensors' changes on their candidate entries,
+    the head's changes carried whole, the other changed tensors left out (name -> why), and how many entries the
+    changed eligible tensors hold."""
+
+    candidates: dict[str, Candidates]
+    carried: dict[str, torch.Tensor]
+    left_out: dict[str, str]
+    eligible: int
+
+    @property
+    def changed(self) -> list[str]:
+        return [*self.candidates, *self.carried, *self.left_out]
+
+
+def _changes(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    live: set[str],
+    density: float,
+    candidates: float | None,
+    head: Head,
+    device: torch.device,
+    run: RunOptions,
+) -> _Found:
+    """Reads the fine-tune's change tensor by tensor; with a bounded candidate set, once before to find the
+    model-wide threshold of the candidates' |change| (splice.adapters.kinds.mask.ModelTopK)."""
+    heads = set(stored_head(tuned))
+
+    def is_eligible(name: str) -> bool:
+        return name not in heads and layer_index(name) is not None and name in live
+
+    entries = sum(info.numel for name, info in base.tensors.items() if is_eligible(name))
+    wanted = None if candidates is None else math.ceil(candidates * density * entries)
+    top = (
+        ModelTopK.find(base, tuned, wanted, device, run.progress, is_eligible) if wanted and wanted < entries else None
+    )
+    found = _Found({}, {}, {}, 0)
+    for name, delta in deltas(base, tuned, device, run.progress):
+        if name in heads:
+            if head == "fine-tuned":
+                found.carried[name] = delta
+            else:
+                found.left_out[name] = "head"
+        elif is_eligible(name):
+            found.candidates[name] = (
+                Candidates.every(delta) if top is None else Candidates.where(delta, top.select(delta))
+            )
+            found.eligible += delta.numel()
+        else:
+            found.left_out[name] = "outside the layers"
+    if not found.candidates:
+        raise PatchError(f"{tuned.location} changed nothing inside the model's layers: there is no region to find")
+    return found
+
+
+def _check_settings(density: float, steps: int, lr: float, l1: float, candidates: float | None, head: str) -> None:
     if not 0 < density <= 1:
         raise PatchError(f"`density` must be in (0, 1], got {density:g} (e.g. 0.0001 for 0.01% of the layers' entries)")
     if steps < 0:
@@ -184,6 +227,8 @@ def _check_settings(density: float, steps: int, lr: float, l1: float, head: str)
         raise PatchError(f"`lr` must be > 0, got {lr:g}")
     if not l1 >= 0:
         raise PatchError(f"`l1` must be >= 0, got {l1:g}")
+    if candidates is not None and not candidates >= 1:
+        raise PatchError(f"`candidates` must be >= 1 (times the region's size), got {candidates:g}")
     if head not in HEADS:
         raise PatchError(f"`head` must be one of {', '.join(HEADS)}, not {head!r}")
 
@@ -213,12 +258,6 @@ def grafted_loss(
             yield functional_call(model, replaced, kwargs=part).loss * (len(part["labels"]) / count)
 
     return loss
-
-
-def _grafted(
-    pretrained: Mapping[str, torch.Tensor], changes: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    return graft(pretrained, changes, {name: mask.to(changes[name].dtype) for name, mask in masks.items()})
 
 
 def logits_of(
@@ -262,35 +301,35 @@ def _scored(
     return calibration(logits_of(model, names, replaced, batch), batch["labels"])
 
 
-def _left_out_values(tuned: Checkpoint, left_out: Mapping[str, str], device: torch.device) -> dict[str, torch.Tensor]:
-    """The fine-tune's own values of the changed tensors no graft takes (the fine-tune is scored whole)."""
-    return {name: tuned.read(name).to(device=device, dtype=torch.float32) for name in left_out}
+def _tuned_values(tuned: Checkpoint, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """The fine-tune's own values of the tensors it changed (the fine-tune is scored whole)."""
+    return {name: tuned.read(name).to(device=device, dtype=torch.float32) for name in names}
 
 
 def _patch(
     base_ckpt: Checkpoint,
-    tuned_ckpt: Checkpoint,
     base: str | os.PathLike,
     tuned: str | os.PathLike,
     data: TaskSource,
     learned: LearnedMask,
-    changes: Mapping[str, torch.Tensor],
-    carried: Mapping[str, torch.Tensor],
+    found: _Found,
     scores: Mapping[str, Scores],
     how: dict[str, Any],
     description: str,
     run: RunOptions,
 ) -> Patch:
     """The region (and the carried head, whole) as a mask patch: mask bits and the change's values on them."""
-    masks = {**learned.masks, **{name: torch.ones_like(delta, dtype=torch.bool) for name, delta in carried.items()}}
-    every = {**changes, **carried}
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     kept: dict[str, int] = {}
-    for name, mask in masks.items():
-        if mask.any():
-            tensors.update(sparse_entry(name, mask, every[name]))
-            shapes[name], kept[name] = list(mask.shape), int(mask.sum())
+    for name, candidates in found.candidates.items():
+        selected = learned.on_candidates[name]
+        if selected.any():
+            tensors.update(sparse_entry(name, learned.masks[name], candidates.change[selected]))
+            shapes[name], kept[name] = list(candidates.shape), int(selected.sum())
+    for name, delta in found.carried.items():
+        tensors.update(sparse_entry(name, torch.ones_like(delta, dtype=torch.bool), delta.reshape(-1)))
+        shapes[name], kept[name] = list(delta.shape), delta.numel()
     described = data if isinstance(data, str) else hook_name(data, "`data`") if callable(data) else "a given batch"
     settings: dict[str, Any] = {
         "density": how["density"],
@@ -301,9 +340,9 @@ def _patch(
         "localized": {
             **how,
             "data": described,
-            "eligible": sum(change.numel() for change in changes.values()),
+            "eligible": found.eligible,
             "selected": learned.selected,
-            "carried": sorted(carried),
+            "carried": sorted(found.carried),
             "losses": learned.losses,
             "best_step": learned.best_step,
         },

@@ -15,6 +15,7 @@ from splice.tensors.writer import ensure_output_free
 from splice.workflows.card import MergeRecord, recorded_recipe
 from splice.workflows.recorded import OpenedModels, input_digests, merge_recorded
 from splice.workflows.references import open_model_references, reference_locations
+from splice.workflows.regions import open_region
 from splice.workflows.stages import StagesReport, merge_stages
 from splice.workflows.stats import open_statistics, statistics_locations
 
@@ -64,7 +65,7 @@ def merge(
         given = "stage" if stage is not None else "intermediate_dir"
         raise SpliceError(f"{parameter(given)} is for a multi-stage recipe file; give the file's path as `recipe`")
     recipe = recorded_recipe(recipe)
-    statistics = statistics_locations(recipe.read_stats(), run.storage_options)
+    statistics = statistics_locations(recipe.read_stored(), run.storage_options)
     protected = [*reference_locations(recipe.read_models()), *statistics, *recipe_file]
     ensure_output_free(out, run.force, protected=protected, what="an input or the registry")
     opened = OpenedModels(open_model_references)
@@ -83,5 +84,6 @@ def merged_model(
         seed=seed,
         open_models=open_model_references,
         open_stats=open_statistics,
+        open_masks=open_region,
         run=run,
     )

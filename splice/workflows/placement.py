@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Any
 
-from splice.adapters.kinds.mask import MASK_SUFFIX, count_selected, covered_shapes
+from splice.adapters.kinds.mask import MASK_SUFFIX, covered_shapes
 from splice.adapters.patch import Patch
 from splice.arch.layers import before_layers, layer_container, layer_index, layer_module, outside_modules
 from splice.plots import png_bytes
+from splice.sparsify import count_selected
 
 TOTAL = "all"  # the heat map's column of each row's modules together
 

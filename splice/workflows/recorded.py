@@ -15,6 +15,7 @@ from splice.tensors.digest import checkpoint_digest
 from splice.tensors.stream import StreamReport
 from splice.workflows.card import MergeRecord, output_files
 from splice.workflows.references import reference_locations
+from splice.workflows.regions import open_region
 from splice.workflows.stats import open_statistics, statistics_digest
 
 
@@ -34,10 +35,10 @@ class OpenedModels:
 
 def input_digests(recipe: recipes.Recipe, opened: OpenedModels, storage_options: dict | None) -> dict[str, str]:
     """Each model `recipe` reads (its inputs in order, then what its tokenizer settings name), then each statistics
-    artifact it reads -> its digest: what a card lists and a stage's key covers."""
+    artifact and mask patch it reads -> its digest: what a card lists and a stage's key covers."""
     locations = recipe.read_models()
     digests = {r: checkpoint_digest(c) for r, c in zip(locations, opened(locations, storage_options))}
-    return {**digests, **{s: statistics_digest(s, storage_options) for s in recipe.read_stats()}}
+    return {**digests, **{s: statistics_digest(s, storage_options) for s in recipe.read_stored()}}
 
 
 def merge_recorded(
@@ -64,5 +65,6 @@ def merge_recorded(
         files={**output_files(record, record.name or Path(out).name, earlier), **(extra_files or {})},
         description=f"{record.name}: {recipe.merge_method} merge" if record.name else None,
         open_stats=open_statistics,
+        open_masks=open_region,
         run=run,
     )

@@ -70,7 +70,7 @@ def recorded_reference(reference: str) -> str:
 
 
 def recorded_statistics(reference: str) -> str:
-    """A `stats:` as a record keeps it: a local directory absolute; a URL or a registry ref as written."""
+    """A `stats:` (or a `mask:`) as a record keeps it: a local directory absolute; a URL or a registry ref as is."""
     return recorded_location(reference) if "://" not in reference and os.path.exists(reference) else reference
 
 

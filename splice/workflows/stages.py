@@ -147,7 +147,7 @@ def merge_stages(
     outside = [recorded_reference(r) for s in order for r in s.recipe.read_models() if _named(r, set(entries)) is None]
     for reference in dict.fromkeys(outside):  # every input from outside opened before anything is written
         _open_outside(opened, reference, set(entries), recipe_file, run.storage_options)
-    statistics = statistics_locations([r for s in order for r in s.recipe.read_stats()], run.storage_options)
+    statistics = statistics_locations([r for s in order for r in s.recipe.read_stored()], run.storage_options)
     protected = [*reference_locations(list(dict.fromkeys(outside))), *statistics, str(recipe_file)]
 
     def record_of(stage: Stage) -> MergeRecord:

@@ -168,6 +168,24 @@ def _belongs_to(tensors: dict[str, torch.Tensor], settings: dict) -> set[str]:
     return {*tensors, *settings.get("shared", {})}
 
 
+def stored_patch(reference: str, storage_options: dict | None = None) -> tuple[Patch, Checkpoint, str]:
+    """The patch a recipe names beside a model (a `stats:` or a `mask:`: a patch directory or URL, or a registry ref:
+    name, name@3, name@prod; in `SPLICE_REGISTRY`, else the default registry), its tensors as a checkpoint the stream
+    reads, and how messages name it."""
+    if is_registry_ref(reference):
+        store = open_registry(None, storage_options)
+        version = store.resolve(reference)
+        patch = store.load(version.ref)
+        infos = {
+            name: TensorInfo(name, SAFETENSORS_DTYPES[entry.dtype], tuple(entry.shape), version.ref)
+            for name, entry in version.tensors.items()
+        }
+        return patch, MappedCheckpoint(f"{store.url} {version.ref}", patch.tensors, infos), version.ref
+    patch = Patch.load(reference, storage_options)
+    assert isinstance(patch.tensors, StoredTensors)
+    return patch, patch.tensors.stored, reference
+
+
 def open_statistics(
     reference: str,
     model: Checkpoint,
@@ -177,20 +195,7 @@ def open_statistics(
     """The statistics a recipe's `stats:` names (a statistics directory or URL, or a registry ref: name, name@3,
     name@prod; in `SPLICE_REGISTRY`, else the default registry), refused unless they are `statistic` statistics
     collected on `model` (checked by fingerprint)."""
-    if is_registry_ref(reference):
-        store = open_registry(None, storage_options)
-        version = store.resolve(reference)
-        patch = store.load(version.ref)
-        infos = {
-            name: TensorInfo(name, SAFETENSORS_DTYPES[entry.dtype], tuple(entry.shape), version.ref)
-            for name, entry in version.tensors.items()
-        }
-        stored: Checkpoint = MappedCheckpoint(f"{store.url} {version.ref}", patch.tensors, infos)
-        label = version.ref
-    else:
-        patch = Patch.load(reference, storage_options)
-        assert isinstance(patch.tensors, StoredTensors)
-        stored, label = patch.tensors.stored, reference
+    patch, stored, label = stored_patch(reference, storage_options)
     if patch.meta.kind is not PatchKind.stats:
         raise SpliceError(f"stats: {label} is a {patch.meta.kind.value} patch, not statistics; {COLLECT}")
     settings = StatsSettings.model_validate(patch.meta.settings)
@@ -213,8 +218,8 @@ def open_statistics(
 
 
 def statistics_locations(references: Sequence[str], storage_options: dict | None = None) -> list[str]:
-    """What the `stats:` references read, which an output must not overlap: each directory, and the registry that
-    holds the registry refs (`SPLICE_REGISTRY`, else the default one)."""
+    """What the `stats:` (and `mask:`) references read, which an output must not overlap: each directory, and the
+    registry that holds the registry refs (`SPLICE_REGISTRY`, else the default one)."""
     directories = [reference for reference in references if not is_registry_ref(reference)]
     if len(directories) == len(references):
         return directories
@@ -222,8 +227,8 @@ def statistics_locations(references: Sequence[str], storage_options: dict | None
 
 
 def statistics_digest(reference: str, storage_options: dict | None = None) -> str:
-    """What identifies the statistics a `stats:` names, for a model card and a stage's key: a registry version's
-    content digest, or a directory's files as `splice.tensors.digest` describes them."""
+    """What identifies the statistics a `stats:` (or the mask patch a `mask:`) names, for a model card and a stage's
+    key: a registry version's content digest, or a directory's files as `splice.tensors.digest` describes them."""
     if is_registry_ref(reference):
         return open_registry(None, storage_options).resolve(reference).digest
     patch = Patch.load(reference, storage_options)

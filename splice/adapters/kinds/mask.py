@@ -8,7 +8,7 @@ mask alone prunes: entries outside it become zero.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from math import prod
@@ -21,15 +21,13 @@ from splice.adapters.kinds.spec import KindSpec, PatchSize, describe_plain, scal
 from splice.adapters.steps import Effect, PatchContents, Step
 from splice.errors import PatchError
 from splice.progress import Progress
-from splice.sparsify import top_magnitude_mask
+from splice.sparsify import pack_mask, top_magnitude_mask, unpack_mask
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import resolve_device
 
 MASK_SUFFIX = ".mask"
 VALUES_SUFFIX = ".values"
 SCOPES = ("tensor", "model")
-_BIT_WEIGHTS = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8)
-_SET_BITS = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)  # byte -> its set bits
 
 
 @dataclass(frozen=True)
@@ -48,42 +46,12 @@ class MaskOptions:
             raise PatchError(f"`mask_scope` must be one of {', '.join(SCOPES)}, not {self.scope!r}")
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean tensor as uint8 bytes, eight entries per byte (flattened, zero-padded)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
-    return (padded * _BIT_WEIGHTS.to(padded.device)).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The boolean tensor of `shape` that `pack_mask` packed."""
-    count = _packed_entries(packed, shape)
-    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
-    return bits.reshape(-1)[:count].reshape(shape)
-
-
-def count_selected(packed: torch.Tensor, shape: Sequence[int]) -> int:
-    """How many entries of `shape` the packed mask selects: its bytes' set bits, counted without unpacking (the
-    last byte's padding bits left out)."""
-    padding = -_packed_entries(packed, shape) % 8
-    flat = packed.reshape(-1).cpu()
-    if padding:
-        flat = torch.cat([flat[:-1], flat[-1:] & (0xFF >> padding)])
-    return int(torch.bincount(flat, minlength=256) @ _SET_BITS)
-
-
-def _packed_entries(packed: torch.Tensor, shape: Sequence[int]) -> int:
-    """The entries of `shape`, refused unless `packed` holds exactly the bytes they pack into."""
-    count = prod(shape)
-    if packed.numel() != -(-count // 8):
-        raise PatchError(f"a packed mask of {packed.numel()} bytes cannot hold {count} entries of shape {list(shape)}")
-    return count
-
-
-def sparse_entry(name: str, mask: torch.Tensor, delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def sparse_entry(name: str, mask: torch.Tensor, values: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One tensor's entries of a mask patch: its packed mask, and the `values` it selects (in index order) for a
+    sparse delta."""
     entry = {name + MASK_SUFFIX: pack_mask(mask).cpu()}
-    if delta is not None:
-        entry[name + VALUES_SUFFIX] = delta.reshape(-1)[mask.reshape(-1)].float().cpu()
+    if values is not None:
+        entry[name + VALUES_SUFFIX] = values.float().cpu()
     return entry
 
 
@@ -94,21 +62,49 @@ def _nonzero_top_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return keep & delta.ne(0)
 
 
-def _global_threshold(
-    base: Checkpoint, tuned: Checkpoint, count: int, device: torch.device, progress: Progress | None
-) -> tuple[float, int]:
-    """(t, ties): the model-wide top `count` |delta| entries are those above t plus the first `ties` equal
-    to t in storage order. One pass; holds at most `count` magnitudes plus one tensor."""
-    best = torch.empty(0, device=device)
-    for _, delta in deltas(base, tuned, device, progress):
-        magnitudes = delta.abs().reshape(-1)
-        magnitudes = magnitudes[magnitudes.ne(0)]
-        pool = torch.cat([best, magnitudes])
-        best = pool if pool.numel() <= count else pool.topk(count, sorted=False).values
-    if best.numel() == 0:
-        return 0.0, 0
-    threshold = float(best.min())
-    return threshold, int(best.eq(threshold).sum())
+@dataclass
+class ModelTopK:
+    """The model-wide top `count` |delta| entries, found in one pass (`find`): those above `threshold`, then the
+    first `ties` equal to it in storage order. `select` picks them out of each tensor's delta in a second pass, in
+    storage order (it counts the ties down)."""
+
+    threshold: float
+    ties: int
+
+    @classmethod
+    def find(
+        cls,
+        base: Checkpoint,
+        tuned: Checkpoint,
+        count: int,
+        device: torch.device,
+        progress: Progress | None,
+        among: Callable[[str], bool] = lambda name: True,
+    ) -> ModelTopK:
+        """Over the tensors `among` accepts; holds at most `count` magnitudes plus one tensor."""
+        best = torch.empty(0, device=device)
+        for name, delta in deltas(base, tuned, device, progress):
+            if not among(name):
+                continue
+            magnitudes = delta.abs().reshape(-1)
+            magnitudes = magnitudes[magnitudes.ne(0)]
+            pool = torch.cat([best, magnitudes])
+            best = pool if pool.numel() <= count else pool.topk(count, sorted=False).values
+        if best.numel() == 0:
+            return cls(0.0, 0)
+        threshold = float(best.min())
+        return cls(threshold, int(best.eq(threshold).sum()))
+
+    def select(self, delta: torch.Tensor) -> torch.Tensor:
+        """This tensor's entries of the top count (a boolean mask of its shape)."""
+        magnitudes = delta.abs()
+        mask = magnitudes.gt(self.threshold)
+        at_threshold = magnitudes.eq(self.threshold).reshape(-1).nonzero().squeeze(1)
+        if self.ties and self.threshold > 0 and at_threshold.numel():
+            taken = at_threshold[: self.ties]
+            mask.view(-1)[taken] = True
+            self.ties -= taken.numel()
+        return mask
 
 
 def extract_mask(
@@ -125,21 +121,12 @@ def extract_mask(
     kept: dict[str, int] = {}
     if scope == "model":
         total = sum(info.numel for info in base.tensors.values() if info.dtype.is_floating_point)
-        threshold, ties = _global_threshold(base, tuned, max(1, int(density * total)), compute, progress)
+        top = ModelTopK.find(base, tuned, max(1, int(density * total)), compute, progress)
     for name, delta in deltas(base, tuned, compute, progress):
-        if scope == "tensor":
-            mask = _nonzero_top_mask(delta, density)
-        else:
-            magnitudes = delta.abs()
-            mask = magnitudes.gt(threshold)
-            at_threshold = magnitudes.eq(threshold).reshape(-1).nonzero().squeeze(1)
-            if ties and threshold > 0 and at_threshold.numel():
-                taken = at_threshold[:ties]
-                mask.view(-1)[taken] = True
-                ties -= taken.numel()
+        mask = _nonzero_top_mask(delta, density) if scope == "tensor" else top.select(delta)
         if not mask.any():
             continue
-        tensors.update(sparse_entry(name, mask, delta if values else None))
+        tensors.update(sparse_entry(name, mask, delta.reshape(-1)[mask.reshape(-1)] if values else None))
         shapes[name] = list(delta.shape)
         kept[name] = int(mask.sum())
     if not tensors:

@@ -341,7 +341,7 @@ def _with_absolute_inputs(loaded: Sweep) -> Sweep:
 
     def absolute_entry(entry: dict) -> dict:
         entry = {**entry, "model": absolute_reference(entry.get("model"))}
-        for key, recorded in (("stats", recorded_statistics), ("data", recorded_hook)):
+        for key, recorded in (("stats", recorded_statistics), ("mask", recorded_statistics), ("data", recorded_hook)):
             if isinstance(entry.get(key), str):
                 entry[key] = recorded(entry[key])
         return entry

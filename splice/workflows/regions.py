@@ -1,0 +1,46 @@
+"""The regions a Localize-and-Stitch recipe's models give (`merge_method: localize_stitch`): each model's `mask:`, a
+mask patch (a directory or URL, or a registry ref) checked against the recipe's base as deploy checks a patch, its
+mask bits read into memory packed, its values (a sparse delta's) left where they are stored for the stream to read."""
+
+from __future__ import annotations
+
+from splice.adapters.fingerprint import compare_base, refuse_drift
+from splice.adapters.kinds.mask import MASK_SUFFIX, VALUES_SUFFIX
+from splice.adapters.meta import MaskSettings, PatchKind
+from splice.errors import PatchError, RecipeError
+from splice.merge.localize_stitch import METHOD, TaskRegion
+from splice.merge.recipe import InputModel
+from splice.options import RunOptions
+from splice.tensors.checkpoint import Checkpoint
+from splice.workflows.stats import stored_patch
+
+EXTRACT = "extract one with `splice patch extract --base BASE --tuned MODEL --kind mask --mask-scope model --density D`"
+
+
+def open_region(entry: InputModel, base: Checkpoint, tuned: Checkpoint, run: RunOptions) -> TaskRegion:
+    """The region of one localize_stitch model (`entry`, stored at `tuned`): its `mask:`, refused unless it is a mask
+    patch made on `base` (by its base fingerprint). (`tuned` is what a region localized from the model's data would
+    be learned on.)"""
+    if entry.mask is None:  # the recipe's checks say so first
+        raise RecipeError(f"{METHOD}: model {entry.model} gives no mask:")
+    patch, stored, label = stored_patch(entry.mask, run.storage_options)
+    if patch.meta.kind is not PatchKind.mask:
+        raise PatchError(f"mask: {label} is a {patch.meta.kind.value} patch, not a mask patch; {EXTRACT}")
+    if patch.meta.base is None:
+        raise PatchError(f"mask: {label} has no record of the base it was made on; {EXTRACT}")
+    try:
+        refuse_drift(compare_base(patch.meta.base, base), base.location, "mask", None)
+    except PatchError as exc:
+        raise PatchError(f"mask: {label}: {exc}") from None
+    shapes = MaskSettings.model_validate(patch.meta.settings).shapes
+    if shapes is None:
+        raise PatchError(f"mask: {label}: its settings have no tensor shapes; it was not written by splice: {EXTRACT}")
+    missing = next((name for name in shapes if name + MASK_SUFFIX not in stored.tensors), None)
+    if missing is not None:
+        raise PatchError(f"mask: {label} lists {missing} but holds no {missing + MASK_SUFFIX}; the patch is damaged")
+    return TaskRegion(
+        label,
+        {name: stored.read(name + MASK_SUFFIX) for name in shapes},
+        {name: tuple(shape) for name, shape in shapes.items()},
+        {name: (stored, name + VALUES_SUFFIX) for name in shapes if name + VALUES_SUFFIX in stored.tensors},
+    )
