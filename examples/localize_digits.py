@@ -67,14 +67,14 @@ import transformers
 from safetensors.torch import load_file
 
 import splice
-from splice.adapters.kinds.mask import unpack_mask
-from splice.arch.layers import layer_index
+from splice.arch.layers import layer_index, layer_module
 from splice.demo import digits
 from splice.merge.recipe import parse_recipe
 from splice.plots import png_bytes
-from splice.sparsify import top_k_over
+from splice.sparsify import top_k_over, unpack_mask
 from splice.tensors.writer import check_report_dir, ensure_output_free, write_report_files
-from splice.workflows.localize import SCORED, calibration
+from splice.workflows.localize import CANDIDATES, SCORED, calibration
+from splice.workflows.placement import mask_placement
 
 JSON_NAME = "localize_digits.json"
 PNG_NAME = "localize_digits.png"
@@ -106,6 +106,7 @@ class Settings:
     steps: int = 20  # splice.localize's defaults
     lr: float = 30.0
     l1: float = 0.0
+    candidates: float | None = CANDIDATES
 
 
 FULL = Settings(
@@ -209,6 +210,7 @@ def localized(pretrained: Path, tuned: Path, task: str, density: float, head: st
         steps=settings.steps,
         lr=settings.lr,
         l1=settings.l1,
+        candidates=settings.candidates,
         seed=datamerge.study_seed(),
         head=head,
         out=out,
@@ -231,6 +233,7 @@ def localized(pretrained: Path, tuned: Path, task: str, density: float, head: st
         "best_step": outcome.best_step,
         "seconds": outcome.seconds,
         "patch": str(outcome.out),
+        "placement": placement(Path(outcome.out)),
     }
 
 
@@ -248,6 +251,31 @@ def scored(model: torch.nn.Module, task: str, seed: int) -> dict[str, float]:
     x, y = datamerge.task_split(task, "test", seed)
     with torch.no_grad():
         return asdict(calibration(model(pixel_values=x).logits, y))
+
+
+def placement(patch: Path) -> dict[str, dict[str, int]]:
+    """Where a stored region lies (`splice inspect`'s counts): its entries per layer and per module type inside the
+    layers (the carried head, outside them, left out)."""
+    where = mask_placement(splice.Patch.load(patch))
+    rows = [row for row in where.rows if row.layer is not None]
+    return {
+        "layers": {row.name: row.total.selected for row in rows},
+        "modules": {
+            module: sum(row.cells[module].selected for row in rows if module in row.cells) for module in where.modules
+        },
+    }
+
+
+def eligible_placement(pretrained: Path) -> dict[str, dict[str, int]]:
+    """The layers' entries (where a region may lie) per layer and per module type: a region spread evenly over them
+    would lie in these proportions."""
+    counts: dict[str, dict[str, int]] = {"layers": {}, "modules": {}}
+    for name, value in load_file(pretrained / "model.safetensors").items():
+        index = layer_index(name)
+        if index is not None:
+            for where, label in (("layers", str(index)), ("modules", layer_module(name) or name)):
+                counts[where][label] = counts[where].get(label, 0) + value.numel()
+    return counts
 
 
 def region(patch: Path) -> dict[str, torch.Tensor]:
@@ -445,7 +473,13 @@ def run_seed(workdir: Path, seed: int, settings: Settings) -> dict[str, Any]:
         regime.name: run_regime(workdir / regime.name, pretrained, seed, regime, settings)
         for regime in settings.regimes
     }
-    return {"seed": seed, "pretraining": pretraining, "regimes": regimes, "seconds": time.perf_counter() - started}
+    return {
+        "seed": seed,
+        "pretraining": pretraining,
+        "eligible_placement": eligible_placement(pretrained),
+        "regimes": regimes,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -481,6 +515,19 @@ def over_seeds(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[str,
     }
 
 
+def shares(placements: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, float]]:
+    """Placements (entries per layer and per module type) pooled: each label's share of all their entries."""
+    pooled: dict[str, dict[str, float]] = {}
+    for where in ("layers", "modules"):
+        counts: dict[str, int] = {}
+        for one in placements:
+            for label, count in one[where].items():
+                counts[label] = counts.get(label, 0) + count
+        total = sum(counts.values())
+        pooled[where] = {label: count / total for label, count in sorted(counts.items())}
+    return pooled
+
+
 def summarise_regime(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and spread over the seeds of one regime: per head, density and task (and the average over tasks) each
     model's accuracy and ECE and each graft's kept share; the references; the overlaps; the merges."""
@@ -495,6 +542,7 @@ def summarise_regime(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "eligible": by_task[TASKS[0]]["eligible"],
                 "parameters": by_task[TASKS[0]]["parameters"],
                 "tasks": over_seeds(tables),
+                "placement": shares([r["localizations"][head][density][t]["placement"] for r in runs for t in TASKS]),
             }
     references = {
         name: over_seeds([with_average(run["references"][name]) for run in runs]) for name in first["references"]
@@ -559,6 +607,7 @@ def run_study(
         "tasks": list(TASKS),
         "seeds": list(seeds),
         "stitch": stitch_available(),
+        "eligible_placement": shares([runs[0]["eligible_placement"]]),
         "summary": {
             regime.name: summarise_regime([run["regimes"][regime.name] for run in runs]) for regime in settings.regimes
         },
@@ -662,6 +711,35 @@ def regime_tables(results: dict[str, Any], name: str) -> list[str]:
             lines.append(
                 f"| {head} | {density} | {cell(overlap['learned'], 1, 3)} | {cell(overlap['magnitude'], 1, 3)} "
                 f"| {cell(overlap['learned_vs_magnitude'], 1, 3)} | {overlap['chance']:.4f} |"
+            )
+    eligible = results["eligible_placement"]
+    layers, modules = list(eligible["layers"]), list(eligible["modules"])
+    lines += [
+        "",
+        "where the learned regions lie: share % of their entries per layer and module type (pooled over tasks and "
+        "seeds; the first row: the layers' entries themselves)",
+        "",
+        "| head | density | " + " | ".join(f"layer {layer}" for layer in layers) + " | " + " | ".join(modules) + " |",
+        "|---|---:|" + "---:|" * (len(layers) + len(modules)),
+        "| (all entries) | | "
+        + " | ".join(
+            f"{100 * eligible[w][label]:.1f}"
+            for w, labels in (("layers", layers), ("modules", modules))
+            for label in labels
+        )
+        + " |",
+    ]
+    for head, by_density in summary["grafting"].items():
+        for density, graft in by_density.items():
+            where = graft["placement"]
+            lines.append(
+                f"| {head} | {density} | "
+                + " | ".join(
+                    f"{100 * where[w].get(label, 0.0):.1f}"
+                    for w, labels in (("layers", layers), ("modules", modules))
+                    for label in labels
+                )
+                + " |"
             )
     lines += ["", "merges: test accuracy %", ""]
     lines += [

@@ -105,6 +105,12 @@ def test_learned_regions_have_exactly_the_requested_sizes_and_carry_the_head_as_
         assert all(name in layer_names(pre) for name in region)
         assert sum(int(mask.sum()) for mask in region.values()) == round(float(density) * eligible)
         assert record["selected"] == round(float(density) * eligible) and record["eligible"] == eligible
+        layers: dict[str, int] = {}
+        for name, mask in region.items():  # vit.encoder.layer.<i>.<module>.(weight|bias)
+            layer = name.split(".")[3]
+            layers[layer] = layers.get(layer, 0) + int(mask.sum())
+        assert {k: v for k, v in record["placement"]["layers"].items() if v} == {k: v for k, v in layers.items() if v}
+        assert sum(record["placement"]["modules"].values()) == record["selected"]
         if head == "fine-tuned":
             assert carried == ["classifier.bias", "classifier.weight"]
             assert all(masks[name].all() for name in carried)
