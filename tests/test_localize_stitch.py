@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,55 @@ def test_learned_regions_stitch_by_the_rule_and_average_the_heads_they_both_carr
         assert tensor.entries == (stitched[name].numel(),) * 2 == (tensor.shared,) * 2
 
 
+TASK_HOOKS = textwrap.dedent("""
+    import torch
+
+    def _task(seed):
+        generator = torch.Generator().manual_seed(seed)
+
+        def batch():
+            return {"input_ids": torch.randint(0, 64, (12, 7), generator=generator), "labels": torch.arange(12) % 3}
+
+        return {"train": batch(), "test": batch()}
+
+    def first():
+        return _task(0)
+
+    def second():
+        return _task(1)
+""")
+
+
+def test_regions_learned_from_data_in_the_recipe_are_those_splice_localize_learns(models, tmp_path):
+    """Models giving `data:` have their regions learned during the merge with the method's parameters: the merge is
+    the stitch of the mask patches `splice.localize` writes with the same settings."""
+    (tmp_path / "tasks.py").write_text(TASK_HOOKS)
+    tuned = models["tuned"][:2]
+    settings = {"density": 0.05, "steps": 2, "head": "pretrained"}
+    masks = []
+    for i, function in enumerate(("first", "second")):
+        hook = f"{tmp_path / 'tasks.py'}:{function}"
+        splice.localize(models["base"], tuned[i], hook, **settings, out=tmp_path / f"region{i}")
+        masks.append(tmp_path / f"region{i}")
+    from_masks = _recipe(models["base"], tuned, masks)
+    splice.merge(parse_recipe(from_masks), tmp_path / "from-masks")
+    from_data = {
+        "merge_method": "localize_stitch",
+        "base_model": str(models["base"]),
+        "parameters": settings,
+        "models": [
+            {"model": str(t), "data": f"{tmp_path / 'tasks.py'}:{f}"} for t, f in zip(tuned, ("first", "second"))
+        ],
+    }
+    report = splice.merge(parse_recipe(from_data), tmp_path / "from-data").method_report
+    expected, got = load_dir(tmp_path / "from-masks"), load_dir(tmp_path / "from-data")
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    assert [task.mask for task in report.tasks] == [f"the region learned on {m['data']}" for m in from_data["models"]]
+    assert not any(t.name.startswith("classifier.") for t in report.tensors)  # head: pretrained
+
+
 def test_the_report_against_numpy(models, tmp_path):
     recipe = _recipe(models["base"], models["tuned"], models["masks"])
     report = splice.merge(parse_recipe(recipe), tmp_path / "stitched").method_report
@@ -281,10 +331,15 @@ def test_values_that_are_not_the_models_change_are_refused_by_tensor(models, tmp
 def test_recipe_mistakes_are_refused_before_anything_is_opened(models, tmp_path):
     recipe = _recipe(models["base"], models["tuned"], models["masks"])
     del recipe["models"][1]["mask"]
-    _refused(recipe, tmp_path / "out", f"model {models['tuned'][1]} gives no mask:", "--kind mask")
+    _refused(recipe, tmp_path / "out", f"model {models['tuned'][1]} gives no mask: and no data:", "--kind mask")
+    both = _recipe(models["base"], models["tuned"], models["masks"])
+    both["models"][0]["data"] = "tasks.py:first"
+    _refused(both, tmp_path / "out", "gives both mask: and data:")
+    tuned_up = {**_recipe(models["base"], models["tuned"], models["masks"]), "parameters": {"density": 0.1}}
+    _refused(tuned_up, tmp_path / "out", "parameters (density) say how a region is learned", "remove them")
     weighted = _recipe(models["base"], models["tuned"], models["masks"])
     weighted["models"][0]["parameters"] = {"weight": 0.5}
-    _refused(weighted, tmp_path / "out", "unknown parameter 'weight' for localize_stitch (known: none)")
+    _refused(weighted, tmp_path / "out", "unknown parameter 'weight' for localize_stitch (known: density, steps")
     ties = {**_recipe(models["base"], models["tuned"], models["masks"]), "merge_method": "ties"}
     _refused(ties, tmp_path / "out", "gives mask:, which only localize_stitch read")
     unbased = _recipe(models["base"], models["tuned"], models["masks"])

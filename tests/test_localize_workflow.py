@@ -5,6 +5,8 @@ line before anything is written, and Ctrl-C publishes nothing."""
 
 from __future__ import annotations
 
+import json
+import re
 import textwrap
 
 import numpy as np
@@ -16,6 +18,8 @@ from test_cli_exits import interrupted, refused_in_one_line, run
 
 import splice
 from splice.errors import OutputExistsError, PatchError, SpliceError
+from splice.registry.store import Registry
+from splice.workflows.deploy import deploy
 
 from conftest import perturbed, save, tiny_model
 
@@ -108,6 +112,14 @@ def test_the_stored_patch_applied_is_the_graft_and_its_scores_are_the_applied_mo
         assert outcome.scores[scored].accuracy == metrics[f"{scored}_accuracy"]
     assert outcome.losses[outcome.best_step] == min(outcome.losses)
 
+    registry = Registry.init(str(tmp_path / "registry"))  # the registry keeps it and deploy applies it, as any patch
+    registry.push("region", outcome.patch, alias="prod")
+    record, _ = deploy(["region@prod"], base, tmp_path / "deployed", registry=registry, device="cpu")
+    assert record.patches[0].kind == "mask" and record.patches[0].base_check == "verified"
+    deployed = load_file(tmp_path / "deployed" / "model.safetensors")
+    for name, value in got.items():
+        np.testing.assert_array_equal(deployed[name], value, err_msg=name)
+
 
 def test_with_zero_steps_the_region_is_the_magnitude_mask_and_the_head_can_stay_pretrained(models):
     base, tuned, hook = models
@@ -182,12 +194,16 @@ def test_the_command_line_learns_a_patch_every_command_reads_and_refuses_bad_inp
     base, tuned, hook = models
     patch = tmp_path / "region"
     args = ["patch", "extract", "--base", base, "--tuned", tuned, "--kind", "mask", "--localize", "--data", hook]
-    result = run(*map(str, [*args, "--density", "0.02", "--steps", "2", "--out", patch, "--device", "cpu"]))
+    result = run(*map(str, [*args, "--density", "0.02", "--steps", "2", "--candidates", "0", "--out", patch]))
     assert result.returncode == 0, result.stderr
+    localized = json.loads((patch / "patch.json").read_text())["settings"]["localized"]
+    assert localized["candidates"] is None and localized["steps"] == 2  # 0: every changed entry
     assert "localized mask patch" in result.stdout and "learned graft" in result.stdout
     assert "warning: " in result.stderr and "are not in the localized patch" in result.stderr  # the embeddings too
     shown = run("inspect", str(patch))
-    assert shown.returncode == 0 and "mask" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "a learned skill region:" in shown.stdout, shown.stderr
+    metrics = json.loads((patch / "patch.json").read_text())["metrics"]
+    assert re.search(rf"learned_graft_accuracy +│ {metrics['learned_graft_accuracy']:.6g} ", shown.stdout)
     applied = run("patch", "apply", str(patch), "--base", str(base), "--out", str(tmp_path / "applied"))
     assert applied.returncode == 0, applied.stderr
 
@@ -201,6 +217,9 @@ def test_the_command_line_learns_a_patch_every_command_reads_and_refuses_bad_inp
         (*args[:-1], hookless, "--density", "0.01", "--out", tmp_path / "a"): "'test': batch",
         (*args, "--density", "0.01", "--mask-only", "--out", tmp_path / "a"): "leave out --mask-scope",
     }
+    other = save(tiny_model("vit", 0), tmp_path / "vit", False)
+    shaped = [*args[:5], other, *args[6:]]
+    cases[(*shaped, "--density", "0.01", "--out", tmp_path / "a")] = "vit"
     plain = [*args[:8], "--density", "0.01", "--steps", "3", "--data", hook, "--out", tmp_path / "a"]
     cases[tuple(plain)] = "--data, --steps go with --localize"
     lora = [*args[:7], "lora", *args[8:]]

@@ -43,6 +43,7 @@ FLAGS: dict[str, str] = {
     "include": "--include",
     # patch extract --localize
     "steps": "--steps",
+    "candidates": "--candidates",
     "lr": "--lr",
     "l1": "--l1",
     "head": "--head",

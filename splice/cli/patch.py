@@ -86,6 +86,13 @@ def extract(
     seed: Annotated[
         int | None, typer.Option(help="--localize: seed of the scores' initialisation (default 0).")
     ] = None,
+    candidates: Annotated[
+        float | None,
+        typer.Option(
+            help="--localize: learn the region among this many times its size of the entries the fine-tune changed "
+            "most (default 100; 0: among all of them, the most memory)."
+        ),
+    ] = None,
     head: Annotated[
         str | None,
         typer.Option(
@@ -102,9 +109,11 @@ def extract(
     grafted onto the base, keeps what it learned on --data."""
     from splice.adapters.extract import extract_patch_to
 
-    learning = {"steps": steps, "lr": lr, "l1": l1, "seed": seed, "head": head}
+    learning = {"steps": steps, "lr": lr, "l1": l1, "seed": seed, "candidates": candidates, "head": head}
     if localize:
-        given = {name: value for name, value in learning.items() if value is not None}
+        given: dict[str, Any] = {name: value for name, value in learning.items() if value is not None}
+        if candidates == 0:
+            given["candidates"] = None  # every changed entry
         _extract_localized(base, tuned, kind, out, data, density, mask_scope, mask_values, given, description, shared)
         return
     stray = [f"--{name}" for name, value in {"data": data, **learning}.items() if value is not None]

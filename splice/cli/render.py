@@ -344,6 +344,11 @@ def summary_tables(summary: ModelSummary | PatchSummary) -> list[Table]:
             ],
         ),
         *([placement_table(summary.placement)] if summary.placement is not None else []),
+        *(
+            [table("metrics", ["metric", "value"], [[k, f"{v:.6g}"] for k, v in summary.metrics.items()])]
+            if summary.metrics
+            else []
+        ),
     ]
 
 

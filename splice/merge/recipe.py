@@ -415,7 +415,7 @@ def _check_statistics(recipe: Recipe, source: str) -> None:
     not something to ignore."""
     method = recipe.merge_method
     listed = [*recipe.models, *(m for section in (recipe.modules or {}).values() for m in section.models)]
-    for key, readers in (("stats", list(DATA_METHODS)), ("data", [PLUSPLUS]), ("mask", [STITCH])):
+    for key, readers in (("stats", list(DATA_METHODS)), ("data", [PLUSPLUS, STITCH]), ("mask", [STITCH])):
         given = next((entry for entry in listed if getattr(entry, key) is not None), None)
         if given is not None and method not in readers:
             raise RecipeError(
@@ -492,13 +492,25 @@ def _check_walk(recipe: Recipe, source: str) -> None:
 
 
 def _check_stitch(recipe: Recipe, source: str) -> None:
-    """Localize-and-Stitch grafts each fine-tune's change on its own region (its `mask:`) onto base_model."""
-    lacking = next((entry for entry in recipe.models if entry.mask is None), None)
+    """Localize-and-Stitch grafts each fine-tune's change on its own region (its `mask:`, or one learned from its
+    `data:`) onto base_model; the parameters say how regions are learned, so they need a model with `data:`."""
+    lacking = next((entry for entry in recipe.models if entry.mask is None and entry.data is None), None)
     if lacking is not None:
         raise RecipeError(
-            f"{source}: model {lacking.model} gives no mask:; {STITCH} keeps each fine-tune's change on its own "
-            f"region (extract one with `splice patch extract --base BASE --tuned {lacking.model} --kind mask "
-            "--mask-scope model --density 0.01 --out DIR` and give it as mask: DIR)"
+            f"{source}: model {lacking.model} gives no mask: and no data:; {STITCH} keeps each fine-tune's change on "
+            f"its own region: give mask: DIR (`splice patch extract --base BASE --tuned {lacking.model} --kind mask "
+            "--localize --data MODULE:FUNCTION --density 0.001 --out DIR`) or data: MODULE:FUNCTION to learn it here"
+        )
+    both = next((entry for entry in recipe.models if entry.mask is not None and entry.data is not None), None)
+    if both is not None:
+        raise RecipeError(
+            f"{source}: model {both.model} gives both mask: and data:; give its region (mask:) or the data to learn "
+            "it from (data:), not both"
+        )
+    if recipe.parameters and not any(entry.data is not None for entry in recipe.models):
+        raise RecipeError(
+            f"{source}: {STITCH}'s parameters ({', '.join(recipe.parameters)}) say how a region is learned from a "
+            "model's data:, but every model gives its mask:; remove them"
         )
     if any(entry.model == recipe.base_model for entry in recipe.models):
         raise RecipeError(
@@ -700,9 +712,10 @@ ModelOpener = Callable[[Sequence[str], "dict | None"], list[Checkpoint]]
 ModelLocator = Callable[[Sequence[str]], list[str]]
 """(model references as a recipe writes them) -> every location they read: what an output must not overlap."""
 
-MaskOpener = Callable[[InputModel, Checkpoint, Checkpoint, RunOptions], TaskRegion]
-"""(a localize_stitch model's recipe entry, the base's checkpoint, the model's checkpoint, how the run runs) -> the
-model's region, refused unless it was made on that base (`splice.workflows.regions.open_region`)."""
+MaskOpener = Callable[[InputModel, Checkpoint, Checkpoint, dict[str, Any], RunOptions], TaskRegion]
+"""(a localize_stitch model's recipe entry, the base's checkpoint, the model's checkpoint, the method's parameters
+(how a region is learned from `data:`), how the run runs) -> the model's region: its `mask:`, refused unless it was
+made on that base, or learned from its `data:` (`splice.workflows.regions.open_region`)."""
 
 
 def merge(
@@ -970,7 +983,9 @@ def _stitched(
     assert base_index is not None  # the recipe's checks refuse localize_stitch without base_model
     merged = [locations.index(entry.model) for entry in recipe.models]
     base = checkpoints[base_index]
-    regions = [open_masks(entry, base, checkpoints[i], run) for entry, i in zip(recipe.models, merged)]
+    names = list(base.tensors)
+    learning = ParameterResolver(recipe, names)(names[0])  # one value each for the whole merge (shared scope)
+    regions = [open_masks(entry, base, checkpoints[i], learning, run) for entry, i in zip(recipe.models, merged)]
     return plan_stitch(plan, base_index, merged, regions, [entry.model for entry in recipe.models])
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from splice.adapters.meta import PatchKind
@@ -62,6 +62,7 @@ class PatchSummary:
     created: str
     tensors: list[PatchTensor]
     placement: MaskPlacement | None = None  # a mask patch: where its entries lie, per layer and module type
+    metrics: dict[str, float] = field(default_factory=dict)  # what the patch records of itself (scores, ...)
 
 
 def summarize_patch(location: str | os.PathLike, storage_options: dict | None = None) -> PatchSummary:
@@ -85,6 +86,7 @@ def summarize_patch(location: str | os.PathLike, storage_options: dict | None = 
             for name, info in stored.items()
         ],
         placement=mask_placement(patch) if patch.meta.kind is PatchKind.mask else None,
+        metrics=dict(patch.meta.metrics),
     )
 
 

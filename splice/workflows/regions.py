@@ -1,8 +1,11 @@
 """The regions a Localize-and-Stitch recipe's models give (`merge_method: localize_stitch`): each model's `mask:`, a
 mask patch (a directory or URL, or a registry ref) checked against the recipe's base as deploy checks a patch, its
-mask bits read into memory packed, its values (a sparse delta's) left where they are stored for the stream to read."""
+mask bits read into memory packed, its values (a sparse delta's) left where they are stored for the stream to read;
+or a region learned here from the model's `data:` (`splice.localize`, with the method's parameters)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from splice.adapters.fingerprint import compare_base, refuse_drift
 from splice.adapters.kinds.mask import MASK_SUFFIX, VALUES_SUFFIX
@@ -12,15 +15,20 @@ from splice.merge.localize_stitch import METHOD, TaskRegion
 from splice.merge.recipe import InputModel
 from splice.options import RunOptions
 from splice.tensors.checkpoint import Checkpoint
+from splice.workflows.localize import localize
 from splice.workflows.stats import stored_patch
 
 EXTRACT = "extract one with `splice patch extract --base BASE --tuned MODEL --kind mask --mask-scope model --density D`"
 
 
-def open_region(entry: InputModel, base: Checkpoint, tuned: Checkpoint, run: RunOptions) -> TaskRegion:
+def open_region(
+    entry: InputModel, base: Checkpoint, tuned: Checkpoint, learning: dict[str, Any], run: RunOptions
+) -> TaskRegion:
     """The region of one localize_stitch model (`entry`, stored at `tuned`): its `mask:`, refused unless it is a mask
-    patch made on `base` (by its base fingerprint). (`tuned` is what a region localized from the model's data would
-    be learned on.)"""
+    patch made on `base` (by its base fingerprint), or the region learned from its `data:` with the `learning`
+    parameters (density, steps, lr, l1, candidates, head)."""
+    if entry.data is not None:
+        return _learned_region(entry.data, base, tuned, learning, run)
     if entry.mask is None:  # the recipe's checks say so first
         raise RecipeError(f"{METHOD}: model {entry.model} gives no mask:")
     patch, stored, label = stored_patch(entry.mask, run.storage_options)
@@ -43,4 +51,18 @@ def open_region(entry: InputModel, base: Checkpoint, tuned: Checkpoint, run: Run
         {name: stored.read(name + MASK_SUFFIX) for name in shapes},
         {name: tuple(shape) for name, shape in shapes.items()},
         {name: (stored, name + VALUES_SUFFIX) for name in shapes if name + VALUES_SUFFIX in stored.tensors},
+    )
+
+
+def _learned_region(
+    data: str, base: Checkpoint, tuned: Checkpoint, learning: dict[str, Any], run: RunOptions
+) -> TaskRegion:
+    """The region `splice.localize` learns for `tuned` on `data`, held in memory (bits packed, no values to check:
+    they are the model's change by construction)."""
+    found = localize(base.location, tuned.location, data, **learning, run=run)
+    shapes = found.patch.meta.settings["shapes"]
+    return TaskRegion(
+        f"the region learned on {data}",
+        {name: found.patch.tensors[name + MASK_SUFFIX] for name in shapes},
+        {name: tuple(shape) for name, shape in shapes.items()},
     )

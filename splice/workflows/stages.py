@@ -195,8 +195,8 @@ def merge_stages(
 
 
 def _runs_data_hooks(recipe: Recipe) -> bool:
-    """Whether the stage's inputs include what user code returns (regmean_plusplus's `data:` hooks): that is in no
-    key, so such a stage is never reused, whatever its directory holds."""
+    """Whether the stage's inputs include what user code returns (the `data:` hooks of regmean_plusplus and
+    localize_stitch): that is in no key, so such a stage is never reused, whatever its directory holds."""
     return any(entry.data is not None for entry in recipe.models)
 
 

@@ -180,6 +180,14 @@ def describe_mask(settings: dict[str, Any]) -> str:
     if "density" not in settings:
         return describe_plain(settings)
     kept: dict[str, int] = settings.get("kept") or {}
+    learned = settings.get("localized")
+    if isinstance(learned, dict) and {"selected", "eligible", "carried", "best_step", "steps"} <= set(learned):
+        carried = learned["carried"]
+        head = f", and the head carried whole ({len(carried)} tensors)" if carried else ""
+        return (
+            f"a learned skill region: {learned['selected']:,} of {learned['eligible']:,} changed layer entries "
+            f"(density {settings['density']:g}){head}; best of {learned['steps']} steps at step {learned['best_step']}"
+        )
     return (
         f"density {settings['density']:g} per {settings.get('scope', 'tensor')}, "
         f"{'sparse delta' if settings.get('values') else 'mask only'}; "
