@@ -194,10 +194,17 @@ def test_learned_regions_stitch_by_the_rule_and_average_the_heads_they_both_carr
     stitched = load_dir(tmp_path / "stitched")
     for name, value in _numpy_stitch(models["base"], models["tuned"][:2], masks).items():
         assert np.array_equal(stitched[name].numpy(), value), name
-    heads = {t.name: t for t in report.tensors if t.name.startswith("classifier.")}
-    assert set(heads) == {"classifier.weight", "classifier.bias"}
-    for name, tensor in heads.items():
-        assert tensor.entries == (stitched[name].numel(),) * 2 == (tensor.shared,) * 2
+    # the heads are stitched (averaged above) but counted apart: the overlaps and shares are the layers' regions'
+    head = {"classifier.weight", "classifier.bias"}
+    assert not head & {t.name for t in report.tensors}
+    assert [task.carried for task in report.tasks] == [sum(stitched[name].numel() for name in head)] * 2
+    bits = [{name: m for name, m in _mask_bits(mask).items() if name not in head} for mask in masks]
+    for task, region in zip(report.tasks, bits):
+        assert task.entries == sum(int(m.sum()) for m in region.values())
+    shared = sum(int((bits[0][n] & bits[1][n]).sum()) for n in bits[0] if n in bits[1])
+    union = report.tasks[0].entries + report.tasks[1].entries - shared
+    assert (report.overlaps[0].shared, report.overlaps[0].jaccard) == (shared, shared / union)
+    assert report.shared == shared and report.covered == union
 
 
 TASK_HOOKS = textwrap.dedent("""

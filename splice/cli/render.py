@@ -200,10 +200,13 @@ def stitch_tables(report: StitchReport) -> list[Table]:
         f"{report.method}: {report.covered:,} of {report.parameters:,} entries stitched "
         f"({_share(report.covered, report.parameters)}), {report.shared:,} of them in two or more regions (averaged)"
     )
+    carried = sum(task.carried for task in report.tasks)
+    if carried:
+        title += f"; and {carried:,} entries of tensors regions carry whole (a learned region's head), averaged too"
     tables = [
         table(
             title,
-            ["model", "mask", "region", "of the model", "unshared", "kept unshared"],
+            ["model", "mask", "region", "of the model", "unshared", "kept unshared", "carried whole"],
             [
                 [
                     task.model,
@@ -212,6 +215,7 @@ def stitch_tables(report: StitchReport) -> list[Table]:
                     _share(task.entries, report.parameters),
                     f"{task.unshared:,}",
                     _percent(task.unshared_share),
+                    f"{task.carried:,}" if task.carried else "-",
                 ]
                 for task in report.tasks
             ],

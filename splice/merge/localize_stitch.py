@@ -40,22 +40,27 @@ class TaskRegion:
     """One task's region as the stitch reads it. `masks`: each tensor the region covers -> its bits packed eight to
     a byte (`splice.sparsify.pack_mask`), held in memory; `shapes`: each one's shape. `values`: for a sparse delta,
     where each tensor's change on the mask is stored (tensor -> (checkpoint, stored name): the selected entries in
-    index order), read on the stream and checked; none for a bare mask. `label` names it in messages."""
+    index order), read on the stream and checked; none for a bare mask. `label` names it in messages. `carried`: the
+    tensors the region takes whole though they are no part of what was localized (a learned region's classification
+    head): stitched like the rest, but left out of the overlaps and shares the report gives, and counted apart."""
 
     label: str
     masks: Mapping[str, torch.Tensor]
     shapes: Mapping[str, tuple[int, ...]]
     values: Mapping[str, tuple[Checkpoint, str]] = field(default_factory=dict)
+    carried: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
 class TaskShare:
-    """One task's region: its size and the entries no other region covers (kept as the task's own change)."""
+    """One task's region: its size and the entries no other region covers (kept as the task's own change), and the
+    entries of the tensors it carries whole (not counted in the others)."""
 
     model: str
     mask: str
     entries: int
     unshared: int
+    carried: int = 0
 
     @property
     def unshared_share(self) -> float | None:
@@ -109,6 +114,7 @@ class _Tally:
     def __init__(self, tasks: int):
         self.entries = [0] * tasks
         self.unshared = [0] * tasks
+        self.carried = [0] * tasks
         self.pairs = {pair: 0 for pair in combinations(range(tasks), 2)}
         self.covered = 0
         self.shared = 0
@@ -154,8 +160,10 @@ class StitchPlan:
         """The merge's report, once the kernel has run over the plan."""
         tally = self.tally
         tasks = tuple(
-            TaskShare(model, region.label, entries, unshared)
-            for model, region, entries, unshared in zip(self.models, self.regions, tally.entries, tally.unshared)
+            TaskShare(model, region.label, entries, unshared, carried)
+            for model, region, entries, unshared, carried in zip(
+                self.models, self.regions, tally.entries, tally.unshared, tally.carried
+            )
         )
         overlaps = tuple(
             RegionOverlap(self.models[i], self.models[j], shared, tally.entries[i] + tally.entries[j] - shared)
@@ -249,19 +257,43 @@ def _kernel(
             selected.append(where)
             changes.append(change)
         # the rule on the entries some region covers, tasks summed in order; every other entry is the base's
-        covered = torch.unique(torch.cat(selected))
+        covered, places, count = _cover(selected)
         total = torch.zeros(covered.numel(), dtype=base.dtype, device=base.device)
-        count = torch.zeros(covered.numel(), dtype=torch.int32, device=base.device)
-        places = [torch.searchsorted(covered, where) for where in selected]
         for at, change in zip(places, changes):
             total[at] += change
-            count[at] += 1
-        tally.add(name, layout.tasks, selected, [int(count[at].eq(1).sum()) for at in places], covered.numel())
+        _count(tally, name, layout.tasks, selected, regions)
         stitched = before.clone()
         stitched[covered] = before[covered] + total / count
         return stitched.reshape(base.shape)
 
     return Kernel(stitch, passes_through=verbatim)
+
+
+def _cover(selected: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """The entries some region covers (sorted indices), where each region's entries sit among them, and how many
+    regions cover each."""
+    covered = torch.unique(torch.cat(list(selected)))
+    places = [torch.searchsorted(covered, where) for where in selected]
+    count = torch.zeros(covered.numel(), dtype=torch.int32, device=covered.device)
+    for at in places:
+        count[at] += 1
+    return covered, places, count
+
+
+def _count(
+    tally: _Tally, name: str, tasks: Sequence[int], selected: Sequence[torch.Tensor], regions: Sequence[TaskRegion]
+) -> None:
+    """One tensor's regions into the report: a region carrying the tensor whole counts apart, the others' overlaps
+    and shares among themselves."""
+    counted = [(task, where) for task, where in zip(tasks, selected) if name not in regions[task].carried]
+    for task, where in zip(tasks, selected):
+        if name in regions[task].carried:
+            tally.carried[task] += where.numel()
+    if not counted:
+        return
+    covered, places, count = _cover([where for _, where in counted])
+    alone = [int(count[at].eq(1).sum()) for at in places]
+    tally.add(name, [task for task, _ in counted], [where for _, where in counted], alone, covered.numel())
 
 
 def _check_values(

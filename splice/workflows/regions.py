@@ -46,7 +46,15 @@ def open_region(
         {name: stored.read(name + MASK_SUFFIX) for name in shapes},
         shapes,
         {name: (stored, name + VALUES_SUFFIX) for name in shapes if name + VALUES_SUFFIX in stored.tensors},
+        _carried(patch.meta.settings),
     )
+
+
+def _carried(settings: dict[str, Any]) -> frozenset[str]:
+    """The tensors a localized mask patch carries whole (its head), by its settings; none for other mask patches."""
+    localized = settings.get("localized")
+    carried = localized.get("carried") if isinstance(localized, dict) else None
+    return frozenset(name for name in carried if isinstance(name, str)) if isinstance(carried, list) else frozenset()
 
 
 def _learned_region(
@@ -60,4 +68,5 @@ def _learned_region(
         f"the region learned on {data}",
         {name: found.patch.tensors[name + MASK_SUFFIX] for name in shapes},
         {name: tuple(shape) for name, shape in shapes.items()},
+        carried=frozenset(found.carried),
     )
