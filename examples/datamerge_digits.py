@@ -504,6 +504,31 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def study_workspace(
+    report: Path, workdir: Path | None, force: bool, names: Sequence[str], prefix: str
+) -> Iterator[Path]:
+    """Where a study's models go, once its report files `names` in `report` are known to be free (refused if they
+    exist, unless `force`): `workdir` (refused if it exists, unless `force`: then replaced) or a temporary directory
+    removed at the end; torch runs on one thread meanwhile (the studies' timings are single-threaded)."""
+    check_report_dir(report, [workdir] if workdir is not None else [], list(names), force)
+    if workdir is not None:
+        ensure_output_free(workdir, force, parameter_name="workdir")
+        shutil.rmtree(workdir, ignore_errors=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+            yield workdir if workdir is not None else Path(scratch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def versions() -> dict[str, str]:
+    """The versions a study's numbers were measured with."""
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "splice": splice.__version__}
+
+
 def run_study(
     report: Path,
     seeds: Sequence[int],
@@ -516,22 +541,12 @@ def run_study(
     `force`); models and statistics in `workdir` (refused if it exists, unless `force`: then replaced), else in a
     temporary directory removed at the end."""
     protected = [workdir] if workdir is not None else []
-    check_report_dir(report, protected, [JSON_NAME, PNG_NAME], force)
-    if workdir is not None:
-        ensure_output_free(workdir, force, parameter_name="workdir")
-        shutil.rmtree(workdir, ignore_errors=True)
     methods = available_methods()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tempfile.TemporaryDirectory(prefix="splice-datamerge-digits-") as scratch:
-            where = workdir if workdir is not None else Path(scratch)
-            runs = []
-            for seed in seeds:
-                with seed_variable(seed):
-                    runs.append(run_seed(where / f"seed-{seed}", seed, settings, methods))
-    finally:
-        torch.set_num_threads(threads)
+    with study_workspace(report, workdir, force, [JSON_NAME, PNG_NAME], "splice-datamerge-digits-") as where:
+        runs = []
+        for seed in seeds:
+            with seed_variable(seed):
+                runs.append(run_seed(where / f"seed-{seed}", seed, settings, methods))
     results = {
         "settings": asdict(settings),
         "tasks": list(TASKS),
@@ -540,11 +555,7 @@ def run_study(
         "methods_missing": [m for m in METHODS if m not in methods],
         "summary": summarise(runs),
         "runs": runs,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "splice": splice.__version__,
-        },
+        "versions": versions(),
     }
     write_report_files(
         report,

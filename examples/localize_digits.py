@@ -50,9 +50,7 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -63,7 +61,6 @@ from typing import Any
 
 import datamerge_digits as datamerge
 import torch
-import transformers
 from safetensors.torch import load_file
 
 import splice
@@ -72,7 +69,7 @@ from splice.demo import digits
 from splice.merge.recipe import parse_recipe
 from splice.plots import png_bytes
 from splice.sparsify import top_k_over, unpack_mask
-from splice.tensors.writer import check_report_dir, ensure_output_free, write_report_files
+from splice.tensors.writer import write_report_files
 from splice.workflows.localize import CANDIDATES, SCORED, calibration
 from splice.workflows.placement import mask_placement
 
@@ -589,19 +586,9 @@ def run_study(
     `force`); models and patches in `workdir` (refused if it exists, unless `force`: then replaced), else in a
     temporary directory removed at the end."""
     protected = [workdir] if workdir is not None else []
-    check_report_dir(report, protected, [JSON_NAME, PNG_NAME], force)
-    if workdir is not None:
-        ensure_output_free(workdir, force, parameter_name="workdir")
-        shutil.rmtree(workdir, ignore_errors=True)
     started = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tempfile.TemporaryDirectory(prefix="splice-localize-digits-") as scratch:
-            where = workdir if workdir is not None else Path(scratch)
-            runs = [run_seed(where / f"seed-{seed}", seed, settings) for seed in seeds]
-    finally:
-        torch.set_num_threads(threads)
+    with datamerge.study_workspace(report, workdir, force, [JSON_NAME, PNG_NAME], "splice-localize-digits-") as where:
+        runs = [run_seed(where / f"seed-{seed}", seed, settings) for seed in seeds]
     results = {
         "settings": asdict(settings),
         "tasks": list(TASKS),
@@ -613,11 +600,7 @@ def run_study(
         },
         "runs": runs,
         "seconds": time.perf_counter() - started,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "splice": splice.__version__,
-        },
+        "versions": datamerge.versions(),
     }
     write_report_files(
         report,

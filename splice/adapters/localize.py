@@ -52,6 +52,7 @@ so only one batch's activations are held at a time."""
 
 SIGMOID_BIAS = 10.0
 STEP = 30.0  # the largest score move of a step, in the sigmoid's units
+STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def learn_graft_mask(
     loss: GraftLoss,
     *,
     density: float,
-    steps: int = 10,
+    steps: int = STEPS,
     lr: float = STEP,
     l1: float = 0.0,
     seed: int = 0,

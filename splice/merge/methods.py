@@ -105,18 +105,19 @@ SPLICE_METHODS: dict[str, MethodRules] = {
     ),
     # Localize-and-Stitch: each fine-tune's change on its own region (its `mask:`, or one learned from its `data:`)
     # grafted onto the base; no model weights (the paper has none: overlapping regions are averaged). The parameters
-    # are how a region is learned from `data:` (splice.localize's), for the whole merge
+    # are how a region is learned from `data:` (splice.localize's; those not given take its defaults), for the whole
+    # merge
     "localize_stitch": MethodRules(
         "localize_stitch",
         {
             rule.name: rule
             for rule in (
                 ParameterRule("density", float, ParameterScope.shared, False, 0.01),
-                ParameterRule("steps", int, ParameterScope.shared, False, 20),
-                ParameterRule("lr", float, ParameterScope.shared, False, 30.0),
-                ParameterRule("l1", float, ParameterScope.shared, False, 0.0),
-                ParameterRule("candidates", float, ParameterScope.shared, False, 100.0),
-                ParameterRule("head", Literal["fine-tuned", "pretrained"], ParameterScope.shared, False, "fine-tuned"),
+                ParameterRule("steps", int, ParameterScope.shared, False, None),
+                ParameterRule("lr", float, ParameterScope.shared, False, None),
+                ParameterRule("l1", float, ParameterScope.shared, False, None),
+                ParameterRule("candidates", float, ParameterScope.shared, False, None),
+                ParameterRule("head", Literal["fine-tuned", "pretrained"], ParameterScope.shared, False, None),
             )
         },
         BasePolicy.required,

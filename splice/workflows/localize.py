@@ -29,6 +29,7 @@ from splice.adapters.fingerprint import fingerprint_base
 from splice.adapters.kinds.mask import ModelTopK, sparse_entry
 from splice.adapters.localize import (
     STEP,
+    STEPS,
     Candidates,
     GraftLoss,
     LearnedMask,
@@ -101,7 +102,7 @@ def localize(
     data: TaskSource,
     *,
     density: float,
-    steps: int = 20,
+    steps: int = STEPS,
     lr: float = STEP,
     l1: float = 0.0,
     seed: int = 0,

@@ -62,7 +62,8 @@ def _learned_region(
 ) -> TaskRegion:
     """The region `splice.localize` learns for `tuned` on `data`, held in memory (bits packed, no values to check:
     they are the model's change by construction)."""
-    found = localize(base, tuned, data, **learning, run=run)
+    given = {name: value for name, value in learning.items() if value is not None}  # the others: localize's defaults
+    found = localize(base, tuned, data, **given, run=run)
     shapes = found.patch.meta.settings["shapes"]
     return TaskRegion(
         f"the region learned on {data}",
