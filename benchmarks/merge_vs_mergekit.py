@@ -149,13 +149,14 @@ def build_models(models_dir: Path, rebuild: bool = False, spec: dict = MODEL_SPE
         tie_word_embeddings=spec["tie_word_embeddings"],
         max_position_embeddings=2048,
     )
-    config.dtype = "float32"
+    dtype = getattr(torch, spec.get("dtype", "float32"))  # the stored dtype (generated in fp32, then cast)
+    config.dtype = spec.get("dtype", "float32")
     config.architectures = ["LlamaForCausalLM"]
     with torch.device("meta"):  # names and shapes only, in HF's storage order; no memory allocated
         layout = [(name, tuple(t.shape)) for name, t in LlamaForCausalLM(config).state_dict().items()]
 
     # Split the tensors (in order) into `shards` shards of roughly equal bytes.
-    sizes = [4 * int(torch.Size(shape).numel()) for _, shape in layout]
+    sizes = [dtype.itemsize * int(torch.Size(shape).numel()) for _, shape in layout]
     total = sum(sizes)
     shard_of, used, current = [], 0, 0
     for size in sizes:
@@ -180,10 +181,10 @@ def build_models(models_dir: Path, rebuild: bool = False, spec: dict = MODEL_SPE
                 base[name] = torch.ones(shape) + spec["init_std"] * torch.randn(shape, generator=base_gen)
             else:
                 base[name] = spec["init_std"] * torch.randn(shape, generator=base_gen)
-        save_file(base, paths[0] / files[shard], metadata={"format": "pt"})
+        save_file({n: t.to(dtype) for n, t in base.items()}, paths[0] / files[shard], metadata={"format": "pt"})
         for path, gen in zip(paths[1:], delta_gens):
             std = spec["finetune_delta_std"]
-            tuned = {n: t + std * torch.randn(t.shape, generator=gen) for n, t in base.items()}
+            tuned = {n: (t + std * torch.randn(t.shape, generator=gen)).to(dtype) for n, t in base.items()}
             save_file(tuned, path / files[shard], metadata={"format": "pt"})
             del tuned
         del base

@@ -60,6 +60,37 @@ def test_soup_in_row_blocks_is_identical(chunk_bytes, make_models, tmp_path):
     assert all(torch.equal(whole[n], blocks[n]) for n in whole)
 
 
+def test_bf16_soup_computed_in_cache_sized_slices_is_the_fp32_sum_cast_once(make_models, tmp_path, monkeypatch):
+    """On the CPU an elementwise kernel runs on slices of a few rows, each converted to fp32, merged and cast into
+    the output as it is done: bf16 inputs give the fp32-accumulated soup cast to bf16 bit for bit, and exactly what
+    one call over the whole block gives."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import splice.tensors.stream as stream
+
+    dirs = []
+    for i, source in enumerate(make_models("llama", 3)):
+        target = tmp_path / f"bf16-{i}"
+        target.mkdir()
+        shutil.copy(source / "config.json", target / "config.json")
+        save_file({n: t.to(torch.bfloat16) for n, t in load_dir(source).items()}, target / "model.safetensors")
+        dirs.append(target)
+    weights = [0.5, 0.3, 0.2]
+    monkeypatch.setattr(stream, "COMPUTE_SLICE", 10**12)  # one call per block
+    splice.soup(dirs, tmp_path / "whole", weights=weights, device="cpu")
+    monkeypatch.setattr(stream, "COMPUTE_SLICE", 40)  # a few rows per slice: every matrix in many slices
+    splice.soup(dirs, tmp_path / "slices", weights=weights, device="cpu")
+    whole, slices = load_dir(tmp_path / "whole"), load_dir(tmp_path / "slices")
+    expected = reference_soup([{n: t.float() for n, t in load_dir(d).items()} for d in dirs], weights)
+    assert any(t.dim() == 2 and t[0].numel() < 40 < t.numel() for t in slices.values())
+    for name, tensor in expected.items():
+        assert slices[name].dtype == torch.bfloat16
+        assert torch.equal(slices[name], tensor.to(torch.bfloat16)), name
+        assert torch.equal(slices[name], whole[name]), name
+
+
 def test_weighted_soup_and_output_dtype(make_models, tmp_path):
     dirs = make_models("llama", 3)
     splice.soup(dirs, tmp_path / "w", weights=[0.5, 0.3, 0.2], device="cpu", dtype="bfloat16")

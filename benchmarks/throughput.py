@@ -1,0 +1,222 @@
+"""Benchmark: merging at the speed of the storage, at the scale users have: three Llama-shaped bf16 checkpoints of
+1.6 GB each in 5 shards, from a warm page cache and from a cold one.
+
+Inputs (built once under --workdir, reused while their spec is unchanged): `merge_vs_mergekit.build_models` with
+hidden 2048, MLP 5632, 13 layers, 16 heads, vocab 32000, untied head: 800 M parameters, 1.60 GB in bf16 per model;
+B and C are A plus small seeded noise.
+
+Cases, each in its own process through `merge_vs_mergekit`'s wrapper (wall time from fork to reaping, peak RSS,
+CPU seconds):
+
+  raw-floor        import torch; read every input tensor once (safe_open + get_tensor, as stored), write the
+                   first model's tensors as the output's bytes (save_file): no arithmetic, no planning
+  splice-soup      splice soup A B C --out X
+  mergekit-linear  mergekit-yaml (linear, weights 1/3, dtype bfloat16) --lazy-unpickle
+
+Modes: `warm` (one untimed run first fills the page cache) and `cold` (before every run each input file's pages are
+dropped with posix_fadvise(DONTNEED) and `mincore` checks that none are left: benchmarks/pagecache.py). Reported per
+case and mode: wall, GB/s of input read, the wall's ratio to the raw floor of the same mode and to mergekit's, peak
+RSS and CPU seconds.
+
+Not run in CI. Usage:  .venv/bin/python benchmarks/throughput.py [--modes warm cold] [--only splice-soup ...]
+See benchmarks/README.md for the figures measured so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from merge_vs_mergekit import (  # noqa: E402
+    MEASURE_SCRIPT,
+    Case,
+    Run,
+    _tool,
+    build_models,
+    machine_info,
+    measure,
+    splice_fingerprint,
+)
+from pagecache import evicted  # noqa: E402
+
+DEFAULT_WORKDIR = HERE / "_work" / "throughput"
+BF16_SPEC = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 13,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+    "shards": 5,
+    "init_std": 0.02,
+    "finetune_delta_std": 0.001,
+    "seeds": [0, 1, 2],
+    "dtype": "bfloat16",
+    "format_version": 2,
+}
+
+RAW_FLOOR_SCRIPT = r"""
+import json, os, shutil, sys
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+*models, out = sys.argv[1:]
+INDEX = "model.safetensors.index.json"
+maps = [json.load(open(os.path.join(m, INDEX)))["weight_map"] for m in models]
+by_shard = {}
+for name, shard in maps[0].items():
+    by_shard.setdefault(shard, []).append(name)
+os.makedirs(out)
+for shard in sorted(by_shard):
+    first = by_shard[shard][0]
+    handles = [safe_open(os.path.join(m, w[first]), framework="pt", device="cpu") for m, w in zip(models, maps)]
+    tensors = {}
+    for name in by_shard[shard]:
+        tensors[name] = handles[0].get_tensor(name)
+        for other in handles[1:]:
+            other.get_tensor(name)  # read once, as a merge must; nothing computed
+    save_file(tensors, os.path.join(out, shard), metadata={"format": "pt"})
+    del tensors, handles
+total = sum(os.path.getsize(os.path.join(out, s)) for s in by_shard)
+json.dump({"metadata": {"total_size": total}, "weight_map": maps[0]}, open(os.path.join(out, INDEX), "w"))
+shutil.copy(os.path.join(models[0], "config.json"), out)
+"""
+
+
+def input_files(models: list[Path]) -> list[Path]:
+    return [path for model in models for path in sorted(model.glob("*.safetensors"))]
+
+
+def write_linear(workdir: Path, models: list[Path]) -> Path:
+    config = workdir / "linear-bf16.yml"
+    config.write_text(
+        "merge_method: linear\nmodels:\n"
+        + "".join(f"  - model: {m}\n    parameters:\n      weight: {1 / 3!r}\n" for m in models)
+        + "dtype: bfloat16\n"
+    )
+    return config
+
+
+def build_cases(workdir: Path, models: list[Path], device: str) -> list[Case]:
+    outs = workdir / "outputs"
+    outs.mkdir(exist_ok=True)
+    floor = workdir / "raw_floor.py"
+    floor.write_text(RAW_FLOOR_SCRIPT)
+    splice = [_tool("splice")]
+    mergekit = [_tool("mergekit-yaml"), str(write_linear(workdir, models)), str(outs / "mergekit-linear")]
+    return [
+        Case(
+            "raw-floor",
+            [sys.executable, str(floor), *map(str, models), str(outs / "raw-floor")],
+            outs / "raw-floor",
+            "read A, B, C once + write A's bytes",
+        ),
+        Case(
+            "splice-soup",
+            [
+                *splice,
+                "soup",
+                *map(str, models),
+                "--out",
+                str(outs / "splice-soup"),
+                "--quiet",
+                "--force",
+                "--device",
+                device,
+            ],
+            outs / "splice-soup",
+            "uniform soup of A, B, C",
+        ),
+        Case(
+            "mergekit-linear",
+            [*mergekit, "--lazy-unpickle", "--quiet", *(["--cuda"] if device == "cuda" else [])],
+            outs / "mergekit-linear",
+            "linear, weights 1/3, bfloat16",
+        ),
+    ]
+
+
+def run_mode(mode: str, cases: list[Case], files: list[Path], workdir: Path, env: dict, repeats: int) -> list[Run]:
+    runs = []
+    if mode == "warm":
+        for case in cases:  # untimed: fills the page cache (and any lazy state) first
+            runs.append(measure(case, -1, workdir, env))
+    for index in range(repeats):
+        for case in cases:
+            if mode == "cold":
+                evicted(files)
+            run = measure(case, index, workdir, env)
+            runs.append(run)
+            print(
+                f"  [{mode}] {case.name:<16} {run.wall_s:7.2f} s  peak RSS {run.peak_rss_mb:6.0f} MB  "
+                f"cpu {run.cpu_s:6.1f} s  other load {run.other_load or 0:.2f}",
+                flush=True,
+            )
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--modes", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
+    parser.add_argument("--only", nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    workdir = args.workdir.resolve()
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    (workdir / "measure_child.py").write_text(MEASURE_SCRIPT)
+    models = build_models(workdir / "models", spec=BF16_SPEC)
+    files = input_files(models)
+    read_gb = sum(path.stat().st_size for path in files) / 1e9
+    cases = [c for c in build_cases(workdir, models, args.device) if not args.only or c.name in args.only]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    results: dict[str, dict] = {}
+    for mode in args.modes:
+        runs = run_mode(mode, cases, files, workdir, env, args.repeats)
+        for case in cases:
+            timed = [r for r in runs if r.case == case.name and r.round >= 0]
+            wall = statistics.median(r.wall_s for r in timed)
+            results.setdefault(mode, {})[case.name] = {
+                "wall_s": wall,
+                "read_gb_per_s": read_gb / wall,
+                "peak_rss_mb": statistics.median(r.peak_rss_mb for r in timed),
+                "cpu_s": statistics.median(r.cpu_s for r in timed),
+                "other_load": max((r.other_load or 0 for r in timed), default=0),
+            }
+        for name, row in results[mode].items():
+            for reference in ("raw-floor", "mergekit-linear"):
+                if reference in results[mode] and reference != name:
+                    row[f"wall / {reference}"] = row["wall_s"] / results[mode][reference]["wall_s"]
+    result = {
+        "machine": machine_info(),
+        "splice_source": splice_fingerprint(),
+        "input_gb": read_gb,
+        "spec": BF16_SPEC,
+        "device": args.device,
+        "modes": results,
+    }
+    path = workdir / f"results-{args.device}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\ninputs: 3 x {read_gb / 3:.2f} GB bf16, {len(files)} shard files")
+    for mode, rows in results.items():
+        for name, row in rows.items():
+            ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("wall / "))
+            print(
+                f"{mode:<5} {name:<16} {row['wall_s']:7.2f} s  {row['read_gb_per_s']:5.2f} GB/s  "
+                f"RSS {row['peak_rss_mb']:6.0f} MB  cpu {row['cpu_s']:6.1f} s  {ratios}"
+            )
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
