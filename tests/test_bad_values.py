@@ -99,8 +99,13 @@ def test_a_finite_weight_that_overflows_is_refused_naming_the_tensor(tmp_path, t
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no partial left beside it
 
 
-def test_an_output_dtype_overflow_is_refused(tmp_path, two_models):
+@pytest.mark.parametrize("slices", [False, True], ids=["whole-blocks", "cache-sized-slices"])
+def test_an_output_dtype_overflow_is_refused(tmp_path, two_models, monkeypatch, slices):
     # LayerNorm weights are 1.0: 2e5 of them is beyond float16's 65504
+    if slices:  # every tensor of more than 4 entries computed, cast and checked slice by slice
+        import splice.tensors.stream as stream
+
+        monkeypatch.setattr(stream, "COMPUTE_SLICE", 4)
     recipe = write_recipe(
         tmp_path / "r.yaml", two_models, weights=(1e5, 1e5), parameters={"normalize": False}, dtype="float16"
     )

@@ -235,10 +235,12 @@ def compute_one(
             raise IncompatibleModelsError(f"non-float tensor {out.name} differs between inputs; cannot merge it")
         return first.to(out.dtype)
     if _in_slices(kernel, tensors, device):
-        result = _computed_in_slices(kernel, out.name, tensors, out.dtype)
-    else:
-        moved = [t.to(device=device, dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
-        result = kernel.compute(out.name, moved).to(dtype=out.dtype)
+        result, finite = _computed_in_slices(kernel, out.name, tensors, out.dtype)
+        if not finite:
+            refuse_new_non_finite(out.name, result, reread)
+        return result
+    moved = [t.to(device=device, dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
+    result = kernel.compute(out.name, moved).to(dtype=out.dtype)
     refuse_new_non_finite(out.name, result, reread)
     return result.to("cpu")
 
@@ -260,16 +262,22 @@ def _in_slices(kernel: Kernel, tensors: Sequence[torch.Tensor], device: torch.de
     )
 
 
-def _computed_in_slices(kernel: Kernel, name: str, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _computed_in_slices(
+    kernel: Kernel, name: str, tensors: Sequence[torch.Tensor], dtype: torch.dtype
+) -> tuple[torch.Tensor, bool]:
     """An elementwise kernel run on blocks of rows of about COMPUTE_SLICE elements, each cast into the output as it
-    is done: the same arithmetic on every entry as one call over the whole block (its rows depend only on theirs)."""
+    is done: the same arithmetic on every entry as one call over the whole block (its rows depend only on theirs).
+    With it, whether every output entry is finite, checked on each slice while it is in the cache."""
     first = tensors[0]
     result = torch.empty(first.shape, dtype=dtype)
     rows = max(1, COMPUTE_SLICE // max(1, first[0].numel()))
+    finite = True
     for start in range(0, first.shape[0], rows):
         part = [t[start : start + rows].to(dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
-        result[start : start + rows] = kernel.compute(name, part)
-    return result
+        done = result[start : start + rows]
+        done.copy_(kernel.compute(name, part))
+        finite = finite and all_finite(done)
+    return result, finite
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
