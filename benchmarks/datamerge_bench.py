@@ -51,13 +51,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from merge_vs_mergekit import (  # noqa: E402
-    MEASURE_SCRIPT,
     REPO,
     Case,
     Run,
     compare,
     machine_info,
     measure,
+    prepare_workdir,
 )
 
 DEFAULT_WORKDIR = HERE / "_work" / "datamerge"
@@ -469,8 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     workdir = args.workdir.resolve()
-    (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    (workdir / "measure_child.py").write_text(MEASURE_SCRIPT)
+    prepare_workdir(workdir)
     (workdir / "peer_merge.py").write_text(PEER_SCRIPT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     peer_env = {**env, "PYTHONPATH": ""}  # fusion-bench's interpreter on its own

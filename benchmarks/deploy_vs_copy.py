@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from merge_vs_mergekit import MEASURE_SCRIPT, Case, build_models, measure  # noqa: E402
+from merge_vs_mergekit import Case, build_models, measure, prepare_workdir  # noqa: E402
 
 DEFAULT_WORKDIR = HERE / "_work"
 RANK = 16
@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "logs").mkdir(exist_ok=True)
-    (workdir / "measure_child.py").write_text(MEASURE_SCRIPT)
+    prepare_workdir(workdir)
     (workdir / "deploy_call.py").write_text(DEPLOY_CALL)
     (workdir / "io_floor_copy.py").write_text(IO_FLOOR)
     base_dir = build_models(workdir / "models")[0]

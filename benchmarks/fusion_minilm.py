@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from merge_vs_mergekit import MEASURE_SCRIPT, Case, machine_info, measure, splice_fingerprint  # noqa: E402
+from merge_vs_mergekit import Case, machine_info, measure, prepare_workdir, splice_fingerprint  # noqa: E402
 
 DEFAULT_WORKDIR = HERE / "_work" / "fusion_minilm"
 SAMPLES = 200
@@ -384,8 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     workdir = args.workdir.resolve()
-    (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    (workdir / "measure_child.py").write_text(MEASURE_SCRIPT)
+    prepare_workdir(workdir)
     started = time.perf_counter()
     dirs = build_models(workdir, args.rebuild)
     print(f"models ready in {time.perf_counter() - started:.1f}s: {dirs['perturbed'].parent}")

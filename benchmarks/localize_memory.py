@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from fusion_minilm import _SUBJECTS, anchor_dir, make_sentences, tokenize  # noqa: E402
-from merge_vs_mergekit import MEASURE_SCRIPT, Case, machine_info, measure, splice_fingerprint  # noqa: E402
+from merge_vs_mergekit import Case, machine_info, measure, prepare_workdir, splice_fingerprint, summarize  # noqa: E402
 
 DEFAULT_WORKDIR = HERE / "_work" / "localize_memory"
 BASE_VARIABLE = "LOCALIZE_MEMORY_BASE"  # where the `--data` hook finds the tokenizer: the run's --workdir
@@ -130,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
-    (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    (workdir / "measure_child.py").write_text(MEASURE_SCRIPT)
+    prepare_workdir(workdir)
     base = build_base(workdir)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env[BASE_VARIABLE] = str(base)
@@ -141,13 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and case.name not in args.only:
             continue
         runs = [measure(case, index, workdir, env, args.quiet_wait) for index in range(args.repeats)]
-        results[case.name] = {
-            "what": case.what,
-            "wall_s": statistics.median(r.wall_s for r in runs),
-            "peak_rss_mb": statistics.median(r.peak_rss_mb for r in runs),
-            "peak_anon_mb": statistics.median(r.peak_anon_mb or 0 for r in runs),
-            "other_load": max((r.other_load or 0 for r in runs), default=0),
-        }
+        results[case.name] = {"what": case.what, **summarize(runs, [case.name])[case.name]}
         print(
             f"  {case.name:<10} wall {results[case.name]['wall_s']:6.1f} s  peak RSS "
             f"{results[case.name]['peak_rss_mb']:6.0f} MB  anon {results[case.name]['peak_anon_mb']:6.0f} MB",

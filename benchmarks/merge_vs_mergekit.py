@@ -336,6 +336,12 @@ with open(report, "w") as handle:
 """
 
 
+def prepare_workdir(workdir: Path) -> None:
+    """`workdir` with what `measure` runs its cases through: the logs directory and the wrapper script."""
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    (workdir / "measure_child.py").write_text(MEASURE_SCRIPT)
+
+
 def measure(
     case: Case,
     round_index: int,
@@ -772,8 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown case(s) {sorted(unknown)}")
         cases = [c for c in cases if c.name in args.only]
-    (workdir / "logs").mkdir(exist_ok=True)
-    (workdir / "measure_child.py").write_text(MEASURE_SCRIPT)
+    prepare_workdir(workdir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
     runs: list[Run] = []

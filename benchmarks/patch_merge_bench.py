@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from merge_vs_mergekit import MEASURE_SCRIPT, REPO, Case, build_models, machine_info, measure  # noqa: E402
+from merge_vs_mergekit import REPO, Case, build_models, machine_info, measure, prepare_workdir  # noqa: E402
 
 DEFAULT_WORKDIR = HERE / "_work"
 RANK = 16
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
-    (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    (workdir / "measure_child.py").write_text(MEASURE_SCRIPT)
+    prepare_workdir(workdir)
     base_dir = build_models(workdir / "models")[0]
     area = workdir / "patch-merge"
     patches = build_patches(base_dir, area)

@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from deploy_vs_copy import IO_FLOOR, build_patches  # noqa: E402
-from merge_vs_mergekit import MEASURE_SCRIPT, MODEL_SPEC, Case, build_models, machine_info, measure  # noqa: E402
+from merge_vs_mergekit import MODEL_SPEC, Case, build_models, machine_info, measure, prepare_workdir  # noqa: E402
 
 DEFAULT_WORKDIR = HERE / "_work"
 TARGET = 1.2
@@ -177,8 +177,7 @@ def check_ported(new_dir: Path, out_dir: Path, patch_dir: Path) -> float:
 
 def prepare(workdir: Path) -> dict[str, Path]:
     """Models (cached), patches and the child scripts under `workdir`."""
-    (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    (workdir / "measure_child.py").write_text(MEASURE_SCRIPT)
+    prepare_workdir(workdir)
     (workdir / "io_floor_copy.py").write_text(IO_FLOOR)
     (workdir / "port_call.py").write_text(SPLICE_CALL)
     old, new = build_models(workdir / "models")[:2]

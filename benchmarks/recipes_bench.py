@@ -38,7 +38,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from merge_vs_mergekit import (  # noqa: E402  (a sibling script, not a package)
     DEFAULT_WORKDIR,
-    MEASURE_SCRIPT,
     MODEL_SPEC,
     Case,
     _tool,
@@ -46,6 +45,7 @@ from merge_vs_mergekit import (  # noqa: E402  (a sibling script, not a package)
     compare,
     machine_info,
     measure,
+    prepare_workdir,
     summarize,
 )
 
@@ -222,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
-    (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    (workdir / "measure_child.py").write_text(MEASURE_SCRIPT)
+    prepare_workdir(workdir)
     a, b, c = build_models(workdir / "models")
     a_tok = with_tokenizer(a, workdir / "models" / "model_a_tok", seed=1)
     b_tok = with_tokenizer(b, workdir / "models" / "model_b_tok", seed=2)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -35,14 +34,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from merge_vs_mergekit import (  # noqa: E402
-    MEASURE_SCRIPT,
     Case,
     Run,
     _tool,
     build_models,
     machine_info,
     measure,
+    prepare_workdir,
     splice_fingerprint,
+    summarize,
 )
 from pagecache import evicted  # noqa: E402
 
@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
-    (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    (workdir / "measure_child.py").write_text(MEASURE_SCRIPT)
+    prepare_workdir(workdir)
     models = build_models(workdir / "models", spec=BF16_SPEC)
     files = input_files(models)
     read_gb = sum(path.stat().st_size for path in files) / 1e9
@@ -182,16 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for mode in args.modes:
         runs = run_mode(mode, cases, files, workdir, env, args.repeats)
-        for case in cases:
-            timed = [r for r in runs if r.case == case.name and r.round >= 0]
-            wall = statistics.median(r.wall_s for r in timed)
-            results.setdefault(mode, {})[case.name] = {
-                "wall_s": wall,
-                "read_gb_per_s": read_gb / wall,
-                "peak_rss_mb": statistics.median(r.peak_rss_mb for r in timed),
-                "cpu_s": statistics.median(r.cpu_s for r in timed),
-                "other_load": max((r.other_load or 0 for r in timed), default=0),
-            }
+        results[mode] = summarize(runs, [case.name for case in cases])
+        for row in results[mode].values():
+            row["read_gb_per_s"] = read_gb / row["wall_s"]
         for name, row in results[mode].items():
             for reference in ("raw-floor", "mergekit-linear"):
                 if reference in results[mode] and reference != name:
