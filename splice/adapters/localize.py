@@ -140,9 +140,8 @@ def check_learning(density: float, steps: int, lr: float, l1: float) -> None:
 
 
 def region_size(changes: Mapping[str, torch.Tensor | Candidates], density: float) -> int:
-    """How many entries a region of `density` holds: round(density x eligible entries), at least 1."""
-    if not 0 < density <= 1:
-        raise PatchError(f"`density` must be in (0, 1], got {density:g}")
+    """How many entries a region of `density` (checked by `check_learning`) holds: round(density x eligible
+    entries), at least 1."""
     total = sum(prod(change.shape) for change in changes.values())
     if total == 0:
         raise PatchError("no eligible entries to localize a region in")
