@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 import splice
 from splice.errors import SpliceError
+from splice.workflows.sweep import executors
 from splice.workflows.sweep.candidate import Evaluator
 from splice.workflows.sweep.executors import RayExecutor
 from splice.workflows.sweep.file import load_sweep
@@ -118,6 +119,7 @@ def cluster() -> str:
             assert time.monotonic() < deadline, f"ray start did not finish in {START_SECONDS} s"
             time.sleep(0.2)
         CLIENT["address"] = f"ray://127.0.0.1:{client_port}"
+        CLIENT["logs"] = f"{temp_dir}/session_latest/logs"
         yield f"127.0.0.1:{port}"
     finally:
         if ray.is_initialized():
@@ -131,7 +133,13 @@ def cluster() -> str:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-CLIENT: dict[str, str] = {}  # the cluster's Ray client address, once `cluster` has started it
+CLIENT: dict[str, str] = {}  # the cluster's Ray client address and its logs' folder, once `cluster` has started it
+
+
+def client_server_logs() -> str:
+    """The tail of each Ray client server's error log: why the head could not serve a client, when it could not."""
+    logs = sorted(Path(CLIENT["logs"]).glob("ray_client_server*.err"))
+    return "".join(f"\n--- {log.name}:\n{log.read_text()[-1500:]}" for log in logs)
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +288,44 @@ def test_an_address_where_nothing_answers_is_one_line_exit_2_before_any_trial(mo
     assert not (tmp_path / "out" / "sweep.journal").exists() and not (tmp_path / "out" / "sweep_results.json").exists()
 
 
+class ClientServerThatFails:
+    """Stands in for `ray` where a Ray client server could not start the session's server process `failures` times:
+    ray.init raises what Ray's client raises then (the server's traceback under a first line that says nothing)."""
+
+    def __init__(self, failures: int):
+        self.failures, self.calls = failures, 0
+
+    def init(self, **kwargs) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionAbortedError(
+                'Initialization failure from server:\nTraceback (most recent call last):\n  File "proxier.py"\n'
+                "RuntimeError: Proxy failed to Connect to backend! Check `ray_client_server.err`\n"
+            )
+
+
+def test_a_client_server_that_fails_to_start_the_session_once_is_asked_again(monkeypatch):
+    monkeypatch.setattr(executors, "RAY_INIT_RETRY_SECONDS", 0.0)
+    ray_stand_in = ClientServerThatFails(failures=1)
+    executors._connect(ray_stand_in, None)
+    assert ray_stand_in.calls == 2
+
+
+def test_a_client_server_that_keeps_failing_is_one_line_with_its_reason(monkeypatch):
+    monkeypatch.setattr(executors, "RAY_INIT_RETRY_SECONDS", 0.0)
+    ray_stand_in = ClientServerThatFails(failures=executors.RAY_INIT_ATTEMPTS)
+    with socket.socket() as listening, pytest.raises(SpliceError) as raised:  # something answers at the address
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"ray://127.0.0.1:{listening.getsockname()[1]}"
+        executors._connect(ray_stand_in, address)
+    assert ray_stand_in.calls == executors.RAY_INIT_ATTEMPTS
+    assert str(raised.value).splitlines() == [
+        f"`address` {address}: cannot reach a Ray cluster there "
+        "(RuntimeError: Proxy failed to Connect to backend! Check `ray_client_server.err`)"
+    ]
+
+
 def test_a_task_declares_its_merges_memory_and_a_candidate_no_node_holds_is_refused(cluster, models, tmp_path):
     path = sweep_file(tmp_path / "sweep", models, {"method": "grid"}, GRID)
     loaded = load_sweep(path)
@@ -338,7 +384,7 @@ def test_the_cli_runs_a_sweep_on_the_cluster_through_its_client_address(client_a
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 0, stderr
+    assert process.returncode == 0, stderr + client_server_logs()
     results = json.loads((out / "sweep_results.json").read_text())
     assert (results["executor"], results["workers"], results["budget"]) == ("ray", 2, 4)
     assert [t["number"] for t in results["trials"]] == [0, 1, 2, 3]

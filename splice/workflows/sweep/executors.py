@@ -169,6 +169,9 @@ def _share_cores(workers: int) -> None:
 
 
 RAY_CONNECT_SECONDS = 60.0
+# a Ray client server starts a server process per session; on a loaded head that start can fail once and then work
+RAY_INIT_ATTEMPTS = 2
+RAY_INIT_RETRY_SECONDS = 2.0
 RAY_REACH_SECONDS = 10.0  # ray.init retries an address where nothing answers for many minutes: a socket answers first
 
 
@@ -260,19 +263,25 @@ def _connect(ray: Any, address: str | None) -> None:
     if address is not None:
         _check_reachable(address)
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_import_roots())}}
-    try:
-        ray.init(
-            # "local": a cluster of its own, where None would join whatever RAY_ADDRESS or the last `ray start` on
-            # this machine names (a stopped one too, retried for many minutes)
-            address=address if address is not None else "local",
-            runtime_env=runtime_env,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-            include_dashboard=False,
-            configure_logging=True,
-        )
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-        raise _unreachable(address, _first(exc)) from None
+    for attempt in range(1, RAY_INIT_ATTEMPTS + 1):
+        try:
+            ray.init(
+                # "local": a cluster of its own, where None would join whatever RAY_ADDRESS or the last `ray start`
+                # on this machine names (a stopped one too, retried for many minutes)
+                address=address if address is not None else "local",
+                runtime_env=runtime_env,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                include_dashboard=False,
+                configure_logging=True,
+            )
+            return
+        except ConnectionAbortedError as exc:  # a client server that could not start this session's server process
+            if attempt == RAY_INIT_ATTEMPTS:
+                raise _unreachable(address, _server_reason(exc)) from None
+            time.sleep(RAY_INIT_RETRY_SECONDS)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            raise _unreachable(address, _first(exc)) from None
 
 
 def _unreachable(address: str | None, why: str) -> SpliceError:
@@ -289,6 +298,12 @@ def _check_reachable(address: str) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_REACH_SECONDS).close()
     except OSError as exc:
         raise _unreachable(address, exc.strerror or _first(exc)) from None
+
+
+def _server_reason(error: BaseException) -> str:
+    """The last line of the traceback a Ray client server sends back ("Initialization failure from server:" first)."""
+    text = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return text[-1] if text else type(error).__name__
 
 
 def _first(error: BaseException) -> str:
