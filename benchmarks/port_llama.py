@@ -14,9 +14,9 @@ after one warm-up round (page cache warm), `--repeats` rounds back to back:
   patch-apply-half   patch-apply on a model half the size (2 layers, vocab 8192; same tensor shapes)
   port-half          port on that half-size model: peak RSS must not follow model size
 
-The splice calls are timed inside Python, split into phases (the drift measuring pass, the new base's context
-fingerprint, the write pass, the base checks) by wrapping splice's functions in the child. The ported models
-are checked against NEW + B @ A. Usage: .venv/bin/python benchmarks/port_llama.py [--repeats 3]
+The splice calls are timed inside Python, split into phases (the base checks, the new base's context fingerprint,
+the stream with the drift measured on the way, the report's files) by wrapping splice's functions in the child.
+The ported models are checked against NEW + B @ A. Usage: .venv/bin/python benchmarks/port_llama.py [--repeats 3]
 """
 
 from __future__ import annotations
@@ -43,17 +43,14 @@ TIMED_INSIDE = ("io-floor", "patch-apply", "port", "port-no-old", "patch-apply-h
 CHECKED = ("port", "port-no-old", "port-half")
 PHASES = {  # the child's phase keys, in call order; "a.b" is part of "a"
     "load": "load the patch",
-    "check": "base fingerprint check (sha256 of NEW's patched tensors)",
-    "stream": "stream: read, add, write",
-    "measure": "measure pass: read NEW (+ OLD), hash, drift figures",
-    "measure.sha": "sha256 of NEW's and OLD's tensors (worker threads, overlapping the figures)",
-    "measure.norm": "fp64-accumulated norms (NEW's fingerprint, the change, the update)",
-    "measure.update": "the update U = B @ A, materialized (zeros + B @ A)",
-    "measure.drift": "drift figures (norms, dot; includes the norms above)",
+    "check": "base fingerprint check (apply: sha256 of NEW's patched tensors; port: OLD's record)",
     "context": "context fingerprint of NEW (sampled)",
-    "report": "drift report files (JSON + PNG via matplotlib, drawn before the write)",
-    "write": "write pass: apply_patches(ported, NEW, out)",
-    "write.stream": "stream: read, add, write",
+    "stream": "stream: read, patch, write (port: the drift measured on the way)",
+    "stream.measure": "drift measured per patched tensor (`_measure_one`, on the stream's thread)",
+    "stream.sha": "sha256 of NEW's and OLD's tensors (worker threads, overlapping the figures)",
+    "stream.update": "the update U materialized (`_update`)",
+    "stream.drift": "drift figures (`_tensor_drift`: norms, dot)",
+    "stream.report": "report files: JSON, and the PNG from the child process (waited for)",
     "rest": "rest (open checkpoints, checks, ported patch)",
 }
 
@@ -81,15 +78,14 @@ def timed(module, attribute, phase):
 timed(port_module, "load_patch", "load")
 timed(port_module, "compare_base", "check")
 timed(patch_module, "compare_base", "check")
-timed(port_module, "_measure", "measure")
-timed(port_module, "tensor_sha256", "measure.sha")
-timed(port_module, "l2_norm", "measure.norm")
-timed(port_module, "_update", "measure.update")
-timed(port_module, "_tensor_drift", "measure.drift")
-timed(port_module, "_new_fingerprint", "context")
-timed(drift_module.DriftReport, "files", "report")
-timed(port_module, "apply_patches", "write")
-timed(apply_module, "run_stream", "write.stream" if mode == "port" else "stream")
+timed(port_module, "_context", "context")
+timed(port_module, "run_stream", "stream")
+timed(apply_module, "run_stream", "stream")
+timed(port_module, "_measure_one", "stream.measure")
+timed(port_module, "tensor_sha256", "stream.sha")
+timed(port_module, "_update", "stream.update")
+timed(port_module, "_tensor_drift", "stream.drift")
+timed(drift_module.DriftReport, "files", "stream.report")
 started = time.perf_counter()
 if mode == "apply":
     apply_module.apply_patches([patch], new, out, allow_base_drift=True, device="cpu", force=True)

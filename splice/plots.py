@@ -1,16 +1,23 @@
-"""PNG figures beside a report's JSON: matplotlib without a display, imported only when a figure is drawn."""
+"""PNG figures beside a report's JSON: matplotlib without a display, imported only when a figure is drawn, or
+drawn by a child process that imports it while the caller works (`FigureProcess`)."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
+
+Layout = Literal["constrained", "compressed", "tight"] | None
 
 
 def png_bytes(
     draw: Callable[[Any], None],
     size: tuple[float, float] = (9.0, 5.0),
-    layout: Literal["constrained", "compressed", "tight"] | None = "tight",
+    layout: Layout = "tight",
 ) -> bytes:
     """`draw(figure)` onto a new matplotlib figure, rendered as PNG bytes (no window, no global state kept).
     `layout`: matplotlib's layout engine ("tight" by default; None for figures that place their own margins)."""
@@ -21,3 +28,75 @@ def png_bytes(
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+# The child: matplotlib imported (and its fonts loaded) first, with the modules named in argv, then one pickled
+# (draw, size, layout) read from stdin and its PNG written to stdout. It imports neither torch nor the caller's data,
+# only what `draw` pickles.
+_CHILD = """
+import importlib, pickle, sys
+import matplotlib.figure, matplotlib.backends.backend_agg
+from splice.plots import png_bytes
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+png_bytes(lambda figure: figure.text(0.5, 0.5, "warm-up"), (1.0, 1.0), None)
+draw, size, layout = pickle.load(sys.stdin.buffer)
+sys.stdout.buffer.write(png_bytes(draw, size, layout))
+"""
+FIGURE_TIMEOUT_S = 300.0
+
+
+class FigureProcess:
+    """One figure drawn by a child process started now, so that matplotlib's start-up (~0.5 s: imports, fonts)
+    overlaps the caller's work instead of adding to it; `png` then pays only the drawing. Where the child cannot
+    give the figure (it died, or a figure fails in it), `png` draws it in this process, so the bytes (or the
+    error) are what `png_bytes` gives. `preload`: modules the child imports while it waits (those `draw` needs).
+    A context manager: leaving it ends a child that is still running."""
+
+    def __init__(self, preload: Sequence[str] = ()) -> None:
+        path = os.pathsep.join(p for p in sys.path if p)  # the child imports splice and `draw` as this process does
+        try:
+            self.child: subprocess.Popen | None = subprocess.Popen(
+                [sys.executable, "-c", _CHILD, *preload],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": path, "MPLBACKEND": "agg"},
+            )
+        except OSError:
+            self.child = None
+
+    def png(self, draw: Callable[[Any], None], size: tuple[float, float], layout: Layout = "tight") -> bytes:
+        """`png_bytes(draw, size, layout)`, drawn by the child (`draw` must pickle: a module-level function or a
+        method of a picklable object)."""
+        child, self.child = self.child, None
+        if child is not None:
+            try:
+                data, _ = child.communicate(pickle.dumps((draw, size, layout)), timeout=FIGURE_TIMEOUT_S)
+                if child.returncode == 0 and data:
+                    return data
+            except (OSError, subprocess.TimeoutExpired, pickle.PicklingError, AttributeError, TypeError):
+                pass  # (a `draw` that does not pickle, a child that died or hung): drawn here instead
+            finally:
+                _end(child)
+        return png_bytes(draw, size, layout)
+
+    def close(self) -> None:
+        child, self.child = self.child, None
+        if child is not None:
+            _end(child)
+
+    def __enter__(self) -> FigureProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _end(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        child.kill()
+    child.wait()
+    for stream in (child.stdin, child.stdout):
+        if stream is not None:
+            stream.close()

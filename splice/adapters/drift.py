@@ -21,9 +21,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from splice.plots import png_bytes
+from splice.plots import FigureProcess, png_bytes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -35,6 +35,7 @@ REPORT_FILES = (REPORT_JSON, REPORT_PNG)
 LARGE_CHANGE = 0.25  # base change above this: beyond what the residual argument covers
 ALIGNED = 0.5  # |cosine| above this: the base itself moved along (or against) the patch's update
 MAX_PLOT_ROWS = 64  # a plot panel with more tensors than this draws one row per layer
+PNG_LAYOUT: Literal["constrained"] = "constrained"
 
 
 @dataclass(frozen=True)
@@ -202,13 +203,13 @@ class DriftReport:
     def json_bytes(self) -> bytes:
         return (json.dumps(_finite(self.as_dict()), indent=2, allow_nan=False) + "\n").encode()
 
-    def files(self) -> dict[str, bytes]:
-        """The report as the files written beside the output: port_report.json and port_report.png (drawn once)."""
+    def files(self, figures: FigureProcess | None = None) -> dict[str, bytes]:
+        """The report as the files written beside the output: port_report.json and port_report.png (drawn once; by
+        `figures`' child process when given, so that matplotlib's start-up is not paid here)."""
         if self._files is None:
-            self._files = {
-                REPORT_JSON: self.json_bytes(),
-                REPORT_PNG: png_bytes(self._draw, size=self._figure_size(), layout="constrained"),
-            }
+            size = self._figure_size()
+            png = figures.png(self._draw, size, PNG_LAYOUT) if figures else png_bytes(self._draw, size, PNG_LAYOUT)
+            self._files = {REPORT_JSON: self.json_bytes(), REPORT_PNG: png}
         return self._files
 
     def save(self, directory: str | os.PathLike, force: bool = False) -> list[Path]:

@@ -4,16 +4,22 @@ For every base tensor the patch changes, the new value is `W' + scale * U`, U th
 own base: a LoRA product, a dense or sparse delta as stored; for a patch that replaces tensors whole (LayerNorm
 patches, PEFT's `modules_to_save`) U = stored - W, which needs the old base's values. The ported patch is a
 patch of the same kind, re-fingerprinted against the new base; writing a ported model applies that patch, so
-`port --out` and `port --as-patch` then `patch apply` give the same bytes. The drift report is measured in one
-streamed pass over the patched tensors before anything is written.
+`port --out` and `port --as-patch` then `patch apply` give the same bytes.
+
+`port_patch` reads each base once: with `out`, the drift report is measured while the ported model streams into its
+staged output (the old base's tensors read beside the new base's), and the report's files join that output before it
+is published, so a refusal found on the way (a wrong old base, NaN/Inf in a base) publishes nothing. The report's PNG
+is drawn by a child process that imports matplotlib while the model streams (`splice.plots.FigureProcess`).
+`prepare_port` is the measuring pass alone (nothing written), for callers that write elsewhere (deploy, sweeps).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +27,7 @@ import torch
 from typing_extensions import Unpack
 
 from splice.adapters.apply import apply_patches
-from splice.adapters.compose import patch_steps
+from splice.adapters.compose import base_steps, patch_steps, patched_value
 from splice.adapters.drift import DriftReport, TensorDrift
 from splice.adapters.fingerprint import (
     compare_base,
@@ -29,7 +35,6 @@ from splice.adapters.fingerprint import (
     context_names,
     fingerprint_tensor,
     first_names,
-    l2_norm,
     refuse_drift,
     sample_context,
     tensor_sha256,
@@ -42,11 +47,22 @@ from splice.adapters.sources import PatchSource, load_patch, patch_location
 from splice.adapters.steps import Effect, Step
 from splice.errors import PatchError
 from splice.options import RunKeywords, RunOptions, run_options
+from splice.plots import FigureProcess
 from splice.progress import Progress
 from splice.tensors.checkpoint import Checkpoint, recorded_location
-from splice.tensors.device import resolve_device
-from splice.tensors.stream import StreamReport, all_finite, read_ahead
-from splice.tensors.writer import ensure_output_free
+from splice.tensors.device import compute_dtype_for, resolve_device
+from splice.tensors.stream import (
+    COMPUTE_SLICE,
+    Kernel,
+    OutputExtras,
+    Precision,
+    StreamItem,
+    StreamReport,
+    all_finite,
+    read_ahead,
+    run_stream,
+)
+from splice.tensors.writer import OutputTensor, ensure_output_free
 
 
 @dataclass
@@ -79,8 +95,42 @@ def port_patch(
     device, shard_size, force, progress, storage_options, ...) says how the run runs."""
     run = run_options(run, run_keywords, "port_patch")
     check_port_outputs(patch, to, old_base, out, as_patch, run.force)
-    ported = prepare_port(patch, to, old_base=old_base, scale=scale, source=source, run=run)
-    return write_ported(ported, to, out=out, as_patch=as_patch, run=run)
+    return run_port(patch, to, out=out, as_patch=as_patch, old_base=old_base, scale=scale, source=source, run=run)
+
+
+def run_port(
+    patch: PatchSource,
+    to: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    as_patch: str | os.PathLike | None = None,
+    old_base: str | os.PathLike | None = None,
+    scale: float = 1.0,
+    source: str | None = None,
+    run: RunOptions | None = None,
+    draw_report: bool = False,
+    vet: Callable[[Ported], Ported] | None = None,
+) -> Ported:
+    """`port_patch` once its outputs are checked: each base read once. With `out`, the drift is measured while the
+    ported model streams into its staged output, and `vet` (e.g. scoring the ported patch: it may refuse) and the
+    report's files come before it is published; then the ported patch goes to `as_patch`. Without `out`, one
+    measuring pass, `vet`, then `as_patch`. The report's files are drawn (its PNG by a child process started now)
+    when an output takes them or `draw_report` says a caller will save them."""
+    run = run or RunOptions()
+    inputs = _opened(patch, to, old_base, scale, source, run.storage_options)
+    drawn = out is not None or as_patch is not None or draw_report
+    with FigureProcess(preload=[DriftReport.__module__]) if drawn else nullcontext() as figures:
+        context = _context(inputs.new, inputs.steps, run.reporter)
+        if out is not None:
+            ported = _port_streaming(inputs, context, out, run, figures, vet)
+        else:
+            ported = _ported(inputs, _measure(inputs, run.device, run.reporter), context)
+            ported = vet(ported) if vet is not None else ported
+            if drawn:
+                ported.drift.files(figures)
+    if as_patch is not None:
+        ported.written = ported.patch.save(as_patch, force=run.force, extra_files=ported.drift.files())
+    return ported
 
 
 def patch_label(patch: PatchSource) -> str:
@@ -119,9 +169,33 @@ def prepare_port(
 ) -> Ported:
     """The ported patch and its drift report, nothing written: every refusal (another architecture, a missing
     or reshaped tensor, a wrong old base, a bare mask) happens here."""
-    scale = _checked_scale(scale)
     run = run or RunOptions()
-    device, progress, storage_options = run.device, run.reporter, run.storage_options
+    inputs = _opened(patch, to, old_base, scale, source, run.storage_options)
+    context = _context(inputs.new, inputs.steps, run.reporter)
+    return _ported(inputs, _measure(inputs, run.device, run.reporter), context)
+
+
+@dataclass(frozen=True)
+class _PortInputs:
+    """A port's inputs, opened, with every refusal made that needs no tensor's values."""
+
+    patch: Patch  # as loaded
+    steps: dict[str, Step]  # base tensor name -> what the patch does to it, in the patch's order
+    new: Checkpoint
+    old: Checkpoint | None
+    scale: float
+    label: str  # how the lineage and the report name the patch
+
+
+def _opened(
+    patch: PatchSource,
+    to: str | os.PathLike,
+    old_base: str | os.PathLike | None,
+    scale: float,
+    source: str | None,
+    storage_options: dict | None,
+) -> _PortInputs:
+    scale = _checked_scale(scale)
     new = Checkpoint.open(to, storage_options)
     old = Checkpoint.open(old_base, storage_options) if old_base is not None else None
     loaded = load_patch(patch, storage_options, base=new)
@@ -134,11 +208,64 @@ def prepare_port(
             loaded.meta.kind.value,
             None,
         )
-    measured = _measure(loaded, steps, new, old, scale, device, progress)
-    fingerprint = _new_fingerprint(new, measured, progress)
-    label = source or patch_label(patch)
-    drift = _report(loaded, measured, label, new, fingerprint.digest, old, scale)
-    return Ported(_ported_patch(loaded, measured, drift, fingerprint, scale), drift)
+    return _PortInputs(loaded, steps, new, old, scale, source or patch_label(patch))
+
+
+_AS_STORED = Precision(exact=False)  # the port's kernel hashes the stored bytes, then converts as the stream would
+
+
+def _port_streaming(
+    inputs: _PortInputs,
+    context: dict[str, str],
+    out: str | os.PathLike,
+    run: RunOptions,
+    figures: FigureProcess | None,
+    vet: Callable[[Ported], Ported] | None,
+) -> Ported:
+    """The ported model written to `out` in one pass: each patched tensor of the new base (with the old base's
+    beside it) is measured, then patched exactly as `apply_patches` of the ported patch patches it; the other
+    tensors are copied as stored. Once every tensor is written into the staged output, the report's files join it
+    and it is published."""
+    new, old, steps = inputs.new, inputs.old, inputs.steps
+    files: dict[str, bytes] = {}
+    finished: list[Ported] = []
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="splice-port-hash") as hashing:
+        measuring = _DriftPass(inputs, resolve_device(run.device), hashing)
+        replaced = {name for name, step in steps.items() if step.effect is Effect.replace}
+        provisional = _ported_contents(inputs.patch, measuring.result.replaced, replaced, inputs.scale)
+        plan = base_steps([Patch(provisional.tensors, provisional.meta)], new)
+
+        def ported_value(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+            _measure_one(measuring, name, tensors)  # before the step, which may patch the read tensor in place
+            return patched_value(tensors[0].to(dtype=compute_dtype_for(tensors[0].dtype)), plan[name])
+
+        def before_publishing() -> None:
+            ported = _ported(inputs, measuring.result.in_order(list(steps)), context)
+            ported = vet(ported) if vet is not None else ported
+            files.update(ported.drift.files(figures))
+            finished.append(ported)
+
+        items = [
+            StreamItem(
+                OutputTensor(name, info.dtype, info.shape),
+                ((new, name), (old, name)) if old is not None and name in steps else ((new, name),),
+            )
+            for name, info in new.tensors.items()
+        ]
+        untouched = frozenset(name for name in new.tensors if name not in steps)
+        stream = run_stream(
+            items,
+            Kernel(ported_value, passes_through=untouched, precision=_AS_STORED),
+            out,
+            side_files_from=new,
+            run=run,
+            extras=OutputExtras(files=files),
+            description="porting",
+            then=before_publishing,
+        )
+    [ported] = finished
+    ported.stream = stream
+    return ported
 
 
 def write_ported(
@@ -234,8 +361,17 @@ def _refuse_unportable(
 @dataclass
 class _Measured:
     drifts: list[TensorDrift]
-    fingerprints: list  # TensorFingerprint of each patched tensor of the new base
+    fingerprints: list[TensorFingerprint]  # of each patched tensor of the new base
     replaced: dict[str, torch.Tensor]  # new stored values of the tensors the patch replaces whole
+
+    def in_order(self, names: Sequence[str]) -> _Measured:
+        """The figures in the order of `names` (a stream measures them in the base's storage order)."""
+        position = {name: index for index, name in enumerate(names)}
+        return _Measured(
+            sorted(self.drifts, key=lambda drift: position[drift.name]),
+            sorted(self.fingerprints, key=lambda entry: position[entry.name]),
+            self.replaced,
+        )
 
 
 def _update(step: Step, old_value: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -247,30 +383,18 @@ def _update(step: Step, old_value: torch.Tensor | None, shape: tuple[int, ...], 
     return step.compute(old_value.clone()) - old_value
 
 
-def _measure(
-    patch: Patch,
-    steps: dict[str, Step],
-    new: Checkpoint,
-    old: Checkpoint | None,
-    scale: float,
-    device: str,
-    progress: Progress,
-) -> _Measured:
-    """One streamed pass over the patched tensors: the drift figures, the new base's fingerprint entries, the
-    ported values of replaced tensors; the old base's own tensors are checked against the patch's fingerprint.
-    Hashing runs on worker threads (sha256 releases the GIL) while the figures are computed."""
-    names = list(steps)
-    recorded = {t.name: t for t in patch.meta.base.tensors} if patch.meta.base else {}
+def _measure(inputs: _PortInputs, device: str, progress: Progress) -> _Measured:
+    """One streamed pass over the patched tensors, nothing written: the drift figures, the new base's fingerprint
+    entries, the ported values of replaced tensors (what `_port_streaming` measures while it writes)."""
+    new, old, names = inputs.new, inputs.old, list(inputs.steps)
     reads = [((new, name, None),) + (((old, name, None),) if old is not None else ()) for name in names]
     sizes = [new.tensors[n].nbytes + (old.tensors[n].nbytes if old is not None else 0) for n in names]
     progress.start("measuring the base's drift", len(names), sum(sizes))
     try:
-        compute = resolve_device(device)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="splice-port-hash") as hashing:
-            measuring = _DriftPass(patch, new, old, scale, compute, hashing, recorded)
+            measuring = _DriftPass(inputs, resolve_device(device), hashing)
             for position, tensors in read_ahead(reads, depth=2):
-                name = names[position]
-                _measure_one(measuring, name, steps[name], tensors)
+                _measure_one(measuring, names[position], tensors)
                 progress.advance(1, sizes[position])
     finally:
         progress.finish()
@@ -279,28 +403,24 @@ def _measure(
 
 @dataclass
 class _DriftPass:
-    """What each patched tensor of the measuring pass is measured against, and what the pass has found."""
+    """What each patched tensor is measured against, and what has been found so far."""
 
-    patch: Patch
-    new: Checkpoint
-    old: Checkpoint | None
-    scale: float
+    inputs: _PortInputs
     compute: torch.device
-    hashing: ThreadPoolExecutor
-    recorded: dict[str, TensorFingerprint]  # the patch's fingerprint of its own base, by tensor name
+    hashing: ThreadPoolExecutor  # sha256 releases the GIL: hashes run on its threads while the figures are computed
     result: _Measured = field(default_factory=lambda: _Measured([], [], {}))
+    recorded: dict[str, TensorFingerprint] = field(init=False)  # the patch's fingerprint of its own base, by name
+
+    def __post_init__(self) -> None:
+        base = self.inputs.patch.meta.base
+        self.recorded = {t.name: t for t in base.tensors} if base else {}
 
 
-def _measure_one(measuring: _DriftPass, name: str, step: Step, tensors: list[torch.Tensor]) -> None:
-    patch, new, old, scale, compute, hashing, result = (
-        measuring.patch,
-        measuring.new,
-        measuring.old,
-        measuring.scale,
-        measuring.compute,
-        measuring.hashing,
-        measuring.result,
-    )
+def _measure_one(measuring: _DriftPass, name: str, tensors: list[torch.Tensor]) -> None:
+    """Measure one patched tensor: `tensors` are the new base's stored tensor and, with `old_base`, the old base's;
+    both are left as they are. The old base's bytes are checked against the patch's fingerprint here."""
+    inputs, compute, hashing, result = measuring.inputs, measuring.compute, measuring.hashing, measuring.result
+    new, old, step = inputs.new, inputs.old, inputs.steps[name]
     recorded = measuring.recorded.get(name)
     stored_new, stored_old = tensors[0], tensors[1] if old is not None else None
     for base, stored in ((new, stored_new), (old, stored_old)):
@@ -313,7 +433,7 @@ def _measure_one(measuring: _DriftPass, name: str, step: Step, tensors: list[tor
     old_hash = hashing.submit(tensor_sha256, stored_old) if stored_old is not None and recorded else None
     value_new = stored_new.to(device=compute, dtype=torch.float32)
     value_old = None if stored_old is None else stored_old.to(device=compute, dtype=torch.float32)
-    update = _update(step, value_old, step.shape, compute)
+    sums = _drift_sums(step, value_new, value_old, recorded is None)
     if old_hash is not None and old is not None and recorded is not None and old_hash.result() != recorded.sha256:
         raise PatchError(
             f"{old.location} (`old_base`) is not the base this patch was made on: {name} differs; "
@@ -321,54 +441,92 @@ def _measure_one(measuring: _DriftPass, name: str, step: Step, tensors: list[tor
         )
     entry = fingerprint_tensor(name, stored_new, new.tensors[name].dtype, sha256=new_hash.result())
     result.fingerprints.append(entry)
-    result.drifts.append(_tensor_drift(name, entry, recorded, value_new, value_old, update))
+    result.drifts.append(_tensor_drift(name, entry, recorded, sums))
     if step.effect is Effect.replace and value_old is not None:  # (a replacement without the old base: refused)
-        result.replaced[name] = _replaced_value(patch, name, value_new, value_old, scale, stored_new.dtype)
+        result.replaced[name] = _replaced_value(
+            inputs.patch, name, value_new, value_old, inputs.scale, stored_new.dtype
+        )
+
+
+@dataclass(frozen=True)
+class _DriftSums:
+    """One patched tensor's figures: U the patch's update on its own base, W and W' the old and new base's values."""
+
+    update_norm: float  # ||U||
+    change_norm: float | None = None  # ||W' - W|| (None: the old base was not read)
+    dot: float | None = None  # <W' - W, U>
+    old_norm: float | None = None  # ||W||, where asked (no record of it)
+    shape: tuple[int, ...] = ()
+
+
+def _drift_sums(step: Step, new: torch.Tensor, old: torch.Tensor | None, want_old_norm: bool) -> _DriftSums:
+    """||U||, and with the old base ||W' - W||, <W' - W, U> (and ||W|| where `want_old_norm`): U formed whole in fp32
+    as the step computes it, W' - W a block of rows at a time in fp32, every sum accumulated in fp64 over blocks
+    that stay in the CPU's cache (an fp64-accumulated norm of the whole tensor costs ~4x as much, an fp64 copy twice
+    its memory). `new`, `old`: fp32 values, left as they are."""
+    update = _update(step, old, step.shape, new.device)
+    squares = {"update": 0.0, "change": 0.0, "dot": 0.0, "old": 0.0}
+    for rows in _row_blocks(new):
+        part = _rows(update, rows).reshape(-1).double()
+        squares["update"] += float(torch.dot(part, part))
+        if old is not None:
+            old_rows = _rows(old, rows)
+            change = (_rows(new, rows) - old_rows).reshape(-1).double()
+            squares["change"] += float(torch.dot(change, change))
+            squares["dot"] += float(torch.dot(change, part))
+            if want_old_norm:
+                former = old_rows.reshape(-1).double()
+                squares["old"] += float(torch.dot(former, former))
+    shape = tuple(new.shape)
+    if old is None:
+        return _DriftSums(math.sqrt(squares["update"]), shape=shape)
+    return _DriftSums(
+        math.sqrt(squares["update"]),
+        math.sqrt(squares["change"]),
+        squares["dot"],
+        math.sqrt(squares["old"]) if want_old_norm else None,
+        shape,
+    )
+
+
+def _row_blocks(value: torch.Tensor) -> list[tuple[int, int] | None]:
+    """Blocks of about COMPUTE_SLICE elements along dim 0 (one block, None, for a scalar)."""
+    if value.dim() == 0 or value.shape[0] == 0:
+        return [None]
+    size = max(1, COMPUTE_SLICE // max(1, value[0].numel()))
+    return [(start, min(start + size, value.shape[0])) for start in range(0, value.shape[0], size)]
+
+
+def _rows(value: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    return value if rows is None else value[rows[0] : rows[1]]
 
 
 def _tensor_drift(
-    name: str,
-    entry: TensorFingerprint,
-    recorded: TensorFingerprint | None,
-    new: torch.Tensor,
-    old: torch.Tensor | None,
-    update: torch.Tensor,
+    name: str, entry: TensorFingerprint, recorded: TensorFingerprint | None, sums: _DriftSums
 ) -> TensorDrift:
-    """The figures of one tensor, reduced in fp64 from fp32 tensors. ||W|| comes from the patch's fingerprint
-    where the old base's bytes were just checked against it."""
-    update_norm = l2_norm(update)
-    if old is None:
+    """The figures of one tensor. ||W|| comes from the patch's fingerprint where the old base's bytes were just
+    checked against it."""
+    if sums.change_norm is None:
         if recorded is None:  # nothing says what ||W|| was (a PEFT adapter): unknown, not ||W'||
-            return TensorDrift(name, None, entry.norm, update_norm, shape=tuple(new.shape))
+            return TensorDrift(name, None, entry.norm, sums.update_norm, shape=sums.shape)
         return TensorDrift(
             name,
             recorded.norm,
             entry.norm,
-            update_norm,
+            sums.update_norm,
             changed=entry.sha256 != recorded.sha256,
-            shape=tuple(new.shape),
+            shape=sums.shape,
         )
-    change = new - old
-    change_norm = l2_norm(change)
     return TensorDrift(
         name,
-        recorded.norm if recorded is not None else l2_norm(old),
+        recorded.norm if recorded is not None else sums.old_norm,
         entry.norm,
-        update_norm,
-        change_norm,
-        _dot(change, update),
-        change_norm > 0,
-        tuple(new.shape),
+        sums.update_norm,
+        sums.change_norm,
+        sums.dot,
+        sums.change_norm > 0,
+        sums.shape,
     )
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b>: per row in fp32, the rows summed in fp64 (the cosine of nearly orthogonal changes needs the
-    digits; an fp64 copy of both would cost three times as much)."""
-    if a.dim() < 2:
-        return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
-    rows = a.shape[0]
-    return float(torch.linalg.vecdot(a.reshape(rows, -1), b.reshape(rows, -1), dim=-1).double().sum())
 
 
 def _replaced_value(
@@ -417,17 +575,34 @@ def _report(
     )
 
 
-def _ported_patch(
-    patch: Patch, measured: _Measured, drift: DriftReport, fingerprint: BaseFingerprint, scale: float
-) -> Patch:
-    """The same kind of patch for the new base (its `fingerprint`): rescaled by the kind, replaced tensors
-    recomputed."""
+@dataclass(frozen=True)
+class _PortedContents:
+    """The ported patch's tensors (rescaled by the kind, replaced ones looked up when read) under the patch's
+    manifest with the rescaled settings: what its steps read, before the new base's fingerprint is known."""
+
+    tensors: Mapping[str, torch.Tensor]
+    meta: PatchMeta
+
+
+def _ported_contents(
+    patch: Patch, replaced: Mapping[str, torch.Tensor], names: set[str], scale: float
+) -> _PortedContents:
+    """`replaced`: the ported values of the tensors `names` the patch replaces whole (filled as they are measured)."""
     if scale != 1:
         tensors, settings = KINDS[patch.meta.kind].rescale(patch, scale)
     else:
         tensors, settings = patch.tensors, dict(patch.meta.settings)
-    if measured.replaced:
-        tensors = MappedTensors(tensors, patch.shapes, lambda name, _: measured.replaced[name], set(measured.replaced))
+    if names:
+        tensors = MappedTensors(tensors, patch.shapes, lambda name, _: replaced[name], names)
+    return _PortedContents(tensors, patch.meta.model_copy(update={"settings": settings}))
+
+
+def _ported(inputs: _PortInputs, measured: _Measured, context: dict[str, str]) -> Ported:
+    """The ported patch and its drift report, from what was measured and the new base's sampled context."""
+    fingerprint = BaseFingerprint.of(measured.fingerprints, context)
+    patch, scale = inputs.patch, inputs.scale
+    drift = _report(patch, measured, inputs.label, inputs.new, fingerprint.digest, inputs.old, scale)
+    contents = _ported_contents(patch, measured.replaced, set(measured.replaced), scale)
     lineage = [
         *patch.meta.lineage,
         f"ported from {drift.patch} (base digest {drift.old_digest or 'not recorded'}) "
@@ -440,16 +615,16 @@ def _ported_patch(
         lineage=lineage,
         description=patch.meta.description,
         tags=patch.meta.tags,
-        settings=settings,
+        settings=contents.meta.settings,
     )
-    return Patch(tensors, meta)
+    return Ported(Patch(contents.tensors, meta), drift)
 
 
-def _new_fingerprint(new: Checkpoint, measured: _Measured, progress: Progress) -> BaseFingerprint:
-    """The new base's fingerprint: the patched tensors' entries from the measuring pass, the others sampled."""
-    others = context_names(new, (entry.name for entry in measured.fingerprints))
+def _context(new: Checkpoint, touched: Iterable[str], progress: Progress) -> dict[str, str]:
+    """The new base's fingerprint context: its float tensors the patch does not touch, sampled."""
+    others = context_names(new, touched)
     progress.start("fingerprinting the new base", len(others), context_bytes(new, others))
     try:
-        return BaseFingerprint.of(measured.fingerprints, sample_context(new, others, progress))
+        return sample_context(new, others, progress)
     finally:
         progress.finish()

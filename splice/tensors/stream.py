@@ -474,9 +474,12 @@ def run_stream(
     out_dtype: torch.dtype | None = None,
     extras: OutputExtras | None = None,
     description: str = "merging",
+    then: Callable[[], None] | None = None,
 ) -> StreamReport:
     """Compute every planned output tensor and publish the model directory at `out`, with the side files of
-    `side_files_from` (its config recording `out_dtype`) and `extras` written before it is published."""
+    `side_files_from` (its config recording `out_dtype`) and `extras` written before it is published. `then` is
+    called once every tensor is computed (the last ones may still be being written), before the side files: what
+    the kernel measured on the way can then join `extras.files`, and an error it raises publishes nothing."""
     run = run or RunOptions()
     torch_device = resolve_device(run.device)
     units = work_units(plan, kernel.elementwise, run.chunk_bytes, kernel.passes_through)
@@ -487,6 +490,8 @@ def run_stream(
                 behind.submit_copy(unit.item.output.name, *unit.item.sources[0])
             else:
                 behind.submit(unit.item.output.name, result, unit.rows)
+        if then is not None:
+            then()
 
     progress = run.reporter
     total_in = sum(item.input_bytes for item in plan)

@@ -14,7 +14,7 @@ from typing_extensions import Unpack
 from splice.adapters.drift import REPORT_FILES
 from splice.adapters.live import patched_state
 from splice.adapters.patch import Patch
-from splice.adapters.port import Ported, check_port_outputs, patch_label, prepare_port, write_ported
+from splice.adapters.port import Ported, check_port_outputs, patch_label, run_port
 from splice.adapters.sources import PatchSource, load_patch, patch_location
 from splice.errors import SpliceError
 from splice.hooks import hook_name, load_callable, score_state
@@ -66,8 +66,9 @@ def port(
     **run_keywords: Unpack[RunKeywords],
 ) -> PortOutcome:
     """Port a patch (a directory, a PEFT adapter, or a registry ref) onto the evolved base `to`; write the ported
-    model (`out`), the ported patch (`as_patch`), and/or push it as the next version of `push`. Nothing is
-    written before the drift report is measured and every input checked. A registry version's port is kept in
+    model (`out`), the ported patch (`as_patch`), and/or push it as the next version of `push`. Each base is read
+    once: the drift is measured while the ported model streams into its staged output, which is published only once
+    the report is in it and every check (and `evaluate`'s scores) passed. A registry version's port is kept in
     its health history (`registry show NAME`), with the scores `evaluate` gave before and after porting. `run`
     (or its fields as keywords: device, shard_size, force, progress, storage_options, ...) says how it runs."""
     run = run_options(run, run_keywords, "port")
@@ -86,15 +87,29 @@ def port(
     if report_dir is not None:
         inputs = (to, old_base, None if is_registry_ref(patch) else patch_location(patch), store.url if store else None)
         check_report_dir(report_dir, [p for p in inputs if p is not None], REPORT_FILES, force)
-    ported = prepare_port(loaded, to, old_base=old_base, scale=scale, source=label, run=run)
-    before, after = (
-        (None, None)
-        if scorer is None or evaluate is None
-        else _scores(scorer, hook_name(evaluate), loaded, ported.patch, to, old_base, storage_options)
+    scores: dict[str, float | None] = {}
+
+    def scored(ported: Ported) -> Ported:
+        """Before the port is published: the scores `evaluate` gives (a score it refuses stops the port)."""
+        if scorer is None or evaluate is None:
+            return ported
+        hook = hook_name(evaluate)
+        scores["before"], scores["after"] = _scores(scorer, hook, loaded, ported.patch, to, old_base, storage_options)
+        return _scored(ported, scores["before"], scores["after"])
+
+    ported = run_port(
+        loaded,
+        to,
+        out=out,
+        as_patch=as_patch,
+        old_base=old_base,
+        scale=scale,
+        source=label,
+        run=run,
+        draw_report=report_dir is not None,
+        vet=scored,
     )
-    ported = _scored(ported, before, after)
-    outcome = PortOutcome(ported, source, score_before=before, score_after=after)
-    write_ported(ported, to, out=out, as_patch=as_patch, run=run)
+    outcome = PortOutcome(ported, source, score_before=scores.get("before"), score_after=scores.get("after"))
     if report_dir is not None:
         outcome.report_files = ported.drift.save(Path(report_dir), force)
     if push is not None and store is not None:
