@@ -13,6 +13,8 @@ after one warm-up round (page cache warm), `--repeats` rounds back to back:
   port-no-old        port_patch(patch, NEW, out=...)                (drift from fingerprint norms only)
   patch-apply-half   patch-apply on a model half the size (2 layers, vocab 8192; same tensor shapes)
   port-half          port on that half-size model: peak RSS must not follow model size
+  cli-patch-apply    `splice patch apply PATCH --base NEW --out OUT --allow-base-drift` (the command line, whole)
+  cli-port           `splice port PATCH --to NEW --from OLD --out OUT` (the command line, whole)
 
 The splice calls are timed inside Python, split into phases (the base checks, the new base's context fingerprint,
 the stream with the drift measured on the way, the report's files) by wrapping splice's functions in the child.
@@ -40,16 +42,17 @@ DEFAULT_WORKDIR = HERE / "_work"
 TARGET = 1.2
 HALF = {"num_hidden_layers": MODEL_SPEC["num_hidden_layers"] // 2, "vocab_size": MODEL_SPEC["vocab_size"] // 2}
 TIMED_INSIDE = ("io-floor", "patch-apply", "port", "port-no-old", "patch-apply-half", "port-half")
-CHECKED = ("port", "port-no-old", "port-half")
+CLI = ("cli-patch-apply", "cli-port")
+CHECKED = ("port", "port-no-old", "port-half", "cli-port")
 PHASES = {  # the child's phase keys, in call order; "a.b" is part of "a"
     "load": "load the patch",
     "check": "base fingerprint check (apply: sha256 of NEW's patched tensors; port: OLD's record)",
     "context": "context fingerprint of NEW (sampled)",
     "stream": "stream: read, patch, write (port: the drift measured on the way)",
     "stream.measure": "drift measured per patched tensor (`_measure_one`, on the stream's thread)",
-    "stream.sha": "sha256 of NEW's and OLD's tensors (worker threads, overlapping the figures)",
+    "stream.sha": "sha256 of OLD's tensors, + NEW's with its norm (worker threads, overlapping)",
     "stream.update": "the update U materialized (`_update`)",
-    "stream.drift": "drift figures (`_tensor_drift`: norms, dot)",
+    "stream.drift": "drift figures (`_drift_sums`: U, W' - W, their norms and dot in fp64)",
     "stream.report": "report files: JSON, and the PNG from the child process (waited for)",
     "rest": "rest (open checkpoints, checks, ported patch)",
 }
@@ -83,8 +86,9 @@ timed(port_module, "run_stream", "stream")
 timed(apply_module, "run_stream", "stream")
 timed(port_module, "_measure_one", "stream.measure")
 timed(port_module, "tensor_sha256", "stream.sha")
+timed(port_module, "fingerprint_tensor", "stream.sha")
 timed(port_module, "_update", "stream.update")
-timed(port_module, "_tensor_drift", "stream.drift")
+timed(port_module, "_drift_sums", "stream.drift")
 timed(drift_module.DriftReport, "files", "stream.report")
 started = time.perf_counter()
 if mode == "apply":
@@ -195,8 +199,9 @@ def prepare(workdir: Path) -> dict[str, Path]:
 
 
 def build_cases(workdir: Path, paths: dict[str, Path]) -> list[Case]:
-    out = {name: workdir / f"port-out-{name}" for name in ("copy", "floor", *TIMED_INSIDE[1:])}
+    out = {name: workdir / f"port-out-{name}" for name in ("copy", "floor", *TIMED_INSIDE[1:], *CLI)}
     call = [sys.executable, str(workdir / "port_call.py")]
+    cli = [sys.executable, "-m", "splice"]
     report = str(paths["report"])
 
     def splice(mode: str, name: str, half: bool, old: bool) -> Case:
@@ -229,6 +234,20 @@ def build_cases(workdir: Path, paths: dict[str, Path]) -> list[Case]:
         splice("port", "port-no-old", False, False),
         splice("apply", "patch-apply-half", True, False),
         splice("port", "port-half", True, True),
+        Case(
+            "cli-patch-apply",
+            [*cli, "patch", "apply", str(paths["patch"]), "--base", str(paths["new"]), "--allow-base-drift"]
+            + ["--out", str(out["cli-patch-apply"]), "--device", "cpu", "-q"],
+            out["cli-patch-apply"],
+            "splice patch apply (the command line)",
+        ),
+        Case(
+            "cli-port",
+            [*cli, "port", str(paths["patch"]), "--to", str(paths["new"]), "--from", str(paths["old"])]
+            + ["--out", str(out["cli-port"]), "--device", "cpu", "-q"],
+            out["cli-port"],
+            "splice port --from (the command line)",
+        ),
     ]
 
 
@@ -278,6 +297,7 @@ RATIOS = [
     # (label, numerator case, its metric, denominator case, its metric, target)
     ("port / patch-apply (inside the call)", "port", "inside_s", "patch-apply", "inside_s", TARGET),
     ("port / patch-apply (whole process)", "port", "wall_s", "patch-apply", "wall_s", TARGET),
+    ("port / patch-apply (the command lines, whole)", "cli-port", "wall_s", "cli-patch-apply", "wall_s", TARGET),
     ("port-no-old / patch-apply (inside the call)", "port-no-old", "inside_s", "patch-apply", "inside_s", TARGET),
     ("port (inside) / copy-shards", "port", "inside_s", "copy-shards", "wall_s", None),
     ("port (whole process) / copy-shards", "port", "wall_s", "copy-shards", "wall_s", None),

@@ -236,7 +236,7 @@ def _port_streaming(
         plan = base_steps([Patch(provisional.tensors, provisional.meta)], new)
 
         def ported_value(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-            _measure_one(measuring, name, tensors)  # before the step, which may patch the read tensor in place
+            _measure_one(measuring, name, tensors)  # first: the step may patch the stored tensor in place
             return patched_value(tensors[0].to(dtype=compute_dtype_for(tensors[0].dtype)), plan[name])
 
         def before_publishing() -> None:
@@ -418,7 +418,8 @@ class _DriftPass:
 
 def _measure_one(measuring: _DriftPass, name: str, tensors: list[torch.Tensor]) -> None:
     """Measure one patched tensor: `tensors` are the new base's stored tensor and, with `old_base`, the old base's;
-    both are left as they are. The old base's bytes are checked against the patch's fingerprint here."""
+    both are left as they are. Their hashes (and the new one's norm) run on the worker threads while the figures are
+    computed here; the old base's bytes are checked against the patch's fingerprint."""
     inputs, compute, hashing, result = measuring.inputs, measuring.compute, measuring.hashing, measuring.result
     new, old, step = inputs.new, inputs.old, inputs.steps[name]
     recorded = measuring.recorded.get(name)
@@ -429,7 +430,7 @@ def _measure_one(measuring: _DriftPass, name: str, tensors: list[torch.Tensor]) 
                 f"{base.location} holds NaN/Inf in {name}, a tensor the patch changes: the port would "
                 f"write them; repair that base (or port onto another) first"
             )
-    new_hash = hashing.submit(tensor_sha256, stored_new)
+    fingerprinted = hashing.submit(fingerprint_tensor, name, stored_new, new.tensors[name].dtype)
     old_hash = hashing.submit(tensor_sha256, stored_old) if stored_old is not None and recorded else None
     value_new = stored_new.to(device=compute, dtype=torch.float32)
     value_old = None if stored_old is None else stored_old.to(device=compute, dtype=torch.float32)
@@ -439,7 +440,7 @@ def _measure_one(measuring: _DriftPass, name: str, tensors: list[torch.Tensor]) 
             f"{old.location} (`old_base`) is not the base this patch was made on: {name} differs; "
             f"give the base it was made on"
         )
-    entry = fingerprint_tensor(name, stored_new, new.tensors[name].dtype, sha256=new_hash.result())
+    entry = fingerprinted.result()
     result.fingerprints.append(entry)
     result.drifts.append(_tensor_drift(name, entry, recorded, sums))
     if step.effect is Effect.replace and value_old is not None:  # (a replacement without the old base: refused)
