@@ -59,13 +59,17 @@ class FigureProcess:
     """One figure drawn by a child process started now, so that matplotlib's start-up (~0.5 s: imports, fonts)
     overlaps the caller's work instead of adding to it; `png` then pays only the drawing. Where the child cannot
     give the figure (it died, or a figure fails in it), `png` draws it in this process, so the bytes (or the
-    error) are what `png_bytes` gives. `preload`: modules the child imports while it waits (those `draw` needs).
-    A context manager: leaving it ends a child that is still running."""
+    error) are what `png_bytes` gives. Where this process has imported matplotlib already, no child is started: the
+    figure is drawn here, for the drawing alone. `preload`: modules the child imports while it waits (those `draw`
+    needs). A context manager: leaving it ends a child that is still running."""
 
     def __init__(self, preload: Sequence[str] = ()) -> None:
+        self.child: subprocess.Popen | None = None
+        if "matplotlib.figure" in sys.modules:
+            return
         path = os.pathsep.join(p for p in sys.path if p)  # the child imports splice and `draw` as this process does
         try:
-            self.child: subprocess.Popen | None = subprocess.Popen(
+            self.child = subprocess.Popen(
                 [sys.executable, "-c", _CHILD, *preload],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,

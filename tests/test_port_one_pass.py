@@ -21,7 +21,7 @@ import splice
 from splice.adapters.compose import patch_steps
 from splice.adapters.extract import extract_patch_to
 from splice.adapters.port import port_patch, prepare_port, write_ported
-from splice.plots import FigureProcess, png_bytes
+from splice.plots import FigureProcess, png_bytes, warm_up
 from splice.registry.refs import RegistryError
 from splice.registry.store import Registry
 from splice.tensors.checkpoint import Checkpoint
@@ -165,36 +165,42 @@ def test_the_png_is_drawn_outside_the_process_and_equals_one_drawn_inside(tmp_pa
     assert (tmp_path / "out" / "port_report.json").read_bytes() == drawn_here["port_report.json"]
 
 
-def _ruled(figure) -> None:
-    axes = figure.add_subplot()
-    axes.plot([0, 1, 2], [2, 0, 1])
-    axes.set_title("figure")
+def started(monkeypatch) -> FigureProcess:
+    """A figure process with its child started, as in a process that has not imported matplotlib (this one has)."""
+    with monkeypatch.context() as hidden:
+        hidden.delitem(sys.modules, "matplotlib.figure")
+        figures = FigureProcess()
+    assert figures.child is not None
+    return figures
 
 
 def test_a_figure_process_draws_what_png_bytes_draws_and_falls_back_to_drawing_here(monkeypatch):
-    expected = png_bytes(_ruled, (3.0, 2.0))
-    with FigureProcess() as figures:
-        assert figures.png(_ruled, (3.0, 2.0)) == expected
-        assert figures.child is None  # one figure per process, and it has ended
+    expected = png_bytes(warm_up, (3.0, 2.0))
+    with started(monkeypatch) as figures:
+        child = figures.child
+        assert figures.png(warm_up, (3.0, 2.0)) == expected
+        assert child.returncode == 0 and figures.child is None  # drawn there: one figure per child, then it ends
 
     def local(figure) -> None:  # does not pickle: drawn here
-        _ruled(figure)
+        warm_up(figure)
 
-    with FigureProcess() as figures:
+    with started(monkeypatch) as figures:
         assert figures.png(local, (3.0, 2.0)) == expected
 
     def broken(figure) -> None:
         raise ValueError("a figure that fails")
 
-    with FigureProcess() as figures, pytest.raises(ValueError, match="a figure that fails"):
+    with started(monkeypatch) as figures, pytest.raises(ValueError, match="a figure that fails"):
         figures.png(broken, (3.0, 2.0))  # the error a drawing in this process gives
     monkeypatch.setattr(sys, "executable", shutil.which("false"))
-    with FigureProcess() as figures:  # a child that dies at once
-        assert figures.png(_ruled, (3.0, 2.0)) == expected
+    with started(monkeypatch) as figures:  # a child that dies at once
+        assert figures.png(warm_up, (3.0, 2.0)) == expected
+    with FigureProcess() as figures:  # matplotlib is loaded here: drawn here, no child
+        assert figures.child is None and figures.png(warm_up, (3.0, 2.0)) == expected
 
 
-def test_leaving_a_figure_process_ends_its_child():
-    with FigureProcess() as figures:
+def test_leaving_a_figure_process_ends_its_child(monkeypatch):
+    with started(monkeypatch) as figures:
         child = figures.child
         assert child is not None and child.poll() is None
     assert child.returncode is not None and figures.child is None
