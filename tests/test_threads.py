@@ -15,10 +15,8 @@ from splice.tensors.stream import Kernel
 
 
 def test_the_thread_count_is_per_thread_where_the_module_says_so():
-    """What `calling_thread_only` relies on, checked against torch itself: a count set on another thread leaves this
-    thread's alone."""
-    if not threads.threads_are_set_per_thread():
-        pytest.skip("torch's thread count is process-wide in this build: the grain-size slices are used")
+    """What `calling_thread_only` relies on, checked against torch itself: where the module says the count is per
+    thread, a count set on another thread leaves this thread's alone; where it says process-wide, it does not."""
     mine = torch.get_num_threads()
     seen = []
 
@@ -29,7 +27,20 @@ def test_the_thread_count_is_per_thread_where_the_module_says_so():
     worker = threading.Thread(target=elsewhere)
     worker.start()
     worker.join(timeout=30)
-    assert seen == [mine + 1] and torch.get_num_threads() == mine
+    try:
+        assert seen == [mine + 1]
+        assert (torch.get_num_threads() == mine) == threads.threads_are_set_per_thread()
+    finally:
+        torch.set_num_threads(mine)
+
+
+@pytest.fixture
+def two_threads():
+    """This thread's torch pool at 2 threads (on a 1-core machine too), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def observing_kernel(calls: list[tuple[int, int]]) -> Kernel:
@@ -51,22 +62,23 @@ def expected(tensors: list[torch.Tensor]) -> torch.Tensor:
     return (tensors[0].float() * 0.25 + tensors[1].float() * 0.75).to(torch.bfloat16)
 
 
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs a thread pool of 2 or more to see it set aside")
-def test_slices_run_with_one_thread_on_the_calling_thread_and_the_count_comes_back(monkeypatch):
-    if not threads.threads_are_set_per_thread():
-        pytest.skip("torch's thread count is process-wide in this build")
+def test_slices_run_on_the_calling_thread_alone_and_the_count_comes_back(monkeypatch, two_threads):
     monkeypatch.setattr(stream, "COMPUTE_SLICE", 60_000)
-    before = torch.get_num_threads()
     calls: list[tuple[int, int]] = []
     tensors = inputs()
     result, finite = stream._computed_in_slices(observing_kernel(calls), "w", tensors, torch.bfloat16)
     assert finite and torch.equal(result, expected(tensors))
-    assert len(calls) == 4 and {count for _, count in calls} == {1}
-    assert max(elements for elements, _ in calls) == 60_000 // 300 * 300
-    assert torch.get_num_threads() == before
+    assert sum(elements for elements, _ in calls) == 700 * 300
+    if threads.threads_are_set_per_thread():  # one thread for the slices, which are as large as asked
+        assert len(calls) == 4 and {count for _, count in calls} == {1}
+        assert max(elements for elements, _ in calls) == 60_000 // 300 * 300
+    else:  # the count untouched, slices within the grain
+        assert {count for _, count in calls} == {2}
+        assert max(elements for elements, _ in calls) <= threads.GRAIN_SIZE
+    assert torch.get_num_threads() == 2
 
 
-def test_where_the_count_is_process_wide_slices_shrink_to_the_grain_and_nothing_is_set(monkeypatch):
+def test_where_the_count_is_process_wide_slices_shrink_to_the_grain_and_nothing_is_set(monkeypatch, two_threads):
     monkeypatch.setattr(threads, "threads_are_set_per_thread", lambda: False)
     monkeypatch.setattr(stream, "COMPUTE_SLICE", 10**6)
     before = torch.get_num_threads()
@@ -76,7 +88,7 @@ def test_where_the_count_is_process_wide_slices_shrink_to_the_grain_and_nothing_
     assert finite and torch.equal(result, expected(tensors))
     assert max(elements for elements, _ in calls) <= threads.GRAIN_SIZE
     assert sum(elements for elements, _ in calls) == 700 * 300
-    assert {count for _, count in calls} == {before}
+    assert {count for _, count in calls} == {before} == {2}
 
 
 def test_a_slice_whose_entries_overflow_only_in_their_sum_is_still_finite():
