@@ -19,6 +19,7 @@ case and mode: wall, GB/s of input read, the wall's ratio to the raw floor of th
 RSS and CPU seconds.
 
 Not run in CI. Usage:  .venv/bin/python benchmarks/throughput.py [--modes warm cold] [--only splice-soup ...]
+                [--device cuda]   (splice soup --device cuda, mergekit-yaml --cuda; results-cuda.json)
 See benchmarks/README.md for the figures measured so far.
 """
 
@@ -163,14 +164,30 @@ def run_mode(mode: str, cases: list[Case], files: list[Path], workdir: Path, env
     return runs
 
 
+def gpu_name() -> str:
+    """The GPU `--device cuda` runs on; the benchmark stops here when there is none (splice would refuse later)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch on this machine")
+    return torch.cuda.get_device_name()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--modes", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
     parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where splice computes (`splice --device`) and whether mergekit-yaml gets --cuda; the raw floor reads "
+        "and writes on the host either way",
+    )
     args = parser.parse_args(argv)
+    gpu = gpu_name() if args.device == "cuda" else None
     workdir = args.workdir.resolve()
     prepare_workdir(workdir)
     models = build_models(workdir / "models", spec=BF16_SPEC)
@@ -194,11 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         "input_gb": read_gb,
         "spec": BF16_SPEC,
         "device": args.device,
+        "gpu": gpu,
         "modes": results,
     }
     path = workdir / f"results-{args.device}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\ninputs: 3 x {read_gb / 3:.2f} GB bf16, {len(files)} shard files")
+    print(f"\ninputs: 3 x {read_gb / 3:.2f} GB bf16, {len(files)} shard files, device {args.device} {gpu or ''}")
     for mode, rows in results.items():
         for name, row in rows.items():
             ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("wall / "))
