@@ -444,8 +444,9 @@ def computed_with_copies(
     """`computed` on a device the host copies to and from (a GPU: `CudaCopies`): inputs are staged in pinned memory
     and uploaded on a side stream while earlier units compute, small units several to a copy; each result comes
     back while the next is computed (tensors/transfer.py). Inputs reach the device as stored and are converted
-    there, exactly (fp32 from bf16/fp16 is exact), so the kernel sees the values `compute_one` gives it; the cast
-    and the NaN/Inf refusal are `compute_one`'s."""
+    there, where `compute_one` converts them on the host: to fp32 that is exact, so the kernel sees the same values,
+    bit for bit (a `Precision` narrower than the stored dtype rounds to nearest even on either side: the same
+    numbers, NaN payloads aside); the kernel, the cast and the NaN/Inf refusal are `compute_one`'s."""
     progress = run.reporter
     uploads, downloads = Uploads(copies, limits), Downloads[WorkUnit](copies, limits)
 
