@@ -197,6 +197,13 @@ def _aligned(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
 
 
+def _packed_end(end: int, sizes: Sequence[int]) -> int:
+    """Where a batch laid out up to `end` ends with reads of `sizes` bytes added, each aligned."""
+    for size in sizes:
+        end = _aligned(end) + size
+    return end
+
+
 def _span(read: Read) -> tuple[tuple[int, ...], int]:
     checkpoint, name, rows = read
     shape, start, end = stored_span(checkpoint.tensors[name], rows)
@@ -228,16 +235,10 @@ def plan_batches(units_reads: Sequence[Sequence[Read]], limits: StagingLimits) -
             pack_small()
             batches.append(_laid_out([position], units_reads, limits.slab_bytes))
             continue
-        end = small_end
-        for size in sizes:
-            end = _aligned(end) + size
-        if small and end > limits.slab_bytes:
+        if small and _packed_end(small_end, sizes) > limits.slab_bytes:
             pack_small()
-            end = 0
-            for size in sizes:
-                end = _aligned(end) + size
         small.append(position)
-        small_end = end
+        small_end = _packed_end(small_end, sizes)
     pack_small()
     return batches
 
