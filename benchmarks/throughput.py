@@ -25,7 +25,8 @@ same method), peak RSS and CPU seconds. `--profile` adds where the time of the s
 one process: the stream's reader, compute and writer threads, and inside compute the torch operations by kind.
 
 Not run in CI. Usage:  .venv/bin/python benchmarks/throughput.py [--spec bf16|fp32] [--modes warm cold]
-[--only splice-soup ...] [--profile]. See benchmarks/README.md for the figures measured so far.
+[--only splice-soup ...] [--profile] [--device cuda] (splice --device cuda, mergekit-yaml --cuda; results-cuda.json).
+See benchmarks/README.md for the figures measured so far.
 """
 
 from __future__ import annotations
@@ -230,6 +231,15 @@ def run_mode(mode: str, cases: list[Case], files: list[Path], workdir: Path, env
     return runs
 
 
+def gpu_name() -> str:
+    """The GPU `--device cuda` runs on; the benchmark stops here when there is none (splice would refuse later)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch on this machine")
+    return torch.cuda.get_device_name()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
@@ -237,9 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
     parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where splice computes (`splice --device`) and whether mergekit-yaml gets --cuda; the raw floor reads "
+        "and writes on the host either way",
+    )
     parser.add_argument("--profile", action="store_true", help="where the soup's and ties' time goes (one process)")
     args = parser.parse_args(argv)
+    gpu = gpu_name() if args.device == "cuda" else None
     workdir = args.workdir.resolve() / args.spec
     prepare_workdir(workdir)
     spec = SPECS[args.spec]
@@ -264,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "input_gb": read_gb,
         "spec": spec,
         "device": args.device,
+        "gpu": gpu,
         "modes": results,
     }
     if args.profile:
@@ -272,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         result["profile"] = profile_runs(models, workdir, write_config(workdir, models, "ties", dtype))
     path = workdir / f"results-{args.device}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\ninputs: 3 x {read_gb / 3:.2f} GB {dtype}, {len(files)} shard files")
+    print(f"\ninputs: 3 x {read_gb / 3:.2f} GB {dtype}, {len(files)} shard files, device {args.device} {gpu or ''}")
     for mode, rows in results.items():
         for name, row in rows.items():
             ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("wall / "))

@@ -27,6 +27,7 @@ from splice.options import CHUNK_BYTES, RunOptions
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import compute_dtype_for, dtype_name, resolve_device
 from splice.tensors.threads import calling_thread_only
+from splice.tensors.transfer import Copies, CudaCopies, Downloads, StagingLimits, Uploads, plan_batches
 from splice.tensors.writer import (
     OutputTensor,
     ShardedWriter,
@@ -180,8 +181,9 @@ def read_all(reads: Reads) -> list[torch.Tensor]:
     return [ckpt.read(name, rows) for ckpt, name, rows in reads]
 
 
-def read_ahead(groups: Sequence[Reads], depth: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """Yield (group position, its tensors), reading up to `depth` groups in advance on a background thread."""
+def read_ahead(groups: Sequence[Any], depth: int, read: Callable[[Any], Any] = read_all) -> Iterator[tuple[int, Any]]:
+    """Yield (group position, `read(group)`: by default its tensors), reading up to `depth` groups in advance on a
+    background thread."""
     slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 
@@ -197,7 +199,7 @@ def read_ahead(groups: Sequence[Reads], depth: int) -> Iterator[tuple[int, list[
     def produce() -> None:
         try:
             for position, group in enumerate(groups):
-                tensors = read_all(group)
+                tensors = read(group)
                 if not offer((position, tensors)):
                     return
             offer(_DONE)
@@ -412,6 +414,9 @@ def computed(
 ) -> Iterator[tuple[WorkUnit, torch.Tensor | None]]:
     """Each work unit with the kernel's output for it (on the CPU), inputs read ahead on a background thread;
     None for a unit the kernel passes through as stored. Progress is told as each unit completes."""
+    if device.type == "cuda":
+        yield from computed_with_copies(units, kernel, CudaCopies(device), run)
+        return
     progress = run.reporter
     with torch.inference_mode():
         for position, tensors in read_ahead([unit.reads for unit in units], run.read_ahead_depth):
@@ -432,6 +437,49 @@ def computed(
                 len(tensors),
                 1000 * (time.perf_counter() - tick),
             )
+
+
+def computed_with_copies(
+    units: Sequence[WorkUnit],
+    kernel: Kernel,
+    copies: Copies,
+    run: RunOptions,
+    limits: StagingLimits = StagingLimits(),
+) -> Iterator[tuple[WorkUnit, torch.Tensor | None]]:
+    """`computed` on a device the host copies to and from (a GPU: `CudaCopies`): inputs are staged in pinned memory
+    and uploaded on a side stream while earlier units compute, small units several to a copy; each result comes
+    back while the next is computed (tensors/transfer.py). Inputs reach the device as stored and are converted
+    there, where `compute_one` converts them on the host: to fp32 that is exact, so the kernel sees the same values,
+    bit for bit (a `Precision` narrower than the stored dtype rounds to nearest even on either side: the same
+    numbers, NaN payloads aside); the kernel, the cast and the NaN/Inf refusal are `compute_one`'s."""
+    progress = run.reporter
+    uploads, downloads = Uploads(copies, limits), Downloads[WorkUnit](copies, limits)
+
+    def finished(keep: int) -> Iterator[tuple[WorkUnit, torch.Tensor | None]]:
+        for unit, result, finite in downloads.finished(keep):
+            if not finite:
+                assert result is not None
+                refuse_new_non_finite(unit.item.output.name, result, partial(read_all, unit.reads))
+            yield unit, result
+            progress.advance(int(unit.completes_item), unit.input_bytes)
+
+    batches = plan_batches([unit.reads for unit in units], limits)
+    with torch.inference_mode():
+        for _, arrived in read_ahead(batches, run.read_ahead_depth, read=uploads.load):
+            copies.use(arrived.ticket, arrived.buffers)
+            for position, tensors in zip(arrived.batch.positions, arrived.inputs):
+                unit = units[position]
+                out = unit.item.output
+                if unit.verbatim:
+                    downloads.ready(unit, None)
+                elif arrived.batch.on_host:  # integer buffers: compared and copied on the host
+                    cpu = torch.device("cpu")
+                    downloads.ready(unit, compute_one(unit.item, tensors, kernel, cpu, partial(read_all, unit.reads)))
+                else:
+                    moved = [t.to(dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
+                    downloads.start(unit, kernel.compute(out.name, moved).to(dtype=out.dtype))
+                yield from finished(keep=1)  # the result before this one, while this one computes
+        yield from finished(keep=0)
 
 
 def stream_to_memory(
