@@ -40,6 +40,10 @@ log = logging.getLogger("splice.stream")
 
 Compute = Callable[[str, list[torch.Tensor]], torch.Tensor]
 """(output tensor name, input tensors on the compute device in their working precision) -> output tensor."""
+Slices = Callable[[], Iterator[list[torch.Tensor]]]
+"""A fresh pass over a tensor's inputs in slices of rows, in order, each slice in the working precision."""
+Prepare = Callable[[str, Sequence[torch.Tensor], Slices], "Compute | None"]
+"""(output tensor name, its inputs as stored, their slices) -> what computes the slices, or None."""
 
 
 @dataclass(frozen=True)
@@ -69,12 +73,18 @@ class Kernel:
       blocks of rows (memory then stays flat however large a tensor is).
     passes_through: names of the tensors the kernel returns as its first input: the writer copies them as their
       first source stores them (inside the kernel when both sides are local files), nothing is read or computed.
+    prepare: for a kernel whose output entries depend on the same entries of the inputs once a few statistics of
+      the whole tensors are known (TIES: each delta's magnitude threshold): given the tensor's name, its inputs as
+      stored and their slices, it returns what computes the slices, called on them in order (None: `compute` on the
+      whole tensors). On the CPU the stream then computes the tensor in cache-sized slices as for `elementwise`;
+      elsewhere `compute` runs on whole tensors, and both must give the same output bit for bit.
     """
 
     compute: Compute
     elementwise: bool = False
     passes_through: frozenset[str] = frozenset()
     precision: Precision = Precision()
+    prepare: Prepare | None = None
 
 
 @dataclass(frozen=True)
@@ -237,8 +247,9 @@ def compute_one(
         if any(t.dtype != first.dtype or not torch.equal(t, first) for t in tensors[1:]):
             raise IncompatibleModelsError(f"non-float tensor {out.name} differs between inputs; cannot merge it")
         return first.to(out.dtype)
-    if _in_slices(kernel, tensors, device):
-        result, finite = _computed_in_slices(kernel, out.name, tensors, out.dtype)
+    sliced = _computed_in_slices(kernel, out.name, tensors, out.dtype) if _in_slices(kernel, tensors, device) else None
+    if sliced is not None:
+        result, finite = sliced
         if not finite:
             refuse_new_non_finite(out.name, result, reread)
         return result
@@ -258,7 +269,7 @@ The slices run on the calling thread alone (splice.tensors.threads says why)."""
 def _in_slices(kernel: Kernel, tensors: Sequence[torch.Tensor], device: torch.device) -> bool:
     first = tensors[0]
     return (
-        kernel.elementwise
+        (kernel.elementwise or kernel.prepare is not None)
         and device.type == "cpu"
         and first.dim() > 0
         and first.numel() > COMPUTE_SLICE
@@ -268,20 +279,29 @@ def _in_slices(kernel: Kernel, tensors: Sequence[torch.Tensor], device: torch.de
 
 def _computed_in_slices(
     kernel: Kernel, name: str, tensors: Sequence[torch.Tensor], dtype: torch.dtype
-) -> tuple[torch.Tensor, bool]:
-    """An elementwise kernel run on blocks of rows of about COMPUTE_SLICE elements, each cast into the output as it
-    is done: the same arithmetic on every entry as one call over the whole block (its rows depend only on theirs).
-    With it, whether every output entry is finite: each slice's sum is kept while the slice is in the cache (a sum
-    is finite only if every entry is), and the entries are looked at only where a sum is not."""
+) -> tuple[torch.Tensor, bool] | None:
+    """An elementwise kernel (or one `prepare`d for it) run on blocks of rows of about COMPUTE_SLICE elements, each
+    cast into the output as it is done: the same arithmetic on every entry as one call over the whole block (its
+    rows depend only on theirs). With it, whether every output entry is finite: each slice's sum is kept while the
+    slice is in the cache (a sum is finite only if every entry is), and the entries are looked at only where a sum
+    is not. None when `prepare` declines (the whole tensors are computed instead)."""
     first = tensors[0]
-    result = torch.empty(first.shape, dtype=dtype)
     with calling_thread_only(COMPUTE_SLICE) as slice_elements:
         rows = max(1, slice_elements // max(1, first[0].numel()))
+        starts = range(0, first.shape[0], rows)
+
+        def slices() -> Iterator[list[torch.Tensor]]:
+            for start in starts:
+                yield [t[start : start + rows].to(dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
+
+        compute = kernel.compute if kernel.prepare is None else kernel.prepare(name, tensors, slices)
+        if compute is None:
+            return None
+        result = torch.empty(first.shape, dtype=dtype)
         sums = []
-        for start in range(0, first.shape[0], rows):
-            part = [t[start : start + rows].to(dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
+        for start, part in zip(starts, slices()):
             done = result[start : start + rows]
-            done.copy_(kernel.compute(name, part))
+            done.copy_(compute(name, part))
             sums.append(done.sum(dtype=torch.float32))
         finite = bool(torch.isfinite(torch.stack(sums)).all()) or bool(torch.isfinite(result).all())
     return result, finite
