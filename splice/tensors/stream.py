@@ -9,11 +9,13 @@ to the output dtype and handed to the writer.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -437,26 +439,76 @@ def computed(
     if device.type == "cuda":
         yield from computed_with_copies(units, kernel, CudaCopies(device), run)
         return
+    workers = compute_workers(kernel, device, run)
+    if workers > 1:
+        yield from _computed_in_parallel(units, kernel, device, run, workers)
+        return
     progress = run.reporter
     with torch.inference_mode():
         for position, tensors in read_ahead([unit.reads for unit in units], run.read_ahead_depth):
             unit = units[position]
-            if unit.verbatim:
-                yield unit, None
-                progress.advance(1, unit.item.input_bytes)
-                continue
-            tick = time.perf_counter()
-            result = compute_one(unit.item, tensors, kernel, device, partial(read_all, unit.reads))
+            result = None if unit.verbatim else _compute_unit(unit, tensors, kernel, device)
             yield unit, result
             progress.advance(int(unit.completes_item), unit.input_bytes)
-            log.debug(
-                "%s %s rows %s from %d inputs in %.1f ms",
-                unit.item.output.name,
-                list(unit.item.output.shape),
-                unit.rows or "all",
-                len(tensors),
-                1000 * (time.perf_counter() - tick),
-            )
+
+
+def compute_workers(kernel: Kernel, device: torch.device, run: RunOptions) -> int:
+    """How many threads compute work units at once: `run.compute_threads` (0: one per core, at most
+    AUTO_COMPUTE_THREADS) for a kernel the CPU computes in slices, each on its thread alone; 1 for every other
+    kernel (its operations already use torch's pool, and mergekit's random methods draw from one generator in
+    order)."""
+    if device.type != "cpu" or not (kernel.elementwise or kernel.prepare is not None):
+        return 1
+    return run.compute_threads or min(AUTO_COMPUTE_THREADS, os.cpu_count() or 1)
+
+
+AUTO_COMPUTE_THREADS = 4
+
+
+def _compute_unit(unit: WorkUnit, tensors: list[torch.Tensor], kernel: Kernel, device: torch.device) -> torch.Tensor:
+    tick = time.perf_counter()
+    # inference mode and torch's thread count are per thread: a compute thread sets its own, and runs its
+    # operations alone (the whole tensors below COMPUTE_SLICE too), the threads together using the cores
+    with torch.inference_mode(), calling_thread_only(COMPUTE_SLICE):
+        result = compute_one(unit.item, tensors, kernel, device, partial(read_all, unit.reads))
+    log.debug(
+        "%s rows %s from %d inputs in %.1f ms",
+        unit.item.output.name,
+        unit.rows or "all",
+        len(tensors),
+        1000 * (time.perf_counter() - tick),
+    )
+    return result
+
+
+def _computed_in_parallel(
+    units: Sequence[WorkUnit], kernel: Kernel, device: torch.device, run: RunOptions, workers: int
+) -> Iterator[tuple[WorkUnit, torch.Tensor | None]]:
+    """`computed` with `workers` units computed at once on threads of their own, results handed on in the units'
+    order: at most `workers` + 1 units' inputs and outputs held besides those read ahead and written behind."""
+    progress = run.reporter
+    in_flight: deque[tuple[WorkUnit, concurrent.futures.Future | None]] = deque()
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="splice-compute")
+
+    def oldest() -> tuple[WorkUnit, torch.Tensor | None]:
+        unit, job = in_flight.popleft()
+        return unit, None if job is None else job.result()
+
+    try:
+        for position, tensors in read_ahead([unit.reads for unit in units], run.read_ahead_depth):
+            unit = units[position]
+            job = None if unit.verbatim else pool.submit(_compute_unit, unit, tensors, kernel, device)
+            in_flight.append((unit, job))
+            while len(in_flight) > workers:
+                unit, result = oldest()
+                yield unit, result
+                progress.advance(int(unit.completes_item), unit.input_bytes)
+        while in_flight:
+            unit, result = oldest()
+            yield unit, result
+            progress.advance(int(unit.completes_item), unit.input_bytes)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def computed_with_copies(
