@@ -463,6 +463,9 @@ def compute_workers(kernel: Kernel, device: torch.device, run: RunOptions) -> in
 
 
 AUTO_COMPUTE_THREADS = 4
+COMPUTE_BYTES_IN_FLIGHT = 256 * 1024 * 1024
+"""The stored bytes of the inputs the compute threads may hold together (one unit larger than this is computed
+alone)."""
 
 
 def _compute_unit(unit: WorkUnit, tensors: list[torch.Tensor], kernel: Kernel, device: torch.device) -> torch.Tensor:
@@ -485,7 +488,9 @@ def _computed_in_parallel(
     units: Sequence[WorkUnit], kernel: Kernel, device: torch.device, run: RunOptions, workers: int
 ) -> Iterator[tuple[WorkUnit, torch.Tensor | None]]:
     """`computed` with `workers` units computed at once on threads of their own, results handed on in the units'
-    order: at most `workers` + 1 units' inputs and outputs held besides those read ahead and written behind."""
+    order: besides the units read ahead and written behind, at most `workers` + 1 units in hand, and no more than
+    one while their inputs pass COMPUTE_BYTES_IN_FLIGHT (whole tensors of a large vocabulary are computed one or two
+    at a time: memory stays flat in the model's size)."""
     progress = run.reporter
     in_flight: deque[tuple[WorkUnit, concurrent.futures.Future | None]] = deque()
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="splice-compute")
@@ -494,15 +499,20 @@ def _computed_in_parallel(
         unit, job = in_flight.popleft()
         return unit, None if job is None else job.result()
 
+    def no_room_for(unit: WorkUnit) -> bool:
+        held = [other.input_bytes for other, job in in_flight if job is not None]
+        too_large = held and not unit.verbatim and sum(held) + unit.input_bytes > COMPUTE_BYTES_IN_FLIGHT
+        return len(in_flight) > workers or bool(too_large)
+
     try:
         for position, tensors in read_ahead([unit.reads for unit in units], run.read_ahead_depth):
             unit = units[position]
+            while no_room_for(unit):
+                done, result = oldest()
+                yield done, result
+                progress.advance(int(done.completes_item), done.input_bytes)
             job = None if unit.verbatim else pool.submit(_compute_unit, unit, tensors, kernel, device)
             in_flight.append((unit, job))
-            while len(in_flight) > workers:
-                unit, result = oldest()
-                yield unit, result
-                progress.advance(int(unit.completes_item), unit.input_bytes)
         while in_flight:
             unit, result = oldest()
             yield unit, result
