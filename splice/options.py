@@ -31,7 +31,9 @@ class RunOptions:
     progress: told what is read and computed (`splice.progress.Progress`); None: nobody.
     storage_options: passed to fsspec for remote models, patches and registries.
     read_ahead_depth: work units the stream reads ahead of the one it computes.
-    chunk_bytes: tensors larger than this reach an elementwise kernel in blocks of rows."""
+    chunk_bytes: tensors larger than this reach an elementwise kernel in blocks of rows.
+    compute_threads: work units computed at once on the CPU by a kernel computed in slices (soups, linear, task
+      arithmetic, TIES); 0: one per core, at most 4. Each holds its unit's inputs and output."""
 
     device: str = "auto"
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -40,6 +42,7 @@ class RunOptions:
     storage_options: dict | None = None
     read_ahead_depth: int = 2
     chunk_bytes: int = CHUNK_BYTES
+    compute_threads: int = 0
 
     @property
     def reporter(self) -> Progress:
@@ -60,6 +63,7 @@ class RunKeywords(TypedDict, total=False):
     storage_options: dict | None
     read_ahead_depth: int
     chunk_bytes: int
+    compute_threads: int
 
 
 RUN_FIELDS = tuple(field.name for field in dataclasses.fields(RunOptions))
