@@ -50,7 +50,7 @@ PHASES = {  # the child's phase keys, in call order; "a.b" is part of "a"
     "context": "context fingerprint of NEW (sampled)",
     "stream": "stream: read, patch, write (port: the drift measured on the way)",
     "stream.measure": "drift measured per patched tensor (`_measure_one`, on the stream's thread)",
-    "stream.sha": "sha256 of OLD's tensors, + NEW's with its norm (worker threads, overlapping)",
+    "stream.sha": "sha256 of NEW's and OLD's tensors (worker threads, overlapping the figures)",
     "stream.update": "the update U materialized (`_update`)",
     "stream.drift": "drift figures (`_drift_sums`: U, W' - W, their norms and dot in fp64)",
     "stream.report": "report files: JSON, and the PNG from the child process (waited for)",
@@ -60,7 +60,7 @@ PHASES = {  # the child's phase keys, in call order; "a.b" is part of "a"
 # One child for both splice calls. Phases are timed by wrapping splice's own functions (names looked up at
 # call time in the modules that call them), so the library is measured as a user gets it.
 SPLICE_CALL = r"""
-import json, sys, time
+import json, resource, sys, time
 import splice.adapters.apply as apply_module
 import splice.adapters.drift as drift_module
 import splice.adapters.patch as patch_module
@@ -86,18 +86,21 @@ timed(port_module, "run_stream", "stream")
 timed(apply_module, "run_stream", "stream")
 timed(port_module, "_measure_one", "stream.measure")
 timed(port_module, "tensor_sha256", "stream.sha")
-timed(port_module, "fingerprint_tensor", "stream.sha")
 timed(port_module, "_update", "stream.update")
 timed(port_module, "_drift_sums", "stream.drift")
 timed(drift_module.DriftReport, "files", "stream.report")
-started = time.perf_counter()
+def cpu():  # this process's threads and the children it waited for (the report's figure process)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+started, cpu_started = time.perf_counter(), cpu()
 if mode == "apply":
     apply_module.apply_patches([patch], new, out, allow_base_drift=True, device="cpu", force=True)
 else:
     port_module.port_patch(patch, new, out=out, old_base=None if old == "-" else old, device="cpu", force=True)
-seconds = time.perf_counter() - started
+seconds, cpu_seconds = time.perf_counter() - started, cpu() - cpu_started
 phases["rest"] = seconds - sum(value for key, value in phases.items() if "." not in key)
-json.dump({"seconds": seconds, "phases": phases}, open(report, "w"))
+json.dump({"seconds": seconds, "cpu_seconds": cpu_seconds, "phases": phases}, open(report, "w"))
 """
 
 
@@ -287,6 +290,11 @@ def run_rounds(
                         "cpu_s": run.cpu_s,
                         "other_load": run.other_load,
                         "inside_s": inside.get("seconds"),
+                        "inside_cpu_s": inside.get("cpu_seconds"),
+                        # the call without waiting for the report's files (the PNG drawn by the figure process)
+                        "inside_but_report_s": inside["seconds"] - inside.get("phases", {}).get("stream.report", 0.0)
+                        if inside
+                        else None,
                         "phases": inside.get("phases", {}),
                     }
                 )
@@ -299,6 +307,15 @@ RATIOS = [
     ("port / patch-apply (whole process)", "port", "wall_s", "patch-apply", "wall_s", TARGET),
     ("port / patch-apply (the command lines, whole)", "cli-port", "wall_s", "cli-patch-apply", "wall_s", TARGET),
     ("port-no-old / patch-apply (inside the call)", "port-no-old", "inside_s", "patch-apply", "inside_s", TARGET),
+    ("port / patch-apply: CPU s inside the call", "port", "inside_cpu_s", "patch-apply", "inside_cpu_s", None),
+    (
+        "port but the report's files / patch-apply (inside)",
+        "port",
+        "inside_but_report_s",
+        "patch-apply",
+        "inside_s",
+        None,
+    ),
     ("port (inside) / copy-shards", "port", "inside_s", "copy-shards", "wall_s", None),
     ("port (whole process) / copy-shards", "port", "wall_s", "copy-shards", "wall_s", None),
     ("port (inside) / io-floor (inside)", "port", "inside_s", "io-floor", "inside_s", None),
@@ -321,6 +338,8 @@ def summarize(runs: list[dict], repeats: int) -> tuple[dict, dict]:
         }
         if mine[0]["inside_s"] is not None:
             row["inside_s"] = statistics.median(run["inside_s"] for run in mine)
+        if mine[0]["inside_cpu_s"] is not None:
+            row["inside_cpu_s"] = statistics.median(run["inside_cpu_s"] for run in mine)
         anon = [run["peak_anon_mb"] for run in mine if run["peak_anon_mb"] is not None]
         row["peak_anon_mb"] = statistics.median(anon) if anon else None
         row["phases"] = {
@@ -339,11 +358,16 @@ def summarize(runs: list[dict], repeats: int) -> tuple[dict, dict]:
 
 def print_report(cases: dict, ratios: dict, errors: dict[str, float], repeats: int) -> None:
     print(f"\nmedians of {repeats} rounds (machine shared: see 'others busy' above)")
-    print(f"  {'case':<17} {'inside s':>9} {'process s':>10} {'peak RSS MB':>12} {'RssAnon MB':>11}")
+    print(
+        f"  {'case':<17} {'inside s':>9} {'inside CPU s':>13} {'process s':>10} {'peak RSS MB':>12} {'RssAnon MB':>11}"
+    )
     for name, row in cases.items():
         inside = f"{row['inside_s']:.2f}" if "inside_s" in row else "-"
+        inside_cpu = f"{row['inside_cpu_s']:.2f}" if "inside_cpu_s" in row else "-"
         anon = f"{row['peak_anon_mb']:.0f}" if row["peak_anon_mb"] is not None else "-"
-        print(f"  {name:<17} {inside:>9} {row['wall_s']:>10.2f} {row['peak_rss_mb']:>12.0f} {anon:>11}")
+        print(
+            f"  {name:<17} {inside:>9} {inside_cpu:>13} {row['wall_s']:>10.2f} {row['peak_rss_mb']:>12.0f} {anon:>11}"
+        )
     print("\nratios (each taken within one round; median over rounds)")
     for label, ratio in ratios.items():
         verdict = (
