@@ -92,7 +92,7 @@ def hook_name(hook: str | Callable, option: str = "`evaluate`") -> str:
 
 def score_state(scorer: Scorer, state: Mapping[str, torch.Tensor], model_dir: str, hook: str = "`evaluate`") -> float:
     """The score `scorer` gives a candidate, refused (naming the `hook` and the value) unless a finite number:
-    every caller scores before it writes, so a bad score stops a command before anything is written."""
+    every caller scores before it publishes, so a bad score stops a command before anything is published."""
     with torch.no_grad():
         value = scorer(state, model_dir) if _takes_two_arguments(scorer) else scorer(state)
     try:

@@ -56,7 +56,7 @@ def port_command(
 ) -> None:
     """Port a patch made on an old base onto an evolved base, training-free (PortLLM): the patch's update is
     added to the new base's tensors. A drift report (table, port_report.json and .png beside the output) says
-    how far the base moved where the patch acts, before anything is written."""
+    how far the base moved where the patch acts; nothing is published before it and every check."""
     from splice.workflows.port import port
 
     outcome = port(
