@@ -21,6 +21,7 @@ import splice
 from splice.adapters.compose import patch_steps
 from splice.adapters.extract import extract_patch_to
 from splice.adapters.port import port_patch, prepare_port, write_ported
+from splice.options import RunOptions
 from splice.plots import FigureProcess, png_bytes, warm_up
 from splice.registry.refs import RegistryError
 from splice.registry.store import Registry
@@ -81,6 +82,25 @@ def test_one_pass_writes_the_bytes_of_the_two_pass_route(kind, dtype, with_old, 
             expected = expected.to(value.dtype).double() if dtype == "bf16" else expected
             atol = 1e-6 if dtype == "fp32" else float(value.abs().max()) * 2**-7
             torch.testing.assert_close(out[name].double(), expected, rtol=0, atol=atol, msg=name)
+
+
+def test_a_cuda_port_streams_through_the_copies_and_writes_what_the_cpu_writes(tmp_path, monkeypatch):
+    """With a cuda device the stream hands the kernel its inputs through the host-device copies (here the CPU double
+    in CudaCopies' place): the port measures and patches them there and publishes the CPU's bytes."""
+    from test_transfer import LIMITS, DeferredCopies
+
+    import splice.tensors.stream as stream
+
+    v1, tuned, v2 = lineage_setup(tmp_path, "llama")
+    extract_patch_to(tmp_path / "patch", v1, tuned, "layernorm")
+    port_patch(tmp_path / "patch", v2, out=tmp_path / "cpu", old_base=v1, scale=0.7, device="cpu")
+    made: list[DeferredCopies] = []
+    monkeypatch.setattr(stream, "CudaCopies", lambda device: made.append(DeferredCopies()) or made[-1])
+    monkeypatch.setattr(stream.computed_with_copies, "__defaults__", (LIMITS,))
+    run = RunOptions(device=torch.device("cuda"))
+    ported = port_patch(tmp_path / "patch", v2, out=tmp_path / "gpu", old_base=v1, scale=0.7, run=run)
+    assert ported.stream.device == "cuda" and len(made) == 1 and made[0].copied["up"] > 0
+    assert files_of(tmp_path / "gpu") == files_of(tmp_path / "cpu")
 
 
 def test_each_base_is_read_once(tmp_path, monkeypatch):

@@ -230,7 +230,7 @@ def _port_streaming(
     files: dict[str, bytes] = {}
     finished: list[Ported] = []
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="splice-port-hash") as hashing:
-        measuring = _DriftPass(inputs, resolve_device(run.device), hashing)
+        measuring = _DriftPass(inputs, None, hashing)
         replaced = {name for name, step in steps.items() if step.effect is Effect.replace}
         provisional = _ported_contents(inputs.patch, measuring.result.replaced, replaced, inputs.scale)
         plan = base_steps([Patch(provisional.tensors, provisional.meta)], new)
@@ -406,7 +406,7 @@ class _DriftPass:
     """What each patched tensor is measured against, and what has been found so far."""
 
     inputs: _PortInputs
-    compute: torch.device
+    compute: torch.device | None  # None: where the tensors arrive (a stream has put them on its device already)
     hashing: ThreadPoolExecutor  # sha256 releases the GIL: hashes run on its threads while the figures are computed
     result: _Measured = field(default_factory=lambda: _Measured([], [], {}))
     recorded: dict[str, TensorFingerprint] = field(init=False)  # the patch's fingerprint of its own base, by name
@@ -431,10 +431,12 @@ def _measure_one(measuring: _DriftPass, name: str, tensors: list[torch.Tensor]) 
                 f"{base.location} holds NaN/Inf in {name}, a tensor the patch changes: the port would "
                 f"write them; repair that base (or port onto another) first"
             )
-    new_hash = hashing.submit(tensor_sha256, stored_new)
-    old_hash = hashing.submit(tensor_sha256, stored_old) if stored_old is not None and recorded else None
-    value_new = stored_new.to(device=compute, dtype=torch.float32)
-    value_old = None if stored_old is None else stored_old.to(device=compute, dtype=torch.float32)
+    # (on a GPU the stream hands them over on the device: copied back here, on this thread's stream, to be hashed)
+    new_hash = hashing.submit(tensor_sha256, stored_new.to("cpu"))
+    old_hash = hashing.submit(tensor_sha256, stored_old.to("cpu")) if stored_old is not None and recorded else None
+    device = compute or stored_new.device
+    value_new = stored_new.to(device=device, dtype=torch.float32)
+    value_old = None if stored_old is None else stored_old.to(device=device, dtype=torch.float32)
     sums = _drift_sums(step, value_new, value_old, recorded is None)
     if old_hash is not None and old is not None and recorded is not None and old_hash.result() != recorded.sha256:
         raise PatchError(
