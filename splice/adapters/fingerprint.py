@@ -58,16 +58,16 @@ def l2_norm(tensor: torch.Tensor) -> float:
 
 
 def fingerprint_tensor(
-    name: str, tensor: torch.Tensor, dtype: torch.dtype, sha256: str | None = None
+    name: str, tensor: torch.Tensor, dtype: torch.dtype, sha256: str | None = None, norm: float | None = None
 ) -> TensorFingerprint:
-    """A base tensor the patch touches, hashed whole (`dtype`: as stored; `sha256`: its hash, when a caller has
-    already computed it, e.g. on a worker thread)."""
+    """A base tensor the patch touches, hashed whole (`dtype`: as stored; `sha256` and `norm`: its hash and L2 norm,
+    when a caller has already computed them, e.g. on a worker thread or in a pass of its own)."""
     return TensorFingerprint(
         name=name,
         shape=tuple(tensor.shape),
         dtype=dtype_name(dtype),
         sha256=sha256 or tensor_sha256(tensor),
-        norm=l2_norm(tensor),
+        norm=l2_norm(tensor) if norm is None else norm,
     )
 
 

@@ -235,9 +235,12 @@ def _port_streaming(
         provisional = _ported_contents(inputs.patch, measuring.result.replaced, replaced, inputs.scale)
         plan = base_steps([Patch(provisional.tensors, provisional.meta)], new)
 
+        # The stream runs this kernel on one thread, a tensor at a time (it is neither elementwise nor prepared):
+        # `measuring` keeps its figures and reused memory from call to call.
         def ported_value(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-            _measure_one(measuring, name, tensors)  # first: the step may patch the stored tensor in place
-            return patched_value(tensors[0].to(dtype=compute_dtype_for(tensors[0].dtype)), plan[name])
+            value = _measure_one(measuring, name, tensors)  # first: the step may patch its value in place
+            working = compute_dtype_for(tensors[0].dtype)  # fp32, as `apply_patches` patches it (fp64 stays fp64)
+            return patched_value(value if value.dtype == working else tensors[0].to(dtype=working), plan[name])
 
         def before_publishing() -> None:
             ported = _ported(inputs, measuring.result.in_order(list(steps)), context)
@@ -374,10 +377,17 @@ class _Measured:
         )
 
 
-def _update(step: Step, old_value: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The change a step makes on its own base, in fp32."""
+def _update(
+    step: Step,
+    old_value: torch.Tensor | None,
+    shape: tuple[int, ...],
+    device: torch.device,
+    zeros: Callable[[tuple[int, ...], torch.device], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The change a step makes on its own base, in fp32 (an added change from `zeros(shape, device)`: fp32 zeros)."""
     if step.effect is Effect.add:
-        return step.compute(torch.zeros(shape, dtype=torch.float32, device=device))
+        start = zeros(shape, device) if zeros is not None else torch.zeros(shape, dtype=torch.float32, device=device)
+        return step.compute(start)
     if old_value is None:  # `_refuse_unportable` refuses this before anything is read
         raise PatchError("a patch that replaces tensors whole is ported only with the base it was made on (`old_base`)")
     return step.compute(old_value.clone()) - old_value
@@ -411,51 +421,76 @@ class _DriftPass:
     result: _Measured = field(default_factory=lambda: _Measured([], [], {}))
     recorded: dict[str, TensorFingerprint] = field(init=False)  # the patch's fingerprint of its own base, by name
 
+    # fp32 memory reused from tensor to tensor ("new", "old": converted values, "update": U), grown to the largest: a
+    # fresh tensor of more than 32 MB is a fresh mapping, whose page faults cost as much as converting into it
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         base = self.inputs.patch.meta.base
         self.recorded = {t.name: t for t in base.tensors} if base else {}
 
+    def _reused(self, use: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        size = math.prod(shape)
+        memory = self.scratch.get(use)
+        if memory is None or memory.numel() < size or memory.device != device:
+            memory = self.scratch[use] = torch.empty(size, dtype=torch.float32, device=device)
+        return memory[:size].view(shape)
 
-def _measure_one(measuring: _DriftPass, name: str, tensors: list[torch.Tensor]) -> None:
+    def zeros(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """fp32 zeros of `shape` (valid until the next call)."""
+        return self._reused("update", shape, device).zero_()
+
+    def fp32(self, use: str, stored: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`stored`'s values in fp32 on `device`: the tensor itself where it is fp32 there, else converted into reused
+        memory (valid until the next call for the same `use`)."""
+        if stored.dtype == torch.float32 and stored.device == device:
+            return stored
+        return self._reused(use, tuple(stored.shape), device).copy_(stored)
+
+
+def _measure_one(measuring: _DriftPass, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     """Measure one patched tensor: `tensors` are the new base's stored tensor and, with `old_base`, the old base's;
     both are left as they are. Their hashes run on the worker threads while the figures are computed here (the
     norms too: an fp64-accumulated norm on a worker thread grew peak RSS by ~40%); the old base's bytes are checked
-    against the patch's fingerprint."""
+    against the patch's fingerprint. Returns the new base's values in fp32 (the stored tensor itself if it is fp32,
+    else memory the next call reuses), which the caller may then patch in place."""
     inputs, compute, hashing, result = measuring.inputs, measuring.compute, measuring.hashing, measuring.result
     new, old, step = inputs.new, inputs.old, inputs.steps[name]
     recorded = measuring.recorded.get(name)
     stored_new, stored_old = tensors[0], tensors[1] if old is not None else None
-    for base, stored in ((new, stored_new), (old, stored_old)):
-        if base is not None and stored is not None and stored.is_floating_point() and not all_finite(stored):
-            raise PatchError(
-                f"{base.location} holds NaN/Inf in {name}, a tensor the patch changes: the port would "
-                f"write them; repair that base (or port onto another) first"
-            )
     # (on a GPU the stream hands them over on the device: copied back here, on this thread's stream, to be hashed)
     new_hash = hashing.submit(tensor_sha256, stored_new.to("cpu"))
     old_hash = hashing.submit(tensor_sha256, stored_old.to("cpu")) if stored_old is not None and recorded else None
     device = compute or stored_new.device
-    value_new = stored_new.to(device=device, dtype=torch.float32)
-    value_old = None if stored_old is None else stored_old.to(device=device, dtype=torch.float32)
-    sums = _drift_sums(step, value_new, value_old, recorded is None)
+    value_new = measuring.fp32("new", stored_new, device)
+    value_old = None if stored_old is None else measuring.fp32("old", stored_old, device)
+    for base, value in ((new, value_new), (old, value_old)):  # fp32 holds NaN/Inf where the stored dtype did
+        if base is not None and value is not None and not all_finite(value):  # (fp32 sums: ~17x bf16's)
+            raise PatchError(
+                f"{base.location} holds NaN/Inf in {name}, a tensor the patch changes: the port would "
+                f"write them; repair that base (or port onto another) first"
+            )
+    sums = _drift_sums(step, value_new, value_old, recorded is None, measuring.zeros)
     if old_hash is not None and old is not None and recorded is not None and old_hash.result() != recorded.sha256:
         raise PatchError(
             f"{old.location} (`old_base`) is not the base this patch was made on: {name} differs; "
             f"give the base it was made on"
         )
-    entry = fingerprint_tensor(name, stored_new, new.tensors[name].dtype, sha256=new_hash.result())
+    entry = fingerprint_tensor(name, stored_new, new.tensors[name].dtype, new_hash.result(), sums.new_norm)
     result.fingerprints.append(entry)
     result.drifts.append(_tensor_drift(name, entry, recorded, sums))
     if step.effect is Effect.replace and value_old is not None:  # (a replacement without the old base: refused)
         result.replaced[name] = _replaced_value(
             inputs.patch, name, value_new, value_old, inputs.scale, stored_new.dtype
         )
+    return value_new
 
 
 @dataclass(frozen=True)
 class _DriftSums:
     """One patched tensor's figures: U the patch's update on its own base, W and W' the old and new base's values."""
 
+    new_norm: float  # ||W'||
     update_norm: float  # ||U||
     change_norm: float | None = None  # ||W' - W|| (None: the old base was not read)
     dot: float | None = None  # <W' - W, U>
@@ -463,15 +498,23 @@ class _DriftSums:
     shape: tuple[int, ...] = ()
 
 
-def _drift_sums(step: Step, new: torch.Tensor, old: torch.Tensor | None, want_old_norm: bool) -> _DriftSums:
-    """||U||, and with the old base ||W' - W||, <W' - W, U> (and ||W|| where `want_old_norm`): U formed whole in fp32
-    as the step computes it, W' - W a block of rows at a time in fp32, every sum accumulated in fp64 over blocks
-    that stay in the CPU's cache (an fp64-accumulated norm of the whole tensor costs ~4x as much, an fp64 copy twice
-    its memory). `new`, `old`: fp32 values, left as they are."""
-    update = _update(step, old, step.shape, new.device)
-    squares = {"update": 0.0, "change": 0.0, "dot": 0.0, "old": 0.0}
+def _drift_sums(
+    step: Step,
+    new: torch.Tensor,
+    old: torch.Tensor | None,
+    want_old_norm: bool,
+    zeros: Callable[[tuple[int, ...], torch.device], torch.Tensor],
+) -> _DriftSums:
+    """||W'||, ||U||, and with the old base ||W' - W||, <W' - W, U> (and ||W|| where `want_old_norm`): U formed whole
+    in fp32 as the step computes it (from `zeros(shape, device)`), W' - W a block of rows at a time in fp32, every
+    sum accumulated in fp64 over blocks that stay in the CPU's cache (an fp64-accumulated norm of the whole tensor,
+    `l2_norm`, costs ~10x as much, an fp64 copy twice its memory). `new`, `old`: fp32 values, left as they are."""
+    update = _update(step, old, step.shape, new.device, zeros)
+    squares = {"new": 0.0, "update": 0.0, "change": 0.0, "dot": 0.0, "old": 0.0}
     for rows in _row_blocks(new):
+        latest = _rows(new, rows).reshape(-1).double()
         part = _rows(update, rows).reshape(-1).double()
+        squares["new"] += float(torch.dot(latest, latest))
         squares["update"] += float(torch.dot(part, part))
         if old is not None:
             old_rows = _rows(old, rows)
@@ -481,15 +524,16 @@ def _drift_sums(step: Step, new: torch.Tensor, old: torch.Tensor | None, want_ol
             if want_old_norm:
                 former = old_rows.reshape(-1).double()
                 squares["old"] += float(torch.dot(former, former))
-    shape = tuple(new.shape)
+    root = {key: math.sqrt(value) for key, value in squares.items() if key != "dot"}
     if old is None:
-        return _DriftSums(math.sqrt(squares["update"]), shape=shape)
+        return _DriftSums(root["new"], root["update"], shape=tuple(new.shape))
     return _DriftSums(
-        math.sqrt(squares["update"]),
-        math.sqrt(squares["change"]),
+        root["new"],
+        root["update"],
+        root["change"],
         squares["dot"],
-        math.sqrt(squares["old"]) if want_old_norm else None,
-        shape,
+        root["old"] if want_old_norm else None,
+        tuple(new.shape),
     )
 
 
