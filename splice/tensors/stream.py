@@ -80,6 +80,8 @@ class Kernel:
       stored and their slices, it returns what computes the slices, called on them in order (None: `compute` on the
       whole tensors). On the CPU the stream then computes the tensor in cache-sized slices as for `elementwise`;
       elsewhere `compute` runs on whole tensors, and both must give the same output bit for bit.
+    in_order: the kernel draws from torch's default generator (DARE, DELLA), so its tensors are computed one at a
+      time in the plan's order, whatever `RunOptions.compute_threads` says: one seed, the same draws.
     """
 
     compute: Compute
@@ -87,6 +89,7 @@ class Kernel:
     passes_through: frozenset[str] = frozenset()
     precision: Precision = Precision()
     prepare: Prepare | None = None
+    in_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -456,8 +459,8 @@ def compute_workers(kernel: Kernel, device: torch.device, run: RunOptions) -> in
     """How many threads compute work units at once: `run.compute_threads` (0: one per core, at most
     AUTO_COMPUTE_THREADS) for a kernel the CPU computes in slices, each on its thread alone; 1 for every other
     kernel (its operations already use torch's pool, and mergekit's random methods draw from one generator in
-    order)."""
-    if device.type != "cpu" or not (kernel.elementwise or kernel.prepare is not None):
+    order) and for one that draws (`Kernel.in_order`)."""
+    if device.type != "cpu" or kernel.in_order or not (kernel.elementwise or kernel.prepare is not None):
         return 1
     return run.compute_threads or min(AUTO_COMPUTE_THREADS, os.cpu_count() or 1)
 
