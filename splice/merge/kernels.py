@@ -97,15 +97,17 @@ def _task_arithmetic_family(
         delta.mul_(weight)
         deltas.append(delta)
     if sign_consensus:
-        # the elected sign, that of the summed weighted deltas: +1 where the sum is >= 0, else -1
-        elected = (sum(deltas[1:], deltas[0]) >= 0).to(base.dtype).mul_(2).sub_(1)
+        # the elected sign, that of the summed weighted deltas: +1 where the sum is >= 0, else -1. The comparisons
+        # are made in place, into float tensors of 1 and 0: a bool result and its conversion cost ~8x more.
+        total = deltas[0].clone() if len(deltas) == 1 else sum(deltas[1:], deltas[0])
+        elected = total.ge_(0).mul_(2).sub_(1)
         merged = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for delta, weight in zip(deltas, weights):
-            agrees = (torch.sign(delta) == elected).to(base.dtype)  # 1 where the delta has the elected sign, else 0
+            agrees = torch.sign(delta).eq_(elected)  # 1 where the delta has the elected sign, else 0
             merged.addcmul_(delta, agrees)  # delta * 0 or 1 is exact: fused or not, one rounding in the add
             divisor.add_(agrees, alpha=weight)
-        divisor.add_(divisor == 0)  # 0 -> 1, every other value unchanged
+        divisor.add_(divisor.clone().eq_(0))  # 0 -> 1, every other value unchanged
     else:
         merged = sum(deltas[1:], deltas[0])
         divisor = torch.tensor(weights, dtype=base.dtype, device=base.device).sum()
@@ -230,9 +232,14 @@ class _DrawnTrim:
     def __call__(self, delta: torch.Tensor) -> None:
         keep = unpack_mask(self.keeps[self.applied], tuple(delta.shape)).to(delta.device)
         self.applied += 1
-        delta.mul_(keep)
+        delta.mul_(as_float_mask(keep, delta.dtype))
         if self.scale is not None:
             delta.mul_(self.scale)
+
+
+def as_float_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as 1s and 0s of `dtype` (mergekit's masks): through uint8, ~10x faster than from bool."""
+    return keep.view(torch.uint8).to(dtype)
 
 
 def _drop_all(delta: torch.Tensor) -> None:
@@ -271,8 +278,8 @@ def _drawn_trims(
             drawn.keeps.append(pack_mask(keep))
             if params["rescale"]:
                 magnitude = delta.abs_()
-                before.append(float(magnitude.to(torch.float64).sum()))
-                after.append(float(magnitude.mul_(keep).to(torch.float64).sum()))
+                before.append(float(magnitude.sum(dtype=torch.float64)))
+                after.append(float(magnitude.mul_(as_float_mask(keep, delta.dtype)).sum(dtype=torch.float64)))
         drawn.scale = _l1_rescale(before, after) if params["rescale"] else None
         trims.append(drawn)
     return trims
