@@ -221,16 +221,31 @@ def _refused_by_mergekit(sparsifier: Sparsifier, params: Mapping[str, Any], inde
 
 class _DrawnTrim:
     """One delta's random trim, drawn over the whole tensor before any of it is merged: the entries each slice keeps
-    (packed, eight to a byte, in slice order) and the factor mergekit's rescale multiplies the kept entries by
-    (None: unscaled); applied to the slices in order, with mergekit's operations (delta * keep, then * factor)."""
+    (packed eight to a byte, one slice after another in one buffer: small arrays kept one per slice between the
+    passes' large temporaries would pin the heap, ~9 bytes an entry never returned) and the factor mergekit's rescale
+    multiplies the kept entries by (None: unscaled); applied to the slices in order, with mergekit's operations
+    (delta * keep, then * factor)."""
 
-    def __init__(self) -> None:
-        self.keeps: list[torch.Tensor] = []
+    def __init__(self, entries: int, slices_at_most: int) -> None:
+        self.capacity = -(-entries // 8) + slices_at_most  # a slice's last byte may be part full
+        self.packed: torch.Tensor | None = None
+        self.spans: list[tuple[int, int]] = []  # (first byte, bytes) of each slice's mask
         self.scale: torch.Tensor | None = None
         self.applied = 0
 
+    def add(self, keep: torch.Tensor) -> None:
+        """The next slice's kept entries."""
+        packed = pack_mask(keep)
+        if self.packed is None:
+            self.packed = torch.empty(self.capacity, dtype=torch.uint8, device=packed.device)
+        start = self.spans[-1][0] + self.spans[-1][1] if self.spans else 0
+        self.packed[start : start + packed.numel()].copy_(packed)
+        self.spans.append((start, packed.numel()))
+
     def __call__(self, delta: torch.Tensor) -> None:
-        keep = unpack_mask(self.keeps[self.applied], tuple(delta.shape)).to(delta.device)
+        assert self.packed is not None
+        start, size = self.spans[self.applied]
+        keep = unpack_mask(self.packed[start : start + size], tuple(delta.shape)).to(delta.device)
         self.applied += 1
         delta.mul_(as_float_mask(keep, delta.dtype))
         if self.scale is not None:
@@ -260,7 +275,7 @@ def _l1_rescale(before: Sequence[float], after: Sequence[float]) -> torch.Tensor
 
 
 def _drawn_trims(
-    sparsifier: Sparsifier, params: Mapping[str, Any], base_index: int, count: int, slices: Slices
+    sparsifier: Sparsifier, params: Mapping[str, Any], base_index: int, shape: torch.Size, count: int, slices: Slices
 ) -> list[Trim | None]:
     """Each non-base input's trim, drawn input by input in order, each over all its slices in order: the draws
     mergekit's sparsification makes of torch's default generator, one per entry (none for a delta kept whole or
@@ -271,11 +286,11 @@ def _drawn_trims(
         if keeps is None or isinstance(keeps, _DropAll):
             trims.append(None if keeps is None else _drop_all)
             continue
-        drawn, before, after = _DrawnTrim(), [], []
+        drawn, before, after = _DrawnTrim(shape.numel(), shape[0] if shape else 1), [], []
         for part in slices():
             delta = part[index] - part[base_index]
             keep = bernoulli_keep(keeps(delta), delta)
-            drawn.keeps.append(pack_mask(keep))
+            drawn.add(keep)
             if params["rescale"]:
                 magnitude = delta.abs_()
                 before.append(float(magnitude.sum(dtype=torch.float64)))
@@ -308,7 +323,7 @@ def _random_in_slices(
         return None
     if sparsifier is _della and not _rows_lie_whole(inputs[0], whole):
         return None
-    trims = _drawn_trims(sparsifier, params, base_index, len(inputs), slices)
+    trims = _drawn_trims(sparsifier, params, base_index, inputs[0].shape, len(inputs), slices)
     return lambda name, part: _task_arithmetic_family(name, part, params, base_index, trims, sign_consensus)
 
 
