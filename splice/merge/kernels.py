@@ -267,7 +267,8 @@ def _l1_rescale(before: Sequence[float], after: Sequence[float]) -> torch.Tensor
     here are the exact sums rounded once to fp32 (each slice summed in fp64, the slices' sums added exactly), where
     mergekit sums the whole tensor in fp32 in an order set by the CPU's vector width and torch's thread count (its
     own norms differ in their last bits from one thread count to another), so the factor can differ from mergekit's
-    in its last bits (tests/test_methods_slices.py measures it)."""
+    in its last bits (tests/test_methods_slices.py measures it). Slices and whole tensors round the same fp32 norm
+    unless the exact sum lies within ~1e-15 (relative) of a rounding boundary: a chance of ~1e-8 per norm."""
     norms = [torch.tensor(math.fsum(sums), dtype=torch.float32) for sums in (before, after)]
     if norms[0] < RESCALE_EPS or norms[1] < RESCALE_EPS:
         return None
