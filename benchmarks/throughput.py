@@ -18,16 +18,32 @@ dropped with posix_fadvise(DONTNEED) and `mincore` checks that none are left: be
 case and mode: wall, GB/s of input read, the wall's ratio to the raw floor of the same mode and to mergekit's, peak
 RSS and CPU seconds.
 
-Not run in CI. Usage:  .venv/bin/python benchmarks/throughput.py [--modes warm cold] [--only splice-soup ...]
+Mode `s3`: moto's S3 server on 127.0.0.1 in its own process, the three models uploaded to it once, then
+
+  s3-download      a plain concurrent download of the same bytes by s3fs: every shard object read whole with
+                   `S3FileSystem.cat_file`, which fetches it in concurrent ranged parts (s3fs's own max_concurrency)
+  s3-soup c=N      splice soup s3://... --storage-options '{"endpoint_url": ...}' --max-concurrency N, for each N of
+                   --concurrencies (the sweep the default max_concurrency was chosen from)
+  raw-floor        the local floor above, warm, for reference
+
+reported as input GB/s and each soup's throughput as a fraction of the download's. moto 5 reads a whole object for
+every GET and slices the range out of it (`FakeKey.value`); a real S3 reads only the range. The server here keeps every
+object in memory and hands moto's range code the object's bytes without that copy (S3_SERVER_SCRIPT), so a ranged GET
+costs what its range costs, for splice and for the download alike.
+
+Not run in CI. Usage:  .venv/bin/python benchmarks/throughput.py [--modes warm cold s3] [--only splice-soup ...]
 See benchmarks/README.md for the figures measured so far.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -91,6 +107,150 @@ shutil.copy(os.path.join(models[0], "config.json"), out)
 """
 
 
+S3_BUCKET = "splice-bench"
+S3_CONCURRENCIES = [1, 2, 4, 8, 16]
+
+S3_SERVER_SCRIPT = r"""
+import io, os, sys
+os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(1 << 40)  # every object kept in memory, never spooled to disk
+from moto.s3.models import FakeKey
+from moto.server import ThreadedMotoServer
+
+stored = FakeKey.value
+
+def value(self):
+    # moto reads a whole object for every GET and slices the range out of it; S3 reads only the range. A BytesIO
+    # hands back its bytes without a copy once they are exactly its size, so a ranged GET costs what its range costs.
+    with self.lock:
+        buffer = self._value_buffer._file
+        if isinstance(buffer, io.BytesIO):
+            return buffer.getvalue()
+    return stored.fget(self)
+
+FakeKey.value = property(value, stored.fset)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+host, port = server.get_host_and_port()
+print(f"http://{host}:{port}", flush=True)
+sys.stdin.read()  # serve until the benchmark closes this pipe
+server.stop()
+"""
+
+S3_DOWNLOAD_SCRIPT = r"""
+import sys
+import s3fs
+
+endpoint, *paths = sys.argv[1:]
+fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+total = 0
+for path in paths:
+    total += len(fs.cat_file(path))  # the whole object, fetched by s3fs in concurrent ranged parts
+print(f"{total} bytes")
+"""
+
+
+def s3_environment(environ: dict) -> dict:
+    """`environ` with test credentials for moto, and no endpoint, profile or config from the machine."""
+    dropped = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3", "FSSPEC_S3_ENDPOINT_URL")
+    env = {key: value for key, value in environ.items() if key not in dropped}
+    env.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@contextlib.contextmanager
+def moto_server(workdir: Path, env: dict) -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 in its own process, with the benchmark's bucket: yields its endpoint."""
+    script = workdir / "s3_server.py"
+    script.write_text(S3_SERVER_SCRIPT)
+    log = open(workdir / "logs" / "s3_server.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, text=True
+    )
+    try:
+        endpoint = process.stdout.readline().strip()  # type: ignore[union-attr]  # '' if the server died
+        if not endpoint.startswith("http://"):
+            raise SystemExit(f"moto's S3 server did not start; see {log.name}")
+        s3_client(endpoint).create_bucket(Bucket=S3_BUCKET)
+        yield endpoint
+    finally:
+        process.stdin.close()  # type: ignore[union-attr]
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def upload(endpoint: str, models: list[Path]) -> list[str]:
+    """Every file of each model put under s3://S3_BUCKET/<model name>/: the models' URLs."""
+    import time
+
+    client = s3_client(endpoint)
+    started = time.perf_counter()
+    for model in models:
+        for path in sorted(model.iterdir()):
+            client.upload_file(str(path), S3_BUCKET, f"{model.name}/{path.name}")
+    print(f"uploaded {len(models)} models to moto in {time.perf_counter() - started:.1f} s", flush=True)
+    return [f"s3://{S3_BUCKET}/{model.name}" for model in models]
+
+
+def s3_cases(workdir: Path, models: list[Path], urls: list[str], endpoint: str, concurrencies: list[int]) -> list[Case]:
+    outs = workdir / "outputs"
+    download = workdir / "s3_download.py"
+    download.write_text(S3_DOWNLOAD_SCRIPT)
+    objects = [
+        f"{url.removeprefix('s3://')}/{path.name}" for url, model in zip(urls, models) for path in input_files([model])
+    ]
+    options = json.dumps({"endpoint_url": endpoint})
+    soups = [
+        Case(
+            f"s3-soup c={n}",
+            [
+                _tool("splice"),
+                "soup",
+                *urls,
+                "--out",
+                str(outs / "s3-soup"),
+                "--storage-options",
+                options,
+                "--max-concurrency",
+                str(n),
+                "--quiet",
+                "--force",
+                "--device",
+                "cpu",
+            ],
+            outs / "s3-soup",
+            f"uniform soup of A, B, C read from S3, {n} requests in flight",
+        )
+        for n in concurrencies
+    ]
+    fetch = Case(
+        "s3-download", [sys.executable, str(download), endpoint, *objects], None, "s3fs cat_file of every shard"
+    )
+    return [fetch, *soups]
+
+
 def input_files(models: list[Path]) -> list[Path]:
     return [path for model in models for path in sorted(model.glob("*.safetensors"))]
 
@@ -146,7 +306,7 @@ def build_cases(workdir: Path, models: list[Path], device: str) -> list[Case]:
 
 def run_mode(mode: str, cases: list[Case], files: list[Path], workdir: Path, env: dict, repeats: int) -> list[Run]:
     runs = []
-    if mode == "warm":
+    if mode in ("warm", "s3"):
         for case in cases:  # untimed: fills the page cache (and any lazy state) first
             runs.append(measure(case, -1, workdir, env))
     for index in range(repeats):
@@ -166,10 +326,13 @@ def run_mode(mode: str, cases: list[Case], files: list[Path], workdir: Path, env
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    parser.add_argument("--modes", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
+    parser.add_argument("--modes", nargs="+", default=["warm", "cold"], choices=["warm", "cold", "s3"])
     parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--concurrencies", nargs="+", type=int, default=S3_CONCURRENCIES, help="s3 mode: --max-concurrency values"
+    )
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
     prepare_workdir(workdir)
@@ -180,14 +343,25 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     results: dict[str, dict] = {}
     for mode in args.modes:
-        runs = run_mode(mode, cases, files, workdir, env, args.repeats)
-        results[mode] = summarize(runs, [case.name for case in cases])
+        if mode == "s3":
+            env_s3 = s3_environment(env)
+            with moto_server(workdir, env_s3) as endpoint:
+                urls = upload(endpoint, models)
+                local = [case for case in cases if case.name == "raw-floor"]
+                mode_cases = local + s3_cases(workdir, models, urls, endpoint, args.concurrencies)
+                runs = run_mode(mode, mode_cases, files, workdir, env_s3, args.repeats)
+        else:
+            mode_cases = cases
+            runs = run_mode(mode, cases, files, workdir, env, args.repeats)
+        results[mode] = summarize(runs, [case.name for case in mode_cases])
         for row in results[mode].values():
             row["read_gb_per_s"] = read_gb / row["wall_s"]
         for name, row in results[mode].items():
             for reference in ("raw-floor", "mergekit-linear"):
                 if reference in results[mode] and reference != name:
                     row[f"wall / {reference}"] = row["wall_s"] / results[mode][reference]["wall_s"]
+            if "s3-download" in results[mode] and name.startswith("s3-soup"):
+                row["throughput / s3-download"] = results[mode]["s3-download"]["wall_s"] / row["wall_s"]
     result = {
         "machine": machine_info(),
         "splice_source": splice_fingerprint(),
@@ -201,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ninputs: 3 x {read_gb / 3:.2f} GB bf16, {len(files)} shard files")
     for mode, rows in results.items():
         for name, row in rows.items():
-            ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("wall / "))
+            ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith(("wall / ", "throughput / ")))
             print(
                 f"{mode:<5} {name:<16} {row['wall_s']:7.2f} s  {row['read_gb_per_s']:5.2f} GB/s  "
                 f"RSS {row['peak_rss_mb']:6.0f} MB  cpu {row['cpu_s']:6.1f} s  {ratios}"

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from splice.errors import IncompatibleModelsError, NonFiniteOutputError, SpliceError
-from splice.options import CHUNK_BYTES, RunOptions
+from splice.options import CHUNK_BYTES, DEFAULT_MAX_CONCURRENCY, RunOptions
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import compute_dtype_for, dtype_name, resolve_device
+from splice.tensors.ranged import RangeFetcher
 from splice.tensors.writer import (
     OutputTensor,
     ShardedWriter,
@@ -179,10 +180,15 @@ def read_all(reads: Reads) -> list[torch.Tensor]:
     return [ckpt.read(name, rows) for ckpt, name, rows in reads]
 
 
-def read_ahead(groups: Sequence[Reads], depth: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """Yield (group position, its tensors), reading up to `depth` groups in advance on a background thread."""
+def read_ahead(
+    groups: Sequence[Reads], depth: int, max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Yield (group position, its tensors), reading up to `depth` groups in advance on a background thread.
+    Remote tensors are requested on a pool of `max_concurrency` ranged requests (`splice.tensors.ranged`) as the
+    thread reaches their group, so the groups read ahead are fetched together; memory stays `depth` + 2 groups."""
     slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
+    fetcher = RangeFetcher(max_concurrency)
 
     def offer(value: object) -> bool:
         while not stop.is_set():
@@ -196,8 +202,8 @@ def read_ahead(groups: Sequence[Reads], depth: int) -> Iterator[tuple[int, list[
     def produce() -> None:
         try:
             for position, group in enumerate(groups):
-                tensors = read_all(group)
-                if not offer((position, tensors)):
+                pending = [ckpt.start_read(name, rows, fetcher) for ckpt, name, rows in group]
+                if not offer((position, pending)):
                     return
             offer(_DONE)
         except BaseException as exc:  # handed to the consumer, which re-raises it
@@ -212,10 +218,12 @@ def read_ahead(groups: Sequence[Reads], depth: int) -> Iterator[tuple[int, list[
                 return
             if isinstance(value, _Failure):
                 raise value.error
-            yield value
+            position, pending = value
+            yield position, [read.result() for read in pending]
     finally:
         stop.set()
         thread.join()
+        fetcher.close()
 
 
 def compute_one(
@@ -409,7 +417,7 @@ def computed(
     None for a unit the kernel passes through as stored. Progress is told as each unit completes."""
     progress = run.reporter
     with torch.inference_mode():
-        for position, tensors in read_ahead([unit.reads for unit in units], run.read_ahead_depth):
+        for position, tensors in read_ahead([unit.reads for unit in units], run.read_ahead_depth, run.max_concurrency):
             unit = units[position]
             if unit.verbatim:
                 yield unit, None
