@@ -27,6 +27,7 @@ from splice.options import CHUNK_BYTES, DEFAULT_MAX_CONCURRENCY, RunOptions
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import compute_dtype_for, dtype_name, resolve_device
 from splice.tensors.ranged import RangeFetcher
+from splice.tensors.threads import calling_thread_only
 from splice.tensors.writer import (
     OutputTensor,
     ShardedWriter,
@@ -256,7 +257,8 @@ def compute_one(
 COMPUTE_SLICE = 1 << 17
 """Elements per slice of an elementwise kernel's work on the CPU (512 KB in fp32): each input's slice, converted to
 the working dtype, the kernel's temporaries and the output's slice stay in the CPU's cache. Converting whole blocks
-first (4 MB of bf16 = 8 MB of fp32 per input) ran a 3 x 1.6 GB bf16 soup 2.8x slower (benchmarks/throughput.py)."""
+first (4 MB of bf16 = 8 MB of fp32 per input) ran a 3 x 1.6 GB bf16 soup 2.8x slower (benchmarks/throughput.py).
+The slices run on the calling thread alone (splice.tensors.threads says why)."""
 
 
 def _in_slices(kernel: Kernel, tensors: Sequence[torch.Tensor], device: torch.device) -> bool:
@@ -275,16 +277,19 @@ def _computed_in_slices(
 ) -> tuple[torch.Tensor, bool]:
     """An elementwise kernel run on blocks of rows of about COMPUTE_SLICE elements, each cast into the output as it
     is done: the same arithmetic on every entry as one call over the whole block (its rows depend only on theirs).
-    With it, whether every output entry is finite, checked on each slice while it is in the cache."""
+    With it, whether every output entry is finite: each slice's sum is kept while the slice is in the cache (a sum
+    is finite only if every entry is), and the entries are looked at only where a sum is not."""
     first = tensors[0]
     result = torch.empty(first.shape, dtype=dtype)
-    rows = max(1, COMPUTE_SLICE // max(1, first[0].numel()))
-    finite = True
-    for start in range(0, first.shape[0], rows):
-        part = [t[start : start + rows].to(dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
-        done = result[start : start + rows]
-        done.copy_(kernel.compute(name, part))
-        finite = finite and all_finite(done)
+    with calling_thread_only(COMPUTE_SLICE) as slice_elements:
+        rows = max(1, slice_elements // max(1, first[0].numel()))
+        sums = []
+        for start in range(0, first.shape[0], rows):
+            part = [t[start : start + rows].to(dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
+            done = result[start : start + rows]
+            done.copy_(kernel.compute(name, part))
+            sums.append(done.sum(dtype=torch.float32))
+        finite = bool(torch.isfinite(torch.stack(sums)).all()) or bool(torch.isfinite(result).all())
     return result, finite
 
 
