@@ -20,18 +20,22 @@ RSS and CPU seconds.
 
 Mode `s3`: moto's S3 server on 127.0.0.1 in its own process, the three models uploaded to it once, then
 
-  s3-download      a plain concurrent download of the same bytes by s3fs: every shard object read whole with
-                   `S3FileSystem.cat_file`, which fetches it in concurrent ranged parts (s3fs's own max_concurrency)
+  s3-download      a plain concurrent download of the same bytes by s3fs: `S3FileSystem.get` of every shard object
+                   to local files (several objects at once, each in concurrent ranged parts: s3fs's own concurrency)
+  s3-read          every shard byte read into memory once by s3fs, in 8 MB ranges fetched concurrently by
+                   `cat_ranges` (fsspec's batches): the download without writing anything
   s3-soup c=N      splice soup s3://... --storage-options '{"endpoint_url": ...}' --max-concurrency N, for each N of
                    --concurrencies (the sweep the default max_concurrency was chosen from)
   raw-floor        the local floor above, warm, for reference
 
-reported as input GB/s and each soup's throughput as a fraction of the download's. moto 5 reads a whole object for
-every GET and slices the range out of it (`FakeKey.value`); a real S3 reads only the range. The server here keeps every
-object in memory and hands moto's range code the object's bytes without that copy (S3_SERVER_SCRIPT), so a ranged GET
-costs what its range costs, for splice and for the download alike.
+reported as input GB/s and each soup's throughput as a fraction of the download's and of the read's. moto 5 reads a
+whole object for every GET and slices the range out of it (`FakeKey.value`); a real S3 reads only the range. The
+server here keeps every object in memory and hands moto's range code the object's bytes without that copy
+(S3_SERVER_SCRIPT), so a ranged GET costs what its range costs, for splice and the baselines alike. A real store's time
+to first byte can be added with --s3-latency-ms (the server waits that long before each object GET).
 
 Not run in CI. Usage:  .venv/bin/python benchmarks/throughput.py [--modes warm cold s3] [--only splice-soup ...]
+                                                          [--concurrencies 1 2 4 8 16] [--s3-latency-ms 0]
 See benchmarks/README.md for the figures measured so far.
 """
 
@@ -111,11 +115,12 @@ S3_BUCKET = "splice-bench"
 S3_CONCURRENCIES = [1, 2, 4, 8, 16]
 
 S3_SERVER_SCRIPT = r"""
-import io, os, sys
+import io, os, sys, time
 os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(1 << 40)  # every object kept in memory, never spooled to disk
 from moto.s3.models import FakeKey
 from moto.server import ThreadedMotoServer
 
+latency = float(sys.argv[1]) / 1000  # before each object GET: an object store's time to first byte
 stored = FakeKey.value
 
 def value(self):
@@ -130,22 +135,35 @@ def value(self):
 FakeKey.value = property(value, stored.fset)
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
 server.start()
+app = server._server.app
+
+def delayed(environ, start_response):
+    if latency and environ["REQUEST_METHOD"] == "GET" and environ.get("PATH_INFO", "").count("/") > 1:
+        time.sleep(latency)  # werkzeug serves each connection on its own thread: concurrent requests wait together
+    return app(environ, start_response)
+
+server._server.app = delayed
 host, port = server.get_host_and_port()
 print(f"http://{host}:{port}", flush=True)
 sys.stdin.read()  # serve until the benchmark closes this pipe
 server.stop()
 """
 
-S3_DOWNLOAD_SCRIPT = r"""
-import sys
+S3_FETCH_SCRIPT = r"""
+import os, sys
 import s3fs
 
-endpoint, *paths = sys.argv[1:]
+how, endpoint, target, *objects = sys.argv[1:]
 fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-total = 0
-for path in paths:
-    total += len(fs.cat_file(path))  # the whole object, fetched by s3fs in concurrent ranged parts
-print(f"{total} bytes")
+if how == "download":  # every object to a local file, several at once, each in concurrent parts: s3fs's own get
+    os.makedirs(target)
+    fs.get(objects, [os.path.join(target, path.replace("/", "_")) for path in objects])
+else:  # every byte into memory, once: each object in 8 MB ranges, fetched concurrently by fsspec's cat_ranges
+    step = 8 << 20
+    for path in objects:
+        size = fs.size(path)
+        starts = list(range(0, size, step))
+        assert sum(map(len, fs.cat_ranges([path] * len(starts), starts, [min(s + step, size) for s in starts]))) == size
 """
 
 
@@ -177,13 +195,18 @@ def s3_client(endpoint: str):
 
 
 @contextlib.contextmanager
-def moto_server(workdir: Path, env: dict) -> Iterator[str]:
+def moto_server(workdir: Path, env: dict, latency_ms: float = 0.0) -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 in its own process, with the benchmark's bucket: yields its endpoint."""
     script = workdir / "s3_server.py"
     script.write_text(S3_SERVER_SCRIPT)
     log = open(workdir / "logs" / "s3_server.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, text=True
+        [sys.executable, str(script), str(latency_ms)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env=env,
+        text=True,
     )
     try:
         endpoint = process.stdout.readline().strip()  # type: ignore[union-attr]  # '' if the server died
@@ -216,12 +239,24 @@ def upload(endpoint: str, models: list[Path]) -> list[str]:
 
 def s3_cases(workdir: Path, models: list[Path], urls: list[str], endpoint: str, concurrencies: list[int]) -> list[Case]:
     outs = workdir / "outputs"
-    download = workdir / "s3_download.py"
-    download.write_text(S3_DOWNLOAD_SCRIPT)
+    fetch = workdir / "s3_fetch.py"
+    fetch.write_text(S3_FETCH_SCRIPT)
     objects = [
         f"{url.removeprefix('s3://')}/{path.name}" for url, model in zip(urls, models) for path in input_files([model])
     ]
     options = json.dumps({"endpoint_url": endpoint})
+    baselines = [
+        Case(
+            f"s3-{how}",
+            [sys.executable, str(fetch), how, endpoint, str(outs / f"s3-{how}"), *objects],
+            outs / f"s3-{how}",
+            what,
+        )
+        for how, what in [
+            ("download", "s3fs get of every shard object to local files"),
+            ("read", "s3fs cat_ranges of every shard object in 8 MB ranges, into memory"),
+        ]
+    ]
     soups = [
         Case(
             f"s3-soup c={n}",
@@ -245,10 +280,7 @@ def s3_cases(workdir: Path, models: list[Path], urls: list[str], endpoint: str, 
         )
         for n in concurrencies
     ]
-    fetch = Case(
-        "s3-download", [sys.executable, str(download), endpoint, *objects], None, "s3fs cat_file of every shard"
-    )
-    return [fetch, *soups]
+    return [*baselines, *soups]
 
 
 def input_files(models: list[Path]) -> list[Path]:
@@ -333,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrencies", nargs="+", type=int, default=S3_CONCURRENCIES, help="s3 mode: --max-concurrency values"
     )
+    parser.add_argument(
+        "--s3-latency-ms", type=float, default=0.0, help="s3 mode: the server waits this long before each object GET"
+    )
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
     prepare_workdir(workdir)
@@ -345,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         if mode == "s3":
             env_s3 = s3_environment(env)
-            with moto_server(workdir, env_s3) as endpoint:
+            with moto_server(workdir, env_s3, args.s3_latency_ms) as endpoint:
                 urls = upload(endpoint, models)
                 local = [case for case in cases if case.name == "raw-floor"]
                 mode_cases = local + s3_cases(workdir, models, urls, endpoint, args.concurrencies)
@@ -360,17 +395,19 @@ def main(argv: list[str] | None = None) -> int:
             for reference in ("raw-floor", "mergekit-linear"):
                 if reference in results[mode] and reference != name:
                     row[f"wall / {reference}"] = row["wall_s"] / results[mode][reference]["wall_s"]
-            if "s3-download" in results[mode] and name.startswith("s3-soup"):
-                row["throughput / s3-download"] = results[mode]["s3-download"]["wall_s"] / row["wall_s"]
+            for reference in ("s3-download", "s3-read"):
+                if reference in results[mode] and name.startswith("s3-soup"):
+                    row[f"throughput / {reference}"] = results[mode][reference]["wall_s"] / row["wall_s"]
     result = {
         "machine": machine_info(),
         "splice_source": splice_fingerprint(),
         "input_gb": read_gb,
         "spec": BF16_SPEC,
         "device": args.device,
+        "s3_latency_ms": args.s3_latency_ms if "s3" in args.modes else None,
         "modes": results,
     }
-    path = workdir / f"results-{args.device}.json"
+    path = workdir / f"results-{args.device}{'-s3' if 's3' in args.modes else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\ninputs: 3 x {read_gb / 3:.2f} GB bf16, {len(files)} shard files")
     for mode, rows in results.items():

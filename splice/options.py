@@ -35,10 +35,11 @@ class RunOptions:
     progress: told what is read and computed (`splice.progress.Progress`); None: nobody.
     storage_options: passed to fsspec for remote models, patches and registries.
     read_ahead_depth: work units the stream reads ahead of the one it computes.
-    chunk_bytes: tensors larger than this reach an elementwise kernel in blocks of rows.
-    max_concurrency: ranged requests in flight at once when tensors are read from a remote store (a work unit's
-      inputs and those read ahead are requested together; a range over 8 MB is split in parts); at least 1.
-      It bounds requests, not memory: the read-ahead does (the bytes of `read_ahead_depth` + 2 work units)."""
+    chunk_bytes: tensors larger than this reach an elementwise kernel in blocks of rows (blocks of at least 8 MB
+      when an input is remote: one ranged request per input and block).
+    max_concurrency: ranged requests in flight at once when tensors are read from a remote store: the inputs of
+      the work unit computed and of those read ahead are requested together, a range over 8 MB in parts; at least
+      1. It bounds requests, not memory: the read-ahead does (the inputs of `read_ahead_depth` + 2 work units)."""
 
     device: str = "auto"
     shard_size: int = DEFAULT_SHARD_SIZE

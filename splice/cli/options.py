@@ -122,9 +122,10 @@ def shared_options(
     *, shard_size: bool = True, verbose: bool = False, placed: Mapping[str, str] | None = None
 ) -> Callable[[Command], Command]:
     """Declare the shared option tail on a typer command: --device, --shard-size (unless `shard_size=False`),
-    --storage-options, --max-concurrency, --force, --quiet, --verbose (with `verbose=True`: it also sets up logging) and --json,
-    after the command's own options; `placed` lists its own options the help shows inside the tail (option ->
-    the tail option it follows). The command is called with `shared: Shared`, built from them, in their place."""
+    --storage-options, --max-concurrency, --force, --quiet, --verbose (with `verbose=True`: it also sets up
+    logging) and --json, after the command's own options; `placed` lists its own options the help shows inside
+    the tail (option -> the tail option it follows). The command is called with `shared: Shared`, built from them,
+    in their place."""
     left_out = {"shard_size"} if not shard_size else set()
     left_out |= {"verbose"} if not verbose else set()
     keyword = inspect.Parameter.KEYWORD_ONLY

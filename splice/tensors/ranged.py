@@ -134,7 +134,8 @@ class PendingRead:
 
 
 class RangeFetcher:
-    """Fetches remote spans in parts of at most `part_bytes` (default `PART_BYTES`), with at most `max_concurrency` requests in flight.
+    """Fetches remote spans in parts of at most `part_bytes` (default `PART_BYTES`), with at most `max_concurrency`
+    requests in flight.
 
     Memory: the fetcher holds no bytes of its own; each read's destination tensor is allocated when the read
     starts, so the bytes in flight are those of the reads its caller has started and not yet consumed (the stream's

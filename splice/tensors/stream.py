@@ -26,7 +26,7 @@ from splice.errors import IncompatibleModelsError, NonFiniteOutputError, SpliceE
 from splice.options import CHUNK_BYTES, DEFAULT_MAX_CONCURRENCY, RunOptions
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import compute_dtype_for, dtype_name, resolve_device
-from splice.tensors.ranged import RangeFetcher
+from splice.tensors.ranged import PART_BYTES, RangeFetcher
 from splice.tensors.threads import calling_thread_only
 from splice.tensors.writer import (
     OutputTensor,
@@ -399,6 +399,9 @@ class WorkUnit:
 def work_units(
     plan: Sequence[StreamItem], chunked: bool, chunk_bytes: int = CHUNK_BYTES, verbatim: Collection[str] = ()
 ) -> list[WorkUnit]:
+    """One unit per output tensor, or with `chunked`, blocks of rows of about `chunk_bytes` per input; of at least
+    `ranged.PART_BYTES` when an input is remote, one ranged request each (4 MB requests cost moto's S3 and its
+    client 35% more CPU per byte than 8 MB ones: benchmarks/README.md)."""
     units = []
     for item in plan:
         if item.output.name in verbatim:
@@ -407,10 +410,11 @@ def work_units(
         biggest = max(ckpt.tensors[name].nbytes for ckpt, name in item.sources)
         shape = item.output.shape
         floating = all(ckpt.tensors[name].dtype.is_floating_point for ckpt, name in item.sources)
-        if not (chunked and floating and shape and shape[0] > 1 and biggest > chunk_bytes):
+        limit = chunk_bytes if all(ckpt.is_local for ckpt, _ in item.sources) else max(chunk_bytes, PART_BYTES)
+        if not (chunked and floating and shape and shape[0] > 1 and biggest > limit):
             units.append(WorkUnit(item))
             continue
-        step = max(1, chunk_bytes // (biggest // shape[0]))
+        step = max(1, limit // (biggest // shape[0]))
         units += [WorkUnit(item, (row, min(row + step, shape[0]))) for row in range(0, shape[0], step)]
     return units
 
