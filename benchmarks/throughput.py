@@ -336,7 +336,9 @@ def build_cases(workdir: Path, models: list[Path], device: str) -> list[Case]:
     ]
 
 
-def run_mode(mode: str, cases: list[Case], files: list[Path], workdir: Path, env: dict, repeats: int) -> list[Run]:
+def run_mode(
+    mode: str, cases: list[Case], files: list[Path], workdir: Path, env: dict, repeats: int, quiet_wait: float = 0.0
+) -> list[Run]:
     runs = []
     if mode in ("warm", "s3"):
         for case in cases:  # untimed: fills the page cache (and any lazy state) first
@@ -345,7 +347,7 @@ def run_mode(mode: str, cases: list[Case], files: list[Path], workdir: Path, env
         for case in cases:
             if mode == "cold":
                 evicted(files)
-            run = measure(case, index, workdir, env)
+            run = measure(case, index, workdir, env, quiet_wait)
             runs.append(run)
             print(
                 f"  [{mode}] {case.name:<16} {run.wall_s:7.2f} s  peak RSS {run.peak_rss_mb:6.0f} MB  "
@@ -362,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=0.0, help="before each timed run, wait up to S seconds for a quiet machine"
+    )
     parser.add_argument(
         "--concurrencies", nargs="+", type=int, default=S3_CONCURRENCIES, help="s3 mode: --max-concurrency values"
     )
@@ -384,10 +389,10 @@ def main(argv: list[str] | None = None) -> int:
                 urls = upload(endpoint, models)
                 local = [case for case in cases if case.name == "raw-floor"]
                 mode_cases = local + s3_cases(workdir, models, urls, endpoint, args.concurrencies)
-                runs = run_mode(mode, mode_cases, files, workdir, env_s3, args.repeats)
+                runs = run_mode(mode, mode_cases, files, workdir, env_s3, args.repeats, args.quiet_wait)
         else:
             mode_cases = cases
-            runs = run_mode(mode, cases, files, workdir, env, args.repeats)
+            runs = run_mode(mode, cases, files, workdir, env, args.repeats, args.quiet_wait)
         results[mode] = summarize(runs, [case.name for case in mode_cases])
         for row in results[mode].values():
             row["read_gb_per_s"] = read_gb / row["wall_s"]
