@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -390,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                 local = [case for case in cases if case.name == "raw-floor"]
                 mode_cases = local + s3_cases(workdir, models, urls, endpoint, args.concurrencies)
                 runs = run_mode(mode, mode_cases, files, workdir, env_s3, args.repeats, args.quiet_wait)
+            shutil.rmtree(workdir / "outputs" / "s3-download", ignore_errors=True)  # 4.8 GB of downloaded shards
         else:
             mode_cases = cases
             runs = run_mode(mode, cases, files, workdir, env, args.repeats, args.quiet_wait)
