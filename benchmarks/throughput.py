@@ -18,7 +18,7 @@ CPU seconds):
   splice-lora-apply  splice patch apply LORA --base A (a rank-16 LoRA on every attention and MLP matrix)
   splice-port        splice port LORA --to B --from A --out X (the LoRA made on A, ported onto B)
 
-Modes: `warm` (one untimed run first fills the page cache) and `cold` (before every run each input file's pages are
+Modes: `warm` (one untimed run of the first case first fills the page cache) and `cold` (before every run each input file's pages are
 dropped with posix_fadvise(DONTNEED) and `mincore` checks that none are left: benchmarks/pagecache.py). Reported per
 case and mode: wall, GB/s of input read, the wall's ratio to the raw floor of the same mode and to mergekit's (the
 same method), peak RSS and CPU seconds. `--profile` adds where the time of the soup and of ties goes, measured in
@@ -214,9 +214,8 @@ def reference_for(name: str) -> str | None:
 
 def run_mode(mode: str, cases: list[Case], files: list[Path], workdir: Path, env: dict, repeats: int) -> list[Run]:
     runs = []
-    if mode == "warm":
-        for case in cases:  # untimed: fills the page cache (and any lazy state) first
-            runs.append(measure(case, -1, workdir, env))
+    if mode == "warm":  # untimed: the first case (the raw floor reads every input byte) fills the page cache
+        runs.append(measure(cases[0], -1, workdir, env))
     for index in range(repeats):
         for case in cases:
             if mode == "cold":
