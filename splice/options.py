@@ -37,6 +37,8 @@ class RunOptions:
     read_ahead_depth: work units the stream reads ahead of the one it computes.
     chunk_bytes: tensors larger than this reach an elementwise kernel in blocks of rows (blocks of at least 8 MB
       when an input is remote: one ranged request per input and block).
+    compute_threads: work units computed at once on the CPU by a kernel computed in slices (soups, linear, task
+      arithmetic, TIES); 0: one per core, at most 4. Each holds its unit's inputs and output.
     max_concurrency: ranged requests in flight at once when tensors are read from a remote store: the inputs of
       the work unit computed and of those read ahead are requested together, a range over 8 MB in parts; at least
       1. It bounds requests, not memory: the read-ahead does (the inputs of `read_ahead_depth` + 2 work units)."""
@@ -48,6 +50,7 @@ class RunOptions:
     storage_options: dict | None = None
     read_ahead_depth: int = 2
     chunk_bytes: int = CHUNK_BYTES
+    compute_threads: int = 0
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
 
     def __post_init__(self) -> None:
@@ -74,6 +77,7 @@ class RunKeywords(TypedDict, total=False):
     storage_options: dict | None
     read_ahead_depth: int
     chunk_bytes: int
+    compute_threads: int
     max_concurrency: int
 
 

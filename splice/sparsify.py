@@ -3,7 +3,7 @@ to a byte (entry 8i+j in bit j of byte i), as mask patches store them and Locali
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from math import prod
 
 import torch
@@ -50,6 +50,77 @@ def top_k_over(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tenso
         masks[name] = keep[start : start + score.numel()].view(score.shape)
         start += score.numel()
     return masks
+
+
+MAGNITUDE_HALF = 1 << 16
+"""A magnitude's fp32 bits split in two 16-bit halves: the k-th largest is found by counting the high halves, then
+the low halves of the entries in the high half that holds it (a radix selection: two passes, no sort)."""
+INF_BITS = 0x7F800000
+
+
+class SlicedMagnitudeMask:
+    """`top_magnitude_mask` of a whole tensor, applied to it slice after slice in order: keeps the entries whose
+    magnitude is above the k-th largest, then those equal to it, lowest index first, until exactly k are kept. Made
+    by `sliced_magnitude_masks`."""
+
+    def __init__(self, threshold: torch.Tensor, ties_to_keep: int):
+        self.threshold = threshold
+        self.ties_left = ties_to_keep
+
+    def keep(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Where the next slice's entries (their magnitudes, in the whole tensor's order) are kept."""
+        keep = magnitude > self.threshold
+        if self.ties_left > 0:
+            equal = magnitude == self.threshold
+            rank = equal.reshape(-1).cumsum(0).view(equal.shape)
+            keep |= equal & (rank <= self.ties_left)
+            self.ties_left -= int(rank.reshape(-1)[-1]) if rank.numel() else 0
+        return keep
+
+
+def sliced_magnitude_masks(
+    magnitudes: Callable[[], Iterator[list[torch.Tensor]]], count: int, densities: Sequence[float]
+) -> list[SlicedMagnitudeMask | None] | None:
+    """For each of several tensors of `count` entries whose fp32 magnitudes `magnitudes()` yields slice by slice
+    (a list per slice, one slice of each tensor, the same slices on every call): what `top_magnitude_mask(tensor,
+    density)` keeps, as a mask applied slice by slice (None where it keeps everything). Two passes over the slices.
+    None when a magnitude is NaN (the caller computes the whole tensor instead)."""
+    masks: list[SlicedMagnitudeMask | None] = [None] * len(densities)
+    wanted = {i: max(1, int(density * count)) for i, density in enumerate(densities) if 0 < density < 1}
+    for i, density in enumerate(densities):
+        if density <= 0 or count == 0:
+            masks[i] = SlicedMagnitudeMask(torch.tensor(float("inf")), 0)
+    if not wanted:
+        return masks
+    high = [torch.zeros(MAGNITUDE_HALF, dtype=torch.int64) for _ in densities]
+    for part in magnitudes():
+        for i in wanted:
+            found = torch.bincount(part[i].reshape(-1).view(torch.int32) >> 16, minlength=MAGNITUDE_HALF)
+            if found.numel() > MAGNITUDE_HALF or found[(INF_BITS >> 16) + 1 :].any():  # NaN bits lie above inf's
+                return None
+            high[i] += found
+    chosen = {i: _kth_from_top(high[i], k) for i, k in wanted.items()}  # (high half, k's rank within it, above it)
+    low = [torch.zeros(MAGNITUDE_HALF, dtype=torch.int64) for _ in densities]
+    for part in magnitudes():
+        for i in wanted:
+            # low halves of the chosen high half in 1..2^16; entries below it counted at 0, above it at 2^16 + 1
+            within = part[i].reshape(-1).view(torch.int32) - (chosen[i][0] << 16)
+            found = torch.bincount(within.clamp_(-1, MAGNITUDE_HALF).add_(1), minlength=MAGNITUDE_HALF + 2)
+            low[i] += found[1:-1]
+    for i, (high_half, rank, above) in chosen.items():
+        low_half, _, above_within = _kth_from_top(low[i], rank)
+        threshold = torch.tensor((high_half << 16) | low_half, dtype=torch.int32).view(torch.float32)
+        masks[i] = SlicedMagnitudeMask(threshold, wanted[i] - above - above_within)
+    return masks
+
+
+def _kth_from_top(counts: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """(the bucket holding the k-th largest entry, its rank from the top within that bucket, entries above the
+    bucket) for per-bucket `counts` in increasing order of value."""
+    from_top = counts.flip(0).cumsum(0).flip(0)  # entries in this bucket or above
+    bucket = int((from_top >= k).nonzero()[-1])
+    above = int(from_top[bucket + 1]) if bucket + 1 < counts.numel() else 0
+    return bucket, k - above, above
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

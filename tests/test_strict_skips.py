@@ -47,10 +47,13 @@ def test_a_missing_dependency_or_server_fails_and_a_gpu_skip_does_not(tmp_path):
 
         def test_on_a_cpu_machine():
             pytest.skip("this machine has a CUDA GPU")
+
+        def test_on_a_gpu_machine():
+            pytest.skip("needs a CUDA GPU: this machine has no CUDA GPU")
         """,
     )
     assert failed.returncode == 1, failed.stdout
-    assert "2 failed, 1 skipped" in failed.stdout, failed.stdout
+    assert "2 failed, 2 skipped" in failed.stdout, failed.stdout
     assert (
         "skipped, which this suite does not allow: Skipped: could not import 'no_such_test_dependency'" in failed.stdout
     )

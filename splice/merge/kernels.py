@@ -1,23 +1,27 @@
 """Per-tensor merge kernels: `(name, tensors) -> tensor`, run by the stream on the compute device.
 
 splice computes soups, linear, task arithmetic and TIES itself (the magnitude trim uses a kthvalue
-threshold where mergekit sorts the whole tensor); every other mergekit method runs through mergekit's
+threshold where mergekit sorts the whole tensor; on the CPU, TIES finds each threshold by counting the magnitudes'
+bits over cache-sized slices and then merges slice by slice); every other mergekit method runs through mergekit's
 own per-tensor API, `mergekit.merge_methods.api.merge_tensors`, inside splice's stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
 from splice.errors import SpliceError, first_line
-from splice.sparsify import top_magnitude_mask
-from splice.tensors.stream import Kernel
+from splice.sparsify import SlicedMagnitudeMask, sliced_magnitude_masks, top_magnitude_mask
+from splice.tensors.stream import Compute, Kernel, Slices
 
 TensorParameters = Callable[[str], dict[str, Any]]
 """Tensor name -> resolved method parameters (shared values, and per-input values keyed by input index)."""
+Trim = Callable[[torch.Tensor], None]
+"""What trims a weighted delta in place (zeroes the entries a sparsifying method drops)."""
 
 
 def average_coefficients(weights: Sequence[float]) -> list[float]:
@@ -56,31 +60,38 @@ def _trim_in_place(delta: torch.Tensor, density: float, rescale: bool, eps: floa
 
 
 def _task_arithmetic_family(
-    name: str, tensors: list[torch.Tensor], params: Mapping[str, Any], base_index: int, trim: bool, sign_consensus: bool
+    name: str,
+    tensors: list[torch.Tensor],
+    params: Mapping[str, Any],
+    base_index: int,
+    trims: Sequence[Trim | None],
+    sign_consensus: bool,
 ) -> torch.Tensor:
-    """base + lambda * (weighted deltas, optionally trimmed by magnitude and filtered by sign consensus),
-    normalised by the weights that contributed. One delta at a time, in place, to keep passes and memory low."""
+    """base + lambda * (weighted deltas, each trimmed in place by its `trims` entry (one per non-base input, in
+    order; None: kept whole), optionally filtered by sign consensus), normalised by the weights that contributed. One
+    delta at a time, in place, to keep passes and memory low."""
     base = tensors[base_index]
     others = [i for i in range(len(tensors)) if i != base_index]
     if not others:
         return base
     weights = [params["weight"][i] for i in others]
     deltas = []
-    for i, weight in zip(others, weights):
+    for i, weight, trim in zip(others, weights, trims):
         delta = tensors[i] - base
-        if trim:
-            _trim_in_place(delta, params["density"][i], params["rescale"])
+        if trim is not None:
+            trim(delta)
         delta.mul_(weight)
         deltas.append(delta)
     if sign_consensus:
-        positive = sum(deltas[1:], deltas[0]) >= 0  # the elected sign: that of the summed weighted deltas
+        # the elected sign, that of the summed weighted deltas: +1 where the sum is >= 0, else -1
+        elected = (sum(deltas[1:], deltas[0]) >= 0).to(base.dtype).mul_(2).sub_(1)
         merged = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for delta, weight in zip(deltas, weights):
-            agrees = torch.where(positive, delta > 0, delta < 0)
-            merged += delta * agrees
+            agrees = (torch.sign(delta) == elected).to(base.dtype)  # 1 where the delta has the elected sign, else 0
+            merged.addcmul_(delta, agrees)  # delta * 0 or 1 is exact: fused or not, one rounding in the add
             divisor.add_(agrees, alpha=weight)
-        divisor[divisor == 0] = 1
+        divisor.add_(divisor == 0)  # 0 -> 1, every other value unchanged
     else:
         merged = sum(deltas[1:], deltas[0])
         divisor = torch.tensor(weights, dtype=base.dtype, device=base.device).sum()
@@ -91,6 +102,43 @@ def _task_arithmetic_family(
     if params["lambda"] != 1:
         merged *= params["lambda"]
     return base + merged
+
+
+def _magnitude_trims(params: Mapping[str, Any], base_index: int, count: int) -> list[Trim | None]:
+    """TIES's trim of each non-base input's delta over the whole tensor: its top `density` by magnitude."""
+    others = [i for i in range(count) if i != base_index]
+    return [partial(_trim_in_place, density=params["density"][i], rescale=params["rescale"]) for i in others]
+
+
+def _ties(name: str, tensors: list[torch.Tensor], params: Mapping[str, Any], base_index: int) -> torch.Tensor:
+    return _task_arithmetic_family(
+        name, tensors, params, base_index, _magnitude_trims(params, base_index, len(tensors)), True
+    )
+
+
+def _ties_in_slices(
+    params: Mapping[str, Any], base_index: int, inputs: Sequence[torch.Tensor], slices: Slices
+) -> Compute | None:
+    """TIES on a tensor's slices: each delta's magnitude threshold found over the whole tensor first (two passes
+    over the slices: sparsify.sliced_magnitude_masks), then the slices trimmed against it and merged in order, the
+    same arithmetic on every entry as `_ties` on the whole tensor. None with `rescale` (it sums whole deltas)."""
+    others = [i for i in range(len(inputs)) if i != base_index]
+    if params["rescale"] or not others:
+        return None
+
+    def magnitudes() -> Iterator[list[torch.Tensor]]:
+        for part in slices():
+            yield [(part[i] - part[base_index]).abs_() for i in others]
+
+    masks = sliced_magnitude_masks(magnitudes, inputs[0].numel(), [params["density"][i] for i in others])
+    if masks is None:
+        return None
+    trims = [None if mask is None else partial(_trim_by, mask) for mask in masks]
+    return lambda name, part: _task_arithmetic_family(name, part, params, base_index, trims, True)
+
+
+def _trim_by(mask: SlicedMagnitudeMask, delta: torch.Tensor) -> None:
+    delta.mul_(mask.keep(delta.abs()))
 
 
 def _linear(name: str, tensors: list[torch.Tensor], params: Mapping[str, Any], base_index: int | None) -> torch.Tensor:
@@ -116,9 +164,14 @@ ELEMENTWISE_METHODS = frozenset({"linear", "task_arithmetic", "passthrough"})
 OWN_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "linear": _linear,
     "passthrough": _passthrough,
-    "task_arithmetic": lambda n, t, p, b: _task_arithmetic_family(n, t, p, b, trim=False, sign_consensus=False),
-    "ties": lambda n, t, p, b: _task_arithmetic_family(n, t, p, b, trim=True, sign_consensus=True),
+    "task_arithmetic": lambda n, t, p, b: _task_arithmetic_family(n, t, p, b, [None] * (len(t) - 1), False),
+    "ties": _ties,
 }
+
+
+# Methods whose output entries depend on the same entries of the inputs once per-tensor statistics are known: on
+# the CPU they are computed in slices (Kernel.prepare), with the same result as on whole tensors.
+SLICED_METHODS: dict[str, Callable[..., Compute | None]] = {"ties": _ties_in_slices}
 
 
 def method_kernel(
@@ -131,7 +184,15 @@ def method_kernel(
         def own(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
             return implementation(name, tensors, parameters_for(name), base_index)
 
-        return Kernel(own, elementwise=method in ELEMENTWISE_METHODS)
+        in_slices = SLICED_METHODS.get(method)
+        prepare = None
+        if in_slices is not None and base_index is not None:
+            base = base_index
+
+            def prepare(name: str, inputs: Sequence[torch.Tensor], slices: Slices) -> Compute | None:
+                return in_slices(parameters_for(name), base, inputs, slices)
+
+        return Kernel(own, elementwise=method in ELEMENTWISE_METHODS, prepare=prepare)
 
     from mergekit.merge_methods.api import merge_tensors
 

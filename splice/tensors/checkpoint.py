@@ -55,15 +55,6 @@ def _join(root: str, name: str) -> str:
     return f"{root}/{name}"
 
 
-def _byte_span(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[tuple[int, ...], int, int]:
-    """(shape, start, end) in the shard of a tensor's bytes, or of rows a..b-1 of its dim 0 with `rows=(a, b)`."""
-    if rows is None:
-        return info.shape, info.start, info.end
-    row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
-    shape = (rows[1] - rows[0], *info.shape[1:])
-    return shape, info.start + rows[0] * row_bytes, info.start + rows[1] * row_bytes
-
-
 class Checkpoint:
     """A model's tensors, indexed by name in storage order (shard by shard, by offset within a shard)."""
 
@@ -199,7 +190,7 @@ class Checkpoint:
         if self._pickled is not None or self.is_local:
             return None
         info = self._info(name)
-        shape, start, end = _byte_span(info, rows)
+        shape, start, end = stored_span(info, rows)
         where = f"{self.location}/{info.shard}"
         return RemoteRange(self.fs, _join(self.root, info.shard), start, end, info.dtype, shape, where, name)
 
@@ -222,7 +213,7 @@ class Checkpoint:
         span = self.remote_byte_range(name, rows)
         if span is not None:
             return read_range(span)
-        shape, start, end = _byte_span(info, rows)
+        shape, start, end = stored_span(info, rows)
         raw = torch.empty(end - start, dtype=torch.uint8)
         if end > start:
             self._pread_into(info, raw, start)
@@ -234,8 +225,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.location}: no tensor named {name}")
         return info
 
-    def _pread_into(self, info: TensorInfo, raw: torch.Tensor, start: int) -> None:
-        fd = self._fd(info.shard)
+    def _pread_into(self, info: TensorInfo, raw: torch.Tensor, start: int, fd: int | None = None) -> None:
+        fd = self._fd(info.shard) if fd is None else fd
         view = memoryview(raw.numpy())  # type: ignore[arg-type]  # numpy: a buffer on 3.12+ only
         done = 0
         while done < len(view):
@@ -243,6 +234,24 @@ class Checkpoint:
             if got <= 0:
                 raise CheckpointError(f"{self.location}/{info.shard}: file ends inside tensor {info.name}")
             done += got
+
+    def read_into(self, name: str, rows: tuple[int, int] | None, out: torch.Tensor) -> torch.Tensor:
+        """`read(name, rows)`, its bytes put in `out` (a contiguous uint8 CPU tensor of exactly their size, e.g. a
+        pinned staging buffer): one pread straight into it where the tensor is stored as is in a local safetensors
+        shard (`local_byte_range`), else read and copied. Returns `out` viewed as the tensor."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.location}: no tensor named {name}")
+        shape, start, end = stored_span(info, rows)
+        if out.dtype != torch.uint8 or out.numel() != end - start or not out.is_contiguous():
+            raise SpliceError(f"read_into: tensor {name} needs a contiguous uint8 buffer of {end - start} bytes")
+        stored = self.local_byte_range(name)
+        if stored is None:  # remote, pickled, or computed on read (a view's derived tensor)
+            out.copy_(self.read(name, rows).contiguous().reshape(-1).view(torch.uint8))
+        elif end > start:
+            fd, tensor_start, _ = stored
+            self._pread_into(info, out, tensor_start + start - info.start, fd)
+        return out.view(info.dtype).reshape(shape)
 
     def _fd(self, shard: str) -> int:
         with self._lock:
@@ -316,6 +325,15 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.location!r}, {len(self.tensors)} tensors in {len(self.shards)} shards)"
+
+
+def stored_span(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[tuple[int, ...], int, int]:
+    """(shape, first byte, end byte in its shard) of a stored tensor, or of its rows a..b-1 of dim 0 (the byte count
+    is right for a pickled tensor too, whose offsets are 0)."""
+    if rows is None:
+        return info.shape, info.start, info.start + info.nbytes
+    row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+    return (rows[1] - rows[0], *info.shape[1:]), info.start + rows[0] * row_bytes, info.start + rows[1] * row_bytes
 
 
 def _hub_cache_blob(root: str, path: str) -> str | None:

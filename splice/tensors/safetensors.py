@@ -42,7 +42,7 @@ DTYPE_TO_SAFETENSORS = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items(
 
 
 def dtype_itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,13 @@ to the output dtype and handed to the writer.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,6 +30,7 @@ from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import compute_dtype_for, dtype_name, resolve_device
 from splice.tensors.ranged import PART_BYTES, RangeFetcher
 from splice.tensors.threads import calling_thread_only
+from splice.tensors.transfer import Copies, CudaCopies, Downloads, StagingLimits, Uploads, plan_batches
 from splice.tensors.writer import (
     OutputTensor,
     ShardedWriter,
@@ -40,6 +43,10 @@ log = logging.getLogger("splice.stream")
 
 Compute = Callable[[str, list[torch.Tensor]], torch.Tensor]
 """(output tensor name, input tensors on the compute device in their working precision) -> output tensor."""
+Slices = Callable[[], Iterator[list[torch.Tensor]]]
+"""A fresh pass over a tensor's inputs in slices of rows, in order, each slice in the working precision."""
+Prepare = Callable[[str, Sequence[torch.Tensor], Slices], "Compute | None"]
+"""(output tensor name, its inputs as stored, their slices) -> what computes the slices, or None."""
 
 
 @dataclass(frozen=True)
@@ -69,12 +76,18 @@ class Kernel:
       blocks of rows (memory then stays flat however large a tensor is).
     passes_through: names of the tensors the kernel returns as its first input: the writer copies them as their
       first source stores them (inside the kernel when both sides are local files), nothing is read or computed.
+    prepare: for a kernel whose output entries depend on the same entries of the inputs once a few statistics of
+      the whole tensors are known (TIES: each delta's magnitude threshold): given the tensor's name, its inputs as
+      stored and their slices, it returns what computes the slices, called on them in order (None: `compute` on the
+      whole tensors). On the CPU the stream then computes the tensor in cache-sized slices as for `elementwise`;
+      elsewhere `compute` runs on whole tensors, and both must give the same output bit for bit.
     """
 
     compute: Compute
     elementwise: bool = False
     passes_through: frozenset[str] = frozenset()
     precision: Precision = Precision()
+    prepare: Prepare | None = None
 
 
 @dataclass(frozen=True)
@@ -182,11 +195,15 @@ def read_all(reads: Reads) -> list[torch.Tensor]:
 
 
 def read_ahead(
-    groups: Sequence[Reads], depth: int, max_concurrency: int = DEFAULT_MAX_CONCURRENCY
-) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """Yield (group position, its tensors), reading up to `depth` groups in advance on a background thread.
-    Remote tensors are requested on a pool of `max_concurrency` ranged requests (`splice.tensors.ranged`) as the
-    thread reaches their group, so the groups read ahead are fetched together; memory stays `depth` + 2 groups."""
+    groups: Sequence[Any],
+    depth: int,
+    read: Callable[[Any], Any] | None = None,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+) -> Iterator[tuple[int, Any]]:
+    """Yield (group position, `read(group)`: by default its tensors), reading up to `depth` groups in advance on a
+    background thread. By default remote tensors are requested on a pool of `max_concurrency` ranged requests
+    (`splice.tensors.ranged`) as the thread reaches their group, so the groups read ahead are fetched together;
+    memory stays `depth` + 2 groups."""
     slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
     fetcher = RangeFetcher(max_concurrency)
@@ -203,8 +220,8 @@ def read_ahead(
     def produce() -> None:
         try:
             for position, group in enumerate(groups):
-                pending = [ckpt.start_read(name, rows, fetcher) for ckpt, name, rows in group]
-                if not offer((position, pending)):
+                value = read(group) if read is not None else [c.start_read(n, r, fetcher) for c, n, r in group]
+                if not offer((position, value)):
                     return
             offer(_DONE)
         except BaseException as exc:  # handed to the consumer, which re-raises it
@@ -219,8 +236,8 @@ def read_ahead(
                 return
             if isinstance(value, _Failure):
                 raise value.error
-            position, pending = value
-            yield position, [read.result() for read in pending]
+            position, got = value
+            yield position, got if read is not None else [pending.result() for pending in got]
     finally:
         stop.set()
         thread.join()
@@ -243,8 +260,9 @@ def compute_one(
         if any(t.dtype != first.dtype or not torch.equal(t, first) for t in tensors[1:]):
             raise IncompatibleModelsError(f"non-float tensor {out.name} differs between inputs; cannot merge it")
         return first.to(out.dtype)
-    if _in_slices(kernel, tensors, device):
-        result, finite = _computed_in_slices(kernel, out.name, tensors, out.dtype)
+    sliced = _computed_in_slices(kernel, out.name, tensors, out.dtype) if _in_slices(kernel, tensors, device) else None
+    if sliced is not None:
+        result, finite = sliced
         if not finite:
             refuse_new_non_finite(out.name, result, reread)
         return result
@@ -264,7 +282,7 @@ The slices run on the calling thread alone (splice.tensors.threads says why)."""
 def _in_slices(kernel: Kernel, tensors: Sequence[torch.Tensor], device: torch.device) -> bool:
     first = tensors[0]
     return (
-        kernel.elementwise
+        (kernel.elementwise or kernel.prepare is not None)
         and device.type == "cpu"
         and first.dim() > 0
         and first.numel() > COMPUTE_SLICE
@@ -274,20 +292,29 @@ def _in_slices(kernel: Kernel, tensors: Sequence[torch.Tensor], device: torch.de
 
 def _computed_in_slices(
     kernel: Kernel, name: str, tensors: Sequence[torch.Tensor], dtype: torch.dtype
-) -> tuple[torch.Tensor, bool]:
-    """An elementwise kernel run on blocks of rows of about COMPUTE_SLICE elements, each cast into the output as it
-    is done: the same arithmetic on every entry as one call over the whole block (its rows depend only on theirs).
-    With it, whether every output entry is finite: each slice's sum is kept while the slice is in the cache (a sum
-    is finite only if every entry is), and the entries are looked at only where a sum is not."""
+) -> tuple[torch.Tensor, bool] | None:
+    """An elementwise kernel (or one `prepare`d for it) run on blocks of rows of about COMPUTE_SLICE elements, each
+    cast into the output as it is done: the same arithmetic on every entry as one call over the whole block (its
+    rows depend only on theirs). With it, whether every output entry is finite: each slice's sum is kept while the
+    slice is in the cache (a sum is finite only if every entry is), and the entries are looked at only where a sum
+    is not. None when `prepare` declines (the whole tensors are computed instead)."""
     first = tensors[0]
-    result = torch.empty(first.shape, dtype=dtype)
     with calling_thread_only(COMPUTE_SLICE) as slice_elements:
         rows = max(1, slice_elements // max(1, first[0].numel()))
+        starts = range(0, first.shape[0], rows)
+
+        def slices() -> Iterator[list[torch.Tensor]]:
+            for start in starts:
+                yield [t[start : start + rows].to(dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
+
+        compute = kernel.compute if kernel.prepare is None else kernel.prepare(name, tensors, slices)
+        if compute is None:
+            return None
+        result = torch.empty(first.shape, dtype=dtype)
         sums = []
-        for start in range(0, first.shape[0], rows):
-            part = [t[start : start + rows].to(dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
+        for start, part in zip(starts, slices()):
             done = result[start : start + rows]
-            done.copy_(kernel.compute(name, part))
+            done.copy_(compute(name, part))
             sums.append(done.sum(dtype=torch.float32))
         finite = bool(torch.isfinite(torch.stack(sums)).all()) or bool(torch.isfinite(result).all())
     return result, finite
@@ -424,26 +451,136 @@ def computed(
 ) -> Iterator[tuple[WorkUnit, torch.Tensor | None]]:
     """Each work unit with the kernel's output for it (on the CPU), inputs read ahead on a background thread;
     None for a unit the kernel passes through as stored. Progress is told as each unit completes."""
+    if device.type == "cuda":
+        yield from computed_with_copies(units, kernel, CudaCopies(device), run)
+        return
+    workers = compute_workers(kernel, device, run)
+    if workers > 1:
+        yield from _computed_in_parallel(units, kernel, device, run, workers)
+        return
     progress = run.reporter
     with torch.inference_mode():
-        for position, tensors in read_ahead([unit.reads for unit in units], run.read_ahead_depth, run.max_concurrency):
+        for position, tensors in read_ahead(
+            [unit.reads for unit in units], run.read_ahead_depth, max_concurrency=run.max_concurrency
+        ):
             unit = units[position]
-            if unit.verbatim:
-                yield unit, None
-                progress.advance(1, unit.item.input_bytes)
-                continue
-            tick = time.perf_counter()
-            result = compute_one(unit.item, tensors, kernel, device, partial(read_all, unit.reads))
+            result = None if unit.verbatim else _compute_unit(unit, tensors, kernel, device)
             yield unit, result
             progress.advance(int(unit.completes_item), unit.input_bytes)
-            log.debug(
-                "%s %s rows %s from %d inputs in %.1f ms",
-                unit.item.output.name,
-                list(unit.item.output.shape),
-                unit.rows or "all",
-                len(tensors),
-                1000 * (time.perf_counter() - tick),
-            )
+
+
+def compute_workers(kernel: Kernel, device: torch.device, run: RunOptions) -> int:
+    """How many threads compute work units at once: `run.compute_threads` (0: one per core, at most
+    AUTO_COMPUTE_THREADS) for a kernel the CPU computes in slices, each on its thread alone; 1 for every other
+    kernel (its operations already use torch's pool, and mergekit's random methods draw from one generator in
+    order)."""
+    if device.type != "cpu" or not (kernel.elementwise or kernel.prepare is not None):
+        return 1
+    return run.compute_threads or min(AUTO_COMPUTE_THREADS, os.cpu_count() or 1)
+
+
+AUTO_COMPUTE_THREADS = 4
+COMPUTE_BYTES_IN_FLIGHT = 256 * 1024 * 1024
+"""The stored bytes of the inputs the compute threads may hold together (one unit larger than this is computed
+alone)."""
+
+
+def _compute_unit(unit: WorkUnit, tensors: list[torch.Tensor], kernel: Kernel, device: torch.device) -> torch.Tensor:
+    tick = time.perf_counter()
+    # inference mode and torch's thread count are per thread: a compute thread sets its own, and runs its
+    # operations alone (the whole tensors below COMPUTE_SLICE too), the threads together using the cores
+    with torch.inference_mode(), calling_thread_only(COMPUTE_SLICE):
+        result = compute_one(unit.item, tensors, kernel, device, partial(read_all, unit.reads))
+    log.debug(
+        "%s rows %s from %d inputs in %.1f ms",
+        unit.item.output.name,
+        unit.rows or "all",
+        len(tensors),
+        1000 * (time.perf_counter() - tick),
+    )
+    return result
+
+
+def _computed_in_parallel(
+    units: Sequence[WorkUnit], kernel: Kernel, device: torch.device, run: RunOptions, workers: int
+) -> Iterator[tuple[WorkUnit, torch.Tensor | None]]:
+    """`computed` with `workers` units computed at once on threads of their own, results handed on in the units'
+    order: besides the units read ahead and written behind, at most `workers` + 1 units in hand, and no more than
+    one while their inputs pass COMPUTE_BYTES_IN_FLIGHT (whole tensors of a large vocabulary are computed one or two
+    at a time: memory stays flat in the model's size)."""
+    progress = run.reporter
+    in_flight: deque[tuple[WorkUnit, concurrent.futures.Future | None]] = deque()
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="splice-compute")
+
+    def oldest() -> tuple[WorkUnit, torch.Tensor | None]:
+        unit, job = in_flight.popleft()
+        return unit, None if job is None else job.result()
+
+    def no_room_for(unit: WorkUnit) -> bool:
+        held = [other.input_bytes for other, job in in_flight if job is not None]
+        too_large = held and not unit.verbatim and sum(held) + unit.input_bytes > COMPUTE_BYTES_IN_FLIGHT
+        return len(in_flight) > workers or bool(too_large)
+
+    try:
+        for position, tensors in read_ahead(
+            [unit.reads for unit in units], run.read_ahead_depth, max_concurrency=run.max_concurrency
+        ):
+            unit = units[position]
+            while no_room_for(unit):
+                done, result = oldest()
+                yield done, result
+                progress.advance(int(done.completes_item), done.input_bytes)
+            job = None if unit.verbatim else pool.submit(_compute_unit, unit, tensors, kernel, device)
+            in_flight.append((unit, job))
+        while in_flight:
+            unit, result = oldest()
+            yield unit, result
+            progress.advance(int(unit.completes_item), unit.input_bytes)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def computed_with_copies(
+    units: Sequence[WorkUnit],
+    kernel: Kernel,
+    copies: Copies,
+    run: RunOptions,
+    limits: StagingLimits = StagingLimits(),
+) -> Iterator[tuple[WorkUnit, torch.Tensor | None]]:
+    """`computed` on a device the host copies to and from (a GPU: `CudaCopies`): inputs are staged in pinned memory
+    and uploaded on a side stream while earlier units compute, small units several to a copy; each result comes
+    back while the next is computed (tensors/transfer.py). Inputs reach the device as stored and are converted
+    there, where `compute_one` converts them on the host: to fp32 that is exact, so the kernel sees the same values,
+    bit for bit (a `Precision` narrower than the stored dtype rounds to nearest even on either side: the same
+    numbers, NaN payloads aside); the kernel, the cast and the NaN/Inf refusal are `compute_one`'s."""
+    progress = run.reporter
+    uploads, downloads = Uploads(copies, limits), Downloads[WorkUnit](copies, limits)
+
+    def finished(keep: int) -> Iterator[tuple[WorkUnit, torch.Tensor | None]]:
+        for unit, result, finite in downloads.finished(keep):
+            if not finite:
+                assert result is not None
+                refuse_new_non_finite(unit.item.output.name, result, partial(read_all, unit.reads))
+            yield unit, result
+            progress.advance(int(unit.completes_item), unit.input_bytes)
+
+    batches = plan_batches([unit.reads for unit in units], limits)
+    with torch.inference_mode():
+        for _, arrived in read_ahead(batches, run.read_ahead_depth, read=uploads.load):
+            copies.use(arrived.ticket, arrived.buffers)
+            for position, tensors in zip(arrived.batch.positions, arrived.inputs):
+                unit = units[position]
+                out = unit.item.output
+                if unit.verbatim:
+                    downloads.ready(unit, None)
+                elif arrived.batch.on_host:  # integer buffers: compared and copied on the host
+                    cpu = torch.device("cpu")
+                    downloads.ready(unit, compute_one(unit.item, tensors, kernel, cpu, partial(read_all, unit.reads)))
+                else:
+                    moved = [t.to(dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
+                    downloads.start(unit, kernel.compute(out.name, moved).to(dtype=out.dtype))
+                yield from finished(keep=1)  # the result before this one, while this one computes
+        yield from finished(keep=0)
 
 
 def stream_to_memory(

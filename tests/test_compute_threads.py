@@ -1,0 +1,124 @@
+"""Several work units computed at once (RunOptions.compute_threads) for kernels the CPU computes in slices: the same
+output bit for bit as one thread, results handed to the writer in the plan's order, a failure in a compute thread
+raised once with nothing published, and kernels that must run one at a time (mergekit's, drawing from torch's one
+generator) left on one thread."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import yaml
+from test_ties_slices import ties_recipe
+
+import splice
+import splice.tensors.stream as stream
+from splice.errors import NonFiniteOutputError
+from splice.merge.kernels import method_kernel, weighted_average
+from splice.options import RunOptions
+from splice.tensors.stream import Kernel, compute_workers
+
+from helpers import load_dir
+
+
+def test_a_soup_on_three_compute_threads_equals_the_soup_on_one(make_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "COMPUTE_SLICE", 64)  # the matrices computed in slices, so several threads work
+    dirs = make_models("llama", 3)
+    names = []
+    original = stream._compute_unit
+
+    def spy(unit, tensors, kernel, device):
+        names.append((unit.item.output.name, threading.current_thread().name))
+        return original(unit, tensors, kernel, device)
+
+    monkeypatch.setattr(stream, "_compute_unit", spy)
+    splice.soup(dirs, tmp_path / "one", weights=[0.5, 0.3, 0.2], device="cpu", compute_threads=1)
+    on_one = set(names)
+    names.clear()
+    written = []
+    original_write = stream.ShardedWriter.write
+
+    def record(self, name, tensor, rows=None):
+        written.append(name)
+        return original_write(self, name, tensor, rows)
+
+    monkeypatch.setattr(stream.ShardedWriter, "write", record)
+    splice.soup(dirs, tmp_path / "three", weights=[0.5, 0.3, 0.2], device="cpu", compute_threads=3)
+    one, three = load_dir(tmp_path / "one"), load_dir(tmp_path / "three")
+    assert one.keys() == three.keys() and all(torch.equal(one[n], three[n]) for n in one)
+    assert {thread for _, thread in on_one} == {threading.current_thread().name}
+    assert len({thread for _, thread in names}) > 1 and all(t.startswith("splice-compute") for _, t in names)
+    assert written == [name for name in one if name in dict(names)]  # the plan's order, whatever finished first
+
+
+def test_ties_on_two_compute_threads_equals_ties_on_one(make_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "COMPUTE_SLICE", 64)
+    dirs = make_models("llama", 3)
+    recipe = ties_recipe(tmp_path, dirs, "float32")
+    splice.merge(recipe, tmp_path / "one", device="cpu", compute_threads=1)
+    splice.merge(recipe, tmp_path / "two", device="cpu", compute_threads=2)
+    one, two = load_dir(tmp_path / "one"), load_dir(tmp_path / "two")
+    assert all(torch.equal(one[n], two[n]) for n in one)
+
+
+def test_a_failure_in_a_compute_thread_is_raised_once_and_nothing_is_published(make_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "COMPUTE_SLICE", 64)
+    dirs = make_models("llama", 2)
+    recipe = tmp_path / "overflow.yml"  # norm weights of 1.0 times 1e5 twice: past float16's 65504
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "models": [{"model": str(d), "parameters": {"weight": 1e5}} for d in dirs],
+                "parameters": {"normalize": False},
+                "dtype": "float16",
+            }
+        )
+    )
+    with pytest.raises(NonFiniteOutputError, match="NaN/Inf") as raised:
+        splice.merge(recipe, tmp_path / "out", device="cpu", compute_threads=2)
+    assert len(str(raised.value).splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_only_kernels_computed_in_slices_on_the_cpu_get_several_threads():
+    run = RunOptions(compute_threads=3)
+    cpu = torch.device("cpu")
+    assert compute_workers(weighted_average([1, 1]), cpu, run) == 3
+    assert compute_workers(method_kernel("ties", lambda name: {}, 0), cpu, run) == 3
+    assert compute_workers(method_kernel("dare_ties", lambda name: {}, 0), cpu, run) == 1  # one generator, in order
+    assert compute_workers(Kernel(lambda name, tensors: tensors[0]), cpu, run) == 1
+    assert compute_workers(weighted_average([1, 1]), torch.device("meta"), run) == 1
+    auto = compute_workers(weighted_average([1, 1]), cpu, RunOptions())
+    assert 1 <= auto <= stream.AUTO_COMPUTE_THREADS
+
+
+def test_units_past_the_byte_bound_are_computed_one_at_a_time(make_models, tmp_path, monkeypatch):
+    """With the bound below one unit's inputs, no two units are ever computed at once."""
+    monkeypatch.setattr(stream, "COMPUTE_SLICE", 64)
+    monkeypatch.setattr(stream, "COMPUTE_BYTES_IN_FLIGHT", 1)
+    dirs = make_models("llama", 3)
+    busy, most = [0], [0]
+    lock = threading.Lock()
+    original = stream._compute_unit
+
+    def counting(unit, tensors, kernel, device):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        try:
+            return original(unit, tensors, kernel, device)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    monkeypatch.setattr(stream, "_compute_unit", counting)
+    splice.soup(dirs, tmp_path / "bounded", device="cpu", compute_threads=3)
+    assert most[0] == 1
+    monkeypatch.setattr(stream, "COMPUTE_BYTES_IN_FLIGHT", 1 << 40)
+    splice.soup(dirs, tmp_path / "unbounded", device="cpu", compute_threads=3)
+    assert most[0] >= 1  # not asserted > 1: threads may finish before the next unit arrives
+    bounded, unbounded = load_dir(tmp_path / "bounded"), load_dir(tmp_path / "unbounded")
+    assert all(torch.equal(bounded[n], unbounded[n]) for n in bounded)
