@@ -147,9 +147,9 @@ def _compare_tensor(entry: TensorFingerprint, source: TensorSource) -> BaseMisma
         return BaseMismatch(entry.name, "missing", "not in this base")
     shape, dtype, read = found
 
-    def hashed() -> tuple[str, float]:
+    def hashed() -> tuple[str, Callable[[], float]]:
         tensor = read()
-        return tensor_sha256(tensor), l2_norm(tensor)
+        return tensor_sha256(tensor), partial(l2_norm, tensor)
 
     return _compare_entry(entry, tuple(shape), dtype_name(dtype), hashed)
 
@@ -158,18 +158,20 @@ def _compare_entry(
     entry: TensorFingerprint,
     shape: tuple[int, ...],
     dtype: str,
-    hashed: Callable[[], tuple[str, float]],
+    hashed: Callable[[], tuple[str, Callable[[], float]]],
     recorded: str = "when the patch was made",
 ) -> BaseMismatch | None:
-    """A base tensor (its shape, dtype name, and `hashed()`: its sha256 and L2 norm, asked for only when shape and
-    dtype agree) against what `entry` recorded of it (`recorded`: how a message says where that record is from)."""
+    """A base tensor (its shape, dtype name, and `hashed()`: its sha256 and what computes its L2 norm, asked for
+    only when shape and dtype agree, the norm only when the hash differs) against what `entry` recorded of it
+    (`recorded`: how a message says where that record is from)."""
     if tuple(shape) != tuple(entry.shape):
         return BaseMismatch(entry.name, "shape", f"shape {list(shape)}, patch made on {list(entry.shape)}")
     if dtype != entry.dtype:
         return BaseMismatch(entry.name, "dtype", f"{dtype}, patch made on {entry.dtype}")
-    sha256, norm = hashed()
+    sha256, norm_of = hashed()
     if sha256 == entry.sha256:
         return None
+    norm = norm_of()
     return BaseMismatch(
         entry.name,
         "values",
@@ -225,8 +227,8 @@ def compare_records(
     return mismatches
 
 
-def _recorded_hash(entry: TensorFingerprint) -> tuple[str, float]:
-    return entry.sha256, entry.norm
+def _recorded_hash(entry: TensorFingerprint) -> tuple[str, Callable[[], float]]:
+    return entry.sha256, lambda: entry.norm
 
 
 def shared_record(records: Sequence[BaseFingerprint], touched: Iterable[str]) -> BaseFingerprint:
