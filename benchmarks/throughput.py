@@ -18,23 +18,45 @@ CPU seconds):
   splice-lora-apply  splice patch apply LORA --base A (a rank-16 LoRA on every attention and MLP matrix)
   splice-port        splice port LORA --to B --from A --out X (the LoRA made on A, ported onto B)
 
-Modes: `warm` (one untimed run first fills the page cache) and `cold` (before every run each input file's pages are
-dropped with posix_fadvise(DONTNEED) and `mincore` checks that none are left: benchmarks/pagecache.py). Reported per
+Modes: `warm` (one untimed run of the first case first fills the page cache) and `cold` (before every run each
+input file's pages are dropped with posix_fadvise(DONTNEED) and `mincore` checks that none are left:
+benchmarks/pagecache.py). Reported per
 case and mode: wall, GB/s of input read, the wall's ratio to the raw floor of the same mode and to mergekit's (the
 same method), peak RSS and CPU seconds. `--profile` adds where the time of the soup and of ties goes, measured in
 one process: the stream's reader, compute and writer threads, and inside compute the torch operations by kind.
 
-Not run in CI. Usage:  .venv/bin/python benchmarks/throughput.py [--spec bf16|fp32] [--modes warm cold]
-[--only splice-soup ...] [--profile] [--device cuda] (splice --device cuda, mergekit-yaml --cuda; results-cuda.json).
+Mode `s3`: moto's S3 server on 127.0.0.1 in its own process, the three models uploaded to it once, then
+
+  s3-download      a plain concurrent download of the same bytes by s3fs: `S3FileSystem.get` of every shard object
+                   to local files (several objects at once, each in concurrent ranged parts: s3fs's own concurrency)
+  s3-read          every shard byte read into memory once by s3fs, in 8 MB ranges fetched concurrently by
+                   `cat_ranges` (fsspec's batches): the download without writing anything
+  s3-soup c=N      splice soup s3://... --storage-options '{"endpoint_url": ...}' --max-concurrency N, for each N of
+                   --concurrencies (the sweep the default max_concurrency was chosen from)
+  raw-floor        the local floor above, warm, for reference
+
+reported as input GB/s and each soup's throughput as a fraction of the download's and of the read's. moto 5 reads a
+whole object for every GET and slices the range out of it (`FakeKey.value`); a real S3 reads only the range. The
+server here keeps every object in memory and hands moto's range code the object's bytes without that copy
+(S3_SERVER_SCRIPT), so a ranged GET costs what its range costs, for splice and the baselines alike. A real store's time
+to first byte can be added with --s3-latency-ms (the server waits that long before each object GET).
+
+Not run in CI. Usage:  .venv/bin/python benchmarks/throughput.py [--spec bf16|fp32] [--modes warm cold s3]
+[--only splice-soup ...] [--profile] [--device cuda] (splice --device cuda, mergekit-yaml --cuda; results-cuda.json)
+[--concurrencies 1 2 4 8 16] [--s3-latency-ms 0] [--quiet-wait S].
 See benchmarks/README.md for the figures measured so far.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -108,6 +130,178 @@ total = sum(os.path.getsize(os.path.join(out, s)) for s in by_shard)
 json.dump({"metadata": {"total_size": total}, "weight_map": maps[0]}, open(os.path.join(out, INDEX), "w"))
 shutil.copy(os.path.join(models[0], "config.json"), out)
 """
+
+
+S3_BUCKET = "splice-bench"
+S3_CONCURRENCIES = [1, 2, 4, 8, 16]
+
+S3_SERVER_SCRIPT = r"""
+import io, os, sys, time
+os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(1 << 40)  # every object kept in memory, never spooled to disk
+from moto.s3.models import FakeKey
+from moto.server import ThreadedMotoServer
+
+latency = float(sys.argv[1]) / 1000  # before each object GET: an object store's time to first byte
+stored = FakeKey.value
+
+def value(self):
+    # moto reads a whole object for every GET and slices the range out of it; S3 reads only the range. A BytesIO
+    # hands back its bytes without a copy once they are exactly its size, so a ranged GET costs what its range costs.
+    with self.lock:
+        buffer = self._value_buffer._file
+        if isinstance(buffer, io.BytesIO):
+            return buffer.getvalue()
+    return stored.fget(self)
+
+FakeKey.value = property(value, stored.fset)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+app = server._server.app
+
+def delayed(environ, start_response):
+    if latency and environ["REQUEST_METHOD"] == "GET" and environ.get("PATH_INFO", "").count("/") > 1:
+        time.sleep(latency)  # werkzeug serves each connection on its own thread: concurrent requests wait together
+    return app(environ, start_response)
+
+server._server.app = delayed
+host, port = server.get_host_and_port()
+print(f"http://{host}:{port}", flush=True)
+sys.stdin.read()  # serve until the benchmark closes this pipe
+server.stop()
+"""
+
+S3_FETCH_SCRIPT = r"""
+import os, sys
+import s3fs
+
+how, endpoint, target, *objects = sys.argv[1:]
+fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+if how == "download":  # every object to a local file, several at once, each in concurrent parts: s3fs's own get
+    os.makedirs(target)
+    fs.get(objects, [os.path.join(target, path.replace("/", "_")) for path in objects])
+else:  # every byte into memory, once: each object in 8 MB ranges, fetched concurrently by fsspec's cat_ranges
+    step = 8 << 20
+    for path in objects:
+        size = fs.size(path)
+        starts = list(range(0, size, step))
+        assert sum(map(len, fs.cat_ranges([path] * len(starts), starts, [min(s + step, size) for s in starts]))) == size
+"""
+
+
+def s3_environment(environ: dict) -> dict:
+    """`environ` with test credentials for moto, and no endpoint, profile or config from the machine."""
+    dropped = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3", "FSSPEC_S3_ENDPOINT_URL")
+    env = {key: value for key, value in environ.items() if key not in dropped}
+    env.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@contextlib.contextmanager
+def moto_server(workdir: Path, env: dict, latency_ms: float = 0.0) -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 in its own process, with the benchmark's bucket: yields its endpoint."""
+    script = workdir / "s3_server.py"
+    script.write_text(S3_SERVER_SCRIPT)
+    log = open(workdir / "logs" / "s3_server.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(latency_ms)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env=env,
+        text=True,
+    )
+    try:
+        endpoint = process.stdout.readline().strip()  # type: ignore[union-attr]  # '' if the server died
+        if not endpoint.startswith("http://"):
+            raise SystemExit(f"moto's S3 server did not start; see {log.name}")
+        s3_client(endpoint).create_bucket(Bucket=S3_BUCKET)
+        yield endpoint
+    finally:
+        process.stdin.close()  # type: ignore[union-attr]
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def upload(endpoint: str, models: list[Path]) -> list[str]:
+    """Every file of each model put under s3://S3_BUCKET/<model name>/: the models' URLs."""
+    import time
+
+    client = s3_client(endpoint)
+    started = time.perf_counter()
+    for model in models:
+        for path in sorted(model.iterdir()):
+            client.upload_file(str(path), S3_BUCKET, f"{model.name}/{path.name}")
+    print(f"uploaded {len(models)} models to moto in {time.perf_counter() - started:.1f} s", flush=True)
+    return [f"s3://{S3_BUCKET}/{model.name}" for model in models]
+
+
+def s3_cases(workdir: Path, models: list[Path], urls: list[str], endpoint: str, concurrencies: list[int]) -> list[Case]:
+    outs = workdir / "outputs"
+    fetch = workdir / "s3_fetch.py"
+    fetch.write_text(S3_FETCH_SCRIPT)
+    objects = [
+        f"{url.removeprefix('s3://')}/{path.name}" for url, model in zip(urls, models) for path in input_files([model])
+    ]
+    options = json.dumps({"endpoint_url": endpoint})
+    baselines = [
+        Case(
+            f"s3-{how}",
+            [sys.executable, str(fetch), how, endpoint, str(outs / f"s3-{how}"), *objects],
+            outs / f"s3-{how}",
+            what,
+        )
+        for how, what in [
+            ("download", "s3fs get of every shard object to local files"),
+            ("read", "s3fs cat_ranges of every shard object in 8 MB ranges, into memory"),
+        ]
+    ]
+    soups = [
+        Case(
+            f"s3-soup c={n}",
+            [
+                _tool("splice"),
+                "soup",
+                *urls,
+                "--out",
+                str(outs / "s3-soup"),
+                "--storage-options",
+                options,
+                "--max-concurrency",
+                str(n),
+                "--quiet",
+                "--force",
+                "--device",
+                "cpu",
+            ],
+            outs / "s3-soup",
+            f"uniform soup of A, B, C read from S3, {n} requests in flight",
+        )
+        for n in concurrencies
+    ]
+    return [*baselines, *soups]
 
 
 def input_files(models: list[Path]) -> list[Path]:
@@ -212,16 +406,17 @@ def reference_for(name: str) -> str | None:
     return f"mergekit-{method}" if method in METHODS else None
 
 
-def run_mode(mode: str, cases: list[Case], files: list[Path], workdir: Path, env: dict, repeats: int) -> list[Run]:
+def run_mode(
+    mode: str, cases: list[Case], files: list[Path], workdir: Path, env: dict, repeats: int, quiet_wait: float = 0.0
+) -> list[Run]:
     runs = []
-    if mode == "warm":
-        for case in cases:  # untimed: fills the page cache (and any lazy state) first
-            runs.append(measure(case, -1, workdir, env))
+    if mode in ("warm", "s3"):  # untimed: the first case (the raw floor reads every input byte) fills the page cache
+        runs.append(measure(cases[0], -1, workdir, env))
     for index in range(repeats):
         for case in cases:
             if mode == "cold":
                 evicted(files)
-            run = measure(case, index, workdir, env)
+            run = measure(case, index, workdir, env, quiet_wait)
             runs.append(run)
             print(
                 f"  [{mode}] {case.name:<16} {run.wall_s:7.2f} s  peak RSS {run.peak_rss_mb:6.0f} MB  "
@@ -244,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--spec", choices=sorted(SPECS), default="bf16", help="bf16: 3 x 1.6 GB; fp32: 3 x 340 MB")
-    parser.add_argument("--modes", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
+    parser.add_argument("--modes", nargs="+", default=["warm", "cold"], choices=["warm", "cold", "s3"])
     parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument(
@@ -255,6 +450,15 @@ def main(argv: list[str] | None = None) -> int:
         "and writes on the host either way",
     )
     parser.add_argument("--profile", action="store_true", help="where the soup's and ties' time goes (one process)")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=0.0, help="before each timed run, wait up to S seconds for a quiet machine"
+    )
+    parser.add_argument(
+        "--concurrencies", nargs="+", type=int, default=S3_CONCURRENCIES, help="s3 mode: --max-concurrency values"
+    )
+    parser.add_argument(
+        "--s3-latency-ms", type=float, default=0.0, help="s3 mode: the server waits this long before each object GET"
+    )
     args = parser.parse_args(argv)
     gpu = gpu_name() if args.device == "cuda" else None
     workdir = args.workdir.resolve() / args.spec
@@ -268,13 +472,26 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     results: dict[str, dict] = {}
     for mode in args.modes:
-        runs = run_mode(mode, cases, files, workdir, env, args.repeats)
-        rows = results[mode] = summarize(runs, [case.name for case in cases])
+        if mode == "s3":
+            env_s3 = s3_environment(env)
+            with moto_server(workdir, env_s3, args.s3_latency_ms) as endpoint:
+                urls = upload(endpoint, models)
+                local = [case for case in cases if case.name == "raw-floor"]
+                mode_cases = local + s3_cases(workdir, models, urls, endpoint, args.concurrencies)
+                runs = run_mode(mode, mode_cases, files, workdir, env_s3, args.repeats, args.quiet_wait)
+            shutil.rmtree(workdir / "outputs" / "s3-download", ignore_errors=True)  # 4.8 GB of downloaded shards
+        else:
+            mode_cases = cases
+            runs = run_mode(mode, cases, files, workdir, env, args.repeats, args.quiet_wait)
+        rows = results[mode] = summarize(runs, [case.name for case in mode_cases])
         for name, row in rows.items():
             row["read_gb_per_s"] = read_gb / row["wall_s"]
             for reference in ("raw-floor", reference_for(name)):
                 if reference in rows and reference != name:
                     row[f"wall / {reference}"] = row["wall_s"] / rows[reference]["wall_s"]
+            for reference in ("s3-download", "s3-read"):
+                if reference in rows and name.startswith("s3-soup"):
+                    row[f"throughput / {reference}"] = rows[reference]["wall_s"] / row["wall_s"]
     result = {
         "machine": machine_info(),
         "splice_source": splice_fingerprint(),
@@ -282,18 +499,19 @@ def main(argv: list[str] | None = None) -> int:
         "spec": spec,
         "device": args.device,
         "gpu": gpu,
+        "s3_latency_ms": args.s3_latency_ms if "s3" in args.modes else None,
         "modes": results,
     }
     if args.profile:
         from throughput_profile import profile_runs
 
         result["profile"] = profile_runs(models, workdir, write_config(workdir, models, "ties", dtype))
-    path = workdir / f"results-{args.device}.json"
+    path = workdir / f"results-{args.device}{'-s3' if 's3' in args.modes else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\ninputs: 3 x {read_gb / 3:.2f} GB {dtype}, {len(files)} shard files, device {args.device} {gpu or ''}")
     for mode, rows in results.items():
         for name, row in rows.items():
-            ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("wall / "))
+            ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith(("wall / ", "throughput / ")))
             print(
                 f"{mode:<5} {name:<18} {row['wall_s']:7.2f} s  {row['read_gb_per_s']:5.2f} GB/s  "
                 f"RSS {row['peak_rss_mb']:6.0f} MB  cpu {row['cpu_s']:6.1f} s  {ratios}"

@@ -22,6 +22,10 @@ DEFAULT_SHARD_SIZE = 2 * 1000**3
 # largest tensor (an embedding matrix is often the largest by far).
 CHUNK_BYTES = 4 * 1024 * 1024
 
+# Ranged requests a run keeps in flight to remote stores (splice.tensors.ranged). Measured against moto's S3 server
+# on loopback (benchmarks/throughput.py --modes s3): see benchmarks/README.md.
+DEFAULT_MAX_CONCURRENCY = 8
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -31,9 +35,13 @@ class RunOptions:
     progress: told what is read and computed (`splice.progress.Progress`); None: nobody.
     storage_options: passed to fsspec for remote models, patches and registries.
     read_ahead_depth: work units the stream reads ahead of the one it computes.
-    chunk_bytes: tensors larger than this reach an elementwise kernel in blocks of rows.
+    chunk_bytes: tensors larger than this reach an elementwise kernel in blocks of rows (blocks of at least 8 MB
+      when an input is remote: one ranged request per input and block).
     compute_threads: work units computed at once on the CPU by a kernel computed in slices (soups, linear, task
-      arithmetic, TIES); 0: one per core, at most 4. Each holds its unit's inputs and output."""
+      arithmetic, TIES); 0: one per core, at most 4. Each holds its unit's inputs and output.
+    max_concurrency: ranged requests in flight at once when tensors are read from a remote store: the inputs of
+      the work unit computed and of those read ahead are requested together, a range over 8 MB in parts; at least
+      1. It bounds requests, not memory: the read-ahead does (the inputs of `read_ahead_depth` + 2 work units)."""
 
     device: str = "auto"
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -43,6 +51,12 @@ class RunOptions:
     read_ahead_depth: int = 2
     chunk_bytes: int = CHUNK_BYTES
     compute_threads: int = 0
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+
+    def __post_init__(self) -> None:
+        given = self.max_concurrency
+        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+            raise SpliceError(f"`max_concurrency={given!r}` is not a number of requests: give 1 or more")
 
     @property
     def reporter(self) -> Progress:
@@ -64,6 +78,7 @@ class RunKeywords(TypedDict, total=False):
     read_ahead_depth: int
     chunk_bytes: int
     compute_threads: int
+    max_concurrency: int
 
 
 RUN_FIELDS = tuple(field.name for field in dataclasses.fields(RunOptions))

@@ -6,10 +6,12 @@ import contextlib
 import json
 import logging
 import signal
+import struct
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,85 @@ def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
         signal.signal(signal.SIGINT, sigint)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def assert_same_output(actual: Path, expected: Path) -> None:
+    """Same files; every tensor bit-identical (dtype, shape, values); every file byte-identical."""
+    actual_files = sorted(p.name for p in actual.iterdir())
+    expected_files = sorted(p.name for p in expected.iterdir())
+    assert actual_files == expected_files
+    shards = [name for name in expected_files if name.endswith(".safetensors")]
+    assert shards, f"no safetensors written in {expected}"
+    for name in shards:
+        got, want = load_file(actual / name), load_file(expected / name)
+        assert list(got) == list(want), name
+        for key, tensor in want.items():
+            assert got[key].dtype == tensor.dtype, key
+            assert got[key].shape == tensor.shape, key
+            assert torch.equal(got[key], tensor), key
+    for name in expected_files:
+        assert (actual / name).read_bytes() == (expected / name).read_bytes(), name
+
+
+def header_layout(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(8 + header length, {tensor: (absolute start, absolute end)}) parsed straight from the file."""
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    data_start = 8 + header_len
+    spans = {
+        name: (data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+    return data_start, spans
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: str
+    range: str | None
+    status: int = 0
+    length: int = 0
+
+
+@dataclass
+class RequestLog:
+    """WSGI middleware recording every request and the body bytes the server sent back."""
+
+    app: object
+    entries: list[Request] = field(default_factory=list)
+
+    def __call__(self, environ, start_response):
+        entry = Request(
+            environ["REQUEST_METHOD"],
+            environ.get("PATH_INFO", ""),
+            environ.get("QUERY_STRING", ""),
+            environ.get("HTTP_RANGE"),
+        )
+
+        def recording_start_response(status, headers, exc_info=None):
+            entry.status = int(status.split()[0])
+            return start_response(status, headers, exc_info)
+
+        body = self.app(environ, recording_start_response)
+
+        def counted():
+            try:
+                for chunk in body:
+                    entry.length += len(chunk)
+                    yield chunk
+            finally:
+                if hasattr(body, "close"):
+                    body.close()
+                self.entries.append(entry)
+
+        return counted()
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
 @contextlib.contextmanager

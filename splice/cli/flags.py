@@ -13,6 +13,7 @@ FLAGS: dict[str, str] = {
     "force": "--force",
     "device": "--device",
     "storage_options": "--storage-options",
+    "max_concurrency": "--max-concurrency",
     "registry": "--registry",
     "report_dir": "--report",
     # inspect

@@ -15,7 +15,7 @@ import typer
 
 from splice.cli.render import RichProgress
 from splice.errors import SpliceError
-from splice.options import DEFAULT_SHARD_SIZE, RunOptions
+from splice.options import DEFAULT_MAX_CONCURRENCY, DEFAULT_SHARD_SIZE, RunOptions
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
@@ -37,6 +37,13 @@ Json = Annotated[
 StorageOptions = Annotated[
     str | None,
     typer.Option("--storage-options", help="JSON passed to fsspec for remote models, e.g. '{\"anon\": true}'."),
+]
+MaxConcurrency = Annotated[
+    int,
+    typer.Option(
+        "--max-concurrency",
+        help="Ranged requests in flight at once when reading remote models (at least 1).",
+    ),
 ]
 
 OldBase = Annotated[
@@ -101,6 +108,7 @@ _TAIL: tuple[tuple[str, Any, Any], ...] = (
     ("device", Device, "auto"),
     ("shard_size", ShardSize, "2GB"),
     ("storage_options", StorageOptions, None),
+    ("max_concurrency", MaxConcurrency, DEFAULT_MAX_CONCURRENCY),
     ("force", Force, False),
     ("quiet", Quiet, False),
     ("verbose", Verbose, False),
@@ -114,9 +122,10 @@ def shared_options(
     *, shard_size: bool = True, verbose: bool = False, placed: Mapping[str, str] | None = None
 ) -> Callable[[Command], Command]:
     """Declare the shared option tail on a typer command: --device, --shard-size (unless `shard_size=False`),
-    --storage-options, --force, --quiet, --verbose (with `verbose=True`: it also sets up logging) and --json,
-    after the command's own options; `placed` lists its own options the help shows inside the tail (option ->
-    the tail option it follows). The command is called with `shared: Shared`, built from them, in their place."""
+    --storage-options, --max-concurrency, --force, --quiet, --verbose (with `verbose=True`: it also sets up
+    logging) and --json, after the command's own options; `placed` lists its own options the help shows inside
+    the tail (option -> the tail option it follows). The command is called with `shared: Shared`, built from them,
+    in their place."""
     left_out = {"shard_size"} if not shard_size else set()
     left_out |= {"verbose"} if not verbose else set()
     keyword = inspect.Parameter.KEYWORD_ONLY
@@ -159,5 +168,6 @@ def _shared(values: Mapping[str, Any]) -> Shared:
         force=values["force"],
         progress=RichProgress(values["quiet"]),
         storage_options=parse_storage_options(values["storage_options"]),
+        max_concurrency=values["max_concurrency"],
     )
     return Shared(run, values["quiet"], values["as_json"])

@@ -1,7 +1,8 @@
 """Open a Hugging Face model directory, locally or at any fsspec URL, and read it tensor by tensor.
 
 safetensors headers are parsed and validated up front; tensor bytes are read on demand with one
-ranged read each (pread locally, a range request remotely), so no file is ever read whole.
+ranged read each (pread locally, range requests remotely: `splice.tensors.ranged`, retried, several in flight when
+the stream starts them on a `RangeFetcher`), so no file is ever read whole.
 `pytorch_model*.bin` checkpoints go through `torch.load(weights_only=True, mmap=True)`.
 """
 
@@ -21,6 +22,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from splice.errors import CheckpointError, SpliceError, first_line
+from splice.tensors.ranged import PendingRead, RangeFetcher, RemoteRange, read_range
 from splice.tensors.safetensors import (
     SAFETENSORS_SINGLE,
     TensorInfo,
@@ -182,30 +184,46 @@ class Checkpoint:
         info = self.tensors[name]
         return self._fd(info.shard), info.start, info.end
 
+    def remote_byte_range(self, name: str, rows: tuple[int, int] | None = None) -> RemoteRange | None:
+        """Where a tensor's bytes (rows a..b-1 of dim 0 with `rows=(a, b)`) lie in a remote safetensors shard, for
+        reads fetched in concurrent parts; None when the checkpoint is local or pickled."""
+        if self._pickled is not None or self.is_local:
+            return None
+        info = self._info(name)
+        shape, start, end = stored_span(info, rows)
+        where = f"{self.location}/{info.shard}"
+        return RemoteRange(self.fs, _join(self.root, info.shard), start, end, info.dtype, shape, where, name)
+
+    def start_read(
+        self, name: str, rows: tuple[int, int] | None = None, fetcher: RangeFetcher | None = None
+    ) -> PendingRead:
+        """`read`, begun: a remote tensor's bytes requested on `fetcher`'s pool, to be waited for by the result's
+        `result()`; any other tensor read now, by `read` (which views override)."""
+        span = self.remote_byte_range(name, rows) if fetcher is not None else None
+        if span is None or fetcher is None:
+            return PendingRead(self.read(name, rows))
+        return fetcher.start(span)
+
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor's value on the CPU, in its stored dtype; `rows=(a, b)` reads only rows a..b-1 of dim 0."""
-        info = self.tensors.get(name)
-        if info is None:
-            raise CheckpointError(f"{self.location}: no tensor named {name}")
+        info = self._info(name)
         if self._pickled is not None:
             tensor = self._pickled[name]
             return tensor if rows is None else tensor[rows[0] : rows[1]]
+        span = self.remote_byte_range(name, rows)
+        if span is not None:
+            return read_range(span)
         shape, start, end = stored_span(info, rows)
         raw = torch.empty(end - start, dtype=torch.uint8)
         if end > start:
-            if self.is_local:
-                self._pread_into(info, raw, start)
-            else:
-                try:
-                    data = self.fs.cat_file(_join(self.root, info.shard), start=start, end=end)
-                except Exception as exc:  # the backend's own error type
-                    raise CheckpointError(
-                        f"{self.location}/{info.shard}: cannot read tensor {name}: {first_line(exc)}"
-                    ) from exc
-                if len(data) != len(raw):
-                    raise CheckpointError(f"{self.location}/{info.shard}: short read for tensor {name}")
-                raw.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            self._pread_into(info, raw, start)
         return raw.view(info.dtype).reshape(shape)
+
+    def _info(self, name: str) -> TensorInfo:
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.location}: no tensor named {name}")
+        return info
 
     def _pread_into(self, info: TensorInfo, raw: torch.Tensor, start: int, fd: int | None = None) -> None:
         fd = self._fd(info.shard) if fd is None else fd

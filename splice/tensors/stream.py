@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from splice.errors import IncompatibleModelsError, NonFiniteOutputError, SpliceError
-from splice.options import CHUNK_BYTES, RunOptions
+from splice.options import CHUNK_BYTES, DEFAULT_MAX_CONCURRENCY, RunOptions
 from splice.tensors.checkpoint import Checkpoint
 from splice.tensors.device import compute_dtype_for, dtype_name, resolve_device
+from splice.tensors.ranged import PART_BYTES, RangeFetcher
 from splice.tensors.threads import calling_thread_only
 from splice.tensors.transfer import Copies, CudaCopies, Downloads, StagingLimits, Uploads, plan_batches
 from splice.tensors.writer import (
@@ -80,6 +81,8 @@ class Kernel:
       stored and their slices, it returns what computes the slices, called on them in order (None: `compute` on the
       whole tensors). On the CPU the stream then computes the tensor in cache-sized slices as for `elementwise`;
       elsewhere `compute` runs on whole tensors, and both must give the same output bit for bit.
+    in_order: the kernel draws from torch's default generator (DARE, DELLA), so its tensors are computed one at a
+      time in the plan's order, whatever `RunOptions.compute_threads` says: one seed, the same draws.
     """
 
     compute: Compute
@@ -87,6 +90,7 @@ class Kernel:
     passes_through: frozenset[str] = frozenset()
     precision: Precision = Precision()
     prepare: Prepare | None = None
+    in_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,11 +197,19 @@ def read_all(reads: Reads) -> list[torch.Tensor]:
     return [ckpt.read(name, rows) for ckpt, name, rows in reads]
 
 
-def read_ahead(groups: Sequence[Any], depth: int, read: Callable[[Any], Any] = read_all) -> Iterator[tuple[int, Any]]:
+def read_ahead(
+    groups: Sequence[Any],
+    depth: int,
+    read: Callable[[Any], Any] | None = None,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+) -> Iterator[tuple[int, Any]]:
     """Yield (group position, `read(group)`: by default its tensors), reading up to `depth` groups in advance on a
-    background thread."""
+    background thread. By default remote tensors are requested on a pool of `max_concurrency` ranged requests
+    (`splice.tensors.ranged`) as the thread reaches their group, so the groups read ahead are fetched together;
+    memory stays `depth` + 2 groups."""
     slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
+    fetcher = RangeFetcher(max_concurrency)
 
     def offer(value: object) -> bool:
         while not stop.is_set():
@@ -211,8 +223,8 @@ def read_ahead(groups: Sequence[Any], depth: int, read: Callable[[Any], Any] = r
     def produce() -> None:
         try:
             for position, group in enumerate(groups):
-                tensors = read(group)
-                if not offer((position, tensors)):
+                value = read(group) if read is not None else [c.start_read(n, r, fetcher) for c, n, r in group]
+                if not offer((position, value)):
                     return
             offer(_DONE)
         except BaseException as exc:  # handed to the consumer, which re-raises it
@@ -227,10 +239,12 @@ def read_ahead(groups: Sequence[Any], depth: int, read: Callable[[Any], Any] = r
                 return
             if isinstance(value, _Failure):
                 raise value.error
-            yield value
+            position, got = value
+            yield position, got if read is not None else [pending.result() for pending in got]
     finally:
         stop.set()
         thread.join()
+        fetcher.close()
 
 
 def compute_one(
@@ -415,6 +429,9 @@ class WorkUnit:
 def work_units(
     plan: Sequence[StreamItem], chunked: bool, chunk_bytes: int = CHUNK_BYTES, verbatim: Collection[str] = ()
 ) -> list[WorkUnit]:
+    """One unit per output tensor, or with `chunked`, blocks of rows of about `chunk_bytes` per input; of at least
+    `ranged.PART_BYTES` when an input is remote, one ranged request each (4 MB requests cost moto's S3 and its
+    client 35% more CPU per byte than 8 MB ones: benchmarks/README.md)."""
     units = []
     for item in plan:
         if item.output.name in verbatim:
@@ -423,10 +440,11 @@ def work_units(
         biggest = max(ckpt.tensors[name].nbytes for ckpt, name in item.sources)
         shape = item.output.shape
         floating = all(ckpt.tensors[name].dtype.is_floating_point for ckpt, name in item.sources)
-        if not (chunked and floating and shape and shape[0] > 1 and biggest > chunk_bytes):
+        limit = chunk_bytes if all(ckpt.is_local for ckpt, _ in item.sources) else max(chunk_bytes, PART_BYTES)
+        if not (chunked and floating and shape and shape[0] > 1 and biggest > limit):
             units.append(WorkUnit(item))
             continue
-        step = max(1, chunk_bytes // (biggest // shape[0]))
+        step = max(1, limit // (biggest // shape[0]))
         units += [WorkUnit(item, (row, min(row + step, shape[0]))) for row in range(0, shape[0], step)]
     return units
 
@@ -445,7 +463,9 @@ def computed(
         return
     progress = run.reporter
     with torch.inference_mode():
-        for position, tensors in read_ahead([unit.reads for unit in units], run.read_ahead_depth):
+        for position, tensors in read_ahead(
+            [unit.reads for unit in units], run.read_ahead_depth, max_concurrency=run.max_concurrency
+        ):
             unit = units[position]
             result = None if unit.verbatim else _compute_unit(unit, tensors, kernel, device)
             yield unit, result
@@ -456,8 +476,8 @@ def compute_workers(kernel: Kernel, device: torch.device, run: RunOptions) -> in
     """How many threads compute work units at once: `run.compute_threads` (0: one per core, at most
     AUTO_COMPUTE_THREADS) for a kernel the CPU computes in slices, each on its thread alone; 1 for every other
     kernel (its operations already use torch's pool, and mergekit's random methods draw from one generator in
-    order)."""
-    if device.type != "cpu" or not (kernel.elementwise or kernel.prepare is not None):
+    order) and for one that draws (`Kernel.in_order`)."""
+    if device.type != "cpu" or kernel.in_order or not (kernel.elementwise or kernel.prepare is not None):
         return 1
     return run.compute_threads or min(AUTO_COMPUTE_THREADS, os.cpu_count() or 1)
 
@@ -505,7 +525,9 @@ def _computed_in_parallel(
         return len(in_flight) > workers or bool(too_large)
 
     try:
-        for position, tensors in read_ahead([unit.reads for unit in units], run.read_ahead_depth):
+        for position, tensors in read_ahead(
+            [unit.reads for unit in units], run.read_ahead_depth, max_concurrency=run.max_concurrency
+        ):
             unit = units[position]
             while no_room_for(unit):
                 done, result = oldest()

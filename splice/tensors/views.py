@@ -13,6 +13,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.tensors.checkpoint import Checkpoint
+from splice.tensors.ranged import RemoteRange
 from splice.tensors.safetensors import TensorInfo
 from splice.tensors.stream import Rows
 
@@ -48,6 +49,9 @@ class DerivedCheckpoint(Checkpoint):
 
     def local_byte_range(self, name: str) -> tuple[int, int, int] | None:
         return None if name in self.derived else self.inner.local_byte_range(name)
+
+    def remote_byte_range(self, name: str, rows: Rows = None) -> RemoteRange | None:
+        return None if name in self.derived else self.inner.remote_byte_range(name, rows)
 
     @property
     def is_local(self) -> bool:
@@ -89,6 +93,9 @@ class MappedCheckpoint(Checkpoint):
         return tensor if rows is None else tensor[rows[0] : rows[1]]
 
     def local_byte_range(self, name: str) -> tuple[int, int, int] | None:
+        return None
+
+    def remote_byte_range(self, name: str, rows: Rows = None) -> RemoteRange | None:
         return None
 
     @property
