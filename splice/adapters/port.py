@@ -382,12 +382,11 @@ def _update(
     old_value: torch.Tensor | None,
     shape: tuple[int, ...],
     device: torch.device,
-    zeros: Callable[[tuple[int, ...], torch.device], torch.Tensor] | None = None,
+    zeros: Callable[[tuple[int, ...], torch.device], torch.Tensor],
 ) -> torch.Tensor:
-    """The change a step makes on its own base, in fp32 (an added change from `zeros(shape, device)`: fp32 zeros)."""
+    """The change a step makes on its own base, in fp32 (an added change on `zeros(shape, device)`: fp32 zeros)."""
     if step.effect is Effect.add:
-        start = zeros(shape, device) if zeros is not None else torch.zeros(shape, dtype=torch.float32, device=device)
-        return step.compute(start)
+        return step.compute(zeros(shape, device))
     if old_value is None:  # `_refuse_unportable` refuses this before anything is read
         raise PatchError("a patch that replaces tensors whole is ported only with the base it was made on (`old_base`)")
     return step.compute(old_value.clone()) - old_value
