@@ -91,13 +91,38 @@ def test_where_the_count_is_process_wide_slices_shrink_to_the_grain_and_nothing_
     assert {count for _, count in calls} == {before} == {2}
 
 
-def test_a_slice_whose_entries_overflow_only_in_their_sum_is_still_finite():
-    """Each slice's sum stands for its entries; a sum that overflows though every entry is finite is looked at."""
-    big = torch.full((400, 400), 3.0e38)
-    result, finite = stream._computed_in_slices(
-        Kernel(lambda name, t: t[0], elementwise=True), "big", [big], torch.float32
-    )
-    assert finite and torch.equal(result, big)
-    big[123, 7] = float("inf")
-    _, finite = stream._computed_in_slices(Kernel(lambda name, t: t[0], elementwise=True), "big", [big], torch.float32)
+def test_values_past_the_output_range_that_round_to_its_largest_are_finite_and_those_past_that_are_not():
+    """Each slice's least and greatest values stand for its entries; values past the output dtype's largest finite
+    value are looked at in the output itself, where those that rounded down to it are finite."""
+    largest = torch.finfo(torch.bfloat16).max
+    just_past = torch.nextafter(torch.tensor(largest), torch.tensor(float("inf")))  # fp32; rounds down in bf16
+    assert torch.isfinite(just_past.to(torch.bfloat16))
+    values = torch.full((400, 400), float(just_past))
+    identity = Kernel(lambda name, t: t[0], elementwise=True)
+    result, finite = stream._computed_in_slices(identity, "big", [values], torch.bfloat16)
+    assert finite and torch.equal(result, values.to(torch.bfloat16))
+    assert not stream.fits_in(values, torch.bfloat16)  # the one-pass range check alone would not know
+    values[123, 7] = 3.4e38  # past bf16's rounding boundary: inf once cast
+    _, finite = stream._computed_in_slices(identity, "big", [values], torch.bfloat16)
     assert not finite
+    values[123, 7] = float("nan")
+    _, finite = stream._computed_in_slices(identity, "big", [values], torch.bfloat16)
+    assert not finite
+    assert stream.fits_in(torch.randn(50), torch.float16) and stream.fits_in(torch.empty(0), torch.float16)
+
+
+def test_a_whole_tensor_kernel_is_checked_on_its_working_values_and_then_on_its_output():
+    from splice.errors import NonFiniteOutputError
+    from splice.tensors.stream import StreamItem, compute_one
+    from splice.tensors.writer import OutputTensor
+
+    largest = torch.finfo(torch.bfloat16).max
+    just_past = float(torch.nextafter(torch.tensor(largest), torch.tensor(float("inf"))))
+    inputs = [torch.ones(30, 20)]
+    item = StreamItem(OutputTensor("w", torch.bfloat16, (30, 20)), ())
+    scaled = Kernel(lambda name, t: t[0] * just_past)  # not elementwise: computed whole
+    result = compute_one(item, inputs, scaled, torch.device("cpu"), lambda: inputs)
+    assert torch.equal(result, torch.full((30, 20), just_past).to(torch.bfloat16))
+    overflowing = Kernel(lambda name, t: t[0] * 3.4e38)
+    with pytest.raises(NonFiniteOutputError, match="output tensor w would hold NaN/Inf"):
+        compute_one(item, inputs, overflowing, torch.device("cpu"), lambda: inputs)

@@ -270,9 +270,27 @@ def compute_one(
             refuse_new_non_finite(out.name, result, reread)
         return result
     moved = [t.to(device=device, dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
-    result = kernel.compute(out.name, moved).to(dtype=out.dtype)
-    refuse_new_non_finite(out.name, result, reread)
+    computed = kernel.compute(out.name, moved)
+    result = computed.to(dtype=out.dtype)
+    if not fits_in(computed, out.dtype):  # only then can the cast hold NaN/Inf: look at the output itself
+        refuse_new_non_finite(out.name, result, reread)
     return result.to("cpu")
+
+
+def fits_in(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether float `values` are all within `dtype`'s finite range (no NaN, no Inf), so that cast to `dtype` every
+    entry is finite. One pass over the values in their working precision, where a sum of a bf16 output costs ~17x an
+    fp32 one. False does not mean the cast holds NaN/Inf (values just past the largest round down to it): the caller
+    then looks at the cast values."""
+    if values.numel() == 0:
+        return True
+    low, high = torch.aminmax(values)
+    return within(low, high, dtype)
+
+
+def within(low: torch.Tensor, high: torch.Tensor, dtype: torch.dtype) -> bool:
+    largest = torch.finfo(dtype).max
+    return bool((low >= -largest) & (high <= largest))  # NaN compares False
 
 
 COMPUTE_SLICE = 1 << 17
@@ -298,9 +316,9 @@ def _computed_in_slices(
 ) -> tuple[torch.Tensor, bool] | None:
     """An elementwise kernel (or one `prepare`d for it) run on blocks of rows of about COMPUTE_SLICE elements, each
     cast into the output as it is done: the same arithmetic on every entry as one call over the whole block (its
-    rows depend only on theirs). With it, whether every output entry is finite: each slice's sum is kept while the
-    slice is in the cache (a sum is finite only if every entry is), and the entries are looked at only where a sum
-    is not. None when `prepare` declines (the whole tensors are computed instead)."""
+    rows depend only on theirs). With it, whether every output entry is finite: each slice's least and greatest
+    values are kept while the slice is in the cache (`fits_in`), and the output's entries are looked at only where
+    those pass the output dtype's range. None when `prepare` declines (the whole tensors are computed instead)."""
     first = tensors[0]
     with calling_thread_only(COMPUTE_SLICE) as slice_elements:
         rows = max(1, slice_elements // max(1, first[0].numel()))
@@ -314,12 +332,15 @@ def _computed_in_slices(
         if compute is None:
             return None
         result = torch.empty(first.shape, dtype=dtype)
-        sums = []
+        lows, highs = [], []
         for start, part in zip(starts, slices()):
-            done = result[start : start + rows]
-            done.copy_(compute(name, part))
-            sums.append(done.sum(dtype=torch.float32))
-        finite = bool(torch.isfinite(torch.stack(sums)).all()) or bool(torch.isfinite(result).all())
+            computed = compute(name, part)
+            result[start : start + rows].copy_(computed)
+            low, high = torch.aminmax(computed)
+            lows.append(low)
+            highs.append(high)
+        fits = within(torch.stack(lows).min(), torch.stack(highs).max(), dtype)
+        finite = fits or bool(torch.isfinite(result).all())
     return result, finite
 
 
