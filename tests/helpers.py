@@ -177,6 +177,13 @@ def moto_s3_server(home: Path, bucket: str, middleware: Callable) -> Iterator[tu
             server.stop()
 
 
+def upload_model(client, bucket: str, model_dir: Path, prefix: str) -> str:
+    """Every file of `model_dir` uploaded under s3://bucket/prefix/<its name>/ (a boto3 client); that URL."""
+    for path in model_dir.iterdir():
+        client.upload_file(str(path), bucket, f"{prefix}/{model_dir.name}/{path.name}")
+    return f"s3://{bucket}/{prefix}/{model_dir.name}"
+
+
 def wait_for_marker(process, marker: Path, seconds: float = 90) -> None:
     """Wait until a subprocess has touched `marker` (it is mid-run, ready for a signal); fail if it ends first
     or never gets there."""

@@ -23,7 +23,7 @@ import splice
 from splice.tensors import ranged
 
 from conftest import perturbed, save, tiny_model
-from helpers import RequestLog, assert_same_output, header_layout, moto_s3_server, run_cli
+from helpers import RequestLog, assert_same_output, header_layout, moto_s3_server, run_cli, upload_model
 
 BUCKET = "splice-concurrency"
 HOLD_S = 0.05  # each ranged GET is held this long, so requests in flight at once overlap at the server
@@ -120,10 +120,7 @@ class Store:
         return {"endpoint_url": self.endpoint}
 
     def upload(self, model_dir: Path) -> str:
-        prefix = uuid.uuid4().hex[:8]
-        for path in model_dir.iterdir():
-            self.client.upload_file(str(path), BUCKET, f"{prefix}/{model_dir.name}/{path.name}")
-        return f"s3://{BUCKET}/{prefix}/{model_dir.name}"
+        return upload_model(self.client, BUCKET, model_dir, uuid.uuid4().hex[:8])
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 import splice
 
 from conftest import perturbed, save, tiny_model
-from helpers import RequestLog, assert_same_output, header_layout, moto_s3_server, run_cli
+from helpers import RequestLog, assert_same_output, header_layout, moto_s3_server, run_cli, upload_model
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "splice-models"
@@ -133,9 +133,7 @@ class S3:
     env: dict[str, str]
 
     def upload(self, model_dir: Path, prefix: str) -> str:
-        for path in model_dir.iterdir():
-            self.client.upload_file(str(path), BUCKET, f"{prefix}/{model_dir.name}/{path.name}")
-        return f"s3://{BUCKET}/{prefix}/{model_dir.name}"
+        return upload_model(self.client, BUCKET, model_dir, prefix)
 
 
 @pytest.fixture(scope="module")
