@@ -92,6 +92,11 @@ class Kernel:
     prepare: Prepare | None = None
     in_order: bool = False
 
+    @property
+    def sliceable(self) -> bool:
+        """Whether the CPU may compute a tensor of it in cache-sized slices of rows."""
+        return self.elementwise or self.prepare is not None
+
 
 @dataclass(frozen=True)
 class OutputExtras:
@@ -303,7 +308,7 @@ The slices run on the calling thread alone (splice.tensors.threads says why)."""
 def _in_slices(kernel: Kernel, tensors: Sequence[torch.Tensor], device: torch.device) -> bool:
     first = tensors[0]
     return (
-        (kernel.elementwise or kernel.prepare is not None)
+        kernel.sliceable
         and device.type == "cpu"
         and first.dim() > 0
         and first.numel() > COMPUTE_SLICE
@@ -498,7 +503,7 @@ def compute_workers(kernel: Kernel, device: torch.device, run: RunOptions) -> in
     AUTO_COMPUTE_THREADS) for a kernel the CPU computes in slices, each on its thread alone; 1 for every other
     kernel (its operations already use torch's pool, and mergekit's random methods draw from one generator in
     order) and for one that draws (`Kernel.in_order`)."""
-    if device.type != "cpu" or kernel.in_order or not (kernel.elementwise or kernel.prepare is not None):
+    if device.type != "cpu" or kernel.in_order or not kernel.sliceable:
         return 1
     return run.compute_threads or min(AUTO_COMPUTE_THREADS, os.cpu_count() or 1)
 
