@@ -31,17 +31,20 @@ def png_bytes(
 
 
 # The child: matplotlib imported with the modules named in argv, and a small figure drawn (fonts, the mathtext parser
-# of log-scale tick labels, a legend, a layout engine: first-use costs), then one pickled (draw, size, layout) read
-# from stdin and its PNG written to stdout. It imports neither torch nor the caller's data, only what `draw` pickles.
+# of log-scale tick labels, a legend: first-use costs), then one pickled (draw, size, layout) read from stdin and its
+# PNG written to stdout; it then leaves without the interpreter's tear-down (its caller waits for it). It imports
+# neither torch nor the caller's data, only what `draw` pickles.
 _CHILD = """
-import importlib, pickle, sys
+import importlib, os, pickle, sys
 import matplotlib.figure, matplotlib.backends.backend_agg
 from splice.plots import png_bytes, warm_up
 for module in sys.argv[1:]:
     importlib.import_module(module)
-png_bytes(warm_up, (2.0, 1.5), "constrained")
+png_bytes(warm_up, (2.0, 1.5), None)
 draw, size, layout = pickle.load(sys.stdin.buffer)
 sys.stdout.buffer.write(png_bytes(draw, size, layout))
+sys.stdout.buffer.flush()
+os._exit(0)
 """
 FIGURE_TIMEOUT_S = 300.0
 

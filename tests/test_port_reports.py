@@ -189,6 +189,13 @@ def test_the_plot_draws_matrices_and_vectors_apart_and_groups_many_tensors_by_la
     [(title, rows)] = DriftReport("p", "delta", "new", "", "old", "d", 1.0, many)._panels()
     assert title == f"matrices, per layer ({len(many)} tensors)" and len(rows) == len(many) // 8
     assert rows[0][0] == "layer 0 (8 tensors)"
+    twelve_layers = [
+        TensorDrift(f"model.layers.{i // 6}.t{i % 6}.weight", 1.0, 1.0, 0.1, 0.01, 0.0, True, (2, 2))
+        for i in range(12 * 6)
+    ]
+    stored_order = sorted(twelve_layers, key=lambda t: t.name)  # as a checkpoint lists them: 10 and 11 before 2
+    [(_, rows)] = DriftReport("p", "delta", "new", "", "old", "d", 1.0, stored_order)._panels()
+    assert [label for label, _ in rows] == [f"layer {i} (6 tensors)" for i in range(12)]
     assert rows[0][1].base_change == pytest.approx(0.01) and rows[0][1].update_share == pytest.approx(0.1)
     assert report.files()["port_report.png"][:4] == b"\x89PNG"
 

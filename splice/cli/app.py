@@ -34,6 +34,7 @@ from splice.cli.stats import stats_app
 from splice.cli.sweep import sweep_command
 from splice.errors import HookError, SpliceError, hook_traceback
 from splice.progress import forget_published, published
+from splice.tensors.allocator import keep_freed_buffers
 
 app = typer.Typer(
     add_completion=False,
@@ -229,6 +230,7 @@ def main() -> None:
     came after an output or a version was published) and exits 130,
     anything else is a bug and keeps its traceback."""
     forget_published()
+    keep_freed_buffers()
     try:
         code = app(standalone_mode=False)
         if code != INTERRUPTED:  # done and published: a Ctrl-C while the interpreter shuts down changes nothing
