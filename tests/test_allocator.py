@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
 import subprocess
 import sys
 
@@ -68,6 +69,10 @@ def test_the_command_line_keeps_freed_buffers(monkeypatch):
     called = []
     monkeypatch.setattr(app, "keep_freed_buffers", lambda: called.append(True) or True)
     monkeypatch.setattr(sys, "argv", ["splice", "--help"])
-    with pytest.raises(SystemExit):
-        app.main()
+    interrupt = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            app.main()
+    finally:  # main ignores Ctrl-C once done; the processes later tests start would inherit that
+        signal.signal(signal.SIGINT, interrupt)
     assert called == [True]
