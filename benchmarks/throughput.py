@@ -418,6 +418,8 @@ def run_mode(
                 evicted(files)
             run = measure(case, index, workdir, env, quiet_wait)
             runs.append(run)
+            if case.out is not None:  # every case meets the same page cache: the inputs, no earlier case's output
+                shutil.rmtree(case.out, ignore_errors=True)
             print(
                 f"  [{mode}] {case.name:<16} {run.wall_s:7.2f} s  peak RSS {run.peak_rss_mb:6.0f} MB  "
                 f"cpu {run.cpu_s:6.1f} s  other load {run.other_load or 0:.2f}",
