@@ -70,12 +70,18 @@ class SlicedMagnitudeMask:
 
     def keep(self, magnitude: torch.Tensor) -> torch.Tensor:
         """Where the next slice's entries (their magnitudes, in the whole tensor's order) are kept."""
-        keep = magnitude > self.threshold
-        if self.ties_left > 0:
-            equal = magnitude == self.threshold
-            rank = equal.reshape(-1).cumsum(0).view(equal.shape)
-            keep |= equal & (rank <= self.ties_left)
-            self.ties_left -= int(rank.reshape(-1)[-1]) if rank.numel() else 0
+        if self.ties_left <= 0:
+            return magnitude > self.threshold
+        # bf16 deltas share few values: a fifth of a slice can equal the threshold. Ranked only in the one slice where
+        # the ties run out; before it every equal entry is kept.
+        equal = magnitude == self.threshold
+        count = int(equal.sum())
+        if count <= self.ties_left:
+            self.ties_left -= count
+            return magnitude >= self.threshold
+        rank = equal.reshape(-1).cumsum(0).view(equal.shape)
+        keep = (magnitude > self.threshold) | (equal & (rank <= self.ties_left))
+        self.ties_left = 0
         return keep
 
 
