@@ -428,6 +428,14 @@ def run_mode(
     return runs
 
 
+def per_round_ratios(runs: list[Run], name: str, reference: str) -> list[float]:
+    """Each round's wall of `name` over the same round's wall of `reference`: a slow spell of the machine (this
+    VM's writes into fresh memory swing 15x) lands on both sides of a ratio taken within a round."""
+    walls = {run.round: run.wall_s for run in runs if run.case == name and run.round >= 0}
+    references = {run.round: run.wall_s for run in runs if run.case == reference and run.round >= 0}
+    return [walls[i] / references[i] for i in sorted(walls) if i in references]
+
+
 def gpu_name() -> str:
     """The GPU `--device cuda` runs on; the benchmark stops here when there is none (splice would refuse later)."""
     import torch
@@ -491,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             for reference in ("raw-floor", reference_for(name)):
                 if reference in rows and reference != name:
                     row[f"wall / {reference}"] = row["wall_s"] / rows[reference]["wall_s"]
+                    row[f"per round / {reference}"] = per_round_ratios(runs, name, reference)
             for reference in ("s3-download", "s3-read"):
                 if reference in rows and name.startswith("s3-soup"):
                     row[f"throughput / {reference}"] = rows[reference]["wall_s"] / row["wall_s"]
@@ -514,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode, rows in results.items():
         for name, row in rows.items():
             ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith(("wall / ", "throughput / ")))
+            rounds = row.get("per round / raw-floor")
+            if rounds and len(rounds) > 1:
+                ratios += f"  (per round / raw-floor: {', '.join(f'{r:.2f}' for r in rounds)})"
             print(
                 f"{mode:<5} {name:<18} {row['wall_s']:7.2f} s  {row['read_gb_per_s']:5.2f} GB/s  "
                 f"RSS {row['peak_rss_mb']:6.0f} MB  cpu {row['cpu_s']:6.1f} s  {ratios}"
