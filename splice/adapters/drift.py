@@ -38,7 +38,7 @@ MAX_PLOT_ROWS = 64  # a plot panel with more tensors than this draws one row per
 # The figure places its own margins (from its labels' measured widths): a layout engine draws the figure twice, ~40%
 # more of the time a port waits for its PNG.
 PNG_LAYOUT = None
-ROW_LABEL_POINTS = 7
+ROW_LABEL_POINTS = 7  # the rows' labels: drawn at this size, and measured at it for the left margin
 
 
 @dataclass(frozen=True)
@@ -316,7 +316,7 @@ class DriftReport:
         )
         change_axes.set_xscale("log")
         change_axes.set_xlim(left=low)
-        change_axes.set_yticks(positions, [label for label, _ in rows], fontsize=7)
+        change_axes.set_yticks(positions, [label for label, _ in rows], fontsize=ROW_LABEL_POINTS)
         change_axes.set_ylim(len(rows) - 0.5, -0.5)
         change_axes.set_xlabel("% of ||W|| (log scale)", fontsize="small")
         change_axes.set_title(title, fontsize="small", loc="left")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Mapping
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -39,5 +40,5 @@ def keep_freed_buffers() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, KEPT_BLOCK_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_BLOCK_BYTES))
 
 
-def user_tuned(environment: dict[str, str] | os._Environ[str]) -> bool:
+def user_tuned(environment: Mapping[str, str]) -> bool:
     return any(name in environment for name in USER_SETTINGS) or "glibc.malloc" in environment.get("GLIBC_TUNABLES", "")

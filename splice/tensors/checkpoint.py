@@ -267,9 +267,7 @@ class Checkpoint:
         """`read(name, rows)`, its bytes put in `out` (a contiguous uint8 CPU tensor of exactly their size, e.g. a
         pinned staging buffer): one pread straight into it where the tensor is stored as is in a local safetensors
         shard (`local_byte_range`), else read and copied. Returns `out` viewed as the tensor."""
-        info = self.tensors.get(name)
-        if info is None:
-            raise CheckpointError(f"{self.location}: no tensor named {name}")
+        info = self._info(name)
         shape, start, end = stored_span(info, rows)
         if out.dtype != torch.uint8 or out.numel() != end - start or not out.is_contiguous():
             raise SpliceError(f"read_into: tensor {name} needs a contiguous uint8 buffer of {end - start} bytes")
