@@ -3,8 +3,9 @@ to a byte (entry 8i+j in bit j of byte i), as mask patches store them and Locali
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from math import prod
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -85,6 +86,19 @@ class SlicedMagnitudeMask:
         return keep
 
 
+class MagnitudeCounts(Protocol):
+    """Counts of the fp32 bits of several tensors' magnitudes (each tensor's count of entries the same), by halves:
+    what a radix selection of their k-th largest entries needs."""
+
+    def high(self, tensors: Sequence[int]) -> list[torch.Tensor] | None:
+        """For each of `tensors` (indices), MAGNITUDE_HALF counts: how many of its magnitudes have each high half;
+        None when a magnitude is NaN."""
+
+    def low(self, chosen: Mapping[int, int]) -> dict[int, torch.Tensor]:
+        """For each tensor index in `chosen`, MAGNITUDE_HALF counts of the low halves of its magnitudes whose high
+        half is `chosen[index]`."""
+
+
 def sliced_magnitude_masks(
     magnitudes: Callable[[], Iterator[list[torch.Tensor]]], count: int, densities: Sequence[float]
 ) -> list[SlicedMagnitudeMask | None] | None:
@@ -92,6 +106,13 @@ def sliced_magnitude_masks(
     (a list per slice, one slice of each tensor, the same slices on every call): what `top_magnitude_mask(tensor,
     density)` keeps, as a mask applied slice by slice (None where it keeps everything). Two passes over the slices.
     None when a magnitude is NaN (the caller computes the whole tensor instead)."""
+    return magnitude_masks(_CountedInSlices(magnitudes), count, densities)
+
+
+def magnitude_masks(
+    counts: MagnitudeCounts, count: int, densities: Sequence[float]
+) -> list[SlicedMagnitudeMask | None] | None:
+    """`sliced_magnitude_masks` of the tensors whose magnitudes `counts` counts."""
     masks: list[SlicedMagnitudeMask | None] = [None] * len(densities)
     wanted = {i: max(1, int(density * count)) for i, density in enumerate(densities) if 0 < density < 1}
     for i, density in enumerate(densities):
@@ -99,26 +120,44 @@ def sliced_magnitude_masks(
             masks[i] = SlicedMagnitudeMask(torch.tensor(float("inf")), 0)
     if not wanted:
         return masks
-    high = [torch.zeros(MAGNITUDE_HALF, dtype=torch.int64) for _ in densities]
-    for part in magnitudes():
-        for i in wanted:
-            found = torch.bincount(part[i].reshape(-1).view(torch.int32) >> 16, minlength=MAGNITUDE_HALF)
-            if found.numel() > MAGNITUDE_HALF or found[(INF_BITS >> 16) + 1 :].any():  # NaN bits lie above inf's
-                return None
-            high[i] += found
-    chosen = {i: _kth_from_top(high[i], k) for i, k in wanted.items()}  # (high half, k's rank within it, above it)
-    low = [torch.zeros(MAGNITUDE_HALF, dtype=torch.int64) for _ in densities]
-    for part in magnitudes():
-        for i in wanted:
-            # low halves of the chosen high half in 1..2^16; entries below it counted at 0, above it at 2^16 + 1
-            within = part[i].reshape(-1).view(torch.int32) - (chosen[i][0] << 16)
-            found = torch.bincount(within.clamp_(-1, MAGNITUDE_HALF).add_(1), minlength=MAGNITUDE_HALF + 2)
-            low[i] += found[1:-1]
+    high = counts.high(list(wanted))
+    if high is None:
+        return None
+    # (high half, k's rank within it, entries above it)
+    chosen = {i: _kth_from_top(found, wanted[i]) for i, found in zip(wanted, high)}
+    low = counts.low({i: high_half for i, (high_half, _, _) in chosen.items()})
     for i, (high_half, rank, above) in chosen.items():
         low_half, _, above_within = _kth_from_top(low[i], rank)
         threshold = torch.tensor((high_half << 16) | low_half, dtype=torch.int32).view(torch.float32)
         masks[i] = SlicedMagnitudeMask(threshold, wanted[i] - above - above_within)
     return masks
+
+
+class _CountedInSlices:
+    """MagnitudeCounts of fp32 magnitudes yielded slice by slice, counted by torch.bincount."""
+
+    def __init__(self, magnitudes: Callable[[], Iterator[list[torch.Tensor]]]):
+        self.magnitudes = magnitudes
+
+    def high(self, tensors: Sequence[int]) -> list[torch.Tensor] | None:
+        high = [torch.zeros(MAGNITUDE_HALF, dtype=torch.int64) for _ in tensors]
+        for part in self.magnitudes():
+            for counts, i in zip(high, tensors):
+                found = torch.bincount(part[i].reshape(-1).view(torch.int32) >> 16, minlength=MAGNITUDE_HALF)
+                if found.numel() > MAGNITUDE_HALF or found[(INF_BITS >> 16) + 1 :].any():  # NaN bits lie above inf's
+                    return None
+                counts += found
+        return high
+
+    def low(self, chosen: Mapping[int, int]) -> dict[int, torch.Tensor]:
+        low = {i: torch.zeros(MAGNITUDE_HALF, dtype=torch.int64) for i in chosen}
+        for part in self.magnitudes():
+            for i, high_half in chosen.items():
+                # low halves of the chosen high half in 1..2^16; entries below it counted at 0, above it at 2^16 + 1
+                within = part[i].reshape(-1).view(torch.int32) - (high_half << 16)
+                found = torch.bincount(within.clamp_(-1, MAGNITUDE_HALF).add_(1), minlength=MAGNITUDE_HALF + 2)
+                low[i] += found[1:-1]
+        return low
 
 
 def _kth_from_top(counts: torch.Tensor, k: int) -> tuple[int, int, int]:

@@ -20,9 +20,11 @@ from typing import Any
 import torch
 
 from splice.errors import SpliceError, first_line
+from splice.merge import fused
 from splice.sparsify import (
     SlicedMagnitudeMask,
     bernoulli_keep,
+    magnitude_masks,
     pack_mask,
     sliced_magnitude_masks,
     top_magnitude_mask,
@@ -141,12 +143,17 @@ def _ties_in_slices(
     others = [i for i in range(len(inputs)) if i != base_index]
     if params["rescale"] or not others:
         return None
+    densities = [params["density"][i] for i in others]
+    if fused.fusable(inputs):
+        counts = fused.FusedMagnitudeCounts(inputs[base_index], [inputs[i] for i in others])
+        masks = magnitude_masks(counts, inputs[0].numel(), densities)
+        return None if masks is None else fused.FusedTiesSlices(params, base_index, others, masks)
 
     def magnitudes() -> Iterator[list[torch.Tensor]]:
         for part in slices():
             yield [(part[i] - part[base_index]).abs_() for i in others]
 
-    masks = sliced_magnitude_masks(magnitudes, inputs[0].numel(), [params["density"][i] for i in others])
+    masks = sliced_magnitude_masks(magnitudes, inputs[0].numel(), densities)
     if masks is None:
         return None
     trims = [None if mask is None else partial(_trim_by, mask) for mask in masks]

@@ -1,0 +1,112 @@
+"""TIES on the CPU as loops compiled by numba: what ~60 torch operations do to every entry, each a pass over memory,
+done in one pass (benchmarks/README.md, throughput: per entry of a 3-model bf16 merge, the two counting passes 6.3 ->
+2.0 ns, the merge ~9 -> ~1 ns on one core).
+
+The loops do what `kernels._ties_in_slices` does with torch, operation for operation, in fp32 (no fused multiply-add,
+no reordering: numba leaves IEEE arithmetic as written), so the outputs are the same bit for bit
+(tests/test_fused.py). They run with the GIL released, on the stream's compute threads. numba compiles them on
+first use in a process (about a second, then read from its cache in `__pycache__` or the user's cache directory),
+so it is imported only when a TIES merge reaches the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from splice.sparsify import MAGNITUDE_HALF, SlicedMagnitudeMask
+
+FUSED_DTYPES = (torch.bfloat16, torch.float32)
+"""The stored dtypes the counting loops read as they are (bf16 through its bits)."""
+
+
+def fusable(inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the compiled loops can count these inputs' magnitudes: on the CPU, contiguous, one dtype of
+    FUSED_DTYPES, and numba importable."""
+    first = inputs[0]
+    return (
+        first.dtype in FUSED_DTYPES
+        and all(t.device.type == "cpu" and t.dtype == first.dtype and t.is_contiguous() for t in inputs)
+        and _loops() is not None
+    )
+
+
+def _as_array(tensor: torch.Tensor) -> np.ndarray:
+    flat = tensor.reshape(-1)
+    return (flat.view(torch.uint16) if flat.dtype == torch.bfloat16 else flat).numpy()
+
+
+class FusedMagnitudeCounts:
+    """sparsify.MagnitudeCounts of the deltas `others[j] - base` of whole stored tensors, counted by the compiled
+    loops straight from the stored bytes (bf16 widened to fp32 exactly, as torch widens it)."""
+
+    def __init__(self, base: torch.Tensor, others: Sequence[torch.Tensor]):
+        self.base = _as_array(base)
+        self.others = tuple(_as_array(t) for t in others)
+
+    def high(self, tensors: Sequence[int]) -> list[torch.Tensor] | None:
+        counts = []
+        for i in tensors:
+            found = np.zeros(MAGNITUDE_HALF, dtype=np.int64)
+            if not _loops().count_high_halves(self.base, self.others[i], found):
+                return None
+            counts.append(torch.from_numpy(found))
+        return counts
+
+    def low(self, chosen: Mapping[int, int]) -> dict[int, torch.Tensor]:
+        counts = {}
+        for i, high_half in chosen.items():
+            counts[i] = np.zeros(MAGNITUDE_HALF, dtype=np.int64)
+            _loops().count_low_halves(self.base, self.others[i], high_half, counts[i])
+        return {i: torch.from_numpy(found) for i, found in counts.items()}
+
+
+class FusedTiesSlices:
+    """TIES's merge of a tensor's fp32 slices, in order, against each delta's mask (None: kept whole): what
+    `kernels._task_arithmetic_family` computes with `sign_consensus` and trims by `SlicedMagnitudeMask.keep`."""
+
+    def __init__(
+        self,
+        params: Mapping[str, Any],
+        base_index: int,
+        others: Sequence[int],
+        masks: Sequence[SlicedMagnitudeMask | None],
+    ):
+        self.base_index, self.others = base_index, list(others)
+        # a mask that keeps everything: every magnitude (never NaN here) is above -inf
+        self.thresholds = np.array([-np.inf if m is None else float(m.threshold) for m in masks], dtype=np.float32)
+        self.ties_left = np.array([0 if m is None else m.ties_left for m in masks], dtype=np.int64)
+        self.weights = np.array([float(params["weight"][i]) for i in others], dtype=np.float32)
+        self.normalize = bool(params["normalize"])
+        self.scale = np.float32(params["lambda"])
+        self.scaled = float(params["lambda"]) != 1
+
+    def __call__(self, name: str, part: list[torch.Tensor]) -> torch.Tensor:
+        base = part[self.base_index].contiguous()
+        merged = torch.empty_like(base)
+        _loops().ties_merge(
+            _as_array(base),
+            tuple(_as_array(part[i].contiguous()) for i in self.others),
+            self.thresholds,
+            self.ties_left,
+            self.weights,
+            self.normalize,
+            self.scale,
+            self.scaled,
+            _as_array(merged),
+        )
+        return merged
+
+
+@functools.cache
+def _loops() -> Any:
+    """The compiled loops' module, or None where numba cannot be imported (torch's operations do the work)."""
+    try:
+        from splice.merge import fused_loops
+    except (ImportError, RuntimeError):  # numba missing or not for this numpy; no cache directory numba can write
+        return None
+    return fused_loops

@@ -1,0 +1,127 @@
+"""TIES's compiled loops (splice.merge.fused) against the torch operations they replace: the magnitudes' bit counts
+equal torch.bincount's, and the merge of every slice equals `kernels._ties_in_slices`'s torch path bit for bit, over
+ties at the thresholds, edge densities, one to three deltas, weights, normalize and lambda."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splice.merge import fused, kernels
+from splice.sparsify import MAGNITUDE_HALF, sliced_magnitude_masks
+
+
+def stored_inputs(seed: int, count: int, shape: tuple[int, ...], dtype: torch.dtype, values: str) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=generator)
+    inputs = [base] + [base + 0.05 * torch.randn(shape, generator=generator) for _ in range(count)]
+    if values == "many-ties":  # few distinct deltas: thresholds shared by many entries, ties running out mid-block
+        inputs = [base] + [base + torch.round((t - base) * 40) / 40 for t in inputs[1:]]
+    elif values == "zero-deltas":
+        for t in inputs[1:]:
+            t.view(-1)[::3] = base.view(-1)[::3]
+    elif values == "with-inf":
+        inputs[1].view(-1)[::11] = float("inf")
+    return [t.to(dtype) for t in inputs]
+
+
+FUSABLE = fused.fusable
+
+
+def merged_in_slices(inputs, params, base_index, rows, fused_on, monkeypatch) -> torch.Tensor | None:
+    monkeypatch.setattr(fused, "fusable", FUSABLE if fused_on else lambda inputs: False)
+
+    def slices():
+        for start in range(0, inputs[0].shape[0], rows):
+            yield [t[start : start + rows].to(torch.float32) for t in inputs]
+
+    compute = kernels._ties_in_slices(params, base_index, inputs, slices)
+    if compute is None:
+        return None
+    assert isinstance(compute, fused.FusedTiesSlices) == fused_on
+    return torch.cat([compute("w", part) for part in slices()])
+
+
+def ties_params(count: int, generator: torch.Generator, density: float | None = None, **overrides) -> dict:
+    draw = lambda: float(torch.rand(1, generator=generator))  # noqa: E731
+    params = {
+        "weight": {i: round(2 * draw() - 0.4, 3) for i in range(count + 1)},
+        "density": {i: draw() if density is None else density for i in range(count + 1)},
+        "normalize": True,
+        "lambda": 1.0,
+        "rescale": False,
+    }
+    params.update(overrides)
+    return params
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("values", ["gaussian", "many-ties", "zero-deltas", "with-inf"])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_the_compiled_merge_equals_the_torch_operations_bit_for_bit(dtype, values, count, monkeypatch):
+    generator = torch.Generator().manual_seed(count * 10 + len(values))
+    inputs = stored_inputs(count, count, (301, 29), dtype, values)  # 8729 entries: several 1024-entry blocks
+    for options in ({}, {"normalize": False}, {"lambda": 0.7}):
+        params = ties_params(count, generator, **options)
+        base_index = int(torch.randint(0, count + 1, (1,), generator=generator))
+        rows = int(torch.randint(1, 120, (1,), generator=generator))
+        expected = merged_in_slices(inputs, params, base_index, rows, False, monkeypatch)
+        got = merged_in_slices(inputs, params, base_index, rows, True, monkeypatch)
+        assert expected is not None and got is not None
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (options, base_index, rows)
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0, 1e-9, 0.999])
+def test_edge_densities_merge_as_the_torch_operations_do(density, monkeypatch):
+    inputs = stored_inputs(3, 2, (97, 33), torch.bfloat16, "many-ties")
+    params = ties_params(2, torch.Generator().manual_seed(2), density=density)
+    expected = merged_in_slices(inputs, params, 0, 10, False, monkeypatch)
+    got = merged_in_slices(inputs, params, 0, 10, True, monkeypatch)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_counts_equal_torch_bincount(dtype):
+    base, first, second = stored_inputs(5, 2, (64, 300), dtype, "many-ties")
+    magnitudes = [(t.float() - base.float()).abs().reshape(-1).view(torch.int32) for t in (first, second)]
+    counts = fused.FusedMagnitudeCounts(base, [first, second])
+    high = counts.high([0, 1])
+    for found, bits in zip(high, magnitudes):
+        assert torch.equal(found, torch.bincount(bits >> 16, minlength=MAGNITUDE_HALF))
+    chosen = {i: int(torch.argmax(found)) for i, found in enumerate(high)}
+    low = counts.low(chosen)
+    for i, bits in enumerate(magnitudes):
+        within = bits[(bits >> 16) == chosen[i]] & 0xFFFF
+        assert int(low[i].sum()) == within.numel() > 0
+        assert torch.equal(low[i], torch.bincount(within, minlength=MAGNITUDE_HALF))
+
+
+def test_a_nan_delta_leaves_the_tensor_to_the_whole_tensor_merge(monkeypatch):
+    inputs = stored_inputs(1, 2, (50, 40), torch.bfloat16, "gaussian")
+    inputs[2][7, 3] = float("nan")
+    params = ties_params(2, torch.Generator().manual_seed(0), density=0.5)
+    assert merged_in_slices(inputs, params, 0, 8, True, monkeypatch) is None
+    assert fused.FusedMagnitudeCounts(inputs[0], inputs[1:]).high([1]) is None
+
+
+def test_the_selection_from_compiled_counts_is_the_sliced_selection():
+    base, first, second = stored_inputs(7, 2, (120, 50), torch.bfloat16, "many-ties")
+
+    def magnitudes():
+        for start in range(0, 120, 13):
+            yield [(t[start : start + 13].float() - base[start : start + 13].float()).abs() for t in (first, second)]
+
+    from splice.sparsify import magnitude_masks
+
+    expected = sliced_magnitude_masks(magnitudes, base.numel(), [0.3, 0.8])
+    got = magnitude_masks(fused.FusedMagnitudeCounts(base, [first, second]), base.numel(), [0.3, 0.8])
+    for want, have in zip(expected, got):
+        assert torch.equal(have.threshold, want.threshold) and have.ties_left == want.ties_left
+
+
+def test_what_the_loops_cannot_read_is_left_to_torch():
+    bf16 = torch.zeros(4, 4, dtype=torch.bfloat16)
+    assert fused.fusable([bf16, bf16.clone()])
+    assert not fused.fusable([bf16.half(), bf16.half()])  # fp16: not read by the loops
+    assert not fused.fusable([bf16, bf16.float()])  # mixed dtypes
+    assert not fused.fusable([bf16.t(), bf16])  # not contiguous
