@@ -125,3 +125,65 @@ def test_what_the_loops_cannot_read_is_left_to_torch():
     assert not fused.fusable([bf16.half(), bf16.half()])  # fp16: not read by the loops
     assert not fused.fusable([bf16, bf16.float()])  # mixed dtypes
     assert not fused.fusable([bf16.t(), bf16])  # not contiguous
+
+
+def through_the_stream(kernel, inputs, dtype, filled: bool):
+    """The stream's computation of one tensor in slices: with the kernel's compiled fill, or without it."""
+    import dataclasses
+
+    import splice.tensors.stream as stream
+
+    if not filled:
+        kernel = dataclasses.replace(kernel, fill=None)
+    with torch.inference_mode():
+        return stream._computed_in_slices(kernel, "w", inputs, dtype)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("output", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_the_compiled_soup_fills_what_the_slices_compute(stored, output, count):
+    generator = torch.Generator().manual_seed(count)
+    inputs = [(torch.randn(700, 300, generator=generator) * 10 ** (i - 1)).to(stored) for i in range(count)]
+    kernel = kernels.weighted_average([float(w) for w in torch.rand(count, generator=generator) + 0.1])
+    (expected, finite), (got, got_finite) = (through_the_stream(kernel, inputs, output, f) for f in (False, True))
+    assert finite and got_finite and got.dtype == output
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("output", [torch.float32, torch.bfloat16])
+def test_the_compiled_ties_fills_what_the_slices_compute(output):
+    from splice.merge.kernels import method_kernel
+
+    inputs = stored_inputs(4, 2, (400, 333), torch.bfloat16, "many-ties")
+    params = ties_params(2, torch.Generator().manual_seed(3), density=0.4, **{"lambda": 0.8})
+    kernel = method_kernel("ties", lambda name: params, 1)
+    (expected, _), (got, _) = (through_the_stream(kernel, inputs, output, f) for f in (False, True))
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("bad", ["nan", "too-large-for-bf16"])
+def test_a_value_that_does_not_fit_leaves_the_tensor_to_the_slices(bad, monkeypatch):
+    inputs = [torch.randn(500, 300) for _ in range(2)]
+    for tensor in inputs:  # their average: NaN, or beyond bf16's largest (3.39e38), an fp32
+        tensor[17, 5] = float("nan") if bad == "nan" else 3.4e38
+    kernel = kernels.weighted_average([1.0, 1.0])
+    fill = kernel.fill(kernel.compute)
+    assert not fill(inputs, torch.empty(500, 300, dtype=torch.bfloat16))
+    expected, finite = through_the_stream(kernel, inputs, torch.bfloat16, False)
+    got, got_finite = through_the_stream(kernel, inputs, torch.bfloat16, True)
+    assert not finite and not got_finite
+    assert torch.equal(got.view(torch.uint16), expected.view(torch.uint16))  # torch's own NaN and inf bits
+
+
+def test_a_merge_in_the_stored_dtype_is_not_filled_in_fp32():
+    import dataclasses
+
+    from splice.tensors.stream import Precision
+
+    inputs = [torch.randn(400, 400).bfloat16() for _ in range(3)]
+    kernel = dataclasses.replace(kernels.weighted_average([1.0, 2.0, 3.0]), precision=Precision(exact=False))
+    (expected, _), (got, _) = (through_the_stream(kernel, inputs, torch.bfloat16, f) for f in (False, True))
+    assert torch.equal(got.view(torch.uint16), expected.view(torch.uint16))  # bf16 arithmetic, as mergekit's
+    fp32 = through_the_stream(kernels.weighted_average([1.0, 2.0, 3.0]), inputs, torch.bfloat16, True)[0]
+    assert not torch.equal(fp32.view(torch.uint16), expected.view(torch.uint16))

@@ -12,7 +12,7 @@ so it is imported only when a TIES merge reaches the CPU.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,20 +86,51 @@ class FusedTiesSlices:
         self.scaled = float(params["lambda"]) != 1
 
     def __call__(self, name: str, part: list[torch.Tensor]) -> torch.Tensor:
+        """The next slice, merged in fp32 (the ties at the thresholds counted down from the last slice's)."""
         base = part[self.base_index].contiguous()
         merged = torch.empty_like(base)
-        _loops().ties_merge(
-            _as_array(base),
-            tuple(_as_array(part[i].contiguous()) for i in self.others),
-            self.thresholds,
-            self.ties_left,
-            self.weights,
-            self.normalize,
-            self.scale,
-            self.scaled,
-            _as_array(merged),
-        )
+        self._merge([base, *(part[i].contiguous() for i in self.others)], merged, self.ties_left)
         return merged
+
+    def fill(self, inputs: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
+        """stream.Fill: the whole tensor from its inputs as stored, straight into the output."""
+        if not (fusable(inputs) and out.dtype in FUSED_DTYPES and out.is_contiguous()):
+            return False
+        return self._merge([inputs[self.base_index], *(inputs[i] for i in self.others)], out, self.ties_left.copy())
+
+    def _merge(self, tensors: list[torch.Tensor], out: torch.Tensor, ties_left: np.ndarray) -> bool:
+        base, *others = (_as_array(t) for t in tensors)
+        return bool(
+            _loops().ties_merge(
+                base,
+                tuple(others),
+                self.thresholds,
+                ties_left,
+                self.weights,
+                self.normalize,
+                self.scale,
+                self.scaled,
+                _as_array(out),
+                _largest(out.dtype),
+            )
+        )
+
+
+def weighted_sum_fill(coefficients: Sequence[float]) -> Callable[[Sequence[torch.Tensor], torch.Tensor], bool]:
+    """stream.Fill of `kernels.weighted_average`: sum_i x_i * c_i in fp32, in input order, from the stored inputs."""
+    as_fp32 = np.array(coefficients, dtype=np.float32)
+
+    def fill(inputs: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
+        if not (fusable(inputs) and out.dtype in FUSED_DTYPES and out.is_contiguous()):
+            return False
+        arrays = tuple(_as_array(t) for t in inputs)
+        return bool(_loops().weighted_sum(arrays, as_fp32, _as_array(out), _largest(out.dtype)))
+
+    return fill
+
+
+def _largest(dtype: torch.dtype) -> np.float32:
+    return np.float32(torch.finfo(dtype).max)
 
 
 @functools.cache

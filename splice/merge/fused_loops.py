@@ -1,5 +1,6 @@
 """The loops `splice.merge.fused` runs, compiled by numba (imported only through it). Every float here is fp32:
-numba would widen a Python float constant to fp64, so constants are np.float32."""
+numba would widen a Python float constant to fp64, so constants are np.float32. error_model="numpy": a division by
+zero gives IEEE's result, not a check per entry (which kept LLVM from vectorizing the loop)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,38 @@ def _widened(values, i):
     return None
 
 
-@njit(nogil=True, cache=True)
+def stored(values, i, value):
+    """values[i] = value (fp32): rounded to the nearest bf16, ties to even, where values holds bf16 bits (as torch
+    rounds a finite value; a NaN is never stored here: see `fits`), as it is into fp32."""
+
+
+@overload(stored)
+def _stored(values, i, value):
+    if values.dtype == types.uint16:
+
+        def to_bf16(values, i, value):
+            bits = np.uint32(_float_bits(value))
+            values[i] = np.uint16(
+                (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            )
+
+        return to_bf16
+    if values.dtype == types.float32:
+
+        def as_it_is(values, i, value):
+            values[i] = value
+
+        return as_it_is
+    return None
+
+
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def outside(value, largest):
+    """1 where an fp32 value is NaN or beyond +-largest, else 0 (no branch: a loop of them vectorizes)."""
+    return np.int32(abs(value) > largest) | np.int32(value != value)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def count_high_halves(base, other, counts):
     """counts[h] += how many |other - base| have h as the high half of their fp32 bits; False at a NaN."""
     for i in range(base.shape[0]):
@@ -53,7 +85,7 @@ def count_high_halves(base, other, counts):
     return True
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def count_low_halves(base, other, high_half, counts):
     """counts[l] += how many |other - base| have high_half and l as the halves of their fp32 bits."""
     high = np.int32(high_half)
@@ -66,54 +98,88 @@ BLOCK = 1024
 """Entries merged a block at a time: each delta's block, their sum and the merge's two accumulators stay in L1."""
 
 
-@njit(nogil=True, cache=True)
-def ties_merge(base, others, thresholds, ties_left, weights, normalize, scale, scaled, out):
-    """TIES on fp32 entries in order: each delta kept where its magnitude is above its threshold, or equal to it while
-    ties_left (counted down) lasts, weighted; the sign of their sum elected; the deltas of that sign summed (and
-    divided by their weights' sum if normalize, scaled if scaled) onto the base. Written without branches on the
-    entries' values, block by block, so that LLVM vectorizes every loop."""
+@njit(nogil=True, cache=True, error_model="numpy")
+def weighted_sum(inputs, coefficients, out, largest):
+    """out = inputs[0] * coefficients[0] + inputs[1] * coefficients[1] + ..., multiplied then added in that order in
+    fp32 (`kernels.weighted_average`), block by block; whether every value fits +-largest. (Every loop indexes views
+    of the block from 0: so LLVM vectorizes them.)"""
+    total = np.empty(BLOCK, dtype=np.float32)
+    misfits = np.int32(0)
+    for start in range(0, out.shape[0], BLOCK):
+        size = min(BLOCK, out.shape[0] - start)
+        first, coefficient = inputs[0][start : start + size], coefficients[0]
+        for i in range(size):
+            total[i] = widened(first, i) * coefficient
+        for j in range(1, len(inputs)):
+            other, coefficient = inputs[j][start : start + size], coefficients[j]
+            for i in range(size):
+                total[i] = total[i] + widened(other, i) * coefficient
+        block = out[start : start + size]
+        for i in range(size):
+            misfits |= outside(total[i], largest)
+            stored(block, i, total[i])
+    return misfits == 0
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def ties_merge(base, others, thresholds, ties_left, weights, normalize, scale, scaled, out, largest):
+    """TIES on entries in order, in fp32 (read from bf16 or fp32, stored into bf16 or fp32): each delta kept where
+    its magnitude is above its threshold, or equal to it while ties_left (counted down) lasts, weighted; the sign of
+    their sum elected; the deltas of that sign summed (and divided by their weights' sum if normalize, scaled if
+    scaled) onto the base. Written without branches on the entries' values, block by block, so that LLVM vectorizes
+    every loop. Whether every value fits +-largest."""
     count = len(others)
     deltas = np.empty((count, BLOCK), dtype=np.float32)
     total = np.empty(BLOCK, dtype=np.float32)
     merged = np.empty(BLOCK, dtype=np.float32)
     divisor = np.empty(BLOCK, dtype=np.float32)
+    misfits = np.int32(0)
     for start in range(0, base.shape[0], BLOCK):
         size = min(BLOCK, base.shape[0] - start)
         b = base[start : start + size]
         for j in range(count):
             _trim_and_weigh(others[j][start : start + size], b, thresholds, ties_left, j, weights[j], deltas[j])
-        total[:size] = deltas[0, :size]
+        first = deltas[0]
+        for i in range(size):  # explicit loops: numba's slice assignments are not vectorized
+            total[i] = first[i]
         for j in range(1, count):
+            delta = deltas[j]
             for i in range(size):
-                total[i] = total[i] + deltas[j, i]
-        merged[:size] = ZERO
-        divisor[:size] = ZERO
-        for j in range(count):
-            weight = weights[j]
-            for i in range(size):
-                delta = deltas[j, i]
-                agrees = ONE if (delta > ZERO) == (total[i] >= ZERO) and delta != ZERO else ZERO
-                merged[i] = merged[i] + delta * agrees
-                divisor[i] = divisor[i] + weight * agrees
+                total[i] = total[i] + delta[i]
         for i in range(size):
-            share = divisor[i]
-            share = share + (ONE if share == ZERO else ZERO)
-            value = merged[i] / share if normalize else merged[i]
-            value = value * scale if scaled else value
-            out[start + i] = b[i] + value
+            merged[i] = ZERO
+            divisor[i] = ZERO
+        for j in range(count):
+            delta, weight = deltas[j], weights[j]
+            for i in range(size):
+                agrees = ONE if ((delta[i] > ZERO) == (total[i] >= ZERO)) & (delta[i] != ZERO) else ZERO
+                merged[i] = merged[i] + delta[i] * agrees
+                divisor[i] = divisor[i] + weight * agrees
+        if normalize:  # the conditions out of the loops: with them inside, LLVM left the loop scalar
+            for i in range(size):
+                merged[i] = merged[i] / (divisor[i] + (ONE if divisor[i] == ZERO else ZERO))
+        if scaled:
+            for i in range(size):
+                merged[i] = merged[i] * scale
+        block = out[start : start + size]
+        for i in range(size):
+            value = widened(b, i) + merged[i]
+            misfits |= outside(value, largest)
+            stored(block, i, value)
+    return misfits == 0
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
 def _trim_and_weigh(other, base, thresholds, ties_left, j, weight, into):
     """into[:n] = (other - base) where its magnitude is kept (else 0 x it), times weight."""
     threshold = thresholds[j]
     if ties_left[j] > 0:
         equal = 0
         for i in range(base.shape[0]):
-            equal += abs(other[i] - base[i]) == threshold
+            equal += abs(widened(other, i) - widened(base, i)) == threshold
         if equal > ties_left[j]:  # the ties run out in this block: kept in order
             for i in range(base.shape[0]):
-                delta = other[i] - base[i]
+                delta = widened(other, i) - widened(base, i)
                 magnitude = abs(delta)
                 keep = magnitude > threshold
                 if magnitude == threshold and ties_left[j] > 0:
@@ -123,9 +189,9 @@ def _trim_and_weigh(other, base, thresholds, ties_left, j, weight, into):
             return
         ties_left[j] -= equal
         for i in range(base.shape[0]):
-            delta = other[i] - base[i]
+            delta = widened(other, i) - widened(base, i)
             into[i] = (delta * (ONE if abs(delta) >= threshold else ZERO)) * weight
         return
     for i in range(base.shape[0]):
-        delta = other[i] - base[i]
+        delta = widened(other, i) - widened(base, i)
         into[i] = (delta * (ONE if abs(delta) > threshold else ZERO)) * weight

@@ -47,6 +47,10 @@ Slices = Callable[[], Iterator[list[torch.Tensor]]]
 """A fresh pass over a tensor's inputs in slices of rows, in order, each slice in the working precision."""
 Prepare = Callable[[str, Sequence[torch.Tensor], Slices], "Compute | None"]
 """(output tensor name, its inputs as stored, their slices) -> what computes the slices, or None."""
+Fill = Callable[[Sequence[torch.Tensor], torch.Tensor], bool]
+"""(a tensor's inputs as stored, its output in the output dtype) -> whether it computed every output value in one
+pass, each finite and within the output dtype's range. False: it could not (a dtype it does not read, a value that
+does not fit), and the output is unfinished: the stream computes the slices instead."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,9 @@ class Kernel:
       elsewhere `compute` runs on whole tensors, and both must give the same output bit for bit.
     in_order: the kernel draws from torch's default generator (DARE, DELLA), so its tensors are computed one at a
       time in the plan's order, whatever `RunOptions.compute_threads` says: one seed, the same draws.
+    fill: for a kernel computed in slices on the CPU, given what computes the slices (`compute`, or what `prepare`
+      returned): what computes the whole output instead in one compiled pass over the stored inputs
+      (splice.merge.fused), or None. Its output must be the slices' bit for bit.
     """
 
     compute: Compute
@@ -91,6 +98,7 @@ class Kernel:
     precision: Precision = Precision()
     prepare: Prepare | None = None
     in_order: bool = False
+    fill: Callable[[Compute], Fill | None] | None = None
 
     @property
     def sliceable(self) -> bool:
@@ -337,6 +345,10 @@ def _computed_in_slices(
         if compute is None:
             return None
         result = torch.empty(first.shape, dtype=dtype)
+        in_fp32 = all(kernel.precision.working_dtype(t.dtype) == torch.float32 for t in tensors)
+        fill = None if kernel.fill is None or not in_fp32 else kernel.fill(compute)
+        if fill is not None and fill(tensors, result):
+            return result, True
         lows, highs = [], []
         for start, part in zip(starts, slices()):
             computed = compute(name, part)
