@@ -72,17 +72,25 @@ def test_routed_classes_predict_within_the_routed_tasks_classes(tmp_path):
     for slot in range(TASKS):
         with torch.no_grad():
             logits.append(plain_model_with(base, store, "cl", slot, "cl@task-3")(pixel_values=images).logits)
-    expected, unrestricted = [], []
+    expected = []
     for i, slot in enumerate(routed.tolist()):
         row = logits[slot][i].numpy()
         expected.append(classes[slot][int(np.argmax(row[classes[slot]]))])
-        unrestricted.append(int(np.argmax(row[sorted(c for t in classes for c in t)])))
     expected = torch.tensor(expected)
     loaded = load_bank("cl@task-3", base, store)
     assert loaded.inference == "routed-classes"
     result = predict(loaded, {"pixel_values": images, "labels": labels})
     assert torch.equal(result.tasks, routed) and torch.equal(result.classes, expected)
-    assert unrestricted != expected.tolist()  # the restriction changes some predictions here
+    # the restriction must matter whatever the training gave: with one of the first task's classes raised far above
+    # every other logit, an image routed elsewhere keeps its prediction only if it is restricted to its task's
+    # classes (unrestricted, every image would predict the raised class)
+    raised = classes[0][0]
+    with torch.no_grad():
+        loaded.bank.model.classifier.bias[raised] += 1e3
+    result = predict(loaded, {"pixel_values": images, "labels": labels})
+    elsewhere = routed != 0
+    assert elsewhere.any() and (~elsewhere).any()
+    assert torch.equal(result.classes, torch.where(elsewhere, expected, raised))
     per_task = [hits / 12 for hits in (expected == labels).view(TASKS, -1).sum(dim=1).tolist()]
     assert report.accuracy[-1] == per_task  # the run scores as predict does
     assert store.load("cl@task-3").meta.settings["inference"] == "routed-classes"
