@@ -2,7 +2,8 @@
 
 splice computes soups, linear, task arithmetic and TIES itself (the magnitude trim uses a kthvalue
 threshold where mergekit sorts the whole tensor; on the CPU, TIES finds each threshold by counting the magnitudes'
-bits over cache-sized slices and then merges slice by slice). DARE (dare_ties, dare_linear), DELLA (della,
+bits over cache-sized slices and then merges slice by slice; the soup's sum and TIES run there as compiled loops,
+`fused`, where their inputs allow). DARE (dare_ties, dare_linear), DELLA (della,
 della_linear) and slerp are computed as mergekit's kernels compute them, on the CPU in cache-sized slices: the same
 draws from torch's generator, in the same order, the same operations on every entry, and the whole-tensor
 statistics first (each trimmed delta's L1 norms, slerp's norms and dot); the one difference is stated where it
