@@ -139,18 +139,6 @@ def through_the_stream(kernel, inputs, dtype, filled: bool):
         return stream._computed_in_slices(kernel, "w", inputs, dtype)
 
 
-@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("output", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("count", [1, 2, 4])
-def test_the_compiled_soup_fills_what_the_slices_compute(stored, output, count):
-    generator = torch.Generator().manual_seed(count)
-    inputs = [(torch.randn(700, 300, generator=generator) * 10 ** (i - 1)).to(stored) for i in range(count)]
-    kernel = kernels.weighted_average([float(w) for w in torch.rand(count, generator=generator) + 0.1])
-    (expected, finite), (got, got_finite) = (through_the_stream(kernel, inputs, output, f) for f in (False, True))
-    assert finite and got_finite and got.dtype == output
-    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
-
-
 @pytest.mark.parametrize("output", [torch.float32, torch.bfloat16])
 def test_the_compiled_ties_fills_what_the_slices_compute(output):
     from splice.merge.kernels import method_kernel
@@ -162,28 +150,54 @@ def test_the_compiled_ties_fills_what_the_slices_compute(output):
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
 
 
-@pytest.mark.parametrize("bad", ["nan", "too-large-for-bf16"])
-def test_a_value_that_does_not_fit_leaves_the_tensor_to_the_slices(bad, monkeypatch):
-    inputs = [torch.randn(500, 300) for _ in range(2)]
-    for tensor in inputs:  # their average: NaN, or beyond bf16's largest (3.39e38), an fp32
-        tensor[17, 5] = float("nan") if bad == "nan" else 3.4e38
-    kernel = kernels.weighted_average([1.0, 1.0])
-    fill = kernel.fill(kernel.compute)
-    assert not fill(inputs, torch.empty(500, 300, dtype=torch.bfloat16))
+def test_a_value_that_does_not_fit_leaves_the_tensor_to_the_slices():
+    from splice.merge.kernels import method_kernel
+
+    inputs = stored_inputs(6, 2, (300, 200), torch.float32, "gaussian")
+    for tensor in inputs:  # a base value beyond bf16's largest (3.39e38), its deltas 0: the merge keeps it
+        tensor[17, 5] = 3.4e38
+    params = ties_params(2, torch.Generator().manual_seed(6), density=0.5)
+    kernel = method_kernel("ties", lambda name: params, 0)
+    filled = []
+    original = fused.FusedTiesSlices.fill
+
+    def spy(self, inputs, out):
+        filled.append(original(self, inputs, out))
+        return filled[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused.FusedTiesSlices, "fill", spy)
+        got, got_finite = through_the_stream(kernel, inputs, torch.bfloat16, True)
     expected, finite = through_the_stream(kernel, inputs, torch.bfloat16, False)
-    got, got_finite = through_the_stream(kernel, inputs, torch.bfloat16, True)
-    assert not finite and not got_finite
-    assert torch.equal(got.view(torch.uint16), expected.view(torch.uint16))  # torch's own NaN and inf bits
+    assert filled == [False] and not finite and not got_finite
+    assert torch.equal(got.view(torch.uint16), expected.view(torch.uint16))  # torch's own inf bits
 
 
-def test_a_merge_in_the_stored_dtype_is_not_filled_in_fp32():
+def test_a_merge_in_the_stored_dtype_is_not_filled_in_fp32(monkeypatch):
     import dataclasses
 
+    from splice.merge.kernels import method_kernel
     from splice.tensors.stream import Precision
 
-    inputs = [torch.randn(400, 400).bfloat16() for _ in range(3)]
-    kernel = dataclasses.replace(kernels.weighted_average([1.0, 2.0, 3.0]), precision=Precision(exact=False))
-    (expected, _), (got, _) = (through_the_stream(kernel, inputs, torch.bfloat16, f) for f in (False, True))
-    assert torch.equal(got.view(torch.uint16), expected.view(torch.uint16))  # bf16 arithmetic, as mergekit's
-    fp32 = through_the_stream(kernels.weighted_average([1.0, 2.0, 3.0]), inputs, torch.bfloat16, True)[0]
-    assert not torch.equal(fp32.view(torch.uint16), expected.view(torch.uint16))
+    params = ties_params(2, torch.Generator().manual_seed(7), density=0.5)
+    kernel = dataclasses.replace(method_kernel("ties", lambda name: params, 0), precision=Precision(exact=False))
+    monkeypatch.setattr(fused.FusedTiesSlices, "fill", lambda *args: pytest.fail("filled in fp32"))
+    inputs = stored_inputs(8, 2, (300, 200), torch.bfloat16, "gaussian")
+    through_the_stream(kernel, inputs, torch.bfloat16, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_the_compiled_dare_ties_merge_equals_the_torch_operations_bit_for_bit(dtype, rescale, count, monkeypatch):
+    from splice.merge.kernels import method_kernel
+
+    inputs = stored_inputs(20 + count, count, (257, 61), dtype, "many-ties")
+    params = ties_params(count, torch.Generator().manual_seed(count), density=0.6, rescale=rescale, **{"lambda": 0.9})
+    kernel = method_kernel("dare_ties", lambda name: params, 1 if count > 1 else 0)
+    results = []
+    for fused_on in (False, True):
+        monkeypatch.setattr(fused, "fusable", FUSABLE if fused_on else lambda inputs: False)
+        torch.manual_seed(11)
+        results.append(through_the_stream(kernel, inputs, dtype, True)[0])
+    assert torch.equal(results[1].view(torch.uint8), results[0].view(torch.uint8))

@@ -114,74 +114,85 @@ def count_low_halves(base, other, high_half, counts):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def weighted_sum(inputs, coefficients, out, largest):
-    """out = inputs[0] * coefficients[0] + inputs[1] * coefficients[1] + ..., multiplied then added in that order in
-    fp32 (`kernels.weighted_average`), block by block; whether every value fits +-largest. (Every loop indexes views
-    of the block from 0: so LLVM vectorizes them.)"""
-    total = np.empty(BLOCK, dtype=np.float32)
-    misfits = np.int32(0)
-    for start in range(0, out.shape[0], BLOCK):
-        size = min(BLOCK, out.shape[0] - start)
-        first, coefficient = inputs[0][start : start + size], coefficients[0]
-        for i in range(size):
-            total[i] = widened(first, i) * coefficient
-        for j in range(1, len(inputs)):
-            other, coefficient = inputs[j][start : start + size], coefficients[j]
-            for i in range(size):
-                total[i] = total[i] + widened(other, i) * coefficient
-        block = out[start : start + size]
-        for i in range(size):
-            misfits |= outside(total[i], largest)
-            stored(block, i, total[i])
-    return misfits == 0
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
 def ties_merge(base, others, thresholds, ties_left, weights, normalize, scale, scaled, out, largest):
     """TIES on entries in order, in fp32 (read from bf16 or fp32, stored into bf16 or fp32): each delta kept where
     its magnitude is above its threshold, or equal to it while ties_left (counted down) lasts, weighted; the sign of
     their sum elected; the deltas of that sign summed (and divided by their weights' sum if normalize, scaled if
     scaled) onto the base. Written without branches on the entries' values, block by block, so that LLVM vectorizes
     every loop. Whether every value fits +-largest."""
-    count = len(others)
-    deltas = np.empty((count, BLOCK), dtype=np.float32)
-    total = np.empty(BLOCK, dtype=np.float32)
-    merged = np.empty(BLOCK, dtype=np.float32)
-    divisor = np.empty(BLOCK, dtype=np.float32)
+    deltas = np.empty((len(others), BLOCK), dtype=np.float32)
+    sums = np.empty((3, BLOCK), dtype=np.float32)
     misfits = np.int32(0)
     for start in range(0, base.shape[0], BLOCK):
         size = min(BLOCK, base.shape[0] - start)
         b = base[start : start + size]
-        for j in range(count):
+        for j in range(len(others)):
             _trim_and_weigh(others[j][start : start + size], b, thresholds, ties_left, j, weights[j], deltas[j])
-        first = deltas[0]
-        for i in range(size):  # explicit loops: numba's slice assignments are not vectorized
-            total[i] = first[i]
-        for j in range(1, count):
-            delta = deltas[j]
-            for i in range(size):
-                total[i] = total[i] + delta[i]
-        for i in range(size):
-            merged[i] = ZERO
-            divisor[i] = ZERO
-        for j in range(count):
-            delta, weight = deltas[j], weights[j]
-            for i in range(size):
-                agrees = ONE if ((delta[i] > ZERO) == (total[i] >= ZERO)) & (delta[i] != ZERO) else ZERO
-                merged[i] = merged[i] + delta[i] * agrees
-                divisor[i] = divisor[i] + weight * agrees
-        if normalize:  # the conditions out of the loops: with them inside, LLVM left the loop scalar
-            for i in range(size):
-                merged[i] = merged[i] / (divisor[i] + (ONE if divisor[i] == ZERO else ZERO))
-        if scaled:
-            for i in range(size):
-                merged[i] = merged[i] * scale
         block = out[start : start + size]
-        for i in range(size):
-            value = widened(b, i) + merged[i]
-            misfits |= outside(value, largest)
-            stored(block, i, value)
+        misfits |= _elect_and_add(deltas, size, weights, normalize, scale, scaled, b, block, largest, sums)
     return misfits == 0
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def drawn_ties_merge(base, others, packed, rescales, weights, normalize, scale, scaled, out, largest):
+    """dare_ties on entries in order: `ties_merge` with each delta kept where its drawn mask (packed[j], entry e in
+    bit e % 8 of byte e // 8) holds a 1, then multiplied by rescales[j] (1: unscaled), as `kernels._DrawnTrim` does."""
+    deltas = np.empty((len(others), BLOCK), dtype=np.float32)
+    sums = np.empty((3, BLOCK), dtype=np.float32)
+    misfits = np.int32(0)
+    for start in range(0, base.shape[0], BLOCK):  # BLOCK is a multiple of 8: a block starts at a byte
+        size = min(BLOCK, base.shape[0] - start)
+        b = base[start : start + size]
+        for j in range(len(others)):
+            other, bits, rescale, weight, into = (
+                others[j][start : start + size],
+                packed[j],
+                rescales[j],
+                weights[j],
+                deltas[j],
+            )
+            first = start >> 3
+            for i in range(size):
+                keep = np.float32((bits[first + (i >> 3)] >> (i & 7)) & 1)
+                into[i] = ((widened(other, i) - widened(b, i)) * keep) * rescale * weight
+        block = out[start : start + size]
+        misfits |= _elect_and_add(deltas, size, weights, normalize, scale, scaled, b, block, largest, sums)
+    return misfits == 0
+
+
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def _elect_and_add(deltas, size, weights, normalize, scale, scaled, base, out, largest, sums):
+    """TIES's sign consensus over a block of trimmed, weighted deltas, added onto the base into out: 1 where a value
+    does not fit +-largest. sums: three blocks of scratch."""
+    total, merged, divisor = sums[0], sums[1], sums[2]
+    first = deltas[0]
+    for i in range(size):  # explicit loops: numba's slice assignments are not vectorized
+        total[i] = first[i]
+    for j in range(1, deltas.shape[0]):
+        delta = deltas[j]
+        for i in range(size):
+            total[i] = total[i] + delta[i]
+    for i in range(size):
+        merged[i] = ZERO
+        divisor[i] = ZERO
+    for j in range(deltas.shape[0]):
+        delta, weight = deltas[j], weights[j]
+        for i in range(size):
+            agrees = ONE if ((delta[i] > ZERO) == (total[i] >= ZERO)) & (delta[i] != ZERO) else ZERO
+            merged[i] = merged[i] + delta[i] * agrees
+            divisor[i] = divisor[i] + weight * agrees
+    if normalize:  # the conditions out of the loops: with them inside, LLVM left the loop scalar
+        for i in range(size):
+            merged[i] = merged[i] / (divisor[i] + (ONE if divisor[i] == ZERO else ZERO))
+    if scaled:
+        for i in range(size):
+            merged[i] = merged[i] * scale
+    misfits = np.int32(0)
+    for i in range(size):
+        value = widened(base, i) + merged[i]
+        misfits |= outside(value, largest)
+        stored(out, i, value)
+    return misfits
 
 
 @njit(nogil=True, cache=True, error_model="numpy", inline="always")
