@@ -184,20 +184,3 @@ def test_a_merge_in_the_stored_dtype_is_not_filled_in_fp32(monkeypatch):
     monkeypatch.setattr(fused.FusedTiesSlices, "fill", lambda *args: pytest.fail("filled in fp32"))
     inputs = stored_inputs(8, 2, (300, 200), torch.bfloat16, "gaussian")
     through_the_stream(kernel, inputs, torch.bfloat16, True)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rescale", [False, True])
-@pytest.mark.parametrize("count", [1, 2, 3])
-def test_the_compiled_dare_ties_merge_equals_the_torch_operations_bit_for_bit(dtype, rescale, count, monkeypatch):
-    from splice.merge.kernels import method_kernel
-
-    inputs = stored_inputs(20 + count, count, (257, 61), dtype, "many-ties")
-    params = ties_params(count, torch.Generator().manual_seed(count), density=0.6, rescale=rescale, **{"lambda": 0.9})
-    kernel = method_kernel("dare_ties", lambda name: params, 1 if count > 1 else 0)
-    results = []
-    for fused_on in (False, True):
-        monkeypatch.setattr(fused, "fusable", FUSABLE if fused_on else lambda inputs: False)
-        torch.manual_seed(11)
-        results.append(through_the_stream(kernel, inputs, dtype, True)[0])
-    assert torch.equal(results[1].view(torch.uint8), results[0].view(torch.uint8))

@@ -1,13 +1,14 @@
-"""TIES and dare_ties on the CPU as loops compiled by numba: what ~60 torch operations do to every entry, each a
+"""TIES on the CPU as loops compiled by numba: what ~60 torch operations do to every entry, each a
 pass over memory, done in one (benchmarks/README.md, throughput: per entry of a 3-model bf16 TIES, 24 -> 7.8 ns on
 one core; a 3 x 1.6 GB bf16 TIES 13 -> 8 s).
 
-The loops do what `kernels._ties_in_slices` and `kernels._random_in_slices` do with torch, operation for operation,
-in fp32 (no fused multiply-add, no reordering: numba leaves IEEE arithmetic as written), so the outputs are the same
-bit for bit (tests/test_fused.py). They run with the GIL released, on the stream's compute threads. numba compiles
-them the first time a process meets a new combination of dtypes and input count (seconds, then read from its cache in
-`__pycache__` or the user's cache directory), so it is imported only when such a merge reaches the CPU: its import
-and LLVM cost a process ~140 MB, which is why the soup, as fast without it, does not use it.
+The loops do what `kernels._ties_in_slices` does with torch, operation for operation, in fp32 (no fused
+multiply-add, no reordering: numba leaves IEEE arithmetic as written), so the outputs are the same bit for bit
+(tests/test_fused.py). They run with the GIL released, on the stream's compute threads. numba compiles them the first
+time a process meets a new combination of dtypes and input count (seconds, then read from its cache in `__pycache__`
+or the user's cache directory), so it is imported only when such a merge reaches the CPU: its import and LLVM cost a
+process ~140 MB, which is why the soup, as fast without it, does not use it (nor dare_ties, whose time goes to its
+draws from torch's generator: its merge compiled measured no faster).
 """
 
 from __future__ import annotations
@@ -116,53 +117,6 @@ class FusedTiesSlices:
                 _largest(out.dtype),
             )
         )
-
-
-class FusedDrawnSlices:
-    """dare_ties's merge of a tensor's fp32 slices, in order: each delta trimmed by the mask drawn for it (its
-    slices' masks packed one after another in `packed`, each slice's starting at the byte `spans` gives) and
-    multiplied by its rescale factor (None: unscaled), then TIES's sign consensus: what
-    `kernels._task_arithmetic_family` computes with `kernels._DrawnTrim` trims."""
-
-    def __init__(
-        self,
-        params: Mapping[str, Any],
-        base_index: int,
-        others: Sequence[int],
-        drawn: Sequence[tuple[torch.Tensor, Sequence[tuple[int, int]], torch.Tensor | None]],
-    ):
-        self.base_index, self.others = base_index, list(others)
-        self.packed = [packed.numpy() for packed, _, _ in drawn]
-        self.spans = [spans for _, spans, _ in drawn]
-        self.rescales = np.array([1 if rescale is None else float(rescale) for _, _, rescale in drawn], np.float32)
-        self.weights = np.array([float(params["weight"][i]) for i in others], dtype=np.float32)
-        self.normalize = bool(params["normalize"])
-        self.scale = np.float32(params["lambda"])
-        self.scaled = float(params["lambda"]) != 1
-        self.applied = 0
-
-    def __call__(self, name: str, part: list[torch.Tensor]) -> torch.Tensor:
-        """The next slice, merged in fp32."""
-        base = part[self.base_index].contiguous()
-        merged = torch.empty_like(base)
-        masks = []
-        for packed, spans in zip(self.packed, self.spans):
-            start, size = spans[self.applied]
-            masks.append(packed[start : start + size])
-        self.applied += 1
-        _loops().drawn_ties_merge(
-            _as_array(base),
-            tuple(_as_array(part[i].contiguous()) for i in self.others),
-            tuple(masks),
-            self.rescales,
-            self.weights,
-            self.normalize,
-            self.scale,
-            self.scaled,
-            _as_array(merged),
-            _largest(merged.dtype),
-        )
-        return merged
 
 
 def _largest(dtype: torch.dtype) -> np.float32:

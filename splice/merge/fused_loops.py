@@ -133,33 +133,6 @@ def ties_merge(base, others, thresholds, ties_left, weights, normalize, scale, s
     return misfits == 0
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def drawn_ties_merge(base, others, packed, rescales, weights, normalize, scale, scaled, out, largest):
-    """dare_ties on entries in order: `ties_merge` with each delta kept where its drawn mask (packed[j], entry e in
-    bit e % 8 of byte e // 8) holds a 1, then multiplied by rescales[j] (1: unscaled), as `kernels._DrawnTrim` does."""
-    deltas = np.empty((len(others), BLOCK), dtype=np.float32)
-    sums = np.empty((3, BLOCK), dtype=np.float32)
-    misfits = np.int32(0)
-    for start in range(0, base.shape[0], BLOCK):  # BLOCK is a multiple of 8: a block starts at a byte
-        size = min(BLOCK, base.shape[0] - start)
-        b = base[start : start + size]
-        for j in range(len(others)):
-            other, bits, rescale, weight, into = (
-                others[j][start : start + size],
-                packed[j],
-                rescales[j],
-                weights[j],
-                deltas[j],
-            )
-            first = start >> 3
-            for i in range(size):
-                keep = np.float32((bits[first + (i >> 3)] >> (i & 7)) & 1)
-                into[i] = ((widened(other, i) - widened(b, i)) * keep) * rescale * weight
-        block = out[start : start + size]
-        misfits |= _elect_and_add(deltas, size, weights, normalize, scale, scaled, b, block, largest, sums)
-    return misfits == 0
-
-
 @njit(nogil=True, cache=True, error_model="numpy", inline="always")
 def _elect_and_add(deltas, size, weights, normalize, scale, scaled, base, out, largest, sums):
     """TIES's sign consensus over a block of trimmed, weighted deltas, added onto the base into out: 1 where a value

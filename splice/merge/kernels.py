@@ -2,8 +2,8 @@
 
 splice computes soups, linear, task arithmetic and TIES itself (the magnitude trim uses a kthvalue
 threshold where mergekit sorts the whole tensor; on the CPU, TIES finds each threshold by counting the magnitudes'
-bits over cache-sized slices and then merges slice by slice; TIES and dare_ties run there as compiled loops, `fused`,
-where their inputs allow). DARE (dare_ties, dare_linear), DELLA (della,
+bits over cache-sized slices and then merges slice by slice; TIES runs there as compiled loops, `fused`, where its
+inputs allow). DARE (dare_ties, dare_linear), DELLA (della,
 della_linear) and slerp are computed as mergekit's kernels compute them, on the CPU in cache-sized slices: the same
 draws from torch's generator, in the same order, the same operations on every entry, and the whole-tensor
 statistics first (each trimmed delta's L1 norms, slerp's norms and dot); the one difference is stated where it
@@ -333,9 +333,6 @@ def _random_in_slices(
     if sparsifier is _della and not _rows_lie_whole(inputs[0], whole):
         return None
     trims = _drawn_trims(sparsifier, params, base_index, inputs[0].shape, len(inputs), slices)
-    drawn = [(t.packed, t.spans, t.scale) for t in trims if isinstance(t, _DrawnTrim) and t.packed is not None]
-    if sign_consensus and not whole and len(drawn) == len(others) and fused.fusable(inputs):
-        return fused.FusedDrawnSlices(params, base_index, others, drawn)
     return lambda name, part: _task_arithmetic_family(name, part, params, base_index, trims, sign_consensus)
 
 
