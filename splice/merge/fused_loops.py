@@ -120,52 +120,45 @@ def ties_merge(base, others, thresholds, ties_left, weights, normalize, scale, s
     their sum elected; the deltas of that sign summed (and divided by their weights' sum if normalize, scaled if
     scaled) onto the base. Written without branches on the entries' values, block by block, so that LLVM vectorizes
     every loop. Whether every value fits +-largest."""
-    deltas = np.empty((len(others), BLOCK), dtype=np.float32)
-    sums = np.empty((3, BLOCK), dtype=np.float32)
+    count = len(others)
+    deltas = np.empty((count, BLOCK), dtype=np.float32)
+    total = np.empty(BLOCK, dtype=np.float32)  # three arrays, not rows of one: LLVM then knows they do not overlap
+    merged = np.empty(BLOCK, dtype=np.float32)
+    divisor = np.empty(BLOCK, dtype=np.float32)
     misfits = np.int32(0)
     for start in range(0, base.shape[0], BLOCK):
         size = min(BLOCK, base.shape[0] - start)
         b = base[start : start + size]
-        for j in range(len(others)):
+        for j in range(count):
             _trim_and_weigh(others[j][start : start + size], b, thresholds, ties_left, j, weights[j], deltas[j])
+        first = deltas[0]
+        for i in range(size):  # explicit loops: numba's slice assignments are not vectorized
+            total[i] = first[i]
+        for j in range(1, count):
+            delta = deltas[j]
+            for i in range(size):
+                total[i] = total[i] + delta[i]
+        for i in range(size):
+            merged[i] = ZERO
+            divisor[i] = ZERO
+        for j in range(count):
+            delta, weight = deltas[j], weights[j]
+            for i in range(size):
+                agrees = ONE if ((delta[i] > ZERO) == (total[i] >= ZERO)) & (delta[i] != ZERO) else ZERO
+                merged[i] = merged[i] + delta[i] * agrees
+                divisor[i] = divisor[i] + weight * agrees
+        if normalize:  # the conditions out of the loops: with them inside, LLVM left the loop scalar
+            for i in range(size):
+                merged[i] = merged[i] / (divisor[i] + (ONE if divisor[i] == ZERO else ZERO))
+        if scaled:
+            for i in range(size):
+                merged[i] = merged[i] * scale
         block = out[start : start + size]
-        misfits |= _elect_and_add(deltas, size, weights, normalize, scale, scaled, b, block, largest, sums)
+        for i in range(size):
+            value = widened(b, i) + merged[i]
+            misfits |= outside(value, largest)
+            stored(block, i, value)
     return misfits == 0
-
-
-@njit(nogil=True, cache=True, error_model="numpy", inline="always")
-def _elect_and_add(deltas, size, weights, normalize, scale, scaled, base, out, largest, sums):
-    """TIES's sign consensus over a block of trimmed, weighted deltas, added onto the base into out: 1 where a value
-    does not fit +-largest. sums: three blocks of scratch."""
-    total, merged, divisor = sums[0], sums[1], sums[2]
-    first = deltas[0]
-    for i in range(size):  # explicit loops: numba's slice assignments are not vectorized
-        total[i] = first[i]
-    for j in range(1, deltas.shape[0]):
-        delta = deltas[j]
-        for i in range(size):
-            total[i] = total[i] + delta[i]
-    for i in range(size):
-        merged[i] = ZERO
-        divisor[i] = ZERO
-    for j in range(deltas.shape[0]):
-        delta, weight = deltas[j], weights[j]
-        for i in range(size):
-            agrees = ONE if ((delta[i] > ZERO) == (total[i] >= ZERO)) & (delta[i] != ZERO) else ZERO
-            merged[i] = merged[i] + delta[i] * agrees
-            divisor[i] = divisor[i] + weight * agrees
-    if normalize:  # the conditions out of the loops: with them inside, LLVM left the loop scalar
-        for i in range(size):
-            merged[i] = merged[i] / (divisor[i] + (ONE if divisor[i] == ZERO else ZERO))
-    if scaled:
-        for i in range(size):
-            merged[i] = merged[i] * scale
-    misfits = np.int32(0)
-    for i in range(size):
-        value = widened(base, i) + merged[i]
-        misfits |= outside(value, largest)
-        stored(out, i, value)
-    return misfits
 
 
 @njit(nogil=True, cache=True, error_model="numpy", inline="always")
