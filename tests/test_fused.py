@@ -139,14 +139,30 @@ def through_the_stream(kernel, inputs, dtype, filled: bool):
         return stream._computed_in_slices(kernel, "w", inputs, dtype)
 
 
+def filling(calls: list):
+    """A spy on FusedTiesSlices.fill: each call's answer appended to `calls`."""
+    original = fused.FusedTiesSlices.fill
+
+    def spy(self, inputs, out):
+        calls.append(original(self, inputs, out))
+        return calls[-1]
+
+    return spy
+
+
 @pytest.mark.parametrize("output", [torch.float32, torch.bfloat16])
-def test_the_compiled_ties_fills_what_the_slices_compute(output):
+def test_the_compiled_ties_fills_what_the_torch_operations_compute(output, monkeypatch):
     from splice.merge.kernels import method_kernel
 
     inputs = stored_inputs(4, 2, (400, 333), torch.bfloat16, "many-ties")
     params = ties_params(2, torch.Generator().manual_seed(3), density=0.4, **{"lambda": 0.8})
     kernel = method_kernel("ties", lambda name: params, 1)
-    (expected, _), (got, _) = (through_the_stream(kernel, inputs, output, f) for f in (False, True))
+    filled: list[bool] = []
+    monkeypatch.setattr(fused.FusedTiesSlices, "fill", filling(filled))
+    got, _ = through_the_stream(kernel, inputs, output, True)
+    monkeypatch.setattr(fused, "fusable", lambda inputs: False)
+    expected, _ = through_the_stream(kernel, inputs, output, True)
+    assert filled == [True]
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
 
 
@@ -158,22 +174,17 @@ def test_a_value_that_does_not_fit_leaves_the_tensor_to_the_slices():
         tensor[17, 5] = 3.4e38
     params = ties_params(2, torch.Generator().manual_seed(6), density=0.5)
     kernel = method_kernel("ties", lambda name: params, 0)
-    filled = []
-    original = fused.FusedTiesSlices.fill
-
-    def spy(self, inputs, out):
-        filled.append(original(self, inputs, out))
-        return filled[-1]
-
+    filled: list[bool] = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fused.FusedTiesSlices, "fill", spy)
+        patch.setattr(fused.FusedTiesSlices, "fill", filling(filled))
         got, got_finite = through_the_stream(kernel, inputs, torch.bfloat16, True)
-    expected, finite = through_the_stream(kernel, inputs, torch.bfloat16, False)
+        patch.setattr(fused, "fusable", lambda inputs: False)
+        expected, finite = through_the_stream(kernel, inputs, torch.bfloat16, True)
     assert filled == [False] and not finite and not got_finite
     assert torch.equal(got.view(torch.uint16), expected.view(torch.uint16))  # torch's own inf bits
 
 
-def test_a_merge_in_the_stored_dtype_is_not_filled_in_fp32(monkeypatch):
+def test_a_prepared_kernel_outside_fp32_is_computed_on_whole_tensors(monkeypatch):
     import dataclasses
 
     from splice.merge.kernels import method_kernel
@@ -181,6 +192,51 @@ def test_a_merge_in_the_stored_dtype_is_not_filled_in_fp32(monkeypatch):
 
     params = ties_params(2, torch.Generator().manual_seed(7), density=0.5)
     kernel = dataclasses.replace(method_kernel("ties", lambda name: params, 0), precision=Precision(exact=False))
-    monkeypatch.setattr(fused.FusedTiesSlices, "fill", lambda *args: pytest.fail("filled in fp32"))
     inputs = stored_inputs(8, 2, (300, 200), torch.bfloat16, "gaussian")
-    through_the_stream(kernel, inputs, torch.bfloat16, True)
+    assert through_the_stream(kernel, inputs, torch.bfloat16, True) is None  # its thresholds are taken in fp32
+
+
+def test_without_numba_torch_merges(monkeypatch):
+    import sys
+
+    inputs = stored_inputs(12, 2, (301, 29), torch.bfloat16, "many-ties")
+    params = ties_params(2, torch.Generator().manual_seed(12), density=0.5)
+    compiled = merged_in_slices(inputs, params, 0, 40, True, monkeypatch)
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    monkeypatch.delitem(sys.modules, "splice.merge.fused_loops")
+    monkeypatch.delattr(sys.modules["splice.merge"], "fused_loops")  # (`splice.merge` is also the merge function)
+    fused._loops.cache_clear()
+    try:
+        assert fused._loops() is None and not fused.fusable(inputs)
+        expected = merged_in_slices(inputs, params, 0, 40, False, monkeypatch)
+    finally:
+        fused._loops.cache_clear()
+    assert torch.equal(compiled.view(torch.int32), expected.view(torch.int32))
+
+
+def test_a_loop_numba_cannot_compile_turns_the_loops_off_and_torch_merges(monkeypatch, caplog):
+    from numba.core.errors import NumbaError
+
+    inputs = stored_inputs(13, 2, (301, 29), torch.bfloat16, "gaussian")
+    params = ties_params(2, torch.Generator().manual_seed(13), density=0.5)
+    expected = merged_in_slices(inputs, params, 0, 40, False, monkeypatch)
+    monkeypatch.setattr(fused, "_failures", [])
+    loops = fused._loops()
+
+    def cannot_compile(*args):
+        raise NumbaError("cannot compile (a test)")
+
+    for loop in ("count_high_halves", "ties_merge"):
+        monkeypatch.setattr(loops, loop, cannot_compile)
+        monkeypatch.setattr(fused, "_failures", [])
+        monkeypatch.setattr(fused, "fusable", FUSABLE)
+
+        def slices():
+            for start in range(0, inputs[0].shape[0], 40):
+                yield [t[start : start + 40].to(torch.float32) for t in inputs]
+
+        compute = kernels._ties_in_slices(params, 0, inputs, slices)
+        got = torch.cat([compute("w", part) for part in slices()])
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), loop
+        assert fused._failures and not fused.fusable(inputs)
+    assert "compiled loops turned off, torch computes instead: cannot compile (a test)" in caplog.text

@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import config, njit, types
+from numba.core.errors import NumbaError
 from numba.extending import intrinsic, overload
+
+if config.DISABLE_JIT:  # the loops would run as Python, on numba's intrinsics that then do nothing
+    raise ImportError("numba's JIT is disabled (NUMBA_DISABLE_JIT)")
+
+COMPILE_ERRORS = (NumbaError, OSError)
+"""What a first call can raise where numba cannot compile a loop or write it to its cache."""
 
 INF_BITS = 0x7F800000
 BLOCK = 1024
@@ -47,7 +54,8 @@ def _widened(values, i):
 
 def stored(values, i, value):
     """values[i] = value (fp32): rounded to the nearest bf16, ties to even, where values holds bf16 bits (as torch
-    rounds a finite value; a NaN is never stored here: see `fits`), as it is into fp32."""
+    rounds a finite value or an infinity; where a NaN is stored the caller is told, `outside`, and discards the
+    output), as it is into fp32."""
 
 
 @overload(stored)

@@ -145,20 +145,28 @@ def _ties_in_slices(
     if params["rescale"] or not others:
         return None
     densities = [params["density"][i] for i in others]
+
+    def with_torch(masks: Sequence[SlicedMagnitudeMask | None]) -> Compute:
+        trims = [None if mask is None else partial(_trim_by, mask) for mask in masks]
+        return lambda name, part: _task_arithmetic_family(name, part, params, base_index, trims, True)
+
     if fused.fusable(inputs):
         counts = fused.FusedMagnitudeCounts(inputs[base_index], [inputs[i] for i in others])
-        masks = magnitude_masks(counts, inputs[0].numel(), densities)
-        return None if masks is None else fused.FusedTiesSlices(params, base_index, others, masks)
+        try:
+            found = magnitude_masks(counts, inputs[0].numel(), densities)
+        except fused.LoopsFailed:
+            pass  # counted by torch below
+        else:
+            if found is None:
+                return None
+            return fused.FusedTiesSlices(params, base_index, others, found, with_torch(found))
 
     def magnitudes() -> Iterator[list[torch.Tensor]]:
         for part in slices():
             yield [(part[i] - part[base_index]).abs_() for i in others]
 
     masks = sliced_magnitude_masks(magnitudes, inputs[0].numel(), densities)
-    if masks is None:
-        return None
-    trims = [None if mask is None else partial(_trim_by, mask) for mask in masks]
-    return lambda name, part: _task_arithmetic_family(name, part, params, base_index, trims, True)
+    return None if masks is None else with_torch(masks)
 
 
 def _trim_by(mask: SlicedMagnitudeMask, delta: torch.Tensor) -> None:

@@ -341,11 +341,13 @@ def _computed_in_slices(
             for start in starts:
                 yield [t[start : start + rows].to(dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
 
+        in_fp32 = all(kernel.precision.working_dtype(t.dtype) == torch.float32 for t in tensors)
+        if kernel.prepare is not None and not in_fp32:  # its whole-tensor statistics are taken in fp32
+            return None
         compute = kernel.compute if kernel.prepare is None else kernel.prepare(name, tensors, slices)
         if compute is None:
             return None
         result = torch.empty(first.shape, dtype=dtype)
-        in_fp32 = all(kernel.precision.working_dtype(t.dtype) == torch.float32 for t in tensors)
         fill = None if kernel.fill is None or not in_fp32 else kernel.fill(compute)
         if fill is not None and fill(tensors, result):
             return result, True
