@@ -127,14 +127,10 @@ def test_what_the_loops_cannot_read_is_left_to_torch():
     assert not fused.fusable([bf16.t(), bf16])  # not contiguous
 
 
-def through_the_stream(kernel, inputs, dtype, filled: bool):
-    """The stream's computation of one tensor in slices: with the kernel's compiled fill, or without it."""
-    import dataclasses
-
+def through_the_stream(kernel, inputs, dtype):
+    """The stream's computation of one tensor in slices (or in one compiled pass where the kernel fills it)."""
     import splice.tensors.stream as stream
 
-    if not filled:
-        kernel = dataclasses.replace(kernel, fill=None)
     with torch.inference_mode():
         return stream._computed_in_slices(kernel, "w", inputs, dtype)
 
@@ -159,9 +155,9 @@ def test_the_compiled_ties_fills_what_the_torch_operations_compute(output, monke
     kernel = method_kernel("ties", lambda name: params, 1)
     filled: list[bool] = []
     monkeypatch.setattr(fused.FusedTiesSlices, "fill", filling(filled))
-    got, _ = through_the_stream(kernel, inputs, output, True)
+    got, _ = through_the_stream(kernel, inputs, output)
     monkeypatch.setattr(fused, "fusable", lambda inputs: False)
-    expected, _ = through_the_stream(kernel, inputs, output, True)
+    expected, _ = through_the_stream(kernel, inputs, output)
     assert filled == [True]
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
 
@@ -177,9 +173,9 @@ def test_a_value_that_does_not_fit_leaves_the_tensor_to_the_slices():
     filled: list[bool] = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fused.FusedTiesSlices, "fill", filling(filled))
-        got, got_finite = through_the_stream(kernel, inputs, torch.bfloat16, True)
+        got, got_finite = through_the_stream(kernel, inputs, torch.bfloat16)
         patch.setattr(fused, "fusable", lambda inputs: False)
-        expected, finite = through_the_stream(kernel, inputs, torch.bfloat16, True)
+        expected, finite = through_the_stream(kernel, inputs, torch.bfloat16)
     assert filled == [False] and not finite and not got_finite
     assert torch.equal(got.view(torch.uint16), expected.view(torch.uint16))  # torch's own inf bits
 
@@ -193,7 +189,7 @@ def test_a_prepared_kernel_outside_fp32_is_computed_on_whole_tensors(monkeypatch
     params = ties_params(2, torch.Generator().manual_seed(7), density=0.5)
     kernel = dataclasses.replace(method_kernel("ties", lambda name: params, 0), precision=Precision(exact=False))
     inputs = stored_inputs(8, 2, (300, 200), torch.bfloat16, "gaussian")
-    assert through_the_stream(kernel, inputs, torch.bfloat16, True) is None  # its thresholds are taken in fp32
+    assert through_the_stream(kernel, inputs, torch.bfloat16) is None  # its thresholds are taken in fp32
 
 
 def test_without_numba_torch_merges(monkeypatch):

@@ -125,7 +125,7 @@ class FusedTiesSlices:
         """The next slice, merged in fp32 (the ties at the thresholds counted down from the last slice's)."""
         base = part[self.base_index].contiguous()
         if self.compiled is None:  # decided on the first slice, kept for the rest (the ties are counted down)
-            self.compiled = base.dtype == torch.float32 and _available()
+            self.compiled = _available()
         if not self.compiled:
             return self.with_torch(name, part)
         merged = torch.empty_like(base)
@@ -140,8 +140,9 @@ class FusedTiesSlices:
         return merged
 
     def fill(self, inputs: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
-        """stream.Fill: the whole tensor from its inputs as stored, straight into the output."""
-        if not (fusable(inputs) and out.dtype in FUSED_DTYPES and out.is_contiguous()):
+        """stream.Filling: the whole tensor from its inputs as stored (read by the loops: `fusable`, checked before
+        this was made), straight into the output."""
+        if not (_available() and out.dtype in FUSED_DTYPES and out.is_contiguous()):
             return False
         try:
             return self._merge([inputs[self.base_index], *(inputs[i] for i in self.others)], out, self.ties_left.copy())

@@ -10,13 +10,14 @@ from numba import config, njit, types
 from numba.core.errors import NumbaError
 from numba.extending import intrinsic, overload
 
+from splice.sparsify import INF_BITS
+
 if config.DISABLE_JIT:  # the loops would run as Python, on numba's intrinsics that then do nothing
     raise ImportError("numba's JIT is disabled (NUMBA_DISABLE_JIT)")
 
 COMPILE_ERRORS = (NumbaError, OSError)
 """What a first call can raise where numba cannot compile a loop or write it to its cache."""
 
-INF_BITS = 0x7F800000
 BLOCK = 1024
 """Entries a loop takes a block at a time: each delta's block, their sum and the merge's accumulators stay in L1."""
 ZERO = np.float32(0)

@@ -32,7 +32,7 @@ from splice.sparsify import (
     unpack_mask,
 )
 from splice.tensors.device import compute_dtype_for
-from splice.tensors.stream import COMPUTE_SLICE, Compute, Fill, Kernel, Slices
+from splice.tensors.stream import COMPUTE_SLICE, Compute, Kernel, Slices
 from splice.tensors.threads import calling_thread_only
 
 TensorParameters = Callable[[str], dict[str, Any]]
@@ -491,14 +491,7 @@ def method_kernel(
         def prepare(name: str, inputs: Sequence[torch.Tensor], slices: Slices) -> Compute | None:
             return in_slices(parameters_for(name), base, inputs, slices)
 
-    return Kernel(
-        own, elementwise=method in ELEMENTWISE_METHODS, prepare=prepare, in_order=in_order, fill=_fill_of_prepared
-    )
-
-
-def _fill_of_prepared(compute: Compute) -> Fill | None:
-    """What fills a tensor in one compiled pass, where its prepared slices are TIES's compiled ones."""
-    return compute.fill if isinstance(compute, fused.FusedTiesSlices) else None
+    return Kernel(own, elementwise=method in ELEMENTWISE_METHODS, prepare=prepare, in_order=in_order)
 
 
 def _mergekit_kernel(method: str, parameters_for: TensorParameters, base_index: int | None) -> Compute:

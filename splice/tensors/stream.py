@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -47,10 +47,20 @@ Slices = Callable[[], Iterator[list[torch.Tensor]]]
 """A fresh pass over a tensor's inputs in slices of rows, in order, each slice in the working precision."""
 Prepare = Callable[[str, Sequence[torch.Tensor], Slices], "Compute | None"]
 """(output tensor name, its inputs as stored, their slices) -> what computes the slices, or None."""
-Fill = Callable[[Sequence[torch.Tensor], torch.Tensor], bool]
-"""(a tensor's inputs as stored, its output in the output dtype) -> whether it computed every output value in one
-pass, each finite and within the output dtype's range. False: it could not (a dtype it does not read, a value that
-does not fit), and the output is unfinished: the stream computes the slices instead."""
+
+
+@runtime_checkable
+class Filling(Protocol):
+    """What `Kernel.prepare` may return beside a plain Compute: it computes the slices, and can also compute the
+    whole output in one compiled pass over the stored inputs (splice.merge.fused), bit for bit the slices' output."""
+
+    def __call__(self, name: str, part: list[torch.Tensor]) -> torch.Tensor: ...
+
+    def fill(self, inputs: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
+        """Whether it computed every value of `out` (the output dtype) from `inputs` (as stored), each finite and
+        within the output dtype's range. False: it could not (a dtype it does not write, a value that does not fit),
+        and `out` is unfinished: the stream computes the slices instead."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -87,9 +97,6 @@ class Kernel:
       elsewhere `compute` runs on whole tensors, and both must give the same output bit for bit.
     in_order: the kernel draws from torch's default generator (DARE, DELLA), so its tensors are computed one at a
       time in the plan's order, whatever `RunOptions.compute_threads` says: one seed, the same draws.
-    fill: for a kernel computed in slices on the CPU, given what computes the slices (`compute`, or what `prepare`
-      returned): what computes the whole output instead in one compiled pass over the stored inputs
-      (splice.merge.fused), or None. Its output must be the slices' bit for bit.
     """
 
     compute: Compute
@@ -98,7 +105,6 @@ class Kernel:
     precision: Precision = Precision()
     prepare: Prepare | None = None
     in_order: bool = False
-    fill: Callable[[Compute], Fill | None] | None = None
 
     @property
     def sliceable(self) -> bool:
@@ -342,14 +348,13 @@ def _computed_in_slices(
                 yield [t[start : start + rows].to(dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
 
         in_fp32 = all(kernel.precision.working_dtype(t.dtype) == torch.float32 for t in tensors)
-        if kernel.prepare is not None and not in_fp32:  # its whole-tensor statistics are taken in fp32
+        if kernel.prepare is not None and not in_fp32:  # its whole-tensor statistics are taken in fp32 (and its fill)
             return None
         compute = kernel.compute if kernel.prepare is None else kernel.prepare(name, tensors, slices)
         if compute is None:
             return None
         result = torch.empty(first.shape, dtype=dtype)
-        fill = None if kernel.fill is None or not in_fp32 else kernel.fill(compute)
-        if fill is not None and fill(tensors, result):
+        if isinstance(compute, Filling) and compute.fill(tensors, result):
             return result, True
         lows, highs = [], []
         for start, part in zip(starts, slices()):
