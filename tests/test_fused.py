@@ -1,6 +1,7 @@
-"""TIES's compiled loops (splice.merge.fused) against the torch operations they replace: the magnitudes' bit counts
+"""The compiled loops (splice.merge.fused) against the torch operations they replace: the magnitudes' bit counts
 equal torch.bincount's, and the merge of every slice equals `kernels._ties_in_slices`'s torch path bit for bit, over
-ties at the thresholds, edge densities, one to three deltas, weights, normalize and lambda."""
+ties at the thresholds, edge densities, one to three deltas, weights, normalize and lambda; the draws equal torch's
+(the masks and the generator's state after), and dare_ties equals its torch path bit for bit."""
 
 from __future__ import annotations
 
@@ -236,3 +237,71 @@ def test_a_loop_numba_cannot_compile_turns_the_loops_off_and_torch_merges(monkey
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), loop
         assert fused._failures and not fused.fusable(inputs)
     assert "compiled loops turned off, torch computes instead: cannot compile (a test)" in caplog.text
+
+
+# --- DARE: the draws from torch's generator and dare_ties's merge -----------------------------------------------------
+
+
+def dare_in_slices(inputs, params, base_index, rows, fused_on, monkeypatch, seed=11):
+    """dare_ties of the slices (or, rows None, filled whole into a bf16/fp32 output), drawn from torch's default
+    generator seeded with `seed`; (the merge, the generator's state after)."""
+    monkeypatch.setattr(fused, "fusable", FUSABLE if fused_on else lambda inputs: False)
+
+    def slices():
+        for start in range(0, inputs[0].shape[0], rows or inputs[0].shape[0]):
+            yield [t[start : start + (rows or inputs[0].shape[0])].to(torch.float32) for t in inputs]
+
+    torch.manual_seed(seed)
+    compute = kernels.SLICED_METHODS["dare_ties"](params, base_index, inputs, slices)
+    assert isinstance(compute, fused.FusedDrawnSlices) == fused_on
+    state = torch.default_generator.get_state()
+    if rows is None:
+        out = torch.empty_like(inputs[0])
+        assert compute.fill(inputs, out)
+        return out, state
+    return torch.cat([compute("w", part) for part in slices()]).to(inputs[0].dtype), state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_compiled_dare_ties_draws_and_merges_as_the_torch_operations(dtype, count, rescale, monkeypatch):
+    generator = torch.Generator().manual_seed(count + 7 * rescale)
+    inputs = stored_inputs(count, count, (157, 29), dtype, "zero-deltas")  # rows of 29: slices start mid-byte
+    for options, rows in (({}, 5), ({"normalize": False}, 64), ({"lambda": 0.7}, 1), ({}, None)):
+        params = ties_params(count, generator, rescale=rescale, **options)
+        base_index = int(torch.randint(0, count + 1, (1,), generator=generator))
+        expected, expected_state = dare_in_slices(inputs, params, base_index, rows or 157, False, monkeypatch)
+        got, state = dare_in_slices(inputs, params, base_index, rows, True, monkeypatch)
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (options, base_index, rows)
+        assert torch.equal(state, expected_state)
+
+
+@pytest.mark.parametrize("probability", ["one", "per-entry"])
+def test_compiled_draws_keep_what_torch_bernoulli_keeps_and_leave_its_generator_as_torch_does(probability):
+    assert fused._draws_as_torch()  # this torch draws as the loops do: the loops are what is tested below
+    like = torch.empty(37, 101)  # 3737 draws: several of mt19937's 624-word twists, starting mid-state
+    p = 0.35 if probability == "one" else torch.rand(37, 101, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(21)
+    torch.rand(5)
+    expected = torch.bernoulli(torch.as_tensor(p, dtype=torch.float32).expand(like.shape).contiguous()).bool()
+    expected_state = torch.default_generator.get_state()
+    torch.manual_seed(21)
+    torch.rand(5)
+    kept = fused.keep_drawn(p, like)
+    assert torch.equal(kept, expected) and torch.equal(torch.default_generator.get_state(), expected_state)
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().set_state(expected_state)))
+
+
+def test_a_torch_that_draws_otherwise_is_left_to_draw_itself(monkeypatch):
+    monkeypatch.setattr(fused, "_draws_as_torch", lambda: False)
+    monkeypatch.setattr(fused, "_drawn", lambda *args: pytest.fail("the loops drew"))
+    inputs = stored_inputs(2, 2, (40, 16), torch.bfloat16, "gaussian")
+    params = ties_params(2, torch.Generator().manual_seed(1), rescale=True)
+    torch.manual_seed(5)
+    compute = kernels.SLICED_METHODS["dare_ties"](params, 0, inputs, lambda: iter([[t.float() for t in inputs]]))
+    assert compute is not None and not isinstance(compute, fused.FusedDrawnSlices)
+    torch.manual_seed(5)
+    kept = fused.keep_drawn(0.5, torch.empty(9))
+    torch.manual_seed(5)
+    assert torch.equal(kept, torch.empty(9).uniform_() < 0.5)

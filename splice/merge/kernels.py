@@ -1,9 +1,9 @@
 """Per-tensor merge kernels: `(name, tensors) -> tensor`, run by the stream on the compute device.
 
-splice computes soups, linear, task arithmetic and TIES itself (the magnitude trim uses a kthvalue
-threshold where mergekit sorts the whole tensor; on the CPU, TIES finds each threshold by counting the magnitudes'
-bits over cache-sized slices and then merges slice by slice; TIES runs there as compiled loops, `fused`, where its
-inputs allow). DARE (dare_ties, dare_linear), DELLA (della,
+splice computes soups, linear, task arithmetic and TIES itself (the magnitude trim uses a kthvalue threshold where
+mergekit sorts the whole tensor; on the CPU, TIES finds each threshold by counting the magnitudes' bits over
+cache-sized slices and then merges slice by slice; TIES and dare_ties run there as compiled loops, `fused`, where their
+inputs allow, and DARE's and DELLA's draws are made there by them). DARE (dare_ties, dare_linear), DELLA (della,
 della_linear) and slerp are computed as mergekit's kernels compute them, on the CPU in cache-sized slices: the same
 draws from torch's generator, in the same order, the same operations on every entry, and the whole-tensor
 statistics first (each trimmed delta's L1 norms, slerp's norms and dot); the one difference is stated where it
@@ -18,13 +18,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
 from splice.errors import SpliceError, first_line
 from splice.merge import fused
 from splice.sparsify import (
     SlicedMagnitudeMask,
-    bernoulli_keep,
     magnitude_masks,
     pack_mask,
     sliced_magnitude_masks,
@@ -284,7 +284,9 @@ def _l1_rescale(before: Sequence[float], after: Sequence[float]) -> torch.Tensor
     mergekit sums the whole tensor in fp32 in an order set by the CPU's vector width and torch's thread count (its
     own norms differ in their last bits from one thread count to another), so the factor can differ from mergekit's
     in its last bits (tests/test_methods_slices.py measures it). Slices and whole tensors round the same fp32 norm
-    unless the exact sum lies within ~1e-15 (relative) of a rounding boundary: a chance of ~1e-8 per norm."""
+    unless the exact sum lies within ~1e-15 (relative) of a rounding boundary: a chance of ~1e-8 per norm. The
+    compiled dare_ties (`fused.draw_dare_trims`) sums each run of 128K entries in eight fp64 sums side by side
+    instead of torch's order: the same fp32 norm but for the same small chance."""
     norms = [torch.tensor(math.fsum(sums), dtype=torch.float32) for sums in (before, after)]
     if norms[0] < RESCALE_EPS or norms[1] < RESCALE_EPS:
         return None
@@ -306,7 +308,7 @@ def _drawn_trims(
         drawn, before, after = _DrawnTrim(shape.numel(), shape[0] if shape else 1), [], []
         for part in slices():
             delta = part[index] - part[base_index]
-            keep = bernoulli_keep(keeps(delta), delta)
+            keep = fused.keep_drawn(keeps(delta), delta)
             drawn.add(keep)
             if params["rescale"]:
                 magnitude = delta.abs_()
@@ -340,8 +342,54 @@ def _random_in_slices(
         return None
     if sparsifier is _della and not _rows_lie_whole(inputs[0], whole):
         return None
+    if sparsifier is _dare and sign_consensus and fused.fusable(inputs):
+        compiled = _dare_ties_compiled(params, base_index, others, inputs)
+        if compiled is not None:
+            return compiled
     trims = _drawn_trims(sparsifier, params, base_index, inputs[0].shape, len(inputs), slices)
     return lambda name, part: _task_arithmetic_family(name, part, params, base_index, trims, sign_consensus)
+
+
+def _dare_ties_compiled(
+    params: Mapping[str, Any], base_index: int, others: Sequence[int], inputs: Sequence[torch.Tensor]
+) -> fused.FusedDrawnSlices | None:
+    """dare_ties drawn and merged by the compiled loops (the same draws, the same masks and the same arithmetic as
+    `_drawn_trims` and `_task_arithmetic_family`; the rescale's sums added in another order, see `_l1_rescale`), where
+    every delta is drawn (densities below 1) and the loops run; None (nothing drawn) otherwise."""
+    densities = [params["density"][i] for i in others]
+    if any(density >= 1 for density in densities):
+        return None
+    try:
+        drawn = fused.draw_dare_trims(inputs[base_index], [inputs[i] for i in others], densities, params["rescale"])
+    except fused.LoopsFailed:
+        return None
+    scales = [_l1_rescale(trim.before, trim.after) if params["rescale"] else None for trim in drawn]
+    trims = [_PackedTrim(trim.packed, scale) for trim, scale in zip(drawn, scales)]
+    return fused.FusedDrawnSlices(
+        params,
+        base_index,
+        others,
+        drawn,
+        scales,
+        lambda name, part: _task_arithmetic_family(name, part, params, base_index, trims, True),
+    )
+
+
+class _PackedTrim:
+    """A drawn trim held as bits over the whole tensor (`fused.DrawnTrim.packed`), applied to its slices in order
+    with `_DrawnTrim`'s operations."""
+
+    def __init__(self, packed: np.ndarray, scale: torch.Tensor | None):
+        self.packed, self.scale, self.applied = packed, scale, 0
+
+    def __call__(self, delta: torch.Tensor) -> None:
+        first, count = self.applied, delta.numel()
+        bits = np.unpackbits(self.packed[first // 8 : -(-(first + count) // 8)], bitorder="little")
+        keep = torch.from_numpy(bits[first % 8 : first % 8 + count].copy()).view(delta.shape)
+        self.applied += count
+        delta.mul_(keep.to(delta.dtype))
+        if self.scale is not None:
+            delta.mul_(self.scale)
 
 
 def _rows_lie_whole(tensor: torch.Tensor, whole: bool) -> bool:
