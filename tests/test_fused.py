@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from splice.merge import fused, kernels
-from splice.sparsify import MAGNITUDE_HALF, sliced_magnitude_masks
+from splice.sparsify import MAGNITUDE_HALF, bernoulli_keep, sliced_magnitude_masks
 
 
 def stored_inputs(seed: int, count: int, shape: tuple[int, ...], dtype: torch.dtype, values: str) -> list[torch.Tensor]:
@@ -27,6 +27,7 @@ def stored_inputs(seed: int, count: int, shape: tuple[int, ...], dtype: torch.dt
 
 
 FUSABLE = fused.fusable
+KEEP_DRAWN = fused.keep_drawn
 
 
 def merged_in_slices(inputs, params, base_index, rows, fused_on, monkeypatch) -> torch.Tensor | None:
@@ -246,6 +247,7 @@ def dare_in_slices(inputs, params, base_index, rows, fused_on, monkeypatch, seed
     """dare_ties of the slices (or, rows None, filled whole into a bf16/fp32 output), drawn from torch's default
     generator seeded with `seed`; (the merge, the generator's state after)."""
     monkeypatch.setattr(fused, "fusable", FUSABLE if fused_on else lambda inputs: False)
+    monkeypatch.setattr(fused, "keep_drawn", KEEP_DRAWN if fused_on else bernoulli_keep)  # torch's own draws
 
     def slices():
         for start in range(0, inputs[0].shape[0], rows or inputs[0].shape[0]):
@@ -305,3 +307,12 @@ def test_a_torch_that_draws_otherwise_is_left_to_draw_itself(monkeypatch):
     kept = fused.keep_drawn(0.5, torch.empty(9))
     torch.manual_seed(5)
     assert torch.equal(kept, torch.empty(9).uniform_() < 0.5)
+
+
+def test_dare_ties_of_the_base_alone_leaves_the_loops_on():
+    base = torch.randn(40, 33)
+    params = {"weight": {0: 1.0}, "density": {0: 0.5}, "normalize": True, "lambda": 1.0, "rescale": False}
+    compute = kernels.SLICED_METHODS["dare_ties"](params, 0, [base], lambda: iter([[base]]))
+    assert not isinstance(compute, fused.FusedDrawnSlices)
+    assert torch.equal(compute("w", [base]), base)
+    assert fused._available() and not fused._failures

@@ -240,9 +240,10 @@ class FusedDrawnSlices(_FusedMerge):
 def keep_drawn(probability: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """sparsify.bernoulli_keep (the same mask, torch's default generator left in the same state), its draws made by
     the compiled loops on the CPU: torch draws one uniform at a time through its generator's lock (~6 ns an entry on
-    an AVX2 core, plus ~1.3 ns for the comparison), the loops ~0.8 ns (tests/test_fused.py). Elsewhere, where the
-    loops are off, or where this torch's generator does not draw as `_draws_as_torch` found torch 2.13's to: torch's
-    draws. The caller draws on one thread at a time (the stream's DRAWING_METHODS)."""
+    an AVX2 core, plus ~1.3 ns for the comparison), the loops ~0.8 ns (benchmarks/README.md, throughput). Elsewhere,
+    where the loops are off, or where this torch's generator does not draw as `_draws_as_torch` found torch 2.13's
+    to: torch's draws. The caller draws on one thread at a time (the stream's DRAWING_METHODS): see
+    `_GeneratorState`."""
     if like.device.type != "cpu" or not (_available() and _draws_as_torch()):
         return bernoulli_keep(probability, like)
     below = np.float32(probability) if not isinstance(probability, torch.Tensor) else _probabilities(probability, like)
@@ -263,7 +264,9 @@ _STATE_BYTES, _LEFT_AT, _NEXT_AT, _WORDS_AT = 5056, 8, 16, 24
 
 class _GeneratorState:
     """A CPU generator's mt19937 state as the loops take it, (its 624 words, [left, next]), written back into the
-    generator when the block ends without an exception (one that ends it draws nothing from the generator)."""
+    generator when the block ends without an exception (one that ends it draws nothing from the generator). Not a
+    lock: what another thread draws from the generator meanwhile repeats the loops' draws and its advance is
+    overwritten (torch's own draws hold the generator's mutex); splice draws on one thread, in the plan's order."""
 
     def __init__(self, generator: torch.Generator):
         self.generator = generator

@@ -355,9 +355,9 @@ def _dare_ties_compiled(
 ) -> fused.FusedDrawnSlices | None:
     """dare_ties drawn and merged by the compiled loops (the same draws, the same masks and the same arithmetic as
     `_drawn_trims` and `_task_arithmetic_family`; the rescale's sums added in another order, see `_l1_rescale`), where
-    every delta is drawn (densities below 1) and the loops run; None (nothing drawn) otherwise."""
+    there is a delta and every one is drawn (densities below 1), and the loops run; None (nothing drawn) otherwise."""
     densities = [params["density"][i] for i in others]
-    if any(density >= 1 for density in densities):
+    if not others or any(density >= 1 for density in densities):
         return None
     try:
         drawn = fused.draw_dare_trims(inputs[base_index], [inputs[i] for i in others], densities, params["rescale"])
