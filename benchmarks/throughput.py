@@ -11,6 +11,8 @@ CPU seconds):
   raw-floor          import torch; read every input tensor once (safe_open + get_tensor, as stored), write the
                      first model's tensors as the output's bytes (save_file): no arithmetic, no planning
   splice-soup        splice soup A B C --out X
+  splice-soup-direct the same with SPLICE_DIRECT_WRITE=1: its output written around the page cache (O_DIRECT,
+                     splice.tensors.direct_write)
   mergekit-linear    mergekit-yaml (linear, weights 1/3, dtype as stored) --lazy-unpickle
   splice-METHOD      splice merge METHOD.yml for METHOD in ties, dare_ties, della (base A; B and C at density 0.5,
                      weight 0.5) and slerp (A to B, t 0.5): the same config files mergekit runs
@@ -353,6 +355,13 @@ def build_cases(workdir: Path, models: list[Path], device: str, dtype: str) -> l
             "uniform soup of A, B, C",
         ),
         Case(
+            "splice-soup-direct",
+            ["env", "SPLICE_DIRECT_WRITE=1", *splice, "soup", *map(str, models), "--out", str(outs / "soup-direct")]
+            + on_device,
+            outs / "soup-direct",
+            "the soup, its output written around the page cache (SPLICE_DIRECT_WRITE=1)",
+        ),
+        Case(
             "mergekit-linear",
             [_tool("mergekit-yaml"), str(write_config(workdir, models, "linear", dtype)), str(outs / "mergekit-linear")]
             + mergekit_flags,
@@ -400,7 +409,7 @@ def build_cases(workdir: Path, models: list[Path], device: str, dtype: str) -> l
 
 def reference_for(name: str) -> str | None:
     """The mergekit case a splice case is compared with."""
-    if name == "splice-soup":
+    if name in ("splice-soup", "splice-soup-direct"):
         return "mergekit-linear"
     method = name.removeprefix("splice-")
     return f"mergekit-{method}" if method in METHODS else None

@@ -25,6 +25,7 @@ from splice.options import DEFAULT_SHARD_SIZE
 from splice.progress import note_published
 from splice.tensors.checkpoint import SAFETENSORS_INDEX, Checkpoint
 from splice.tensors.device import dtype_name
+from splice.tensors.direct_write import DirectFile, StagingBuffer, direct_writes_enabled
 from splice.tensors.partials import OwnedPartial, partial_prefix, remove_stale_partials
 from splice.tensors.safetensors import SAFETENSORS_SINGLE, OutputTensor, header_bytes
 
@@ -124,8 +125,9 @@ class ShardedWriter:
         self._order = [(shard_index, out) for shard_index, shard in enumerate(self.shards) for out in shard]
         self._next = 0
         self._rows_done = 0  # rows of the tensor in progress written so far, when it arrives in blocks
-        self._file: BinaryIO | None = None
+        self._file: BinaryIO | DirectFile | None = None
         self._file_index = -1
+        self._staging: StagingBuffer | None = None  # direct_write's buffer, made with the first direct file
 
     @property
     def total_bytes(self) -> int:
@@ -175,6 +177,9 @@ class ShardedWriter:
             self.write(name, source.read(stored_name))
             return
         file = self._shard_file(shard_index)
+        if isinstance(file, DirectFile):  # written from the staging buffer: the bytes pass through it
+            self.write(name, source.read(stored_name))
+            return
         fd, start, end = where
         file.flush()
         position = file.tell()
@@ -193,25 +198,35 @@ class ShardedWriter:
         file.seek(position + done)
         self._next += 1
 
-    def _shard_file(self, shard_index: int) -> BinaryIO:
-        """The file of shard `shard_index`: the one open, or opened now (the last one closed) with its header."""
+    def _shard_file(self, shard_index: int) -> BinaryIO | DirectFile:
+        """The file of shard `shard_index`: the one open, or opened now (the last one closed) with its header,
+        written around the page cache where the file system allows (`direct_write`)."""
         if shard_index != self._file_index:
             self._close_file()
             self._file_index = shard_index
-            self._file = open(self.directory / self.file_names[shard_index], "wb")
+            path = self.directory / self.file_names[shard_index]
+            self._file = self._direct_file(path) or open(path, "wb")
             self._file.write(header_bytes(self.shards[shard_index], self.metadata))
         if self._file is None:
             raise SpliceError(f"the writer of {self.directory} is closed")
         return self._file
 
+    def _direct_file(self, path: Path) -> DirectFile | None:
+        if not direct_writes_enabled():
+            return None
+        if self._staging is None:
+            self._staging = StagingBuffer()
+        return DirectFile.create(path, self._staging)
+
     def _close_file(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            file.close()
 
     def close(self) -> None:
         """Finish the last shard and write the index; every planned tensor must have arrived."""
         self._close_file()
+        self._release_staging()
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
             raise SpliceError(
@@ -225,7 +240,17 @@ class ShardedWriter:
             (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        self._close_file()
+        file, self._file = self._file, None
+        if isinstance(file, DirectFile):
+            file.abandon()
+        elif file is not None:
+            file.close()
+        self._release_staging()
+
+    def _release_staging(self) -> None:
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
 
 
 def write_state_dict(
