@@ -1,7 +1,8 @@
 """Several work units computed at once (RunOptions.compute_threads) for kernels the CPU computes in slices: the same
 output bit for bit as one thread, results handed to the writer in the plan's order, a failure in a compute thread
-raised once with nothing published, and kernels that must run one at a time (mergekit's, drawing from torch's one
-generator) left on one thread."""
+raised once with nothing published, kernels that must run one at a time (mergekit's) left on one thread, and kernels
+that draw from torch's one generator (DARE, DELLA) drawing in the plan's order, each merged beside the next one's
+draws (tensors/turns.py)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ def test_a_soup_on_three_compute_threads_equals_the_soup_on_one(make_models, tmp
     names = []
     original = stream._compute_unit
 
-    def spy(unit, tensors, kernel, device):
+    def spy(unit, tensors, kernel, device, turn=None):
         names.append((unit.item.output.name, threading.current_thread().name))
-        return original(unit, tensors, kernel, device)
+        return original(unit, tensors, kernel, device, turn)
 
     monkeypatch.setattr(stream, "_compute_unit", spy)
     splice.soup(dirs, tmp_path / "one", weights=[0.5, 0.3, 0.2], device="cpu", compute_threads=1)
@@ -88,7 +89,9 @@ def test_only_kernels_computed_in_slices_on_the_cpu_get_several_threads():
     cpu = torch.device("cpu")
     assert compute_workers(weighted_average([1, 1]), cpu, run) == 3
     assert compute_workers(method_kernel("ties", lambda name: {}, 0), cpu, run) == 3
-    assert compute_workers(method_kernel("dare_ties", lambda name: {}, 0), cpu, run) == 1  # one generator, in order
+    assert compute_workers(method_kernel("dare_ties", lambda name: {}, 0), cpu, run) == 3  # drawing in turns
+    through_mergekit = method_kernel("dare_ties", lambda name: {}, 0, prefer_own=False)
+    assert compute_workers(through_mergekit, cpu, run) == 1  # draws as it computes: one at a time, in order
     assert compute_workers(Kernel(lambda name, tensors: tensors[0]), cpu, run) == 1
     assert compute_workers(weighted_average([1, 1]), torch.device("meta"), run) == 1
     auto = compute_workers(weighted_average([1, 1]), cpu, RunOptions())
@@ -104,12 +107,12 @@ def test_units_past_the_byte_bound_are_computed_one_at_a_time(make_models, tmp_p
     lock = threading.Lock()
     original = stream._compute_unit
 
-    def counting(unit, tensors, kernel, device):
+    def counting(unit, tensors, kernel, device, turn=None):
         with lock:
             busy[0] += 1
             most[0] = max(most[0], busy[0])
         try:
-            return original(unit, tensors, kernel, device)
+            return original(unit, tensors, kernel, device, turn)
         finally:
             with lock:
                 busy[0] -= 1
@@ -122,3 +125,78 @@ def test_units_past_the_byte_bound_are_computed_one_at_a_time(make_models, tmp_p
     assert most[0] >= 1  # not asserted > 1: threads may finish before the next unit arrives
     bounded, unbounded = load_dir(tmp_path / "bounded"), load_dir(tmp_path / "unbounded")
     assert all(torch.equal(bounded[n], unbounded[n]) for n in bounded)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della", "dare_linear"])
+def test_drawing_methods_on_two_compute_threads_draw_and_merge_as_on_one(method, make_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "COMPUTE_SLICE", 64)
+    dirs = make_models("llama", 3)
+    base, first, second = (str(d) for d in dirs)
+    parameters = {"weight": 0.5, "density": 0.6, **({"epsilon": 0.1} if method == "della" else {})}
+    recipe = tmp_path / f"{method}.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": method,
+                "base_model": base,
+                "dtype": "float32",
+                "models": [{"model": m, "parameters": parameters} for m in (first, second)],
+                "parameters": {"rescale": True} if method != "della" else {},
+            }
+        )
+    )
+    threads, original = set(), stream._compute_unit
+
+    def spy(unit, tensors, kernel, device, turn=None):
+        threads.add(threading.current_thread().name)
+        return original(unit, tensors, kernel, device, turn)
+
+    monkeypatch.setattr(stream, "_compute_unit", spy)
+    outputs, states = {}, {}
+    for count in (1, 2):
+        torch.manual_seed(1234)
+        splice.merge(str(recipe), tmp_path / f"on-{count}", device="cpu", compute_threads=count)
+        outputs[count], states[count] = load_dir(tmp_path / f"on-{count}"), torch.default_generator.get_state()
+    assert len({t for t in threads if t.startswith("splice-compute")}) == 2  # two threads computed units
+    assert outputs[1].keys() == outputs[2].keys()
+    assert all(torch.equal(outputs[1][n], outputs[2][n]) for n in outputs[1])
+    assert torch.equal(states[1], states[2])  # as many draws, made in the same order
+
+
+def test_turns_are_given_in_ticket_order_and_given_up_once_drawn():
+    from splice.tensors.turns import DrawingTurns, drawn
+
+    turns, events = DrawingTurns(), []
+
+    def unit(ticket: int, draws_then_merges: bool) -> None:
+        with turns.taken(ticket):
+            events.append(("draws", ticket))
+            if draws_then_merges:
+                drawn()
+                held.wait(5)  # merging: the next ticket draws meanwhile
+            events.append(("done", ticket))
+
+    held = threading.Event()
+    workers = [threading.Thread(target=unit, args=(t, t == 0)) for t in (2, 1, 0)]  # started out of order
+    for worker in workers:
+        worker.start()
+    for _ in range(500):
+        if ("draws", 2) in events:
+            break
+        threading.Event().wait(0.01)
+    held.set()
+    for worker in workers:
+        worker.join(5)
+    drawing = [ticket for kind, ticket in events if kind == "draws"]
+    assert drawing == [0, 1, 2]
+    assert events.index(("draws", 2)) < events.index(("done", 0))  # ticket 0 gave its turn up before it finished
+    assert events.index(("done", 1)) < events.index(("draws", 2))  # ticket 1 never said drawn: held to its end
+
+
+def test_a_turn_that_never_comes_is_one_clear_error():
+    from splice.errors import SpliceError
+    from splice.tensors.turns import DrawingTurns
+
+    with pytest.raises(SpliceError, match="did not finish drawing in 0 s"):
+        with DrawingTurns(wait_s=0.05).taken(1):
+            pass

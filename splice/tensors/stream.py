@@ -10,6 +10,7 @@ to the output dtype and handed to the writer.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import queue
@@ -31,6 +32,7 @@ from splice.tensors.device import compute_dtype_for, dtype_name, resolve_device
 from splice.tensors.ranged import PART_BYTES, RangeFetcher
 from splice.tensors.threads import calling_thread_only
 from splice.tensors.transfer import Copies, CudaCopies, Downloads, StagingLimits, Uploads, plan_batches
+from splice.tensors.turns import DrawingTurns, drawn
 from splice.tensors.writer import (
     OutputTensor,
     ShardedWriter,
@@ -95,8 +97,10 @@ class Kernel:
       stored and their slices, it returns what computes the slices, called on them in order (None: `compute` on the
       whole tensors). On the CPU the stream then computes the tensor in cache-sized slices as for `elementwise`;
       elsewhere `compute` runs on whole tensors, and both must give the same output bit for bit.
-    in_order: the kernel draws from torch's default generator (DARE, DELLA), so its tensors are computed one at a
-      time in the plan's order, whatever `RunOptions.compute_threads` says: one seed, the same draws.
+    in_order: the kernel draws from torch's default generator (DARE, DELLA), so its tensors draw in the plan's
+      order: one seed, the same draws. Where its tensors are computed on several threads (on the CPU, `prepare`d),
+      each draws in its turn (tensors/turns.py), in `prepare`, and is merged beside the next one's draws; else they
+      are computed one at a time in the plan's order, whatever `RunOptions.compute_threads` says.
     """
 
     compute: Compute
@@ -353,6 +357,7 @@ def _computed_in_slices(
         compute = kernel.compute if kernel.prepare is None else kernel.prepare(name, tensors, slices)
         if compute is None:
             return None
+        drawn()  # whatever this tensor draws is drawn: the next one may draw while it is merged
         result = torch.empty(first.shape, dtype=dtype)
         if isinstance(compute, Filling) and compute.fill(tensors, result):
             return result, True
@@ -521,8 +526,8 @@ def compute_workers(kernel: Kernel, device: torch.device, run: RunOptions) -> in
     """How many threads compute work units at once: `run.compute_threads` (0: one per core, at most
     AUTO_COMPUTE_THREADS) for a kernel the CPU computes in slices, each on its thread alone; 1 for every other
     kernel (its operations already use torch's pool, and mergekit's random methods draw from one generator in
-    order) and for one that draws (`Kernel.in_order`)."""
-    if device.type != "cpu" or kernel.in_order or not kernel.sliceable:
+    order). A kernel that draws (`Kernel.in_order`) draws in turns (`_computed_in_parallel`)."""
+    if device.type != "cpu" or not kernel.sliceable:
         return 1
     return run.compute_threads or min(AUTO_COMPUTE_THREADS, os.cpu_count() or 1)
 
@@ -533,11 +538,18 @@ COMPUTE_BYTES_IN_FLIGHT = 256 * 1024 * 1024
 alone)."""
 
 
-def _compute_unit(unit: WorkUnit, tensors: list[torch.Tensor], kernel: Kernel, device: torch.device) -> torch.Tensor:
+def _compute_unit(
+    unit: WorkUnit,
+    tensors: list[torch.Tensor],
+    kernel: Kernel,
+    device: torch.device,
+    turn: contextlib.AbstractContextManager[None] | None = None,
+) -> torch.Tensor:
+    """`turn`: held while the unit draws (`DrawingTurns.taken`), for a kernel that draws on several threads."""
     tick = time.perf_counter()
     # inference mode and torch's thread count are per thread: a compute thread sets its own, and runs its
     # operations alone (the whole tensors below COMPUTE_SLICE too), the threads together using the cores
-    with torch.inference_mode(), calling_thread_only(COMPUTE_SLICE):
+    with turn or contextlib.nullcontext(), torch.inference_mode(), calling_thread_only(COMPUTE_SLICE):
         result = compute_one(unit.item, tensors, kernel, device, partial(read_all, unit.reads))
     log.debug(
         "%s rows %s from %d inputs in %.1f ms",
@@ -559,6 +571,8 @@ def _computed_in_parallel(
     progress = run.reporter
     in_flight: deque[tuple[WorkUnit, concurrent.futures.Future | None]] = deque()
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="splice-compute")
+    turns = DrawingTurns() if kernel.in_order else None  # the pool starts the units in the order they are handed
+    handed = 0
 
     def oldest() -> tuple[WorkUnit, torch.Tensor | None]:
         unit, job = in_flight.popleft()
@@ -578,7 +592,11 @@ def _computed_in_parallel(
                 done, result = oldest()
                 yield done, result
                 progress.advance(int(done.completes_item), done.input_bytes)
-            job = None if unit.verbatim else pool.submit(_compute_unit, unit, tensors, kernel, device)
+            job = None
+            if not unit.verbatim:
+                turn = None if turns is None else turns.taken(handed)
+                job = pool.submit(_compute_unit, unit, tensors, kernel, device, turn)
+                handed += 1
             in_flight.append((unit, job))
         while in_flight:
             unit, result = oldest()
