@@ -193,11 +193,14 @@ def test_slerp_in_slices_equals_mergekits_kernel(shape, stored, monkeypatch):
     assert torch.equal(ours, theirs)
 
 
-def test_drawing_kernels_compute_one_tensor_at_a_time():
+def test_drawing_kernels_draw_in_turns_on_the_compute_threads():
+    """They draw in `prepare`, in the plan's order (tensors/turns.py; test_compute_threads.py holds their outputs on
+    two threads equal to one's, bit for bit)."""
     params = parameters("dare_ties", True)
     for method in DRAWING:
         kernel = method_kernel(method, lambda name: params, base_index=2)
-        assert kernel.prepare is not None and compute_workers(kernel, CPU, RunOptions(compute_threads=4)) == 1
+        assert kernel.prepare is not None and kernel.in_order
+        assert compute_workers(kernel, CPU, RunOptions(compute_threads=4)) == 4
     slerp = method_kernel("slerp", lambda name: {"t": 0.5}, base_index=0)
     assert compute_workers(slerp, CPU, RunOptions(compute_threads=4)) == 4
 

@@ -500,7 +500,7 @@ SLICED_METHODS: dict[str, Callable[..., Compute | None]] = {
     "slerp": _slerp_in_slices,
 }
 
-# Methods that draw from torch's default generator: their tensors are computed one at a time, in the plan's order.
+# Methods that draw from torch's default generator: their tensors draw in the plan's order (Kernel.in_order).
 DRAWING_METHODS = frozenset({"dare_ties", "dare_linear", "della", "della_linear"})
 
 # splice's whole-tensor kernels; None from one: mergekit's kernel computes that tensor.
