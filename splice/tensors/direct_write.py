@@ -6,9 +6,9 @@ free memory the host reclaims (a balloon with free page reporting) each of those
 first, and writing a 1.6 GB shard set took 0.4-5.6 s of system time, varying run to run, on the 2 cores the merge
 computes on (benchmarks/README.md, throughput). Written with O_DIRECT, the same bytes go from one reused buffer to the
 disk: ~0.2 s of system time, and the output is on the disk when the command returns. Not the default: the merge then
-waits for the disk, which a buffered write leaves to the kernel's writeback after the command; from a cold page cache
-the writes share the disk with the reads (the 3 x 1.6 GB soup there: 1.56x the raw floor against 1.13x buffered),
-and a disk slower than the merge would bound it. Where the file system refuses O_DIRECT (tmpfs, some FUSE and
+waits for the disk, which a buffered write leaves to the kernel's writeback after the command, so a disk slower than
+the merge bounds it; from a cold page cache the writes share the disk with the reads (the 3 x 1.6 GB soup there:
+1.56x and 1.13x the raw floor in two runs, against 1.13x and 1.48x buffered: no clear gain). Where the file system refuses O_DIRECT (tmpfs, some FUSE and
 network file systems), at the open or at the first write, the file is written through the page cache.
 """
 
