@@ -122,3 +122,19 @@ def test_an_aborted_writer_leaves_what_it_wrote_and_frees_its_buffer(tmp_path, m
     writer.write("a", torch.ones(5000))
     writer.abort()
     assert writer._staging is None and writer._file is None
+
+
+def test_a_full_disk_is_its_own_error_and_the_abort_after_it_raises_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLICE_DIRECT_WRITE", "1")
+    monkeypatch.setattr(direct_write, "STAGING_BYTES", STAGING)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    writer = ShardedWriter(tmp_path, [OutputTensor("a", torch.float32, (50000,))])
+    with pytest.raises(OSError, match="No space left") as raised:
+        writer.write("a", torch.ones(50000))
+    assert raised.value.errno == errno.ENOSPC
+    writer.abort()  # the failed write's traceback still holds what it had: nothing to raise about
+    assert writer._staging is None and writer._file is None

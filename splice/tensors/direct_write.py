@@ -41,8 +41,11 @@ class StagingBuffer:
         self.view = memoryview(self.memory)
 
     def close(self) -> None:
-        self.view.release()
-        self.memory.close()
+        try:
+            self.view.release()
+            self.memory.close()
+        except BufferError:  # a view still held (a failed write's traceback): freed with the last reference
+            pass
 
 
 class DirectFile:
@@ -109,14 +112,14 @@ class DirectFile:
 
     def _write_staged(self, size: int) -> None:
         """The first `size` staged bytes (a multiple of ALIGNMENT) written at the file's aligned end."""
-        view = self.staging.view[:size]
         done = 0
-        while done < size:
-            try:
-                done += os.pwrite(self.fd, view[done:], self.written + done)
-            except OSError as exc:  # a file system that took O_DIRECT at the open but not for writing
-                if exc.errno not in REFUSALS or not fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_DIRECT:
-                    raise
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        with self.staging.view[:size] as view:
+            while done < size:
+                try:
+                    done += os.pwrite(self.fd, view[done:], self.written + done)
+                except OSError as exc:  # a file system that took O_DIRECT at the open but not for writing
+                    if exc.errno not in REFUSALS or not fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_DIRECT:
+                        raise
+                    fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         self.written += size
         self.filled = 0
