@@ -316,3 +316,20 @@ def test_dare_ties_of_the_base_alone_leaves_the_loops_on():
     assert not isinstance(compute, fused.FusedDrawnSlices)
     assert torch.equal(compute("w", [base]), base)
     assert fused._available() and not fused._failures
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_compiled_draws_merged_by_torch_where_the_merge_loop_fails_are_the_torch_path(rescale, monkeypatch):
+    inputs = stored_inputs(4, 2, (157, 29), torch.bfloat16, "gaussian")  # rows of 29: slices start mid-byte
+    params = ties_params(2, torch.Generator().manual_seed(8), rescale=rescale)
+    expected, expected_state = dare_in_slices(inputs, params, 1, 7, False, monkeypatch)
+    real_run = fused._run
+
+    def merge_loop_fails(loop, *args):
+        if loop == "drawn_ties_merge":
+            raise fused.LoopsFailed("no compiler here")
+        return real_run(loop, *args)
+
+    monkeypatch.setattr(fused, "_run", merge_loop_fails)
+    got, state = dare_in_slices(inputs, params, 1, 7, True, monkeypatch)  # the masks drawn compiled, merged by torch
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)) and torch.equal(state, expected_state)
