@@ -243,7 +243,7 @@ def test_a_loop_numba_cannot_compile_turns_the_loops_off_and_torch_merges(monkey
 # --- DARE: the draws from torch's generator and dare_ties's merge -----------------------------------------------------
 
 
-def dare_in_slices(inputs, params, base_index, rows, fused_on, monkeypatch, seed=11):
+def dare_in_slices(inputs, params, base_index, rows, fused_on, monkeypatch, seed=11, method="dare_ties"):
     """dare_ties of the slices (or, rows None, filled whole into a bf16/fp32 output), drawn from torch's default
     generator seeded with `seed`; (the merge, the generator's state after)."""
     monkeypatch.setattr(fused, "fusable", FUSABLE if fused_on else lambda inputs: False)
@@ -254,7 +254,7 @@ def dare_in_slices(inputs, params, base_index, rows, fused_on, monkeypatch, seed
             yield [t[start : start + (rows or inputs[0].shape[0])].to(torch.float32) for t in inputs]
 
     torch.manual_seed(seed)
-    compute = kernels.SLICED_METHODS["dare_ties"](params, base_index, inputs, slices)
+    compute = kernels.SLICED_METHODS[method](params, base_index, inputs, slices)
     assert isinstance(compute, fused.FusedDrawnSlices) == fused_on
     state = torch.default_generator.get_state()
     if rows is None:
@@ -264,17 +264,20 @@ def dare_in_slices(inputs, params, base_index, rows, fused_on, monkeypatch, seed
     return torch.cat([compute("w", part) for part in slices()]).to(inputs[0].dtype), state
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("count", [1, 2, 3])
 @pytest.mark.parametrize("rescale", [True, False])
-def test_compiled_dare_ties_draws_and_merges_as_the_torch_operations(dtype, count, rescale, monkeypatch):
+def test_compiled_dare_draws_and_merges_as_the_torch_operations(method, dtype, count, rescale, monkeypatch):
     generator = torch.Generator().manual_seed(count + 7 * rescale)
     inputs = stored_inputs(count, count, (157, 29), dtype, "zero-deltas")  # rows of 29: slices start mid-byte
     for options, rows in (({}, 5), ({"normalize": False}, 64), ({"lambda": 0.7}, 1), ({}, None)):
         params = ties_params(count, generator, rescale=rescale, **options)
         base_index = int(torch.randint(0, count + 1, (1,), generator=generator))
-        expected, expected_state = dare_in_slices(inputs, params, base_index, rows or 157, False, monkeypatch)
-        got, state = dare_in_slices(inputs, params, base_index, rows, True, monkeypatch)
+        expected, expected_state = dare_in_slices(
+            inputs, params, base_index, rows or 157, False, monkeypatch, method=method
+        )
+        got, state = dare_in_slices(inputs, params, base_index, rows, True, monkeypatch, method=method)
         assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (options, base_index, rows)
         assert torch.equal(state, expected_state)
 

@@ -1,4 +1,4 @@
-"""TIES and dare_ties on the CPU as loops compiled by numba: what ~60 torch operations do to every entry, each a
+"""TIES, dare_ties and dare_linear on the CPU as loops compiled by numba: what ~60 torch operations do to every entry, each a
 pass over memory, done in one (benchmarks/README.md, throughput: per entry of a 3-model bf16 TIES, 24 -> 7.8 ns on
 one core; a 3 x 1.6 GB bf16 TIES 13 -> 8 s, dare_ties 25 -> 12 s), and the random draws of DARE and DELLA.
 
@@ -215,10 +215,11 @@ def draw_dare_trims(
 
 
 class FusedDrawnSlices(_FusedMerge):
-    """dare_ties: each delta trimmed by its drawn mask and multiplied by its rescale factor (None: unscaled), as
+    """DARE: each delta trimmed by its drawn mask and multiplied by its rescale factor (None: unscaled), then TIES's
+    consensus (dare_ties) or, `divisor` given, the deltas' sum normalized by it (dare_linear), as
     `kernels._task_arithmetic_family` does with the same trims."""
 
-    LOOP = "drawn_ties_merge"
+    LOOP = "drawn_merge"
 
     def __init__(
         self,
@@ -228,13 +229,17 @@ class FusedDrawnSlices(_FusedMerge):
         trims: Sequence[DrawnTrim],
         rescales: Sequence[torch.Tensor | None],
         with_torch: Callable[[str, list[torch.Tensor]], torch.Tensor],
+        divisor: torch.Tensor | None = None,
     ):
+        """divisor: dare_linear's (the weights' sum as `_task_arithmetic_family` takes it); None: dare_ties."""
         super().__init__(params, base_index, others, with_torch)
         self.packed = tuple(trim.packed for trim in trims)
         self.rescales = np.array([1 if r is None else float(r) for r in rescales], dtype=np.float32)
+        self.consensus = divisor is None
+        self.divisor = np.float32(1 if divisor is None else float(divisor))
 
     def _trims(self, whole: bool) -> tuple[Any, ...]:
-        return self.packed, 0 if whole else self.entries_merged, self.rescales
+        return self.packed, 0 if whole else self.entries_merged, self.rescales, self.consensus, self.divisor
 
 
 def keep_drawn(probability: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:

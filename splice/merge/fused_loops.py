@@ -333,10 +333,13 @@ def draw_trim(base, other, state, place, probability, packed, before, after):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def drawn_ties_merge(base, others, packed, offset, rescales, weights, normalize, scale, scaled, out, largest):
-    """dare_ties on entries in order, the first being the tensor's entry `offset`: `ties_merge` with each delta kept
-    where its drawn mask (packed[j], as `draw_trim` packs it) holds a 1, then multiplied by rescales[j] (1:
-    unscaled) and its weight. Whether every value fits +-largest."""
+def drawn_merge(
+    base, others, packed, offset, rescales, consensus, divisor, weights, normalize, scale, scaled, out, largest
+):
+    """DARE on entries in order, the first being the tensor's entry `offset`: each delta kept where its drawn mask
+    (packed[j], as `draw_trim` packs it) holds a 1, then multiplied by rescales[j] (1: unscaled) and its weight; then
+    with `consensus` TIES's sign election (dare_ties: `ties_merge`'s), else their sum divided by `divisor` if
+    normalize (dare_linear), scaled, onto the base. Whether every value fits +-largest."""
     deltas = np.empty((len(others), BLOCK), dtype=np.float32)
     keep = np.empty(BLOCK, dtype=np.float32)
     sums = _scratch()
@@ -350,8 +353,37 @@ def drawn_ties_merge(base, others, packed, offset, rescales, weights, normalize,
             for i in range(size):
                 into[i] = (((widened(other, i) - widened(b, i)) * keep[i]) * rescale) * weight
         out_block = out[start : start + size]
-        misfits |= _elect_and_add(deltas, size, weights, normalize, scale, scaled, b, out_block, sums, largest)
+        if consensus:
+            misfits |= _elect_and_add(deltas, size, weights, normalize, scale, scaled, b, out_block, sums, largest)
+        else:
+            misfits |= _sum_and_add(deltas, size, normalize, divisor, scale, scaled, b, out_block, sums, largest)
     return misfits == 0
+
+
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def _sum_and_add(deltas, size, normalize, divisor, scale, scaled, base, out, sums, largest):
+    """The deltas' sum in order (divided by `divisor` if normalize, scaled if scaled) onto the base into out: 1
+    where a value does not fit +-largest, else 0."""
+    total = sums[0]
+    first = deltas[0]
+    for i in range(size):
+        total[i] = first[i]
+    for j in range(1, deltas.shape[0]):
+        delta = deltas[j]
+        for i in range(size):
+            total[i] = total[i] + delta[i]
+    if normalize:
+        for i in range(size):
+            total[i] = total[i] / divisor
+    if scaled:
+        for i in range(size):
+            total[i] = total[i] * scale
+    misfits = np.int32(0)
+    for i in range(size):
+        value = widened(base, i) + total[i]
+        misfits |= outside(value, largest)
+        stored(out, i, value)
+    return misfits
 
 
 @njit(nogil=True, cache=True, error_model="numpy", inline="always")

@@ -2,7 +2,7 @@
 
 splice computes soups, linear, task arithmetic and TIES itself (the magnitude trim uses a kthvalue threshold where
 mergekit sorts the whole tensor; on the CPU, TIES finds each threshold by counting the magnitudes' bits over
-cache-sized slices and then merges slice by slice; TIES and dare_ties run there as compiled loops, `fused`, where their
+cache-sized slices and then merges slice by slice; TIES and DARE run there as compiled loops, `fused`, where their
 inputs allow, and DARE's and DELLA's draws are made there by them). DARE (dare_ties, dare_linear), DELLA (della,
 della_linear) and slerp are computed as mergekit's kernels compute them, on the CPU in cache-sized slices: the same
 draws from torch's generator, in the same order, the same operations on every entry, and the whole-tensor
@@ -113,14 +113,22 @@ def _task_arithmetic_family(
         divisor.add_(divisor.clone().eq_(0))  # 0 -> 1, every other value unchanged
     else:
         merged = sum(deltas[1:], deltas[0])
-        divisor = torch.tensor(weights, dtype=base.dtype, device=base.device).sum()
-        if divisor.abs() < 1e-8:
-            divisor.fill_(1)
+        divisor = _weights_divisor(weights, base.dtype, base.device)
     if params["normalize"]:
         merged /= divisor
     if params["lambda"] != 1:
         merged *= params["lambda"]
     return base + merged
+
+
+def _weights_divisor(
+    weights: Sequence[float], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """mergekit's normalization without sign consensus: the weights' sum (1 where it is below 1e-8 in magnitude)."""
+    divisor = torch.tensor(weights, dtype=dtype, device=device).sum()
+    if divisor.abs() < 1e-8:
+        divisor.fill_(1)
+    return divisor
 
 
 def _magnitude_trims(params: Mapping[str, Any], base_index: int, count: int) -> list[Trim | None]:
@@ -342,20 +350,25 @@ def _random_in_slices(
         return None
     if sparsifier is _della and not _rows_lie_whole(inputs[0], whole):
         return None
-    if sparsifier is _dare and sign_consensus and fused.fusable(inputs):
-        compiled = _dare_ties_compiled(params, base_index, others, inputs)
+    if sparsifier is _dare and fused.fusable(inputs):
+        compiled = _dare_compiled(params, base_index, others, inputs, sign_consensus)
         if compiled is not None:
             return compiled
     trims = _drawn_trims(sparsifier, params, base_index, inputs[0].shape, len(inputs), slices)
     return lambda name, part: _task_arithmetic_family(name, part, params, base_index, trims, sign_consensus)
 
 
-def _dare_ties_compiled(
-    params: Mapping[str, Any], base_index: int, others: Sequence[int], inputs: Sequence[torch.Tensor]
+def _dare_compiled(
+    params: Mapping[str, Any],
+    base_index: int,
+    others: Sequence[int],
+    inputs: Sequence[torch.Tensor],
+    sign_consensus: bool,
 ) -> fused.FusedDrawnSlices | None:
-    """dare_ties drawn and merged by the compiled loops (the same draws, the same masks and the same arithmetic as
-    `_drawn_trims` and `_task_arithmetic_family`; the rescale's sums added in another order, see `_l1_rescale`), where
-    there is a delta and every one is drawn (densities below 1), and the loops run; None (nothing drawn) otherwise."""
+    """dare_ties (`sign_consensus`) or dare_linear drawn and merged by the compiled loops (the same draws, the same
+    masks and the same arithmetic as `_drawn_trims` and `_task_arithmetic_family`; the rescale's sums added in another
+    order, see `_l1_rescale`), where there is a delta and every one is drawn (densities below 1), and the loops run;
+    None (nothing drawn) otherwise."""
     densities = [params["density"][i] for i in others]
     if not others or any(density >= 1 for density in densities):
         return None
@@ -371,7 +384,8 @@ def _dare_ties_compiled(
         others,
         drawn,
         scales,
-        lambda name, part: _task_arithmetic_family(name, part, params, base_index, trims, True),
+        lambda name, part: _task_arithmetic_family(name, part, params, base_index, trims, sign_consensus),
+        None if sign_consensus else _weights_divisor([params["weight"][i] for i in others]),
     )
 
 
