@@ -1,6 +1,6 @@
-"""TIES, dare_ties and dare_linear on the CPU as loops compiled by numba: what ~60 torch operations do to every entry, each a
-pass over memory, done in one (benchmarks/README.md, throughput: per entry of a 3-model bf16 TIES, 24 -> 7.8 ns on
-one core; a 3 x 1.6 GB bf16 TIES 13 -> 8 s, dare_ties 25 -> 12 s), and the random draws of DARE and DELLA.
+"""TIES, dare_ties and dare_linear on the CPU as loops compiled by numba: what ~60 torch operations do to every
+entry, each a pass over memory, done in one (benchmarks/README.md, throughput: per entry of a 3-model bf16 TIES, 24 ->
+7.8 ns on one core; a 3 x 1.6 GB bf16 TIES 13 -> 8 s, dare_ties 25 -> 12 s), and the random draws of DARE and DELLA.
 
 The loops do what `kernels._ties_in_slices` and `kernels._random_in_slices` do with torch, operation for operation,
 in fp32 (no fused multiply-add, no reordering: numba leaves IEEE arithmetic as written), so the outputs are the same
