@@ -155,13 +155,7 @@ def _elect_and_add(deltas, size, weights, normalize, scale, scaled, base, out, s
     """TIES's sign consensus over a block of trimmed, weighted deltas (the rows of `deltas`), added onto the base
     into out: 1 where a value does not fit +-largest, else 0. sums: three arrays of a block's scratch."""
     total, merged, divisor = sums
-    first = deltas[0]
-    for i in range(size):  # explicit loops: numba's slice assignments are not vectorized
-        total[i] = first[i]
-    for j in range(1, deltas.shape[0]):
-        delta = deltas[j]
-        for i in range(size):
-            total[i] = total[i] + delta[i]
+    _summed(deltas, size, total)
     for i in range(size):
         merged[i] = ZERO
         divisor[i] = ZERO
@@ -174,6 +168,24 @@ def _elect_and_add(deltas, size, weights, normalize, scale, scaled, base, out, s
     if normalize:  # the conditions out of the loops: with them inside, LLVM left the loop scalar
         for i in range(size):
             merged[i] = merged[i] / (divisor[i] + (ONE if divisor[i] == ZERO else ZERO))
+    return _scaled_onto_base(merged, size, scale, scaled, base, out, largest)
+
+
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def _summed(deltas, size, total):
+    """total[:size] = the rows of `deltas` summed in order."""
+    first = deltas[0]
+    for i in range(size):  # explicit loops: numba's slice assignments are not vectorized
+        total[i] = first[i]
+    for j in range(1, deltas.shape[0]):
+        delta = deltas[j]
+        for i in range(size):
+            total[i] = total[i] + delta[i]
+
+
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def _scaled_onto_base(merged, size, scale, scaled, base, out, largest):
+    """out = base + merged (times scale if scaled), stored in out's dtype: 1 where a value does not fit +-largest."""
     if scaled:
         for i in range(size):
             merged[i] = merged[i] * scale
@@ -365,25 +377,11 @@ def _sum_and_add(deltas, size, normalize, divisor, scale, scaled, base, out, sum
     """The deltas' sum in order (divided by `divisor` if normalize, scaled if scaled) onto the base into out: 1
     where a value does not fit +-largest, else 0."""
     total = sums[0]
-    first = deltas[0]
-    for i in range(size):
-        total[i] = first[i]
-    for j in range(1, deltas.shape[0]):
-        delta = deltas[j]
-        for i in range(size):
-            total[i] = total[i] + delta[i]
+    _summed(deltas, size, total)
     if normalize:
         for i in range(size):
             total[i] = total[i] / divisor
-    if scaled:
-        for i in range(size):
-            total[i] = total[i] * scale
-    misfits = np.int32(0)
-    for i in range(size):
-        value = widened(base, i) + total[i]
-        misfits |= outside(value, largest)
-        stored(out, i, value)
-    return misfits
+    return _scaled_onto_base(total, size, scale, scaled, base, out, largest)
 
 
 @njit(nogil=True, cache=True, error_model="numpy", inline="always")
