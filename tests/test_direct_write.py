@@ -26,7 +26,7 @@ def test_a_direct_file_holds_exactly_the_bytes_written(pieces, tmp_path):
     chunks = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator).numpy().tobytes() for n in pieces]
     staging = StagingBuffer(STAGING)
     file = DirectFile.create(tmp_path / "out", staging)
-    assert file is not None and fcntl.fcntl(file.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+    assert file is not None and fcntl.fcntl(file.fd, fcntl.F_GETFL) & os.O_DIRECT
     for chunk in chunks:
         assert file.write(chunk) == len(chunk)
     assert file.tell() == sum(pieces)

@@ -271,13 +271,19 @@ class _DrawnTrim:
         start, size = self.spans[self.applied]
         keep = unpack_mask(self.packed[start : start + size], tuple(delta.shape)).to(delta.device)
         self.applied += 1
-        delta.mul_(as_float_mask(keep, delta.dtype))
-        if self.scale is not None:
-            delta.mul_(self.scale)
+        _trimmed(delta, keep, self.scale)
+
+
+def _trimmed(delta: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """A drawn trim applied with mergekit's operations: delta * keep (1s and 0s), then * scale (None: unscaled)."""
+    delta.mul_(as_float_mask(keep, delta.dtype))
+    if scale is not None:
+        delta.mul_(scale)
 
 
 def as_float_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean mask as 1s and 0s of `dtype` (mergekit's masks): through uint8, ~10x faster than from bool."""
+    """A boolean (or uint8 0/1) mask as 1s and 0s of `dtype` (mergekit's masks): through uint8, ~10x faster than from
+    bool."""
     return keep.view(torch.uint8).to(dtype)
 
 
@@ -401,9 +407,7 @@ class _PackedTrim:
         bits = np.unpackbits(self.packed[first // 8 : -(-(first + count) // 8)], bitorder="little")
         keep = torch.from_numpy(bits[first % 8 : first % 8 + count].copy()).view(delta.shape)
         self.applied += count
-        delta.mul_(keep.to(delta.dtype))
-        if self.scale is not None:
-            delta.mul_(self.scale)
+        _trimmed(delta, keep, self.scale)
 
 
 def _rows_lie_whole(tensor: torch.Tensor, whole: bool) -> bool:

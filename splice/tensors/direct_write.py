@@ -86,9 +86,6 @@ class DirectFile:
     def tell(self) -> int:
         return self.written + self.filled
 
-    def fileno(self) -> int:
-        return self.fd
-
     def close(self) -> None:
         """Write what is staged and cut the file to its length."""
         if self.fd < 0:
@@ -101,8 +98,7 @@ class DirectFile:
                 self._write_staged(padded)
                 os.ftruncate(self.fd, length)
         finally:
-            os.close(self.fd)
-            self.fd = -1
+            self.abandon()
 
     def abandon(self) -> None:
         """Close without writing what is staged (the output is being thrown away)."""
@@ -118,8 +114,9 @@ class DirectFile:
                 try:
                     done += os.pwrite(self.fd, view[done:], self.written + done)
                 except OSError as exc:  # a file system that took O_DIRECT at the open but not for writing
-                    if exc.errno not in REFUSALS or not fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_DIRECT:
+                    flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+                    if exc.errno not in REFUSALS or not flags & os.O_DIRECT:
                         raise
-                    fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                    fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
         self.written += size
         self.filled = 0
