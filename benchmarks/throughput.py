@@ -11,12 +11,12 @@ CPU seconds):
   raw-floor          import torch; read every input tensor once (safe_open + get_tensor, as stored), write the
                      first model's tensors as the output's bytes (save_file): no arithmetic, no planning
   splice-soup        splice soup A B C --out X
-  splice-soup-direct the same with SPLICE_DIRECT_WRITE=1: its output written around the page cache (O_DIRECT,
-                     splice.tensors.direct_write)
   mergekit-linear    mergekit-yaml (linear, weights 1/3, dtype as stored) --lazy-unpickle
   splice-METHOD      splice merge METHOD.yml for METHOD in ties, dare_ties, della (base A; B and C at density 0.5,
                      weight 0.5) and slerp (A to B, t 0.5): the same config files mergekit runs
   mergekit-METHOD    mergekit-yaml METHOD.yml --lazy-unpickle
+  splice-*-direct    the soup and each splice-METHOD with SPLICE_DIRECT_WRITE=1: the output written around the page
+                     cache (O_DIRECT, splice.tensors.direct_write)
   splice-lora-apply  splice patch apply LORA --base A (a rank-16 LoRA on every attention and MLP matrix)
   splice-port        splice port LORA --to B --from A --out X (the LoRA made on A, ported onto B)
 
@@ -341,6 +341,12 @@ def build_cases(workdir: Path, models: list[Path], device: str, dtype: str) -> l
     on_device = ["--quiet", "--force", "--device", device]
     mergekit_flags = ["--lazy-unpickle", "--quiet", *(["--cuda"] if device == "cuda" else [])]
     a, b, _ = models
+    soup = Case(
+        "splice-soup",
+        [*splice, "soup", *map(str, models), "--out", str(outs / "splice-soup"), *on_device],
+        outs / "splice-soup",
+        "uniform soup of A, B, C",
+    )
     cases = [
         Case(
             "raw-floor",
@@ -348,19 +354,8 @@ def build_cases(workdir: Path, models: list[Path], device: str, dtype: str) -> l
             outs / "raw-floor",
             "read A, B, C once + write A's bytes",
         ),
-        Case(
-            "splice-soup",
-            [*splice, "soup", *map(str, models), "--out", str(outs / "splice-soup"), *on_device],
-            outs / "splice-soup",
-            "uniform soup of A, B, C",
-        ),
-        Case(
-            "splice-soup-direct",
-            ["env", "SPLICE_DIRECT_WRITE=1", *splice, "soup", *map(str, models), "--out", str(outs / "soup-direct")]
-            + on_device,
-            outs / "soup-direct",
-            "the soup, its output written around the page cache (SPLICE_DIRECT_WRITE=1)",
-        ),
+        soup,
+        *(with_writes(soup, writes) for writes in WRITE_MODES),
         Case(
             "mergekit-linear",
             [_tool("mergekit-yaml"), str(write_config(workdir, models, "linear", dtype)), str(outs / "mergekit-linear")]
@@ -379,6 +374,7 @@ def build_cases(workdir: Path, models: list[Path], device: str, dtype: str) -> l
                 f"{method} ({config})",
             )
         )
+        cases += [with_writes(cases[-1], writes) for writes in WRITE_MODES]
         cases.append(
             Case(
                 f"mergekit-{method}",
@@ -407,9 +403,29 @@ def build_cases(workdir: Path, models: list[Path], device: str, dtype: str) -> l
     return cases
 
 
+WRITE_MODES = {"direct": "1"}
+"""The `-direct` twin of the soup and of each splice merge: SPLICE_DIRECT_WRITE set to this."""
+
+
+def with_writes(case: Case, writes: str) -> Case:
+    """`case` with its output written with O_DIRECT (`direct`: splice.tensors.direct_write) instead of through the
+    page cache, named NAME-WRITES, its output beside the plain case's."""
+    assert case.out is not None
+    out = case.out.with_name(f"{case.out.name}-{writes}")
+    argv = [str(out) if part == str(case.out) else part for part in case.argv]
+    return Case(
+        f"{case.name}-{writes}",
+        ["env", f"SPLICE_DIRECT_WRITE={WRITE_MODES[writes]}", *argv],
+        out,
+        f"{case.what}, written {writes}",
+    )
+
+
 def reference_for(name: str) -> str | None:
     """The mergekit case a splice case is compared with."""
-    if name in ("splice-soup", "splice-soup-direct"):
+    for writes in WRITE_MODES:
+        name = name.removesuffix(f"-{writes}")
+    if name == "splice-soup":
         return "mergekit-linear"
     method = name.removeprefix("splice-")
     return f"mergekit-{method}" if method in METHODS else None

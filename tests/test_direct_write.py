@@ -98,6 +98,7 @@ def test_a_file_system_that_refuses_direct_writes_gets_buffered_writes(tmp_path,
 
 
 def test_stored_tensors_copied_into_a_direct_file_keep_their_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLICE_DIRECT_WRITE", "1")
     monkeypatch.setattr(direct_write, "STAGING_BYTES", STAGING)
     source = tmp_path / "source"
     source.mkdir()
@@ -110,6 +111,7 @@ def test_stored_tensors_copied_into_a_direct_file_keep_their_bytes(tmp_path, mon
     with Checkpoint.open(source) as checkpoint:
         for name in state:
             writer.copy_stored(name, checkpoint)
+            assert isinstance(writer._file, DirectFile)  # the copy went through the staging buffer
     writer.close()
     with Checkpoint.open(out) as copied:
         for name, tensor in state.items():

@@ -8,7 +8,7 @@ computes on (benchmarks/README.md, throughput). Written with O_DIRECT, the same 
 disk: ~0.2 s of system time, and the output is on the disk when the command returns. Not the default: the merge then
 waits for the disk, which a buffered write leaves to the kernel's writeback after the command, so a disk slower than
 the merge bounds it; from a cold page cache the writes share the disk with the reads (the 3 x 1.6 GB soup there:
-1.56x and 1.13x the raw floor in two runs, against 1.13x and 1.48x buffered: no clear gain). Where the file
+1.56x, 1.13x and 1.01x the raw floor in three runs, against 1.13x, 1.48x and 1.65x buffered). Where the file
 system refuses O_DIRECT (tmpfs, some FUSE and network file systems), at the open or at the first write, the file is
 written through the page cache.
 """
