@@ -12,6 +12,7 @@ CPU seconds):
                      first model's tensors as the output's bytes (save_file): no arithmetic, no planning
   splice-soup        splice soup A B C --out X
   mergekit-linear    mergekit-yaml (linear, weights 1/3, dtype as stored) --lazy-unpickle
+  splice-linear      splice merge of the same config file
   splice-METHOD      splice merge METHOD.yml for METHOD in ties, dare_ties, della (base A; B and C at density 0.5,
                      weight 0.5) and slerp (A to B, t 0.5): the same config files mergekit runs
   mergekit-METHOD    mergekit-yaml METHOD.yml --lazy-unpickle
@@ -341,6 +342,7 @@ def build_cases(workdir: Path, models: list[Path], device: str, dtype: str) -> l
     on_device = ["--quiet", "--force", "--device", device]
     mergekit_flags = ["--lazy-unpickle", "--quiet", *(["--cuda"] if device == "cuda" else [])]
     a, b, _ = models
+    linear_config = write_config(workdir, models, "linear", dtype)
     soup = Case(
         "splice-soup",
         [*splice, "soup", *map(str, models), "--out", str(outs / "splice-soup"), *on_device],
@@ -358,11 +360,17 @@ def build_cases(workdir: Path, models: list[Path], device: str, dtype: str) -> l
         *(with_writes(soup, writes) for writes in WRITE_MODES),
         Case(
             "mergekit-linear",
-            [_tool("mergekit-yaml"), str(write_config(workdir, models, "linear", dtype)), str(outs / "mergekit-linear")]
-            + mergekit_flags,
+            [_tool("mergekit-yaml"), str(linear_config), str(outs / "mergekit-linear")] + mergekit_flags,
             outs / "mergekit-linear",
             f"linear, weights 1/3, {dtype}",
         ),
+        linear := Case(
+            "splice-linear",
+            [*splice, "merge", str(linear_config), "--out", str(outs / "splice-linear"), *on_device],
+            outs / "splice-linear",
+            f"linear, weights 1/3, {dtype}: mergekit-linear's config through splice merge",
+        ),
+        *(with_writes(linear, writes) for writes in WRITE_MODES),
     ]
     for method in METHODS:
         config = str(write_config(workdir, models, method, dtype))
@@ -425,7 +433,7 @@ def reference_for(name: str) -> str | None:
     """The mergekit case a splice case is compared with."""
     for writes in WRITE_MODES:
         name = name.removesuffix(f"-{writes}")
-    if name == "splice-soup":
+    if name in ("splice-soup", "splice-linear"):
         return "mergekit-linear"
     method = name.removeprefix("splice-")
     return f"mergekit-{method}" if method in METHODS else None
