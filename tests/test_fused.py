@@ -326,13 +326,15 @@ def test_compiled_draws_merged_by_torch_where_the_merge_loop_fails_are_the_torch
     inputs = stored_inputs(4, 2, (157, 29), torch.bfloat16, "gaussian")  # rows of 29: slices start mid-byte
     params = ties_params(2, torch.Generator().manual_seed(8), rescale=rescale)
     expected, expected_state = dare_in_slices(inputs, params, 1, 7, False, monkeypatch)
-    real_run = fused._run
+    real_run, failed = fused._run, []
 
     def merge_loop_fails(loop, *args):
-        if loop == "drawn_ties_merge":
+        if loop == fused.FusedDrawnSlices.LOOP:
+            failed.append(loop)
             raise fused.LoopsFailed("no compiler here")
         return real_run(loop, *args)
 
     monkeypatch.setattr(fused, "_run", merge_loop_fails)
     got, state = dare_in_slices(inputs, params, 1, 7, True, monkeypatch)  # the masks drawn compiled, merged by torch
+    assert failed  # the merge loop was asked for, and failed
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)) and torch.equal(state, expected_state)
