@@ -357,7 +357,7 @@ def build_cases(workdir: Path, models: list[Path], device: str, dtype: str) -> l
             "read A, B, C once + write A's bytes",
         ),
         soup,
-        *(with_writes(soup, writes) for writes in WRITE_MODES),
+        written_direct(soup),
         Case(
             "mergekit-linear",
             [_tool("mergekit-yaml"), str(linear_config), str(outs / "mergekit-linear")] + mergekit_flags,
@@ -370,7 +370,7 @@ def build_cases(workdir: Path, models: list[Path], device: str, dtype: str) -> l
             outs / "splice-linear",
             f"linear, weights 1/3, {dtype}: mergekit-linear's config through splice merge",
         ),
-        *(with_writes(linear, writes) for writes in WRITE_MODES),
+        written_direct(linear),
     ]
     for method in METHODS:
         config = str(write_config(workdir, models, method, dtype))
@@ -382,7 +382,7 @@ def build_cases(workdir: Path, models: list[Path], device: str, dtype: str) -> l
                 f"{method} ({config})",
             )
         )
-        cases += [with_writes(cases[-1], writes) for writes in WRITE_MODES]
+        cases.append(written_direct(cases[-1]))
         cases.append(
             Case(
                 f"mergekit-{method}",
@@ -411,28 +411,18 @@ def build_cases(workdir: Path, models: list[Path], device: str, dtype: str) -> l
     return cases
 
 
-WRITE_MODES = {"direct": "1"}
-"""The `-direct` twin of the soup and of each splice merge: SPLICE_DIRECT_WRITE set to this."""
-
-
-def with_writes(case: Case, writes: str) -> Case:
-    """`case` with its output written with O_DIRECT (`direct`: splice.tensors.direct_write) instead of through the
-    page cache, named NAME-WRITES, its output beside the plain case's."""
+def written_direct(case: Case) -> Case:
+    """`case` with SPLICE_DIRECT_WRITE=1 (its output written around the page cache: splice.tensors.direct_write),
+    named NAME-direct, its output beside the plain case's."""
     assert case.out is not None
-    out = case.out.with_name(f"{case.out.name}-{writes}")
+    out = case.out.with_name(f"{case.out.name}-direct")
     argv = [str(out) if part == str(case.out) else part for part in case.argv]
-    return Case(
-        f"{case.name}-{writes}",
-        ["env", f"SPLICE_DIRECT_WRITE={WRITE_MODES[writes]}", *argv],
-        out,
-        f"{case.what}, written {writes}",
-    )
+    return Case(f"{case.name}-direct", ["env", "SPLICE_DIRECT_WRITE=1", *argv], out, f"{case.what}, written direct")
 
 
 def reference_for(name: str) -> str | None:
     """The mergekit case a splice case is compared with."""
-    for writes in WRITE_MODES:
-        name = name.removesuffix(f"-{writes}")
+    name = name.removesuffix("-direct")
     if name in ("splice-soup", "splice-linear"):
         return "mergekit-linear"
     method = name.removeprefix("splice-")
