@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from splice.errors import PatchError
+from splice.tensors.turns import my_turn
 
 _BIT_WEIGHTS = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8)
 _SET_BITS = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)  # byte -> its set bits
@@ -174,7 +175,9 @@ def bernoulli_keep(probability: float | torch.Tensor, like: torch.Tensor) -> tor
     mergekit's DARE fills it, or a tensor of `like`'s shape, as DELLA's), as a boolean mask, drawing from torch's
     default generator exactly what torch.bernoulli draws. On the CPU torch draws one uniform per entry, in order,
     and keeps the entry where it is below the probability: `uniform_` and a comparison do the same ~3.7x faster
-    (tests/test_methods_slices.py holds them equal, draws and generator state); elsewhere torch.bernoulli itself."""
+    (tests/test_methods_slices.py holds them equal, draws and generator state); elsewhere torch.bernoulli itself.
+    Tensors computed on several threads draw in the plan's order: this waits for the calling thread's turn."""
+    my_turn()
     if not isinstance(probability, torch.Tensor):
         probability = torch.tensor(probability, dtype=torch.float32, device=like.device)
     if like.device.type == "cpu":

@@ -200,3 +200,87 @@ def test_a_turn_that_never_comes_is_one_clear_error():
     with pytest.raises(SpliceError, match="did not finish drawing in 0 s"):
         with DrawingTurns(wait_s=0.05).taken(1):
             pass
+
+
+def test_della_finds_its_ranks_before_its_turn_to_draw(make_models, tmp_path, monkeypatch):
+    """DELLA's sort of every row needs no draws: on several threads a unit finds its ranks before it waits for its
+    turn, beside the other units' draws, on ranking threads of its own (the output equal to one thread's: the test
+    above)."""
+    import importlib
+
+    import splice.tensors.turns as turns
+
+    kernels = importlib.import_module("splice.merge.kernels")  # (`splice.merge` is also the function)
+    monkeypatch.setattr(stream, "COMPUTE_SLICE", 64)
+    base, first, second = (str(d) for d in make_models("llama", 3))
+    parameters = {"weight": 0.5, "density": 0.6, "epsilon": 0.1}
+    recipe = tmp_path / "della.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "della",
+                "base_model": base,
+                "dtype": "float32",
+                "models": [{"model": m, "parameters": parameters} for m in (first, second)],
+            }
+        )
+    )
+    found, ranking_threads = [], set()
+    original, in_slices, sliced = kernels.ranks_in_slices, stream._computed_in_slices, threading.local()
+    ranks_alone = importlib.import_module("splice.merge.ranks")._ranked_alone
+
+    def ranks_in_slices(ranked, base_index, slices):
+        if ranked and getattr(sliced, "now", False):  # (a tensor computed whole waits for its turn first)
+            unit = getattr(turns._current, "unit", None)
+            found.append(None if unit is None else unit.waited)
+        return original(ranked, base_index, slices)
+
+    def ranked_alone(delta):
+        ranking_threads.add(threading.current_thread().name)
+        return ranks_alone(delta)
+
+    def computed_in_slices(*args, **kwargs):
+        sliced.now = True
+        try:
+            return in_slices(*args, **kwargs)
+        finally:
+            sliced.now = False
+
+    monkeypatch.setattr(kernels, "ranks_in_slices", ranks_in_slices)
+    monkeypatch.setattr(importlib.import_module("splice.merge.ranks"), "_ranked_alone", ranked_alone)
+    monkeypatch.setattr(stream, "_computed_in_slices", computed_in_slices)
+    splice.merge(str(recipe), tmp_path / "merged", device="cpu", compute_threads=2)
+    assert found and found == [False] * len(found)  # every unit found its ranks before it waited for its turn
+    assert ranking_threads and all(name.startswith("splice-ranks") for name in ranking_threads)
+
+
+def test_a_unit_waits_for_its_turn_when_it_draws_and_one_that_never_draws_does_not_wait():
+    from splice.tensors.turns import DrawingTurns, drawn, my_turn
+
+    turns, events = DrawingTurns(wait_s=10), []
+    ticket_two_done = threading.Event()
+
+    def unit(ticket: int) -> None:
+        with turns.taken(ticket, wait=False):
+            if ticket == 2:  # draws nothing: ends at once, before the tickets ahead of it have drawn
+                events.append(("done", 2))
+                ticket_two_done.set()
+                return
+            if ticket == 0:
+                ticket_two_done.wait(5)
+            events.append(("ready", ticket))
+            my_turn()
+            events.append(("draws", ticket))
+            drawn()
+            with pytest.raises(RuntimeError, match="drew after it said it had drawn"):
+                my_turn()
+
+    workers = [threading.Thread(target=unit, args=(t,)) for t in (3, 2, 1, 0)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(10)
+    assert not any(worker.is_alive() for worker in workers)
+    assert [ticket for kind, ticket in events if kind == "draws"] == [0, 1, 3]  # 3's turn came once 2 had ended
+    assert events.index(("done", 2)) < events.index(("draws", 0))
+    assert events.index(("ready", 1)) < events.index(("draws", 0))  # 1 got ready before its turn, then waited

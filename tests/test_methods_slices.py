@@ -255,3 +255,23 @@ def test_dare_without_rescale_equals_mergekit_yaml_bit_for_bit(make_models, tmp_
     splice.merge(path, tmp_path / "splice", device="cpu", seed=3)
     ours, theirs = load_dir(tmp_path / "splice"), load_dir(tmp_path / "mergekit")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in theirs)
+
+
+@pytest.mark.parametrize("row", [2, 3, 7, 64, 1000, 2048, 5632, 32000, 40000])
+@pytest.mark.parametrize(("density", "epsilon"), [(0.5, 0.1), (0.45, 0.2), (0.8, 0.15), (1 / 3, 0.07)])
+def test_dellas_probabilities_from_ranks_are_mergekits_for_every_rank(row, density, epsilon):
+    """Every rank of rows of each length, in random order, through `KeepByRank` (ranks 0..n-1, kept in 16 or 32
+    bits) against mergekit's operations on its own ranks (+1, least and greatest, normalized, the window)."""
+    from splice.merge.ranks import KeepByRank
+
+    generator = torch.Generator().manual_seed(row)
+    delta = torch.randn(3, row, generator=generator).to(torch.bfloat16).float()  # equal magnitudes among them
+    ranks = KeepByRank.ranks(delta)
+    assert ranks.dtype == (torch.int16 if row < 32768 else torch.int32)
+    assert all(torch.equal(r.sort().values, torch.arange(row, dtype=r.dtype)) for r in ranks)  # each row's 0..n-1
+    theirs_ranks = delta.abs().argsort(dim=1).argsort(dim=1).to(torch.float32) + 1
+    assert torch.equal(ranks.to(torch.float32) + 1, theirs_ranks)  # the same tie order as mergekit's two argsorts
+    lowest, highest = theirs_ranks.min(dim=1, keepdim=True).values, theirs_ranks.max(dim=1, keepdim=True).values
+    expected = (density - epsilon) + ((theirs_ranks - lowest) / (highest - lowest)).clamp(0, 1) * 2 * epsilon
+    ours = KeepByRank(density, epsilon)(ranks, delta.shape)
+    assert ours.dtype == torch.float32 and torch.equal(ours, expected)

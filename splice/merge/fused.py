@@ -25,6 +25,7 @@ import torch
 
 from splice.errors import first_line
 from splice.sparsify import MAGNITUDE_HALF, SlicedMagnitudeMask, bernoulli_keep
+from splice.tensors.turns import my_turn
 
 FUSED_DTYPES = (torch.bfloat16, torch.float32)
 """The dtypes the loops read and write as they are (bf16 through its bits)."""
@@ -274,6 +275,8 @@ class _GeneratorState:
     overwritten (torch's own draws hold the generator's mutex); splice draws on one thread, in the plan's order."""
 
     def __init__(self, generator: torch.Generator):
+        if generator is torch.default_generator:
+            my_turn()  # the tensors computed on other threads draw in the plan's order
         self.generator = generator
         self.raw = generator.get_state()
         packed = self.raw.numpy()

@@ -23,6 +23,7 @@ import torch
 
 from splice.errors import SpliceError, first_line
 from splice.merge import fused
+from splice.merge.ranks import KeepByRank, ranks_in_slices
 from splice.sparsify import (
     SlicedMagnitudeMask,
     magnitude_masks,
@@ -196,9 +197,9 @@ class _DropAll:
 
 
 DROP_ALL = _DropAll()
-Sparsifier = Callable[[Mapping[str, Any], int], "KeepProbability | _DropAll | None"]
+Sparsifier = Callable[[Mapping[str, Any], int], "KeepProbability | KeepByRank | _DropAll | None"]
 """(a tensor's parameters, a non-base input's index) -> how that input's delta is trimmed: its entries' keep
-probability (drawn), DROP_ALL, or None (kept whole, nothing drawn)."""
+probability (drawn; DELLA's from its magnitudes' ranks), DROP_ALL, or None (kept whole, nothing drawn)."""
 
 
 def _dare(params: Mapping[str, Any], index: int) -> KeepProbability | _DropAll | None:
@@ -208,7 +209,7 @@ def _dare(params: Mapping[str, Any], index: int) -> KeepProbability | _DropAll |
     return None if density >= 1 else (lambda delta: density)
 
 
-def _della(params: Mapping[str, Any], index: int) -> KeepProbability | _DropAll | None:
+def _della(params: Mapping[str, Any], index: int) -> KeepByRank | _DropAll | None:
     """mergekit's `della_magprune`: each entry kept with probability density - epsilon + 2 epsilon (rank - 1) /
     (n - 1), its magnitude's rank among the n entries of its row along dim 1 (a 1-D tensor is one row), equal
     magnitudes in the order torch's argsort leaves them; nothing drawn at density <= 0 (all dropped) or >= 1."""
@@ -217,20 +218,7 @@ def _della(params: Mapping[str, Any], index: int) -> KeepProbability | _DropAll 
         return None
     if density <= 0:
         return DROP_ALL
-    return partial(magprune_probability, density=density, epsilon=epsilon)
-
-
-def magprune_probability(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA's keep probabilities of a delta's entries (see `_della`), computed with mergekit's operations, except
-    that the ranks are the inverse permutation of the sort, scattered (~20x faster than mergekit's second argsort,
-    which computes the same permutation)."""
-    rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
-    order = rows.abs().argsort(dim=1)
-    places = torch.arange(rows.shape[1], device=rows.device).view(1, -1, *[1] * (rows.dim() - 2))
-    ranks = torch.empty_like(order).scatter_(1, order, places.expand_as(order)).to(torch.float32) + 1
-    lowest, highest = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    rank_norm = ((ranks - lowest) / (highest - lowest)).clamp(0, 1)
-    return ((density - epsilon) + rank_norm * 2 * epsilon).view(delta.shape)
+    return KeepByRank(density, epsilon)
 
 
 def _refused_by_mergekit(sparsifier: Sparsifier, params: Mapping[str, Any], index: int) -> bool:
@@ -312,17 +300,26 @@ def _drawn_trims(
 ) -> list[Trim | None]:
     """Each non-base input's trim, drawn input by input in order, each over all its slices in order: the draws
     mergekit's sparsification makes of torch's default generator, one per entry (none for a delta kept whole or
-    dropped whole). With `rescale`, each delta's L1 norms before and after its trim, over all its slices."""
+    dropped whole). DELLA's ranks are all found first, on every core (merge/ranks.py), before the first draw waits
+    for the tensor's turn. With `rescale`, each delta's L1 norms before and after its trim, over all its slices."""
+    others = [i for i in range(count) if i != base_index]
+    keeps = {index: sparsifier(params, index) for index in others}
+    ranks = ranks_in_slices([i for i in others if isinstance(keeps[i], KeepByRank)], base_index, slices)
     trims: list[Trim | None] = []
-    for index in (i for i in range(count) if i != base_index):
-        keeps = sparsifier(params, index)
-        if keeps is None or isinstance(keeps, _DropAll):
-            trims.append(None if keeps is None else _drop_all)
+    for index in others:
+        keep_probability = keeps[index]
+        if keep_probability is None or isinstance(keep_probability, _DropAll):
+            trims.append(None if keep_probability is None else _drop_all)
             continue
         drawn, before, after = _DrawnTrim(shape.numel(), shape[0] if shape else 1), [], []
         for part in slices():
             delta = part[index] - part[base_index]
-            keep = fused.keep_drawn(keeps(delta), delta)
+            probability: float | torch.Tensor = (
+                keep_probability(ranks[index].popleft(), delta.shape)  # each slice's ranks freed once used
+                if isinstance(keep_probability, KeepByRank)
+                else keep_probability(delta)
+            )
+            keep = fused.keep_drawn(probability, delta)
             drawn.add(keep)
             if params["rescale"]:
                 magnitude = delta.abs_()
@@ -557,7 +554,13 @@ def method_kernel(
         def prepare(name: str, inputs: Sequence[torch.Tensor], slices: Slices) -> Compute | None:
             return in_slices(parameters_for(name), base, inputs, slices)
 
-    return Kernel(own, elementwise=method in ELEMENTWISE_METHODS, prepare=prepare, in_order=in_order)
+    return Kernel(
+        own,
+        elementwise=method in ELEMENTWISE_METHODS,
+        prepare=prepare,
+        in_order=in_order,
+        prepare_waits_to_draw=in_order,  # draws wait for their turn (fused, sparsify): what comes before them does not
+    )
 
 
 def _mergekit_kernel(method: str, parameters_for: TensorParameters, base_index: int | None) -> Compute:

@@ -32,7 +32,7 @@ from splice.tensors.device import compute_dtype_for, dtype_name, resolve_device
 from splice.tensors.ranged import PART_BYTES, RangeFetcher
 from splice.tensors.threads import calling_thread_only
 from splice.tensors.transfer import Copies, CudaCopies, Downloads, StagingLimits, Uploads, plan_batches
-from splice.tensors.turns import DrawingTurns, drawn
+from splice.tensors.turns import DrawingTurns, drawn, my_turn
 from splice.tensors.writer import (
     OutputTensor,
     ShardedWriter,
@@ -101,6 +101,9 @@ class Kernel:
       order: one seed, the same draws. Where its tensors are computed on several threads (on the CPU, `prepare`d),
       each draws in its turn (tensors/turns.py), in `prepare`, and is merged beside the next one's draws; else they
       are computed one at a time in the plan's order, whatever `RunOptions.compute_threads` says.
+    prepare_waits_to_draw: the kernel's `prepare` waits for its turn itself (`turns.my_turn`) right before it
+      draws, so what it computes before that runs beside the other tensors' draws; else the turn is waited for
+      before `prepare` is called. Either way a tensor computed whole is computed in its turn.
     """
 
     compute: Compute
@@ -109,6 +112,7 @@ class Kernel:
     precision: Precision = Precision()
     prepare: Prepare | None = None
     in_order: bool = False
+    prepare_waits_to_draw: bool = False
 
     @property
     def sliceable(self) -> bool:
@@ -293,6 +297,7 @@ def compute_one(
             refuse_new_non_finite(out.name, result, reread)
         return result
     moved = [t.to(device=device, dtype=kernel.precision.working_dtype(t.dtype)) for t in tensors]
+    my_turn()  # a kernel that draws draws as it computes the whole tensor
     computed = kernel.compute(out.name, moved)
     result = computed.to(dtype=out.dtype)
     if not fits_in(computed, out.dtype):  # only then can the cast hold NaN/Inf: look at the output itself
@@ -594,7 +599,7 @@ def _computed_in_parallel(
                 progress.advance(int(done.completes_item), done.input_bytes)
             job = None
             if not unit.verbatim:
-                turn = None if turns is None else turns.taken(handed)
+                turn = None if turns is None else turns.taken(handed, wait=not kernel.prepare_waits_to_draw)
                 job = pool.submit(_compute_unit, unit, tensors, kernel, device, turn)
                 handed += 1
             in_flight.append((unit, job))
