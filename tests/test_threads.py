@@ -126,3 +126,35 @@ def test_a_whole_tensor_kernel_is_checked_on_its_working_values_and_then_on_its_
     overflowing = Kernel(lambda name, t: t[0] * 3.4e38)
     with pytest.raises(NonFiniteOutputError, match="output tensor w would hold NaN/Inf"):
         compute_one(item, inputs, overflowing, torch.device("cpu"), lambda: inputs)
+
+
+def test_every_unit_runs_its_operations_on_its_compute_thread_alone(tmp_path, two_threads):
+    """Whole tensors computed one at a time (mergekit's kernels, patches, ports) as well as a sliced kernel's units
+    on several compute threads: torch's pool costs more than it gains beside the stream's reader and writer
+    (`stream.compute_workers`), and the caller's count comes back."""
+    from safetensors.torch import save_file
+
+    from splice.options import RunOptions
+    from splice.tensors.checkpoint import Checkpoint
+    from splice.tensors.stream import StreamItem, stream_to_memory
+    from splice.tensors.writer import OutputTensor
+
+    save_file({f"w{i}": torch.randn(64, 32) for i in range(4)}, str(tmp_path / "model.safetensors"))
+    checkpoint = Checkpoint.open(tmp_path)
+    items = [StreamItem(OutputTensor(n, torch.float32, (64, 32)), ((checkpoint, n),)) for n in checkpoint.tensors]
+    counts: dict[str, list[int]] = {"whole": [], "sliced": []}
+
+    def recorder(kind: str):
+        def compute(name, tensors):
+            counts[kind].append(torch.get_num_threads())
+            return tensors[0] * 2
+
+        return compute
+
+    whole = stream_to_memory(items, Kernel(recorder("whole")), run=RunOptions(compute_threads=2))
+    sliced = stream_to_memory(items, Kernel(recorder("sliced"), elementwise=True), run=RunOptions(compute_threads=2))
+    assert all(torch.equal(whole[n], checkpoint.read(n) * 2) and torch.equal(sliced[n], whole[n]) for n in whole)
+    assert len(counts["whole"]) == 4 and counts["sliced"]
+    if threads.threads_are_set_per_thread():
+        assert set(counts["whole"]) == set(counts["sliced"]) == {1}
+    assert torch.get_num_threads() == 2

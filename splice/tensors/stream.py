@@ -530,8 +530,10 @@ def computed(
 def compute_workers(kernel: Kernel, device: torch.device, run: RunOptions) -> int:
     """How many threads compute work units at once: `run.compute_threads` (0: one per core, at most
     AUTO_COMPUTE_THREADS) for a kernel the CPU computes in slices, each on its thread alone; 1 for every other
-    kernel (its operations already use torch's pool, and mergekit's random methods draw from one generator in
-    order). A kernel that draws (`Kernel.in_order`) draws in turns (`_computed_in_parallel`)."""
+    kernel (mergekit's random methods draw from one generator in order), its operations on that thread alone too
+    (`_compute_unit`: on 2 cores torch's pool made patch apply and port 20-40% slower, its threads spinning beside
+    the reader, the writer and the hashes). A kernel that draws (`Kernel.in_order`) draws in turns
+    (`_computed_in_parallel`)."""
     if device.type != "cpu" or not kernel.sliceable:
         return 1
     return run.compute_threads or min(AUTO_COMPUTE_THREADS, os.cpu_count() or 1)
