@@ -257,23 +257,28 @@ def test_della_finds_its_ranks_before_its_turn_to_draw(make_models, tmp_path, mo
 def test_a_unit_waits_for_its_turn_when_it_draws_and_one_that_never_draws_does_not_wait():
     from splice.tensors.turns import DrawingTurns, drawn, my_turn
 
-    turns, events = DrawingTurns(wait_s=10), []
-    ticket_two_done = threading.Event()
+    turns, events, refused = DrawingTurns(wait_s=10), [], []
+    two_done, one_ready = threading.Event(), threading.Event()
 
     def unit(ticket: int) -> None:
         with turns.taken(ticket, wait=False):
             if ticket == 2:  # draws nothing: ends at once, before the tickets ahead of it have drawn
                 events.append(("done", 2))
-                ticket_two_done.set()
+                two_done.set()
                 return
-            if ticket == 0:
-                ticket_two_done.wait(5)
+            if ticket == 0:  # draws once 2 has ended and 1 is waiting for its turn
+                two_done.wait(5)
+                one_ready.wait(5)
             events.append(("ready", ticket))
+            if ticket == 1:
+                one_ready.set()
             my_turn()
             events.append(("draws", ticket))
             drawn()
-            with pytest.raises(RuntimeError, match="drew after it said it had drawn"):
+            try:
                 my_turn()
+            except RuntimeError as error:
+                refused.append((ticket, str(error)))
 
     workers = [threading.Thread(target=unit, args=(t,)) for t in (3, 2, 1, 0)]
     for worker in workers:
@@ -284,3 +289,5 @@ def test_a_unit_waits_for_its_turn_when_it_draws_and_one_that_never_draws_does_n
     assert [ticket for kind, ticket in events if kind == "draws"] == [0, 1, 3]  # 3's turn came once 2 had ended
     assert events.index(("done", 2)) < events.index(("draws", 0))
     assert events.index(("ready", 1)) < events.index(("draws", 0))  # 1 got ready before its turn, then waited
+    assert sorted(ticket for ticket, _ in refused) == [0, 1, 3]  # drawing again after `drawn` is refused
+    assert all("drew after it said it had drawn" in message for _, message in refused)

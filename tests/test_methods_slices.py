@@ -275,3 +275,15 @@ def test_dellas_probabilities_from_ranks_are_mergekits_for_every_rank(row, densi
     expected = (density - epsilon) + ((theirs_ranks - lowest) / (highest - lowest)).clamp(0, 1) * 2 * epsilon
     ours = KeepByRank(density, epsilon)(ranks, delta.shape)
     assert ours.dtype == torch.float32 and torch.equal(ours, expected)
+
+
+def test_dellas_probabilities_from_ranks_past_fp32s_exact_integers_are_mergekits():
+    """Rows longer than 2^24 + 1 entries: fp32 rounds rank + 1, and mergekit's operations are kept as they are."""
+    from splice.merge.ranks import KeepByRank
+
+    row = 2**24 + 5
+    ranks = torch.arange(row, dtype=torch.int32).flip(0).view(1, -1)
+    theirs = ranks.to(torch.float32) + 1
+    lowest, highest = theirs.min(dim=1, keepdim=True).values, theirs.max(dim=1, keepdim=True).values
+    expected = (0.5 - 0.1) + ((theirs - lowest) / (highest - lowest)).clamp(0, 1) * 2 * 0.1
+    assert torch.equal(KeepByRank(0.5, 0.1)(ranks, torch.Size([row])), expected.view(-1))

@@ -24,6 +24,9 @@ from splice.tensors.threads import calling_thread_only
 RANK_WAIT_S = 600.0
 """How long a compute thread waits for one slice's ranks (a slice takes milliseconds)."""
 
+EXACT_FP32_INTEGERS = 2**24
+"""fp32 holds every integer up to this one exactly: a row's ranks + 1 up to here are exact."""
+
 SLICES_AHEAD_PER_THREAD = 2
 """Slices handed to each ranking thread ahead of the ranks collected: the deltas waiting stay a few slices."""
 
@@ -51,9 +54,15 @@ class KeepByRank:
         """The keep probabilities of a delta of `shape` whose `ranks` these are. A row's ranks are 0..n-1, so
         mergekit's least and greatest rank (its ranks + 1) are 1 and n, and its (rank + 1 - least) / (greatest -
         least) is rank / (n - 1): the same fp32 operations on the same values (the division one tensor by another,
-        as mergekit's), two reductions and two passes fewer."""
-        span = torch.full((ranks.shape[0], 1, *ranks.shape[2:]), ranks.shape[1] - 1, dtype=torch.float32)
-        rank_norm = ranks.to(torch.float32).div_(span.to(ranks.device)).clamp_(0, 1)
+        as mergekit's), two reductions and two passes fewer, for rows of up to 2^24 entries (longer ones: mergekit's
+        operations, since fp32 rounds rank + 1 there)."""
+        if ranks.shape[1] > EXACT_FP32_INTEGERS:  # fp32 rounds rank + 1 there: mergekit's operations as they are
+            ranked = ranks.to(torch.float32) + 1
+            lowest, highest = ranked.min(dim=1, keepdim=True).values, ranked.max(dim=1, keepdim=True).values
+            rank_norm = ((ranked - lowest) / (highest - lowest)).clamp(0, 1)
+        else:
+            span = torch.full((ranks.shape[0], 1, *ranks.shape[2:]), ranks.shape[1] - 1, dtype=torch.float32)
+            rank_norm = ranks.to(torch.float32).div_(span.to(ranks.device)).clamp_(0, 1)
         return rank_norm.mul_(2).mul_(self.epsilon).add_(self.density - self.epsilon).view(shape)
 
 
@@ -86,8 +95,8 @@ def ranks_in_slices(ranked: Sequence[int], base_index: int, slices: Slices) -> d
                     pending.append((index, pool.submit(_ranked_alone, delta)))
             while pending:
                 collect()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        finally:  # (what is still running ends with its slice: a failed or timed-out wait does not wait for it)
+            pool.shutdown(wait=False, cancel_futures=True)
     return ranks
 
 
